@@ -1,0 +1,126 @@
+"""The contract between the broker and the in-container worker, written once as constants.
+
+The broker mounts a fresh job directory into every container:
+
+* ``IN_DIR`` (read-only bind): the artifact as ``ARTIFACT_NAME`` and the job spec as
+  ``JOB_SPEC_NAME``. A warm container waits until the job spec appears (the broker writes it
+  last, atomically by rename), so the same layout serves cold and warm starts.
+* ``OUT_DIR`` (a size-capped ``noexec,nosuid,nodev`` tmpfs owned by the broker): the worker
+  writes exactly one output file named by ``OUTPUT_NAMES`` and, for information only, a
+  ``REPORT_NAME`` JSON document.
+
+The broker decides the outcome from the exit code, its own timers and limits, and its own
+validation of the output file; the report is never trusted (DESIGN §1.4).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+IN_DIR = "/airlock/in"
+OUT_DIR = "/airlock/out"
+ARTIFACT_NAME = "artifact"
+JOB_SPEC_NAME = "job.json"
+REPORT_NAME = "report.json"
+
+#: The worker waits this long at most for the job spec of a warm container.
+WARM_WAIT_SECONDS = 3600
+
+#: Upper bound on the report the broker is willing to read (it is informational only).
+MAX_REPORT_BYTES = 256 * 1024
+#: Upper bound on a job spec; the broker writes it, the worker refuses anything larger.
+MAX_JOB_SPEC_BYTES = 64 * 1024
+
+CONTAINER_UID = 10001
+CONTAINER_GID = 10001
+
+
+class OutputFormat(enum.StrEnum):
+    ONNX = "onnx"
+    SAFETENSORS = "safetensors"
+
+
+OUTPUT_NAMES: dict[OutputFormat, str] = {
+    OutputFormat.ONNX: "model.onnx",
+    OutputFormat.SAFETENSORS: "model.safetensors",
+}
+
+
+class Target(enum.StrEnum):
+    AUTO = "auto"
+    ONNX = "onnx"
+    SAFETENSORS = "safetensors"
+
+
+class LoadingPolicy(enum.StrEnum):
+    #: Default: loaders that execute pickled code may run, because they run in the sandbox.
+    #: Whether they did is recorded in the result and the audit log.
+    ALLOW_CODE = "allow_code"
+    #: Only loaders that never execute artifact code (safetensors, ONNX, numpy without
+    #: pickle, ``torch.load(weights_only=True)``); anything else is refused.
+    SAFE_ONLY = "safe_only"
+
+
+class WorkerExit(enum.IntEnum):
+    """Exit codes of the worker. 1 (an uncaught Python exception) means conversion failed."""
+
+    OK = 0
+    UNCAUGHT = 1
+    BAD_JOB_SPEC = 64
+    UNSUPPORTED_FORMAT = 65
+    FORMAT_MISMATCH = 66
+    POLICY_VIOLATION = 67
+    UNSUPPORTED_MODEL = 68
+    INPUT_SPEC_REQUIRED = 69
+    CONVERSION_FAILED = 70
+    PARITY_FAILED = 71
+    OUTPUT_TOO_LARGE = 72
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input: name, numpy dtype name, shape (``-1`` or ``None`` marks a free dim)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the broker asks of the worker. Serialised as JSON into ``IN_DIR/JOB_SPEC_NAME``."""
+
+    job_id: str
+    target: Target = Target.AUTO
+    policy: LoadingPolicy = LoadingPolicy.ALLOW_CODE
+    declared_format: str | None = None
+    inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
+    max_output_bytes: int = 2 * 1024**3
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["inputs"] = [asdict(t) for t in self.inputs]
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JobSpec:
+        if len(raw) > MAX_JOB_SPEC_BYTES:
+            raise ValueError("job spec too large")
+        doc: dict[str, Any] = json.loads(raw)
+        inputs = tuple(
+            TensorSpec(name=str(t["name"]), dtype=str(t["dtype"]),
+                       shape=tuple(int(d) for d in t["shape"]))
+            for t in doc.get("inputs", [])
+        )
+        declared = doc.get("declared_format")
+        return cls(
+            job_id=str(doc["job_id"]),
+            target=Target(doc.get("target", Target.AUTO)),
+            policy=LoadingPolicy(doc.get("policy", LoadingPolicy.ALLOW_CODE)),
+            declared_format=None if declared is None else str(declared),
+            inputs=inputs,
+            max_output_bytes=int(doc.get("max_output_bytes", 2 * 1024**3)),
+        )

@@ -1,0 +1,148 @@
+"""Artifact formats, recognised by magic bytes and never by file name (DESIGN §1.7).
+
+``detect_prefix`` looks only at the first ``PREFIX_BYTES`` of a file, so the broker can run it
+on the host: it parses nothing. A zip archive is reported as ``ZIP`` here; the worker, inside
+the sandbox, lists the archive to tell a PyTorch checkpoint from TorchScript, a ``.pt2``
+export or an ``.npz`` (``refine_zip_names``).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable
+
+PREFIX_BYTES = 64
+
+
+class ArtifactFormat(enum.StrEnum):
+    UNKNOWN = "unknown"
+    PICKLE = "pickle"
+    JOBLIB = "joblib"  # a compressed joblib stream (an uncompressed one is a pickle)
+    ZIP = "zip"  # not refined yet (host side)
+    PYTORCH_ZIP = "pytorch_zip"
+    PYTORCH_LEGACY = "pytorch_legacy"
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch_export"
+    NUMPY = "numpy"
+    NUMPY_NPZ = "numpy_npz"
+    ONNX = "onnx"
+    SAFETENSORS = "safetensors"
+
+
+#: What a caller may declare, and which detected formats each declaration admits.
+DECLARABLE: dict[str, frozenset[ArtifactFormat]] = {
+    "pickle": frozenset({ArtifactFormat.PICKLE}),
+    "cloudpickle": frozenset({ArtifactFormat.PICKLE}),
+    "joblib": frozenset({ArtifactFormat.JOBLIB, ArtifactFormat.PICKLE}),
+    "pytorch": frozenset({
+        ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.PYTORCH_LEGACY,
+        ArtifactFormat.TORCHSCRIPT, ArtifactFormat.TORCH_EXPORT,
+    }),
+    "torchscript": frozenset({ArtifactFormat.TORCHSCRIPT}),
+    "torch_export": frozenset({ArtifactFormat.TORCH_EXPORT}),
+    "numpy": frozenset({ArtifactFormat.NUMPY, ArtifactFormat.NUMPY_NPZ}),
+    "onnx": frozenset({ArtifactFormat.ONNX}),
+    "safetensors": frozenset({ArtifactFormat.SAFETENSORS}),
+}
+
+_ZIP_FAMILY = frozenset({
+    ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.TORCHSCRIPT,
+    ArtifactFormat.TORCH_EXPORT, ArtifactFormat.NUMPY_NPZ,
+})
+
+# torch.save's legacy (pre-zip) format starts with a protocol-2 pickle of this magic number.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + _TORCH_LEGACY_MAGIC.to_bytes(10, "little")
+
+_COMPRESSED_MAGICS: tuple[bytes, ...] = (
+    b"\x1f\x8b",  # gzip
+    b"BZh",  # bz2
+    b"\xfd7zXZ\x00",  # xz
+    b"\x5d\x00\x00",  # lzma (alone)
+    b"ZF",  # joblib < 0.10 zlib container
+    b"\x04\x22\x4d\x18",  # lz4 frame
+)
+_ZLIB_HEADERS = frozenset({b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda"})
+
+
+def detect_prefix(prefix: bytes, size: int) -> ArtifactFormat:
+    """Classify a file by its first bytes and its total size. Never raises."""
+    if size == 0 or not prefix:
+        return ArtifactFormat.UNKNOWN
+    if prefix.startswith(_TORCH_LEGACY_PREFIX):
+        return ArtifactFormat.PYTORCH_LEGACY
+    if prefix.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return ArtifactFormat.ZIP
+    if prefix.startswith(b"\x93NUMPY"):
+        return ArtifactFormat.NUMPY
+    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return ArtifactFormat.PICKLE
+    if _looks_like_safetensors(prefix, size):
+        return ArtifactFormat.SAFETENSORS
+    if prefix.startswith(_COMPRESSED_MAGICS) or prefix[:2] in _ZLIB_HEADERS:
+        return ArtifactFormat.JOBLIB
+    if _looks_like_onnx(prefix):
+        return ArtifactFormat.ONNX
+    return ArtifactFormat.UNKNOWN
+
+
+def refine_zip_names(names: Iterable[str]) -> ArtifactFormat:
+    """Tell the zip-based formats apart by member names (run inside the sandbox)."""
+    listed = list(names)
+    base = {n.split("/", 1)[1] if "/" in n else n for n in listed}
+    if any(n.endswith(".npy") for n in listed) and all(n.endswith(".npy") for n in listed):
+        return ArtifactFormat.NUMPY_NPZ
+    if "archive_format" in base or any(n.startswith("models/") for n in base):
+        return ArtifactFormat.TORCH_EXPORT
+    if "constants.pkl" in base or any(n.startswith("code/") for n in base):
+        return ArtifactFormat.TORCHSCRIPT
+    if "data.pkl" in base:
+        return ArtifactFormat.PYTORCH_ZIP
+    return ArtifactFormat.UNKNOWN
+
+
+def admits(declared: str, detected: ArtifactFormat) -> bool:
+    """Whether a declared format agrees with the detected one (host: ZIP is provisional)."""
+    allowed = DECLARABLE.get(declared)
+    if allowed is None:
+        return False
+    if detected is ArtifactFormat.ZIP:
+        return bool(allowed & _ZIP_FAMILY)
+    return detected in allowed
+
+
+def _looks_like_safetensors(prefix: bytes, size: int) -> bool:
+    if len(prefix) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    return 2 <= header_len <= size - 8 and prefix[8:9] == b"{"
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    value = shift = 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+# ModelProto fields: 1 ir_version (varint), 2 producer_name, 3 producer_version, 4 domain,
+# 6 doc_string, 7 graph, 8 opset_import, 14 metadata_props, 20 training_info, 25 functions.
+_ONNX_FIRST_TAGS = frozenset({0x08, 0x12, 0x1A, 0x22, 0x32, 0x3A, 0x42})
+_ONNX_FOLLOW_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72})
+
+
+def _looks_like_onnx(prefix: bytes) -> bool:
+    """A serialized ModelProto: ir_version first (every exporter writes it), then a known field."""
+    if prefix[:1] != b"\x08":
+        return False
+    parsed = _read_varint(prefix, 1)
+    if parsed is None:
+        return False
+    ir_version, pos = parsed
+    return 3 <= ir_version <= 20 and pos < len(prefix) and prefix[pos] in _ONNX_FOLLOW_TAGS

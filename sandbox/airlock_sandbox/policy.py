@@ -1,0 +1,70 @@
+"""The sandbox hardening policy as frozen, validated data (DESIGN §1.3).
+
+Every default is the secure one. Weakening the posture means constructing a policy with a
+different value in configuration, visibly; there is no code path that relaxes it. The broker's
+Docker adapter translates a policy into container-create arguments and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID
+
+MiB = 1024**2
+GiB = 1024**3
+
+RUNTIMES = frozenset({"runc", "runsc"})
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """How one sandbox container is confined. Validated on creation."""
+
+    image: str = "airlock-sandbox:latest"
+    runtime: str = "runc"
+    network_disabled: bool = True
+    read_only_root: bool = True
+    drop_all_capabilities: bool = True
+    no_new_privileges: bool = True
+    user: str = f"{CONTAINER_UID}:{CONTAINER_GID}"
+    pids_limit: int = 256
+    memory_bytes: int = 4 * GiB
+    nano_cpus: int = 1_000_000_000  # one CPU
+    tmpfs_bytes: int = 256 * MiB
+    output_bytes: int = 2 * GiB
+    nofile_limit: int = 256
+    deadline_seconds: float = 120.0
+    #: Extra ``--security-opt`` entries, e.g. ``seccomp=<json>``. Never ``seccomp=unconfined``.
+    security_opts: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, not {self.runtime!r}")
+        uid = self.user.split(":", 1)[0]
+        if uid in {"0", "root", ""}:
+            raise ValueError("the sandbox never runs as root")
+        for name in ("pids_limit", "memory_bytes", "nano_cpus", "tmpfs_bytes",
+                     "output_bytes", "nofile_limit"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (an unlimited sandbox is not offered)")
+        if self.deadline_seconds <= 0:
+            raise ValueError("deadline_seconds must be positive")
+        if self.memory_bytes < 64 * MiB:
+            raise ValueError("memory_bytes below 64 MiB cannot start Python")
+        if any("unconfined" in opt for opt in self.security_opts):
+            raise ValueError("security_opts may not disable seccomp or AppArmor")
+
+    @property
+    def weakened(self) -> tuple[str, ...]:
+        """The secure defaults this policy gives up, for logs and the audit record."""
+        gaps = []
+        if not self.network_disabled:
+            gaps.append("network")
+        if not self.read_only_root:
+            gaps.append("writable-root")
+        if not self.drop_all_capabilities:
+            gaps.append("capabilities")
+        if not self.no_new_privileges:
+            gaps.append("new-privileges")
+        return tuple(gaps)
