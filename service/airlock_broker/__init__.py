@@ -1,0 +1,1 @@
+"""Airlock's broker: admission, sandbox runs, output validation, result streaming."""

@@ -1,0 +1,108 @@
+"""Reasons, the broker's one exception tree, and the table that maps them to gRPC status.
+
+::
+
+    AirlockError                      every failure the broker reports to a caller
+    ├── Rejected                      the artifact (or its output) was refused by a check
+    └── Failed                        it could not be converted, or the service could not try
+
+Misbehaving artifacts are *outcomes* (a reason plus a message), never crashes; only broken
+infrastructure (Docker down, image missing) and our own bugs surface as UNAVAILABLE / INTERNAL.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+
+class Reason(enum.StrEnum):
+    # The request itself.
+    BAD_REQUEST = "BAD_REQUEST"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    TOO_LARGE = "TOO_LARGE"
+    EMPTY_ARTIFACT = "EMPTY_ARTIFACT"
+    # The artifact.
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+    FORMAT_MISMATCH = "FORMAT_MISMATCH"
+    POLICY_VIOLATION = "POLICY_VIOLATION"
+    UNSUPPORTED_MODEL = "UNSUPPORTED_MODEL"
+    INPUT_SPEC_REQUIRED = "INPUT_SPEC_REQUIRED"
+    CONVERSION_FAILED = "CONVERSION_FAILED"
+    PARITY_FAILED = "PARITY_FAILED"
+    SANDBOX_TIMEOUT = "SANDBOX_TIMEOUT"
+    SANDBOX_OOM = "SANDBOX_OOM"
+    OUTPUT_INVALID = "OUTPUT_INVALID"
+    OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+    # The service.
+    BUSY = "BUSY"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class Kind(enum.Enum):
+    """How a client should read a failure (the CLI's ``status`` field)."""
+
+    REJECTED = "rejected"  # a check refused the artifact or its output
+    FAILED = "failed"  # conversion or the service failed
+
+
+#: reason -> (gRPC status, kind). A unit test proves every Reason has a row.
+STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
+    Reason.BAD_REQUEST: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.CHECKSUM_MISMATCH: (grpc.StatusCode.DATA_LOSS, Kind.REJECTED),
+    Reason.TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.EMPTY_ARTIFACT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.UNSUPPORTED_FORMAT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.FORMAT_MISMATCH: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.POLICY_VIOLATION: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.UNSUPPORTED_MODEL: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.INPUT_SPEC_REQUIRED: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.CONVERSION_FAILED: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
+    Reason.PARITY_FAILED: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
+    Reason.SANDBOX_TIMEOUT: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
+    Reason.SANDBOX_OOM: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
+    Reason.OUTPUT_INVALID: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.OUTPUT_TOO_LARGE: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.BUSY: (grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.FAILED),
+    Reason.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
+    Reason.CANCELLED: (grpc.StatusCode.CANCELLED, Kind.FAILED),
+    Reason.SANDBOX_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, Kind.FAILED),
+    Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
+}
+
+ERROR_DOMAIN = "airlock.v1"
+
+
+class AirlockError(Exception):
+    """A failure with a machine-readable reason and a human message."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return STATUS_TABLE[self.reason][0]
+
+    @property
+    def kind(self) -> Kind:
+        return STATUS_TABLE[self.reason][1]
+
+
+class Rejected(AirlockError):
+    """A check refused the artifact or what the sandbox produced from it."""
+
+
+class Failed(AirlockError):
+    """The conversion, or the service, failed."""
+
+
+def error(reason: Reason, message: str) -> AirlockError:
+    """Build the exception of the right class for ``reason``."""
+    cls = Rejected if STATUS_TABLE[reason][1] is Kind.REJECTED else Failed
+    return cls(reason, message)
