@@ -146,3 +146,30 @@ def _looks_like_onnx(prefix: bytes) -> bool:
         return False
     ir_version, pos = parsed
     return 3 <= ir_version <= 20 and pos < len(prefix) and prefix[pos] in _ONNX_FOLLOW_TAGS
+
+
+#: Worker profiles: which libraries a container imports before its job arrives. The profile
+#: follows from the format, so a warm container of the right kind can be waiting.
+PROFILE_SKLEARN = "sklearn"
+PROFILE_TORCH = "torch"
+PROFILE_LIGHT = "light"
+PROFILES = (PROFILE_SKLEARN, PROFILE_TORCH, PROFILE_LIGHT)
+
+_PROFILE_OF: dict[ArtifactFormat, str] = {
+    ArtifactFormat.PICKLE: PROFILE_SKLEARN,
+    ArtifactFormat.JOBLIB: PROFILE_SKLEARN,
+    ArtifactFormat.ZIP: PROFILE_TORCH,
+    ArtifactFormat.PYTORCH_ZIP: PROFILE_TORCH,
+    ArtifactFormat.PYTORCH_LEGACY: PROFILE_TORCH,
+    ArtifactFormat.TORCHSCRIPT: PROFILE_TORCH,
+    ArtifactFormat.TORCH_EXPORT: PROFILE_TORCH,
+    ArtifactFormat.NUMPY: PROFILE_LIGHT,
+    ArtifactFormat.NUMPY_NPZ: PROFILE_LIGHT,
+    ArtifactFormat.ONNX: PROFILE_LIGHT,
+    ArtifactFormat.SAFETENSORS: PROFILE_LIGHT,
+}
+
+
+def profile_for(fmt: ArtifactFormat) -> str:
+    """The worker profile for a detected format (UNKNOWN never reaches a sandbox)."""
+    return _PROFILE_OF.get(fmt, PROFILE_LIGHT)

@@ -1,0 +1,63 @@
+# Airlock: one entry point for people and CI. `make serve` and `make test` do all set-up first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed-stamp
+LISTEN ?= 127.0.0.1:50051
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv docker image serve test unit integration adversarial \
+        protos check-protos lint typecheck check clean
+
+help:
+	@echo "make serve   - set everything up, then run the broker on $(LISTEN)"
+	@echo "make test    - set everything up, then run the whole test suite"
+	@echo "make setup   - .venv with the project, the Docker engine, the sandbox image"
+	@echo "make image   - (re)build the sandbox image if its inputs changed"
+	@echo "make check   - lint, type-check, and verify generated stubs are current"
+
+$(STAMP): pyproject.toml scripts/setup-venv.sh
+	scripts/setup-venv.sh
+	@touch $@
+
+venv: $(STAMP)
+
+docker:
+	scripts/ensure-docker.sh
+
+image: venv docker
+	scripts/build-image.sh
+
+setup: venv docker image
+
+serve: setup
+	.venv/bin/airlock serve --listen $(LISTEN)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+adversarial: setup
+	$(PY) -m pytest tests/adversarial $(PYTEST_ARGS)
+
+protos: venv
+	scripts/gen-protos.sh
+
+check-protos: venv
+	scripts/gen-protos.sh
+	git diff --exit-code -- protos/ || (echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
+
+lint: venv
+	.venv/bin/ruff check service clients sandbox tests
+
+typecheck: venv
+	.venv/bin/mypy service/airlock_broker clients/airlock_client sandbox/airlock_sandbox
+
+check: lint typecheck check-protos
+
+clean:
+	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache

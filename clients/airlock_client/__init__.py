@@ -1,0 +1,35 @@
+"""Airlock's Python client: convert untrusted model files to ONNX / safetensors, safely.
+
+>>> from airlock_client import Client, TensorSpec
+>>> with Client("127.0.0.1:50051") as client:                    # doctest: +SKIP
+...     result = client.convert("model.pkl", "model.onnx", target="onnx")
+...     print(result.sha256, result.report.parity)
+"""
+
+from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
+from airlock_client._errors import (
+    AirlockError,
+    ConversionError,
+    IntegrityError,
+    ServiceUnavailable,
+)
+from airlock_client._types import (
+    ConversionReport,
+    ConversionResult,
+    ParityCheck,
+    TensorSpec,
+)
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "AirlockError",
+    "Client",
+    "ConversionError",
+    "ConversionReport",
+    "ConversionResult",
+    "IntegrityError",
+    "ParityCheck",
+    "ServiceUnavailable",
+    "TensorSpec",
+    "default_address",
+]

@@ -1,0 +1,167 @@
+"""The Airlock client: upload an artifact, receive a validated model, write it atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_client import _wire
+from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
+from airlock_client._types import (
+    ConversionResult,
+    DeclaredFormat,
+    LoadingPolicy,
+    Target,
+    TensorSpec,
+)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHUNK_BYTES = 1024 * 1024
+#: Reasons that are worth retrying: the service was busy or briefly unable to serve.
+RETRYABLE_REASONS = frozenset({"BUSY", "UNAVAILABLE", "SANDBOX_UNAVAILABLE"})
+
+Progress = Callable[[int, int], None]
+
+
+def default_address() -> str:
+    return os.environ.get("AIRLOCK_SERVER", DEFAULT_ADDRESS)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ServiceUnavailable):
+        return True
+    return (isinstance(exc, ConversionError) and exc.code == "RESOURCE_EXHAUSTED"
+            and exc.reason in RETRYABLE_REASONS)
+
+
+class Client:
+    """A connection to an Airlock broker. Use as a context manager, or call ``close``."""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 900.0,
+                 retry_attempts: int = 4, retry_max_seconds: float = 60.0) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self.retry_attempts = retry_attempts
+        self.retry_max_seconds = retry_max_seconds
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        self._stub = pb_grpc.ConversionServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                target: Target = "auto", inputs: tuple[TensorSpec, ...] = (),
+                declared_format: DeclaredFormat | None = None,
+                loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
+                progress: Progress | None = None) -> ConversionResult:
+        """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
+
+        Retries (with jittered exponential backoff) only when the service is unavailable or
+        busy; the same idempotency key is sent on every attempt. Raises ``ConversionError``
+        when the artifact is rejected or cannot be converted, ``ServiceUnavailable`` when the
+        broker cannot be reached, ``IntegrityError`` when the response is corrupt.
+        """
+        source = Path(artifact)
+        size, sha256 = _hash_file(source)
+        key = uuid.uuid4().hex
+        for attempt in Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.retry_max_seconds),
+            wait=wait_random_exponential(multiplier=0.25, max=8.0),
+            reraise=True,
+        ):
+            with attempt:
+                first = _wire.metadata(
+                    size=size, sha256=sha256, target=target, policy=loading_policy,
+                    declared=declared_format, inputs=inputs, idempotency_key=key,
+                    filename=source.name, timeout_seconds=job_timeout)
+                return self._convert_once(source, Path(output), first, size, progress)
+        raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
+                      progress: Progress | None) -> ConversionResult:
+        try:
+            responses = self._stub.Convert(_requests(source, first, size, progress),
+                                           timeout=self.timeout)
+            return _receive(responses, output)
+        except grpc.RpcError as exc:
+            raise _wire.error_from_rpc(exc) from None
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK_BYTES):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _requests(path: Path, first: pb.ConvertRequest, size: int,
+              progress: Progress | None) -> Iterator[pb.ConvertRequest]:
+    yield first
+    sent = 0
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK_BYTES):
+            yield pb.ConvertRequest(chunk=pb.Chunk(data=block, crc32=zlib.crc32(block)))
+            sent += len(block)
+            if progress is not None:
+                progress(sent, size)
+
+
+def _receive(responses: Iterator[pb.ConvertResponse], output: Path) -> ConversionResult:
+    """Read the result header, then the chunks into a temp file; rename only if all checks pass."""
+    first = next(responses, None)
+    if first is None or first.WhichOneof("payload") != "result":
+        raise AirlockError("the broker's response did not start with a result")
+    header = first.result
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        with os.fdopen(fd, "wb") as fh:
+            for msg in responses:
+                if msg.WhichOneof("payload") != "chunk":
+                    raise IntegrityError("unexpected message in the output stream")
+                data = msg.chunk.data
+                if zlib.crc32(data) != msg.chunk.crc32:
+                    raise IntegrityError(f"output chunk at offset {received} fails its CRC-32")
+                received += len(data)
+                if received > header.output_size:
+                    raise IntegrityError("the output stream is longer than announced")
+                digest.update(data)
+                fh.write(data)
+        if received != header.output_size or digest.hexdigest() != header.output_sha256:
+            raise IntegrityError("the output does not match the size and sha256 announced")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _wire.result(header, output)

@@ -1,0 +1,44 @@
+"""The client's exception tree.
+
+::
+
+    AirlockError                 anything this library raises on purpose
+    ├── ConversionError          the service answered: the artifact was rejected or failed
+    │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
+    ├── ServiceUnavailable       the service could not be reached or cannot serve now
+    └── IntegrityError           the response stream did not match its own checksums
+"""
+
+from __future__ import annotations
+
+
+class AirlockError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class ConversionError(AirlockError):
+    """The broker refused or failed the job; ``reason`` is machine-readable."""
+
+    def __init__(self, reason: str, message: str, *, kind: str, code: str,
+                 job_id: str = "") -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.kind = kind
+        self.code = code
+        self.job_id = job_id
+
+
+class ServiceUnavailable(AirlockError):
+    """The broker could not be reached, or said it cannot serve right now."""
+
+    def __init__(self, message: str, *, reason: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class IntegrityError(AirlockError):
+    """The output stream contradicted the result header (size, sha256 or chunk CRC)."""
+
+    reason = "INTEGRITY_ERROR"

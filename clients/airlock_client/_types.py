@@ -1,0 +1,66 @@
+"""Plain, typed values of the client's public API (no protobuf types leak out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Target = Literal["auto", "onnx", "safetensors"]
+LoadingPolicy = Literal["allow_code", "safe_only"]
+DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
+                         "torch_export", "numpy", "onnx", "safetensors"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input. ``-1`` in ``shape`` marks a free dimension, e.g. the batch."""
+
+    name: str = ""
+    dtype: str = "float32"
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    output_name: str
+    samples: int
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What the sandbox said about its work: informational, never a security verdict."""
+
+    loader: str = ""
+    converter: str = ""
+    executed_artifact_code: bool = False
+    parity: tuple[ParityCheck, ...] = ()
+    warnings: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+    inputs: tuple[TensorSpec, ...] = ()
+    tensor_count: int = 0
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """A converted, broker-validated model, written to ``output``."""
+
+    job_id: str
+    output: Path
+    format: Literal["onnx", "safetensors"]
+    sha256: str
+    size: int
+    input_sha256: str
+    input_size: int
+    detected_format: str
+    #: "format_safe_only": the file is valid and code-free, but the artifact ran code in the
+    #: sandbox, so its weights are not proven to be the author's. "integrity_verified": they are.
+    assurance: str
+    loading_policy: LoadingPolicy
+    duration_seconds: float
+    image_id: str
+    runtime: str
+    report: ConversionReport

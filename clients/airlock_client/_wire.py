@@ -1,0 +1,112 @@
+"""Protobuf <-> the client's dataclasses. Generated types never leave this module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, cast
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._types import (
+    ConversionReport,
+    ConversionResult,
+    DeclaredFormat,
+    LoadingPolicy,
+    ParityCheck,
+    Target,
+    TensorSpec,
+)
+
+TARGETS: dict[str, int] = {
+    "auto": pb.TARGET_FORMAT_AUTO,
+    "onnx": pb.TARGET_FORMAT_ONNX,
+    "safetensors": pb.TARGET_FORMAT_SAFETENSORS,
+}
+POLICIES: dict[str, int] = {
+    "allow_code": pb.LOADING_POLICY_ALLOW_CODE,
+    "safe_only": pb.LOADING_POLICY_SAFE_ONLY,
+}
+DECLARED: dict[str, int] = {
+    "pickle": pb.ARTIFACT_FORMAT_PICKLE,
+    "cloudpickle": pb.ARTIFACT_FORMAT_CLOUDPICKLE,
+    "joblib": pb.ARTIFACT_FORMAT_JOBLIB,
+    "pytorch": pb.ARTIFACT_FORMAT_PYTORCH,
+    "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
+    "torch_export": pb.ARTIFACT_FORMAT_TORCH_EXPORT,
+    "numpy": pb.ARTIFACT_FORMAT_NUMPY,
+    "onnx": pb.ARTIFACT_FORMAT_ONNX,
+    "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
+}
+_OUTPUTS: dict[int, Literal["onnx", "safetensors"]] = {
+    pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
+_ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: "format_safe_only",
+              pb.ASSURANCE_INTEGRITY_VERIFIED: "integrity_verified"}
+_POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+
+
+def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
+             declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
+             idempotency_key: str, filename: str, timeout_seconds: int) -> pb.ConvertRequest:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}")
+    if policy not in POLICIES:
+        raise ValueError(f"loading policy must be one of {sorted(POLICIES)}")
+    if declared is not None and declared not in DECLARED:
+        raise ValueError(f"declared format must be one of {sorted(DECLARED)}")
+    meta = pb.ConvertMetadata(
+        declared_format=DECLARED[declared] if declared else pb.ARTIFACT_FORMAT_UNSPECIFIED,
+        target=TARGETS[target], loading_policy=POLICIES[policy],
+        idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
+        filename=filename[:255], timeout_seconds=timeout_seconds,
+        inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
+    )
+    return pb.ConvertRequest(metadata=meta)
+
+
+def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
+    rep = msg.report
+    report = ConversionReport(
+        loader=rep.loader, converter=rep.converter,
+        executed_artifact_code=rep.executed_artifact_code,
+        parity=tuple(ParityCheck(p.output_name, p.samples, p.max_abs_diff, p.tolerance, p.passed)
+                     for p in rep.parity),
+        warnings=tuple(rep.warnings), versions=dict(rep.versions),
+        inputs=tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in rep.inputs),
+        tensor_count=rep.tensor_count,
+    )
+    if msg.output_format not in _OUTPUTS:
+        raise AirlockError(f"the broker returned an unknown output format {msg.output_format}")
+    return ConversionResult(
+        job_id=msg.job_id, output=output, format=_OUTPUTS[msg.output_format],
+        sha256=msg.output_sha256, size=msg.output_size, input_sha256=msg.input_sha256,
+        input_size=msg.input_size, detected_format=msg.detected_format,
+        assurance=_ASSURANCE.get(msg.assurance, "unspecified"),
+        loading_policy=cast(LoadingPolicy, _POLICY_NAMES.get(msg.loading_policy, "allow_code")),
+        duration_seconds=msg.duration_seconds, image_id=msg.image_id, runtime=msg.runtime,
+        report=report,
+    )
+
+
+def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
+    """Map a failed call to the client's exception tree using the ErrorInfo detail."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    message = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    reason, kind, job_id = "", "failed", ""
+    status = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
+    if status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = info.reason
+                kind = info.metadata.get("kind", kind)
+                job_id = info.metadata.get("job_id", "")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailable(message or "the Airlock service is unavailable",
+                                  reason=reason or "UNAVAILABLE")
+    if not reason:
+        reason = code.name if code is not None else "UNKNOWN"
+    return ConversionError(reason, message or reason, kind=kind, code=code.name, job_id=job_id)

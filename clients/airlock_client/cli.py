@@ -1,0 +1,197 @@
+"""The ``airlock`` command.
+
+Exit codes (other tools depend on them):
+
+====  =====================================================
+0     converted
+1     the artifact was rejected or its conversion failed
+2     usage error
+3     the service is unreachable or unavailable
+====  =====================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from airlock_client._client import Client, default_address
+from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._progress import ProgressBar
+from airlock_client._types import ConversionResult, TensorSpec
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+_SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own exit code is 2 as well; be explicit
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="airlock", description="Convert untrusted model files to ONNX or "
+                     "safetensors inside throwaway sandboxes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the broker (needs the broker installed)")
+    _add_serve_arguments(serve)
+
+    convert = sub.add_parser("convert", help="convert one artifact")
+    convert.add_argument("input", type=Path, help="the artifact (pickle, joblib, PyTorch, ...)")
+    convert.add_argument("-o", "--output", type=Path, default=None,
+                         help="where to write the result (default: beside the input)")
+    convert.add_argument("--to", dest="target", choices=["auto", "onnx", "safetensors"],
+                         default="auto")
+    convert.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]DIMS",
+                         help="a model input's shape, e.g. 1,20 or x:-1,20 (-1 = free); repeat "
+                              "for several inputs")
+    convert.add_argument("--input-dtype", default="float32", help="dtype of the inputs")
+    convert.add_argument("--format", dest="declared", default=None,
+                         choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
+                                  "torch_export", "numpy", "onnx", "safetensors"],
+                         help="what the artifact is declared to be (checked against its bytes)")
+    convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
+                         help="safe_only refuses any loader that executes the artifact's code")
+    convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
+    convert.add_argument("--server", default=None,
+                         help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
+    name, _, dims = text.rpartition(":")
+    try:
+        shape = tuple(-1 if d.strip() in {"-1", "?", "N", "n"} else int(d)
+                      for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --input-shape {text!r}: use e.g. 1,20") from None
+    if not shape or any(d < -1 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad --input-shape {text!r}")
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _convert(args)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    # The broker is a separate package; the client library never imports it otherwise.
+    try:
+        from airlock_broker.__main__ import add_arguments
+    except ImportError:
+        return
+    add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from airlock_broker.__main__ import run
+    except ImportError:
+        print("airlock serve: the broker is not installed here (pip install airlock)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run(args)
+
+
+def _default_output(source: Path) -> Path:
+    """A temporary name beside the input; renamed once the output format is known."""
+    return source.with_name(f".{source.name}.airlock-out")
+
+
+def _final_name(source: Path, fmt: str) -> Path:
+    target = source.with_suffix(_SUFFIX[fmt])
+    return target.with_name(f"{source.stem}.converted{_SUFFIX[fmt]}") if target == source \
+        else target
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
+    except argparse.ArgumentTypeError as exc:
+        return _usage(str(exc))
+    if not args.input.is_file():
+        return _usage(f"{args.input} is not a readable file")
+    output = args.output or _default_output(args.input)
+    size = args.input.stat().st_size
+    try:
+        with Client(args.server or default_address()) as client:
+            result = client.convert(
+                args.input, output, target=args.target, inputs=inputs,
+                declared_format=args.declared, loading_policy=args.policy,
+                job_timeout=args.timeout,
+                progress=None if args.json else ProgressBar.for_upload("uploading", size))
+    except ServiceUnavailable as exc:
+        return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
+    except ConversionError as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
+    except AirlockError as exc:
+        return _report_error(args, "failed", getattr(exc, "reason", "ERROR"), str(exc),
+                             EXIT_FAILED)
+    if args.output is None:
+        final = _final_name(args.input, result.format)
+        output.replace(final)
+        result = ConversionResult(**{**result.__dict__, "output": final})
+    _report_ok(args, result)
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"airlock convert: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
+    if args.json:
+        doc = {
+            "status": "ok", "reason": None, "message": "converted",
+            "output": str(result.output), "format": result.format, "sha256": result.sha256,
+            "size": result.size, "job_id": result.job_id,
+            "detected_format": result.detected_format, "assurance": result.assurance,
+            "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
+            "executed_artifact_code": result.report.executed_artifact_code,
+            "parity": [asdict(p) for p in result.report.parity],
+            "warnings": list(result.report.warnings),
+            "duration_seconds": round(result.duration_seconds, 3),
+        }
+        print(json.dumps(doc))
+        return
+    print(f"converted {args.input} -> {result.output} ({result.format}, {result.size} bytes)")
+    print(f"  sha256     {result.sha256}")
+    print(f"  detected   {result.detected_format}; loader {result.report.loader or '-'}; "
+          f"artifact code executed in sandbox: {'yes' if result.report.executed_artifact_code else 'no'}")
+    print(f"  assurance  {result.assurance}")
+    for p in result.report.parity:
+        verdict = "ok" if p.passed else "FAILED"
+        print(f"  parity     {p.output_name}: max |diff| {p.max_abs_diff:.3g} over {p.samples} "
+              f"samples (tolerance {p.tolerance:g}) {verdict}")
+    for warning in result.report.warnings:
+        print(f"  warning    {warning}")
+
+
+def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
+                  job_id: str = "") -> int:
+    if args.json:
+        print(json.dumps({"status": status, "reason": reason, "message": message,
+                          "output": None, "format": None, "sha256": None, "job_id": job_id or None}))
+    else:
+        print(f"airlock convert: {status}: {reason}: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

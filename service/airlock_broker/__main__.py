@@ -1,0 +1,61 @@
+"""``python -m airlock_broker`` (and ``airlock serve``): run the broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
+from airlock_broker.sandbox import SandboxUnavailable
+from airlock_broker.server import serve
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default=None, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument("--runtime", choices=["runc", "runsc"], default=None,
+                        help="OCI runtime for sandboxes (overrides the config file)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {"listen": args.listen} if args.listen else {}
+    try:
+        config = BrokerConfig.load(args.config, **overrides)
+        if args.runtime:
+            config = replace(config, sandbox=replace(config.sandbox, runtime=args.runtime))
+    except (ValueError, OSError) as exc:
+        print(f"airlock serve: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        asyncio.run(serve(config))
+    except SandboxUnavailable as exc:
+        print(f"airlock serve: the sandbox is unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except OSError as exc:
+        print(f"airlock serve: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airlock serve", description="Run the Airlock broker.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Admission control: a bounded number of jobs running, a bounded number waiting.
+
+A request beyond both bounds is refused at once with BUSY (RESOURCE_EXHAUSTED), which the
+client library retries with backoff; nothing queues without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from airlock_broker.errors import Reason, error
+
+
+class Admission:
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._admitted = 0
+        self._running = asyncio.Semaphore(max_running)
+        self.draining = False
+
+    @property
+    def admitted(self) -> int:
+        """Jobs inside the broker: uploading, waiting for a sandbox, or running."""
+        return self._admitted
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold a place in the broker for the whole request, or raise BUSY / UNAVAILABLE."""
+        if self.draining:
+            raise error(Reason.SANDBOX_UNAVAILABLE, "the broker is shutting down")
+        if self._admitted >= self.max_running + self.max_waiting:
+            raise error(Reason.BUSY, f"{self._admitted} jobs in progress, the limit is "
+                                     f"{self.max_running + self.max_waiting}; retry later")
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    @contextlib.asynccontextmanager
+    async def run_slot(self) -> AsyncIterator[None]:
+        """Wait for one of the ``max_running`` sandbox places."""
+        async with self._running:
+            yield

@@ -1,0 +1,105 @@
+"""Broker configuration: frozen, validated, secure by default.
+
+Loaded from an optional TOML file (``airlock serve --config FILE``)::
+
+    [broker]
+    max_concurrent_jobs = 2
+    max_artifact_bytes = 4294967296
+
+    [sandbox]          # SandboxPolicy fields; weakening one is a visible diff here
+    runtime = "runsc"
+    memory_bytes = 8589934592
+
+    [output]           # OutputLimits fields
+    max_onnx_bytes = 268435456
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from airlock_broker.validation.limits import OutputLimits
+from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _default_spool_root() -> Path:
+    return Path(os.environ.get("AIRLOCK_SPOOL_DIR", Path(tempfile.gettempdir()) / "airlock-spool"))
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything the broker needs to know; every limit has a finite default."""
+
+    listen: str = DEFAULT_LISTEN
+    spool_root: Path = field(default_factory=_default_spool_root)
+    max_concurrent_jobs: int = 2
+    #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
+    max_queued_jobs: int = 16
+    max_artifact_bytes: int = 4 * GiB
+    #: Response chunk size; well under gRPC's 4 MiB message cap.
+    chunk_bytes: int = 1 * MiB
+    #: Largest request chunk accepted.
+    max_request_chunk_bytes: int = 2 * MiB
+    #: A client that sends nothing for this long loses its job.
+    upload_idle_seconds: float = 60.0
+    #: Ceiling for a caller's ``timeout_seconds`` (the policy's deadline is the default).
+    max_job_seconds: float = 600.0
+    #: How long a draining broker lets jobs in flight finish on SIGTERM.
+    shutdown_grace_seconds: float = 30.0
+    sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
+    output: OutputLimits = field(default_factory=OutputLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_jobs", "max_artifact_bytes", "chunk_bytes",
+                     "max_request_chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_queued_jobs < 0:
+            raise ValueError("max_queued_jobs must be >= 0")
+        if self.chunk_bytes > 3 * MiB or self.max_request_chunk_bytes > 3 * MiB:
+            raise ValueError("chunks must stay well under gRPC's 4 MiB message limit")
+        if self.upload_idle_seconds <= 0 or self.max_job_seconds <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> BrokerConfig:
+        """Defaults, then the TOML file (if any), then explicit overrides."""
+        doc: dict[str, Any] = {}
+        if path is not None:
+            with path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        unknown = set(doc) - {"broker", "sandbox", "output"}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        broker = dict(doc.get("broker", {}))
+        if "spool_root" in broker:
+            broker["spool_root"] = Path(broker["spool_root"])
+        _check_keys(cls, broker, "broker", skip={"sandbox", "output"})
+        sandbox_doc = doc.get("sandbox", {})
+        _check_keys(SandboxPolicy, sandbox_doc, "sandbox")
+        output_doc = dict(doc.get("output", {}))
+        _check_keys(OutputLimits, output_doc, "output")
+        if "allowed_onnx_domains" in output_doc:
+            output_doc["allowed_onnx_domains"] = frozenset(output_doc["allowed_onnx_domains"])
+        if "security_opts" in sandbox_doc:
+            sandbox_doc = {**sandbox_doc, "security_opts": tuple(sandbox_doc["security_opts"])}
+        config = cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
+                     **broker)
+        return replace(config, **overrides) if overrides else config
+
+
+def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:
+    known = {f.name for f in fields(cls)} - (skip or set())
+    unknown = set(doc) - known
+    if unknown:
+        raise ValueError(f"unknown keys in [{section}]: {sorted(unknown)}")
+
+
+__all__ = ["DEFAULT_LISTEN", "BrokerConfig", "MiB"]

@@ -1,0 +1,258 @@
+"""The Docker adapter: the only module that imports ``docker``.
+
+It turns a frozen ``SandboxPolicy`` into container-create arguments, runs single-use
+containers, enforces the wall-clock deadline itself with ``kill`` (docker-py's
+``wait(timeout=)`` is only an HTTP timeout), and maps Docker's errors to
+``SandboxUnavailable`` in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig, Mount, Ulimit
+
+from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.workspace import JobWorkspace, WorkspaceError
+from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
+from airlock_sandbox.policy import SandboxPolicy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABEL_MANAGED = "airlock.managed"
+LABEL_BROKER = "airlock.broker"
+LABEL_SLOT = "airlock.slot"
+LABEL_PROFILE = "airlock.profile"
+
+_INFRA_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+def broker_identity() -> str:
+    """``host:pid:starttime`` — survives PID reuse, so orphans are told apart from the living."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "0"
+
+
+def _is_alive(identity: str) -> bool:
+    host, _, rest = identity.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return True  # not ours to judge
+    try:
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    return _start_time(pid) == start and start != "0"
+
+
+def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
+                  labels: dict[str, str]) -> dict[str, Any]:
+    """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
+    security_opt = list(policy.security_opts)
+    if policy.no_new_privileges:
+        security_opt.append("no-new-privileges")
+    return {
+        "image": policy.image,
+        "command": ["--profile", profile],
+        "user": policy.user,
+        "labels": labels,
+        "detach": True,
+        "environment": {},
+        # docker-py would otherwise copy the client's proxy settings into the container.
+        "use_config_proxy": False,
+        "hostname": "sandbox",
+        "working_dir": "/tmp",
+        "network_mode": "none" if policy.network_disabled else "bridge",
+        "read_only": policy.read_only_root,
+        "cap_drop": ["ALL"] if policy.drop_all_capabilities else [],
+        "security_opt": security_opt,
+        "pids_limit": policy.pids_limit,
+        "mem_limit": policy.memory_bytes,
+        "memswap_limit": policy.memory_bytes,  # = memory: no swap
+        "nano_cpus": policy.nano_cpus,
+        "ulimits": [Ulimit(name="nofile", soft=policy.nofile_limit, hard=policy.nofile_limit),
+                    Ulimit(name="core", soft=0, hard=0)],
+        "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={policy.tmpfs_bytes},mode=1777"},
+        "mounts": [
+            Mount(target=IN_DIR, source=str(workspace.in_dir), type="bind", read_only=True),
+            # A broker-owned noexec,nosuid,nodev tmpfs; the bind keeps those flags.
+            Mount(target=OUT_DIR, source=str(workspace.out_dir), type="bind", read_only=False),
+        ],
+        "log_config": LogConfig(type="none"),
+        "runtime": policy.runtime,
+        "ipc_mode": "private",
+        "stdin_open": False,
+        "tty": False,
+    }
+
+
+class DockerSandbox:
+    """A ``SandboxBackend`` on the local Docker engine."""
+
+    def __init__(self, policy: SandboxPolicy, spool_root: Path, *, threads: int = 16,
+                 client: docker.DockerClient | None = None) -> None:
+        self.policy = policy
+        self.spool_root = spool_root
+        self.identity = broker_identity()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
+        self._client = client
+        self._image_id = ""
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env(version="auto", max_pool_size=32, timeout=60)
+            except _INFRA_ERRORS as exc:
+                raise SandboxUnavailable(f"Docker engine unreachable: {exc}") from exc
+        return self._client
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except docker.errors.ImageNotFound as exc:
+            raise SandboxUnavailable(
+                f"sandbox image {self.policy.image} not found: run 'make image'") from exc
+        except _INFRA_ERRORS as exc:
+            raise SandboxUnavailable(f"Docker engine error: {exc}") from exc
+
+    # -- SandboxBackend ---------------------------------------------------------------------
+
+    async def check(self) -> None:
+        await self._call(self.client.ping)
+        image = await self._call(self.client.images.get, self.policy.image)
+        self._image_id = str(image.id)
+        if self.policy.runtime not in (await self._call(self._runtimes)):
+            raise SandboxUnavailable(
+                f"OCI runtime {self.policy.runtime!r} is not registered with the Docker engine")
+
+    def _runtimes(self) -> set[str]:
+        info: dict[str, Any] = self.client.info()
+        return set(info.get("Runtimes", {}))
+
+    @property
+    def image_id(self) -> str:
+        return self._image_id
+
+    async def prepare(self, profile: str) -> Slot:
+        slot_id = uuid.uuid4().hex
+        try:
+            workspace = JobWorkspace.create(self.spool_root, slot_id, uid=CONTAINER_UID,
+                                            gid=CONTAINER_GID,
+                                            output_bytes=self.policy.output_bytes)
+        except (OSError, WorkspaceError) as exc:
+            raise SandboxUnavailable(str(exc)) from exc
+        labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
+                  LABEL_PROFILE: profile}
+        try:
+            container = await self._call(
+                self.client.containers.create,
+                **create_kwargs(self.policy, workspace, profile, labels))
+        except BaseException:
+            workspace.destroy()
+            raise
+        return Slot(slot_id=slot_id, profile=profile, workspace=workspace,
+                    container_id=str(container.id))
+
+    async def start(self, slot: Slot) -> None:
+        """Start a prepared slot (a warm pool starts slots before any job is assigned)."""
+        await self._call(self.client.api.start, slot.container_id)
+        slot.started = True
+
+    async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        slot.workspace.write_job_spec(spec)
+        began = time.monotonic()
+        if not slot.started:
+            await self.start(slot)
+        timed_out = False
+        try:
+            result = await asyncio.wait_for(
+                self._call(self.client.api.wait, slot.container_id), deadline_seconds)
+            del result  # the status code is read from inspect below, with OOMKilled
+        except TimeoutError:
+            timed_out = True
+            await self._kill(slot)
+            await self._call(self.client.api.wait, slot.container_id, timeout=30)
+        duration = time.monotonic() - began
+        state = (await self._call(self.client.api.inspect_container, slot.container_id))["State"]
+        return Outcome(
+            exit_code=None if timed_out else int(state.get("ExitCode", -1)),
+            oom_killed=bool(state.get("OOMKilled", False)),
+            timed_out=timed_out,
+            duration_seconds=duration,
+            image_id=self._image_id,
+            runtime=self.policy.runtime,
+        )
+
+    async def _kill(self, slot: Slot) -> None:
+        try:
+            await self._call(self.client.api.kill, slot.container_id)
+        except SandboxUnavailable as exc:
+            if "is not running" not in str(exc):
+                raise
+
+    async def destroy(self, slot: Slot) -> None:
+        try:
+            await self._call(self.client.api.remove_container, slot.container_id, force=True,
+                             v=True)
+        except SandboxUnavailable as exc:
+            if "No such container" not in str(exc):
+                log.error("could not remove container %s: %s", slot.container_id[:12], exc)
+        finally:
+            slot.workspace.destroy()
+
+    async def reap_orphans(self) -> int:
+        containers = await self._call(self.client.api.containers, all=True,
+                                      filters={"label": f"{LABEL_MANAGED}=true"})
+        reaped = 0
+        for info in containers:
+            owner = info.get("Labels", {}).get(LABEL_BROKER, "")
+            if owner == self.identity or _is_alive(owner):
+                continue
+            try:
+                await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
+                reaped += 1
+            except SandboxUnavailable as exc:
+                log.warning("could not reap orphan %s: %s", info["Id"][:12], exc)
+        if reaped:
+            log.info("reaped %d orphaned sandbox container(s)", reaped)
+        return reaped
+
+    async def close(self) -> None:
+        """Remove every container this broker started, then release the engine connection."""
+        try:
+            mine = await self._call(self.client.api.containers, all=True,
+                                    filters={"label": f"{LABEL_BROKER}={self.identity}"})
+            for info in mine:
+                await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
+        except SandboxUnavailable as exc:
+            log.error("could not remove this broker's containers on close: %s", exc)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._client is not None:
+                self._client.close()

@@ -1,0 +1,74 @@
+"""Turning what a dead sandbox left in its output tmpfs into a validated, canonical output."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from airlock_broker.errors import Reason, error
+from airlock_broker.validation.files import collect_output, open_regular_file, read_upto
+from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_check import validate_onnx_bytes
+from airlock_broker.validation.safetensors_check import iter_canonical, validate_safetensors
+from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
+
+
+@dataclass(frozen=True)
+class ValidatedOutput:
+    """A validated output in canonical form. ``chunks`` streams exactly ``size`` bytes."""
+
+    format: OutputFormat
+    size: int
+    sha256: str
+    chunks: Callable[[int], Iterator[bytes]]
+
+
+def expected_format(out_dir: Path, target: Target) -> OutputFormat:
+    """The output the broker will accept: the requested one, or for AUTO whichever exists."""
+    if target is Target.ONNX:
+        return OutputFormat.ONNX
+    if target is Target.SAFETENSORS:
+        return OutputFormat.SAFETENSORS
+    present = [fmt for fmt, name in OUTPUT_NAMES.items() if (out_dir / name).exists()
+               or (out_dir / name).is_symlink()]
+    if len(present) != 1:
+        raise error(Reason.OUTPUT_INVALID,
+                    "the sandbox exited 0 but left no single model file "
+                    f"(found {len(present)} candidates)")
+    return present[0]
+
+
+async def validate_output(out_dir: Path, target: Target, limits: OutputLimits) -> ValidatedOutput:
+    """Collect the single output file and validate it as hostile data (DESIGN §1.5)."""
+    fmt = expected_format(out_dir, target)
+    path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
+    if fmt is OutputFormat.SAFETENSORS:
+        # Reads the header and hashes the data section: off the event loop.
+        info = await asyncio.to_thread(validate_safetensors, path, limits)
+        return ValidatedOutput(format=fmt, size=info.canonical_size,
+                               sha256=info.canonical_sha256,
+                               chunks=lambda n: iter_canonical(path, info, n))
+    canonical = await asyncio.to_thread(_validate_onnx_file, path, limits)
+    return ValidatedOutput(format=fmt, size=len(canonical),
+                           sha256=hashlib.sha256(canonical).hexdigest(),
+                           chunks=lambda n: _slices(canonical, n))
+
+
+def _validate_onnx_file(path: Path, limits: OutputLimits) -> bytes:
+    handle, st = open_regular_file(path)
+    with handle:
+        if st.st_size > limits.max_onnx_bytes:
+            raise error(Reason.OUTPUT_TOO_LARGE,
+                        f"ONNX output is {st.st_size} bytes; the limit is {limits.max_onnx_bytes}")
+        data = read_upto(handle, st.st_size)
+    canonical, _info = validate_onnx_bytes(data, limits)
+    return canonical
+
+
+def _slices(data: bytes, size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start:start + size])

@@ -1,0 +1,70 @@
+"""The seam between a job and whatever runs sandboxes (Docker today; a fake in unit tests).
+
+A ``Slot`` is one container with its own fresh workspace, used for exactly one job and then
+destroyed (DESIGN §1.2). The cold path prepares a slot when a job needs it; a warm pool
+prepares and starts slots ahead of time. Either way the job does the same thing: put the
+artifact and the job spec into ``slot.workspace``, ``run`` it, read the outcome, ``destroy`` it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from airlock_broker.workspace import JobWorkspace
+from airlock_sandbox.contract import JobSpec
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox infrastructure is down or misconfigured (engine unreachable, image missing)."""
+
+
+@dataclass
+class Slot:
+    """One single-use container and its workspace. Owned by one job at a time."""
+
+    slot_id: str
+    profile: str
+    workspace: JobWorkspace
+    container_id: str
+    started: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the broker observed itself: never what the container said about itself."""
+
+    exit_code: int | None
+    oom_killed: bool
+    timed_out: bool
+    duration_seconds: float
+    image_id: str
+    runtime: str
+
+
+class SandboxBackend(Protocol):
+    """Runs single-use sandboxes. Infrastructure failures raise ``SandboxUnavailable``."""
+
+    async def prepare(self, profile: str) -> Slot:
+        """Create (not start) a container with a fresh workspace."""
+        ...
+
+    async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        """Hand ``spec`` to the slot, start it if needed, wait for death or kill at the deadline."""
+        ...
+
+    async def destroy(self, slot: Slot) -> None:
+        """Remove the container and the workspace. Never raises."""
+        ...
+
+    async def check(self) -> None:
+        """Raise ``SandboxUnavailable`` unless the engine answers and the image exists."""
+        ...
+
+    async def reap_orphans(self) -> int:
+        """Remove containers that carry Airlock's labels but no live broker owns."""
+        ...
+
+    async def close(self) -> None:
+        """Remove every container this backend started and release its resources."""
+        ...

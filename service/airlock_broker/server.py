@@ -1,0 +1,126 @@
+"""Building and running the broker's gRPC server.
+
+``create_server`` returns ``(server, port)`` so tests can bind port 0 in-process. ``serve``
+runs until SIGINT/SIGTERM: health flips to NOT_SERVING first, jobs in flight get a grace
+period, then every sandbox the broker started is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.admission import Admission
+from airlock_broker.config import BrokerConfig
+from airlock_broker.docker_sandbox import DockerSandbox
+from airlock_broker.jobs import JobRunner
+from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
+from airlock_broker.servicer import ConversionServicer
+from airlock_broker.workspace import reap_stale
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversionService"].full_name
+_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+@dataclass
+class Broker:
+    """A running broker and everything it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    admission: Admission
+    backend: SandboxBackend
+    lock_fd: int
+
+    async def stop(self, grace: float) -> None:
+        """Flip health, refuse new jobs, let jobs in flight finish, then release everything."""
+        self.admission.draining = True
+        await self.health.enter_graceful_shutdown()
+        try:
+            await self.server.stop(grace)
+        finally:
+            await self.backend.close()
+            os.close(self.lock_fd)
+
+
+def lock_spool(config: BrokerConfig) -> int:
+    """One broker per spool root: it reaps what it finds there, so it must be the only user."""
+    config.spool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(config.spool_root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SandboxUnavailable(
+            f"another broker is using the spool directory {config.spool_root}; give this one "
+            "its own (AIRLOCK_SPOOL_DIR or [broker] spool_root)") from None
+    return fd
+
+
+async def create_server(config: BrokerConfig,
+                        backend: SandboxBackend | None = None) -> Broker:
+    """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
+    lock_fd = lock_spool(config)
+    try:
+        stale = reap_stale(config.spool_root)
+        if stale:
+            log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
+        if backend is None:
+            backend = DockerSandbox(config.sandbox, config.spool_root,
+                                    threads=4 * config.max_concurrent_jobs + 8)
+        await backend.check()
+        await backend.reap_orphans()
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ])
+    pb_grpc.add_ConversionServiceServicer_to_server(
+        ConversionServicer(config, JobRunner(backend, config.output), admission), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        os.close(lock_fd)
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    for name in (SERVICE_NAME, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
+             config.sandbox.runtime)
+    return Broker(server=server, port=port, health=health_servicer, admission=admission,
+                  backend=backend, lock_fd=lock_fd)
+
+
+async def serve(config: BrokerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    broker = await create_server(config)
+    host = config.listen.rsplit(":", 1)[0]
+    print(f"airlock: serving on {host}:{broker.port} "
+          f"(sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("airlock: shutting down: finishing jobs in flight", flush=True)
+    await broker.stop(config.shutdown_grace_seconds)

@@ -1,0 +1,68 @@
+"""The gRPC servicer: thin. Reads the stream, admits, spools, runs the job, streams the result."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_status import rpc_status
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.admission import Admission
+from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
+from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.wire import job_request, result_message, status_of
+from airlock_broker.workspace import new_upload, remove_quietly
+
+log = logging.getLogger(__name__)
+
+
+class ConversionServicer(pb_grpc.ConversionServiceServicer):
+    def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission) -> None:
+        self.config = config
+        self.runner = runner
+        self.admission = admission
+        self.intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
+                                   max_chunk_bytes=config.max_request_chunk_bytes,
+                                   idle_seconds=config.upload_idle_seconds)
+
+    async def Convert(
+        self, request_iterator: AsyncIterator[pb.ConvertRequest],
+        context: grpc.aio.ServicerContext[pb.ConvertRequest, pb.ConvertResponse],
+    ) -> AsyncIterator[pb.ConvertResponse]:
+        job_id = uuid.uuid4().hex
+        try:
+            async with self.admission.admit():
+                async for response in self._convert(job_id, request_iterator):
+                    yield response
+        except AirlockError as exc:
+            await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
+        except Exception:
+            log.exception("job %s: unexpected error", job_id)
+            exc = error(Reason.INTERNAL, f"internal error in job {job_id}; see the broker log")
+            await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
+
+    async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
+                       ) -> AsyncIterator[pb.ConvertResponse]:
+        meta = await read_metadata(stream, self.intake)
+        request = job_request(meta, job_id, default_deadline=self.config.sandbox.deadline_seconds,
+                              max_deadline=self.config.max_job_seconds)
+        upload, fd = new_upload(self.config.spool_root, job_id)
+        try:
+            spooled = await spool_chunks(stream, fd, meta, self.intake)
+            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
+            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
+                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy)
+            async with self.admission.run_slot(), self.runner.run(
+                    request, upload, detected, spooled.sha256, spooled.size) as result:
+                yield result_message(result)
+                for data in result.output.chunks(self.config.chunk_bytes):
+                    yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+        finally:
+            remove_quietly(upload)

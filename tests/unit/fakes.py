@@ -1,0 +1,97 @@
+"""A fake sandbox backend for unit tests of the broker's logic (never for integration tests).
+
+``behaviour(spec, artifact_bytes, out_dir)`` plays the worker: it may write files into the
+output directory and returns the exit code the fake container "exited" with, or ``None`` to
+simulate a container that never finishes (the broker's deadline must then fire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airlock_broker.config import BrokerConfig
+from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.server import Broker, create_server
+from airlock_broker.workspace import JobWorkspace
+from airlock_sandbox.contract import JobSpec
+
+Behaviour = Callable[[JobSpec, bytes, Path], int | None]
+
+
+@dataclass
+class FakeSandbox:
+    spool_root: Path
+    behaviour: Behaviour
+    unavailable: bool = False
+    prepared: int = 0
+    live: set[str] = field(default_factory=set)
+    specs: list[JobSpec] = field(default_factory=list)
+
+    async def prepare(self, profile: str) -> Slot:
+        if self.unavailable:
+            raise SandboxUnavailable("fake engine is down")
+        slot_id = uuid.uuid4().hex
+        root = self.spool_root / "slots" / slot_id
+        (root / "in").mkdir(parents=True)
+        (root / "out").mkdir()
+        self.prepared += 1
+        self.live.add(slot_id)
+        ws = JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid())
+        return Slot(slot_id=slot_id, profile=profile, workspace=ws, container_id=slot_id)
+
+    async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        slot.workspace.write_job_spec(spec)
+        self.specs.append(spec)
+        code = self.behaviour(spec, slot.workspace.artifact.read_bytes(), slot.workspace.out_dir)
+        timed_out = code is None
+        if timed_out:
+            await asyncio.sleep(deadline_seconds)
+        return Outcome(exit_code=code, oom_killed=code == 137, timed_out=timed_out,
+                       duration_seconds=0.01, image_id="sha256:fake", runtime="fake")
+
+    async def destroy(self, slot: Slot) -> None:
+        self.live.discard(slot.slot_id)
+        slot.workspace.destroy()
+
+    async def check(self) -> None:
+        if self.unavailable:
+            raise SandboxUnavailable("fake engine is down")
+
+    async def reap_orphans(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        self.live.clear()
+
+
+@contextmanager
+def running_broker(config: BrokerConfig, backend: FakeSandbox) -> Iterator[Broker]:
+    """A real gRPC broker on 127.0.0.1:<free port>, on its own event loop in a thread."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Broker] = {}
+
+    def _run() -> None:
+        asyncio.set_event_loop(loop)
+        holder["broker"] = loop.run_until_complete(create_server(config, backend))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=_run, daemon=True)
+    thread.start()
+    assert started.wait(10), "broker did not start"
+    broker = holder["broker"]
+    try:
+        yield broker
+    finally:
+        asyncio.run_coroutine_threadsafe(broker.stop(1.0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

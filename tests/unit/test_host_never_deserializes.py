@@ -1,0 +1,81 @@
+"""DESIGN §1.1: the host never deserializes an artifact. This scans every host-side module.
+
+The broker, the client library and the CLI may copy bytes, hash them, read magic bytes and
+parse *outputs* with strict parsers. They must not import or call anything that unpickles,
+loads a model, or executes model-supplied code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_PACKAGES = [ROOT / "service", ROOT / "clients", ROOT / "sandbox" / "airlock_sandbox"]
+
+#: Modules whose mere import on the host is a red flag.
+FORBIDDEN_IMPORTS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "torch",
+                     "mlflow", "sklearn", "skops", "marshal", "shelve", "keras", "tensorflow",
+                     "airlock_worker"}
+#: Dotted call names that deserialize or execute artifact content.
+FORBIDDEN_CALLS = {
+    "pickle.load", "pickle.loads", "pickle.Unpickler", "joblib.load", "cloudpickle.load",
+    "cloudpickle.loads", "dill.load", "dill.loads", "torch.load", "torch.jit.load",
+    "torch.export.load", "numpy.load", "np.load", "yaml.load", "yaml.unsafe_load",
+    "yaml.full_load", "marshal.loads", "shelve.open", "eval", "exec", "__import__",
+    "importlib.import_module", "onnx.load", "onnx.load_model",
+}
+
+
+def _host_files() -> list[Path]:
+    files = [p for pkg in HOST_PACKAGES for p in pkg.rglob("*.py")]
+    assert len(files) > 10, "the host-side packages were not found; the guard would pass vacuously"
+    return files
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def _violations(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names
+                      if a.name.split(".")[0] in FORBIDDEN_IMPORTS]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in FORBIDDEN_IMPORTS:
+                found.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            if name in FORBIDDEN_CALLS:
+                found.append(f"call {name}()")
+            if name.endswith("load_model") and "mlflow" in name:
+                found.append(f"call {name}()")
+            for kw in node.keywords:
+                if kw.arg == "allow_pickle" and not (
+                        isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                    found.append("allow_pickle not False")
+    return found
+
+
+@pytest.mark.parametrize("path", _host_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_host_module_never_deserializes(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    assert _violations(tree) == [], f"{path} deserializes or imports a deserializer"
+
+
+@pytest.mark.parametrize("snippet", [
+    "import pickle", "from joblib import load", "torch.load(f)", "pickle.loads(b)",
+    "np.load(f, allow_pickle=True)", "yaml.load(s)", "mlflow.sklearn.load_model(u)",
+    "import airlock_worker", "eval(x)",
+])
+def test_guard_catches_known_deserializers(snippet: str) -> None:
+    # The guard itself must be able to fail, or it proves nothing.
+    assert _violations(ast.parse(snippet))
