@@ -14,11 +14,10 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from airlock_sandbox.contract import MAX_REPORT_BYTES, REPORT_NAME
-
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.strict_json import StrictJSONError, loads_strict
+from airlock_sandbox.contract import MAX_REPORT_BYTES, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
