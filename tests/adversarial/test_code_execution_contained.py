@@ -1,0 +1,134 @@
+"""Threat: an artifact runs code when it is loaded (pickle reduce payloads).
+
+Oracles for each test: a defined outcome with a reason; no host side effect (the canary file
+does not appear, the host listener receives nothing); no container left; the broker still
+serves a benign job afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from tests.adversarial import payloads
+from tests.conftest import BrokerProcess, run_cli
+
+pytestmark = pytest.mark.adversarial
+
+
+class Listener:
+    """A TCP listener on all host interfaces (loopback and the Docker bridge) counting connects."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+def bridge_gateway(docker_client) -> str:  # type: ignore[no-untyped-def]
+    config = docker_client.networks.get("bridge").attrs["IPAM"]["Config"]
+    return str(config[0].get("Gateway", "172.17.0.1"))
+
+
+def assert_still_serves(broker: BrokerProcess, tmp_path: Path) -> None:
+    benign = tmp_path / "benign.safetensors"
+    benign.write_bytes(save({"w": np.ones((2, 2), dtype=np.float32)}))
+    done = run_cli("convert", str(benign), "-o", str(tmp_path / "benign.out"), "--json",
+                   server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_reduce_payload_cannot_write_host_files_or_connect_out(
+        broker: BrokerProcess, docker_client, listener: Listener, tmp_path: Path) -> None:
+    canary = tmp_path / "canary" / "escaped.txt"
+    artifact = payloads.malicious_pickle(
+        tmp_path / "model.pkl", canary, ports=[listener.port],
+        hosts=["127.0.0.1", bridge_gateway(docker_client), "host.docker.internal"])
+
+    done = run_cli("convert", str(artifact), "-o", str(tmp_path / "out.onnx"), "--json",
+                   server=broker.address)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["status"] in {"rejected", "failed"} and doc["reason"], doc
+    assert doc["output"] is None and not (tmp_path / "out.onnx").exists()
+    time.sleep(0.5)
+    assert not canary.exists(), "the payload wrote a file on the host"
+    assert listener.connections == 0, "the payload reached a listener on the host"
+    assert_still_serves(broker, tmp_path)
+
+
+def test_reduce_payload_in_pytorch_checkpoint_is_contained(
+        broker: BrokerProcess, docker_client, listener: Listener, tmp_path: Path) -> None:
+    canary = tmp_path / "canary.txt"
+    source = payloads.escape_attempt_source(canary, [listener.port],
+                                            ["127.0.0.1", bridge_gateway(docker_client)])
+    artifact = payloads.malicious_torch_zip(tmp_path / "model.pt", source)
+
+    done = run_cli("convert", str(artifact), "--json", server=broker.address)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert json.loads(done.stdout)["reason"]
+    assert not canary.exists() and listener.connections == 0
+    assert_still_serves(broker, tmp_path)
+
+
+def test_safe_only_policy_refuses_to_unpickle(broker: BrokerProcess, listener: Listener,
+                                              tmp_path: Path) -> None:
+    canary = tmp_path / "canary.txt"
+    artifact = payloads.malicious_pickle(tmp_path / "m.pkl", canary, [listener.port],
+                                         ["127.0.0.1"])
+    done = run_cli("convert", str(artifact), "--policy", "safe_only", "--json",
+                   server=broker.address)
+    assert done.returncode == 1
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("rejected", "POLICY_VIOLATION"), doc
+
+
+def test_payload_that_sleeps_forever_ends_at_the_deadline(broker: BrokerProcess,
+                                                          tmp_path: Path) -> None:
+    artifact = payloads.sleeper_pickle(tmp_path / "sleepy.pkl")
+    began = time.monotonic()
+    done = run_cli("convert", str(artifact), "--timeout", "8", "--json", server=broker.address)
+    elapsed = time.monotonic() - began
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("failed", "SANDBOX_TIMEOUT"), doc
+    assert elapsed < 8 + 30, f"deadline of 8 s took {elapsed:.1f} s to enforce"
+    assert_still_serves(broker, tmp_path)

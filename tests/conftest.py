@@ -1,0 +1,131 @@
+"""Shared fixtures. Integration and adversarial tests use the real Docker engine and the real
+sandbox image: when either is missing they FAIL with a message saying how to fix it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+AIRLOCK = str(VENV_BIN / "airlock")
+IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
+LABEL = "airlock.managed=true"
+
+
+def _docker_client():  # type: ignore[no-untyped-def]
+    import docker
+
+    try:
+        client = docker.from_env(version="auto")
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+        pytest.fail(f"the Docker engine is not reachable ({exc}). Integration tests never skip: "
+                    "run `make test`, which installs and starts the engine, or "
+                    "`scripts/ensure-docker.sh`.", pytrace=False)
+    try:
+        client.images.get(IMAGE)
+    except Exception:  # noqa: BLE001
+        pytest.fail(f"the sandbox image {IMAGE} is missing: run `make image` (or `make test`).",
+                    pytrace=False)
+    return client
+
+
+@pytest.fixture(scope="session")
+def docker_client():  # type: ignore[no-untyped-def]
+    client = _docker_client()
+    yield client
+    client.close()
+
+
+def airlock_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
+    return [c.id for c in client.containers.list(all=True, filters={"label": LABEL})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class BrokerProcess:
+    """``airlock serve`` started as a user would, on a free loopback port."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+    spool: Path
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return int(self.process.returncode)
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
+                 timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"airlock serve exited with {process.returncode}:\n"
+                            f"{log.read_text()[-3000:]}", pytrace=False)
+            with contextlib.suppress(grpc.RpcError):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.2)
+    pytest.fail(f"airlock serve did not become SERVING:\n{log.read_text()[-3000:]}",
+                pytrace=False)
+
+
+def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> BrokerProcess:
+    port = free_port()
+    spool = tmp / "spool"
+    log = tmp / "broker.log"
+    full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), **(env or {})}
+    with log.open("wb") as fh:
+        process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
+                                   stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    address = f"127.0.0.1:{port}"
+    wait_serving(address, process, log)
+    return BrokerProcess(address=address, process=process, spool=spool, log=log)
+
+
+@pytest.fixture(scope="session")
+def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    proc = start_broker(tmp_path_factory.mktemp("broker"))
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
+
+
+def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + grace
+    while (left := airlock_containers(client)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"sandbox containers left behind: {left}"
+
+
+def run_cli(*args: str, server: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False)
