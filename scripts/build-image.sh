@@ -34,7 +34,7 @@ BASE_REPO=airlock-base
 # Bump when the commands in this script that produce the base / the site dir change
 # (the recipes' own files are hashed directly).
 BASE_RECIPE_VERSION=1
-SITE_RECIPE_VERSION=1
+SITE_RECIPE_VERSION=2
 
 # No buildx plugin here: use the classic builder explicitly (and quietly).
 export DOCKER_BUILDKIT=0
@@ -189,6 +189,11 @@ build_site_dir() {
     rm -rf "${tmp:?}/bin"
     # C/C++ headers and CMake files: only for building extensions, never at run time.
     rm -rf "$tmp/torch/include" "$tmp/torch/share/cmake"
+    # Test suites and C++ test binaries (~200 MB): never imported at run time.
+    # torch/bin keeps torch_shm_manager (used by torch.multiprocessing).
+    rm -rf "$tmp/torch/test" "$tmp/onnx/backend/test/data"
+    find "$tmp/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
+    find "$tmp" -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
     find "$tmp" -name '__pycache__' -type d -prune -exec rm -rf {} +
     # unchecked-hash .pyc: valid whatever the mtimes after COPY, never re-validated
     # against the source at import (the image is read-only and immutable).
