@@ -1,0 +1,110 @@
+"""``python3 -m airlock_worker [--profile P] [--in-dir D] [--out-dir D]``
+
+Warm up (import the profile's libraries), wait for the job spec, run the job, exit with a
+:class:`WorkerExit` code. stdout and stderr are silenced at the file-descriptor level while
+libraries run (exporters print progress, native code logs), and the worker prints exactly
+one short line at the end: the broker logs a capped copy and decides nothing from it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import TextIO
+
+from airlock_sandbox.contract import (
+    IN_DIR,
+    JOB_SPEC_NAME,
+    MAX_JOB_SPEC_BYTES,
+    OUT_DIR,
+    WARM_WAIT_SECONDS,
+    JobSpec,
+    WorkerExit,
+)
+
+from . import job, output
+from .errors import WorkerError, describe, one_line
+from .profiles import DEFAULT_PROFILE, PROFILES, warm_up
+from .report import Report
+
+#: No inotify in the sandbox; 5 ms polling costs a stat() each and adds <5 ms latency.
+POLL_SECONDS = 0.005
+
+
+def wait_for_spec(in_dir: str, timeout: float) -> JobSpec:
+    """The broker renames the spec into place last, so once it exists it is complete."""
+    path = os.path.join(in_dir, JOB_SPEC_NAME)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_JOB_SPEC_BYTES + 1)
+            break
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise WorkerError(WorkerExit.BAD_JOB_SPEC,
+                                  f"no job spec within {timeout:g} s") from None
+            time.sleep(POLL_SECONDS)
+    try:
+        spec = JobSpec.from_json(raw)
+    except Exception as exc:
+        raise WorkerError(WorkerExit.BAD_JOB_SPEC, f"invalid job spec: {describe(exc)}") from None
+    names = [t.name for t in spec.inputs]
+    if spec.max_output_bytes <= 0 or len(set(names)) != len(names) or not all(names):
+        raise WorkerError(WorkerExit.BAD_JOB_SPEC,
+                          "invalid job spec: output cap or input names")
+    return spec
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="airlock_worker", description=__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
+    parser.add_argument("--in-dir", default=IN_DIR)
+    parser.add_argument("--out-dir", default=OUT_DIR)
+    parser.add_argument("--wait-seconds", type=float, default=WARM_WAIT_SECONDS,
+                        help=argparse.SUPPRESS)  # for development only
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep library output and tracebacks (development only)")
+    return parser.parse_args(argv)
+
+
+def _silence() -> TextIO:
+    """Point fds 1 and 2 at /dev/null; return a stream on the original stderr."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    return os.fdopen(saved, "w", buffering=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    console = sys.stderr if args.verbose else _silence()
+    if not args.verbose:
+        warnings.simplefilter("ignore")
+    report = Report()
+    code, line = WorkerExit.OK, ""
+    try:
+        warm_up(args.profile)
+        spec = wait_for_spec(args.in_dir, args.wait_seconds)
+        job.run(spec, args.in_dir, args.out_dir, report)
+        line = f"ok: {report.detected_format} -> {report.output_format} via {report.loader}"
+    except WorkerError as exc:
+        code, line = exc.exit, f"{exc.exit.name}: {exc.message}"
+    except BaseException as exc:  # our bug, or an artifact raising SystemExit & co.
+        if args.verbose:
+            raise
+        code, line = WorkerExit.UNCAUGHT, f"UNCAUGHT: {describe(exc)}"
+    if code is not WorkerExit.OK:
+        output.remove_outputs(args.out_dir)
+        report.error = {"exit": code.name, "message": line}
+    output.write_report(args.out_dir, report.to_json())
+    print(one_line(f"airlock-worker: {line}"), file=console, flush=True)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

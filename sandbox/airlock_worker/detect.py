@@ -1,0 +1,59 @@
+"""Artifact format by magic bytes (DESIGN §1.7), refined for zips by listing member names."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+from airlock_sandbox.contract import WorkerExit
+from airlock_sandbox.formats import (
+    PREFIX_BYTES,
+    ArtifactFormat,
+    admits,
+    detect_prefix,
+    refine_zip_names,
+)
+
+from .errors import WorkerError
+
+#: A zip's central directory is parsed into memory; a bomb of empty entries should be refused
+#: by count rather than by the container's memory limit.
+MAX_ZIP_ENTRIES = 100_000
+
+
+def detect(path: str) -> ArtifactFormat:
+    """The refined format of the file at ``path`` (``UNKNOWN`` if nothing matches)."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        prefix = f.read(PREFIX_BYTES)
+    fmt = detect_prefix(prefix, size)
+    if fmt is ArtifactFormat.ZIP:
+        fmt = _refine_zip(path)
+    return fmt
+
+
+def _refine_zip(path: str) -> ArtifactFormat:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, f"unreadable zip archive: {exc}") from None
+    if len(names) > MAX_ZIP_ENTRIES:
+        raise WorkerError(
+            WorkerExit.UNSUPPORTED_FORMAT,
+            f"zip archive has {len(names)} entries (limit {MAX_ZIP_ENTRIES})",
+        )
+    return refine_zip_names(names)
+
+
+def detect_checked(path: str, declared: str | None) -> ArtifactFormat:
+    """Detect, then enforce the declared format; raise the matching :class:`WorkerError`."""
+    fmt = detect(path)
+    if fmt in (ArtifactFormat.UNKNOWN, ArtifactFormat.ZIP):
+        raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, "unrecognised artifact format")
+    if declared is not None and not admits(declared, fmt):
+        raise WorkerError(
+            WorkerExit.FORMAT_MISMATCH,
+            f"declared format {declared!r} but the bytes are {fmt.value}",
+        )
+    return fmt

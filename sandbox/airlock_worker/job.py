@@ -1,0 +1,163 @@
+"""One job: the context every converter works in (spec, paths, the policy gate, the report,
+the output writers) and the table from detected format to converter."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from airlock_sandbox.contract import (
+    ARTIFACT_NAME,
+    JobSpec,
+    LoadingPolicy,
+    OutputFormat,
+    Target,
+    WorkerExit,
+)
+from airlock_sandbox.formats import ArtifactFormat
+
+from . import output
+from .detect import detect_checked
+from .errors import WorkerError, describe
+from .report import Report
+
+#: format -> (module, function). Modules are imported only when their format arrives, so an
+#: sklearn job never imports torch and a numpy job never imports sklearn.
+HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
+    ArtifactFormat.PICKLE: ("sklearn_convert", "convert"),
+    ArtifactFormat.JOBLIB: ("sklearn_convert", "convert"),
+    ArtifactFormat.PYTORCH_ZIP: ("torch_convert", "convert_checkpoint"),
+    ArtifactFormat.PYTORCH_LEGACY: ("torch_convert", "convert_checkpoint"),
+    ArtifactFormat.TORCHSCRIPT: ("torch_convert", "convert_torchscript"),
+    ArtifactFormat.TORCH_EXPORT: ("torch_convert", "convert_exported"),
+    ArtifactFormat.NUMPY: ("numpy_convert", "convert_npy"),
+    ArtifactFormat.NUMPY_NPZ: ("numpy_convert", "convert_npz"),
+    ArtifactFormat.ONNX: ("passthrough", "convert_onnx"),
+    ArtifactFormat.SAFETENSORS: ("passthrough", "convert_safetensors"),
+}
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    artifact: str
+    out_dir: str
+    fmt: ArtifactFormat
+    report: Report = field(default_factory=Report)
+
+    # -- the policy gate (DESIGN §1.6): called *before* a code-executing loader runs ------
+
+    def loaded_safely(self, loader: str) -> None:
+        self.report.loader = loader
+        self.report.executed_artifact_code = False
+
+    def allow_code(self, loader: str, why: str) -> None:
+        """Refuse under SAFE_ONLY; otherwise record that artifact code is about to run."""
+        if self.spec.policy is LoadingPolicy.SAFE_ONLY:
+            raise WorkerError(
+                WorkerExit.POLICY_VIOLATION,
+                f"{why}: loading needs {loader}, which executes artifact code; policy is safe_only",
+            )
+        self.report.loader = loader
+        self.report.executed_artifact_code = True
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """Map a loader's failure: a missing module or class means the sandbox cannot host
+        this model (UNSUPPORTED_MODEL); anything else is a failed load."""
+        try:
+            yield
+        except WorkerError:
+            raise
+        except (ImportError, AttributeError) as exc:  # "Can't get attribute 'Net' on __main__"
+            raise WorkerError(
+                WorkerExit.UNSUPPORTED_MODEL, f"needs code the sandbox lacks: {describe(exc)}"
+            ) from None
+        except Exception as exc:
+            raise WorkerError(
+                WorkerExit.CONVERSION_FAILED, f"loading failed: {describe(exc)}"
+            ) from None
+
+    # -- what the request asks for -----------------------------------------------------
+
+    def wants(self, fmt: OutputFormat) -> bool:
+        return self.spec.target in (Target.AUTO, Target(fmt.value))
+
+    def refuse_target(self, fmt: OutputFormat, why: str) -> None:
+        if self.spec.target is Target(fmt.value):
+            raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, f"cannot produce {fmt.value}: {why}")
+
+    def note_flattened(self, flat: Any) -> None:
+        """Warn about what :func:`tensor_tree.flatten` left out or could not name uniquely."""
+        if flat.skipped:
+            self.report.warn(f"skipped {len(flat.skipped)} non-tensor value(s): "
+                             + ", ".join(flat.skipped[:10]))
+        if flat.collisions:
+            self.report.warn("names collided after flattening, first kept: "
+                             + ", ".join(flat.collisions[:10]))
+
+    # -- output writers ----------------------------------------------------------------
+
+    def write_onnx(self, model: Any, converter: str, reference: Any | None) -> None:
+        """Finish, parity-check (if a reference is given), then write the ONNX file."""
+        from . import onnx_out, parity
+
+        self.report.converter = converter
+        data = onnx_out.finish(model)
+        output.check_size(len(data), self.spec.max_output_bytes)
+        self.report.inputs = onnx_out.graph_inputs(model)
+        self.report.tensor_count = len(model.graph.initializer)
+        if reference is not None:
+            parity.check(data, self.report.inputs, reference, self.report)
+        output.write_bytes(self.out_dir, OutputFormat.ONNX, data, self.spec.max_output_bytes)
+        self.report.output_format = OutputFormat.ONNX.value
+
+    def write_torch_tensors(self, tensors: dict[str, Any], converter: str) -> None:
+        from . import st_torch
+
+        self.report.converter = converter
+        ready, metadata = st_torch.prepare(tensors, self.report.warn)
+        if len(metadata) > 1:
+            self.report.warn(f"{len(metadata) - 1} tied tensor name(s) deduplicated "
+                             "(removed -> kept in __metadata__)")
+        with output.staged(self.out_dir, OutputFormat.SAFETENSORS,
+                           self.spec.max_output_bytes) as tmp:
+            self.report.tensor_count = st_torch.write_verified(
+                ready, metadata, tmp, self.spec.max_output_bytes)
+        self.report.output_format = OutputFormat.SAFETENSORS.value
+
+    def write_numpy_arrays(self, arrays: dict[str, Any], converter: str) -> None:
+        from . import st_numpy
+
+        self.report.converter = converter
+        ready = st_numpy.prepare(arrays, self.report.warn)
+        with output.staged(self.out_dir, OutputFormat.SAFETENSORS,
+                           self.spec.max_output_bytes) as tmp:
+            self.report.tensor_count = st_numpy.write_verified(
+                ready, tmp, self.spec.max_output_bytes, metadata={"format": "np"})
+        self.report.output_format = OutputFormat.SAFETENSORS.value
+
+
+def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
+    """Detect, convert, write, filling ``report`` as it goes (so a failure report says how
+    far the job got). Raises :class:`WorkerError` for every known outcome."""
+    artifact = os.path.join(in_dir, ARTIFACT_NAME)
+    try:
+        fmt = detect_checked(artifact, spec.declared_format)
+    except FileNotFoundError:
+        raise WorkerError(WorkerExit.BAD_JOB_SPEC, "no artifact in the input directory") from None
+    report.detected_format = fmt.value
+    job = Job(spec=spec, artifact=artifact, out_dir=out_dir, fmt=fmt, report=report)
+    module, function = HANDLERS[fmt]
+    try:
+        getattr(importlib.import_module(f"{__package__}.{module}"), function)(job)
+    except WorkerError:
+        raise
+    except MemoryError:
+        raise WorkerError(WorkerExit.CONVERSION_FAILED, "out of memory") from None
+    except Exception as exc:  # a library failing on this model is a failed conversion
+        raise WorkerError(WorkerExit.CONVERSION_FAILED, describe(exc)) from exc

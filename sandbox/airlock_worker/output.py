@@ -1,0 +1,71 @@
+"""The one output file: written under a temporary name in OUT_DIR, size-checked, then renamed,
+so the broker never sees a partial file and a failed job leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
+from airlock_sandbox.contract import OUTPUT_NAMES, REPORT_NAME, OutputFormat, WorkerExit
+
+from .errors import WorkerError
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def check_size(size: int, limit: int, what: str = "output") -> None:
+    if size > limit:
+        raise WorkerError(
+            WorkerExit.OUTPUT_TOO_LARGE, f"{what} would be {size} bytes (limit {limit})"
+        )
+
+
+@contextlib.contextmanager
+def staged(out_dir: str, fmt: OutputFormat, max_bytes: int) -> Iterator[str]:
+    """Yield a temporary path in ``out_dir``; on clean exit, cap-check it and rename it to
+    ``OUTPUT_NAMES[fmt]``. Any exception removes it. A full tmpfs counts as too large."""
+    final = os.path.join(out_dir, OUTPUT_NAMES[fmt])
+    tmp = os.path.join(out_dir, f".{OUTPUT_NAMES[fmt]}.partial")
+    try:
+        yield tmp
+        check_size(os.stat(tmp).st_size, max_bytes)
+        os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno in _NO_SPACE:
+            raise WorkerError(WorkerExit.OUTPUT_TOO_LARGE, f"output does not fit: {exc}") from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes(out_dir: str, fmt: OutputFormat, data: bytes, max_bytes: int) -> None:
+    check_size(len(data), max_bytes)
+    with staged(out_dir, fmt, max_bytes) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+
+
+def write_report(out_dir: str, data: bytes) -> None:
+    """Best effort: the report is informational and must never turn a result into a crash."""
+    tmp = os.path.join(out_dir, f".{REPORT_NAME}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(out_dir, REPORT_NAME))
+    except OSError:
+        _remove(tmp)
+
+
+def remove_outputs(out_dir: str) -> None:
+    """After a failure, make sure no output file (finished or partial) is left."""
+    for name in OUTPUT_NAMES.values():
+        _remove(os.path.join(out_dir, name))
+        _remove(os.path.join(out_dir, f".{name}.partial"))
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

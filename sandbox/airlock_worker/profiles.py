@@ -1,0 +1,33 @@
+"""What a container imports before its job arrives. A warm container pays this while it
+waits; a cold one pays it anyway, so each profile imports only what its jobs need (torch
+alone costs ~4.7 CPU-s per container, DESIGN §4). Anything else is imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+PROFILES: dict[str, tuple[str, ...]] = {
+    # pickles / joblib: the estimator base classes, the converters and their runtime.
+    # xgboost and lightgbm are left to the unpickler, which imports them if the model is one.
+    "sklearn": (
+        "numpy", "sklearn.base", "sklearn.pipeline", "skl2onnx", "skl2onnx.common.data_types",
+        "onnxmltools", "onnx", "onnxruntime", "joblib", "cloudpickle",
+        "airlock_worker.sklearn_convert",
+    ),
+    # PyTorch checkpoints, TorchScript, .pt2: loading, safetensors, export and parity.
+    "torch": (
+        "torch", "safetensors.torch", "onnx", "numpy", "onnxruntime",
+        "airlock_worker.torch_convert", "airlock_worker.st_torch",
+    ),
+    # numpy, ONNX and safetensors inputs: no model code, no heavy frameworks.
+    "light": (
+        "numpy", "onnx", "safetensors.numpy",
+        "airlock_worker.numpy_convert", "airlock_worker.passthrough",
+    ),
+}
+DEFAULT_PROFILE = "light"
+
+
+def warm_up(profile: str) -> None:
+    for module in PROFILES[profile]:
+        importlib.import_module(module)

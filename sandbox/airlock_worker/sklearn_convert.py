@@ -1,0 +1,190 @@
+"""PICKLE / JOBLIB: unpickle (code-executing, so policy-gated) with ``joblib.load``, which
+reads plain, joblib and compressed joblib pickles (and cloudpickle ones, cloudpickle being
+importable). A scikit-learn estimator or pipeline becomes ONNX via skl2onnx; XGBoost and
+LightGBM sklearn-API models, alone or inside pipelines, via onnxmltools' converters
+registered into skl2onnx; a pickled dict of arrays or tensors becomes safetensors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from airlock_sandbox.contract import OutputFormat, WorkerExit
+
+from . import tensor_tree
+from .errors import WorkerError, describe
+from .job import Job
+from .parity import Expected, Reference
+from .spec_types import skl2onnx_initial_types
+
+#: skl2onnx's newest tested opset is 22; pin one the broker's ONNX Runtime runs everywhere.
+SKLEARN_OPSET = {"": 18, "ai.onnx.ml": 3}
+#: onnxmltools' converters stop at opset 15 and ai.onnx.ml 3.
+BOOSTER_OPSET = {"": 15, "ai.onnx.ml": 3}
+_BOOSTER_PACKAGES = frozenset({"xgboost", "lightgbm"})
+
+
+def convert(job: Job) -> None:
+    job.allow_code("joblib.load", "a pickle or joblib stream can only be loaded by unpickling")
+    import joblib
+
+    with job.loading():
+        obj = joblib.load(job.artifact)
+    base = sys.modules.get("sklearn.base")
+    if base is not None and isinstance(obj, base.BaseEstimator):
+        _estimator_to_onnx(job, obj)
+    else:
+        _tensors_to_safetensors(job, obj)
+
+
+# -- scikit-learn / XGBoost / LightGBM -> ONNX ---------------------------------------------
+
+
+def _estimator_to_onnx(job: Job, model: Any) -> None:
+    job.refuse_target(OutputFormat.SAFETENSORS,
+                      "a scikit-learn model has no tensor weights; ask for onnx")
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
+
+    boosters = _register_boosters(model)
+    initial_types = skl2onnx_initial_types(job.spec.inputs, getattr(model, "n_features_in_", None))
+    try:
+        onx = convert_sklearn(
+            model,
+            initial_types=initial_types,
+            options=_zipmap_off(model),
+            target_opset=BOOSTER_OPSET if boosters else SKLEARN_OPSET,
+        )
+    except (MissingConverter, MissingShapeCalculator) as exc:
+        raise WorkerError(
+            WorkerExit.UNSUPPORTED_MODEL, f"no ONNX converter for {type(model).__name__}: {exc}"
+        ) from None
+    except Exception as exc:
+        if not job.spec.inputs and hasattr(model, "feature_names_in_"):
+            raise WorkerError(
+                WorkerExit.INPUT_SPEC_REQUIRED,
+                f"fitted on named columns and the default single input failed ({describe(exc)});"
+                " give one input per column",
+            ) from None
+        raise
+    reference = None
+    if len(initial_types) == 1:
+        reference = _reference(model)
+    else:
+        job.report.warn("parity not checked: several inputs would need a pandas DataFrame")
+    job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference)
+
+
+def _estimators(model: Any) -> list[Any]:
+    """The model and every estimator nested in it (pipeline steps, column transformers...)."""
+    found = [model]
+    try:
+        params = model.get_params(deep=True)
+    except Exception:
+        return found
+    found.extend(v for v in params.values() if hasattr(v, "get_params") and not isinstance(v, type))
+    return found
+
+
+def _register_boosters(model: Any) -> bool:
+    """Teach skl2onnx the XGBoost/LightGBM classes present (skl2onnx tutorials
+    plot_gexternal_xgboost / plot_gexternal_lightgbm). Returns whether there were any."""
+    classes = {type(e): e for e in _estimators(model)
+               if type(e).__module__.split(".")[0] in _BOOSTER_PACKAGES}
+    if not classes:
+        return False
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes,
+        calculate_linear_regressor_output_shapes,
+    )
+    from sklearn.base import is_classifier
+
+    for cls, instance in classes.items():
+        if cls.__module__.startswith("xgboost"):
+            from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+
+            converter, alias = convert_xgboost, f"XGBoost{cls.__name__}"
+        else:
+            from onnxmltools.convert.lightgbm.operator_converters.LightGbm import (
+                convert_lightgbm,
+            )
+
+            converter, alias = convert_lightgbm, f"LightGbm{cls.__name__}"
+        if is_classifier(instance):
+            update_registered_converter(
+                cls, alias, calculate_linear_classifier_output_shapes, converter,
+                options={"nocl": [True, False], "zipmap": [True, False, "columns"]},
+            )
+        else:
+            update_registered_converter(
+                cls, alias, calculate_linear_regressor_output_shapes, converter)
+    return True
+
+
+def _final_step(model: Any) -> Any:
+    while hasattr(model, "steps"):
+        model = model.steps[-1][1]
+    return model
+
+
+def _zipmap_off(model: Any) -> dict[int, dict[str, Any]] | None:
+    """Probabilities as a plain float tensor instead of ZipMap's list of dicts."""
+    from sklearn.base import is_classifier
+
+    final = _final_step(model)
+    return {id(final): {"zipmap": False}} if is_classifier(final) else None
+
+
+def _reference(model: Any) -> Reference:
+    """Outputs in skl2onnx's order: labels (or values), then probabilities / scores."""
+    from sklearn.base import is_classifier
+
+    classifier = is_classifier(model)
+    second = (("predict_proba", "decision_function") if classifier
+              else ("decision_function", "transform"))
+
+    def reference(feeds: dict[str, Any]) -> list[Expected | None]:
+        (x,) = feeds.values()
+        if not hasattr(model, "predict"):
+            return [Expected(model.transform(x))]
+        outs: list[Expected | None] = [Expected(model.predict(x))]
+        for method in second:
+            if hasattr(model, method):
+                try:
+                    outs.append(Expected(getattr(model, method)(x)))
+                    break
+                except Exception:
+                    continue
+        return outs
+
+    return reference
+
+
+# -- pickled dicts of arrays / tensors -> safetensors ------------------------------------
+
+
+def _tensors_to_safetensors(job: Job, obj: Any) -> None:
+    import numpy as np
+
+    torch = sys.modules.get("torch")  # present only if the pickle itself imported it
+
+    def is_tensor(v: Any) -> bool:
+        return ((isinstance(v, np.ndarray) and v.dtype != object)
+                or (torch is not None and isinstance(v, torch.Tensor)))
+
+    flat = tensor_tree.flatten(obj, is_tensor)
+    if not flat.tensors:
+        raise WorkerError(
+            WorkerExit.UNSUPPORTED_MODEL,
+            f"unpickled a {type(obj).__module__}.{type(obj).__qualname__}, which is neither "
+            "a scikit-learn / XGBoost / LightGBM model nor a dict of arrays or tensors",
+        )
+    job.refuse_target(OutputFormat.ONNX, "the pickle holds only arrays, no model to export")
+    job.note_flattened(flat)
+    if torch is not None and any(isinstance(v, torch.Tensor) for v in flat.tensors.values()):
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+                   for k, v in flat.tensors.items()}
+        job.write_torch_tensors(tensors, "safetensors.torch")
+    else:
+        job.write_numpy_arrays(flat.tensors, "safetensors.numpy")

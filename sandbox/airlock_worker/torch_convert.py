@@ -1,0 +1,187 @@
+"""PyTorch artifacts. Checkpoints (zip or legacy) go through ``torch.load(weights_only=True)``
+first; only if that refuses the file (a full ``nn.Module`` pickle) and the policy allows, the
+code-executing ``weights_only=False`` runs. TorchScript and ``.pt2`` archives have no safe
+loader at all. Weights become safetensors; a module with example input shapes becomes ONNX."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from airlock_sandbox.contract import OutputFormat, Target, WorkerExit
+from airlock_sandbox.formats import ArtifactFormat
+
+from . import st_torch, tensor_tree
+from .errors import WorkerError
+from .job import Job
+from .parity import Expected, Reference, random_feeds
+from .spec_types import EXPORT_ROWS, check_dtype, free_axes
+
+#: Both exporters support it and it is within what the broker's ONNX Runtime runs.
+EXPORT_OPSET = 18
+LEGACY_EXPORTER = "torch.onnx.export(dynamo=False)"
+DYNAMO_EXPORTER = "torch.onnx.export(dynamo=True)"
+
+
+def convert_checkpoint(job: Job) -> None:
+    obj = _load_checkpoint(job)
+    if isinstance(obj, torch.nn.Module):
+        _module_out(job, obj, "full nn.Module")
+    else:
+        _tensors_out(job, obj)
+
+
+def _load_checkpoint(job: Job) -> Any:
+    with job.loading():
+        try:
+            # mmap: a 400 MB zip checkpoint is paged in from the read-only input, not copied.
+            obj = torch.load(job.artifact, map_location="cpu", weights_only=True,
+                             mmap=job.fmt is ArtifactFormat.PYTORCH_ZIP)
+        except pickle.UnpicklingError as exc:
+            if "Weights only load failed" not in str(exc):
+                raise
+        else:
+            job.loaded_safely("torch.load(weights_only=True)")
+            return obj
+        # Never a silent fallback (DESIGN §1.6): the gate refuses under safe_only.
+        job.allow_code("torch.load(weights_only=False)",
+                       "the checkpoint holds more than tensors (e.g. a pickled nn.Module)")
+        return torch.load(job.artifact, map_location="cpu", weights_only=False)
+
+
+def convert_torchscript(job: Job) -> None:
+    job.allow_code("torch.jit.load", "TorchScript has no safe loading mode")
+    with job.loading():
+        module = torch.jit.load(job.artifact, map_location="cpu")
+    _module_out(job, module, "TorchScript module")
+
+
+def convert_exported(job: Job) -> None:
+    job.allow_code("torch.export.load", "a .pt2 archive is loaded without weights_only")
+    with job.loading():
+        program = torch.export.load(job.artifact)
+    examples = _exported_examples(job, program)
+    if job.spec.target is Target.ONNX or (job.spec.target is Target.AUTO and examples):
+        if examples is None:
+            raise WorkerError(WorkerExit.INPUT_SPEC_REQUIRED,
+                              "the .pt2 archive has no example inputs; give the input shapes")
+        _export_dynamo(job, program, examples)
+    else:
+        _weights_only_warning(job)
+        job.write_torch_tensors(dict(program.state_dict), "safetensors.torch")
+
+
+# -- weights -------------------------------------------------------------------------------
+
+
+def _tensors_out(job: Job, obj: Any) -> None:
+    flat = tensor_tree.flatten(obj, st_torch.is_tensor, st_torch.module_state)
+    if not flat.tensors:
+        raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                          f"the checkpoint holds no tensors (a {type(obj).__name__})")
+    job.refuse_target(OutputFormat.ONNX, "a state dict holds weights only, no model code")
+    job.note_flattened(flat)
+    job.write_torch_tensors(flat.tensors, "safetensors.torch")
+
+
+def _weights_only_warning(job: Job) -> None:
+    if job.spec.target is Target.AUTO:
+        job.report.warn("no input shapes given: exported weights only")
+
+
+# -- modules -> ONNX -----------------------------------------------------------------------
+
+
+def _module_out(job: Job, module: Any, kind: str) -> None:
+    module.eval()
+    if job.spec.target is Target.SAFETENSORS or (
+            job.spec.target is Target.AUTO and not job.spec.inputs):
+        _weights_only_warning(job)
+        job.write_torch_tensors(dict(module.state_dict()), "safetensors.torch")
+        return
+    if not job.spec.inputs:
+        raise WorkerError(WorkerExit.INPUT_SPEC_REQUIRED,
+                          f"exporting a {kind} to ONNX needs the input shapes")
+    _export_legacy(job, module)
+
+
+def _spec_examples(job: Job, rows: int) -> tuple[torch.Tensor, ...]:
+    for spec in job.spec.inputs:
+        check_dtype(spec)
+    feeds = random_feeds([asdict(s) for s in job.spec.inputs], rows, seed=7)
+    return tuple(torch.from_numpy(v) for v in feeds.values())
+
+
+def _export_legacy(job: Job, module: Any) -> None:
+    """The TorchScript-based exporter: the only one that takes ScriptModules, and it needs no
+    onnxscript. It traces, so data-dependent branches are baked in; parity on fresh inputs
+    is what catches that, sometimes."""
+    example = _spec_examples(job, EXPORT_ROWS)
+    with torch.no_grad():
+        n_out = len(_output_tensors(module(*example)))
+    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    dynamic_axes: dict[str, dict[int, str]] = {
+        s.name: free_axes(s) for s in job.spec.inputs if free_axes(s)}
+    if any(s.shape and s.shape[0] < 0 for s in job.spec.inputs):
+        dynamic_axes.update({name: {0: "batch"} for name in output_names})
+    buf = io.BytesIO()  # in memory: nothing may land beside the output, no .data sidecar
+    torch.onnx.export(
+        module, example, buf, dynamo=False, opset_version=EXPORT_OPSET,
+        input_names=[s.name for s in job.spec.inputs], output_names=output_names,
+        dynamic_axes=dynamic_axes or None,
+    )
+    import onnx
+
+    job.write_onnx(onnx.load_from_string(buf.getvalue()), LEGACY_EXPORTER, _reference(module))
+
+
+def _exported_examples(job: Job, program: Any) -> tuple[torch.Tensor, ...] | None:
+    if job.spec.inputs:
+        return _spec_examples(job, EXPORT_ROWS)
+    recorded = getattr(program, "example_inputs", None)
+    if recorded is None:
+        return None
+    args, kwargs = recorded
+    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    return tuple(args)
+
+
+def _export_dynamo(job: Job, program: Any, examples: tuple[torch.Tensor, ...]) -> None:
+    if importlib.util.find_spec("onnxscript") is None:
+        raise WorkerError(
+            WorkerExit.CONVERSION_FAILED,
+            "exporting a .pt2 program to ONNX needs the dynamo exporter, which needs "
+            "onnxscript, and the sandbox image does not include it; ask for safetensors",
+        )
+    names = [s.name for s in job.spec.inputs] or None
+    onnx_program = torch.onnx.export(
+        program, examples, None, dynamo=True, external_data=False,
+        opset_version=EXPORT_OPSET, input_names=names, optimize=True, verify=False,
+    )
+    job.write_onnx(onnx_program.model_proto, DYNAMO_EXPORTER, _reference(program.module()))
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """Outputs in the order the exporters flatten them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
+
+
+def _reference(module: Any) -> Reference:
+    def reference(feeds: dict[str, Any]) -> list[Expected | None]:
+        args = [torch.from_numpy(v) for v in feeds.values()]
+        with torch.no_grad():
+            return [Expected(t.detach().numpy()) for t in _output_tensors(module(*args))]
+
+    return reference
