@@ -21,16 +21,16 @@ from airlock_client._types import (
     TensorSpec,
 )
 
-TARGETS: dict[str, int] = {
+TARGETS: dict[str, pb.TargetFormat.ValueType] = {
     "auto": pb.TARGET_FORMAT_AUTO,
     "onnx": pb.TARGET_FORMAT_ONNX,
     "safetensors": pb.TARGET_FORMAT_SAFETENSORS,
 }
-POLICIES: dict[str, int] = {
+POLICIES: dict[str, pb.LoadingPolicy.ValueType] = {
     "allow_code": pb.LOADING_POLICY_ALLOW_CODE,
     "safe_only": pb.LOADING_POLICY_SAFE_ONLY,
 }
-DECLARED: dict[str, int] = {
+DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "pickle": pb.ARTIFACT_FORMAT_PICKLE,
     "cloudpickle": pb.ARTIFACT_FORMAT_CLOUDPICKLE,
     "joblib": pb.ARTIFACT_FORMAT_JOBLIB,
@@ -41,7 +41,7 @@ DECLARED: dict[str, int] = {
     "onnx": pb.ARTIFACT_FORMAT_ONNX,
     "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
 }
-_OUTPUTS: dict[int, Literal["onnx", "safetensors"]] = {
+_OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
 _ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: "format_safe_only",
               pb.ASSURANCE_INTEGRITY_VERIFIED: "integrity_verified"}

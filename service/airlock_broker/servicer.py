@@ -45,8 +45,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
         except Exception:
             log.exception("job %s: unexpected error", job_id)
-            exc = error(Reason.INTERNAL, f"internal error in job {job_id}; see the broker log")
-            await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
+            bug = error(Reason.INTERNAL, f"internal error in job {job_id}; see the broker log")
+            await context.abort_with_status(rpc_status.to_status(status_of(bug, job_id)))
 
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        ) -> AsyncIterator[pb.ConvertResponse]:

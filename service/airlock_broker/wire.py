@@ -24,7 +24,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
 DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
                     "uint8", "bool", "string"})
 
-DECLARED: dict[int, str] = {
+DECLARED: dict[pb.ArtifactFormat.ValueType, str] = {
     pb.ARTIFACT_FORMAT_PICKLE: "pickle",
     pb.ARTIFACT_FORMAT_CLOUDPICKLE: "cloudpickle",
     pb.ARTIFACT_FORMAT_JOBLIB: "joblib",
@@ -35,13 +35,13 @@ DECLARED: dict[int, str] = {
     pb.ARTIFACT_FORMAT_ONNX: "onnx",
     pb.ARTIFACT_FORMAT_SAFETENSORS: "safetensors",
 }
-TARGETS: dict[int, Target] = {
+TARGETS: dict[pb.TargetFormat.ValueType, Target] = {
     pb.TARGET_FORMAT_UNSPECIFIED: Target.AUTO,
     pb.TARGET_FORMAT_AUTO: Target.AUTO,
     pb.TARGET_FORMAT_ONNX: Target.ONNX,
     pb.TARGET_FORMAT_SAFETENSORS: Target.SAFETENSORS,
 }
-POLICIES: dict[int, LoadingPolicy] = {
+POLICIES: dict[pb.LoadingPolicy.ValueType, LoadingPolicy] = {
     pb.LOADING_POLICY_UNSPECIFIED: LoadingPolicy.ALLOW_CODE,
     pb.LOADING_POLICY_ALLOW_CODE: LoadingPolicy.ALLOW_CODE,
     pb.LOADING_POLICY_SAFE_ONLY: LoadingPolicy.SAFE_ONLY,
