@@ -19,18 +19,21 @@
 #   AIRLOCK_HOST_PYTHON       python 3.11 used for pip/compileall (default .venv/bin/python)
 #   AIRLOCK_KEEP_OLD_IMAGES=1 do not untag older airlock-sandbox/airlock-site images
 #   AIRLOCK_DEBIAN_MIRROR     Debian mirror for debootstrap (default deb.debian.org)
+#   AIRLOCK_IMAGE_PREFIX      image names <prefix>-base/-site/-sandbox (default airlock)
+#   AIRLOCK_BUILD_DIR         work/cache directory (default build/image, gitignored)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 IMG_SRC=sandbox/image
-BUILD="$ROOT/build/image"
+BUILD="${AIRLOCK_BUILD_DIR:-$ROOT/build/image}"
 LOGS="$BUILD/logs"
 PY="${AIRLOCK_HOST_PYTHON:-$ROOT/.venv/bin/python}"
-REPO=airlock-sandbox
-SITE_REPO=airlock-site
-BASE_REPO=airlock-base
+PREFIX="${AIRLOCK_IMAGE_PREFIX:-airlock}"
+REPO="$PREFIX-sandbox"
+SITE_REPO="$PREFIX-site"
+BASE_REPO="$PREFIX-base"
 # Bump when the commands in this script that produce the base / the site dir change
 # (the recipes' own files are hashed directly).
 BASE_RECIPE_VERSION=1
