@@ -125,8 +125,11 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
     del model
     try:
         # Checked in its canonical form, which is what a caller receives. full_check adds
-        # strict shape inference; check_custom_domain refuses ops no schema describes.
-        onnx.checker.check_model(canonical, full_check=True, check_custom_domain=True)
+        # strict shape inference; check_custom_domain refuses ops no schema describes, which
+        # includes calls to local functions (_check_node_domain covers that case).
+        onnx.checker.check_model(
+            canonical, full_check=True, check_custom_domain=not local_functions
+        )
     except Exception as exc:  # ValidationError, InferenceError, and their relatives
         raise error(Reason.OUTPUT_INVALID, f"onnx.checker refused it: {_short(exc)}") from None
     return canonical, info
@@ -161,18 +164,35 @@ def _check_opset_domain(
 def _check_opsets(
     model: onnx.ModelProto, limits: OutputLimits, local_functions: frozenset[tuple[str, str]]
 ) -> None:
-    seen: set[str] = set()
+    """Domains allowlisted, versions known, one version per domain; exact repeats removed.
+
+    skl2onnx writes the default domain twice with the same version and the checker accepts
+    that, so an exact repeat is dropped (the canonical form lists each domain once); two
+    *different* versions of one domain are ambiguous and refused.
+    """
+    versions: dict[str, int] = {}
+    unique = []
     for opset in model.opset_import:
         domain = opset.domain
         _check_opset_domain(domain, limits, local_functions)
-        if domain in seen:
-            raise error(Reason.OUTPUT_INVALID, f"opset domain {describe_name(domain)} repeated")
-        seen.add(domain)
         known = _KNOWN_OPSETS.get(domain)
         if known is not None and not 1 <= opset.version <= known:
             raise error(
                 Reason.OUTPUT_INVALID, f"opset {describe_name(domain)} v{opset.version} unknown"
             )
+        key = "" if domain == "ai.onnx" else domain  # two spellings of the default domain
+        if key in versions:
+            if versions[key] != opset.version:
+                raise error(
+                    Reason.OUTPUT_INVALID,
+                    f"opset domain {describe_name(domain)} imported with two versions",
+                )
+            continue
+        versions[key] = opset.version
+        unique.append(onnx.OperatorSetIdProto(domain=domain, version=opset.version))
+    if len(unique) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(unique)
 
 
 def _children(message: Message) -> Iterator[Message]:
@@ -238,15 +258,19 @@ def _check_tensor(tensor: onnx.TensorProto) -> None:
 def _check_node_domain(
     node: onnx.NodeProto, limits: OutputLimits, local_functions: frozenset[tuple[str, str]]
 ) -> None:
-    if node.domain in limits.allowed_onnx_domains:
-        return
     if (node.domain, node.op_type) in local_functions:
         return
-    raise error(
-        Reason.OUTPUT_INVALID,
-        f"operator {describe_name(node.op_type)} from domain {describe_name(node.domain)}"
-        " is not allowed",
-    )
+    allowed = node.domain in limits.allowed_onnx_domains
+    # With local functions present the checker cannot run with check_custom_domain (it knows
+    # no schema for them), so an op from a non-built-in domain must be one of the functions.
+    if local_functions and node.domain not in _KNOWN_OPSETS:
+        allowed = False
+    if not allowed:
+        raise error(
+            Reason.OUTPUT_INVALID,
+            f"operator {describe_name(node.op_type)} from domain {describe_name(node.domain)}"
+            " is not allowed",
+        )
 
 
 def _strip_model_text(model: onnx.ModelProto, limits: OutputLimits) -> None:
