@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
+# onnxruntime >= 1.32 writes telemetry under $HOME at import unless told not to.
+export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv docker image serve test unit integration adversarial \

@@ -113,6 +113,12 @@ class Client:
             raise _wire.error_from_rpc(exc) from None
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -161,6 +167,7 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path) -> Conversio
                 fh.write(data)
         if received != header.output_size or digest.hexdigest() != header.output_sha256:
             raise IntegrityError("the output does not match the size and sha256 announced")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
