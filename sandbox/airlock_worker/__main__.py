@@ -28,6 +28,7 @@ from . import job, output
 from .errors import WorkerError, describe, one_line
 from .profiles import DEFAULT_PROFILE, PROFILES, warm_up
 from .report import Report
+from .spec_types import check_dtype
 
 #: No inotify in the sandbox; 5 ms polling costs a stat() each and adds <5 ms latency.
 POLL_SECONDS = 0.005
@@ -55,6 +56,8 @@ def wait_for_spec(in_dir: str, timeout: float) -> JobSpec:
     if spec.max_output_bytes <= 0 or len(set(names)) != len(names) or not all(names):
         raise WorkerError(WorkerExit.BAD_JOB_SPEC,
                           "invalid job spec: output cap or input names")
+    for tensor in spec.inputs:  # refuse before anything is loaded, not after
+        check_dtype(tensor)
     return spec
 
 
@@ -87,10 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     report = Report()
     code, line = WorkerExit.OK, ""
+    started = time.perf_counter()
     try:
         warm_up(args.profile)
+        report.timings["warm_up_s"] = round(time.perf_counter() - started, 4)
         spec = wait_for_spec(args.in_dir, args.wait_seconds)
-        job.run(spec, args.in_dir, args.out_dir, report)
+        job_started = time.perf_counter()
+        try:
+            job.run(spec, args.in_dir, args.out_dir, report)
+        finally:
+            report.timings["job_s"] = round(time.perf_counter() - job_started, 4)
         line = f"ok: {report.detected_format} -> {report.output_format} via {report.loader}"
     except WorkerError as exc:
         code, line = exc.exit, f"{exc.exit.name}: {exc.message}"

@@ -6,26 +6,28 @@ from __future__ import annotations
 
 import importlib
 
+from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
+
 PROFILES: dict[str, tuple[str, ...]] = {
     # pickles / joblib: the estimator base classes, the converters and their runtime.
     # xgboost and lightgbm are left to the unpickler, which imports them if the model is one.
-    "sklearn": (
+    PROFILE_SKLEARN: (
         "numpy", "sklearn.base", "sklearn.pipeline", "skl2onnx", "skl2onnx.common.data_types",
         "onnxmltools", "onnx", "onnxruntime", "joblib", "cloudpickle",
         "airlock_worker.sklearn_convert",
     ),
     # PyTorch checkpoints, TorchScript, .pt2: loading, safetensors, export and parity.
-    "torch": (
+    PROFILE_TORCH: (
         "torch", "safetensors.torch", "onnx", "numpy", "onnxruntime",
         "airlock_worker.torch_convert", "airlock_worker.st_torch",
     ),
     # numpy, ONNX and safetensors inputs: no model code, no heavy frameworks.
-    "light": (
+    PROFILE_LIGHT: (
         "numpy", "onnx", "safetensors.numpy",
         "airlock_worker.numpy_convert", "airlock_worker.passthrough",
     ),
 }
-DEFAULT_PROFILE = "light"
+DEFAULT_PROFILE = PROFILE_LIGHT
 
 
 def warm_up(profile: str) -> None:

@@ -45,6 +45,8 @@ class Report:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     tensor_count: int = 0
     versions: dict[str, str] = field(default_factory=dict)
+    #: seconds spent importing the profile (before the job) and on the job itself.
+    timings: dict[str, float] = field(default_factory=dict)
     error: dict[str, Any] | None = None
 
     def warn(self, message: str) -> None:
