@@ -213,6 +213,13 @@ def test_malformed_data_offsets_are_rejected(tmp_path: Path, offsets: Any) -> No
     refused(write(tmp_path, st_file(header, data)))
 
 
+def test_rank_over_the_cap_is_rejected_before_dims_are_walked(tmp_path: Path) -> None:
+    header, data = with_tensors(a=entry("U8", [1] * 65, 0, 1))
+    refused(write(tmp_path, st_file(header, data)))
+    header, data = with_tensors(a=entry("U8", [1] * 64, 0, 1))
+    validate_safetensors(write(tmp_path, st_file(header, data), "ok"), LIMITS)
+
+
 def test_shape_times_dtype_not_matching_length_is_rejected(tmp_path: Path) -> None:
     header, data = with_tensors(a=entry("F32", [3], 0, 8))
     refused(write(tmp_path, st_file(header, data)))

@@ -60,6 +60,8 @@ def open_regular_file(path: Path) -> tuple[BinaryIO, os.stat_result]:
 
     The ``lstat`` before and the ``fstat`` after the open must name the same inode, so a swap
     between the two is caught. Raises ``OUTPUT_INVALID`` otherwise; the caller closes the file.
+    ``O_NOFOLLOW`` guards the last component only: the directories above it must be the
+    broker's own.
     """
     name = describe_name(path.name)
     try:
@@ -69,9 +71,11 @@ def open_regular_file(path: Path) -> tuple[BinaryIO, os.stat_result]:
     problem = _problem_with(before)
     if problem is not None:
         raise error(Reason.OUTPUT_INVALID, f"output {name} {problem}")
+    # ELOOP: it became a symlink; ENOENT: it went away. A FIFO opens at once (O_NONBLOCK) and
+    # is caught by the fstat check below.
     try:
         fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:  # ELOOP: it became a symlink; ENXIO: a FIFO; ENOENT: it went away
+    except OSError as exc:
         raise error(
             Reason.OUTPUT_INVALID, f"output {name} cannot be opened: {exc.strerror}"
         ) from exc
@@ -106,8 +110,9 @@ def collect_output(out_dir: Path, expected_name: str, limits: OutputLimits) -> P
 
     The directory must hold ``expected_name`` and at most ``REPORT_NAME`` besides; the output
     must be a non-empty, single-link regular file of at most ``limits.max_output_bytes``.
-    Raises ``OUTPUT_INVALID`` or ``OUTPUT_TOO_LARGE``. Call only once the container is dead:
-    until then it can change anything checked here.
+    Raises ``OUTPUT_INVALID`` or ``OUTPUT_TOO_LARGE``; ``OSError`` if ``out_dir`` itself
+    cannot be listed (it is the broker's own directory, so that is a bug, not a verdict). Call
+    only once the container is dead: until then it can change anything checked here.
     """
     if expected_name in ("", ".", "..", REPORT_NAME) or "/" in expected_name:
         raise ValueError(f"not a valid output name: {expected_name!r}")

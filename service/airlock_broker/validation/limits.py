@@ -30,6 +30,9 @@ class OutputLimits:
     max_safetensors_header_bytes: int = 16 * MiB
     max_tensors: int = 100_000
     max_tensor_name_len: int = 1024
+    #: numpy's NPY_MAXDIMS. Without it one 16 MiB header can hold an 8-million-dim shape, which
+    #: costs the reference parser ~270 MB to read back.
+    max_tensor_rank: int = 64
     #: ``__metadata__`` over these caps is dropped from the canonical header, not trusted.
     max_metadata_entries: int = 1024
     max_metadata_value_len: int = 64 * KiB

@@ -104,7 +104,6 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
         model.ParseFromString(data)
     except Exception as exc:  # DecodeError, or whatever else the parser throws at hostile bytes
         raise error(Reason.OUTPUT_INVALID, f"not an ONNX protobuf: {_short(exc)}") from None
-    del data
     # Unknown fields survive a parse/serialise round trip: a place to smuggle bytes through.
     model.DiscardUnknownFields()
 
@@ -122,7 +121,7 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
     # A hostile file can use a denser wire encoding than the serialiser writes back.
     if len(canonical) > limits.max_onnx_bytes:
         raise error(Reason.OUTPUT_TOO_LARGE, "canonical ONNX is over the size cap")
-    del model
+    del model  # the checker parses its own copy; do not hold two parsed models at once
     try:
         # Checked in its canonical form, which is what a caller receives. full_check adds
         # strict shape inference; check_custom_domain refuses ops no schema describes, which
@@ -136,7 +135,8 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    # Parser and checker messages quote names from the model: escape them, and keep them short.
+    text = ascii(f"{type(exc).__name__}: {exc}")[1:-1]
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -316,8 +316,12 @@ def _shape(tensor: Any) -> tuple[Dim, ...]:
     dims: list[Dim] = []
     for dim in tensor.shape.dim:
         which = dim.WhichOneof("value")
-        dims.append(dim.dim_value if which == "dim_value" else
-                    dim.dim_param[:64] if which == "dim_param" else None)
+        if which == "dim_value":
+            dims.append(dim.dim_value)
+        elif which == "dim_param" and dim.dim_param.isprintable():
+            dims.append(dim.dim_param[:64])
+        else:  # unknown, or a symbolic name not fit to show: reported as free
+            dims.append(None)
     return tuple(dims)
 
 

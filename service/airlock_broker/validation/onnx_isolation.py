@@ -156,7 +156,8 @@ def _interpret(answer: bytes | None, child: Any) -> OnnxInfo:
     reason = Reason(reason_text) if reason_text in Reason.__members__ else Reason.OUTPUT_INVALID
     if reason not in _CHILD_REASONS:
         reason = Reason.OUTPUT_INVALID
-    raise error(reason, message[:1000])
+    # The child may be subverted: its words reach logs and callers only as printable text.
+    raise error(reason, "".join(c if c.isprintable() else "?" for c in message[:1000]))
 
 
 def _measure(dest: Path, info: OnnxInfo, limits: OutputLimits) -> CanonicalOnnxFile:
@@ -225,8 +226,9 @@ def _pairs(value: Any) -> list[tuple[Any, Any]]:
 
 
 def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
+    # Every string onnx_check puts in an OnnxInfo is printable and short; demand the same.
+    if not isinstance(value, str) or len(value) > 4096 or not value.isprintable():
+        raise ValueError("expected a short printable string")
     return value
 
 
@@ -237,8 +239,10 @@ def _int(value: Any) -> int:
 
 
 def _dim(value: Any) -> int | str | None:
-    if value is None or isinstance(value, str) or type(value) is int:
+    if value is None or type(value) is int:
         return value
+    if isinstance(value, str):
+        return _str(value)
     raise ValueError("expected an int, a string or null")
 
 

@@ -110,16 +110,21 @@ def validate_safetensors(
         data_bytes = _check_layout(tensors, data_len, limits)
         kept, dropped = _cap_metadata(metadata, limits)
         header = canonical_header_bytes(tensors, kept)
+        names = frozenset(tensors)
+        dtypes = frozenset(entry["dtype"] for entry in tensors.values())
+        # The parsed header costs several times its size; drop it before the reference parser
+        # builds its own copy (a 16 MiB header must not cost the broker hundreds of MB).
+        del tensors, metadata
         if second_opinion:
-            _reference_accepts(header, len(header) + data_bytes, tensors, kept)
+            _reference_accepts(header, len(header) + data_bytes, names, kept)
         digest = hashlib.sha256()
         for chunk in _stream(handle, header, PREFIX_BYTES + header_len, data_bytes,
                              HASH_BLOCK_BYTES):
             digest.update(chunk)
     return SafetensorsInfo(
-        tensor_count=len(tensors),
+        tensor_count=len(names),
         data_bytes=data_bytes,
-        dtypes=frozenset(entry["dtype"] for entry in tensors.values()),
+        dtypes=dtypes,
         metadata=None if kept is None else MappingProxyType(dict(kept)),
         metadata_dropped=dropped,
         source_data_offset=PREFIX_BYTES + header_len,
@@ -232,7 +237,7 @@ def _parse_header(
         )
     for name, entry in doc.items():
         _check_name(name, limits)
-        _check_entry(name, entry)
+        _check_entry(name, entry, limits)
     return doc, metadata
 
 
@@ -254,7 +259,7 @@ def _is_int(value: Any) -> bool:
     return type(value) is int and 0 <= value <= _MAX_INT  # bool and float are refused
 
 
-def _check_entry(name: str, entry: Any) -> None:
+def _check_entry(name: str, entry: Any, limits: OutputLimits) -> None:
     shown = describe_name(name)
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         raise error(
@@ -265,6 +270,8 @@ def _check_entry(name: str, entry: Any) -> None:
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise error(Reason.OUTPUT_INVALID, f"tensor {shown} has an unsupported dtype")
     shape = entry["shape"]
+    if isinstance(shape, list) and len(shape) > limits.max_tensor_rank:
+        raise error(Reason.OUTPUT_INVALID, f"tensor {shown} has too many dims")
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise error(Reason.OUTPUT_INVALID, f"tensor {shown} shape is not a list of dims >= 0")
     offsets = entry["data_offsets"]
@@ -350,7 +357,7 @@ def _stream(
 def _reference_accepts(
     header: bytes,
     total_size: int,
-    tensors: Mapping[str, Any],
+    names: frozenset[str],
     metadata: Mapping[str, str] | None,
 ) -> None:
     """Ask safetensors' own parser about the canonical header, reading no tensor data.
@@ -366,11 +373,11 @@ def _reference_accepts(
         stand_in.flush()
         try:
             with safe_open(stand_in.name, framework="numpy") as reader:
-                names = set(reader.keys())
+                seen_names = frozenset(reader.keys())
                 seen_metadata = reader.metadata()
         except Exception as exc:  # SafetensorError, or anything else it throws at a bad header
             raise error(
                 Reason.OUTPUT_INVALID, f"safetensors refused the header: {str(exc)[:200]}"
             ) from None
-    if names != set(tensors) or (seen_metadata or None) != (dict(metadata) if metadata else None):
+    if seen_names != names or (seen_metadata or None) != (dict(metadata) if metadata else None):
         raise error(Reason.OUTPUT_INVALID, "safetensors reads the header differently")
