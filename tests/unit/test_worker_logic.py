@@ -1,0 +1,193 @@
+"""Pure logic of the in-container worker, tested on the host without any artifact.
+
+Nothing here loads a model: the worker's flattening, dedupe, parity comparison, safetensors
+header checks and output staging run on values built in the test. The worker package is not
+installed on the host (it is never imported by host code), so it is put on the path here."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
+
+from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, WorkerExit
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_worker import detect, output, parity, passthrough, tensor_tree
+from airlock_worker.errors import WorkerError
+from airlock_worker.report import MAX_WARNINGS, Report
+
+
+def _is_array(v: object) -> bool:
+    return isinstance(v, np.ndarray)
+
+
+# -- tensor_tree ---------------------------------------------------------------------------
+
+
+def test_flatten_unwraps_state_dict_and_skips_training_state() -> None:
+    w = np.ones(2)
+    flat = tensor_tree.flatten({"state_dict": {"a.w": w}, "epoch": 3}, _is_array)
+    assert flat.tensors == {"a.w": w}
+    assert flat.skipped == []  # "epoch" lives beside state_dict, which alone is the weights
+
+
+def test_flatten_nested_dicts_get_dotted_names_and_non_tensors_are_listed() -> None:
+    flat = tensor_tree.flatten({"model": {"enc": {"w": np.ones(1)}}, "ema": {"w": np.zeros(1)},
+                                "args": object(), "step": 7}, _is_array)
+    assert sorted(flat.tensors) == ["ema.w", "model.enc.w"]
+    assert [s.split(" ")[0] for s in flat.skipped] == ["args", "step"]
+
+
+def test_flatten_reports_collisions_and_keeps_the_first() -> None:
+    first = np.ones(1)
+    flat = tensor_tree.flatten({"a.b": first, "a": {"b": np.zeros(1)}}, _is_array)
+    assert flat.tensors["a.b"] is first
+    assert flat.collisions == ["a.b"]
+
+
+def test_flatten_depth_is_capped() -> None:
+    deep: dict[str, object] = {"w": np.ones(1)}
+    for _ in range(tensor_tree.MAX_DEPTH + 5):
+        deep = {"x": deep}
+    flat = tensor_tree.flatten(deep, _is_array)
+    assert flat.tensors == {} and len(flat.skipped) == 1
+
+
+# -- parity --------------------------------------------------------------------------------
+
+
+def test_parity_float_tolerance_is_atol_plus_rtol() -> None:
+    ref = np.array([1000.0, 0.0], dtype=np.float32)
+    ok = parity.compare("y", ref + np.array([0.09, 9e-6], np.float32), parity.Expected(ref), 64)
+    bad = parity.compare("y", ref + np.array([0.2, 0.0], np.float32), parity.Expected(ref), 64)
+    assert ok.passed and ok.tolerance == parity.FLOAT_TOLERANCE
+    assert not bad.passed
+
+
+def test_parity_labels_must_match_exactly() -> None:
+    entry = parity.compare("label", np.array([0, 1, 2]), parity.Expected(np.array([0, 1, 1])), 3)
+    assert not entry.passed and entry.tolerance == parity.EXACT
+    strings = parity.compare("label", np.array(["a", "b"], dtype=object),
+                             parity.Expected(np.array(["a", "b"])), 2)
+    assert strings.passed
+
+
+def test_parity_nan_in_both_is_equal_nan_in_one_is_not() -> None:
+    ref = np.array([np.nan, 1.0])
+    assert parity.compare("y", ref.copy(), parity.Expected(ref), 2).passed
+    assert not parity.compare("y", np.array([0.0, 1.0]), parity.Expected(ref), 2).passed
+
+
+def test_parity_aligns_column_vectors_and_binary_scores() -> None:
+    ref = np.array([0.5, -0.5])
+    assert parity.compare("v", ref.reshape(2, 1), parity.Expected(ref), 2).passed
+    scores = np.stack([-ref, ref], axis=1)
+    assert parity.compare("s", scores, parity.Expected(ref), 2).passed
+    assert not parity.compare("s", np.zeros((2, 3)), parity.Expected(ref), 2).passed
+
+
+def test_random_feeds_are_seeded_and_follow_the_spec() -> None:
+    spec = [{"name": "x", "dtype": "float32", "shape": [-1, 4]},
+            {"name": "ids", "dtype": "int64", "shape": [-1, 3]}]
+    a, b = parity.random_feeds(spec, 5, 1), parity.random_feeds(spec, 5, 1)
+    assert a["x"].shape == (5, 4) and a["x"].dtype == np.float32
+    assert a["ids"].dtype == np.int64 and a["ids"].min() >= 0
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# -- safetensors header checks of the canonical rewrite ------------------------------------
+
+
+def _entries(header: dict[str, object], data_len: int) -> object:
+    return passthrough._entries(header, data_len)
+
+
+def _t(begin: int, end: int, dtype: str = "F32", shape: list[int] | None = None) -> dict:
+    return {"dtype": dtype, "shape": shape if shape is not None else [(end - begin) // 4],
+            "data_offsets": [begin, end]}
+
+
+def test_safetensors_offsets_must_tile_the_data_section() -> None:
+    assert _entries({"a": _t(0, 8), "b": _t(8, 16)}, 16)
+    for header, data_len in (({"a": _t(0, 8), "b": _t(12, 20)}, 20),  # gap
+                             ({"a": _t(0, 8), "b": _t(4, 12)}, 12),  # overlap
+                             ({"a": _t(0, 8)}, 16)):  # trailing bytes
+        with pytest.raises(WorkerError) as err:
+            _entries(header, data_len)
+        assert err.value.exit is WorkerExit.CONVERSION_FAILED
+
+
+def test_safetensors_shape_times_dtype_must_equal_the_byte_length() -> None:
+    with pytest.raises(WorkerError):
+        _entries({"a": _t(0, 8, shape=[3])}, 8)
+    with pytest.raises(WorkerError) as err:
+        _entries({"a": _t(0, 8, dtype="F128")}, 8)
+    assert err.value.exit is WorkerExit.UNSUPPORTED_MODEL
+
+
+def test_safetensors_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    raw = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},' \
+          b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with open(path, "rb") as f, pytest.raises(WorkerError):
+        passthrough._read_header(f, path.stat().st_size)
+
+
+# -- detection -----------------------------------------------------------------------------
+
+
+def test_zip_refinement_and_entry_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    npz = tmp_path / "a.npz"
+    with zipfile.ZipFile(npz, "w") as zf:
+        zf.writestr("x.npy", b"")
+        zf.writestr("y.npy", b"")
+    assert detect.detect(str(npz)) is ArtifactFormat.NUMPY_NPZ
+    monkeypatch.setattr(detect, "MAX_ZIP_ENTRIES", 1)
+    with pytest.raises(WorkerError) as err:
+        detect.detect(str(npz))
+    assert err.value.exit is WorkerExit.UNSUPPORTED_FORMAT
+
+
+def test_declared_format_must_admit_the_detected_one(tmp_path: Path) -> None:
+    path = tmp_path / "artifact"
+    path.write_bytes(b"\x93NUMPY" + b"\0" * 64)
+    assert detect.detect_checked(str(path), "numpy") is ArtifactFormat.NUMPY
+    with pytest.raises(WorkerError) as err:
+        detect.detect_checked(str(path), "pickle")
+    assert err.value.exit is WorkerExit.FORMAT_MISMATCH
+
+
+# -- output staging and the report ----------------------------------------------------------
+
+
+def test_staged_output_is_renamed_on_success_and_removed_on_failure(tmp_path: Path) -> None:
+    with output.staged(str(tmp_path), OutputFormat.ONNX, 100) as tmp, open(tmp, "wb") as f:
+        f.write(b"x" * 10)
+    assert os.listdir(tmp_path) == [OUTPUT_NAMES[OutputFormat.ONNX]]
+    (tmp_path / OUTPUT_NAMES[OutputFormat.ONNX]).unlink()
+    # Over the cap: nothing may be left behind.
+    with pytest.raises(WorkerError) as err, \
+            output.staged(str(tmp_path), OutputFormat.SAFETENSORS, 5) as tmp, open(tmp, "wb") as f:
+        f.write(b"x" * 10)
+    assert err.value.exit is WorkerExit.OUTPUT_TOO_LARGE
+    assert os.listdir(tmp_path) == []
+
+
+def test_report_is_capped_and_json_safe() -> None:
+    report = Report()
+    for i in range(MAX_WARNINGS + 10):
+        report.warn("w" * 1000 + str(i))
+    report.parity.append(parity.ParityEntry("y", 1, float("inf"), "exact", False))
+    doc = json.loads(report.to_json())
+    assert len(doc["warnings"]) == MAX_WARNINGS + 1
+    assert all(len(w) <= 300 for w in doc["warnings"])
+    assert doc["parity"][0]["max_abs_diff"] == "inf"
