@@ -57,7 +57,7 @@ def _load_checkpoint(job: Job) -> Any:
 def convert_torchscript(job: Job) -> None:
     job.allow_code("torch.jit.load", "TorchScript has no safe loading mode")
     with job.loading():
-        module = torch.jit.load(job.artifact, map_location="cpu")
+        module = torch.jit.load(job.artifact, map_location="cpu")  # type: ignore[no-untyped-call]
     _module_out(job, module, "TorchScript module")
 
 
@@ -130,8 +130,10 @@ def _export_legacy(job: Job, module: Any) -> None:
     if any(s.shape and s.shape[0] < 0 for s in job.spec.inputs):
         dynamic_axes.update({name: {0: "batch"} for name in output_names})
     buf = io.BytesIO()  # in memory: nothing may land beside the output, no .data sidecar
+    # The legacy exporter writes to any binary file object, whatever its annotation says.
     torch.onnx.export(
-        module, example, buf, dynamo=False, opset_version=EXPORT_OPSET,
+        module, example, buf,  # type: ignore[arg-type]
+        dynamo=False, opset_version=EXPORT_OPSET,
         input_names=[s.name for s in job.spec.inputs], output_names=output_names,
         dynamic_axes=dynamic_axes or None,
     )
@@ -164,6 +166,7 @@ def _export_dynamo(job: Job, program: Any, examples: tuple[torch.Tensor, ...]) -
         program, examples, None, dynamo=True, external_data=False,
         opset_version=EXPORT_OPSET, input_names=names, optimize=True, verify=False,
     )
+    assert onnx_program is not None  # dynamo=True always returns the program
     job.write_onnx(onnx_program.model_proto, DYNAMO_EXPORTER, _reference(program.module()))
 
 
