@@ -62,18 +62,29 @@ def convert_torchscript(job: Job) -> None:
 
 
 def convert_exported(job: Job) -> None:
+    exporter_present = importlib.util.find_spec("onnxscript") is not None
+    if job.spec.target is Target.ONNX and not exporter_present:  # refuse before loading
+        raise WorkerError(WorkerExit.CONVERSION_FAILED, _NO_ONNXSCRIPT + "; ask for safetensors")
     job.allow_code("torch.export.load", "a .pt2 archive is loaded without weights_only")
     with job.loading():
         program = torch.export.load(job.artifact)
     examples = _exported_examples(job, program)
-    if job.spec.target is Target.ONNX or (job.spec.target is Target.AUTO and examples):
+    if job.spec.target is Target.ONNX:
         if examples is None:
             raise WorkerError(WorkerExit.INPUT_SPEC_REQUIRED,
                               "the .pt2 archive has no example inputs; give the input shapes")
         _export_dynamo(job, program, examples)
+    elif job.spec.target is Target.AUTO and examples is not None and exporter_present:
+        _export_dynamo(job, program, examples)
     else:
-        _weights_only_warning(job)
+        if job.spec.target is Target.AUTO:
+            job.report.warn(_NO_ONNXSCRIPT + ": exported weights only" if examples is not None
+                            else "no input shapes given: exported weights only")
         job.write_torch_tensors(dict(program.state_dict), "safetensors.torch")
+
+
+_NO_ONNXSCRIPT = ("exporting a .pt2 program to ONNX needs the dynamo exporter, which needs "
+                  "onnxscript, and the sandbox image does not include it")
 
 
 # -- weights -------------------------------------------------------------------------------
@@ -122,9 +133,7 @@ def _export_legacy(job: Job, module: Any) -> None:
     onnxscript. It traces, so data-dependent branches are baked in; parity on fresh inputs
     is what catches that, sometimes."""
     example = _spec_examples(job, EXPORT_ROWS)
-    with torch.no_grad():
-        n_out = len(_output_tensors(module(*example)))
-    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    output_names = _output_names(module, example)
     dynamic_axes: dict[str, dict[int, str]] = {
         s.name: free_axes(s) for s in job.spec.inputs if free_axes(s)}
     if any(s.shape and s.shape[0] < 0 for s in job.spec.inputs):
@@ -155,19 +164,21 @@ def _exported_examples(job: Job, program: Any) -> tuple[torch.Tensor, ...] | Non
 
 
 def _export_dynamo(job: Job, program: Any, examples: tuple[torch.Tensor, ...]) -> None:
-    if importlib.util.find_spec("onnxscript") is None:
-        raise WorkerError(
-            WorkerExit.CONVERSION_FAILED,
-            "exporting a .pt2 program to ONNX needs the dynamo exporter, which needs "
-            "onnxscript, and the sandbox image does not include it; ask for safetensors",
-        )
     names = [s.name for s in job.spec.inputs] or None
     onnx_program = torch.onnx.export(
         program, examples, None, dynamo=True, external_data=False,
-        opset_version=EXPORT_OPSET, input_names=names, optimize=True, verify=False,
+        opset_version=EXPORT_OPSET, input_names=names,
+        output_names=_output_names(program.module(), examples), optimize=True, verify=False,
     )
     assert onnx_program is not None  # dynamo=True always returns the program
     job.write_onnx(onnx_program.model_proto, DYNAMO_EXPORTER, _reference(program.module()))
+
+
+def _output_names(module: Any, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """``output`` or ``output_0..n``: one forward pass tells how many there are."""
+    with torch.no_grad():
+        count = len(_output_tensors(module(*example)))
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def _output_tensors(out: Any) -> list[torch.Tensor]:
