@@ -49,12 +49,8 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     boosters = _register_boosters(model)
     initial_types = skl2onnx_initial_types(job.spec.inputs, getattr(model, "n_features_in_", None))
     try:
-        onx = convert_sklearn(
-            model,
-            initial_types=initial_types,
-            options=_zipmap_off(model),
-            target_opset=BOOSTER_OPSET if boosters else SKLEARN_OPSET,
-        )
+        onx = _convert(convert_sklearn, model, initial_types,
+                       BOOSTER_OPSET if boosters else SKLEARN_OPSET)
     except (MissingConverter, MissingShapeCalculator) as exc:
         raise WorkerError(
             WorkerExit.UNSUPPORTED_MODEL, f"no ONNX converter for {type(model).__name__}: {exc}"
@@ -73,6 +69,18 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     else:
         job.report.warn("parity not checked: several inputs would need a pandas DataFrame")
     job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference)
+
+
+def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
+             opset: dict[str, int]) -> Any:
+    options = _zipmap_off(model)
+    try:
+        return convert_sklearn(model, initial_types=initial_types, options=options,
+                               target_opset=opset)
+    except NameError as exc:  # classifiers without probabilities (LinearSVC) have no zipmap
+        if options is None or "zipmap" not in str(exc):
+            raise
+    return convert_sklearn(model, initial_types=initial_types, target_opset=opset)
 
 
 def _estimators(model: Any) -> list[Any]:

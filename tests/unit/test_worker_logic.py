@@ -191,3 +191,53 @@ def test_report_is_capped_and_json_safe() -> None:
     assert len(doc["warnings"]) == MAX_WARNINGS + 1
     assert all(len(w) <= 300 for w in doc["warnings"])
     assert doc["parity"][0]["max_abs_diff"] == "inf"
+
+
+# -- parity failure leaves no output --------------------------------------------------------
+
+
+def _affine_model() -> object:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"])], "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        initializer=[numpy_helper.from_array(np.ones(2, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _job(tmp_path: Path) -> object:
+    from airlock_sandbox.contract import JobSpec
+    from airlock_worker.job import Job
+
+    return Job(spec=JobSpec(job_id="t"), artifact="", out_dir=str(tmp_path),
+               fmt=ArtifactFormat.ONNX)
+
+
+def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+
+    def off_by_one(feeds: dict[str, np.ndarray]) -> list[parity.Expected]:
+        return [parity.Expected(feeds["x"] + 2.0)]
+
+    with pytest.raises(WorkerError) as err:
+        job.write_onnx(_affine_model(), "test", off_by_one)  # type: ignore[attr-defined]
+    assert err.value.exit is WorkerExit.PARITY_FAILED
+    assert os.listdir(tmp_path) == []
+    assert job.report.parity and not job.report.parity[0].passed  # type: ignore[attr-defined]
+
+
+def test_parity_success_writes_the_model_and_records_both_batches(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+
+    def exact(feeds: dict[str, np.ndarray]) -> list[parity.Expected]:
+        return [parity.Expected(feeds["x"] + 1.0)]
+
+    job.write_onnx(_affine_model(), "test", exact)  # type: ignore[attr-defined]
+    assert os.listdir(tmp_path) == [OUTPUT_NAMES[OutputFormat.ONNX]]
+    (entry,) = job.report.parity  # type: ignore[attr-defined]
+    assert entry.passed and entry.samples == parity.PARITY_ROWS + 1
