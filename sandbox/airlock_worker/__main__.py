@@ -116,4 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The container is destroyed right after; interpreter teardown (torch, sklearn and ORT
+    # finalizers) would add 0.3-0.4 s to every job's latency for nothing. Every file the
+    # worker wrote is closed by now and the one line is flushed.
+    os._exit(main())
