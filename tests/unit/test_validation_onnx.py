@@ -261,6 +261,23 @@ def test_unprintable_graph_input_name_is_rejected() -> None:
     refused(model)
 
 
+@pytest.mark.parametrize("field", ["producer_name", "graph_name", "node_name", "opset_domain"])
+def test_invalid_utf8_in_any_string_field_is_rejected(field: str) -> None:
+    # proto2 hands such a field back as bytes; found by the mutation test below.
+    model = hostile.add_model()
+    marker = "\u00e9MARK"
+    if field == "producer_name":
+        model.producer_name = marker
+    elif field == "graph_name":
+        model.graph.name = marker
+    elif field == "node_name":
+        model.graph.node[0].name = marker
+    else:
+        model.opset_import.add(domain=marker, version=1)
+    data = model.SerializeToString().replace(marker.encode(), b"\xe9MARK\xff")
+    refused(data)
+
+
 def test_checker_failure_is_rejected() -> None:
     model = hostile.add_model()
     model.graph.node[0].input[1] = "undefined_tensor"
@@ -405,28 +422,28 @@ def test_info_survives_the_json_round_trip(sklearn_model: tuple[bytes, np.ndarra
 # --- fuzzing ----------------------------------------------------------------------------------
 
 
-def _seed() -> bytes:
-    return hostile.if_model().SerializeToString()
+def _seeds() -> list[bytes]:
+    x = np.random.default_rng(2).standard_normal((20, 3)).astype(np.float32)
+    classifier = to_onnx(LogisticRegression().fit(x, x[:, 0] > 0), x[:1])
+    return [hostile.if_model().SerializeToString(), classifier.SerializeToString()]
 
 
-SEED = _seed()
+SEEDS = _seeds()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    flips=st.lists(
-        st.tuples(st.integers(0, len(SEED) - 1), st.integers(0, 7)), min_size=1, max_size=4
-    ),
-    cut=st.one_of(st.none(), st.integers(0, len(SEED))),
-    tail=st.binary(max_size=16),
-)
-def test_mutated_models_only_ever_fail_as_output_errors(
-    flips: list[tuple[int, int]], cut: int | None, tail: bytes
-) -> None:
-    data = bytearray(SEED)
-    for position, bit in flips:
-        data[position] ^= 1 << bit
-    mutated = bytes(data[:cut]) + tail if cut is not None else bytes(data)
+@st.composite
+def mutated_models(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    cut = draw(st.one_of(st.none(), st.integers(0, len(data))))
+    tail = draw(st.binary(max_size=16))
+    return bytes(data[:cut]) + tail if cut is not None else bytes(data)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated=mutated_models())
+def test_mutated_models_only_ever_fail_as_output_errors(mutated: bytes) -> None:
     try:
         canonical, _ = validate_onnx_bytes(mutated, LIMITS)
     except AirlockError as exc:

@@ -145,7 +145,10 @@ def _local_functions(model: onnx.ModelProto, limits: OutputLimits) -> frozenset[
         return frozenset()
     if not limits.allow_onnx_functions:
         raise error(Reason.OUTPUT_INVALID, "model-local functions are not allowed")
-    return frozenset((f.domain, f.name) for f in model.functions)
+    declared = frozenset((f.domain, f.name) for f in model.functions)
+    if not all(isinstance(part, str) for pair in declared for part in pair):
+        raise error(Reason.OUTPUT_INVALID, "function name or domain is not valid UTF-8")
+    return declared
 
 
 def _domain_allowed(
@@ -174,6 +177,8 @@ def _check_opsets(
     unique = []
     for opset in model.opset_import:
         domain = opset.domain
+        if not isinstance(domain, str):  # proto2 hands back bytes for invalid UTF-8
+            raise error(Reason.OUTPUT_INVALID, "opset domain is not valid UTF-8")
         _check_opset_domain(domain, limits, local_functions)
         known = _KNOWN_OPSETS.get(domain)
         if known is not None and not 1 <= opset.version <= known:
@@ -196,13 +201,23 @@ def _check_opsets(
 
 
 def _children(message: Message) -> Iterator[Message]:
+    """The sub-messages of ``message``; refuses string fields that are not valid UTF-8.
+
+    onnx.proto is proto2, where protobuf hands back a *bytes* object for a string field holding
+    invalid UTF-8, and every name comparison and printability check downstream assumes str.
+    """
     for field, value in message.ListFields():
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
-            continue
-        if field.is_repeated:
-            yield from value
-        else:
-            yield value
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else (value,)
+            if not all(isinstance(v, str) for v in values):
+                raise error(
+                    Reason.OUTPUT_INVALID, f"field {field.full_name} is not valid UTF-8"
+                )
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                yield from value
+            else:
+                yield value
 
 
 def _walk_and_strip(
@@ -219,6 +234,10 @@ def _walk_and_strip(
     stack: list[tuple[Message, int]] = [(model, -1)]
     while stack:
         message, depth = stack.pop()
+        for name in _FREE_TEXT_FIELDS:
+            if name in message.DESCRIPTOR.fields_by_name:
+                message.ClearField(name)
+        children = list(_children(message))  # first: it refuses non-UTF-8 strings
         if isinstance(message, onnx.GraphProto):
             depth += 1
             if depth > limits.max_subgraph_depth:
@@ -237,11 +256,7 @@ def _walk_and_strip(
             _check_node_domain(message, limits, local_functions)
         elif isinstance(message, onnx.OperatorSetIdProto):  # functions carry their own
             _check_opset_domain(message.domain, limits, local_functions)
-        if message is not model:  # the model's own text is handled by _strip_model_text
-            for name in _FREE_TEXT_FIELDS:
-                if name in message.DESCRIPTOR.fields_by_name:
-                    message.ClearField(name)
-        stack.extend((child, depth) for child in _children(message))
+        stack.extend((child, depth) for child in children)
     return nodes
 
 
@@ -274,9 +289,8 @@ def _check_node_domain(
 
 
 def _strip_model_text(model: onnx.ModelProto, limits: OutputLimits) -> None:
-    model.ClearField("doc_string")
-    model.ClearField("metadata_props")
-    # Short provenance strings are kept; anything long or unprintable is free text, dropped.
+    # doc_string and metadata_props went in the walk. Short provenance strings are kept;
+    # anything long or unprintable is free text, and dropped.
     for name in ("producer_name", "producer_version", "domain"):
         value: str = getattr(model, name)
         if len(value) > limits.max_onnx_producer_len or not value.isprintable():
