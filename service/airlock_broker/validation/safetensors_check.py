@@ -61,6 +61,7 @@ class FileIdentity:
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
+        """The identity of the file ``st`` describes."""
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
