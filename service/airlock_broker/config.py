@@ -12,6 +12,9 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
 
     [output]           # OutputLimits fields
     max_onnx_bytes = 268435456
+
+    [pools]            # PoolSettings fields; min_warm = 0 turns warm pools off
+    min_warm = 1
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
 
@@ -55,6 +59,7 @@ class BrokerConfig:
     shutdown_grace_seconds: float = 30.0
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
+    pools: PoolSettings = field(default_factory=PoolSettings)
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_jobs", "max_artifact_bytes", "chunk_bytes",
@@ -75,13 +80,17 @@ class BrokerConfig:
         if path is not None:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        unknown = set(doc) - {"broker", "sandbox", "output"}
+        unknown = set(doc) - {"broker", "sandbox", "output", "pools"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
         if "spool_root" in broker:
             broker["spool_root"] = Path(broker["spool_root"])
-        _check_keys(cls, broker, "broker", skip={"sandbox", "output"})
+        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools"})
+        pools_doc = dict(doc.get("pools", {}))
+        _check_keys(PoolSettings, pools_doc, "pools")
+        if "profiles" in pools_doc:
+            pools_doc["profiles"] = tuple(pools_doc["profiles"])
         sandbox_doc = doc.get("sandbox", {})
         _check_keys(SandboxPolicy, sandbox_doc, "sandbox")
         output_doc = dict(doc.get("output", {}))
@@ -91,7 +100,7 @@ class BrokerConfig:
         if "security_opts" in sandbox_doc:
             sandbox_doc = {**sandbox_doc, "security_opts": tuple(sandbox_doc["security_opts"])}
         config = cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
-                     **broker)
+                     pools=PoolSettings(**pools_doc), **broker)
         return replace(config, **overrides) if overrides else config
 
 

@@ -180,9 +180,17 @@ class DockerSandbox:
                     container_id=str(container.id))
 
     async def start(self, slot: Slot) -> None:
-        """Start a prepared slot (a warm pool starts slots before any job is assigned)."""
         await self._call(self.client.api.start, slot.container_id)
         slot.started = True
+
+    async def is_running(self, slot: Slot) -> bool:
+        info = await self._call(self.client.api.inspect_container, slot.container_id)
+        return bool(info["State"].get("Running"))
+
+    async def current_image_id(self) -> str:
+        image = await self._call(self.client.images.get, self.policy.image)
+        self._image_id = str(image.id)
+        return self._image_id
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         slot.workspace.write_job_spec(spec)
@@ -191,9 +199,9 @@ class DockerSandbox:
             await self.start(slot)
         timed_out = False
         try:
-            result = await asyncio.wait_for(
-                self._call(self.client.api.wait, slot.container_id), deadline_seconds)
-            del result  # the status code is read from inspect below, with OOMKilled
+            async with asyncio.timeout(deadline_seconds):
+                # The status code is read from inspect below, together with OOMKilled.
+                await self._call(self.client.api.wait, slot.container_id)
         except TimeoutError:
             timed_out = True
             await self._kill(slot)

@@ -98,7 +98,8 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
 async def _next(stream: AsyncIterator[pb.ConvertRequest],
                 limits: IntakeLimits) -> pb.ConvertRequest | None:
     try:
-        return await asyncio.wait_for(anext(stream), limits.idle_seconds)
+        async with asyncio.timeout(limits.idle_seconds):  # not wait_for: see pools.py
+            return await anext(stream)
     except StopAsyncIteration:
         return None
     except TimeoutError:

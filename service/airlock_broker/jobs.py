@@ -18,6 +18,7 @@ from typing import Any
 
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.outputs import ValidatedOutput, validate_output
+from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
@@ -130,10 +131,11 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
 
 
 class JobRunner:
-    """Runs jobs on a sandbox backend. Owns nothing between jobs."""
+    """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
-    def __init__(self, backend: SandboxBackend, limits: OutputLimits) -> None:
+    def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits) -> None:
         self.backend = backend
+        self.pools = pools
         self.limits = limits
 
     @contextlib.asynccontextmanager
@@ -141,10 +143,7 @@ class JobRunner:
                   input_sha256: str, input_size: int) -> AsyncIterator[JobResult]:
         """Convert ``upload``; yields the validated result, destroys the sandbox on exit."""
         began = time.monotonic()
-        try:
-            slot = await self.backend.prepare(profile_for(detected))
-        except SandboxUnavailable as exc:
-            raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+        slot = await self.pools.acquire(profile_for(detected))
         try:
             slot.workspace.adopt_artifact(upload)
             spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
@@ -168,4 +167,4 @@ class JobRunner:
             log.info("job %s ended: %s", request.job_id, exc)
             raise
         finally:
-            await self.backend.destroy(slot)
+            await self.pools.release(slot)

@@ -49,6 +49,18 @@ class SandboxBackend(Protocol):
         """Create (not start) a container with a fresh workspace."""
         ...
 
+    async def start(self, slot: Slot) -> None:
+        """Start a prepared slot before any job is assigned (warm pools)."""
+        ...
+
+    async def is_running(self, slot: Slot) -> bool:
+        """Whether a started slot's container is still alive (a warm one may have died)."""
+        ...
+
+    async def current_image_id(self) -> str:
+        """The id the configured image tag points at now (it changes after ``make image``)."""
+        ...
+
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         """Hand ``spec`` to the slot, start it if needed, wait for death or kill at the deadline."""
         ...

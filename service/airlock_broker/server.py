@@ -20,10 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.admin import PoolAdminServicer
 from airlock_broker.admission import Admission
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
+from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.servicer import ConversionServicer
 from airlock_broker.workspace import reap_stale
@@ -31,6 +33,7 @@ from airlock_broker.workspace import reap_stale
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversionService"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoolAdmin"].full_name
 _MAX_MESSAGE = 4 * 1024 * 1024
 
 
@@ -43,6 +46,7 @@ class Broker:
     health: health.aio.HealthServicer
     admission: Admission
     backend: SandboxBackend
+    pools: Pools
     lock_fd: int
 
     async def stop(self, grace: float) -> None:
@@ -52,6 +56,7 @@ class Broker:
         try:
             await self.server.stop(grace)
         finally:
+            await self.pools.close()
             await self.backend.close()
             os.close(self.lock_fd)
 
@@ -87,28 +92,32 @@ async def create_server(config: BrokerConfig,
         os.close(lock_fd)
         raise
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
+    pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
+                  runtime=config.sandbox.runtime)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
     pb_grpc.add_ConversionServiceServicer_to_server(
-        ConversionServicer(config, JobRunner(backend, config.output), admission), server)
+        ConversionServicer(config, JobRunner(backend, pools, config.output), admission), server)
+    pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(pools), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         os.close(lock_fd)
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    pools.start()
     for name in (SERVICE_NAME, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
              config.sandbox.runtime)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, lock_fd=lock_fd)
+                  backend=backend, pools=pools, lock_fd=lock_fd)
 
 
 async def serve(config: BrokerConfig) -> None:

@@ -33,6 +33,10 @@ class FakeSandbox:
     prepared: int = 0
     live: set[str] = field(default_factory=set)
     specs: list[JobSpec] = field(default_factory=list)
+    dead: set[str] = field(default_factory=set)
+    image_id: str = "sha256:fake"
+    #: slot ids of every job ever run, in order (to prove no slot serves twice)
+    ran: list[str] = field(default_factory=list)
 
     async def prepare(self, profile: str) -> Slot:
         if self.unavailable:
@@ -46,7 +50,20 @@ class FakeSandbox:
         ws = JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid())
         return Slot(slot_id=slot_id, profile=profile, workspace=ws, container_id=slot_id)
 
+    async def start(self, slot: Slot) -> None:
+        if self.unavailable:
+            raise SandboxUnavailable("fake engine is down")
+        slot.started = True
+
+    async def is_running(self, slot: Slot) -> bool:
+        return slot.slot_id in self.live and slot.slot_id not in self.dead
+
+    async def current_image_id(self) -> str:
+        return self.image_id
+
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        assert slot.slot_id not in self.ran, "a slot was handed to a second job"
+        self.ran.append(slot.slot_id)
         slot.workspace.write_job_spec(spec)
         self.specs.append(spec)
         code = self.behaviour(spec, slot.workspace.artifact.read_bytes(), slot.workspace.out_dir)
@@ -54,7 +71,7 @@ class FakeSandbox:
         if timed_out:
             await asyncio.sleep(deadline_seconds)
         return Outcome(exit_code=code, oom_killed=code == 137, timed_out=timed_out,
-                       duration_seconds=0.01, image_id="sha256:fake", runtime="fake")
+                       duration_seconds=0.01, image_id=self.image_id, runtime="fake")
 
     async def destroy(self, slot: Slot) -> None:
         self.live.discard(slot.slot_id)

@@ -16,6 +16,7 @@ from safetensors.numpy import save
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.config import BrokerConfig
+from airlock_broker.pools import PoolSettings
 from airlock_client import Client, ConversionError, TensorSpec
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, WorkerExit
 from tests.unit.fakes import Behaviour, FakeSandbox, running_broker
@@ -35,6 +36,7 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
     brokers = []
 
     def _make(behaviour: Behaviour, **overrides: object) -> tuple[str, FakeSandbox]:
+        overrides.setdefault("pools", PoolSettings(min_warm=0))
         config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
                               **overrides)  # type: ignore[arg-type]
         backend = FakeSandbox(config.spool_root, behaviour)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61irlock/v1/airlock.proto\x12\nairlock.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb3\x02\n\x0f\x43onvertMetadata\x12\x33\n\x0f\x64\x65\x63lared_format\x18\x01 \x01(\x0e\x32\x1a.airlock.v1.ArtifactFormat\x12(\n\x06target\x18\x02 \x01(\x0e\x32\x18.airlock.v1.TargetFormat\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.airlock.v1.TensorSpec\x12\x31\n\x0eloading_policy\x18\x04 \x01(\x0e\x32\x19.airlock.v1.LoadingPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x10\n\x08\x66ilename\x18\x08 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\t \x01(\r\"$\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"p\n\x0e\x43onvertRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.airlock.v1.ConvertMetadataH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.airlock.v1.ChunkH\x00\x42\t\n\x07payload\"l\n\x0bParityCheck\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12\x11\n\ttolerance\x18\x04 \x01(\x01\x12\x0e\n\x06passed\x18\x05 \x01(\x08\"\xbd\x02\n\x10\x43onversionReport\x12\x0e\n\x06loader\x18\x01 \x01(\t\x12\x11\n\tconverter\x18\x02 \x01(\t\x12\x1e\n\x16\x65xecuted_artifact_code\x18\x03 \x01(\x08\x12\'\n\x06parity\x18\x04 \x03(\x0b\x32\x17.airlock.v1.ParityCheck\x12\x10\n\x08warnings\x18\x05 \x03(\t\x12<\n\x08versions\x18\x06 \x03(\x0b\x32*.airlock.v1.ConversionReport.VersionsEntry\x12&\n\x06inputs\x18\x07 \x03(\x0b\x32\x16.airlock.v1.TensorSpec\x12\x14\n\x0ctensor_count\x18\x08 \x01(\r\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x03\n\rConvertResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65tected_format\x18\x02 \x01(\t\x12/\n\routput_format\x18\x03 \x01(\x0e\x32\x18.airlock.v1.TargetFormat\x12\x14\n\x0cinput_sha256\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\x04\x12\x15\n\routput_sha256\x18\x06 \x01(\t\x12\x13\n\x0boutput_size\x18\x07 \x01(\x04\x12(\n\tassurance\x18\x08 \x01(\x0e\x32\x15.airlock.v1.Assurance\x12,\n\x06report\x18\t \x01(\x0b\x32\x1c.airlock.v1.ConversionReport\x12\x31\n\x0eloading_policy\x18\n \x01(\x0e\x32\x19.airlock.v1.LoadingPolicy\x12\x18\n\x10\x64uration_seconds\x18\x0b \x01(\x01\x12\x10\n\x08image_id\x18\x0c \x01(\t\x12\x0f\n\x07runtime\x18\r \x01(\t\"m\n\x0f\x43onvertResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x19.airlock.v1.ConvertResultH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.airlock.v1.ChunkH\x00\x42\t\n\x07payload*\xc0\x02\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41RTIFACT_FORMAT_PICKLE\x10\x01\x12\x1f\n\x1b\x41RTIFACT_FORMAT_CLOUDPICKLE\x10\x02\x12\x1a\n\x16\x41RTIFACT_FORMAT_JOBLIB\x10\x03\x12\x1b\n\x17\x41RTIFACT_FORMAT_PYTORCH\x10\x04\x12\x1f\n\x1b\x41RTIFACT_FORMAT_TORCHSCRIPT\x10\x05\x12 \n\x1c\x41RTIFACT_FORMAT_TORCH_EXPORT\x10\x06\x12\x19\n\x15\x41RTIFACT_FORMAT_NUMPY\x10\x07\x12\x18\n\x14\x41RTIFACT_FORMAT_ONNX\x10\x08\x12\x1f\n\x1b\x41RTIFACT_FORMAT_SAFETENSORS\x10\t*|\n\x0cTargetFormat\x12\x1d\n\x19TARGET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12TARGET_FORMAT_AUTO\x10\x01\x12\x16\n\x12TARGET_FORMAT_ONNX\x10\x02\x12\x1d\n\x19TARGET_FORMAT_SAFETENSORS\x10\x03*l\n\rLoadingPolicy\x12\x1e\n\x1aLOADING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19LOADING_POLICY_ALLOW_CODE\x10\x01\x12\x1c\n\x18LOADING_POLICY_SAFE_ONLY\x10\x02*h\n\tAssurance\x12\x19\n\x15\x41SSURANCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41SSURANCE_FORMAT_SAFE_ONLY\x10\x01\x12 \n\x1c\x41SSURANCE_INTEGRITY_VERIFIED\x10\x02\x32[\n\x11\x43onversionService\x12\x46\n\x07\x43onvert\x12\x1a.airlock.v1.ConvertRequest\x1a\x1b.airlock.v1.ConvertResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61irlock/v1/airlock.proto\x12\nairlock.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb3\x02\n\x0f\x43onvertMetadata\x12\x33\n\x0f\x64\x65\x63lared_format\x18\x01 \x01(\x0e\x32\x1a.airlock.v1.ArtifactFormat\x12(\n\x06target\x18\x02 \x01(\x0e\x32\x18.airlock.v1.TargetFormat\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.airlock.v1.TensorSpec\x12\x31\n\x0eloading_policy\x18\x04 \x01(\x0e\x32\x19.airlock.v1.LoadingPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x10\n\x08\x66ilename\x18\x08 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\t \x01(\r\"$\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"p\n\x0e\x43onvertRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.airlock.v1.ConvertMetadataH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.airlock.v1.ChunkH\x00\x42\t\n\x07payload\"l\n\x0bParityCheck\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12\x11\n\ttolerance\x18\x04 \x01(\x01\x12\x0e\n\x06passed\x18\x05 \x01(\x08\"\xbd\x02\n\x10\x43onversionReport\x12\x0e\n\x06loader\x18\x01 \x01(\t\x12\x11\n\tconverter\x18\x02 \x01(\t\x12\x1e\n\x16\x65xecuted_artifact_code\x18\x03 \x01(\x08\x12\'\n\x06parity\x18\x04 \x03(\x0b\x32\x17.airlock.v1.ParityCheck\x12\x10\n\x08warnings\x18\x05 \x03(\t\x12<\n\x08versions\x18\x06 \x03(\x0b\x32*.airlock.v1.ConversionReport.VersionsEntry\x12&\n\x06inputs\x18\x07 \x03(\x0b\x32\x16.airlock.v1.TensorSpec\x12\x14\n\x0ctensor_count\x18\x08 \x01(\r\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x03\n\rConvertResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65tected_format\x18\x02 \x01(\t\x12/\n\routput_format\x18\x03 \x01(\x0e\x32\x18.airlock.v1.TargetFormat\x12\x14\n\x0cinput_sha256\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\x04\x12\x15\n\routput_sha256\x18\x06 \x01(\t\x12\x13\n\x0boutput_size\x18\x07 \x01(\x04\x12(\n\tassurance\x18\x08 \x01(\x0e\x32\x15.airlock.v1.Assurance\x12,\n\x06report\x18\t \x01(\x0b\x32\x1c.airlock.v1.ConversionReport\x12\x31\n\x0eloading_policy\x18\n \x01(\x0e\x32\x19.airlock.v1.LoadingPolicy\x12\x18\n\x10\x64uration_seconds\x18\x0b \x01(\x01\x12\x10\n\x08image_id\x18\x0c \x01(\t\x12\x0f\n\x07runtime\x18\r \x01(\t\"m\n\x0f\x43onvertResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x19.airlock.v1.ConvertResultH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.airlock.v1.ChunkH\x00\x42\t\n\x07payload\"\xde\x01\n\nPoolStatus\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0c\n\x04warm\x18\x02 \x01(\r\x12\x0c\n\x04\x62usy\x18\x03 \x01(\r\x12\x10\n\x08starting\x18\x04 \x01(\r\x12\x15\n\rfailed_starts\x18\x05 \x01(\x04\x12\x13\n\x0bserved_warm\x18\x06 \x01(\x04\x12\x13\n\x0bserved_cold\x18\x07 \x01(\x04\x12\x1b\n\x13oldest_warm_seconds\x18\x08 \x01(\x01\x12\x10\n\x08image_id\x18\t \x01(\t\x12\x0f\n\x07runtime\x18\n \x01(\t\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\"\x16\n\x14GetPoolStatusRequest\">\n\x15GetPoolStatusResponse\x12%\n\x05pools\x18\x01 \x03(\x0b\x32\x16.airlock.v1.PoolStatus\"&\n\x13RestartPoolsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"(\n\x14RestartPoolsResponse\x12\x10\n\x08replaced\x18\x01 \x01(\r\"\x13\n\x11\x44rainPoolsRequest\"\x14\n\x12\x44rainPoolsResponse\"\x14\n\x12ResumePoolsRequest\"\x15\n\x13ResumePoolsResponse*\xc0\x02\n\x0e\x41rtifactFormat\x12\x1f\n\x1b\x41RTIFACT_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41RTIFACT_FORMAT_PICKLE\x10\x01\x12\x1f\n\x1b\x41RTIFACT_FORMAT_CLOUDPICKLE\x10\x02\x12\x1a\n\x16\x41RTIFACT_FORMAT_JOBLIB\x10\x03\x12\x1b\n\x17\x41RTIFACT_FORMAT_PYTORCH\x10\x04\x12\x1f\n\x1b\x41RTIFACT_FORMAT_TORCHSCRIPT\x10\x05\x12 \n\x1c\x41RTIFACT_FORMAT_TORCH_EXPORT\x10\x06\x12\x19\n\x15\x41RTIFACT_FORMAT_NUMPY\x10\x07\x12\x18\n\x14\x41RTIFACT_FORMAT_ONNX\x10\x08\x12\x1f\n\x1b\x41RTIFACT_FORMAT_SAFETENSORS\x10\t*|\n\x0cTargetFormat\x12\x1d\n\x19TARGET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12TARGET_FORMAT_AUTO\x10\x01\x12\x16\n\x12TARGET_FORMAT_ONNX\x10\x02\x12\x1d\n\x19TARGET_FORMAT_SAFETENSORS\x10\x03*l\n\rLoadingPolicy\x12\x1e\n\x1aLOADING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19LOADING_POLICY_ALLOW_CODE\x10\x01\x12\x1c\n\x18LOADING_POLICY_SAFE_ONLY\x10\x02*h\n\tAssurance\x12\x19\n\x15\x41SSURANCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41SSURANCE_FORMAT_SAFE_ONLY\x10\x01\x12 \n\x1c\x41SSURANCE_INTEGRITY_VERIFIED\x10\x02\x32[\n\x11\x43onversionService\x12\x46\n\x07\x43onvert\x12\x1a.airlock.v1.ConvertRequest\x1a\x1b.airlock.v1.ConvertResponse(\x01\x30\x01\x32\xd1\x02\n\tPoolAdmin\x12T\n\rGetPoolStatus\x12 .airlock.v1.GetPoolStatusRequest\x1a!.airlock.v1.GetPoolStatusResponse\x12Q\n\x0cRestartPools\x12\x1f.airlock.v1.RestartPoolsRequest\x1a .airlock.v1.RestartPoolsResponse\x12K\n\nDrainPools\x12\x1d.airlock.v1.DrainPoolsRequest\x1a\x1e.airlock.v1.DrainPoolsResponse\x12N\n\x0bResumePools\x12\x1e.airlock.v1.ResumePoolsRequest\x1a\x1f.airlock.v1.ResumePoolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONVERSIONREPORT_VERSIONSENTRY']._loaded_options = None
   _globals['_CONVERSIONREPORT_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTFORMAT']._serialized_start=1496
-  _globals['_ARTIFACTFORMAT']._serialized_end=1816
-  _globals['_TARGETFORMAT']._serialized_start=1818
-  _globals['_TARGETFORMAT']._serialized_end=1942
-  _globals['_LOADINGPOLICY']._serialized_start=1944
-  _globals['_LOADINGPOLICY']._serialized_end=2052
-  _globals['_ASSURANCE']._serialized_start=2054
-  _globals['_ASSURANCE']._serialized_end=2158
+  _globals['_ARTIFACTFORMAT']._serialized_start=1979
+  _globals['_ARTIFACTFORMAT']._serialized_end=2299
+  _globals['_TARGETFORMAT']._serialized_start=2301
+  _globals['_TARGETFORMAT']._serialized_end=2425
+  _globals['_LOADINGPOLICY']._serialized_start=2427
+  _globals['_LOADINGPOLICY']._serialized_end=2535
+  _globals['_ASSURANCE']._serialized_start=2537
+  _globals['_ASSURANCE']._serialized_end=2641
   _globals['_TENSORSPEC']._serialized_start=40
   _globals['_TENSORSPEC']._serialized_end=96
   _globals['_CONVERTMETADATA']._serialized_start=99
@@ -59,6 +59,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERTRESULT']._serialized_end=1382
   _globals['_CONVERTRESPONSE']._serialized_start=1384
   _globals['_CONVERTRESPONSE']._serialized_end=1493
-  _globals['_CONVERSIONSERVICE']._serialized_start=2160
-  _globals['_CONVERSIONSERVICE']._serialized_end=2251
+  _globals['_POOLSTATUS']._serialized_start=1496
+  _globals['_POOLSTATUS']._serialized_end=1718
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_start=1720
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_end=1742
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_start=1744
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_end=1806
+  _globals['_RESTARTPOOLSREQUEST']._serialized_start=1808
+  _globals['_RESTARTPOOLSREQUEST']._serialized_end=1846
+  _globals['_RESTARTPOOLSRESPONSE']._serialized_start=1848
+  _globals['_RESTARTPOOLSRESPONSE']._serialized_end=1888
+  _globals['_DRAINPOOLSREQUEST']._serialized_start=1890
+  _globals['_DRAINPOOLSREQUEST']._serialized_end=1909
+  _globals['_DRAINPOOLSRESPONSE']._serialized_start=1911
+  _globals['_DRAINPOOLSRESPONSE']._serialized_end=1931
+  _globals['_RESUMEPOOLSREQUEST']._serialized_start=1933
+  _globals['_RESUMEPOOLSREQUEST']._serialized_end=1953
+  _globals['_RESUMEPOOLSRESPONSE']._serialized_start=1955
+  _globals['_RESUMEPOOLSRESPONSE']._serialized_end=1976
+  _globals['_CONVERSIONSERVICE']._serialized_start=2643
+  _globals['_CONVERSIONSERVICE']._serialized_end=2734
+  _globals['_POOLADMIN']._serialized_start=2737
+  _globals['_POOLADMIN']._serialized_end=3074
 # @@protoc_insertion_point(module_scope)

@@ -95,3 +95,206 @@ class ConversionService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PoolAdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetPoolStatus = channel.unary_unary(
+                '/airlock.v1.PoolAdmin/GetPoolStatus',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusResponse.FromString,
+                _registered_method=True)
+        self.RestartPools = channel.unary_unary(
+                '/airlock.v1.PoolAdmin/RestartPools',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsResponse.FromString,
+                _registered_method=True)
+        self.DrainPools = channel.unary_unary(
+                '/airlock.v1.PoolAdmin/DrainPools',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsResponse.FromString,
+                _registered_method=True)
+        self.ResumePools = channel.unary_unary(
+                '/airlock.v1.PoolAdmin/ResumePools',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsResponse.FromString,
+                _registered_method=True)
+
+
+class PoolAdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GetPoolStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartPools(self, request, context):
+        """Rolling replacement of every warm container; jobs in flight keep theirs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainPools(self, request, context):
+        """Stop handing out containers: new jobs are refused with UNAVAILABLE until ResumePools.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumePools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoolAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetPoolStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPoolStatus,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusResponse.SerializeToString,
+            ),
+            'RestartPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartPools,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsResponse.SerializeToString,
+            ),
+            'DrainPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainPools,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsResponse.SerializeToString,
+            ),
+            'ResumePools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumePools,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'airlock.v1.PoolAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('airlock.v1.PoolAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PoolAdmin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetPoolStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.PoolAdmin/GetPoolStatus',
+            airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.GetPoolStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.PoolAdmin/RestartPools',
+            airlock_dot_v1_dot_airlock__pb2.RestartPoolsRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.RestartPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.PoolAdmin/DrainPools',
+            airlock_dot_v1_dot_airlock__pb2.DrainPoolsRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.DrainPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumePools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.PoolAdmin/ResumePools',
+            airlock_dot_v1_dot_airlock__pb2.ResumePoolsRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.ResumePoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -53,3 +53,58 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_airlock_pb2.ConvertResponse], _abc.AsyncIterator[_airlock_pb2.ConvertResponse]]: ...
 
 def add_ConversionServiceServicer_to_server(servicer: ConversionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PoolAdminStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PoolAdminAsyncStub: ...
+    GetPoolStatus: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.GetPoolStatusRequest, _airlock_pb2.GetPoolStatusResponse]
+    RestartPools: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.RestartPoolsRequest, _airlock_pb2.RestartPoolsResponse]
+    """Rolling replacement of every warm container; jobs in flight keep theirs."""
+    DrainPools: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.DrainPoolsRequest, _airlock_pb2.DrainPoolsResponse]
+    """Stop handing out containers: new jobs are refused with UNAVAILABLE until ResumePools."""
+    ResumePools: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.ResumePoolsRequest, _airlock_pb2.ResumePoolsResponse]
+
+@_typing.type_check_only
+class PoolAdminAsyncStub(PoolAdminStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetPoolStatus: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetPoolStatusRequest, _airlock_pb2.GetPoolStatusResponse]  # type: ignore[assignment]
+    RestartPools: _aio.UnaryUnaryMultiCallable[_airlock_pb2.RestartPoolsRequest, _airlock_pb2.RestartPoolsResponse]  # type: ignore[assignment]
+    """Rolling replacement of every warm container; jobs in flight keep theirs."""
+    DrainPools: _aio.UnaryUnaryMultiCallable[_airlock_pb2.DrainPoolsRequest, _airlock_pb2.DrainPoolsResponse]  # type: ignore[assignment]
+    """Stop handing out containers: new jobs are refused with UNAVAILABLE until ResumePools."""
+    ResumePools: _aio.UnaryUnaryMultiCallable[_airlock_pb2.ResumePoolsRequest, _airlock_pb2.ResumePoolsResponse]  # type: ignore[assignment]
+
+class PoolAdminServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def GetPoolStatus(
+        self,
+        request: _airlock_pb2.GetPoolStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.GetPoolStatusResponse, _abc.Awaitable[_airlock_pb2.GetPoolStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RestartPools(
+        self,
+        request: _airlock_pb2.RestartPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.RestartPoolsResponse, _abc.Awaitable[_airlock_pb2.RestartPoolsResponse]]:
+        """Rolling replacement of every warm container; jobs in flight keep theirs."""
+
+    @_abc_1.abstractmethod
+    def DrainPools(
+        self,
+        request: _airlock_pb2.DrainPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.DrainPoolsResponse, _abc.Awaitable[_airlock_pb2.DrainPoolsResponse]]:
+        """Stop handing out containers: new jobs are refused with UNAVAILABLE until ResumePools."""
+
+    @_abc_1.abstractmethod
+    def ResumePools(
+        self,
+        request: _airlock_pb2.ResumePoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.ResumePoolsResponse, _abc.Awaitable[_airlock_pb2.ResumePoolsResponse]]: ...
+
+def add_PoolAdminServicer_to_server(servicer: PoolAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,275 @@
+"""Warm, single-use sandbox pools: speed without sharing.
+
+Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
+time: created with their own fresh workspace, started, their profile's libraries imported,
+waiting for a job spec. A job takes one, uses it once, and destroys it (DESIGN §1.2); the
+replenisher starts a replacement in the background, never more than ``max_starting`` at a
+time. When a pool is empty a job takes the cold path: a container prepared just for it.
+
+Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
+and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
+retires warm containers that died or grew old, reaps orphans, and notices a rebuilt image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from airlock_broker.errors import Reason, error
+from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable, Slot
+from airlock_sandbox.formats import PROFILES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Sizes and rates of the warm pools. ``min_warm = 0`` turns pools off (all cold)."""
+
+    min_warm: int = 1
+    max_warm: int = 4
+    #: Containers being started at once, across all profiles (bounds the start rate).
+    max_starting: int = 1
+    #: A warm container older than this is replaced (the worker itself gives up after an hour).
+    max_age_seconds: float = 1800.0
+    sweep_seconds: float = 15.0
+    profiles: tuple[str, ...] = PROFILES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_warm <= self.max_warm:
+            raise ValueError("need 0 <= min_warm <= max_warm")
+        if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0:
+            raise ValueError("max_starting, sweep_seconds and max_age_seconds must be positive")
+        unknown = set(self.profiles) - set(PROFILES)
+        if unknown:
+            raise ValueError(f"unknown profiles: {sorted(unknown)}")
+
+
+@dataclass
+class _Warm:
+    slot: Slot
+    since: float
+    generation: int
+
+
+@dataclass
+class Pool:
+    """One profile's pool. Counters are cumulative since the broker started."""
+
+    profile: str
+    warm: deque[_Warm] = field(default_factory=deque)
+    starting: int = 0
+    busy: int = 0
+    failed_starts: int = 0
+    served_warm: int = 0
+    served_cold: int = 0
+    retired: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    profile: str
+    warm: int
+    busy: int
+    starting: int
+    failed_starts: int
+    served_warm: int
+    served_cold: int
+    oldest_warm_seconds: float
+    image_id: str
+    runtime: str
+    draining: bool
+
+
+class Pools:
+    """Hands out single-use slots: warm when one is ready, cold otherwise."""
+
+    def __init__(self, backend: SandboxBackend, settings: PoolSettings, *, image_id: str = "",
+                 runtime: str = "") -> None:
+        self.backend = backend
+        self.settings = settings
+        self.pools = {p: Pool(p) for p in settings.profiles}
+        self.draining = False
+        self.image_id = image_id
+        self.runtime = runtime
+        self._generation = 0
+        self._starts = asyncio.Semaphore(settings.max_starting)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._replenish_forever(), name="pool-replenish")
+        self._sweep_task = asyncio.create_task(self._sweep_forever(), name="pool-sweep")
+
+    async def close(self) -> None:
+        """Stop replenishing and destroy every warm container (busy ones belong to jobs)."""
+        for task in (self._loop_task, self._sweep_task, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._loop_task, self._sweep_task, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for pool in self.pools.values():
+            while pool.warm:
+                await self.backend.destroy(pool.warm.popleft().slot)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def acquire(self, profile: str) -> Slot:
+        """A slot for one job: a warm one if any is alive, else a freshly prepared one."""
+        if self.draining:
+            raise error(Reason.SANDBOX_UNAVAILABLE,
+                        "the sandbox pools are drained by an operator; retry later")
+        pool = self.pools.get(profile)
+        while pool is not None and pool.warm:
+            warm = pool.warm.popleft()
+            self._wake.set()
+            if warm.generation == self._generation and await self._alive(warm.slot):
+                pool.busy += 1
+                pool.served_warm += 1
+                return warm.slot
+            pool.retired += 1
+            await self.backend.destroy(warm.slot)
+        try:
+            slot = await self.backend.prepare(profile)
+        except SandboxUnavailable as exc:
+            raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+        if pool is not None:
+            pool.busy += 1
+            pool.served_cold += 1
+        return slot
+
+    async def release(self, slot: Slot) -> None:
+        """Destroy a slot a job is done with. Never raises."""
+        pool = self.pools.get(slot.profile)
+        if pool is not None:
+            pool.busy = max(0, pool.busy - 1)
+        await self.backend.destroy(slot)
+
+    async def _alive(self, slot: Slot) -> bool:
+        try:
+            return await self.backend.is_running(slot)
+        except SandboxUnavailable:
+            return False
+
+    # -- operations ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def resume(self) -> None:
+        self.draining = False
+        self._wake.set()
+
+    async def restart(self, profile: str | None = None) -> int:
+        """Replace every warm container (of one profile, or all). Jobs in flight keep theirs."""
+        if profile is not None and profile not in self.pools:
+            raise error(Reason.BAD_REQUEST, f"unknown profile {profile!r}")
+        self._generation += 1
+        replaced = 0
+        for pool in self.pools.values():
+            if profile is not None and pool.profile != profile:
+                # Keep other profiles' containers: re-stamp them with the new generation.
+                for warm in pool.warm:
+                    warm.generation = self._generation
+                continue
+            while pool.warm:
+                await self.backend.destroy(pool.warm.popleft().slot)
+                pool.retired += 1
+                replaced += 1
+        self._wake.set()
+        return replaced
+
+    def status(self) -> list[PoolStatus]:
+        now = time.monotonic()
+        return [PoolStatus(
+            profile=p.profile, warm=len(p.warm), busy=p.busy, starting=p.starting,
+            failed_starts=p.failed_starts, served_warm=p.served_warm, served_cold=p.served_cold,
+            oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
+            image_id=self.image_id, runtime=self.runtime, draining=self.draining,
+        ) for p in self.pools.values()]
+
+    # -- background work -------------------------------------------------------------------
+
+    async def _replenish_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self.draining:
+                for pool in self.pools.values():
+                    if len(pool.warm) + pool.starting < self.settings.min_warm \
+                            and len(pool.warm) + pool.starting < self.settings.max_warm:
+                        pool.starting += 1
+                        task = asyncio.create_task(self._start_one(pool))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+            # races with the event, and close() would then wait for this loop forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+
+    async def _start_one(self, pool: Pool) -> None:
+        generation = self._generation
+        try:
+            async with self._starts:
+                slot = await self.backend.prepare(pool.profile)
+                try:
+                    await self.backend.start(slot)
+                except BaseException:
+                    await self.backend.destroy(slot)
+                    raise
+            if generation != self._generation:  # restarted while this one was starting
+                await self.backend.destroy(slot)
+            else:
+                pool.warm.append(_Warm(slot=slot, since=time.monotonic(),
+                                       generation=generation))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the loop retries
+            pool.failed_starts += 1
+            log.warning("warm %s container failed to start: %s", pool.profile, exc)
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(pool.failed_starts, 6)))
+        finally:
+            pool.starting -= 1
+            self._wake.set()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                await self.sweep()
+            except Exception as exc:  # noqa: BLE001 - the sweep must outlive engine hiccups
+                log.warning("pool sweep failed: %s", exc)
+
+    async def sweep(self) -> None:
+        """Retire dead or old warm containers, reap orphans, follow a rebuilt image."""
+        now = time.monotonic()
+        for pool in self.pools.values():
+            for warm in list(pool.warm):
+                too_old = now - warm.since > self.settings.max_age_seconds
+                if too_old or not await self._alive(warm.slot):
+                    with contextlib.suppress(ValueError):
+                        pool.warm.remove(warm)
+                        pool.retired += 1
+                        if not too_old:
+                            pool.failed_starts += 1
+                        await self.backend.destroy(warm.slot)
+        await self.backend.reap_orphans()
+        image_id = await self.backend.current_image_id()
+        if self.image_id and image_id != self.image_id:
+            log.info("sandbox image changed (%s -> %s): replacing warm containers",
+                     self.image_id[:19], image_id[:19])
+            self.image_id = image_id
+            await self.restart()
+        self.image_id = image_id
+        self._wake.set()

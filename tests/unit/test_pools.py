@@ -1,0 +1,128 @@
+"""Warm pools hand out single-use slots, refill, drain, resume and restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.pools import Pools, PoolSettings
+from tests.unit.fakes import FakeSandbox
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def run_pools(tmp_path: Path, settings: PoolSettings,
+              body: Callable[[Pools, FakeSandbox], Awaitable[None]]) -> FakeSandbox:
+    backend = FakeSandbox(tmp_path, lambda spec, data, out: 0)
+
+    async def main() -> None:
+        pools = Pools(backend, settings, image_id="sha256:fake", runtime="fake")
+        pools.start()
+        try:
+            await body(pools, backend)
+        finally:
+            await pools.close()
+
+    asyncio.run(main())
+    return backend
+
+
+def test_pool_fills_to_min_warm_and_hands_out_each_slot_once(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: all(len(p.warm) == 2 for p in pools.pools.values()))
+        seen = set()
+        for _ in range(5):
+            slot = await pools.acquire("sklearn")
+            assert slot.slot_id not in seen
+            seen.add(slot.slot_id)
+            await pools.release(slot)
+        status = {s.profile: s for s in pools.status()}["sklearn"]
+        assert status.served_warm >= 2 and status.busy == 0
+        await _until(lambda: len(pools.pools["sklearn"].warm) == 2)  # refilled
+
+    backend = run_pools(tmp_path, PoolSettings(min_warm=2, max_starting=2), body)
+    assert backend.live == set()  # close destroyed every warm slot
+
+
+def test_empty_pool_takes_the_cold_path(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        slot = await pools.acquire("torch")
+        assert not slot.started  # prepared for this job, not warm
+        await pools.release(slot)
+        assert pools.status()[1].served_cold == 1
+
+    run_pools(tmp_path, PoolSettings(min_warm=0), body)
+
+
+def test_dead_warm_container_is_never_handed_out(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        dead = pools.pools["light"].warm[0].slot
+        backend.dead.add(dead.slot_id)
+        slot = await pools.acquire("light")
+        assert slot.slot_id != dead.slot_id and dead.slot_id not in backend.live
+        await pools.release(slot)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1), body)
+
+
+def test_drain_refuses_with_unavailable_and_resume_serves(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pools.drain()
+        with pytest.raises(AirlockError) as info:
+            await pools.acquire("sklearn")
+        assert info.value.reason is Reason.SANDBOX_UNAVAILABLE
+        assert info.value.status.name == "UNAVAILABLE"
+        pools.resume()
+        await pools.release(await pools.acquire("sklearn"))
+
+    run_pools(tmp_path, PoolSettings(min_warm=1), body)
+
+
+def test_restart_replaces_every_warm_container(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: all(len(p.warm) == 1 for p in pools.pools.values()))
+        busy = await pools.acquire("sklearn")  # a job in flight keeps its slot
+        await _until(lambda: len(pools.pools["sklearn"].warm) == 1)
+        before = {w.slot.slot_id for p in pools.pools.values() for w in p.warm}
+        replaced = await pools.restart()
+        assert replaced == 3
+        await _until(lambda: all(len(p.warm) == 1 for p in pools.pools.values()))
+        after = {w.slot.slot_id for p in pools.pools.values() for w in p.warm}
+        assert before.isdisjoint(after) and not before & backend.live
+        assert busy.slot_id in backend.live
+        await pools.release(busy)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=3), body)
+
+
+def test_rebuilt_image_rolls_the_pool(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        old = pools.pools["light"].warm[0].slot.slot_id
+        backend.image_id = "sha256:new"
+        await pools.sweep()
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        assert pools.pools["light"].warm[0].slot.slot_id != old
+        assert pools.status()[0].image_id == "sha256:new"
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=3), body)
+
+
+def test_failed_starts_are_counted_and_retried(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        backend.unavailable = True
+        await _until(lambda: pools.pools["light"].failed_starts >= 1)
+        backend.unavailable = False
+        await _until(lambda: len(pools.pools["light"].warm) == 1, timeout=10)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, profiles=("light",)), body)
