@@ -119,9 +119,27 @@ def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type:
     assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
 
 
-def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+def job_containers(client, spool: Path | None) -> list[str]:  # type: ignore[no-untyped-def]
+    """Airlock containers that are not idle warm ones of a running broker.
+
+    A warm container is running and its workspace holds neither an artifact nor a job spec;
+    any other container labelled as Airlock's is a leftover.
+    """
+    left = []
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        slot = container.labels.get("airlock.slot", "")
+        in_dir = spool / "slots" / slot / "in" if spool is not None and slot else None
+        idle = (in_dir is not None and in_dir.is_dir() and not any(in_dir.iterdir())
+                and container.status == "running")
+        if not idle:
+            left.append(f"{container.short_id} ({container.status})")
+    return left
+
+
+def assert_no_sandbox_left(client, spool: Path | None = None,  # type: ignore[no-untyped-def]
+                           grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
-    while (left := airlock_containers(client)) and time.monotonic() < deadline:
+    while (left := job_containers(client, spool)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], f"sandbox containers left behind: {left}"
 
