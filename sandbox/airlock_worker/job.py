@@ -84,9 +84,6 @@ class Job:
 
     # -- what the request asks for -----------------------------------------------------
 
-    def wants(self, fmt: OutputFormat) -> bool:
-        return self.spec.target in (Target.AUTO, Target(fmt.value))
-
     def refuse_target(self, fmt: OutputFormat, why: str) -> None:
         if self.spec.target is Target(fmt.value):
             raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, f"cannot produce {fmt.value}: {why}")

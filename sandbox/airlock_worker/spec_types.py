@@ -28,7 +28,6 @@ SKL2ONNX_TYPES: dict[str, str] = {
 PARITY_ROWS = 64
 #: Rows in the example given to the torch exporters: not 0/1, which tracers specialise on.
 EXPORT_ROWS = 2
-FREE = -1
 
 
 def check_dtype(spec: TensorSpec) -> str:

@@ -27,6 +27,7 @@ from .spec_types import EXPORT_ROWS, free_axes
 EXPORT_OPSET = 18
 LEGACY_EXPORTER = "torch.onnx.export(dynamo=False)"
 DYNAMO_EXPORTER = "torch.onnx.export(dynamo=True)"
+WEIGHTS_ONLY = "no input shapes given: exported weights only"
 
 
 def convert_checkpoint(job: Job) -> None:
@@ -80,7 +81,7 @@ def convert_exported(job: Job) -> None:
     else:
         if job.spec.target is Target.AUTO:
             job.report.warn(_NO_ONNXSCRIPT + ": exported weights only" if examples is not None
-                            else "no input shapes given: exported weights only")
+                            else WEIGHTS_ONLY)
         job.write_torch_tensors(dict(program.state_dict), "safetensors.torch")
 
 
@@ -101,11 +102,6 @@ def _tensors_out(job: Job, obj: Any) -> None:
     job.write_torch_tensors(flat.tensors, "safetensors.torch")
 
 
-def _weights_only_warning(job: Job) -> None:
-    if job.spec.target is Target.AUTO:
-        job.report.warn("no input shapes given: exported weights only")
-
-
 # -- modules -> ONNX -----------------------------------------------------------------------
 
 
@@ -113,7 +109,8 @@ def _module_out(job: Job, module: Any, kind: str) -> None:
     module.eval()
     if job.spec.target is Target.SAFETENSORS or (
             job.spec.target is Target.AUTO and not job.spec.inputs):
-        _weights_only_warning(job)
+        if job.spec.target is Target.AUTO:
+            job.report.warn(WEIGHTS_ONLY)
         job.write_torch_tensors(dict(module.state_dict()), "safetensors.torch")
         return
     if not job.spec.inputs:
