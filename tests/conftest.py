@@ -23,6 +23,8 @@ VENV_BIN = Path(sys.executable).parent
 AIRLOCK = str(VENV_BIN / "airlock")
 IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
 LABEL = "airlock.managed=true"
+#: Spool directories of the brokers the tests are running now (their warm slots live there).
+LIVE_SPOOLS: set[Path] = set()
 
 
 def _docker_client():  # type: ignore[no-untyped-def]
@@ -70,6 +72,7 @@ class BrokerProcess:
     log: Path
 
     def stop(self) -> int:
+        LIVE_SPOOLS.discard(self.spool)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -108,6 +111,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> B
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
     wait_serving(address, process, log)
+    LIVE_SPOOLS.add(spool)
     return BrokerProcess(address=address, process=process, spool=spool, log=log)
 
 
@@ -119,8 +123,8 @@ def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type:
     assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
 
 
-def job_containers(client, spool: Path | None) -> list[str]:  # type: ignore[no-untyped-def]
-    """Airlock containers that are not idle warm ones of a running broker.
+def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
+    """Airlock containers that are not idle warm ones of a broker the tests run.
 
     A warm container is running and its workspace holds neither an artifact nor a job spec;
     any other container labelled as Airlock's is a leftover.
@@ -128,18 +132,17 @@ def job_containers(client, spool: Path | None) -> list[str]:  # type: ignore[no-
     left = []
     for container in client.containers.list(all=True, filters={"label": LABEL}):
         slot = container.labels.get("airlock.slot", "")
-        in_dir = spool / "slots" / slot / "in" if spool is not None and slot else None
-        idle = (in_dir is not None and in_dir.is_dir() and not any(in_dir.iterdir())
-                and container.status == "running")
+        in_dirs = [spool / "slots" / slot / "in" for spool in LIVE_SPOOLS if slot]
+        idle = container.status == "running" and any(
+            d.is_dir() and not any(d.iterdir()) for d in in_dirs)
         if not idle:
             left.append(f"{container.short_id} ({container.status})")
     return left
 
 
-def assert_no_sandbox_left(client, spool: Path | None = None,  # type: ignore[no-untyped-def]
-                           grace: float = 5.0) -> None:
+def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + grace
-    while (left := job_containers(client, spool)) and time.monotonic() < deadline:
+    while (left := job_containers(client)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], f"sandbox containers left behind: {left}"
 
