@@ -17,6 +17,7 @@ from airlock_client._types import (
     ConversionReport,
     ConversionResult,
     ParityCheck,
+    PoolStatus,
     TensorSpec,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConversionResult",
     "IntegrityError",
     "ParityCheck",
+    "PoolStatus",
     "ServiceUnavailable",
     "TensorSpec",
     "default_address",

@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from tenacity import (
@@ -28,6 +29,7 @@ from airlock_client._types import (
     ConversionResult,
     DeclaredFormat,
     LoadingPolicy,
+    PoolStatus,
     Target,
     TensorSpec,
 )
@@ -63,6 +65,7 @@ class Client:
         self._channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         self._stub = pb_grpc.ConversionServiceStub(self._channel)
+        self._admin = pb_grpc.PoolAdminStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -102,6 +105,36 @@ class Client:
                     filename=source.name, timeout_seconds=job_timeout)
                 return self._convert_once(source, Path(output), first, size, progress)
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    # -- pool operations (operators) --------------------------------------------------------
+
+    def pool_status(self) -> list[PoolStatus]:
+        """Warm, busy and starting counts per profile, with failures, image and runtime."""
+        reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
+        return [PoolStatus(
+            profile=p.profile, warm=p.warm, busy=p.busy, starting=p.starting,
+            failed_starts=p.failed_starts, served_warm=p.served_warm,
+            served_cold=p.served_cold, oldest_warm_seconds=p.oldest_warm_seconds,
+            image_id=p.image_id, runtime=p.runtime, draining=p.draining) for p in reply.pools]
+
+    def restart_pools(self, profile: str | None = None) -> int:
+        """Replace every warm container (of one profile); returns how many were replaced."""
+        reply = self._admin_call(self._admin.RestartPools,
+                                 pb.RestartPoolsRequest(profile=profile or ""))
+        return int(reply.replaced)
+
+    def drain_pools(self) -> None:
+        """Stop handing out sandboxes: new jobs are refused with UNAVAILABLE until resumed."""
+        self._admin_call(self._admin.DrainPools, pb.DrainPoolsRequest())
+
+    def resume_pools(self) -> None:
+        self._admin_call(self._admin.ResumePools, pb.ResumePoolsRequest())
+
+    def _admin_call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=30)
+        except grpc.RpcError as exc:
+            raise _wire.error_from_rpc(exc) from None
 
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
                       progress: Progress | None) -> ConversionResult:

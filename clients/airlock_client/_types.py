@@ -64,3 +64,20 @@ class ConversionResult:
     image_id: str
     runtime: str
     report: ConversionReport
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """One warm pool as the broker sees it (counters since the broker started)."""
+
+    profile: str
+    warm: int
+    busy: int
+    starting: int
+    failed_starts: int
+    served_warm: int
+    served_cold: int
+    oldest_warm_seconds: float
+    image_id: str
+    runtime: str
+    draining: bool

@@ -23,7 +23,7 @@ from typing import Any
 from airlock_client._client import Client, default_address
 from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
 from airlock_client._progress import ProgressBar
-from airlock_client._types import ConversionResult, TensorSpec
+from airlock_client._types import ConversionResult, PoolStatus, TensorSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the broker (needs the broker installed)")
     _add_serve_arguments(serve)
+
+    pool = sub.add_parser("pool", help="operate the warm sandbox pools")
+    pool.add_argument("action", choices=["status", "restart", "drain", "resume"])
+    pool.add_argument("--profile", default=None, help="restart only this profile")
+    pool.add_argument("--server", default=None,
+                      help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    pool.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     convert = sub.add_parser("convert", help="convert one artifact")
     convert.add_argument("input", type=Path, help="the artifact (pickle, joblib, PyTorch, ...)")
@@ -86,7 +93,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "pool":
+        return _pool(args)
     return _convert(args)
+
+
+def _pool(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.server or default_address(), retry_attempts=1) as client:
+            if args.action == "status":
+                pools = client.pool_status()
+                if args.json:
+                    print(json.dumps({"pools": [asdict(p) for p in pools]}))
+                else:
+                    _print_pools(pools)
+            elif args.action == "restart":
+                replaced = client.restart_pools(args.profile)
+                _say(args, {"action": "restart", "replaced": replaced},
+                     f"replacing {replaced} warm container(s); jobs in flight are unaffected")
+            elif args.action == "drain":
+                client.drain_pools()
+                _say(args, {"action": "drain"}, "drained: new jobs are refused until resume")
+            else:
+                client.resume_pools()
+                _say(args, {"action": "resume"}, "resumed")
+    except ServiceUnavailable as exc:
+        print(f"airlock pool: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ConversionError as exc:
+        print(f"airlock pool: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _say(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    print(json.dumps(doc) if args.json else text)
+
+
+def _print_pools(pools: Sequence[PoolStatus]) -> None:
+    header = f"{'PROFILE':<9}{'WARM':>5}{'BUSY':>5}{'START':>6}{'FAILED':>7}{'WARM-HITS':>10}" \
+             f"{'COLD':>6}{'OLDEST':>8}  RUNTIME  IMAGE"
+    print(header)
+    for p in pools:
+        print(f"{p.profile:<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}{p.failed_starts:>7}"
+              f"{p.served_warm:>10}{p.served_cold:>6}{p.oldest_warm_seconds:>7.0f}s  "
+              f"{p.runtime:<7}  {p.image_id[:19]}{'  (draining)' if p.draining else ''}")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 ATOL = 1e-5
 
 CASES: dict[str, Callable[[Path], tuple[Path, Check]]] = {
-    name: maker for name, maker in models.ALL.items() if name != "exported_program"
+    name: maker for name, maker in models.ALL.items()
 }
 
 
