@@ -26,7 +26,7 @@ class ParityCheck:
     output_name: str
     samples: int
     max_abs_diff: float
-    tolerance: float
+    tolerance: str
     passed: bool
 
 

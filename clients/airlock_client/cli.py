@@ -229,7 +229,7 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
         print(f"  parity     {p.output_name}: max |diff| {p.max_abs_diff:.3g} over {p.samples} "
-              f"samples (tolerance {p.tolerance:g}) {verdict}")
+              f"samples ({p.tolerance}) {verdict}")
     for warning in result.report.warnings:
         print(f"  warning    {warning}")
 

@@ -133,7 +133,7 @@ def conversion_report(report: dict[str, Any]) -> pb.ConversionReport:
                 output_name=sanitize(item.get("output_name", ""), 80),
                 samples=_int(item.get("samples")),
                 max_abs_diff=_float(item.get("max_abs_diff")),
-                tolerance=_float(item.get("tolerance")),
+                tolerance=sanitize(item.get("tolerance", ""), 60),
                 passed=item.get("passed") is True))
     for warning in _list(report.get("warnings"))[:16]:
         out.warnings.append(sanitize(warning, 200))

@@ -270,7 +270,8 @@ class ParityCheck(_message.Message):
     output_name: _builtins.str
     samples: _builtins.int
     max_abs_diff: _builtins.float
-    tolerance: _builtins.float
+    tolerance: _builtins.str
+    """e.g. "exact" or "atol=1e-05 rtol=0.0001" """
     passed: _builtins.bool
     def __init__(
         self,
@@ -278,7 +279,7 @@ class ParityCheck(_message.Message):
         output_name: _builtins.str = ...,
         samples: _builtins.int = ...,
         max_abs_diff: _builtins.float = ...,
-        tolerance: _builtins.float = ...,
+        tolerance: _builtins.str = ...,
         passed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
