@@ -57,6 +57,8 @@ class BrokerConfig:
     max_job_seconds: float = 600.0
     #: How long a draining broker lets jobs in flight finish on SIGTERM.
     shutdown_grace_seconds: float = 30.0
+    #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
+    audit_log: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
     pools: PoolSettings = field(default_factory=PoolSettings)
@@ -73,6 +75,11 @@ class BrokerConfig:
         if self.upload_idle_seconds <= 0 or self.max_job_seconds <= 0:
             raise ValueError("timeouts must be positive")
 
+    @property
+    def audit_path(self) -> Path:
+        env = os.environ.get("AIRLOCK_AUDIT_LOG")
+        return self.audit_log or (Path(env) if env else self.spool_root / "audit.jsonl")
+
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> BrokerConfig:
         """Defaults, then the TOML file (if any), then explicit overrides."""
@@ -84,8 +91,9 @@ class BrokerConfig:
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
-        if "spool_root" in broker:
-            broker["spool_root"] = Path(broker["spool_root"])
+        for key in ("spool_root", "audit_log"):
+            if key in broker:
+                broker[key] = Path(broker[key])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools"})
         pools_doc = dict(doc.get("pools", {}))
         _check_keys(PoolSettings, pools_doc, "pools")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.audit import AuditRecord
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.outputs import ValidatedOutput, validate_output
 from airlock_broker.pools import Pools
@@ -140,10 +141,12 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, detected: ArtifactFormat,
-                  input_sha256: str, input_size: int) -> AsyncIterator[JobResult]:
+                  input_sha256: str, input_size: int,
+                  audit: AuditRecord) -> AsyncIterator[JobResult]:
         """Convert ``upload``; yields the validated result, destroys the sandbox on exit."""
         began = time.monotonic()
         slot = await self.pools.acquire(profile_for(detected))
+        audit.set(warm_container=slot.started, profile=slot.profile)
         try:
             slot.workspace.adopt_artifact(upload)
             spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
@@ -153,8 +156,16 @@ class JobRunner:
                 outcome = await self.backend.run(slot, spec, request.deadline_seconds)
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+            audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                      timed_out=outcome.timed_out, image_id=outcome.image_id,
+                      runtime=outcome.runtime,
+                      sandbox_seconds=round(outcome.duration_seconds, 3))
             # From here on the container is dead: only now is its output looked at.
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
+            if report is not None:
+                audit.set(executed_artifact_code=report.get("executed_artifact_code") is True,
+                          loader=sanitize(report.get("loader", ""), 80),
+                          refined_format=sanitize(report.get("detected_format", ""), 32))
             judge(outcome, report, request.deadline_seconds)
             output = await validate_output(slot.workspace.out_dir, request.target, self.limits)
             log.info("job %s converted %s -> %s in %.2fs", request.job_id, detected,

@@ -22,6 +22,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admin import PoolAdminServicer
 from airlock_broker.admission import Admission
+from airlock_broker.audit import AuditLog
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
@@ -47,6 +48,7 @@ class Broker:
     admission: Admission
     backend: SandboxBackend
     pools: Pools
+    audit: AuditLog
     lock_fd: int
 
     async def stop(self, grace: float) -> None:
@@ -58,6 +60,7 @@ class Broker:
         finally:
             await self.pools.close()
             await self.backend.close()
+            self.audit.close()
             os.close(self.lock_fd)
 
 
@@ -98,8 +101,10 @@ async def create_server(config: BrokerConfig,
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
+    audit = AuditLog(config.audit_path)
     pb_grpc.add_ConversionServiceServicer_to_server(
-        ConversionServicer(config, JobRunner(backend, pools, config.output), admission), server)
+        ConversionServicer(config, JobRunner(backend, pools, config.output), admission, audit),
+        server)
     pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(pools), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -117,7 +122,7 @@ async def create_server(config: BrokerConfig,
     log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
              config.sandbox.runtime)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, lock_fd=lock_fd)
+                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd)
 
 
 async def serve(config: BrokerConfig) -> None:

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admission import Admission
+from airlock_broker.audit import AuditLog, AuditRecord
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
-    def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission) -> None:
+    def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
+                 audit: AuditLog) -> None:
         self.config = config
         self.runner = runner
         self.admission = admission
+        self.audit = audit
         self.intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                                    max_chunk_bytes=config.max_request_chunk_bytes,
                                    idle_seconds=config.upload_idle_seconds)
@@ -37,30 +40,50 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         context: grpc.aio.ServicerContext[pb.ConvertRequest, pb.ConvertResponse],
     ) -> AsyncIterator[pb.ConvertResponse]:
         job_id = uuid.uuid4().hex
+        record = AuditRecord(job_id=job_id, peer=context.peer())
+        record.set(outcome="cancelled", reason=Reason.CANCELLED.value)
         try:
             async with self.admission.admit():
-                async for response in self._convert(job_id, request_iterator):
+                async for response in self._convert(job_id, request_iterator, record):
                     yield response
+            record.set(outcome="ok", reason=None)
         except AirlockError as exc:
+            record.set(outcome=exc.kind.value, reason=exc.reason.value, message=exc.message)
             await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
         except Exception:
             log.exception("job %s: unexpected error", job_id)
             bug = error(Reason.INTERNAL, f"internal error in job {job_id}; see the broker log")
+            record.set(outcome="failed", reason=bug.reason.value)
             await context.abort_with_status(rpc_status.to_status(status_of(bug, job_id)))
+        finally:
+            self.audit.write(record)
 
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
-                       ) -> AsyncIterator[pb.ConvertResponse]:
+                       record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
         meta = await read_metadata(stream, self.intake)
+        record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,
+                   declared_size=meta.size_bytes)
         request = job_request(meta, job_id, default_deadline=self.config.sandbox.deadline_seconds,
                               max_deadline=self.config.max_job_seconds)
+        policy = self.config.sandbox
+        record.set(declared_format=request.declared_format, target=request.target.value,
+                   loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
+                   limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
+                           "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
+                   weakened=list(policy.weakened))
         upload, fd = new_upload(self.config.spool_root, job_id)
         try:
             spooled = await spool_chunks(stream, fd, meta, self.intake)
+            record.set(input_sha256=spooled.sha256, input_size=spooled.size)
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
+            record.set(detected_format=detected.value)
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
                      spooled.size, spooled.sha256[:16], detected, request.target, request.policy)
             async with self.admission.run_slot(), self.runner.run(
-                    request, upload, detected, spooled.sha256, spooled.size) as result:
+                    request, upload, detected, spooled.sha256, spooled.size, record) as result:
+                record.set(output_format=result.output.format.value,
+                           output_sha256=result.output.sha256, output_size=result.output.size,
+                           assurance="format_safe_only")
                 yield result_message(result)
                 for data in result.output.chunks(self.config.chunk_bytes):
                     yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))

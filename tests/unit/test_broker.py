@@ -53,7 +53,12 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
 def leftovers(tmp_path: Path) -> list[str]:
     spool = tmp_path / "spool"
     return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")
-                  if p.name != ".lock" and p.parent.name not in {""} and p.is_file())
+                  if p.name not in {".lock", "audit.jsonl"} and p.is_file())
+
+
+def audit_records(tmp_path: Path) -> list[dict[str, object]]:
+    lines = (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def test_benign_conversion_streams_validated_output(make_broker, tmp_path: Path) -> None:
@@ -196,3 +201,24 @@ def test_sandbox_outage_is_unavailable(make_broker, tmp_path: Path) -> None:
     with Client(address, retry_attempts=2) as client, pytest.raises(ServiceUnavailable) as info:
         client.convert(src, tmp_path / "out")
     assert info.value.reason == "SANDBOX_UNAVAILABLE"
+
+
+def test_every_job_leaves_one_audit_line_without_artifact_bytes(make_broker,
+                                                                  tmp_path: Path) -> None:
+    address, _ = make_broker(write_safetensors)
+    good = tmp_path / "good.pkl"
+    good.write_bytes(PICKLE)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x1b[2J not a model \x00" * 4)
+    with Client(address) as client:
+        client.convert(good, tmp_path / "out")
+        with pytest.raises(ConversionError):
+            client.convert(bad, tmp_path / "out2")
+    records = audit_records(tmp_path)
+    assert [r["outcome"] for r in records] == ["ok", "rejected"]
+    assert records[0]["input_sha256"] == hashlib.sha256(PICKLE).hexdigest()
+    assert records[0]["output_sha256"] and records[0]["detected_format"] == "pickle"
+    assert records[1]["reason"] == "UNSUPPORTED_FORMAT"
+    raw = (tmp_path / "spool" / "audit.jsonl").read_bytes()
+    assert b"not a model" not in raw and b"\x1b" not in raw
+    assert all(r["peer"] and r["job_id"] and "limits" in r for r in records)
