@@ -223,8 +223,9 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
         return
     print(f"converted {args.input} -> {result.output} ({result.format}, {result.size} bytes)")
     print(f"  sha256     {result.sha256}")
+    executed = "yes" if result.report.executed_artifact_code else "no"
     print(f"  detected   {result.detected_format}; loader {result.report.loader or '-'}; "
-          f"artifact code executed in sandbox: {'yes' if result.report.executed_artifact_code else 'no'}")
+          f"artifact code executed in sandbox: {executed}")
     print(f"  assurance  {result.assurance}")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
@@ -238,7 +239,8 @@ def _report_error(args: argparse.Namespace, status: str, reason: str, message: s
                   job_id: str = "") -> int:
     if args.json:
         print(json.dumps({"status": status, "reason": reason, "message": message,
-                          "output": None, "format": None, "sha256": None, "job_id": job_id or None}))
+                          "output": None, "format": None, "sha256": None,
+                          "job_id": job_id or None}))
     else:
         print(f"airlock convert: {status}: {reason}: {message}", file=sys.stderr)
     return code

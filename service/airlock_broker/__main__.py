@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from airlock_broker import logs
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
 from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.server import serve
@@ -27,11 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OCI runtime for sandboxes (overrides the config file)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
+                        help="auto: text on a terminal, JSON lines otherwise")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     overrides: dict[str, Any] = {"listen": args.listen} if args.listen else {}
     try:
         config = BrokerConfig.load(args.config, **overrides)

@@ -16,7 +16,7 @@ class PoolAdminServicer(pb_grpc.PoolAdminServicer):
     def __init__(self, pools: Pools) -> None:
         self.pools = pools
 
-    async def GetPoolStatus(  # noqa: N802
+    async def GetPoolStatus(
         self, request: pb.GetPoolStatusRequest,
         context: grpc.aio.ServicerContext[pb.GetPoolStatusRequest, pb.GetPoolStatusResponse],
     ) -> pb.GetPoolStatusResponse:
@@ -26,7 +26,7 @@ class PoolAdminServicer(pb_grpc.PoolAdminServicer):
             oldest_warm_seconds=s.oldest_warm_seconds, image_id=s.image_id, runtime=s.runtime,
             draining=s.draining) for s in self.pools.status()])
 
-    async def RestartPools(  # noqa: N802
+    async def RestartPools(
         self, request: pb.RestartPoolsRequest,
         context: grpc.aio.ServicerContext[pb.RestartPoolsRequest, pb.RestartPoolsResponse],
     ) -> pb.RestartPoolsResponse:
@@ -36,14 +36,14 @@ class PoolAdminServicer(pb_grpc.PoolAdminServicer):
             await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
         return pb.RestartPoolsResponse(replaced=replaced)
 
-    async def DrainPools(  # noqa: N802
+    async def DrainPools(
         self, request: pb.DrainPoolsRequest,
         context: grpc.aio.ServicerContext[pb.DrainPoolsRequest, pb.DrainPoolsResponse],
     ) -> pb.DrainPoolsResponse:
         self.pools.drain()
         return pb.DrainPoolsResponse()
 
-    async def ResumePools(  # noqa: N802
+    async def ResumePools(
         self, request: pb.ResumePoolsRequest,
         context: grpc.aio.ServicerContext[pb.ResumePoolsRequest, pb.ResumePoolsResponse],
     ) -> pb.ResumePoolsResponse:

@@ -91,7 +91,8 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
                     f"stream ended after {size} of {meta.size_bytes} declared bytes")
     sha = digest.hexdigest()
     if meta.sha256 and sha != meta.sha256:
-        raise error(Reason.CHECKSUM_MISMATCH, "the artifact's sha256 does not match the declared one")
+        raise error(Reason.CHECKSUM_MISMATCH,
+                    "the artifact's sha256 does not match the declared one")
     return Spooled(size=size, sha256=sha, prefix=bytes(prefix))
 
 

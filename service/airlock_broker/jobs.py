@@ -93,7 +93,7 @@ class JobResult:
 
 
 def detect_on_host(prefix: bytes, size: int, declared: str | None) -> ArtifactFormat:
-    """Coarse detection by magic bytes (the worker refines zips); rejects early, spends no sandbox."""
+    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox."""
     detected = detect_prefix(prefix, size)
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
@@ -169,13 +169,16 @@ class JobRunner:
             judge(outcome, report, request.deadline_seconds)
             output = await validate_output(slot.workspace.out_dir, request.target, self.limits)
             log.info("job %s converted %s -> %s in %.2fs", request.job_id, detected,
-                     output.format, time.monotonic() - began)
+                     output.format, time.monotonic() - began,
+                     extra={"job_id": request.job_id, "outcome": "ok"})
             yield JobResult(
                 job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began)
         except AirlockError as exc:
-            log.info("job %s ended: %s", request.job_id, exc)
+            log.info("job %s ended: %s", request.job_id, exc,
+                     extra={"job_id": request.job_id, "outcome": exc.kind.value,
+                            "reason": exc.reason.value})
             raise
         finally:
             await self.pools.release(slot)

@@ -235,7 +235,7 @@ class Pools:
                                        generation=generation))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - counted and logged; the loop retries
+        except Exception as exc:
             pool.failed_starts += 1
             log.warning("warm %s container failed to start: %s", pool.profile, exc)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(pool.failed_starts, 6)))
@@ -248,7 +248,7 @@ class Pools:
             await asyncio.sleep(self.settings.sweep_seconds)
             try:
                 await self.sweep()
-            except Exception as exc:  # noqa: BLE001 - the sweep must outlive engine hiccups
+            except Exception as exc:
                 log.warning("pool sweep failed: %s", exc)
 
     async def sweep(self) -> None:

@@ -108,9 +108,9 @@ async def create_server(config: BrokerConfig,
     pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(pools), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         os.close(lock_fd)

@@ -51,7 +51,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             record.set(outcome=exc.kind.value, reason=exc.reason.value, message=exc.message)
             await context.abort_with_status(rpc_status.to_status(status_of(exc, job_id)))
         except Exception:
-            log.exception("job %s: unexpected error", job_id)
+            log.exception("job %s: unexpected error", job_id, extra={"job_id": job_id})
             bug = error(Reason.INTERNAL, f"internal error in job {job_id}; see the broker log")
             record.set(outcome="failed", reason=bug.reason.value)
             await context.abort_with_status(rpc_status.to_status(status_of(bug, job_id)))
@@ -78,7 +78,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
             record.set(detected_format=detected.value)
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
-                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy)
+                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy,
+                     extra={"job_id": job_id})
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,
