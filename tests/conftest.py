@@ -33,13 +33,13 @@ def _docker_client():  # type: ignore[no-untyped-def]
     try:
         client = docker.from_env(version="auto")
         client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+    except Exception as exc:
         pytest.fail(f"the Docker engine is not reachable ({exc}). Integration tests never skip: "
                     "run `make test`, which installs and starts the engine, or "
                     "`scripts/ensure-docker.sh`.", pytrace=False)
     try:
         client.images.get(IMAGE)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pytest.fail(f"the sandbox image {IMAGE} is missing: run `make image` (or `make test`).",
                     pytrace=False)
     return client

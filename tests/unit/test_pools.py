@@ -13,7 +13,7 @@ from airlock_broker.pools import Pools, PoolSettings
 from tests.unit.fakes import FakeSandbox
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+async def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"

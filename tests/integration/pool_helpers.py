@@ -1,0 +1,339 @@
+"""Helpers for the warm-pool integration tests: dedicated brokers, what Docker says about a
+broker's containers, polling, and the reduce-payload sources the pool tests send.
+
+Several brokers (other test sessions included) may share this Docker engine, so everything here
+looks only at the containers of one broker, recognised by its ``airlock.broker`` label
+(``host:pid:starttime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from airlock_client import Client, PoolStatus
+from tests.adversarial.payloads import reduce_pickle
+from tests.conftest import LIVE_SPOOLS, BrokerProcess, start_broker
+
+T = TypeVar("T")
+
+LABEL_MANAGED = "airlock.managed=true"
+LABEL_BROKER = "airlock.broker"
+LABEL_SLOT = "airlock.slot"
+LABEL_PROFILE = "airlock.profile"
+
+
+def write_config(directory: Path, pools: dict[str, Any],
+                 broker: dict[str, Any] | None = None) -> Path:
+    """A small ``airlock.toml`` with a ``[pools]`` (and optional ``[broker]``) section."""
+    def render(name: str, values: dict[str, Any]) -> str:
+        lines = [f"[{name}]"]
+        for key, value in values.items():
+            # JSON's numbers, strings and arrays of them are valid TOML too.
+            shown = list(value) if isinstance(value, tuple) else value
+            lines.append(f"{key} = {json.dumps(shown)}")
+        return "\n".join(lines) + "\n"
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "airlock.toml"
+    path.write_text(render("pools", pools) + (render("broker", broker) if broker else ""))
+    return path
+
+
+def process_identity(pid: int) -> str:
+    """The ``airlock.broker`` label a broker running as ``pid`` puts on its containers."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+#: Every broker these helpers started in this session (for the leftover check).
+LAUNCHED: list[PoolBroker] = []
+
+
+@dataclass
+class PoolBroker:
+    """A dedicated ``airlock serve`` with its own config, a client on it, and its identity."""
+
+    proc: BrokerProcess
+    client: Client
+    identity: str
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.proc.address
+
+    @property
+    def spool(self) -> Path:
+        return self.proc.spool
+
+    def status(self) -> dict[str, PoolStatus]:
+        return {p.profile: p for p in self.client.pool_status()}
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.proc.log.read_text()[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> int:
+        self.client.close()
+        return self.proc.stop()
+
+
+def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
+    """Start a broker on ``config``; with ``spool``, on that (possibly used) spool directory."""
+    env = {"AIRLOCK_SPOOL_DIR": str(spool)} if spool is not None else None
+    proc = start_broker(tmp, "--config", str(config), env=env)
+    if spool is not None and proc.spool != spool:
+        # start_broker assumed <tmp>/spool; record the spool the broker really uses.
+        LIVE_SPOOLS.discard(proc.spool)
+        proc.spool = spool
+        LIVE_SPOOLS.add(spool)
+    broker = PoolBroker(proc=proc, client=Client(proc.address, retry_attempts=1),
+                        identity=process_identity(proc.process.pid))
+    LAUNCHED.append(broker)
+    return broker
+
+
+@contextlib.contextmanager
+def running_broker(tmp: Path, config: Path) -> Iterator[PoolBroker]:
+    broker = launch(tmp, config)
+    try:
+        yield broker
+    finally:
+        code = broker.stop()
+        assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
+
+
+# -- what Docker says -------------------------------------------------------------------------
+
+
+def containers_of(docker_client: Any, identity: str, *, running_only: bool = False) -> list[Any]:
+    """The containers one broker created (by its ``airlock.broker`` label)."""
+    return list(docker_client.containers.list(
+        all=not running_only, filters={"label": [LABEL_MANAGED, f"{LABEL_BROKER}={identity}"]}))
+
+
+def is_idle(container: Any, spool: Path) -> bool:
+    """A warm container waiting for a job: running, and its input directory still empty."""
+    slot = container.labels.get(LABEL_SLOT, "")
+    in_dir = spool / "slots" / slot / "in"
+    return bool(slot) and container.status == "running" and in_dir.is_dir() \
+        and not any(in_dir.iterdir())
+
+
+def idle_warm_ids(docker_client: Any, broker: PoolBroker, profile: str | None = None) -> set[str]:
+    return {c.id for c in containers_of(docker_client, broker.identity)
+            if is_idle(c, broker.spool)
+            and (profile is None or c.labels.get(LABEL_PROFILE) == profile)}
+
+
+def leftovers(docker_client: Any) -> list[str]:
+    """Containers of the brokers started here that are not idle warm ones of a live broker.
+
+    Only these brokers' containers are looked at: other sessions may share the engine."""
+    left = []
+    for broker in LAUNCHED:
+        alive = broker.proc.process.poll() is None
+        for c in containers_of(docker_client, broker.identity):
+            if not (alive and is_idle(c, broker.spool)):
+                left.append(f"{c.short_id} ({c.status}, {c.labels.get(LABEL_PROFILE)}, "
+                            f"broker {'alive' if alive else 'gone'})")
+    return left
+
+
+def count_by_profile(docker_client: Any, identity: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in containers_of(docker_client, identity):
+        profile = c.labels.get(LABEL_PROFILE, "")
+        counts[profile] = counts.get(profile, 0) + 1
+    return counts
+
+
+def exists(docker_client: Any, container_id: str) -> bool:
+    import docker.errors
+
+    try:
+        docker_client.api.inspect_container(container_id)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
+# -- polling ----------------------------------------------------------------------------------
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str,
+             describe: Callable[[], str] = lambda: "", interval: float = 0.2) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}. "
+                                 f"{describe()}")
+        time.sleep(interval)
+
+
+def settled(broker: PoolBroker, warm: int, profiles: tuple[str, ...]) -> dict[str, PoolStatus]:
+    """Status when every listed profile has exactly ``warm`` warm, none starting, none busy."""
+    status = broker.status()
+    ok = all(status[p].warm == warm and status[p].starting == 0 and status[p].busy == 0
+             for p in profiles)
+    return status if ok else {}
+
+
+def wait_settled(broker: PoolBroker, warm: int, profiles: tuple[str, ...],
+                 timeout: float = 60.0) -> dict[str, PoolStatus]:
+    return wait_for(lambda: settled(broker, warm, profiles), timeout,
+                    f"{profiles} pools to settle at {warm} warm",
+                    lambda: f"status: {broker.status()}\nbroker log:\n{broker.log_tail()}")
+
+
+# -- payloads (Python source run by a pickle reduce payload inside the sandbox) ----------------
+
+#: Every file a marker payload leaves starts with this; the seeker looks for any such file.
+MARKER_PREFIX = "airlock-marker-"
+
+#: Where a payload looks for writable places: fixed candidates, every read-write mount but
+#: /proc and /sys, and the directories up to two levels below those.
+_PLACES = r'''
+import os
+
+def _places():
+    places = {"/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run", "/run/lock", "/home",
+              "/airlock/out", "/airlock/in", "/", os.getcwd(), os.path.expanduser("~"),
+              os.environ.get("HOME", "/tmp"), os.environ.get("TMPDIR", "/tmp")}
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 3 and "rw" in parts[3].split(","):
+                    places.add(parts[1])
+    except OSError:
+        pass
+    places = {p for p in places if not p.startswith(("/proc", "/sys"))}
+    found = set()
+    for top in sorted(places):
+        if not os.path.isdir(top) or top == "/":
+            if os.path.isdir(top):
+                found.add(top)
+            continue
+        base = top.rstrip("/").count("/")
+        for root, dirs, _files in os.walk(top):
+            found.add(root)
+            if root.rstrip("/").count("/") - base >= 2:
+                dirs[:] = []
+    return sorted(found)
+'''
+
+#: Pure-Python safetensors writer: 8-byte little-endian header length, JSON header, data.
+_SAFETENSORS = r'''
+import json, struct
+
+def _write_safetensors(path, name, metadata):
+    data = struct.pack("<f", 1.0)
+    header = {"__metadata__": metadata,
+              name: {"dtype": "F32", "shape": [1], "data_offsets": [0, len(data)]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".part"
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw + data)
+    os.rename(tmp, path)
+'''
+
+#: Exit codes chosen by the payloads (outside the worker's own 0, 1 and 64-72).
+EXIT_NO_MARKER = 42
+EXIT_SELF_TEST_FAILED = 43
+EXIT_MARKED_BASE = 100
+
+
+def marker_writer_source(token: str) -> str:
+    """Leaves a marker in every writable place; exits ``EXIT_MARKED_BASE + places written``."""
+    return _PLACES + f'''
+written = 0
+for place in _places():
+    try:
+        with open(os.path.join(place, {MARKER_PREFIX + token!r}), "w") as fh:
+            fh.write("left by an earlier job")
+        written += 1
+    except OSError:
+        pass
+os._exit({EXIT_MARKED_BASE} + min(written, 99))
+'''
+
+
+def marker_seeker_source() -> str:
+    """Looks for any marker; succeeds with a ``marker_found`` tensor if it sees one, else exits
+    ``EXIT_NO_MARKER``. First it proves its search works on a probe file of its own."""
+    return _PLACES + _SAFETENSORS + f'''
+def _find(prefix):
+    hits = []
+    for place in _places():
+        try:
+            names = os.listdir(place)
+        except OSError:
+            continue
+        hits += [os.path.join(place, n) for n in names if n.startswith(prefix)]
+    return hits
+
+probe = "/tmp/airlock-probe-" + str(os.getpid())
+with open(probe, "w") as fh:
+    fh.write("probe")
+if probe not in _find("airlock-probe-"):
+    os._exit({EXIT_SELF_TEST_FAILED})
+os.unlink(probe)
+hits = _find({MARKER_PREFIX!r})
+if hits:
+    _write_safetensors("/airlock/out/model.safetensors", "marker_found",
+                       {{"where": ",".join(hits)[:1000]}})
+    os._exit(0)
+os._exit({EXIT_NO_MARKER})
+'''
+
+
+def sleep_then_succeed_source(seconds: float, tensor: str = "slept") -> str:
+    """Sleeps, then writes a valid one-tensor safetensors output and exits 0."""
+    return "import os, time\n" + _SAFETENSORS + f'''
+time.sleep({seconds!r})
+_write_safetensors("/airlock/out/model.safetensors", {tensor!r}, {{"slept": "{seconds}"}})
+os._exit(0)
+'''
+
+
+def exit_source(code: int) -> str:
+    return f"import os\nos._exit({code})\n"
+
+
+def payload_pickle(path: Path, source: str) -> Path:
+    """A pickle whose ``__reduce__`` runs ``source`` as a module of its own (fresh globals, so
+    its functions see its imports), the way every pickle code-execution CVE does."""
+    path.write_bytes(reduce_pickle(f"exec({source!r}, {{'__name__': 'airlock_payload'}})"))
+    return path
+
+
+def container_events(docker_client: Any, identity: str, since: float) -> dict[str, list[str]]:
+    """Per container of one broker, its life since ``since`` as Docker recorded it:
+    ``["create", "start", "die:103", "destroy"]``. Waits up to a second for the window to close."""
+    life: dict[str, list[str]] = {}
+    events = docker_client.events(
+        since=int(since) - 1, until=int(time.time()) + 1, decode=True,
+        filters={"type": "container", "label": [f"{LABEL_BROKER}={identity}"],
+                 "event": ["create", "start", "die", "destroy"]})
+    for event in events:
+        action = event.get("Action") or event.get("status", "")
+        if action == "die":
+            action += ":" + event["Actor"]["Attributes"].get("exitCode", "?")
+        life.setdefault(event["id"], []).append(action)
+    return life
