@@ -1,0 +1,389 @@
+"""Warm single-use sandbox pools against the real engine and image (issue 3, "Tests").
+
+Each test is named after the property it proves. Most share one dedicated broker (every profile
+one warm container, fast sweep); the cold-path and orphan tests start their own. Every check
+looks only at the containers of the brokers started here (``airlock.broker`` label): other test
+sessions may use the same Docker engine at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.numpy import load_file
+
+from airlock_client import Client, ConversionError, ConversionResult, ServiceUnavailable
+from tests.conftest import IMAGE, LIVE_SPOOLS, run_cli
+from tests.fixtures import models
+from tests.integration import pool_helpers as ph
+from tests.integration.pool_helpers import PoolBroker
+
+pytestmark = pytest.mark.integration
+
+ALL = ("sklearn", "torch", "light")
+#: Bound on how long a pool may take to get back to min_warm on this loaded 2-core machine.
+REFILL_SECONDS = 45.0
+
+
+@pytest.fixture(autouse=True)
+def no_sandbox_left_behind(docker_client: Any) -> Iterator[None]:
+    """Overrides the package-wide check, which counts every Airlock container on the engine
+    (other sessions' included): here, no container of a broker these tests started may remain
+    but the idle warm ones of a broker still running."""
+    yield
+    deadline = time.monotonic() + 10
+    while (left := ph.leftovers(docker_client)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"sandbox containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def pool_broker(docker_client: Any, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[PoolBroker]:
+    """Every profile keeps one warm container; the sweep runs every 2 s."""
+    tmp = tmp_path_factory.mktemp("pool-broker")
+    config = ph.write_config(tmp, {"min_warm": 1, "max_warm": 2, "max_starting": 2,
+                                   "sweep_seconds": 2})
+    broker = ph.launch(tmp, config)
+    try:
+        ph.wait_settled(broker, 1, ALL)
+        yield broker
+    finally:
+        code = broker.stop()
+        remaining = ph.containers_of(docker_client, broker.identity)
+        assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
+        assert remaining == [], f"a stopped broker left containers: {remaining}"
+
+
+@pytest.fixture
+def ready(pool_broker: PoolBroker) -> PoolBroker:
+    """The shared broker, resumed, with every pool back at one warm container."""
+    pool_broker.client.resume_pools()
+    ph.wait_settled(pool_broker, 1, ALL, timeout=REFILL_SECONDS)
+    return pool_broker
+
+
+def convert(broker: PoolBroker, artifact: Path, output: Path, **kwargs: Any,
+            ) -> ConversionResult | ConversionError:
+    """The result, or the ConversionError the broker answered with."""
+    try:
+        return broker.client.convert(artifact, output, **kwargs)
+    except ConversionError as exc:
+        return exc
+
+
+# -- 1 -----------------------------------------------------------------------------------------
+
+
+def test_a_job_never_gets_a_container_that_served_another_job(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    began = time.time()
+    token = os.urandom(8).hex()
+    writer = ph.payload_pickle(tmp_path / "writer.pkl", ph.marker_writer_source(token))
+    seeker = ph.payload_pickle(tmp_path / "seeker.pkl", ph.marker_seeker_source())
+
+    # Job 1 takes the one warm sklearn container and leaves markers wherever it can write.
+    before = ready.status()["sklearn"]
+    (first_container,) = ph.idle_warm_ids(docker_client, ready, "sklearn")
+    first = convert(ready, writer, tmp_path / "first.safetensors")
+    assert isinstance(first, ConversionError), f"the marker job should fail: {first}"
+    assert first.reason == "CONVERSION_FAILED"
+    written = int(first.message.rsplit("exited with code ", 1)[-1].split()[0]) \
+        - ph.EXIT_MARKED_BASE
+    assert written >= 3, f"the marker payload wrote only {written} place(s): {first.message}"
+    after_first = ready.status()["sklearn"]
+    assert after_first.served_warm == before.served_warm + 1, "job 1 was not served warm"
+    assert after_first.served_cold == before.served_cold
+    assert not ph.exists(docker_client, first_container), "job 1's container survived its job"
+
+    # Job 2 takes the next warm container (started while job 1 ran) and looks for any marker.
+    ph.wait_settled(ready, 1, ("sklearn",), timeout=REFILL_SECONDS)
+    (second_container,) = ph.idle_warm_ids(docker_client, ready, "sklearn")
+    assert second_container != first_container
+    second = convert(ready, seeker, tmp_path / "second.safetensors")
+    if isinstance(second, ConversionResult):
+        found = load_file(str(second.output))
+        pytest.fail(f"job 2 saw job 1's markers (tensors {sorted(found)}): "
+                    f"{second.report}")
+    assert second.reason == "CONVERSION_FAILED"
+    assert f"exited with code {ph.EXIT_NO_MARKER}" in second.message, (
+        f"the seeker did not run to its verdict (43 = its self-test failed): {second.message}")
+    after_second = ready.status()["sklearn"]
+    assert after_second.served_warm == before.served_warm + 2, "job 2 was not served warm"
+    assert after_second.served_cold == before.served_cold
+    assert not ph.exists(docker_client, second_container)
+
+    # Docker's own record: each container started once, died with its one job's exit code.
+    life = ph.container_events(docker_client, ready.identity, began)
+    assert life.get(first_container, [])[-3:] == ["start", f"die:{ph.EXIT_MARKED_BASE + written}",
+                                                   "destroy"], life.get(first_container)
+    assert life.get(second_container, [])[-3:] == ["start", f"die:{ph.EXIT_NO_MARKER}",
+                                                   "destroy"], life.get(second_container)
+    for container in (first_container, second_container):
+        assert life[container].count("start") == 1, (container[:12], life[container])
+
+
+# -- 2 -----------------------------------------------------------------------------------------
+
+
+def test_the_pool_refills_to_min_warm_after_jobs(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    jobs = 4
+    artifact = ph.payload_pickle(tmp_path / "quick.pkl", ph.sleep_then_succeed_source(0.0))
+    before = ready.status()["sklearn"]
+    warm_before = ph.idle_warm_ids(docker_client, ready)
+    results: list[ConversionResult | ConversionError] = []
+
+    def worker(n: int) -> None:
+        for i in range(n, jobs, 2):
+            results.append(convert(ready, artifact, tmp_path / f"out{i}.safetensors"))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert [r for r in results if not isinstance(r, ConversionResult)] == []
+    assert len(results) == jobs
+
+    started = time.monotonic()
+    status = ph.wait_settled(ready, 1, ALL, timeout=REFILL_SECONDS)
+    refill = time.monotonic() - started
+    sk = status["sklearn"]
+    assert sk.served_warm + sk.served_cold == before.served_warm + before.served_cold + jobs
+    assert sk.served_warm > before.served_warm, "no job was served warm"
+    # Docker agrees: exactly min_warm idle containers per profile, none of them used before.
+    warm_after = ph.idle_warm_ids(docker_client, ready)
+    assert ph.count_by_profile(docker_client, ready.identity) == dict.fromkeys(ALL, 1)
+    reused = ph.idle_warm_ids(docker_client, ready, "sklearn") & warm_before
+    assert reused == set(), "the sklearn warm container is one that existed before the jobs"
+    assert len(warm_after) == len(ALL)
+    print(f"refilled {refill:.1f} s after the last job")
+
+
+# -- 3 -----------------------------------------------------------------------------------------
+
+
+def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    artifact = ph.payload_pickle(tmp_path / "slow.pkl",
+                                 ph.sleep_then_succeed_source(8.0, tensor="survived"))
+    outcome: list[ConversionResult | ConversionError] = []
+    job = threading.Thread(target=lambda: outcome.append(
+        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
+    job.start()
+    try:
+        # The job holds one container; its pool has started a replacement meanwhile.
+        ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
+                    and s.starting == 0, 20, "the slow job to run with a warm spare",
+                    lambda: str(ready.status()))
+        in_flight = [c for c in ph.containers_of(docker_client, ready.identity)
+                     if not ph.is_idle(c, ready.spool)]
+        assert len(in_flight) == 1, in_flight
+        warm_before = ph.idle_warm_ids(docker_client, ready)
+        assert len(warm_before) == len(ALL), warm_before
+
+        replaced = ready.client.restart_pools()
+
+        assert replaced == len(ALL)
+        assert outcome == [], f"the slow job ended before the restart was tested: {outcome}"
+        assert ready.status()["sklearn"].busy == 1
+        in_flight[0].reload()
+        assert in_flight[0].status == "running", "restart touched the job's container"
+    finally:
+        job.join(90)
+    (result,) = outcome
+    assert isinstance(result, ConversionResult), f"the job in flight failed: {result}"
+    assert list(load_file(str(result.output))) == ["survived"]
+
+    ph.wait_settled(ready, 1, ALL, timeout=REFILL_SECONDS)
+    warm_after = ph.idle_warm_ids(docker_client, ready)
+    assert len(warm_after) == len(ALL)
+    assert warm_after.isdisjoint(warm_before), "a warm container survived the restart"
+    assert [c[:12] for c in warm_before if ph.exists(docker_client, c)] == []
+    assert not ph.exists(docker_client, in_flight[0].id), "the job's container was not removed"
+
+
+# -- 4 -----------------------------------------------------------------------------------------
+
+
+def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    artifact, _ = models.make_sklearn_pickle(tmp_path)
+    before = ready.status()["sklearn"]
+    warm_before = ph.idle_warm_ids(docker_client, ready)
+    try:
+        done = run_cli("pool", "drain", "--json", server=ready.address, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"action": "drain"}
+        assert all(s.draining for s in ready.status().values())
+
+        refused = run_cli("convert", str(artifact), "-o", str(tmp_path / "m.onnx"), "--json",
+                          server=ready.address, timeout=120)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        doc = json.loads(refused.stdout)
+        assert (doc["status"], doc["reason"]) == ("failed", "SANDBOX_UNAVAILABLE"), doc
+        assert "drain" in doc["message"], doc
+        assert not (tmp_path / "m.onnx").exists()
+
+        with pytest.raises(ServiceUnavailable) as info:
+            ready.client.convert(artifact, tmp_path / "m.onnx")
+        assert info.value.reason == "SANDBOX_UNAVAILABLE"
+
+        # Refused without spending a sandbox: the warm containers are still there, unused.
+        during = ready.status()["sklearn"]
+        assert (during.served_warm, during.served_cold) == (before.served_warm,
+                                                            before.served_cold)
+        assert ph.idle_warm_ids(docker_client, ready) == warm_before
+    finally:
+        done = run_cli("pool", "resume", "--json", server=ready.address, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not any(s.draining for s in ready.status().values())
+
+    served = run_cli("convert", str(artifact), "-o", str(tmp_path / "m.onnx"), "--json",
+                     server=ready.address, timeout=180)
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert json.loads(served.stdout)["status"] == "ok"
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    after = ready.status()["sklearn"]
+    assert after.served_warm == before.served_warm + 1, "the resumed pool did not serve warm"
+
+
+# -- 5 -----------------------------------------------------------------------------------------
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
+
+
+def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
+        docker_client: Any, tmp_path: Path) -> None:
+    profiles = ("sklearn", "light")
+    pools = {"min_warm": 1, "max_starting": 2, "profiles": profiles}
+    first = ph.launch(tmp_path / "first", ph.write_config(tmp_path / "first",
+                                                           {**pools, "sweep_seconds": 2}))
+    second: PoolBroker | None = None
+    try:
+        ph.wait_settled(first, 1, profiles)
+        orphans = {c.id: c.labels[ph.LABEL_SLOT]
+                   for c in ph.containers_of(docker_client, first.identity)}
+        assert len(orphans) == len(profiles), orphans
+
+        first.proc.process.send_signal(signal.SIGKILL)
+        first.proc.process.wait(30)  # as its supervisor would: no zombie left to look alive
+        first.client.close()
+        assert {c.id for c in ph.containers_of(docker_client, first.identity)} == set(orphans), \
+            "the killed broker's warm containers should outlive it"
+        slots = first.spool / "slots"
+        assert {p.name for p in slots.iterdir()} >= set(orphans.values())
+        assert _mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
+
+        # Same spool, and a sweep too slow to matter: only start-up can reap the orphans.
+        second = ph.launch(tmp_path / "second",
+                           ph.write_config(tmp_path / "second", {**pools, "sweep_seconds": 3600}),
+                           spool=first.spool)
+        survivors = [c[:12] for c in orphans if ph.exists(docker_client, c)]
+        assert survivors == [], f"orphans still there once the new broker serves:\n" \
+                                f"{second.log_tail()}"
+        stale = set(orphans.values()) & {p.name for p in slots.iterdir()}
+        assert stale == set(), f"stale slot directories left: {stale}"
+        old_mounts = [m for m in _mounts_under(slots)
+                      if any(slot in m for slot in orphans.values())]
+        assert old_mounts == [], f"stale output tmpfs mounts left: {old_mounts}"
+        # The new broker carries on with pools of its own.
+        ph.wait_settled(second, 1, profiles)
+        assert set(orphans).isdisjoint(ph.idle_warm_ids(docker_client, second))
+    finally:
+        first.stop()
+        if second is not None:
+            code = second.stop()
+            assert code == 0, f"broker exited {code}:\n{second.log_tail()}"
+            LIVE_SPOOLS.discard(first.spool)
+
+
+# -- 6 -----------------------------------------------------------------------------------------
+
+
+def _status_json(broker: PoolBroker) -> dict[str, dict[str, Any]]:
+    done = run_cli("pool", "status", "--json", server=broker.address, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return {p["profile"]: p for p in json.loads(done.stdout)["pools"]}
+
+
+def _agreeing_snapshot(broker: PoolBroker, docker_client: Any,
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, int]] | None:
+    """Status, Docker's counts, status again: returned only if no number moved in between and
+    no container is half-started (counted by the broker before Docker may have it)."""
+    def numbers(status: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        return {k: (p["warm"], p["busy"], p["starting"], p["served_warm"], p["served_cold"])
+                for k, p in status.items()}
+
+    first = _status_json(broker)
+    counts = ph.count_by_profile(docker_client, broker.identity)
+    again = _status_json(broker)
+    if numbers(first) != numbers(again) or any(p["starting"] for p in first.values()):
+        return None
+    return first, counts
+
+
+def test_the_status_commands_numbers_match_what_docker_reports(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    image_id = docker_client.api.inspect_image(IMAGE)["Id"]
+
+    def check(expect_busy: int) -> None:
+        status, counts = ph.wait_for(lambda: _agreeing_snapshot(ready, docker_client), 30,
+                                     "a stable status snapshot")
+        for profile, p in status.items():
+            assert p["warm"] + p["starting"] + p["busy"] == counts.get(profile, 0), (
+                profile, p, counts)
+            assert p["image_id"] == image_id and p["runtime"] == "runc"
+            assert p["draining"] is False and p["warm"] == 1
+        assert status["sklearn"]["busy"] == expect_busy
+        running = {c.labels[ph.LABEL_PROFILE]
+                   for c in ph.containers_of(docker_client, ready.identity, running_only=True)}
+        assert running == set(ALL)
+
+    check(expect_busy=0)
+    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(5.0))
+    outcome: list[ConversionResult | ConversionError] = []
+    job = threading.Thread(target=lambda: outcome.append(
+        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
+    job.start()
+    try:
+        ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
+                    and s.starting == 0, 20, "the job to run with a warm spare")
+        check(expect_busy=1)
+        human = run_cli("pool", "status", server=ready.address, timeout=60)
+        assert human.returncode == 0 and "sklearn" in human.stdout and "runc" in human.stdout
+    finally:
+        job.join(60)
+    assert isinstance(outcome[0], ConversionResult), outcome
+
+
+# -- 7 -----------------------------------------------------------------------------------------
+
+
+def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
+        docker_client: Any, tmp_path: Path) -> None:
+    config = ph.write_config(tmp_path, {"min_warm": 0, "sweep_seconds": 2})
+    artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
+    with ph.running_broker(tmp_path, config) as broker:
+        time.sleep(1.5)  # a replenisher pass would have started something by now
+        assert ph.containers_of(docker_client, broker.identity) == []
+        with Client(broker.address, retry_attempts=1) as client:
+            result = client.convert(artifact, tmp_path / "model.onnx")
+        assert result.format == "onnx" and result.output.stat().st_size > 0
+        status = broker.status()
+        assert status["sklearn"].served_cold == 1 and status["sklearn"].served_warm == 0
+        assert all(s.warm == 0 and s.starting == 0 and s.busy == 0 for s in status.values())
+        time.sleep(2.5)  # at least one sweep later, still nothing started
+        assert ph.containers_of(docker_client, broker.identity) == []
