@@ -29,20 +29,21 @@ LABEL_SLOT = "airlock.slot"
 LABEL_PROFILE = "airlock.profile"
 
 
-def write_config(directory: Path, pools: dict[str, Any],
-                 broker: dict[str, Any] | None = None) -> Path:
-    """A small ``airlock.toml`` with a ``[pools]`` (and optional ``[broker]``) section."""
+def write_config(directory: Path, pools: dict[str, Any], **sections: dict[str, Any]) -> Path:
+    """A small ``airlock.toml``: a ``[pools]`` section and any others (``broker=``,
+    ``sandbox=``...) given as dicts."""
     def render(name: str, values: dict[str, Any]) -> str:
         lines = [f"[{name}]"]
         for key, value in values.items():
-            # JSON's numbers, strings and arrays of them are valid TOML too.
+            # JSON's numbers, booleans, strings and arrays of them are valid TOML too.
             shown = list(value) if isinstance(value, tuple) else value
             lines.append(f"{key} = {json.dumps(shown)}")
         return "\n".join(lines) + "\n"
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "airlock.toml"
-    path.write_text(render("pools", pools) + (render("broker", broker) if broker else ""))
+    path.write_text("".join(render(name, values)
+                            for name, values in {"pools": pools, **sections}.items()))
     return path
 
 
@@ -259,19 +260,35 @@ EXIT_SELF_TEST_FAILED = 43
 EXIT_MARKED_BASE = 100
 
 
+#: The places a marker must reach, as bits of the writer's exit code (HOME is /tmp).
+KEY_PLACES = ("/tmp", "/airlock/out", "/dev/shm")
+
+
 def marker_writer_source(token: str) -> str:
-    """Leaves a marker in every writable place; exits ``EXIT_MARKED_BASE + places written``."""
+    """Leaves a marker in every writable place it finds, then exits with
+    ``EXIT_MARKED_BASE + bits of KEY_PLACES written + 8 * other places written (<= 15)``."""
     return _PLACES + f'''
-written = 0
+code = 0
+others = 0
 for place in _places():
     try:
         with open(os.path.join(place, {MARKER_PREFIX + token!r}), "w") as fh:
             fh.write("left by an earlier job")
-        written += 1
     except OSError:
-        pass
-os._exit({EXIT_MARKED_BASE} + min(written, 99))
+        continue
+    key = {KEY_PLACES!r}
+    if place in key:
+        code |= 1 << key.index(place)
+    else:
+        others += 1
+os._exit({EXIT_MARKED_BASE} + code + 8 * min(others, 15))
 '''
+
+
+def decode_marker_exit(code: int) -> tuple[set[str], int]:
+    """(key places written, how many other places) from the writer's exit code."""
+    bits = code - EXIT_MARKED_BASE
+    return {p for i, p in enumerate(KEY_PLACES) if bits & (1 << i)}, bits >> 3
 
 
 def marker_seeker_source() -> str:

@@ -96,9 +96,9 @@ def test_a_job_never_gets_a_container_that_served_another_job(
     first = convert(ready, writer, tmp_path / "first.safetensors")
     assert isinstance(first, ConversionError), f"the marker job should fail: {first}"
     assert first.reason == "CONVERSION_FAILED"
-    written = int(first.message.rsplit("exited with code ", 1)[-1].split()[0]) \
-        - ph.EXIT_MARKED_BASE
-    assert written >= 3, f"the marker payload wrote only {written} place(s): {first.message}"
+    first_exit = int(first.message.rsplit("exited with code ", 1)[-1].split()[0])
+    marked, others = ph.decode_marker_exit(first_exit)
+    assert marked == set(ph.KEY_PLACES), f"markers reached only {marked}: {first.message}"
     after_first = ready.status()["sklearn"]
     assert after_first.served_warm == before.served_warm + 1, "job 1 was not served warm"
     assert after_first.served_cold == before.served_cold
@@ -123,12 +123,13 @@ def test_a_job_never_gets_a_container_that_served_another_job(
 
     # Docker's own record: each container started once, died with its one job's exit code.
     life = ph.container_events(docker_client, ready.identity, began)
-    assert life.get(first_container, [])[-3:] == ["start", f"die:{ph.EXIT_MARKED_BASE + written}",
-                                                   "destroy"], life.get(first_container)
+    assert life.get(first_container, [])[-3:] == ["start", f"die:{first_exit}", "destroy"], \
+        life.get(first_container)
     assert life.get(second_container, [])[-3:] == ["start", f"die:{ph.EXIT_NO_MARKER}",
                                                    "destroy"], life.get(second_container)
     for container in (first_container, second_container):
         assert life[container].count("start") == 1, (container[:12], life[container])
+    print(f"job 1 left markers in {sorted(marked)} and {others} other place(s)")
 
 
 # -- 2 -----------------------------------------------------------------------------------------
@@ -387,3 +388,94 @@ def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
         assert all(s.warm == 0 and s.starting == 0 and s.busy == 0 for s in status.values())
         time.sleep(2.5)  # at least one sweep later, still nothing started
         assert ph.containers_of(docker_client, broker.identity) == []
+
+
+# -- beyond the list: unhealthy warm containers and a rebuilt image ----------------------------
+
+
+def _kill(docker_client: Any, container_id: str) -> None:
+    docker_client.api.kill(container_id)
+    ph.wait_for(lambda: not docker_client.api.inspect_container(container_id)["State"]["Running"],
+                10, f"{container_id[:12]} to die")
+
+
+def test_a_warm_container_that_died_is_replaced_and_counted_by_the_sweep(
+        ready: PoolBroker, docker_client: Any) -> None:
+    before = ready.status()["light"]
+    (victim,) = ph.idle_warm_ids(docker_client, ready, "light")
+    _kill(docker_client, victim)
+
+    def replaced() -> set[str]:
+        status = ready.status()["light"]
+        fresh = ph.idle_warm_ids(docker_client, ready, "light") - {victim}
+        return fresh if status.warm == 1 and status.starting == 0 and fresh else set()
+
+    ph.wait_for(replaced, REFILL_SECONDS, "the dead warm container to be replaced",
+                lambda: f"{ready.status()['light']}\n{ready.log_tail()}")
+    after = ready.status()["light"]
+    assert after.failed_starts == before.failed_starts + 1
+    assert (after.served_warm, after.served_cold) == (before.served_warm, before.served_cold)
+    assert not ph.exists(docker_client, victim), "the dead container was not removed"
+
+
+def test_a_warm_container_that_died_is_never_handed_to_a_job_and_is_counted(
+        docker_client: Any, tmp_path: Path) -> None:
+    # No sweep within the test: only the job's own liveness check can notice the death.
+    config = ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("sklearn",),
+                                        "sweep_seconds": 3600})
+    artifact = ph.payload_pickle(tmp_path / "quick.pkl", ph.sleep_then_succeed_source(0.0))
+    with ph.running_broker(tmp_path, config) as broker:
+        ph.wait_settled(broker, 1, ("sklearn",))
+        (victim,) = ph.idle_warm_ids(docker_client, broker, "sklearn")
+        _kill(docker_client, victim)
+
+        result = convert(broker, artifact, tmp_path / "out.safetensors")
+
+        assert isinstance(result, ConversionResult), f"the job failed: {result}"
+        status = broker.status()["sklearn"]
+        assert (status.served_warm, status.served_cold) == (0, 1), status
+        assert not ph.exists(docker_client, victim), "the dead container was not removed"
+        ph.wait_settled(broker, 1, ("sklearn",), timeout=REFILL_SECONDS)
+        assert broker.status()["sklearn"].failed_starts == 1, (
+            "a warm container found dead by a job was replaced but its failure not counted: "
+            f"{broker.status()['sklearn']}")
+
+
+def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, tmp_path: Path) -> None:
+    import io
+
+    repo = f"airlock-pooltest-{os.urandom(4).hex()}"
+    tag = f"{repo}:latest"
+    docker_client.api.tag(IMAGE, repo, "latest")
+    old_id = docker_client.api.inspect_image(tag)["Id"]
+    config = ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("light",),
+                                        "sweep_seconds": 2}, sandbox={"image": tag})
+    artifact, _ = models.make_npy(tmp_path / "in")
+    try:
+        with ph.running_broker(tmp_path, config) as broker:
+            status = ph.wait_settled(broker, 1, ("light",))
+            assert status["light"].image_id == old_id
+            warm_before = ph.idle_warm_ids(docker_client, broker)
+
+            # "make image": the same tag now names a different image.
+            new_image, _ = docker_client.images.build(
+                fileobj=io.BytesIO(f"FROM {tag}\nLABEL airlock.pooltest={repo}\n".encode()),
+                tag=tag, network_mode="none", rm=True, pull=False)
+            assert new_image.id != old_id
+
+            def rolled() -> set[str]:
+                light = broker.status()["light"]
+                fresh = ph.idle_warm_ids(docker_client, broker) - warm_before
+                return fresh if light.image_id == new_image.id and light.warm == 1 \
+                    and light.starting == 0 and fresh else set()
+
+            (fresh,) = ph.wait_for(rolled, REFILL_SECONDS, "the pool to roll onto the new image",
+                                   lambda: f"{broker.status()}\n{broker.log_tail()}")
+            assert docker_client.api.inspect_container(fresh)["Image"] == new_image.id
+            assert [c[:12] for c in warm_before if ph.exists(docker_client, c)] == []
+
+            result = broker.client.convert(artifact, tmp_path / "out.safetensors")
+            assert result.format == "safetensors"
+            assert broker.status()["light"].served_warm == 1
+    finally:
+        docker_client.api.remove_image(tag)
