@@ -5,6 +5,9 @@
 #   - `docker info` works            -> nothing to do
 #   - dockerd missing, we are root    -> apt-get install docker.io
 #   - dockerd not running             -> start it detached (setsid), wait for it
+#   - runsc (gVisor) missing, root    -> apt-get install runsc, register it in
+#                                        /etc/docker/daemon.json with --network=none
+#                                        (a running engine reloads it on SIGHUP)
 #
 # Environment:
 #   AIRLOCK_DOCKERD_LOG   dockerd log file (default /var/log/airlock-dockerd.log)
@@ -46,6 +49,50 @@ ensure_debootstrap() {
     fi
 }
 
+DAEMON_JSON=/etc/docker/daemon.json
+runsc_changed=0
+
+# Register gVisor's runsc with the engine (`airlock serve --runtime runsc`). Merges into an
+# existing daemon.json; sets runsc_changed=1 when the file changed.
+ensure_runsc() {
+    is_root || return 0
+    if ! command -v runsc >/dev/null 2>&1; then
+        apt_install runsc || { say "warning: could not install runsc; only runc will work"; return 0; }
+    fi
+    mkdir -p /etc/docker
+    local out
+    out="$(python3 - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+doc = {}
+if os.path.exists(path):
+    with open(path) as fh:
+        text = fh.read().strip()
+    doc = json.loads(text) if text else {}
+want = {"path": runsc, "runtimeArgs": ["--network=none"]}
+if doc.get("runtimes", {}).get("runsc") == want:
+    print("unchanged")
+else:
+    doc.setdefault("runtimes", {})["runsc"] = want
+    tmp = path + ".airlock-tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+    print("changed")
+PY
+)" || die "could not update $DAEMON_JSON (is it valid JSON?)"
+    [ "$out" = changed ] && { runsc_changed=1; say "registered runsc in $DAEMON_JSON"; }
+    return 0
+}
+
+reload_dockerd() {
+    local pid
+    pid="$(cat /var/run/docker.pid 2>/dev/null || pgrep -x dockerd | head -n1 || true)"
+    [ -n "$pid" ] && kill -HUP "$pid" 2>/dev/null && sleep 1 && say "dockerd reloaded its runtimes"
+    return 0
+}
+
 # dockerd may live in /usr/sbin, which is not on a non-root PATH.
 find_dockerd() {
     command -v dockerd 2>/dev/null && return 0
@@ -66,8 +113,10 @@ dockerd_running() {
 
 main() {
     ensure_debootstrap
+    ensure_runsc
 
     if docker_ok; then
+        [ "$runsc_changed" -eq 1 ] && reload_dockerd
         exit 0
     fi
 

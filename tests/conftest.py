@@ -25,6 +25,9 @@ IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
 LABEL = "airlock.managed=true"
 #: Spool directories of the brokers the tests are running now (their warm slots live there).
 LIVE_SPOOLS: set[Path] = set()
+#: PIDs of every broker this test session started: their containers are the ones we judge
+#: (other brokers on a shared machine are none of our business).
+STARTED_PIDS: set[int] = set()
 
 
 def _docker_client():  # type: ignore[no-untyped-def]
@@ -110,6 +113,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> B
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
+    STARTED_PIDS.add(process.pid)
     wait_serving(address, process, log)
     LIVE_SPOOLS.add(spool)
     return BrokerProcess(address=address, process=process, spool=spool, log=log)
@@ -130,13 +134,17 @@ def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
     any other container labelled as Airlock's is a leftover.
     """
     left = []
-    for container in client.containers.list(all=True, filters={"label": LABEL}):
-        slot = container.labels.get("airlock.slot", "")
+    for info in client.api.containers(all=True, filters={"label": LABEL}):
+        labels = info.get("Labels") or {}
+        owner_pid = labels.get("airlock.broker", "::").split(":")[1]
+        if not owner_pid.isdigit() or int(owner_pid) not in STARTED_PIDS:
+            continue
+        slot = labels.get("airlock.slot", "")
         in_dirs = [spool / "slots" / slot / "in" for spool in LIVE_SPOOLS if slot]
-        idle = container.status == "running" and any(
+        idle = info.get("State") == "running" and any(
             d.is_dir() and not any(d.iterdir()) for d in in_dirs)
         if not idle:
-            left.append(f"{container.short_id} ({container.status})")
+            left.append(f"{info['Id'][:12]} ({info.get('State')})")
     return left
 
 
