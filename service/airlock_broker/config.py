@@ -55,7 +55,10 @@ class BrokerConfig:
     upload_idle_seconds: float = 60.0
     #: Ceiling for a caller's ``timeout_seconds`` (the policy's deadline is the default).
     max_job_seconds: float = 600.0
-    #: How long a draining broker lets jobs in flight finish on SIGTERM.
+    #: On SIGTERM: how long health says NOT_SERVING (and new jobs are refused) while the
+    #: listener stays open, so load balancers notice before connections are refused.
+    shutdown_drain_seconds: float = 2.0
+    #: Then: how long jobs in flight may take to finish before they are cancelled.
     shutdown_grace_seconds: float = 30.0
     #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
     audit_log: Path | None = None

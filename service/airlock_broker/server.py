@@ -51,11 +51,12 @@ class Broker:
     audit: AuditLog
     lock_fd: int
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, drain: float = 0.0) -> None:
         """Flip health, refuse new jobs, let jobs in flight finish, then release everything."""
         self.admission.draining = True
         await self.health.enter_graceful_shutdown()
         try:
+            await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
             await self.pools.close()
@@ -137,4 +138,4 @@ async def serve(config: BrokerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("airlock: shutting down: finishing jobs in flight", flush=True)
-    await broker.stop(config.shutdown_grace_seconds)
+    await broker.stop(config.shutdown_grace_seconds, config.shutdown_drain_seconds)

@@ -68,3 +68,22 @@ def malicious_torch_zip(path: Path, source: str) -> Path:
         zf.writestr("archive/byteorder", "little")
     path.write_bytes(buf.getvalue())
     return path
+
+
+def fake_success_source(sleep_seconds: float = 0.0, tensor: str = "x") -> str:
+    """Sleeps, writes a valid one-tensor safetensors output itself, and exits 0: a "converter"
+    fully controlled by the artifact. The broker must validate it like any other output."""
+    return f"""
+import json, os, struct, time
+time.sleep({sleep_seconds!r})
+header = json.dumps({{{tensor!r}: {{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}}})
+header = header.encode() + b" " * (-len(header) % 8)
+with open("/airlock/out/model.safetensors", "wb") as fh:
+    fh.write(struct.pack("<Q", len(header)) + header + b"\\0\\0\\0\\0")
+os._exit(0)
+"""
+
+
+def fake_success_pickle(path: Path, sleep_seconds: float = 0.0, tensor: str = "x") -> Path:
+    path.write_bytes(reduce_pickle(fake_success_source(sleep_seconds, tensor)))
+    return path

@@ -1,0 +1,91 @@
+"""Lifecycle: a cancelled call kills its sandbox at once; SIGTERM drains gracefully."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_client import Client
+from tests.adversarial import payloads
+from tests.conftest import BrokerProcess, assert_no_sandbox_left, job_containers, start_broker
+
+pytestmark = pytest.mark.integration
+
+
+def _busy_containers(docker_client) -> list[str]:  # type: ignore[no-untyped-def]
+    return job_containers(docker_client)
+
+
+def _wait(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_cancelled_call_kills_its_sandbox_at_once(broker: BrokerProcess, docker_client,
+                                                  tmp_path: Path) -> None:
+    data = payloads.reduce_pickle("import time\ntime.sleep(600)")
+    requests = [pb.ConvertRequest(metadata=pb.ConvertMetadata(size_bytes=len(data))),
+                pb.ConvertRequest(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))]
+    with grpc.insecure_channel(broker.address) as channel:
+        call = pb_grpc.ConversionServiceStub(channel).Convert(iter(requests), timeout=300)
+        _wait(lambda: _busy_containers(docker_client) != [])  # the job is running
+        began = time.monotonic()
+        call.cancel()
+        assert_no_sandbox_left(docker_client, grace=10)
+        assert time.monotonic() - began < 10
+    # and the broker still serves
+    artifact = payloads.fake_success_pickle(tmp_path / "ok.pkl")
+    with Client(broker.address) as client:
+        assert client.convert(artifact, tmp_path / "o.safetensors").format == "safetensors"
+
+
+def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
+                                                                 tmp_path: Path) -> None:
+    proc = start_broker(tmp_path)
+    try:
+        artifact = payloads.fake_success_pickle(tmp_path / "slow.pkl", sleep_seconds=5)
+        outcome: dict[str, object] = {}
+
+        def convert() -> None:
+            with Client(proc.address) as client:
+                try:
+                    outcome["result"] = client.convert(artifact, tmp_path / "o.safetensors")
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                    outcome["error"] = exc
+
+        worker = threading.Thread(target=convert)
+        worker.start()
+        _wait(lambda: _busy_containers(docker_client) != [])
+        with grpc.insecure_channel(proc.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="")
+            assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            proc.process.send_signal(signal.SIGTERM)
+            _wait(lambda: health.Check(request, timeout=5).status
+                  == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
+            # a new job is refused while the broker drains
+            refused = payloads.fake_success_pickle(tmp_path / "late.pkl")
+            with Client(proc.address, retry_attempts=1) as client, pytest.raises(Exception) as info:
+                client.convert(refused, tmp_path / "late.out")
+            assert getattr(info.value, "reason", "") in {"SANDBOX_UNAVAILABLE", "UNAVAILABLE"}
+        worker.join(60)
+        assert "error" not in outcome, outcome
+        assert proc.process.wait(60) == 0
+    finally:
+        proc.stop()
+    mine = [c for c in docker_client.api.containers(all=True, filters={"label": "airlock.broker"})
+            if c["Labels"]["airlock.broker"].split(":")[1] == str(proc.process.pid)]
+    assert mine == []
+    slots = proc.spool / "slots"
+    assert not slots.exists() or list(slots.iterdir()) == []
