@@ -34,7 +34,7 @@ setup: venv docker image
 serve: setup
 	.venv/bin/airlock serve --listen $(LISTEN)
 
-test: setup
+test: setup check
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 unit: venv

@@ -159,6 +159,15 @@ def count_by_profile(docker_client: Any, identity: str) -> dict[str, int]:
     return counts
 
 
+def seconds_since(docker_time: str) -> float:
+    """Age of a Docker RFC 3339 timestamp (nanoseconds and all) in seconds."""
+    from datetime import datetime
+
+    head, _, frac = docker_time.rstrip("Z").partition(".")
+    stamp = datetime.fromisoformat(head + "+00:00").timestamp() + float(f"0.{frac or 0}")
+    return time.time() - stamp
+
+
 def exists(docker_client: Any, container_id: str) -> bool:
     import docker.errors
 

@@ -176,7 +176,7 @@ def test_the_pool_refills_to_min_warm_after_jobs(
 def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
         ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
     artifact = ph.payload_pickle(tmp_path / "slow.pkl",
-                                 ph.sleep_then_succeed_source(8.0, tensor="survived"))
+                                 ph.sleep_then_succeed_source(12.0, tensor="survived"))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
         convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
@@ -184,7 +184,7 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
     try:
         # The job holds one container; its pool has started a replacement meanwhile.
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
-                    and s.starting == 0, 20, "the slow job to run with a warm spare",
+                    and s.starting == 0, 10, "the slow job to run with a warm spare",
                     lambda: str(ready.status()))
         in_flight = [c for c in ph.containers_of(docker_client, ready.identity)
                      if not ph.is_idle(c, ready.spool)]
@@ -320,10 +320,11 @@ def _status_json(broker: PoolBroker) -> dict[str, dict[str, Any]]:
     return {p["profile"]: p for p in json.loads(done.stdout)["pools"]}
 
 
-def _agreeing_snapshot(broker: PoolBroker, docker_client: Any,
+def _agreeing_snapshot(broker: PoolBroker, docker_client: Any, busy: int,
                        ) -> tuple[dict[str, dict[str, Any]], dict[str, int]] | None:
-    """Status, Docker's counts, status again: returned only if no number moved in between and
-    no container is half-started (counted by the broker before Docker may have it)."""
+    """Status, Docker's counts, status again: returned only if no number moved in between, no
+    container is half-started (counted by the broker before Docker may have it) and the
+    sklearn pool has ``busy`` jobs."""
     def numbers(status: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
         return {k: (p["warm"], p["busy"], p["starting"], p["served_warm"], p["served_cold"])
                 for k, p in status.items()}
@@ -331,7 +332,8 @@ def _agreeing_snapshot(broker: PoolBroker, docker_client: Any,
     first = _status_json(broker)
     counts = ph.count_by_profile(docker_client, broker.identity)
     again = _status_json(broker)
-    if numbers(first) != numbers(again) or any(p["starting"] for p in first.values()):
+    if numbers(first) != numbers(again) or any(p["starting"] for p in first.values()) \
+            or first["sklearn"]["busy"] != busy:
         return None
     return first, counts
 
@@ -341,27 +343,33 @@ def test_the_status_commands_numbers_match_what_docker_reports(
     image_id = docker_client.api.inspect_image(IMAGE)["Id"]
 
     def check(expect_busy: int) -> None:
-        status, counts = ph.wait_for(lambda: _agreeing_snapshot(ready, docker_client), 30,
-                                     "a stable status snapshot")
+        status, counts = ph.wait_for(
+            lambda: _agreeing_snapshot(ready, docker_client, expect_busy), 10,
+            f"a stable status snapshot with {expect_busy} busy", lambda: str(ready.status()))
         for profile, p in status.items():
             assert p["warm"] + p["starting"] + p["busy"] == counts.get(profile, 0), (
                 profile, p, counts)
             assert p["image_id"] == image_id and p["runtime"] == "runc"
             assert p["draining"] is False and p["warm"] == 1
-        assert status["sklearn"]["busy"] == expect_busy
         running = {c.labels[ph.LABEL_PROFILE]
                    for c in ph.containers_of(docker_client, ready.identity, running_only=True)}
         assert running == set(ALL)
+        # The age of the oldest warm container, against Docker's start time (seconds apart).
+        for container in ph.containers_of(docker_client, ready.identity):
+            if ph.is_idle(container, ready.spool):
+                age = ph.seconds_since(container.attrs["State"]["StartedAt"])
+                oldest = status[container.labels[ph.LABEL_PROFILE]]["oldest_warm_seconds"]
+                assert abs(age - oldest) < 5, (container.short_id, age, oldest)
 
     check(expect_busy=0)
-    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(5.0))
+    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(12.0))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
         convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
     job.start()
     try:
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
-                    and s.starting == 0, 20, "the job to run with a warm spare")
+                    and s.starting == 0, 10, "the job to run with a warm spare")
         check(expect_busy=1)
         human = run_cli("pool", "status", server=ready.address, timeout=60)
         assert human.returncode == 0 and "sklearn" in human.stdout and "runc" in human.stdout
