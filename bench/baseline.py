@@ -16,7 +16,7 @@ type, options and opsets; safetensors of a weights-only load) minus what only Ai
 
 from __future__ import annotations
 
-import pickle  # noqa: S403 - see the module docstring: benchmark-generated files only
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ def _to_onnx_bytes(model: Any) -> bytes:
 def pickle_to_onnx(path: Path) -> bytes:
     """UNSAFE: ``pickle.load`` of a benchmark-generated sklearn pickle, then skl2onnx."""
     with path.open("rb") as fh:
-        model = pickle.load(fh)  # noqa: S301 - benchmark-generated file, see the docstring
+        model = pickle.load(fh)
     return _to_onnx_bytes(model)
 
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock_client import Client
 from bench import host
+from bench.containers import profile_of, running_containers
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRLOCK = ROOT / ".venv" / "bin" / "airlock"
@@ -91,13 +92,12 @@ class RssSampler:
 def proc_status(pid: int) -> dict[str, int]:
     """The ``kB`` fields of /proc/<pid>/status, in bytes."""
     out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    out[key] = int(parts[0]) * 1024
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * 1024
     return out
 
 
@@ -126,6 +126,9 @@ class Broker:
         self.log_level = log_level
         self.process: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
+        self._identity = ""
+        #: container id -> (profile, CPU-seconds when first seen idle and warm)
+        self.warm_cpu: dict[str, tuple[str, float]] = {}
 
     @property
     def pid(self) -> int:
@@ -174,14 +177,13 @@ class Broker:
 
     @property
     def identity(self) -> str:
-        return host.broker_identity(self.pid)
+        if not self._identity:
+            self._identity = host.broker_identity(self.pid)
+        return self._identity
 
     def containers(self) -> list[str]:
         """Ids of the running containers this broker started."""
-        out = subprocess.run(["docker", "ps", "-q", "--no-trunc", "--filter",
-                              f"label=airlock.broker={self.identity}"],
-                             capture_output=True, text=True, check=False, timeout=60)
-        return out.stdout.split()
+        return running_containers(self.identity)
 
     def wait_ready(self, timeout: float = 300.0, quiet_cpu: float = 0.02,
                    window: float = 0.3) -> float:
@@ -199,8 +201,19 @@ class Broker:
                     and before[c] is not None and after - before[c] >= quiet_cpu]
             if not busy:
                 self.wait_pools_full(timeout)
+                # What each idle warm container cost to get there: start + imports (the
+                # first reading only: idle polling adds ~1% of a CPU afterwards).
+                for c in ids:
+                    if c not in self.warm_cpu and (cpu := host.container_cpu(c)) is not None:
+                        self.warm_cpu[c] = (profile_of(c), cpu)
                 return time.monotonic() - began
         raise BenchError(f"warm containers still busy after {timeout:g} s")
+
+    def warm_cpu_by_profile(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for profile, cpu in self.warm_cpu.values():
+            out.setdefault(profile, []).append(round(cpu, 3))
+        return out
 
     def pool_counters(self) -> dict[str, dict[str, int]]:
         assert self.client is not None

@@ -1,0 +1,557 @@
+"""``python -m bench.run [--quick] [--out bench-results/latest.json]``
+
+Airlock against the unsafe in-process baseline (issue 3), both measured in this run, on
+models generated here. Prints one table, writes every figure and raw sample as JSON.
+
+  S1  small sklearn pipeline pickle -> ONNX, warm pool: p50/p95, overhead over in-process
+  S2  RandomForest(100 trees) joblib -> ONNX, warm pool: same
+  S3  400 MiB PyTorch state dict -> safetensors: end-to-end / in-process (median of 3)
+  S4  100 small conversions at concurrency 4, a fresh container each: conversions/min and
+      CPU-seconds per container start (whole machine, from /proc/stat), with a breakdown
+  S5  broker peak RSS during S3 (VmRSS sampled every 20 ms)
+  S6  cold path (a second broker, pools off) for S1, against a plain ``docker run`` of the
+      sandbox image importing the sklearn profile's modules
+
+"Warm pool" means what it says: before each timed request the benchmark waits until the
+broker reports its pools full *and* every warm container has finished importing (its cgroup
+is idle), and the in-process baseline is timed under the same conditions, just before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from airlock_client import Client, ConversionError
+from bench import baseline, host
+from bench.broker import BenchError, Broker, RssSampler, leftover_containers, proc_status
+from bench.containers import ContainerCpuTracker, all_containers_cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "airlock-sandbox:latest"
+RUNTIME = "runc"
+MiB = 1024 * 1024
+
+TARGETS = {
+    "S1": ("overhead p50 <= 60 ms", lambda r: r["overhead_p50_ms"] <= 60),
+    "S2": ("overhead p50 <= 100 ms", lambda r: r["overhead_p50_ms"] <= 100),
+    "S3": ("ratio <= 2.5x", lambda r: r["ratio"] <= 2.5),
+    "S4": (">= 60 conv/min", lambda r: r["conversions_per_minute"] >= 60),
+    "S5": ("peak <= 150 MiB", lambda r: r["peak_rss_mib"] <= 150),
+    "S6": ("ratio <= 1.2x", lambda r: r["ratio"] <= 1.2),
+}
+
+#: The broker for S1-S5: warm pools for the two profiles these scenarios use.
+WARM_CONFIG: dict[str, dict[str, Any]] = {
+    "broker": {"max_concurrent_jobs": 4, "max_queued_jobs": 16},
+    "sandbox": {"runtime": RUNTIME, "image": IMAGE},
+    "pools": {"min_warm": 2, "max_warm": 4, "max_starting": 2,
+              "profiles": ["sklearn", "torch"]},
+}
+#: The broker for S6: pools off, every job takes the cold path.
+COLD_CONFIG: dict[str, dict[str, Any]] = {
+    "broker": {"max_concurrent_jobs": 4, "max_queued_jobs": 16},
+    "sandbox": {"runtime": RUNTIME, "image": IMAGE},
+    "pools": {"min_warm": 0},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    s1: int
+    s2: int
+    s3: int
+    s4: int
+    s6: int
+    concurrency: int = 4
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Plan:
+        return cls(s1=10, s2=10, s3=1, s4=20, s6=5) if quick else cls(
+            s1=30, s2=30, s3=3, s4=100, s6=10)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(samples: list[float], q: float) -> float:
+    """Percentile with linear interpolation between closest ranks (q in 0..100)."""
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def ms(seconds: list[float]) -> list[float]:
+    return [round(s * 1000, 2) for s in seconds]
+
+
+def sklearn_profile_imports() -> list[str]:
+    """The sklearn profile's import list, read (not imported) from the worker's source, so the
+    plain ``docker run`` of S6 always mirrors what a warm container imports."""
+    source = (ROOT / "sandbox" / "airlock_worker" / "profiles.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.AnnAssign | ast.Assign) and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values, strict=True):
+                if isinstance(key, ast.Name) and key.id == "PROFILE_SKLEARN":
+                    return [str(ast.literal_eval(v)) for v in value.elts]  # type: ignore[attr-defined]
+    raise BenchError("cannot find the sklearn profile in sandbox/airlock_worker/profiles.py")
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def convert(client: Client, artifact: Path, output: Path, **kw: Any) -> tuple[float, Any]:
+    began = time.perf_counter()
+    result = client.convert(artifact, output, **kw)
+    return time.perf_counter() - began, result
+
+
+def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], bytes], n: int,
+                     out: Path) -> dict[str, Any]:
+    """S1 / S2: n requests, each on a ready warm pool, each next to one in-process run."""
+    assert broker.client is not None
+    broker.wait_ready()
+    warmup_base, _ = baseline.timed(base, artifact)  # first call pays one-off costs
+    warmup_air, _ = convert(broker.client, artifact, out)
+    counters0 = broker.pool_counters()
+    air: list[float] = []
+    broker_job: list[float] = []
+    base_s: list[float] = []
+    ready_wait: list[float] = []
+    for _ in range(n):
+        ready_wait.append(broker.wait_ready())
+        elapsed, onnx = baseline.timed(base, artifact)
+        base_s.append(elapsed)
+        elapsed, result = convert(broker.client, artifact, out)
+        if result.format != "onnx" or not all(p.passed for p in result.report.parity):
+            raise BenchError(f"unexpected result: {result}")
+        air.append(elapsed)
+        broker_job.append(result.duration_seconds)
+    counters1 = broker.pool_counters()
+    p50, p95 = pct(air, 50), pct(air, 95)
+    b50, b95 = pct(base_s, 50), pct(base_s, 95)
+    return {
+        "n": n,
+        "artifact_bytes": artifact.stat().st_size,
+        "output_bytes": out.stat().st_size,
+        "baseline_output_bytes": len(onnx),
+        "airlock_p50_ms": round(p50 * 1000, 1), "airlock_p95_ms": round(p95 * 1000, 1),
+        "baseline_p50_ms": round(b50 * 1000, 1), "baseline_p95_ms": round(b95 * 1000, 1),
+        "overhead_p50_ms": round((p50 - b50) * 1000, 1),
+        "overhead_p95_ms": round((p95 - b95) * 1000, 1),
+        "broker_job_p50_ms": round(pct(broker_job, 50) * 1000, 1),
+        "served_warm": sum(counters1[p]["served_warm"] - counters0[p]["served_warm"]
+                           for p in counters1),
+        "served_cold": sum(counters1[p]["served_cold"] - counters0[p]["served_cold"]
+                           for p in counters1),
+        "samples": {"airlock_ms": ms(air), "baseline_ms": ms(base_s),
+                    "broker_job_ms": ms(broker_job), "ready_wait_ms": ms(ready_wait),
+                    "warmup_airlock_ms": round(warmup_air * 1000, 1),
+                    "warmup_baseline_ms": round(warmup_base * 1000, 1)},
+    }
+
+
+def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tuple[dict[str, Any],
+                                                                                   dict[str, Any]]:
+    """S3 and S5: the 400 MiB state dict, in-process and through Airlock, RSS sampled."""
+    assert broker.client is not None
+    air: list[float] = []
+    base_s: list[float] = []
+    broker_job: list[float] = []
+    broker_peaks: list[int] = []
+    base_peaks: list[int] = []
+    rss_traces: list[list[tuple[float, int]]] = []
+    idle_rss = proc_status(broker.pid).get("VmRSS", 0)
+    for i in range(runs):
+        broker.wait_ready()
+        base_out = work / f"baseline-{i}.safetensors"
+        before = proc_status(os.getpid()).get("VmRSS", 0)
+        with RssSampler(os.getpid()) as own:
+            elapsed, size = baseline.timed(baseline.state_dict_to_safetensors, artifact, base_out)
+        base_s.append(elapsed)
+        base_peaks.append(own.peak - before)
+        base_out.unlink()
+        broker.wait_ready()
+        out = work / f"airlock-{i}.safetensors"
+        with RssSampler(broker.pid) as sampler:
+            elapsed, result = convert(broker.client, artifact, out)
+        if result.format != "safetensors":
+            raise BenchError(f"unexpected result: {result}")
+        air.append(elapsed)
+        broker_job.append(result.duration_seconds)
+        broker_peaks.append(sampler.peak)
+        rss_traces.append(sampler.samples)
+        out_size = out.stat().st_size
+        out.unlink()
+    hwm = proc_status(broker.pid).get("VmHWM", 0)
+    med_air, med_base = statistics.median(air), statistics.median(base_s)
+    s3 = {
+        "runs": runs, "artifact_bytes": artifact.stat().st_size, "output_bytes": out_size,
+        "baseline_output_bytes": size,
+        "airlock_median_s": round(med_air, 3), "baseline_median_s": round(med_base, 3),
+        "ratio": round(med_air / med_base, 2),
+        "broker_job_median_s": round(statistics.median(broker_job), 3),
+        "samples": {"airlock_s": [round(x, 3) for x in air],
+                    "baseline_s": [round(x, 3) for x in base_s],
+                    "broker_job_s": [round(x, 3) for x in broker_job]},
+    }
+    s5 = {
+        "peak_rss_mib": round(max(broker_peaks) / MiB, 1),
+        "idle_rss_mib": round(idle_rss / MiB, 1),
+        "vmhwm_mib_after_s3": round(hwm / MiB, 1),
+        "baseline_peak_rss_growth_mib": round(max(base_peaks) / MiB, 1),
+        "sample_interval_s": 0.02,
+        "samples": {"peak_rss_mib_per_run": [round(p / MiB, 1) for p in broker_peaks],
+                    "baseline_growth_mib_per_run": [round(p / MiB, 1) for p in base_peaks],
+                    "rss_trace_mib": [[(t, round(r / MiB, 1)) for t, r in trace[::5]]
+                                      for trace in rss_traces]},
+    }
+    return s3, s5
+
+
+def throughput_scenario(broker: Broker, artifact: Path, jobs: int, concurrency: int,
+                        work: Path) -> dict[str, Any]:
+    """S4: ``jobs`` conversions from ``concurrency`` threads, one Client each."""
+    broker.wait_ready()
+    counters0 = broker.pool_counters()
+    daemons = host.pids_named("dockerd", "containerd")
+    remaining = list(range(jobs))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    finished: list[float] = []
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        with Client(broker.address) as client:
+            while True:
+                with lock:
+                    if not remaining:
+                        return
+                    i = remaining.pop()
+                try:
+                    elapsed, _ = convert(client, artifact, work / f"s4-{k}.onnx")
+                except ConversionError as exc:
+                    with lock:
+                        errors.append(f"{exc.reason}: {exc}")
+                    continue
+                with lock:
+                    latencies.append(elapsed)
+                    finished.append(time.perf_counter())
+                del i
+
+    busy0, total0 = host.host_cpu()
+    broker0 = host.pid_cpu(broker.pid)
+    self0 = host.self_cpu()
+    daemons0 = {n: host.pid_cpu(p) for n, p in daemons.items()}
+    all0 = all_containers_cpu()
+    with ContainerCpuTracker(broker.identity) as tracker:
+        began = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        # Back to the state we started from (pools full and idle): every replacement
+        # container's start is inside the CPU window, so CPU / jobs = CPU per container start.
+        refill = broker.wait_ready()
+    busy1, total1 = host.host_cpu()
+    all1 = all_containers_cpu()
+    done = len(latencies)
+    per = 1 / max(done, 1)
+    host_busy = busy1 - busy0
+    breakdown = {
+        "containers_of_this_broker": tracker.cpu_seconds,
+        "broker_process": host.pid_cpu(broker.pid) - broker0,
+        "bench_process_clients": host.self_cpu() - self0,
+        **{f"{n}_daemon": host.pid_cpu(p) - daemons0[n] for n, p in daemons.items()},
+    }
+    breakdown["other_containers"] = max(0.0, (all1 - all0) - tracker.cpu_seconds)
+    breakdown["rest_shims_runc_kernel_other_tenants"] = host_busy - sum(breakdown.values())
+    counters1 = broker.pool_counters()
+    # In-process: the same conversions, one after another (the GIL makes threads moot).
+    base_began = time.perf_counter()
+    for _ in range(jobs):
+        baseline.pickle_to_onnx(artifact)
+    base_wall = time.perf_counter() - base_began
+    return {
+        "jobs": jobs, "completed": done, "errors": errors[:10], "concurrency": concurrency,
+        "conversions_per_minute": round(done / wall * 60, 1),
+        "conversions_per_minute_incl_refill": round(done / (wall + refill) * 60, 1),
+        "wall_s": round(wall, 2), "refill_after_s": round(refill, 2),
+        "host_cpu_s_per_container_start": round(host_busy * per, 3),
+        "host_cpu_share": round(host_busy / max(total1 - total0, 1e-9), 3),
+        "cpu_s_per_container_start_breakdown": {k: round(v * per, 3)
+                                                for k, v in breakdown.items()},
+        "containers_seen": tracker.containers,
+        "warm_container_cpu_s_mean": {p: round(statistics.mean(v), 3) for p, v in
+                                      broker.warm_cpu_by_profile().items()},
+        "broker_cpu_s_total": round(breakdown["broker_process"], 2),
+        "latency_p50_ms": round(pct(latencies, 50) * 1000, 1) if latencies else None,
+        "latency_p95_ms": round(pct(latencies, 95) * 1000, 1) if latencies else None,
+        "baseline_conversions_per_minute": round(jobs / base_wall * 60, 1),
+        "served_warm": sum(counters1[p]["served_warm"] - counters0[p]["served_warm"]
+                           for p in counters1),
+        "served_cold": sum(counters1[p]["served_cold"] - counters0[p]["served_cold"]
+                           for p in counters1),
+        "samples": {"latency_ms": ms(latencies),
+                    "finished_at_s": [round(t - began, 3) for t in sorted(finished)]},
+    }
+
+
+def plain_docker_run(imports: list[str]) -> list[str]:
+    return ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3", IMAGE,
+            "-c", "import " + ", ".join(imports)]
+
+
+def cold_scenario(broker: Broker, artifact: Path, base: Callable[[Path], bytes], n: int,
+                  out: Path) -> dict[str, Any]:
+    """S6: cold path (no pools) vs a plain ``docker run`` with the same imports, alternating."""
+    assert broker.client is not None
+    imports = sklearn_profile_imports()
+    cmd = plain_docker_run(imports)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)  # untimed warm-up
+    convert(broker.client, artifact, out)
+    air: list[float] = []
+    plain: list[float] = []
+    plain_cpu: list[float] = []
+    base_s: list[float] = []
+    broker_job: list[float] = []
+    for _ in range(n):
+        busy0, _ = host.host_cpu()
+        began = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        plain.append(time.perf_counter() - began)
+        plain_cpu.append(host.host_cpu()[0] - busy0)
+        base_s.append(baseline.timed(base, artifact)[0])
+        elapsed, result = convert(broker.client, artifact, out)
+        air.append(elapsed)
+        broker_job.append(result.duration_seconds)
+    counters = broker.pool_counters()
+    p50, plain50 = pct(air, 50), pct(plain, 50)
+    return {
+        "n": n, "plain_command": shlex.join(cmd),
+        "airlock_p50_ms": round(p50 * 1000, 1), "airlock_p95_ms": round(pct(air, 95) * 1000, 1),
+        "plain_docker_run_p50_ms": round(plain50 * 1000, 1),
+        "plain_docker_run_p95_ms": round(pct(plain, 95) * 1000, 1),
+        "ratio": round(p50 / plain50, 2),
+        "in_process_p50_ms": round(pct(base_s, 50) * 1000, 1),
+        "broker_job_p50_ms": round(pct(broker_job, 50) * 1000, 1),
+        "plain_docker_run_host_cpu_s_median": round(statistics.median(plain_cpu), 3),
+        "served_cold": sum(c["served_cold"] for c in counters.values()),
+        "samples": {"airlock_ms": ms(air), "plain_docker_run_ms": ms(plain),
+                    "plain_docker_run_host_cpu_s": [round(c, 3) for c in plain_cpu],
+                    "baseline_ms": ms(base_s), "broker_job_ms": ms(broker_job)},
+    }
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+
+    def add(sid: str, name: str, airlock: str, base: str, overhead: str) -> None:
+        target, check = TARGETS[sid]
+        r = results.get(sid)
+        verdict = "n/a" if r is None or "error" in r else ("met" if check(r) else "MISSED")
+        out.append({"scenario": f"{sid} {name}", "airlock": airlock, "baseline": base,
+                    "overhead/ratio": overhead, "target": target, "verdict": verdict})
+
+    def get(sid: str) -> dict[str, Any] | None:
+        r = results.get(sid)
+        return None if r is None or "error" in r else r
+
+    for sid, name in (("S1", "sklearn pipeline pickle -> ONNX"),
+                      ("S2", "RandomForest(100) joblib -> ONNX")):
+        r = get(sid)
+        add(sid, name,
+            f"p50 {r['airlock_p50_ms']:.0f} ms, p95 {r['airlock_p95_ms']:.0f} ms" if r else "error",
+            f"p50 {r['baseline_p50_ms']:.1f} ms, p95 {r['baseline_p95_ms']:.1f} ms" if r else "",
+            f"+{r['overhead_p50_ms']:.0f} ms (p50)" if r else "")
+    r = get("S3")
+    add("S3", "400 MiB state dict -> safetensors",
+        f"{r['airlock_median_s']:.2f} s (median of {r['runs']})" if r else "error",
+        f"{r['baseline_median_s']:.2f} s" if r else "", f"{r['ratio']:.2f}x" if r else "")
+    r = get("S4")
+    add("S4", f"throughput, {r['jobs'] if r else '?'} jobs @ concurrency 4",
+        f"{r['conversions_per_minute']:.0f} conv/min, "
+        f"{r['host_cpu_s_per_container_start']:.2f} CPU-s/start" if r else "error",
+        f"{r['baseline_conversions_per_minute']:.0f} conv/min in-process" if r else "",
+        f"{r['baseline_conversions_per_minute'] / max(r['conversions_per_minute'], 1e-9):.0f}x"
+        " slower" if r else "")
+    r = get("S5")
+    add("S5", "broker peak RSS during S3",
+        f"{r['peak_rss_mib']:.0f} MiB (idle {r['idle_rss_mib']:.0f})" if r else "error",
+        f"+{r['baseline_peak_rss_growth_mib']:.0f} MiB in-process" if r else "", "")
+    r = get("S6")
+    add("S6", "cold path (pools off), S1 model",
+        f"p50 {r['airlock_p50_ms']:.0f} ms" if r else "error",
+        f"docker run p50 {r['plain_docker_run_p50_ms']:.0f} ms" if r else "",
+        f"{r['ratio']:.2f}x" if r else "")
+    return out
+
+
+def render(table: list[dict[str, str]]) -> str:
+    cols = ["scenario", "airlock", "baseline", "overhead/ratio", "target", "verdict"]
+    heads = ["scenario", "Airlock", "baseline (unsafe in-process)", "overhead/ratio", "target",
+             "verdict"]
+    widths = [max(len(h), *(len(r[c]) for r in table)) for c, h in zip(cols, heads, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)) for r in table]
+    return "\n".join([line, sep, *body])
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def run_guarded(results: dict[str, Any], sid: str, fn: Callable[[], Any]) -> None:
+    began = time.monotonic()
+    try:
+        results[sid] = fn()
+    except Exception as exc:
+        log(f"{sid} failed: {exc}")
+        results[sid] = {"error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc()[-4000:]}
+    if isinstance(results[sid], dict):
+        results[sid]["scenario_wall_s"] = round(time.monotonic() - began, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples (S1/S2 10, S3 1, S4 20, S6 5): about 3 minutes")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "latest.json")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    plan = Plan.for_mode(args.quick)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if os.geteuid() != 0:
+        print("bench: the broker must run as root (it mounts each job's output tmpfs)",
+              file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    log("importing the baseline's libraries")
+    baseline.import_libraries()
+    from tests.fixtures import models  # after the imports: it imports them lazily
+
+    quiet = host.busy_fraction(2.0)
+    if quiet > 0.15:
+        log(f"warning: the machine is {quiet:.0%} busy before the run; figures will be noisy")
+    work = Path(tempfile.mkdtemp(prefix="airlock-bench-"))
+    results: dict[str, Any] = {}
+    problems: list[str] = []
+    doc: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "plan": plan.__dict__,
+        "machine": host.machine(IMAGE, RUNTIME),
+        "machine_busy_before_run": round(quiet, 3),
+        "configs": {"warm": WARM_CONFIG, "cold": COLD_CONFIG},
+        "scenarios": results,
+    }
+    try:
+        log(f"generating models in {work}")
+        small, _ = models.make_sklearn_pickle(work / "models")
+        forest, _ = models.make_random_forest_joblib(work / "models")
+        big, _ = models.make_large_state_dict(work / "models" / "large.pt", size_mb=400)
+
+        warm = Broker(work, "warm", WARM_CONFIG)
+        try:
+            log("starting the warm broker and waiting for its pools")
+            warm.start()
+            log(f"pools ready after {warm.wait_ready():.1f} s")
+            log(f"S1: {plan.s1} small pickles")
+            run_guarded(results, "S1", lambda: latency_scenario(
+                warm, small, baseline.pickle_to_onnx, plan.s1, work / "s1.onnx"))
+            log(f"S2: {plan.s2} random forests")
+            run_guarded(results, "S2", lambda: latency_scenario(
+                warm, forest, baseline.joblib_to_onnx, plan.s2, work / "s2.onnx"))
+            log(f"S3/S5: {plan.s3} x 400 MiB state dict")
+            pair: dict[str, Any] = {}
+            run_guarded(pair, "S3S5", lambda: large_scenario(warm, big, plan.s3, work))
+            if "error" in pair["S3S5"]:
+                results["S3"] = results["S5"] = pair["S3S5"]
+            else:
+                results["S3"], results["S5"] = pair["S3S5"]
+            log(f"S4: {plan.s4} conversions at concurrency {plan.concurrency}")
+            run_guarded(results, "S4", lambda: throughput_scenario(
+                warm, small, plan.s4, plan.concurrency, work))
+        finally:
+            doc["warm_container_cpu_s"] = warm.warm_cpu_by_profile() if warm.process else {}
+            problems += stop_and_check(warm, "warm")
+
+        cold = Broker(work, "cold", COLD_CONFIG)
+        try:
+            log("starting the cold broker (pools off)")
+            cold.start()
+            log(f"S6: {plan.s6} cold conversions and plain docker runs")
+            run_guarded(results, "S6", lambda: cold_scenario(
+                cold, small, baseline.pickle_to_onnx, plan.s6, work / "s6.onnx"))
+        finally:
+            problems += stop_and_check(cold, "cold")
+    finally:
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+        else:
+            log(f"kept {work}")
+
+    table = rows(results)
+    doc["table"] = table
+    doc["problems"] = problems
+    doc["duration_s"] = round(time.monotonic() - started, 1)
+    doc["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    m = doc["machine"]
+    print()
+    print(f"Airlock benchmark ({doc['mode']}), {m['date']}: {m['nproc']} cores "
+          f"{m['cpu_model']}, {m['memory_bytes'] / 1024**3:.0f} GiB, kernel {m['kernel']}, "
+          f"Docker {m['docker_version']} ({RUNTIME}), image {m['image_id'][7:19]}")
+    print(render(table))
+    print(f"\nraw figures: {args.out}  ({doc['duration_s']:.0f} s; machine "
+          f"{quiet:.0%} busy before the run)")
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    errors = [sid for sid, r in results.items() if "error" in r]
+    return 1 if problems or errors else 0
+
+
+def stop_and_check(broker: Broker, name: str) -> list[str]:
+    """SIGTERM the broker; it must exit 0 and leave none of its containers behind."""
+    problems: list[str] = []
+    if broker.process is None:
+        return problems
+    identity = broker.identity if broker.process.poll() is None else broker._identity
+    code = broker.stop()
+    if code != 0:
+        problems.append(f"{name} broker exited with {code}; log: {broker.log}")
+    time.sleep(0.5)
+    left = [c for c in leftover_containers() if identity and identity in c]
+    if left:
+        problems.append(f"{name} broker left containers behind: {left}")
+    return problems
+
+
+if __name__ == "__main__":
+    sys.exit(main())
