@@ -18,6 +18,8 @@ from airlock_client._types import (
     ConversionResult,
     ParityCheck,
     PoolStatus,
+    SelfTestCheck,
+    SelfTestReport,
     TensorSpec,
 )
 
@@ -31,6 +33,8 @@ __all__ = [
     "IntegrityError",
     "ParityCheck",
     "PoolStatus",
+    "SelfTestCheck",
+    "SelfTestReport",
     "ServiceUnavailable",
     "TensorSpec",
     "default_address",

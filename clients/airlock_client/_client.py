@@ -30,6 +30,8 @@ from airlock_client._types import (
     DeclaredFormat,
     LoadingPolicy,
     PoolStatus,
+    SelfTestCheck,
+    SelfTestReport,
     Target,
     TensorSpec,
 )
@@ -65,7 +67,7 @@ class Client:
         self._channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         self._stub = pb_grpc.ConversionServiceStub(self._channel)
-        self._admin = pb_grpc.PoolAdminStub(self._channel)
+        self._admin = pb_grpc.AdminServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -130,9 +132,17 @@ class Client:
     def resume_pools(self) -> None:
         self._admin_call(self._admin.ResumePools, pb.ResumePoolsRequest())
 
-    def _admin_call(self, method: Any, request: Any) -> Any:
+    def selftest(self) -> SelfTestReport:
+        """Run the broker's isolation probe in a fresh sandbox now and return the checklist."""
+        reply = self._admin_call(self._admin.RunSelfTest, pb.RunSelfTestRequest(), timeout=180)
+        return SelfTestReport(
+            passed=reply.passed, runtime=reply.runtime, image_id=reply.image_id,
+            checks=tuple(SelfTestCheck(c.name, c.passed, c.detail, c.source, c.waived)
+                         for c in reply.checks))
+
+    def _admin_call(self, method: Any, request: Any, timeout: float = 30) -> Any:
         try:
-            return method(request, timeout=30)
+            return method(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
 

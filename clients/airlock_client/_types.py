@@ -81,3 +81,20 @@ class PoolStatus:
     image_id: str
     runtime: str
     draining: bool
+
+
+@dataclass(frozen=True)
+class SelfTestCheck:
+    name: str
+    passed: bool
+    detail: str
+    source: str  # "sandbox" (observed inside the probe) or "config" (read from the engine)
+    waived: str = ""  # why a failed check is accepted on this runtime
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    passed: bool
+    checks: tuple[SelfTestCheck, ...]
+    runtime: str
+    image_id: str

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     pool.add_argument("--json", action="store_true", help="print JSON on stdout")
 
+    selftest = sub.add_parser("selftest", help="run the isolation self-test on the broker")
+    selftest.add_argument("--server", default=None,
+                          help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    selftest.add_argument("--json", action="store_true", help="print JSON on stdout")
+
     convert = sub.add_parser("convert", help="convert one artifact")
     convert.add_argument("input", type=Path, help="the artifact (pickle, joblib, PyTorch, ...)")
     convert.add_argument("-o", "--output", type=Path, default=None,
@@ -95,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "pool":
         return _pool(args)
+    if args.command == "selftest":
+        return _selftest(args)
     return _convert(args)
 
 
@@ -124,6 +131,29 @@ def _pool(args: argparse.Namespace) -> int:
         print(f"airlock pool: {exc.reason}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.server or default_address(), retry_attempts=1) as client:
+            report = client.selftest()
+    except ServiceUnavailable as exc:
+        print(f"airlock selftest: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ConversionError as exc:
+        print(f"airlock selftest: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        for check in report.checks:
+            mark = "ok  " if check.passed else "WAIV" if check.waived else "FAIL"
+            print(f"[{mark}] {check.name:<22} {check.source:<8} {check.detail}")
+            if check.waived and not check.passed:
+                print(f"       waived: {check.waived}")
+        verdict = "passed" if report.passed else "FAILED"
+        print(f"self-test {verdict} (runtime {report.runtime}, image {report.image_id[:19]})")
+    return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _say(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:

@@ -68,6 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=OUT_DIR)
     parser.add_argument("--wait-seconds", type=float, default=WARM_WAIT_SECONDS,
                         help=argparse.SUPPRESS)  # for development only
+    parser.add_argument("--selftest", action="store_true",
+                        help="probe this sandbox's confinement instead of running a job")
     parser.add_argument("--verbose", action="store_true",
                         help="keep library output and tracebacks (development only)")
     return parser.parse_args(argv)
@@ -85,6 +87,10 @@ def _silence() -> TextIO:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.selftest:
+        from . import selftest
+
+        return selftest.run(args.out_dir)
     console = sys.stderr if args.verbose else _silence()
     if not args.verbose:
         warnings.simplefilter("ignore")

@@ -1,20 +1,39 @@
-"""The PoolAdmin servicer: thin wrappers over ``Pools`` for operators."""
+"""The AdminService servicer: thin wrappers over ``Pools`` and the self-test, for operators."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_status import rpc_status
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.errors import AirlockError
+from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.pools import Pools
+from airlock_broker.sandbox import SandboxUnavailable
+from airlock_broker.selftest import SelfTestReport
 from airlock_broker.wire import status_of
 
 
-class PoolAdminServicer(pb_grpc.PoolAdminServicer):
-    def __init__(self, pools: Pools) -> None:
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, pools: Pools, selftest: Callable[[], Awaitable[SelfTestReport]]) -> None:
         self.pools = pools
+        self.selftest = selftest
+
+    async def RunSelfTest(
+        self, request: pb.RunSelfTestRequest,
+        context: grpc.aio.ServicerContext[pb.RunSelfTestRequest, pb.RunSelfTestResponse],
+    ) -> pb.RunSelfTestResponse:
+        try:
+            report = await self.selftest()
+        except SandboxUnavailable as exc:
+            err = error(Reason.SANDBOX_UNAVAILABLE, str(exc))
+            await context.abort_with_status(rpc_status.to_status(status_of(err, "")))
+        return pb.RunSelfTestResponse(
+            passed=report.passed, runtime=report.runtime, image_id=report.image_id,
+            checks=[pb.SelfTestCheck(name=c.name, passed=c.passed, detail=c.detail,
+                                     source=c.source, waived=c.waived) for c in report.checks])
 
     async def GetPoolStatus(
         self, request: pb.GetPoolStatusRequest,

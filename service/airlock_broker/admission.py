@@ -20,6 +20,8 @@ class Admission:
         self._admitted = 0
         self._running = asyncio.Semaphore(max_running)
         self.draining = False
+        #: Why the broker must not serve yet (the isolation self-test failed), or None.
+        self.unready: str | None = None
 
     @property
     def admitted(self) -> int:
@@ -31,6 +33,8 @@ class Admission:
         """Hold a place in the broker for the whole request, or raise BUSY / UNAVAILABLE."""
         if self.draining:
             raise error(Reason.SANDBOX_UNAVAILABLE, "the broker is shutting down")
+        if self.unready is not None:
+            raise error(Reason.SANDBOX_UNAVAILABLE, self.unready)
         if self._admitted >= self.max_running + self.max_waiting:
             raise error(Reason.BUSY, f"{self._admitted} jobs in progress, the limit is "
                                      f"{self.max_running + self.max_waiting}; retry later")

@@ -60,6 +60,8 @@ class BrokerConfig:
     shutdown_drain_seconds: float = 2.0
     #: Then: how long jobs in flight may take to finish before they are cancelled.
     shutdown_grace_seconds: float = 30.0
+    #: Run the isolation self-test before serving (health stays NOT_SERVING until it passes).
+    selftest_on_start: bool = True
     #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
     audit_log: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)

@@ -68,14 +68,14 @@ def _is_alive(identity: str) -> bool:
 
 
 def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
-                  labels: dict[str, str]) -> dict[str, Any]:
+                  labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
     """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
     security_opt = list(policy.security_opts)
     if policy.no_new_privileges:
         security_opt.append("no-new-privileges")
     return {
         "image": policy.image,
-        "command": ["--profile", profile],
+        "command": ["--selftest"] if selftest else ["--profile", profile],
         "user": policy.user,
         "labels": labels,
         "detach": True,
@@ -159,7 +159,12 @@ class DockerSandbox:
     def image_id(self) -> str:
         return self._image_id
 
-    async def prepare(self, profile: str) -> Slot:
+    async def inspect(self, slot: Slot) -> dict[str, Any]:
+        info: dict[str, Any] = await self._call(self.client.api.inspect_container,
+                                                slot.container_id)
+        return info
+
+    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
         slot_id = uuid.uuid4().hex
         try:
             workspace = JobWorkspace.create(self.spool_root, slot_id, uid=CONTAINER_UID,
@@ -172,7 +177,7 @@ class DockerSandbox:
         try:
             container = await self._call(
                 self.client.containers.create,
-                **create_kwargs(self.policy, workspace, profile, labels))
+                **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest))
         except BaseException:
             workspace.destroy()
             raise

@@ -9,7 +9,7 @@ artifact and the job spec into ``slot.workspace``, ``run`` it, read the outcome,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from airlock_broker.workspace import JobWorkspace
 from airlock_sandbox.contract import JobSpec
@@ -45,8 +45,12 @@ class Outcome:
 class SandboxBackend(Protocol):
     """Runs single-use sandboxes. Infrastructure failures raise ``SandboxUnavailable``."""
 
-    async def prepare(self, profile: str) -> Slot:
-        """Create (not start) a container with a fresh workspace."""
+    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
+        """Create (not start) a container with a fresh workspace (or the isolation probe)."""
+        ...
+
+    async def inspect(self, slot: Slot) -> dict[str, Any]:
+        """The engine's view of the slot's container configuration (``docker inspect``)."""
         ...
 
     async def start(self, slot: Slot) -> None:

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.admin import PoolAdminServicer
+from airlock_broker.admin import AdminServicer
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog
 from airlock_broker.config import BrokerConfig
@@ -28,13 +28,14 @@ from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
+from airlock_broker.selftest import SelfTestReport, run_selftest
 from airlock_broker.servicer import ConversionServicer
 from airlock_broker.workspace import reap_stale
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversionService"].full_name
-ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoolAdmin"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 _MAX_MESSAGE = 4 * 1024 * 1024
 
 
@@ -106,7 +107,10 @@ async def create_server(config: BrokerConfig,
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output), admission, audit),
         server)
-    pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(pools), server)
+    async def selftest() -> SelfTestReport:
+        return await run_selftest(backend, config.sandbox)
+
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(pools, selftest), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -116,10 +120,23 @@ async def create_server(config: BrokerConfig,
     if port == 0:
         os.close(lock_fd)
         raise OSError(f"cannot listen on {config.listen}")
-    await server.start()
-    pools.start()
     for name in (SERVICE_NAME, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    if config.selftest_on_start:
+        admission.unready = "the isolation self-test has not passed yet"
+        report = await selftest()
+        if not report.passed:
+            admission.unready = "the isolation self-test failed: " + "; ".join(report.failures())
+            log.error("%s: NOT serving", admission.unready)
+        else:
+            admission.unready = None
+            log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
+                     report.runtime)
+    if admission.unready is None:
+        pools.start()
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
              config.sandbox.runtime)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,

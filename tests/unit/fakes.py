@@ -38,7 +38,10 @@ class FakeSandbox:
     #: slot ids of every job ever run, in order (to prove no slot serves twice)
     ran: list[str] = field(default_factory=list)
 
-    async def prepare(self, profile: str) -> Slot:
+    async def inspect(self, slot: Slot) -> dict[str, object]:
+        return {}
+
+    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
         if self.unavailable:
             raise SandboxUnavailable("fake engine is down")
         slot_id = uuid.uuid4().hex

@@ -447,7 +447,8 @@ Global___ConvertResponse: _TypeAlias = ConvertResponse  # noqa: Y015
 @_typing.final
 class PoolStatus(_message.Message):
     """---------------------------------------------------------------------------------------------
-    Operations on the warm sandbox pools. Every container is single-use whatever these do.
+    Operations: the warm sandbox pools (every container stays single-use whatever these do)
+    and the isolation self-test.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -630,3 +631,80 @@ class ResumePoolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumePoolsResponse: _TypeAlias = ResumePoolsResponse  # noqa: Y015
+
+@_typing.final
+class SelfTestCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    WAIVED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    passed: _builtins.bool
+    detail: _builtins.str
+    source: _builtins.str
+    """"sandbox": observed from inside the probe; "config": read from the engine by the broker."""
+    waived: _builtins.str
+    """Non-empty when a failed check is accepted on this runtime, and why."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        source: _builtins.str = ...,
+        waived: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "passed", b"passed", "source", b"source", "waived", b"waived"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelfTestCheck: _TypeAlias = SelfTestCheck  # noqa: Y015
+
+@_typing.final
+class RunSelfTestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSelfTestRequest: _TypeAlias = RunSelfTestRequest  # noqa: Y015
+
+@_typing.final
+class RunSelfTestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSED_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    passed: _builtins.bool
+    runtime: _builtins.str
+    image_id: _builtins.str
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SelfTestCheck]: ...
+    def __init__(
+        self,
+        *,
+        passed: _builtins.bool = ...,
+        checks: _abc.Iterable[Global___SelfTestCheck] | None = ...,
+        runtime: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "image_id", b"image_id", "passed", b"passed", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSelfTestResponse: _TypeAlias = RunSelfTestResponse  # noqa: Y015

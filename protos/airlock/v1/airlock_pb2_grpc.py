@@ -97,7 +97,7 @@ class ConversionService:
             _registered_method=True)
 
 
-class PoolAdminStub:
+class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -106,30 +106,42 @@ class PoolAdminStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.RunSelfTest = channel.unary_unary(
+                '/airlock.v1.AdminService/RunSelfTest',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.RunSelfTestRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.RunSelfTestResponse.FromString,
+                _registered_method=True)
         self.GetPoolStatus = channel.unary_unary(
-                '/airlock.v1.PoolAdmin/GetPoolStatus',
+                '/airlock.v1.AdminService/GetPoolStatus',
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusResponse.FromString,
                 _registered_method=True)
         self.RestartPools = channel.unary_unary(
-                '/airlock.v1.PoolAdmin/RestartPools',
+                '/airlock.v1.AdminService/RestartPools',
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.RestartPoolsResponse.FromString,
                 _registered_method=True)
         self.DrainPools = channel.unary_unary(
-                '/airlock.v1.PoolAdmin/DrainPools',
+                '/airlock.v1.AdminService/DrainPools',
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.DrainPoolsResponse.FromString,
                 _registered_method=True)
         self.ResumePools = channel.unary_unary(
-                '/airlock.v1.PoolAdmin/ResumePools',
+                '/airlock.v1.AdminService/ResumePools',
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.ResumePoolsResponse.FromString,
                 _registered_method=True)
 
 
-class PoolAdminServicer:
+class AdminServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def RunSelfTest(self, request, context):
+        """Runs the isolation probe in a fresh sandbox now (it also runs at start-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def GetPoolStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -158,8 +170,13 @@ class PoolAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_PoolAdminServicer_to_server(servicer, server):
+def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'RunSelfTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSelfTest,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.RunSelfTestRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.RunSelfTestResponse.SerializeToString,
+            ),
             'GetPoolStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPoolStatus,
                     request_deserializer=airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.FromString,
@@ -182,14 +199,41 @@ def add_PoolAdminServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'airlock.v1.PoolAdmin', rpc_method_handlers)
+            'airlock.v1.AdminService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('airlock.v1.PoolAdmin', rpc_method_handlers)
+    server.add_registered_method_handlers('airlock.v1.AdminService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class PoolAdmin:
+class AdminService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def RunSelfTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.AdminService/RunSelfTest',
+            airlock_dot_v1_dot_airlock__pb2.RunSelfTestRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.RunSelfTestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetPoolStatus(request,
@@ -205,7 +249,7 @@ class PoolAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/airlock.v1.PoolAdmin/GetPoolStatus',
+            '/airlock.v1.AdminService/GetPoolStatus',
             airlock_dot_v1_dot_airlock__pb2.GetPoolStatusRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.GetPoolStatusResponse.FromString,
             options,
@@ -232,7 +276,7 @@ class PoolAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/airlock.v1.PoolAdmin/RestartPools',
+            '/airlock.v1.AdminService/RestartPools',
             airlock_dot_v1_dot_airlock__pb2.RestartPoolsRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.RestartPoolsResponse.FromString,
             options,
@@ -259,7 +303,7 @@ class PoolAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/airlock.v1.PoolAdmin/DrainPools',
+            '/airlock.v1.AdminService/DrainPools',
             airlock_dot_v1_dot_airlock__pb2.DrainPoolsRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.DrainPoolsResponse.FromString,
             options,
@@ -286,7 +330,7 @@ class PoolAdmin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/airlock.v1.PoolAdmin/ResumePools',
+            '/airlock.v1.AdminService/ResumePools',
             airlock_dot_v1_dot_airlock__pb2.ResumePoolsRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.ResumePoolsResponse.FromString,
             options,

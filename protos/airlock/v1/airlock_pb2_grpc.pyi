@@ -54,11 +54,13 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_ConversionServiceServicer_to_server(servicer: ConversionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
-class PoolAdminStub:
+class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> PoolAdminAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    RunSelfTest: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.RunSelfTestRequest, _airlock_pb2.RunSelfTestResponse]
+    """Runs the isolation probe in a fresh sandbox now (it also runs at start-up)."""
     GetPoolStatus: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.GetPoolStatusRequest, _airlock_pb2.GetPoolStatusResponse]
     RestartPools: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.RestartPoolsRequest, _airlock_pb2.RestartPoolsResponse]
     """Rolling replacement of every warm container; jobs in flight keep theirs."""
@@ -67,8 +69,10 @@ class PoolAdminStub:
     ResumePools: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.ResumePoolsRequest, _airlock_pb2.ResumePoolsResponse]
 
 @_typing.type_check_only
-class PoolAdminAsyncStub(PoolAdminStub):
+class AdminServiceAsyncStub(AdminServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    RunSelfTest: _aio.UnaryUnaryMultiCallable[_airlock_pb2.RunSelfTestRequest, _airlock_pb2.RunSelfTestResponse]  # type: ignore[assignment]
+    """Runs the isolation probe in a fresh sandbox now (it also runs at start-up)."""
     GetPoolStatus: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetPoolStatusRequest, _airlock_pb2.GetPoolStatusResponse]  # type: ignore[assignment]
     RestartPools: _aio.UnaryUnaryMultiCallable[_airlock_pb2.RestartPoolsRequest, _airlock_pb2.RestartPoolsResponse]  # type: ignore[assignment]
     """Rolling replacement of every warm container; jobs in flight keep theirs."""
@@ -76,7 +80,15 @@ class PoolAdminAsyncStub(PoolAdminStub):
     """Stop handing out containers: new jobs are refused with UNAVAILABLE until ResumePools."""
     ResumePools: _aio.UnaryUnaryMultiCallable[_airlock_pb2.ResumePoolsRequest, _airlock_pb2.ResumePoolsResponse]  # type: ignore[assignment]
 
-class PoolAdminServicer(metaclass=_abc_1.ABCMeta):
+class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def RunSelfTest(
+        self,
+        request: _airlock_pb2.RunSelfTestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.RunSelfTestResponse, _abc.Awaitable[_airlock_pb2.RunSelfTestResponse]]:
+        """Runs the isolation probe in a fresh sandbox now (it also runs at start-up)."""
+
     @_abc_1.abstractmethod
     def GetPoolStatus(
         self,
@@ -107,4 +119,4 @@ class PoolAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_airlock_pb2.ResumePoolsResponse, _abc.Awaitable[_airlock_pb2.ResumePoolsResponse]]: ...
 
-def add_PoolAdminServicer_to_server(servicer: PoolAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

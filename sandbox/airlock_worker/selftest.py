@@ -1,0 +1,176 @@
+"""The isolation probe: run inside a sandbox exactly like a job's, it checks its own
+confinement and writes a checklist to ``OUT_DIR/selftest.json``.
+
+It opens no artifact. The broker pairs these observations with its own reading of the
+container's configuration (``docker inspect``) before it reports SERVING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+
+from airlock_sandbox.contract import IN_DIR, OUT_DIR
+
+SELFTEST_NAME = "selftest.json"
+_SECRETS = re.compile(r"PROXY|TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|AWS_|DOCKER_", re.I)
+
+
+def _status_field(name: str) -> str:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _write_fails(path: str) -> tuple[bool, str]:
+    try:
+        with open(path, "w") as fh:
+            fh.write("x")
+    except OSError as exc:
+        return True, exc.strerror or str(exc)
+    os.unlink(path)
+    return False, f"wrote {path}"
+
+
+def check_user() -> tuple[bool, str]:
+    return os.getuid() != 0 and os.geteuid() != 0, f"uid={os.getuid()} euid={os.geteuid()}"
+
+
+def check_capabilities() -> tuple[bool, str]:
+    eff, bnd = _status_field("CapEff"), _status_field("CapBnd")
+    return int(eff or "1", 16) == 0 and int(bnd or "1", 16) == 0, f"CapEff={eff} CapBnd={bnd}"
+
+
+def check_no_new_privileges() -> tuple[bool, str]:
+    value = _status_field("NoNewPrivs")
+    return value == "1", f"NoNewPrivs={value or '?'}"
+
+
+def check_read_only_root() -> tuple[bool, str]:
+    return _write_fails("/.airlock-selftest")
+
+
+def check_read_only_input() -> tuple[bool, str]:
+    return _write_fails(os.path.join(IN_DIR, ".airlock-selftest"))
+
+
+def check_no_network() -> tuple[bool, str]:
+    interfaces = sorted(set(_interfaces()) - {"lo"})
+    if interfaces:
+        return False, f"interfaces besides lo: {interfaces}"
+    for family, addr in ((socket.AF_INET, ("192.0.2.1", 9)), (socket.AF_INET6, ("2001:db8::1", 9))):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1)
+                sock.connect(addr)
+            return False, f"connected to {addr[0]}"
+        except OSError:
+            pass
+    return True, "only loopback; outbound connects fail"
+
+
+def _interfaces() -> list[str]:
+    try:
+        return os.listdir("/sys/class/net")
+    except OSError:
+        with open("/proc/net/dev") as fh:
+            return [line.split(":")[0].strip() for line in fh.readlines()[2:]]
+
+
+def check_no_docker_socket() -> tuple[bool, str]:
+    found = [p for p in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd")
+             if os.path.exists(p)]
+    return not found, f"found {found}" if found else "absent"
+
+
+def check_tmp_noexec() -> tuple[bool, str]:
+    path = "/tmp/.airlock-selftest-exec"
+    with open(path, "w") as fh:
+        fh.write("#!/bin/sh\nexit 0\n")
+    os.chmod(path, stat.S_IRWXU)
+    try:
+        subprocess.run([path], check=False, timeout=5)
+    except OSError as exc:
+        return True, exc.strerror or str(exc)
+    finally:
+        os.unlink(path)
+    return False, "executed a file from /tmp"
+
+
+def check_output_noexec() -> tuple[bool, str]:
+    path = os.path.join(OUT_DIR, ".airlock-selftest-exec")
+    with open(path, "w") as fh:
+        fh.write("#!/bin/sh\nexit 0\n")
+    os.chmod(path, stat.S_IRWXU)
+    try:
+        done = subprocess.run([path], check=False, timeout=5)
+    except OSError as exc:
+        return True, exc.strerror or str(exc)
+    finally:
+        os.unlink(path)
+    # gVisor maps the host's noexec differently: the exec is refused or crashes, never runs.
+    return done.returncode != 0, f"exec exited {done.returncode}"
+
+
+def check_environment() -> tuple[bool, str]:
+    leaked = sorted(k for k in os.environ if _SECRETS.search(k))
+    return not leaked, f"suspicious variables: {leaked}" if leaked else "clean"
+
+
+def check_pids_limited() -> tuple[bool, str]:
+    for path in ("/sys/fs/cgroup/pids/pids.max", "/sys/fs/cgroup/pids.max"):
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        return value != "max", f"{path}={value}"
+    return True, "not visible inside (checked by the broker from the configuration)"
+
+
+def check_memory_limited() -> tuple[bool, str]:
+    for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        limited = value != "max" and int(value) < 2**60
+        return limited, f"{path}={value}"
+    return True, "not visible inside (checked by the broker from the configuration)"
+
+
+CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
+    "non_root_user": check_user,
+    "no_capabilities": check_capabilities,
+    "no_new_privileges": check_no_new_privileges,
+    "read_only_root": check_read_only_root,
+    "read_only_input": check_read_only_input,
+    "no_network": check_no_network,
+    "no_docker_socket": check_no_docker_socket,
+    "tmp_noexec": check_tmp_noexec,
+    "output_noexec": check_output_noexec,
+    "no_secrets_in_env": check_environment,
+    "pids_limited": check_pids_limited,
+    "memory_limited": check_memory_limited,
+}
+
+
+def run(out_dir: str = OUT_DIR) -> int:
+    results = []
+    for name, check in CHECKS.items():
+        try:
+            passed, detail = check()
+        except Exception as exc:  # a probe that breaks is a failed check, not a crash
+            passed, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append({"name": name, "passed": bool(passed), "detail": str(detail)[:200]})
+    with open(os.path.join(out_dir, SELFTEST_NAME), "w") as fh:
+        json.dump({"checks": results}, fh)
+    return 0
