@@ -54,10 +54,6 @@ def process_identity(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{start}"
 
 
-#: Every broker these helpers started in this session (for the leftover check).
-LAUNCHED: list[PoolBroker] = []
-
-
 @dataclass
 class PoolBroker:
     """A dedicated ``airlock serve`` with its own config, a client on it, and its identity."""
@@ -100,18 +96,24 @@ def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
         LIVE_SPOOLS.add(spool)
     broker = PoolBroker(proc=proc, client=Client(proc.address, retry_attempts=1),
                         identity=process_identity(proc.process.pid))
-    LAUNCHED.append(broker)
     return broker
 
 
+def stop_cleanly(broker: PoolBroker, docker_client: Any) -> None:
+    """Stop (SIGTERM) and check: exit 0, and not one of its containers left."""
+    code = broker.stop()
+    assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
+    left = containers_of(docker_client, broker.identity)
+    assert left == [], f"the stopped broker left containers: {left}"
+
+
 @contextlib.contextmanager
-def running_broker(tmp: Path, config: Path) -> Iterator[PoolBroker]:
+def running_broker(tmp: Path, config: Path, docker_client: Any) -> Iterator[PoolBroker]:
     broker = launch(tmp, config)
     try:
         yield broker
     finally:
-        code = broker.stop()
-        assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
+        stop_cleanly(broker, docker_client)
 
 
 # -- what Docker says -------------------------------------------------------------------------
@@ -135,20 +137,6 @@ def idle_warm_ids(docker_client: Any, broker: PoolBroker, profile: str | None = 
     return {c.id for c in containers_of(docker_client, broker.identity)
             if is_idle(c, broker.spool)
             and (profile is None or c.labels.get(LABEL_PROFILE) == profile)}
-
-
-def leftovers(docker_client: Any) -> list[str]:
-    """Containers of the brokers started here that are not idle warm ones of a live broker.
-
-    Only these brokers' containers are looked at: other sessions may share the engine."""
-    left = []
-    for broker in LAUNCHED:
-        alive = broker.proc.process.poll() is None
-        for c in containers_of(docker_client, broker.identity):
-            if not (alive and is_idle(c, broker.spool)):
-                left.append(f"{c.short_id} ({c.status}, {c.labels.get(LABEL_PROFILE)}, "
-                            f"broker {'alive' if alive else 'gone'})")
-    return left
 
 
 def count_by_profile(docker_client: Any, identity: str) -> dict[str, int]:
