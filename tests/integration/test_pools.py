@@ -8,6 +8,7 @@ the same Docker engine at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -491,3 +492,60 @@ def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, tmp_path: Pa
             assert broker.status()["light"].served_warm == 1
     finally:
         docker_client.api.remove_image(tag)
+
+
+def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
+        docker_client: Any, tmp_path: Path) -> None:
+    """A caller can go away (disconnect, deadline) while its job is in ``Pools.acquire``: the
+    warm container it had taken off the pool must not be left behind, running and counted
+    nowhere (status says one container less than Docker has, until the broker stops).
+
+    In-process on the real engine, so the cancellation lands exactly at acquire's first await
+    (the taken container's liveness check). Through gRPC the same happens when a client's
+    cancellation races that Docker call."""
+    import asyncio
+
+    from airlock_broker.docker_sandbox import DockerSandbox
+    from airlock_broker.pools import Pools, PoolSettings
+    from airlock_broker.workspace import reap_stale
+    from airlock_sandbox.policy import SandboxPolicy
+
+    min_warm = 1
+
+    async def scenario() -> tuple[list[str], dict[str, int]]:
+        backend = DockerSandbox(SandboxPolicy(image=IMAGE), tmp_path / "spool")
+        await backend.check()
+        pools = Pools(backend, PoolSettings(min_warm=min_warm, profiles=("light",),
+                                            sweep_seconds=3600),
+                      image_id=backend.image_id, runtime="runc")
+        pools.start()
+        light = pools.pools["light"]
+        try:
+            while not (len(light.warm) == min_warm and light.starting == 0):
+                await asyncio.sleep(0.05)
+
+            task = asyncio.create_task(pools.acquire("light"))
+            await asyncio.sleep(0)  # acquire runs to its first await, a Docker call
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+            await asyncio.sleep(1.0)  # the Docker call in its thread completes meanwhile
+            while not (len(light.warm) == min_warm and light.starting == 0):
+                await asyncio.sleep(0.05)
+            (status,) = pools.status()
+            counted = {"warm": status.warm, "busy": status.busy, "starting": status.starting}
+            mine = [f"{c.short_id} ({c.status})"
+                    for c in ph.containers_of(docker_client, backend.identity)]
+            return mine, counted
+        finally:
+            await pools.close()
+            await backend.close()
+
+    try:
+        mine, counted = asyncio.run(scenario())
+    finally:
+        reap_stale(tmp_path / "spool")  # a leaked slot's output tmpfs is still mounted
+    assert len(mine) == sum(counted.values()), (
+        f"Docker has {mine} for this pool, its status counts {counted}: the container the "
+        "cancelled job was taking is left behind")
