@@ -9,6 +9,7 @@ containers, enforces the wall-clock deadline itself with ``kill`` (docker-py's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -174,10 +175,19 @@ class DockerSandbox:
             raise SandboxUnavailable(str(exc)) from exc
         labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
                   LABEL_PROFILE: profile}
+        create = asyncio.ensure_future(self._call(
+            self.client.containers.create,
+            **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest)))
         try:
-            container = await self._call(
-                self.client.containers.create,
-                **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest))
+            container = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # The create goes on in its thread after we are cancelled: wait for it, remove
+            # what it made, then give up, so a cancelled job leaves no container behind.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                made = await create
+                await self._call(self.client.api.remove_container, made.id, force=True)
+            workspace.destroy()
+            raise
         except BaseException:
             workspace.destroy()
             raise

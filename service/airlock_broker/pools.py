@@ -50,6 +50,12 @@ class PoolSettings:
             raise ValueError(f"unknown profiles: {sorted(unknown)}")
 
 
+async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
+    """Destroy ``slot`` even if the calling task is being cancelled again meanwhile."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(backend.destroy(slot))
+
+
 @dataclass
 class _Warm:
     slot: Slot
@@ -134,7 +140,14 @@ class Pools:
         while pool is not None and pool.warm:
             warm = pool.warm.popleft()
             self._wake.set()
-            if warm.generation == self._generation and await self._alive(warm.slot):
+            try:
+                usable = warm.generation == self._generation and await self._alive(warm.slot)
+            except BaseException:
+                # Cancelled (the client went away) while this slot was ours alone: it is in
+                # no pool and no job, so nobody else would ever destroy it.
+                await _destroy_shielded(self.backend, warm.slot)
+                raise
+            if usable:
                 pool.busy += 1
                 pool.served_warm += 1
                 return warm.slot
