@@ -113,7 +113,8 @@ class Broker:
     """``airlock serve`` on a free loopback port with its own spool directory and config."""
 
     def __init__(self, workdir: Path, name: str, config: dict[str, dict[str, Any]],
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.config = config
@@ -124,6 +125,9 @@ class Broker:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_level = log_level
+        #: what to run instead of ``airlock serve`` (bench.profile runs a traced broker)
+        self.command = command or [str(AIRLOCK), "serve"]
+        self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
         self._identity = ""
@@ -136,10 +140,11 @@ class Broker:
         return self.process.pid
 
     def start(self, timeout: float = 120.0) -> None:
-        env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1"}
+        env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
+               **self.extra_env}
         with self.log.open("wb") as fh:
             self.process = subprocess.Popen(
-                [str(AIRLOCK), "serve", "--listen", self.address, "--config",
+                [*self.command, "--listen", self.address, "--config",
                  str(self.config_path), "--log-level", self.log_level],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
         self._wait_serving(timeout)
@@ -154,7 +159,8 @@ class Broker:
                     raise BenchError(f"airlock serve exited with {self.process.returncode}:\n"
                                      f"{self.log.read_text()[-3000:]}")
                 with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""),  # type: ignore[attr-defined]
+                                       timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 time.sleep(0.1)
@@ -198,7 +204,7 @@ class Broker:
             before = {c: host.container_cpu(c) for c in ids}
             time.sleep(window)
             busy = [c for c in ids if (after := host.container_cpu(c)) is not None
-                    and before[c] is not None and after - before[c] >= quiet_cpu]
+                    and (was := before[c]) is not None and after - was >= quiet_cpu]
             if not busy:
                 self.wait_pools_full(timeout)
                 # What each idle warm container cost to get there: start + imports (the

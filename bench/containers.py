@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.host import CPUACCT
+from bench.host import CPUACCT, TICK
 
 _DOCKER_STATE = Path("/var/lib/docker/containers")
 _labels_cache: dict[str, dict[str, str]] = {}
@@ -64,17 +64,37 @@ def all_containers_cpu() -> float:
     return int((CPUACCT / "cpuacct.usage").read_text()) / 1e9
 
 
+def shim_pids() -> dict[str, int]:
+    """container id -> pid of its ``containerd-shim-runc-v2`` (the shim waits for the ``runc``
+    invocations it makes, so its cumulative CPU includes theirs)."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() != "containerd-shim":
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"-id" in args:
+                found[args[args.index(b"-id") + 1].decode()] = int(entry.name)
+    return found
+
+
 @dataclass
 class ContainerCpuTracker:
+    """CPU of one broker's containers and of their shims while the ``with`` block runs."""
+
     identity: str
     interval: float = 0.02
-    #: container id -> CPU-seconds when first seen (containers alive at start count from there)
+    #: container id -> CPU-seconds at the start (0 for containers created later)
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
+    shim_first: dict[str, float] = field(default_factory=dict)
+    shim_last: dict[str, float] = field(default_factory=dict)
+    shims: dict[str, int] = field(default_factory=dict)
     others: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _started: bool = False
 
     def __enter__(self) -> ContainerCpuTracker:
         self._scan(initial=True)
@@ -93,6 +113,7 @@ class ContainerCpuTracker:
             self._scan(initial=False)
 
     def _scan(self, initial: bool) -> None:
+        new: list[str] = []
         with contextlib.suppress(OSError):
             for entry in CPUACCT.iterdir():
                 cid = entry.name
@@ -110,7 +131,17 @@ class ContainerCpuTracker:
                     continue
                 if cid not in self.last:
                     self.first[cid] = usage if initial else 0.0
+                    new.append(cid)
                 self.last[cid] = usage
+        if new:
+            self.shims.update({c: p for c, p in shim_pids().items() if c in new})
+        for cid, pid in self.shims.items():
+            cpu = _pid_cpu(pid)
+            if cpu is None:
+                continue
+            if cid not in self.shim_last:
+                self.shim_first[cid] = cpu if cid in new and initial else 0.0
+            self.shim_last[cid] = cpu
 
     @property
     def containers(self) -> int:
@@ -119,3 +150,16 @@ class ContainerCpuTracker:
     @property
     def cpu_seconds(self) -> float:
         return sum(self.last[c] - self.first.get(c, 0.0) for c in self.last)
+
+    @property
+    def shim_cpu_seconds(self) -> float:
+        return sum(self.shim_last[c] - self.shim_first.get(c, 0.0) for c in self.shim_last)
+
+
+def _pid_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / TICK

@@ -1,0 +1,508 @@
+"""``python -m bench.profile [--out bench-results/profile.json]``: where Airlock's time goes.
+
+Not part of ``make bench``: a tool for explaining its figures. It
+
+1. runs the real broker with timestamps around its steps (``bench.traced_broker``) and splits
+   the end-to-end latency of S1, S2 and S3 requests into phases (client, upload, pool
+   hand-off, container, validation, stream back, container removal);
+2. times the worker's own steps (load, skl2onnx, ONNX checker, parity, write; torch load,
+   save, read-back) in a fresh container of the sandbox image, as a single-use container
+   runs them: first call in the process, then later calls to show one-off costs;
+3. measures what a container start costs in CPU: the engine (an empty container), the
+   interpreter, and what each profile module's import adds.
+
+Every model is generated here; nothing is deserialized in this process (the worker steps
+run inside the sandbox image, with no network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import airlock_client._client as client_module
+from bench import host
+from bench.broker import ROOT, Broker
+from bench.containers import shim_pids
+from bench.run import IMAGE, WARM_CONFIG, log, pct, sklearn_profile_imports
+
+PY = str(ROOT / ".venv" / "bin" / "python")
+
+# -- 1. phases of a request -------------------------------------------------------------------
+
+_client_events: list[tuple[float, str]] = []
+
+
+def _instrument_client() -> None:
+    hash_file = client_module._hash_file
+    receive = client_module._receive
+
+    def traced_hash(path: Path) -> tuple[int, str]:
+        _client_events.append((time.monotonic(), "client.hash.begin"))
+        out = hash_file(path)
+        _client_events.append((time.monotonic(), "client.hash.end"))
+        return out
+
+    def traced_receive(responses: Any, output: Path) -> Any:
+        # The first next() returns when the header arrives.
+        first = next(responses, None)
+        _client_events.append((time.monotonic(), "client.first_response"))
+
+        def again() -> Any:
+            if first is not None:
+                yield first
+            yield from responses
+
+        out = receive(again(), output)
+        _client_events.append((time.monotonic(), "client.received"))
+        return out
+
+    client_module._hash_file = traced_hash  # type: ignore[assignment]
+    client_module._receive = traced_receive  # type: ignore[assignment]
+
+
+#: (name, from event, to event): consecutive phases of one request.
+PHASES = [
+    ("client: hash input", "client.begin", "client.hash.end"),
+    ("client->broker: connect, send metadata", "client.hash.end", "metadata.end"),
+    ("upload + spool + sha256 on broker", "metadata.end", "spool.end"),
+    ("detect, admission", "spool.end", "acquire.begin"),
+    ("pool: take warm container (inspect)", "acquire.begin", "acquire.end"),
+    ("hand-off: adopt artifact, write job spec", "acquire.end", "spec.end"),
+    ("container: worker job + exit + docker wait", "spec.end", "sandbox_run.end"),
+    ("inspect, read report, judge", "sandbox_run.end", "validate.begin"),
+    ("validate output (broker)", "validate.begin", "validate.end"),
+    ("build result header", "validate.end", "result_message.end"),
+    ("stream output to the client (server side)", "result_message.end", "release.begin"),
+    ("destroy container + workspace (in the RPC)", "release.begin", "release.end"),
+    ("handler end", "release.end", "rpc.end"),
+    ("status -> client, client finishes file", "rpc.end", "client.end"),
+]
+
+
+def _load_trace(path: Path) -> dict[int, list[dict[str, Any]]]:
+    by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        with_event = json.loads(line)
+        if with_event["rpc"]:
+            by_task[with_event["rpc"]].append(with_event)
+    return by_task
+
+
+def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Join each client call with the broker task whose rpc.begin falls inside it."""
+    tasks = [evs for evs in _load_trace(trace).values() if any(e["ev"] == "job" for e in evs)]
+    joined = []
+    for call in calls:
+        match = [evs for evs in tasks
+                 if call["client.begin"] <= _first(evs, "rpc.begin") <= call["client.end"]]
+        if len(match) != 1:
+            continue
+        evs = match[0]
+        stamps: dict[str, float] = dict(call)
+        info: dict[str, Any] = {}
+        for e in evs:
+            stamps.setdefault(e["ev"], e["t"])
+            if e["ev"] == "acquire.end":
+                info["warm"] = e.get("warm")
+            if e["ev"] == "sandbox_run.end":
+                info["wait_s"] = e.get("wait_s")
+            if e["ev"] == "read_report.end":
+                info["timings"] = e.get("timings") or {}
+        joined.append({"stamps": stamps, **info})
+    return joined
+
+
+def _first(evs: list[dict[str, Any]], name: str) -> float:
+    return next((e["t"] for e in evs if e["ev"] == name), -1.0)
+
+
+CONTAINER = "container: worker job + exit + docker wait"
+
+
+def _phase_table(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    phases: dict[str, list[float]] = defaultdict(list)
+    for req in requests:
+        s = req["stamps"]
+        for name, a, b in PHASES:
+            if a not in s or b not in s:
+                continue
+            span = s[b] - s[a]
+            wait = req.get("wait_s")
+            if name == CONTAINER and isinstance(wait, int | float):
+                phases[name].append(wait)
+                job = req.get("timings", {}).get("job_s")
+                if isinstance(job, int | float):
+                    phases["  of which worker job_s (its report)"].append(job)
+                    phases["  of which spec pickup, report, exit, engine, wait"].append(
+                        wait - job)
+                phases["inspect after exit (container state)"].append(span - wait)
+            else:
+                phases[name].append(span)
+        phases["TOTAL end to end"].append(s["client.end"] - s["client.begin"])
+    order = [p[0] for p in PHASES]
+    order.insert(order.index(CONTAINER) + 1, "  of which worker job_s (its report)")
+    order.insert(order.index(CONTAINER) + 2, "  of which spec pickup, report, exit, engine, wait")
+    order.insert(order.index(CONTAINER) + 3, "inspect after exit (container state)")
+    order.append("TOTAL end to end")
+    return {name: {"median_ms": round(statistics.median(phases[name]) * 1000, 1),
+                   "p95_ms": round(pct(phases[name], 95) * 1000, 1), "n": len(phases[name])}
+            for name in order if phases.get(name)}
+
+
+def request_phases(work: Path, quick: bool) -> dict[str, Any]:
+    from airlock_client import Client
+    from tests.fixtures import models
+
+    _instrument_client()
+    small, _ = models.make_sklearn_pickle(work / "models")
+    forest, _ = models.make_random_forest_joblib(work / "models")
+    big, _ = models.make_large_state_dict(work / "models" / "large.pt", size_mb=400)
+    trace = work / "trace.jsonl"
+    broker = Broker(work, "traced", WARM_CONFIG,
+                    command=[PY, "-m", "bench.traced_broker", "serve"],
+                    env={"AIRLOCK_BENCH_TRACE": str(trace), "PYTHONPATH": str(ROOT)})
+    out: dict[str, Any] = {}
+    try:
+        broker.start()
+        broker.wait_ready()
+        with Client(broker.address, retry_attempts=1) as client:
+            for name, artifact, n in (("S1", small, 6 if quick else 15),
+                                      ("S2", forest, 6 if quick else 15),
+                                      ("S3", big, 1 if quick else 2)):
+                log(f"profile: {name} x {n}")
+                client.convert(artifact, work / "warmup.out")  # one-off client costs
+                calls = []
+                for _ in range(n):
+                    broker.wait_ready()
+                    _client_events.clear()
+                    began = time.monotonic()
+                    client.convert(artifact, work / f"{name}.out")
+                    ended = time.monotonic()
+                    call = {"client.begin": began, "client.end": ended}
+                    call.update({ev: t for t, ev in _client_events})
+                    calls.append(call)
+                time.sleep(0.3)  # let the trace lines land
+                out[name] = _phase_table(_requests(trace, calls))
+    finally:
+        broker.stop()
+    return out
+
+
+# -- 2. the worker's own steps, in a fresh sandbox container -----------------------------------
+
+_WORKER_PROBE = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+from airlock_worker.profiles import warm_up
+warm_up(sys.argv[1])
+imports = time.perf_counter() - t0
+from airlock_sandbox.contract import JobSpec
+from airlock_worker import job, output, onnx_out, parity, report as report_mod
+marks = {}
+def timed(owner, name, label):
+    orig = getattr(owner, name)
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return orig(*a, **k)
+        finally:
+            marks[label] = marks.get(label, 0.0) + time.perf_counter() - t
+    setattr(owner, name, wrapper)
+if sys.argv[1] == "sklearn":
+    import joblib
+    from airlock_worker import sklearn_convert
+    timed(joblib, "load", "load (joblib.load)")
+    timed(sklearn_convert, "_convert", "convert (skl2onnx)")
+    timed(onnx_out, "finish", "ONNX checker full_check + serialize")
+    timed(parity, "check", "parity (ORT session + 2 runs)")
+    timed(output, "write_bytes", "write output")
+else:
+    from airlock_worker import torch_convert, st_torch
+    timed(torch_convert, "_load_checkpoint", "load (torch.load mmap weights_only)")
+    timed(st_torch, "prepare", "prepare (dedupe, contiguous)")
+    timed(st_torch, "save_file", "save_file")
+    timed(st_torch, "write_verified", "save + read back + compare")
+runs = []
+for i in range(int(sys.argv[2])):
+    marks.clear()
+    out = f"/out/{i}"
+    os.mkdir(out)
+    t = time.perf_counter()
+    job.run(JobSpec(job_id=f"probe{i}"), "/airlock/in", out, report_mod.Report())
+    total = time.perf_counter() - t
+    runs.append({"job_s": round(total, 4), **{k: round(v, 4) for k, v in marks.items()}})
+    for name in os.listdir(out):
+        os.unlink(os.path.join(out, name))
+print("PROBE " + json.dumps({"imports_s": round(imports, 3), "runs": runs}), flush=True)
+'''
+
+
+def worker_steps(work: Path, quick: bool) -> dict[str, Any]:
+    from tests.fixtures import models
+
+    cases = {
+        "S1 sklearn pipeline": ("sklearn", lambda d: models.make_sklearn_pickle(d)),
+        "S2 RandomForest(100)": ("sklearn", lambda d: models.make_random_forest_joblib(d)),
+        "S3 400 MiB state dict": ("torch", lambda d: models.make_large_state_dict(
+            d / "model.pt", size_mb=400)),
+    }
+    results: dict[str, Any] = {}
+    for name, (profile, make) in cases.items():
+        case_dir = work / ("probe-" + profile + "-" + name.split()[0])
+        case_dir.mkdir(parents=True)
+        os.chmod(case_dir, 0o755)
+        path, _ = make(case_dir)
+        path.rename(case_dir / "artifact")
+        os.chmod(case_dir / "artifact", 0o644)
+        reps = 1 if profile == "torch" else (2 if quick else 3)
+        samples = []
+        for _ in range(1 if profile == "torch" else (2 if quick else 4)):
+            proc = subprocess.run(
+                ["docker", "run", "--rm", "--network", "none", "--read-only",
+                 "--user", "10001:10001", "--tmpfs", "/tmp:size=256m",
+                 "--tmpfs", "/out:size=1g,uid=10001", "--cpus", "1", "--memory", "4g",
+                 "-v", f"{case_dir}:/airlock/in:ro", "--entrypoint", "python3", IMAGE,
+                 "-c", _WORKER_PROBE, profile, str(reps)],
+                capture_output=True, text=True, timeout=300, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+            if line is None:
+                results[name] = {"error": proc.stderr[-2000:]}
+                break
+            samples.append(json.loads(line[6:]))
+        else:
+            first = [s["runs"][0] for s in samples]
+            later = [r for s in samples for r in s["runs"][1:]]
+            results[name] = {
+                "first_call_in_process_median": _median_dict(first),
+                "later_calls_median": _median_dict(later) if later else {},
+                "imports_s_median": round(statistics.median(s["imports_s"] for s in samples), 3),
+                "samples": samples,
+            }
+        (case_dir / "artifact").unlink()
+    return results
+
+
+def _median_dict(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: round(statistics.median(r[k] for r in rows if k in r) * 1000, 1) for k in keys}
+
+
+# -- 3. CPU per container start -----------------------------------------------------------------
+
+
+def _container_cost(script: str, reps: int) -> dict[str, Any]:
+    """CPU of one container start, split: the container itself (its cgroup: interpreter +
+    ``script``), its shim (+ the runc calls it waits for), dockerd + containerd, and the
+    docker CLI. The script ends in a 1 s sleep so the cgroup can be read before it goes."""
+    daemons = host.pids_named("dockerd", "containerd")
+    rows = []
+    for _ in range(reps):
+        d0 = {n: host.pid_cpu(p) for n, p in daemons.items()}
+        ch0 = os.times()
+        began = time.perf_counter()
+        cid = subprocess.run(
+            ["docker", "run", "-d", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+             "--entrypoint", "python3", IMAGE, "-c", script + "\nimport time; time.sleep(1.0)"],
+            capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        shim = shim_pids().get(cid)
+        cgroup_cpu, shim_cpu, last_change, ready = 0.0, 0.0, time.perf_counter(), None
+        while True:
+            cpu = host.container_cpu(cid)
+            if shim is not None:
+                shim_cpu = host.pid_cpu(shim) or shim_cpu
+            if cpu is None:
+                break
+            if cpu - cgroup_cpu > 0.005:
+                last_change = time.perf_counter()
+            elif ready is None and time.perf_counter() - last_change > 0.3:
+                ready = last_change - began  # imports done: the container went quiet
+            cgroup_cpu = cpu
+            time.sleep(0.02)
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60, check=False)
+        ch1 = os.times()
+        rows.append({
+            "container_cgroup": cgroup_cpu,
+            "shim_and_runc": shim_cpu,
+            **{f"{n}": host.pid_cpu(p) - d0[n] for n, p in daemons.items()},
+            "docker_cli": (ch1.children_user + ch1.children_system)
+            - (ch0.children_user + ch0.children_system),
+            "ready_wall_s": ready if ready is not None else float("nan"),
+        })
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+
+
+def start_costs(quick: bool) -> dict[str, Any]:
+    reps = 3 if quick else 5
+    sk = sklearn_profile_imports()
+    torch_imports = ["torch", "safetensors.torch", "onnx", "numpy", "onnxruntime",
+                     "airlock_worker.torch_convert", "airlock_worker.st_torch"]
+    out: dict[str, Any] = {
+        "cpu_s per start (median), python3 -c pass": _container_cost("pass", reps),
+        "cpu_s per start (median), sklearn profile imports": _container_cost(
+            "import " + ", ".join(sk), reps),
+    }
+    out["import ms (incremental, in profile order, --cpus 1, median of 3)"] = {
+        "sklearn": _import_times(sk), "torch": _import_times(torch_imports)}
+    return out
+
+
+_EXIT_PROBE = r'''
+import os, sys, time
+from airlock_worker.profiles import warm_up
+warm_up("sklearn")
+while not os.path.exists("/airlock/in/go"):
+    time.sleep(0.005)
+with open("/airlock/out/t", "w") as f:
+    f.write(repr(time.monotonic()))
+os._exit(0)
+'''
+
+
+def exit_latency(work: Path, reps: int) -> dict[str, Any]:
+    """What happens between the worker's last act and the broker seeing it dead: a warm
+    sklearn container is told to go (a file appears, as the job spec does), writes
+    CLOCK_MONOTONIC and calls os._exit; the host watches the cgroup empty and, like the
+    broker, waits with the Docker API, then inspects."""
+    import docker
+
+    client = docker.from_env(version="auto")
+    rows = []
+    try:
+        for i in range(reps):
+            d_in, d_out = work / f"exit-{i}" / "in", work / f"exit-{i}" / "out"
+            d_in.mkdir(parents=True)
+            d_out.mkdir()
+            os.chmod(d_in, 0o755)
+            os.chmod(d_out, 0o777)
+            container = client.containers.run(
+                IMAGE, entrypoint=["python3", "-c", _EXIT_PROBE], detach=True,
+                network_mode="none", read_only=True, user="10001:10001",
+                tmpfs={"/tmp": "size=64m"}, volumes={str(d_in): {"bind": "/airlock/in",
+                                                                  "mode": "ro"},
+                                                     str(d_out): {"bind": "/airlock/out",
+                                                                   "mode": "rw"}})
+            cid = str(container.id)
+            procs = host.CPUACCT / cid / "cgroup.procs"
+            while True:  # warm: imports done when the cgroup goes quiet
+                a = host.container_cpu(cid)
+                time.sleep(0.3)
+                b = host.container_cpu(cid)
+                if a is not None and b is not None and b - a < 0.01:
+                    break
+            result: dict[str, float] = {}
+
+            def waiter(cid: str = cid, out: dict[str, float] = result) -> None:
+                client.api.wait(cid)
+                out["wait"] = time.monotonic()
+
+            th = threading.Thread(target=waiter)
+            th.start()
+            time.sleep(0.1)
+            go = time.monotonic()
+            (d_in / "go").write_text("")
+            empty = None
+            while empty is None:
+                try:
+                    if not procs.read_text().strip():
+                        empty = time.monotonic()
+                except OSError:
+                    empty = time.monotonic()
+                time.sleep(0.0005)
+            th.join()
+            client.api.inspect_container(cid)
+            inspected = time.monotonic()
+            t0 = time.perf_counter()
+            client.api.remove_container(cid, force=True, v=True)
+            removed = time.perf_counter() - t0
+            last = float((d_out / "t").read_text())
+            rows.append({"spec_pickup_ms": (last - go) * 1000,
+                         "exit_to_cgroup_empty_ms": (empty - last) * 1000,
+                         "cgroup_empty_to_wait_return_ms": (result["wait"] - empty) * 1000,
+                         "inspect_ms": (inspected - result["wait"]) * 1000,
+                         "remove_container_ms": removed * 1000})
+    finally:
+        client.close()
+    return {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]} | {
+        "samples": rows}
+
+
+def _import_times(modules: list[str]) -> dict[str, Any]:
+    """Wall (= CPU: single-threaded, one CPU) time each import adds after the ones before it
+    (shared dependencies are charged to the first importer), in a fresh container; 3 runs."""
+    script = ("import importlib, json, time\n"
+              "t0 = time.perf_counter(); out = {}\n"
+              f"for m in {modules!r}:\n"
+              "    t = time.perf_counter(); importlib.import_module(m)\n"
+              "    out[m] = round((time.perf_counter() - t) * 1000, 1)\n"
+              "out['TOTAL'] = round((time.perf_counter() - t0) * 1000, 1)\n"
+              "print('PROBE ' + json.dumps(out))\n")
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run(["docker", "run", "--rm", "--network", "none", "--cpus", "1",
+                               "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python3",
+                               IMAGE, "-c", script],
+                              capture_output=True, text=True, timeout=300, check=False)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+        if line is None:
+            return {"error": proc.stderr[-2000:]}
+        runs.append(json.loads(line[6:]))
+    return {m: statistics.median(r[m] for r in runs) for m in runs[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "profile.json")
+    parser.add_argument("--only", choices=["phases", "worker", "start", "exit"], default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    work = Path(tempfile.mkdtemp(prefix="airlock-profile-"))
+    doc: dict[str, Any] = {"machine": host.machine(IMAGE, "runc"),
+                           "machine_busy_before_run": round(host.busy_fraction(1.0), 3)}
+    try:
+        if args.only in (None, "phases"):
+            doc["phases"] = request_phases(work, args.quick)
+        if args.only in (None, "worker"):
+            log("profile: worker steps in fresh containers")
+            doc["worker_steps"] = worker_steps(work, args.quick)
+        if args.only in (None, "exit"):
+            log("profile: exit latency")
+            doc["exit_latency"] = exit_latency(work, 3 if args.quick else 8)
+        if args.only in (None, "start"):
+            log("profile: container start costs")
+            doc["start_costs"] = start_costs(args.quick)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for name, table in doc.get("phases", {}).items():
+        print(f"\n{name}: phases (median / p95 ms)")
+        for phase, v in table.items():
+            print(f"  {phase:<48} {v['median_ms']:>9.1f} {v['p95_ms']:>9.1f}  (n={v['n']})")
+    for name, steps in doc.get("worker_steps", {}).items():
+        shown = {k: v for k, v in steps.items() if k != "samples"}
+        print(f"\nworker steps, {name}: {json.dumps(shown)}")
+    if "exit_latency" in doc:
+        shown = {k: v for k, v in doc["exit_latency"].items() if k != "samples"}
+        print(f"\nexit latency (median ms): {json.dumps(shown)}")
+    if "start_costs" in doc:
+        print("\ncontainer start costs:")
+        print(json.dumps(doc["start_costs"], indent=1))
+    print(f"\nraw: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

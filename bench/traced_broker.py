@@ -1,0 +1,120 @@
+"""``python -m bench.traced_broker serve ...``: the real broker with timestamps around its steps.
+
+For ``bench.profile`` only: it wraps (never changes) a few broker functions so that each job's
+path can be split into phases. Events go, one JSON object per line, to the file named by
+``AIRLOCK_BENCH_TRACE``: ``{"t": <CLOCK_MONOTONIC seconds>, "rpc": <n>, "ev": <name>, ...}``.
+CLOCK_MONOTONIC is shared by every process on the machine, so the client's own timestamps can
+be merged with these.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+_lock = threading.Lock()
+#: Which RPC the running code serves (0: background work such as pool replenishment).
+_rpc: contextvars.ContextVar[int] = contextvars.ContextVar("rpc", default=0)
+_ids = itertools.count(1)
+_out = open(os.environ["AIRLOCK_BENCH_TRACE"], "a", buffering=1)  # noqa: SIM115
+
+
+def emit(ev: str, **fields: Any) -> None:
+    line = json.dumps({"t": time.monotonic(), "rpc": _rpc.get(), "ev": ev, **fields})
+    with _lock:
+        _out.write(line + "\n")
+
+
+def around_async(owner: Any, name: str, label: str,
+                 extra: Callable[[Any, tuple[Any, ...]], dict[str, Any]] | None = None) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        emit(f"{label}.begin")
+        result = await original(*args, **kwargs)
+        emit(f"{label}.end", **(extra(result, args) if extra else {}))
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+def around_sync(owner: Any, name: str, label: str,
+                extra: Callable[[Any, tuple[Any, ...]], dict[str, Any]] | None = None) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        emit(f"{label}.begin")
+        result = original(*args, **kwargs)
+        emit(f"{label}.end", **(extra(result, args) if extra else {}))
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+def install() -> None:
+    from airlock_broker import docker_sandbox, jobs, servicer
+    from airlock_broker.pools import Pools
+    from airlock_broker.workspace import JobWorkspace
+
+    convert = servicer.ConversionServicer.Convert
+
+    async def traced_convert(self: Any, request_iterator: Any, context: Any
+                             ) -> AsyncIterator[Any]:
+        _rpc.set(next(_ids))
+        emit("rpc.begin")
+        first = True
+        async for response in convert(self, request_iterator, context):
+            if first:
+                emit("rpc.first_response")
+                first = False
+            yield response
+        emit("rpc.end")
+
+    servicer.ConversionServicer.Convert = traced_convert  # type: ignore[method-assign]
+
+    original_request = servicer.job_request
+
+    def traced_request(meta: Any, job_id: str, **kw: Any) -> Any:
+        emit("job", job_id=job_id)
+        return original_request(meta, job_id, **kw)
+
+    servicer.job_request = traced_request  # type: ignore[assignment]
+    around_async(servicer, "read_metadata", "metadata")
+    around_async(servicer, "spool_chunks", "spool")
+    around_async(Pools, "acquire", "acquire",
+                 lambda slot, _a: {"warm": bool(slot.started), "profile": slot.profile})
+    around_async(Pools, "release", "release")
+    around_sync(JobWorkspace, "write_job_spec", "spec")
+    around_async(docker_sandbox.DockerSandbox, "run", "sandbox_run",
+                 lambda out, _a: {"wait_s": out.duration_seconds, "exit": out.exit_code})
+    around_async(docker_sandbox.DockerSandbox, "start", "container_start")
+    around_async(docker_sandbox.DockerSandbox, "prepare", "container_prepare")
+
+    def report_timings(report: Any, _a: Any) -> dict[str, Any]:
+        timings = (report or {}).get("timings") if isinstance(report, dict) else None
+        return {"timings": timings if isinstance(timings, dict) else {}}
+
+    around_sync(jobs, "read_report", "read_report", report_timings)
+    around_async(jobs, "validate_output", "validate")
+    around_sync(servicer, "result_message", "result_message")
+
+
+def main() -> int:
+    install()
+    from airlock_broker.__main__ import main as broker_main
+
+    return broker_main(sys.argv[2:] if sys.argv[1:2] == ["serve"] else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
