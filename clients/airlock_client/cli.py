@@ -124,12 +124,8 @@ def _pool(args: argparse.Namespace) -> int:
             else:
                 client.resume_pools()
                 _say(args, {"action": "resume"}, "resumed")
-    except ServiceUnavailable as exc:
-        print(f"airlock pool: {exc.reason}: {exc.message}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except ConversionError as exc:
-        print(f"airlock pool: {exc.reason}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+    except (ServiceUnavailable, ConversionError) as exc:
+        return _operation_failed("pool", exc)
     return EXIT_OK
 
 
@@ -137,12 +133,8 @@ def _selftest(args: argparse.Namespace) -> int:
     try:
         with Client(args.server or default_address(), retry_attempts=1) as client:
             report = client.selftest()
-    except ServiceUnavailable as exc:
-        print(f"airlock selftest: {exc.reason}: {exc.message}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except ConversionError as exc:
-        print(f"airlock selftest: {exc.reason}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+    except (ServiceUnavailable, ConversionError) as exc:
+        return _operation_failed("selftest", exc)
     if args.json:
         print(json.dumps(asdict(report)))
     else:
@@ -154,6 +146,11 @@ def _selftest(args: argparse.Namespace) -> int:
         verdict = "passed" if report.passed else "FAILED"
         print(f"self-test {verdict} (runtime {report.runtime}, image {report.image_id[:19]})")
     return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _operation_failed(command: str, exc: ServiceUnavailable | ConversionError) -> int:
+    print(f"airlock {command}: {exc.reason}: {exc.message}", file=sys.stderr)
+    return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
 
 
 def _say(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:

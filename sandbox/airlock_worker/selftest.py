@@ -90,22 +90,9 @@ def check_no_docker_socket() -> tuple[bool, str]:
     return not found, f"found {found}" if found else "absent"
 
 
-def check_tmp_noexec() -> tuple[bool, str]:
-    path = "/tmp/.airlock-selftest-exec"
-    with open(path, "w") as fh:
-        fh.write("#!/bin/sh\nexit 0\n")
-    os.chmod(path, stat.S_IRWXU)
-    try:
-        subprocess.run([path], check=False, timeout=5)
-    except OSError as exc:
-        return True, exc.strerror or str(exc)
-    finally:
-        os.unlink(path)
-    return False, "executed a file from /tmp"
-
-
-def check_output_noexec() -> tuple[bool, str]:
-    path = os.path.join(OUT_DIR, ".airlock-selftest-exec")
+def _exec_refused(directory: str) -> tuple[bool, str]:
+    """Write a tiny executable into ``directory`` and try to run it: noexec must refuse."""
+    path = os.path.join(directory, ".airlock-selftest-exec")
     with open(path, "w") as fh:
         fh.write("#!/bin/sh\nexit 0\n")
     os.chmod(path, stat.S_IRWXU)
@@ -115,8 +102,15 @@ def check_output_noexec() -> tuple[bool, str]:
         return True, exc.strerror or str(exc)
     finally:
         os.unlink(path)
-    # gVisor maps the host's noexec differently: the exec is refused or crashes, never runs.
-    return done.returncode != 0, f"exec exited {done.returncode}"
+    return done.returncode != 0, f"exec from {directory} exited {done.returncode}"
+
+
+def check_tmp_noexec() -> tuple[bool, str]:
+    return _exec_refused("/tmp")
+
+
+def check_output_noexec() -> tuple[bool, str]:
+    return _exec_refused(OUT_DIR)
 
 
 def check_environment() -> tuple[bool, str]:
