@@ -64,6 +64,16 @@ class LoadingPolicy(enum.StrEnum):
     SAFE_ONLY = "safe_only"
 
 
+class JobMode(enum.StrEnum):
+    #: Load the artifact (safe loaders first, then as the policy allows) and convert it.
+    CONVERT = "convert"
+    #: Integrity check for PyTorch zip checkpoints: read the tensors straight from the zip
+    #: with a pickle reader that only accepts tensor-rebuild globals and never calls anything
+    #: the artifact names; write them as safetensors with the same naming as CONVERT. The
+    #: broker compares both outputs byte for byte (DESIGN §5).
+    EXTRACT_WEIGHTS = "extract_weights"
+
+
 class WorkerExit(enum.IntEnum):
     """Exit codes of the worker. 1 (an uncaught Python exception) means conversion failed."""
 
@@ -99,6 +109,7 @@ class JobSpec:
     declared_format: str | None = None
     inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
     max_output_bytes: int = 2 * 1024**3
+    mode: JobMode = JobMode.CONVERT
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -123,4 +134,5 @@ class JobSpec:
             declared_format=None if declared is None else str(declared),
             inputs=inputs,
             max_output_bytes=int(doc.get("max_output_bytes", 2 * 1024**3)),
+            mode=JobMode(doc.get("mode", JobMode.CONVERT)),
         )
