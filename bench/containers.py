@@ -89,8 +89,10 @@ class ContainerCpuTracker:
     #: container id -> CPU-seconds at the start (0 for containers created later)
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
-    shim_first: dict[str, float] = field(default_factory=dict)
-    shim_last: dict[str, float] = field(default_factory=dict)
+    #: container id -> (own, waited-for children) CPU-seconds of its shim
+    shim_first: dict[str, tuple[float, float]] = field(default_factory=dict)
+    shim_last: dict[str, tuple[float, float]] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
     shims: dict[str, int] = field(default_factory=dict)
     others: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -114,8 +116,10 @@ class ContainerCpuTracker:
 
     def _scan(self, initial: bool) -> None:
         new: list[str] = []
+        present: set[str] = set()
         with contextlib.suppress(OSError):
             for entry in CPUACCT.iterdir():
+                present.add(entry.name)
                 cid = entry.name
                 if not entry.is_dir() or cid in self.others:
                     continue
@@ -133,6 +137,7 @@ class ContainerCpuTracker:
                     self.first[cid] = usage if initial else 0.0
                     new.append(cid)
                 self.last[cid] = usage
+        self.gone.update(c for c in self.last if c not in present)
         if new:
             self.shims.update({c: p for c, p in shim_pids().items() if c in new})
         for cid, pid in self.shims.items():
@@ -140,7 +145,7 @@ class ContainerCpuTracker:
             if cpu is None:
                 continue
             if cid not in self.shim_last:
-                self.shim_first[cid] = cpu if cid in new and initial else 0.0
+                self.shim_first[cid] = cpu if cid in new and initial else (0.0, 0.0)
             self.shim_last[cid] = cpu
 
     @property
@@ -153,13 +158,24 @@ class ContainerCpuTracker:
 
     @property
     def shim_cpu_seconds(self) -> float:
-        return sum(self.shim_last[c] - self.shim_first.get(c, 0.0) for c in self.shim_last)
+        """The shims' own CPU plus that of the ``runc`` calls they waited for. A shim also
+        reaps its container's process, whose CPU the cgroup already counted: that is taken
+        out again for every container that died while watched."""
+        total = 0.0
+        for cid, (own, children) in self.shim_last.items():
+            own0, children0 = self.shim_first.get(cid, (0.0, 0.0))
+            runc = children - children0
+            if cid in self.gone:
+                runc -= self.last[cid] - self.first.get(cid, 0.0)
+            total += (own - own0) + max(0.0, runc)
+        return total
 
 
-def _pid_cpu(pid: int) -> float | None:
+def _pid_cpu(pid: int) -> tuple[float, float] | None:
+    """(utime + stime, cutime + cstime) of a process, in seconds."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             fields = fh.read().rsplit(b")", 1)[1].split()
     except OSError:
         return None
-    return sum(int(x) for x in fields[11:15]) / TICK
+    return (int(fields[11]) + int(fields[12])) / TICK, (int(fields[13]) + int(fields[14])) / TICK

@@ -320,6 +320,8 @@ def _container_cost(script: str, reps: int) -> dict[str, Any]:
         while True:
             cpu = host.container_cpu(cid)
             if shim is not None:
+                # own + waited-for children (runc calls, and the container's process once
+                # it is reaped: taken out below)
                 shim_cpu = host.pid_cpu(shim) or shim_cpu
             if cpu is None:
                 break
@@ -333,7 +335,7 @@ def _container_cost(script: str, reps: int) -> dict[str, Any]:
         ch1 = os.times()
         rows.append({
             "container_cgroup": cgroup_cpu,
-            "shim_and_runc": shim_cpu,
+            "shim_and_runc": max(0.0, shim_cpu - cgroup_cpu),
             **{f"{n}": host.pid_cpu(p) - d0[n] for n, p in daemons.items()},
             "docker_cli": (ch1.children_user + ch1.children_system)
             - (ch0.children_user + ch0.children_system),
