@@ -13,7 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,7 +61,8 @@ class PoolBroker:
     proc: BrokerProcess
     client: Client
     identity: str
-    logs: list[Path] = field(default_factory=list)
+    #: time.time() just before it was started (Docker events of its containers come after).
+    started_at: float = 0.0
 
     @property
     def address(self) -> str:
@@ -88,6 +89,7 @@ class PoolBroker:
 def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
     """Start a broker on ``config``; with ``spool``, on that (possibly used) spool directory."""
     env = {"AIRLOCK_SPOOL_DIR": str(spool)} if spool is not None else None
+    started_at = time.time()
     proc = start_broker(tmp, "--config", str(config), env=env)
     if spool is not None and proc.spool != spool:
         # start_broker assumed <tmp>/spool; record the spool the broker really uses.
@@ -95,7 +97,7 @@ def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
         proc.spool = spool
         LIVE_SPOOLS.add(spool)
     broker = PoolBroker(proc=proc, client=Client(proc.address, retry_attempts=1),
-                        identity=process_identity(proc.process.pid))
+                        identity=process_identity(proc.process.pid), started_at=started_at)
     return broker
 
 

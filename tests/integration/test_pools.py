@@ -71,7 +71,6 @@ def convert(broker: PoolBroker, artifact: Path, output: Path, **kwargs: Any,
 
 def test_a_job_never_gets_a_container_that_served_another_job(
         ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
-    began = time.time()
     token = os.urandom(8).hex()
     writer = ph.payload_pickle(tmp_path / "writer.pkl", ph.marker_writer_source(token))
     seeker = ph.payload_pickle(tmp_path / "seeker.pkl", ph.marker_seeker_source())
@@ -108,7 +107,7 @@ def test_a_job_never_gets_a_container_that_served_another_job(
     assert not ph.exists(docker_client, second_container)
 
     # Docker's own record: each container started once, died with its one job's exit code.
-    life = ph.container_events(docker_client, ready.identity, began)
+    life = ph.container_events(docker_client, ready.identity, ready.started_at)
     assert life.get(first_container, [])[-3:] == ["start", f"die:{first_exit}", "destroy"], \
         life.get(first_container)
     assert life.get(second_container, [])[-3:] == ["start", f"die:{ph.EXIT_NO_MARKER}",
