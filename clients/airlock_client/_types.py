@@ -64,6 +64,8 @@ class ConversionResult:
     image_id: str
     runtime: str
     report: ConversionReport
+    #: Why ``assurance`` is what it is (e.g. why integrity could not be verified).
+    integrity_note: str = ""
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,7 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
             "output": str(result.output), "format": result.format, "sha256": result.sha256,
             "size": result.size, "job_id": result.job_id,
             "detected_format": result.detected_format, "assurance": result.assurance,
+            "integrity_note": result.integrity_note,
             "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
             "executed_artifact_code": result.report.executed_artifact_code,
             "parity": [asdict(p) for p in result.report.parity],
@@ -253,7 +254,8 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
     executed = "yes" if result.report.executed_artifact_code else "no"
     print(f"  detected   {result.detected_format}; loader {result.report.loader or '-'}; "
           f"artifact code executed in sandbox: {executed}")
-    print(f"  assurance  {result.assurance}")
+    note = f" ({result.integrity_note})" if result.integrity_note else ""
+    print(f"  assurance  {result.assurance}{note}")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
         print(f"  parity     {p.output_name}: max |diff| {p.max_abs_diff:.3g} over {p.samples} "

@@ -35,6 +35,7 @@ class Reason(enum.StrEnum):
     SANDBOX_OOM = "SANDBOX_OOM"
     OUTPUT_INVALID = "OUTPUT_INVALID"
     OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+    INTEGRITY_MISMATCH = "INTEGRITY_MISMATCH"
     # The service.
     BUSY = "BUSY"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -67,6 +68,7 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.SANDBOX_OOM: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
     Reason.OUTPUT_INVALID: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.OUTPUT_TOO_LARGE: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.INTEGRITY_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.BUSY: (grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.FAILED),
     Reason.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
     Reason.CANCELLED: (grpc.StatusCode.CANCELLED, Kind.FAILED),

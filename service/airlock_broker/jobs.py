@@ -7,6 +7,7 @@ worker's report is carried along as information (DESIGN §1.4).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -18,20 +19,28 @@ from typing import Any
 
 from airlock_broker.audit import AuditRecord
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.integrity import difference
 from airlock_broker.outputs import ValidatedOutput, validate_output
 from airlock_broker.pools import Pools
-from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable
+from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
+    JobMode,
     JobSpec,
     LoadingPolicy,
     Target,
     TensorSpec,
     WorkerExit,
 )
-from airlock_sandbox.formats import ArtifactFormat, admits, detect_prefix, profile_for
+from airlock_sandbox.formats import (
+    PROFILE_TORCH,
+    ArtifactFormat,
+    admits,
+    detect_prefix,
+    profile_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ _EXIT_MESSAGES: dict[Reason, str] = {
 }
 
 _MAX_DETAIL = 400
+FORMAT_SAFE_ONLY = "format_safe_only"
+INTEGRITY_VERIFIED = "integrity_verified"
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -90,6 +101,8 @@ class JobResult:
     policy: LoadingPolicy
     report: dict[str, Any] = field(default_factory=dict)
     duration_seconds: float = 0.0
+    assurance: str = "format_safe_only"
+    integrity_note: str = ""
 
 
 def detect_on_host(prefix: bytes, size: int, declared: str | None) -> ArtifactFormat:
@@ -134,51 +147,102 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
 class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
-    def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits) -> None:
+    def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
+                 verify_integrity: bool = True) -> None:
         self.backend = backend
         self.pools = pools
         self.limits = limits
+        self.verify_integrity = verify_integrity
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, detected: ArtifactFormat,
                   input_sha256: str, input_size: int,
                   audit: AuditRecord) -> AsyncIterator[JobResult]:
-        """Convert ``upload``; yields the validated result, destroys the sandbox on exit."""
+        """Convert ``upload``; yields the validated result, destroys the sandboxes on exit.
+
+        A zip checkpoint converted to safetensors is also read, concurrently, by a second
+        sandbox in integrity-extraction mode; the two outputs must agree (see integrity.py).
+        """
         began = time.monotonic()
-        slot = await self.pools.acquire(profile_for(detected))
-        audit.set(warm_container=slot.started, profile=slot.profile)
-        try:
+        verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
+                  and request.target in (Target.AUTO, Target.SAFETENSORS))
+        async with contextlib.AsyncExitStack() as stack:
+            slot = await self._slot(stack, profile_for(detected))
+            audit.set(warm_container=slot.started, profile=slot.profile)
             slot.workspace.adopt_artifact(upload)
+            second = await self._slot(stack, PROFILE_TORCH) if verify else None
+            if second is not None:
+                second.workspace.link_artifact(slot.workspace.artifact)
             spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
                            max_output_bytes=self.limits.max_output_bytes)
             try:
-                outcome = await self.backend.run(slot, spec, request.deadline_seconds)
+                outcome, extraction = await asyncio.gather(
+                    self.backend.run(slot, spec, request.deadline_seconds),
+                    self._extract(second, request))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                       timed_out=outcome.timed_out, image_id=outcome.image_id,
                       runtime=outcome.runtime,
                       sandbox_seconds=round(outcome.duration_seconds, 3))
-            # From here on the container is dead: only now is its output looked at.
+            # From here on the containers are dead: only now are their outputs looked at.
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
             if report is not None:
                 audit.set(executed_artifact_code=report.get("executed_artifact_code") is True,
                           loader=sanitize(report.get("loader", ""), 80),
                           refined_format=sanitize(report.get("detected_format", ""), 32))
-            judge(outcome, report, request.deadline_seconds)
-            output = await validate_output(slot.workspace.out_dir, request.target, self.limits)
-            log.info("job %s converted %s -> %s in %.2fs", request.job_id, detected,
-                     output.format, time.monotonic() - began,
+            try:
+                judge(outcome, report, request.deadline_seconds)
+                output = await validate_output(slot.workspace.out_dir, request.target,
+                                               self.limits)
+                assurance, note = await self._assurance(output, second, extraction)
+            except AirlockError as exc:
+                log.info("job %s ended: %s", request.job_id, exc,
+                         extra={"job_id": request.job_id, "outcome": exc.kind.value,
+                                "reason": exc.reason.value})
+                raise
+            audit.set(assurance=assurance, integrity_note=note)
+            log.info("job %s converted %s -> %s (%s) in %.2fs", request.job_id, detected,
+                     output.format, assurance, time.monotonic() - began,
                      extra={"job_id": request.job_id, "outcome": "ok"})
             yield JobResult(
                 job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
-                report=report or {}, duration_seconds=time.monotonic() - began)
+                report=report or {}, duration_seconds=time.monotonic() - began,
+                assurance=assurance, integrity_note=note)
+
+    async def _slot(self, stack: contextlib.AsyncExitStack, profile: str) -> Slot:
+        """A single-use slot whose destruction ``stack`` owns."""
+        slot = await self.pools.acquire(profile)
+        stack.push_async_callback(self.pools.release, slot)
+        return slot
+
+    async def _extract(self, slot: Slot | None, request: JobRequest) -> Outcome | None:
+        if slot is None:
+            return None
+        spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
+                       max_output_bytes=self.limits.max_output_bytes)
+        return await self.backend.run(slot, spec, request.deadline_seconds)
+
+    async def _assurance(self, output: ValidatedOutput, second: Slot | None,
+                         extraction: Outcome | None) -> tuple[str, str]:
+        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement."""
+        if second is None or extraction is None or output.safetensors is None:
+            return FORMAT_SAFE_ONLY, ""
+        if extraction.timed_out or extraction.oom_killed or extraction.exit_code != 0:
+            return FORMAT_SAFE_ONLY, ("the weights could not be read without executing the "
+                                      f"artifact (extraction exit {extraction.exit_code})")
+        try:
+            extracted = await validate_output(second.workspace.out_dir, Target.SAFETENSORS,
+                                              self.limits)
         except AirlockError as exc:
-            log.info("job %s ended: %s", request.job_id, exc,
-                     extra={"job_id": request.job_id, "outcome": exc.kind.value,
-                            "reason": exc.reason.value})
-            raise
-        finally:
-            await self.pools.release(slot)
+            return FORMAT_SAFE_ONLY, f"the extraction's output was invalid: {exc.message}"
+        assert extracted.safetensors is not None
+        differs = await asyncio.to_thread(difference, output.path, output.safetensors,
+                                          extracted.path, extracted.safetensors)
+        if differs is not None:
+            raise error(Reason.INTEGRITY_MISMATCH,
+                        "the converted weights differ from the ones stored in the checkpoint "
+                        f"({differs}): the artifact tampered with its conversion")
+        return INTEGRITY_VERIFIED, "matches a reading of the checkpoint that executed nothing"

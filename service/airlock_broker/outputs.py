@@ -12,7 +12,11 @@ from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import collect_output, open_regular_file, read_upto
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_check import validate_onnx_bytes
-from airlock_broker.validation.safetensors_check import iter_canonical, validate_safetensors
+from airlock_broker.validation.safetensors_check import (
+    SafetensorsInfo,
+    iter_canonical,
+    validate_safetensors,
+)
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
 
@@ -24,6 +28,9 @@ class ValidatedOutput:
     size: int
     sha256: str
     chunks: Callable[[int], Iterator[bytes]]
+    path: Path
+    #: The validator's findings for a safetensors output (None for ONNX).
+    safetensors: SafetensorsInfo | None = None
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:
@@ -50,11 +57,12 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits) -
         info = await asyncio.to_thread(validate_safetensors, path, limits)
         return ValidatedOutput(format=fmt, size=info.canonical_size,
                                sha256=info.canonical_sha256,
-                               chunks=lambda n: iter_canonical(path, info, n))
+                               chunks=lambda n: iter_canonical(path, info, n), path=path,
+                               safetensors=info)
     canonical = await asyncio.to_thread(_validate_onnx_file, path, limits)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
-                           chunks=lambda n: _slices(canonical, n))
+                           chunks=lambda n: _slices(canonical, n), path=path)
 
 
 def _validate_onnx_file(path: Path, limits: OutputLimits) -> bytes:

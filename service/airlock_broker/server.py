@@ -105,7 +105,9 @@ async def create_server(config: BrokerConfig,
     ])
     audit = AuditLog(config.audit_path)
     pb_grpc.add_ConversionServiceServicer_to_server(
-        ConversionServicer(config, JobRunner(backend, pools, config.output), admission, audit),
+        ConversionServicer(config, JobRunner(backend, pools, config.output,
+                                             verify_integrity=config.verify_integrity),
+                           admission, audit),
         server)
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox)

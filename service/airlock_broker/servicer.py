@@ -83,8 +83,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,
-                           output_sha256=result.output.sha256, output_size=result.output.size,
-                           assurance="format_safe_only")
+                           output_sha256=result.output.sha256, output_size=result.output.size)
                 yield result_message(result)
                 for data in result.output.chunks(self.config.chunk_bytes):
                     yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))

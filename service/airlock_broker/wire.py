@@ -109,11 +109,13 @@ def result_message(result: JobResult) -> pb.ConvertResponse:
         input_size=result.input_size,
         output_sha256=result.output.sha256,
         output_size=result.output.size,
-        assurance=pb.ASSURANCE_FORMAT_SAFE_ONLY,
+        assurance=(pb.ASSURANCE_INTEGRITY_VERIFIED if result.assurance == "integrity_verified"
+                   else pb.ASSURANCE_FORMAT_SAFE_ONLY),
         loading_policy=_POLICY_TO_PB[result.policy],
         duration_seconds=result.duration_seconds,
         image_id=result.outcome.image_id,
         runtime=result.outcome.runtime,
+        integrity_note=result.integrity_note,
         report=conversion_report(report),
     )
     return pb.ConvertResponse(result=msg)

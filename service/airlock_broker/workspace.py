@@ -88,6 +88,10 @@ class JobWorkspace:
         else:  # a non-root broker cannot chown; world-readable inside a 0700 tree
             os.chmod(self.artifact, 0o444)
 
+    def link_artifact(self, source: Path) -> None:
+        """The same artifact for a second sandbox: a hard link (read-only mounts in both)."""
+        os.link(source, self.artifact, follow_symlinks=False)
+
     def write_job_spec(self, spec: JobSpec) -> None:
         """Written last and atomically: a warm worker starts the moment it appears."""
         tmp = self.in_dir / f".{JOB_SPEC_NAME}.tmp"
