@@ -122,17 +122,22 @@ def running_broker(tmp: Path, config: Path, docker_client: Any) -> Iterator[Pool
 
 
 def containers_of(docker_client: Any, identity: str, *, running_only: bool = False) -> list[Any]:
-    """The containers one broker created (by its ``airlock.broker`` label)."""
+    """The containers one broker created (by its ``airlock.broker`` label); one removed while
+    they are listed is left out."""
     return list(docker_client.containers.list(
-        all=not running_only, filters={"label": [LABEL_MANAGED, f"{LABEL_BROKER}={identity}"]}))
+        all=not running_only, ignore_removed=True,
+        filters={"label": [LABEL_MANAGED, f"{LABEL_BROKER}={identity}"]}))
 
 
 def is_idle(container: Any, spool: Path) -> bool:
     """A warm container waiting for a job: running, and its input directory still empty."""
     slot = container.labels.get(LABEL_SLOT, "")
-    in_dir = spool / "slots" / slot / "in"
-    return bool(slot) and container.status == "running" and in_dir.is_dir() \
-        and not any(in_dir.iterdir())
+    if not slot or container.status != "running":
+        return False
+    try:
+        return not any((spool / "slots" / slot / "in").iterdir())
+    except OSError:  # no such slot (any more)
+        return False
 
 
 def idle_warm_ids(docker_client: Any, broker: PoolBroker, profile: str | None = None) -> set[str]:
