@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -66,6 +67,59 @@ def convert(broker: PoolBroker, artifact: Path, output: Path, **kwargs: Any,
         return exc
 
 
+# -- 5 (first, while no other broker of this module runs) -------------------------------------
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
+
+
+def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
+        docker_client: Any, tmp_path: Path) -> None:
+    profiles = ("sklearn", "light")
+    pools = {"min_warm": 1, "max_starting": 2, "profiles": profiles}
+    first = ph.launch(tmp_path / "first", ph.write_config(tmp_path / "first",
+                                                           {**pools, "sweep_seconds": 2}))
+    second: PoolBroker | None = None
+    try:
+        ph.wait_settled(first, 1, profiles)
+        orphans = {c.id: c.labels[ph.LABEL_SLOT]
+                   for c in ph.containers_of(docker_client, first.identity)}
+        assert len(orphans) == len(profiles), orphans
+
+        first.proc.process.send_signal(signal.SIGKILL)
+        first.proc.process.wait(30)  # as its supervisor would: no zombie left to look alive
+        first.client.close()
+        assert {c.id for c in ph.containers_of(docker_client, first.identity)} == set(orphans), \
+            "the killed broker's warm containers should outlive it"
+        slots = first.spool / "slots"
+        assert {p.name for p in slots.iterdir()} >= set(orphans.values())
+        assert _mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
+
+        # Same spool, and a sweep too slow to matter. (This test runs first so that the shared
+        # broker's 2 s sweep cannot reap the orphans; another session's broker still might.)
+        second = ph.launch(tmp_path / "second",
+                           ph.write_config(tmp_path / "second", {**pools, "sweep_seconds": 3600}),
+                           spool=first.spool)
+        survivors = [c[:12] for c in orphans if ph.exists(docker_client, c)]
+        assert survivors == [], f"orphans still there once the new broker serves:\n" \
+                                f"{second.log_tail()}"
+        stale = set(orphans.values()) & {p.name for p in slots.iterdir()}
+        assert stale == set(), f"stale slot directories left: {stale}"
+        old_mounts = [m for m in _mounts_under(slots)
+                      if any(slot in m for slot in orphans.values())]
+        assert old_mounts == [], f"stale output tmpfs mounts left: {old_mounts}"
+        # The new broker carries on with pools of its own.
+        ph.wait_settled(second, 1, profiles)
+        assert set(orphans).isdisjoint(ph.idle_warm_ids(docker_client, second))
+    finally:
+        first.stop()
+        if second is not None:
+            ph.stop_cleanly(second, docker_client)
+
+
+
 # -- 1 -----------------------------------------------------------------------------------------
 
 
@@ -81,7 +135,9 @@ def test_a_job_never_gets_a_container_that_served_another_job(
     first = convert(ready, writer, tmp_path / "first.safetensors")
     assert isinstance(first, ConversionError), f"the marker job should fail: {first}"
     assert first.reason == "CONVERSION_FAILED"
-    first_exit = int(first.message.rsplit("exited with code ", 1)[-1].split()[0])
+    exited = re.search(r"exited with code (\d+)", first.message)
+    assert exited, f"the marker payload did not run to its end: {first.message}"
+    first_exit = int(exited.group(1))
     marked, others = ph.decode_marker_exit(first_exit)
     assert marked == set(ph.KEY_PLACES), f"markers reached only {marked}: {first.message}"
     after_first = ready.status()["sklearn"]
@@ -243,55 +299,7 @@ def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
     assert after.served_warm == before.served_warm + 1, "the resumed pool did not serve warm"
 
 
-# -- 5 -----------------------------------------------------------------------------------------
-
-
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as fh:
-        return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
-
-
-def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
-        docker_client: Any, tmp_path: Path) -> None:
-    profiles = ("sklearn", "light")
-    pools = {"min_warm": 1, "max_starting": 2, "profiles": profiles}
-    first = ph.launch(tmp_path / "first", ph.write_config(tmp_path / "first",
-                                                           {**pools, "sweep_seconds": 2}))
-    second: PoolBroker | None = None
-    try:
-        ph.wait_settled(first, 1, profiles)
-        orphans = {c.id: c.labels[ph.LABEL_SLOT]
-                   for c in ph.containers_of(docker_client, first.identity)}
-        assert len(orphans) == len(profiles), orphans
-
-        first.proc.process.send_signal(signal.SIGKILL)
-        first.proc.process.wait(30)  # as its supervisor would: no zombie left to look alive
-        first.client.close()
-        assert {c.id for c in ph.containers_of(docker_client, first.identity)} == set(orphans), \
-            "the killed broker's warm containers should outlive it"
-        slots = first.spool / "slots"
-        assert {p.name for p in slots.iterdir()} >= set(orphans.values())
-        assert _mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
-
-        # Same spool, and a sweep too slow to matter: only start-up can reap the orphans.
-        second = ph.launch(tmp_path / "second",
-                           ph.write_config(tmp_path / "second", {**pools, "sweep_seconds": 3600}),
-                           spool=first.spool)
-        survivors = [c[:12] for c in orphans if ph.exists(docker_client, c)]
-        assert survivors == [], f"orphans still there once the new broker serves:\n" \
-                                f"{second.log_tail()}"
-        stale = set(orphans.values()) & {p.name for p in slots.iterdir()}
-        assert stale == set(), f"stale slot directories left: {stale}"
-        old_mounts = [m for m in _mounts_under(slots)
-                      if any(slot in m for slot in orphans.values())]
-        assert old_mounts == [], f"stale output tmpfs mounts left: {old_mounts}"
-        # The new broker carries on with pools of its own.
-        ph.wait_settled(second, 1, profiles)
-        assert set(orphans).isdisjoint(ph.idle_warm_ids(docker_client, second))
-    finally:
-        first.stop()
-        if second is not None:
-            ph.stop_cleanly(second, docker_client)
+# -- 5, the periodic path --------------------------------------------------------------------
 
 
 def test_orphans_of_a_killed_broker_are_reaped_by_a_running_brokers_sweep(
