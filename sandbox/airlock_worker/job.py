@@ -12,6 +12,7 @@ from typing import Any
 
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
+    JobMode,
     JobSpec,
     LoadingPolicy,
     OutputFormat,
@@ -39,6 +40,8 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.ONNX: ("passthrough", "convert_onnx"),
     ArtifactFormat.SAFETENSORS: ("passthrough", "convert_safetensors"),
 }
+#: JobMode.EXTRACT_WEIGHTS, whatever the format (it refuses all but PyTorch zip checkpoints).
+EXTRACT_HANDLER = ("extract", "extract_weights")
 
 
 @dataclass
@@ -149,7 +152,7 @@ def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
         raise WorkerError(WorkerExit.BAD_JOB_SPEC, "no artifact in the input directory") from None
     report.detected_format = fmt.value
     job = Job(spec=spec, artifact=artifact, out_dir=out_dir, fmt=fmt, report=report)
-    module, function = HANDLERS[fmt]
+    module, function = EXTRACT_HANDLER if spec.mode is JobMode.EXTRACT_WEIGHTS else HANDLERS[fmt]
     try:
         getattr(importlib.import_module(f"{__package__}.{module}"), function)(job)
     except WorkerError:
