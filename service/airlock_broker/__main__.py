@@ -23,6 +23,8 @@ EXIT_UNAVAILABLE = 3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=None, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics here (e.g. 127.0.0.1:9464)")
     parser.add_argument("--runtime", choices=["runc", "runsc"], default=None,
                         help="OCI runtime for sandboxes (overrides the config file)")
     parser.add_argument("--log-level", default="INFO",
@@ -34,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
     overrides: dict[str, Any] = {"listen": args.listen} if args.listen else {}
+    if args.metrics:
+        overrides["metrics_listen"] = args.metrics
     try:
         config = BrokerConfig.load(args.config, **overrides)
         if args.runtime:

@@ -42,6 +42,8 @@ class BrokerConfig:
     """Everything the broker needs to know; every limit has a finite default."""
 
     listen: str = DEFAULT_LISTEN
+    #: Prometheus metrics endpoint (``HOST:PORT``); None: not served.
+    metrics_listen: str | None = None
     spool_root: Path = field(default_factory=_default_spool_root)
     max_concurrent_jobs: int = 2
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.

@@ -26,6 +26,7 @@ from airlock_broker.audit import AuditLog
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
+from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.selftest import SelfTestReport, run_selftest
@@ -99,7 +100,9 @@ async def create_server(config: BrokerConfig,
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
     pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
                   runtime=config.sandbox.runtime)
-    server = grpc.aio.server(options=[
+    metrics = Metrics()
+    metrics.bind(admission, pools)
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
@@ -107,7 +110,7 @@ async def create_server(config: BrokerConfig,
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit),
+                           admission, audit, metrics),
         server)
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox)
@@ -125,6 +128,9 @@ async def create_server(config: BrokerConfig,
     for name in (SERVICE_NAME, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics_listen)
     if config.selftest_on_start:
         admission.unready = "the isolation self-test has not passed yet"
         report = await selftest()

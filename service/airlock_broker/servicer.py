@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
 from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.metrics import Metrics
 from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
@@ -26,11 +28,12 @@ log = logging.getLogger(__name__)
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, metrics: Metrics) -> None:
         self.config = config
         self.runner = runner
         self.admission = admission
         self.audit = audit
+        self.metrics = metrics
         self.intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                                    max_chunk_bytes=config.max_request_chunk_bytes,
                                    idle_seconds=config.upload_idle_seconds)
@@ -57,6 +60,12 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             await context.abort_with_status(rpc_status.to_status(status_of(bug, job_id)))
         finally:
             self.audit.write(record)
+            doc = record.fields
+            self.metrics.job_done(str(doc.get("outcome")), doc.get("reason"),
+                                  time.time() - record.started)
+            self.metrics.bytes_in.inc(int(doc.get("input_size") or 0))
+            if doc.get("outcome") == "ok":
+                self.metrics.bytes_out.inc(int(doc.get("output_size") or 0))
 
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:

@@ -223,3 +223,29 @@ def test_every_job_leaves_one_audit_line_without_artifact_bytes(make_broker,
     raw = (tmp_path / "spool" / "audit.jsonl").read_bytes()
     assert b"not a model" not in raw and b"\x1b" not in raw
     assert all(r["peer"] and r["job_id"] and "limits" in r for r in records)
+
+
+def test_prometheus_metrics_count_jobs_rpcs_and_bytes(make_broker, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address, _ = make_broker(write_safetensors, metrics_listen=f"127.0.0.1:{port}")
+    good = tmp_path / "good.pkl"
+    good.write_bytes(PICKLE)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a model at all")
+    with Client(address) as client:
+        client.convert(good, tmp_path / "out")
+        with pytest.raises(ConversionError):
+            client.convert(bad, tmp_path / "out2")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'airlock_jobs_total{outcome="ok",reason=""} 1.0' in text
+    assert 'airlock_jobs_total{outcome="rejected",reason="UNSUPPORTED_FORMAT"} 1.0' in text
+    assert 'airlock_grpc_server_handled_total{code="OK",method="Convert"} 1.0' in text
+    assert 'airlock_grpc_server_handled_total{code="INVALID_ARGUMENT",method="Convert"} 1.0' in text
+    assert f"airlock_artifact_bytes_in_total {float(len(PICKLE) + 18)}" in text
+    assert 'airlock_pool_containers{profile="sklearn",state="warm"} 0.0' in text
+    assert "airlock_jobs_in_broker 0.0" in text
