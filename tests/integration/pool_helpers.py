@@ -107,6 +107,17 @@ def stop_cleanly(broker: PoolBroker, docker_client: Any) -> None:
     assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
     left = containers_of(docker_client, broker.identity)
     assert left == [], f"the stopped broker left containers: {left}"
+    slots = broker.spool / "slots"
+    assert mounts_under(broker.spool) == [], "the stopped broker left output tmpfs mounts"
+    assert not slots.is_dir() or list(slots.iterdir()) == [], \
+        f"the stopped broker left slot directories: {list(slots.iterdir())}"
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (the output tmpfs of each slot is one)."""
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    return [m for m in points if m == str(path) or m.startswith(f"{path}/")]
 
 
 @contextlib.contextmanager

@@ -70,11 +70,6 @@ def convert(broker: PoolBroker, artifact: Path, output: Path, **kwargs: Any,
 # -- 5 (first, while no other broker of this module runs) -------------------------------------
 
 
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as fh:
-        return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
-
-
 def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
         docker_client: Any, tmp_path: Path) -> None:
     profiles = ("sklearn", "light")
@@ -95,7 +90,7 @@ def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
             "the killed broker's warm containers should outlive it"
         slots = first.spool / "slots"
         assert {p.name for p in slots.iterdir()} >= set(orphans.values())
-        assert _mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
+        assert ph.mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
 
         # Same spool, and a sweep too slow to matter. (This test runs first so that the shared
         # broker's 2 s sweep cannot reap the orphans; another session's broker still might.)
@@ -107,7 +102,7 @@ def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
                                 f"{second.log_tail()}"
         stale = set(orphans.values()) & {p.name for p in slots.iterdir()}
         assert stale == set(), f"stale slot directories left: {stale}"
-        old_mounts = [m for m in _mounts_under(slots)
+        old_mounts = [m for m in ph.mounts_under(slots)
                       if any(slot in m for slot in orphans.values())]
         assert old_mounts == [], f"stale output tmpfs mounts left: {old_mounts}"
         # The new broker carries on with pools of its own.
