@@ -38,6 +38,7 @@ patch, and the light profile can run it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import contextlib
 import io
@@ -116,7 +117,7 @@ class DType:
         return f"torch.{self.name}"
 
 
-dtype = DType  # the class name that shows in "skipped x (dtype)", as the converter's would
+DType.__name__ = "dtype"  # "skipped x (dtype)", as the converter's warning says
 
 _DTYPE_LIST = [
     DType("float64", 8, "F64"), DType("float32", 4, "F32"), DType("float16", 2, "F16"),
@@ -451,9 +452,9 @@ class _Archive:
     def record(self, name: str) -> zipfile.ZipInfo | None:
         return self._infos.get(self.prefix + name)
 
-    def record_bytes(self, info: zipfile.ZipInfo, limit: int | None = None) -> memoryview:
-        """The record's bytes: a view of the mmap if stored, inflated under caps if not."""
-        assert self._mm is not None
+    def check(self, info: zipfile.ZipInfo, limit: int | None = None) -> None:
+        """Refuse a record before reading it: over ``limit``, stored with two sizes,
+        compressed other than deflate, or inflating more than :data:`MAX_INFLATE_RATIO`."""
         size = info.file_size
         if limit is not None and size > limit:
             raise Refused(f"{info.filename[:80]!r} is {size} bytes (limit {limit})")
@@ -461,14 +462,24 @@ class _Archive:
             if size != info.compress_size:
                 raise Refused(f"{info.filename[:80]!r}: stored size {info.compress_size} is "
                               f"not the declared {size}")
-            start = self._data_offsets[info.filename]
-            return memoryview(self._mm)[start:start + size]
+            return
         if info.compress_type != zipfile.ZIP_DEFLATED:
             raise Refused(f"{info.filename[:80]!r}: unsupported compression "
                           f"{info.compress_type}")
         if size > MAX_INFLATE_RATIO * max(info.compress_size, 1):
-            raise Refused(f"{info.filename[:80]!r} inflates more than {MAX_INFLATE_RATIO}x "
-                          "(zip bomb?)")
+            raise Refused(f"{info.filename[:80]!r} would inflate {size} bytes from "
+                          f"{info.compress_size}, more than {MAX_INFLATE_RATIO}x (zip bomb)")
+        if size > MAX_INFLATED_BYTES:
+            raise Refused(f"{info.filename[:80]!r} would inflate to {size} bytes")
+
+    def record_bytes(self, info: zipfile.ZipInfo, limit: int | None = None) -> memoryview:
+        """The record's bytes: a view of the mmap if stored, inflated under caps if not."""
+        assert self._mm is not None
+        self.check(info, limit)
+        size = info.file_size
+        if info.compress_type == zipfile.ZIP_STORED:
+            start = self._data_offsets[info.filename]
+            return memoryview(self._mm)[start:start + size]
         if self.inflated + size > MAX_INFLATED_BYTES:
             raise Refused(f"inflated records exceed {MAX_INFLATED_BYTES} bytes")
         self.inflated += size
@@ -495,8 +506,10 @@ class _Archive:
 
 
 def _int(value: Any, what: str) -> int:
-    if type(value) is not int or not 0 <= value < _INT64:
-        raise Refused(f"{what} must be a non-negative int64, not {type(value).__name__}")
+    if type(value) is not int:
+        raise Refused(f"{what} must be an int, not a {type(value).__name__}")
+    if not 0 <= value < _INT64:
+        raise Refused(f"{what} must be a non-negative int64, not {value}")
     return value
 
 
@@ -548,7 +561,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if cls is None:
             if len(self._poison) >= MAX_POISON_GLOBALS:
                 raise Refused(f"the pickle names more than {MAX_POISON_GLOBALS} globals")
-            label = f"{module}.{name}"[:120]
+            shown = _compat_pickle.IMPORT_MAPPING.get(module, module)  # __builtin__ -> builtins
+            label = f"{shown}.{name}"[:120]
             cls = type("Poison", (Poison,), {"global_name": label, "__slots__": ()})
             self._poison[(module, name)] = cls
         return cls
@@ -571,6 +585,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         record = self._archive.record(f"data/{key}")
         if record is None:
             raise Refused(f"storage record data/{key[:80]} is missing")
+        self._archive.check(record)
         if record.file_size != nbytes:
             raise Refused(f"storage data/{key[:80]} holds {record.file_size} bytes, "
                           f"the pickle says {nbytes}")

@@ -1,0 +1,225 @@
+"""Generators of hostile PyTorch zip checkpoints for the integrity check (DESIGN §1.8, §5).
+
+"Silent Sabotage" (HiddenLayer, 2024): a checkpoint whose pickle runs code in the converter and
+makes it write *different weights*, consistently enough to pass the converter's own reload
+check. Only a second reading that never executes the artifact can catch it.
+
+Nothing here loads anything: the functions only *write* files (``torch.save`` and ``pickle``
+serialise, they never call what they write). Never ``torch.load`` these on the host; the
+CONVERT path runs them inside the sandbox, the EXTRACT path may read them anywhere.
+
+* :func:`make_sabotaged_checkpoint` - the sabotage itself.
+* :func:`make_marker_checkpoint` - ``exec`` / ``os.system`` payloads whose only effect, if
+  they ever ran, is to create a marker file.
+* :func:`write_checkpoint` - a torch-format zip built by hand from :class:`StorageRef` /
+  :class:`TensorRef` placeholders, for the malformed cases (views out of bounds, missing
+  records, zip bombs, deep nesting).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The weight the sabotage alters, and by how much (first element).
+TARGET = "w"
+DELTA = 1.0
+
+
+def sabotage_source(target: str = TARGET, delta: float = DELTA) -> str:
+    """Python run by ``exec`` inside the converter while ``torch.load(weights_only=False)``
+    unpickles. It patches the names the converter looks up at write time:
+    ``airlock_worker.st_torch.save_file`` (``from safetensors.torch import save_file``) to
+    add ``delta`` to one element of ``target``, and ``st_torch._same_bytes`` (the reload
+    comparison) to agree with anything, so the converter's self-check passes. A compromised
+    converter lies consistently. Silent on any failure: the attacker wants no trace."""
+    return f"""
+def _airlock_sabotage():
+    import importlib
+    st = importlib.import_module("airlock_worker.st_torch")
+    original = st.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        tensors = dict(tensors)
+        name = {target!r} if {target!r} in tensors else sorted(tensors)[0]
+        altered = tensors[name].clone()
+        altered.view(-1)[0] += {delta!r}
+        tensors[name] = altered
+        return original(tensors, filename, metadata=metadata)
+
+    st.save_file = save_file
+    st._same_bytes = lambda a, b: True
+    importlib.import_module("safetensors.torch").save_file = save_file
+
+try:
+    _airlock_sabotage()
+except Exception:
+    pass
+"""
+
+
+class _Exec:
+    """Pickles to ``exec(source)``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (exec, (self.source,))
+
+
+class _System:
+    """Pickles to ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def make_sabotaged_checkpoint(path: Path | str) -> tuple[Path, dict[str, np.ndarray]]:
+    """``torch.save({"w": ..., "b": ..., "payload": exec(SABOTAGE)})``; returns the file and
+    the tensors really in it (``w`` is what the sabotaged converter changes)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    w = torch.randn(16, 8, generator=gen)
+    b = torch.randn(16, generator=gen)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": w, "b": b, "payload": _Exec(sabotage_source())}, target)
+    return target, {"w": w.numpy().copy(), "b": b.numpy().copy()}
+
+
+def make_marker_checkpoint(path: Path | str, marker: Path | str,
+                           via: str = "exec") -> tuple[Path, dict[str, np.ndarray]]:
+    """A state dict beside a payload that would create ``marker`` if it ever ran:
+    ``via="exec"`` (``builtins.exec`` of Python source) or ``"system"`` (``os.system``)."""
+    import torch
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    payload: Any = (_Exec(f"open({str(marker)!r}, 'w').write('ran')") if via == "exec"
+                    else _System(f"touch {marker}"))
+    target = Path(path)
+    torch.save({"w": w, "payload": payload, "nested": {"also": payload}}, target)
+    return target, {"w": w.numpy().copy()}
+
+
+# -- hand-built checkpoints -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage as ``data.pkl`` names it: ``("storage", torch.<type>, key, "cpu", numel)``."""
+
+    key: str
+    numel: int
+    type_name: str = "FloatStorage"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Pickles to ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False,
+    OrderedDict())``, with whatever numbers it is given."""
+
+    storage: StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        import torch
+
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, self.offset, self.size, self.stride, False,
+                 collections.OrderedDict()))
+
+
+class _CheckpointPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, StorageRef):
+            import torch
+
+            return ("storage", getattr(torch, obj.type_name), obj.key, "cpu", obj.numel)
+        return None
+
+
+def checkpoint_pickle(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _CheckpointPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def write_checkpoint(path: Path | str, obj: Any, storages: dict[str, bytes], *,
+                     compress: bool = False, byteorder: bytes | None = b"little",
+                     pickle_bytes: bytes | None = None, prefix: str = "archive") -> Path:
+    """A torch-format zip: ``<prefix>/data.pkl`` first (the reader takes the prefix from the
+    first record), then ``byteorder``, ``data/<key>`` records and ``version``."""
+    target = Path(path)
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(target, "w", compression=method) as zf:
+        zf.writestr(f"{prefix}/data.pkl", pickle_bytes if pickle_bytes is not None
+                    else checkpoint_pickle(obj))
+        if byteorder is not None:
+            zf.writestr(f"{prefix}/byteorder", byteorder)
+        for key, data in storages.items():
+            zf.writestr(f"{prefix}/data/{key}", data)
+        zf.writestr(f"{prefix}/version", "3\n")
+    return target
+
+
+def float_storage(key: str, values: np.ndarray) -> tuple[StorageRef, dict[str, bytes]]:
+    arr = np.ascontiguousarray(values, dtype="<f4")
+    return StorageRef(key, arr.size), {key: arr.tobytes()}
+
+
+def make_out_of_bounds_checkpoint(path: Path | str, how: str) -> Path:
+    """A 3x4 view of a 10-float storage (``how="size"``), a view past its end
+    (``"offset"``), a stride that walks off it (``"stride"``), or a negative stride."""
+    ref, data = float_storage("0", np.arange(10, dtype=np.float32))
+    view = {
+        "size": TensorRef(ref, 0, (3, 4), (4, 1)),
+        "offset": TensorRef(ref, 8, (3,), (1,)),
+        "stride": TensorRef(ref, 0, (2, 2), (9, 1)),
+        "negative": TensorRef(ref, 9, (3,), (-1,)),
+    }[how]
+    return write_checkpoint(path, {"w": view}, data)
+
+
+def make_missing_storage_checkpoint(path: Path | str) -> Path:
+    ref, _ = float_storage("0", np.zeros(4, dtype=np.float32))
+    return write_checkpoint(path, {"w": TensorRef(ref, 0, (4,), (1,))}, {})
+
+
+def make_zip_bomb_checkpoint(path: Path | str, megabytes: int = 64) -> Path:
+    """One deflated storage record of zeros: ~1000:1, far beyond any real checkpoint."""
+    numel = megabytes * 1024 * 1024 // 4
+    ref = StorageRef("0", numel)
+    return write_checkpoint(path, {"w": TensorRef(ref, 0, (numel,), (1,))},
+                            {"0": bytes(numel * 4)}, compress=True)
+
+
+def make_deep_checkpoint(path: Path | str, depth: int) -> tuple[Path, dict[str, np.ndarray]]:
+    """``{"w": tensor, "deep": {"x": {"x": ... {"v": tensor}}}}`` nested ``depth`` levels,
+    built in the pickle by hand (``pickle`` itself would recurse that deep)."""
+    ref, data = float_storage("0", np.arange(4, dtype=np.float32))
+    inner = checkpoint_pickle({"v": TensorRef(ref, 0, (4,), (1,))})
+    w = checkpoint_pickle(TensorRef(ref, 0, (2,), (1,)))
+    # PROTO 2 | } (EMPTY_DICT) "w" <tensor> s (SETITEM) "deep" {"x": ... <inner>} s .
+    body_inner = inner[2:-1]  # drop PROTO and STOP
+    body_w = w[2:-1]
+    key_x = b"X" + len(b"x").to_bytes(4, "little") + b"x"
+    nested = (b"}" + key_x) * depth + body_inner + b"s" * depth
+    out = (b"\x80\x02}" + b"X\x01\x00\x00\x00w" + body_w + b"s"
+           + b"X\x04\x00\x00\x00deep" + nested + b"s.")
+    target = write_checkpoint(path, None, data, pickle_bytes=out)
+    return target, {"w": np.arange(2, dtype=np.float32)}

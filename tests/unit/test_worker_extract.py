@@ -1,0 +1,379 @@
+"""Integrity extraction (DESIGN §5): the worker's EXTRACT_WEIGHTS mode reads a PyTorch zip
+checkpoint without executing it and writes what the CONVERT mode writes, byte for byte.
+
+Benign checkpoints generated here run through *both* modes of the worker on the host (CONVERT
+loads them with ``torch.load(weights_only=True)``: they are ours and hold only tensors).
+Hostile ones (``tests/adversarial/sabotage.py``) go through EXTRACT only: if the extractor ever
+called what a pickle names, the payloads here would only create a marker file, and the tests
+assert that it does not exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
+
+from airlock_sandbox.contract import (
+    ARTIFACT_NAME,
+    OUTPUT_NAMES,
+    JobMode,
+    JobSpec,
+    OutputFormat,
+    Target,
+    WorkerExit,
+)
+from airlock_worker import extract
+from airlock_worker import job as worker_job
+from airlock_worker.errors import WorkerError
+from airlock_worker.report import Report
+from tests.adversarial import sabotage
+from tests.fixtures import models
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTPUT = OUTPUT_NAMES[OutputFormat.SAFETENSORS]
+
+
+class Outcome:
+    def __init__(self, out_dir: Path, report: Report, error: WorkerError | None) -> None:
+        self.path = out_dir / OUTPUT
+        self.report = report
+        self.error = error
+
+    @property
+    def raw(self) -> bytes:
+        assert self.error is None, f"the job failed: {self.error.exit.name}: {self.error.message}"
+        return self.path.read_bytes()
+
+    def split(self) -> tuple[dict[str, Any], bytes]:
+        raw = self.raw
+        (n,) = struct.unpack("<Q", raw[:8])
+        return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Raw bytes per tensor (numpy has no bf16; the bytes are what is compared)."""
+        header, data = self.split()
+        return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], np.uint8)
+                for k, v in header.items() if k != "__metadata__"}
+
+
+def run(tmp: Path, artifact: Path, mode: JobMode, **spec: Any) -> Outcome:
+    """One job through the worker's own entry (detect -> dispatch -> write)."""
+    base = tmp / f"{artifact.stem}-{mode.value}"
+    in_dir, out_dir = base / "in", base / "out"
+    in_dir.mkdir(parents=True)
+    out_dir.mkdir()
+    os.link(artifact, in_dir / ARTIFACT_NAME)
+    report = Report()
+    try:
+        worker_job.run(JobSpec(job_id="t", mode=mode, **spec), str(in_dir), str(out_dir), report)
+    except WorkerError as exc:
+        assert not (out_dir / OUTPUT).exists() or mode is JobMode.CONVERT
+        return Outcome(out_dir, report, exc)
+    return Outcome(out_dir, report, None)
+
+
+def extract_only(tmp: Path, artifact: Path, **spec: Any) -> Outcome:
+    return run(tmp, artifact, JobMode.EXTRACT_WEIGHTS, **spec)
+
+
+def assert_same_as_convert(tmp: Path, artifact: Path) -> tuple[Outcome, Outcome]:
+    conv = run(tmp, artifact, JobMode.CONVERT)
+    ext = run(tmp, artifact, JobMode.EXTRACT_WEIGHTS)
+    (hc, dc), (he, de) = conv.split(), ext.split()
+    assert he == hc  # names, dtypes, shapes, offsets (data order) and __metadata__
+    assert de == dc  # the data sections, byte for byte
+    if len(hc["__metadata__"]) == 1:  # the reference writer orders metadata keys randomly
+        assert ext.raw == conv.raw
+    assert ext.report.warnings == conv.report.warnings
+    assert ext.report.tensor_count == conv.report.tensor_count
+    assert ext.report.loader == "restricted-zip-reader"
+    assert ext.report.executed_artifact_code is False
+    return conv, ext
+
+
+def assert_holds(outcome: Outcome, truth: dict[str, np.ndarray]) -> None:
+    got = outcome.tensors()
+    assert sorted(got) == sorted(truth)
+    for name, want in truth.items():
+        assert got[name].tobytes() == np.ascontiguousarray(want).tobytes(), name
+
+
+# -- extract == convert on benign checkpoints ---------------------------------------------------
+
+
+FIXTURES: dict[str, Callable[[Path], tuple[Path, models.Check]]] = {
+    "state_dict": models.make_state_dict,
+    "lightning_checkpoint": models.make_lightning_checkpoint,
+    "tied_state_dict": models.make_tied_state_dict,
+    "large_state_dict": lambda d: models.make_large_state_dict(d / "large.pt", size_mb=40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_extraction_equals_conversion_for_the_fixture_checkpoints(tmp_path: Path,
+                                                                  name: str) -> None:
+    artifact, check = FIXTURES[name](tmp_path / "src")
+    _, ext = assert_same_as_convert(tmp_path, artifact)
+    header, _ = ext.split()
+    assert {k: v for k, v in header["__metadata__"].items() if k != "format"} == check.tied
+    if name != "large_state_dict":  # its check holds names only
+        assert_holds(ext, check.expected)
+
+
+def _edge_checkpoint(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.arange(24, dtype=torch.float32)
+    tied = torch.randn(4, 3, generator=gen)
+    with_attr = torch.randn(3, generator=gen)
+    with_attr.note = "an attribute"  # type: ignore[attr-defined]
+    param = torch.nn.Parameter(torch.randn(2, 2, generator=gen))
+    param.extra = 1  # type: ignore[attr-defined]
+    state = {
+        "bf16": torch.randn(5, 3, generator=gen).to(torch.bfloat16),
+        "scalar": torch.tensor(3.5),
+        "int_scalar": torch.tensor(7),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(3, 5, generator=gen).t(),
+        "bf16_transposed": torch.randn(4, 6, generator=gen).to(torch.bfloat16).t(),
+        "whole": shared,
+        "slice": shared[4:10],
+        "strided_slice": shared.view(4, 6)[:, ::2],
+        "embed": tied,
+        "lm_head": tied,
+        "half": torch.randn(4, generator=gen).half(),
+        "bool": torch.tensor([True, False, True]),
+        "int8": torch.tensor([-3, 4], dtype=torch.int8),
+        "uint16": torch.tensor([1, 65535], dtype=torch.uint16),
+        "fp8": torch.randn(6, generator=gen).to(torch.float8_e4m3fn),
+        "complex": torch.randn(3, dtype=torch.complex64, generator=gen),
+        "complex128": torch.zeros(2, dtype=torch.complex128),
+        "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+        "with_attr": with_attr,
+        "param": param,
+        "block": {"inner": {"w": torch.ones(2)}, "lr": 0.1, "dt": torch.float16,
+                  "size": torch.Size([2, 3]), "dev": torch.device("cpu"), "names": ["a"]},
+        "step": 12,
+    }
+    torch.save(state, path)
+    return path
+
+
+def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path) -> None:
+    """bf16, 0-dim, zero-size, transposed (non-contiguous), slices and strided views of one
+    storage, a same-view alias (deduplicated), fp8/uint16 (saved via UntypedStorage),
+    complex128 (skipped by both), a tensor and a parameter carrying attributes."""
+    artifact = _edge_checkpoint(tmp_path / "edge.pt")
+    _, ext = assert_same_as_convert(tmp_path, artifact)
+    header, _ = ext.split()
+    assert header["__metadata__"] == {"format": "pt", "lm_head": "embed"}
+    assert "complex128" not in header and "slice" in header and "whole" in header
+    assert header["bf16_transposed"]["shape"] == [6, 4]
+    assert any("complex128" in w for w in ext.report.warnings)
+
+
+def test_extraction_of_a_root_tensor_and_of_nested_state_dicts(tmp_path: Path) -> None:
+    torch.save(torch.arange(5.0), tmp_path / "root.pt")
+    assert_same_as_convert(tmp_path, tmp_path / "root.pt")
+    torch.save({"state_dict": {"enc": {"w": torch.ones(3)}, "dec.w": torch.zeros(2)},
+                "optimizer_states": [{"state": {}}]}, tmp_path / "nested.pt")
+    assert_same_as_convert(tmp_path, tmp_path / "nested.pt")
+
+
+def test_a_deflated_checkpoint_is_inflated_under_the_caps(tmp_path: Path) -> None:
+    """torch.save never compresses, but a re-zipped checkpoint must still read true."""
+    src, check = models.make_state_dict(tmp_path / "src")
+    zipped = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    assert_holds(extract_only(tmp_path, zipped), check.expected)
+
+
+# -- what is not extractable: format-safe only --------------------------------------------------
+
+
+@pytest.mark.parametrize("maker", [lambda d: models.make_state_dict(d, legacy=True),
+                                   models.make_torchscript, models.make_npz],
+                         ids=["legacy", "torchscript", "npz"])
+def test_other_formats_are_unsupported(tmp_path: Path, maker: Any) -> None:
+    artifact, _ = maker(tmp_path / "src")
+    out = extract_only(tmp_path, artifact)
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+    assert "integrity extraction supports PyTorch zip checkpoints only" in out.error.message
+
+
+def test_a_pickled_module_cannot_be_extracted_and_nothing_runs(tmp_path: Path) -> None:
+    artifact, _ = models.make_full_module(tmp_path / "src")
+    out = extract_only(tmp_path, artifact)
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+    assert "without executing the artifact" in out.error.message
+    assert not out.path.exists()
+    assert out.report.executed_artifact_code is False
+
+
+def test_tensors_inside_an_unknown_object_are_not_guessed(tmp_path: Path) -> None:
+    """A module beside other entries: only its code could say which tensors it contributes."""
+    torch.save({"model": models.torch_mlp(), "w": torch.ones(2)}, tmp_path / "m.pt")
+    out = extract_only(tmp_path, tmp_path / "m.pt")
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+    assert "torch.nn.modules" in out.error.message
+
+
+def test_a_dict_key_made_by_code_is_not_guessed(tmp_path: Path) -> None:
+    key = sabotage._Exec("pass")
+    torch.save({"w": torch.ones(2), key: 1}, tmp_path / "k.pt")
+    out = extract_only(tmp_path, tmp_path / "k.pt")
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+
+
+def test_a_big_endian_checkpoint_is_unsupported(tmp_path: Path) -> None:
+    ref, data = sabotage.float_storage("0", np.zeros(2, np.float32))
+    path = sabotage.write_checkpoint(tmp_path / "be.pt", {"w": sabotage.TensorRef(
+        ref, 0, (2,), (1,))}, data, byteorder=b"big")
+    out = extract_only(tmp_path, path)
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+    assert "little-endian" in out.error.message
+
+
+def test_onnx_target_is_refused(tmp_path: Path) -> None:
+    artifact, _ = models.make_state_dict(tmp_path / "src")
+    out = extract_only(tmp_path, artifact, target=Target.ONNX)
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+
+
+# -- hostile checkpoints: nothing runs, malformed ones are refused ------------------------------
+
+
+@pytest.mark.parametrize("via", ["exec", "system"])
+def test_code_named_by_the_pickle_is_never_called(tmp_path: Path, via: str) -> None:
+    marker = tmp_path / f"ran-{via}"
+    artifact, truth = sabotage.make_marker_checkpoint(tmp_path / f"{via}.pt", marker, via)
+    out = extract_only(tmp_path, artifact)
+    assert not marker.exists(), "the extractor executed a global named by the artifact"
+    assert_holds(out, truth)
+    assert any(("exec" if via == "exec" else "system") in w for w in out.report.warnings)
+    assert out.report.executed_artifact_code is False
+
+
+def test_the_sabotaged_checkpoint_extracts_its_true_weights(tmp_path: Path) -> None:
+    """The CONVERT side of this runs in the sandbox only (tests/adversarial)."""
+    artifact, truth = sabotage.make_sabotaged_checkpoint(tmp_path / "sabotaged.pt")
+    out = extract_only(tmp_path, artifact)
+    assert_holds(out, truth)
+    assert any("builtins.exec" in w for w in out.report.warnings)
+
+
+def test_poison_is_inert_whatever_the_pickle_does_with_it() -> None:
+    """getattr(__import__('os'), 'system')('...'), BUILD, SETITEMS, APPENDS on a poisoned
+    object: all recorded, nothing called."""
+    body = (b"\x80\x02}"                                   # {}
+            b"X\x01\x00\x00\x00p"                          # "p":
+            b"cbuiltins\ngetattr\n"
+            b"cbuiltins\n__import__\nX\x02\x00\x00\x00os\x85R"  # __import__("os")
+            b"X\x06\x00\x00\x00system\x86R"                     # getattr(., "system")
+            b"X\x04\x00\x00\x00true\x85R"                        # (.)("true")
+            b"}X\x01\x00\x00\x00aK\x01sb"                        # BUILD {"a": 1}
+            b"(X\x01\x00\x00\x00kK\x01u"                         # SETITEMS
+            b"s"                                                # SETITEM "p"
+            b"X\x01\x00\x00\x00qcos\nsystem\n)\x81(K\x01K\x02es.")  # NEWOBJ + APPENDS
+    reader = extract.RestrictedUnpickler(body, archive=None)  # type: ignore[arg-type]
+    obj = reader.load()
+    assert isinstance(obj["p"], extract.Poison) and isinstance(obj["q"], extract.Poison)
+    assert set(reader.poisoned) == {"builtins.getattr", "builtins.__import__", "os.system"}
+    with pytest.raises(WorkerError):
+        str(obj["p"])  # a poison can never name a tensor
+
+
+@pytest.mark.parametrize("how", ["size", "offset", "stride", "negative"])
+def test_views_outside_their_storage_are_refused(tmp_path: Path, how: str) -> None:
+    out = extract_only(tmp_path, sabotage.make_out_of_bounds_checkpoint(tmp_path / "o.pt", how))
+    assert out.error is not None and out.error.exit is WorkerExit.CONVERSION_FAILED
+    assert ("past its storage" if how != "negative" else "non-negative") in out.error.message
+
+
+def test_a_missing_storage_record_is_refused(tmp_path: Path) -> None:
+    out = extract_only(tmp_path, sabotage.make_missing_storage_checkpoint(tmp_path / "m.pt"))
+    assert out.error is not None and out.error.exit is WorkerExit.CONVERSION_FAILED
+    assert "missing" in out.error.message
+
+
+def test_a_storage_record_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
+    ref = sabotage.StorageRef("0", 100)
+    path = sabotage.write_checkpoint(tmp_path / "s.pt", {"w": sabotage.TensorRef(
+        ref, 0, (4,), (1,))}, {"0": bytes(16)})
+    out = extract_only(tmp_path, path)
+    assert out.error is not None and out.error.exit is WorkerExit.CONVERSION_FAILED
+
+
+def test_a_zip_bomb_record_is_refused_before_inflating(tmp_path: Path) -> None:
+    out = extract_only(tmp_path, sabotage.make_zip_bomb_checkpoint(tmp_path / "b.pt"))
+    assert out.error is not None and out.error.exit is WorkerExit.CONVERSION_FAILED
+    assert "zip bomb" in out.error.message
+
+
+def test_an_oversized_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    artifact, _ = models.make_state_dict(tmp_path / "src")
+    monkeypatch.setattr(extract, "MAX_PICKLE_BYTES", 64)
+    out = extract_only(tmp_path, artifact)
+    assert out.error is not None and out.error.exit is WorkerExit.CONVERSION_FAILED
+
+
+def test_overlapping_or_duplicate_zip_entries_are_refused(tmp_path: Path) -> None:
+    artifact, _ = models.make_state_dict(tmp_path / "src")
+    dup = tmp_path / "dup.pt"
+    with zipfile.ZipFile(artifact) as zin, zipfile.ZipFile(dup, "w") as zout:
+        infos = zin.infolist()
+        for info in infos:
+            zout.writestr(info.filename, zin.read(info.filename))
+        with pytest.warns(UserWarning):
+            zout.writestr(infos[-2].filename, b"\0" * infos[-2].file_size)
+    out = extract_only(tmp_path, dup)
+    assert out.error is not None and "duplicate" in out.error.message
+
+
+def test_deep_nesting_is_capped_not_recursed(tmp_path: Path) -> None:
+    artifact, truth = sabotage.make_deep_checkpoint(tmp_path / "deep.pt", depth=20_000)
+    out = extract_only(tmp_path, artifact)
+    assert_holds(out, truth)  # the tensor 20 000 levels down is skipped, as the converter does
+    assert any("deep.x.x" in w for w in out.report.warnings)
+
+
+def test_deep_nesting_matches_the_converter(tmp_path: Path) -> None:
+    artifact, _ = sabotage.make_deep_checkpoint(tmp_path / "deep.pt", depth=40)
+    assert_same_as_convert(tmp_path, artifact)
+
+
+def test_extraction_never_imports_torch(tmp_path: Path) -> None:
+    """The reading must not depend on the loader a payload could have patched."""
+    artifact, _ = models.make_tied_state_dict(tmp_path / "src")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    os.link(artifact, tmp_path / "in" / ARTIFACT_NAME)
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+sys.path.insert(0, {str(ROOT / "sandbox")!r})
+from airlock_sandbox.contract import JobMode, JobSpec
+from airlock_worker import job
+from airlock_worker.report import Report
+report = Report()
+job.run(JobSpec(job_id="t", mode=JobMode.EXTRACT_WEIGHTS), {str(tmp_path / "in")!r},
+        {str(tmp_path / "out")!r}, report)
+assert report.tensor_count == 2, report
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / OUTPUT).stat().st_size > 0
