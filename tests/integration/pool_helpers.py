@@ -357,15 +357,18 @@ def payload_pickle(path: Path, source: str) -> Path:
 
 def container_events(docker_client: Any, identity: str, since: float) -> dict[str, list[str]]:
     """Per container of one broker, its life since ``since`` as Docker recorded it:
-    ``["create", "start", "die:103", "destroy"]``. Waits up to a second for the window to close."""
+    ``["profile=sklearn", "create", "start", "die:103", "destroy"]``. Waits up to a second for
+    the window to close."""
     life: dict[str, list[str]] = {}
     events = docker_client.events(
         since=int(since) - 1, until=int(time.time()) + 1, decode=True,
         filters={"type": "container", "label": [f"{LABEL_BROKER}={identity}"],
                  "event": ["create", "start", "die", "destroy"]})
     for event in events:
+        attributes = event["Actor"]["Attributes"]
         action = event.get("Action") or event.get("status", "")
         if action == "die":
-            action += ":" + event["Actor"]["Attributes"].get("exitCode", "?")
-        life.setdefault(event["id"], []).append(action)
+            action += ":" + attributes.get("exitCode", "?")
+        entry = life.setdefault(event["id"], [f"profile={attributes.get(LABEL_PROFILE, '')}"])
+        entry.append(action)
     return life

@@ -249,6 +249,45 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
     assert not ph.exists(docker_client, in_flight[0].id), "the job's container was not removed"
 
 
+def test_restart_of_one_profile_replaces_that_profiles_warm_containers_only(
+        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+    began = time.time()
+    warm = {p: ph.idle_warm_ids(docker_client, ready, p) for p in ALL}
+    artifact = ph.payload_pickle(tmp_path / "job.pkl", ph.sleep_then_succeed_source(3.0))
+    outcome: list[ConversionResult | ConversionError] = []
+    job = threading.Thread(target=lambda: outcome.append(
+        convert(ready, artifact, tmp_path / "job.safetensors")))
+    job.start()
+    try:
+        # The job took the sklearn container; restart "light" while sklearn's replacement is
+        # still starting: that start has nothing to do with the restart and must survive it.
+        ph.wait_for(lambda: ready.status()["sklearn"].starting == 1, 10,
+                    "sklearn's replacement to be starting", interval=0.005)
+        assert ready.client.restart_pools("light") == 1
+    finally:
+        job.join(60)
+    assert isinstance(outcome[0], ConversionResult), outcome
+
+    ph.wait_settled(ready, 1, ALL, timeout=REFILL_SECONDS)
+    assert ph.idle_warm_ids(docker_client, ready, "torch") == warm["torch"]
+    assert ph.idle_warm_ids(docker_client, ready, "light").isdisjoint(warm["light"])
+    life = ph.container_events(docker_client, ready.identity, began)
+    sklearn_created = {c[:12]: events for c, events in life.items()  # after the job's own
+                       if events[0] == "profile=sklearn" and "create" in events
+                       and c not in warm["sklearn"]}
+    assert len(sklearn_created) == 1, (
+        "restarting the light pool destroyed a sklearn container that was starting (exit 137, "
+        f"never served a job), so sklearn started another: {sklearn_created}")
+
+    # The same from the command line; an unknown profile is refused.
+    done = run_cli("pool", "restart", "--profile", "light", "--json", server=ready.address,
+                   timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"action": "restart", "replaced": 1}
+    bad = run_cli("pool", "restart", "--profile", "nosuch", server=ready.address, timeout=60)
+    assert bad.returncode == 1 and "BAD_REQUEST" in bad.stderr, bad.stdout + bad.stderr
+
+
 # -- 4 -----------------------------------------------------------------------------------------
 
 
