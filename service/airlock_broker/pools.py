@@ -75,6 +75,8 @@ class Pool:
     served_warm: int = 0
     served_cold: int = 0
     retired: int = 0
+    #: Bumped by a restart: warm or starting containers of an older generation are retired.
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,6 @@ class Pools:
         self.draining = False
         self.image_id = image_id
         self.runtime = runtime
-        self._generation = 0
         self._starts = asyncio.Semaphore(settings.max_starting)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -141,7 +142,7 @@ class Pools:
             warm = pool.warm.popleft()
             self._wake.set()
             try:
-                usable = warm.generation == self._generation and await self._alive(warm.slot)
+                usable = warm.generation == pool.generation and await self._alive(warm.slot)
             except BaseException:
                 # Cancelled (the client went away) while this slot was ours alone: it is in
                 # no pool and no job, so nobody else would ever destroy it.
@@ -188,14 +189,11 @@ class Pools:
         """Replace every warm container (of one profile, or all). Jobs in flight keep theirs."""
         if profile is not None and profile not in self.pools:
             raise error(Reason.BAD_REQUEST, f"unknown profile {profile!r}")
-        self._generation += 1
         replaced = 0
         for pool in self.pools.values():
             if profile is not None and pool.profile != profile:
-                # Keep other profiles' containers: re-stamp them with the new generation.
-                for warm in pool.warm:
-                    warm.generation = self._generation
                 continue
+            pool.generation += 1
             while pool.warm:
                 await self.backend.destroy(pool.warm.popleft().slot)
                 pool.retired += 1
@@ -232,7 +230,7 @@ class Pools:
                     await self._wake.wait()
 
     async def _start_one(self, pool: Pool) -> None:
-        generation = self._generation
+        generation = pool.generation
         try:
             async with self._starts:
                 slot = await self.backend.prepare(pool.profile)
@@ -241,7 +239,7 @@ class Pools:
                 except BaseException:
                     await self.backend.destroy(slot)
                     raise
-            if generation != self._generation:  # restarted while this one was starting
+            if generation != pool.generation:  # restarted while this one was starting
                 await self.backend.destroy(slot)
             else:
                 pool.warm.append(_Warm(slot=slot, since=time.monotonic(),
