@@ -8,9 +8,13 @@ reading that the broker compares with the conversion byte for byte:
 
 * the zip is opened with :mod:`zipfile`; ``<prefix>/data.pkl`` is parsed by
   :class:`RestrictedUnpickler`, whose ``find_class`` hands out only our own stand-ins for the
-  tensor-rebuild globals (:data:`ALLOWED`). Every other global (``builtins.exec``,
-  ``os.system``, a user class, ``torch.nn.Linear``) becomes a :class:`Poison` class: calling,
-  instantiating or building it records an inert object and runs nothing;
+  tensor-rebuild globals (``RestrictedUnpickler.allowed``: ``torch._utils._rebuild_tensor*``
+  and ``_rebuild_parameter*``, ``torch._tensor._rebuild_from_type_v2`` for plain tensors and
+  parameters, ``collections.OrderedDict``, the ``torch.*Storage`` types, dtypes, ``torch.Size``,
+  ``torch.device``, ``torch.serialization._get_layout``), all immune to BUILD. Every other
+  global (``builtins.exec``, ``os.system``, a user class, ``torch.nn.Linear``) becomes a
+  :class:`Poison` class: calling, instantiating or building it records an inert object and
+  runs nothing;
 * storages are ``<prefix>/data/<key>`` records read as raw bytes (stored records through one
   read-only mmap, deflated ones inflated under a ratio cap and a total cap); a tensor is a
   bounds-checked strided view of its storage, kept as raw little-endian bytes of its width
@@ -102,6 +106,15 @@ class Refused(WorkerError):
 
 
 # -- dtypes and storage types -------------------------------------------------------------
+#
+# The pickle VM can BUILD (``__setstate__`` or setattr) and SETITEMS on any object it holds,
+# including what ``find_class`` returned. Everything we hand out refuses: a frozen, slotted
+# dataclass would otherwise get a generated ``__setstate__`` that rewrites its fields (a
+# pickle could redefine ``torch.float32``, and our reading would no longer be torch's).
+
+
+def _refuse_build(self: Any, state: Any) -> None:
+    raise Refused(f"the pickle tries to modify a {type(self).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +125,8 @@ class DType:
     name: str
     itemsize: int
     st: str | None
+
+    __setstate__ = _refuse_build
 
     def __str__(self) -> str:  # as str(torch.float32), should a dtype be a dict key
         return f"torch.{self.name}"
@@ -149,6 +164,8 @@ class StorageType:
     name: str
     dtype: DType
 
+    __setstate__ = _refuse_build
+
 
 _STORAGE_TYPES: dict[tuple[str, str], StorageType] = {
     ("torch", f"{prefix}Storage"): StorageType(f"{prefix}Storage", DTYPES[name])
@@ -167,13 +184,19 @@ _STORAGE_TYPES[("torch", "UntypedStorage")] = _STORAGE_TYPES[("torch.storage", "
 class device(str):  # named as torch's, for the "skipped" warnings
     """Stand-in for ``torch.device``: its string form, which is all a checkpoint needs."""
 
+    __slots__ = ()
+
 
 class layout(str):
     """Stand-in for ``torch.layout`` (``torch.serialization._get_layout``)."""
 
+    __slots__ = ()
+
 
 class Size(tuple[int, ...]):
     """Stand-in for ``torch.Size``; prints like it, should it be a dict key."""
+
+    __slots__ = ()
 
     def __str__(self) -> str:
         return f"torch.Size([{', '.join(str(int(d)) for d in self)}])"
@@ -200,12 +223,29 @@ def _get_layout(name: Any) -> layout:
     return layout(name[:64])
 
 
+class _OrderedDict(dict[Any, Any]):
+    """``collections.OrderedDict`` as the pickle builds it: a dict (insertion-ordered) with
+    no instance ``__dict__``, so a BUILD cannot shadow ``items`` or ``get``, which the
+    flattening calls. ``nn.Module.state_dict()`` BUILDs its ``_metadata`` (module versions)
+    onto it: accepted and dropped, it holds no weights."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_OrderedDict.__name__ = "OrderedDict"
+
+
+@dataclass(frozen=True, slots=True)
 class _TypeMarker:
     """``torch.Tensor`` / ``torch.nn.Parameter`` as the ``new_type`` of
     ``_rebuild_from_type_v2`` (a plain tensor or parameter that carried attributes)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
+
+    __setstate__ = _refuse_build
 
 
 _TENSOR_TYPE = _TypeMarker("torch.Tensor")
@@ -310,7 +350,18 @@ def is_tensor(value: Any) -> bool:
 # -- poison: everything the artifact names that we do not know ----------------------------
 
 
-class Poison:
+class _Immutable(type):
+    """The pickle VM can BUILD (setattr) on any object it holds, classes included: the
+    classes it gets from us cannot be changed (e.g. a forged ``__str__`` naming a tensor)."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise Refused("the pickle tries to modify a class")
+
+    def __delattr__(cls, name: str) -> None:
+        raise Refused("the pickle tries to modify a class")
+
+
+class Poison(metaclass=_Immutable):
     """An object the artifact asked for and never got. ``find_class`` returns a subclass per
     global name; calling it, instantiating it (REDUCE / NEWOBJ / INST / OBJ), building it
     (BUILD) or filling it (SETITEMS / APPENDS / ADDITEMS) only records the arguments."""
@@ -505,6 +556,25 @@ class _Archive:
 # -- the restricted unpickler ----------------------------------------------------------------
 
 
+class _Allowed:
+    """An allowlisted callable as the pickle sees it: callable, and nothing else (a function
+    or bound method would let BUILD set attributes on it)."""
+
+    __slots__ = ("_fn", "name")
+
+    def __init__(self, name: str, fn: Any) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise Refused("the pickle tries to modify a rebuild function")
+
+    __setstate__ = _refuse_build
+
+
 def _int(value: Any, what: str) -> int:
     if type(value) is not int:
         raise Refused(f"{what} must be an int, not a {type(value).__name__}")
@@ -528,8 +598,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._archive = archive
         self._storages: dict[str, Storage] = {}
         self._poison: dict[tuple[str, str], type[Poison]] = {}
-        self.allowed: dict[tuple[str, str], Any] = {
-            ("collections", "OrderedDict"): collections.OrderedDict,
+        calls = {
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
             ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
@@ -537,15 +606,23 @@ class RestrictedUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
             ("torch._tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
             ("torch.tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
-            ("torch", "Tensor"): _TENSOR_TYPE,
-            ("torch._tensor", "Tensor"): _TENSOR_TYPE,
-            ("torch.nn.parameter", "Parameter"): _PARAMETER_TYPE,
             ("torch", "Size"): _make_size,
             ("torch", "device"): _make_device,
             ("torch.serialization", "_get_layout"): _get_layout,
+        }
+        self.allowed: dict[tuple[str, str], Any] = {
+            **{key: _Allowed(f"{key[0]}.{key[1]}", fn) for key, fn in calls.items()},
+            ("collections", "OrderedDict"): _OrderedDict,
+            ("torch", "Tensor"): _TENSOR_TYPE,
+            ("torch._tensor", "Tensor"): _TENSOR_TYPE,
+            ("torch.nn.parameter", "Parameter"): _PARAMETER_TYPE,
             **_STORAGE_TYPES,
             **{("torch", name): dt for name, dt in DTYPES.items()},
         }
+        self._tensor_rebuilds = frozenset(
+            id(self.allowed[("torch._utils", name)]) for name in (
+                "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                "_rebuild_parameter", "_rebuild_parameter_with_state"))
 
     @property
     def poisoned(self) -> list[str]:
@@ -563,7 +640,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                 raise Refused(f"the pickle names more than {MAX_POISON_GLOBALS} globals")
             shown = _compat_pickle.IMPORT_MAPPING.get(module, module)  # __builtin__ -> builtins
             label = f"{shown}.{name}"[:120]
-            cls = type("Poison", (Poison,), {"global_name": label, "__slots__": ()})
+            cls = _Immutable("Poison", (Poison,), {"global_name": label, "__slots__": ()})
             self._poison[(module, name)] = cls
         return cls
 
@@ -594,6 +671,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return storage
 
     # -- stand-ins for torch._utils ----------------------------------------------------
+
 
     def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any,
                 dt: DType | None) -> Tensor:
@@ -643,10 +721,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
         """A plain tensor or parameter with Python attributes: the tensor is ``func(*args)``.
         A tensor *subclass* is someone's code: its rebuild is recorded, never run."""
-        ours = (self._rebuild_tensor, self._rebuild_tensor_v2, self._rebuild_tensor_v3,
-                self._rebuild_parameter)
-        if (new_type in (_TENSOR_TYPE, _PARAMETER_TYPE) and isinstance(args, tuple)
-                and any(func == f for f in ours)):
+        if (isinstance(func, _Allowed) and id(func) in self._tensor_rebuilds
+                and (new_type is _TENSOR_TYPE or new_type is _PARAMETER_TYPE)
+                and isinstance(args, tuple)):
             return func(*args)
         poison = self.find_class("torch._tensor", "_rebuild_from_type_v2")
         return poison(func, new_type, args, state)

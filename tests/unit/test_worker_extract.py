@@ -132,7 +132,7 @@ def test_extraction_equals_conversion_for_the_fixture_checkpoints(tmp_path: Path
         assert_holds(ext, check.expected)
 
 
-def _edge_checkpoint(path: Path) -> Path:
+def _edge_checkpoint(path: Path, protocol: int = 2) -> Path:
     gen = torch.Generator().manual_seed(5)
     shared = torch.arange(24, dtype=torch.float32)
     tied = torch.randn(4, 3, generator=gen)
@@ -166,15 +166,17 @@ def _edge_checkpoint(path: Path) -> Path:
                   "size": torch.Size([2, 3]), "dev": torch.device("cpu"), "names": ["a"]},
         "step": 12,
     }
-    torch.save(state, path)
+    torch.save(state, path, pickle_protocol=protocol)
     return path
 
 
-def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path, protocol: int) -> None:
     """bf16, 0-dim, zero-size, transposed (non-contiguous), slices and strided views of one
     storage, a same-view alias (deduplicated), fp8/uint16 (saved via UntypedStorage),
-    complex128 (skipped by both), a tensor and a parameter carrying attributes."""
-    artifact = _edge_checkpoint(tmp_path / "edge.pt")
+    complex128 (skipped by both), a tensor and a parameter carrying attributes; pickled with
+    torch's default protocol and with protocol 5 (STACK_GLOBAL, MEMOIZE, FRAME)."""
+    artifact = _edge_checkpoint(tmp_path / "edge.pt", protocol)
     _, ext = assert_same_as_convert(tmp_path, artifact)
     header, _ = ext.split()
     assert header["__metadata__"] == {"format": "pt", "lm_head": "embed"}
@@ -294,6 +296,30 @@ def test_poison_is_inert_whatever_the_pickle_does_with_it() -> None:
     assert set(reader.poisoned) == {"builtins.getattr", "builtins.__import__", "os.system"}
     with pytest.raises(WorkerError):
         str(obj["p"])  # a poison can never name a tensor
+
+
+@pytest.mark.parametrize("target", [b"ctorch\nfloat32\n", b"ctorch\nFloatStorage\n",
+                                    b"ctorch\nTensor\n", b"ctorch._utils\n_rebuild_tensor_v2\n",
+                                    b"ccollections\nOrderedDict\n", b"cos\nsystem\n"])
+@pytest.mark.parametrize("state", [b"}X\x04\x00\x00\x00nameK\x01sb",        # BUILD {"name": 1}
+                                   b"N}X\x04\x00\x00\x00nameK\x01s\x86b",  # BUILD (None, {...})
+                                   b"(K\x01K\x02K\x03lb"])                   # BUILD [1, 2, 3]
+def test_what_find_class_hands_out_cannot_be_modified(target: bytes, state: bytes) -> None:
+    """A frozen dataclass would take BUILD through its generated __setstate__ and a pickle
+    could redefine torch.float32 for the rest of the reading."""
+    reader = extract.RestrictedUnpickler(b"\x80\x02" + target + state + b".",
+                                         archive=None)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 - refused, whichever way
+        reader.load()
+    assert extract.DTYPES["float32"] == extract.DType("float32", 4, "F32")
+
+
+def test_an_ordered_dict_cannot_be_given_attributes_that_shadow_its_methods() -> None:
+    body = (b"\x80\x02ccollections\nOrderedDict\n)R"
+            b"}X\x05\x00\x00\x00itemsccollections\nOrderedDict\nsb"  # BUILD {"items": ...}
+            b"X\x01\x00\x00\x00aK\x01s.")
+    obj = extract.RestrictedUnpickler(body, archive=None).load()  # type: ignore[arg-type]
+    assert list(obj.items()) == [("a", 1)]
 
 
 @pytest.mark.parametrize("how", ["size", "offset", "stride", "negative"])
