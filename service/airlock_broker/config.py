@@ -63,7 +63,7 @@ class BrokerConfig:
     #: Then: how long jobs in flight may take to finish before they are cancelled.
     shutdown_grace_seconds: float = 30.0
     #: Read zip checkpoints a second time, executing nothing, and compare (DESIGN §5).
-    verify_integrity: bool = False  # on once the worker's extraction mode has landed
+    verify_integrity: bool = True
     #: Run the isolation self-test before serving (health stays NOT_SERVING until it passes).
     selftest_on_start: bool = True
     #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).

@@ -1,0 +1,51 @@
+"""Threat: "Silent Sabotage" — an artifact whose code, run while loading, tampers with the
+converter so that it writes altered weights (HiddenLayer 2024, against Hugging Face's
+conversion service). Format checks cannot see it; the integrity extraction must."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.adversarial.sabotage import make_sabotaged_checkpoint
+from tests.conftest import BrokerProcess, run_cli
+from tests.fixtures import models
+
+pytestmark = pytest.mark.adversarial
+
+
+def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess,
+                                                       tmp_path: Path) -> None:
+    artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt")
+    done = run_cli("convert", str(artifact), "-o", str(tmp_path / "out.safetensors"), "--json",
+                   server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_benign_state_dict_is_integrity_verified(broker: BrokerProcess, tmp_path: Path) -> None:
+    artifact, check = models.make_tied_state_dict(tmp_path)
+    out = tmp_path / "out.safetensors"
+    done = run_cli("convert", str(artifact), "-o", str(out), "--json", server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["assurance"] == "integrity_verified", doc
+    got = load_file(str(out))
+    for name, want in check.expected.items():
+        assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8))
+
+
+def test_full_module_cannot_be_verified_and_says_so(broker: BrokerProcess,
+                                                    tmp_path: Path) -> None:
+    artifact, _ = models.make_full_module(tmp_path)
+    done = run_cli("convert", str(artifact), "--to", "safetensors", "--json",
+                   server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["assurance"] == "format_safe_only" and doc["integrity_note"], doc
