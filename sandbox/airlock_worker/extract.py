@@ -586,7 +586,10 @@ def _int(value: Any, what: str) -> int:
 def _dims(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS:
         raise Refused(f"{what} must be a tuple of at most {MAX_DIMS} ints")
-    return tuple(_int(v, what) for v in value)  # negative strides are refused here too
+    for v in value:  # negative strides are refused here too
+        if type(v) is not int or not 0 <= v < _INT64:
+            _int(v, what)
+    return tuple(value)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
