@@ -18,6 +18,7 @@ run inside the sandbox image, with no network).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +69,8 @@ def _instrument_client() -> None:
         _client_events.append((time.monotonic(), "client.received"))
         return out
 
-    client_module._hash_file = traced_hash  # type: ignore[assignment]
-    client_module._receive = traced_receive  # type: ignore[assignment]
+    client_module._hash_file = traced_hash
+    client_module._receive = traced_receive
 
 
 #: (name, from event, to event): consecutive phases of one request.
@@ -119,8 +121,16 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
                 info["wait_s"] = e.get("wait_s")
             if e["ev"] == "read_report.end":
                 info["timings"] = e.get("timings") or {}
+        seq = [stamps[k] for k in _SERVER_ORDER if k in stamps]
+        if any(b < a for a, b in itertools.pairwise(seq)):
+            continue  # events out of order: not one request's story; leave it out
         joined.append({"stamps": stamps, **info})
     return joined
+
+
+_SERVER_ORDER = ["rpc.begin", "metadata.end", "spool.end", "acquire.begin", "acquire.end",
+                 "spec.end", "sandbox_run.end", "validate.begin", "validate.end",
+                 "result_message.end", "release.begin", "release.end", "rpc.end"]
 
 
 def _first(evs: list[dict[str, Any]], name: str) -> float:
@@ -160,14 +170,16 @@ def _phase_table(requests: list[dict[str, Any]]) -> dict[str, Any]:
             for name in order if phases.get(name)}
 
 
-def request_phases(work: Path, quick: bool) -> dict[str, Any]:
+def request_phases(work: Path, quick: bool, which: set[str]) -> dict[str, Any]:
     from airlock_client import Client
     from tests.fixtures import models
 
     _instrument_client()
     small, _ = models.make_sklearn_pickle(work / "models")
     forest, _ = models.make_random_forest_joblib(work / "models")
-    big, _ = models.make_large_state_dict(work / "models" / "large.pt", size_mb=400)
+    big = work / "models" / "large.pt"
+    if "S3" in which:
+        models.make_large_state_dict(big, size_mb=400)
     trace = work / "trace.jsonl"
     broker = Broker(work, "traced", WARM_CONFIG,
                     command=[PY, "-m", "bench.traced_broker", "serve"],
@@ -177,13 +189,16 @@ def request_phases(work: Path, quick: bool) -> dict[str, Any]:
         broker.start()
         broker.wait_ready()
         with Client(broker.address, retry_attempts=1) as client:
-            for name, artifact, n in (("S1", small, 6 if quick else 15),
-                                      ("S2", forest, 6 if quick else 15),
-                                      ("S3", big, 1 if quick else 2)):
-                log(f"profile: {name} x {n}")
+            for name, artifact, count in (("S1", small, 6 if quick else 15),
+                                          ("S2", forest, 6 if quick else 15),
+                                          ("S3", big, 1 if quick else 2)):
+                if name not in which:
+                    continue
+
+                log(f"profile: {name} x {count}")
                 client.convert(artifact, work / "warmup.out")  # one-off client costs
                 calls = []
-                for _ in range(n):
+                for _ in range(count):
                     broker.wait_ready()
                     _client_events.clear()
                     began = time.monotonic()
@@ -194,6 +209,54 @@ def request_phases(work: Path, quick: bool) -> dict[str, Any]:
                     calls.append(call)
                 time.sleep(0.3)  # let the trace lines land
                 out[name] = _phase_table(_requests(trace, calls))
+    finally:
+        broker.stop()
+    return out
+
+
+VARIANTS = ("", "background_release", "defer_refill", "background_release,defer_refill")
+
+
+def what_ifs(work: Path, rounds: int) -> dict[str, Any]:
+    """S1 and S2 on one traced broker with the proposed broker changes emulated, variants
+    alternating request by request (order rotated each round) so that a busy neighbour
+    hurts them all alike."""
+    from airlock_client import Client
+    from tests.fixtures import models
+
+    small, _ = models.make_sklearn_pickle(work / "models-wi")
+    forest, _ = models.make_random_forest_joblib(work / "models-wi")
+    control = work / "what-if.control"
+    control.write_text("")
+    broker = Broker(work, "what-if", WARM_CONFIG,
+                    command=[PY, "-m", "bench.traced_broker", "serve"],
+                    env={"AIRLOCK_BENCH_TRACE": str(work / "trace-what-if.jsonl"),
+                         "PYTHONPATH": str(ROOT), "AIRLOCK_BENCH_WHAT_IF": str(control)})
+    out: dict[str, Any] = {}
+    try:
+        broker.start()
+        broker.wait_ready()
+        with Client(broker.address, retry_attempts=1) as client:
+            for name, artifact in (("S1", small), ("S2", forest)):
+                log(f"profile: what-if {name}, {rounds} rounds x {len(VARIANTS)} variants")
+                client.convert(artifact, work / "warmup.out")
+                samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+                for r in range(rounds):
+                    for k in range(len(VARIANTS)):
+                        variant = VARIANTS[(k + r) % len(VARIANTS)]
+                        broker.wait_ready()
+                        control.write_text(variant)
+                        began = time.perf_counter()
+                        client.convert(artifact, work / f"{name}-wi.out")
+                        samples[variant].append(time.perf_counter() - began)
+                control.write_text("")
+                out[name] = {(v or "as is"): {
+                    "median_ms": round(statistics.median(xs) * 1000, 1),
+                    "p95_ms": round(pct(xs, 95) * 1000, 1),
+                    "paired_delta_ms": round(statistics.median(
+                        a - b for a, b in zip(xs, samples[""], strict=True)) * 1000, 1),
+                    "samples_ms": [round(x * 1000, 1) for x in xs]}
+                    for v, xs in samples.items()}
     finally:
         broker.stop()
     return out
@@ -251,7 +314,7 @@ print("PROBE " + json.dumps({"imports_s": round(imports, 3), "runs": runs}), flu
 def worker_steps(work: Path, quick: bool) -> dict[str, Any]:
     from tests.fixtures import models
 
-    cases = {
+    cases: dict[str, tuple[str, Callable[[Path], tuple[Path, Any]]]] = {
         "S1 sklearn pipeline": ("sklearn", lambda d: models.make_sklearn_pickle(d)),
         "S2 RandomForest(100)": ("sklearn", lambda d: models.make_random_forest_joblib(d)),
         "S3 400 MiB state dict": ("torch", lambda d: models.make_large_state_dict(
@@ -467,7 +530,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "profile.json")
-    parser.add_argument("--only", choices=["phases", "worker", "start", "exit"], default=None)
+    parser.add_argument("--only", choices=["phases", "worker", "start", "exit", "none"],
+                        default=None, help="one part only (none: just --what-if)")
+    parser.add_argument("--phases", default="S1,S2,S3", help="scenarios for the phase split")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--what-if", action="store_true",
+                        help="also run S1/S2 with each broker change the profile proposes, "
+                             "emulated in the traced broker (background_release, defer_refill)")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     work = Path(tempfile.mkdtemp(prefix="airlock-profile-"))
@@ -475,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                            "machine_busy_before_run": round(host.busy_fraction(1.0), 3)}
     try:
         if args.only in (None, "phases"):
-            doc["phases"] = request_phases(work, args.quick)
+            doc["phases"] = request_phases(work, args.quick,
+                                           {x.strip().upper() for x in args.phases.split(",")})
+        if args.what_if:
+            doc["what_if"] = what_ifs(work, 5 if args.quick else 12)
         if args.only in (None, "worker"):
             log("profile: worker steps in fresh containers")
             doc["worker_steps"] = worker_steps(work, args.quick)
@@ -486,13 +558,22 @@ def main(argv: list[str] | None = None) -> int:
             log("profile: container start costs")
             doc["start_costs"] = start_costs(args.quick)
     finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            subprocess.run(["rm", "-rf", str(work)], check=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     for name, table in doc.get("phases", {}).items():
         print(f"\n{name}: phases (median / p95 ms)")
         for phase, v in table.items():
             print(f"  {phase:<48} {v['median_ms']:>9.1f} {v['p95_ms']:>9.1f}  (n={v['n']})")
+    for name, table in doc.get("what_if", {}).items():
+        print(f"\nwhat if, {name}: end-to-end ms, median / p95 / median change vs as-is "
+              "(paired, same round)")
+        for variant, v in table.items():
+            print(f"  {variant:<34} {v['median_ms']:>8.1f} {v['p95_ms']:>8.1f} "
+                  f"{v['paired_delta_ms']:>+8.1f}")
     for name, steps in doc.get("worker_steps", {}).items():
         shown = {k: v for k, v in steps.items() if k != "samples"}
         print(f"\nworker steps, {name}: {json.dumps(shown)}")

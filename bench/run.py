@@ -46,7 +46,8 @@ IMAGE = "airlock-sandbox:latest"
 RUNTIME = "runc"
 MiB = 1024 * 1024
 
-TARGETS = {
+Check = Callable[[dict[str, Any]], bool]
+TARGETS: dict[str, tuple[str, Check]] = {
     "S1": ("overhead p50 <= 60 ms", lambda r: r["overhead_p50_ms"] <= 60),
     "S2": ("overhead p50 <= 100 ms", lambda r: r["overhead_p50_ms"] <= 100),
     "S3": ("ratio <= 2.5x", lambda r: r["ratio"] <= 2.5),
@@ -222,7 +223,7 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
         "sample_interval_s": 0.02,
         "samples": {"peak_rss_mib_per_run": [round(p / MiB, 1) for p in broker_peaks],
                     "baseline_growth_mib_per_run": [round(p / MiB, 1) for p in base_peaks],
-                    "rss_trace_mib": [[(t, round(r / MiB, 1)) for t, r in trace[::5]]
+                    "rss_trace_mib": [[(t, round(r / MiB, 1)) for t, r in trace]
                                       for trace in rss_traces]},
     }
     return s3, s5
@@ -555,6 +556,20 @@ def main(argv: list[str] | None = None) -> int:
     print(render(table))
     print(f"\nraw figures: {args.out}  ({doc['duration_s']:.0f} s; machine "
           f"{quiet:.0%} busy before the run)")
+    for sid in ("S1", "S2"):
+        r = results.get(sid, {})
+        if r.get("served_cold"):
+            print(f"note: {sid}: {r['served_cold']} of {r['n']} requests found no warm container")
+    r = results.get("S4", {})
+    if "projected_conversions_per_minute_alone" in r:
+        split = r["cpu_s_per_container_start_breakdown"]
+        others = split["other_containers"] + split["rest_kernel_other_tenants"]
+        print(f"note: S4: Airlock's own CPU per container start is "
+              f"{r['attributable_cpu_s_per_container_start']:.2f} s "
+              f"(host total {r['host_cpu_s_per_container_start']:.2f} s; other tenants and "
+              f"the kernel used {others:.2f} s per job): "
+              f"about {r['projected_conversions_per_minute_alone']:.0f} conv/min on this machine "
+              "if Airlock had it alone")
     for problem in problems:
         print(f"PROBLEM: {problem}")
     errors = [sid for sid, r in results.items() if "error" in r]
