@@ -635,8 +635,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         found = self.allowed.get((module, name))
-        if found is not None:
-            return found
+        return found if found is not None else self.poison_class(module, name)
+
+    def poison_class(self, module: str, name: str) -> type[Poison]:
         cls = self._poison.get((module, name))
         if cls is None:
             if len(self._poison) >= MAX_POISON_GLOBALS:
@@ -674,7 +675,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         return storage
 
     # -- stand-ins for torch._utils ----------------------------------------------------
-
 
     def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any,
                 dt: DType | None) -> Tensor:
@@ -728,7 +728,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                 and (new_type is _TENSOR_TYPE or new_type is _PARAMETER_TYPE)
                 and isinstance(args, tuple)):
             return func(*args)
-        poison = self.find_class("torch._tensor", "_rebuild_from_type_v2")
+        poison = self.poison_class("torch._tensor", "_rebuild_from_type_v2(subclass)")
         return poison(func, new_type, args, state)
 
 

@@ -233,6 +233,18 @@ def test_tensors_inside_an_unknown_object_are_not_guessed(tmp_path: Path) -> Non
     assert "torch.nn.modules" in out.error.message
 
 
+class _TensorSubclass(torch.Tensor):
+    """Its rebuild would run this class's code: the extractor records it instead."""
+
+
+def test_a_tensor_subclass_is_not_guessed(tmp_path: Path) -> None:
+    t = torch.ones(3).as_subclass(_TensorSubclass)
+    torch.save({"w": t, "b": torch.zeros(2)}, tmp_path / "sub.pt")
+    out = extract_only(tmp_path, tmp_path / "sub.pt")
+    assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+    assert "_TensorSubclass" in " ".join(out.report.warnings)
+
+
 def test_a_dict_key_made_by_code_is_not_guessed(tmp_path: Path) -> None:
     key = sabotage._Exec("pass")
     torch.save({"w": torch.ones(2), key: 1}, tmp_path / "k.pt")
