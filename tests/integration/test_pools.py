@@ -36,12 +36,24 @@ REFILL_SECONDS = 45.0
 
 
 @pytest.fixture(scope="module")
-def pool_broker(docker_client: Any, tmp_path_factory: pytest.TempPathFactory,
+def image(docker_client: Any) -> Iterator[str]:
+    """A private tag of the sandbox image for this module's brokers: a ``make image`` run
+    meanwhile (by another session) retags IMAGE, and the brokers would rightly roll their pools
+    onto the new one in the middle of a test."""
+    repo = f"airlock-pooltest-{os.urandom(4).hex()}"
+    docker_client.api.tag(IMAGE, repo, "latest")
+    yield f"{repo}:latest"
+    with contextlib.suppress(Exception):  # only an untag, or the image if nothing else uses it
+        docker_client.api.remove_image(f"{repo}:latest")
+
+
+@pytest.fixture(scope="module")
+def pool_broker(docker_client: Any, image: str, tmp_path_factory: pytest.TempPathFactory,
                 ) -> Iterator[PoolBroker]:
     """Every profile keeps one warm container; the sweep runs every 2 s."""
     tmp = tmp_path_factory.mktemp("pool-broker")
     config = ph.write_config(tmp, {"min_warm": 1, "max_warm": 2, "max_starting": 2,
-                                   "sweep_seconds": 2})
+                                   "sweep_seconds": 2}, sandbox={"image": image})
     broker = ph.launch(tmp, config)
     try:
         ph.wait_settled(broker, 1, ALL)
@@ -71,11 +83,11 @@ def convert(broker: PoolBroker, artifact: Path, output: Path, **kwargs: Any,
 
 
 def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
-        docker_client: Any, tmp_path: Path) -> None:
+        docker_client: Any, image: str, tmp_path: Path) -> None:
     profiles = ("sklearn", "light")
     pools = {"min_warm": 1, "max_starting": 2, "profiles": profiles}
-    first = ph.launch(tmp_path / "first", ph.write_config(tmp_path / "first",
-                                                           {**pools, "sweep_seconds": 2}))
+    first = ph.launch(tmp_path / "first", ph.write_config(
+        tmp_path / "first", {**pools, "sweep_seconds": 2}, sandbox={"image": image}))
     second: PoolBroker | None = None
     try:
         ph.wait_settled(first, 1, profiles)
@@ -95,7 +107,8 @@ def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
         # Same spool, and a sweep too slow to matter. (This test runs first so that the shared
         # broker's 2 s sweep cannot reap the orphans; another session's broker still might.)
         second = ph.launch(tmp_path / "second",
-                           ph.write_config(tmp_path / "second", {**pools, "sweep_seconds": 3600}),
+                           ph.write_config(tmp_path / "second", {**pools, "sweep_seconds": 3600},
+                                           sandbox={"image": image}),
                            spool=first.spool)
         survivors = [c[:12] for c in orphans if ph.exists(docker_client, c)]
         assert survivors == [], f"orphans still there once the new broker serves:\n" \
@@ -337,11 +350,11 @@ def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
 
 
 def test_orphans_of_a_killed_broker_are_reaped_by_a_running_brokers_sweep(
-        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
+        ready: PoolBroker, docker_client: Any, image: str, tmp_path: Path) -> None:
     from airlock_broker.workspace import reap_stale
 
-    doomed = ph.launch(tmp_path, ph.write_config(tmp_path, {"min_warm": 1,
-                                                            "profiles": ("light",)}))
+    doomed = ph.launch(tmp_path, ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("light",)},
+                                                 sandbox={"image": image}))
     try:
         ph.wait_settled(doomed, 1, ("light",))
         orphans = {c.id for c in ph.containers_of(docker_client, doomed.identity)}
@@ -385,8 +398,8 @@ def _agreeing_snapshot(broker: PoolBroker, docker_client: Any, busy: int,
 
 
 def test_the_status_commands_numbers_match_what_docker_reports(
-        ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
-    image_id = docker_client.api.inspect_image(IMAGE)["Id"]
+        ready: PoolBroker, docker_client: Any, image: str, tmp_path: Path) -> None:
+    image_id = docker_client.api.inspect_image(image)["Id"]
 
     def check(expect_busy: int) -> None:
         status, counts = ph.wait_for(
@@ -428,8 +441,9 @@ def test_the_status_commands_numbers_match_what_docker_reports(
 
 
 def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
-        docker_client: Any, tmp_path: Path) -> None:
-    config = ph.write_config(tmp_path, {"min_warm": 0, "sweep_seconds": 2})
+        docker_client: Any, image: str, tmp_path: Path) -> None:
+    config = ph.write_config(tmp_path, {"min_warm": 0, "sweep_seconds": 2},
+                             sandbox={"image": image})
     artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
     with ph.running_broker(tmp_path, config, docker_client) as broker:
         time.sleep(1.5)  # a replenisher pass would have started something by now
@@ -473,10 +487,10 @@ def test_a_warm_container_that_died_is_replaced_and_counted_by_the_sweep(
 
 
 def test_a_warm_container_that_died_is_never_handed_to_a_job_and_is_counted(
-        docker_client: Any, tmp_path: Path) -> None:
+        docker_client: Any, image: str, tmp_path: Path) -> None:
     # No sweep within the test: only the job's own liveness check can notice the death.
     config = ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("sklearn",),
-                                        "sweep_seconds": 3600})
+                                        "sweep_seconds": 3600}, sandbox={"image": image})
     artifact = ph.payload_pickle(tmp_path / "quick.pkl", ph.sleep_then_succeed_source(0.0))
     with ph.running_broker(tmp_path, config, docker_client) as broker:
         ph.wait_settled(broker, 1, ("sklearn",))
@@ -495,12 +509,13 @@ def test_a_warm_container_that_died_is_never_handed_to_a_job_and_is_counted(
             f"{broker.status()['sklearn']}")
 
 
-def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, tmp_path: Path) -> None:
+def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, image: str,
+                                                tmp_path: Path) -> None:
     import io
 
     repo = f"airlock-pooltest-{os.urandom(4).hex()}"
     tag = f"{repo}:latest"
-    docker_client.api.tag(IMAGE, repo, "latest")
+    docker_client.api.tag(image, repo, "latest")
     old_id = docker_client.api.inspect_image(tag)["Id"]
     config = ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("light",),
                                         "sweep_seconds": 2}, sandbox={"image": tag})
@@ -536,7 +551,7 @@ def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, tmp_path: Pa
 
 
 def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
-        docker_client: Any, tmp_path: Path) -> None:
+        docker_client: Any, image: str, tmp_path: Path) -> None:
     """A caller can go away (disconnect, deadline) while its job is in ``Pools.acquire``: the
     warm container it had taken off the pool must not be left behind, running and counted
     nowhere (status says one container less than Docker has, until the broker stops).
@@ -554,7 +569,7 @@ def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
     min_warm = 1
 
     async def scenario() -> tuple[list[str], dict[str, int]]:
-        backend = DockerSandbox(SandboxPolicy(image=IMAGE), tmp_path / "spool")
+        backend = DockerSandbox(SandboxPolicy(image=image), tmp_path / "spool")
         await backend.check()
         pools = Pools(backend, PoolSettings(min_warm=min_warm, profiles=("light",),
                                             sweep_seconds=3600),
