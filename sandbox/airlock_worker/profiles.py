@@ -25,6 +25,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
     PROFILE_LIGHT: (
         "numpy", "onnx", "safetensors.numpy",
         "airlock_worker.numpy_convert", "airlock_worker.passthrough",
+        "airlock_worker.extract",
     ),
 }
 DEFAULT_PROFILE = PROFILE_LIGHT

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import pickle
+import zipfile
 from dataclasses import asdict
 from typing import Any
 
@@ -42,8 +43,10 @@ def _load_checkpoint(job: Job) -> Any:
     with job.loading():
         try:
             # mmap: a 400 MB zip checkpoint is paged in from the read-only input, not copied.
+            # Only for stored records: torch's mmap path returns garbage for deflated ones.
             obj = torch.load(job.artifact, map_location="cpu", weights_only=True,
-                             mmap=job.fmt is ArtifactFormat.PYTORCH_ZIP)
+                             mmap=job.fmt is ArtifactFormat.PYTORCH_ZIP
+                             and _all_records_stored(job.artifact))
         except pickle.UnpicklingError as exc:
             if "Weights only load failed" not in str(exc):
                 raise
@@ -54,6 +57,11 @@ def _load_checkpoint(job: Job) -> Any:
         job.allow_code("torch.load(weights_only=False)",
                        "the checkpoint holds more than tensors (e.g. a pickled nn.Module)")
         return torch.load(job.artifact, map_location="cpu", weights_only=False)
+
+
+def _all_records_stored(path: str) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return all(info.compress_type == zipfile.ZIP_STORED for info in zf.infolist())
 
 
 def convert_torchscript(job: Job) -> None:

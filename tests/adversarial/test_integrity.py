@@ -49,3 +49,23 @@ def test_full_module_cannot_be_verified_and_says_so(broker: BrokerProcess,
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads(done.stdout)
     assert doc["assurance"] == "format_safe_only" and doc["integrity_note"], doc
+
+
+def test_deflate_compressed_checkpoint_converts_and_verifies(broker: BrokerProcess,
+                                                             tmp_path: Path) -> None:
+    # torch.load(mmap=True) misreads deflated records; a benign re-zipped checkpoint must not
+    # come back as a (false) integrity mismatch.
+    import zipfile
+
+    stored, check = models.make_state_dict(tmp_path / "src")
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    out = tmp_path / "out.safetensors"
+    done = run_cli("convert", str(deflated), "-o", str(out), "--json", server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["assurance"] == "integrity_verified"
+    got = load_file(str(out))
+    for name, want in check.expected.items():
+        assert got[name].tobytes() == want.tobytes()
