@@ -49,11 +49,15 @@ def broker_identity() -> str:
 
 
 def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks, or "0" if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
         return "0"
+    if len(fields) < 20 or fields[0] in {b"Z", b"X"}:  # dead, not yet reaped by its parent
+        return "0"
+    return fields[19].decode()
 
 
 def _is_alive(identity: str) -> bool:

@@ -108,6 +108,8 @@ class Pools:
         self._starts = asyncio.Semaphore(settings.max_starting)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Destruction of released slots; never cancelled, awaited by ``close``.
+        self._destroying: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
 
@@ -129,6 +131,12 @@ class Pools:
         for pool in self.pools.values():
             while pool.warm:
                 await self.backend.destroy(pool.warm.popleft().slot)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until every released slot has been destroyed."""
+        while self._destroying:
+            await asyncio.gather(*self._destroying, return_exceptions=True)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -152,6 +160,9 @@ class Pools:
                 pool.busy += 1
                 pool.served_warm += 1
                 return warm.slot
+            if warm.generation == pool.generation:  # current but dead: as the sweep counts it
+                pool.failed_starts += 1
+                log.warning("a warm %s container died while waiting; replaced", pool.profile)
             pool.retired += 1
             await self.backend.destroy(warm.slot)
         try:
@@ -164,11 +175,18 @@ class Pools:
         return slot
 
     async def release(self, slot: Slot) -> None:
-        """Destroy a slot a job is done with. Never raises."""
+        """Destroy a slot a job is done with, in the background. Never raises.
+
+        The job's container is dead (or being killed) by now and its output has been read, so
+        the caller need not wait for ``docker rm`` and the unmount: the RPC ends sooner. The
+        pools own the destruction from here; ``close`` waits for every one still under way.
+        """
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
-        await self.backend.destroy(slot)
+        task = asyncio.create_task(self.backend.destroy(slot), name=f"destroy-{slot.slot_id}")
+        self._destroying.add(task)
+        task.add_done_callback(self._destroying.discard)
 
     async def _alive(self, slot: Slot) -> bool:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +52,26 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
         cm.__exit__(None, None, None)
 
 
-def leftovers(tmp_path: Path) -> list[str]:
+def _files_left(tmp_path: Path) -> list[str]:
     spool = tmp_path / "spool"
     return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")
                   if p.name not in {".lock", "audit.jsonl"} and p.is_file())
+
+
+def leftovers(tmp_path: Path, timeout: float = 5.0) -> list[str]:
+    """Files left in the spool once the broker's background clean-up has had its chance."""
+    deadline = time.monotonic() + timeout
+    while (left := _files_left(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def settled(backend: FakeSandbox, timeout: float = 5.0) -> set[str]:
+    """The slots still alive once released ones have been destroyed (in the background)."""
+    deadline = time.monotonic() + timeout
+    while backend.live and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return backend.live
 
 
 def audit_records(tmp_path: Path) -> list[dict[str, object]]:
@@ -75,7 +92,7 @@ def test_benign_conversion_streams_validated_output(make_broker, tmp_path: Path)
     assert result.input_sha256 == hashlib.sha256(PICKLE).hexdigest()
     assert result.report.loader == "fake"
     assert backend.specs[0].inputs[0].shape == (-1, 4)
-    assert backend.live == set() and leftovers(tmp_path) == []
+    assert settled(backend) == set() and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(("code", "reason"), [
@@ -94,7 +111,7 @@ def test_exit_codes_become_reasons(make_broker, tmp_path: Path, code: int, reaso
         client.convert(src, tmp_path / "out")
     assert info.value.reason == reason
     assert not (tmp_path / "out").exists()
-    assert backend.live == set() and leftovers(tmp_path) == []
+    assert settled(backend) == set() and leftovers(tmp_path) == []
 
 
 def test_exit_zero_without_output_is_output_invalid(make_broker, tmp_path: Path) -> None:

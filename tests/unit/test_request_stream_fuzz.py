@@ -20,7 +20,7 @@ from airlock_broker.errors import Reason
 from airlock_broker.pools import PoolSettings
 from airlock_client._wire import error_from_rpc
 from tests.unit.fakes import FakeSandbox, running_broker
-from tests.unit.test_broker import write_safetensors
+from tests.unit.test_broker import leftovers, settled, write_safetensors
 
 PICKLE_PREFIX = b"\x80\x04\x95"
 
@@ -76,9 +76,7 @@ def test_any_request_stream_gets_a_result_or_a_known_reason(tmp_path: Path) -> N
                 assert reason in KNOWN, (reason, exc.details())
             else:
                 assert responses[0].WhichOneof("payload") == "result"
-            leftovers = [p for p in (tmp_path / "spool").rglob("*")
-                         if p.is_file() and p.name not in {".lock", "audit.jsonl"}]
-            assert leftovers == []
+            assert leftovers(tmp_path) == []
 
         check()
-    assert backend.live == set()
+    assert settled(backend) == set()
