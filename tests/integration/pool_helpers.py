@@ -184,6 +184,17 @@ def exists(docker_client: Any, container_id: str) -> bool:
     return True
 
 
+def removed(docker_client: Any, container_id: str, timeout: float = 10.0) -> bool:
+    """Whether the container is gone within ``timeout``: the broker removes a finished job's
+    container in the background, right after the RPC ends."""
+    deadline = time.monotonic() + timeout
+    while exists(docker_client, container_id):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # -- polling ----------------------------------------------------------------------------------
 
 

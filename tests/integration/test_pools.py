@@ -151,7 +151,7 @@ def test_a_job_never_gets_a_container_that_served_another_job(
     after_first = ready.status()["sklearn"]
     assert after_first.served_warm == before.served_warm + 1, "job 1 was not served warm"
     assert after_first.served_cold == before.served_cold
-    assert not ph.exists(docker_client, first_container), "job 1's container survived its job"
+    assert ph.removed(docker_client, first_container), "job 1's container survived its job"
 
     # Job 2 takes the next warm container (started while job 1 ran) and looks for any marker.
     ph.wait_settled(ready, 1, ("sklearn",), timeout=REFILL_SECONDS)
@@ -168,7 +168,7 @@ def test_a_job_never_gets_a_container_that_served_another_job(
     after_second = ready.status()["sklearn"]
     assert after_second.served_warm == before.served_warm + 2, "job 2 was not served warm"
     assert after_second.served_cold == before.served_cold
-    assert not ph.exists(docker_client, second_container)
+    assert ph.removed(docker_client, second_container)
 
     # Docker's own record: each container started once, died with its one job's exit code.
     life = ph.container_events(docker_client, ready.identity, ready.started_at)
@@ -259,7 +259,7 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
     assert len(warm_after) == len(ALL)
     assert warm_after.isdisjoint(warm_before), "a warm container survived the restart"
     assert [c[:12] for c in warm_before if ph.exists(docker_client, c)] == []
-    assert not ph.exists(docker_client, in_flight[0].id), "the job's container was not removed"
+    assert ph.removed(docker_client, in_flight[0].id), "the job's container was not removed"
 
 
 def test_restart_of_one_profile_replaces_that_profiles_warm_containers_only(
