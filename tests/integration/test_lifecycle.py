@@ -89,3 +89,30 @@ def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
     assert mine == []
     slots = proc.spool / "slots"
     assert not slots.exists() or list(slots.iterdir()) == []
+
+
+def test_stalled_upload_ends_at_the_idle_deadline(docker_client, tmp_path: Path) -> None:
+    config = tmp_path / "airlock.toml"
+    config.write_text("[broker]\nupload_idle_seconds = 2\n[pools]\nmin_warm = 0\n")
+    proc = start_broker(tmp_path, "--config", str(config))
+    stalled = threading.Event()
+
+    def requests():  # type: ignore[no-untyped-def]
+        data = b"\x80\x04\x95" + b"\0" * 100
+        yield pb.ConvertRequest(metadata=pb.ConvertMetadata(size_bytes=10_000))
+        yield pb.ConvertRequest(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+        stalled.wait(30)  # a client that stops sending without closing the stream
+
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                list(pb_grpc.ConversionServiceStub(channel).Convert(requests(), timeout=60))
+            stalled.set()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - began < 20
+        uploads = proc.spool / "uploads"
+        _wait(lambda: not uploads.exists() or list(uploads.iterdir()) == [], timeout=10)
+    finally:
+        stalled.set()
+        assert proc.stop() == 0
