@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:50051
 export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv docker image serve test unit integration adversarial \
+.PHONY: help setup venv docker image serve test bench unit integration adversarial \
         protos check-protos lint typecheck check clean
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make test    - set everything up, then run the whole test suite"
 	@echo "make setup   - .venv with the project, the Docker engine, the sandbox image"
 	@echo "make image   - (re)build the sandbox image if its inputs changed"
+	@echo "make bench   - Airlock against the unsafe in-process baseline (BENCH_ARGS=--quick)"
 	@echo "make check   - lint, type-check, and verify generated stubs are current"
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
@@ -36,6 +37,10 @@ serve: setup
 
 test: setup check
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
