@@ -59,7 +59,7 @@ check-protos: venv
 	git diff --exit-code -- protos/ || (echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
 
 lint: venv
-	.venv/bin/ruff check service clients sandbox tests
+	.venv/bin/ruff check service clients sandbox tests bench
 
 typecheck: venv
 	.venv/bin/mypy service/airlock_broker clients/airlock_client sandbox/airlock_sandbox
