@@ -23,6 +23,9 @@ from bench.containers import profile_of, running_containers
 ROOT = Path(__file__).resolve().parents[1]
 AIRLOCK = ROOT / ".venv" / "bin" / "airlock"
 LABEL = "airlock.managed=true"
+#: Before a timed sample, wait up to QUIET_BUDGET s for the machine to be under QUIET_SHARE busy.
+QUIET_SHARE = 0.25
+QUIET_BUDGET = 3.0
 
 
 class BenchError(RuntimeError):
@@ -131,6 +134,8 @@ class Broker:
         self.process: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
         self._identity = ""
+        #: share of the machine busy in the last window of ``wait_ready``
+        self.machine_busy = 0.0
         #: container id -> (profile, CPU-seconds when first seen idle and warm)
         self.warm_cpu: dict[str, tuple[str, float]] = {}
 
@@ -196,16 +201,28 @@ class Broker:
         """Pools full (broker's view) *and* every warm container done importing: the broker
         counts a container warm once it is started, while its worker still imports its
         libraries for seconds. Done = its cgroup used < ``quiet_cpu`` CPU-s in ``window`` s.
-        Returns the seconds waited."""
+
+        Then, on a shared machine, give the next sample a fair start: wait (at most
+        ``QUIET_BUDGET`` s) for the whole machine to be below ``QUIET_SHARE`` busy; the share
+        seen last is kept in ``machine_busy``. Returns the seconds waited."""
         began = time.monotonic()
         self.wait_pools_full(timeout)
+        idle_since: float | None = None
         while time.monotonic() - began < timeout:
             ids = self.containers()
             before = {c: host.container_cpu(c) for c in ids}
+            busy0, total0 = host.host_cpu()
             time.sleep(window)
+            busy1, total1 = host.host_cpu()
+            self.machine_busy = (busy1 - busy0) / max(total1 - total0, 1e-9)
             busy = [c for c in ids if (after := host.container_cpu(c)) is not None
                     and (was := before[c]) is not None and after - was >= quiet_cpu]
-            if not busy:
+            if busy:
+                idle_since = None
+                continue
+            idle_since = idle_since or time.monotonic()
+            if (self.machine_busy < QUIET_SHARE
+                    or time.monotonic() - idle_since > QUIET_BUDGET):
                 self.wait_pools_full(timeout)
                 # What each idle warm container cost to get there: start + imports (the
                 # first reading only: idle polling adds ~1% of a CPU afterwards).

@@ -38,7 +38,14 @@ from typing import Any
 
 from airlock_client import Client, ConversionError
 from bench import baseline, host
-from bench.broker import BenchError, Broker, RssSampler, leftover_containers, proc_status
+from bench.broker import (
+    QUIET_SHARE,
+    BenchError,
+    Broker,
+    RssSampler,
+    leftover_containers,
+    proc_status,
+)
 from bench.containers import ContainerCpuTracker, all_containers_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,8 +145,10 @@ def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], byte
     broker_job: list[float] = []
     base_s: list[float] = []
     ready_wait: list[float] = []
+    machine_busy: list[float] = []
     for _ in range(n):
         ready_wait.append(broker.wait_ready())
+        machine_busy.append(round(broker.machine_busy, 3))
         elapsed, onnx = baseline.timed(base, artifact)
         base_s.append(elapsed)
         elapsed, result = convert(broker.client, artifact, out)
@@ -164,8 +173,10 @@ def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], byte
                            for p in counters1),
         "served_cold": sum(counters1[p]["served_cold"] - counters0[p]["served_cold"]
                            for p in counters1),
+        "samples_started_on_a_busy_machine": sum(b >= QUIET_SHARE for b in machine_busy),
         "samples": {"airlock_ms": ms(air), "baseline_ms": ms(base_s),
                     "broker_job_ms": ms(broker_job), "ready_wait_ms": ms(ready_wait),
+                    "machine_busy_before": machine_busy,
                     "warmup_airlock_ms": round(warmup_air * 1000, 1),
                     "warmup_baseline_ms": round(warmup_base * 1000, 1)},
     }
@@ -182,8 +193,10 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
     base_peaks: list[int] = []
     rss_traces: list[list[tuple[float, int]]] = []
     idle_rss = proc_status(broker.pid).get("VmRSS", 0)
+    machine_busy: list[float] = []
     for i in range(runs):
         broker.wait_ready()
+        machine_busy.append(round(broker.machine_busy, 3))
         base_out = work / f"baseline-{i}.safetensors"
         before = proc_status(os.getpid()).get("VmRSS", 0)
         with RssSampler(os.getpid()) as own:
@@ -213,6 +226,7 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
         "broker_job_median_s": round(statistics.median(broker_job), 3),
         "samples": {"airlock_s": [round(x, 3) for x in air],
                     "baseline_s": [round(x, 3) for x in base_s],
+                    "machine_busy_before": machine_busy,
                     "broker_job_s": [round(x, 3) for x in broker_job]},
     }
     s5 = {
@@ -343,7 +357,10 @@ def cold_scenario(broker: Broker, artifact: Path, base: Callable[[Path], bytes],
     plain_cpu: list[float] = []
     base_s: list[float] = []
     broker_job: list[float] = []
+    machine_busy: list[float] = []
     for _ in range(n):
+        broker.wait_ready()  # no pools: only waits for a quiet machine, within a budget
+        machine_busy.append(round(broker.machine_busy, 3))
         busy0, _ = host.host_cpu()
         began = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
@@ -365,7 +382,9 @@ def cold_scenario(broker: Broker, artifact: Path, base: Callable[[Path], bytes],
         "broker_job_p50_ms": round(pct(broker_job, 50) * 1000, 1),
         "plain_docker_run_host_cpu_s_median": round(statistics.median(plain_cpu), 3),
         "served_cold": sum(c["served_cold"] for c in counters.values()),
+        "samples_started_on_a_busy_machine": sum(b >= QUIET_SHARE for b in machine_busy),
         "samples": {"airlock_ms": ms(air), "plain_docker_run_ms": ms(plain),
+                    "machine_busy_before": machine_busy,
                     "plain_docker_run_host_cpu_s": [round(c, 3) for c in plain_cpu],
                     "baseline_ms": ms(base_s), "broker_job_ms": ms(broker_job)},
     }
@@ -560,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
         r = results.get(sid, {})
         if r.get("served_cold"):
             print(f"note: {sid}: {r['served_cold']} of {r['n']} requests found no warm container")
+    busy = {sid: r["samples_started_on_a_busy_machine"] for sid, r in results.items()
+            if r.get("samples_started_on_a_busy_machine")}
+    if busy:
+        print(f"note: samples that started while other work kept the machine >= "
+              f"{QUIET_SHARE:.0%} busy (after waiting up to 3 s for it to calm down): "
+              + ", ".join(f"{sid} {n}" for sid, n in sorted(busy.items())))
     r = results.get("S4", {})
     if "projected_conversions_per_minute_alone" in r:
         split = r["cpu_s_per_container_start_breakdown"]
