@@ -92,7 +92,7 @@ class Client:
         broker cannot be reached, ``IntegrityError`` when the response is corrupt.
         """
         source = Path(artifact)
-        size, sha256 = _hash_file(source)
+        size = source.stat().st_size
         key = uuid.uuid4().hex
         for attempt in Retrying(
             retry=retry_if_exception(_retryable),
@@ -101,8 +101,10 @@ class Client:
             reraise=True,
         ):
             with attempt:
+                # No sha256 up front (that would read the file twice): the broker hashes what
+                # it receives and the client compares with its own hash of what it sent.
                 first = _wire.metadata(
-                    size=size, sha256=sha256, target=target, policy=loading_policy,
+                    size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=source.name, timeout_seconds=job_timeout)
                 return self._convert_once(source, Path(output), first, size, progress)
@@ -148,10 +150,11 @@ class Client:
 
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
                       progress: Progress | None) -> ConversionResult:
+        sent = hashlib.sha256()
         try:
-            responses = self._stub.Convert(_requests(source, first, size, progress),
+            responses = self._stub.Convert(_requests(source, first, size, progress, sent),
                                            timeout=self.timeout)
-            return _receive(responses, output)
+            return _receive(responses, output, sent)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
 
@@ -162,34 +165,32 @@ def _umask() -> int:
     return current
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK_BYTES):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
-
-
-def _requests(path: Path, first: pb.ConvertRequest, size: int,
-              progress: Progress | None) -> Iterator[pb.ConvertRequest]:
+def _requests(path: Path, first: pb.ConvertRequest, size: int, progress: Progress | None,
+              digest: Any) -> Iterator[pb.ConvertRequest]:
     yield first
     sent = 0
     with path.open("rb") as fh:
         while block := fh.read(CHUNK_BYTES):
+            digest.update(block)
             yield pb.ConvertRequest(chunk=pb.Chunk(data=block, crc32=zlib.crc32(block)))
             sent += len(block)
             if progress is not None:
                 progress(sent, size)
 
 
-def _receive(responses: Iterator[pb.ConvertResponse], output: Path) -> ConversionResult:
-    """Read the result header, then the chunks into a temp file; rename only if all checks pass."""
+def _receive(responses: Iterator[pb.ConvertResponse], output: Path,
+             sent: Any) -> ConversionResult:
+    """Read the result header, then the chunks into a temp file; rename only if all checks pass.
+
+    The result arrives after the whole upload, so ``sent`` (the hash of what this client
+    uploaded) is complete by then and must equal the hash of what the broker converted.
+    """
     first = next(responses, None)
     if first is None or first.WhichOneof("payload") != "result":
         raise AirlockError("the broker's response did not start with a result")
     header = first.result
+    if header.input_sha256 != sent.hexdigest():
+        raise IntegrityError("the broker converted bytes other than the ones sent")
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     tmp = Path(tmp_name)

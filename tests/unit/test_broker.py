@@ -54,8 +54,12 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
 
 def _files_left(tmp_path: Path) -> list[str]:
     spool = tmp_path / "spool"
-    return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")
-                  if p.name not in {".lock", "audit.jsonl"} and p.is_file())
+    while True:
+        try:  # the broker may be removing a directory while it is walked
+            return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")
+                          if p.name not in {".lock", "audit.jsonl"} and p.is_file())
+        except FileNotFoundError:
+            continue
 
 
 def leftovers(tmp_path: Path, timeout: float = 5.0) -> list[str]:
@@ -74,9 +78,14 @@ def settled(backend: FakeSandbox, timeout: float = 5.0) -> set[str]:
     return backend.live
 
 
-def audit_records(tmp_path: Path) -> list[dict[str, object]]:
-    lines = (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def audit_records(tmp_path: Path, expected: int) -> list[dict[str, object]]:
+    """The audit lines, once ``expected`` have been written (the line follows the reply)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()
+        if len(lines) >= expected or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.02)
 
 
 def test_benign_conversion_streams_validated_output(make_broker, tmp_path: Path) -> None:
@@ -232,7 +241,7 @@ def test_every_job_leaves_one_audit_line_without_artifact_bytes(make_broker,
         client.convert(good, tmp_path / "out")
         with pytest.raises(ConversionError):
             client.convert(bad, tmp_path / "out2")
-    records = audit_records(tmp_path)
+    records = audit_records(tmp_path, 2)
     assert [r["outcome"] for r in records] == ["ok", "rejected"]
     assert records[0]["input_sha256"] == hashlib.sha256(PICKLE).hexdigest()
     assert records[0]["output_sha256"] and records[0]["detected_format"] == "pickle"
