@@ -32,7 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import airlock_client._client as client_module
 from bench import host
 from bench.broker import ROOT, Broker
 from bench.containers import shim_pids
@@ -42,51 +41,19 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 
 # -- 1. phases of a request -------------------------------------------------------------------
 
-_client_events: list[tuple[float, str]] = []
-
-
-def _instrument_client() -> None:
-    hash_file = client_module._hash_file
-    receive = client_module._receive
-
-    def traced_hash(path: Path) -> tuple[int, str]:
-        _client_events.append((time.monotonic(), "client.hash.begin"))
-        out = hash_file(path)
-        _client_events.append((time.monotonic(), "client.hash.end"))
-        return out
-
-    def traced_receive(responses: Any, output: Path) -> Any:
-        # The first next() returns when the header arrives.
-        first = next(responses, None)
-        _client_events.append((time.monotonic(), "client.first_response"))
-
-        def again() -> Any:
-            if first is not None:
-                yield first
-            yield from responses
-
-        out = receive(again(), output)
-        _client_events.append((time.monotonic(), "client.received"))
-        return out
-
-    client_module._hash_file = traced_hash
-    client_module._receive = traced_receive
-
-
 #: (name, from event, to event): consecutive phases of one request.
 PHASES = [
-    ("client: hash input", "client.begin", "client.hash.end"),
-    ("client->broker: connect, send metadata", "client.hash.end", "metadata.end"),
-    ("upload + spool + sha256 on broker", "metadata.end", "spool.end"),
+    ("client starts, connects, sends metadata", "client.begin", "metadata.end"),
+    ("upload + spool (client and broker hash)", "metadata.end", "spool.end"),
     ("detect, admission", "spool.end", "acquire.begin"),
     ("pool: take warm container (inspect)", "acquire.begin", "acquire.end"),
-    ("hand-off: adopt artifact, write job spec", "acquire.end", "spec.end"),
-    ("container: worker job + exit + docker wait", "spec.end", "sandbox_run.end"),
-    ("inspect, read report, judge", "sandbox_run.end", "validate.begin"),
+    ("hand-off: artifact in (+ 2nd sandbox), job spec", "acquire.end", "sandbox_run.begin"),
+    ("container: worker job + exit + docker wait", "sandbox_run.begin", "sandbox_run.end"),
+    ("after exit: inspect, wait for extraction, report", "sandbox_run.end", "validate.begin"),
     ("validate output (broker)", "validate.begin", "validate.end"),
-    ("build result header", "validate.end", "result_message.end"),
+    ("integrity compare (if any) + result header", "validate.end", "result_message.end"),
     ("stream output to the client (server side)", "result_message.end", "release.begin"),
-    ("destroy container + workspace (in the RPC)", "release.begin", "release.end"),
+    ("release (destroy is in the background)", "release.begin", "release.end"),
     ("handler end", "release.end", "rpc.end"),
     ("status -> client, client finishes file", "rpc.end", "client.end"),
 ]
@@ -119,6 +86,8 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
                 info["warm"] = e.get("warm")
             if e["ev"] == "sandbox_run.end":
                 info["wait_s"] = e.get("wait_s")
+            if e["ev"] == "extract_run.end":
+                info["extract_wait_s"] = e.get("wait_s")
             if e["ev"] == "read_report.end":
                 info["timings"] = e.get("timings") or {}
         seq = [stamps[k] for k in _SERVER_ORDER if k in stamps]
@@ -129,7 +98,7 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
 
 
 _SERVER_ORDER = ["rpc.begin", "metadata.end", "spool.end", "acquire.begin", "acquire.end",
-                 "spec.end", "sandbox_run.end", "validate.begin", "validate.end",
+                 "sandbox_run.begin", "sandbox_run.end", "validate.begin", "validate.end",
                  "result_message.end", "release.begin", "release.end", "rpc.end"]
 
 
@@ -150,38 +119,44 @@ def _phase_table(requests: list[dict[str, Any]]) -> dict[str, Any]:
             span = s[b] - s[a]
             wait = req.get("wait_s")
             if name == CONTAINER and isinstance(wait, int | float):
-                phases[name].append(wait)
+                phases[name].append(span)
                 job = req.get("timings", {}).get("job_s")
                 if isinstance(job, int | float):
                     phases["  of which worker job_s (its report)"].append(job)
                     phases["  of which spec pickup, report, exit, engine, wait"].append(
                         wait - job)
-                phases["inspect after exit (container state)"].append(span - wait)
+                phases["  of which inspect after exit"].append(span - wait)
             else:
                 phases[name].append(span)
+        extract = req.get("extract_wait_s")
+        if isinstance(extract, int | float):
+            phases["(integrity extraction sandbox, in parallel)"].append(extract)
         phases["TOTAL end to end"].append(s["client.end"] - s["client.begin"])
     order = [p[0] for p in PHASES]
-    order.insert(order.index(CONTAINER) + 1, "  of which worker job_s (its report)")
-    order.insert(order.index(CONTAINER) + 2, "  of which spec pickup, report, exit, engine, wait")
-    order.insert(order.index(CONTAINER) + 3, "inspect after exit (container state)")
+    at = order.index(CONTAINER)
+    order[at + 1:at + 1] = ["  of which worker job_s (its report)",
+                            "  of which spec pickup, report, exit, engine, wait",
+                            "  of which inspect after exit",
+                            "(integrity extraction sandbox, in parallel)"]
     order.append("TOTAL end to end")
     return {name: {"median_ms": round(statistics.median(phases[name]) * 1000, 1),
                    "p95_ms": round(pct(phases[name], 95) * 1000, 1), "n": len(phases[name])}
             for name in order if phases.get(name)}
 
 
-def request_phases(work: Path, quick: bool, which: set[str]) -> dict[str, Any]:
+def request_phases(work: Path, quick: bool, which: set[str],
+                   config: dict[str, dict[str, Any]] | None = None,
+                   suffix: str = "") -> dict[str, Any]:
     from airlock_client import Client
     from tests.fixtures import models
 
-    _instrument_client()
     small, _ = models.make_sklearn_pickle(work / "models")
     forest, _ = models.make_random_forest_joblib(work / "models")
     big = work / "models" / "large.pt"
-    if "S3" in which:
+    if "S3" in which and not big.exists():
         models.make_large_state_dict(big, size_mb=400)
-    trace = work / "trace.jsonl"
-    broker = Broker(work, "traced", WARM_CONFIG,
+    trace = work / f"trace{suffix.replace(' ', '-')}.jsonl"
+    broker = Broker(work, "traced" + suffix.replace(" ", "-"), config or WARM_CONFIG,
                     command=[PY, "-m", "bench.traced_broker", "serve"],
                     env={"AIRLOCK_BENCH_TRACE": str(trace), "PYTHONPATH": str(ROOT)})
     out: dict[str, Any] = {}
@@ -200,21 +175,17 @@ def request_phases(work: Path, quick: bool, which: set[str]) -> dict[str, Any]:
                 calls = []
                 for _ in range(count):
                     broker.wait_ready()
-                    _client_events.clear()
                     began = time.monotonic()
                     client.convert(artifact, work / f"{name}.out")
-                    ended = time.monotonic()
-                    call = {"client.begin": began, "client.end": ended}
-                    call.update({ev: t for t, ev in _client_events})
-                    calls.append(call)
+                    calls.append({"client.begin": began, "client.end": time.monotonic()})
                 time.sleep(0.3)  # let the trace lines land
-                out[name] = _phase_table(_requests(trace, calls))
+                out[name + suffix] = _phase_table(_requests(trace, calls))
     finally:
         broker.stop()
     return out
 
 
-VARIANTS = ("", "background_release", "defer_refill", "background_release,defer_refill")
+VARIANTS = ("", "defer_refill")
 
 
 def what_ifs(work: Path, rounds: int) -> dict[str, Any]:
@@ -536,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--what-if", action="store_true",
                         help="also run S1/S2 with each broker change the profile proposes, "
-                             "emulated in the traced broker (background_release, defer_refill)")
+                             "emulated in the traced broker (defer_refill)")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     work = Path(tempfile.mkdtemp(prefix="airlock-profile-"))
@@ -544,8 +515,13 @@ def main(argv: list[str] | None = None) -> int:
                            "machine_busy_before_run": round(host.busy_fraction(1.0), 3)}
     try:
         if args.only in (None, "phases"):
-            doc["phases"] = request_phases(work, args.quick,
-                                           {x.strip().upper() for x in args.phases.split(",")})
+            which = {x.strip().upper() for x in args.phases.split(",")}
+            doc["phases"] = request_phases(work, args.quick, which)
+            if "S3" in which:  # what integrity verification (on by default) costs
+                off = {**WARM_CONFIG,
+                       "broker": {**WARM_CONFIG["broker"], "verify_integrity": False}}
+                doc["phases"] |= request_phases(work, args.quick, {"S3"}, off,
+                                                " (integrity verification off)")
         if args.what_if:
             doc["what_if"] = what_ifs(work, 5 if args.quick else 12)
         if args.only in (None, "worker"):

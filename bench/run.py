@@ -63,12 +63,13 @@ TARGETS: dict[str, tuple[str, Check]] = {
     "S6": ("ratio <= 1.2x", lambda r: r["ratio"] <= 1.2),
 }
 
-#: The broker for S1-S5: warm pools for the two profiles these scenarios use.
+#: The broker for S1-S5: warm pools for the profiles these scenarios use (S3's integrity
+#: verification reads the checkpoint a second time in a "light" sandbox).
 WARM_CONFIG: dict[str, dict[str, Any]] = {
     "broker": {"max_concurrent_jobs": 4, "max_queued_jobs": 16},
     "sandbox": {"runtime": RUNTIME, "image": IMAGE},
     "pools": {"min_warm": 2, "max_warm": 4, "max_starting": 2,
-              "profiles": ["sklearn", "torch"]},
+              "profiles": ["sklearn", "torch", "light"]},
 }
 #: The broker for S6: pools off, every job takes the cold path.
 COLD_CONFIG: dict[str, dict[str, Any]] = {

@@ -95,8 +95,18 @@ def install() -> None:
                  lambda slot, _a: {"warm": bool(slot.started), "profile": slot.profile})
     around_async(Pools, "release", "release")
     around_sync(JobWorkspace, "write_job_spec", "spec")
-    around_async(docker_sandbox.DockerSandbox, "run", "sandbox_run",
-                 lambda out, _a: {"wait_s": out.duration_seconds, "exit": out.exit_code})
+    run = docker_sandbox.DockerSandbox.run
+
+    async def traced_run(self: Any, slot: Any, spec: Any, deadline: float) -> Any:
+        # The job's own sandbox is "sandbox_run"; integrity extraction's is "extract_run".
+        mode = str(getattr(spec, "mode", "convert")).lower()
+        label = "extract_run" if "extract" in mode else "sandbox_run"
+        emit(f"{label}.begin", profile=slot.profile)
+        out = await run(self, slot, spec, deadline)
+        emit(f"{label}.end", wait_s=out.duration_seconds, exit=out.exit_code)
+        return out
+
+    docker_sandbox.DockerSandbox.run = traced_run  # type: ignore[method-assign,assignment]
     around_async(docker_sandbox.DockerSandbox, "start", "container_start")
     around_async(docker_sandbox.DockerSandbox, "prepare", "container_prepare")
 
@@ -116,7 +126,7 @@ def install_what_ifs(control: str) -> None:
     the broker as is), so that variants can alternate request by request on one broker.
 
     * ``background_release``: destroy the job's container and workspace in a task after the
-      RPC instead of inside it.
+      RPC instead of inside it (the broker does so itself since commit 583c3f6).
     * ``defer_refill``: start the replacement warm container when the job is over instead of
       the moment its container is taken (so the two do not compete for the CPU).
     """
