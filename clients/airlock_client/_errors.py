@@ -7,6 +7,8 @@
     │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
     └── IntegrityError           the response stream did not match its own checksums
+        └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+                                 signed by another key, or not for these bytes (.reason)
 """
 
 from __future__ import annotations
