@@ -22,6 +22,7 @@ from typing import Any
 
 from airlock_client._client import Client, default_address
 from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._migrate_cli import add_migrate_parser, run_migrate
 from airlock_client._progress import ProgressBar
 from airlock_client._provenance_cli import (
     add_keys_parser,
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_verify_parser(sub)
     add_keys_parser(sub)
+    add_migrate_parser(sub)
     return parser
 
 
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_verify(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "migrate":
+        return run_migrate(args)
     return _convert(args)
 
 
