@@ -9,7 +9,7 @@ from typing import Literal
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                         "torch_export", "numpy", "onnx", "safetensors"]
+                         "torch_export", "numpy", "onnx", "safetensors", "mlflow"]
 
 
 @dataclass(frozen=True)
