@@ -11,6 +11,7 @@ from airlock_client._errors import (
     AirlockError,
     ConversionError,
     IntegrityError,
+    ModelSourceError,
     ServiceUnavailable,
 )
 from airlock_client._types import (
@@ -39,6 +40,7 @@ __all__ = [
     "ConversionReport",
     "ConversionResult",
     "IntegrityError",
+    "ModelSourceError",
     "ParityCheck",
     "PoolStatus",
     "ProvenanceError",

@@ -6,9 +6,13 @@
     ├── ConversionError          the service answered: the artifact was rejected or failed
     │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
-    └── IntegrityError           the response stream did not match its own checksums
-        └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
-                                 signed by another key, or not for these bytes (.reason)
+    ├── IntegrityError           the response stream did not match its own checksums
+    │   ├── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+    │   │                        signed by another key, or not for these bytes (.reason)
+    │   └── SafeLoadError        (safe_load.py) a registry version is not a verifiable
+    │                            Airlock output (.reason)
+    └── ModelSourceError         an MLflow model could not be fetched, or its directory was
+        (.reason, .message)      refused before anything was sent (links, escapes, caps)
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ class IntegrityError(AirlockError):
     """The output stream contradicted the result header (size, sha256 or chunk CRC)."""
 
     reason = "INTEGRITY_ERROR"
+
+
+class ModelSourceError(AirlockError):
+    """An MLflow model source was refused or could not be fetched; nothing was uploaded.
+
+    ``reason`` is ``UNSAFE_MODEL_DIR`` (a link, special file, escaping path, bad ``MLmodel``
+    or a cap exceeded), ``NOT_A_MODEL_DIR`` or ``MLFLOW_DOWNLOAD_FAILED``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

@@ -51,6 +51,7 @@ from airlock_client.migrate import (
     Status,
     counts,
 )
+from airlock_client.mlflow_source import resolve
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -142,8 +143,6 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def _fetch(tracking_uri: str) -> Fetch:
     def fetch(uri: str, dest: Path) -> Path:
-        from airlock_client.mlflow_source import resolve
-
         return resolve(uri, dest, tracking_uri=tracking_uri)
 
     return fetch

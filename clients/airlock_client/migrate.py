@@ -31,6 +31,7 @@ from airlock_client._errors import (
     AirlockError,
     ConversionError,
     IntegrityError,
+    ModelSourceError,
     ServiceUnavailable,
 )
 from airlock_client._registry import (
@@ -44,6 +45,7 @@ from airlock_client._registry import (
     tag,
 )
 from airlock_client._types import ConversionResult
+from airlock_client.mlflow_source import DOWNLOAD_FAILED
 
 #: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
 Fetch = Callable[[str, Path], Path]
@@ -57,7 +59,7 @@ EXPERIMENT = "airlock-migrations"
 #: Failure reasons that judge the moment, not the artifact: retried by the next run.
 TRANSIENT_REASONS = frozenset({
     "SANDBOX_TIMEOUT", "SANDBOX_OOM", "BUSY", "DEADLINE_EXCEEDED", "CANCELLED",
-    "SANDBOX_UNAVAILABLE", "UNAVAILABLE", "INTERNAL", "DOWNLOAD_FAILED",
+    "SANDBOX_UNAVAILABLE", "UNAVAILABLE", "INTERNAL", "DOWNLOAD_FAILED", DOWNLOAD_FAILED,
 })
 
 
@@ -231,10 +233,10 @@ class Migration:
         try:
             try:
                 model_dir = self.fetch(f"models:/{name}/{version}", work / "source")
-            except AirlockError as exc:
-                return self._failed(name, version, Status.REJECTED,
-                                    getattr(exc, "reason", "") or "SOURCE_REFUSED", str(exc))
-            except Exception as exc:  # whatever the artifact store raised
+            except ModelSourceError as exc:  # refused before upload (links, escapes, caps)
+                status = Status.FAILED if exc.reason == DOWNLOAD_FAILED else Status.REJECTED
+                return self._failed(name, version, status, exc.reason, exc.message)
+            except Exception as exc:  # whatever else the artifact store raised
                 return self._failed(name, version, Status.FAILED, "DOWNLOAD_FAILED",
                                     f"{type(exc).__name__}: {exc}")
             try:

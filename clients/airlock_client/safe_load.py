@@ -226,9 +226,9 @@ def _refuse_external_data(data: bytes) -> None:
 
 def _mlflow_download(tracking_uri: str) -> Download:
     def download(artifact_uri: str, dest: Path) -> Path:
-        import mlflow.artifacts  # copies bytes; it never loads a model
+        from mlflow.artifacts import download_artifacts  # copies bytes; loads no model
 
-        return Path(mlflow.artifacts.download_artifacts(
+        return Path(download_artifacts(
             artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri))
 
     return download

@@ -23,6 +23,9 @@ FORBIDDEN_IMPORTS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "job
                      "airlock_worker", "onnxruntime"}
 FORBIDDEN_SUBMODULES = {"safetensors.numpy", "safetensors.torch", "safetensors.flax",
                         "safetensors.tensorflow", "safetensors.paddle", "safetensors.mlx"}
+#: The only parts of MLflow the host may import: its download API copies bytes and
+#: deserializes nothing (research/conversion.md §4); its loaders are never allowed.
+ALLOWED_MLFLOW_IMPORTS = {"mlflow.artifacts", "mlflow.exceptions"}
 #: Dotted call names that deserialize or execute artifact content.
 FORBIDDEN_CALLS = {
     "pickle.load", "pickle.loads", "pickle.Unpickler", "joblib.load", "cloudpickle.load",
@@ -43,7 +46,6 @@ ALLOWED: dict[str, set[str]] = {
     "clients/airlock_client/safe_load.py": {
         "import onnxruntime", "call onnxruntime.InferenceSession()",
         "from safetensors.torch import ...", "from safetensors.numpy import ...",
-        "import mlflow.artifacts",
     },
     # The registry's REST client for `airlock migrate`: lists, tags and registers versions;
     # it never downloads into, or loads, a model.
@@ -76,8 +78,9 @@ def _violations(tree: ast.AST) -> list[str]:
         if isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if _forbidden_module(a.name)]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            if _forbidden_module(node.module) or any(
-                    _forbidden_module(f"{node.module}.{a.name}") for a in node.names):
+            if node.module not in ALLOWED_MLFLOW_IMPORTS and (
+                    _forbidden_module(node.module) or any(
+                    _forbidden_module(f"{node.module}.{a.name}") for a in node.names)):
                 found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
@@ -111,9 +114,11 @@ def test_every_allowance_is_still_needed(name: str) -> None:
 @pytest.mark.parametrize("snippet", [
     "import pickle", "from joblib import load", "torch.load(f)", "pickle.loads(b)",
     "np.load(f, allow_pickle=True)", "yaml.load(s)", "mlflow.sklearn.load_model(u)",
-    "import airlock_worker", "eval(x)", "import onnxruntime",
-    "from safetensors.numpy import load_file", "from safetensors import torch",
-    "onnxruntime.InferenceSession(b)", "from mlflow.pyfunc import load_model",
+    "import airlock_worker", "eval(x)", "import mlflow.artifacts", "from mlflow import pyfunc",
+    "from mlflow.sklearn import load_model", "from mlflow.pyfunc import load_model",
+    "import onnxruntime", "from safetensors.numpy import load_file",
+    "from safetensors import torch",
+    "onnxruntime.InferenceSession(b)", "from mlflow.tracking import MlflowClient",
 ])
 def test_guard_catches_known_deserializers(snippet: str) -> None:
     # The guard itself must be able to fail, or it proves nothing.
