@@ -301,11 +301,18 @@ def test_cli_refuses_a_bad_page_size(size: str) -> None:
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
 
 
+def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_migrate pins MLflow's URIs in the environment; give them back after the test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fake")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
 def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     registry = FakeRegistry()
     registry.add_model("m", versions=2)
     sandbox = FakeSandbox(key, plan={("m", "2"): rejected()})
+    _isolate_env(monkeypatch)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
@@ -329,6 +336,7 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     registry = FakeRegistry()
     registry.add_model("m", versions=1)
     sandbox = FakeSandbox(key, plan={("m", "1"): ServiceUnavailable("connection refused")})
+    _isolate_env(monkeypatch)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
