@@ -8,6 +8,8 @@ Exit codes (other tools depend on them):
 2     usage error
 3     the service is unreachable or unavailable
 ====  =====================================================
+
+``airlock migrate`` adds 4 (nothing to do); its table is in ``_migrate_cli``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ Convert = Callable[[Path, Path], ConversionResult]
 Progress = Callable[[str], None]
 
 TARGET_SUFFIX = "-airlock"
+#: MLflow 3 keeps prompts in the model registry too; they are text, not models.
+_PROMPT_TAG = "mlflow.prompt.is_prompt"
 EXPERIMENT = "airlock-migrations"
 #: Failure reasons that judge the moment, not the artifact: retried by the next run.
 TRANSIENT_REASONS = frozenset({
@@ -147,7 +149,8 @@ class Migration:
         """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""
         if names is None:
             return [m.name for m in registered_models(self.registry, self.options.page_size)
-                    if tag(m, tags.ROLE) != tags.ROLE_MIGRATED]
+                    if tag(m, tags.ROLE) != tags.ROLE_MIGRATED
+                    and tag(m, _PROMPT_TAG) != "true"]
         chosen: list[str] = []
         for name in dict.fromkeys(names):
             found = self._registered_model(name)

@@ -211,6 +211,7 @@ def test_selection(key: SigningKey) -> None:
     registry = FakeRegistry()
     registry.add_model("a")
     registry.add_model("b")
+    registry.add_model("greeting", **{"mlflow.prompt.is_prompt": "true"})
     sandbox = FakeSandbox(key)
     _migration(registry, sandbox).run(["a"])
     migration = _migration(registry, sandbox)
