@@ -142,7 +142,11 @@ def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"]
     """Hand verified bytes to the safe-format loader of their format."""
     if artifact.format == "onnx":
         _refuse_external_data(artifact.data)
-        import onnxruntime  # parses ONNX protobuf; ONNX carries no code
+        try:
+            import onnxruntime  # parses ONNX protobuf; ONNX carries no code
+        except ImportError as exc:
+            raise ImportError("loading ONNX needs onnxruntime: pip install "
+                              "'airlock[safe-load]'") from exc
 
         options = onnxruntime.SessionOptions()
         return onnxruntime.InferenceSession(artifact.data, sess_options=options,
