@@ -65,10 +65,10 @@ def _wait_healthy(uri: str, process: subprocess.Popen[bytes], log: Path) -> None
         if process.poll() is not None:
             pytest.fail(f"mlflow server exited with {process.returncode}:\n"
                         f"{log.read_text()[-3000:]}", pytrace=False)
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, OSError), \
+                urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+            if reply.status == 200:
+                return
         time.sleep(0.5)
     pytest.fail(f"mlflow server not healthy within {START_TIMEOUT:g} s:\n"
                 f"{log.read_text()[-3000:]}", pytrace=False)
@@ -79,10 +79,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
