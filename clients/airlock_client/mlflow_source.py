@@ -92,17 +92,42 @@ def suggested_name(uri_or_path: str | os.PathLike[str]) -> str:
 
 def _download(uri: str, dest: Path, tracking_uri: str | None) -> str:
     # Imported here: mlflow is large and plain-file conversions never need it. Only the
-    # download API is used (the host-never-deserializes test pins that).
+    # download API and registry look-ups are used (the host-never-deserializes test pins it).
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
+        if uri.startswith("models:/") and tracking_uri is not None:
+            # download_artifacts resolves models:/ against the process-wide registry URI,
+            # whatever registry_uri it is given (mlflow 3.17): look the version up ourselves.
+            uri = _model_version_location(uri, tracking_uri)
         return download_artifacts(artifact_uri=uri, dst_path=str(dest),
                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except MlflowException as exc:
         raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: {str(exc.message)[:400]}") from None
     except OSError as exc:
         raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: {exc}") from None
+
+
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?")
+_LOGGED_MODEL_URI = re.compile(r"models:/(?P<id>m-[0-9a-f]+)/?")
+
+
+def _model_version_location(uri: str, tracking_uri: str) -> str:
+    """Where a registry version (or a logged model) keeps its files, asked of this server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if match := _LOGGED_MODEL_URI.fullmatch(uri):
+        return str(client.get_logged_model(match["id"]).artifact_location)
+    match = _MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: use models:/NAME/VERSION, "
+                                                "models:/NAME@ALIAS or models:/m-ID")
+    version = match["version"]
+    if version is None:
+        version = client.get_model_version_by_alias(match["name"], match["alias"]).version
+    return str(client.get_model_version_download_uri(match["name"], str(version)))
 
 
 def _no_links_under(root: Path) -> None:

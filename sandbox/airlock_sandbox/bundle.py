@@ -72,8 +72,8 @@ def check_members(infos: Iterable[zipfile.ZipInfo], archive_size: int,
         key = unicodedata.normalize("NFC", name).casefold()
         if name in members or key in folded:
             raise BundleError(f"member {name[:80]!r} appears twice (or differs only in case)")
-        mode = info.external_attr >> 16
-        if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no type recorded (not unix)
+        if info.is_dir() or kind not in (0, stat.S_IFREG):
             raise BundleError(f"member {name[:80]!r} is not a regular file (link, directory "
                               "or special file)")
         if info.flag_bits & 0x1:

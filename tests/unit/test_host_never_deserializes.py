@@ -24,8 +24,9 @@ FORBIDDEN_IMPORTS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "job
 FORBIDDEN_SUBMODULES = {"safetensors.numpy", "safetensors.torch", "safetensors.flax",
                         "safetensors.tensorflow", "safetensors.paddle", "safetensors.mlx"}
 #: The only parts of MLflow the host may import: its download API copies bytes and
-#: deserializes nothing (research/conversion.md §4); its loaders are never allowed.
-ALLOWED_MLFLOW_IMPORTS = {"mlflow.artifacts", "mlflow.exceptions"}
+#: deserializes nothing (research/conversion.md §4), the tracking client looks versions up;
+#: its loaders are never allowed.
+ALLOWED_MLFLOW_IMPORTS = {"mlflow.artifacts", "mlflow.exceptions", "mlflow.tracking"}
 #: Dotted call names that deserialize or execute artifact content.
 FORBIDDEN_CALLS = {
     "pickle.load", "pickle.loads", "pickle.Unpickler", "joblib.load", "cloudpickle.load",
