@@ -120,11 +120,6 @@ def run_migrate(args: argparse.Namespace) -> int:
     options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                       retry_failed=args.retry_failed, target_suffix=args.target_suffix)
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-    # MLflow 3.17 resolves a models:/ download through the *process's* registry URI, whatever
-    # the call is given (ModelsArtifactRepository._get_model_uri_infos); without this, the
-    # download would ask a local ./mlflow.db it creates on the spot. This process is ours.
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    os.environ["MLFLOW_REGISTRY_URI"] = registry_uri
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
