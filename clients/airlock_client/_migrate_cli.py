@@ -20,6 +20,7 @@ Progress goes to stderr, one line per version; the summary (a table, or one JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,7 +129,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
                           options=options, progress=_progress)
     try:
-        outcomes = migration.run(None if args.all else args.model)
+        # stdout carries the summary alone (scripts parse --json): MLflow's client prints
+        # "View run ..." links there when a run ends, so the run talks to stderr instead.
+        with contextlib.redirect_stdout(sys.stderr):
+            outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
         return _usage(str(exc))
     except MigrationAborted as exc:

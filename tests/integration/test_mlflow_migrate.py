@@ -29,6 +29,7 @@ from tests.adversarial.payloads import malicious_torch_zip
 from tests.conftest import AIRLOCK, IMAGE, BrokerProcess, start_broker
 from tests.fixtures import mlflow_models
 from tests.fixtures.mlflow_models import Saved
+from tests.integration import mlflow_server
 from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
 
 pytestmark = pytest.mark.integration
@@ -125,6 +126,9 @@ def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ig
     import mlflow
 
     tmp = tmp_path_factory.mktemp("migrate")
+    # With several suites running on 2 cores, `mlflow server` has taken more than the
+    # fixture's 120 s to come up; this module starts one server, so it can afford to wait.
+    mlflow_server.START_TIMEOUT = max(mlflow_server.START_TIMEOUT, 400.0)
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')

@@ -184,6 +184,7 @@ class FakeRegistry:
     def set_terminated(self, run_id: str, status: str | None = None) -> None:
         self._write("set_terminated", run_id, status)
         self.runs[run_id]["status"] = status
+        print(f"🏃 View run {run_id} at: http://fake/#/runs/{run_id}")  # as MlflowClient does
 
     # -- a downloader over the fake artifact store --------------------------------------------
 
