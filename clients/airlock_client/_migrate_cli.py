@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -121,6 +122,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                       retry_failed=args.retry_failed, target_suffix=args.target_suffix)
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    _quiet_mlflow()
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
@@ -163,6 +165,13 @@ def _converter(args: argparse.Namespace) -> tuple[Convert, Callable[[], None]]:
                               job_timeout=args.timeout)
 
     return convert, client.close
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's client logs each version's creation and prints a link per run; the progress
+    lines already say what happened, once per version."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _progress(line: str) -> None:

@@ -126,8 +126,8 @@ class MigrationAborted(AirlockError):
 class _Target:
     name: str
     exists: bool
-    #: source version -> target version
-    twins: dict[str, str] = field(default_factory=dict)
+    #: source version -> the target version that is its migrated twin
+    twins: dict[str, ModelVersion] = field(default_factory=dict)
     conflict: str = ""
 
 
@@ -214,10 +214,14 @@ class Migration:
         twin = target.twins.get(version)
         if twin is not None:
             # A run that stopped between registering and tagging the source finishes here.
-            where = f"{target.name}/{twin}"
+            where = f"{target.name}/{twin.version}"
             if not self.options.dry_run and tag(mv, tags.MIGRATED_TO) != where:
                 self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
-            return Outcome(name, version, Status.ALREADY_MIGRATED, target=where)
+            return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
+                           format=tag(twin, tags.OUTPUT_FORMAT),
+                           assurance=tag(twin, tags.VERDICT),
+                           source_sha256=tag(twin, tags.SOURCE_SHA256),
+                           output_sha256=tag(twin, tags.OUTPUT_SHA256))
         if target.conflict:
             return Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
                            message=target.conflict)
@@ -261,7 +265,7 @@ class Migration:
                 return self._failed(name, version, Status.FAILED, "PROVENANCE_MISSING",
                                     "the broker returned no signed provenance")
             twin = self._register(name, version, target, result, work / "out")
-            where = f"{target.name}/{twin}"
+            where = f"{target.name}/{twin.version}"
             target.twins[version] = twin
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
             return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
@@ -273,7 +277,7 @@ class Migration:
     # -- registry writes ---------------------------------------------------------------------
 
     def _register(self, name: str, version: str, target: _Target, result: ConversionResult,
-                  out_dir: Path) -> str:
+                  out_dir: Path) -> ModelVersion:
         """Log the file and its provenance in a run; make them a version of the target model."""
         record = result.provenance_record
         assert record is not None
@@ -308,7 +312,7 @@ class Migration:
         finally:
             with contextlib.suppress(Exception):
                 self.registry.set_terminated(run_id, "FINISHED" if finished else "FAILED")
-        return str(twin.version)
+        return twin
 
     def _failed(self, name: str, version: str, status: Status, reason: str,
                 message: str) -> Outcome:
@@ -376,10 +380,10 @@ class Migration:
             return _Target(name, exists=True, conflict=(
                 f"{name!r} exists and is not Airlock's target for {source!r}; rename it or "
                 "choose another --target-suffix"))
-        twins: dict[str, str] = {}
+        twins: dict[str, ModelVersion] = {}
         for mv in model_versions(self.registry, name, self.options.page_size):
             if tag(mv, tags.SOURCE_MODEL) == source and tag(mv, tags.SOURCE_VERSION):
-                twins.setdefault(tag(mv, tags.SOURCE_VERSION), str(mv.version))
+                twins.setdefault(tag(mv, tags.SOURCE_VERSION), mv)
         return _Target(name, exists=True, twins=twins)
 
 

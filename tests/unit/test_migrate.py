@@ -123,13 +123,16 @@ def test_a_second_run_writes_nothing_and_converts_nothing(key: SigningKey) -> No
     registry = FakeRegistry()
     registry.add_model("fraud", versions=3)
     sandbox = FakeSandbox(key, plan={("fraud", "2"): rejected()})
-    _migration(registry, sandbox).run(["fraud"])
+    first = _migration(registry, sandbox).run(["fraud"])
     writes, converted = len(registry.writes), len(sandbox.converted)
 
     again = _migration(registry, sandbox).run(["fraud"])
     assert [o.status for o in again] == [Status.ALREADY_MIGRATED, Status.FAILED_EARLIER,
                                          Status.ALREADY_MIGRATED]
     assert again[1].reason == "POLICY_VIOLATION"
+    # a skipped version still reports what its twin holds (from the twin's tags)
+    assert (again[0].format, again[0].output_sha256, again[0].target) == \
+        (first[0].format, first[0].output_sha256, first[0].target) != ("", "", "")
     assert len(registry.writes) == writes and len(sandbox.converted) == converted
 
 
@@ -306,6 +309,7 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """run_migrate pins MLflow's URIs in the environment; give them back after the test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fake")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
