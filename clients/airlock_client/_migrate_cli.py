@@ -122,11 +122,11 @@ def run_migrate(args: argparse.Namespace) -> int:
     options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                       retry_failed=args.retry_failed, target_suffix=args.target_suffix)
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-    _quiet_mlflow()
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
         return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
+    _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     convert, close = _converter(args)
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
                           options=options, progress=_progress)

@@ -40,6 +40,8 @@ class RegisteredModel(Protocol):
     def name(self) -> str: ...
     @property
     def tags(self) -> Mapping[str, str]: ...
+    @property
+    def aliases(self) -> Mapping[str, str]: ...  # alias -> version
 
 
 class ModelVersion(Protocol):

@@ -129,6 +129,7 @@ class _Target:
     #: source version -> the target version that is its migrated twin
     twins: dict[str, ModelVersion] = field(default_factory=dict)
     conflict: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 class Migration:
@@ -355,8 +356,11 @@ class Migration:
         if not alias or self.options.dry_run or not done:
             return
         newest = max(done, key=lambda o: int(o.version))
-        self.registry.set_registered_model_alias(target.name, alias,
-                                                 newest.target.rpartition("/")[2])
+        version = newest.target.rpartition("/")[2]
+        if target.aliases.get(alias) == version:
+            return
+        self.registry.set_registered_model_alias(target.name, alias, version)
+        target.aliases[alias] = version
         self.progress(f"alias {target.name}@{alias} -> {newest.target} "
                       f"(from {newest.model} v{newest.version})")
 
@@ -384,7 +388,8 @@ class Migration:
         for mv in model_versions(self.registry, name, self.options.page_size):
             if tag(mv, tags.SOURCE_MODEL) == source and tag(mv, tags.SOURCE_VERSION):
                 twins.setdefault(tag(mv, tags.SOURCE_VERSION), mv)
-        return _Target(name, exists=True, twins=twins)
+        return _Target(name, exists=True, twins=twins,
+                       aliases={str(k): str(v) for k, v in (found.aliases or {}).items()})
 
 
 def _describe(outcome: Outcome) -> str:

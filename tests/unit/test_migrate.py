@@ -252,6 +252,9 @@ def test_alias_points_at_the_newest_migrated_version(key: SigningKey) -> None:
     _migration(registry, sandbox, alias="champion").run(["m"])
     assert registry.models["m-airlock"].aliases == {"champion": "2"}
     assert registry.version("m-airlock", 2).tags[tags.SOURCE_VERSION] == "2"
+    writes = len(registry.writes)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    assert len(registry.writes) == writes  # already pointing there: not even re-set
 
 
 # -- exit codes and the summary --------------------------------------------------------------
