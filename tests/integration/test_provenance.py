@@ -67,6 +67,9 @@ def test_convert_writes_output_and_provenance_that_verify_accepts(
                    server=broker.address)
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stdout and record.input_sha256 in done.stdout
+    # The same file is an OpenSSF model-signing signature of the output.
+    from model_signing import verifying
+    verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(converted, prov)
     as_json = run_cli("verify", str(converted), "--public-key", str(public_key), "--json",
                       server=broker.address)
     assert as_json.returncode == 0, as_json.stderr
