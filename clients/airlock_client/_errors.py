@@ -7,6 +7,8 @@
     │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
     ├── IntegrityError           the response stream did not match its own checksums
+    │   └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+    │                            signed by another key, or not for these bytes (.reason)
     └── ModelSourceError         an MLflow model could not be fetched, or its directory was
         (.reason, .message)      refused before anything was sent (links, escapes, caps)
 """
