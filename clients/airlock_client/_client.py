@@ -78,7 +78,9 @@ class Client:
     broker, or anyone between, without the matching private key cannot pass. Without one, the
     client verifies against the key the broker publishes (``provenance_key()``), fetched once
     per client over the same channel: trust on first use, which still binds each output to its
-    signed record but cannot detect a broker that is not the one you meant.
+    signed record but cannot detect a broker that is not the one you meant. A result whose
+    provenance is missing or fails verification raises ``ProvenanceError`` and nothing is
+    written at the destination.
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 900.0,

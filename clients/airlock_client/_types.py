@@ -68,7 +68,7 @@ class ConversionResult:
     report: ConversionReport
     #: Why ``assurance`` is what it is (e.g. why integrity could not be verified).
     integrity_note: str = ""
-    #: The signed provenance (a DSSE envelope, JSON) exactly as received; verified.
+    #: The signed provenance (a model-signing bundle, JSON) exactly as received; verified.
     provenance: bytes = b""
     #: What the verified provenance says.
     provenance_record: ProvenanceRecord | None = None

@@ -309,9 +309,10 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
     for warning in result.report.warnings:
         print(f"  warning    {warning}")
     fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"
-    trust = "pinned key" if result.provenance_key_source == "pinned" else \
-        "key published by the broker (TOFU; pin it with --public-key or AIRLOCK_PUBLIC_KEY)"
-    print(f"  provenance {provenance} (verified, {trust} sha256:{fp}...)")
+    print(f"  provenance {provenance} (verified, key sha256:{fp}...)")
+    if result.provenance_key_source != "pinned":
+        print("  key        as published by the broker (trust on first use); pin it with "
+              "--public-key or AIRLOCK_PUBLIC_KEY")
 
 
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,

@@ -1,8 +1,10 @@
 """Verifying the signed provenance that comes with every Airlock output.
 
-The broker signs, for each output, an in-toto Statement v1 (subject: the output's sha256;
-predicate: how it was made) inside a DSSE envelope, with its ECDSA P-256 key. This module
-checks such an envelope against a public key and a file::
+For each output the broker signs, with its ECDSA P-256 key, a Sigstore bundle in the OpenSSF
+model-signing format: a DSSE envelope around an in-toto Statement v1 whose predicate lists the
+output file's sha256 and carries Airlock's record of how it was made (under ``airlock``). The
+same file therefore also verifies with ``model_signing verify key``. This module checks such a
+bundle against a public key and a file::
 
     from airlock_client import provenance
     record = provenance.verify("model.onnx", Path("model.onnx.provenance.json").read_bytes(),
@@ -34,9 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock_client._errors import IntegrityError
 
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://github.com/airlock/airlock/provenance/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+RECORD_FIELD = "airlock"
 #: An envelope is a few KiB; anything far larger is not one.
 MAX_PROVENANCE_BYTES = 256 * 1024
 SUFFIX = ".provenance.json"
@@ -80,7 +84,8 @@ class ProvenanceRecord:
     validation: str
     assurance: str
     integrity_note: str
-    #: The signing key's fingerprint (sha256 of its DER SubjectPublicKeyInfo, hex).
+    #: The signing key's fingerprint (sha256 of its PEM SubjectPublicKeyInfo, hex; the same
+    #: value model-signing calls the key hint).
     key_fingerprint: str
     #: What the sandbox said: loader, converter, executed_artifact_code, versions, parity.
     conversion: Mapping[str, Any] = field(default_factory=dict)
@@ -115,10 +120,10 @@ def load_public_key(key: PublicKeyLike) -> ec.EllipticCurvePublicKey:
 
 
 def fingerprint(key: PublicKeyLike) -> str:
-    """Lower-case hex sha256 of the key's DER SubjectPublicKeyInfo (the envelope's keyid)."""
-    der = load_public_key(key).public_bytes(serialization.Encoding.DER,
+    """Lower-case hex sha256 of the key's PEM SubjectPublicKeyInfo (the bundle's key hint)."""
+    pem = load_public_key(key).public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(pem).hexdigest()
 
 
 def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
@@ -144,7 +149,11 @@ def verify_envelope(provenance: bytes, public_key: PublicKeyLike) -> ProvenanceR
     if len(provenance) > MAX_PROVENANCE_BYTES:
         raise ProvenanceError("PROVENANCE_MALFORMED",
                               f"provenance of {len(provenance)} bytes is larger than any record")
-    envelope = _strict_json(provenance, "the DSSE envelope")
+    bundle = _strict_json(provenance, "the provenance bundle")
+    if bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              f"mediaType is not {BUNDLE_MEDIA_TYPE!r}")
+    envelope = _obj(bundle, "dsseEnvelope")
     if envelope.get("payloadType") != PAYLOAD_TYPE:
         raise ProvenanceError("PROVENANCE_MALFORMED",
                               f"payloadType is not {PAYLOAD_TYPE!r}")
@@ -155,20 +164,27 @@ def verify_envelope(provenance: bytes, public_key: PublicKeyLike) -> ProvenanceR
     expected = fingerprint(key)
     signed = b"DSSEv1 %d %s %d %s" % (len(PAYLOAD_TYPE), PAYLOAD_TYPE.encode(), len(payload),
                                        payload)
-    keyids = []
+    named = [_hint(bundle)]
     for entry in signatures[:8]:
         if not isinstance(entry, dict):
             raise ProvenanceError("PROVENANCE_MALFORMED", "a signature entry is not an object")
-        keyids.append(str(entry.get("keyid", ""))[:64])
+        named.append(str(entry.get("keyid", ""))[:64])
         try:
             key.verify(_b64(entry.get("sig"), "sig"), signed, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             continue
         return _record(_strict_json(payload, "the in-toto statement"), expected)
-    other = [k for k in keyids if k and k != expected]
-    hint = (f"; it names key {other[0][:16]}..., not {expected[:16]}..." if other else "")
+    # Hints and keyids are unauthenticated: they only make the message useful.
+    other = [k for k in named if k and k != expected]
+    hint = f"; it names key {other[0][:16]}..., not {expected[:16]}..." if other else ""
     raise ProvenanceError("SIGNATURE_INVALID",
                           f"the provenance is not validly signed by the expected key{hint}")
+
+
+def _hint(bundle: Mapping[str, Any]) -> str:
+    material = bundle.get("verificationMaterial")
+    public = material.get("publicKey") if isinstance(material, dict) else None
+    return str(public.get("hint", ""))[:64] if isinstance(public, dict) else ""
 
 
 def check_output(record: ProvenanceRecord, *, sha256: str, size: int) -> None:
@@ -240,16 +256,30 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
     """The signed statement as a typed record; a signed but ill-formed one is still refused."""
     if doc.get("_type") != STATEMENT_TYPE or doc.get("predicateType") != PREDICATE_TYPE:
         raise ProvenanceError("PROVENANCE_MALFORMED",
-                              "the statement is not an Airlock in-toto provenance statement")
-    pred = _obj(doc, "predicate")
-    inp, out = _obj(pred, "input"), _obj(pred, "output")
+                              "the statement is not a model-signing v1.0 in-toto statement")
+    predicate = _obj(doc, "predicate")
+    if RECORD_FIELD not in predicate:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the signature holds no Airlock provenance record")
+    resources = predicate.get("resources")
+    if (not isinstance(resources, list) or len(resources) != 1
+            or not isinstance(resources[0], dict)
+            or resources[0].get("name") != "." or resources[0].get("algorithm") != "sha256"):
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the statement must sign exactly one file, by sha256")
+    digest = _str(resources[0], "digest")
     subjects = doc.get("subject")
     if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict):
         raise ProvenanceError("PROVENANCE_MALFORMED", "the statement must have one subject")
-    subject_sha = _obj(subjects[0], "digest").get("sha256")
-    if subject_sha != _str(out, "sha256"):
+    try:
+        root = hashlib.sha256(bytes.fromhex(digest)).hexdigest()
+    except ValueError:
+        raise ProvenanceError("PROVENANCE_MALFORMED", "the file digest is not hex") from None
+    pred = _obj(predicate, RECORD_FIELD)
+    inp, out = _obj(pred, "input"), _obj(pred, "output")
+    if _obj(subjects[0], "digest").get("sha256") != root or _str(out, "sha256") != digest:
         raise ProvenanceError("PROVENANCE_MALFORMED",
-                              "the statement's subject and output digests disagree")
+                              "the statement's subject, resource and record digests disagree")
     sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
     request, broker = _obj(pred, "request"), _obj(pred, "broker")
     return ProvenanceRecord(
@@ -258,7 +288,7 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         input_sha256=_str(inp, "sha256"), input_size=_int(inp, "size"),
         declared_format=_str(inp, "declared_format"),
         detected_format=_str(inp, "detected_format"),
-        output_name=_str(out, "name"), output_sha256=_str(out, "sha256"),
+        output_name=_str(out, "name"), output_sha256=digest,
         output_size=_int(out, "size"), output_format=_str(out, "format"),
         target=_str(request, "target"), loading_policy=_str(request, "loading_policy"),
         image_id=_str(sandbox, "image_id"), runtime=_str(sandbox, "runtime"),

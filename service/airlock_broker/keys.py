@@ -48,10 +48,13 @@ def default_key_path() -> Path:
 
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Lower-case hex sha256 of the DER SubjectPublicKeyInfo: the key's stable name."""
-    der = public_key.public_bytes(serialization.Encoding.DER,
+    """Lower-case hex sha256 of the PEM SubjectPublicKeyInfo: the key's stable name.
+
+    The same value OpenSSF model-signing puts in a bundle as the key ``hint`` and checks.
+    """
+    pem = public_key.public_bytes(serialization.Encoding.PEM,
                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(pem).hexdigest()
 
 
 @dataclass(frozen=True)

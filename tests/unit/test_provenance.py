@@ -104,14 +104,53 @@ def test_round_trip_bytes_and_file(key: SigningKey, tmp_path: Path) -> None:
     assert provenance.verify(str(path), envelope, key.public_pem) == record
 
 
-def test_envelope_is_standard_dsse_with_in_toto_statement(key: SigningKey) -> None:
-    envelope = json.loads(_envelope(key))
+def test_bundle_is_model_signing_format_over_the_known_digest(key: SigningKey) -> None:
+    bundle = json.loads(_envelope(key))
+    assert bundle["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+    assert bundle["verificationMaterial"] == {"publicKey": {"hint": key.fingerprint},
+                                              "tlogEntries": []}
+    envelope = bundle["dsseEnvelope"]
     assert envelope["payloadType"] == "application/vnd.in-toto+json"
-    assert envelope["signatures"][0]["keyid"] == key.fingerprint
     doc = json.loads(base64.b64decode(envelope["payload"]))
     assert doc["_type"] == "https://in-toto.io/Statement/v1"
-    assert doc["subject"] == [{"name": "model.onnx",
-                               "digest": {"sha256": hashlib.sha256(OUTPUT).hexdigest()}}]
+    assert doc["predicateType"] == "https://model_signing/signature/v1.0"
+    digest = hashlib.sha256(OUTPUT).hexdigest()
+    assert doc["predicate"]["resources"] == [{"name": ".", "algorithm": "sha256",
+                                              "digest": digest}]
+    assert doc["subject"][0]["digest"]["sha256"] == \
+        hashlib.sha256(bytes.fromhex(digest)).hexdigest()
+    assert doc["predicate"]["airlock"]["output"]["sha256"] == digest
+
+
+def test_model_signing_verifies_airlock_provenance(key: SigningKey, tmp_path: Path) -> None:
+    """Interoperability: the OpenSSF library accepts the bundle for the file, and only it."""
+    from model_signing import verifying
+
+    model = tmp_path / "renamed-model.onnx"
+    model.write_bytes(OUTPUT)
+    sig = tmp_path / "model.onnx.provenance.json"
+    sig.write_bytes(_envelope(key))
+    pub = tmp_path / "pub.pem"
+    pub.write_text(key.public_pem)
+    verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(model, sig)
+    model.write_bytes(OUTPUT[:-1] + bytes([OUTPUT[-1] ^ 1]))
+    with pytest.raises(ValueError, match="mismatch"):
+        verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(model, sig)
+
+
+def test_plain_model_signing_signature_is_not_airlock_provenance(key: SigningKey,
+                                                                 tmp_path: Path) -> None:
+    from model_signing import hashing, signing
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(OUTPUT)
+    sig = tmp_path / "model.sig"
+    (signing.Config().use_elliptic_key_signer(private_key=key.path)
+     .set_hashing_config(hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
+     .sign(model, sig))
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(model, sig.read_bytes(), _public_pem(key))
+    assert _reason(exc) == "PROVENANCE_MALFORMED" and "Airlock" in exc.value.message
 
 
 def test_hostile_worker_claims_are_capped_and_printable(key: SigningKey) -> None:
@@ -127,15 +166,15 @@ def test_hostile_worker_claims_are_capped_and_printable(key: SigningKey) -> None
 
 def _tamper_payload(envelope: bytes, change: Any) -> bytes:
     doc = json.loads(envelope)
-    payload = json.loads(base64.b64decode(doc["payload"]))
+    payload = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
     change(payload)
-    doc["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
     return json.dumps(doc).encode()
 
 
 def test_tampered_record_is_refused(key: SigningKey) -> None:
     def lie(payload: dict[str, Any]) -> None:
-        payload["predicate"]["verdicts"]["assurance"] = "integrity_verified"
+        payload["predicate"]["airlock"]["verdicts"]["assurance"] = "integrity_verified"
 
     with pytest.raises(ProvenanceError) as exc:
         provenance.verify(OUTPUT, _tamper_payload(_envelope(key), lie), _public_pem(key))
@@ -167,7 +206,8 @@ def test_signature_moved_to_another_keyid_does_not_help(key: SigningKey,
                                                         tmp_path: Path) -> None:
     other = create_key(tmp_path / "other.pem")
     doc = json.loads(_envelope(key))
-    doc["signatures"][0]["keyid"] = other.fingerprint
+    doc["dsseEnvelope"]["signatures"][0]["keyid"] = other.fingerprint
+    doc["verificationMaterial"]["publicKey"]["hint"] = other.fingerprint
     with pytest.raises(ProvenanceError) as exc:
         provenance.verify(OUTPUT, json.dumps(doc).encode(), _public_pem(other))
     assert _reason(exc) == "SIGNATURE_INVALID"
@@ -183,6 +223,7 @@ def test_signature_moved_to_another_keyid_does_not_help(key: SigningKey,
      "PROVENANCE_MALFORMED"),
     (lambda e: e.replace(b"application/vnd.in-toto+json", b"text/plain"),
      "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b"bundle.v0.3+json", b"bundle.v9+json"), "PROVENANCE_MALFORMED"),
     (lambda e: e.replace(b'"signatures":[', b'"signatures":[],"x":['), "PROVENANCE_MALFORMED"),
     (lambda e: e.replace(b'"sig":"', b'"sig":"!!'), "PROVENANCE_MALFORMED"),
 ])
@@ -199,11 +240,18 @@ def test_validly_signed_statement_of_another_kind_is_refused(key: SigningKey) ->
     with pytest.raises(ProvenanceError) as exc:
         provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
     assert _reason(exc) == "PROVENANCE_MALFORMED"
-    doc = statement(_result(), _request(), SandboxPolicy())
-    doc["subject"][0]["digest"]["sha256"] = "0" * 64
-    with pytest.raises(ProvenanceError) as exc:
-        provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
-    assert _reason(exc) == "PROVENANCE_MALFORMED"
+    for path, value in ((("subject", 0, "digest", "sha256"), "0" * 64),
+                        (("predicate", "resources", 0, "digest"), "0" * 64),
+                        (("predicate", "resources", 0, "name"), "other.onnx"),
+                        (("predicate", "airlock", "output", "sha256"), "0" * 64)):
+        doc = statement(_result(), _request(), SandboxPolicy())
+        target: Any = doc
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+        with pytest.raises(ProvenanceError) as exc:
+            provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+        assert _reason(exc) == "PROVENANCE_MALFORMED", path
 
 
 def test_public_keys_that_are_not_p256_are_refused(key: SigningKey, tmp_path: Path) -> None:

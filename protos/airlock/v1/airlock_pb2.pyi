@@ -400,9 +400,10 @@ class ConvertResult(_message.Message):
     integrity_note: _builtins.str
     """Why the assurance is what it is (e.g. why integrity could not be verified)."""
     provenance: _builtins.bytes
-    """Signed provenance: a DSSE envelope (JSON) holding an in-toto Statement v1 whose subject is
-    the output (name and sha256) and whose predicate records how it was made. Signed with the
-    broker's ECDSA P-256 key (GetProvenanceKey). Clients verify it before writing the output.
+    """Signed provenance, in the OpenSSF model-signing format: a Sigstore bundle (JSON) with a DSSE
+    envelope around an in-toto Statement v1 that signs the output's sha256 and, under
+    predicate.airlock, records how it was made. Signed with the broker's ECDSA P-256 key
+    (GetProvenanceKey). Clients verify it before writing the output.
     """
     @_builtins.property
     def report(self) -> Global___ConversionReport: ...
@@ -488,7 +489,7 @@ class GetProvenanceKeyResponse(_message.Message):
     public_key_pem: _builtins.str
     """SubjectPublicKeyInfo, PEM."""
     fingerprint: _builtins.str
-    """Lower-case hex sha256 of the DER SubjectPublicKeyInfo; the keyid in every envelope."""
+    """Lower-case hex sha256 of the PEM SubjectPublicKeyInfo (model-signing's key hint)."""
     algorithm: _builtins.str
     """"ecdsa-p256-sha256" """
     def __init__(
