@@ -8,6 +8,7 @@
 
 from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     IntegrityError,
@@ -25,6 +26,7 @@ from airlock_client._types import (
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AccessDenied",
     "AirlockError",
     "Client",
     "ConversionError",
