@@ -48,6 +48,7 @@ class ChannelSettings:
                 client_cert: PathLike | None, client_key: PathLike | None) -> ChannelSettings:
         """Explicit values, else ``AIRLOCK_TOKEN``, ``AIRLOCK_TLS``, ``AIRLOCK_TLS_CA``,
         ``AIRLOCK_CLIENT_CERT``, ``AIRLOCK_CLIENT_KEY`` (as ``AIRLOCK_SERVER`` names the server).
+        ``token=""`` means no token, whatever the environment says.
         """
         env = os.environ
 
@@ -59,7 +60,7 @@ class ChannelSettings:
             token = env.get("AIRLOCK_TOKEN") or None
         if tls is None:
             tls = env.get("AIRLOCK_TLS", "").lower() in {"1", "true", "yes"}
-        return cls(token=token.strip() if token is not None else None, tls=tls,
+        return cls(token=token.strip() or None if token else None, tls=tls,
                    tls_ca=path(tls_ca, "AIRLOCK_TLS_CA"),
                    client_cert=path(client_cert, "AIRLOCK_CLIENT_CERT"),
                    client_key=path(client_key, "AIRLOCK_CLIENT_KEY"))
