@@ -140,7 +140,7 @@ def test_only_literal_loopback_counts_as_local(address: str, loopback: bool) -> 
 
 
 def test_without_auth_the_broker_refuses_a_non_loopback_address() -> None:
-    with pytest.raises(ValueError, match="without authentication.*--insecure-no-auth"):
+    with pytest.raises(ValueError, match=r"without authentication.*--insecure-no-auth"):
         BrokerConfig(listen="0.0.0.0:50051")
     BrokerConfig(listen="127.0.0.1:50051")  # the default stays fine (make serve)
 
