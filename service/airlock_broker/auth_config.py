@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
+import ssl
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -138,6 +139,25 @@ class AuthConfig:
         for path in (self.tls_cert, self.tls_key, self.client_ca):
             if path is not None and not path.is_file():
                 raise ValueError(f"[auth] {path} is not a readable file")
+        self._check_pem()
+
+    def _check_pem(self) -> None:
+        """Parse the PEM files now: gRPC would only say "failed to bind" about a bad one."""
+        if self.tls_cert is None or self.tls_key is None:
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:  # the password callback keeps OpenSSL from prompting on a terminal
+            context.load_cert_chain(self.tls_cert, self.tls_key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"[auth] tls_cert / tls_key ({self.tls_cert}, {self.tls_key}) "
+                             f"are not a matching PEM certificate and unencrypted key: "
+                             f"{exc}") from None
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"[auth] client_ca {self.client_ca} is not a PEM CA "
+                                 f"certificate: {exc}") from None
 
     @property
     def tls(self) -> bool:

@@ -243,6 +243,18 @@ def test_bad_auth_config_is_refused_with_a_reason(tmp_path: Path, snippet: str,
         BrokerConfig.load(tmp_path / "c.toml")
 
 
+def test_unusable_tls_files_are_refused_at_load(tmp_path: Path, pki: dict[str, Any]) -> None:
+    server, alice = pki["server"], pki["alice"]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ValueError, match="matching PEM"):
+        AuthConfig(tls_cert=server.cert, tls_key=alice.key)  # someone else's key
+    with pytest.raises(ValueError, match="matching PEM"):
+        AuthConfig(tls_cert=garbage, tls_key=server.key)
+    with pytest.raises(ValueError, match="client_ca"):
+        AuthConfig(tls_cert=server.cert, tls_key=server.key, client_ca=garbage)
+
+
 def test_every_service_needs_a_role_or_is_explicitly_open() -> None:
     services = {s.full_name for s in pb.DESCRIPTOR.services_by_name.values()}
     assert services <= set(SERVICE_ROLES)
