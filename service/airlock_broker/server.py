@@ -85,6 +85,7 @@ def lock_spool(config: BrokerConfig) -> int:
 async def create_server(config: BrokerConfig,
                         backend: SandboxBackend | None = None) -> Broker:
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
+    credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
     lock_fd = lock_spool(config)
     try:
         stale = reap_stale(config.spool_root)
@@ -125,7 +126,6 @@ async def create_server(config: BrokerConfig,
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
-    credentials = server_credentials(config.auth)
     port = (server.add_secure_port(config.listen, credentials) if credentials is not None
             else server.add_insecure_port(config.listen))
     if port == 0:
