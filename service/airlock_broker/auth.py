@@ -73,6 +73,19 @@ def current_principal() -> Principal:
     return _CURRENT.get()
 
 
+class PrincipalFilter(logging.Filter):
+    """Adds the caller's ``principal`` to every job log line (those with a ``job_id``).
+
+    A job's lines are logged from its RPC's task, or from tasks it started (which copy its
+    context), so ``current_principal()`` is that job's caller.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if hasattr(record, "job_id") and not hasattr(record, "principal"):
+            record.principal = current_principal().name
+        return True
+
+
 def _printable(raw: bytes | str) -> str:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     return "".join(c if c.isprintable() else "?" for c in text[:_MAX_NAME])
@@ -228,4 +241,4 @@ def server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None:
 
 
 __all__ = ["ANONYMOUS", "OPEN_SERVICES", "SERVICE_ROLES", "AuthInterceptor", "Authenticator",
-           "Principal", "current_principal", "server_credentials"]
+           "Principal", "PrincipalFilter", "current_principal", "server_credentials"]

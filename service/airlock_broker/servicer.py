@@ -90,8 +90,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             record.set(detected_format=detected.value)
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
                      job_id, spooled.size, spooled.sha256[:16], detected, request.target,
-                     request.policy, record.principal,
-                     extra={"job_id": job_id, "principal": record.principal})
+                     request.policy, record.principal, extra={"job_id": job_id})
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,
