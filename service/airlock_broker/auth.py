@@ -109,10 +109,10 @@ class Authenticator:
             return Principal(entry.principal, "token", entry.roles)
         names = self._certificate_names(auth_context)
         if names:
-            for name in names:
+            for name in names:  # exact matches only: nothing truncated or replaced
                 if name in self.subjects:
                     return Principal(name, "certificate", self.subjects[name])
-            return Principal(names[0], "certificate", frozenset())
+            return Principal(_printable(names[0]), "certificate", frozenset())
         raise error(Reason.UNAUTHENTICATED, "no credentials: send a bearer token "
                     "(authorization: Bearer ...)" + (" or a client certificate"
                                                      if self.mutual_tls else ""))
@@ -147,7 +147,7 @@ class Authenticator:
             return []
         raw = [*auth_context.get("x509_subject_alternative_name", []),
                *auth_context.get("x509_common_name", [])]
-        return [_printable(r) for r in raw if r]
+        return [r.decode("utf-8", "replace") for r in raw if isinstance(r, bytes) and r]
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the stubs

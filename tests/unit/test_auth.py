@@ -29,7 +29,7 @@ from safetensors.numpy import save
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth import OPEN_SERVICES, SERVICE_ROLES, PrincipalFilter
+from airlock_broker.auth import OPEN_SERVICES, SERVICE_ROLES, Authenticator, PrincipalFilter
 from airlock_broker.auth_config import (
     AuthConfig,
     Role,
@@ -41,6 +41,7 @@ from airlock_broker.auth_config import (
     token_digest,
 )
 from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError
 from airlock_broker.pools import PoolSettings
 from airlock_client import AccessDenied, Client, ServiceUnavailable
 from airlock_client._channel import ChannelSettings
@@ -259,6 +260,36 @@ def test_every_service_needs_a_role_or_is_explicitly_open() -> None:
     services = {s.full_name for s in pb.DESCRIPTOR.services_by_name.values()}
     assert services <= set(SERVICE_ROLES)
     assert not set(SERVICE_ROLES) & OPEN_SERVICES
+
+
+# -- identifying a caller (the pure part) -------------------------------------------------------
+
+def _ssl(san: list[bytes], cn: list[bytes]) -> dict[str, list[bytes]]:
+    return {"transport_security_type": [b"ssl"], "x509_subject_alternative_name": san,
+            "x509_common_name": cn}
+
+
+def test_certificate_names_match_exactly_san_first(pki: dict[str, Any]) -> None:
+    name = "a" * 253
+    auth = Authenticator(AuthConfig(
+        tls_cert=pki["server"].cert, tls_key=pki["server"].key, client_ca=pki["ca"].cert_path,
+        subjects=(SubjectEntry(name, frozenset({Role.ADMIN})),
+                  SubjectEntry("alice", frozenset({Role.CONVERT})))))
+    longer = auth.identify([], _ssl([name.encode() + b"evil"], [b"nobody"]))
+    assert longer.roles == frozenset() and longer.name.startswith("aaa")
+    assert auth.identify([], _ssl([b"x.example", b"alice"], [name.encode()])).name == "alice"
+    assert auth.identify([], _ssl([], [b"alice"])).roles == {Role.CONVERT}
+    with pytest.raises(AirlockError, match="no credentials"):  # not a TLS connection
+        auth.identify([], {"transport_security_type": [b"insecure"],
+                           "x509_common_name": [b"alice"]})
+
+
+def test_more_than_one_authorization_header_is_refused() -> None:
+    auth = Authenticator(AuthConfig(tokens=TOKENS))
+    bearer = ("authorization", f"Bearer {ADMIN_TOKEN}")
+    assert auth.identify([bearer], {}).name == "ops"
+    with pytest.raises(AirlockError, match="more than one"):
+        auth.identify([bearer, ("authorization", f"Bearer {CONVERT_TOKEN}")], {})
 
 
 # -- tokens over real gRPC ----------------------------------------------------------------------
