@@ -29,6 +29,17 @@ LIVE_SPOOLS: set[Path] = set()
 #: (other brokers on a shared machine are none of our business).
 STARTED_PIDS: set[int] = set()
 
+# The brokers and CLIs this session starts keep their state (the provenance signing key) in a
+# directory of the session's own, never in the machine's /var/lib/airlock.
+if "AIRLOCK_STATE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _STATE_DIR = tempfile.mkdtemp(prefix="airlock-test-state-")
+    os.environ["AIRLOCK_STATE_DIR"] = _STATE_DIR
+    atexit.register(shutil.rmtree, _STATE_DIR, True)
+
 
 def _docker_client():  # type: ignore[no-untyped-def]
     import docker

@@ -19,10 +19,12 @@ from airlock_client._types import (
     ConversionResult,
     ParityCheck,
     PoolStatus,
+    ProvenanceKey,
     SelfTestCheck,
     SelfTestReport,
     TensorSpec,
 )
+from airlock_client.provenance import ProvenanceError, ProvenanceRecord
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -35,6 +37,9 @@ __all__ = [
     "IntegrityError",
     "ParityCheck",
     "PoolStatus",
+    "ProvenanceError",
+    "ProvenanceKey",
+    "ProvenanceRecord",
     "SelfTestCheck",
     "SelfTestReport",
     "ServiceUnavailable",

@@ -9,6 +9,8 @@
     │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
     └── IntegrityError           the response stream did not match its own checksums
+        └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+                                 signed by another key, or not for these bytes (.reason)
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Exit codes (other tools depend on them):
 
 ====  =====================================================
-0     converted
-1     the artifact was rejected or its conversion failed
+0     converted (verify: the file matches its signed provenance)
+1     the artifact was rejected or its conversion failed (verify: verification failed)
 2     usage error
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
@@ -30,7 +30,15 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._progress import ProgressBar
+from airlock_client._provenance_cli import (
+    add_keys_parser,
+    add_verify_parser,
+    run_keys,
+    run_verify,
+    write_provenance,
+)
 from airlock_client._types import ConversionResult, PoolStatus, TensorSpec
+from airlock_client.provenance import ProvenanceError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -91,8 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
     convert.add_argument("--server", default=None,
                          help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    convert.add_argument("--public-key", type=Path, default=None,
+                         help="the broker's provenance public key, PEM (default "
+                              "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
+    add_verify_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
@@ -118,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _pool(args)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "verify":
+        return run_verify(args)
+    if args.command == "keys":
+        return run_keys(args)
     return _convert(args)
 
 
@@ -252,7 +269,8 @@ def _convert(args: argparse.Namespace) -> int:
     size = args.input.stat().st_size
     try:
         options = client_options(args)
-        with Client(args.server or default_address(), **options) as client:
+        with Client(args.server or default_address(), public_key=args.public_key,
+                    **options) as client:
             result = client.convert(
                 args.input, output, target=args.target, inputs=inputs,
                 declared_format=args.declared, loading_policy=args.policy,
@@ -266,6 +284,9 @@ def _convert(args: argparse.Namespace) -> int:
         return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
     except ConversionError as exc:
         return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
+    except ProvenanceError as exc:
+        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
+        return _report_error(args, "rejected", exc.reason, exc.message, code)
     except AirlockError as exc:
         return _report_error(args, "failed", getattr(exc, "reason", "ERROR"), str(exc),
                              EXIT_FAILED)
@@ -273,7 +294,8 @@ def _convert(args: argparse.Namespace) -> int:
         final = _final_name(args.input, result.format)
         output.replace(final)
         result = ConversionResult(**{**result.__dict__, "output": final})
-    _report_ok(args, result)
+    provenance = write_provenance(result.output, result.provenance)
+    _report_ok(args, result, provenance)
     return EXIT_OK
 
 
@@ -282,7 +304,7 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
+def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
     if args.json:
         doc = {
             "status": "ok", "reason": None, "message": "converted",
@@ -295,6 +317,10 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
             "parity": [asdict(p) for p in result.report.parity],
             "warnings": list(result.report.warnings),
             "duration_seconds": round(result.duration_seconds, 3),
+            "provenance": str(provenance),
+            "provenance_key": (result.provenance_record.key_fingerprint
+                               if result.provenance_record else None),
+            "provenance_key_source": result.provenance_key_source,
         }
         print(json.dumps(doc))
         return
@@ -311,6 +337,11 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
               f"samples ({p.tolerance}) {verdict}")
     for warning in result.report.warnings:
         print(f"  warning    {warning}")
+    fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"
+    print(f"  provenance {provenance} (verified, key sha256:{fp}...)")
+    if result.provenance_key_source != "pinned":
+        print("  key        as published by the broker (trust on first use); pin it with "
+              "--public-key or AIRLOCK_PUBLIC_KEY")
 
 
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,

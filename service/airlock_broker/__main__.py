@@ -12,6 +12,7 @@ from typing import Any
 
 from airlock_broker import logs
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
+from airlock_broker.keys import SigningKeyError
 from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.server import serve
 
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except SandboxUnavailable as exc:
         print(f"airlock serve: the sandbox is unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except SigningKeyError as exc:
+        print(f"airlock serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except OSError as exc:
         print(f"airlock serve: {exc}", file=sys.stderr)

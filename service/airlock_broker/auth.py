@@ -9,9 +9,10 @@ runs (so an unauthenticated caller cannot make the broker spool a single byte):
    checked against ``client_ca`` by the TLS handshake) names the caller by a SAN or its CN.
    Neither: ``UNAUTHENTICATED``.
 2. **Authorize.** Each service needs one role: ``convert`` for ConversionService, ``admin`` for
-   AdminService. Pool *status* needs ``admin`` too: it names the runtime and image a sandbox
-   escape would have to beat, and shows other callers' load; converting callers learn about
-   load from ``BUSY``. A service missing from ``SERVICE_ROLES`` is refused to everyone.
+   AdminService (``OPEN_METHODS`` lists the exceptions: the provenance public key). Pool
+   *status* needs ``admin`` too: it names the runtime and image a sandbox escape would have
+   to beat, and shows other callers' load; converting callers learn about load from ``BUSY``.
+   A service missing from ``SERVICE_ROLES`` is refused to everyone.
    Missing role: ``PERMISSION_DENIED``.
 
 The principal that passed is available to the servicer as ``current_principal()`` (audit log,
@@ -43,6 +44,11 @@ OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
+})
+#: Methods of protected services that anyone may call. The provenance *public* key: whoever
+#: holds an output may verify it without being allowed to convert.
+OPEN_METHODS = frozenset({
+    f"/{pb.DESCRIPTOR.services_by_name['ConversionService'].full_name}/GetProvenanceKey",
 })
 #: The one role each service needs. A test proves every service in the proto has a row.
 SERVICE_ROLES: dict[str, Role] = {
@@ -166,7 +172,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         service = method.lstrip("/").split("/", 1)[0]
-        if handler is None or service in OPEN_SERVICES:
+        if handler is None or service in OPEN_SERVICES or method in OPEN_METHODS:
             return handler
         return _guarded(handler, lambda context: self._admit(method, service, context))
 
@@ -240,5 +246,6 @@ def server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None:
         root_certificates=ca, require_client_auth=ca is not None)
 
 
-__all__ = ["ANONYMOUS", "OPEN_SERVICES", "SERVICE_ROLES", "AuthInterceptor", "Authenticator",
-           "Principal", "PrincipalFilter", "current_principal", "server_credentials"]
+__all__ = ["ANONYMOUS", "OPEN_METHODS", "OPEN_SERVICES", "SERVICE_ROLES", "AuthInterceptor",
+           "Authenticator", "Principal", "PrincipalFilter", "current_principal",
+           "server_credentials"]

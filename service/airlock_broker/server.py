@@ -27,6 +27,7 @@ from airlock_broker.auth import Authenticator, AuthInterceptor, server_credentia
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
+from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
@@ -53,6 +54,7 @@ class Broker:
     pools: Pools
     audit: AuditLog
     lock_fd: int
+    signing_key: SigningKey
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
         """Flip health, refuse new jobs, let jobs in flight finish, then release everything."""
@@ -82,10 +84,26 @@ def lock_spool(config: BrokerConfig) -> int:
     return fd
 
 
+def provenance_key(config: BrokerConfig) -> SigningKey:
+    """Load the provenance signing key, creating it on first start; say where it is."""
+    path = config.provenance_key_path
+    try:
+        key, created = load_or_create(path)
+    except OSError as exc:
+        raise SigningKeyError(f"cannot create the provenance key {path}: {exc}") from exc
+    if created:
+        log.warning("created a new provenance signing key at %s (fingerprint %s); give "
+                    "consumers its public half: airlock keys export", path, key.fingerprint)
+    else:
+        log.info("provenance signing key %s (fingerprint %s)", path, key.fingerprint)
+    return key
+
+
 async def create_server(config: BrokerConfig,
                         backend: SandboxBackend | None = None) -> Broker:
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
     credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
+    signing_key = provenance_key(config)
     lock_fd = lock_spool(config)
     try:
         stale = reap_stale(config.spool_root)
@@ -115,7 +133,7 @@ async def create_server(config: BrokerConfig,
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics),
+                           admission, audit, metrics, signing_key),
         server)
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox)
@@ -157,7 +175,8 @@ async def create_server(config: BrokerConfig,
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
                     "port can convert artifacts and drain or restart the pools", config.listen)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd)
+                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd,
+                  signing_key=signing_key)
 
 
 async def serve(config: BrokerConfig) -> None:
@@ -166,6 +185,8 @@ async def serve(config: BrokerConfig) -> None:
     host = config.listen.rsplit(":", 1)[0]
     print(f"airlock: serving on {host}:{broker.port} ({config.auth.describe()}; "
           f"sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    print(f"airlock: provenance signed with {broker.signing_key.path} "
+          f"(fingerprint {broker.signing_key.fingerprint})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

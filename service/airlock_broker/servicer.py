@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -20,7 +21,9 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
 from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.metrics import Metrics
+from airlock_broker.provenance import sign, statement
 from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
@@ -29,8 +32,9 @@ log = logging.getLogger(__name__)
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
-                 audit: AuditLog, metrics: Metrics) -> None:
+                 audit: AuditLog, metrics: Metrics, signing_key: SigningKey) -> None:
         self.config = config
+        self.signing_key = signing_key
         self.runner = runner
         self.admission = admission
         self.audit = audit
@@ -69,6 +73,15 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             if doc.get("outcome") == "ok":
                 self.metrics.bytes_out.inc(int(doc.get("output_size") or 0))
 
+    async def GetProvenanceKey(
+        self, request: pb.GetProvenanceKeyRequest,
+        context: grpc.aio.ServicerContext[pb.GetProvenanceKeyRequest,
+                                          pb.GetProvenanceKeyResponse],
+    ) -> pb.GetProvenanceKeyResponse:
+        key = self.signing_key
+        return pb.GetProvenanceKeyResponse(public_key_pem=key.public_pem,
+                                           fingerprint=key.fingerprint, algorithm=ALGORITHM)
+
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
         meta = await read_metadata(stream, self.intake)
@@ -95,7 +108,12 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
-                yield result_message(result)
+                # Signed from the hash validation already computed: no extra pass over the output.
+                envelope = sign(statement(result, request, self.config.sandbox),
+                                self.signing_key)
+                record.set(provenance_key=self.signing_key.fingerprint,
+                           provenance_sha256=hashlib.sha256(envelope).hexdigest())
+                yield result_message(result, provenance=envelope)
                 for data in result.output.chunks(self.config.chunk_bytes):
                     yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:

@@ -29,7 +29,13 @@ from safetensors.numpy import save
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth import OPEN_SERVICES, SERVICE_ROLES, Authenticator, PrincipalFilter
+from airlock_broker.auth import (
+    OPEN_METHODS,
+    OPEN_SERVICES,
+    SERVICE_ROLES,
+    Authenticator,
+    PrincipalFilter,
+)
 from airlock_broker.auth_config import (
     AuthConfig,
     Role,
@@ -260,6 +266,9 @@ def test_every_service_needs_a_role_or_is_explicitly_open() -> None:
     services = {s.full_name for s in pb.DESCRIPTOR.services_by_name.values()}
     assert services <= set(SERVICE_ROLES)
     assert not set(SERVICE_ROLES) & OPEN_SERVICES
+    methods = {f"/{s.full_name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values()
+               for m in s.methods}
+    assert methods >= OPEN_METHODS  # no stale exception outlives its RPC
 
 
 # -- identifying a caller (the pure part) -------------------------------------------------------
@@ -357,7 +366,7 @@ def test_admin_role_operates_the_pools_but_does_not_convert(
     assert backend.specs == []
 
 
-def test_health_and_reflection_stay_open(make_broker: BrokerFactory) -> None:
+def test_health_reflection_and_the_public_key_stay_open(make_broker: BrokerFactory) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     address, _ = make_broker(AuthConfig(tokens=TOKENS))
@@ -370,6 +379,9 @@ def test_health_and_reflection_stay_open(make_broker: BrokerFactory) -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         names = {s.name for s in answers[0].list_services_response.service}
         assert "airlock.v1.AdminService" in names
+        key = pb_grpc.ConversionServiceStub(channel).GetProvenanceKey(
+            pb.GetProvenanceKeyRequest(), timeout=10)
+        assert "PUBLIC KEY" in key.public_key_pem
 
 
 def test_audit_and_logs_carry_the_principal_never_the_token(
