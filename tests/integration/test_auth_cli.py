@@ -47,6 +47,10 @@ def test_convert_with_a_token_against_a_tls_broker(docker_client, tmp_path: Path
         doc = json.loads(done.stdout)
         assert doc["status"] == "ok" and doc["format"] == "onnx"
         onnx.checker.check_model(onnx.load(doc["output"]), full_check=True)
+        # The provenance key is public: fetching it over TLS needs no token.
+        checked = run_cli("verify", doc["output"], "--json", "--tls-ca", str(ca.cert_path),
+                          server=broker.address)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
     finally:
         code = broker.stop()
     assert code == 0, broker.log.read_text()[-3000:]
