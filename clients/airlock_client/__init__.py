@@ -8,6 +8,7 @@
 
 from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     IntegrityError,
@@ -34,6 +35,7 @@ from airlock_client.safe_load import (
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AccessDenied",
     "AirlockError",
     "Client",
     "ConversionError",

@@ -25,6 +25,7 @@ from tenacity import (
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import _bundle, _wire
+from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
 from airlock_client._types import (
     ConversionResult,
@@ -81,10 +82,20 @@ class Client:
     signed record but cannot detect a broker that is not the one you meant. A result whose
     provenance is missing or fails verification raises ``ProvenanceError`` and nothing is
     written at the destination.
+
+    Credentials, each defaulting to an environment variable (as the address defaults to
+    ``AIRLOCK_SERVER``): ``token`` (``AIRLOCK_TOKEN``), a bearer token from ``airlock token
+    create``; ``tls_ca`` (``AIRLOCK_TLS_CA``), the CA that signed the broker's certificate,
+    which turns TLS on (``tls=True`` / ``AIRLOCK_TLS=1`` uses the system's CAs instead);
+    ``client_cert`` and ``client_key`` (``AIRLOCK_CLIENT_CERT`` / ``AIRLOCK_CLIENT_KEY``) for
+    mutual TLS. A token is never sent in cleartext beyond loopback (``ValueError``).
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 900.0,
                  retry_attempts: int = 4, retry_max_seconds: float = 60.0,
+                 token: str | None = None, tls: bool | None = None,
+                 tls_ca: PathLike | None = None, client_cert: PathLike | None = None,
+                 client_key: PathLike | None = None,
                  public_key: PublicKeyLike | None = None) -> None:
         self._pinned: PublicKeyLike | None = (public_key if public_key is not None
                                               else default_public_key())
@@ -93,7 +104,9 @@ class Client:
         self.timeout = timeout
         self.retry_attempts = retry_attempts
         self.retry_max_seconds = retry_max_seconds
-        self._channel = grpc.insecure_channel(self.address, options=[
+        settings = ChannelSettings.resolve(token=token, tls=tls, tls_ca=tls_ca,
+                                           client_cert=client_cert, client_key=client_key)
+        self._channel, self._metadata = open_channel(self.address, settings, options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         self._stub = pb_grpc.ConversionServiceStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
@@ -218,7 +231,7 @@ class Client:
 
     def _admin_call(self, method: Any, request: Any, timeout: float = 30) -> Any:
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
 
@@ -228,7 +241,7 @@ class Client:
         sent = hashlib.sha256()
         try:
             responses = self._stub.Convert(_requests(source, first, size, progress, sent),
-                                           timeout=self.timeout)
+                                           timeout=self.timeout, metadata=self._metadata)
             return _receive(responses, output, sent, key, key_source)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None

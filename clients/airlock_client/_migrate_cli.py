@@ -10,7 +10,9 @@ Exit codes (scripts and schedulers depend on them):
 2     usage error (bad options, no tracking URI, an unknown or migrated model)
 3     the broker or the tracking server became unreachable; the run stopped.
       Run it again to resume: what was done stays done
-4     nothing to do: the selection holds no model version at all
+4     the broker refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), as
+      for every ``airlock`` command; the run stopped
+5     nothing to do: the selection holds no model version at all
 ====  ==========================================================================
 
 Progress goes to stderr, one line per version; the summary (a table, or one JSON object with
@@ -30,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address
 from airlock_client._lineage import clip
 from airlock_client._registry import (
@@ -59,7 +62,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
-EXIT_NOTHING = 4
+EXIT_DENIED = 4
+EXIT_NOTHING = 5
+_DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 def add_migrate_parser(sub: Any) -> None:
@@ -97,6 +102,7 @@ def add_migrate_parser(sub: Any) -> None:
                         help="the broker's provenance public key, PEM (default "
                              "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(parser)
 
 
 def exit_code(outcomes: Sequence[Outcome]) -> int:
@@ -127,7 +133,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     except ImportError:
         return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
-    convert, close = _converter(args)
+    try:
+        convert, close = _converter(args)
+    except ValueError as exc:  # a bad token file
+        return _usage(str(exc))
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
                           options=options, progress=_progress)
     try:
@@ -138,9 +147,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     except (SelectionError, RegistryError) as exc:
         return _usage(str(exc))
     except MigrationAborted as exc:
-        _summary(args, exc.outcomes, EXIT_UNAVAILABLE, error=(exc.reason, exc.message))
+        code = EXIT_DENIED if exc.reason in _DENIED else EXIT_UNAVAILABLE
+        _summary(args, exc.outcomes, code, error=(exc.reason, exc.message))
         _progress(f"stopped: {exc.reason}: {exc.message} (run again to resume)")
-        return EXIT_UNAVAILABLE
+        return code
     finally:
         close()
     code = exit_code(outcomes)
@@ -157,7 +167,8 @@ def _fetch(tracking_uri: str) -> Fetch:
 
 def _converter(args: argparse.Namespace) -> tuple[Convert, Callable[[], None]]:
     """The broker, through the client (which verifies each output's signed provenance)."""
-    client = Client(args.server or default_address(), public_key=args.public_key)
+    client = Client(args.server or default_address(), public_key=args.public_key,
+                    **client_options(args))
     policy: LoadingPolicy = args.policy
 
     def convert(model_dir: Path, output: Path) -> ConversionResult:
@@ -188,7 +199,7 @@ def _summary(args: argparse.Namespace, outcomes: Sequence[Outcome], code: int,
     tally = counts(outcomes)
     if args.json:
         status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNAVAILABLE: "aborted",
-                  EXIT_NOTHING: "nothing"}[code]
+                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing"}[code]
         print(json.dumps({
             "status": status, "exit_code": code, "dry_run": args.dry_run,
             "counts": tally, "versions": [asdict(o) for o in outcomes],

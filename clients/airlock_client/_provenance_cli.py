@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client.provenance import (
@@ -50,6 +51,7 @@ def add_verify_parser(sub: Any) -> None:
                                "else fetched from the broker: trust on first use)")
     verify_p.add_argument("--server", default=None, help=_SERVER_HELP)
     verify_p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(verify_p)
 
 
 def add_keys_parser(sub: Any) -> None:
@@ -64,6 +66,7 @@ def add_keys_parser(sub: Any) -> None:
                       help="write the public key PEM here instead of stdout")
     keys.add_argument("--server", default=None, help=_SERVER_HELP)
     keys.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(keys)
 
 
 def write_provenance(output: Path, envelope: bytes) -> Path:
@@ -94,12 +97,15 @@ def run_verify(args: argparse.Namespace) -> int:
             key = load_public_key(key_arg)
         else:
             source = "broker"
-            with Client(args.server or default_address(), retry_attempts=1) as client:
+            with Client(args.server or default_address(), retry_attempts=1,
+                        **client_options(args)) as client:
                 key = load_public_key(client.provenance_key().public_key_pem.encode())
             print("airlock verify: warning: no --public-key or AIRLOCK_PUBLIC_KEY; using the key "
                   "the broker publishes (trust on first use)", file=sys.stderr)
     except ProvenanceError as exc:
         return _usage("verify", exc.message)
+    except ValueError as exc:  # connection options: a bad token file, a cleartext token
+        return _usage("verify", str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
         print(f"airlock verify: cannot fetch the broker's key: {exc.reason}: {exc.message}",
               file=sys.stderr)
@@ -125,8 +131,11 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_keys(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         try:
-            with Client(args.server or default_address(), retry_attempts=1) as client:
+            with Client(args.server or default_address(), retry_attempts=1,
+                        **client_options(args)) as client:
                 published = client.provenance_key()
+        except ValueError as exc:  # connection options: a bad token file, a cleartext token
+            return _usage("keys", str(exc))
         except (ServiceUnavailable, ConversionError) as exc:
             print(f"airlock keys: {exc.reason}: {exc.message}", file=sys.stderr)
             return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED

@@ -7,9 +7,10 @@ Exit codes (other tools depend on them):
 1     the artifact was rejected or its conversion failed (verify: verification failed)
 2     usage error
 3     the service is unreachable or unavailable
+4     not authenticated, or not authorized for this operation
 ====  =====================================================
 
-``airlock migrate`` adds 4 (nothing to do); its table is in ``_migrate_cli``.
+``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from airlock_client import _cli_source, mlflow_source
+from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     ModelSourceError,
@@ -46,6 +49,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
@@ -64,17 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the broker (needs the broker installed)")
     _add_serve_arguments(serve)
 
+    token = sub.add_parser("token", help="mint bearer tokens for the broker's [auth] config")
+    _add_token_arguments(token)
+
     pool = sub.add_parser("pool", help="operate the warm sandbox pools")
     pool.add_argument("action", choices=["status", "restart", "drain", "resume"])
     pool.add_argument("--profile", default=None, help="restart only this profile")
     pool.add_argument("--server", default=None,
                       help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     pool.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(pool)
 
     selftest = sub.add_parser("selftest", help="run the isolation self-test on the broker")
     selftest.add_argument("--server", default=None,
                           help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     selftest.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(selftest)
 
     convert = sub.add_parser("convert", help="convert one artifact")
     convert.add_argument("input", help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the broker's provenance public key, PEM (default "
                               "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(convert)
     add_verify_parser(sub)
     add_keys_parser(sub)
     add_migrate_parser(sub)
@@ -126,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     if args.command == "pool":
         return _pool(args)
     if args.command == "selftest":
@@ -141,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _pool(args: argparse.Namespace) -> int:
     try:
-        with Client(args.server or default_address(), retry_attempts=1) as client:
+        with Client(args.server or default_address(), retry_attempts=1,
+                    **client_options(args)) as client:
             if args.action == "status":
                 pools = client.pool_status()
                 if args.json:
@@ -160,15 +173,22 @@ def _pool(args: argparse.Namespace) -> int:
                 _say(args, {"action": "resume"}, "resumed")
     except (ServiceUnavailable, ConversionError) as exc:
         return _operation_failed("pool", exc)
+    except ValueError as exc:
+        print(f"airlock pool: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
 def _selftest(args: argparse.Namespace) -> int:
     try:
-        with Client(args.server or default_address(), retry_attempts=1) as client:
+        with Client(args.server or default_address(), retry_attempts=1,
+                    **client_options(args)) as client:
             report = client.selftest()
     except (ServiceUnavailable, ConversionError) as exc:
         return _operation_failed("selftest", exc)
+    except ValueError as exc:
+        print(f"airlock selftest: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(asdict(report)))
     else:
@@ -184,6 +204,8 @@ def _selftest(args: argparse.Namespace) -> int:
 
 def _operation_failed(command: str, exc: ServiceUnavailable | ConversionError) -> int:
     print(f"airlock {command}: {exc.reason}: {exc.message}", file=sys.stderr)
+    if isinstance(exc, AccessDenied):
+        return EXIT_DENIED
     return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
 
 
@@ -208,6 +230,24 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     except ImportError:
         return
     add_arguments(parser)
+
+
+def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from airlock_broker.token_command import add_arguments
+    except ImportError:
+        return
+    add_arguments(parser)
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        from airlock_broker.token_command import run
+    except ImportError:
+        print("airlock token: the broker is not installed here (pip install airlock)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -239,8 +279,10 @@ def _convert(args: argparse.Namespace) -> int:
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(problem)
     try:
+        options = client_options(args)
         with _cli_source.opened(args.input, args.tracking_uri) as source, \
-                Client(args.server or default_address(), public_key=args.public_key) as client:
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **options) as client:
             output = args.output or _default_output(source.output_base)
             size = 0 if source.is_directory else source.path.stat().st_size
             result = client.convert(
@@ -251,8 +293,12 @@ def _convert(args: argparse.Namespace) -> int:
     except ModelSourceError as exc:
         status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
         return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
+    except ValueError as exc:
+        return _usage(str(exc))
     except ServiceUnavailable as exc:
         return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
+    except AccessDenied as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
     except ConversionError as exc:
         return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
     except ProvenanceError as exc:

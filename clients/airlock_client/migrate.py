@@ -28,6 +28,7 @@ from pathlib import Path
 
 from airlock_client import _lineage as tags
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     IntegrityError,
@@ -113,7 +114,9 @@ class SelectionError(AirlockError):
 
 
 class MigrationAborted(AirlockError):
-    """The broker or the tracking server went away; ``outcomes`` is what was done before."""
+    """The broker or the tracking server went away, or the broker refused the credentials;
+    ``outcomes`` is what was done before. ``reason``: BROKER_UNAVAILABLE,
+    REGISTRY_UNAVAILABLE, UNAUTHENTICATED or PERMISSION_DENIED."""
 
     def __init__(self, reason: str, message: str, outcomes: Sequence[Outcome]) -> None:
         super().__init__(f"{reason}: {message}")
@@ -184,6 +187,8 @@ class Migration:
                 self._set_alias(target, [o for o in outcomes if o.model == name])
         except ServiceUnavailable as exc:
             raise MigrationAborted("BROKER_UNAVAILABLE", exc.message, outcomes) from exc
+        except AccessDenied as exc:  # the caller's credentials, not the artifact
+            raise MigrationAborted(exc.reason, exc.message, outcomes) from exc
         except (SelectionError, MigrationAborted):
             raise
         except Exception as exc:  # the registry client raises its own tree (and requests')
@@ -249,7 +254,7 @@ class Migration:
                                     f"{type(exc).__name__}: {exc}")
             try:
                 result = self.convert(model_dir, work / "out" / "converted")
-            except ServiceUnavailable:
+            except (ServiceUnavailable, AccessDenied):
                 raise
             except ConversionError as exc:
                 status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED

@@ -16,6 +16,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog, AuditRecord
+from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
@@ -47,8 +48,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         context: grpc.aio.ServicerContext[pb.ConvertRequest, pb.ConvertResponse],
     ) -> AsyncIterator[pb.ConvertResponse]:
         job_id = uuid.uuid4().hex
-        record = AuditRecord(job_id=job_id, peer=context.peer())
-        record.set(outcome="cancelled", reason=Reason.CANCELLED.value)
+        principal = current_principal()
+        record = AuditRecord(job_id=job_id, peer=context.peer(), principal=principal.name)
+        record.set(auth=principal.method, outcome="cancelled", reason=Reason.CANCELLED.value)
         try:
             async with self.admission.admit():
                 async for response in self._convert(job_id, request_iterator, record):
@@ -100,9 +102,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
                                       upload)
             record.set(detected_format=detected.value)
-            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
-                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy,
-                     extra={"job_id": job_id})
+            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
+                     job_id, spooled.size, spooled.sha256[:16], detected, request.target,
+                     request.policy, record.principal, extra={"job_id": job_id})
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,

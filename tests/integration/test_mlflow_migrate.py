@@ -86,7 +86,7 @@ class Registry:
 
 def migrate(registry_uri: str, broker: str, public_key: Path, *args: str
             ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRLOCK_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({"AIRLOCK_SERVER": broker, "AIRLOCK_MIGRATE_PAGE_SIZE": str(PAGE_SIZE),
                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     return subprocess.run([AIRLOCK, "migrate", "--tracking-uri", registry_uri,

@@ -19,7 +19,6 @@ from airlock_broker.outputs import ValidatedOutput
 from airlock_broker.provenance import sign, statement
 from airlock_broker.sandbox import Outcome as SandboxOutcome
 from airlock_client import ConversionError, ConversionReport, ConversionResult, provenance
-from airlock_client._errors import ServiceUnavailable
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_sandbox.policy import SandboxPolicy
@@ -86,7 +85,7 @@ class FakeSandbox:
         self.converted.append(uri)
         name, _, version = uri.removeprefix("models:/").rpartition("/")
         action = self.plan.get((name, version), "onnx")
-        if isinstance(action, (ConversionError, ServiceUnavailable)):
+        if isinstance(action, Exception):
             raise action
         data = tiny_onnx(float(version)) if action == "onnx" else tiny_safetensors()
         output.parent.mkdir(parents=True, exist_ok=True)

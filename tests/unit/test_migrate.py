@@ -14,7 +14,7 @@ import pytest
 from airlock_broker.keys import SigningKey, create_key
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_cli
-from airlock_client._errors import ServiceUnavailable
+from airlock_client._errors import AccessDenied, ServiceUnavailable
 from airlock_client._registry import (
     RegistryError,
     filter_literal,
@@ -352,6 +352,10 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     assert _migrate_cli.run_migrate(_args(argv=["--model", "nope", *base])) == 2
     assert _migrate_cli.run_migrate(_args(argv=["--model", "m", *base])) == 3
     assert "run again to resume" in capsys.readouterr().err
+    sandbox.plan[("m", "1")] = AccessDenied("UNAUTHENTICATED", "no token", kind="denied",
+                                            code="UNAUTHENTICATED")
+    assert _migrate_cli.run_migrate(_args(argv=["--model", "m", *base])) == 4
+    assert tags.STATUS not in registry.version("m", 1).tags  # not blamed on the artifact
     registry.models.clear()
-    assert _migrate_cli.run_migrate(_args(argv=["--all", *base])) == 4
+    assert _migrate_cli.run_migrate(_args(argv=["--all", *base])) == 5
 

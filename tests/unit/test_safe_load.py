@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from airlock_broker.keys import SigningKey, create_key
+from airlock_broker.provenance import RECORD_FIELD
 from airlock_client import (
     ProvenanceError,
     SafeLoadError,
@@ -110,11 +111,12 @@ def test_a_record_signed_by_another_key_is_refused(registry: FakeRegistry, key: 
 
 def test_an_edited_record_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
     files = _artifacts(registry, "m-airlock")
-    env = json.loads(files["model/model.onnx.provenance.json"])
+    bundle = json.loads(files["model/model.onnx.provenance.json"])
+    env = bundle["dsseEnvelope"]
     statement = json.loads(base64.b64decode(env["payload"]))
-    statement["predicate"]["verdicts"]["assurance"] = "integrity_verified"
+    statement["predicate"][RECORD_FIELD]["verdicts"]["assurance"] = "integrity_verified"
     env["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
-    files["model/model.onnx.provenance.json"] = json.dumps(env).encode()
+    files["model/model.onnx.provenance.json"] = json.dumps(bundle).encode()
     with pytest.raises(ProvenanceError) as info:
         _load(registry, "models:/m-airlock/1", key)
     assert info.value.reason == "SIGNATURE_INVALID"
