@@ -74,6 +74,15 @@ def test_safetensors_version_loads_as_arrays(registry: FakeRegistry, key: Signin
     assert tensors["b"].dtype == np.float64
 
 
+def test_safetensors_version_loads_as_torch_tensors(registry: FakeRegistry,
+                                                    key: SigningKey) -> None:
+    import torch
+
+    tensors = _load(registry, "models:/w-airlock/1", key, tensors="pt")
+    assert isinstance(tensors["w"], torch.Tensor) and tensors["b"].dtype == torch.float64
+    assert torch.equal(tensors["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
 def test_the_record_comes_with_the_bytes(registry: FakeRegistry, key: SigningKey) -> None:
     artifact = fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
                               registry=registry, download=registry.download)
