@@ -170,6 +170,7 @@ def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[
     assert left == [], f"sandbox containers left behind: {left}"
 
 
-def run_cli(*args: str, server: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, server: str, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False)
+                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False, cwd=cwd)
