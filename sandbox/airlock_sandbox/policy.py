@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID
+from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
 
 MiB = 1024**2
 GiB = 1024**3
@@ -35,7 +36,10 @@ class SandboxPolicy:
     output_bytes: int = 2 * GiB
     nofile_limit: int = 256
     deadline_seconds: float = 120.0
-    #: Extra ``--security-opt`` entries, e.g. ``seccomp=<json>``. Never ``seccomp=unconfined``.
+    #: Seccomp profile: "airlock" (deny by default, fitted to the worker; airlock_sandbox/seccomp),
+    #: "docker-default" (the engine's own, weaker) or a path to a JSON profile. Never unconfined.
+    seccomp: str = SECCOMP_AIRLOCK
+    #: Extra ``--security-opt`` entries (AppArmor, SELinux labels). Seccomp goes in ``seccomp``.
     security_opts: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -52,8 +56,12 @@ class SandboxPolicy:
             raise ValueError("deadline_seconds must be positive")
         if self.memory_bytes < 64 * MiB:
             raise ValueError("memory_bytes below 64 MiB cannot start Python")
-        if any("unconfined" in opt for opt in self.security_opts):
+        if any("unconfined" in opt for opt in self.security_opts) or "unconfined" in self.seccomp:
             raise ValueError("security_opts may not disable seccomp or AppArmor")
+        if any(opt.startswith("seccomp") for opt in self.security_opts):
+            raise ValueError("set the seccomp profile with `seccomp`, not in security_opts")
+        if not self.seccomp:
+            raise ValueError("seccomp must name a profile")
 
     @property
     def weakened(self) -> tuple[str, ...]:
@@ -67,4 +75,6 @@ class SandboxPolicy:
             gaps.append("capabilities")
         if not self.no_new_privileges:
             gaps.append("new-privileges")
+        if self.seccomp != SECCOMP_AIRLOCK:
+            gaps.append(f"seccomp={self.seccomp}")
         return tuple(gaps)

@@ -30,6 +30,7 @@ from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.workspace import JobWorkspace, WorkspaceError
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.seccomp import profile_json
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
                   labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
     """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
     security_opt = list(policy.security_opts)
+    seccomp = _seccomp_json(policy.seccomp)
+    if seccomp is not None:
+        # docker-py passes the profile's content, not a path (the engine reads no client files).
+        security_opt.append(f"seccomp={seccomp}")
     if policy.no_new_privileges:
         security_opt.append("no-new-privileges")
     return {
@@ -111,6 +116,12 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
         "stdin_open": False,
         "tty": False,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _seccomp_json(name: str) -> str | None:
+    """The profile text, read once per name (every container create needs it)."""
+    return profile_json(name)
 
 
 class DockerSandbox:
