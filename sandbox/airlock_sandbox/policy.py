@@ -18,6 +18,12 @@ GiB = 1024**3
 RUNTIMES = frozenset({"runc", "runsc"})
 
 
+def runtime_family(runtime: str) -> str:
+    """"runc" or "runsc" for a runtime name: the name itself, or a second registration of the
+    same runtime with other flags, named ``runsc-<suffix>`` / ``runc-<suffix>``."""
+    return runtime.split("-", 1)[0]
+
+
 @dataclass(frozen=True)
 class SandboxPolicy:
     """How one sandbox container is confined. Validated on creation."""
@@ -43,8 +49,9 @@ class SandboxPolicy:
     security_opts: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, not {self.runtime!r}")
+        if runtime_family(self.runtime) not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)} (or <runtime>-<suffix>, "
+                             f"another registration of one), not {self.runtime!r}")
         uid = self.user.split(":", 1)[0]
         if uid in {"0", "root", ""}:
             raise ValueError("the sandbox never runs as root")
@@ -62,6 +69,10 @@ class SandboxPolicy:
             raise ValueError("set the seccomp profile with `seccomp`, not in security_opts")
         if not self.seccomp:
             raise ValueError("seccomp must name a profile")
+
+    @property
+    def runtime_family(self) -> str:
+        return runtime_family(self.runtime)
 
     @property
     def weakened(self) -> tuple[str, ...]:

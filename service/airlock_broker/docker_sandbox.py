@@ -77,7 +77,7 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
                   labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
     """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
     security_opt = list(policy.security_opts)
-    seccomp = _seccomp_json(policy.seccomp)
+    seccomp = seccomp_json(policy)
     if seccomp is not None:
         # docker-py passes the profile's content, not a path (the engine reads no client files).
         security_opt.append(f"seccomp={seccomp}")
@@ -118,10 +118,15 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
     }
 
 
+def seccomp_json(policy: SandboxPolicy) -> str | None:
+    """The policy's seccomp profile text for ``security_opt``; None: the engine's default."""
+    return _seccomp_json(policy.seccomp, policy.runtime_family)
+
+
 @functools.lru_cache(maxsize=8)
-def _seccomp_json(name: str) -> str | None:
-    """The profile text, read once per name (every container create needs it)."""
-    return profile_json(name)
+def _seccomp_json(name: str, family: str) -> str | None:
+    """Read once per profile (every container create needs it)."""
+    return profile_json(name, family)
 
 
 class DockerSandbox:

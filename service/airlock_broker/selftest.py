@@ -100,7 +100,7 @@ async def run_selftest(backend: SandboxBackend, policy: SandboxPolicy,
             checks.append(Check("probe_ran", False, f"probe exit {outcome.exit_code}, "
                                 f"timed out {outcome.timed_out}", "sandbox"))
         else:
-            checks.extend(_waive(c, policy.runtime) for c in inside)
+            checks.extend(_waive(c, policy.runtime_family) for c in inside)
         return SelfTestReport(checks=tuple(checks), runtime=outcome.runtime,
                               image_id=outcome.image_id)
     finally:

@@ -17,19 +17,22 @@ AIRLOCK = "airlock"
 #: io_uring and ptrace allowed on older engines). Choosing it is a visible config change.
 DOCKER_DEFAULT = "docker-default"
 
-_FILES = {AIRLOCK: "airlock-worker.json"}
+#: Airlock's profile per runtime family. gVisor gets a variant because it ignores
+#: ``errnoRet`` (see the clone3 note in scripts/gen-seccomp-profile.py).
+_FILES = {"runc": "airlock-worker.json", "runsc": "airlock-worker-runsc.json"}
 
 
-def profile_json(name: str) -> str | None:
+def profile_json(name: str, runtime_family: str = "runc") -> str | None:
     """The profile's JSON text for ``security_opt=["seccomp=<text>"]``; None: engine default.
 
     ``name`` is :data:`AIRLOCK`, :data:`DOCKER_DEFAULT`, or a path to a JSON profile file
-    (read and checked to be JSON with a ``defaultAction``).
+    (read and checked to be JSON with a ``defaultAction``). ``runtime_family`` ("runc" or
+    "runsc") picks Airlock's variant.
     """
     if name == DOCKER_DEFAULT:
         return None
-    if name in _FILES:
-        text = resources.files(__package__).joinpath(_FILES[name]).read_text()
+    if name == AIRLOCK:
+        text = resources.files(__package__).joinpath(_FILES[runtime_family]).read_text()
     else:
         text = Path(name).read_text()
     doc = json.loads(text)
