@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Generate the sandbox's seccomp profile (Docker / OCI JSON) from the allowlist below.
 
-    scripts/gen-seccomp-profile.py            write sandbox/airlock_sandbox/seccomp/airlock-worker.json
-                                              and its gVisor variant airlock-worker-runsc.json
+    scripts/gen-seccomp-profile.py            write airlock-worker.json and its gVisor variant
+                                              airlock-worker-runsc.json (sandbox/airlock_sandbox/
+                                              seccomp/)
     scripts/gen-seccomp-profile.py --log OUT  the measuring variant: same allowlist, but any other
                                               syscall is *allowed and logged* (SCMP_ACT_LOG) instead
                                               of refused; see "Measuring" below

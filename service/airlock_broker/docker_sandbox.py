@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.version_gates import Observation, engine_observations
 from airlock_broker.workspace import JobWorkspace, WorkspaceError
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
@@ -71,6 +73,17 @@ def _is_alive(identity: str) -> bool:
     except ValueError:
         return False
     return _start_time(pid) == start and start != "0"
+
+
+def _binary_version(path: str) -> str | None:
+    """``runsc --version`` -> "0.0~20221219.0"; None if it cannot be run."""
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = (done.stdout.splitlines() or [""])[0]
+    return first.rsplit(" ", 1)[-1] or None
 
 
 def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
@@ -175,6 +188,18 @@ class DockerSandbox:
     def _runtimes(self) -> set[str]:
         info: dict[str, Any] = self.client.info()
         return set(info.get("Runtimes", {}))
+
+    async def engine_versions(self) -> dict[str, Observation]:
+        """The OCI runtimes' versions, for the version gates (runc as the engine reports it,
+        runsc from the binary registered for the policy's runtime, or for "runsc")."""
+        version: dict[str, Any] = await self._call(self.client.version)
+        info: dict[str, Any] = await self._call(self.client.info)
+        runtimes = info.get("Runtimes", {})
+        name = self.policy.runtime if self.policy.runtime_family == "runsc" else "runsc"
+        path = runtimes.get(name, {}).get("path")
+        runsc_version = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _binary_version, path) if path else None
+        return engine_observations(version.get("Components") or [], runsc_version)
 
     @property
     def image_id(self) -> str:
