@@ -201,6 +201,30 @@ class DockerSandbox:
             self._pool, _binary_version, path) if path else None
         return engine_observations(version.get("Components") or [], runsc_version)
 
+    async def probe_image(self, source: str, timeout: float = 60.0) -> str:
+        """Run ``python3 -c source`` in a throwaway container of the policy's image, confined
+        like a sandbox (no network, read-only, no capabilities, the seccomp profile), and
+        return its stdout. For ``make audit``: the image's versions are read inside it."""
+        kwargs: dict[str, Any] = {
+            "image": self.policy.image, "entrypoint": ["python3", "-c", source],
+            "user": self.policy.user, "environment": {}, "use_config_proxy": False,
+            "network_mode": "none", "read_only": True, "cap_drop": ["ALL"],
+            "security_opt": [*self.policy.security_opts, "no-new-privileges"]
+            + ([f"seccomp={p}"] if (p := seccomp_json(self.policy)) else []),
+            "pids_limit": self.policy.pids_limit, "mem_limit": self.policy.memory_bytes,
+            "runtime": self.policy.runtime, "detach": True,
+            "labels": {LABEL_BROKER: self.identity},
+        }
+        container = await self._call(self.client.containers.create, **kwargs)
+        try:
+            await self._call(container.start)
+            await self._call(container.wait, timeout=timeout)
+            out: bytes = await self._call(container.logs, stdout=True, stderr=False)
+            return out.decode(errors="replace")
+        finally:
+            with contextlib.suppress(SandboxUnavailable):
+                await self._call(container.remove, force=True)
+
     @property
     def image_id(self) -> str:
         return self._image_id

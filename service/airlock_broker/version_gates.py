@@ -75,7 +75,8 @@ _CPYTHON_CVES = ("CVE-2024-6232", "CVE-2025-8194", "CVE-2025-13462", "CVE-2025-4
                  "CVE-2026-82049")
 _CPYTHON_SRC = ("CVE records (PSF): CVE-2025-4517 family fixed 3.11.13 / 3.12.11 / 3.13.4; "
                 "CVE-2025-8194 fixed 3.11.14 / 3.12.12 / 3.13.6; CVE-2026-82049 fixed 3.11.17 / "
-                "3.12.15 / 3.13.16; CVE-2025-13462 fixed 3.13.13 / 3.14.4. Debian "
+                "3.12.15 / 3.13.16; CVE-2025-13462 fixed 3.13.13 / 3.14.4 (the record lists no "
+                "3.11 / 3.12 fix: upstream 3.11 stays exposed to it, Debian's is patched). Debian "
                 "python3.11 changelog: CVE-2024-6232 in 3.11.2-6+deb12u4, CVE-2025-8194 in "
                 "+deb12u7, CVE-2025-13462 in +deb12u8")
 _CPYTHON_DEBIAN_NOTE = (
@@ -85,7 +86,7 @@ _CPYTHON_DEBIAN_NOTE = (
 GATES: tuple[Gate, ...] = (
     Gate("runc", "engine", "1.1.12", ("CVE-2019-5736", "CVE-2024-21626"),
          "GHSA-xr7r-f8xq-vfvv (CVE-2024-21626 'Leaky Vessels', fixed 1.1.12); CVE-2019-5736 "
-         "(/proc/self/exe overwrite) fixed 1.0.0-rc7; Debian DSA-5615-1: runc "
+         "(/proc/self/exe overwrite) fixed 1.0.0-rc7; Debian runc changelog: "
          "1.1.5+ds1-1+deb12u1 (bookworm-security, 2024-02-02) carries CVE-2024-21626",
          debian_package="runc", debian_minimum="1.1.5+ds1-1+deb12u1"),
     Gate("runc", "engine", "1.2.8", tuple(_RUNC_ESCAPES.split(", ")),
