@@ -87,3 +87,25 @@ def test_selftest_judges_only_the_runtime_in_use_and_never_advisory_gates() -> N
     assert "version_cpython_host" not in runc_names
     old_host = {**GOOD, "cpython@host": vg.Observation("3.11.7")}
     assert all(c.passed for c in version_checks(old_host, SandboxPolicy()))
+
+
+def test_the_probe_reads_debian_package_versions_from_dpkg_status(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from airlock_sandbox import versions
+
+    status = tmp_path / "status"
+    status.write_text(
+        "Package: runc\nStatus: install ok installed\nVersion: 1.1.5+ds1-1+deb12u1\n"
+        "Description: x\n more text: with colon\n\n"
+        "Package: runsc\nStatus: deinstall ok config-files\nVersion: 0.0~20221219.0-2\n")
+    assert versions.debian_version("runc", str(status)) == "1.1.5+ds1-1+deb12u1"
+    assert versions.debian_version("runsc", str(status)) is None  # removed, config left
+    assert versions.debian_version("absent", str(status)) is None
+    assert versions.debian_version("runc", str(tmp_path / "missing")) is None
+
+
+def test_image_probe_output_becomes_observations() -> None:
+    found = {"python": "3.11.2", "python-debian": "3.11.2-6+deb12u8", "torch": "2.13.0+cpu",
+             "onnx": "1.23.2", "numpy": "2.4.6"}
+    seen = vg.from_probe(found, "image")
+    assert seen["cpython@image"] == vg.Observation("3.11.2", "3.11.2-6+deb12u8", "sandbox probe")
+    assert seen["torch@image"].version == "2.13.0+cpu" and "numpy@image" not in seen
