@@ -32,7 +32,7 @@ from airlock_broker.version_gates import Observation, engine_observations
 from airlock_broker.workspace import JobWorkspace, WorkspaceError
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
-from airlock_sandbox.seccomp import profile_json
+from airlock_sandbox.seccomp import DOCKER_DEFAULT, profile_json
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +181,22 @@ class DockerSandbox:
         await self._call(self.client.ping)
         image = await self._call(self.client.images.get, self.policy.image)
         self._image_id = str(image.id)
-        if self.policy.runtime not in (await self._call(self._runtimes)):
+        runtimes = await self._call(self._runtimes)
+        if self.policy.runtime not in runtimes:
             raise SandboxUnavailable(
                 f"OCI runtime {self.policy.runtime!r} is not registered with the Docker engine")
+        args = runtimes[self.policy.runtime].get("runtimeArgs") or []
+        if (self.policy.runtime_family == "runsc" and self.policy.seccomp != DOCKER_DEFAULT
+                and "--oci-seccomp" not in args):
+            # Without it runsc drops the container's seccomp profile: no filter at all.
+            raise SandboxUnavailable(
+                f"OCI runtime {self.policy.runtime!r} is registered without --oci-seccomp, so "
+                "the sandbox's seccomp profile would not apply: run scripts/ensure-docker.sh "
+                "(make docker) to update the registration")
 
-    def _runtimes(self) -> set[str]:
+    def _runtimes(self) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = self.client.info()
-        return set(info.get("Runtimes", {}))
+        return dict(info.get("Runtimes", {}))
 
     async def engine_versions(self) -> dict[str, Observation]:
         """The OCI runtimes' versions, for the version gates (runc as the engine reports it,
