@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 import uuid
 from pathlib import Path
 
 import pytest
 
-from airlock_broker.docker_sandbox import create_kwargs
+from airlock_broker.docker_sandbox import DockerSandbox, create_kwargs
+from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.workspace import JobWorkspace
 from airlock_sandbox.contract import IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
@@ -119,3 +122,43 @@ def test_output_tmpfs_is_size_capped_noexec_and_removed(tmp_path: Path) -> None:
         ws.destroy()
     assert not ws.root.exists()
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+class _EngineStub:
+    """Just enough of docker.DockerClient for DockerSandbox.check()."""
+
+    def __init__(self, runtimes: dict[str, object]) -> None:
+        self.runtimes = runtimes
+        self.images = types.SimpleNamespace(get=lambda name: types.SimpleNamespace(id="sha256:x"))
+        self.api = types.SimpleNamespace(containers=lambda **filters: [])
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, object]:
+        return {"Runtimes": self.runtimes}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("args", "seccomp", "refused"), [
+    (["--network=none"], "airlock", True),  # a registration from before --oci-seccomp
+    (["--network=none", "--oci-seccomp"], "airlock", False),
+    (["--network=none"], "docker-default", False),  # nothing of ours to apply
+])
+def test_runsc_without_oci_seccomp_is_refused_at_start(tmp_path: Path, args: list[str],
+                                                       seccomp: str, refused: bool) -> None:
+    """runsc drops a container's seccomp profile unless registered with --oci-seccomp."""
+    engine = _EngineStub({"runc": {"path": "runc"}, "runsc": {"path": "runsc",
+                                                              "runtimeArgs": args}})
+    backend = DockerSandbox(SandboxPolicy(runtime="runsc", seccomp=seccomp), tmp_path,
+                            client=engine)  # type: ignore[arg-type]
+    try:
+        if refused:
+            with pytest.raises(SandboxUnavailable, match="--oci-seccomp"):
+                asyncio.run(backend.check())
+        else:
+            asyncio.run(backend.check())
+    finally:
+        asyncio.run(backend.close())
