@@ -85,6 +85,12 @@ ALLOW: dict[str, tuple[str, ...]] = {
         "getrusage", "times", "getrandom", "arch_prctl", "prctl", "capget",
         "fork", "vfork", "execve", "wait4", "waitid",
     ),
+    "identity changes: runc installs the filter *before* it switches to the sandbox user when "
+    "no-new-privileges is off (a visible config choice), so it needs these; with no "
+    "capabilities they can only drop privileges, never gain them": (
+        "setuid", "setgid", "setgroups", "setresuid", "setresgid", "setreuid", "setregid",
+        "setfsuid", "setfsgid", "capset",
+    ),
     "sockets: socketpair / AF_UNIX only (socket() is restricted to AF_UNIX below); the "
     "container has no network, and nothing in the worker talks to one": (
         "socketpair", "connect", "sendto", "recvfrom", "sendmsg", "recvmsg", "shutdown",

@@ -10,9 +10,8 @@ Nothing here is loaded on the host: the function writes bytes.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
-
-from tests.adversarial.payloads import reduce_pickle
 
 #: syscall -> (x86_64 number, aarch64 number, arguments that succeed when nothing filters them
 #: or would at least not fail with EPERM; "buf" is a zeroed 120-byte buffer).
@@ -55,6 +54,17 @@ os._exit(0)
 """
 
 
+class _ExecModule:
+    """Pickles to ``exec(source, {})``: one namespace, so the payload's imports are visible
+    inside its comprehensions (with exec's default split globals/locals they are not)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self) -> tuple[object, tuple[str, dict[str, object]]]:
+        return (exec, (self.source, {}))
+
+
 def syscall_probe_pickle(path: Path) -> Path:
-    path.write_bytes(reduce_pickle(syscall_probe_source()))
+    path.write_bytes(pickle.dumps(_ExecModule(syscall_probe_source()), protocol=4))
     return path
