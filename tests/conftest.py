@@ -123,6 +123,15 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
     port = free_port()
     spool = tmp / "spool"
     log = tmp / "broker.log"
+    if "--config" not in extra:
+        # The image under test (AIRLOCK_TEST_IMAGE) and, for measuring, another seccomp profile
+        # (AIRLOCK_TEST_SECCOMP, e.g. the allow-and-log variant of gen-seccomp-profile.py).
+        config = tmp / "broker.toml"
+        lines = ["[sandbox]", f"image = {IMAGE!r}"]
+        if os.environ.get("AIRLOCK_TEST_SECCOMP"):
+            lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
+        config.write_text("\n".join(lines) + "\n")
+        extra = ("--config", str(config), *extra)
     full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), **(env or {})}
     with log.open("wb") as fh:
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],

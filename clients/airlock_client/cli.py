@@ -290,11 +290,11 @@ def _convert(args: argparse.Namespace) -> int:
                 declared_format=args.declared, loading_policy=args.policy,
                 job_timeout=args.timeout,
                 progress=None if args.json else ProgressBar.for_upload("uploading", size))
+    except ValueError as exc:
+        return _usage(str(exc))
     except ModelSourceError as exc:
         status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
         return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
-    except ValueError as exc:
-        return _usage(str(exc))
     except ServiceUnavailable as exc:
         return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
     except AccessDenied as exc:
