@@ -1,0 +1,342 @@
+"""A small pool of long-lived, rlimited processes that validate ONNX outputs for the broker.
+
+Parsing hostile protobuf runs onnx's C++ (parser, checker, shape inference), which has had
+out-of-bounds bugs (CVE-2024-27319, onnx issue #8275). In the broker a crash would end every
+job and a runaway inference would hold a thread, so the broker never parses an ONNX output
+itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE
+and a wall-clock deadline, and a crash, hang or memory blow-up fails only that job.
+
+Starting a process per job (``onnx_isolation``) costs a fresh interpreter plus ``import onnx``
+(hundreds of ms); here the processes are started with the broker, import onnx once, and serve
+jobs one at a time over a pipe. A process is killed and replaced when it crashes, overruns,
+refuses a model (a refused model may have corrupted it without crashing it), sends anything
+unexpected, or has served ``max_jobs_per_process`` jobs.
+
+Nothing a validator sends back is unpickled: a JSON summary (parsed strictly and re-typed, see
+``onnx_isolation._interpret``) and then the canonical bytes as a bounded raw message, which the
+broker hashes itself. Those canonical bytes, and only those, are what the caller receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.validation.limits import GiB, OutputLimits
+from airlock_broker.validation.onnx_check import (
+    OnnxInfo,
+    read_onnx_file,
+    validate_onnx_bytes,
+)
+from airlock_broker.validation.onnx_isolation import MAX_ANSWER_BYTES, _interpret, info_to_json
+
+log = logging.getLogger(__name__)
+
+#: ``bytes -> (canonical bytes, info)``; a seam so tests can make a validator crash or hang.
+Validate = Callable[[bytes, OutputLimits], tuple[bytes, OnnxInfo]]
+
+_READY = b"ready"
+_MAX_REQUEST_BYTES = 64 * 1024
+#: File descriptors a validator may hold: its pipe, the file it reads, stdio, Python's own.
+_MAX_FDS = 32
+
+
+@dataclass(frozen=True)
+class ValidatorSettings:
+    """``[onnx_validator]``: the pool of ONNX validator processes. Checked when built."""
+
+    #: Validator processes kept running; also how many ONNX validations run at once.
+    processes: int = 2
+    #: Wall clock for one validation, from request to the last byte of its answer.
+    timeout_seconds: float = 60.0
+    #: For a validator process to start (interpreter + ``import onnx``) and say it is ready.
+    start_timeout_seconds: float = 60.0
+    #: Address space a validator may map beyond what its imports mapped (a model is held
+    #: several times at once: bytes, parsed message, canonical bytes, the checker's copy).
+    memory_bytes: int = 4 * GiB
+    #: CPU seconds for one validation (RLIMIT_CPU; SIGXCPU kills the process past it).
+    cpu_seconds: int = 60
+    #: A validator is replaced after this many jobs, even if all of them passed.
+    max_jobs_per_process: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_seconds", "start_timeout_seconds"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not value > 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("processes", "memory_bytes", "cpu_seconds", "max_jobs_per_process"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.processes > 64:
+            raise ValueError("processes must be at most 64")
+
+
+class _Worker:
+    """One validator process and the parent's end of its pipe. Owned by the pool."""
+
+    def __init__(self, ctx: Any, limits: OutputLimits, settings: ValidatorSettings,
+                 validate: Validate) -> None:
+        receiver, sender = ctx.Pipe(duplex=True)
+        self.conn: Connection = receiver
+        self.process = ctx.Process(target=_worker_main, args=(sender, limits, settings, validate),
+                                   name="airlock-onnx-validator", daemon=True)
+        try:
+            self.process.start()
+        finally:
+            sender.close()  # so that a dead child reads as EOF instead of a silent wait
+        self.ready = False
+        self.jobs = 0
+        #: Set when the worker must not serve another job.
+        self.spent = False
+
+    def kill(self) -> None:
+        """Signal the process; safe from any thread, and again after it died."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.process.exitcode is None:
+                self.process.kill()
+
+    def reap(self) -> None:
+        """Kill, wait for, and release the process and the pipe. Idempotent."""
+        self.spent = True
+        self.kill()
+        with contextlib.suppress(ValueError):
+            self.process.join(5.0)
+            if self.process.exitcode is not None:
+                self.process.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class OnnxValidatorPool:
+    """Validates ONNX files in worker processes; ``start`` with the broker, ``close`` with it."""
+
+    def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
+                 validate: Validate = validate_onnx_bytes) -> None:
+        self.limits = limits
+        self.settings = settings or ValidatorSettings()
+        self._validate = validate
+        self._ctx = multiprocessing.get_context("spawn")
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._all: set[_Worker] = set()
+        self._closed = False
+        #: Workers started so far (for metrics and tests: replacements show up here).
+        self.started = 0
+
+    def start(self) -> None:
+        """Start every validator process; they import onnx in the background."""
+        if self._idle is not None:
+            raise RuntimeError("the validator pool is already started")
+        self._idle = asyncio.Queue()
+        for _ in range(self.settings.processes):
+            self._idle.put_nowait(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self._ctx, self.limits, self.settings, self._validate)
+        self._all.add(worker)
+        self.started += 1
+        return worker
+
+    def pids(self) -> list[int]:
+        """Process ids of the validators alive now."""
+        return [w.process.pid for w in self._all
+                if w.process.pid is not None and not w.spent]
+
+    async def validate(self, source: Path) -> tuple[bytes, OnnxInfo]:
+        """Validate the ONNX file ``source``; its canonical bytes and summary.
+
+        Raises ``OUTPUT_INVALID`` / ``OUTPUT_TOO_LARGE`` for a refused model, including one that
+        crashes, exhausts or outlives its validator; ``INTERNAL`` if a validator cannot start.
+        """
+        if self._idle is None or self._closed:
+            raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
+        worker = await self._idle.get()
+        try:
+            job = asyncio.ensure_future(asyncio.to_thread(self._exchange, worker, source))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                worker.spent = True
+                worker.kill()  # the thread then sees EOF at once
+                with contextlib.suppress(BaseException):
+                    await job
+                raise
+        finally:
+            self._give_back(worker)
+
+    def _give_back(self, worker: _Worker) -> None:
+        if worker.spent or worker.jobs >= self.settings.max_jobs_per_process:
+            worker.reap()
+            self._all.discard(worker)
+            if self._closed:
+                return
+            try:
+                worker = self._spawn()
+            except OSError as exc:
+                # Out of processes or memory: put nothing back, and say so loudly. The slot is
+                # lost until restart; validations queue on the remaining workers.
+                log.error("could not start a replacement ONNX validator: %s", exc)
+                return
+        if self._closed:
+            worker.reap()
+            self._all.discard(worker)
+            return
+        assert self._idle is not None
+        self._idle.put_nowait(worker)
+
+    def _exchange(self, worker: _Worker, source: Path) -> tuple[bytes, OnnxInfo]:
+        """One request and answer, blocking (runs in a thread). Marks the worker spent unless
+        it answered a passed validation exactly as the protocol says."""
+        healthy = False
+        try:
+            if not worker.ready:
+                self._await_ready(worker)
+            worker.jobs += 1
+            deadline = time.monotonic() + self.settings.timeout_seconds
+            worker.conn.send_bytes(json.dumps({"source": os.fspath(source)}).encode())
+            answer = _receive(worker, deadline, MAX_ANSWER_BYTES, self.settings)
+            info = _interpret(answer, _Exited(worker))
+            canonical = _receive(worker, deadline, self.limits.max_onnx_bytes, self.settings)
+            if not canonical:
+                raise error(Reason.OUTPUT_INVALID, "ONNX validator sent no canonical model")
+            healthy = True
+            return canonical, info
+        except (OSError, EOFError) as exc:  # the pipe broke under a write: it died
+            raise error(Reason.OUTPUT_INVALID, f"ONNX validator died: {exc}") from None
+        finally:
+            if not healthy:
+                worker.spent = True
+                worker.kill()
+
+    def _await_ready(self, worker: _Worker) -> None:
+        timeout = self.settings.start_timeout_seconds
+        try:
+            if worker.conn.poll(timeout) and worker.conn.recv_bytes(16) == _READY:
+                worker.ready = True
+                return
+        except (OSError, EOFError):
+            pass
+        raise error(Reason.INTERNAL,
+                    f"an ONNX validator process did not start within {timeout:g} s "
+                    f"(exit code {worker.process.exitcode})")
+
+    async def close(self) -> None:
+        """Kill every validator and wait for it; a validation in flight fails."""
+        self._closed = True
+        workers = list(self._all)
+        self._all.clear()
+        for worker in workers:
+            worker.spent = True
+            worker.kill()
+        await asyncio.to_thread(_reap_all, workers)
+
+
+def _reap_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.reap()
+
+
+class _Exited:
+    """What ``_interpret`` asks of a process that may have died: its exit code."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
+
+    def join(self, timeout: float) -> None:
+        self._worker.process.join(timeout)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._worker.process.exitcode  # type: ignore[no-any-return]
+
+
+def _receive(worker: _Worker, deadline: float, limit: int,
+             settings: ValidatorSettings) -> bytes | None:
+    """The next message, or None if the process died first; refuses overlong or late ones."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not worker.conn.poll(remaining):
+        worker.kill()
+        raise error(Reason.OUTPUT_INVALID,
+                    f"ONNX validation did not finish in {settings.timeout_seconds:g} s")
+    try:
+        return worker.conn.recv_bytes(limit)
+    except EOFError:
+        return None  # it died; its exit code says how
+    except OSError:  # longer than ``limit``
+        raise error(Reason.OUTPUT_INVALID, "ONNX validator answered too much") from None
+
+
+# --- the validator process ---------------------------------------------------------------------
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _confine(limits: OutputLimits, settings: ValidatorSettings) -> int:
+    """Set the process-wide limits; return the CPU hard limit (the soft one moves per job)."""
+    # Imports (onnx, numpy, protobuf) are mapped already; budget on top of them.
+    address_space = _vm_size_bytes() + settings.memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # It writes no files (its answers go over the pipe); this bounds what a subverted one could.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_onnx_bytes, limits.max_onnx_bytes))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_MAX_FDS, _MAX_FDS))
+    # Every job may use cpu_seconds; the hard limit covers the process's whole life.
+    hard = int(_cpu_used()) + settings.cpu_seconds * (settings.max_jobs_per_process + 1) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+    return hard
+
+
+def _answer_for(source: str, limits: OutputLimits,
+                validate: Validate) -> tuple[dict[str, Any], bytes]:
+    try:
+        canonical, info = validate(read_onnx_file(Path(source), limits), limits)
+        return {"ok": True, "info": info_to_json(info)}, canonical
+    except AirlockError as exc:
+        return {"ok": False, "reason": str(exc.reason), "message": exc.message}, b""
+    except MemoryError:
+        return {"ok": False, "reason": str(Reason.OUTPUT_INVALID),
+                "message": "ONNX validation ran out of memory"}, b""
+    except Exception as exc:  # a bug of ours; the parent reports INTERNAL
+        return {"ok": False, "reason": str(Reason.INTERNAL),
+                "message": f"ONNX validation failed: {type(exc).__name__}: {exc}"[:1000]}, b""
+
+
+def _worker_main(conn: Connection, limits: OutputLimits, settings: ValidatorSettings,
+                 validate: Validate) -> None:
+    """Entry point of a validator: confine, say ready, then answer requests until EOF."""
+    hard = _confine(limits, settings)
+    conn.send_bytes(_READY)
+    while True:
+        try:
+            request = json.loads(conn.recv_bytes(_MAX_REQUEST_BYTES))
+        except EOFError:
+            return
+        soft = min(hard, int(_cpu_used()) + settings.cpu_seconds)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        answer, canonical = _answer_for(request["source"], limits, validate)
+        conn.send_bytes(json.dumps(answer).encode())
+        if answer["ok"]:
+            conn.send_bytes(canonical)
