@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def validator_pids(broker_pid: int) -> set[int]:
-    """The broker's children that are multiprocessing-spawned validators."""
+    """The broker's children that are ONNX validator processes."""
     children: set[int] = set()
     for task in Path(f"/proc/{broker_pid}/task").iterdir():
         text = (task / "children").read_text()
@@ -31,7 +31,7 @@ def validator_pids(broker_pid: int) -> set[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             continue
-        if b"spawn_main" in cmdline:
+        if b"airlock_broker.validation.onnx_worker" in cmdline:
             found.add(pid)
     return found
 

@@ -21,6 +21,7 @@ from tests.unit import hostile_outputs as hostile
 from tests.unit import onnx_pool_fakes as fakes
 
 LIMITS = OutputLimits()
+FAKE = f"{fakes.__name__}:{fakes.misbehaving_validate.__name__}"
 T = TypeVar("T")
 
 
@@ -45,7 +46,7 @@ def with_pool(settings: ValidatorSettings,
     seen: set[int] = set()
 
     async def main() -> T:
-        pool = OnnxValidatorPool(LIMITS, settings, validate=fakes.misbehaving_validate)
+        pool = OnnxValidatorPool(LIMITS, settings, validate=FAKE)
         pool.start()
         try:
             seen.update(pool.pids())

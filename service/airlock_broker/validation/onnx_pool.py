@@ -23,34 +23,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
-import resource
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.errors import Reason, error
 from airlock_broker.validation.limits import GiB, OutputLimits
-from airlock_broker.validation.onnx_check import (
-    OnnxInfo,
-    read_onnx_file,
-    validate_onnx_bytes,
-)
-from airlock_broker.validation.onnx_isolation import MAX_ANSWER_BYTES, _interpret, info_to_json
+from airlock_broker.validation.onnx_check import OnnxInfo
+from airlock_broker.validation.onnx_isolation import MAX_ANSWER_BYTES, _interpret
+from airlock_broker.validation.onnx_worker import READY
 
 log = logging.getLogger(__name__)
 
-#: ``bytes -> (canonical bytes, info)``; a seam so tests can make a validator crash or hang.
-Validate = Callable[[bytes, OutputLimits], tuple[bytes, OnnxInfo]]
-
-_READY = b"ready"
-_MAX_REQUEST_BYTES = 64 * 1024
-#: File descriptors a validator may hold: its pipe, the file it reads, stdio, Python's own.
-_MAX_FDS = 32
+#: ``module:function`` a validator validates with: ``bytes, OutputLimits -> (canonical, info)``.
+#: A seam, so that tests can make a validator crash or hang on demand.
+DEFAULT_VALIDATE = "airlock_broker.validation.onnx_check:validate_onnx_bytes"
 
 
 @dataclass(frozen=True)
@@ -85,37 +77,48 @@ class ValidatorSettings:
 
 
 class _Worker:
-    """One validator process and the parent's end of its pipe. Owned by the pool."""
+    """One validator process and the broker's end of its socket. Owned by the pool."""
 
-    def __init__(self, ctx: Any, limits: OutputLimits, settings: ValidatorSettings,
-                 validate: Validate) -> None:
-        receiver, sender = ctx.Pipe(duplex=True)
-        self.conn: Connection = receiver
-        self.process = ctx.Process(target=_worker_main, args=(sender, limits, settings, validate),
-                                   name="airlock-onnx-validator", daemon=True)
+    def __init__(self, config: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.process.start()
+            # Its own argv and a minimal environment; no multiprocessing machinery (no
+            # re-import of the broker's __main__, no resource tracker). It dies with the broker
+            # (PDEATHSIG) and on EOF of the socket.
+            self.process = subprocess.Popen(
+                [sys.executable, "-B", "-m", "airlock_broker.validation.onnx_worker",
+                 str(theirs.fileno()), config],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                     "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            sender.close()  # so that a dead child reads as EOF instead of a silent wait
+            theirs.close()  # so that a dead child reads as EOF instead of a silent wait
+        self.conn = Connection(ours.detach())
         self.ready = False
         self.jobs = 0
         #: Set when the worker must not serve another job.
         self.spent = False
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def kill(self) -> None:
         """Signal the process; safe from any thread, and again after it died."""
-        with contextlib.suppress(OSError, ValueError):
-            if self.process.exitcode is None:
+        with contextlib.suppress(OSError):
+            if self.process.poll() is None:
                 self.process.kill()
 
     def reap(self) -> None:
-        """Kill, wait for, and release the process and the pipe. Idempotent."""
+        """Kill, wait for, and release the process and the socket. Idempotent."""
         self.spent = True
         self.kill()
-        with contextlib.suppress(ValueError):
-            self.process.join(5.0)
-            if self.process.exitcode is not None:
-                self.process.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5.0)
         with contextlib.suppress(OSError):
             self.conn.close()
 
@@ -124,11 +127,13 @@ class OnnxValidatorPool:
     """Validates ONNX files in worker processes; ``start`` with the broker, ``close`` with it."""
 
     def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
-                 validate: Validate = validate_onnx_bytes) -> None:
+                 validate: str = DEFAULT_VALIDATE) -> None:
         self.limits = limits
         self.settings = settings or ValidatorSettings()
-        self._validate = validate
-        self._ctx = multiprocessing.get_context("spawn")
+        limits_doc = asdict(limits)
+        limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
+        self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
+                                   "validate": validate})
         self._idle: asyncio.Queue[_Worker] | None = None
         self._all: set[_Worker] = set()
         self._closed = False
@@ -144,15 +149,14 @@ class OnnxValidatorPool:
             self._idle.put_nowait(self._spawn())
 
     def _spawn(self) -> _Worker:
-        worker = _Worker(self._ctx, self.limits, self.settings, self._validate)
+        worker = _Worker(self._config)
         self._all.add(worker)
         self.started += 1
         return worker
 
     def pids(self) -> list[int]:
         """Process ids of the validators alive now."""
-        return [w.process.pid for w in self._all
-                if w.process.pid is not None and not w.spent]
+        return [w.pid for w in self._all if not w.spent]
 
     async def validate(self, source: Path) -> tuple[bytes, OnnxInfo]:
         """Validate the ONNX file ``source``; its canonical bytes and summary.
@@ -223,14 +227,14 @@ class OnnxValidatorPool:
     def _await_ready(self, worker: _Worker) -> None:
         timeout = self.settings.start_timeout_seconds
         try:
-            if worker.conn.poll(timeout) and worker.conn.recv_bytes(16) == _READY:
+            if worker.conn.poll(timeout) and worker.conn.recv_bytes(16) == READY:
                 worker.ready = True
                 return
         except (OSError, EOFError):
             pass
         raise error(Reason.INTERNAL,
                     f"an ONNX validator process did not start within {timeout:g} s "
-                    f"(exit code {worker.process.exitcode})")
+                    f"(exit code {worker.process.poll()})")
 
     async def close(self) -> None:
         """Kill every validator and wait for it; a validation in flight fails."""
@@ -255,11 +259,12 @@ class _Exited:
         self._worker = worker
 
     def join(self, timeout: float) -> None:
-        self._worker.process.join(timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._worker.process.wait(timeout)
 
     @property
     def exitcode(self) -> int | None:
-        return self._worker.process.exitcode  # type: ignore[no-any-return]
+        return self._worker.process.poll()
 
 
 def _receive(worker: _Worker, deadline: float, limit: int,
@@ -276,67 +281,3 @@ def _receive(worker: _Worker, deadline: float, limit: int,
         return None  # it died; its exit code says how
     except OSError:  # longer than ``limit``
         raise error(Reason.OUTPUT_INVALID, "ONNX validator answered too much") from None
-
-
-# --- the validator process ---------------------------------------------------------------------
-
-
-def _vm_size_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _cpu_used() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _confine(limits: OutputLimits, settings: ValidatorSettings) -> int:
-    """Set the process-wide limits; return the CPU hard limit (the soft one moves per job)."""
-    # Imports (onnx, numpy, protobuf) are mapped already; budget on top of them.
-    address_space = _vm_size_bytes() + settings.memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # It writes no files (its answers go over the pipe); this bounds what a subverted one could.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_onnx_bytes, limits.max_onnx_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_MAX_FDS, _MAX_FDS))
-    # Every job may use cpu_seconds; the hard limit covers the process's whole life.
-    hard = int(_cpu_used()) + settings.cpu_seconds * (settings.max_jobs_per_process + 1) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
-    return hard
-
-
-def _answer_for(source: str, limits: OutputLimits,
-                validate: Validate) -> tuple[dict[str, Any], bytes]:
-    try:
-        canonical, info = validate(read_onnx_file(Path(source), limits), limits)
-        return {"ok": True, "info": info_to_json(info)}, canonical
-    except AirlockError as exc:
-        return {"ok": False, "reason": str(exc.reason), "message": exc.message}, b""
-    except MemoryError:
-        return {"ok": False, "reason": str(Reason.OUTPUT_INVALID),
-                "message": "ONNX validation ran out of memory"}, b""
-    except Exception as exc:  # a bug of ours; the parent reports INTERNAL
-        return {"ok": False, "reason": str(Reason.INTERNAL),
-                "message": f"ONNX validation failed: {type(exc).__name__}: {exc}"[:1000]}, b""
-
-
-def _worker_main(conn: Connection, limits: OutputLimits, settings: ValidatorSettings,
-                 validate: Validate) -> None:
-    """Entry point of a validator: confine, say ready, then answer requests until EOF."""
-    hard = _confine(limits, settings)
-    conn.send_bytes(_READY)
-    while True:
-        try:
-            request = json.loads(conn.recv_bytes(_MAX_REQUEST_BYTES))
-        except EOFError:
-            return
-        soft = min(hard, int(_cpu_used()) + settings.cpu_seconds)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-        answer, canonical = _answer_for(request["source"], limits, validate)
-        conn.send_bytes(json.dumps(answer).encode())
-        if answer["ok"]:
-            conn.send_bytes(canonical)
