@@ -211,3 +211,31 @@ def test_the_broker_process_never_parses_onnx_outputs() -> None:
     assert "validate_onnx_bytes" not in source and "onnx_check" not in source
     assert "onnx_validator.validate(" in source
     assert os.fspath("onnx_pool") in source
+
+
+def test_a_validator_that_cannot_be_replaced_costs_no_slot(
+    tmp_path: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airlock_broker.validation import onnx_pool
+
+    crash = write(tmp_path, "crash.onnx", fakes.CRASH)
+    good = write(tmp_path, "good.onnx", model_bytes)
+    real_worker = onnx_pool._Worker
+
+    def no_processes(config: str) -> onnx_pool._Worker:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    async def body(pool: OnnxValidatorPool) -> tuple[Reason, Reason, bytes]:
+        monkeypatch.setattr(onnx_pool, "_Worker", no_processes)
+        with pytest.raises(AirlockError) as crashed:
+            await pool.validate(crash)  # its replacement cannot start
+        with pytest.raises(AirlockError) as starved:
+            await pool.validate(good)  # the slot is still there: it tries, and says why
+        monkeypatch.setattr(onnx_pool, "_Worker", real_worker)
+        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        return crashed.value.reason, starved.value.reason, canonical
+
+    (crashed, starved, canonical), _pids = with_pool(ValidatorSettings(processes=1), body)
+    assert crashed is Reason.OUTPUT_INVALID
+    assert starved is Reason.INTERNAL
+    assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]

@@ -134,7 +134,9 @@ class OnnxValidatorPool:
         limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
         self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
                                    "validate": validate})
-        self._idle: asyncio.Queue[_Worker] | None = None
+        #: One entry per slot: an idle worker, or None for a slot whose process must be
+        #: started (its replacement failed to start; the next job that takes it tries again).
+        self._idle: asyncio.Queue[_Worker | None] | None = None
         self._all: set[_Worker] = set()
         self._closed = False
         #: Workers started so far (for metrics and tests: replacements show up here).
@@ -166,8 +168,10 @@ class OnnxValidatorPool:
         """
         if self._idle is None or self._closed:
             raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
-        worker = await self._idle.get()
+        slot = await self._idle.get()
+        worker: _Worker | None = None
         try:
+            worker = slot if slot is not None else self._respawn()
             job = asyncio.ensure_future(asyncio.to_thread(self._exchange, worker, source))
             try:
                 return await asyncio.shield(job)
@@ -180,24 +184,29 @@ class OnnxValidatorPool:
         finally:
             self._give_back(worker)
 
-    def _give_back(self, worker: _Worker) -> None:
-        if worker.spent or worker.jobs >= self.settings.max_jobs_per_process:
+    def _respawn(self) -> _Worker:
+        try:
+            return self._spawn()
+        except OSError as exc:
+            raise error(Reason.INTERNAL, f"cannot start an ONNX validator: {exc}") from exc
+
+    def _give_back(self, worker: _Worker | None) -> None:
+        """Return the slot to the queue, with a fresh process if this one is done."""
+        assert self._idle is not None
+        if worker is not None and (worker.spent
+                                   or worker.jobs >= self.settings.max_jobs_per_process):
             worker.reap()
             self._all.discard(worker)
-            if self._closed:
-                return
-            try:
-                worker = self._spawn()
-            except OSError as exc:
-                # Out of processes or memory: put nothing back, and say so loudly. The slot is
-                # lost until restart; validations queue on the remaining workers.
-                log.error("could not start a replacement ONNX validator: %s", exc)
-                return
-        if self._closed:
+            worker = None
+            if not self._closed:
+                try:
+                    worker = self._spawn()
+                except OSError as exc:  # out of processes or memory: the next job retries
+                    log.error("could not start a replacement ONNX validator: %s", exc)
+        if self._closed and worker is not None:
             worker.reap()
             self._all.discard(worker)
             return
-        assert self._idle is not None
         self._idle.put_nowait(worker)
 
     def _exchange(self, worker: _Worker, source: Path) -> tuple[bytes, OnnxInfo]:
