@@ -66,6 +66,9 @@ class ConversionResult:
     report: ConversionReport
     #: Why ``assurance`` is what it is (e.g. why integrity could not be verified).
     integrity_note: str = ""
+    #: The broker answered a retry with the stored result of the first attempt (same
+    #: idempotency key; ``job_id`` is that attempt's job): nothing was converted twice.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)

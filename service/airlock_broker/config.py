@@ -15,6 +15,11 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
 
     [pools]            # PoolSettings fields; min_warm = 0 turns warm pools off
     min_warm = 1
+
+    [idempotency]      # IdempotencySettings fields; ttl_seconds = 0 turns de-duplication off
+    ttl_seconds = 600
+    max_entries = 1024
+    max_bytes = 1073741824
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
@@ -71,6 +77,7 @@ class BrokerConfig:
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_jobs", "max_artifact_bytes", "chunk_bytes",
@@ -96,14 +103,16 @@ class BrokerConfig:
         if path is not None:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        unknown = set(doc) - {"broker", "sandbox", "output", "pools"}
+        unknown = set(doc) - {"broker", "sandbox", "output", "pools", "idempotency"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
         for key in ("spool_root", "audit_log"):
             if key in broker:
                 broker[key] = Path(broker[key])
-        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools"})
+        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools", "idempotency"})
+        idem_doc = dict(doc.get("idempotency", {}))
+        _check_keys(IdempotencySettings, idem_doc, "idempotency")
         pools_doc = dict(doc.get("pools", {}))
         _check_keys(PoolSettings, pools_doc, "pools")
         if "profiles" in pools_doc:
@@ -117,7 +126,8 @@ class BrokerConfig:
         if "security_opts" in sandbox_doc:
             sandbox_doc = {**sandbox_doc, "security_opts": tuple(sandbox_doc["security_opts"])}
         config = cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
-                     pools=PoolSettings(**pools_doc), **broker)
+                     pools=PoolSettings(**pools_doc),
+                     idempotency=IdempotencySettings(**idem_doc), **broker)
         return replace(config, **overrides) if overrides else config
 
 

@@ -25,6 +25,7 @@ from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
+from airlock_broker.idempotency import IdempotencyStore
 from airlock_broker.jobs import JobRunner
 from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.pools import Pools
@@ -51,6 +52,7 @@ class Broker:
     backend: SandboxBackend
     pools: Pools
     audit: AuditLog
+    replays: IdempotencyStore
     lock_fd: int
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -62,6 +64,7 @@ class Broker:
             await self.server.stop(grace)
         finally:
             await self.pools.close()
+            await self.replays.close()
             await self.backend.close()
             self.audit.close()
             os.close(self.lock_fd)
@@ -107,10 +110,12 @@ async def create_server(config: BrokerConfig,
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
     audit = AuditLog(config.audit_path)
+    replays = IdempotencyStore(config.spool_root, config.idempotency)
+    replays.start()
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics),
+                           admission, audit, metrics, replays),
         server)
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox)
@@ -148,7 +153,7 @@ async def create_server(config: BrokerConfig,
     log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
              config.sandbox.runtime)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd)
+                  backend=backend, pools=pools, audit=audit, replays=replays, lock_fd=lock_fd)
 
 
 async def serve(config: BrokerConfig) -> None:

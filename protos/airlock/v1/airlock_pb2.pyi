@@ -376,6 +376,7 @@ class ConvertResult(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     INTEGRITY_NOTE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     detected_format: _builtins.str
     output_format: Global___TargetFormat.ValueType
@@ -390,6 +391,10 @@ class ConvertResult(_message.Message):
     runtime: _builtins.str
     integrity_note: _builtins.str
     """Why the assurance is what it is (e.g. why integrity could not be verified)."""
+    replayed: _builtins.bool
+    """True when this answer is the stored result of an earlier request with the same
+    idempotency key (job_id is that request's job): nothing was converted again.
+    """
     @_builtins.property
     def report(self) -> Global___ConversionReport: ...
     def __init__(
@@ -409,10 +414,11 @@ class ConvertResult(_message.Message):
         image_id: _builtins.str = ...,
         runtime: _builtins.str = ...,
         integrity_note: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "replayed", b"replayed", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
