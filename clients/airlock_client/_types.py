@@ -86,6 +86,8 @@ class PoolStatus:
     image_id: str
     runtime: str
     draining: bool
+    #: Why no sandbox can be started now (the engine is unreachable), or "".
+    unavailable: str = ""
 
 
 @dataclass(frozen=True)

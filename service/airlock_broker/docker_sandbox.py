@@ -124,6 +124,8 @@ class DockerSandbox:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._client = client
         self._image_id = ""
+        #: Containers whose removal failed (the engine was down): retried by ``reap_orphans``.
+        self._unremoved: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -214,6 +216,7 @@ class DockerSandbox:
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         slot.workspace.write_job_spec(spec)
         began = time.monotonic()
+        began_wall = int(time.time()) - 1
         if not slot.started:
             await self.start(slot)
         timed_out = False
@@ -227,14 +230,40 @@ class DockerSandbox:
             await self._call(self.client.api.wait, slot.container_id, timeout=30)
         duration = time.monotonic() - began
         state = (await self._call(self.client.api.inspect_container, slot.container_id))["State"]
+        exit_code = None if timed_out else int(state.get("ExitCode", -1))
+        killed_by = ""
+        if exit_code is not None and exit_code > 128 and not state.get("OOMKilled"):
+            killed_by = await self._kill_recorded(slot, began_wall)
         return Outcome(
-            exit_code=None if timed_out else int(state.get("ExitCode", -1)),
+            exit_code=exit_code,
+            killed_by=killed_by,
             oom_killed=bool(state.get("OOMKilled", False)),
             timed_out=timed_out,
             duration_seconds=duration,
             image_id=self._image_id,
             runtime=self.policy.runtime,
         )
+
+    async def _kill_recorded(self, slot: Slot, since: int) -> str:
+        """The engine's event log: did anyone send this container a signal? (The broker kills
+        only at the deadline, and then it does not ask.)"""
+        def kills() -> list[dict[str, Any]]:
+            return list(self.client.api.events(
+                since=since, until=f"{time.time():.6f}", decode=True,
+                filters={"container": slot.container_id, "event": "kill"}))
+
+        try:
+            events = await self._call(kills)
+        except SandboxUnavailable as exc:
+            log.warning("could not read the engine's events for %s: %s",
+                        slot.container_id[:12], exc)
+            return ""
+        signals = sorted({str(e.get("Actor", {}).get("Attributes", {}).get("signal", "?"))
+                          for e in events})
+        if not signals:
+            return ""
+        return f"signal {', '.join(signals)} sent through the Docker engine: docker kill, " \
+               "docker stop or the engine shutting down"
 
     async def _kill(self, slot: Slot) -> None:
         try:
@@ -249,11 +278,23 @@ class DockerSandbox:
                              v=True)
         except SandboxUnavailable as exc:
             if "No such container" not in str(exc):
-                log.error("could not remove container %s: %s", slot.container_id[:12], exc)
+                self._unremoved.add(slot.container_id)
+                log.error("could not remove container %s (will retry): %s",
+                          slot.container_id[:12], exc)
         finally:
             slot.workspace.destroy()
 
     async def reap_orphans(self) -> int:
+        """Also retries removals that failed while the engine was away (they carry our label,
+        so the orphan rule below would never touch them)."""
+        for container_id in list(self._unremoved):
+            try:
+                await self._call(self.client.api.remove_container, container_id, force=True,
+                                 v=True)
+            except SandboxUnavailable as exc:
+                if "No such container" not in str(exc):
+                    raise
+            self._unremoved.discard(container_id)
         containers = await self._call(self.client.api.containers, all=True,
                                       filters={"label": f"{LABEL_MANAGED}=true"})
         reaped = 0

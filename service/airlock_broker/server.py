@@ -146,6 +146,17 @@ async def create_server(config: BrokerConfig,
             admission.unready = None
             log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
                      report.runtime)
+    async def engine_changed(unavailable: str | None) -> None:
+        """The engine went away or came back: health and admission follow."""
+        admission.sandbox_down = unavailable
+        if admission.draining or admission.unready is not None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if unavailable
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, status)
+
+    pools.on_engine_change = engine_changed
     if admission.unready is None:
         pools.start()
         for name in (SERVICE_NAME, ""):

@@ -474,6 +474,7 @@ class PoolStatus(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     warm: _builtins.int
     busy: _builtins.int
@@ -485,6 +486,10 @@ class PoolStatus(_message.Message):
     image_id: _builtins.str
     runtime: _builtins.str
     draining: _builtins.bool
+    unavailable: _builtins.str
+    """Why no sandbox can be started now (e.g. the Docker engine is unreachable); empty when
+    one can. Jobs are refused with UNAVAILABLE and this text while it is set.
+    """
     def __init__(
         self,
         *,
@@ -499,10 +504,11 @@ class PoolStatus(_message.Message):
         image_id: _builtins.str = ...,
         runtime: _builtins.str = ...,
         draining: _builtins.bool = ...,
+        unavailable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "warm", b"warm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "unavailable", b"unavailable", "warm", b"warm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
