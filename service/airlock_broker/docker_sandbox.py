@@ -151,12 +151,23 @@ class DockerSandbox:
     # -- SandboxBackend ---------------------------------------------------------------------
 
     async def check(self) -> None:
-        await self._call(self.client.ping)
+        await self._call(self._ping_fresh)
         image = await self._call(self.client.images.get, self.policy.image)
         self._image_id = str(image.id)
         if self.policy.runtime not in (await self._call(self._runtimes)):
             raise SandboxUnavailable(
                 f"OCI runtime {self.policy.runtime!r} is not registered with the Docker engine")
+
+    def _ping_fresh(self) -> None:
+        """Ping over a new connection. A stopping engine closes its listener first but goes on
+        answering on connections already open (the client's pool holds some), so a ping over
+        those would say all is well while the engine kills every container."""
+        probe = docker.APIClient(version=self.client.api.api_version, timeout=10,
+                                 **docker.utils.kwargs_from_env())
+        try:
+            probe.ping()
+        finally:
+            probe.close()
 
     def _runtimes(self) -> set[str]:
         info: dict[str, Any] = self.client.info()

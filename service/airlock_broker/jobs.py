@@ -202,8 +202,8 @@ class JobRunner:
                 try:
                     judge(outcome, report, request.deadline_seconds)
                 except AirlockError as exc:
-                    if exc.reason is Reason.SANDBOX_KILLED:
-                        await self._engine_went_away(exc)
+                    if outcome.killed_by or (outcome.exit_code or 0) > 128:
+                        await self._engine_went_away(exc)  # a stopping engine kills them all
                     raise
                 output = await validate_output(slot.workspace.out_dir, request.target,
                                                self.limits)
@@ -229,8 +229,8 @@ class JobRunner:
             await self.backend.check()
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE,
-                        f"{killed.message}, and the sandbox engine is now unreachable "
-                        f"({exc})") from exc
+                        f"the sandbox engine went away during the job ({exc}); "
+                        f"{killed.message}") from exc
 
     async def _slot(self, stack: contextlib.AsyncExitStack, profile: str) -> Slot:
         """A single-use slot whose destruction ``stack`` owns."""

@@ -107,20 +107,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _restart_engine(pid: int) -> None:
-    """Wait for the stopping engine to exit (kill it if it hangs), then start it again."""
+DOCKERD_LOG = Path(os.environ.get("AIRLOCK_DOCKERD_LOG", "/var/log/airlock-dockerd.log"))
+
+
+def _restart_engine(pid: int, keep_log: Path) -> None:
+    """Wait for the stopping engine to exit (kill it if it hangs), then start it again.
+
+    ensure-docker.sh starts a new log: the stopping engine's is kept in ``keep_log`` first.
+    """
     deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if _alive(pid):
+        print(f"dockerd {pid} still stopping after 30 s: SIGKILL")
         os.kill(pid, signal.SIGKILL)
         time.sleep(1)
+    with contextlib.suppress(OSError):
+        keep_log.write_bytes(DOCKERD_LOG.read_bytes()[-200_000:])
     subprocess.run([str(ROOT / "scripts" / "ensure-docker.sh")], check=True, timeout=120,
                    capture_output=True)
 
 
 @contextlib.contextmanager
-def engine_stopped() -> Iterator[float]:
+def engine_stopped(keep_log: Path) -> Iterator[float]:
     """SIGTERM to dockerd (as ``systemctl stop docker`` would); always restarted on exit."""
     pid = _engine_pid()
     began = time.monotonic()
@@ -128,8 +137,10 @@ def engine_stopped() -> Iterator[float]:
     try:
         yield began
     finally:
-        _restart_engine(pid)
-        print(f"engine down for {time.monotonic() - began:.1f} s")
+        stopping = time.monotonic()
+        _restart_engine(pid, keep_log)
+        print(f"engine down for {time.monotonic() - began:.1f} s (stopped and restarted in "
+              f"{time.monotonic() - stopping:.1f} s once the test was done with it)")
 
 
 def test_engine_stop_mid_job_fails_it_unavailable_and_the_broker_recovers(
@@ -146,11 +157,11 @@ def test_engine_stop_mid_job_fails_it_unavailable_and_the_broker_recovers(
             slow, tmp_path / "slow.safetensors"))
         ph.wait_for(lambda: _busy(docker_client, broker), 60, "the job's sandbox to run")
 
-        with engine_stopped() as began:
+        with engine_stopped(tmp_path / "dockerd.log") as began:
             job.join(45)
             assert not job.is_alive(), "the job did not end when the engine stopped"
             failure = box.get("error")
-            assert isinstance(failure, ServiceUnavailable), box
+            assert isinstance(failure, ServiceUnavailable), f"{box}\n{broker.log_tail()}"
             assert failure.reason == "SANDBOX_UNAVAILABLE" and "engine" in failure.message
             print(f"job failed {time.monotonic() - began:.1f} s after the stop: {failure}")
             # The broker stays up and says why: health, pool status, and at once on a new job.
