@@ -110,35 +110,59 @@ def _alive(pid: int) -> bool:
 DOCKERD_LOG = Path(os.environ.get("AIRLOCK_DOCKERD_LOG", "/var/log/airlock-dockerd.log"))
 
 
-def _restart_engine(pid: int, keep_log: Path) -> None:
-    """Wait for the stopping engine to exit (kill it if it hangs), then start it again.
+def _engine_up() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    """dockerd's own containerd: a new engine cannot start while the old one holds its socket."""
+    run = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in run.stdout.split()]
+
+
+def _restart_engine(pids: list[int], keep_log: Path) -> None:
+    """Wait for the stopping engine (dockerd and its containerd) to exit, killing it if it
+    hangs, then start it again.
 
     ensure-docker.sh starts a new log: the stopping engine's is kept in ``keep_log`` first.
+    It is tried twice, and what it said is shown if the engine still does not answer.
     """
-    deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
+    began = time.monotonic()
+    while any(_alive(p) for p in pids) and time.monotonic() - began < 30:
         time.sleep(0.1)
-    if _alive(pid):
-        print(f"dockerd {pid} still stopping after 30 s: SIGKILL")
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(1)
+    for pid in pids:
+        if _alive(pid):
+            print(f"{pid} still stopping after 30 s: SIGKILL")
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1)
+    print(f"old engine gone after {time.monotonic() - began:.1f} s")
     with contextlib.suppress(OSError):
         keep_log.write_bytes(DOCKERD_LOG.read_bytes()[-200_000:])
-    subprocess.run([str(ROOT / "scripts" / "ensure-docker.sh")], check=True, timeout=120,
-                   capture_output=True)
+    said = []
+    for _ in range(2):
+        run = subprocess.run([str(ROOT / "scripts" / "ensure-docker.sh")], timeout=120,
+                             capture_output=True, text=True, env={**os.environ,
+                                                                 "AIRLOCK_DOCKER_WAIT": "30"})
+        said.append(f"exit {run.returncode}: {run.stdout}{run.stderr}")
+        print(f"ensure-docker.sh {said[-1].strip()}")
+        if _engine_up():
+            print(f"engine restarted {time.monotonic() - began:.1f} s after the stop was done")
+            return
+    raise AssertionError("could not restart the Docker engine:\n" + "\n".join(said))
 
 
 @contextlib.contextmanager
 def engine_stopped(keep_log: Path) -> Iterator[float]:
     """SIGTERM to dockerd (as ``systemctl stop docker`` would); always restarted on exit."""
     pid = _engine_pid()
+    pids = [pid, *_children(pid)]
     began = time.monotonic()
     os.kill(pid, signal.SIGTERM)
     try:
         yield began
     finally:
         stopping = time.monotonic()
-        _restart_engine(pid, keep_log)
+        _restart_engine(pids, keep_log)
         print(f"engine down for {time.monotonic() - began:.1f} s (stopped and restarted in "
               f"{time.monotonic() - stopping:.1f} s once the test was done with it)")
 
