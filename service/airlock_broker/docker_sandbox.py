@@ -124,8 +124,11 @@ class DockerSandbox:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._client = client
         self._image_id = ""
-        #: Containers whose removal failed (the engine was down): retried by ``reap_orphans``.
-        self._unremoved: set[str] = set()
+        #: Slot ids of the slots this backend owns now: added before the create call, dropped
+        #: when the slot is destroyed. A container with this broker's label and a slot id not
+        #: in here is a stray (a create whose answer was lost, a removal that failed while the
+        #: engine was away): ``reap_orphans`` removes it.
+        self._owned: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -192,6 +195,7 @@ class DockerSandbox:
             raise SandboxUnavailable(str(exc)) from exc
         labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
                   LABEL_PROFILE: profile}
+        self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(
             self.client.containers.create,
             **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest)))
@@ -204,9 +208,11 @@ class DockerSandbox:
                 made = await create
                 await self._call(self.client.api.remove_container, made.id, force=True)
             workspace.destroy()
+            self._owned.discard(slot_id)
             raise
         except BaseException:
             workspace.destroy()
+            self._owned.discard(slot_id)
             raise
         return Slot(slot_id=slot_id, profile=profile, workspace=workspace,
                     container_id=str(container.id))
@@ -289,29 +295,26 @@ class DockerSandbox:
                              v=True)
         except SandboxUnavailable as exc:
             if "No such container" not in str(exc):
-                self._unremoved.add(slot.container_id)
-                log.error("could not remove container %s (will retry): %s",
+                log.error("could not remove container %s (the sweep will): %s",
                           slot.container_id[:12], exc)
         finally:
+            self._owned.discard(slot.slot_id)
             slot.workspace.destroy()
 
     async def reap_orphans(self) -> int:
-        """Also retries removals that failed while the engine was away (they carry our label,
-        so the orphan rule below would never touch them)."""
-        for container_id in list(self._unremoved):
-            try:
-                await self._call(self.client.api.remove_container, container_id, force=True,
-                                 v=True)
-            except SandboxUnavailable as exc:
-                if "No such container" not in str(exc):
-                    raise
-            self._unremoved.discard(container_id)
+        """Remove containers of dead brokers, and this broker's strays (see ``_owned``)."""
         containers = await self._call(self.client.api.containers, all=True,
                                       filters={"label": f"{LABEL_MANAGED}=true"})
         reaped = 0
         for info in containers:
-            owner = info.get("Labels", {}).get(LABEL_BROKER, "")
-            if owner == self.identity or _is_alive(owner):
+            labels = info.get("Labels") or {}
+            owner = labels.get(LABEL_BROKER, "")
+            if owner == self.identity:
+                if labels.get(LABEL_SLOT, "") in self._owned:
+                    continue
+                log.warning("removing stray container %s (a slot this broker no longer owns)",
+                            info["Id"][:12])
+            elif _is_alive(owner):
                 continue
             try:
                 await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)

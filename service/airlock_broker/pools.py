@@ -328,13 +328,13 @@ class Pools:
         if self.unavailable is None:
             return
         log.info("the sandbox engine is back; clearing out the outage and refilling the pools")
-        self.unavailable = None
-        for pool in self.pools.values():
-            pool.failures_in_a_row = 0
-        try:
+        try:  # still refusing jobs and starting nothing: the sweep sees a quiet broker
             await self.sweep()
         except Exception as exc:
             log.warning("sweep after the engine came back failed: %s", exc)
+        self.unavailable = None
+        for pool in self.pools.values():
+            pool.failures_in_a_row = 0
         self._recovered.set()
         self._recovered.clear()
         self._wake.set()

@@ -89,6 +89,12 @@ def _warm_slots_only(docker_client: Any, broker: ph.PoolBroker) -> None:
     assert _spool_files(broker.spool, "uploads") == []
 
 
+def _describe(docker_client: Any, broker: ph.PoolBroker) -> str:
+    return "\n".join(f"{c.id[:12]} {c.status} created {c.attrs.get('Created')} slot "
+                     f"{c.labels.get(ph.LABEL_SLOT)}" for c in
+                     ph.containers_of(docker_client, broker.identity)) + "\n" + broker.log_tail()
+
+
 # -- the engine stops mid-job -------------------------------------------------------------------
 
 
@@ -213,7 +219,7 @@ def test_engine_stop_mid_job_fails_it_unavailable_and_the_broker_recovers(
         ph.wait_for(lambda: all(ph.is_idle(c, broker.spool)
                                 for c in ph.containers_of(docker_client, broker.identity)),
                     30, "only idle warm containers",
-                    lambda: str(ph.containers_of(docker_client, broker.identity)))
+                    lambda: _describe(docker_client, broker))
         _warm_slots_only(docker_client, broker)
     finally:
         ph.stop_cleanly(broker, docker_client)
