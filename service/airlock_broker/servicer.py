@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -122,7 +123,18 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         kept: Path | None = None
         if claim.keeps:
             chunks = result.output.chunks(self.config.chunk_bytes)
-            kept = await asyncio.to_thread(claim.keep, chunks, result.output.size)
+            keeping = asyncio.ensure_future(
+                asyncio.to_thread(claim.keep, chunks, result.output.size))
+            try:
+                kept = await asyncio.shield(keeping)
+            except asyncio.CancelledError:
+                # The client went away while the result was being kept: the thread writes on;
+                # let it finish and commit, so that the client's retry finds the result.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    if (path := await keeping) is not None:
+                        claim.commit(header.result.SerializeToString(), path,
+                                     result.output.size)
+                raise
         if kept is None:
             yield header
             for data in result.output.chunks(self.config.chunk_bytes):
