@@ -73,7 +73,7 @@ def start(tmp_path: Path) -> Iterator[object]:
     def _start(behaviour: Behaviour = write_safetensors, **overrides: object) -> Running:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
-        config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+        config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / f"spool{len(stack)}",
                               **overrides)  # type: ignore[arg-type]
         backend = GatedSandbox(config.spool_root, behaviour)
         cm = running_broker(config, backend)
@@ -269,3 +269,47 @@ def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+# -- the client's retry policy ---------------------------------------------------------------
+
+
+def test_the_client_does_not_retry_a_refusal_and_retries_busy(start, tmp_path: Path) -> None:
+    def refuse(spec: JobSpec, data: bytes, out: Path) -> int:
+        return WorkerExit.POLICY_VIOLATION
+
+    run = start(refuse)
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    with Client(run.address, retry_attempts=4) as client, pytest.raises(ConversionError) as info:
+        client.convert(src, tmp_path / "out")
+    assert info.value.reason == "POLICY_VIOLATION"
+    wait_for(lambda: (run.spool / "audit.jsonl").exists() and run.audit())
+    time.sleep(1.0)  # a retry, if there were one, would have been written by now
+    assert len(run.audit()) == 1 and run.conversions == 1
+
+    busy = start(max_concurrent_jobs=1, max_queued_jobs=0)
+    busy.backend.gate = threading.Event()
+    first = threading.Thread(target=lambda: convert(busy.address, PICKLE, "first"))
+    first.start()
+    wait_for(lambda: busy.broker.admission.admitted == 1)
+    threading.Timer(1.0, busy.backend.gate.set).start()  # the broker frees up in a second
+    with Client(busy.address, retry_attempts=6, retry_max_seconds=30) as client:
+        result = client.convert(src, tmp_path / "later.safetensors")
+    first.join(30)
+    refused = [d for d in busy.audit() if d.get("reason") == "BUSY"]
+    assert result.format == "safetensors" and refused, "the client should have met BUSY first"
+
+
+def test_the_client_deadline_bounds_the_whole_call(start, tmp_path: Path) -> None:
+    run = start()
+    run.backend.gate = threading.Event()  # never opens: the job hangs
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    began = time.monotonic()
+    with Client(run.address, timeout=1.5, retry_attempts=5) as client, \
+            pytest.raises(ConversionError) as info:
+        client.convert(src, tmp_path / "out")
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - began < 5
+    run.backend.gate.set()
