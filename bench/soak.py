@@ -7,7 +7,7 @@ One ``airlock serve`` (own spool, warm pools) takes jobs from ``--clients`` thre
 given time, each job drawn from a fixed weighted mix: small benign models (sklearn pickle,
 numpy, safetensors, a PyTorch state dict) and hostile artifacts from tests/adversarial/
 payloads.py (escape attempts, sleepers past their deadline, memory and process bombs, an
-artifact that kills its own sandbox with an illegal-instruction signal, code refused by the
+artifact that exits with SIGKILL's exit code to pass for killed, code refused by the
 safe_only policy, garbage bytes, declared-format lies). Every job must end with its
 expected outcome; anything else is counted as unexpected.
 
@@ -99,8 +99,9 @@ KINDS: tuple[Kind, ...] = (
         "import os\nfor _ in range(10000):\n    try:\n        os.fork()\n    except OSError:\n"
         "        break\nimport time\ntime.sleep(2)\nos._exit(1)"),
          frozenset({"CONVERSION_FAILED", "SANDBOX_TIMEOUT"}), {"job_timeout": 20}),
-    Kind("hostile-self-signal", 1, _source("import os, signal\nos.kill(os.getpid(), "
-                                           "signal.SIGILL)"),
+    # Exits with SIGKILL's code without a kill: the engine recorded none, so it is the
+    # artifact's own failure (CONVERSION_FAILED), never SANDBOX_KILLED.
+    Kind("hostile-fake-kill-exit", 1, _source("import os\nos._exit(137)"),
          frozenset({"CONVERSION_FAILED"})),
     Kind("hostile-safe-only", 2, _source("print('never runs')"),
          frozenset({"POLICY_VIOLATION"}), {"loading_policy": "safe_only"}),
