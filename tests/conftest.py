@@ -29,6 +29,17 @@ LIVE_SPOOLS: set[Path] = set()
 #: (other brokers on a shared machine are none of our business).
 STARTED_PIDS: set[int] = set()
 
+# The brokers and CLIs this session starts keep their state (the provenance signing key) in a
+# directory of the session's own, never in the machine's /var/lib/airlock.
+if "AIRLOCK_STATE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _STATE_DIR = tempfile.mkdtemp(prefix="airlock-test-state-")
+    os.environ["AIRLOCK_STATE_DIR"] = _STATE_DIR
+    atexit.register(shutil.rmtree, _STATE_DIR, True)
+
 
 def _docker_client():  # type: ignore[no-untyped-def]
     import docker
@@ -87,9 +98,11 @@ class BrokerProcess:
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials) if credentials is not None
+          else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -104,7 +117,9 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
                 pytrace=False)
 
 
-def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> BrokerProcess:
+def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> BrokerProcess:
+    """``credentials``: for a broker serving TLS (health is open, but the channel is TLS)."""
     port = free_port()
     spool = tmp / "spool"
     log = tmp / "broker.log"
@@ -114,7 +129,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> B
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
     STARTED_PIDS.add(process.pid)
-    wait_serving(address, process, log)
+    wait_serving(address, process, log, credentials=credentials)
     LIVE_SPOOLS.add(spool)
     return BrokerProcess(address=address, process=process, spool=spool, log=log)
 

@@ -8,6 +8,7 @@
 
 from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     IntegrityError,
@@ -18,13 +19,16 @@ from airlock_client._types import (
     ConversionResult,
     ParityCheck,
     PoolStatus,
+    ProvenanceKey,
     SelfTestCheck,
     SelfTestReport,
     TensorSpec,
 )
+from airlock_client.provenance import ProvenanceError, ProvenanceRecord
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AccessDenied",
     "AirlockError",
     "Client",
     "ConversionError",
@@ -33,6 +37,9 @@ __all__ = [
     "IntegrityError",
     "ParityCheck",
     "PoolStatus",
+    "ProvenanceError",
+    "ProvenanceKey",
+    "ProvenanceRecord",
     "SelfTestCheck",
     "SelfTestReport",
     "ServiceUnavailable",

@@ -4,9 +4,13 @@
 
     AirlockError                 anything this library raises on purpose
     ├── ConversionError          the service answered: the artifact was rejected or failed
-    │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
+    │   │ (.reason, .kind = "rejected" | "failed" | "denied", .message, .job_id, .code)
+    │   └── AccessDenied         no valid credentials (UNAUTHENTICATED), or the principal
+    │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
     └── IntegrityError           the response stream did not match its own checksums
+        └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+                                 signed by another key, or not for these bytes (.reason)
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ class ConversionError(AirlockError):
         self.kind = kind
         self.code = code
         self.job_id = job_id
+
+
+class AccessDenied(ConversionError):
+    """The broker did not accept the credentials, or they lack the role for this call.
+
+    A ``ConversionError`` so existing handlers keep working; never retried.
+    """
 
 
 class ServiceUnavailable(AirlockError):

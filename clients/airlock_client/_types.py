@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from airlock_client.provenance import ProvenanceRecord
+
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
@@ -66,9 +68,25 @@ class ConversionResult:
     report: ConversionReport
     #: Why ``assurance`` is what it is (e.g. why integrity could not be verified).
     integrity_note: str = ""
+    #: The signed provenance (a model-signing bundle, JSON) exactly as received; verified.
+    provenance: bytes = b""
+    #: What the verified provenance says.
+    provenance_record: ProvenanceRecord | None = None
+    #: "pinned": verified with the key the caller gave; "broker": with the key the broker
+    #: published over the same channel (trust on first use).
+    provenance_key_source: str = ""
     #: The broker answered a retry with the stored result of the first attempt (same
     #: idempotency key; ``job_id`` is that attempt's job): nothing was converted twice.
     replayed: bool = False
+
+
+@dataclass(frozen=True)
+class ProvenanceKey:
+    """The broker's provenance public key as it publishes it."""
+
+    public_key_pem: str
+    fingerprint: str
+    algorithm: str
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 
     AirlockError                      every failure the broker reports to a caller
     ├── Rejected                      the artifact (or its output) was refused by a check
-    └── Failed                        it could not be converted, or the service could not try
+    ├── Failed                        it could not be converted, or the service could not try
+    └── Denied                        the caller is not authenticated, or lacks the role
 
 Misbehaving artifacts are *outcomes* (a reason plus a message), never crashes; only broken
 infrastructure (Docker down, image missing) and our own bugs surface as UNAVAILABLE / INTERNAL.
@@ -44,6 +45,9 @@ class Reason(enum.StrEnum):
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     SANDBOX_KILLED = "SANDBOX_KILLED"
     INTERNAL = "INTERNAL"
+    # The caller (auth.py).
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class Kind(enum.Enum):
@@ -51,6 +55,7 @@ class Kind(enum.Enum):
 
     REJECTED = "rejected"  # a check refused the artifact or its output
     FAILED = "failed"  # conversion or the service failed
+    DENIED = "denied"  # the caller has no valid credentials or lacks the role
 
 
 #: reason -> (gRPC status, kind). A unit test proves every Reason has a row.
@@ -81,6 +86,8 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     # itself): ABORTED, so clients do not retry blindly a job that may kill itself every time.
     Reason.SANDBOX_KILLED: (grpc.StatusCode.ABORTED, Kind.FAILED),
     Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
+    Reason.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, Kind.DENIED),
+    Reason.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
 }
 
 ERROR_DOMAIN = "airlock.v1"
@@ -111,7 +118,14 @@ class Failed(AirlockError):
     """The conversion, or the service, failed."""
 
 
+class Denied(AirlockError):
+    """The caller presented no valid credentials, or its principal lacks the role."""
+
+
+_CLASSES: dict[Kind, type[AirlockError]] = {
+    Kind.REJECTED: Rejected, Kind.FAILED: Failed, Kind.DENIED: Denied}
+
+
 def error(reason: Reason, message: str) -> AirlockError:
     """Build the exception of the right class for ``reason``."""
-    cls = Rejected if STATUS_TABLE[reason][1] is Kind.REJECTED else Failed
-    return cls(reason, message)
+    return _CLASSES[STATUS_TABLE[reason][1]](reason, message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -19,12 +20,15 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog, AuditRecord
+from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
-from airlock_broker.jobs import JobRequest, JobResult, JobRunner, detect_on_host
+from airlock_broker.jobs import JobResult, JobRunner, detect_on_host
+from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.metrics import Metrics
+from airlock_broker.provenance import sign, statement
 from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
@@ -34,8 +38,10 @@ _FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "s
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
-                 audit: AuditLog, metrics: Metrics, replays: IdempotencyStore) -> None:
+                 audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
+                 replays: IdempotencyStore) -> None:
         self.config = config
+        self.signing_key = signing_key
         self.runner = runner
         self.admission = admission
         self.audit = audit
@@ -50,8 +56,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         context: grpc.aio.ServicerContext[pb.ConvertRequest, pb.ConvertResponse],
     ) -> AsyncIterator[pb.ConvertResponse]:
         job_id = uuid.uuid4().hex
-        record = AuditRecord(job_id=job_id, peer=context.peer())
-        record.set(outcome="cancelled", reason=Reason.CANCELLED.value)
+        principal = current_principal()
+        record = AuditRecord(job_id=job_id, peer=context.peer(), principal=principal.name)
+        record.set(auth=principal.method, outcome="cancelled", reason=Reason.CANCELLED.value)
         try:
             async with self.admission.admit():
                 async for response in self._convert(job_id, request_iterator, record):
@@ -74,6 +81,15 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             if doc.get("outcome") == "ok":
                 self.metrics.bytes_out.inc(int(doc.get("output_size") or 0))
 
+    async def GetProvenanceKey(
+        self, request: pb.GetProvenanceKeyRequest,
+        context: grpc.aio.ServicerContext[pb.GetProvenanceKeyRequest,
+                                          pb.GetProvenanceKeyResponse],
+    ) -> pb.GetProvenanceKeyResponse:
+        key = self.signing_key
+        return pb.GetProvenanceKeyResponse(public_key_pem=key.public_pem,
+                                           fingerprint=key.fingerprint, algorithm=ALGORITHM)
+
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
         meta = await read_metadata(stream, self.intake)
@@ -93,9 +109,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
             record.set(detected_format=detected.value)
-            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
-                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy,
-                     extra={"job_id": job_id})
+            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
+                     job_id, spooled.size, spooled.sha256[:16], detected, request.target,
+                     request.policy, record.principal, extra={"job_id": job_id})
             principal = "" if record.principal == "anonymous" else record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs)
@@ -111,15 +127,21 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     record.set(output_format=result.output.format.value,
                                output_sha256=result.output.sha256,
                                output_size=result.output.size)
-                    async for response in self._respond(claim, request, result):
+                    # Signed from the hash validation already computed: no extra pass over
+                    # the output.
+                    envelope = sign(statement(result, request, self.config.sandbox),
+                                    self.signing_key)
+                    record.set(provenance_key=self.signing_key.fingerprint,
+                               provenance_sha256=hashlib.sha256(envelope).hexdigest())
+                    header = result_message(result, provenance=envelope)
+                    async for response in self._respond(claim, header, result):
                         yield response
         finally:
             remove_quietly(upload)
 
-    async def _respond(self, claim: Claim, request: JobRequest,
+    async def _respond(self, claim: Claim, header: pb.ConvertResponse,
                        result: JobResult) -> AsyncIterator[pb.ConvertResponse]:
         """Stream a fresh result; with an idempotency key, keep it first and stream the copy."""
-        header = result_message(result)
         kept: Path | None = None
         if claim.keeps:
             chunks = result.output.chunks(self.config.chunk_bytes)
@@ -149,8 +171,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:
             os.close(fd)
-        log.debug("job %s: result kept for idempotent retries", request.job_id,
-                  extra={"job_id": request.job_id})
+        log.debug("job %s: result kept for idempotent retries", result.job_id,
+                  extra={"job_id": result.job_id})
 
     async def _replay(self, claim: Claim,
                       record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:

@@ -99,7 +99,7 @@ def tensor_specs(specs: Any) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def result_message(result: JobResult) -> pb.ConvertResponse:
+def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResponse:
     report = result.report
     msg = pb.ConvertResult(
         job_id=result.job_id,
@@ -117,6 +117,7 @@ def result_message(result: JobResult) -> pb.ConvertResponse:
         runtime=result.outcome.runtime,
         integrity_note=result.integrity_note,
         report=conversion_report(report),
+        provenance=provenance,
     )
     return pb.ConvertResponse(result=msg)
 

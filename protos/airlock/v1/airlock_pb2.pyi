@@ -376,6 +376,7 @@ class ConvertResult(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     INTEGRITY_NOTE_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     detected_format: _builtins.str
@@ -391,6 +392,12 @@ class ConvertResult(_message.Message):
     runtime: _builtins.str
     integrity_note: _builtins.str
     """Why the assurance is what it is (e.g. why integrity could not be verified)."""
+    provenance: _builtins.bytes
+    """Signed provenance, in the OpenSSF model-signing format: a Sigstore bundle (JSON) with a DSSE
+    envelope around an in-toto Statement v1 that signs the output's sha256 and, under
+    predicate.airlock, records how it was made. Signed with the broker's ECDSA P-256 key
+    (GetProvenanceKey). Clients verify it before writing the output.
+    """
     replayed: _builtins.bool
     """True when this answer is the stored result of an earlier request with the same
     idempotency key (job_id is that request's job): nothing was converted again.
@@ -414,11 +421,12 @@ class ConvertResult(_message.Message):
         image_id: _builtins.str = ...,
         runtime: _builtins.str = ...,
         integrity_note: _builtins.str = ...,
+        provenance: _builtins.bytes = ...,
         replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "replayed", b"replayed", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "replayed", b"replayed", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -453,6 +461,49 @@ class ConvertResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ConvertResponse: _TypeAlias = ConvertResponse  # noqa: Y015
+
+@_typing.final
+class GetProvenanceKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceKeyRequest: _TypeAlias = GetProvenanceKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetProvenanceKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    public_key_pem: _builtins.str
+    """SubjectPublicKeyInfo, PEM."""
+    fingerprint: _builtins.str
+    """Lower-case hex sha256 of the PEM SubjectPublicKeyInfo (model-signing's key hint)."""
+    algorithm: _builtins.str
+    """"ecdsa-p256-sha256" """
+    def __init__(
+        self,
+        *,
+        public_key_pem: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "fingerprint", b"fingerprint", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceKeyResponse: _TypeAlias = GetProvenanceKeyResponse  # noqa: Y015
 
 @_typing.final
 class PoolStatus(_message.Message):
