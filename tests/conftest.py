@@ -123,6 +123,15 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
     port = free_port()
     spool = tmp / "spool"
     log = tmp / "broker.log"
+    if "--config" not in extra:
+        # The image under test (AIRLOCK_TEST_IMAGE) and, for measuring, another seccomp profile
+        # (AIRLOCK_TEST_SECCOMP, e.g. the allow-and-log variant of gen-seccomp-profile.py).
+        config = tmp / "broker.toml"
+        lines = ["[sandbox]", f"image = {IMAGE!r}"]
+        if os.environ.get("AIRLOCK_TEST_SECCOMP"):
+            lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
+        config.write_text("\n".join(lines) + "\n")
+        extra = ("--config", str(config), *extra)
     full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), **(env or {})}
     with log.open("wb") as fh:
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
@@ -170,6 +179,7 @@ def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[
     assert left == [], f"sandbox containers left behind: {left}"
 
 
-def run_cli(*args: str, server: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, server: str, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False)
+                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False, cwd=cwd)

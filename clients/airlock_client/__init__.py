@@ -12,6 +12,7 @@ from airlock_client._errors import (
     AirlockError,
     ConversionError,
     IntegrityError,
+    ModelSourceError,
     ServiceUnavailable,
 )
 from airlock_client._types import (
@@ -35,6 +36,7 @@ __all__ = [
     "ConversionReport",
     "ConversionResult",
     "IntegrityError",
+    "ModelSourceError",
     "ParityCheck",
     "PoolStatus",
     "ProvenanceError",

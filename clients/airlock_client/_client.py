@@ -25,7 +25,7 @@ from tenacity import (
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _wire
+from airlock_client import _bundle, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
 from airlock_client._types import (
@@ -135,8 +135,33 @@ class Client:
         attempt's gRPC deadline is what is left of it. Raises ``ConversionError``
         when the artifact is rejected or cannot be converted, ``ServiceUnavailable`` when the
         broker cannot be reached, ``IntegrityError`` when the response is corrupt.
+
+        ``artifact`` may be an MLflow model directory (see :mod:`airlock_client.mlflow_source`
+        for ``models:/`` and ``runs:/`` URIs): it is checked (``ModelSourceError`` if it holds
+        links, special files or escaping paths), packed into one deterministic zip bundle
+        and converted in the sandbox; nothing in it is imported or unpickled here.
         """
         source = Path(artifact)
+        if source.is_dir():
+            if declared_format not in (None, "mlflow"):
+                raise ValueError("a directory can only be declared as an mlflow model")
+            model = _bundle.inspect(source)
+            with tempfile.TemporaryDirectory(prefix="airlock-bundle-") as tmp:
+                bundle = Path(tmp) / f"{model.root.name or 'model'}.mlflow.zip"
+                _bundle.pack(model, bundle)
+                return self._convert_file(
+                    bundle, output, target=target, inputs=inputs, declared_format="mlflow",
+                    loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
+                    filename=model.root.name)
+        return self._convert_file(
+            source, output, target=target, inputs=inputs, declared_format=declared_format,
+            loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
+            filename=source.name)
+
+    def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
+                      inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
+                      loading_policy: LoadingPolicy, job_timeout: int,
+                      progress: Progress | None, filename: str) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -152,7 +177,7 @@ class Client:
                 first = _wire.metadata(
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
-                    filename=source.name, timeout_seconds=job_timeout)
+                    filename=filename, timeout_seconds=job_timeout)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "

@@ -8,9 +8,11 @@
     │   └── AccessDenied         no valid credentials (UNAUTHENTICATED), or the principal
     │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
-    └── IntegrityError           the response stream did not match its own checksums
-        └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
-                                 signed by another key, or not for these bytes (.reason)
+    ├── IntegrityError           the response stream did not match its own checksums
+    │   └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+    │                            signed by another key, or not for these bytes (.reason)
+    └── ModelSourceError         an MLflow model could not be fetched, or its directory was
+        (.reason, .message)      refused before anything was sent (links, escapes, caps)
 """
 
 from __future__ import annotations
@@ -53,3 +55,16 @@ class IntegrityError(AirlockError):
     """The output stream contradicted the result header (size, sha256 or chunk CRC)."""
 
     reason = "INTEGRITY_ERROR"
+
+
+class ModelSourceError(AirlockError):
+    """An MLflow model source was refused or could not be fetched; nothing was uploaded.
+
+    ``reason`` is ``UNSAFE_MODEL_DIR`` (a link, special file, escaping path, bad ``MLmodel``
+    or a cap exceeded), ``NOT_A_MODEL_DIR`` or ``MLFLOW_DOWNLOAD_FAILED``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

@@ -11,7 +11,7 @@ from airlock_client.provenance import ProvenanceRecord
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                         "torch_export", "numpy", "onnx", "safetensors"]
+                         "torch_export", "numpy", "onnx", "safetensors", "mlflow"]
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "numpy": pb.ARTIFACT_FORMAT_NUMPY,
     "onnx": pb.ARTIFACT_FORMAT_ONNX,
     "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
+    "mlflow": pb.ARTIFACT_FORMAT_MLFLOW,
 }
 _OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}

@@ -21,12 +21,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from airlock_client import _cli_source, mlflow_source
 from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AccessDenied,
     AirlockError,
     ConversionError,
+    ModelSourceError,
     ServiceUnavailable,
 )
 from airlock_client._progress import ProgressBar
@@ -81,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(selftest)
 
     convert = sub.add_parser("convert", help="convert one artifact")
-    convert.add_argument("input", type=Path, help="the artifact (pickle, joblib, PyTorch, ...)")
+    convert.add_argument("input", help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
+                         "model directory, or models:/NAME/VERSION, models:/NAME@ALIAS, "
+                         "runs:/RUN/PATH")
+    convert.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking (and registry) server for models:/ and runs:/ "
+                              "(default $MLFLOW_TRACKING_URI)")
     convert.add_argument("-o", "--output", type=Path, default=None,
                          help="where to write the result (default: beside the input)")
     convert.add_argument("--to", dest="target", choices=["auto", "onnx", "safetensors"],
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--input-dtype", default="float32", help="dtype of the inputs")
     convert.add_argument("--format", dest="declared", default=None,
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                                  "torch_export", "numpy", "onnx", "safetensors"],
+                                  "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
                          help="what the artifact is declared to be (checked against its bytes)")
     convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
                          help="safe_only refuses any loader that executes the artifact's code")
@@ -265,21 +272,25 @@ def _convert(args: argparse.Namespace) -> int:
         inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
         return _usage(str(exc))
-    if not args.input.is_file():
-        return _usage(f"{args.input} is not a readable file")
-    output = args.output or _default_output(args.input)
-    size = args.input.stat().st_size
+    if (problem := _cli_source.usage_problem(args.input)) is not None:
+        return _usage(problem)
     try:
         options = client_options(args)
-        with Client(args.server or default_address(), public_key=args.public_key,
-                    **options) as client:
+        with _cli_source.opened(args.input, args.tracking_uri) as source, \
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **options) as client:
+            output = args.output or _default_output(source.output_base)
+            size = 0 if source.is_directory else source.path.stat().st_size
             result = client.convert(
-                args.input, output, target=args.target, inputs=inputs,
+                source.path, output, target=args.target, inputs=inputs,
                 declared_format=args.declared, loading_policy=args.policy,
                 job_timeout=args.timeout,
                 progress=None if args.json else ProgressBar.for_upload("uploading", size))
     except ValueError as exc:
         return _usage(str(exc))
+    except ModelSourceError as exc:
+        status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
+        return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
     except ServiceUnavailable as exc:
         return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
     except AccessDenied as exc:
@@ -293,7 +304,7 @@ def _convert(args: argparse.Namespace) -> int:
         return _report_error(args, "failed", getattr(exc, "reason", "ERROR"), str(exc),
                              EXIT_FAILED)
     if args.output is None:
-        final = _final_name(args.input, result.format)
+        final = _final_name(source.output_base, result.format)
         output.replace(final)
         result = ConversionResult(**{**result.__dict__, "output": final})
     provenance = write_provenance(result.output, result.provenance)

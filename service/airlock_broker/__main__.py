@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics here (e.g. 127.0.0.1:9464)")
-    parser.add_argument("--runtime", choices=["runc", "runsc"], default=None,
-                        help="OCI runtime for sandboxes (overrides the config file)")
+    parser.add_argument("--runtime", default=None, metavar="runc|runsc",
+                        help="OCI runtime for sandboxes (overrides the config file); also "
+                             "runsc-<suffix>: another registration of runsc")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow listening beyond loopback without [auth]: anyone who can "
                              "reach the port may convert and operate the pools")

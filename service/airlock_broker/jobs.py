@@ -25,6 +25,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
+from airlock_sandbox.bundle import is_bundle, member_names, profile_for_bundle
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
     JobMode,
@@ -54,6 +55,8 @@ EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.CONVERSION_FAILED: Reason.CONVERSION_FAILED,
     WorkerExit.PARITY_FAILED: Reason.PARITY_FAILED,
     WorkerExit.OUTPUT_TOO_LARGE: Reason.OUTPUT_TOO_LARGE,
+    WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
+    WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
     WorkerExit.BAD_JOB_SPEC: Reason.INTERNAL,
 }
 
@@ -67,6 +70,9 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.CONVERSION_FAILED: "the conversion failed in the sandbox",
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
     Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
+    Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
+                               "sklearn, pytorch, and pyfunc models that wrap them)",
+    Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.INTERNAL: "the sandbox refused the broker's job spec (a broker bug)",
 }
 
@@ -105,17 +111,36 @@ class JobResult:
     integrity_note: str = ""
 
 
-def detect_on_host(prefix: bytes, size: int, declared: str | None) -> ArtifactFormat:
-    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox."""
+def detect_on_host(prefix: bytes, size: int, declared: str | None,
+                   path: Path | None = None) -> ArtifactFormat:
+    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox.
+
+    With ``path``, a zip whose member names include a root ``MLmodel`` is an MLflow bundle:
+    names only, read after the archive's end records bound the central directory
+    (airlock_sandbox.bundle); ``MLmodel`` itself is not read on the host.
+    """
     detected = detect_prefix(prefix, size)
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "
-                    "PyTorch, numpy, ONNX, safetensors)")
+                    "PyTorch, numpy, ONNX, safetensors, MLflow bundle)")
+    if detected is ArtifactFormat.ZIP and path is not None:
+        names = member_names(path)
+        if names is not None and is_bundle(names):
+            detected = ArtifactFormat.MLFLOW
     if declared is not None and not admits(declared, detected):
         raise error(Reason.FORMAT_MISMATCH,
                     f"declared {declared}, but the leading bytes say {detected}")
     return detected
+
+
+def profile_of(detected: ArtifactFormat, upload: Path) -> str:
+    """The worker profile; an MLflow bundle's follows its member names (data/model.pth...)."""
+    if detected is ArtifactFormat.MLFLOW:
+        names = member_names(upload)
+        if names is not None:
+            return profile_for_bundle(names)
+    return profile_for(detected)
 
 
 def sanitize(text: object, limit: int = _MAX_DETAIL) -> str:
@@ -172,7 +197,7 @@ class JobRunner:
         verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
                   and request.target in (Target.AUTO, Target.SAFETENSORS))
         async with contextlib.AsyncExitStack() as stack:
-            slot = await self._slot(stack, profile_for(detected))
+            slot = await self._slot(stack, profile_of(detected, upload))
             audit.set(warm_container=slot.started, profile=slot.profile)
             slot.workspace.adopt_artifact(upload)
             # The restricted reader needs no torch: the light profile starts fastest.

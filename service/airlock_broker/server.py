@@ -34,6 +34,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.selftest import SelfTestReport, run_selftest
 from airlock_broker.servicer import ConversionServicer
+from airlock_broker.version_gates import Observation, host_observations
 from airlock_broker.workspace import reap_stale
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,16 @@ async def create_server(config: BrokerConfig,
                                              verify_integrity=config.verify_integrity),
                            admission, audit, metrics, signing_key, replays),
         server)
+    docker_backend = backend if isinstance(backend, DockerSandbox) else None
+
+    async def host_versions() -> dict[str, Observation]:
+        found = host_observations()
+        if docker_backend is not None:
+            found.update(await docker_backend.engine_versions())
+        return found
+
     async def selftest() -> SelfTestReport:
-        return await run_selftest(backend, config.sandbox)
+        return await run_selftest(backend, config.sandbox, host_versions=host_versions)
 
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(pools, selftest), server)
     health_servicer = health.aio.HealthServicer()

@@ -107,7 +107,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         try:
             spooled = await spool_chunks(stream, fd, meta, self.intake)
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
-            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
+            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
+                                      upload)
             record.set(detected_format=detected.value)
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
                      job_id, spooled.size, spooled.sha256[:16], detected, request.target,

@@ -34,6 +34,7 @@ DECLARED: dict[pb.ArtifactFormat.ValueType, str] = {
     pb.ARTIFACT_FORMAT_NUMPY: "numpy",
     pb.ARTIFACT_FORMAT_ONNX: "onnx",
     pb.ARTIFACT_FORMAT_SAFETENSORS: "safetensors",
+    pb.ARTIFACT_FORMAT_MLFLOW: "mlflow",
 }
 TARGETS: dict[pb.TargetFormat.ValueType, Target] = {
     pb.TARGET_FORMAT_UNSPECIFIED: Target.AUTO,

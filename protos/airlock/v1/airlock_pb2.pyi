@@ -41,6 +41,10 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     ARTIFACT_FORMAT_NUMPY: _ArtifactFormat.ValueType  # 7
     ARTIFACT_FORMAT_ONNX: _ArtifactFormat.ValueType  # 8
     ARTIFACT_FORMAT_SAFETENSORS: _ArtifactFormat.ValueType  # 9
+    ARTIFACT_FORMAT_MLFLOW: _ArtifactFormat.ValueType  # 10
+    """An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
+    root. Recognised by member names; opened only in the sandbox.
+    """
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper):
     """What the caller says the artifact is. The broker detects the format by magic bytes and
@@ -57,6 +61,10 @@ ARTIFACT_FORMAT_TORCH_EXPORT: ArtifactFormat.ValueType  # 6
 ARTIFACT_FORMAT_NUMPY: ArtifactFormat.ValueType  # 7
 ARTIFACT_FORMAT_ONNX: ArtifactFormat.ValueType  # 8
 ARTIFACT_FORMAT_SAFETENSORS: ArtifactFormat.ValueType  # 9
+ARTIFACT_FORMAT_MLFLOW: ArtifactFormat.ValueType  # 10
+"""An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
+root. Recognised by member names; opened only in the sandbox.
+"""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _TargetFormat:
