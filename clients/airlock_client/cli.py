@@ -9,6 +9,8 @@ Exit codes (other tools depend on them):
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
 ====  =====================================================
+
+``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from airlock_client._errors import (
     ModelSourceError,
     ServiceUnavailable,
 )
+from airlock_client._migrate_cli import add_migrate_parser, run_migrate
 from airlock_client._progress import ProgressBar
 from airlock_client._provenance_cli import (
     add_keys_parser,
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(convert)
     add_verify_parser(sub)
     add_keys_parser(sub)
+    add_migrate_parser(sub)
     return parser
 
 
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_verify(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "migrate":
+        return run_migrate(args)
     return _convert(args)
 
 
