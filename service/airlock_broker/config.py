@@ -23,6 +23,11 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [provenance]       # the ECDSA P-256 key that signs every output's provenance
     key_path = "/var/lib/airlock/provenance-signing-key.pem"   # created 0600 on first start
 
+    [idempotency]      # IdempotencySettings fields; ttl_seconds = 0 turns de-duplication off
+    ttl_seconds = 600
+    max_entries = 1024
+    max_bytes = 1073741824
+
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
 
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.auth_config import AuthConfig, check_listen
+from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.keys import default_key_path
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
@@ -90,6 +96,7 @@ class BrokerConfig:
     output: OutputLimits = field(default_factory=OutputLimits)
     onnx_validator: ValidatorSettings = field(default_factory=ValidatorSettings)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
@@ -127,7 +134,7 @@ class BrokerConfig:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
-                              "provenance", "auth"}
+                              "provenance", "auth", "idempotency"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -135,7 +142,9 @@ class BrokerConfig:
             if key in broker:
                 broker[key] = Path(broker[key])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
-                                                 "provenance_key", "auth"})
+                                                 "provenance_key", "auth", "idempotency"})
+        idem_doc = dict(doc.get("idempotency", {}))
+        _check_keys(IdempotencySettings, idem_doc, "idempotency")
         provenance_doc = dict(doc.get("provenance", {}))
         unknown_prov = set(provenance_doc) - {"key_path"}
         if unknown_prov:
@@ -162,7 +171,8 @@ class BrokerConfig:
             auth = replace(auth, insecure_no_auth=True)
         return cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
                    onnx_validator=ValidatorSettings(**validator_doc),
-                   pools=PoolSettings(**pools_doc), auth=auth, **{**broker, **overrides})
+                   pools=PoolSettings(**pools_doc), auth=auth,
+                   idempotency=IdempotencySettings(**idem_doc), **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from airlock_broker.audit import AuditLog
 from airlock_broker.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
+from airlock_broker.idempotency import IdempotencyStore
 from airlock_broker.jobs import JobRunner
 from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.metrics import Metrics, MetricsInterceptor
@@ -56,6 +57,7 @@ class Broker:
     pools: Pools
     onnx_validator: OnnxValidatorPool
     audit: AuditLog
+    replays: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
 
@@ -71,6 +73,7 @@ class Broker:
                 await self.pools.close()
             finally:
                 await self.onnx_validator.close()
+            await self.replays.close()
             await self.backend.close()
             self.audit.close()
             os.close(self.lock_fd)
@@ -126,7 +129,8 @@ async def create_server(config: BrokerConfig,
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
     pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
                   runtime=config.sandbox.runtime)
-    # Started before anything can fail below; closed by Broker.stop, or here if we give up.
+    # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
+    # if the rest of start-up fails.
     onnx_validator = OnnxValidatorPool(config.output, config.onnx_validator)
     onnx_validator.start()
     try:
@@ -151,11 +155,13 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
     audit = AuditLog(config.audit_path)
+    replays = IdempotencyStore(config.spool_root, config.idempotency)
+    replays.start()
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              onnx_validator=onnx_validator,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics, signing_key),
+                           admission, audit, metrics, signing_key, replays),
         server)
     docker_backend = backend if isinstance(backend, DockerSandbox) else None
 
@@ -195,6 +201,17 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
             admission.unready = None
             log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
                      report.runtime)
+    async def engine_changed(unavailable: str | None) -> None:
+        """The engine went away or came back: health and admission follow."""
+        admission.sandbox_down = unavailable
+        if admission.draining or admission.unready is not None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if unavailable
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, status)
+
+    pools.on_engine_change = engine_changed
     if admission.unready is None:
         pools.start()
         for name in (SERVICE_NAME, ""):
@@ -206,7 +223,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                     "port can convert artifacts and drain or restart the pools", config.listen)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
-                  lock_fd=lock_fd,
+                  replays=replays, lock_fd=lock_fd,
                   signing_key=signing_key)
 
 
