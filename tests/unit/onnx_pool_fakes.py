@@ -1,15 +1,17 @@
-"""A validator for the pool's seam that misbehaves on demand: the model bytes say how.
+"""A validator process that misbehaves on demand (the model bytes say how).
 
-It runs inside a validator process (imported there by reference), so it stands in for a parser
-bug or a resource bomb in onnx's C++ without needing a real one.
+The pool runs this module instead of ``onnx_worker`` (``worker_module=``); it is the real
+worker with a fake ``validate``, standing in for a parser bug or a resource bomb in onnx's C++.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
+from airlock_broker.validation import onnx_worker
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_check import OnnxInfo, validate_onnx_bytes
 
@@ -38,3 +40,7 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         while True:
             pass
     return validate_onnx_bytes(data, limits)
+
+
+if __name__ == "__main__":
+    sys.exit(onnx_worker.main(sys.argv, misbehaving_validate))

@@ -21,7 +21,7 @@ from tests.unit import hostile_outputs as hostile
 from tests.unit import onnx_pool_fakes as fakes
 
 LIMITS = OutputLimits()
-FAKE = f"{fakes.__name__}:{fakes.misbehaving_validate.__name__}"
+FAKE = fakes.__name__
 T = TypeVar("T")
 
 
@@ -46,7 +46,7 @@ def with_pool(settings: ValidatorSettings,
     seen: set[int] = set()
 
     async def main() -> T:
-        pool = OnnxValidatorPool(LIMITS, settings, validate=FAKE)
+        pool = OnnxValidatorPool(LIMITS, settings, worker_module=FAKE)
         pool.start()
         try:
             seen.update(pool.pids())
@@ -222,7 +222,7 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
     good = write(tmp_path, "good.onnx", model_bytes)
     real_worker = onnx_pool._Worker
 
-    def no_processes(config: str) -> onnx_pool._Worker:
+    def no_processes(module: str, config: str) -> onnx_pool._Worker:
         raise OSError(11, "Resource temporarily unavailable")
 
     async def body(pool: OnnxValidatorPool) -> tuple[Reason, Reason, bytes]:

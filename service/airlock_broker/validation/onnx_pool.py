@@ -40,9 +40,8 @@ from airlock_broker.validation.onnx_worker import READY
 
 log = logging.getLogger(__name__)
 
-#: ``module:function`` a validator validates with: ``bytes, OutputLimits -> (canonical, info)``.
-#: A seam, so that tests can make a validator crash or hang on demand.
-DEFAULT_VALIDATE = "airlock_broker.validation.onnx_check:validate_onnx_bytes"
+#: The module a validator process runs. A seam: tests run one that crashes or hangs on demand.
+WORKER_MODULE = "airlock_broker.validation.onnx_worker"
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,14 @@ class ValidatorSettings:
 class _Worker:
     """One validator process and the broker's end of its socket. Owned by the pool."""
 
-    def __init__(self, config: str) -> None:
+    def __init__(self, module: str, config: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Its own argv and a minimal environment; no multiprocessing machinery (no
             # re-import of the broker's __main__, no resource tracker). It dies with the broker
             # (PDEATHSIG) and on EOF of the socket.
             self.process = subprocess.Popen(
-                [sys.executable, "-B", "-m", "airlock_broker.validation.onnx_worker",
-                 str(theirs.fileno()), config],
+                [sys.executable, "-B", "-m", module, str(theirs.fileno()), config],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                      "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
@@ -127,13 +125,13 @@ class OnnxValidatorPool:
     """Validates ONNX files in worker processes; ``start`` with the broker, ``close`` with it."""
 
     def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
-                 validate: str = DEFAULT_VALIDATE) -> None:
+                 worker_module: str = WORKER_MODULE) -> None:
         self.limits = limits
         self.settings = settings or ValidatorSettings()
         limits_doc = asdict(limits)
         limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
-        self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
-                                   "validate": validate})
+        self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings)})
+        self._module = worker_module
         #: One entry per slot: an idle worker, or None for a slot whose process must be
         #: started (its replacement failed to start; the next job that takes it tries again).
         self._idle: asyncio.Queue[_Worker | None] | None = None
@@ -151,7 +149,7 @@ class OnnxValidatorPool:
             self._idle.put_nowait(self._spawn())
 
     def _spawn(self) -> _Worker:
-        worker = _Worker(self._config)
+        worker = _Worker(self._module, self._config)
         self._all.add(worker)
         self.started += 1
         return worker

@@ -5,25 +5,25 @@ no core dumps, dies with its parent), says ``ready``, and then answers one reque
 the socket ``FD``: a JSON request naming a file; a JSON answer; and, if the model passed, its
 canonical bytes. It exits when the socket reaches EOF (the broker closed it or died).
 
-``CONFIG`` is JSON: the ``OutputLimits`` fields, the ``ValidatorSettings`` fields, and the
-``module:function`` to validate with (``validate_onnx_bytes``; tests point it at a fake).
+``CONFIG`` is JSON: the ``OutputLimits`` fields and the ``ValidatorSettings`` fields. Tests run
+a module of their own instead, which calls :func:`main` with a misbehaving ``validate``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.onnx_check import OnnxInfo, read_onnx_file
+from airlock_broker.validation.onnx_check import OnnxInfo, read_onnx_file, validate_onnx_bytes
 from airlock_broker.validation.onnx_isolation import info_to_json
 
 READY = b"ready"
@@ -32,7 +32,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_FDS = 32
 _PR_SET_PDEATHSIG = 1
 
-Validate = Any  # Callable[[bytes, OutputLimits], tuple[bytes, OnnxInfo]], loaded by name
+Validate = Callable[[bytes, OutputLimits], tuple[bytes, OnnxInfo]]
 
 
 def _vm_size_bytes() -> int:
@@ -76,8 +76,7 @@ def answer_for(source: str, limits: OutputLimits,
                validate: Validate) -> tuple[dict[str, Any], bytes]:
     """The JSON answer for one request and, if the model passed, its canonical bytes."""
     try:
-        canonical, info = cast(tuple[bytes, OnnxInfo],
-                               validate(read_onnx_file(Path(source), limits), limits))
+        canonical, info = validate(read_onnx_file(Path(source), limits), limits)
         return {"ok": True, "info": info_to_json(info)}, canonical
     except AirlockError as exc:
         return {"ok": False, "reason": str(exc.reason), "message": exc.message}, b""
@@ -89,18 +88,12 @@ def answer_for(source: str, limits: OutputLimits,
                 "message": f"ONNX validation failed: {type(exc).__name__}: {exc}"[:1000]}, b""
 
 
-def _load(spec: str) -> Validate:
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def serve(conn: Connection, config: dict[str, Any]) -> None:
+def serve(conn: Connection, config: dict[str, Any], validate: Validate) -> None:
     """Confine, say ready, then answer requests until EOF."""
     limits_doc = dict(config["limits"])
     limits_doc["allowed_onnx_domains"] = frozenset(limits_doc["allowed_onnx_domains"])
     limits = OutputLimits(**limits_doc)
     settings = config["settings"]
-    validate = _load(config["validate"])
     cpu_seconds = int(settings["cpu_seconds"])
     hard = confine(limits, int(settings["memory_bytes"]), cpu_seconds,
                    int(settings["max_jobs_per_process"]))
@@ -118,11 +111,12 @@ def serve(conn: Connection, config: dict[str, Any]) -> None:
             conn.send_bytes(canonical)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], validate: Validate = validate_onnx_bytes) -> int:
+    """``argv``: ``[program, FD, CONFIG]``."""
     _die_with_parent()
     conn = Connection(int(argv[1]))
     try:
-        serve(conn, json.loads(argv[2]))
+        serve(conn, json.loads(argv[2]), validate)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the broker went away mid-answer
     finally:
