@@ -239,3 +239,16 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
     assert crashed is Reason.OUTPUT_INVALID
     assert starved is Reason.INTERNAL
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
+
+
+def test_config_reads_the_onnx_validator_section(tmp_path: Path) -> None:
+    from airlock_broker.config import BrokerConfig
+
+    path = tmp_path / "broker.toml"
+    path.write_text("[onnx_validator]\nprocesses = 3\ntimeout_seconds = 5.0\n")
+    config = BrokerConfig.load(path)
+    assert config.onnx_validator == ValidatorSettings(processes=3, timeout_seconds=5.0)
+    assert BrokerConfig().onnx_validator == ValidatorSettings()
+    path.write_text("[onnx_validator]\nin_process = true\n")
+    with pytest.raises(ValueError, match="onnx_validator"):
+        BrokerConfig.load(path)
