@@ -130,7 +130,8 @@ class OnnxValidatorPool:
         self.settings = settings or ValidatorSettings()
         limits_doc = asdict(limits)
         limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
-        self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings)})
+        self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
+                                   "parent": os.getpid()})
         self._module = worker_module
         #: One entry per slot: an idle worker, or None for a slot whose process must be
         #: started (its replacement failed to start; the next job that takes it tries again).

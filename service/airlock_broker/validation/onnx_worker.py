@@ -5,14 +5,16 @@ no core dumps, dies with its parent), says ``ready``, and then answers one reque
 the socket ``FD``: a JSON request naming a file; a JSON answer; and, if the model passed, its
 canonical bytes. It exits when the socket reaches EOF (the broker closed it or died).
 
-``CONFIG`` is JSON: the ``OutputLimits`` fields and the ``ValidatorSettings`` fields. Tests run
-a module of their own instead, which calls :func:`main` with a misbehaving ``validate``.
+``CONFIG`` is JSON: the ``OutputLimits`` fields, the ``ValidatorSettings`` fields, the broker's
+pid. Tests run a module of their own instead, which calls :func:`main` with a misbehaving
+``validate``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import signal
 import sys
@@ -48,13 +50,17 @@ def _cpu_used() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _die_with_parent() -> None:
-    # Best effort: the socket's EOF ends the loop too, but not a validation in progress.
+def _die_with_parent(parent: int) -> None:
+    # Best effort: the socket's EOF ends the loop too, but not a validation in progress. The
+    # pool starts validators from the event loop's thread, which lives as long as the broker
+    # (PDEATHSIG follows the thread that forked us, not the process).
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # it died while we were importing onnx
+        sys.exit(0)
 
 
 def confine(limits: OutputLimits, memory_bytes: int, cpu_seconds: int, max_jobs: int) -> int:
@@ -113,10 +119,11 @@ def serve(conn: Connection, config: dict[str, Any], validate: Validate) -> None:
 
 def main(argv: list[str], validate: Validate = validate_onnx_bytes) -> int:
     """``argv``: ``[program, FD, CONFIG]``."""
-    _die_with_parent()
+    config = json.loads(argv[2])
+    _die_with_parent(int(config["parent"]))
     conn = Connection(int(argv[1]))
     try:
-        serve(conn, json.loads(argv[2]), validate)
+        serve(conn, config, validate)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the broker went away mid-answer
     finally:
