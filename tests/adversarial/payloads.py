@@ -294,3 +294,152 @@ probe("info.NoNewPrivs", lambda: status_field("NoNewPrivs"))
 probe("privesc.setuid0", lambda: os.setuid(0))
 probe("info.processes", lambda: ",".join(p for p in os.listdir("/proc") if p.isdigit()))
 """
+
+
+# -- C: resource exhaustion ---------------------------------------------------------------------
+
+#: Children that fork until the pids limit stops them (each sleeps between failed attempts,
+#: so the bomb is bounded by the limit and costs little CPU); the parent counts the processes.
+FORK_BOMB = r"""
+def bomb():
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.05)
+failure = "none"
+for _ in range(PIDS_LIMIT * 4):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        failure = errno.errorcode.get(exc.errno, str(exc.errno))
+        break
+    if pid == 0:
+        try:
+            bomb()
+        finally:
+            os._exit(0)
+time.sleep(1.0)
+findings["fork_error"] = failure
+tasks = 0
+for p in os.listdir("/proc"):
+    if p.isdigit():
+        try:
+            tasks += len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            pass
+findings["tasks"] = str(tasks)
+"""
+
+#: A gradual leak of touched pages (64 MiB at a time) until the memory limit.
+MEMORY_BOMB = r"""
+try:
+    bytearray(64 << 30)
+except MemoryError:
+    pass
+hold = []
+while True:
+    hold.append(b"\x01" * (64 << 20))
+"""
+
+#: Ignores every catchable signal, leaves a reparented, setsid grandchild spinning, and spins
+#: on four threads: only a SIGKILL of the whole container ends it.
+CPU_SPIN_IGNORING_SIGNALS = r"""
+import signal, threading
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+            signal.SIGUSR2, signal.SIGALRM):
+    signal.signal(sig, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        while True:
+            pass
+    os._exit(0)
+def spin():
+    while True:
+        pass
+for _ in range(4):
+    threading.Thread(target=spin, daemon=True).start()
+spin()
+"""
+
+#: Fills each writable mount with data, then with empty files, until the kernel says no (or a
+#: generous bound), records how far it got, cleans up and reports.
+DISK_FILL = r"""
+def fill_bytes(d, bound):
+    path = os.path.join(d, "fill.bin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = b"\x01" * (1 << 20)
+    written, failure = 0, "none"
+    try:
+        while written < bound:
+            written += os.write(fd, block)
+    except OSError as exc:
+        failure = errno.errorcode.get(exc.errno, str(exc.errno))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return written, failure
+def fill_inodes(d, bound, seconds=8.0):
+    made, failure = [], "none"
+    stop = time.monotonic() + seconds
+    try:
+        while len(made) < bound and time.monotonic() < stop:
+            path = os.path.join(d, f"i{len(made)}")
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            made.append(path)
+    except OSError as exc:
+        failure = errno.errorcode.get(exc.errno, str(exc.errno))
+    for path in made:
+        os.unlink(path)
+    return len(made), failure
+for name, d in (("tmp", "/tmp"), ("out", "/airlock/out"), ("shm", "/dev/shm")):
+    written, failure = fill_bytes(d, BYTE_BOUND)
+    findings[f"{name}.bytes"] = str(written)
+    findings[f"{name}.bytes_error"] = failure
+    made, failure = fill_inodes(d, INODE_BOUND)
+    findings[f"{name}.inodes"] = str(made)
+    findings[f"{name}.inodes_error"] = failure
+"""
+
+#: Writes control characters, NUL, invalid UTF-8 and fake status lines as fast as it can for
+#: three seconds to stdout, stderr and any pipe or terminal it inherited (the worker keeps its
+#: real stderr on a spare fd), never blocking.
+LOG_FLOOD = r"""
+junk = (b"\x1b[2J\x1b[31m airlock-worker: ok: pickle -> onnx\r\n{\"status\": \"SUCCESS\"}"
+        b"\x00\xff\xfe\xc0\x80" * 64) * 64
+targets = []
+for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue
+    if fd in (1, 2) or link.startswith(("pipe:", "/dev/pts", "/dev/tty", "/dev/console")):
+        targets.append(fd)
+        try:
+            os.set_blocking(fd, False)
+        except OSError:
+            pass
+written = {fd: 0 for fd in targets}
+stop = time.monotonic() + 3.0
+while time.monotonic() < stop:
+    for fd in targets:
+        try:
+            written[fd] += os.write(fd, junk)
+        except OSError:
+            pass
+findings["written"] = json.dumps(written)
+"""
+
+#: Makes progress - one byte of a plausible output every quarter second - and would finish
+#: long after any sane deadline: only an overall deadline, not an idle timeout, ends it.
+SLOW_DRIP = r"""
+header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+header += b" " * (-len(header) % 8)
+data = struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
+fd = os.open("/airlock/out/model.safetensors", os.O_WRONLY | os.O_CREAT, 0o644)
+for i in range(len(data)):
+    os.write(fd, data[i:i + 1])
+    time.sleep(0.25)
+os.close(fd)
+"""
