@@ -7,8 +7,11 @@ every pickle / joblib / PyTorch code-execution CVE (CVE-2024-37052 … 37060, CV
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -442,4 +445,125 @@ for i in range(len(data)):
     os.write(fd, data[i:i + 1])
     time.sleep(0.25)
 os.close(fd)
+"""
+
+
+# -- E: a compromised converter attacking the output path ---------------------------------------
+
+OUT = "/airlock/out"
+SAFETENSORS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
+
+
+def hostile_output_source(ops: list[tuple[object, ...]], exit_code: int = 0) -> str:
+    """Python that plays a compromised converter: it performs ``ops`` in the output directory
+    and exits with ``exit_code`` (0: "success"). Ops, each a tuple:
+
+    ``("write", name, bytes)``, ``("symlink", name, target)``, ``("hardlink", existing, name)``,
+    ``("fifo", name)``, ``("socket", name)``, ``("mkdir", name)``, ``("sparse", name, size)``,
+    ``("code", source)``.
+    """
+    lines = ["import base64, os, socket, struct, json, sys, time", f"os.chdir({OUT!r})"]
+    for op in ops:
+        kind, *args = op
+        if kind == "write":
+            name, data = args
+            assert isinstance(data, bytes)
+            lines.append(f"open({name!r}, 'wb').write(base64.b64decode({base64.b64encode(data)!r}))")
+        elif kind == "symlink":
+            lines.append(f"os.symlink({args[1]!r}, {args[0]!r})")
+        elif kind == "hardlink":
+            lines.append(f"os.link({args[0]!r}, {args[1]!r})")
+        elif kind == "fifo":
+            lines.append(f"os.mkfifo({args[0]!r})")
+        elif kind == "socket":
+            lines.append(f"socket.socket(socket.AF_UNIX).bind({args[0]!r})")
+        elif kind == "mkdir":
+            lines.append(f"os.mkdir({args[0]!r})")
+        elif kind == "sparse":
+            lines.append(f"open({args[0]!r}, 'wb').truncate({args[1]!r})")
+        elif kind == "code":
+            lines.append(str(args[0]))
+        else:
+            raise ValueError(kind)
+    lines.append(f"os._exit({exit_code})")
+    body = "\n".join(lines)
+    return f"exec({body!r}, {{'__name__': 'payload'}})"
+
+
+def safetensors_bytes(header: dict[str, object] | bytes, data: bytes = b"",
+                      header_len: int | None = None) -> bytes:
+    """A safetensors file from a header (dict or raw JSON bytes) that may lie about itself."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
+
+
+def one_tensor() -> bytes:
+    return safetensors_bytes({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                             struct.pack("<f", 1.5))
+
+
+#: Generated in the sandbox: a header of 200k small tensors (~10 MiB of JSON, under the
+#: header cap but over the tensor-count cap), and a 20 MiB header (over the header cap).
+HEADER_BOMB_TENSORS = """
+entries = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(200_000)}
+raw = json.dumps(entries).encode(); raw += b" " * (-len(raw) % 8)
+open("model.safetensors", "wb").write(struct.pack("<Q", len(raw)) + raw + bytes(200_000))
+"""
+HEADER_BOMB_BYTES = """
+raw = b'{"__metadata__": {"pad": "' + b"A" * (20 << 20) + b'"}}'; raw += b" " * (-len(raw) % 8)
+open("model.safetensors", "wb").write(struct.pack("<Q", len(raw)) + raw)
+"""
+
+
+def onnx_external_data_traversal() -> bytes:
+    """A valid-looking model whose one initializer lives in ``../../../../etc/passwd``."""
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../../../../etc/passwd"), ("offset", "0"), ("length", "4")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[tensor])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def onnx_custom_domain() -> bytes:
+    """A model whose one node is an operator from an unknown domain (needs a custom library)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Backdoor", ["x"], ["y"], domain="com.attacker")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.attacker", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+#: Writes a valid output (``ORIGINAL``), then a setsid grandchild keeps flipping it to another
+#: valid one of the same size (``REWRITTEN``) and back, while the worker exits 0. Collection
+#: happens only after the container is dead, so the caller must receive exactly one of the two,
+#: hashed as validated - never a mix, never a change after validation.
+REWRITE_AFTER_SUCCESS = """
+first = open("model.safetensors.tmp", "wb"); first.write(ORIGINAL); first.close()
+os.rename("model.safetensors.tmp", "model.safetensors")
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open("model.safetensors", os.O_WRONLY)
+        while True:
+            for version in (REWRITTEN, ORIGINAL):
+                os.pwrite(fd, version, 0)
+    os._exit(0)
+time.sleep(0.3)  # the rewriter is running
 """
