@@ -103,7 +103,7 @@ def result_message(result: JobResult) -> pb.ConvertResponse:
     report = result.report
     msg = pb.ConvertResult(
         job_id=result.job_id,
-        detected_format=str(report.get("detected_format") or result.detected_format)[:32],
+        detected_format=result.detected_format.value,
         output_format=_OUTPUT_TO_PB[result.output.format],
         input_sha256=result.input_sha256,
         input_size=result.input_size,
@@ -118,6 +118,8 @@ def result_message(result: JobResult) -> pb.ConvertResponse:
         integrity_note=result.integrity_note,
         report=conversion_report(report),
     )
+    # The broker's own judgement, not the report's claim (see jobs.executed_artifact_code).
+    msg.report.executed_artifact_code = result.executed_artifact_code
     return pb.ConvertResponse(result=msg)
 
 

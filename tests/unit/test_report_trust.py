@@ -1,0 +1,29 @@
+"""The worker's report is the word of a sandbox the artifact may have taken over: it may refine
+a zip's format, but it cannot rename a pickle or deny that unpickling ran code."""
+
+from __future__ import annotations
+
+from airlock_broker.jobs import executed_artifact_code, refined_format
+from airlock_sandbox.formats import ArtifactFormat as F
+
+
+def test_a_report_cannot_rename_a_host_detected_format() -> None:
+    for claimed in ("safetensors", "onnx", "\x1b[31monnx", "", None, 7):
+        assert refined_format(F.PICKLE, {"detected_format": claimed}) is F.PICKLE
+    assert refined_format(F.NUMPY, None) is F.NUMPY
+
+
+def test_a_report_refines_a_zip_only_within_the_zip_family() -> None:
+    assert refined_format(F.ZIP, {"detected_format": "pytorch_zip"}) is F.PYTORCH_ZIP
+    assert refined_format(F.ZIP, {"detected_format": "numpy_npz"}) is F.NUMPY_NPZ
+    assert refined_format(F.ZIP, {"detected_format": "safetensors"}) is F.ZIP
+    assert refined_format(F.ZIP, {"detected_format": "bogus"}) is F.ZIP
+
+
+def test_unpickled_formats_always_count_as_executed() -> None:
+    for fmt in (F.PICKLE, F.JOBLIB):
+        assert executed_artifact_code(fmt, {"executed_artifact_code": False})
+        assert executed_artifact_code(fmt, None)
+    assert not executed_artifact_code(F.NUMPY, {"executed_artifact_code": False})
+    assert executed_artifact_code(F.NUMPY, {"executed_artifact_code": True})
+    assert not executed_artifact_code(F.ONNX, {"executed_artifact_code": "yes"})
