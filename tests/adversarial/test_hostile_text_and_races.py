@@ -46,8 +46,8 @@ def test_hostile_error_text_reaches_the_caller_escaped_and_capped(
     # and the text must still be cut to a few hundred printable characters.
     message = HOSTILE * (1 if size == "short" else 200 * 1024 // len(HOSTILE))
     log_before = broker.log.stat().st_size
-    source = payloads.hostile_output_source([("write", "report.json", _report(message, size == "short"))],
-                                            exit_code=70)
+    report = _report(message, everywhere=size == "short")
+    source = payloads.hostile_output_source([("write", "report.json", report)], exit_code=70)
     case = run_case(broker, payloads.write_carrier(tmp_path / "e13.npy", "npy", source),
                     "--timeout", "60")
     assert case.outcome == ("failed", "CONVERSION_FAILED"), case.doc

@@ -21,7 +21,6 @@ from tests.adversarial import payloads
 from tests.adversarial.oracles import (
     Observers,
     assert_contained,
-    assert_printable,
     observers,  # noqa: F401  (fixture)
     run_case,
 )
