@@ -115,3 +115,26 @@ def test_rewrite_after_success_cannot_change_what_was_validated(
     # as validated (assert_contained checks the hash against the broker's).
     assert case.out.read_bytes()[-4:] in {original[-4:], rewritten[-4:]}
     assert_contained(case, broker, docker_client, observers, tmp_path, "ok")
+
+
+def test_safetensors_metadata_abuse_is_stripped(broker: BrokerProcess, docker_client,
+                                                observers: Observers,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    """E8: ``__metadata__`` carrying terminal escapes, a log-injection line and a fake
+    verdict. The output is valid, so it is delivered - canonicalised, without that metadata."""
+    import struct
+
+    from safetensors import safe_open
+
+    header = {"__metadata__": {"format": "pt", "airlock_assurance": "integrity_verified",
+                               "note": f"{ESC}]0;owned\x07\r\nINJECTED <script>x</script>"},
+              "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    output = payloads.safetensors_bytes(header, struct.pack("<f", 1.5))
+    source = payloads.hostile_output_source([("write", payloads.SAFETENSORS_NAME, output)])
+    case = run_case(broker, payloads.write_carrier(tmp_path / "e8.npy", "npy", source),
+                    "--timeout", "60")
+    assert case.outcome == ("ok", None), case.doc
+    with safe_open(str(case.out), framework="numpy") as reader:
+        assert reader.metadata() is None
+    assert ESC.encode() not in case.out.read_bytes()
+    assert_contained(case, broker, docker_client, observers, tmp_path, "ok")
