@@ -8,7 +8,7 @@ export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv docker image serve test bench unit integration adversarial \
-        protos check-protos lint typecheck check clean
+        protos check-protos check-seccomp lint typecheck check clean audit
 
 help:
 	@echo "make serve   - set everything up, then run the broker on $(LISTEN)"
@@ -17,6 +17,7 @@ help:
 	@echo "make image   - (re)build the sandbox image if its inputs changed"
 	@echo "make bench   - Airlock against the unsafe in-process baseline (BENCH_ARGS=--quick)"
 	@echo "make check   - lint, type-check, and verify generated stubs are current"
+	@echo "make audit   - the host's and the image's versions against the version gates"
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	scripts/setup-venv.sh
@@ -37,6 +38,11 @@ serve: setup
 
 test: setup check
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# AUDIT_ARGS: e.g. --image airlock-x-sandbox:latest, --config airlock.toml, --json
+AUDIT_ARGS ?=
+audit: venv docker
+	$(PY) -m airlock_broker.version_audit $(AUDIT_ARGS)
 
 BENCH_ARGS ?=
 bench: setup
@@ -64,7 +70,10 @@ lint: venv
 typecheck: venv
 	.venv/bin/mypy service/airlock_broker clients/airlock_client sandbox/airlock_sandbox
 
-check: lint typecheck check-protos
+check-seccomp: venv
+	$(PY) scripts/gen-seccomp-profile.py --check
+
+check: lint typecheck check-protos check-seccomp
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,9 @@
 #   - dockerd not running             -> start it detached (setsid), wait for it
 #   - runsc (gVisor) missing, root    -> apt-get install runsc, register it in
 #                                        /etc/docker/daemon.json with --network=none
-#                                        (a running engine reloads it on SIGHUP)
+#                                        --oci-seccomp (a running engine reloads it on
+#                                        SIGHUP); an older registration (without
+#                                        --oci-seccomp) is updated the same way
 #
 # Environment:
 #   AIRLOCK_DOCKERD_LOG   dockerd log file (default /var/log/airlock-dockerd.log)
@@ -49,11 +51,15 @@ ensure_debootstrap() {
     fi
 }
 
-DAEMON_JSON=/etc/docker/daemon.json
+DAEMON_JSON="${AIRLOCK_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}"  # override: tests
 runsc_changed=0
 
 # Register gVisor's runsc with the engine (`airlock serve --runtime runsc`). Merges into an
 # existing daemon.json; sets runsc_changed=1 when the file changed.
+# --oci-seccomp: without it runsc ignores the container's seccomp profile (the sandbox would
+# run with no filter at all inside gVisor). Note: gVisor 20221219 ignores a rule's errnoRet,
+# which breaks thread creation under Docker's *default* profile (clone3 -> EPERM); Airlock's
+# profile has a gVisor variant for that reason (scripts/gen-seccomp-profile.py).
 ensure_runsc() {
     is_root || return 0
     if ! command -v runsc >/dev/null 2>&1; then
@@ -69,7 +75,7 @@ if os.path.exists(path):
     with open(path) as fh:
         text = fh.read().strip()
     doc = json.loads(text) if text else {}
-want = {"path": runsc, "runtimeArgs": ["--network=none"]}
+want = {"path": runsc, "runtimeArgs": ["--network=none", "--oci-seccomp"]}
 if doc.get("runtimes", {}).get("runsc") == want:
     print("unchanged")
 else:

@@ -29,6 +29,17 @@ LIVE_SPOOLS: set[Path] = set()
 #: (other brokers on a shared machine are none of our business).
 STARTED_PIDS: set[int] = set()
 
+# The brokers and CLIs this session starts keep their state (the provenance signing key) in a
+# directory of the session's own, never in the machine's /var/lib/airlock.
+if "AIRLOCK_STATE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _STATE_DIR = tempfile.mkdtemp(prefix="airlock-test-state-")
+    os.environ["AIRLOCK_STATE_DIR"] = _STATE_DIR
+    atexit.register(shutil.rmtree, _STATE_DIR, True)
+
 
 def _docker_client():  # type: ignore[no-untyped-def]
     import docker
@@ -87,9 +98,11 @@ class BrokerProcess:
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials) if credentials is not None
+          else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -104,10 +117,21 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
                 pytrace=False)
 
 
-def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> BrokerProcess:
+def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> BrokerProcess:
+    """``credentials``: for a broker serving TLS (health is open, but the channel is TLS)."""
     port = free_port()
     spool = tmp / "spool"
     log = tmp / "broker.log"
+    if "--config" not in extra:
+        # The image under test (AIRLOCK_TEST_IMAGE) and, for measuring, another seccomp profile
+        # (AIRLOCK_TEST_SECCOMP, e.g. the allow-and-log variant of gen-seccomp-profile.py).
+        config = tmp / "broker.toml"
+        lines = ["[sandbox]", f"image = {IMAGE!r}"]
+        if os.environ.get("AIRLOCK_TEST_SECCOMP"):
+            lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
+        config.write_text("\n".join(lines) + "\n")
+        extra = ("--config", str(config), *extra)
     full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), **(env or {})}
     with log.open("wb") as fh:
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
@@ -115,7 +139,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> B
     address = f"127.0.0.1:{port}"
     STARTED_PIDS.add(process.pid)
     try:
-        wait_serving(address, process, log)
+        wait_serving(address, process, log, credentials=credentials)
     except BaseException:  # pytest.fail included: a broker that never served must not linger
         if process.poll() is None:
             process.terminate()
@@ -165,6 +189,7 @@ def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[
     assert left == [], f"sandbox containers left behind: {left}"
 
 
-def run_cli(*args: str, server: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, server: str, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False)
+                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False, cwd=cwd)

@@ -8,9 +8,11 @@
 
 from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
 from airlock_client._errors import (
+    AccessDenied,
     AirlockError,
     ConversionError,
     IntegrityError,
+    ModelSourceError,
     ServiceUnavailable,
 )
 from airlock_client._types import (
@@ -18,21 +20,28 @@ from airlock_client._types import (
     ConversionResult,
     ParityCheck,
     PoolStatus,
+    ProvenanceKey,
     SelfTestCheck,
     SelfTestReport,
     TensorSpec,
 )
+from airlock_client.provenance import ProvenanceError, ProvenanceRecord
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AccessDenied",
     "AirlockError",
     "Client",
     "ConversionError",
     "ConversionReport",
     "ConversionResult",
     "IntegrityError",
+    "ModelSourceError",
     "ParityCheck",
     "PoolStatus",
+    "ProvenanceError",
+    "ProvenanceKey",
+    "ProvenanceRecord",
     "SelfTestCheck",
     "SelfTestReport",
     "ServiceUnavailable",

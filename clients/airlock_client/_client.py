@@ -8,6 +8,7 @@ import tempfile
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,17 +24,27 @@ from tenacity import (
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _wire
+from airlock_client import _bundle, _wire
+from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
 from airlock_client._types import (
     ConversionResult,
     DeclaredFormat,
     LoadingPolicy,
     PoolStatus,
+    ProvenanceKey,
     SelfTestCheck,
     SelfTestReport,
     Target,
     TensorSpec,
+)
+from airlock_client.provenance import (
+    ProvenanceError,
+    PublicKeyLike,
+    check_output,
+    fingerprint,
+    load_public_key,
+    verify_envelope,
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -48,6 +59,11 @@ def default_address() -> str:
     return os.environ.get("AIRLOCK_SERVER", DEFAULT_ADDRESS)
 
 
+def default_public_key() -> str | None:
+    """``AIRLOCK_PUBLIC_KEY``: a PEM file holding the broker's provenance key, if pinned."""
+    return os.environ.get("AIRLOCK_PUBLIC_KEY") or None
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, ServiceUnavailable):
         return True
@@ -56,15 +72,41 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class Client:
-    """A connection to an Airlock broker. Use as a context manager, or call ``close``."""
+    """A connection to an Airlock broker. Use as a context manager, or call ``close``.
+
+    Every output's signed provenance is verified before the output is written. With
+    ``public_key`` (or ``AIRLOCK_PUBLIC_KEY``) the signature must be by that pinned key: a
+    broker, or anyone between, without the matching private key cannot pass. Without one, the
+    client verifies against the key the broker publishes (``provenance_key()``), fetched once
+    per client over the same channel: trust on first use, which still binds each output to its
+    signed record but cannot detect a broker that is not the one you meant. A result whose
+    provenance is missing or fails verification raises ``ProvenanceError`` and nothing is
+    written at the destination.
+
+    Credentials, each defaulting to an environment variable (as the address defaults to
+    ``AIRLOCK_SERVER``): ``token`` (``AIRLOCK_TOKEN``), a bearer token from ``airlock token
+    create``; ``tls_ca`` (``AIRLOCK_TLS_CA``), the CA that signed the broker's certificate,
+    which turns TLS on (``tls=True`` / ``AIRLOCK_TLS=1`` uses the system's CAs instead);
+    ``client_cert`` and ``client_key`` (``AIRLOCK_CLIENT_CERT`` / ``AIRLOCK_CLIENT_KEY``) for
+    mutual TLS. A token is never sent in cleartext beyond loopback (``ValueError``).
+    """
 
     def __init__(self, address: str | None = None, *, timeout: float = 900.0,
-                 retry_attempts: int = 4, retry_max_seconds: float = 60.0) -> None:
+                 retry_attempts: int = 4, retry_max_seconds: float = 60.0,
+                 token: str | None = None, tls: bool | None = None,
+                 tls_ca: PathLike | None = None, client_cert: PathLike | None = None,
+                 client_key: PathLike | None = None,
+                 public_key: PublicKeyLike | None = None) -> None:
+        self._pinned: PublicKeyLike | None = (public_key if public_key is not None
+                                              else default_public_key())
+        self._key: tuple[Any, str] | None = None
         self.address = address or default_address()
         self.timeout = timeout
         self.retry_attempts = retry_attempts
         self.retry_max_seconds = retry_max_seconds
-        self._channel = grpc.insecure_channel(self.address, options=[
+        settings = ChannelSettings.resolve(token=token, tls=tls, tls_ca=tls_ca,
+                                           client_cert=client_cert, client_key=client_key)
+        self._channel, self._metadata = open_channel(self.address, settings, options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         self._stub = pb_grpc.ConversionServiceStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
@@ -90,8 +132,33 @@ class Client:
         busy; the same idempotency key is sent on every attempt. Raises ``ConversionError``
         when the artifact is rejected or cannot be converted, ``ServiceUnavailable`` when the
         broker cannot be reached, ``IntegrityError`` when the response is corrupt.
+
+        ``artifact`` may be an MLflow model directory (see :mod:`airlock_client.mlflow_source`
+        for ``models:/`` and ``runs:/`` URIs): it is checked (``ModelSourceError`` if it holds
+        links, special files or escaping paths), packed into one deterministic zip bundle
+        and converted in the sandbox; nothing in it is imported or unpickled here.
         """
         source = Path(artifact)
+        if source.is_dir():
+            if declared_format not in (None, "mlflow"):
+                raise ValueError("a directory can only be declared as an mlflow model")
+            model = _bundle.inspect(source)
+            with tempfile.TemporaryDirectory(prefix="airlock-bundle-") as tmp:
+                bundle = Path(tmp) / f"{model.root.name or 'model'}.mlflow.zip"
+                _bundle.pack(model, bundle)
+                return self._convert_file(
+                    bundle, output, target=target, inputs=inputs, declared_format="mlflow",
+                    loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
+                    filename=model.root.name)
+        return self._convert_file(
+            source, output, target=target, inputs=inputs, declared_format=declared_format,
+            loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
+            filename=source.name)
+
+    def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
+                      inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
+                      loading_policy: LoadingPolicy, job_timeout: int,
+                      progress: Progress | None, filename: str) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         for attempt in Retrying(
@@ -106,9 +173,29 @@ class Client:
                 first = _wire.metadata(
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
-                    filename=source.name, timeout_seconds=job_timeout)
+                    filename=filename, timeout_seconds=job_timeout)
                 return self._convert_once(source, Path(output), first, size, progress)
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    def provenance_key(self) -> ProvenanceKey:
+        """The broker's provenance public key, as it publishes it (not a trust anchor)."""
+        reply = self._admin_call(self._stub.GetProvenanceKey, pb.GetProvenanceKeyRequest())
+        return ProvenanceKey(public_key_pem=reply.public_key_pem, fingerprint=reply.fingerprint,
+                             algorithm=reply.algorithm)
+
+    def _verification_key(self) -> tuple[Any, str]:
+        """The pinned key (checked before any upload), else the broker's, fetched once."""
+        if self._key is None:
+            if self._pinned is not None:
+                self._key = (load_public_key(self._pinned), "pinned")
+            else:
+                published = self.provenance_key()
+                key = load_public_key(published.public_key_pem.encode())
+                if fingerprint(key) != published.fingerprint:
+                    raise ProvenanceError("BAD_PUBLIC_KEY",
+                                          "the broker's key does not match its own fingerprint")
+                self._key = (key, "broker")
+        return self._key
 
     # -- pool operations (operators) --------------------------------------------------------
 
@@ -144,17 +231,18 @@ class Client:
 
     def _admin_call(self, method: Any, request: Any, timeout: float = 30) -> Any:
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
 
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
                       progress: Progress | None) -> ConversionResult:
+        key, key_source = self._verification_key()
         sent = hashlib.sha256()
         try:
             responses = self._stub.Convert(_requests(source, first, size, progress, sent),
-                                           timeout=self.timeout)
-            return _receive(responses, output, sent)
+                                           timeout=self.timeout, metadata=self._metadata)
+            return _receive(responses, output, sent, key, key_source)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
 
@@ -178,12 +266,14 @@ def _requests(path: Path, first: pb.ConvertRequest, size: int, progress: Progres
                 progress(sent, size)
 
 
-def _receive(responses: Iterator[pb.ConvertResponse], output: Path,
-             sent: Any) -> ConversionResult:
+def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, key: Any,
+             key_source: str) -> ConversionResult:
     """Read the result header, then the chunks into a temp file; rename only if all checks pass.
 
     The result arrives after the whole upload, so ``sent`` (the hash of what this client
-    uploaded) is complete by then and must equal the hash of what the broker converted.
+    uploaded) is complete by then and must equal the hash of what the broker converted. The
+    signed provenance is checked before a byte of output is accepted, and the received bytes'
+    sha256 (computed while receiving) must be the signed one before the rename.
     """
     first = next(responses, None)
     if first is None or first.WhichOneof("payload") != "result":
@@ -191,6 +281,10 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path,
     header = first.result
     if header.input_sha256 != sent.hexdigest():
         raise IntegrityError("the broker converted bytes other than the ones sent")
+    record = verify_envelope(header.provenance, key)
+    if record.input_sha256 != header.input_sha256:
+        raise ProvenanceError("OUTPUT_MISMATCH", "the provenance is for another input")
+    check_output(record, sha256=header.output_sha256, size=header.output_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     tmp = Path(tmp_name)
@@ -211,8 +305,10 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path,
                 fh.write(data)
         if received != header.output_size or digest.hexdigest() != header.output_sha256:
             raise IntegrityError("the output does not match the size and sha256 announced")
+        check_output(record, sha256=digest.hexdigest(), size=received)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    return _wire.result(header, output)
+    return replace(_wire.result(header, output), provenance=bytes(header.provenance),
+                   provenance_record=record, provenance_key_source=key_source)

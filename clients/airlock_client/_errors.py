@@ -4,9 +4,15 @@
 
     AirlockError                 anything this library raises on purpose
     ├── ConversionError          the service answered: the artifact was rejected or failed
-    │   (.reason, .kind = "rejected" | "failed", .message, .job_id, .code)
+    │   │ (.reason, .kind = "rejected" | "failed" | "denied", .message, .job_id, .code)
+    │   └── AccessDenied         no valid credentials (UNAUTHENTICATED), or the principal
+    │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
-    └── IntegrityError           the response stream did not match its own checksums
+    ├── IntegrityError           the response stream did not match its own checksums
+    │   └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+    │                            signed by another key, or not for these bytes (.reason)
+    └── ModelSourceError         an MLflow model could not be fetched, or its directory was
+        (.reason, .message)      refused before anything was sent (links, escapes, caps)
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ class ConversionError(AirlockError):
         self.job_id = job_id
 
 
+class AccessDenied(ConversionError):
+    """The broker did not accept the credentials, or they lack the role for this call.
+
+    A ``ConversionError`` so existing handlers keep working; never retried.
+    """
+
+
 class ServiceUnavailable(AirlockError):
     """The broker could not be reached, or said it cannot serve right now."""
 
@@ -42,3 +55,16 @@ class IntegrityError(AirlockError):
     """The output stream contradicted the result header (size, sha256 or chunk CRC)."""
 
     reason = "INTEGRITY_ERROR"
+
+
+class ModelSourceError(AirlockError):
+    """An MLflow model source was refused or could not be fetched; nothing was uploaded.
+
+    ``reason`` is ``UNSAFE_MODEL_DIR`` (a link, special file, escaping path, bad ``MLmodel``
+    or a cap exceeded), ``NOT_A_MODEL_DIR`` or ``MLFLOW_DOWNLOAD_FAILED``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

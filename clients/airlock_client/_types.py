@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from airlock_client.provenance import ProvenanceRecord
+
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                         "torch_export", "numpy", "onnx", "safetensors"]
+                         "torch_export", "numpy", "onnx", "safetensors", "mlflow"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,22 @@ class ConversionResult:
     report: ConversionReport
     #: Why ``assurance`` is what it is (e.g. why integrity could not be verified).
     integrity_note: str = ""
+    #: The signed provenance (a model-signing bundle, JSON) exactly as received; verified.
+    provenance: bytes = b""
+    #: What the verified provenance says.
+    provenance_record: ProvenanceRecord | None = None
+    #: "pinned": verified with the key the caller gave; "broker": with the key the broker
+    #: published over the same channel (trust on first use).
+    provenance_key_source: str = ""
+
+
+@dataclass(frozen=True)
+class ProvenanceKey:
+    """The broker's provenance public key as it publishes it."""
+
+    public_key_pem: str
+    fingerprint: str
+    algorithm: str
 
 
 @dataclass(frozen=True)

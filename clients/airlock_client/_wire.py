@@ -10,7 +10,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ServiceUnavailable,
+)
 from airlock_client._types import (
     ConversionReport,
     ConversionResult,
@@ -40,6 +45,7 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "numpy": pb.ARTIFACT_FORMAT_NUMPY,
     "onnx": pb.ARTIFACT_FORMAT_ONNX,
     "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
+    "mlflow": pb.ARTIFACT_FORMAT_MLFLOW,
 }
 _OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
@@ -109,4 +115,6 @@ def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
                                   reason=reason or "UNAVAILABLE")
     if not reason:
         reason = code.name if code is not None else "UNKNOWN"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AccessDenied(reason, message or reason, kind="denied", code=code.name)
     return ConversionError(reason, message or reason, kind=kind, code=code.name, job_id=job_id)

@@ -3,10 +3,11 @@
 Exit codes (other tools depend on them):
 
 ====  =====================================================
-0     converted
-1     the artifact was rejected or its conversion failed
+0     converted (verify: the file matches its signed provenance)
+1     the artifact was rejected or its conversion failed (verify: verification failed)
 2     usage error
 3     the service is unreachable or unavailable
+4     not authenticated, or not authorized for this operation
 ====  =====================================================
 """
 
@@ -20,15 +21,32 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from airlock_client import _cli_source, mlflow_source
+from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address
-from airlock_client._errors import AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ModelSourceError,
+    ServiceUnavailable,
+)
 from airlock_client._progress import ProgressBar
+from airlock_client._provenance_cli import (
+    add_keys_parser,
+    add_verify_parser,
+    run_keys,
+    run_verify,
+    write_provenance,
+)
 from airlock_client._types import ConversionResult, PoolStatus, TensorSpec
+from airlock_client.provenance import ProvenanceError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
@@ -47,20 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the broker (needs the broker installed)")
     _add_serve_arguments(serve)
 
+    token = sub.add_parser("token", help="mint bearer tokens for the broker's [auth] config")
+    _add_token_arguments(token)
+
     pool = sub.add_parser("pool", help="operate the warm sandbox pools")
     pool.add_argument("action", choices=["status", "restart", "drain", "resume"])
     pool.add_argument("--profile", default=None, help="restart only this profile")
     pool.add_argument("--server", default=None,
                       help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     pool.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(pool)
 
     selftest = sub.add_parser("selftest", help="run the isolation self-test on the broker")
     selftest.add_argument("--server", default=None,
                           help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     selftest.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(selftest)
 
     convert = sub.add_parser("convert", help="convert one artifact")
-    convert.add_argument("input", type=Path, help="the artifact (pickle, joblib, PyTorch, ...)")
+    convert.add_argument("input", help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
+                         "model directory, or models:/NAME/VERSION, models:/NAME@ALIAS, "
+                         "runs:/RUN/PATH")
+    convert.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking (and registry) server for models:/ and runs:/ "
+                              "(default $MLFLOW_TRACKING_URI)")
     convert.add_argument("-o", "--output", type=Path, default=None,
                          help="where to write the result (default: beside the input)")
     convert.add_argument("--to", dest="target", choices=["auto", "onnx", "safetensors"],
@@ -71,14 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--input-dtype", default="float32", help="dtype of the inputs")
     convert.add_argument("--format", dest="declared", default=None,
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                                  "torch_export", "numpy", "onnx", "safetensors"],
+                                  "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
                          help="what the artifact is declared to be (checked against its bytes)")
     convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
                          help="safe_only refuses any loader that executes the artifact's code")
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
     convert.add_argument("--server", default=None,
                          help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    convert.add_argument("--public-key", type=Path, default=None,
+                         help="the broker's provenance public key, PEM (default "
+                              "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(convert)
+    add_verify_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
@@ -98,16 +132,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     if args.command == "pool":
         return _pool(args)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "verify":
+        return run_verify(args)
+    if args.command == "keys":
+        return run_keys(args)
     return _convert(args)
 
 
 def _pool(args: argparse.Namespace) -> int:
     try:
-        with Client(args.server or default_address(), retry_attempts=1) as client:
+        with Client(args.server or default_address(), retry_attempts=1,
+                    **client_options(args)) as client:
             if args.action == "status":
                 pools = client.pool_status()
                 if args.json:
@@ -126,15 +167,22 @@ def _pool(args: argparse.Namespace) -> int:
                 _say(args, {"action": "resume"}, "resumed")
     except (ServiceUnavailable, ConversionError) as exc:
         return _operation_failed("pool", exc)
+    except ValueError as exc:
+        print(f"airlock pool: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
 def _selftest(args: argparse.Namespace) -> int:
     try:
-        with Client(args.server or default_address(), retry_attempts=1) as client:
+        with Client(args.server or default_address(), retry_attempts=1,
+                    **client_options(args)) as client:
             report = client.selftest()
     except (ServiceUnavailable, ConversionError) as exc:
         return _operation_failed("selftest", exc)
+    except ValueError as exc:
+        print(f"airlock selftest: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(asdict(report)))
     else:
@@ -150,6 +198,8 @@ def _selftest(args: argparse.Namespace) -> int:
 
 def _operation_failed(command: str, exc: ServiceUnavailable | ConversionError) -> int:
     print(f"airlock {command}: {exc.reason}: {exc.message}", file=sys.stderr)
+    if isinstance(exc, AccessDenied):
+        return EXIT_DENIED
     return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
 
 
@@ -174,6 +224,24 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     except ImportError:
         return
     add_arguments(parser)
+
+
+def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from airlock_broker.token_command import add_arguments
+    except ImportError:
+        return
+    add_arguments(parser)
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        from airlock_broker.token_command import run
+    except ImportError:
+        print("airlock token: the broker is not installed here (pip install airlock)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -202,29 +270,43 @@ def _convert(args: argparse.Namespace) -> int:
         inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
         return _usage(str(exc))
-    if not args.input.is_file():
-        return _usage(f"{args.input} is not a readable file")
-    output = args.output or _default_output(args.input)
-    size = args.input.stat().st_size
+    if (problem := _cli_source.usage_problem(args.input)) is not None:
+        return _usage(problem)
     try:
-        with Client(args.server or default_address()) as client:
+        options = client_options(args)
+        with _cli_source.opened(args.input, args.tracking_uri) as source, \
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **options) as client:
+            output = args.output or _default_output(source.output_base)
+            size = 0 if source.is_directory else source.path.stat().st_size
             result = client.convert(
-                args.input, output, target=args.target, inputs=inputs,
+                source.path, output, target=args.target, inputs=inputs,
                 declared_format=args.declared, loading_policy=args.policy,
                 job_timeout=args.timeout,
                 progress=None if args.json else ProgressBar.for_upload("uploading", size))
+    except ValueError as exc:
+        return _usage(str(exc))
+    except ModelSourceError as exc:
+        status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
+        return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
     except ServiceUnavailable as exc:
         return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
+    except AccessDenied as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
     except ConversionError as exc:
         return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
+    except ProvenanceError as exc:
+        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
+        return _report_error(args, "rejected", exc.reason, exc.message, code)
     except AirlockError as exc:
         return _report_error(args, "failed", getattr(exc, "reason", "ERROR"), str(exc),
                              EXIT_FAILED)
     if args.output is None:
-        final = _final_name(args.input, result.format)
+        final = _final_name(source.output_base, result.format)
         output.replace(final)
         result = ConversionResult(**{**result.__dict__, "output": final})
-    _report_ok(args, result)
+    provenance = write_provenance(result.output, result.provenance)
+    _report_ok(args, result, provenance)
     return EXIT_OK
 
 
@@ -233,7 +315,7 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
+def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
     if args.json:
         doc = {
             "status": "ok", "reason": None, "message": "converted",
@@ -246,6 +328,10 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
             "parity": [asdict(p) for p in result.report.parity],
             "warnings": list(result.report.warnings),
             "duration_seconds": round(result.duration_seconds, 3),
+            "provenance": str(provenance),
+            "provenance_key": (result.provenance_record.key_fingerprint
+                               if result.provenance_record else None),
+            "provenance_key_source": result.provenance_key_source,
         }
         print(json.dumps(doc))
         return
@@ -262,6 +348,11 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult) -> None:
               f"samples ({p.tolerance}) {verdict}")
     for warning in result.report.warnings:
         print(f"  warning    {warning}")
+    fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"
+    print(f"  provenance {provenance} (verified, key sha256:{fp}...)")
+    if result.provenance_key_source != "pinned":
+        print("  key        as published by the broker (trust on first use); pin it with "
+              "--public-key or AIRLOCK_PUBLIC_KEY")
 
 
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,

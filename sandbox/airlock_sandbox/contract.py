@@ -88,6 +88,11 @@ class WorkerExit(enum.IntEnum):
     CONVERSION_FAILED = 70
     PARITY_FAILED = 71
     OUTPUT_TOO_LARGE = 72
+    #: An MLflow model whose flavor has no converter (an arbitrary PythonModel, an unknown
+    #: loader_module): refused without importing or unpickling anything of it.
+    UNSUPPORTED_FLAVOR = 73
+    #: An MLflow bundle that fails the re-check (traversal, links, duplicates, caps, MLmodel).
+    UNSAFE_MODEL_DIR = 74
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class ArtifactFormat(enum.StrEnum):
     NUMPY_NPZ = "numpy_npz"
     ONNX = "onnx"
     SAFETENSORS = "safetensors"
+    #: An MLflow model directory packed by the client (airlock_sandbox.bundle).
+    MLFLOW = "mlflow"
 
 
 #: What a caller may declare, and which detected formats each declaration admits.
@@ -44,6 +46,7 @@ DECLARABLE: dict[str, frozenset[ArtifactFormat]] = {
     "numpy": frozenset({ArtifactFormat.NUMPY, ArtifactFormat.NUMPY_NPZ}),
     "onnx": frozenset({ArtifactFormat.ONNX}),
     "safetensors": frozenset({ArtifactFormat.SAFETENSORS}),
+    "mlflow": frozenset({ArtifactFormat.MLFLOW}),
 }
 
 _ZIP_FAMILY = frozenset({
@@ -92,6 +95,8 @@ def detect_prefix(prefix: bytes, size: int) -> ArtifactFormat:
 def refine_zip_names(names: Iterable[str]) -> ArtifactFormat:
     """Tell the zip-based formats apart by member names (run inside the sandbox)."""
     listed = list(names)
+    if "MLmodel" in listed:  # an MLflow bundle: MLmodel at the root (airlock_sandbox.bundle)
+        return ArtifactFormat.MLFLOW
     base = {n.split("/", 1)[1] if "/" in n else n for n in listed}
     if any(n.endswith(".npy") for n in listed) and all(n.endswith(".npy") for n in listed):
         return ArtifactFormat.NUMPY_NPZ
@@ -169,6 +174,7 @@ _PROFILE_OF: dict[ArtifactFormat, str] = {
     ArtifactFormat.NUMPY_NPZ: PROFILE_LIGHT,
     ArtifactFormat.ONNX: PROFILE_LIGHT,
     ArtifactFormat.SAFETENSORS: PROFILE_LIGHT,
+    ArtifactFormat.MLFLOW: PROFILE_SKLEARN,  # the broker refines it by member names
 }
 
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID
+from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
 
 MiB = 1024**2
 GiB = 1024**3
 
 RUNTIMES = frozenset({"runc", "runsc"})
+
+
+def runtime_family(runtime: str) -> str:
+    """"runc" or "runsc" for a runtime name: the name itself, or a second registration of the
+    same runtime with other flags, named ``runsc-<suffix>`` / ``runc-<suffix>``."""
+    return runtime.split("-", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -40,12 +47,16 @@ class SandboxPolicy:
     output_bytes: int = 2 * GiB
     nofile_limit: int = 256
     deadline_seconds: float = 120.0
-    #: Extra ``--security-opt`` entries, e.g. ``seccomp=<json>``. Never ``seccomp=unconfined``.
+    #: Seccomp profile: "airlock" (deny by default, fitted to the worker; airlock_sandbox/seccomp),
+    #: "docker-default" (the engine's own, weaker) or a path to a JSON profile. Never unconfined.
+    seccomp: str = SECCOMP_AIRLOCK
+    #: Extra ``--security-opt`` entries (AppArmor, SELinux labels). Seccomp goes in ``seccomp``.
     security_opts: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, not {self.runtime!r}")
+        if runtime_family(self.runtime) not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)} (or <runtime>-<suffix>, "
+                             f"another registration of one), not {self.runtime!r}")
         uid = self.user.split(":", 1)[0]
         if uid in {"0", "root", ""}:
             raise ValueError("the sandbox never runs as root")
@@ -57,8 +68,16 @@ class SandboxPolicy:
             raise ValueError("deadline_seconds must be positive")
         if self.memory_bytes < 64 * MiB:
             raise ValueError("memory_bytes below 64 MiB cannot start Python")
-        if any("unconfined" in opt for opt in self.security_opts):
+        if any("unconfined" in opt for opt in self.security_opts) or "unconfined" in self.seccomp:
             raise ValueError("security_opts may not disable seccomp or AppArmor")
+        if any(opt.startswith("seccomp") for opt in self.security_opts):
+            raise ValueError("set the seccomp profile with `seccomp`, not in security_opts")
+        if not self.seccomp:
+            raise ValueError("seccomp must name a profile")
+
+    @property
+    def runtime_family(self) -> str:
+        return runtime_family(self.runtime)
 
     @property
     def weakened(self) -> tuple[str, ...]:
@@ -72,4 +91,6 @@ class SandboxPolicy:
             gaps.append("capabilities")
         if not self.no_new_privileges:
             gaps.append("new-privileges")
+        if self.seccomp != SECCOMP_AIRLOCK:
+            gaps.append(f"seccomp={self.seccomp}")
         return tuple(gaps)

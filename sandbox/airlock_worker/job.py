@@ -39,6 +39,7 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.NUMPY_NPZ: ("numpy_convert", "convert_npz"),
     ArtifactFormat.ONNX: ("passthrough", "convert_onnx"),
     ArtifactFormat.SAFETENSORS: ("passthrough", "convert_safetensors"),
+    ArtifactFormat.MLFLOW: ("mlflow_convert", "convert"),
 }
 #: JobMode.EXTRACT_WEIGHTS, whatever the format (it refuses all but PyTorch zip checkpoints).
 EXTRACT_HANDLER = ("extract", "extract_weights")

@@ -13,8 +13,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
     # xgboost and lightgbm are left to the unpickler, which imports them if the model is one.
     PROFILE_SKLEARN: (
         "numpy", "sklearn.base", "sklearn.pipeline", "skl2onnx", "skl2onnx.common.data_types",
-        "onnxmltools", "onnx", "onnxruntime", "joblib", "cloudpickle",
-        "airlock_worker.sklearn_convert",
+        "onnxmltools", "onnx", "onnxruntime", "joblib", "cloudpickle", "yaml",
+        "airlock_worker.sklearn_convert", "airlock_worker.mlflow_convert",
     ),
     # PyTorch checkpoints, TorchScript, .pt2: loading, safetensors, export and parity.
     PROFILE_TORCH: (

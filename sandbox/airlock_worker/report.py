@@ -20,7 +20,7 @@ MAX_LIST_ITEMS = 64
 #: writing the report never pays an import.
 _VERSIONED = (
     "numpy", "sklearn", "skl2onnx", "onnxmltools", "onnx", "onnxruntime", "onnxscript",
-    "torch", "safetensors", "xgboost", "lightgbm", "joblib", "cloudpickle",
+    "torch", "safetensors", "xgboost", "lightgbm", "joblib", "cloudpickle", "skops", "yaml",
 )
 
 

@@ -7,14 +7,18 @@ container's configuration (``docker inspect``) before it reports SERVING.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import platform
 import re
 import socket
 import stat
 import subprocess
 from collections.abc import Callable
 
+from airlock_sandbox import versions
 from airlock_sandbox.contract import IN_DIR, OUT_DIR
 
 SELFTEST_NAME = "selftest.json"
@@ -141,6 +145,84 @@ def check_memory_limited() -> tuple[bool, str]:
     return True, "not visible inside (checked by the broker from the configuration)"
 
 
+def check_seccomp_mode() -> tuple[bool, str]:
+    value = _status_field("Seccomp")
+    return value == "2", f"Seccomp={value or '?'} (2: a filter is installed)"
+
+
+#: Syscall numbers per architecture. The seccomp profile must refuse each with EPERM; the
+#: arguments are ones that succeed (or fail differently) when nothing filters them, so the
+#: probe tells the filter apart from a missing capability or an unimplemented call.
+_NR = {
+    "x86_64": {"unshare": 272, "mount": 165, "ptrace": 101, "bpf": 321, "io_uring_setup": 425,
+               "keyctl": 250, "userfaultfd": 323, "memfd_create": 319, "clone3": 435},
+    "aarch64": {"unshare": 97, "mount": 40, "ptrace": 117, "bpf": 280, "io_uring_setup": 425,
+                "keyctl": 219, "userfaultfd": 282, "memfd_create": 279, "clone3": 435},
+}
+CLONE_NEWUSER = 0x10000000
+KEY_SPEC_SESSION_KEYRING = -3
+UFFD_USER_MODE_ONLY = 1
+#: name -> (arguments, the errno the sandbox must answer). clone3 is refused with ENOSYS (so
+#: glibc falls back to clone(), whose flags the filter checks).
+SECCOMP_PROBES: dict[str, tuple[tuple[object, ...], int]] = {
+    "unshare": ((CLONE_NEWUSER,), errno.EPERM),
+    "mount": ((b"none", b"/tmp", b"tmpfs", 0, None), errno.EPERM),
+    "ptrace": ((0, 0, None, None), errno.EPERM),  # PTRACE_TRACEME
+    "bpf": ((0, None, 0), errno.EPERM),  # BPF_MAP_CREATE
+    "io_uring_setup": ((1, "params"), errno.EPERM),
+    "keyctl": ((0, KEY_SPEC_SESSION_KEYRING, 0), errno.EPERM),  # KEYCTL_GET_KEYRING_ID
+    "userfaultfd": ((UFFD_USER_MODE_ONLY,), errno.EPERM),
+    "memfd_create": ((b"airlock-selftest", 0), errno.EPERM),
+    "clone3": ((None, 0), errno.ENOSYS),
+}
+
+
+def _try_syscalls() -> dict[str, tuple[int, int]]:
+    """Make each probe syscall in a forked child (a call that unexpectedly succeeds, e.g. an
+    unshare, must not change the probe itself); returns name -> (result, errno)."""
+    numbers = _NR.get(platform.machine())
+    if numbers is None:
+        raise RuntimeError(f"no syscall numbers for {platform.machine()}")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no Python-level cleanup, just report and leave
+        try:
+            os.close(read_fd)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall.restype = ctypes.c_long
+            results = {}
+            for name, (args, _) in SECCOMP_PROBES.items():
+                call = [ctypes.create_string_buffer(120) if a == "params" else a for a in args]
+                ctypes.set_errno(0)
+                ret = libc.syscall(ctypes.c_long(numbers[name]), *call)
+                results[name] = (int(ret), ctypes.get_errno())
+            os.write(write_fd, json.dumps(results).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as fh:
+        raw = fh.read(64 * 1024)
+    os.waitpid(pid, 0)
+    return {k: (int(v[0]), int(v[1])) for k, v in json.loads(raw).items()}
+
+
+def seccomp_checks() -> dict[str, tuple[bool, str]]:
+    """One check per probe syscall: ``seccomp_<name>``."""
+    try:
+        got = _try_syscalls()
+    except Exception as exc:
+        return {f"seccomp_{n}": (False, f"probe failed: {exc}") for n in SECCOMP_PROBES}
+    checks = {}
+    for name, (_, want) in SECCOMP_PROBES.items():
+        ret, err = got.get(name, (0, 0))
+        ok = ret == -1 and err == want
+        checks[f"seccomp_{name}"] = (
+            ok, f"{name}: " + (f"refused ({errno.errorcode.get(err, err)})" if ret == -1
+                               else f"returned {ret}") + ("" if ok else
+                                                          f", want {errno.errorcode[want]}"))
+    return checks
+
+
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "non_root_user": check_user,
     "no_capabilities": check_capabilities,
@@ -154,6 +236,7 @@ CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "no_secrets_in_env": check_environment,
     "pids_limited": check_pids_limited,
     "memory_limited": check_memory_limited,
+    "seccomp_mode": check_seccomp_mode,
 }
 
 
@@ -165,6 +248,12 @@ def run(out_dir: str = OUT_DIR) -> int:
         except Exception as exc:  # a probe that breaks is a failed check, not a crash
             passed, detail = False, f"{type(exc).__name__}: {exc}"
         results.append({"name": name, "passed": bool(passed), "detail": str(detail)[:200]})
+    for name, (passed, detail) in seccomp_checks().items():
+        results.append({"name": name, "passed": passed, "detail": detail[:200]})
+    try:
+        found = versions.collect()
+    except Exception as exc:  # the broker's version gates then fail for want of data
+        found = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     with open(os.path.join(out_dir, SELFTEST_NAME), "w") as fh:
-        json.dump({"checks": results}, fh)
+        json.dump({"checks": results, "versions": found}, fh)
     return 0

@@ -30,6 +30,11 @@ def convert(job: Job) -> None:
 
     with job.loading():
         obj = joblib.load(job.artifact)
+    convert_object(job, obj)
+
+
+def convert_object(job: Job, obj: Any) -> None:
+    """An already loaded object (unpickled, or read by skops): a model to ONNX, or tensors."""
     base = sys.modules.get("sklearn.base")
     if base is not None and isinstance(obj, base.BaseEstimator):
         _estimator_to_onnx(job, obj)

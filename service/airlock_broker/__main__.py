@@ -12,6 +12,7 @@ from typing import Any
 
 from airlock_broker import logs
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
+from airlock_broker.keys import SigningKeyError
 from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.server import serve
 
@@ -25,8 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics here (e.g. 127.0.0.1:9464)")
-    parser.add_argument("--runtime", choices=["runc", "runsc"], default=None,
-                        help="OCI runtime for sandboxes (overrides the config file)")
+    parser.add_argument("--runtime", default=None, metavar="runc|runsc",
+                        help="OCI runtime for sandboxes (overrides the config file); also "
+                             "runsc-<suffix>: another registration of runsc")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow listening beyond loopback without [auth]: anyone who can "
+                             "reach the port may convert and operate the pools")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
@@ -39,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics:
         overrides["metrics_listen"] = args.metrics
     try:
-        config = BrokerConfig.load(args.config, **overrides)
+        config = BrokerConfig.load(args.config, insecure_no_auth=args.insecure_no_auth,
+                                   **overrides)
         if args.runtime:
             config = replace(config, sandbox=replace(config.sandbox, runtime=args.runtime))
     except (ValueError, OSError) as exc:
@@ -49,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except SandboxUnavailable as exc:
         print(f"airlock serve: the sandbox is unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except SigningKeyError as exc:
+        print(f"airlock serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except OSError as exc:
         print(f"airlock serve: {exc}", file=sys.stderr)

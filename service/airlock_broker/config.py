@@ -15,6 +15,15 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
 
     [pools]            # PoolSettings fields; min_warm = 0 turns warm pools off
     min_warm = 1
+
+    [provenance]       # the ECDSA P-256 key that signs every output's provenance
+    key_path = "/var/lib/airlock/provenance-signing-key.pem"   # created 0600 on first start
+
+    [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
+    tls_cert = "server.crt"
+
+Without ``[auth]`` the broker accepts anyone, so it may listen only on loopback
+(``check_listen``); ``insecure_no_auth`` lifts that, visibly.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.auth_config import AuthConfig, check_listen
+from airlock_broker.keys import default_key_path
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
@@ -68,11 +79,15 @@ class BrokerConfig:
     selftest_on_start: bool = True
     #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
     audit_log: Path | None = None
+    #: Provenance signing key; default keys.default_key_path() (AIRLOCK_PROVENANCE_KEY overrides).
+    provenance_key: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
+        check_listen(self.listen, self.auth)
         for name in ("max_concurrent_jobs", "max_artifact_bytes", "chunk_bytes",
                      "max_request_chunk_bytes"):
             if getattr(self, name) <= 0:
@@ -89,21 +104,37 @@ class BrokerConfig:
         env = os.environ.get("AIRLOCK_AUDIT_LOG")
         return self.audit_log or (Path(env) if env else self.spool_root / "audit.jsonl")
 
+    @property
+    def provenance_key_path(self) -> Path:
+        return self.provenance_key or default_key_path()
+
     @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> BrokerConfig:
-        """Defaults, then the TOML file (if any), then explicit overrides."""
+    def load(cls, path: Path | None = None, *, insecure_no_auth: bool = False,
+             **overrides: Any) -> BrokerConfig:
+        """Defaults, then the TOML file (if any), then explicit overrides.
+
+        ``insecure_no_auth`` is ``airlock serve --insecure-no-auth``; it is applied before the
+        listen address is checked, which happens once, on the final configuration.
+        """
         doc: dict[str, Any] = {}
         if path is not None:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        unknown = set(doc) - {"broker", "sandbox", "output", "pools"}
+        unknown = set(doc) - {"broker", "sandbox", "output", "pools", "provenance", "auth"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
         for key in ("spool_root", "audit_log"):
             if key in broker:
                 broker[key] = Path(broker[key])
-        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools"})
+        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools", "provenance_key",
+                                                 "auth"})
+        provenance_doc = dict(doc.get("provenance", {}))
+        unknown_prov = set(provenance_doc) - {"key_path"}
+        if unknown_prov:
+            raise ValueError(f"unknown keys in [provenance]: {sorted(unknown_prov)}")
+        if "key_path" in provenance_doc:
+            broker["provenance_key"] = Path(provenance_doc["key_path"])
         pools_doc = dict(doc.get("pools", {}))
         _check_keys(PoolSettings, pools_doc, "pools")
         if "profiles" in pools_doc:
@@ -116,9 +147,12 @@ class BrokerConfig:
             output_doc["allowed_onnx_domains"] = frozenset(output_doc["allowed_onnx_domains"])
         if "security_opts" in sandbox_doc:
             sandbox_doc = {**sandbox_doc, "security_opts": tuple(sandbox_doc["security_opts"])}
-        config = cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
-                     pools=PoolSettings(**pools_doc), **broker)
-        return replace(config, **overrides) if overrides else config
+        auth = AuthConfig.from_toml(dict(doc.get("auth", {})),
+                                    path.parent if path is not None else Path.cwd())
+        if insecure_no_auth:
+            auth = replace(auth, insecure_no_auth=True)
+        return cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
+                   pools=PoolSettings(**pools_doc), auth=auth, **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -27,9 +28,11 @@ import requests.exceptions
 from docker.types import LogConfig, Mount, Ulimit
 
 from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.version_gates import Observation, engine_observations
 from airlock_broker.workspace import JobWorkspace, WorkspaceError
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.seccomp import DOCKER_DEFAULT, profile_json
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,25 @@ def _is_alive(identity: str) -> bool:
     return _start_time(pid) == start and start != "0"
 
 
+def _binary_version(path: str) -> str | None:
+    """``runsc --version`` -> "0.0~20221219.0"; None if it cannot be run."""
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = (done.stdout.splitlines() or [""])[0]
+    return first.rsplit(" ", 1)[-1] or None
+
+
 def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
                   labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
     """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
     security_opt = list(policy.security_opts)
+    seccomp = seccomp_json(policy)
+    if seccomp is not None:
+        # docker-py passes the profile's content, not a path (the engine reads no client files).
+        security_opt.append(f"seccomp={seccomp}")
     if policy.no_new_privileges:
         security_opt.append("no-new-privileges")
     return {
@@ -119,6 +137,17 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
     }
 
 
+def seccomp_json(policy: SandboxPolicy) -> str | None:
+    """The policy's seccomp profile text for ``security_opt``; None: the engine's default."""
+    return _seccomp_json(policy.seccomp, policy.runtime_family)
+
+
+@functools.lru_cache(maxsize=8)
+def _seccomp_json(name: str, family: str) -> str | None:
+    """Read once per profile (every container create needs it)."""
+    return profile_json(name, family)
+
+
 class DockerSandbox:
     """A ``SandboxBackend`` on the local Docker engine."""
 
@@ -158,13 +187,58 @@ class DockerSandbox:
         await self._call(self.client.ping)
         image = await self._call(self.client.images.get, self.policy.image)
         self._image_id = str(image.id)
-        if self.policy.runtime not in (await self._call(self._runtimes)):
+        runtimes = await self._call(self._runtimes)
+        if self.policy.runtime not in runtimes:
             raise SandboxUnavailable(
                 f"OCI runtime {self.policy.runtime!r} is not registered with the Docker engine")
+        args = runtimes[self.policy.runtime].get("runtimeArgs") or []
+        if (self.policy.runtime_family == "runsc" and self.policy.seccomp != DOCKER_DEFAULT
+                and "--oci-seccomp" not in args):
+            # Without it runsc drops the container's seccomp profile: no filter at all.
+            raise SandboxUnavailable(
+                f"OCI runtime {self.policy.runtime!r} is registered without --oci-seccomp, so "
+                "the sandbox's seccomp profile would not apply: run scripts/ensure-docker.sh "
+                "(make docker) to update the registration")
 
-    def _runtimes(self) -> set[str]:
+    def _runtimes(self) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = self.client.info()
-        return set(info.get("Runtimes", {}))
+        return dict(info.get("Runtimes", {}))
+
+    async def engine_versions(self) -> dict[str, Observation]:
+        """The OCI runtimes' versions, for the version gates (runc as the engine reports it,
+        runsc from the binary registered for the policy's runtime, or for "runsc")."""
+        version: dict[str, Any] = await self._call(self.client.version)
+        info: dict[str, Any] = await self._call(self.client.info)
+        runtimes = info.get("Runtimes", {})
+        name = self.policy.runtime if self.policy.runtime_family == "runsc" else "runsc"
+        path = runtimes.get(name, {}).get("path")
+        runsc_version = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _binary_version, path) if path else None
+        return engine_observations(version.get("Components") or [], runsc_version)
+
+    async def probe_image(self, source: str, timeout: float = 60.0) -> str:
+        """Run ``python3 -c source`` in a throwaway container of the policy's image, confined
+        like a sandbox (no network, read-only, no capabilities, the seccomp profile), and
+        return its stdout. For ``make audit``: the image's versions are read inside it."""
+        kwargs: dict[str, Any] = {
+            "image": self.policy.image, "entrypoint": ["python3", "-c", source],
+            "user": self.policy.user, "environment": {}, "use_config_proxy": False,
+            "network_mode": "none", "read_only": True, "cap_drop": ["ALL"],
+            "security_opt": [*self.policy.security_opts, "no-new-privileges"]
+            + ([f"seccomp={p}"] if (p := seccomp_json(self.policy)) else []),
+            "pids_limit": self.policy.pids_limit, "mem_limit": self.policy.memory_bytes,
+            "runtime": self.policy.runtime, "detach": True,
+            "labels": {LABEL_BROKER: self.identity},
+        }
+        container = await self._call(self.client.containers.create, **kwargs)
+        try:
+            await self._call(container.start)
+            await self._call(container.wait, timeout=timeout)
+            out: bytes = await self._call(container.logs, stdout=True, stderr=False)
+            return out.decode(errors="replace")
+        finally:
+            with contextlib.suppress(SandboxUnavailable):
+                await self._call(container.remove, force=True)
 
     @property
     def image_id(self) -> str:

@@ -4,7 +4,8 @@
 
     AirlockError                      every failure the broker reports to a caller
     ├── Rejected                      the artifact (or its output) was refused by a check
-    └── Failed                        it could not be converted, or the service could not try
+    ├── Failed                        it could not be converted, or the service could not try
+    └── Denied                        the caller is not authenticated, or lacks the role
 
 Misbehaving artifacts are *outcomes* (a reason plus a message), never crashes; only broken
 infrastructure (Docker down, image missing) and our own bugs surface as UNAVAILABLE / INTERNAL.
@@ -36,12 +37,17 @@ class Reason(enum.StrEnum):
     OUTPUT_INVALID = "OUTPUT_INVALID"
     OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
     INTEGRITY_MISMATCH = "INTEGRITY_MISMATCH"
+    UNSUPPORTED_FLAVOR = "UNSUPPORTED_FLAVOR"
+    UNSAFE_MODEL_DIR = "UNSAFE_MODEL_DIR"
     # The service.
     BUSY = "BUSY"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    # The caller (auth.py).
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class Kind(enum.Enum):
@@ -49,6 +55,7 @@ class Kind(enum.Enum):
 
     REJECTED = "rejected"  # a check refused the artifact or its output
     FAILED = "failed"  # conversion or the service failed
+    DENIED = "denied"  # the caller has no valid credentials or lacks the role
 
 
 #: reason -> (gRPC status, kind). A unit test proves every Reason has a row.
@@ -69,11 +76,15 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.OUTPUT_INVALID: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.OUTPUT_TOO_LARGE: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.INTEGRITY_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.UNSUPPORTED_FLAVOR: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    Reason.UNSAFE_MODEL_DIR: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.BUSY: (grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.FAILED),
     Reason.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
     Reason.CANCELLED: (grpc.StatusCode.CANCELLED, Kind.FAILED),
     Reason.SANDBOX_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, Kind.FAILED),
     Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
+    Reason.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, Kind.DENIED),
+    Reason.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
 }
 
 ERROR_DOMAIN = "airlock.v1"
@@ -104,7 +115,14 @@ class Failed(AirlockError):
     """The conversion, or the service, failed."""
 
 
+class Denied(AirlockError):
+    """The caller presented no valid credentials, or its principal lacks the role."""
+
+
+_CLASSES: dict[Kind, type[AirlockError]] = {
+    Kind.REJECTED: Rejected, Kind.FAILED: Failed, Kind.DENIED: Denied}
+
+
 def error(reason: Reason, message: str) -> AirlockError:
     """Build the exception of the right class for ``reason``."""
-    cls = Rejected if STATUS_TABLE[reason][1] is Kind.REJECTED else Failed
-    return cls(reason, message)
+    return _CLASSES[STATUS_TABLE[reason][1]](reason, message)

@@ -25,6 +25,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
+from airlock_sandbox.bundle import is_bundle, member_names, profile_for_bundle
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
     JobMode,
@@ -55,6 +56,8 @@ EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.CONVERSION_FAILED: Reason.CONVERSION_FAILED,
     WorkerExit.PARITY_FAILED: Reason.PARITY_FAILED,
     WorkerExit.OUTPUT_TOO_LARGE: Reason.OUTPUT_TOO_LARGE,
+    WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
+    WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
     WorkerExit.BAD_JOB_SPEC: Reason.INTERNAL,
 }
 
@@ -68,6 +71,9 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.CONVERSION_FAILED: "the conversion failed in the sandbox",
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
     Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
+    Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
+                               "sklearn, pytorch, and pyfunc models that wrap them)",
+    Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.INTERNAL: "the sandbox refused the broker's job spec (a broker bug)",
 }
 
@@ -109,32 +115,48 @@ class JobResult:
     integrity_note: str = ""
     #: Whether loading ran artifact code: see :func:`executed_artifact_code`.
     executed_artifact_code: bool = False
+    #: The format shown to the caller: see :func:`refined_format`.
+    reported_format: str = ""
 
 
-def detect_on_host(prefix: bytes, size: int, declared: str | None) -> ArtifactFormat:
-    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox."""
+def detect_on_host(prefix: bytes, size: int, declared: str | None,
+                   path: Path | None = None) -> ArtifactFormat:
+    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox.
+
+    With ``path``, a zip whose member names include a root ``MLmodel`` is an MLflow bundle:
+    names only, read after the archive's end records bound the central directory
+    (airlock_sandbox.bundle); ``MLmodel`` itself is not read on the host.
+    """
     detected = detect_prefix(prefix, size)
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "
-                    "PyTorch, numpy, ONNX, safetensors)")
+                    "PyTorch, numpy, ONNX, safetensors, MLflow bundle)")
+    if detected is ArtifactFormat.ZIP and path is not None:
+        names = member_names(path)
+        if names is not None and is_bundle(names):
+            detected = ArtifactFormat.MLFLOW
     if declared is not None and not admits(declared, detected):
         raise error(Reason.FORMAT_MISMATCH,
                     f"declared {declared}, but the leading bytes say {detected}")
     return detected
 
 
-def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> ArtifactFormat:
-    """The host's detection, refined by the worker's only where the host could not tell (a
-    zip) and only within the zip family: the report is the word of a sandbox that the artifact
-    may have taken over, so it may not rename a pickle as safetensors."""
-    if detected is not ArtifactFormat.ZIP:
-        return detected
-    try:
-        claimed = ArtifactFormat(str((report or {}).get("detected_format", "")))
-    except ValueError:
-        return detected
-    return claimed if claimed in ZIP_FAMILY else detected
+def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> str:
+    """The host's detection, refined by the worker's only where the host could not tell: a
+    zip (within the zip family) or an MLflow bundle (its flavour, ``mlflow:...``, escaped).
+    The report is the word of a sandbox that the artifact may have taken over, so it may not
+    rename a pickle as safetensors."""
+    claimed = str((report or {}).get("detected_format", ""))
+    if detected is ArtifactFormat.ZIP:
+        try:
+            fmt = ArtifactFormat(claimed)
+        except ValueError:
+            return detected.value
+        return fmt.value if fmt in ZIP_FAMILY else detected.value
+    if detected is ArtifactFormat.MLFLOW and claimed.startswith(f"{detected.value}:"):
+        return sanitize(claimed, 32)
+    return detected.value
 
 
 def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | None) -> bool:
@@ -145,6 +167,15 @@ def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | No
     ``allow_code`` a subverted worker's "no" cannot be told from the truth: ``safe_only`` is
     the guarantee.)"""
     return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
+
+
+def profile_of(detected: ArtifactFormat, upload: Path) -> str:
+    """The worker profile; an MLflow bundle's follows its member names (data/model.pth...)."""
+    if detected is ArtifactFormat.MLFLOW:
+        names = member_names(upload)
+        if names is not None:
+            return profile_for_bundle(names)
+    return profile_for(detected)
 
 
 def sanitize(text: object, limit: int = _MAX_DETAIL) -> str:
@@ -196,7 +227,7 @@ class JobRunner:
         verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
                   and request.target in (Target.AUTO, Target.SAFETENSORS))
         async with contextlib.AsyncExitStack() as stack:
-            slot = await self._slot(stack, profile_for(detected))
+            slot = await self._slot(stack, profile_of(detected, upload))
             audit.set(warm_container=slot.started, profile=slot.profile)
             slot.workspace.adopt_artifact(upload)
             # The restricted reader needs no torch: the light profile starts fastest.
@@ -220,7 +251,7 @@ class JobRunner:
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
             if report is not None:
                 audit.set(loader=sanitize(report.get("loader", ""), 80))
-            audit.set(refined_format=refined_format(detected, report).value)
+            audit.set(refined_format=refined_format(detected, report))
             executed = executed_artifact_code(detected, report)
             audit.set(executed_artifact_code=executed)
             try:
@@ -238,8 +269,9 @@ class JobRunner:
                      output.format, assurance, time.monotonic() - began,
                      extra={"job_id": request.job_id, "outcome": "ok"})
             yield JobResult(
-                job_id=request.job_id, detected_format=refined_format(detected, report),
-                input_sha256=input_sha256, executed_artifact_code=executed,
+                job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
+                reported_format=refined_format(detected, report),
+                executed_artifact_code=executed,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note)

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from airlock_broker.auth import PrincipalFilter
+
 #: LogRecord attributes that are not user-supplied ``extra`` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -35,6 +37,7 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler.setFormatter(JsonFormatter() if use_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(PrincipalFilter())  # every job line says whose job it is
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

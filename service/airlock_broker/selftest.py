@@ -9,14 +9,22 @@ NOT_SERVING and jobs are refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from airlock_broker import version_gates
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.validation.files import open_regular_file, read_upto
+from airlock_broker.version_gates import Observation
 from airlock_sandbox.contract import JobSpec
 from airlock_sandbox.formats import PROFILE_LIGHT
 from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
+from airlock_sandbox.seccomp import profile_json
+
+#: The host side of the version gates (engine runtimes, the broker's own Python and onnx).
+HostVersions = Callable[[], Awaitable[Mapping[str, Observation]]]
 
 SELFTEST_FILE = "selftest.json"
 _MAX_BYTES = 64 * 1024
@@ -71,7 +79,8 @@ def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
          host.get("SecurityOpt")),
         ("seccomp_not_disabled",
          not any("unconfined" in o for o in host.get("SecurityOpt") or []),
-         host.get("SecurityOpt")),
+         [o[:40] for o in host.get("SecurityOpt") or []]),
+        _seccomp_profile_check(host.get("SecurityOpt") or [], policy),
         ("pids_limit", (host.get("PidsLimit") or 0) == policy.pids_limit, host.get("PidsLimit")),
         ("memory_limit", host.get("Memory") == policy.memory_bytes, host.get("Memory")),
         ("no_swap", host.get("MemorySwap") == policy.memory_bytes, host.get("MemorySwap")),
@@ -88,33 +97,74 @@ def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
     return [Check(name, bool(ok), str(detail)[:200], "config") for name, ok, detail in checks]
 
 
+def _seccomp_profile_check(security_opt: list[str], policy: SandboxPolicy) -> tuple[str, bool, str]:
+    """The container carries exactly the policy's seccomp profile (or, for "docker-default",
+    none of its own: the engine's default applies)."""
+    want = profile_json(policy.seccomp, policy.runtime_family)
+    given = [o.split("=", 1)[1] for o in security_opt if o.startswith("seccomp=")]
+    if want is None:
+        return "seccomp_profile", not given, f"engine default ({policy.seccomp}, weakened)"
+    ok = given == [want]
+    return "seccomp_profile", ok, (f"{policy.seccomp} ({len(want)} bytes)" if ok
+                                   else f"expected {policy.seccomp}, got {len(given)} profile(s)")
+
+
 async def run_selftest(backend: SandboxBackend, policy: SandboxPolicy,
-                       deadline_seconds: float = 120.0) -> SelfTestReport:
-    """Run the probe in a fresh sandbox; infrastructure failures raise ``SandboxUnavailable``."""
+                       deadline_seconds: float = 120.0, *,
+                       host_versions: HostVersions | None = None) -> SelfTestReport:
+    """Run the probe in a fresh sandbox; infrastructure failures raise ``SandboxUnavailable``.
+
+    ``host_versions`` supplies the host side of the version gates; the image side comes from
+    the probe. Without it only the image's gates are judged."""
     slot = await backend.prepare(PROFILE_LIGHT, selftest=True)
     try:
         checks = config_checks(await backend.inspect(slot), policy)
         outcome = await backend.run(slot, JobSpec(job_id="selftest"), deadline_seconds)
-        inside = _read_probe(slot.workspace.out_dir / SELFTEST_FILE)
-        if outcome.exit_code != 0 or inside is None:
+        probe = _read_probe(slot.workspace.out_dir / SELFTEST_FILE)
+        if outcome.exit_code != 0 or probe is None:
             checks.append(Check("probe_ran", False, f"probe exit {outcome.exit_code}, "
                                 f"timed out {outcome.timed_out}", "sandbox"))
         else:
-            checks.extend(_waive(c, policy.runtime) for c in inside)
+            inside, found = probe
+            checks.extend(_waive(c, policy) for c in inside)
+            observed = dict(version_gates.from_probe(found, "image"))
+            if host_versions is not None:
+                observed.update(await host_versions())
+            checks.extend(version_checks(observed, policy, judge_host=host_versions is not None))
         return SelfTestReport(checks=tuple(checks), runtime=outcome.runtime,
                               image_id=outcome.image_id)
     finally:
         await backend.destroy(slot)
 
 
-def _waive(check: Check, runtime: str) -> Check:
-    reason = WAIVERS.get((runtime, check.name), "")
+def version_checks(observed: Mapping[str, Observation], policy: SandboxPolicy, *,
+                   judge_host: bool = True) -> list[Check]:
+    """One check per enforced gate that applies to this policy (version_gates.GATES)."""
+    checks = []
+    for gate in version_gates.GATES:
+        if not gate.enforced or not version_gates.relevant(gate, policy.runtime_family):
+            continue
+        if gate.where != "image" and not judge_host:
+            continue
+        verdict = version_gates.evaluate(gate, observed.get(gate.key))
+        cves = ", ".join(gate.cves) or "no CVE"
+        checks.append(Check(f"version_{gate.component}_{gate.where}", verdict.status == "ok",
+                            f"{verdict.found} (want {verdict.wanted}; {cves})"[:200],
+                            "sandbox" if gate.where == "image" else "config"))
+    return checks
+
+
+def _waive(check: Check, policy: SandboxPolicy) -> Check:
+    reason = WAIVERS.get((policy.runtime_family, check.name), "")
+    if not reason and check.name.startswith("seccomp_") and policy.seccomp != SECCOMP_AIRLOCK:
+        reason = (f"the configuration chose seccomp = {policy.seccomp!r} instead of Airlock's "
+                  "profile (a visible weakening)")
     if check.passed or not reason:
         return check
     return Check(check.name, False, check.detail, check.source, waived=reason)
 
 
-def _read_probe(path: Any) -> list[Check] | None:
+def _read_probe(path: Any) -> tuple[list[Check], dict[str, str]] | None:
     try:
         handle, st = open_regular_file(path)
     except Exception:
@@ -124,8 +174,10 @@ def _read_probe(path: Any) -> list[Check] | None:
             return None
         try:
             doc = json.loads(read_upto(handle, st.st_size))
-            return [Check(str(c["name"])[:64], c["passed"] is True, str(c["detail"])[:200],
-                          "sandbox") for c in doc["checks"]]
+            checks = [Check(str(c["name"])[:64], c["passed"] is True, str(c["detail"])[:200],
+                            "sandbox") for c in doc["checks"]]
+            found = doc.get("versions") or {}
+            return checks, {str(k)[:64]: str(v)[:64] for k, v in found.items()}
         except (ValueError, KeyError, TypeError):
             return None
 

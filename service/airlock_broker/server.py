@@ -23,14 +23,17 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admin import AdminServicer
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog
+from airlock_broker.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.jobs import JobRunner
+from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.selftest import SelfTestReport, run_selftest
 from airlock_broker.servicer import ConversionServicer
+from airlock_broker.version_gates import Observation, host_observations
 from airlock_broker.workspace import reap_stale
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Broker:
     pools: Pools
     audit: AuditLog
     lock_fd: int
+    signing_key: SigningKey
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
         """Flip health, refuse new jobs, let jobs in flight finish, then release everything."""
@@ -81,9 +85,26 @@ def lock_spool(config: BrokerConfig) -> int:
     return fd
 
 
+def provenance_key(config: BrokerConfig) -> SigningKey:
+    """Load the provenance signing key, creating it on first start; say where it is."""
+    path = config.provenance_key_path
+    try:
+        key, created = load_or_create(path)
+    except OSError as exc:
+        raise SigningKeyError(f"cannot create the provenance key {path}: {exc}") from exc
+    if created:
+        log.warning("created a new provenance signing key at %s (fingerprint %s); give "
+                    "consumers its public half: airlock keys export", path, key.fingerprint)
+    else:
+        log.info("provenance signing key %s (fingerprint %s)", path, key.fingerprint)
+    return key
+
+
 async def create_server(config: BrokerConfig,
                         backend: SandboxBackend | None = None) -> Broker:
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
+    credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
+    signing_key = provenance_key(config)
     lock_fd = lock_spool(config)
     try:
         stale = reap_stale(config.spool_root)
@@ -102,7 +123,10 @@ async def create_server(config: BrokerConfig,
                   runtime=config.sandbox.runtime)
     metrics = Metrics()
     metrics.bind(admission, pools)
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=[
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if config.auth.enabled:  # after metrics, so refused calls are counted too
+        interceptors.append(AuthInterceptor(Authenticator(config.auth)))
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
@@ -110,10 +134,18 @@ async def create_server(config: BrokerConfig,
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics),
+                           admission, audit, metrics, signing_key),
         server)
+    docker_backend = backend if isinstance(backend, DockerSandbox) else None
+
+    async def host_versions() -> dict[str, Observation]:
+        found = host_observations()
+        if docker_backend is not None:
+            found.update(await docker_backend.engine_versions())
+        return found
+
     async def selftest() -> SelfTestReport:
-        return await run_selftest(backend, config.sandbox)
+        return await run_selftest(backend, config.sandbox, host_versions=host_versions)
 
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(pools, selftest), server)
     health_servicer = health.aio.HealthServicer()
@@ -121,7 +153,8 @@ async def create_server(config: BrokerConfig,
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
+    port = (server.add_secure_port(config.listen, credentials) if credentials is not None
+            else server.add_insecure_port(config.listen))
     if port == 0:
         os.close(lock_fd)
         raise OSError(f"cannot listen on {config.listen}")
@@ -145,18 +178,24 @@ async def create_server(config: BrokerConfig,
         pools.start()
         for name in (SERVICE_NAME, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("broker listening on port %d (image %s, runtime %s)", port, config.sandbox.image,
-             config.sandbox.runtime)
+    log.info("broker listening on port %d (image %s, runtime %s; %s)", port,
+             config.sandbox.image, config.sandbox.runtime, config.auth.describe())
+    if config.auth.insecure_no_auth:
+        log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
+                    "port can convert artifacts and drain or restart the pools", config.listen)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd)
+                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd,
+                  signing_key=signing_key)
 
 
 async def serve(config: BrokerConfig) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     broker = await create_server(config)
     host = config.listen.rsplit(":", 1)[0]
-    print(f"airlock: serving on {host}:{broker.port} "
-          f"(sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    print(f"airlock: serving on {host}:{broker.port} ({config.auth.describe()}; "
+          f"sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    print(f"airlock: provenance signed with {broker.signing_key.path} "
+          f"(fingerprint {broker.signing_key.fingerprint})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

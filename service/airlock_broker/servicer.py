@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -15,11 +16,14 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog, AuditRecord
+from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
 from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.metrics import Metrics
+from airlock_broker.provenance import sign, statement
 from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
@@ -28,8 +32,9 @@ log = logging.getLogger(__name__)
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
-                 audit: AuditLog, metrics: Metrics) -> None:
+                 audit: AuditLog, metrics: Metrics, signing_key: SigningKey) -> None:
         self.config = config
+        self.signing_key = signing_key
         self.runner = runner
         self.admission = admission
         self.audit = audit
@@ -43,8 +48,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         context: grpc.aio.ServicerContext[pb.ConvertRequest, pb.ConvertResponse],
     ) -> AsyncIterator[pb.ConvertResponse]:
         job_id = uuid.uuid4().hex
-        record = AuditRecord(job_id=job_id, peer=context.peer())
-        record.set(outcome="cancelled", reason=Reason.CANCELLED.value)
+        principal = current_principal()
+        record = AuditRecord(job_id=job_id, peer=context.peer(), principal=principal.name)
+        record.set(auth=principal.method, outcome="cancelled", reason=Reason.CANCELLED.value)
         try:
             async with self.admission.admit():
                 async for response in self._convert(job_id, request_iterator, record):
@@ -67,6 +73,15 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             if doc.get("outcome") == "ok":
                 self.metrics.bytes_out.inc(int(doc.get("output_size") or 0))
 
+    async def GetProvenanceKey(
+        self, request: pb.GetProvenanceKeyRequest,
+        context: grpc.aio.ServicerContext[pb.GetProvenanceKeyRequest,
+                                          pb.GetProvenanceKeyResponse],
+    ) -> pb.GetProvenanceKeyResponse:
+        key = self.signing_key
+        return pb.GetProvenanceKeyResponse(public_key_pem=key.public_pem,
+                                           fingerprint=key.fingerprint, algorithm=ALGORITHM)
+
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
         meta = await read_metadata(stream, self.intake)
@@ -84,16 +99,22 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         try:
             spooled = await spool_chunks(stream, fd, meta, self.intake)
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
-            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format)
+            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
+                                      upload)
             record.set(detected_format=detected.value)
-            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s", job_id,
-                     spooled.size, spooled.sha256[:16], detected, request.target, request.policy,
-                     extra={"job_id": job_id})
+            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
+                     job_id, spooled.size, spooled.sha256[:16], detected, request.target,
+                     request.policy, record.principal, extra={"job_id": job_id})
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, detected, spooled.sha256, spooled.size, record) as result:
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
-                yield result_message(result)
+                # Signed from the hash validation already computed: no extra pass over the output.
+                envelope = sign(statement(result, request, self.config.sandbox),
+                                self.signing_key)
+                record.set(provenance_key=self.signing_key.fingerprint,
+                           provenance_sha256=hashlib.sha256(envelope).hexdigest())
+                yield result_message(result, provenance=envelope)
                 for data in result.output.chunks(self.config.chunk_bytes):
                     yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:

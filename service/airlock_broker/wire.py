@@ -34,6 +34,7 @@ DECLARED: dict[pb.ArtifactFormat.ValueType, str] = {
     pb.ARTIFACT_FORMAT_NUMPY: "numpy",
     pb.ARTIFACT_FORMAT_ONNX: "onnx",
     pb.ARTIFACT_FORMAT_SAFETENSORS: "safetensors",
+    pb.ARTIFACT_FORMAT_MLFLOW: "mlflow",
 }
 TARGETS: dict[pb.TargetFormat.ValueType, Target] = {
     pb.TARGET_FORMAT_UNSPECIFIED: Target.AUTO,
@@ -99,11 +100,11 @@ def tensor_specs(specs: Any) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def result_message(result: JobResult) -> pb.ConvertResponse:
+def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResponse:
     report = result.report
     msg = pb.ConvertResult(
         job_id=result.job_id,
-        detected_format=result.detected_format.value,
+        detected_format=result.reported_format or result.detected_format.value,
         output_format=_OUTPUT_TO_PB[result.output.format],
         input_sha256=result.input_sha256,
         input_size=result.input_size,
@@ -117,6 +118,7 @@ def result_message(result: JobResult) -> pb.ConvertResponse:
         runtime=result.outcome.runtime,
         integrity_note=result.integrity_note,
         report=conversion_report(report),
+        provenance=provenance,
     )
     # The broker's own judgement, not the report's claim (see jobs.executed_artifact_code).
     msg.report.executed_artifact_code = result.executed_artifact_code

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -34,7 +35,10 @@ def broker(request, docker_client, tmp_path_factory):  # type: ignore[no-untyped
     """Every adversarial test runs against a broker on each OCI runtime (DESIGN §1.3)."""
     from tests.conftest import start_broker
 
-    runtime = request.param
+    # AIRLOCK_TEST_RUNSC: run the gVisor half on another registration of runsc (e.g. one with
+    # different flags, registered side by side on a shared engine).
+    runtime = os.environ.get("AIRLOCK_TEST_RUNSC", "runsc") if request.param == "runsc" \
+        else request.param
     if runtime not in docker_client.info().get("Runtimes", {}):
         pytest.fail(f"the OCI runtime {runtime} is not registered with the Docker engine: "
                     "run `make test` (scripts/ensure-docker.sh registers runsc)", pytrace=False)

@@ -39,6 +39,7 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
     def _make(behaviour: Behaviour, **overrides: object) -> tuple[str, FakeSandbox]:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
+        overrides.setdefault("provenance_key", tmp_path / "provenance-key.pem")
         config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
                               **overrides)  # type: ignore[arg-type]
         backend = FakeSandbox(config.spool_root, behaviour)

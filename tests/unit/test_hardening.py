@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import types
 import uuid
 from pathlib import Path
 
 import pytest
 
-from airlock_broker.docker_sandbox import create_kwargs
+from airlock_broker.docker_sandbox import DockerSandbox, create_kwargs
+from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.workspace import JobWorkspace
 from airlock_sandbox.contract import IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kwargs(policy: SandboxPolicy, tmp_path: Path) -> dict[str, object]:
@@ -42,6 +50,40 @@ def test_default_policy_is_the_hardened_profile(tmp_path: Path) -> None:
     assert all(m["Type"] == "bind" for m in mounts.values())
     assert not any("docker.sock" in str(m["Source"]) for m in mounts.values())
     assert "privileged" not in kw and "cap_add" not in kw and "devices" not in kw
+
+
+@pytest.mark.parametrize(("runtime", "clone3"), [("runc", "SCMP_ACT_ERRNO"),
+                                                 ("runsc", "SCMP_ACT_ALLOW"),
+                                                 ("runsc-oci", "SCMP_ACT_ALLOW")])
+def test_every_sandbox_gets_the_deny_by_default_seccomp_profile(tmp_path: Path, runtime: str,
+                                                                clone3: str) -> None:
+    """docker-py takes the profile's content; gVisor gets its variant (it ignores errnoRet)."""
+    opts = _kwargs(SandboxPolicy(runtime=runtime), tmp_path)["security_opt"]
+    (profile,) = [o.split("=", 1)[1] for o in opts if o.startswith("seccomp=")]  # type: ignore[attr-defined]
+    doc = json.loads(profile)
+    assert doc["defaultAction"] == "SCMP_ACT_ERRNO" and doc["defaultErrnoRet"] == 1
+    allowed = {n for r in doc["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+    assert allowed.isdisjoint({"unshare", "setns", "mount", "ptrace", "bpf", "io_uring_setup",
+                               "keyctl", "userfaultfd", "memfd_create", "perf_event_open"})
+    (rule,) = [r for r in doc["syscalls"] if "clone3" in r["names"]]
+    assert rule["action"] == clone3
+
+
+def test_the_committed_seccomp_profiles_are_what_the_generator_writes() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-seccomp-profile.py"),
+                           "--check"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_weaker_seccomp_profile_is_a_visible_choice(tmp_path: Path) -> None:
+    weak = SandboxPolicy(seccomp="docker-default")
+    assert weak.weakened == ("seccomp=docker-default",)
+    assert not any(o.startswith("seccomp") for o in _kwargs(weak, tmp_path)["security_opt"])  # type: ignore[attr-defined]
+    for bad in ("unconfined", ""):
+        with pytest.raises(ValueError):
+            SandboxPolicy(seccomp=bad)
+    with pytest.raises(ValueError):
+        SandboxPolicy(security_opts=("seccomp=/tmp/other.json",))
 
 
 @pytest.mark.parametrize("change", [
@@ -82,3 +124,43 @@ def test_output_tmpfs_is_size_capped_noexec_and_removed(tmp_path: Path) -> None:
         ws.destroy()
     assert not ws.root.exists()
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+class _EngineStub:
+    """Just enough of docker.DockerClient for DockerSandbox.check()."""
+
+    def __init__(self, runtimes: dict[str, object]) -> None:
+        self.runtimes = runtimes
+        self.images = types.SimpleNamespace(get=lambda name: types.SimpleNamespace(id="sha256:x"))
+        self.api = types.SimpleNamespace(containers=lambda **filters: [])
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, object]:
+        return {"Runtimes": self.runtimes}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("args", "seccomp", "refused"), [
+    (["--network=none"], "airlock", True),  # a registration from before --oci-seccomp
+    (["--network=none", "--oci-seccomp"], "airlock", False),
+    (["--network=none"], "docker-default", False),  # nothing of ours to apply
+])
+def test_runsc_without_oci_seccomp_is_refused_at_start(tmp_path: Path, args: list[str],
+                                                       seccomp: str, refused: bool) -> None:
+    """runsc drops a container's seccomp profile unless registered with --oci-seccomp."""
+    engine = _EngineStub({"runc": {"path": "runc"}, "runsc": {"path": "runsc",
+                                                              "runtimeArgs": args}})
+    backend = DockerSandbox(SandboxPolicy(runtime="runsc", seccomp=seccomp), tmp_path,
+                            client=engine)  # type: ignore[arg-type]
+    try:
+        if refused:
+            with pytest.raises(SandboxUnavailable, match="--oci-seccomp"):
+                asyncio.run(backend.check())
+        else:
+            asyncio.run(backend.check())
+    finally:
+        asyncio.run(backend.close())

@@ -19,6 +19,10 @@ HOST_PACKAGES = [ROOT / "service", ROOT / "clients", ROOT / "sandbox" / "airlock
 FORBIDDEN_IMPORTS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "torch",
                      "mlflow", "sklearn", "skops", "marshal", "shelve", "keras", "tensorflow",
                      "airlock_worker"}
+#: The only parts of MLflow the host may import: its download API copies bytes and
+#: deserializes nothing (research/conversion.md §4), the tracking client looks versions up;
+#: its loaders are never allowed.
+ALLOWED_MLFLOW_IMPORTS = {"mlflow.artifacts", "mlflow.exceptions", "mlflow.tracking"}
 #: Dotted call names that deserialize or execute artifact content.
 FORBIDDEN_CALLS = {
     "pickle.load", "pickle.loads", "pickle.Unpickler", "joblib.load", "cloudpickle.load",
@@ -50,7 +54,8 @@ def _violations(tree: ast.AST) -> list[str]:
             found += [f"import {a.name}" for a in node.names
                       if a.name.split(".")[0] in FORBIDDEN_IMPORTS]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.split(".")[0] in FORBIDDEN_IMPORTS:
+            if node.module.split(".")[0] in FORBIDDEN_IMPORTS \
+                    and node.module not in ALLOWED_MLFLOW_IMPORTS:
                 found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
@@ -74,7 +79,8 @@ def test_host_module_never_deserializes(path: Path) -> None:
 @pytest.mark.parametrize("snippet", [
     "import pickle", "from joblib import load", "torch.load(f)", "pickle.loads(b)",
     "np.load(f, allow_pickle=True)", "yaml.load(s)", "mlflow.sklearn.load_model(u)",
-    "import airlock_worker", "eval(x)",
+    "import airlock_worker", "eval(x)", "import mlflow.artifacts", "from mlflow import pyfunc",
+    "from mlflow.sklearn import load_model", "from mlflow.pyfunc import load_model",
 ])
 def test_guard_catches_known_deserializers(snippet: str) -> None:
     # The guard itself must be able to fail, or it proves nothing.

@@ -8,16 +8,23 @@ from airlock_sandbox.formats import ArtifactFormat as F
 
 
 def test_a_report_cannot_rename_a_host_detected_format() -> None:
-    for claimed in ("safetensors", "onnx", "\x1b[31monnx", "", None, 7):
-        assert refined_format(F.PICKLE, {"detected_format": claimed}) is F.PICKLE
-    assert refined_format(F.NUMPY, None) is F.NUMPY
+    for claimed in ("safetensors", "onnx", "\x1b[31monnx", "", None, 7, "mlflow:x"):
+        assert refined_format(F.PICKLE, {"detected_format": claimed}) == "pickle"
+    assert refined_format(F.NUMPY, None) == "numpy"
 
 
 def test_a_report_refines_a_zip_only_within_the_zip_family() -> None:
-    assert refined_format(F.ZIP, {"detected_format": "pytorch_zip"}) is F.PYTORCH_ZIP
-    assert refined_format(F.ZIP, {"detected_format": "numpy_npz"}) is F.NUMPY_NPZ
-    assert refined_format(F.ZIP, {"detected_format": "safetensors"}) is F.ZIP
-    assert refined_format(F.ZIP, {"detected_format": "bogus"}) is F.ZIP
+    assert refined_format(F.ZIP, {"detected_format": "pytorch_zip"}) == "pytorch_zip"
+    assert refined_format(F.ZIP, {"detected_format": "numpy_npz"}) == "numpy_npz"
+    assert refined_format(F.ZIP, {"detected_format": "safetensors"}) == "zip"
+    assert refined_format(F.ZIP, {"detected_format": "bogus"}) == "zip"
+
+
+def test_an_mlflow_bundle_keeps_its_flavour_escaped() -> None:
+    assert refined_format(F.MLFLOW, {"detected_format": "mlflow:sklearn/pickle"}) == \
+        "mlflow:sklearn/pickle"
+    assert refined_format(F.MLFLOW, {"detected_format": "mlflow:\x1b[31m"}) == "mlflow:?[31m"
+    assert refined_format(F.MLFLOW, {"detected_format": "safetensors"}) == "mlflow"
 
 
 def test_unpickled_formats_always_count_as_executed() -> None:

@@ -9,12 +9,14 @@ import pytest
 
 from airlock_broker.selftest import WAIVERS, Check, SelfTestReport, _waive, config_checks
 from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.seccomp import profile_json
 
 POLICY = SandboxPolicy()
+AIRLOCK_PROFILE = f"seccomp={profile_json('airlock')}"
 GOOD: dict[str, Any] = {
     "HostConfig": {
         "NetworkMode": "none", "ReadonlyRootfs": True, "CapDrop": ["ALL"], "CapAdd": None,
-        "Privileged": False, "SecurityOpt": ["no-new-privileges"],
+        "Privileged": False, "SecurityOpt": [AIRLOCK_PROFILE, "no-new-privileges"],
         "PidsLimit": POLICY.pids_limit, "Memory": POLICY.memory_bytes,
         "MemorySwap": POLICY.memory_bytes, "NanoCpus": POLICY.nano_cpus,
         "LogConfig": {"Type": "none"}, "Runtime": "runc",
@@ -36,6 +38,9 @@ def test_hardened_configuration_passes_every_check() -> None:
     (("HostConfig", "CapAdd"), ["SYS_ADMIN"], "cap_drop_all"),
     (("HostConfig", "Privileged"), True, "not_privileged"),
     (("HostConfig", "SecurityOpt"), ["seccomp=unconfined"], "seccomp_not_disabled"),
+    (("HostConfig", "SecurityOpt"), ["no-new-privileges"], "seccomp_profile"),
+    (("HostConfig", "SecurityOpt"), [f"seccomp={profile_json('airlock', 'runsc')}",
+                                     "no-new-privileges"], "seccomp_profile"),
     (("HostConfig", "PidsLimit"), 0, "pids_limit"),
     (("HostConfig", "MemorySwap"), -1, "no_swap"),
     (("HostConfig", "LogConfig"), {"Type": "json-file"}, "logging_off"),
@@ -58,8 +63,25 @@ def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any
 
 def test_waivers_apply_only_to_their_runtime() -> None:
     bad = Check("output_noexec", False, "exec exited 0", "sandbox")
-    assert _waive(bad, "runsc").waived
-    assert not _waive(bad, "runc").waived
-    assert not SelfTestReport((_waive(bad, "runc"),), "runc", "").passed
-    assert SelfTestReport((_waive(bad, "runsc"),), "runsc", "").passed
+    runsc, runc = SandboxPolicy(runtime="runsc"), SandboxPolicy(runtime="runc")
+    assert _waive(bad, runsc).waived
+    assert _waive(bad, SandboxPolicy(runtime="runsc-oci")).waived
+    assert not _waive(bad, runc).waived
+    assert not SelfTestReport((_waive(bad, runc),), "runc", "").passed
+    assert SelfTestReport((_waive(bad, runsc),), "runsc", "").passed
     assert all(runtime == "runsc" for runtime, _ in WAIVERS)
+
+
+def test_a_chosen_weaker_seccomp_profile_is_waived_by_name_never_silently() -> None:
+    """Choosing the engine's default profile is a visible config line: the probe's seccomp
+    findings are then accepted with that reason, and only for seccomp checks."""
+    weak = SandboxPolicy(seccomp="docker-default")
+    assert "seccomp=docker-default" in weak.weakened
+    found = Check("seccomp_io_uring_setup", False, "io_uring_setup: returned 3", "sandbox")
+    assert "docker-default" in _waive(found, weak).waived
+    assert not _waive(found, POLICY).waived
+    other = Check("read_only_root", False, "wrote /", "sandbox")
+    assert not _waive(other, weak).waived
+    info = copy.deepcopy(GOOD)
+    info["HostConfig"]["SecurityOpt"] = ["no-new-privileges"]
+    assert {c.name: c.passed for c in config_checks(info, weak)}["seccomp_profile"]

@@ -41,6 +41,10 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     ARTIFACT_FORMAT_NUMPY: _ArtifactFormat.ValueType  # 7
     ARTIFACT_FORMAT_ONNX: _ArtifactFormat.ValueType  # 8
     ARTIFACT_FORMAT_SAFETENSORS: _ArtifactFormat.ValueType  # 9
+    ARTIFACT_FORMAT_MLFLOW: _ArtifactFormat.ValueType  # 10
+    """An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
+    root. Recognised by member names; opened only in the sandbox.
+    """
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper):
     """What the caller says the artifact is. The broker detects the format by magic bytes and
@@ -57,6 +61,10 @@ ARTIFACT_FORMAT_TORCH_EXPORT: ArtifactFormat.ValueType  # 6
 ARTIFACT_FORMAT_NUMPY: ArtifactFormat.ValueType  # 7
 ARTIFACT_FORMAT_ONNX: ArtifactFormat.ValueType  # 8
 ARTIFACT_FORMAT_SAFETENSORS: ArtifactFormat.ValueType  # 9
+ARTIFACT_FORMAT_MLFLOW: ArtifactFormat.ValueType  # 10
+"""An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
+root. Recognised by member names; opened only in the sandbox.
+"""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _TargetFormat:
@@ -376,6 +384,7 @@ class ConvertResult(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     INTEGRITY_NOTE_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     detected_format: _builtins.str
     output_format: Global___TargetFormat.ValueType
@@ -390,6 +399,12 @@ class ConvertResult(_message.Message):
     runtime: _builtins.str
     integrity_note: _builtins.str
     """Why the assurance is what it is (e.g. why integrity could not be verified)."""
+    provenance: _builtins.bytes
+    """Signed provenance, in the OpenSSF model-signing format: a Sigstore bundle (JSON) with a DSSE
+    envelope around an in-toto Statement v1 that signs the output's sha256 and, under
+    predicate.airlock, records how it was made. Signed with the broker's ECDSA P-256 key
+    (GetProvenanceKey). Clients verify it before writing the output.
+    """
     @_builtins.property
     def report(self) -> Global___ConversionReport: ...
     def __init__(
@@ -409,10 +424,11 @@ class ConvertResult(_message.Message):
         image_id: _builtins.str = ...,
         runtime: _builtins.str = ...,
         integrity_note: _builtins.str = ...,
+        provenance: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,6 +463,49 @@ class ConvertResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ConvertResponse: _TypeAlias = ConvertResponse  # noqa: Y015
+
+@_typing.final
+class GetProvenanceKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceKeyRequest: _TypeAlias = GetProvenanceKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetProvenanceKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    public_key_pem: _builtins.str
+    """SubjectPublicKeyInfo, PEM."""
+    fingerprint: _builtins.str
+    """Lower-case hex sha256 of the PEM SubjectPublicKeyInfo (model-signing's key hint)."""
+    algorithm: _builtins.str
+    """"ecdsa-p256-sha256" """
+    def __init__(
+        self,
+        *,
+        public_key_pem: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "fingerprint", b"fingerprint", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceKeyResponse: _TypeAlias = GetProvenanceKeyResponse  # noqa: Y015
 
 @_typing.final
 class PoolStatus(_message.Message):

@@ -39,6 +39,11 @@ class ConversionServiceStub:
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.ConvertRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.ConvertResponse.FromString,
                 _registered_method=True)
+        self.GetProvenanceKey = channel.unary_unary(
+                '/airlock.v1.ConversionService/GetProvenanceKey',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ConversionServiceServicer:
@@ -50,6 +55,14 @@ class ConversionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProvenanceKey(self, request, context):
+        """The public half of the key that signs provenance. Fetching it over the same channel as the
+        results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_ConversionServiceServicer_to_server(servicer, server):
                     servicer.Convert,
                     request_deserializer=airlock_dot_v1_dot_airlock__pb2.ConvertRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_airlock__pb2.ConvertResponse.SerializeToString,
+            ),
+            'GetProvenanceKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProvenanceKey,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class ConversionService:
             '/airlock.v1.ConversionService/Convert',
             airlock_dot_v1_dot_airlock__pb2.ConvertRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.ConvertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProvenanceKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.ConversionService/GetProvenanceKey',
+            airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

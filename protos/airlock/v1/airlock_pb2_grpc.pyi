@@ -38,11 +38,19 @@ class ConversionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ConversionServiceAsyncStub: ...
     Convert: _grpc.StreamStreamMultiCallable[_airlock_pb2.ConvertRequest, _airlock_pb2.ConvertResponse]
+    GetProvenanceKey: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]
+    """The public half of the key that signs provenance. Fetching it over the same channel as the
+    results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+    """
 
 @_typing.type_check_only
 class ConversionServiceAsyncStub(ConversionServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Convert: _aio.StreamStreamMultiCallable[_airlock_pb2.ConvertRequest, _airlock_pb2.ConvertResponse]  # type: ignore[assignment]
+    GetProvenanceKey: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]  # type: ignore[assignment]
+    """The public half of the key that signs provenance. Fetching it over the same channel as the
+    results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+    """
 
 class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -51,6 +59,16 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_airlock_pb2.ConvertRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_airlock_pb2.ConvertResponse], _abc.AsyncIterator[_airlock_pb2.ConvertResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetProvenanceKey(
+        self,
+        request: _airlock_pb2.GetProvenanceKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.GetProvenanceKeyResponse, _abc.Awaitable[_airlock_pb2.GetProvenanceKeyResponse]]:
+        """The public half of the key that signs provenance. Fetching it over the same channel as the
+        results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+        """
 
 def add_ConversionServiceServicer_to_server(servicer: ConversionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

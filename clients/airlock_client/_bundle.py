@@ -1,0 +1,228 @@
+"""An MLflow model directory, checked on the host and packed into one "bundle" for the sandbox.
+
+A model directory is a code bundle (``loader_module``, ``code/``, ``pickle_module_info.txt``,
+pickles): the client never imports or unpickles anything in it. It only walks the tree with
+``lstat``, reads ``MLmodel`` with ``yaml.safe_load`` under a size cap, and copies bytes.
+
+Refused, each with a reason: symlinks, hard links (a file with more than one link may be the
+same inode as something outside the model), FIFOs, sockets and devices, names that could
+escape the root or confuse an extractor, paths in ``MLmodel`` that point outside the root, and
+trees over the file-count or byte caps.
+
+The bundle is a deterministic STORED zip: members sorted, ``MLmodel`` first, fixed timestamps
+and modes, no directory entries. Stored (not deflated) members cannot be a compression bomb,
+and the same directory always gives the same bytes, hence the same sha256. The broker
+recognises it from member names only; the worker, inside the sandbox, re-checks every member
+before it reads one (it trusts nothing this module did).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+import unicodedata
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from airlock_client._errors import ModelSourceError
+
+MLMODEL = "MLmodel"
+MAX_MLMODEL_BYTES = 1024 * 1024
+MAX_FILES = 10_000
+MAX_TOTAL_BYTES = 4 * 1024**3
+MAX_DEPTH = 32
+MAX_NAME_BYTES = 1024
+MAX_COMPONENT_BYTES = 255
+#: Fixed member timestamp (the zip epoch) so the bundle's bytes depend on content only.
+EPOCH = (1980, 1, 1, 0, 0, 0)
+COPY_BYTES = 1024 * 1024
+UNSAFE = "UNSAFE_MODEL_DIR"
+NOT_A_MODEL = "NOT_A_MODEL_DIR"
+#: Flavor keys that hold a path inside the model directory.
+PATH_KEYS = frozenset({"pickled_model", "model_data", "data", "model_path", "python_model",
+                       "code"})
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str  # relative POSIX path inside the model directory
+    path: Path
+    size: int
+    device: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked model directory: its regular files and its parsed ``MLmodel``."""
+
+    root: Path
+    files: tuple[ModelFile, ...]
+    total_bytes: int
+    mlmodel: dict[str, Any]
+
+    @property
+    def flavors(self) -> tuple[str, ...]:
+        flavors = self.mlmodel.get("flavors")
+        return tuple(str(k) for k in flavors) if isinstance(flavors, dict) else ()
+
+
+def refuse(message: str) -> ModelSourceError:
+    return ModelSourceError(UNSAFE, message)
+
+
+def check_name(name: str) -> None:
+    """A relative POSIX path with plain components only (no ``..``, no backslash...)."""
+    if not name or name.startswith("/") or len(name.encode("utf-8", "surrogatepass"))\
+            > MAX_NAME_BYTES:
+        raise refuse(f"path {name[:80]!r} is empty, absolute or too long")
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise refuse(f"path {name[:80]!r} is nested deeper than {MAX_DEPTH}")
+    for part in parts:
+        if part in {"", ".", ".."} or "\\" in part or (len(part) >= 2 and part[1] == ":"):
+            raise refuse(f"path {name[:80]!r} has a component that could escape the root")
+        if any(unicodedata.category(c) in {"Cc", "Cs"} for c in part):
+            raise refuse(f"path {name[:80]!r} has a control or undecodable character")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise refuse(f"path {name[:80]!r} has a component longer than "
+                         f"{MAX_COMPONENT_BYTES} bytes")
+
+
+def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
+            max_total_bytes: int = MAX_TOTAL_BYTES) -> ModelDir:
+    """Walk ``root`` without following anything; raise :class:`ModelSourceError` if unsafe."""
+    base = Path(root)
+    try:
+        top = os.stat(base)  # the root itself may be a link the user made; nothing below it
+    except OSError as exc:
+        raise ModelSourceError(NOT_A_MODEL, f"{base}: {exc.strerror}") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise ModelSourceError(NOT_A_MODEL, f"{base} is not a directory")
+    base = Path(os.path.realpath(base))
+    files: list[ModelFile] = []
+    total = 0
+    pending: list[tuple[Path, str]] = [(base, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            raise refuse(f"cannot list {prefix or '.'}: {exc.strerror}") from None
+        for entry in entries:
+            name = f"{prefix}{entry.name}"
+            check_name(name)
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                raise refuse(f"{name} is a symbolic link")
+            if stat.S_ISDIR(info.st_mode):
+                pending.append((Path(entry.path), f"{name}/"))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise refuse(f"{name} is not a regular file (a FIFO, socket or device)")
+            if info.st_nlink != 1:
+                raise refuse(f"{name} is a hard link ({info.st_nlink} links)")
+            files.append(ModelFile(name, Path(entry.path), info.st_size, info.st_dev,
+                                   info.st_ino))
+            total += info.st_size
+            if len(files) > max_files:
+                raise refuse(f"more than {max_files} files")
+            if total > max_total_bytes:
+                raise refuse(f"more than {max_total_bytes} bytes in total")
+    folded = [unicodedata.normalize("NFC", f.name).casefold() for f in files]
+    if len(set(folded)) != len(folded):
+        raise refuse("two paths differ only in case or Unicode normalisation")
+    by_name = {f.name: f for f in files}
+    if MLMODEL not in by_name:
+        raise ModelSourceError(NOT_A_MODEL, f"{base} has no {MLMODEL} file at its root")
+    mlmodel = read_mlmodel(by_name[MLMODEL])
+    check_references(mlmodel)
+    files.sort(key=lambda f: (f.name != MLMODEL, f.name))
+    return ModelDir(root=base, files=tuple(files), total_bytes=total, mlmodel=mlmodel)
+
+
+def read_mlmodel(entry: ModelFile) -> dict[str, Any]:
+    if entry.size > MAX_MLMODEL_BYTES:
+        raise refuse(f"{MLMODEL} is {entry.size} bytes (limit {MAX_MLMODEL_BYTES})")
+    raw = _read_exact(entry, MAX_MLMODEL_BYTES)
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise refuse(f"{MLMODEL} is not valid YAML: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("flavors"), dict):
+        raise refuse(f"{MLMODEL} has no 'flavors' mapping")
+    return doc
+
+
+def check_references(mlmodel: dict[str, Any]) -> None:
+    """Every path a flavor names must stay inside the model directory."""
+    for flavor, conf in mlmodel["flavors"].items():
+        if not isinstance(conf, dict):
+            continue
+        for key in PATH_KEYS & set(conf):
+            value = conf[key]
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise refuse(f"{MLMODEL}: flavors.{flavor}.{key} is not a path")
+            normal = posixpath.normpath(value)
+            if value.startswith("/") or "\\" in value or normal == ".." \
+                    or normal.startswith("../"):
+                raise refuse(f"{MLMODEL}: flavors.{flavor}.{key} = {value[:80]!r} points "
+                             "outside the model directory")
+
+
+def pack(model: ModelDir, dest: str | os.PathLike[str]) -> int:
+    """Write the bundle to ``dest`` (which must not exist); returns its size in bytes."""
+    with open(dest, "xb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED,
+                                                  allowZip64=True) as zf:
+        for entry in model.files:
+            info = zipfile.ZipInfo(entry.name, date_time=EPOCH)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # unix, so external_attr's mode bits are meaningful
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            info.file_size = entry.size
+            with zf.open(info, "w", force_zip64=entry.size >= zipfile.ZIP64_LIMIT) as out:
+                _copy_checked(entry, out)
+    return os.stat(dest).st_size
+
+
+def _open_checked(entry: ModelFile) -> int:
+    """Open without following a link, and prove it is still the file that was inspected."""
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise refuse(f"{entry.name} changed while being read: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if (not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_ino != entry.inode
+            or info.st_dev != entry.device or info.st_size != entry.size):
+        os.close(fd)
+        raise refuse(f"{entry.name} changed while being read")
+    return fd
+
+
+def _read_exact(entry: ModelFile, cap: int) -> bytes:
+    fd = _open_checked(entry)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(cap + 1)
+    if len(data) != entry.size:
+        raise refuse(f"{entry.name} changed while being read")
+    return data
+
+
+def _copy_checked(entry: ModelFile, out: Any) -> None:
+    fd = _open_checked(entry)
+    copied = 0
+    with os.fdopen(fd, "rb") as fh:
+        while block := fh.read(min(COPY_BYTES, entry.size - copied + 1)):
+            copied += len(block)
+            if copied > entry.size:
+                break
+            out.write(block)
+    if copied != entry.size:
+        raise refuse(f"{entry.name} changed while being read")

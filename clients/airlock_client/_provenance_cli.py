@@ -1,0 +1,219 @@
+"""``airlock verify`` and ``airlock keys``: check an output against its signed provenance.
+
+``airlock verify FILE`` exits 0 when the provenance beside FILE (or ``--provenance``) is
+validly signed by the key (``--public-key``, else ``AIRLOCK_PUBLIC_KEY``, else the key the
+broker publishes, with a trust-on-first-use warning) and FILE's sha256 and size are the signed
+output's; 1 when any check fails (with the reason); 2 on a usage error; 3 when a key had to be
+fetched and the broker was unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from airlock_client._cli_connection import add_connection_arguments, client_options
+from airlock_client._client import Client, default_address, default_public_key
+from airlock_client._errors import ConversionError, ServiceUnavailable
+from airlock_client.provenance import (
+    MAX_PROVENANCE_BYTES,
+    ProvenanceError,
+    ProvenanceRecord,
+    fingerprint,
+    load_public_key,
+    provenance_path,
+    verify,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+_SERVER_HELP = "broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)"
+
+
+def add_verify_parser(sub: Any) -> None:
+    verify_p = sub.add_parser("verify", help="check a converted file against its signed "
+                                             "provenance")
+    verify_p.add_argument("file", type=Path, help="the converted model (ONNX / safetensors)")
+    verify_p.add_argument("--provenance", type=Path, default=None,
+                          help="the provenance file (default FILE.provenance.json)")
+    verify_p.add_argument("--public-key", type=Path, default=None,
+                          help="the broker's public key, PEM (default $AIRLOCK_PUBLIC_KEY; "
+                               "else fetched from the broker: trust on first use)")
+    verify_p.add_argument("--server", default=None, help=_SERVER_HELP)
+    verify_p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(verify_p)
+
+
+def add_keys_parser(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="the broker's provenance signing key")
+    keys.add_argument("action", choices=["export", "fetch"],
+                      help="export: the public key from the key file on this host (the broker's "
+                           "host; creates the key if there is none); fetch: as the broker "
+                           "publishes it over the API (trust on first use)")
+    keys.add_argument("--config", type=Path, default=None, help="broker TOML configuration "
+                      "(export: its [provenance] key_path)")
+    keys.add_argument("-o", "--output", type=Path, default=None,
+                      help="write the public key PEM here instead of stdout")
+    keys.add_argument("--server", default=None, help=_SERVER_HELP)
+    keys.add_argument("--json", action="store_true", help="print JSON on stdout")
+    add_connection_arguments(keys)
+
+
+def write_provenance(output: Path, envelope: bytes) -> Path:
+    """Write ``<output>.provenance.json`` atomically (temp file in the same dir, rename)."""
+    target = provenance_path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(envelope)
+        current = os.umask(0)
+        os.umask(current)
+        os.chmod(tmp, 0o666 & ~current)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        return _usage("verify", f"{args.file} is not a readable file")
+    prov_path = args.provenance or provenance_path(args.file)
+    key_arg: Any = args.public_key or default_public_key()
+    source = "pinned"
+    try:
+        if key_arg is not None:
+            key = load_public_key(key_arg)
+        else:
+            source = "broker"
+            with Client(args.server or default_address(), retry_attempts=1,
+                        **client_options(args)) as client:
+                key = load_public_key(client.provenance_key().public_key_pem.encode())
+            print("airlock verify: warning: no --public-key or AIRLOCK_PUBLIC_KEY; using the key "
+                  "the broker publishes (trust on first use)", file=sys.stderr)
+    except ProvenanceError as exc:
+        return _usage("verify", exc.message)
+    except ValueError as exc:  # connection options: a bad token file, a cleartext token
+        return _usage("verify", str(exc))
+    except (ServiceUnavailable, ConversionError) as exc:
+        print(f"airlock verify: cannot fetch the broker's key: {exc.reason}: {exc.message}",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        envelope = _read_provenance(prov_path)
+        record = verify(args.file, envelope, key)
+    except ProvenanceError as exc:
+        if args.json:
+            print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message,
+                              "file": str(args.file), "provenance": str(prov_path)}))
+        else:
+            print(f"airlock verify: FAILED: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"status": "ok", "file": str(args.file), "provenance": str(prov_path),
+                          "key_source": source, "record": _record_doc(record)}))
+    else:
+        _print_record(args.file, record, source)
+    return EXIT_OK
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    if args.action == "fetch":
+        try:
+            with Client(args.server or default_address(), retry_attempts=1,
+                        **client_options(args)) as client:
+                published = client.provenance_key()
+        except ValueError as exc:  # connection options: a bad token file, a cleartext token
+            return _usage("keys", str(exc))
+        except (ServiceUnavailable, ConversionError) as exc:
+            print(f"airlock keys: {exc.reason}: {exc.message}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
+        try:
+            actual = fingerprint(published.public_key_pem.encode())
+        except ProvenanceError as exc:
+            print(f"airlock keys: the broker's key is unusable: {exc.message}", file=sys.stderr)
+            return EXIT_FAILED
+        if actual != published.fingerprint:
+            print("airlock keys: the broker's key does not match its fingerprint",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
+              "with the broker's host (airlock keys export) before pinning it", file=sys.stderr)
+        return _emit_key(args, published.public_key_pem, actual)
+    try:
+        from airlock_broker.keys import SigningKeyError, export_public
+    except ImportError:
+        return _usage("keys", "export reads the broker's key file: run it where the broker "
+                              "is installed, or use `airlock keys fetch`")
+    try:
+        pem, fp, created = export_public(args.config)
+    except (SigningKeyError, OSError, ValueError) as exc:
+        print(f"airlock keys: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if created:
+        print("airlock keys: no key existed; created one", file=sys.stderr)
+    return _emit_key(args, pem, fp)
+
+
+def _emit_key(args: argparse.Namespace, pem: str, fp: str) -> int:
+    if args.output is not None:
+        args.output.write_text(pem)
+    if args.json:
+        print(json.dumps({"public_key_pem": pem, "fingerprint": fp,
+                          "written_to": str(args.output) if args.output else None}))
+    elif args.output is None:
+        sys.stdout.write(pem)
+        print(f"# fingerprint sha256:{fp}", file=sys.stderr)
+    else:
+        print(f"wrote {args.output} (fingerprint sha256:{fp})")
+    return EXIT_OK
+
+
+def _read_provenance(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(MAX_PROVENANCE_BYTES + 1)
+    except FileNotFoundError:
+        raise ProvenanceError("PROVENANCE_MISSING", f"no provenance file {path}") from None
+    except OSError as exc:
+        raise ProvenanceError("PROVENANCE_MISSING", f"cannot read {path}: {exc.strerror}") \
+            from None
+
+
+def _record_doc(record: ProvenanceRecord) -> dict[str, Any]:
+    doc = asdict(record)
+    doc.pop("statement", None)
+    return doc
+
+
+def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
+    trust = "pinned key" if source == "pinned" else "key fetched from the broker (TOFU)"
+    print(f"verified {path}: signed by {trust} sha256:{record.key_fingerprint[:16]}...")
+    print(f"  output     {record.output_format}, {record.output_size} bytes, "
+          f"sha256 {record.output_sha256}")
+    print(f"  input      sha256 {record.input_sha256}, {record.input_size} bytes, detected "
+          f"{record.detected_format}" + (f" (declared {record.declared_format})"
+                                         if record.declared_format else ""))
+    executed = "yes" if record.conversion.get("executed_artifact_code") is True else "no"
+    print(f"  converted  job {record.job_id} at {record.created} by airlock "
+          f"{record.broker_version}; policy {record.loading_policy}; artifact code executed "
+          f"in sandbox: {executed}")
+    print(f"  sandbox    {record.runtime}, image {record.image_id[:19]}")
+    note = f" ({record.integrity_note})" if record.integrity_note else ""
+    print(f"  verdicts   validation {record.validation}; assurance {record.assurance}{note}")
+
+
+def _usage(command: str, message: str) -> int:
+    print(f"airlock {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,334 @@
+"""Verifying the signed provenance that comes with every Airlock output.
+
+For each output the broker signs, with its ECDSA P-256 key, a Sigstore bundle in the OpenSSF
+model-signing format: a DSSE envelope around an in-toto Statement v1 whose predicate lists the
+output file's sha256 and carries Airlock's record of how it was made (under ``airlock``). The
+same file therefore also verifies with ``model_signing verify key``. This module checks such a
+bundle against a public key and a file::
+
+    from airlock_client import provenance
+    record = provenance.verify("model.onnx", Path("model.onnx.provenance.json").read_bytes(),
+                               Path("airlock.pub.pem").read_bytes())
+    print(record.assurance, record.input_sha256)
+
+``verify`` returns a ``ProvenanceRecord`` only when the signature is valid for that key AND the
+file's sha256 and size are the ones signed; otherwise it raises ``ProvenanceError`` whose
+``reason`` says which check failed. Trust is only as good as the key: a key file you pinned
+(copied from the broker's host, ``airlock keys export``) is strong; a key fetched from the
+broker over the same channel as the output is trust-on-first-use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from airlock_client._errors import IntegrityError
+
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+RECORD_FIELD = "airlock"
+#: An envelope is a few KiB; anything far larger is not one.
+MAX_PROVENANCE_BYTES = 256 * 1024
+SUFFIX = ".provenance.json"
+_READ = 1024 * 1024
+
+PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey
+
+
+class ProvenanceError(IntegrityError):
+    """Provenance is missing, malformed, not signed by the expected key, or not for this file.
+
+    ``reason`` is one of ``PROVENANCE_MISSING``, ``PROVENANCE_MALFORMED``, ``BAD_PUBLIC_KEY``,
+    ``SIGNATURE_INVALID``, ``OUTPUT_MISMATCH``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ProvenanceRecord:
+    """A verified provenance record. Fields under ``conversion`` are the sandbox's claims."""
+
+    job_id: str
+    created: str
+    broker_version: str
+    input_sha256: str
+    input_size: int
+    declared_format: str
+    detected_format: str
+    output_name: str
+    output_sha256: str
+    output_size: int
+    output_format: str
+    target: str
+    loading_policy: str
+    image_id: str
+    runtime: str
+    validation: str
+    assurance: str
+    integrity_note: str
+    #: The signing key's fingerprint (sha256 of its PEM SubjectPublicKeyInfo, hex; the same
+    #: value model-signing calls the key hint).
+    key_fingerprint: str
+    #: What the sandbox said: loader, converter, executed_artifact_code, versions, parity.
+    conversion: Mapping[str, Any] = field(default_factory=dict)
+    #: The whole signed in-toto Statement, for anything not lifted into fields above.
+    statement: Mapping[str, Any] = field(default_factory=dict)
+
+
+def load_public_key(key: PublicKeyLike) -> ec.EllipticCurvePublicKey:
+    """A P-256 public key from PEM bytes / text, a path to a PEM file, or a key object."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        loaded: object = key
+    else:
+        if isinstance(key, bytes):
+            pem = key
+        elif isinstance(key, str) and key.lstrip().startswith("-----BEGIN"):
+            pem = key.encode()
+        else:
+            try:
+                pem = Path(key).read_bytes()
+            except OSError as exc:
+                raise ProvenanceError("BAD_PUBLIC_KEY",
+                                      f"cannot read the public key {key}: {exc.strerror}") from None
+        try:
+            loaded = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError):
+            raise ProvenanceError("BAD_PUBLIC_KEY", "the public key is not a PEM public key") \
+                from None
+    if not isinstance(loaded, ec.EllipticCurvePublicKey) or not isinstance(loaded.curve,
+                                                                           ec.SECP256R1):
+        raise ProvenanceError("BAD_PUBLIC_KEY", "the public key is not an ECDSA P-256 key")
+    return loaded
+
+
+def fingerprint(key: PublicKeyLike) -> str:
+    """Lower-case hex sha256 of the key's PEM SubjectPublicKeyInfo (the bundle's key hint)."""
+    pem = load_public_key(key).public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(pem).hexdigest()
+
+
+def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
+           public_key: PublicKeyLike) -> ProvenanceRecord:
+    """Verify ``provenance`` with ``public_key``, then that it describes ``file_or_bytes``.
+
+    ``file_or_bytes`` is the output's content (``bytes``) or a path to it (read once, hashed).
+    """
+    record = verify_envelope(provenance, public_key)
+    if isinstance(file_or_bytes, bytes):
+        sha, size = hashlib.sha256(file_or_bytes).hexdigest(), len(file_or_bytes)
+    else:
+        sha, size = _hash_file(Path(file_or_bytes))
+    check_output(record, sha256=sha, size=size)
+    return record
+
+
+def verify_envelope(provenance: bytes, public_key: PublicKeyLike) -> ProvenanceRecord:
+    """Check the signature and parse the record; says nothing yet about any file."""
+    key = load_public_key(public_key)
+    if not provenance:
+        raise ProvenanceError("PROVENANCE_MISSING", "no provenance was given")
+    if len(provenance) > MAX_PROVENANCE_BYTES:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              f"provenance of {len(provenance)} bytes is larger than any record")
+    bundle = _strict_json(provenance, "the provenance bundle")
+    if bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              f"mediaType is not {BUNDLE_MEDIA_TYPE!r}")
+    envelope = _obj(bundle, "dsseEnvelope")
+    if envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              f"payloadType is not {PAYLOAD_TYPE!r}")
+    payload = _b64(envelope.get("payload"), "payload")
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or not signatures:
+        raise ProvenanceError("PROVENANCE_MALFORMED", "the envelope holds no signature")
+    expected = fingerprint(key)
+    signed = b"DSSEv1 %d %s %d %s" % (len(PAYLOAD_TYPE), PAYLOAD_TYPE.encode(), len(payload),
+                                       payload)
+    named = [_hint(bundle)]
+    for entry in signatures[:8]:
+        if not isinstance(entry, dict):
+            raise ProvenanceError("PROVENANCE_MALFORMED", "a signature entry is not an object")
+        named.append(str(entry.get("keyid", ""))[:64])
+        try:
+            key.verify(_b64(entry.get("sig"), "sig"), signed, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            continue
+        return _record(_strict_json(payload, "the in-toto statement"), expected)
+    # Hints and keyids are unauthenticated: they only make the message useful.
+    other = [k for k in named if k and k != expected]
+    hint = f"; it names key {other[0][:16]}..., not {expected[:16]}..." if other else ""
+    raise ProvenanceError("SIGNATURE_INVALID",
+                          f"the provenance is not validly signed by the expected key{hint}")
+
+
+def _hint(bundle: Mapping[str, Any]) -> str:
+    material = bundle.get("verificationMaterial")
+    public = material.get("publicKey") if isinstance(material, dict) else None
+    return str(public.get("hint", ""))[:64] if isinstance(public, dict) else ""
+
+
+def check_output(record: ProvenanceRecord, *, sha256: str, size: int) -> None:
+    """Raise unless ``sha256`` and ``size`` are the output's signed ones."""
+    if sha256 != record.output_sha256:
+        raise ProvenanceError("OUTPUT_MISMATCH",
+                              f"the file's sha256 {sha256[:16]}... is not the signed output's "
+                              f"{record.output_sha256[:16]}...")
+    if size != record.output_size:
+        raise ProvenanceError("OUTPUT_MISMATCH",
+                              f"the file has {size} bytes; the signed output has "
+                              f"{record.output_size}")
+
+
+def provenance_path(output: str | os.PathLike[str]) -> Path:
+    """Where ``airlock convert`` puts an output's provenance: ``<output>.provenance.json``."""
+    path = Path(output)
+    return path.with_name(path.name + SUFFIX)
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(_READ):
+                digest.update(block)
+                size += len(block)
+    except OSError as exc:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {path}: {exc.strerror}") from None
+    return digest.hexdigest(), size
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        doc[key] = value
+    return doc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _strict_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{what} is not valid JSON: "
+                                                      f"{str(exc)[:120]}") from None
+    if not isinstance(doc, dict):
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{what} is not a JSON object")
+    return doc
+
+
+def _b64(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{name} is missing or not a string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{name} is not base64") from None
+
+
+def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
+    """The signed statement as a typed record; a signed but ill-formed one is still refused."""
+    if doc.get("_type") != STATEMENT_TYPE or doc.get("predicateType") != PREDICATE_TYPE:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the statement is not a model-signing v1.0 in-toto statement")
+    predicate = _obj(doc, "predicate")
+    if RECORD_FIELD not in predicate:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the signature holds no Airlock provenance record")
+    resources = predicate.get("resources")
+    if (not isinstance(resources, list) or len(resources) != 1
+            or not isinstance(resources[0], dict)
+            or resources[0].get("name") != "." or resources[0].get("algorithm") != "sha256"):
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the statement must sign exactly one file, by sha256")
+    digest = _str(resources[0], "digest")
+    subjects = doc.get("subject")
+    if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict):
+        raise ProvenanceError("PROVENANCE_MALFORMED", "the statement must have one subject")
+    try:
+        root = hashlib.sha256(bytes.fromhex(digest)).hexdigest()
+    except ValueError:
+        raise ProvenanceError("PROVENANCE_MALFORMED", "the file digest is not hex") from None
+    pred = _obj(predicate, RECORD_FIELD)
+    inp, out = _obj(pred, "input"), _obj(pred, "output")
+    if _obj(subjects[0], "digest").get("sha256") != root or _str(out, "sha256") != digest:
+        raise ProvenanceError("PROVENANCE_MALFORMED",
+                              "the statement's subject, resource and record digests disagree")
+    sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
+    request, broker = _obj(pred, "request"), _obj(pred, "broker")
+    return ProvenanceRecord(
+        job_id=_str(pred, "job_id"), created=_str(pred, "created"),
+        broker_version=_str(broker, "version"),
+        input_sha256=_str(inp, "sha256"), input_size=_int(inp, "size"),
+        declared_format=_str(inp, "declared_format"),
+        detected_format=_str(inp, "detected_format"),
+        output_name=_str(out, "name"), output_sha256=digest,
+        output_size=_int(out, "size"), output_format=_str(out, "format"),
+        target=_str(request, "target"), loading_policy=_str(request, "loading_policy"),
+        image_id=_str(sandbox, "image_id"), runtime=_str(sandbox, "runtime"),
+        validation=_str(verdicts, "validation"), assurance=_str(verdicts, "assurance"),
+        integrity_note=_str(verdicts, "integrity_note"),
+        key_fingerprint=key_fingerprint,
+        conversion=_obj(pred, "conversion"), statement=doc,
+    )
+
+
+def _obj(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    if not isinstance(value, dict):
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{name!r} is missing or not an object")
+    return value
+
+
+def _str(doc: Mapping[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{name!r} is missing or not a string")
+    return value
+
+
+def _int(doc: Mapping[str, Any], name: str) -> int:
+    value = doc.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProvenanceError("PROVENANCE_MALFORMED", f"{name!r} is not a size")
+    return value
+
+
+__all__ = [
+    "MAX_PROVENANCE_BYTES",
+    "PREDICATE_TYPE",
+    "ProvenanceError",
+    "ProvenanceRecord",
+    "check_output",
+    "fingerprint",
+    "load_public_key",
+    "provenance_path",
+    "verify",
+    "verify_envelope",
+]

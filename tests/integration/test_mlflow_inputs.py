@@ -1,0 +1,182 @@
+"""MLflow models in, ONNX out: local directories and ``models:/`` / ``runs:/`` URIs against a
+real tracking server on loopback, through the real broker, engine and image.
+
+The test process saves each model with MLflow and keeps the live original; the converted
+ONNX must predict the same within 1e-5. Nothing saved is ever loaded back on the host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from airlock_client import Client, ConversionError, mlflow_source
+from tests.conftest import IMAGE, BrokerProcess, run_cli, start_broker
+from tests.fixtures import mlflow_models
+from tests.fixtures.mlflow_models import Saved
+from tests.integration.mlflow_server import mlflow_tracking_server
+
+pytestmark = pytest.mark.integration
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mlflow_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    """A broker on the image under test, cold containers only (cheap on a shared machine)."""
+    tmp = tmp_path_factory.mktemp("mlflow-broker")
+    config = tmp / "airlock.toml"
+    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')
+    proc = start_broker(tmp, "--config", str(config))
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
+
+
+def _predict(onnx_path: Path, saved: Saved) -> tuple[np.ndarray, np.ndarray]:
+    """(converted, original) outputs on the same sample."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    outputs = session.run(None, {inp.name: saved.sample.astype(np.float32)})
+    if saved.kind == "torch":
+        import torch
+
+        with torch.no_grad():
+            expected = saved.model(torch.from_numpy(saved.sample)).numpy()
+        return np.asarray(outputs[0]), expected
+    names = [o.name for o in session.get_outputs()]
+    return (np.asarray(outputs[names.index("probabilities")]),
+            saved.model.predict_proba(saved.sample))
+
+
+@pytest.mark.parametrize("case", sorted(mlflow_models.BENIGN))
+def test_mlflow_directory_converts_with_parity(case: str, mlflow_broker: BrokerProcess,
+                                               tmp_path: Path) -> None:
+    saved = mlflow_models.BENIGN[case](tmp_path / "model")
+    out = tmp_path / "model.onnx"
+    with Client(mlflow_broker.address) as client:
+        result = client.convert(saved.path, out)
+    assert result.format == "onnx"
+    assert result.detected_format.startswith("mlflow:")
+    got, expected = _predict(out, saved)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    # The signature (float32, [-1, 4]) became the ONNX input type.
+    (inp,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
+    assert inp.type == "tensor(float)" and inp.shape[1] == mlflow_models.FEATURES
+
+
+def test_same_directory_gives_the_same_bundle_bytes(mlflow_broker: BrokerProcess,
+                                                    tmp_path: Path) -> None:
+    saved = mlflow_models.sklearn_dir(tmp_path / "model", "pickle")
+    with Client(mlflow_broker.address) as client:
+        first = client.convert(saved.path, tmp_path / "a.onnx")
+        second = client.convert(saved.path, tmp_path / "b.onnx")
+    assert first.input_sha256 == second.input_sha256
+
+
+def test_python_model_is_unsupported_flavor(mlflow_broker: BrokerProcess,
+                                            tmp_path: Path) -> None:
+    path = mlflow_models.python_model_dir(tmp_path / "pyfunc")
+    with Client(mlflow_broker.address) as client, pytest.raises(ConversionError) as caught:
+        client.convert(path, tmp_path / "out.onnx")
+    assert caught.value.reason == "UNSUPPORTED_FLAVOR"
+    assert "PythonModel" in caught.value.message
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("policy", ["allow_code", "safe_only"])
+def test_malicious_mlflow_sklearn_model_is_contained(policy: str, mlflow_broker: BrokerProcess,
+                                                     tmp_path: Path) -> None:
+    """CVE-2024-37052: a reduce payload in model.pkl. It runs only in the sandbox (or, under
+    safe_only, not at all); the host marker never appears."""
+    marker = tmp_path / "host-marker" / "pwned"
+    path = mlflow_models.malicious_sklearn_dir(tmp_path / "evil", marker)
+    with Client(mlflow_broker.address) as client, pytest.raises(ConversionError) as caught:
+        client.convert(path, tmp_path / "out.onnx", loading_policy=policy)  # type: ignore[arg-type]
+    expected = "POLICY_VIOLATION" if policy == "safe_only" else "UNSUPPORTED_MODEL"
+    assert caught.value.reason == expected, caught.value.message
+    assert not marker.exists()
+    assert not marker.parent.exists()
+
+
+def test_safe_only_converts_skops_without_executing_code(mlflow_broker: BrokerProcess,
+                                                         tmp_path: Path) -> None:
+    saved = mlflow_models.sklearn_dir(tmp_path / "model", "skops")
+    out = tmp_path / "model.onnx"
+    with Client(mlflow_broker.address) as client:
+        result = client.convert(saved.path, out, loading_policy="safe_only")
+    assert result.report.executed_artifact_code is False
+    assert result.report.loader == "skops.io.load"
+    got, expected = _predict(out, saved)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_registry_and_run_uris_resolve_against_a_real_tracking_server(
+        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    with mlflow_tracking_server(tmp_path) as server:
+        mlflow.set_tracking_uri(server.uri)
+        try:
+            saved = mlflow_models.sklearn_dir(tmp_path / "local-model", "pickle")
+            with mlflow.start_run() as run:
+                mlflow.log_artifacts(str(saved.path), artifact_path="model")
+            registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", "fraud")
+            assert registered.version == "1"
+            MlflowClient(server.uri).set_registered_model_alias("fraud", "champion", "1")
+        finally:
+            mlflow.set_tracking_uri(None)
+
+        work = tmp_path / "downloads"
+        uris = ["models:/fraud/1", "models:/fraud@champion", f"runs:/{run.info.run_id}/model"]
+        with Client(mlflow_broker.address) as client:
+            shas = set()
+            for i, uri in enumerate(uris):
+                model_dir = mlflow_source.resolve(uri, work, tracking_uri=server.uri)
+                assert model_dir.is_relative_to(work)
+                out = tmp_path / f"out-{i}.onnx"
+                shas.add(client.convert(model_dir, out).input_sha256)
+                got, expected = _predict(out, saved)
+                np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+        # Byte-identical downloads pack to one bundle.
+        assert len(shas) == 1
+
+        # The CLI, as a user runs it: output named after the model, in the working directory.
+        cli = run_cli("convert", "models:/fraud/1", "--tracking-uri", server.uri, "--json",
+                      server=mlflow_broker.address, cwd=tmp_path)
+        assert cli.returncode == 0, cli.stderr
+        doc = json.loads(cli.stdout)
+        assert doc["status"] == "ok" and doc["output"] == str(tmp_path / "fraud-1.onnx")
+        assert doc["detected_format"] == "mlflow:sklearn/pickle"
+
+        missing = run_cli("convert", "models:/nope/7", "--tracking-uri", server.uri, "--json",
+                          server=mlflow_broker.address, cwd=tmp_path)
+        assert missing.returncode == 1
+        assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
+
+
+def test_cli_converts_a_model_directory(mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+    saved = mlflow_models.sklearn_dir(tmp_path / "churn", "cloudpickle")
+    cli = run_cli("convert", str(saved.path), "--json", server=mlflow_broker.address)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    assert doc["output"] == str(tmp_path / "churn.onnx")
+    assert doc["executed_artifact_code"] is True
+
+
+def test_cli_refuses_a_model_directory_with_a_symlink(mlflow_broker: BrokerProcess,
+                                                      tmp_path: Path) -> None:
+    saved = mlflow_models.sklearn_dir(tmp_path / "model", "pickle")
+    (saved.path / "extra").symlink_to("/etc/passwd")
+    cli = run_cli("convert", str(saved.path), "--json", server=mlflow_broker.address)
+    assert cli.returncode == 1
+    doc = json.loads(cli.stdout)
+    assert doc["reason"] == "UNSAFE_MODEL_DIR" and "symbolic link" in doc["message"]

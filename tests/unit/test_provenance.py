@@ -1,0 +1,365 @@
+"""Signed provenance: the broker's signing (keys.py, provenance.py) against the client's
+verification (airlock_client.provenance), and the client refusing a result it cannot verify."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from airlock_broker.config import BrokerConfig
+from airlock_broker.jobs import JobRequest, JobResult
+from airlock_broker.keys import (
+    SigningKey,
+    SigningKeyError,
+    create_key,
+    default_key_path,
+    load_key,
+    load_or_create,
+)
+from airlock_broker.outputs import ValidatedOutput
+from airlock_broker.pools import PoolSettings
+from airlock_broker.provenance import sign, statement
+from airlock_broker.sandbox import Outcome
+from airlock_client import Client, ProvenanceError, provenance
+from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_sandbox.policy import SandboxPolicy
+from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE, write_safetensors
+
+OUTPUT = b"\x08\x07" + b"pretend this is a canonical ONNX model" * 10
+INPUT = b"\x80\x04" + b"a pickle" * 20
+
+
+def _result(output: bytes = OUTPUT, report: dict[str, Any] | None = None) -> JobResult:
+    validated = ValidatedOutput(format=OutputFormat.ONNX, size=len(output),
+                                sha256=hashlib.sha256(output).hexdigest(),
+                                chunks=lambda n: iter([output]), path=Path("/nonexistent"))
+    outcome = Outcome(exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
+                      image_id="sha256:" + "ab" * 32, runtime="runc")
+    return JobResult(job_id="job-1", detected_format=ArtifactFormat.PICKLE,
+                     input_sha256=hashlib.sha256(INPUT).hexdigest(), input_size=len(INPUT),
+                     output=validated, outcome=outcome, policy=LoadingPolicy.ALLOW_CODE,
+                     report=report if report is not None else {
+                         "loader": "joblib.load", "converter": "skl2onnx",
+                         "executed_artifact_code": True,
+                         "versions": {"skl2onnx": "1.20.0", "onnx": "1.23.2"},
+                         "parity": [{"output_name": "label", "max_abs_diff": 0.0,
+                                     "passed": True}]})
+
+
+def _request() -> JobRequest:
+    return JobRequest(job_id="job-1", declared_format="pickle", target=Target.ONNX)
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    return create_key(tmp_path / "state" / "key.pem")
+
+
+def _public_pem(key: SigningKey) -> bytes:
+    return key.public_pem.encode()
+
+
+def _envelope(key: SigningKey, output: bytes = OUTPUT, **report: Any) -> bytes:
+    return sign(statement(_result(output, report or None), _request(), SandboxPolicy(),
+                          created=1_800_000_000, version="0.1.0"), key)
+
+
+def _reason(exc: pytest.ExceptionInfo[ProvenanceError]) -> str:
+    return exc.value.reason
+
+
+# -- round trip ------------------------------------------------------------------------------
+
+def test_round_trip_bytes_and_file(key: SigningKey, tmp_path: Path) -> None:
+    envelope = _envelope(key)
+    record = provenance.verify(OUTPUT, envelope, _public_pem(key))
+    assert record.output_sha256 == hashlib.sha256(OUTPUT).hexdigest()
+    assert record.output_size == len(OUTPUT) and record.output_format == "onnx"
+    assert record.input_sha256 == hashlib.sha256(INPUT).hexdigest()
+    assert record.input_size == len(INPUT)
+    assert (record.declared_format, record.detected_format) == ("pickle", "pickle")
+    assert record.loading_policy == "allow_code" and record.target == "onnx"
+    assert record.runtime == "runc" and record.image_id.startswith("sha256:abab")
+    assert record.validation == "passed" and record.assurance == "format_safe_only"
+    assert record.broker_version == "0.1.0" and record.job_id == "job-1"
+    assert record.created == "2027-01-15T08:00:00Z"
+    assert record.conversion["versions"] == {"skl2onnx": "1.20.0", "onnx": "1.23.2"}
+    assert record.key_fingerprint == key.fingerprint == provenance.fingerprint(_public_pem(key))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(OUTPUT)
+    pub = tmp_path / "pub.pem"
+    pub.write_text(key.public_pem)
+    assert provenance.verify(path, envelope, pub) == record
+    assert provenance.verify(str(path), envelope, key.public_pem) == record
+
+
+def test_bundle_is_model_signing_format_over_the_known_digest(key: SigningKey) -> None:
+    bundle = json.loads(_envelope(key))
+    assert bundle["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+    assert bundle["verificationMaterial"] == {"publicKey": {"hint": key.fingerprint},
+                                              "tlogEntries": []}
+    envelope = bundle["dsseEnvelope"]
+    assert envelope["payloadType"] == "application/vnd.in-toto+json"
+    doc = json.loads(base64.b64decode(envelope["payload"]))
+    assert doc["_type"] == "https://in-toto.io/Statement/v1"
+    assert doc["predicateType"] == "https://model_signing/signature/v1.0"
+    digest = hashlib.sha256(OUTPUT).hexdigest()
+    assert doc["predicate"]["resources"] == [{"name": ".", "algorithm": "sha256",
+                                              "digest": digest}]
+    assert doc["subject"][0]["digest"]["sha256"] == \
+        hashlib.sha256(bytes.fromhex(digest)).hexdigest()
+    assert doc["predicate"]["airlock"]["output"]["sha256"] == digest
+
+
+def test_model_signing_verifies_airlock_provenance(key: SigningKey, tmp_path: Path) -> None:
+    """Interoperability: the OpenSSF library accepts the bundle for the file, and only it."""
+    from model_signing import verifying
+
+    model = tmp_path / "renamed-model.onnx"
+    model.write_bytes(OUTPUT)
+    sig = tmp_path / "model.onnx.provenance.json"
+    sig.write_bytes(_envelope(key))
+    pub = tmp_path / "pub.pem"
+    pub.write_text(key.public_pem)
+    verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(model, sig)
+    model.write_bytes(OUTPUT[:-1] + bytes([OUTPUT[-1] ^ 1]))
+    with pytest.raises(ValueError, match="mismatch"):
+        verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(model, sig)
+
+
+def test_plain_model_signing_signature_is_not_airlock_provenance(key: SigningKey,
+                                                                 tmp_path: Path) -> None:
+    from model_signing import hashing, signing
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(OUTPUT)
+    sig = tmp_path / "model.sig"
+    (signing.Config().use_elliptic_key_signer(private_key=key.path)
+     .set_hashing_config(hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
+     .sign(model, sig))
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(model, sig.read_bytes(), _public_pem(key))
+    assert _reason(exc) == "PROVENANCE_MALFORMED" and "Airlock" in exc.value.message
+
+
+def test_hostile_worker_claims_are_capped_and_printable(key: SigningKey) -> None:
+    envelope = _envelope(key, loader="\x1b[31m" + "x" * 5000, versions={"a\n": "b" * 900},
+                         parity=[{"max_abs_diff": float("nan"), "output_name": 3}])
+    record = provenance.verify(OUTPUT, envelope, _public_pem(key))
+    assert len(record.conversion["loader"]) <= 83 and "\x1b" not in record.conversion["loader"]
+    assert record.conversion["versions"] == {"a?": "b" * 40 + "..."}
+    assert record.conversion["parity"][0]["max_abs_diff"] is None
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+def _tamper_payload(envelope: bytes, change: Any) -> bytes:
+    doc = json.loads(envelope)
+    payload = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    change(payload)
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    return json.dumps(doc).encode()
+
+
+def test_tampered_record_is_refused(key: SigningKey) -> None:
+    def lie(payload: dict[str, Any]) -> None:
+        payload["predicate"]["airlock"]["verdicts"]["assurance"] = "integrity_verified"
+
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, _tamper_payload(_envelope(key), lie), _public_pem(key))
+    assert _reason(exc) == "SIGNATURE_INVALID"
+
+
+def test_tampered_file_is_refused(key: SigningKey, tmp_path: Path) -> None:
+    flipped = bytearray(OUTPUT)
+    flipped[10] ^= 0x01
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(bytes(flipped), _envelope(key), _public_pem(key))
+    assert _reason(exc) == "OUTPUT_MISMATCH" and "sha256" in exc.value.message
+    path = tmp_path / "m.onnx"
+    path.write_bytes(OUTPUT + b"\x00")
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(path, _envelope(key), _public_pem(key))
+    assert _reason(exc) == "OUTPUT_MISMATCH"
+
+
+def test_wrong_key_is_refused_and_named(key: SigningKey, tmp_path: Path) -> None:
+    other = create_key(tmp_path / "other.pem")
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, _envelope(key), _public_pem(other))
+    assert _reason(exc) == "SIGNATURE_INVALID"
+    assert key.fingerprint[:16] in exc.value.message
+
+
+def test_signature_moved_to_another_keyid_does_not_help(key: SigningKey,
+                                                        tmp_path: Path) -> None:
+    other = create_key(tmp_path / "other.pem")
+    doc = json.loads(_envelope(key))
+    doc["dsseEnvelope"]["signatures"][0]["keyid"] = other.fingerprint
+    doc["verificationMaterial"]["publicKey"]["hint"] = other.fingerprint
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, json.dumps(doc).encode(), _public_pem(other))
+    assert _reason(exc) == "SIGNATURE_INVALID"
+
+
+@pytest.mark.parametrize(("mangle", "reason"), [
+    (lambda e: b"", "PROVENANCE_MISSING"),
+    (lambda e: e[: len(e) // 2], "PROVENANCE_MALFORMED"),
+    (lambda e: os.urandom(300), "PROVENANCE_MALFORMED"),
+    (lambda e: b"[1, 2, 3]", "PROVENANCE_MALFORMED"),
+    (lambda e: b" " * (provenance.MAX_PROVENANCE_BYTES + 1), "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b'"payloadType"', b'"payloadType":"x","payloadType"'),
+     "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b"application/vnd.in-toto+json", b"text/plain"),
+     "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b"bundle.v0.3+json", b"bundle.v9+json"), "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b'"signatures":[', b'"signatures":[],"x":['), "PROVENANCE_MALFORMED"),
+    (lambda e: e.replace(b'"sig":"', b'"sig":"!!'), "PROVENANCE_MALFORMED"),
+])
+def test_truncated_or_garbage_provenance_is_refused(key: SigningKey, mangle: Any,
+                                                    reason: str) -> None:
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, mangle(_envelope(key)), _public_pem(key))
+    assert _reason(exc) == reason
+
+
+def test_validly_signed_statement_of_another_kind_is_refused(key: SigningKey) -> None:
+    doc = statement(_result(), _request(), SandboxPolicy())
+    doc["predicateType"] = "https://slsa.dev/provenance/v1"
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert _reason(exc) == "PROVENANCE_MALFORMED"
+    for path, value in ((("subject", 0, "digest", "sha256"), "0" * 64),
+                        (("predicate", "resources", 0, "digest"), "0" * 64),
+                        (("predicate", "resources", 0, "name"), "other.onnx"),
+                        (("predicate", "airlock", "output", "sha256"), "0" * 64)):
+        doc = statement(_result(), _request(), SandboxPolicy())
+        target: Any = doc
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+        with pytest.raises(ProvenanceError) as exc:
+            provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+        assert _reason(exc) == "PROVENANCE_MALFORMED", path
+
+
+def test_public_keys_that_are_not_p256_are_refused(key: SigningKey, tmp_path: Path) -> None:
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for bad in (p384, b"not a key", tmp_path / "missing.pem"):
+        with pytest.raises(ProvenanceError) as exc:
+            provenance.verify(OUTPUT, _envelope(key), bad)
+        assert _reason(exc) == "BAD_PUBLIC_KEY"
+
+
+# -- key management --------------------------------------------------------------------------
+
+def test_generated_key_is_private_and_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "sub" / "key.pem"
+    created, fresh = load_or_create(path)
+    assert fresh
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["key.pem"]  # no temp file left
+    again, fresh_again = load_or_create(path)
+    assert not fresh_again and again.fingerprint == created.fingerprint
+
+
+def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    create_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(SigningKeyError, match="chmod 600"):
+        load_key(path)
+
+
+def test_key_symlink_and_wrong_curve_are_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real.pem"
+    create_key(real)
+    link = tmp_path / "link.pem"
+    link.symlink_to(real)
+    with pytest.raises(SigningKeyError):
+        load_key(link)
+    p384 = tmp_path / "p384.pem"
+    p384.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(p384, 0o600)
+    with pytest.raises(SigningKeyError, match="P-256"):
+        load_key(p384)
+
+
+def test_create_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    first = create_key(path)
+    with pytest.raises(FileExistsError):
+        create_key(path)
+    assert load_key(path).fingerprint == first.fingerprint
+
+
+def test_key_location_defaults_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRLOCK_PROVENANCE_KEY", raising=False)
+    monkeypatch.setenv("AIRLOCK_STATE_DIR", str(tmp_path / "st"))
+    assert default_key_path() == tmp_path / "st" / "provenance-signing-key.pem"
+    monkeypatch.setenv("AIRLOCK_PROVENANCE_KEY", str(tmp_path / "k.pem"))
+    assert BrokerConfig().provenance_key_path == tmp_path / "k.pem"
+    toml = tmp_path / "airlock.toml"
+    toml.write_text('[provenance]\nkey_path = "/srv/airlock/key.pem"\n')
+    assert BrokerConfig.load(toml).provenance_key_path == Path("/srv/airlock/key.pem")
+    toml.write_text('[provenance]\nkey = "x"\n')
+    with pytest.raises(ValueError, match="provenance"):
+        BrokerConfig.load(toml)
+
+
+# -- the client, against a broker with a fake sandbox ----------------------------------------
+
+def _broker_config(tmp_path: Path) -> BrokerConfig:
+    return BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+                        pools=PoolSettings(min_warm=0), selftest_on_start=False,
+                        provenance_key=tmp_path / "keys" / "broker.pem")
+
+
+def test_client_verifies_with_pinned_key_and_audit_names_it(tmp_path: Path) -> None:
+    config = _broker_config(tmp_path)
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    with running_broker(config, FakeSandbox(config.spool_root, write_safetensors)) as broker:
+        pub = tmp_path / "broker.pub.pem"
+        pub.write_text(broker.signing_key.public_pem)
+        with Client(f"127.0.0.1:{broker.port}", public_key=pub) as client:
+            assert client.provenance_key().fingerprint == broker.signing_key.fingerprint
+            result = client.convert(src, tmp_path / "out" / "m.safetensors")
+    assert result.provenance_key_source == "pinned"
+    assert result.provenance_record is not None
+    assert result.provenance_record.output_sha256 == result.sha256
+    record = provenance.verify(result.output, result.provenance, pub)
+    assert record == result.provenance_record
+    audit = json.loads((config.spool_root / "audit.jsonl").read_text().splitlines()[-1])
+    assert audit["provenance_key"] == broker.signing_key.fingerprint
+    assert audit["provenance_sha256"] == hashlib.sha256(result.provenance).hexdigest()
+
+
+def test_client_pinned_to_another_key_writes_nothing(tmp_path: Path) -> None:
+    config = _broker_config(tmp_path)
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    other = create_key(tmp_path / "other.pem")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with running_broker(config, FakeSandbox(config.spool_root, write_safetensors)) as broker, \
+            Client(f"127.0.0.1:{broker.port}", public_key=other.public_pem) as client, \
+            pytest.raises(ProvenanceError) as exc:
+        client.convert(src, out_dir / "m.safetensors")
+    assert exc.value.reason == "SIGNATURE_INVALID"
+    assert list(out_dir.iterdir()) == []
