@@ -26,6 +26,12 @@ from airlock_client._types import (
     TensorSpec,
 )
 from airlock_client.provenance import ProvenanceError, ProvenanceRecord
+from airlock_client.safe_load import (
+    SafeLoadError,
+    VerifiedArtifact,
+    fetch_verified,
+    load_verified,
+)
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -42,9 +48,13 @@ __all__ = [
     "ProvenanceError",
     "ProvenanceKey",
     "ProvenanceRecord",
+    "SafeLoadError",
     "SelfTestCheck",
     "SelfTestReport",
     "ServiceUnavailable",
     "TensorSpec",
+    "VerifiedArtifact",
     "default_address",
+    "fetch_verified",
+    "load_verified",
 ]

@@ -9,8 +9,10 @@
     │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
     ├── IntegrityError           the response stream did not match its own checksums
-    │   └── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
-    │                            signed by another key, or not for these bytes (.reason)
+    │   ├── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
+    │   │                        signed by another key, or not for these bytes (.reason)
+    │   └── SafeLoadError        (safe_load.py) a registry version is not a verifiable
+    │                            Airlock output (.reason)
     └── ModelSourceError         an MLflow model could not be fetched, or its directory was
         (.reason, .message)      refused before anything was sent (links, escapes, caps)
 """

@@ -9,6 +9,8 @@ Exit codes (other tools depend on them):
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
 ====  =====================================================
+
+``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from airlock_client._errors import (
     ModelSourceError,
     ServiceUnavailable,
 )
+from airlock_client._migrate_cli import add_migrate_parser, run_migrate
 from airlock_client._progress import ProgressBar
 from airlock_client._provenance_cli import (
     add_keys_parser,
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(convert)
     add_verify_parser(sub)
     add_keys_parser(sub)
+    add_migrate_parser(sub)
     return parser
 
 
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_verify(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "migrate":
+        return run_migrate(args)
     return _convert(args)
 
 
@@ -215,6 +221,8 @@ def _print_pools(pools: Sequence[PoolStatus]) -> None:
         print(f"{p.profile:<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}{p.failed_starts:>7}"
               f"{p.served_warm:>10}{p.served_cold:>6}{p.oldest_warm_seconds:>7.0f}s  "
               f"{p.runtime:<7}  {p.image_id[:19]}{'  (draining)' if p.draining else ''}")
+    for reason in sorted({p.unavailable for p in pools if p.unavailable}):
+        print(f"UNAVAILABLE: {reason}")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,231 @@
+"""``airlock migrate``: convert every version of an MLflow registry through Airlock.
+
+Exit codes (scripts and schedulers depend on them):
+
+====  ==========================================================================
+0     every selected version is migrated (by this run or an earlier one); with
+      ``--dry-run``: the walk succeeded and nothing earlier failed
+1     at least one version is rejected or failed (now or in an earlier run that
+      ``--retry-failed`` would retry), or is not ready in the registry
+2     usage error (bad options, no tracking URI, an unknown or migrated model)
+3     the broker or the tracking server became unreachable; the run stopped.
+      Run it again to resume: what was done stays done
+4     the broker refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), as
+      for every ``airlock`` command; the run stopped
+5     nothing to do: the selection holds no model version at all
+====  ==========================================================================
+
+Progress goes to stderr, one line per version; the summary (a table, or one JSON object with
+``--json``) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from airlock_client._cli_connection import add_connection_arguments, client_options
+from airlock_client._client import Client, default_address
+from airlock_client._lineage import clip
+from airlock_client._registry import (
+    DEFAULT_PAGE_SIZE,
+    RegistryError,
+    check_page_size,
+    open_registry,
+    page_size_from_env,
+)
+from airlock_client._types import ConversionResult, LoadingPolicy
+from airlock_client.migrate import (
+    PROBLEMS,
+    TARGET_SUFFIX,
+    Convert,
+    Fetch,
+    Migration,
+    MigrationAborted,
+    Options,
+    Outcome,
+    SelectionError,
+    Status,
+    counts,
+)
+from airlock_client.mlflow_source import resolve
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4
+EXIT_NOTHING = 5
+_DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
+def add_migrate_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "migrate", help="convert every version of MLflow registered models through Airlock",
+        description="Convert every version of the selected registered models in a sandbox and "
+                    "register each result as a version of <NAME>-airlock holding only the "
+                    "ONNX or safetensors file and its signed provenance. Re-running skips "
+                    "what is done.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", action="extend", nargs="+", metavar="NAME", default=None,
+                       help="registered model(s) to migrate (repeatable)")
+    which.add_argument("--all", action="store_true",
+                       help="every registered model except Airlock's own targets")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking server (default $MLFLOW_TRACKING_URI; required)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="walk the registry and say what would be done; change nothing")
+    parser.add_argument("--alias", default=None,
+                        help="point this alias of each target model at the newest migrated "
+                             "version")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="convert again the versions an earlier run found rejected")
+    parser.add_argument("--target-suffix", default=TARGET_SUFFIX,
+                        help=f"target model name = source name + this (default {TARGET_SUFFIX})")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="registry search page size (default $AIRLOCK_MIGRATE_PAGE_SIZE or "
+                             f"{DEFAULT_PAGE_SIZE})")
+    parser.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
+                        help="loading policy for every conversion")
+    parser.add_argument("--timeout", type=int, default=0, help="sandbox deadline per version (s)")
+    parser.add_argument("--server", default=None,
+                        help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
+    parser.add_argument("--public-key", type=Path, default=None,
+                        help="the broker's provenance public key, PEM (default "
+                             "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_connection_arguments(parser)
+
+
+def exit_code(outcomes: Sequence[Outcome]) -> int:
+    """The exit code of a run that finished (an aborted run exits EXIT_UNAVAILABLE)."""
+    if not outcomes:
+        return EXIT_NOTHING
+    if any(o.status in PROBLEMS for o in outcomes):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri:
+        return _usage("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    try:
+        page_size = (check_page_size(args.page_size) if args.page_size is not None
+                     else page_size_from_env())
+    except ValueError as exc:
+        return _usage(str(exc))
+    if args.alias is not None and not args.alias.strip():
+        return _usage("--alias needs a name")
+    options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
+                      retry_failed=args.retry_failed, target_suffix=args.target_suffix)
+    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    try:
+        registry = open_registry(tracking_uri, registry_uri)
+    except ImportError:
+        return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
+    _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
+    try:
+        convert, close = _converter(args)
+    except ValueError as exc:  # a bad token file
+        return _usage(str(exc))
+    migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
+                          options=options, progress=_progress)
+    try:
+        # stdout carries the summary alone (scripts parse --json): MLflow's client prints
+        # "View run ..." links there when a run ends, so the run talks to stderr instead.
+        with contextlib.redirect_stdout(sys.stderr):
+            outcomes = migration.run(None if args.all else args.model)
+    except (SelectionError, RegistryError) as exc:
+        return _usage(str(exc))
+    except MigrationAborted as exc:
+        code = EXIT_DENIED if exc.reason in _DENIED else EXIT_UNAVAILABLE
+        _summary(args, exc.outcomes, code, error=(exc.reason, exc.message))
+        _progress(f"stopped: {exc.reason}: {exc.message} (run again to resume)")
+        return code
+    finally:
+        close()
+    code = exit_code(outcomes)
+    _summary(args, outcomes, code)
+    return code
+
+
+def _fetch(tracking_uri: str) -> Fetch:
+    def fetch(uri: str, dest: Path) -> Path:
+        return resolve(uri, dest, tracking_uri=tracking_uri)
+
+    return fetch
+
+
+def _converter(args: argparse.Namespace) -> tuple[Convert, Callable[[], None]]:
+    """The broker, through the client (which verifies each output's signed provenance)."""
+    client = Client(args.server or default_address(), public_key=args.public_key,
+                    **client_options(args))
+    policy: LoadingPolicy = args.policy
+
+    def convert(model_dir: Path, output: Path) -> ConversionResult:
+        return client.convert(model_dir, output, target="auto", loading_policy=policy,
+                              job_timeout=args.timeout)
+
+    return convert, client.close
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's client logs each version's creation and prints a link per run; the progress
+    lines already say what happened, once per version."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _progress(line: str) -> None:
+    print(f"airlock migrate: {line}", file=sys.stderr, flush=True)
+
+
+def _usage(message: str) -> int:
+    print(f"airlock migrate: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _summary(args: argparse.Namespace, outcomes: Sequence[Outcome], code: int,
+             error: tuple[str, str] | None = None) -> None:
+    tally = counts(outcomes)
+    if args.json:
+        status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNAVAILABLE: "aborted",
+                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing"}[code]
+        print(json.dumps({
+            "status": status, "exit_code": code, "dry_run": args.dry_run,
+            "counts": tally, "versions": [asdict(o) for o in outcomes],
+            "error": {"reason": error[0], "message": error[1]} if error else None,
+        }))
+        return
+    print(render_table(outcomes))
+    parts = [f"{n} {status.replace('_', ' ')}" for status, n in tally.items() if n]
+    print(f"{len(outcomes)} version(s): {', '.join(parts) or 'none'}"
+          f"{' (dry run)' if args.dry_run else ''}")
+
+
+def render_table(outcomes: Sequence[Outcome]) -> str:
+    """The human summary: one row per version, reasons last (they are the long column)."""
+    header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "REASON")
+    rows = [header] + [
+        (o.model, o.version, str(o.status), o.target or "-", o.format or "-",
+         o.assurance or "-", _reason(o)) for o in outcomes]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+             + "  " + row[-1] for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _reason(outcome: Outcome) -> str:
+    if not outcome.reason:
+        return "-"
+    hint = " (--retry-failed)" if outcome.status == Status.FAILED_EARLIER else ""
+    return f"{outcome.reason}: {clip(outcome.message, 90)}{hint}"

@@ -1,0 +1,108 @@
+"""Signed results and a fake sandbox for the migration and safe-load unit tests.
+
+The provenance is real: envelopes are made by the broker's own signer with a fresh key, so the
+client's verifier checks them exactly as it checks the broker's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from airlock_broker.jobs import JobRequest, JobResult
+from airlock_broker.keys import SigningKey
+from airlock_broker.outputs import ValidatedOutput
+from airlock_broker.provenance import sign, statement
+from airlock_broker.sandbox import Outcome as SandboxOutcome
+from airlock_client import ConversionError, ConversionReport, ConversionResult, provenance
+from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_sandbox.policy import SandboxPolicy
+
+
+def tiny_onnx(bias: float = 1.0) -> bytes:
+    """y = x + bias over float32[N, 2]: a real model onnxruntime can run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("Add", ["x", "b"], ["y"])
+    graph = helper.make_graph(
+        [node], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[numpy_helper.from_array(np.full(2, bias, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
+def tiny_safetensors() -> bytes:
+    from safetensors.numpy import save
+
+    return bytes(save({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                       "b": np.ones(3, dtype=np.float64)}))
+
+
+def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source bytes",
+             assurance: str = "format_safe_only") -> bytes:
+    out_format = OutputFormat.ONNX if fmt == "onnx" else OutputFormat.SAFETENSORS
+    validated = ValidatedOutput(format=out_format, size=len(output),
+                                sha256=hashlib.sha256(output).hexdigest(),
+                                chunks=lambda n: iter([output]), path=Path("/nonexistent"))
+    result = JobResult(
+        job_id="job-1", detected_format=ArtifactFormat.PICKLE,
+        input_sha256=hashlib.sha256(source).hexdigest(), input_size=len(source),
+        output=validated, outcome=SandboxOutcome(
+            exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
+            image_id="sha256:" + "ab" * 32, runtime="runc"),
+        policy=LoadingPolicy.ALLOW_CODE, report={"loader": "fake"}, assurance=assurance)
+    request = JobRequest(job_id="job-1", declared_format="", target=Target.AUTO)
+    return sign(statement(result, request, SandboxPolicy(), version="test"), key)
+
+
+@dataclass
+class FakeSandbox:
+    """``fetch`` and ``convert`` for ``Migration``: behaviour chosen per source version.
+
+    ``plan[(name, version)]`` is "onnx" / "safetensors" (converted), a ``ConversionError``,
+    or ``ServiceUnavailable`` to raise. Unlisted versions convert to ONNX.
+    """
+
+    key: SigningKey
+    plan: dict[tuple[str, str], Any] = field(default_factory=dict)
+    fetched: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+
+    def fetch(self, uri: str, dest: Path) -> Path:
+        self.fetched.append(uri)
+        dest.mkdir(parents=True)
+        (dest / "MLmodel").write_text(uri)
+        return dest
+
+    def convert(self, model_dir: Path, output: Path) -> ConversionResult:
+        uri = (model_dir / "MLmodel").read_text()
+        self.converted.append(uri)
+        name, _, version = uri.removeprefix("models:/").rpartition("/")
+        action = self.plan.get((name, version), "onnx")
+        if isinstance(action, Exception):
+            raise action
+        data = tiny_onnx(float(version)) if action == "onnx" else tiny_safetensors()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(data)
+        signed = envelope(self.key, data, action, source=uri.encode())
+        record = provenance.verify(data, signed, self.key.public_pem.encode())
+        return ConversionResult(
+            job_id="job-1", output=output, format=action, sha256=record.output_sha256,
+            size=len(data), input_sha256=record.input_sha256, input_size=record.input_size,
+            detected_format="pickle", assurance="format_safe_only", loading_policy="allow_code",
+            duration_seconds=0.1, image_id="sha256:ab", runtime="runc",
+            report=ConversionReport(), provenance=signed, provenance_record=record)
+
+
+def rejected(reason: str = "POLICY_VIOLATION", message: str = "refused") -> ConversionError:
+    return ConversionError(reason, message, kind="rejected", code="FAILED_PRECONDITION")
+
+
+def failed(reason: str = "SANDBOX_TIMEOUT", message: str = "too slow") -> ConversionError:
+    return ConversionError(reason, message, kind="failed", code="DEADLINE_EXCEEDED")

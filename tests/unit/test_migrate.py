@@ -1,0 +1,361 @@
+"""``airlock migrate`` against a fake registry at the ``Registry`` seam: the paging walker, the
+resume/idempotence rules, failures that never stop a run, and the exit-code and summary logic.
+The real tracking server, broker and sandbox are exercised in tests/integration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock_broker.keys import SigningKey, create_key
+from airlock_client import _lineage as tags
+from airlock_client import _migrate_cli
+from airlock_client._errors import AccessDenied, ServiceUnavailable
+from airlock_client._registry import (
+    RegistryError,
+    filter_literal,
+    model_versions,
+    registered_models,
+    walk_pages,
+)
+from airlock_client.migrate import (
+    Migration,
+    MigrationAborted,
+    Options,
+    Outcome,
+    SelectionError,
+    Status,
+    counts,
+)
+from tests.unit.fake_registry import FakePage, FakeRegistry
+from tests.unit.migrate_helpers import FakeSandbox, failed, rejected
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    return create_key(tmp_path / "state" / "key.pem")
+
+
+def _migration(registry: FakeRegistry, sandbox: FakeSandbox, **options: Any) -> Migration:
+    return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                     options=Options(**options))
+
+
+# -- the paging walker -------------------------------------------------------------------------
+
+
+def test_walker_follows_tokens_until_the_last_page() -> None:
+    registry = FakeRegistry()
+    for i in range(23):
+        registry.add_model(f"m{i:02d}")
+    names = [m.name for m in registered_models(registry, page_size=5)]
+    assert names == [f"m{i:02d}" for i in range(23)]
+    assert registry.searches == [("models", 5)] * 5  # 5 + 5 + 5 + 5 + 3
+
+
+def test_walker_copes_with_a_server_that_returns_less_than_asked() -> None:
+    registry = FakeRegistry(server_cap=2)
+    registry.add_model("big", versions=11)
+    versions = model_versions(registry, "big", page_size=100)
+    assert [v.version for v in versions] == [str(v) for v in range(1, 12)]
+    assert len(registry.searches) == 6
+
+
+def test_walker_refuses_a_token_it_has_seen() -> None:
+    pages = iter([FakePage([1], "t1"), FakePage([2], "t2"), FakePage([3], "t1")])
+    with pytest.raises(RegistryError, match="same page token"):
+        list(walk_pages(lambda token: next(pages), "things"))
+
+
+def test_model_versions_dedupes_and_sorts_numerically() -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=12)
+    registry.versions["m"].reverse()
+    registry.versions["m"].append(registry.versions["m"][0])  # a page boundary repeat
+    assert [v.version for v in model_versions(registry, "m", page_size=4)] == \
+        [str(v) for v in range(1, 13)]
+
+
+def test_filter_literal_quotes_and_refuses_the_unquotable() -> None:
+    assert filter_literal("fraud") == "'fraud'"
+    assert filter_literal("it's") == '"it\'s"'
+    with pytest.raises(RegistryError):
+        filter_literal("""both ' and " """)
+
+
+# -- migrating -------------------------------------------------------------------------------
+
+
+def test_every_version_is_converted_and_registered_with_its_lineage(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("fraud", versions=2)
+    registry.add_model("encoder", versions=1)
+    sandbox = FakeSandbox(key, plan={("encoder", "1"): "safetensors"})
+    outcomes = _migration(registry, sandbox, page_size=1).run(None)
+
+    assert [(o.model, o.version, o.status) for o in outcomes] == [
+        ("fraud", "1", Status.CONVERTED), ("fraud", "2", Status.CONVERTED),
+        ("encoder", "1", Status.CONVERTED)]
+    target = registry.models["fraud-airlock"]
+    assert target.tags == {tags.ROLE: tags.ROLE_MIGRATED, tags.SOURCE_MODEL: "fraud"}
+    twin = registry.version("fraud-airlock", 2)
+    assert twin.tags[tags.SOURCE_MODEL] == "fraud" and twin.tags[tags.SOURCE_VERSION] == "2"
+    assert twin.tags[tags.OUTPUT_FORMAT] == "onnx"
+    assert twin.tags[tags.OUTPUT_SHA256] == outcomes[1].output_sha256
+    assert twin.tags[tags.SOURCE_SHA256] == outcomes[1].source_sha256
+    assert twin.tags[tags.VERDICT] == "format_safe_only"
+    # exactly the model file and its provenance, nothing MLflow could load
+    run = registry.runs[str(twin.run_id)]
+    assert sorted(run["artifacts"]) == ["model/model.onnx", "model/model.onnx.provenance.json"]
+    assert run["status"] == "FINISHED"
+    assert twin.source == f"fake-artifacts:/{twin.run_id}/model"
+    assert registry.version("fraud", 2).tags[tags.MIGRATED_TO] == "fraud-airlock/2"
+    assert registry.version("encoder", 1).tags[tags.STATUS] == "converted"
+    enc_run = registry.runs[str(registry.version("encoder-airlock", 1).run_id)]
+    assert "model/model.safetensors" in enc_run["artifacts"]
+
+
+def test_a_second_run_writes_nothing_and_converts_nothing(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("fraud", versions=3)
+    sandbox = FakeSandbox(key, plan={("fraud", "2"): rejected()})
+    first = _migration(registry, sandbox).run(["fraud"])
+    writes, converted = len(registry.writes), len(sandbox.converted)
+
+    again = _migration(registry, sandbox).run(["fraud"])
+    assert [o.status for o in again] == [Status.ALREADY_MIGRATED, Status.FAILED_EARLIER,
+                                         Status.ALREADY_MIGRATED]
+    assert again[1].reason == "POLICY_VIOLATION"
+    # a skipped version still reports what its twin holds (from the twin's tags)
+    assert (again[0].format, again[0].output_sha256, again[0].target) == \
+        (first[0].format, first[0].output_sha256, first[0].target) != ("", "", "")
+    assert len(registry.writes) == writes and len(sandbox.converted) == converted
+
+
+def test_dry_run_changes_nothing(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("fraud", versions=2)
+    sandbox = FakeSandbox(key)
+    outcomes = _migration(registry, sandbox, dry_run=True, alias="champion").run(["fraud"])
+    assert [o.status for o in outcomes] == [Status.WOULD_CONVERT] * 2
+    assert registry.writes == [] and sandbox.fetched == [] and sandbox.converted == []
+    assert "fraud-airlock" not in registry.models
+
+
+def test_a_failed_version_never_stops_the_run_and_its_reason_is_recorded(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=3)
+    sandbox = FakeSandbox(key, plan={("m", "1"): rejected("POLICY_VIOLATION", "pickle says no"),
+                                     ("m", "2"): failed("CONVERSION_FAILED", "skl2onnx: ...")})
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes] == [Status.REJECTED, Status.FAILED, Status.CONVERTED]
+    source = registry.version("m", 1).tags
+    assert source[tags.STATUS] == "rejected" and source[tags.REASON] == "POLICY_VIOLATION"
+    assert source[tags.MESSAGE] == "pickle says no"
+    assert _migrate_cli.exit_code(outcomes) == _migrate_cli.EXIT_FAILED
+
+
+def test_transient_failures_are_retried_and_refusals_only_on_request(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key, plan={("m", "1"): failed("SANDBOX_TIMEOUT"),
+                                     ("m", "2"): rejected()})
+    _migration(registry, sandbox).run(["m"])
+    sandbox.plan.clear()  # the machine is quiet now, and the "refusal" would pass
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes] == [Status.CONVERTED, Status.FAILED_EARLIER]
+    assert tags.REASON not in registry.version("m", 1).tags  # stale failure tags removed
+
+    outcomes = _migration(registry, sandbox, retry_failed=True).run(["m"])
+    assert [o.status for o in outcomes] == [Status.ALREADY_MIGRATED, Status.CONVERTED]
+
+
+def test_broker_unavailable_stops_the_run_and_the_next_run_resumes(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=3)
+    sandbox = FakeSandbox(key, plan={("m", "2"): ServiceUnavailable("connection refused")})
+    with pytest.raises(MigrationAborted) as info:
+        _migration(registry, sandbox).run(["m"])
+    assert info.value.reason == "BROKER_UNAVAILABLE"
+    assert [o.status for o in info.value.outcomes] == [Status.CONVERTED]
+    assert tags.STATUS not in registry.version("m", 2).tags  # not blamed on the artifact
+
+    sandbox.plan.clear()
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes] == [Status.ALREADY_MIGRATED, Status.CONVERTED,
+                                            Status.CONVERTED]
+    assert len(registry.versions["m-airlock"]) == 3
+
+
+def test_a_run_cut_between_registering_and_tagging_finishes_on_the_next(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    registry.fail_on["set_model_version_tag"] = ConnectionError("tracking server went away")
+    with pytest.raises(MigrationAborted) as info:
+        _migration(registry, sandbox).run(["m"])
+    assert info.value.reason == "REGISTRY_UNAVAILABLE"
+    assert len(registry.versions["m-airlock"]) == 1 and tags.MIGRATED_TO not in \
+        registry.version("m", 1).tags
+
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes] == [Status.ALREADY_MIGRATED]
+    assert registry.version("m", 1).tags[tags.MIGRATED_TO] == "m-airlock/1"
+    assert len(registry.versions["m-airlock"]) == 1 and len(sandbox.converted) == 1
+
+
+def test_selection(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("a")
+    registry.add_model("b")
+    registry.add_model("greeting", **{"mlflow.prompt.is_prompt": "true"})
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["a"])
+    migration = _migration(registry, sandbox)
+    assert migration.select(None) == ["a", "b"]  # never a-airlock
+    assert migration.select(["b", "a", "b"]) == ["b", "a"]
+    with pytest.raises(SelectionError, match="no registered model"):
+        migration.select(["a", "typo"])
+    with pytest.raises(SelectionError, match="migrate its source"):
+        migration.select(["a-airlock"])
+
+
+def test_a_foreign_model_in_the_target_name_is_never_written_to(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    registry.add_model("m-airlock", versions=1)  # someone's own model, not Airlock's
+    sandbox = FakeSandbox(key)
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert outcomes[0].status == Status.REJECTED and outcomes[0].reason == "TARGET_CONFLICT"
+    assert len(registry.versions["m-airlock"]) == 1 and sandbox.converted == []
+
+
+def test_versions_still_being_created_are_reported_not_converted(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    registry.version("m", 1).status = "PENDING_REGISTRATION"
+    outcomes = _migration(registry, FakeSandbox(key)).run(["m"])
+    assert outcomes[0].status == Status.NOT_READY
+    assert _migrate_cli.exit_code(outcomes) == _migrate_cli.EXIT_FAILED
+
+
+def test_alias_points_at_the_newest_migrated_version(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=3)
+    sandbox = FakeSandbox(key, plan={("m", "3"): rejected()})
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+    assert registry.version("m-airlock", 2).tags[tags.SOURCE_VERSION] == "2"
+    writes = len(registry.writes)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    assert len(registry.writes) == writes  # already pointing there: not even re-set
+
+
+# -- exit codes and the summary --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("statuses", "code"), [
+    ([], _migrate_cli.EXIT_NOTHING),
+    ([Status.CONVERTED, Status.ALREADY_MIGRATED], _migrate_cli.EXIT_OK),
+    ([Status.WOULD_CONVERT], _migrate_cli.EXIT_OK),
+    ([Status.CONVERTED, Status.REJECTED], _migrate_cli.EXIT_FAILED),
+    ([Status.ALREADY_MIGRATED, Status.FAILED_EARLIER], _migrate_cli.EXIT_FAILED),
+    ([Status.FAILED], _migrate_cli.EXIT_FAILED),
+])
+def test_exit_code(statuses: list[Status], code: int) -> None:
+    assert _migrate_cli.exit_code([Outcome("m", str(i), s) for i, s in enumerate(statuses)]) \
+        == code
+
+
+def test_summary_table_and_counts() -> None:
+    outcomes = [Outcome("fraud", "1", Status.CONVERTED, target="fraud-airlock/1",
+                        format="onnx", assurance="format_safe_only"),
+                Outcome("fraud", "2", Status.REJECTED, reason="POLICY_VIOLATION",
+                        message="x" * 300)]
+    table = _migrate_cli.render_table(outcomes).splitlines()
+    assert table[0].split() == ["MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT",
+                                "REASON"]
+    assert table[1].split()[:6] == ["fraud", "1", "converted", "fraud-airlock/1", "onnx",
+                                    "format_safe_only"]
+    assert "POLICY_VIOLATION: " in table[2] and len(table[2]) < 200
+    tally = counts(outcomes)
+    assert tally["converted"] == 1 and tally["rejected"] == 1 and sum(tally.values()) == 2
+
+
+def _args(**overrides: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _migrate_cli.add_migrate_parser(parser.add_subparsers(dest="command"))
+    argv = ["migrate", *overrides.pop("argv", ["--all"])]
+    return parser.parse_args(argv)
+
+
+def test_cli_needs_an_explicit_tracking_server(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert _migrate_cli.run_migrate(_args()) == _migrate_cli.EXIT_USAGE
+    assert "--tracking-uri" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "1001"])
+def test_cli_refuses_a_bad_page_size(size: str) -> None:
+    args = _args(argv=["--all", "--tracking-uri", "http://127.0.0.1:1", "--page-size", size])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+
+
+def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_migrate pins MLflow's URIs in the environment; give them back after the test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fake")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key, plan={("m", "2"): rejected()})
+    _isolate_env(monkeypatch)
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_FAILED
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["status"] == "failed" and doc["exit_code"] == 1
+    assert [v["status"] for v in doc["versions"]] == ["converted", "rejected"]
+    assert "[2/2] m v2: rejected: POLICY_VIOLATION" in captured.err
+
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake"])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "already_migrated" in out and "failed_earlier" in out
+
+
+def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
+        monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key, plan={("m", "1"): ServiceUnavailable("connection refused")})
+    _isolate_env(monkeypatch)
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    base = ["--tracking-uri", "http://fake"]
+    assert _migrate_cli.run_migrate(_args(argv=["--model", "nope", *base])) == 2
+    assert _migrate_cli.run_migrate(_args(argv=["--model", "m", *base])) == 3
+    assert "run again to resume" in capsys.readouterr().err
+    sandbox.plan[("m", "1")] = AccessDenied("UNAUTHENTICATED", "no token", kind="denied",
+                                            code="UNAUTHENTICATED")
+    assert _migrate_cli.run_migrate(_args(argv=["--model", "m", *base])) == 4
+    assert tags.STATUS not in registry.version("m", 1).tags  # not blamed on the artifact
+    registry.models.clear()
+    assert _migrate_cli.run_migrate(_args(argv=["--all", *base])) == 5
+

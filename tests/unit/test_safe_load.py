@@ -1,0 +1,210 @@
+"""``load_verified`` refuses anything it cannot verify, and loads only ONNX / safetensors bytes.
+
+The registry and its artifact store are the fake at the ``Registry`` seam; signatures are
+real (the broker's signer), and so are onnxruntime and safetensors' loader.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from airlock_broker.keys import SigningKey, create_key
+from airlock_broker.provenance import RECORD_FIELD
+from airlock_client import (
+    ProvenanceError,
+    SafeLoadError,
+    fetch_verified,
+)
+from airlock_client import _lineage as tags
+from airlock_client.migrate import Migration
+from airlock_client.safe_load import open_artifact
+from tests.unit.fake_registry import FakeRegistry
+from tests.unit.migrate_helpers import FakeSandbox, envelope, tiny_onnx
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    return create_key(tmp_path / "state" / "key.pem")
+
+
+@pytest.fixture
+def registry(key: SigningKey) -> FakeRegistry:
+    """Source models migrated by the real Migration: m-airlock/1 (ONNX), w-airlock/1 (tensors)."""
+    fake = FakeRegistry()
+    fake.add_model("m", versions=1)
+    fake.add_model("w", versions=1)
+    sandbox = FakeSandbox(key, plan={("w", "1"): "safetensors"})
+    Migration(fake, fetch=sandbox.fetch, convert=sandbox.convert).run(None)
+    fake.models["m-airlock"].aliases["champion"] = "1"
+    return fake
+
+
+def _load(registry: FakeRegistry, uri: str, key: SigningKey, **kw: Any) -> Any:
+    """load_verified(uri), with the fake registry and artifact store in MLflow's place."""
+    return open_artifact(fetch_verified(uri, public_key=key.public_pem.encode(),
+                                        registry=registry, download=registry.download), **kw)
+
+
+def _artifacts(registry: FakeRegistry, name: str) -> dict[str, bytes]:
+    run_id = registry.version(name, 1).run_id
+    return registry.runs[str(run_id)]["artifacts"]  # type: ignore[no-any-return]
+
+
+def test_onnx_version_loads_as_an_inference_session(registry: FakeRegistry,
+                                                    key: SigningKey) -> None:
+    session = _load(registry, "models:/m-airlock/1", key)
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x + 1.0)  # tiny_onnx(bias = source version 1)
+    by_alias = _load(registry, "models:/m-airlock@champion", key)
+    assert by_alias.get_inputs()[0].name == "x"
+
+
+def test_safetensors_version_loads_as_arrays(registry: FakeRegistry, key: SigningKey) -> None:
+    tensors = _load(registry, "models:/w-airlock/1", key)
+    assert set(tensors) == {"w", "b"}
+    np.testing.assert_array_equal(tensors["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert tensors["b"].dtype == np.float64
+
+
+def test_safetensors_version_loads_as_torch_tensors(registry: FakeRegistry,
+                                                    key: SigningKey) -> None:
+    import torch
+
+    tensors = _load(registry, "models:/w-airlock/1", key, tensors="pt")
+    assert isinstance(tensors["w"], torch.Tensor) and tensors["b"].dtype == torch.float64
+    assert torch.equal(tensors["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_the_record_comes_with_the_bytes(registry: FakeRegistry, key: SigningKey) -> None:
+    artifact = fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
+                              registry=registry, download=registry.download)
+    assert artifact.format == "onnx" and artifact.record.output_format == "onnx"
+    assert artifact.record.output_sha256 == \
+        registry.version("m-airlock", 1).tags[tags.OUTPUT_SHA256]
+
+
+def test_a_version_airlock_did_not_register_is_refused(registry: FakeRegistry,
+                                                       key: SigningKey) -> None:
+    with pytest.raises(SafeLoadError) as info:
+        _load(registry, "models:/m/1", key)  # the pickled original
+    assert info.value.reason == "NOT_AIRLOCK_OUTPUT"
+
+
+def test_a_swapped_model_file_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
+    _artifacts(registry, "m-airlock")["model/model.onnx"] = tiny_onnx(bias=666.0)
+    with pytest.raises(ProvenanceError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "OUTPUT_MISMATCH"
+
+
+def test_a_record_signed_by_another_key_is_refused(registry: FakeRegistry, key: SigningKey,
+                                                   tmp_path: Path) -> None:
+    other = create_key(tmp_path / "other" / "key.pem")
+    files = _artifacts(registry, "m-airlock")
+    files["model/model.onnx.provenance.json"] = envelope(other, files["model/model.onnx"], "onnx")
+    with pytest.raises(ProvenanceError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "SIGNATURE_INVALID"
+    # ... and the attacker's key is not the one we pinned, so it is no help either way
+    with pytest.raises(ProvenanceError):
+        _load(registry, "models:/w-airlock/1", other)
+
+
+def test_an_edited_record_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
+    files = _artifacts(registry, "m-airlock")
+    bundle = json.loads(files["model/model.onnx.provenance.json"])
+    env = bundle["dsseEnvelope"]
+    statement = json.loads(base64.b64decode(env["payload"]))
+    statement["predicate"][RECORD_FIELD]["verdicts"]["assurance"] = "integrity_verified"
+    env["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    files["model/model.onnx.provenance.json"] = json.dumps(bundle).encode()
+    with pytest.raises(ProvenanceError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "SIGNATURE_INVALID"
+
+
+def test_missing_provenance_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
+    del _artifacts(registry, "m-airlock")["model/model.onnx.provenance.json"]
+    with pytest.raises(SafeLoadError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "ARTIFACT_MISSING"
+
+
+def test_tags_that_disagree_with_the_signed_record_are_refused(registry: FakeRegistry,
+                                                               key: SigningKey) -> None:
+    registry.version("m-airlock", 1).tags[tags.OUTPUT_SHA256] = "0" * 64
+    with pytest.raises(SafeLoadError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "TAG_MISMATCH"
+    registry.version("w-airlock", 1).tags[tags.OUTPUT_FORMAT] = "onnx"
+    with pytest.raises(SafeLoadError):  # no model.onnx there, or FORMAT_MISMATCH if planted
+        _load(registry, "models:/w-airlock/1", key)
+
+
+def test_a_symlinked_download_is_refused(registry: FakeRegistry, key: SigningKey,
+                                         tmp_path: Path) -> None:
+    real = registry.download
+    outside = tmp_path / "outside.onnx"
+
+    def hostile(uri: str, dest: Path) -> Path:
+        path = real(uri, dest)
+        if path.suffix == ".onnx":
+            outside.write_bytes(path.read_bytes())
+            path.unlink()
+            path.symlink_to(outside)
+        return path
+
+    with pytest.raises(SafeLoadError) as info:
+        open_artifact(fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
+                                     registry=registry, download=hostile))
+    assert info.value.reason == "ARTIFACT_UNSAFE"
+
+
+def test_size_cap(registry: FakeRegistry, key: SigningKey) -> None:
+    with pytest.raises(SafeLoadError) as info:
+        fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
+                       registry=registry, download=registry.download, max_bytes=10)
+    assert info.value.reason == "TOO_LARGE"
+
+
+def test_a_key_is_required_and_uris_are_checked(registry: FakeRegistry,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                key: SigningKey) -> None:
+    monkeypatch.delenv("AIRLOCK_PUBLIC_KEY", raising=False)
+    with pytest.raises(ProvenanceError) as info:
+        fetch_verified("models:/m-airlock/1", registry=registry, download=registry.download)
+    assert info.value.reason == "BAD_PUBLIC_KEY"
+    for bad in ("runs:/abc/model", "models:/m-airlock/latest", "models:/m-airlock"):
+        with pytest.raises(ValueError):
+            fetch_verified(bad, public_key=key.public_pem.encode(), registry=registry,
+                           download=registry.download)
+
+
+def test_external_data_is_refused_even_when_signed(registry: FakeRegistry,
+                                                   key: SigningKey) -> None:
+    from onnx import ModelProto, TensorProto
+
+    model = ModelProto()
+    model.ParseFromString(tiny_onnx())
+    init = model.graph.initializer[0]
+    init.ClearField("raw_data")
+    init.ClearField("float_data")
+    init.data_location = TensorProto.EXTERNAL
+    entry = init.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    data = model.SerializeToString()
+    files = _artifacts(registry, "m-airlock")
+    files["model/model.onnx"] = data
+    files["model/model.onnx.provenance.json"] = envelope(key, data, "onnx")
+    registry.version("m-airlock", 1).tags[tags.OUTPUT_SHA256] = hashlib.sha256(data).hexdigest()
+    with pytest.raises(SafeLoadError) as info:
+        _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "EXTERNAL_DATA"
