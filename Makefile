@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:50051
 export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv docker image serve test bench unit integration adversarial \
+.PHONY: help setup venv docker image serve test bench soak unit integration adversarial \
         protos check-protos check-seccomp lint typecheck check clean audit
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make setup   - .venv with the project, the Docker engine, the sandbox image"
 	@echo "make image   - (re)build the sandbox image if its inputs changed"
 	@echo "make bench   - Airlock against the unsafe in-process baseline (BENCH_ARGS=--quick)"
+	@echo "make soak    - mixed benign and hostile jobs for SOAK_MINUTES (30); leak report"
 	@echo "make check   - lint, type-check, and verify generated stubs are current"
 	@echo "make audit   - the host's and the image's versions against the version gates"
 
@@ -47,6 +48,10 @@ audit: venv docker
 BENCH_ARGS ?=
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+SOAK_MINUTES ?= 30
+soak: setup
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

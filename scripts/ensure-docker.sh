@@ -107,14 +107,25 @@ find_dockerd() {
     return 1
 }
 
+# A dockerd that has exited but not yet been reaped (a zombie: PID 1 here reaps lazily) holds
+# nothing and will never answer: it does not count as running.
+live_pid() {
+    local state
+    state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 dockerd_running() {
     local pid
     if [ -s /var/run/docker.pid ]; then
         pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
-        [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && return 0
+        [ -n "$pid" ] && live_pid "$pid" && return 0
     fi
     # No (valid) pid file: look for a dockerd process by exact name.
-    pgrep -x dockerd >/dev/null 2>&1
+    for pid in $(pgrep -x dockerd 2>/dev/null); do
+        live_pid "$pid" && return 0
+    done
+    return 1
 }
 
 main() {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -129,7 +130,9 @@ class Client:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries (with jittered exponential backoff) only when the service is unavailable or
-        busy; the same idempotency key is sent on every attempt. Raises ``ConversionError``
+        busy; the same idempotency key is sent on every attempt, so the broker converts at
+        most once. The client's ``timeout`` (seconds) bounds the whole call, retries included: each
+        attempt's gRPC deadline is what is left of it. Raises ``ConversionError``
         when the artifact is rejected or cannot be converted, ``ServiceUnavailable`` when the
         broker cannot be reached, ``IntegrityError`` when the response is corrupt.
 
@@ -161,6 +164,7 @@ class Client:
                       progress: Progress | None, filename: str) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
+        deadline = time.monotonic() + self.timeout
         for attempt in Retrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.retry_max_seconds),
@@ -174,7 +178,13 @@ class Client:
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=filename, timeout_seconds=job_timeout)
-                return self._convert_once(source, Path(output), first, size, progress)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "
+                                          "between retries", kind="failed",
+                                          code="DEADLINE_EXCEEDED")
+                return self._convert_once(source, Path(output), first, size, progress,
+                                          remaining)
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
 
     def provenance_key(self) -> ProvenanceKey:
@@ -206,7 +216,8 @@ class Client:
             profile=p.profile, warm=p.warm, busy=p.busy, starting=p.starting,
             failed_starts=p.failed_starts, served_warm=p.served_warm,
             served_cold=p.served_cold, oldest_warm_seconds=p.oldest_warm_seconds,
-            image_id=p.image_id, runtime=p.runtime, draining=p.draining) for p in reply.pools]
+            image_id=p.image_id, runtime=p.runtime, draining=p.draining,
+            unavailable=p.unavailable) for p in reply.pools]
 
     def restart_pools(self, profile: str | None = None) -> int:
         """Replace every warm container (of one profile); returns how many were replaced."""
@@ -236,12 +247,12 @@ class Client:
             raise _wire.error_from_rpc(exc) from None
 
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
-                      progress: Progress | None) -> ConversionResult:
+                      progress: Progress | None, timeout: float) -> ConversionResult:
         key, key_source = self._verification_key()
         sent = hashlib.sha256()
         try:
             responses = self._stub.Convert(_requests(source, first, size, progress, sent),
-                                           timeout=self.timeout, metadata=self._metadata)
+                                           timeout=timeout, metadata=self._metadata)
             return _receive(responses, output, sent, key, key_source)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None

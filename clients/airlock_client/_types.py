@@ -75,6 +75,9 @@ class ConversionResult:
     #: "pinned": verified with the key the caller gave; "broker": with the key the broker
     #: published over the same channel (trust on first use).
     provenance_key_source: str = ""
+    #: The broker answered a retry with the stored result of the first attempt (same
+    #: idempotency key; ``job_id`` is that attempt's job): nothing was converted twice.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class PoolStatus:
     image_id: str
     runtime: str
     draining: bool
+    #: Why no sandbox can be started now (the engine is unreachable), or "".
+    unavailable: str = ""
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,8 @@ def _print_pools(pools: Sequence[PoolStatus]) -> None:
         print(f"{p.profile:<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}{p.failed_starts:>7}"
               f"{p.served_warm:>10}{p.served_cold:>6}{p.oldest_warm_seconds:>7.0f}s  "
               f"{p.runtime:<7}  {p.image_id[:19]}{'  (draining)' if p.draining else ''}")
+    for reason in sorted({p.unavailable for p in pools if p.unavailable}):
+        print(f"UNAVAILABLE: {reason}")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:

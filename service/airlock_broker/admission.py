@@ -22,6 +22,8 @@ class Admission:
         self.draining = False
         #: Why the broker must not serve yet (the isolation self-test failed), or None.
         self.unready: str | None = None
+        #: Why no sandbox can run now (the engine is unreachable), or None; set by the pools.
+        self.sandbox_down: str | None = None
 
     @property
     def admitted(self) -> int:
@@ -35,6 +37,8 @@ class Admission:
             raise error(Reason.SANDBOX_UNAVAILABLE, "the broker is shutting down")
         if self.unready is not None:
             raise error(Reason.SANDBOX_UNAVAILABLE, self.unready)
+        if self.sandbox_down is not None:  # refused before the upload, not after it
+            raise error(Reason.SANDBOX_UNAVAILABLE, self.sandbox_down)
         if self._admitted >= self.max_running + self.max_waiting:
             raise error(Reason.BUSY, f"{self._admitted} jobs in progress, the limit is "
                                      f"{self.max_running + self.max_waiting}; retry later")

@@ -19,6 +19,11 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [provenance]       # the ECDSA P-256 key that signs every output's provenance
     key_path = "/var/lib/airlock/provenance-signing-key.pem"   # created 0600 on first start
 
+    [idempotency]      # IdempotencySettings fields; ttl_seconds = 0 turns de-duplication off
+    ttl_seconds = 600
+    max_entries = 1024
+    max_bytes = 1073741824
+
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
 
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.auth_config import AuthConfig, check_listen
+from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.keys import default_key_path
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
@@ -84,6 +90,7 @@ class BrokerConfig:
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
@@ -120,7 +127,8 @@ class BrokerConfig:
         if path is not None:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        unknown = set(doc) - {"broker", "sandbox", "output", "pools", "provenance", "auth"}
+        unknown = set(doc) - {"broker", "sandbox", "output", "pools", "provenance", "auth",
+                              "idempotency"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -128,7 +136,9 @@ class BrokerConfig:
             if key in broker:
                 broker[key] = Path(broker[key])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools", "provenance_key",
-                                                 "auth"})
+                                                 "auth", "idempotency"})
+        idem_doc = dict(doc.get("idempotency", {}))
+        _check_keys(IdempotencySettings, idem_doc, "idempotency")
         provenance_doc = dict(doc.get("provenance", {}))
         unknown_prov = set(provenance_doc) - {"key_path"}
         if unknown_prov:
@@ -152,7 +162,8 @@ class BrokerConfig:
         if insecure_no_auth:
             auth = replace(auth, insecure_no_auth=True)
         return cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
-                   pools=PoolSettings(**pools_doc), auth=auth, **{**broker, **overrides})
+                   pools=PoolSettings(**pools_doc), auth=auth,
+                   idempotency=IdempotencySettings(**idem_doc), **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

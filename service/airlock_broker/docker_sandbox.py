@@ -152,7 +152,14 @@ class DockerSandbox:
         self.identity = broker_identity()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._client = client
+        #: Whether the client was made here from the environment (and a fresh one can be).
+        self._own_client = client is None
         self._image_id = ""
+        #: Slot ids of the slots this backend owns now: added before the create call, dropped
+        #: when the slot is destroyed. A container with this broker's label and a slot id not
+        #: in here is a stray (a create whose answer was lost, a removal that failed while the
+        #: engine was away): ``reap_orphans`` removes it.
+        self._owned: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -178,7 +185,7 @@ class DockerSandbox:
     # -- SandboxBackend ---------------------------------------------------------------------
 
     async def check(self) -> None:
-        await self._call(self.client.ping)
+        await self._call(self._ping_fresh)
         image = await self._call(self.client.images.get, self.policy.image)
         self._image_id = str(image.id)
         runtimes = await self._call(self._runtimes)
@@ -193,6 +200,20 @@ class DockerSandbox:
                 f"OCI runtime {self.policy.runtime!r} is registered without --oci-seccomp, so "
                 "the sandbox's seccomp profile would not apply: run scripts/ensure-docker.sh "
                 "(make docker) to update the registration")
+
+    def _ping_fresh(self) -> None:
+        """Ping over a new connection. A stopping engine closes its listener first but goes on
+        answering on connections already open (the client's pool holds some), so a ping over
+        those would say all is well while the engine kills every container."""
+        if not self._own_client:  # a client given to us (tests): its own ping is the probe
+            self.client.ping()
+            return
+        probe = docker.APIClient(version=self.client.api.api_version, timeout=10,
+                                 **docker.utils.kwargs_from_env())
+        try:
+            probe.ping()
+        finally:
+            probe.close()
 
     def _runtimes(self) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = self.client.info()
@@ -253,6 +274,7 @@ class DockerSandbox:
             raise SandboxUnavailable(str(exc)) from exc
         labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
                   LABEL_PROFILE: profile}
+        self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(
             self.client.containers.create,
             **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest)))
@@ -265,9 +287,11 @@ class DockerSandbox:
                 made = await create
                 await self._call(self.client.api.remove_container, made.id, force=True)
             workspace.destroy()
+            self._owned.discard(slot_id)
             raise
         except BaseException:
             workspace.destroy()
+            self._owned.discard(slot_id)
             raise
         return Slot(slot_id=slot_id, profile=profile, workspace=workspace,
                     container_id=str(container.id))
@@ -288,6 +312,7 @@ class DockerSandbox:
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         slot.workspace.write_job_spec(spec)
         began = time.monotonic()
+        began_wall = int(time.time()) - 1
         if not slot.started:
             await self.start(slot)
         timed_out = False
@@ -298,11 +323,20 @@ class DockerSandbox:
         except TimeoutError:
             timed_out = True
             await self._kill(slot)
-            await self._call(self.client.api.wait, slot.container_id, timeout=30)
+            # A container with thousands of processes can take a while to die; if it is still
+            # not dead, the forced removal in ``destroy`` finishes it. The verdict stands: the
+            # broker's deadline fired.
+            with contextlib.suppress(SandboxUnavailable):
+                await self._call(self.client.api.wait, slot.container_id, timeout=30)
         duration = time.monotonic() - began
         state = (await self._call(self.client.api.inspect_container, slot.container_id))["State"]
+        exit_code = None if timed_out else int(state.get("ExitCode", -1))
+        killed_by = ""
+        if exit_code is not None and exit_code > 128 and not state.get("OOMKilled"):
+            killed_by = await self._kill_recorded(slot, began_wall)
         return Outcome(
-            exit_code=None if timed_out else int(state.get("ExitCode", -1)),
+            exit_code=exit_code,
+            killed_by=killed_by,
             oom_killed=bool(state.get("OOMKilled", False)),
             timed_out=timed_out,
             duration_seconds=duration,
@@ -310,12 +344,43 @@ class DockerSandbox:
             runtime=self.policy.runtime,
         )
 
-    async def _kill(self, slot: Slot) -> None:
+    async def _kill_recorded(self, slot: Slot, since: int) -> str:
+        """The engine's event log: did anyone send this container a signal? (The broker kills
+        only at the deadline, and then it does not ask.)"""
+        def kills() -> list[dict[str, Any]]:
+            return list(self.client.api.events(
+                since=since, until=f"{time.time():.6f}", decode=True,
+                filters={"container": slot.container_id, "event": "kill"}))
+
         try:
-            await self._call(self.client.api.kill, slot.container_id)
+            events = await self._call(kills)
         except SandboxUnavailable as exc:
-            if "is not running" not in str(exc):
-                raise
+            log.warning("could not read the engine's events for %s: %s",
+                        slot.container_id[:12], exc)
+            return ""
+        signals = sorted({str(e.get("Actor", {}).get("Attributes", {}).get("signal", "?"))
+                          for e in events})
+        if not signals:
+            return ""
+        return f"signal {', '.join(signals)} sent through the Docker engine: docker kill, " \
+               "docker stop or the engine shutting down"
+
+    async def _kill(self, slot: Slot, attempts: int = 3) -> None:
+        """SIGKILL at the deadline. The engine may answer 500 ("tried to kill container, but
+        did not receive an exit event") when a fork bomb's thousands of processes take longer
+        to die than it waits: that is the artifact's doing, not an outage, so try again and
+        then let ``destroy`` force the removal. Only an unreachable engine raises."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._call(self.client.api.kill, slot.container_id)
+                return
+            except SandboxUnavailable as exc:
+                if "is not running" in str(exc):
+                    return
+                if not isinstance(exc.__cause__, docker.errors.APIError):
+                    raise
+                log.warning("kill of sandbox %s not confirmed (attempt %d of %d): %s",
+                            slot.container_id[:12], attempt, attempts, exc)
 
     async def destroy(self, slot: Slot) -> None:
         try:
@@ -323,17 +388,26 @@ class DockerSandbox:
                              v=True)
         except SandboxUnavailable as exc:
             if "No such container" not in str(exc):
-                log.error("could not remove container %s: %s", slot.container_id[:12], exc)
+                log.error("could not remove container %s (the sweep will): %s",
+                          slot.container_id[:12], exc)
         finally:
+            self._owned.discard(slot.slot_id)
             slot.workspace.destroy()
 
     async def reap_orphans(self) -> int:
+        """Remove containers of dead brokers, and this broker's strays (see ``_owned``)."""
         containers = await self._call(self.client.api.containers, all=True,
                                       filters={"label": f"{LABEL_MANAGED}=true"})
         reaped = 0
         for info in containers:
-            owner = info.get("Labels", {}).get(LABEL_BROKER, "")
-            if owner == self.identity or _is_alive(owner):
+            labels = info.get("Labels") or {}
+            owner = labels.get(LABEL_BROKER, "")
+            if owner == self.identity:
+                if labels.get(LABEL_SLOT, "") in self._owned:
+                    continue
+                log.warning("removing stray container %s (a slot this broker no longer owns)",
+                            info["Id"][:12])
+            elif _is_alive(owner):
                 continue
             try:
                 await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)

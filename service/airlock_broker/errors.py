@@ -23,6 +23,7 @@ class Reason(enum.StrEnum):
     BAD_REQUEST = "BAD_REQUEST"
     CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
     TOO_LARGE = "TOO_LARGE"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     EMPTY_ARTIFACT = "EMPTY_ARTIFACT"
     # The artifact.
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
@@ -44,6 +45,7 @@ class Reason(enum.StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
+    SANDBOX_KILLED = "SANDBOX_KILLED"
     INTERNAL = "INTERNAL"
     # The caller (auth.py).
     UNAUTHENTICATED = "UNAUTHENTICATED"
@@ -64,6 +66,8 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.CHECKSUM_MISMATCH: (grpc.StatusCode.DATA_LOSS, Kind.REJECTED),
     Reason.TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.EMPTY_ARTIFACT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    # The key was first used for another artifact or other options: a client bug, not transient.
+    Reason.IDEMPOTENCY_KEY_REUSED: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.UNSUPPORTED_FORMAT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.FORMAT_MISMATCH: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.POLICY_VIOLATION: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
@@ -82,6 +86,9 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
     Reason.CANCELLED: (grpc.StatusCode.CANCELLED, Kind.FAILED),
     Reason.SANDBOX_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, Kind.FAILED),
+    # Killed by a signal the broker did not send (an operator, the kernel, or the artifact
+    # itself): ABORTED, so clients do not retry blindly a job that may kill itself every time.
+    Reason.SANDBOX_KILLED: (grpc.StatusCode.ABORTED, Kind.FAILED),
     Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
     Reason.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, Kind.DENIED),
     Reason.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),

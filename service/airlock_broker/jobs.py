@@ -159,6 +159,11 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     code = outcome.exit_code
     if code == WorkerExit.OK:
         return
+    if outcome.killed_by:
+        # The engine's own record, not an exit code (which the artifact could fake).
+        raise error(Reason.SANDBOX_KILLED,
+                    f"the sandbox was killed from outside the broker while the job ran "
+                    f"({outcome.killed_by}; exit {code})")
     reason = EXIT_REASONS.get(code if code is not None else -1, Reason.CONVERSION_FAILED)
     message = _EXIT_MESSAGES.get(reason) or f"the sandbox exited with code {code}"
     if reason is Reason.CONVERSION_FAILED and code not in EXIT_REASONS:
@@ -219,7 +224,12 @@ class JobRunner:
                           loader=sanitize(report.get("loader", ""), 80),
                           refined_format=sanitize(report.get("detected_format", ""), 32))
             try:
-                judge(outcome, report, request.deadline_seconds)
+                try:
+                    judge(outcome, report, request.deadline_seconds)
+                except AirlockError as exc:
+                    if outcome.killed_by or (outcome.exit_code or 0) > 128:
+                        await self._engine_went_away(exc)  # a stopping engine kills them all
+                    raise
                 output = await validate_output(slot.workspace.out_dir, request.target,
                                                self.limits)
                 assurance, note = await self._assurance(output, second, extraction)
@@ -237,6 +247,15 @@ class JobRunner:
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note)
+
+    async def _engine_went_away(self, killed: AirlockError) -> None:
+        """A stopping engine kills its containers: then the job failed for want of an engine."""
+        try:
+            await self.backend.check()
+        except SandboxUnavailable as exc:
+            raise error(Reason.SANDBOX_UNAVAILABLE,
+                        f"the sandbox engine went away during the job ({exc}); "
+                        f"{killed.message}") from exc
 
     async def _slot(self, stack: contextlib.AsyncExitStack, profile: str) -> Slot:
         """A single-use slot whose destruction ``stack`` owns."""

@@ -32,6 +32,9 @@ class Metrics:
                                 registry=r)
         self.bytes_out = Counter("airlock_output_bytes_out", "Validated output bytes returned",
                                  registry=r)
+        self.replays = Counter("airlock_idempotent_replays", "Requests answered with an earlier "
+                               "job's result for the same idempotency key, by how the key "
+                               "matched (completed, in_flight)", ["matched"], registry=r)
         self.rpcs = Counter("airlock_grpc_server_handled", "RPCs completed",
                             ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("airlock_grpc_server_handling_seconds", "RPC wall time",

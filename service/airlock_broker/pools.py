@@ -9,6 +9,11 @@ time. When a pool is empty a job takes the cold path: a container prepared just 
 Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
 and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
 retires warm containers that died or grew old, reaps orphans, and notices a rebuilt image.
+
+A watch pings the engine every ``engine_check_seconds``. While it does not answer, the pools
+say why (``unavailable``), jobs are refused at once with that reason, nothing is started, and
+``on_engine_change`` tells the server (which flips health). When it answers again, a sweep
+clears out what the outage killed and the pools refill without waiting out a start backoff.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from airlock_broker.errors import Reason, error
@@ -38,13 +44,17 @@ class PoolSettings:
     #: A warm container older than this is replaced (the worker itself gives up after an hour).
     max_age_seconds: float = 1800.0
     sweep_seconds: float = 15.0
+    #: How often the engine is pinged (an outage is noticed and its end is, within this).
+    engine_check_seconds: float = 2.0
     profiles: tuple[str, ...] = PROFILES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_warm <= self.max_warm:
             raise ValueError("need 0 <= min_warm <= max_warm")
-        if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0:
-            raise ValueError("max_starting, sweep_seconds and max_age_seconds must be positive")
+        if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
+                or self.engine_check_seconds <= 0:
+            raise ValueError("max_starting, sweep_seconds, max_age_seconds and "
+                             "engine_check_seconds must be positive")
         unknown = set(self.profiles) - set(PROFILES)
         if unknown:
             raise ValueError(f"unknown profiles: {sorted(unknown)}")
@@ -75,6 +85,8 @@ class Pool:
     served_warm: int = 0
     served_cold: int = 0
     retired: int = 0
+    #: Failed starts since the last success: the back-off before the next attempt grows with it.
+    failures_in_a_row: int = 0
     #: Bumped by a restart: warm or starting containers of an older generation are retired.
     generation: int = 0
 
@@ -92,6 +104,11 @@ class PoolStatus:
     image_id: str
     runtime: str
     draining: bool
+    #: Why no container can be started now (the engine is unreachable), or "".
+    unavailable: str = ""
+
+
+EngineListener = Callable[[str | None], Awaitable[None]]
 
 
 class Pools:
@@ -103,28 +120,36 @@ class Pools:
         self.settings = settings
         self.pools = {p: Pool(p) for p in settings.profiles}
         self.draining = False
+        #: Why the engine cannot run sandboxes now (set by the engine watch), or None.
+        self.unavailable: str | None = None
+        self.on_engine_change: EngineListener | None = None
         self.image_id = image_id
         self.runtime = runtime
         self._starts = asyncio.Semaphore(settings.max_starting)
         self._wake = asyncio.Event()
+        #: Set for a moment when the engine comes back: start back-offs end early.
+        self._recovered = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Destruction of released slots; never cancelled, awaited by ``close``.
         self._destroying: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._replenish_forever(), name="pool-replenish")
         self._sweep_task = asyncio.create_task(self._sweep_forever(), name="pool-sweep")
+        self._watch_task = asyncio.create_task(self._watch_engine_forever(), name="engine-watch")
 
     async def close(self) -> None:
         """Stop replenishing and destroy every warm container (busy ones belong to jobs)."""
-        for task in (self._loop_task, self._sweep_task, *self._tasks):
+        background = (self._loop_task, self._sweep_task, self._watch_task, *self._tasks)
+        for task in background:
             if task is not None:
                 task.cancel()
-        for task in (self._loop_task, self._sweep_task, *self._tasks):
+        for task in background:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -145,6 +170,8 @@ class Pools:
         if self.draining:
             raise error(Reason.SANDBOX_UNAVAILABLE,
                         "the sandbox pools are drained by an operator; retry later")
+        if self.unavailable is not None:
+            raise error(Reason.SANDBOX_UNAVAILABLE, self.unavailable)
         pool = self.pools.get(profile)
         while pool is not None and pool.warm:
             warm = pool.warm.popleft()
@@ -226,6 +253,7 @@ class Pools:
             failed_starts=p.failed_starts, served_warm=p.served_warm, served_cold=p.served_cold,
             oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
             image_id=self.image_id, runtime=self.runtime, draining=self.draining,
+            unavailable=self.unavailable or "",
         ) for p in self.pools.values()]
 
     # -- background work -------------------------------------------------------------------
@@ -233,7 +261,7 @@ class Pools:
     async def _replenish_forever(self) -> None:
         while True:
             self._wake.clear()
-            if not self.draining:
+            if not self.draining and self.unavailable is None:
                 for pool in self.pools.values():
                     if len(pool.warm) + pool.starting < self.settings.min_warm \
                             and len(pool.warm) + pool.starting < self.settings.max_warm:
@@ -257,6 +285,7 @@ class Pools:
                 except BaseException:
                     await self.backend.destroy(slot)
                     raise
+            pool.failures_in_a_row = 0
             if generation != pool.generation:  # restarted while this one was starting
                 await self.backend.destroy(slot)
             else:
@@ -266,11 +295,57 @@ class Pools:
             raise
         except Exception as exc:
             pool.failed_starts += 1
+            pool.failures_in_a_row += 1
             log.warning("warm %s container failed to start: %s", pool.profile, exc)
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(pool.failed_starts, 6)))
+            # Backs off on consecutive failures only; an engine recovery cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6))):
+                    await self._recovered.wait()
         finally:
             pool.starting -= 1
             self._wake.set()
+
+    async def _watch_engine_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.engine_check_seconds)
+            await self.check_engine()
+
+    async def check_engine(self) -> None:
+        """Ping the engine; on a change of state tell the listener, and on recovery refill."""
+        try:
+            await self.backend.check()
+        except SandboxUnavailable as exc:
+            if self.unavailable is None:
+                self.unavailable = f"the sandbox engine is unavailable: {exc}"
+                log.error("%s; refusing jobs until it is back", self.unavailable)
+                await self._notify(self.unavailable)
+            else:
+                self.unavailable = f"the sandbox engine is unavailable: {exc}"
+            return
+        except Exception as exc:  # a bug here must not stop the watch
+            log.warning("engine check failed unexpectedly: %s", exc)
+            return
+        if self.unavailable is None:
+            return
+        log.info("the sandbox engine is back; clearing out the outage and refilling the pools")
+        try:  # still refusing jobs and starting nothing: the sweep sees a quiet broker
+            await self.sweep()
+        except Exception as exc:
+            log.warning("sweep after the engine came back failed: %s", exc)
+        self.unavailable = None
+        for pool in self.pools.values():
+            pool.failures_in_a_row = 0
+        self._recovered.set()
+        self._recovered.clear()
+        self._wake.set()
+        await self._notify(None)
+
+    async def _notify(self, unavailable: str | None) -> None:
+        if self.on_engine_change is not None:
+            try:
+                await self.on_engine_change(unavailable)
+            except Exception as exc:
+                log.warning("engine state listener failed: %s", exc)
 
     async def _sweep_forever(self) -> None:
         while True:

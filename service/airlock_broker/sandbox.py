@@ -40,6 +40,9 @@ class Outcome:
     duration_seconds: float
     image_id: str
     runtime: str
+    #: Set when the engine recorded a kill the broker did not send (``docker kill``, ``docker
+    #: stop``, an engine shutdown): which signal, through what. Empty otherwise.
+    killed_by: str = ""
 
 
 class SandboxBackend(Protocol):

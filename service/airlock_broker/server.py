@@ -26,6 +26,7 @@ from airlock_broker.audit import AuditLog
 from airlock_broker.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.config import BrokerConfig
 from airlock_broker.docker_sandbox import DockerSandbox
+from airlock_broker.idempotency import IdempotencyStore
 from airlock_broker.jobs import JobRunner
 from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.metrics import Metrics, MetricsInterceptor
@@ -54,6 +55,7 @@ class Broker:
     backend: SandboxBackend
     pools: Pools
     audit: AuditLog
+    replays: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
 
@@ -66,6 +68,7 @@ class Broker:
             await self.server.stop(grace)
         finally:
             await self.pools.close()
+            await self.replays.close()
             await self.backend.close()
             self.audit.close()
             os.close(self.lock_fd)
@@ -131,10 +134,12 @@ async def create_server(config: BrokerConfig,
         ("grpc.max_send_message_length", _MAX_MESSAGE),
     ])
     audit = AuditLog(config.audit_path)
+    replays = IdempotencyStore(config.spool_root, config.idempotency)
+    replays.start()
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics, signing_key),
+                           admission, audit, metrics, signing_key, replays),
         server)
     docker_backend = backend if isinstance(backend, DockerSandbox) else None
 
@@ -174,6 +179,17 @@ async def create_server(config: BrokerConfig,
             admission.unready = None
             log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
                      report.runtime)
+    async def engine_changed(unavailable: str | None) -> None:
+        """The engine went away or came back: health and admission follow."""
+        admission.sandbox_down = unavailable
+        if admission.draining or admission.unready is not None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if unavailable
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, status)
+
+    pools.on_engine_change = engine_changed
     if admission.unready is None:
         pools.start()
         for name in (SERVICE_NAME, ""):
@@ -184,7 +200,7 @@ async def create_server(config: BrokerConfig,
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
                     "port can convert artifacts and drain or restart the pools", config.listen)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, audit=audit, lock_fd=lock_fd,
+                  backend=backend, pools=pools, audit=audit, replays=replays, lock_fd=lock_fd,
                   signing_key=signing_key)
 
 

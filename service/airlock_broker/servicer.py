@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 from grpc_status import rpc_status
@@ -19,8 +23,9 @@ from airlock_broker.audit import AuditLog, AuditRecord
 from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
-from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.jobs import JobResult, JobRunner, detect_on_host
 from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.metrics import Metrics
 from airlock_broker.provenance import sign, statement
@@ -28,17 +33,20 @@ from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
 log = logging.getLogger(__name__)
+_FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
 
 
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
-                 audit: AuditLog, metrics: Metrics, signing_key: SigningKey) -> None:
+                 audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
+                 replays: IdempotencyStore) -> None:
         self.config = config
         self.signing_key = signing_key
         self.runner = runner
         self.admission = admission
         self.audit = audit
         self.metrics = metrics
+        self.replays = replays
         self.intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                                    max_chunk_bytes=config.max_request_chunk_bytes,
                                    idle_seconds=config.upload_idle_seconds)
@@ -105,17 +113,90 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
                      job_id, spooled.size, spooled.sha256[:16], detected, request.target,
                      request.policy, record.principal, extra={"job_id": job_id})
-            async with self.admission.run_slot(), self.runner.run(
-                    request, upload, detected, spooled.sha256, spooled.size, record) as result:
-                record.set(output_format=result.output.format.value,
-                           output_sha256=result.output.sha256, output_size=result.output.size)
-                # Signed from the hash validation already computed: no extra pass over the output.
-                envelope = sign(statement(result, request, self.config.sandbox),
-                                self.signing_key)
-                record.set(provenance_key=self.signing_key.fingerprint,
-                           provenance_sha256=hashlib.sha256(envelope).hexdigest())
-                yield result_message(result, provenance=envelope)
-                for data in result.output.chunks(self.config.chunk_bytes):
-                    yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+            principal = "" if record.principal == "anonymous" else record.principal
+            options = options_digest(request.declared_format, request.target.value,
+                                     request.policy.value, request.inputs)
+            async with self.replays.claim(principal, meta.idempotency_key, spooled.sha256,
+                                          options, job_id) as claim:
+                if claim.replay is not None:
+                    async for response in self._replay(claim, record):
+                        yield response
+                    return
+                async with self.admission.run_slot(), self.runner.run(
+                        request, upload, detected, spooled.sha256, spooled.size,
+                        record) as result:
+                    record.set(output_format=result.output.format.value,
+                               output_sha256=result.output.sha256,
+                               output_size=result.output.size)
+                    # Signed from the hash validation already computed: no extra pass over
+                    # the output.
+                    envelope = sign(statement(result, request, self.config.sandbox),
+                                    self.signing_key)
+                    record.set(provenance_key=self.signing_key.fingerprint,
+                               provenance_sha256=hashlib.sha256(envelope).hexdigest())
+                    header = result_message(result, provenance=envelope)
+                    async for response in self._respond(claim, header, result):
+                        yield response
         finally:
             remove_quietly(upload)
+
+    async def _respond(self, claim: Claim, header: pb.ConvertResponse,
+                       result: JobResult) -> AsyncIterator[pb.ConvertResponse]:
+        """Stream a fresh result; with an idempotency key, keep it first and stream the copy."""
+        kept: Path | None = None
+        if claim.keeps:
+            chunks = result.output.chunks(self.config.chunk_bytes)
+            keeping = asyncio.ensure_future(
+                asyncio.to_thread(claim.keep, chunks, result.output.size))
+            try:
+                kept = await asyncio.shield(keeping)
+            except asyncio.CancelledError:
+                # The client went away while the result was being kept: the thread writes on;
+                # let it finish and commit, so that the client's retry finds the result.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    if (path := await keeping) is not None:
+                        claim.commit(header.result.SerializeToString(), path,
+                                     result.output.size)
+                raise
+        if kept is None:
+            yield header
+            for data in result.output.chunks(self.config.chunk_bytes):
+                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+            return
+        # Replayable from here on, even if this client goes away while the bytes stream.
+        claim.commit(header.result.SerializeToString(), kept, result.output.size)
+        fd = os.open(kept, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield header
+            for data in _read_chunks(fd, self.config.chunk_bytes):
+                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+        finally:
+            os.close(fd)
+        log.debug("job %s: result kept for idempotent retries", result.job_id,
+                  extra={"job_id": result.job_id})
+
+    async def _replay(self, claim: Claim,
+                      record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
+        stored = claim.replay
+        assert stored is not None
+        header = pb.ConvertResult.FromString(stored.header)
+        header.replayed = True
+        record.set(replay_of=stored.job_id, attached=claim.waited,
+                   output_format=_FORMAT_NAMES.get(header.output_format, "unknown"),
+                   output_sha256=header.output_sha256,
+                   output_size=header.output_size)
+        self.metrics.replays.labels("in_flight" if claim.waited else "completed").inc()
+        log.info("job %s: answered with the result of job %s (same idempotency key)",
+                 record.job_id, stored.job_id, extra={"job_id": record.job_id})
+        fd = IdempotencyStore.open_stored(stored)  # held open: eviction cannot cut it short
+        try:
+            yield pb.ConvertResponse(result=header)
+            for data in _read_chunks(fd, self.config.chunk_bytes):
+                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+        finally:
+            os.close(fd)
+
+
+def _read_chunks(fd: int, size: int) -> Iterator[bytes]:
+    while data := os.read(fd, size):
+        yield data

@@ -3,6 +3,7 @@
 Layout under the spool root (0700, owned by the broker)::
 
     <root>/uploads/<job_id>     0600, the artifact while it streams in (``new_upload``)
+    <root>/results/<job_id>     0600, a completed output kept for idempotent retries
     <root>/slots/<slot_id>/     0700, one per container (``JobWorkspace``)
         in/                     0755, bind-mounted read-only at contract.IN_DIR
             artifact            0400, owned by the sandbox uid
@@ -120,6 +121,11 @@ def new_upload(spool_root: Path, job_id: str) -> tuple[Path, int]:
     return path, fd
 
 
+def results_dir(spool_root: Path) -> Path:
+    """Where the idempotency store keeps completed outputs (``idempotency.py`` owns them)."""
+    return _private_dir(spool_root, "results")
+
+
 def remove_quietly(path: Path) -> None:
     """``unlink`` for ``finally`` blocks: a file already moved or removed is fine."""
     with contextlib.suppress(FileNotFoundError):
@@ -127,12 +133,14 @@ def remove_quietly(path: Path) -> None:
 
 
 def reap_stale(spool_root: Path) -> int:
-    """Remove uploads and slots left by a broker that died (SIGKILL, power loss). Returns count.
+    """Remove uploads, slots and kept results left by a broker that died (SIGKILL, power loss).
+
+    Returns how many were removed.
 
     Only for a spool root that no live broker uses: call it at start-up, before serving.
     """
     count = 0
-    for sub in ("uploads", "slots"):
+    for sub in ("uploads", "slots", "results"):
         base = spool_root / sub
         if not base.is_dir():
             continue

@@ -57,8 +57,11 @@ def _files_left(tmp_path: Path) -> list[str]:
     spool = tmp_path / "spool"
     while True:
         try:  # the broker may be removing a directory while it is walked
+            # results/ holds outputs kept for idempotent retries: the store owns them
+            # (bounded, expired, removed on close; tests/unit/test_idempotency.py).
             return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")
-                          if p.name not in {".lock", "audit.jsonl"} and p.is_file())
+                          if p.name not in {".lock", "audit.jsonl"} and p.is_file()
+                          and p.relative_to(spool).parts[0] != "results")
         except FileNotFoundError:
             continue
 

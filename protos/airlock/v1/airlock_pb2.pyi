@@ -385,6 +385,7 @@ class ConvertResult(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     INTEGRITY_NOTE_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     detected_format: _builtins.str
     output_format: Global___TargetFormat.ValueType
@@ -404,6 +405,10 @@ class ConvertResult(_message.Message):
     envelope around an in-toto Statement v1 that signs the output's sha256 and, under
     predicate.airlock, records how it was made. Signed with the broker's ECDSA P-256 key
     (GetProvenanceKey). Clients verify it before writing the output.
+    """
+    replayed: _builtins.bool
+    """True when this answer is the stored result of an earlier request with the same
+    idempotency key (job_id is that request's job): nothing was converted again.
     """
     @_builtins.property
     def report(self) -> Global___ConversionReport: ...
@@ -425,10 +430,11 @@ class ConvertResult(_message.Message):
         runtime: _builtins.str = ...,
         integrity_note: _builtins.str = ...,
         provenance: _builtins.bytes = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "replayed", b"replayed", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -527,6 +533,7 @@ class PoolStatus(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     warm: _builtins.int
     busy: _builtins.int
@@ -538,6 +545,10 @@ class PoolStatus(_message.Message):
     image_id: _builtins.str
     runtime: _builtins.str
     draining: _builtins.bool
+    unavailable: _builtins.str
+    """Why no sandbox can be started now (e.g. the Docker engine is unreachable); empty when
+    one can. Jobs are refused with UNAVAILABLE and this text while it is set.
+    """
     def __init__(
         self,
         *,
@@ -552,10 +563,11 @@ class PoolStatus(_message.Message):
         image_id: _builtins.str = ...,
         runtime: _builtins.str = ...,
         draining: _builtins.bool = ...,
+        unavailable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "warm", b"warm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "unavailable", b"unavailable", "warm", b"warm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,270 @@
+"""Idempotency keys: a retried Convert attaches to its first attempt instead of converting twice.
+
+The client sends one key per logical call and the same key on every retry. The broker keys
+its memory by (principal, key) and binds each key to what it was first used for: the input's
+sha256 and the request's options. A request whose key matches
+
+- a job still in flight waits for it, then answers with its result;
+- a job completed within ``ttl_seconds`` gets that job's result (or its refusal) again,
+  without a sandbox, marked ``replayed``;
+- either of those, but for a different artifact or different options, is refused with
+  IDEMPOTENCY_KEY_REUSED.
+
+A job that failed for a reason worth retrying (BUSY, the engine down, a cancelled call) is
+forgotten, so the retry converts. Only metadata lives in memory: a stored result's bytes are
+a file under ``<spool>/results/`` (0600, owned by this store), the total bounded by
+``max_bytes`` and the entries by ``max_entries``, evicted oldest first and on expiry. A
+reader holds an open descriptor, so eviction never cuts a replay short. The directory is
+emptied at start-up (``workspace.reap_stale``) and on ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.workspace import remove_quietly, results_dir
+
+log = logging.getLogger(__name__)
+
+#: Failures that say nothing about the artifact: a retry must be allowed to convert again.
+FORGOTTEN_REASONS = frozenset({
+    Reason.BUSY, Reason.DEADLINE_EXCEEDED, Reason.CANCELLED, Reason.SANDBOX_UNAVAILABLE,
+    Reason.SANDBOX_KILLED, Reason.INTERNAL, Reason.IDEMPOTENCY_KEY_REUSED,
+})
+
+
+@dataclass(frozen=True)
+class IdempotencySettings:
+    """``ttl_seconds = 0`` turns de-duplication off (every request converts)."""
+
+    ttl_seconds: float = 600.0
+    max_entries: int = 1024
+    #: Bytes of stored results on disk; a result larger than this is not kept.
+    max_bytes: int = 1024 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds < 0 or self.max_entries < 1 or self.max_bytes < 0:
+            raise ValueError("need ttl_seconds >= 0, max_entries >= 1, max_bytes >= 0")
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A completed job's answer: its result header (opaque bytes) and output, or its refusal."""
+
+    job_id: str
+    header: bytes = b""
+    path: Path | None = None
+    size: int = 0
+    error: tuple[Reason, str] | None = None
+
+
+@dataclass
+class _Entry:
+    input_sha256: str
+    options: str
+    job_id: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    stored: StoredResult | None = None
+    expires: float = 0.0
+
+
+@dataclass
+class Claim:
+    """What a request got from the store: a result to replay, or the duty to convert."""
+
+    replay: StoredResult | None
+    _store: IdempotencyStore | None = None
+    _entry: _Entry | None = None
+    waited: bool = False
+
+    @property
+    def keeps(self) -> bool:
+        """Whether this request's result will be stored (it has a key and converts)."""
+        return self._entry is not None
+
+    def keep(self, chunks: Iterator[bytes], size: int) -> Path | None:
+        """Write the output into the store (in a worker thread); None if it is too big."""
+        if self._store is None or self._entry is None:
+            return None
+        return self._store.write(self._entry, chunks, size)
+
+    def commit(self, header: bytes, path: Path, size: int) -> None:
+        """On the event loop, once ``keep`` wrote ``path``: the result is now replayable."""
+        if self._store is None or self._entry is None:
+            remove_quietly(path)
+            return
+        self._store.complete(self._entry, StoredResult(job_id=self._entry.job_id,
+                                                       header=header, path=path, size=size))
+
+
+def options_digest(*parts: object) -> str:
+    """A digest of the request options a key is bound to (target, policy, inputs, ...)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class IdempotencyStore:
+    def __init__(self, spool_root: Path, settings: IdempotencySettings) -> None:
+        self.settings = settings
+        self.spool_root = spool_root
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._bytes = 0
+        #: Requests waiting for a first attempt still in flight (for status and tests).
+        self.waiting = 0
+        self._purger: asyncio.Task[None] | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self) -> None:
+        if self.settings.ttl_seconds > 0:
+            self._purger = asyncio.create_task(self._purge_forever(), name="idempotency-purge")
+
+    async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+        for key in list(self._entries):
+            self._drop(key)
+
+    @contextlib.asynccontextmanager
+    async def claim(self, principal: str, key: str, input_sha256: str, options: str,
+                    job_id: str) -> AsyncIterator[Claim]:
+        """Replay, wait for, or take on the job for ``key``; see the module docstring."""
+        if not key or self.settings.ttl_seconds <= 0:
+            yield Claim(replay=None)
+            return
+        ident = (principal, key)
+        waited = False
+        while True:
+            self.purge()
+            entry = self._entries.get(ident)
+            if entry is None:
+                break
+            if entry.input_sha256 != input_sha256:
+                raise error(Reason.IDEMPOTENCY_KEY_REUSED,
+                            f"idempotency key already used for job {entry.job_id} with a "
+                            "different artifact (sha256 differs); use a new key per call")
+            if entry.options != options:
+                raise error(Reason.IDEMPOTENCY_KEY_REUSED,
+                            f"idempotency key already used for job {entry.job_id} with the "
+                            "same artifact but different options; use a new key per call")
+            if entry.stored is not None:
+                yield self._replayed(entry.stored, waited)
+                return
+            waited = True
+            self.waiting += 1
+            try:
+                await entry.done.wait()  # the first attempt is converting; its answer is ours
+            finally:
+                self.waiting -= 1
+        entry = _Entry(input_sha256=input_sha256, options=options, job_id=job_id)
+        self._entries[ident] = entry
+        self._evict(keep=entry)
+        claim = Claim(replay=None, _store=self, _entry=entry)
+        try:
+            yield claim
+        except AirlockError as exc:
+            if exc.reason not in FORGOTTEN_REASONS and entry.stored is None:
+                self.complete(entry, StoredResult(job_id=entry.job_id,
+                                                   error=(exc.reason, exc.message)))
+            raise
+        finally:
+            if entry.stored is None and self._entries.get(ident) is entry:
+                del self._entries[ident]  # nothing to replay: a retry converts again
+            entry.done.set()
+
+    def write(self, entry: _Entry, chunks: Iterator[bytes], size: int) -> Path | None:
+        """Write an output into the store's directory (runs in a worker thread)."""
+        if size > self.settings.max_bytes:
+            log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
+                     "will convert again", entry.job_id, size, self.settings.max_bytes)
+            return None
+        path = results_dir(self.spool_root) / entry.job_id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            written = 0
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                written += len(data)
+        except BaseException:
+            os.close(fd)
+            remove_quietly(path)
+            raise
+        os.close(fd)
+        if written != size:
+            remove_quietly(path)
+            raise error(Reason.INTERNAL, f"stored {written} bytes of a {size}-byte output")
+        return path
+
+    @staticmethod
+    def open_stored(stored: StoredResult) -> int:
+        """An open descriptor on a stored output: it survives the entry's eviction."""
+        assert stored.path is not None
+        return os.open(stored.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def purge(self) -> int:
+        """Forget completed entries past their TTL and delete their files."""
+        now = time.monotonic()
+        expired = [k for k, e in self._entries.items() if e.stored is not None and e.expires <= now]
+        for key in expired:
+            self._drop(key)
+        return len(expired)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _replayed(self, stored: StoredResult, waited: bool) -> Claim:
+        if stored.error is not None:
+            reason, message = stored.error
+            raise error(reason, f"{message} (the answer of job {stored.job_id}, replayed for "
+                                "the same idempotency key)")
+        return Claim(replay=stored, waited=waited)
+
+    def complete(self, entry: _Entry, stored: StoredResult) -> None:
+        entry.stored = stored
+        entry.expires = time.monotonic() + self.settings.ttl_seconds
+        self._bytes += stored.size
+        entry.done.set()
+        self._evict(keep=entry)
+
+    def _evict(self, keep: _Entry | None = None) -> None:
+        """Oldest completed entries first, until within ``max_entries`` and ``max_bytes``."""
+        for ident in list(self._entries):
+            if len(self._entries) <= self.settings.max_entries \
+                    and self._bytes <= self.settings.max_bytes:
+                return
+            entry = self._entries[ident]
+            if entry is not keep and entry.stored is not None:
+                self._drop(ident)
+        # Entries in flight are never evicted; admission bounds how many there can be.
+
+    def _drop(self, ident: tuple[str, str]) -> None:
+        entry = self._entries.pop(ident)
+        if entry.stored is not None:
+            self._bytes -= entry.stored.size
+            if entry.stored.path is not None:
+                remove_quietly(entry.stored.path)
+        entry.done.set()
+
+    async def _purge_forever(self) -> None:
+        period = min(30.0, max(1.0, self.settings.ttl_seconds / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.purge()

@@ -1,0 +1,134 @@
+"""The Docker adapter, at a fake Docker API: the sweep (dead brokers' orphans and this broker's
+strays go, the rest stays) and the deadline kill.
+
+A stray is a container with this broker's label whose slot the broker no longer owns: a create
+whose answer was lost, or a removal that failed while the engine was away. A fake Docker API
+client stands at the seam (only the two calls the sweep makes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import requests
+
+from airlock_broker.docker_sandbox import LABEL_BROKER, LABEL_SLOT, DockerSandbox, broker_identity
+from airlock_sandbox.policy import SandboxPolicy
+
+
+class FakeApi:
+    def __init__(self, containers: list[dict[str, Any]]) -> None:
+        self.listed = containers
+        self.removed: list[str] = []
+
+    def containers(self, all: bool, filters: dict[str, str]) -> list[dict[str, Any]]:
+        return self.listed
+
+    def remove_container(self, container_id: str, force: bool, v: bool) -> None:
+        self.removed.append(container_id)
+
+
+class FakeClient:
+    def __init__(self, api: FakeApi) -> None:
+        self.api = api
+
+    def close(self) -> None:
+        pass
+
+
+def _container(cid: str, owner: str, slot: str) -> dict[str, Any]:
+    return {"Id": cid, "Labels": {"airlock.managed": "true", LABEL_BROKER: owner,
+                                  LABEL_SLOT: slot}}
+
+
+def test_sweep_removes_strays_and_dead_brokers_orphans_only(tmp_path: Path) -> None:
+    me = broker_identity()
+    alive_other = broker_identity().rsplit(":", 2)[0] + f":1:{_start_of(1)}"  # PID 1 lives
+    dead = me.rsplit(":", 2)[0] + ":999999999:12345"
+    api = FakeApi([
+        _container("owned", me, "slot-owned"),
+        _container("stray", me, "slot-lost"),
+        _container("orphan", dead, "x"),
+        _container("neighbour", alive_other, "y"),
+    ])
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
+    sandbox._owned.add("slot-owned")
+
+    async def sweep() -> int:
+        try:
+            return await sandbox.reap_orphans()
+        finally:
+            await sandbox.close()
+
+    assert asyncio.run(sweep()) == 2
+    assert sorted(api.removed[:2]) == ["orphan", "stray"]
+
+
+def _start_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+
+
+def test_identity_is_this_process() -> None:
+    assert broker_identity().split(":")[1] == str(os.getpid())
+
+
+# -- the deadline kill ---------------------------------------------------------------------------
+
+
+class SlowToDieApi(FakeApi):
+    """A container that outlives the deadline, and an engine whose first kills time out."""
+
+    def __init__(self, failed_kills: int) -> None:
+        super().__init__([])
+        self.failed_kills = failed_kills
+        self.kills = 0
+
+    def start(self, container_id: str) -> None:
+        pass
+
+    def wait(self, container_id: str, timeout: float | None = None) -> dict[str, int]:
+        if self.kills <= self.failed_kills:
+            import time
+            time.sleep(0.5 if timeout else 5)  # still running
+            raise requests.exceptions.ReadTimeout("read timed out")
+        return {"StatusCode": 137}
+
+    def kill(self, container_id: str) -> None:
+        self.kills += 1
+        if self.kills <= self.failed_kills:
+            response = requests.Response()
+            response.status_code = 500
+            raise docker.errors.APIError(
+                "500 Server Error", response=response,
+                explanation="Cannot kill container: tried to kill container, but did not "
+                            "receive an exit event")
+
+    def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return {"State": {"Running": False, "ExitCode": 137, "OOMKilled": False}}
+
+
+def test_a_kill_the_engine_could_not_confirm_is_still_a_timeout(tmp_path: Path) -> None:
+    from airlock_broker.sandbox import Slot
+    from airlock_broker.workspace import JobWorkspace
+    from airlock_sandbox.contract import JobSpec
+
+    root = tmp_path / "slot"
+    (root / "in").mkdir(parents=True)
+    slot = Slot(slot_id="s", profile="sklearn", container_id="c", started=True,
+                workspace=JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid()))
+    api = SlowToDieApi(failed_kills=2)  # a fork bomb: the engine gives up waiting twice
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
+
+    async def run() -> Any:
+        try:
+            return await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=0.2)
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    outcome = asyncio.run(run())
+    assert outcome.timed_out and api.kills == 3

@@ -1,0 +1,315 @@
+"""Idempotency keys: a retried Convert never converts twice; a reused key is caught.
+
+Conversions are counted at the seam: every job the broker hands to the fake sandbox is one
+entry in ``backend.specs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.config import BrokerConfig
+from airlock_broker.idempotency import IdempotencySettings, IdempotencyStore
+from airlock_broker.pools import PoolSettings
+from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.server import Broker
+from airlock_client import Client, ConversionError, ServiceUnavailable
+from airlock_client._wire import error_from_rpc
+from airlock_sandbox.contract import JobSpec, WorkerExit
+from tests.unit.fakes import Behaviour, FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE, write_safetensors
+
+
+@dataclass
+class GatedSandbox(FakeSandbox):
+    """Jobs hold in ``run`` until ``gate`` opens; the first ``fail_runs`` runs lose the engine."""
+
+    gate: threading.Event | None = None
+    fail_runs: int = 0
+
+    async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        while self.gate is not None and not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        if self.fail_runs > 0:
+            self.fail_runs -= 1
+            raise SandboxUnavailable("fake engine stopped mid-job")
+        return await super().run(slot, spec, deadline_seconds)
+
+
+@dataclass
+class Running:
+    address: str
+    backend: GatedSandbox
+    broker: Broker
+    spool: Path
+
+    @property
+    def conversions(self) -> int:
+        return len(self.backend.specs)
+
+    def audit(self) -> list[dict[str, object]]:
+        path = self.spool / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[object]:
+    stack = []
+
+    def _start(behaviour: Behaviour = write_safetensors, **overrides: object) -> Running:
+        overrides.setdefault("pools", PoolSettings(min_warm=0))
+        overrides.setdefault("selftest_on_start", False)
+        config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / f"spool{len(stack)}",
+                              **overrides)  # type: ignore[arg-type]
+        backend = GatedSandbox(config.spool_root, behaviour)
+        cm = running_broker(config, backend)
+        broker = cm.__enter__()
+        stack.append(cm)
+        return Running(f"127.0.0.1:{broker.port}", backend, broker, config.spool_root)
+
+    yield _start
+    for cm in stack:
+        cm.__exit__(None, None, None)
+
+
+def _requests(data: bytes, key: str, target: int) -> list[pb.ConvertRequest]:
+    meta = pb.ConvertMetadata(size_bytes=len(data), idempotency_key=key, target=target)
+    return [pb.ConvertRequest(metadata=meta),
+            pb.ConvertRequest(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))]
+
+
+def convert(address: str, data: bytes, key: str,
+            target: int = pb.TARGET_FORMAT_AUTO) -> tuple[pb.ConvertResult, bytes]:
+    """One raw Convert call with an explicit key: (result header, output bytes)."""
+    with grpc.insecure_channel(address) as channel:
+        stream = pb_grpc.ConversionServiceStub(channel).Convert(
+            iter(_requests(data, key, target)), timeout=30)
+        messages = list(stream)
+    return messages[0].result, b"".join(m.chunk.data for m in messages[1:])
+
+
+def refusal(address: str, data: bytes, key: str, target: int = pb.TARGET_FORMAT_AUTO
+            ) -> tuple[grpc.StatusCode, str, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        convert(address, data, key, target)
+    err = error_from_rpc(info.value)
+    assert isinstance(err, (ConversionError, ServiceUnavailable))
+    return info.value.code(), err.reason, err.message  # type: ignore[attr-defined]
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_a_retry_after_completion_replays_the_result_without_converting(start) -> None:
+    run = start()
+    first, out1 = convert(run.address, PICKLE, "key-1")
+    second, out2 = convert(run.address, PICKLE, "key-1")
+    assert run.conversions == 1
+    assert not first.replayed and second.replayed
+    assert second.job_id == first.job_id and out2 == out1
+    assert hashlib.sha256(out2).hexdigest() == second.output_sha256
+    # a new key is a new call: it converts
+    third, _ = convert(run.address, PICKLE, "key-2")
+    assert run.conversions == 2 and not third.replayed and third.job_id != first.job_id
+    replays = [d for d in run.audit() if d.get("replay_of")]
+    assert [d["replay_of"] for d in replays] == [first.job_id]
+
+
+def test_a_retry_while_the_first_attempt_runs_attaches_to_it(start) -> None:
+    run = start()
+    run.backend.gate = threading.Event()
+    results: list[tuple[pb.ConvertResult, bytes]] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        convert(run.address, PICKLE, "same"))) for _ in range(2)]
+    threads[0].start()
+    wait_for(lambda: run.broker.admission.admitted == 1 and run.backend.prepared == 1)
+    threads[1].start()
+    wait_for(lambda: run.broker.replays.waiting == 1)  # the retry waits for the first
+    run.backend.gate.set()
+    for t in threads:
+        t.join(30)
+    assert run.conversions == 1 and run.backend.prepared == 1
+    assert sorted(r.replayed for r, _ in results) == [False, True]
+    assert results[0][1] == results[1][1] and results[0][0].job_id == results[1][0].job_id
+
+
+def test_the_same_key_for_another_artifact_or_other_options_is_refused(start) -> None:
+    run = start()
+    convert(run.address, PICKLE, "k")
+    code, reason, message = refusal(run.address, PICKLE + b"\x00", "k")
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED")
+    assert "different artifact" in message
+    code, reason, message = refusal(run.address, PICKLE, "k", pb.TARGET_FORMAT_SAFETENSORS)
+    assert reason == "IDEMPOTENCY_KEY_REUSED" and "different options" in message
+    assert run.conversions == 1
+
+
+def test_a_refusal_is_replayed_but_an_outage_is_forgotten(start) -> None:
+    def refuse(spec: JobSpec, data: bytes, out: Path) -> int:
+        return WorkerExit.POLICY_VIOLATION
+
+    run = start(refuse)
+    first = refusal(run.address, PICKLE, "refused")
+    again = refusal(run.address, PICKLE, "refused")
+    assert first[1] == again[1] == "POLICY_VIOLATION"
+    assert "replayed" in again[2] and run.conversions == 1
+
+    run.backend.behaviour = write_safetensors
+    run.backend.fail_runs = 1  # the engine goes away mid-job: worth a retry, not an answer
+    code, reason, _ = refusal(run.address, PICKLE, "outage")
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "SANDBOX_UNAVAILABLE")
+    result, _ = convert(run.address, PICKLE, "outage")
+    assert not result.replayed and run.conversions == 2
+
+
+def test_the_client_sends_one_key_on_every_retry(start, tmp_path: Path) -> None:
+    run = start()
+    run.backend.fail_runs = 2
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    with Client(run.address, retry_attempts=4) as client:
+        result = client.convert(src, tmp_path / "out.safetensors")
+    assert result.format == "safetensors" and not result.replayed
+    keys = [d["idempotency_key"] for d in run.audit()]
+    assert len(keys) == 3 and len(set(keys)) == 1 and keys[0]
+    # A second logical call from the same client is a new key.
+    client2 = Client(run.address)
+    with client2:
+        client2.convert(src, tmp_path / "out2.safetensors")
+    assert len({d["idempotency_key"] for d in run.audit()}) == 2
+
+
+def test_no_key_or_ttl_zero_means_no_deduplication(start) -> None:
+    run = start(idempotency=IdempotencySettings(ttl_seconds=0))
+    convert(run.address, PICKLE, "k")
+    second, _ = convert(run.address, PICKLE, "k")
+    assert run.conversions == 2 and not second.replayed
+    assert not (run.spool / "results").exists() or list((run.spool / "results").iterdir()) == []
+
+
+# -- the store's bounds, directly ----------------------------------------------------------
+
+
+def _kept(store: IdempotencyStore) -> list[str]:
+    return sorted(p.name for p in (store.spool_root / "results").iterdir())
+
+
+async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
+    async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
+        path = claim.keep(iter([payload]), len(payload))
+        if path is not None:
+            claim.commit(b"header", path, len(payload))
+
+
+def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings(ttl_seconds=0.3, max_entries=2,
+                                                               max_bytes=10))
+        await _complete(store, "a", b"1234")
+        await _complete(store, "b", b"1234")
+        assert _kept(store) == ["job-a", "job-b"]
+        await _complete(store, "c", b"1234")  # over both bounds: the oldest goes
+        assert _kept(store) == ["job-b", "job-c"] and store.stored_bytes == 8 and len(store) == 2
+        # Larger than the store: not kept at all (its claim still made room for an entry).
+        await _complete(store, "big", b"x" * 11)
+        assert _kept(store) == ["job-c"] and len(store) == 1
+        await asyncio.sleep(0.35)
+        assert store.purge() == 1 and _kept(store) == [] and store.stored_bytes == 0
+        await _complete(store, "d", b"1234")
+        await store.close()
+        assert _kept(store) == [] and len(store) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_replay_survives_eviction_of_its_file(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings(ttl_seconds=60))
+        await _complete(store, "a", b"payload")
+        async with store.claim("", "a", "sha-a", "opts", "job-x") as claim:
+            assert claim.replay is not None
+            fd = store.open_stored(claim.replay)
+        await store.close()  # the file is gone from the directory ...
+        try:
+            assert _kept(store) == []
+            assert os.read(fd, 100) == b"payload"  # ... but the reader still has it
+        finally:
+            os.close(fd)
+
+    asyncio.run(scenario())
+
+
+def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        async with store.claim("alice", "k", "sha", "opts", "job-1") as claim:
+            path = claim.keep(iter([b"x"]), 1)
+            assert path is not None
+            claim.commit(b"h", path, 1)
+        async with store.claim("bob", "k", "other-sha", "opts", "job-2") as claim:
+            assert claim.replay is None and claim.keeps  # bob's "k" is not alice's
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+# -- the client's retry policy ---------------------------------------------------------------
+
+
+def test_the_client_does_not_retry_a_refusal_and_retries_busy(start, tmp_path: Path) -> None:
+    def refuse(spec: JobSpec, data: bytes, out: Path) -> int:
+        return WorkerExit.POLICY_VIOLATION
+
+    run = start(refuse)
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    with Client(run.address, retry_attempts=4) as client, pytest.raises(ConversionError) as info:
+        client.convert(src, tmp_path / "out")
+    assert info.value.reason == "POLICY_VIOLATION"
+    wait_for(lambda: (run.spool / "audit.jsonl").exists() and run.audit())
+    time.sleep(1.0)  # a retry, if there were one, would have been written by now
+    assert len(run.audit()) == 1 and run.conversions == 1
+
+    busy = start(max_concurrent_jobs=1, max_queued_jobs=0)
+    busy.backend.gate = threading.Event()
+    first = threading.Thread(target=lambda: convert(busy.address, PICKLE, "first"))
+    first.start()
+    wait_for(lambda: busy.broker.admission.admitted == 1)
+    threading.Timer(1.0, busy.backend.gate.set).start()  # the broker frees up in a second
+    with Client(busy.address, retry_attempts=6, retry_max_seconds=30) as client:
+        result = client.convert(src, tmp_path / "later.safetensors")
+    first.join(30)
+    refused = [d for d in busy.audit() if d.get("reason") == "BUSY"]
+    assert result.format == "safetensors" and refused, "the client should have met BUSY first"
+
+
+def test_the_client_deadline_bounds_the_whole_call(start, tmp_path: Path) -> None:
+    run = start()
+    run.backend.gate = threading.Event()  # never opens: the job hangs
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    began = time.monotonic()
+    with Client(run.address, timeout=1.5, retry_attempts=5) as client, \
+            pytest.raises(ConversionError) as info:
+        client.convert(src, tmp_path / "out")
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - began < 5
+    run.backend.gate.set()
