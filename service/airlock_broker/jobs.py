@@ -25,6 +25,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.bundle import is_bundle, member_names, profile_for_bundle
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
@@ -178,8 +179,9 @@ class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
     def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
-                 verify_integrity: bool = True) -> None:
+                 onnx_validator: OnnxValidatorPool, verify_integrity: bool = True) -> None:
         self.backend = backend
+        self.onnx_validator = onnx_validator
         self.pools = pools
         self.limits = limits
         self.verify_integrity = verify_integrity
@@ -231,7 +233,7 @@ class JobRunner:
                         await self._engine_went_away(exc)  # a stopping engine kills them all
                     raise
                 output = await validate_output(slot.workspace.out_dir, request.target,
-                                               self.limits)
+                                               self.limits, self.onnx_validator)
                 assurance, note = await self._assurance(output, second, extraction)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
@@ -280,7 +282,7 @@ class JobRunner:
                                       f"artifact (extraction exit {extraction.exit_code})")
         try:
             extracted = await validate_output(second.workspace.out_dir, Target.SAFETENSORS,
-                                              self.limits)
+                                              self.limits, self.onnx_validator)
         except AirlockError as exc:
             return FORMAT_SAFE_ONLY, f"the extraction's output was invalid: {exc.message}"
         assert extracted.safetensors is not None
