@@ -73,7 +73,7 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
     Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
     Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
-                               "sklearn, pytorch, and pyfunc models that wrap them)",
+                               "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.INTERNAL: "the sandbox refused the broker's job spec (a broker bug)",
 }
