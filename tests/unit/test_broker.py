@@ -271,11 +271,23 @@ def test_prometheus_metrics_count_jobs_rpcs_and_bytes(make_broker, tmp_path: Pat
         client.convert(good, tmp_path / "out")
         with pytest.raises(ConversionError):
             client.convert(bad, tmp_path / "out2")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'airlock_jobs_total{outcome="ok",reason=""} 1.0' in text
-    assert 'airlock_jobs_total{outcome="rejected",reason="UNSUPPORTED_FORMAT"} 1.0' in text
-    assert 'airlock_grpc_server_handled_total{code="OK",method="Convert"} 1.0' in text
-    assert 'airlock_grpc_server_handled_total{code="INVALID_ARGUMENT",method="Convert"} 1.0' in text
-    assert f"airlock_artifact_bytes_in_total {float(len(PICKLE) + 18)}" in text
-    assert 'airlock_pool_containers{profile="sklearn",state="warm"} 0.0' in text
-    assert "airlock_jobs_in_broker 0.0" in text
+    expected = [
+        'airlock_jobs_total{outcome="ok",reason=""} 1.0',
+        'airlock_jobs_total{outcome="rejected",reason="UNSUPPORTED_FORMAT"} 1.0',
+        'airlock_grpc_server_handled_total{code="OK",method="Convert"} 1.0',
+        'airlock_grpc_server_handled_total{code="INVALID_ARGUMENT",method="Convert"} 1.0',
+        f"airlock_artifact_bytes_in_total {float(len(PICKLE) + 18)}",
+        'airlock_pool_containers{profile="sklearn",state="warm"} 0.0',
+        "airlock_jobs_in_broker 0.0",
+    ]
+    # Job metrics are recorded after the reply (like the audit line): scrape until they are
+    # all there, within a bound, rather than racing the broker's ``finally``.
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                      timeout=5).read().decode()
+        missing = [line for line in expected if line not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert missing == [], text
