@@ -10,10 +10,13 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from airlock_broker.validation import onnx_worker
 from airlock_broker.validation.limits import GiB, OutputLimits
-from airlock_broker.validation.onnx_check import OnnxInfo, validate_onnx_bytes
+
+if TYPE_CHECKING:  # onnx is imported only once the process is confined
+    from airlock_broker.validation.onnx_check import OnnxInfo
 
 CRASH = b"crash"
 HANG = b"hang"
@@ -39,6 +42,8 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
     if data == SPIN:
         while True:
             pass
+    from airlock_broker.validation.onnx_check import validate_onnx_bytes
+
     return validate_onnx_bytes(data, limits)
 
 
