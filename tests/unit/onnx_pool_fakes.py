@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ HANG = b"hang"
 MEMORY = b"memory"
 SPIN = b"spin"
 NATIVE_MEMORY = b"native-memory"
+#: ``connect:PORT``: try to reach a host listener on 127.0.0.1:PORT and refuse with the outcome.
+CONNECT = b"connect:"
 
 
 def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxInfo]:
@@ -39,6 +42,19 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
             bytearray(16 * GiB)
         except MemoryError:
             os.abort()
+    if data.startswith(CONNECT):
+        from airlock_broker.errors import Reason, error
+
+        try:
+            # No create_connection: its getaddrinfo wants the idna codec, which this
+            # unprivileged process could not import (the host's Python lives under /root).
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(("127.0.0.1", int(data[len(CONNECT):])))
+            outcome = "connected"
+        except OSError as exc:
+            outcome = f"failed: {exc}"
+        raise error(Reason.OUTPUT_INVALID, f"connect {outcome}")
     if data == SPIN:
         while True:
             pass

@@ -89,12 +89,13 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Its own argv and a minimal environment; no multiprocessing machinery (no
-            # re-import of the broker's __main__, no resource tracker). It dies with the broker
+            # re-import of the broker's __main__, no resource tracker); the broker's import path
+            # made absolute, since it runs in "/" ("" was the broker's cwd). It dies with the broker
             # (PDEATHSIG) and on EOF of the socket.
             self.process = subprocess.Popen(
                 [sys.executable, "-B", "-m", module, str(theirs.fileno()), config],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p),
+                env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path),
                      "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
                 cwd="/", start_new_session=True)
         except BaseException:
