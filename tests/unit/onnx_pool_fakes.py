@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from airlock_broker.validation import onnx_worker
 from airlock_broker.validation.limits import GiB, OutputLimits
-from airlock_broker.validation.onnx_check import OnnxInfo, validate_onnx_bytes
+
+if TYPE_CHECKING:  # onnx is imported only once the process is confined
+    from airlock_broker.validation.onnx_check import OnnxInfo
 
 CRASH = b"crash"
 HANG = b"hang"
 MEMORY = b"memory"
 SPIN = b"spin"
 NATIVE_MEMORY = b"native-memory"
+#: ``connect:PORT``: try to reach a host listener on 127.0.0.1:PORT and refuse with the outcome.
+CONNECT = b"connect:"
 
 
 def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxInfo]:
@@ -36,9 +42,24 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
             bytearray(16 * GiB)
         except MemoryError:
             os.abort()
+    if data.startswith(CONNECT):
+        from airlock_broker.errors import Reason, error
+
+        try:
+            # No create_connection: its getaddrinfo wants the idna codec, which this
+            # unprivileged process could not import (the host's Python lives under /root).
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(("127.0.0.1", int(data[len(CONNECT):])))
+            outcome = "connected"
+        except OSError as exc:
+            outcome = f"failed: {exc}"
+        raise error(Reason.OUTPUT_INVALID, f"connect {outcome}")
     if data == SPIN:
         while True:
             pass
+    from airlock_broker.validation.onnx_check import validate_onnx_bytes
+
     return validate_onnx_bytes(data, limits)
 
 

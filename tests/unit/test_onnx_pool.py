@@ -241,6 +241,99 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
 
 
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes: bytes) -> None:
+    import socket
+
+    # Only root can give up root and the network; anyone else gets no_new_privs and says so.
+    root = os.geteuid() == 0
+    source = write(tmp_path, "model.onnx", model_bytes)
+    source.chmod(0o600)  # readable by the broker only: the validator gets a descriptor
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    probe = write(tmp_path, "probe.onnx", fakes.CONNECT + str(port).encode())
+
+    async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, bool, str]:
+        await pool.validate(source)  # the validator is ready and has served a job
+        [pid] = pool.pids()
+        status = _status(pid)
+        interfaces = [line.split(":")[0].strip()
+                      for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
+        with pytest.raises(AirlockError) as caught:
+            await pool.validate(probe)
+        return status, ",".join(interfaces), pool.confinement.full, caught.value.message
+
+    (status, interfaces, full, probed), _pids = with_pool(ValidatorSettings(processes=1), body)
+    try:
+        with pytest.raises(TimeoutError):
+            listener.accept()[0].close()  # nothing reached the host's listener
+    finally:
+        listener.close()
+    assert status["NoNewPrivs"] == "1"
+    assert full is root
+    if root:
+        assert status["Uid"].split() == ["65534"] * 4
+        assert status["Gid"].split() == ["65534"] * 4
+        assert status["Groups"] == ""
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+        assert interfaces == "lo"
+        assert probed.startswith("connect failed"), probed
+    else:
+        assert status["Uid"].split()[0] == str(os.geteuid())
+
+
+def test_a_busy_validator_dies_with_a_killed_broker(tmp_path: Path) -> None:
+    # Busy, so the socket's EOF cannot end it: only PDEATHSIG can, and the kernel clears that
+    # on a uid change, so the worker must set it after dropping root.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hang = write(tmp_path, "hang.onnx", fakes.HANG)
+    script = (
+        "import asyncio, sys\n"
+        "from airlock_broker.validation.limits import OutputLimits\n"
+        "from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings\n"
+        "async def main():\n"
+        "    pool = OnnxValidatorPool(OutputLimits(), ValidatorSettings(processes=1),\n"
+        f"                             worker_module={FAKE!r})\n"
+        "    pool.start()\n"
+        "    print(*pool.pids(), flush=True)\n"
+        f"    await pool.validate(__import__('pathlib').Path({str(hang)!r}))\n"
+        "asyncio.run(main())\n")
+    broker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])
+    pid = 0
+    try:
+        assert broker.stdout is not None
+        [pid] = [int(p) for p in broker.stdout.readline().split()]
+        # Wait until it is confined and serving the hanging job (it sleeps, as uid 65534).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                alive(pid) and _status(pid)["NoNewPrivs"] == "1"):
+            time.sleep(0.1)
+        time.sleep(2.0)
+        assert alive(pid)
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), _status(pid)
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait()
+        if pid and alive(pid):  # a failed run must not leave its orphan behind
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_config_reads_the_onnx_validator_section(tmp_path: Path) -> None:
     from airlock_broker.config import BrokerConfig
 

@@ -3,7 +3,6 @@ oversize or garbage input; what it passes is canonical, stripped of free text, a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,12 @@ from sklearn.preprocessing import StandardScaler
 
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import (
-    IsolationLimits,
     OutputLimits,
     read_onnx_file,
     validate_onnx_bytes,
     validate_onnx_file,
-    validate_onnx_isolated,
 )
-from airlock_broker.validation.onnx_isolation import _interpret, info_from_json, info_to_json
+from airlock_broker.validation.onnx_answer import info_from_json, info_to_json, interpret
 from tests.unit import hostile_outputs as hostile
 
 LIMITS = OutputLimits()
@@ -325,57 +322,7 @@ def test_symlinked_onnx_file_is_rejected(tmp_path: Path) -> None:
     assert caught.value.reason is Reason.OUTPUT_INVALID
 
 
-# --- the isolated runner ----------------------------------------------------------------------
-
-
-def test_isolated_validation_matches_in_process(
-    tmp_path: Path, sklearn_model: tuple[bytes, np.ndarray]
-) -> None:
-    source = tmp_path / "model.onnx"
-    source.write_bytes(sklearn_model[0])
-    result = validate_onnx_isolated(source, tmp_path / "canonical.onnx", LIMITS)
-    canonical, info = validate_onnx_bytes(sklearn_model[0], LIMITS)
-    assert result.info == info
-    assert result.path.read_bytes() == canonical
-    assert result.size == len(canonical)
-    assert result.sha256 == hashlib.sha256(canonical).hexdigest()
-
-
-def test_isolated_validation_refuses_and_cleans_up(tmp_path: Path) -> None:
-    source = tmp_path / "model.onnx"
-    source.write_bytes(hostile.external_in_if_branch().SerializeToString())
-    dest = tmp_path / "canonical.onnx"
-    with pytest.raises(AirlockError) as caught:
-        validate_onnx_isolated(source, dest, LIMITS)
-    assert caught.value.reason is Reason.OUTPUT_INVALID
-    assert "external data" in caught.value.message
-    assert not dest.exists()
-
-
-def test_isolated_validation_that_overruns_its_deadline_is_killed(tmp_path: Path) -> None:
-    source = tmp_path / "model.onnx"
-    source.write_bytes(hostile.add_model().SerializeToString())
-    dest = tmp_path / "canonical.onnx"
-    with pytest.raises(AirlockError) as caught:
-        # No child can start Python and import onnx in 10 ms: this is a deadline, not a verdict.
-        validate_onnx_isolated(source, dest, LIMITS, IsolationLimits(timeout_seconds=0.01))
-    assert caught.value.reason is Reason.OUTPUT_INVALID
-    assert "did not finish" in caught.value.message
-    assert not dest.exists()
-
-
-def test_isolated_validation_out_of_memory_is_an_invalid_output(tmp_path: Path) -> None:
-    source = tmp_path / "model.onnx"
-    big = hostile.add_model()
-    big.graph.initializer[0].raw_data = np.zeros(8 * 1024 * 1024, np.float32).tobytes()
-    big.graph.initializer[0].dims[:] = [8 * 1024 * 1024]
-    source.write_bytes(big.SerializeToString())
-    with pytest.raises(AirlockError) as caught:
-        validate_onnx_isolated(
-            source, tmp_path / "c.onnx", LIMITS, IsolationLimits(memory_bytes=16 * 1024 * 1024)
-        )
-    assert caught.value.reason is Reason.OUTPUT_INVALID
-    assert "memory" in caught.value.message
+# --- reading a validator's answer -------------------------------------------------------------
 
 
 class _DeadChild:
@@ -388,7 +335,7 @@ class _DeadChild:
 
 def test_crashed_validator_child_is_an_invalid_output_not_a_broker_crash() -> None:
     with pytest.raises(AirlockError) as caught:
-        _interpret(None, _DeadChild(-11))
+        interpret(None, _DeadChild(-11))
     assert caught.value.reason is Reason.OUTPUT_INVALID
     assert "SIGSEGV" in caught.value.message
 
@@ -408,7 +355,7 @@ def test_crashed_validator_child_is_an_invalid_output_not_a_broker_crash() -> No
 )
 def test_a_subverted_child_cannot_choose_the_verdict(answer: bytes) -> None:
     with pytest.raises(AirlockError) as caught:
-        _interpret(answer, _DeadChild(0))
+        interpret(answer, _DeadChild(0))
     assert caught.value.reason is Reason.OUTPUT_INVALID
 
 

@@ -4,29 +4,21 @@
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
 * ``safetensors_check``: header-only validation, canonical header, chunked canonical stream.
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
-* ``onnx_isolation``: the same, in a one-shot rlimited child process with a deadline.
 * ``onnx_pool`` / ``onnx_worker``: the broker's way: long-lived rlimited validator processes
-  (the broker itself never parses an ONNX output).
+  (the broker itself never parses an ONNX output); ``onnx_answer`` reads their answers.
 * ``strict_json``: the JSON reader the other modules share.
 
 Every refusal is an :class:`~airlock_broker.errors.AirlockError` with reason
 ``OUTPUT_INVALID`` or ``OUTPUT_TOO_LARGE``; no other exception escapes for bad bytes.
+
+The ``onnx_check`` names are loaded on first use: importing this package must not import onnx,
+because a validator process imports ``onnx_worker`` (and so this package) before it is confined.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from airlock_broker.validation.files import collect_output, open_regular_file, read_report
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.onnx_check import (
-    OnnxInfo,
-    ValueSpec,
-    read_onnx_file,
-    validate_onnx_bytes,
-    validate_onnx_file,
-)
-from airlock_broker.validation.onnx_isolation import (
-    CanonicalOnnxFile,
-    IsolationLimits,
-    validate_onnx_isolated,
-)
 from airlock_broker.validation.safetensors_check import (
     FileIdentity,
     SafetensorsInfo,
@@ -35,9 +27,7 @@ from airlock_broker.validation.safetensors_check import (
 )
 
 __all__ = [
-    "CanonicalOnnxFile",
     "FileIdentity",
-    "IsolationLimits",
     "OnnxInfo",
     "OutputLimits",
     "SafetensorsInfo",
@@ -49,6 +39,25 @@ __all__ = [
     "read_report",
     "validate_onnx_bytes",
     "validate_onnx_file",
-    "validate_onnx_isolated",
     "validate_safetensors",
 ]
+
+_ONNX_CHECK_NAMES = frozenset(
+    {"OnnxInfo", "ValueSpec", "read_onnx_file", "validate_onnx_bytes", "validate_onnx_file"})
+
+if TYPE_CHECKING:
+    from airlock_broker.validation.onnx_check import (
+        OnnxInfo,
+        ValueSpec,
+        read_onnx_file,
+        validate_onnx_bytes,
+        validate_onnx_file,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ONNX_CHECK_NAMES:
+        from airlock_broker.validation import onnx_check
+
+        return getattr(onnx_check, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

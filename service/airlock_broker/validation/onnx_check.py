@@ -8,15 +8,17 @@ model-local functions (ORT inlines and runs them), and we strip the free-text fi
 
 :func:`validate_onnx_bytes` is a pure function (bytes in, canonical bytes and a summary out,
 :class:`~airlock_broker.errors.AirlockError` for a bad model) so that it can run in a separate,
-rlimited process: a crash in onnx's C++ must not take the broker down (see ``onnx_isolation``).
+rlimited process: a crash in onnx's C++ must not take the broker down (see ``onnx_pool``).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -70,17 +72,31 @@ class OnnxInfo:
 
 def read_onnx_file(path: Path, limits: OutputLimits) -> bytes:
     """Read an ONNX output whole, refusing it *before* reading if it is over the cap."""
-    handle, st = open_regular_file(path)
+    handle, _st = open_regular_file(path)
     with handle:
-        if st.st_size > limits.max_onnx_bytes:
-            raise error(
-                Reason.OUTPUT_TOO_LARGE,
-                f"ONNX output is {st.st_size} bytes, over the {limits.max_onnx_bytes} cap",
-            )
-        data = read_upto(handle, st.st_size + 1)
+        return read_onnx_handle(handle, limits)
+
+
+def read_onnx_handle(handle: BinaryIO, limits: OutputLimits) -> bytes:
+    """Read an open ONNX output whole (a validator gets it as a descriptor), refusing it
+    *before* reading if it is not a regular file or is over the cap."""
+    st = os.fstat(handle.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise error(Reason.OUTPUT_INVALID, "ONNX output is not a regular file")
+    check_onnx_size(st.st_size, limits)
+    data = read_upto(handle, st.st_size + 1)
     if len(data) != st.st_size:
         raise error(Reason.OUTPUT_INVALID, "ONNX output changed size while it was read")
     return data
+
+
+def check_onnx_size(size: int, limits: OutputLimits) -> None:
+    """``OUTPUT_TOO_LARGE`` for a file over the cap."""
+    if size > limits.max_onnx_bytes:
+        raise error(
+            Reason.OUTPUT_TOO_LARGE,
+            f"ONNX output is {size} bytes, over the {limits.max_onnx_bytes} cap",
+        )
 
 
 def validate_onnx_file(path: Path, limits: OutputLimits) -> tuple[bytes, OnnxInfo]:

@@ -6,14 +6,19 @@ job and a runaway inference would hold a thread, so the broker never parses an O
 itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE
 and a wall-clock deadline, and a crash, hang or memory blow-up fails only that job.
 
-Starting a process per job (``onnx_isolation``) costs a fresh interpreter plus ``import onnx``
-(hundreds of ms); here the processes are started with the broker, import onnx once, and serve
+Starting a process per job would cost a fresh interpreter plus ``import onnx`` (hundreds of
+ms); here the processes are started with the broker, import onnx once, and serve
 jobs one at a time over a pipe. A process is killed and replaced when it crashes, overruns,
 refuses a model (a refused model may have corrupted it without crashing it), sends anything
 unexpected, or has served ``max_jobs_per_process`` jobs.
 
+Each validator gives up root, the network and new privileges before it imports onnx
+(``confinement``); the broker opens the output itself (no symlink, one link, regular file,
+under the cap) and hands the validator a read-only descriptor, not a path. That costs no copy
+of the model in the broker's memory, and the validator needs no right to any path.
+
 Nothing a validator sends back is unpickled: a JSON summary (parsed strictly and re-typed, see
-``onnx_isolation._interpret``) and then the canonical bytes as a bounded raw message, which the
+``onnx_answer.interpret``) and then the canonical bytes as a bounded raw message, which the
 broker hashes itself. Those canonical bytes, and only those, are what the caller receives.
 """
 
@@ -33,10 +38,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.validation.confinement import Confinement, expected_confinement
+from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
-from airlock_broker.validation.onnx_check import OnnxInfo
-from airlock_broker.validation.onnx_isolation import MAX_ANSWER_BYTES, _interpret
-from airlock_broker.validation.onnx_worker import READY
+from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
+from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
+from airlock_broker.validation.onnx_worker import FD_MARK, READY
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +89,15 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Its own argv and a minimal environment; no multiprocessing machinery (no
-            # re-import of the broker's __main__, no resource tracker). It dies with the broker
+            # re-import of the broker's __main__, no resource tracker); the broker's import path
+            # made absolute, since it runs in "/" ("" was the broker's cwd). It dies with the broker
             # (PDEATHSIG) and on EOF of the socket.
             self.process = subprocess.Popen(
                 [sys.executable, "-B", "-m", module, str(theirs.fileno()), config],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path),
                      "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
-                start_new_session=True)
+                cwd="/", start_new_session=True)
         except BaseException:
             ours.close()
             raise
@@ -140,12 +148,19 @@ class OnnxValidatorPool:
         self._closed = False
         #: Workers started so far (for metrics and tests: replacements show up here).
         self.started = 0
+        #: What each validator gives up (less when the broker is not root).
+        self.confinement: Confinement = expected_confinement()
 
     def start(self) -> None:
         """Start every validator process; they import onnx in the background."""
         if self._idle is not None:
             raise RuntimeError("the validator pool is already started")
         self._idle = asyncio.Queue()
+        if self.confinement.full:
+            log.info("ONNX validators run confined: %s", self.confinement.describe())
+        else:
+            log.warning("ONNX validators run only partly confined, because the broker is not "
+                        "root: %s", self.confinement.describe())
         for _ in range(self.settings.processes):
             self._idle.put_nowait(self._spawn())
 
@@ -211,15 +226,23 @@ class OnnxValidatorPool:
     def _exchange(self, worker: _Worker, source: Path) -> tuple[bytes, OnnxInfo]:
         """One request and answer, blocking (runs in a thread). Marks the worker spent unless
         it answered a passed validation exactly as the protocol says."""
+        # A missing, linked, special or oversize file is refused here and costs no worker.
+        handle, st = open_regular_file(source)
+        with handle:
+            check_onnx_size(st.st_size, self.limits)
+            return self._exchange_fd(worker, handle.fileno())
+
+    def _exchange_fd(self, worker: _Worker, fd: int) -> tuple[bytes, OnnxInfo]:
         healthy = False
         try:
             if not worker.ready:
                 self._await_ready(worker)
             worker.jobs += 1
             deadline = time.monotonic() + self.settings.timeout_seconds
-            worker.conn.send_bytes(json.dumps({"source": os.fspath(source)}).encode())
+            worker.conn.send_bytes(json.dumps({"validate": True}).encode())
+            _send_fd(worker.conn, fd)
             answer = _receive(worker, deadline, MAX_ANSWER_BYTES, self.settings)
-            info = _interpret(answer, _Exited(worker))
+            info = interpret(answer, _Exited(worker))
             canonical = _receive(worker, deadline, self.limits.max_onnx_bytes, self.settings)
             if not canonical:
                 raise error(Reason.OUTPUT_INVALID, "ONNX validator sent no canonical model")
@@ -255,13 +278,22 @@ class OnnxValidatorPool:
         await asyncio.to_thread(_reap_all, workers)
 
 
+def _send_fd(conn: Connection, fd: int) -> None:
+    """Pass ``fd`` (a read-only descriptor of the file to validate) to the worker."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        socket.send_fds(sock, [FD_MARK], [fd])
+    finally:
+        sock.detach()  # the Connection owns the descriptor
+
+
 def _reap_all(workers: list[_Worker]) -> None:
     for worker in workers:
         worker.reap()
 
 
 class _Exited:
-    """What ``_interpret`` asks of a process that may have died: its exit code."""
+    """What ``interpret`` asks of a process that may have died: its exit code."""
 
     def __init__(self, worker: _Worker) -> None:
         self._worker = worker
