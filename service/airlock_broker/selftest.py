@@ -33,8 +33,10 @@ _MAX_BYTES = 64 * 1024
 #: one visible line: (runtime, check name) -> why it does not weaken the boundary.
 WAIVERS: dict[tuple[str, str], str] = {
     ("runsc", "output_noexec"):
-        "gVisor (Debian 0.0~20221219) ignores the host's noexec on bind mounts; a binary run "
-        "from there still runs inside gVisor's user-space kernel, like the artifact's own code",
+        "gVisor (Debian 0.0~20221219) does not see the host's noexec on the output bind: a "
+        "script there runs (its interpreter is on the read-only root), inside gVisor's kernel "
+        "like the artifact's own code; an ELF binary or library there dies of SIGSEGV at its "
+        "first executable page, which the host refuses to map",
     ("runsc", "no_new_privileges"):
         "gVisor does not expose NoNewPrivs in /proc/self/status; the config check covers it",
 }

@@ -261,14 +261,30 @@ for path in ("/airlock/in/artifact", "/etc/passwd", "/proc/sys/kernel/core_patte
 for path in glob.glob("/sys/fs/cgroup/*/release_agent") + glob.glob("/sys/fs/cgroup/release_agent"):
     probe(f"write.open.{path}", lambda: os.close(os.open(path, os.O_WRONLY)))
 probe("write.chmod./airlock/in/artifact", lambda: os.chmod("/airlock/in/artifact", 0o777))
-# B6 exec from the writable mounts
-import shutil, subprocess, ctypes
+# B6 exec from the writable mounts. Each attempt runs in a child process: under gVisor an
+# executable mapping of a file on a host-noexec mount (the output tmpfs) is accepted by mmap and
+# then refused by the host at the first page fault, which gVisor delivers as SIGSEGV. In the
+# payload's own process that would kill the worker before it reports; a child's death is
+# recorded as "Killed:<signal>" (nothing from that file ran), a clean refusal as its error.
+import shutil, signal, subprocess
+class Killed(Exception):
+    pass
+def run_child(argv):
+    done = subprocess.run(argv, timeout=30, capture_output=True)
+    if done.returncode < 0:
+        raise Killed(signal.Signals(-done.returncode).name)
+    if done.returncode != 0:
+        raise OSError(done.stderr.decode(errors="replace").strip()[-200:])
+    return None
+LOAD_LIB = ("import ctypes, sys\n"
+            "try:\n    ctypes.CDLL(sys.argv[1])\n"
+            "except OSError as exc:\n    sys.exit(str(exc))")
 for d in ("/tmp", "/dev/shm", "/airlock/out"):
     def run_copy(d=d):
         target = os.path.join(d, "pwned-exec")
         shutil.copy("/bin/true", target); os.chmod(target, 0o755)
         try:
-            return subprocess.run([target], timeout=5).returncode
+            return run_child([target])
         finally:
             os.unlink(target)
     probe(f"exec.binary.{d}", run_copy)
@@ -278,7 +294,7 @@ for d in ("/tmp", "/dev/shm", "/airlock/out"):
         target = os.path.join(d, "pwned.so")
         shutil.copy(lib, target)
         try:
-            ctypes.CDLL(target)
+            return run_child([sys.executable, "-c", LOAD_LIB, target])
         finally:
             os.unlink(target)
     probe(f"exec.library.{d}", load_lib)
