@@ -138,7 +138,17 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
     STARTED_PIDS.add(process.pid)
-    wait_serving(address, process, log, credentials=credentials)
+    try:
+        wait_serving(address, process, log, credentials=credentials)
+    except BaseException:  # pytest.fail included: a broker that never served must not linger
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        raise
     LIVE_SPOOLS.add(spool)
     return BrokerProcess(address=address, process=process, spool=spool, log=log)
 

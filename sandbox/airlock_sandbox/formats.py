@@ -53,6 +53,8 @@ _ZIP_FAMILY = frozenset({
     ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.TORCHSCRIPT,
     ArtifactFormat.TORCH_EXPORT, ArtifactFormat.NUMPY_NPZ,
 })
+#: The formats a host-side ZIP may turn out to be once the sandbox lists its members.
+ZIP_FAMILY = _ZIP_FAMILY
 
 # torch.save's legacy (pre-zip) format starts with a protocol-2 pickle of this magic number.
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

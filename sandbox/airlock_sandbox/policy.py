@@ -39,6 +39,11 @@ class SandboxPolicy:
     memory_bytes: int = 4 * GiB
     nano_cpus: int = 1_000_000_000  # one CPU
     tmpfs_bytes: int = 256 * MiB
+    #: Files /tmp and /dev/shm may hold. Docker's default is half the host's RAM in pages
+    #: (millions): empty files cost no bytes against ``size=`` but host kernel memory each.
+    tmpfs_inodes: int = 16384
+    #: /dev/shm (POSIX shared memory, semaphores), mounted by us so that it is capped like /tmp.
+    shm_bytes: int = 64 * MiB
     output_bytes: int = 2 * GiB
     nofile_limit: int = 256
     deadline_seconds: float = 120.0
@@ -55,8 +60,8 @@ class SandboxPolicy:
         uid = self.user.split(":", 1)[0]
         if uid in {"0", "root", ""}:
             raise ValueError("the sandbox never runs as root")
-        for name in ("pids_limit", "memory_bytes", "nano_cpus", "tmpfs_bytes",
-                     "output_bytes", "nofile_limit"):
+        for name in ("pids_limit", "memory_bytes", "nano_cpus", "tmpfs_bytes", "tmpfs_inodes",
+                     "shm_bytes", "output_bytes", "nofile_limit"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (an unlimited sandbox is not offered)")
         if self.deadline_seconds <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from typing import IO
 
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import (
@@ -21,18 +22,24 @@ from .errors import WorkerError
 MAX_ZIP_ENTRIES = 100_000
 
 
-def detect(path: str) -> ArtifactFormat:
-    """The refined format of the file at ``path`` (``UNKNOWN`` if nothing matches)."""
-    size = os.stat(path).st_size
-    with open(path, "rb") as f:
-        prefix = f.read(PREFIX_BYTES)
+def detect(path: str | IO[bytes]) -> ArtifactFormat:
+    """The refined format of the file at ``path``, or of a seekable binary file from its
+    start (``UNKNOWN`` if nothing matches)."""
+    if isinstance(path, str):
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            prefix = f.read(PREFIX_BYTES)
+    else:
+        size = path.seek(0, os.SEEK_END)
+        path.seek(0)
+        prefix = path.read(PREFIX_BYTES)
     fmt = detect_prefix(prefix, size)
     if fmt is ArtifactFormat.ZIP:
         fmt = _refine_zip(path)
     return fmt
 
 
-def _refine_zip(path: str) -> ArtifactFormat:
+def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

@@ -744,7 +744,7 @@ def extract_weights(job: Job) -> None:
     job.refuse_target(OutputFormat.ONNX, "integrity extraction writes safetensors only")
     job.loaded_safely(LOADER)
     job.report.converter = CONVERTER
-    archive = _Archive(job.artifact)
+    archive = _Archive(job.artifact_path())
     try:
         _extract(job, archive)
     finally:  # every view of the mmap died with _extract's frame

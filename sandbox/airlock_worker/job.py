@@ -8,7 +8,7 @@ import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
@@ -48,10 +48,30 @@ EXTRACT_HANDLER = ("extract", "extract_weights")
 @dataclass
 class Job:
     spec: JobSpec
-    artifact: str
+    #: A path, or (an MLflow bundle's model) a bounded read-only view of one member of it.
+    artifact: str | IO[bytes]
     out_dir: str
     fmt: ArtifactFormat
     report: Report = field(default_factory=Report)
+
+    # -- the artifact ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_artifact(self) -> Iterator[IO[bytes]]:
+        """The artifact's bytes from the start, whether it is a path or a member view."""
+        if isinstance(self.artifact, str):
+            with open(self.artifact, "rb") as fh:
+                yield fh
+        else:
+            self.artifact.seek(0)
+            yield self.artifact
+
+    def artifact_path(self) -> str:
+        """For readers that need a real file (mmap): only top-level artifacts have one."""
+        if not isinstance(self.artifact, str):
+            raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                              "this reader needs the artifact as a file of its own")
+        return self.artifact
 
     # -- the policy gate (DESIGN §1.6): called *before* a code-executing loader runs ------
 

@@ -1,8 +1,9 @@
-"""MLFLOW: a packed MLflow model directory. Re-check the bundle, read ``MLmodel``, copy the
-one member the flavor names into this container's private tmpfs, then hand it to the
-ordinary converter for its format (sklearn_convert, torch_convert) with the MLflow signature
-as the input types when the request gave none. The request's loading policy applies
-unchanged: those converters gate every code-executing loader.
+"""MLFLOW: a packed MLflow model directory. Re-check the bundle, read ``MLmodel``, open the
+one member the flavor names in place (a bounded read-only view of the STORED member inside
+the read-only bundle: no copy, so the tmpfs does not cap the model's size), then hand it to
+the ordinary converter for its format (sklearn_convert, torch_convert, the ONNX passthrough)
+with the MLflow signature as the input types when the request gave none. The request's
+loading policy applies unchanged: those converters gate every code-executing loader.
 
 skops files load with skops' default trusted types only (no artifact code runs); types
 outside that list are trusted only under allow_code, recorded as executed artifact code.
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import zipfile
+from typing import IO
 
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, detect_prefix
@@ -24,6 +24,7 @@ from . import mlflow_model
 from .detect import detect
 from .errors import WorkerError
 from .job import Job
+from .member_view import open_member
 
 #: Upper bound on a bundle's members together (the broker's artifact cap is the real one).
 MAX_BUNDLE_BYTES = 8 * 1024**3
@@ -33,50 +34,45 @@ _EXPECTED = {
     ("sklearn", "skops"): {ArtifactFormat.ZIP},
     ("pytorch", "pickle"): {ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.PYTORCH_LEGACY},
     ("pytorch", "pt2"): {ArtifactFormat.TORCH_EXPORT},
+    ("onnx", "onnx"): {ArtifactFormat.ONNX},
 }
 
 
 def convert(job: Job) -> None:
-    size = os.stat(job.artifact).st_size
+    size = os.stat(job.artifact_path()).st_size
     try:
-        zf = zipfile.ZipFile(job.artifact)
+        zf = zipfile.ZipFile(job.artifact_path())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise WorkerError(WorkerExit.UNSAFE_MODEL_DIR, f"unreadable bundle: {exc}") from None
-    with zf, tempfile.TemporaryDirectory(prefix="mlflow-") as scratch:
+    with zf:
         members = mlflow_model.open_members(zf, size, MAX_BUNDLE_BYTES)
         mlmodel = mlflow_model.read_mlmodel(zf, members)
         chosen = mlflow_model.plan(mlmodel, members)
-        for warning in chosen.warnings:
-            job.report.warn(warning)
-        inputs = job.spec.inputs or mlflow_model.signature_inputs(mlmodel, job.report.warn)
-        path = _extract(zf, members[chosen.member], scratch)
-        fmt = _format_of(path, chosen)
+    for warning in chosen.warnings:
+        job.report.warn(warning)
+    inputs = job.spec.inputs or mlflow_model.signature_inputs(mlmodel, job.report.warn)
+    with open_member(job.artifact_path(), members[chosen.member]) as view:
+        fmt = _format_of(view, chosen)
+        artifact: IO[bytes] = view
+        if chosen.flavor == "onnx":
+            from . import mlflow_onnx
+
+            artifact = mlflow_onnx.self_contained(view, job.artifact_path(), chosen.member,
+                                                  members)
         job.report.detected_format = f"mlflow:{chosen.flavor}/{chosen.serialization}"[:32]
         inner = Job(spec=dataclasses.replace(job.spec, declared_format=None, inputs=inputs),
-                    artifact=path, out_dir=job.out_dir, fmt=fmt, report=job.report)
+                    artifact=artifact, out_dir=job.out_dir, fmt=fmt, report=job.report)
         _dispatch(inner, chosen)
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, scratch: str) -> str:
-    """Copy one checked member into the private tmpfs (noexec): a plain file, created new."""
-    free = shutil.disk_usage(scratch).free
-    if info.file_size > free:
-        raise WorkerError(WorkerExit.CONVERSION_FAILED,
-                          f"{info.filename} ({info.file_size} bytes) does not fit the sandbox's "
-                          f"scratch space ({free} bytes free); raise [sandbox] tmpfs_bytes")
-    path = os.path.join(scratch, mlflow_model.member_path(info.filename))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-        shutil.copyfileobj(src, out, 1024 * 1024)
-    return path
-
-
-def _format_of(path: str, chosen: mlflow_model.Plan) -> ArtifactFormat:
+def _format_of(view: IO[bytes], chosen: mlflow_model.Plan) -> ArtifactFormat:
     if chosen.serialization == "skops":  # a zip of its own; never refined as a torch one
-        with open(path, "rb") as fh:
-            fmt = detect_prefix(fh.read(PREFIX_BYTES), os.stat(path).st_size)
+        size = view.seek(0, os.SEEK_END)
+        view.seek(0)
+        fmt = detect_prefix(view.read(PREFIX_BYTES), size)
     else:
-        fmt = detect(path)
+        fmt = detect(view)
+    view.seek(0)
     if fmt not in _EXPECTED[(chosen.flavor, chosen.serialization)]:
         raise WorkerError(WorkerExit.FORMAT_MISMATCH,
                           f"{chosen.member} should be {chosen.flavor} {chosen.serialization} "
@@ -85,7 +81,11 @@ def _format_of(path: str, chosen: mlflow_model.Plan) -> ArtifactFormat:
 
 
 def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
-    if chosen.flavor == "sklearn" and chosen.serialization == "skops":
+    if chosen.flavor == "onnx":
+        from . import passthrough
+
+        passthrough.convert_onnx(job)
+    elif chosen.flavor == "sklearn" and chosen.serialization == "skops":
         _convert_skops(job)
     elif chosen.flavor == "sklearn":
         from . import sklearn_convert
@@ -106,8 +106,8 @@ def _convert_skops(job: Job) -> None:
 
     from . import sklearn_convert
 
-    with job.loading():
-        untrusted = skops.io.get_untrusted_types(file=job.artifact)
+    with job.loading(), job.open_artifact() as fh:
+        untrusted = skops.io.get_untrusted_types(file=fh)
     if untrusted:
         job.allow_code(f"skops.io.load(trusting {len(untrusted)} more type(s))",
                        "the skops file names types outside skops' default trusted set: "
@@ -116,6 +116,6 @@ def _convert_skops(job: Job) -> None:
     else:
         job.loaded_safely("skops.io.load")
         trusted = None
-    with job.loading():
-        model = skops.io.load(job.artifact, trusted=trusted)
+    with job.loading(), job.open_artifact() as fh:
+        model = skops.io.load(fh, trusted=trusted)
     sklearn_convert.convert_object(job, model)

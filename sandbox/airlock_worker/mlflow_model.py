@@ -10,7 +10,6 @@ Pure planning: :func:`plan` says what to load and how; mlflow_convert.py does it
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from .errors import WorkerError
 MAX_SIGNATURE_CHARS = 256 * 1024
 MAX_SIGNATURE_INPUTS = 64
 #: What a loader_module may be for the model to be converted: one of MLflow's own flavors.
-SUPPORTED_LOADERS = {"mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch"}
+SUPPORTED_LOADERS = {"mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch",
+                     "mlflow.onnx": "onnx"}
 SKLEARN_FORMATS = frozenset({"pickle", "cloudpickle", "skops"})
 TORCH_FILES = ("model.pth", "model.pt2")
 DEFAULT_PICKLE_MODULE = "mlflow.pytorch.pickle_module"
@@ -47,9 +47,9 @@ _COLUMN_DTYPES = {"boolean": "bool", "integer": "int32", "long": "int64", "float
 class Plan:
     """What to load from a bundle: one member, as which flavor and serialization."""
 
-    flavor: str  # "sklearn" or "pytorch"
+    flavor: str  # "sklearn", "pytorch" or "onnx"
     member: str
-    serialization: str  # sklearn: pickle / cloudpickle / skops; pytorch: pickle / pt2
+    serialization: str  # sklearn: pickle / cloudpickle / skops; pytorch: pickle / pt2; onnx
     via: str  # which MLmodel entry chose it, for the report
     inputs: tuple[TensorSpec, ...] = ()
     warnings: list[str] = field(default_factory=list)
@@ -93,6 +93,8 @@ def plan(mlmodel: dict[str, Any], members: dict[str, zipfile.ZipInfo]) -> Plan:
             chosen = _sklearn(flavors["sklearn"], members, "flavors.sklearn")
         elif isinstance(flavors.get("pytorch"), dict):
             chosen = _pytorch(flavors["pytorch"].get("model_data"), members, "flavors.pytorch")
+        elif isinstance(flavors.get("onnx"), dict):
+            chosen = _onnx(flavors["onnx"].get("data"), members, "flavors.onnx")
         else:
             chosen = _from_pyfunc(pyfunc, flavors, members)
     except BundleError as exc:
@@ -133,6 +135,11 @@ def _pytorch(path: Any, members: dict[str, zipfile.ZipInfo], via: str) -> Plan:
     return Plan("pytorch", member, "pt2" if member.endswith(".pt2") else "pickle", via)
 
 
+def _onnx(path: Any, members: dict[str, zipfile.ZipInfo], via: str) -> Plan:
+    """ONNX is data: the passthrough validates it; its external tensors come from members."""
+    return Plan("onnx", _file(path, members, f"{via}.data"), "onnx", via)
+
+
 def _from_pyfunc(pyfunc: dict[str, Any], flavors: dict[str, Any],
                  members: dict[str, zipfile.ZipInfo]) -> Plan:
     loader = pyfunc.get("loader_module")
@@ -143,6 +150,8 @@ def _from_pyfunc(pyfunc: dict[str, Any], flavors: dict[str, Any],
     via = f"flavors.python_function (loader_module {loader})"
     if kind == "pytorch":
         return _pytorch(data, members, via)
+    if kind == "onnx":
+        return _onnx(data, members, via)
     member = _file(data, members, f"{via}.data")
     return Plan("sklearn", member, "skops" if member.endswith(".skops") else "pickle", via)
 
@@ -156,7 +165,8 @@ def _unsupported(loader: Any, flavors: dict[str, Any]) -> str:
     else:
         what = f"loader_module {_short(loader)}"
     return (f"{what} cannot be converted: it is code, not a model format (flavors: {names}; "
-            "supported: sklearn, pytorch, pyfunc wrapping mlflow.sklearn or mlflow.pytorch)")
+            "supported: sklearn, pytorch, onnx, pyfunc wrapping mlflow.sklearn, mlflow.pytorch "
+            "or mlflow.onnx)")
 
 
 def _file(path: Any, members: dict[str, zipfile.ZipInfo], what: str) -> str:
@@ -238,8 +248,3 @@ def _input_name(name: Any, index: int, count: int) -> str:
     if isinstance(name, str) and _NAME.fullmatch(name):
         return name
     return "input" if count == 1 else f"input_{index}"
-
-
-def member_path(name: str) -> str:
-    """The flat file name an extracted member gets (its base name; the dir is private)."""
-    return posixpath.basename(name)

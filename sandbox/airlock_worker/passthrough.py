@@ -35,7 +35,7 @@ def convert_onnx(job: Job) -> None:
 
     from . import onnx_out
 
-    with open(job.artifact, "rb") as f:
+    with job.open_artifact() as f:
         data = f.read(onnx_out.PROTOBUF_LIMIT + 1)
     with job.loading():
         model = onnx.load_model_from_string(data)
@@ -56,7 +56,7 @@ def convert_onnx(job: Job) -> None:
 def convert_safetensors(job: Job) -> None:
     job.refuse_target(OutputFormat.ONNX, "safetensors holds weights only, no model code")
     job.loaded_safely("safetensors header (canonical rewrite)")
-    with open(job.artifact, "rb") as src:
+    with open(job.artifact_path(), "rb") as src:
         size = os.fstat(src.fileno()).st_size
         header, data_start = _read_header(src, size)
         metadata = header.pop("__metadata__", None)

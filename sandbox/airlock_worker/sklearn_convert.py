@@ -29,6 +29,8 @@ def convert(job: Job) -> None:
     import joblib
 
     with job.loading():
+        if not isinstance(job.artifact, str):
+            job.artifact.seek(0)
         obj = joblib.load(job.artifact)
     convert_object(job, obj)
 

@@ -10,7 +10,7 @@ import io
 import pickle
 import zipfile
 from dataclasses import asdict
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -44,8 +44,9 @@ def _load_checkpoint(job: Job) -> Any:
         try:
             # mmap: a 400 MB zip checkpoint is paged in from the read-only input, not copied.
             # Only for stored records: torch's mmap path returns garbage for deflated ones.
-            obj = torch.load(job.artifact, map_location="cpu", weights_only=True,
-                             mmap=job.fmt is ArtifactFormat.PYTORCH_ZIP
+            obj = torch.load(_rewound(job.artifact), map_location="cpu", weights_only=True,
+                             mmap=isinstance(job.artifact, str)
+                             and job.fmt is ArtifactFormat.PYTORCH_ZIP
                              and _all_records_stored(job.artifact))
         except pickle.UnpicklingError as exc:
             if "Weights only load failed" not in str(exc):
@@ -56,7 +57,14 @@ def _load_checkpoint(job: Job) -> Any:
         # Never a silent fallback (DESIGN §1.6): the gate refuses under safe_only.
         job.allow_code("torch.load(weights_only=False)",
                        "the checkpoint holds more than tensors (e.g. a pickled nn.Module)")
-        return torch.load(job.artifact, map_location="cpu", weights_only=False)
+        return torch.load(_rewound(job.artifact), map_location="cpu", weights_only=False)
+
+
+def _rewound(artifact: str | IO[bytes]) -> str | IO[bytes]:
+    """A member view is read from its start by every loader that gets it."""
+    if not isinstance(artifact, str):
+        artifact.seek(0)
+    return artifact
 
 
 def _all_records_stored(path: str) -> bool:
@@ -67,7 +75,7 @@ def _all_records_stored(path: str) -> bool:
 def convert_torchscript(job: Job) -> None:
     job.allow_code("torch.jit.load", "TorchScript has no safe loading mode")
     with job.loading():
-        module = torch.jit.load(job.artifact, map_location="cpu")  # type: ignore[no-untyped-call]
+        module = torch.jit.load(_rewound(job.artifact), map_location="cpu")  # type: ignore[no-untyped-call]
     _module_out(job, module, "TorchScript module")
 
 
@@ -77,7 +85,7 @@ def convert_exported(job: Job) -> None:
         raise WorkerError(WorkerExit.CONVERSION_FAILED, _NO_ONNXSCRIPT + "; ask for safetensors")
     job.allow_code("torch.export.load", "a .pt2 archive is loaded without weights_only")
     with job.loading():
-        program = torch.export.load(job.artifact)
+        program = torch.export.load(_rewound(job.artifact))
     examples = _exported_examples(job, program)
     if job.spec.target is Target.ONNX:
         if examples is None:

@@ -13,6 +13,10 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [output]           # OutputLimits fields
     max_onnx_bytes = 268435456
 
+    [onnx_validator]   # ValidatorSettings: the processes that parse ONNX outputs, not the broker
+    processes = 2
+    timeout_seconds = 60.0
+
     [pools]            # PoolSettings fields; min_warm = 0 turns warm pools off
     min_warm = 1
 
@@ -45,6 +49,7 @@ from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.keys import default_key_path
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_pool import ValidatorSettings
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -89,6 +94,7 @@ class BrokerConfig:
     provenance_key: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
+    onnx_validator: ValidatorSettings = field(default_factory=ValidatorSettings)
     pools: PoolSettings = field(default_factory=PoolSettings)
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -127,16 +133,16 @@ class BrokerConfig:
         if path is not None:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        unknown = set(doc) - {"broker", "sandbox", "output", "pools", "provenance", "auth",
-                              "idempotency"}
+        unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
+                              "provenance", "auth", "idempotency"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
         for key in ("spool_root", "audit_log"):
             if key in broker:
                 broker[key] = Path(broker[key])
-        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "pools", "provenance_key",
-                                                 "auth", "idempotency"})
+        _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
+                                                 "provenance_key", "auth", "idempotency"})
         idem_doc = dict(doc.get("idempotency", {}))
         _check_keys(IdempotencySettings, idem_doc, "idempotency")
         provenance_doc = dict(doc.get("provenance", {}))
@@ -153,6 +159,8 @@ class BrokerConfig:
         _check_keys(SandboxPolicy, sandbox_doc, "sandbox")
         output_doc = dict(doc.get("output", {}))
         _check_keys(OutputLimits, output_doc, "output")
+        validator_doc = dict(doc.get("onnx_validator", {}))
+        _check_keys(ValidatorSettings, validator_doc, "onnx_validator")
         if "allowed_onnx_domains" in output_doc:
             output_doc["allowed_onnx_domains"] = frozenset(output_doc["allowed_onnx_domains"])
         if "security_opts" in sandbox_doc:
@@ -162,6 +170,7 @@ class BrokerConfig:
         if insecure_no_auth:
             auth = replace(auth, insecure_no_auth=True)
         return cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
+                   onnx_validator=ValidatorSettings(**validator_doc),
                    pools=PoolSettings(**pools_doc), auth=auth,
                    idempotency=IdempotencySettings(**idem_doc), **{**broker, **overrides})
 

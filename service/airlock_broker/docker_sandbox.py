@@ -117,7 +117,13 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
         "nano_cpus": policy.nano_cpus,
         "ulimits": [Ulimit(name="nofile", soft=policy.nofile_limit, hard=policy.nofile_limit),
                     Ulimit(name="core", soft=0, hard=0)],
-        "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={policy.tmpfs_bytes},mode=1777"},
+        # nr_inodes: an inode fill would otherwise cost host kernel memory, not tmpfs bytes.
+        "tmpfs": {
+            "/tmp": (f"rw,noexec,nosuid,nodev,size={policy.tmpfs_bytes},"
+                     f"nr_inodes={policy.tmpfs_inodes},mode=1777"),
+            "/dev/shm": (f"rw,noexec,nosuid,nodev,size={policy.shm_bytes},"
+                         f"nr_inodes={policy.tmpfs_inodes},mode=1777"),
+        },
         "mounts": [
             Mount(target=IN_DIR, source=str(workspace.in_dir), type="bind", read_only=True),
             # A broker-owned noexec,nosuid,nodev tmpfs; the bind keeps those flags.

@@ -25,6 +25,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.bundle import is_bundle, member_names, profile_for_bundle
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
@@ -37,6 +38,7 @@ from airlock_sandbox.contract import (
 )
 from airlock_sandbox.formats import (
     PROFILE_LIGHT,
+    ZIP_FAMILY,
     ArtifactFormat,
     admits,
     detect_prefix,
@@ -71,12 +73,15 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
     Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
     Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
-                               "sklearn, pytorch, and pyfunc models that wrap them)",
+                               "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.INTERNAL: "the sandbox refused the broker's job spec (a broker bug)",
 }
 
 _MAX_DETAIL = 400
+#: Formats whose only loader unpickles: loading one executed artifact code, whatever the worker
+#: (which that code may have taken over) reports.
+ALWAYS_EXECUTES = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
 FORMAT_SAFE_ONLY = "format_safe_only"
 INTEGRITY_VERIFIED = "integrity_verified"
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -109,6 +114,10 @@ class JobResult:
     duration_seconds: float = 0.0
     assurance: str = "format_safe_only"
     integrity_note: str = ""
+    #: Whether loading ran artifact code: see :func:`executed_artifact_code`.
+    executed_artifact_code: bool = False
+    #: The format shown to the caller: see :func:`refined_format`.
+    reported_format: str = ""
 
 
 def detect_on_host(prefix: bytes, size: int, declared: str | None,
@@ -132,6 +141,33 @@ def detect_on_host(prefix: bytes, size: int, declared: str | None,
         raise error(Reason.FORMAT_MISMATCH,
                     f"declared {declared}, but the leading bytes say {detected}")
     return detected
+
+
+def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> str:
+    """The host's detection, refined by the worker's only where the host could not tell: a
+    zip (within the zip family) or an MLflow bundle (its flavour, ``mlflow:...``, escaped).
+    The report is the word of a sandbox that the artifact may have taken over, so it may not
+    rename a pickle as safetensors."""
+    claimed = str((report or {}).get("detected_format", ""))
+    if detected is ArtifactFormat.ZIP:
+        try:
+            fmt = ArtifactFormat(claimed)
+        except ValueError:
+            return detected.value
+        return fmt.value if fmt in ZIP_FAMILY else detected.value
+    if detected is ArtifactFormat.MLFLOW and claimed.startswith(f"{detected.value}:"):
+        return sanitize(claimed, 32)
+    return detected.value
+
+
+def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | None) -> bool:
+    """True when the format can only be loaded by unpickling, else what the worker reports.
+
+    The report can lie only once artifact code ran, so "yes" is always believed; "no" is
+    believed except for the formats that always execute. (For numpy and zip files loaded under
+    ``allow_code`` a subverted worker's "no" cannot be told from the truth: ``safe_only`` is
+    the guarantee.)"""
+    return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
 
 
 def profile_of(detected: ArtifactFormat, upload: Path) -> str:
@@ -178,8 +214,9 @@ class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
     def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
-                 verify_integrity: bool = True) -> None:
+                 onnx_validator: OnnxValidatorPool, verify_integrity: bool = True) -> None:
         self.backend = backend
+        self.onnx_validator = onnx_validator
         self.pools = pools
         self.limits = limits
         self.verify_integrity = verify_integrity
@@ -220,9 +257,10 @@ class JobRunner:
             # From here on the containers are dead: only now are their outputs looked at.
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
             if report is not None:
-                audit.set(executed_artifact_code=report.get("executed_artifact_code") is True,
-                          loader=sanitize(report.get("loader", ""), 80),
-                          refined_format=sanitize(report.get("detected_format", ""), 32))
+                audit.set(loader=sanitize(report.get("loader", ""), 80))
+            audit.set(refined_format=refined_format(detected, report))
+            executed = executed_artifact_code(detected, report)
+            audit.set(executed_artifact_code=executed)
             try:
                 try:
                     judge(outcome, report, request.deadline_seconds)
@@ -231,7 +269,7 @@ class JobRunner:
                         await self._engine_went_away(exc)  # a stopping engine kills them all
                     raise
                 output = await validate_output(slot.workspace.out_dir, request.target,
-                                               self.limits)
+                                               self.limits, self.onnx_validator)
                 assurance, note = await self._assurance(output, second, extraction)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
@@ -244,6 +282,8 @@ class JobRunner:
                      extra={"job_id": request.job_id, "outcome": "ok"})
             yield JobResult(
                 job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
+                reported_format=refined_format(detected, report),
+                executed_artifact_code=executed,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note)
@@ -280,7 +320,7 @@ class JobRunner:
                                       f"artifact (extraction exit {extraction.exit_code})")
         try:
             extracted = await validate_output(second.workspace.out_dir, Target.SAFETENSORS,
-                                              self.limits)
+                                              self.limits, self.onnx_validator)
         except AirlockError as exc:
             return FORMAT_SAFE_ONLY, f"the extraction's output was invalid: {exc.message}"
         assert extracted.safetensors is not None

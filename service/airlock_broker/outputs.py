@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_broker.errors import Reason, error
-from airlock_broker.validation.files import collect_output, open_regular_file, read_upto
+from airlock_broker.validation.files import collect_output
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.onnx_check import validate_onnx_bytes
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
     iter_canonical,
@@ -48,8 +48,13 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
     return present[0]
 
 
-async def validate_output(out_dir: Path, target: Target, limits: OutputLimits) -> ValidatedOutput:
-    """Collect the single output file and validate it as hostile data (DESIGN §1.5)."""
+async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
+                          onnx_validator: OnnxValidatorPool) -> ValidatedOutput:
+    """Collect the single output file and validate it as hostile data (DESIGN §1.5).
+
+    An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
+    the canonical bytes they send back are what the caller receives, hashed here.
+    """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
     if fmt is OutputFormat.SAFETENSORS:
@@ -62,21 +67,10 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits) -
                                chunks=lambda n: iter_canonical(path, info, n, rehash=False),
                                path=path,
                                safetensors=info)
-    canonical = await asyncio.to_thread(_validate_onnx_file, path, limits)
+    canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
                            chunks=lambda n: _slices(canonical, n), path=path)
-
-
-def _validate_onnx_file(path: Path, limits: OutputLimits) -> bytes:
-    handle, st = open_regular_file(path)
-    with handle:
-        if st.st_size > limits.max_onnx_bytes:
-            raise error(Reason.OUTPUT_TOO_LARGE,
-                        f"ONNX output is {st.st_size} bytes; the limit is {limits.max_onnx_bytes}")
-        data = read_upto(handle, st.st_size)
-    canonical, _info = validate_onnx_bytes(data, limits)
-    return canonical
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:

@@ -34,6 +34,7 @@ from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.selftest import SelfTestReport, run_selftest
 from airlock_broker.servicer import ConversionServicer
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.version_gates import Observation, host_observations
 from airlock_broker.workspace import reap_stale
 
@@ -54,6 +55,7 @@ class Broker:
     admission: Admission
     backend: SandboxBackend
     pools: Pools
+    onnx_validator: OnnxValidatorPool
     audit: AuditLog
     replays: IdempotencyStore
     lock_fd: int
@@ -67,7 +69,10 @@ class Broker:
             await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
-            await self.pools.close()
+            try:
+                await self.pools.close()
+            finally:
+                await self.onnx_validator.close()
             await self.replays.close()
             await self.backend.close()
             self.audit.close()
@@ -124,6 +129,22 @@ async def create_server(config: BrokerConfig,
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
     pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
                   runtime=config.sandbox.runtime)
+    # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
+    # if the rest of start-up fails.
+    onnx_validator = OnnxValidatorPool(config.output, config.onnx_validator)
+    onnx_validator.start()
+    try:
+        return await _finish_server(config, backend, lock_fd, credentials, signing_key,
+                                    admission, pools, onnx_validator)
+    except BaseException:
+        await onnx_validator.close()
+        raise
+
+
+async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd: int,
+                         credentials: grpc.ServerCredentials | None, signing_key: SigningKey,
+                         admission: Admission, pools: Pools,
+                         onnx_validator: OnnxValidatorPool) -> Broker:
     metrics = Metrics()
     metrics.bind(admission, pools)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
@@ -138,6 +159,7 @@ async def create_server(config: BrokerConfig,
     replays.start()
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
+                                             onnx_validator=onnx_validator,
                                              verify_integrity=config.verify_integrity),
                            admission, audit, metrics, signing_key, replays),
         server)
@@ -200,7 +222,8 @@ async def create_server(config: BrokerConfig,
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
                     "port can convert artifacts and drain or restart the pools", config.listen)
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, audit=audit, replays=replays, lock_fd=lock_fd,
+                  backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
+                  replays=replays, lock_fd=lock_fd,
                   signing_key=signing_key)
 
 

@@ -104,7 +104,7 @@ def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResp
     report = result.report
     msg = pb.ConvertResult(
         job_id=result.job_id,
-        detected_format=str(report.get("detected_format") or result.detected_format)[:32],
+        detected_format=result.reported_format or result.detected_format.value,
         output_format=_OUTPUT_TO_PB[result.output.format],
         input_sha256=result.input_sha256,
         input_size=result.input_size,
@@ -120,6 +120,8 @@ def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResp
         report=conversion_report(report),
         provenance=provenance,
     )
+    # The broker's own judgement, not the report's claim (see jobs.executed_artifact_code).
+    msg.report.executed_artifact_code = result.executed_artifact_code
     return pb.ConvertResponse(result=msg)
 
 

@@ -8,50 +8,17 @@ serves a benign job afterwards.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save
 
 from tests.adversarial import payloads
+from tests.adversarial.oracles import Listener, assert_still_serves, bridge_gateway
 from tests.conftest import BrokerProcess, run_cli
 
 pytestmark = pytest.mark.adversarial
-
-
-class Listener:
-    """A TCP listener on all host interfaces (loopback and the Docker bridge) counting connects."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -59,19 +26,6 @@ def listener() -> Iterator[Listener]:
     lst = Listener()
     yield lst
     lst.close()
-
-
-def bridge_gateway(docker_client) -> str:  # type: ignore[no-untyped-def]
-    config = docker_client.networks.get("bridge").attrs["IPAM"]["Config"]
-    return str(config[0].get("Gateway", "172.17.0.1"))
-
-
-def assert_still_serves(broker: BrokerProcess, tmp_path: Path) -> None:
-    benign = tmp_path / "benign.safetensors"
-    benign.write_bytes(save({"w": np.ones((2, 2), dtype=np.float32)}))
-    done = run_cli("convert", str(benign), "-o", str(tmp_path / "benign.out"), "--json",
-                   server=broker.address)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_reduce_payload_cannot_write_host_files_or_connect_out(

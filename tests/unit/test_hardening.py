@@ -40,8 +40,10 @@ def test_default_policy_is_the_hardened_profile(tmp_path: Path) -> None:
     assert kw["environment"] == {} and kw["use_config_proxy"] is False
     assert kw["log_config"]["Type"] == "none"  # type: ignore[index]
     assert kw["runtime"] == "runc"
-    tmpfs = kw["tmpfs"]["/tmp"]  # type: ignore[index]
-    assert {"noexec", "nosuid", "nodev"} <= set(tmpfs.split(",")) and "size=" in tmpfs
+    for mount in ("/tmp", "/dev/shm"):
+        tmpfs = kw["tmpfs"][mount]  # type: ignore[index]
+        assert {"noexec", "nosuid", "nodev"} <= set(tmpfs.split(","))
+        assert "size=" in tmpfs and "nr_inodes=" in tmpfs  # bytes and files both capped
     mounts = {m["Target"]: m for m in kw["mounts"]}  # type: ignore[attr-defined]
     assert set(mounts) == {IN_DIR, OUT_DIR}
     assert mounts[IN_DIR]["ReadOnly"] is True

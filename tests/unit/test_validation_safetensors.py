@@ -341,6 +341,15 @@ def test_metadata_over_the_caps_is_dropped_not_kept(tmp_path: Path) -> None:
     assert safetensors.safe_open(str(path), "numpy").metadata()["blob"]  # it was there
 
 
+@pytest.mark.parametrize("value", ["\x1b[31mred", "line\r\nINJECTED", "\u202eevil", "nul\x00"])
+def test_metadata_with_control_characters_is_dropped(tmp_path: Path, value: str) -> None:
+    header, data = two_f32_tensors()
+    header["__metadata__"] = {"format": "pt", "note": value}
+    info = validate_safetensors(write(tmp_path, st_file(header, data)), OutputLimits())
+    assert info.metadata is None and info.metadata_dropped
+    assert b"__metadata__" not in info.canonical_header
+
+
 def test_metadata_with_too_many_entries_is_dropped(tmp_path: Path) -> None:
     header, data = two_f32_tensors()
     header["__metadata__"] = {str(i): "v" for i in range(5)}

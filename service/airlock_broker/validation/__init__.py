@@ -4,7 +4,9 @@
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
 * ``safetensors_check``: header-only validation, canonical header, chunked canonical stream.
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
-* ``onnx_isolation``: the same, in an rlimited child process with a deadline.
+* ``onnx_isolation``: the same, in a one-shot rlimited child process with a deadline.
+* ``onnx_pool`` / ``onnx_worker``: the broker's way: long-lived rlimited validator processes
+  (the broker itself never parses an ONNX output).
 * ``strict_json``: the JSON reader the other modules share.
 
 Every refusal is an :class:`~airlock_broker.errors.AirlockError` with reason

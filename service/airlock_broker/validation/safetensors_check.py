@@ -339,6 +339,10 @@ def _cap_metadata(
     cap = limits.max_metadata_value_len
     if any(len(k) > cap or len(v) > cap for k, v in metadata.items()):
         return None, f"a key or value is over the {cap}-character cap"
+    # Like tensor names: metadata ends up in logs, terminals and UIs (ANSI escapes, CR/LF log
+    # injection, bidi overrides).
+    if not all(k.isprintable() and v.isprintable() for k, v in metadata.items()):
+        return None, "a key or value has control or other unprintable characters"
     return metadata, None
 
 

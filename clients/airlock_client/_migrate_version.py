@@ -1,0 +1,227 @@
+"""Migrate one source version: skip it if it already has a twin (or was refused before),
+otherwise download its files (bytes only), have the broker convert them, log the output and
+its signed provenance in a run, register that as a version of the target model, and tag the
+source with the result. One version failing is an :class:`Outcome`; only the broker or the
+credentials going away raise, because every later version would fail the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from airlock_client import _lineage as tags
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    IntegrityError,
+    ModelSourceError,
+    ServiceUnavailable,
+)
+from airlock_client._migrate_report import Outcome, Status, describe
+from airlock_client._migrate_walk import Target
+from airlock_client._registry import DEFAULT_PAGE_SIZE, ModelVersion, Registry, tag
+from airlock_client._types import ConversionResult
+from airlock_client.mlflow_source import DOWNLOAD_FAILED
+
+#: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
+Fetch = Callable[[str, Path], Path]
+#: ``convert(model_dir, output) -> result``: convert in the broker's sandbox, verified.
+Convert = Callable[[Path, Path], ConversionResult]
+#: One line of progress for a human (the CLI prints it on stderr).
+Progress = Callable[[str], None]
+
+TARGET_SUFFIX = "-airlock"
+EXPERIMENT = "airlock-migrations"
+#: Failure reasons that judge the moment, not the artifact: retried by the next run.
+TRANSIENT_REASONS = frozenset({
+    "SANDBOX_TIMEOUT", "SANDBOX_OOM", "BUSY", "DEADLINE_EXCEEDED", "CANCELLED",
+    "SANDBOX_UNAVAILABLE", "UNAVAILABLE", "INTERNAL", "DOWNLOAD_FAILED", DOWNLOAD_FAILED,
+})
+
+
+@dataclass(frozen=True)
+class Options:
+    page_size: int = DEFAULT_PAGE_SIZE
+    dry_run: bool = False
+    #: Point this alias of each target model at the twin of its newest migrated version.
+    alias: str | None = None
+    retry_failed: bool = False
+    target_suffix: str = TARGET_SUFFIX
+    experiment: str = EXPERIMENT
+
+
+class VersionMigration:
+    """Migrates single versions for one run (it caches the run's experiment id)."""
+
+    def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
+                 options: Options, progress: Progress) -> None:
+        self.registry = registry
+        self.fetch = fetch
+        self.convert = convert
+        self.options = options
+        self.progress = progress
+        self._experiment_id: str | None = None
+
+    def one(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
+        version = str(mv.version)
+        skip = self._skip(name, mv, target)
+        if skip is not None:
+            self.progress(f"{step} {name} v{version}: {describe(skip)}")
+            return skip
+        if self.options.dry_run:
+            outcome = Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?")
+            self.progress(f"{step} {name} v{version}: would convert")
+            return outcome
+        self.progress(f"{step} {name} v{version}: converting")
+        began = time.monotonic()
+        outcome = self._migrate(name, version, target)
+        outcome = Outcome(**{**outcome.__dict__, "seconds": round(time.monotonic() - began, 3)})
+        self.progress(f"{step} {name} v{version}: {describe(outcome)} "
+                      f"({outcome.seconds:.1f} s)")
+        return outcome
+
+    def _skip(self, name: str, mv: ModelVersion, target: Target) -> Outcome | None:
+        version = str(mv.version)
+        twin = target.twins.get(version)
+        if twin is not None:
+            # A run that stopped between registering and tagging the source finishes here.
+            where = f"{target.name}/{twin.version}"
+            if not self.options.dry_run and tag(mv, tags.MIGRATED_TO) != where:
+                self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+            return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
+                           format=tag(twin, tags.OUTPUT_FORMAT),
+                           assurance=tag(twin, tags.VERDICT),
+                           source_sha256=tag(twin, tags.SOURCE_SHA256),
+                           output_sha256=tag(twin, tags.OUTPUT_SHA256))
+        if target.conflict:
+            return Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
+                           message=target.conflict)
+        if (mv.status or "READY") != "READY":
+            return Outcome(name, version, Status.NOT_READY, reason="VERSION_NOT_READY",
+                           message=f"the registry says {mv.status}")
+        earlier, reason = tag(mv, tags.STATUS), tag(mv, tags.REASON)
+        if (earlier in {Status.REJECTED, Status.FAILED} and reason not in TRANSIENT_REASONS
+                and not self.options.retry_failed):
+            return Outcome(name, version, Status.FAILED_EARLIER, reason=reason,
+                           message=tag(mv, tags.MESSAGE))
+        return None
+
+    def _migrate(self, name: str, version: str, target: Target) -> Outcome:
+        work = Path(tempfile.mkdtemp(prefix="airlock-migrate-"))
+        try:
+            try:
+                model_dir = self.fetch(f"models:/{name}/{version}", work / "source")
+            except ModelSourceError as exc:  # refused before upload (links, escapes, caps)
+                status = Status.FAILED if exc.reason == DOWNLOAD_FAILED else Status.REJECTED
+                return self._failed(name, version, status, exc.reason, exc.message)
+            except Exception as exc:  # whatever else the artifact store raised
+                return self._failed(name, version, Status.FAILED, "DOWNLOAD_FAILED",
+                                    f"{type(exc).__name__}: {exc}")
+            try:
+                result = self.convert(model_dir, work / "out" / "converted")
+            except (ServiceUnavailable, AccessDenied):
+                raise
+            except ConversionError as exc:
+                status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED
+                return self._failed(name, version, status, exc.reason, exc.message)
+            except AirlockError as exc:  # provenance or stream integrity: refuse the output
+                status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
+                return self._failed(name, version, status,
+                                    getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
+            except OSError as exc:
+                return self._failed(name, version, Status.FAILED, "CLIENT_ERROR",
+                                    f"{type(exc).__name__}: {exc}")
+            record = result.provenance_record
+            if not result.provenance or record is None:
+                return self._failed(name, version, Status.FAILED, "PROVENANCE_MISSING",
+                                    "the broker returned no signed provenance")
+            twin = self._register(name, version, target, result, work / "out")
+            where = f"{target.name}/{twin.version}"
+            target.twins[version] = twin
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+            return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
+                           assurance=record.assurance, source_sha256=record.input_sha256,
+                           output_sha256=record.output_sha256)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # -- registry writes ---------------------------------------------------------------------
+
+    def _register(self, name: str, version: str, target: Target, result: ConversionResult,
+                  out_dir: Path) -> ModelVersion:
+        """Log the file and its provenance in a run; make them a version of the target model."""
+        record = result.provenance_record
+        assert record is not None
+        file_name = tags.OUTPUT_FILES[result.format]
+        model_file = out_dir / file_name
+        result.output.replace(model_file)
+        provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
+        provenance_file.write_bytes(result.provenance)
+        lineage = {
+            tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
+            tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
+            tags.OUTPUT_FORMAT: result.format, tags.OUTPUT_FILE: file_name,
+            tags.PROVENANCE_FILE: provenance_file.name, tags.VERDICT: record.assurance,
+            tags.VALIDATION: record.validation, tags.JOB_ID: record.job_id,
+            tags.PROVENANCE_KEY: record.key_fingerprint,
+        }
+        self._ensure_target(name, target)
+        run = self.registry.create_run(self._experiment(), tags=lineage,
+                                       run_name=f"airlock {name} v{version}")
+        run_id = str(run.info.run_id)
+        finished = False
+        try:
+            for path in (model_file, provenance_file):
+                self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
+            twin = self.registry.create_model_version(
+                target.name, source=f"{run.info.artifact_uri}/{tags.ARTIFACT_DIR}",
+                run_id=run_id, tags=lineage,
+                description=f"{name} version {version} converted by Airlock to "
+                            f"{result.format} ({record.assurance}); load it with "
+                            "airlock_client.load_verified, never with MLflow's loaders.")
+            finished = True
+        finally:
+            with contextlib.suppress(Exception):
+                self.registry.set_terminated(run_id, "FINISHED" if finished else "FAILED")
+        return twin
+
+    def _failed(self, name: str, version: str, status: Status, reason: str,
+                message: str) -> Outcome:
+        if not self.options.dry_run:
+            self._mark_source(name, version, status, reason=reason, message=message)
+        return Outcome(name, version, status, reason=reason, message=tags.clip(message))
+
+    def _mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",
+                     reason: str = "", message: str = "") -> None:
+        set_tag = self.registry.set_model_version_tag
+        set_tag(name, version, tags.STATUS, str(status))
+        if migrated_to:
+            set_tag(name, version, tags.MIGRATED_TO, migrated_to)
+            for stale in (tags.REASON, tags.MESSAGE):
+                with contextlib.suppress(Exception):  # absent tags are fine
+                    self.registry.delete_model_version_tag(name, version, stale)
+        else:
+            set_tag(name, version, tags.REASON, reason)
+            set_tag(name, version, tags.MESSAGE, tags.clip(message))
+
+    def _ensure_target(self, source: str, target: Target) -> None:
+        if target.exists:
+            return
+        self.registry.create_registered_model(
+            target.name, tags={tags.ROLE: tags.ROLE_MIGRATED, tags.SOURCE_MODEL: source},
+            description=f"{source}, converted by Airlock: each version holds one ONNX or "
+                        "safetensors file and its signed provenance.")
+        target.exists = True
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            found = self.registry.get_experiment_by_name(self.options.experiment)
+            self._experiment_id = (str(found.experiment_id) if found is not None else
+                                   str(self.registry.create_experiment(self.options.experiment)))
+        return self._experiment_id

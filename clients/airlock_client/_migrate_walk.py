@@ -1,0 +1,80 @@
+"""Which registry entries ``airlock migrate`` works on: the selected source models, and for
+each its target model ``<NAME>-airlock`` with the twins already migrated into it (source
+version -> target version). Reads only; every listing is paged through ``_registry``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from airlock_client import _lineage as tags
+from airlock_client._errors import AirlockError
+from airlock_client._registry import (
+    ModelVersion,
+    RegisteredModel,
+    Registry,
+    filter_literal,
+    model_versions,
+    registered_models,
+    tag,
+)
+
+#: MLflow 3 keeps prompts in the model registry too; they are text, not models.
+PROMPT_TAG = "mlflow.prompt.is_prompt"
+
+
+class SelectionError(AirlockError):
+    """A named model does not exist or cannot be migrated (a usage error)."""
+
+
+@dataclass
+class Target:
+    name: str
+    exists: bool
+    #: source version -> the target version that is its migrated twin
+    twins: dict[str, ModelVersion] = field(default_factory=dict)
+    conflict: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def select(registry: Registry, names: Sequence[str] | None, page_size: int) -> list[str]:
+    """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""
+    if names is None:
+        return [m.name for m in registered_models(registry, page_size)
+                if tag(m, tags.ROLE) != tags.ROLE_MIGRATED
+                and tag(m, PROMPT_TAG) != "true"]
+    chosen: list[str] = []
+    for name in dict.fromkeys(names):
+        found = registered_model(registry, name)
+        if found is None:
+            raise SelectionError(f"no registered model is named {name!r}")
+        if tag(found, tags.ROLE) == tags.ROLE_MIGRATED:
+            raise SelectionError(f"{name!r} holds Airlock's migrated versions; migrate its "
+                                 f"source ({tag(found, tags.SOURCE_MODEL) or '?'}) instead")
+        chosen.append(name)
+    return chosen
+
+
+def registered_model(registry: Registry, name: str) -> RegisteredModel | None:
+    page = registry.search_registered_models(
+        filter_string=f"name = {filter_literal(name)}", max_results=10)
+    return next((m for m in page if m.name == name), None)
+
+
+def find_target(registry: Registry, source: str, suffix: str, page_size: int) -> Target:
+    """The target model and its twins (source version -> target version), paged."""
+    name = tags.target_name(source, suffix)
+    found = registered_model(registry, name)
+    if found is None:
+        return Target(name, exists=False)
+    if (tag(found, tags.ROLE) != tags.ROLE_MIGRATED
+            or tag(found, tags.SOURCE_MODEL) != source):
+        return Target(name, exists=True, conflict=(
+            f"{name!r} exists and is not Airlock's target for {source!r}; rename it or "
+            "choose another --target-suffix"))
+    twins: dict[str, ModelVersion] = {}
+    for mv in model_versions(registry, name, page_size):
+        if tag(mv, tags.SOURCE_MODEL) == source and tag(mv, tags.SOURCE_VERSION):
+            twins.setdefault(tag(mv, tags.SOURCE_VERSION), mv)
+    return Target(name, exists=True, twins=twins,
+                  aliases={str(k): str(v) for k, v in (found.aliases or {}).items()})
