@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -476,7 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6",
                         help="comma-separated scenarios to run (S5 comes with S3)")
+    parser.add_argument("--pools", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a [pools] setting of the warm broker, e.g. "
+                             "defer_replacement=false (for A/B runs; repeatable)")
     args = parser.parse_args(argv)
+    for item in args.pools:
+        key, _, value = item.partition("=")
+        WARM_CONFIG["pools"][key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
     plan = Plan.for_mode(args.quick)
     only = {x.strip().upper() for x in args.only.split(",")}
     if "S5" in only:

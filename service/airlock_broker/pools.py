@@ -3,8 +3,9 @@
 Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
 time: created with their own fresh workspace, started, their profile's libraries imported,
 waiting for a job spec. A job takes one, uses it once, and destroys it (DESIGN §1.2); the
-replenisher starts a replacement in the background, never more than ``max_starting`` at a
-time. When a pool is empty a job takes the cold path: a container prepared just for it.
+replenisher starts a replacement in the background once that job is done (so that the start
+does not take CPU from the job), never more than ``max_starting`` at a time. When a pool is
+empty a job takes the cold path: a container prepared just for it.
 
 Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
 and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
@@ -46,15 +47,20 @@ class PoolSettings:
     sweep_seconds: float = 15.0
     #: How often the engine is pinged (an outage is noticed and its end is, within this).
     engine_check_seconds: float = 2.0
+    #: Start the replacement for a warm container a job took only once that job is done (or
+    #: after ``defer_max_seconds``, whichever comes first). On a small machine the start
+    #: (about a CPU-second of imports) would otherwise compete with the job it replaces.
+    defer_replacement: bool = True
+    defer_max_seconds: float = 2.0
     profiles: tuple[str, ...] = PROFILES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_warm <= self.max_warm:
             raise ValueError("need 0 <= min_warm <= max_warm")
         if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
-                or self.engine_check_seconds <= 0:
-            raise ValueError("max_starting, sweep_seconds, max_age_seconds and "
-                             "engine_check_seconds must be positive")
+                or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
+            raise ValueError("max_starting, sweep_seconds, max_age_seconds, "
+                             "engine_check_seconds and defer_max_seconds must be positive")
         unknown = set(self.profiles) - set(PROFILES)
         if unknown:
             raise ValueError(f"unknown profiles: {sorted(unknown)}")
@@ -89,6 +95,11 @@ class Pool:
     failures_in_a_row: int = 0
     #: Bumped by a restart: warm or starting containers of an older generation are retired.
     generation: int = 0
+    #: Warm containers taken by jobs still running, whose replacement waits for them (slot id
+    #: -> the timer that ends the wait anyway). They count as filling the pool meanwhile.
+    deferred: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    #: Warm containers taken out of ``warm`` whose liveness ``acquire`` is checking.
+    checking: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,9 @@ class Pools:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         for pool in self.pools.values():
+            for timer in pool.deferred.values():
+                timer.cancel()
+            pool.deferred.clear()
             while pool.warm:
                 await self.backend.destroy(pool.warm.popleft().slot)
         await self.settle()
@@ -175,18 +189,23 @@ class Pools:
         pool = self.pools.get(profile)
         while pool is not None and pool.warm:
             warm = pool.warm.popleft()
-            self._wake.set()
+            pool.checking += 1  # still fills the pool while its liveness is checked
             try:
                 usable = warm.generation == pool.generation and await self._alive(warm.slot)
             except BaseException:
                 # Cancelled (the client went away) while this slot was ours alone: it is in
                 # no pool and no job, so nobody else would ever destroy it.
+                self._wake.set()
                 await _destroy_shielded(self.backend, warm.slot)
                 raise
+            finally:
+                pool.checking -= 1
             if usable:
                 pool.busy += 1
                 pool.served_warm += 1
+                self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
+            self._wake.set()
             if warm.generation == pool.generation:  # current but dead: as the sweep counts it
                 pool.failed_starts += 1
                 log.warning("a warm %s container died while waiting; replaced", pool.profile)
@@ -211,9 +230,24 @@ class Pools:
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
+            self._end_deferral(pool, slot.slot_id)
         task = asyncio.create_task(self.backend.destroy(slot), name=f"destroy-{slot.slot_id}")
         self._destroying.add(task)
         task.add_done_callback(self._destroying.discard)
+
+    def _defer_replacement(self, pool: Pool, slot_id: str) -> None:
+        """Hold back the replacement of a warm slot a job took until ``release`` (bounded)."""
+        if not self.settings.defer_replacement:
+            self._wake.set()
+            return
+        pool.deferred[slot_id] = asyncio.get_running_loop().call_later(
+            self.settings.defer_max_seconds, self._end_deferral, pool, slot_id)
+
+    def _end_deferral(self, pool: Pool, slot_id: str) -> None:
+        timer = pool.deferred.pop(slot_id, None)
+        if timer is not None:
+            timer.cancel()
+            self._wake.set()
 
     async def _alive(self, slot: Slot) -> bool:
         try:
@@ -263,8 +297,8 @@ class Pools:
             self._wake.clear()
             if not self.draining and self.unavailable is None:
                 for pool in self.pools.values():
-                    if len(pool.warm) + pool.starting < self.settings.min_warm \
-                            and len(pool.warm) + pool.starting < self.settings.max_warm:
+                    filled = len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
+                    if filled < self.settings.min_warm and filled < self.settings.max_warm:
                         pool.starting += 1
                         task = asyncio.create_task(self._start_one(pool))
                         self._tasks.add(task)

@@ -236,6 +236,7 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
     job.start()
     try:
         # The job holds one container; its pool has started a replacement meanwhile.
+        # The spare's start is deferred for defer_max_seconds (2 s) of a job this long.
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
                     and s.starting == 0, 10, "the slow job to run with a warm spare",
                     lambda: str(ready.status()))
@@ -431,6 +432,7 @@ def test_the_status_commands_numbers_match_what_docker_reports(
         convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
     job.start()
     try:
+        # The spare's start is deferred for defer_max_seconds (2 s) of a job this long.
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
                     and s.starting == 0, 10, "the job to run with a warm spare")
         check(expect_busy=1)

@@ -126,3 +126,44 @@ def test_failed_starts_are_counted_and_retried(tmp_path: Path) -> None:
         await _until(lambda: len(pools.pools["light"].warm) == 1, timeout=10)
 
     run_pools(tmp_path, PoolSettings(min_warm=1, profiles=("light",)), body)
+
+
+def test_replacement_of_a_taken_warm_slot_waits_for_its_job(tmp_path: Path) -> None:
+    """The replacement's start must not compete with the job; it comes once the job is done."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        slot = await pools.acquire("sklearn")
+        assert slot.started  # warm
+        await asyncio.sleep(1.5)  # longer than the replenisher's own 1 s tick
+        assert len(sk.warm) == 0 and sk.starting == 0, "replacement started during the job"
+        await pools.release(slot)
+        await _until(lambda: len(sk.warm) == 1)  # and promptly after it
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_max_seconds=60.0), body)
+
+
+def test_a_deferred_replacement_still_comes_when_the_job_never_ends(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        slot = await pools.acquire("sklearn")
+        await _until(lambda: len(sk.warm) == 1, timeout=5.0)  # defer_max_seconds bounds it
+        assert sk.deferred == {}
+        await pools.release(slot)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_max_seconds=0.3), body)
+
+
+def test_without_deferral_the_replacement_starts_at_once(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        slot = await pools.acquire("sklearn")
+        await _until(lambda: len(sk.warm) + sk.starting == 1, timeout=0.9)
+        await pools.release(slot)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_replacement=False), body)
