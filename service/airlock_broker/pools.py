@@ -187,6 +187,10 @@ class Pools:
         if self.unavailable is not None:
             raise error(Reason.SANDBOX_UNAVAILABLE, self.unavailable)
         pool = self.pools.get(profile)
+        if pool is not None:
+            # A second job while a replacement waits: there is demand, so start it now.
+            for slot_id in list(pool.deferred):
+                self._end_deferral(pool, slot_id)
         while pool is not None and pool.warm:
             warm = pool.warm.popleft()
             pool.checking += 1  # still fills the pool while its liveness is checked
@@ -236,8 +240,12 @@ class Pools:
         task.add_done_callback(self._destroying.discard)
 
     def _defer_replacement(self, pool: Pool, slot_id: str) -> None:
-        """Hold back the replacement of a warm slot a job took until ``release`` (bounded)."""
-        if not self.settings.defer_replacement:
+        """Hold back the replacement of a warm slot a job took until ``release`` (bounded).
+
+        Only while this job is the pool's only one: under concurrent load a deferred start
+        sends the next jobs down the cold path, which costs more than the CPU it saves.
+        """
+        if not self.settings.defer_replacement or pool.busy > 1:
             self._wake.set()
             return
         pool.deferred[slot_id] = asyncio.get_running_loop().call_later(

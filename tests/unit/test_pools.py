@@ -157,6 +157,24 @@ def test_a_deferred_replacement_still_comes_when_the_job_never_ends(tmp_path: Pa
                                      defer_max_seconds=0.3), body)
 
 
+def test_a_second_job_ends_the_deferral(tmp_path: Path) -> None:
+    """Under concurrent demand a deferred start only sends jobs down the cold path."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        first = await pools.acquire("sklearn")
+        assert first.started and len(sk.deferred) == 1
+        second = await pools.acquire("sklearn")  # pool empty: cold, and demand is visible
+        assert not second.started
+        assert sk.deferred == {}
+        await _until(lambda: len(sk.warm) + sk.starting >= 1, timeout=0.9)
+        await pools.release(first)
+        await pools.release(second)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_max_seconds=60.0), body)
+
+
 def test_without_deferral_the_replacement_starts_at_once(tmp_path: Path) -> None:
     async def body(pools: Pools, backend: FakeSandbox) -> None:
         sk = pools.pools["sklearn"]
