@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock_client._errors import IntegrityError
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -218,24 +218,10 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        doc[key] = value
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
 def _strict_json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        doc = loads_strict(data.decode("utf-8"))
+    except (UnicodeDecodeError, StrictJSONError) as exc:
         raise ProvenanceError("PROVENANCE_MALFORMED", f"{what} is not valid JSON: "
                                                       f"{str(exc)[:120]}") from None
     if not isinstance(doc, dict):

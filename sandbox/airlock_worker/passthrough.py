@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 from airlock_sandbox.contract import OutputFormat, Target, WorkerExit
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 from . import output
 from .errors import WorkerError
@@ -93,23 +94,15 @@ def _invalid(why: str) -> WorkerError:
     return WorkerError(WorkerExit.CONVERSION_FAILED, f"invalid safetensors file: {why}")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _invalid(f"duplicate key {key[:80]!r}")
-        out[key] = value
-    return out
-
-
 def _read_header(src: Any, size: int) -> tuple[dict[str, Any], int]:
     (length,) = struct.unpack("<Q", src.read(8))
     if length > min(size - 8, MAX_HEADER_BYTES):
         raise _invalid("header length out of range")
     try:
-        header = json.loads(src.read(length), object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _invalid(f"header is not JSON ({exc})") from None
+        # The broker reads the same header with the same strict reader (one meaning or none).
+        header = loads_strict(src.read(length).decode("utf-8"), padding=" ")
+    except (StrictJSONError, UnicodeDecodeError) as exc:
+        raise _invalid(f"header is not strict JSON ({exc})") from None
     if not isinstance(header, dict):
         raise _invalid("header is not an object")
     return header, 8 + length

@@ -6,7 +6,7 @@
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
 * ``onnx_pool`` / ``onnx_worker``: the broker's way: long-lived rlimited validator processes
   (the broker itself never parses an ONNX output); ``onnx_answer`` reads their answers.
-* ``strict_json``: the JSON reader the other modules share.
+* strict JSON comes from ``airlock_sandbox.strict_json`` (shared with the worker and client).
 
 Every refusal is an :class:`~airlock_broker.errors.AirlockError` with reason
 ``OUTPUT_INVALID`` or ``OUTPUT_TOO_LARGE``; no other exception escapes for bad bytes.

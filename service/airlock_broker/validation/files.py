@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.strict_json import StrictJSONError, loads_strict
 from airlock_sandbox.contract import MAX_REPORT_BYTES, REPORT_NAME
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.onnx_check import OnnxInfo, ValueSpec
-from airlock_broker.validation.strict_json import StrictJSONError, loads_strict
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 #: The JSON answer is a summary; a big one is a lie.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024

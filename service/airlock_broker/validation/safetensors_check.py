@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import describe_name, open_regular_file, read_upto
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.strict_json import StrictJSONError, loads_strict
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 #: Bytes per element. Sub-byte (F4, F6_*) and exotic 8-bit (F8_E8M0, *FNUZ) dtypes are left
 #: out: no converter of ours writes them, and readers disagree about them.
