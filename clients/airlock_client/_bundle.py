@@ -30,14 +30,16 @@ from typing import Any
 import yaml
 
 from airlock_client._errors import ModelSourceError
+from airlock_sandbox.bundle import (
+    MAX_MEMBERS,
+    MAX_MLMODEL_BYTES,
+    MLMODEL,
+    BundleError,
+    check_member_name,
+)
 
-MLMODEL = "MLmodel"
-MAX_MLMODEL_BYTES = 1024 * 1024
-MAX_FILES = 10_000
+MAX_FILES = MAX_MEMBERS
 MAX_TOTAL_BYTES = 4 * 1024**3
-MAX_DEPTH = 32
-MAX_NAME_BYTES = 1024
-MAX_COMPONENT_BYTES = 255
 #: Fixed member timestamp (the zip epoch) so the bundle's bytes depend on content only.
 EPOCH = (1980, 1, 1, 0, 0, 0)
 COPY_BYTES = 1024 * 1024
@@ -77,21 +79,11 @@ def refuse(message: str) -> ModelSourceError:
 
 
 def check_name(name: str) -> None:
-    """A relative POSIX path with plain components only (no ``..``, no backslash...)."""
-    if not name or name.startswith("/") or len(name.encode("utf-8", "surrogatepass"))\
-            > MAX_NAME_BYTES:
-        raise refuse(f"path {name[:80]!r} is empty, absolute or too long")
-    parts = name.split("/")
-    if len(parts) > MAX_DEPTH:
-        raise refuse(f"path {name[:80]!r} is nested deeper than {MAX_DEPTH}")
-    for part in parts:
-        if part in {"", ".", ".."} or "\\" in part or (len(part) >= 2 and part[1] == ":"):
-            raise refuse(f"path {name[:80]!r} has a component that could escape the root")
-        if any(unicodedata.category(c) in {"Cc", "Cs"} for c in part):
-            raise refuse(f"path {name[:80]!r} has a control or undecodable character")
-        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
-            raise refuse(f"path {name[:80]!r} has a component longer than "
-                         f"{MAX_COMPONENT_BYTES} bytes")
+    """A relative POSIX path with plain components only: the worker's own rule, applied early."""
+    try:
+        check_member_name(name)
+    except BundleError as exc:
+        raise refuse(str(exc)) from None
 
 
 def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
