@@ -76,4 +76,7 @@ class AuditLog:
             log.error("could not write the audit record of job %s: %s", record.job_id, exc)
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Idempotent: the descriptor number is closed once, never a reused one."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

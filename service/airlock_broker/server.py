@@ -60,9 +60,17 @@ class Broker:
     replays: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
+    stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
-        """Flip health, refuse new jobs, let jobs in flight finish, then release everything."""
+        """Flip health, refuse new jobs, let jobs in flight finish, then release everything.
+
+        Idempotent: a second call (a signal racing a ``finally``) must not close descriptor
+        numbers that by then belong to someone else.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
         self.admission.draining = True
         await self.health.enter_graceful_shutdown()
         try:

@@ -32,6 +32,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -104,6 +105,9 @@ class _Worker:
         finally:
             theirs.close()  # so that a dead child reads as EOF instead of a silent wait
         self.conn = Connection(ours.detach())
+        #: ``reap`` may race (a failed job's thread and the pool's close): the socket's
+        #: descriptor number must be closed exactly once.
+        self._reaping = threading.Lock()
         self.ready = False
         self.jobs = 0
         #: Set when the worker must not serve another job.
@@ -125,7 +129,7 @@ class _Worker:
         self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5.0)
-        with contextlib.suppress(OSError):
+        with self._reaping, contextlib.suppress(OSError):
             self.conn.close()
 
 
