@@ -78,11 +78,20 @@ def _spool_files(spool: Path, sub: str) -> list[str]:
 
 
 def _warm_slots_only(docker_client: Any, broker: ph.PoolBroker) -> None:
-    """Every slot directory and output mount left belongs to an idle warm container."""
-    warm = {c.labels[ph.LABEL_SLOT] for c in ph.containers_of(docker_client, broker.identity)
-            if ph.is_idle(c, broker.spool)}
-    ph.wait_for(lambda: set(_spool_files(broker.spool, "slots")) <= warm, 10,
-                "only warm slot directories",
+    """Every slot directory and output mount left belongs to an idle warm container.
+
+    The pool may be starting a replacement meanwhile (it starts once the job that took the warm
+    one has ended), so the warm set is read again until the two agree, within a bound.
+    """
+    warm: set[str] = set()
+
+    def only_warm() -> bool:
+        nonlocal warm
+        warm = {c.labels[ph.LABEL_SLOT] for c in ph.containers_of(docker_client, broker.identity)
+                if ph.is_idle(c, broker.spool)}
+        return set(_spool_files(broker.spool, "slots")) <= warm
+
+    ph.wait_for(only_warm, 60, "only warm slot directories",
                 lambda: f"slots {_spool_files(broker.spool, 'slots')}, warm {warm}")
     mounts = ph.mounts_under(broker.spool / "slots")
     assert all(any(s in m for s in warm) for m in mounts), f"stray mounts: {mounts}"
