@@ -42,13 +42,19 @@ class MemberView(io.RawIOBase):
 
     def __init__(self, fd: int, start: int, length: int, name: str) -> None:
         super().__init__()
-        self._fd = fd
-        size = os.fstat(fd).st_size
-        if start < 0 or length < 0 or start + length > size:
+        # Owned only once valid: a view refused here is still finalised (IOBase.__del__ calls
+        # close), and must not close the descriptor number again when it may be someone else's.
+        self._fd = -1
+        try:
+            size = os.fstat(fd).st_size
+            if start < 0 or length < 0 or start + length > size:
+                raise WorkerError(WorkerExit.UNSAFE_MODEL_DIR,
+                                  f"{name[:80]!r} lies outside the bundle ({start}+{length} "
+                                  f"of {size} bytes)")
+        except BaseException:
             os.close(fd)
-            raise WorkerError(WorkerExit.UNSAFE_MODEL_DIR,
-                              f"{name[:80]!r} lies outside the bundle ({start}+{length} "
-                              f"of {size} bytes)")
+            raise
+        self._fd = fd
         self._start = start
         self._length = length
         self._pos = 0
@@ -100,8 +106,10 @@ class MemberView(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            fd, self._fd = self._fd, -1  # closed once, whoever calls (close, __del__)
             try:
-                os.close(self._fd)
+                if fd >= 0:
+                    os.close(fd)
             finally:
                 super().close()
 

@@ -186,3 +186,23 @@ def test_onnx_external_data_outside_the_bundle_is_refused(
         _convert(tmp_path, _onnx_model_dir(tmp_path / "m", weights, location=location,
                                            offset=offset))
     assert caught.value.exit is WorkerExit.UNSAFE_MODEL_DIR
+
+
+def test_a_refused_view_never_closes_a_descriptor_it_no_longer_owns(tmp_path: Path) -> None:
+    """A view refused in its constructor is still finalised later (IOBase.__del__); by then
+    its old descriptor number may belong to someone else, which must stay open."""
+    import gc
+
+    path = tmp_path / "b.zip"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(WorkerError, match="outside the bundle") as caught:
+        MemberView(fd, 90, 50, "m")  # its traceback keeps the refused view alive
+    other = os.open(path, os.O_RDONLY)  # most likely the number just freed
+    assert other == fd
+    try:
+        del caught
+        gc.collect()  # the refused view is finalised now
+        os.fstat(other)  # still ours
+    finally:
+        os.close(other)
