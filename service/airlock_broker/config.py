@@ -28,6 +28,10 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     max_entries = 1024
     max_bytes = 1073741824
 
+    [local_transfer]   # LocalTransferSettings: same-host fast path (descriptors on a Unix socket)
+    enabled = true
+    socket_path = "/run/airlock/transfer.sock"    # its directory: the broker's user's, 0755
+
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
 
@@ -47,6 +51,7 @@ from typing import Any
 from airlock_broker.auth_config import AuthConfig, check_listen
 from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.keys import default_key_path
+from airlock_broker.local_transfer import LocalTransferSettings
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
@@ -98,6 +103,7 @@ class BrokerConfig:
     pools: PoolSettings = field(default_factory=PoolSettings)
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    local_transfer: LocalTransferSettings = field(default_factory=LocalTransferSettings)
 
     def __post_init__(self) -> None:
         check_listen(self.listen, self.auth)
@@ -134,7 +140,7 @@ class BrokerConfig:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
-                              "provenance", "auth", "idempotency"}
+                              "provenance", "auth", "idempotency", "local_transfer"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -142,7 +148,12 @@ class BrokerConfig:
             if key in broker:
                 broker[key] = Path(broker[key])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
-                                                 "provenance_key", "auth", "idempotency"})
+                                                 "provenance_key", "auth", "idempotency",
+                                                 "local_transfer"})
+        local_doc = dict(doc.get("local_transfer", {}))
+        _check_keys(LocalTransferSettings, local_doc, "local_transfer")
+        if "socket_path" in local_doc:
+            local_doc["socket_path"] = Path(local_doc["socket_path"])
         idem_doc = dict(doc.get("idempotency", {}))
         _check_keys(IdempotencySettings, idem_doc, "idempotency")
         provenance_doc = dict(doc.get("provenance", {}))
@@ -172,7 +183,8 @@ class BrokerConfig:
         return cls(sandbox=SandboxPolicy(**sandbox_doc), output=OutputLimits(**output_doc),
                    onnx_validator=ValidatorSettings(**validator_doc),
                    pools=PoolSettings(**pools_doc), auth=auth,
-                   idempotency=IdempotencySettings(**idem_doc), **{**broker, **overrides})
+                   idempotency=IdempotencySettings(**idem_doc),
+                   local_transfer=LocalTransferSettings(**local_doc), **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

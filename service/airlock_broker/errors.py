@@ -47,6 +47,11 @@ class Reason(enum.StrEnum):
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     SANDBOX_KILLED = "SANDBOX_KILLED"
     INTERNAL = "INTERNAL"
+    # The same-host fast path (local_transfer.py).
+    LOCAL_TRANSFER_DISABLED = "LOCAL_TRANSFER_DISABLED"
+    LOCAL_HANDLE_INVALID = "LOCAL_HANDLE_INVALID"
+    LOCAL_HANDLE_FOREIGN = "LOCAL_HANDLE_FOREIGN"
+    LOCAL_FD_REFUSED = "LOCAL_FD_REFUSED"
     # The caller (auth.py).
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -90,6 +95,14 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     # itself): ABORTED, so clients do not retry blindly a job that may kill itself every time.
     Reason.SANDBOX_KILLED: (grpc.StatusCode.ABORTED, Kind.FAILED),
     Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
+    # The broker does not offer the fast path: the client streams instead.
+    Reason.LOCAL_TRANSFER_DISABLED: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
+    # Unknown, expired, already used, or never given its descriptors.
+    Reason.LOCAL_HANDLE_INVALID: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
+    # Issued to another principal: never usable by this one.
+    Reason.LOCAL_HANDLE_FOREIGN: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
+    # A descriptor (or the message carrying them) is not what the fast path accepts.
+    Reason.LOCAL_FD_REFUSED: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, Kind.DENIED),
     Reason.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
 }

@@ -84,16 +84,20 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
                 view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+    return finished(size, digest.hexdigest(), bytes(prefix), meta)
+
+
+def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata) -> Spooled:
+    """The spooled artifact, if it is what the metadata declared (either transfer path)."""
     if size == 0:
         raise error(Reason.EMPTY_ARTIFACT, "the artifact is empty")
     if meta.size_bytes and size != meta.size_bytes:
         raise error(Reason.CHECKSUM_MISMATCH,
                     f"stream ended after {size} of {meta.size_bytes} declared bytes")
-    sha = digest.hexdigest()
     if meta.sha256 and sha != meta.sha256:
         raise error(Reason.CHECKSUM_MISMATCH,
                     "the artifact's sha256 does not match the declared one")
-    return Spooled(size=size, sha256=sha, prefix=bytes(prefix))
+    return Spooled(size=size, sha256=sha, prefix=prefix)
 
 
 async def _next(stream: AsyncIterator[pb.ConvertRequest],

@@ -35,6 +35,10 @@ class Metrics:
         self.replays = Counter("airlock_idempotent_replays", "Requests answered with an earlier "
                                "job's result for the same idempotency key, by how the key "
                                "matched (completed, in_flight)", ["matched"], registry=r)
+        self.transfers = Counter("airlock_job_transfers", "Jobs finished, by how the artifact "
+                                 "and output moved: stream (gRPC chunks), local (descriptors "
+                                 "on the same-host socket), none (no metadata read)",
+                                 ["transfer"], registry=r)
         self.rpcs = Counter("airlock_grpc_server_handled", "RPCs completed",
                             ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("airlock_grpc_server_handling_seconds", "RPC wall time",

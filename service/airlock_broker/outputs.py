@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.local_io import write_bytes, write_canonical_safetensors
 from airlock_broker.validation.files import collect_output
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
@@ -31,6 +32,16 @@ class ValidatedOutput:
     path: Path
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
+    #: Writes exactly the bytes ``chunks`` streams into a peer's file descriptor (the
+    #: same-host fast path), at explicit offsets. None: written from ``chunks``.
+    write_into: Callable[[int], None] | None = None
+
+    def write_to_fd(self, fd: int) -> None:
+        """The whole output as the content of ``fd`` (blocking: call on a worker thread)."""
+        if self.write_into is not None:
+            self.write_into(fd)
+            return
+        write_bytes(b"".join(self.chunks(1024 * 1024)), fd)
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:
@@ -66,11 +77,13 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                                # tmpfs is the broker's, and the client checks the sha256.
                                chunks=lambda n: iter_canonical(path, info, n, rehash=False),
                                path=path,
-                               safetensors=info)
+                               safetensors=info,
+                               write_into=lambda fd: write_canonical_safetensors(path, info, fd))
     canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
-                           chunks=lambda n: _slices(canonical, n), path=path)
+                           chunks=lambda n: _slices(canonical, n), path=path,
+                           write_into=lambda fd: write_bytes(canonical, fd))
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:

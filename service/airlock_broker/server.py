@@ -29,6 +29,7 @@ from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.idempotency import IdempotencyStore
 from airlock_broker.jobs import JobRunner
 from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
+from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
@@ -60,6 +61,7 @@ class Broker:
     replays: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
+    local: LocalTransferServer | None = None
     stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -77,6 +79,8 @@ class Broker:
             await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
+            if self.local is not None:
+                await self.local.close()
             try:
                 await self.pools.close()
             finally:
@@ -165,11 +169,12 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     audit = AuditLog(config.audit_path)
     replays = IdempotencyStore(config.spool_root, config.idempotency)
     replays.start()
+    local = await _local_transfer(config)
     pb_grpc.add_ConversionServiceServicer_to_server(
         ConversionServicer(config, JobRunner(backend, pools, config.output,
                                              onnx_validator=onnx_validator,
                                              verify_integrity=config.verify_integrity),
-                           admission, audit, metrics, signing_key, replays),
+                           admission, audit, metrics, signing_key, replays, local),
         server)
     docker_backend = backend if isinstance(backend, DockerSandbox) else None
 
@@ -191,6 +196,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     port = (server.add_secure_port(config.listen, credentials) if credentials is not None
             else server.add_insecure_port(config.listen))
     if port == 0:
+        if local is not None:
+            await local.close()
         os.close(lock_fd)
         raise OSError(f"cannot listen on {config.listen}")
     for name in (SERVICE_NAME, ""):
@@ -232,7 +239,18 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
                   replays=replays, lock_fd=lock_fd,
-                  signing_key=signing_key)
+                  signing_key=signing_key, local=local)
+
+
+async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:
+    """The same-host fast path's socket, if configured and safely placed (else None, logged)."""
+    settings = config.local_transfer
+    if not settings.enabled:
+        log.info("same-host fast path off ([local_transfer] enabled = false)")
+        return None
+    local = LocalTransferServer(settings, settings.path_for(config.spool_root),
+                                config.max_artifact_bytes)
+    return local if await local.start() else None
 
 
 async def serve(config: BrokerConfig) -> None:

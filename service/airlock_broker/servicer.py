@@ -27,6 +27,9 @@ from airlock_broker.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
 from airlock_broker.jobs import JobResult, JobRunner, detect_on_host
 from airlock_broker.keys import ALGORITHM, SigningKey
+from airlock_broker.local_handles import LocalFiles
+from airlock_broker.local_io import copy_file, spool_from_fd
+from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics
 from airlock_broker.provenance import sign, statement
 from airlock_broker.wire import job_request, result_message, status_of
@@ -39,8 +42,10 @@ _FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "s
 class ConversionServicer(pb_grpc.ConversionServiceServicer):
     def __init__(self, config: BrokerConfig, runner: JobRunner, admission: Admission,
                  audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
-                 replays: IdempotencyStore) -> None:
+                 replays: IdempotencyStore, local: LocalTransferServer | None = None) -> None:
         self.config = config
+        #: The same-host fast path's socket, when offered (None: streaming only).
+        self.local = local
         self.signing_key = signing_key
         self.runner = runner
         self.admission = admission
@@ -78,6 +83,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             self.metrics.job_done(str(doc.get("outcome")), doc.get("reason"),
                                   time.time() - record.started)
             self.metrics.bytes_in.inc(int(doc.get("input_size") or 0))
+            self.metrics.transfers.labels(str(doc.get("transfer") or "none")).inc()
             if doc.get("outcome") == "ok":
                 self.metrics.bytes_out.inc(int(doc.get("output_size") or 0))
 
@@ -90,11 +96,53 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         return pb.GetProvenanceKeyResponse(public_key_pem=key.public_pem,
                                            fingerprint=key.fingerprint, algorithm=ALGORITHM)
 
+    async def OpenLocalTransfer(
+        self, request: pb.OpenLocalTransferRequest,
+        context: grpc.aio.ServicerContext[pb.OpenLocalTransferRequest,
+                                          pb.OpenLocalTransferResponse],
+    ) -> pb.OpenLocalTransferResponse:
+        """A ticket for the same-host fast path, bound to this caller's principal."""
+        try:
+            if self.local is None:
+                raise error(Reason.LOCAL_TRANSFER_DISABLED,
+                            "this broker does not offer the same-host fast path")
+            ticket = self.local.table.issue(current_principal().name)
+        except AirlockError as exc:
+            await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
+            raise AssertionError("unreachable") from exc  # abort_with_status raises
+        return pb.OpenLocalTransferResponse(
+            ticket=ticket, socket_path=str(self.local.path),
+            ttl_seconds=int(self.local.settings.ticket_ttl_seconds))
+
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
                        record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
         meta = await read_metadata(stream, self.intake)
         record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,
-                   declared_size=meta.size_bytes)
+                   declared_size=meta.size_bytes,
+                   transfer="local" if meta.local_handle else "stream")
+        local = self._claim(meta.local_handle, record)
+        try:
+            async for response in self._convert_claimed(job_id, meta, stream, record, local):
+                yield response
+        finally:
+            if local is not None:
+                local.close()
+
+    def _claim(self, ticket: str, record: AuditRecord) -> LocalFiles | None:
+        """The descriptors attached to ``ticket`` (owned by the caller from here), or None."""
+        if not ticket:
+            return None
+        if self.local is None:
+            raise error(Reason.LOCAL_TRANSFER_DISABLED,
+                        "this broker does not offer the same-host fast path")
+        files = self.local.claim(ticket, record.principal)
+        record.set(local_peer={"pid": files.peer.pid, "uid": files.peer.uid,
+                               "gid": files.peer.gid})
+        return files
+
+    async def _convert_claimed(self, job_id: str, meta: pb.ConvertMetadata,
+                               stream: AsyncIterator[pb.ConvertRequest], record: AuditRecord,
+                               local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
         request = job_request(meta, job_id, default_deadline=self.config.sandbox.deadline_seconds,
                               max_deadline=self.config.max_job_seconds)
         policy = self.config.sandbox
@@ -105,21 +153,26 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                    weakened=list(policy.weakened))
         upload, fd = new_upload(self.config.spool_root, job_id)
         try:
-            spooled = await spool_chunks(stream, fd, meta, self.intake)
+            if local is None:
+                spooled = await spool_chunks(stream, fd, meta, self.intake)
+            else:  # no Chunk follows the metadata: the input comes from the descriptor
+                spooled = await asyncio.to_thread(spool_from_fd, local.input_fd, fd, meta,
+                                                  self.intake)
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
                                       upload)
             record.set(detected_format=detected.value)
-            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s",
-                     job_id, spooled.size, spooled.sha256[:16], detected, request.target,
-                     request.policy, record.principal, extra={"job_id": job_id})
+            log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s "
+                     "transfer=%s", job_id, spooled.size, spooled.sha256[:16], detected,
+                     request.target, request.policy, record.principal,
+                     "local" if local else "stream", extra={"job_id": job_id})
             principal = "" if record.principal == "anonymous" else record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs)
             async with self.replays.claim(principal, meta.idempotency_key, spooled.sha256,
                                           options, job_id) as claim:
                 if claim.replay is not None:
-                    async for response in self._replay(claim, record):
+                    async for response in self._replay(claim, record, local):
                         yield response
                     return
                 async with self.admission.run_slot(), self.runner.run(
@@ -135,14 +188,19 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     record.set(provenance_key=self.signing_key.fingerprint,
                                provenance_sha256=hashlib.sha256(envelope).hexdigest())
                     header = result_message(result, provenance=envelope)
-                    async for response in self._respond(claim, header, result):
+                    async for response in self._respond(claim, header, result, local):
                         yield response
         finally:
             remove_quietly(upload)
 
-    async def _respond(self, claim: Claim, header: pb.ConvertResponse,
-                       result: JobResult) -> AsyncIterator[pb.ConvertResponse]:
-        """Stream a fresh result; with an idempotency key, keep it first and stream the copy."""
+    async def _respond(self, claim: Claim, header: pb.ConvertResponse, result: JobResult,
+                       local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
+        """Stream a fresh result; with an idempotency key, keep it first and stream the copy.
+
+        On the fast path the validated output is written into the caller's descriptor first
+        (only now: nothing reaches the caller's file before validation passed), then the
+        header alone is sent.
+        """
         kept: Path | None = None
         if claim.keeps:
             chunks = result.output.chunks(self.config.chunk_bytes)
@@ -159,6 +217,12 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                                      result.output.size)
                 raise
         if kept is None:
+            if local is not None:
+                await asyncio.to_thread(result.output.write_to_fd, local.output_fd)
+                header.result.transfer = "local"
+                yield header
+                return
+            header.result.transfer = "stream"
             yield header
             for data in result.output.chunks(self.config.chunk_bytes):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
@@ -167,6 +231,12 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         claim.commit(header.result.SerializeToString(), kept, result.output.size)
         fd = os.open(kept, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if local is not None:
+                await asyncio.to_thread(copy_file, fd, local.output_fd, result.output.size)
+                header.result.transfer = "local"
+                yield header
+                return
+            header.result.transfer = "stream"
             yield header
             for data in _read_chunks(fd, self.config.chunk_bytes):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
@@ -175,8 +245,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         log.debug("job %s: result kept for idempotent retries", result.job_id,
                   extra={"job_id": result.job_id})
 
-    async def _replay(self, claim: Claim,
-                      record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
+    async def _replay(self, claim: Claim, record: AuditRecord,
+                      local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
         stored = claim.replay
         assert stored is not None
         header = pb.ConvertResult.FromString(stored.header)
@@ -190,6 +260,12 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                  record.job_id, stored.job_id, extra={"job_id": record.job_id})
         fd = IdempotencyStore.open_stored(stored)  # held open: eviction cannot cut it short
         try:
+            if local is not None:
+                await asyncio.to_thread(copy_file, fd, local.output_fd, header.output_size)
+                header.transfer = "local"
+                yield pb.ConvertResponse(result=header)
+                return
+            header.transfer = "stream"
             yield pb.ConvertResponse(result=header)
             for data in _read_chunks(fd, self.config.chunk_bytes):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))

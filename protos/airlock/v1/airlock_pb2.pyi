@@ -179,6 +179,7 @@ class ConvertMetadata(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    LOCAL_HANDLE_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -192,6 +193,12 @@ class ConvertMetadata(_message.Message):
     """Informational only (audit); never used to choose a loader."""
     timeout_seconds: _builtins.int
     """Per-job deadline for the sandbox; 0 means the server default, capped by the server maximum."""
+    local_handle: _builtins.str
+    """Same-host fast path: a ticket from OpenLocalTransfer to which this caller attached its
+    input and output file descriptors on the broker's Unix socket. With it, no Chunk follows:
+    the broker reads the input from the descriptor and, once the output is validated, writes
+    it into the output descriptor; the response is the result header alone.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -206,10 +213,11 @@ class ConvertMetadata(_message.Message):
         sha256: _builtins.str = ...,
         filename: _builtins.str = ...,
         timeout_seconds: _builtins.int = ...,
+        local_handle: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "sha256", b"sha256", "size_bytes", b"size_bytes", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "sha256", b"sha256", "size_bytes", b"size_bytes", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,6 +394,7 @@ class ConvertResult(_message.Message):
     INTEGRITY_NOTE_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     detected_format: _builtins.str
     output_format: Global___TargetFormat.ValueType
@@ -410,6 +419,10 @@ class ConvertResult(_message.Message):
     """True when this answer is the stored result of an earlier request with the same
     idempotency key (job_id is that request's job): nothing was converted again.
     """
+    transfer: _builtins.str
+    """How the artifact and the output moved: "stream" (Chunk messages) or "local" (file
+    descriptors passed on the broker's Unix socket; the output is already in the caller's file).
+    """
     @_builtins.property
     def report(self) -> Global___ConversionReport: ...
     def __init__(
@@ -431,10 +444,11 @@ class ConvertResult(_message.Message):
         integrity_note: _builtins.str = ...,
         provenance: _builtins.bytes = ...,
         replayed: _builtins.bool = ...,
+        transfer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "replayed", b"replayed", "report", b"report", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "detected_format", b"detected_format", "duration_seconds", b"duration_seconds", "image_id", b"image_id", "input_sha256", b"input_sha256", "input_size", b"input_size", "integrity_note", b"integrity_note", "job_id", b"job_id", "loading_policy", b"loading_policy", "output_format", b"output_format", "output_sha256", b"output_sha256", "output_size", b"output_size", "provenance", b"provenance", "replayed", b"replayed", "report", b"report", "runtime", b"runtime", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,6 +483,52 @@ class ConvertResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ConvertResponse: _TypeAlias = ConvertResponse  # noqa: Y015
+
+@_typing.final
+class OpenLocalTransferRequest(_message.Message):
+    """Same-host fast path (see ConvertMetadata.local_handle)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenLocalTransferRequest: _TypeAlias = OpenLocalTransferRequest  # noqa: Y015
+
+@_typing.final
+class OpenLocalTransferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    """Unguessable, single use, bound to the caller's principal; expires after ttl_seconds."""
+    socket_path: _builtins.str
+    """The broker's Unix socket: send the ticket there with two descriptors (SCM_RIGHTS): the
+    input opened read-only, then a fresh, empty output file opened for writing.
+    """
+    ttl_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        socket_path: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["socket_path", b"socket_path", "ticket", b"ticket", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenLocalTransferResponse: _TypeAlias = OpenLocalTransferResponse  # noqa: Y015
 
 @_typing.final
 class GetProvenanceKeyRequest(_message.Message):

@@ -44,6 +44,11 @@ class ConversionServiceStub:
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
                 _registered_method=True)
+        self.OpenLocalTransfer = channel.unary_unary(
+                '/airlock.v1.ConversionService/OpenLocalTransfer',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferResponse.FromString,
+                _registered_method=True)
 
 
 class ConversionServiceServicer:
@@ -63,6 +68,14 @@ class ConversionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLocalTransfer(self, request, context):
+        """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
+        the broker does not offer it. Needs the convert role, like Convert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ConversionServiceServicer_to_server(servicer, server):
                     servicer.GetProvenanceKey,
                     request_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.SerializeToString,
+            ),
+            'OpenLocalTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLocalTransfer,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class ConversionService:
             '/airlock.v1.ConversionService/GetProvenanceKey',
             airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLocalTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.ConversionService/OpenLocalTransfer',
+            airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class ConversionServiceStub:
     """The public half of the key that signs provenance. Fetching it over the same channel as the
     results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
     """
+    OpenLocalTransfer: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]
+    """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
+    the broker does not offer it. Needs the convert role, like Convert.
+    """
 
 @_typing.type_check_only
 class ConversionServiceAsyncStub(ConversionServiceStub):
@@ -50,6 +54,10 @@ class ConversionServiceAsyncStub(ConversionServiceStub):
     GetProvenanceKey: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]  # type: ignore[assignment]
     """The public half of the key that signs provenance. Fetching it over the same channel as the
     results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+    """
+    OpenLocalTransfer: _aio.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]  # type: ignore[assignment]
+    """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
+    the broker does not offer it. Needs the convert role, like Convert.
     """
 
 class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -68,6 +76,16 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_airlock_pb2.GetProvenanceKeyResponse, _abc.Awaitable[_airlock_pb2.GetProvenanceKeyResponse]]:
         """The public half of the key that signs provenance. Fetching it over the same channel as the
         results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+        """
+
+    @_abc_1.abstractmethod
+    def OpenLocalTransfer(
+        self,
+        request: _airlock_pb2.OpenLocalTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.OpenLocalTransferResponse, _abc.Awaitable[_airlock_pb2.OpenLocalTransferResponse]]:
+        """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
+        the broker does not offer it. Needs the convert role, like Convert.
         """
 
 def add_ConversionServiceServicer_to_server(servicer: ConversionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

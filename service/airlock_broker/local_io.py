@@ -1,0 +1,130 @@
+"""Moving bytes through a peer's descriptors (the same-host fast path): in and out.
+
+Both directions run on worker threads, never on the event loop. Every access to a peer's
+descriptor uses an explicit offset (``pread``/``pwrite``/``copy_file_range``): the peer shares
+the open file description and could move its offset under us at any time.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.errors import Reason, error
+from airlock_broker.intake import IntakeLimits, Spooled, finished
+from airlock_broker.validation.files import open_regular_file
+from airlock_broker.validation.safetensors_check import FileIdentity, SafetensorsInfo
+from airlock_sandbox.formats import PREFIX_BYTES
+
+#: Large reads: a 400 MB artifact in 100 system calls; three blocks in flight at most.
+BLOCK_BYTES = 4 * 1024 * 1024
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                            errno.EBADF, errno.ETXTBSY})
+
+
+def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata,
+                  limits: IntakeLimits) -> Spooled:
+    """Copy the peer's input into the spool file ``dst`` (which this closes), hashing it.
+
+    One pass: each block read is hashed on a second thread (hashlib releases the GIL on large
+    buffers) while it is written, so the hash is of exactly the bytes spooled even if the peer
+    changes its file meanwhile. Bounded like the gRPC path: the declared size or
+    ``max_artifact_bytes``, and ``idle_seconds`` per read (a read that never returns, on a
+    hung network filesystem, holds this thread but not the event loop).
+    """
+    cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
+    digest = hashlib.sha256()
+    prefix = b""
+    size = 0
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="airlock-hash") as hasher:
+            pending: Future[None] | None = None
+            try:
+                while True:
+                    began = time.monotonic()
+                    block = os.pread(src, BLOCK_BYTES, size)
+                    if time.monotonic() - began > limits.idle_seconds:
+                        raise error(Reason.DEADLINE_EXCEEDED, "reading the input descriptor "
+                                    f"took over {limits.idle_seconds:g} s")
+                    if not block:
+                        break
+                    if size + len(block) > cap:
+                        what = "declared size" if meta.size_bytes else "server maximum"
+                        raise error(Reason.TOO_LARGE,
+                                    f"artifact exceeds the {what} of {cap} bytes")
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(digest.update, block)
+                    if len(prefix) < PREFIX_BYTES:
+                        prefix += block[: PREFIX_BYTES - len(prefix)]
+                    _write_all(dst, block, size)
+                    size += len(block)
+            finally:
+                if pending is not None:
+                    pending.result()
+    finally:
+        os.close(dst)
+    return finished(size, digest.hexdigest(), prefix, meta)
+
+
+def write_bytes(data: bytes, dst: int) -> None:
+    """``data`` as the whole of the peer's output file."""
+    _write_all(dst, data, 0)
+    os.ftruncate(dst, len(data))
+
+
+def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> None:
+    """The canonical file (validated header, then the data section) into ``dst``.
+
+    The source must still be the file validation described (a dead sandbox's tmpfs, the
+    broker's own), as for streaming; the data section is copied in the kernel when it can be.
+    """
+    handle, st = open_regular_file(path)
+    with handle:
+        if FileIdentity.of(st) != info.source:
+            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
+        header = info.canonical_header
+        _write_all(dst, header, 0)
+        copy_range(handle.fileno(), info.source_data_offset, dst, len(header), info.data_bytes)
+    os.ftruncate(dst, info.canonical_size)
+
+
+def copy_file(src: int, dst: int, size: int) -> None:
+    """``size`` bytes of ``src`` (a broker file) as the whole of the peer's output file."""
+    copy_range(src, 0, dst, 0, size)
+    os.ftruncate(dst, size)
+
+
+def copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+    """``copy_file_range``; across filesystems (tmpfs to disk) it may refuse: read/write."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    while done < count:
+        block = os.pread(src, min(BLOCK_BYTES, count - done), src_off + done)
+        if not block:
+            break
+        _write_all(dst, block, dst_off + done)
+        done += len(block)
+    if done != count:
+        raise error(Reason.OUTPUT_INVALID, "the output ended early while it was copied")
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

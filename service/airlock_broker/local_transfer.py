@@ -1,0 +1,239 @@
+"""The same-host fast path's Unix socket: where a client hands the broker two descriptors.
+
+Why: moving a 400 MB artifact and its output through Python gRPC costs seconds; on one
+machine the client can instead pass its open input file and a fresh output file
+(``SCM_RIGHTS``), and gRPC carries only the control messages (ticket, metadata, result
+header, provenance, errors). No path from the peer is ever opened: only descriptors.
+
+Security (the broker runs as root, so this socket is attack surface):
+
+- **Where.** ``socket_path``'s directory must be a real directory (no symlink) owned by the
+  broker's user and writable by no one else (0755 when the broker creates it), so nobody else
+  can plant or replace the socket, and a client can check that before handing over its files.
+  If it is not, the fast path is turned off with an error in the log; the broker still serves.
+- **Who may connect.** The socket is 0666 by default (``socket_mode``): connecting grants
+  nothing. Only a ticket does, and only an authenticated gRPC caller with the ``convert`` role
+  gets one (``OpenLocalTransfer``); its Convert must present it again as the same principal
+  (local_handles.py). A narrower mode would merely send some local users back to streaming.
+- **What is accepted.** One message of at most 128 bytes (the ticket) with exactly two
+  descriptors: a regular file opened read-only, then an empty regular file opened for
+  writing; sizes within ``max_artifact_bytes``. Anything else (more or fewer descriptors, a
+  FIFO, a directory, a socket, wrong access modes, a truncated message) is refused with a
+  reason, and every received descriptor is closed in a ``finally`` (``MSG_CMSG_CLOEXEC`` too,
+  so none leaks into a child process meanwhile). ``SO_PEERCRED`` is recorded in the audit log.
+- **Bounded.** Each connection is served on a worker thread with a socket timeout and at
+  most ``max_connections`` at once; tickets are few and short-lived (``HandleTable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.local_handles import (
+    HandleTable,
+    LocalFiles,
+    PeerCred,
+    check_input,
+    check_output,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE = 128
+_MAX_FDS = 8  # more than the 2 expected, so that "too many" is seen and refused, not truncated
+_TICKET = re.compile(rb"[A-Za-z0-9_\-]{32,64}")
+_SUN_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class LocalTransferSettings:
+    """``[local_transfer]``. On by default: it grants nothing the gRPC listener does not (a
+    ticket needs an authenticated ``convert`` call), and it fails closed (off, logged) when
+    the socket's directory is not the broker's own."""
+
+    enabled: bool = True
+    #: Default: ``<spool_root>.local/transfer.sock`` (a per-broker directory).
+    socket_path: Path | None = None
+    #: Connecting grants nothing without a ticket: 0666 lets every local user who may call the
+    #: gRPC port use the fast path. 0660/0600 restrict it to the broker's group/user.
+    socket_mode: int = 0o666
+    ticket_ttl_seconds: float = 30.0
+    max_tickets: int = 32
+    max_connections: int = 8
+    connection_timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.socket_mode & ~0o777:
+            raise ValueError("socket_mode must be a permission mode (0o000-0o777)")
+        if not 0 < self.ticket_ttl_seconds <= 300:
+            raise ValueError("ticket_ttl_seconds must be in (0, 300]")
+        if self.max_tickets <= 0 or self.max_connections <= 0:
+            raise ValueError("max_tickets and max_connections must be positive")
+        if self.connection_timeout_seconds <= 0:
+            raise ValueError("connection_timeout_seconds must be positive")
+
+    def path_for(self, spool_root: Path) -> Path:
+        return self.socket_path or spool_root.with_name(spool_root.name + ".local") / \
+            "transfer.sock"
+
+
+class LocalTransferServer:
+    """Accepts descriptor hand-overs on the socket and files them under their tickets."""
+
+    def __init__(self, settings: LocalTransferSettings, path: Path,
+                 max_artifact_bytes: int) -> None:
+        self.settings = settings
+        self.path = path
+        self.max_artifact_bytes = max_artifact_bytes
+        self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets)
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(settings.max_connections)
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> bool:
+        """Bind the socket; False (and an error logged) when it cannot be offered safely."""
+        try:
+            self._sock = _bind(self.path, self.settings.socket_mode)
+        except (OSError, ValueError) as exc:
+            log.error("same-host fast path OFF: %s", exc)
+            return False
+        self._task = asyncio.create_task(self._accept_loop())
+        log.info("same-host fast path on %s (mode %o)", self.path, self.settings.socket_mode)
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+        self.table.close()
+
+    def claim(self, ticket: str, principal: str) -> LocalFiles:
+        return self.table.claim(ticket, principal)
+
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._serve(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.to_thread(self.serve_connection, conn)
+        finally:
+            self._slots.release()
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """One hand-over (blocking: runs on a worker thread). Closes ``conn``."""
+        with conn:
+            try:
+                conn.settimeout(self.settings.connection_timeout_seconds)
+                peer = _peer(conn)
+                reply = self._receive(conn, peer)
+                conn.sendall(json.dumps(reply).encode())
+            except OSError as exc:
+                log.info("local transfer connection dropped: %s", exc)
+
+    def _receive(self, conn: socket.socket, peer: PeerCred) -> dict[str, object]:
+        fds: list[int] = []
+        owned = False
+        try:
+            msg, fds, flags, _ = socket.recv_fds(conn, _MAX_MESSAGE, _MAX_FDS,
+                                                 socket.MSG_CMSG_CLOEXEC)
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise error(Reason.LOCAL_FD_REFUSED, "message or descriptors truncated: too "
+                                                     "many descriptors or too long")
+            if not _TICKET.fullmatch(msg):
+                raise error(Reason.LOCAL_FD_REFUSED, "the message is not a ticket")
+            if len(fds) != 2:
+                raise error(Reason.LOCAL_FD_REFUSED,
+                            f"expected 2 descriptors (input, output), got {len(fds)}")
+            size = check_input(fds[0], self.max_artifact_bytes)
+            check_output(fds[1])
+            self.table.attach(msg.decode(), LocalFiles(fds[0], fds[1], size, peer))
+            owned = True
+            log.debug("descriptors attached by pid %d uid %d", peer.pid, peer.uid)
+            return {"ok": True}
+        except AirlockError as exc:
+            log.info("local transfer refused (pid %d uid %d): %s", peer.pid, peer.uid, exc)
+            return {"ok": False, "reason": exc.reason.value, "message": exc.message}
+        finally:
+            if not owned:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+def _peer(conn: socket.socket) -> PeerCred:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def _bind(path: Path, mode: int) -> socket.socket:
+    """The listening socket at ``path``, in a directory only the broker's user can write."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o755)
+        os.chmod(directory, 0o755)  # the umask may have narrowed it; wider it must not be
+    except FileExistsError:
+        pass
+    check_private_dir(directory)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ValueError(f"{path} exists and is not a socket")
+        os.unlink(path)  # a previous broker's
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(os.fspath(path))  # mode from the umask until the chmod: not wider than 0777
+        os.chmod(path, mode)
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def check_private_dir(directory: Path, owners: tuple[int, ...] | None = None) -> None:
+    """``directory`` is a real directory owned by ``owners`` (default: this process's user)
+    that no one else can write. Raises ``ValueError`` saying what is wrong."""
+    st = os.lstat(directory)
+    allowed = owners if owners is not None else (os.geteuid(),)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{directory} is not a directory (or is a symlink)")
+    if st.st_uid not in allowed:
+        raise ValueError(f"{directory} is owned by uid {st.st_uid}, not {allowed}")
+    if st.st_mode & 0o022:
+        raise ValueError(f"{directory} is writable by group or others "
+                         f"(mode {stat.S_IMODE(st.st_mode):o})")
