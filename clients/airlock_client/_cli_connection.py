@@ -27,6 +27,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="client certificate for mutual TLS ($AIRLOCK_CLIENT_CERT)")
     group.add_argument("--client-key", type=Path, default=None, metavar="PEM",
                        help="its private key ($AIRLOCK_CLIENT_KEY)")
+    group.add_argument("--no-local-transfer", action="store_true", default=False,
+                       help="always stream through gRPC, even to a broker on this machine "
+                            "($AIRLOCK_LOCAL_TRANSFER=0)")
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,4 +48,5 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         if not token or len(token) > _MAX_TOKEN_FILE:
             raise ValueError(f"{args.token_file} does not hold a token")
     return {"token": token, "tls": args.tls, "tls_ca": args.tls_ca,
-            "client_cert": args.client_cert, "client_key": args.client_key}
+            "client_cert": args.client_cert, "client_key": args.client_key,
+            "local_transfer": False if getattr(args, "no_local_transfer", False) else None}

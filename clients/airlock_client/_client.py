@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -26,8 +27,9 @@ from tenacity import (
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import _bundle, _wire
-from airlock_client._channel import ChannelSettings, PathLike, open_channel
+from airlock_client._channel import ChannelSettings, PathLike, is_loopback, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
+from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
 from airlock_client._types import (
     ConversionResult,
     DeclaredFormat,
@@ -48,6 +50,8 @@ from airlock_client.provenance import (
     verify_envelope,
 )
 
+log = logging.getLogger("airlock_client")
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_BYTES = 1024 * 1024
 #: Reasons that are worth retrying: the service was busy or briefly unable to serve.
@@ -63,6 +67,11 @@ def default_address() -> str:
 def default_public_key() -> str | None:
     """``AIRLOCK_PUBLIC_KEY``: a PEM file holding the broker's provenance key, if pinned."""
     return os.environ.get("AIRLOCK_PUBLIC_KEY") or None
+
+
+def default_local_transfer() -> bool:
+    """``AIRLOCK_LOCAL_TRANSFER=0`` turns the same-host fast path off (default: on)."""
+    return os.environ.get("AIRLOCK_LOCAL_TRANSFER", "1").lower() not in {"0", "false", "no"}
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -90,6 +99,15 @@ class Client:
     which turns TLS on (``tls=True`` / ``AIRLOCK_TLS=1`` uses the system's CAs instead);
     ``client_cert`` and ``client_key`` (``AIRLOCK_CLIENT_CERT`` / ``AIRLOCK_CLIENT_KEY``) for
     mutual TLS. A token is never sent in cleartext beyond loopback (``ValueError``).
+
+    Same-host fast path: when the address is loopback (``127.0.0.1``, ``localhost``, ``[::1]``,
+    ``unix:``) and the broker offers it, no artifact or output byte goes through gRPC: the
+    client passes its open input file and a fresh temp output file to the broker over the
+    broker's Unix socket (see :mod:`airlock_client._local_transfer`). Every check is the same
+    as when streaming (signed provenance, atomic rename). If it cannot start (not offered,
+    socket missing or untrusted, permission), the client streams instead and logs why at INFO.
+    ``local_transfer=False`` (``AIRLOCK_LOCAL_TRANSFER=0``, ``--no-local-transfer``) always
+    streams.
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 900.0,
@@ -97,7 +115,8 @@ class Client:
                  token: str | None = None, tls: bool | None = None,
                  tls_ca: PathLike | None = None, client_cert: PathLike | None = None,
                  client_key: PathLike | None = None,
-                 public_key: PublicKeyLike | None = None) -> None:
+                 public_key: PublicKeyLike | None = None,
+                 local_transfer: bool | None = None) -> None:
         self._pinned: PublicKeyLike | None = (public_key if public_key is not None
                                               else default_public_key())
         self._key: tuple[Any, str] | None = None
@@ -105,6 +124,12 @@ class Client:
         self.timeout = timeout
         self.retry_attempts = retry_attempts
         self.retry_max_seconds = retry_max_seconds
+        wanted = default_local_transfer() if local_transfer is None else local_transfer
+        #: Whether the next conversion tries the fast path (off after the broker said "not
+        #: offered", so that is asked once per client).
+        self.local_transfer = wanted and is_loopback(self.address)
+        #: How the last conversion moved its bytes: "local" or "stream".
+        self.last_transfer = ""
         settings = ChannelSettings.resolve(token=token, tls=tls, tls_ca=tls_ca,
                                            client_cert=client_cert, client_key=client_key)
         self._channel, self._metadata = open_channel(self.address, settings, options=[
@@ -249,6 +274,17 @@ class Client:
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
                       progress: Progress | None, timeout: float) -> ConversionResult:
         key, key_source = self._verification_key()
+        if self.local_transfer and source.stat().st_size > 0:
+            try:
+                result = convert_local(self._stub, self._metadata, source, output, first, size,
+                                       progress, timeout, key, key_source)
+                self.last_transfer = "local"
+                return result
+            except LocalTransferUnavailable as why:
+                if why.not_offered:
+                    self.local_transfer = False
+                log.info("same-host fast path not used, streaming instead: %s", why)
+        self.last_transfer = "stream"
         sent = hashlib.sha256()
         try:
             responses = self._stub.Convert(_requests(source, first, size, progress, sent),

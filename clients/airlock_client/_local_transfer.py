@@ -1,0 +1,181 @@
+"""The same-host fast path, client side: hand the broker descriptors instead of bytes.
+
+On one machine, streaming 400 MB through gRPC twice costs more than the conversion itself.
+Here the client gets a ticket (``OpenLocalTransfer``, over the authenticated channel), passes
+its input opened read-only and a fresh temp output file (``SCM_RIGHTS``) on the socket the
+broker named, and calls Convert with the ticket and no chunks. The broker reads the input,
+converts and validates as always, writes the validated output into the temp file and answers
+with the result header alone. The client checks the signed provenance and renames, as on the
+streaming path.
+
+Anything that fails *before the job starts* (not offered, socket missing or untrusted,
+permission, ticket refused) raises ``LocalTransferUnavailable``: the caller streams instead
+and logs why. Failures after that are the job's own and are raised as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_client import _wire
+from airlock_client._errors import AirlockError, IntegrityError
+from airlock_client._types import ConversionResult
+from airlock_client.provenance import ProvenanceError, check_output, verify_envelope
+
+_MAX_REPLY = 4096
+#: Refusals of the ticket that happen before any job starts: streaming is the answer.
+_BEFORE_JOB = frozenset({"LOCAL_TRANSFER_DISABLED", "LOCAL_HANDLE_INVALID", "UNIMPLEMENTED"})
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class LocalTransferUnavailable(Exception):
+    """Why the fast path was not used (the client streams instead). ``not_offered``: the
+    broker does not have it at all (no need to ask again)."""
+
+    def __init__(self, message: str, *, not_offered: bool = False) -> None:
+        super().__init__(message)
+        self.not_offered = not_offered
+
+
+def open_ticket(stub: Any, metadata: Metadata, timeout: float) -> pb.OpenLocalTransferResponse:
+    try:
+        reply: pb.OpenLocalTransferResponse = stub.OpenLocalTransfer(
+            pb.OpenLocalTransferRequest(), timeout=min(timeout, 30.0), metadata=metadata)
+    except grpc.RpcError as exc:
+        err = _wire.error_from_rpc(exc)
+        reason = getattr(err, "reason", "")
+        raise LocalTransferUnavailable(
+            f"no ticket: {err}",
+            not_offered=reason in ("LOCAL_TRANSFER_DISABLED", "UNIMPLEMENTED")) from None
+    return reply
+
+
+def check_socket(path: Path) -> None:
+    """The socket must sit in a directory that only root or this user can write: otherwise
+    someone else could have put it there to receive our files."""
+    try:
+        parent = os.lstat(path.parent)
+        sock = os.lstat(path)
+    except OSError as exc:
+        raise LocalTransferUnavailable(f"socket {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(parent.st_mode) or parent.st_uid not in (0, os.geteuid()) \
+            or parent.st_mode & 0o022:
+        raise LocalTransferUnavailable(f"{path.parent} is not a directory that only root or "
+                                       "this user can write")
+    if not stat.S_ISSOCK(sock.st_mode):
+        raise LocalTransferUnavailable(f"{path} is not a socket")
+
+
+def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: float) -> None:
+    """Attach the two descriptors to ``ticket`` on the broker's socket."""
+    check_socket(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+            socket.send_fds(sock, [ticket.encode()], [input_fd, output_fd])
+            raw = sock.recv(_MAX_REPLY)
+    except OSError as exc:
+        raise LocalTransferUnavailable(f"socket {path}: {exc}") from None
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise LocalTransferUnavailable("the broker's socket answered garbage") from None
+    if not isinstance(reply, dict) or reply.get("ok") is not True:
+        reason = reply.get("reason") if isinstance(reply, dict) else None
+        message = reply.get("message") if isinstance(reply, dict) else None
+        raise LocalTransferUnavailable(f"descriptors refused: {reason}: {message}")
+
+
+def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
+                  first: pb.ConvertRequest, size: int,
+                  progress: Callable[[int, int], None] | None, timeout: float, key: Any,
+                  key_source: str) -> ConversionResult:
+    """Convert via the fast path; ``LocalTransferUnavailable`` if it cannot start.
+
+    The output is *not* hashed again here, by choice: its bytes never crossed a network or
+    left the kernel. The broker wrote them, after validation, from the very file whose sha256
+    it signed in the provenance (verified below, so the header's hash and size are the
+    signed ones), into a 0600 temp file this client created and only this user (or root)
+    can write. The file's size must be the signed size, which catches a short or missing
+    write. A second pass would only re-check the broker's own copy at ~250 ms per 400 MB,
+    and a broker that lied about its copy could as well sign a lie. (The streaming path does
+    hash what it receives: those bytes crossed a channel.)
+
+    The input is not hashed here either: the broker read it from the descriptor and the
+    provenance records the sha256 of what it read and converted.
+    """
+    ticket = open_ticket(stub, metadata, timeout)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    in_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    out_fd = -1
+    tmp: Path | None = None
+    try:
+        out_fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part",
+                                            dir=output.parent)
+        tmp = Path(tmp_name)
+        hand_over(Path(ticket.socket_path), ticket.ticket, in_fd, out_fd,
+                  timeout=min(timeout, 30.0))
+        request = pb.ConvertRequest()
+        request.CopyFrom(first)
+        request.metadata.local_handle = ticket.ticket
+        try:
+            header = _header(stub.Convert(iter([request]), timeout=timeout, metadata=metadata))
+        except grpc.RpcError as exc:
+            err = _wire.error_from_rpc(exc)
+            if getattr(err, "reason", "") in _BEFORE_JOB:
+                raise LocalTransferUnavailable(f"ticket refused: {err}") from None
+            raise err from None
+        if progress is not None:
+            progress(size, size)
+        record = verify_envelope(header.provenance, key)
+        if record.input_sha256 != header.input_sha256:
+            raise ProvenanceError("OUTPUT_MISMATCH", "the provenance is for another input")
+        written = os.fstat(out_fd).st_size
+        check_output(record, sha256=header.output_sha256, size=written)
+        if written != header.output_size:
+            raise IntegrityError("the output file's size is not the one announced")
+        os.fchmod(out_fd, 0o666 & ~_umask())  # mkstemp makes 0600; give it the usual mode
+        os.replace(tmp, output)
+        tmp = None
+    finally:
+        os.close(in_fd)
+        if out_fd >= 0:
+            os.close(out_fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return replace(_wire.result(header, output), provenance=bytes(header.provenance),
+                   provenance_record=record, provenance_key_source=key_source)
+
+
+def _header(responses: Any) -> pb.ConvertResult:
+    """The result header, which must be the only message and say the output is written."""
+    first = next(responses, None)
+    if first is None or first.WhichOneof("payload") != "result":
+        raise AirlockError("the broker's response did not start with a result")
+    if first.result.transfer != "local":
+        raise IntegrityError("the broker did not write the output into the local file")
+    with contextlib.suppress(StopIteration):
+        next(responses)
+        raise IntegrityError("unexpected message after a local transfer's result")
+    result: pb.ConvertResult = first.result
+    return result
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
