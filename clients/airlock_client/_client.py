@@ -128,7 +128,7 @@ class Client:
         #: Whether the next conversion tries the fast path (off after the broker said "not
         #: offered", so that is asked once per client).
         self.local_transfer = wanted and is_loopback(self.address)
-        #: How the last conversion moved its bytes: "local" or "stream".
+        #: How the last conversion (or failed attempt) moved its bytes: "local" or "stream".
         self.last_transfer = ""
         settings = ChannelSettings.resolve(token=token, tls=tls, tls_ca=tls_ca,
                                            client_cert=client_cert, client_key=client_key)
@@ -275,11 +275,10 @@ class Client:
                       progress: Progress | None, timeout: float) -> ConversionResult:
         key, key_source = self._verification_key()
         if self.local_transfer and source.stat().st_size > 0:
+            self.last_transfer = "local"  # also when the job fails: it went the local way
             try:
-                result = convert_local(self._stub, self._metadata, source, output, first, size,
-                                       progress, timeout, key, key_source)
-                self.last_transfer = "local"
-                return result
+                return convert_local(self._stub, self._metadata, source, output, first, size,
+                                     progress, timeout, key, key_source)
             except LocalTransferUnavailable as why:
                 if why.not_offered:
                     self.local_transfer = False

@@ -1,0 +1,309 @@
+"""The same-host fast path, end to end: the real broker, engine and image, and hostile peers
+on its Unix socket.
+
+Each hostile peer is refused with its reason, and the broker holds none of the peer's
+descriptors afterwards (counted in /proc/<broker>/fd, and no broker descriptor names a file
+of the test's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.auth_config import token_digest
+from airlock_client import Client, ConversionError
+from tests.adversarial import payloads
+from tests.conftest import IMAGE, BrokerProcess, start_broker
+from tests.fixtures import models
+
+pytestmark = pytest.mark.integration
+
+ALICE, BOB = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+
+
+def _socket_path(broker: BrokerProcess) -> Path:
+    return broker.spool.with_name(broker.spool.name + ".local") / "transfer.sock"
+
+
+def _stub(address: str) -> pb_grpc.ConversionServiceStub:
+    return pb_grpc.ConversionServiceStub(grpc.insecure_channel(address))
+
+
+def _ticket(broker: BrokerProcess, token: str | None = None) -> str:
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    reply = _stub(broker.address).OpenLocalTransfer(pb.OpenLocalTransferRequest(), timeout=10,
+                                                    metadata=md)
+    assert reply.socket_path == str(_socket_path(broker))
+    return str(reply.ticket)
+
+
+def _send(path: Path, message: bytes, fds: list[int]) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        if fds:
+            socket.send_fds(sock, [message], fds)
+        else:
+            sock.send(message)
+        reply = json.loads(sock.recv(4096))
+    assert isinstance(reply, dict)
+    return reply
+
+
+def _convert_with(broker: BrokerProcess, ticket: str, token: str | None = None) -> None:
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    meta = pb.ConvertMetadata(target=pb.TARGET_FORMAT_AUTO, local_handle=ticket)
+    for _ in _stub(broker.address).Convert(iter([pb.ConvertRequest(metadata=meta)]),
+                                           timeout=120, metadata=md):
+        pass
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    from airlock_client._wire import error_from_rpc
+
+    return str(getattr(error_from_rpc(exc), "reason", ""))
+
+
+def _broker_fds(pid: int) -> list[str]:
+    links = []
+    for entry in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(entry.path))
+        except OSError:
+            pass
+    return links
+
+
+def _settled_fd_count(pid: int, expected: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(_broker_fds(pid))
+        if count <= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
+def test_fast_path_gives_the_same_bytes_as_streaming(broker: BrokerProcess,
+                                                     tmp_path: Path) -> None:
+    artifact, _check = models.make_state_dict(tmp_path)
+    with Client(broker.address) as client:
+        local = client.convert(artifact, tmp_path / "local.safetensors")
+        assert client.last_transfer == "local"
+    with Client(broker.address, local_transfer=False) as client:
+        streamed = client.convert(artifact, tmp_path / "stream.safetensors")
+        assert client.last_transfer == "stream"
+    a = (tmp_path / "local.safetensors").read_bytes()
+    b = (tmp_path / "stream.safetensors").read_bytes()
+    assert a == b and hashlib.sha256(a).hexdigest() == local.sha256 == streamed.sha256
+    assert local.input_sha256 == hashlib.sha256(artifact.read_bytes()).hexdigest()
+    assert local.provenance_record is not None
+    assert not list(tmp_path.glob(".*.part"))
+    lines = [json.loads(x) for x in (broker.spool / "audit.jsonl").read_text().splitlines()]
+    mine = {x["job_id"]: x for x in lines}
+    assert mine[local.job_id]["transfer"] == "local" and "uid" in mine[local.job_id]["local_peer"]
+    assert mine[streamed.job_id]["transfer"] == "stream"
+
+
+def test_a_refused_output_never_reaches_the_callers_file(broker: BrokerProcess,
+                                                         tmp_path: Path) -> None:
+    source = payloads.hostile_output_source([("symlink", payloads.SAFETENSORS_NAME,
+                                              "/etc/passwd")])
+    artifact = payloads.write_carrier(tmp_path / "artifact.npy", "npy", source)
+    # By hand: this test keeps the output file's path, so it can look inside afterwards.
+    ticket = _ticket(broker)
+    out = tmp_path / "out.bin"
+    in_fd = os.open(artifact, os.O_RDONLY)
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd]) == {"ok": True}
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+    with pytest.raises(grpc.RpcError) as caught:
+        _convert_with(broker, ticket)
+    assert _reason(caught.value) == "OUTPUT_INVALID"
+    assert out.stat().st_size == 0
+    # Through the client: the temp file is gone and nothing is at the destination.
+    dest = tmp_path / "dest" / "model.safetensors"
+    with Client(broker.address) as client, pytest.raises(ConversionError) as refused:
+        client.convert(artifact, dest)
+    assert refused.value.reason == "OUTPUT_INVALID" and client.last_transfer == "local"
+    assert list(dest.parent.iterdir()) == []
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Descriptors of every kind a hostile peer might send; all closed afterwards."""
+    good = tmp_path / "input.bin"
+    good.write_bytes(b"\x80\x04N." * 16)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "nonempty").write_bytes(b"x")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = {
+        "input": os.open(good, os.O_RDONLY),
+        "input_wronly": os.open(good, os.O_WRONLY),
+        "fifo": os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),
+        "directory": os.open(tmp_path, os.O_RDONLY),
+        "socket": sock.fileno(),
+        "nonempty": os.open(tmp_path / "nonempty", os.O_WRONLY),
+        "append": os.open(tmp_path / "append", os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+        "out_rdonly": os.open(tmp_path / "out-ro", os.O_RDONLY | os.O_CREAT),
+    }
+    fds["output"] = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        yield fds
+    finally:
+        sock.close()
+        for name, fd in fds.items():
+            if name != "socket":
+                os.close(fd)
+
+
+#: case -> (descriptor names to send, message: "ticket" / bytes, expected reason)
+CASES: dict[str, tuple[list[str], object, str]] = {
+    "fifo_input": (["fifo", "output"], "ticket", "LOCAL_FD_REFUSED"),
+    "directory_input": (["directory", "output"], "ticket", "LOCAL_FD_REFUSED"),
+    "socket_input": (["socket", "output"], "ticket", "LOCAL_FD_REFUSED"),
+    "write_only_input": (["input_wronly", "output"], "ticket", "LOCAL_FD_REFUSED"),
+    "read_only_output": (["input", "out_rdonly"], "ticket", "LOCAL_FD_REFUSED"),
+    "non_empty_output": (["input", "nonempty"], "ticket", "LOCAL_FD_REFUSED"),
+    "append_output": (["input", "append"], "ticket", "LOCAL_FD_REFUSED"),
+    "fifo_output": (["input", "fifo"], "ticket", "LOCAL_FD_REFUSED"),
+    "three_fds": (["input", "output", "output"], "ticket", "LOCAL_FD_REFUSED"),
+    "one_fd": (["input"], "ticket", "LOCAL_FD_REFUSED"),
+    "many_fds": (["input", "output"] * 10, "ticket", "LOCAL_FD_REFUSED"),
+    "no_fds": ([], "ticket", "LOCAL_FD_REFUSED"),
+    "garbage_message": (["input", "output"], b"\x00\xffnot a ticket", "LOCAL_FD_REFUSED"),
+    "long_message": (["input", "output"], b"A" * 4000, "LOCAL_FD_REFUSED"),
+    "unknown_ticket": (["input", "output"], secrets.token_urlsafe(32).encode(),
+                       "LOCAL_HANDLE_INVALID"),
+}
+
+
+def test_hostile_peers_are_refused_and_leak_no_descriptor(broker: BrokerProcess,
+                                                          hostile: dict[str, int],
+                                                          tmp_path: Path) -> None:
+    pid = broker.process.pid
+    before = len(_broker_fds(pid))
+    path = _socket_path(broker)
+    for case, (names, message, reason) in CASES.items():
+        msg = _ticket(broker).encode() if message == "ticket" else message
+        assert isinstance(msg, bytes)
+        reply = _send(path, msg, [hostile[n] for n in names])
+        assert reply.get("ok") is False and reply.get("reason") == reason, (case, reply)
+    # A ticket takes descriptors once: a second attach burns it, and its Convert is refused.
+    ticket = _ticket(broker)
+    assert _send(path, ticket.encode(), [hostile["input"], hostile["output"]])["ok"] is True
+    again = _send(path, ticket.encode(), [hostile["input"], hostile["output"]])
+    assert again["reason"] == "LOCAL_HANDLE_INVALID"
+    with pytest.raises(grpc.RpcError) as caught:
+        _convert_with(broker, ticket)
+    assert _reason(caught.value) == "LOCAL_HANDLE_INVALID"
+    # A ticket without descriptors, and a ticket never issued, are refused at Convert.
+    with pytest.raises(grpc.RpcError) as caught:
+        _convert_with(broker, _ticket(broker))
+    assert _reason(caught.value) == "LOCAL_HANDLE_INVALID"
+    with pytest.raises(grpc.RpcError) as caught:
+        _convert_with(broker, secrets.token_urlsafe(32))
+    assert _reason(caught.value) == "LOCAL_HANDLE_INVALID"
+    # A peer that connects and says nothing is dropped after the connection timeout.
+    assert _settled_fd_count(pid, before) <= before
+    mine = [link for link in _broker_fds(pid) if str(tmp_path) in link]
+    assert mine == []
+
+
+def test_a_used_ticket_cannot_be_replayed(broker: BrokerProcess, tmp_path: Path) -> None:
+    artifact, _check = models.make_state_dict(tmp_path)
+    ticket = _ticket(broker)
+    in_fd = os.open(artifact, os.O_RDONLY)
+    out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd])["ok"] is True
+        _convert_with(broker, ticket)
+        assert (tmp_path / "out").stat().st_size > 0
+        fresh = os.open(tmp_path / "out2", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            reply = _send(_socket_path(broker), ticket.encode(), [in_fd, fresh])
+        finally:
+            os.close(fresh)
+        assert reply["reason"] == "LOCAL_HANDLE_INVALID"
+        with pytest.raises(grpc.RpcError) as caught:
+            _convert_with(broker, ticket)
+        assert _reason(caught.value) == "LOCAL_HANDLE_INVALID"
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+
+
+@pytest.fixture(scope="module")
+def authed(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    """A broker with two principals and 1-second tickets."""
+    tmp = tmp_path_factory.mktemp("authed")
+    config = tmp / "broker.toml"
+    config.write_text(
+        f'[sandbox]\nimage = {IMAGE!r}\n\n[local_transfer]\nticket_ttl_seconds = 1.0\n\n'
+        + "".join(f'[[auth.tokens]]\nprincipal = "{name}"\nroles = ["convert"]\n'
+                  f'sha256 = "{token_digest(token)}"\n\n'
+                  for name, token in (("alice", ALICE), ("bob", BOB))))
+    proc = start_broker(tmp, "--config", str(config))
+    yield proc
+    assert proc.stop() == 0, proc.log.read_text()[-3000:]
+
+
+def test_a_ticket_is_bound_to_its_principal_and_expires(authed: BrokerProcess,
+                                                        tmp_path: Path) -> None:
+    artifact, _check = models.make_state_dict(tmp_path)
+    path = _socket_path(authed)
+    with pytest.raises(grpc.RpcError) as caught:  # no credentials: no ticket
+        _ticket(authed)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    in_fd = os.open(artifact, os.O_RDONLY)
+    try:
+        fresh = []
+        for _ in range(2):
+            out_fd = os.open(tmp_path / secrets.token_hex(4), os.O_WRONLY | os.O_CREAT, 0o600)
+            fresh.append(out_fd)
+        ticket = _ticket(authed, ALICE)
+        assert _send(path, ticket.encode(), [in_fd, fresh[0]])["ok"] is True
+        with pytest.raises(grpc.RpcError) as caught:  # bob presents alice's ticket
+            _convert_with(authed, ticket, BOB)
+        assert _reason(caught.value) == "LOCAL_HANDLE_FOREIGN"
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        old = _ticket(authed, ALICE)
+        time.sleep(1.5)
+        assert _send(path, old.encode(), [in_fd, fresh[1]])["reason"] == "LOCAL_HANDLE_INVALID"
+        with pytest.raises(grpc.RpcError) as caught:  # alice's first ticket expired meanwhile
+            _convert_with(authed, ticket, ALICE)
+        assert _reason(caught.value) == "LOCAL_HANDLE_INVALID"
+    finally:
+        os.close(in_fd)
+        for fd in fresh:
+            os.close(fd)
+
+
+def test_the_client_streams_when_the_socket_is_absent(authed: BrokerProcess, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    artifact, _check = models.make_state_dict(tmp_path)
+    _socket_path(authed).unlink()
+    caplog.set_level(logging.INFO, logger="airlock_client")
+    with Client(authed.address, token=ALICE) as client:
+        result = client.convert(artifact, tmp_path / "model.safetensors")
+        assert client.last_transfer == "stream"
+    assert result.sha256 == hashlib.sha256((tmp_path / "model.safetensors")
+                                           .read_bytes()).hexdigest()
+    assert any("streaming instead" in r.getMessage() and "transfer.sock" in r.getMessage()
+               for r in caplog.records)
