@@ -1,0 +1,157 @@
+"""The fast path's ticket table and descriptor checks, at their seam (a fake clock, real fds)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.errors import AirlockError
+from airlock_broker.local_handles import (
+    HandleTable,
+    LocalFiles,
+    PeerCred,
+    check_input,
+    check_output,
+)
+
+PEER = PeerCred(pid=1, uid=1000, gid=1000)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[LocalFiles]:
+    (tmp_path / "in").write_bytes(b"abc")
+    made = LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
+                      os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT), 3, PEER)
+    yield made
+    made.close()
+
+
+def _reason(exc: pytest.ExceptionInfo[AirlockError]) -> str:
+    return exc.value.reason.value
+
+
+def test_a_ticket_is_single_use_and_bound_to_its_principal(files: LocalFiles) -> None:
+    table = HandleTable(30, 4, Clock())
+    ticket = table.issue("alice")
+    assert len(ticket) >= 43 and ticket != table.issue("alice")
+    table.attach(ticket, files)
+    with pytest.raises(AirlockError) as foreign:
+        table.claim(ticket, "bob")
+    assert _reason(foreign) == "LOCAL_HANDLE_FOREIGN"
+    assert table.claim(ticket, "alice") is files  # bob's try did not burn alice's ticket
+    with pytest.raises(AirlockError) as again:
+        table.claim(ticket, "alice")
+    assert _reason(again) == "LOCAL_HANDLE_INVALID"
+    assert _is_open(files.input_fd)  # the claimant owns them now
+
+
+def test_a_second_attach_burns_the_ticket_and_closes_the_first(files: LocalFiles,
+                                                               tmp_path: Path) -> None:
+    table = HandleTable(30, 4, Clock())
+    ticket = table.issue("alice")
+    table.attach(ticket, files)
+    other = LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
+                       os.open(tmp_path / "out2", os.O_WRONLY | os.O_CREAT), 3, PEER)
+    try:
+        with pytest.raises(AirlockError) as burned:
+            table.attach(ticket, other)
+        assert _reason(burned) == "LOCAL_HANDLE_INVALID"
+        assert not _is_open(files.input_fd) and not _is_open(files.output_fd)
+        assert _is_open(other.input_fd)  # the caller still owns what was refused
+        with pytest.raises(AirlockError):
+            table.claim(ticket, "alice")
+    finally:
+        other.close()
+
+
+def test_expired_tickets_are_refused_and_their_descriptors_closed(files: LocalFiles) -> None:
+    clock = Clock()
+    table = HandleTable(30, 4, clock)
+    ticket = table.issue("alice")
+    table.attach(ticket, files)
+    clock.now += 30
+    assert table.sweep() == 1 and len(table) == 0
+    assert not _is_open(files.input_fd)
+    late = table.issue("alice")
+    clock.now += 31
+    with pytest.raises(AirlockError) as expired:
+        table.claim(late, "alice")
+    assert _reason(expired) == "LOCAL_HANDLE_INVALID" and "expired" in expired.value.message
+
+
+def test_a_ticket_without_descriptors_is_refused_and_used_up() -> None:
+    table = HandleTable(30, 4, Clock())
+    ticket = table.issue("alice")
+    with pytest.raises(AirlockError) as bare:
+        table.claim(ticket, "alice")
+    assert _reason(bare) == "LOCAL_HANDLE_INVALID" and len(table) == 0
+
+
+def test_the_table_is_bounded_and_sweeps_before_refusing() -> None:
+    clock = Clock()
+    table = HandleTable(30, 2, clock)
+    table.issue("a")
+    table.issue("a")
+    with pytest.raises(AirlockError) as busy:
+        table.issue("a")
+    assert _reason(busy) == "BUSY"
+    clock.now += 31
+    table.issue("a")  # the two expired ones made room
+
+
+def test_close_closes_every_attached_descriptor(files: LocalFiles) -> None:
+    table = HandleTable(30, 4, Clock())
+    table.attach(table.issue("a"), files)
+    table.close()
+    assert not _is_open(files.input_fd) and not _is_open(files.output_fd)
+
+
+def test_descriptor_checks(tmp_path: Path) -> None:
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    opened: list[int] = []
+
+    def fd(path: Path, flags: int) -> int:
+        opened.append(os.open(path, flags | os.O_CREAT, 0o600))
+        return opened[-1]
+
+    try:
+        assert check_input(fd(tmp_path / "in", os.O_RDONLY), 10) == 10
+        for bad in (fd(tmp_path / "in", os.O_WRONLY), fd(tmp_path / "in", os.O_RDWR),
+                    os.open(tmp_path, os.O_RDONLY)):
+            with pytest.raises(AirlockError, match="LOCAL_FD_REFUSED"):
+                check_input(bad, 10)
+        opened.append(bad)
+        with pytest.raises(AirlockError, match="TOO_LARGE"):
+            check_input(fd(tmp_path / "in", os.O_RDONLY), 9)
+        check_output(fd(tmp_path / "o1", os.O_WRONLY))
+        check_output(fd(tmp_path / "o2", os.O_RDWR))
+        for bad in (fd(tmp_path / "o3", os.O_RDONLY), fd(tmp_path / "in", os.O_WRONLY),
+                    fd(tmp_path / "o4", os.O_WRONLY | os.O_APPEND)):
+            with pytest.raises(AirlockError, match="LOCAL_FD_REFUSED"):
+                check_output(bad)
+        left, right = socket.socketpair()
+        with left, right, pytest.raises(AirlockError, match="a socket"):
+            check_input(left.fileno(), 10)
+    finally:
+        for f in opened:
+            os.close(f)
