@@ -8,6 +8,7 @@ of the test's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,10 +81,8 @@ def _reason(exc: grpc.RpcError) -> str:
 def _broker_fds(pid: int) -> list[str]:
     links = []
     for entry in os.scandir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             links.append(os.readlink(entry.path))
-        except OSError:
-            pass
     return links
 
 
