@@ -59,6 +59,8 @@ TARGETS: dict[str, tuple[str, Check]] = {
     "S1": ("overhead p50 <= 60 ms", lambda r: r["overhead_p50_ms"] <= 60),
     "S2": ("overhead p50 <= 100 ms", lambda r: r["overhead_p50_ms"] <= 100),
     "S3": ("ratio <= 2.5x", lambda r: r["ratio"] <= 2.5),
+    # For comparison only: S3 with the same-host fast path off (remote clients stream).
+    "S3s": ("(comparison)", lambda r: True),
     "S4": (">= 60 conv/min", lambda r: r["conversions_per_minute"] >= 60),
     "S5": ("peak <= 150 MiB", lambda r: r["peak_rss_mib"] <= 150),
     "S6": ("ratio <= 1.2x", lambda r: r["ratio"] <= 1.2),
@@ -186,9 +188,17 @@ def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], byte
 
 def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tuple[dict[str, Any],
                                                                                    dict[str, Any]]:
-    """S3 and S5: the 400 MiB state dict, in-process and through Airlock, RSS sampled."""
+    """S3 and S5: the 400 MiB state dict, in-process and through Airlock, RSS sampled.
+
+    Each run converts with the default client (the same-host fast path when the broker offers
+    it: what a user on this machine gets; ``transfer`` says which path was taken) and then
+    again with ``local_transfer=False`` (gRPC streaming, as for a remote client), reported
+    separately as S3s. S5 samples the default client's runs.
+    """
     assert broker.client is not None
     air: list[float] = []
+    streamed: list[float] = []
+    transfers: list[str] = []
     base_s: list[float] = []
     broker_job: list[float] = []
     broker_peaks: list[int] = []
@@ -213,10 +223,16 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
         if result.format != "safetensors":
             raise BenchError(f"unexpected result: {result}")
         air.append(elapsed)
+        transfers.append(broker.client.last_transfer)
         broker_job.append(result.duration_seconds)
         broker_peaks.append(sampler.peak)
         rss_traces.append(sampler.samples)
         out_size = out.stat().st_size
+        out.unlink()
+        broker.wait_ready()
+        with Client(broker.address, retry_attempts=1, local_transfer=False) as streaming:
+            elapsed, _ = convert(streaming, artifact, out)
+        streamed.append(elapsed)
         out.unlink()
     hwm = proc_status(broker.pid).get("VmHWM", 0)
     med_air, med_base = statistics.median(air), statistics.median(base_s)
@@ -226,6 +242,10 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
         "airlock_median_s": round(med_air, 3), "baseline_median_s": round(med_base, 3),
         "ratio": round(med_air / med_base, 2),
         "broker_job_median_s": round(statistics.median(broker_job), 3),
+        "transfer": ",".join(sorted(set(transfers))),
+        "streaming": {"airlock_median_s": round(statistics.median(streamed), 3),
+                      "ratio": round(statistics.median(streamed) / med_base, 2),
+                      "airlock_s": [round(x, 3) for x in streamed]},
         "samples": {"airlock_s": [round(x, 3) for x in air],
                     "baseline_s": [round(x, 3) for x in base_s],
                     "machine_busy_before": machine_busy,
@@ -420,9 +440,15 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             f"p50 {r['baseline_p50_ms']:.1f} ms, p95 {r['baseline_p95_ms']:.1f} ms" if r else "",
             f"+{r['overhead_p50_ms']:.0f} ms (p50)" if r else "")
     r = get("S3")
-    add("S3", "400 MiB state dict -> safetensors",
+    add("S3", "400 MiB state dict -> safetensors"
+        + (f" (transfer: {r.get('transfer', 'stream')})" if r else ""),
         f"{r['airlock_median_s']:.2f} s (median of {r['runs']})" if r else "error",
         f"{r['baseline_median_s']:.2f} s" if r else "", f"{r['ratio']:.2f}x" if r else "")
+    if r and "streaming" in r:
+        results["S3s"] = r["streaming"]
+        add("S3s", "same, streamed over gRPC (local_transfer=False)",
+            f"{r['streaming']['airlock_median_s']:.2f} s (median of {r['runs']})",
+            f"{r['baseline_median_s']:.2f} s", f"{r['streaming']['ratio']:.2f}x")
     r = get("S4")
     add("S4", f"throughput, {r['jobs'] if r else '?'} jobs @ concurrency 4",
         f"{r['conversions_per_minute']:.0f} conv/min, "
