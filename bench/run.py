@@ -229,12 +229,16 @@ def large_scenario(broker: Broker, artifact: Path, runs: int, work: Path) -> tup
         rss_traces.append(sampler.samples)
         out_size = out.stat().st_size
         out.unlink()
-        broker.wait_ready()
-        with Client(broker.address, retry_attempts=1, local_transfer=False) as streaming:
-            elapsed, _ = convert(streaming, artifact, out)
-        streamed.append(elapsed)
-        out.unlink()
     hwm = proc_status(broker.pid).get("VmHWM", 0)
+    # After S5's samples: a streamed job's buffers would stay in the broker's heap and count
+    # against the fast path's peak.
+    with Client(broker.address, retry_attempts=1, local_transfer=False) as streaming:
+        for i in range(runs):
+            broker.wait_ready()
+            out = work / f"airlock-stream-{i}.safetensors"
+            elapsed, _ = convert(streaming, artifact, out)
+            streamed.append(elapsed)
+            out.unlink()
     med_air, med_base = statistics.median(air), statistics.median(base_s)
     s3 = {
         "runs": runs, "artifact_bytes": artifact.stat().st_size, "output_bytes": out_size,
@@ -422,7 +426,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
         target, check = TARGETS[sid]
         r = results.get(sid)
         verdict = ("not run" if r is None else "n/a" if "error" in r
-                   else "met" if check(r) else "MISSED")
+                   else "" if target.startswith("(") else "met" if check(r) else "MISSED")
         if r is None:
             airlock = "not run"
         out.append({"scenario": f"{sid} {name}", "airlock": airlock, "baseline": base,

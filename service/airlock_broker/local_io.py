@@ -41,13 +41,19 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata,
     digest = hashlib.sha256()
     prefix = b""
     size = 0
+    # Two buffers, reused in turn: a block is read into one while the other's hash may still
+    # run; a buffer is refilled only after its hash finished (``pending.result()`` below).
+    buffers = (memoryview(bytearray(BLOCK_BYTES)), memoryview(bytearray(BLOCK_BYTES)))
+    turn = 0
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="airlock-hash") as hasher:
             pending: Future[None] | None = None
             try:
                 while True:
                     began = time.monotonic()
-                    block = os.pread(src, BLOCK_BYTES, size)
+                    buf = buffers[turn]
+                    turn ^= 1
+                    block = buf[:os.preadv(src, [buf], size)]
                     if time.monotonic() - began > limits.idle_seconds:
                         raise error(Reason.DEADLINE_EXCEEDED, "reading the input descriptor "
                                     f"took over {limits.idle_seconds:g} s")
@@ -61,7 +67,7 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata,
                         pending.result()
                     pending = hasher.submit(digest.update, block)
                     if len(prefix) < PREFIX_BYTES:
-                        prefix += block[: PREFIX_BYTES - len(prefix)]
+                        prefix += bytes(block[: PREFIX_BYTES - len(prefix)])
                     _write_all(dst, block, size)
                     size += len(block)
             finally:
@@ -112,17 +118,18 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> No
     except OSError as exc:
         if exc.errno not in _NO_COPY_RANGE:
             raise
+    buf = memoryview(bytearray(min(BLOCK_BYTES, max(count - done, 1))))
     while done < count:
-        block = os.pread(src, min(BLOCK_BYTES, count - done), src_off + done)
-        if not block:
+        n = os.preadv(src, [buf[:count - done]], src_off + done)
+        if n == 0:
             break
-        _write_all(dst, block, dst_off + done)
-        done += len(block)
+        _write_all(dst, buf[:n], dst_off + done)
+        done += n
     if done != count:
         raise error(Reason.OUTPUT_INVALID, "the output ended early while it was copied")
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
