@@ -128,7 +128,7 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
                                             dir=output.parent)
         tmp = Path(tmp_name)
         hand_over(Path(ticket.socket_path), ticket.ticket, in_fd, out_fd,
-                  timeout=min(timeout, 30.0))
+                  timeout=min(timeout, 10.0))
         request = pb.ConvertRequest()
         request.CopyFrom(first)
         request.metadata.local_handle = ticket.ticket

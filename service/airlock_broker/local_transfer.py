@@ -21,8 +21,10 @@ Security (the broker runs as root, so this socket is attack surface):
   FIFO, a directory, a socket, wrong access modes, a truncated message) is refused with a
   reason, and every received descriptor is closed in a ``finally`` (``MSG_CMSG_CLOEXEC`` too,
   so none leaks into a child process meanwhile). ``SO_PEERCRED`` is recorded in the audit log.
-- **Bounded.** Each connection is served on a worker thread with a socket timeout and at
-  most ``max_connections`` at once; tickets are few and short-lived (``HandleTable``).
+- **Bounded.** Each connection is served on a thread of the socket's own pool (silent peers
+  cannot starve the broker's other threads) with a socket timeout, at most
+  ``max_connections`` at once; tickets are few and short-lived (``HandleTable``). A flood of
+  silent connections can only delay other local clients, which then stream.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import re
 import socket
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +101,13 @@ class LocalTransferServer:
         self.max_artifact_bytes = max_artifact_bytes
         self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets)
         self._sock: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
+        # Its own threads: peers that connect and stay silent must not occupy the loop's
+        # default executor, which spooling and validation use.
+        self._threads = ThreadPoolExecutor(settings.max_connections,
+                                           thread_name_prefix="airlock-local")
 
     async def start(self) -> bool:
         """Bind the socket; False (and an error logged) when it cannot be offered safely."""
@@ -109,17 +116,19 @@ class LocalTransferServer:
         except (OSError, ValueError) as exc:
             log.error("same-host fast path OFF: %s", exc)
             return False
-        self._task = asyncio.create_task(self._accept_loop())
+        self._tasks = [asyncio.create_task(self._accept_loop()),
+                       asyncio.create_task(self._sweep_loop())]
         log.info("same-host fast path on %s (mode %o)", self.path, self.settings.socket_mode)
         return True
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self._conns:
             await asyncio.gather(*self._conns, return_exceptions=True)
+        self._threads.shutdown(wait=False)
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -130,6 +139,12 @@ class LocalTransferServer:
     def claim(self, ticket: str, principal: str) -> LocalFiles:
         return self.table.claim(ticket, principal)
 
+    async def _sweep_loop(self) -> None:
+        """Expired tickets' descriptors are closed within a TTL, not at the next ``issue``."""
+        while True:
+            await asyncio.sleep(self.settings.ticket_ttl_seconds)
+            self.table.sweep()
+
     async def _accept_loop(self) -> None:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
@@ -137,6 +152,11 @@ class LocalTransferServer:
             await self._slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and the like: the socket must outlive them
+                self._slots.release()
+                log.warning("local transfer socket: accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
             except BaseException:
                 self._slots.release()
                 raise
@@ -146,7 +166,10 @@ class LocalTransferServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
-            await asyncio.to_thread(self.serve_connection, conn)
+            await asyncio.get_running_loop().run_in_executor(self._threads,
+                                                             self.serve_connection, conn)
+        except Exception:
+            log.exception("local transfer connection failed")
         finally:
             self._slots.release()
 
