@@ -1,0 +1,82 @@
+"""The fast path's socket at its seam: where it may live, and one hand-over on a socketpair."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.config import BrokerConfig
+from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
+
+
+def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[local_transfer]\nenabled = false\nsocket_path = "/run/a/t.sock"\n'
+                    "socket_mode = 0o660\n")
+    cfg = BrokerConfig.load(good)
+    assert cfg.local_transfer.enabled is False
+    assert cfg.local_transfer.socket_path == Path("/run/a/t.sock")
+    assert cfg.local_transfer.socket_mode == 0o660
+    assert BrokerConfig().local_transfer.enabled is True  # safe by default: see the module
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[local_transfer]\nallow_paths = true\n")
+    with pytest.raises(ValueError, match="local_transfer"):
+        BrokerConfig.load(bad)
+    with pytest.raises(ValueError):
+        LocalTransferSettings(socket_mode=0o4777)
+
+
+def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by group or others"):
+        _bind(shared / "t.sock", 0o666)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="symlink"):
+        _bind(link / "t.sock", 0o666)
+    sock = _bind(tmp_path / "own" / "t.sock", 0o660)
+    try:
+        assert (tmp_path / "own").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "own" / "t.sock").stat().st_mode & 0o777 == 0o660
+    finally:
+        sock.close()
+
+
+def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None:
+    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+    ticket = server.table.issue("alice")
+
+    def hand_over(message: bytes, fds: list[int]) -> dict[str, object]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker = threading.Thread(target=server.serve_connection, args=(theirs,))
+        worker.start()
+        with ours:
+            socket.send_fds(ours, [message], fds)
+            reply = json.loads(ours.recv(4096))
+        worker.join(10)
+        return dict(reply)
+
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert hand_over(b"not a ticket", [in_fd, out_fd])["reason"] == "LOCAL_FD_REFUSED"
+        assert hand_over(ticket.encode(), [out_fd, out_fd])["reason"] == "LOCAL_FD_REFUSED"
+        assert hand_over(ticket.encode(), [in_fd, out_fd]) == {"ok": True}
+        files = server.claim(ticket, "alice")
+        try:
+            assert files.input_size == 3 and files.peer.pid == os.getpid()
+            assert os.path.samestat(os.fstat(files.input_fd), os.fstat(in_fd))
+        finally:
+            files.close()
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+        server.table.close()
