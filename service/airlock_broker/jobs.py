@@ -252,7 +252,7 @@ class JobRunner:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                       timed_out=outcome.timed_out, image_id=outcome.image_id,
-                      runtime=outcome.runtime,
+                      runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
                       sandbox_seconds=round(outcome.duration_seconds, 3))
             # From here on the containers are dead: only now are their outputs looked at.
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
