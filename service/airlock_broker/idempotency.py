@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,8 +92,11 @@ class Claim:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
-    def keep(self, chunks: Iterator[bytes], size: int) -> Path | None:
-        """Write the output into the store (in a worker thread); None if it is too big."""
+    def keep(self, chunks: Iterator[bytes] | Callable[[int], None], size: int) -> Path | None:
+        """Write the output into the store (in a worker thread); None if it is too big.
+
+        ``chunks``: the output's bytes, or a function that writes them all into a descriptor
+        (``ValidatedOutput.write_to_fd``: a kernel copy where it can, not a Python loop)."""
         if self._store is None or self._entry is None:
             return None
         return self._store.write(self._entry, chunks, size)
@@ -188,7 +191,8 @@ class IdempotencyStore:
                 del self._entries[ident]  # nothing to replay: a retry converts again
             entry.done.set()
 
-    def write(self, entry: _Entry, chunks: Iterator[bytes], size: int) -> Path | None:
+    def write(self, entry: _Entry, chunks: Iterator[bytes] | Callable[[int], None],
+              size: int) -> Path | None:
         """Write an output into the store's directory (runs in a worker thread)."""
         if size > self.settings.max_bytes:
             log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
@@ -199,11 +203,15 @@ class IdempotencyStore:
                      0o600)
         try:
             written = 0
-            for data in chunks:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                written += len(data)
+            if callable(chunks):
+                chunks(fd)
+                written = os.fstat(fd).st_size
+            else:
+                for data in chunks:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    written += len(data)
         except BaseException:
             os.close(fd)
             remove_quietly(path)

@@ -203,9 +203,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         """
         kept: Path | None = None
         if claim.keeps:
-            chunks = result.output.chunks(self.config.chunk_bytes)
             keeping = asyncio.ensure_future(
-                asyncio.to_thread(claim.keep, chunks, result.output.size))
+                asyncio.to_thread(claim.keep, result.output.write_to_fd, result.output.size))
             try:
                 kept = await asyncio.shield(keeping)
             except asyncio.CancelledError:
