@@ -78,6 +78,9 @@ class ConversionResult:
     #: The broker answered a retry with the stored result of the first attempt (same
     #: idempotency key; ``job_id`` is that attempt's job): nothing was converted twice.
     replayed: bool = False
+    #: How the bytes travelled: "stream" (gRPC chunks) or "local" (the same-host fast path:
+    #: descriptors on the broker's socket).
+    transfer: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
         loading_policy=cast(LoadingPolicy, _POLICY_NAMES.get(msg.loading_policy, "allow_code")),
         duration_seconds=msg.duration_seconds, image_id=msg.image_id, runtime=msg.runtime,
         report=report, integrity_note=msg.integrity_note, replayed=msg.replayed,
+        transfer=msg.transfer,
     )
 
 

@@ -340,6 +340,7 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
             "provenance_key": (result.provenance_record.key_fingerprint
                                if result.provenance_record else None),
             "provenance_key_source": result.provenance_key_source,
+            "transfer": result.transfer,
         }
         print(json.dumps(doc))
         return

@@ -109,6 +109,7 @@ def test_fast_path_gives_the_same_bytes_as_streaming(broker: BrokerProcess,
     assert a == b and hashlib.sha256(a).hexdigest() == local.sha256 == streamed.sha256
     assert local.input_sha256 == hashlib.sha256(artifact.read_bytes()).hexdigest()
     assert local.provenance_record is not None
+    assert (local.transfer, streamed.transfer) == ("local", "stream")
     assert not list(tmp_path.glob(".*.part"))
     lines = [json.loads(x) for x in (broker.spool / "audit.jsonl").read_text().splitlines()]
     mine = {x["job_id"]: x for x in lines}
