@@ -66,7 +66,10 @@ def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
 
         worker = threading.Thread(target=convert)
         worker.start()
-        _wait(lambda: _busy_containers(docker_client) != [])
+        # The job must be admitted before the signal: a warm container still starting also
+        # counts as busy, so wait for the job's own log line too.
+        _wait(lambda: _busy_containers(docker_client) != []
+              and " bytes sha256=" in proc.log.read_text(errors="replace"))
         with grpc.insecure_channel(proc.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service="")
