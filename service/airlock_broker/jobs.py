@@ -20,7 +20,12 @@ from typing import Any
 from airlock_broker.audit import AuditRecord
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.integrity import difference
-from airlock_broker.outputs import ValidatedOutput, validate_output
+from airlock_broker.outputs import (
+    ValidatedOutput,
+    adopt_digest,
+    compute_digest,
+    validate_output,
+)
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
@@ -210,6 +215,9 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
+VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
+
+
 @dataclass(frozen=True)
 class Extraction:
     """The integrity extraction's sandbox outcome and, if it produced one, its validated
@@ -278,9 +286,13 @@ class JobRunner:
                     if outcome.killed_by or (outcome.exit_code or 0) > 128:
                         await self._engine_went_away(exc)  # a stopping engine kills them all
                     raise
-                output = await validate_output(slot.workspace.out_dir, request.target,
-                                               self.limits, self.onnx_validator)
-                assurance, note = await self._assurance(output, extraction)
+                # With the extraction's output at hand, a safetensors output is compared with
+                # it rather than hashed: when they are the same file it takes that digest.
+                output = await validate_output(
+                    slot.workspace.out_dir, request.target, self.limits, self.onnx_validator,
+                    digest=extraction is None or extraction.output is None)
+                output, assurance, note = await self._assurance(output, extraction)
+                output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
                          extra={"job_id": request.job_id, "outcome": exc.kind.value,
@@ -333,19 +345,23 @@ class JobRunner:
                               f"the extraction's output was invalid: {exc.message}")
         return Extraction(outcome, extracted, "")
 
-    async def _assurance(self, output: ValidatedOutput,
-                         extraction: Extraction | None) -> tuple[str, str]:
-        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement."""
+    async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
+                         ) -> tuple[ValidatedOutput, str, str]:
+        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement.
+        The output comes back with the extraction's digest when it is the same file."""
         if extraction is None or output.safetensors is None:
-            return FORMAT_SAFE_ONLY, ""
+            return output, FORMAT_SAFE_ONLY, ""
         extracted = extraction.output
         if extracted is None:
-            return FORMAT_SAFE_ONLY, extraction.note
+            return output, FORMAT_SAFE_ONLY, extraction.note
         assert extracted.safetensors is not None
+        identical = await adopt_digest(output, extracted)
+        if identical is not None:
+            return identical, INTEGRITY_VERIFIED, VERIFIED_NOTE
         differs = await asyncio.to_thread(difference, output.path, output.safetensors,
                                           extracted.path, extracted.safetensors)
         if differs is not None:
             raise error(Reason.INTEGRITY_MISMATCH,
                         "the converted weights differ from the ones stored in the checkpoint "
                         f"({differs}): the artifact tampered with its conversion")
-        return INTEGRITY_VERIFIED, "matches a reading of the checkpoint that executed nothing"
+        return output, INTEGRITY_VERIFIED, VERIFIED_NOTE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from airlock_broker.errors import Reason, error
@@ -16,7 +16,9 @@ from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
     copy_canonical,
     iter_canonical,
+    same_canonical,
     validate_safetensors,
+    with_digest,
     write_all,
 )
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
@@ -53,17 +55,20 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
 
 
 async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
-                          onnx_validator: OnnxValidatorPool) -> ValidatedOutput:
+                          onnx_validator: OnnxValidatorPool, *,
+                          digest: bool = True) -> ValidatedOutput:
     """Collect the single output file and validate it as hostile data (DESIGN §1.5).
 
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
     the canonical bytes they send back are what the caller receives, hashed here.
+    ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
+    one (:func:`adopt_digest` or :func:`compute_digest`) before anyone sees the output.
     """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
     if fmt is OutputFormat.SAFETENSORS:
         # Reads the header and hashes the data section: off the event loop.
-        info = await asyncio.to_thread(validate_safetensors, path, limits)
+        info = await asyncio.to_thread(validate_safetensors, path, limits, digest=digest)
         return ValidatedOutput(format=fmt, size=info.canonical_size,
                                sha256=info.canonical_sha256,
                                # No second hash while streaming: the sandbox is dead, the
@@ -77,6 +82,26 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                            sha256=hashlib.sha256(canonical).hexdigest(),
                            chunks=lambda n: _slices(canonical, n), path=path,
                            write_to=lambda fd: _write_bytes(fd, canonical))
+
+
+async def adopt_digest(output: ValidatedOutput, twin: ValidatedOutput) -> ValidatedOutput | None:
+    """``output`` with ``twin``'s sha256 if both safetensors files have the same canonical form
+    (proved by comparing them, cheaper than hashing); None if they differ."""
+    mine, theirs = output.safetensors, twin.safetensors
+    if mine is None or theirs is None or not twin.sha256:
+        return None
+    if not await asyncio.to_thread(same_canonical, output.path, mine, twin.path, theirs):
+        return None
+    return replace(output, sha256=twin.sha256,
+                   safetensors=replace(mine, canonical_sha256=twin.sha256))
+
+
+async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
+    """``output`` with its sha256, if validation left it out."""
+    if output.sha256 or output.safetensors is None:
+        return output
+    info = await asyncio.to_thread(with_digest, output.path, output.safetensors)
+    return replace(output, sha256=info.canonical_sha256, safetensors=info)
 
 
 def _write_bytes(fd: int, data: bytes) -> int:

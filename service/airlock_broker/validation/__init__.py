@@ -25,7 +25,9 @@ from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
     copy_canonical,
     iter_canonical,
+    same_canonical,
     validate_safetensors,
+    with_digest,
 )
 
 __all__ = [
@@ -40,9 +42,11 @@ __all__ = [
     "open_regular_file",
     "read_onnx_file",
     "read_report",
+    "same_canonical",
     "validate_onnx_bytes",
     "validate_onnx_file",
     "validate_safetensors",
+    "with_digest",
 ]
 
 _ONNX_CHECK_NAMES = frozenset(
