@@ -81,7 +81,10 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
         stamps: dict[str, float] = dict(call)
         info: dict[str, Any] = {}
         for e in evs:
-            stamps.setdefault(e["ev"], e["t"])
+            if e["ev"] in _LAST_WINS:
+                stamps[e["ev"]] = e["t"]
+            else:
+                stamps.setdefault(e["ev"], e["t"])
             if e["ev"] == "acquire.end":
                 info["warm"] = e.get("warm")
             if e["ev"] == "sandbox_run.end":
@@ -96,6 +99,10 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
         joined.append({"stamps": stamps, **info})
     return joined
 
+
+#: The integrity extraction's output is validated first (as soon as its sandbox is dead); the
+#: job's own validation is the last one.
+_LAST_WINS = frozenset({"validate.begin", "validate.end"})
 
 _SERVER_ORDER = ["rpc.begin", "metadata.end", "spool.end", "acquire.begin", "acquire.end",
                  "sandbox_run.begin", "sandbox_run.end", "validate.begin", "validate.end",

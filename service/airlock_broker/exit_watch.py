@@ -88,6 +88,17 @@ def supported() -> bool:
         os.close(pidfd)
 
 
+def describe(setting: str, runtime_family: str) -> str:
+    """How this broker will learn of sandbox deaths, and why, for its start-up log line."""
+    if setting != "pidfd":
+        return "exits seen by the engine (exit_watch = \"engine\")"
+    if runtime_family != "runc":
+        return f"exits seen by the engine ({runtime_family} has no watchable init)"
+    if not supported():
+        return "exits seen by the engine (this kernel has no PIDFD_INFO_EXIT, Linux < 6.15)"
+    return "clean exits seen by the kernel (pidfd)"
+
+
 def _alive(pidfd: int) -> bool:
     readable, _, _ = select.select([pidfd], [], [], 0)
     return not readable

@@ -23,7 +23,7 @@ _BLOCK = 1024 * 1024
 def difference(converted: Path, conv: SafetensorsInfo, extracted: Path,
                ext: SafetensorsInfo) -> str | None:
     """None when both files hold the same tensors and metadata; else the first difference."""
-    if conv.canonical_sha256 == ext.canonical_sha256:
+    if conv.canonical_sha256 and conv.canonical_sha256 == ext.canonical_sha256:
         return None
     a, b = _entries(conv), _entries(ext)
     if a.pop("__metadata__", None) != b.pop("__metadata__", None):

@@ -20,7 +20,12 @@ from typing import Any
 from airlock_broker.audit import AuditRecord
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.integrity import difference
-from airlock_broker.outputs import ValidatedOutput, validate_output
+from airlock_broker.outputs import (
+    ValidatedOutput,
+    adopt_digest,
+    compute_digest,
+    validate_output,
+)
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.validation.files import read_report
@@ -210,6 +215,19 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
+VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The integrity extraction's sandbox outcome and, if it produced one, its validated
+    output; otherwise why the result can only be format-safe."""
+
+    outcome: Outcome
+    output: ValidatedOutput | None
+    note: str
+
+
 class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
@@ -268,9 +286,13 @@ class JobRunner:
                     if outcome.killed_by or (outcome.exit_code or 0) > 128:
                         await self._engine_went_away(exc)  # a stopping engine kills them all
                     raise
-                output = await validate_output(slot.workspace.out_dir, request.target,
-                                               self.limits, self.onnx_validator)
-                assurance, note = await self._assurance(output, second, extraction)
+                # With the extraction's output at hand, a safetensors output is compared with
+                # it rather than hashed: when they are the same file it takes that digest.
+                output = await validate_output(
+                    slot.workspace.out_dir, request.target, self.limits, self.onnx_validator,
+                    digest=extraction is None or extraction.output is None)
+                output, assurance, note = await self._assurance(output, extraction)
+                output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
                          extra={"job_id": request.job_id, "outcome": exc.kind.value,
@@ -303,31 +325,43 @@ class JobRunner:
         stack.push_async_callback(self.pools.release, slot)
         return slot
 
-    async def _extract(self, slot: Slot | None, request: JobRequest) -> Outcome | None:
+    async def _extract(self, slot: Slot | None, request: JobRequest) -> Extraction | None:
+        """Run the integrity extraction and, as soon as its sandbox is dead, validate its
+        output: it usually ends well before the conversion, so its 400 MB hash is hidden
+        behind the conversion instead of following it."""
         if slot is None:
             return None
         spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
                        max_output_bytes=self.limits.max_output_bytes)
-        return await self.backend.run(slot, spec, request.deadline_seconds)
-
-    async def _assurance(self, output: ValidatedOutput, second: Slot | None,
-                         extraction: Outcome | None) -> tuple[str, str]:
-        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement."""
-        if second is None or extraction is None or output.safetensors is None:
-            return FORMAT_SAFE_ONLY, ""
-        if extraction.timed_out or extraction.oom_killed or extraction.exit_code != 0:
-            return FORMAT_SAFE_ONLY, ("the weights could not be read without executing the "
-                                      f"artifact (extraction exit {extraction.exit_code})")
+        outcome = await self.backend.run(slot, spec, request.deadline_seconds)
+        if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
+            return Extraction(outcome, None, "the weights could not be read without executing "
+                                             f"the artifact (extraction exit {outcome.exit_code})")
         try:
-            extracted = await validate_output(second.workspace.out_dir, Target.SAFETENSORS,
+            extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
                                               self.limits, self.onnx_validator)
         except AirlockError as exc:
-            return FORMAT_SAFE_ONLY, f"the extraction's output was invalid: {exc.message}"
+            return Extraction(outcome, None,
+                              f"the extraction's output was invalid: {exc.message}")
+        return Extraction(outcome, extracted, "")
+
+    async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
+                         ) -> tuple[ValidatedOutput, str, str]:
+        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement.
+        The output comes back with the extraction's digest when it is the same file."""
+        if extraction is None or output.safetensors is None:
+            return output, FORMAT_SAFE_ONLY, ""
+        extracted = extraction.output
+        if extracted is None:
+            return output, FORMAT_SAFE_ONLY, extraction.note
         assert extracted.safetensors is not None
+        identical = await adopt_digest(output, extracted)
+        if identical is not None:
+            return identical, INTEGRITY_VERIFIED, VERIFIED_NOTE
         differs = await asyncio.to_thread(difference, output.path, output.safetensors,
                                           extracted.path, extracted.safetensors)
         if differs is not None:
             raise error(Reason.INTEGRITY_MISMATCH,
                         "the converted weights differ from the ones stored in the checkpoint "
                         f"({differs}): the artifact tampered with its conversion")
-        return INTEGRITY_VERIFIED, "matches a reading of the checkpoint that executed nothing"
+        return output, INTEGRITY_VERIFIED, VERIFIED_NOTE

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from airlock_broker.errors import Reason, error
@@ -15,8 +16,12 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
+    copy_canonical,
     iter_canonical,
+    same_canonical,
     validate_safetensors,
+    with_digest,
+    write_all,
 )
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
@@ -30,18 +35,21 @@ class ValidatedOutput:
     sha256: str
     chunks: Callable[[int], Iterator[bytes]]
     path: Path
+    #: Writes the same ``size`` bytes into a file descriptor, by kernel copy where it can.
+    write_to: Callable[[int], int]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
-    #: Writes exactly the bytes ``chunks`` streams into a peer's file descriptor (the
-    #: same-host fast path), at explicit offsets. None: written from ``chunks``.
+    #: Like ``write_to``, but at explicit offsets, for a descriptor a peer shares (the
+    #: same-host fast path: the client could move a shared file offset). None: ``write_to``.
     write_into: Callable[[int], None] | None = None
 
     def write_to_fd(self, fd: int) -> None:
-        """The whole output as the content of ``fd`` (blocking: call on a worker thread)."""
+        """The whole output as the content of a peer's ``fd`` (blocking: a worker thread)."""
         if self.write_into is not None:
             self.write_into(fd)
             return
-        write_bytes(b"".join(self.chunks(1024 * 1024)), fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, self.write_to(fd))
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:
@@ -60,30 +68,60 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
 
 
 async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
-                          onnx_validator: OnnxValidatorPool) -> ValidatedOutput:
+                          onnx_validator: OnnxValidatorPool, *,
+                          digest: bool = True) -> ValidatedOutput:
     """Collect the single output file and validate it as hostile data (DESIGN §1.5).
 
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
     the canonical bytes they send back are what the caller receives, hashed here.
+    ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
+    one (:func:`adopt_digest` or :func:`compute_digest`) before anyone sees the output.
     """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
     if fmt is OutputFormat.SAFETENSORS:
         # Reads the header and hashes the data section: off the event loop.
-        info = await asyncio.to_thread(validate_safetensors, path, limits)
+        info = await asyncio.to_thread(validate_safetensors, path, limits, digest=digest)
         return ValidatedOutput(format=fmt, size=info.canonical_size,
                                sha256=info.canonical_sha256,
                                # No second hash while streaming: the sandbox is dead, the
                                # tmpfs is the broker's, and the client checks the sha256.
                                chunks=lambda n: iter_canonical(path, info, n, rehash=False),
                                path=path,
+                               write_to=lambda fd: copy_canonical(path, info, fd),
                                safetensors=info,
                                write_into=lambda fd: write_canonical_safetensors(path, info, fd))
     canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
                            chunks=lambda n: _slices(canonical, n), path=path,
+                           write_to=lambda fd: _write_bytes(fd, canonical),
                            write_into=lambda fd: write_bytes(canonical, fd))
+
+
+async def adopt_digest(output: ValidatedOutput, twin: ValidatedOutput) -> ValidatedOutput | None:
+    """``output`` with ``twin``'s sha256 if both safetensors files have the same canonical form
+    (proved by comparing them, cheaper than hashing); None if they differ."""
+    mine, theirs = output.safetensors, twin.safetensors
+    if mine is None or theirs is None or not twin.sha256:
+        return None
+    if not await asyncio.to_thread(same_canonical, output.path, mine, twin.path, theirs):
+        return None
+    return replace(output, sha256=twin.sha256,
+                   safetensors=replace(mine, canonical_sha256=twin.sha256))
+
+
+async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
+    """``output`` with its sha256, if validation left it out."""
+    if output.sha256 or output.safetensors is None:
+        return output
+    info = await asyncio.to_thread(with_digest, output.path, output.safetensors)
+    return replace(output, sha256=info.canonical_sha256, safetensors=info)
+
+
+def _write_bytes(fd: int, data: bytes) -> int:
+    write_all(fd, data)
+    return len(data)
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:

@@ -93,3 +93,9 @@ def test_the_policy_refuses_an_unknown_exit_watch() -> None:
     assert SandboxPolicy(exit_watch="engine").exit_watch == "engine"
     with pytest.raises(ValueError, match="exit_watch"):
         SandboxPolicy(exit_watch="poll")
+
+
+def test_the_start_up_line_says_which_path_and_why() -> None:
+    assert exit_watch.describe("pidfd", "runc") == "clean exits seen by the kernel (pidfd)"
+    assert "runsc" in exit_watch.describe("pidfd", "runsc")
+    assert "engine" in exit_watch.describe("engine", "runc")

@@ -28,8 +28,11 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import (
     OutputLimits,
     SafetensorsInfo,
+    copy_canonical,
     iter_canonical,
+    same_canonical,
     validate_safetensors,
+    with_digest,
 )
 from tests.unit.hostile_outputs import entry, st_file, two_f32_tensors
 
@@ -512,6 +515,73 @@ def test_output_changed_after_validation_is_not_streamed(tmp_path: Path) -> None
     os.utime(path, ns=(1, 1))
     with pytest.raises(AirlockError) as caught:
         b"".join(iter_canonical(path, info))
+    assert caught.value.reason is Reason.OUTPUT_INVALID
+
+
+def test_copy_canonical_writes_the_canonical_file_into_a_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(numpy_tensors(), str(path), metadata={"format": "np"})
+    info = validate_safetensors(path, LIMITS)
+    fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"prefix")  # written at the descriptor's position, like the stream
+        assert copy_canonical(path, info, fd) == info.canonical_size
+    finally:
+        os.close(fd)
+    copied = (tmp_path / "copy").read_bytes()
+    assert copied == b"prefix" + canonical_bytes(path, info)
+    assert hashlib.sha256(copied[6:]).hexdigest() == info.canonical_sha256
+
+
+def test_output_changed_after_validation_is_not_copied(tmp_path: Path) -> None:
+    header, data = two_f32_tensors()
+    path = write(tmp_path, st_file(header, data))
+    info = validate_safetensors(path, LIMITS)
+    path.write_bytes(st_file(header, data[:-4]))  # shrank after validation
+    fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(AirlockError) as caught:
+            copy_canonical(path, info, fd)
+    finally:
+        os.close(fd)
+    assert caught.value.reason is Reason.OUTPUT_INVALID
+
+
+def _twins(tmp_path: Path, **changes: np.ndarray) -> tuple[Path, Path]:
+    """The same tensors saved twice; the second file with ``changes`` applied."""
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    safetensors.numpy.save_file(numpy_tensors(), str(first), metadata={"k": "v"})
+    safetensors.numpy.save_file({**numpy_tensors(), **changes}, str(second), metadata={"k": "v"})
+    return first, second
+
+
+def test_an_identical_file_takes_the_digest_of_its_twin(tmp_path: Path) -> None:
+    first, second = _twins(tmp_path)
+    unhashed = validate_safetensors(first, LIMITS, digest=False)
+    hashed = validate_safetensors(second, LIMITS)
+    assert unhashed.canonical_sha256 == "" and hashed.canonical_sha256
+    assert same_canonical(first, unhashed, second, hashed)
+    assert with_digest(first, unhashed).canonical_sha256 == hashed.canonical_sha256
+
+
+def test_one_changed_byte_makes_the_twins_differ(tmp_path: Path) -> None:
+    bias = numpy_tensors()["bias"].copy()
+    bias[-1] = np.nextafter(bias[-1], np.inf)
+    first, second = _twins(tmp_path, bias=bias)
+    one, other = (validate_safetensors(p, LIMITS, digest=False) for p in (first, second))
+    assert one.canonical_header == other.canonical_header  # same layout, other values
+    assert not same_canonical(first, one, second, other)
+    # The digest computed later is the file's own, not its twin's.
+    assert with_digest(first, one).canonical_sha256 != with_digest(second, other).canonical_sha256
+
+
+def test_a_twin_changed_after_validation_is_refused(tmp_path: Path) -> None:
+    first, second = _twins(tmp_path)
+    one, other = (validate_safetensors(p, LIMITS) for p in (first, second))
+    second.write_bytes(second.read_bytes())  # same bytes, a new mtime
+    os.utime(second, ns=(1, 1))
+    with pytest.raises(AirlockError) as caught:
+        same_canonical(first, one, second, other)
     assert caught.value.reason is Reason.OUTPUT_INVALID
 
 

@@ -19,7 +19,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -87,14 +87,16 @@ class SafetensorsInfo:
 
 
 def validate_safetensors(
-    path: Path, limits: OutputLimits, *, second_opinion: bool = True
+    path: Path, limits: OutputLimits, *, second_opinion: bool = True, digest: bool = True
 ) -> SafetensorsInfo:
     """Validate a safetensors file from its header alone and describe its canonical form.
 
     Raises ``OUTPUT_INVALID`` for any structural fault and ``OUTPUT_TOO_LARGE`` when a cap is
     exceeded. With ``second_opinion`` the reference ``safetensors.safe_open`` must also accept
     the canonical header (metadata only); the library is a dependency, so ``ImportError``
-    propagates if it is missing. The canonical sha256 is computed by streaming the data section.
+    propagates if it is missing. The canonical sha256 is computed by streaming the data section;
+    ``digest=False`` leaves it empty, for a caller that proves the file identical to one whose
+    digest it has (:func:`same_canonical`) or hashes it later (:func:`with_digest`).
     """
     handle, st = open_regular_file(path)
     with handle:
@@ -118,10 +120,13 @@ def validate_safetensors(
         del tensors, metadata
         if second_opinion:
             _reference_accepts(header, len(header) + data_bytes, names, kept)
-        digest = hashlib.sha256()
-        for chunk in _stream(handle, header, PREFIX_BYTES + header_len, data_bytes,
-                             HASH_BLOCK_BYTES):
-            digest.update(chunk)
+        sha256 = ""
+        if digest:
+            hasher = hashlib.sha256()
+            for chunk in _stream(handle, header, PREFIX_BYTES + header_len, data_bytes,
+                                 HASH_BLOCK_BYTES):
+                hasher.update(chunk)
+            sha256 = hasher.hexdigest()
     return SafetensorsInfo(
         tensor_count=len(names),
         data_bytes=data_bytes,
@@ -132,8 +137,45 @@ def validate_safetensors(
         source=FileIdentity.of(st),
         canonical_header=header,
         canonical_size=len(header) + data_bytes,
-        canonical_sha256=digest.hexdigest(),
+        canonical_sha256=sha256,
     )
+
+
+def with_digest(path: Path, info: SafetensorsInfo) -> SafetensorsInfo:
+    """``info`` with the canonical sha256 of the file it describes (still the same file)."""
+    hasher = hashlib.sha256()
+    for chunk in iter_canonical(path, info, rehash=False):
+        hasher.update(chunk)
+    return replace(info, canonical_sha256=hasher.hexdigest())
+
+
+def same_canonical(path: Path, info: SafetensorsInfo, other_path: Path,
+                   other: SafetensorsInfo) -> bool:
+    """Whether two validated files have the same canonical form: the same canonical header
+    and byte-equal data sections, both files still the ones their infos describe. Comparing
+    (two reads and a memcmp) is cheaper than hashing, so a file proved identical to one already
+    hashed takes that digest instead of being hashed again."""
+    if info.canonical_header != other.canonical_header or info.data_bytes != other.data_bytes:
+        return False
+    mine, st = open_regular_file(path)
+    theirs, other_st = open_regular_file(other_path)
+    with mine, theirs:
+        if FileIdentity.of(st) != info.source or FileIdentity.of(other_st) != other.source:
+            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
+        a, b = bytearray(HASH_BLOCK_BYTES), bytearray(HASH_BLOCK_BYTES)
+        done = 0
+        while done < info.data_bytes:
+            n = min(info.data_bytes - done, HASH_BLOCK_BYTES)
+            got_a = os.preadv(mine.fileno(), [memoryview(a)[:n]], info.source_data_offset + done)
+            got_b = os.preadv(theirs.fileno(), [memoryview(b)[:n]],
+                              other.source_data_offset + done)
+            if got_a != n or got_b != n:
+                raise error(Reason.OUTPUT_INVALID, "output shrank after it was validated")
+            # bytearray equality is a memcmp; memoryview equality goes element by element.
+            if (a != b) if n == HASH_BLOCK_BYTES else (a[:n] != b[:n]):
+                return False
+            done += n
+    return True
 
 
 def iter_canonical(
@@ -161,6 +203,31 @@ def iter_canonical(
             yield chunk
         if rehash and digest.hexdigest() != info.canonical_sha256:
             raise error(Reason.OUTPUT_INVALID, "output changed while it was streamed")
+
+
+def copy_canonical(path: Path, info: SafetensorsInfo, fd: int) -> int:
+    """Write the canonical file into ``fd`` at its position: the canonical header, then the
+    data section copied by the kernel (``sendfile``) from the validated file, which must still
+    be the one ``info`` describes. Returns the bytes written (``info.canonical_size``)."""
+    handle, st = open_regular_file(path)
+    with handle:
+        if FileIdentity.of(st) != info.source:
+            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
+        write_all(fd, info.canonical_header)
+        offset, left = info.source_data_offset, info.data_bytes
+        while left:
+            sent = os.sendfile(fd, handle.fileno(), offset, left)
+            if sent == 0:
+                raise error(Reason.OUTPUT_INVALID, "output shrank after it was validated")
+            offset += sent
+            left -= sent
+    return info.canonical_size
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def canonical_header_bytes(
