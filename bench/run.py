@@ -481,10 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pools", action="append", default=[], metavar="KEY=VALUE",
                         help="override a [pools] setting of the warm broker, e.g. "
                              "defer_replacement=false (for A/B runs; repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting of both brokers (warm and cold), e.g. "
+                             "sandbox.exit_watch=\"engine\" (TOML value; repeatable)")
     args = parser.parse_args(argv)
     for item in args.pools:
         key, _, value = item.partition("=")
         WARM_CONFIG["pools"][key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    for item in args.set:
+        dotted, _, value = item.partition("=")
+        section, _, key = dotted.strip().partition(".")
+        for config in (WARM_CONFIG, COLD_CONFIG):
+            config.setdefault(section, {})[key] = tomllib.loads(f"v = {value.strip()}")["v"]
     plan = Plan.for_mode(args.quick)
     only = {x.strip().upper() for x in args.only.split(",")}
     if "S5" in only:

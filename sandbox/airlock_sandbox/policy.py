@@ -18,6 +18,9 @@ GiB = 1024**3
 RUNTIMES = frozenset({"runc", "runsc"})
 
 
+EXIT_WATCHES = frozenset({"pidfd", "engine"})
+
+
 def runtime_family(runtime: str) -> str:
     """"runc" or "runsc" for a runtime name: the name itself, or a second registration of the
     same runtime with other flags, named ``runsc-<suffix>`` / ``runc-<suffix>``."""
@@ -52,6 +55,10 @@ class SandboxPolicy:
     seccomp: str = SECCOMP_AIRLOCK
     #: Extra ``--security-opt`` entries (AppArmor, SELinux labels). Seccomp goes in ``seccomp``.
     security_opts: tuple[str, ...] = field(default_factory=tuple)
+    #: How the broker learns that a sandbox has died: "pidfd" (from the kernel, runc only, on
+    #: kernels that give a reaped process's exit status through a pidfd; the engine otherwise)
+    #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting.
+    exit_watch: str = "pidfd"
 
     def __post_init__(self) -> None:
         if runtime_family(self.runtime) not in RUNTIMES:
@@ -74,6 +81,9 @@ class SandboxPolicy:
             raise ValueError("set the seccomp profile with `seccomp`, not in security_opts")
         if not self.seccomp:
             raise ValueError("seccomp must name a profile")
+        if self.exit_watch not in EXIT_WATCHES:
+            raise ValueError(f"exit_watch must be one of {sorted(EXIT_WATCHES)}, "
+                             f"not {self.exit_watch!r}")
 
     @property
     def runtime_family(self) -> str:

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,11 +92,12 @@ class Claim:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
-    def keep(self, chunks: Iterator[bytes], size: int) -> Path | None:
-        """Write the output into the store (in a worker thread); None if it is too big."""
+    def keep(self, write_to: Callable[[int], int], size: int) -> Path | None:
+        """Copy the validated output into the store (in a worker thread); None if too big.
+        ``write_to`` writes the output into a descriptor (``ValidatedOutput.write_to``)."""
         if self._store is None or self._entry is None:
             return None
-        return self._store.write(self._entry, chunks, size)
+        return self._store.write(self._entry, write_to, size)
 
     def commit(self, header: bytes, path: Path, size: int) -> None:
         """On the event loop, once ``keep`` wrote ``path``: the result is now replayable."""
@@ -188,8 +189,9 @@ class IdempotencyStore:
                 del self._entries[ident]  # nothing to replay: a retry converts again
             entry.done.set()
 
-    def write(self, entry: _Entry, chunks: Iterator[bytes], size: int) -> Path | None:
-        """Write an output into the store's directory (runs in a worker thread)."""
+    def write(self, entry: _Entry, write_to: Callable[[int], int], size: int) -> Path | None:
+        """Copy a validated output into the store's directory: by kernel copy for the bulk of
+        a safetensors file (``sendfile``: no bytes through Python). Runs in a worker thread."""
         if size > self.settings.max_bytes:
             log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
                      "will convert again", entry.job_id, size, self.settings.max_bytes)
@@ -198,12 +200,7 @@ class IdempotencyStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            written = 0
-            for data in chunks:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                written += len(data)
+            written = write_to(fd)
         except BaseException:
             os.close(fd)
             remove_quietly(path)

@@ -210,6 +210,16 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """The integrity extraction's sandbox outcome and, if it produced one, its validated
+    output; otherwise why the result can only be format-safe."""
+
+    outcome: Outcome
+    output: ValidatedOutput | None
+    note: str
+
+
 class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
@@ -252,7 +262,7 @@ class JobRunner:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                       timed_out=outcome.timed_out, image_id=outcome.image_id,
-                      runtime=outcome.runtime,
+                      runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
                       sandbox_seconds=round(outcome.duration_seconds, 3))
             # From here on the containers are dead: only now are their outputs looked at.
             report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
@@ -270,7 +280,7 @@ class JobRunner:
                     raise
                 output = await validate_output(slot.workspace.out_dir, request.target,
                                                self.limits, self.onnx_validator)
-                assurance, note = await self._assurance(output, second, extraction)
+                assurance, note = await self._assurance(output, extraction)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
                          extra={"job_id": request.job_id, "outcome": exc.kind.value,
@@ -303,26 +313,34 @@ class JobRunner:
         stack.push_async_callback(self.pools.release, slot)
         return slot
 
-    async def _extract(self, slot: Slot | None, request: JobRequest) -> Outcome | None:
+    async def _extract(self, slot: Slot | None, request: JobRequest) -> Extraction | None:
+        """Run the integrity extraction and, as soon as its sandbox is dead, validate its
+        output: it usually ends well before the conversion, so its 400 MB hash is hidden
+        behind the conversion instead of following it."""
         if slot is None:
             return None
         spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
                        max_output_bytes=self.limits.max_output_bytes)
-        return await self.backend.run(slot, spec, request.deadline_seconds)
-
-    async def _assurance(self, output: ValidatedOutput, second: Slot | None,
-                         extraction: Outcome | None) -> tuple[str, str]:
-        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement."""
-        if second is None or extraction is None or output.safetensors is None:
-            return FORMAT_SAFE_ONLY, ""
-        if extraction.timed_out or extraction.oom_killed or extraction.exit_code != 0:
-            return FORMAT_SAFE_ONLY, ("the weights could not be read without executing the "
-                                      f"artifact (extraction exit {extraction.exit_code})")
+        outcome = await self.backend.run(slot, spec, request.deadline_seconds)
+        if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
+            return Extraction(outcome, None, "the weights could not be read without executing "
+                                             f"the artifact (extraction exit {outcome.exit_code})")
         try:
-            extracted = await validate_output(second.workspace.out_dir, Target.SAFETENSORS,
+            extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
                                               self.limits, self.onnx_validator)
         except AirlockError as exc:
-            return FORMAT_SAFE_ONLY, f"the extraction's output was invalid: {exc.message}"
+            return Extraction(outcome, None,
+                              f"the extraction's output was invalid: {exc.message}")
+        return Extraction(outcome, extracted, "")
+
+    async def _assurance(self, output: ValidatedOutput,
+                         extraction: Extraction | None) -> tuple[str, str]:
+        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement."""
+        if extraction is None or output.safetensors is None:
+            return FORMAT_SAFE_ONLY, ""
+        extracted = extraction.output
+        if extracted is None:
+            return FORMAT_SAFE_ONLY, extraction.note
         assert extracted.safetensors is not None
         differs = await asyncio.to_thread(difference, output.path, output.safetensors,
                                           extracted.path, extracted.safetensors)

@@ -14,8 +14,10 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
+    copy_canonical,
     iter_canonical,
     validate_safetensors,
+    write_all,
 )
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
@@ -29,6 +31,8 @@ class ValidatedOutput:
     sha256: str
     chunks: Callable[[int], Iterator[bytes]]
     path: Path
+    #: Writes the same ``size`` bytes into a file descriptor, by kernel copy where it can.
+    write_to: Callable[[int], int]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
 
@@ -66,11 +70,18 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                                # tmpfs is the broker's, and the client checks the sha256.
                                chunks=lambda n: iter_canonical(path, info, n, rehash=False),
                                path=path,
+                               write_to=lambda fd: copy_canonical(path, info, fd),
                                safetensors=info)
     canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
-                           chunks=lambda n: _slices(canonical, n), path=path)
+                           chunks=lambda n: _slices(canonical, n), path=path,
+                           write_to=lambda fd: _write_bytes(fd, canonical))
+
+
+def _write_bytes(fd: int, data: bytes) -> int:
+    write_all(fd, data)
+    return len(data)
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from airlock_broker.exit_watch import ExitWatch
 from airlock_broker.workspace import JobWorkspace
 from airlock_sandbox.contract import JobSpec
 
@@ -28,6 +29,8 @@ class Slot:
     workspace: JobWorkspace
     container_id: str
     started: bool = False
+    #: The kernel's view of the container's death (runc, recent kernels); None: ask the engine.
+    exit_watch: ExitWatch | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Outcome:
     #: Set when the engine recorded a kill the broker did not send (``docker kill``, ``docker
     #: stop``, an engine shutdown): which signal, through what. Empty otherwise.
     killed_by: str = ""
+    #: Who reported the death: "kernel" (a clean exit seen through a pidfd, exit_watch.py) or
+    #: "engine" (Docker's wait and inspect).
+    exit_seen_by: str = "engine"
 
 
 class SandboxBackend(Protocol):

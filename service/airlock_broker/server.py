@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker import exit_watch
 from airlock_broker.admin import AdminServicer
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog
@@ -224,8 +225,10 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         pools.start()
         for name in (SERVICE_NAME, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("broker listening on port %d (image %s, runtime %s; %s)", port,
-             config.sandbox.image, config.sandbox.runtime, config.auth.describe())
+    log.info("broker listening on port %d (image %s, runtime %s, %s; %s)", port,
+             config.sandbox.image, config.sandbox.runtime,
+             exit_watch.describe(config.sandbox.exit_watch, config.sandbox.runtime_family),
+             config.auth.describe())
     if config.auth.insecure_no_auth:
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
                     "port can convert artifacts and drain or restart the pools", config.listen)

@@ -142,38 +142,24 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
 
     async def _respond(self, claim: Claim, header: pb.ConvertResponse,
                        result: JobResult) -> AsyncIterator[pb.ConvertResponse]:
-        """Stream a fresh result; with an idempotency key, keep it first and stream the copy."""
-        kept: Path | None = None
+        """Stream a fresh result; with an idempotency key, keep a copy at the same time.
+
+        The copy is a kernel copy, much faster than the stream, so it costs the client no time.
+        It is committed before the handler ends, even when the client went away mid-stream,
+        so that the client's retry finds the result. A copy that fails (disk full) only
+        means a retry converts again.
+        """
+        keeping: asyncio.Future[Path | None] | None = None
         if claim.keeps:
-            chunks = result.output.chunks(self.config.chunk_bytes)
             keeping = asyncio.ensure_future(
-                asyncio.to_thread(claim.keep, chunks, result.output.size))
-            try:
-                kept = await asyncio.shield(keeping)
-            except asyncio.CancelledError:
-                # The client went away while the result was being kept: the thread writes on;
-                # let it finish and commit, so that the client's retry finds the result.
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    if (path := await keeping) is not None:
-                        claim.commit(header.result.SerializeToString(), path,
-                                     result.output.size)
-                raise
-        if kept is None:
+                asyncio.to_thread(claim.keep, result.output.write_to, result.output.size))
+        try:
             yield header
             for data in result.output.chunks(self.config.chunk_bytes):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
-            return
-        # Replayable from here on, even if this client goes away while the bytes stream.
-        claim.commit(header.result.SerializeToString(), kept, result.output.size)
-        fd = os.open(kept, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            yield header
-            for data in _read_chunks(fd, self.config.chunk_bytes):
-                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:
-            os.close(fd)
-        log.debug("job %s: result kept for idempotent retries", result.job_id,
-                  extra={"job_id": result.job_id})
+            if keeping is not None:
+                await _commit_kept(claim, keeping, header.result.SerializeToString(), result)
 
     async def _replay(self, claim: Claim,
                       record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
@@ -195,6 +181,26 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:
             os.close(fd)
+
+
+async def _commit_kept(claim: Claim, keeping: asyncio.Future[Path | None], header: bytes,
+                       result: JobResult) -> None:
+    """Wait for the stored copy (even if this handler is being cancelled) and commit it."""
+    try:
+        path = await asyncio.shield(keeping)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            if (path := await keeping) is not None:
+                claim.commit(header, path, result.output.size)
+        raise
+    except Exception as exc:
+        log.warning("job %s: could not keep the result for idempotent retries: %s",
+                    result.job_id, exc, extra={"job_id": result.job_id})
+        return
+    if path is not None:
+        claim.commit(header, path, result.output.size)
+        log.debug("job %s: result kept for idempotent retries", result.job_id,
+                  extra={"job_id": result.job_id})
 
 
 def _read_chunks(fd: int, size: int) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ client's verifier checks them exactly as it checks the broker's.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
     out_format = OutputFormat.ONNX if fmt == "onnx" else OutputFormat.SAFETENSORS
     validated = ValidatedOutput(format=out_format, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
-                                chunks=lambda n: iter([output]), path=Path("/nonexistent"))
+                                chunks=lambda n: iter([output]), path=Path("/nonexistent"),
+                                write_to=lambda fd: os.write(fd, output))
     result = JobResult(
         job_id="job-1", detected_format=ArtifactFormat.PICKLE,
         input_sha256=hashlib.sha256(source).hexdigest(), input_size=len(source),

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import pytest
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError
 from airlock_broker.idempotency import IdempotencySettings, IdempotencyStore
 from airlock_broker.pools import PoolSettings
 from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
@@ -212,9 +213,16 @@ def _kept(store: IdempotencyStore) -> list[str]:
     return sorted(p.name for p in (store.spool_root / "results").iterdir())
 
 
+def _output(payload: bytes) -> Callable[[int], int]:
+    """What ``ValidatedOutput.write_to`` does: write the output into a descriptor."""
+    def write_to(fd: int) -> int:
+        return os.write(fd, payload)
+    return write_to
+
+
 async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
     async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
-        path = claim.keep(iter([payload]), len(payload))
+        path = claim.keep(_output(payload), len(payload))
         if path is not None:
             claim.commit(b"header", path, len(payload))
 
@@ -240,6 +248,18 @@ def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_copy_that_comes_up_short_is_not_kept(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        async with store.claim("", "k", "sha", "opts", "job-short") as claim:
+            with pytest.raises(AirlockError, match="stored 3 bytes of a 4-byte output"):
+                claim.keep(_output(b"123"), 4)
+        assert _kept(store) == [] and len(store) == 0
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_replay_survives_eviction_of_its_file(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings(ttl_seconds=60))
@@ -261,7 +281,7 @@ def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
         async with store.claim("alice", "k", "sha", "opts", "job-1") as claim:
-            path = claim.keep(iter([b"x"]), 1)
+            path = claim.keep(_output(b"x"), 1)
             assert path is not None
             claim.commit(b"h", path, 1)
         async with store.claim("bob", "k", "other-sha", "opts", "job-2") as claim:

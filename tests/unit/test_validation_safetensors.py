@@ -28,6 +28,7 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import (
     OutputLimits,
     SafetensorsInfo,
+    copy_canonical,
     iter_canonical,
     validate_safetensors,
 )
@@ -512,6 +513,35 @@ def test_output_changed_after_validation_is_not_streamed(tmp_path: Path) -> None
     os.utime(path, ns=(1, 1))
     with pytest.raises(AirlockError) as caught:
         b"".join(iter_canonical(path, info))
+    assert caught.value.reason is Reason.OUTPUT_INVALID
+
+
+def test_copy_canonical_writes_the_canonical_file_into_a_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(numpy_tensors(), str(path), metadata={"format": "np"})
+    info = validate_safetensors(path, LIMITS)
+    fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"prefix")  # written at the descriptor's position, like the stream
+        assert copy_canonical(path, info, fd) == info.canonical_size
+    finally:
+        os.close(fd)
+    copied = (tmp_path / "copy").read_bytes()
+    assert copied == b"prefix" + canonical_bytes(path, info)
+    assert hashlib.sha256(copied[6:]).hexdigest() == info.canonical_sha256
+
+
+def test_output_changed_after_validation_is_not_copied(tmp_path: Path) -> None:
+    header, data = two_f32_tensors()
+    path = write(tmp_path, st_file(header, data))
+    info = validate_safetensors(path, LIMITS)
+    path.write_bytes(st_file(header, data[:-4]))  # shrank after validation
+    fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(AirlockError) as caught:
+            copy_canonical(path, info, fd)
+    finally:
+        os.close(fd)
     assert caught.value.reason is Reason.OUTPUT_INVALID
 
 

@@ -1,0 +1,82 @@
+"""The broker learns of a clean exit from the kernel (a pidfd on the container's init), and of
+anything else from the engine; the verdicts and outputs are the same either way.
+
+"Dead means dead" under the kernel path is proved by the adversarial test in which a setsid
+grandchild keeps rewriting the output after the worker exits 0
+(tests/adversarial/test_hostile_text_and_races.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from airlock_client import Client, ConversionError
+from tests.conftest import IMAGE, BrokerProcess, start_broker
+from tests.fixtures import models
+
+pytestmark = pytest.mark.integration
+
+
+def _audit(broker: BrokerProcess, job_id: str) -> dict[str, Any]:
+    """The job's audit record (written as the handler ends, just after the client's answer)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = (broker.spool / "audit.jsonl").read_text().splitlines()
+        found = [r for r in map(json.loads, lines) if r.get("job_id") == job_id]
+        if found or time.monotonic() > deadline:
+            [record] = found
+            return record
+        time.sleep(0.05)
+
+
+def _convert(broker: BrokerProcess, artifact: Path, output: Path) -> str:
+    with Client(broker.address) as client:
+        return client.convert(artifact, output).job_id
+
+
+def _predict(model: Path, sample: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: sample})]
+
+
+def test_a_clean_exit_is_seen_by_the_kernel_and_a_failure_by_the_engine(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
+    job_id = _convert(broker, artifact, tmp_path / "out.onnx")
+    record = _audit(broker, job_id)
+    assert record["runtime"] == "runc"
+    assert record["exit_code"] == 0
+    assert record["exit_seen_by"] == "kernel"
+
+    artifact, _ = models.make_state_dict(tmp_path / "sd")
+    with Client(broker.address) as client, pytest.raises(ConversionError) as info:
+        client.convert(artifact, tmp_path / "x.onnx", target="onnx")
+    record = _audit(broker, info.value.job_id)
+    assert record["exit_code"] not in (0, None)
+    assert record["exit_seen_by"] == "engine"
+
+
+def test_the_engine_path_gives_the_same_output(broker: BrokerProcess, tmp_path: Path) -> None:
+    artifact, check = models.make_sklearn_pickle(tmp_path / "in")
+    assert check.sample is not None
+    _convert(broker, artifact, tmp_path / "kernel.onnx")
+    config = tmp_path / "engine.toml"
+    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\nexit_watch = "engine"\n')
+    (tmp_path / "engine").mkdir()
+    engine_broker = start_broker(tmp_path / "engine", "--config", str(config))
+    try:
+        job_id = _convert(engine_broker, artifact, tmp_path / "engine.onnx")
+        assert _audit(engine_broker, job_id)["exit_seen_by"] == "engine"
+    finally:
+        assert engine_broker.stop() == 0
+    # (The ONNX bytes differ run to run: skl2onnx names nodes uniquely per process.)
+    for kernel, engine in zip(_predict(tmp_path / "kernel.onnx", check.sample),
+                              _predict(tmp_path / "engine.onnx", check.sample), strict=True):
+        np.testing.assert_array_equal(kernel, engine)
