@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "sandbox"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 from airlock_worker import priming
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Run in a fresh interpreter: fit a model from code, optionally prime, convert it through
 #: the worker's path (convert_object -> write_onnx), print the output's bytes and the report.
