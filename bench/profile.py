@@ -394,6 +394,10 @@ def start_costs(quick: bool) -> dict[str, Any]:
         "cpu_s per start (median), python3 -c pass": _container_cost("pass", reps),
         "cpu_s per start (median), sklearn profile imports": _container_cost(
             "import " + ", ".join(sk), reps),
+        # what a warm sklearn container really does before its job: the imports, then the
+        # priming conversion (airlock_worker.priming) in images that have one
+        "cpu_s per start (median), sklearn warm_up (imports + priming)": _container_cost(
+            "from airlock_worker.profiles import warm_up; warm_up('sklearn')", reps),
     }
     out["import ms (incremental, in profile order, --cpus 1, median of 3)"] = {
         "sklearn": _import_times(sk), "torch": _import_times(torch_imports)}

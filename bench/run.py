@@ -50,7 +50,8 @@ from bench.broker import (
 from bench.containers import ContainerCpuTracker, all_containers_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE = "airlock-sandbox:latest"
+#: The sandbox image under test; AIRLOCK_TEST_IMAGE (as for the tests) points it elsewhere.
+IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
 RUNTIME = "runc"
 MiB = 1024 * 1024
 

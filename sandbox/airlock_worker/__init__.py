@@ -9,12 +9,15 @@ Modules, one job each:
 
 * ``__main__``: arguments, warm-up imports, waiting for the job spec, exit codes.
 * ``profiles``: which libraries each container profile imports before a job arrives.
+* ``priming``: one throw-away conversion of a model built from code during warm-up, so that
+  the job does not pay the libraries' first-call costs.
 * ``job``: the per-job context (spec, paths, policy gate, report) and the dispatch table.
 * ``detect``: magic-byte detection plus zip refinement.
 * ``errors``: the one exception type, carrying a :class:`WorkerExit`.
 * ``spec_types``: dtype/shape mapping from the request's tensor specs.
 * ``tensor_tree``: flattening checkpoints into dotted-name tensor dicts (pure logic).
-* ``st_torch`` / ``st_numpy``: writing and byte-verifying safetensors from torch / numpy.
+* ``st_torch`` / ``st_numpy``: writing and byte-verifying safetensors from torch / numpy;
+  ``st_verify``: checking a written file in place (mmap) against what was meant.
 * ``sklearn_convert``, ``torch_convert``, ``numpy_convert``, ``passthrough``: the loaders
   and converters per detected format.
 * ``onnx_out``: finishing an ONNX model (opsets, no external data, checker, size cap).

@@ -32,5 +32,9 @@ DEFAULT_PROFILE = PROFILE_LIGHT
 
 
 def warm_up(profile: str) -> None:
+    """Import the profile's modules, then pay its first-call costs (:mod:`.priming`)."""
     for module in PROFILES[profile]:
         importlib.import_module(module)
+    from .priming import prime
+
+    prime(profile)

@@ -5,8 +5,9 @@
   are different views of one storage (a slice beside the whole) are cloned, because
   mapping a slice onto the whole, as ``_remove_duplicate_names`` would, changes the weights;
 * everything is made contiguous;
-* after writing, every kept tensor is read back and compared by dtype, shape and raw bytes
-  (not ``torch.equal``: NaN != NaN and 0.0 == -0.0 would both mislead)."""
+* after writing, the file is checked in place against every kept tensor: names, dtypes,
+  shapes, ``__metadata__`` and raw bytes (:mod:`.st_verify`; not ``torch.equal``: NaN != NaN
+  and 0.0 == -0.0 would both mislead)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,27 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from airlock_sandbox.contract import WorkerExit
 
 from .errors import WorkerError
 from .output import check_size
+from .st_verify import Meant, verify
 
 #: dtypes safetensors cannot store; converting them would change the weights silently.
 _REFUSED = {torch.complex128, torch.complex32}
+
+#: safetensors' dtype codes (its format spec), written out here rather than taken from the
+#: writer's own table so that the check after writing does not trust the writer.
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2: "F8_E5M2", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+}
 
 
 def is_tensor(value: Any) -> bool:
@@ -100,22 +112,19 @@ def _is_whole(t: torch.Tensor) -> bool:
 def write_verified(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str, max_bytes: int
 ) -> int:
-    """Save, read back, compare bytes. Returns the number of tensors written."""
+    """Save, then check the file in place against every tensor. Returns how many."""
     if not tensors:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, "the checkpoint contains no tensors")
     check_size(sum(t.nbytes for t in tensors.values()), max_bytes)
     save_file(tensors, path, metadata=metadata)
-    with safe_open(path, framework="pt") as f:
-        if set(f.keys()) != set(tensors):
-            raise WorkerError(WorkerExit.CONVERSION_FAILED, "written names differ from the input")
-        for name, want in tensors.items():  # one at a time: peak memory is one tensor
-            got = f.get_tensor(name)
-            if got.dtype != want.dtype or got.shape != want.shape or not _same_bytes(got, want):
-                raise WorkerError(
-                    WorkerExit.CONVERSION_FAILED, f"tensor {name!r} does not match after reload"
-                )
+    verify(path, {name: _meant(name, t) for name, t in tensors.items()}, metadata)
     return len(tensors)
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+def _meant(name: str, t: torch.Tensor) -> Meant:
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise WorkerError(WorkerExit.CONVERSION_FAILED,
+                          f"tensor {name!r}: no safetensors code known for {t.dtype}")
+    # A view of the tensor's own bytes (contiguous, on the CPU, detached: prepare() saw to it).
+    return Meant(code, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy())

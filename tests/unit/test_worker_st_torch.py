@@ -4,8 +4,10 @@ are cloned, and the byte comparison after reload is exact where torch.equal is n
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,3 +68,123 @@ def test_output_cap_is_checked_before_writing(tmp_path: Path) -> None:
     with pytest.raises(WorkerError):
         st_torch.write_verified(ready, metadata, str(tmp_path / "x"), 100)
     assert not (tmp_path / "x").exists()
+
+
+# -- the check after writing: in place, byte for byte (st_verify) ---------------------------
+
+
+def _writer_that(damage: Any) -> Any:
+    """The real ``save_file``, followed by ``damage(path)``: a writer with a bug."""
+    from safetensors.torch import save_file
+
+    def save(tensors: dict[str, torch.Tensor], path: str, metadata: Any = None) -> None:
+        save_file(tensors, path, metadata=metadata)
+        damage(path)
+
+    return save
+
+
+def _data_start(path: str) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def _flip_byte(path: str, offset_in_data: int) -> None:
+    at = _data_start(path) + offset_in_data
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_corrupted_byte_in_the_written_file_is_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    from airlock_worker import st_verify
+    from airlock_worker.errors import WorkerError
+
+    monkeypatch.setattr(st_verify, "CHUNK", 64)  # several chunks per tensor
+    ready, metadata = _prepare({"a": torch.randn(100), "b": torch.arange(50, dtype=torch.int64)})
+    total = sum(t.nbytes for t in ready.values())
+    offset = {"first": 0, "middle": total // 2 + 3, "last": total - 1}[where]
+    monkeypatch.setattr(st_torch, "save_file", _writer_that(lambda p: _flip_byte(p, offset)))
+    with pytest.raises(WorkerError, match="bytes differ") as caught:
+        st_torch.write_verified(ready, metadata, str(tmp_path / "out.safetensors"), 10**6)
+    assert caught.value.exit.name == "CONVERSION_FAILED"
+
+
+def test_a_nan_payload_or_zero_sign_change_is_a_difference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flipping 0.0 into -0.0 (the sign bit, last byte of a little-endian float32) keeps
+    the values equal under ==; the byte comparison must still refuse it."""
+    from airlock_worker.errors import WorkerError
+
+    ready, metadata = _prepare({"z": torch.zeros(4)})
+
+    def sign_flip(path: str) -> None:
+        at = _data_start(path) + 3
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(b"\x80")
+
+    monkeypatch.setattr(st_torch, "save_file", _writer_that(sign_flip))
+    with pytest.raises(WorkerError, match="bytes differ"):
+        st_torch.write_verified(ready, metadata, str(tmp_path / "out.safetensors"), 10**6)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "name", "missing", "metadata"])
+def test_a_writer_that_changes_the_header_is_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    from safetensors.torch import save_file
+
+    from airlock_worker.errors import WorkerError
+
+    ready, metadata = _prepare({"w": torch.randn(2, 6), "v": torch.ones(3)})
+    wrong = {
+        "shape": lambda: ({"w": ready["w"].reshape(3, 4), "v": ready["v"]}, metadata),
+        "dtype": lambda: ({"w": ready["w"].view(torch.int32), "v": ready["v"]}, metadata),
+        "name": lambda: ({"W": ready["w"], "v": ready["v"]}, metadata),
+        "missing": lambda: ({"w": ready["w"]}, metadata),
+        "metadata": lambda: (ready, {**metadata, "extra": "x"}),
+    }[change]
+
+    def bad_save(tensors: Any, path: str, metadata: Any = None) -> None:
+        written, meta = wrong()
+        save_file(written, path, metadata=meta)
+
+    monkeypatch.setattr(st_torch, "save_file", bad_save)
+    with pytest.raises(WorkerError) as caught:
+        st_torch.write_verified(ready, metadata, str(tmp_path / "out.safetensors"), 10**6)
+    assert caught.value.exit.name == "CONVERSION_FAILED"
+
+
+def test_a_truncated_file_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airlock_worker.errors import WorkerError
+
+    def truncate(path: str) -> None:
+        os.truncate(path, os.path.getsize(path) - 1)
+
+    ready, metadata = _prepare({"w": torch.randn(8)})
+    monkeypatch.setattr(st_torch, "save_file", _writer_that(truncate))
+    with pytest.raises(WorkerError, match="tile"):
+        st_torch.write_verified(ready, metadata, str(tmp_path / "out.safetensors"), 10**6)
+
+
+def test_every_dtype_code_agrees_with_safetensors_and_round_trips(tmp_path: Path) -> None:
+    """Our table is written out independently of the writer's; it must say the same, and a
+    tensor of each dtype (plus empty and 0-d ones) passes the check after writing."""
+    import safetensors.torch
+
+    written_by_the_library = {v: k for k, v in safetensors.torch._TYPES.items()}
+    assert written_by_the_library == st_torch.DTYPE_CODES
+    tensors = {f"t_{code}": torch.arange(6, dtype=torch.float32).reshape(2, 3).to(dtype)
+               for dtype, code in st_torch.DTYPE_CODES.items()}
+    tensors |= {"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    ready, metadata = _prepare(tensors)
+    assert st_torch.write_verified(ready, metadata, str(tmp_path / "o"), 10**6) == len(tensors)
+
+
+def test_only_empty_tensors(tmp_path: Path) -> None:
+    ready, metadata = _prepare({"e": torch.zeros(0), "f": torch.zeros(2, 0)})
+    assert st_torch.write_verified(ready, metadata, str(tmp_path / "o"), 10**6) == 2

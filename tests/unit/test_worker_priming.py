@@ -1,0 +1,102 @@
+"""The warm-up's priming conversion (airlock_worker.priming) must not be observable by the job
+that follows: the same ONNX bytes and parity entries as in a fresh process, no change to
+skl2onnx's converter registry or numpy's global random state, nothing written anywhere.
+
+No artifact is loaded: the models are built (fitted) in the test's own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
+
+from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
+from airlock_worker import priming
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Run in a fresh interpreter: fit a model from code, optionally prime, convert it through
+#: the worker's path (convert_object -> write_onnx), print the output's bytes and the report.
+_CONVERT = r'''
+import json, sys
+sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[1]]
+from airlock_sandbox.contract import JobSpec
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_worker.job import Job
+from airlock_worker import sklearn_convert
+from tests.fixtures.models import sklearn_pipeline, classification_data
+from sklearn.ensemble import RandomForestClassifier
+if sys.argv[3] == "primed":
+    from airlock_worker.priming import prime
+    prime("sklearn")
+x, y = classification_data()
+models = {"pipeline": sklearn_pipeline(),
+          "forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)}
+out = {}
+for name, model in models.items():
+    d = sys.argv[2] + "/" + sys.argv[3] + "-" + name
+    import os; os.mkdir(d)
+    job = Job(spec=JobSpec(job_id="t"), artifact="", out_dir=d, fmt=ArtifactFormat.PICKLE)
+    sklearn_convert.convert_object(job, model)
+    report = json.loads(job.report.to_json())
+    report.pop("timings", None)
+    import onnx
+    model = onnx.load(d + "/model.onnx")
+    graph_name = model.graph.name
+    model.graph.name = ""  # skl2onnx names every graph with a fresh uuid4
+    out[name] = {"onnx": model.SerializeToString().hex(), "report": report,
+                 "graph_name_length": len(graph_name)}
+print("RESULT " + json.dumps(out, sort_keys=True))
+'''
+
+
+def _convert(tmp_path: Path, variant: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, str(ROOT), str(tmp_path), variant],
+                          capture_output=True, text=True, timeout=300, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(line[7:])
+    return result
+
+
+def test_a_primed_process_converts_exactly_like_a_fresh_one(tmp_path: Path) -> None:
+    """Byte for byte, but for the graph's name: skl2onnx draws a uuid4 for it on every
+    conversion, primed or not."""
+    fresh, primed = _convert(tmp_path, "fresh"), _convert(tmp_path, "primed")
+    assert set(fresh) == {"pipeline", "forest"}
+    assert fresh == primed
+
+
+def test_priming_leaves_the_converter_registry_and_global_rng_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import skl2onnx  # noqa: F401  (registers its converters at import, as in the warm-up)
+    from skl2onnx.common import _registration
+
+    monkeypatch.chdir(tmp_path)
+    pools = (_registration._converter_pool, _registration._shape_calculator_pool)
+    before = [dict(pool) for pool in pools]
+    rng_before = np.random.get_state()
+    priming.prime(PROFILE_SKLEARN)
+    assert [dict(pool) for pool in pools] == before
+    rng_after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(rng_before, rng_after, strict=True))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("profile", [PROFILE_LIGHT, PROFILE_TORCH])
+def test_other_profiles_are_not_primed_with_sklearn(
+        profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Priming is per profile: a torch or light container never converts a sklearn model."""
+    calls: list[str] = []
+    monkeypatch.setattr(priming, "_prime_sklearn", lambda: calls.append("sklearn"))
+    priming.prime(profile)
+    assert calls == []
+    priming.prime(PROFILE_SKLEARN)
+    assert calls == ["sklearn"]
