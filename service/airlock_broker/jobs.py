@@ -22,9 +22,10 @@ from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.integrity import difference
 from airlock_broker.outputs import (
     ValidatedOutput,
-    adopt_digest,
     compute_digest,
+    same_output,
     validate_output,
+    with_sha256,
 )
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
@@ -218,6 +219,15 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
 VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
 
 
+async def _settle(task: asyncio.Task[Any]) -> None:
+    """A background task of the job's, ended with the job (its result no longer matters)."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})  # the task's own outcome is not raised here; ours would be
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at collection
+
+
 @dataclass(frozen=True)
 class Extraction:
     """The integrity extraction's sandbox outcome and, if it produced one, its validated
@@ -226,6 +236,18 @@ class Extraction:
     outcome: Outcome
     output: ValidatedOutput | None
     note: str
+    #: The output's sha256, computed in the background from the moment it was validated.
+    digest: asyncio.Task[ValidatedOutput] | None = None
+
+    async def sha256(self) -> str:
+        """The extraction output's digest ("" if it could not be computed)."""
+        if self.digest is None:
+            return ""
+        try:
+            return (await self.digest).sha256
+        except AirlockError as exc:
+            log.warning("the integrity extraction's digest failed: %s", exc)
+            return ""
 
 
 class JobRunner:
@@ -265,7 +287,7 @@ class JobRunner:
             try:
                 outcome, extraction = await asyncio.gather(
                     self.backend.run(slot, spec, request.deadline_seconds),
-                    self._extract(second, request))
+                    self._extract(second, request, stack))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
@@ -325,10 +347,11 @@ class JobRunner:
         stack.push_async_callback(self.pools.release, slot)
         return slot
 
-    async def _extract(self, slot: Slot | None, request: JobRequest) -> Extraction | None:
+    async def _extract(self, slot: Slot | None, request: JobRequest,
+                       stack: contextlib.AsyncExitStack) -> Extraction | None:
         """Run the integrity extraction and, as soon as its sandbox is dead, validate its
-        output: it usually ends well before the conversion, so its 400 MB hash is hidden
-        behind the conversion instead of following it."""
+        output and start hashing it: it usually ends before the conversion, so its 400 MB
+        hash runs beside the conversion and the comparison instead of after them."""
         if slot is None:
             return None
         spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
@@ -339,11 +362,13 @@ class JobRunner:
                                              f"the artifact (extraction exit {outcome.exit_code})")
         try:
             extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
-                                              self.limits, self.onnx_validator)
+                                              self.limits, self.onnx_validator, digest=False)
         except AirlockError as exc:
             return Extraction(outcome, None,
                               f"the extraction's output was invalid: {exc.message}")
-        return Extraction(outcome, extracted, "")
+        digest = asyncio.create_task(compute_digest(extracted))
+        stack.push_async_callback(_settle, digest)
+        return Extraction(outcome, extracted, "", digest)
 
     async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
                          ) -> tuple[ValidatedOutput, str, str]:
@@ -355,9 +380,11 @@ class JobRunner:
         if extracted is None:
             return output, FORMAT_SAFE_ONLY, extraction.note
         assert extracted.safetensors is not None
-        identical = await adopt_digest(output, extracted)
-        if identical is not None:
-            return identical, INTEGRITY_VERIFIED, VERIFIED_NOTE
+        # Compare while the extraction's hash finishes: two threads, two cores.
+        same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
+        if same:
+            return (with_sha256(output, sha256) if sha256 else output,
+                    INTEGRITY_VERIFIED, VERIFIED_NOTE)
         differs = await asyncio.to_thread(difference, output.path, output.safetensors,
                                           extracted.path, extracted.safetensors)
         if differs is not None:

@@ -99,16 +99,20 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                            write_into=lambda fd: write_bytes(canonical, fd))
 
 
-async def adopt_digest(output: ValidatedOutput, twin: ValidatedOutput) -> ValidatedOutput | None:
-    """``output`` with ``twin``'s sha256 if both safetensors files have the same canonical form
-    (proved by comparing them, cheaper than hashing); None if they differ."""
+async def same_output(output: ValidatedOutput, twin: ValidatedOutput) -> bool:
+    """Whether two safetensors outputs have the same canonical form (compared, not hashed)."""
     mine, theirs = output.safetensors, twin.safetensors
-    if mine is None or theirs is None or not twin.sha256:
-        return None
-    if not await asyncio.to_thread(same_canonical, output.path, mine, twin.path, theirs):
-        return None
-    return replace(output, sha256=twin.sha256,
-                   safetensors=replace(mine, canonical_sha256=twin.sha256))
+    if mine is None or theirs is None:
+        return False
+    return await asyncio.to_thread(same_canonical, output.path, mine, twin.path, theirs)
+
+
+def with_sha256(output: ValidatedOutput, sha256: str) -> ValidatedOutput:
+    """``output`` carrying ``sha256``: only for a digest proved to be of its canonical bytes
+    (that of a twin :func:`same_output` found identical)."""
+    info = output.safetensors
+    return replace(output, sha256=sha256,
+                   safetensors=None if info is None else replace(info, canonical_sha256=sha256))
 
 
 async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
