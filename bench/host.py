@@ -129,3 +129,13 @@ def machine(image: str, runtime: str) -> dict[str, Any]:
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "versions": versions,
     }
+
+
+def settle_disk() -> float:
+    """Write every dirty page out (``sync``) before a timed sample that writes hundreds of MB,
+    so that it does not pay for the previous sample's writeback (or leave its own to the next
+    one): the kernel flushes dirty pages 30 s after they were written, in whatever runs then.
+    Returns how long the flush took."""
+    began = time.monotonic()
+    os.sync()
+    return time.monotonic() - began
