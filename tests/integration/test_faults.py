@@ -275,6 +275,11 @@ def test_a_sigkilled_broker_leaves_nothing_its_successor_does_not_reap(
         # A kept result (idempotency store), a job in its sandbox, an upload half-way.
         quick = payloads.fake_success_pickle(tmp_path / "quick.pkl")
         first.client.convert(quick, tmp_path / "q.safetensors")
+        # The broker answers as soon as the kernel says the sandbox is dead (exit_watch.py),
+        # before the engine does and before its background removal: until that is done, the
+        # quick job's container could pass for the slow job's below.
+        ph.wait_for(lambda: not ph.containers_of(docker_client, first.identity), 30,
+                    "the quick job's sandbox removed")
         slow = payloads.fake_success_pickle(tmp_path / "slow.pkl", sleep_seconds=120)
         _in_thread(lambda: Client(first.address, retry_attempts=1).convert(
             slow, tmp_path / "slow.safetensors"))
