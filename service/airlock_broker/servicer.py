@@ -188,41 +188,38 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     record.set(provenance_key=self.signing_key.fingerprint,
                                provenance_sha256=hashlib.sha256(envelope).hexdigest())
                     header = result_message(result, provenance=envelope)
-                    async for response in self._respond(claim, header, result, local):
-                        yield response
+                    # The copy kept for retries is made while the answer goes out, and
+                    # committed here, inside the claim: when the client goes away mid-answer
+                    # this generator is closed at its ``yield`` and the claim would otherwise
+                    # end first, uncommitted, so that the client's retry converted again.
+                    keeping = _start_keeping(claim, result)
+                    try:
+                        async for response in self._respond(header, result, local):
+                            yield response
+                    finally:
+                        if keeping is not None:
+                            await _commit_kept(claim, keeping,
+                                               header.result.SerializeToString(), result)
         finally:
             remove_quietly(upload)
 
-    async def _respond(self, claim: Claim, header: pb.ConvertResponse, result: JobResult,
+    async def _respond(self, header: pb.ConvertResponse, result: JobResult,
                        local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
-        """Stream a fresh result; with an idempotency key, keep a copy at the same time.
-
-        The copy is a kernel copy, much faster than the stream, so it costs the client no time.
-        It is committed before the handler ends, even when the client went away mid-stream,
-        so that the client's retry finds the result. A copy that fails (disk full) only
-        means a retry converts again.
+        """Stream a fresh result (the copy kept for retries is made beside it, see Convert).
 
         On the fast path the validated output is written into the caller's descriptor instead
         (only now: nothing reaches the caller's file before validation passed), then the
         header alone is sent.
         """
-        keeping: asyncio.Future[Path | None] | None = None
-        if claim.keeps:
-            keeping = asyncio.ensure_future(
-                asyncio.to_thread(claim.keep, result.output.write_to, result.output.size))
-        try:
-            if local is not None:
-                await asyncio.to_thread(result.output.write_to_fd, local.output_fd)
-                header.result.transfer = "local"
-                yield header
-                return
-            header.result.transfer = "stream"
+        if local is not None:
+            await asyncio.to_thread(result.output.write_to_fd, local.output_fd)
+            header.result.transfer = "local"
             yield header
-            for data in result.output.chunks(self.config.chunk_bytes):
-                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
-        finally:
-            if keeping is not None:
-                await _commit_kept(claim, keeping, header.result.SerializeToString(), result)
+            return
+        header.result.transfer = "stream"
+        yield header
+        for data in result.output.chunks(self.config.chunk_bytes):
+            yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
 
     async def _replay(self, claim: Claim, record: AuditRecord,
                       local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
@@ -250,6 +247,16 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                 yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
         finally:
             os.close(fd)
+
+
+def _start_keeping(claim: Claim, result: JobResult) -> asyncio.Future[Path | None] | None:
+    """With an idempotency key: copy the output into the store, by kernel copy, in a thread.
+    It is much faster than the answer, so it costs the client no time. A copy that fails
+    (disk full) only means a retry converts again."""
+    if not claim.keeps:
+        return None
+    return asyncio.ensure_future(
+        asyncio.to_thread(claim.keep, result.output.write_to, result.output.size))
 
 
 async def _commit_kept(claim: Claim, keeping: asyncio.Future[Path | None], header: bytes,

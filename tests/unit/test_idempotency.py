@@ -152,6 +152,28 @@ def test_a_retry_while_the_first_attempt_runs_attaches_to_it(start) -> None:
     assert results[0][1] == results[1][1] and results[0][0].job_id == results[1][0].job_id
 
 
+def test_a_retry_after_the_client_left_mid_answer_replays_the_kept_result(
+        start, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The copy kept for retries is still being written when the header goes out; the client
+    # reads the header and leaves. Its retry must still find the result, not convert again.
+    write = IdempotencyStore.write
+
+    def slow_write(self: IdempotencyStore, *args: object) -> object:
+        time.sleep(0.5)
+        return write(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(IdempotencyStore, "write", slow_write)
+    run = start()
+    with grpc.insecure_channel(run.address) as channel:
+        call = pb_grpc.ConversionServiceStub(channel).Convert(
+            iter(_requests(PICKLE, "left", pb.TARGET_FORMAT_AUTO)), timeout=30)
+        header = next(call).result
+        call.cancel()
+    again, output = convert(run.address, PICKLE, "left")
+    assert again.replayed and again.job_id == header.job_id and run.conversions == 1
+    assert hashlib.sha256(output).hexdigest() == header.output_sha256
+
+
 def test_the_same_key_for_another_artifact_or_other_options_is_refused(start) -> None:
     run = start()
     convert(run.address, PICKLE, "k")
