@@ -92,12 +92,12 @@ class Claim:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
-    def keep(self, write_to: Callable[[int], int], size: int) -> Path | None:
+    def keep(self, write_into: Callable[[int], None], size: int) -> Path | None:
         """Copy the validated output into the store (in a worker thread); None if too big.
-        ``write_to`` writes the output into a descriptor (``ValidatedOutput.write_to``)."""
+        ``write_into`` makes the output a descriptor's content (``ValidatedOutput``'s)."""
         if self._store is None or self._entry is None:
             return None
-        return self._store.write(self._entry, write_to, size)
+        return self._store.write(self._entry, write_into, size)
 
     def commit(self, header: bytes, path: Path, size: int) -> None:
         """On the event loop, once ``keep`` wrote ``path``: the result is now replayable."""
@@ -189,9 +189,10 @@ class IdempotencyStore:
                 del self._entries[ident]  # nothing to replay: a retry converts again
             entry.done.set()
 
-    def write(self, entry: _Entry, write_to: Callable[[int], int], size: int) -> Path | None:
+    def write(self, entry: _Entry, write_into: Callable[[int], None],
+              size: int) -> Path | None:
         """Copy a validated output into the store's directory: by kernel copy for the bulk of
-        a safetensors file (``sendfile``: no bytes through Python). Runs in a worker thread."""
+        a safetensors file (``copy_file_range`` or ``sendfile``). Runs in a worker thread."""
         if size > self.settings.max_bytes:
             log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
                      "will convert again", entry.job_id, size, self.settings.max_bytes)
@@ -200,7 +201,8 @@ class IdempotencyStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            written = write_to(fd)
+            write_into(fd)
+            written = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
             remove_quietly(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,12 +15,10 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
-    copy_canonical,
     iter_canonical,
     same_canonical,
     validate_safetensors,
     with_digest,
-    write_all,
 )
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
@@ -35,21 +32,12 @@ class ValidatedOutput:
     sha256: str
     chunks: Callable[[int], Iterator[bytes]]
     path: Path
-    #: Writes the same ``size`` bytes into a file descriptor, by kernel copy where it can.
-    write_to: Callable[[int], int]
+    #: Makes the same ``size`` bytes the whole content of a file descriptor: explicit
+    #: offsets, by kernel copy where it can (blocking: a worker thread). Serves a peer's
+    #: descriptor (the same-host fast path) and the idempotency store's file alike.
+    write_into: Callable[[int], None]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
-    #: Like ``write_to``, but at explicit offsets, for a descriptor a peer shares (the
-    #: same-host fast path: the client could move a shared file offset). None: ``write_to``.
-    write_into: Callable[[int], None] | None = None
-
-    def write_to_fd(self, fd: int) -> None:
-        """The whole output as the content of a peer's ``fd`` (blocking: a worker thread)."""
-        if self.write_into is not None:
-            self.write_into(fd)
-            return
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, self.write_to(fd))
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:
@@ -75,7 +63,7 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
     the canonical bytes they send back are what the caller receives, hashed here.
     ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
-    one (:func:`adopt_digest` or :func:`compute_digest`) before anyone sees the output.
+    one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
     """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
@@ -88,14 +76,12 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                                # tmpfs is the broker's, and the client checks the sha256.
                                chunks=lambda n: iter_canonical(path, info, n, rehash=False),
                                path=path,
-                               write_to=lambda fd: copy_canonical(path, info, fd),
-                               safetensors=info,
-                               write_into=lambda fd: write_canonical_safetensors(path, info, fd))
+                               write_into=lambda fd: write_canonical_safetensors(path, info, fd),
+                               safetensors=info)
     canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(),
                            chunks=lambda n: _slices(canonical, n), path=path,
-                           write_to=lambda fd: _write_bytes(fd, canonical),
                            write_into=lambda fd: write_bytes(canonical, fd))
 
 
@@ -121,11 +107,6 @@ async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
         return output
     info = await asyncio.to_thread(with_digest, output.path, output.safetensors)
     return replace(output, sha256=info.canonical_sha256, safetensors=info)
-
-
-def _write_bytes(fd: int, data: bytes) -> int:
-    write_all(fd, data)
-    return len(data)
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:

@@ -212,7 +212,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         header alone is sent.
         """
         if local is not None:
-            await asyncio.to_thread(result.output.write_to_fd, local.output_fd)
+            await asyncio.to_thread(result.output.write_into, local.output_fd)
             header.result.transfer = "local"
             yield header
             return
@@ -256,7 +256,7 @@ def _start_keeping(claim: Claim, result: JobResult) -> asyncio.Future[Path | Non
     if not claim.keeps:
         return None
     return asyncio.ensure_future(
-        asyncio.to_thread(claim.keep, result.output.write_to, result.output.size))
+        asyncio.to_thread(claim.keep, result.output.write_into, result.output.size))
 
 
 async def _commit_kept(claim: Claim, keeping: asyncio.Future[Path | None], header: bytes,

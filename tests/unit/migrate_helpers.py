@@ -51,7 +51,7 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
     validated = ValidatedOutput(format=out_format, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
                                 chunks=lambda n: iter([output]), path=Path("/nonexistent"),
-                                write_to=lambda fd: os.write(fd, output))
+                                write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
     result = JobResult(
         job_id="job-1", detected_format=ArtifactFormat.PICKLE,
         input_sha256=hashlib.sha256(source).hexdigest(), input_size=len(source),

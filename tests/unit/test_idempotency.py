@@ -235,11 +235,11 @@ def _kept(store: IdempotencyStore) -> list[str]:
     return sorted(p.name for p in (store.spool_root / "results").iterdir())
 
 
-def _output(payload: bytes) -> Callable[[int], int]:
-    """What ``ValidatedOutput.write_to`` does: write the output into a descriptor."""
-    def write_to(fd: int) -> int:
-        return os.write(fd, payload)
-    return write_to
+def _output(payload: bytes) -> Callable[[int], None]:
+    """What ``ValidatedOutput.write_into`` does: make the output a descriptor's content."""
+    def write_into(fd: int) -> None:
+        os.pwrite(fd, payload, 0)
+    return write_into
 
 
 async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:

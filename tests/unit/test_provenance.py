@@ -44,7 +44,7 @@ def _result(output: bytes = OUTPUT, report: dict[str, Any] | None = None) -> Job
     validated = ValidatedOutput(format=OutputFormat.ONNX, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
                                 chunks=lambda n: iter([output]), path=Path("/nonexistent"),
-                                write_to=lambda fd: os.write(fd, output))
+                                write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
     outcome = Outcome(exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
                       image_id="sha256:" + "ab" * 32, runtime="runc")
     return JobResult(job_id="job-1", detected_format=ArtifactFormat.PICKLE,

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.local_io import write_canonical_safetensors
 from airlock_broker.validation import (
     OutputLimits,
     SafetensorsInfo,
-    copy_canonical,
     iter_canonical,
     same_canonical,
     validate_safetensors,
@@ -518,19 +518,20 @@ def test_output_changed_after_validation_is_not_streamed(tmp_path: Path) -> None
     assert caught.value.reason is Reason.OUTPUT_INVALID
 
 
-def test_copy_canonical_writes_the_canonical_file_into_a_descriptor(tmp_path: Path) -> None:
+def test_the_canonical_file_becomes_a_descriptors_whole_content(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     safetensors.numpy.save_file(numpy_tensors(), str(path), metadata={"format": "np"})
     info = validate_safetensors(path, LIMITS)
-    fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
+    (tmp_path / "copy").write_bytes(b"x" * (info.canonical_size + 100))  # longer: truncated
+    fd = os.open(tmp_path / "copy", os.O_WRONLY, 0o600)
     try:
-        os.write(fd, b"prefix")  # written at the descriptor's position, like the stream
-        assert copy_canonical(path, info, fd) == info.canonical_size
+        os.lseek(fd, 6, os.SEEK_SET)  # the descriptor's position is not used
+        write_canonical_safetensors(path, info, fd)
     finally:
         os.close(fd)
     copied = (tmp_path / "copy").read_bytes()
-    assert copied == b"prefix" + canonical_bytes(path, info)
-    assert hashlib.sha256(copied[6:]).hexdigest() == info.canonical_sha256
+    assert copied == canonical_bytes(path, info)
+    assert hashlib.sha256(copied).hexdigest() == info.canonical_sha256
 
 
 def test_output_changed_after_validation_is_not_copied(tmp_path: Path) -> None:
@@ -541,7 +542,7 @@ def test_output_changed_after_validation_is_not_copied(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "copy", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(AirlockError) as caught:
-            copy_canonical(path, info, fd)
+            write_canonical_safetensors(path, info, fd)
     finally:
         os.close(fd)
     assert caught.value.reason is Reason.OUTPUT_INVALID

@@ -2,8 +2,7 @@
 
 * ``limits``: the caps, one frozen :class:`OutputLimits`.
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
-* ``safetensors_check``: header-only validation, canonical header, chunked canonical stream,
-  or a kernel copy of it into a descriptor.
+* ``safetensors_check``: header-only validation, canonical header, chunked canonical stream.
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
 * ``onnx_pool`` / ``onnx_worker``: the broker's way: long-lived rlimited validator processes
   (the broker itself never parses an ONNX output); ``onnx_answer`` reads their answers.
@@ -23,7 +22,6 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.safetensors_check import (
     FileIdentity,
     SafetensorsInfo,
-    copy_canonical,
     iter_canonical,
     same_canonical,
     validate_safetensors,
@@ -37,7 +35,6 @@ __all__ = [
     "SafetensorsInfo",
     "ValueSpec",
     "collect_output",
-    "copy_canonical",
     "iter_canonical",
     "open_regular_file",
     "read_onnx_file",

@@ -205,31 +205,6 @@ def iter_canonical(
             raise error(Reason.OUTPUT_INVALID, "output changed while it was streamed")
 
 
-def copy_canonical(path: Path, info: SafetensorsInfo, fd: int) -> int:
-    """Write the canonical file into ``fd`` at its position: the canonical header, then the
-    data section copied by the kernel (``sendfile``) from the validated file, which must still
-    be the one ``info`` describes. Returns the bytes written (``info.canonical_size``)."""
-    handle, st = open_regular_file(path)
-    with handle:
-        if FileIdentity.of(st) != info.source:
-            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
-        write_all(fd, info.canonical_header)
-        offset, left = info.source_data_offset, info.data_bytes
-        while left:
-            sent = os.sendfile(fd, handle.fileno(), offset, left)
-            if sent == 0:
-                raise error(Reason.OUTPUT_INVALID, "output shrank after it was validated")
-            offset += sent
-            left -= sent
-    return info.canonical_size
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def canonical_header_bytes(
     tensors: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str] | None
 ) -> bytes:
