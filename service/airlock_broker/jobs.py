@@ -230,10 +230,9 @@ async def _settle(task: asyncio.Task[Any]) -> None:
 
 @dataclass(frozen=True)
 class Extraction:
-    """The integrity extraction's sandbox outcome and, if it produced one, its validated
-    output; otherwise why the result can only be format-safe."""
+    """The integrity extraction's validated output, if it produced one; otherwise why the
+    result can only be format-safe."""
 
-    outcome: Outcome
     output: ValidatedOutput | None
     note: str
     #: The output's sha256, computed in the background from the moment it was validated.
@@ -358,17 +357,16 @@ class JobRunner:
                        max_output_bytes=self.limits.max_output_bytes)
         outcome = await self.backend.run(slot, spec, request.deadline_seconds)
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
-            return Extraction(outcome, None, "the weights could not be read without executing "
-                                             f"the artifact (extraction exit {outcome.exit_code})")
+            return Extraction(None, "the weights could not be read without executing the "
+                                    f"artifact (extraction exit {outcome.exit_code})")
         try:
             extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
                                               self.limits, self.onnx_validator, digest=False)
         except AirlockError as exc:
-            return Extraction(outcome, None,
-                              f"the extraction's output was invalid: {exc.message}")
+            return Extraction(None, f"the extraction's output was invalid: {exc.message}")
         digest = asyncio.create_task(compute_digest(extracted))
         stack.push_async_callback(_settle, digest)
-        return Extraction(outcome, extracted, "", digest)
+        return Extraction(extracted, "", digest)
 
     async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
                          ) -> tuple[ValidatedOutput, str, str]:
