@@ -127,6 +127,8 @@ class Broker:
         self.log = self.dir / "broker.log"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        #: its own Unix socket (not the machine's), where the bench, as root, reads pool status
+        self.socket = self.dir / "run" / "broker.sock"
         self.log_level = log_level
         #: what to run instead of ``airlock serve`` (bench.profile runs a traced broker)
         self.command = command or [str(AIRLOCK), "serve"]
@@ -146,14 +148,14 @@ class Broker:
 
     def start(self, timeout: float = 120.0) -> None:
         env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
-               **self.extra_env}
+               "AIRLOCK_SOCKET": str(self.socket), **self.extra_env}
         with self.log.open("wb") as fh:
             self.process = subprocess.Popen(
                 [*self.command, "--listen", self.address, "--config",
                  str(self.config_path), "--log-level", self.log_level],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
         self._wait_serving(timeout)
-        self.client = Client(self.address, retry_attempts=1)
+        self.client = Client(f"unix:{self.socket}", retry_attempts=1)  # pool status: admin
 
     def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
