@@ -38,6 +38,8 @@ from typing import Any
 
 import grpc
 
+from airlock_client._errors import ServiceUnavailable
+
 #: Printable ASCII without spaces: what an HTTP/2 header value can carry unchanged.
 _TOKEN = re.compile(r"[\x21-\x7e]{1,512}")
 
@@ -87,8 +89,11 @@ def trusted_owners() -> frozenset[int]:
     return frozenset(owners)
 
 
-class UntrustedSocket(Exception):
+class UntrustedSocket(ServiceUnavailable):
     """The socket, or a directory on its path, could have been made by someone else."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="UNTRUSTED_SOCKET")
 
 
 def check_socket(path: Path, owners: frozenset[int]) -> None:
@@ -126,8 +131,11 @@ class PeerTicket(grpc.AuthMetadataPlugin):
     def __call__(self, context: Any, callback: Any) -> None:
         try:
             callback(((PEER_TICKET_HEADER, self.fetch()),), None)
-        except (OSError, UntrustedSocket) as exc:
+        except UntrustedSocket as exc:
             callback(None, exc)
+        except OSError as exc:
+            callback(None, OSError(f"cannot reach the broker at unix:{self.path}: "
+                                   f"{exc.strerror or exc}"))
 
     def fetch(self) -> str:
         check_socket(self.path, self.owners)
@@ -235,7 +243,14 @@ def _unix_channel(path: Path, settings: ChannelSettings,
     if not path.is_absolute():
         raise ValueError(f"the broker socket must be an absolute path, not {path}")
     real = Path(os.path.realpath(path.parent)) / path.name  # then checked link-free
-    calls = [grpc.metadata_call_credentials(PeerTicket(real, trusted_owners()),
+    owners = trusted_owners()
+    if os.path.lexists(real):  # refused before gRPC even connects (it would send a preface)
+        try:
+            check_socket(real, owners)
+        except OSError as exc:
+            raise ServiceUnavailable(f"cannot reach the broker at unix:{real}: "
+                                     f"{exc.strerror or exc}") from None
+    calls = [grpc.metadata_call_credentials(PeerTicket(real, owners),
                                             name="airlock-peer-ticket")]
     if settings.token is not None:
         calls.append(grpc.access_token_call_credentials(settings.token))

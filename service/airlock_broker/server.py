@@ -209,6 +209,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     except BaseException:
         if local is not None:
             await local.close()
+        await replays.close()
+        audit.close()
         os.close(lock_fd)
         raise
     for name in (SERVICE_NAME, ""):
