@@ -4,6 +4,7 @@ sandbox image: when either is missing they FAIL with a message saying how to fix
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -74,9 +75,18 @@ def airlock_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 and on [::1]: a broker on loopback holds both families."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # a host without IPv6 loopback has nothing to hold there
+            return port
 
 
 @dataclass
