@@ -19,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
@@ -144,6 +146,9 @@ def run_keys(args: argparse.Namespace) -> int:
             return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
         try:
             actual = fingerprint(published.public_key_pem.encode())
+            # The key as parsed, re-encoded: not the broker's text, which may carry more.
+            pem = load_public_key(published.public_key_pem.encode()).public_bytes(
+                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
         except ProvenanceError as exc:
             print(f"airlock keys: the broker's key is unusable: {printable(exc.message)}",
                   file=sys.stderr)
@@ -154,7 +159,7 @@ def run_keys(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
               "with the broker's host (airlock keys export) before pinning it", file=sys.stderr)
-        return _emit_key(args, published.public_key_pem, actual)
+        return _emit_key(args, pem, actual)
     try:
         from airlock_broker.keys import SigningKeyError, export_public
     except ImportError:

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runsc-<suffix>: another registration of runsc")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow listening beyond loopback without [auth]: anyone who can "
-                             "reach the port may convert and operate the pools")
+                             "reach the port may convert (operating the pools also needs "
+                             "[auth] anonymous_admin)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],

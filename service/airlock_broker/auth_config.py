@@ -315,6 +315,10 @@ def is_loopback(address: str) -> bool:
 
 def check_listen(address: str, auth: AuthConfig) -> None:
     """Refuse a listen address the auth settings cannot protect (raises ``ValueError``)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        raise ValueError(f"listen takes HOST:PORT, not {address}: the broker's Unix socket, "
+                         "where each caller is named by its uid, is [broker] unix_socket "
+                         "(--unix-socket)")
     if is_loopback(address):
         return
     if auth.tokens and not auth.tls:
@@ -325,7 +329,7 @@ def check_listen(address: str, auth: AuthConfig) -> None:
         raise ValueError(
             f"refusing to listen on {address} without authentication: configure [auth] "
             "(tokens or client certificates), listen on 127.0.0.1, or pass --insecure-no-auth "
-            "to let anyone who can reach the port convert and operate the pools")
+            "to let anyone who can reach the port convert")
 
 
 __all__ = ["TOKEN_PREFIX", "AuthConfig", "LocalUserEntry", "Role", "SubjectEntry", "TokenEntry",

@@ -201,8 +201,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
-    port = add_tcp_listeners(server, config.listen, credentials)  # both loopback families
     try:
+        port = add_tcp_listeners(server, config.listen, credentials)  # both loopback families
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
         unix = await add_unix_listener(server, config.unix_socket, peer_tickets)
@@ -250,7 +250,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
              config.auth.describe())
     if config.auth.insecure_no_auth:
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
-                    "port can convert artifacts and drain or restart the pools", config.listen)
+                    "port can convert artifacts%s", config.listen,
+                    " and drain or restart the pools" if config.auth.anonymous_admin else "")
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
                   replays=replays, lock_fd=lock_fd,

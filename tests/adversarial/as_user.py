@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
         import airlock_client.cli
 
         _ = (airlock_client._migrate_cli, airlock_client._provenance_cli)
+        airlock_client.cli.build_parser()  # it imports the broker's flags (airlock serve)
         _drop_to(uid)
         return airlock_client.cli.main(rest)
     if command == "squat":

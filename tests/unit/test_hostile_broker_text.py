@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -19,6 +21,7 @@ from grpc_status import rpc_status
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import cli
+from airlock_client.provenance import fingerprint
 from tests.unit.test_auth import PICKLE
 
 ESC = "\x1b"
@@ -49,7 +52,18 @@ class _MaliciousAdmin(pb_grpc.AdminServiceServicer):
 
 
 class _MaliciousConversion(pb_grpc.ConversionServiceServicer):
+    """A real key, wrapped in escapes the PEM parser skips; every job refused with escapes."""
+
+    def __init__(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        self.pem = key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
     def GetProvenanceKey(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.GetProvenanceKeyResponse(public_key_pem=f"{EVIL}\n{self.pem}{EVIL}\n",
+                                           fingerprint=fingerprint(self.pem.encode()))
+
+    def Convert(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        next(request_iterator)
         info = any_pb2.Any()
         info.Pack(error_details_pb2.ErrorInfo(reason=f"{ESC}[32mCONVERTED", domain="airlock.v1"))
         context.abort_with_status(rpc_status.to_status(status_pb2.Status(
@@ -76,6 +90,7 @@ def test_a_malicious_brokers_escapes_reach_the_terminal_escaped(
     assert cli.main(["pool", "status"]) == 0
     assert cli.main(["selftest"]) == 0
     assert cli.main(["convert", str(artifact)]) == 1
+    assert cli.main(["keys", "fetch"]) == 0  # the PEM printed is the parsed key, re-encoded
     printed = capsys.readouterr()
     for text in (printed.out, printed.err):
         assert ESC not in text and "\u202e" not in text and "\x07" not in text

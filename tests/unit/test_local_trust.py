@@ -127,6 +127,7 @@ def test_local_users_and_anonymous_admin_load_from_the_config(tmp_path: Path) ->
         ('[[auth.local_users]]\nuid = "root"\nroles = ["admin"]\n', "uid must be a number"),
         ('[auth]\nanonymous_admin = "yes"\n', "true or false"),
         ('[broker]\nunix_socket = "run/b.sock"\n', "absolute"),
+        ('[broker]\nlisten = "unix:/run/b.sock"\n', "is \\[broker\\] unix_socket"),
         ('[broker]\nunix_socket = "/' + "d" * 120 + '/b.sock"\n', "too long"),
     ]:
         (tmp_path / "b.toml").write_text(snippet)
