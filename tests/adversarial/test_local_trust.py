@@ -62,7 +62,7 @@ def local_broker(docker_client, tmp_path_factory: pytest.TempPathFactory,  # typ
 
 
 def as_user(uid: int, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``airlock ARGS`` run by another local user."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_")}
     return subprocess.run([sys.executable, "-m", "tests.adversarial.as_user", str(uid),
@@ -86,7 +86,7 @@ class Squatter:
 
     def finish(self) -> list[str]:
         """Everything it reported (bound, refused, connection ...) once it has stopped."""
-        out, _ = self.process.communicate("", timeout=30)
+        out, _ = self.process.communicate("", timeout=120)
         return self.lines + out.split()
 
 
@@ -118,7 +118,7 @@ def test_a_client_dialling_localhost_never_reaches_a_squatter_on_ipv6_loopback(
     # 127.0.0.1 (nobody there: unavailable), never the squatter.
     port = free_port()
     squatter = Squatter(NOBODY, f"tcp:[::1]:{port}")
-    done = run_cli("pool", "status", server=f"localhost:{port}", timeout=60)
+    done = run_cli("pool", "status", server=f"localhost:{port}", timeout=240)
     said = squatter.finish()
     assert f"bound tcp:[::1]:{port}" in " ".join(said), said
     assert "connection" not in said, said
@@ -142,7 +142,7 @@ def test_a_socket_planted_by_another_user_is_refused_by_the_client(
         with pytest.raises(ServiceUnavailable) as refused, \
                 Client(f"unix:{path}", retry_attempts=1) as client:
             client.convert(artifact, tmp_path / "out.onnx")
-        status = run_cli("pool", "status", server=f"unix:{path}", timeout=60)
+        status = run_cli("pool", "status", server=f"unix:{path}", timeout=240)
     finally:
         said = squatter.finish()
         path.unlink(missing_ok=True)
