@@ -42,7 +42,8 @@ class RetryPolicy:
     unavailable_seconds: float = 60.0
     #: False: BUSY is raised at once (a caller with somewhere else to send the job).
     wait_when_busy: bool = True
-    #: BUSY without the broker's estimate: 0.5 s, doubling, at most 30 s.
+    #: BUSY without the broker's estimate: 0.5 s, doubling, at most 30 s (and with one, never
+    #: less than 0.5 s).
     busy_initial_seconds: float = 0.5
     busy_max_seconds: float = 30.0
     #: Each BUSY wait is stretched by up to this fraction, at random, never shortened.
@@ -102,7 +103,7 @@ class RetrySchedule:
         self._unavailable_in_a_row += 1
         policy = self.policy
         # Full jitter up to a capped doubling (0.25 s, 0.5 s, ... 8 s), as before.
-        pause = self._rand() * min(8.0, 0.25 * 2 ** self._unavailable_in_a_row)
+        pause = self._rand() * min(8.0, 0.25 * 2 ** (self._unavailable_in_a_row - 1))
         self._give_up = (self._unavailable_in_a_row >= policy.unavailable_attempts
                          or now - self._unavailable_since >= policy.unavailable_seconds
                          or now + pause > self.deadline - policy.min_attempt_seconds)
@@ -111,12 +112,15 @@ class RetrySchedule:
     def _busy_wait(self, exc: ConversionError, now: float, attempt: int) -> float:
         policy = self.policy
         hint = exc.retry_after
-        base = hint if hint is not None else min(
-            policy.busy_max_seconds, policy.busy_initial_seconds * 2 ** (self._busy_in_a_row - 1))
+        if hint is not None:  # a broker saying "now" every time must not be hammered
+            base = max(hint, policy.busy_initial_seconds)
+        else:
+            base = min(policy.busy_max_seconds,
+                       policy.busy_initial_seconds * 2 ** (self._busy_in_a_row - 1))
         pause = base * (1.0 + policy.jitter * self._rand())
         # Never past the deadline, never sooner than the broker said.
         pause = min(pause, self.deadline - policy.min_attempt_seconds - now)
-        self._give_up = pause < (hint or 0.0) or pause < 0
+        self._give_up = pause < (hint or 0.0)
         if self._give_up:
             return 0.0
         self._pending = BusyWait(queued=exc.queued, retry_after=hint, seconds=pause,

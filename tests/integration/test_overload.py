@@ -25,7 +25,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import Client, ConversionError
 from tests.adversarial.payloads import sleeper_pickle
-from tests.conftest import AIRLOCK, IMAGE, BrokerProcess, start_broker
+from tests.conftest import AIRLOCK, IMAGE, BrokerProcess, assert_no_sandbox_left, start_broker
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ def test_a_caller_whose_deadline_is_shorter_than_the_wait_gets_busy_with_the_est
 
 
 def test_thirty_concurrent_cli_conversions_wait_for_a_sandbox_and_all_succeed(
-        small_broker: BrokerProcess, tmp_path: Path) -> None:
+        small_broker: BrokerProcess, docker_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     artifact, _ = models.make_npy(tmp_path / "in")
     env = {**os.environ, "AIRLOCK_SERVER": small_broker.address}
     procs: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
@@ -132,6 +132,7 @@ def test_thirty_concurrent_cli_conversions_wait_for_a_sandbox_and_all_succeed(
         docs = [json.loads(out.read_text()) for _, out, _ in procs]
         assert {d["status"] for d in docs} == {"ok"}
         assert len(list(tmp_path.glob("out-*.safetensors"))) == CALLERS
+        assert_no_sandbox_left(docker_client, grace=30)  # the slow jobs' too
     finally:
         for proc, _, _ in procs:
             if proc.poll() is None:

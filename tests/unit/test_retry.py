@@ -105,6 +105,11 @@ def test_busy_without_an_estimate_backs_off_exponentially_up_to_a_cap() -> None:
     assert fake.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
 
 
+def test_a_broker_that_always_says_now_is_not_hammered() -> None:
+    result, fake, _ = call([busy(0.0)] * 3 + ["ok"])
+    assert result == "ok" and fake.sleeps == [0.5, 0.5, 0.5]
+
+
 def test_wait_when_busy_false_raises_busy_at_once() -> None:
     with pytest.raises(ConversionError) as info:
         call([busy(1.0), "ok"], policy=RetryPolicy(wait_when_busy=False))
@@ -123,7 +128,7 @@ def test_unavailable_keeps_its_bounded_policy() -> None:
             with attempt:
                 made.append(fake.now)
                 raise down()
-    assert len(made) == 4 and fake.sleeps == [0.5, 1.0, 2.0]
+    assert len(made) == 4 and fake.sleeps == [0.25, 0.5, 1.0]
 
 
 def test_unavailable_gives_up_after_its_time_budget() -> None:
