@@ -17,6 +17,7 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._types import (
+    BusyWait,
     ConversionReport,
     ConversionResult,
     ParityCheck,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "AccessDenied",
     "AirlockError",
+    "BusyWait",
     "Client",
     "ConversionError",
     "ConversionReport",

@@ -16,20 +16,14 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import _bundle, _channel, _wire
 from airlock_client._channel import ChannelSettings, PathLike, is_loopback, open_channel
-from airlock_client._errors import AirlockError, ConversionError, IntegrityError, ServiceUnavailable
+from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
+from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
 from airlock_client._types import (
     ConversionResult,
     DeclaredFormat,
@@ -53,8 +47,6 @@ from airlock_client.provenance import (
 log = logging.getLogger("airlock_client")
 
 CHUNK_BYTES = 1024 * 1024
-#: Reasons that are worth retrying: the service was busy or briefly unable to serve.
-RETRYABLE_REASONS = frozenset({"BUSY", "UNAVAILABLE", "SANDBOX_UNAVAILABLE"})
 
 Progress = Callable[[int, int], None]
 
@@ -72,13 +64,6 @@ def default_public_key() -> str | None:
 def default_local_transfer() -> bool:
     """``AIRLOCK_LOCAL_TRANSFER=0`` turns the same-host fast path off (default: on)."""
     return os.environ.get("AIRLOCK_LOCAL_TRANSFER", "1").lower() not in {"0", "false", "no"}
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, ServiceUnavailable):
-        return True
-    return (isinstance(exc, ConversionError) and exc.code == "RESOURCE_EXHAUSTED"
-            and exc.reason in RETRYABLE_REASONS)
 
 
 class Client:
@@ -108,10 +93,16 @@ class Client:
     socket missing or untrusted, permission), the client streams instead and logs why at INFO.
     ``local_transfer=False`` (``AIRLOCK_LOCAL_TRANSFER=0``, ``--no-local-transfer``) always
     streams.
+
+    Retries (see :mod:`airlock_client._retry`): a broker that is full (BUSY) is waited for
+    until ``timeout``, never sooner than its estimate of the wait; ``wait_when_busy=False``
+    raises BUSY at once instead. A broker that is unreachable or cannot run sandboxes
+    (UNAVAILABLE) is tried ``retry_attempts`` times in a row within ``retry_max_seconds``.
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 900.0,
                  retry_attempts: int = 4, retry_max_seconds: float = 60.0,
+                 wait_when_busy: bool = True,
                  token: str | None = None, tls: bool | None = None,
                  tls_ca: PathLike | None = None, client_cert: PathLike | None = None,
                  client_key: PathLike | None = None,
@@ -124,6 +115,9 @@ class Client:
         self.timeout = timeout
         self.retry_attempts = retry_attempts
         self.retry_max_seconds = retry_max_seconds
+        self.retry_policy = RetryPolicy(unavailable_attempts=retry_attempts,
+                                        unavailable_seconds=retry_max_seconds,
+                                        wait_when_busy=wait_when_busy)
         wanted = default_local_transfer() if local_transfer is None else local_transfer
         #: Whether the next conversion tries the fast path (off after the broker said "not
         #: offered", so that is asked once per client).
@@ -151,14 +145,19 @@ class Client:
                 target: Target = "auto", inputs: tuple[TensorSpec, ...] = (),
                 declared_format: DeclaredFormat | None = None,
                 loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
-                progress: Progress | None = None) -> ConversionResult:
+                progress: Progress | None = None,
+                on_busy: OnBusy | None = None) -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
-        Retries (with jittered exponential backoff) only when the service is unavailable or
-        busy; the same idempotency key is sent on every attempt, so the broker converts at
-        most once. The client's ``timeout`` (seconds) bounds the whole call, retries included: each
+        Retries only when the service is busy (until the deadline, after the broker's
+        estimate of the wait) or unavailable (a bounded number of times), with jitter; the
+        same idempotency key is sent on every attempt, so the broker converts at most once.
+        ``on_busy`` is called with a ``BusyWait`` (the broker's queue, how long the client
+        waits) before each wait for a busy broker; an exception it raises ends the call.
+        The client's ``timeout`` (seconds) bounds the whole call, retries included: each
         attempt's gRPC deadline is what is left of it. Raises ``ConversionError``
-        when the artifact is rejected or cannot be converted, ``ServiceUnavailable`` when the
+        when the artifact is rejected or cannot be converted (reason ``BUSY`` when the broker
+        stayed full beyond the deadline), ``ServiceUnavailable`` when the
         broker cannot be reached, ``IntegrityError`` when the response is corrupt.
 
         ``artifact`` may be an MLflow model directory (see :mod:`airlock_client.mlflow_source`
@@ -177,25 +176,22 @@ class Client:
                 return self._convert_file(
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-                    filename=model.root.name)
+                    filename=model.root.name, on_busy=on_busy)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-            filename=source.name)
+            filename=source.name, on_busy=on_busy)
 
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
                       loading_policy: LoadingPolicy, job_timeout: int,
-                      progress: Progress | None, filename: str) -> ConversionResult:
+                      progress: Progress | None, filename: str,
+                      on_busy: OnBusy | None) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
-        for attempt in Retrying(
-            retry=retry_if_exception(_retryable),
-            stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.retry_max_seconds),
-            wait=wait_random_exponential(multiplier=0.25, max=8.0),
-            reraise=True,
-        ):
+        schedule = RetrySchedule(self.retry_policy, deadline, on_busy)
+        for attempt in schedule.retrying():
             with attempt:
                 # No sha256 up front (that would read the file twice): the broker hashes what
                 # it receives and the client compares with its own hash of what it sent.

@@ -4,7 +4,8 @@
 
     AirlockError                 anything this library raises on purpose
     ├── ConversionError          the service answered: the artifact was rejected or failed
-    │   │ (.reason, .kind = "rejected" | "failed" | "denied", .message, .job_id, .code)
+    │   │ (.reason, .kind = "rejected" | "failed" | "denied", .message, .job_id, .code;
+    │   │  for BUSY also .retry_after, the broker's estimate of the wait, and .queued)
     │   └── AccessDenied         no valid credentials (UNAUTHENTICATED), or the principal
     │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
@@ -28,13 +29,18 @@ class ConversionError(AirlockError):
     """The broker refused or failed the job; ``reason`` is machine-readable."""
 
     def __init__(self, reason: str, message: str, *, kind: str, code: str,
-                 job_id: str = "") -> None:
+                 job_id: str = "", retry_after: float | None = None,
+                 queued: int | None = None) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
         self.kind = kind
         self.code = code
         self.job_id = job_id
+        #: Seconds the broker asked to wait before a retry (``google.rpc.RetryInfo``), if any.
+        self.retry_after = retry_after
+        #: Jobs waiting in the broker when it refused this one (BUSY), if it said.
+        self.queued = queued
 
 
 class AccessDenied(ConversionError):

@@ -36,6 +36,7 @@ from airlock_client._cli_connection import add_connection_arguments, client_opti
 from airlock_client._client import Client, default_address
 from airlock_client._errors import ServiceUnavailable
 from airlock_client._lineage import clip
+from airlock_client._progress import busy_notice
 from airlock_client._registry import (
     DEFAULT_PAGE_SIZE,
     RegistryError,
@@ -178,7 +179,7 @@ def _converter(args: argparse.Namespace) -> tuple[Convert, Callable[[], None]]:
 
     def convert(model_dir: Path, output: Path) -> ConversionResult:
         return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                              job_timeout=args.timeout)
+                              job_timeout=args.timeout, on_busy=busy_notice("migrate"))
 
     return convert, client.close
 

@@ -1,10 +1,14 @@
-"""A one-line upload progress bar on stderr, shown only when stderr is a terminal."""
+"""What the CLI shows on stderr while it works: an upload progress bar (on a terminal only),
+and a line each time it waits for a full broker."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+from airlock_client._types import BusyWait
 
 MIN_BYTES = 8 * 1024 * 1024
 
@@ -37,3 +41,15 @@ class ProgressBar:
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def busy_notice(command: str, stream: TextIO | None = None) -> Callable[[BusyWait], None]:
+    """``Client.convert``'s ``on_busy`` for the CLI: one line per wait, terminal or not (a
+    script's log shows why the call takes long). Only numbers: the broker's text is not shown."""
+    def notice(wait: BusyWait) -> None:
+        out = stream or sys.stderr
+        queue = "?" if wait.queued is None else str(wait.queued)
+        out.write(f"airlock {command}: waiting for a sandbox (queue {queue}); trying again in "
+                  f"{wait.seconds:.0f} s\n")
+        out.flush()
+    return notice

@@ -116,7 +116,7 @@ class SelfTestCheck:
     name: str
     passed: bool
     detail: str
-    source: str  # "sandbox" (observed inside the probe) or "config" (read from the engine)
+    source: str  # "sandbox" (observed inside the probe), "config" (read from the engine), "host"
     waived: str = ""  # why a failed check is accepted on this runtime
 
 
@@ -126,3 +126,20 @@ class SelfTestReport:
     checks: tuple[SelfTestCheck, ...]
     runtime: str
     image_id: str
+
+
+@dataclass(frozen=True)
+class BusyWait:
+    """The broker was full: the client waits before trying again (``Client.convert``'s
+    ``on_busy`` is given one of these before each wait)."""
+
+    #: Jobs waiting in the broker when it refused this one (None: it did not say).
+    queued: int | None
+    #: The broker's estimate of the wait, in seconds (None: it gave none).
+    retry_after: float | None
+    #: How long the client waits now: at least the estimate, never past the call's deadline.
+    seconds: float
+    #: Attempts made so far.
+    attempt: int
+    #: The broker's message (untrusted text: escape it before showing it on a terminal).
+    message: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, cast
 
@@ -103,14 +104,20 @@ def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     message = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     reason, kind, job_id = "", "failed", ""
+    retry_after: float | None = None
+    queued: int | None = None
     status = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
     if status is not None:
         for detail in status.details:
             info = error_details_pb2.ErrorInfo()
+            retry = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 reason = info.reason
                 kind = info.metadata.get("kind", kind)
                 job_id = info.metadata.get("job_id", "")
+                queued = _count(info.metadata.get("queued", ""))
+            elif detail.Unpack(retry):
+                retry_after = _seconds(retry.retry_delay.ToNanoseconds() / 1e9)
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServiceUnavailable(message or "the Airlock service is unavailable",
                                   reason=reason or "UNAVAILABLE")
@@ -118,4 +125,14 @@ def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
         reason = code.name if code is not None else "UNKNOWN"
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AccessDenied(reason, message or reason, kind="denied", code=code.name)
-    return ConversionError(reason, message or reason, kind=kind, code=code.name, job_id=job_id)
+    return ConversionError(reason, message or reason, kind=kind, code=code.name, job_id=job_id,
+                           retry_after=retry_after, queued=queued)
+
+
+def _seconds(value: float) -> float | None:
+    """A delay the broker asked for, if it is one (the client bounds it by its deadline)."""
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None

@@ -34,7 +34,7 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._migrate_cli import add_migrate_parser, run_migrate
-from airlock_client._progress import ProgressBar
+from airlock_client._progress import ProgressBar, busy_notice
 from airlock_client._provenance_cli import (
     add_keys_parser,
     add_verify_parser,
@@ -296,7 +296,8 @@ def _convert(args: argparse.Namespace) -> int:
                 source.path, output, target=args.target, inputs=inputs,
                 declared_format=args.declared, loading_policy=args.policy,
                 job_timeout=args.timeout,
-                progress=None if args.json else ProgressBar.for_upload("uploading", size))
+                progress=None if args.json else ProgressBar.for_upload("uploading", size),
+                on_busy=busy_notice("convert"))
     except ValueError as exc:
         return _usage(str(exc))
     except ModelSourceError as exc:

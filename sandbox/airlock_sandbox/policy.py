@@ -20,6 +20,8 @@ RUNTIMES = frozenset({"runc", "runsc"})
 
 EXIT_WATCHES = frozenset({"pidfd", "engine"})
 
+HOST_ACCOUNT_CHECKS = frozenset({"refuse", "warn"})
+
 
 def runtime_family(runtime: str) -> str:
     """"runc" or "runsc" for a runtime name: the name itself, or a second registration of the
@@ -59,6 +61,10 @@ class SandboxPolicy:
     #: kernels that give a reaped process's exit status through a pidfd; the engine otherwise)
     #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting.
     exit_watch: str = "pidfd"
+    #: A host account or group with the sandbox's uid or gid (there is no user-namespace
+    #: remapping: they are the same ids) would own every sandbox and be where an escape lands.
+    #: "refuse": the broker does not start; "warn": it starts and logs it (weakened).
+    host_account_check: str = "refuse"
 
     def __post_init__(self) -> None:
         if runtime_family(self.runtime) not in RUNTIMES:
@@ -84,6 +90,9 @@ class SandboxPolicy:
         if self.exit_watch not in EXIT_WATCHES:
             raise ValueError(f"exit_watch must be one of {sorted(EXIT_WATCHES)}, "
                              f"not {self.exit_watch!r}")
+        if self.host_account_check not in HOST_ACCOUNT_CHECKS:
+            raise ValueError(f"host_account_check must be one of {sorted(HOST_ACCOUNT_CHECKS)}, "
+                             f"not {self.host_account_check!r}")
 
     @property
     def runtime_family(self) -> str:
@@ -103,4 +112,6 @@ class SandboxPolicy:
             gaps.append("new-privileges")
         if self.seccomp != SECCOMP_AIRLOCK:
             gaps.append(f"seccomp={self.seccomp}")
+        if self.host_account_check != "refuse":
+            gaps.append(f"host-account-check={self.host_account_check}")
         return tuple(gaps)

@@ -10,6 +10,7 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [sandbox]          # SandboxPolicy fields; weakening one is a visible diff here
     runtime = "runsc"
     memory_bytes = 8589934592
+    host_account_check = "refuse"   # a host account on the sandbox uid:gid stops the broker
 
     [output]           # OutputLimits fields
     max_onnx_bytes = 268435456

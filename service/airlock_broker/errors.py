@@ -14,6 +14,7 @@ infrastructure (Docker down, image missing) and our own bugs surface as UNAVAILA
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import grpc
 
@@ -110,13 +111,24 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
 ERROR_DOMAIN = "airlock.v1"
 
 
+@dataclass(frozen=True)
+class RetryAfter:
+    """When a refused caller should try again (sent as ``google.rpc.RetryInfo``), and the
+    queue the broker saw (so that a client can say what it waits for)."""
+
+    seconds: float
+    queued: int
+
+
 class AirlockError(Exception):
     """A failure with a machine-readable reason and a human message."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, *,
+                 retry_after: RetryAfter | None = None) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -143,6 +155,7 @@ _CLASSES: dict[Kind, type[AirlockError]] = {
     Kind.REJECTED: Rejected, Kind.FAILED: Failed, Kind.DENIED: Denied}
 
 
-def error(reason: Reason, message: str) -> AirlockError:
+def error(reason: Reason, message: str, *,
+          retry_after: RetryAfter | None = None) -> AirlockError:
     """Build the exception of the right class for ``reason``."""
-    return _CLASSES[STATUS_TABLE[reason][1]](reason, message)
+    return _CLASSES[STATUS_TABLE[reason][1]](reason, message, retry_after=retry_after)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from airlock_broker import version_gates
+from airlock_broker import sandbox_ids, version_gates
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.validation.files import open_regular_file, read_upto
 from airlock_broker.version_gates import Observation
@@ -42,12 +42,20 @@ WAIVERS: dict[tuple[str, str], str] = {
 }
 
 
+#: Host findings accepted, with the reason (see sandbox_ids for why each one matters).
+HOST_ACCOUNT_WAIVER = ('the configuration chose host_account_check = "warn" (a visible '
+                       'weakening)')
+PTRACE_SCOPE_WAIVER = ("no host account has the sandbox uid and each sandbox has its own pid "
+                       "namespace: only a process root started as that uid could attach "
+                       "(sysctl kernel.yama.ptrace_scope=1 closes that too)")
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
     passed: bool
     detail: str
-    source: str  # "sandbox" (observed inside) or "config" (read by the broker)
+    source: str  # "sandbox" (observed inside), "config" (read by the broker), "host"
     waived: str = ""  # why a failed check is accepted on this runtime (see WAIVERS)
 
 
@@ -99,6 +107,25 @@ def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
     return [Check(name, bool(ok), str(detail)[:200], "config") for name, ok, detail in checks]
 
 
+def host_checks(policy: SandboxPolicy, users: sandbox_ids.Lookup | None = None,
+                groups: sandbox_ids.Lookup | None = None,
+                read_scope: sandbox_ids.ReadScope | None = None) -> list[Check]:
+    """The host around the sandboxes: no account shares their ids, and ``ptrace_scope``.
+
+    A ptrace_scope that lets a same-uid process attach is waived only while no account has
+    the sandbox uid (then only root could run such a process); see sandbox_ids."""
+    shared = sandbox_ids.shared_ids(policy, users, groups)
+    ids = Check("sandbox_ids_unshared", not shared,
+                ("; ".join(shared) or f"no host account or group has {policy.user}")[:200],
+                "host", waived=HOST_ACCOUNT_WAIVER
+                if shared and policy.host_account_check == "warn" else "")
+    scope = (read_scope or sandbox_ids.read_ptrace_scope)()
+    safe = scope in sandbox_ids.SAFE_SCOPES
+    ptrace = Check("host_ptrace_scope", safe, sandbox_ids.describe_scope(scope), "host",
+                   waived=PTRACE_SCOPE_WAIVER if not safe and not shared else "")
+    return [ids, ptrace]
+
+
 def _seccomp_profile_check(security_opt: list[str], policy: SandboxPolicy) -> tuple[str, bool, str]:
     """The container carries exactly the policy's seccomp profile (or, for "docker-default",
     none of its own: the engine's default applies)."""
@@ -120,7 +147,7 @@ async def run_selftest(backend: SandboxBackend, policy: SandboxPolicy,
     the probe. Without it only the image's gates are judged."""
     slot = await backend.prepare(PROFILE_LIGHT, selftest=True)
     try:
-        checks = config_checks(await backend.inspect(slot), policy)
+        checks = config_checks(await backend.inspect(slot), policy) + host_checks(policy)
         outcome = await backend.run(slot, JobSpec(job_id="selftest"), deadline_seconds)
         probe = _read_probe(slot.workspace.out_dir / SELFTEST_FILE)
         if outcome.exit_code != 0 or probe is None:
@@ -184,4 +211,5 @@ def _read_probe(path: Any) -> tuple[list[Check], dict[str, str]] | None:
             return None
 
 
-__all__ = ["Check", "SandboxUnavailable", "SelfTestReport", "config_checks", "run_selftest"]
+__all__ = ["Check", "SandboxUnavailable", "SelfTestReport", "config_checks", "host_checks",
+           "run_selftest"]

@@ -36,6 +36,7 @@ from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.peer_identity import PeerTickets
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
+from airlock_broker.sandbox_ids import check_at_start
 from airlock_broker.selftest import SelfTestReport, run_selftest
 from airlock_broker.servicer import ConversionServicer
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
@@ -129,6 +130,7 @@ def provenance_key(config: BrokerConfig) -> SigningKey:
 async def create_server(config: BrokerConfig,
                         backend: SandboxBackend | None = None) -> Broker:
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
+    check_at_start(config.sandbox)  # no host account may share the sandbox's uid or gid
     credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
     signing_key = provenance_key(config)
     lock_fd = lock_spool(config)

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from airlock.v1 import airlock_pb2 as pb
@@ -157,12 +157,26 @@ def conversion_report(report: dict[str, Any]) -> pb.ConversionReport:
 
 
 def status_of(exc: AirlockError, job_id: str) -> status_pb2.Status:
-    """A ``google.rpc.Status`` carrying an ``ErrorInfo`` with the reason."""
+    """A ``google.rpc.Status`` carrying an ``ErrorInfo`` with the reason, and for a refusal
+    worth retrying later the standard ``RetryInfo`` with the broker's estimate of the wait
+    (the queue it saw goes in the ErrorInfo's metadata as ``queued``)."""
+    metadata = {"job_id": job_id, "kind": exc.kind.value}
+    if exc.retry_after is not None:
+        metadata["queued"] = str(exc.retry_after.queued)
     info = error_details_pb2.ErrorInfo(reason=str(exc.reason), domain=ERROR_DOMAIN,
-                                       metadata={"job_id": job_id, "kind": exc.kind.value})
+                                       metadata=metadata)
+    details = [_packed(info)]
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(exc.retry_after.seconds * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(code=exc.status.value[0], message=exc.message, details=details)
+
+
+def _packed(message: Any) -> any_pb2.Any:
     detail = any_pb2.Any()
-    detail.Pack(info)
-    return status_pb2.Status(code=exc.status.value[0], message=exc.message, details=[detail])
+    detail.Pack(message)
+    return detail
 
 
 def _list(value: Any) -> list[Any]:

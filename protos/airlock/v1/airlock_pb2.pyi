@@ -780,7 +780,9 @@ class SelfTestCheck(_message.Message):
     passed: _builtins.bool
     detail: _builtins.str
     source: _builtins.str
-    """"sandbox": observed from inside the probe; "config": read from the engine by the broker."""
+    """"sandbox": observed from inside the probe; "config": read from the engine by the broker;
+    "host": the host around the sandboxes (accounts on the sandbox ids, ptrace_scope).
+    """
     waived: _builtins.str
     """Non-empty when a failed check is accepted on this runtime, and why."""
     def __init__(
