@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -33,9 +34,18 @@ class BenchError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 and on [::1]: a broker on loopback holds both families."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # a host without IPv6 loopback has nothing to hold there
+            return port
 
 
 def toml(config: dict[str, dict[str, Any]]) -> str:
@@ -127,6 +137,8 @@ class Broker:
         self.log = self.dir / "broker.log"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        #: its own Unix socket (not the machine's), where the bench, as root, reads pool status
+        self.socket = self.dir / "run" / "broker.sock"
         self.log_level = log_level
         #: what to run instead of ``airlock serve`` (bench.profile runs a traced broker)
         self.command = command or [str(AIRLOCK), "serve"]
@@ -146,14 +158,14 @@ class Broker:
 
     def start(self, timeout: float = 120.0) -> None:
         env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
-               **self.extra_env}
+               "AIRLOCK_SOCKET": str(self.socket), **self.extra_env}
         with self.log.open("wb") as fh:
             self.process = subprocess.Popen(
                 [*self.command, "--listen", self.address, "--config",
                  str(self.config_path), "--log-level", self.log_level],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
         self._wait_serving(timeout)
-        self.client = Client(self.address, retry_attempts=1)
+        self.client = Client(f"unix:{self.socket}", retry_attempts=1)  # pool status: admin
 
     def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -4,6 +4,7 @@ sandbox image: when either is missing they FAIL with a message saying how to fix
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -39,6 +40,9 @@ if "AIRLOCK_STATE_DIR" not in os.environ:
     _STATE_DIR = tempfile.mkdtemp(prefix="airlock-test-state-")
     os.environ["AIRLOCK_STATE_DIR"] = _STATE_DIR
     atexit.register(shutil.rmtree, _STATE_DIR, True)
+# Nor do they take the machine's Unix socket (/run/airlock/broker.sock), nor a CLI find a broker
+# there: start_broker gives each broker a socket of its own; in-process brokers have none.
+os.environ["AIRLOCK_SOCKET"] = "none"
 
 
 def _docker_client():  # type: ignore[no-untyped-def]
@@ -71,9 +75,18 @@ def airlock_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 and on [::1]: a broker on loopback holds both families."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # a host without IPv6 loopback has nothing to hold there
+            return port
 
 
 @dataclass
@@ -84,6 +97,13 @@ class BrokerProcess:
     process: subprocess.Popen[bytes]
     spool: Path
     log: Path
+    #: Its Unix socket: where root (the tests) may operate the pools.
+    socket: Path | None = None
+
+    @property
+    def unix_address(self) -> str:
+        assert self.socket is not None, "this broker has no Unix socket"
+        return f"unix:{self.socket}"
 
     def stop(self) -> int:
         LIVE_SPOOLS.discard(self.spool)
@@ -132,7 +152,9 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
             lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
         config.write_text("\n".join(lines) + "\n")
         extra = ("--config", str(config), *extra)
-    full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), **(env or {})}
+    socket_path = tmp / "run" / "broker.sock"
+    full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), "AIRLOCK_SOCKET": str(socket_path),
+                **(env or {})}
     with log.open("wb") as fh:
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
@@ -150,7 +172,8 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                 process.wait(10)
         raise
     LIVE_SPOOLS.add(spool)
-    return BrokerProcess(address=address, process=process, spool=spool, log=log)
+    unix = None if full_env["AIRLOCK_SOCKET"] == "none" else Path(full_env["AIRLOCK_SOCKET"])
+    return BrokerProcess(address=address, process=process, spool=spool, log=log, socket=unix)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@
 ...     print(result.sha256, result.report.parity)
 """
 
-from airlock_client._client import DEFAULT_ADDRESS, Client, default_address
+from airlock_client._channel import DEFAULT_ADDRESS, default_address
+from airlock_client._client import Client
 from airlock_client._errors import (
     AccessDenied,
     AirlockError,

@@ -19,7 +19,7 @@ import grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _bundle, _wire
+from airlock_client import _bundle, _channel, _wire
 from airlock_client._channel import ChannelSettings, PathLike, is_loopback, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
@@ -46,14 +46,14 @@ from airlock_client.provenance import (
 
 log = logging.getLogger("airlock_client")
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_BYTES = 1024 * 1024
 
 Progress = Callable[[int, int], None]
 
 
 def default_address() -> str:
-    return os.environ.get("AIRLOCK_SERVER", DEFAULT_ADDRESS)
+    """``AIRLOCK_SERVER``, else the broker's Unix socket, else 127.0.0.1:50051 (_channel)."""
+    return _channel.default_address()
 
 
 def default_public_key() -> str | None:

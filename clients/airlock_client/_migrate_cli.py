@@ -34,6 +34,7 @@ from typing import Any
 
 from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address
+from airlock_client._errors import ServiceUnavailable
 from airlock_client._lineage import clip
 from airlock_client._progress import busy_notice
 from airlock_client._registry import (
@@ -43,6 +44,7 @@ from airlock_client._registry import (
     open_registry,
     page_size_from_env,
 )
+from airlock_client._terminal import printable
 from airlock_client._types import ConversionResult, LoadingPolicy
 from airlock_client.migrate import (
     PROBLEMS,
@@ -138,6 +140,9 @@ def run_migrate(args: argparse.Namespace) -> int:
         convert, close = _converter(args)
     except ValueError as exc:  # a bad token file
         return _usage(str(exc))
+    except ServiceUnavailable as exc:  # a broker socket someone else could have made
+        _progress(f"stopped: {exc.reason}: {exc.message}")
+        return EXIT_UNAVAILABLE
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
                           options=options, progress=_progress)
     try:
@@ -187,11 +192,11 @@ def _quiet_mlflow() -> None:
 
 
 def _progress(line: str) -> None:
-    print(f"airlock migrate: {line}", file=sys.stderr, flush=True)
+    print(f"airlock migrate: {printable(line)}", file=sys.stderr, flush=True)
 
 
 def _usage(message: str) -> int:
-    print(f"airlock migrate: error: {message}", file=sys.stderr)
+    print(f"airlock migrate: error: {printable(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -216,9 +221,9 @@ def _summary(args: argparse.Namespace, outcomes: Sequence[Outcome], code: int,
 def render_table(outcomes: Sequence[Outcome]) -> str:
     """The human summary: one row per version, reasons last (they are the long column)."""
     header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "REASON")
-    rows = [header] + [
-        (o.model, o.version, str(o.status), o.target or "-", o.format or "-",
-         o.assurance or "-", _reason(o)) for o in outcomes]
+    rows = [header] + [tuple(printable(cell) for cell in (
+        o.model, o.version, str(o.status), o.target or "-", o.format or "-",
+        o.assurance or "-", _reason(o))) for o in outcomes]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
              + "  " + row[-1] for row in rows]

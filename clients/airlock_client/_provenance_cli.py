@@ -19,9 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from airlock_client._cli_connection import add_connection_arguments, client_options
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
+from airlock_client._terminal import printable
 from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
@@ -107,8 +110,8 @@ def run_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:  # connection options: a bad token file, a cleartext token
         return _usage("verify", str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
-        print(f"airlock verify: cannot fetch the broker's key: {exc.reason}: {exc.message}",
-              file=sys.stderr)
+        print(f"airlock verify: cannot fetch the broker's key: {printable(exc.reason)}: "
+              f"{printable(exc.message)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
         envelope = _read_provenance(prov_path)
@@ -118,7 +121,8 @@ def run_verify(args: argparse.Namespace) -> int:
             print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message,
                               "file": str(args.file), "provenance": str(prov_path)}))
         else:
-            print(f"airlock verify: FAILED: {exc.reason}: {exc.message}", file=sys.stderr)
+            print(f"airlock verify: FAILED: {printable(exc.reason)}: {printable(exc.message)}",
+                  file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps({"status": "ok", "file": str(args.file), "provenance": str(prov_path),
@@ -137,12 +141,17 @@ def run_keys(args: argparse.Namespace) -> int:
         except ValueError as exc:  # connection options: a bad token file, a cleartext token
             return _usage("keys", str(exc))
         except (ServiceUnavailable, ConversionError) as exc:
-            print(f"airlock keys: {exc.reason}: {exc.message}", file=sys.stderr)
+            print(f"airlock keys: {printable(exc.reason)}: {printable(exc.message)}",
+                  file=sys.stderr)
             return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
         try:
             actual = fingerprint(published.public_key_pem.encode())
+            # The key as parsed, re-encoded: not the broker's text, which may carry more.
+            pem = load_public_key(published.public_key_pem.encode()).public_bytes(
+                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
         except ProvenanceError as exc:
-            print(f"airlock keys: the broker's key is unusable: {exc.message}", file=sys.stderr)
+            print(f"airlock keys: the broker's key is unusable: {printable(exc.message)}",
+                  file=sys.stderr)
             return EXIT_FAILED
         if actual != published.fingerprint:
             print("airlock keys: the broker's key does not match its fingerprint",
@@ -150,7 +159,7 @@ def run_keys(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
               "with the broker's host (airlock keys export) before pinning it", file=sys.stderr)
-        return _emit_key(args, published.public_key_pem, actual)
+        return _emit_key(args, pem, actual)
     try:
         from airlock_broker.keys import SigningKeyError, export_public
     except ImportError:
@@ -198,22 +207,24 @@ def _record_doc(record: ProvenanceRecord) -> dict[str, Any]:
 
 
 def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
+    t = printable  # the record's fields are the broker's words (signed, but words)
     trust = "pinned key" if source == "pinned" else "key fetched from the broker (TOFU)"
-    print(f"verified {path}: signed by {trust} sha256:{record.key_fingerprint[:16]}...")
-    print(f"  output     {record.output_format}, {record.output_size} bytes, "
-          f"sha256 {record.output_sha256}")
-    print(f"  input      sha256 {record.input_sha256}, {record.input_size} bytes, detected "
-          f"{record.detected_format}" + (f" (declared {record.declared_format})"
-                                         if record.declared_format else ""))
+    print(f"verified {t(path)}: signed by {trust} sha256:{t(record.key_fingerprint[:16])}...")
+    print(f"  output     {t(record.output_format)}, {t(record.output_size)} bytes, "
+          f"sha256 {t(record.output_sha256)}")
+    print(f"  input      sha256 {t(record.input_sha256)}, {t(record.input_size)} bytes, "
+          f"detected {t(record.detected_format)}"
+          + (f" (declared {t(record.declared_format)})" if record.declared_format else ""))
     executed = "yes" if record.conversion.get("executed_artifact_code") is True else "no"
-    print(f"  converted  job {record.job_id} at {record.created} by airlock "
-          f"{record.broker_version}; policy {record.loading_policy}; artifact code executed "
-          f"in sandbox: {executed}")
-    print(f"  sandbox    {record.runtime}, image {record.image_id[:19]}")
-    note = f" ({record.integrity_note})" if record.integrity_note else ""
-    print(f"  verdicts   validation {record.validation}; assurance {record.assurance}{note}")
+    print(f"  converted  job {t(record.job_id)} at {t(record.created)} by airlock "
+          f"{t(record.broker_version)}; policy {t(record.loading_policy)}; artifact code "
+          f"executed in sandbox: {executed}")
+    print(f"  sandbox    {t(record.runtime)}, image {t(record.image_id[:19])}")
+    note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
+    print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
+          f"{note}")
 
 
 def _usage(command: str, message: str) -> int:
-    print(f"airlock {command}: error: {message}", file=sys.stderr)
+    print(f"airlock {command}: error: {printable(message)}", file=sys.stderr)
     return EXIT_USAGE

@@ -42,6 +42,7 @@ from airlock_client._provenance_cli import (
     run_verify,
     write_provenance,
 )
+from airlock_client._terminal import printable
 from airlock_client._types import ConversionResult, PoolStatus, TensorSpec
 from airlock_client.provenance import ProvenanceError
 
@@ -194,16 +195,19 @@ def _selftest(args: argparse.Namespace) -> int:
     else:
         for check in report.checks:
             mark = "ok  " if check.passed else "WAIV" if check.waived else "FAIL"
-            print(f"[{mark}] {check.name:<22} {check.source:<8} {check.detail}")
+            print(f"[{mark}] {printable(check.name):<22} {printable(check.source):<8} "
+                  f"{printable(check.detail)}")
             if check.waived and not check.passed:
-                print(f"       waived: {check.waived}")
+                print(f"       waived: {printable(check.waived)}")
         verdict = "passed" if report.passed else "FAILED"
-        print(f"self-test {verdict} (runtime {report.runtime}, image {report.image_id[:19]})")
+        print(f"self-test {verdict} (runtime {printable(report.runtime)}, image "
+              f"{printable(report.image_id[:19])})")
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _operation_failed(command: str, exc: ServiceUnavailable | ConversionError) -> int:
-    print(f"airlock {command}: {exc.reason}: {exc.message}", file=sys.stderr)
+    print(f"airlock {command}: {printable(exc.reason)}: {printable(exc.message)}",
+          file=sys.stderr)
     if isinstance(exc, AccessDenied):
         return EXIT_DENIED
     return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
@@ -218,11 +222,12 @@ def _print_pools(pools: Sequence[PoolStatus]) -> None:
              f"{'COLD':>6}{'OLDEST':>8}  RUNTIME  IMAGE"
     print(header)
     for p in pools:
-        print(f"{p.profile:<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}{p.failed_starts:>7}"
-              f"{p.served_warm:>10}{p.served_cold:>6}{p.oldest_warm_seconds:>7.0f}s  "
-              f"{p.runtime:<7}  {p.image_id[:19]}{'  (draining)' if p.draining else ''}")
+        print(f"{printable(p.profile):<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}"
+              f"{p.failed_starts:>7}{p.served_warm:>10}{p.served_cold:>6}"
+              f"{p.oldest_warm_seconds:>7.0f}s  {printable(p.runtime):<7}  "
+              f"{printable(p.image_id[:19])}{'  (draining)' if p.draining else ''}")
     for reason in sorted({p.unavailable for p in pools if p.unavailable}):
-        print(f"UNAVAILABLE: {reason}")
+        print(f"UNAVAILABLE: {printable(reason)}")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,21 +350,23 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
         }
         print(json.dumps(doc))
         return
-    print(f"converted {args.input} -> {result.output} ({result.format}, {result.size} bytes)")
-    print(f"  sha256     {result.sha256}")
+    t = printable  # every field of the result came from the broker
+    print(f"converted {t(args.input)} -> {t(result.output)} ({t(result.format)}, {result.size} "
+          "bytes)")
+    print(f"  sha256     {t(result.sha256)}")
     executed = "yes" if result.report.executed_artifact_code else "no"
-    print(f"  detected   {result.detected_format}; loader {result.report.loader or '-'}; "
+    print(f"  detected   {t(result.detected_format)}; loader {t(result.report.loader or '-')}; "
           f"artifact code executed in sandbox: {executed}")
-    note = f" ({result.integrity_note})" if result.integrity_note else ""
-    print(f"  assurance  {result.assurance}{note}")
+    note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
+    print(f"  assurance  {t(result.assurance)}{note}")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
-        print(f"  parity     {p.output_name}: max |diff| {p.max_abs_diff:.3g} over {p.samples} "
-              f"samples ({p.tolerance}) {verdict}")
+        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g} over "
+              f"{p.samples} samples ({t(p.tolerance)}) {verdict}")
     for warning in result.report.warnings:
-        print(f"  warning    {warning}")
+        print(f"  warning    {t(warning)}")
     fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"
-    print(f"  provenance {provenance} (verified, key sha256:{fp}...)")
+    print(f"  provenance {t(provenance)} (verified, key sha256:{t(fp)}...)")
     if result.provenance_key_source != "pinned":
         print("  key        as published by the broker (trust on first use); pin it with "
               "--public-key or AIRLOCK_PUBLIC_KEY")
@@ -372,7 +379,8 @@ def _report_error(args: argparse.Namespace, status: str, reason: str, message: s
                           "output": None, "format": None, "sha256": None,
                           "job_id": job_id or None}))
     else:
-        print(f"airlock convert: {status}: {reason}: {message}", file=sys.stderr)
+        print(f"airlock convert: {status}: {printable(reason)}: {printable(message)}",
+              file=sys.stderr)
     return code
 
 

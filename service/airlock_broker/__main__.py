@@ -13,6 +13,7 @@ from typing import Any
 from airlock_broker import logs
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
 from airlock_broker.keys import SigningKeyError
+from airlock_broker.local_listeners import unix_socket_setting
 from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.server import serve
 
@@ -25,13 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=None, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
-                        help="serve Prometheus metrics here (e.g. 127.0.0.1:9464)")
+                        help="serve Prometheus metrics here (e.g. 127.0.0.1:9464; loopback "
+                             "only unless --metrics-public)")
+    parser.add_argument("--metrics-public", action="store_true", default=None,
+                        help="allow --metrics beyond loopback: anyone who can reach it sees "
+                             "the broker's load and failures")
+    parser.add_argument("--unix-socket", default=None, metavar="PATH",
+                        help="local clients' socket (default /run/airlock/broker.sock as "
+                             "root, $AIRLOCK_SOCKET; 'none': no socket)")
     parser.add_argument("--runtime", default=None, metavar="runc|runsc",
                         help="OCI runtime for sandboxes (overrides the config file); also "
                              "runsc-<suffix>: another registration of runsc")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow listening beyond loopback without [auth]: anyone who can "
-                             "reach the port may convert and operate the pools")
+                             "reach the port may convert (operating the pools also needs "
+                             "[auth] anonymous_admin)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
@@ -43,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"listen": args.listen} if args.listen else {}
     if args.metrics:
         overrides["metrics_listen"] = args.metrics
+    if args.metrics_public:
+        overrides["metrics_public"] = True
+    if args.unix_socket is not None:
+        overrides["unix_socket"] = unix_socket_setting(args.unix_socket)
     try:
         config = BrokerConfig.load(args.config, insecure_no_auth=args.insecure_no_auth,
                                    **overrides)

@@ -13,9 +13,16 @@ Read from the ``[auth]`` section of the broker's TOML (paths relative to that fi
     roles = ["convert"]
     sha256 = "9f86d0..."             # SHA-256 of the token; the token itself is never stored
 
-    [[auth.subjects]]                # a client certificate's SAN or CN, and its roles
+    [[auth.subjects]]                # a client certificate's SANs (its CN only if it has none)
     name = "ops.example.com"
     roles = ["admin"]
+
+    [[auth.local_users]]             # a caller on the broker's Unix socket, by its uid
+    uid = 1000
+    roles = ["admin", "convert"]
+
+    anonymous_admin = false          # true: callers without credentials on the TCP port
+                                     # may operate the pools (any local user could)
 
 Why a plain SHA-256 and not a password KDF: tokens are minted by ``mint_token`` with 256 bits
 from ``secrets``, so nobody can guess one from its digest however fast the hash is; a KDF
@@ -25,6 +32,17 @@ CPU with every request.
 ``check_listen`` is the rule for where the broker may listen: without authentication only on
 loopback (or a unix socket), unless ``insecure_no_auth`` says otherwise, visibly; and bearer
 tokens never in cleartext beyond loopback.
+
+Who holds which role (``auth.py`` applies it):
+
+- a token's or a certificate subject's principal: the roles configured for it;
+- a caller on the broker's Unix socket without a token, named ``uid:N`` by the kernel
+  (``SO_PEERCRED``): uid 0 and the broker's own uid hold every role (they own the broker's
+  files already); others hold ``[[auth.local_users]]``'s roles, plus ``convert`` when
+  authentication is off (as anyone on the TCP port has);
+- ``anonymous`` (the TCP port, authentication off): ``convert``, and ``admin`` only with
+  ``anonymous_admin = true``: every local user shares that principal, and draining the pools
+  is not something any of them should be able to do unnoticed.
 """
 
 from __future__ import annotations
@@ -108,6 +126,24 @@ class SubjectEntry:
 
 
 @dataclass(frozen=True)
+class LocalUserEntry:
+    """A local user, by uid, and the roles it holds on the broker's Unix socket."""
+
+    uid: int
+    roles: frozenset[Role]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.uid, bool) or not isinstance(self.uid, int) \
+                or not 0 <= self.uid < 2**32 - 1:
+            raise ValueError(f"[[auth.local_users]]: uid must be a number (0 to 4294967294), "
+                             f"not {self.uid!r}")
+
+    @property
+    def principal(self) -> str:
+        return f"uid:{self.uid}"
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """TLS, mutual TLS and tokens. The default is no authentication, hence loopback only."""
 
@@ -119,6 +155,12 @@ class AuthConfig:
     subjects: tuple[SubjectEntry, ...] = ()
     #: Serve beyond loopback without authentication. A weakening: say it out loud.
     insecure_no_auth: bool = False
+    #: Roles of callers on the broker's Unix socket, by uid (root and the broker's own uid
+    #: hold every role without a line here).
+    local_users: tuple[LocalUserEntry, ...] = ()
+    #: Let callers without credentials on the TCP port (the shared principal "anonymous")
+    #: operate the pools. A weakening: any local user could drain them.
+    anonymous_admin: bool = False
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -133,6 +175,12 @@ class AuthConfig:
         names = [s.name for s in self.subjects]
         if len(set(names)) != len(names):
             raise ValueError("[auth] a certificate subject appears twice")
+        uids = [u.uid for u in self.local_users]
+        if len(set(uids)) != len(uids):
+            raise ValueError("[auth] a local user's uid appears twice")
+        if self.anonymous_admin and self.enabled:
+            raise ValueError("anonymous_admin is set but authentication is configured: "
+                             "callers on the TCP port are never anonymous then; drop it")
         if self.insecure_no_auth and self.enabled:
             raise ValueError("insecure_no_auth is set but authentication is configured: "
                              "drop one of them")
@@ -174,22 +222,26 @@ class AuthConfig:
 
     def describe(self) -> str:
         """For the start-up line: what a caller must present."""
+        local = f", {len(self.local_users)} local user(s)" if self.local_users else ""
         if not self.enabled:
             transport = "TLS, " if self.tls else ""
+            admin = ", ANYONE MAY OPERATE THE POOLS (anonymous_admin)" if self.anonymous_admin \
+                else ""
             return transport + ("WITHOUT AUTHENTICATION (--insecure-no-auth)"
-                                if self.insecure_no_auth else "no authentication: loopback only")
+                                if self.insecure_no_auth else "no authentication: loopback only"
+                                ) + admin + local
         parts = ["mutual TLS" if self.mutual_tls else "TLS" if self.tls else "no TLS (loopback)"]
         if self.tokens:
             parts.append(f"{len(self.tokens)} token(s)")
         if self.mutual_tls:
             parts.append(f"{len(self.subjects)} certificate subject(s)")
-        return ", ".join(parts)
+        return ", ".join(parts) + local
 
     @classmethod
     def from_toml(cls, doc: dict[str, Any], base: Path) -> AuthConfig:
         """The ``[auth]`` table of a config file that lives in directory ``base``."""
         known = {"tls_cert", "tls_key", "client_ca", "tokens_file", "tokens", "subjects",
-                 "insecure_no_auth"}
+                 "insecure_no_auth", "local_users", "anonymous_admin"}
         unknown = set(doc) - known
         if unknown:
             raise ValueError(f"unknown keys in [auth]: {sorted(unknown)}")
@@ -201,11 +253,17 @@ class AuthConfig:
         for item in _tables(doc.get("subjects", []), "[[auth.subjects]]", {"name", "roles"}):
             subjects.append(SubjectEntry(name=item["name"],
                                          roles=_roles(item["roles"], f"subject {item['name']}")))
-        insecure = doc.get("insecure_no_auth", False)
-        if not isinstance(insecure, bool):
-            raise ValueError("[auth] insecure_no_auth must be true or false")
-        return cls(tokens=tuple(tokens), subjects=tuple(subjects), insecure_no_auth=insecure,
-                   **paths)
+        local_users = [LocalUserEntry(uid=item["uid"],
+                                      roles=_roles(item["roles"], f"local user {item['uid']}"))
+                       for item in _tables(doc.get("local_users", []), "[[auth.local_users]]",
+                                           {"uid", "roles"})]
+        flags = {}
+        for flag in ("insecure_no_auth", "anonymous_admin"):
+            flags[flag] = doc.get(flag, False)
+            if not isinstance(flags[flag], bool):
+                raise ValueError(f"[auth] {flag} must be true or false")
+        return cls(tokens=tuple(tokens), subjects=tuple(subjects),
+                   local_users=tuple(local_users), **flags, **paths)
 
 
 def _tables(items: Any, where: str, keys: set[str]) -> list[dict[str, Any]]:
@@ -257,6 +315,10 @@ def is_loopback(address: str) -> bool:
 
 def check_listen(address: str, auth: AuthConfig) -> None:
     """Refuse a listen address the auth settings cannot protect (raises ``ValueError``)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        raise ValueError(f"listen takes HOST:PORT, not {address}: the broker's Unix socket, "
+                         "where each caller is named by its uid, is [broker] unix_socket "
+                         "(--unix-socket)")
     if is_loopback(address):
         return
     if auth.tokens and not auth.tls:
@@ -267,8 +329,8 @@ def check_listen(address: str, auth: AuthConfig) -> None:
         raise ValueError(
             f"refusing to listen on {address} without authentication: configure [auth] "
             "(tokens or client certificates), listen on 127.0.0.1, or pass --insecure-no-auth "
-            "to let anyone who can reach the port convert and operate the pools")
+            "to let anyone who can reach the port convert")
 
 
-__all__ = ["TOKEN_PREFIX", "AuthConfig", "Role", "SubjectEntry", "TokenEntry", "check_listen",
-           "is_loopback", "load_tokens_file", "mint_token", "token_digest"]
+__all__ = ["TOKEN_PREFIX", "AuthConfig", "LocalUserEntry", "Role", "SubjectEntry", "TokenEntry",
+           "check_listen", "is_loopback", "load_tokens_file", "mint_token", "token_digest"]

@@ -5,6 +5,7 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [broker]
     max_concurrent_jobs = 2
     max_artifact_bytes = 4294967296
+    unix_socket = "/run/airlock/broker.sock"   # local clients; "none": off (local_listeners.py)
 
     [sandbox]          # SandboxPolicy fields; weakening one is a visible diff here
     runtime = "runsc"
@@ -37,7 +38,8 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     tls_cert = "server.crt"
 
 Without ``[auth]`` the broker accepts anyone, so it may listen only on loopback
-(``check_listen``); ``insecure_no_auth`` lifts that, visibly.
+(``check_listen``); ``insecure_no_auth`` lifts that, visibly. Metrics, too, are served on
+loopback only, unless ``metrics_public`` (``--metrics-public``) says otherwise.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ from typing import Any
 from airlock_broker.auth_config import AuthConfig, check_listen
 from airlock_broker.idempotency import IdempotencySettings
 from airlock_broker.keys import default_key_path
+from airlock_broker.local_listeners import (
+    check_unix_socket,
+    default_unix_socket,
+    unix_socket_setting,
+)
 from airlock_broker.local_transfer import LocalTransferSettings
+from airlock_broker.metrics import check_metrics_listen
 from airlock_broker.pools import PoolSettings
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
@@ -72,6 +80,11 @@ class BrokerConfig:
     listen: str = DEFAULT_LISTEN
     #: Prometheus metrics endpoint (``HOST:PORT``); None: not served.
     metrics_listen: str | None = None
+    #: Serve metrics beyond loopback (they show load and failure reasons). A weakening.
+    metrics_public: bool = False
+    #: Local clients' socket, each caller named by its uid; None: none. Default
+    #: ``/run/airlock/broker.sock`` as root (AIRLOCK_SOCKET overrides; "none" turns it off).
+    unix_socket: Path | None = field(default_factory=default_unix_socket)
     spool_root: Path = field(default_factory=_default_spool_root)
     max_concurrent_jobs: int = 2
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
@@ -108,6 +121,8 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         check_listen(self.listen, self.auth)
+        check_metrics_listen(self.metrics_listen, self.metrics_public)
+        check_unix_socket(self.unix_socket)
         for name in ("max_concurrent_jobs", "max_artifact_bytes", "chunk_bytes",
                      "max_request_chunk_bytes"):
             if getattr(self, name) <= 0:
@@ -148,6 +163,8 @@ class BrokerConfig:
         for key in ("spool_root", "audit_log"):
             if key in broker:
                 broker[key] = Path(broker[key])
+        if "unix_socket" in broker:
+            broker["unix_socket"] = unix_socket_setting(broker["unix_socket"])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
                                                  "provenance_key", "auth", "idempotency",
                                                  "local_transfer"})

@@ -30,8 +30,10 @@ from airlock_broker.docker_sandbox import DockerSandbox
 from airlock_broker.idempotency import IdempotencyStore
 from airlock_broker.jobs import JobRunner
 from airlock_broker.keys import SigningKey, SigningKeyError, load_or_create
+from airlock_broker.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
 from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics, MetricsInterceptor
+from airlock_broker.peer_identity import PeerTickets
 from airlock_broker.pools import Pools
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandbox_ids import check_at_start
@@ -64,6 +66,7 @@ class Broker:
     lock_fd: int
     signing_key: SigningKey
     local: LocalTransferServer | None = None
+    unix: UnixListener | None = None
     stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -81,6 +84,8 @@ class Broker:
             await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
+            if self.unix is not None:
+                await self.unix.close()
             if self.local is not None:
                 await self.local.close()
             try:
@@ -163,8 +168,10 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     metrics = Metrics()
     metrics.bind(admission, pools)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
-    if config.auth.enabled:  # after metrics, so refused calls are counted too
-        interceptors.append(AuthInterceptor(Authenticator(config.auth)))
+    # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
+    # socket's callers are named by uid and the pools need the admin role.
+    peer_tickets = PeerTickets()
+    interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -196,13 +203,18 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(config.listen, credentials) if credentials is not None
-            else server.add_insecure_port(config.listen))
-    if port == 0:
+    try:
+        port = add_tcp_listeners(server, config.listen, credentials)  # both loopback families
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        unix = await add_unix_listener(server, config.unix_socket, peer_tickets)
+    except BaseException:
         if local is not None:
             await local.close()
+        await replays.close()
+        audit.close()
         os.close(lock_fd)
-        raise OSError(f"cannot listen on {config.listen}")
+        raise
     for name in (SERVICE_NAME, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -240,11 +252,12 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
              config.auth.describe())
     if config.auth.insecure_no_auth:
         log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
-                    "port can convert artifacts and drain or restart the pools", config.listen)
+                    "port can convert artifacts%s", config.listen,
+                    " and drain or restart the pools" if config.auth.anonymous_admin else "")
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
                   replays=replays, lock_fd=lock_fd,
-                  signing_key=signing_key, local=local)
+                  signing_key=signing_key, local=local, unix=unix)
 
 
 async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:
@@ -264,6 +277,8 @@ async def serve(config: BrokerConfig) -> None:
     host = config.listen.rsplit(":", 1)[0]
     print(f"airlock: serving on {host}:{broker.port} ({config.auth.describe()}; "
           f"sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    if broker.unix is not None and broker.unix.path is not None:
+        print(f"airlock: local clients: unix:{broker.unix.path}", flush=True)
     print(f"airlock: provenance signed with {broker.signing_key.path} "
           f"(fingerprint {broker.signing_key.fingerprint})", flush=True)
     stop = asyncio.Event()

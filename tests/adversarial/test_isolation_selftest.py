@@ -23,7 +23,7 @@ REQUIRED = {"network_none", "read_only_rootfs", "cap_drop_all", "no_new_privileg
 
 
 def test_isolation_selftest_passes_and_covers_the_policy(broker: BrokerProcess) -> None:
-    done = run_cli("selftest", "--json", server=broker.address)
+    done = run_cli("selftest", "--json", server=broker.unix_address)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] is True

@@ -39,7 +39,7 @@ def test_escape_syscalls_are_refused_by_seccomp_inside_the_sandbox(broker: Broke
 
 
 def test_selftest_reports_the_seccomp_profile_and_its_refusals(broker: BrokerProcess) -> None:
-    done = run_cli("selftest", "--json", server=broker.address)
+    done = run_cli("selftest", "--json", server=broker.unix_address)
     assert done.returncode == 0, done.stdout + done.stderr
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     for name in ("seccomp_profile", "seccomp_mode", *(f"seccomp_{s}" for s in SYSCALLS),

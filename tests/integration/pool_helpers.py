@@ -69,6 +69,11 @@ class PoolBroker:
         return self.proc.address
 
     @property
+    def unix_address(self) -> str:
+        """Where the tests (root) may operate the pools: the TCP port is anonymous."""
+        return self.proc.unix_address
+
+    @property
     def spool(self) -> Path:
         return self.proc.spool
 
@@ -96,7 +101,7 @@ def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
         LIVE_SPOOLS.discard(proc.spool)
         proc.spool = spool
         LIVE_SPOOLS.add(spool)
-    broker = PoolBroker(proc=proc, client=Client(proc.address, retry_attempts=1),
+    broker = PoolBroker(proc=proc, client=Client(proc.unix_address, retry_attempts=1),
                         identity=process_identity(proc.process.pid), started_at=started_at)
     return broker
 

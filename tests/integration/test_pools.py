@@ -298,11 +298,11 @@ def test_restart_of_one_profile_replaces_that_profiles_warm_containers_only(
         f"never served a job), so sklearn started another: {sklearn_created}")
 
     # The same from the command line; an unknown profile is refused.
-    done = run_cli("pool", "restart", "--profile", "light", "--json", server=ready.address,
+    done = run_cli("pool", "restart", "--profile", "light", "--json", server=ready.unix_address,
                    timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"action": "restart", "replaced": 1}
-    bad = run_cli("pool", "restart", "--profile", "nosuch", server=ready.address, timeout=60)
+    bad = run_cli("pool", "restart", "--profile", "nosuch", server=ready.unix_address, timeout=60)
     assert bad.returncode == 1 and "BAD_REQUEST" in bad.stderr, bad.stdout + bad.stderr
 
 
@@ -315,7 +315,7 @@ def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
     before = ready.status()["sklearn"]
     warm_before = ph.idle_warm_ids(docker_client, ready)
     try:
-        done = run_cli("pool", "drain", "--json", server=ready.address, timeout=60)
+        done = run_cli("pool", "drain", "--json", server=ready.unix_address, timeout=60)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"action": "drain"}
         assert all(s.draining for s in ready.status().values())
@@ -338,7 +338,7 @@ def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
                                                             before.served_cold)
         assert ph.idle_warm_ids(docker_client, ready) == warm_before
     finally:
-        done = run_cli("pool", "resume", "--json", server=ready.address, timeout=60)
+        done = run_cli("pool", "resume", "--json", server=ready.unix_address, timeout=60)
     assert done.returncode == 0, done.stderr
     assert not any(s.draining for s in ready.status().values())
 
@@ -379,7 +379,7 @@ def test_orphans_of_a_killed_broker_are_reaped_by_a_running_brokers_sweep(
 
 
 def _status_json(broker: PoolBroker) -> dict[str, dict[str, Any]]:
-    done = run_cli("pool", "status", "--json", server=broker.address, timeout=60)
+    done = run_cli("pool", "status", "--json", server=broker.unix_address, timeout=60)
     assert done.returncode == 0, done.stderr
     return {p["profile"]: p for p in json.loads(done.stdout)["pools"]}
 
@@ -436,7 +436,7 @@ def test_the_status_commands_numbers_match_what_docker_reports(
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
                     and s.starting == 0, 10, "the job to run with a warm spare")
         check(expect_busy=1)
-        human = run_cli("pool", "status", server=ready.address, timeout=60)
+        human = run_cli("pool", "status", server=ready.unix_address, timeout=60)
         assert human.returncode == 0 and "sklearn" in human.stdout and "runc" in human.stdout
     finally:
         job.join(60)

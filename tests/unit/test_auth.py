@@ -183,6 +183,24 @@ def test_serve_refuses_before_touching_docker(tmp_path: Path) -> None:
     assert not (tmp_path / "spool").exists()
 
 
+def test_metrics_beyond_loopback_are_refused_without_the_flag(tmp_path: Path) -> None:
+    for address in ("0.0.0.0:9464", "[::]:9464", "10.0.0.5:9464", "metrics.internal:9464"):
+        with pytest.raises(ValueError, match="--metrics-public"):
+            BrokerConfig(metrics_listen=address)
+    for address in ("127.0.0.1:9464", "[::1]:9464", "localhost:9464", ":9464"):
+        BrokerConfig(metrics_listen=address)
+    assert BrokerConfig.load(None, metrics_listen="0.0.0.0:9464", metrics_public=True
+                             ).metrics_public
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        BrokerConfig(metrics_listen="127.0.0.1")
+    env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(tmp_path / "spool"),
+           "DOCKER_HOST": "unix:///nonexistent.sock"}
+    done = subprocess.run([AIRLOCK, "serve", "--metrics", "0.0.0.0:0"], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2 and "--metrics-public" in done.stderr, done.stderr
+    assert not (tmp_path / "spool").exists()
+
+
 def test_insecure_no_auth_serves_beyond_loopback_and_says_so(
         make_broker: BrokerFactory, artifact: Path, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -278,7 +296,7 @@ def _ssl(san: list[bytes], cn: list[bytes]) -> dict[str, list[bytes]]:
             "x509_common_name": cn}
 
 
-def test_certificate_names_match_exactly_san_first(pki: dict[str, Any]) -> None:
+def test_certificate_names_match_exactly_and_the_cn_only_without_sans(pki: dict[str, Any]) -> None:
     name = "a" * 253
     auth = Authenticator(AuthConfig(
         tls_cert=pki["server"].cert, tls_key=pki["server"].key, client_ca=pki["ca"].cert_path,
@@ -287,7 +305,8 @@ def test_certificate_names_match_exactly_san_first(pki: dict[str, Any]) -> None:
     longer = auth.identify([], _ssl([name.encode() + b"evil"], [b"nobody"]))
     assert longer.roles == frozenset() and longer.name.startswith("aaa")
     assert auth.identify([], _ssl([b"x.example", b"alice"], [name.encode()])).name == "alice"
-    assert auth.identify([], _ssl([], [b"alice"])).roles == {Role.CONVERT}
+    assert auth.identify([], _ssl([], [b"alice"])).roles == {Role.CONVERT}  # no SAN: the CN
+    assert auth.identify([], _ssl([b"x.example"], [b"alice"])).roles == frozenset()
     with pytest.raises(AirlockError, match="no credentials"):  # not a TLS connection
         auth.identify([], {"transport_security_type": [b"insecure"],
                            "x509_common_name": [b"alice"]})
@@ -484,6 +503,19 @@ def test_mtls_subject_maps_to_roles(make_broker: BrokerFactory, artifact: Path, 
                 client_key=mallory.key) as client, pytest.raises(AccessDenied) as info:
         client.pool_status()
     assert info.value.code == "PERMISSION_DENIED" and "mallory" in info.value.message
+
+
+def test_a_certificate_with_sans_is_not_named_by_its_cn(
+        make_broker: BrokerFactory, pki: dict[str, Any]) -> None:
+    # A CA that issues "mallory.example" may let its holder pick any CN: RFC 6125 says a CN
+    # beside SANs is no identity. Mallory's CN names alice; only the SAN may count.
+    address, _ = make_broker(_mtls(pki))
+    disguised = pki["ca"].issue("alice.ops.example", dns=("mallory.example",), client=True)
+    with Client(address, tls_ca=pki["ca"].cert_path, client_cert=disguised.cert,
+                client_key=disguised.key) as client, pytest.raises(AccessDenied) as info:
+        client.pool_status()
+    assert info.value.code == "PERMISSION_DENIED"
+    assert info.value.message.startswith("mallory.example may not call")
 
 
 def test_a_wrong_token_is_not_rescued_by_a_good_certificate(

@@ -36,7 +36,7 @@ def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
 def test_outage_flips_health_refuses_with_the_reason_and_recovery_refills(
         tmp_path: Path) -> None:
     config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
-                          selftest_on_start=False,
+                          selftest_on_start=False, unix_socket=tmp_path / "run" / "broker.sock",
                           pools=PoolSettings(min_warm=1, profiles=("sklearn",),
                                              engine_check_seconds=0.05))
     backend = FakeSandbox(config.spool_root, write_safetensors)
@@ -44,7 +44,7 @@ def test_outage_flips_health_refuses_with_the_reason_and_recovery_refills(
     src.write_bytes(PICKLE)
     with running_broker(config, backend) as broker, \
             grpc.insecure_channel(f"127.0.0.1:{broker.port}") as channel, \
-            Client(f"127.0.0.1:{broker.port}", retry_attempts=1) as client:
+            Client(f"unix:{config.unix_socket}", retry_attempts=1) as client:  # root: admin
         health = health_pb2_grpc.HealthStub(channel)
 
         def status() -> int:

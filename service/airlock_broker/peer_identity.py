@@ -1,0 +1,172 @@
+"""Who is on the other end of the broker's Unix socket: the kernel's answer, carried into gRPC.
+
+gRPC Python does not tell a servicer who a Unix peer is: for a call on a ``unix:`` listener
+(grpcio 1.85, checked) ``context.peer()`` is just ``"unix:"`` and ``auth_context()`` names
+only the transport (``local``). So the broker asks the kernel itself, on a second socket
+beside the gRPC one (``<socket>.id``, see ``identity_path``):
+
+1. A client connects to the identity socket. The broker reads ``SO_PEERCRED`` (filled in by
+   the kernel at ``connect``: a process cannot choose it), answers with a fresh random
+   256-bit ticket bound to that uid, and closes. It reads nothing from the peer, so a silent
+   peer holds nothing and the event loop never waits on one.
+2. The client sends the ticket as call metadata (``PEER_TICKET_HEADER``) on one gRPC call
+   over the Unix socket. The interceptor (auth.py) redeems it there: single use, at most
+   ``ttl`` seconds old, and only on a call that arrived on the Unix listener. The caller's
+   principal is then ``uid:N``.
+
+Why a ticket and not a relay (a broker-side proxy that re-dials gRPC from a socket path naming
+the peer's uid, so that ``context.peer()`` would carry it): the relay would copy every byte of
+every upload through Python once more; the ticket costs one extra local ``connect`` per call.
+Why it is sound: a ticket only ever crosses the two Unix sockets, never TCP; whoever holds one
+got it from a process of that uid, and a process that hands its ticket on only lends its own
+identity, which it could as well do by proxying its calls.
+
+Bounded: at most ``per_uid`` unredeemed tickets per uid (the oldest is dropped first), so one
+user cannot crowd out another; expired tickets are dropped as new ones are issued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: The call metadata that carries a ticket (lower case: gRPC metadata keys are).
+PEER_TICKET_HEADER = "airlock-peer-ticket"
+#: The identity socket sits beside the gRPC socket, under this suffix.
+IDENTITY_SUFFIX = ".id"
+_MAX_TICKET = 64
+#: struct ucred: pid_t pid; uid_t uid; gid_t gid (uid and gid are unsigned).
+_UCRED = struct.Struct("=iII")
+
+
+def identity_path(unix_socket: Path) -> Path:
+    """Where the identity socket of the gRPC socket ``unix_socket`` is (clients derive it)."""
+    return unix_socket.with_name(unix_socket.name + IDENTITY_SUFFIX)
+
+
+class PeerTickets:
+    """Issued, unredeemed tickets. Thread-safe (issued on the loop, redeemed by interceptors)."""
+
+    def __init__(self, ttl_seconds: float = 30.0, per_uid: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl_seconds
+        self.per_uid = per_uid
+        self._clock = clock
+        self._by_ticket: dict[str, tuple[int, float]] = {}
+        self._by_uid: dict[int, OrderedDict[str, None]] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, uid: int) -> str:
+        ticket = secrets.token_urlsafe(32)
+        now = self._clock()
+        with self._lock:
+            mine = self._by_uid.setdefault(uid, OrderedDict())
+            for old in list(mine):  # oldest first: drop the expired, then the surplus
+                if len(mine) < self.per_uid and self._by_ticket[old][1] > now:
+                    break
+                del mine[old]
+                del self._by_ticket[old]
+            mine[ticket] = None
+            self._by_ticket[ticket] = (uid, now + self.ttl)
+        return ticket
+
+    def redeem(self, ticket: str) -> int | None:
+        """The uid the ticket was issued to, once; None if unknown, used or expired."""
+        if len(ticket) > _MAX_TICKET:
+            return None
+        with self._lock:
+            found = self._by_ticket.pop(ticket, None)
+            if found is None:
+                return None
+            uid, expires = found
+            mine = self._by_uid[uid]
+            del mine[ticket]
+            if not mine:
+                del self._by_uid[uid]
+        return uid if expires > self._clock() else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_ticket)
+
+
+class IdentityServer:
+    """The identity socket: one ticket per connection, for the uid the kernel names."""
+
+    def __init__(self, path: Path, tickets: PeerTickets) -> None:
+        self.path = path
+        self.tickets = tickets
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Bind and start answering (``OSError`` if the socket cannot be made). The directory
+        must already be the broker's own (``local_listeners`` checks it)."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise OSError(f"{self.path} exists and is not a socket: remove it")
+            os.unlink(self.path)  # a previous broker's: the directory is ours
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(os.fspath(self.path))
+            os.chmod(self.path, 0o666)  # connecting proves who you are; it grants nothing else
+            sock.listen(64)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and the like: the socket must outlive them
+                log.warning("identity socket: accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            with conn:
+                self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer
+        takes one small message, and a peer that is already gone just gets nothing."""
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            _pid, uid, _gid = _UCRED.unpack(raw)
+            conn.send(self.tickets.issue(uid).encode())
+        except OSError as exc:
+            log.debug("identity socket: peer left early: %s", exc)
+
+
+__all__ = ["IDENTITY_SUFFIX", "PEER_TICKET_HEADER", "IdentityServer", "PeerTickets",
+           "identity_path"]
