@@ -96,6 +96,9 @@ class VersionMigration:
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
+        #: (model, version) whose claimed twins could not be checked this run (the source
+        #: could not be read): nobody knows whether they are migrated, so no alias moves past.
+        self.unchecked: set[tuple[str, str]] = set()
 
     def one(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
         version = str(mv.version)
@@ -144,10 +147,12 @@ class VersionMigration:
         try:
             model_dir = self._fetch(name, version, work)
             if isinstance(model_dir, Outcome):
+                self.unchecked.add((name, version))
                 return model_dir
             try:
                 digest = bundle_sha256(model_dir, work)
             except ModelSourceError as exc:
+                self.unchecked.add((name, version))
                 return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
             refused: list[str] = []
             for claim in target.twins[version]:
@@ -178,8 +183,10 @@ class VersionMigration:
 
     def _already(self, name: str, version: str, mv: ModelVersion, where: str,
                  record: ProvenanceRecord) -> Outcome:
-        # A run that stopped between registering and tagging the source finishes here.
-        if not self.options.dry_run and tag(mv, tags.MIGRATED_TO) != where:
+        # A run that stopped between registering and tagging the source finishes here, and
+        # a run that could not download the source to check its twin is taken back.
+        if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
+                                         or tag(mv, tags.STATUS) != Status.CONVERTED):
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,

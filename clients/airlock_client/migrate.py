@@ -127,6 +127,12 @@ class Migration:
         if not alias or self.options.dry_run or not done:
             return
         newest = max(done, key=lambda o: int(o.version))
+        unknown = sorted(int(v) for m, v in self._versions.unchecked
+                         if m == newest.model and int(v) > int(newest.version))
+        if unknown:
+            self.progress(f"alias {target.name}@{alias} left as it is: {newest.model} "
+                          f"v{unknown[-1]} has a twin that could not be checked this run")
+            return
         version = newest.target.rpartition("/")[2]
         if target.aliases.get(alias) == version:
             return

@@ -532,3 +532,28 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
                        str(bad)])
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
     assert registry.writes == [] and registry.searches == [] and sandbox.converted == []
+
+
+def test_an_alias_never_moves_back_past_a_twin_that_could_not_be_checked(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+    real = sandbox.fetch
+
+    def flaky(uri: str, dest: Path) -> Path:
+        if uri == "models:/m/2":
+            raise ConnectionError("artifact store hiccup")
+        return real(uri, dest)
+
+    sandbox.fetch = flaky  # type: ignore[method-assign]
+    outcomes = _migration(registry, sandbox, alias="champion").run(["m"])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (Status.ALREADY_MIGRATED, ""), (Status.FAILED, "DOWNLOAD_FAILED")]
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+    sandbox.fetch = real  # type: ignore[method-assign]
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    source = registry.version("m", 2).tags
+    assert source[tags.STATUS] == "converted" and tags.REASON not in source

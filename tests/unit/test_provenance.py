@@ -488,3 +488,34 @@ def test_the_client_sends_the_subject_and_refuses_one_the_broker_would(tmp_path:
     assert (record.principal, record.principal_method) == ("anonymous", "none")
     audit = json.loads((config.spool_root / "audit.jsonl").read_text().splitlines()[-1])
     assert audit["subject"] == "models:/fraud/3"
+
+
+def test_a_replayed_result_is_never_signed_for_another_subject(tmp_path: Path) -> None:
+    """The idempotency key binds the subject like every other option: a retry that names
+    another subject gets no stored result signed with the first one."""
+    import zlib
+
+    import grpc
+
+    from airlock.v1 import airlock_pb2 as pb
+    from airlock.v1 import airlock_pb2_grpc as pb_grpc
+
+    def call(address: str, subject: str) -> pb.ConvertResult:
+        meta = pb.ConvertMetadata(size_bytes=len(PICKLE), idempotency_key="k", subject=subject)
+        requests = [pb.ConvertRequest(metadata=meta),
+                    pb.ConvertRequest(chunk=pb.Chunk(data=PICKLE, crc32=zlib.crc32(PICKLE)))]
+        with grpc.insecure_channel(address) as channel:
+            messages = list(pb_grpc.ConversionServiceStub(channel).Convert(
+                iter(requests), timeout=30))  # all of it: the result is kept once answered
+        return messages[0].result
+
+    config = _broker_config(tmp_path)
+    with running_broker(config, FakeSandbox(config.spool_root, write_safetensors)) as broker:
+        address = f"127.0.0.1:{broker.port}"
+        first = call(address, "models:/a/1")
+        assert call(address, "models:/a/1").replayed
+        with pytest.raises(grpc.RpcError) as info:
+            call(address, "models:/b/1")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    record = provenance.verify_envelope(first.provenance, broker.signing_key.public_pem)
+    assert record.subject == "models:/a/1"
