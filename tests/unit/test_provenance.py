@@ -519,3 +519,15 @@ def test_a_replayed_result_is_never_signed_for_another_subject(tmp_path: Path) -
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     record = provenance.verify_envelope(first.provenance, broker.signing_key.public_pem)
     assert record.subject == "models:/a/1"
+
+
+def test_airlock_convert_names_its_input_by_default(tmp_path: Path) -> None:
+    from airlock_client._cli_source import default_subject
+
+    assert default_subject("models:/fraud@champion") == "models:/fraud@champion"
+    assert default_subject("m.pkl") == os.path.abspath("m.pkl")
+    odd = default_subject(str(tmp_path / "a\x1b[2Jb.pkl"))
+    assert odd.endswith("a\\x1b[2Jb.pkl") and odd.isprintable()
+    deep = default_subject("/" + "d/" * 600 + "model.pkl")
+    assert len(deep) == provenance.MAX_SUBJECT and deep.startswith("…")
+    assert deep.endswith("d/model.pkl")
