@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_client import mlflow_source
+from airlock_client.provenance import MAX_SUBJECT, escape_subject
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,15 @@ def usage_problem(text: str) -> str | None:
     if path.is_file() or path.is_dir():
         return None
     return f"{text} is not a readable file, model directory or models:/ or runs:/ URI"
+
+
+def default_subject(text: str) -> str:
+    """What ``airlock convert`` signs as the input's subject unless ``--subject`` says: the URI
+    as given, or the absolute path; escaped, and clipped at the front when too long (the end of
+    a path says the most)."""
+    name = text if mlflow_source.is_uri(text) else os.path.abspath(text)
+    out = "".join(escape_subject(ch) for ch in name)  # per character: never too long to escape
+    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
 
 
 @contextlib.contextmanager

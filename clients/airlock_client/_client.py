@@ -145,8 +145,8 @@ class Client:
                 target: Target = "auto", inputs: tuple[TensorSpec, ...] = (),
                 declared_format: DeclaredFormat | None = None,
                 loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
-                progress: Progress | None = None,
-                on_busy: OnBusy | None = None) -> ConversionResult:
+                progress: Progress | None = None, on_busy: OnBusy | None = None,
+                subject: str = "") -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -164,6 +164,11 @@ class Client:
         for ``models:/`` and ``runs:/`` URIs): it is checked (``ModelSourceError`` if it holds
         links, special files or escaping paths), packed into one deterministic zip bundle
         and converted in the sandbox; nothing in it is imported or unpickled here.
+
+        ``subject`` names what the artifact is (``models:/NAME/VERSION``, a path, a URI); the
+        broker signs it into the provenance beside the input's sha256 and the caller's
+        principal. At most 1024 printable characters (``provenance.escape_subject`` makes any
+        name fit), else ``ValueError``.
         """
         source = Path(artifact)
         if source.is_dir():
@@ -176,17 +181,17 @@ class Client:
                 return self._convert_file(
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-                    filename=model.root.name, on_busy=on_busy)
+                    filename=model.root.name, on_busy=on_busy, subject=subject)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-            filename=source.name, on_busy=on_busy)
+            filename=source.name, on_busy=on_busy, subject=subject)
 
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
                       loading_policy: LoadingPolicy, job_timeout: int,
                       progress: Progress | None, filename: str,
-                      on_busy: OnBusy | None) -> ConversionResult:
+                      on_busy: OnBusy | None, subject: str = "") -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -198,7 +203,7 @@ class Client:
                 first = _wire.metadata(
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
-                    filename=filename, timeout_seconds=job_timeout)
+                    filename=filename, timeout_seconds=job_timeout, subject=subject)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "

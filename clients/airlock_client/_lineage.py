@@ -1,8 +1,9 @@
 """The MLflow tags that tie a migrated model version to its source, in one place.
 
-``airlock migrate`` writes them; the next run reads them to skip what is done, and
-``load_verified`` reads them to find the file. They are bookkeeping, not trust: the signed
-provenance is what ``load_verified`` believes, and a tag that disagrees with it is refused.
+``airlock migrate`` writes them; the next run reads them to find which versions claim to be
+twins, and ``load_verified`` reads them to find the file. They are bookkeeping, not trust:
+anyone with write access to the registry can set them, so both believe only the signed
+provenance (``_twin``), and a tag that disagrees with it is refused.
 """
 
 from __future__ import annotations

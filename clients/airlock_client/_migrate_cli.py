@@ -7,7 +7,8 @@ Exit codes (scripts and schedulers depend on them):
       ``--dry-run``: the walk succeeded and nothing earlier failed
 1     at least one version is rejected or failed (now or in an earlier run that
       ``--retry-failed`` would retry), or is not ready in the registry
-2     usage error (bad options, no tracking URI, an unknown or migrated model)
+2     usage error (bad options, no tracking URI, no pinned public key, an unknown or
+      migrated model)
 3     the broker or the tracking server became unreachable; the run stopped.
       Run it again to resume: what was done stays done
 4     the broker refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), as
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_client._cli_connection import add_connection_arguments, client_options
-from airlock_client._client import Client, default_address
+from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ServiceUnavailable
 from airlock_client._lineage import clip
 from airlock_client._progress import busy_notice
@@ -45,6 +46,7 @@ from airlock_client._registry import (
     page_size_from_env,
 )
 from airlock_client._terminal import printable
+from airlock_client._twin import mlflow_download
 from airlock_client._types import ConversionResult, LoadingPolicy
 from airlock_client.migrate import (
     PROBLEMS,
@@ -60,6 +62,7 @@ from airlock_client.migrate import (
     counts,
 )
 from airlock_client.mlflow_source import resolve
+from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_public_key
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -68,6 +71,11 @@ EXIT_UNAVAILABLE = 3
 EXIT_DENIED = 4
 EXIT_NOTHING = 5
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+NO_PINNED_KEY = (
+    "migrate writes into the registry, so it needs the broker's public key pinned: "
+    "--public-key airlock.pub.pem or AIRLOCK_PUBLIC_KEY (make the file with `airlock keys "
+    "export` on the broker's host). A key fetched from the broker over the same connection "
+    "(trust on first use) is not accepted for anything written into a registry.")
 
 
 def add_migrate_parser(sub: Any) -> None:
@@ -102,8 +110,9 @@ def add_migrate_parser(sub: Any) -> None:
     parser.add_argument("--server", default=None,
                         help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     parser.add_argument("--public-key", type=Path, default=None,
-                        help="the broker's provenance public key, PEM (default "
-                             "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
+                        help="the broker's provenance public key, PEM (required, or "
+                             "$AIRLOCK_PUBLIC_KEY: from `airlock keys export` on the broker's "
+                             "host; a key fetched from the broker is not accepted)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(parser)
 
@@ -128,6 +137,13 @@ def run_migrate(args: argparse.Namespace) -> int:
         return _usage(str(exc))
     if args.alias is not None and not args.alias.strip():
         return _usage("--alias needs a name")
+    pinned = args.public_key or default_public_key()
+    if pinned is None:
+        return _usage(NO_PINNED_KEY)
+    try:
+        public_key = load_public_key(pinned)
+    except ProvenanceError as exc:
+        return _usage(exc.message)
     options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                       retry_failed=args.retry_failed, target_suffix=args.target_suffix)
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
@@ -137,13 +153,14 @@ def run_migrate(args: argparse.Namespace) -> int:
         return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
-        convert, close = _converter(args)
+        convert, close = _converter(args, public_key)
     except ValueError as exc:  # a bad token file
         return _usage(str(exc))
     except ServiceUnavailable as exc:  # a broker socket someone else could have made
         _progress(f"stopped: {exc.reason}: {exc.message}")
         return EXIT_UNAVAILABLE
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
+                          download=mlflow_download(tracking_uri), public_key=public_key,
                           options=options, progress=_progress)
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
@@ -171,15 +188,17 @@ def _fetch(tracking_uri: str) -> Fetch:
     return fetch
 
 
-def _converter(args: argparse.Namespace) -> tuple[Convert, Callable[[], None]]:
-    """The broker, through the client (which verifies each output's signed provenance)."""
-    client = Client(args.server or default_address(), public_key=args.public_key,
+def _converter(args: argparse.Namespace,
+               public_key: PublicKeyLike) -> tuple[Convert, Callable[[], None]]:
+    """The broker, through the client (which verifies each output with the pinned key)."""
+    client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
     policy: LoadingPolicy = args.policy
 
-    def convert(model_dir: Path, output: Path) -> ConversionResult:
+    def convert(model_dir: Path, output: Path, subject: str) -> ConversionResult:
         return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                              job_timeout=args.timeout, on_busy=busy_notice("migrate"))
+                              job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                              subject=subject)
 
     return convert, client.close
 

@@ -1,8 +1,12 @@
-"""Migrate one source version: skip it if it already has a twin (or was refused before),
-otherwise download its files (bytes only), have the broker convert them, log the output and
-its signed provenance in a run, register that as a version of the target model, and tag the
-source with the result. One version failing is an :class:`Outcome`; only the broker or the
-credentials going away raise, because every later version would fail the same way."""
+"""Migrate one source version: skip it if it already has a verified twin (or was refused
+before), otherwise download its files (bytes only), have the broker convert them, log the
+output and its signed provenance in a run, register that as a version of the target model, and
+tag the source with the result. One version failing is an :class:`Outcome`; only the broker or
+the credentials going away raise, because every later version would fail the same way.
+
+"Already migrated" is decided from signed provenance, never from tags: a version that claims
+to be the twin counts only when ``_twin`` verifies it against the source's own bytes, which
+costs a download of the source and of the twin's model file on every run."""
 
 from __future__ import annotations
 
@@ -26,13 +30,30 @@ from airlock_client._errors import (
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import DEFAULT_PAGE_SIZE, ModelVersion, Registry, tag
+from airlock_client._twin import (
+    Download,
+    bundle_sha256,
+    check_lineage,
+    read_twin,
+    source_subject,
+)
 from airlock_client._types import ConversionResult
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
+from airlock_client.provenance import (
+    ProvenanceError,
+    ProvenanceRecord,
+    PublicKeyLike,
+    check_output,
+    check_source,
+    load_public_key,
+    verify_envelope,
+)
 
 #: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
 Fetch = Callable[[str, Path], Path]
-#: ``convert(model_dir, output) -> result``: convert in the broker's sandbox, verified.
-Convert = Callable[[Path, Path], ConversionResult]
+#: ``convert(model_dir, output, subject) -> result``: convert in the broker's sandbox, with
+#: ``subject`` (``models:/NAME/VERSION``) signed into the provenance.
+Convert = Callable[[Path, Path, str], ConversionResult]
 #: One line of progress for a human (the CLI prints it on stderr).
 Progress = Callable[[str], None]
 
@@ -57,51 +78,44 @@ class Options:
 
 
 class VersionMigration:
-    """Migrates single versions for one run (it caches the run's experiment id)."""
+    """Migrates single versions for one run (it caches the run's experiment id).
+
+    ``public_key`` is the pinned key: every twin is verified with it before it counts (see
+    ``_twin``), and so is every fresh conversion before it is registered, whatever key the
+    ``convert`` callable verified with.
+    """
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
-                 options: Options, progress: Progress) -> None:
+                 download: Download, public_key: PublicKeyLike, options: Options,
+                 progress: Progress) -> None:
         self.registry = registry
         self.fetch = fetch
         self.convert = convert
+        self.download = download
+        self.public_key = load_public_key(public_key)
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
+        #: (model, version) whose claimed twins could not be checked this run (the source
+        #: could not be read): nobody knows whether they are migrated, so no alias moves past.
+        self.unchecked: set[tuple[str, str]] = set()
 
     def one(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
         version = str(mv.version)
-        skip = self._skip(name, mv, target)
-        if skip is not None:
-            self.progress(f"{step} {name} v{version}: {describe(skip)}")
-            return skip
-        if self.options.dry_run:
-            outcome = Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?")
-            self.progress(f"{step} {name} v{version}: would convert")
-            return outcome
-        self.progress(f"{step} {name} v{version}: converting")
-        began = time.monotonic()
-        outcome = self._migrate(name, version, target)
-        outcome = Outcome(**{**outcome.__dict__, "seconds": round(time.monotonic() - began, 3)})
-        self.progress(f"{step} {name} v{version}: {describe(outcome)} "
-                      f"({outcome.seconds:.1f} s)")
+        if target.conflict:
+            outcome = Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
+                              message=target.conflict)
+        elif target.twins.get(version):
+            outcome = self._with_twins(name, mv, target, step)
+        else:
+            outcome = self._refusal(name, mv) or self._fresh(name, version, target, step)
+        took = f" ({outcome.seconds:.1f} s)" if outcome.seconds else ""
+        self.progress(f"{step} {name} v{version}: {describe(outcome)}{took}")
         return outcome
 
-    def _skip(self, name: str, mv: ModelVersion, target: Target) -> Outcome | None:
+    def _refusal(self, name: str, mv: ModelVersion) -> Outcome | None:
+        """Why this version is not converted now although it has no (verified) twin."""
         version = str(mv.version)
-        twin = target.twins.get(version)
-        if twin is not None:
-            # A run that stopped between registering and tagging the source finishes here.
-            where = f"{target.name}/{twin.version}"
-            if not self.options.dry_run and tag(mv, tags.MIGRATED_TO) != where:
-                self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
-            return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
-                           format=tag(twin, tags.OUTPUT_FORMAT),
-                           assurance=tag(twin, tags.VERDICT),
-                           source_sha256=tag(twin, tags.SOURCE_SHA256),
-                           output_sha256=tag(twin, tags.OUTPUT_SHA256))
-        if target.conflict:
-            return Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
-                           message=target.conflict)
         if (mv.status or "READY") != "READY":
             return Outcome(name, version, Status.NOT_READY, reason="VERSION_NOT_READY",
                            message=f"the registry says {mv.status}")
@@ -112,52 +126,128 @@ class VersionMigration:
                            message=tag(mv, tags.MESSAGE))
         return None
 
-    def _migrate(self, name: str, version: str, target: Target) -> Outcome:
+    def _fresh(self, name: str, version: str, target: Target, step: str) -> Outcome:
+        if self.options.dry_run:
+            return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?")
         work = Path(tempfile.mkdtemp(prefix="airlock-migrate-"))
         try:
-            try:
-                model_dir = self.fetch(f"models:/{name}/{version}", work / "source")
-            except ModelSourceError as exc:  # refused before upload (links, escapes, caps)
-                status = Status.FAILED if exc.reason == DOWNLOAD_FAILED else Status.REJECTED
-                return self._failed(name, version, status, exc.reason, exc.message)
-            except Exception as exc:  # whatever else the artifact store raised
-                return self._failed(name, version, Status.FAILED, "DOWNLOAD_FAILED",
-                                    f"{type(exc).__name__}: {exc}")
-            try:
-                result = self.convert(model_dir, work / "out" / "converted")
-            except (ServiceUnavailable, AccessDenied):
-                raise
-            except ConversionError as exc:
-                status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED
-                return self._failed(name, version, status, exc.reason, exc.message)
-            except AirlockError as exc:  # provenance or stream integrity: refuse the output
-                status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
-                return self._failed(name, version, status,
-                                    getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
-            except OSError as exc:
-                return self._failed(name, version, Status.FAILED, "CLIENT_ERROR",
-                                    f"{type(exc).__name__}: {exc}")
-            record = result.provenance_record
-            if not result.provenance or record is None:
-                return self._failed(name, version, Status.FAILED, "PROVENANCE_MISSING",
-                                    "the broker returned no signed provenance")
-            twin = self._register(name, version, target, result, work / "out")
-            where = f"{target.name}/{twin.version}"
-            target.twins[version] = twin
-            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
-            return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
-                           assurance=record.assurance, source_sha256=record.input_sha256,
-                           output_sha256=record.output_sha256)
+            model_dir = self._fetch(name, version, work)
+            if isinstance(model_dir, Outcome):
+                return model_dir
+            self.progress(f"{step} {name} v{version}: converting")
+            return self._migrate(name, version, target, model_dir, work, source_sha256=None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _with_twins(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
+        """Skip the version if one of the versions claiming to be its twin verifies (see
+        ``_twin``); otherwise say why each did not, and convert it (unless refused)."""
+        version = str(mv.version)
+        work = Path(tempfile.mkdtemp(prefix="airlock-migrate-"))
+        try:
+            model_dir = self._fetch(name, version, work)
+            if isinstance(model_dir, Outcome):
+                self.unchecked.add((name, version))
+                return model_dir
+            try:
+                digest = bundle_sha256(model_dir, work)
+            except ModelSourceError as exc:
+                self.unchecked.add((name, version))
+                return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
+            refused: list[str] = []
+            for claim in target.twins[version]:
+                where = f"{target.name}/{claim.version}"
+                try:
+                    twin = read_twin(self.registry, self.download, claim, self.public_key,
+                                     keep_bytes=False)
+                    check_lineage(twin, claim, model=name, version=version, sha256=digest)
+                except IntegrityError as exc:
+                    refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
+                    self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
+                                  f"its twin but is not: {exc}")
+                    continue
+                return self._already(name, version, mv, where, twin.record)
+            note = f"not a verified twin, ignored: {', '.join(refused)}"
+            refusal = self._refusal(name, mv)
+            if refusal is not None:
+                return refusal
+            if self.options.dry_run:
+                return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?",
+                               message=note)
+            self.progress(f"{step} {name} v{version}: converting")
+            outcome = self._migrate(name, version, target, model_dir, work,
+                                    source_sha256=digest)
+            return Outcome(**{**outcome.__dict__, "message": outcome.message or note})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _already(self, name: str, version: str, mv: ModelVersion, where: str,
+                 record: ProvenanceRecord) -> Outcome:
+        # A run that stopped between registering and tagging the source finishes here, and
+        # a run that could not download the source to check its twin is taken back.
+        if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
+                                         or tag(mv, tags.STATUS) != Status.CONVERTED):
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
+                       format=record.output_format, assurance=record.assurance,
+                       source_sha256=record.input_sha256, output_sha256=record.output_sha256)
+
+    def _fetch(self, name: str, version: str, work: Path) -> Path | Outcome:
+        try:
+            return Path(self.fetch(f"models:/{name}/{version}", work / "source"))
+        except ModelSourceError as exc:  # refused before upload (links, escapes, caps)
+            status = Status.FAILED if exc.reason == DOWNLOAD_FAILED else Status.REJECTED
+            return self._failed(name, version, status, exc.reason, exc.message)
+        except Exception as exc:  # whatever else the artifact store raised
+            return self._failed(name, version, Status.FAILED, "DOWNLOAD_FAILED",
+                                f"{type(exc).__name__}: {exc}")
+
+    def _migrate(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
+                 source_sha256: str | None) -> Outcome:
+        began = time.monotonic()
+        outcome = self._convert(name, version, target, model_dir, work, source_sha256)
+        return Outcome(**{**outcome.__dict__, "seconds": round(time.monotonic() - began, 3)})
+
+    def _convert(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
+                 source_sha256: str | None) -> Outcome:
+        subject = source_subject(name, version)
+        try:
+            result = self.convert(model_dir, work / "out" / "converted", subject)
+        except (ServiceUnavailable, AccessDenied):
+            raise
+        except ConversionError as exc:
+            status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED
+            return self._failed(name, version, status, exc.reason, exc.message)
+        except AirlockError as exc:  # provenance or stream integrity: refuse the output
+            status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
+            return self._failed(name, version, status,
+                                getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
+        except OSError as exc:
+            return self._failed(name, version, Status.FAILED, "CLIENT_ERROR",
+                                f"{type(exc).__name__}: {exc}")
+        if not result.provenance:
+            return self._failed(name, version, Status.FAILED, "PROVENANCE_MISSING",
+                                "the broker returned no signed provenance")
+        try:  # with the pinned key, whatever key ``convert`` used: this goes into a registry
+            record = verify_envelope(result.provenance, self.public_key)
+            check_output(record, sha256=result.sha256, size=result.size)
+            check_source(record, subject=subject,
+                         sha256=source_sha256 or result.input_sha256)
+        except ProvenanceError as exc:
+            return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
+        twin = self._register(name, version, target, result, record, work / "out")
+        where = f"{target.name}/{twin.version}"
+        target.twins.setdefault(version, []).insert(0, twin)
+        self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
+                       assurance=record.assurance, source_sha256=record.input_sha256,
+                       output_sha256=record.output_sha256)
 
     # -- registry writes ---------------------------------------------------------------------
 
     def _register(self, name: str, version: str, target: Target, result: ConversionResult,
-                  out_dir: Path) -> ModelVersion:
+                  record: ProvenanceRecord, out_dir: Path) -> ModelVersion:
         """Log the file and its provenance in a run; make them a version of the target model."""
-        record = result.provenance_record
-        assert record is not None
         file_name = tags.OUTPUT_FILES[result.format]
         model_file = out_dir / file_name
         result.output.replace(model_file)

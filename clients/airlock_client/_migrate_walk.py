@@ -1,10 +1,16 @@
 """Which registry entries ``airlock migrate`` works on: the selected source models, and for
-each its target model ``<NAME>-airlock`` with the twins already migrated into it (source
-version -> target version). Reads only; every listing is paged through ``_registry``."""
+each its target model ``<NAME>-airlock`` with the versions that claim to be twins of each
+source version (claims only: ``_twin`` decides). Reads only; every listing is paged through
+``_registry``.
+
+A tag alone never takes a model out of ``--all``: a model counts as Airlock's target only when
+it is named ``<SOURCE><suffix>`` after the source its tags name and that source is a registered
+model too, so its versions are checked (as twins) when the source is migrated. Any other
+model, whatever its tags say, is migrated like every model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from airlock_client import _lineage as tags
@@ -31,28 +37,42 @@ class SelectionError(AirlockError):
 class Target:
     name: str
     exists: bool
-    #: source version -> the target version that is its migrated twin
-    twins: dict[str, ModelVersion] = field(default_factory=dict)
+    #: source version -> the target versions that claim to be its twin, newest first (claims:
+    #: each is verified before it is believed)
+    twins: dict[str, list[ModelVersion]] = field(default_factory=dict)
     conflict: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def select(registry: Registry, names: Sequence[str] | None, page_size: int) -> list[str]:
-    """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""
+def select(registry: Registry, names: Sequence[str] | None, page_size: int,
+           suffix: str) -> list[str]:
+    """The models to migrate: ``names`` (each checked), or every model but Airlock's own
+    targets (see the module docstring) and MLflow's prompts."""
     if names is None:
-        return [m.name for m in registered_models(registry, page_size)
-                if tag(m, tags.ROLE) != tags.ROLE_MIGRATED
+        models = list(registered_models(registry, page_size))
+        present = {m.name for m in models}
+        return [m.name for m in models
+                if not is_target(m, suffix, lambda source: source in present)
                 and tag(m, PROMPT_TAG) != "true"]
     chosen: list[str] = []
     for name in dict.fromkeys(names):
         found = registered_model(registry, name)
         if found is None:
             raise SelectionError(f"no registered model is named {name!r}")
-        if tag(found, tags.ROLE) == tags.ROLE_MIGRATED:
+        if is_target(found, suffix,
+                     lambda source: registered_model(registry, source) is not None):
             raise SelectionError(f"{name!r} holds Airlock's migrated versions; migrate its "
-                                 f"source ({tag(found, tags.SOURCE_MODEL) or '?'}) instead")
+                                 f"source ({tag(found, tags.SOURCE_MODEL)}) instead")
         chosen.append(name)
     return chosen
+
+
+def is_target(model: RegisteredModel, suffix: str, exists: Callable[[str], bool]) -> bool:
+    """Whether ``model`` is Airlock's target of a registered source: its tags say so, its name
+    is the source's name plus ``suffix``, and that source exists."""
+    source = tag(model, tags.SOURCE_MODEL)
+    return (tag(model, tags.ROLE) == tags.ROLE_MIGRATED and bool(source)
+            and model.name == tags.target_name(source, suffix) and exists(source))
 
 
 def registered_model(registry: Registry, name: str) -> RegisteredModel | None:
@@ -72,9 +92,9 @@ def find_target(registry: Registry, source: str, suffix: str, page_size: int) ->
         return Target(name, exists=True, conflict=(
             f"{name!r} exists and is not Airlock's target for {source!r}; rename it or "
             "choose another --target-suffix"))
-    twins: dict[str, ModelVersion] = {}
-    for mv in model_versions(registry, name, page_size):
+    twins: dict[str, list[ModelVersion]] = {}
+    for mv in reversed(model_versions(registry, name, page_size)):
         if tag(mv, tags.SOURCE_MODEL) == source and tag(mv, tags.SOURCE_VERSION):
-            twins.setdefault(tag(mv, tags.SOURCE_VERSION), mv)
+            twins.setdefault(tag(mv, tags.SOURCE_VERSION), []).append(mv)
     return Target(name, exists=True, twins=twins,
                   aliases={str(k): str(v) for k, v in (found.aliases or {}).items()})

@@ -2,9 +2,10 @@
 
 ``airlock verify FILE`` exits 0 when the provenance beside FILE (or ``--provenance``) is
 validly signed by the key (``--public-key``, else ``AIRLOCK_PUBLIC_KEY``, else the key the
-broker publishes, with a trust-on-first-use warning) and FILE's sha256 and size are the signed
-output's; 1 when any check fails (with the reason); 2 on a usage error; 3 when a key had to be
-fetched and the broker was unreachable.
+broker publishes, with a trust-on-first-use warning), FILE's sha256 and size are the signed
+output's, and the source is the expected one when ``--subject``, ``--source-sha256`` or
+``--principal`` say what to expect; 1 when any check fails (with the reason); 2 on a usage
+error; 3 when a key had to be fetched and the broker was unreachable.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
     ProvenanceRecord,
+    check_source,
     fingerprint,
     load_public_key,
     provenance_path,
+    shown,
     verify,
 )
 
@@ -52,6 +55,14 @@ def add_verify_parser(sub: Any) -> None:
     verify_p.add_argument("--public-key", type=Path, default=None,
                           help="the broker's public key, PEM (default $AIRLOCK_PUBLIC_KEY; "
                                "else fetched from the broker: trust on first use)")
+    verify_p.add_argument("--subject", default=None,
+                          help="require this signed subject (what the converting caller said "
+                               "the input was, e.g. models:/fraud/3), exactly")
+    verify_p.add_argument("--source-sha256", default=None, metavar="HEX",
+                          help="require this input sha256 (the bytes the broker converted)")
+    verify_p.add_argument("--principal", action="append", default=None, metavar="NAME",
+                          help="require one of these broker principals to have asked for it "
+                               "(repeatable)")
     verify_p.add_argument("--server", default=None, help=_SERVER_HELP)
     verify_p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(verify_p)
@@ -113,9 +124,14 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"airlock verify: cannot fetch the broker's key: {printable(exc.reason)}: "
               f"{printable(exc.message)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    if args.source_sha256 is not None and not _is_sha256(args.source_sha256):
+        return _usage("verify", "--source-sha256 must be 64 hexadecimal digits")
     try:
         envelope = _read_provenance(prov_path)
         record = verify(args.file, envelope, key)
+        if (args.subject, args.source_sha256, args.principal) != (None, None, None):
+            check_source(record, subject=args.subject, sha256=args.source_sha256,
+                         principals=args.principal)
     except ProvenanceError as exc:
         if args.json:
             print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message,
@@ -215,6 +231,14 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
     print(f"  input      sha256 {t(record.input_sha256)}, {t(record.input_size)} bytes, "
           f"detected {t(record.detected_format)}"
           + (f" (declared {t(record.declared_format)})" if record.declared_format else ""))
+    if record.record_version >= 2:
+        # Signed, printable (the broker refuses anything else), still a caller's words: repr.
+        print(f"  subject    {shown(record.subject, 300)} (the caller's word; the sha256 binds)")
+        who = ("authentication off" if record.principal_method == "none"
+               else f"by {t(record.principal_method)}")
+        print(f"  asked by   {shown(record.principal)} ({who})")
+    else:
+        print("  subject    none recorded (record version 1)")
     executed = "yes" if record.conversion.get("executed_artifact_code") is True else "no"
     print(f"  converted  job {t(record.job_id)} at {t(record.created)} by airlock "
           f"{t(record.broker_version)}; policy {t(record.loading_policy)}; artifact code "
@@ -223,6 +247,10 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
     note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
           f"{note}")
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _usage(command: str, message: str) -> int:

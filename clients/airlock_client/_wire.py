@@ -26,6 +26,7 @@ from airlock_client._types import (
     Target,
     TensorSpec,
 )
+from airlock_client.provenance import check_subject
 
 TARGETS: dict[str, pb.TargetFormat.ValueType] = {
     "auto": pb.TARGET_FORMAT_AUTO,
@@ -57,18 +58,20 @@ _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 
 def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
-             idempotency_key: str, filename: str, timeout_seconds: int) -> pb.ConvertRequest:
+             idempotency_key: str, filename: str, timeout_seconds: int,
+             subject: str = "") -> pb.ConvertRequest:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}")
     if policy not in POLICIES:
         raise ValueError(f"loading policy must be one of {sorted(POLICIES)}")
     if declared is not None and declared not in DECLARED:
         raise ValueError(f"declared format must be one of {sorted(DECLARED)}")
+    check_subject(subject)
     meta = pb.ConvertMetadata(
         declared_format=DECLARED[declared] if declared else pb.ARTIFACT_FORMAT_UNSPECIFIED,
         target=TARGETS[target], loading_policy=POLICIES[policy],
         idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
-        filename=filename[:255], timeout_seconds=timeout_seconds,
+        filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
     )
     return pb.ConvertRequest(metadata=meta)

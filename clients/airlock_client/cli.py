@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--public-key", type=Path, default=None,
                          help="the broker's provenance public key, PEM (default "
                               "$AIRLOCK_PUBLIC_KEY; else the key the broker publishes)")
+    convert.add_argument("--subject", default=None,
+                         help="what the input is, signed into its provenance (default: the "
+                              "URI as given, or the input's absolute path)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
     add_verify_parser(sub)
@@ -297,7 +300,9 @@ def _convert(args: argparse.Namespace) -> int:
                 declared_format=args.declared, loading_policy=args.policy,
                 job_timeout=args.timeout,
                 progress=None if args.json else ProgressBar.for_upload("uploading", size),
-                on_busy=busy_notice("convert"))
+                on_busy=busy_notice("convert"),
+                subject=_cli_source.default_subject(args.input) if args.subject is None
+                else args.subject)
     except ValueError as exc:
         return _usage(str(exc))
     except ModelSourceError as exc:

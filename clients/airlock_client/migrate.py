@@ -8,7 +8,10 @@ this module opens a model; conversion happens in the broker's sandboxes.
 
 Runs are resumable and idempotent: the target model's versions are the record of what is done,
 so a version that already has a migrated twin is skipped, and a run that stopped half-way is
-simply run again. A version the broker refused is tagged on the source (reason and message) and
+simply run again. A twin counts only when its signed provenance verifies with the pinned key
+and names this very source version and its bytes (``_twin``); tags are never enough, because
+anyone who may write to the registry can set them. An alias is only ever pointed at such a
+twin. A version the broker refused is tagged on the source (reason and message) and
 skipped by later runs unless ``retry_failed``; failures that say nothing about the artifact
 (timeouts, a busy or restarting service) are retried on the next run. One version failing never
 stops the run; the broker or the tracking server going away does (``MigrationAborted``),
@@ -43,9 +46,11 @@ from airlock_client._migrate_version import (
 )
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
 from airlock_client._registry import Registry, model_versions
+from airlock_client._twin import Download
+from airlock_client.provenance import PublicKeyLike
 
 __all__ = [
-    "EXPERIMENT", "PROBLEMS", "TARGET_SUFFIX", "TRANSIENT_REASONS", "Convert", "Fetch",
+    "EXPERIMENT", "PROBLEMS", "TARGET_SUFFIX", "TRANSIENT_REASONS", "Convert", "Download", "Fetch",
     "Migration", "MigrationAborted", "Options", "Outcome", "Progress", "SelectionError",
     "Status", "counts", "iter_problems",
 ]
@@ -70,16 +75,21 @@ class Migration:
     """One run of ``airlock migrate`` over a registry (see the module docstring)."""
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
+                 download: Download, public_key: PublicKeyLike,
                  options: Options = _DEFAULTS, progress: Progress | None = None) -> None:
+        """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
+        them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
+        what is verified with it is written into the registry)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
+                                          download=download, public_key=public_key,
                                           options=options, progress=self.progress)
 
     def select(self, names: Sequence[str] | None) -> list[str]:
         """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""
-        return select(self.registry, names, self.options.page_size)
+        return select(self.registry, names, self.options.page_size, self.options.target_suffix)
 
     def run(self, names: Sequence[str] | None) -> list[Outcome]:
         """Migrate every version of the selected models; never stops for one version."""
@@ -117,6 +127,12 @@ class Migration:
         if not alias or self.options.dry_run or not done:
             return
         newest = max(done, key=lambda o: int(o.version))
+        unknown = sorted(int(v) for m, v in self._versions.unchecked
+                         if m == newest.model and int(v) > int(newest.version))
+        if unknown:
+            self.progress(f"alias {target.name}@{alias} left as it is: {newest.model} "
+                          f"v{unknown[-1]} has a twin that could not be checked this run")
+            return
         version = newest.target.rpartition("/")[2]
         if target.aliases.get(alias) == version:
             return

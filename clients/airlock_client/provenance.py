@@ -16,6 +16,18 @@ file's sha256 and size are the ones signed; otherwise it raises ``ProvenanceErro
 ``reason`` says which check failed. Trust is only as good as the key: a key file you pinned
 (copied from the broker's host, ``airlock keys export``) is strong; a key fetched from the
 broker over the same channel as the output is trust-on-first-use.
+
+A valid signature says the broker made this output; it does not say from what. Anyone who may
+call the broker gets a valid signature for any model they send, so before trusting an output
+*as a given model*, check which source it was converted from::
+
+    provenance.check_source(record, subject="models:/fraud/3", sha256=expected_source_sha256,
+                            principals={"migrator"})
+
+``record.input_sha256`` is what the broker hashed (binding); ``record.subject`` is what the
+caller said the input was (only the caller's word: compare it, but let the sha256 decide);
+``record.principal`` is who asked. Records of version 1 (Airlock before subjects) name neither
+subject nor principal: they still verify, and pass ``check_source`` on the sha256 alone.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +55,8 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 RECORD_FIELD = "airlock"
 #: An envelope is a few KiB; anything far larger is not one.
 MAX_PROVENANCE_BYTES = 256 * 1024
+#: The broker refuses a longer subject (airlock_broker.wire.MAX_SUBJECT).
+MAX_SUBJECT = 1024
 SUFFIX = ".provenance.json"
 _READ = 1024 * 1024
 
@@ -50,10 +64,11 @@ PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey
 
 
 class ProvenanceError(IntegrityError):
-    """Provenance is missing, malformed, not signed by the expected key, or not for this file.
+    """Provenance is missing, malformed, not signed by the expected key, not for this file, or
+    not from the expected source.
 
     ``reason`` is one of ``PROVENANCE_MISSING``, ``PROVENANCE_MALFORMED``, ``BAD_PUBLIC_KEY``,
-    ``SIGNATURE_INVALID``, ``OUTPUT_MISMATCH``.
+    ``SIGNATURE_INVALID``, ``OUTPUT_MISMATCH``, ``SOURCE_MISMATCH``, ``PRINCIPAL_NOT_ALLOWED``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -87,6 +102,14 @@ class ProvenanceRecord:
     #: The signing key's fingerprint (sha256 of its PEM SubjectPublicKeyInfo, hex; the same
     #: value model-signing calls the key hint).
     key_fingerprint: str
+    #: 1: no subject or principal recorded; 2: both are.
+    record_version: int = 1
+    #: What the caller said the input was (``models:/NAME/VERSION``, a path): its word only.
+    subject: str = ""
+    #: Who asked, as the broker authenticated it, and how ("token", "certificate", "none":
+    #: authentication was off, so the name proves nothing).
+    principal: str = ""
+    principal_method: str = ""
     #: What the sandbox said: loader, converter, executed_artifact_code, versions, parity.
     conversion: Mapping[str, Any] = field(default_factory=dict)
     #: The whole signed in-toto Statement, for anything not lifted into fields above.
@@ -199,6 +222,83 @@ def check_output(record: ProvenanceRecord, *, sha256: str, size: int) -> None:
                               f"{record.output_size}")
 
 
+def check_source(record: ProvenanceRecord, *, subject: str | None = None,
+                 sha256: str | None = None,
+                 principals: Collection[str] | None = None) -> None:
+    """Raise unless the record says the output was converted from the expected source.
+
+    ``sha256``: the source bytes' sha256 (for an MLflow model directory, of the bundle the
+    client packs, see ``airlock_client._bundle``). ``subject``: the caller's name for it, exact.
+    ``principals``: who may have asked for it. Each given expectation must hold; a record of
+    version 1 names no subject, so it passes a subject expectation only together with a
+    matching ``sha256`` (which decides anyway), and never a principal expectation.
+    """
+    if subject is None and sha256 is None and principals is None:
+        raise ValueError("check_source needs an expectation: subject, sha256 or principals")
+    if sha256 is not None and sha256.lower() != record.input_sha256:
+        raise ProvenanceError("SOURCE_MISMATCH",
+                              f"the output was converted from input sha256 "
+                              f"{record.input_sha256[:16]}..., not from the expected source "
+                              f"{sha256[:16]}...")
+    if subject is not None:
+        if record.record_version >= 2 and record.subject != subject:
+            raise ProvenanceError("SOURCE_MISMATCH",
+                                  f"the output is a conversion of {shown(record.subject)}, "
+                                  f"not of {shown(subject)}")
+        if record.record_version < 2 and sha256 is None:
+            raise ProvenanceError("SOURCE_MISMATCH",
+                                  "the record (version 1) names no subject; expect the "
+                                  "source's sha256 instead")
+    if principals is not None and (record.record_version < 2
+                                   or record.principal not in principals
+                                   or record.principal_method == "none"):
+        who = (f"{shown(record.principal)} ({record.principal_method})"
+               if record.record_version >= 2 else "no principal (record version 1)")
+        raise ProvenanceError("PRINCIPAL_NOT_ALLOWED",
+                              f"the output was asked for by {who}, not by one of "
+                              f"{', '.join(shown(p) for p in sorted(principals)) or 'nobody'}")
+
+
+def escape_subject(text: str) -> str:
+    """``text`` as a subject the broker accepts: printable and one-to-one.
+
+    A backslash becomes ``\\\\`` and every character that is not printable (controls, line and
+    paragraph separators, bidi overrides, lone surrogates from undecodable file names) becomes
+    ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN``, so two different names never give one subject and
+    none can rewrite a terminal. Text longer than ``MAX_SUBJECT`` after escaping raises
+    ``ValueError``: a clipped name would name something else.
+    """
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    escaped = "".join(out)
+    check_subject(escaped)
+    return escaped
+
+
+def check_subject(subject: str) -> str:
+    """Raise ``ValueError`` for a subject the broker would refuse (before any upload)."""
+    if len(subject) > MAX_SUBJECT:
+        raise ValueError(f"the subject has {len(subject)} characters; at most {MAX_SUBJECT} "
+                         "are allowed")
+    if not subject.isprintable():
+        raise ValueError("the subject holds characters that are not printable; pass it "
+                         "through airlock_client.provenance.escape_subject")
+    return subject
+
+
+def shown(text: str, limit: int = 120) -> str:
+    """Signed text (printable, but from a caller) quoted and clipped for a message."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def provenance_path(output: str | os.PathLike[str]) -> Path:
     """Where ``airlock convert`` puts an output's provenance: ``<output>.provenance.json``."""
     path = Path(output)
@@ -268,6 +368,14 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
                               "the statement's subject, resource and record digests disagree")
     sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
     request, broker = _obj(pred, "request"), _obj(pred, "broker")
+    version = pred.get("record_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ProvenanceError("PROVENANCE_MALFORMED", "'record_version' is not a version")
+    subject = principal = method = ""
+    if version >= 2:  # from version 2 on, a record without them is not a record
+        who = _obj(pred, "principal")
+        subject, principal, method = (_str(inp, "subject"), _str(who, "name"),
+                                      _str(who, "method"))
     return ProvenanceRecord(
         job_id=_str(pred, "job_id"), created=_str(pred, "created"),
         broker_version=_str(broker, "version"),
@@ -280,7 +388,8 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         image_id=_str(sandbox, "image_id"), runtime=_str(sandbox, "runtime"),
         validation=_str(verdicts, "validation"), assurance=_str(verdicts, "assurance"),
         integrity_note=_str(verdicts, "integrity_note"),
-        key_fingerprint=key_fingerprint,
+        key_fingerprint=key_fingerprint, record_version=version, subject=subject,
+        principal=principal, principal_method=method,
         conversion=_obj(pred, "conversion"), statement=doc,
     )
 
@@ -308,10 +417,14 @@ def _int(doc: Mapping[str, Any], name: str) -> int:
 
 __all__ = [
     "MAX_PROVENANCE_BYTES",
+    "MAX_SUBJECT",
     "PREDICATE_TYPE",
     "ProvenanceError",
     "ProvenanceRecord",
     "check_output",
+    "check_source",
+    "check_subject",
+    "escape_subject",
     "fingerprint",
     "load_public_key",
     "provenance_path",

@@ -3,25 +3,30 @@
 ::
 
     from airlock_client import load_verified
-    session = load_verified("models:/fraud-airlock@champion", public_key="airlock.pub.pem",
-                            tracking_uri="http://mlflow:5000")
+    session = load_verified("models:/fraud-airlock@champion", source="models:/fraud",
+                            public_key="airlock.pub.pem", tracking_uri="http://mlflow:5000")
     session.run(None, {"X": batch})                 # onnxruntime.InferenceSession
-    weights = load_verified("models:/encoder-airlock/3", public_key=...)   # dict of arrays
+    weights = load_verified("models:/encoder-airlock/3", source="models:/encoder",
+                            public_key=...)          # dict of arrays
 
 ``load_verified`` downloads the version's two files as bytes (MLflow's artifact download
 copies bytes; none of MLflow's model loaders is ever called, and a migrated version has no
 ``MLmodel`` for them to read), checks that the provenance is signed by ``public_key`` and
-describes exactly these bytes, and only then hands the same bytes (never re-read from disk)
-to onnxruntime or to safetensors' own loader. Neither format can carry code; there is no
-pickle anywhere on this path.
+describes exactly these bytes, then that it is a conversion of the source the caller expects
+(see ``_twin``: the signed subject names a version of ``source``, and the signed input sha256
+is that version's, computed from the registry's bytes unless the caller passes
+``source_sha256``), and only then hands the same bytes (never re-read from disk) to
+onnxruntime or to safetensors' own loader. Neither format can carry code; there is no pickle
+anywhere on this path.
 
 Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``)::
 
     IntegrityError
     ├── ProvenanceError   PROVENANCE_MISSING, PROVENANCE_MALFORMED, BAD_PUBLIC_KEY,
-    │                     SIGNATURE_INVALID, OUTPUT_MISMATCH
+    │                     SIGNATURE_INVALID, OUTPUT_MISMATCH, SOURCE_MISMATCH,
+    │                     PRINCIPAL_NOT_ALLOWED
     └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNSAFE, TOO_LARGE,
-                          FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA
+                          FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING
 """
 
 from __future__ import annotations
@@ -29,9 +34,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,31 +43,34 @@ from typing import Any, Literal
 import onnx
 
 from airlock_client import _lineage as tags
-from airlock_client._errors import IntegrityError
+from airlock_client._errors import ModelSourceError
 from airlock_client._registry import ModelVersion, Registry, open_registry
+from airlock_client._twin import (
+    DEFAULT_MAX_BYTES,
+    Download,
+    SafeLoadError,
+    bundle_sha256,
+    check_lineage,
+    mlflow_download,
+    read_twin,
+)
 from airlock_client.provenance import (
+    MAX_PROVENANCE_BYTES,
     ProvenanceError,
     ProvenanceRecord,
     PublicKeyLike,
-    verify,
+    check_source,
 )
 
-#: ORT takes an ONNX model from memory, and protobuf caps one message at 2 GiB.
-DEFAULT_MAX_BYTES = 2 * 1024**3
-MAX_PROVENANCE_BYTES = 256 * 1024
+__all__ = ["DEFAULT_MAX_BYTES", "MAX_PROVENANCE_BYTES", "Download", "FetchSource",
+           "SafeLoadError", "VerifiedArtifact", "fetch_verified", "load_verified",
+           "open_artifact"]
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
+_SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
 
-#: ``download(artifact_uri, dest_dir) -> local file``: bytes only.
-Download = Callable[[str, Path], Path]
-
-
-class SafeLoadError(IntegrityError):
-    """The version is not a verifiable Airlock output; ``reason`` says which check refused."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+#: ``fetch(models_uri, dest_dir) -> model_dir``: a source version's files, bytes only.
+FetchSource = Download
 
 
 @dataclass(frozen=True)
@@ -75,66 +82,69 @@ class VerifiedArtifact:
     format: tags.OutputFormat
     data: bytes
     record: ProvenanceRecord
+    #: The source version it is the verified conversion of (``source``'s model).
+    source_version: str = ""
 
 
-def load_verified(models_uri: str, *, public_key: PublicKeyLike | None = None,
+def load_verified(models_uri: str, *, source: str | None = None,
+                  source_sha256: str | None = None, principals: Collection[str] | None = None,
+                  public_key: PublicKeyLike | None = None,
                   tracking_uri: str | None = None, tensors: Literal["numpy", "pt"] = "numpy",
                   providers: tuple[str, ...] = ("CPUExecutionProvider",),
                   max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     """An ``onnxruntime.InferenceSession`` (ONNX) or ``{name: tensor}`` (safetensors).
 
     ``models_uri`` is ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` of a version that
-    ``airlock migrate`` registered. ``public_key`` is the broker's provenance key (PEM bytes
-    or path; default ``$AIRLOCK_PUBLIC_KEY``): pin it, do not fetch it next to the model.
+    ``airlock migrate`` registered. ``source`` is what it must be a conversion of:
+    ``models:/SOURCE`` (any version of that registered model: the one its signed record names)
+    or ``models:/SOURCE/VERSION``; ``source_sha256`` the source version's sha256 if you pinned
+    it (else it is computed from the registry's copy of the source, which downloads it: bytes
+    only). At least one of the two is required: a valid signature alone says only that some
+    caller of the broker sent *some* model. ``principals``: accept only conversions asked for
+    by these broker principals. ``public_key`` is the broker's provenance key (PEM bytes or
+    path; default ``$AIRLOCK_PUBLIC_KEY``): pin it, do not fetch it next to the model.
     ``tensors`` picks numpy arrays or torch tensors for safetensors files.
     """
-    artifact = fetch_verified(models_uri, public_key=public_key, tracking_uri=tracking_uri,
-                              max_bytes=max_bytes)
+    artifact = fetch_verified(models_uri, source=source, source_sha256=source_sha256,
+                              principals=principals, public_key=public_key,
+                              tracking_uri=tracking_uri, max_bytes=max_bytes)
     return open_artifact(artifact, tensors=tensors, providers=providers)
 
 
-def fetch_verified(models_uri: str, *, public_key: PublicKeyLike | None = None,
+def fetch_verified(models_uri: str, *, source: str | None = None,
+                   source_sha256: str | None = None, principals: Collection[str] | None = None,
+                   public_key: PublicKeyLike | None = None,
                    tracking_uri: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                   registry: Registry | None = None,
-                   download: Download | None = None) -> VerifiedArtifact:
+                   registry: Registry | None = None, download: Download | None = None,
+                   fetch: FetchSource | None = None) -> VerifiedArtifact:
     """The verified bytes of a migrated version, without loading them (see ``load_verified``).
 
-    ``registry`` and ``download`` replace the MLflow client and downloader (tests).
+    ``registry``, ``download`` and ``fetch`` replace the MLflow client, its artifact download
+    and the source-version download (tests).
     """
     key = public_key if public_key is not None else os.environ.get("AIRLOCK_PUBLIC_KEY")
     if not key:
         raise ProvenanceError("BAD_PUBLIC_KEY", "a safe load needs the broker's public key "
                                                 "(public_key=... or AIRLOCK_PUBLIC_KEY)")
+    model, version = _expected_source(source, source_sha256)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if registry is None or download is None:
+    if registry is None or download is None or fetch is None:
         if not uri:
             raise ValueError("no tracking server: pass tracking_uri= or set MLFLOW_TRACKING_URI")
         registry = registry or open_registry(uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
-        download = download or _mlflow_download(uri)
+        download = download or mlflow_download(uri)
+        fetch = fetch or _mlflow_fetch(uri)
     mv = _version(registry, models_uri)
-    name, version = str(mv.name), str(mv.version)
-    fmt = _output_format((mv.tags or {}).get(tags.OUTPUT_FORMAT, ""))
-    if fmt is None:
-        raise SafeLoadError("NOT_AIRLOCK_OUTPUT",
-                            f"{name} version {version} was not registered by airlock migrate "
-                            "(it has no airlock output tags); migrate its source first")
-    file_name = tags.OUTPUT_FILES[fmt]
-    base = registry.get_model_version_download_uri(name, version).rstrip("/")
-    work = Path(tempfile.mkdtemp(prefix="airlock-load-"))
-    try:
-        data = _read(download, f"{base}/{file_name}", work / "model", max_bytes)
-        envelope = _read(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
-                         work / "provenance", MAX_PROVENANCE_BYTES)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    record = verify(data, envelope, key)  # signature, then these bytes' sha256 and size
-    if record.output_format != fmt:
-        raise SafeLoadError("FORMAT_MISMATCH", f"the version is tagged {fmt} but its signed "
-                                               f"provenance says {record.output_format}")
-    if (mv.tags or {}).get(tags.OUTPUT_SHA256) != record.output_sha256:
-        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
-                                            "output's: the registry entry was altered")
-    return VerifiedArtifact(name=name, version=version, format=fmt, data=data, record=record)
+    twin = read_twin(registry, download, mv, key, max_bytes=max_bytes)
+    claimed = ""
+    if model is not None:
+        claimed = check_lineage(twin, mv, model=model, version=version, sha256=source_sha256,
+                                source_sha256=lambda v: _source_sha256(fetch, model, v),
+                                principals=principals)
+    else:  # only the source's sha256 is expected: it decides alone
+        check_source(twin.record, sha256=source_sha256, principals=principals)
+    return VerifiedArtifact(name=twin.name, version=twin.version, format=twin.format,
+                            data=twin.data, record=twin.record, source_version=claimed)
 
 
 def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"] = "numpy",
@@ -160,14 +170,6 @@ def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"]
     return load_numpy(artifact.data)
 
 
-def _output_format(value: str) -> tags.OutputFormat | None:
-    if value == "onnx":
-        return "onnx"
-    if value == "safetensors":
-        return "safetensors"
-    return None
-
-
 def _version(registry: Registry, models_uri: str) -> ModelVersion:
     match = _MODELS_URI.match(models_uri)
     if match is None:
@@ -175,36 +177,6 @@ def _version(registry: Registry, models_uri: str) -> ModelVersion:
     if match["alias"]:
         return registry.get_model_version_by_alias(match["name"], match["alias"])
     return registry.get_model_version(match["name"], match["version"])
-
-
-def _read(download: Download, artifact_uri: str, dest: Path, limit: int) -> bytes:
-    """Download one file into an empty directory and read it, refusing anything but a file."""
-    dest.mkdir()
-    try:
-        local = Path(download(artifact_uri, dest))
-    except Exception as exc:  # the artifact store's own errors
-        raise SafeLoadError("ARTIFACT_MISSING",
-                            f"cannot download {artifact_uri}: {type(exc).__name__}: "
-                            f"{tags.clip(str(exc), 200)}") from exc
-    if not local.resolve().is_relative_to(dest.resolve()):
-        raise SafeLoadError("ARTIFACT_UNSAFE", f"the download of {artifact_uri} left the "
-                                               "directory it was given")
-    try:
-        fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a plain file "
-                                               f"({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a regular file")
-        if info.st_size > limit:
-            raise SafeLoadError("TOO_LARGE", f"{artifact_uri} has {info.st_size} bytes, more "
-                                             f"than the {limit} allowed")
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise SafeLoadError("TOO_LARGE", f"{artifact_uri} grew past {limit} bytes")
-    return data
 
 
 def _refuse_external_data(data: bytes) -> None:
@@ -228,11 +200,42 @@ def _refuse_external_data(data: bytes) -> None:
             raise SafeLoadError("EXTERNAL_DATA", "the ONNX model refers to external data")
 
 
-def _mlflow_download(tracking_uri: str) -> Download:
-    def download(artifact_uri: str, dest: Path) -> Path:
-        from mlflow.artifacts import download_artifacts  # copies bytes; loads no model
+def _mlflow_fetch(tracking_uri: str) -> FetchSource:
+    def fetch(models_uri: str, dest: Path) -> Path:
+        from airlock_client.mlflow_source import resolve  # bytes only; loads no model
 
-        return Path(download_artifacts(
-            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri))
+        return resolve(models_uri, dest, tracking_uri=tracking_uri)
 
-    return download
+    return fetch
+
+
+def _expected_source(source: str | None, sha256: str | None) -> tuple[str | None, str | None]:
+    """``source`` as (model, version or None); at least one expectation is required."""
+    if source is None and sha256 is None:
+        raise ValueError("a safe load needs the source the version must be a conversion of: "
+                         "source='models:/NAME' (or models:/NAME/VERSION) and/or "
+                         "source_sha256=...; a valid signature alone only says that some "
+                         "caller of the broker sent some model")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError("source_sha256 must be 64 hexadecimal digits")
+    if source is None:
+        return None, None
+    match = _SOURCE_URI.match(source)
+    if match is None:
+        raise ValueError(f"source {source!r} is not models:/NAME or models:/NAME/VERSION")
+    return match["name"], match["version"]
+
+
+def _source_sha256(fetch: FetchSource, model: str, version: str) -> str:
+    """The sha256 of source version ``model``/``version`` as the client sends it to the broker."""
+    work = Path(tempfile.mkdtemp(prefix="airlock-source-"))
+    try:
+        try:
+            model_dir = fetch(f"models:/{model}/{version}", work / "source")
+            return bundle_sha256(Path(model_dir), work)
+        except ModelSourceError as exc:
+            raise SafeLoadError("SOURCE_MISSING",
+                                f"cannot read the source models:/{model}/{version} to check "
+                                f"the version against it: {exc.reason}: {exc.message}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

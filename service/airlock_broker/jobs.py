@@ -103,6 +103,8 @@ class JobRequest:
     policy: LoadingPolicy = LoadingPolicy.ALLOW_CODE
     inputs: tuple[TensorSpec, ...] = ()
     deadline_seconds: float = 120.0
+    #: What the caller says the artifact is (checked printable and bounded; signed, not used).
+    subject: str = ""
 
 
 @dataclass(frozen=True)

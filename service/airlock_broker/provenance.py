@@ -21,6 +21,15 @@ test checks that model-signing 1.1.1 verifies it.
 Everything in the record that came from the sandbox (loader, converter, versions, parity) is
 the worker's claim, capped and made printable, and sits under ``conversion``; the rest is what
 the broker observed or decided itself.
+
+Which model an output is (record version 2): ``input.subject`` is the caller's name for the
+artifact (``models:/NAME/VERSION`` from ``airlock migrate``, a path or URI from ``airlock
+convert``), checked printable and bounded but not believed; ``input.sha256`` is what the broker
+hashed; ``principal`` is who asked, as authentication established it (``method`` "none" when
+authentication is off: then the name says nothing). A verifier binds an output to its source
+by comparing both with what it expects (``airlock_client.provenance.check_source``): the subject
+alone is the caller's word, the sha256 is not. Version 1 records had neither subject nor
+principal.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import time
 from importlib import metadata
 from typing import Any
 
+from airlock_broker.auth import Principal
 from airlock_broker.jobs import JobRequest, JobResult, sanitize
 from airlock_broker.keys import SigningKey
 from airlock_sandbox.contract import OUTPUT_NAMES
@@ -45,7 +55,7 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 #: Where Airlock's record sits in the predicate.
 RECORD_FIELD = "airlock"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 def broker_version() -> str:
@@ -62,8 +72,9 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
-              created: float | None = None, version: str | None = None) -> dict[str, Any]:
-    """The in-toto Statement for one successful job."""
+              principal: Principal, created: float | None = None,
+              version: str | None = None) -> dict[str, Any]:
+    """The in-toto Statement for one successful job, asked for by ``principal``."""
     output = result.output
     report = result.report
     record = {
@@ -71,7 +82,10 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
         "broker": {"name": "airlock", "version": version or broker_version()},
         "job_id": result.job_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time())),
+        "principal": {"name": principal.name, "method": principal.method},
         "input": {
+            # The caller's word for what this is; bound to the bytes by "sha256" below.
+            "subject": request.subject,
             "sha256": result.input_sha256,
             "size": result.input_size,
             "declared_format": request.declared_format or "",

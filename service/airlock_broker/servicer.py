@@ -148,6 +148,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         policy = self.config.sandbox
         record.set(declared_format=request.declared_format, target=request.target.value,
                    loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
+                   subject=request.subject,
                    limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
                            "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
                    weakened=list(policy.weakened))
@@ -168,7 +169,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                      "local" if local else "stream", extra={"job_id": job_id})
             principal = "" if record.principal == "anonymous" else record.principal
             options = options_digest(request.declared_format, request.target.value,
-                                     request.policy.value, request.inputs)
+                                     request.policy.value, request.inputs, request.subject)
             async with self.replays.claim(principal, meta.idempotency_key, spooled.sha256,
                                           options, job_id) as claim:
                 if claim.replay is not None:
@@ -183,7 +184,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                                output_size=result.output.size)
                     # Signed from the hash validation already computed: no extra pass over
                     # the output.
-                    envelope = sign(statement(result, request, self.config.sandbox),
+                    envelope = sign(statement(result, request, self.config.sandbox,
+                                              principal=current_principal()),
                                     self.signing_key)
                     record.set(provenance_key=self.signing_key.fingerprint,
                                provenance_sha256=hashlib.sha256(envelope).hexdigest())

@@ -18,6 +18,8 @@ from airlock_broker.jobs import JobRequest, JobResult, sanitize
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
 
 MAX_INPUTS = 64
+#: A registry version, URI or path fits; a subject is a name, not a document.
+MAX_SUBJECT = 1024
 MAX_DIMS = 8
 MAX_DIM = 2**31
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
@@ -74,7 +76,24 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         policy=POLICIES[meta.loading_policy],
         inputs=tensor_specs(meta.inputs),
         deadline_seconds=min(deadline, max_deadline),
+        subject=subject(meta.subject),
     )
+
+
+def subject(text: str) -> str:
+    """The caller's name for the artifact, as it will be signed: bounded and printable.
+
+    Refused rather than escaped here, so that what a verifier compares is exactly what the
+    caller sent (the client escapes, see ``airlock_client.provenance.escape_subject``).
+    """
+    if len(text) > MAX_SUBJECT:
+        raise error(Reason.BAD_REQUEST, f"the subject has {len(text)} characters; at most "
+                                        f"{MAX_SUBJECT} are allowed")
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        raise error(Reason.BAD_REQUEST, f"the subject holds U+{ord(bad):04X}, which is not "
+                                        "printable; escape it (escape_subject in the client)")
+    return text
 
 
 def tensor_specs(specs: Any) -> tuple[TensorSpec, ...]:

@@ -23,11 +23,17 @@ import numpy as np
 import pytest
 
 from airlock_broker.keys import load_key
-from airlock_client import SafeLoadError, load_verified
+from airlock_client import (
+    Client,
+    ConversionResult,
+    ProvenanceError,
+    SafeLoadError,
+    load_verified,
+)
 from airlock_client import _lineage as tags
 from tests.adversarial.payloads import malicious_torch_zip
 from tests.conftest import AIRLOCK, IMAGE, BrokerProcess, start_broker
-from tests.fixtures import mlflow_models
+from tests.fixtures import mlflow_models, models
 from tests.fixtures.mlflow_models import Saved
 from tests.integration import mlflow_server
 from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
@@ -219,7 +225,10 @@ def test_benign_versions_are_migrated_and_load_back_with_parity(registry: Regist
         assert outcome["status"] == "converted", outcome
         assert outcome["format"] == "onnx"
         target = outcome["target"]
-        session = load_verified(f"models:/{target}", public_key=registry.public_key,
+        # the expected source's bytes are downloaded and packed here as the client sent them:
+        # the signed input sha256 must be theirs
+        session = load_verified(f"models:/{target}", source=f"models:/{name}/{version}",
+                                public_key=registry.public_key,
                                 tracking_uri=registry.server.uri)
         got, expected = _predict(session, saved)
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
@@ -227,7 +236,7 @@ def test_benign_versions_are_migrated_and_load_back_with_parity(registry: Regist
     models = registry.after_first["models"]
     assert models["fraud-airlock"][1]["champion"] == outcomes[("fraud", "3")]["target"].split(
         "/")[1]
-    champion = load_verified("models:/forecast-airlock@champion",
+    champion = load_verified("models:/forecast-airlock@champion", source="models:/forecast",
                              public_key=registry.public_key, tracking_uri=registry.server.uri)
     got, expected = _predict(champion, registry.saved[("forecast", "2")])
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
@@ -250,8 +259,8 @@ def test_migrated_versions_hold_only_the_file_and_its_provenance(registry: Regis
         assert tag_map[tags.VERDICT] in {"format_safe_only", "integrity_verified"}
     # The original (pickled) versions are refused by the safe load: not Airlock's outputs.
     with pytest.raises(SafeLoadError) as info:
-        load_verified("models:/fraud/1", public_key=registry.public_key,
-                      tracking_uri=registry.server.uri)
+        load_verified("models:/fraud/1", source="models:/fraud",
+                      public_key=registry.public_key, tracking_uri=registry.server.uri)
     assert info.value.reason == "NOT_AIRLOCK_OUTPUT"
 
 
@@ -288,3 +297,122 @@ def test_rerun_does_nothing_new(registry: Registry) -> None:
     assert table.returncode == 0, table.stderr[-3000:]
     assert table.stdout.splitlines()[0].split()[:3] == ["MODEL", "VERSION", "STATUS"]
     assert "3 already migrated" in table.stdout
+
+
+# -- issue #11: a twin is believed from its signed provenance, never from its tags -------------
+# These run last: they add a model to the module's registry.
+
+
+def _register_now(uri: str, name: str, model_dir: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _register(uri, name, model_dir)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+def _plant_forged_twin(uri: str, source: str, version: str, result: ConversionResult) -> str:
+    """What anyone with write access to the registry can do: register an output Airlock
+    signed (for *their* model) as ``<source>-airlock/N``, with every tag a real twin of
+    ``source``/``version`` has, consistent with the signed record."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    record = result.provenance_record
+    assert record is not None
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    target = f"{source}-airlock"
+    if not client.search_registered_models(filter_string=f"name = '{target}'"):
+        client.create_registered_model(target, tags={tags.ROLE: tags.ROLE_MIGRATED,
+                                                     tags.SOURCE_MODEL: source})
+    folder = result.output.parent / "forged"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(result.output.read_bytes())
+    (folder / "model.onnx.provenance.json").write_bytes(result.provenance)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(folder), artifact_path="model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    lineage = {
+        tags.SOURCE_MODEL: source, tags.SOURCE_VERSION: version,
+        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
+        tags.OUTPUT_FORMAT: "onnx", tags.OUTPUT_FILE: "model.onnx",
+        tags.PROVENANCE_FILE: "model.onnx.provenance.json", tags.VERDICT: record.assurance,
+        tags.VALIDATION: record.validation, tags.JOB_ID: record.job_id,
+        tags.PROVENANCE_KEY: record.key_fingerprint}
+    mv = client.create_model_version(target, f"{run.info.artifact_uri}/model", run.info.run_id,
+                                     tags=lineage)
+    return str(mv.version)
+
+
+@pytest.fixture(scope="module")
+def forged(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``payments`` v1 (a benign sklearn model) and, before any migration of it, a forged twin:
+    the attacker's own model sent through the real broker (so validly signed, naming
+    ``models:/payments/1`` as its subject), registered as ``payments-airlock/1`` with every tag
+    right. Then ``airlock migrate --model payments --alias champion``."""
+    tmp = tmp_path_factory.mktemp("forged")
+    uri = registry.server.uri
+    saved = mlflow_models.BENIGN["sklearn-pickle"](tmp / "payments")
+    _register_now(uri, "payments", saved.path)
+    backdoor, _ = models.make_onnx(tmp / "attacker")
+    out = tmp / "attacker" / "signed" / "model.onnx"
+    with Client(registry.broker.address, public_key=registry.public_key) as client:
+        result = client.convert(backdoor, out, subject="models:/payments/1")
+    twin = _plant_forged_twin(uri, "payments", "1", result)
+    before = snapshot(uri)
+    run = migrate(uri, registry.broker.address, registry.public_key, "--model", "payments",
+                  "--alias", "champion", "--json")
+    return {"saved": saved, "forged": twin, "run": run, "before": before,
+            "record": result.provenance_record}
+
+
+def test_a_forged_twin_is_not_already_migrated_and_never_gets_the_alias(
+        registry: Registry, forged: dict[str, Any]) -> None:
+    run = forged["run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    (outcome,) = _doc(run)["versions"]
+    assert outcome["status"] == "converted", outcome  # not "already_migrated"
+    genuine = outcome["target"].rpartition("/")[2]
+    assert genuine != forged["forged"]
+    assert f"payments-airlock/{forged['forged']} (SOURCE_MISMATCH)" in outcome["message"]
+    assert f"WARNING: payments-airlock/{forged['forged']} claims" in run.stderr
+    models = snapshot(registry.server.uri)["models"]
+    assert models["payments-airlock"][1] == {"champion": genuine}
+    champion = load_verified("models:/payments-airlock@champion", source="models:/payments",
+                             public_key=registry.public_key, tracking_uri=registry.server.uri)
+    got, expected = _predict(champion, forged["saved"])
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_load_verified_refuses_the_forged_twin_for_its_source(
+        registry: Registry, forged: dict[str, Any]) -> None:
+    record = forged["record"]  # the attacker's conversion is validly signed, with their subject
+    assert record.subject == "models:/payments/1" and record.principal  # whoever asked
+    uri = f"models:/payments-airlock/{forged['forged']}"
+    for source in ("models:/payments", "models:/payments/1"):
+        with pytest.raises(ProvenanceError) as info:
+            load_verified(uri, source=source, public_key=registry.public_key,
+                          tracking_uri=registry.server.uri)
+        assert info.value.reason == "SOURCE_MISMATCH", source
+
+
+def test_migrate_refuses_a_key_it_did_not_pin(registry: Registry) -> None:
+    before = snapshot(registry.server.uri)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLFLOW_") and k != "AIRLOCK_PUBLIC_KEY"}
+    env["AIRLOCK_SERVER"] = registry.broker.address
+    done = subprocess.run([AIRLOCK, "migrate", "--tracking-uri", registry.server.uri,
+                           "--model", "fraud", "--alias", "champion"],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "--public-key" in done.stderr and "trust on first use" in done.stderr
+    assert snapshot(registry.server.uri) == before

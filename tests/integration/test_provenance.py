@@ -78,6 +78,33 @@ def test_convert_writes_output_and_provenance_that_verify_accepts(
     assert doc["record"]["output_sha256"] == record.output_sha256
 
 
+def test_convert_signs_which_input_it_was_and_verify_checks_it(
+        converted: Path, public_key: Path, broker: BrokerProcess) -> None:
+    """The record names the input (the path given to `airlock convert`, made absolute), the
+    input's sha256 and who asked; `airlock verify` holds a file to an expected source."""
+    source = converted.with_name("pipeline.pkl")
+    prov = converted.with_name(converted.name + ".provenance.json")
+    record = provenance.verify(converted, prov.read_bytes(), public_key)
+    assert record.record_version == 2 and record.subject == os.path.abspath(source)
+    assert record.input_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record.principal and record.principal_method
+    base = ("verify", str(converted), "--public-key", str(public_key))
+    shown = run_cli(*base, server=broker.address)
+    assert shown.returncode == 0 and repr(record.subject) in shown.stdout, shown.stderr
+    ok = run_cli(*base, "--subject", record.subject, "--source-sha256", record.input_sha256,
+                 server=broker.address)
+    assert ok.returncode == 0, ok.stderr
+    # a principal proves something only when the broker authenticated it
+    named = run_cli(*base, "--principal", record.principal, server=broker.address)
+    assert named.returncode == (1 if record.principal_method == "none" else 0), named.stderr
+    for wrong in (("--subject", "models:/fraud/3"), ("--source-sha256", "0" * 64),
+                  ("--principal", "someone-else")):
+        done = run_cli(*base, *wrong, "--json", server=broker.address)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert json.loads(done.stdout)["reason"] in {"SOURCE_MISMATCH",
+                                                     "PRINCIPAL_NOT_ALLOWED"}, wrong
+
+
 def test_verify_without_a_key_uses_the_brokers_with_a_warning(converted: Path,
                                                               broker: BrokerProcess) -> None:
     done = _airlock("verify", str(converted), env={"AIRLOCK_SERVER": broker.address,

@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from airlock_broker.auth import Principal
 from airlock_broker.jobs import JobRequest, JobResult
 from airlock_broker.keys import SigningKey
 from airlock_broker.outputs import ValidatedOutput
 from airlock_broker.provenance import sign, statement
 from airlock_broker.sandbox import Outcome as SandboxOutcome
 from airlock_client import ConversionError, ConversionReport, ConversionResult, provenance
+from airlock_client._twin import bundle_sha256
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_sandbox.policy import SandboxPolicy
@@ -46,7 +48,12 @@ def tiny_safetensors() -> bytes:
 
 
 def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source bytes",
-             assurance: str = "format_safe_only") -> bytes:
+             assurance: str = "format_safe_only", *, subject: str = "",
+             source_sha256: str | None = None, principal: str = "migrator",
+             record_version: int = 2) -> bytes:
+    """A broker-signed provenance for ``output``: converted from ``source`` (or from bytes
+    whose sha256 is ``source_sha256``), asked for by ``principal`` with ``subject``.
+    ``record_version=1`` signs the record as Airlock did before subjects."""
     out_format = OutputFormat.ONNX if fmt == "onnx" else OutputFormat.SAFETENSORS
     validated = ValidatedOutput(format=out_format, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
@@ -54,13 +61,30 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
                                 write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
     result = JobResult(
         job_id="job-1", detected_format=ArtifactFormat.PICKLE,
-        input_sha256=hashlib.sha256(source).hexdigest(), input_size=len(source),
+        input_sha256=source_sha256 or hashlib.sha256(source).hexdigest(),
+        input_size=len(source),
         output=validated, outcome=SandboxOutcome(
             exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
             image_id="sha256:" + "ab" * 32, runtime="runc"),
         policy=LoadingPolicy.ALLOW_CODE, report={"loader": "fake"}, assurance=assurance)
-    request = JobRequest(job_id="job-1", declared_format="", target=Target.AUTO)
-    return sign(statement(result, request, SandboxPolicy(), version="test"), key)
+    request = JobRequest(job_id="job-1", declared_format="", target=Target.AUTO,
+                         subject=subject)
+    doc = statement(result, request, SandboxPolicy(), version="test",
+                    principal=Principal(principal, "token", frozenset()))
+    if record_version == 1:
+        record = doc["predicate"]["airlock"]
+        record["record_version"] = 1
+        del record["principal"], record["input"]["subject"]
+    return sign(doc, key)
+
+
+def source_dir(dest: Path, uri: str) -> Path:
+    """What ``fetch`` downloads for a source version: a small MLflow model directory whose
+    bytes (hence bundle sha256) differ per version."""
+    dest.mkdir(parents=True)
+    (dest / "MLmodel").write_text("flavors:\n  python_function: {}\n")
+    (dest / "model.pkl").write_text(uri)
+    return dest
 
 
 @dataclass
@@ -68,23 +92,24 @@ class FakeSandbox:
     """``fetch`` and ``convert`` for ``Migration``: behaviour chosen per source version.
 
     ``plan[(name, version)]`` is "onnx" / "safetensors" (converted), a ``ConversionError``,
-    or ``ServiceUnavailable`` to raise. Unlisted versions convert to ONNX.
+    or ``ServiceUnavailable`` to raise. Unlisted versions convert to ONNX. The provenance is
+    what the broker signs: the sha256 of the bundle the client would send, and the subject.
     """
 
     key: SigningKey
     plan: dict[tuple[str, str], Any] = field(default_factory=dict)
     fetched: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
 
     def fetch(self, uri: str, dest: Path) -> Path:
         self.fetched.append(uri)
-        dest.mkdir(parents=True)
-        (dest / "MLmodel").write_text(uri)
-        return dest
+        return source_dir(dest, uri)
 
-    def convert(self, model_dir: Path, output: Path) -> ConversionResult:
-        uri = (model_dir / "MLmodel").read_text()
+    def convert(self, model_dir: Path, output: Path, subject: str) -> ConversionResult:
+        uri = (model_dir / "model.pkl").read_text()
         self.converted.append(uri)
+        self.subjects.append(subject)
         name, _, version = uri.removeprefix("models:/").rpartition("/")
         action = self.plan.get((name, version), "onnx")
         if isinstance(action, Exception):
@@ -92,7 +117,8 @@ class FakeSandbox:
         data = tiny_onnx(float(version)) if action == "onnx" else tiny_safetensors()
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_bytes(data)
-        signed = envelope(self.key, data, action, source=uri.encode())
+        signed = envelope(self.key, data, action, subject=subject,
+                          source_sha256=bundle_sha256(model_dir, output.parent))
         record = provenance.verify(data, signed, self.key.public_pem.encode())
         return ConversionResult(
             job_id="job-1", output=output, format=action, sha256=record.output_sha256,
@@ -108,3 +134,34 @@ def rejected(reason: str = "POLICY_VIOLATION", message: str = "refused") -> Conv
 
 def failed(reason: str = "SANDBOX_TIMEOUT", message: str = "too slow") -> ConversionError:
     return ConversionError(reason, message, kind="failed", code="DEADLINE_EXCEEDED")
+
+
+def plant_twin(registry: Any, key: SigningKey, source: str, version: str, data: bytes,
+               signed: bytes, target_suffix: str = "-airlock") -> Any:
+    """What an attacker with write access to the registry does: register ``data`` and its
+    provenance (validly signed by ``key``: the broker signs whatever anyone sends it) as a new
+    version of ``<source>-airlock``, with every tag a real twin of ``source``/``version``
+    carries, all consistent with the signed record."""
+    from airlock_client import _lineage as tags
+    from tests.unit.fake_registry import FakeVersion
+
+    record = provenance.verify(data, signed, key.public_pem.encode())
+    target = f"{source}{target_suffix}"
+    if target not in registry.models:
+        registry.create_registered_model(target, tags={tags.ROLE: tags.ROLE_MIGRATED,
+                                                       tags.SOURCE_MODEL: source})
+    run_id = f"forged{len(registry.runs) + 1}"
+    name = tags.OUTPUT_FILES[record.output_format]
+    registry.runs[run_id] = {"tags": {}, "status": "FINISHED", "artifacts": {
+        f"model/{name}": data, f"model/{name}{tags.PROVENANCE_SUFFIX}": signed}}
+    mv = FakeVersion(target, str(len(registry.versions[target]) + 1), {
+        tags.SOURCE_MODEL: source, tags.SOURCE_VERSION: version,
+        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
+        tags.OUTPUT_FORMAT: record.output_format, tags.OUTPUT_FILE: name,
+        tags.PROVENANCE_FILE: f"{name}{tags.PROVENANCE_SUFFIX}",
+        tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
+        tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint},
+        run_id=run_id, source=f"fake-artifacts:/{run_id}/model")
+    registry.versions[target].append(mv)
+    return mv
+

@@ -209,6 +209,11 @@ def _meta(**kw: object) -> pb.ConvertRequest:
      grpc.StatusCode.INVALID_ARGUMENT, "BAD_REQUEST"),
     ([_meta(inputs=[pb.TensorSpec(name="x", dtype="object", shape=[1])]), _chunk(PICKLE)],
      grpc.StatusCode.INVALID_ARGUMENT, "BAD_REQUEST"),
+    # the subject is signed as sent: printable and bounded, or refused (never escaped here)
+    ([_meta(subject="models:/fraud/3\x1b[2J"), _chunk(PICKLE)],
+     grpc.StatusCode.INVALID_ARGUMENT, "BAD_REQUEST"),
+    ([_meta(subject="x" * 1025), _chunk(PICKLE)], grpc.StatusCode.INVALID_ARGUMENT,
+     "BAD_REQUEST"),
 ])
 def test_malformed_streams_are_refused_with_a_reason(make_broker, tmp_path: Path, messages,
                                                      code, reason) -> None:

@@ -31,8 +31,15 @@ from airlock_client.migrate import (
     Status,
     counts,
 )
-from tests.unit.fake_registry import FakePage, FakeRegistry
-from tests.unit.migrate_helpers import FakeSandbox, failed, rejected
+from tests.unit.fake_registry import FakePage, FakeRegistry, FakeVersion
+from tests.unit.migrate_helpers import (
+    FakeSandbox,
+    envelope,
+    failed,
+    plant_twin,
+    rejected,
+    tiny_onnx,
+)
 
 
 @pytest.fixture
@@ -42,6 +49,7 @@ def key(tmp_path: Path) -> SigningKey:
 
 def _migration(registry: FakeRegistry, sandbox: FakeSandbox, **options: Any) -> Migration:
     return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                     download=registry.download, public_key=sandbox.key.public_pem.encode(),
                      options=Options(**options))
 
 
@@ -308,11 +316,17 @@ def test_cli_refuses_a_bad_page_size(size: str) -> None:
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
 
 
-def _isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_migrate pins MLflow's URIs in the environment; give them back after the test."""
+def _isolate_env(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+                 registry: FakeRegistry) -> None:
+    """run_migrate pins MLflow's URIs in the environment; give them back after the test. The
+    broker's key is pinned through AIRLOCK_PUBLIC_KEY."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fake")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    pub = key.path.parent / "airlock.pub.pem"
+    pub.write_text(key.public_pem)
+    monkeypatch.setenv("AIRLOCK_PUBLIC_KEY", str(pub))
+    monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri: registry.download)
 
 
 def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
@@ -320,7 +334,7 @@ def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: Si
     registry = FakeRegistry()
     registry.add_model("m", versions=2)
     sandbox = FakeSandbox(key, plan={("m", "2"): rejected()})
-    _isolate_env(monkeypatch)
+    _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
@@ -344,7 +358,7 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     registry = FakeRegistry()
     registry.add_model("m", versions=1)
     sandbox = FakeSandbox(key, plan={("m", "1"): ServiceUnavailable("connection refused")})
-    _isolate_env(monkeypatch)
+    _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
@@ -359,3 +373,187 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     registry.models.clear()
     assert _migrate_cli.run_migrate(_args(argv=["--all", *base])) == 5
 
+
+
+# -- twins are believed from signed provenance, never from tags --------------------------------
+
+BACKDOOR = tiny_onnx(bias=666.0)
+
+
+def _forge(registry: FakeRegistry, key: SigningKey, source: str, version: str,
+           subject: str | None = None) -> str:
+    """A backdoor sent through Airlock (so validly signed, with the subject the attacker
+    chose) and registered as a twin of ``source``/``version`` with matching tags."""
+    signed = envelope(key, BACKDOOR, "onnx", source=BACKDOOR,
+                      subject=subject or f"models:/{source}/{version}")
+    return str(plant_twin(registry, key, source, version, BACKDOOR, signed).version)
+
+
+def test_a_forged_twin_does_not_make_a_version_already_migrated_nor_get_the_alias(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    registry.versions["m"].append(FakeVersion("m", "2", source="src/m/2"))  # a new version
+    forged = _forge(registry, key, "m", "2")
+    lines: list[str] = []
+    migration = Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                          download=registry.download, public_key=key.public_pem.encode(),
+                          options=Options(alias="champion"), progress=lines.append)
+    outcomes = migration.run(["m"])
+
+    assert [o.status for o in outcomes] == [Status.ALREADY_MIGRATED, Status.CONVERTED]
+    genuine = outcomes[1].target.rpartition("/")[2]
+    assert genuine != forged and sandbox.converted[-1] == "models:/m/2"
+    assert registry.models["m-airlock"].aliases == {"champion": genuine}
+    assert f"m-airlock/{forged} (SOURCE_MISMATCH)" in outcomes[1].message
+    assert any("WARNING: m-airlock/" + forged in line for line in lines)
+    # and from now on the genuine twin is the one found, the forged one never counts
+    again = _migration(registry, sandbox, alias="champion").run(["m"])
+    assert [(o.status, o.target) for o in again] == [
+        (Status.ALREADY_MIGRATED, outcomes[0].target),
+        (Status.ALREADY_MIGRATED, f"m-airlock/{genuine}")]
+
+
+def test_a_forged_newer_twin_of_a_migrated_version_never_gets_the_alias(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    registry.models["m-airlock"].aliases["champion"] = _forge(registry, key, "m", "1")
+    outcomes = _migration(registry, sandbox, alias="champion").run(["m"])
+    assert [(o.status, o.target) for o in outcomes] == [(Status.ALREADY_MIGRATED,
+                                                         "m-airlock/1")]
+    assert registry.models["m-airlock"].aliases == {"champion": "1"}  # moved back
+    assert len(sandbox.converted) == 1
+
+
+@pytest.mark.parametrize("lie", ["subject", "tags", "key", "output"])
+def test_every_kind_of_forged_twin_is_converted_again(key: SigningKey, tmp_path: Path,
+                                                      lie: str) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["m"])
+    registry.versions["m"].append(FakeVersion("m", "3", source="src/m/3"))
+    real = registry.runs[str(registry.version("m-airlock", 1).run_id)]["artifacts"]
+    data, signed = real["model/model.onnx"], real["model/model.onnx.provenance.json"]
+    signer = key
+    if lie == "key":  # a genuine-looking record for m/3, signed by some other key
+        signer = create_key(tmp_path / "attacker" / "key.pem")
+        signed = envelope(signer, data, "onnx", subject="models:/m/3")
+    twin = plant_twin(registry, signer, "m", "3", data, signed)  # m/1's twin, claiming m/3
+    if lie == "tags":  # tags that even say so
+        twin.tags[tags.SOURCE_VERSION] = "3"
+    if lie == "output":  # the right record, another file
+        registry.runs[str(twin.run_id)]["artifacts"]["model/model.onnx"] = BACKDOOR
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes][2] == Status.CONVERTED
+    assert sandbox.converted[-1] == "models:/m/3"
+
+
+def test_twins_registered_before_subjects_still_count(key: SigningKey) -> None:
+    """A twin whose record is version 1 (no subject) counts when it is a conversion of the
+    source's very bytes: no mass re-conversion after an upgrade."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["m"])
+    twin = registry.version("m-airlock", 1)
+    files = registry.runs[str(twin.run_id)]["artifacts"]
+    files["model/model.onnx.provenance.json"] = envelope(
+        key, files["model/model.onnx"], "onnx", record_version=1,
+        source_sha256=twin.tags[tags.SOURCE_SHA256])
+    outcomes = _migration(registry, sandbox).run(["m"])
+    assert [o.status for o in outcomes] == [Status.ALREADY_MIGRATED]
+    assert len(sandbox.converted) == 1
+
+
+def test_the_subject_is_the_source_version(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("fraud", versions=2)
+    registry.add_model("odd\u202ename", versions=1)  # a bidi override in a model name
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(None)
+    assert sandbox.subjects == ["models:/fraud/1", "models:/fraud/2", "models:/odd\\u202ename/1"]
+
+
+def test_a_conversion_not_signed_by_the_pinned_key_is_not_registered(
+        key: SigningKey, tmp_path: Path) -> None:
+    """Whatever key the convert callable trusted (a key fetched from the broker, say)."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    other = create_key(tmp_path / "broker-we-did-not-pin" / "key.pem")
+    outcomes = Migration(registry, fetch=FakeSandbox(other).fetch,
+                         convert=FakeSandbox(other).convert, download=registry.download,
+                         public_key=key.public_pem.encode()).run(["m"])
+    assert outcomes[0].status == Status.REJECTED and outcomes[0].reason == "SIGNATURE_INVALID"
+    assert "m-airlock" not in registry.models
+
+
+def test_a_tag_alone_never_takes_a_model_out_of_all(key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m")
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["m"])  # m-airlock: Airlock's target of m
+    role = {tags.ROLE: tags.ROLE_MIGRATED}
+    registry.add_model("risky", **role)  # a pickle hidden behind a tag
+    registry.add_model("ghost-airlock", **role, **{tags.SOURCE_MODEL: "ghost"})  # no ghost
+    registry.add_model("x-v2", **role, **{tags.SOURCE_MODEL: "m"})  # not m's target name
+    migration = _migration(registry, sandbox)
+    assert migration.select(None) == ["m", "risky", "ghost-airlock", "x-v2"]
+    assert migration.select(["risky"]) == ["risky"]
+    with pytest.raises(SelectionError, match="migrate its source"):
+        migration.select(["m-airlock"])
+    outcomes = migration.run(None)
+    assert {(o.model, o.status) for o in outcomes} >= {("risky", Status.CONVERTED),
+                                                       ("ghost-airlock", Status.CONVERTED)}
+
+
+def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _isolate_env(monkeypatch, key, registry)
+    monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    for extra in ([], ["--dry-run"]):
+        args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", *extra])
+        assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+        assert "--public-key" in capsys.readouterr().err
+    bad = key.path.parent / "not-a-key.pem"
+    bad.write_text("hello")
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--public-key",
+                       str(bad)])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert registry.writes == [] and registry.searches == [] and sandbox.converted == []
+
+
+def test_an_alias_never_moves_back_past_a_twin_that_could_not_be_checked(
+        key: SigningKey) -> None:
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+    real = sandbox.fetch
+
+    def flaky(uri: str, dest: Path) -> Path:
+        if uri == "models:/m/2":
+            raise ConnectionError("artifact store hiccup")
+        return real(uri, dest)
+
+    sandbox.fetch = flaky  # type: ignore[method-assign]
+    outcomes = _migration(registry, sandbox, alias="champion").run(["m"])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (Status.ALREADY_MIGRATED, ""), (Status.FAILED, "DOWNLOAD_FAILED")]
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+    sandbox.fetch = real  # type: ignore[method-assign]
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    source = registry.version("m", 2).tags
+    assert source[tags.STATUS] == "converted" and tags.REASON not in source

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from airlock_broker.auth import Principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.jobs import JobRequest, JobResult
 from airlock_broker.keys import (
@@ -58,8 +59,12 @@ def _result(output: bytes = OUTPUT, report: dict[str, Any] | None = None) -> Job
                                      "passed": True}]})
 
 
-def _request() -> JobRequest:
-    return JobRequest(job_id="job-1", declared_format="pickle", target=Target.ONNX)
+def _request(subject: str = "models:/fraud/3") -> JobRequest:
+    return JobRequest(job_id="job-1", declared_format="pickle", target=Target.ONNX,
+                      subject=subject)
+
+
+CALLER = Principal("training-pipeline", "token", frozenset())
 
 
 @pytest.fixture
@@ -73,7 +78,7 @@ def _public_pem(key: SigningKey) -> bytes:
 
 def _envelope(key: SigningKey, output: bytes = OUTPUT, **report: Any) -> bytes:
     return sign(statement(_result(output, report or None), _request(), SandboxPolicy(),
-                          created=1_800_000_000, version="0.1.0"), key)
+                          created=1_800_000_000, version="0.1.0", principal=CALLER), key)
 
 
 def _reason(exc: pytest.ExceptionInfo[ProvenanceError]) -> str:
@@ -236,7 +241,7 @@ def test_truncated_or_garbage_provenance_is_refused(key: SigningKey, mangle: Any
 
 
 def test_validly_signed_statement_of_another_kind_is_refused(key: SigningKey) -> None:
-    doc = statement(_result(), _request(), SandboxPolicy())
+    doc = statement(_result(), _request(), SandboxPolicy(), principal=CALLER)
     doc["predicateType"] = "https://slsa.dev/provenance/v1"
     with pytest.raises(ProvenanceError) as exc:
         provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
@@ -245,7 +250,7 @@ def test_validly_signed_statement_of_another_kind_is_refused(key: SigningKey) ->
                         (("predicate", "resources", 0, "digest"), "0" * 64),
                         (("predicate", "resources", 0, "name"), "other.onnx"),
                         (("predicate", "airlock", "output", "sha256"), "0" * 64)):
-        doc = statement(_result(), _request(), SandboxPolicy())
+        doc = statement(_result(), _request(), SandboxPolicy(), principal=CALLER)
         target: Any = doc
         for step in path[:-1]:
             target = target[step]
@@ -364,3 +369,165 @@ def test_client_pinned_to_another_key_writes_nothing(tmp_path: Path) -> None:
         client.convert(src, out_dir / "m.safetensors")
     assert exc.value.reason == "SIGNATURE_INVALID"
     assert list(out_dir.iterdir()) == []
+
+
+# -- which model an output is: subject, source sha256, principal -----------------------------
+
+def test_the_record_names_the_caller_the_subject_and_the_source_bytes(key: SigningKey) -> None:
+    record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
+    assert record.record_version == 2
+    assert record.subject == "models:/fraud/3"
+    assert (record.principal, record.principal_method) == ("training-pipeline", "token")
+    assert record.input_sha256 == hashlib.sha256(INPUT).hexdigest()
+    signed = record.statement["predicate"]["airlock"]
+    assert signed["principal"] == {"name": "training-pipeline", "method": "token"}
+    assert signed["input"]["subject"] == "models:/fraud/3"
+
+
+def test_check_source_binds_an_output_to_its_source(key: SigningKey) -> None:
+    record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
+    source = hashlib.sha256(INPUT).hexdigest()
+    provenance.check_source(record, subject="models:/fraud/3", sha256=source.upper(),
+                            principals={"training-pipeline", "other"})
+    refusals = [
+        ({"subject": "models:/fraud/4"}, "SOURCE_MISMATCH"),
+        ({"subject": "models:/fraud/3", "sha256": "0" * 64}, "SOURCE_MISMATCH"),
+        ({"sha256": source, "principals": {"someone-else"}}, "PRINCIPAL_NOT_ALLOWED"),
+        ({"principals": set()}, "PRINCIPAL_NOT_ALLOWED"),
+    ]
+    for expected, reason in refusals:
+        with pytest.raises(ProvenanceError) as exc:
+            provenance.check_source(record, **expected)
+        assert _reason(exc) == reason, expected
+    with pytest.raises(ValueError):
+        provenance.check_source(record)
+
+
+def test_an_unauthenticated_principal_is_never_an_allowed_one(key: SigningKey) -> None:
+    doc = statement(_result(), _request(), SandboxPolicy(),
+                    principal=Principal("anonymous", "none", frozenset()))
+    record = provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert (record.principal, record.principal_method) == ("anonymous", "none")
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.check_source(record, principals={"anonymous"})
+    assert _reason(exc) == "PRINCIPAL_NOT_ALLOWED"
+
+
+def _version_1(doc: dict[str, Any]) -> dict[str, Any]:
+    """The statement as Airlock signed it before subjects and principals (record version 1)."""
+    record = doc["predicate"]["airlock"]
+    record["record_version"] = 1
+    del record["principal"], record["input"]["subject"]
+    return doc
+
+
+def test_records_of_version_1_still_verify_and_bind_by_sha256_only(key: SigningKey) -> None:
+    doc = _version_1(statement(_result(), _request(), SandboxPolicy(), principal=CALLER))
+    record = provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert (record.record_version, record.subject, record.principal) == (1, "", "")
+    source = hashlib.sha256(INPUT).hexdigest()
+    provenance.check_source(record, sha256=source)
+    provenance.check_source(record, subject="models:/fraud/3", sha256=source)
+    for expected, reason in (({"subject": "models:/fraud/3"}, "SOURCE_MISMATCH"),
+                             ({"sha256": source, "principals": {"x"}},
+                              "PRINCIPAL_NOT_ALLOWED")):
+        with pytest.raises(ProvenanceError) as exc:
+            provenance.check_source(record, **expected)
+        assert _reason(exc) == reason
+
+
+@pytest.mark.parametrize("strip", [
+    lambda r: r.pop("principal"),
+    lambda r: r["input"].pop("subject"),
+    lambda r: r.update(principal={"name": 7, "method": "token"}),
+    lambda r: r.update(record_version="2"),
+])
+def test_a_version_2_record_without_its_caller_or_subject_is_malformed(key: SigningKey,
+                                                                       strip: Any) -> None:
+    doc = statement(_result(), _request(), SandboxPolicy(), principal=CALLER)
+    strip(doc["predicate"]["airlock"])
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert _reason(exc) == "PROVENANCE_MALFORMED"
+
+
+def test_escape_subject_is_printable_and_one_to_one() -> None:
+    names = ["models:/fraud/3", "a\\x0ab", "a\nb", "a\\nb", "é/漢字", "\u202egnp.exe",
+             "\udcff", "\x1b[31m", "tab\there"]
+    escaped = [provenance.escape_subject(n) for n in names]
+    assert len(set(escaped)) == len(names)
+    assert all(e.isprintable() and e.encode("utf-8") for e in escaped)
+    assert escaped[0] == "models:/fraud/3" and escaped[4] == "é/漢字"
+    assert escaped[2] == "a\\x0ab" and escaped[1] == "a\\\\x0ab"
+    with pytest.raises(ValueError):
+        provenance.escape_subject("x" * (provenance.MAX_SUBJECT + 1))
+
+
+def test_client_and_broker_agree_on_the_subject_limit() -> None:
+    from airlock_broker import wire
+
+    assert provenance.MAX_SUBJECT == wire.MAX_SUBJECT
+
+
+def test_the_client_sends_the_subject_and_refuses_one_the_broker_would(tmp_path: Path) -> None:
+    config = _broker_config(tmp_path)
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    backend = FakeSandbox(config.spool_root, write_safetensors)
+    with running_broker(config, backend) as broker, \
+            Client(f"127.0.0.1:{broker.port}", public_key=broker.signing_key.public_pem) \
+            as client:
+        result = client.convert(src, tmp_path / "out" / "m.safetensors",
+                                subject="models:/fraud/3")
+        for bad in ("a\nb", "x" * 1025):
+            with pytest.raises(ValueError, match="subject"):
+                client.convert(src, tmp_path / "out" / "n.safetensors", subject=bad)
+    assert backend.prepared == 1  # the refused subjects never reached a sandbox
+    record = result.provenance_record
+    assert record is not None and record.subject == "models:/fraud/3"
+    assert (record.principal, record.principal_method) == ("anonymous", "none")
+    audit = json.loads((config.spool_root / "audit.jsonl").read_text().splitlines()[-1])
+    assert audit["subject"] == "models:/fraud/3"
+
+
+def test_a_replayed_result_is_never_signed_for_another_subject(tmp_path: Path) -> None:
+    """The idempotency key binds the subject like every other option: a retry that names
+    another subject gets no stored result signed with the first one."""
+    import zlib
+
+    import grpc
+
+    from airlock.v1 import airlock_pb2 as pb
+    from airlock.v1 import airlock_pb2_grpc as pb_grpc
+
+    def call(address: str, subject: str) -> pb.ConvertResult:
+        meta = pb.ConvertMetadata(size_bytes=len(PICKLE), idempotency_key="k", subject=subject)
+        requests = [pb.ConvertRequest(metadata=meta),
+                    pb.ConvertRequest(chunk=pb.Chunk(data=PICKLE, crc32=zlib.crc32(PICKLE)))]
+        with grpc.insecure_channel(address) as channel:
+            messages = list(pb_grpc.ConversionServiceStub(channel).Convert(
+                iter(requests), timeout=30))  # all of it: the result is kept once answered
+        return messages[0].result
+
+    config = _broker_config(tmp_path)
+    with running_broker(config, FakeSandbox(config.spool_root, write_safetensors)) as broker:
+        address = f"127.0.0.1:{broker.port}"
+        first = call(address, "models:/a/1")
+        assert call(address, "models:/a/1").replayed
+        with pytest.raises(grpc.RpcError) as info:
+            call(address, "models:/b/1")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    record = provenance.verify_envelope(first.provenance, broker.signing_key.public_pem)
+    assert record.subject == "models:/a/1"
+
+
+def test_airlock_convert_names_its_input_by_default(tmp_path: Path) -> None:
+    from airlock_client._cli_source import default_subject
+
+    assert default_subject("models:/fraud@champion") == "models:/fraud@champion"
+    assert default_subject("m.pkl") == os.path.abspath("m.pkl")
+    odd = default_subject(str(tmp_path / "a\x1b[2Jb.pkl"))
+    assert odd.endswith("a\\x1b[2Jb.pkl") and odd.isprintable()
+    deep = default_subject("/" + "d/" * 600 + "model.pkl")
+    assert len(deep) == provenance.MAX_SUBJECT and deep.startswith("…")
+    assert deep.endswith("d/model.pkl")

@@ -20,13 +20,20 @@ from airlock_broker.provenance import RECORD_FIELD
 from airlock_client import (
     ProvenanceError,
     SafeLoadError,
+    VerifiedArtifact,
     fetch_verified,
 )
 from airlock_client import _lineage as tags
 from airlock_client.migrate import Migration
 from airlock_client.safe_load import open_artifact
 from tests.unit.fake_registry import FakeRegistry
-from tests.unit.migrate_helpers import FakeSandbox, envelope, tiny_onnx
+from tests.unit.migrate_helpers import (
+    FakeSandbox,
+    envelope,
+    plant_twin,
+    source_dir,
+    tiny_onnx,
+)
 
 
 @pytest.fixture
@@ -41,15 +48,31 @@ def registry(key: SigningKey) -> FakeRegistry:
     fake.add_model("m", versions=1)
     fake.add_model("w", versions=1)
     sandbox = FakeSandbox(key, plan={("w", "1"): "safetensors"})
-    Migration(fake, fetch=sandbox.fetch, convert=sandbox.convert).run(None)
+    Migration(fake, fetch=sandbox.fetch, convert=sandbox.convert, download=fake.download,
+              public_key=key.public_pem.encode()).run(None)
     fake.models["m-airlock"].aliases["champion"] = "1"
     return fake
 
 
+def fetch_source(uri: str, dest: Path) -> Path:
+    """The source versions' files, as FakeSandbox.fetch gave them to the migration."""
+    return source_dir(dest / "model", uri)
+
+
+def _fetch(registry: FakeRegistry, uri: str, key: SigningKey | bytes, **kw: Any
+           ) -> VerifiedArtifact:
+    """fetch_verified(uri) of NAME-airlock, expecting NAME as its source (unless ``kw`` says),
+    with the fake registry, artifact store and source download in MLflow's place."""
+    if "source" not in kw and "source_sha256" not in kw:
+        kw["source"] = "models:/" + uri.removeprefix("models:/").split("-airlock")[0]
+    pem = key.public_pem.encode() if isinstance(key, SigningKey) else key
+    kw.setdefault("download", registry.download)
+    return fetch_verified(uri, public_key=pem, registry=registry, fetch=fetch_source, **kw)
+
+
 def _load(registry: FakeRegistry, uri: str, key: SigningKey, **kw: Any) -> Any:
     """load_verified(uri), with the fake registry and artifact store in MLflow's place."""
-    return open_artifact(fetch_verified(uri, public_key=key.public_pem.encode(),
-                                        registry=registry, download=registry.download), **kw)
+    return open_artifact(_fetch(registry, uri, key), **kw)
 
 
 def _artifacts(registry: FakeRegistry, name: str) -> dict[str, bytes]:
@@ -84,8 +107,7 @@ def test_safetensors_version_loads_as_torch_tensors(registry: FakeRegistry,
 
 
 def test_the_record_comes_with_the_bytes(registry: FakeRegistry, key: SigningKey) -> None:
-    artifact = fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
-                              registry=registry, download=registry.download)
+    artifact = _fetch(registry, "models:/m-airlock/1", key)
     assert artifact.format == "onnx" and artifact.record.output_format == "onnx"
     assert artifact.record.output_sha256 == \
         registry.version("m-airlock", 1).tags[tags.OUTPUT_SHA256]
@@ -163,15 +185,13 @@ def test_a_symlinked_download_is_refused(registry: FakeRegistry, key: SigningKey
         return path
 
     with pytest.raises(SafeLoadError) as info:
-        open_artifact(fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
-                                     registry=registry, download=hostile))
+        open_artifact(_fetch(registry, "models:/m-airlock/1", key, download=hostile))
     assert info.value.reason == "ARTIFACT_UNSAFE"
 
 
 def test_size_cap(registry: FakeRegistry, key: SigningKey) -> None:
     with pytest.raises(SafeLoadError) as info:
-        fetch_verified("models:/m-airlock/1", public_key=key.public_pem.encode(),
-                       registry=registry, download=registry.download, max_bytes=10)
+        _fetch(registry, "models:/m-airlock/1", key, max_bytes=10)
     assert info.value.reason == "TOO_LARGE"
 
 
@@ -180,12 +200,12 @@ def test_a_key_is_required_and_uris_are_checked(registry: FakeRegistry,
                                                 key: SigningKey) -> None:
     monkeypatch.delenv("AIRLOCK_PUBLIC_KEY", raising=False)
     with pytest.raises(ProvenanceError) as info:
-        fetch_verified("models:/m-airlock/1", registry=registry, download=registry.download)
+        fetch_verified("models:/m-airlock/1", source="models:/m", registry=registry,
+                       download=registry.download, fetch=fetch_source)
     assert info.value.reason == "BAD_PUBLIC_KEY"
     for bad in ("runs:/abc/model", "models:/m-airlock/latest", "models:/m-airlock"):
         with pytest.raises(ValueError):
-            fetch_verified(bad, public_key=key.public_pem.encode(), registry=registry,
-                           download=registry.download)
+            _fetch(registry, bad, key, source="models:/m")
 
 
 def test_external_data_is_refused_even_when_signed(registry: FakeRegistry,
@@ -203,8 +223,129 @@ def test_external_data_is_refused_even_when_signed(registry: FakeRegistry,
     data = model.SerializeToString()
     files = _artifacts(registry, "m-airlock")
     files["model/model.onnx"] = data
-    files["model/model.onnx.provenance.json"] = envelope(key, data, "onnx")
-    registry.version("m-airlock", 1).tags[tags.OUTPUT_SHA256] = hashlib.sha256(data).hexdigest()
+    twin = registry.version("m-airlock", 1)
+    files["model/model.onnx.provenance.json"] = envelope(
+        key, data, "onnx", subject="models:/m/1", source_sha256=twin.tags[tags.SOURCE_SHA256])
+    twin.tags[tags.OUTPUT_SHA256] = hashlib.sha256(data).hexdigest()
     with pytest.raises(SafeLoadError) as info:
         _load(registry, "models:/m-airlock/1", key)
     assert info.value.reason == "EXTERNAL_DATA"
+
+
+# -- which model it is: a valid signature is not enough ---------------------------------------
+
+BACKDOOR = tiny_onnx(bias=666.0)
+
+
+def test_a_backdoor_signed_by_airlock_and_tagged_as_the_twin_is_refused(
+        registry: FakeRegistry, key: SigningKey) -> None:
+    """The attack of issue #11: anyone may send a backdoored ONNX through Airlock and get a
+    valid signature, even claiming the subject models:/m/1; registered as m-airlock/2 with
+    every tag right and the alias moved to it, it must still not load as m."""
+    signed = envelope(key, BACKDOOR, "onnx", source=BACKDOOR, subject="models:/m/1")
+    plant_twin(registry, key, "m", "1", BACKDOOR, signed)
+    registry.models["m-airlock"].aliases["champion"] = "2"
+    for uri in ("models:/m-airlock@champion", "models:/m-airlock/2"):
+        with pytest.raises(ProvenanceError) as info:
+            _load(registry, uri, key)
+        assert info.value.reason == "SOURCE_MISMATCH", uri
+        assert "not from the expected source" in info.value.message
+    _load(registry, "models:/m-airlock/1", key)  # the real twin still loads
+
+
+def test_a_genuine_conversion_of_another_model_is_refused(registry: FakeRegistry,
+                                                          key: SigningKey) -> None:
+    """A real twin of w (a different model), registered as a twin of m."""
+    files = _artifacts(registry, "w-airlock")
+    data = files["model/model.safetensors"]
+    plant_twin(registry, key, "m", "1", data, files["model/model.safetensors.provenance.json"])
+    with pytest.raises(ProvenanceError) as info:
+        _load(registry, "models:/m-airlock/2", key)
+    assert info.value.reason == "SOURCE_MISMATCH" and "'models:/w/1'" in info.value.message
+    with pytest.raises(ProvenanceError):  # it is w's; pinning m's bytes does not help it
+        _load_sha(registry, "models:/m-airlock/2", key, _source_sha(registry, "m-airlock", 1))
+
+
+def _source_sha(registry: FakeRegistry, name: str, version: int) -> str:
+    return registry.version(name, version).tags[tags.SOURCE_SHA256]
+
+
+def _load_sha(registry: FakeRegistry, uri: str, key: SigningKey, sha: str) -> VerifiedArtifact:
+    def never(uri: str, dest: Path) -> Path:
+        raise AssertionError("a pinned source sha256 needs no download of the source")
+
+    return fetch_verified(uri, public_key=key.public_pem.encode(), source_sha256=sha,
+                          registry=registry, download=registry.download, fetch=never)
+
+
+def test_a_pinned_source_sha256_needs_no_source_download(registry: FakeRegistry,
+                                                         key: SigningKey) -> None:
+    sha = _source_sha(registry, "m-airlock", 1)
+    assert _load_sha(registry, "models:/m-airlock/1", key, sha).record.input_sha256 == sha
+    with pytest.raises(ProvenanceError) as info:
+        _load_sha(registry, "models:/m-airlock/1", key, "ab" * 32)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_expected_source_version_and_principals(registry: FakeRegistry,
+                                                key: SigningKey) -> None:
+    artifact = _fetch(registry, "models:/m-airlock/1", key, source="models:/m/1",
+                      principals={"migrator"})
+    assert artifact.source_version == "1"
+    for expected, reason in (({"source": "models:/m/2"}, "SOURCE_MISMATCH"),
+                             ({"source": "models:/w"}, "SOURCE_MISMATCH"),
+                             ({"source": "models:/m", "principals": {"intern"}},
+                              "PRINCIPAL_NOT_ALLOWED")):
+        with pytest.raises(ProvenanceError) as info:
+            _fetch(registry, "models:/m-airlock/1", key, **expected)
+        assert info.value.reason == reason, expected
+
+
+def test_the_expected_source_is_required(registry: FakeRegistry, key: SigningKey) -> None:
+    for bad in ({"source": None}, {"source": "fraud"}, {"source_sha256": "xyz"}):
+        with pytest.raises(ValueError, match="source"):
+            _fetch(registry, "models:/m-airlock/1", key, **bad)
+
+
+def test_twin_tags_that_disagree_with_the_signed_source_are_refused(
+        registry: FakeRegistry, key: SigningKey) -> None:
+    twin = registry.version("m-airlock", 1)
+    for tag, value in ((tags.SOURCE_VERSION, "7"), (tags.SOURCE_SHA256, "0" * 64)):
+        saved = twin.tags[tag]
+        twin.tags[tag] = value
+        with pytest.raises(SafeLoadError) as info:
+            _load(registry, "models:/m-airlock/1", key)
+        assert info.value.reason == "TAG_MISMATCH", tag
+        twin.tags[tag] = saved
+
+
+def test_a_changed_source_no_longer_vouches_for_its_old_twin(registry: FakeRegistry,
+                                                             key: SigningKey) -> None:
+    def other_bytes(uri: str, dest: Path) -> Path:
+        path = fetch_source(uri, dest)
+        (path / "model.pkl").write_text("replaced since")
+        return path
+
+    with pytest.raises(ProvenanceError) as info:
+        fetch_verified("models:/m-airlock/1", source="models:/m",
+                       public_key=key.public_pem.encode(), registry=registry,
+                       download=registry.download, fetch=other_bytes)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_a_twin_signed_before_subjects_loads_on_its_source_sha256(registry: FakeRegistry,
+                                                                  key: SigningKey) -> None:
+    """Records of version 1 name no subject and no principal: the source's bytes decide."""
+    files = _artifacts(registry, "m-airlock")
+    data = files["model/model.onnx"]
+    files["model/model.onnx.provenance.json"] = envelope(
+        key, data, "onnx", source_sha256=_source_sha(registry, "m-airlock", 1),
+        record_version=1)
+    assert _fetch(registry, "models:/m-airlock/1", key).record.record_version == 1
+    with pytest.raises(ProvenanceError) as info:
+        _fetch(registry, "models:/m-airlock/1", key, principals={"migrator"})
+    assert info.value.reason == "PRINCIPAL_NOT_ALLOWED"
+    files["model/model.onnx.provenance.json"] = envelope(key, data, "onnx", record_version=1)
+    with pytest.raises(ProvenanceError) as info:  # the same, for other source bytes
+        _fetch(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "SOURCE_MISMATCH"

@@ -180,6 +180,7 @@ class ConvertMetadata(_message.Message):
     FILENAME_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     LOCAL_HANDLE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -199,6 +200,14 @@ class ConvertMetadata(_message.Message):
     the broker reads the input from the descriptor and, once the output is validated, writes
     it into the output descriptor; the response is the result header alone.
     """
+    subject: _builtins.str
+    """What the artifact is, in the caller's words: a registry version (models:/NAME/VERSION), a
+    URI or a path. Signed into the provenance (predicate.airlock.input.subject) beside the
+    input's sha256 and the caller's principal, so a verifier can tell which model an output is
+    a conversion of. The broker checks its form, not its truth: at most 1024 characters, all
+    printable (escape anything else, e.g. airlock_client.provenance.escape_subject), else
+    BAD_REQUEST. Empty: the caller did not say.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -214,10 +223,11 @@ class ConvertMetadata(_message.Message):
         filename: _builtins.str = ...,
         timeout_seconds: _builtins.int = ...,
         local_handle: _builtins.str = ...,
+        subject: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "sha256", b"sha256", "size_bytes", b"size_bytes", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

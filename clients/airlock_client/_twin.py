@@ -1,0 +1,249 @@
+"""Whether a registry version is a verified Airlock conversion of a given source version.
+
+``airlock migrate`` registers the conversion of ``NAME/V`` as a version of ``NAME-airlock``,
+its *twin*, with tags saying which source version it is for. Tags are bookkeeping that anyone
+with write access to the registry can set, and so is a new version: an attacker can send a
+backdoored ONNX through Airlock (it gets a valid signature: the broker signs whatever it
+validated), register it as ``NAME-airlock/N`` and tag it as the twin of ``NAME/3``. So a twin
+counts as the conversion of ``NAME/V`` only when
+
+- its two files verify with the pinned key (signature, then the model file's sha256 and size);
+- the signed subject is ``models:/NAME/V`` (records of version 2; version 1 named none);
+- the signed input sha256 is the sha256 of ``NAME/V``'s files as the client packs them for
+  the broker (:func:`bundle_sha256`: the bundle is deterministic), computed here from the
+  registry's bytes or given by a caller who pinned it. This is the check that decides: the
+  subject is only what the converting caller said;
+- the principal that asked for it is an allowed one, when the caller names any;
+- and the twin's tags agree with all that (a tag that disagrees is refused, never believed).
+
+``load_verified`` runs these checks before it loads; ``migrate`` before it counts a version as
+already migrated or points an alias at a twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from airlock_client import _bundle
+from airlock_client import _lineage as tags
+from airlock_client._errors import IntegrityError
+from airlock_client._registry import ModelVersion, Registry, tag
+from airlock_client.provenance import (
+    MAX_PROVENANCE_BYTES,
+    ProvenanceError,
+    ProvenanceRecord,
+    PublicKeyLike,
+    check_output,
+    check_source,
+    escape_subject,
+    shown,
+    verify_envelope,
+)
+
+#: ORT takes an ONNX model from memory, and protobuf caps one message at 2 GiB.
+DEFAULT_MAX_BYTES = 2 * 1024**3
+_READ = 1024 * 1024
+_VERSION = re.compile(r"[0-9]{1,18}")
+
+#: ``download(artifact_uri, dest_dir) -> local file``: bytes only.
+Download = Callable[[str, Path], Path]
+#: ``source_sha256(version) -> hex``: the sha256 of that source version's bundle.
+SourceDigest = Callable[[str], str]
+
+
+class SafeLoadError(IntegrityError):
+    """The version is not a verifiable Airlock output; ``reason`` says which check refused."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Twin:
+    """A registry version whose files verified with the pinned key (its source not yet)."""
+
+    name: str
+    version: str
+    format: tags.OutputFormat
+    record: ProvenanceRecord
+    #: The model file's bytes when asked for (``keep_bytes``), else empty.
+    data: bytes
+
+
+def source_subject(name: str, version: str) -> str:
+    """The subject ``airlock migrate`` sends for source version ``name``/``version``."""
+    return f"models:/{escape_subject(name)}/{version}"
+
+
+def bundle_sha256(model_dir: Path, scratch: Path) -> str:
+    """The sha256 the broker computes for ``model_dir`` sent by ``Client.convert``: that of
+    its deterministic bundle, packed here into ``scratch`` (then removed)."""
+    model = _bundle.inspect(model_dir)
+    fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".zip", dir=scratch)
+    os.close(fd)
+    path = Path(name)
+    try:
+        path.unlink()  # pack() creates its file exclusively
+        _bundle.pack(model, path)
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(_READ):
+                digest.update(block)
+        return digest.hexdigest()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_twin(registry: Registry, download: Download, mv: ModelVersion,
+              public_key: PublicKeyLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
+              keep_bytes: bool = True) -> Twin:
+    """Download ``mv``'s model file and provenance (bytes only) and verify them."""
+    name, version = str(mv.name), str(mv.version)
+    fmt = output_format(tag(mv, tags.OUTPUT_FORMAT))
+    if fmt is None:
+        raise SafeLoadError("NOT_AIRLOCK_OUTPUT",
+                            f"{name} version {version} was not registered by airlock migrate "
+                            "(it has no airlock output tags); migrate its source first")
+    file_name = tags.OUTPUT_FILES[fmt]
+    base = registry.get_model_version_download_uri(name, version).rstrip("/")
+    work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
+    try:
+        envelope = _read(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
+                         work / "provenance", MAX_PROVENANCE_BYTES)
+        record = verify_envelope(envelope, public_key)  # before a large download
+        uri = f"{base}/{file_name}"
+        with _downloaded(download, uri, work / "model", max_bytes) as fh:
+            if keep_bytes:
+                data = fh.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise SafeLoadError("TOO_LARGE", f"{uri} grew past {max_bytes} bytes")
+                sha, size = hashlib.sha256(data).hexdigest(), len(data)
+            else:
+                data, (sha, size) = b"", _hash(fh)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    check_output(record, sha256=sha, size=size)
+    if record.output_format != fmt:
+        raise SafeLoadError("FORMAT_MISMATCH", f"the version is tagged {fmt} but its signed "
+                                               f"provenance says {record.output_format}")
+    if tag(mv, tags.OUTPUT_SHA256) != record.output_sha256:
+        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
+                                            "output's: the registry entry was altered")
+    return Twin(name=name, version=version, format=fmt, record=record, data=data)
+
+
+def check_lineage(twin: Twin, mv: ModelVersion, *, model: str, version: str | None = None,
+                  sha256: str | None = None, source_sha256: SourceDigest | None = None,
+                  principals: Collection[str] | None = None) -> str:
+    """Raise unless ``twin`` is the conversion of ``model`` (version ``version``, or the one
+    it names); return that source version.
+
+    The source's sha256 is ``sha256`` when the caller knows it, else ``source_sha256(V)``,
+    asked only after every cheaper check passed.
+    """
+    record = twin.record
+    prefix = f"models:/{escape_subject(model)}/"
+    where = f"{twin.name} version {twin.version}"
+    if record.record_version >= 2:
+        claimed = record.subject[len(prefix):] if record.subject.startswith(prefix) else ""
+        if not _VERSION.fullmatch(claimed):
+            raise ProvenanceError("SOURCE_MISMATCH",
+                                  f"{where} is signed as a conversion of "
+                                  f"{shown(record.subject)}, not of a version of "
+                                  f"{shown(prefix.rstrip('/'))}")
+    else:  # version 1 named no subject: the tag says which version, its sha256 decides
+        claimed = tag(mv, tags.SOURCE_VERSION)
+    if version is not None and claimed != version:
+        raise ProvenanceError("SOURCE_MISMATCH",
+                              f"{where} is signed as a conversion of {shown(prefix + claimed)}, "
+                              f"not of {shown(prefix + version)}")
+    if tag(mv, tags.SOURCE_MODEL) != model or tag(mv, tags.SOURCE_VERSION) != claimed:
+        raise SafeLoadError("TAG_MISMATCH", f"{where}'s source tags disagree with its signed "
+                                            "provenance: the registry entry was altered")
+    if sha256 is None:
+        if source_sha256 is None:
+            raise ValueError("check_lineage needs the source's sha256 or a way to compute it")
+        sha256 = source_sha256(claimed)
+    check_source(record, subject=prefix + claimed, sha256=sha256, principals=principals)
+    if tag(mv, tags.SOURCE_SHA256) != record.input_sha256:
+        raise SafeLoadError("TAG_MISMATCH", f"{where}'s source_sha256 tag is not the signed "
+                                            "input's: the registry entry was altered")
+    return claimed
+
+
+def mlflow_download(tracking_uri: str) -> Download:
+    """MLflow's artifact download (copies bytes; loads no model), on an explicit server."""
+    def download(artifact_uri: str, dest: Path) -> Path:
+        from mlflow.artifacts import download_artifacts
+
+        return Path(download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri))
+
+    return download
+
+
+def output_format(value: str) -> tags.OutputFormat | None:
+    if value == "onnx":
+        return "onnx"
+    if value == "safetensors":
+        return "safetensors"
+    return None
+
+
+def _read(download: Download, artifact_uri: str, dest: Path, limit: int) -> bytes:
+    with _downloaded(download, artifact_uri, dest, limit) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise SafeLoadError("TOO_LARGE", f"{artifact_uri} grew past {limit} bytes")
+    return data
+
+
+@contextlib.contextmanager
+def _downloaded(download: Download, artifact_uri: str, dest: Path,
+                limit: int) -> Iterator[BinaryIO]:
+    """Download one file into an empty directory; yield it open, refusing anything but a
+    regular file under ``limit`` bytes."""
+    dest.mkdir()
+    try:
+        local = Path(download(artifact_uri, dest))
+    except Exception as exc:  # the artifact store's own errors
+        raise SafeLoadError("ARTIFACT_MISSING",
+                            f"cannot download {artifact_uri}: {type(exc).__name__}: "
+                            f"{tags.clip(str(exc), 200)}") from exc
+    if not local.resolve().is_relative_to(dest.resolve()):
+        raise SafeLoadError("ARTIFACT_UNSAFE", f"the download of {artifact_uri} left the "
+                                               "directory it was given")
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a plain file "
+                                               f"({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a regular file")
+        if info.st_size > limit:
+            raise SafeLoadError("TOO_LARGE", f"{artifact_uri} has {info.st_size} bytes, more "
+                                             f"than the {limit} allowed")
+        yield fh
+
+
+def _hash(fh: BinaryIO) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while block := fh.read(_READ):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
