@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.config import BrokerConfig
+from airlock_broker.filesystems import filesystem_of
 from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
 
 
@@ -50,8 +51,12 @@ def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -
 
 
 def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None:
-    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
     (tmp_path / "in").write_bytes(b"abc")
+    with open(tmp_path / "in", "rb") as fh:  # wherever the tests run: allowed here
+        here = filesystem_of(fh.fileno())
+    assert here is not None
+    settings = LocalTransferSettings(allowed_filesystems=frozenset({here}))
+    server = LocalTransferServer(settings, tmp_path / "unused", 1 << 20)
     ticket = server.table.issue("alice")
 
     def hand_over(message: bytes, fds: list[int]) -> dict[str, object]:
