@@ -3,10 +3,12 @@
 It plays the "network filesystem that hangs" a hostile (or merely unlucky) peer can hand the
 broker on the same-host fast path: ``open`` succeeds; ``read``, and the FLUSH that every
 ``close`` sends, block in the kernel until the daemon answers, which this one never does
-(for other processes: this one's own closes are answered, so the test can close its files).
+for other processes (this one's own FLUSH is answered; still, a test closes its files only
+after ``close``: a close, and an open, can wait for the pages a stalled read holds locked).
 Closing the daemon's end (``StallingFs.close``) aborts the connection: every blocked call then
-fails (``ENOTCONN``), so a test never leaves a thread of anyone's blocked behind it. A crash
-of the test process does the same.
+fails (``ENOTCONN``), so a test never leaves a thread of anyone's blocked behind it. If the
+test process dies, the kernel closes that end too - unless one of its own threads is blocked
+on the filesystem: then ``echo 1 > /sys/fs/fuse/connections/<dev>/abort`` frees it.
 
 ``overlay_over`` puts a kernel overlay on top of it: a file there is on an ``overlay``
 filesystem (what an allowlist sees) and still reads through to the stalled daemon.
@@ -43,6 +45,7 @@ STALLED = frozenset({READ})
 _NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT, DESTROY})
 
 ROOT_NODE, FILE_NODE = 1, 2
+_FOPEN_KEEP_CACHE = 2
 FILE_NAME = "artifact.pkl"
 #: What the file claims to hold: a plausible artifact, so that nothing refuses it by size.
 FILE_SIZE = 1024 * 1024
@@ -119,7 +122,9 @@ class StallingFs:
         elif opcode == GETATTR and node in (ROOT_NODE, FILE_NODE):
             self._reply(unique, struct.pack("<QII", 3600, 0, 0) + self._attr(node))
         elif opcode == OPEN and node == FILE_NODE:
-            self._reply(unique, struct.pack("<QIi", 1, 0, 0))  # fh, open_flags, backing_id
+            # fh, open_flags, backing_id. KEEP_CACHE: without it each open invalidates the
+            # page cache and waits for the pages a stalled read holds locked.
+            self._reply(unique, struct.pack("<QIi", 1, _FOPEN_KEEP_CACHE, 0))
         elif opcode == STATFS:
             # fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, spare
             self._reply(unique, struct.pack("<QQQQQIII", 1024, 0, 0, 2, 0, 4096, 255, 4096)

@@ -111,8 +111,9 @@ def _usual(broker: BrokerProcess, tmp_path: Path) -> float:
 
 
 def _bound(usual: float) -> float:
-    """A generous bound on the benign job's time under attack (a busy shared machine)."""
-    return 2 * usual + 30
+    """A generous bound on the benign job's time under attack: the machine is shared, and
+    its load swings a single job between seconds and a minute."""
+    return 3 * usual + 60
 
 
 def _metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -140,8 +141,9 @@ class Outcome:
     message: str
 
 
-def _fast_path_job(broker: BrokerProcess, source: Path, out_dir: Path) -> Outcome:
-    """mallory hands the broker ``source`` on the fast path and converts it."""
+def _fast_path_job(broker: BrokerProcess, in_fd: int, out_dir: Path) -> Outcome:
+    """mallory hands the broker ``in_fd`` (the caller's to close) on the fast path and
+    converts it."""
     began = time.monotonic()
 
     def done(reason: str, message: str) -> Outcome:
@@ -149,7 +151,6 @@ def _fast_path_job(broker: BrokerProcess, source: Path, out_dir: Path) -> Outcom
 
     ticket = _stub(broker).OpenLocalTransfer(pb.OpenLocalTransferRequest(), timeout=30,
                                              metadata=_metadata(MALLORY)).ticket
-    in_fd = os.open(source, os.O_RDONLY)
     out_fd = os.open(out_dir / secrets.token_hex(6), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
@@ -171,7 +172,6 @@ def _fast_path_job(broker: BrokerProcess, source: Path, out_dir: Path) -> Outcom
             return done(_reason(exc), str(exc.details()))
         return done("ok", "")
     finally:
-        os.close(in_fd)
         os.close(out_fd)
 
 
@@ -207,21 +207,31 @@ def test_descriptors_on_a_filesystem_that_never_answers_cannot_wedge_the_broker(
     usual = _usual(broker, tmp_path)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    with StallingFs(tmp_path / "fuse") as fuse, \
-            overlay_over(fuse.mountpoint, tmp_path / "overlay") as merged:
-        plain = _fast_path_job(broker, fuse.path, outputs)
-        assert plain.reason == "LOCAL_FD_REFUSED", plain
-        assert "'fuse.airlockstall' filesystem" in plain.message, plain
-        count = max(IO_THREADS, min(32, (os.cpu_count() or 1) + 4)) + 2
-        stalled, threads = _in_threads(
-            count, lambda _i: _fast_path_job(broker, merged / fuse.path.name, outputs))
-        deadline = time.monotonic() + 60  # the benign job must meet stalled reads
-        while fuse.stalled < IO_THREADS and time.monotonic() < deadline:
-            time.sleep(0.05)
-        took = _benign(broker, tmp_path, within=_bound(usual))
-        for thread in threads:
-            thread.join(180)
-        assert len(stalled) == count, "a stalled job never ended"
+    count = max(IO_THREADS, min(32, (os.cpu_count() or 1) + 4)) + 2
+    held: list[int] = []  # the files on the stalled filesystem: closed once it is gone
+    try:
+        with StallingFs(tmp_path / "fuse") as fuse, \
+                overlay_over(fuse.mountpoint, tmp_path / "overlay") as merged:
+            held.append(os.open(fuse.path, os.O_RDONLY))
+            plain = _fast_path_job(broker, held[0], outputs)
+            assert plain.reason == "LOCAL_FD_REFUSED", plain
+            assert "'fuse.airlockstall' filesystem" in plain.message, plain
+            # Opened before any read stalls (an open would wait for the pages it holds).
+            held += [os.open(merged / fuse.path.name, os.O_RDONLY) for _ in range(count)]
+            stalled, threads = _in_threads(
+                count, lambda i: _fast_path_job(broker, held[1 + i], outputs))
+            deadline = time.monotonic() + 60  # the benign job must meet stalled reads
+            while fuse.stalled < IO_THREADS and time.monotonic() < deadline:
+                time.sleep(0.05)
+            took = _benign(broker, tmp_path, within=_bound(usual))
+            deadline = time.monotonic() + 180
+            for thread in threads:
+                thread.join(max(deadline - time.monotonic(), 0))
+            assert len(stalled) == count, "a stalled job never ended"
+    finally:
+        for fd in held:
+            with contextlib.suppress(OSError):  # ENOTCONN: the connection was aborted
+                os.close(fd)
     assert took < _bound(usual)
     reasons = [o.reason for o in stalled]
     # Cut off at the pace (the read never returns), or turned away while the copy threads
@@ -247,7 +257,7 @@ def test_dribbling_uploads_cannot_hold_every_admission_place(broker: BrokerProce
     """One stream per admission place, each sending a byte a second (never idle long enough
     for the idle timeout): each is cut off once it falls behind the minimum rate, with the
     rate it reached; a benign job converts meanwhile. Before: they held every place for as
-    long as they kept dribbling, and the benign job got BUSY."""
+    long as they kept dribbling (here 150 s), and the benign job got BUSY."""
     usual = _usual(broker, tmp_path)
     stop = threading.Event()
     sent = [0] * PLACES
@@ -257,7 +267,7 @@ def test_dribbling_uploads_cannot_hold_every_admission_place(broker: BrokerProce
         yield pb.ConvertRequest(metadata=meta)
         sent[i] += 1
         began = time.monotonic()
-        while not stop.is_set() and time.monotonic() - began < 90:
+        while not stop.is_set() and time.monotonic() - began < 150:  # beyond any bound
             yield pb.ConvertRequest(chunk=pb.Chunk(data=b"\x80", crc32=zlib.crc32(b"\x80")))
             sent[i] += 1
             stop.wait(1.0)
@@ -265,7 +275,7 @@ def test_dribbling_uploads_cannot_hold_every_admission_place(broker: BrokerProce
     def dribble(i: int) -> Outcome:
         began = time.monotonic()
         try:
-            for _ in _stub(broker).Convert(requests(i), timeout=150,
+            for _ in _stub(broker).Convert(requests(i), timeout=200,
                                            metadata=_metadata(MALLORY)):
                 pass
         except grpc.RpcError as exc:
@@ -278,8 +288,9 @@ def test_dribbling_uploads_cannot_hold_every_admission_place(broker: BrokerProce
         while min(sent) < 2 and time.monotonic() < deadline:  # every one is in, dribbling
             time.sleep(0.05)
         took = _benign(broker, tmp_path, local=False, within=_bound(usual))
+        deadline = time.monotonic() + 200
         for thread in threads:
-            thread.join(120)
+            thread.join(max(deadline - time.monotonic(), 0))
     finally:
         stop.set()
     assert took < _bound(usual)
@@ -291,7 +302,7 @@ def test_dribbling_uploads_cannot_hold_every_admission_place(broker: BrokerProce
     for o in slow:
         assert "too slow" in o.message and "B/s" in o.message, o
         assert f"{MIN_RATE} bytes/s" in o.message, o
-        assert o.seconds < GRACE + 30, o  # cut off when it fell behind, not after 90 s
+        assert o.seconds < GRACE + 30, o  # cut off when it fell behind, not after 150 s
 
 
 def _spool_used(broker: BrokerProcess) -> int:
