@@ -18,8 +18,11 @@ from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSett
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[local_transfer]\nenabled = false\nsocket_path = "/run/a/t.sock"\n'
-                    "socket_mode = 0o660\n")
+                    'socket_mode = 0o660\nallowed_filesystems = ["ext4", "zfs"]\n'
+                    "io_threads = 2\n")
     cfg = BrokerConfig.load(good)
+    assert cfg.local_transfer.allowed_filesystems == frozenset({"ext4", "zfs"})
+    assert cfg.local_transfer.io_threads == 2
     assert cfg.local_transfer.enabled is False
     assert cfg.local_transfer.socket_path == Path("/run/a/t.sock")
     assert cfg.local_transfer.socket_mode == 0o660
@@ -30,6 +33,10 @@ def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
         BrokerConfig.load(bad)
     with pytest.raises(ValueError):
         LocalTransferSettings(socket_mode=0o4777)
+    with pytest.raises(ValueError, match="allowed_filesystems"):
+        LocalTransferSettings(allowed_filesystems=frozenset())
+    with pytest.raises(ValueError, match="io_threads"):
+        LocalTransferSettings(io_threads=0)
 
 
 def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -> None:
