@@ -11,8 +11,9 @@ one, runs here:
 - **Bounded.** At most ``threads`` copies at once; a job waits at most ``wait_seconds`` for a
   free thread, then ``BUSY``. A copy whose caller gave up (its deadline passed, the client
   left) keeps its thread until the kernel returns (*abandoned*); when every thread is held
-  that way the fast path refuses new hand-overs, and clients stream. Closes have as many
-  threads of their own; while they are all busy the socket stops accepting descriptors.
+  that way, waiting jobs get BUSY at once and the fast path refuses new hand-overs: clients
+  stream. Closes have as many threads of their own; while they are all busy the socket stops
+  accepting descriptors.
 - **Own descriptors.** A copy works on duplicates it closes itself, so the job may close the
   originals (and their numbers be reused) while an abandoned copy is still blocked.
 - **Daemon threads**, unlike ``ThreadPoolExecutor``'s, which the interpreter joins at exit: a
@@ -130,13 +131,7 @@ class PeerIO:
         wait: it returns how long to wait, or raises to give up (the thread carries on alone,
         and closes its duplicates when the kernel lets it)."""
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.wait_seconds):  # not wait_for: see pools.py
-                await self._slots.acquire()
-        except TimeoutError:
-            raise error(Reason.BUSY, f"all {self.threads} threads for same-host transfers "
-                        f"stayed busy for {self.wait_seconds:g} s ({self.abandoned} held by "
-                        "descriptors that stopped answering); retry, or stream") from None
+        await self._acquire(loop)
         dups: list[int] = []
         try:
             for fd in fds:
@@ -167,6 +162,24 @@ class PeerIO:
                             self.abandoned, self.threads)
             waiter.add_done_callback(_retrieve)
             raise
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A copy thread within ``wait_seconds``, else BUSY; at once BUSY when every thread is
+        held by a stalled descriptor (those do not come back on any schedule)."""
+        deadline = loop.time() + self.wait_seconds
+        while not self.copies_wedged:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(min(left, 0.5)):  # not wait_for: see pools.py
+                    await self._slots.acquire()
+                return
+            except TimeoutError:
+                continue
+        raise error(Reason.BUSY, f"all {self.threads} threads for same-host transfers are "
+                    f"busy ({self.abandoned} held by descriptors that stopped answering); "
+                    "retry, or stream")
 
     def _release(self, future: Future[Any]) -> None:
         self._slots.release()

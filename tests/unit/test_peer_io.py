@@ -76,10 +76,12 @@ def test_stalled_copies_are_given_up_at_their_deadline_and_wedge_nothing_else(
                     await io.run(stall, (fd,), _deadline(0.2))  # type: ignore[arg-type]
             assert time.monotonic() - began < 5
             assert io.abandoned == 2 and io.copies_wedged
-            # Both threads are held: the next copy waits wait_seconds, then BUSY.
+            # Both threads are held by stalled copies: the next copy is BUSY at once.
+            began = time.monotonic()
             with pytest.raises(AirlockError) as busy:
                 await io.run(stall, (fd,), _deadline(5))  # type: ignore[arg-type]
             assert busy.value.reason is Reason.BUSY and "2 held by" in busy.value.message
+            assert time.monotonic() - began < 0.3
             # Meanwhile the loop and its default executor are untouched.
             assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42
             release.set()  # the filesystem answers at last: the threads come back
@@ -96,6 +98,29 @@ def test_stalled_copies_are_given_up_at_their_deadline_and_wedge_nothing_else(
         asyncio.run(main())
     finally:
         os.close(fd)
+
+
+def test_a_job_waits_for_a_busy_copy_thread_at_most_wait_seconds(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    async def main() -> None:
+        io = PeerIO(1, 0.6)
+        try:
+            first = asyncio.ensure_future(io.run(lambda: release.wait(30), (),
+                                                 _deadline(30)))  # type: ignore[arg-type]
+            await asyncio.sleep(0.1)
+            began = time.monotonic()
+            with pytest.raises(AirlockError, match="BUSY"):  # busy, not stalled: it waited
+                await io.run(lambda: None, (), _deadline(30))  # type: ignore[arg-type]
+            assert 0.5 < time.monotonic() - began < 5
+            release.set()
+            await first
+            await io.run(lambda: None, (), _deadline(30))  # type: ignore[arg-type]
+        finally:
+            release.set()
+            io.shutdown()
+
+    asyncio.run(main())
 
 
 def test_a_failing_copy_raises_its_own_error() -> None:
