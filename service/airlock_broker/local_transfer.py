@@ -29,7 +29,8 @@ Security (the broker runs as root, so this socket is attack surface):
   silent connections can only delay other local clients, which then stream. Copies from and
   to the descriptors, and their closes, run on threads of their own (``PeerIO``,
   ``io_threads``), never the event loop's default executor; when descriptors that stopped
-  answering hold all of them, hand-overs are refused (``BUSY``) and clients stream.
+  answering hold all of them, hand-overs are refused (``BUSY``, before any descriptor is
+  received when the close threads are the ones held) and clients stream.
 """
 
 from __future__ import annotations
@@ -175,8 +176,6 @@ class LocalTransferServer:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
-            while self.io.closes_wedged:  # taking descriptors now could only queue closes
-                await asyncio.sleep(0.5)
             try:
                 conn, _ = await loop.sock_accept(self._sock)
             except OSError as exc:  # EMFILE and the like: the socket must outlive them
@@ -216,6 +215,10 @@ class LocalTransferServer:
         owned = False
         allowed = self.settings.allowed_filesystems
         try:
+            if self.io.closes_wedged:  # taking descriptors now could only queue their closes
+                raise error(Reason.BUSY, f"all {self.io.threads} threads that close same-host "
+                            "descriptors are waiting for filesystems that stopped answering; "
+                            "stream instead")
             msg, fds, flags, _ = socket.recv_fds(conn, _MAX_MESSAGE, _MAX_FDS,
                                                  socket.MSG_CMSG_CLOEXEC)
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):

@@ -12,8 +12,8 @@ one, runs here:
   free thread, then ``BUSY``. A copy whose caller gave up (its deadline passed, the client
   left) keeps its thread until the kernel returns (*abandoned*); when every thread is held
   that way, waiting jobs get BUSY at once and the fast path refuses new hand-overs: clients
-  stream. Closes have as many threads of their own; while they are all busy the socket stops
-  accepting descriptors.
+  stream. Closes have as many threads of their own; while they are all busy the socket
+  refuses hand-overs without receiving their descriptors.
 - **Own descriptors.** A copy works on duplicates it closes itself, so the job may close the
   originals (and their numbers be reused) while an abandoned copy is still blocked.
 - **Daemon threads**, unlike ``ThreadPoolExecutor``'s, which the interpreter joins at exit: a

@@ -236,8 +236,8 @@ def test_descriptors_on_a_filesystem_that_never_answers_cannot_wedge_the_broker(
                 os.close(fd)
     assert took < _bound(usual)
     reasons = [o.reason for o in stalled]
-    # Cut off at the pace (the read never returns), or turned away while the copy threads
-    # (BUSY) or the close threads (the socket pauses: the hand-over times out) are held.
+    # Cut off at the pace (the read never returns), or turned away (BUSY) while the copy or
+    # close threads are held (a hand-over that timed out would also make a client stream).
     assert set(reasons) <= {"UPLOAD_TOO_SLOW", "BUSY", "HANDOVER_TIMEOUT"}, stalled
     assert reasons.count("UPLOAD_TOO_SLOW") >= 1, stalled
     cut = [o for o in stalled if o.reason == "UPLOAD_TOO_SLOW"]

@@ -13,6 +13,7 @@ import pytest
 from airlock_broker.config import BrokerConfig
 from airlock_broker.filesystems import filesystem_of
 from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
+from airlock_broker.peer_io import PeerIO
 
 
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
@@ -92,3 +93,28 @@ def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None
         os.close(in_fd)
         os.close(out_fd)
         server.table.close()
+
+
+def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closes of peer files that stopped answering hold every close thread: a new hand-over is
+    refused (BUSY, so the client streams) before its descriptors are taken."""
+    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+    monkeypatch.setattr(PeerIO, "closes_wedged", property(lambda _self: True))
+    received: list[object] = []
+    monkeypatch.setattr(socket, "recv_fds", lambda *a: received.append(a))
+    (tmp_path / "in").write_bytes(b"abc")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    try:
+        worker = threading.Thread(target=server.serve_connection, args=(theirs,))
+        worker.start()
+        with ours:
+            socket.send_fds(ours, [server.table.issue("a").encode()], [in_fd, in_fd])
+            reply = json.loads(ours.recv(4096))
+        worker.join(10)
+    finally:
+        os.close(in_fd)
+        server.table.close()
+    assert reply["reason"] == "BUSY" and "stream instead" in reply["message"]
+    assert received == []
