@@ -91,8 +91,8 @@ def install() -> None:
     servicer.job_request = traced_request  # type: ignore[attr-defined]
     around_async(servicer, "read_metadata", "metadata")
     around_async(servicer, "spool_chunks", "spool")
-    # The same-host fast path's spool (a worker thread; the context, so the RPC id, is copied).
-    around_sync(servicer, "spool_from_fd", "spool")
+    # The same-host fast path's spool (its copy runs on a thread of the fast path's own).
+    around_async(servicer, "spool_from_peer", "spool")
     around_async(Pools, "acquire", "acquire",
                  lambda slot, _a: {"warm": bool(slot.started), "profile": slot.profile})
     around_async(Pools, "release", "release")

@@ -33,6 +33,12 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [local_transfer]   # LocalTransferSettings: same-host fast path (descriptors on a Unix socket)
     enabled = true
     socket_path = "/run/airlock/transfer.sock"    # its directory: the broker's user's, 0755
+    allowed_filesystems = ["ext4", "xfs", "btrfs", "tmpfs", "overlay"]   # never FUSE/NFS
+
+    [upload]           # UploadLimits: minimum rate and total deadline, spool free-space reserve
+    min_bytes_per_second = 1048576
+    grace_seconds = 10.0
+    spool_min_free_bytes = 1073741824
 
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
@@ -62,6 +68,7 @@ from airlock_broker.local_listeners import (
 from airlock_broker.local_transfer import LocalTransferSettings
 from airlock_broker.metrics import check_metrics_listen
 from airlock_broker.pools import PoolSettings
+from airlock_broker.upload_limits import UploadLimits
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
@@ -118,6 +125,7 @@ class BrokerConfig:
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     auth: AuthConfig = field(default_factory=AuthConfig)
     local_transfer: LocalTransferSettings = field(default_factory=LocalTransferSettings)
+    upload: UploadLimits = field(default_factory=UploadLimits)
 
     def __post_init__(self) -> None:
         check_listen(self.listen, self.auth)
@@ -156,7 +164,7 @@ class BrokerConfig:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
-                              "provenance", "auth", "idempotency", "local_transfer"}
+                              "provenance", "auth", "idempotency", "local_transfer", "upload"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -167,7 +175,9 @@ class BrokerConfig:
             broker["unix_socket"] = unix_socket_setting(broker["unix_socket"])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
                                                  "provenance_key", "auth", "idempotency",
-                                                 "local_transfer"})
+                                                 "local_transfer", "upload"})
+        upload_doc = dict(doc.get("upload", {}))
+        _check_keys(UploadLimits, upload_doc, "upload")
         local_doc = dict(doc.get("local_transfer", {}))
         _check_keys(LocalTransferSettings, local_doc, "local_transfer")
         if "socket_path" in local_doc:
@@ -202,7 +212,8 @@ class BrokerConfig:
                    onnx_validator=ValidatorSettings(**validator_doc),
                    pools=PoolSettings(**pools_doc), auth=auth,
                    idempotency=IdempotencySettings(**idem_doc),
-                   local_transfer=LocalTransferSettings(**local_doc), **{**broker, **overrides})
+                   local_transfer=LocalTransferSettings(**local_doc),
+                   upload=UploadLimits(**upload_doc), **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

@@ -48,6 +48,9 @@ class Reason(enum.StrEnum):
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     SANDBOX_KILLED = "SANDBOX_KILLED"
     INTERNAL = "INTERNAL"
+    # The upload (upload_limits.py, spool_space.py).
+    UPLOAD_TOO_SLOW = "UPLOAD_TOO_SLOW"
+    SPOOL_FULL = "SPOOL_FULL"
     # The same-host fast path (local_transfer.py).
     LOCAL_TRANSFER_DISABLED = "LOCAL_TRANSFER_DISABLED"
     LOCAL_HANDLE_INVALID = "LOCAL_HANDLE_INVALID"
@@ -96,6 +99,11 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     # itself): ABORTED, so clients do not retry blindly a job that may kill itself every time.
     Reason.SANDBOX_KILLED: (grpc.StatusCode.ABORTED, Kind.FAILED),
     Reason.INTERNAL: (grpc.StatusCode.INTERNAL, Kind.FAILED),
+    # Below the minimum rate after the grace period, or past the upload's total deadline.
+    Reason.UPLOAD_TOO_SLOW: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
+    # The spool's filesystem would fall below its free-space reserve. Not retried by the
+    # client: space frees up when other jobs end, or only when an operator acts.
+    Reason.SPOOL_FULL: (grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.FAILED),
     # The broker does not offer the fast path: the client streams instead.
     Reason.LOCAL_TRANSFER_DISABLED: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
     # Unknown, expired, already used, or never given its descriptors.

@@ -17,22 +17,30 @@ A ticket's life (DESIGN: the fast path never weakens authentication):
    ``LOCAL_HANDLE_INVALID``.
 
 Whoever holds the descriptors closes them: the table until ``claim`` hands them over (then the
-job's ``finally``), and ``sweep`` / ``close`` for expired and abandoned ones.
+job's ``finally``), and ``sweep`` / ``close`` for expired and abandoned ones. A close runs on the
+fast path's own threads (``PeerIO.close_later``): on FUSE it waits for the daemon, which may
+never answer, and the callers include the event loop.
+
+The checks: a descriptor must be on a filesystem from the allowlist, decided from the kernel's
+tables before anything touches the file (filesystems.py: a hung filesystem would block even
+``fstat``), then a regular file of the right access mode.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.filesystems import filesystem_of
+from airlock_broker.peer_io import PeerIO
 
 
 @dataclass(frozen=True)
@@ -44,23 +52,36 @@ class PeerCred:
     gid: int
 
 
+class InputFile(NamedTuple):
+    """What ``check_input`` found: the input's length, and the bytes it really occupies
+    (``st_blocks``: a sparse file's length costs its owner nothing)."""
+
+    size: int
+    allocated: int
+
+
 @dataclass
 class LocalFiles:
-    """The two descriptors a peer attached, already checked. Owned: ``close`` exactly once."""
+    """The two descriptors a peer attached, already checked. Owned: ``close`` exactly once.
+    ``io`` is the only place they may be read, written or closed (peer_io.py)."""
 
     input_fd: int
     output_fd: int
-    input_size: int
+    input: InputFile
     peer: PeerCred
+    io: PeerIO
     _closed: bool = field(default=False, repr=False)
 
+    @property
+    def input_size(self) -> int:
+        return self.input.size
+
     def close(self) -> None:
+        """Never blocks: the descriptors are closed on one of ``io``'s threads."""
         if self._closed:
             return
         self._closed = True
-        for fd in (self.input_fd, self.output_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self.io.close_later((self.input_fd, self.output_fd))
 
 
 @dataclass
@@ -167,8 +188,40 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_input(fd: int, max_bytes: int) -> int:
-    """The input must be a regular file opened read-only, within the size limit: its size."""
+def check_filesystem(fd: int, what: str, allowed: Set[str], peer_pid: int | None) -> str:
+    """The descriptor's filesystem type, if it is in ``allowed``; asks nothing of the file."""
+    try:
+        found = filesystem_of(fd, peer_pid)
+    except (OSError, ValueError) as exc:
+        raise error(Reason.LOCAL_FD_REFUSED, f"the {what} descriptor's filesystem cannot be "
+                                             f"determined ({exc}); stream instead") from None
+    if found is None:
+        raise error(Reason.LOCAL_FD_REFUSED,
+                    f"the {what} descriptor ({_name(fd)}) is not a file on a filesystem "
+                    "mounted where the broker can see it (a socket, a pipe, a memfd, a "
+                    "detached mount)")
+    if found not in allowed:
+        raise error(Reason.LOCAL_FD_REFUSED,
+                    f"the {what} descriptor is on a {found!r} filesystem; the same-host fast "
+                    f"path accepts only {', '.join(sorted(allowed))} ([local_transfer] "
+                    "allowed_filesystems): the client streams instead")
+    return found
+
+
+def _name(fd: int) -> str:
+    """What the kernel calls the descriptor (``socket:[…]``, ``pipe:[…]``, a path): for
+    messages only, read from /proc without touching the file."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")[:200]
+    except OSError:
+        return f"descriptor {fd}"
+
+
+def check_input(fd: int, max_bytes: int, allowed: Set[str],
+                peer_pid: int | None = None) -> InputFile:
+    """The input must be a regular file on an allowed filesystem, opened read-only, within
+    the size limit."""
+    check_filesystem(fd, "input", allowed, peer_pid)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise error(Reason.LOCAL_FD_REFUSED, f"the input descriptor is {_kind(st.st_mode)}, "
@@ -178,12 +231,13 @@ def check_input(fd: int, max_bytes: int) -> int:
     if st.st_size > max_bytes:
         raise error(Reason.TOO_LARGE, f"the input's {st.st_size} bytes exceed the server "
                                       f"maximum of {max_bytes}")
-    return st.st_size
+    return InputFile(size=st.st_size, allocated=st.st_blocks * 512)
 
 
-def check_output(fd: int) -> None:
-    """The output must be an empty regular file opened for writing, without ``O_APPEND``
-    (the broker writes at explicit offsets)."""
+def check_output(fd: int, allowed: Set[str], peer_pid: int | None = None) -> None:
+    """The output must be an empty regular file on an allowed filesystem, opened for writing,
+    without ``O_APPEND`` (the broker writes at explicit offsets)."""
+    check_filesystem(fd, "output", allowed, peer_pid)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise error(Reason.LOCAL_FD_REFUSED, f"the output descriptor is {_kind(st.st_mode)}, "

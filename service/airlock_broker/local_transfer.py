@@ -17,14 +17,20 @@ Security (the broker runs as root, so this socket is attack surface):
   (local_handles.py). A narrower mode would merely send some local users back to streaming.
 - **What is accepted.** One message of at most 128 bytes (the ticket) with exactly two
   descriptors: a regular file opened read-only, then an empty regular file opened for
-  writing; sizes within ``max_artifact_bytes``. Anything else (more or fewer descriptors, a
-  FIFO, a directory, a socket, wrong access modes, a truncated message) is refused with a
-  reason, and every received descriptor is closed in a ``finally`` (``MSG_CMSG_CLOEXEC`` too,
-  so none leaks into a child process meanwhile). ``SO_PEERCRED`` is recorded in the audit log.
+  writing, both on a filesystem from ``allowed_filesystems`` (local ones: a FUSE or network
+  filesystem can hang every access, filesystems.py); sizes within ``max_artifact_bytes``.
+  Anything else (more or fewer descriptors, a FIFO, a directory, a socket, wrong access
+  modes, another filesystem, a truncated message) is refused with a reason, and every
+  received descriptor is closed (``MSG_CMSG_CLOEXEC`` too, so none leaks into a child process
+  meanwhile). ``SO_PEERCRED`` is recorded in the audit log.
 - **Bounded.** Each connection is served on a thread of the socket's own pool (silent peers
   cannot starve the broker's other threads) with a socket timeout, at most
   ``max_connections`` at once; tickets are few and short-lived (``HandleTable``). A flood of
-  silent connections can only delay other local clients, which then stream.
+  silent connections can only delay other local clients, which then stream. Copies from and
+  to the descriptors, and their closes, run on threads of their own (``PeerIO``,
+  ``io_threads``), never the event loop's default executor; when descriptors that stopped
+  answering hold all of them, hand-overs are refused (``BUSY``, before any descriptor is
+  received when the close threads are the ones held) and clients stream.
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ import re
 import socket
 import stat
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.filesystems import DEFAULT_ALLOWED
 from airlock_broker.local_handles import (
     HandleTable,
     LocalFiles,
@@ -50,6 +56,7 @@ from airlock_broker.local_handles import (
     check_input,
     check_output,
 )
+from airlock_broker.peer_io import DaemonPool, PeerIO
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +82,24 @@ class LocalTransferSettings:
     max_tickets: int = 32
     max_connections: int = 8
     connection_timeout_seconds: float = 5.0
+    #: Filesystem types (as in /proc/self/mountinfo) a peer's descriptors may be on. Local
+    #: ones only: a FUSE or network filesystem can block every read and close for ever.
+    allowed_filesystems: frozenset[str] = DEFAULT_ALLOWED
+    #: Threads that copy from and to peer descriptors (never the default executor's): at most
+    #: this many fast-path copies at once. A descriptor that stops answering holds one until
+    #: its filesystem answers; the job itself ends at its deadline.
+    io_threads: int = 4
+    #: How long a job waits for a free copy thread before BUSY.
+    io_wait_seconds: float = 30.0
 
     def __post_init__(self) -> None:
+        # From TOML it is a list; a set it must be (and frozen, as the rest).
+        object.__setattr__(self, "allowed_filesystems", frozenset(self.allowed_filesystems))
+        if not self.allowed_filesystems:
+            raise ValueError("allowed_filesystems must not be empty (enabled = false turns "
+                             "the fast path off)")
+        if self.io_threads <= 0 or self.io_wait_seconds <= 0:
+            raise ValueError("io_threads and io_wait_seconds must be positive")
         if self.socket_mode & ~0o777:
             raise ValueError("socket_mode must be a permission mode (0o000-0o777)")
         if not 0 < self.ticket_ttl_seconds <= 300:
@@ -105,9 +128,11 @@ class LocalTransferServer:
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
         # Its own threads: peers that connect and stay silent must not occupy the loop's
-        # default executor, which spooling and validation use.
-        self._threads = ThreadPoolExecutor(settings.max_connections,
-                                           thread_name_prefix="airlock-local")
+        # default executor, which spooling and validation use. Daemon threads: a check that
+        # blocks in a peer's filesystem must not keep the broker from exiting.
+        self._threads = DaemonPool(settings.max_connections, "airlock-local")
+        #: Where the descriptors are copied and closed (LocalFiles carry it).
+        self.io = PeerIO(settings.io_threads, settings.io_wait_seconds)
 
     async def start(self) -> bool:
         """Bind the socket; False (and an error logged) when it cannot be offered safely."""
@@ -129,6 +154,7 @@ class LocalTransferServer:
         if self._conns:
             await asyncio.gather(*self._conns, return_exceptions=True)
         self._threads.shutdown(wait=False)
+        self.io.shutdown()
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -187,7 +213,12 @@ class LocalTransferServer:
     def _receive(self, conn: socket.socket, peer: PeerCred) -> dict[str, object]:
         fds: list[int] = []
         owned = False
+        allowed = self.settings.allowed_filesystems
         try:
+            if self.io.closes_wedged:  # taking descriptors now could only queue their closes
+                raise error(Reason.BUSY, f"all {self.io.threads} threads that close same-host "
+                            "descriptors are waiting for filesystems that stopped answering; "
+                            "stream instead")
             msg, fds, flags, _ = socket.recv_fds(conn, _MAX_MESSAGE, _MAX_FDS,
                                                  socket.MSG_CMSG_CLOEXEC)
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
@@ -198,9 +229,12 @@ class LocalTransferServer:
             if len(fds) != 2:
                 raise error(Reason.LOCAL_FD_REFUSED,
                             f"expected 2 descriptors (input, output), got {len(fds)}")
-            size = check_input(fds[0], self.max_artifact_bytes)
-            check_output(fds[1])
-            self.table.attach(msg.decode(), LocalFiles(fds[0], fds[1], size, peer))
+            found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
+            check_output(fds[1], allowed, peer.pid)
+            if self.io.copies_wedged:
+                raise error(Reason.BUSY, f"all {self.io.threads} same-host copy threads are "
+                            "held by descriptors that stopped answering; stream instead")
+            self.table.attach(msg.decode(), LocalFiles(fds[0], fds[1], found, peer, self.io))
             owned = True
             log.debug("descriptors attached by pid %d uid %d", peer.pid, peer.uid)
             return {"ok": True}
@@ -208,10 +242,8 @@ class LocalTransferServer:
             log.info("local transfer refused (pid %d uid %d): %s", peer.pid, peer.uid, exc)
             return {"ok": False, "reason": exc.reason.value, "message": exc.message}
         finally:
-            if not owned:
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            if not owned:  # not here: a close of a refused FUSE file waits for its daemon
+                self.io.close_later(fds)
 
 
 def _peer(conn: socket.socket) -> PeerCred:

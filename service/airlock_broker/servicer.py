@@ -28,10 +28,11 @@ from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
 from airlock_broker.jobs import JobResult, JobRunner, detect_on_host
 from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.local_handles import LocalFiles
-from airlock_broker.local_io import copy_file, spool_from_fd
+from airlock_broker.local_io import copy_file, spool_from_peer, write_to_peer
 from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics
 from airlock_broker.provenance import sign, statement
+from airlock_broker.spool_space import SpoolSpace
 from airlock_broker.wire import job_request, result_message, status_of
 from airlock_broker.workspace import new_upload, remove_quietly
 
@@ -54,7 +55,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         self.replays = replays
         self.intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                                    max_chunk_bytes=config.max_request_chunk_bytes,
-                                   idle_seconds=config.upload_idle_seconds)
+                                   idle_seconds=config.upload_idle_seconds,
+                                   upload=config.upload,
+                                   space=SpoolSpace(config.spool_root, config.upload))
 
     async def Convert(
         self, request_iterator: AsyncIterator[pb.ConvertRequest],
@@ -157,8 +160,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             if local is None:
                 spooled = await spool_chunks(stream, fd, meta, self.intake)
             else:  # no Chunk follows the metadata: the input comes from the descriptor
-                spooled = await asyncio.to_thread(spool_from_fd, local.input_fd, fd, meta,
-                                                  self.intake)
+                spooled = await spool_from_peer(local, fd, meta, self.intake)
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
             detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
                                       upload)
@@ -214,7 +216,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         header alone is sent.
         """
         if local is not None:
-            await asyncio.to_thread(result.output.write_into, local.output_fd)
+            await write_to_peer(local, result.output.write_into, result.output.size, self.intake)
             header.result.transfer = "local"
             yield header
             return
@@ -239,7 +241,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         fd = IdempotencyStore.open_stored(stored)  # held open: eviction cannot cut it short
         try:
             if local is not None:
-                await asyncio.to_thread(copy_file, fd, local.output_fd, header.output_size)
+                await write_to_peer(local, lambda out, src: copy_file(src, out, header.output_size),
+                                    header.output_size, self.intake, fd)
                 header.transfer = "local"
                 yield pb.ConvertResponse(result=header)
                 return

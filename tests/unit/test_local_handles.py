@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from airlock_broker.errors import AirlockError
+from airlock_broker.filesystems import filesystem_of
 from airlock_broker.local_handles import (
     HandleTable,
+    InputFile,
     LocalFiles,
     PeerCred,
     check_input,
     check_output,
 )
+from airlock_broker.peer_io import PeerIO
 
 PEER = PeerCred(pid=1, uid=1000, gid=1000)
+IO = PeerIO(2, 1.0)
 
 
 class Clock:
@@ -37,11 +42,24 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def _closed_soon(*fds: int) -> bool:
+    """Closes happen on the fast path's own threads: shortly after ``close`` returns."""
+    deadline = time.monotonic() + 10
+    while any(_is_open(fd) for fd in fds) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not any(_is_open(fd) for fd in fds)
+
+
+def _files(tmp_path: Path, out: str) -> LocalFiles:
+    return LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
+                      os.open(tmp_path / out, os.O_WRONLY | os.O_CREAT), InputFile(3, 4096),
+                      PEER, IO)
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[LocalFiles]:
     (tmp_path / "in").write_bytes(b"abc")
-    made = LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
-                      os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT), 3, PEER)
+    made = _files(tmp_path, "out")
     yield made
     made.close()
 
@@ -70,13 +88,12 @@ def test_a_second_attach_burns_the_ticket_and_closes_the_first(files: LocalFiles
     table = HandleTable(30, 4, Clock())
     ticket = table.issue("alice")
     table.attach(ticket, files)
-    other = LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
-                       os.open(tmp_path / "out2", os.O_WRONLY | os.O_CREAT), 3, PEER)
+    other = _files(tmp_path, "out2")
     try:
         with pytest.raises(AirlockError) as burned:
             table.attach(ticket, other)
         assert _reason(burned) == "LOCAL_HANDLE_INVALID"
-        assert not _is_open(files.input_fd) and not _is_open(files.output_fd)
+        assert _closed_soon(files.input_fd, files.output_fd)
         assert _is_open(other.input_fd)  # the caller still owns what was refused
         with pytest.raises(AirlockError):
             table.claim(ticket, "alice")
@@ -123,7 +140,7 @@ def test_close_closes_every_attached_descriptor(files: LocalFiles) -> None:
     table = HandleTable(30, 4, Clock())
     table.attach(table.issue("a"), files)
     table.close()
-    assert not _is_open(files.input_fd) and not _is_open(files.output_fd)
+    assert _closed_soon(files.input_fd, files.output_fd)
 
 
 def test_descriptor_checks(tmp_path: Path) -> None:
@@ -134,24 +151,51 @@ def test_descriptor_checks(tmp_path: Path) -> None:
         opened.append(os.open(path, flags | os.O_CREAT, 0o600))
         return opened[-1]
 
+    here = filesystem_of(fd(tmp_path / "in", os.O_RDONLY))
+    assert here is not None
+    allowed = {here}
     try:
-        assert check_input(fd(tmp_path / "in", os.O_RDONLY), 10) == 10
+        found = check_input(fd(tmp_path / "in", os.O_RDONLY), 10, allowed)
+        assert found.size == 10 and found.allocated == os.stat(tmp_path / "in").st_blocks * 512
         for bad in (fd(tmp_path / "in", os.O_WRONLY), fd(tmp_path / "in", os.O_RDWR),
                     os.open(tmp_path, os.O_RDONLY)):
             with pytest.raises(AirlockError, match="LOCAL_FD_REFUSED"):
-                check_input(bad, 10)
+                check_input(bad, 10, allowed)
         opened.append(bad)
         with pytest.raises(AirlockError, match="TOO_LARGE"):
-            check_input(fd(tmp_path / "in", os.O_RDONLY), 9)
-        check_output(fd(tmp_path / "o1", os.O_WRONLY))
-        check_output(fd(tmp_path / "o2", os.O_RDWR))
+            check_input(fd(tmp_path / "in", os.O_RDONLY), 9, allowed)
+        check_output(fd(tmp_path / "o1", os.O_WRONLY), allowed)
+        check_output(fd(tmp_path / "o2", os.O_RDWR), allowed)
         for bad in (fd(tmp_path / "o3", os.O_RDONLY), fd(tmp_path / "in", os.O_WRONLY),
                     fd(tmp_path / "o4", os.O_WRONLY | os.O_APPEND)):
             with pytest.raises(AirlockError, match="LOCAL_FD_REFUSED"):
-                check_output(bad)
+                check_output(bad, allowed)
         left, right = socket.socketpair()
-        with left, right, pytest.raises(AirlockError, match="a socket"):
-            check_input(left.fileno(), 10)
+        with left, right, pytest.raises(AirlockError, match="socket:"):
+            check_input(left.fileno(), 10, allowed)
     finally:
         for f in opened:
             os.close(f)
+
+
+def test_a_descriptor_on_a_filesystem_outside_the_allowlist_is_refused_naming_it(
+        tmp_path: Path) -> None:
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    with open(tmp_path / "in", "rb") as local, open("/proc/self/status", "rb") as proc, \
+            open(tmp_path / "out", "wb") as out:
+        here = filesystem_of(local.fileno())
+        assert here is not None
+        with pytest.raises(AirlockError, match="LOCAL_FD_REFUSED") as refused:
+            check_input(proc.fileno(), 10, {here})
+        assert "'proc' filesystem" in refused.value.message
+        with pytest.raises(AirlockError, match=f"'{here}' filesystem"):
+            check_input(local.fileno(), 10, {"xfs"} - {here} or {"btrfs"})
+        with pytest.raises(AirlockError, match="output descriptor"):
+            check_output(out.fileno(), {"tmpfs"} - {here} or {"btrfs"})
+        r, w = os.pipe()
+        try:
+            with pytest.raises(AirlockError, match="pipe:"):
+                check_input(r, 10, {here})
+        finally:
+            os.close(r)
+            os.close(w)

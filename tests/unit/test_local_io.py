@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker import local_io
-from airlock_broker.errors import AirlockError
+from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.intake import IntakeLimits
+from airlock_broker.local_handles import InputFile, LocalFiles, PeerCred
+from airlock_broker.peer_io import PeerIO
+from airlock_broker.spool_space import SpoolSpace
+from airlock_broker.upload_limits import UploadLimits
 
 LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=60)
 
@@ -22,9 +29,10 @@ def _spool(tmp_path: Path, data: bytes, meta: pb.ConvertMetadata,
     src = os.open(tmp_path / "in", os.O_RDONLY)
     dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        spooled = local_io.spool_from_fd(src, dst, meta, limits)  # closes dst
+        spooled = local_io.spool_from_fd(src, dst, meta, limits)
     finally:
         os.close(src)
+        os.close(dst)
     return spooled.sha256, (tmp_path / "spool").read_bytes()
 
 
@@ -62,3 +70,115 @@ def test_copy_writes_the_whole_file_at_explicit_offsets(tmp_path: Path) -> None:
         os.close(src)
         os.close(dst)
     assert (tmp_path / "dst").read_bytes() == data
+
+
+def test_a_sparse_input_is_spooled_as_sparse_and_hashed_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64 MiB file with one byte of data costs its owner nothing; the spool neither."""
+    monkeypatch.setattr(local_io, "BLOCK_BYTES", 1 << 20)
+    size = 64 << 20
+    with open(tmp_path / "in", "wb") as fh:
+        fh.truncate(size)
+        fh.seek(size // 2)
+        fh.write(b"\x80")
+    src = os.open(tmp_path / "in", os.O_RDONLY)
+    dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT)
+    limits = IntakeLimits(max_artifact_bytes=1 << 30, max_chunk_bytes=1 << 20, idle_seconds=60)
+    try:
+        spooled = local_io.spool_from_fd(src, dst, pb.ConvertMetadata(size_bytes=size), limits)
+    finally:
+        os.close(src)
+        os.close(dst)
+    expected = bytearray(size)
+    expected[size // 2] = 0x80
+    assert spooled.size == size and spooled.sha256 == hashlib.sha256(expected).hexdigest()
+    st = os.stat(tmp_path / "spool")
+    assert st.st_size == size and st.st_blocks * 512 <= 2 << 20  # one block of data at most
+
+
+def _local(tmp_path: Path, io: PeerIO, data: bytes = b"\x80\x04N." * 100) -> LocalFiles:
+    (tmp_path / "in").write_bytes(data)
+    size = len(data)
+    return LocalFiles(os.open(tmp_path / "in", os.O_RDONLY),
+                      os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600),
+                      InputFile(size, os.stat(tmp_path / "in").st_blocks * 512),
+                      PeerCred(1, 1, 1), io)
+
+
+def test_a_descriptor_read_that_stalls_is_cut_off_at_the_uploads_pace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer's file stops answering after the first block: UPLOAD_TOO_SLOW, with the rate,
+    when the pace runs out, not at the idle timeout; the job's spool file descriptor is its
+    own to close, the thread keeps its duplicates."""
+    release = threading.Event()
+
+    def stalling(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
+                 progress: local_io.ReadProgress, claim: object) -> object:
+        progress.received = 1000
+        progress.last = time.monotonic()
+        release.wait(30)
+        raise OSError("aborted")
+
+    monkeypatch.setattr(local_io, "spool_from_fd", stalling)
+    limits = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=60,
+                          upload=UploadLimits(min_bytes_per_second=10_000, grace_seconds=0.5))
+
+    async def main() -> None:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io)
+        dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            began = time.monotonic()
+            with pytest.raises(AirlockError) as slow:
+                await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(), limits)
+            elapsed = time.monotonic() - began
+            # 1000 bytes at 10 kB/s buy 0.1 s after the 0.5 s grace.
+            assert 0.5 < elapsed < 5, elapsed
+            assert slow.value.reason is Reason.UPLOAD_TOO_SLOW
+            assert "1000 bytes in 0.6 s" in slow.value.message
+            assert io.abandoned == 1
+            with pytest.raises(OSError):
+                os.fstat(dst)  # closed by spool_from_peer
+        finally:
+            release.set()
+            local.close()
+            io.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_spool_reserve_is_checked_against_what_the_input_really_occupies(
+        tmp_path: Path) -> None:
+    """Room is claimed for the input's allocated blocks (a hole costs nothing), before any
+    byte is read; a dense input that would cross the reserve is refused, nothing written.
+    The disk: 100 MiB free (a fake: the real one's free space moves with everyone's work),
+    92 MiB kept free."""
+    disk = os.statvfs_result((4096, 4096, 1 << 20, 25_600, 25_600, 0, 0, 0, 0, 255))
+    reserve = UploadLimits(spool_min_free_bytes=(100 - 8) << 20, spool_min_free_ratio=0.0)
+    limits = IntakeLimits(max_artifact_bytes=1 << 40, max_chunk_bytes=1 << 20, idle_seconds=60,
+                          space=SpoolSpace(tmp_path, reserve, statvfs=lambda _: disk))
+
+    async def spool(local: LocalFiles) -> str:
+        dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            return (await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(),
+                                                   limits)).sha256
+        except AirlockError as exc:
+            return exc.reason.value
+        finally:
+            local.close()
+
+    async def main() -> None:
+        io = PeerIO(2, 1.0)
+        try:
+            sparse = _local(tmp_path, io, b"")
+            os.truncate(tmp_path / "in", 256 << 20)  # 256 MiB apparent, nothing allocated
+            sparse.input = InputFile(256 << 20, 0)
+            assert await spool(sparse) == hashlib.sha256(bytes(256 << 20)).hexdigest()
+            dense = _local(tmp_path, io, os.urandom(16 << 20))
+            assert await spool(dense) == "SPOOL_FULL"
+            assert os.stat(tmp_path / "spool").st_size == 0
+        finally:
+            io.shutdown()
+
+    asyncio.run(main())

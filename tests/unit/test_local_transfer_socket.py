@@ -11,14 +11,19 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.config import BrokerConfig
+from airlock_broker.filesystems import filesystem_of
 from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
+from airlock_broker.peer_io import PeerIO
 
 
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[local_transfer]\nenabled = false\nsocket_path = "/run/a/t.sock"\n'
-                    "socket_mode = 0o660\n")
+                    'socket_mode = 0o660\nallowed_filesystems = ["ext4", "zfs"]\n'
+                    "io_threads = 2\n")
     cfg = BrokerConfig.load(good)
+    assert cfg.local_transfer.allowed_filesystems == frozenset({"ext4", "zfs"})
+    assert cfg.local_transfer.io_threads == 2
     assert cfg.local_transfer.enabled is False
     assert cfg.local_transfer.socket_path == Path("/run/a/t.sock")
     assert cfg.local_transfer.socket_mode == 0o660
@@ -29,6 +34,10 @@ def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
         BrokerConfig.load(bad)
     with pytest.raises(ValueError):
         LocalTransferSettings(socket_mode=0o4777)
+    with pytest.raises(ValueError, match="allowed_filesystems"):
+        LocalTransferSettings(allowed_filesystems=frozenset())
+    with pytest.raises(ValueError, match="io_threads"):
+        LocalTransferSettings(io_threads=0)
 
 
 def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -> None:
@@ -50,8 +59,12 @@ def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -
 
 
 def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None:
-    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
     (tmp_path / "in").write_bytes(b"abc")
+    with open(tmp_path / "in", "rb") as fh:  # wherever the tests run: allowed here
+        here = filesystem_of(fh.fileno())
+    assert here is not None
+    settings = LocalTransferSettings(allowed_filesystems=frozenset({here}))
+    server = LocalTransferServer(settings, tmp_path / "unused", 1 << 20)
     ticket = server.table.issue("alice")
 
     def hand_over(message: bytes, fds: list[int]) -> dict[str, object]:
@@ -80,3 +93,28 @@ def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None
         os.close(in_fd)
         os.close(out_fd)
         server.table.close()
+
+
+def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closes of peer files that stopped answering hold every close thread: a new hand-over is
+    refused (BUSY, so the client streams) before its descriptors are taken."""
+    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+    monkeypatch.setattr(PeerIO, "closes_wedged", property(lambda _self: True))
+    received: list[object] = []
+    monkeypatch.setattr(socket, "recv_fds", lambda *a: received.append(a))
+    (tmp_path / "in").write_bytes(b"abc")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    try:
+        worker = threading.Thread(target=server.serve_connection, args=(theirs,))
+        worker.start()
+        with ours:
+            socket.send_fds(ours, [server.table.issue("a").encode()], [in_fd, in_fd])
+            reply = json.loads(ours.recv(4096))
+        worker.join(10)
+    finally:
+        os.close(in_fd)
+        server.table.close()
+    assert reply["reason"] == "BUSY" and "stream instead" in reply["message"]
+    assert received == []

@@ -1,0 +1,128 @@
+"""A gRPC upload is bounded in time (grace, minimum rate, deadline) and in spool space."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
+from airlock_broker.spool_space import SpoolSpace
+from airlock_broker.upload_limits import UploadLimits
+
+MiB = 1 << 20
+
+
+def _chunk(data: bytes) -> pb.ConvertRequest:
+    return pb.ConvertRequest(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+
+
+async def _dribble(messages: list[pb.ConvertRequest], taken: list[int],
+                   then_stall: bool = True) -> AsyncIterator[pb.ConvertRequest]:
+    for msg in messages:
+        taken.append(1)
+        yield msg
+    if then_stall:
+        await asyncio.Event().wait()  # a client that keeps the stream open and sends nothing
+
+
+def _limits(tmp_path: Path, **upload: float) -> IntakeLimits:
+    return IntakeLimits(max_artifact_bytes=1 << 30, max_chunk_bytes=2 * MiB, idle_seconds=60,
+                        upload=UploadLimits(**upload))  # type: ignore[arg-type]
+
+
+def _spool(tmp_path: Path) -> int:
+    return os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+def test_a_dribbling_stream_is_cut_off_when_it_falls_behind_not_at_the_idle_timeout(
+        tmp_path: Path) -> None:
+    limits = _limits(tmp_path, min_bytes_per_second=10_000, grace_seconds=0.5)
+    stream = _dribble([_chunk(b"x")], [])
+
+    async def main() -> None:
+        began = time.monotonic()
+        with pytest.raises(AirlockError) as slow:
+            await spool_chunks(stream, _spool(tmp_path), pb.ConvertMetadata(), limits)
+        assert time.monotonic() - began < 5  # the idle timeout is 60 s
+        assert slow.value.reason is Reason.UPLOAD_TOO_SLOW
+        assert "1 bytes in 0.5 s" in slow.value.message
+        assert "at least 9.8 KiB/s (10000 bytes/s) after the first 0.5 s" in slow.value.message
+
+    asyncio.run(main())
+
+
+def test_a_client_that_never_sends_its_metadata_is_cut_off_after_the_grace(
+        tmp_path: Path) -> None:
+    limits = _limits(tmp_path, grace_seconds=0.3)
+
+    async def main() -> None:
+        began = time.monotonic()
+        with pytest.raises(AirlockError, match="DEADLINE_EXCEEDED"):
+            await read_metadata(_dribble([], []), limits)
+        assert time.monotonic() - began < 5
+
+    asyncio.run(main())
+
+
+def test_an_upload_past_its_total_deadline_is_refused(tmp_path: Path) -> None:
+    limits = _limits(tmp_path, min_bytes_per_second=0, grace_seconds=0.1,
+                     deadline_seconds=0.4)
+
+    async def fast_forever() -> AsyncIterator[pb.ConvertRequest]:
+        while True:
+            await asyncio.sleep(0.01)
+            yield _chunk(b"y" * 1000)
+
+    async def main() -> None:
+        with pytest.raises(AirlockError) as late:
+            await spool_chunks(fast_forever(), _spool(tmp_path), pb.ConvertMetadata(), limits)
+        assert late.value.reason is Reason.UPLOAD_TOO_SLOW
+        assert "took over 0.4 s" in late.value.message
+
+    asyncio.run(main())
+
+
+def test_zero_chunks_become_holes(tmp_path: Path) -> None:
+    limits = _limits(tmp_path)
+    chunks = [_chunk(bytes(2 * MiB)) for _ in range(16)] + [_chunk(b"\x80tail")]
+    size = 32 * MiB + 5
+
+    async def main() -> None:
+        spooled = await spool_chunks(_dribble(chunks, [], then_stall=False), _spool(tmp_path),
+                                     pb.ConvertMetadata(size_bytes=size), limits)
+        assert spooled.size == size
+
+    asyncio.run(main())
+    st = os.stat(tmp_path / "spool")
+    assert st.st_size == size and st.st_blocks * 512 <= 64 * 1024
+    with open(tmp_path / "spool", "rb") as fh:
+        fh.seek(32 * MiB)
+        assert fh.read() == b"\x80tail"
+
+
+def test_a_declared_size_over_the_reserve_is_refused_before_any_chunk_is_read(
+        tmp_path: Path) -> None:
+    disk = os.statvfs_result((4096, 4096, 1 << 20, 25_600, 25_600, 0, 0, 0, 0, 255))  # 100 MiB
+    reserve = UploadLimits(spool_min_free_bytes=90 * MiB, spool_min_free_ratio=0.0)
+    limits = IntakeLimits(max_artifact_bytes=1 << 30, max_chunk_bytes=2 * MiB, idle_seconds=60,
+                          space=SpoolSpace(tmp_path, reserve, statvfs=lambda _: disk))
+    taken: list[int] = []
+
+    async def main() -> None:
+        with pytest.raises(AirlockError) as full:
+            await spool_chunks(_dribble([_chunk(b"z" * 100)], taken), _spool(tmp_path),
+                               pb.ConvertMetadata(size_bytes=11 * MiB), limits)
+        assert full.value.reason is Reason.SPOOL_FULL
+        assert "needs 11.0 MiB" in full.value.message
+        assert "keeps 90.0 MiB free" in full.value.message
+
+    asyncio.run(main())
+    assert taken == []  # refused on the declared size: not one chunk was taken

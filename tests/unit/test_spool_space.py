@@ -1,0 +1,111 @@
+"""The spool's free-space reserve, and spool files that cost what their data occupies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.spool_space import SpoolSpace, SpoolWriter, is_zero
+from airlock_broker.upload_limits import MiB, UploadLimits
+
+
+class Disk:
+    """A fake filesystem of ``size`` bytes, ``free`` of them available."""
+
+    def __init__(self, size: int, free: int) -> None:
+        self.size = size
+        self.free = free
+
+    def __call__(self, _path: Path) -> os.statvfs_result:
+        block = 4096
+        return os.statvfs_result((block, block, self.size // block, self.free // block,
+                                  self.free // block, 1000, 1000, 1000, 0, 255))
+
+
+def _space(disk: Disk, reserve: int = 100 * MiB, ratio: float = 0.0) -> SpoolSpace:
+    return SpoolSpace(Path("/spool"), UploadLimits(spool_min_free_bytes=reserve,
+                                                   spool_min_free_ratio=ratio), statvfs=disk)
+
+
+def test_an_upload_that_would_cross_the_reserve_is_refused_before_it_writes() -> None:
+    space = _space(Disk(1000 * MiB, 300 * MiB))
+    space.claim(200 * MiB).release()  # exactly down to the reserve: fine
+    with pytest.raises(AirlockError) as full:
+        space.claim(201 * MiB)
+    assert full.value.reason is Reason.SPOOL_FULL
+    message = full.value.message
+    assert "300.0 MiB free" in message and "needs 201.0 MiB" in message
+    assert "keeps 100.0 MiB free" in message and "spool_min_free_bytes" in message
+
+
+def test_the_reserve_is_the_larger_of_bytes_and_ratio() -> None:
+    space = _space(Disk(1000 * MiB, 300 * MiB), reserve=10 * MiB, ratio=0.25)
+    with pytest.raises(AirlockError, match=r"keeps 250.0 MiB free"):
+        space.claim(60 * MiB)
+
+
+def test_uploads_in_progress_count_for_what_they_may_still_write() -> None:
+    disk = Disk(1000 * MiB, 300 * MiB)
+    space = _space(disk)
+    first = space.claim(150 * MiB)
+    with pytest.raises(AirlockError, match=r"150.0 MiB of it promised"):
+        space.claim(100 * MiB)
+    first.wrote(100 * MiB)
+    disk.free -= 100 * MiB  # what it wrote is on the disk now, no longer promised
+    with pytest.raises(AirlockError, match=r"50.0 MiB of it promised"):
+        space.claim(100 * MiB)
+    first.release()
+    space.claim(100 * MiB).release()
+
+
+def test_an_upload_that_outgrows_its_claim_is_stopped_at_the_reserve() -> None:
+    disk = Disk(1000 * MiB, 300 * MiB)
+    claim = _space(disk).claim(0)  # undeclared size: accounted as it grows
+    for _ in range(50):  # 200 MiB: the disk is at the reserve, no room for the next block
+        claim.wrote(4 * MiB)
+        disk.free -= 4 * MiB
+    with pytest.raises(AirlockError) as full:
+        claim.wrote(4 * MiB)
+    assert full.value.reason is Reason.SPOOL_FULL
+
+
+def test_the_disk_filling_up_under_a_running_upload_stops_it() -> None:
+    disk = Disk(1000 * MiB, 300 * MiB)
+    claim = _space(disk).claim(100 * MiB)
+    claim.wrote(MiB)  # within the claim, and not 4 MiB since the last look: not asked
+    disk.free = 150 * MiB  # someone else wrote 150 MiB
+    with pytest.raises(AirlockError, match="SPOOL_FULL"):
+        claim.wrote(4 * MiB)
+
+
+def test_all_zero_blocks_stay_holes_and_are_not_counted(tmp_path: Path) -> None:
+    claim = _space(Disk(10**12, 10**11)).claim(0)
+    fd = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        writer = SpoolWriter(fd, claim)
+        block = bytearray(4 * MiB)
+        for i in range(16):  # 64 MiB of zeros, one byte of data
+            writer.write(block, i * len(block))
+        writer.write(b"\x80", 64 * MiB)
+        writer.finish(64 * MiB + 1 + 4096)
+    finally:
+        os.close(fd)
+    st = os.stat(tmp_path / "spool")
+    assert st.st_size == 64 * MiB + 1 + 4096
+    assert st.st_blocks * 512 <= 64 * 1024  # one block of data, not 64 MiB
+    assert claim.written == 1
+    with open(tmp_path / "spool", "rb") as fh:
+        fh.seek(64 * MiB)
+        assert fh.read(2) == b"\x80\x00"
+
+
+@pytest.mark.parametrize(("data", "zero"), [
+    (b"", False), (b"\0", True), (bytes(10 * MiB), True), (bytearray(4 * MiB), True),
+    (bytearray(100), True), (b"\0" * 50 + b"\1" + b"\0" * 50, False), (b"\1" + bytes(9), False),
+    (bytes(9) + b"\1", False),
+])
+def test_is_zero(data: bytes, zero: bool) -> None:
+    assert is_zero(data) is zero
