@@ -1,23 +1,29 @@
 """Admission control: a bounded number of jobs running, a bounded number waiting.
 
 A request beyond both bounds is refused at once with BUSY (RESOURCE_EXHAUSTED), which the
-client library retries with backoff; nothing queues without limit.
+client library retries with backoff; nothing queues without limit. So is one beyond
+``max_per_principal`` of its caller's: one principal (all unauthenticated callers are one,
+"anonymous") cannot take every place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from airlock_broker.errors import Reason, error
 
 
 class Admission:
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+    def __init__(self, max_running: int, max_waiting: int,
+                 max_per_principal: int | None = None) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.max_per_principal = max_per_principal or max_running + max_waiting
         self._admitted = 0
+        self._by_principal: Counter[str] = Counter()
         self._running = asyncio.Semaphore(max_running)
         self.draining = False
         #: Why the broker must not serve yet (the isolation self-test failed), or None.
@@ -31,7 +37,7 @@ class Admission:
         return self._admitted
 
     @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    async def admit(self, principal: str = "") -> AsyncIterator[None]:
         """Hold a place in the broker for the whole request, or raise BUSY / UNAVAILABLE."""
         if self.draining:
             raise error(Reason.SANDBOX_UNAVAILABLE, "the broker is shutting down")
@@ -42,11 +48,21 @@ class Admission:
         if self._admitted >= self.max_running + self.max_waiting:
             raise error(Reason.BUSY, f"{self._admitted} jobs in progress, the limit is "
                                      f"{self.max_running + self.max_waiting}; retry later")
+        held = self._by_principal[principal]
+        if held >= self.max_per_principal:
+            raise error(Reason.BUSY, f"{held} jobs of principal {principal!r} in progress, the "
+                                     f"limit per principal is {self.max_per_principal} (of "
+                                     f"{self.max_running + self.max_waiting} places); retry "
+                                     "later")
         self._admitted += 1
+        self._by_principal[principal] += 1
         try:
             yield
         finally:
             self._admitted -= 1
+            self._by_principal[principal] -= 1
+            if not self._by_principal[principal]:
+                del self._by_principal[principal]
 
     @contextlib.asynccontextmanager
     async def run_slot(self) -> AsyncIterator[None]:
