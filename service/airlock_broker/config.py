@@ -38,8 +38,8 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     tls_cert = "server.crt"
 
     [rpc]              # RpcLimits (rpc_limits.py): the gRPC server's own bounds
-    max_concurrent_rpcs = 128
-    max_streams_per_connection = 100
+    max_concurrent_rpcs = 256
+    max_streams_per_connection = 256
     max_open_streams = 16              # Health.Watch and reflection streams (open to anyone)
     max_connection_age_seconds = 3600
     connection_age_grace_seconds = 1800

@@ -31,14 +31,17 @@ class RpcLimits:
     """The ``[rpc]`` section. Every limit is finite; each number says why it is what it is."""
 
     #: Calls in progress at once, every method together (gRPC answers RESOURCE_EXHAUSTED
-    #: beyond it). Above the 18 job places and ``max_open_streams``, with room for short
-    #: calls; each call may hold a request message of up to 4 MiB, so this also bounds that
-    #: memory (512 MiB).
-    max_concurrent_rpcs: int = 128
-    #: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one connection may have open at once
-    #: (further ones wait in the client). 100 is HTTP/2's recommended minimum (RFC 9113
-    #: §6.5.2); it keeps one connection from holding every call place.
-    max_streams_per_connection: int = 100
+    #: beyond it). The backstop against floods of calls (each costs a task and its HTTP/2
+    #: buffers): well above the 18 job places and ``max_open_streams``, because calls beyond
+    #: the places are already refused by admission, with BUSY and a reason.
+    max_concurrent_rpcs: int = 256
+    #: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one connection may have open at once;
+    #: beyond it a new stream is refused (REFUSED_STREAM, which clients see as UNAVAILABLE and
+    #: retry). gRPC clients share one connection per address among a process's channels, so
+    #: this is also what one client process may have in flight: as many as
+    #: ``max_concurrent_rpcs`` (a 200-call burst from one process is a tested case). It bounds
+    #: the stream state one connection can make the broker hold.
+    max_streams_per_connection: int = 256
     #: Health.Watch and reflection streams open at once (``OPEN_STREAMS``); beyond it a new
     #: one is refused with RESOURCE_EXHAUSTED. Load balancers and probes use one or two each.
     max_open_streams: int = 16
