@@ -9,20 +9,20 @@ writes), holds no sandbox: only its admission place and that file, and those onl
 file is removed. With an idempotency key the idempotency store adopts the same file (no second
 copy), so a retry is answered from it.
 
-Why a copy on the spool and not the tmpfs itself, kept open after a lazy unmount (which would
-copy nothing): the tmpfs is memory. Answers waiting for slow readers would pin up to
-``output_bytes`` (2 GiB) of RAM each, for every admitted job rather than for the two running
-ones, where today's bound on upload spool files is disk. The copy is one kernel copy
-(``copy_file_range``/``sendfile``), measured in the README's Performance section. An ONNX
-output was already in the broker's memory (the validator's canonical bytes); written out, it is
-the page cache's to keep or evict, not the broker's RSS.
+Why a copy on the spool, and not the tmpfs itself kept open after a lazy unmount (which would
+copy nothing): the tmpfs is RAM. Every answer waiting for a slow reader would pin up to
+``output_bytes`` (2 GiB) of it, for every admitted job instead of the running ones only. The
+spool is disk, where the same admitted jobs' uploads lived a moment before (an upload moves
+into its slot and goes with it). The copy is one kernel copy (``sendfile`` from the tmpfs),
+measured in the README's Performance section. An ONNX output was already in the broker's
+memory (the validator's canonical bytes); written out, it is the page cache's to keep or
+evict, not the broker's RSS while a caller dawdles.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import threading
 import zlib
@@ -40,8 +40,6 @@ from airlock_broker.local_handles import LocalFiles
 from airlock_broker.local_io import copy_file
 from airlock_broker.outputs import ValidatedOutput
 from airlock_broker.workspace import remove_quietly, results_dir
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -181,11 +179,6 @@ class AnswerDrains:
         self.seconds = seconds
         #: Abort tasks that outlive their handler (see above); held so they are not collected.
         self._aborts: set[asyncio.Task[None]] = set()
-
-    @property
-    def lingering(self) -> int:
-        """Calls past their deadline whose status has not reached the caller yet."""
-        return len(self._aborts)
 
     @contextlib.contextmanager
     def deadline(self, context: grpc.aio.ServicerContext[Any, Any],
