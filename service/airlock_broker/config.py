@@ -6,6 +6,8 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     max_concurrent_jobs = 2
     max_artifact_bytes = 4294967296
     unix_socket = "/run/airlock/broker.sock"   # local clients; "none": off (local_listeners.py)
+    max_jobs_per_principal = 10      # default: max_concurrent_jobs + half of max_queued_jobs
+    answer_drain_seconds = 600       # a caller not done reading its answer by then is cut off
 
     [sandbox]          # SandboxPolicy fields; weakening one is a visible diff here
     runtime = "runsc"
@@ -43,6 +45,13 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
 
+    [rpc]              # RpcLimits (rpc_limits.py): the gRPC server's own bounds
+    max_concurrent_rpcs = 256
+    max_streams_per_connection = 256
+    max_open_streams = 16              # Health.Watch and reflection streams (open to anyone)
+    max_connection_age_seconds = 3600
+    connection_age_grace_seconds = 1800
+
 Without ``[auth]`` the broker accepts anyone, so it may listen only on loopback
 (``check_listen``); ``insecure_no_auth`` lifts that, visibly. Metrics, too, are served on
 loopback only, unless ``metrics_public`` (``--metrics-public``) says otherwise.
@@ -68,6 +77,7 @@ from airlock_broker.local_listeners import (
 from airlock_broker.local_transfer import LocalTransferSettings
 from airlock_broker.metrics import check_metrics_listen
 from airlock_broker.pools import PoolSettings
+from airlock_broker.rpc_limits import RpcLimits
 from airlock_broker.upload_limits import UploadLimits
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
@@ -105,6 +115,13 @@ class BrokerConfig:
     upload_idle_seconds: float = 60.0
     #: Ceiling for a caller's ``timeout_seconds`` (the policy's deadline is the default).
     max_job_seconds: float = 600.0
+    #: Jobs one principal may have admitted at once (BUSY beyond). None: every sandbox and
+    #: half of the queue, so one caller can keep the sandboxes busy and others still queue.
+    max_jobs_per_principal: int | None = None
+    #: How long an answer may take to reach its caller once the job is done (sandboxes
+    #: already released); then the call is cancelled (DEADLINE_EXCEEDED) and its copy removed.
+    #: 10 minutes: a 2 GiB output (the sandbox's output cap) at 3.5 MB/s, a slow WAN link.
+    answer_drain_seconds: float = 600.0
     #: On SIGTERM: how long health says NOT_SERVING (and new jobs are refused) while the
     #: listener stays open, so load balancers notice before connections are refused.
     shutdown_drain_seconds: float = 2.0
@@ -126,6 +143,7 @@ class BrokerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     local_transfer: LocalTransferSettings = field(default_factory=LocalTransferSettings)
     upload: UploadLimits = field(default_factory=UploadLimits)
+    rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
         check_listen(self.listen, self.auth)
@@ -139,8 +157,18 @@ class BrokerConfig:
             raise ValueError("max_queued_jobs must be >= 0")
         if self.chunk_bytes > 3 * MiB or self.max_request_chunk_bytes > 3 * MiB:
             raise ValueError("chunks must stay well under gRPC's 4 MiB message limit")
-        if self.upload_idle_seconds <= 0 or self.max_job_seconds <= 0:
+        if self.upload_idle_seconds <= 0 or self.max_job_seconds <= 0 \
+                or self.answer_drain_seconds <= 0:
             raise ValueError("timeouts must be positive")
+        if self.max_jobs_per_principal is not None and self.max_jobs_per_principal < 1:
+            raise ValueError("max_jobs_per_principal must be at least 1")
+
+    @property
+    def jobs_per_principal(self) -> int:
+        """The effective ``max_jobs_per_principal``."""
+        if self.max_jobs_per_principal is not None:
+            return self.max_jobs_per_principal
+        return self.max_concurrent_jobs + (self.max_queued_jobs + 1) // 2
 
     @property
     def audit_path(self) -> Path:
@@ -164,7 +192,8 @@ class BrokerConfig:
             with path.open("rb") as fh:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
-                              "provenance", "auth", "idempotency", "local_transfer", "upload"}
+                              "provenance", "auth", "idempotency", "local_transfer", "upload",
+                              "rpc"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -175,7 +204,7 @@ class BrokerConfig:
             broker["unix_socket"] = unix_socket_setting(broker["unix_socket"])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
                                                  "provenance_key", "auth", "idempotency",
-                                                 "local_transfer", "upload"})
+                                                 "local_transfer", "upload", "rpc"})
         upload_doc = dict(doc.get("upload", {}))
         _check_keys(UploadLimits, upload_doc, "upload")
         local_doc = dict(doc.get("local_transfer", {}))
@@ -184,6 +213,8 @@ class BrokerConfig:
             local_doc["socket_path"] = Path(local_doc["socket_path"])
         idem_doc = dict(doc.get("idempotency", {}))
         _check_keys(IdempotencySettings, idem_doc, "idempotency")
+        rpc_doc = dict(doc.get("rpc", {}))
+        _check_keys(RpcLimits, rpc_doc, "rpc")
         provenance_doc = dict(doc.get("provenance", {}))
         unknown_prov = set(provenance_doc) - {"key_path"}
         if unknown_prov:
@@ -213,7 +244,8 @@ class BrokerConfig:
                    pools=PoolSettings(**pools_doc), auth=auth,
                    idempotency=IdempotencySettings(**idem_doc),
                    local_transfer=LocalTransferSettings(**local_doc),
-                   upload=UploadLimits(**upload_doc), **{**broker, **overrides})
+                   upload=UploadLimits(**upload_doc), rpc=RpcLimits(**rpc_doc),
+                   **{**broker, **overrides})
 
 
 def _check_keys(cls: type, doc: dict[str, Any], section: str, skip: set[str] | None = None) -> None:

@@ -12,10 +12,11 @@ sha256 and the request's options. A request whose key matches
 
 A job that failed for a reason worth retrying (BUSY, the engine down, a cancelled call) is
 forgotten, so the retry converts. Only metadata lives in memory: a stored result's bytes are
-a file under ``<spool>/results/`` (0600, owned by this store), the total bounded by
-``max_bytes`` and the entries by ``max_entries``, evicted oldest first and on expiry. A
-reader holds an open descriptor, so eviction never cuts a replay short. The directory is
-emptied at start-up (``workspace.reap_stale``) and on ``close``.
+a file under ``<spool>/results/`` (0600): the very file its first answer was sent from
+(answers.py writes it; ``Claim.commit`` hands it to this store, which owns it from then on).
+The total is bounded by ``max_bytes`` and the entries by ``max_entries``, evicted oldest first
+and on expiry. A reader holds an open descriptor, so eviction never cuts a replay short. The
+directory is emptied at start-up (``workspace.reap_stale``) and the store's files on ``close``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.workspace import remove_quietly, results_dir
+from airlock_broker.workspace import remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +93,20 @@ class Claim:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
-    def keep(self, write_into: Callable[[int], None], size: int) -> Path | None:
-        """Copy the validated output into the store (in a worker thread); None if too big.
-        ``write_into`` makes the output a descriptor's content (``ValidatedOutput``'s)."""
+    def commit(self, header: bytes, path: Path, size: int) -> bool:
+        """Make the result replayable, from ``path`` (a file of ``size`` bytes in the store's
+        directory). True: the store owns the file from now on. False (no key, or larger than
+        the store): it stays the caller's, and a retry converts again."""
         if self._store is None or self._entry is None:
-            return None
-        return self._store.write(self._entry, write_into, size)
-
-    def commit(self, header: bytes, path: Path, size: int) -> None:
-        """On the event loop, once ``keep`` wrote ``path``: the result is now replayable."""
-        if self._store is None or self._entry is None:
-            remove_quietly(path)
-            return
+            return False
+        if size > self._store.settings.max_bytes:
+            log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
+                     "will convert again", self._entry.job_id, size,
+                     self._store.settings.max_bytes)
+            return False
         self._store.complete(self._entry, StoredResult(job_id=self._entry.job_id,
                                                        header=header, path=path, size=size))
+        return True
 
 
 def options_digest(*parts: object) -> str:
@@ -188,30 +189,6 @@ class IdempotencyStore:
             if entry.stored is None and self._entries.get(ident) is entry:
                 del self._entries[ident]  # nothing to replay: a retry converts again
             entry.done.set()
-
-    def write(self, entry: _Entry, write_into: Callable[[int], None],
-              size: int) -> Path | None:
-        """Copy a validated output into the store's directory: by kernel copy for the bulk of
-        a safetensors file (``copy_file_range`` or ``sendfile``). Runs in a worker thread."""
-        if size > self.settings.max_bytes:
-            log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
-                     "will convert again", entry.job_id, size, self.settings.max_bytes)
-            return None
-        path = results_dir(self.spool_root) / entry.job_id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            write_into(fd)
-            written = os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            remove_quietly(path)
-            raise
-        os.close(fd)
-        if written != size:
-            remove_quietly(path)
-            raise error(Reason.INTERNAL, f"stored {written} bytes of a {size}-byte output")
-        return path
 
     @staticmethod
     def open_stored(stored: StoredResult) -> int:

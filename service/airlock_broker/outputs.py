@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,7 +15,6 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_check import (
     SafetensorsInfo,
-    iter_canonical,
     same_canonical,
     validate_safetensors,
     with_digest,
@@ -25,16 +24,15 @@ from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
 @dataclass(frozen=True)
 class ValidatedOutput:
-    """A validated output in canonical form. ``chunks`` streams exactly ``size`` bytes."""
+    """A validated output in canonical form, ``size`` bytes (``write_into``)."""
 
     format: OutputFormat
     size: int
     sha256: str
-    chunks: Callable[[int], Iterator[bytes]]
     path: Path
     #: Makes the same ``size`` bytes the whole content of a file descriptor: explicit
-    #: offsets, by kernel copy where it can (blocking: a worker thread). Serves a peer's
-    #: descriptor (the same-host fast path) and the idempotency store's file alike.
+    #: offsets, by kernel copy where it can (blocking: a worker thread). Makes the answer's
+    #: file (answers.py), which the caller, the fast path and idempotent retries are served from.
     write_into: Callable[[int], None]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
@@ -71,17 +69,12 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
         # Reads the header and hashes the data section: off the event loop.
         info = await asyncio.to_thread(validate_safetensors, path, limits, digest=digest)
         return ValidatedOutput(format=fmt, size=info.canonical_size,
-                               sha256=info.canonical_sha256,
-                               # No second hash while streaming: the sandbox is dead, the
-                               # tmpfs is the broker's, and the client checks the sha256.
-                               chunks=lambda n: iter_canonical(path, info, n, rehash=False),
-                               path=path,
+                               sha256=info.canonical_sha256, path=path,
                                write_into=lambda fd: write_canonical_safetensors(path, info, fd),
                                safetensors=info)
     canonical, _info = await onnx_validator.validate(path)
     return ValidatedOutput(format=fmt, size=len(canonical),
-                           sha256=hashlib.sha256(canonical).hexdigest(),
-                           chunks=lambda n: _slices(canonical, n), path=path,
+                           sha256=hashlib.sha256(canonical).hexdigest(), path=path,
                            write_into=lambda fd: write_bytes(canonical, fd))
 
 
@@ -108,8 +101,3 @@ async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
     info = await asyncio.to_thread(with_digest, output.path, output.safetensors)
     return replace(output, sha256=info.canonical_sha256, safetensors=info)
 
-
-def _slices(data: bytes, size: int) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(data), size):
-        yield bytes(view[start:start + size])

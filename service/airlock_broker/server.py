@@ -35,6 +35,7 @@ from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics, MetricsInterceptor
 from airlock_broker.peer_identity import PeerTickets
 from airlock_broker.pools import Pools
+from airlock_broker.rpc_limits import OpenStreamLimiter
 from airlock_broker.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandbox_ids import check_at_start
 from airlock_broker.selftest import SelfTestReport, run_selftest
@@ -146,7 +147,8 @@ async def create_server(config: BrokerConfig,
     except BaseException:
         os.close(lock_fd)
         raise
-    admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs)
+    admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs,
+                          config.jobs_per_principal)
     pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
                   runtime=config.sandbox.runtime)
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
@@ -172,10 +174,12 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     # socket's callers are named by uid and the pools need the admin role.
     peer_tickets = PeerTickets()
     interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
+    interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ])
+        *config.rpc.server_options(),
+    ], maximum_concurrent_rpcs=config.rpc.max_concurrent_rpcs)
     audit = AuditLog(config.audit_path)
     replays = IdempotencyStore(config.spool_root, config.idempotency)
     replays.start()

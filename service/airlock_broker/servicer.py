@@ -1,17 +1,13 @@
-"""The gRPC servicer: thin. Reads the stream, admits, spools, runs the job, streams the result."""
+"""The gRPC servicer: thin. Reads the stream, admits, spools, runs the job, then answers it
+(from a broker file, once the job's sandboxes are released: answers.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
-import os
 import time
 import uuid
-import zlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_status import rpc_status
@@ -19,16 +15,17 @@ from grpc_status import rpc_status
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.admission import Admission
+from airlock_broker.answers import Answer, AnswerDrains, spool_answer
 from airlock_broker.audit import AuditLog, AuditRecord
 from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
-from airlock_broker.jobs import JobResult, JobRunner, detect_on_host
+from airlock_broker.jobs import JobRunner, detect_on_host
 from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.local_handles import LocalFiles
-from airlock_broker.local_io import copy_file, spool_from_peer, write_to_peer
+from airlock_broker.local_io import spool_from_peer
 from airlock_broker.local_transfer import LocalTransferServer
 from airlock_broker.metrics import Metrics
 from airlock_broker.provenance import sign, statement
@@ -58,6 +55,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                                    idle_seconds=config.upload_idle_seconds,
                                    upload=config.upload,
                                    space=SpoolSpace(config.spool_root, config.upload))
+        self.drains = AnswerDrains(config.answer_drain_seconds)
 
     async def Convert(
         self, request_iterator: AsyncIterator[pb.ConvertRequest],
@@ -68,9 +66,15 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         record = AuditRecord(job_id=job_id, peer=context.peer(), principal=principal.name)
         record.set(auth=principal.method, outcome="cancelled", reason=Reason.CANCELLED.value)
         try:
-            async with self.admission.admit():
-                async for response in self._convert(job_id, request_iterator, record):
-                    yield response
+            # The place is held until the answer is sent: it bounds the spool files
+            # (uploads, then answers) a caller can make the broker hold. The run slot and the
+            # sandboxes are already free by then (answers.py).
+            async with self.admission.admit(principal.name):
+                answer = await self._convert(job_id, request_iterator, record)
+                with answer, self.drains.deadline(context,
+                                                  lambda: self._unread(answer, record)):
+                    async for response in answer.responses(self.config.chunk_bytes, self.intake):
+                        yield response
             record.set(outcome="ok", reason=None)
         except AirlockError as exc:
             record.set(outcome=exc.kind.value, reason=exc.reason.value, message=exc.message)
@@ -117,19 +121,32 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             ticket=ticket, socket_path=str(self.local.path),
             ttl_seconds=int(self.local.settings.ticket_ttl_seconds))
 
+    def _unread(self, answer: Answer, record: AuditRecord) -> grpc.Status:
+        """The answer's drain deadline passed: why, for the audit log and the caller."""
+        exc = error(Reason.DEADLINE_EXCEEDED,
+                    f"the answer ({answer.size} bytes) was not read within "
+                    f"{self.drains.seconds:g} s ([broker] answer_drain_seconds); the call was "
+                    "cancelled. Read the response stream as it comes; with an idempotency key, "
+                    "a retry is answered without converting again")
+        record.set(outcome=exc.kind.value, reason=exc.reason.value, message=exc.message)
+        log.warning("job %s: %s", record.job_id, exc.message, extra={"job_id": record.job_id})
+        return rpc_status.to_status(status_of(exc, record.job_id))
+
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
-                       record: AuditRecord) -> AsyncIterator[pb.ConvertResponse]:
+                       record: AuditRecord) -> Answer:
         meta = await read_metadata(stream, self.intake)
         record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,
                    declared_size=meta.size_bytes,
                    transfer="local" if meta.local_handle else "stream")
         local = self._claim(meta.local_handle, record)
         try:
-            async for response in self._convert_claimed(job_id, meta, stream, record, local):
-                yield response
-        finally:
+            answer = await self._convert_claimed(job_id, meta, stream, record, local)
+        except BaseException:
             if local is not None:
                 local.close()
+            raise
+        answer.local = local  # the caller's descriptors are the answer's from here
+        return answer
 
     def _claim(self, ticket: str, record: AuditRecord) -> LocalFiles | None:
         """The descriptors attached to ``ticket`` (owned by the caller from here), or None."""
@@ -145,7 +162,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
 
     async def _convert_claimed(self, job_id: str, meta: pb.ConvertMetadata,
                                stream: AsyncIterator[pb.ConvertRequest], record: AuditRecord,
-                               local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
+                               local: LocalFiles | None) -> Answer:
         request = job_request(meta, job_id, default_deadline=self.config.sandbox.deadline_seconds,
                               max_deadline=self.config.max_job_seconds)
         policy = self.config.sandbox
@@ -156,6 +173,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                            "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
                    weakened=list(policy.weakened))
         upload, fd = new_upload(self.config.spool_root, job_id)
+        answer: Answer | None = None
         try:
             if local is None:
                 spooled = await spool_chunks(stream, fd, meta, self.intake)
@@ -175,9 +193,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             async with self.replays.claim(principal, meta.idempotency_key, spooled.sha256,
                                           options, job_id) as claim:
                 if claim.replay is not None:
-                    async for response in self._replay(claim, record, local):
-                        yield response
-                    return
+                    return self._replay(claim, record)
                 async with self.admission.run_slot(), self.runner.run(
                         request, upload, detected, spooled.sha256, spooled.size,
                         record) as result:
@@ -192,41 +208,23 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     record.set(provenance_key=self.signing_key.fingerprint,
                                provenance_sha256=hashlib.sha256(envelope).hexdigest())
                     header = result_message(result, provenance=envelope)
-                    # The copy kept for retries is made while the answer goes out, and
-                    # committed here, inside the claim: when the client goes away mid-answer
-                    # this generator is closed at its ``yield`` and the claim would otherwise
-                    # end first, uncommitted, so that the client's retry converted again.
-                    keeping = _start_keeping(claim, result)
-                    try:
-                        async for response in self._respond(header, result, local):
-                            yield response
-                    finally:
-                        if keeping is not None:
-                            await _commit_kept(claim, keeping,
-                                               header.result.SerializeToString(), result)
+                    # The output leaves the slot before the caller reads a byte of it: a
+                    # caller that never reads must not hold a sandbox (answers.py).
+                    answer = await spool_answer(self.config.spool_root, header.result,
+                                                result.output)
+                # The run slot is free; the sandboxes and their output tmpfs are gone.
+                # Committed inside the claim, before the answer: a retry while the answer is
+                # still on its way is answered from the same file.
+                answer.keep(claim)
+                return answer
+        except BaseException:
+            if answer is not None:
+                answer.close()
+            raise
         finally:
             remove_quietly(upload)
 
-    async def _respond(self, header: pb.ConvertResponse, result: JobResult,
-                       local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
-        """Stream a fresh result (the copy kept for retries is made beside it, see Convert).
-
-        On the fast path the validated output is written into the caller's descriptor instead
-        (only now: nothing reaches the caller's file before validation passed), then the
-        header alone is sent.
-        """
-        if local is not None:
-            await write_to_peer(local, result.output.write_into, result.output.size, self.intake)
-            header.result.transfer = "local"
-            yield header
-            return
-        header.result.transfer = "stream"
-        yield header
-        for data in result.output.chunks(self.config.chunk_bytes):
-            yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
-
-    async def _replay(self, claim: Claim, record: AuditRecord,
-                      local: LocalFiles | None) -> AsyncIterator[pb.ConvertResponse]:
+    def _replay(self, claim: Claim, record: AuditRecord) -> Answer:
         stored = claim.replay
         assert stored is not None
         header = pb.ConvertResult.FromString(stored.header)
@@ -238,52 +236,6 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         self.metrics.replays.labels("in_flight" if claim.waited else "completed").inc()
         log.info("job %s: answered with the result of job %s (same idempotency key)",
                  record.job_id, stored.job_id, extra={"job_id": record.job_id})
-        fd = IdempotencyStore.open_stored(stored)  # held open: eviction cannot cut it short
-        try:
-            if local is not None:
-                await write_to_peer(local, lambda out, src: copy_file(src, out, header.output_size),
-                                    header.output_size, self.intake, fd)
-                header.transfer = "local"
-                yield pb.ConvertResponse(result=header)
-                return
-            header.transfer = "stream"
-            yield pb.ConvertResponse(result=header)
-            for data in _read_chunks(fd, self.config.chunk_bytes):
-                yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
-        finally:
-            os.close(fd)
-
-
-def _start_keeping(claim: Claim, result: JobResult) -> asyncio.Future[Path | None] | None:
-    """With an idempotency key: copy the output into the store, by kernel copy, in a thread.
-    It is much faster than the answer, so it costs the client no time. A copy that fails
-    (disk full) only means a retry converts again."""
-    if not claim.keeps:
-        return None
-    return asyncio.ensure_future(
-        asyncio.to_thread(claim.keep, result.output.write_into, result.output.size))
-
-
-async def _commit_kept(claim: Claim, keeping: asyncio.Future[Path | None], header: bytes,
-                       result: JobResult) -> None:
-    """Wait for the stored copy (even if this handler is being cancelled) and commit it."""
-    try:
-        path = await asyncio.shield(keeping)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            if (path := await keeping) is not None:
-                claim.commit(header, path, result.output.size)
-        raise
-    except Exception as exc:
-        log.warning("job %s: could not keep the result for idempotent retries: %s",
-                    result.job_id, exc, extra={"job_id": result.job_id})
-        return
-    if path is not None:
-        claim.commit(header, path, result.output.size)
-        log.debug("job %s: result kept for idempotent retries", result.job_id,
-                  extra={"job_id": result.job_id})
-
-
-def _read_chunks(fd: int, size: int) -> Iterator[bytes]:
-    while data := os.read(fd, size):
-        yield data
+        # Held open: eviction cannot cut the answer short. The store keeps the name.
+        return Answer(result=header, fd=IdempotencyStore.open_stored(stored),
+                      size=header.output_size)

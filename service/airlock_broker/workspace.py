@@ -3,7 +3,7 @@
 Layout under the spool root (0700, owned by the broker)::
 
     <root>/uploads/<job_id>     0600, the artifact while it streams in (``new_upload``)
-    <root>/results/<job_id>     0600, a completed output kept for idempotent retries
+    <root>/results/<job_id>     0600, a validated output being answered or kept for retries
     <root>/slots/<slot_id>/     0700, one per container (``JobWorkspace``)
         in/                     0755, bind-mounted read-only at contract.IN_DIR
             artifact            0400, owned by the sandbox uid
@@ -122,7 +122,7 @@ def new_upload(spool_root: Path, job_id: str) -> tuple[Path, int]:
 
 
 def results_dir(spool_root: Path) -> Path:
-    """Where the idempotency store keeps completed outputs (``idempotency.py`` owns them)."""
+    """Validated outputs: answers on their way (answers.py), then the idempotency store's."""
     return _private_dir(spool_root, "results")
 
 

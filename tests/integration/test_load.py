@@ -25,7 +25,10 @@ def _rss_mib(pid: int) -> float:
 
 def test_a_burst_of_200_is_converted_or_refused_with_busy(docker_client, tmp_path: Path) -> None:
     config = tmp_path / "airlock.toml"
+    # One caller (anonymous) sends the whole burst: this is about the broker's places, so
+    # the per-principal cap (default 2 + 8/2) is lifted to all of them.
     config.write_text("[broker]\nmax_concurrent_jobs = 2\nmax_queued_jobs = 8\n"
+                      "max_jobs_per_principal = 10\n"
                       "[pools]\nmin_warm = 2\nprofiles = [\"light\"]\nmax_starting = 2\n")
     proc = start_broker(tmp_path, "--config", str(config))
     artifact, _ = models.make_npy(tmp_path / "in")

@@ -57,7 +57,7 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
     out_format = OutputFormat.ONNX if fmt == "onnx" else OutputFormat.SAFETENSORS
     validated = ValidatedOutput(format=out_format, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
-                                chunks=lambda n: iter([output]), path=Path("/nonexistent"),
+                                path=Path("/nonexistent"),
                                 write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
     result = JobResult(
         job_id="job-1", detected_format=ArtifactFormat.PICKLE,

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,11 @@ import pytest
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.config import BrokerConfig
-from airlock_broker.errors import AirlockError
 from airlock_broker.idempotency import IdempotencySettings, IdempotencyStore
 from airlock_broker.pools import PoolSettings
 from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.server import Broker
+from airlock_broker.workspace import results_dir
 from airlock_client import Client, ConversionError, ServiceUnavailable
 from airlock_client._wire import error_from_rpc
 from airlock_sandbox.contract import JobSpec, WorkerExit
@@ -152,17 +152,9 @@ def test_a_retry_while_the_first_attempt_runs_attaches_to_it(start) -> None:
     assert results[0][1] == results[1][1] and results[0][0].job_id == results[1][0].job_id
 
 
-def test_a_retry_after_the_client_left_mid_answer_replays_the_kept_result(
-        start, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The copy kept for retries is still being written when the header goes out; the client
-    # reads the header and leaves. Its retry must still find the result, not convert again.
-    write = IdempotencyStore.write
-
-    def slow_write(self: IdempotencyStore, *args: object) -> object:
-        time.sleep(0.5)
-        return write(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(IdempotencyStore, "write", slow_write)
+def test_a_retry_after_the_client_left_mid_answer_replays_the_kept_result(start) -> None:
+    # The client reads the header and leaves. The result was kept before the header went out
+    # (the answer's own file, answers.py), so its retry finds it and does not convert again.
     run = start()
     with grpc.insecure_channel(run.address) as channel:
         call = pb_grpc.ConversionServiceStub(channel).Convert(
@@ -235,18 +227,13 @@ def _kept(store: IdempotencyStore) -> list[str]:
     return sorted(p.name for p in (store.spool_root / "results").iterdir())
 
 
-def _output(payload: bytes) -> Callable[[int], None]:
-    """What ``ValidatedOutput.write_into`` does: make the output a descriptor's content."""
-    def write_into(fd: int) -> None:
-        os.pwrite(fd, payload, 0)
-    return write_into
-
-
 async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
+    """What the servicer does: the answer's file, in the store's directory, then commit."""
     async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
-        path = claim.keep(_output(payload), len(payload))
-        if path is not None:
-            claim.commit(b"header", path, len(payload))
+        path = results_dir(store.spool_root) / f"job-{key}"
+        path.write_bytes(payload)
+        if not claim.commit(b"header", path, len(payload)):
+            path.unlink()  # the caller's file unless the store took it
 
 
 def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
@@ -270,13 +257,13 @@ def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_copy_that_comes_up_short_is_not_kept(tmp_path: Path) -> None:
+def test_without_a_key_the_store_takes_no_file(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
-        async with store.claim("", "k", "sha", "opts", "job-short") as claim:
-            with pytest.raises(AirlockError, match="stored 3 bytes of a 4-byte output"):
-                claim.keep(_output(b"123"), 4)
-        assert _kept(store) == [] and len(store) == 0
+        async with store.claim("", "", "sha", "opts", "job-nokey") as claim:
+            assert not claim.keeps
+            assert not claim.commit(b"h", tmp_path / "whatever", 1)
+        assert len(store) == 0
         await store.close()
 
     asyncio.run(scenario())
@@ -303,9 +290,9 @@ def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
         async with store.claim("alice", "k", "sha", "opts", "job-1") as claim:
-            path = claim.keep(_output(b"x"), 1)
-            assert path is not None
-            claim.commit(b"h", path, 1)
+            path = results_dir(tmp_path) / "job-1"
+            path.write_bytes(b"x")
+            assert claim.commit(b"h", path, 1)
         async with store.claim("bob", "k", "other-sha", "opts", "job-2") as claim:
             assert claim.replay is None and claim.keeps  # bob's "k" is not alice's
         await store.close()

@@ -44,7 +44,7 @@ INPUT = b"\x80\x04" + b"a pickle" * 20
 def _result(output: bytes = OUTPUT, report: dict[str, Any] | None = None) -> JobResult:
     validated = ValidatedOutput(format=OutputFormat.ONNX, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
-                                chunks=lambda n: iter([output]), path=Path("/nonexistent"),
+                                path=Path("/nonexistent"),
                                 write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
     outcome = Outcome(exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
                       image_id="sha256:" + "ab" * 32, runtime="runc")

@@ -1,0 +1,139 @@
+"""answers.py on its own: the spool copy of an output, and who closes what when."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.answers import Answer, spool_answer
+from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError
+from airlock_broker.intake import IntakeLimits
+from airlock_broker.local_handles import InputFile, LocalFiles, PeerCred
+from airlock_broker.outputs import ValidatedOutput
+from airlock_broker.peer_io import PeerIO
+from airlock_broker.rpc_limits import RpcLimits
+from airlock_sandbox.contract import OutputFormat
+
+_LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=10,
+                       upload=BrokerConfig().upload)
+
+
+def _output(payload: bytes, size: int | None = None) -> ValidatedOutput:
+    def write_into(fd: int) -> None:
+        os.pwrite(fd, payload, 0)
+    return ValidatedOutput(format=OutputFormat.ONNX, size=len(payload) if size is None else size,
+                           sha256="", path=Path("/nonexistent"), write_into=write_into)
+
+
+def test_the_output_is_spooled_into_a_private_file_read_by_offset(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="job-1"),
+                                    _output(b"0123456789"))
+        path = tmp_path / "results" / "job-1"
+        assert answer.path == path and (path.stat().st_mode & 0o777) == 0o600
+        with answer:
+            messages = [m async for m in answer.responses(4, _LIMITS)]
+        assert messages[0].result.transfer == "stream"
+        assert [m.chunk.data for m in messages[1:]] == [b"0123", b"4567", b"89"]
+        assert not path.exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_copy_that_comes_up_short_is_refused_and_removed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with pytest.raises(AirlockError, match="wrote 3 bytes of a 4-byte output"):
+            await spool_answer(tmp_path, pb.ConvertResult(job_id="short"), _output(b"123", 4))
+        assert list((tmp_path / "results").iterdir()) == []
+
+    asyncio.run(scenario())
+
+
+def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descriptors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast path copies on a thread of its own. If the call is cancelled meanwhile (a caller
+    # gone, the drain deadline), closing the answer's descriptors must not close the thread's:
+    # it works on duplicates (peer_io.py), so a number the broker reuses is never written to.
+    copying, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def slow_copy(src: int, dst: int, size: int) -> None:
+        copying.set()
+        release.wait(30)
+        seen.append(os.fstat(src).st_size == size and os.fstat(dst) is not None)
+
+    monkeypatch.setattr("airlock_broker.answers.copy_file", slow_copy)
+    source = tmp_path / "answer"
+    source.write_bytes(b"x" * 100)
+    fd = os.open(source, os.O_RDONLY)
+    peer_out = os.open(tmp_path / "peer-output", os.O_WRONLY | os.O_CREAT, 0o600)
+    limits = BrokerConfig(spool_root=tmp_path)
+
+    async def cancelled_midway() -> None:
+        io = PeerIO(2, 1.0)
+        local = LocalFiles(input_fd=os.open(os.devnull, os.O_RDONLY), output_fd=peer_out,
+                           input=InputFile(size=0, allocated=0), peer=PeerCred(0, 0, 0), io=io)
+        answer = Answer(result=pb.ConvertResult(job_id="j"), fd=fd, size=100, path=source,
+                        local=local)
+        intake = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20,
+                              idle_seconds=10, upload=limits.upload)
+        sending = asyncio.ensure_future(anext(answer.responses(1024, intake)))
+        while not copying.is_set():
+            await asyncio.sleep(0.01)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        answer.close()
+        assert not source.exists()  # the answer's name and descriptor are gone at once...
+        release.set()  # ...and the thread still copied from its own duplicates
+        while not seen:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(cancelled_midway())
+    assert seen == [True]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        still_open = {target.split(" (deleted)")[0] for target in _open_files()}
+        if str(source) not in still_open and str(tmp_path / "peer-output") not in still_open:
+            break
+        time.sleep(0.05)
+    assert str(source) not in still_open and str(tmp_path / "peer-output") not in still_open
+
+
+def _open_files() -> list[str]:
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(f"/proc/self/fd/{entry}"))
+    return found
+
+
+def test_limits_have_finite_defaults_and_are_checked(tmp_path: Path) -> None:
+    config = BrokerConfig()
+    assert config.answer_drain_seconds == 600
+    assert config.jobs_per_principal == 2 + 8  # every sandbox, half the queue
+    assert BrokerConfig(max_jobs_per_principal=3).jobs_per_principal == 3
+    assert config.rpc == RpcLimits()
+    for bad in ({"answer_drain_seconds": 0}, {"max_jobs_per_principal": 0}):
+        with pytest.raises(ValueError):
+            BrokerConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_open_streams must stay below"):
+        RpcLimits(max_open_streams=8, max_concurrent_rpcs=8)
+    toml = tmp_path / "airlock.toml"
+    toml.write_text("[broker]\nanswer_drain_seconds = 5\nmax_jobs_per_principal = 4\n"
+                    "[rpc]\nmax_open_streams = 2\nmax_connection_age_seconds = 60\n")
+    loaded = BrokerConfig.load(toml)
+    assert (loaded.answer_drain_seconds, loaded.jobs_per_principal) == (5, 4)
+    assert loaded.rpc.max_open_streams == 2
+    assert ("grpc.max_connection_age_ms", 60_000) in loaded.rpc.server_options()
+    toml.write_text("[rpc]\nmaximum_concurrent_rpcs = 2\n")
+    with pytest.raises(ValueError, match=r"unknown keys in \[rpc\]"):
+        BrokerConfig.load(toml)

@@ -1,0 +1,256 @@
+"""Exhausting the broker without converting anything heavy: callers that never read their
+answer, one principal taking every place, idle health watchers. Real gRPC, fake sandbox.
+
+The adversarial tests (tests/adversarial/test_broker_exhaustion.py) play the same attacks
+against the real broker and engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.numpy import save
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.auth_config import AuthConfig, Role, TokenEntry, mint_token, token_digest
+from airlock_broker.config import BrokerConfig
+from airlock_broker.pools import PoolSettings
+from airlock_broker.rpc_limits import RpcLimits
+from airlock_broker.server import Broker
+from airlock_client import Client
+from airlock_client._wire import error_from_rpc
+from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat
+from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE
+
+#: 16 MiB: several times what HTTP/2 flow control lets the broker write to a caller that does
+#: not read (4-8 MiB measured), so such an answer really stalls.
+BIG = save({"w": np.zeros(4 * 1024 * 1024, dtype=np.float32)})
+ALICE, BOB = mint_token(), mint_token()
+TOKENS = (TokenEntry("alice", frozenset({Role.CONVERT}), token_digest(ALICE)),
+          TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(BOB)))
+
+
+def write_big(spec: JobSpec, data: bytes, out: Path) -> int:
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(BIG)
+    return 0
+
+
+class Running:
+    def __init__(self, broker: Broker, backend: FakeSandbox, spool: Path) -> None:
+        self.broker, self.backend, self.spool = broker, backend, spool
+        self.address = f"127.0.0.1:{broker.port}"
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.spool / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def results(self) -> list[str]:
+        folder = self.spool / "results"
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    managers: list[Any] = []
+
+    def _start(**overrides: Any) -> Running:
+        overrides.setdefault("pools", PoolSettings(min_warm=0))
+        overrides.setdefault("selftest_on_start", False)
+        overrides.setdefault("provenance_key", tmp_path / "provenance-key.pem")
+        spool = tmp_path / f"spool{len(managers)}"
+        config = BrokerConfig(listen="127.0.0.1:0", spool_root=spool, **overrides)
+        backend = FakeSandbox(spool, write_big)
+        manager = running_broker(config, backend)
+        broker = manager.__enter__()
+        managers.append(manager)
+        return Running(broker, backend, spool)
+
+    yield _start
+    for manager in managers:
+        manager.__exit__(None, None, None)
+
+
+def wait_for(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def own_channel(address: str) -> grpc.Channel:
+    """A channel on a connection of its own (gRPC shares connections between channels)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def requests(data: bytes, key: str = "", hold: threading.Event | None = None
+             ) -> Iterator[pb.ConvertRequest]:
+    yield pb.ConvertRequest(metadata=pb.ConvertMetadata(size_bytes=len(data),
+                                                        idempotency_key=key))
+    if hold is not None:
+        hold.wait(60)
+    yield pb.ConvertRequest(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+
+
+def timed_convert(address: str, tmp_path: Path, name: str, **client: Any) -> float:
+    src = tmp_path / "model.pkl"
+    src.write_bytes(PICKLE)
+    began = time.monotonic()
+    with Client(address, **client) as c:
+        c.convert(src, tmp_path / f"{name}.safetensors")
+    return time.monotonic() - began
+
+
+def test_callers_that_never_read_their_answer_hold_no_sandbox(start, tmp_path: Path) -> None:
+    run = start(max_concurrent_jobs=2, answer_drain_seconds=3.0)
+    usual = timed_convert(run.address, tmp_path, "first")
+    channels = [own_channel(run.address) for _ in range(2)]
+    try:
+        # As many callers as sandboxes: each converts, then never reads its 16 MiB answer.
+        # One sends an idempotency key (its result is kept for a retry), one does not.
+        stalled = [pb_grpc.ConversionServiceStub(ch).Convert(requests(PICKLE, key))
+                   for ch, key in zip(channels, ("kept", ""), strict=True)]
+        wait_for(lambda: len(run.backend.specs) == 3)
+        took = timed_convert(run.address, tmp_path, "benign", timeout=30, retry_attempts=1)
+        assert took < max(10 * usual, 10.0), (took, usual)
+        # The stalled answers end at the drain deadline: everything they held is released.
+        wait_for(lambda: sum(r.get("reason") == "DEADLINE_EXCEEDED" for r in run.audit()) == 2)
+        assert run.broker.admission.admitted == 0 and run.backend.live == set()
+        records = [r for r in run.audit() if r.get("reason") == "DEADLINE_EXCEEDED"]
+        assert {r["outcome"] for r in records} == {"failed"}
+        assert all("not read within 3 s" in r["message"] for r in records)
+        # Only the idempotency store's copies remain (the benign calls' keys and "kept").
+        kept = next(r["job_id"] for r in records if r["idempotency_key"] == "kept")
+        unkept = next(r["job_id"] for r in records if r["idempotency_key"] == "")
+        assert kept in run.results() and unkept not in run.results()
+        assert len(run.results()) == 3
+        # A stalled caller that reads on at last gets the reason, behind what was queued.
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stalled[1]:
+                pass
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error_from_rpc(info.value).reason == "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+        stalled[0].cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+    # ... and the kept one's retry is answered from the kept file, without converting.
+    with grpc.insecure_channel(run.address) as ch:
+        messages = list(pb_grpc.ConversionServiceStub(ch).Convert(requests(PICKLE, "kept"),
+                                                                   timeout=30))
+    assert messages[0].result.replayed and messages[0].result.job_id == kept
+    output = b"".join(m.chunk.data for m in messages[1:])
+    assert hashlib.sha256(output).hexdigest() == messages[0].result.output_sha256
+    assert len(run.backend.specs) == 4
+
+
+def test_one_principal_cannot_take_every_place(start, tmp_path: Path) -> None:
+    run = start(max_concurrent_jobs=1, max_queued_jobs=3, max_jobs_per_principal=2,
+                auth=AuthConfig(tokens=TOKENS))
+    hold = threading.Event()
+    alice = own_channel(run.address)
+    auth = (("authorization", f"Bearer {ALICE}"),)
+    try:
+        # Alice's uploads never finish: each holds an admission place and no sandbox.
+        held = [pb_grpc.ConversionServiceStub(alice).Convert(requests(PICKLE, hold=hold),
+                                                             metadata=auth, timeout=60)
+                for _ in range(2)]
+        wait_for(lambda: run.broker.admission.admitted == 2)
+        with pytest.raises(grpc.RpcError) as info:
+            list(pb_grpc.ConversionServiceStub(alice).Convert(requests(PICKLE), metadata=auth,
+                                                              timeout=30))
+        err = error_from_rpc(info.value)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.reason == "BUSY"  # type: ignore[attr-defined]
+        assert "2 jobs of principal 'alice' in progress, the limit per principal is 2 (of 4 " \
+               "places)" in err.message  # type: ignore[attr-defined]
+        # Bob still gets in, and converts.
+        timed_convert(run.address, tmp_path, "bob", token=BOB, retry_attempts=1)
+        hold.set()
+        for call in held:
+            first, *_ = call
+            assert first.result.job_id
+    finally:
+        hold.set()
+        alice.close()
+    assert [r["principal"] for r in run.audit() if r.get("reason") == "BUSY"] == ["alice"]
+
+
+def _watch(channel: grpc.Channel) -> Any:
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+
+def _first_status(call: Any) -> int:
+    return int(next(call).status)
+
+
+def test_health_watch_and_reflection_streams_are_bounded(start) -> None:
+    run = start(rpc=RpcLimits(max_open_streams=2))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with own_channel(run.address) as channel:
+        watchers = [_watch(channel) for _ in range(2)]
+        assert [_first_status(w) for w in watchers] == [serving, serving]
+        with pytest.raises(grpc.RpcError) as info:
+            _first_status(_watch(channel))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the limit is 2 ([rpc] max_open_streams)" in (info.value.details() or "")
+        # Reflection streams count against the same bound.
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.RpcError) as info:
+            next(reflect)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Health checks and conversions still work.
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert check.status == serving
+        messages = list(pb_grpc.ConversionServiceStub(channel).Convert(requests(PICKLE),
+                                                                       timeout=30))
+        assert messages[0].result.job_id
+        # A watcher that leaves frees its place.
+        watchers[0].cancel()
+        deadline = time.monotonic() + 30
+        while True:
+            again = _watch(channel)
+            try:
+                assert _first_status(again) == serving
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the cancelled watcher's place never freed"
+                time.sleep(0.05)
+        for w in (watchers[1], again):
+            w.cancel()
+
+
+def test_the_server_refuses_calls_beyond_max_concurrent_rpcs(start) -> None:
+    run = start(rpc=RpcLimits(max_open_streams=1, max_concurrent_rpcs=2))
+    hold = threading.Event()
+    with own_channel(run.address) as channel:
+        try:
+            held = [pb_grpc.ConversionServiceStub(channel).Convert(
+                requests(PICKLE, hold=hold), timeout=30) for _ in range(2)]
+            wait_for(lambda: run.broker.admission.admitted == 2)
+            with pytest.raises(grpc.RpcError) as info:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            hold.set()
+        for call in held:
+            first, *_ = call
+            assert first.result.job_id
