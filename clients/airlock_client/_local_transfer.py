@@ -86,7 +86,10 @@ def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: f
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
             sock.connect(os.fspath(path))
-            socket.send_fds(sock, [ticket.encode()], [input_fd, output_fd])
+            with contextlib.suppress(BrokenPipeError):
+                # A broker that refuses before taking descriptors (BUSY) may have answered
+                # and hung up already; its reply, still queued, says why.
+                socket.send_fds(sock, [ticket.encode()], [input_fd, output_fd])
             raw = sock.recv(_MAX_REPLY)
     except OSError as exc:
         raise LocalTransferUnavailable(f"socket {path}: {exc}") from None

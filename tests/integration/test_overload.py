@@ -41,6 +41,9 @@ def small_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  #
     tmp = tmp_path_factory.mktemp("overload")
     config = tmp / "airlock.toml"
     config.write_text(f"[broker]\nmax_concurrent_jobs = {RUNNING}\nmax_queued_jobs = {QUEUED}\n"
+                      # every caller here is the one anonymous principal: its own cap
+                      # (by default below the broker's places) must not be what refuses
+                      f"max_jobs_per_principal = {RUNNING + QUEUED}\n"
                       "[pools]\nmin_warm = 2\nprofiles = [\"light\"]\nmax_starting = 2\n"
                       f"[sandbox]\nimage = {IMAGE!r}\n")
     proc = start_broker(tmp, "--config", str(config))

@@ -232,7 +232,7 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
                                  ph.sleep_then_succeed_source(12.0, tensor="survived"))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
-        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
+        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=180)))
     job.start()
     try:
         # The job holds one container; its pool has started a replacement meanwhile.
@@ -408,7 +408,7 @@ def test_the_status_commands_numbers_match_what_docker_reports(
 
     def check(expect_busy: int) -> None:
         status, counts = ph.wait_for(
-            lambda: _agreeing_snapshot(ready, docker_client, expect_busy), 10,
+            lambda: _agreeing_snapshot(ready, docker_client, expect_busy), 120,
             f"a stable status snapshot with {expect_busy} busy", lambda: str(ready.status()))
         for profile, p in status.items():
             assert p["warm"] + p["starting"] + p["busy"] == counts.get(profile, 0), (
@@ -418,28 +418,31 @@ def test_the_status_commands_numbers_match_what_docker_reports(
         running = {c.labels[ph.LABEL_PROFILE]
                    for c in ph.containers_of(docker_client, ready.identity, running_only=True)}
         assert running == set(ALL)
-        # The age of the oldest warm container, against Docker's start time (seconds apart).
+        # The age of the oldest warm container, against Docker's start time: a container is
+        # warm only once started and ready, and Docker's age is read after the snapshot, so
+        # Docker's age is the larger by its start-up plus the time since the snapshot (both
+        # seconds, tens on a busy machine) and never the smaller beyond clock rounding.
         for container in ph.containers_of(docker_client, ready.identity):
             if ph.is_idle(container, ready.spool):
                 age = ph.seconds_since(container.attrs["State"]["StartedAt"])
                 oldest = status[container.labels[ph.LABEL_PROFILE]]["oldest_warm_seconds"]
-                assert abs(age - oldest) < 5, (container.short_id, age, oldest)
+                assert -1 < age - oldest < 90, (container.short_id, age, oldest)
 
     check(expect_busy=0)
-    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(12.0))
+    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(30.0))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
-        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=60)))
+        convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=180)))
     job.start()
     try:
         # The spare's start is deferred for defer_max_seconds (2 s) of a job this long.
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
-                    and s.starting == 0, 10, "the job to run with a warm spare")
+                    and s.starting == 0, 60, "the job to run with a warm spare")
         check(expect_busy=1)
         human = run_cli("pool", "status", server=ready.unix_address, timeout=60)
         assert human.returncode == 0 and "sklearn" in human.stdout and "runc" in human.stdout
     finally:
-        job.join(60)
+        job.join(240)
     assert isinstance(outcome[0], ConversionResult), outcome
 
 

@@ -44,7 +44,7 @@ def _is_open(fd: int) -> bool:
 
 def _closed_soon(*fds: int) -> bool:
     """Closes happen on the fast path's own threads: shortly after ``close`` returns."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while any(_is_open(fd) for fd in fds) and time.monotonic() < deadline:
         time.sleep(0.01)
     return not any(_is_open(fd) for fd in fds)
@@ -108,7 +108,7 @@ def test_expired_tickets_are_refused_and_their_descriptors_closed(files: LocalFi
     table.attach(ticket, files)
     clock.now += 30
     assert table.sweep() == 1 and len(table) == 0
-    assert not _is_open(files.input_fd)
+    assert _closed_soon(files.input_fd, files.output_fd)  # closed on a PeerIO thread
     late = table.issue("alice")
     clock.now += 31
     with pytest.raises(AirlockError) as expired:
