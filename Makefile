@@ -8,7 +8,7 @@ export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv docker image serve test bench soak unit integration adversarial \
-        protos check-protos check-seccomp lint typecheck check clean audit
+        protos check-protos check-seccomp check-host lint typecheck check clean audit
 
 help:
 	@echo "make serve   - set everything up, then run the broker on $(LISTEN)"
@@ -17,7 +17,7 @@ help:
 	@echo "make image   - (re)build the sandbox image if its inputs changed"
 	@echo "make bench   - Airlock against the unsafe in-process baseline (BENCH_ARGS=--quick)"
 	@echo "make soak    - mixed benign and hostile jobs for SOAK_MINUTES (30); leak report"
-	@echo "make check   - lint, type-check, and verify generated stubs are current"
+	@echo "make check   - lint, type-check, verify generated stubs, scan the host for deserializers and archive readers"
 	@echo "make audit   - the host's and the image's versions against the version gates"
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
@@ -78,7 +78,11 @@ typecheck: venv
 check-seccomp: venv
 	$(PY) scripts/gen-seccomp-profile.py --check
 
-check: lint typecheck check-protos check-seccomp
+# The host never deserializes an artifact nor opens an archive (DESIGN §1.1): a static scan.
+check-host: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_host_never_deserializes.py
+
+check: lint typecheck check-protos check-seccomp check-host
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache

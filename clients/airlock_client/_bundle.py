@@ -11,9 +11,11 @@ trees over the file-count or byte caps.
 
 The bundle is a deterministic STORED zip: members sorted, ``MLmodel`` first, fixed timestamps
 and modes, no directory entries. Stored (not deflated) members cannot be a compression bomb,
-and the same directory always gives the same bytes, hence the same sha256. The broker
-recognises it from member names only; the worker, inside the sandbox, re-checks every member
-before it reads one (it trusts nothing this module did).
+and the same directory always gives the same bytes, hence the same sha256. The broker opens
+no archive: it takes the bundle for one because the client declares ``mlflow``, and picks the
+sandbox by the flavor hint (:attr:`ModelDir.flavor_hint`); the worker, inside the sandbox,
+re-checks every member before it reads one and refuses a bundle that is not what was declared
+(it trusts nothing this module did).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from airlock_sandbox.bundle import (
     MLMODEL,
     BundleError,
     check_member_name,
+    convertible_flavor,
 )
 
 MAX_FILES = MAX_MEMBERS
@@ -72,6 +75,13 @@ class ModelDir:
     def flavors(self) -> tuple[str, ...]:
         flavors = self.mlmodel.get("flavors")
         return tuple(str(k) for k in flavors) if isinstance(flavors, dict) else ()
+
+    @property
+    def flavor_hint(self) -> str:
+        """The flavor the sandbox will convert this model as ("" if none can be): sent to the
+        broker, which opens no archive, so that it picks the right kind of sandbox."""
+        flavors = self.mlmodel.get("flavors")
+        return (convertible_flavor(flavors) or "") if isinstance(flavors, dict) else ""
 
 
 def refuse(message: str) -> ModelSourceError:

@@ -181,7 +181,8 @@ class Client:
                 return self._convert_file(
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-                    filename=model.root.name, on_busy=on_busy, subject=subject)
+                    filename=model.root.name, on_busy=on_busy, subject=subject,
+                    mlflow_flavor=model.flavor_hint)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
@@ -191,7 +192,8 @@ class Client:
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
                       loading_policy: LoadingPolicy, job_timeout: int,
                       progress: Progress | None, filename: str,
-                      on_busy: OnBusy | None, subject: str = "") -> ConversionResult:
+                      on_busy: OnBusy | None, subject: str = "",
+                      mlflow_flavor: str = "") -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -203,7 +205,8 @@ class Client:
                 first = _wire.metadata(
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
-                    filename=filename, timeout_seconds=job_timeout, subject=subject)
+                    filename=filename, timeout_seconds=job_timeout, subject=subject,
+                    mlflow_flavor=mlflow_flavor)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "

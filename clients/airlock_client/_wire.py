@@ -59,7 +59,7 @@ _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
              idempotency_key: str, filename: str, timeout_seconds: int,
-             subject: str = "") -> pb.ConvertRequest:
+             subject: str = "", mlflow_flavor: str = "") -> pb.ConvertRequest:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}")
     if policy not in POLICIES:
@@ -72,6 +72,7 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
         target=TARGETS[target], loading_policy=POLICIES[policy],
         idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
         filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
+        mlflow_flavor=mlflow_flavor,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
     )
     return pb.ConvertRequest(metadata=meta)

@@ -115,6 +115,9 @@ class JobSpec:
     inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
     max_output_bytes: int = 2 * 1024**3
     mode: JobMode = JobMode.CONVERT
+    #: The caller's word on an MLflow bundle's flavor (airlock_sandbox.bundle): it chose the
+    #: profile; the worker refuses a bundle whose ``MLmodel`` says otherwise.
+    mlflow_flavor: str | None = None
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -132,6 +135,7 @@ class JobSpec:
             for t in doc.get("inputs", [])
         )
         declared = doc.get("declared_format")
+        flavor = doc.get("mlflow_flavor")
         return cls(
             job_id=str(doc["job_id"]),
             target=Target(doc.get("target", Target.AUTO)),
@@ -140,4 +144,5 @@ class JobSpec:
             inputs=inputs,
             max_output_bytes=int(doc.get("max_output_bytes", 2 * 1024**3)),
             mode=JobMode(doc.get("mode", JobMode.CONVERT)),
+            mlflow_flavor=None if flavor is None else str(flavor),
         )

@@ -1,9 +1,10 @@
 """Artifact formats, recognised by magic bytes and never by file name (DESIGN §1.7).
 
 ``detect_prefix`` looks only at the first ``PREFIX_BYTES`` of a file, so the broker can run it
-on the host: it parses nothing. A zip archive is reported as ``ZIP`` here; the worker, inside
-the sandbox, lists the archive to tell a PyTorch checkpoint from TorchScript, a ``.pt2``
-export or an ``.npz`` (``refine_zip_names``).
+on the host: it parses nothing. A zip archive is reported as ``ZIP`` here (or ``MLFLOW`` when
+the caller declared one); the worker, inside the sandbox, lists the archive to tell a PyTorch
+checkpoint from TorchScript, a ``.pt2`` export, an ``.npz`` or an MLflow bundle
+(``refine_zip_names``). The host never lists one (DESIGN §1.1).
 """
 
 from __future__ import annotations
@@ -174,7 +175,15 @@ _PROFILE_OF: dict[ArtifactFormat, str] = {
     ArtifactFormat.NUMPY_NPZ: PROFILE_LIGHT,
     ArtifactFormat.ONNX: PROFILE_LIGHT,
     ArtifactFormat.SAFETENSORS: PROFILE_LIGHT,
-    ArtifactFormat.MLFLOW: PROFILE_SKLEARN,  # the broker refines it by member names
+    ArtifactFormat.MLFLOW: PROFILE_SKLEARN,  # unless the caller's flavor hint says otherwise
+}
+#: An MLflow bundle's profile by the flavor the caller says it is (a hint: the broker opens
+#: no archive, the worker refuses a bundle of another flavor). ONNX bundles read ``MLmodel``
+#: with yaml, which the sklearn profile has imported.
+MLFLOW_FLAVOR_PROFILES: dict[str, str] = {
+    "sklearn": PROFILE_SKLEARN,
+    "pytorch": PROFILE_TORCH,
+    "onnx": PROFILE_SKLEARN,
 }
 
 

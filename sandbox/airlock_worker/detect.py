@@ -15,11 +15,12 @@ from airlock_sandbox.formats import (
     refine_zip_names,
 )
 
+from . import zip_budget
 from .errors import WorkerError
 
-#: A zip's central directory is parsed into memory; a bomb of empty entries should be refused
-#: by count rather than by the container's memory limit.
-MAX_ZIP_ENTRIES = 100_000
+#: A zip's central directory is parsed into memory; a bomb of empty entries is refused from
+#: its end records (zip_budget) before any parse, not by the container's memory limit.
+MAX_ZIP_ENTRIES = zip_budget.DEFAULT_BUDGET.max_entries
 
 
 def detect(path: str | IO[bytes]) -> ArtifactFormat:
@@ -41,6 +42,12 @@ def detect(path: str | IO[bytes]) -> ArtifactFormat:
 
 def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:
     try:
+        zip_budget.check(path)
+    except zip_budget.ZipOverBudget as exc:
+        raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, str(exc)) from None
+    except OSError as exc:
+        raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, f"unreadable zip archive: {exc}") from None
+    try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -54,10 +61,25 @@ def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:
 
 
 def detect_checked(path: str, declared: str | None) -> ArtifactFormat:
-    """Detect, then enforce the declared format; raise the matching :class:`WorkerError`."""
-    fmt = detect(path)
+    """Detect, then enforce the declared format; raise the matching :class:`WorkerError`.
+
+    A zip is an MLflow bundle only when the caller declared ``mlflow`` (the client does for
+    the directories it packs): the broker chose the job's profile from that declaration, so
+    an undeclared bundle, or a declared one that is no readable bundle, is refused here."""
+    try:
+        fmt = detect(path)
+    except WorkerError as exc:
+        if declared == "mlflow" and exc.exit is WorkerExit.UNSUPPORTED_FORMAT:
+            raise WorkerError(WorkerExit.UNSAFE_MODEL_DIR,
+                              f"the bundle is not a zip the sandbox will read: {exc.message}"
+                              ) from None
+        raise
     if fmt in (ArtifactFormat.UNKNOWN, ArtifactFormat.ZIP):
         raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, "unrecognised artifact format")
+    if fmt is ArtifactFormat.MLFLOW and declared != "mlflow":
+        raise WorkerError(WorkerExit.FORMAT_MISMATCH,
+                          "the zip holds an MLmodel at its root: an MLflow bundle must be "
+                          "declared as mlflow (the client does this for model directories)")
     if declared is not None and not admits(declared, fmt):
         raise WorkerError(
             WorkerExit.FORMAT_MISMATCH,

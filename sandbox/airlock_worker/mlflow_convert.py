@@ -48,6 +48,11 @@ def convert(job: Job) -> None:
         members = mlflow_model.open_members(zf, size, MAX_BUNDLE_BYTES)
         mlmodel = mlflow_model.read_mlmodel(zf, members)
         chosen = mlflow_model.plan(mlmodel, members)
+    hint = job.spec.mlflow_flavor
+    if hint is not None and hint != chosen.flavor:
+        raise WorkerError(WorkerExit.FORMAT_MISMATCH,
+                          f"the request says an MLflow {hint[:20]} model, but MLmodel makes it "
+                          f"{chosen.flavor} ({chosen.via})")
     for warning in chosen.warnings:
         job.report.warn(warning)
     inputs = job.spec.inputs or mlflow_model.signature_inputs(mlmodel, job.report.warn)

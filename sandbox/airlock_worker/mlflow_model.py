@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import json
 import re
+import stat
+import unicodedata
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from airlock_sandbox.bundle import (
+    MAX_MEMBERS,
     MAX_MLMODEL_BYTES,
     MLMODEL,
+    SUPPORTED_LOADERS,
     BundleError,
-    check_members,
+    check_member_name,
     contained,
+    convertible_flavor,
 )
 from airlock_sandbox.contract import TensorSpec, WorkerExit
 
@@ -29,9 +35,6 @@ from .errors import WorkerError
 #: Bytes of a signature's JSON the worker is willing to parse.
 MAX_SIGNATURE_CHARS = 256 * 1024
 MAX_SIGNATURE_INPUTS = 64
-#: What a loader_module may be for the model to be converted: one of MLflow's own flavors.
-SUPPORTED_LOADERS = {"mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch",
-                     "mlflow.onnx": "onnx"}
 SKLEARN_FORMATS = frozenset({"pickle", "cloudpickle", "skops"})
 TORCH_FILES = ("model.pth", "model.pt2")
 DEFAULT_PICKLE_MODULE = "mlflow.pytorch.pickle_module"
@@ -53,6 +56,39 @@ class Plan:
     via: str  # which MLmodel entry chose it, for the report
     inputs: tuple[TensorSpec, ...] = ()
     warnings: list[str] = field(default_factory=list)
+
+
+def check_members(infos: Iterable[zipfile.ZipInfo], archive_size: int,
+                  max_total_bytes: int) -> dict[str, zipfile.ZipInfo]:
+    """Every rule a member must pass before any member is read; returns them by name."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    folded: set[str] = set()
+    total = 0
+    for info in infos:
+        if len(members) >= MAX_MEMBERS:
+            raise BundleError(f"more than {MAX_MEMBERS} members")
+        name = info.filename
+        check_member_name(name)
+        key = unicodedata.normalize("NFC", name).casefold()
+        if name in members or key in folded:
+            raise BundleError(f"member {name[:80]!r} appears twice (or differs only in case)")
+        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no type recorded (not unix)
+        if info.is_dir() or kind not in (0, stat.S_IFREG):
+            raise BundleError(f"member {name[:80]!r} is not a regular file (link, directory "
+                              "or special file)")
+        if info.flag_bits & 0x1:
+            raise BundleError(f"member {name[:80]!r} is encrypted")
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise BundleError(f"member {name[:80]!r} is compressed; bundles are stored")
+        total += info.file_size
+        if total > max_total_bytes or total > archive_size:
+            raise BundleError("members add up to more bytes than allowed (or than the "
+                              "archive holds: overlapping members)")
+        members[name] = info
+        folded.add(key)
+    if MLMODEL not in members:
+        raise BundleError(f"no {MLMODEL} at the bundle's root")
+    return members
 
 
 def open_members(zf: zipfile.ZipFile, archive_size: int,
@@ -88,12 +124,13 @@ def plan(mlmodel: dict[str, Any], members: dict[str, zipfile.ZipInfo]) -> Plan:
     flavors: dict[str, Any] = mlmodel["flavors"]
     pyfunc = flavors.get("python_function")
     pyfunc = pyfunc if isinstance(pyfunc, dict) else {}
+    flavor = convertible_flavor(flavors)  # the rule the client's hint follows too
     try:
-        if isinstance(flavors.get("sklearn"), dict):
+        if flavor == "sklearn" and isinstance(flavors.get("sklearn"), dict):
             chosen = _sklearn(flavors["sklearn"], members, "flavors.sklearn")
-        elif isinstance(flavors.get("pytorch"), dict):
+        elif flavor == "pytorch" and isinstance(flavors.get("pytorch"), dict):
             chosen = _pytorch(flavors["pytorch"].get("model_data"), members, "flavors.pytorch")
-        elif isinstance(flavors.get("onnx"), dict):
+        elif flavor == "onnx" and isinstance(flavors.get("onnx"), dict):
             chosen = _onnx(flavors["onnx"].get("data"), members, "flavors.onnx")
         else:
             chosen = _from_pyfunc(pyfunc, flavors, members)

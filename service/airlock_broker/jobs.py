@@ -19,6 +19,7 @@ from typing import Any
 
 from airlock_broker.audit import AuditRecord
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.format_decision import Decision
 from airlock_broker.integrity import difference
 from airlock_broker.outputs import (
     ValidatedOutput,
@@ -32,7 +33,6 @@ from airlock_broker.sandbox import Outcome, SandboxBackend, SandboxUnavailable, 
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
-from airlock_sandbox.bundle import is_bundle, member_names, profile_for_bundle
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
     JobMode,
@@ -42,14 +42,7 @@ from airlock_sandbox.contract import (
     TensorSpec,
     WorkerExit,
 )
-from airlock_sandbox.formats import (
-    PROFILE_LIGHT,
-    ZIP_FAMILY,
-    ArtifactFormat,
-    admits,
-    detect_prefix,
-    profile_for,
-)
+from airlock_sandbox.formats import PROFILE_LIGHT, ZIP_FAMILY, ArtifactFormat
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +98,8 @@ class JobRequest:
     deadline_seconds: float = 120.0
     #: What the caller says the artifact is (checked printable and bounded; signed, not used).
     subject: str = ""
+    #: The caller's MLflow flavor hint (format_decision): picks a profile, the worker checks it.
+    mlflow_flavor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,29 +121,6 @@ class JobResult:
     executed_artifact_code: bool = False
     #: The format shown to the caller: see :func:`refined_format`.
     reported_format: str = ""
-
-
-def detect_on_host(prefix: bytes, size: int, declared: str | None,
-                   path: Path | None = None) -> ArtifactFormat:
-    """Coarse detection by magic bytes (the worker refines zips); rejects before any sandbox.
-
-    With ``path``, a zip whose member names include a root ``MLmodel`` is an MLflow bundle:
-    names only, read after the archive's end records bound the central directory
-    (airlock_sandbox.bundle); ``MLmodel`` itself is not read on the host.
-    """
-    detected = detect_prefix(prefix, size)
-    if detected is ArtifactFormat.UNKNOWN:
-        raise error(Reason.UNSUPPORTED_FORMAT,
-                    "the artifact's leading bytes match no supported format (pickle, joblib, "
-                    "PyTorch, numpy, ONNX, safetensors, MLflow bundle)")
-    if detected is ArtifactFormat.ZIP and path is not None:
-        names = member_names(path)
-        if names is not None and is_bundle(names):
-            detected = ArtifactFormat.MLFLOW
-    if declared is not None and not admits(declared, detected):
-        raise error(Reason.FORMAT_MISMATCH,
-                    f"declared {declared}, but the leading bytes say {detected}")
-    return detected
 
 
 def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> str:
@@ -176,15 +148,6 @@ def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | No
     ``allow_code`` a subverted worker's "no" cannot be told from the truth: ``safe_only`` is
     the guarantee.)"""
     return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
-
-
-def profile_of(detected: ArtifactFormat, upload: Path) -> str:
-    """The worker profile; an MLflow bundle's follows its member names (data/model.pth...)."""
-    if detected is ArtifactFormat.MLFLOW:
-        names = member_names(upload)
-        if names is not None:
-            return profile_for_bundle(names)
-    return profile_for(detected)
 
 
 def sanitize(text: object, limit: int = _MAX_DETAIL) -> str:
@@ -263,19 +226,21 @@ class JobRunner:
         self.verify_integrity = verify_integrity
 
     @contextlib.asynccontextmanager
-    async def run(self, request: JobRequest, upload: Path, detected: ArtifactFormat,
+    async def run(self, request: JobRequest, upload: Path, decision: Decision,
                   input_sha256: str, input_size: int,
                   audit: AuditRecord) -> AsyncIterator[JobResult]:
-        """Convert ``upload``; yields the validated result, destroys the sandboxes on exit.
+        """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
+        it); yields the validated result, destroys the sandboxes on exit.
 
         A zip checkpoint converted to safetensors is also read, concurrently, by a second
         sandbox in integrity-extraction mode; the two outputs must agree (see integrity.py).
         """
         began = time.monotonic()
+        detected = decision.format
         verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
                   and request.target in (Target.AUTO, Target.SAFETENSORS))
         async with contextlib.AsyncExitStack() as stack:
-            slot = await self._slot(stack, profile_of(detected, upload))
+            slot = await self._slot(stack, decision.profile)
             audit.set(warm_container=slot.started, profile=slot.profile)
             slot.workspace.adopt_artifact(upload)
             # The restricted reader needs no torch: the light profile starts fastest.
@@ -284,7 +249,8 @@ class JobRunner:
                 second.workspace.link_artifact(slot.workspace.artifact)
             spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
-                           max_output_bytes=self.limits.max_output_bytes)
+                           max_output_bytes=self.limits.max_output_bytes,
+                           mlflow_flavor=request.mlflow_flavor)
             try:
                 outcome, extraction = await asyncio.gather(
                     self.backend.run(slot, spec, request.deadline_seconds),

@@ -20,9 +20,10 @@ from airlock_broker.audit import AuditLog, AuditRecord
 from airlock_broker.auth import current_principal
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.format_decision import decide
 from airlock_broker.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
-from airlock_broker.jobs import JobRunner, detect_on_host
+from airlock_broker.jobs import JobRunner
 from airlock_broker.keys import ALGORITHM, SigningKey
 from airlock_broker.local_handles import LocalFiles
 from airlock_broker.local_io import spool_from_peer
@@ -168,7 +169,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         policy = self.config.sandbox
         record.set(declared_format=request.declared_format, target=request.target.value,
                    loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
-                   subject=request.subject,
+                   subject=request.subject, mlflow_flavor=request.mlflow_flavor or "",
                    limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
                            "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
                    weakened=list(policy.weakened))
@@ -180,8 +181,9 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             else:  # no Chunk follows the metadata: the input comes from the descriptor
                 spooled = await spool_from_peer(local, fd, meta, self.intake)
             record.set(input_sha256=spooled.sha256, input_size=spooled.size)
-            detected = detect_on_host(spooled.prefix, spooled.size, request.declared_format,
-                                      upload)
+            decision = decide(spooled.prefix, spooled.size, request.declared_format,
+                              request.mlflow_flavor)
+            detected = decision.format
             record.set(detected_format=detected.value)
             log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s "
                      "transfer=%s", job_id, spooled.size, spooled.sha256[:16], detected,
@@ -189,13 +191,14 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                      "local" if local else "stream", extra={"job_id": job_id})
             principal = "" if record.principal == "anonymous" else record.principal
             options = options_digest(request.declared_format, request.target.value,
-                                     request.policy.value, request.inputs, request.subject)
+                                     request.policy.value, request.inputs, request.subject,
+                                     request.mlflow_flavor or "")
             async with self.replays.claim(principal, meta.idempotency_key, spooled.sha256,
                                           options, job_id) as claim:
                 if claim.replay is not None:
                     return self._replay(claim, record)
                 async with self.admission.run_slot(), self.runner.run(
-                        request, upload, detected, spooled.sha256, spooled.size,
+                        request, upload, decision, spooled.sha256, spooled.size,
                         record) as result:
                     record.set(output_format=result.output.format.value,
                                output_sha256=result.output.sha256,

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
+from airlock_broker.format_decision import check_flavor_hint
 from airlock_broker.jobs import JobRequest, JobResult, sanitize
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
 
@@ -77,6 +78,7 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         inputs=tensor_specs(meta.inputs),
         deadline_seconds=min(deadline, max_deadline),
         subject=subject(meta.subject),
+        mlflow_flavor=check_flavor_hint(declared, meta.mlflow_flavor),
     )
 
 

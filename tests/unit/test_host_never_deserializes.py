@@ -2,7 +2,10 @@
 
 The broker, the client library and the CLI may copy bytes, hash them, read magic bytes and
 parse *outputs* with strict parsers. They must not import or call anything that unpickles,
-loads a model, or executes model-supplied code.
+loads a model, or executes model-supplied code, nor open an archive: a zip's or tar's
+directory is attacker data (a Zip64 record can claim millions of entries behind a classic
+record that claims one, issue 11 §2), so what is inside one is the sandbox's business.
+``make check`` runs this file.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 HOST_PACKAGES = [ROOT / "service", ROOT / "clients", ROOT / "sandbox" / "airlock_sandbox"]
 
+#: Archive readers: the host opens no archive (issue 11 §2).
+ARCHIVE_READERS = {"zipfile", "tarfile", "zipimport", "py7zr", "rarfile", "libarchive"}
 #: Modules whose mere import on the host is a red flag. ``onnxruntime`` and the tensor loaders
 #: of safetensors are safe-format loaders, but a host that runs models is one step from one
 #: that loads the wrong bytes: they are allowed only where ALLOWED says so.
 FORBIDDEN_IMPORTS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "torch",
                      "mlflow", "sklearn", "skops", "marshal", "shelve", "keras", "tensorflow",
-                     "airlock_worker", "onnxruntime"}
+                     "airlock_worker", "onnxruntime", *ARCHIVE_READERS}
 FORBIDDEN_SUBMODULES = {"safetensors.numpy", "safetensors.torch", "safetensors.flax",
-                        "safetensors.tensorflow", "safetensors.paddle", "safetensors.mlx"}
+                        "safetensors.tensorflow", "safetensors.paddle", "safetensors.mlx",
+                        "shutil.unpack_archive"}
 #: The only parts of MLflow the host may import: its download API copies bytes and
 #: deserializes nothing (research/conversion.md §4), the tracking client looks versions up;
 #: its loaders are never allowed.
@@ -34,7 +40,7 @@ FORBIDDEN_CALLS = {
     "torch.export.load", "numpy.load", "np.load", "yaml.load", "yaml.unsafe_load",
     "yaml.full_load", "marshal.loads", "shelve.open", "eval", "exec", "__import__",
     "importlib.import_module", "onnx.load", "onnx.load_model",
-    "onnxruntime.InferenceSession", "ort.InferenceSession",
+    "onnxruntime.InferenceSession", "ort.InferenceSession", "shutil.unpack_archive",
 }
 
 #: The only exceptions, per host file, each with why it is safe. Every entry must still be
@@ -48,6 +54,9 @@ ALLOWED: dict[str, set[str]] = {
         "import onnxruntime", "call onnxruntime.InferenceSession()",
         "from safetensors.torch import ...", "from safetensors.numpy import ...",
     },
+    # Writes the client's own bundle from a directory it has just checked (_bundle.pack);
+    # nothing on the host reads a zip.
+    "clients/airlock_client/_bundle.py": {"import zipfile"},
 }
 
 
@@ -117,6 +126,8 @@ def test_every_allowance_is_still_needed(name: str) -> None:
     "import onnxruntime", "from safetensors.numpy import load_file",
     "from safetensors import torch",
     "onnxruntime.InferenceSession(b)",
+    "import zipfile", "from zipfile import ZipFile", "import tarfile", "import zipimport",
+    "shutil.unpack_archive(p, d)", "from shutil import unpack_archive",
 ])
 def test_guard_catches_known_deserializers(snippet: str) -> None:
     # The guard itself must be able to fail, or it proves nothing.

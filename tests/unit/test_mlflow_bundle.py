@@ -1,28 +1,27 @@
-"""MLflow model directories and bundles: the client's checks and packer, the broker's
-names-only recognition, and the worker's re-check of every member (hostile zips)."""
+"""MLflow model directories and bundles: the client's checks, packer and flavor hint, the
+broker's decision from the declaration alone (it opens no archive), and the worker's
+re-check of every member (hostile zips)."""
 
 from __future__ import annotations
 
 import os
 import stat
-import struct
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from airlock_broker.errors import AirlockError
-from airlock_broker.jobs import detect_on_host, profile_of
+from airlock_broker.format_decision import check_flavor_hint, decide
 from airlock_client import ModelSourceError, mlflow_source
 from airlock_client._bundle import inspect, pack
-from airlock_sandbox.bundle import (
-    MAX_MEMBERS,
-    BundleError,
-    check_members,
-    member_names,
-    profile_for_bundle,
-)
+from airlock_sandbox.bundle import MAX_MEMBERS, BundleError
 from airlock_sandbox.formats import ArtifactFormat, detect_prefix
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
+
+from airlock_worker.mlflow_model import check_members
 
 MLMODEL = """\
 flavors:
@@ -199,32 +198,54 @@ def test_worker_refuses_too_many_members(tmp_path: Path) -> None:
                 [("MLmodel", b"")] + [(f"f{i}", b"") for i in range(MAX_MEMBERS)])
     with zipfile.ZipFile(path) as zf, pytest.raises(BundleError, match="more than"):
         check_members(zf.infolist(), path.stat().st_size, 10**9)
-    # The broker does not even parse a central directory this large: it stays a plain zip.
-    assert member_names(path) is None
 
 
-def test_broker_never_parses_a_forged_huge_central_directory(tmp_path: Path) -> None:
-    path = _zip(tmp_path / "forged.zip", [("MLmodel", b"flavors: {}")])
-    raw = bytearray(path.read_bytes())
-    eocd = raw.rfind(b"PK\x05\x06")
-    struct.pack_into("<HH", raw, eocd + 8, 0xFFFE, 0xFFFE)  # claims 65534 entries
-    path.write_bytes(bytes(raw))
-    assert member_names(path) is None
-    detected = detect_on_host(raw[:64], len(raw), None, path)
-    assert detected is ArtifactFormat.ZIP  # not recognised as a bundle; the sandbox decides
+def _decided(path: Path, declared: str | None, flavor: str | None = None) -> tuple[str, str]:
+    raw = path.read_bytes()
+    decision = decide(raw[:64], len(raw), declared, flavor)
+    return decision.format.value, decision.profile
 
 
-def test_broker_recognises_a_bundle_by_names_and_picks_the_profile(tmp_path: Path) -> None:
+def test_broker_takes_a_zip_for_a_bundle_only_when_declared(tmp_path: Path) -> None:
     root = model_dir(tmp_path / "m")
     bundle = tmp_path / "bundle.zip"
     pack(inspect(root), bundle)
     raw = bundle.read_bytes()
     assert detect_prefix(raw[:64], len(raw)) is ArtifactFormat.ZIP
-    assert detect_on_host(raw[:64], len(raw), "mlflow", bundle) is ArtifactFormat.MLFLOW
-    assert profile_of(ArtifactFormat.MLFLOW, bundle) == "sklearn"
-    assert profile_for_bundle(["MLmodel", "data/model.pth"]) == "torch"
+    assert _decided(bundle, "mlflow") == ("mlflow", "sklearn")
+    assert _decided(bundle, "mlflow", "pytorch") == ("mlflow", "torch")
+    assert _decided(bundle, None) == ("zip", "torch")  # the sandbox refuses it undeclared
     torch_zip = _zip(tmp_path / "t.zip", [("archive/data.pkl", b"x")])
+    # Names are the sandbox's business: a declared "bundle" that is not one is refused there.
+    assert _decided(torch_zip, "mlflow") == ("mlflow", "sklearn")
+    pickle_file = tmp_path / "p.pkl"
+    pickle_file.write_bytes(b"\x80\x04N.")
     with pytest.raises(AirlockError) as caught:
-        detect_on_host(torch_zip.read_bytes()[:64], torch_zip.stat().st_size, "mlflow",
-                       torch_zip)
+        _decided(pickle_file, "mlflow")
     assert caught.value.reason == "FORMAT_MISMATCH"
+    assert "an MLflow bundle is a zip" in caught.value.message
+
+
+@pytest.mark.parametrize(("declared", "flavor", "needle"), [
+    (None, "sklearn", "only meaningful"), ("pickle", "pytorch", "only meaningful"),
+    ("mlflow", "pyfunc", "not one of"), ("mlflow", "x" * 100, "not one of"),
+])
+def test_a_flavor_hint_must_be_a_known_flavor_of_a_declared_bundle(
+        declared: str | None, flavor: str, needle: str) -> None:
+    with pytest.raises(AirlockError) as caught:
+        check_flavor_hint(declared, flavor)
+    assert caught.value.reason == "BAD_REQUEST" and needle in caught.value.message
+    assert check_flavor_hint("mlflow", "") is None
+    assert check_flavor_hint("mlflow", "onnx") == "onnx"
+
+
+@pytest.mark.parametrize(("mlmodel", "hint"), [
+    (MLMODEL, "sklearn"),
+    ("flavors: {pytorch: {model_data: data}, python_function: {loader_module: mlflow.pytorch}}",
+     "pytorch"),
+    ("flavors: {python_function: {loader_module: mlflow.onnx, data: model.onnx}}", "onnx"),
+    ("flavors: {python_function: {loader_module: mlflow.pyfunc.model}}", ""),
+])
+def test_the_client_hints_the_flavor_the_worker_will_plan(tmp_path: Path, mlmodel: str,
+                                                         hint: str) -> None:
+    assert inspect(model_dir(tmp_path / "m", mlmodel)).flavor_hint == hint

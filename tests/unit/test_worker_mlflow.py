@@ -120,3 +120,16 @@ def test_worker_job_refuses_a_hostile_bundle_before_loading_anything(tmp_path: P
         mlflow_convert.convert(job)
     assert caught.value.exit is WorkerExit.UNSAFE_MODEL_DIR
     assert job.report.loader == ""
+
+
+def test_worker_refuses_a_bundle_whose_flavor_is_not_the_hinted_one(tmp_path: Path) -> None:
+    path = tmp_path / "artifact"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("MLmodel", "flavors: {sklearn: {pickled_model: model.pkl}}")
+        zf.writestr("model.pkl", b"\x80\x04N.")
+    job = Job(spec=JobSpec(job_id="t", mlflow_flavor="pytorch"), artifact=str(path),
+              out_dir=str(tmp_path), fmt=ArtifactFormat.MLFLOW)
+    with pytest.raises(WorkerError) as caught:
+        mlflow_convert.convert(job)
+    assert caught.value.exit is WorkerExit.FORMAT_MISMATCH
+    assert "MLflow pytorch model" in caught.value.message and job.report.loader == ""

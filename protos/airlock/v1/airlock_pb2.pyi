@@ -181,6 +181,7 @@ class ConvertMetadata(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     LOCAL_HANDLE_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    MLFLOW_FLAVOR_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -208,6 +209,14 @@ class ConvertMetadata(_message.Message):
     printable (escape anything else, e.g. airlock_client.provenance.escape_subject), else
     BAD_REQUEST. Empty: the caller did not say.
     """
+    mlflow_flavor: _builtins.str
+    """For declared_format MLFLOW only: the bundle's flavor ("sklearn", "pytorch" or "onnx"), as
+    the client read it from the MLmodel of the directory it packed. A hint, not a fact: the
+    broker opens no archive and uses it only to pick a warm sandbox of the right kind; the
+    sandbox reads MLmodel itself and refuses a bundle that is not this flavor
+    (FORMAT_MISMATCH). Empty: not said (the sklearn sandbox is used). Anything else, or a
+    flavor without declared_format MLFLOW: BAD_REQUEST.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -224,10 +233,11 @@ class ConvertMetadata(_message.Message):
         timeout_seconds: _builtins.int = ...,
         local_handle: _builtins.str = ...,
         subject: _builtins.str = ...,
+        mlflow_flavor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
