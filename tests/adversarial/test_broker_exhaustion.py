@@ -127,7 +127,7 @@ def _stub(broker: BrokerProcess) -> pb_grpc.ConversionServiceStub:
 
 
 def _socket_path(broker: BrokerProcess) -> Path:
-    return broker.spool.with_name(broker.spool.name + ".local") / "transfer.sock"
+    return broker.transfer_socket
 
 
 def _reason(exc: grpc.RpcError) -> str:
