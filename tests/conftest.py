@@ -148,6 +148,7 @@ def reap_state(state: Path) -> None:
         reap_stale(state)
 
 
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown stopped their brokers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Brokers killed by a test (SIGKILL) leave their output tmpfs mounted: reap their roots,
     so pytest can remove its temporary directories (EBUSY otherwise)."""
