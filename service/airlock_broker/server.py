@@ -88,23 +88,28 @@ class Broker:
             await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
-            if self.unix is not None:
-                await self.unix.close()
-            if self.local is not None:
-                await self.local.close()
             try:
-                await self.pools.close()
+                await self._release()
             finally:
-                await self.onnx_validator.close()
-            await self.replays.close()
-            await self.backend.close()
-            self.audit.close()
-            # Whatever a cancelled job or a failed destroy left (an output tmpfs above all):
-            # the next broker on this root would reap it, but the mount must not outlive us.
-            left = reap_stale(self.spool_root) if self.spool_root is not None else 0
-            if left:
-                log.info("removed %d job director(ies) left at shutdown", left)
-            os.close(self.lock_fd)
+                self.audit.close()
+                # Whatever a cancelled job or a failed close left (an output tmpfs above all):
+                # the next broker on this root would reap it, but no mount may outlive us.
+                left = reap_stale(self.spool_root) if self.spool_root is not None else 0
+                if left:
+                    log.info("removed %d job director(ies) left at shutdown", left)
+                os.close(self.lock_fd)
+
+    async def _release(self) -> None:
+        if self.unix is not None:
+            await self.unix.close()
+        if self.local is not None:
+            await self.local.close()
+        try:
+            await self.pools.close()
+        finally:
+            await self.onnx_validator.close()
+        await self.replays.close()
+        await self.backend.close()
 
 
 def lock_state(config: BrokerConfig) -> int:

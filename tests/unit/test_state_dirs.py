@@ -6,6 +6,7 @@ the broker starts. "Another user" is uid 65534 (nobody); the tests run as root.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from airlock_broker import state_dirs
 from airlock_broker.audit import AuditLog
 from airlock_broker.config import BrokerConfig
 from airlock_broker.keys import SigningKeyError, create_key, load_key
+from airlock_broker.pools import PoolSettings
+from airlock_broker.server import create_server
 from airlock_broker.state_dirs import Problem, StateDirError
 from airlock_broker.workspace import reap_stale
+from tests.unit.fakes import FakeSandbox
 
 NOBODY = 65534
 
@@ -169,3 +173,29 @@ def test_an_audit_log_elsewhere_has_its_directory_checked(tmp_path: Path) -> Non
     assert info.value.problem is Problem.WRONG_OWNER and info.value.path == theirs
     os.chown(theirs, 0, 0)
     state_dirs.prepare(root, (theirs / "audit.jsonl", root / "key.pem"))
+
+
+class _EngineGoneAtClose(FakeSandbox):
+    async def close(self) -> None:
+        raise RuntimeError("the engine went away during shutdown")
+
+
+def test_a_stopping_broker_removes_slots_left_behind_even_when_closing_fails(
+        tmp_path: Path) -> None:
+    """Item: output tmpfs mounts outlived their broker (pytest's EBUSY on slots/<id>/out)."""
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "state",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+
+    async def scenario() -> None:
+        broker = await create_server(config, _EngineGoneAtClose(config.spool_root, lambda *_: 0))
+        left = config.spool_root / "slots" / "cut-short"
+        (left / "in").mkdir(parents=True)
+        (left / "in" / "artifact").write_bytes(b"x")
+        (left / "out").mkdir()
+        with pytest.raises(RuntimeError, match="engine went away"):
+            await broker.stop(0.1)
+        assert list((config.spool_root / "slots").iterdir()) == []
+        again = await create_server(config, FakeSandbox(config.spool_root, lambda *_: 0))
+        await again.stop(0.1)  # the lock was released
+
+    asyncio.run(scenario())
