@@ -157,7 +157,7 @@ class Broker:
         return self.process.pid
 
     def start(self, timeout: float = 120.0) -> None:
-        env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
+        env = {**os.environ, "AIRLOCK_STATE_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
                "AIRLOCK_SOCKET": str(self.socket), **self.extra_env}
         with self.log.open("wb") as fh:
             self.process = subprocess.Popen(

@@ -26,12 +26,16 @@ IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
 LABEL = "airlock.managed=true"
 #: Spool directories of the brokers the tests are running now (their warm slots live there).
 LIVE_SPOOLS: set[Path] = set()
+#: Every broker process this session started, by its state root: at the end of the session the
+#: roots of those that are gone are reaped (a SIGKILLed broker leaves its output tmpfs mounted).
+ALL_STATES: dict[Path, subprocess.Popen[bytes]] = {}
 #: PIDs of every broker this test session started: their containers are the ones we judge
 #: (other brokers on a shared machine are none of our business).
 STARTED_PIDS: set[int] = set()
 
-# The brokers and CLIs this session starts keep their state (the provenance signing key) in a
-# directory of the session's own, never in the machine's /var/lib/airlock.
+# The CLIs and in-process brokers of this session keep their state (the provenance signing key)
+# in a directory of the session's own, never in the machine's /var/lib/airlock; each broker
+# process gets a state root of its own under its test's tmp_path (start_broker).
 if "AIRLOCK_STATE_DIR" not in os.environ:
     import atexit
     import shutil
@@ -95,10 +99,27 @@ class BrokerProcess:
 
     address: str
     process: subprocess.Popen[bytes]
-    spool: Path
+    #: Its state root (AIRLOCK_STATE_DIR): audit.jsonl, the key, uploads/, results/, slots/.
+    state: Path
     log: Path
     #: Its Unix socket: where root (the tests) may operate the pools.
     socket: Path | None = None
+
+    @property
+    def spool(self) -> Path:
+        """The spool's directories (uploads/, results/, slots/) are in the state root."""
+        return self.state
+
+    @property
+    def audit(self) -> Path:
+        return self.state / "audit.jsonl"
+
+    @property
+    def transfer_socket(self) -> Path:
+        """The fast path's socket (default place): beside the Unix socket, else in the root."""
+        if self.socket is not None:
+            return self.socket.parent / "transfer.sock"
+        return self.state / "sockets" / "transfer.sock"
 
     @property
     def unix_address(self) -> str:
@@ -106,7 +127,7 @@ class BrokerProcess:
         return f"unix:{self.socket}"
 
     def stop(self) -> int:
-        LIVE_SPOOLS.discard(self.spool)
+        LIVE_SPOOLS.discard(self.state)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -114,7 +135,26 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+                reap_state(self.state)  # it could not unmount its slots' tmpfs: do it for it
         return int(self.process.returncode)
+
+
+def reap_state(state: Path) -> None:
+    """What the broker's next start would do on this state root: unmount and remove the slots
+    (and uploads, results) of a broker that is gone. Never for a live broker's root."""
+    from airlock_broker.workspace import reap_stale
+
+    if state.is_dir():
+        reap_stale(state)
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown stopped their brokers
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Brokers killed by a test (SIGKILL) leave their output tmpfs mounted: reap their roots,
+    so pytest can remove its temporary directories (EBUSY otherwise)."""
+    for state, process in list(ALL_STATES.items()):
+        if process.poll() is not None:
+            reap_state(state)
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
@@ -141,7 +181,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> BrokerProcess:
     """``credentials``: for a broker serving TLS (health is open, but the channel is TLS)."""
     port = free_port()
-    spool = tmp / "spool"
+    state = tmp / "state"  # under tmp_path: root's, 0700; the broker makes it
     log = tmp / "broker.log"
     if "--config" not in extra:
         # The image under test (AIRLOCK_TEST_IMAGE) and, for measuring, another seccomp profile
@@ -153,13 +193,15 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
         config.write_text("\n".join(lines) + "\n")
         extra = ("--config", str(config), *extra)
     socket_path = tmp / "run" / "broker.sock"
-    full_env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(spool), "AIRLOCK_SOCKET": str(socket_path),
-                **(env or {})}
+    full_env = {**os.environ, "AIRLOCK_STATE_DIR": str(state),
+                "AIRLOCK_SOCKET": str(socket_path), **(env or {})}
+    state = Path(full_env["AIRLOCK_STATE_DIR"])
     with log.open("wb") as fh:
         process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
     STARTED_PIDS.add(process.pid)
+    ALL_STATES[state] = process
     try:
         wait_serving(address, process, log, credentials=credentials)
     except BaseException:  # pytest.fail included: a broker that never served must not linger
@@ -171,9 +213,9 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                 process.kill()
                 process.wait(10)
         raise
-    LIVE_SPOOLS.add(spool)
+    LIVE_SPOOLS.add(state)
     unix = None if full_env["AIRLOCK_SOCKET"] == "none" else Path(full_env["AIRLOCK_SOCKET"])
-    return BrokerProcess(address=address, process=process, spool=spool, log=log, socket=unix)
+    return BrokerProcess(address=address, process=process, state=state, log=log, socket=unix)
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +254,8 @@ def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[
     assert left == [], f"sandbox containers left behind: {left}"
 
 
-def run_cli(*args: str, server: str, timeout: float = 300,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, server: str, timeout: float = 300, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "AIRLOCK_SERVER": server}, check=False, cwd=cwd)
+                          env={**os.environ, "AIRLOCK_SERVER": server, **(env or {})},
+                          check=False, cwd=cwd)

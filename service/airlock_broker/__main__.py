@@ -16,10 +16,13 @@ from airlock_broker.keys import SigningKeyError
 from airlock_broker.local_listeners import unix_socket_setting
 from airlock_broker.sandbox import SandboxUnavailable
 from airlock_broker.server import serve
+from airlock_broker.state_dirs import StateDirError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+#: A state directory or file is not the broker's alone (state_dirs.py): fix it, then restart.
+EXIT_UNSAFE_STATE = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unix-socket", default=None, metavar="PATH",
                         help="local clients' socket (default /run/airlock/broker.sock as "
                              "root, $AIRLOCK_SOCKET; 'none': no socket)")
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="the broker's state root: spool, results, audit log, signing key "
+                             "(default /var/lib/airlock as root, else $XDG_STATE_HOME/airlock; "
+                             "$AIRLOCK_STATE_DIR). Must be the broker user's alone, 0700")
     parser.add_argument("--runtime", default=None, metavar="runc|runsc",
                         help="OCI runtime for sandboxes (overrides the config file); also "
                              "runsc-<suffix>: another registration of runsc")
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["metrics_listen"] = args.metrics
     if args.metrics_public:
         overrides["metrics_public"] = True
+    if args.state_dir is not None:
+        overrides["state_root"] = args.state_dir.absolute()
     if args.unix_socket is not None:
         overrides["unix_socket"] = unix_socket_setting(args.unix_socket)
     try:
@@ -72,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     except SigningKeyError as exc:
         print(f"airlock serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except StateDirError as exc:
+        print(f"airlock serve: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_UNSAFE_STATE
     except OSError as exc:
         print(f"airlock serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

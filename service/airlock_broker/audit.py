@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.state_dirs import open_private_file
+
 log = logging.getLogger(__name__)
 
 _MAX_STRING = 512
@@ -57,12 +59,16 @@ def _cap(value: Any) -> Any:
 
 
 class AuditLog:
-    """Appends records to a file opened ``O_APPEND``: one ``write`` per line, 0600."""
+    """Appends records to a file opened ``O_APPEND``: one ``write`` per line, 0600.
+
+    Opened ``O_NOFOLLOW`` and checked (state_dirs.open_private_file): a planted
+    ``audit.jsonl -> /etc/ld.so.preload`` (or a hard link to it) would otherwise have the
+    broker append caller-chosen text to a file of root's. Its directory is checked at start-up.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = open_private_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._lock = threading.Lock()
 
     def write(self, record: AuditRecord) -> None:

@@ -3,6 +3,7 @@
 Loaded from an optional TOML file (``airlock serve --config FILE``)::
 
     [broker]
+    state_root = "/var/lib/airlock"  # 0700, the broker's alone; --state-dir, AIRLOCK_STATE_DIR
     max_concurrent_jobs = 2
     max_artifact_bytes = 4294967296
     unix_socket = "/run/airlock/broker.sock"   # local clients; "none": off (local_listeners.py)
@@ -25,7 +26,7 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
     min_warm = 1
 
     [provenance]       # the ECDSA P-256 key that signs every output's provenance
-    key_path = "/var/lib/airlock/provenance-signing-key.pem"   # created 0600 on first start
+    key_path = "/var/lib/airlock/provenance-signing-key.pem"   # default: in the state root
 
     [idempotency]      # IdempotencySettings fields; ttl_seconds = 0 turns de-duplication off
     ttl_seconds = 600
@@ -34,7 +35,7 @@ Loaded from an optional TOML file (``airlock serve --config FILE``)::
 
     [local_transfer]   # LocalTransferSettings: same-host fast path (descriptors on a Unix socket)
     enabled = true
-    socket_path = "/run/airlock/transfer.sock"    # its directory: the broker's user's, 0755
+    socket_path = "/run/airlock/transfer.sock"    # default: beside the Unix socket
     allowed_filesystems = ["ext4", "xfs", "btrfs", "tmpfs", "overlay"]   # never FUSE/NFS
 
     [upload]           # UploadLimits: minimum rate and total deadline, spool free-space reserve
@@ -60,7 +61,6 @@ loopback only, unless ``metrics_public`` (``--metrics-public``) says otherwise.
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -68,7 +68,7 @@ from typing import Any
 
 from airlock_broker.auth_config import AuthConfig, check_listen
 from airlock_broker.idempotency import IdempotencySettings
-from airlock_broker.keys import default_key_path
+from airlock_broker.keys import KEY_FILE_NAME
 from airlock_broker.local_listeners import (
     check_unix_socket,
     default_unix_socket,
@@ -78,6 +78,7 @@ from airlock_broker.local_transfer import LocalTransferSettings
 from airlock_broker.metrics import check_metrics_listen
 from airlock_broker.pools import PoolSettings
 from airlock_broker.rpc_limits import RpcLimits
+from airlock_broker.state_dirs import SOCKETS_DIR, default_state_root
 from airlock_broker.upload_limits import UploadLimits
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
@@ -86,8 +87,12 @@ from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
-def _default_spool_root() -> Path:
-    return Path(os.environ.get("AIRLOCK_SPOOL_DIR", Path(tempfile.gettempdir()) / "airlock-spool"))
+def _default_state_root() -> Path:
+    if "AIRLOCK_SPOOL_DIR" in os.environ:  # the old, /tmp-based setting: say what replaced it
+        raise ValueError("AIRLOCK_SPOOL_DIR is no longer read: the spool lives in the state "
+                         "root (AIRLOCK_STATE_DIR, --state-dir or [broker] state_root; default "
+                         "/var/lib/airlock as root), which must be the broker's alone. Unset it")
+    return default_state_root()
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,10 @@ class BrokerConfig:
     #: Local clients' socket, each caller named by its uid; None: none. Default
     #: ``/run/airlock/broker.sock`` as root (AIRLOCK_SOCKET overrides; "none" turns it off).
     unix_socket: Path | None = field(default_factory=default_unix_socket)
-    spool_root: Path = field(default_factory=_default_spool_root)
+    #: Everything the broker keeps: spool, results, slots, audit log, key (state_dirs.py).
+    #: Root-owned 0700 ``/var/lib/airlock`` as root, ``$XDG_STATE_HOME/airlock`` otherwise;
+    #: ``AIRLOCK_STATE_DIR`` / ``--state-dir`` override. Checked at start-up.
+    state_root: Path = field(default_factory=_default_state_root)
     max_concurrent_jobs: int = 2
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
     max_queued_jobs: int = 16
@@ -131,9 +139,10 @@ class BrokerConfig:
     verify_integrity: bool = True
     #: Run the isolation self-test before serving (health stays NOT_SERVING until it passes).
     selftest_on_start: bool = True
-    #: One JSON line per job; default ``<spool_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
+    #: One JSON line per job; default ``<state_root>/audit.jsonl`` (AIRLOCK_AUDIT_LOG overrides).
     audit_log: Path | None = None
-    #: Provenance signing key; default keys.default_key_path() (AIRLOCK_PROVENANCE_KEY overrides).
+    #: Provenance signing key; default ``<state_root>/provenance-signing-key.pem``
+    #: (AIRLOCK_PROVENANCE_KEY overrides).
     provenance_key: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
@@ -171,13 +180,29 @@ class BrokerConfig:
         return self.max_concurrent_jobs + (self.max_queued_jobs + 1) // 2
 
     @property
+    def spool_root(self) -> Path:
+        """Where uploads/, results/ and slots/ live: the state root itself."""
+        return self.state_root
+
+    @property
     def audit_path(self) -> Path:
         env = os.environ.get("AIRLOCK_AUDIT_LOG")
-        return self.audit_log or (Path(env) if env else self.spool_root / "audit.jsonl")
+        return self.audit_log or (Path(env) if env else self.state_root / "audit.jsonl")
 
     @property
     def provenance_key_path(self) -> Path:
-        return self.provenance_key or default_key_path()
+        env = os.environ.get("AIRLOCK_PROVENANCE_KEY")
+        return self.provenance_key or (Path(env) if env else self.state_root / KEY_FILE_NAME)
+
+    @property
+    def transfer_socket_path(self) -> Path:
+        """The fast path's socket: configured, else beside the Unix socket, else in the
+        state root's ``sockets/`` (reachable by the broker's own user only)."""
+        if self.local_transfer.socket_path is not None:
+            return self.local_transfer.socket_path
+        if self.unix_socket is not None:
+            return self.unix_socket.parent / "transfer.sock"
+        return self.state_root / SOCKETS_DIR / "transfer.sock"
 
     @classmethod
     def load(cls, path: Path | None = None, *, insecure_no_auth: bool = False,
@@ -197,7 +222,7 @@ class BrokerConfig:
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
-        for key in ("spool_root", "audit_log"):
+        for key in ("state_root", "audit_log"):
             if key in broker:
                 broker[key] = Path(broker[key])
         if "unix_socket" in broker:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.state_dirs import open_private_file
 from airlock_broker.workspace import remove_quietly
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class IdempotencyStore:
     def open_stored(stored: StoredResult) -> int:
         """An open descriptor on a stored output: it survives the entry's eviction."""
         assert stored.path is not None
-        return os.open(stored.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_private_file(stored.path, os.O_RDONLY)  # no link, the broker's file
 
     def purge(self) -> int:
         """Forget completed entries past their TTL and delete their files."""

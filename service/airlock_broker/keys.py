@@ -1,10 +1,11 @@
 """The broker's provenance signing key: where it lives, how it is made, how it is checked.
 
-One ECDSA P-256 key per broker installation, kept outside the repository in a state
-directory (``/var/lib/airlock`` for root, ``$XDG_STATE_HOME/airlock`` otherwise,
-``AIRLOCK_STATE_DIR`` to override; ``[provenance] key_path`` or ``AIRLOCK_PROVENANCE_KEY``
-name the file itself). The first start creates it 0600 in a 0700 directory. A key file that
-others may read is refused, as ssh does: a leaked key signs anything.
+One ECDSA P-256 key per broker installation, kept in the broker's state root
+(``/var/lib/airlock`` for root, ``$XDG_STATE_HOME/airlock`` otherwise, ``AIRLOCK_STATE_DIR``
+to override: state_dirs.py; ``[provenance] key_path`` or ``AIRLOCK_PROVENANCE_KEY`` name the
+file itself). The first start creates it 0600 in that 0700 directory. A key file that others
+may read is refused, as ssh does: a leaked key signs anything; and so is one owned by another
+user, who could have planted a key of their own and so sign anything the broker vouches for.
 
 The key is unencrypted on disk: the broker must sign unattended. Protect the host; keep the
 *public* half wherever consumers pin it (``airlock keys export``).
@@ -23,6 +24,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from airlock_broker.state_dirs import default_state_root
+
 KEY_FILE_NAME = "provenance-signing-key.pem"
 #: Signature scheme named in the API and the README.
 ALGORITHM = "ecdsa-p256-sha256"
@@ -32,19 +35,9 @@ class SigningKeyError(Exception):
     """The key file is missing, unreadable, of the wrong kind, or exposed."""
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get("AIRLOCK_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/airlock")
-    xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "airlock"
-
-
 def default_key_path() -> Path:
     env = os.environ.get("AIRLOCK_PROVENANCE_KEY")
-    return Path(env) if env else default_state_dir() / KEY_FILE_NAME
+    return Path(env) if env else default_state_root() / KEY_FILE_NAME
 
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -84,7 +77,8 @@ class SigningKey:
 
 
 def load_key(path: Path) -> SigningKey:
-    """Load an existing key, refusing one that group or others can read or write."""
+    """Load an existing key, refusing one that another user owns or that group or others can
+    read or write."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -95,9 +89,16 @@ def load_key(path: Path) -> SigningKey:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise SigningKeyError(f"the provenance key {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise SigningKeyError(
+                f"KEY_WRONG_OWNER: the provenance key {path} is owned by uid {st.st_uid}, not "
+                f"the broker's uid {os.geteuid()}: another user may have planted a key of their "
+                f"own. Check it; then chown {os.geteuid()} it, or remove it (a new key is "
+                "made, and consumers must pin its public half again)")
         if st.st_mode & 0o077:
-            raise SigningKeyError(f"the provenance key {path} is accessible to other users (mode "
-                            f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+            raise SigningKeyError(f"KEY_OPEN_MODE: the provenance key {path} is accessible to "
+                                  f"other users (mode {stat.S_IMODE(st.st_mode):04o}); chmod "
+                                  "600 it")
         data = fh.read(64 * 1024)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -147,10 +148,14 @@ def export_public(config_path: Path | None = None) -> tuple[str, str, bool]:
     """``airlock keys export``: the broker's public key PEM, its fingerprint, and whether the
     key had to be created (the same path and rules as ``airlock serve``)."""
     from airlock_broker.config import BrokerConfig  # config imports this module
+    from airlock_broker.state_dirs import StateDirError, prepare_key_dir
 
     config = BrokerConfig.load(config_path)
     try:
+        prepare_key_dir(config.provenance_key_path, config.state_root)
         key, created = load_or_create(config.provenance_key_path)
+    except StateDirError as exc:
+        raise SigningKeyError(f"refusing the provenance key's directory: {exc}") from None
     except OSError as exc:
         raise SigningKeyError(f"cannot create the provenance key "
                               f"{config.provenance_key_path}: {exc}") from exc

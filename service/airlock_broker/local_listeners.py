@@ -25,8 +25,9 @@ serves:
 - gRPC removes the socket when the broker stops; its directory stays, and with it a client's
   choice of the socket over TCP, so a client never falls back to a port anyone may hold.
 
-The directory is checked with a helper of this module; it is meant to move under the broker's
-single state root (DESIGN §1.8) with the other state directories.
+The directory is checked by state_dirs.py, as every state directory of the broker is
+(DESIGN §1.8). It is the one that is not under the 0700 state root: other users must reach
+the socket, so it may be 0755 (never writable by anyone else).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from pathlib import Path
 
 import grpc
 
-from airlock_broker.local_transfer import check_private_dir
 from airlock_broker.peer_identity import IdentityServer, PeerTickets, identity_path
+from airlock_broker.state_dirs import StateDirError, check_ancestors, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ async def add_unix_listener(server: grpc.aio.Server, path: Path | None,
             raise OSError(f"cannot listen on the Unix socket {path}: {exc}") from None
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(f"{path} is not the socket gRPC just made")
-        os.chmod(path, 0o666)  # in our own directory: nobody can have swapped it
+        os.chmod(path, 0o666, follow_symlinks=False)  # in our own directory, checked
     except BaseException:
         await identity.close()
         raise
@@ -195,15 +196,12 @@ async def add_unix_listener(server: grpc.aio.Server, path: Path | None,
 def prepare_socket_dir(directory: Path) -> None:
     """The socket's directory: made 0755 if missing, else checked (``OSError`` if unsafe)."""
     try:
-        directory.mkdir(mode=0o755, parents=True)
-        os.chmod(directory, 0o755)  # the umask may have narrowed it
-    except FileExistsError:
-        pass
-    try:
-        check_private_dir(directory)
-    except ValueError as exc:
-        raise OSError(f"refusing the Unix socket's directory: {exc}; remove it or "
-                      "configure another (unix_socket)") from None
+        os.makedirs(directory.parent, 0o755, exist_ok=True)
+        check_ancestors(directory)
+        ensure_dir(directory, shared=True)
+    except StateDirError as exc:
+        raise OSError(f"refusing the Unix socket's directory: {exc} (or configure another "
+                      "socket: unix_socket)") from None
     if not os.lstat(directory).st_mode & stat.S_IXOTH:
         log.warning("%s is not searchable by others: only its owner can reach the socket",
                     directory)

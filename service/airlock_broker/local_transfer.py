@@ -57,6 +57,7 @@ from airlock_broker.local_handles import (
     check_output,
 )
 from airlock_broker.peer_io import DaemonPool, PeerIO
+from airlock_broker.state_dirs import StateDirError, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class LocalTransferSettings:
     the socket's directory is not the broker's own."""
 
     enabled: bool = True
-    #: Default: ``<spool_root>.local/transfer.sock`` (a per-broker directory).
+    #: Default: beside the broker's Unix socket, else in the state root's ``sockets/``
+    #: (BrokerConfig.transfer_socket_path).
     socket_path: Path | None = None
     #: Connecting grants nothing without a ticket: 0666 lets every local user who may call the
     #: gRPC port use the fast path. 0660/0600 restrict it to the broker's group/user.
@@ -108,10 +110,6 @@ class LocalTransferSettings:
             raise ValueError("max_tickets and max_connections must be positive")
         if self.connection_timeout_seconds <= 0:
             raise ValueError("connection_timeout_seconds must be positive")
-
-    def path_for(self, spool_root: Path) -> Path:
-        return self.socket_path or spool_root.with_name(spool_root.name + ".local") / \
-            "transfer.sock"
 
 
 class LocalTransferServer:
@@ -256,13 +254,10 @@ def _bind(path: Path, mode: int) -> socket.socket:
     """The listening socket at ``path``, in a directory only the broker's user can write."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise ValueError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
-    directory = path.parent
     try:
-        directory.mkdir(mode=0o755)
-        os.chmod(directory, 0o755)  # the umask may have narrowed it; wider it must not be
-    except FileExistsError:
-        pass
-    check_private_dir(directory)
+        ensure_dir(path.parent, shared=True)  # 0755 made; else the broker's, nobody else may write
+    except StateDirError as exc:
+        raise ValueError(str(exc)) from None
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -271,7 +266,7 @@ def _bind(path: Path, mode: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.bind(os.fspath(path))  # mode from the umask until the chmod: not wider than 0777
-        os.chmod(path, mode)
+        os.chmod(path, mode, follow_symlinks=False)
         sock.listen(16)
         sock.setblocking(False)
     except BaseException:
@@ -280,15 +275,3 @@ def _bind(path: Path, mode: int) -> socket.socket:
     return sock
 
 
-def check_private_dir(directory: Path, owners: tuple[int, ...] | None = None) -> None:
-    """``directory`` is a real directory owned by ``owners`` (default: this process's user)
-    that no one else can write. Raises ``ValueError`` saying what is wrong."""
-    st = os.lstat(directory)
-    allowed = owners if owners is not None else (os.geteuid(),)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{directory} is not a directory (or is a symlink)")
-    if st.st_uid not in allowed:
-        raise ValueError(f"{directory} is owned by uid {st.st_uid}, not {allowed}")
-    if st.st_mode & 0o022:
-        raise ValueError(f"{directory} is writable by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):o})")

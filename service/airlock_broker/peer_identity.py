@@ -122,7 +122,8 @@ class IdentityServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.bind(os.fspath(self.path))
-            os.chmod(self.path, 0o666)  # connecting proves who you are; it grants nothing else
+            # Connecting proves who you are; it grants nothing else.
+            os.chmod(self.path, 0o666, follow_symlinks=False)
             sock.listen(64)
             sock.setblocking(False)
         except BaseException:

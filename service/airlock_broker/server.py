@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker import exit_watch
+from airlock_broker import exit_watch, state_dirs
 from airlock_broker.admin import AdminServicer
 from airlock_broker.admission import Admission
 from airlock_broker.audit import AuditLog
@@ -68,6 +69,8 @@ class Broker:
     signing_key: SigningKey
     local: LocalTransferServer | None = None
     unix: UnixListener | None = None
+    #: The spool this broker reaps again when it stops (see ``stop``).
+    spool_root: Path | None = None
     stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -85,31 +88,42 @@ class Broker:
             await asyncio.sleep(drain)
             await self.server.stop(grace)
         finally:
-            if self.unix is not None:
-                await self.unix.close()
-            if self.local is not None:
-                await self.local.close()
             try:
-                await self.pools.close()
+                await self._release()
             finally:
-                await self.onnx_validator.close()
-            await self.replays.close()
-            await self.backend.close()
-            self.audit.close()
-            os.close(self.lock_fd)
+                self.audit.close()
+                # Whatever a cancelled job or a failed close left (an output tmpfs above all):
+                # the next broker on this root would reap it, but no mount may outlive us.
+                left = reap_stale(self.spool_root) if self.spool_root is not None else 0
+                if left:
+                    log.info("removed %d job director(ies) left at shutdown", left)
+                os.close(self.lock_fd)
+
+    async def _release(self) -> None:
+        if self.unix is not None:
+            await self.unix.close()
+        if self.local is not None:
+            await self.local.close()
+        try:
+            await self.pools.close()
+        finally:
+            await self.onnx_validator.close()
+        await self.replays.close()
+        await self.backend.close()
 
 
-def lock_spool(config: BrokerConfig) -> int:
-    """One broker per spool root: it reaps what it finds there, so it must be the only user."""
-    config.spool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(config.spool_root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def lock_state(config: BrokerConfig) -> int:
+    """Check the state root (``StateDirError`` if it is not the broker's alone), then take it:
+    one broker per state root, since it reaps what it finds there."""
+    state_dirs.prepare(config.state_root, (config.audit_path, config.provenance_key_path))
+    fd = state_dirs.open_private_file(config.state_root / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise SandboxUnavailable(
-            f"another broker is using the spool directory {config.spool_root}; give this one "
-            "its own (AIRLOCK_SPOOL_DIR or [broker] spool_root)") from None
+            f"another broker is using the state root {config.state_root}; give this one "
+            "its own (--state-dir, AIRLOCK_STATE_DIR or [broker] state_root)") from None
     return fd
 
 
@@ -133,9 +147,9 @@ async def create_server(config: BrokerConfig,
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
     check_at_start(config.sandbox)  # no host account may share the sandbox's uid or gid
     credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
-    signing_key = provenance_key(config)
-    lock_fd = lock_spool(config)
+    lock_fd = lock_state(config)  # checks the state root, where the key lives: first
     try:
+        signing_key = provenance_key(config)
         stale = reap_stale(config.spool_root)
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
@@ -260,7 +274,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                     " and drain or restart the pools" if config.auth.anonymous_admin else "")
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
-                  replays=replays, lock_fd=lock_fd,
+                  replays=replays, lock_fd=lock_fd, spool_root=config.spool_root,
                   signing_key=signing_key, local=local, unix=unix)
 
 
@@ -270,7 +284,7 @@ async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:
     if not settings.enabled:
         log.info("same-host fast path off ([local_transfer] enabled = false)")
         return None
-    local = LocalTransferServer(settings, settings.path_for(config.spool_root),
+    local = LocalTransferServer(settings, config.transfer_socket_path,
                                 config.max_artifact_bytes)
     return local if await local.start() else None
 

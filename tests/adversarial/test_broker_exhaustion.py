@@ -67,7 +67,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 @pytest.fixture(scope="module")
 def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
     home = tmp_path_factory.mktemp("exhaustion")
-    spool = home / "spool"
+    spool = home / "state"  # start_broker's state root: the spool lives in it
     spool.mkdir(mode=0o700)
     opts = f"size={SPOOL_BYTES},mode=0700".encode()
     if _libc.mount(b"tmpfs", os.fsencode(spool), b"tmpfs", 0, opts) != 0:
@@ -127,7 +127,7 @@ def _stub(broker: BrokerProcess) -> pb_grpc.ConversionServiceStub:
 
 
 def _socket_path(broker: BrokerProcess) -> Path:
-    return broker.spool.with_name(broker.spool.name + ".local") / "transfer.sock"
+    return broker.transfer_socket
 
 
 def _reason(exc: grpc.RpcError) -> str:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from airlock_client import Client, PoolStatus
 from tests.adversarial.payloads import reduce_pickle
-from tests.conftest import LIVE_SPOOLS, BrokerProcess, start_broker
+from tests.conftest import BrokerProcess, start_broker
 
 T = TypeVar("T")
 
@@ -92,15 +92,10 @@ class PoolBroker:
 
 
 def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
-    """Start a broker on ``config``; with ``spool``, on that (possibly used) spool directory."""
-    env = {"AIRLOCK_SPOOL_DIR": str(spool)} if spool is not None else None
+    """Start a broker on ``config``; with ``spool``, on that (possibly used) state root."""
+    env = {"AIRLOCK_STATE_DIR": str(spool)} if spool is not None else None
     started_at = time.time()
     proc = start_broker(tmp, "--config", str(config), env=env)
-    if spool is not None and proc.spool != spool:
-        # start_broker assumed <tmp>/spool; record the spool the broker really uses.
-        LIVE_SPOOLS.discard(proc.spool)
-        proc.spool = spool
-        LIVE_SPOOLS.add(spool)
     broker = PoolBroker(proc=proc, client=Client(proc.unix_address, retry_attempts=1),
                         identity=process_identity(proc.process.pid), started_at=started_at)
     return broker

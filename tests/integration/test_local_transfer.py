@@ -36,7 +36,7 @@ ALICE, BOB = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
 
 
 def _socket_path(broker: BrokerProcess) -> Path:
-    return broker.spool.with_name(broker.spool.name + ".local") / "transfer.sock"
+    return broker.transfer_socket
 
 
 def _stub(address: str) -> pb_grpc.ConversionServiceStub:

@@ -577,6 +577,8 @@ def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
 
     min_warm = 1
 
+    (tmp_path / "spool").mkdir(mode=0o700)  # a state root, as the broker makes it
+
     async def scenario() -> tuple[list[str], dict[str, int]]:
         backend = DockerSandbox(SandboxPolicy(image=image), tmp_path / "spool")
         await backend.check()

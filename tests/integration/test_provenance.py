@@ -45,8 +45,9 @@ def public_key(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) 
     fetched = run_cli("keys", "fetch", "-o", str(pub), "--json", server=broker.address)
     assert fetched.returncode == 0, fetched.stderr
     assert "trust on first use" in fetched.stderr
-    # The broker runs with the default key location; `keys export` reads that same file.
-    exported = run_cli("keys", "export", "--json", server=broker.address)
+    # The broker keeps its key in its state root; `keys export` on that root reads that file.
+    exported = run_cli("keys", "export", "--json", server=broker.address,
+                       env={"AIRLOCK_STATE_DIR": str(broker.state)})
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["fingerprint"] == json.loads(fetched.stdout)["fingerprint"]
     assert json.loads(exported.stdout)["public_key_pem"] == pub.read_text()

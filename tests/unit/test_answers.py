@@ -75,7 +75,7 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
     source.write_bytes(b"x" * 100)
     fd = os.open(source, os.O_RDONLY)
     peer_out = os.open(tmp_path / "peer-output", os.O_WRONLY | os.O_CREAT, 0o600)
-    limits = BrokerConfig(spool_root=tmp_path)
+    limits = BrokerConfig(state_root=tmp_path)
 
     async def cancelled_midway() -> None:
         io = PeerIO(2, 1.0)

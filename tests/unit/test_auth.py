@@ -80,7 +80,7 @@ def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
     managers: list[Any] = []
 
     def _make(auth: AuthConfig, listen: str = "127.0.0.1:0") -> tuple[str, FakeSandbox]:
-        config = BrokerConfig(listen=listen, spool_root=tmp_path / "spool",
+        config = BrokerConfig(listen=listen, state_root=tmp_path / "spool",
                               pools=PoolSettings(min_warm=0), selftest_on_start=False, auth=auth)
         backend = FakeSandbox(config.spool_root, write_safetensors)
         cm = running_broker(config, backend)
@@ -174,7 +174,7 @@ def test_insecure_flag_and_configured_auth_contradict_each_other() -> None:
 
 def test_serve_refuses_before_touching_docker(tmp_path: Path) -> None:
     # The check runs on the configuration, so no engine, port or spool is involved.
-    env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(tmp_path / "spool"),
+    env = {**os.environ, "AIRLOCK_STATE_DIR": str(tmp_path / "state"),
            "DOCKER_HOST": "unix:///nonexistent.sock"}
     done = subprocess.run([AIRLOCK, "serve", "--listen", "0.0.0.0:0"], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
@@ -193,7 +193,7 @@ def test_metrics_beyond_loopback_are_refused_without_the_flag(tmp_path: Path) ->
                              ).metrics_public
     with pytest.raises(ValueError, match="HOST:PORT"):
         BrokerConfig(metrics_listen="127.0.0.1")
-    env = {**os.environ, "AIRLOCK_SPOOL_DIR": str(tmp_path / "spool"),
+    env = {**os.environ, "AIRLOCK_STATE_DIR": str(tmp_path / "state"),
            "DOCKER_HOST": "unix:///nonexistent.sock"}
     done = subprocess.run([AIRLOCK, "serve", "--metrics", "0.0.0.0:0"], capture_output=True,
                           text=True, env=env, timeout=60, check=False)

@@ -40,7 +40,7 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
         overrides.setdefault("provenance_key", tmp_path / "provenance-key.pem")
-        config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+        config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                               **overrides)  # type: ignore[arg-type]
         backend = FakeSandbox(config.spool_root, behaviour)
         cm = running_broker(config, backend)

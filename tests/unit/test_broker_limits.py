@@ -74,7 +74,7 @@ def start(tmp_path: Path) -> Iterator[Any]:
         overrides.setdefault("selftest_on_start", False)
         overrides.setdefault("provenance_key", tmp_path / "provenance-key.pem")
         spool = tmp_path / f"spool{len(managers)}"
-        config = BrokerConfig(listen="127.0.0.1:0", spool_root=spool, **overrides)
+        config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, **overrides)
         backend = FakeSandbox(spool, write_big)
         manager = running_broker(config, backend)
         broker = manager.__enter__()

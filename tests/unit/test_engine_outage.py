@@ -35,7 +35,7 @@ def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
 
 def test_outage_flips_health_refuses_with_the_reason_and_recovery_refills(
         tmp_path: Path) -> None:
-    config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                           selftest_on_start=False, unix_socket=tmp_path / "run" / "broker.sock",
                           pools=PoolSettings(min_warm=1, profiles=("sklearn",),
                                              engine_check_seconds=0.05))

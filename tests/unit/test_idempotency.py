@@ -74,7 +74,7 @@ def start(tmp_path: Path) -> Iterator[object]:
     def _start(behaviour: Behaviour = write_safetensors, **overrides: object) -> Running:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
-        config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / f"spool{len(stack)}",
+        config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / f"spool{len(stack)}",
                               **overrides)  # type: ignore[arg-type]
         backend = GatedSandbox(config.spool_root, behaviour)
         cm = running_broker(config, backend)
@@ -231,6 +231,7 @@ async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
     """What the servicer does: the answer's file, in the store's directory, then commit."""
     async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
         path = results_dir(store.spool_root) / f"job-{key}"
+        path.touch(mode=0o600)  # as answers.py makes it: the broker's alone
         path.write_bytes(payload)
         if not claim.commit(b"header", path, len(payload)):
             path.unlink()  # the caller's file unless the store took it

@@ -267,7 +267,7 @@ def test_the_socket_directory_of_another_user_is_refused(tmp_path: Path) -> None
 
 
 def _broker_config(tmp_path: Path, unix_socket: Path | None = None) -> BrokerConfig:
-    return BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    return BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                         pools=PoolSettings(min_warm=0), selftest_on_start=False,
                         unix_socket=unix_socket or tmp_path / "run" / "broker.sock")
 

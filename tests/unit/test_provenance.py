@@ -331,7 +331,7 @@ def test_key_location_defaults_and_config(tmp_path: Path, monkeypatch: pytest.Mo
 # -- the client, against a broker with a fake sandbox ----------------------------------------
 
 def _broker_config(tmp_path: Path) -> BrokerConfig:
-    return BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    return BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                         pools=PoolSettings(min_warm=0), selftest_on_start=False,
                         provenance_key=tmp_path / "keys" / "broker.pem")
 

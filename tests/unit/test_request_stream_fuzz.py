@@ -56,7 +56,7 @@ KNOWN = {r.value for r in Reason} - {Reason.INTERNAL.value}
 
 
 def test_any_request_stream_gets_a_result_or_a_known_reason(tmp_path: Path) -> None:
-    config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                           pools=PoolSettings(min_warm=0), selftest_on_start=False,
                           upload_idle_seconds=5,
                           provenance_key=tmp_path / "provenance-key.pem")

@@ -257,7 +257,7 @@ def test_a_queue_that_is_not_a_count_is_ignored(queued: str) -> None:
 @pytest.fixture
 def full_broker(tmp_path: Path) -> Iterator[tuple[str, GatedSandbox, object]]:
     """One place, held by a job the gate keeps in its sandbox; recent jobs took 0.2 s."""
-    config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                           max_concurrent_jobs=1, max_queued_jobs=0,
                           pools=PoolSettings(min_warm=0), selftest_on_start=False,
                           provenance_key=tmp_path / "key.pem")

@@ -85,7 +85,7 @@ def test_the_broker_does_not_start_on_a_host_with_an_account_on_the_sandbox_uid(
         return real(uid)
 
     monkeypatch.setattr(pwd, "getpwuid", getpwuid)
-    config = BrokerConfig(listen="127.0.0.1:0", spool_root=tmp_path / "spool",
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                           pools=PoolSettings(min_warm=0), selftest_on_start=False,
                           provenance_key=tmp_path / "key.pem")
 
