@@ -125,9 +125,12 @@ class _Validator:
         self._code: int | None = None
         self._closing = threading.Lock()
         self._closed = False
+        #: Set once it was told to die (it may still be alive for a moment).
+        self.killed = False
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (no pid-reuse race); safe from any thread, and again."""
+        self.killed = True
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
@@ -291,7 +294,7 @@ class OnnxValidatorPool:
 
     def pids(self) -> list[int]:
         """Process ids of the validators alive now (spares and busy ones)."""
-        return [v.pid for v in self._live]
+        return [v.pid for v in list(self._live) if not v.killed]
 
     def template_pid(self) -> int | None:
         return None if self._template is None else self._template.pid
