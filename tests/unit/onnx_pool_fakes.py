@@ -74,7 +74,11 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         raise error(Reason.OUTPUT_INVALID, f"look {seen}")
     if data == SYSCALLS:
         outcomes = {}
-        for name, call in (("fork", os.fork), ("socket", lambda: socket.socket(socket.AF_UNIX)),
+        def fork() -> None:
+            if os.fork() == 0:  # allowed: the child leaves at once
+                os._exit(0)
+
+        for name, call in (("fork", fork), ("socket", lambda: socket.socket(socket.AF_UNIX)),
                            ("kill", lambda: os.kill(os.getppid(), 0))):
             try:
                 call()
