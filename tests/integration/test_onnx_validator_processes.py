@@ -60,7 +60,9 @@ def wait_for_validators(broker_pid: int, count: int, exclude: set[int]) -> set[i
         if len(found) >= count:
             return found
         time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} ready validators after 120 s")
+    seen = {p: (status(p).get("Seccomp"), status(p).get("Uid")) for p in children(broker_pid)}
+    raise AssertionError(f"fewer than {count} validators under a seccomp filter after 120 s; "
+                         f"the broker's children (Seccomp, Uid): {seen}")
 
 
 def test_conversion_returns_the_validated_canonical_onnx(tmp_path: Path) -> None:
