@@ -237,21 +237,21 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
 
     crash = write(tmp_path, "crash.onnx", fakes.CRASH)
     good = write(tmp_path, "good.onnx", model_bytes)
-    real_spawn = onnx_pool._Template.spawn
+    real_spawn = onnx_pool.Template.spawn
 
-    def no_processes(self: onnx_pool._Template, timeout: float,
-                     stderr_bytes: int) -> onnx_pool._Validator:
+    def no_processes(self: onnx_pool.Template, timeout: float,
+                     stderr_bytes: int) -> onnx_pool.Validator:
         raise OSError(11, "Resource temporarily unavailable")
 
     async def body(pool: OnnxValidatorPool) -> tuple[Reason, Reason, bytes]:
         await asyncio.wait_for(pool.validate(good), 60)  # the spare is forked and used
         await until(lambda: pool.started == 2)  # and its replacement is ready
-        monkeypatch.setattr(onnx_pool._Template, "spawn", no_processes)
+        monkeypatch.setattr(onnx_pool.Template, "spawn", no_processes)
         with pytest.raises(AirlockError) as crashed:
             await pool.validate(crash)  # its replacement cannot start
         with pytest.raises(AirlockError) as starved:
             await pool.validate(good)  # the slot is still there: it tries, and says why
-        monkeypatch.setattr(onnx_pool._Template, "spawn", real_spawn)
+        monkeypatch.setattr(onnx_pool.Template, "spawn", real_spawn)
         canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
         return crashed.value.reason, starved.value.reason, canonical
 
@@ -470,7 +470,9 @@ def test_an_account_that_owns_the_validator_uid_is_refused() -> None:
         ValidatorSettings.check_ids_unused(_unchecked(uid=0))
     with pytest.raises(ValueError, match=r"gid = 0 belongs to the group 'root'"):
         ValidatorSettings.check_ids_unused(_unchecked(gid=0))
-    ValidatorSettings().check_ids_unused()  # the default ids belong to nobody here
+    with pytest.raises(ValueError, match=r"are the sandboxes' \(64998:10001\)"):
+        ValidatorSettings().check_ids_unused("64998:10001")
+    ValidatorSettings().check_ids_unused("10001:10001")  # the defaults belong to nobody here
 
 
 def _unchecked(**values: int) -> ValidatorSettings:

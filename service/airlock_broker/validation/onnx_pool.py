@@ -32,11 +32,7 @@ import json
 import logging
 import os
 import pwd
-import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -49,9 +45,8 @@ from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
 from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
-from airlock_broker.validation.onnx_template import SPAWN, SPAWN_FDS, STATUS
+from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_worker import FD_MARK, READY
-from airlock_broker.validation.stderr_pipe import StderrDrain
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +95,14 @@ class ValidatorSettings:
         if self.uid >= 2**32 - 1 or self.gid >= 2**32 - 1:
             raise ValueError("uid and gid must be below 4294967295")
 
-    def check_ids_unused(self) -> None:
-        """``ValueError`` if an account or group on this host has the validators' ids: a
-        validator would then share what that account owns and may signal."""
+    def check_ids_unused(self, sandbox_user: str = "") -> None:
+        """``ValueError`` if an account or group on this host, or the sandboxes
+        (``sandbox_user``, "UID:GID"), have the validators' ids: a validator would then share
+        what they own and may signal."""
+        if f"{self.uid}" in sandbox_user.split(":")[:1] or \
+                f"{self.gid}" in sandbox_user.split(":")[1:]:
+            raise ValueError(f"[onnx_validator] uid/gid {self.uid}:{self.gid} are the "
+                             f"sandboxes' ({sandbox_user}): give validators ids of their own")
         with contextlib.suppress(KeyError):
             name = pwd.getpwuid(self.uid).pw_name
             raise ValueError(f"[onnx_validator] uid = {self.uid} belongs to the account "
@@ -111,137 +111,6 @@ class ValidatorSettings:
             name = grp.getgrgid(self.gid).gr_name
             raise ValueError(f"[onnx_validator] gid = {self.gid} belongs to the group "
                              f"{name!r}: choose a gid no group uses")
-
-
-class _Validator:
-    """One forked, single-use validator: its job socket, stderr, exit status and pidfd."""
-
-    def __init__(self, pid: int, fds: dict[str, int], stderr_bytes: int) -> None:
-        self.pid = pid
-        self.conn = Connection(fds["job"])
-        self._status = fds["status"]
-        self._pidfd = fds["pidfd"]
-        self.stderr = StderrDrain(fds["stderr"], stderr_bytes, f"ONNX validator {pid}")
-        self._code: int | None = None
-        self._closing = threading.Lock()
-        self._closed = False
-        #: Set once it was told to die (it may still be alive for a moment).
-        self.killed = False
-
-    def kill(self) -> None:
-        """SIGKILL through the pidfd (no pid-reuse race); safe from any thread, and again."""
-        self.killed = True
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-    def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the template to report the exit status."""
-        if self._code is not None or self._closed:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            if select.select([self._status], [], [], timeout)[0]:
-                data = os.read(self._status, STATUS.size)
-                if len(data) == STATUS.size:
-                    (self._code,) = STATUS.unpack(data)
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._code
-
-    def reap(self) -> None:
-        """Kill it, wait for its status and stderr, release every descriptor. Idempotent."""
-        self.kill()
-        self.join(5.0)
-        with self._closing:
-            if self._closed:
-                return
-            self._closed = True
-            for close in (self.conn.close, lambda: os.close(self._status),
-                          lambda: os.close(self._pidfd)):
-                with contextlib.suppress(OSError):
-                    close()
-        self.stderr.join(1.0)
-
-
-class _Template:
-    """The template process and the broker's end of its control socket."""
-
-    def __init__(self, module: str, config: str, stderr_bytes: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        err_r, err_w = os.pipe()
-        try:
-            # Its own argv and a minimal environment; no multiprocessing machinery (no
-            # re-import of the broker's __main__, no resource tracker); the broker's import path
-            # made absolute, since it runs in "/" ("" was the broker's cwd); BLAS without a
-            # thread pool (the template forks). It dies with the broker (PDEATHSIG) and on EOF
-            # of the socket.
-            self.process = subprocess.Popen(
-                [sys.executable, "-B", "-m", module, str(theirs.fileno()), config],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_w,
-                pass_fds=(theirs.fileno(),),
-                env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path),
-                     "PATH": os.defpath, "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
-                     "OMP_NUM_THREADS": "1"},
-                cwd="/", start_new_session=True)
-        except BaseException:
-            ours.close()
-            os.close(err_r)
-            raise
-        finally:
-            theirs.close()  # so that a dead template reads as EOF instead of a silent wait
-            os.close(err_w)
-        self.control = ours
-        self.stderr = StderrDrain(err_r, stderr_bytes, f"ONNX validator template {self.pid}")
-        self.ready = False
-        self.lock = threading.Lock()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def await_ready(self, timeout: float) -> None:
-        """Block until the template said ready; ``INTERNAL`` if it does not in ``timeout``."""
-        if self.ready:
-            return
-        with contextlib.suppress(OSError):
-            if select.select([self.control], [], [], timeout)[0] and \
-                    self.control.recv(16) == READY:
-                self.ready = True
-                return
-        self.kill()
-        raise error(Reason.INTERNAL,
-                    f"the ONNX validator template did not start within {timeout:g} s "
-                    f"(exit code {self.process.poll()}; its stderr is in the broker's log)")
-
-    def spawn(self, timeout: float, stderr_bytes: int) -> _Validator:
-        """Ask for one fresh validator; ``OSError`` if the template does not give one."""
-        self.control.send(SPAWN)
-        if not select.select([self.control], [], [], timeout)[0]:
-            raise OSError("the ONNX validator template did not fork in time")
-        data, fds, flags, _addr = socket.recv_fds(self.control, 256, len(SPAWN_FDS))
-        if len(fds) != len(SPAWN_FDS) or flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(f"the ONNX validator template answered {len(data)} bytes and "
-                          f"{len(fds)} descriptors")
-        pid = json.loads(data)["pid"]
-        return _Validator(int(pid), dict(zip(SPAWN_FDS, fds, strict=True)), stderr_bytes)
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.process.poll() is None:
-                self.process.kill()
-
-    def reap(self) -> None:
-        self.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5.0)
-        with contextlib.suppress(OSError):
-            self.control.close()
-        self.stderr.join(1.0)
 
 
 class OnnxValidatorPool:
@@ -258,12 +127,12 @@ class OnnxValidatorPool:
         self._module = worker_module
         #: One entry per slot: a ready validator, or None for a slot whose validator must be
         #: forked (its replacement failed; the next job that takes it tries again).
-        self._idle: asyncio.Queue[_Validator | None] | None = None
-        self._template: _Template | None = None
+        self._idle: asyncio.Queue[Validator | None] | None = None
+        self._template: Template | None = None
         self._template_lock = threading.Lock()
         #: Every validator not yet reaped (spares and busy ones).
-        self._live: set[_Validator] = set()
-        self._refills: set[asyncio.Future[_Validator | None]] = set()
+        self._live: set[Validator] = set()
+        self._refills: set[asyncio.Future[Validator | None]] = set()
         self._closed = False
         #: Validators forked so far (for metrics and tests: one per validation, plus spares).
         self.started = 0
@@ -277,8 +146,6 @@ class OnnxValidatorPool:
         """Start the template and fork the spares in the background."""
         if self._idle is not None:
             raise RuntimeError("the validator pool is already started")
-        if os.geteuid() == 0:
-            self.settings.check_ids_unused()
         self._idle = asyncio.Queue()
         if self.confinement.full:
             log.info("ONNX validators run confined: %s", self.confinement.describe())
@@ -289,8 +156,8 @@ class OnnxValidatorPool:
         for _ in range(self.settings.processes):
             self._refill(None)
 
-    def _new_template(self) -> _Template:
-        return _Template(self._module, self._config, self.settings.max_stderr_bytes)
+    def _new_template(self) -> Template:
+        return Template(self._module, self._config, self.settings.max_stderr_bytes)
 
     def pids(self) -> list[int]:
         """Process ids of the validators alive now (spares and busy ones)."""
@@ -322,13 +189,13 @@ class OnnxValidatorPool:
         finally:
             self._refill(validator)  # used once, whatever happened
 
-    def _refill(self, used: _Validator | None) -> None:
+    def _refill(self, used: Validator | None) -> None:
         """Reap ``used`` and put a freshly forked validator in its slot, in the background."""
         refill = asyncio.ensure_future(asyncio.to_thread(self._replace, used))
         self._refills.add(refill)
         refill.add_done_callback(self._refilled)
 
-    def _refilled(self, refill: asyncio.Future[_Validator | None]) -> None:
+    def _refilled(self, refill: asyncio.Future[Validator | None]) -> None:
         self._refills.discard(refill)
         fresh = None if refill.cancelled() or refill.exception() else refill.result()
         if self._closed or self._idle is None:
@@ -337,7 +204,7 @@ class OnnxValidatorPool:
             return
         self._idle.put_nowait(fresh)
 
-    def _replace(self, used: _Validator | None) -> _Validator | None:
+    def _replace(self, used: Validator | None) -> Validator | None:
         if used is not None:
             used.reap()
             self._live.discard(used)
@@ -351,13 +218,13 @@ class OnnxValidatorPool:
             log.error("could not start an ONNX validator: %s", exc)
         return None
 
-    def _fork_or_fail(self) -> _Validator:
+    def _fork_or_fail(self) -> Validator:
         try:
             return self._fork()
         except (OSError, ValueError) as exc:
             raise error(Reason.INTERNAL, f"cannot start an ONNX validator: {exc}") from exc
 
-    def _fork(self) -> _Validator:
+    def _fork(self) -> Validator:
         """A fresh validator from the template (restarted first if it died). Blocking."""
         with self._template_lock:
             if self._closed:
@@ -377,7 +244,7 @@ class OnnxValidatorPool:
             self.forked.append(validator.pid)
             return validator
 
-    def _exchange(self, validator: _Validator, source: Path) -> tuple[bytes, OnnxInfo]:
+    def _exchange(self, validator: Validator, source: Path) -> tuple[bytes, OnnxInfo]:
         """One request and answer, blocking (runs in a thread)."""
         # A missing, linked, special or oversize file is refused here and costs no validator's
         # work (the validator is replaced all the same: it is single-use).
@@ -386,7 +253,7 @@ class OnnxValidatorPool:
             check_onnx_size(st.st_size, self.limits)
             return self._exchange_fd(validator, handle.fileno())
 
-    def _exchange_fd(self, validator: _Validator, fd: int) -> tuple[bytes, OnnxInfo]:
+    def _exchange_fd(self, validator: Validator, fd: int) -> tuple[bytes, OnnxInfo]:
         deadline = time.monotonic() + self.settings.timeout_seconds
         try:
             hello = _receive(validator, deadline, 16, self.settings)
@@ -431,14 +298,14 @@ def _send_fd(conn: Connection, fd: int) -> None:
         sock.detach()  # the Connection owns the descriptor
 
 
-def _reap_all(validators: list[_Validator], template: _Template | None) -> None:
+def _reap_all(validators: list[Validator], template: Template | None) -> None:
     for validator in validators:
         validator.reap()
     if template is not None:
         template.reap()
 
 
-def _receive(worker: _Validator, deadline: float, limit: int,
+def _receive(worker: Validator, deadline: float, limit: int,
              settings: ValidatorSettings) -> bytes | None:
     """The next message, or None if the process died first; refuses overlong or late ones."""
     remaining = deadline - time.monotonic()
