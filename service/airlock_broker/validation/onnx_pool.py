@@ -237,8 +237,12 @@ class OnnxValidatorPool:
                               template.process.returncode)
                 template = self._template = self._new_template()
             template.await_ready(self.settings.start_timeout_seconds)
-            validator = template.spawn(self.settings.start_timeout_seconds,
-                                       self.settings.max_stderr_bytes)
+            try:
+                validator = template.spawn(self.settings.start_timeout_seconds,
+                                           self.settings.max_stderr_bytes)
+            except OSError:
+                template.kill()  # a template that cannot fork is started afresh next time
+                raise
             self._live.add(validator)
             self.started += 1
             self.forked.append(validator.pid)

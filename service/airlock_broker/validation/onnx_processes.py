@@ -48,7 +48,7 @@ class Validator:
         if self._code is not None or self._closed:
             return
         with contextlib.suppress(OSError, ValueError):
-            if select.select([self._status], [], [], timeout)[0]:
+            if _readable(self._status, timeout):
                 data = os.read(self._status, STATUS.size)
                 if len(data) == STATUS.size:
                     (self._code,) = STATUS.unpack(data)
@@ -116,7 +116,7 @@ class Template:
         if self.ready:
             return
         with contextlib.suppress(OSError):
-            if select.select([self.control], [], [], timeout)[0] and \
+            if _readable(self.control.fileno(), timeout) and \
                     self.control.recv(16) == READY:
                 self.ready = True
                 return
@@ -128,7 +128,7 @@ class Template:
     def spawn(self, timeout: float, stderr_bytes: int) -> Validator:
         """Ask for one fresh validator; ``OSError`` if the template does not give one."""
         self.control.send(SPAWN)
-        if not select.select([self.control], [], [], timeout)[0]:
+        if not _readable(self.control.fileno(), timeout):
             raise OSError("the ONNX validator template did not fork in time")
         data, fds, flags, _addr = socket.recv_fds(self.control, 256, len(SPAWN_FDS))
         if len(fds) != len(SPAWN_FDS) or flags & socket.MSG_CTRUNC:
@@ -151,3 +151,11 @@ class Template:
         with contextlib.suppress(OSError):
             self.control.close()
         self.stderr.join(1.0)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has data (or EOF) within ``timeout`` s. ``poll``, not ``select``: the
+    broker may hold descriptors numbered past select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
