@@ -255,6 +255,9 @@ class BrokerConfig:
         output_doc = dict(doc.get("output", {}))
         _check_keys(OutputLimits, output_doc, "output")
         validator_doc = dict(doc.get("onnx_validator", {}))
+        if "max_jobs_per_process" in validator_doc:
+            raise ValueError("[onnx_validator] max_jobs_per_process is gone: every ONNX "
+                             "validator now serves one validation; remove the line")
         _check_keys(ValidatorSettings, validator_doc, "onnx_validator")
         if "allowed_onnx_domains" in output_doc:
             output_doc["allowed_onnx_domains"] = frozenset(output_doc["allowed_onnx_domains"])

@@ -47,6 +47,9 @@ from airlock_sandbox.formats import PROFILE_LIGHT, ZIP_FAMILY, ArtifactFormat
 log = logging.getLogger(__name__)
 
 #: Worker exit code -> reason. Anything not listed (a crash, a signal) is CONVERSION_FAILED.
+#: Code the artifact runs can choose the exit code, so none of these may be a reason a client
+#: or ``migrate`` retries (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL): an artifact must not
+#: make itself be sent again and again (a unit test checks every code from 0 to 255).
 EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.UNSUPPORTED_FORMAT: Reason.UNSUPPORTED_FORMAT,
     WorkerExit.FORMAT_MISMATCH: Reason.FORMAT_MISMATCH,
@@ -58,7 +61,7 @@ EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.OUTPUT_TOO_LARGE: Reason.OUTPUT_TOO_LARGE,
     WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
     WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
-    WorkerExit.BAD_JOB_SPEC: Reason.INTERNAL,
+    WorkerExit.BAD_JOB_SPEC: Reason.BAD_REQUEST,
 }
 
 _EXIT_MESSAGES: dict[Reason, str] = {
@@ -74,7 +77,8 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
                                "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
-    Reason.INTERNAL: "the sandbox refused the broker's job spec (a broker bug)",
+    Reason.BAD_REQUEST: "the sandbox refused the job's options (check the input specs and "
+                        "the declared format)",
 }
 
 _MAX_DETAIL = 400

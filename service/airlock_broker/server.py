@@ -146,6 +146,8 @@ async def create_server(config: BrokerConfig,
                         backend: SandboxBackend | None = None) -> Broker:
     """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
     check_at_start(config.sandbox)  # no host account may share the sandbox's uid or gid
+    if os.geteuid() == 0:  # nor the ONNX validators' (which only root can give them)
+        config.onnx_validator.check_ids_unused(config.sandbox.user)
     credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
     lock_fd = lock_state(config)  # checks the state root, where the key lives: first
     try:

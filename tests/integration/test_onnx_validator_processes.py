@@ -1,10 +1,12 @@
 """ONNX outputs are validated in the broker's validator processes, not the broker itself: a
-normal conversion still returns the same canonical, validated model, validators are replaced
-after their job budget, and none outlives the broker."""
+normal conversion still returns the same canonical, validated model, each validator serves one
+conversion, sees none of the broker's files (an empty root, a uid of its own), and none
+outlives the broker."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,32 +21,65 @@ from tests.fixtures import models
 pytestmark = pytest.mark.integration
 
 
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.update(int(p) for p in (task / "children").read_text().split())
+    except FileNotFoundError:
+        pass
+    return found
+
+
 def validator_pids(broker_pid: int) -> set[int]:
-    """The broker's children that are ONNX validator processes."""
-    children: set[int] = set()
-    for task in Path(f"/proc/{broker_pid}/task").iterdir():
-        text = (task / "children").read_text()
-        children.update(int(p) for p in text.split())
+    """ONNX validator processes under the broker (its children or their children) that are
+    ready to validate (their seccomp filter is on) or validating."""
     found = set()
-    for pid in children:
+    for pid in children(broker_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             continue
         if b"airlock_broker.validation.onnx_worker" in cmdline:
-            found.add(pid)
+            found.update(p for p in {pid} | children(pid) if status(p).get("Seccomp") == "2")
     return found
+
+
+def status(pid: int) -> dict[str, str]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def wait_for_validators(broker_pid: int, count: int, exclude: set[int]) -> set[int]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = validator_pids(broker_pid) - exclude
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    seen = {p: (status(p).get("Seccomp"), status(p).get("Uid")) for p in children(broker_pid)}
+    raise AssertionError(f"fewer than {count} validators under a seccomp filter after 120 s; "
+                         f"the broker's children (Seccomp, Uid): {seen}")
 
 
 def test_conversion_returns_the_validated_canonical_onnx(tmp_path: Path) -> None:
     config = tmp_path / "broker.toml"
-    # One job per validator: every conversion is served by a fresh process.
-    config.write_text(f"[sandbox]\nimage = {IMAGE!r}\n\n"
-                      "[onnx_validator]\nprocesses = 2\nmax_jobs_per_process = 1\n")
+    config.write_text(f"[sandbox]\nimage = {IMAGE!r}\n\n[onnx_validator]\nprocesses = 2\n")
     broker = start_broker(tmp_path, "--config", str(config))
     try:
-        before = validator_pids(broker.process.pid)
+        before = wait_for_validators(broker.process.pid, 2, set())
         assert len(before) == 2, "the broker did not start its validator processes"
+        spool = str(tmp_path)
+        for pid in before:
+            # Its own uid, and an empty read-only root: nothing of the broker's state is there.
+            assert status(pid)["Uid"].split() == ["64998"] * 4
+            mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            assert len(mounts) == 1 and " / / ro," in mounts[0] and " - tmpfs " in mounts[0], \
+                mounts
+            assert spool not in "\n".join(mounts)
         artifact, check = models.make_sklearn_pickle(tmp_path / "in")
         outputs = []
         with Client(broker.address) as client:
@@ -55,7 +90,7 @@ def test_conversion_returns_the_validated_canonical_onnx(tmp_path: Path) -> None
                 assert result.format == "onnx"
                 assert result.sha256 == hashlib.sha256(data).hexdigest()
                 outputs.append(data)
-        after = validator_pids(broker.process.pid)
+        after = wait_for_validators(broker.process.pid, 2, before)
     finally:
         code = broker.stop()
     assert code == 0, broker.log.read_text()[-3000:]
@@ -71,6 +106,6 @@ def test_conversion_returns_the_validated_canonical_onnx(tmp_path: Path) -> None
         names = [o.name for o in session.get_outputs()]
         np.testing.assert_allclose(got[names.index("probabilities")], want, atol=1e-5, rtol=0)
 
-    assert len(after) == 2 and not after & before, "validators were not replaced after a job"
+    assert len(after) == 2 and not after & before, "a validator served a second job"
     left = [p for p in before | after if Path(f"/proc/{p}").exists()]
     assert left == [], f"validator processes outlived the broker: {left}"

@@ -24,12 +24,24 @@ HANG = b"hang"
 MEMORY = b"memory"
 SPIN = b"spin"
 NATIVE_MEMORY = b"native-memory"
+#: Passes, with the validator's pid as its "canonical" bytes: which process served a job.
+PID = b"pid"
+#: Refuses, saying what the validator sees of the filesystem and who it is.
+LOOK = b"look"
+#: Refuses after trying to fork, open a socket and signal its parent (the seccomp filter).
+SYSCALLS = b"syscalls"
+#: Writes terminal escapes, a forged log line and a flood to stderr, then refuses.
+STDERR = b"stderr"
+STDERR_TEXT = b"\x1b[2J\x1b[31mred\r\nINFO job 1 converted fine\n"
 #: ``connect:PORT``: try to reach a host listener on 127.0.0.1:PORT and refuse with the outcome.
 CONNECT = b"connect:"
 
 
 def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxInfo]:
     """``validate_onnx_bytes``, except for the magic inputs above."""
+    from airlock_broker.errors import Reason, error
+    from airlock_broker.validation.onnx_check import validate_onnx_bytes
+
     if data == CRASH:  # what an out-of-bounds read in the C++ parser looks like
         os.kill(os.getpid(), signal.SIGSEGV)
     if data == HANG:
@@ -43,8 +55,6 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         except MemoryError:
             os.abort()
     if data.startswith(CONNECT):
-        from airlock_broker.errors import Reason, error
-
         try:
             # No create_connection: its getaddrinfo wants the idna codec, which this
             # unprivileged process could not import (the host's Python lives under /root).
@@ -55,12 +65,46 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         except OSError as exc:
             outcome = f"failed: {exc}"
         raise error(Reason.OUTPUT_INVALID, f"connect {outcome}")
+    if data == PID:
+        _canonical, info = validate_onnx_bytes(_tiny_model(), limits)
+        return str(os.getpid()).encode(), info
+    if data == LOOK:
+        seen = {"root": sorted(os.listdir("/")), "uid": os.getuid(), "gid": os.getgid(),
+                "proc": os.path.exists("/proc/self"), "tmp": os.path.exists("/tmp")}
+        raise error(Reason.OUTPUT_INVALID, f"look {seen}")
+    if data == SYSCALLS:
+        outcomes = {}
+        def fork() -> None:
+            if os.fork() == 0:  # allowed: the child leaves at once
+                os._exit(0)
+
+        for name, call in (("fork", fork), ("socket", lambda: socket.socket(socket.AF_UNIX)),
+                           ("kill", lambda: os.kill(os.getppid(), 0))):
+            try:
+                call()
+                outcomes[name] = "allowed"
+            except OSError as exc:
+                outcomes[name] = os.strerror(exc.errno or 0)
+        raise error(Reason.OUTPUT_INVALID, f"syscalls {outcomes}")
+    if data == STDERR:
+        os.write(2, STDERR_TEXT + b"x" * 200_000)
+        raise error(Reason.OUTPUT_INVALID, "wrote to stderr")
     if data == SPIN:
         while True:
             pass
-    from airlock_broker.validation.onnx_check import validate_onnx_bytes
-
     return validate_onnx_bytes(data, limits)
+
+
+def _tiny_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "pid", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data: bytes = model.SerializeToString()
+    return data
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The ONNX validator pool: a crash, hang or memory blow-up of a validator fails only that job,
-the broker process never parses the model, the next validation works, and no process is left."""
+the broker process never parses the model, the next validation works, and no process is left.
+Each validator serves one validation, sees an empty filesystem as a uid of its own, runs under
+a seccomp filter, and what it writes on stderr reaches the log bounded and escaped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +24,8 @@ from tests.unit import hostile_outputs as hostile
 from tests.unit import onnx_pool_fakes as fakes
 
 LIMITS = OutputLimits()
+#: The validators' uid and gid by default: ids of their own, not nobody's (65534).
+VALIDATOR_ID = 64998
 FAKE = fakes.__name__
 T = TypeVar("T")
 
@@ -49,17 +54,39 @@ def with_pool(settings: ValidatorSettings,
         pool = OnnxValidatorPool(LIMITS, settings, worker_module=FAKE)
         pool.start()
         try:
-            seen.update(pool.pids())
-            result = await body(pool)
-            seen.update(pool.pids())
-            return result
+            return await body(pool)
         finally:
             await pool.close()
+            seen.update(pool.forked)
+            seen.add(pool.template_pid() or 0)
 
     result = asyncio.run(main())
     pids = sorted(seen)
     assert pids and not [p for p in pids if alive(p)], "a validator process was left behind"
     return result, pids
+
+
+def plain_pool(settings: ValidatorSettings,
+               body: Callable[[OnnxValidatorPool], Awaitable[T]]) -> T:
+    """Run ``body`` against a started pool of the fake validators, then close it."""
+
+    async def main() -> T:
+        pool = OnnxValidatorPool(LIMITS, settings, worker_module=FAKE)
+        pool.start()
+        try:
+            return await body(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool], seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -76,10 +103,20 @@ def test_pool_returns_exactly_the_in_process_canonical_model(
     async def body(pool: OnnxValidatorPool) -> list[tuple[bytes, object]]:
         return [await pool.validate(source) for _ in range(3)]
 
-    results, pids = with_pool(ValidatorSettings(processes=1), body)
+    results, _pids = with_pool(ValidatorSettings(processes=1), body)
     canonical, info = validate_onnx_bytes(model_bytes, LIMITS)
     assert all(got == (canonical, info) for got in results)
-    assert len(pids) == 1  # passing jobs reuse the process
+
+
+def test_no_validator_serves_two_validations(tmp_path: Path) -> None:
+    # A parser exploit that still answers "ok" must not be around for the next caller's model.
+    source = write(tmp_path, "model.onnx", fakes.PID)
+
+    async def body(pool: OnnxValidatorPool) -> list[bytes]:
+        return [(await pool.validate(source))[0] for _ in range(4)]
+
+    served = plain_pool(ValidatorSettings(processes=1), body)
+    assert len(set(served)) == 4, f"validators served more than one job: {served}"
 
 
 def test_a_refused_model_is_refused_with_the_validators_reason(tmp_path: Path) -> None:
@@ -90,9 +127,8 @@ def test_a_refused_model_is_refused_with_the_validators_reason(tmp_path: Path) -
             await pool.validate(source)
         return caught.value
 
-    exc, pids = with_pool(ValidatorSettings(processes=1), body)
+    exc, _pids = with_pool(ValidatorSettings(processes=1), body)
     assert exc.reason is Reason.OUTPUT_INVALID and "external data" in exc.message
-    assert len(pids) == 2  # a validator that refused a model is not trusted with another
 
 
 @pytest.mark.parametrize(("payload", "settings", "words"), [
@@ -109,38 +145,16 @@ def test_a_misbehaving_validator_fails_only_that_job(
     bad = write(tmp_path, "bad.onnx", payload)
     good = write(tmp_path, "good.onnx", model_bytes)
 
-    async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, int, bytes]:
-        first = pool.pids()
+    async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, bytes]:
         with pytest.raises(AirlockError) as caught:
             await pool.validate(bad)
-        # The validator that misbehaved is dead and reaped before the next job starts.
-        assert not [p for p in first if alive(p)]
         canonical, _info = await pool.validate(good)
-        return caught.value, pool.started, canonical
+        return caught.value, canonical
 
-    (exc, started, canonical), _pids = with_pool(settings, body)
+    (exc, canonical), _pids = with_pool(settings, body)
     assert exc.reason is Reason.OUTPUT_INVALID
     assert words in exc.message
-    assert started == 2
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
-
-
-def test_validators_are_replaced_after_max_jobs(tmp_path: Path, model_bytes: bytes) -> None:
-    source = write(tmp_path, "model.onnx", model_bytes)
-
-    async def body(pool: OnnxValidatorPool) -> tuple[int, list[int]]:
-        owners = []
-        for _ in range(5):
-            owners.extend(pool.pids())  # the one idle validator, about to take the job
-            await pool.validate(source)
-        return pool.started, owners
-
-    (started, owners), _pids = with_pool(
-        ValidatorSettings(processes=1, max_jobs_per_process=2), body)
-    assert started == 3
-    a, b, c = sorted(set(owners), key=owners.index)
-    assert owners == [a, a, b, b, c]  # jobs 1-2 on the first, 3-4 on the second, 5 on the third
-    assert not [p for p in (a, b, c) if alive(p)]
 
 
 def test_a_cancelled_validation_kills_its_validator(tmp_path: Path, model_bytes: bytes) -> None:
@@ -148,13 +162,16 @@ def test_a_cancelled_validation_kills_its_validator(tmp_path: Path, model_bytes:
     good = write(tmp_path, "good.onnx", model_bytes)
 
     async def body(pool: OnnxValidatorPool) -> bytes:
-        first = pool.pids()
         job = asyncio.ensure_future(pool.validate(hang))
         await asyncio.sleep(3.0)  # long enough for the validator to start and take the job
+        busy = list(pool.forked)
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        assert not [p for p in first if alive(p)]
+        deadline = asyncio.get_running_loop().time() + 30
+        while [p for p in busy if alive(p)] and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert not [p for p in busy if alive(p)]
         canonical, _info = await pool.validate(good)
         return canonical
 
@@ -186,9 +203,8 @@ def test_a_closed_pool_refuses_work(tmp_path: Path, model_bytes: bytes) -> None:
     async def main() -> AirlockError:
         pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1))
         pool.start()
-        pids = pool.pids()
         await pool.close()
-        assert not [p for p in pids if alive(p)]
+        assert not [p for p in [*pool.forked, pool.template_pid()] if p and alive(p)]
         with pytest.raises(AirlockError) as caught:
             await pool.validate(source)
         return caught.value
@@ -198,7 +214,8 @@ def test_a_closed_pool_refuses_work(tmp_path: Path, model_bytes: bytes) -> None:
 
 @pytest.mark.parametrize("bad", [
     {"processes": 0}, {"processes": 65}, {"timeout_seconds": 0}, {"memory_bytes": -1},
-    {"cpu_seconds": True}, {"max_jobs_per_process": 0}, {"start_timeout_seconds": "1"},
+    {"cpu_seconds": True}, {"uid": 0}, {"gid": 0}, {"uid": 2**32 - 1},
+    {"start_timeout_seconds": "1"}, {"max_stderr_bytes": 0},
 ])
 def test_settings_are_checked(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -220,18 +237,21 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
 
     crash = write(tmp_path, "crash.onnx", fakes.CRASH)
     good = write(tmp_path, "good.onnx", model_bytes)
-    real_worker = onnx_pool._Worker
+    real_spawn = onnx_pool.Template.spawn
 
-    def no_processes(module: str, config: str) -> onnx_pool._Worker:
+    def no_processes(self: onnx_pool.Template, timeout: float,
+                     stderr_bytes: int) -> onnx_pool.Validator:
         raise OSError(11, "Resource temporarily unavailable")
 
     async def body(pool: OnnxValidatorPool) -> tuple[Reason, Reason, bytes]:
-        monkeypatch.setattr(onnx_pool, "_Worker", no_processes)
+        await asyncio.wait_for(pool.validate(good), 60)  # the spare is forked and used
+        await until(lambda: pool.started == 2)  # and its replacement is ready
+        monkeypatch.setattr(onnx_pool.Template, "spawn", no_processes)
         with pytest.raises(AirlockError) as crashed:
             await pool.validate(crash)  # its replacement cannot start
         with pytest.raises(AirlockError) as starved:
             await pool.validate(good)  # the slot is still there: it tries, and says why
-        monkeypatch.setattr(onnx_pool, "_Worker", real_worker)
+        monkeypatch.setattr(onnx_pool.Template, "spawn", real_spawn)
         canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
         return crashed.value.reason, starved.value.reason, canonical
 
@@ -246,11 +266,24 @@ def _status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
+def _seccomp_on(pid: int) -> bool:
+    try:
+        return _status(pid).get("Seccomp") == "2"
+    except FileNotFoundError:
+        return False
+
+
+def _mounts(pid: int) -> list[list[str]]:
+    return [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+
+
 def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes: bytes) -> None:
     import socket
 
-    # Only root can give up root and the network; anyone else gets no_new_privs and says so.
+    # Only root can give up root, the network and the filesystem; anyone else gets
+    # no_new_privs and the seccomp filter, and says so.
     root = os.geteuid() == 0
+    settings = ValidatorSettings(processes=1)
     source = write(tmp_path, "model.onnx", model_bytes)
     source.chmod(0o600)  # readable by the broker only: the validator gets a descriptor
     listener = socket.create_server(("127.0.0.1", 0))
@@ -258,33 +291,99 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
     port = listener.getsockname()[1]
     probe = write(tmp_path, "probe.onnx", fakes.CONNECT + str(port).encode())
 
-    async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, bool, str]:
-        await pool.validate(source)  # the validator is ready and has served a job
+    async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, list[list[str]],
+                                                      bool, str]:
+        await pool.validate(source)  # a validator served a job; its replacement is forked
+        await until(lambda: [p for p in pool.pids() if _seccomp_on(p)] != [])
         [pid] = pool.pids()
         status = _status(pid)
         interfaces = [line.split(":")[0].strip()
                       for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
-        with pytest.raises(AirlockError) as caught:
+        mounts = _mounts(pid)
+        with pytest.raises(AirlockError) as probed:
             await pool.validate(probe)
-        return status, ",".join(interfaces), pool.confinement.full, caught.value.message
+        return status, ",".join(interfaces), mounts, pool.confinement.full, probed.value.message
 
-    (status, interfaces, full, probed), _pids = with_pool(ValidatorSettings(processes=1), body)
+    (status, interfaces, mounts, full, probed), _pids = with_pool(settings, body)
     try:
         with pytest.raises(TimeoutError):
             listener.accept()[0].close()  # nothing reached the host's listener
     finally:
         listener.close()
     assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
     assert full is root
+    assert probed.startswith("connect failed"), probed
     if root:
-        assert status["Uid"].split() == ["65534"] * 4
-        assert status["Gid"].split() == ["65534"] * 4
+        assert status["Uid"].split() == [str(settings.uid)] * 4
+        assert status["Gid"].split() == [str(settings.gid)] * 4
         assert status["Groups"] == ""
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
         assert interfaces == "lo"
-        assert probed.startswith("connect failed"), probed
+        # One mount, an empty read-only tmpfs as its root: no spool, no keys, no /proc.
+        assert len(mounts) == 1, mounts
+        [root_mount] = mounts
+        assert root_mount[4] == "/" and "ro" in root_mount[5].split(","), root_mount
+        assert root_mount[root_mount.index("-") + 1] == "tmpfs", root_mount
+        assert str(tmp_path) not in " ".join(" ".join(m) for m in mounts)
     else:
         assert status["Uid"].split()[0] == str(os.geteuid())
+
+
+def test_a_validator_sees_no_file_of_the_broker_as_a_uid_of_its_own(tmp_path: Path) -> None:
+    # The spool, keys and results are the broker's; a subverted validator must not see them.
+    if os.geteuid() != 0:
+        pytest.fail("run as root: only root can give validators an empty root and a uid")
+    source = write(tmp_path, "look.onnx", fakes.LOOK)
+
+    async def body(pool: OnnxValidatorPool) -> str:
+        with pytest.raises(AirlockError) as caught:
+            await pool.validate(source)
+        return caught.value.message
+
+    looked = plain_pool(ValidatorSettings(processes=1), body)
+    assert looked == (f"look {{'root': [], 'uid': {VALIDATOR_ID}, 'gid': {VALIDATOR_ID}, "
+                      "'proc': False, 'tmp': False}"), looked
+    assert ValidatorSettings().uid == ValidatorSettings().gid == VALIDATOR_ID
+
+
+def test_a_validator_cannot_fork_open_sockets_or_signal_others(tmp_path: Path) -> None:
+    source = write(tmp_path, "syscalls.onnx", fakes.SYSCALLS)
+
+    async def body(pool: OnnxValidatorPool) -> str:
+        with pytest.raises(AirlockError) as caught:
+            await pool.validate(source)
+        return caught.value.message
+
+    message = plain_pool(ValidatorSettings(processes=1), body)
+    denied = os.strerror(1)  # EPERM
+    assert message == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
+                       f"'kill': '{denied}'}}"), message
+
+
+def test_validator_stderr_is_bounded_and_escaped_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    source = write(tmp_path, "stderr.onnx", fakes.STDERR)
+    settings = ValidatorSettings(processes=1)  # keeps 8192 bytes of stderr by default
+
+    async def body(pool: OnnxValidatorPool) -> None:
+        with pytest.raises(AirlockError):
+            await pool.validate(source)
+        await until(lambda: any("bytes to stderr" in r.getMessage() and
+                                "template" not in r.getMessage() for r in caplog.records))
+
+    with caplog.at_level(logging.WARNING):
+        plain_pool(settings, body)
+    [record] = [r.getMessage() for r in caplog.records if "bytes to stderr" in r.getMessage()
+                and "template" not in r.getMessage()]
+    total = len(fakes.STDERR_TEXT) + 200_000
+    assert f"wrote {total} bytes to stderr, the first 8192 shown" in record, record[:300]
+    assert "\\x1b[2J\\x1b[31mred\\r\\nINFO job 1 converted fine\\n" in record, record[:300]
+    assert not any(c in record for c in "\x1b\r\n"), "a control character reached the log"
+    assert len(record) < 8192 * 4 + 300
 
 
 def test_a_busy_validator_dies_with_a_killed_broker(tmp_path: Path) -> None:
@@ -304,34 +403,48 @@ def test_a_busy_validator_dies_with_a_killed_broker(tmp_path: Path) -> None:
         "    pool = OnnxValidatorPool(OutputLimits(), ValidatorSettings(processes=1),\n"
         f"                             worker_module={FAKE!r})\n"
         "    pool.start()\n"
-        "    print(*pool.pids(), flush=True)\n"
+        "    print(pool.template_pid(), flush=True)\n"
         f"    await pool.validate(__import__('pathlib').Path({str(hang)!r}))\n"
         "asyncio.run(main())\n")
     broker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).parents[2])
-    pid = 0
+    pids: list[int] = []
     try:
         assert broker.stdout is not None
-        [pid] = [int(p) for p in broker.stdout.readline().split()]
-        # Wait until it is confined and serving the hanging job (it sleeps, as uid 65534).
+        [template] = [int(p) for p in broker.stdout.readline().split()]
+        pids.append(template)
+        # Wait until a validator is confined and serving the hanging job.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (
-                alive(pid) and _status(pid)["NoNewPrivs"] == "1"):
+        busy: list[int] = []
+        while time.monotonic() < deadline and not busy:
+            busy = [p for p in _children(template)
+                    if alive(p) and _status(p).get("Seccomp") == "2"]
             time.sleep(0.1)
-        time.sleep(2.0)
-        assert alive(pid)
+        assert busy, "no validator took the job"
+        pids.extend(busy)
+        time.sleep(1.0)  # it reads the model and hangs
+        assert all(alive(p) for p in pids)
         broker.send_signal(signal.SIGKILL)
         broker.wait(10)
         deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not alive(pid), _status(pid)
+        assert not [p for p in pids if alive(p)]
     finally:
         if broker.poll() is None:
             broker.kill()
             broker.wait()
-        if pid and alive(pid):  # a failed run must not leave its orphan behind
-            os.kill(pid, signal.SIGKILL)
+        for pid in pids:  # a failed run must not leave its orphans behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.extend(int(p) for p in (task / "children").read_text().split())
+    return found
 
 
 def test_config_reads_the_onnx_validator_section(tmp_path: Path) -> None:
@@ -345,3 +458,25 @@ def test_config_reads_the_onnx_validator_section(tmp_path: Path) -> None:
     path.write_text("[onnx_validator]\nin_process = true\n")
     with pytest.raises(ValueError, match="onnx_validator"):
         BrokerConfig.load(path)
+    path.write_text("[onnx_validator]\nmax_jobs_per_process = 100\n")
+    with pytest.raises(ValueError, match="serves one validation; remove the line"):
+        BrokerConfig.load(path)
+    path.write_text("[onnx_validator]\nuid = 64000\ngid = 64001\n")
+    assert BrokerConfig.load(path).onnx_validator == ValidatorSettings(uid=64000, gid=64001)
+
+
+def test_an_account_that_owns_the_validator_uid_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"uid = 0 belongs to the account 'root'"):
+        ValidatorSettings.check_ids_unused(_unchecked(uid=0))
+    with pytest.raises(ValueError, match=r"gid = 0 belongs to the group 'root'"):
+        ValidatorSettings.check_ids_unused(_unchecked(gid=0))
+    with pytest.raises(ValueError, match=r"are the sandboxes' \(64998:10001\)"):
+        ValidatorSettings().check_ids_unused("64998:10001")
+    ValidatorSettings().check_ids_unused("10001:10001")  # the defaults belong to nobody here
+
+
+def _unchecked(**values: int) -> ValidatorSettings:
+    settings = ValidatorSettings()
+    for name, value in values.items():
+        object.__setattr__(settings, name, value)
+    return settings

@@ -4,8 +4,11 @@
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
 * ``safetensors_check``: header-only validation, canonical header, chunked canonical stream.
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
-* ``onnx_pool`` / ``onnx_worker``: the broker's way: long-lived rlimited validator processes
-  (the broker itself never parses an ONNX output); ``onnx_answer`` reads their answers.
+* ``onnx_pool`` / ``onnx_processes`` / ``onnx_template`` / ``onnx_worker``: the broker's way:
+  single-use, confined validator processes forked from a template (the broker itself never
+  parses an ONNX output; ``confinement``, ``syscall_filter``); ``onnx_answer`` reads their
+  answers, ``stderr_pipe`` their stderr.
+* ``header_budget``: what a safetensors header costs to parse, bounded before parsing.
 * strict JSON comes from ``airlock_sandbox.strict_json`` (shared with the worker and client).
 
 Every refusal is an :class:`~airlock_broker.errors.AirlockError` with reason

@@ -1,42 +1,55 @@
-"""Taking a validator process's privileges away before it reads a hostile model.
+"""Taking a validator's privileges and view of the host away before it reads a hostile model.
 
-The broker runs as root (it drives the Docker engine). A validator process parses attacker
-protobuf in onnx's C++; if a parser bug subverts it, it should hold nothing worth having. So
-each validator:
+The broker runs as root (it drives the Docker engine). A validator parses attacker protobuf in
+onnx's C++; if a parser bug subverts it, it should hold nothing worth having. The validator
+template (``onnx_worker``), which never reads a model, prepares what every validator inherits:
 
-1. first thing, before it imports onnx, enters a fresh network namespace
-   (``unshare(CLONE_NEWNET)``): only a loopback interface, and that one down, so it can reach
-   no host, no Docker daemon over TCP, not even 127.0.0.1;
-2. after its imports and a warm-up validation of a model it built itself, but before it says
-   ready, drops to an unprivileged uid/gid (supplementary groups cleared first, then gid, then
-   uid, real, effective and saved), which also empties its capability sets, and checks that it
-   cannot get root back;
-3. sets ``PR_SET_NO_NEW_PRIVS``, so no exec can ever give it privileges again.
+1. first thing, before it imports onnx, it enters a fresh network namespace and a fresh mount
+   namespace (``unshare(CLONE_NEWNET | CLONE_NEWNS)``, all mounts made private): only a
+   loopback interface, and that one down, so it can reach no host, no Docker daemon over TCP,
+   not even 127.0.0.1;
+2. after its imports and a warm-up validation of a model it built itself, it replaces its root
+   with an empty, read-only tmpfs (``pivot_root`` and a detached unmount of the old root): no
+   spool, no keys, no results, no /proc, no sockets remain visible to it or its children;
+3. it drops to the validators' own uid/gid (``[onnx_validator] uid/gid``; supplementary groups
+   cleared first, then gid, then uid, real, effective and saved), which also empties its
+   capability sets, checks that it cannot get root back, and becomes non-dumpable (no process
+   of the same uid may trace it or read its memory);
+4. it sets ``PR_SET_NO_NEW_PRIVS``, so no exec can ever give it privileges again.
 
-Why the uid drop comes after the imports: the interpreter and its standard library may live
-where only root can read (``/root/.pyenv`` on the CI machine, mode 0700), so an unprivileged
-process could not import onnx, nor the modules onnx imports lazily on its first validation.
-Nothing hostile has been read at that point: import-time code is the same the broker runs.
+Each validator it forks then adds a seccomp filter (``syscall_filter``) before it reads the
+model. Why the root and uid change come after the imports: the interpreter and its standard
+library may live where only root can read (``/root/.pyenv`` on the CI machine, mode 0700), and
+nothing remains to read after step 2. Nothing hostile has been read at that point: import-time
+code is the same the broker runs.
 
-The file it validates is handed to it as an open, read-only descriptor by the broker, so it
-needs no permission on the broker's workspace. Steps 1 and 2 need root; a broker that is not
-root (a developer's unit test run) gets step 3 only, and says so (:attr:`Confinement.full`).
-A root broker whose validators cannot confine themselves gets no validators: the process exits
+The file a validator checks is handed to it as an open, read-only descriptor by the broker, so
+it needs no path at all. Steps 1-3 need root; a broker that is not root (a developer's unit
+test run) gets step 4 and the seccomp filter only, and says so (:attr:`Confinement.full`). A
+root broker whose validators cannot confine themselves gets no validators: the template exits
 before it says ready, and validations fail with INTERNAL.
 
-``os.unshare`` exists only from Python 3.12, so this calls libc through ctypes.
+``os.unshare`` exists only from Python 3.12 and ``pivot_root`` has no libc wrapper, so this
+calls libc through ctypes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 from dataclasses import dataclass
 
-#: ``nobody``/``nogroup`` on Debian; owns no file the broker cares about.
-UNPRIVILEGED_ID = 65534
+_CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_DUMPABLE = 4
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+#: Where the empty root is mounted before it becomes "/" (any directory of the old root).
+_STAGING = b"/tmp"
 
 
 @dataclass(frozen=True)
@@ -46,16 +59,19 @@ class Confinement:
     uid: int
     gid: int
     own_network: bool
+    empty_root: bool
     no_new_privs: bool
 
     @property
     def full(self) -> bool:
-        return self.uid != 0 and self.gid != 0 and self.own_network and self.no_new_privs
+        return (self.uid != 0 and self.gid != 0 and self.own_network and self.empty_root
+                and self.no_new_privs)
 
     def describe(self) -> str:
         network = "own empty network namespace" if self.own_network else "the broker's network"
-        return (f"uid {self.uid}, gid {self.gid}, {network}, "
-                f"no_new_privs {'on' if self.no_new_privs else 'off'}")
+        root = "empty read-only root" if self.empty_root else "the broker's filesystem"
+        return (f"uid {self.uid}, gid {self.gid}, {network}, {root}, "
+                f"no_new_privs {'on' if self.no_new_privs else 'off'}, seccomp filter on")
 
 
 def _libc() -> ctypes.CDLL:
@@ -68,19 +84,40 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def enter_empty_network() -> bool:
-    """Step 1, as root: a fresh network namespace for the calling process; ``OSError`` if that
-    fails. Returns False, doing nothing, when not root. Call it while the process has one
-    thread: ``unshare`` moves only the calling thread."""
+def enter_namespaces() -> bool:
+    """Step 1, as root: fresh network and mount namespaces for the calling process, every
+    mount private to it; ``OSError`` if that fails. Returns False, doing nothing, when not
+    root. Call it while the process has one thread: ``unshare`` moves only the calling thread,
+    and refuses a new mount namespace to a threaded process."""
     if os.geteuid() != 0:
         return False
-    _check(_libc().unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    libc = _libc()
+    _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS), "unshare(CLONE_NEWNET|CLONE_NEWNS)")
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount(/, MS_PRIVATE)")
     return True
 
 
-def drop_privileges(own_network: bool, uid: int = UNPRIVILEGED_ID,
-                    gid: int = UNPRIVILEGED_ID) -> Confinement:
-    """Steps 2 (as root) and 3; ``OSError`` if root cannot be given up for good."""
+def enter_empty_root() -> None:
+    """Step 2, in the namespaces of step 1: make an empty, read-only tmpfs the root."""
+    libc = _libc()
+    flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _check(libc.mount(b"tmpfs", _STAGING, b"tmpfs", flags, b"size=4k,nr_inodes=2,mode=0555"),
+           "mount(tmpfs)")
+    os.chdir(_STAGING)
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(f"pivot_root: unknown architecture {platform.machine()}")
+    # pivot_root(".", "."): the old root ends up stacked on the new one, then is detached.
+    _check(libc.syscall(number, b".", b"."), "pivot_root")
+    _check(libc.umount2(b".", _MNT_DETACH), "umount2(old root)")
+    os.chdir("/")
+    if os.listdir("/"):
+        raise OSError("the validator's new root is not empty")
+
+
+def drop_privileges(own_network: bool, empty_root: bool, uid: int, gid: int) -> Confinement:
+    """Steps 3 (as root) and 4; ``OSError`` if root cannot be given up for good."""
+    libc = _libc()
     if os.geteuid() == 0:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -91,14 +128,14 @@ def drop_privileges(own_network: bool, uid: int = UNPRIVILEGED_ID,
             pass
         else:
             raise OSError("a validator that dropped root could take it back")
-    _check(_libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     return Confinement(uid=os.geteuid(), gid=os.getegid(), own_network=own_network,
-                       no_new_privs=True)
+                       empty_root=empty_root, no_new_privs=True)
 
 
-def expected_confinement() -> Confinement:
+def expected_confinement(uid: int, gid: int) -> Confinement:
     """What a validator started by this process will end up with (the pool logs it)."""
     root = os.geteuid() == 0
-    return Confinement(uid=UNPRIVILEGED_ID if root else os.geteuid(),
-                       gid=UNPRIVILEGED_ID if root else os.getegid(),
-                       own_network=root, no_new_privs=True)
+    return Confinement(uid=uid if root else os.geteuid(), gid=gid if root else os.getegid(),
+                       own_network=root, empty_root=root, no_new_privs=True)

@@ -29,6 +29,10 @@ class OutputLimits:
     #: The JSON header of a safetensors file (the reference parser allows 100 MB).
     max_safetensors_header_bytes: int = 16 * MiB
     max_tensors: int = 100_000
+    #: Commas and colons in that header, an upper bound on the values parsing it builds
+    #: (its cost, whatever its bytes). A tensor of rank r costs 7 + r: this admits the
+    #: 100 000-tensor cap at rank 5, and no header of tiny keys costs more to parse than that.
+    max_safetensors_header_values: int = 1_200_000
     max_tensor_name_len: int = 1024
     #: numpy's NPY_MAXDIMS. Without it one 16 MiB header can hold an 8-million-dim shape, which
     #: costs the reference parser ~270 MB to read back.

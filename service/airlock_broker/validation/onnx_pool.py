@@ -1,37 +1,38 @@
-"""A small pool of long-lived, rlimited processes that validate ONNX outputs for the broker.
+"""Single-use, confined processes that validate ONNX outputs for the broker.
 
 Parsing hostile protobuf runs onnx's C++ (parser, checker, shape inference), which has had
 out-of-bounds bugs (CVE-2024-27319, onnx issue #8275). In the broker a crash would end every
 job and a runaway inference would hold a thread, so the broker never parses an ONNX output
-itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE
-and a wall-clock deadline, and a crash, hang or memory blow-up fails only that job.
+itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE,
+a seccomp filter and a wall-clock deadline, and a crash, hang or memory blow-up fails only that
+job.
 
-Starting a process per job would cost a fresh interpreter plus ``import onnx`` (hundreds of
-ms); here the processes are started with the broker, import onnx once, and serve
-jobs one at a time over a pipe. A process is killed and replaced when it crashes, overruns,
-refuses a model (a refused model may have corrupted it without crashing it), sends anything
-unexpected, or has served ``max_jobs_per_process`` jobs.
+Each validator serves **one** validation and is then killed: a parser exploit that still
+answers ``ok`` holds a process that no later job will use, so it cannot rewrite another
+caller's canonical model (which is what gets signed). Starting an interpreter and importing
+onnx per job would cost ~0.6 s, so the broker starts one *template* process that imports onnx,
+confines itself (no network, an empty root, its own uid, ``confinement``) and forks a fresh
+validator per request (``onnx_template``); ``processes`` forked validators are kept ready as
+spares, and each one used is replaced in the background.
 
-Each validator gives up root, the network and new privileges before it imports onnx
-(``confinement``); the broker opens the output itself (no symlink, one link, regular file,
-under the cap) and hands the validator a read-only descriptor, not a path. That costs no copy
-of the model in the broker's memory, and the validator needs no right to any path.
-
-Nothing a validator sends back is unpickled: a JSON summary (parsed strictly and re-typed, see
-``onnx_answer.interpret``) and then the canonical bytes as a bounded raw message, which the
-broker hashes itself. Those canonical bytes, and only those, are what the caller receives.
+The broker opens the output itself (no symlink, one link, regular file, under the cap) and hands
+the validator a read-only descriptor, not a path: the validator has no path to open. What a
+validator writes on stderr reaches the broker through a pipe, bounded and escaped before it is
+logged (``stderr_pipe``). Nothing it sends back is unpickled: a JSON summary (parsed strictly
+and re-typed, see ``onnx_answer.interpret``) and then the canonical bytes as a bounded raw
+message, which the broker hashes itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -44,97 +45,76 @@ from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
 from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
+from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_worker import FD_MARK, READY
 
 log = logging.getLogger(__name__)
 
-#: The module a validator process runs. A seam: tests run one that crashes or hangs on demand.
+#: The module the template process runs. A seam: tests run one that crashes or hangs on demand.
 WORKER_MODULE = "airlock_broker.validation.onnx_worker"
+#: The validators' uid and gid unless configured: no Debian account or group has them (the
+#: 60000-64999 block is allocated by the distribution itself, and not to this number), and the
+#: sandboxes run as 10001. The broker refuses to start if an account uses them.
+VALIDATOR_ID = 64998
 
 
 @dataclass(frozen=True)
 class ValidatorSettings:
-    """``[onnx_validator]``: the pool of ONNX validator processes. Checked when built."""
+    """``[onnx_validator]``: the ONNX validator processes. Checked when built."""
 
-    #: Validator processes kept running; also how many ONNX validations run at once.
+    #: Validators kept forked and ready; also how many ONNX validations run at once.
     processes: int = 2
     #: Wall clock for one validation, from request to the last byte of its answer.
     timeout_seconds: float = 60.0
-    #: For a validator process to start (interpreter + ``import onnx``) and say it is ready.
+    #: For the template to start (interpreter + ``import onnx``) and say it is ready.
     start_timeout_seconds: float = 60.0
     #: Address space a validator may map beyond what its imports mapped (a model is held
     #: several times at once: bytes, parsed message, canonical bytes, the checker's copy).
     memory_bytes: int = 4 * GiB
     #: CPU seconds for one validation (RLIMIT_CPU; SIGXCPU kills the process past it).
     cpu_seconds: int = 60
-    #: A validator is replaced after this many jobs, even if all of them passed.
-    max_jobs_per_process: int = 100
+    #: The uid and gid validators (and their template) run as when the broker is root: ids of
+    #: their own, used by no account, not 0, not the sandboxes' uid.
+    uid: int = VALIDATOR_ID
+    gid: int = VALIDATOR_ID
+    #: What the broker keeps of one validator's stderr (the rest is counted, not kept).
+    max_stderr_bytes: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("timeout_seconds", "start_timeout_seconds"):
             value = getattr(self, name)
             if type(value) not in (int, float) or not value > 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("processes", "memory_bytes", "cpu_seconds", "max_jobs_per_process"):
+        for name in ("processes", "memory_bytes", "cpu_seconds", "uid", "gid",
+                     "max_stderr_bytes"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.processes > 64:
             raise ValueError("processes must be at most 64")
+        if self.uid >= 2**32 - 1 or self.gid >= 2**32 - 1:
+            raise ValueError("uid and gid must be below 4294967295")
 
-
-class _Worker:
-    """One validator process and the broker's end of its socket. Owned by the pool."""
-
-    def __init__(self, module: str, config: str) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # Its own argv and a minimal environment; no multiprocessing machinery (no
-            # re-import of the broker's __main__, no resource tracker); the broker's import path
-            # made absolute, since it runs in "/" ("" was the broker's cwd). It dies with the broker
-            # (PDEATHSIG) and on EOF of the socket.
-            self.process = subprocess.Popen(
-                [sys.executable, "-B", "-m", module, str(theirs.fileno()), config],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path),
-                     "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
-                cwd="/", start_new_session=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()  # so that a dead child reads as EOF instead of a silent wait
-        self.conn = Connection(ours.detach())
-        #: ``reap`` may race (a failed job's thread and the pool's close): the socket's
-        #: descriptor number must be closed exactly once.
-        self._reaping = threading.Lock()
-        self.ready = False
-        self.jobs = 0
-        #: Set when the worker must not serve another job.
-        self.spent = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def kill(self) -> None:
-        """Signal the process; safe from any thread, and again after it died."""
-        with contextlib.suppress(OSError):
-            if self.process.poll() is None:
-                self.process.kill()
-
-    def reap(self) -> None:
-        """Kill, wait for, and release the process and the socket. Idempotent."""
-        self.spent = True
-        self.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5.0)
-        with self._reaping, contextlib.suppress(OSError):
-            self.conn.close()
+    def check_ids_unused(self, sandbox_user: str = "") -> None:
+        """``ValueError`` if an account or group on this host, or the sandboxes
+        (``sandbox_user``, "UID:GID"), have the validators' ids: a validator would then share
+        what they own and may signal."""
+        if f"{self.uid}" in sandbox_user.split(":")[:1] or \
+                f"{self.gid}" in sandbox_user.split(":")[1:]:
+            raise ValueError(f"[onnx_validator] uid/gid {self.uid}:{self.gid} are the "
+                             f"sandboxes' ({sandbox_user}): give validators ids of their own")
+        with contextlib.suppress(KeyError):
+            name = pwd.getpwuid(self.uid).pw_name
+            raise ValueError(f"[onnx_validator] uid = {self.uid} belongs to the account "
+                             f"{name!r}: choose a uid no account uses")
+        with contextlib.suppress(KeyError):
+            name = grp.getgrgid(self.gid).gr_name
+            raise ValueError(f"[onnx_validator] gid = {self.gid} belongs to the group "
+                             f"{name!r}: choose a gid no group uses")
 
 
 class OnnxValidatorPool:
-    """Validates ONNX files in worker processes; ``start`` with the broker, ``close`` with it."""
+    """Validates ONNX files in single-use processes; ``start`` with the broker, ``close``."""
 
     def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
                  worker_module: str = WORKER_MODULE) -> None:
@@ -145,18 +125,25 @@ class OnnxValidatorPool:
         self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
                                    "parent": os.getpid()})
         self._module = worker_module
-        #: One entry per slot: an idle worker, or None for a slot whose process must be
-        #: started (its replacement failed to start; the next job that takes it tries again).
-        self._idle: asyncio.Queue[_Worker | None] | None = None
-        self._all: set[_Worker] = set()
+        #: One entry per slot: a ready validator, or None for a slot whose validator must be
+        #: forked (its replacement failed; the next job that takes it tries again).
+        self._idle: asyncio.Queue[Validator | None] | None = None
+        self._template: Template | None = None
+        self._template_lock = threading.Lock()
+        #: Every validator not yet reaped (spares and busy ones).
+        self._live: set[Validator] = set()
+        self._refills: set[asyncio.Future[Validator | None]] = set()
         self._closed = False
-        #: Workers started so far (for metrics and tests: replacements show up here).
+        #: Validators forked so far (for metrics and tests: one per validation, plus spares).
         self.started = 0
+        #: Their pids, in order (tests check that none serves twice and none outlives us).
+        self.forked: list[int] = []
         #: What each validator gives up (less when the broker is not root).
-        self.confinement: Confinement = expected_confinement()
+        self.confinement: Confinement = expected_confinement(self.settings.uid,
+                                                             self.settings.gid)
 
     def start(self) -> None:
-        """Start every validator process; they import onnx in the background."""
+        """Start the template and fork the spares in the background."""
         if self._idle is not None:
             raise RuntimeError("the validator pool is already started")
         self._idle = asyncio.Queue()
@@ -165,121 +152,145 @@ class OnnxValidatorPool:
         else:
             log.warning("ONNX validators run only partly confined, because the broker is not "
                         "root: %s", self.confinement.describe())
+        self._template = self._new_template()
         for _ in range(self.settings.processes):
-            self._idle.put_nowait(self._spawn())
+            self._refill(None)
 
-    def _spawn(self) -> _Worker:
-        worker = _Worker(self._module, self._config)
-        self._all.add(worker)
-        self.started += 1
-        return worker
+    def _new_template(self) -> Template:
+        return Template(self._module, self._config, self.settings.max_stderr_bytes)
 
     def pids(self) -> list[int]:
-        """Process ids of the validators alive now."""
-        return [w.pid for w in self._all if not w.spent]
+        """Process ids of the validators alive now (spares and busy ones)."""
+        return [v.pid for v in list(self._live) if not v.killed]
+
+    def template_pid(self) -> int | None:
+        return None if self._template is None else self._template.pid
 
     async def validate(self, source: Path) -> tuple[bytes, OnnxInfo]:
         """Validate the ONNX file ``source``; its canonical bytes and summary.
 
         Raises ``OUTPUT_INVALID`` / ``OUTPUT_TOO_LARGE`` for a refused model, including one that
-        crashes, exhausts or outlives its validator; ``INTERNAL`` if a validator cannot start.
+        crashes, exhausts or outlives its validator; ``INTERNAL`` if no validator can start.
         """
         if self._idle is None or self._closed:
             raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
-        slot = await self._idle.get()
-        worker: _Worker | None = None
+        validator = await self._idle.get()
         try:
-            worker = slot if slot is not None else self._respawn()
-            job = asyncio.ensure_future(asyncio.to_thread(self._exchange, worker, source))
+            if validator is None:
+                validator = await asyncio.to_thread(self._fork_or_fail)
+            job = asyncio.ensure_future(asyncio.to_thread(self._exchange, validator, source))
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
-                worker.spent = True
-                worker.kill()  # the thread then sees EOF at once
+                validator.kill()  # the thread then sees EOF at once
                 with contextlib.suppress(BaseException):
                     await job
                 raise
         finally:
-            self._give_back(worker)
+            self._refill(validator)  # used once, whatever happened
 
-    def _respawn(self) -> _Worker:
+    def _refill(self, used: Validator | None) -> None:
+        """Reap ``used`` and put a freshly forked validator in its slot, in the background."""
+        refill = asyncio.ensure_future(asyncio.to_thread(self._replace, used))
+        self._refills.add(refill)
+        refill.add_done_callback(self._refilled)
+
+    def _refilled(self, refill: asyncio.Future[Validator | None]) -> None:
+        self._refills.discard(refill)
+        fresh = None if refill.cancelled() or refill.exception() else refill.result()
+        if self._closed or self._idle is None:
+            if fresh is not None:
+                fresh.kill()  # close() reaps everything in _live
+            return
+        self._idle.put_nowait(fresh)
+
+    def _replace(self, used: Validator | None) -> Validator | None:
+        if used is not None:
+            used.reap()
+            self._live.discard(used)
+        if self._closed:
+            return None
         try:
-            return self._spawn()
-        except OSError as exc:
+            return self._fork()
+        except (OSError, ValueError) as exc:  # the next job that takes the slot retries
+            log.error("could not start an ONNX validator: %s", exc)
+        except Exception as exc:  # AirlockError from a template that died
+            log.error("could not start an ONNX validator: %s", exc)
+        return None
+
+    def _fork_or_fail(self) -> Validator:
+        try:
+            return self._fork()
+        except (OSError, ValueError) as exc:
             raise error(Reason.INTERNAL, f"cannot start an ONNX validator: {exc}") from exc
 
-    def _give_back(self, worker: _Worker | None) -> None:
-        """Return the slot to the queue, with a fresh process if this one is done."""
-        assert self._idle is not None
-        if worker is not None and (worker.spent
-                                   or worker.jobs >= self.settings.max_jobs_per_process):
-            worker.reap()
-            self._all.discard(worker)
-            worker = None
-            if not self._closed:
-                try:
-                    worker = self._spawn()
-                except OSError as exc:  # out of processes or memory: the next job retries
-                    log.error("could not start a replacement ONNX validator: %s", exc)
-        if self._closed and worker is not None:
-            worker.reap()
-            self._all.discard(worker)
-            return
-        self._idle.put_nowait(worker)
+    def _fork(self) -> Validator:
+        """A fresh validator from the template (restarted first if it died). Blocking."""
+        with self._template_lock:
+            if self._closed:
+                raise OSError("the ONNX validator pool is closed")
+            template = self._template
+            if template is None or not template.alive():
+                if template is not None:
+                    template.reap()
+                    log.error("the ONNX validator template died (exit code %s); restarting it",
+                              template.process.returncode)
+                template = self._template = self._new_template()
+            template.await_ready(self.settings.start_timeout_seconds)
+            try:
+                validator = template.spawn(self.settings.start_timeout_seconds,
+                                           self.settings.max_stderr_bytes)
+            except OSError:
+                template.kill()  # a template that cannot fork is started afresh next time
+                raise
+            self._live.add(validator)
+            self.started += 1
+            self.forked.append(validator.pid)
+            return validator
 
-    def _exchange(self, worker: _Worker, source: Path) -> tuple[bytes, OnnxInfo]:
-        """One request and answer, blocking (runs in a thread). Marks the worker spent unless
-        it answered a passed validation exactly as the protocol says."""
-        # A missing, linked, special or oversize file is refused here and costs no worker.
+    def _exchange(self, validator: Validator, source: Path) -> tuple[bytes, OnnxInfo]:
+        """One request and answer, blocking (runs in a thread)."""
+        # A missing, linked, special or oversize file is refused here and costs no validator's
+        # work (the validator is replaced all the same: it is single-use).
         handle, st = open_regular_file(source)
         with handle:
             check_onnx_size(st.st_size, self.limits)
-            return self._exchange_fd(worker, handle.fileno())
+            return self._exchange_fd(validator, handle.fileno())
 
-    def _exchange_fd(self, worker: _Worker, fd: int) -> tuple[bytes, OnnxInfo]:
-        healthy = False
+    def _exchange_fd(self, validator: Validator, fd: int) -> tuple[bytes, OnnxInfo]:
+        deadline = time.monotonic() + self.settings.timeout_seconds
         try:
-            if not worker.ready:
-                self._await_ready(worker)
-            worker.jobs += 1
-            deadline = time.monotonic() + self.settings.timeout_seconds
-            worker.conn.send_bytes(json.dumps({"validate": True}).encode())
-            _send_fd(worker.conn, fd)
-            answer = _receive(worker, deadline, MAX_ANSWER_BYTES, self.settings)
-            info = interpret(answer, _Exited(worker))
-            canonical = _receive(worker, deadline, self.limits.max_onnx_bytes, self.settings)
+            hello = _receive(validator, deadline, 16, self.settings)
+            if hello != READY:
+                validator.join(1.0)
+                raise error(Reason.INTERNAL,
+                            f"an ONNX validator could not confine itself (exit code "
+                            f"{validator.exitcode}; its stderr is in the broker's log)")
+            validator.conn.send_bytes(json.dumps({"validate": True}).encode())
+            _send_fd(validator.conn, fd)
+            answer = _receive(validator, deadline, MAX_ANSWER_BYTES, self.settings)
+            info = interpret(answer, validator)
+            canonical = _receive(validator, deadline, self.limits.max_onnx_bytes, self.settings)
             if not canonical:
                 raise error(Reason.OUTPUT_INVALID, "ONNX validator sent no canonical model")
-            healthy = True
             return canonical, info
         except (OSError, EOFError) as exc:  # the pipe broke under a write: it died
             raise error(Reason.OUTPUT_INVALID, f"ONNX validator died: {exc}") from None
         finally:
-            if not healthy:
-                worker.spent = True
-                worker.kill()
-
-    def _await_ready(self, worker: _Worker) -> None:
-        timeout = self.settings.start_timeout_seconds
-        try:
-            if worker.conn.poll(timeout) and worker.conn.recv_bytes(16) == READY:
-                worker.ready = True
-                return
-        except (OSError, EOFError):
-            pass
-        raise error(Reason.INTERNAL,
-                    f"an ONNX validator process did not start within {timeout:g} s "
-                    f"(exit code {worker.process.poll()})")
+            validator.kill()
 
     async def close(self) -> None:
-        """Kill every validator and wait for it; a validation in flight fails."""
+        """Kill every validator and the template and wait for them; work in flight fails."""
         self._closed = True
-        workers = list(self._all)
-        self._all.clear()
-        for worker in workers:
-            worker.spent = True
-            worker.kill()
-        await asyncio.to_thread(_reap_all, workers)
+        validators = list(self._live)
+        for validator in validators:
+            validator.kill()
+        if self._refills:
+            await asyncio.wait(set(self._refills))
+        validators = list(self._live | set(validators))
+        self._live.clear()
+        template, self._template = self._template, None
+        await asyncio.to_thread(_reap_all, validators, template)
 
 
 def _send_fd(conn: Connection, fd: int) -> None:
@@ -291,27 +302,14 @@ def _send_fd(conn: Connection, fd: int) -> None:
         sock.detach()  # the Connection owns the descriptor
 
 
-def _reap_all(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.reap()
+def _reap_all(validators: list[Validator], template: Template | None) -> None:
+    for validator in validators:
+        validator.reap()
+    if template is not None:
+        template.reap()
 
 
-class _Exited:
-    """What ``interpret`` asks of a process that may have died: its exit code."""
-
-    def __init__(self, worker: _Worker) -> None:
-        self._worker = worker
-
-    def join(self, timeout: float) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._worker.process.wait(timeout)
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._worker.process.poll()
-
-
-def _receive(worker: _Worker, deadline: float, limit: int,
+def _receive(worker: Validator, deadline: float, limit: int,
              settings: ValidatorSettings) -> bytes | None:
     """The next message, or None if the process died first; refuses overlong or late ones."""
     remaining = deadline - time.monotonic()

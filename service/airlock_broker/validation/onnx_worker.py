@@ -1,12 +1,20 @@
-"""The ONNX validator process: ``python -m airlock_broker.validation.onnx_worker FD CONFIG``.
+"""The ONNX validator template: ``python -m airlock_broker.validation.onnx_worker FD CONFIG``.
 
-Started by ``onnx_pool`` and by nothing else. Before it imports onnx it leaves the network;
-then it imports onnx once, warms up on a model of its own, sets its rlimits (no core dumps, dies
-with its parent), gives up root and new privileges (``confinement``), says ``ready``, and answers
-one request at a time on the socket ``FD``: a JSON request, then the file to validate as a
-read-only descriptor (SCM_RIGHTS: the unprivileged process could not open the broker's path); a
-JSON answer; and, if the model passed, its canonical bytes. It exits when the socket reaches EOF
-(the broker closed it or died).
+Started by ``onnx_pool`` and by nothing else. The template never reads a model. Before it
+imports onnx it leaves the network and the host's mounts; then it imports onnx once, warms up on
+a model of its own, replaces its root with an empty one, gives up root and new privileges
+(``confinement``), says ``ready`` on the control socket ``FD`` (SOCK_SEQPACKET), and then, for
+each ``spawn`` the broker sends, forks one validator and hands the broker four descriptors: the
+validator's job socket, the read end of its stderr pipe, a status pipe on which the template
+writes the validator's exit status when it reaps it, and a pidfd to kill it with.
+
+A validator serves exactly one job and exits: it dies with the template (PDEATHSIG), sets its
+rlimits, installs its seccomp filter (``syscall_filter``), says ``ready`` on its job socket,
+then reads a JSON request and the file to validate as a read-only descriptor (SCM_RIGHTS); it
+answers with a JSON summary and, if the model passed, its canonical bytes. So no model a
+validator has read can influence the answer given for another: the next job gets a fresh fork
+of a template that never read one. The template exits when its control socket reaches EOF (the
+broker closed it or died), killing its validators.
 
 This module must not import onnx at module level (nor anything that does): it runs before the
 process has left the network.
@@ -18,6 +26,7 @@ pid. Tests run a module of their own instead, which calls :func:`main` with a mi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -30,7 +39,8 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.validation.confinement import drop_privileges, enter_empty_network
+from airlock_broker.validation import syscall_filter
+from airlock_broker.validation.confinement import enter_namespaces
 from airlock_broker.validation.limits import OutputLimits
 
 if TYPE_CHECKING:
@@ -42,12 +52,15 @@ FD_MARK = b"F"
 MAX_REQUEST_BYTES = 64 * 1024
 #: File descriptors a validator may hold: its socket, the file it reads, stdio, Python's own.
 MAX_FDS = 32
+#: Where a validator finds its job socket (stdin, stdout and stderr are below it).
+JOB_FD = 3
 _PR_SET_PDEATHSIG = 1
 
 Validate = Callable[[bytes, OutputLimits], "tuple[bytes, OnnxInfo]"]
 
 
-def _vm_size_bytes() -> int:
+def vm_size_bytes() -> int:
+    """This process's address space now (read while /proc is still visible)."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmSize:"):
@@ -55,38 +68,33 @@ def _vm_size_bytes() -> int:
     return 0
 
 
-def _cpu_used() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies; exit now if it is already gone.
 
-
-def _die_with_parent(parent: int) -> None:
-    # After the uid change: the kernel clears PDEATHSIG when credentials change. Best effort:
-    # the socket's EOF ends the loop too, but not a validation in progress. The
-    # pool starts validators from the event loop's thread, which lives as long as the broker
-    # (PDEATHSIG follows the thread that forked us, not the process).
+    Set after any uid change (the kernel clears PDEATHSIG when credentials change). The
+    broker starts the template from the event loop's thread, which lives as long as the broker
+    (PDEATHSIG follows the thread that forked us, not the process)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it died before we asked
-        sys.exit(0)
+        os._exit(0)
 
 
-def confine(limits: OutputLimits, memory_bytes: int, cpu_seconds: int, max_jobs: int) -> int:
-    """Set the process-wide limits; return the CPU hard limit (the soft one moves per job)."""
+def confine(limits: OutputLimits, base_vm_bytes: int, memory_bytes: int,
+            cpu_seconds: int) -> None:
+    """A freshly forked validator's limits (its CPU time starts at zero with the fork)."""
     # Imports (onnx, numpy, protobuf) are mapped already; budget on top of them.
-    address_space = _vm_size_bytes() + memory_bytes
+    address_space = base_vm_bytes + memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # It writes no files (answers go over the socket); this bounds what a subverted one could.
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_onnx_bytes, limits.max_onnx_bytes))
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
-    # Every job may use cpu_seconds; the hard limit covers the process's whole life.
-    hard = int(_cpu_used()) + cpu_seconds * (max_jobs + 1) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
-    return hard
+    # SIGXCPU at the soft limit; SIGKILL a second later if it ignores that.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
 
 
 def receive_fd(conn: Connection) -> int | None:
@@ -110,7 +118,7 @@ def answer_for(fd: int, limits: OutputLimits,
                validate: Validate) -> tuple[dict[str, Any], bytes]:
     """The JSON answer for the file open on ``fd`` (closed here) and, if the model passed,
     its canonical bytes."""
-    # Imported here, once the process is confined (the first call pays for it, before ready).
+    # Imported by the template's warm-up, before its root was emptied.
     from airlock_broker.validation.onnx_answer import info_to_json
     from airlock_broker.validation.onnx_check import read_onnx_handle
 
@@ -129,65 +137,70 @@ def answer_for(fd: int, limits: OutputLimits,
                 "message": f"ONNX validation failed: {type(exc).__name__}: {exc}"[:1000]}, b""
 
 
-def serve(conn: Connection, config: dict[str, Any], validate: Validate,
-          own_network: bool = False) -> None:
-    """Confine, say ready, then answer requests until EOF."""
-    limits_doc = dict(config["limits"])
-    limits_doc["allowed_onnx_domains"] = frozenset(limits_doc["allowed_onnx_domains"])
-    limits = OutputLimits(**limits_doc)
-    settings = config["settings"]
-    cpu_seconds = int(settings["cpu_seconds"])
-    hard = confine(limits, int(settings["memory_bytes"]), cpu_seconds,
-                   int(settings["max_jobs_per_process"]))
-    drop_privileges(own_network)  # last, and before anything hostile is read
-    _die_with_parent(int(config["parent"]))
+def serve_one(conn: Connection, limits: OutputLimits, settings: dict[str, Any],
+              base_vm_bytes: int, validate: Validate) -> None:
+    """In a freshly forked validator: confine, say ready, answer one request, return."""
+    confine(limits, base_vm_bytes, int(settings["memory_bytes"]), int(settings["cpu_seconds"]))
+    syscall_filter.install(os.getpid())  # last, and before anything hostile is read
+    # While it waits as a spare: touch (and so copy from the template) the pages a validation
+    # writes, so that the caller's job does not pay for those page faults.
+    validate(tiny_model(), limits)
     conn.send_bytes(READY)
-    while True:
-        try:
-            request = json.loads(conn.recv_bytes(MAX_REQUEST_BYTES))
-            fd = receive_fd(conn)
-        except EOFError:
-            return
-        if fd is None or request != {"validate": True}:
-            raise ValueError("malformed request")
-        soft = min(hard, int(_cpu_used()) + cpu_seconds)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-        answer, canonical = answer_for(fd, limits, validate)
-        conn.send_bytes(json.dumps(answer).encode())
-        if answer["ok"]:
-            conn.send_bytes(canonical)
+    request = json.loads(conn.recv_bytes(MAX_REQUEST_BYTES))
+    fd = receive_fd(conn)
+    if fd is None or request != {"validate": True}:
+        raise ValueError("malformed request")
+    answer, canonical = answer_for(fd, limits, validate)
+    conn.send_bytes(json.dumps(answer).encode())
+    if answer["ok"]:
+        conn.send_bytes(canonical)
 
 
-def _warm_up(validate: Validate) -> None:
-    """Validate a tiny model built here, so that every module onnx imports lazily is imported
-    while the process may still read the interpreter's files (see ``confinement``)."""
+def tiny_model() -> bytes:
+    """A one-node ONNX model built here (never read from anywhere)."""
     from onnx import TensorProto, helper
-
-    from airlock_broker.validation import onnx_answer
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "warm_up", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    _canonical, info = validate(model.SerializeToString(), OutputLimits())
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def _warm_up(validate: Validate) -> None:
+    """Validate a tiny model, so that every module onnx imports lazily is imported while the
+    template may still read the interpreter's files (see ``confinement``)."""
+    from airlock_broker.validation import onnx_answer, onnx_check
+
+    canonical, info = validate(tiny_model(), OutputLimits())
     onnx_answer.info_to_json(info)
+    # A refusal's path too (error formatting, the checker's exception types).
+    with contextlib.suppress(Exception):  # a refusal is the point, whichever exception
+        validate(canonical[: len(canonical) // 2], OutputLimits())
+    del onnx_check  # imported now: every validator reads its model with it
 
 
 def main(argv: list[str], validate: Validate | None = None) -> int:
     """``argv``: ``[program, FD, CONFIG]``. ``validate`` defaults to ``validate_onnx_bytes``."""
     config = json.loads(argv[2])
-    own_network = enter_empty_network()  # first: nothing below can use the network
+    isolated = enter_namespaces()  # first: nothing below can use the network or see the host
     from airlock_broker.validation.onnx_check import validate_onnx_bytes
+    from airlock_broker.validation.onnx_template import Template
 
     _warm_up(validate_onnx_bytes)
-    conn = Connection(int(argv[1]))
-    try:
-        serve(conn, config, validate or validate_onnx_bytes, own_network)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the broker went away mid-answer
-    finally:
-        conn.close()
+    limits_doc = dict(config["limits"])
+    limits_doc["allowed_onnx_domains"] = frozenset(limits_doc["allowed_onnx_domains"])
+    limits = OutputLimits(**limits_doc)
+    settings = config["settings"]
+    chosen = validate or validate_onnx_bytes
+
+    def child(conn: Connection, base_vm_bytes: int) -> None:
+        serve_one(conn, limits, settings, base_vm_bytes, chosen)
+
+    template = Template(int(argv[1]), settings, int(config["parent"]), isolated)
+    template.run(child)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import describe_name, open_regular_file, read_upto
+from airlock_broker.validation.header_budget import check_header_work
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
@@ -265,10 +266,13 @@ def _parse_header(
     # The spec says the header MUST begin with '{'; the reference parser skips whitespace.
     if raw[:1] != b"{":
         raise error(Reason.OUTPUT_INVALID, "header does not begin with '{'")
+    check_header_work(raw, limits)  # before a single object is built from it
     try:
-        doc = loads_strict(raw.decode("utf-8"), padding=" ")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise error(Reason.OUTPUT_INVALID, "header is not valid UTF-8") from None
+    try:
+        doc = loads_strict(text, padding=" ")
     except StrictJSONError as exc:
         raise error(Reason.OUTPUT_INVALID, f"header is not strict JSON: {exc}") from None
     if not isinstance(doc, dict):
