@@ -66,7 +66,7 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
             outcome = f"failed: {exc}"
         raise error(Reason.OUTPUT_INVALID, f"connect {outcome}")
     if data == PID:
-        _canonical, info = validate_onnx_bytes(_tiny_model(), limits)
+        _canonical, info = validate_onnx_bytes(onnx_worker.tiny_model(), limits)
         return str(os.getpid()).encode(), info
     if data == LOOK:
         seen = {"root": sorted(os.listdir("/")), "uid": os.getuid(), "gid": os.getgid(),
@@ -93,18 +93,6 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         while True:
             pass
     return validate_onnx_bytes(data, limits)
-
-
-def _tiny_model() -> bytes:
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "pid", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    data: bytes = model.SerializeToString()
-    return data
 
 
 if __name__ == "__main__":

@@ -330,18 +330,24 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         assert status["Uid"].split()[0] == str(os.geteuid())
 
 
-def test_a_validator_sees_no_file_of_the_broker_as_a_uid_of_its_own(tmp_path: Path) -> None:
-    # The spool, keys and results are the broker's; a subverted validator must not see them.
-    if os.geteuid() != 0:
-        pytest.fail("run as root: only root can give validators an empty root and a uid")
-    source = write(tmp_path, "look.onnx", fakes.LOOK)
+def refusal_of(source: Path) -> str:
+    """The message of the refusal one fake validator gives ``source``."""
 
     async def body(pool: OnnxValidatorPool) -> str:
         with pytest.raises(AirlockError) as caught:
             await pool.validate(source)
         return caught.value.message
 
-    looked = plain_pool(ValidatorSettings(processes=1), body)
+    return plain_pool(ValidatorSettings(processes=1), body)
+
+
+def test_a_validator_sees_no_file_of_the_broker_as_a_uid_of_its_own(tmp_path: Path) -> None:
+    # The spool, keys and results are the broker's; a subverted validator must not see them.
+    if os.geteuid() != 0:
+        pytest.fail("run as root: only root can give validators an empty root and a uid")
+    source = write(tmp_path, "look.onnx", fakes.LOOK)
+
+    looked = refusal_of(source)
     assert looked == (f"look {{'root': [], 'uid': {VALIDATOR_ID}, 'gid': {VALIDATOR_ID}, "
                       "'proc': False, 'tmp': False}"), looked
     assert ValidatorSettings().uid == ValidatorSettings().gid == VALIDATOR_ID
@@ -350,12 +356,7 @@ def test_a_validator_sees_no_file_of_the_broker_as_a_uid_of_its_own(tmp_path: Pa
 def test_a_validator_cannot_fork_open_sockets_or_signal_others(tmp_path: Path) -> None:
     source = write(tmp_path, "syscalls.onnx", fakes.SYSCALLS)
 
-    async def body(pool: OnnxValidatorPool) -> str:
-        with pytest.raises(AirlockError) as caught:
-            await pool.validate(source)
-        return caught.value.message
-
-    message = plain_pool(ValidatorSettings(processes=1), body)
+    message = refusal_of(source)
     denied = os.strerror(1)  # EPERM
     assert message == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
                        f"'kill': '{denied}'}}"), message
