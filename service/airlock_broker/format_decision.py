@@ -22,8 +22,6 @@ from airlock_sandbox.formats import (
     profile_for,
 )
 
-MLFLOW = "mlflow"
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -38,7 +36,7 @@ def check_flavor_hint(declared: str | None, flavor: str) -> str | None:
     """The caller's MLflow flavor hint, checked for form (not truth); None when not given."""
     if not flavor:
         return None
-    if declared != MLFLOW:
+    if declared != ArtifactFormat.MLFLOW:
         raise error(Reason.BAD_REQUEST, f"mlflow_flavor {flavor[:20]!r} is only meaningful with "
                                         "declared_format MLFLOW")
     if flavor not in MLFLOW_FLAVOR_PROFILES:
@@ -59,10 +57,10 @@ def decide(prefix: bytes, size: int, declared: str | None,
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "
                     "PyTorch, numpy, ONNX, safetensors, a zip declared as an MLflow bundle)")
-    if detected is ArtifactFormat.ZIP and declared == MLFLOW:
+    if detected is ArtifactFormat.ZIP and declared == ArtifactFormat.MLFLOW:
         detected = ArtifactFormat.MLFLOW
     if declared is not None and not admits(declared, detected):
-        hint = " (an MLflow bundle is a zip)" if declared == MLFLOW else ""
+        hint = " (an MLflow bundle is a zip)" if declared == ArtifactFormat.MLFLOW else ""
         raise error(Reason.FORMAT_MISMATCH,
                     f"declared {declared}, but the leading bytes say {detected}{hint}")
     if detected is ArtifactFormat.MLFLOW and mlflow_flavor is not None:

@@ -68,17 +68,8 @@ def with_pool(settings: ValidatorSettings,
 
 def plain_pool(settings: ValidatorSettings,
                body: Callable[[OnnxValidatorPool], Awaitable[T]]) -> T:
-    """Run ``body`` against a started pool of the fake validators, then close it."""
-
-    async def main() -> T:
-        pool = OnnxValidatorPool(LIMITS, settings, worker_module=FAKE)
-        pool.start()
-        try:
-            return await body(pool)
-        finally:
-            await pool.close()
-
-    return asyncio.run(main())
+    """``with_pool`` for a body whose result is all the test needs."""
+    return with_pool(settings, body)[0]
 
 
 async def until(condition: Callable[[], bool], seconds: float = 60.0) -> None:

@@ -212,10 +212,8 @@ class OnnxValidatorPool:
             return None
         try:
             return self._fork()
-        except (OSError, ValueError) as exc:  # the next job that takes the slot retries
-            log.error("could not start an ONNX validator: %s", exc)
-        except Exception as exc:  # AirlockError from a template that died
-            log.error("could not start an ONNX validator: %s", exc)
+        except Exception as exc:  # OSError, ValueError, AirlockError from a template that died
+            log.error("could not start an ONNX validator: %s", exc)  # the next job retries
         return None
 
     def _fork_or_fail(self) -> Validator:
