@@ -119,6 +119,15 @@ def install() -> None:
     around_sync(jobs, "read_report", "read_report", report_timings)
     around_async(jobs, "validate_output", "validate")
     around_sync(servicer, "result_message", "result_message")
+    from airlock_broker import answers
+    from airlock_broker.audit import AuditLog
+    around_sync(servicer, "statement", "statement")
+    around_sync(servicer, "sign", "sign")
+    around_async(servicer, "spool_answer", "answer_spool")
+    around_async(answers, "write_to_peer", "peer_write")
+    around_sync(AuditLog, "write", "audit")
+    around_sync(answers.Answer, "close", "answer_close")
+    around_sync(answers.Answer, "keep", "answer_keep")
 
 
 def install_what_ifs(control: str) -> None:
@@ -164,17 +173,17 @@ def install_what_ifs(control: str) -> None:
         emit("what_if", names=sorted(names))
         return slot
 
-    async def what_if_release(self: Any, slot: Any) -> None:
+    async def what_if_release(self: Any, slot: Any, answered: Any = None) -> None:
         names, pool = jobs.pop(slot.slot_id, (set(), None))
         if pool is not None:
             pool.starting -= 1
             self._wake.set()
         if "background_release" in names:
-            task = asyncio.get_running_loop().create_task(release(self, slot))
+            task = asyncio.get_running_loop().create_task(release(self, slot, answered))
             pending.add(task)
             task.add_done_callback(pending.discard)
         else:
-            await release(self, slot)
+            await release(self, slot, answered)
 
     Pools.acquire = what_if_acquire  # type: ignore[method-assign]
     Pools.release = what_if_release  # type: ignore[method-assign]

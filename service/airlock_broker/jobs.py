@@ -231,24 +231,25 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
-                  input_sha256: str, input_size: int,
-                  audit: AuditRecord) -> AsyncIterator[JobResult]:
+                  input_sha256: str, input_size: int, audit: AuditRecord,
+                  answered: asyncio.Event | None = None) -> AsyncIterator[JobResult]:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit.
 
         A zip checkpoint converted to safetensors is also read, concurrently, by a second
         sandbox in integrity-extraction mode; the two outputs must agree (see integrity.py).
+        The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
         """
         began = time.monotonic()
         detected = decision.format
         verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
                   and request.target in (Target.AUTO, Target.SAFETENSORS))
         async with contextlib.AsyncExitStack() as stack:
-            slot = await self._slot(stack, decision.profile)
+            slot = await self._slot(stack, decision.profile, answered)
             audit.set(warm_container=slot.started, profile=slot.profile)
             slot.workspace.adopt_artifact(upload)
             # The restricted reader needs no torch: the light profile starts fastest.
-            second = await self._slot(stack, PROFILE_LIGHT) if verify else None
+            second = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
             if second is not None:
                 second.workspace.link_artifact(slot.workspace.artifact)
             spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
@@ -312,10 +313,11 @@ class JobRunner:
                         f"the sandbox engine went away during the job ({exc}); "
                         f"{killed.message}") from exc
 
-    async def _slot(self, stack: contextlib.AsyncExitStack, profile: str) -> Slot:
+    async def _slot(self, stack: contextlib.AsyncExitStack, profile: str,
+                    answered: asyncio.Event | None) -> Slot:
         """A single-use slot whose destruction ``stack`` owns."""
         slot = await self.pools.acquire(profile)
-        stack.push_async_callback(self.pools.release, slot)
+        stack.push_async_callback(self.pools.release, slot, answered)
         return slot
 
     async def _extract(self, slot: Slot | None, request: JobRequest,

@@ -35,6 +35,7 @@ principal.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -58,7 +59,10 @@ RECORD_FIELD = "airlock"
 RECORD_VERSION = 2
 
 
+@functools.cache
 def broker_version() -> str:
+    """The installed distribution's version, looked up once: ``importlib.metadata`` scans
+    ``sys.path`` on every call (3.5 ms of every job's answer, measured with bench.profile)."""
     try:
         return metadata.version("airlock")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -66,12 +67,15 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         principal = current_principal()
         record = AuditRecord(job_id=job_id, peer=context.peer(), principal=principal.name)
         record.set(auth=principal.method, outcome="cancelled", reason=Reason.CANCELLED.value)
+        # Set once the call's answer is out (or it failed): the job's dead sandboxes are
+        # destroyed and replaced only then, so that neither competes with the answer.
+        answered = asyncio.Event()
         try:
             # The place is held until the answer is sent: it bounds the spool files
             # (uploads, then answers) a caller can make the broker hold. The run slot and the
             # sandboxes are already free by then (answers.py).
             async with self.admission.admit(principal.name):
-                answer = await self._convert(job_id, request_iterator, record)
+                answer = await self._convert(job_id, request_iterator, record, answered)
                 with answer, self.drains.deadline(context,
                                                   lambda: self._unread(answer, record)):
                     async for response in answer.responses(self.config.chunk_bytes, self.intake):
@@ -86,6 +90,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             record.set(outcome="failed", reason=bug.reason.value)
             await context.abort_with_status(rpc_status.to_status(status_of(bug, job_id)))
         finally:
+            answered.set()
             self.audit.write(record)
             doc = record.fields
             self.metrics.job_done(str(doc.get("outcome")), doc.get("reason"),
@@ -134,14 +139,14 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         return rpc_status.to_status(status_of(exc, record.job_id))
 
     async def _convert(self, job_id: str, stream: AsyncIterator[pb.ConvertRequest],
-                       record: AuditRecord) -> Answer:
+                       record: AuditRecord, answered: asyncio.Event) -> Answer:
         meta = await read_metadata(stream, self.intake)
         record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,
                    declared_size=meta.size_bytes,
                    transfer="local" if meta.local_handle else "stream")
         local = self._claim(meta.local_handle, record)
         try:
-            answer = await self._convert_claimed(job_id, meta, stream, record, local)
+            answer = await self._convert_claimed(job_id, meta, stream, record, local, answered)
         except BaseException:
             if local is not None:
                 local.close()
@@ -163,7 +168,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
 
     async def _convert_claimed(self, job_id: str, meta: pb.ConvertMetadata,
                                stream: AsyncIterator[pb.ConvertRequest], record: AuditRecord,
-                               local: LocalFiles | None) -> Answer:
+                               local: LocalFiles | None, answered: asyncio.Event) -> Answer:
         request = job_request(meta, job_id, default_deadline=self.config.sandbox.deadline_seconds,
                               max_deadline=self.config.max_job_seconds)
         policy = self.config.sandbox
@@ -199,7 +204,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                     return self._replay(claim, record)
                 async with self.admission.run_slot(), self.runner.run(
                         request, upload, decision, spooled.sha256, spooled.size,
-                        record) as result:
+                        record, answered) as result:
                     record.set(output_format=result.output.format.value,
                                output_sha256=result.output.sha256,
                                output_size=result.output.size)
