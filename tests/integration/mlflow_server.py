@@ -45,6 +45,9 @@ def mlflow_tracking_server(tmp: Path) -> Iterator[MlflowServer]:
     log = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    # No huey job consumers: the tests run no server-side jobs, and the consumers were among
+    # the busiest processes on the machine while the migrate tests ran.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     command = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--artifacts-destination", (root / "artifacts").as_uri()]
