@@ -143,20 +143,3 @@ def load_or_create(path: Path) -> tuple[SigningKey, bool]:
             pass  # a concurrent start created it: load that one
     return load_key(path), False
 
-
-def export_public(config_path: Path | None = None) -> tuple[str, str, bool]:
-    """``airlock keys export``: the broker's public key PEM, its fingerprint, and whether the
-    key had to be created (the same path and rules as ``airlock serve``)."""
-    from airlock_broker.config import BrokerConfig  # config imports this module
-    from airlock_broker.security.state_dirs import StateDirError, prepare_key_dir
-
-    config = BrokerConfig.load(config_path)
-    try:
-        prepare_key_dir(config.provenance_key_path, config.state_root)
-        key, created = load_or_create(config.provenance_key_path)
-    except StateDirError as exc:
-        raise SigningKeyError(f"refusing the provenance key's directory: {exc}") from None
-    except OSError as exc:
-        raise SigningKeyError(f"cannot create the provenance key "
-                              f"{config.provenance_key_path}: {exc}") from exc
-    return key.public_pem, key.fingerprint, created
