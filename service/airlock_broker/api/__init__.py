@@ -2,5 +2,6 @@
 services, the wire's messages, authentication, per-RPC limits, listeners, streamed answers and
 their signed provenance.
 
-The top layer: it may import every other subpackage; only config and ``__main__`` import it.
+The top layer: it may import every other subpackage; only ``__main__``, config (the settings
+of rpc_limits and local_listeners) and ops.logs (auth's PrincipalFilter) import it.
 """

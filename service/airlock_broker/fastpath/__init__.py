@@ -2,5 +2,6 @@
 instead of streaming bytes; the peer's identity, I/O on its descriptors on the fast path's own
 threads, the filesystems it may use.
 
-May import errors, security, validation and conversion's intake limits; never api or ops.
+May import errors, security, validation and conversion's intake (intake, spool_space,
+upload_limits); never api or ops.
 """
