@@ -43,7 +43,7 @@ test: setup check
 # AUDIT_ARGS: e.g. --image airlock-x-sandbox:latest, --config airlock.toml, --json
 AUDIT_ARGS ?=
 audit: venv docker
-	$(PY) -m airlock_broker.version_audit $(AUDIT_ARGS)
+	$(PY) -m airlock_broker.ops.version_audit $(AUDIT_ARGS)
 
 BENCH_ARGS ?=
 bench: setup

@@ -62,9 +62,11 @@ def around_sync(owner: Any, name: str, label: str,
 
 
 def install() -> None:
-    from airlock_broker import docker_sandbox, jobs, servicer
-    from airlock_broker.pools import Pools
-    from airlock_broker.workspace import JobWorkspace
+    from airlock_broker.api import servicer
+    from airlock_broker.conversion import jobs
+    from airlock_broker.sandboxes import docker_sandbox
+    from airlock_broker.sandboxes.pools import Pools
+    from airlock_broker.sandboxes.workspace import JobWorkspace
 
     convert = servicer.ConversionServicer.Convert
 
@@ -119,8 +121,8 @@ def install() -> None:
     around_sync(jobs, "read_report", "read_report", report_timings)
     around_async(jobs, "validate_output", "validate")
     around_sync(servicer, "result_message", "result_message")
-    from airlock_broker import answers
-    from airlock_broker.audit import AuditLog
+    from airlock_broker.api import answers
+    from airlock_broker.conversion.audit import AuditLog
     around_sync(servicer, "statement", "statement")
     around_sync(servicer, "sign", "sign")
     around_async(servicer, "spool_answer", "answer_spool")
@@ -143,7 +145,7 @@ def install_what_ifs(control: str) -> None:
     """
     import asyncio
 
-    from airlock_broker.pools import Pools
+    from airlock_broker.sandboxes.pools import Pools
 
     release = Pools.release
     acquire = Pools.acquire

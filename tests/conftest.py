@@ -142,7 +142,7 @@ class BrokerProcess:
 def reap_state(state: Path) -> None:
     """What the broker's next start would do on this state root: unmount and remove the slots
     (and uploads, results) of a broker that is gone. Never for a live broker's root."""
-    from airlock_broker.workspace import reap_stale
+    from airlock_broker.sandboxes.workspace import reap_stale
 
     if state.is_dir():
         reap_stale(state)

@@ -177,7 +177,8 @@ def run_keys(args: argparse.Namespace) -> int:
               "with the broker's host (airlock keys export) before pinning it", file=sys.stderr)
         return _emit_key(args, pem, actual)
     try:
-        from airlock_broker.keys import SigningKeyError, export_public
+        from airlock_broker.ops.key_export import export_public
+        from airlock_broker.security.keys import SigningKeyError
     except ImportError:
         return _usage("keys", "export reads the broker's key file: run it where the broker "
                               "is installed, or use `airlock keys fetch`")

@@ -244,7 +244,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
     try:
-        from airlock_broker.token_command import add_arguments
+        from airlock_broker.security.token_command import add_arguments
     except ImportError:
         return
     add_arguments(parser)
@@ -252,7 +252,7 @@ def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _token(args: argparse.Namespace) -> int:
     try:
-        from airlock_broker.token_command import run
+        from airlock_broker.security.token_command import run
     except ImportError:
         print("airlock token: the broker is not installed here (pip install airlock)",
               file=sys.stderr)

@@ -55,7 +55,7 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 RECORD_FIELD = "airlock"
 #: An envelope is a few KiB; anything far larger is not one.
 MAX_PROVENANCE_BYTES = 256 * 1024
-#: The broker refuses a longer subject (airlock_broker.wire.MAX_SUBJECT).
+#: The broker refuses a longer subject (airlock_broker.api.wire.MAX_SUBJECT).
 MAX_SUBJECT = 1024
 SUFFIX = ".provenance.json"
 _READ = 1024 * 1024

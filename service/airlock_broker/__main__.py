@@ -10,13 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airlock_broker import logs
+from airlock_broker.api.local_listeners import unix_socket_setting
+from airlock_broker.api.server import serve
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
-from airlock_broker.keys import SigningKeyError
-from airlock_broker.local_listeners import unix_socket_setting
-from airlock_broker.sandbox import SandboxUnavailable
-from airlock_broker.server import serve
-from airlock_broker.state_dirs import StateDirError
+from airlock_broker.ops import logs
+from airlock_broker.sandboxes.sandbox import SandboxUnavailable
+from airlock_broker.security.keys import SigningKeyError
+from airlock_broker.security.state_dirs import StateDirError
 
 EXIT_OK = 0
 EXIT_USAGE = 2

@@ -66,20 +66,20 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from airlock_broker.auth_config import AuthConfig, check_listen
-from airlock_broker.idempotency import IdempotencySettings
-from airlock_broker.keys import KEY_FILE_NAME
-from airlock_broker.local_listeners import (
+from airlock_broker.api.local_listeners import (
     check_unix_socket,
     default_unix_socket,
     unix_socket_setting,
 )
-from airlock_broker.local_transfer import LocalTransferSettings
-from airlock_broker.metrics import check_metrics_listen
-from airlock_broker.pools import PoolSettings
-from airlock_broker.rpc_limits import RpcLimits
-from airlock_broker.state_dirs import SOCKETS_DIR, default_state_root
-from airlock_broker.upload_limits import UploadLimits
+from airlock_broker.api.rpc_limits import RpcLimits
+from airlock_broker.conversion.idempotency import IdempotencySettings
+from airlock_broker.conversion.upload_limits import UploadLimits
+from airlock_broker.fastpath.local_transfer import LocalTransferSettings
+from airlock_broker.ops.metrics import check_metrics_listen
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.security.auth_config import AuthConfig, check_listen
+from airlock_broker.security.keys import KEY_FILE_NAME
+from airlock_broker.security.state_dirs import SOCKETS_DIR, default_state_root
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy

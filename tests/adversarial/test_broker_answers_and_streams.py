@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth_config import mint_token, token_digest
+from airlock_broker.security.auth_config import mint_token, token_digest
 from airlock_client import Client
 from airlock_client._wire import error_from_rpc
 from tests.conftest import IMAGE, BrokerProcess, assert_no_sandbox_left, free_port, start_broker

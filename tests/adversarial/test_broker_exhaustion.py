@@ -29,7 +29,7 @@ import pytest
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth_config import token_digest
+from airlock_broker.security.auth_config import token_digest
 from airlock_client import Client, ConversionError
 from tests.adversarial.stalling_fs import StallingFs, overlay_over
 from tests.conftest import IMAGE, BrokerProcess, start_broker

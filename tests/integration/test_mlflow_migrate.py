@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from airlock_broker.keys import load_key
+from airlock_broker.security.keys import load_key
 from airlock_client import (
     Client,
     ConversionResult,

@@ -356,7 +356,7 @@ def test_drain_refuses_new_jobs_unavailable_and_resume_serves_them(
 
 def test_orphans_of_a_killed_broker_are_reaped_by_a_running_brokers_sweep(
         ready: PoolBroker, docker_client: Any, image: str, tmp_path: Path) -> None:
-    from airlock_broker.workspace import reap_stale
+    from airlock_broker.sandboxes.workspace import reap_stale
 
     doomed = ph.launch(tmp_path, ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("light",)},
                                                  sandbox={"image": image}))
@@ -570,9 +570,9 @@ def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
     cancellation races that Docker call."""
     import asyncio
 
-    from airlock_broker.docker_sandbox import DockerSandbox
-    from airlock_broker.pools import Pools, PoolSettings
-    from airlock_broker.workspace import reap_stale
+    from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+    from airlock_broker.sandboxes.pools import Pools, PoolSettings
+    from airlock_broker.sandboxes.workspace import reap_stale
     from airlock_sandbox.policy import SandboxPolicy
 
     min_warm = 1

@@ -9,15 +9,16 @@ import sys
 
 import pytest
 
-from airlock_broker.version_gates import GATES
+from airlock_broker.sandboxes.version_gates import GATES
 from tests.conftest import IMAGE
 
 pytestmark = pytest.mark.integration
 
 
 def test_audit_reads_every_gate_and_the_enforced_ones_hold(docker_client) -> None:  # type: ignore[no-untyped-def]
-    done = subprocess.run([sys.executable, "-m", "airlock_broker.version_audit", "--image", IMAGE,
-                           "--json"], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-m", "airlock_broker.ops.version_audit",
+                           "--image", IMAGE, "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(done.stdout)
     assert len(rows) == len(GATES)

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airlock_broker.api.server import Broker, create_server
 from airlock_broker.config import BrokerConfig
-from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
-from airlock_broker.server import Broker, create_server
-from airlock_broker.workspace import JobWorkspace
+from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import JobSpec
 
 Behaviour = Callable[[JobSpec, bytes, Path], int | None]

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from airlock_broker.auth import Principal
-from airlock_broker.jobs import JobRequest, JobResult
-from airlock_broker.keys import SigningKey
-from airlock_broker.outputs import ValidatedOutput
-from airlock_broker.provenance import sign, statement
-from airlock_broker.sandbox import Outcome as SandboxOutcome
+from airlock_broker.api.auth import Principal
+from airlock_broker.api.provenance import sign, statement
+from airlock_broker.conversion.jobs import JobRequest, JobResult
+from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.sandboxes.sandbox import Outcome as SandboxOutcome
+from airlock_broker.security.keys import SigningKey
 from airlock_client import ConversionError, ConversionReport, ConversionResult, provenance
 from airlock_client._twin import bundle_sha256
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target

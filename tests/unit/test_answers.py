@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker.answers import Answer, spool_answer
+from airlock_broker.api.answers import Answer, spool_answer
+from airlock_broker.api.rpc_limits import RpcLimits
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.intake import IntakeLimits
+from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError
-from airlock_broker.intake import IntakeLimits
-from airlock_broker.local_handles import InputFile, LocalFiles, PeerCred
-from airlock_broker.outputs import ValidatedOutput
-from airlock_broker.peer_io import PeerIO
-from airlock_broker.rpc_limits import RpcLimits
+from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCred
+from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_sandbox.contract import OutputFormat
 
 _LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=10,
@@ -70,7 +70,7 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
         release.wait(30)
         seen.append(os.fstat(src).st_size == size and os.fstat(dst) is not None)
 
-    monkeypatch.setattr("airlock_broker.answers.copy_file", slow_copy)
+    monkeypatch.setattr("airlock_broker.api.answers.copy_file", slow_copy)
     source = tmp_path / "answer"
     source.write_bytes(b"x" * 100)
     fd = os.open(source, os.O_RDONLY)

@@ -29,14 +29,17 @@ from safetensors.numpy import save
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth import (
+from airlock_broker.api.auth import (
     OPEN_METHODS,
     OPEN_SERVICES,
     SERVICE_ROLES,
     Authenticator,
     PrincipalFilter,
 )
-from airlock_broker.auth_config import (
+from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.security.auth_config import (
     AuthConfig,
     Role,
     SubjectEntry,
@@ -46,9 +49,6 @@ from airlock_broker.auth_config import (
     mint_token,
     token_digest,
 )
-from airlock_broker.config import BrokerConfig
-from airlock_broker.errors import AirlockError
-from airlock_broker.pools import PoolSettings
 from airlock_client import AccessDenied, Client, ServiceUnavailable
 from airlock_client._channel import ChannelSettings
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat
@@ -206,7 +206,7 @@ def test_insecure_no_auth_serves_beyond_loopback_and_says_so(
         caplog: pytest.LogCaptureFixture) -> None:
     # Binding 0.0.0.0 on an ephemeral port for a second, with a fake sandbox behind it, is the
     # honest way to show the flag works: nothing can be converted for real meanwhile.
-    caplog.set_level(logging.WARNING, logger="airlock_broker.server")
+    caplog.set_level(logging.WARNING, logger="airlock_broker.api.server")
     address, _ = make_broker(BrokerConfig.load(None, insecure_no_auth=True,
                                                listen="0.0.0.0:0").auth, listen="0.0.0.0:0")
     with Client(address) as client:

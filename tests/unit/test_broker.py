@@ -17,7 +17,7 @@ from safetensors.numpy import save
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.config import BrokerConfig
-from airlock_broker.pools import PoolSettings
+from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_client import Client, ConversionError, TensorSpec
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, WorkerExit
 from tests.unit.fakes import Behaviour, FakeSandbox, running_broker

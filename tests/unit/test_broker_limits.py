@@ -25,11 +25,17 @@ from safetensors.numpy import save
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.auth_config import AuthConfig, Role, TokenEntry, mint_token, token_digest
+from airlock_broker.api.rpc_limits import RpcLimits
+from airlock_broker.api.server import Broker
 from airlock_broker.config import BrokerConfig
-from airlock_broker.pools import PoolSettings
-from airlock_broker.rpc_limits import RpcLimits
-from airlock_broker.server import Broker
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.security.auth_config import (
+    AuthConfig,
+    Role,
+    TokenEntry,
+    mint_token,
+    token_digest,
+)
 from airlock_client import Client
 from airlock_client._wire import error_from_rpc
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat

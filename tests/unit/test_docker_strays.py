@@ -16,7 +16,12 @@ from typing import Any
 import docker.errors
 import requests
 
-from airlock_broker.docker_sandbox import LABEL_BROKER, LABEL_SLOT, DockerSandbox, broker_identity
+from airlock_broker.sandboxes.docker_sandbox import (
+    LABEL_BROKER,
+    LABEL_SLOT,
+    DockerSandbox,
+    broker_identity,
+)
 from airlock_sandbox.policy import SandboxPolicy
 
 
@@ -113,8 +118,8 @@ class SlowToDieApi(FakeApi):
 
 
 def test_a_kill_the_engine_could_not_confirm_is_still_a_timeout(tmp_path: Path) -> None:
-    from airlock_broker.sandbox import Slot
-    from airlock_broker.workspace import JobWorkspace
+    from airlock_broker.sandboxes.sandbox import Slot
+    from airlock_broker.sandboxes.workspace import JobWorkspace
     from airlock_sandbox.contract import JobSpec
 
     root = tmp_path / "slot"

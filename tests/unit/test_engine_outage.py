@@ -14,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.jobs import judge
 from airlock_broker.errors import Reason
-from airlock_broker.jobs import judge
-from airlock_broker.pools import PoolSettings
-from airlock_broker.sandbox import Outcome
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_client import Client, ServiceUnavailable
 from tests.unit.fakes import FakeSandbox, running_broker
 from tests.unit.test_broker import PICKLE, write_safetensors

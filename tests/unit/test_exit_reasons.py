@@ -7,9 +7,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from airlock_broker.conversion.jobs import EXIT_REASONS, judge
 from airlock_broker.errors import STATUS_TABLE, AirlockError, Reason
-from airlock_broker.jobs import EXIT_REASONS, judge
-from airlock_broker.sandbox import Outcome
+from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_client._migrate_version import TRANSIENT_REASONS
 from airlock_sandbox.contract import WorkerExit
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from airlock_broker import exit_watch
-from airlock_broker.exit_watch import ExitWatch
+from airlock_broker.sandboxes import exit_watch
+from airlock_broker.sandboxes.exit_watch import ExitWatch
 from airlock_sandbox.policy import SandboxPolicy
 
 

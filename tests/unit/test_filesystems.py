@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker.filesystems import DEFAULT_ALLOWED, filesystem_of, mount_id, mount_types
+from airlock_broker.fastpath.filesystems import (
+    DEFAULT_ALLOWED,
+    filesystem_of,
+    mount_id,
+    mount_types,
+)
 
 MOUNTINFO = (
     "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"

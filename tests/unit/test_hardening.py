@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker.docker_sandbox import DockerSandbox, create_kwargs
-from airlock_broker.sandbox import SandboxUnavailable
-from airlock_broker.workspace import JobWorkspace
+from airlock_broker.sandboxes.docker_sandbox import DockerSandbox, create_kwargs
+from airlock_broker.sandboxes.sandbox import SandboxUnavailable
+from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
 

@@ -22,12 +22,12 @@ import pytest
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.api.server import Broker
 from airlock_broker.config import BrokerConfig
-from airlock_broker.idempotency import IdempotencySettings, IdempotencyStore
-from airlock_broker.pools import PoolSettings
-from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
-from airlock_broker.server import Broker
-from airlock_broker.workspace import results_dir
+from airlock_broker.conversion.idempotency import IdempotencySettings, IdempotencyStore
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.sandboxes.workspace import results_dir
 from airlock_client import Client, ConversionError, ServiceUnavailable
 from airlock_client._wire import error_from_rpc
 from airlock_sandbox.contract import JobSpec, WorkerExit

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.intake import IntakeLimits, read_metadata, spool_chunks
+from airlock_broker.conversion.spool_space import SpoolSpace
+from airlock_broker.conversion.upload_limits import UploadLimits
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.intake import IntakeLimits, read_metadata, spool_chunks
-from airlock_broker.spool_space import SpoolSpace
-from airlock_broker.upload_limits import UploadLimits
 
 MiB = 1 << 20
 

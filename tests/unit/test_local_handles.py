@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.errors import AirlockError
-from airlock_broker.filesystems import filesystem_of
-from airlock_broker.local_handles import (
+from airlock_broker.fastpath.filesystems import filesystem_of
+from airlock_broker.fastpath.local_handles import (
     HandleTable,
     InputFile,
     LocalFiles,
@@ -20,7 +20,7 @@ from airlock_broker.local_handles import (
     check_input,
     check_output,
 )
-from airlock_broker.peer_io import PeerIO
+from airlock_broker.fastpath.peer_io import PeerIO
 
 PEER = PeerCred(pid=1, uid=1000, gid=1000)
 IO = PeerIO(2, 1.0)

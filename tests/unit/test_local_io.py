@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker import local_io
+from airlock_broker.conversion.intake import IntakeLimits
+from airlock_broker.conversion.spool_space import SpoolSpace
+from airlock_broker.conversion.upload_limits import UploadLimits
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.intake import IntakeLimits
-from airlock_broker.local_handles import InputFile, LocalFiles, PeerCred
-from airlock_broker.peer_io import PeerIO
-from airlock_broker.spool_space import SpoolSpace
-from airlock_broker.upload_limits import UploadLimits
+from airlock_broker.fastpath import local_io
+from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCred
+from airlock_broker.fastpath.peer_io import PeerIO
 
 LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=60)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.config import BrokerConfig
-from airlock_broker.filesystems import filesystem_of
-from airlock_broker.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
-from airlock_broker.peer_io import PeerIO
+from airlock_broker.fastpath.filesystems import filesystem_of
+from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
+from airlock_broker.fastpath.peer_io import PeerIO
 
 
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:

@@ -21,15 +21,21 @@ import pytest
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker import peer_identity
-from airlock_broker.auth import Authenticator
-from airlock_broker.auth_config import AuthConfig, LocalUserEntry, Role, mint_token, token_digest
-from airlock_broker.auth_config import TokenEntry as Token
+from airlock_broker.api.auth import Authenticator
+from airlock_broker.api.local_listeners import add_tcp_listeners, prepare_socket_dir
+from airlock_broker.api.server import create_server
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError
-from airlock_broker.local_listeners import add_tcp_listeners, prepare_socket_dir
-from airlock_broker.pools import PoolSettings
-from airlock_broker.server import create_server
+from airlock_broker.fastpath import peer_identity
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.security.auth_config import (
+    AuthConfig,
+    LocalUserEntry,
+    Role,
+    mint_token,
+    token_digest,
+)
+from airlock_broker.security.auth_config import TokenEntry as Token
 from airlock_client import Client, ServiceUnavailable, _channel
 from tests.unit.fakes import FakeSandbox, running_broker
 from tests.unit.test_auth import write_safetensors

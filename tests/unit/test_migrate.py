@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from airlock_broker.keys import SigningKey, create_key
+from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_cli
 from airlock_client._errors import AccessDenied, ServiceUnavailable

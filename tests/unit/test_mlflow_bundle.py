@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.conversion.format_decision import check_flavor_hint, decide
 from airlock_broker.errors import AirlockError
-from airlock_broker.format_decision import check_flavor_hint, decide
 from airlock_client import ModelSourceError, mlflow_source
 from airlock_client._bundle import inspect, pack
 from airlock_sandbox.bundle import MAX_MEMBERS, BundleError

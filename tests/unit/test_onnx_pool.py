@@ -219,7 +219,8 @@ def test_settings_are_checked(bad: dict[str, object]) -> None:
 
 def test_the_broker_process_never_parses_onnx_outputs() -> None:
     # outputs.py must reach ONNX validation only through the pool.
-    source = (Path(__file__).parents[2] / "service/airlock_broker/outputs.py").read_text()
+    outputs = Path(__file__).parents[2] / "service/airlock_broker/conversion/outputs.py"
+    source = outputs.read_text()
     assert "validate_onnx_bytes" not in source and "onnx_check" not in source
     assert "onnx_validator.validate(" in source
     assert os.fspath("onnx_pool") in source

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.peer_io import DaemonPool, PeerIO
+from airlock_broker.fastpath.peer_io import DaemonPool, PeerIO
 
 
 def _deadline(seconds: float) -> object:
@@ -152,7 +152,7 @@ def test_closes_never_block_the_caller(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     io = PeerIO(2, 1.0)
     fds = [os.open(tmp_path, os.O_RDONLY) for _ in range(3)]
-    monkeypatch.setattr("airlock_broker.peer_io.os.close", slow_close)
+    monkeypatch.setattr("airlock_broker.fastpath.peer_io.os.close", slow_close)
     try:
         began = time.monotonic()
         for fd in fds:

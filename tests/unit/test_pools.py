@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.pools import Pools, PoolSettings
+from airlock_broker.sandboxes.pools import Pools, PoolSettings
 from tests.unit.fakes import FakeSandbox
 
 

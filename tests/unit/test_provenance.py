@@ -15,10 +15,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from airlock_broker.auth import Principal
+from airlock_broker.api.auth import Principal
+from airlock_broker.api.provenance import sign, statement
 from airlock_broker.config import BrokerConfig
-from airlock_broker.jobs import JobRequest, JobResult
-from airlock_broker.keys import (
+from airlock_broker.conversion.jobs import JobRequest, JobResult
+from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.sandbox import Outcome
+from airlock_broker.security.keys import (
     SigningKey,
     SigningKeyError,
     create_key,
@@ -26,10 +30,6 @@ from airlock_broker.keys import (
     load_key,
     load_or_create,
 )
-from airlock_broker.outputs import ValidatedOutput
-from airlock_broker.pools import PoolSettings
-from airlock_broker.provenance import sign, statement
-from airlock_broker.sandbox import Outcome
 from airlock_client import Client, ProvenanceError, provenance
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
 from airlock_sandbox.formats import ArtifactFormat
@@ -464,7 +464,7 @@ def test_escape_subject_is_printable_and_one_to_one() -> None:
 
 
 def test_client_and_broker_agree_on_the_subject_limit() -> None:
-    from airlock_broker import wire
+    from airlock_broker.api import wire
 
     assert provenance.MAX_SUBJECT == wire.MAX_SUBJECT
 

@@ -3,7 +3,7 @@ a zip's format, but it cannot rename a pickle or deny that unpickling ran code."
 
 from __future__ import annotations
 
-from airlock_broker.jobs import executed_artifact_code, refined_format
+from airlock_broker.conversion.jobs import executed_artifact_code, refined_format
 from airlock_sandbox.formats import ArtifactFormat as F
 
 

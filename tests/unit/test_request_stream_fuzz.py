@@ -17,7 +17,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import Reason
-from airlock_broker.pools import PoolSettings
+from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_client._wire import error_from_rpc
 from tests.unit.fakes import FakeSandbox, running_broker
 from tests.unit.test_broker import leftovers, settled, write_safetensors

@@ -20,8 +20,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from airlock_broker.config import BrokerConfig
-from airlock_broker.pools import PoolSettings
-from airlock_broker.wait_estimate import JobTimes
+from airlock_broker.conversion.wait_estimate import JobTimes
+from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_client import BusyWait, Client, ConversionError, ServiceUnavailable
 from airlock_client._progress import busy_notice
 from airlock_client._retry import RetryPolicy, RetrySchedule

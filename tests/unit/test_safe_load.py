@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from airlock_broker.keys import SigningKey, create_key
-from airlock_broker.provenance import RECORD_FIELD
+from airlock_broker.api.provenance import RECORD_FIELD
+from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import (
     ProvenanceError,
     SafeLoadError,

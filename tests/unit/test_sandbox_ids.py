@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker import sandbox_ids
+from airlock_broker.api.server import create_server
 from airlock_broker.config import BrokerConfig
-from airlock_broker.pools import PoolSettings
-from airlock_broker.sandbox import Outcome, SandboxUnavailable, Slot
-from airlock_broker.selftest import SelfTestReport, host_checks, run_selftest
-from airlock_broker.server import create_server
+from airlock_broker.ops.selftest import SelfTestReport, host_checks, run_selftest
+from airlock_broker.sandboxes import sandbox_ids
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
 from tests.unit.fakes import FakeSandbox
@@ -63,7 +63,7 @@ def test_ids_the_host_cannot_check_are_refused(user: str) -> None:
 
 
 def test_warn_starts_anyway_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="airlock_broker.sandbox_ids"):
+    with caplog.at_level(logging.WARNING, logger="airlock_broker.sandboxes.sandbox_ids"):
         sandbox_ids.check_at_start(WARN, owned_by("svc-build", CONTAINER_UID), nobody)
     assert "svc-build" in caplog.text and "starting anyway" in caplog.text
     assert "host-account-check=warn" in WARN.weakened and POLICY.weakened == ()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from airlock_broker.selftest import WAIVERS, Check, SelfTestReport, _waive, config_checks
+from airlock_broker.ops.selftest import WAIVERS, Check, SelfTestReport, _waive, config_checks
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import profile_json
 

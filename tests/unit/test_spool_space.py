@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.conversion.spool_space import SpoolSpace, SpoolWriter, is_zero
+from airlock_broker.conversion.upload_limits import MiB, UploadLimits
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.spool_space import SpoolSpace, SpoolWriter, is_zero
-from airlock_broker.upload_limits import MiB, UploadLimits
 
 
 class Disk:

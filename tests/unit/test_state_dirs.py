@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker import state_dirs
-from airlock_broker.audit import AuditLog
+from airlock_broker.api.server import create_server
 from airlock_broker.config import BrokerConfig
-from airlock_broker.keys import SigningKeyError, create_key, load_key
-from airlock_broker.pools import PoolSettings
-from airlock_broker.server import create_server
-from airlock_broker.state_dirs import Problem, StateDirError
-from airlock_broker.workspace import reap_stale
+from airlock_broker.conversion.audit import AuditLog
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.workspace import reap_stale
+from airlock_broker.security import state_dirs
+from airlock_broker.security.keys import SigningKeyError, create_key, load_key
+from airlock_broker.security.state_dirs import Problem, StateDirError
 from tests.unit.fakes import FakeSandbox
 
 NOBODY = 65534

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.upload_limits import MiB, Pace, UploadLimits, human_rate
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.upload_limits import MiB, Pace, UploadLimits, human_rate
 
 
 class Clock:

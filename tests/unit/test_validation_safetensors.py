@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.local_io import write_canonical_safetensors
+from airlock_broker.fastpath.local_io import write_canonical_safetensors
 from airlock_broker.validation import (
     OutputLimits,
     SafetensorsInfo,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from airlock_broker import version_gates as vg
-from airlock_broker.selftest import version_checks
+from airlock_broker.ops.selftest import version_checks
+from airlock_broker.sandboxes import version_gates as vg
 from airlock_sandbox.policy import SandboxPolicy
 
 

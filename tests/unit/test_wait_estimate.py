@@ -9,16 +9,16 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from airlock_broker.admission import Admission
-from airlock_broker.errors import AirlockError, Reason, RetryAfter, error
-from airlock_broker.wait_estimate import (
+from airlock_broker.api.wire import status_of
+from airlock_broker.conversion.admission import Admission
+from airlock_broker.conversion.wait_estimate import (
     MAX_JOB_SECONDS,
     MAX_WAIT_SECONDS,
     MIN_WAIT_SECONDS,
     PRIOR_JOB_SECONDS,
     JobTimes,
 )
-from airlock_broker.wire import status_of
+from airlock_broker.errors import AirlockError, Reason, RetryAfter, error
 
 
 def test_the_estimate_follows_recent_jobs() -> None:

@@ -46,7 +46,8 @@ from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
 from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
 from airlock_broker.validation.onnx_processes import Template, Validator
-from airlock_broker.validation.onnx_worker import FD_MARK, READY
+from airlock_broker.validation.onnx_template import READY
+from airlock_broker.validation.onnx_worker import FD_MARK
 
 log = logging.getLogger(__name__)
 

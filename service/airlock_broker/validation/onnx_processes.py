@@ -17,8 +17,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from airlock_broker.errors import Reason, error
-from airlock_broker.validation.onnx_template import SPAWN, SPAWN_FDS, STATUS
-from airlock_broker.validation.onnx_worker import READY
+from airlock_broker.validation.onnx_template import READY, SPAWN, SPAWN_FDS, STATUS
 from airlock_broker.validation.stderr_pipe import StderrDrain
 
 

@@ -15,6 +15,7 @@ it without racing pid reuse). EOF on the control socket ends the template and it
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -30,8 +31,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from airlock_broker.validation.confinement import drop_privileges, enter_empty_root
-from airlock_broker.validation.onnx_worker import JOB_FD, READY, die_with_parent, vm_size_bytes
 
+#: Said by the template on its control socket and by each validator on its job socket.
+READY = b"ready"
 SPAWN = b"spawn"
 #: Descriptors that come with a spawned validator, in this order.
 SPAWN_FDS = ("job", "stderr", "status", "pidfd")
@@ -40,6 +42,33 @@ STATUS = struct.Struct("<i")
 SETUP_FAILED = 70
 #: Validators alive at once beyond which the template refuses to fork (a broker bug).
 MAX_CHILDREN = 256
+#: Where a validator finds its job socket (stdin, stdout and stderr are below it).
+JOB_FD = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def vm_size_bytes() -> int:
+    """This process's address space now (read while /proc is still visible)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies; exit now if it is already gone.
+
+    Set after any uid change (the kernel clears PDEATHSIG when credentials change). The
+    broker starts the template from the event loop's thread, which lives as long as the broker
+    (PDEATHSIG follows the thread that forked us, not the process)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
 
 
 @dataclass

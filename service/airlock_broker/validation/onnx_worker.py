@@ -27,11 +27,9 @@ pid. Tests run a module of their own instead, which calls :func:`main` with a mi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import resource
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -42,45 +40,18 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import syscall_filter
 from airlock_broker.validation.confinement import enter_namespaces
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_template import READY, Template
 
 if TYPE_CHECKING:
     from airlock_broker.validation.onnx_check import OnnxInfo
 
-READY = b"ready"
 #: The one data byte that carries the file descriptor of a request.
 FD_MARK = b"F"
 MAX_REQUEST_BYTES = 64 * 1024
 #: File descriptors a validator may hold: its socket, the file it reads, stdio, Python's own.
 MAX_FDS = 32
-#: Where a validator finds its job socket (stdin, stdout and stderr are below it).
-JOB_FD = 3
-_PR_SET_PDEATHSIG = 1
 
 Validate = Callable[[bytes, OutputLimits], "tuple[bytes, OnnxInfo]"]
-
-
-def vm_size_bytes() -> int:
-    """This process's address space now (read while /proc is still visible)."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when ``parent`` dies; exit now if it is already gone.
-
-    Set after any uid change (the kernel clears PDEATHSIG when credentials change). The
-    broker starts the template from the event loop's thread, which lives as long as the broker
-    (PDEATHSIG follows the thread that forked us, not the process)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before we asked
-        os._exit(0)
 
 
 def confine(limits: OutputLimits, base_vm_bytes: int, memory_bytes: int,
@@ -187,7 +158,6 @@ def main(argv: list[str], validate: Validate | None = None) -> int:
     config = json.loads(argv[2])
     isolated = enter_namespaces()  # first: nothing below can use the network or see the host
     from airlock_broker.validation.onnx_check import validate_onnx_bytes
-    from airlock_broker.validation.onnx_template import Template
 
     _warm_up(validate_onnx_bytes)
     limits_doc = dict(config["limits"])

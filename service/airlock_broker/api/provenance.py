@@ -1,0 +1,185 @@
+"""Signed provenance for every output, in the OpenSSF model-signing format.
+
+Each output gets a Sigstore bundle (v0.3, key-signed, no transparency log) holding a DSSE
+envelope around an in-toto Statement v1 with model-signing's predicate
+(``https://model_signing/signature/v1.0``): the output file as the one resource, with its
+sha256. Airlock's record of how the output was made rides in the same signed predicate
+under ``airlock`` (model-signing v1.0 verifiers ignore fields they do not know). So the file
+``airlock convert`` writes beside an output is also a model-signing signature of it::
+
+    model_signing verify key --signature model.onnx.provenance.json \
+        --public_key airlock.pub.pem model.onnx
+
+Why not call the ``model-signing`` library itself: its public API signs what it hashes
+itself, which on a 400 MB output costs another full read on the hot path (measured 2.5 s
+here, against 4.8 s for the whole S3 job), while the broker already holds the output's
+sha256 from validation; feeding it a digest needs its private ``_signing`` modules; and it
+would bring sigstore, pyOpenSSL and ~25 other packages into the broker and the client. The
+envelope is a few lines of standard data signed with ``cryptography``'s ECDSA P-256; a unit
+test checks that model-signing 1.1.1 verifies it.
+
+Everything in the record that came from the sandbox (loader, converter, versions, parity) is
+the worker's claim, capped and made printable, and sits under ``conversion``; the rest is what
+the broker observed or decided itself.
+
+Which model an output is (record version 2): ``input.subject`` is the caller's name for the
+artifact (``models:/NAME/VERSION`` from ``airlock migrate``, a path or URI from ``airlock
+convert``), checked printable and bounded but not believed; ``input.sha256`` is what the broker
+hashed; ``principal`` is who asked, as authentication established it (``method`` "none" when
+authentication is off: then the name says nothing). A verifier binds an output to its source
+by comparing both with what it expects (``airlock_client.provenance.check_source``): the subject
+alone is the caller's word, the sha256 is not. Version 1 records had neither subject nor
+principal.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import math
+import time
+from importlib import metadata
+from typing import Any
+
+from airlock_broker.api.auth import Principal
+from airlock_broker.conversion.jobs import JobRequest, JobResult, sanitize
+from airlock_broker.security.keys import SigningKey
+from airlock_sandbox.contract import OUTPUT_NAMES
+from airlock_sandbox.policy import SandboxPolicy
+
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+#: model-signing's predicate: one resource per file, with its digest.
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+#: Where Airlock's record sits in the predicate.
+RECORD_FIELD = "airlock"
+RECORD_VERSION = 2
+
+
+@functools.cache
+def broker_version() -> str:
+    """The installed distribution's version, looked up once: ``importlib.metadata`` scans
+    ``sys.path`` on every call (3.5 ms of every job's answer, measured with bench.profile)."""
+    try:
+        return metadata.version("airlock")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what is actually signed."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
+              principal: Principal, created: float | None = None,
+              version: str | None = None) -> dict[str, Any]:
+    """The in-toto Statement for one successful job, asked for by ``principal``."""
+    output = result.output
+    report = result.report
+    record = {
+        "record_version": RECORD_VERSION,
+        "broker": {"name": "airlock", "version": version or broker_version()},
+        "job_id": result.job_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time())),
+        "principal": {"name": principal.name, "method": principal.method},
+        "input": {
+            # The caller's word for what this is; bound to the bytes by "sha256" below.
+            "subject": request.subject,
+            "sha256": result.input_sha256,
+            "size": result.input_size,
+            "declared_format": request.declared_format or "",
+            "detected_format": result.detected_format.value,
+            # The worker's refinement (e.g. which zip layout); a claim, like all of "conversion".
+            "refined_format": sanitize(report.get("detected_format", ""), 32),
+        },
+        "output": {
+            "name": OUTPUT_NAMES[output.format],
+            "sha256": output.sha256,
+            "size": output.size,
+            "format": output.format.value,
+        },
+        "request": {
+            "target": request.target.value,
+            "loading_policy": request.policy.value,
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                       for t in request.inputs],
+        },
+        "sandbox": {
+            "image_id": result.outcome.image_id,
+            "runtime": result.outcome.runtime,
+            "limits": {"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
+                       "pids": policy.pids_limit, "output_bytes": policy.output_bytes,
+                       "deadline_seconds": request.deadline_seconds},
+            "weakened": sorted(policy.weakened),
+        },
+        "verdicts": {
+            # The output passed the broker's own validators (it is never signed otherwise).
+            "validation": "passed",
+            "assurance": result.assurance,
+            "integrity_note": result.integrity_note,
+        },
+        "conversion": _claims(report),
+    }
+    # model-signing's view of a single file: one resource named "." (the path relative to
+    # itself, so any file name verifies), and a subject digest over the resources' digests.
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": OUTPUT_NAMES[output.format],
+                     "digest": {"sha256": hashlib.sha256(bytes.fromhex(output.sha256))
+                                .hexdigest()}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {"method": "files", "hash_type": "sha256",
+                              "allow_symlinks": False, "ignore_paths": []},
+            "resources": [{"name": ".", "algorithm": "sha256", "digest": output.sha256}],
+            RECORD_FIELD: record,
+        },
+    }
+
+
+def _claims(report: dict[str, Any]) -> dict[str, Any]:
+    """What the worker said about its work: untrusted, so typed, capped and printable."""
+    versions = report.get("versions")
+    parity = report.get("parity")
+    return {
+        "loader": sanitize(report.get("loader", ""), 80),
+        "converter": sanitize(report.get("converter", ""), 80),
+        "executed_artifact_code": report.get("executed_artifact_code") is True,
+        "versions": ({sanitize(k, 40): sanitize(v, 40) for k, v in list(versions.items())[:32]}
+                     if isinstance(versions, dict) else {}),
+        "parity": [{"output_name": sanitize(p.get("output_name", ""), 80),
+                    "max_abs_diff": _finite(p.get("max_abs_diff")),
+                    "passed": p.get("passed") is True}
+                   for p in (parity if isinstance(parity, list) else [])[:16]
+                   if isinstance(p, dict)],
+    }
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def sign(doc: dict[str, Any], key: SigningKey) -> bytes:
+    """A Sigstore bundle (JSON) with a DSSE envelope over ``doc``, signed with ``key``."""
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                         allow_nan=False).encode()
+    signature = key.sign(pae(PAYLOAD_TYPE, payload))
+    bundle = {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        # Key-signed: the verifier brings the public key; the hint only names it.
+        "verificationMaterial": {"publicKey": {"hint": key.fingerprint}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": base64.b64encode(payload).decode("ascii"),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"sig": base64.b64encode(signature).decode("ascii"),
+                            "keyid": key.fingerprint}],
+        },
+    }
+    return json.dumps(bundle, separators=(",", ":")).encode()

@@ -1,0 +1,311 @@
+"""Building and running the broker's gRPC server.
+
+``create_server`` returns ``(server, port)`` so tests can bind port 0 in-process. ``serve``
+runs until SIGINT/SIGTERM: health flips to NOT_SERVING first, jobs in flight get a grace
+period, then every sandbox the broker started is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.api.admin import AdminServicer
+from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
+from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
+from airlock_broker.api.rpc_limits import OpenStreamLimiter
+from airlock_broker.api.servicer import ConversionServicer
+from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.admission import Admission
+from airlock_broker.conversion.audit import AuditLog
+from airlock_broker.conversion.idempotency import IdempotencyStore
+from airlock_broker.conversion.jobs import JobRunner
+from airlock_broker.fastpath.local_transfer import LocalTransferServer
+from airlock_broker.fastpath.peer_identity import PeerTickets
+from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
+from airlock_broker.ops.selftest import SelfTestReport, run_selftest
+from airlock_broker.sandboxes import exit_watch
+from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+from airlock_broker.sandboxes.pools import Pools
+from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
+from airlock_broker.sandboxes.sandbox_ids import check_at_start
+from airlock_broker.sandboxes.version_gates import Observation, host_observations
+from airlock_broker.sandboxes.workspace import reap_stale
+from airlock_broker.security import state_dirs
+from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversionService"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
+_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+@dataclass
+class Broker:
+    """A running broker and everything it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    admission: Admission
+    backend: SandboxBackend
+    pools: Pools
+    onnx_validator: OnnxValidatorPool
+    audit: AuditLog
+    replays: IdempotencyStore
+    lock_fd: int
+    signing_key: SigningKey
+    local: LocalTransferServer | None = None
+    unix: UnixListener | None = None
+    #: The spool this broker reaps again when it stops (see ``stop``).
+    spool_root: Path | None = None
+    stopped: bool = False
+
+    async def stop(self, grace: float, drain: float = 0.0) -> None:
+        """Flip health, refuse new jobs, let jobs in flight finish, then release everything.
+
+        Idempotent: a second call (a signal racing a ``finally``) must not close descriptor
+        numbers that by then belong to someone else.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        self.admission.draining = True
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.sleep(drain)
+            await self.server.stop(grace)
+        finally:
+            try:
+                await self._release()
+            finally:
+                self.audit.close()
+                # Whatever a cancelled job or a failed close left (an output tmpfs above all):
+                # the next broker on this root would reap it, but no mount may outlive us.
+                left = reap_stale(self.spool_root) if self.spool_root is not None else 0
+                if left:
+                    log.info("removed %d job director(ies) left at shutdown", left)
+                os.close(self.lock_fd)
+
+    async def _release(self) -> None:
+        if self.unix is not None:
+            await self.unix.close()
+        if self.local is not None:
+            await self.local.close()
+        try:
+            await self.pools.close()
+        finally:
+            await self.onnx_validator.close()
+        await self.replays.close()
+        await self.backend.close()
+
+
+def lock_state(config: BrokerConfig) -> int:
+    """Check the state root (``StateDirError`` if it is not the broker's alone), then take it:
+    one broker per state root, since it reaps what it finds there."""
+    state_dirs.prepare(config.state_root, (config.audit_path, config.provenance_key_path))
+    fd = state_dirs.open_private_file(config.state_root / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SandboxUnavailable(
+            f"another broker is using the state root {config.state_root}; give this one "
+            "its own (--state-dir, AIRLOCK_STATE_DIR or [broker] state_root)") from None
+    return fd
+
+
+def provenance_key(config: BrokerConfig) -> SigningKey:
+    """Load the provenance signing key, creating it on first start; say where it is."""
+    path = config.provenance_key_path
+    try:
+        key, created = load_or_create(path)
+    except OSError as exc:
+        raise SigningKeyError(f"cannot create the provenance key {path}: {exc}") from exc
+    if created:
+        log.warning("created a new provenance signing key at %s (fingerprint %s); give "
+                    "consumers its public half: airlock keys export", path, key.fingerprint)
+    else:
+        log.info("provenance signing key %s (fingerprint %s)", path, key.fingerprint)
+    return key
+
+
+async def create_server(config: BrokerConfig,
+                        backend: SandboxBackend | None = None) -> Broker:
+    """Build, check and start a broker listening on ``config.listen`` (port 0 picks one)."""
+    check_at_start(config.sandbox)  # no host account may share the sandbox's uid or gid
+    if os.geteuid() == 0:  # nor the ONNX validators' (which only root can give them)
+        config.onnx_validator.check_ids_unused(config.sandbox.user)
+    credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
+    lock_fd = lock_state(config)  # checks the state root, where the key lives: first
+    try:
+        signing_key = provenance_key(config)
+        stale = reap_stale(config.spool_root)
+        if stale:
+            log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
+        if backend is None:
+            backend = DockerSandbox(config.sandbox, config.spool_root,
+                                    threads=4 * config.max_concurrent_jobs + 8)
+        await backend.check()
+        await backend.reap_orphans()
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs,
+                          config.jobs_per_principal)
+    pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
+                  runtime=config.sandbox.runtime)
+    # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
+    # if the rest of start-up fails.
+    onnx_validator = OnnxValidatorPool(config.output, config.onnx_validator)
+    onnx_validator.start()
+    try:
+        return await _finish_server(config, backend, lock_fd, credentials, signing_key,
+                                    admission, pools, onnx_validator)
+    except BaseException:
+        await onnx_validator.close()
+        raise
+
+
+async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd: int,
+                         credentials: grpc.ServerCredentials | None, signing_key: SigningKey,
+                         admission: Admission, pools: Pools,
+                         onnx_validator: OnnxValidatorPool) -> Broker:
+    metrics = Metrics()
+    metrics.bind(admission, pools)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
+    # socket's callers are named by uid and the pools need the admin role.
+    peer_tickets = PeerTickets()
+    interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
+    interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+        *config.rpc.server_options(),
+    ], maximum_concurrent_rpcs=config.rpc.max_concurrent_rpcs)
+    audit = AuditLog(config.audit_path)
+    replays = IdempotencyStore(config.spool_root, config.idempotency)
+    replays.start()
+    local = await _local_transfer(config)
+    pb_grpc.add_ConversionServiceServicer_to_server(
+        ConversionServicer(config, JobRunner(backend, pools, config.output,
+                                             onnx_validator=onnx_validator,
+                                             verify_integrity=config.verify_integrity),
+                           admission, audit, metrics, signing_key, replays, local),
+        server)
+    docker_backend = backend if isinstance(backend, DockerSandbox) else None
+
+    async def host_versions() -> dict[str, Observation]:
+        found = host_observations()
+        if docker_backend is not None:
+            found.update(await docker_backend.engine_versions())
+        return found
+
+    async def selftest() -> SelfTestReport:
+        return await run_selftest(backend, config.sandbox, host_versions=host_versions)
+
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(pools, selftest), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    try:
+        port = add_tcp_listeners(server, config.listen, credentials)  # both loopback families
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        unix = await add_unix_listener(server, config.unix_socket, peer_tickets)
+    except BaseException:
+        if local is not None:
+            await local.close()
+        await replays.close()
+        audit.close()
+        os.close(lock_fd)
+        raise
+    for name in (SERVICE_NAME, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics_listen)
+    if config.selftest_on_start:
+        admission.unready = "the isolation self-test has not passed yet"
+        report = await selftest()
+        if not report.passed:
+            admission.unready = "the isolation self-test failed: " + "; ".join(report.failures())
+            log.error("%s: NOT serving", admission.unready)
+        else:
+            admission.unready = None
+            log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
+                     report.runtime)
+    async def engine_changed(unavailable: str | None) -> None:
+        """The engine went away or came back: health and admission follow."""
+        admission.sandbox_down = unavailable
+        if admission.draining or admission.unready is not None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if unavailable
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, status)
+
+    pools.on_engine_change = engine_changed
+    if admission.unready is None:
+        pools.start()
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("broker listening on port %d (image %s, runtime %s, %s; %s)", port,
+             config.sandbox.image, config.sandbox.runtime,
+             exit_watch.describe(config.sandbox.exit_watch, config.sandbox.runtime_family),
+             config.auth.describe())
+    if config.auth.insecure_no_auth:
+        log.warning("NO AUTHENTICATION on %s (--insecure-no-auth): anyone who can reach this "
+                    "port can convert artifacts%s", config.listen,
+                    " and drain or restart the pools" if config.auth.anonymous_admin else "")
+    return Broker(server=server, port=port, health=health_servicer, admission=admission,
+                  backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
+                  replays=replays, lock_fd=lock_fd, spool_root=config.spool_root,
+                  signing_key=signing_key, local=local, unix=unix)
+
+
+async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:
+    """The same-host fast path's socket, if configured and safely placed (else None, logged)."""
+    settings = config.local_transfer
+    if not settings.enabled:
+        log.info("same-host fast path off ([local_transfer] enabled = false)")
+        return None
+    local = LocalTransferServer(settings, config.transfer_socket_path,
+                                config.max_artifact_bytes)
+    return local if await local.start() else None
+
+
+async def serve(config: BrokerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    broker = await create_server(config)
+    host = config.listen.rsplit(":", 1)[0]
+    print(f"airlock: serving on {host}:{broker.port} ({config.auth.describe()}; "
+          f"sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
+    if broker.unix is not None and broker.unix.path is not None:
+        print(f"airlock: local clients: unix:{broker.unix.path}", flush=True)
+    print(f"airlock: provenance signed with {broker.signing_key.path} "
+          f"(fingerprint {broker.signing_key.fingerprint})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("airlock: shutting down: finishing jobs in flight", flush=True)
+    await broker.stop(config.shutdown_grace_seconds, config.shutdown_drain_seconds)

@@ -1,0 +1,88 @@
+"""The audit log: one JSON line per job, appended, never rewritten.
+
+It records who asked for what, what the broker observed and decided, and what it returned;
+never artifact bytes and never secrets. Every string that came from a caller or a sandbox is
+escaped by ``json.dumps(ensure_ascii=True)`` (control characters included) and capped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airlock_broker.security.state_dirs import open_private_file
+
+log = logging.getLogger(__name__)
+
+_MAX_STRING = 512
+
+
+@dataclass
+class AuditRecord:
+    """Filled in as a job progresses; written once, in the job's ``finally``."""
+
+    job_id: str
+    peer: str = ""
+    principal: str = "anonymous"
+    started: float = field(default_factory=time.time)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **values: Any) -> None:
+        self.fields.update(values)
+
+    def document(self) -> dict[str, Any]:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "job_id": self.job_id,
+            "principal": self.principal,
+            "peer": self.peer,
+            **self.fields,
+            "duration_seconds": round(time.time() - self.started, 3),
+        }
+        return {k: _cap(v) for k, v in doc.items()}
+
+
+def _cap(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_STRING else value[:_MAX_STRING] + "..."
+    if isinstance(value, dict):
+        return {str(k)[:64]: _cap(v) for k, v in list(value.items())[:64]}
+    if isinstance(value, (list, tuple)):
+        return [_cap(v) for v in list(value)[:64]]
+    return value
+
+
+class AuditLog:
+    """Appends records to a file opened ``O_APPEND``: one ``write`` per line, 0600.
+
+    Opened ``O_NOFOLLOW`` and checked (state_dirs.open_private_file): a planted
+    ``audit.jsonl -> /etc/ld.so.preload`` (or a hard link to it) would otherwise have the
+    broker append caller-chosen text to a file of root's. Its directory is checked at start-up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = open_private_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self._lock = threading.Lock()
+
+    def write(self, record: AuditRecord) -> None:
+        """Never raises: a full disk must not turn a finished job into a crash; it is logged."""
+        line = json.dumps(record.document(), ensure_ascii=True, sort_keys=True,
+                          default=str) + "\n"
+        try:
+            with self._lock:
+                os.write(self._fd, line.encode())
+        except OSError as exc:
+            log.error("could not write the audit record of job %s: %s", record.job_id, exc)
+
+    def close(self) -> None:
+        """Idempotent: the descriptor number is closed once, never a reused one."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -1,0 +1,247 @@
+"""Idempotency keys: a retried Convert attaches to its first attempt instead of converting twice.
+
+The client sends one key per logical call and the same key on every retry. The broker keys
+its memory by (principal, key) and binds each key to what it was first used for: the input's
+sha256 and the request's options. A request whose key matches
+
+- a job still in flight waits for it, then answers with its result;
+- a job completed within ``ttl_seconds`` gets that job's result (or its refusal) again,
+  without a sandbox, marked ``replayed``;
+- either of those, but for a different artifact or different options, is refused with
+  IDEMPOTENCY_KEY_REUSED.
+
+A job that failed for a reason worth retrying (BUSY, the engine down, a cancelled call) is
+forgotten, so the retry converts. Only metadata lives in memory: a stored result's bytes are
+a file under ``<spool>/results/`` (0600): the very file its first answer was sent from
+(answers.py writes it; ``Claim.commit`` hands it to this store, which owns it from then on).
+The total is bounded by ``max_bytes`` and the entries by ``max_entries``, evicted oldest first
+and on expiry. A reader holds an open descriptor, so eviction never cuts a replay short. The
+directory is emptied at start-up (``workspace.reap_stale``) and the store's files on ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.sandboxes.workspace import remove_quietly
+from airlock_broker.security.state_dirs import open_private_file
+
+log = logging.getLogger(__name__)
+
+#: Failures that say nothing about the artifact: a retry must be allowed to convert again.
+FORGOTTEN_REASONS = frozenset({
+    Reason.BUSY, Reason.DEADLINE_EXCEEDED, Reason.CANCELLED, Reason.SANDBOX_UNAVAILABLE,
+    Reason.SANDBOX_KILLED, Reason.INTERNAL, Reason.IDEMPOTENCY_KEY_REUSED,
+})
+
+
+@dataclass(frozen=True)
+class IdempotencySettings:
+    """``ttl_seconds = 0`` turns de-duplication off (every request converts)."""
+
+    ttl_seconds: float = 600.0
+    max_entries: int = 1024
+    #: Bytes of stored results on disk; a result larger than this is not kept.
+    max_bytes: int = 1024 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds < 0 or self.max_entries < 1 or self.max_bytes < 0:
+            raise ValueError("need ttl_seconds >= 0, max_entries >= 1, max_bytes >= 0")
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A completed job's answer: its result header (opaque bytes) and output, or its refusal."""
+
+    job_id: str
+    header: bytes = b""
+    path: Path | None = None
+    size: int = 0
+    error: tuple[Reason, str] | None = None
+
+
+@dataclass
+class _Entry:
+    input_sha256: str
+    options: str
+    job_id: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    stored: StoredResult | None = None
+    expires: float = 0.0
+
+
+@dataclass
+class Claim:
+    """What a request got from the store: a result to replay, or the duty to convert."""
+
+    replay: StoredResult | None
+    _store: IdempotencyStore | None = None
+    _entry: _Entry | None = None
+    waited: bool = False
+
+    @property
+    def keeps(self) -> bool:
+        """Whether this request's result will be stored (it has a key and converts)."""
+        return self._entry is not None
+
+    def commit(self, header: bytes, path: Path, size: int) -> bool:
+        """Make the result replayable, from ``path`` (a file of ``size`` bytes in the store's
+        directory). True: the store owns the file from now on. False (no key, or larger than
+        the store): it stays the caller's, and a retry converts again."""
+        if self._store is None or self._entry is None:
+            return False
+        if size > self._store.settings.max_bytes:
+            log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
+                     "will convert again", self._entry.job_id, size,
+                     self._store.settings.max_bytes)
+            return False
+        self._store.complete(self._entry, StoredResult(job_id=self._entry.job_id,
+                                                       header=header, path=path, size=size))
+        return True
+
+
+def options_digest(*parts: object) -> str:
+    """A digest of the request options a key is bound to (target, policy, inputs, ...)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class IdempotencyStore:
+    def __init__(self, spool_root: Path, settings: IdempotencySettings) -> None:
+        self.settings = settings
+        self.spool_root = spool_root
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._bytes = 0
+        #: Requests waiting for a first attempt still in flight (for status and tests).
+        self.waiting = 0
+        self._purger: asyncio.Task[None] | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self) -> None:
+        if self.settings.ttl_seconds > 0:
+            self._purger = asyncio.create_task(self._purge_forever(), name="idempotency-purge")
+
+    async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+        for key in list(self._entries):
+            self._drop(key)
+
+    @contextlib.asynccontextmanager
+    async def claim(self, principal: str, key: str, input_sha256: str, options: str,
+                    job_id: str) -> AsyncIterator[Claim]:
+        """Replay, wait for, or take on the job for ``key``; see the module docstring."""
+        if not key or self.settings.ttl_seconds <= 0:
+            yield Claim(replay=None)
+            return
+        ident = (principal, key)
+        waited = False
+        while True:
+            self.purge()
+            entry = self._entries.get(ident)
+            if entry is None:
+                break
+            if entry.input_sha256 != input_sha256:
+                raise error(Reason.IDEMPOTENCY_KEY_REUSED,
+                            f"idempotency key already used for job {entry.job_id} with a "
+                            "different artifact (sha256 differs); use a new key per call")
+            if entry.options != options:
+                raise error(Reason.IDEMPOTENCY_KEY_REUSED,
+                            f"idempotency key already used for job {entry.job_id} with the "
+                            "same artifact but different options; use a new key per call")
+            if entry.stored is not None:
+                yield self._replayed(entry.stored, waited)
+                return
+            waited = True
+            self.waiting += 1
+            try:
+                await entry.done.wait()  # the first attempt is converting; its answer is ours
+            finally:
+                self.waiting -= 1
+        entry = _Entry(input_sha256=input_sha256, options=options, job_id=job_id)
+        self._entries[ident] = entry
+        self._evict(keep=entry)
+        claim = Claim(replay=None, _store=self, _entry=entry)
+        try:
+            yield claim
+        except AirlockError as exc:
+            if exc.reason not in FORGOTTEN_REASONS and entry.stored is None:
+                self.complete(entry, StoredResult(job_id=entry.job_id,
+                                                   error=(exc.reason, exc.message)))
+            raise
+        finally:
+            if entry.stored is None and self._entries.get(ident) is entry:
+                del self._entries[ident]  # nothing to replay: a retry converts again
+            entry.done.set()
+
+    @staticmethod
+    def open_stored(stored: StoredResult) -> int:
+        """An open descriptor on a stored output: it survives the entry's eviction."""
+        assert stored.path is not None
+        return open_private_file(stored.path, os.O_RDONLY)  # no link, the broker's file
+
+    def purge(self) -> int:
+        """Forget completed entries past their TTL and delete their files."""
+        now = time.monotonic()
+        expired = [k for k, e in self._entries.items() if e.stored is not None and e.expires <= now]
+        for key in expired:
+            self._drop(key)
+        return len(expired)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _replayed(self, stored: StoredResult, waited: bool) -> Claim:
+        if stored.error is not None:
+            reason, message = stored.error
+            raise error(reason, f"{message} (the answer of job {stored.job_id}, replayed for "
+                                "the same idempotency key)")
+        return Claim(replay=stored, waited=waited)
+
+    def complete(self, entry: _Entry, stored: StoredResult) -> None:
+        entry.stored = stored
+        entry.expires = time.monotonic() + self.settings.ttl_seconds
+        self._bytes += stored.size
+        entry.done.set()
+        self._evict(keep=entry)
+
+    def _evict(self, keep: _Entry | None = None) -> None:
+        """Oldest completed entries first, until within ``max_entries`` and ``max_bytes``."""
+        for ident in list(self._entries):
+            if len(self._entries) <= self.settings.max_entries \
+                    and self._bytes <= self.settings.max_bytes:
+                return
+            entry = self._entries[ident]
+            if entry is not keep and entry.stored is not None:
+                self._drop(ident)
+        # Entries in flight are never evicted; admission bounds how many there can be.
+
+    def _drop(self, ident: tuple[str, str]) -> None:
+        entry = self._entries.pop(ident)
+        if entry.stored is not None:
+            self._bytes -= entry.stored.size
+            if entry.stored.path is not None:
+                remove_quietly(entry.stored.path)
+        entry.done.set()
+
+    async def _purge_forever(self) -> None:
+        period = min(30.0, max(1.0, self.settings.ttl_seconds / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.purge()

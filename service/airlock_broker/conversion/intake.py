@@ -1,0 +1,149 @@
+"""Reading a Convert request stream: metadata first, then checksummed chunks to disk.
+
+The artifact is written to the job's private spool file while it is hashed; it is never held
+whole in memory. Every way a stream can be wrong ends in a ``Rejected`` with a reason, and the
+caller's ``finally`` removes whatever was written.
+
+An upload holds an admission place, so it is bounded in time as well as size: the metadata
+must come within the grace period, and the chunks at the minimum average rate within the
+total deadline (``Pace``, upload_limits.py); a client that stops sending is cut off at the
+moment it falls behind. Its spool file is accounted against the spool's free-space reserve
+and keeps all-zero chunks as holes (spool_space.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.spool_space import SpoolClaim, SpoolSpace, SpoolWriter
+from airlock_broker.conversion.upload_limits import Pace, UploadLimits
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_sandbox.formats import PREFIX_BYTES
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    max_artifact_bytes: int
+    max_chunk_bytes: int
+    idle_seconds: float
+    upload: UploadLimits = field(default_factory=UploadLimits)
+    #: The spool's free-space reserve (None: not accounted, for spools in a test's tmp dir).
+    space: SpoolSpace | None = None
+
+    def pace(self) -> Pace:
+        """The clock of one upload, started now."""
+        return Pace(self.upload, self.max_artifact_bytes)
+
+    def claim(self, expected: int) -> SpoolClaim | None:
+        """Room on the spool for ``expected`` bytes (SPOOL_FULL if there is none)."""
+        return None if self.space is None else self.space.claim(expected)
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """What the broker knows about an artifact once it is on disk."""
+
+    size: int
+    sha256: str
+    prefix: bytes
+
+
+async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
+                        limits: IntakeLimits) -> pb.ConvertMetadata:
+    """The first message must be the metadata, and only it (within the grace period)."""
+    first = await _next(stream, min(limits.idle_seconds, limits.upload.grace_seconds))
+    if first is None:
+        raise error(Reason.BAD_REQUEST, "empty request stream: the first message must be metadata")
+    if first.WhichOneof("payload") != "metadata":
+        raise error(Reason.BAD_REQUEST, "the first message must be metadata, not a chunk")
+    meta = first.metadata
+    if meta.size_bytes > limits.max_artifact_bytes:
+        raise error(Reason.TOO_LARGE, f"declared size {meta.size_bytes} bytes exceeds the "
+                                      f"server maximum of {limits.max_artifact_bytes}")
+    if meta.sha256 and not _SHA256_HEX.fullmatch(meta.sha256):
+        raise error(Reason.BAD_REQUEST, "sha256 must be 64 lower-case hex digits")
+    return meta
+
+
+async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
+                       meta: pb.ConvertMetadata, limits: IntakeLimits) -> Spooled:
+    """Write every chunk to ``fd`` (which this function closes), hashing as it goes."""
+    digest = hashlib.sha256()
+    prefix = bytearray()
+    size = 0
+    cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
+    pace = limits.pace()
+    claim: SpoolClaim | None = None
+    try:
+        claim = limits.claim(min(meta.size_bytes, cap))  # undeclared: checked as it grows
+        spool = SpoolWriter(fd, claim)
+        while (msg := await _next_chunk(stream, limits, pace, size)) is not None:
+            if msg.WhichOneof("payload") != "chunk":
+                raise error(Reason.BAD_REQUEST, "metadata may be sent only once, first")
+            data = msg.chunk.data
+            if len(data) > limits.max_chunk_bytes:
+                raise error(Reason.BAD_REQUEST, f"chunk of {len(data)} bytes exceeds the "
+                                                f"maximum of {limits.max_chunk_bytes}")
+            if zlib.crc32(data) != msg.chunk.crc32:
+                raise error(Reason.CHECKSUM_MISMATCH, f"chunk at offset {size} fails its CRC-32")
+            size += len(data)
+            if size > cap:
+                what = "declared size" if meta.size_bytes else "server maximum"
+                raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
+            digest.update(data)
+            if len(prefix) < PREFIX_BYTES:
+                prefix += data[: PREFIX_BYTES - len(prefix)]
+            spool.write(data, size - len(data))
+        spool.finish(size)
+    finally:
+        if claim is not None:
+            claim.release()
+        os.close(fd)
+    return finished(size, digest.hexdigest(), bytes(prefix), meta)
+
+
+def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata) -> Spooled:
+    """The spooled artifact, if it is what the metadata declared (either transfer path)."""
+    if size == 0:
+        raise error(Reason.EMPTY_ARTIFACT, "the artifact is empty")
+    if meta.size_bytes and size != meta.size_bytes:
+        raise error(Reason.CHECKSUM_MISMATCH,
+                    f"stream ended after {size} of {meta.size_bytes} declared bytes")
+    if meta.sha256 and sha != meta.sha256:
+        raise error(Reason.CHECKSUM_MISMATCH,
+                    "the artifact's sha256 does not match the declared one")
+    return Spooled(size=size, sha256=sha, prefix=prefix)
+
+
+async def _next_chunk(stream: AsyncIterator[pb.ConvertRequest], limits: IntakeLimits,
+                      pace: Pace, received: int) -> pb.ConvertRequest | None:
+    """The next message, waiting no longer than the idle timeout or the moment the upload
+    falls behind its pace (then UPLOAD_TOO_SLOW)."""
+    left = pace.check(received)
+    if left >= limits.idle_seconds:
+        return await _next(stream, limits.idle_seconds)
+    try:
+        return await _next(stream, left)
+    except AirlockError:  # the pace is what ran out: say so, with the numbers
+        raise pace.error(received) from None
+
+
+async def _next(stream: AsyncIterator[pb.ConvertRequest],
+                seconds: float) -> pb.ConvertRequest | None:
+    try:
+        async with asyncio.timeout(seconds):  # not wait_for: see pools.py
+            return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise error(Reason.DEADLINE_EXCEEDED,
+                    f"no data from the client for {seconds:g} s") from None

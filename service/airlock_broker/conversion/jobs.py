@@ -1,0 +1,366 @@
+"""One conversion job: detect, hand to a single-use sandbox, judge the outcome, validate.
+
+The decision about a job rests only on what the broker observed: the container's exit code
+and OOM flag, the broker's own deadline, and the broker's validation of the output file. The
+worker's report is carried along as information (DESIGN §1.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airlock_broker.conversion.audit import AuditRecord
+from airlock_broker.conversion.format_decision import Decision
+from airlock_broker.conversion.integrity import difference
+from airlock_broker.conversion.outputs import (
+    ValidatedOutput,
+    compute_digest,
+    same_output,
+    validate_output,
+    with_sha256,
+)
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.sandboxes.pools import Pools
+from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
+from airlock_broker.validation.files import read_report
+from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
+from airlock_sandbox.contract import (
+    MAX_REPORT_BYTES,
+    JobMode,
+    JobSpec,
+    LoadingPolicy,
+    Target,
+    TensorSpec,
+    WorkerExit,
+)
+from airlock_sandbox.formats import PROFILE_LIGHT, ZIP_FAMILY, ArtifactFormat
+
+log = logging.getLogger(__name__)
+
+#: Worker exit code -> reason. Anything not listed (a crash, a signal) is CONVERSION_FAILED.
+#: Code the artifact runs can choose the exit code, so none of these may be a reason a client
+#: or ``migrate`` retries (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL): an artifact must not
+#: make itself be sent again and again (a unit test checks every code from 0 to 255).
+EXIT_REASONS: dict[int, Reason] = {
+    WorkerExit.UNSUPPORTED_FORMAT: Reason.UNSUPPORTED_FORMAT,
+    WorkerExit.FORMAT_MISMATCH: Reason.FORMAT_MISMATCH,
+    WorkerExit.POLICY_VIOLATION: Reason.POLICY_VIOLATION,
+    WorkerExit.UNSUPPORTED_MODEL: Reason.UNSUPPORTED_MODEL,
+    WorkerExit.INPUT_SPEC_REQUIRED: Reason.INPUT_SPEC_REQUIRED,
+    WorkerExit.CONVERSION_FAILED: Reason.CONVERSION_FAILED,
+    WorkerExit.PARITY_FAILED: Reason.PARITY_FAILED,
+    WorkerExit.OUTPUT_TOO_LARGE: Reason.OUTPUT_TOO_LARGE,
+    WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
+    WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
+    WorkerExit.BAD_JOB_SPEC: Reason.BAD_REQUEST,
+}
+
+_EXIT_MESSAGES: dict[Reason, str] = {
+    Reason.UNSUPPORTED_FORMAT: "the sandbox did not recognise the artifact's format",
+    Reason.FORMAT_MISMATCH: "the artifact is not of the declared format",
+    Reason.POLICY_VIOLATION: "loading this artifact would execute its code, which the "
+                             "safe_only loading policy refuses",
+    Reason.UNSUPPORTED_MODEL: "the artifact loaded, but holds nothing Airlock can convert",
+    Reason.INPUT_SPEC_REQUIRED: "exporting this model needs input shapes (--input-shape)",
+    Reason.CONVERSION_FAILED: "the conversion failed in the sandbox",
+    Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
+    Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
+    Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
+                               "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
+    Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
+    Reason.BAD_REQUEST: "the sandbox refused the job's options (check the input specs and "
+                        "the declared format)",
+}
+
+_MAX_DETAIL = 400
+#: Formats whose only loader unpickles: loading one executed artifact code, whatever the worker
+#: (which that code may have taken over) reports.
+ALWAYS_EXECUTES = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
+FORMAT_SAFE_ONLY = "format_safe_only"
+INTEGRITY_VERIFIED = "integrity_verified"
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A caller's request, already checked and converted from the wire format."""
+
+    job_id: str
+    declared_format: str | None = None
+    target: Target = Target.AUTO
+    policy: LoadingPolicy = LoadingPolicy.ALLOW_CODE
+    inputs: tuple[TensorSpec, ...] = ()
+    deadline_seconds: float = 120.0
+    #: What the caller says the artifact is (checked printable and bounded; signed, not used).
+    subject: str = ""
+    #: The caller's MLflow flavor hint (format_decision): picks a profile, the worker checks it.
+    mlflow_flavor: str | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A converted, validated output and what is known about how it was made."""
+
+    job_id: str
+    detected_format: ArtifactFormat
+    input_sha256: str
+    input_size: int
+    output: ValidatedOutput
+    outcome: Outcome
+    policy: LoadingPolicy
+    report: dict[str, Any] = field(default_factory=dict)
+    duration_seconds: float = 0.0
+    assurance: str = "format_safe_only"
+    integrity_note: str = ""
+    #: Whether loading ran artifact code: see :func:`executed_artifact_code`.
+    executed_artifact_code: bool = False
+    #: The format shown to the caller: see :func:`refined_format`.
+    reported_format: str = ""
+
+
+def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> str:
+    """The host's detection, refined by the worker's only where the host could not tell: a
+    zip (within the zip family) or an MLflow bundle (its flavour, ``mlflow:...``, escaped).
+    The report is the word of a sandbox that the artifact may have taken over, so it may not
+    rename a pickle as safetensors."""
+    claimed = str((report or {}).get("detected_format", ""))
+    if detected is ArtifactFormat.ZIP:
+        try:
+            fmt = ArtifactFormat(claimed)
+        except ValueError:
+            return detected.value
+        return fmt.value if fmt in ZIP_FAMILY else detected.value
+    if detected is ArtifactFormat.MLFLOW and claimed.startswith(f"{detected.value}:"):
+        return sanitize(claimed, 32)
+    return detected.value
+
+
+def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | None) -> bool:
+    """True when the format can only be loaded by unpickling, else what the worker reports.
+
+    The report can lie only once artifact code ran, so "yes" is always believed; "no" is
+    believed except for the formats that always execute. (For numpy and zip files loaded under
+    ``allow_code`` a subverted worker's "no" cannot be told from the truth: ``safe_only`` is
+    the guarantee.)"""
+    return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
+
+
+def sanitize(text: object, limit: int = _MAX_DETAIL) -> str:
+    """Hostile text from the sandbox, made safe to show: printable ASCII, capped."""
+    flat = _UNPRINTABLE.sub("?", str(text))
+    return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
+def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> None:
+    """Raise the reason a finished sandbox failed, or return if it exited 0."""
+    if outcome.timed_out:
+        raise error(Reason.SANDBOX_TIMEOUT,
+                    f"the sandbox did not finish within {deadline:g} s and was killed")
+    if outcome.oom_killed:
+        raise error(Reason.SANDBOX_OOM, "the sandbox ran out of memory and was killed")
+    code = outcome.exit_code
+    if code == WorkerExit.OK:
+        return
+    if outcome.killed_by:
+        # The engine's own record, not an exit code (which the artifact could fake).
+        raise error(Reason.SANDBOX_KILLED,
+                    f"the sandbox was killed from outside the broker while the job ran "
+                    f"({outcome.killed_by}; exit {code})")
+    reason = EXIT_REASONS.get(code if code is not None else -1, Reason.CONVERSION_FAILED)
+    message = _EXIT_MESSAGES.get(reason) or f"the sandbox exited with code {code}"
+    if reason is Reason.CONVERSION_FAILED and code not in EXIT_REASONS:
+        message = f"the sandbox exited with code {code}"
+    detail = (report or {}).get("error")
+    if detail:
+        message += f" (sandbox said, unverified: {sanitize(detail)})"
+    raise error(reason, message)
+
+
+VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
+
+
+async def _settle(task: asyncio.Task[Any]) -> None:
+    """A background task of the job's, ended with the job (its result no longer matters)."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})  # the task's own outcome is not raised here; ours would be
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at collection
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The integrity extraction's validated output, if it produced one; otherwise why the
+    result can only be format-safe."""
+
+    output: ValidatedOutput | None
+    note: str
+    #: The output's sha256, computed in the background from the moment it was validated.
+    digest: asyncio.Task[ValidatedOutput] | None = None
+
+    async def sha256(self) -> str:
+        """The extraction output's digest ("" if it could not be computed)."""
+        if self.digest is None:
+            return ""
+        try:
+            return (await self.digest).sha256
+        except AirlockError as exc:
+            log.warning("the integrity extraction's digest failed: %s", exc)
+            return ""
+
+
+class JobRunner:
+    """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
+
+    def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
+                 onnx_validator: OnnxValidatorPool, verify_integrity: bool = True) -> None:
+        self.backend = backend
+        self.onnx_validator = onnx_validator
+        self.pools = pools
+        self.limits = limits
+        self.verify_integrity = verify_integrity
+
+    @contextlib.asynccontextmanager
+    async def run(self, request: JobRequest, upload: Path, decision: Decision,
+                  input_sha256: str, input_size: int, audit: AuditRecord,
+                  answered: asyncio.Event | None = None) -> AsyncIterator[JobResult]:
+        """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
+        it); yields the validated result, destroys the sandboxes on exit.
+
+        A zip checkpoint converted to safetensors is also read, concurrently, by a second
+        sandbox in integrity-extraction mode; the two outputs must agree (see integrity.py).
+        The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
+        """
+        began = time.monotonic()
+        detected = decision.format
+        verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
+                  and request.target in (Target.AUTO, Target.SAFETENSORS))
+        async with contextlib.AsyncExitStack() as stack:
+            slot = await self._slot(stack, decision.profile, answered)
+            audit.set(warm_container=slot.started, profile=slot.profile)
+            slot.workspace.adopt_artifact(upload)
+            # The restricted reader needs no torch: the light profile starts fastest.
+            second = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
+            if second is not None:
+                second.workspace.link_artifact(slot.workspace.artifact)
+            spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
+                           declared_format=request.declared_format, inputs=request.inputs,
+                           max_output_bytes=self.limits.max_output_bytes,
+                           mlflow_flavor=request.mlflow_flavor)
+            try:
+                outcome, extraction = await asyncio.gather(
+                    self.backend.run(slot, spec, request.deadline_seconds),
+                    self._extract(second, request, stack))
+            except SandboxUnavailable as exc:
+                raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+            audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                      timed_out=outcome.timed_out, image_id=outcome.image_id,
+                      runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
+                      sandbox_seconds=round(outcome.duration_seconds, 3))
+            # From here on the containers are dead: only now are their outputs looked at.
+            report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
+            if report is not None:
+                audit.set(loader=sanitize(report.get("loader", ""), 80))
+            audit.set(refined_format=refined_format(detected, report))
+            executed = executed_artifact_code(detected, report)
+            audit.set(executed_artifact_code=executed)
+            try:
+                try:
+                    judge(outcome, report, request.deadline_seconds)
+                except AirlockError as exc:
+                    if outcome.killed_by or (outcome.exit_code or 0) > 128:
+                        await self._engine_went_away(exc)  # a stopping engine kills them all
+                    raise
+                # With the extraction's output at hand, a safetensors output is compared with
+                # it rather than hashed: when they are the same file it takes that digest.
+                output = await validate_output(
+                    slot.workspace.out_dir, request.target, self.limits, self.onnx_validator,
+                    digest=extraction is None or extraction.output is None)
+                output, assurance, note = await self._assurance(output, extraction)
+                output = await compute_digest(output)
+            except AirlockError as exc:
+                log.info("job %s ended: %s", request.job_id, exc,
+                         extra={"job_id": request.job_id, "outcome": exc.kind.value,
+                                "reason": exc.reason.value})
+                raise
+            audit.set(assurance=assurance, integrity_note=note)
+            log.info("job %s converted %s -> %s (%s) in %.2fs", request.job_id, detected,
+                     output.format, assurance, time.monotonic() - began,
+                     extra={"job_id": request.job_id, "outcome": "ok"})
+            yield JobResult(
+                job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
+                reported_format=refined_format(detected, report),
+                executed_artifact_code=executed,
+                input_size=input_size, output=output, outcome=outcome, policy=request.policy,
+                report=report or {}, duration_seconds=time.monotonic() - began,
+                assurance=assurance, integrity_note=note)
+
+    async def _engine_went_away(self, killed: AirlockError) -> None:
+        """A stopping engine kills its containers: then the job failed for want of an engine."""
+        try:
+            await self.backend.check()
+        except SandboxUnavailable as exc:
+            raise error(Reason.SANDBOX_UNAVAILABLE,
+                        f"the sandbox engine went away during the job ({exc}); "
+                        f"{killed.message}") from exc
+
+    async def _slot(self, stack: contextlib.AsyncExitStack, profile: str,
+                    answered: asyncio.Event | None) -> Slot:
+        """A single-use slot whose destruction ``stack`` owns."""
+        slot = await self.pools.acquire(profile)
+        stack.push_async_callback(self.pools.release, slot, answered)
+        return slot
+
+    async def _extract(self, slot: Slot | None, request: JobRequest,
+                       stack: contextlib.AsyncExitStack) -> Extraction | None:
+        """Run the integrity extraction and, as soon as its sandbox is dead, validate its
+        output and start hashing it: it usually ends before the conversion, so its 400 MB
+        hash runs beside the conversion and the comparison instead of after them."""
+        if slot is None:
+            return None
+        spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
+                       max_output_bytes=self.limits.max_output_bytes)
+        outcome = await self.backend.run(slot, spec, request.deadline_seconds)
+        if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
+            return Extraction(None, "the weights could not be read without executing the "
+                                    f"artifact (extraction exit {outcome.exit_code})")
+        try:
+            extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
+                                              self.limits, self.onnx_validator, digest=False)
+        except AirlockError as exc:
+            return Extraction(None, f"the extraction's output was invalid: {exc.message}")
+        digest = asyncio.create_task(compute_digest(extracted))
+        stack.push_async_callback(_settle, digest)
+        return Extraction(extracted, "", digest)
+
+    async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
+                         ) -> tuple[ValidatedOutput, str, str]:
+        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement.
+        The output comes back with the extraction's digest when it is the same file."""
+        if extraction is None or output.safetensors is None:
+            return output, FORMAT_SAFE_ONLY, ""
+        extracted = extraction.output
+        if extracted is None:
+            return output, FORMAT_SAFE_ONLY, extraction.note
+        assert extracted.safetensors is not None
+        # Compare while the extraction's hash finishes: two threads, two cores.
+        same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
+        if same:
+            return (with_sha256(output, sha256) if sha256 else output,
+                    INTEGRITY_VERIFIED, VERIFIED_NOTE)
+        differs = await asyncio.to_thread(difference, output.path, output.safetensors,
+                                          extracted.path, extracted.safetensors)
+        if differs is not None:
+            raise error(Reason.INTEGRITY_MISMATCH,
+                        "the converted weights differ from the ones stored in the checkpoint "
+                        f"({differs}): the artifact tampered with its conversion")
+        return output, INTEGRITY_VERIFIED, VERIFIED_NOTE

@@ -1,0 +1,103 @@
+"""Turning what a dead sandbox left in its output tmpfs into a validated, canonical output."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from airlock_broker.errors import Reason, error
+from airlock_broker.fastpath.local_io import write_bytes, write_canonical_safetensors
+from airlock_broker.validation.files import collect_output
+from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_pool import OnnxValidatorPool
+from airlock_broker.validation.safetensors_check import (
+    SafetensorsInfo,
+    same_canonical,
+    validate_safetensors,
+    with_digest,
+)
+from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
+
+
+@dataclass(frozen=True)
+class ValidatedOutput:
+    """A validated output in canonical form, ``size`` bytes (``write_into``)."""
+
+    format: OutputFormat
+    size: int
+    sha256: str
+    path: Path
+    #: Makes the same ``size`` bytes the whole content of a file descriptor: explicit
+    #: offsets, by kernel copy where it can (blocking: a worker thread). Makes the answer's
+    #: file (answers.py), which the caller, the fast path and idempotent retries are served from.
+    write_into: Callable[[int], None]
+    #: The validator's findings for a safetensors output (None for ONNX).
+    safetensors: SafetensorsInfo | None = None
+
+
+def expected_format(out_dir: Path, target: Target) -> OutputFormat:
+    """The output the broker will accept: the requested one, or for AUTO whichever exists."""
+    if target is Target.ONNX:
+        return OutputFormat.ONNX
+    if target is Target.SAFETENSORS:
+        return OutputFormat.SAFETENSORS
+    present = [fmt for fmt, name in OUTPUT_NAMES.items() if (out_dir / name).exists()
+               or (out_dir / name).is_symlink()]
+    if len(present) != 1:
+        raise error(Reason.OUTPUT_INVALID,
+                    "the sandbox exited 0 but left no single model file "
+                    f"(found {len(present)} candidates)")
+    return present[0]
+
+
+async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
+                          onnx_validator: OnnxValidatorPool, *,
+                          digest: bool = True) -> ValidatedOutput:
+    """Collect the single output file and validate it as hostile data (DESIGN §1.5).
+
+    An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
+    the canonical bytes they send back are what the caller receives, hashed here.
+    ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
+    one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
+    """
+    fmt = expected_format(out_dir, target)
+    path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
+    if fmt is OutputFormat.SAFETENSORS:
+        # Reads the header and hashes the data section: off the event loop.
+        info = await asyncio.to_thread(validate_safetensors, path, limits, digest=digest)
+        return ValidatedOutput(format=fmt, size=info.canonical_size,
+                               sha256=info.canonical_sha256, path=path,
+                               write_into=lambda fd: write_canonical_safetensors(path, info, fd),
+                               safetensors=info)
+    canonical, _info = await onnx_validator.validate(path)
+    return ValidatedOutput(format=fmt, size=len(canonical),
+                           sha256=hashlib.sha256(canonical).hexdigest(), path=path,
+                           write_into=lambda fd: write_bytes(canonical, fd))
+
+
+async def same_output(output: ValidatedOutput, twin: ValidatedOutput) -> bool:
+    """Whether two safetensors outputs have the same canonical form (compared, not hashed)."""
+    mine, theirs = output.safetensors, twin.safetensors
+    if mine is None or theirs is None:
+        return False
+    return await asyncio.to_thread(same_canonical, output.path, mine, twin.path, theirs)
+
+
+def with_sha256(output: ValidatedOutput, sha256: str) -> ValidatedOutput:
+    """``output`` carrying ``sha256``: only for a digest proved to be of its canonical bytes
+    (that of a twin :func:`same_output` found identical)."""
+    info = output.safetensors
+    return replace(output, sha256=sha256,
+                   safetensors=None if info is None else replace(info, canonical_sha256=sha256))
+
+
+async def compute_digest(output: ValidatedOutput) -> ValidatedOutput:
+    """``output`` with its sha256, if validation left it out."""
+    if output.sha256 or output.safetensors is None:
+        return output
+    info = await asyncio.to_thread(with_digest, output.path, output.safetensors)
+    return replace(output, sha256=info.canonical_sha256, safetensors=info)
+

@@ -1,0 +1,143 @@
+"""The spool's disk: a reserve of free space no upload may take, and spool files that cost what
+their data really occupies.
+
+What costs what. A client's 4 GiB sparse file costs it no disk. Read through the same-host
+fast path and written densely into the spool, it cost the broker 4 GiB (and a stream of
+zeros cost it as much). A spool file now leaves every all-zero block a hole, so it occupies
+what its data really does; the sandbox reads the same bytes. What a spool file may still
+need is accounted before it is written: the declared size of a stream, or the blocks a peer's
+file really occupies (its allocated size, ``st_blocks``, not its length). An upload is refused
+(``SPOOL_FULL``) when that, plus what the uploads in progress may still write, would take
+the filesystem's free space below the reserve; while it is written the reserve is checked
+again (a peer can fill its file's holes meanwhile, and other programs use the disk too).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from airlock_broker.conversion.upload_limits import MiB, UploadLimits
+from airlock_broker.errors import Reason, error
+
+#: Below this much written since the last look, the filesystem is not asked again.
+_CHECK_EVERY = 4 * MiB
+_ZEROS = bytes(4 * MiB)  # never touched: reading it maps the kernel's zero page, no memory
+
+
+class SpoolSpace:
+    """The spool's filesystem, its reserve, and what the uploads in progress may still write.
+    Thread-safe: the fast path writes its spool file on a worker thread."""
+
+    def __init__(self, root: Path, limits: UploadLimits,
+                 statvfs: Callable[[Path], os.statvfs_result] = os.statvfs) -> None:
+        self.root = root
+        self.limits = limits
+        self._statvfs = statvfs
+        self._lock = threading.Lock()
+        self._claims: set[SpoolClaim] = set()
+
+    def claim(self, expected: int) -> SpoolClaim:
+        """Room for an upload that will write about ``expected`` bytes, or SPOOL_FULL."""
+        made = SpoolClaim(self, max(expected, 0))
+        with self._lock:
+            self._check(made)
+            self._claims.add(made)
+        return made
+
+    def _promised(self, but: SpoolClaim | None = None) -> int:
+        return sum(c.outstanding for c in self._claims if c is not but)
+
+    def _check(self, claim: SpoolClaim) -> None:
+        """Lock held. SPOOL_FULL if what ``claim`` may still write does not fit above the
+        reserve, after what the other uploads in progress may still write."""
+        st = self._statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        reserve = max(self.limits.spool_min_free_bytes,
+                      int(self.limits.spool_min_free_ratio * st.f_blocks * st.f_frsize))
+        others = self._promised(but=claim)
+        need = claim.outstanding
+        if free - others - need >= reserve:
+            return
+        raise error(Reason.SPOOL_FULL,
+                    f"the spool's filesystem ({self.root}) has {_mib(free)} free, "
+                    f"{_mib(others)} of it promised to uploads in progress; this upload needs "
+                    f"{_mib(need)} more and the broker keeps {_mib(reserve)} free ([upload] "
+                    "spool_min_free_bytes / spool_min_free_ratio). Retry when other jobs have "
+                    "finished, or ask the operator to free space")
+
+    def _release(self, claim: SpoolClaim) -> None:
+        with self._lock:
+            self._claims.discard(claim)
+
+
+class SpoolClaim:
+    """One upload's share of the spool: ``wrote`` after each write, ``release`` when done."""
+
+    def __init__(self, space: SpoolSpace, expected: int) -> None:
+        self._space = space
+        self.expected = expected
+        self.written = 0
+        self._checked = 0
+
+    @property
+    def outstanding(self) -> int:
+        """What this upload may still write: the rest of what it claimed (an upload that
+        outgrew its claim claims the next few MiB at a time, each checked)."""
+        return max(self.expected - self.written, 0)
+
+    def wrote(self, count: int) -> None:
+        """``count`` more bytes are on disk; SPOOL_FULL if the disk crossed the reserve."""
+        space = self._space
+        with space._lock:
+            self.written += count
+            if self.written - self._checked < _CHECK_EVERY and self.written <= self.expected:
+                return  # within the claim: the free space it was checked against is unchanged
+            self._checked = self.written
+            if self.written > self.expected:
+                self.expected = self.written + _CHECK_EVERY  # the next blocks, checked now
+            space._check(self)
+
+    def release(self) -> None:
+        self._space._release(self)
+
+
+class SpoolWriter:
+    """Writes one spool file at explicit offsets; an all-zero block stays a hole (not written,
+    not counted). ``finish`` gives the file its length."""
+
+    def __init__(self, fd: int, claim: SpoolClaim | None) -> None:
+        self.fd = fd
+        self.claim = claim
+
+    def write(self, data: bytes | bytearray, offset: int) -> None:
+        if is_zero(data):
+            return
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+        if self.claim is not None:
+            self.claim.wrote(len(data))
+
+    def finish(self, size: int) -> None:
+        os.ftruncate(self.fd, size)  # trailing holes
+
+
+def is_zero(data: bytes | bytearray) -> bool:
+    """All bytes zero (and at least one). A ``memcmp`` after two cheap looks: real model data
+    is rejected by its first or last byte almost always."""
+    n = len(data)
+    if n == 0 or data[0] or data[-1]:
+        return False
+    if n > len(_ZEROS):
+        return data == bytes(n)
+    # bytearray compares with any buffer by memcmp; bytes only with bytes (a slice copies).
+    return data == (memoryview(_ZEROS)[:n] if isinstance(data, bytearray) else _ZEROS[:n])
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"

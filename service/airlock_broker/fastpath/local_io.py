@@ -1,0 +1,231 @@
+"""Moving bytes through a peer's descriptors (the same-host fast path): in and out.
+
+Both directions run on the fast path's own threads (``PeerIO``), never on the event loop or
+its default executor: a peer's file may be on a filesystem that stops answering, and a thread
+blocked in its read cannot be interrupted. The event loop side (``spool_from_peer``,
+``write_to_peer``) bounds each copy with a deadline and gives up at it; the thread finishes
+alone and closes its own duplicates of the descriptors.
+
+Accesses to a peer's descriptor use explicit offsets (``pread``/``pwrite``/``copy_file_range``):
+the peer shares the open file description and could move its offset under us at any time.
+One exception: across filesystems (the output's tmpfs to the client's disk)
+``copy_file_range`` refuses and ``sendfile``, about twice as fast as read/write there, writes
+at the output's file offset, set just before. Only the peer can move that offset, so it could
+only misplace bytes in its own file, which then fails its own checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.intake import IntakeLimits, Spooled, finished
+from airlock_broker.conversion.spool_space import SpoolClaim, SpoolWriter
+from airlock_broker.conversion.upload_limits import MiB, Pace
+from airlock_broker.errors import Reason, error
+from airlock_broker.fastpath.local_handles import LocalFiles
+from airlock_broker.validation.files import open_regular_file
+from airlock_broker.validation.safetensors_check import FileIdentity, SafetensorsInfo
+from airlock_sandbox.formats import PREFIX_BYTES
+
+#: Large reads: a 400 MB artifact in 100 system calls; three blocks in flight at most.
+BLOCK_BYTES = 4 * 1024 * 1024
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                            errno.EBADF, errno.ETXTBSY})
+
+
+@dataclass
+class ReadProgress:
+    """What the spooling thread tells its watchdog on the event loop, and back."""
+
+    received: int = 0
+    last: float = field(default_factory=time.monotonic)  # when a read last returned
+    #: Set by the watchdog's side when it gave up: the thread stops at its next block.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
+                          limits: IntakeLimits) -> Spooled:
+    """The peer's input into the spool file ``dst`` (which this closes), on a thread of the
+    fast path's own, within the upload's pace and idle timeout, and the spool's reserve.
+
+    The room claimed up front is what the input really occupies (``st_blocks``), not its
+    length: its holes stay holes in the spool (spool_space.py).
+    """
+    progress = ReadProgress()
+    pace: Pace | None = None
+
+    def watchdog() -> float:
+        nonlocal pace
+        if pace is None:
+            pace = limits.pace()  # the thread has just started: the upload starts now
+        left = pace.check(progress.received)
+        idle = limits.idle_seconds - (time.monotonic() - progress.last)
+        if idle <= 0:
+            raise error(Reason.DEADLINE_EXCEEDED, "reading the input descriptor made no "
+                                                  f"progress for {limits.idle_seconds:g} s")
+        return min(left, idle)
+
+    claim: SpoolClaim | None = None
+    try:
+        claim = limits.claim(min(local.input.size, local.input.allocated))
+        return await local.io.run(
+            lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim),
+            (local.input_fd, dst), watchdog)
+    finally:
+        progress.stop.set()
+        if claim is not None:
+            claim.release()
+        os.close(dst)  # the thread, if still blocked, has its own duplicate
+
+
+async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int,
+                        limits: IntakeLimits, *sources: int) -> None:
+    """``write(output, *sources)`` into the peer's output descriptor on a thread of the fast
+    path's own (duplicates of each), within the grace period plus ``size`` at the upload's
+    minimum rate: a file that takes longer is on a filesystem that stopped answering."""
+    rate = limits.upload.min_bytes_per_second or MiB
+    seconds = limits.upload.grace_seconds + size / rate
+    deadline = time.monotonic() + seconds
+
+    def watchdog() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise error(Reason.DEADLINE_EXCEEDED,
+                        f"writing the {size}-byte output into the caller's file took over "
+                        f"{seconds:.0f} s: its filesystem is too slow or stopped answering")
+        return left
+
+    await local.io.run(write, (local.output_fd, *sources), watchdog)
+
+
+def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
+                  progress: ReadProgress | None = None,
+                  claim: SpoolClaim | None = None) -> Spooled:
+    """Copy the peer's input into the spool file ``dst``, hashing it. Blocking: a thread's.
+
+    One pass: each block read is hashed on a second thread (hashlib releases the GIL on large
+    buffers) while it is written, so the hash is of exactly the bytes spooled even if the peer
+    changes its file meanwhile. Bounded like the gRPC path: the declared size or
+    ``max_artifact_bytes``; in time by the caller's watchdog (``progress``), which a read
+    that never returns cannot reach. All-zero blocks stay holes, and what is written is
+    accounted against the spool's reserve (``claim``).
+    """
+    cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
+    progress = progress or ReadProgress()
+    spool = SpoolWriter(dst, claim)
+    digest = hashlib.sha256()
+    prefix = b""
+    size = 0
+    # Two buffers, reused in turn: a block is read into one while the other's hash may still
+    # run; a buffer is refilled only after its hash finished (``pending.result()`` below).
+    buffers = (bytearray(BLOCK_BYTES), bytearray(BLOCK_BYTES))
+    turn = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="airlock-hash") as hasher:
+        pending: Future[None] | None = None
+        try:
+            while True:
+                raw = buffers[turn]
+                turn ^= 1
+                n = os.preadv(src, [raw], size)
+                progress.last = time.monotonic()
+                if progress.stop.is_set():
+                    raise error(Reason.CANCELLED, "the upload was given up")
+                if not n:
+                    break
+                if size + n > cap:
+                    what = "declared size" if meta.size_bytes else "server maximum"
+                    raise error(Reason.TOO_LARGE,
+                                f"artifact exceeds the {what} of {cap} bytes")
+                block = memoryview(raw)[:n]
+                if pending is not None:
+                    pending.result()
+                pending = hasher.submit(digest.update, block)
+                if len(prefix) < PREFIX_BYTES:
+                    prefix += bytes(block[: PREFIX_BYTES - len(prefix)])
+                spool.write(raw if n == BLOCK_BYTES else raw[:n], size)
+                size += n
+                progress.received = size
+        finally:
+            if pending is not None:
+                pending.result()
+    spool.finish(size)
+    return finished(size, digest.hexdigest(), prefix, meta)
+
+
+def write_bytes(data: bytes, dst: int) -> None:
+    """``data`` as the whole of the peer's output file."""
+    _write_all(dst, data, 0)
+    os.ftruncate(dst, len(data))
+
+
+def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> None:
+    """The canonical file (validated header, then the data section) into ``dst``.
+
+    The source must still be the file validation described (a dead sandbox's tmpfs, the
+    broker's own), as for streaming; the data section is copied in the kernel when it can be.
+    """
+    handle, st = open_regular_file(path)
+    with handle:
+        if FileIdentity.of(st) != info.source:
+            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
+        header = info.canonical_header
+        _write_all(dst, header, 0)
+        copy_range(handle.fileno(), info.source_data_offset, dst, len(header), info.data_bytes)
+    os.ftruncate(dst, info.canonical_size)
+
+
+def copy_file(src: int, dst: int, size: int) -> None:
+    """``size`` bytes of ``src`` (a broker file) as the whole of the peer's output file."""
+    copy_range(src, 0, dst, 0, size)
+    os.ftruncate(dst, size)
+
+
+def copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+    """``copy_file_range``; across filesystems (tmpfs to disk) ``sendfile``; else read/write."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    try:
+        if done < count:
+            os.lseek(dst, dst_off + done, os.SEEK_SET)
+        while done < count:
+            n = os.sendfile(dst, src, src_off + done, count - done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+    buf = memoryview(bytearray(min(BLOCK_BYTES, max(count - done, 1))))
+    while done < count:
+        n = os.preadv(src, [buf[:count - done]], src_off + done)
+        if n == 0:
+            break
+        _write_all(dst, buf[:n], dst_off + done)
+        done += n
+    if done != count:
+        raise error(Reason.OUTPUT_INVALID, "the output ended early while it was copied")
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

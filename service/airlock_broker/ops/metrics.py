@@ -1,0 +1,162 @@
+"""Prometheus metrics, served on their own port (``airlock serve --metrics HOST:PORT``).
+
+Everything is labelled by bounded sets (outcome, reason, profile, gRPC method and code),
+never by anything a caller chooses, so the series count stays fixed.
+
+The endpoint has no authentication, and what it shows (load, failure reasons, pool states,
+when a sandbox fails to start) helps whoever times an attack; so it binds to loopback only
+(``check_metrics_listen``) unless ``--metrics-public`` (``[broker] metrics_public = true``)
+says otherwise, visibly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from airlock_broker.conversion.admission import Admission
+from airlock_broker.sandboxes.pools import Pools
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("airlock_jobs", "Jobs finished, by outcome and reason",
+                            ["outcome", "reason"], registry=r)
+        self.job_seconds = Histogram("airlock_job_duration_seconds",
+                                     "Job wall time, request to last byte, by outcome",
+                                     ["outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.bytes_in = Counter("airlock_artifact_bytes_in", "Artifact bytes received",
+                                registry=r)
+        self.bytes_out = Counter("airlock_output_bytes_out", "Validated output bytes returned",
+                                 registry=r)
+        self.replays = Counter("airlock_idempotent_replays", "Requests answered with an earlier "
+                               "job's result for the same idempotency key, by how the key "
+                               "matched (completed, in_flight)", ["matched"], registry=r)
+        self.transfers = Counter("airlock_job_transfers", "Jobs finished, by how the artifact "
+                                 "and output moved: stream (gRPC chunks), local (descriptors "
+                                 "on the same-host socket), none (no metadata read)",
+                                 ["transfer"], registry=r)
+        self.rpcs = Counter("airlock_grpc_server_handled", "RPCs completed",
+                            ["method", "code"], registry=r)
+        self.rpc_seconds = Histogram("airlock_grpc_server_handling_seconds", "RPC wall time",
+                                     ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("airlock_jobs_in_broker", "Jobs admitted (uploading, waiting or "
+                           "running)", registry=r)
+        self.pool = Gauge("airlock_pool_containers", "Sandbox containers by profile and state",
+                          ["profile", "state"], registry=r)
+        self.pool_events = Gauge("airlock_pool_events", "Cumulative pool events by profile "
+                                 "(served_warm, served_cold, failed_starts)",
+                                 ["profile", "event"], registry=r)
+
+    def bind(self, admission: Admission, pools: Pools) -> None:
+        """Gauges read live state at scrape time instead of being updated on every change."""
+        self.queue.set_function(lambda: admission.admitted)
+        for profile in pools.pools:
+            for state in ("warm", "busy", "starting"):
+                self.pool.labels(profile, state).set_function(
+                    _reader(pools, profile, state))
+            for event in ("served_warm", "served_cold", "failed_starts"):
+                self.pool_events.labels(profile, event).set_function(
+                    _reader(pools, profile, event))
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                          registry=self.registry)
+
+    def job_done(self, outcome: str, reason: str | None, seconds: float) -> None:
+        self.jobs.labels(outcome, reason or "").inc()
+        self.job_seconds.labels(outcome).observe(seconds)
+
+
+def check_metrics_listen(listen: str | None, public: bool) -> None:
+    """Refuse a metrics address beyond loopback without ``public`` (raises ``ValueError``)."""
+    if listen is None:
+        return
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536 or listen.startswith("unix"):
+        raise ValueError(f"--metrics takes HOST:PORT (e.g. 127.0.0.1:9464), not {listen!r}")
+    host = host.strip("[]")
+    if public or not host or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a name may resolve to anything
+    if not loopback:
+        raise ValueError(
+            f"refusing to serve metrics on {listen}: they have no authentication and show "
+            "load and failures to anyone who can reach them; use 127.0.0.1:PORT (scrape "
+            "through a proxy or an SSH tunnel), or pass --metrics-public "
+            "([broker] metrics_public = true) to serve them there anyway")
+
+
+def _reader(pools: Pools, profile: str, field: str) -> Callable[[], float]:
+    def read() -> float:
+        status = next(s for s in pools.status() if s.profile == profile)
+        return float(getattr(status, field))
+    return read
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final status code, with its wall time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def wrap_unary(fn: Any) -> Any:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                began = time.monotonic()
+                try:
+                    return await fn(request, context)
+                finally:
+                    _record(metrics, method, context, began)
+            return wrapped
+
+        def wrap_stream(fn: Any) -> Any:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                began = time.monotonic()
+                try:
+                    async for item in fn(request, context):
+                        yield item
+                finally:
+                    _record(metrics, method, context, began)
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream), handler.request_deserializer,
+                handler.response_serializer)
+        return handler
+
+
+def _record(metrics: Metrics, method: str, context: Any, began: float) -> None:
+    code = context.code() if hasattr(context, "code") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+    metrics.rpcs.labels(method, name).inc()
+    metrics.rpc_seconds.labels(method).observe(time.monotonic() - began)

@@ -1,0 +1,437 @@
+"""Warm, single-use sandbox pools: speed without sharing.
+
+Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
+time: created with their own fresh workspace, started, their profile's libraries imported,
+waiting for a job spec. A job takes one, uses it once, and destroys it (DESIGN §1.2); the
+replenisher starts a replacement in the background once that job is done (so that the start
+does not take CPU from the job), never more than ``max_starting`` at a time. When a pool is
+empty a job takes the cold path: a container prepared just for it.
+
+Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
+and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
+retires warm containers that died or grew old, reaps orphans, and notices a rebuilt image.
+
+A watch pings the engine every ``engine_check_seconds``. While it does not answer, the pools
+say why (``unavailable``), jobs are refused at once with that reason, nothing is started, and
+``on_engine_change`` tells the server (which flips health). When it answers again, a sweep
+clears out what the outage killed and the pools refill without waiting out a start backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from airlock_broker.errors import Reason, error
+from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
+from airlock_sandbox.formats import PROFILES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Sizes and rates of the warm pools. ``min_warm = 0`` turns pools off (all cold)."""
+
+    min_warm: int = 1
+    max_warm: int = 4
+    #: Containers being started at once, across all profiles (bounds the start rate).
+    max_starting: int = 1
+    #: A warm container older than this is replaced (the worker itself gives up after an hour).
+    max_age_seconds: float = 1800.0
+    sweep_seconds: float = 15.0
+    #: How often the engine is pinged (an outage is noticed and its end is, within this).
+    engine_check_seconds: float = 2.0
+    #: Start the replacement for a warm container a job took only once that job is done (or
+    #: after ``defer_max_seconds``, whichever comes first). On a small machine the start
+    #: (about a CPU-second of imports) would otherwise compete with the job it replaces.
+    defer_replacement: bool = True
+    defer_max_seconds: float = 2.0
+    profiles: tuple[str, ...] = PROFILES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_warm <= self.max_warm:
+            raise ValueError("need 0 <= min_warm <= max_warm")
+        if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
+                or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
+            raise ValueError("max_starting, sweep_seconds, max_age_seconds, "
+                             "engine_check_seconds and defer_max_seconds must be positive")
+        unknown = set(self.profiles) - set(PROFILES)
+        if unknown:
+            raise ValueError(f"unknown profiles: {sorted(unknown)}")
+
+
+async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
+    """Destroy ``slot`` even if the calling task is being cancelled again meanwhile."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(backend.destroy(slot))
+
+
+@dataclass
+class _Warm:
+    slot: Slot
+    since: float
+    generation: int
+
+
+@dataclass
+class Pool:
+    """One profile's pool. Counters are cumulative since the broker started."""
+
+    profile: str
+    warm: deque[_Warm] = field(default_factory=deque)
+    starting: int = 0
+    busy: int = 0
+    failed_starts: int = 0
+    served_warm: int = 0
+    served_cold: int = 0
+    retired: int = 0
+    #: Failed starts since the last success: the back-off before the next attempt grows with it.
+    failures_in_a_row: int = 0
+    #: Bumped by a restart: warm or starting containers of an older generation are retired.
+    generation: int = 0
+    #: Warm containers taken by jobs still running, whose replacement waits for them (slot id
+    #: -> the timer that ends the wait anyway). They count as filling the pool meanwhile.
+    deferred: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    #: Warm containers taken out of ``warm`` whose liveness ``acquire`` is checking.
+    checking: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    profile: str
+    warm: int
+    busy: int
+    starting: int
+    failed_starts: int
+    served_warm: int
+    served_cold: int
+    oldest_warm_seconds: float
+    image_id: str
+    runtime: str
+    draining: bool
+    #: Why no container can be started now (the engine is unreachable), or "".
+    unavailable: str = ""
+
+
+EngineListener = Callable[[str | None], Awaitable[None]]
+
+
+class Pools:
+    """Hands out single-use slots: warm when one is ready, cold otherwise."""
+
+    def __init__(self, backend: SandboxBackend, settings: PoolSettings, *, image_id: str = "",
+                 runtime: str = "") -> None:
+        self.backend = backend
+        self.settings = settings
+        self.pools = {p: Pool(p) for p in settings.profiles}
+        self.draining = False
+        #: Why the engine cannot run sandboxes now (set by the engine watch), or None.
+        self.unavailable: str | None = None
+        self.on_engine_change: EngineListener | None = None
+        self.image_id = image_id
+        self.runtime = runtime
+        self._starts = asyncio.Semaphore(settings.max_starting)
+        self._wake = asyncio.Event()
+        #: Set for a moment when the engine comes back: start back-offs end early.
+        self._recovered = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Destruction of released slots; never cancelled, awaited by ``close``.
+        self._destroying: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._replenish_forever(), name="pool-replenish")
+        self._sweep_task = asyncio.create_task(self._sweep_forever(), name="pool-sweep")
+        self._watch_task = asyncio.create_task(self._watch_engine_forever(), name="engine-watch")
+
+    async def close(self) -> None:
+        """Stop replenishing and destroy every warm container (busy ones belong to jobs)."""
+        background = (self._loop_task, self._sweep_task, self._watch_task, *self._tasks)
+        for task in background:
+            if task is not None:
+                task.cancel()
+        for task in background:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for pool in self.pools.values():
+            for timer in pool.deferred.values():
+                timer.cancel()
+            pool.deferred.clear()
+            while pool.warm:
+                await self.backend.destroy(pool.warm.popleft().slot)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until every released slot has been destroyed."""
+        while self._destroying:
+            await asyncio.gather(*self._destroying, return_exceptions=True)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def acquire(self, profile: str) -> Slot:
+        """A slot for one job: a warm one if any is alive, else a freshly prepared one."""
+        if self.draining:
+            raise error(Reason.SANDBOX_UNAVAILABLE,
+                        "the sandbox pools are drained by an operator; retry later")
+        if self.unavailable is not None:
+            raise error(Reason.SANDBOX_UNAVAILABLE, self.unavailable)
+        pool = self.pools.get(profile)
+        if pool is not None:
+            # A second job while a replacement waits: there is demand, so start it now.
+            for slot_id in list(pool.deferred):
+                self._end_deferral(pool, slot_id)
+        while pool is not None and pool.warm:
+            warm = pool.warm.popleft()
+            pool.checking += 1  # still fills the pool while its liveness is checked
+            try:
+                usable = warm.generation == pool.generation and await self._alive(warm.slot)
+            except BaseException:
+                # Cancelled (the client went away) while this slot was ours alone: it is in
+                # no pool and no job, so nobody else would ever destroy it.
+                self._wake.set()
+                await _destroy_shielded(self.backend, warm.slot)
+                raise
+            finally:
+                pool.checking -= 1
+            if usable:
+                pool.busy += 1
+                pool.served_warm += 1
+                self._defer_replacement(pool, warm.slot.slot_id)
+                return warm.slot
+            self._wake.set()
+            if warm.generation == pool.generation:  # current but dead: as the sweep counts it
+                pool.failed_starts += 1
+                log.warning("a warm %s container died while waiting; replaced", pool.profile)
+            pool.retired += 1
+            await self.backend.destroy(warm.slot)
+        try:
+            slot = await self.backend.prepare(profile)
+        except SandboxUnavailable as exc:
+            raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+        if pool is not None:
+            pool.busy += 1
+            pool.served_cold += 1
+        return slot
+
+    async def release(self, slot: Slot, answered: asyncio.Event | None = None) -> None:
+        """Give back a slot a job is done with. Never raises, never waits.
+
+        The job's container is dead (or being killed) by now and its output has been read.
+        The slot stops counting as busy at once; its destruction (``docker rm``, the unmount)
+        and the pool's refill wait until the job's answer is out (``answered`` is set), for at
+        most ``defer_max_seconds``: on this project's 2-core machine both took the CPU from the
+        answer's last steps (S1 and S2 slower by about 20 ms, bench.profile). A caller that
+        never reads holds the dead container no longer than that. The pools own the
+        destruction from here; ``close`` waits for every one still under way.
+        """
+        pool = self.pools.get(slot.profile)
+        if pool is not None:
+            pool.busy = max(0, pool.busy - 1)
+        task = asyncio.create_task(self._retire(pool, slot, answered),
+                                   name=f"destroy-{slot.slot_id}")
+        self._destroying.add(task)
+        task.add_done_callback(self._destroying.discard)
+
+    async def _retire(self, pool: Pool | None, slot: Slot,
+                      answered: asyncio.Event | None) -> None:
+        try:
+            if answered is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.defer_max_seconds):
+                        await answered.wait()
+        finally:
+            if pool is not None:
+                self._end_deferral(pool, slot.slot_id)
+            await _destroy_shielded(self.backend, slot)
+
+    def _defer_replacement(self, pool: Pool, slot_id: str) -> None:
+        """Hold back the replacement of a warm slot a job took until ``release`` (bounded).
+
+        Only while this job is the pool's only one: under concurrent load a deferred start
+        sends the next jobs down the cold path, which costs more than the CPU it saves.
+        """
+        if not self.settings.defer_replacement or pool.busy > 1:
+            self._wake.set()
+            return
+        pool.deferred[slot_id] = asyncio.get_running_loop().call_later(
+            self.settings.defer_max_seconds, self._end_deferral, pool, slot_id)
+
+    def _end_deferral(self, pool: Pool, slot_id: str) -> None:
+        timer = pool.deferred.pop(slot_id, None)
+        if timer is not None:
+            timer.cancel()
+            self._wake.set()
+
+    async def _alive(self, slot: Slot) -> bool:
+        try:
+            return await self.backend.is_running(slot)
+        except SandboxUnavailable:
+            return False
+
+    # -- operations ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def resume(self) -> None:
+        self.draining = False
+        self._wake.set()
+
+    async def restart(self, profile: str | None = None) -> int:
+        """Replace every warm container (of one profile, or all). Jobs in flight keep theirs."""
+        if profile is not None and profile not in self.pools:
+            raise error(Reason.BAD_REQUEST, f"unknown profile {profile!r}")
+        replaced = 0
+        for pool in self.pools.values():
+            if profile is not None and pool.profile != profile:
+                continue
+            pool.generation += 1
+            while pool.warm:
+                await self.backend.destroy(pool.warm.popleft().slot)
+                pool.retired += 1
+                replaced += 1
+        self._wake.set()
+        return replaced
+
+    def status(self) -> list[PoolStatus]:
+        now = time.monotonic()
+        return [PoolStatus(
+            profile=p.profile, warm=len(p.warm), busy=p.busy, starting=p.starting,
+            failed_starts=p.failed_starts, served_warm=p.served_warm, served_cold=p.served_cold,
+            oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
+            image_id=self.image_id, runtime=self.runtime, draining=self.draining,
+            unavailable=self.unavailable or "",
+        ) for p in self.pools.values()]
+
+    # -- background work -------------------------------------------------------------------
+
+    async def _replenish_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self.draining and self.unavailable is None:
+                for pool in self.pools.values():
+                    filled = len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
+                    if filled < self.settings.min_warm and filled < self.settings.max_warm:
+                        pool.starting += 1
+                        task = asyncio.create_task(self._start_one(pool))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+            # races with the event, and close() would then wait for this loop forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+
+    async def _start_one(self, pool: Pool) -> None:
+        generation = pool.generation
+        try:
+            async with self._starts:
+                slot = await self.backend.prepare(pool.profile)
+                try:
+                    await self.backend.start(slot)
+                except BaseException:
+                    await self.backend.destroy(slot)
+                    raise
+            pool.failures_in_a_row = 0
+            if generation != pool.generation:  # restarted while this one was starting
+                await self.backend.destroy(slot)
+            else:
+                pool.warm.append(_Warm(slot=slot, since=time.monotonic(),
+                                       generation=generation))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            pool.failed_starts += 1
+            pool.failures_in_a_row += 1
+            log.warning("warm %s container failed to start: %s", pool.profile, exc)
+            # Backs off on consecutive failures only; an engine recovery cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6))):
+                    await self._recovered.wait()
+        finally:
+            pool.starting -= 1
+            self._wake.set()
+
+    async def _watch_engine_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.engine_check_seconds)
+            await self.check_engine()
+
+    async def check_engine(self) -> None:
+        """Ping the engine; on a change of state tell the listener, and on recovery refill."""
+        try:
+            await self.backend.check()
+        except SandboxUnavailable as exc:
+            if self.unavailable is None:
+                self.unavailable = f"the sandbox engine is unavailable: {exc}"
+                log.error("%s; refusing jobs until it is back", self.unavailable)
+                await self._notify(self.unavailable)
+            else:
+                self.unavailable = f"the sandbox engine is unavailable: {exc}"
+            return
+        except Exception as exc:  # a bug here must not stop the watch
+            log.warning("engine check failed unexpectedly: %s", exc)
+            return
+        if self.unavailable is None:
+            return
+        log.info("the sandbox engine is back; clearing out the outage and refilling the pools")
+        try:  # still refusing jobs and starting nothing: the sweep sees a quiet broker
+            await self.sweep()
+        except Exception as exc:
+            log.warning("sweep after the engine came back failed: %s", exc)
+        self.unavailable = None
+        for pool in self.pools.values():
+            pool.failures_in_a_row = 0
+        self._recovered.set()
+        self._recovered.clear()
+        self._wake.set()
+        await self._notify(None)
+
+    async def _notify(self, unavailable: str | None) -> None:
+        if self.on_engine_change is not None:
+            try:
+                await self.on_engine_change(unavailable)
+            except Exception as exc:
+                log.warning("engine state listener failed: %s", exc)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                await self.sweep()
+            except Exception as exc:
+                log.warning("pool sweep failed: %s", exc)
+
+    async def sweep(self) -> None:
+        """Retire dead or old warm containers, reap orphans, follow a rebuilt image."""
+        now = time.monotonic()
+        for pool in self.pools.values():
+            for warm in list(pool.warm):
+                too_old = now - warm.since > self.settings.max_age_seconds
+                if too_old or not await self._alive(warm.slot):
+                    with contextlib.suppress(ValueError):
+                        pool.warm.remove(warm)
+                        pool.retired += 1
+                        if not too_old:
+                            pool.failed_starts += 1
+                        await self.backend.destroy(warm.slot)
+        await self.backend.reap_orphans()
+        image_id = await self.backend.current_image_id()
+        if self.image_id and image_id != self.image_id:
+            log.info("sandbox image changed (%s -> %s): replacing warm containers",
+                     self.image_id[:19], image_id[:19])
+            self.image_id = image_id
+            await self.restart()
+        self.image_id = image_id
+        self._wake.set()

@@ -1,0 +1,237 @@
+"""Per-job directories on the host: a private spool for the input, a tmpfs for the output.
+
+Layout under the state root (0700, owned by the broker, checked at start-up: state_dirs.py)::
+
+    <root>/uploads/<job_id>     0600, the artifact while it streams in (``new_upload``)
+    <root>/results/<job_id>     0600, a validated output being answered or kept for retries
+    <root>/slots/<slot_id>/     0700, one per container (``JobWorkspace``)
+        in/                     0755, bind-mounted read-only at contract.IN_DIR
+            artifact            0400, owned by the sandbox uid
+            job.json            0444, written last, by rename
+        out/                    a tmpfs: size-capped, noexec,nosuid,nodev, owned by the sandbox
+                                uid, bind-mounted at contract.OUT_DIR
+
+The output is a tmpfs mounted by the broker (not a Docker tmpfs) so that it survives the
+container: the broker reads it after the container is dead, then unmounts it. A size cap on a
+plain directory is not possible, and ``docker cp`` out of a sandbox is exactly what DESIGN
+§1.2 forbids.
+
+Nothing here follows a link the broker did not make (DESIGN §1.8): files are opened
+``O_NOFOLLOW`` and changed through their descriptor, a mount point is recognised by ``lstat``
+(its device differs from its directory's) and unmounted ``UMOUNT_NOFOLLOW`` through a
+descriptor of the slot directory, never by a resolved path; ``reap_stale`` walks the slots
+by descriptor and only unlinks an entry that is not a real directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from airlock_broker.security.state_dirs import SAFE_OPEN, SPOOL_DIRS, ensure_dir
+from airlock_sandbox.contract import ARTIFACT_NAME, JOB_SPEC_NAME, JobSpec
+
+log = logging.getLogger(__name__)
+
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
+_MNT_DETACH = 0x2
+_UMOUNT_NOFOLLOW = 0x8
+_OUT = "out"
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class WorkspaceError(RuntimeError):
+    """The host could not prepare a job directory (infrastructure, not the artifact)."""
+
+
+@dataclass(frozen=True)
+class JobWorkspace:
+    """The host directories of one job. Owned by exactly one job; ``destroy`` removes it."""
+
+    root: Path
+    uid: int
+    gid: int
+
+    @property
+    def in_dir(self) -> Path:
+        return self.root / "in"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def artifact(self) -> Path:
+        return self.in_dir / ARTIFACT_NAME
+
+    @classmethod
+    def create(cls, spool_root: Path, slot_id: str, *, uid: int, gid: int,
+               output_bytes: int) -> JobWorkspace:
+        """Make the directories and mount the output tmpfs. Cleans up after itself on failure."""
+        root = _spool_dir(spool_root, "slots") / slot_id
+        root.mkdir(mode=0o700)
+        ws = cls(root=root, uid=uid, gid=gid)
+        try:
+            ws.in_dir.mkdir(mode=0o755)
+            ws.out_dir.mkdir(mode=0o700)
+            _mount_tmpfs(ws.out_dir, output_bytes, uid, gid)
+        except BaseException:
+            ws.destroy()
+            raise
+        return ws
+
+    def adopt_artifact(self, upload: Path) -> None:
+        """Move a finished upload in (same filesystem: a rename) and hand it to the sandbox user."""
+        os.rename(upload, self.artifact)
+        fd = os.open(self.artifact, os.O_RDONLY | os.O_NONBLOCK | SAFE_OPEN)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, self.uid, self.gid)
+                os.fchmod(fd, 0o400)
+            else:  # a non-root broker cannot chown; world-readable inside a 0700 tree
+                os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+
+    def link_artifact(self, source: Path) -> None:
+        """The same artifact for a second sandbox: a hard link (read-only mounts in both)."""
+        os.link(source, self.artifact, follow_symlinks=False)
+
+    def write_job_spec(self, spec: JobSpec) -> None:
+        """Written last and atomically: a warm worker starts the moment it appears."""
+        tmp = self.in_dir / f".{JOB_SPEC_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+        try:
+            os.write(fd, spec.to_json())
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.in_dir / JOB_SPEC_NAME)
+
+    def destroy(self) -> None:
+        """Unmount and delete everything. Logs instead of raising: it runs in ``finally``."""
+        _destroy_slot(self.root)
+
+
+def new_upload(spool_root: Path, job_id: str) -> tuple[Path, int]:
+    """A new, exclusive, private file for an incoming artifact: (path, fd opened for writing)."""
+    path = _spool_dir(spool_root, "uploads") / job_id
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return path, fd
+
+
+def results_dir(spool_root: Path) -> Path:
+    """Validated outputs: answers on their way (answers.py), then the idempotency store's."""
+    return _spool_dir(spool_root, "results")
+
+
+def remove_quietly(path: Path) -> None:
+    """``unlink`` for ``finally`` blocks: a file already moved or removed is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def reap_stale(spool_root: Path) -> int:
+    """Remove uploads, slots and kept results left by a broker that died (SIGKILL, power loss)
+    or by a job that was cut short; unmount their output tmpfs. Returns how many were removed.
+
+    Only for a spool root that no live broker uses: call it at start-up, before serving, and
+    at shutdown, after everything else is closed. An entry that is a link is unlinked, never
+    followed: nothing outside the spool is unmounted or removed.
+    """
+    count = 0
+    for sub in SPOOL_DIRS:
+        try:
+            base = os.open(spool_root / sub, _DIR_OPEN)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # ELOOP: a link; the start-up check refuses it
+            log.error("not reaping %s: %s", spool_root / sub, exc)
+            continue
+        try:
+            for name in os.listdir(base):
+                _remove_entry(base, name, spool_root / sub / name)
+                count += 1
+        finally:
+            os.close(base)
+    return count
+
+
+def _remove_entry(base: int, name: str, shown: Path) -> None:
+    try:
+        st = os.lstat(name, dir_fd=base)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=base)
+        return
+    try:
+        fd = os.open(name, _DIR_OPEN, dir_fd=base)
+    except OSError as exc:
+        log.error("cannot open job directory %s: %s", shown, exc)
+        return
+    try:
+        _unmount_out(fd, shown)
+    finally:
+        os.close(fd)
+    shutil.rmtree(name, dir_fd=base, ignore_errors=True)
+    if os.path.lexists(shown):
+        log.error("could not remove job directory %s", shown)
+
+
+def _destroy_slot(root: Path) -> None:
+    try:
+        base = os.open(root.parent, _DIR_OPEN)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.error("cannot open %s to remove job directory %s: %s", root.parent, root.name, exc)
+        return
+    try:
+        _remove_entry(base, root.name, root)
+    finally:
+        os.close(base)
+
+
+def _unmount_out(slot_fd: int, shown: Path) -> None:
+    """Unmount ``out`` in the slot open as ``slot_fd`` if something is mounted there. A link
+    named ``out`` is not a mount point (lstat: same device as its directory) and is never
+    followed (the path goes through the descriptor; UMOUNT_NOFOLLOW for the last part)."""
+    try:
+        st = os.lstat(_OUT, dir_fd=slot_fd)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or st.st_dev == os.fstat(slot_fd).st_dev:
+        return
+    target = os.fsencode(f"/proc/self/fd/{slot_fd}/{_OUT}")
+    if _libc.umount2(target, _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+        log.error("umount %s failed: %s", shown / _OUT, os.strerror(ctypes.get_errno()))
+
+
+def _spool_dir(spool_root: Path, name: str) -> Path:
+    """One of the spool's directories: made 0700 if missing, else checked (state_dirs)."""
+    path = spool_root / name
+    ensure_dir(path)
+    return path
+
+
+def _mount_tmpfs(target: Path, size: int, uid: int, gid: int) -> None:
+    opts = f"size={size},nr_inodes=64,mode=0700,uid={uid},gid={gid}"
+    rc = _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs",
+                     _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, opts.encode())
+    if rc != 0:
+        err = os.strerror(ctypes.get_errno())
+        raise WorkspaceError(
+            f"cannot mount the job's output tmpfs at {target}: {err} "
+            "(the broker must run as root to give each sandbox a size-capped output)")
