@@ -134,7 +134,6 @@ class OnnxValidatorPool:
         #: Every validator not yet reaped (spares and busy ones).
         self._live: set[Validator] = set()
         self._refills: set[asyncio.Future[Validator | None]] = set()
-        self._reaps: set[asyncio.Future[None]] = set()
         self._closed = False
         #: Validators forked so far (for metrics and tests: one per validation, plus spares).
         self.started = 0
@@ -156,7 +155,7 @@ class OnnxValidatorPool:
                         "root: %s", self.confinement.describe())
         self._template = self._new_template()
         for _ in range(self.settings.processes):
-            self._refill()
+            self._refill(None)
 
     def _new_template(self) -> Template:
         return Template(self._module, self._config, self.settings.max_stderr_bytes)
@@ -177,9 +176,6 @@ class OnnxValidatorPool:
         if self._idle is None or self._closed:
             raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
         validator = await self._idle.get()
-        # Its successor is forked now, beside this validation (the broker only waits for it,
-        # so a core is free), not after it, beside the answer's last steps.
-        self._refill()
         try:
             if validator is None:
                 validator = await asyncio.to_thread(self._fork_or_fail)
@@ -192,24 +188,13 @@ class OnnxValidatorPool:
                     await job
                 raise
         finally:
-            if validator is not None:  # used once, whatever happened
-                self._retire(validator)
+            self._refill(validator)  # used once, whatever happened
 
-    def _refill(self) -> None:
-        """Put a freshly forked validator in the slot a job took, in the background."""
-        refill = asyncio.ensure_future(asyncio.to_thread(self._replace))
+    def _refill(self, used: Validator | None) -> None:
+        """Reap ``used`` and put a freshly forked validator in its slot, in the background."""
+        refill = asyncio.ensure_future(asyncio.to_thread(self._replace, used))
         self._refills.add(refill)
         refill.add_done_callback(self._refilled)
-
-    def _retire(self, used: Validator) -> None:
-        """Kill and reap a validator that served its one job, in the background."""
-        reap = asyncio.ensure_future(asyncio.to_thread(self._reap_used, used))
-        self._reaps.add(reap)
-        reap.add_done_callback(self._reaps.discard)
-
-    def _reap_used(self, used: Validator) -> None:
-        used.reap()
-        self._live.discard(used)
 
     def _refilled(self, refill: asyncio.Future[Validator | None]) -> None:
         self._refills.discard(refill)
@@ -220,7 +205,10 @@ class OnnxValidatorPool:
             return
         self._idle.put_nowait(fresh)
 
-    def _replace(self) -> Validator | None:
+    def _replace(self, used: Validator | None) -> Validator | None:
+        if used is not None:
+            used.reap()
+            self._live.discard(used)
         if self._closed:
             return None
         try:
@@ -296,8 +284,8 @@ class OnnxValidatorPool:
         validators = list(self._live)
         for validator in validators:
             validator.kill()
-        if self._refills or self._reaps:
-            await asyncio.wait(self._refills | self._reaps)
+        if self._refills:
+            await asyncio.wait(set(self._refills))
         validators = list(self._live | set(validators))
         self._live.clear()
         template, self._template = self._template, None
