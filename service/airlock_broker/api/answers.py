@@ -43,7 +43,6 @@ from airlock_broker.fastpath.local_handles import LocalFiles
 from airlock_broker.fastpath.local_io import copy_file, write_to_peer
 from airlock_broker.sandboxes.workspace import remove_quietly, results_dir
 
-
 #: An ONNX output (canonical bytes in the broker's memory) up to this size is written to its
 #: answer file on the event loop; larger ones, and safetensors (a kernel copy), on a thread.
 INLINE_WRITE_BYTES = 1024 * 1024
