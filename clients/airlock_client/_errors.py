@@ -33,7 +33,7 @@ class AirlockError(Exception):
     human sentence. Raised with a reason of its own, the error reads ``"REASON: message"``.
     """
 
-    reason: str = "AIRLOCK_ERROR"
+    reason: str = "ERROR"
     message: str
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
