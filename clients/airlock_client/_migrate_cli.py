@@ -110,7 +110,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
-        return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
+        return _usage("MLflow's client is not installed here "
+                      "(pip install 'airlock-client[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
         convert, close = _converter(args, public_key)
