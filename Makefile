@@ -35,7 +35,7 @@ image: venv docker
 setup: venv docker image
 
 serve: setup
-	.venv/bin/airlock serve --listen $(LISTEN)
+	.venv/bin/airlock-broker serve --listen $(LISTEN)
 
 test: setup check
 	$(PY) -m pytest tests $(PYTEST_ARGS)

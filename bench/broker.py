@@ -1,4 +1,5 @@
-"""The broker under test: ``airlock serve`` started as a subprocess, as an operator would."""
+"""The broker under test: ``airlock-broker serve`` started as a subprocess, as an operator
+would."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from bench.containers import profile_of, running_containers
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRLOCK = ROOT / ".venv" / "bin" / "airlock"
+#: ``airlock-broker``: what its console script runs.
+BROKER = [str(ROOT / ".venv" / "bin" / "python"), "-m", "airlock_broker"]
 LABEL = "airlock.managed=true"
 #: Before a timed sample, wait up to QUIET_BUDGET s for the machine to be under QUIET_SHARE busy.
 QUIET_SHARE = 0.25
@@ -123,7 +126,7 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class Broker:
-    """``airlock serve`` on a free loopback port with its own spool directory and config."""
+    """``airlock-broker serve`` on a free loopback port with its own spool directory and config."""
 
     def __init__(self, workdir: Path, name: str, config: dict[str, dict[str, Any]],
                  log_level: str = "INFO", command: list[str] | None = None,
@@ -140,8 +143,8 @@ class Broker:
         #: its own Unix socket (not the machine's), where the bench, as root, reads pool status
         self.socket = self.dir / "run" / "broker.sock"
         self.log_level = log_level
-        #: what to run instead of ``airlock serve`` (bench.profile runs a traced broker)
-        self.command = command or [str(AIRLOCK), "serve"]
+        #: what to run instead of ``airlock-broker serve`` (bench.profile runs a traced broker)
+        self.command = command or [*BROKER, "serve"]
         self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
@@ -173,7 +176,8 @@ class Broker:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise BenchError(f"airlock serve exited with {self.process.returncode}:\n"
+                    raise BenchError(f"airlock-broker serve exited with "
+                                     f"{self.process.returncode}:\n"
                                      f"{self.log.read_text()[-3000:]}")
                 with contextlib.suppress(grpc.RpcError):
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""),  # type: ignore[attr-defined]
@@ -181,7 +185,8 @@ class Broker:
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 time.sleep(0.1)
-        raise BenchError(f"airlock serve did not become SERVING:\n{self.log.read_text()[-3000:]}")
+        raise BenchError(f"airlock-broker serve did not become SERVING:\n"
+                         f"{self.log.read_text()[-3000:]}")
 
     def wait_pools_full(self, timeout: float = 300.0) -> float:
         """Wait until every pool holds ``min_warm`` warm containers and none is starting or

@@ -4,6 +4,8 @@ Airlock against the unsafe in-process baseline (issue 3), both measured in this 
 models generated here. Prints one table, writes every figure and raw sample as JSON.
 
   S1  small sklearn pipeline pickle -> ONNX, warm pool: p50/p95, overhead over in-process
+  S1c the ``airlock`` command: its start (``airlock --help``, median of 5) and ``airlock
+      convert`` of the S1 model end to end (process start to exit), beside S1's library figure
   S2  RandomForest(100 trees) joblib -> ONNX, warm pool: same
   S3  400 MiB PyTorch state dict -> safetensors: end-to-end / in-process (median of 3)
   S4  100 small conversions at concurrency 4, a fresh container each: conversions/min and
@@ -40,6 +42,7 @@ from typing import Any
 from airlock_client import Client, ConversionError
 from bench import baseline, host
 from bench.broker import (
+    AIRLOCK,
     QUIET_SHARE,
     BenchError,
     Broker,
@@ -58,6 +61,7 @@ MiB = 1024 * 1024
 Check = Callable[[dict[str, Any]], bool]
 TARGETS: dict[str, tuple[str, Check]] = {
     "S1": ("overhead p50 <= 60 ms", lambda r: r["overhead_p50_ms"] <= 60),
+    "S1c": ("start <= 150 ms", lambda r: r["help_median_ms"] <= 150),
     "S2": ("overhead p50 <= 100 ms", lambda r: r["overhead_p50_ms"] <= 100),
     "S3": ("ratio <= 2.5x", lambda r: r["ratio"] <= 2.5),
     # For comparison only: S3 with the same-host fast path off (remote clients stream).
@@ -90,12 +94,15 @@ class Plan:
     s3: int
     s4: int
     s6: int
+    s1c: int
     concurrency: int = 4
+    #: ``airlock --help`` runs; the median is reported.
+    cli_starts: int = 5
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
-        return cls(s1=10, s2=10, s3=1, s4=20, s6=5) if quick else cls(
-            s1=30, s2=30, s3=3, s4=100, s6=10)
+        return cls(s1=10, s2=10, s3=1, s4=20, s6=5, s1c=5) if quick else cls(
+            s1=30, s2=30, s3=3, s4=100, s6=10, s1c=10)
 
 
 def log(message: str) -> None:
@@ -184,6 +191,43 @@ def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], byte
                     "machine_busy_before": machine_busy,
                     "warmup_airlock_ms": round(warmup_air * 1000, 1),
                     "warmup_baseline_ms": round(warmup_base * 1000, 1)},
+    }
+
+
+def cli_scenario(broker: Broker, artifact: Path, starts: int, n: int,
+                 out: Path) -> dict[str, Any]:
+    """S1c: the ``airlock`` command as a user runs it, each sample a process of its own: its
+    start (``--help``), and ``convert`` of the S1 model on a ready warm pool, through the same
+    socket as S1's library calls (``AIRLOCK_SERVER``; the key as the broker publishes it)."""
+    env = {**os.environ, "AIRLOCK_SERVER": f"unix:{broker.socket}"}
+
+    def timed_run(*args: str) -> float:
+        began = time.perf_counter()
+        done = subprocess.run([str(AIRLOCK), *args], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)
+        elapsed = time.perf_counter() - began
+        if done.returncode != 0:
+            raise BenchError(f"airlock {args[0]} exited {done.returncode}: {done.stderr[-2000:]}")
+        return elapsed
+
+    help_s = []
+    for _ in range(starts):
+        broker.wait_ready()  # as every timed sample: the pools idle, the machine quiet
+        help_s.append(timed_run("--help"))
+    convert_args = ("convert", str(artifact), "-o", str(out), "--json")
+    broker.wait_ready()
+    warmup = timed_run(*convert_args)
+    convert_s: list[float] = []
+    for _ in range(n):
+        broker.wait_ready()
+        convert_s.append(timed_run(*convert_args))
+    return {
+        "starts": starts, "n": n,
+        "help_median_ms": round(statistics.median(help_s) * 1000, 1),
+        "convert_p50_ms": round(pct(convert_s, 50) * 1000, 1),
+        "convert_p95_ms": round(pct(convert_s, 95) * 1000, 1),
+        "samples": {"help_ms": ms(help_s), "convert_ms": ms(convert_s),
+                    "warmup_convert_ms": round(warmup * 1000, 1)},
     }
 
 
@@ -450,6 +494,14 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             f"p50 {r['airlock_p50_ms']:.0f} ms, p95 {r['airlock_p95_ms']:.0f} ms" if r else "error",
             f"p50 {r['baseline_p50_ms']:.1f} ms, p95 {r['baseline_p95_ms']:.1f} ms" if r else "",
             f"+{r['overhead_p50_ms']:.0f} ms (p50)" if r else "")
+        if sid == "S1":  # the same model through the command, beside the library's figure
+            cli, lib = get("S1c"), r
+            add("S1c", "airlock CLI: start (--help); convert of the S1 model",
+                f"start {cli['help_median_ms']:.0f} ms; convert p50 "
+                f"{cli['convert_p50_ms']:.0f} ms" if cli else "error",
+                f"library (S1) p50 {lib['airlock_p50_ms']:.0f} ms" if cli and lib else "",
+                f"+{cli['convert_p50_ms'] - lib['airlock_p50_ms']:.0f} ms over the library"
+                if cli and lib else "")
     r = get("S3")
     add("S3", "400 MiB state dict -> safetensors"
         + (f" (transfer: {r.get('transfer', 'stream')})" if r else ""),
@@ -513,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6",
-                        help="comma-separated scenarios to run (S5 comes with S3)")
+                        help="comma-separated scenarios to run (S5 comes with S3, S1c with S1)")
     parser.add_argument("--pools", action="append", default=[], metavar="KEY=VALUE",
                         help="override a [pools] setting of the warm broker, e.g. "
                              "defer_replacement=false (for A/B runs; repeatable)")
@@ -533,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {x.strip().upper() for x in args.only.split(",")}
     if "S5" in only:
         only.add("S3")
+    if "S1" in only:
+        only.add("S1C")
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if os.geteuid() != 0:
         print("bench: the broker must run as root (it mounts each job's output tmpfs)",
@@ -574,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"S1: {plan.s1} small pickles")
                 run_guarded(results, "S1", lambda: latency_scenario(
                     warm, small, baseline.pickle_to_onnx, plan.s1, work / "s1.onnx"))
+            if "S1C" in only:
+                log(f"S1c: the airlock command, {plan.cli_starts} starts and {plan.s1c} "
+                    "conversions")
+                run_guarded(results, "S1c", lambda: cli_scenario(
+                    warm, small, plan.cli_starts, plan.s1c, work / "s1c.onnx"))
             if "S2" in only:
                 log(f"S2: {plan.s2} random forests")
                 run_guarded(results, "S2", lambda: latency_scenario(

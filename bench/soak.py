@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.soak                  # 30 minutes
     .venv/bin/python -m bench.soak --minutes 5      # or SOAK_MINUTES=5 make soak
 
-One ``airlock serve`` (own spool, warm pools) takes jobs from ``--clients`` threads for the
+One ``airlock-broker serve`` (own spool, warm pools) takes jobs from ``--clients`` threads for the
 given time, each job drawn from a fixed weighted mix: small benign models (sklearn pickle,
 numpy, safetensors, a PyTorch state dict) and hostile artifacts from tests/adversarial/
 payloads.py (escape attempts, sleepers past their deadline, memory and process bombs, an

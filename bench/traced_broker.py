@@ -197,7 +197,7 @@ def main() -> int:
         install_what_ifs(os.environ["AIRLOCK_BENCH_WHAT_IF"])
     from airlock_broker.__main__ import main as broker_main
 
-    return broker_main(sys.argv[2:] if sys.argv[1:2] == ["serve"] else sys.argv[1:])
+    return broker_main(sys.argv[1:])  # airlock-broker's arguments: serve ...
 
 
 if __name__ == "__main__":

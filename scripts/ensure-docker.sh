@@ -54,7 +54,7 @@ ensure_debootstrap() {
 DAEMON_JSON="${AIRLOCK_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}"  # override: tests
 runsc_changed=0
 
-# Register gVisor's runsc with the engine (`airlock serve --runtime runsc`). Merges into an
+# Register gVisor's runsc with the engine (`airlock-broker serve --runtime runsc`). Merges into an
 # existing daemon.json; sets runsc_changed=1 when the file changed.
 # --oci-seccomp: without it runsc ignores the container's seccomp profile (the sandbox would
 # run with no filter at all inside gVisor). Note: gVisor 20221219 ignores a rule's errnoRet,

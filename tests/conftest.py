@@ -22,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 AIRLOCK = str(VENV_BIN / "airlock")
+#: The broker's operator command: what its console script ``airlock-broker`` runs
+#: (``airlock_broker.__main__:main``; tests/unit/test_distributions.py pins the entry point).
+BROKER = [sys.executable, "-m", "airlock_broker"]
 IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "airlock-sandbox:latest")
 LABEL = "airlock.managed=true"
 #: Spool directories of the brokers the tests are running now (their warm slots live there).
@@ -95,7 +98,7 @@ def free_port() -> int:
 
 @dataclass
 class BrokerProcess:
-    """``airlock serve`` started as a user would, on a free loopback port."""
+    """``airlock-broker serve`` started as an operator would, on a free loopback port."""
 
     address: str
     process: subprocess.Popen[bytes]
@@ -166,14 +169,14 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"airlock serve exited with {process.returncode}:\n"
+                pytest.fail(f"airlock-broker serve exited with {process.returncode}:\n"
                             f"{log.read_text()[-3000:]}", pytrace=False)
             with contextlib.suppress(grpc.RpcError):
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             time.sleep(0.2)
-    pytest.fail(f"airlock serve did not become SERVING:\n{log.read_text()[-3000:]}",
+    pytest.fail(f"airlock-broker serve did not become SERVING:\n{log.read_text()[-3000:]}",
                 pytrace=False)
 
 
@@ -197,7 +200,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                 "AIRLOCK_SOCKET": str(socket_path), **(env or {})}
     state = Path(full_env["AIRLOCK_STATE_DIR"])
     with log.open("wb") as fh:
-        process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}", *extra],
+        process = subprocess.Popen([*BROKER, "serve", "--listen", f"127.0.0.1:{port}", *extra],
                                    stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     address = f"127.0.0.1:{port}"
     STARTED_PIDS.add(process.pid)
@@ -252,6 +255,13 @@ def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[
     while (left := job_containers(client)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], f"sandbox containers left behind: {left}"
+
+
+def run_broker_cli(*args: str, timeout: float = 300,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``airlock-broker ARGS`` (serve, token, keys), as the broker's operator runs it."""
+    return subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
 
 
 def run_cli(*args: str, server: str, timeout: float = 300, cwd: Path | None = None,

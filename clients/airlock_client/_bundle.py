@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from airlock_client._errors import ModelSourceError
 from airlock_sandbox.bundle import (
     MAX_MEMBERS,
@@ -152,6 +150,8 @@ def read_mlmodel(entry: ModelFile) -> dict[str, Any]:
     if entry.size > MAX_MLMODEL_BYTES:
         raise refuse(f"{MLMODEL} is {entry.size} bytes (limit {MAX_MLMODEL_BYTES})")
     raw = _read_exact(entry, MAX_MLMODEL_BYTES)
+    import yaml  # only model directories need it: a plain file's conversion does not load it
+
     try:
         doc = yaml.safe_load(raw)
     except yaml.YAMLError as exc:

@@ -92,8 +92,7 @@ def trusted_owners() -> frozenset[int]:
 class UntrustedSocket(ServiceUnavailable):
     """The socket, or a directory on its path, could have been made by someone else."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="UNTRUSTED_SOCKET")
+    reason = "UNTRUSTED_SOCKET"
 
 
 def check_socket(path: Path, owners: frozenset[int]) -> None:

@@ -79,7 +79,7 @@ class Client:
     written at the destination.
 
     Credentials, each defaulting to an environment variable (as the address defaults to
-    ``AIRLOCK_SERVER``): ``token`` (``AIRLOCK_TOKEN``), a bearer token from ``airlock token
+    ``AIRLOCK_SERVER``): ``token`` (``AIRLOCK_TOKEN``), a bearer token from ``airlock-broker token
     create``; ``tls_ca`` (``AIRLOCK_TLS_CA``), the CA that signed the broker's certificate,
     which turns TLS on (``tls=True`` / ``AIRLOCK_TLS=1`` uses the system's CAs instead);
     ``client_cert`` and ``client_key`` (``AIRLOCK_CLIENT_CERT`` / ``AIRLOCK_CLIENT_KEY``) for

@@ -1,28 +1,46 @@
-"""The client's exception tree.
+"""The client's exception tree: every error this library raises on purpose is an
+``AirlockError`` with ``reason`` (a machine-readable code) and ``message`` (a sentence).
 
 ::
 
-    AirlockError                 anything this library raises on purpose
+    AirlockError                 .reason, .message
     ├── ConversionError          the service answered: the artifact was rejected or failed
-    │   │ (.reason, .kind = "rejected" | "failed" | "denied", .message, .job_id, .code;
+    │   │ (.kind = "rejected" | "failed" | "denied", .job_id, .code;
     │   │  for BUSY also .retry_after, the broker's estimate of the wait, and .queued)
     │   └── AccessDenied         no valid credentials (UNAUTHENTICATED), or the principal
     │                            lacks the role (PERMISSION_DENIED); kind "denied"
     ├── ServiceUnavailable       the service could not be reached or cannot serve now
+    │   └── UntrustedSocket      (_channel.py) the broker's Unix socket could be someone else's
     ├── IntegrityError           the response stream did not match its own checksums
     │   ├── ProvenanceError      (provenance.py) the signed provenance is missing, invalid,
-    │   │                        signed by another key, or not for these bytes (.reason)
+    │   │                        signed by another key, or not for these bytes
     │   └── SafeLoadError        (safe_load.py) a registry version is not a verifiable
-    │                            Airlock output (.reason)
-    └── ModelSourceError         an MLflow model could not be fetched, or its directory was
-        (.reason, .message)      refused before anything was sent (links, escapes, caps)
+    │                            Airlock output
+    ├── ModelSourceError         an MLflow model could not be fetched, or its directory was
+    │                            refused before anything was sent (links, escapes, caps)
+    ├── RegistryError            (_registry.py) the MLflow registry refused a call
+    ├── SelectionError           (migrate.py) a named model cannot be migrated
+    └── MigrationAborted         (migrate.py) ``migrate`` stopped; ``.outcomes`` so far
 """
 
 from __future__ import annotations
 
 
 class AirlockError(Exception):
-    """Base of every error this library raises on purpose."""
+    """Base of every error this library raises on purpose.
+
+    ``reason`` is a code to branch on (each subclass names its default); ``message`` is the
+    human sentence. Raised with a reason of its own, the error reads ``"REASON: message"``.
+    """
+
+    reason: str = "ERROR"
+    message: str
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message if reason is None else f"{reason}: {message}")
+        self.message = message
+        if reason is not None:
+            self.reason = reason
 
 
 class ConversionError(AirlockError):
@@ -31,9 +49,7 @@ class ConversionError(AirlockError):
     def __init__(self, reason: str, message: str, *, kind: str, code: str,
                  job_id: str = "", retry_after: float | None = None,
                  queued: int | None = None) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)
         self.kind = kind
         self.code = code
         self.job_id = job_id
@@ -53,16 +69,37 @@ class AccessDenied(ConversionError):
 class ServiceUnavailable(AirlockError):
     """The broker could not be reached, or said it cannot serve right now."""
 
-    def __init__(self, message: str, *, reason: str = "UNAVAILABLE") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)  # reads as the message alone, whatever the reason
+        if reason is not None:
+            self.reason = reason
 
 
 class IntegrityError(AirlockError):
     """The output stream contradicted the result header (size, sha256 or chunk CRC)."""
 
     reason = "INTEGRITY_ERROR"
+
+
+class ProvenanceError(IntegrityError):
+    """Provenance is missing, malformed, not signed by the expected key, not for this file, or
+    not from the expected source.
+
+    ``reason`` is one of ``PROVENANCE_MISSING``, ``PROVENANCE_MALFORMED``, ``BAD_PUBLIC_KEY``,
+    ``SIGNATURE_INVALID``, ``OUTPUT_MISMATCH``, ``SOURCE_MISMATCH``, ``PRINCIPAL_NOT_ALLOWED``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, reason=reason)
+
+
+class SafeLoadError(IntegrityError):
+    """The version is not a verifiable Airlock output; ``reason`` says which check refused."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, reason=reason)
 
 
 class ModelSourceError(AirlockError):
@@ -73,6 +110,4 @@ class ModelSourceError(AirlockError):
     """
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)

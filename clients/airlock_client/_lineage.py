@@ -46,6 +46,10 @@ MAX_MESSAGE: Final = 1000
 OutputFormat = Literal["onnx", "safetensors"]
 
 
+#: The default ``target_name`` suffix (``airlock migrate --target-suffix``).
+TARGET_SUFFIX: Final = "-airlock"
+
+
 def target_name(source: str, suffix: str) -> str:
     """The registered model that holds ``source``'s migrated versions."""
     return f"{source}{suffix}"

@@ -31,15 +31,20 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from airlock_client._cli_connection import add_connection_arguments, client_options
+from airlock_client._cli_connection import client_options
+from airlock_client._cli_exits import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ServiceUnavailable
 from airlock_client._lineage import clip
 from airlock_client._progress import busy_notice
 from airlock_client._registry import (
-    DEFAULT_PAGE_SIZE,
     RegistryError,
     check_page_size,
     open_registry,
@@ -50,7 +55,6 @@ from airlock_client._twin import mlflow_download
 from airlock_client._types import ConversionResult, LoadingPolicy
 from airlock_client.migrate import (
     PROBLEMS,
-    TARGET_SUFFIX,
     Convert,
     Fetch,
     Migration,
@@ -64,57 +68,13 @@ from airlock_client.migrate import (
 from airlock_client.mlflow_source import resolve
 from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_public_key
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_DENIED = 4
 EXIT_NOTHING = 5
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 NO_PINNED_KEY = (
     "migrate writes into the registry, so it needs the broker's public key pinned: "
-    "--public-key airlock.pub.pem or AIRLOCK_PUBLIC_KEY (make the file with `airlock keys "
+    "--public-key airlock.pub.pem or AIRLOCK_PUBLIC_KEY (make the file with `airlock-broker keys "
     "export` on the broker's host). A key fetched from the broker over the same connection "
     "(trust on first use) is not accepted for anything written into a registry.")
-
-
-def add_migrate_parser(sub: Any) -> None:
-    parser = sub.add_parser(
-        "migrate", help="convert every version of MLflow registered models through Airlock",
-        description="Convert every version of the selected registered models in a sandbox and "
-                    "register each result as a version of <NAME>-airlock holding only the "
-                    "ONNX or safetensors file and its signed provenance. Re-running skips "
-                    "what is done.")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", action="extend", nargs="+", metavar="NAME", default=None,
-                       help="registered model(s) to migrate (repeatable)")
-    which.add_argument("--all", action="store_true",
-                       help="every registered model except Airlock's own targets")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking server (default $MLFLOW_TRACKING_URI; required)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="walk the registry and say what would be done; change nothing")
-    parser.add_argument("--alias", default=None,
-                        help="point this alias of each target model at the newest migrated "
-                             "version")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="convert again the versions an earlier run found rejected")
-    parser.add_argument("--target-suffix", default=TARGET_SUFFIX,
-                        help=f"target model name = source name + this (default {TARGET_SUFFIX})")
-    parser.add_argument("--page-size", type=int, default=None,
-                        help="registry search page size (default $AIRLOCK_MIGRATE_PAGE_SIZE or "
-                             f"{DEFAULT_PAGE_SIZE})")
-    parser.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
-                        help="loading policy for every conversion")
-    parser.add_argument("--timeout", type=int, default=0, help="sandbox deadline per version (s)")
-    parser.add_argument("--server", default=None,
-                        help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
-    parser.add_argument("--public-key", type=Path, default=None,
-                        help="the broker's provenance public key, PEM (required, or "
-                             "$AIRLOCK_PUBLIC_KEY: from `airlock keys export` on the broker's "
-                             "host; a key fetched from the broker is not accepted)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_connection_arguments(parser)
 
 
 def exit_code(outcomes: Sequence[Outcome]) -> int:
@@ -150,7 +110,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
-        return _usage("MLflow's client is not installed here (pip install 'airlock[mlflow]')")
+        return _usage("MLflow's client is not installed here "
+                      "(pip install 'airlock-client[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
         convert, close = _converter(args, public_key)

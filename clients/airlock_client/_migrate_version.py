@@ -57,7 +57,6 @@ Convert = Callable[[Path, Path, str], ConversionResult]
 #: One line of progress for a human (the CLI prints it on stderr).
 Progress = Callable[[str], None]
 
-TARGET_SUFFIX = "-airlock"
 EXPERIMENT = "airlock-migrations"
 #: Failure reasons that judge the moment, not the artifact: retried by the next run.
 TRANSIENT_REASONS = frozenset({
@@ -73,7 +72,7 @@ class Options:
     #: Point this alias of each target model at the twin of its newest migrated version.
     alias: str | None = None
     retry_failed: bool = False
-    target_suffix: str = TARGET_SUFFIX
+    target_suffix: str = tags.TARGET_SUFFIX
     experiment: str = EXPERIMENT
 
 

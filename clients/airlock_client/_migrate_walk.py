@@ -32,6 +32,8 @@ PROMPT_TAG = "mlflow.prompt.is_prompt"
 class SelectionError(AirlockError):
     """A named model does not exist or cannot be migrated (a usage error)."""
 
+    reason = "BAD_SELECTION"
+
 
 @dataclass
 class Target:

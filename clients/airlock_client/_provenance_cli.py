@@ -22,7 +22,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from airlock_client._cli_connection import add_connection_arguments, client_options
+from airlock_client._cli_connection import client_options
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
@@ -37,50 +38,6 @@ from airlock_client.provenance import (
     shown,
     verify,
 )
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-
-_SERVER_HELP = "broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)"
-
-
-def add_verify_parser(sub: Any) -> None:
-    verify_p = sub.add_parser("verify", help="check a converted file against its signed "
-                                             "provenance")
-    verify_p.add_argument("file", type=Path, help="the converted model (ONNX / safetensors)")
-    verify_p.add_argument("--provenance", type=Path, default=None,
-                          help="the provenance file (default FILE.provenance.json)")
-    verify_p.add_argument("--public-key", type=Path, default=None,
-                          help="the broker's public key, PEM (default $AIRLOCK_PUBLIC_KEY; "
-                               "else fetched from the broker: trust on first use)")
-    verify_p.add_argument("--subject", default=None,
-                          help="require this signed subject (what the converting caller said "
-                               "the input was, e.g. models:/fraud/3), exactly")
-    verify_p.add_argument("--source-sha256", default=None, metavar="HEX",
-                          help="require this input sha256 (the bytes the broker converted)")
-    verify_p.add_argument("--principal", action="append", default=None, metavar="NAME",
-                          help="require one of these broker principals to have asked for it "
-                               "(repeatable)")
-    verify_p.add_argument("--server", default=None, help=_SERVER_HELP)
-    verify_p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_connection_arguments(verify_p)
-
-
-def add_keys_parser(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="the broker's provenance signing key")
-    keys.add_argument("action", choices=["export", "fetch"],
-                      help="export: the public key from the key file on this host (the broker's "
-                           "host; creates the key if there is none); fetch: as the broker "
-                           "publishes it over the API (trust on first use)")
-    keys.add_argument("--config", type=Path, default=None, help="broker TOML configuration "
-                      "(export: its [provenance] key_path)")
-    keys.add_argument("-o", "--output", type=Path, default=None,
-                      help="write the public key PEM here instead of stdout")
-    keys.add_argument("--server", default=None, help=_SERVER_HELP)
-    keys.add_argument("--json", action="store_true", help="print JSON on stdout")
-    add_connection_arguments(keys)
 
 
 def write_provenance(output: Path, envelope: bytes) -> Path:
@@ -149,47 +106,33 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    if args.action == "fetch":
-        try:
-            with Client(args.server or default_address(), retry_attempts=1,
-                        **client_options(args)) as client:
-                published = client.provenance_key()
-        except ValueError as exc:  # connection options: a bad token file, a cleartext token
-            return _usage("keys", str(exc))
-        except (ServiceUnavailable, ConversionError) as exc:
-            print(f"airlock keys: {printable(exc.reason)}: {printable(exc.message)}",
-                  file=sys.stderr)
-            return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
-        try:
-            actual = fingerprint(published.public_key_pem.encode())
-            # The key as parsed, re-encoded: not the broker's text, which may carry more.
-            pem = load_public_key(published.public_key_pem.encode()).public_bytes(
-                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
-        except ProvenanceError as exc:
-            print(f"airlock keys: the broker's key is unusable: {printable(exc.message)}",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        if actual != published.fingerprint:
-            print("airlock keys: the broker's key does not match its fingerprint",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
-              "with the broker's host (airlock keys export) before pinning it", file=sys.stderr)
-        return _emit_key(args, pem, actual)
+    """``airlock keys fetch`` (``export`` reads the broker's key file: ``airlock-broker``)."""
     try:
-        from airlock_broker.ops.key_export import export_public
-        from airlock_broker.security.keys import SigningKeyError
-    except ImportError:
-        return _usage("keys", "export reads the broker's key file: run it where the broker "
-                              "is installed, or use `airlock keys fetch`")
+        with Client(args.server or default_address(), retry_attempts=1,
+                    **client_options(args)) as client:
+            published = client.provenance_key()
+    except ValueError as exc:  # connection options: a bad token file, a cleartext token
+        return _usage("keys", str(exc))
+    except (ServiceUnavailable, ConversionError) as exc:
+        print(f"airlock keys: {printable(exc.reason)}: {printable(exc.message)}",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
     try:
-        pem, fp, created = export_public(args.config)
-    except (SigningKeyError, OSError, ValueError) as exc:
-        print(f"airlock keys: {exc}", file=sys.stderr)
+        actual = fingerprint(published.public_key_pem.encode())
+        # The key as parsed, re-encoded: not the broker's text, which may carry more.
+        pem = load_public_key(published.public_key_pem.encode()).public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    except ProvenanceError as exc:
+        print(f"airlock keys: the broker's key is unusable: {printable(exc.message)}",
+              file=sys.stderr)
         return EXIT_FAILED
-    if created:
-        print("airlock keys: no key existed; created one", file=sys.stderr)
-    return _emit_key(args, pem, fp)
+    if actual != published.fingerprint:
+        print("airlock keys: the broker's key does not match its fingerprint",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
+          "with the broker's host (airlock-broker keys export) before pinning it", file=sys.stderr)
+    return _emit_key(args, pem, actual)
 
 
 def _emit_key(args: argparse.Namespace, pem: str, fp: str) -> int:

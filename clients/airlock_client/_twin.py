@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from airlock_client import _bundle
 from airlock_client import _lineage as tags
-from airlock_client._errors import IntegrityError
+from airlock_client._errors import SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
@@ -59,15 +59,6 @@ _VERSION = re.compile(r"[0-9]{1,18}")
 Download = Callable[[str, Path], Path]
 #: ``source_sha256(version) -> hex``: the sha256 of that source version's bundle.
 SourceDigest = Callable[[str], str]
-
-
-class SafeLoadError(IntegrityError):
-    """The version is not a verifiable Airlock output; ``reason`` says which check refused."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)

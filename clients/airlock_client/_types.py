@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from airlock_client.provenance import ProvenanceRecord
+if TYPE_CHECKING:  # the record's module needs cryptography; these values do not
+    from airlock_client.provenance import ProvenanceRecord
 
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
                          "torch_export", "numpy", "onnx", "safetensors", "mlflow"]
+
+
+class Assurance(enum.StrEnum):
+    """What the broker vouches for in a converted file (``ConversionResult.assurance``).
+
+    A ``str``: it compares equal to, and prints as, the value the signed provenance records.
+    """
+
+    #: The file is valid and code-free, but the artifact ran code in the sandbox, so its
+    #: weights are not proven to be the author's.
+    FORMAT_SAFE_ONLY = "format_safe_only"
+    #: A second sandbox read the weights without running the artifact's code and found the
+    #: same ones: they are the author's.
+    INTEGRITY_VERIFIED = "integrity_verified"
+    #: The broker named no assurance this client knows (a newer broker).
+    UNSPECIFIED = "unspecified"
 
 
 @dataclass(frozen=True)
@@ -58,9 +76,8 @@ class ConversionResult:
     input_sha256: str
     input_size: int
     detected_format: str
-    #: "format_safe_only": the file is valid and code-free, but the artifact ran code in the
-    #: sandbox, so its weights are not proven to be the author's. "integrity_verified": they are.
-    assurance: str
+    #: What the broker vouches for (see ``Assurance``).
+    assurance: Assurance
     loading_policy: LoadingPolicy
     duration_seconds: float
     image_id: str

@@ -18,6 +18,7 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._types import (
+    Assurance,
     ConversionReport,
     ConversionResult,
     DeclaredFormat,
@@ -51,8 +52,8 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
 }
 _OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
-_ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: "format_safe_only",
-              pb.ASSURANCE_INTEGRITY_VERIFIED: "integrity_verified"}
+_ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: Assurance.FORMAT_SAFE_ONLY,
+              pb.ASSURANCE_INTEGRITY_VERIFIED: Assurance.INTEGRITY_VERIFIED}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 
 
@@ -95,7 +96,7 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
         job_id=msg.job_id, output=output, format=_OUTPUTS[msg.output_format],
         sha256=msg.output_sha256, size=msg.output_size, input_sha256=msg.input_sha256,
         input_size=msg.input_size, detected_format=msg.detected_format,
-        assurance=_ASSURANCE.get(msg.assurance, "unspecified"),
+        assurance=_ASSURANCE.get(msg.assurance, Assurance.UNSPECIFIED),
         loading_policy=cast(LoadingPolicy, _POLICY_NAMES.get(msg.loading_policy, "allow_code")),
         duration_seconds=msg.duration_seconds, image_id=msg.image_id, runtime=msg.runtime,
         report=report, integrity_note=msg.integrity_note, replayed=msg.replayed,

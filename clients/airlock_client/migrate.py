@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from airlock_client import _lineage as tags
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
+from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_report import (
     PROBLEMS,
     Outcome,
@@ -36,7 +37,6 @@ from airlock_client._migrate_report import (
 )
 from airlock_client._migrate_version import (
     EXPERIMENT,
-    TARGET_SUFFIX,
     TRANSIENT_REASONS,
     Convert,
     Fetch,
@@ -65,9 +65,7 @@ class MigrationAborted(AirlockError):
     REGISTRY_UNAVAILABLE, UNAUTHENTICATED or PERMISSION_DENIED."""
 
     def __init__(self, reason: str, message: str, outcomes: Sequence[Outcome]) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)
         self.outcomes = list(outcomes)
 
 

@@ -93,8 +93,12 @@ def suggested_name(uri_or_path: str | os.PathLike[str]) -> str:
 def _download(uri: str, dest: Path, tracking_uri: str | None) -> str:
     # Imported here: mlflow is large and plain-file conversions never need it. Only the
     # download API and registry look-ups are used (the host-never-deserializes test pins it).
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
+    try:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: fetching models:/ and runs:/ needs "
+                               "MLflow's client: pip install 'airlock-client[mlflow]'") from None
 
     try:
         if uri.startswith("models:/") and tracking_uri is not None:

@@ -14,7 +14,7 @@ bundle against a public key and a file::
 ``verify`` returns a ``ProvenanceRecord`` only when the signature is valid for that key AND the
 file's sha256 and size are the ones signed; otherwise it raises ``ProvenanceError`` whose
 ``reason`` says which check failed. Trust is only as good as the key: a key file you pinned
-(copied from the broker's host, ``airlock keys export``) is strong; a key fetched from the
+(copied from the broker's host, ``airlock-broker keys export``) is strong; a key fetched from the
 broker over the same channel as the output is trust-on-first-use.
 
 A valid signature says the broker made this output; it does not say from what. Anyone who may
@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from airlock_client._errors import IntegrityError
+from airlock_client._errors import ProvenanceError
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -61,20 +61,6 @@ SUFFIX = ".provenance.json"
 _READ = 1024 * 1024
 
 PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey
-
-
-class ProvenanceError(IntegrityError):
-    """Provenance is missing, malformed, not signed by the expected key, not for this file, or
-    not from the expected source.
-
-    ``reason`` is one of ``PROVENANCE_MISSING``, ``PROVENANCE_MALFORMED``, ``BAD_PUBLIC_KEY``,
-    ``SIGNATURE_INVALID``, ``OUTPUT_MISMATCH``, ``SOURCE_MISMATCH``, ``PRINCIPAL_NOT_ALLOWED``.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import onnx
-
 from airlock_client import _lineage as tags
-from airlock_client._errors import ModelSourceError
+from airlock_client._errors import ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, open_registry
 from airlock_client._twin import (
     DEFAULT_MAX_BYTES,
     Download,
-    SafeLoadError,
     bundle_sha256,
     check_lineage,
     mlflow_download,
@@ -151,13 +148,14 @@ def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"]
                   providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
     """Hand verified bytes to the safe-format loader of their format."""
     if artifact.format == "onnx":
-        _refuse_external_data(artifact.data)
         try:
+            import onnx  # the protobuf schema, for the external-data check
             import onnxruntime  # parses ONNX protobuf; ONNX carries no code
         except ImportError as exc:
-            raise ImportError("loading ONNX needs onnxruntime: pip install "
-                              "'airlock[safe-load]'") from exc
+            raise ImportError("loading ONNX needs onnx and onnxruntime: pip install "
+                              "'airlock-client[safe-load]'") from exc
 
+        _refuse_external_data(onnx, artifact.data)
         options = onnxruntime.SessionOptions()
         return onnxruntime.InferenceSession(artifact.data, sess_options=options,
                                             providers=list(providers))
@@ -179,7 +177,7 @@ def _version(registry: Registry, models_uri: str) -> ModelVersion:
     return registry.get_model_version(match["name"], match["version"])
 
 
-def _refuse_external_data(data: bytes) -> None:
+def _refuse_external_data(onnx: Any, data: bytes) -> None:
     """The broker already refused external data; a loader from bytes must never look for any.
 
     Checked again here because ORT would resolve such references against the working

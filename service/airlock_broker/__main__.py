@@ -1,9 +1,20 @@
-"""``python -m airlock_broker`` (and ``airlock serve``): run the broker."""
+"""``airlock-broker`` (and ``python -m airlock_broker``): the broker's operator commands.
+
+::
+
+    airlock-broker serve [--listen HOST:PORT] [--config FILE] ...   run the broker
+    airlock-broker token create --principal NAME --role ROLE ...    mint a bearer token
+    airlock-broker keys export [--config FILE] [-o FILE] [--json]   the provenance public key
+
+The client's ``airlock`` command never imports this package; its ``pool``, ``selftest`` and
+``keys fetch`` talk to a running broker over gRPC.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -14,11 +25,15 @@ from airlock_broker.api.local_listeners import unix_socket_setting
 from airlock_broker.api.server import serve
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
 from airlock_broker.ops import logs
+from airlock_broker.ops.key_export import export_public
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
+from airlock_broker.security import token_command
 from airlock_broker.security.keys import SigningKeyError
 from airlock_broker.security.state_dirs import StateDirError
 
+PROG = "airlock-broker"
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 #: A state directory or file is not the broker's alone (state_dirs.py): fix it, then restart.
@@ -71,29 +86,75 @@ def run(args: argparse.Namespace) -> int:
         if args.runtime:
             config = replace(config, sandbox=replace(config.sandbox, runtime=args.runtime))
     except (ValueError, OSError) as exc:
-        print(f"airlock serve: bad configuration: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         asyncio.run(serve(config))
     except SandboxUnavailable as exc:
-        print(f"airlock serve: the sandbox is unavailable: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: the sandbox is unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except SigningKeyError as exc:
-        print(f"airlock serve: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except StateDirError as exc:
-        print(f"airlock serve: refusing to start: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: refusing to start: {exc}", file=sys.stderr)
         return EXIT_UNSAFE_STATE
     except OSError as exc:
-        print(f"airlock serve: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return EXIT_OK
 
 
+def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["export"],
+                        help="export: the public key from the key file on this host (creates "
+                             "the key if there is none, with the same path and rules as serve)")
+    parser.add_argument("--config", type=Path, default=None, help="broker TOML configuration "
+                        "(its [provenance] key_path)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="write the public key PEM here instead of stdout")
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    try:
+        pem, fp, created = export_public(args.config)
+    except (SigningKeyError, OSError, ValueError) as exc:
+        print(f"{PROG} keys: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if created:
+        print(f"{PROG} keys: no key existed; created one", file=sys.stderr)
+    if args.output is not None:
+        args.output.write_text(pem)
+    if args.json:
+        print(json.dumps({"public_key_pem": pem, "fingerprint": fp,
+                          "written_to": str(args.output) if args.output else None}))
+    elif args.output is None:
+        sys.stdout.write(pem)
+        print(f"# fingerprint sha256:{fp}", file=sys.stderr)
+    else:
+        print(f"wrote {args.output} (fingerprint sha256:{fp})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The Airlock broker's operator "
+                                     "commands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("serve", help="run the broker"))
+    token_command.add_arguments(sub.add_parser(
+        "token", help="mint bearer tokens for the broker's [auth] config"))
+    add_keys_arguments(sub.add_parser("keys", help="the broker's provenance signing key"))
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="airlock serve", description="Run the Airlock broker.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return token_command.run(args)
+    if args.command == "keys":
+        return run_keys(args)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,17 @@ def squat(addresses: list[str]) -> int:
 def main(argv: list[str]) -> int:
     uid, command, rest = int(argv[0]), argv[1], argv[2:]
     if command == "airlock":
-        import airlock_client._migrate_cli  # everything it may import later, while root
+        # Everything a subcommand may import later, while root (cli imports each when it runs).
+        import yaml  # _bundle's, for a model directory
+
+        import airlock_client._admin_cli
+        import airlock_client._convert_cli
+        import airlock_client._migrate_cli
         import airlock_client._provenance_cli
         import airlock_client.cli
 
-        _ = (airlock_client._migrate_cli, airlock_client._provenance_cli)
-        airlock_client.cli.build_parser()  # it imports the broker's flags (airlock serve)
+        _ = (yaml, airlock_client._admin_cli, airlock_client._convert_cli,
+             airlock_client._migrate_cli, airlock_client._provenance_cli)
         _drop_to(uid)
         return airlock_client.cli.main(rest)
     if command == "squat":

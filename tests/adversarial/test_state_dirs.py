@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock_client import Client
 from tests.adversarial import payloads
-from tests.conftest import AIRLOCK, IMAGE, free_port
+from tests.conftest import BROKER, IMAGE, free_port
 
 NOBODY = 65534
 EXIT_UNSAFE_STATE = 4
@@ -47,7 +47,7 @@ min_warm = 0
 
 @dataclass
 class Outcome:
-    """What ``airlock serve`` did on a prepared state root."""
+    """What ``airlock-broker serve`` did on a prepared state root."""
 
     code: int | None
     served: bool
@@ -55,15 +55,16 @@ class Outcome:
 
 
 def _serve(tmp: Path, root: Path, *, convert: bool = False) -> Outcome:
-    """Start ``airlock serve`` on ``root``; wait until it exits or serves. If it serves, run one
-    conversion (when ``convert``: every planted path gets its chance), then SIGTERM it."""
+    """Start ``airlock-broker serve`` on ``root``; wait until it exits or serves. If it serves,
+    run one conversion (when ``convert``: every planted path gets its chance), then SIGTERM
+    it."""
     config = tmp / "broker.toml"
     config.write_text(CONFIG)
     port = free_port()
     log = tmp / "serve.log"
     env = {**os.environ, "AIRLOCK_STATE_DIR": str(root), "AIRLOCK_SOCKET": "none"}
     with log.open("wb") as fh:
-        process = subprocess.Popen([AIRLOCK, "serve", "--listen", f"127.0.0.1:{port}",
+        process = subprocess.Popen([*BROKER, "serve", "--listen", f"127.0.0.1:{port}",
                                     "--config", str(config)], stdout=fh,
                                    stderr=subprocess.STDOUT, env=env)
     served = False
@@ -98,7 +99,7 @@ def _wait_serving_or_exit(address: str, process: subprocess.Popen[bytes],
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             time.sleep(0.2)
-    pytest.fail("airlock serve neither refused nor served in time")
+    pytest.fail("airlock-broker serve neither refused nor served in time")
 
 
 def _snapshot(path: Path) -> tuple[object, ...]:

@@ -56,7 +56,8 @@ def process_identity(pid: int) -> str:
 
 @dataclass
 class PoolBroker:
-    """A dedicated ``airlock serve`` with its own config, a client on it, and its identity."""
+    """A dedicated ``airlock-broker serve`` with its own config, a client on it, and its
+    identity."""
 
     proc: BrokerProcess
     client: Client

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from tests.certs import TestCA
-from tests.conftest import BrokerProcess, run_cli, start_broker
+from tests.conftest import BrokerProcess, run_broker_cli, run_cli, start_broker
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 def test_convert_with_a_token_against_a_tls_broker(docker_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ca = TestCA(tmp_path / "pki")
     server = ca.issue("broker", dns=("localhost",), ips=("127.0.0.1",))
-    minted = run_cli("token", "create", "--principal", "ci-batch", "--role", "convert",
-                     "--json", server="127.0.0.1:1")
+    minted = run_broker_cli("token", "create", "--principal", "ci-batch", "--role", "convert",
+                            "--json")
     assert minted.returncode == 0, minted.stderr
     token = json.loads(minted.stdout)
     config = tmp_path / "airlock.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerProcess, free_port, run_cli
+from tests.conftest import BrokerProcess, free_port, run_broker_cli, run_cli
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -67,6 +67,16 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
 def test_serve_refuses_an_unknown_config_key(tmp_path: Path) -> None:
     config = tmp_path / "airlock.toml"
     config.write_text("[sandbox]\nnetwork_disabled = false\nprivileged = true\n")
-    done = run_cli("serve", "--config", str(config), "--listen", "127.0.0.1:0",
-                   server="127.0.0.1:1")
+    done = run_broker_cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
     assert done.returncode == 2 and "privileged" in done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--listen", "127.0.0.1:0"], ["token", "create", "--principal", "x", "--role",
+                                          "admin"], ["keys", "export", "--json"],
+])
+def test_the_brokers_commands_say_where_they_are(args: list[str]) -> None:
+    # The client never imports the broker: the old names exit 2 and name airlock-broker.
+    done = run_cli(*args, server="127.0.0.1:1", timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert f"airlock-broker {args[0]}" in done.stderr and "install airlock-broker" in done.stderr

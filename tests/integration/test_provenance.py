@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from airlock_client import provenance
-from tests.conftest import AIRLOCK, BrokerProcess, run_cli
+from tests.conftest import AIRLOCK, BrokerProcess, run_broker_cli, run_cli
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -46,8 +46,8 @@ def public_key(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) 
     assert fetched.returncode == 0, fetched.stderr
     assert "trust on first use" in fetched.stderr
     # The broker keeps its key in its state root; `keys export` on that root reads that file.
-    exported = run_cli("keys", "export", "--json", server=broker.address,
-                       env={"AIRLOCK_STATE_DIR": str(broker.state)})
+    exported = run_broker_cli("keys", "export", "--json",
+                              env={"AIRLOCK_STATE_DIR": str(broker.state)})
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["fingerprint"] == json.loads(fetched.stdout)["fingerprint"]
     assert json.loads(exported.stdout)["public_key_pem"] == pub.read_text()

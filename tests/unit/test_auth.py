@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ from tests.certs import TestCA
 from tests.unit.fakes import FakeSandbox, running_broker
 
 AIRLOCK = str(Path(sys.executable).parent / "airlock")
+#: ``airlock-broker``: what its console script runs.
+BROKER = [sys.executable, "-m", "airlock_broker"]
 PICKLE = b"\x80\x04\x95" + b"\x00" * 200
 CONVERT_TOKEN = mint_token()
 ADMIN_TOKEN = mint_token()
@@ -176,7 +178,7 @@ def test_serve_refuses_before_touching_docker(tmp_path: Path) -> None:
     # The check runs on the configuration, so no engine, port or spool is involved.
     env = {**os.environ, "AIRLOCK_STATE_DIR": str(tmp_path / "state"),
            "DOCKER_HOST": "unix:///nonexistent.sock"}
-    done = subprocess.run([AIRLOCK, "serve", "--listen", "0.0.0.0:0"], capture_output=True,
+    done = subprocess.run([*BROKER, "serve", "--listen", "0.0.0.0:0"], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert "without authentication" in done.stderr and "--insecure-no-auth" in done.stderr
@@ -195,7 +197,7 @@ def test_metrics_beyond_loopback_are_refused_without_the_flag(tmp_path: Path) ->
         BrokerConfig(metrics_listen="127.0.0.1")
     env = {**os.environ, "AIRLOCK_STATE_DIR": str(tmp_path / "state"),
            "DOCKER_HOST": "unix:///nonexistent.sock"}
-    done = subprocess.run([AIRLOCK, "serve", "--metrics", "0.0.0.0:0"], capture_output=True,
+    done = subprocess.run([*BROKER, "serve", "--metrics", "0.0.0.0:0"], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert done.returncode == 2 and "--metrics-public" in done.stderr, done.stderr
     assert not (tmp_path / "spool").exists()
@@ -531,16 +533,17 @@ def test_a_wrong_token_is_not_rescued_by_a_good_certificate(
 
 # -- the command line ---------------------------------------------------------------------------
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None,
+         command: Sequence[str] = (AIRLOCK,)) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_")}
-    return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60,
                           env={**clean, **(env or {})}, check=False)
 
 
 def test_token_create_prints_the_token_once_and_a_config_line_that_accepts_it(
         tmp_path: Path) -> None:
     done = _cli("token", "create", "--principal", "nightly", "--role", "convert",
-                "--role", "admin")
+                "--role", "admin", command=BROKER)
     assert done.returncode == 0, done.stderr
     token = done.stdout.split("token: ", 1)[1].split()[0]
     assert token.startswith("airlock_") and done.stdout.count(token) == 1
@@ -551,10 +554,10 @@ def test_token_create_prints_the_token_once_and_a_config_line_that_accepts_it(
     (tmp_path / "c.toml").write_text(snippet)
     assert BrokerConfig.load(tmp_path / "c.toml").auth.tokens[0].principal == "nightly"
     as_json = json.loads(_cli("token", "create", "--principal", "x", "--role", "admin",
-                              "--json").stdout)
+                              "--json", command=BROKER).stdout)
     assert as_json["sha256"] == token_digest(as_json["token"])
-    assert _cli("token", "create", "--principal", "bad name!", "--role", "admin"
-                ).returncode == 2
+    assert _cli("token", "create", "--principal", "bad name!", "--role", "admin",
+                command=BROKER).returncode == 2
 
 
 def test_cli_exit_codes_for_denied_calls(make_broker: BrokerFactory, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import _lineage as tags
-from airlock_client import _migrate_cli
+from airlock_client import _migrate_cli, cli
 from airlock_client._errors import AccessDenied, ServiceUnavailable
 from airlock_client._registry import (
     RegistryError,
@@ -297,10 +297,8 @@ def test_summary_table_and_counts() -> None:
 
 
 def _args(**overrides: Any) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _migrate_cli.add_migrate_parser(parser.add_subparsers(dest="command"))
     argv = ["migrate", *overrides.pop("argv", ["--all"])]
-    return parser.parse_args(argv)
+    return cli.build_parser().parse_args(argv)
 
 
 def test_cli_needs_an_explicit_tracking_server(monkeypatch: pytest.MonkeyPatch,

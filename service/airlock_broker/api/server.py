@@ -137,7 +137,7 @@ def provenance_key(config: BrokerConfig) -> SigningKey:
         raise SigningKeyError(f"cannot create the provenance key {path}: {exc}") from exc
     if created:
         log.warning("created a new provenance signing key at %s (fingerprint %s); give "
-                    "consumers its public half: airlock keys export", path, key.fingerprint)
+                    "consumers its public half: airlock-broker keys export", path, key.fingerprint)
     else:
         log.info("provenance signing key %s (fingerprint %s)", path, key.fingerprint)
     return key

@@ -111,7 +111,7 @@ class TokenEntry:
         _check_name(self.principal, "token principal")
         if not _DIGEST.fullmatch(self.sha256):
             raise ValueError(f"token of {self.principal}: sha256 must be 64 lowercase hex digits "
-                             "(`airlock token create` prints it)")
+                             "(`airlock-broker token create` prints it)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``airlock token create``: mint a bearer token and print the config lines that accept it.
+"""``airlock-broker token create``: mint a bearer token and print the config lines that accept it.
 
 The token is printed once and kept nowhere; the broker's config holds only its SHA-256
 (``auth_config.token_digest``). Losing a token means minting a new one and deleting the old
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         entry = TokenEntry(principal=args.principal, roles=frozenset(Role(r) for r in args.roles),
                            sha256=token_digest(token))
     except ValueError as exc:
-        print(f"airlock token create: {exc}", file=sys.stderr)
+        print(f"airlock-broker token create: {exc}", file=sys.stderr)
         return EXIT_USAGE
     snippet = config_snippet(entry)
     if args.json:

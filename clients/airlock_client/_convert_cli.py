@@ -1,0 +1,165 @@
+"""``airlock convert``: send one artifact to the broker, write the verified result and its
+signed provenance beside it, and say what the broker vouches for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from airlock_client import _cli_source, mlflow_source
+from airlock_client._cli_connection import client_options
+from airlock_client._cli_exits import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+from airlock_client._client import Client, default_address
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ModelSourceError,
+    ProvenanceError,
+    ServiceUnavailable,
+)
+from airlock_client._progress import ProgressBar, busy_notice
+from airlock_client._provenance_cli import write_provenance
+from airlock_client._terminal import printable
+from airlock_client._types import ConversionResult, TensorSpec
+
+_SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
+
+
+def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
+    name, _, dims = text.rpartition(":")
+    try:
+        shape = tuple(-1 if d.strip() in {"-1", "?", "N", "n"} else int(d)
+                      for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --input-shape {text!r}: use e.g. 1,20") from None
+    if not shape or any(d < -1 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad --input-shape {text!r}")
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def _default_output(source: Path) -> Path:
+    """A temporary name beside the input; renamed once the output format is known."""
+    return source.with_name(f".{source.name}.airlock-out")
+
+
+def _final_name(source: Path, fmt: str) -> Path:
+    target = source.with_suffix(_SUFFIX[fmt])
+    return target.with_name(f"{source.stem}.converted{_SUFFIX[fmt]}") if target == source \
+        else target
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    try:
+        inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
+    except argparse.ArgumentTypeError as exc:
+        return _usage(str(exc))
+    if (problem := _cli_source.usage_problem(args.input)) is not None:
+        return _usage(problem)
+    try:
+        options = client_options(args)
+        with _cli_source.opened(args.input, args.tracking_uri) as source, \
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **options) as client:
+            output = args.output or _default_output(source.output_base)
+            size = 0 if source.is_directory else source.path.stat().st_size
+            result = client.convert(
+                source.path, output, target=args.target, inputs=inputs,
+                declared_format=args.declared, loading_policy=args.policy,
+                job_timeout=args.timeout,
+                progress=None if args.json else ProgressBar.for_upload("uploading", size),
+                on_busy=busy_notice("convert"),
+                subject=_cli_source.default_subject(args.input) if args.subject is None
+                else args.subject)
+    except ValueError as exc:
+        return _usage(str(exc))
+    except ModelSourceError as exc:
+        status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
+        return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
+    except ServiceUnavailable as exc:
+        return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
+    except AccessDenied as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
+    except ConversionError as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
+    except ProvenanceError as exc:
+        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
+        return _report_error(args, "rejected", exc.reason, exc.message, code)
+    except AirlockError as exc:
+        return _report_error(args, "failed", exc.reason, exc.message, EXIT_FAILED)
+    if args.output is None:
+        final = _final_name(source.output_base, result.format)
+        output.replace(final)
+        result = ConversionResult(**{**result.__dict__, "output": final})
+    provenance = write_provenance(result.output, result.provenance)
+    _report_ok(args, result, provenance)
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"airlock convert: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
+    if args.json:
+        doc = {
+            "status": "ok", "reason": None, "message": "converted",
+            "output": str(result.output), "format": result.format, "sha256": result.sha256,
+            "size": result.size, "job_id": result.job_id,
+            "detected_format": result.detected_format, "assurance": result.assurance,
+            "integrity_note": result.integrity_note,
+            "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
+            "executed_artifact_code": result.report.executed_artifact_code,
+            "parity": [asdict(p) for p in result.report.parity],
+            "warnings": list(result.report.warnings),
+            "duration_seconds": round(result.duration_seconds, 3),
+            "provenance": str(provenance),
+            "provenance_key": (result.provenance_record.key_fingerprint
+                               if result.provenance_record else None),
+            "provenance_key_source": result.provenance_key_source,
+            "transfer": result.transfer,
+        }
+        print(json.dumps(doc))
+        return
+    t = printable  # every field of the result came from the broker
+    print(f"converted {t(args.input)} -> {t(result.output)} ({t(result.format)}, {result.size} "
+          "bytes)")
+    print(f"  sha256     {t(result.sha256)}")
+    executed = "yes" if result.report.executed_artifact_code else "no"
+    print(f"  detected   {t(result.detected_format)}; loader {t(result.report.loader or '-')}; "
+          f"artifact code executed in sandbox: {executed}")
+    note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
+    print(f"  assurance  {t(result.assurance)}{note}")
+    for p in result.report.parity:
+        verdict = "ok" if p.passed else "FAILED"
+        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g} over "
+              f"{p.samples} samples ({t(p.tolerance)}) {verdict}")
+    for warning in result.report.warnings:
+        print(f"  warning    {t(warning)}")
+    fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"
+    print(f"  provenance {t(provenance)} (verified, key sha256:{t(fp)}...)")
+    if result.provenance_key_source != "pinned":
+        print("  key        as published by the broker (trust on first use); pin it with "
+              "--public-key or AIRLOCK_PUBLIC_KEY")
+
+
+def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
+                  job_id: str = "") -> int:
+    if args.json:
+        print(json.dumps({"status": status, "reason": reason, "message": message,
+                          "output": None, "format": None, "sha256": None,
+                          "job_id": job_id or None}))
+    else:
+        print(f"airlock convert: {status}: {printable(reason)}: {printable(message)}",
+              file=sys.stderr)
+    return code
