@@ -1,6 +1,6 @@
 """Broker configuration: frozen, validated, secure by default.
 
-Loaded from an optional TOML file (``airlock serve --config FILE``)::
+Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
 
     [broker]
     state_root = "/var/lib/airlock"  # 0700, the broker's alone; --state-dir, AIRLOCK_STATE_DIR
@@ -209,7 +209,7 @@ class BrokerConfig:
              **overrides: Any) -> BrokerConfig:
         """Defaults, then the TOML file (if any), then explicit overrides.
 
-        ``insecure_no_auth`` is ``airlock serve --insecure-no-auth``; it is applied before the
+        ``insecure_no_auth`` is ``airlock-broker serve --insecure-no-auth``; it is applied before the
         listen address is checked, which happens once, on the final configuration.
         """
         doc: dict[str, Any] = {}

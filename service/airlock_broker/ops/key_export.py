@@ -1,4 +1,4 @@
-"""``airlock keys export``: the broker's public signing key, read where ``airlock serve`` reads it.
+"""``airlock-broker keys export``: the broker's public signing key, read where ``airlock-broker serve`` reads it.
 
 It loads the broker's whole configuration, so it lives above config.py; security/keys.py, which
 config.py imports, knows nothing of the configuration.
@@ -14,8 +14,8 @@ from airlock_broker.security.state_dirs import StateDirError, prepare_key_dir
 
 
 def export_public(config_path: Path | None = None) -> tuple[str, str, bool]:
-    """``airlock keys export``: the broker's public key PEM, its fingerprint, and whether the
-    key had to be created (the same path and rules as ``airlock serve``)."""
+    """``airlock-broker keys export``: the broker's public key PEM, its fingerprint, and whether the
+    key had to be created (the same path and rules as ``airlock-broker serve``)."""
     config = BrokerConfig.load(config_path)
     try:
         prepare_key_dir(config.provenance_key_path, config.state_root)

@@ -1,4 +1,4 @@
-"""Prometheus metrics, served on their own port (``airlock serve --metrics HOST:PORT``).
+"""Prometheus metrics, served on their own port (``airlock-broker serve --metrics HOST:PORT``).
 
 Everything is labelled by bounded sets (outcome, reason, profile, gRPC method and code),
 never by anything a caller chooses, so the series count stays fixed.

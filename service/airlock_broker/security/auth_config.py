@@ -8,7 +8,7 @@ Read from the ``[auth]`` section of the broker's TOML (paths relative to that fi
     client_ca = "clients-ca.pem"     # mutual TLS: every client must present a cert signed by it
     tokens_file = "tokens.toml"      # optional: more [[auth.tokens]] tables, kept apart
 
-    [[auth.tokens]]                  # printed by `airlock token create`
+    [[auth.tokens]]                  # printed by `airlock-broker token create`
     principal = "ci-batch"
     roles = ["convert"]
     sha256 = "9f86d0..."             # SHA-256 of the token; the token itself is never stored

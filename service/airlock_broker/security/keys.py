@@ -8,7 +8,7 @@ may read is refused, as ssh does: a leaked key signs anything; and so is one own
 user, who could have planted a key of their own and so sign anything the broker vouches for.
 
 The key is unencrypted on disk: the broker must sign unattended. Protect the host; keep the
-*public* half wherever consumers pin it (``airlock keys export``).
+*public* half wherever consumers pin it (``airlock-broker keys export``).
 """
 
 from __future__ import annotations
