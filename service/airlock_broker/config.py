@@ -209,8 +209,8 @@ class BrokerConfig:
              **overrides: Any) -> BrokerConfig:
         """Defaults, then the TOML file (if any), then explicit overrides.
 
-        ``insecure_no_auth`` is ``airlock-broker serve --insecure-no-auth``; it is applied before the
-        listen address is checked, which happens once, on the final configuration.
+        ``insecure_no_auth`` is ``airlock-broker serve --insecure-no-auth``; it is applied
+        before the listen address is checked, which happens once, on the final configuration.
         """
         doc: dict[str, Any] = {}
         if path is not None:

@@ -1,4 +1,5 @@
-"""``airlock-broker keys export``: the broker's public signing key, read where ``airlock-broker serve`` reads it.
+"""``airlock-broker keys export``: the broker's public signing key, read where ``serve``
+reads it.
 
 It loads the broker's whole configuration, so it lives above config.py; security/keys.py, which
 config.py imports, knows nothing of the configuration.

@@ -98,7 +98,7 @@ def prepare(root: Path, files: tuple[Path, ...]) -> None:
 
 
 def prepare_key_dir(key: Path, root: Path) -> None:
-    """``airlock-broker keys export``: the key's directory, as ``airlock-broker serve`` would check it."""
+    """``airlock-broker keys export``: the key's directory, as ``serve`` would check it."""
     if key.parent == root:
         check_ancestors(root)
         ensure_dir(root)
