@@ -62,8 +62,9 @@ def around_sync(owner: Any, name: str, label: str,
 
 
 def install() -> None:
-    from airlock_broker.api import servicer
+    from airlock_broker.api import answers, servicer
     from airlock_broker.conversion import jobs
+    from airlock_broker.conversion.audit import AuditLog
     from airlock_broker.sandboxes import docker_sandbox
     from airlock_broker.sandboxes.pools import Pools
     from airlock_broker.sandboxes.workspace import JobWorkspace
@@ -121,8 +122,7 @@ def install() -> None:
     around_sync(jobs, "read_report", "read_report", report_timings)
     around_async(jobs, "validate_output", "validate")
     around_sync(servicer, "result_message", "result_message")
-    from airlock_broker.api import answers
-    from airlock_broker.conversion.audit import AuditLog
+    # The answer's steps, one by one.
     around_sync(servicer, "statement", "statement")
     around_sync(servicer, "sign", "sign")
     around_async(servicer, "spool_answer", "answer_spool")
