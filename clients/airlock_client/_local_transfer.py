@@ -90,7 +90,7 @@ def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: f
                 # A broker that refuses before taking descriptors (BUSY) may have answered
                 # and hung up already; its reply, still queued, says why.
                 socket.send_fds(sock, [ticket.encode()], [input_fd, output_fd])
-            raw = sock.recv(_MAX_REPLY)
+            raw = read_reply(sock)
     except OSError as exc:
         raise LocalTransferUnavailable(f"socket {path}: {exc}") from None
     try:
@@ -101,6 +101,15 @@ def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: f
         reason = reply.get("reason") if isinstance(reply, dict) else None
         message = reply.get("message") if isinstance(reply, dict) else None
         raise LocalTransferUnavailable(f"descriptors refused: {reason}: {message}")
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """The broker's one reply. If it hung up with our request unread (it refused before
+    reading it), the kernel reports ECONNRESET first and the queued reply after."""
+    try:
+        return sock.recv(_MAX_REPLY)
+    except ConnectionResetError:
+        return sock.recv(_MAX_REPLY)
 
 
 def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,

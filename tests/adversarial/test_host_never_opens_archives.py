@@ -92,12 +92,16 @@ class RssWatch:
 
 
 def _spooled(broker: BrokerProcess, size: int) -> bool:
-    """Whether an upload of ``size`` bytes has fully arrived in the broker's spool."""
-    uploads = broker.spool / "uploads"
-    try:
-        return any(entry.stat().st_size >= size for entry in uploads.iterdir())
-    except FileNotFoundError:  # not created yet, or the upload was removed while we looked
-        return False
+    """Whether an upload of ``size`` bytes has fully arrived: in the spool's uploads/, or
+    already moved into its job's slot (where it stays until the job's answer is out)."""
+    places = [broker.spool / "uploads", *(broker.spool / "slots").glob("*/in")]
+    for place in places:
+        try:
+            if any(entry.stat().st_size >= size for entry in place.iterdir()):
+                return True
+        except FileNotFoundError:  # not created yet, or removed while we looked
+            continue
+    return False
 
 
 def _send(broker: BrokerProcess, artifact: Path, declared: str | None) -> ConversionError:

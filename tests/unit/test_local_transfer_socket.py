@@ -15,6 +15,7 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
 from airlock_broker.fastpath.peer_io import PeerIO
+from airlock_client._local_transfer import read_reply
 
 
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
@@ -96,6 +97,17 @@ def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None
         server.table.close()
 
 
+def test_a_reply_queued_behind_a_reset_is_still_read() -> None:
+    """The broker answered, then hung up with the client's request unread: the kernel reports
+    ECONNRESET to the client's first read, the reply to its second."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        theirs.send(b'{"ok": false, "reason": "BUSY"}')
+        ours.send(b"ticket")
+        theirs.close()
+        assert json.loads(read_reply(ours)) == {"ok": False, "reason": "BUSY"}
+
+
 def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Closes of peer files that stopped answering hold every close thread: a new hand-over is
@@ -113,7 +125,7 @@ def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
         with ours:
             with contextlib.suppress(BrokenPipeError):  # it may answer and hang up first
                 socket.send_fds(ours, [server.table.issue("a").encode()], [in_fd, in_fd])
-            reply = json.loads(ours.recv(4096))
+            reply = json.loads(read_reply(ours))  # as the client reads it
         worker.join(10)
     finally:
         os.close(in_fd)
