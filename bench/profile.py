@@ -192,54 +192,6 @@ def request_phases(work: Path, quick: bool, which: set[str],
     return out
 
 
-VARIANTS = ("", "defer_refill")
-
-
-def what_ifs(work: Path, rounds: int) -> dict[str, Any]:
-    """S1 and S2 on one traced broker with the proposed broker changes emulated, variants
-    alternating request by request (order rotated each round) so that a busy neighbour
-    hurts them all alike."""
-    from airlock_client import Client
-    from tests.fixtures import models
-
-    small, _ = models.make_sklearn_pickle(work / "models-wi")
-    forest, _ = models.make_random_forest_joblib(work / "models-wi")
-    control = work / "what-if.control"
-    control.write_text("")
-    broker = Broker(work, "what-if", WARM_CONFIG,
-                    command=[PY, "-m", "bench.traced_broker", "serve"],
-                    env={"AIRLOCK_BENCH_TRACE": str(work / "trace-what-if.jsonl"),
-                         "PYTHONPATH": str(ROOT), "AIRLOCK_BENCH_WHAT_IF": str(control)})
-    out: dict[str, Any] = {}
-    try:
-        broker.start()
-        broker.wait_ready()
-        with Client(broker.address, retry_attempts=1) as client:
-            for name, artifact in (("S1", small), ("S2", forest)):
-                log(f"profile: what-if {name}, {rounds} rounds x {len(VARIANTS)} variants")
-                client.convert(artifact, work / "warmup.out")
-                samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-                for r in range(rounds):
-                    for k in range(len(VARIANTS)):
-                        variant = VARIANTS[(k + r) % len(VARIANTS)]
-                        broker.wait_ready()
-                        control.write_text(variant)
-                        began = time.perf_counter()
-                        client.convert(artifact, work / f"{name}-wi.out")
-                        samples[variant].append(time.perf_counter() - began)
-                control.write_text("")
-                out[name] = {(v or "as is"): {
-                    "median_ms": round(statistics.median(xs) * 1000, 1),
-                    "p95_ms": round(pct(xs, 95) * 1000, 1),
-                    "paired_delta_ms": round(statistics.median(
-                        a - b for a, b in zip(xs, samples[""], strict=True)) * 1000, 1),
-                    "samples_ms": [round(x * 1000, 1) for x in xs]}
-                    for v, xs in samples.items()}
-    finally:
-        broker.stop()
-    return out
-
-
 # -- 2. the worker's own steps, in a fresh sandbox container -----------------------------------
 
 _WORKER_PROBE = r'''
@@ -512,13 +464,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "profile.json")
-    parser.add_argument("--only", choices=["phases", "worker", "start", "exit", "none"],
-                        default=None, help="one part only (none: just --what-if)")
+    parser.add_argument("--only", choices=["phases", "worker", "start", "exit"],
+                        default=None, help="one part only")
     parser.add_argument("--phases", default="S1,S2,S3", help="scenarios for the phase split")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--what-if", action="store_true",
-                        help="also run S1/S2 with each broker change the profile proposes, "
-                             "emulated in the traced broker (defer_refill)")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     work = Path(tempfile.mkdtemp(prefix="airlock-profile-"))
@@ -533,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
                        "broker": {**WARM_CONFIG["broker"], "verify_integrity": False}}
                 doc["phases"] |= request_phases(work, args.quick, {"S3"}, off,
                                                 " (integrity verification off)")
-        if args.what_if:
-            doc["what_if"] = what_ifs(work, 5 if args.quick else 12)
         if args.only in (None, "worker"):
             log("profile: worker steps in fresh containers")
             doc["worker_steps"] = worker_steps(work, args.quick)
@@ -555,12 +502,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}: phases (median / p95 ms)")
         for phase, v in table.items():
             print(f"  {phase:<48} {v['median_ms']:>9.1f} {v['p95_ms']:>9.1f}  (n={v['n']})")
-    for name, table in doc.get("what_if", {}).items():
-        print(f"\nwhat if, {name}: end-to-end ms, median / p95 / median change vs as-is "
-              "(paired, same round)")
-        for variant, v in table.items():
-            print(f"  {variant:<34} {v['median_ms']:>8.1f} {v['p95_ms']:>8.1f} "
-                  f"{v['paired_delta_ms']:>+8.1f}")
     for name, steps in doc.get("worker_steps", {}).items():
         shown = {k: v for k, v in steps.items() if k != "samples"}
         print(f"\nworker steps, {name}: {json.dumps(shown)}")

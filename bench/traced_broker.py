@@ -132,69 +132,8 @@ def install() -> None:
     around_sync(answers.Answer, "keep", "answer_keep")
 
 
-def install_what_ifs(control: str) -> None:
-    """Experiments for ``bench.profile --what-if``: the broker's behaviour changed *in this
-    harness only*, to estimate what a proposed change would save. Never used by bench.run.
-    The file ``control`` names the experiments for the next job (comma-separated; empty:
-    the broker as is), so that variants can alternate request by request on one broker.
-
-    * ``background_release``: destroy the job's container and workspace in a task after the
-      RPC instead of inside it (the broker does so itself since commit 583c3f6).
-    * ``defer_refill``: start the replacement warm container when the job is over instead of
-      the moment its container is taken (so the two do not compete for the CPU).
-    """
-    import asyncio
-
-    from airlock_broker.sandboxes.pools import Pools
-
-    release = Pools.release
-    acquire = Pools.acquire
-    pending: set[asyncio.Task[None]] = set()
-    #: slot id -> (experiments, the pool holding a placeholder start for it)
-    jobs: dict[str, tuple[set[str], Any]] = {}
-
-    def current() -> set[str]:
-        try:
-            with open(control, encoding="ascii") as fh:
-                return {x for x in fh.read().strip().split(",") if x}
-        except OSError:
-            return set()
-
-    async def what_if_acquire(self: Any, profile: str) -> Any:
-        names = current()
-        pool = self.pools.get(profile) if "defer_refill" in names else None
-        if pool is not None:
-            pool.starting += 1  # a placeholder: the pool looks full until the job is over
-        try:
-            slot = await acquire(self, profile)
-        except BaseException:
-            if pool is not None:
-                pool.starting -= 1
-            raise
-        jobs[slot.slot_id] = (names, pool)
-        emit("what_if", names=sorted(names))
-        return slot
-
-    async def what_if_release(self: Any, slot: Any, answered: Any = None) -> None:
-        names, pool = jobs.pop(slot.slot_id, (set(), None))
-        if pool is not None:
-            pool.starting -= 1
-            self._wake.set()
-        if "background_release" in names:
-            task = asyncio.get_running_loop().create_task(release(self, slot, answered))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        else:
-            await release(self, slot, answered)
-
-    Pools.acquire = what_if_acquire  # type: ignore[method-assign]
-    Pools.release = what_if_release  # type: ignore[method-assign]
-
-
 def main() -> int:
     install()
-    if os.environ.get("AIRLOCK_BENCH_WHAT_IF"):
-        install_what_ifs(os.environ["AIRLOCK_BENCH_WHAT_IF"])
     from airlock_broker.__main__ import main as broker_main
 
     return broker_main(sys.argv[1:])  # airlock-broker's arguments: serve ...
