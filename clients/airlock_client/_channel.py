@@ -27,7 +27,6 @@ Unix socket (the kernel vouches for both ends); a token still rides along.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -39,6 +38,7 @@ from typing import Any
 import grpc
 
 from airlock_client._errors import ServiceUnavailable
+from airlock_client.addresses import is_loopback
 
 #: Printable ASCII without spaces: what an HTTP/2 header value can carry unchanged.
 _TOKEN = re.compile(r"[\x21-\x7e]{1,512}")
@@ -190,22 +190,6 @@ class ChannelSettings:
                    tls_ca=path(tls_ca, "AIRLOCK_TLS_CA"),
                    client_cert=path(client_cert, "AIRLOCK_CLIENT_CERT"),
                    client_key=path(client_key, "AIRLOCK_CLIENT_KEY"))
-
-
-def is_loopback(address: str) -> bool:
-    """Whether ``address`` (a gRPC target) can only be this machine."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    target = address.split("///", 1)[-1] if address.startswith("dns:") else address
-    target = target.removeprefix("ipv4:").removeprefix("ipv6:")
-    host = target.rpartition(":")[0] if ":" in target else target
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def open_channel(address: str, settings: ChannelSettings,

@@ -20,7 +20,7 @@ import grpc
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import _bundle, _channel, _wire
-from airlock_client._channel import ChannelSettings, PathLike, is_loopback, open_channel
+from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
@@ -35,6 +35,7 @@ from airlock_client._types import (
     Target,
     TensorSpec,
 )
+from airlock_client.addresses import is_loopback
 from airlock_client.provenance import (
     ProvenanceError,
     PublicKeyLike,

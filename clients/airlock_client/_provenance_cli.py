@@ -32,6 +32,7 @@ from airlock_client.provenance import (
     ProvenanceError,
     ProvenanceRecord,
     check_source,
+    emit_public_key,
     fingerprint,
     load_public_key,
     provenance_path,
@@ -132,20 +133,7 @@ def run_keys(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
           "with the broker's host (airlock-broker keys export) before pinning it", file=sys.stderr)
-    return _emit_key(args, pem, actual)
-
-
-def _emit_key(args: argparse.Namespace, pem: str, fp: str) -> int:
-    if args.output is not None:
-        args.output.write_text(pem)
-    if args.json:
-        print(json.dumps({"public_key_pem": pem, "fingerprint": fp,
-                          "written_to": str(args.output) if args.output else None}))
-    elif args.output is None:
-        sys.stdout.write(pem)
-        print(f"# fingerprint sha256:{fp}", file=sys.stderr)
-    else:
-        print(f"wrote {args.output} (fingerprint sha256:{fp})")
+    emit_public_key(pem, actual, args.output, args.json)
     return EXIT_OK
 
 

@@ -35,7 +35,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +287,23 @@ def shown(text: str, limit: int = 120) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def emit_public_key(pem: str, key_fingerprint: str, output: Path | None,
+                    as_json: bool) -> None:
+    """Print or write a public key the one way ``airlock keys fetch`` and ``airlock-broker keys
+    export`` both do: PEM on stdout (fingerprint on stderr), or into ``output``; ``as_json``:
+    one JSON object on stdout."""
+    if output is not None:
+        output.write_text(pem)
+    if as_json:
+        print(json.dumps({"public_key_pem": pem, "fingerprint": key_fingerprint,
+                          "written_to": str(output) if output else None}))
+    elif output is None:
+        sys.stdout.write(pem)
+        print(f"# fingerprint sha256:{key_fingerprint}", file=sys.stderr)
+    else:
+        print(f"wrote {output} (fingerprint sha256:{key_fingerprint})")
+
+
 def provenance_path(output: str | os.PathLike[str]) -> Path:
     """Where ``airlock convert`` puts an output's provenance: ``<output>.provenance.json``."""
     path = Path(output)
@@ -410,6 +429,7 @@ __all__ = [
     "check_output",
     "check_source",
     "check_subject",
+    "emit_public_key",
     "escape_subject",
     "fingerprint",
     "load_public_key",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -124,16 +123,9 @@ def run_keys(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if created:
         print(f"{PROG} keys: no key existed; created one", file=sys.stderr)
-    if args.output is not None:
-        args.output.write_text(pem)
-    if args.json:
-        print(json.dumps({"public_key_pem": pem, "fingerprint": fp,
-                          "written_to": str(args.output) if args.output else None}))
-    elif args.output is None:
-        sys.stdout.write(pem)
-        print(f"# fingerprint sha256:{fp}", file=sys.stderr)
-    else:
-        print(f"wrote {args.output} (fingerprint sha256:{fp})")
+    from airlock_client.provenance import emit_public_key
+
+    emit_public_key(pem, fp, args.output, args.json)
     return EXIT_OK
 
 

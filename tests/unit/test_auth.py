@@ -45,12 +45,12 @@ from airlock_broker.security.auth_config import (
     SubjectEntry,
     TokenEntry,
     check_listen,
-    is_loopback,
     mint_token,
     token_digest,
 )
 from airlock_client import AccessDenied, Client, ServiceUnavailable
 from airlock_client._channel import ChannelSettings
+from airlock_client.addresses import is_loopback
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat
 from tests.certs import TestCA
 from tests.unit.fakes import FakeSandbox, running_broker
@@ -143,6 +143,9 @@ def error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     ("0.0.0.0:50051", False), ("[::]:50051", False), (":50051", False),
     ("10.0.0.5:50051", False), ("broker.internal:50051", False),
     ("[::ffff:127.0.0.1]:1", False),
+    # gRPC target forms, as a client dials them
+    ("dns:///localhost:50051", True), ("ipv4:127.0.0.1:50051", True),
+    ("ipv6:[::1]:50051", True), ("dns:///broker.internal:50051", False),
 ])
 def test_only_literal_loopback_counts_as_local(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback

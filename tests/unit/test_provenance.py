@@ -26,7 +26,6 @@ from airlock_broker.security.keys import (
     SigningKey,
     SigningKeyError,
     create_key,
-    default_key_path,
     load_key,
     load_or_create,
 )
@@ -306,6 +305,15 @@ def test_key_symlink_and_wrong_curve_are_refused(tmp_path: Path) -> None:
         load_key(p384)
 
 
+def test_a_hard_linked_key_is_refused(tmp_path: Path) -> None:
+    # Another name for the key file may sit where its owner can swap what it points at.
+    path = tmp_path / "key.pem"
+    create_key(path)
+    os.link(path, tmp_path / "other-name.pem")
+    with pytest.raises(SigningKeyError, match="KEY_HARD_LINKED.*2 hard links"):
+        load_key(path)
+
+
 def test_create_never_overwrites(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
     first = create_key(path)
@@ -317,7 +325,7 @@ def test_create_never_overwrites(tmp_path: Path) -> None:
 def test_key_location_defaults_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIRLOCK_PROVENANCE_KEY", raising=False)
     monkeypatch.setenv("AIRLOCK_STATE_DIR", str(tmp_path / "st"))
-    assert default_key_path() == tmp_path / "st" / "provenance-signing-key.pem"
+    assert BrokerConfig().provenance_key_path == tmp_path / "st" / "provenance-signing-key.pem"
     monkeypatch.setenv("AIRLOCK_PROVENANCE_KEY", str(tmp_path / "k.pem"))
     assert BrokerConfig().provenance_key_path == tmp_path / "k.pem"
     toml = tmp_path / "airlock.toml"

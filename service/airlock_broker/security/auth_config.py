@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import ipaddress
 import re
 import secrets
 import ssl
@@ -58,6 +57,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from airlock_client.addresses import is_loopback
 
 TOKEN_PREFIX = "airlock_"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -293,24 +294,6 @@ def load_tokens_file(path: Path) -> list[TokenEntry]:
     if set(doc) != {"auth"} or not isinstance(auth, dict) or set(auth) != {"tokens"}:
         raise ValueError(f"{path} may hold only [[auth.tokens]] tables")
     return _token_entries(auth["tokens"], f"[[auth.tokens]] in {path}")
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a listen address is reachable only from this machine.
-
-    Literal loopback IPs, ``localhost`` and unix sockets count; any other host name does not,
-    since it may resolve to anything.
-    """
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rpartition(":")[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen(address: str, auth: AuthConfig) -> None:

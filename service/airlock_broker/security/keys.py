@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from airlock_broker.security.state_dirs import default_state_root
+from airlock_broker.security.state_dirs import Problem, StateDirError, open_private_file
 
 KEY_FILE_NAME = "provenance-signing-key.pem"
 #: Signature scheme named in the API and the README.
@@ -35,9 +34,11 @@ class SigningKeyError(Exception):
     """The key file is missing, unreadable, of the wrong kind, or exposed."""
 
 
-def default_key_path() -> Path:
-    env = os.environ.get("AIRLOCK_PROVENANCE_KEY")
-    return Path(env) if env else default_state_root() / KEY_FILE_NAME
+#: The reason codes a refused key file is reported with.
+_KEY_PROBLEMS = {Problem.WRONG_OWNER: "KEY_WRONG_OWNER", Problem.OPEN_MODE: "KEY_OPEN_MODE",
+                 Problem.SYMLINK: "KEY_IS_SYMLINK", Problem.HARD_LINKED: "KEY_HARD_LINKED",
+                 Problem.NOT_REGULAR: "KEY_NOT_REGULAR"}
+_REPLACED = " (if it is removed, a new key is made and consumers must pin its public half again)"
 
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -77,28 +78,19 @@ class SigningKey:
 
 
 def load_key(path: Path) -> SigningKey:
-    """Load an existing key, refusing one that another user owns or that group or others can
-    read or write."""
+    """Load an existing key, refusing a link, a hard-linked file, one that another user owns,
+    or one that group or others can read or write (``state_dirs.open_private_file``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_private_file(path, os.O_RDONLY)
     except FileNotFoundError:
         raise SigningKeyError(f"no provenance key at {path}") from None
+    except StateDirError as exc:
+        code = _KEY_PROBLEMS.get(exc.problem, exc.problem.value)
+        raise SigningKeyError(f"{code}: the provenance key {path}: {exc.detail}; {exc.todo}"
+                              + _REPLACED) from None
     except OSError as exc:
         raise SigningKeyError(f"cannot open the provenance key {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SigningKeyError(f"the provenance key {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise SigningKeyError(
-                f"KEY_WRONG_OWNER: the provenance key {path} is owned by uid {st.st_uid}, not "
-                f"the broker's uid {os.geteuid()}: another user may have planted a key of their "
-                f"own. Check it; then chown {os.geteuid()} it, or remove it (a new key is "
-                "made, and consumers must pin its public half again)")
-        if st.st_mode & 0o077:
-            raise SigningKeyError(f"KEY_OPEN_MODE: the provenance key {path} is accessible to "
-                                  f"other users (mode {stat.S_IMODE(st.st_mode):04o}); chmod "
-                                  "600 it")
         data = fh.read(64 * 1024)
     try:
         key = serialization.load_pem_private_key(data, password=None)

@@ -60,6 +60,8 @@ class StateDirError(Exception):
     def __init__(self, path: Path | str, problem: Problem, detail: str, todo: str) -> None:
         self.path = Path(path)
         self.problem = problem
+        self.detail = detail
+        self.todo = todo
         super().__init__(f"{problem.value}: {path}: {detail}; {todo}")
 
 
