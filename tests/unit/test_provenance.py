@@ -310,7 +310,7 @@ def test_a_hard_linked_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
     create_key(path)
     os.link(path, tmp_path / "other-name.pem")
-    with pytest.raises(SigningKeyError, match="KEY_HARD_LINKED.*2 hard links"):
+    with pytest.raises(SigningKeyError, match=r"KEY_HARD_LINKED.*2 hard links"):
         load_key(path)
 
 
