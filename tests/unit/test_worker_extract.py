@@ -34,6 +34,7 @@ from airlock_sandbox.contract import (
     Target,
     WorkerExit,
 )
+from airlock_sandbox.formats import PREFIX_BYTES, detect_prefix
 from airlock_worker import extract
 from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
@@ -76,8 +77,11 @@ def run(tmp: Path, artifact: Path, mode: JobMode, **spec: Any) -> Outcome:
     out_dir.mkdir()
     os.link(artifact, in_dir / ARTIFACT_NAME)
     report = Report()
+    raw = artifact.read_bytes()[:PREFIX_BYTES]  # as the broker decides an undeclared one
+    decided = detect_prefix(raw, artifact.stat().st_size)
     try:
-        worker_job.run(JobSpec(job_id="t", mode=mode, **spec), str(in_dir), str(out_dir), report)
+        worker_job.run(JobSpec(job_id="t", artifact_format=decided, mode=mode, **spec),
+                       str(in_dir), str(out_dir), report)
     except WorkerError as exc:
         assert not (out_dir / OUTPUT).exists() or mode is JobMode.CONVERT
         return Outcome(out_dir, report, exc)
@@ -404,10 +408,12 @@ import sys
 sys.modules["torch"] = None  # any import of torch now fails
 sys.path.insert(0, {str(ROOT / "sandbox")!r})
 from airlock_sandbox.contract import JobMode, JobSpec
+from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import job
 from airlock_worker.report import Report
 report = Report()
-job.run(JobSpec(job_id="t", mode=JobMode.EXTRACT_WEIGHTS), {str(tmp_path / "in")!r},
+job.run(JobSpec(job_id="t", artifact_format=ArtifactFormat.ZIP, mode=JobMode.EXTRACT_WEIGHTS),
+        {str(tmp_path / "in")!r},
         {str(tmp_path / "out")!r}, report)
 assert report.tensor_count == 2, report
 """
