@@ -4,8 +4,8 @@ the worker, which re-checks every member inside the sandbox before reading one.
 
 The broker opens no archive (DESIGN §1.1): a zip is a bundle because the client declared
 ``mlflow``, and the client's flavor hint (:func:`convertible_flavor` of the ``MLmodel`` it
-packed) only picks the worker profile. The worker decides what the file is and refuses a
-bundle that is not what was declared.
+packed) only picks the worker profile. The worker lists the bundle and refuses one that is not
+what the broker decided from that declaration.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from airlock_sandbox.formats import ArtifactFormat
+
 IN_DIR = "/airlock/in"
 OUT_DIR = "/airlock/out"
 ARTIFACT_NAME = "artifact"
@@ -109,6 +111,10 @@ class JobSpec:
     """What the broker asks of the worker. Serialised as JSON into ``IN_DIR/JOB_SPEC_NAME``."""
 
     job_id: str
+    #: What the broker decided the artifact is (format_decision, from its leading bytes and
+    #: the declaration). The worker checks the bytes agree (``formats.candidates``) and
+    #: refuses a job without it; only the self-test probe, which reads no artifact, has none.
+    artifact_format: ArtifactFormat | None = None
     target: Target = Target.AUTO
     policy: LoadingPolicy = LoadingPolicy.ALLOW_CODE
     declared_format: str | None = None
@@ -136,8 +142,10 @@ class JobSpec:
         )
         declared = doc.get("declared_format")
         flavor = doc.get("mlflow_flavor")
+        decided = doc.get("artifact_format")
         return cls(
             job_id=str(doc["job_id"]),
+            artifact_format=None if decided is None else ArtifactFormat(decided),
             target=Target(doc.get("target", Target.AUTO)),
             policy=LoadingPolicy(doc.get("policy", LoadingPolicy.ALLOW_CODE)),
             declared_format=None if declared is None else str(declared),

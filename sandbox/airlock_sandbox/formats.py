@@ -1,10 +1,11 @@
 """Artifact formats, recognised by magic bytes and never by file name (DESIGN §1.7).
 
 ``detect_prefix`` looks only at the first ``PREFIX_BYTES`` of a file, so the broker can run it
-on the host: it parses nothing. A zip archive is reported as ``ZIP`` here (or ``MLFLOW`` when
-the caller declared one); the worker, inside the sandbox, lists the archive to tell a PyTorch
-checkpoint from TorchScript, a ``.pt2`` export, an ``.npz`` or an MLflow bundle
-(``refine_zip_names``). The host never lists one (DESIGN §1.1).
+on the host: it parses nothing. A zip archive is reported as ``ZIP`` here. The broker decides
+once what a job's artifact is (``airlock_broker.conversion.format_decision``) and writes that
+into the job spec; the worker, inside the sandbox, lists a zip's members
+(``refine_zip_names``) and checks that what it finds is among the ``candidates`` of that
+decision. The host never lists an archive (DESIGN §1.1).
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ DECLARABLE: dict[str, frozenset[ArtifactFormat]] = {
     "mlflow": frozenset({ArtifactFormat.MLFLOW}),
 }
 
-_ZIP_FAMILY = frozenset({
-    ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.TORCHSCRIPT,
-    ArtifactFormat.TORCH_EXPORT, ArtifactFormat.NUMPY_NPZ,
+#: The formats a host-side ZIP may turn out to be once the sandbox lists its members (an
+#: MLflow bundle is not among them: it is a bundle only when declared one).
+ZIP_FAMILY = frozenset({
+    ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.TORCHSCRIPT, ArtifactFormat.TORCH_EXPORT,
+    ArtifactFormat.NUMPY_NPZ,
 })
-#: The formats a host-side ZIP may turn out to be once the sandbox lists its members.
-ZIP_FAMILY = _ZIP_FAMILY
 
 # torch.save's legacy (pre-zip) format starts with a protocol-2 pickle of this magic number.
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -116,8 +117,41 @@ def admits(declared: str, detected: ArtifactFormat) -> bool:
     if allowed is None:
         return False
     if detected is ArtifactFormat.ZIP:
-        return bool(allowed & _ZIP_FAMILY)
+        return bool(allowed & ZIP_FAMILY)
     return detected in allowed
+
+
+def candidates(decided: ArtifactFormat, declared: str | None) -> frozenset[ArtifactFormat]:
+    """What an artifact the broker decided is ``decided`` may turn out to be when the sandbox
+    lists it: itself, or for a ``ZIP`` the zip formats the declaration admits. The broker
+    narrows a ZIP to the one candidate when there is one; the worker refuses anything else."""
+    if decided is not ArtifactFormat.ZIP:
+        return frozenset({decided})
+    if declared is None:
+        return ZIP_FAMILY
+    return ZIP_FAMILY & DECLARABLE.get(declared, frozenset())
+
+
+#: A zip's first local file header: signature, then 22 bytes, then name and extra lengths.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+
+
+def leads_with_npy(prefix: bytes) -> bool:
+    """Whether a zip's first member, named in its local file header within ``prefix``, is an
+    ``.npy`` array: ``numpy.savez`` names every member so, ``torch.save`` never does.
+
+    Magic bytes of the zip's first entry, as file(1) reads an OOXML's: only the fixed header
+    at offset 0 is read, never the central directory (DESIGN §1.1). A name the prefix does
+    not hold whole is no evidence. A lie costs its author a refusal: the sandbox lists the
+    members and refuses an archive that is not all arrays (``candidates``)."""
+    if len(prefix) < _LOCAL_HEADER.size:
+        return False
+    signature, name_len, _extra_len = _LOCAL_HEADER.unpack_from(prefix)
+    end = _LOCAL_HEADER.size + name_len
+    if signature != b"PK\x03\x04" or end > len(prefix):
+        return False
+    name = prefix[_LOCAL_HEADER.size:end]
+    return len(name) > len(b".npy") and name.endswith(b".npy")
 
 
 def _looks_like_safetensors(prefix: bytes, size: int) -> bool:

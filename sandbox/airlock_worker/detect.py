@@ -1,4 +1,6 @@
-"""Artifact format by magic bytes (DESIGN §1.7), refined for zips by listing member names."""
+"""What the artifact's bytes are (magic bytes, DESIGN §1.7; a zip's member names), checked
+against what the broker decided (``JobSpec.artifact_format``). The broker decides once; the
+sandbox re-checks, because only it may list a zip (DESIGN §1.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import (
     PREFIX_BYTES,
     ArtifactFormat,
-    admits,
+    candidates,
     detect_prefix,
     refine_zip_names,
 )
@@ -60,29 +62,34 @@ def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:
     return refine_zip_names(names)
 
 
-def detect_checked(path: str, declared: str | None) -> ArtifactFormat:
-    """Detect, then enforce the declared format; raise the matching :class:`WorkerError`.
+def confirm(path: str, decided: ArtifactFormat | None, declared: str | None) -> ArtifactFormat:
+    """The artifact's format once its bytes are seen to agree with the broker's decision (a
+    zip listed to tell which zip it is); raise the matching :class:`WorkerError` if not.
 
-    A zip is an MLflow bundle only when the caller declared ``mlflow`` (the client does for
-    the directories it packs): the broker chose the job's profile from that declaration, so
+    A zip is an MLflow bundle only when the broker decided so from the caller's declaration
+    (the client declares the directories it packs): it chose the job's profile from that, so
     an undeclared bundle, or a declared one that is no readable bundle, is refused here."""
+    if decided is None:
+        raise WorkerError(WorkerExit.BAD_JOB_SPEC, "the job spec names no artifact format")
     try:
         fmt = detect(path)
     except WorkerError as exc:
-        if declared == "mlflow" and exc.exit is WorkerExit.UNSUPPORTED_FORMAT:
+        if decided is ArtifactFormat.MLFLOW and exc.exit is WorkerExit.UNSUPPORTED_FORMAT:
             raise WorkerError(WorkerExit.UNSAFE_MODEL_DIR,
                               f"the bundle is not a zip the sandbox will read: {exc.message}"
                               ) from None
         raise
     if fmt in (ArtifactFormat.UNKNOWN, ArtifactFormat.ZIP):
         raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, "unrecognised artifact format")
-    if fmt is ArtifactFormat.MLFLOW and declared != "mlflow":
+    if fmt is ArtifactFormat.MLFLOW and decided is not ArtifactFormat.MLFLOW:
         raise WorkerError(WorkerExit.FORMAT_MISMATCH,
                           "the zip holds an MLmodel at its root: an MLflow bundle must be "
                           "declared as mlflow (the client does this for model directories)")
-    if declared is not None and not admits(declared, fmt):
+    if fmt not in candidates(decided, declared):
+        said = f"declared format {declared!r}, " if declared is not None else ""
         raise WorkerError(
             WorkerExit.FORMAT_MISMATCH,
-            f"declared format {declared!r} but the bytes are {fmt.value}",
+            f"{said}the broker read {decided.value} from the leading bytes, but the bytes "
+            f"are {fmt.value}",
         )
     return fmt

@@ -22,7 +22,7 @@ from airlock_sandbox.contract import (
 from airlock_sandbox.formats import ArtifactFormat
 
 from . import output
-from .detect import detect_checked
+from .detect import confirm
 from .errors import WorkerError, describe
 from .report import Report
 
@@ -164,11 +164,12 @@ class Job:
 
 
 def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
-    """Detect, convert, write, filling ``report`` as it goes (so a failure report says how
-    far the job got). Raises :class:`WorkerError` for every known outcome."""
+    """Confirm the broker's format, convert, write, filling ``report`` as it goes (so a
+    failure report says how far the job got). Raises :class:`WorkerError` for every known
+    outcome."""
     artifact = os.path.join(in_dir, ARTIFACT_NAME)
     try:
-        fmt = detect_checked(artifact, spec.declared_format)
+        fmt = confirm(artifact, spec.artifact_format, spec.declared_format)
     except FileNotFoundError:
         raise WorkerError(WorkerExit.BAD_JOB_SPEC, "no artifact in the input directory") from None
     report.detected_format = fmt.value

@@ -34,7 +34,8 @@ from airlock_sandbox.contract import (
     Target,
     WorkerExit,
 )
-from airlock_worker import extract
+from airlock_sandbox.formats import PREFIX_BYTES, detect_prefix
+from airlock_worker import extract, extract_stand_ins, extract_unpickler
 from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
 from airlock_worker.report import Report
@@ -76,8 +77,11 @@ def run(tmp: Path, artifact: Path, mode: JobMode, **spec: Any) -> Outcome:
     out_dir.mkdir()
     os.link(artifact, in_dir / ARTIFACT_NAME)
     report = Report()
+    raw = artifact.read_bytes()[:PREFIX_BYTES]  # as the broker decides an undeclared one
+    decided = detect_prefix(raw, artifact.stat().st_size)
     try:
-        worker_job.run(JobSpec(job_id="t", mode=mode, **spec), str(in_dir), str(out_dir), report)
+        worker_job.run(JobSpec(job_id="t", artifact_format=decided, mode=mode, **spec),
+                       str(in_dir), str(out_dir), report)
     except WorkerError as exc:
         assert not (out_dir / OUTPUT).exists() or mode is JobMode.CONVERT
         return Outcome(out_dir, report, exc)
@@ -302,9 +306,10 @@ def test_poison_is_inert_whatever_the_pickle_does_with_it() -> None:
             b"(X\x01\x00\x00\x00kK\x01u"                         # SETITEMS
             b"s"                                                # SETITEM "p"
             b"X\x01\x00\x00\x00qcos\nsystem\n)\x81(K\x01K\x02es.")  # NEWOBJ + APPENDS
-    reader = extract.RestrictedUnpickler(body, archive=None)  # type: ignore[arg-type]
+    reader = extract_unpickler.RestrictedUnpickler(body, archive=None)  # type: ignore[arg-type]
     obj = reader.load()
-    assert isinstance(obj["p"], extract.Poison) and isinstance(obj["q"], extract.Poison)
+    assert isinstance(obj["p"], extract_unpickler.Poison)
+    assert isinstance(obj["q"], extract_unpickler.Poison)
     assert set(reader.poisoned) == {"builtins.getattr", "builtins.__import__", "os.system"}
     with pytest.raises(WorkerError):
         str(obj["p"])  # a poison can never name a tensor
@@ -319,18 +324,18 @@ def test_poison_is_inert_whatever_the_pickle_does_with_it() -> None:
 def test_what_find_class_hands_out_cannot_be_modified(target: bytes, state: bytes) -> None:
     """A frozen dataclass would take BUILD through its generated __setstate__ and a pickle
     could redefine torch.float32 for the rest of the reading."""
-    reader = extract.RestrictedUnpickler(b"\x80\x02" + target + state + b".",
-                                         archive=None)  # type: ignore[arg-type]
+    reader = extract_unpickler.RestrictedUnpickler(b"\x80\x02" + target + state + b".",
+                                                   archive=None)  # type: ignore[arg-type]
     with pytest.raises(Exception):  # noqa: B017 - refused, whichever way
         reader.load()
-    assert extract.DTYPES["float32"] == extract.DType("float32", 4, "F32")
+    assert extract_stand_ins.DTYPES["float32"] == extract_stand_ins.DType("float32", 4, "F32")
 
 
 def test_an_ordered_dict_cannot_be_given_attributes_that_shadow_its_methods() -> None:
     body = (b"\x80\x02ccollections\nOrderedDict\n)R"
             b"}X\x05\x00\x00\x00itemsccollections\nOrderedDict\nsb"  # BUILD {"items": ...}
             b"X\x01\x00\x00\x00aK\x01s.")
-    obj = extract.RestrictedUnpickler(body, archive=None).load()  # type: ignore[arg-type]
+    obj = extract_unpickler.RestrictedUnpickler(body, archive=None).load()  # type: ignore[arg-type]
     assert list(obj.items()) == [("a", 1)]
 
 
@@ -404,10 +409,12 @@ import sys
 sys.modules["torch"] = None  # any import of torch now fails
 sys.path.insert(0, {str(ROOT / "sandbox")!r})
 from airlock_sandbox.contract import JobMode, JobSpec
+from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import job
 from airlock_worker.report import Report
 report = Report()
-job.run(JobSpec(job_id="t", mode=JobMode.EXTRACT_WEIGHTS), {str(tmp_path / "in")!r},
+job.run(JobSpec(job_id="t", artifact_format=ArtifactFormat.ZIP, mode=JobMode.EXTRACT_WEIGHTS),
+        {str(tmp_path / "in")!r},
         {str(tmp_path / "out")!r}, report)
 assert report.tensor_count == 2, report
 """

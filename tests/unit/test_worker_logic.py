@@ -18,9 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
-from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, WorkerExit
+from airlock_sandbox.contract import ARTIFACT_NAME, OUTPUT_NAMES, JobSpec, OutputFormat, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import detect, output, parity, passthrough, tensor_tree
+from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
 from airlock_worker.report import MAX_WARNINGS, Report
 
@@ -157,13 +158,58 @@ def test_zip_refinement_and_entry_cap(tmp_path: Path, monkeypatch: pytest.Monkey
     assert err.value.exit is WorkerExit.UNSUPPORTED_FORMAT
 
 
-def test_declared_format_must_admit_the_detected_one(tmp_path: Path) -> None:
+def test_the_bytes_must_agree_with_the_brokers_decision(tmp_path: Path) -> None:
     path = tmp_path / "artifact"
     path.write_bytes(b"\x93NUMPY" + b"\0" * 64)
-    assert detect.detect_checked(str(path), "numpy") is ArtifactFormat.NUMPY
+    assert detect.confirm(str(path), ArtifactFormat.NUMPY, "numpy") is ArtifactFormat.NUMPY
+    assert detect.confirm(str(path), ArtifactFormat.NUMPY, None) is ArtifactFormat.NUMPY
     with pytest.raises(WorkerError) as err:
-        detect.detect_checked(str(path), "pickle")
+        detect.confirm(str(path), ArtifactFormat.PICKLE, None)  # the broker said otherwise
     assert err.value.exit is WorkerExit.FORMAT_MISMATCH
+    assert "the broker read pickle" in err.value.message and "are numpy" in err.value.message
+    with pytest.raises(WorkerError) as err:
+        detect.confirm(str(path), None, None)  # the worker does not decide for the broker
+    assert err.value.exit is WorkerExit.BAD_JOB_SPEC
+
+
+def _zip(path: Path, names: list[str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in names:
+            zf.writestr(name, b"")
+    return path
+
+
+def test_a_zip_must_be_one_the_decision_admits(tmp_path: Path) -> None:
+    """Inside a zip the sandbox tells which zip it is; it must be one the broker's decision
+    (and the declaration) leave open, else FORMAT_MISMATCH."""
+    npz = _zip(tmp_path / "a.npz", ["x.npy", "y.npy"])
+    torch_zip = _zip(tmp_path / "t.pt", ["archive/data.pkl", "archive/data/0"])
+    F = ArtifactFormat
+    assert detect.confirm(str(npz), F.ZIP, None) is F.NUMPY_NPZ
+    assert detect.confirm(str(npz), F.NUMPY_NPZ, "numpy") is F.NUMPY_NPZ
+    assert detect.confirm(str(torch_zip), F.ZIP, "pytorch") is F.PYTORCH_ZIP
+    for path, decided, declared in [(npz, F.ZIP, "pytorch"), (torch_zip, F.NUMPY_NPZ, None),
+                                    (torch_zip, F.TORCHSCRIPT, "torchscript"),
+                                    (npz, F.PICKLE, None)]:
+        with pytest.raises(WorkerError) as err:
+            detect.confirm(str(path), decided, declared)
+        assert err.value.exit is WorkerExit.FORMAT_MISMATCH, (path, decided, declared)
+
+
+def test_the_worker_refuses_a_job_whose_bytes_contradict_the_spec(tmp_path: Path) -> None:
+    """Through the worker's own entry: a torch zip sent as the .npz the broker took it for
+    (its first member named .npy would do that) is refused before any loader runs."""
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    out_dir.mkdir()
+    _zip(in_dir / ARTIFACT_NAME, ["archive/data.pkl", "archive/data/0"])
+    report = Report()
+    spec = JobSpec(job_id="t", artifact_format=ArtifactFormat.NUMPY_NPZ)
+    with pytest.raises(WorkerError) as err:
+        worker_job.run(spec, str(in_dir), str(out_dir), report)
+    assert err.value.exit is WorkerExit.FORMAT_MISMATCH
+    assert "the broker read numpy_npz" in err.value.message
+    assert report.loader == "" and not list(out_dir.iterdir())
 
 
 # -- output staging and the report ----------------------------------------------------------

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import zip_budget
-from airlock_worker.detect import detect, detect_checked
+from airlock_worker.detect import confirm, detect
 from airlock_worker.errors import WorkerError
 
 
@@ -63,15 +63,15 @@ def test_the_sandbox_refuses_a_central_directory_bomb_with_a_reason(tmp_path: Pa
         detect(str(bomb))
     assert plain.value.exit is WorkerExit.UNSUPPORTED_FORMAT
     with pytest.raises(WorkerError) as declared:
-        detect_checked(str(bomb), "mlflow")
+        confirm(str(bomb), ArtifactFormat.MLFLOW, "mlflow")
     assert declared.value.exit is WorkerExit.UNSAFE_MODEL_DIR
     assert "claim 3000000 entries" in declared.value.message
 
 
 def test_a_bundle_is_a_bundle_only_when_declared(tmp_path: Path) -> None:
     bundle = zip_bomb.write(tmp_path / "artifact", present=1, claimed=1)
-    assert detect_checked(str(bundle), "mlflow") is ArtifactFormat.MLFLOW
+    assert confirm(str(bundle), ArtifactFormat.MLFLOW, "mlflow") is ArtifactFormat.MLFLOW
     with pytest.raises(WorkerError) as caught:
-        detect_checked(str(bundle), None)
+        confirm(str(bundle), ArtifactFormat.ZIP, None)
     assert caught.value.exit is WorkerExit.FORMAT_MISMATCH
     assert "declared as mlflow" in caught.value.message

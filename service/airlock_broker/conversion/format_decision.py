@@ -1,12 +1,35 @@
-"""What an upload is and which sandbox profile converts it: decided once, on the host, from
-the leading bytes and the caller's declaration, before any sandbox is involved.
+"""What an upload is, which sandbox profile converts it and whether a second sandbox checks
+its weights: decided once, on the host, from the leading bytes and the caller's declaration,
+before any sandbox is involved, and carried through the job (``JobSpec.artifact_format``).
+The worker re-checks the bytes against this decision; it does not decide again.
 
 No archive parser runs here (DESIGN §1.1, issue 11 §2). A zip's central directory is attacker
 data (a Zip64 record can claim millions of entries behind a classic record that claims one),
-so what is inside a zip is the sandbox's business: a zip is an MLflow bundle only because the
-caller declared ``mlflow`` (the client does for the directories it packs), and the bundle's
-flavor, which picks the warm sandbox, is the caller's hint. The worker decides what the file
-really is and refuses a bundle that is not what was declared, with a reason.
+so what is inside a zip is the sandbox's business. The host narrows a zip only by what it is
+told and what its first bytes say: a zip is an MLflow bundle only because the caller declared
+``mlflow`` (the client does for the directories it packs), and the bundle's flavor, which
+picks the warm sandbox, is the caller's hint; a zip is an ``.npz`` when the caller declared
+``numpy`` or its first member's name, in its local header, ends in ``.npy``
+(``formats.leads_with_npy``). The worker lists the members and refuses a zip that is not what
+was decided, with a reason.
+
+The table (``decide``; UNKNOWN and a declaration the bytes contradict are refused here)::
+
+    leading bytes   declared                  format           profile           integrity
+    pickle          -, pickle, cloudpickle,   pickle           sklearn           no
+                    joblib
+    compressed      -, joblib                 joblib           sklearn           no
+    torch legacy    -, pytorch                pytorch_legacy   torch             no
+    zip             -, pytorch                zip              torch             yes
+    zip             torchscript               torchscript      torch             no
+    zip             torch_export              torch_export     torch             no
+    zip             numpy                     numpy_npz        light             no
+    zip, 1st .npy   -, numpy                  numpy_npz        light             no
+    zip             mlflow                    mlflow           by flavor hint    no
+                                                               (sklearn if none)
+    .npy            -, numpy                  numpy            light             no
+    ONNX            -, onnx                   onnx             light             no
+    safetensors     -, safetensors            safetensors      light             no
 """
 
 from __future__ import annotations
@@ -18,9 +41,15 @@ from airlock_sandbox.formats import (
     MLFLOW_FLAVOR_PROFILES,
     ArtifactFormat,
     admits,
+    candidates,
     detect_prefix,
+    leads_with_npy,
     profile_for,
 )
+
+#: The formats that may be a PyTorch zip checkpoint, the one kind the integrity extraction
+#: reads (JobMode.EXTRACT_WEIGHTS): an unnarrowed zip may be one.
+_INTEGRITY_FORMATS = frozenset({ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP})
 
 
 @dataclass(frozen=True)
@@ -30,6 +59,9 @@ class Decision:
     format: ArtifactFormat
     #: The worker profile (airlock_sandbox.formats.PROFILES) whose sandbox converts it.
     profile: str
+    #: Whether a second sandbox reads the weights without executing anything, to be compared
+    #: with a safetensors conversion (conversion.integrity; the operator can turn it off).
+    integrity: bool
 
 
 def check_flavor_hint(declared: str | None, flavor: str) -> str | None:
@@ -63,6 +95,20 @@ def decide(prefix: bytes, size: int, declared: str | None,
         hint = " (an MLflow bundle is a zip)" if declared == ArtifactFormat.MLFLOW else ""
         raise error(Reason.FORMAT_MISMATCH,
                     f"declared {declared}, but the leading bytes say {detected}{hint}")
+    if detected is ArtifactFormat.ZIP:
+        detected = _narrow_zip(prefix, declared)
     if detected is ArtifactFormat.MLFLOW and mlflow_flavor is not None:
-        return Decision(detected, MLFLOW_FLAVOR_PROFILES[mlflow_flavor])
-    return Decision(detected, profile_for(detected))
+        return Decision(detected, MLFLOW_FLAVOR_PROFILES[mlflow_flavor], integrity=False)
+    return Decision(detected, profile_for(detected), integrity=detected in _INTEGRITY_FORMATS)
+
+
+def _narrow_zip(prefix: bytes, declared: str | None) -> ArtifactFormat:
+    """A zip's format when the declaration leaves one candidate, or the first member says
+    ``.npz`` and the declaration allows it; else ZIP, for the sandbox to tell apart."""
+    possible = candidates(ArtifactFormat.ZIP, declared)
+    if len(possible) == 1:
+        (only,) = possible
+        return only
+    if ArtifactFormat.NUMPY_NPZ in possible and leads_with_npy(prefix):
+        return ArtifactFormat.NUMPY_NPZ
+    return ArtifactFormat.ZIP

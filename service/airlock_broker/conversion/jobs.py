@@ -236,13 +236,15 @@ class JobRunner:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit.
 
-        A zip checkpoint converted to safetensors is also read, concurrently, by a second
-        sandbox in integrity-extraction mode; the two outputs must agree (see integrity.py).
+        When the decision says integrity applies (an artifact that may be a PyTorch zip
+        checkpoint) and the output is safetensors, the artifact is also read, concurrently, by
+        a second sandbox in integrity-extraction mode; the two outputs must agree
+        (integrity.py).
         The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
         """
         began = time.monotonic()
         detected = decision.format
-        verify = (self.verify_integrity and detected is ArtifactFormat.ZIP
+        verify = (self.verify_integrity and decision.integrity
                   and request.target in (Target.AUTO, Target.SAFETENSORS))
         async with contextlib.AsyncExitStack() as stack:
             slot = await self._slot(stack, decision.profile, answered)
@@ -252,14 +254,15 @@ class JobRunner:
             second = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
             if second is not None:
                 second.workspace.link_artifact(slot.workspace.artifact)
-            spec = JobSpec(job_id=request.job_id, target=request.target, policy=request.policy,
+            spec = JobSpec(job_id=request.job_id, artifact_format=detected,
+                           target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
                            max_output_bytes=self.limits.max_output_bytes,
                            mlflow_flavor=request.mlflow_flavor)
             try:
                 outcome, extraction = await asyncio.gather(
                     self.backend.run(slot, spec, request.deadline_seconds),
-                    self._extract(second, request, stack))
+                    self._extract(second, request, detected, stack))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
@@ -320,15 +323,15 @@ class JobRunner:
         stack.push_async_callback(self.pools.release, slot, answered)
         return slot
 
-    async def _extract(self, slot: Slot | None, request: JobRequest,
+    async def _extract(self, slot: Slot | None, request: JobRequest, detected: ArtifactFormat,
                        stack: contextlib.AsyncExitStack) -> Extraction | None:
         """Run the integrity extraction and, as soon as its sandbox is dead, validate its
         output and start hashing it: it usually ends before the conversion, so its 400 MB
         hash runs beside the conversion and the comparison instead of after them."""
         if slot is None:
             return None
-        spec = JobSpec(job_id=request.job_id, mode=JobMode.EXTRACT_WEIGHTS,
-                       max_output_bytes=self.limits.max_output_bytes)
+        spec = JobSpec(job_id=request.job_id, artifact_format=detected,
+                       mode=JobMode.EXTRACT_WEIGHTS, max_output_bytes=self.limits.max_output_bytes)
         outcome = await self.backend.run(slot, spec, request.deadline_seconds)
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
             return Extraction(None, "the weights could not be read without executing the "

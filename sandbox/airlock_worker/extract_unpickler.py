@@ -1,0 +1,300 @@
+"""``data.pkl`` of a PyTorch zip checkpoint read without executing anything it names
+(:mod:`.extract`): :class:`RestrictedUnpickler` hands out only our stand-ins for the
+tensor-rebuild globals, and :class:`Poison` for every other global."""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import math
+import pickle
+from typing import Any, ClassVar
+
+from .extract_archive import Archive
+from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
+from .extract_stand_ins import (
+    DTYPES,
+    PARAMETER_TYPE,
+    STORAGE_TYPES,
+    TENSOR_TYPE,
+    DType,
+    OrderedDictStandIn,
+    Storage,
+    StorageType,
+    Tensor,
+    get_layout,
+    make_device,
+    make_size,
+    refuse_build,
+)
+
+#: Distinct globals the pickle may name before we stop recording them.
+MAX_POISON_GLOBALS = 10_000
+#: Nodes looked at when deciding whether an unknown object holds tensor data.
+MAX_SCAN_NODES = 1_000_000
+MAX_DIMS = 64
+#: Sizes, strides and offsets are int64 in torch.
+INT64 = 2**63
+
+
+# -- poison: everything the artifact names that we do not know ----------------------------
+
+
+class _Immutable(type):
+    """The pickle VM can BUILD (setattr) on any object it holds, classes included: the
+    classes it gets from us cannot be changed (e.g. a forged ``__str__`` naming a tensor)."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise Refused("the pickle tries to modify a class")
+
+    def __delattr__(cls, name: str) -> None:
+        raise Refused("the pickle tries to modify a class")
+
+
+class Poison(metaclass=_Immutable):
+    """An object the artifact asked for and never got. ``find_class`` returns a subclass per
+    global name; calling it, instantiating it (REDUCE / NEWOBJ / INST / OBJ), building it
+    (BUILD) or filling it (SETITEMS / APPENDS / ADDITEMS) only records the arguments."""
+
+    global_name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Poison:
+        self = object.__new__(cls)
+        self.__dict__["_held"] = [args, kwargs]
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Poison:
+        return type(self)(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        self._held.append(state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._held.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self._held.append(value)
+
+    def extend(self, values: Any) -> None:
+        self._held.append(list(values) if isinstance(values, list) else values)
+
+    def add(self, value: Any) -> None:
+        self._held.append(value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._held.append((name, value))
+
+    def __str__(self) -> str:
+        raise Unextractable(f"{NOT_EXTRACTABLE}: a dict key is a {self.global_name}")
+
+    __repr__ = __str__
+
+
+def holds_data(root: Any) -> bool:
+    """Whether tensors or storages are reachable from ``root`` through containers and poison
+    (iteratively, cycles allowed; past the node budget, assume they are)."""
+    seen: set[int] = set()
+    stack = [root]
+    budget = MAX_SCAN_NODES
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (Tensor, Storage)):
+            return True
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        budget -= 1
+        if budget < 0:
+            return True
+        if isinstance(node, Poison):
+            stack.extend(node.__dict__.values())
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+            stack.extend(vars(node).values() if hasattr(node, "__dict__") else ())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend(node)
+    return False
+
+
+# -- the restricted unpickler ----------------------------------------------------------------
+
+
+class _Allowed:
+    """An allowlisted callable as the pickle sees it: callable, and nothing else (a function
+    or bound method would let BUILD set attributes on it)."""
+
+    __slots__ = ("_fn", "name")
+
+    def __init__(self, name: str, fn: Any) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise Refused("the pickle tries to modify a rebuild function")
+
+    __setstate__ = refuse_build
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise Refused(f"{what} must be an int, not a {type(value).__name__}")
+    if not 0 <= value < INT64:
+        raise Refused(f"{what} must be a non-negative int64, not {value}")
+    return value
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS:
+        raise Refused(f"{what} must be a tuple of at most {MAX_DIMS} ints")
+    for v in value:  # negative strides are refused here too
+        if type(v) is not int or not 0 <= v < INT64:
+            _int(v, what)
+    return tuple(value)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``data.pkl`` with our stand-ins for the tensor-rebuild globals and :class:`Poison`
+    for every other one. Nothing the pickle names is imported or called."""
+
+    def __init__(self, data: bytes | memoryview, archive: Archive) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8")  # as torch.load passes
+        self._archive = archive
+        self._storages: dict[str, Storage] = {}
+        self._poison: dict[tuple[str, str], type[Poison]] = {}
+        calls = {
+            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
+            ("torch._tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
+            ("torch.tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
+            ("torch", "Size"): make_size,
+            ("torch", "device"): make_device,
+            ("torch.serialization", "get_layout"): get_layout,
+        }
+        self.allowed: dict[tuple[str, str], Any] = {
+            **{key: _Allowed(f"{key[0]}.{key[1]}", fn) for key, fn in calls.items()},
+            ("collections", "OrderedDict"): OrderedDictStandIn,
+            ("torch", "Tensor"): TENSOR_TYPE,
+            ("torch._tensor", "Tensor"): TENSOR_TYPE,
+            ("torch.nn.parameter", "Parameter"): PARAMETER_TYPE,
+            **STORAGE_TYPES,
+            **{("torch", name): dt for name, dt in DTYPES.items()},
+        }
+        self._tensor_rebuilds = frozenset(
+            id(self.allowed[("torch._utils", name)]) for name in (
+                "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                "_rebuild_parameter", "_rebuild_parameter_with_state"))
+
+    @property
+    def poisoned(self) -> list[str]:
+        return [cls.global_name for cls in self._poison.values()]
+
+    # -- the two hooks the pickle VM calls --------------------------------------------
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get((module, name))
+        return found if found is not None else self.poison_class(module, name)
+
+    def poison_class(self, module: str, name: str) -> type[Poison]:
+        cls = self._poison.get((module, name))
+        if cls is None:
+            if len(self._poison) >= MAX_POISON_GLOBALS:
+                raise Refused(f"the pickle names more than {MAX_POISON_GLOBALS} globals")
+            shown = _compat_pickle.IMPORT_MAPPING.get(module, module)  # __builtin__ -> builtins
+            label = f"{shown}.{name}"[:120]
+            cls = _Immutable("Poison", (Poison,), {"global_name": label, "__slots__": ()})
+            self._poison[(module, name)] = cls
+        return cls
+
+    def persistent_load(self, pid: Any) -> Storage:
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+            raise Refused("unknown persistent id in data.pkl")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, StorageType):
+            name = getattr(storage_type, "global_name", type(storage_type).__name__)
+            raise Unextractable(f"{NOT_EXTRACTABLE}: storage type {name}")
+        if isinstance(key, bytes):
+            key = key.decode("ascii", "replace")
+        if not isinstance(key, str):
+            raise Refused("storage key is not a string")
+        cached = self._storages.get(key)  # as torch: the first reference defines the storage
+        if cached is not None:
+            return cached
+        nbytes = _int(numel, "storage size") * storage_type.dtype.itemsize
+        record = self._archive.record(f"data/{key}")
+        if record is None:
+            raise Refused(f"storage record data/{key[:80]} is missing")
+        self._archive.check(record)
+        if record.file_size != nbytes:
+            raise Refused(f"storage data/{key[:80]} holds {record.file_size} bytes, "
+                          f"the pickle says {nbytes}")
+        storage = Storage(self._archive, key, storage_type.dtype, nbytes, record)
+        self._storages[key] = storage
+        return storage
+
+    # -- stand-ins for torch._utils ----------------------------------------------------
+
+    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any,
+                dt: DType | None) -> Tensor:
+        if not isinstance(storage, Storage):
+            raise Refused("a tensor is rebuilt from something that is not a storage")
+        dt = dt or storage.dtype
+        shape, strides = _dims(size, "size"), _dims(stride, "stride")
+        offset = _int(offset, "storage offset")
+        if len(shape) != len(strides):
+            raise Refused("size and stride differ in length")
+        if 0 not in shape:  # as torch's set_: a tensor with no elements needs no bytes
+            last = offset + sum(st * (sz - 1) for sz, st in zip(shape, strides, strict=True))
+            if (last + 1) * dt.itemsize > storage.nbytes:
+                raise Refused(f"a tensor view runs past its storage data/{storage.key[:80]} "
+                              f"({(last + 1) * dt.itemsize} > {storage.nbytes} bytes)")
+        if math.prod(shape) * dt.itemsize >= INT64:
+            raise Refused("tensor too large")
+        return Tensor(storage, dt, offset, shape, strides)
+
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> Tensor:
+        return self._tensor(storage, offset, size, stride, None)
+
+    def _rebuild_tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any,
+                           requires_grad: Any = False, backward_hooks: Any = None,
+                           metadata: Any = None) -> Tensor:
+        if metadata:
+            raise Unextractable(f"{NOT_EXTRACTABLE}: a tensor has conj/neg bits set")
+        return self._tensor(storage, offset, size, stride, None)
+
+    def _rebuild_tensor_v3(self, storage: Any, offset: Any, size: Any, stride: Any,
+                           requires_grad: Any, backward_hooks: Any, dt: Any,
+                           metadata: Any = None) -> Tensor:
+        if not isinstance(dt, DType):
+            name = getattr(dt, "global_name", type(dt).__name__)
+            raise Unextractable(f"{NOT_EXTRACTABLE}: unsupported tensor dtype {name}")
+        if metadata:
+            raise Unextractable(f"{NOT_EXTRACTABLE}: a tensor has conj/neg bits set")
+        return self._tensor(storage, offset, size, stride, dt)
+
+    def _rebuild_parameter(self, data: Any, requires_grad: Any = False,
+                           backward_hooks: Any = None, state: Any = None) -> Tensor:
+        """A parameter is its data; its attributes (``state``) do not change the bytes."""
+        if not isinstance(data, Tensor):
+            raise Refused("a parameter is rebuilt from something that is not a tensor")
+        return data
+
+    def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        """A plain tensor or parameter with Python attributes: the tensor is ``func(*args)``.
+        A tensor *subclass* is someone's code: its rebuild is recorded, never run."""
+        if (isinstance(func, _Allowed) and id(func) in self._tensor_rebuilds
+                and (new_type is TENSOR_TYPE or new_type is PARAMETER_TYPE)
+                and isinstance(args, tuple)):
+            return func(*args)
+        poison = self.poison_class("torch._tensor", "_rebuild_from_type_v2(subclass)")
+        return poison(func, new_type, args, state)
+

@@ -1,0 +1,186 @@
+"""The one decision of an artifact's format, profile and integrity check (issue 12 §3): made on
+the host from the leading bytes and the declaration, carried in the job spec, re-checked (not
+re-made) by the worker (tests/unit/test_worker_logic.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.format_decision import decide
+from airlock_broker.errors import AirlockError
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.sandbox import Slot
+from airlock_client import Client
+from airlock_sandbox.contract import OUTPUT_NAMES, JobMode, JobSpec, OutputFormat
+from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, leads_with_npy
+from tests.unit.fakes import FakeSandbox, running_broker
+
+F = ArtifactFormat
+
+
+def _zip(*names: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in names:
+            zf.writestr(name, b"\0" * 16)
+    return buf.getvalue()
+
+
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_HEADER = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+SAMPLES: dict[str, bytes] = {
+    "pickle": b"\x80\x04\x95" + b"\0" * 100,
+    "compressed": b"\x1f\x8b\x08" + b"\0" * 100,
+    "torch_legacy": _TORCH_LEGACY + b"\0" * 100,
+    "torch_zip": _zip("archive/data.pkl", "archive/data/0"),
+    "npz": _zip("arr_0.npy", "arr_1.npy"),
+    "npz_long_name": _zip("a_name_longer_than_the_first_64_bytes_hold.npy"),
+    "npy": b"\x93NUMPY\x01\x00" + b"\0" * 100,
+    "onnx": b"\x08\x07\x12\x07pytorch" + b"\0" * 100,
+    "safetensors": struct.pack("<Q", len(_HEADER)) + _HEADER + b"\0" * 4,
+}
+
+#: (leading bytes, declared) -> (format, profile, integrity sandbox)
+TABLE: list[tuple[str, str | None, tuple[ArtifactFormat, str, bool]]] = [
+    ("pickle", None, (F.PICKLE, "sklearn", False)),
+    ("pickle", "pickle", (F.PICKLE, "sklearn", False)),
+    ("pickle", "cloudpickle", (F.PICKLE, "sklearn", False)),
+    ("pickle", "joblib", (F.PICKLE, "sklearn", False)),
+    ("compressed", None, (F.JOBLIB, "sklearn", False)),
+    ("compressed", "joblib", (F.JOBLIB, "sklearn", False)),
+    ("torch_legacy", None, (F.PYTORCH_LEGACY, "torch", False)),
+    ("torch_legacy", "pytorch", (F.PYTORCH_LEGACY, "torch", False)),
+    ("torch_zip", None, (F.ZIP, "torch", True)),
+    ("torch_zip", "pytorch", (F.ZIP, "torch", True)),
+    ("torch_zip", "torchscript", (F.TORCHSCRIPT, "torch", False)),
+    ("torch_zip", "torch_export", (F.TORCH_EXPORT, "torch", False)),
+    ("torch_zip", "numpy", (F.NUMPY_NPZ, "light", False)),  # the sandbox refuses it there
+    ("torch_zip", "mlflow", (F.MLFLOW, "sklearn", False)),
+    ("npz", None, (F.NUMPY_NPZ, "light", False)),
+    ("npz", "numpy", (F.NUMPY_NPZ, "light", False)),
+    ("npz", "pytorch", (F.ZIP, "torch", True)),  # the declaration rules; the sandbox refuses
+    ("npz_long_name", None, (F.ZIP, "torch", True)),  # no evidence in the first 64 bytes
+    ("npz_long_name", "numpy", (F.NUMPY_NPZ, "light", False)),
+    ("npy", None, (F.NUMPY, "light", False)),
+    ("npy", "numpy", (F.NUMPY, "light", False)),
+    ("onnx", None, (F.ONNX, "light", False)),
+    ("onnx", "onnx", (F.ONNX, "light", False)),
+    ("safetensors", None, (F.SAFETENSORS, "light", False)),
+    ("safetensors", "safetensors", (F.SAFETENSORS, "light", False)),
+]
+
+
+def _decide(sample: str, declared: str | None, flavor: str | None = None
+            ) -> tuple[ArtifactFormat, str, bool]:
+    raw = SAMPLES[sample]
+    decision = decide(raw[:PREFIX_BYTES], len(raw), declared, flavor)
+    return decision.format, decision.profile, decision.integrity
+
+
+@pytest.mark.parametrize(("sample", "declared", "expected"), TABLE,
+                         ids=[f"{s}-{d}" for s, d, _ in TABLE])
+def test_the_decision_table(sample: str, declared: str | None,
+                            expected: tuple[ArtifactFormat, str, bool]) -> None:
+    assert _decide(sample, declared) == expected
+
+
+def test_an_npz_gets_the_light_profile_and_no_integrity_sandbox() -> None:
+    """numpy.savez names every member <key>.npy; the first one's local header is within the
+    first 64 bytes the broker reads, and that is all it reads."""
+    assert _decide("npz", None) == (F.NUMPY_NPZ, "light", False)
+
+
+@pytest.mark.parametrize(("flavor", "profile"), [("sklearn", "sklearn"), ("pytorch", "torch"),
+                                                 ("onnx", "sklearn")])
+def test_a_declared_bundle_takes_its_profile_from_the_flavor_hint(flavor: str,
+                                                                  profile: str) -> None:
+    assert _decide("torch_zip", "mlflow", flavor) == (F.MLFLOW, profile, False)
+
+
+@pytest.mark.parametrize(("sample", "declared"), [
+    ("pickle", "safetensors"), ("pickle", "mlflow"), ("npy", "pickle"), ("onnx", "numpy"),
+    ("compressed", "pickle"), ("torch_legacy", "torchscript"), ("torch_zip", "joblib"),
+    ("npz", "onnx"), ("safetensors", "onnx"), ("pickle", "no-such-format"),
+])
+def test_a_declaration_the_bytes_contradict_is_refused_on_the_host(sample: str,
+                                                                   declared: str) -> None:
+    with pytest.raises(AirlockError) as caught:
+        _decide(sample, declared)
+    assert caught.value.reason == "FORMAT_MISMATCH"
+
+
+@pytest.mark.parametrize("raw", [b"", b"hello, not a model", b"PK\x07\x08" + b"\0" * 60])
+def test_bytes_of_no_known_format_are_refused_on_the_host(raw: bytes) -> None:
+    with pytest.raises(AirlockError) as caught:
+        decide(raw[:PREFIX_BYTES], len(raw), None)
+    assert caught.value.reason == "UNSUPPORTED_FORMAT"
+
+
+def test_the_first_member_is_read_from_the_prefix_only() -> None:
+    npz = SAMPLES["npz"]
+    assert leads_with_npy(npz[:PREFIX_BYTES])
+    assert not leads_with_npy(npz[:30 + 4])  # the name is cut: no evidence
+    assert not leads_with_npy(SAMPLES["torch_zip"][:PREFIX_BYTES])
+    assert not leads_with_npy(SAMPLES["npz_long_name"][:PREFIX_BYTES])
+    assert not leads_with_npy(b"PK\x03\x04" + b"\0" * 22 + struct.pack("<HH", 4, 0) + b".npy")
+    assert not leads_with_npy(b"PK\x05\x06" + npz[4:PREFIX_BYTES])  # an empty zip's end record
+
+
+# -- the decision travels: the job spec carries it, the integrity sandbox follows it -----------
+
+_TENSORS = {"w": np.arange(4, dtype=np.float32)}
+
+
+def _write_safetensors(spec: JobSpec, data: bytes, out: Path) -> int:
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(save(_TENSORS))
+    (out / "report.json").write_text(json.dumps({"loader": "fake"}))
+    return 0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[str, FakeSandbox, list[str]]]:
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False,
+                          provenance_key=tmp_path / "provenance-key.pem")
+    backend = FakeSandbox(config.spool_root, _write_safetensors)
+    profiles: list[str] = []
+    prepare = backend.prepare
+
+    async def recording(profile: str, *, selftest: bool = False) -> Slot:
+        profiles.append(profile)
+        return await prepare(profile, selftest=selftest)
+
+    backend.prepare = recording  # type: ignore[method-assign]
+    with running_broker(config, backend) as running:
+        yield f"127.0.0.1:{running.port}", backend, profiles
+
+
+@pytest.mark.parametrize(("sample", "fmt", "profiles", "assurance"), [
+    ("npz", "numpy_npz", ["light"], "format_safe_only"),
+    ("torch_zip", "zip", ["torch", "light"], "integrity_verified"),
+    ("pickle", "pickle", ["sklearn"], "format_safe_only"),
+])
+def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
+        broker: tuple[str, FakeSandbox, list[str]], tmp_path: Path, sample: str, fmt: str,
+        profiles: list[str], assurance: str) -> None:
+    address, backend, prepared = broker
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES[sample])
+    with Client(address) as client:
+        result = client.convert(src, tmp_path / "out.safetensors")
+    assert result.assurance == assurance
+    assert sorted(prepared) == sorted(profiles)
+    assert {spec.artifact_format for spec in backend.specs} == {F(fmt)}
+    modes = sorted(spec.mode.value for spec in backend.specs)
+    assert modes == sorted([JobMode.CONVERT.value]
+                           + [JobMode.EXTRACT_WEIGHTS.value] * (len(profiles) - 1))
