@@ -38,7 +38,7 @@ from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
 from airlock_broker.ops.selftest import SelfTestReport, run_selftest
 from airlock_broker.readiness import STOPPING_WHY, Hold, Readiness
 from airlock_broker.sandboxes import exit_watch
-from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+from airlock_broker.sandboxes.backends import make_backend
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.sandbox_ids import check_at_start
@@ -166,9 +166,9 @@ async def create_server(config: BrokerConfig,
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
         if backend is None:
-            backend = DockerSandbox(config.sandbox, config.spool_root,
-                                    threads=4 * config.max_concurrent_jobs + 8)
-        await backend.check()
+            backend = make_backend(config.sandbox, config.spool_root,
+                                   threads=4 * config.max_concurrent_jobs + 8)
+        image_id = await backend.check()
         await backend.reap_orphans()
     except BaseException:
         os.close(lock_fd)
@@ -176,7 +176,7 @@ async def create_server(config: BrokerConfig,
     readiness = Readiness()
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs,
                           config.jobs_per_principal, readiness=readiness)
-    pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
+    pools = Pools(backend, config.pools, image_id=image_id,
                   runtime=config.sandbox.runtime, readiness=readiness)
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
     # if the rest of start-up fails.
@@ -217,13 +217,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                                              verify_integrity=config.verify_integrity),
                            admission, audit, metrics, signing_key, replays, local),
         server)
-    docker_backend = backend if isinstance(backend, DockerSandbox) else None
-
     async def host_versions() -> dict[str, Observation]:
-        found = host_observations()
-        if docker_backend is not None:
-            found.update(await docker_backend.engine_versions())
-        return found
+        return {**host_observations(), **await backend.versions()}
 
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox, host_versions=host_versions)

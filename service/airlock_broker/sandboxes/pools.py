@@ -373,7 +373,7 @@ class Pools:
                             pool.failed_starts += 1
                         await self.backend.destroy(warm.slot)
         await self.backend.reap_orphans()
-        image_id = await self.backend.current_image_id()
+        image_id = await self.backend.check()
         if self.image_id and image_id != self.image_id:
             log.info("sandbox image changed (%s -> %s): replacing warm containers",
                      self.image_id[:19], image_id[:19])
