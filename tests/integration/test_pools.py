@@ -469,11 +469,13 @@ def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
         assert ph.removed(docker_client, stray.id, timeout=60), "no sweep removed the stray"
         ph.wait_for(lambda: ph.containers_of(docker_client, broker.identity) == [], 30,
                     "the cold job's container to be removed")
-        # Docker's record of every container this broker made: the cold job's, nothing warm.
+        # Docker's record of every container this broker made: the isolation self-test's
+        # probe (in the light profile) and the cold job's, both gone; nothing warm.
         life = ph.container_events(docker_client, broker.identity, broker.started_at)
-        made = [events[0] for cid, events in life.items() if cid != stray.id
-                and "create" in events]
-        assert made == ["profile=sklearn"], life
+        made = sorted(events[0] for cid, events in life.items() if cid != stray.id
+                      and "create" in events)
+        assert made == ["profile=light", "profile=sklearn"], life
+        assert all("destroy" in events for events in life.values()), life
 
 
 # -- beyond the list: unhealthy warm containers and a rebuilt image ----------------------------
