@@ -89,7 +89,6 @@ class PoolStatus:
     unavailable: str = ""
 
 
-
 class Pools:
     """Hands out single-use slots: warm when one is ready, cold otherwise."""
 
