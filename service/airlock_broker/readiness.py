@@ -6,7 +6,8 @@ operator may drain the pools while the engine is down) and ordered: the first on
 one a refusal names. Who sets what:
 
     STOPPING     the server, on SIGTERM / ``Broker.stop`` (for good)
-    SELFTEST     the server, from start until the isolation self-test passes
+    SELFTEST     the server, from start until the isolation self-test passes (until the end
+                 of start-up when the self-test is off); for good if it fails
     DRAINED      an operator (AdminService DrainPools / ResumePools)
     ENGINE_DOWN  the pools' engine watch, while the sandbox engine does not answer
 
