@@ -76,7 +76,7 @@ from airlock_broker.conversion.idempotency import IdempotencySettings
 from airlock_broker.conversion.upload_limits import UploadLimits
 from airlock_broker.fastpath.local_transfer import LocalTransferSettings
 from airlock_broker.ops.metrics import check_metrics_listen
-from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.pool_settings import PoolSettings
 from airlock_broker.security.auth_config import AuthConfig, check_listen
 from airlock_broker.security.keys import KEY_FILE_NAME
 from airlock_broker.security.state_dirs import SOCKETS_DIR, default_state_root

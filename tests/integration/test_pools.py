@@ -455,16 +455,27 @@ def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
                              sandbox={"image": image})
     artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
     with ph.running_broker(tmp_path, config, docker_client) as broker:
-        time.sleep(1.5)  # a replenisher pass would have started something by now
-        assert ph.containers_of(docker_client, broker.identity) == []
         with Client(broker.address, retry_attempts=1) as client:
             result = client.convert(artifact, tmp_path / "model.onnx")
         assert result.format == "onnx" and result.output.stat().st_size > 0
         status = broker.status()
         assert status["sklearn"].served_cold == 1 and status["sklearn"].served_warm == 0
         assert all(s.warm == 0 and s.starting == 0 and s.busy == 0 for s in status.values())
-        time.sleep(2.5)  # at least one sweep later, still nothing started
-        assert ph.containers_of(docker_client, broker.identity) == []
+        # Proof that a sweep ran after the job (and a replenisher pass after it: each sweep
+        # wakes the replenisher): it removes a stray carrying this broker's label.
+        stray = docker_client.containers.create(image, labels={
+            "airlock.managed": "true", ph.LABEL_BROKER: broker.identity,
+            ph.LABEL_SLOT: "no-slot-of-this-broker", ph.LABEL_PROFILE: "stray"})
+        assert ph.removed(docker_client, stray.id, timeout=60), "no sweep removed the stray"
+        ph.wait_for(lambda: ph.containers_of(docker_client, broker.identity) == [], 30,
+                    "the cold job's container to be removed")
+        # Docker's record of every container this broker made: the isolation self-test's
+        # probe (in the light profile) and the cold job's, both gone; nothing warm.
+        life = ph.container_events(docker_client, broker.identity, broker.started_at)
+        made = sorted(events[0] for cid, events in life.items() if cid != stray.id
+                      and "create" in events)
+        assert made == ["profile=light", "profile=sklearn"], life
+        assert all("destroy" in events for events in life.values()), life
 
 
 # -- beyond the list: unhealthy warm containers and a rebuilt image ----------------------------
@@ -588,8 +599,9 @@ def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
         pools.start()
         light = pools.pools["light"]
         try:
-            while not (len(light.warm) == min_warm and light.starting == 0):
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(120):
+                while not (len(light.warm) == min_warm and light.starting == 0):
+                    await asyncio.sleep(0.05)
 
             task = asyncio.create_task(pools.acquire("light"))
             await asyncio.sleep(0)  # acquire runs to its first await, a Docker call
@@ -597,9 +609,11 @@ def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-            await asyncio.sleep(1.0)  # the Docker call in its thread completes meanwhile
-            while not (len(light.warm) == min_warm and light.starting == 0):
-                await asyncio.sleep(0.05)
+            # The cancelled acquire has destroyed (or leaked) the container it took: warm is
+            # 0 until the replenisher's replacement is ready.
+            async with asyncio.timeout(120):
+                while not (len(light.warm) == min_warm and light.starting == 0):
+                    await asyncio.sleep(0.05)
             (status,) = pools.status()
             counted = {"warm": status.warm, "busy": status.busy, "starting": status.starting}
             mine = [f"{c.short_id} ({c.status})"

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from airlock_broker.api.server import Broker, create_server
 from airlock_broker.config import BrokerConfig
+from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
+from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import JobSpec
 
@@ -38,8 +40,20 @@ class FakeSandbox:
     #: slot ids of every job ever run, in order (to prove no slot serves twice)
     ran: list[str] = field(default_factory=list)
 
-    async def inspect(self, slot: Slot) -> dict[str, object]:
+    async def describe(self, slot: Slot) -> Confinement:
+        return Confinement()
+
+    async def versions(self, *, image: bool = False) -> dict[str, Observation]:
         return {}
+
+    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+        if isinstance(artifact, Slot):
+            slot.workspace.link_artifact(artifact.workspace.artifact)
+        else:
+            slot.workspace.adopt_artifact(artifact)
+
+    async def output(self, slot: Slot) -> Path:
+        return slot.workspace.out_dir
 
     async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
         if self.unavailable:
@@ -61,9 +75,6 @@ class FakeSandbox:
     async def is_running(self, slot: Slot) -> bool:
         return slot.slot_id in self.live and slot.slot_id not in self.dead
 
-    async def current_image_id(self) -> str:
-        return self.image_id
-
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         assert slot.slot_id not in self.ran, "a slot was handed to a second job"
         self.ran.append(slot.slot_id)
@@ -80,9 +91,10 @@ class FakeSandbox:
         self.live.discard(slot.slot_id)
         slot.workspace.destroy()
 
-    async def check(self) -> None:
+    async def check(self) -> str:
         if self.unavailable:
             raise SandboxUnavailable("fake engine is down")
+        return self.image_id
 
     async def reap_orphans(self) -> int:
         return 0

@@ -16,12 +16,8 @@ from typing import Any
 import docker.errors
 import requests
 
-from airlock_broker.sandboxes.docker_sandbox import (
-    LABEL_BROKER,
-    LABEL_SLOT,
-    DockerSandbox,
-    broker_identity,
-)
+from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+from airlock_broker.sandboxes.owners import LABEL_BROKER, LABEL_SLOT, broker_identity
 from airlock_sandbox.policy import SandboxPolicy
 
 

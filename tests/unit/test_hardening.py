@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker.sandboxes.docker_sandbox import DockerSandbox, create_kwargs
+from airlock_broker.sandboxes.docker_hardening import create_kwargs
+from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import IN_DIR, OUT_DIR

@@ -131,16 +131,19 @@ def test_failed_starts_are_counted_and_retried(tmp_path: Path) -> None:
 def test_replacement_of_a_taken_warm_slot_waits_for_its_job(tmp_path: Path) -> None:
     """The replacement's start must not compete with the job; it comes once the job is done."""
     async def body(pools: Pools, backend: FakeSandbox) -> None:
-        sk = pools.pools["sklearn"]
-        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        sk, light = pools.pools["sklearn"], pools.pools["light"]
+        await _until(lambda: all(len(p.warm) == 1 and p.starting == 0 for p in (sk, light)))
         slot = await pools.acquire("sklearn")
         assert slot.started  # warm
-        await asyncio.sleep(1.5)  # longer than the replenisher's own 1 s tick
+        # Proof that the replenisher has made a pass since: it refilled another pool.
+        old_light = light.warm[0].slot.slot_id
+        assert await pools.restart("light") == 1
+        await _until(lambda: len(light.warm) == 1 and light.warm[0].slot.slot_id != old_light)
         assert len(sk.warm) == 0 and sk.starting == 0, "replacement started during the job"
         await pools.release(slot)
         await _until(lambda: len(sk.warm) == 1)  # and promptly after it
 
-    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn", "light"),
                                      defer_max_seconds=60.0), body)
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from airlock_broker.ops.selftest import WAIVERS, Check, SelfTestReport, _waive, config_checks
+from airlock_broker.ops.selftest import WAIVERS, Check, SelfTestReport, _waive
+from airlock_broker.ops.selftest import config_checks as _config_checks
+from airlock_broker.sandboxes.docker_hardening import confinement_of
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import profile_json
 
@@ -25,6 +27,11 @@ GOOD: dict[str, Any] = {
     "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in"},
                {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
 }
+
+
+def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
+    """The checks on ``docker inspect``'s record, as the Docker backend's ``describe`` maps it."""
+    return _config_checks(confinement_of(info), policy)
 
 
 def test_hardened_configuration_passes_every_check() -> None:

@@ -8,6 +8,7 @@ period, then every sandbox the broker started is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -35,8 +36,9 @@ from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_identity import PeerTickets
 from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
 from airlock_broker.ops.selftest import SelfTestReport, run_selftest
+from airlock_broker.readiness import STOPPING_WHY, Hold, Readiness
 from airlock_broker.sandboxes import exit_watch
-from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+from airlock_broker.sandboxes.backends import make_backend
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.sandbox_ids import check_at_start
@@ -61,6 +63,7 @@ class Broker:
     port: int
     health: health.aio.HealthServicer
     admission: Admission
+    readiness: Readiness
     backend: SandboxBackend
     pools: Pools
     onnx_validator: OnnxValidatorPool
@@ -68,6 +71,8 @@ class Broker:
     replays: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
+    #: Keeps gRPC health in step with ``readiness`` (``follow_health``) until ``stop``.
+    health_follower: asyncio.Task[None] | None = None
     local: LocalTransferServer | None = None
     unix: UnixListener | None = None
     #: The spool this broker reaps again when it stops (see ``stop``).
@@ -83,7 +88,11 @@ class Broker:
         if self.stopped:
             return
         self.stopped = True
-        self.admission.draining = True
+        self.readiness.hold(Hold.STOPPING, STOPPING_WHY)
+        if self.health_follower is not None:
+            self.health_follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.health_follower
         await self.health.enter_graceful_shutdown()
         try:
             await asyncio.sleep(drain)
@@ -157,17 +166,18 @@ async def create_server(config: BrokerConfig,
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
         if backend is None:
-            backend = DockerSandbox(config.sandbox, config.spool_root,
-                                    threads=4 * config.max_concurrent_jobs + 8)
-        await backend.check()
+            backend = make_backend(config.sandbox, config.spool_root,
+                                   threads=4 * config.max_concurrent_jobs + 8)
+        image_id = await backend.check()
         await backend.reap_orphans()
     except BaseException:
         os.close(lock_fd)
         raise
+    readiness = Readiness()
     admission = Admission(config.max_concurrent_jobs, config.max_queued_jobs,
-                          config.jobs_per_principal)
-    pools = Pools(backend, config.pools, image_id=await backend.current_image_id(),
-                  runtime=config.sandbox.runtime)
+                          config.jobs_per_principal, readiness=readiness)
+    pools = Pools(backend, config.pools, image_id=image_id,
+                  runtime=config.sandbox.runtime, readiness=readiness)
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
     # if the rest of start-up fails.
     onnx_validator = OnnxValidatorPool(config.output, config.onnx_validator)
@@ -207,13 +217,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                                              verify_integrity=config.verify_integrity),
                            admission, audit, metrics, signing_key, replays, local),
         server)
-    docker_backend = backend if isinstance(backend, DockerSandbox) else None
-
     async def host_versions() -> dict[str, Observation]:
-        found = host_observations()
-        if docker_backend is not None:
-            found.update(await docker_backend.engine_versions())
-        return found
+        return {**host_observations(), **await backend.versions()}
 
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox, host_versions=host_versions)
@@ -236,37 +241,32 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         audit.close()
         os.close(lock_fd)
         raise
-    for name in (SERVICE_NAME, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    readiness = admission.readiness
+    # Until the end of start-up: health says NOT_SERVING and no job is admitted.
+    readiness.hold(Hold.SELFTEST, "the isolation self-test has not passed yet"
+                   if config.selftest_on_start else "the broker is starting")
+    await set_health(health_servicer, readiness.serving)
     await server.start()
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
         log.info("Prometheus metrics on http://%s/metrics", config.metrics_listen)
+    passed = True
     if config.selftest_on_start:
-        admission.unready = "the isolation self-test has not passed yet"
         report = await selftest()
-        if not report.passed:
-            admission.unready = "the isolation self-test failed: " + "; ".join(report.failures())
-            log.error("%s: NOT serving", admission.unready)
+        passed = report.passed
+        if not passed:
+            readiness.hold(Hold.SELFTEST,
+                           "the isolation self-test failed: " + "; ".join(report.failures()))
+            log.error("%s: NOT serving", readiness.why(Hold.SELFTEST))
         else:
-            admission.unready = None
             log.info("isolation self-test passed (%d checks, runtime %s)", len(report.checks),
                      report.runtime)
-    async def engine_changed(unavailable: str | None) -> None:
-        """The engine went away or came back: health and admission follow."""
-        admission.sandbox_down = unavailable
-        if admission.draining or admission.unready is not None:
-            return
-        status = (health_pb2.HealthCheckResponse.NOT_SERVING if unavailable
-                  else health_pb2.HealthCheckResponse.SERVING)
-        for name in (SERVICE_NAME, ""):
-            await health_servicer.set(name, status)
-
-    pools.on_engine_change = engine_changed
-    if admission.unready is None:
+    if passed:
+        readiness.release(Hold.SELFTEST)
         pools.start()
-        for name in (SERVICE_NAME, ""):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await set_health(health_servicer, readiness.serving)
+    follower = asyncio.create_task(follow_health(readiness, health_servicer),
+                                   name="health-follower")
     log.info("broker listening on port %d (image %s, runtime %s, %s; %s)", port,
              config.sandbox.image, config.sandbox.runtime,
              exit_watch.describe(config.sandbox.exit_watch, config.sandbox.runtime_family),
@@ -276,9 +276,27 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                     "port can convert artifacts%s", config.listen,
                     " and drain or restart the pools" if config.auth.anonymous_admin else "")
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
-                  backend=backend, pools=pools, onnx_validator=onnx_validator, audit=audit,
+                  readiness=readiness, health_follower=follower, backend=backend, pools=pools,
+                  onnx_validator=onnx_validator, audit=audit,
                   replays=replays, lock_fd=lock_fd, spool_root=config.spool_root,
                   signing_key=signing_key, local=local, unix=unix)
+
+
+async def follow_health(readiness: Readiness, health_servicer: health.aio.HealthServicer
+                        ) -> None:
+    """Keep gRPC health in step with ``readiness.serving`` (until cancelled, by ``stop``)."""
+    while True:
+        serving = readiness.serving
+        await set_health(health_servicer, serving)
+        await readiness.until_serving_is_not(serving)
+
+
+async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """The service's and the server's health status, both at once."""
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in (SERVICE_NAME, ""):
+        await health_servicer.set(name, status)
 
 
 async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:

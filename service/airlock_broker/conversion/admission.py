@@ -4,7 +4,9 @@ A request beyond both bounds is refused at once with BUSY (RESOURCE_EXHAUSTED) c
 broker's estimate of the wait (wait_estimate.py), which the client library honours while it
 retries until its own deadline; nothing queues without limit. So is one beyond
 ``max_per_principal`` of its caller's: one principal (all unauthenticated callers are one,
-"anonymous") cannot take every place.
+"anonymous") cannot take every place. Before any of that, the broker's readiness
+(readiness.py) is asked: a broker that is stopping, not yet self-tested, drained by an
+operator or without its engine refuses before the upload is read.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import AsyncIterator
 
 from airlock_broker.conversion.wait_estimate import JobTimes
 from airlock_broker.errors import AirlockError, Reason, RetryAfter, error
+from airlock_broker.readiness import Readiness
 
 
 class Admission:
     def __init__(self, max_running: int, max_waiting: int,
-                 max_per_principal: int | None = None) -> None:
+                 max_per_principal: int | None = None, *,
+                 readiness: Readiness | None = None) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_per_principal = max_per_principal or max_running + max_waiting
@@ -31,11 +35,7 @@ class Admission:
         self._in_slot = 0
         #: How long jobs hold a sandbox place, for BUSY's estimate of the wait.
         self.job_times = JobTimes()
-        self.draining = False
-        #: Why the broker must not serve yet (the isolation self-test failed), or None.
-        self.unready: str | None = None
-        #: Why no sandbox can run now (the engine is unreachable), or None; set by the pools.
-        self.sandbox_down: str | None = None
+        self.readiness = readiness or Readiness()
 
     @property
     def admitted(self) -> int:
@@ -45,12 +45,7 @@ class Admission:
     @contextlib.asynccontextmanager
     async def admit(self, principal: str = "") -> AsyncIterator[None]:
         """Hold a place in the broker for the whole request, or raise BUSY / UNAVAILABLE."""
-        if self.draining:
-            raise error(Reason.SANDBOX_UNAVAILABLE, "the broker is shutting down")
-        if self.unready is not None:
-            raise error(Reason.SANDBOX_UNAVAILABLE, self.unready)
-        if self.sandbox_down is not None:  # refused before the upload, not after it
-            raise error(Reason.SANDBOX_UNAVAILABLE, self.sandbox_down)
+        self.readiness.check()  # every hold: refused before the upload, not after it
         if self._admitted >= self.max_running + self.max_waiting:
             raise self.busy()
         held = self._by_principal[principal]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.validation.files import open_regular_file
-from airlock_broker.validation.safetensors_check import SafetensorsInfo
+from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
 
 _BLOCK = 1024 * 1024
 

@@ -249,11 +249,11 @@ class JobRunner:
         async with contextlib.AsyncExitStack() as stack:
             slot = await self._slot(stack, decision.profile, answered)
             audit.set(warm_container=slot.started, profile=slot.profile)
-            slot.workspace.adopt_artifact(upload)
+            await self.backend.hand_over(slot, upload)
             # The restricted reader needs no torch: the light profile starts fastest.
             second = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
             if second is not None:
-                second.workspace.link_artifact(slot.workspace.artifact)
+                await self.backend.hand_over(second, slot)
             spec = JobSpec(job_id=request.job_id, artifact_format=detected,
                            target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
@@ -270,7 +270,8 @@ class JobRunner:
                       runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
                       sandbox_seconds=round(outcome.duration_seconds, 3))
             # From here on the containers are dead: only now are their outputs looked at.
-            report = read_report(slot.workspace.out_dir, MAX_REPORT_BYTES)
+            out_dir = await self.backend.output(slot)
+            report = read_report(out_dir, MAX_REPORT_BYTES)
             if report is not None:
                 audit.set(loader=sanitize(report.get("loader", ""), 80))
             audit.set(refined_format=refined_format(detected, report))
@@ -286,7 +287,7 @@ class JobRunner:
                 # With the extraction's output at hand, a safetensors output is compared with
                 # it rather than hashed: when they are the same file it takes that digest.
                 output = await validate_output(
-                    slot.workspace.out_dir, request.target, self.limits, self.onnx_validator,
+                    out_dir, request.target, self.limits, self.onnx_validator,
                     digest=extraction is None or extraction.output is None)
                 output, assurance, note = await self._assurance(output, extraction)
                 output = await compute_digest(output)
@@ -337,7 +338,7 @@ class JobRunner:
             return Extraction(None, "the weights could not be read without executing the "
                                     f"artifact (extraction exit {outcome.exit_code})")
         try:
-            extracted = await validate_output(slot.workspace.out_dir, Target.SAFETENSORS,
+            extracted = await validate_output(await self.backend.output(slot), Target.SAFETENSORS,
                                               self.limits, self.onnx_validator, digest=False)
         except AirlockError as exc:
             return Extraction(None, f"the extraction's output was invalid: {exc.message}")

@@ -13,12 +13,12 @@ from airlock_broker.fastpath.local_io import write_bytes, write_canonical_safete
 from airlock_broker.validation.files import collect_output
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
-from airlock_broker.validation.safetensors_check import (
+from airlock_broker.validation.safetensors_canonical import (
     SafetensorsInfo,
     same_canonical,
-    validate_safetensors,
     with_digest,
 )
+from airlock_broker.validation.safetensors_check import validate_safetensors
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
 

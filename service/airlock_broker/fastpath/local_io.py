@@ -33,7 +33,7 @@ from airlock_broker.conversion.upload_limits import MiB, Pace
 from airlock_broker.errors import Reason, error
 from airlock_broker.fastpath.local_handles import LocalFiles
 from airlock_broker.validation.files import open_regular_file
-from airlock_broker.validation.safetensors_check import FileIdentity, SafetensorsInfo
+from airlock_broker.validation.safetensors_canonical import FileIdentity, SafetensorsInfo
 from airlock_sandbox.formats import PREFIX_BYTES
 
 #: Large reads: a 400 MB artifact in 100 system calls; three blocks in flight at most.

@@ -1,9 +1,9 @@
 """The isolation self-test: prove the sandbox is confined before serving anything.
 
-A probe container, created exactly like a job's, reports what it can observe from inside
+A probe sandbox, created exactly like a job's, reports what it can observe from inside
 (user, capabilities, network, read-only paths, noexec, limits, environment); the broker adds
-what it reads from the container's configuration. Until every check passes, gRPC health says
-NOT_SERVING and jobs are refused.
+what the backend reads back of the confinement it applied (``describe``). Until every check
+passes, gRPC health says NOT_SERVING and jobs are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airlock_broker.sandboxes import sandbox_ids, version_gates
+from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.validation.files import open_regular_file, read_upto
@@ -73,36 +74,32 @@ class SelfTestReport:
         return [f"{c.name}: {c.detail}" for c in self.checks if not (c.passed or c.waived)]
 
 
-def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
-    """What ``docker inspect`` says about a sandbox container, against the policy. Pure."""
-    host = info.get("HostConfig", {})
-    config = info.get("Config", {})
-    binds = [m for m in info.get("Mounts", []) if m.get("Type") == "bind"]
-    env = [e.split("=", 1)[0] for e in config.get("Env") or []]
+def config_checks(applied: Confinement, policy: SandboxPolicy) -> list[Check]:
+    """The confinement the engine applied to a sandbox (``describe``), against the policy."""
+    options = applied.security_options
     checks = [
-        ("network_none", host.get("NetworkMode") == "none", host.get("NetworkMode")),
-        ("read_only_rootfs", host.get("ReadonlyRootfs") is True, host.get("ReadonlyRootfs")),
-        ("cap_drop_all", host.get("CapDrop") == ["ALL"] and not host.get("CapAdd"),
-         f"drop={host.get('CapDrop')} add={host.get('CapAdd')}"),
-        ("not_privileged", host.get("Privileged") is False, host.get("Privileged")),
-        ("no_new_privileges", "no-new-privileges" in (host.get("SecurityOpt") or []),
-         host.get("SecurityOpt")),
-        ("seccomp_not_disabled",
-         not any("unconfined" in o for o in host.get("SecurityOpt") or []),
-         [o[:40] for o in host.get("SecurityOpt") or []]),
-        _seccomp_profile_check(host.get("SecurityOpt") or [], policy),
-        ("pids_limit", (host.get("PidsLimit") or 0) == policy.pids_limit, host.get("PidsLimit")),
-        ("memory_limit", host.get("Memory") == policy.memory_bytes, host.get("Memory")),
-        ("no_swap", host.get("MemorySwap") == policy.memory_bytes, host.get("MemorySwap")),
-        ("cpu_limit", host.get("NanoCpus") == policy.nano_cpus, host.get("NanoCpus")),
-        ("logging_off", host.get("LogConfig", {}).get("Type") == "none", host.get("LogConfig")),
-        ("runtime", host.get("Runtime") == policy.runtime, host.get("Runtime")),
-        ("non_root_user", str(config.get("User", "")).split(":")[0] not in {"", "0", "root"},
-         config.get("User")),
-        ("only_job_mounts", len(binds) == 2 and all(
-            "docker.sock" not in str(m.get("Source")) for m in binds),
-         [m.get("Destination") for m in binds]),
-        ("no_proxy_env", not any("proxy" in k.lower() for k in env), env),
+        ("network_none", applied.network == "none", applied.network),
+        ("read_only_rootfs", applied.read_only_root is True, applied.read_only_root),
+        ("cap_drop_all", applied.cap_drop == ["ALL"] and not applied.cap_add,
+         f"drop={applied.cap_drop} add={applied.cap_add}"),
+        ("not_privileged", applied.privileged is False, applied.privileged),
+        ("no_new_privileges", "no-new-privileges" in options, options),
+        ("seccomp_not_disabled", not any("unconfined" in o for o in options),
+         [o[:40] for o in options]),
+        _seccomp_profile_check(options, policy),
+        ("pids_limit", (applied.pids_limit or 0) == policy.pids_limit, applied.pids_limit),
+        ("memory_limit", applied.memory_bytes == policy.memory_bytes, applied.memory_bytes),
+        ("no_swap", applied.memory_swap_bytes == policy.memory_bytes,
+         applied.memory_swap_bytes),
+        ("cpu_limit", applied.nano_cpus == policy.nano_cpus, applied.nano_cpus),
+        ("logging_off", applied.logging == "none", applied.logging),
+        ("runtime", applied.runtime == policy.runtime, applied.runtime),
+        ("non_root_user", applied.user.split(":")[0] not in {"", "0", "root"}, applied.user),
+        ("only_job_mounts", len(applied.bind_mounts) == 2 and all(
+            "docker.sock" not in source for source, _ in applied.bind_mounts),
+         [target for _, target in applied.bind_mounts]),
+        ("no_proxy_env", not any("proxy" in k.lower() for k in applied.env_names),
+         applied.env_names),
     ]
     return [Check(name, bool(ok), str(detail)[:200], "config") for name, ok, detail in checks]
 
@@ -147,9 +144,9 @@ async def run_selftest(backend: SandboxBackend, policy: SandboxPolicy,
     the probe. Without it only the image's gates are judged."""
     slot = await backend.prepare(PROFILE_LIGHT, selftest=True)
     try:
-        checks = config_checks(await backend.inspect(slot), policy) + host_checks(policy)
+        checks = config_checks(await backend.describe(slot), policy) + host_checks(policy)
         outcome = await backend.run(slot, JobSpec(job_id="selftest"), deadline_seconds)
-        probe = _read_probe(slot.workspace.out_dir / SELFTEST_FILE)
+        probe = _read_probe(await backend.output(slot) / SELFTEST_FILE)
         if outcome.exit_code != 0 or probe is None:
             checks.append(Check("probe_ran", False, f"probe exit {outcome.exit_code}, "
                                 f"timed out {outcome.timed_out}", "sandbox"))

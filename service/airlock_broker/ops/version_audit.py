@@ -17,33 +17,28 @@ import dataclasses
 import json
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 from airlock_broker.config import BrokerConfig
-from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+from airlock_broker.sandboxes.backends import make_backend
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 from airlock_broker.sandboxes.version_gates import (
     GATES,
     Observation,
     Verdict,
     evaluate_all,
-    from_probe,
     host_observations,
 )
 
 
-async def observe(config: BrokerConfig) -> tuple[dict[str, Observation], dict[str, str]]:
+async def observe(config: BrokerConfig) -> dict[str, Observation]:
+    """The broker's own versions, the sandbox runtime's and the image's."""
     with tempfile.TemporaryDirectory() as spool:
-        backend = DockerSandbox(config.sandbox, Path(spool), threads=2)
+        backend = make_backend(config.sandbox, Path(spool), threads=2)
         try:
-            engine = await backend.engine_versions()
-            source = resources.files("airlock_sandbox").joinpath("versions.py").read_text()
-            raw = await backend.probe_image(source)
+            return {**host_observations(), **await backend.versions(image=True)}
         finally:
             await backend.close()
-    image = json.loads(raw.strip().splitlines()[-1]) if raw.strip() else {}
-    return {**host_observations(), **engine, **from_probe(image, "image")}, image
 
 
 def render(verdicts: list[Verdict], image: str) -> str:
@@ -81,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = dataclasses.replace(sandbox, runtime=args.runtime)
     config = dataclasses.replace(config, sandbox=sandbox)
     try:
-        observed, _ = asyncio.run(observe(config))
+        observed = asyncio.run(observe(config))
     except (SandboxUnavailable, ValueError) as exc:
         print(f"audit: cannot read the versions: {exc}", file=sys.stderr)
         return 3

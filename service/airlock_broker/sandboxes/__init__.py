@@ -1,5 +1,7 @@
-"""Running a job in a sandbox: the backend protocol (``sandbox``), the Docker backend and the
-engine's version gates, warm pools, a job's workspace on disk, exit watching, sandbox ids.
+"""Running a job in a sandbox: the backend protocol (``sandbox``) and the confinement it reports,
+the Docker backend (``docker_sandbox``, ``docker_hardening``, ``owners``; chosen in
+``backends``), the engine's version gates, warm pools and the engine watch, a job's workspace
+on disk, exit watching, sandbox ids.
 
-May import errors and security; never api, conversion, fastpath or ops.
+May import errors, readiness and security; never api, conversion, fastpath or ops.
 """

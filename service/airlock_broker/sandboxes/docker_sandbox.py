@@ -1,9 +1,9 @@
-"""The Docker adapter: the only module that imports ``docker``.
+"""The Docker adapter: a ``SandboxBackend`` on the local engine (with docker_hardening.py, the
+only modules that import ``docker``).
 
-It turns a frozen ``SandboxPolicy`` into container-create arguments, runs single-use
-containers, enforces the wall-clock deadline itself with ``kill`` (docker-py's
-``wait(timeout=)`` is only an HTTP timeout), and maps Docker's errors to
-``SandboxUnavailable`` in one place.
+It runs single-use containers made from the frozen ``SandboxPolicy`` (docker_hardening.py),
+enforces the wall-clock deadline itself with ``kill`` (docker-py's ``wait(timeout=)`` is only
+an HTTP timeout), and maps Docker's errors to ``SandboxUnavailable`` in one place.
 """
 
 from __future__ import annotations
@@ -11,69 +11,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
-import os
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig, Mount, Ulimit
 
+from airlock_broker.sandboxes.confinement import Confinement
+from airlock_broker.sandboxes.docker_hardening import confinement_of, create_kwargs, probe_kwargs
 from airlock_broker.sandboxes.exit_watch import ExitWatch
+from airlock_broker.sandboxes.owners import (
+    LABEL_BROKER,
+    LABEL_MANAGED,
+    LABEL_PROFILE,
+    LABEL_SLOT,
+    broker_identity,
+    is_alive,
+)
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
-from airlock_broker.sandboxes.version_gates import Observation, engine_observations
+from airlock_broker.sandboxes.version_gates import Observation, engine_observations, from_probe
 from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError
-from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, IN_DIR, OUT_DIR, JobSpec
+from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
-from airlock_sandbox.seccomp import DOCKER_DEFAULT, profile_json
+from airlock_sandbox.seccomp import DOCKER_DEFAULT
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-LABEL_MANAGED = "airlock.managed"
-LABEL_BROKER = "airlock.broker"
-LABEL_SLOT = "airlock.slot"
-LABEL_PROFILE = "airlock.profile"
-
 _INFRA_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
-
-
-def broker_identity() -> str:
-    """``host:pid:starttime`` — survives PID reuse, so orphans are told apart from the living."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks, or "0" if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return "0"
-    if len(fields) < 20 or fields[0] in {b"Z", b"X"}:  # dead, not yet reaped by its parent
-        return "0"
-    return fields[19].decode()
-
-
-def _is_alive(identity: str) -> bool:
-    host, _, rest = identity.partition(":")
-    pid_s, _, start = rest.partition(":")
-    if host != socket.gethostname():
-        return True  # not ours to judge
-    try:
-        pid = int(pid_s)
-    except ValueError:
-        return False
-    return _start_time(pid) == start and start != "0"
 
 
 def _binary_version(path: str) -> str | None:
@@ -85,68 +60,6 @@ def _binary_version(path: str) -> str | None:
         return None
     first = (done.stdout.splitlines() or [""])[0]
     return first.rsplit(" ", 1)[-1] or None
-
-
-def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
-                  labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
-    """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
-    security_opt = list(policy.security_opts)
-    seccomp = seccomp_json(policy)
-    if seccomp is not None:
-        # docker-py passes the profile's content, not a path (the engine reads no client files).
-        security_opt.append(f"seccomp={seccomp}")
-    if policy.no_new_privileges:
-        security_opt.append("no-new-privileges")
-    return {
-        "image": policy.image,
-        "command": ["--selftest"] if selftest else ["--profile", profile],
-        "user": policy.user,
-        "labels": labels,
-        "detach": True,
-        "environment": {},
-        # docker-py would otherwise copy the client's proxy settings into the container.
-        "use_config_proxy": False,
-        "hostname": "sandbox",
-        "working_dir": "/tmp",
-        "network_mode": "none" if policy.network_disabled else "bridge",
-        "read_only": policy.read_only_root,
-        "cap_drop": ["ALL"] if policy.drop_all_capabilities else [],
-        "security_opt": security_opt,
-        "pids_limit": policy.pids_limit,
-        "mem_limit": policy.memory_bytes,
-        "memswap_limit": policy.memory_bytes,  # = memory: no swap
-        "nano_cpus": policy.nano_cpus,
-        "ulimits": [Ulimit(name="nofile", soft=policy.nofile_limit, hard=policy.nofile_limit),
-                    Ulimit(name="core", soft=0, hard=0)],
-        # nr_inodes: an inode fill would otherwise cost host kernel memory, not tmpfs bytes.
-        "tmpfs": {
-            "/tmp": (f"rw,noexec,nosuid,nodev,size={policy.tmpfs_bytes},"
-                     f"nr_inodes={policy.tmpfs_inodes},mode=1777"),
-            "/dev/shm": (f"rw,noexec,nosuid,nodev,size={policy.shm_bytes},"
-                         f"nr_inodes={policy.tmpfs_inodes},mode=1777"),
-        },
-        "mounts": [
-            Mount(target=IN_DIR, source=str(workspace.in_dir), type="bind", read_only=True),
-            # A broker-owned noexec,nosuid,nodev tmpfs; the bind keeps those flags.
-            Mount(target=OUT_DIR, source=str(workspace.out_dir), type="bind", read_only=False),
-        ],
-        "log_config": LogConfig(type="none"),
-        "runtime": policy.runtime,
-        "ipc_mode": "private",
-        "stdin_open": False,
-        "tty": False,
-    }
-
-
-def seccomp_json(policy: SandboxPolicy) -> str | None:
-    """The policy's seccomp profile text for ``security_opt``; None: the engine's default."""
-    return _seccomp_json(policy.seccomp, policy.runtime_family)
-
-
-@functools.lru_cache(maxsize=8)
-def _seccomp_json(name: str, family: str) -> str | None:
-    """Read once per profile (every container create needs it)."""
-    return profile_json(name, family)
 
 
 class DockerSandbox:
@@ -191,7 +104,7 @@ class DockerSandbox:
 
     # -- SandboxBackend ---------------------------------------------------------------------
 
-    async def check(self) -> None:
+    async def check(self) -> str:
         await self._call(self._ping_fresh)
         image = await self._call(self.client.images.get, self.policy.image)
         self._image_id = str(image.id)
@@ -207,6 +120,7 @@ class DockerSandbox:
                 f"OCI runtime {self.policy.runtime!r} is registered without --oci-seccomp, so "
                 "the sandbox's seccomp profile would not apply: run scripts/ensure-docker.sh "
                 "(make docker) to update the registration")
+        return self._image_id
 
     def _ping_fresh(self) -> None:
         """Ping over a new connection. A stopping engine closes its listener first but goes on
@@ -226,9 +140,10 @@ class DockerSandbox:
         info: dict[str, Any] = self.client.info()
         return dict(info.get("Runtimes", {}))
 
-    async def engine_versions(self) -> dict[str, Observation]:
-        """The OCI runtimes' versions, for the version gates (runc as the engine reports it,
-        runsc from the binary registered for the policy's runtime, or for "runsc")."""
+    async def versions(self, *, image: bool = False) -> dict[str, Observation]:
+        """The OCI runtimes' versions (runc as the engine reports it, runsc from the binary
+        registered for the policy's runtime, or for "runsc"); with ``image``, the image's
+        (``airlock_sandbox/versions.py`` run in a confined throwaway container)."""
         version: dict[str, Any] = await self._call(self.client.version)
         info: dict[str, Any] = await self._call(self.client.info)
         runtimes = info.get("Runtimes", {})
@@ -236,23 +151,17 @@ class DockerSandbox:
         path = runtimes.get(name, {}).get("path")
         runsc_version = await asyncio.get_running_loop().run_in_executor(
             self._pool, _binary_version, path) if path else None
-        return engine_observations(version.get("Components") or [], runsc_version)
+        found = engine_observations(version.get("Components") or [], runsc_version)
+        if image:
+            source = resources.files("airlock_sandbox").joinpath("versions.py").read_text()
+            raw = (await self._probe_image(source)).strip()
+            found.update(from_probe(json.loads(raw.splitlines()[-1]) if raw else {}, "image"))
+        return found
 
-    async def probe_image(self, source: str, timeout: float = 60.0) -> str:
-        """Run ``python3 -c source`` in a throwaway container of the policy's image, confined
-        like a sandbox (no network, read-only, no capabilities, the seccomp profile), and
-        return its stdout. For ``make audit``: the image's versions are read inside it."""
-        kwargs: dict[str, Any] = {
-            "image": self.policy.image, "entrypoint": ["python3", "-c", source],
-            "user": self.policy.user, "environment": {}, "use_config_proxy": False,
-            "network_mode": "none", "read_only": True, "cap_drop": ["ALL"],
-            "security_opt": [*self.policy.security_opts, "no-new-privileges"]
-            + ([f"seccomp={p}"] if (p := seccomp_json(self.policy)) else []),
-            "pids_limit": self.policy.pids_limit, "mem_limit": self.policy.memory_bytes,
-            "runtime": self.policy.runtime, "detach": True,
-            "labels": {LABEL_BROKER: self.identity},
-        }
-        container = await self._call(self.client.containers.create, **kwargs)
+    async def _probe_image(self, source: str, timeout: float = 60.0) -> str:
+        """Run ``python3 -c source`` in a throwaway confined container; its stdout."""
+        container = await self._call(self.client.containers.create,
+                                     **probe_kwargs(self.policy, source, self.identity))
         try:
             await self._call(container.start)
             await self._call(container.wait, timeout=timeout)
@@ -266,10 +175,10 @@ class DockerSandbox:
     def image_id(self) -> str:
         return self._image_id
 
-    async def inspect(self, slot: Slot) -> dict[str, Any]:
+    async def describe(self, slot: Slot) -> Confinement:
         info: dict[str, Any] = await self._call(self.client.api.inspect_container,
                                                 slot.container_id)
-        return info
+        return confinement_of(info)
 
     async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
         slot_id = uuid.uuid4().hex
@@ -317,10 +226,14 @@ class DockerSandbox:
         info = await self._call(self.client.api.inspect_container, slot.container_id)
         return bool(info["State"].get("Running"))
 
-    async def current_image_id(self) -> str:
-        image = await self._call(self.client.images.get, self.policy.image)
-        self._image_id = str(image.id)
-        return self._image_id
+    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+        if isinstance(artifact, Slot):  # the same inode: one upload, two readers
+            slot.workspace.link_artifact(artifact.workspace.artifact)
+        else:
+            slot.workspace.adopt_artifact(artifact)
+
+    async def output(self, slot: Slot) -> Path:
+        return slot.workspace.out_dir
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         slot.workspace.write_job_spec(spec)
@@ -429,7 +342,7 @@ class DockerSandbox:
                     continue
                 log.warning("removing stray container %s (a slot this broker no longer owns)",
                             info["Id"][:12])
-            elif _is_alive(owner):
+            elif is_alive(owner):
                 continue
             try:
                 await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)

@@ -11,10 +11,11 @@ Operators can drain (no container is handed out: jobs are refused with UNAVAILAB
 and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
 retires warm containers that died or grew old, reaps orphans, and notices a rebuilt image.
 
-A watch pings the engine every ``engine_check_seconds``. While it does not answer, the pools
-say why (``unavailable``), jobs are refused at once with that reason, nothing is started, and
-``on_engine_change`` tells the server (which flips health). When it answers again, a sweep
-clears out what the outage killed and the pools refill without waiting out a start backoff.
+A watch pings the engine every ``engine_check_seconds`` (engine_watch.py). While it does not
+answer, the broker's readiness holds ENGINE_DOWN with the reason: jobs are refused at once with
+it, health says NOT_SERVING, nothing is started. When it answers again, a sweep clears out what
+the outage killed and the pools refill without waiting out a start backoff. An operator drain
+is a readiness hold too (readiness.py): the pools and admission both refuse while it is held.
 """
 
 from __future__ import annotations
@@ -24,46 +25,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.readiness import DRAINED_WHY, POOL_HOLDS, Hold, Readiness
+from airlock_broker.sandboxes.engine_watch import engine_back
+from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
-from airlock_sandbox.formats import PROFILES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """Sizes and rates of the warm pools. ``min_warm = 0`` turns pools off (all cold)."""
-
-    min_warm: int = 1
-    max_warm: int = 4
-    #: Containers being started at once, across all profiles (bounds the start rate).
-    max_starting: int = 1
-    #: A warm container older than this is replaced (the worker itself gives up after an hour).
-    max_age_seconds: float = 1800.0
-    sweep_seconds: float = 15.0
-    #: How often the engine is pinged (an outage is noticed and its end is, within this).
-    engine_check_seconds: float = 2.0
-    #: Start the replacement for a warm container a job took only once that job is done (or
-    #: after ``defer_max_seconds``, whichever comes first). On a small machine the start
-    #: (about a CPU-second of imports) would otherwise compete with the job it replaces.
-    defer_replacement: bool = True
-    defer_max_seconds: float = 2.0
-    profiles: tuple[str, ...] = PROFILES
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_warm <= self.max_warm:
-            raise ValueError("need 0 <= min_warm <= max_warm")
-        if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
-                or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
-            raise ValueError("max_starting, sweep_seconds, max_age_seconds, "
-                             "engine_check_seconds and defer_max_seconds must be positive")
-        unknown = set(self.profiles) - set(PROFILES)
-        if unknown:
-            raise ValueError(f"unknown profiles: {sorted(unknown)}")
 
 
 async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
@@ -119,21 +89,16 @@ class PoolStatus:
     unavailable: str = ""
 
 
-EngineListener = Callable[[str | None], Awaitable[None]]
-
-
 class Pools:
     """Hands out single-use slots: warm when one is ready, cold otherwise."""
 
     def __init__(self, backend: SandboxBackend, settings: PoolSettings, *, image_id: str = "",
-                 runtime: str = "") -> None:
+                 runtime: str = "", readiness: Readiness | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.pools = {p: Pool(p) for p in settings.profiles}
-        self.draining = False
-        #: Why the engine cannot run sandboxes now (set by the engine watch), or None.
-        self.unavailable: str | None = None
-        self.on_engine_change: EngineListener | None = None
+        #: Shared with admission and health; the pools set DRAINED and ENGINE_DOWN.
+        self.readiness = readiness or Readiness()
         self.image_id = image_id
         self.runtime = runtime
         self._starts = asyncio.Semaphore(settings.max_starting)
@@ -181,11 +146,8 @@ class Pools:
 
     async def acquire(self, profile: str) -> Slot:
         """A slot for one job: a warm one if any is alive, else a freshly prepared one."""
-        if self.draining:
-            raise error(Reason.SANDBOX_UNAVAILABLE,
-                        "the sandbox pools are drained by an operator; retry later")
-        if self.unavailable is not None:
-            raise error(Reason.SANDBOX_UNAVAILABLE, self.unavailable)
+        # Only the pools' own holds: a job admitted before a shutdown still gets its sandbox.
+        self.readiness.check(*POOL_HOLDS)
         pool = self.pools.get(profile)
         if pool is not None:
             # A second job while a replacement waits: there is demand, so start it now.
@@ -281,11 +243,15 @@ class Pools:
 
     # -- operations ------------------------------------------------------------------------
 
+    @property
+    def draining(self) -> bool:
+        return self.readiness.held(Hold.DRAINED)
+
     def drain(self) -> None:
-        self.draining = True
+        self.readiness.hold(Hold.DRAINED, DRAINED_WHY)
 
     def resume(self) -> None:
-        self.draining = False
+        self.readiness.release(Hold.DRAINED)
         self._wake.set()
 
     async def restart(self, profile: str | None = None) -> int:
@@ -311,7 +277,7 @@ class Pools:
             failed_starts=p.failed_starts, served_warm=p.served_warm, served_cold=p.served_cold,
             oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
             image_id=self.image_id, runtime=self.runtime, draining=self.draining,
-            unavailable=self.unavailable or "",
+            unavailable=self.readiness.why(Hold.ENGINE_DOWN),
         ) for p in self.pools.values()]
 
     # -- background work -------------------------------------------------------------------
@@ -319,7 +285,7 @@ class Pools:
     async def _replenish_forever(self) -> None:
         while True:
             self._wake.clear()
-            if not self.draining and self.unavailable is None:
+            if self.readiness.refusal(*POOL_HOLDS) is None:
                 for pool in self.pools.values():
                     filled = len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
                     if filled < self.settings.min_warm and filled < self.settings.max_warm:
@@ -369,41 +335,20 @@ class Pools:
             await self.check_engine()
 
     async def check_engine(self) -> None:
-        """Ping the engine; on a change of state tell the listener, and on recovery refill."""
-        try:
-            await self.backend.check()
-        except SandboxUnavailable as exc:
-            if self.unavailable is None:
-                self.unavailable = f"the sandbox engine is unavailable: {exc}"
-                log.error("%s; refusing jobs until it is back", self.unavailable)
-                await self._notify(self.unavailable)
-            else:
-                self.unavailable = f"the sandbox engine is unavailable: {exc}"
-            return
-        except Exception as exc:  # a bug here must not stop the watch
-            log.warning("engine check failed unexpectedly: %s", exc)
-            return
-        if self.unavailable is None:
+        """Ping the engine (engine_watch.py); when it is back, clear out the outage, refill."""
+        if not await engine_back(self.backend, self.readiness):
             return
         log.info("the sandbox engine is back; clearing out the outage and refilling the pools")
         try:  # still refusing jobs and starting nothing: the sweep sees a quiet broker
             await self.sweep()
         except Exception as exc:
             log.warning("sweep after the engine came back failed: %s", exc)
-        self.unavailable = None
+        self.readiness.release(Hold.ENGINE_DOWN)
         for pool in self.pools.values():
             pool.failures_in_a_row = 0
         self._recovered.set()
         self._recovered.clear()
         self._wake.set()
-        await self._notify(None)
-
-    async def _notify(self, unavailable: str | None) -> None:
-        if self.on_engine_change is not None:
-            try:
-                await self.on_engine_change(unavailable)
-            except Exception as exc:
-                log.warning("engine state listener failed: %s", exc)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -427,7 +372,7 @@ class Pools:
                             pool.failed_starts += 1
                         await self.backend.destroy(warm.slot)
         await self.backend.reap_orphans()
-        image_id = await self.backend.current_image_id()
+        image_id = await self.backend.check()
         if self.image_id and image_id != self.image_id:
             log.info("sandbox image changed (%s -> %s): replacing warm containers",
                      self.image_id[:19], image_id[:19])

@@ -9,9 +9,12 @@ artifact and the job spec into ``slot.workspace``, ``run`` it, read the outcome,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Protocol
 
+from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.exit_watch import ExitWatch
+from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import JobSpec
 
@@ -52,44 +55,70 @@ class Outcome:
 
 
 class SandboxBackend(Protocol):
-    """Runs single-use sandboxes. Infrastructure failures raise ``SandboxUnavailable``."""
+    """Runs single-use sandboxes. Infrastructure failures raise ``SandboxUnavailable``; what a
+    payload does (a crash, a timeout, an OOM kill) comes back as an ``Outcome``.
+
+    A job: ``prepare`` (and ``start``, ahead of time, for a warm pool), ``hand_over`` the
+    artifact, ``run`` the spec, read ``output`` once it is dead, ``destroy``. Upkeep:
+    ``is_running``, ``check``, ``reap_orphans``, ``close``. The self-test and the version
+    gates: ``describe``, ``versions``. Nothing above this interface knows which engine runs
+    the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes pod per job).
+    """
 
     async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
-        """Create (not start) a container with a fresh workspace (or the isolation probe)."""
-        ...
-
-    async def inspect(self, slot: Slot) -> dict[str, Any]:
-        """The engine's view of the slot's container configuration (``docker inspect``)."""
+        """A fresh, single-use sandbox for ``profile``, created but not started (with
+        ``selftest``: the isolation probe instead of a worker)."""
         ...
 
     async def start(self, slot: Slot) -> None:
-        """Start a prepared slot before any job is assigned (warm pools)."""
+        """Start a prepared slot before any job is assigned (warm pools): its worker imports
+        its profile's libraries and waits for a job spec."""
         ...
 
-    async def is_running(self, slot: Slot) -> bool:
-        """Whether a started slot's container is still alive (a warm one may have died)."""
-        ...
-
-    async def current_image_id(self) -> str:
-        """The id the configured image tag points at now (it changes after ``make image``)."""
+    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+        """Put the artifact in the slot, read-only to the sandbox: a spooled file (moved in:
+        the slot owns it from here), or the artifact already in another slot of the same job
+        (shared, for the integrity extraction)."""
         ...
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
-        """Hand ``spec`` to the slot, start it if needed, wait for death or kill at the deadline."""
+        """Hand ``spec`` to the slot (last), start it if needed, and return once every process
+        of it is gone, killing it at the deadline."""
+        ...
+
+    async def output(self, slot: Slot) -> Path:
+        """The directory the dead sandbox wrote its output in, for the broker to validate as
+        hostile data. Only after ``run`` has returned; bounded by the policy's output cap."""
         ...
 
     async def destroy(self, slot: Slot) -> None:
-        """Remove the container and the workspace. Never raises."""
+        """Nothing of the slot remains (sandbox, workspace, output). Never raises."""
         ...
 
-    async def check(self) -> None:
-        """Raise ``SandboxUnavailable`` unless the engine answers and the image exists."""
+    async def is_running(self, slot: Slot) -> bool:
+        """Whether a started slot is still alive (a warm one may have died)."""
+        ...
+
+    async def check(self) -> str:
+        """Raise ``SandboxUnavailable`` unless the engine answers and can run the policy's
+        image; return the id the image's tag points at now (it changes after ``make
+        image``)."""
         ...
 
     async def reap_orphans(self) -> int:
-        """Remove containers that carry Airlock's labels but no live broker owns."""
+        """Remove sandboxes that carry Airlock's labels but no live broker owns."""
         ...
 
     async def close(self) -> None:
-        """Remove every container this backend started and release its resources."""
+        """Remove every sandbox this backend started and release its resources."""
+        ...
+
+    async def describe(self, slot: Slot) -> Confinement:
+        """The confinement the engine actually applied to a prepared slot, read back from it
+        (never from the policy): what the self-test's configuration checks judge."""
+        ...
+
+    async def versions(self, *, image: bool = False) -> dict[str, Observation]:
+        """The sandbox runtime's versions for the version gates (version_gates.py); with
+        ``image``, also the image's, read by a probe run in a sandbox confined like a job's."""
         ...

@@ -2,7 +2,8 @@
 
 * ``limits``: the caps, one frozen :class:`OutputLimits`.
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
-* ``safetensors_check``: header-only validation, canonical header, chunked canonical stream.
+* ``safetensors_check``: header-only validation of a hostile safetensors file.
+* ``safetensors_canonical``: the canonical header, chunked canonical stream, digest, compare.
 * ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
 * ``onnx_pool`` / ``onnx_processes`` / ``onnx_template`` / ``onnx_worker``: the broker's way:
   single-use, confined validator processes forked from a template (the broker itself never
@@ -22,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from airlock_broker.validation.files import collect_output, open_regular_file, read_report
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.safetensors_check import (
+from airlock_broker.validation.safetensors_canonical import (
     FileIdentity,
     SafetensorsInfo,
     iter_canonical,
     same_canonical,
-    validate_safetensors,
     with_digest,
 )
+from airlock_broker.validation.safetensors_check import validate_safetensors
 
 __all__ = [
     "FileIdentity",

@@ -6,20 +6,16 @@ keys, leading whitespace, unknown fields: research/conversion.md §5.2) and then
 second opinion. Tensor data is never loaded: outputs run to gigabytes and the broker's budget is
 ~150 MB, so hashing and streaming go through the file in fixed-size blocks.
 
-What we hand back is *canonical*: the same data section behind a header we wrote ourselves
-(compact JSON, sorted keys, capped metadata, padded with spaces to 8 bytes like the reference
-writer), so no byte of the original header reaches a caller.
+What we hand back is *canonical* (safetensors_canonical.py): the same data section behind a
+header we wrote ourselves, so no byte of the original header reaches a caller.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -28,6 +24,15 @@ from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import describe_name, open_regular_file, read_upto
 from airlock_broker.validation.header_budget import check_header_work
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.safetensors_canonical import (
+    HASH_BLOCK_BYTES,
+    METADATA_KEY,
+    PREFIX_BYTES,
+    FileIdentity,
+    SafetensorsInfo,
+    canonical_header_bytes,
+    stream_canonical,
+)
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 #: Bytes per element. Sub-byte (F4, F6_*) and exotic 8-bit (F8_E8M0, *FNUZ) dtypes are left
@@ -41,50 +46,9 @@ DTYPE_SIZES: Mapping[str, int] = MappingProxyType(
     }
 )  # fmt: skip
 
-METADATA_KEY = "__metadata__"
-PREFIX_BYTES = 8
-#: The reference writer pads the header with spaces so the data section starts 8-aligned.
-ALIGNMENT = 8
-HASH_BLOCK_BYTES = 1024 * 1024
 #: Dims and offsets must fit the reference parser's ``usize`` and torch / numpy's int64.
 _MAX_INT = 2**63 - 1
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """Enough of a file's stat to notice that it changed between validation and streaming."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileIdentity:
-        """The identity of the file ``st`` describes."""
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class SafetensorsInfo:
-    """What validation learned, and everything needed to stream the canonical file."""
-
-    tensor_count: int
-    #: Size of the data section (sum of all tensors' byte lengths).
-    data_bytes: int
-    dtypes: frozenset[str]
-    #: ``__metadata__`` as kept in the canonical header (``None`` if absent or dropped).
-    metadata: Mapping[str, str] | None
-    #: Why the original ``__metadata__`` was left out of the canonical header, if it was.
-    metadata_dropped: str | None
-    #: Where the data section starts in the *original* file (8 + its header length).
-    source_data_offset: int
-    source: FileIdentity
-    #: The 8-byte length prefix and the padded canonical JSON header.
-    canonical_header: bytes
-    canonical_size: int
-    canonical_sha256: str
 
 
 def validate_safetensors(
@@ -124,7 +88,7 @@ def validate_safetensors(
         sha256 = ""
         if digest:
             hasher = hashlib.sha256()
-            for chunk in _stream(handle, header, PREFIX_BYTES + header_len, data_bytes,
+            for chunk in stream_canonical(handle, header, PREFIX_BYTES + header_len, data_bytes,
                                  HASH_BLOCK_BYTES):
                 hasher.update(chunk)
             sha256 = hasher.hexdigest()
@@ -140,90 +104,6 @@ def validate_safetensors(
         canonical_size=len(header) + data_bytes,
         canonical_sha256=sha256,
     )
-
-
-def with_digest(path: Path, info: SafetensorsInfo) -> SafetensorsInfo:
-    """``info`` with the canonical sha256 of the file it describes (still the same file)."""
-    hasher = hashlib.sha256()
-    for chunk in iter_canonical(path, info, rehash=False):
-        hasher.update(chunk)
-    return replace(info, canonical_sha256=hasher.hexdigest())
-
-
-def same_canonical(path: Path, info: SafetensorsInfo, other_path: Path,
-                   other: SafetensorsInfo) -> bool:
-    """Whether two validated files have the same canonical form: the same canonical header
-    and byte-equal data sections, both files still the ones their infos describe. Comparing
-    (two reads and a memcmp) is cheaper than hashing, so a file proved identical to one already
-    hashed takes that digest instead of being hashed again."""
-    if info.canonical_header != other.canonical_header or info.data_bytes != other.data_bytes:
-        return False
-    mine, st = open_regular_file(path)
-    theirs, other_st = open_regular_file(other_path)
-    with mine, theirs:
-        if FileIdentity.of(st) != info.source or FileIdentity.of(other_st) != other.source:
-            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
-        a, b = bytearray(HASH_BLOCK_BYTES), bytearray(HASH_BLOCK_BYTES)
-        done = 0
-        while done < info.data_bytes:
-            n = min(info.data_bytes - done, HASH_BLOCK_BYTES)
-            got_a = os.preadv(mine.fileno(), [memoryview(a)[:n]], info.source_data_offset + done)
-            got_b = os.preadv(theirs.fileno(), [memoryview(b)[:n]],
-                              other.source_data_offset + done)
-            if got_a != n or got_b != n:
-                raise error(Reason.OUTPUT_INVALID, "output shrank after it was validated")
-            # bytearray equality is a memcmp; memoryview equality goes element by element.
-            if (a != b) if n == HASH_BLOCK_BYTES else (a[:n] != b[:n]):
-                return False
-            done += n
-    return True
-
-
-def iter_canonical(
-    path: Path, info: SafetensorsInfo, chunk_size: int = HASH_BLOCK_BYTES, *,
-    rehash: bool = True,
-) -> Iterator[bytes]:
-    """Yield the canonical file in chunks of at most ``chunk_size`` bytes.
-
-    The file must still be the one ``info`` describes (same inode, size and mtime); the bytes
-    streamed are hashed on the way and a mismatch with ``info.canonical_sha256`` raises
-    ``OUTPUT_INVALID`` at the end, so a caller that relays chunks must abort on that error.
-    ``rehash=False`` skips that second hash for callers whose receiver checks the sha256.
-    """
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    handle, st = open_regular_file(path)
-    with handle:
-        if FileIdentity.of(st) != info.source:
-            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
-        digest = hashlib.sha256()
-        for chunk in _stream(handle, info.canonical_header, info.source_data_offset,
-                             info.data_bytes, chunk_size):
-            if rehash:
-                digest.update(chunk)
-            yield chunk
-        if rehash and digest.hexdigest() != info.canonical_sha256:
-            raise error(Reason.OUTPUT_INVALID, "output changed while it was streamed")
-
-
-def canonical_header_bytes(
-    tensors: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str] | None
-) -> bytes:
-    """The length prefix plus compact, key-sorted JSON padded with spaces to 8-byte alignment."""
-    doc: dict[str, Any] = {
-        name: {
-            "dtype": entry["dtype"],
-            "shape": list(entry["shape"]),
-            "data_offsets": list(entry["data_offsets"]),
-        }
-        for name, entry in tensors.items()
-    }
-    if metadata is not None:
-        doc[METADATA_KEY] = dict(metadata)
-    # ensure_ascii=False is safe: every string was checked to be encodable (no lone surrogates).
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    body += b" " * (-len(body) % ALIGNMENT)
-    return struct.pack("<Q", len(body)) + body
 
 
 def _read_header_len(handle: BinaryIO, size: int, limits: OutputLimits) -> int:
@@ -390,22 +270,6 @@ def _cap_metadata(
     if not all(k.isprintable() and v.isprintable() for k, v in metadata.items()):
         return None, "a key or value has control or other unprintable characters"
     return metadata, None
-
-
-def _stream(
-    handle: BinaryIO, header: bytes, data_offset: int, data_len: int, chunk_size: int
-) -> Iterator[bytes]:
-    """The canonical header, then ``data_len`` bytes of the original from ``data_offset``."""
-    for start in range(0, len(header), chunk_size):
-        yield header[start : start + chunk_size]
-    handle.seek(data_offset)
-    remaining = data_len
-    while remaining > 0:
-        chunk = handle.read(min(chunk_size, remaining))
-        if not chunk:
-            raise error(Reason.OUTPUT_INVALID, "output shrank while it was read")
-        remaining -= len(chunk)
-        yield chunk
 
 
 def _reference_accepts(

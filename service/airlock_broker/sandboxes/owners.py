@@ -1,0 +1,43 @@
+"""Who owns a sandbox: the labels every Airlock container carries and the broker identity in
+them, so that a broker tells its own containers, a living broker's and a dead one's apart."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+LABEL_MANAGED = "airlock.managed"
+LABEL_BROKER = "airlock.broker"
+LABEL_SLOT = "airlock.slot"
+LABEL_PROFILE = "airlock.profile"
+
+
+
+def broker_identity() -> str:
+    """``host:pid:starttime`` — survives PID reuse, so orphans are told apart from the living."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks, or "0" if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return "0"
+    if len(fields) < 20 or fields[0] in {b"Z", b"X"}:  # dead, not yet reaped by its parent
+        return "0"
+    return fields[19].decode()
+
+
+def is_alive(identity: str) -> bool:
+    """Whether the broker named by ``identity`` still runs (another host's: assumed so)."""
+    host, _, rest = identity.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return True  # not ours to judge
+    try:
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    return _start_time(pid) == start and start != "0"
