@@ -27,6 +27,9 @@ OUT_DIR = "/airlock/out"
 ARTIFACT_NAME = "artifact"
 JOB_SPEC_NAME = "job.json"
 REPORT_NAME = "report.json"
+#: Renamed into OUT_DIR, after the report, by a worker that succeeded and now waits to be
+#: frozen (``JobSpec.linger_seconds``); the broker removes it before it reads the output.
+DONE_NAME = "worker.done"
 
 #: The worker waits this long at most for the job spec of a warm container.
 WARM_WAIT_SECONDS = 3600
@@ -124,6 +127,10 @@ class JobSpec:
     #: The caller's word on an MLflow bundle's flavor (airlock_sandbox.bundle): it chose the
     #: profile; the worker refuses a bundle whose ``MLmodel`` says otherwise.
     mlflow_flavor: str | None = None
+    #: After a successful job, how long the worker waits before it exits: the broker freezes
+    #: it in that time instead of waiting for its slow death (broker: sandboxes/freezer.py).
+    #: 0: exit at once.
+    linger_seconds: float = 0.0
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -153,4 +160,5 @@ class JobSpec:
             max_output_bytes=int(doc.get("max_output_bytes", 2 * 1024**3)),
             mode=JobMode(doc.get("mode", JobMode.CONVERT)),
             mlflow_flavor=None if flavor is None else str(flavor),
+            linger_seconds=min(max(float(doc.get("linger_seconds", 0.0)), 0.0), 60.0),
         )

@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     report = Report()
     code, line = WorkerExit.OK, ""
+    linger = 0.0
     started = time.perf_counter()
     try:
         warm_up(args.profile)
         report.timings["warm_up_s"] = round(time.perf_counter() - started, 4)
         spec = wait_for_spec(args.in_dir, args.wait_seconds)
+        linger = spec.linger_seconds
         job_started = time.perf_counter()
         try:
             job.run(spec, args.in_dir, args.out_dir, report)
@@ -116,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     if code is not WorkerExit.OK:
         output.remove_outputs(args.out_dir)
         report.error = {"exit": code.name, "message": line}
-    output.write_report(args.out_dir, report.to_json())
     print(one_line(f"airlock-worker: {line}"), file=console, flush=True)
+    output.write_report(args.out_dir, report.to_json())  # last: the broker acts on it
+    if code is WorkerExit.OK and linger > 0:
+        # The broker freezes this container now, rather than wait for the exit of a process
+        # with hundreds of MiB mapped; if it does not, exit as usual.
+        output.mark_done(args.out_dir)
+        time.sleep(linger)
     return int(code)
 
 

@@ -8,7 +8,7 @@ import errno
 import os
 from collections.abc import Iterator
 
-from airlock_sandbox.contract import OUTPUT_NAMES, REPORT_NAME, OutputFormat, WorkerExit
+from airlock_sandbox.contract import DONE_NAME, OUTPUT_NAMES, REPORT_NAME, OutputFormat, WorkerExit
 
 from .errors import WorkerError
 
@@ -55,6 +55,16 @@ def write_report(out_dir: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, os.path.join(out_dir, REPORT_NAME))
+    except OSError:
+        _remove(tmp)
+
+
+def mark_done(out_dir: str) -> None:
+    """Say (by a rename, which the broker watches for) that this worker succeeded and waits."""
+    tmp = os.path.join(out_dir, f".{DONE_NAME}.partial")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(tmp, os.path.join(out_dir, DONE_NAME))
     except OSError:
         _remove(tmp)
 

@@ -13,11 +13,13 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +30,8 @@ import requests.exceptions
 
 from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.docker_hardening import confinement_of, create_kwargs, probe_kwargs
-from airlock_broker.sandboxes.exit_watch import ExitWatch
+from airlock_broker.sandboxes.exit_watch import FROZEN, ExitWatch
+from airlock_broker.sandboxes.freezer import LINGER_SECONDS, thaw_container
 from airlock_broker.sandboxes.owners import (
     LABEL_BROKER,
     LABEL_MANAGED,
@@ -40,7 +43,7 @@ from airlock_broker.sandboxes.owners import (
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.version_gates import Observation, engine_observations, from_probe
 from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError
-from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, JobSpec
+from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, DONE_NAME, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import DOCKER_DEFAULT
 
@@ -236,6 +239,10 @@ class DockerSandbox:
         return slot.workspace.out_dir
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        watch = slot.exit_watch
+        if watch is not None and watch.freezer is not None:
+            # It waits after its report, to be frozen rather than awaited (freezer.py).
+            spec = replace(spec, linger_seconds=LINGER_SECONDS)
         slot.workspace.write_job_spec(spec)
         began = time.monotonic()
         began_wall = int(time.time()) - 1
@@ -244,13 +251,20 @@ class DockerSandbox:
         timed_out = False
         try:
             async with asyncio.timeout(deadline_seconds):
-                if slot.exit_watch is not None and await slot.exit_watch.wait() == 0:
-                    # Every process of the container is gone and it exited 0: the engine
-                    # would say the same, 40-60 ms later (exit_watch.py).
+                done = slot.workspace.out_dir / DONE_NAME
+                try:
+                    ended = None if watch is None else await watch.wait(done)
+                finally:  # the worker's signal, not an output
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(done)
+                if ended == 0 or ended == FROZEN:
+                    # Every process of the container is gone and it exited 0 (the engine
+                    # would say the same, 40-60 ms later: exit_watch.py), or it reported and
+                    # is frozen: nothing in it runs again (freezer.py).
                     return Outcome(exit_code=0, oom_killed=False, timed_out=False,
                                    duration_seconds=time.monotonic() - began,
                                    image_id=self._image_id, runtime=self.policy.runtime,
-                                   exit_seen_by="kernel")
+                                   exit_seen_by="freezer" if ended == FROZEN else "kernel")
                 # The status code is read from inspect below, together with OOMKilled.
                 await self._call(self.client.api.wait, slot.container_id)
         except TimeoutError:
@@ -345,6 +359,10 @@ class DockerSandbox:
             elif is_alive(owner):
                 continue
             try:
+                if info.get("State") == "running":  # a frozen one would not die of the kill
+                    state = (await self._call(self.client.api.inspect_container,
+                                              info["Id"]))["State"]
+                    thaw_container(int(state.get("Pid") or 0), info["Id"])
                 await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
                 reaped += 1
             except SandboxUnavailable as exc:

@@ -35,6 +35,9 @@ import struct
 import subprocess
 import sys
 from functools import cache
+from pathlib import Path
+
+from airlock_broker.sandboxes.freezer import FREEZE_TIMEOUT_SECONDS, ArrivalWatch, Freezer
 
 #: ``_IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)`` for the 64-byte first version of the
 #: struct (linux/pidfd.h): the kernel takes the size from the request number.
@@ -47,6 +50,12 @@ _EXIT_CODE_OFFSET = 60
 #: The shim reaps the init within a millisecond or two of its exit; past this, ask the engine.
 REAP_WAIT_SECONDS = 0.25
 _REAP_POLL_SECONDS = 0.001
+#: ``ExitWatch.wait``'s answer for a container frozen after its report (freezer.py).
+FROZEN = "frozen"
+_FREEZE_POLL_SECONDS = 0.0002
+#: At most one look at the output directory per this long, however many renames a container
+#: makes there.
+_ARRIVAL_MIN_INTERVAL = 0.002
 
 
 def exit_status(pidfd: int) -> int | None:
@@ -99,6 +108,11 @@ def describe(setting: str, runtime_family: str) -> str:
     return "clean exits seen by the kernel (pidfd)"
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _alive(pidfd: int) -> bool:
     readable, _, _ = select.select([pidfd], [], [], 0)
     return not readable
@@ -107,9 +121,12 @@ def _alive(pidfd: int) -> bool:
 class ExitWatch:
     """A pidfd on one container's init process. Owned by its slot; closed when it is destroyed."""
 
-    def __init__(self, pidfd: int, pid: int) -> None:
+    def __init__(self, pidfd: int, pid: int, freezer: Freezer | None = None) -> None:
         self._fd = pidfd
         self.pid = pid
+        #: The container's freezer cgroup, found while the init provably lived; None: the
+        #: broker waits for the death (freezer.py).
+        self.freezer = freezer
 
     @classmethod
     def open(cls, pid: int, container_id: str) -> ExitWatch | None:
@@ -126,7 +143,7 @@ class ExitWatch:
                 cgroups = f.read(64 * 1024)
             # Read while the pidfd's process lived, so the file was that process's.
             if container_id in cgroups and _alive(pidfd):
-                watch, pidfd = cls(pidfd, pid), -1
+                watch, pidfd = cls(pidfd, pid, Freezer.of(cgroups, container_id)), -1
                 return watch
             return None
         except OSError:
@@ -138,9 +155,13 @@ class ExitWatch:
     def exited(self) -> bool:
         return self._fd < 0 or not _alive(self._fd)
 
-    async def wait(self) -> int | None:
-        """Wait until every process of the container is gone; return the init's exit code if it
-        exited normally and was reaped in time, None if the engine must say how it ended."""
+    async def wait(self, report: Path | None = None) -> int | str | None:
+        """Wait until every process of the container is gone, or, given the path by which the
+        worker says it succeeded (``contract.DONE_NAME``) and a freezer, until that path is
+        there and the container frozen.
+
+        Returns ``FROZEN`` for the latter; else the init's exit code if it exited normally and
+        was reaped in time, None if the engine must say how it ended."""
         if self._fd < 0:
             raise ValueError("closed exit watch")
         loop = asyncio.get_running_loop()
@@ -151,10 +172,18 @@ class ExitWatch:
                 dead.set_result(None)
 
         loop.add_reader(self._fd, readable)
+        arrival = None
+        if report is not None and self.freezer is not None:
+            arrival = ArrivalWatch.open(report.parent, report.name)
         try:
+            if report is not None and arrival is not None and \
+                    await self._freeze_after(report, arrival, dead):
+                return FROZEN
             await dead
         finally:
             loop.remove_reader(self._fd)
+            if arrival is not None:
+                arrival.close()
         deadline = loop.time() + REAP_WAIT_SECONDS
         while (status := exit_status(self._fd)) is None and loop.time() < deadline:
             await asyncio.sleep(_REAP_POLL_SECONDS)
@@ -162,7 +191,54 @@ class ExitWatch:
             return None
         return os.WEXITSTATUS(status)
 
+    async def _freeze_after(self, report: Path, arrival: ArrivalWatch,
+                            dead: asyncio.Future[None]) -> bool:
+        """Wait for ``report`` to be renamed into place, then freeze; False if the container
+        died first or the freeze failed (the caller then waits for the death)."""
+        loop = asyncio.get_running_loop()
+        while not dead.done():
+            if not os.path.lexists(report):  # it may have come before the watch
+                moved: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(arrival.fd, _settle, moved)
+                try:
+                    await asyncio.wait({dead, moved}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_reader(arrival.fd)
+                if dead.done():
+                    return False
+                if not arrival.arrived() or not os.path.lexists(report):
+                    await asyncio.sleep(_ARRIVAL_MIN_INTERVAL)
+                    continue
+            return await self._freeze()
+        return False
+
+    async def _freeze(self) -> bool:
+        freezer = self.freezer
+        assert freezer is not None
+        loop = asyncio.get_running_loop()
+        try:
+            freezer.request()
+            deadline = loop.time() + FREEZE_TIMEOUT_SECONDS
+            while not freezer.is_frozen():
+                if loop.time() >= deadline:
+                    freezer.thaw()
+                    return False
+                await asyncio.sleep(_FREEZE_POLL_SECONDS)
+        except OSError:
+            with contextlib.suppress(OSError):
+                freezer.thaw()
+            return False
+        if not _alive(self._fd):
+            # It exited on its way (a worker that does not linger): its own status says how.
+            freezer.thaw()
+            return False
+        freezer.frozen = True
+        return True
+
     def close(self) -> None:
+        """Kill and thaw a frozen container (so that the engine can remove it) and close."""
+        if self.freezer is not None and self.freezer.frozen:
+            self.freezer.kill_and_thaw()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):

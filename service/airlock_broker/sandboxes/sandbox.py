@@ -49,8 +49,9 @@ class Outcome:
     #: Set when the engine recorded a kill the broker did not send (``docker kill``, ``docker
     #: stop``, an engine shutdown): which signal, through what. Empty otherwise.
     killed_by: str = ""
-    #: Who reported the death: "kernel" (a clean exit seen through a pidfd, exit_watch.py) or
-    #: "engine" (Docker's wait and inspect).
+    #: Who reported the end: "kernel" (a clean exit seen through a pidfd, exit_watch.py),
+    #: "freezer" (a report, then the container frozen: freezer.py) or "engine" (Docker's wait
+    #: and inspect).
     exit_seen_by: str = "engine"
 
 

@@ -1,0 +1,183 @@
+"""Freezing a finished sandbox instead of waiting for its death (sandboxes/freezer.py).
+
+Real processes in a real freezer cgroup of this machine's kernel (the broker runs as root and
+so do these tests), standing in for a container: the cgroup's name plays the container id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.sandboxes import exit_watch
+from airlock_broker.sandboxes.exit_watch import FROZEN, ExitWatch
+from airlock_broker.sandboxes.freezer import ArrivalWatch, Freezer, thaw_container
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+#: A stand-in worker: waits for "go", writes its report the way the worker does (a rename),
+#: then lingers or exits, as argv says.
+WORKER = """
+import os, sys, time
+out, then = sys.argv[1], sys.argv[2]
+while not os.path.exists(os.path.join(out, "go")):
+    time.sleep(0.001)
+with open(os.path.join(out, ".report.json.partial"), "w") as f:
+    f.write("{}")
+os.replace(os.path.join(out, ".report.json.partial"), os.path.join(out, "report.json"))
+if then != "exit":
+    open(os.path.join(out, ".d"), "w").close()
+    os.replace(os.path.join(out, ".d"), os.path.join(out, "worker.done"))
+if then == "linger":
+    time.sleep(30)
+elif then == "write-on":
+    while True:  # what a payload left behind might do: keep changing the output
+        with open(os.path.join(out, "model.onnx"), "a") as f:
+            f.write("x")
+"""
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    assert (FREEZER / "freezer.state").exists() or FREEZER.is_dir(), \
+        "this machine's cgroup v1 freezer hierarchy is missing"
+    path = FREEZER / f"airlock-test-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            (path / "freezer.state").write_text("THAWED")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                path.rmdir()
+                break
+            except OSError:  # tasks still leaving
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+
+def _start(cgroup: Path, out: Path, then: str) -> tuple[subprocess.Popen[bytes], ExitWatch]:
+    child = subprocess.Popen([sys.executable, "-c", WORKER, str(out), then])
+    (cgroup / "cgroup.procs").write_text(str(child.pid))
+    cgroups = Path(f"/proc/{child.pid}/cgroup").read_text()
+    watch = ExitWatch(os.pidfd_open(child.pid), child.pid, Freezer.of(cgroups, cgroup.name))
+    assert watch.freezer is not None, cgroups
+    return child, watch
+
+
+async def _wait(child: subprocess.Popen[bytes], watch: ExitWatch, out: Path) -> object:
+    # The child is reaped by its own thread (as a container's init is by its shim), which
+    # outlives this loop when the child is left frozen.
+    threading.Thread(target=child.wait, daemon=True).start()
+    (out / "go").write_text("")
+    return await asyncio.wait_for(watch.wait(out / "worker.done"), 60)
+
+
+def _state(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("State:"):
+            return line.split()[1]
+    return "?"
+
+
+def test_a_lingering_worker_is_frozen_after_its_report_then_killed(cgroup: Path,
+                                                                     tmp_path: Path) -> None:
+    child, watch = _start(cgroup, tmp_path, "linger")
+    try:
+        assert asyncio.run(_wait(child, watch, tmp_path)) == FROZEN
+        assert (cgroup / "freezer.state").read_text().strip() == "FROZEN"
+        assert child.poll() is None  # alive, and parked: it runs no instruction
+    finally:
+        watch.close()  # what destroy does: SIGKILL while frozen, then thaw
+    assert child.wait(timeout=30) == -9
+    assert (cgroup / "freezer.state").read_text().strip() == "THAWED"
+
+
+def test_a_worker_that_exits_after_its_report_is_seen_dead_not_frozen(cgroup: Path,
+                                                                        tmp_path: Path) -> None:
+    child, watch = _start(cgroup, tmp_path, "exit")
+    try:
+        assert asyncio.run(_wait(child, watch, tmp_path)) == 0
+    finally:
+        watch.close()
+    assert (cgroup / "freezer.state").read_text().strip() == "THAWED"
+
+
+def test_nothing_changes_the_output_once_frozen(cgroup: Path, tmp_path: Path) -> None:
+    child, watch = _start(cgroup, tmp_path, "write-on")
+    try:
+        assert asyncio.run(_wait(child, watch, tmp_path)) == FROZEN
+        size = (tmp_path / "model.onnx").stat().st_size
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # an absence, over a window it writes thousands in
+            assert (tmp_path / "model.onnx").stat().st_size == size
+            time.sleep(0.01)
+    finally:
+        watch.close()
+    child.wait(timeout=30)
+
+
+def test_a_freeze_that_does_not_complete_falls_back_to_the_death(
+        cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Freezer, "is_frozen", lambda self: False)  # as if a task never froze
+    monkeypatch.setattr(exit_watch, "FREEZE_TIMEOUT_SECONDS", 0.05)
+    child, watch = _start(cgroup, tmp_path, "exit")
+    try:
+        assert asyncio.run(_wait(child, watch, tmp_path)) == 0
+    finally:
+        watch.close()
+    assert (cgroup / "freezer.state").read_text().strip() == "THAWED"
+
+
+def test_an_orphan_frozen_by_a_dead_broker_is_killed_and_thawed(cgroup: Path,
+                                                                 tmp_path: Path) -> None:
+    child, watch = _start(cgroup, tmp_path, "linger")
+    assert asyncio.run(_wait(child, watch, tmp_path)) == FROZEN
+    watch.freezer = None  # the broker that froze it is gone
+    watch.close()
+    assert child.poll() is None
+    thaw_container(child.pid, cgroup.name)
+    assert child.wait(timeout=30) == -9
+
+
+def test_the_freezer_is_found_only_on_a_path_naming_the_container(tmp_path: Path) -> None:
+    (tmp_path / "freezer" / "docker" / "abc123").mkdir(parents=True)
+    (tmp_path / "freezer" / "docker" / "abc123" / "freezer.state").write_text("THAWED\n")
+    (tmp_path / "docker" / "abc123").mkdir(parents=True)
+    (tmp_path / "docker" / "abc123" / "cgroup.freeze").write_text("0\n")
+    v1 = "6:freezer:/docker/abc123\n4:memory:/docker/abc123\n"
+    found = Freezer.of(v1, "abc123", tmp_path)
+    assert found is not None and not found.v2
+    assert Freezer.of(v1, "other", tmp_path) is None
+    assert Freezer.of("6:freezer:/docker/../abc123\n", "abc123", tmp_path) is None
+    found = Freezer.of("0::/docker/abc123\n", "abc123", tmp_path)
+    assert found is not None and found.v2
+    assert Freezer.of("6:freezer:/docker/abc123-gone\n", "abc123-gone", tmp_path) is None
+
+
+def test_only_the_report_renamed_into_place_counts_as_its_arrival(tmp_path: Path) -> None:
+    watch = ArrivalWatch.open(tmp_path, "report.json")
+    assert watch is not None
+    try:
+        assert not watch.arrived()
+        for i in range(100):  # a container renaming other files, as fast as it can
+            (tmp_path / f"x{i}").write_text("")
+            os.replace(tmp_path / f"x{i}", tmp_path / f"y{i}")
+        assert not watch.arrived()
+        (tmp_path / "r.tmp").write_text("{}")
+        os.replace(tmp_path / "r.tmp", tmp_path / "report.json")
+        assert watch.arrived()
+    finally:
+        watch.close()
