@@ -18,7 +18,7 @@ GiB = 1024**3
 RUNTIMES = frozenset({"runc", "runsc"})
 
 
-EXIT_WATCHES = frozenset({"pidfd", "engine"})
+EXIT_WATCHES = frozenset({"freeze", "pidfd", "engine"})
 
 HOST_ACCOUNT_CHECKS = frozenset({"refuse", "warn"})
 
@@ -57,10 +57,13 @@ class SandboxPolicy:
     seccomp: str = SECCOMP_AIRLOCK
     #: Extra ``--security-opt`` entries (AppArmor, SELinux labels). Seccomp goes in ``seccomp``.
     security_opts: tuple[str, ...] = field(default_factory=tuple)
-    #: How the broker learns that a sandbox has died: "pidfd" (from the kernel, runc only, on
+    #: How the broker learns that a sandbox is done: "freeze" (runc: a worker that succeeded
+    #: says so and waits; the broker freezes its cgroup and reads the output without waiting
+    #: for the slow exit; anything else as "pidfd"), "pidfd" (the death, from the kernel, on
     #: kernels that give a reaped process's exit status through a pidfd; the engine otherwise)
-    #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting.
-    exit_watch: str = "pidfd"
+    #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting: in
+    #: every mode the output is read only once nothing in the container can run.
+    exit_watch: str = "freeze"
     #: A host account or group with the sandbox's uid or gid (there is no user-namespace
     #: remapping: they are the same ids) would own every sandbox and be where an escape lands.
     #: "refuse": the broker does not start; "warn": it starts and logs it (weakened).

@@ -98,16 +98,18 @@ def run_case_text(broker: BrokerProcess, artifact: Path) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("ending", ["exit", "done"])
 def test_rewrite_after_success_cannot_change_what_was_validated(
         broker: BrokerProcess, docker_client, observers: Observers,  # noqa: F811
-        tmp_path: Path) -> None:
+        tmp_path: Path, ending: str) -> None:
     import struct
 
     original = payloads.one_tensor()
     rewritten = original[:-4] + struct.pack("<f", -9.0)
     source = payloads.hostile_output_source([
         ("code", f"ORIGINAL = {original!r}\nREWRITTEN = {rewritten!r}"),
-        ("code", payloads.REWRITE_AFTER_SUCCESS)])
+        ("code", payloads.REWRITE_AFTER_SUCCESS if ending == "exit"
+         else payloads.REWRITE_AFTER_DONE)])
     case = run_case(broker, payloads.write_carrier(tmp_path / "e12.npy", "npy", source),
                     "--timeout", "60")
     assert case.outcome == ("ok", None), case.doc

@@ -1,9 +1,10 @@
-"""The broker learns of a clean exit from the kernel (a pidfd on the container's init), and of
-anything else from the engine; the verdicts and outputs are the same either way.
+"""The broker learns of a success by freezing the container after the worker says so, of a
+clean exit from the kernel (a pidfd on the container's init), and of anything else from the
+engine; the verdicts and outputs are the same on every path.
 
-"Dead means dead" under the kernel path is proved by the adversarial test in which a setsid
-grandchild keeps rewriting the output after the worker exits 0
-(tests/adversarial/test_hostile_text_and_races.py).
+"Nothing runs once the output is read" is proved by the adversarial test in which a setsid
+grandchild keeps rewriting the output after the worker is done
+(tests/adversarial/test_hostile_text_and_races.py), and by tests/unit/test_freezer.py.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def _predict(model: Path, sample: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: sample})]
 
 
-def test_a_clean_exit_is_seen_by_the_kernel_and_a_failure_by_the_engine(
+def test_a_success_is_frozen_and_a_failure_seen_by_the_engine(
         broker: BrokerProcess, tmp_path: Path) -> None:
     artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
     job_id = _convert(broker, artifact, tmp_path / "out.onnx")
     record = _audit(broker, job_id)
     assert record["runtime"] == "runc"
     assert record["exit_code"] == 0
-    assert record["exit_seen_by"] == "kernel"
+    assert record["exit_seen_by"] == "freezer"
 
     artifact, _ = models.make_state_dict(tmp_path / "sd")
     with Client(broker.address) as client, pytest.raises(ConversionError) as info:
@@ -63,20 +64,23 @@ def test_a_clean_exit_is_seen_by_the_kernel_and_a_failure_by_the_engine(
     assert record["exit_seen_by"] == "engine"
 
 
-def test_the_engine_path_gives_the_same_output(broker: BrokerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("watch", ["pidfd", "engine"])
+def test_the_other_paths_give_the_same_output(broker: BrokerProcess, tmp_path: Path,
+                                              watch: str) -> None:
     artifact, check = models.make_sklearn_pickle(tmp_path / "in")
     assert check.sample is not None
-    _convert(broker, artifact, tmp_path / "kernel.onnx")
-    config = tmp_path / "engine.toml"
-    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\nexit_watch = "engine"\n')
-    (tmp_path / "engine").mkdir()
-    engine_broker = start_broker(tmp_path / "engine", "--config", str(config))
+    _convert(broker, artifact, tmp_path / "frozen.onnx")
+    config = tmp_path / f"{watch}.toml"
+    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\nexit_watch = "{watch}"\n')
+    (tmp_path / watch).mkdir()
+    other = start_broker(tmp_path / watch, "--config", str(config))
     try:
-        job_id = _convert(engine_broker, artifact, tmp_path / "engine.onnx")
-        assert _audit(engine_broker, job_id)["exit_seen_by"] == "engine"
+        job_id = _convert(other, artifact, tmp_path / f"{watch}.onnx")
+        expected = "kernel" if watch == "pidfd" else "engine"
+        assert _audit(other, job_id)["exit_seen_by"] == expected
     finally:
-        assert engine_broker.stop() == 0
+        assert other.stop() == 0
     # (The ONNX bytes differ run to run: skl2onnx names nodes uniquely per process.)
-    for kernel, engine in zip(_predict(tmp_path / "kernel.onnx", check.sample),
-                              _predict(tmp_path / "engine.onnx", check.sample), strict=True):
-        np.testing.assert_array_equal(kernel, engine)
+    for frozen, seen in zip(_predict(tmp_path / "frozen.onnx", check.sample),
+                            _predict(tmp_path / f"{watch}.onnx", check.sample), strict=True):
+        np.testing.assert_array_equal(frozen, seen)

@@ -89,7 +89,8 @@ def test_open_refuses_a_dead_pid() -> None:
 
 
 def test_the_policy_refuses_an_unknown_exit_watch() -> None:
-    assert SandboxPolicy().exit_watch == "pidfd"
+    assert SandboxPolicy().exit_watch == "freeze"
+    assert SandboxPolicy(exit_watch="pidfd").exit_watch == "pidfd"
     assert SandboxPolicy(exit_watch="engine").exit_watch == "engine"
     with pytest.raises(ValueError, match="exit_watch"):
         SandboxPolicy(exit_watch="poll")
@@ -99,3 +100,5 @@ def test_the_start_up_line_says_which_path_and_why() -> None:
     assert exit_watch.describe("pidfd", "runc") == "clean exits seen by the kernel (pidfd)"
     assert "runsc" in exit_watch.describe("pidfd", "runsc")
     assert "engine" in exit_watch.describe("engine", "runc")
+    assert exit_watch.describe("freeze", "runc").startswith("finished sandboxes frozen")
+    assert "runsc" in exit_watch.describe("freeze", "runsc")

@@ -218,10 +218,11 @@ class DockerSandbox:
     async def start(self, slot: Slot) -> None:
         await self._call(self.client.api.start, slot.container_id)
         slot.started = True
-        if self.policy.exit_watch == "pidfd" and self.policy.runtime_family == "runc":
+        if self.policy.exit_watch != "engine" and self.policy.runtime_family == "runc":
             info = await self._call(self.client.api.inspect_container, slot.container_id)
             slot.exit_watch = ExitWatch.open(int(info["State"].get("Pid") or 0),
-                                             slot.container_id)
+                                             slot.container_id,
+                                             freeze=self.policy.exit_watch == "freeze")
 
     async def is_running(self, slot: Slot) -> bool:
         if slot.exit_watch is not None:

@@ -99,12 +99,15 @@ def supported() -> bool:
 
 def describe(setting: str, runtime_family: str) -> str:
     """How this broker will learn of sandbox deaths, and why, for its start-up log line."""
-    if setting != "pidfd":
+    if setting == "engine":
         return "exits seen by the engine (exit_watch = \"engine\")"
     if runtime_family != "runc":
         return f"exits seen by the engine ({runtime_family} has no watchable init)"
     if not supported():
         return "exits seen by the engine (this kernel has no PIDFD_INFO_EXIT, Linux < 6.15)"
+    if setting == "freeze":
+        return ("finished sandboxes frozen, not awaited, where the container's freezer cgroup "
+                "is writable; other clean exits seen by the kernel (pidfd)")
     return "clean exits seen by the kernel (pidfd)"
 
 
@@ -129,9 +132,10 @@ class ExitWatch:
         self.freezer = freezer
 
     @classmethod
-    def open(cls, pid: int, container_id: str) -> ExitWatch | None:
+    def open(cls, pid: int, container_id: str, *, freeze: bool = False) -> ExitWatch | None:
         """A watch on ``pid`` if it is, provably, the live init of ``container_id``; else None
-        (the caller then waits for the engine, as without a watch)."""
+        (the caller then waits for the engine, as without a watch). ``freeze``: with the
+        container's freezer cgroup, when there is one."""
         if pid <= 0 or not supported():
             return None
         try:
@@ -143,7 +147,8 @@ class ExitWatch:
                 cgroups = f.read(64 * 1024)
             # Read while the pidfd's process lived, so the file was that process's.
             if container_id in cgroups and _alive(pidfd):
-                watch, pidfd = cls(pidfd, pid, Freezer.of(cgroups, container_id)), -1
+                freezer = Freezer.of(cgroups, container_id) if freeze else None
+                watch, pidfd = cls(pidfd, pid, freezer), -1
                 return watch
             return None
         except OSError:
