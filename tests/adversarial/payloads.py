@@ -623,12 +623,13 @@ time.sleep(0.3)  # the rewriter is running
 """
 
 #: The same, from a payload that then passes for a worker that succeeded and waits to be
-#: frozen (report, ``worker.done``, linger): the broker freezes the container with the
-#: rewriter in it, and what it validated is what it sends.
+#: frozen (report, ``worker.done``, a linger, then exit 0 as the worker does): under runc the
+#: broker freezes the container with the rewriter in it; under gVisor it waits for the exit.
+#: Either way, what it validated is what it sends.
 REWRITE_AFTER_DONE = REWRITE_AFTER_SUCCESS + """
 open("report.json.tmp", "w").write("{}"); os.rename("report.json.tmp", "report.json")
 open("worker.done.tmp", "w").close(); os.rename("worker.done.tmp", "worker.done")
-time.sleep(60)
+time.sleep(2)
 """
 
 

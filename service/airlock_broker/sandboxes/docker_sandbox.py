@@ -245,6 +245,14 @@ class DockerSandbox:
             # It waits after its report, to be frozen rather than awaited (freezer.py).
             spec = replace(spec, linger_seconds=LINGER_SECONDS)
         slot.workspace.write_job_spec(spec)
+        try:
+            return await self._until_done(slot, deadline_seconds)
+        finally:  # nothing in it runs any more: the worker's signal is not an output
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(slot.workspace.out_dir / DONE_NAME)
+
+    async def _until_done(self, slot: Slot, deadline_seconds: float) -> Outcome:
+        watch = slot.exit_watch
         began = time.monotonic()
         began_wall = int(time.time()) - 1
         if not slot.started:
@@ -252,12 +260,8 @@ class DockerSandbox:
         timed_out = False
         try:
             async with asyncio.timeout(deadline_seconds):
-                done = slot.workspace.out_dir / DONE_NAME
-                try:
-                    ended = None if watch is None else await watch.wait(done)
-                finally:  # the worker's signal, not an output
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(done)
+                ended = None if watch is None else await watch.wait(
+                    slot.workspace.out_dir / DONE_NAME)
                 if ended == 0 or ended == FROZEN:
                     # Every process of the container is gone and it exited 0 (the engine
                     # would say the same, 40-60 ms later: exit_watch.py), or it reported and
