@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client
 from bench import host
 from bench.containers import profile_of, running_containers
@@ -117,14 +118,6 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime (+ waited-for children) of a process, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        fields = fh.read().rsplit(b")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 class Broker:
     """``airlock-broker serve`` on a free loopback port with its own spool directory and config."""
 
@@ -206,7 +199,7 @@ class Broker:
     @property
     def identity(self) -> str:
         if not self._identity:
-            self._identity = host.broker_identity(self.pid)
+            self._identity = broker_identity(self.pid)
         return self._identity
 
     def containers(self) -> list[str]:

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import host
 from bench.host import CPUACCT, TICK
 
 _DOCKER_STATE = Path("/var/lib/docker/containers")
@@ -173,9 +174,7 @@ class ContainerCpuTracker:
 
 def _pid_cpu(pid: int) -> tuple[float, float] | None:
     """(utime + stime, cutime + cstime) of a process, in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-    except OSError:
+    fields = host.stat_fields(pid)
+    if fields is None:
         return None
     return (int(fields[11]) + int(fields[12])) / TICK, (int(fields[13]) + int(fields[14])) / TICK

@@ -27,14 +27,19 @@ def host_cpu() -> tuple[float, float]:
     return (total - idle) / TICK, total / TICK
 
 
-def pid_cpu(pid: int) -> float:
-    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone)."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
+            return fh.read().rsplit(b")", 1)[1].split()
     except OSError:
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / TICK
+        return None
+
+
+def pid_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone)."""
+    fields = stat_fields(pid)
+    return 0.0 if fields is None else sum(int(x) for x in fields[11:15]) / TICK
 
 
 def self_cpu() -> float:
@@ -60,16 +65,6 @@ def container_cpu(container_id: str) -> float | None:
         return int((CPUACCT / container_id / "cpuacct.usage").read_text()) / 1e9
     except (OSError, ValueError):
         return None
-
-
-def start_time_ticks(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-
-
-def broker_identity(pid: int) -> str:
-    """The ``airlock.broker`` label value a broker with this pid puts on its containers."""
-    return f"{socket.gethostname()}:{pid}:{start_time_ticks(pid)}"
 
 
 def _run(*cmd: str) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client, PoolStatus
 from tests.adversarial.payloads import reduce_pickle
 from tests.conftest import BrokerProcess, start_broker
@@ -45,13 +45,6 @@ def write_config(directory: Path, pools: dict[str, Any], **sections: dict[str, A
     path.write_text("".join(render(name, values)
                             for name, values in {"pools": pools, **sections}.items()))
     return path
-
-
-def process_identity(pid: int) -> str:
-    """The ``airlock.broker`` label a broker running as ``pid`` puts on its containers."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    return f"{socket.gethostname()}:{pid}:{start}"
 
 
 @dataclass
@@ -98,7 +91,7 @@ def launch(tmp: Path, config: Path, *, spool: Path | None = None) -> PoolBroker:
     started_at = time.time()
     proc = start_broker(tmp, "--config", str(config), env=env)
     broker = PoolBroker(proc=proc, client=Client(proc.unix_address, retry_attempts=1),
-                        identity=process_identity(proc.process.pid), started_at=started_at)
+                        identity=broker_identity(proc.process.pid), started_at=started_at)
     return broker
 
 

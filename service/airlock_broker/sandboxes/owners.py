@@ -12,10 +12,11 @@ LABEL_SLOT = "airlock.slot"
 LABEL_PROFILE = "airlock.profile"
 
 
-
-def broker_identity() -> str:
-    """``host:pid:starttime`` — survives PID reuse, so orphans are told apart from the living."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+def broker_identity(pid: int | None = None) -> str:
+    """``host:pid:starttime`` of this process (or of the broker ``pid``): the label value that
+    survives PID reuse, so orphans are told apart from the living."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
 
 
 def _start_time(pid: int) -> str:
