@@ -62,7 +62,7 @@ class ConversionServiceServicer:
 
     def GetProvenanceKey(self, request, context):
         """The public half of the key that signs provenance. Fetching it over the same channel as the
-        results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+        results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,7 @@ class ConversionServiceStub:
     Convert: _grpc.StreamStreamMultiCallable[_airlock_pb2.ConvertRequest, _airlock_pb2.ConvertResponse]
     GetProvenanceKey: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]
     """The public half of the key that signs provenance. Fetching it over the same channel as the
-    results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+    results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
     """
     OpenLocalTransfer: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]
     """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
@@ -53,7 +53,7 @@ class ConversionServiceAsyncStub(ConversionServiceStub):
     Convert: _aio.StreamStreamMultiCallable[_airlock_pb2.ConvertRequest, _airlock_pb2.ConvertResponse]  # type: ignore[assignment]
     GetProvenanceKey: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]  # type: ignore[assignment]
     """The public half of the key that signs provenance. Fetching it over the same channel as the
-    results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+    results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
     """
     OpenLocalTransfer: _aio.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]  # type: ignore[assignment]
     """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
@@ -75,7 +75,7 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_airlock_pb2.GetProvenanceKeyResponse, _abc.Awaitable[_airlock_pb2.GetProvenanceKeyResponse]]:
         """The public half of the key that signs provenance. Fetching it over the same channel as the
-        results is trust-on-first-use; pin the key file (airlock keys export) for real assurance.
+        results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
         """
 
     @_abc_1.abstractmethod

@@ -314,16 +314,16 @@ async def serve(config: BrokerConfig) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     broker = await create_server(config)
     host = config.listen.rsplit(":", 1)[0]
-    print(f"airlock: serving on {host}:{broker.port} ({config.auth.describe()}; "
+    print(f"airlock-broker: serving on {host}:{broker.port} ({config.auth.describe()}; "
           f"sandbox image {config.sandbox.image}, runtime {config.sandbox.runtime})", flush=True)
     if broker.unix is not None and broker.unix.path is not None:
-        print(f"airlock: local clients: unix:{broker.unix.path}", flush=True)
-    print(f"airlock: provenance signed with {broker.signing_key.path} "
+        print(f"airlock-broker: local clients: unix:{broker.unix.path}", flush=True)
+    print(f"airlock-broker: provenance signed with {broker.signing_key.path} "
           f"(fingerprint {broker.signing_key.fingerprint})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("airlock: shutting down: finishing jobs in flight", flush=True)
+    print("airlock-broker: shutting down: finishing jobs in flight", flush=True)
     await broker.stop(config.shutdown_grace_seconds, config.shutdown_drain_seconds)
