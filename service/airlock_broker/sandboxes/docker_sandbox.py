@@ -364,11 +364,7 @@ class DockerSandbox:
             elif is_alive(owner):
                 continue
             try:
-                if info.get("State") == "running":  # a frozen one would not die of the kill
-                    state = (await self._call(self.client.api.inspect_container,
-                                              info["Id"]))["State"]
-                    thaw_container(int(state.get("Pid") or 0), info["Id"])
-                await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
+                await self._force_remove(info)
                 reaped += 1
             except SandboxUnavailable as exc:
                 log.warning("could not reap orphan %s: %s", info["Id"][:12], exc)
@@ -376,13 +372,21 @@ class DockerSandbox:
             log.info("reaped %d orphaned sandbox container(s)", reaped)
         return reaped
 
+    async def _force_remove(self, info: dict[str, Any]) -> None:
+        """Remove a listed container, killing and thawing it first if it may be frozen (a
+        frozen one would never die of the engine's kill)."""
+        if info.get("State") == "running":
+            state = (await self._call(self.client.api.inspect_container, info["Id"]))["State"]
+            thaw_container(int(state.get("Pid") or 0), info["Id"])
+        await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
+
     async def close(self) -> None:
         """Remove every container this broker started, then release the engine connection."""
         try:
             mine = await self._call(self.client.api.containers, all=True,
                                     filters={"label": f"{LABEL_BROKER}={self.identity}"})
             for info in mine:
-                await self._call(self.client.api.remove_container, info["Id"], force=True, v=True)
+                await self._force_remove(info)
         except SandboxUnavailable as exc:
             log.error("could not remove this broker's containers on close: %s", exc)
         finally:
