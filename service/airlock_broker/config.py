@@ -54,7 +54,7 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     connection_age_grace_seconds = 1800
 
     [observability]    # for measuring, not for production: off by default
-    trace_events = "/tmp/airlock-events.jsonl"   # each job step's begin and end (tracing.py)
+    trace_events = "/var/lib/airlock/events.jsonl"   # each job step's begin, end (tracing.py)
 
 Without ``[auth]`` the broker accepts anyone, so it may listen only on loopback
 (``check_listen``); ``insecure_no_auth`` lifts that, visibly. Metrics, too, are served on

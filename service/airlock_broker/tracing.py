@@ -22,9 +22,11 @@ cost something to build are built under ``if trace:`` only.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -32,6 +34,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
+
+from airlock_broker.security.state_dirs import open_private_file
+
+log = logging.getLogger(__name__)
 
 #: Which Convert call the running code serves (0: none, background work).
 _RPC: contextvars.ContextVar[int] = contextvars.ContextVar("airlock_trace_rpc", default=0)
@@ -50,8 +56,9 @@ class Trace:
 
     @classmethod
     def to_file(cls, path: Path) -> Trace:
-        """Append to ``path`` (made 0600 if missing), a line at a time."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Append to ``path`` a line at a time: a 0600 file of the broker's, opened as the
+        audit log is (no link followed, no other owner: the broker runs as root)."""
+        fd = open_private_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         return cls(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
 
     def __bool__(self) -> bool:
@@ -70,7 +77,17 @@ class Trace:
         line = json.dumps({"t": time.monotonic(), "rpc": _RPC.get(), "ev": name, **fields},
                           default=str)
         with self._lock:
-            self._out.write(line + "\n")
+            out = self._out
+            if out is None:
+                return  # closed meanwhile
+            try:
+                out.write(line + "\n")
+            except (OSError, ValueError) as exc:
+                # A full disk must not fail the job being measured: measuring stops.
+                self._out = None
+                log.warning("trace events stopped: %s", exc)
+                with contextlib.suppress(OSError):
+                    out.close()
 
     def span(self, name: str) -> Span:
         """``with trace.span("x"):`` writes ``x.begin`` and ``x.end``."""
@@ -79,9 +96,11 @@ class Trace:
         return Span(self, name)
 
     def close(self) -> None:
-        out, self._out = self._out, None
+        with self._lock:
+            out, self._out = self._out, None
         if out is not None:
-            out.close()
+            with contextlib.suppress(OSError):  # never in the way of the broker's shutdown
+                out.close()
 
 
 class Span:
