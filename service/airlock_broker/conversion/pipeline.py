@@ -94,6 +94,8 @@ class PipelineSettings:
 
 
 class ConversionPipeline:
+    """The Convert use case, shared by every call; a call's state is its ``Job``."""
+
     def __init__(self, settings: PipelineSettings, runner: JobRunner, admission: Admission,
                  audit: AuditLog, idempotency: IdempotencyStore, edge: Edge, *,
                  tickets: Tickets | None = None, trace: Trace = NO_TRACE) -> None:
