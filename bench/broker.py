@@ -122,8 +122,7 @@ class Broker:
     """``airlock-broker serve`` on a free loopback port with its own spool directory and config."""
 
     def __init__(self, workdir: Path, name: str, config: dict[str, dict[str, Any]],
-                 log_level: str = "INFO", command: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 log_level: str = "INFO") -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.config = config
@@ -136,9 +135,6 @@ class Broker:
         #: its own Unix socket (not the machine's), where the bench, as root, reads pool status
         self.socket = self.dir / "run" / "broker.sock"
         self.log_level = log_level
-        #: what to run instead of ``airlock-broker serve`` (bench.profile runs a traced broker)
-        self.command = command or [*BROKER, "serve"]
-        self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
         self._identity = ""
@@ -154,10 +150,10 @@ class Broker:
 
     def start(self, timeout: float = 120.0) -> None:
         env = {**os.environ, "AIRLOCK_STATE_DIR": str(self.spool), "ORT_DISABLE_TELEMETRY": "1",
-               "AIRLOCK_SOCKET": str(self.socket), **self.extra_env}
+               "AIRLOCK_SOCKET": str(self.socket)}
         with self.log.open("wb") as fh:
             self.process = subprocess.Popen(
-                [*self.command, "--listen", self.address, "--config",
+                [*BROKER, "serve", "--listen", self.address, "--config",
                  str(self.config_path), "--log-level", self.log_level],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
         self._wait_serving(timeout)

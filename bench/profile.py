@@ -2,9 +2,10 @@
 
 Not part of ``make bench``: a tool for explaining its figures. It
 
-1. runs the real broker with timestamps around its steps (``bench.traced_broker``) and splits
-   the end-to-end latency of S1, S2 and S3 requests into phases (client, upload, pool
-   hand-off, container, validation, stream back, container removal);
+1. runs the ordinary broker (``airlock-broker serve``) with its job steps' events on
+   (``[observability] trace_events``, airlock_broker/tracing.py) and splits the end-to-end
+   latency of S1, S2 and S3 requests into phases (client, upload, pool hand-off, container,
+   validation, stream back, container removal);
 2. times the worker's own steps (load, skl2onnx, ONNX checker, parity, write; torch load,
    save, read-back) in a fresh container of the sandbox image, as a single-use container
    runs them: first call in the process, then later calls to show one-off costs;
@@ -36,8 +37,6 @@ from bench import host
 from bench.broker import ROOT, Broker
 from bench.containers import shim_pids
 from bench.run import IMAGE, WARM_CONFIG, log, pct, sklearn_profile_imports
-
-PY = str(ROOT / ".venv" / "bin" / "python")
 
 # -- 1. phases of a request -------------------------------------------------------------------
 
@@ -163,9 +162,8 @@ def request_phases(work: Path, quick: bool, which: set[str],
     if "S3" in which and not big.exists():
         models.make_large_state_dict(big, size_mb=400)
     trace = work / f"trace{suffix.replace(' ', '-')}.jsonl"
-    broker = Broker(work, "traced" + suffix.replace(" ", "-"), config or WARM_CONFIG,
-                    command=[PY, "-m", "bench.traced_broker", "serve"],
-                    env={"AIRLOCK_BENCH_TRACE": str(trace), "PYTHONPATH": str(ROOT)})
+    broker = Broker(work, "traced" + suffix.replace(" ", "-"),
+                    {**(config or WARM_CONFIG), "observability": {"trace_events": str(trace)}})
     out: dict[str, Any] = {}
     try:
         broker.start()

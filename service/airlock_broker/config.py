@@ -53,6 +53,9 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     max_connection_age_seconds = 3600
     connection_age_grace_seconds = 1800
 
+    [observability]    # for measuring, not for production: off by default
+    trace_events = "/var/lib/airlock/events.jsonl"   # each job step's begin, end (tracing.py)
+
 Without ``[auth]`` the broker accepts anyone, so it may listen only on loopback
 (``check_listen``); ``insecure_no_auth`` lifts that, visibly. Metrics, too, are served on
 loopback only, unless ``metrics_public`` (``--metrics-public``) says otherwise.
@@ -144,6 +147,9 @@ class BrokerConfig:
     #: Provenance signing key; default ``<state_root>/provenance-signing-key.pem``
     #: (AIRLOCK_PROVENANCE_KEY overrides).
     provenance_key: Path | None = None
+    #: ``[observability] trace_events``: append a JSON line at each job step's begin and end
+    #: there (tracing.py; what ``bench.profile`` reads). None: off, the hooks cost nothing.
+    trace_events: Path | None = None
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     output: OutputLimits = field(default_factory=OutputLimits)
     onnx_validator: ValidatorSettings = field(default_factory=ValidatorSettings)
@@ -218,7 +224,7 @@ class BrokerConfig:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
                               "provenance", "auth", "idempotency", "local_transfer", "upload",
-                              "rpc"}
+                              "rpc", "observability"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -229,7 +235,14 @@ class BrokerConfig:
             broker["unix_socket"] = unix_socket_setting(broker["unix_socket"])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
                                                  "provenance_key", "auth", "idempotency",
-                                                 "local_transfer", "upload", "rpc"})
+                                                 "local_transfer", "upload", "rpc",
+                                                 "trace_events"})
+        observability = dict(doc.get("observability", {}))
+        if set(observability) - {"trace_events"}:
+            raise ValueError("unknown keys in [observability]: "
+                             f"{sorted(set(observability) - {'trace_events'})}")
+        if "trace_events" in observability:
+            broker["trace_events"] = Path(observability["trace_events"])
         upload_doc = dict(doc.get("upload", {}))
         _check_keys(UploadLimits, upload_doc, "upload")
         local_doc = dict(doc.get("local_transfer", {}))

@@ -1,4 +1,5 @@
-"""answers.py on its own: the spool copy of an output, and who closes what when."""
+"""answers.py on its own: the spool copy of an output, how it is sent, and who closes what
+when."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker.api.answers import Answer, spool_answer
 from airlock_broker.api.rpc_limits import RpcLimits
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.answers import Answer, StreamTransfer, spool_answer
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError
 from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCred
 from airlock_broker.fastpath.peer_io import PeerIO
+from airlock_broker.fastpath.peer_transfer import PeerTransfer
 from airlock_sandbox.contract import OutputFormat
 
 _LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=10,
@@ -33,14 +36,23 @@ def _output(payload: bytes, size: int | None = None) -> ValidatedOutput:
                            sha256="", path=Path("/nonexistent"), write_into=write_into)
 
 
+async def _no_requests() -> AsyncIterator[pb.ConvertRequest]:
+    return
+    yield
+
+
+def _stream(chunk_bytes: int) -> StreamTransfer:
+    return StreamTransfer(_no_requests(), _LIMITS, chunk_bytes)
+
+
 def test_the_output_is_spooled_into_a_private_file_read_by_offset(tmp_path: Path) -> None:
     async def scenario() -> None:
         answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="job-1"),
-                                    _output(b"0123456789"))
+                                    _output(b"0123456789"), _stream(4))
         path = tmp_path / "results" / "job-1"
         assert answer.path == path and (path.stat().st_mode & 0o777) == 0o600
         with answer:
-            messages = [m async for m in answer.responses(4, _LIMITS)]
+            messages = [m async for m in answer.responses()]
         assert messages[0].result.transfer == "stream"
         assert [m.chunk.data for m in messages[1:]] == [b"0123", b"4567", b"89"]
         assert not path.exists()
@@ -51,7 +63,8 @@ def test_the_output_is_spooled_into_a_private_file_read_by_offset(tmp_path: Path
 def test_a_copy_that_comes_up_short_is_refused_and_removed(tmp_path: Path) -> None:
     async def scenario() -> None:
         with pytest.raises(AirlockError, match="wrote 3 bytes of a 4-byte output"):
-            await spool_answer(tmp_path, pb.ConvertResult(job_id="short"), _output(b"123", 4))
+            await spool_answer(tmp_path, pb.ConvertResult(job_id="short"), _output(b"123", 4),
+                               _stream(4))
         assert list((tmp_path / "results").iterdir()) == []
 
     asyncio.run(scenario())
@@ -70,7 +83,7 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
         release.wait(30)
         seen.append(os.fstat(src).st_size == size and os.fstat(dst) is not None)
 
-    monkeypatch.setattr("airlock_broker.api.answers.copy_file", slow_copy)
+    monkeypatch.setattr("airlock_broker.fastpath.peer_transfer.copy_file", slow_copy)
     source = tmp_path / "answer"
     source.write_bytes(b"x" * 100)
     fd = os.open(source, os.O_RDONLY)
@@ -81,17 +94,19 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
         io = PeerIO(2, 1.0)
         local = LocalFiles(input_fd=os.open(os.devnull, os.O_RDONLY), output_fd=peer_out,
                            input=InputFile(size=0, allocated=0), peer=PeerCred(0, 0, 0), io=io)
-        answer = Answer(result=pb.ConvertResult(job_id="j"), fd=fd, size=100, path=source,
-                        local=local)
         intake = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20,
                               idle_seconds=10, upload=limits.upload)
-        sending = asyncio.ensure_future(anext(answer.responses(1024, intake)))
+        transfer = PeerTransfer(local, intake)
+        answer = Answer(result=pb.ConvertResult(job_id="j"), fd=fd, size=100,
+                        transfer=transfer, path=source)
+        sending = asyncio.ensure_future(anext(answer.responses()))
         while not copying.is_set():
             await asyncio.sleep(0.01)
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sending
         answer.close()
+        transfer.close()  # as the pipeline does: the answer first, then the caller's files
         assert not source.exists()  # the answer's name and descriptor are gone at once...
         release.set()  # ...and the thread still copied from its own duplicates
         while not seen:

@@ -143,7 +143,7 @@ def test_a_retry_while_the_first_attempt_runs_attaches_to_it(start) -> None:
     threads[0].start()
     wait_for(lambda: run.broker.admission.admitted == 1 and run.backend.prepared == 1)
     threads[1].start()
-    wait_for(lambda: run.broker.replays.waiting == 1)  # the retry waits for the first
+    wait_for(lambda: run.broker.idempotency.waiting == 1)  # the retry waits for the first
     run.backend.gate.set()
     for t in threads:
         t.join(30)
@@ -152,8 +152,8 @@ def test_a_retry_while_the_first_attempt_runs_attaches_to_it(start) -> None:
     assert results[0][1] == results[1][1] and results[0][0].job_id == results[1][0].job_id
 
 
-def test_a_retry_after_the_client_left_mid_answer_replays_the_kept_result(start) -> None:
-    # The client reads the header and leaves. The result was kept before the header went out
+def test_a_retry_after_the_client_left_mid_answer_replays_the_stored_result(start) -> None:
+    # The client reads the header and leaves. The result was stored before the header went out
     # (the answer's own file, answers.py), so its retry finds it and does not convert again.
     run = start()
     with grpc.insecure_channel(run.address) as channel:
@@ -223,17 +223,17 @@ def test_no_key_or_ttl_zero_means_no_deduplication(start) -> None:
 # -- the store's bounds, directly ----------------------------------------------------------
 
 
-def _kept(store: IdempotencyStore) -> list[str]:
+def _stored(store: IdempotencyStore) -> list[str]:
     return sorted(p.name for p in (store.spool_root / "results").iterdir())
 
 
 async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
-    """What the servicer does: the answer's file, in the store's directory, then commit."""
+    """What the pipeline does: the answer's file, in the store's directory, then stored."""
     async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
         path = results_dir(store.spool_root) / f"job-{key}"
         path.touch(mode=0o600)  # as answers.py makes it: the broker's alone
         path.write_bytes(payload)
-        if not claim.commit(b"header", path, len(payload)):
+        if not claim.store(b"header", path, len(payload)):
             path.unlink()  # the caller's file unless the store took it
 
 
@@ -243,17 +243,17 @@ def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
                                                                max_bytes=10))
         await _complete(store, "a", b"1234")
         await _complete(store, "b", b"1234")
-        assert _kept(store) == ["job-a", "job-b"]
+        assert _stored(store) == ["job-a", "job-b"]
         await _complete(store, "c", b"1234")  # over both bounds: the oldest goes
-        assert _kept(store) == ["job-b", "job-c"] and store.stored_bytes == 8 and len(store) == 2
-        # Larger than the store: not kept at all (its claim still made room for an entry).
+        assert _stored(store) == ["job-b", "job-c"] and store.stored_bytes == 8 and len(store) == 2
+        # Larger than the store: not stored at all (its claim still made room for an entry).
         await _complete(store, "big", b"x" * 11)
-        assert _kept(store) == ["job-c"] and len(store) == 1
+        assert _stored(store) == ["job-c"] and len(store) == 1
         await asyncio.sleep(0.35)
-        assert store.purge() == 1 and _kept(store) == [] and store.stored_bytes == 0
+        assert store.purge() == 1 and _stored(store) == [] and store.stored_bytes == 0
         await _complete(store, "d", b"1234")
         await store.close()
-        assert _kept(store) == [] and len(store) == 0
+        assert _stored(store) == [] and len(store) == 0
 
     asyncio.run(scenario())
 
@@ -262,8 +262,8 @@ def test_without_a_key_the_store_takes_no_file(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
         async with store.claim("", "", "sha", "opts", "job-nokey") as claim:
-            assert not claim.keeps
-            assert not claim.commit(b"h", tmp_path / "whatever", 1)
+            assert not claim.stores
+            assert not claim.store(b"h", tmp_path / "whatever", 1)
         assert len(store) == 0
         await store.close()
 
@@ -275,11 +275,11 @@ def test_a_replay_survives_eviction_of_its_file(tmp_path: Path) -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings(ttl_seconds=60))
         await _complete(store, "a", b"payload")
         async with store.claim("", "a", "sha-a", "opts", "job-x") as claim:
-            assert claim.replay is not None
-            fd = store.open_stored(claim.replay)
+            assert claim.stored is not None
+            fd = store.open_stored(claim.stored)
         await store.close()  # the file is gone from the directory ...
         try:
-            assert _kept(store) == []
+            assert _stored(store) == []
             assert os.read(fd, 100) == b"payload"  # ... but the reader still has it
         finally:
             os.close(fd)
@@ -293,9 +293,9 @@ def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
         async with store.claim("alice", "k", "sha", "opts", "job-1") as claim:
             path = results_dir(tmp_path) / "job-1"
             path.write_bytes(b"x")
-            assert claim.commit(b"h", path, 1)
+            assert claim.store(b"h", path, 1)
         async with store.claim("bob", "k", "other-sha", "opts", "job-2") as claim:
-            assert claim.replay is None and claim.keeps  # bob's "k" is not alice's
+            assert claim.stored is None and claim.stores  # bob's "k" is not alice's
         await store.close()
 
     asyncio.run(scenario())

@@ -26,7 +26,7 @@ from airlock_broker.api.admin import AdminServicer
 from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
 from airlock_broker.api.rpc_limits import OpenStreamLimiter
-from airlock_broker.api.servicer import ConversionServicer
+from airlock_broker.api.servicer import conversion_servicer
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.admission import Admission
 from airlock_broker.conversion.audit import AuditLog
@@ -46,6 +46,7 @@ from airlock_broker.sandboxes.version_gates import Observation, host_observation
 from airlock_broker.sandboxes.workspace import reap_stale
 from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
+from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,17 @@ class Broker:
     pools: Pools
     onnx_validator: OnnxValidatorPool
     audit: AuditLog
-    replays: IdempotencyStore
+    idempotency: IdempotencyStore
     lock_fd: int
     signing_key: SigningKey
     #: Keeps gRPC health in step with ``readiness`` (``follow_health``) until ``stop``.
     health_follower: asyncio.Task[None] | None = None
-    local: LocalTransferServer | None = None
+    fast_path: LocalTransferServer | None = None
     unix: UnixListener | None = None
     #: The spool this broker reaps again when it stops (see ``stop``).
     spool_root: Path | None = None
+    #: Where the job steps' events go ([observability] trace_events; off by default).
+    trace: Trace = NO_TRACE
     stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -107,18 +110,19 @@ class Broker:
                 left = reap_stale(self.spool_root) if self.spool_root is not None else 0
                 if left:
                     log.info("removed %d job director(ies) left at shutdown", left)
+                self.trace.close()
                 os.close(self.lock_fd)
 
     async def _release(self) -> None:
         if self.unix is not None:
             await self.unix.close()
-        if self.local is not None:
-            await self.local.close()
+        if self.fast_path is not None:
+            await self.fast_path.close()
         try:
             await self.pools.close()
         finally:
             await self.onnx_validator.close()
-        await self.replays.close()
+        await self.idempotency.close()
         await self.backend.close()
 
 
@@ -160,17 +164,23 @@ async def create_server(config: BrokerConfig,
         config.onnx_validator.check_ids_unused(config.sandbox.user)
     credentials = server_credentials(config.auth)  # reads the TLS files: before taking the lock
     lock_fd = lock_state(config)  # checks the state root, where the key lives: first
+    trace = NO_TRACE
     try:
         signing_key = provenance_key(config)
         stale = reap_stale(config.spool_root)
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
+        if config.trace_events is not None:
+            trace = Trace.to_file(config.trace_events)
+            log.info("job step events go to %s ([observability] trace_events)",
+                     config.trace_events)
         if backend is None:
             backend = make_backend(config.sandbox, config.spool_root,
-                                   threads=4 * config.max_concurrent_jobs + 8)
+                                   threads=4 * config.max_concurrent_jobs + 8, trace=trace)
         image_id = await backend.check()
         await backend.reap_orphans()
     except BaseException:
+        trace.close()
         os.close(lock_fd)
         raise
     readiness = Readiness()
@@ -184,8 +194,9 @@ async def create_server(config: BrokerConfig,
     onnx_validator.start()
     try:
         return await _finish_server(config, backend, lock_fd, credentials, signing_key,
-                                    admission, pools, onnx_validator)
+                                    admission, pools, onnx_validator, trace)
     except BaseException:
+        trace.close()
         await onnx_validator.close()
         raise
 
@@ -193,7 +204,7 @@ async def create_server(config: BrokerConfig,
 async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd: int,
                          credentials: grpc.ServerCredentials | None, signing_key: SigningKey,
                          admission: Admission, pools: Pools,
-                         onnx_validator: OnnxValidatorPool) -> Broker:
+                         onnx_validator: OnnxValidatorPool, trace: Trace) -> Broker:
     metrics = Metrics()
     metrics.bind(admission, pools)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
@@ -208,14 +219,14 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         *config.rpc.server_options(),
     ], maximum_concurrent_rpcs=config.rpc.max_concurrent_rpcs)
     audit = AuditLog(config.audit_path)
-    replays = IdempotencyStore(config.spool_root, config.idempotency)
-    replays.start()
-    local = await _local_transfer(config)
+    idempotency = IdempotencyStore(config.spool_root, config.idempotency)
+    idempotency.start()
+    fast_path = await _local_transfer(config)
+    runner = JobRunner(backend, pools, config.output, onnx_validator=onnx_validator,
+                       verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
-        ConversionServicer(config, JobRunner(backend, pools, config.output,
-                                             onnx_validator=onnx_validator,
-                                             verify_integrity=config.verify_integrity),
-                           admission, audit, metrics, signing_key, replays, local),
+        conversion_servicer(config, runner, admission, audit, metrics, signing_key,
+                            idempotency, fast_path, trace),
         server)
     async def host_versions() -> dict[str, Observation]:
         return {**host_observations(), **await backend.versions()}
@@ -235,9 +246,9 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
             raise OSError(f"cannot listen on {config.listen}")
         unix = await add_unix_listener(server, config.unix_socket, peer_tickets)
     except BaseException:
-        if local is not None:
-            await local.close()
-        await replays.close()
+        if fast_path is not None:
+            await fast_path.close()
+        await idempotency.close()
         audit.close()
         os.close(lock_fd)
         raise
@@ -278,8 +289,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     return Broker(server=server, port=port, health=health_servicer, admission=admission,
                   readiness=readiness, health_follower=follower, backend=backend, pools=pools,
                   onnx_validator=onnx_validator, audit=audit,
-                  replays=replays, lock_fd=lock_fd, spool_root=config.spool_root,
-                  signing_key=signing_key, local=local, unix=unix)
+                  idempotency=idempotency, lock_fd=lock_fd, spool_root=config.spool_root,
+                  signing_key=signing_key, fast_path=fast_path, unix=unix, trace=trace)
 
 
 async def follow_health(readiness: Readiness, health_servicer: health.aio.HealthServicer

@@ -13,7 +13,7 @@ sha256 and the request's options. A request whose key matches
 A job that failed for a reason worth retrying (BUSY, the engine down, a cancelled call) is
 forgotten, so the retry converts. Only metadata lives in memory: a stored result's bytes are
 a file under ``<spool>/results/`` (0600): the very file its first answer was sent from
-(answers.py writes it; ``Claim.commit`` hands it to this store, which owns it from then on).
+(answers.py writes it; ``Claim.store`` hands it to this store, which owns it from then on).
 The total is bounded by ``max_bytes`` and the entries by ``max_entries``, evicted oldest first
 and on expiry. A reader holds an open descriptor, so eviction never cuts a replay short. The
 directory is emptied at start-up (``workspace.reap_stale``) and the store's files on ``close``.
@@ -82,19 +82,20 @@ class _Entry:
 
 @dataclass
 class Claim:
-    """What a request got from the store: a result to replay, or the duty to convert."""
+    """What a request got from the store: a stored result to replay, or the duty to convert
+    (and to offer its result to the store: ``store``)."""
 
-    replay: StoredResult | None
+    stored: StoredResult | None
     _store: IdempotencyStore | None = None
     _entry: _Entry | None = None
     waited: bool = False
 
     @property
-    def keeps(self) -> bool:
+    def stores(self) -> bool:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
-    def commit(self, header: bytes, path: Path, size: int) -> bool:
+    def store(self, header: bytes, path: Path, size: int) -> bool:
         """Make the result replayable, from ``path`` (a file of ``size`` bytes in the store's
         directory). True: the store owns the file from now on. False (no key, or larger than
         the store): it stays the caller's, and a retry converts again."""
@@ -149,7 +150,7 @@ class IdempotencyStore:
                     job_id: str) -> AsyncIterator[Claim]:
         """Replay, wait for, or take on the job for ``key``; see the module docstring."""
         if not key or self.settings.ttl_seconds <= 0:
-            yield Claim(replay=None)
+            yield Claim(stored=None)
             return
         ident = (principal, key)
         waited = False
@@ -178,7 +179,7 @@ class IdempotencyStore:
         entry = _Entry(input_sha256=input_sha256, options=options, job_id=job_id)
         self._entries[ident] = entry
         self._evict(keep=entry)
-        claim = Claim(replay=None, _store=self, _entry=entry)
+        claim = Claim(stored=None, _store=self, _entry=entry)
         try:
             yield claim
         except AirlockError as exc:
@@ -212,7 +213,7 @@ class IdempotencyStore:
             reason, message = stored.error
             raise error(reason, f"{message} (the answer of job {stored.job_id}, replayed for "
                                 "the same idempotency key)")
-        return Claim(replay=stored, waited=waited)
+        return Claim(stored=stored, waited=waited)
 
     def complete(self, entry: _Entry, stored: StoredResult) -> None:
         entry.stored = stored

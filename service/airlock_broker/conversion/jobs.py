@@ -30,6 +30,7 @@ from airlock_broker.conversion.outputs import (
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
+from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
@@ -188,6 +189,12 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
 VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
 
 
+def _timings(report: dict[str, Any] | None) -> Any:
+    """The worker's own timings, for the trace (its word, like the rest of the report)."""
+    timings = (report or {}).get("timings")
+    return timings if isinstance(timings, dict) else {}
+
+
 async def _settle(task: asyncio.Task[Any]) -> None:
     """A background task of the job's, ended with the job (its result no longer matters)."""
     if not task.done():
@@ -222,12 +229,14 @@ class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
     def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
-                 onnx_validator: OnnxValidatorPool, verify_integrity: bool = True) -> None:
+                 onnx_validator: OnnxValidatorPool, verify_integrity: bool = True,
+                 trace: Trace = NO_TRACE) -> None:
         self.backend = backend
         self.onnx_validator = onnx_validator
         self.pools = pools
         self.limits = limits
         self.verify_integrity = verify_integrity
+        self.trace = trace
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
@@ -251,9 +260,9 @@ class JobRunner:
             audit.set(warm_container=slot.started, profile=slot.profile)
             await self.backend.hand_over(slot, upload)
             # The restricted reader needs no torch: the light profile starts fastest.
-            second = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
-            if second is not None:
-                await self.backend.hand_over(second, slot)
+            extractor = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
+            if extractor is not None:
+                await self.backend.hand_over(extractor, slot)
             spec = JobSpec(job_id=request.job_id, artifact_format=detected,
                            target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
@@ -261,8 +270,8 @@ class JobRunner:
                            mlflow_flavor=request.mlflow_flavor)
             try:
                 outcome, extraction = await asyncio.gather(
-                    self.backend.run(slot, spec, request.deadline_seconds),
-                    self._extract(second, request, detected, stack))
+                    self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
+                    self._extract(extractor, request, detected, stack))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
@@ -271,7 +280,10 @@ class JobRunner:
                       sandbox_seconds=round(outcome.duration_seconds, 3))
             # From here on the containers are dead: only now are their outputs looked at.
             out_dir = await self.backend.output(slot)
-            report = read_report(out_dir, MAX_REPORT_BYTES)
+            with self.trace.span("read_report") as span:
+                report = read_report(out_dir, MAX_REPORT_BYTES)
+                if span:
+                    span.note({"timings": _timings(report)})
             if report is not None:
                 audit.set(loader=sanitize(report.get("loader", ""), 80))
             audit.set(refined_format=refined_format(detected, report))
@@ -286,9 +298,10 @@ class JobRunner:
                     raise
                 # With the extraction's output at hand, a safetensors output is compared with
                 # it rather than hashed: when they are the same file it takes that digest.
-                output = await validate_output(
-                    out_dir, request.target, self.limits, self.onnx_validator,
-                    digest=extraction is None or extraction.output is None)
+                with self.trace.span("validate"):
+                    output = await validate_output(
+                        out_dir, request.target, self.limits, self.onnx_validator,
+                        digest=extraction is None or extraction.output is None)
                 output, assurance, note = await self._assurance(output, extraction)
                 output = await compute_digest(output)
             except AirlockError as exc:
@@ -320,9 +333,26 @@ class JobRunner:
     async def _slot(self, stack: contextlib.AsyncExitStack, profile: str,
                     answered: asyncio.Event | None) -> Slot:
         """A single-use slot whose destruction ``stack`` owns."""
-        slot = await self.pools.acquire(profile)
-        stack.push_async_callback(self.pools.release, slot, answered)
+        with self.trace.span("acquire") as span:
+            slot = await self.pools.acquire(profile)
+            if span:
+                span.note({"warm": bool(slot.started), "profile": slot.profile})
+        stack.push_async_callback(self._release, slot, answered)
         return slot
+
+    async def _release(self, slot: Slot, answered: asyncio.Event | None) -> None:
+        with self.trace.span("release"):
+            await self.pools.release(slot, answered)
+
+    async def _sandbox_run(self, step: str, slot: Slot, spec: JobSpec,
+                           deadline: float) -> Outcome:
+        """``backend.run``, traced as ``step``: the job's own, or the integrity extraction's."""
+        with self.trace.span(step) as span:
+            outcome = await self.backend.run(slot, spec, deadline)
+            if span:
+                span.note({"profile": slot.profile, "wait_s": outcome.duration_seconds,
+                           "exit": outcome.exit_code})
+        return outcome
 
     async def _extract(self, slot: Slot | None, request: JobRequest, detected: ArtifactFormat,
                        stack: contextlib.AsyncExitStack) -> Extraction | None:
@@ -333,13 +363,15 @@ class JobRunner:
             return None
         spec = JobSpec(job_id=request.job_id, artifact_format=detected,
                        mode=JobMode.EXTRACT_WEIGHTS, max_output_bytes=self.limits.max_output_bytes)
-        outcome = await self.backend.run(slot, spec, request.deadline_seconds)
+        outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
             return Extraction(None, "the weights could not be read without executing the "
                                     f"artifact (extraction exit {outcome.exit_code})")
         try:
-            extracted = await validate_output(await self.backend.output(slot), Target.SAFETENSORS,
-                                              self.limits, self.onnx_validator, digest=False)
+            with self.trace.span("validate"):
+                extracted = await validate_output(await self.backend.output(slot),
+                                                  Target.SAFETENSORS, self.limits,
+                                                  self.onnx_validator, digest=False)
         except AirlockError as exc:
             return Extraction(None, f"the extraction's output was invalid: {exc.message}")
         digest = asyncio.create_task(compute_digest(extracted))

@@ -3,5 +3,5 @@ the Docker backend (``docker_sandbox``, ``docker_hardening``, ``owners``; chosen
 ``backends``), the engine's version gates, warm pools and the engine watch, a job's workspace
 on disk, exit watching, sandbox ids.
 
-May import errors, readiness and security; never api, conversion, fastpath or ops.
+May import errors, readiness, tracing and security; never api, conversion, fastpath or ops.
 """

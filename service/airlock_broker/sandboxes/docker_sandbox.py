@@ -43,6 +43,7 @@ from airlock_broker.sandboxes.owners import (
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.version_gates import Observation, engine_observations, from_probe
 from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError
+from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, DONE_NAME, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import DOCKER_DEFAULT
@@ -69,8 +70,9 @@ class DockerSandbox:
     """A ``SandboxBackend`` on the local Docker engine."""
 
     def __init__(self, policy: SandboxPolicy, spool_root: Path, *, threads: int = 16,
-                 client: docker.DockerClient | None = None) -> None:
+                 client: docker.DockerClient | None = None, trace: Trace = NO_TRACE) -> None:
         self.policy = policy
+        self.trace = trace
         self.spool_root = spool_root
         self.identity = broker_identity()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
@@ -184,6 +186,10 @@ class DockerSandbox:
         return confinement_of(info)
 
     async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
+        with self.trace.span("container_prepare"):
+            return await self._prepare(profile, selftest=selftest)
+
+    async def _prepare(self, profile: str, *, selftest: bool) -> Slot:
         slot_id = uuid.uuid4().hex
         try:
             workspace = JobWorkspace.create(self.spool_root, slot_id, uid=CONTAINER_UID,
@@ -216,6 +222,10 @@ class DockerSandbox:
                     container_id=str(container.id))
 
     async def start(self, slot: Slot) -> None:
+        with self.trace.span("container_start"):
+            await self._start(slot)
+
+    async def _start(self, slot: Slot) -> None:
         await self._call(self.client.api.start, slot.container_id)
         slot.started = True
         if self.policy.exit_watch != "engine" and self.policy.runtime_family == "runc":
@@ -244,7 +254,8 @@ class DockerSandbox:
         if watch is not None and watch.freezer is not None:
             # It waits after its report, to be frozen rather than awaited (freezer.py).
             spec = replace(spec, linger_seconds=LINGER_SECONDS)
-        slot.workspace.write_job_spec(spec)
+        with self.trace.span("spec"):
+            slot.workspace.write_job_spec(spec)
         try:
             return await self._until_done(slot, deadline_seconds)
         finally:  # nothing in it runs any more: the worker's signal is not an output

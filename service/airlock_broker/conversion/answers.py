@@ -1,0 +1,195 @@
+"""A validated output on its way to the caller: held by the broker, no longer by the sandbox.
+
+Once validation passed, the output leaves the job's slot: its canonical bytes are written into
+a file of the broker's, ``<spool>/results/<job_id>`` (0600, ``spool_answer``), and the run
+slot and the job's sandboxes are released *before* the first byte goes to the caller (the
+dead containers and their output tmpfs are destroyed once the answer is out, or at most
+``[pools] defer_max_seconds`` after the release: ``Pools.release``). A caller that reads
+slowly, or never (HTTP/2 flow control then holds the broker's writes), holds no sandbox for
+longer than that: only its admission place and that file, and those only for
+``answer_drain_seconds`` (api/answer_drains.py); then the call ends with DEADLINE_EXCEEDED and
+the file is removed. With an idempotency key the idempotency store adopts the same file (no second
+copy), so a retry is answered from it: a stored answer is the same ``Answer`` (another header,
+the stored file), sent by the same code.
+
+How an answer travels is its call's ``Transfer``: the request stream (``StreamTransfer``,
+here), or on the same-host fast path the caller's own descriptors (fastpath/peer_transfer.py).
+The same object brought the artifact in.
+
+Why a copy on the spool, and not the tmpfs itself kept open after a lazy unmount (which would
+copy nothing): the tmpfs is RAM. Every answer waiting for a slow reader would pin up to
+``output_bytes`` (2 GiB) of it, for every admitted job instead of the running ones only. The
+spool is disk, where the same admitted jobs' uploads lived a moment before (an upload moves
+into its slot and goes with it). The copy is one kernel copy (``sendfile`` from the tmpfs),
+measured in the README's Performance section. An ONNX output was already in the broker's
+memory (the validator's canonical bytes); written out, it is the page cache's to keep or
+evict, not the broker's RSS while a caller dawdles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.idempotency import Claim
+from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
+from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.errors import Reason, error
+from airlock_broker.sandboxes.workspace import remove_quietly, results_dir
+
+#: An ONNX output (canonical bytes in the broker's memory) up to this size is written to its
+#: answer file on the event loop; larger ones, and safetensors (a kernel copy), on a thread.
+INLINE_WRITE_BYTES = 1024 * 1024
+
+
+class Transfer(Protocol):
+    """How one call's artifact comes in and its answer goes out. ``close`` once."""
+
+    @property
+    def name(self) -> str:
+        """"stream" or "local": the audit record's and the result header's ``transfer``."""
+        ...
+
+    @property
+    def peer(self) -> Mapping[str, int] | None:
+        """The caller's process as the kernel named it (the fast path), for the audit log."""
+        ...
+
+    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
+        """The artifact into the spool file ``fd`` (which this closes), hashed."""
+        ...
+
+    def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
+        """The answer's messages: the header, and the output wherever this transfer puts it."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@dataclass(eq=False)
+class StreamTransfer:
+    """The artifact in the request's chunks, the output in the response's."""
+
+    requests: AsyncIterator[pb.ConvertRequest]
+    limits: IntakeLimits
+    chunk_bytes: int
+    name: str = "stream"
+    peer: Mapping[str, int] | None = None
+
+    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
+        return await spool_chunks(self.requests, fd, meta, self.limits)
+
+    async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
+        yield pb.ConvertResponse(result=answer.result)
+        offset = 0
+        while offset < answer.size:
+            # Page-cache reads of a file only the broker writes; explicit offsets.
+            data = os.pread(answer.fd, min(self.chunk_bytes, answer.size - offset), offset)
+            if not data:
+                raise error(Reason.INTERNAL, f"the answer file ended at {offset} of "
+                                             f"{answer.size} bytes")
+            offset += len(data)
+            yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Answer:
+    """A result header and the output's bytes in a descriptor the broker owns, fresh or
+    stored, and the transfer it goes by.
+
+    ``close`` exactly once (``with answer:``); it does not close the transfer (its owner
+    does, after). On the fast path the copy into the caller's file runs on the fast path's own
+    threads, on duplicates of the descriptors (peer_io.py): closing the answer under a copy
+    that is still running never hands its descriptor numbers to whatever the broker opens next.
+    """
+
+    result: pb.ConvertResult
+    fd: int
+    size: int
+    transfer: Transfer
+    #: The file's name while this answer owns it (removed on release); None when the
+    #: idempotency store owns the name (or, for a stored answer, always).
+    path: Path | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self.fd)
+        if self.path is not None:
+            remove_quietly(self.path)
+
+    def store(self, claim: Claim) -> None:
+        """Offer the file to the idempotency store; if it takes it, the store owns the name."""
+        if self.path is not None and claim.store(self.result.SerializeToString(), self.path,
+                                                 self.size):
+            self.path = None
+
+    def responses(self) -> AsyncIterator[pb.ConvertResponse]:
+        """The header, then the output (as chunks, or into the caller's own file: only now,
+        nothing reached it before validation passed)."""
+        self.result.transfer = self.transfer.name
+        return self.transfer.send(self)
+
+
+async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: ValidatedOutput,
+                       transfer: Transfer) -> Answer:
+    """Write ``output`` into ``<spool>/results/<job_id>`` (a small ONNX output at once, else in
+    a worker thread, by kernel copy for a safetensors data section): the answer no longer needs
+    the sandbox's tmpfs.
+
+    If the caller is cancelled meanwhile, the file is removed once the thread is done with it.
+    """
+    path = results_dir(spool_root) / result.job_id
+    if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
+        # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
+        # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
+        return Answer(result=result, fd=_write_output(path, output), size=output.size,
+                      transfer=transfer, path=path)
+    copy = asyncio.ensure_future(asyncio.to_thread(_write_output, path, output))
+    try:
+        fd = await asyncio.shield(copy)
+    except asyncio.CancelledError:
+        copy.add_done_callback(lambda done: _discard(done, path))
+        raise
+    return Answer(result=result, fd=fd, size=output.size, transfer=transfer, path=path)
+
+
+def _write_output(path: Path, output: ValidatedOutput) -> int:
+    """A new 0600 file holding exactly the output: its descriptor, open for reading."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        output.write_into(fd)
+        written = os.fstat(fd).st_size
+        if written != output.size:
+            raise error(Reason.INTERNAL,
+                        f"wrote {written} bytes of a {output.size}-byte output to the spool")
+    except BaseException:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    return fd
+
+
+def _discard(done: asyncio.Future[int], path: Path) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return  # _write_output cleaned up after itself
+    os.close(done.result())
+    remove_quietly(path)

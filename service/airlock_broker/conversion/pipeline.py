@@ -1,0 +1,257 @@
+"""One Convert call, top to bottom: admit, receive, decide the format, claim the idempotency key,
+run, validate, sign, answer.
+
+``ConversionPipeline.convert`` is the use case; the gRPC servicer (api/servicer.py) only hands
+it the request stream, sends what it yields and maps its ``AirlockError`` to a status. What the
+pipeline needs from the layers above it comes in as objects it is given, so that ``conversion``
+never imports ``api`` or ``fastpath``: the wire's reading of a request and the signed result
+header (``Edge``), and the same-host fast path's tickets (``Tickets``).
+
+A fresh result and a stored one (an idempotent replay) differ only in where the header and the
+file come from: both are an ``Answer`` (answers.py), sent over the call's ``Transfer`` by the
+same code, whichever way the artifact came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.admission import Admission
+from airlock_broker.conversion.answers import Answer, StreamTransfer, Transfer, spool_answer
+from airlock_broker.conversion.audit import AuditLog, AuditRecord
+from airlock_broker.conversion.format_decision import Decision, decide
+from airlock_broker.conversion.idempotency import Claim, IdempotencyStore, options_digest
+from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
+from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.sandboxes.workspace import new_upload, remove_quietly
+from airlock_broker.tracing import NO_TRACE, Trace
+from airlock_sandbox.policy import SandboxPolicy
+
+log = logging.getLogger(__name__)
+_FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
+
+
+class Edge(Protocol):
+    """What the RPC layer lends the pipeline (api/servicer.py's ``RpcEdge``)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The provenance signing key's, for the audit record."""
+        ...
+
+    def request(self, meta: pb.ConvertMetadata, job_id: str) -> JobRequest:
+        """The metadata checked and read as a ``JobRequest`` (BAD_REQUEST if it is wrong)."""
+        ...
+
+    def header(self, result: JobResult, request: JobRequest) -> pb.ConvertResult:
+        """The result header, carrying the output's signed provenance."""
+        ...
+
+
+class Tickets(Protocol):
+    """The same-host fast path (fastpath/peer_transfer.py's ``FastPathTickets``)."""
+
+    def claim(self, ticket: str, principal: str) -> Transfer:
+        """The descriptors ``ticket`` holds, if it was issued to ``principal``; owned by the
+        caller from here."""
+        ...
+
+
+@dataclass
+class Job:
+    """One call's job: its audit record (its id), and when its answer is out."""
+
+    record: AuditRecord
+    #: Set once the call's answer is out (or it failed): the job's dead sandboxes are
+    #: destroyed and replaced only then, so that neither competes with the answer.
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.record.job_id
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The broker's settings that shape a call (from ``BrokerConfig``)."""
+
+    spool_root: Path
+    intake: IntakeLimits
+    #: Response chunk size on the stream.
+    chunk_bytes: int
+    #: The sandbox policy's limits and weakenings, for the audit record.
+    policy: SandboxPolicy
+
+
+class ConversionPipeline:
+    """The Convert use case, shared by every call; a call's state is its ``Job``."""
+
+    def __init__(self, settings: PipelineSettings, runner: JobRunner, admission: Admission,
+                 audit: AuditLog, idempotency: IdempotencyStore, edge: Edge, *,
+                 tickets: Tickets | None = None, trace: Trace = NO_TRACE) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.admission = admission
+        self.audit = audit
+        self.idempotency = idempotency
+        self.edge = edge
+        #: The same-host fast path, when offered (None: streaming only).
+        self.tickets = tickets
+        self.trace = trace
+
+    def job(self, principal: str, auth: str, peer: str) -> Job:
+        """A new job for ``principal`` (authenticated by ``auth``), calling from ``peer``."""
+        record = AuditRecord(job_id=uuid.uuid4().hex, peer=peer, principal=principal)
+        record.set(auth=auth, outcome="cancelled", reason=Reason.CANCELLED.value)
+        return Job(record)
+
+    @contextlib.asynccontextmanager
+    async def convert(self, job: Job,
+                      requests: AsyncIterator[pb.ConvertRequest]) -> AsyncIterator[Answer]:
+        """The job's answer, to send inside this block (``answer.responses()``); on exit
+        everything the call held is released and its audit record written. Failures leave as
+        ``AirlockError`` (an unexpected one as INTERNAL, logged), with their reason recorded."""
+        record = job.record
+        try:
+            # The place is held until the answer is sent: it bounds the spool files (uploads,
+            # then answers) a caller can make the broker hold. The run slot and the sandboxes
+            # are already free by then (answers.py).
+            async with self.admission.admit(record.principal):
+                with self.trace.span("metadata"):
+                    meta = await read_metadata(requests, self.settings.intake)
+                record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,
+                           declared_size=meta.size_bytes,
+                           transfer="local" if meta.local_handle else "stream")
+                with (contextlib.closing(self._transfer(meta, requests, record)) as transfer,
+                      await self._answer(job, meta, transfer) as answer):
+                    yield answer
+            record.set(outcome="ok", reason=None)
+        except AirlockError as exc:
+            record.set(outcome=exc.kind.value, reason=exc.reason.value, message=exc.message)
+            raise
+        except Exception as exc:
+            log.exception("job %s: unexpected error", job.id, extra={"job_id": job.id})
+            bug = error(Reason.INTERNAL, f"internal error in job {job.id}; see the broker log")
+            record.set(outcome="failed", reason=bug.reason.value)
+            raise bug from exc
+        finally:
+            job.answered.set()
+            with self.trace.span("audit"):
+                self.audit.write(record)
+
+    def _transfer(self, meta: pb.ConvertMetadata, requests: AsyncIterator[pb.ConvertRequest],
+                  record: AuditRecord) -> Transfer:
+        """How this call's bytes travel: its stream, or the descriptors its ticket holds."""
+        if not meta.local_handle:
+            return StreamTransfer(requests, self.settings.intake, self.settings.chunk_bytes)
+        if self.tickets is None:
+            raise error(Reason.LOCAL_TRANSFER_DISABLED,
+                        "this broker does not offer the same-host fast path")
+        transfer = self.tickets.claim(meta.local_handle, record.principal)
+        record.set(local_peer=transfer.peer)
+        return transfer
+
+    async def _answer(self, job: Job, meta: pb.ConvertMetadata, transfer: Transfer) -> Answer:
+        """Receive the artifact, then answer it: from the idempotency store, or by converting."""
+        request = self._request(job, meta)
+        upload, fd = new_upload(self.settings.spool_root, job.id)
+        try:
+            with self.trace.span("spool"):
+                spooled = await transfer.receive(fd, meta)
+            decision = self._decide(job, request, spooled, transfer)
+            principal = "" if job.record.principal == "anonymous" else job.record.principal
+            options = options_digest(request.declared_format, request.target.value,
+                                     request.policy.value, request.inputs, request.subject,
+                                     request.mlflow_flavor or "")
+            async with self.idempotency.claim(principal, meta.idempotency_key, spooled.sha256,
+                                              options, job.id) as claim:
+                if claim.stored is not None:
+                    return self._stored(claim, job.record, transfer)
+                return await self._converted(job, request, upload, decision, spooled, claim,
+                                             transfer)
+        finally:
+            remove_quietly(upload)
+
+    def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
+        if self.trace:
+            self.trace.event("job", {"job_id": job.id})
+        request = self.edge.request(meta, job.id)
+        policy = self.settings.policy
+        job.record.set(
+            declared_format=request.declared_format, target=request.target.value,
+            loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
+            subject=request.subject, mlflow_flavor=request.mlflow_flavor or "",
+            limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
+                    "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
+            weakened=list(policy.weakened))
+        return request
+
+    def _decide(self, job: Job, request: JobRequest, spooled: Spooled,
+                transfer: Transfer) -> Decision:
+        record = job.record
+        record.set(input_sha256=spooled.sha256, input_size=spooled.size)
+        decision = decide(spooled.prefix, spooled.size, request.declared_format,
+                          request.mlflow_flavor)
+        record.set(detected_format=decision.format.value)
+        log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s "
+                 "transfer=%s", job.id, spooled.size, spooled.sha256[:16], decision.format,
+                 request.target, request.policy, record.principal, transfer.name,
+                 extra={"job_id": job.id})
+        return decision
+
+    async def _converted(self, job: Job, request: JobRequest, upload: Path, decision: Decision,
+                         spooled: Spooled, claim: Claim, transfer: Transfer) -> Answer:
+        """Run the job; its signed result, spooled, is the answer (and the store's to keep)."""
+        record = job.record
+        answer: Answer | None = None
+        try:
+            async with self.admission.run_slot(), self.runner.run(
+                    request, upload, decision, spooled.sha256, spooled.size, record,
+                    job.answered) as result:
+                record.set(output_format=result.output.format.value,
+                           output_sha256=result.output.sha256, output_size=result.output.size)
+                # Signed from the hash validation already computed: no extra pass over the
+                # output.
+                header = self.edge.header(result, request)
+                record.set(provenance_key=self.edge.fingerprint,
+                           provenance_sha256=hashlib.sha256(header.provenance).hexdigest())
+                # The output leaves the slot before the caller reads a byte of it: a caller
+                # that never reads must not hold a sandbox (answers.py).
+                with self.trace.span("answer_spool"):
+                    answer = await spool_answer(self.settings.spool_root, header, result.output,
+                                                transfer)
+            # The run slot is free; the sandboxes and their output tmpfs are gone. Stored
+            # inside the claim, before the answer: a retry while the answer is still on its way
+            # is answered from the same file.
+            with self.trace.span("answer_store"):
+                answer.store(claim)
+            return answer
+        except BaseException:
+            if answer is not None:
+                answer.close()
+            raise
+
+    def _stored(self, claim: Claim, record: AuditRecord, transfer: Transfer) -> Answer:
+        """The stored result of an earlier job with the same key, marked ``replayed``."""
+        stored = claim.stored
+        assert stored is not None
+        header = pb.ConvertResult.FromString(stored.header)
+        header.replayed = True
+        record.set(replay_of=stored.job_id, attached=claim.waited,
+                   output_format=_FORMAT_NAMES.get(header.output_format, "unknown"),
+                   output_sha256=header.output_sha256, output_size=header.output_size)
+        log.info("job %s: answered with the result of job %s (same idempotency key)",
+                 record.job_id, stored.job_id, extra={"job_id": record.job_id})
+        # Held open: eviction cannot cut the answer short. The store keeps the name.
+        return Answer(result=header, fd=IdempotencyStore.open_stored(stored),
+                      size=header.output_size, transfer=transfer)

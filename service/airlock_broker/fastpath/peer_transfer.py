@@ -1,0 +1,63 @@
+"""The same-host fast path as a conversion's ``Transfer`` (conversion/answers.py): the artifact
+comes from the caller's input descriptor, the answer goes into its output descriptor, and only
+the result header travels on the gRPC stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.answers import Answer
+from airlock_broker.conversion.intake import IntakeLimits, Spooled
+from airlock_broker.fastpath.local_handles import LocalFiles
+from airlock_broker.fastpath.local_io import copy_file, spool_from_peer, write_to_peer
+from airlock_broker.fastpath.local_transfer import LocalTransferServer
+from airlock_broker.tracing import NO_TRACE, Trace
+
+
+@dataclass(eq=False)
+class PeerTransfer:
+    """One call's descriptors, owned: ``close`` once (after the answer that used them)."""
+
+    files: LocalFiles
+    limits: IntakeLimits
+    trace: Trace = NO_TRACE
+
+    @property
+    def name(self) -> str:
+        return "local"
+
+    @property
+    def peer(self) -> Mapping[str, int]:
+        cred = self.files.peer
+        return {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
+
+    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
+        # No Chunk follows the metadata: the input comes from the descriptor.
+        return await spool_from_peer(self.files, fd, meta, self.limits)
+
+    async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
+        """The output into the caller's own file (within the time ``write_to_peer`` allows
+        for its size), then the header alone."""
+        size = answer.size
+        with self.trace.span("peer_write"):
+            await write_to_peer(self.files, lambda out, src: copy_file(src, out, size), size,
+                                self.limits, answer.fd)
+        yield pb.ConvertResponse(result=answer.result)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+@dataclass(frozen=True)
+class FastPathTickets:
+    """The fast path as the pipeline asks for it: the descriptors a ticket holds, claimed by
+    the principal it was issued to (local_handles.py), as a ``PeerTransfer``."""
+
+    server: LocalTransferServer
+    limits: IntakeLimits
+    trace: Trace = NO_TRACE
+
+    def claim(self, ticket: str, principal: str) -> PeerTransfer:
+        return PeerTransfer(self.server.claim(ticket, principal), self.limits, self.trace)
