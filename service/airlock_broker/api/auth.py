@@ -44,6 +44,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.api.wire import status_of
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.fastpath.peer_identity import PEER_TICKET_HEADER, PeerTickets
+from airlock_broker.hostile_text import printable_name
 from airlock_broker.security.auth_config import AuthConfig, Role, TokenEntry, token_digest
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ SERVICE_ROLES: dict[str, Role] = {
     pb.DESCRIPTOR.services_by_name["AdminService"].full_name: Role.ADMIN,
 }
 _MAX_TOKEN = 512
-_MAX_NAME = 253
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ class PrincipalFilter(logging.Filter):
         return True
 
 
-def _printable(raw: bytes | str) -> str:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    return "".join(c if c.isprintable() else "?" for c in text[:_MAX_NAME])
-
-
 class Authenticator:
     """Turns what a call presented into a ``Principal``, or a ``Denied`` error."""
 
@@ -142,7 +137,7 @@ class Authenticator:
                 for name in names:  # exact matches only: nothing truncated or replaced
                     if name in self.subjects:
                         return Principal(name, "certificate", self.subjects[name])
-                return Principal(_printable(names[0]), "certificate", frozenset())
+                return Principal(printable_name(names[0]), "certificate", frozenset())
         if uid is not None:
             return self._local(uid)
         if unix:
@@ -238,7 +233,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _admit(self, method: str, service: str, context: Any) -> Principal:
         raw_peer = context.peer()
-        peer = _printable(raw_peer)
+        peer = printable_name(raw_peer)
         try:
             principal = self.authenticator.identify(context.invocation_metadata(),
                                                     context.auth_context(), raw_peer)

@@ -44,7 +44,8 @@ from importlib import metadata
 from typing import Any
 
 from airlock_broker.api.auth import Principal
-from airlock_broker.conversion.jobs import JobRequest, JobResult, sanitize
+from airlock_broker.conversion.jobs import JobRequest, JobResult
+from airlock_broker.hostile_text import sanitize
 from airlock_broker.security.keys import SigningKey
 from airlock_sandbox.contract import OUTPUT_NAMES
 from airlock_sandbox.policy import SandboxPolicy

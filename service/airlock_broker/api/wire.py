@@ -14,8 +14,10 @@ from google.rpc import error_details_pb2, status_pb2
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.format_decision import check_flavor_hint
-from airlock_broker.conversion.jobs import JobRequest, JobResult, sanitize
+from airlock_broker.conversion.integrity import Assurance
+from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
+from airlock_broker.hostile_text import sanitize
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
 
 MAX_INPUTS = 64
@@ -131,7 +133,8 @@ def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResp
         input_size=result.input_size,
         output_sha256=result.output.sha256,
         output_size=result.output.size,
-        assurance=(pb.ASSURANCE_INTEGRITY_VERIFIED if result.assurance == "integrity_verified"
+        assurance=(pb.ASSURANCE_INTEGRITY_VERIFIED
+                   if result.assurance is Assurance.INTEGRITY_VERIFIED
                    else pb.ASSURANCE_FORMAT_SAFE_ONLY),
         loading_policy=_POLICY_TO_PB[result.policy],
         duration_seconds=result.duration_seconds,

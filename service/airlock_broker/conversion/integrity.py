@@ -10,12 +10,78 @@ result stays *format-safe only*. Both files have already passed the strict valid
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.conversion.outputs import ValidatedOutput, same_output, with_sha256
+from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
+
+log = logging.getLogger(__name__)
+
+VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
+
+
+class Assurance(enum.StrEnum):
+    """What the broker vouches for in an output: the values the signed provenance records and
+    the client's ``airlock_client.Assurance`` reads (the wire has its own enum, api/wire.py)."""
+
+    #: Valid and code-free, but the artifact may have run code: its weights are not proven.
+    FORMAT_SAFE_ONLY = "format_safe_only"
+    #: A second sandbox read the same weights without running the artifact's code.
+    INTEGRITY_VERIFIED = "integrity_verified"
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The integrity extraction's validated output, if it produced one; otherwise why the
+    result can only be format-safe."""
+
+    output: ValidatedOutput | None
+    note: str
+    #: The output's sha256, computed in the background from the moment it was validated.
+    digest: asyncio.Task[ValidatedOutput] | None = None
+
+    async def sha256(self) -> str:
+        """The extraction output's digest ("" if it could not be computed)."""
+        if self.digest is None:
+            return ""
+        try:
+            return (await self.digest).sha256
+        except AirlockError as exc:
+            log.warning("the integrity extraction's digest failed: %s", exc)
+            return ""
+
+
+async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
+                       ) -> tuple[ValidatedOutput, Assurance, str]:
+    """``INTEGRITY_VERIFIED`` or ``FORMAT_SAFE_ONLY`` with why; ``INTEGRITY_MISMATCH`` when the
+    two readings disagree. The output comes back with the extraction's digest when it is the
+    same file."""
+    if extraction is None or output.safetensors is None:
+        return output, Assurance.FORMAT_SAFE_ONLY, ""
+    extracted = extraction.output
+    if extracted is None:
+        return output, Assurance.FORMAT_SAFE_ONLY, extraction.note
+    assert extracted.safetensors is not None
+    # Compare while the extraction's hash finishes: two threads, two cores.
+    same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
+    if same:
+        return (with_sha256(output, sha256) if sha256 else output,
+                Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE)
+    differs = await asyncio.to_thread(difference, output.path, output.safetensors,
+                                      extracted.path, extracted.safetensors)
+    if differs is not None:
+        raise error(Reason.INTEGRITY_MISMATCH,
+                    "the converted weights differ from the ones stored in the checkpoint "
+                    f"({differs}): the artifact tampered with its conversion")
+    return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
 
 _BLOCK = 1024 * 1024
 

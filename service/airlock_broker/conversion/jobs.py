@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,15 +18,10 @@ from typing import Any
 
 from airlock_broker.conversion.audit import AuditRecord
 from airlock_broker.conversion.format_decision import Decision
-from airlock_broker.conversion.integrity import difference
-from airlock_broker.conversion.outputs import (
-    ValidatedOutput,
-    compute_digest,
-    same_output,
-    validate_output,
-    with_sha256,
-)
+from airlock_broker.conversion.integrity import Assurance, Extraction, assurance_of
+from airlock_broker.conversion.outputs import ValidatedOutput, compute_digest, validate_output
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.hostile_text import sanitize
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.tracing import NO_TRACE, Trace
@@ -82,13 +76,9 @@ _EXIT_MESSAGES: dict[Reason, str] = {
                         "the declared format)",
 }
 
-_MAX_DETAIL = 400
 #: Formats whose only loader unpickles: loading one executed artifact code, whatever the worker
 #: (which that code may have taken over) reports.
 ALWAYS_EXECUTES = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
-FORMAT_SAFE_ONLY = "format_safe_only"
-INTEGRITY_VERIFIED = "integrity_verified"
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 @dataclass(frozen=True)
@@ -120,7 +110,7 @@ class JobResult:
     policy: LoadingPolicy
     report: dict[str, Any] = field(default_factory=dict)
     duration_seconds: float = 0.0
-    assurance: str = "format_safe_only"
+    assurance: Assurance = Assurance.FORMAT_SAFE_ONLY
     integrity_note: str = ""
     #: Whether loading ran artifact code: see :func:`executed_artifact_code`.
     executed_artifact_code: bool = False
@@ -155,12 +145,6 @@ def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | No
     return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
 
 
-def sanitize(text: object, limit: int = _MAX_DETAIL) -> str:
-    """Hostile text from the sandbox, made safe to show: printable ASCII, capped."""
-    flat = _UNPRINTABLE.sub("?", str(text))
-    return flat if len(flat) <= limit else flat[:limit] + "..."
-
-
 def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> None:
     """Raise the reason a finished sandbox failed, or return if it exited 0."""
     if outcome.timed_out:
@@ -186,9 +170,6 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
-VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
-
-
 def _timings(report: dict[str, Any] | None) -> Any:
     """The worker's own timings, for the trace (its word, like the rest of the report)."""
     timings = (report or {}).get("timings")
@@ -202,27 +183,6 @@ async def _settle(task: asyncio.Task[Any]) -> None:
         await asyncio.wait({task})  # the task's own outcome is not raised here; ours would be
     if not task.cancelled():
         task.exception()  # retrieved: no "exception was never retrieved" at collection
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """The integrity extraction's validated output, if it produced one; otherwise why the
-    result can only be format-safe."""
-
-    output: ValidatedOutput | None
-    note: str
-    #: The output's sha256, computed in the background from the moment it was validated.
-    digest: asyncio.Task[ValidatedOutput] | None = None
-
-    async def sha256(self) -> str:
-        """The extraction output's digest ("" if it could not be computed)."""
-        if self.digest is None:
-            return ""
-        try:
-            return (await self.digest).sha256
-        except AirlockError as exc:
-            log.warning("the integrity extraction's digest failed: %s", exc)
-            return ""
 
 
 class JobRunner:
@@ -302,7 +262,7 @@ class JobRunner:
                     output = await validate_output(
                         out_dir, request.target, self.limits, self.onnx_validator,
                         digest=extraction is None or extraction.output is None)
-                output, assurance, note = await self._assurance(output, extraction)
+                output, assurance, note = await assurance_of(output, extraction)
                 output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
@@ -377,26 +337,3 @@ class JobRunner:
         digest = asyncio.create_task(compute_digest(extracted))
         stack.push_async_callback(_settle, digest)
         return Extraction(extracted, "", digest)
-
-    async def _assurance(self, output: ValidatedOutput, extraction: Extraction | None
-                         ) -> tuple[ValidatedOutput, str, str]:
-        """``integrity_verified`` or ``format_safe_only`` with why; raise on disagreement.
-        The output comes back with the extraction's digest when it is the same file."""
-        if extraction is None or output.safetensors is None:
-            return output, FORMAT_SAFE_ONLY, ""
-        extracted = extraction.output
-        if extracted is None:
-            return output, FORMAT_SAFE_ONLY, extraction.note
-        assert extracted.safetensors is not None
-        # Compare while the extraction's hash finishes: two threads, two cores.
-        same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
-        if same:
-            return (with_sha256(output, sha256) if sha256 else output,
-                    INTEGRITY_VERIFIED, VERIFIED_NOTE)
-        differs = await asyncio.to_thread(difference, output.path, output.safetensors,
-                                          extracted.path, extracted.safetensors)
-        if differs is not None:
-            raise error(Reason.INTEGRITY_MISMATCH,
-                        "the converted weights differ from the ones stored in the checkpoint "
-                        f"({differs}): the artifact tampered with its conversion")
-        return output, INTEGRITY_VERIFIED, VERIFIED_NOTE

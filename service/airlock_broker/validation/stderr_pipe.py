@@ -14,17 +14,11 @@ import logging
 import os
 import threading
 
+from airlock_broker.hostile_text import escape
+
 log = logging.getLogger(__name__)
 
 _READ_BYTES = 64 * 1024
-
-
-def escape(data: bytes) -> str:
-    """``data`` as one line of printable text: control characters, line breaks, a backslash,
-    and bytes that are not UTF-8 are shown as Python escapes (``\\x1b``, ``\\n``, ``\\\\``)."""
-    text = data.decode("utf-8", errors="backslashreplace")
-    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode()
-                   for c in text)
 
 
 class StderrDrain:
