@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import struct
@@ -121,6 +122,12 @@ _IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library's handle, looked up once (every job opens a watch)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class ArrivalWatch:
     """An inotify descriptor on one directory, for one name being renamed into it."""
 
@@ -132,7 +139,7 @@ class ArrivalWatch:
     def open(cls, directory: Path, name: str) -> ArrivalWatch | None:
         """None when inotify is unavailable (the caller then waits for the death)."""
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc = _libc()
             fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         except (OSError, AttributeError):
             return None
