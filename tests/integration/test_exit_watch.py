@@ -75,9 +75,17 @@ def test_the_other_paths_give_the_same_output(broker: BrokerProcess, tmp_path: P
     (tmp_path / watch).mkdir()
     other = start_broker(tmp_path / watch, "--config", str(config))
     try:
-        job_id = _convert(other, artifact, tmp_path / f"{watch}.onnx")
+        # The pidfd path leaves a clean exit to the engine when the shim has not reaped it in
+        # time (a stuck shim, or a very loaded machine): a few tries must see the kernel's.
+        seen = []
+        for _ in range(5 if watch == "pidfd" else 1):
+            job_id = _convert(other, artifact, tmp_path / f"{watch}.onnx")
+            seen.append(_audit(other, job_id)["exit_seen_by"])
+            if seen[-1] != "engine":
+                break
         expected = "kernel" if watch == "pidfd" else "engine"
-        assert _audit(other, job_id)["exit_seen_by"] == expected
+        assert seen[-1] == expected, seen
+        assert set(seen) <= {"kernel", "engine"}, seen
     finally:
         assert other.stop() == 0
     # (The ONNX bytes differ run to run: skl2onnx names nodes uniquely per process.)

@@ -47,8 +47,10 @@ PIDFD_INFO_EXIT = 1 << 3
 #: Offset of ``__s32 exit_code`` in ``struct pidfd_info``: mask, cgroupid, then eleven u32.
 _EXIT_CODE_OFFSET = 60
 
-#: The shim reaps the init within a millisecond or two of its exit; past this, ask the engine.
-REAP_WAIT_SECONDS = 0.25
+#: The shim reaps the init within a millisecond or two of its exit, but on a loaded machine it
+#: can take hundreds. The engine cannot know before the shim has reaped, so waiting here costs
+#: nothing; past this the shim is stuck and the engine's answer (or the deadline) decides.
+REAP_WAIT_SECONDS = 2.0
 _REAP_POLL_SECONDS = 0.001
 #: ``ExitWatch.wait``'s answer for a container frozen after its report (freezer.py).
 FROZEN = "frozen"
