@@ -20,13 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airlock_broker.api.local_listeners import unix_socket_setting
+from airlock_broker.api.auth import PrincipalFilter
 from airlock_broker.api.server import serve
 from airlock_broker.config import DEFAULT_LISTEN, BrokerConfig
 from airlock_broker.ops import logs
 from airlock_broker.ops.key_export import export_public
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 from airlock_broker.security import token_command
+from airlock_broker.security.exposure import unix_socket_setting
 from airlock_broker.security.keys import SigningKeyError
 from airlock_broker.security.state_dirs import StateDirError
 
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level, args.log_format, [PrincipalFilter()])  # whose job a line is
     overrides: dict[str, Any] = {"listen": args.listen} if args.listen else {}
     if args.metrics:
         overrides["metrics_listen"] = args.metrics

@@ -46,7 +46,7 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     [auth]             # AuthConfig (auth_config.py): TLS, mutual TLS, hashed bearer tokens
     tls_cert = "server.crt"
 
-    [rpc]              # RpcLimits (rpc_limits.py): the gRPC server's own bounds
+    [rpc]              # RpcLimits (exposure.py): the gRPC server's own bounds
     max_concurrent_rpcs = 256
     max_streams_per_connection = 256
     max_open_streams = 16              # Health.Watch and reflection streams (open to anyone)
@@ -69,18 +69,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from airlock_broker.api.local_listeners import (
+from airlock_broker.conversion.idempotency import IdempotencySettings
+from airlock_broker.conversion.upload_limits import UploadLimits
+from airlock_broker.fastpath.local_transfer import LocalTransferSettings
+from airlock_broker.sandboxes.pool_settings import PoolSettings
+from airlock_broker.security.auth_config import AuthConfig, check_listen
+from airlock_broker.security.exposure import (
+    RpcLimits,
+    check_metrics_listen,
     check_unix_socket,
     default_unix_socket,
     unix_socket_setting,
 )
-from airlock_broker.api.rpc_limits import RpcLimits
-from airlock_broker.conversion.idempotency import IdempotencySettings
-from airlock_broker.conversion.upload_limits import UploadLimits
-from airlock_broker.fastpath.local_transfer import LocalTransferSettings
-from airlock_broker.ops.metrics import check_metrics_listen
-from airlock_broker.sandboxes.pool_settings import PoolSettings
-from airlock_broker.security.auth_config import AuthConfig, check_listen
 from airlock_broker.security.keys import KEY_FILE_NAME
 from airlock_broker.security.state_dirs import SOCKETS_DIR, default_state_root
 from airlock_broker.validation.limits import OutputLimits

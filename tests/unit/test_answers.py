@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker.api.rpc_limits import RpcLimits
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.answers import Answer, StreamTransfer, spool_answer
 from airlock_broker.conversion.intake import IntakeLimits
@@ -23,6 +22,7 @@ from airlock_broker.errors import AirlockError
 from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCred
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.fastpath.peer_transfer import PeerTransfer
+from airlock_broker.security.exposure import RpcLimits
 from airlock_sandbox.contract import OutputFormat
 
 _LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=10,

@@ -25,7 +25,6 @@ from safetensors.numpy import save
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_broker.api.rpc_limits import RpcLimits
 from airlock_broker.api.server import Broker
 from airlock_broker.config import BrokerConfig
 from airlock_broker.sandboxes.pools import PoolSettings
@@ -36,6 +35,7 @@ from airlock_broker.security.auth_config import (
     mint_token,
     token_digest,
 )
+from airlock_broker.security.exposure import RpcLimits
 from airlock_client import Client
 from airlock_client._wire import error_from_rpc
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion import file_copy
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.spool_space import SpoolSpace
 from airlock_broker.conversion.upload_limits import UploadLimits
@@ -65,7 +66,7 @@ def test_copy_writes_the_whole_file_at_explicit_offsets(tmp_path: Path) -> None:
     dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT)
     try:
         os.lseek(dst, 5000, os.SEEK_SET)  # the peer's offset is not used
-        local_io.copy_file(src, dst, len(data))
+        file_copy.copy_file(src, dst, len(data))
     finally:
         os.close(src)
         os.close(dst)

@@ -28,6 +28,7 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError
 from airlock_broker.fastpath import peer_identity
 from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.security import exposure
 from airlock_broker.security.auth_config import (
     AuthConfig,
     LocalUserEntry,
@@ -71,7 +72,7 @@ def test_the_identity_socket_answers_with_the_connecting_processes_uid(tmp_path:
 
 
 def test_client_and_broker_agree_on_the_ticket_contract() -> None:
-    assert _channel.IDENTITY_SUFFIX == peer_identity.IDENTITY_SUFFIX
+    assert _channel.IDENTITY_SUFFIX == exposure.IDENTITY_SUFFIX
     assert _channel.PEER_TICKET_HEADER == peer_identity.PEER_TICKET_HEADER
     assert _channel.DEFAULT_SOCKET.parent.as_posix() == "/run/airlock"
 

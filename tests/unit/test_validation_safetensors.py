@@ -24,8 +24,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from airlock_broker.conversion.file_copy import write_canonical_safetensors
 from airlock_broker.errors import AirlockError, Reason
-from airlock_broker.fastpath.local_io import write_canonical_safetensors
 from airlock_broker.validation import (
     OutputLimits,
     SafetensorsInfo,

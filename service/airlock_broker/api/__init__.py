@@ -2,6 +2,7 @@
 services, the wire's messages, authentication, per-RPC limits, listeners, the answer's drain
 deadline and the signed provenance.
 
-The top layer: it may import every other subpackage; only ``__main__``, config (the settings
-of rpc_limits and local_listeners) and ops.logs (auth's PrincipalFilter) import it.
+The top layer: it may import every other subpackage; only ``__main__`` imports it. Its
+settings (the Unix socket, the server's bounds) are data in security/exposure.py, so that
+config.py, which every layer reads, stays below it.
 """

@@ -42,43 +42,15 @@ from pathlib import Path
 
 import grpc
 
-from airlock_broker.fastpath.peer_identity import IdentityServer, PeerTickets, identity_path
+from airlock_broker.fastpath.peer_identity import IdentityServer, PeerTickets
+from airlock_broker.security.exposure import identity_path
 from airlock_broker.security.state_dirs import StateDirError, check_ancestors, ensure_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UNIX_SOCKET = Path("/run/airlock/broker.sock")
-_SUN_PATH_MAX = 107
-_OFF = frozenset({"", "none"})
 #: The loopback hosts for which the broker holds both families, and the pair it binds.
 _BOTH = {"127.0.0.1": ("127.0.0.1", "::1"), "localhost": ("127.0.0.1", "::1"),
          "::1": ("::1", "127.0.0.1")}
-
-
-def unix_socket_setting(value: str | os.PathLike[str] | None) -> Path | None:
-    """A configured value: a path, or ``""`` / ``"none"`` for no Unix socket."""
-    if value is None or os.fspath(value).strip().lower() in _OFF:
-        return None
-    return Path(value)
-
-
-def default_unix_socket() -> Path | None:
-    """``AIRLOCK_SOCKET`` if set, else ``/run/airlock/broker.sock`` when running as root."""
-    env = os.environ.get("AIRLOCK_SOCKET")
-    if env is not None:
-        return unix_socket_setting(env)
-    return DEFAULT_UNIX_SOCKET if os.geteuid() == 0 else None
-
-
-def check_unix_socket(path: Path | None) -> None:
-    """Refuse a socket path the kernel cannot bind (raises ``ValueError``)."""
-    if path is None:
-        return
-    if not path.is_absolute():
-        raise ValueError(f"unix_socket must be an absolute path, not {path}")
-    if len(os.fsencode(identity_path(path))) > _SUN_PATH_MAX:
-        raise ValueError(f"unix_socket {path} is too long: with its {identity_path(path).name} "
-                         f"sibling it must fit in {_SUN_PATH_MAX} bytes")
 
 
 # -- TCP: both loopback families ----------------------------------------------------------------
@@ -229,6 +201,4 @@ def _refuse_live(path: Path) -> None:
                   "AIRLOCK_SOCKET)")
 
 
-__all__ = ["DEFAULT_UNIX_SOCKET", "UnixListener", "add_tcp_listeners", "add_unix_listener",
-           "check_unix_socket", "default_unix_socket", "prepare_socket_dir",
-           "unix_socket_setting"]
+__all__ = ["UnixListener", "add_tcp_listeners", "add_unix_listener", "prepare_socket_dir"]

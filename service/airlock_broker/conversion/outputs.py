@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from airlock_broker.conversion.file_copy import write_bytes, write_canonical_safetensors
 from airlock_broker.errors import Reason, error
-from airlock_broker.fastpath.local_io import write_bytes, write_canonical_safetensors
 from airlock_broker.validation.files import collect_output
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool

@@ -6,17 +6,13 @@ blocked in its read cannot be interrupted. The event loop side (``spool_from_pee
 ``write_to_peer``) bounds each copy with a deadline and gives up at it; the thread finishes
 alone and closes its own duplicates of the descriptors.
 
-Accesses to a peer's descriptor use explicit offsets (``pread``/``pwrite``/``copy_file_range``):
-the peer shares the open file description and could move its offset under us at any time.
-One exception: across filesystems (the output's tmpfs to the client's disk)
-``copy_file_range`` refuses and ``sendfile``, about twice as fast as read/write there, writes
-at the output's file offset, set just before. Only the peer can move that offset, so it could
-only misplace bytes in its own file, which then fails its own checks.
+Accesses to a peer's descriptor use explicit offsets (``preadv`` here, the writes of
+conversion/file_copy.py): the peer shares the open file description and could move its offset
+under us at any time.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import threading
@@ -24,22 +20,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.file_copy import BLOCK_BYTES
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, finished
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolWriter
 from airlock_broker.conversion.upload_limits import MiB, Pace
 from airlock_broker.errors import Reason, error
 from airlock_broker.fastpath.local_handles import LocalFiles
-from airlock_broker.validation.files import open_regular_file
-from airlock_broker.validation.safetensors_canonical import FileIdentity, SafetensorsInfo
 from airlock_sandbox.formats import PREFIX_BYTES
-
-#: Large reads: a 400 MB artifact in 100 system calls; three blocks in flight at most.
-BLOCK_BYTES = 4 * 1024 * 1024
-_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                            errno.EBADF, errno.ETXTBSY})
 
 
 @dataclass
@@ -159,73 +148,3 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
                 pending.result()
     spool.finish(size)
     return finished(size, digest.hexdigest(), prefix, meta)
-
-
-def write_bytes(data: bytes, dst: int) -> None:
-    """``data`` as the whole of the peer's output file."""
-    _write_all(dst, data, 0)
-    os.ftruncate(dst, len(data))
-
-
-def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> None:
-    """The canonical file (validated header, then the data section) into ``dst``.
-
-    The source must still be the file validation described (a dead sandbox's tmpfs, the
-    broker's own), as for streaming; the data section is copied in the kernel when it can be.
-    """
-    handle, st = open_regular_file(path)
-    with handle:
-        if FileIdentity.of(st) != info.source:
-            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
-        header = info.canonical_header
-        _write_all(dst, header, 0)
-        copy_range(handle.fileno(), info.source_data_offset, dst, len(header), info.data_bytes)
-    os.ftruncate(dst, info.canonical_size)
-
-
-def copy_file(src: int, dst: int, size: int) -> None:
-    """``size`` bytes of ``src`` (a broker file) as the whole of the peer's output file."""
-    copy_range(src, 0, dst, 0, size)
-    os.ftruncate(dst, size)
-
-
-def copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
-    """``copy_file_range``; across filesystems (tmpfs to disk) ``sendfile``; else read/write."""
-    done = 0
-    try:
-        while done < count:
-            n = os.copy_file_range(src, dst, count - done, src_off + done, dst_off + done)
-            if n == 0:
-                break
-            done += n
-    except OSError as exc:
-        if exc.errno not in _NO_COPY_RANGE:
-            raise
-    try:
-        if done < count:
-            os.lseek(dst, dst_off + done, os.SEEK_SET)
-        while done < count:
-            n = os.sendfile(dst, src, src_off + done, count - done)
-            if n == 0:
-                break
-            done += n
-    except OSError as exc:
-        if exc.errno not in _NO_COPY_RANGE:
-            raise
-    buf = memoryview(bytearray(min(BLOCK_BYTES, max(count - done, 1))))
-    while done < count:
-        n = os.preadv(src, [buf[:count - done]], src_off + done)
-        if n == 0:
-            break
-        _write_all(dst, buf[:n], dst_off + done)
-        done += n
-    if done != count:
-        raise error(Reason.OUTPUT_INVALID, "the output ended early while it was copied")
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

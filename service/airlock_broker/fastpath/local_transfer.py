@@ -57,6 +57,7 @@ from airlock_broker.fastpath.local_handles import (
     check_output,
 )
 from airlock_broker.fastpath.peer_io import DaemonPool, PeerIO
+from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 _MAX_MESSAGE = 128
 _MAX_FDS = 8  # more than the 2 expected, so that "too many" is seen and refused, not truncated
 _TICKET = re.compile(rb"[A-Za-z0-9_\-]{32,64}")
-_SUN_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,8 @@ def _peer(conn: socket.socket) -> PeerCred:
 
 def _bind(path: Path, mode: int) -> socket.socket:
     """The listening socket at ``path``, in a directory only the broker's user can write."""
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ValueError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ValueError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
     try:
         ensure_dir(path.parent, shared=True)  # 0755 made; else the broker's, nobody else may write
     except StateDirError as exc:

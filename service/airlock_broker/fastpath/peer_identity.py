@@ -3,7 +3,7 @@
 gRPC Python does not tell a servicer who a Unix peer is: for a call on a ``unix:`` listener
 (grpcio 1.85, checked) ``context.peer()`` is just ``"unix:"`` and ``auth_context()`` names
 only the transport (``local``). So the broker asks the kernel itself, on a second socket
-beside the gRPC one (``<socket>.id``, see ``identity_path``):
+beside the gRPC one (``<socket>.id``, see ``security/exposure.identity_path``):
 
 1. A client connects to the identity socket. The broker reads ``SO_PEERCRED`` (filled in by
    the kernel at ``connect``: a process cannot choose it), answers with a fresh random
@@ -45,16 +45,9 @@ log = logging.getLogger(__name__)
 
 #: The call metadata that carries a ticket (lower case: gRPC metadata keys are).
 PEER_TICKET_HEADER = "airlock-peer-ticket"
-#: The identity socket sits beside the gRPC socket, under this suffix.
-IDENTITY_SUFFIX = ".id"
 _MAX_TICKET = 64
 #: struct ucred: pid_t pid; uid_t uid; gid_t gid (uid and gid are unsigned).
 _UCRED = struct.Struct("=iII")
-
-
-def identity_path(unix_socket: Path) -> Path:
-    """Where the identity socket of the gRPC socket ``unix_socket`` is (clients derive it)."""
-    return unix_socket.with_name(unix_socket.name + IDENTITY_SUFFIX)
 
 
 class PeerTickets:
@@ -169,5 +162,4 @@ class IdentityServer:
             log.debug("identity socket: peer left early: %s", exc)
 
 
-__all__ = ["IDENTITY_SUFFIX", "PEER_TICKET_HEADER", "IdentityServer", "PeerTickets",
-           "identity_path"]
+__all__ = ["PEER_TICKET_HEADER", "IdentityServer", "PeerTickets"]

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.answers import Answer
+from airlock_broker.conversion.file_copy import copy_file
 from airlock_broker.conversion.intake import IntakeLimits, Spooled
 from airlock_broker.fastpath.local_handles import LocalFiles
-from airlock_broker.fastpath.local_io import copy_file, spool_from_peer, write_to_peer
+from airlock_broker.fastpath.local_io import spool_from_peer, write_to_peer
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.tracing import NO_TRACE, Trace
 

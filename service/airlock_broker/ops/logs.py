@@ -6,9 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
-
-from airlock_broker.api.auth import PrincipalFilter
 
 #: LogRecord attributes that are not user-supplied ``extra`` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
@@ -31,13 +30,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=True, default=str)
 
 
-def configure(level: str = "INFO", fmt: str = "auto") -> None:
-    """``fmt``: ``json``, ``text``, or ``auto`` (text on a terminal, JSON otherwise)."""
+def configure(level: str = "INFO", fmt: str = "auto",
+              filters: Iterable[logging.Filter] = ()) -> None:
+    """``fmt``: ``json``, ``text``, or ``auto`` (text on a terminal, JSON otherwise);
+    ``filters`` add fields to every line (the broker's: whose job it is, api/auth.py)."""
     handler = logging.StreamHandler(sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler.setFormatter(JsonFormatter() if use_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(PrincipalFilter())  # every job line says whose job it is
+    for each in filters:
+        handler.addFilter(each)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -4,14 +4,13 @@ Everything is labelled by bounded sets (outcome, reason, profile, gRPC method an
 never by anything a caller chooses, so the series count stays fixed.
 
 The endpoint has no authentication, and what it shows (load, failure reasons, pool states,
-when a sandbox fails to start) helps whoever times an attack; so it binds to loopback only
-(``check_metrics_listen``) unless ``--metrics-public`` (``[broker] metrics_public = true``)
+when a sandbox fails to start) helps whoever times an attack; so it binds to loopback
+only (security/exposure.py) unless ``--metrics-public`` (``[broker] metrics_public = true``)
 says otherwise, visibly.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,28 +75,6 @@ class Metrics:
     def job_done(self, outcome: str, reason: str | None, seconds: float) -> None:
         self.jobs.labels(outcome, reason or "").inc()
         self.job_seconds.labels(outcome).observe(seconds)
-
-
-def check_metrics_listen(listen: str | None, public: bool) -> None:
-    """Refuse a metrics address beyond loopback without ``public`` (raises ``ValueError``)."""
-    if listen is None:
-        return
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) < 65536 or listen.startswith("unix"):
-        raise ValueError(f"--metrics takes HOST:PORT (e.g. 127.0.0.1:9464), not {listen!r}")
-    host = host.strip("[]")
-    if public or not host or host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False  # a name may resolve to anything
-    if not loopback:
-        raise ValueError(
-            f"refusing to serve metrics on {listen}: they have no authentication and show "
-            "load and failures to anyone who can reach them; use 127.0.0.1:PORT (scrape "
-            "through a proxy or an SSH tunnel), or pass --metrics-public "
-            "([broker] metrics_public = true) to serve them there anyway")
 
 
 def _reader(pools: Pools, profile: str, field: str) -> Callable[[], float]:

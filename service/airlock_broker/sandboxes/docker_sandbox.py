@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -41,7 +40,12 @@ from airlock_broker.sandboxes.owners import (
     is_alive,
 )
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
-from airlock_broker.sandboxes.version_gates import Observation, engine_observations, from_probe
+from airlock_broker.sandboxes.version_gates import (
+    Observation,
+    binary_version,
+    engine_observations,
+    from_probe,
+)
 from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError
 from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, DONE_NAME, JobSpec
@@ -53,17 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _INFRA_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
-
-
-def _binary_version(path: str) -> str | None:
-    """``runsc --version`` -> "0.0~20221219.0"; None if it cannot be run."""
-    try:
-        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    first = (done.stdout.splitlines() or [""])[0]
-    return first.rsplit(" ", 1)[-1] or None
 
 
 class DockerSandbox:
@@ -155,7 +148,7 @@ class DockerSandbox:
         name = self.policy.runtime if self.policy.runtime_family == "runsc" else "runsc"
         path = runtimes.get(name, {}).get("path")
         runsc_version = await asyncio.get_running_loop().run_in_executor(
-            self._pool, _binary_version, path) if path else None
+            self._pool, binary_version, path) if path else None
         found = engine_observations(version.get("Components") or [], runsc_version)
         if image:
             source = resources.files("airlock_sandbox").joinpath("versions.py").read_text()

@@ -14,6 +14,7 @@ themselves: ``zcat /usr/share/doc/<pkg>/changelog.Debian.gz``).
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -234,6 +235,18 @@ def from_probe(found: Mapping[str, str], where: str) -> dict[str, Observation]:
     return out
 
 
+def binary_version(path: str) -> str | None:
+    """``runsc --version`` -> "0.0~20221219.0" (a binary the engine names); None if it cannot
+    be run."""
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = (done.stdout.splitlines() or [""])[0]
+    return first.rsplit(" ", 1)[-1] or None
+
+
 def engine_observations(components: list[Mapping[str, object]],
                         runsc_version: str | None) -> dict[str, Observation]:
     """The OCI runtimes: runc as the engine reports it (``docker version``), runsc from its
@@ -267,6 +280,6 @@ def relevant(gate: Gate, runtime_family: str) -> bool:
     return gate.where != "engine" or gate.component == runtime_family
 
 
-__all__ = ["GATES", "Gate", "Observation", "Verdict", "compare_debian", "compare_upstream",
-           "engine_observations", "evaluate", "evaluate_all", "from_probe", "host_observations",
-           "relevant"]
+__all__ = ["GATES", "Gate", "Observation", "Verdict", "binary_version", "compare_debian",
+           "compare_upstream", "engine_observations", "evaluate", "evaluate_all", "from_probe",
+           "host_observations", "relevant"]
