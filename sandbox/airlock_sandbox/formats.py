@@ -59,8 +59,8 @@ ZIP_FAMILY = frozenset({
 })
 
 # torch.save's legacy (pre-zip) format starts with a protocol-2 pickle of this magic number.
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_TORCH_LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + _TORCH_LEGACY_MAGIC.to_bytes(10, "little")
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + TORCH_LEGACY_MAGIC.to_bytes(10, "little")
 
 _COMPRESSED_MAGICS: tuple[bytes, ...] = (
     b"\x1f\x8b",  # gzip

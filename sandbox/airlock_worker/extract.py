@@ -1,5 +1,5 @@
-"""Integrity extraction (DESIGN §5, JobMode.EXTRACT_WEIGHTS): the tensors of a PyTorch zip
-checkpoint, read without executing anything the artifact names.
+"""Integrity extraction (DESIGN §5, JobMode.EXTRACT_WEIGHTS): the tensors of a PyTorch zip or
+legacy checkpoint, read without executing anything the artifact names.
 
 A conversion loads the checkpoint with torch, and a checkpoint that holds more than tensors
 runs its own code in the converter's process, which can then write any weights it likes and
@@ -39,16 +39,22 @@ hostile archive (bounds, sizes, bombs, missing records) is ``CONVERSION_FAILED``
 torch is never imported here: this reading must not depend on the loader a payload could
 patch, and the light profile can run it.
 
+A legacy checkpoint (torch < 1.6's layout: pickles in a row, then the raw storages) is read
+by ``extract_legacy`` with the same unpickler and stand-ins; only where its storages' bytes are
+differs.
+
 This module is the job (read, flatten, write); the parts live beside it: ``extract_archive``
-(the zip, opened once and checked), ``extract_unpickler`` (``data.pkl`` read with stand-ins
-and poison), ``extract_stand_ins`` (the inert dtypes, storages and tensors it builds),
-``extract_safetensors`` (the converter's dedupe mirrored, and the hand-written file) and
-``extract_errors`` (``Unextractable`` and ``Refused``).
+(the zip, opened once and checked), ``extract_legacy`` (the legacy layout),
+``extract_unpickler`` (the pickles read with stand-ins and poison), ``extract_stand_ins``
+(the inert dtypes, storages and tensors it builds), ``extract_safetensors`` (the
+converter's dedupe mirrored, and the hand-written file) and ``extract_errors``
+(``Unextractable`` and ``Refused``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from airlock_sandbox.contract import OutputFormat, WorkerExit
@@ -58,12 +64,17 @@ from . import output, tensor_tree
 from .errors import WorkerError, describe
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
+from .extract_legacy import LegacyFile
 from .extract_safetensors import prepare, write_safetensors
 from .extract_stand_ins import Tensor, is_tensor
 from .extract_unpickler import Poison, RestrictedUnpickler, holds_data
 from .job import Job
 
-LOADER = "restricted-zip-reader"
+#: The checkpoint layouts read here, and the loader name each reports.
+LOADERS = {
+    ArtifactFormat.PYTORCH_ZIP: "restricted-zip-reader",
+    ArtifactFormat.PYTORCH_LEGACY: "restricted-legacy-reader",
+}
 CONVERTER = "airlock_worker.extract (hand-written safetensors)"
 
 #: data.pkl of a checkpoint is ~100 bytes per tensor; 256 MiB is millions of tensors.
@@ -72,23 +83,31 @@ MAX_PICKLE_BYTES = 256 * 1024**2
 
 def extract_weights(job: Job) -> None:
     """Read the checkpoint's tensors without running it; write them as the converter would."""
-    if job.fmt is not ArtifactFormat.PYTORCH_ZIP:
+    loader = LOADERS.get(job.fmt)
+    if loader is None:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
-                          "integrity extraction supports PyTorch zip checkpoints only "
-                          f"(this artifact is {job.fmt.value})")
+                          "integrity extraction supports PyTorch zip and legacy checkpoints "
+                          f"only (this artifact is {job.fmt.value})")
     job.refuse_target(OutputFormat.ONNX, "integrity extraction writes safetensors only")
-    job.loaded_safely(LOADER)
+    job.loaded_safely(loader)
     job.report.converter = CONVERTER
+    if job.fmt is ArtifactFormat.PYTORCH_LEGACY:
+        legacy = LegacyFile(job.artifact_path())
+        try:
+            _extract(job, legacy.read)
+        finally:  # every view of the mmap died with _extract's frame
+            legacy.close()
+        return
     archive = Archive(job.artifact_path())
     try:
-        _extract(job, archive)
-    finally:  # every view of the mmap died with _extract's frame
+        _extract(job, lambda: _unpickle(archive))
+    finally:
         archive.close()
 
 
-def _extract(job: Job, archive: Archive) -> None:
+def _extract(job: Job, read: Callable[[], tuple[Any, list[str]]]) -> None:
     started = time.perf_counter()
-    obj, poisoned = _unpickle(archive)
+    obj, poisoned = read()
     if poisoned:
         job.report.warn(f"{len(poisoned)} global(s) named by the pickle were not called: "
                         + ", ".join(poisoned[:10]))

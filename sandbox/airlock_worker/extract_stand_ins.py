@@ -13,16 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
 
-if TYPE_CHECKING:
-    import zipfile
 
-    from .extract_archive import Archive
+class RecordSource(Protocol):
+    """Where storages' bytes are: a zip's records (extract_archive.Archive) or a legacy
+    file's spans (extract_legacy.LegacyFile)."""
+
+    def record_bytes(self, record: Any) -> memoryview: ...
 
 
 def refuse_build(self: Any, state: Any) -> None:
@@ -159,13 +161,14 @@ PARAMETER_TYPE = _TypeMarker("torch.nn.Parameter")
 
 
 class Storage:
-    """One ``data/<key>`` record: declared dtype and size checked against the record; the
-    bytes are fetched only when a tensor is written."""
+    """One storage: a zip's ``data/<key>`` record or a legacy file's span, its declared
+    dtype and size checked against it; the bytes are fetched only when a tensor is written
+    (``record`` is None until a legacy file's storage is placed)."""
 
     __slots__ = ("_archive", "dtype", "key", "nbytes", "record")
 
-    def __init__(self, archive: Archive, key: str, dtype: DType, nbytes: int,
-                 record: zipfile.ZipInfo) -> None:
+    def __init__(self, archive: RecordSource, key: str, dtype: DType, nbytes: int,
+                 record: Any) -> None:
         self._archive = archive
         self.key = key
         self.dtype = dtype

@@ -8,7 +8,7 @@ import _compat_pickle
 import io
 import math
 import pickle
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
@@ -19,6 +19,7 @@ from .extract_stand_ins import (
     TENSOR_TYPE,
     DType,
     OrderedDictStandIn,
+    RecordSource,
     Storage,
     StorageType,
     Tensor,
@@ -159,12 +160,37 @@ def _dims(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+class Readable(Protocol):
+    """What the unpickler reads from besides bytes: a file's ``read`` and ``readline``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def readline(self) -> bytes: ...
+
+
+def check_storage_id(pid: tuple[Any, ...]) -> tuple[StorageType, str, int]:
+    """``("storage", type, key, location, numel)``, as both layouts begin a storage's
+    persistent id: the stand-in type, the key and the size in bytes it declares."""
+    if pid[0] not in ("storage", b"storage"):
+        raise Refused(f"unknown persistent id kind {str(pid[0])[:40]!r}")
+    _, storage_type, key, _location, numel = pid
+    if not isinstance(storage_type, StorageType):
+        name = getattr(storage_type, "global_name", type(storage_type).__name__)
+        raise Unextractable(f"{NOT_EXTRACTABLE}: storage type {name}")
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if not isinstance(key, str):
+        raise Refused("storage key is not a string")
+    return storage_type, key, _int(numel, "storage size") * storage_type.dtype.itemsize
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``data.pkl`` with our stand-ins for the tensor-rebuild globals and :class:`Poison`
     for every other one. Nothing the pickle names is imported or called."""
 
-    def __init__(self, data: bytes | memoryview, archive: Archive) -> None:
-        super().__init__(io.BytesIO(data), encoding="utf-8")  # as torch.load passes
+    def __init__(self, data: bytes | memoryview | Readable, archive: RecordSource) -> None:
+        stream = io.BytesIO(data) if isinstance(data, (bytes, memoryview)) else data
+        super().__init__(stream, encoding="utf-8")  # as torch.load passes
         self._archive = archive
         self._storages: dict[str, Storage] = {}
         self._poison: dict[tuple[str, str], type[Poison]] = {}
@@ -216,20 +242,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         return cls
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+        if not isinstance(pid, tuple) or len(pid) != 5:
             raise Refused("unknown persistent id in data.pkl")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, StorageType):
-            name = getattr(storage_type, "global_name", type(storage_type).__name__)
-            raise Unextractable(f"{NOT_EXTRACTABLE}: storage type {name}")
-        if isinstance(key, bytes):
-            key = key.decode("ascii", "replace")
-        if not isinstance(key, str):
-            raise Refused("storage key is not a string")
+        storage_type, key, nbytes = check_storage_id(pid)
         cached = self._storages.get(key)  # as torch: the first reference defines the storage
         if cached is not None:
             return cached
-        nbytes = _int(numel, "storage size") * storage_type.dtype.itemsize
+        assert isinstance(self._archive, Archive)
         record = self._archive.record(f"data/{key}")
         if record is None:
             raise Refused(f"storage record data/{key[:80]} is missing")

@@ -87,9 +87,11 @@ class _System:
         return (os.system, (self.command,))
 
 
-def make_sabotaged_checkpoint(path: Path | str) -> tuple[Path, dict[str, np.ndarray]]:
-    """``torch.save({"w": ..., "b": ..., "payload": exec(SABOTAGE)})``; returns the file and
-    the tensors really in it (``w`` is what the sabotaged converter changes)."""
+def make_sabotaged_checkpoint(path: Path | str,
+                              legacy: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
+    """``torch.save({"w": ..., "b": ..., "payload": exec(SABOTAGE)})``, in the zip or
+    (``legacy``) the pre-1.6 layout; returns the file and the tensors really in it (``w`` is
+    what the sabotaged converter changes)."""
     import torch
 
     gen = torch.Generator().manual_seed(1234)
@@ -97,12 +99,13 @@ def make_sabotaged_checkpoint(path: Path | str) -> tuple[Path, dict[str, np.ndar
     b = torch.randn(16, generator=gen)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"w": w, "b": b, "payload": _Exec(sabotage_source())}, target)
+    torch.save({"w": w, "b": b, "payload": _Exec(sabotage_source())}, target,
+               _use_new_zipfile_serialization=not legacy)
     return target, {"w": w.numpy().copy(), "b": b.numpy().copy()}
 
 
-def make_marker_checkpoint(path: Path | str, marker: Path | str,
-                           via: str = "exec") -> tuple[Path, dict[str, np.ndarray]]:
+def make_marker_checkpoint(path: Path | str, marker: Path | str, via: str = "exec",
+                           legacy: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
     """A state dict beside a payload that would create ``marker`` if it ever ran:
     ``via="exec"`` (``builtins.exec`` of Python source) or ``"system"`` (``os.system``)."""
     import torch
@@ -111,7 +114,8 @@ def make_marker_checkpoint(path: Path | str, marker: Path | str,
     payload: Any = (_Exec(f"open({str(marker)!r}, 'w').write('ran')") if via == "exec"
                     else _System(f"touch {marker}"))
     target = Path(path)
-    torch.save({"w": w, "payload": payload, "nested": {"also": payload}}, target)
+    torch.save({"w": w, "payload": payload, "nested": {"also": payload}}, target,
+               _use_new_zipfile_serialization=not legacy)
     return target, {"w": w.numpy().copy()}
 
 
@@ -175,6 +179,51 @@ def write_checkpoint(path: Path | str, obj: Any, storages: dict[str, bytes], *,
         for key, data in storages.items():
             zf.writestr(f"{prefix}/data/{key}", data)
         zf.writestr(f"{prefix}/version", "3\n")
+    return target
+
+
+#: torch.save's legacy layout: these three pickles, the object, the key list, the storages.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_SYS_INFO = {"protocol_version": 1001, "little_endian": True,
+                   "type_sizes": {"short": 2, "int": 4, "long": 4}}
+
+
+class _LegacyPickler(pickle.Pickler):
+    """Storages as the legacy layout names them: ``("storage", type, key, "cpu", numel,
+    view)``; ``view`` is None unless a test forges one."""
+
+    def __init__(self, file: io.BytesIO, view: Any = None) -> None:
+        super().__init__(file, protocol=2)
+        self.view = view
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, StorageRef):
+            import torch
+
+            return ("storage", getattr(torch, obj.type_name), obj.key, "cpu", obj.numel,
+                    self.view)
+        return None
+
+
+def write_legacy_checkpoint(path: Path | str, obj: Any, storages: dict[str, bytes], *,
+                            keys: list[Any] | None = None, counts: dict[str, int] | None = None,
+                            sys_info: Any = None, view: Any = None) -> Path:
+    """A legacy (pre-1.6) checkpoint built by hand: magic, protocol, ``sys_info``, ``obj``
+    (``StorageRef`` placeholders become storage ids), the key list (``keys``, default the
+    storages' order), then each listed storage as its element count (``counts`` forges one)
+    and its bytes."""
+    buf = io.BytesIO()
+    for head in (LEGACY_MAGIC, 1001, LEGACY_SYS_INFO if sys_info is None else sys_info):
+        pickle.dump(head, buf, protocol=2)
+    _LegacyPickler(buf, view).dump(obj)
+    listed = list(storages) if keys is None else keys
+    pickle.dump(listed, buf, protocol=2)
+    for key in listed:
+        data = storages.get(key, b"")
+        count = (counts or {}).get(key, len(data) // 4)
+        buf.write(count.to_bytes(8, "little", signed=True) + data)
+    target = Path(path)
+    target.write_bytes(buf.getvalue())
     return target
 
 

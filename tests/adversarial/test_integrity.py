@@ -18,9 +18,11 @@ from tests.fixtures import models
 pytestmark = pytest.mark.adversarial
 
 
-def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess,
-                                                       tmp_path: Path) -> None:
-    artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt")
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess, tmp_path: Path,
+                                                       layout: str) -> None:
+    artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt",
+                                                 legacy=layout == "legacy")
     done = run_cli("convert", str(artifact), "-o", str(tmp_path / "out.safetensors"), "--json",
                    server=broker.address)
     assert done.returncode == 1, done.stdout + done.stderr

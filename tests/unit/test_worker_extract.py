@@ -102,7 +102,8 @@ def assert_same_as_convert(tmp: Path, artifact: Path) -> tuple[Outcome, Outcome]
         assert ext.raw == conv.raw
     assert ext.report.warnings == conv.report.warnings
     assert ext.report.tensor_count == conv.report.tensor_count
-    assert ext.report.loader == "restricted-zip-reader"
+    fmt = detect_prefix(artifact.read_bytes()[:PREFIX_BYTES], artifact.stat().st_size)
+    assert ext.report.loader == extract.LOADERS.get(fmt, "restricted-zip-reader")
     assert ext.report.executed_artifact_code is False
     return conv, ext
 
@@ -210,14 +211,13 @@ def test_a_deflated_checkpoint_is_inflated_under_the_caps(tmp_path: Path) -> Non
 # -- what is not extractable: format-safe only --------------------------------------------------
 
 
-@pytest.mark.parametrize("maker", [lambda d: models.make_state_dict(d, legacy=True),
-                                   models.make_torchscript, models.make_npz],
-                         ids=["legacy", "torchscript", "npz"])
+@pytest.mark.parametrize("maker", [models.make_torchscript, models.make_npz],
+                         ids=["torchscript", "npz"])
 def test_other_formats_are_unsupported(tmp_path: Path, maker: Any) -> None:
     artifact, _ = maker(tmp_path / "src")
     out = extract_only(tmp_path, artifact)
     assert out.error is not None and out.error.exit is WorkerExit.UNSUPPORTED_MODEL
-    assert "integrity extraction supports PyTorch zip checkpoints only" in out.error.message
+    assert "supports PyTorch zip and legacy checkpoints only" in out.error.message
 
 
 def test_a_pickled_module_cannot_be_extracted_and_nothing_runs(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ The table (``decide``; UNKNOWN and a declaration the bytes contradict are refuse
     pickle          -, pickle, cloudpickle,   pickle           sklearn           no
                     joblib
     compressed      -, joblib                 joblib           sklearn           no
-    torch legacy    -, pytorch                pytorch_legacy   torch             no
+    torch legacy    -, pytorch                pytorch_legacy   torch             yes
     zip             -, pytorch                zip              torch             yes
     zip             torchscript               torchscript      torch             no
     zip             torch_export              torch_export     torch             no
@@ -47,9 +47,10 @@ from airlock_sandbox.formats import (
     profile_for,
 )
 
-#: The formats that may be a PyTorch zip checkpoint, the one kind the integrity extraction
-#: reads (JobMode.EXTRACT_WEIGHTS): an unnarrowed zip may be one.
-_INTEGRITY_FORMATS = frozenset({ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP})
+#: The formats that may be a PyTorch checkpoint the integrity extraction reads
+#: (JobMode.EXTRACT_WEIGHTS: zip and legacy layouts): an unnarrowed zip may be one.
+_INTEGRITY_FORMATS = frozenset({ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP,
+                                ArtifactFormat.PYTORCH_LEGACY})
 
 
 @dataclass(frozen=True)
