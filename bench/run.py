@@ -4,6 +4,9 @@ Airlock against the unsafe in-process baseline (issue 3), both measured in this 
 models generated here. Prints one table, writes every figure and raw sample as JSON.
 
   S1  small sklearn pipeline pickle -> ONNX, warm pool: p50/p95, overhead over in-process
+  S1b the S1 model converted back to back, n in a row without waiting for the pool to refill
+      (as a user converting many models does): p50, overhead over n in-process runs in a row,
+      and how many found no warm container
   S1c the ``airlock`` command: its start (``airlock --help``, median of 5) and ``airlock
       convert`` of the S1 model end to end (process start to exit), beside S1's library figure
   S2  RandomForest(100 trees) joblib -> ONNX, warm pool: same
@@ -61,6 +64,7 @@ MiB = 1024 * 1024
 Check = Callable[[dict[str, Any]], bool]
 TARGETS: dict[str, tuple[str, Check]] = {
     "S1": ("overhead p50 <= 60 ms", lambda r: r["overhead_p50_ms"] <= 60),
+    "S1b": ("overhead p50 <= 150 ms", lambda r: r["overhead_p50_ms"] <= 150),
     "S1c": ("start <= 150 ms", lambda r: r["help_median_ms"] <= 150),
     "S2": ("overhead p50 <= 100 ms", lambda r: r["overhead_p50_ms"] <= 100),
     "S3": ("ratio <= 2.5x", lambda r: r["ratio"] <= 2.5),
@@ -95,14 +99,15 @@ class Plan:
     s4: int
     s6: int
     s1c: int
+    s1b: int
     concurrency: int = 4
     #: ``airlock --help`` runs; the median is reported.
     cli_starts: int = 5
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
-        return cls(s1=10, s2=10, s3=1, s4=20, s6=5, s1c=5) if quick else cls(
-            s1=30, s2=30, s3=3, s4=100, s6=10, s1c=10)
+        return cls(s1=10, s2=10, s3=1, s4=20, s6=5, s1c=5, s1b=10) if quick else cls(
+            s1=30, s2=30, s3=3, s4=100, s6=10, s1c=10, s1b=20)
 
 
 def log(message: str) -> None:
@@ -191,6 +196,39 @@ def latency_scenario(broker: Broker, artifact: Path, base: Callable[[Path], byte
                     "machine_busy_before": machine_busy,
                     "warmup_airlock_ms": round(warmup_air * 1000, 1),
                     "warmup_baseline_ms": round(warmup_base * 1000, 1)},
+    }
+
+
+def back_to_back_scenario(broker: Broker, artifact: Path, base: Callable[[Path], bytes],
+                          n: int, out: Path) -> dict[str, Any]:
+    """S1b: ``n`` requests one right after the other, starting on a ready pool and never
+    waiting for it again, beside ``n`` in-process runs in a row."""
+    assert broker.client is not None
+    broker.wait_ready()
+    base_s = [baseline.timed(base, artifact)[0] for _ in range(n)]
+    broker.wait_ready()
+    counters0 = broker.pool_counters()
+    air: list[float] = []
+    began = time.perf_counter()
+    for _ in range(n):
+        elapsed, result = convert(broker.client, artifact, out)
+        if result.format != "onnx" or not all(p.passed for p in result.report.parity):
+            raise BenchError(f"unexpected result: {result}")
+        air.append(elapsed)
+    wall = time.perf_counter() - began
+    counters1 = broker.pool_counters()
+    p50, b50 = pct(air, 50), pct(base_s, 50)
+    return {
+        "n": n,
+        "airlock_p50_ms": round(p50 * 1000, 1), "airlock_p95_ms": round(pct(air, 95) * 1000, 1),
+        "baseline_p50_ms": round(b50 * 1000, 1),
+        "overhead_p50_ms": round((p50 - b50) * 1000, 1),
+        "conversions_per_minute": round(n * 60 / wall, 1),
+        "served_warm": sum(counters1[p]["served_warm"] - counters0[p]["served_warm"]
+                           for p in counters1),
+        "served_cold": sum(counters1[p]["served_cold"] - counters0[p]["served_cold"]
+                           for p in counters1),
+        "samples": {"airlock_ms": ms(air), "baseline_ms": ms(base_s)},
     }
 
 
@@ -494,6 +532,12 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
             f"p50 {r['airlock_p50_ms']:.0f} ms, p95 {r['airlock_p95_ms']:.0f} ms" if r else "error",
             f"p50 {r['baseline_p50_ms']:.1f} ms, p95 {r['baseline_p95_ms']:.1f} ms" if r else "",
             f"+{r['overhead_p50_ms']:.0f} ms (p50)" if r else "")
+        if sid == "S1" and "S1b" in results:  # the same model, back to back
+            b = get("S1b")
+            add("S1b", f"same, {b['n'] if b else '?'} back to back (no wait for the pool)",
+                f"p50 {b['airlock_p50_ms']:.0f} ms, {b['served_cold']} cold" if b else "error",
+                f"p50 {b['baseline_p50_ms']:.1f} ms" if b else "",
+                f"+{b['overhead_p50_ms']:.0f} ms (p50)" if b else "")
         if sid == "S1":  # the same model through the command, beside the library's figure
             cli, lib = get("S1c"), r
             add("S1c", "airlock CLI: start (--help); convert of the S1 model",
@@ -565,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6",
-                        help="comma-separated scenarios to run (S5 comes with S3, S1c with S1)")
+                        help="comma-separated scenarios to run (S5 comes with S3, S1b and S1c "
+                             "with S1)")
     parser.add_argument("--pools", action="append", default=[], metavar="KEY=VALUE",
                         help="override a [pools] setting of the warm broker, e.g. "
                              "defer_replacement=false (for A/B runs; repeatable)")
@@ -586,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     if "S5" in only:
         only.add("S3")
     if "S1" in only:
-        only.add("S1C")
+        only |= {"S1B", "S1C"}
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if os.geteuid() != 0:
         print("bench: the broker must run as root (it mounts each job's output tmpfs)",
@@ -628,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"S1: {plan.s1} small pickles")
                 run_guarded(results, "S1", lambda: latency_scenario(
                     warm, small, baseline.pickle_to_onnx, plan.s1, work / "s1.onnx"))
+            if "S1B" in only:
+                log(f"S1b: {plan.s1b} small pickles back to back")
+                run_guarded(results, "S1b", lambda: back_to_back_scenario(
+                    warm, small, baseline.pickle_to_onnx, plan.s1b, work / "s1b.onnx"))
             if "S1C" in only:
                 log(f"S1c: the airlock command, {plan.cli_starts} starts and {plan.s1c} "
                     "conversions")

@@ -521,7 +521,9 @@ def test_a_warm_container_that_died_is_never_handed_to_a_job_and_is_counted(
 
         assert isinstance(result, ConversionResult), f"the job failed: {result}"
         status = broker.status()["sklearn"]
-        assert (status.served_warm, status.served_cold) == (0, 1), status
+        # The job waited for the replacement started for it (pool_settings
+        # wait_for_starting_seconds), never the dead one.
+        assert (status.served_warm, status.served_cold) == (1, 0), status
         assert not ph.exists(docker_client, victim), "the dead container was not removed"
         ph.wait_settled(broker, 1, ("sklearn",), timeout=REFILL_SECONDS)
         assert broker.status()["sklearn"].failed_starts == 1, (

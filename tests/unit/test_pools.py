@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,17 +161,16 @@ def test_a_deferred_replacement_still_comes_when_the_job_never_ends(tmp_path: Pa
                                      defer_max_seconds=0.3), body)
 
 
-def test_a_second_job_ends_the_deferral(tmp_path: Path) -> None:
-    """Under concurrent demand a deferred start only sends jobs down the cold path."""
+def test_a_second_job_ends_the_deferral_and_gets_the_replacement(tmp_path: Path) -> None:
+    """Under concurrent demand a deferred start would only make the next job wait longer."""
     async def body(pools: Pools, backend: FakeSandbox) -> None:
         sk = pools.pools["sklearn"]
         await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
         first = await pools.acquire("sklearn")
         assert first.started and len(sk.deferred) == 1
-        second = await pools.acquire("sklearn")  # pool empty: cold, and demand is visible
-        assert not second.started
-        assert sk.deferred == {}
-        await _until(lambda: len(sk.warm) + sk.starting >= 1, timeout=0.9)
+        second = await pools.acquire("sklearn")  # pool empty: the replacement, started now
+        assert second.started and sk.deferred == {}
+        assert (sk.served_warm, sk.served_cold) == (2, 0)
         await pools.release(first)
         await pools.release(second)
 
@@ -188,3 +188,74 @@ def test_without_deferral_the_replacement_starts_at_once(tmp_path: Path) -> None
 
     run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
                                      defer_replacement=False), body)
+
+
+def _slow_starts(backend: FakeSandbox, seconds: float) -> asyncio.Event:
+    """Each start takes ``seconds`` (forever while the returned event is clear and seconds
+    is negative): a container importing its libraries."""
+    release = asyncio.Event()
+    plain = backend.start
+
+    async def start(slot: Any) -> None:
+        if seconds < 0:
+            await release.wait()
+        else:
+            await asyncio.sleep(seconds)
+        await plain(slot)
+
+    backend.start = start  # type: ignore[method-assign]
+    return release
+
+
+def test_a_job_waits_for_the_container_being_started_not_the_cold_path(tmp_path: Path) -> None:
+    """Back to back: the next job finds the replacement still importing and takes it."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        _slow_starts(backend, 0.3)
+        for _ in range(4):
+            slot = await pools.acquire("sklearn")
+            assert slot.started
+            await pools.release(slot)
+        assert (sk.served_warm, sk.served_cold) == (4, 0)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",)), body)
+
+
+def test_waiting_jobs_raise_the_target_up_to_max_warm(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        release = _slow_starts(backend, -1)
+        first = await pools.acquire("sklearn")
+        waiters = [asyncio.create_task(pools.acquire("sklearn")) for _ in range(4)]
+        # One start per waiting job, but the pool never holds more than max_warm.
+        await _until(lambda: sk.waiting == 4 and sk.starting == 3)
+        release.set()
+        slots = await asyncio.gather(*waiters)
+        assert all(slot.started for slot in slots)  # the fourth waited for a later start
+        assert (sk.served_warm, sk.served_cold) == (5, 0)
+        for slot in (first, *slots):
+            await pools.release(slot)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_warm=3, max_starting=3,
+                                     profiles=("sklearn",), defer_replacement=False), body)
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.2])
+def test_a_job_takes_the_cold_path_when_it_may_not_wait_longer(tmp_path: Path,
+                                                               wait: float) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        _slow_starts(backend, -1)  # the replacement never finishes starting
+        first = await pools.acquire("sklearn")
+        second = await pools.acquire("sklearn")
+        assert first.started and not second.started
+        assert (sk.served_warm, sk.served_cold) == (1, 1)
+        await pools.release(first)
+        await pools.release(second)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_replacement=False, wait_for_starting_seconds=wait),
+              body)

@@ -25,11 +25,17 @@ class PoolSettings:
     #: (about a CPU-second of imports) would otherwise compete with the job it replaces.
     defer_replacement: bool = True
     defer_max_seconds: float = 2.0
+    #: A job that finds no warm container waits this long for one being started (its own
+    #: start would take as long, and the CPU of the one under way) before it takes the cold
+    #: path; each waiting job adds one to the pool's target, up to ``max_warm``. 0: never wait.
+    wait_for_starting_seconds: float = 10.0
     profiles: tuple[str, ...] = PROFILES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_warm <= self.max_warm:
             raise ValueError("need 0 <= min_warm <= max_warm")
+        if self.wait_for_starting_seconds < 0:
+            raise ValueError("wait_for_starting_seconds must not be negative")
         if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
                 or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
             raise ValueError("max_starting, sweep_seconds, max_age_seconds, "

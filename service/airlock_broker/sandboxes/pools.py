@@ -70,6 +70,15 @@ class Pool:
     deferred: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     #: Warm containers taken out of ``warm`` whose liveness ``acquire`` is checking.
     checking: int = 0
+    #: Jobs waiting for a container being started (``acquire``): each raises the pool's
+    #: target by one, up to ``max_warm``.
+    waiting: int = 0
+    #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def signal(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 @dataclass(frozen=True)
@@ -145,15 +154,30 @@ class Pools:
     # -- jobs ------------------------------------------------------------------------------
 
     async def acquire(self, profile: str) -> Slot:
-        """A slot for one job: a warm one if any is alive, else a freshly prepared one."""
+        """A slot for one job: a warm one if any is alive; else, when one is being started for
+        the pool, that one (waiting at most ``wait_for_starting_seconds``: a start of its own
+        would cost the job as long, and take CPU from the one under way); else a freshly
+        prepared one (the cold path)."""
         # Only the pools' own holds: a job admitted before a shutdown still gets its sandbox.
         self.readiness.check(*POOL_HOLDS)
         pool = self.pools.get(profile)
-        if pool is not None:
-            # A second job while a replacement waits: there is demand, so start it now.
-            for slot_id in list(pool.deferred):
-                self._end_deferral(pool, slot_id)
-        while pool is not None and pool.warm:
+        if pool is None:
+            return await self._cold(None, profile)
+        # A second job while a replacement waits: there is demand, so start it now.
+        for slot_id in list(pool.deferred):
+            self._end_deferral(pool, slot_id)
+        deadline = asyncio.get_running_loop().time() + self.settings.wait_for_starting_seconds
+        while True:
+            slot = await self._take_warm(pool)
+            if slot is not None:
+                return slot
+            if not await self._wait_for_start(pool, deadline):
+                return await self._cold(pool, profile)
+            self.readiness.check(*POOL_HOLDS)  # drained, or the engine lost, meanwhile
+
+    async def _take_warm(self, pool: Pool) -> Slot | None:
+        """A live warm slot of ``pool``, or None; dead or outdated ones are retired."""
+        while pool.warm:
             warm = pool.warm.popleft()
             pool.checking += 1  # still fills the pool while its liveness is checked
             try:
@@ -177,6 +201,30 @@ class Pools:
                 log.warning("a warm %s container died while waiting; replaced", pool.profile)
             pool.retired += 1
             await self.backend.destroy(warm.slot)
+        return None
+
+    async def _wait_for_start(self, pool: Pool, deadline: float) -> bool:
+        """Wait for a start of ``pool`` to end (this job counts as demand meanwhile); False
+        when none is under way or due, or the deadline passed: take the cold path."""
+        if self.settings.min_warm == 0:  # pools off: every job is cold
+            return False
+        pool.waiting += 1
+        try:
+            self._fill(pool)
+            if not (pool.starting or pool.deferred):
+                return False
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await pool.changed.wait()
+                    return True
+            return False
+        finally:
+            pool.waiting -= 1
+
+    async def _cold(self, pool: Pool | None, profile: str) -> Slot:
         try:
             slot = await self.backend.prepare(profile)
         except SandboxUnavailable as exc:
@@ -233,7 +281,8 @@ class Pools:
         timer = pool.deferred.pop(slot_id, None)
         if timer is not None:
             timer.cancel()
-            self._wake.set()
+            self._fill(pool)  # the replacement is starting before a waiter looks again
+            pool.signal()
 
     async def _alive(self, slot: Slot) -> bool:
         try:
@@ -282,17 +331,23 @@ class Pools:
 
     # -- background work -------------------------------------------------------------------
 
+    def _fill(self, pool: Pool) -> None:
+        """Start containers until the pool holds its target: ``min_warm``, plus one per job
+        waiting for a start, at most ``max_warm``. (At most ``max_starting`` start at once.)"""
+        if self.readiness.refusal(*POOL_HOLDS) is not None:
+            return
+        target = min(self.settings.max_warm, self.settings.min_warm + pool.waiting)
+        while len(pool.warm) + pool.starting + pool.checking + len(pool.deferred) < target:
+            pool.starting += 1
+            task = asyncio.create_task(self._start_one(pool))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _replenish_forever(self) -> None:
         while True:
             self._wake.clear()
-            if self.readiness.refusal(*POOL_HOLDS) is None:
-                for pool in self.pools.values():
-                    filled = len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
-                    if filled < self.settings.min_warm and filled < self.settings.max_warm:
-                        pool.starting += 1
-                        task = asyncio.create_task(self._start_one(pool))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+            for pool in self.pools.values():
+                self._fill(pool)
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # races with the event, and close() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
@@ -327,6 +382,7 @@ class Pools:
                     await self._recovered.wait()
         finally:
             pool.starting -= 1
+            pool.signal()
             self._wake.set()
 
     async def _watch_engine_forever(self) -> None:
