@@ -169,7 +169,7 @@ def _report_error(args: argparse.Namespace, status: str, reason: str, message: s
         print(json.dumps({"status": status, "reason": reason, "message": message,
                           "output": None, "format": None, "shard": shard or None}))
     else:
-        where = f" (shard {printable(shard)})" if shard else ""
-        print(f"airlock convert: {status}: {printable(reason)}{where}: {printable(message)}",
+        # A shard's message starts with the shard's name.
+        print(f"airlock convert: {status}: {printable(reason)}: {printable(message)}",
               file=sys.stderr)
     return code

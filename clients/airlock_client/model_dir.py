@@ -44,6 +44,7 @@ DEFAULT_JOBS = 2
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
 #: Weakest first: the directory's assurance is the weakest of its shards'.
+_UNITS = ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"))
 _STRENGTH = {Assurance.UNSPECIFIED: 0, Assurance.FORMAT_SAFE_ONLY: 1,
              Assurance.INTEGRITY_VERIFIED: 2}
 
@@ -114,9 +115,11 @@ class DirectoryProgress:
     throughput: Throughput = field(repr=False)
 
     def line(self) -> str:
-        """``shards 2/3 done, 1.5/min, about 40s left; 120/180 MB``."""
-        return (f"shards {self.throughput.line()}; {self.bytes_done / 1e6:.0f}/"
-                f"{self.bytes_total / 1e6:.0f} MB")
+        """``shards 2/3 done, 1.5/min, about 40s left; 120.0/180.0 MB``."""
+        scale, unit = next(((s, u) for s, u in _UNITS if self.bytes_total >= s), (1, "bytes"))
+        amount = f"{self.bytes_done}/{self.bytes_total}" if scale == 1 else \
+            f"{self.bytes_done / scale:.1f}/{self.bytes_total / scale:.1f}"
+        return f"shards {self.throughput.line()}; {amount} {unit}"
 
 
 def convert_directory(client: Client, source: str | os.PathLike[str],
@@ -240,7 +243,8 @@ def _check_destination(source: Path, dest: Path, overwrite: bool) -> None:
     if os.path.islink(dest) or not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is not a directory")
     if any(os.scandir(dest)) and not overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty (replace it with overwrite)")
+        raise FileExistsError(f"{dest} exists and is not empty (--overwrite, overwrite=True, "
+                              "replaces it)")
 
 
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:

@@ -396,3 +396,38 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
         convert_directory(FakeClient(GOOD), src, src, overwrite=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="source directory"):
         convert_directory(FakeClient(GOOD), src, tmp_path, overwrite=True)  # type: ignore[arg-type]
+
+
+# -- the command line's usage errors (no broker is contacted) -----------------------------------
+
+
+@pytest.mark.parametrize("args, why", [
+    (["{plain}"], "neither an MLflow model"),
+    (["{model}", "--to", "onnx"], "safetensors only"),
+    (["{model}", "--input-shape", "1,2"], "do not apply"),
+    (["{model}", "--jobs", "0"], "--jobs must be between 1 and"),
+    (["{model}/config.json", "--jobs", "2"], "apply to a PyTorch model directory only"),
+    (["{model}", "-o", "{model}", "--overwrite"], "source directory"),
+])
+def test_the_cli_says_what_is_wrong_before_it_connects(tmp_path: Path, args: list[str], why: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client.cli import main
+
+    model = hf_dir(tmp_path / "m")
+    (tmp_path / "plain").mkdir()
+    argv = [a.format(model=model, plain=tmp_path / "plain") for a in args]
+    assert main(["convert", *argv, "--server", "127.0.0.1:9"]) == 2
+    assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("total, line", [
+    (500, "1/2 done, "), (1500, "0.8/1.5 kB"), (3 * 10**9, "1.5/3.0 GB"), (500, "250/500 bytes"),
+])
+def test_the_progress_line_counts_shards_and_bytes(total: int, line: str) -> None:
+    from airlock_client.batch import Throughput
+    from airlock_client.model_dir import DirectoryProgress
+
+    throughput = Throughput(total=2)
+    throughput.add(True)
+    step = DirectoryProgress("a.bin", True, 1, 2, total // 2, total, throughput)
+    assert line in step.line()
