@@ -218,6 +218,11 @@ def _open_checked(entry: ModelFile) -> int:
     return fd
 
 
+def check_unchanged(entry: ModelFile) -> None:
+    """Raise :class:`ModelSourceError` unless ``entry`` is still the regular file inspected."""
+    os.close(_open_checked(entry))
+
+
 def read_exact(entry: ModelFile, cap: int) -> bytes:
     """The whole file, which must still be the one inspected and at most ``cap`` bytes."""
     fd = _open_checked(entry)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from airlock_client import _hf_dir, _st_header
+from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client._errors import AirlockError
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
@@ -176,9 +176,14 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
 
     def work(shard: Shard) -> ShardResult:
         out = tmp / shard.output_name
+        # Client.convert opens the path again: it must still be the file inspected, not a
+        # link or another file put there since.
+        _bundle.check_unchanged(shard.source)
         result = client.convert(shard.source.path, out, target="safetensors",
                                 loading_policy=loading_policy, job_timeout=job_timeout,
                                 on_busy=on_busy, subject=_shard_subject(subject, shard))
+        if result.input_size != shard.source.size:
+            raise _bundle.refuse(f"{shard.source.name} changed while being converted")
         header = _st_header.read_header(out)
         if shard.names is not None:
             why = _hf_dir.tensor_names_problem(shard.names, dict.fromkeys(header.tensors),

@@ -266,7 +266,9 @@ class FakeClient:
     source file name), or raises what ``errors`` gives; records how many ran at once."""
 
     def __init__(self, outputs: dict[str, list[str]], errors: dict[str, Exception] | None = None,
-                 assurance: dict[str, str] | None = None) -> None:
+                 assurance: dict[str, str] | None = None,
+                 meanwhile: Any = None) -> None:
+        self.meanwhile = meanwhile
         self.outputs = outputs
         self.errors = errors or {}
         self.assurance = assurance or {}
@@ -282,6 +284,8 @@ class FakeClient:
             self.running += 1
             self.most = max(self.most, self.running)
         try:
+            if self.meanwhile is not None:
+                self.meanwhile()
             if name in self.errors:
                 raise self.errors[name]
             names = self.outputs[name]
@@ -291,7 +295,7 @@ class FakeClient:
             return ConversionResult(
                 job_id=f"job-{name}", output=Path(output), format="safetensors",
                 sha256="0" * 64, size=Path(output).stat().st_size, input_sha256="1" * 64,
-                input_size=1, detected_format="pytorch_zip",
+                input_size=Path(artifact).stat().st_size, detected_format="pytorch_zip",
                 assurance=Assurance(self.assurance.get(name, "integrity_verified")),
                 loading_policy="allow_code", duration_seconds=0.1, image_id="img",
                 runtime="runc", report=ConversionReport(),
@@ -376,6 +380,23 @@ def test_a_shard_whose_tensors_disagree_with_the_index_is_refused(tmp_path: Path
     with pytest.raises(ModelDirError, match="missing 1 the index names \\('lm_head'\\)"):
         convert_directory(FakeClient(missing), src, tmp_path / "out")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_shard_swapped_for_a_link_after_inspection_is_refused(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (tmp_path / "elsewhere.bin").write_bytes(b"PK\x03\x04 opaque weights")
+    victim = src / "pytorch_model-00002-of-00003.bin"
+
+    def swap() -> None:
+        if not victim.is_symlink():
+            victim.unlink()
+            victim.symlink_to(tmp_path / "elsewhere.bin")
+
+    client = FakeClient(GOOD, meanwhile=swap)
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(client, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (caught.value.reason, caught.value.shard) == ("UNSAFE_MODEL_DIR", victim.name)
+    assert victim.name not in client.calls
 
 
 def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path: Path) -> None:
