@@ -89,9 +89,33 @@ def test_a_sharded_checkpoint_becomes_a_safetensors_directory(broker: BrokerProc
     assert all(s["assurance"] == "integrity_verified" for s in doc["shards"])
     _no_leftovers(tmp_path, {"tiny", "tiny-safe"})
 
+    _assert_loads_like_transformers(out, index)
+
     # Every output shard checks out against its own signed provenance.
     verified = run_cli("verify", str(out / names[1]), server=broker.address)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _assert_loads_like_transformers(out: Path, index: dict[str, Any]) -> None:
+    """What ``from_pretrained`` does with such a directory: read the shards the index names,
+    re-tie the de-duplicated names, then a strict ``load_state_dict`` into the architecture."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.embed_tokens = torch.nn.Embedding(32, 8)
+    model.model.layers = torch.nn.ModuleDict({str(i): torch.nn.Linear(8, 8) for i in (1, 2)})
+    model.model.norm = torch.nn.LayerNorm(8, bias=False)
+    model.lm_head = torch.nn.Linear(8, 32, bias=False)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    state: dict[str, Any] = {}
+    for filename in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(out / filename)))
+    for removed, kept in index["metadata"]["deduplicated"].items():
+        state[removed] = state[kept]
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
 
 
 def test_an_unsharded_directory_through_the_python_api(broker: BrokerProcess,
