@@ -193,20 +193,22 @@ class Client:
             filename=source.name, on_busy=on_busy, subject=subject)
 
     def convert_directory(self, source: str | os.PathLike[str],
-                          output: str | os.PathLike[str], *, jobs: int = 2,
+                          output: str | os.PathLike[str], *, jobs: int | None = None,
                           progress: Callable[[DirectoryProgress], None] | None = None,
                           overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
                           job_timeout: int = 0, on_busy: OnBusy | None = None,
                           subject: str = "") -> DirectoryResult:
         """Convert a Hugging Face-style PyTorch model directory (``pytorch_model.bin``, or
         shards named by ``pytorch_model.bin.index.json``) into a safetensors directory: one
-        conversion per weights file, ``jobs`` at a time, written atomically. See
+        conversion per weights file, ``jobs`` at a time (default
+        ``model_dir.DEFAULT_JOBS``), written atomically. See
         :func:`airlock_client.model_dir.convert_directory` for what is carried over, what is
         refused and what it raises."""
         from airlock_client import model_dir
 
         return model_dir.convert_directory(
-            self, source, output, jobs=jobs, progress=progress, overwrite=overwrite,
+            self, source, output, jobs=model_dir.DEFAULT_JOBS if jobs is None else jobs,
+            progress=progress, overwrite=overwrite,
             loading_policy=loading_policy, job_timeout=job_timeout, on_busy=on_busy,
             subject=subject)
 

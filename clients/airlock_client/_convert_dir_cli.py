@@ -32,7 +32,6 @@ from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.model_dir import (
-    DEFAULT_JOBS,
     DirectoryProgress,
     DirectoryResult,
     ModelDirError,
@@ -67,7 +66,7 @@ def run_convert_directory(args: argparse.Namespace) -> int:
         with Client(args.server or default_address(), public_key=args.public_key,
                     **client_options(args)) as client:
             result = client.convert_directory(
-                source, output, jobs=args.jobs or DEFAULT_JOBS, progress=_progress_line,
+                source, output, jobs=args.jobs, progress=_progress_line,
                 overwrite=args.overwrite, loading_policy=args.policy,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except (ValueError, FileExistsError) as exc:
