@@ -116,20 +116,12 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
             raise refuse(f"cannot list {prefix or '.'}: {exc.strerror}") from None
         for entry in entries:
             name = f"{prefix}{entry.name}"
-            check_name(name)
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(info.st_mode):
-                raise refuse(f"{name} is a symbolic link")
-            if stat.S_ISDIR(info.st_mode):
+            found = checked_entry(entry, name)
+            if found is None:
                 pending.append((Path(entry.path), f"{name}/"))
                 continue
-            if not stat.S_ISREG(info.st_mode):
-                raise refuse(f"{name} is not a regular file (a FIFO, socket or device)")
-            if info.st_nlink != 1:
-                raise refuse(f"{name} is a hard link ({info.st_nlink} links)")
-            files.append(ModelFile(name, Path(entry.path), info.st_size, info.st_dev,
-                                   info.st_ino))
-            total += info.st_size
+            files.append(found)
+            total += found.size
             if len(files) > max_files:
                 raise refuse(f"more than {max_files} files")
             if total > max_total_bytes:
@@ -146,10 +138,28 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     return ModelDir(root=base, files=tuple(files), total_bytes=total, mlmodel=mlmodel)
 
 
+def checked_entry(entry: os.DirEntry[str], name: str) -> ModelFile | None:
+    """The regular file ``entry`` is (``name`` inside the root), or None for a directory.
+
+    Raises :class:`ModelSourceError` for an unsafe name, a symbolic link, a hard link or a
+    special file; nothing is followed."""
+    check_name(name)
+    info = entry.stat(follow_symlinks=False)
+    if stat.S_ISLNK(info.st_mode):
+        raise refuse(f"{name} is a symbolic link")
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise refuse(f"{name} is not a regular file (a FIFO, socket or device)")
+    if info.st_nlink != 1:
+        raise refuse(f"{name} is a hard link ({info.st_nlink} links)")
+    return ModelFile(name, Path(entry.path), info.st_size, info.st_dev, info.st_ino)
+
+
 def read_mlmodel(entry: ModelFile) -> dict[str, Any]:
     if entry.size > MAX_MLMODEL_BYTES:
         raise refuse(f"{MLMODEL} is {entry.size} bytes (limit {MAX_MLMODEL_BYTES})")
-    raw = _read_exact(entry, MAX_MLMODEL_BYTES)
+    raw = read_exact(entry, MAX_MLMODEL_BYTES)
     import yaml  # only model directories need it: a plain file's conversion does not load it
 
     try:
@@ -208,7 +218,13 @@ def _open_checked(entry: ModelFile) -> int:
     return fd
 
 
-def _read_exact(entry: ModelFile, cap: int) -> bytes:
+def check_unchanged(entry: ModelFile) -> None:
+    """Raise :class:`ModelSourceError` unless ``entry`` is still the regular file inspected."""
+    os.close(_open_checked(entry))
+
+
+def read_exact(entry: ModelFile, cap: int) -> bytes:
+    """The whole file, which must still be the one inspected and at most ``cap`` bytes."""
     fd = _open_checked(entry)
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(cap + 1)

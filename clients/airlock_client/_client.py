@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -44,6 +44,9 @@ from airlock_client.provenance import (
     load_public_key,
     verify_envelope,
 )
+
+if TYPE_CHECKING:
+    from airlock_client.model_dir import DirectoryProgress, DirectoryResult
 
 log = logging.getLogger("airlock_client")
 
@@ -188,6 +191,26 @@ class Client:
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
             filename=source.name, on_busy=on_busy, subject=subject)
+
+    def convert_directory(self, source: str | os.PathLike[str],
+                          output: str | os.PathLike[str], *, jobs: int | None = None,
+                          progress: Callable[[DirectoryProgress], None] | None = None,
+                          overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
+                          job_timeout: int = 0, on_busy: OnBusy | None = None,
+                          subject: str = "") -> DirectoryResult:
+        """Convert a Hugging Face-style PyTorch model directory (``pytorch_model.bin``, or
+        shards named by ``pytorch_model.bin.index.json``) into a safetensors directory: one
+        conversion per weights file, ``jobs`` at a time (default
+        ``model_dir.DEFAULT_JOBS``), written atomically. See
+        :func:`airlock_client.model_dir.convert_directory` for what is carried over, what is
+        refused and what it raises."""
+        from airlock_client import model_dir
+
+        return model_dir.convert_directory(
+            self, source, output, jobs=model_dir.DEFAULT_JOBS if jobs is None else jobs,
+            progress=progress, overwrite=overwrite,
+            loading_policy=loading_policy, job_timeout=job_timeout, on_busy=on_busy,
+            subject=subject)
 
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from airlock_client import _cli_source, mlflow_source
+from airlock_client import _cli_source, _hf_dir, mlflow_source
 from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import (
     EXIT_DENIED,
@@ -65,6 +65,18 @@ def run_convert(args: argparse.Namespace) -> int:
         return _usage(str(exc))
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(problem)
+    if not mlflow_source.is_uri(args.input) and Path(args.input).is_dir():
+        kind = _hf_dir.kind(args.input)
+        if kind is None:
+            return _usage(f"{args.input} is neither an MLflow model (no MLmodel file) nor a "
+                          f"PyTorch model directory (no {_hf_dir.WEIGHTS} or "
+                          f"{_hf_dir.WEIGHTS_INDEX})")
+        if kind == "pytorch":
+            from airlock_client._convert_dir_cli import run_convert_directory
+
+            return run_convert_directory(args)
+    if args.jobs is not None or args.overwrite:
+        return _usage("--jobs and --overwrite apply to a PyTorch model directory only")
     try:
         options = client_options(args)
         with _cli_source.opened(args.input, args.tracking_uri) as source, \

@@ -16,8 +16,12 @@
     │   │                        signed by another key, or not for these bytes
     │   └── SafeLoadError        (safe_load.py) a registry version is not a verifiable
     │                            Airlock output
-    ├── ModelSourceError         an MLflow model could not be fetched, or its directory was
-    │                            refused before anything was sent (links, escapes, caps)
+    ├── ModelSourceError         an MLflow model could not be fetched, or its directory (or a
+    │                            Hugging Face model directory) was refused before anything
+    │                            was sent (links, escapes, caps, a malformed index)
+    ├── ModelDirError            (model_dir.py) one shard of a model directory failed
+    │                            (.shard, .kind, .cause: that shard's error) or disagrees
+    │                            with the index (INDEX_MISMATCH); no output was written
     ├── RegistryError            (_registry.py) the MLflow registry refused a call
     ├── SelectionError           (migrate.py) a named model cannot be migrated
     └── MigrationAborted         (migrate.py) ``migrate`` stopped; ``.outcomes`` so far
@@ -103,10 +107,13 @@ class SafeLoadError(IntegrityError):
 
 
 class ModelSourceError(AirlockError):
-    """An MLflow model source was refused or could not be fetched; nothing was uploaded.
+    """A model source (an MLflow model, a Hugging Face model directory) was refused or could
+    not be fetched; nothing was uploaded.
 
     ``reason`` is ``UNSAFE_MODEL_DIR`` (a link, special file, escaping path, bad ``MLmodel``
-    or a cap exceeded), ``NOT_A_MODEL_DIR`` or ``MLFLOW_DOWNLOAD_FAILED``.
+    or a cap exceeded), ``NOT_A_MODEL_DIR``, ``MODEL_INDEX_INVALID`` (a
+    ``pytorch_model.bin.index.json`` that is not strict JSON, too large, or names a file that
+    is not there) or ``MLFLOW_DOWNLOAD_FAILED``.
     """
 
     def __init__(self, reason: str, message: str) -> None:

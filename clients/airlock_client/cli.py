@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert one artifact")
     convert.add_argument("input", help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
-                         "model directory, or models:/NAME/VERSION, models:/NAME@ALIAS, "
-                         "runs:/RUN/PATH")
+                         "model directory, a Hugging Face-style PyTorch model directory "
+                         "(pytorch_model.bin or shards with pytorch_model.bin.index.json), or "
+                         "models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN/PATH")
     convert.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking (and registry) server for models:/ and runs:/ "
                               "(default $MLFLOW_TRACKING_URI)")
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--subject", default=None,
                          help="what the input is, signed into its provenance (default: the "
                               "URI as given, or the input's absolute path)")
+    convert.add_argument("--jobs", type=int, default=None, metavar="N",
+                         help="a PyTorch model directory: shards converted at once (default 2)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="a PyTorch model directory: replace a non-empty output directory")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
     _add_verify_parser(sub)

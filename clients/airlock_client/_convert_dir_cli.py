@@ -1,0 +1,174 @@
+"""``airlock convert DIR``: a Hugging Face-style PyTorch model directory to a safetensors
+directory (:mod:`airlock_client.model_dir`), with a progress line per shard on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from airlock_client import _cli_source
+from airlock_client._cli_connection import client_options
+from airlock_client._cli_exits import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+from airlock_client._client import Client, default_address
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ModelSourceError,
+    ProvenanceError,
+    ServiceUnavailable,
+)
+from airlock_client._progress import busy_notice
+from airlock_client._terminal import printable
+from airlock_client.batch import MAX_CONCURRENCY
+from airlock_client.model_dir import (
+    DirectoryProgress,
+    DirectoryResult,
+    ModelDirError,
+)
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """Why these flags cannot go with a model directory, or None."""
+    if args.target == "onnx":
+        return "a model directory converts to safetensors only (--to safetensors)"
+    if args.input_shape or args.declared not in (None, "pytorch"):
+        return "--input-shape and --format do not apply to a model directory"
+    if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
+        return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
+    return None
+
+
+def default_output(source: Path) -> Path:
+    """``NAME-safetensors`` beside the source directory."""
+    base = Path(os.path.abspath(source))
+    return base.with_name(f"{base.name}-safetensors")
+
+
+def run_convert_directory(args: argparse.Namespace) -> int:
+    if (problem := usage_problem(args)) is not None:
+        return _usage(problem)
+    source = Path(args.input)
+    output = args.output or default_output(source)
+    subject = (_cli_source.default_subject(args.input) if args.subject is None
+               else args.subject)
+    try:
+        with Client(args.server or default_address(), public_key=args.public_key,
+                    **client_options(args)) as client:
+            result = client.convert_directory(
+                source, output, jobs=args.jobs, progress=_progress_line,
+                overwrite=args.overwrite, loading_policy=args.policy,
+                job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
+    except (ValueError, FileExistsError) as exc:
+        return _usage(str(exc))
+    except ModelSourceError as exc:
+        return _report_error(args, "rejected", exc.reason, exc.message, EXIT_FAILED)
+    except ModelDirError as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, _exit_for(exc.cause),
+                             shard=exc.shard)
+    except ServiceUnavailable as exc:
+        return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
+    except AccessDenied as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
+    except ConversionError as exc:
+        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED)
+    except ProvenanceError as exc:
+        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
+        return _report_error(args, "rejected", exc.reason, exc.message, code)
+    except AirlockError as exc:
+        return _report_error(args, "failed", exc.reason, exc.message, EXIT_FAILED)
+    _report_ok(args, result)
+    return EXIT_OK
+
+
+def _exit_for(cause: AirlockError | None) -> int:
+    if isinstance(cause, ServiceUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(cause, AccessDenied):
+        return EXIT_DENIED
+    return EXIT_FAILED
+
+
+def _progress_line(step: DirectoryProgress) -> None:
+    verdict = "converted" if step.ok else "FAILED"
+    print(f"airlock convert: {printable(step.shard)} {verdict}; {step.line()}", file=sys.stderr,
+          flush=True)
+
+
+def _usage(message: str) -> int:
+    print(f"airlock convert: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def result_document(result: DirectoryResult) -> dict[str, Any]:
+    """The ``--json`` object for a converted directory."""
+    return {
+        "status": "ok", "reason": None, "message": "converted",
+        "output": str(result.output), "format": "safetensors",
+        "assurance": result.assurance, "integrity_note": result.integrity_note,
+        "index": None if result.index is None else str(result.index),
+        "total_size": result.total_size,
+        "shards": [{
+            "source": s.source, "output": str(s.result.output), "sha256": s.result.sha256,
+            "size": s.result.size, "tensors": s.tensors, "job_id": s.result.job_id,
+            "detected_format": s.result.detected_format, "assurance": s.result.assurance,
+            "integrity_note": s.result.integrity_note,
+            "executed_artifact_code": s.result.report.executed_artifact_code,
+            "deduplicated": dict(s.deduplicated), "warnings": list(s.result.report.warnings),
+            "provenance": str(s.provenance), "transfer": s.result.transfer,
+            "duration_seconds": round(s.result.duration_seconds, 3),
+        } for s in result.shards],
+        "deduplicated": dict(result.deduplicated),
+        "carried": list(result.carried),
+        "skipped": [{"name": s.name, "why": s.why} for s in result.skipped],
+        "duration_seconds": round(result.duration_seconds, 3),
+    }
+
+
+def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
+    if args.json:
+        print(json.dumps(result_document(result)))
+        return
+    t = printable  # shard reports and warnings came from the broker
+    print(f"converted {t(args.input)} -> {t(result.output)} ({len(result.shards)} shard(s), "
+          f"safetensors, {result.total_size} bytes of tensors)")
+    for s in result.shards:
+        print(f"  shard      {t(s.source)} -> {t(s.output)}: {s.tensors} tensors, "
+              f"{t(s.result.assurance)}, sha256 {t(s.result.sha256[:16])}...")
+    if result.index is not None:
+        print(f"  index      {t(result.index.name)} (built from the shards' headers; no "
+              "provenance of its own)")
+    note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
+    print(f"  assurance  {t(result.assurance)}{note}")
+    for removed, kept in result.deduplicated.items():
+        print(f"  tied       {t(removed)} stored once as {t(kept)}")
+    if result.carried:
+        print(f"  carried    {', '.join(t(n) for n in result.carried)}")
+    for skipped in result.skipped:
+        print(f"  skipped    {t(skipped.name)}: {t(skipped.why)}")
+    print("  provenance one signed record per shard (<shard>.provenance.json), verified")
+    if any(s.result.provenance_key_source != "pinned" for s in result.shards):
+        print("  key        as published by the broker (trust on first use); pin it with "
+              "--public-key or AIRLOCK_PUBLIC_KEY")
+
+
+def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
+                  shard: str = "") -> int:
+    if args.json:
+        print(json.dumps({"status": status, "reason": reason, "message": message,
+                          "output": None, "format": None, "shard": shard or None}))
+    else:
+        # A shard's message starts with the shard's name.
+        print(f"airlock convert: {status}: {printable(reason)}: {printable(message)}",
+              file=sys.stderr)
+    return code

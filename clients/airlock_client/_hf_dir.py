@@ -1,0 +1,273 @@
+"""A Hugging Face-style PyTorch model directory, read on the host without opening a weight.
+
+Such a directory holds ``pytorch_model.bin``, or shards (``pytorch_model-00001-of-00003.bin``,
+...) named by ``pytorch_model.bin.index.json``, beside plain data files (``config.json``,
+tokenizer files, a README) and often code or other pickles. Only its top level is read, with
+``lstat`` and the checks :mod:`._bundle` applies to MLflow directories: a symbolic link, a
+hard link or a special file anywhere at the top level refuses the whole directory (the user
+asked us to read it; we do not guess which entry they meant). Subdirectories are skipped.
+
+The index is attacker data: size-capped, parsed strictly (no duplicate keys, no ``NaN``), and
+every file it names must be a plain name of a regular file at the top level. The weights are
+never opened here: each is sent to the broker as it is. The data files carried over are read
+once, checked as what they claim to be (strict JSON, or UTF-8 text without NUL), and those
+checked bytes are what gets written; anything else is skipped with the reason why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from airlock_client import _bundle
+from airlock_client._bundle import ModelFile
+from airlock_client._errors import ModelSourceError
+from airlock_sandbox.bundle import MLMODEL
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
+
+WEIGHTS = "pytorch_model.bin"
+WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+SHARD_NAME = re.compile(r"pytorch_model-\d{5}-of-\d{5}\.bin")
+#: Outputs, named as ``transformers.save_pretrained`` names them.
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+#: A 100 000-tensor index is about 8 MiB; twice that is still parsed in well under a second.
+MAX_INDEX_BYTES = 16 * 1024 * 1024
+#: Per data file. Large-vocabulary ``tokenizer.json`` files reach ~35 MB (Gemma's).
+MAX_DATA_FILE_BYTES = 64 * 1024 * 1024
+#: The weights of one directory together (a 30B-parameter model in fp16 is ~60 GB).
+MAX_WEIGHT_BYTES = 64 * 1024**3
+#: Top-level entries; as for an MLflow bundle.
+MAX_ENTRIES = _bundle.MAX_FILES
+#: Distinct weight files one index may name.
+MAX_SHARDS = 10_000
+
+#: Data files carried over, and what each must be.
+JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json",
+                        "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json"})
+TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
+#: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
+                    ".npz")
+_CODE_SUFFIXES = (".py", ".pyc", ".so")
+
+NOT_A_MODEL = _bundle.NOT_A_MODEL
+UNSAFE = _bundle.UNSAFE
+INDEX_INVALID = "MODEL_INDEX_INVALID"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file of the source directory that is not in the output, and why."""
+
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file checked as what its name says; ``data`` are the bytes checked."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One weights file and the safetensors file it becomes."""
+
+    source: ModelFile
+    output_name: str
+    #: The tensor names the source index puts in this file (None: there is no index).
+    names: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class HfModelDir:
+    root: Path
+    shards: tuple[Shard, ...]
+    data_files: tuple[DataFile, ...]
+    skipped: tuple[Skipped, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return any(s.names is not None for s in self.shards)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(s.source.size for s in self.shards)
+
+
+def kind(path: str | os.PathLike[str]) -> str | None:
+    """``"mlflow"`` (an ``MLmodel`` file), ``"pytorch"`` (PyTorch weights as Hugging Face lays
+    them out) or None, for a directory; nothing is followed below the directory itself."""
+    base = Path(path)
+    if not base.is_dir():
+        return None
+    if os.path.lexists(base / MLMODEL):
+        return "mlflow"
+    if os.path.lexists(base / WEIGHTS) or os.path.lexists(base / WEIGHTS_INDEX):
+        return "pytorch"
+    return None
+
+
+def inspect(root: str | os.PathLike[str]) -> HfModelDir:
+    """Read the directory's top level; raise :class:`ModelSourceError` if it is unsafe or is
+    not a PyTorch model directory."""
+    base = Path(os.path.realpath(root))  # the root may be a link the user made; nothing below
+    if not base.is_dir():
+        raise ModelSourceError(NOT_A_MODEL, f"{root} is not a directory")
+    files, skipped = _top_level(base)
+    if WEIGHTS in files and WEIGHTS_INDEX in files:
+        raise ModelSourceError(INDEX_INVALID, f"{base} holds both {WEIGHTS} and "
+                               f"{WEIGHTS_INDEX}: which one is the model is unclear")
+    if WEIGHTS_INDEX in files:
+        entry = files[WEIGHTS_INDEX]
+        if entry.size > MAX_INDEX_BYTES:
+            raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX} is {entry.size} bytes "
+                                   f"(limit {MAX_INDEX_BYTES})")
+        by_file = parse_index(_bundle.read_exact(entry, MAX_INDEX_BYTES), set(files))
+        count = len(by_file)
+        shards = tuple(Shard(files[name], f"model-{i:05d}-of-{count:05d}.safetensors",
+                             frozenset(by_file[name]))
+                       for i, name in enumerate(sorted(by_file), start=1))
+    elif WEIGHTS in files:
+        shards = (Shard(files[WEIGHTS], SAFE_WEIGHTS, None),)
+    else:
+        raise ModelSourceError(NOT_A_MODEL, f"{base} holds neither {WEIGHTS} nor "
+                               f"{WEIGHTS_INDEX}")
+    total = sum(s.source.size for s in shards)
+    if total > MAX_WEIGHT_BYTES:
+        raise ModelSourceError(UNSAFE, f"the weights are {total} bytes in all "
+                               f"(limit {MAX_WEIGHT_BYTES})")
+    used = {s.source.name for s in shards} | {WEIGHTS_INDEX}
+    data: list[DataFile] = []
+    for name in sorted(set(files) - used):
+        why = data_file_problem(name, files[name])
+        if why is None:
+            raw = _bundle.read_exact(files[name], MAX_DATA_FILE_BYTES)
+            why = content_problem(name, raw)
+            if why is None:
+                data.append(DataFile(name, raw))
+                continue
+        skipped.append(Skipped(name, why))
+    return HfModelDir(base, shards, tuple(data), tuple(sorted(skipped, key=lambda s: s.name)))
+
+
+def _top_level(base: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:
+    files: dict[str, ModelFile] = {}
+    skipped: list[Skipped] = []
+    try:
+        entries = sorted(os.scandir(base), key=lambda e: e.name)
+    except OSError as exc:
+        raise _bundle.refuse(f"cannot list {base}: {exc.strerror}") from None
+    if len(entries) > MAX_ENTRIES:
+        raise _bundle.refuse(f"more than {MAX_ENTRIES} entries")
+    for entry in entries:
+        found = _bundle.checked_entry(entry, entry.name)
+        if found is None:
+            skipped.append(Skipped(f"{entry.name}/", "a directory: only the top level is read"))
+        else:
+            files[entry.name] = found
+    return files, skipped
+
+
+def parse_index(raw: bytes, present: set[str]) -> dict[str, set[str]]:
+    """The tensor names per weights file, from ``pytorch_model.bin.index.json``'s bytes.
+
+    Each file named must be a plain name (no ``/``, ``..`` or absolute path; reason
+    ``UNSAFE_MODEL_DIR``) of a regular file in ``present`` (reason ``MODEL_INDEX_INVALID``)."""
+    try:
+        doc = loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, StrictJSONError) as exc:
+        raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX} is not strict JSON: "
+                               f"{str(exc)[:200]}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX} has no 'weight_map' object "
+                               "of tensor names to file names")
+    if not isinstance(doc.get("metadata", {}), dict):
+        raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX}: 'metadata' is not an object")
+    by_file: dict[str, set[str]] = {}
+    for tensor, filename in weight_map.items():
+        if not tensor or not isinstance(filename, str):
+            raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX}: the entry for "
+                                   f"{tensor[:80]!r} is not a tensor name and a file name")
+        check_plain_name(filename)
+        if filename not in present:
+            raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX} names {filename[:80]!r}, "
+                                   "which is not a regular file in the directory")
+        by_file.setdefault(filename, set()).add(tensor)
+        if len(by_file) > MAX_SHARDS:
+            raise ModelSourceError(INDEX_INVALID, f"{WEIGHTS_INDEX} names more than "
+                                   f"{MAX_SHARDS} files")
+    return by_file
+
+
+def check_plain_name(filename: str) -> None:
+    """A file name at the top level of the directory, nothing that could lead out of it."""
+    if "/" in filename or "\\" in filename or filename in {"", ".", ".."}:
+        raise _bundle.refuse(f"{WEIGHTS_INDEX} names {filename[:80]!r}, which is not a plain "
+                             "file name inside the directory")
+    _bundle.check_name(filename)
+
+
+def data_file_problem(name: str, entry: ModelFile) -> str | None:
+    """Why ``name`` is not carried over, judging by its name and size (None: check its bytes)."""
+    lower = name.lower()
+    if lower.endswith(_CODE_SUFFIXES):
+        return "code (trust_remote_code): never carried over"
+    if SHARD_NAME.fullmatch(name):
+        return f"a weights shard {WEIGHTS_INDEX} does not name"
+    if lower.endswith(_PICKLE_SUFFIXES):
+        return "a pickle or other serialized object: never carried over"
+    if name not in JSON_FILES and name not in TEXT_FILES:
+        return "not a known data file: not carried over"
+    if entry.size > MAX_DATA_FILE_BYTES:
+        return f"{entry.size} bytes, over the {MAX_DATA_FILE_BYTES}-byte cap for data files"
+    return None
+
+
+def content_problem(name: str, raw: bytes) -> str | None:
+    """Why ``raw`` is not what ``name`` says (None: it is)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte {exc.start})"
+    if name in JSON_FILES:
+        try:
+            loads_strict(text)
+        except StrictJSONError as exc:
+            return f"not strict JSON: {str(exc)[:200]}"
+        return None
+    if "\0" in text:
+        return "not text: holds a NUL character"
+    return None
+
+
+def tensor_names_problem(expected: frozenset[str], converted: Mapping[str, object],
+                         deduplicated: Mapping[str, str]) -> str | None:
+    """How a shard's converted tensors (kept and de-duplicated names) disagree with what the
+    index says the shard holds, or None."""
+    got = set(converted) | set(deduplicated)
+    missing = sorted(expected - got)
+    extra = sorted(got - expected)
+    if not missing and not extra:
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} the index names ({_some(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} the index does not name ({_some(extra)})")
+    return "its tensors disagree with the index: " + "; ".join(parts)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    head = ", ".join(repr(n[:80]) for n in names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+

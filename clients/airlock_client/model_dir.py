@@ -1,0 +1,297 @@
+"""A Hugging Face-style PyTorch model directory to a safetensors directory, shard by shard.
+
+Each weights file is one ordinary conversion (``Client.convert(..., target="safetensors")``):
+its own single-use sandbox, integrity-checked by the broker, its signed provenance verified
+and written beside it. At most ``jobs`` run at once (:func:`airlock_client.batch.run_bounded`).
+The output is what ``transformers`` writes: ``model.safetensors``, or shards
+``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json`` built from the
+converted files' own headers, plus the plain data files checked as what they claim to be
+(:mod:`._hf_dir`). Code and pickles other than the weights are never carried over.
+
+Everything is written into a temporary directory beside the destination and renamed into
+place at the end: a shard that fails fails the directory with that shard's reason (the batch
+stops starting shards; those in flight finish), and no partial output is left behind.
+
+The index and the carried data files have no provenance of their own: the broker never saw
+them. The index is derived from the shards, each of which has its signed record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from airlock_client import _bundle, _hf_dir, _st_header
+from airlock_client._errors import AirlockError
+from airlock_client._hf_dir import HfModelDir, Shard, Skipped
+from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
+from airlock_client.batch import Done, Throughput, run_bounded
+
+if TYPE_CHECKING:  # the client's module needs grpc; importing this module does not
+    from airlock_client._client import Client
+    from airlock_client._retry import OnBusy
+
+#: Shards converted at once unless told: each is one sandbox (and one more for the integrity
+#: check), and a broker runs a handful of each kind at a time by default.
+DEFAULT_JOBS = 2
+#: What a mismatch between a converted shard and the source index is called.
+INDEX_MISMATCH = "INDEX_MISMATCH"
+#: Weakest first: the directory's assurance is the weakest of its shards'.
+_UNITS = ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"))
+_STRENGTH = {Assurance.UNSPECIFIED: 0, Assurance.FORMAT_SAFE_ONLY: 1,
+             Assurance.INTEGRITY_VERIFIED: 2}
+
+
+class ModelDirError(AirlockError):
+    """The directory was not converted because of one shard: it failed (``reason`` and
+    ``kind`` are that shard's conversion's, the original error is ``cause``), or its converted
+    tensors disagree with the index (reason ``INDEX_MISMATCH``). ``shard`` names it."""
+
+    def __init__(self, reason: str, message: str, *, shard: str, kind: str = "rejected",
+                 cause: AirlockError | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.shard = shard
+        self.kind = kind
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """One converted weights file."""
+
+    source: str  # its name in the source directory
+    output: str  # its name in the output directory
+    result: ConversionResult
+    tensors: int
+    #: Bytes of tensor data in the output (its share of ``total_size``).
+    data_bytes: int
+    deduplicated: Mapping[str, str]
+    provenance: Path
+
+
+@dataclass(frozen=True)
+class DirectoryResult:
+    """A converted model directory, renamed into place at ``output``."""
+
+    source: Path
+    output: Path
+    shards: tuple[ShardResult, ...]
+    #: ``model.safetensors.index.json`` (None for a single ``model.safetensors``).
+    index: Path | None
+    #: Bytes of tensor data over all shards (the index's ``metadata.total_size``).
+    total_size: int
+    #: The weakest assurance of any shard.
+    assurance: Assurance
+    #: Which shards are below ``integrity_verified`` and why ("" if none is).
+    integrity_note: str
+    carried: tuple[str, ...]
+    skipped: tuple[Skipped, ...]
+    #: Removed name -> kept name over all shards (tied tensors stored once).
+    deduplicated: Mapping[str, str]
+    duration_seconds: float
+
+    @property
+    def integrity_verified(self) -> bool:
+        return self.assurance == Assurance.INTEGRITY_VERIFIED
+
+
+@dataclass(frozen=True)
+class DirectoryProgress:
+    """Given to ``progress`` after each shard ends."""
+
+    shard: str
+    ok: bool
+    shards_done: int
+    shards_total: int
+    bytes_done: int
+    bytes_total: int
+    throughput: Throughput = field(repr=False)
+
+    def line(self) -> str:
+        """``shards 2/3 done, 1.5/min, about 40s left; 120.0/180.0 MB``."""
+        scale, unit = next(((s, u) for s, u in _UNITS if self.bytes_total >= s), (1, "bytes"))
+        amount = f"{self.bytes_done}/{self.bytes_total}" if scale == 1 else \
+            f"{self.bytes_done / scale:.1f}/{self.bytes_total / scale:.1f}"
+        return f"shards {self.throughput.line()}; {amount} {unit}"
+
+
+def convert_directory(client: Client, source: str | os.PathLike[str],
+                      output: str | os.PathLike[str], *, jobs: int = DEFAULT_JOBS,
+                      progress: Callable[[DirectoryProgress], None] | None = None,
+                      overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
+                      job_timeout: int = 0, on_busy: OnBusy | None = None,
+                      subject: str = "") -> DirectoryResult:
+    """Convert the model directory ``source`` into the safetensors directory ``output``.
+
+    Raises ``ModelSourceError`` when the directory is refused before anything is sent (see
+    :mod:`._hf_dir`), ``ModelDirError`` when a shard fails or disagrees with the index,
+    ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
+    replaces a directory), ``ValueError`` when ``output`` is ``source`` or holds it.
+    ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
+    """
+    began = time.monotonic()
+    model = _hf_dir.inspect(source)
+    dest = Path(os.path.abspath(output))
+    _check_destination(model.root, dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".airlock-part",
+                                dir=dest.parent))
+    try:
+        shards = _convert_shards(client, model, tmp, jobs=jobs, progress=progress,
+                                 loading_policy=loading_policy, job_timeout=job_timeout,
+                                 on_busy=on_busy, subject=subject)
+        index = _write_outputs(model, shards, tmp)
+        _replace(tmp, dest, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+    weakest = min((s.result.assurance for s in shards), key=lambda a: _STRENGTH.get(a, 0))
+    weak = [s for s in shards if s.result.assurance != Assurance.INTEGRITY_VERIFIED]
+    note = "; ".join(f"{s.source}: {s.result.assurance}"
+                     + (f" ({s.result.integrity_note})" if s.result.integrity_note else "")
+                     for s in weak)
+    deduplicated = {k: v for s in shards for k, v in s.deduplicated.items()}
+    return DirectoryResult(
+        source=model.root, output=dest,
+        shards=tuple(_moved(s, tmp, dest) for s in shards),
+        index=None if index is None else dest / index,
+        total_size=sum(s.data_bytes for s in shards),
+        assurance=weakest, integrity_note=note,
+        carried=tuple(d.name for d in model.data_files), skipped=model.skipped,
+        deduplicated=dict(sorted(deduplicated.items())),
+        duration_seconds=time.monotonic() - began)
+
+
+def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
+                    progress: Callable[[DirectoryProgress], None] | None,
+                    loading_policy: LoadingPolicy, job_timeout: int, on_busy: OnBusy | None,
+                    subject: str) -> list[ShardResult]:
+    from airlock_client._provenance_cli import write_provenance
+
+    def work(shard: Shard) -> ShardResult:
+        out = tmp / shard.output_name
+        # Client.convert opens the path again: it must still be the file inspected, not a
+        # link or another file put there since.
+        _bundle.check_unchanged(shard.source)
+        result = client.convert(shard.source.path, out, target="safetensors",
+                                loading_policy=loading_policy, job_timeout=job_timeout,
+                                on_busy=on_busy, subject=_shard_subject(subject, shard))
+        if result.input_size != shard.source.size:
+            raise _bundle.refuse(f"{shard.source.name} changed while being converted")
+        header = _st_header.read_header(out)
+        if shard.names is not None:
+            why = _hf_dir.tensor_names_problem(shard.names, dict.fromkeys(header.tensors),
+                                               header.deduplicated)
+            if why is not None:
+                raise ModelDirError(INDEX_MISMATCH, f"shard {shard.source.name}: {why}",
+                                    shard=shard.source.name)
+        provenance = write_provenance(out, result.provenance)
+        return ShardResult(shard.source.name, shard.output_name, result, len(header.tensors),
+                           header.data_bytes, header.deduplicated, provenance)
+
+    throughput = Throughput(total=len(model.shards))
+    total_bytes = model.weight_bytes
+    done_bytes = 0
+    results: list[ShardResult] = []
+    failed: Done[Shard, ShardResult] | None = None
+    for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok):
+        throughput.add(done.ok)
+        done_bytes += done.item.source.size
+        if done.result is not None:
+            results.append(done.result)
+        elif failed is None:
+            failed = done
+        if progress is not None:
+            progress(DirectoryProgress(done.item.source.name, done.ok, throughput.done,
+                                       len(model.shards), done_bytes, total_bytes, throughput))
+    if failed is not None:
+        raise _shard_failure(failed.item, failed.error)
+    return sorted(results, key=lambda r: r.output)
+
+
+def _shard_failure(shard: Shard, error: Exception | None) -> Exception:
+    if isinstance(error, ModelDirError) or not isinstance(error, AirlockError):
+        return error or AssertionError("a shard failed without an error")
+    return ModelDirError(error.reason, f"shard {shard.source.name}: {error.message}",
+                         shard=shard.source.name, kind=getattr(error, "kind", "failed"),
+                         cause=error)
+
+
+def _write_outputs(model: HfModelDir, shards: list[ShardResult], tmp: Path) -> str | None:
+    """The index (when sharded) and the carried data files; returns the index's name."""
+    for data in model.data_files:
+        _write_new(tmp / data.name, data.data)
+    if not model.sharded:
+        return None
+    headers = [(s.output, _st_header.read_header(tmp / s.output)) for s in shards]
+    _write_new(tmp / _hf_dir.SAFE_WEIGHTS_INDEX, _st_header.index_document(headers))
+    return _hf_dir.SAFE_WEIGHTS_INDEX
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+
+
+def _check_destination(source: Path, dest: Path, overwrite: bool) -> None:
+    real = Path(os.path.realpath(dest))
+    if real == source or source.is_relative_to(real):
+        raise ValueError(f"the output directory {dest} is the source directory or holds it")
+    if not os.path.lexists(dest):
+        return
+    if os.path.islink(dest) or not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a directory")
+    if any(os.scandir(dest)) and not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty (--overwrite, overwrite=True, "
+                              "replaces it)")
+
+
+def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished directory into place; an existing one is moved aside first and
+    removed only once the new one is in place."""
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give it the usual mode
+    if not os.path.lexists(dest):
+        os.rename(tmp, dest)
+        return
+    if not any(os.scandir(dest)):
+        os.rmdir(dest)
+        os.rename(tmp, dest)
+        return
+    if not overwrite:  # something was written there while we converted
+        raise FileExistsError(f"{dest} is no longer empty")
+    old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:
+    result = ConversionResult(**{**shard.result.__dict__, "output": dest / shard.output})
+    return ShardResult(shard.source, shard.output, result, shard.tensors, shard.data_bytes,
+                       shard.deduplicated, dest / shard.provenance.relative_to(tmp))
+
+
+def _shard_subject(subject: str, shard: Shard) -> str:
+    if not subject:
+        return ""
+    from airlock_client.provenance import MAX_SUBJECT, escape_subject
+
+    out = subject + "/" + "".join(escape_subject(ch) for ch in shard.source.name)
+    # Clipped at the front, as the CLI clips a long path: the end says the most.
+    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
+
+
+__all__ = ["DEFAULT_JOBS", "INDEX_MISMATCH", "DirectoryProgress", "DirectoryResult",
+           "ModelDirError", "ShardResult", "convert_directory"]

@@ -1,0 +1,196 @@
+"""Hugging Face model directories, end to end through the real broker, engine and image: each
+shard in its own sandbox, the output directory what a ``safetensors``/``transformers`` user
+expects, byte-equal to the source tensors; code and pickles never carried over; a hostile or
+inconsistent shard fails the whole directory and leaves no output behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from airlock_client import Client
+from tests.adversarial import payloads
+from tests.conftest import BrokerProcess, run_cli
+from tests.fixtures import hf_models
+
+pytestmark = pytest.mark.integration
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as fh:  # numpy has no bfloat16
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118
+
+
+def _assert_tensor_equal(name: str, got: Any, want: np.ndarray) -> None:
+    import torch
+
+    assert tuple(got.shape) == want.shape, name
+    raw = got.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert raw == want.tobytes(), f"{name}: bytes differ"
+
+
+def _no_leftovers(parent: Path, keep: set[str]) -> None:
+    assert {p.name for p in parent.iterdir()} == keep, "partial or temporary output left"
+
+
+def _convert(directory: Path, out: Path, *args: str,
+             broker: BrokerProcess) -> tuple[int, dict[str, Any], str]:
+    done = run_cli("convert", str(directory), "-o", str(out), "--json", *args,
+                   server=broker.address, timeout=600)
+    try:
+        doc = json.loads(done.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.returncode, doc, done.stderr
+
+
+def test_a_sharded_checkpoint_becomes_a_safetensors_directory(broker: BrokerProcess,
+                                                               tmp_path: Path) -> None:
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=3)
+    out = tmp_path / "tiny-safe"
+    began = time.monotonic()
+    code, doc, stderr = _convert(model.path, out, "--jobs", "2", broker=broker)
+    print(f"3-shard directory converted in {time.monotonic() - began:.1f} s")  # for -s runs
+    assert code == 0, (doc, stderr)
+    assert doc["status"] == "ok" and doc["assurance"] == "integrity_verified", doc
+    assert "shards 3/3 done" in stderr
+
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got: dict[str, Any] = {}
+    for name in names:
+        tensors, meta = _load(out / name)
+        assert meta.get("format") == "pt"
+        assert {k for k, v in index["weight_map"].items() if v == name} == set(tensors)
+        got.update(tensors)
+        assert (out / f"{name}.provenance.json").is_file()
+    # The tied head is stored once and named in the shard, the index and the report.
+    assert index["metadata"]["deduplicated"] == model.tied == doc["deduplicated"]
+    assert _load(out / names[0])[1]["model.embed_tokens.weight"] == "lm_head.weight"
+    assert set(index["weight_map"]) == set(model.expected) - set(model.tied)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in got.values())
+    for name, want in model.expected.items():
+        _assert_tensor_equal(name, got[model.tied.get(name, name)], want)
+
+    for name, text in hf_models.DATA_FILES.items():
+        assert (out / name).read_text(encoding="utf-8") == text, name
+    skipped = {s["name"]: s["why"] for s in doc["skipped"]}
+    assert set(hf_models.NEVER_CARRIED) <= set(skipped)
+    for name in hf_models.NEVER_CARRIED:
+        assert not (out / name).exists(), f"{name} was carried over"
+    assert "trust_remote_code" in skipped["modeling_tiny.py"]
+    assert [s["source"] for s in doc["shards"]] == sorted(model.shards)
+    assert all(s["assurance"] == "integrity_verified" for s in doc["shards"])
+    _no_leftovers(tmp_path, {"tiny", "tiny-safe"})
+
+    _assert_loads_like_transformers(out, index)
+
+    # Every output shard checks out against its own signed provenance.
+    verified = run_cli("verify", str(out / names[1]), server=broker.address)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _assert_loads_like_transformers(out: Path, index: dict[str, Any]) -> None:
+    """What ``from_pretrained`` does with such a directory: read the shards the index names,
+    re-tie the de-duplicated names, then a strict ``load_state_dict`` into the architecture."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.embed_tokens = torch.nn.Embedding(32, 8)
+    model.model.layers = torch.nn.ModuleDict({str(i): torch.nn.Linear(8, 8) for i in (1, 2)})
+    model.model.norm = torch.nn.LayerNorm(8, bias=False)
+    model.lm_head = torch.nn.Linear(8, 32, bias=False)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    state: dict[str, Any] = {}
+    for filename in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(out / filename)))
+    for removed, kept in index["metadata"]["deduplicated"].items():
+        state[removed] = state[kept]
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
+
+
+def test_an_unsharded_directory_through_the_python_api(broker: BrokerProcess,
+                                                       tmp_path: Path) -> None:
+    model = hf_models.make_unsharded(tmp_path / "tiny")
+    steps: list[str] = []
+    with Client(broker.address) as client:
+        result = client.convert_directory(model.path, tmp_path / "out",
+                                          progress=lambda p: steps.append(p.line()))
+    assert result.integrity_verified and result.index is None
+    assert [s.output for s in result.shards] == ["model.safetensors"]
+    assert result.deduplicated == model.tied
+    tensors, _ = _load(tmp_path / "out" / "model.safetensors")
+    for name, want in model.expected.items():
+        _assert_tensor_equal(name, tensors[model.tied.get(name, name)], want)
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert len(steps) == 1 and steps[0].startswith("shards 1/1 done")
+
+
+def test_one_shard_alone_converts_as_before(broker: BrokerProcess, tmp_path: Path) -> None:
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=3, extras=False)
+    shard = model.path / "pytorch_model-00002-of-00003.bin"
+    done = run_cli("convert", str(shard), "--json", server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["output"] == str(model.path / "pytorch_model-00002-of-00003.safetensors")
+    assert doc["assurance"] == "integrity_verified"
+
+
+def test_a_malicious_shard_fails_the_directory_with_its_reason(broker: BrokerProcess,
+                                                               tmp_path: Path) -> None:
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=3)
+    canary = tmp_path / "canary.txt"
+    bad = "pytorch_model-00002-of-00003.bin"
+    payloads.malicious_torch_zip(model.path / bad,
+                                 payloads.escape_attempt_source(canary, [9], ["127.0.0.1"]))
+    out = tmp_path / "out"
+    code, doc, _ = _convert(model.path, out, "--jobs", "1", broker=broker)
+    assert code == 1, doc
+    assert doc["status"] in {"rejected", "failed"} and doc["reason"], doc
+    assert doc["shard"] == bad and bad in doc["message"] and doc["output"] is None
+    assert not canary.exists(), "the payload wrote a file on the host"
+    _no_leftovers(tmp_path, {"tiny"})
+
+    # A re-run converts again (and fails again the same way: nothing was remembered).
+    code, again, _ = _convert(model.path, out, "--jobs", "1", broker=broker)
+    assert code == 1 and (again["reason"], again["shard"]) == (doc["reason"], bad)
+    _no_leftovers(tmp_path, {"tiny"})
+
+
+def test_an_index_naming_a_file_outside_the_directory_is_refused(broker: BrokerProcess,
+                                                                  tmp_path: Path) -> None:
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)
+    (tmp_path / "secret.bin").write_bytes(b"not yours")
+
+    def escape(doc: dict[str, Any]) -> None:
+        doc["weight_map"]["model.norm.weight"] = "../secret.bin"
+
+    hf_models.rewrite_index(model.path, escape)
+    code, doc, _ = _convert(model.path, tmp_path / "out", broker=broker)
+    assert code == 1 and (doc["status"], doc["reason"]) == ("rejected", "UNSAFE_MODEL_DIR"), doc
+    assert "../secret.bin" in doc["message"]
+    _no_leftovers(tmp_path, {"tiny", "secret.bin"})
+
+
+def test_an_index_that_disagrees_with_a_shard_is_refused(broker: BrokerProcess,
+                                                         tmp_path: Path) -> None:
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)
+    last = "pytorch_model-00002-of-00002.bin"
+
+    def disagree(doc: dict[str, Any]) -> None:
+        doc["weight_map"]["model.ghost.weight"] = last
+
+    hf_models.rewrite_index(model.path, disagree)
+    code, doc, _ = _convert(model.path, tmp_path / "out", broker=broker)
+    assert code == 1 and (doc["reason"], doc["shard"]) == ("INDEX_MISMATCH", last), doc
+    assert "'model.ghost.weight'" in doc["message"]
+    _no_leftovers(tmp_path, {"tiny"})

@@ -1,0 +1,454 @@
+"""Hugging Face model directories on the client: reading the directory (links, special files,
+the index as attacker data), which files are carried over and which skipped, the index built
+from the converted shards' headers, and the directory's conversion with a fake client (one
+shard's failure or disagreement fails it all, atomically; the weakest assurance wins)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from airlock_client import (
+    Assurance,
+    ConversionError,
+    ConversionReport,
+    ConversionResult,
+    ModelSourceError,
+    _hf_dir,
+    _st_header,
+)
+from airlock_client._errors import IntegrityError
+from airlock_client.model_dir import INDEX_MISMATCH, ModelDirError, convert_directory
+
+INDEX = _hf_dir.WEIGHTS_INDEX
+
+
+def hf_dir(root: Path, shards: dict[str, list[str]] | None = None,
+           index: Any = None) -> Path:
+    """Shards are opaque bytes here: nothing on the client opens them."""
+    shards = shards or {"pytorch_model-00001-of-00002.bin": ["a", "b"],
+                        "pytorch_model-00002-of-00002.bin": ["c"]}
+    root.mkdir()
+    for name in shards:
+        (root / name).write_bytes(b"PK\x03\x04 opaque weights")
+    if index is None:
+        index = {"metadata": {"total_size": 1},
+                 "weight_map": {t: f for f, names in shards.items() for t in names}}
+    (root / INDEX).write_text(index if isinstance(index, str) else json.dumps(index))
+    (root / "config.json").write_text('{"hidden_size": 8}')
+    return root
+
+
+# -- detection and the directory's entries -----------------------------------------------------
+
+
+def test_an_mlmodel_file_keeps_a_directory_mlflow(tmp_path: Path) -> None:
+    root = hf_dir(tmp_path / "m")
+    assert _hf_dir.kind(root) == "pytorch"
+    (root / "MLmodel").write_text("flavors: {}")
+    assert _hf_dir.kind(root) == "mlflow"
+    (tmp_path / "empty").mkdir()
+    assert _hf_dir.kind(tmp_path / "empty") is None
+    assert _hf_dir.kind(root / "config.json") is None
+
+
+def test_shards_are_named_the_transformers_way(tmp_path: Path) -> None:
+    model = _hf_dir.inspect(hf_dir(tmp_path / "m"))
+    assert [(s.source.name, s.output_name, sorted(s.names or ())) for s in model.shards] == [
+        ("pytorch_model-00001-of-00002.bin", "model-00001-of-00002.safetensors", ["a", "b"]),
+        ("pytorch_model-00002-of-00002.bin", "model-00002-of-00002.safetensors", ["c"])]
+    assert model.sharded
+
+
+def test_an_unsharded_directory_becomes_model_safetensors(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "pytorch_model.bin").write_bytes(b"PK opaque")
+    model = _hf_dir.inspect(root)
+    assert [(s.output_name, s.names) for s in model.shards] == [("model.safetensors", None)]
+    assert not model.sharded
+
+
+@pytest.mark.parametrize("make", ["symlink", "fifo", "hardlink"])
+def test_a_link_or_special_file_refuses_the_directory(tmp_path: Path, make: str) -> None:
+    root = hf_dir(tmp_path / "m")
+    target = root / "README.md"
+    if make == "symlink":
+        target.symlink_to("/etc/passwd")
+    elif make == "fifo":
+        os.mkfifo(target)
+    else:
+        os.link(root / "config.json", target)
+    with pytest.raises(ModelSourceError) as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == "UNSAFE_MODEL_DIR"
+
+
+def test_a_shard_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    root = hf_dir(tmp_path / "m")
+    os.unlink(root / "pytorch_model-00002-of-00002.bin")
+    (root / "pytorch_model-00002-of-00002.bin").symlink_to(outside)
+    with pytest.raises(ModelSourceError, match="symbolic link"):
+        _hf_dir.inspect(root)
+
+
+# -- the index ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename", ["../outside.bin", "/etc/passwd", "sub/shard.bin", "..",
+                                      "a\\b.bin", "", "x\x1b.bin"])
+def test_an_index_naming_a_file_outside_the_directory_is_refused(tmp_path: Path,
+                                                                  filename: str) -> None:
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    root = hf_dir(tmp_path / "m", index={"weight_map": {"a": filename}})
+    (root / "sub").mkdir()
+    (root / "sub" / "shard.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError) as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == "UNSAFE_MODEL_DIR", caught.value.message
+
+
+@pytest.mark.parametrize("index, why", [
+    ('{"weight_map": {"a": "pytorch_model-00001-of-00002.bin", '
+     '"a": "pytorch_model-00002-of-00002.bin"}}', "duplicate key"),
+    ('{"weight_map": {"a": NaN}}', "non-standard constant"),
+    ('[1, 2]', "no 'weight_map'"),
+    ('{"weight_map": {}}', "no 'weight_map'"),
+    ('{"weight_map": {"a": 3}}', "not a tensor name and a file name"),
+    ('{"weight_map": {"a": "missing.bin"}}', "not a regular file"),
+    ('{"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}, "metadata": 1}', "metadata"),
+    (' {"weight_map": {}}', "leading whitespace"),
+    ('\xff', "not strict JSON"),
+])
+def test_a_malformed_index_is_refused_with_a_reason(tmp_path: Path, index: str,
+                                                    why: str) -> None:
+    root = hf_dir(tmp_path / "m", index="{}")
+    (root / INDEX).write_bytes(index.encode("utf-8", "surrogateescape")
+                               if index != "\xff" else b"\xff")
+    with pytest.raises(ModelSourceError, match=why) as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == _hf_dir.INDEX_INVALID
+
+
+def test_an_oversized_index_is_refused_before_it_is_read(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root = hf_dir(tmp_path / "m")
+    monkeypatch.setattr(_hf_dir, "MAX_INDEX_BYTES", 64)
+    with pytest.raises(ModelSourceError, match="limit 64") as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == _hf_dir.INDEX_INVALID
+
+
+def test_weights_and_an_index_together_are_ambiguous(tmp_path: Path) -> None:
+    root = hf_dir(tmp_path / "m")
+    (root / "pytorch_model.bin").write_bytes(b"PK")
+    with pytest.raises(ModelSourceError, match="unclear"):
+        _hf_dir.inspect(root)
+
+
+def test_a_directory_without_weights_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(ModelSourceError) as caught:
+        _hf_dir.inspect(tmp_path / "m")
+    assert caught.value.reason == "NOT_A_MODEL_DIR"
+
+
+# -- data files --------------------------------------------------------------------------------
+
+
+def test_data_files_are_carried_and_everything_else_skipped_with_why(tmp_path: Path) -> None:
+    root = hf_dir(tmp_path / "m")
+    (root / "tokenizer.json").write_text('{"model": {}}')
+    (root / "vocab.txt").write_text("a\nb\n")
+    (root / "README.md").write_text("# tiny\n")
+    (root / "modeling_tiny.py").write_text("import os")
+    (root / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    (root / "optimizer.pt").write_bytes(b"PK")
+    (root / "extra.pkl").write_bytes(b"\x80\x04")
+    (root / "pytorch_model-00009-of-00009.bin").write_bytes(b"PK")
+    (root / "model.safetensors").write_bytes(b"\0" * 8)
+    (root / "notes").mkdir()
+    model = _hf_dir.inspect(root)
+    assert [d.name for d in model.data_files] == ["README.md", "config.json", "tokenizer.json",
+                                                  "vocab.txt"]
+    why = {s.name: s.why for s in model.skipped}
+    assert set(why) == {"modeling_tiny.py", "training_args.bin", "optimizer.pt", "extra.pkl",
+                        "pytorch_model-00009-of-00009.bin", "model.safetensors", "notes/"}
+    assert "trust_remote_code" in why["modeling_tiny.py"]
+    assert "pickle" in why["training_args.bin"] and "pickle" in why["optimizer.pt"]
+    assert "does not name" in why["pytorch_model-00009-of-00009.bin"]
+    assert "directory" in why["notes/"]
+
+
+@pytest.mark.parametrize("name, data, why", [
+    ("config.json", b'{"a": 1, "a": 2}', "duplicate key"),
+    ("config.json", b"{not json", "not strict JSON"),
+    ("tokenizer_config.json", b'{"x": "\xff"}', "not UTF-8"),
+    ("vocab.txt", b"a\x00b", "NUL"),
+    ("merges.txt", b"\xc3\x28", "not UTF-8"),
+])
+def test_a_data_file_that_is_not_what_it_claims_is_skipped(tmp_path: Path, name: str,
+                                                           data: bytes, why: str) -> None:
+    root = hf_dir(tmp_path / "m")
+    (root / name).write_bytes(data)
+    model = _hf_dir.inspect(root)
+    assert name not in [d.name for d in model.data_files]
+    assert why in {s.name: s.why for s in model.skipped}[name]
+
+
+def test_an_oversized_data_file_is_skipped_unread(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = hf_dir(tmp_path / "m")
+    monkeypatch.setattr(_hf_dir, "MAX_DATA_FILE_BYTES", 10)
+    model = _hf_dir.inspect(root)
+    assert "over the 10-byte cap" in {s.name: s.why for s in model.skipped}["config.json"]
+
+
+# -- headers and the index written from them ---------------------------------------------------
+
+
+def _safetensors(path: Path, names: list[str], metadata: dict[str, str] | None = None) -> None:
+    save_file({n: np.full((2, 3), i, dtype=np.float32) for i, n in enumerate(names)},
+              str(path), metadata=metadata)
+
+
+def test_the_index_is_written_from_the_shards_headers(tmp_path: Path) -> None:
+    _safetensors(tmp_path / "model-00001-of-00002.safetensors", ["embed", "norm"],
+                 {"format": "pt", "lm_head": "embed"})
+    _safetensors(tmp_path / "model-00002-of-00002.safetensors", ["layer.0"], {"format": "pt"})
+    headers = [(n, _st_header.read_header(tmp_path / n))
+               for n in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")]
+    assert headers[0][1].deduplicated == {"lm_head": "embed"}
+    doc = json.loads(_st_header.index_document(headers))
+    assert doc == {"metadata": {"total_size": 3 * 24, "deduplicated": {"lm_head": "embed"}},
+                   "weight_map": {"embed": "model-00001-of-00002.safetensors",
+                                  "norm": "model-00001-of-00002.safetensors",
+                                  "layer.0": "model-00002-of-00002.safetensors"}}
+
+
+@pytest.mark.parametrize("header, why", [
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', "duplicate"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}', "hold 8 bytes"),
+    (b'{"a": {"dtype": "F32", "shape": [1]}}', "data_offsets"),
+    (b'[]', "not an object"),
+])
+def test_a_header_that_does_not_read_is_an_integrity_error(tmp_path: Path, header: bytes,
+                                                           why: str) -> None:
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                             + b"\0" * 4)
+    with pytest.raises(IntegrityError, match=why):
+        _st_header.read_header(tmp_path / "x.safetensors")
+
+
+def test_a_header_length_beyond_the_file_is_refused_unread(tmp_path: Path) -> None:
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(IntegrityError, match="header length"):
+        _st_header.read_header(tmp_path / "x.safetensors")
+
+
+# -- the directory's conversion, with a fake client ---------------------------------------------
+
+
+class FakeClient:
+    """Writes, for each shard, a safetensors file with the tensor names ``outputs`` gives (by
+    source file name), or raises what ``errors`` gives; records how many ran at once."""
+
+    def __init__(self, outputs: dict[str, list[str]], errors: dict[str, Exception] | None = None,
+                 assurance: dict[str, str] | None = None,
+                 meanwhile: Any = None) -> None:
+        self.meanwhile = meanwhile
+        self.outputs = outputs
+        self.errors = errors or {}
+        self.assurance = assurance or {}
+        self.running = 0
+        self.most = 0
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
+        name = Path(artifact).name
+        with self._lock:
+            self.calls.append(name)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            if self.meanwhile is not None:
+                self.meanwhile()
+            if name in self.errors:
+                raise self.errors[name]
+            names = self.outputs[name]
+            kept = [n for n in names if not n.startswith("tied:")]
+            tied = {n[5:].split("=")[0]: n.split("=")[1] for n in names if n.startswith("tied:")}
+            _safetensors(Path(output), kept, {"format": "pt", **tied})
+            return ConversionResult(
+                job_id=f"job-{name}", output=Path(output), format="safetensors",
+                sha256="0" * 64, size=Path(output).stat().st_size, input_sha256="1" * 64,
+                input_size=Path(artifact).stat().st_size, detected_format="pytorch_zip",
+                assurance=Assurance(self.assurance.get(name, "integrity_verified")),
+                loading_policy="allow_code", duration_seconds=0.1, image_id="img",
+                runtime="runc", report=ConversionReport(),
+                integrity_note=("no extraction" if name in self.assurance else ""),
+                provenance=b'{"signed": true}')
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+SHARDS = {f"pytorch_model-0000{i}-of-00003.bin": names
+          for i, names in enumerate([["embed", "lm_head"], ["layer.1"], ["layer.2"]], start=1)}
+GOOD = {"pytorch_model-00001-of-00003.bin": ["embed", "tied:lm_head=embed"],
+        "pytorch_model-00002-of-00003.bin": ["layer.1"],
+        "pytorch_model-00003-of-00003.bin": ["layer.2"]}
+
+
+def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (src / "modeling_x.py").write_text("import os")
+    client = FakeClient(GOOD)
+    seen: list[str] = []
+    result = convert_directory(client, src, tmp_path / "out", jobs=2,  # type: ignore[arg-type]
+                               progress=lambda p: seen.append(p.line()))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model-00001-of-00003.safetensors",
+        "model-00001-of-00003.safetensors.provenance.json", "model-00002-of-00003.safetensors",
+        "model-00002-of-00003.safetensors.provenance.json", "model-00003-of-00003.safetensors",
+        "model-00003-of-00003.safetensors.provenance.json", "model.safetensors.index.json"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"embed": "model-00001-of-00003.safetensors",
+                                   "layer.1": "model-00002-of-00003.safetensors",
+                                   "layer.2": "model-00003-of-00003.safetensors"}
+    assert index["metadata"] == {"total_size": 72, "deduplicated": {"lm_head": "embed"}}
+    assert result.deduplicated == {"lm_head": "embed"} and result.total_size == 72
+    assert result.integrity_verified and result.integrity_note == ""
+    assert [s.output for s in result.shards] == sorted(s.output for s in result.shards)
+    assert all(s.result.output.parent == out and s.provenance.parent == out
+               for s in result.shards)
+    assert result.carried == ("config.json",)
+    assert [s.name for s in result.skipped] == ["modeling_x.py"]
+    assert len(seen) == 3 and seen[-1].startswith("shards 3/3 done") and client.most <= 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
+
+
+def test_the_weakest_shard_names_the_directory_assurance(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    client = FakeClient(GOOD, assurance={"pytorch_model-00002-of-00003.bin": "format_safe_only"})
+    result = convert_directory(client, src, tmp_path / "out")  # type: ignore[arg-type]
+    assert result.assurance == Assurance.FORMAT_SAFE_ONLY and not result.integrity_verified
+    assert result.integrity_note == ("pytorch_model-00002-of-00003.bin: format_safe_only "
+                                     "(no extraction)")
+
+
+def test_a_failed_shard_fails_the_directory_and_leaves_nothing(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    bad = "pytorch_model-00002-of-00003.bin"
+    client = FakeClient(GOOD, errors={bad: ConversionError(
+        "POLICY_VIOLATION", "the loader would run code", kind="rejected", code="X")})
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(client, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (caught.value.reason, caught.value.shard, caught.value.kind) == (
+        "POLICY_VIOLATION", bad, "rejected")
+    assert bad in caught.value.message
+    assert isinstance(caught.value.cause, ConversionError)
+    assert client.calls == sorted(SHARDS)[:2], "nothing new starts after a failure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "partial output left behind"
+    # A re-run converts again.
+    assert convert_directory(FakeClient(GOOD), src, tmp_path / "out").shards  # type: ignore[arg-type]
+
+
+def test_a_shard_whose_tensors_disagree_with_the_index_is_refused(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    wrong = {**GOOD, "pytorch_model-00003-of-00003.bin": ["layer.2", "sneaky"]}
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(FakeClient(wrong), src, tmp_path / "out")  # type: ignore[arg-type]
+    assert caught.value.reason == INDEX_MISMATCH
+    assert caught.value.shard == "pytorch_model-00003-of-00003.bin"
+    assert "'sneaky'" in caught.value.message
+    missing = {**GOOD, "pytorch_model-00001-of-00003.bin": ["embed"]}
+    with pytest.raises(ModelDirError, match="missing 1 the index names \\('lm_head'\\)"):
+        convert_directory(FakeClient(missing), src, tmp_path / "out")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_shard_swapped_for_a_link_after_inspection_is_refused(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (tmp_path / "elsewhere.bin").write_bytes(b"PK\x03\x04 opaque weights")
+    victim = src / "pytorch_model-00002-of-00003.bin"
+
+    def swap() -> None:
+        if not victim.is_symlink():
+            victim.unlink()
+            victim.symlink_to(tmp_path / "elsewhere.bin")
+
+    client = FakeClient(GOOD, meanwhile=swap)
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(client, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (caught.value.reason, caught.value.shard) == ("UNSAFE_MODEL_DIR", victim.name)
+    assert victim.name not in client.calls
+
+
+def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]  # empty: fine
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+    (out / "stale.txt").write_text("old")
+    convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        convert_directory(FakeClient(GOOD), src, tmp_path / "file")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="source directory"):
+        convert_directory(FakeClient(GOOD), src, src, overwrite=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="source directory"):
+        convert_directory(FakeClient(GOOD), src, tmp_path, overwrite=True)  # type: ignore[arg-type]
+
+
+# -- the command line's usage errors (no broker is contacted) -----------------------------------
+
+
+@pytest.mark.parametrize("args, why", [
+    (["{plain}"], "neither an MLflow model"),
+    (["{model}", "--to", "onnx"], "safetensors only"),
+    (["{model}", "--input-shape", "1,2"], "do not apply"),
+    (["{model}", "--jobs", "0"], "--jobs must be between 1 and"),
+    (["{model}/config.json", "--jobs", "2"], "apply to a PyTorch model directory only"),
+    (["{model}", "-o", "{model}", "--overwrite"], "source directory"),
+])
+def test_the_cli_says_what_is_wrong_before_it_connects(tmp_path: Path, args: list[str], why: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client.cli import main
+
+    model = hf_dir(tmp_path / "m")
+    (tmp_path / "plain").mkdir()
+    argv = [a.format(model=model, plain=tmp_path / "plain") for a in args]
+    assert main(["convert", *argv, "--server", "127.0.0.1:9"]) == 2
+    assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("total, line", [
+    (500, "1/2 done, "), (1500, "0.8/1.5 kB"), (3 * 10**9, "1.5/3.0 GB"), (500, "250/500 bytes"),
+])
+def test_the_progress_line_counts_shards_and_bytes(total: int, line: str) -> None:
+    from airlock_client.batch import Throughput
+    from airlock_client.model_dir import DirectoryProgress
+
+    throughput = Throughput(total=2)
+    throughput.add(True)
+    step = DirectoryProgress("a.bin", True, 1, 2, total // 2, total, throughput)
+    assert line in step.line()
