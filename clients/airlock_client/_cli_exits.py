@@ -15,8 +15,34 @@ from __future__ import annotations
 
 from typing import Final
 
+from airlock_client._errors import (
+    DOWNLOAD_FAILED,
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ModelSourceError,
+    ProvenanceError,
+    ServiceUnavailable,
+)
+
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 EXIT_DENIED: Final = 4
+
+
+def failure(exc: AirlockError) -> tuple[str, int]:
+    """How a command reports ``exc``: its status word (``rejected``: the artifact's or the
+    caller's doing; ``failed``: anything else) and its exit code."""
+    if isinstance(exc, ServiceUnavailable):
+        return "failed", EXIT_UNAVAILABLE
+    if isinstance(exc, AccessDenied):
+        return exc.kind, EXIT_DENIED
+    if isinstance(exc, ConversionError):
+        return exc.kind, EXIT_FAILED
+    if isinstance(exc, ProvenanceError):
+        return "rejected", EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
+    if isinstance(exc, ModelSourceError):
+        return "failed" if exc.reason == DOWNLOAD_FAILED else "rejected", EXIT_FAILED
+    return "failed", EXIT_FAILED

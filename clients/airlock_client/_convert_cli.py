@@ -11,21 +11,11 @@ from pathlib import Path
 
 from airlock_client import _cli_source, _hf_dir, mlflow_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-)
+from airlock_client._cli_exits import EXIT_OK, EXIT_USAGE, failure
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
-    AccessDenied,
     AirlockError,
     ConversionError,
-    ModelSourceError,
-    ProvenanceError,
-    ServiceUnavailable,
 )
 from airlock_client._progress import ProgressBar, busy_notice
 from airlock_client._provenance_cli import write_provenance
@@ -94,20 +84,10 @@ def run_convert(args: argparse.Namespace) -> int:
                 else args.subject)
     except ValueError as exc:
         return _usage(str(exc))
-    except ModelSourceError as exc:
-        status = "failed" if exc.reason == mlflow_source.DOWNLOAD_FAILED else "rejected"
-        return _report_error(args, status, exc.reason, exc.message, EXIT_FAILED)
-    except ServiceUnavailable as exc:
-        return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
-    except AccessDenied as exc:
-        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
-    except ConversionError as exc:
-        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED, exc.job_id)
-    except ProvenanceError as exc:
-        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
-        return _report_error(args, "rejected", exc.reason, exc.message, code)
     except AirlockError as exc:
-        return _report_error(args, "failed", exc.reason, exc.message, EXIT_FAILED)
+        status, code = failure(exc)
+        job_id = exc.job_id if isinstance(exc, ConversionError) else ""
+        return _report_error(args, status, exc.reason, exc.message, code, job_id)
     if args.output is None:
         final = _final_name(source.output_base, result.format)
         output.replace(final)

@@ -12,21 +12,10 @@ from typing import Any
 
 from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-)
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, failure
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
-    AccessDenied,
     AirlockError,
-    ConversionError,
-    ModelSourceError,
-    ProvenanceError,
-    ServiceUnavailable,
 )
 from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
@@ -71,32 +60,14 @@ def run_convert_directory(args: argparse.Namespace) -> int:
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except (ValueError, FileExistsError) as exc:
         return _usage(str(exc))
-    except ModelSourceError as exc:
-        return _report_error(args, "rejected", exc.reason, exc.message, EXIT_FAILED)
-    except ModelDirError as exc:
-        return _report_error(args, exc.kind, exc.reason, exc.message, _exit_for(exc.cause),
-                             shard=exc.shard)
-    except ServiceUnavailable as exc:
-        return _report_error(args, "failed", exc.reason, exc.message, EXIT_UNAVAILABLE)
-    except AccessDenied as exc:
-        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_DENIED)
-    except ConversionError as exc:
-        return _report_error(args, exc.kind, exc.reason, exc.message, EXIT_FAILED)
-    except ProvenanceError as exc:
-        code = EXIT_USAGE if exc.reason == "BAD_PUBLIC_KEY" else EXIT_FAILED
-        return _report_error(args, "rejected", exc.reason, exc.message, code)
+    except ModelDirError as exc:  # one shard's failure, as that shard's conversion said
+        _, code = failure(exc.cause) if exc.cause is not None else ("", EXIT_FAILED)
+        return _report_error(args, exc.kind, exc.reason, exc.message, code, shard=exc.shard)
     except AirlockError as exc:
-        return _report_error(args, "failed", exc.reason, exc.message, EXIT_FAILED)
+        status, code = failure(exc)
+        return _report_error(args, status, exc.reason, exc.message, code)
     _report_ok(args, result)
     return EXIT_OK
-
-
-def _exit_for(cause: AirlockError | None) -> int:
-    if isinstance(cause, ServiceUnavailable):
-        return EXIT_UNAVAILABLE
-    if isinstance(cause, AccessDenied):
-        return EXIT_DENIED
-    return EXIT_FAILED
 
 
 def _progress_line(step: DirectoryProgress) -> None:

@@ -106,6 +106,11 @@ class SafeLoadError(IntegrityError):
         super().__init__(message, reason=reason)
 
 
+#: ``ModelSourceError``'s reason when a ``models:/`` or ``runs:/`` source could not be fetched
+#: (the registry's doing, not the model's).
+DOWNLOAD_FAILED = "MLFLOW_DOWNLOAD_FAILED"
+
+
 class ModelSourceError(AirlockError):
     """A model source (an MLflow model, a Hugging Face model directory) was refused or could
     not be fetched; nothing was uploaded.

@@ -30,13 +30,12 @@ from airlock_client._bundle import (
     inspect,
     refuse,
 )
-from airlock_client._errors import ModelSourceError
+from airlock_client._errors import DOWNLOAD_FAILED, ModelSourceError
 
 __all__ = ["DOWNLOAD_FAILED", "URI_SCHEMES", "ModelDir", "check", "is_uri", "resolve",
            "suggested_name"]
 
 URI_SCHEMES = ("models:/", "runs:/")
-DOWNLOAD_FAILED = "MLFLOW_DOWNLOAD_FAILED"
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
