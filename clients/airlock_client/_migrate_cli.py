@@ -119,7 +119,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                           retry_failed=args.retry_failed, target_suffix=args.target_suffix,
-                          jobs=args.jobs or 1)
+                          jobs=1 if args.jobs is None else args.jobs)
     except ValueError as exc:  # --jobs out of range
         return _usage(f"--jobs: {exc}")
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
