@@ -111,7 +111,8 @@ class VersionMigration:
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
-        self._writes = threading.Lock()
+        #: Held by every registry write of the run (``Migration`` sets aliases under it too).
+        self.writes = threading.Lock()
         #: (model, version) whose claimed twins could not be checked this run (the source
         #: could not be read): nobody knows whether they are migrated, so no alias moves past.
         self.unchecked: set[tuple[str, str]] = set()
@@ -203,7 +204,7 @@ class VersionMigration:
         # a run that could not download the source to check its twin is taken back.
         if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
                                          or tag(mv, tags.STATUS) != Status.CONVERTED):
-            with self._writes:
+            with self.writes:
                 self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,
@@ -252,7 +253,7 @@ class VersionMigration:
                          sha256=source_sha256 or result.input_sha256)
         except ProvenanceError as exc:
             return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
-        with self._writes:
+        with self.writes:
             twin = self._register(name, version, target, result, record, work / "out")
             where = f"{target.name}/{twin.version}"
             target.twins.setdefault(version, []).insert(0, twin)
@@ -302,7 +303,7 @@ class VersionMigration:
     def _failed(self, name: str, version: str, status: Status, reason: str,
                 message: str) -> Outcome:
         if not self.options.dry_run:
-            with self._writes:
+            with self.writes:
                 self._mark_source(name, version, status, reason=reason, message=message)
         return Outcome(name, version, status, reason=reason, message=tags.clip(message))
 

@@ -202,7 +202,8 @@ class Migration:
         version = newest.target.rpartition("/")[2]
         if target.aliases.get(alias) == version:
             return
-        self.registry.set_registered_model_alias(target.name, alias, version)
+        with self._versions.writes:
+            self.registry.set_registered_model_alias(target.name, alias, version)
         target.aliases[alias] = version
         self.progress(f"alias {target.name}@{alias} -> {newest.target} "
                       f"(from {newest.model} v{newest.version})")
