@@ -166,7 +166,8 @@ def _default_jobs(broker: Broker) -> int:
         pools = broker.pools()
     except AirlockError as exc:  # no admin role, an old broker, or none at all (yet)
         _progress(f"--jobs not given and the broker's pool status cannot be read "
-                  f"({exc.reason or type(exc).__name__}): one version at a time")
+                  f"({exc.reason or type(exc).__name__}; it needs the admin role): one version "
+                  "at a time (--jobs N to choose)")
         return 1
     jobs = default_jobs(pools)
     _progress(f"--jobs not given: {jobs}, the broker's warm {JOBS_PROFILE} sandboxes "

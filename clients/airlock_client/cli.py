@@ -181,8 +181,9 @@ def _add_migrate_parser(sub: Any) -> None:
                         help="versions migrated at once (default: what the broker can run now: "
                              f"its warm {JOBS_PROFILE} sandboxes, ready or starting, as `airlock "
                              f"pool status` shows them, from 1 to {MAX_DEFAULT_JOBS}; 1 when "
-                             "the pool status cannot be read, e.g. with a token without the "
-                             "admin role). --jobs 1 migrates one version after the other")
+                             "the pool status cannot be read: it needs the admin role, which "
+                             "an anonymous or convert-only caller lacks). --jobs 1 migrates "
+                             "one version after the other")
     parser.add_argument("--server", default=None,
                         help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     parser.add_argument("--public-key", type=Path, default=None,

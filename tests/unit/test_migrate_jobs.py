@@ -317,7 +317,8 @@ def test_cli_jobs_fall_back_to_one_and_refuse_nonsense(
                           code="PERMISSION_DENIED")
     assert _cli(monkeypatch, key, registry, sandbox, denied, "--model", "fraud") == 0
     assert ("--jobs not given and the broker's pool status cannot be read "
-            "(PERMISSION_DENIED): one version at a time") in capsys.readouterr().err
+            "(PERMISSION_DENIED; it needs the admin role): one version at a time") in \
+        capsys.readouterr().err
     for bad in ("0", "65"):
         assert _cli(monkeypatch, key, registry, sandbox, [], "--all", "--jobs", bad) == 2
         assert "--jobs: jobs must be between 1 and 64" in capsys.readouterr().err
