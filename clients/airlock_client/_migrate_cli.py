@@ -43,7 +43,7 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._client import Client, default_address, default_public_key
-from airlock_client._errors import AirlockError, ServiceUnavailable
+from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import clip
 from airlock_client._migrate_jobs import JOBS_PROFILE, default_jobs
 from airlock_client._progress import busy_notice, write_line
@@ -165,9 +165,9 @@ def _default_jobs(broker: Broker) -> int:
     try:
         pools = broker.pools()
     except AirlockError as exc:  # no admin role, an old broker, or none at all (yet)
+        why = "; it needs the admin role" if isinstance(exc, AccessDenied) else ""
         _progress(f"--jobs not given and the broker's pool status cannot be read "
-                  f"({exc.reason or type(exc).__name__}; it needs the admin role): one version "
-                  "at a time (--jobs N to choose)")
+                  f"({exc.reason}{why}): one version at a time (--jobs N to choose)")
         return 1
     jobs = default_jobs(pools)
     _progress(f"--jobs not given: {jobs}, the broker's warm {JOBS_PROFILE} sandboxes "

@@ -322,6 +322,10 @@ def test_cli_jobs_fall_back_to_one_and_refuse_nonsense(
     for bad in ("0", "65"):
         assert _cli(monkeypatch, key, registry, sandbox, [], "--all", "--jobs", bad) == 2
         assert "--jobs: jobs must be between 1 and 64" in capsys.readouterr().err
+    gone = ServiceUnavailable("no broker")
+    assert _cli(monkeypatch, key, registry, sandbox, gone, "--model", "fraud") == 0
+    assert ("pool status cannot be read (UNAVAILABLE): one version at a time (--jobs N to "
+            "choose)") in capsys.readouterr().err
     # an explicit --jobs never asks the broker; a dry run does not either
     broken = ServiceUnavailable("no broker")
     assert _cli(monkeypatch, key, registry, sandbox, broken, "--all", "--jobs", "2",
