@@ -16,8 +16,10 @@ Exit codes (scripts and schedulers depend on them):
 5     nothing to do: the selection holds no model version at all
 ====  ==========================================================================
 
-Progress goes to stderr, one line per version; the summary (a table, or one JSON object with
-``--json``) to stdout.
+Progress goes to stderr: one line per version as it ends, then how many are done, the rate
+(versions per minute) and the time left; with ``--jobs`` above 1 the lines of versions in
+flight alternate (each line whole). The summary (a table, or one JSON object with ``--json``)
+goes to stdout, in the walk's order whatever order the versions finished in.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from airlock_client._cli_connection import client_options
@@ -41,9 +43,10 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._client import Client, default_address, default_public_key
-from airlock_client._errors import ServiceUnavailable
+from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import clip
-from airlock_client._progress import busy_notice
+from airlock_client._migrate_jobs import JOBS_PROFILE, default_jobs
+from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (
     RegistryError,
     check_page_size,
@@ -52,7 +55,7 @@ from airlock_client._registry import (
 )
 from airlock_client._terminal import printable
 from airlock_client._twin import mlflow_download
-from airlock_client._types import ConversionResult, LoadingPolicy
+from airlock_client._types import ConversionResult, LoadingPolicy, PoolStatus
 from airlock_client.migrate import (
     PROBLEMS,
     Convert,
@@ -86,6 +89,15 @@ def exit_code(outcomes: Sequence[Outcome]) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True)
+class Broker:
+    """What migrate asks of the broker: conversions, and its pool status (``--jobs``)."""
+
+    convert: Convert
+    close: Callable[[], None]
+    pools: Callable[[], Sequence[PoolStatus]]
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking_uri:
@@ -104,8 +116,12 @@ def run_migrate(args: argparse.Namespace) -> int:
         public_key = load_public_key(pinned)
     except ProvenanceError as exc:
         return _usage(exc.message)
-    options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
-                      retry_failed=args.retry_failed, target_suffix=args.target_suffix)
+    try:
+        options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
+                          retry_failed=args.retry_failed, target_suffix=args.target_suffix,
+                          jobs=1 if args.jobs is None else args.jobs)
+    except ValueError as exc:  # --jobs out of range
+        return _usage(f"--jobs: {exc}")
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
     try:
         registry = open_registry(tracking_uri, registry_uri)
@@ -114,13 +130,15 @@ def run_migrate(args: argparse.Namespace) -> int:
                       "(pip install 'airlock-client[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
-        convert, close = _converter(args, public_key)
+        broker = _converter(args, public_key)
     except ValueError as exc:  # a bad token file
         return _usage(str(exc))
     except ServiceUnavailable as exc:  # a broker socket someone else could have made
         _progress(f"stopped: {exc.reason}: {exc.message}")
         return EXIT_UNAVAILABLE
-    migration = Migration(registry, fetch=_fetch(tracking_uri), convert=convert,
+    if args.jobs is None and not args.dry_run:
+        options = replace(options, jobs=_default_jobs(broker))
+    migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
                           download=mlflow_download(tracking_uri), public_key=public_key,
                           options=options, progress=_progress)
     try:
@@ -132,14 +150,29 @@ def run_migrate(args: argparse.Namespace) -> int:
         return _usage(str(exc))
     except MigrationAborted as exc:
         code = EXIT_DENIED if exc.reason in _DENIED else EXIT_UNAVAILABLE
-        _summary(args, exc.outcomes, code, error=(exc.reason, exc.message))
+        _summary(args, migration, exc.outcomes, code, error=(exc.reason, exc.message))
         _progress(f"stopped: {exc.reason}: {exc.message} (run again to resume)")
         return code
     finally:
-        close()
+        broker.close()
     code = exit_code(outcomes)
-    _summary(args, outcomes, code)
+    _summary(args, migration, outcomes, code)
     return code
+
+
+def _default_jobs(broker: Broker) -> int:
+    """``--jobs`` when not given: what the broker's pool status says it can run now."""
+    try:
+        pools = broker.pools()
+    except AirlockError as exc:  # no admin role, an old broker, or none at all (yet)
+        why = "; it needs the admin role" if isinstance(exc, AccessDenied) else ""
+        _progress(f"--jobs not given and the broker's pool status cannot be read "
+                  f"({exc.reason}{why}): one version at a time (--jobs N to choose)")
+        return 1
+    jobs = default_jobs(pools)
+    _progress(f"--jobs not given: {jobs}, the broker's warm {JOBS_PROFILE} sandboxes "
+              "(ready or starting)")
+    return jobs
 
 
 def _fetch(tracking_uri: str) -> Fetch:
@@ -149,9 +182,9 @@ def _fetch(tracking_uri: str) -> Fetch:
     return fetch
 
 
-def _converter(args: argparse.Namespace,
-               public_key: PublicKeyLike) -> tuple[Convert, Callable[[], None]]:
-    """The broker, through the client (which verifies each output with the pinned key)."""
+def _converter(args: argparse.Namespace, public_key: PublicKeyLike) -> Broker:
+    """The broker, through the client (which verifies each output with the pinned key). The
+    client's channel is shared by the versions in flight (gRPC channels are thread-safe)."""
     client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
     policy: LoadingPolicy = args.policy
@@ -161,7 +194,7 @@ def _converter(args: argparse.Namespace,
                               job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                               subject=subject)
 
-    return convert, client.close
+    return Broker(convert, client.close, client.pool_status)
 
 
 def _quiet_mlflow() -> None:
@@ -172,7 +205,7 @@ def _quiet_mlflow() -> None:
 
 
 def _progress(line: str) -> None:
-    print(f"airlock migrate: {printable(line)}", file=sys.stderr, flush=True)
+    write_line(f"airlock migrate: {printable(line)}", sys.stderr)
 
 
 def _usage(message: str) -> int:
@@ -180,8 +213,8 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _summary(args: argparse.Namespace, outcomes: Sequence[Outcome], code: int,
-             error: tuple[str, str] | None = None) -> None:
+def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[Outcome],
+             code: int, error: tuple[str, str] | None = None) -> None:
     tally = counts(outcomes)
     if args.json:
         status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNAVAILABLE: "aborted",
@@ -190,6 +223,8 @@ def _summary(args: argparse.Namespace, outcomes: Sequence[Outcome], code: int,
             "status": status, "exit_code": code, "dry_run": args.dry_run,
             "counts": tally, "versions": [asdict(o) for o in outcomes],
             "error": {"reason": error[0], "message": error[1]} if error else None,
+            "jobs": migration.options.jobs,
+            "versions_per_minute": round(migration.throughput.per_minute(), 1),
         }))
         return
     print(render_table(outcomes))

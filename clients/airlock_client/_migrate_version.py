@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from airlock_client._twin import (
     source_subject,
 )
 from airlock_client._types import ConversionResult
+from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
 from airlock_client.provenance import (
     ProvenanceError,
@@ -58,6 +60,8 @@ Convert = Callable[[Path, Path, str], ConversionResult]
 Progress = Callable[[str], None]
 
 EXPERIMENT = "airlock-migrations"
+#: The most versions one run migrates at once (``--jobs``).
+MAX_JOBS = MAX_CONCURRENCY
 #: Failure reasons that judge the moment, not the artifact: retried by the next run.
 TRANSIENT_REASONS = frozenset({
     "SANDBOX_TIMEOUT", "SANDBOX_OOM", "BUSY", "DEADLINE_EXCEEDED", "CANCELLED",
@@ -74,6 +78,12 @@ class Options:
     retry_failed: bool = False
     target_suffix: str = tags.TARGET_SUFFIX
     experiment: str = EXPERIMENT
+    #: Versions migrated at once (1: one after the other).
+    jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise ValueError(f"jobs must be between 1 and {MAX_JOBS}, not {self.jobs}")
 
 
 class VersionMigration:
@@ -82,6 +92,12 @@ class VersionMigration:
     ``public_key`` is the pinned key: every twin is verified with it before it counts (see
     ``_twin``), and so is every fresh conversion before it is registered, whatever key the
     ``convert`` callable verified with.
+
+    ``one`` may run on several threads at once, one version each: downloads, checks and
+    conversions overlap, while the registry writes (registering a twin, tagging a source)
+    take turns under one lock. They are a small part of a version's time, and one at a time
+    the run's own state (the experiment, whether a target model exists, its twins) needs no
+    other guard, nor does a tracking server with a single-writer store (sqlite) see them race.
     """
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
@@ -95,6 +111,8 @@ class VersionMigration:
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
+        #: Held by every registry write of the run (``Migration`` sets aliases under it too).
+        self.writes = threading.Lock()
         #: (model, version) whose claimed twins could not be checked this run (the source
         #: could not be read): nobody knows whether they are migrated, so no alias moves past.
         self.unchecked: set[tuple[str, str]] = set()
@@ -186,7 +204,8 @@ class VersionMigration:
         # a run that could not download the source to check its twin is taken back.
         if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
                                          or tag(mv, tags.STATUS) != Status.CONVERTED):
-            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+            with self.writes:
+                self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256)
@@ -234,10 +253,11 @@ class VersionMigration:
                          sha256=source_sha256 or result.input_sha256)
         except ProvenanceError as exc:
             return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
-        twin = self._register(name, version, target, result, record, work / "out")
-        where = f"{target.name}/{twin.version}"
-        target.twins.setdefault(version, []).insert(0, twin)
-        self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        with self.writes:
+            twin = self._register(name, version, target, result, record, work / "out")
+            where = f"{target.name}/{twin.version}"
+            target.twins.setdefault(version, []).insert(0, twin)
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
                        assurance=record.assurance, source_sha256=record.input_sha256,
                        output_sha256=record.output_sha256)
@@ -283,7 +303,8 @@ class VersionMigration:
     def _failed(self, name: str, version: str, status: Status, reason: str,
                 message: str) -> Outcome:
         if not self.options.dry_run:
-            self._mark_source(name, version, status, reason=reason, message=message)
+            with self.writes:
+                self._mark_source(name, version, status, reason=reason, message=message)
         return Outcome(name, version, status, reason=reason, message=tags.clip(message))
 
     def _mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",

@@ -4,6 +4,7 @@ and a line each time it waits for a full broker."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
@@ -11,6 +12,16 @@ from typing import TextIO
 from airlock_client._types import BusyWait
 
 MIN_BYTES = 8 * 1024 * 1024
+_LINES = threading.Lock()
+
+
+def write_line(text: str, stream: TextIO | None = None) -> None:
+    """``text`` and a newline in one write, one thread at a time: lines from the threads of
+    a batch (``migrate --jobs``) never interleave mid-line."""
+    out = stream or sys.stderr
+    with _LINES:
+        out.write(text + "\n")
+        out.flush()
 
 
 class ProgressBar:
@@ -47,9 +58,7 @@ def busy_notice(command: str, stream: TextIO | None = None) -> Callable[[BusyWai
     """``Client.convert``'s ``on_busy`` for the CLI: one line per wait, terminal or not (a
     script's log shows why the call takes long). Only numbers: the broker's text is not shown."""
     def notice(wait: BusyWait) -> None:
-        out = stream or sys.stderr
         queue = "?" if wait.queued is None else str(wait.queued)
-        out.write(f"airlock {command}: waiting for a sandbox (queue {queue}); trying again in "
-                  f"{wait.seconds:.0f} s\n")
-        out.flush()
+        write_line(f"airlock {command}: waiting for a sandbox (queue {queue}); trying again in "
+                   f"{wait.seconds:.0f} s", stream)
     return notice

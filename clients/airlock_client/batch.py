@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -43,9 +43,12 @@ class Done(Generic[T, R]):
 
 
 def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
-                stop: Callable[[Done[T, R]], bool] | None = None) -> Iterator[Done[T, R]]:
+                stop: Callable[[Done[T, R]], bool] | None = None
+                ) -> Generator[Done[T, R], None, None]:
     """``work(item)`` for each item, at most ``concurrency`` at once; each outcome as it ends.
 
+    A consumer that stops iterating early should ``close()`` the generator (``with
+    contextlib.closing(...)``): that is when the items in flight are waited for.
     Raises ``ValueError`` for a concurrency outside 1..``MAX_CONCURRENCY``."""
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, "

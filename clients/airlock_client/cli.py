@@ -27,6 +27,7 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._lineage import TARGET_SUFFIX
+from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS
 from airlock_client._registry import DEFAULT_PAGE_SIZE
 
 __all__ = [
@@ -181,6 +182,13 @@ def _add_migrate_parser(sub: Any) -> None:
     parser.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
                         help="loading policy for every conversion")
     parser.add_argument("--timeout", type=int, default=0, help="sandbox deadline per version (s)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="versions migrated at once (default: what the broker can run now: "
+                             f"its warm {JOBS_PROFILE} sandboxes, ready or starting, as `airlock "
+                             f"pool status` shows them, from 1 to {MAX_DEFAULT_JOBS}; 1 when "
+                             "the pool status cannot be read: it needs the admin role, which "
+                             "an anonymous or convert-only caller lacks). --jobs 1 migrates "
+                             "one version after the other")
     parser.add_argument("--server", default=None,
                         help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     parser.add_argument("--public-key", type=Path, default=None,

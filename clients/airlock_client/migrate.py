@@ -1,4 +1,4 @@
-"""Migrate an MLflow model registry through Airlock, one version at a time.
+"""Migrate an MLflow model registry through Airlock, a bounded number of versions at a time.
 
 For every version of the selected registered models, ``Migration`` downloads the version's
 files (bytes only), has the broker convert them in a sandbox, and registers the result as a new
@@ -17,17 +17,27 @@ skipped by later runs unless ``retry_failed``; failures that say nothing about t
 stops the run; the broker or the tracking server going away does (``MigrationAborted``),
 because every later version would fail the same way.
 
+Versions are migrated ``Options.jobs`` at a time (``batch.run_bounded``): they are taken
+from the walk as slots free up, and the outcomes are reported in the walk's order (model by
+model, oldest version first) whatever order they finished in. A target model's alias is set
+once all of its versions are done. With more than one job, the twins' version numbers follow
+the order in which conversions finish (each twin's tags name its source version). An
+interrupted run (Ctrl-C) starts nothing new and lets the versions in flight finish, so none
+is left registered but untagged.
+
 This module runs the walk; ``_migrate_walk`` selects models and finds targets,
 ``_migrate_version`` migrates one version, ``_migrate_report`` holds what is reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 from airlock_client import _lineage as tags
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import TARGET_SUFFIX
+from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
 from airlock_client._migrate_report import (
     PROBLEMS,
     Outcome,
@@ -37,6 +47,7 @@ from airlock_client._migrate_report import (
 )
 from airlock_client._migrate_version import (
     EXPERIMENT,
+    MAX_JOBS,
     TRANSIENT_REASONS,
     Convert,
     Fetch,
@@ -45,18 +56,22 @@ from airlock_client._migrate_version import (
     VersionMigration,
 )
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
-from airlock_client._registry import Registry, model_versions
+from airlock_client._registry import ModelVersion, Registry, model_versions
 from airlock_client._twin import Download
+from airlock_client.batch import Done, Throughput, run_bounded
 from airlock_client.provenance import PublicKeyLike
 
 __all__ = [
-    "EXPERIMENT", "PROBLEMS", "TARGET_SUFFIX", "TRANSIENT_REASONS", "Convert", "Download", "Fetch",
-    "Migration", "MigrationAborted", "Options", "Outcome", "Progress", "SelectionError",
-    "Status", "counts", "iter_problems",
+    "EXPERIMENT", "JOBS_PROFILE", "MAX_DEFAULT_JOBS", "MAX_JOBS", "PROBLEMS", "TARGET_SUFFIX",
+    "TRANSIENT_REASONS", "Convert", "Download", "Fetch", "Migration", "MigrationAborted",
+    "Options", "Outcome", "Progress", "SelectionError", "Status", "counts", "default_jobs",
+    "iter_problems",
 ]
 
 
 _DEFAULTS = Options()
+#: (position in the walk, 1-based; model; version; its target)
+_Item = tuple[int, str, ModelVersion, Target]
 
 
 class MigrationAborted(AirlockError):
@@ -77,10 +92,14 @@ class Migration:
                  options: Options = _DEFAULTS, progress: Progress | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
-        what is verified with it is written into the registry)."""
+        what is verified with it is written into the registry). With ``options.jobs`` above
+        1, ``fetch``, ``convert``, ``download`` and ``progress`` are called from several
+        threads at once (one version each)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
+        #: Versions done (and failed) so far, their rate and the time left, for progress.
+        self.throughput = Throughput()
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
                                           options=options, progress=self.progress)
@@ -99,14 +118,14 @@ class Migration:
                                  self.options.page_size)) for name in models]
             total = sum(len(versions) for _, versions, _ in plan)
             self.progress(f"{total} version(s) in {len(plan)} registered model(s)"
-                          f"{' (dry run: nothing will change)' if self.options.dry_run else ''}")
-            done = 0
-            for name, versions, target in plan:
-                for mv in versions:
-                    done += 1
-                    outcome = self._versions.one(name, mv, target, f"[{done}/{total}]")
-                    outcomes.append(outcome)
-                self._set_alias(target, [o for o in outcomes if o.model == name])
+                          f"{' (dry run: nothing will change)' if self.options.dry_run else ''}"
+                          f"{f', {self.options.jobs} at a time' if self.options.jobs > 1 else ''}")
+            self.throughput = Throughput(total)
+            try:
+                self._walk(plan, total, outcomes)
+            finally:
+                order = {name: i for i, name in enumerate(models)}
+                outcomes.sort(key=lambda o: (order[o.model], int(o.version)))
         except ServiceUnavailable as exc:
             raise MigrationAborted("BROKER_UNAVAILABLE", exc.message, outcomes) from exc
         except AccessDenied as exc:  # the caller's credentials, not the artifact
@@ -118,6 +137,55 @@ class Migration:
                                    f"{type(exc).__name__}: {tags.clip(str(exc), 300)}",
                                    outcomes) from exc
         return outcomes
+
+    def _walk(self, plan: Sequence[tuple[str, Sequence[ModelVersion], Target]], total: int,
+              outcomes: list[Outcome]) -> None:
+        """Migrate the plan's versions ``jobs`` at a time, appending each outcome as it ends.
+
+        A version's exception (the broker or the registry gone: every later version would fail
+        the same way) stops the walk: nothing new starts, what is in flight finishes, and the
+        first such exception is raised."""
+        left = {name: len(versions) for name, versions, _ in plan}
+
+        def items() -> Iterator[_Item]:
+            position = 0
+            for name, versions, target in plan:
+                for mv in versions:
+                    position += 1
+                    yield position, name, mv, target
+
+        def work(item: _Item) -> Outcome:
+            position, name, mv, target = item
+            return self._versions.one(name, mv, target, f"[{position}/{total}]")
+
+        failure: Exception | None = None
+        batch = run_bounded(items(), work, concurrency=self.options.jobs,
+                            stop=lambda done: not done.ok)
+        with contextlib.closing(batch):
+            try:
+                for done in batch:
+                    if done.error is not None:
+                        failure = failure or done.error
+                        continue
+                    self._finished(done, outcomes, left, failure is None)
+            except KeyboardInterrupt:
+                self.progress("interrupted: no new version starts, the ones in flight finish "
+                              "(run again to resume)")
+                raise
+        if failure is not None:
+            raise failure
+
+    def _finished(self, done: Done[_Item, Outcome], outcomes: list[Outcome],
+                  left: dict[str, int], going: bool) -> None:
+        _, name, _, target = done.item
+        outcome = done.result
+        assert outcome is not None
+        outcomes.append(outcome)
+        self.throughput.add(outcome.status not in PROBLEMS)
+        self.progress(self.throughput.line())
+        left[name] -= 1
+        if not left[name] and going:
+            self._set_alias(target, [o for o in outcomes if o.model == name])
 
     def _set_alias(self, target: Target, outcomes: Sequence[Outcome]) -> None:
         alias = self.options.alias
@@ -134,7 +202,8 @@ class Migration:
         version = newest.target.rpartition("/")[2]
         if target.aliases.get(alias) == version:
             return
-        self.registry.set_registered_model_alias(target.name, alias, version)
+        with self._versions.writes:
+            self.registry.set_registered_model_alias(target.name, alias, version)
         target.aliases[alias] = version
         self.progress(f"alias {target.name}@{alias} -> {newest.target} "
                       f"(from {newest.model} v{newest.version})")

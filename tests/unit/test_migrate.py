@@ -314,6 +314,16 @@ def test_cli_refuses_a_bad_page_size(size: str) -> None:
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
 
 
+def _broker(sandbox: FakeSandbox, pools: Any = ()) -> _migrate_cli.Broker:
+    """The CLI's broker: ``sandbox`` converts; ``pools`` is its pool status (or raises)."""
+    def status() -> Any:
+        if isinstance(pools, Exception):
+            raise pools
+        return list(pools)
+
+    return _migrate_cli.Broker(sandbox.convert, lambda: None, status)
+
+
 def _isolate_env(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
                  registry: FakeRegistry) -> None:
     """run_migrate pins MLflow's URIs in the environment; give them back after the test. The
@@ -335,7 +345,7 @@ def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: Si
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
-    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_FAILED
     captured = capsys.readouterr()
@@ -359,7 +369,7 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
-    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     base = ["--tracking-uri", "http://fake"]
     assert _migrate_cli.run_migrate(_args(argv=["--model", "nope", *base])) == 2
     assert _migrate_cli.run_migrate(_args(argv=["--model", "m", *base])) == 3
@@ -519,7 +529,7 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
     monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
-    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: (sandbox.convert, lambda: None))
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     for extra in ([], ["--dry-run"]):
         args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", *extra])
         assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
