@@ -45,7 +45,7 @@ from airlock_client._cli_exits import (
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import clip
-from airlock_client._migrate_jobs import JOBS_PROFILE, default_jobs
+from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, default_jobs
 from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (
     RegistryError,
@@ -167,8 +167,9 @@ def _default_jobs(broker: Broker) -> int:
     except AirlockError as exc:  # no admin role, an old broker, or none at all (yet)
         why = "; it needs the admin role" if isinstance(exc, AccessDenied) else ""
         _progress(f"--jobs not given and the broker's pool status cannot be read "
-                  f"({exc.reason}{why}): one version at a time (--jobs N to choose)")
-        return 1
+                  f"({exc.reason}{why}): {FALLBACK_JOBS} versions at a time, what a default "
+                  "broker runs at once (--jobs N to choose)")
+        return FALLBACK_JOBS
     jobs = default_jobs(pools)
     _progress(f"--jobs not given: {jobs}, the broker's warm {JOBS_PROFILE} sandboxes "
               "(ready or starting)")

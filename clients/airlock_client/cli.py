@@ -27,7 +27,7 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._lineage import TARGET_SUFFIX
-from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS
+from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, MAX_DEFAULT_JOBS
 from airlock_client._registry import DEFAULT_PAGE_SIZE
 
 __all__ = [
@@ -185,8 +185,9 @@ def _add_migrate_parser(sub: Any) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="versions migrated at once (default: what the broker can run now: "
                              f"its warm {JOBS_PROFILE} sandboxes, ready or starting, as `airlock "
-                             f"pool status` shows them, from 1 to {MAX_DEFAULT_JOBS}; 1 when "
-                             "the pool status cannot be read: it needs the admin role, which "
+                             f"pool status` shows them, from 1 to {MAX_DEFAULT_JOBS}; "
+                             f"{FALLBACK_JOBS}, what a default broker runs at once, when the "
+                             "pool status cannot be read: it needs the admin role, which "
                              "an anonymous or convert-only caller lacks). --jobs 1 migrates "
                              "one version after the other")
     parser.add_argument("--server", default=None,

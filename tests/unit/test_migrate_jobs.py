@@ -308,7 +308,7 @@ def test_cli_jobs_default_json_and_whole_progress_lines(
     assert len(done) == 12 and done[-1].startswith("airlock migrate: 12/12 done (2 failed), ")
 
 
-def test_cli_jobs_fall_back_to_one_and_refuse_nonsense(
+def test_cli_jobs_fall_back_to_a_default_brokers_and_refuse_nonsense(
         monkeypatch: pytest.MonkeyPatch, key: SigningKey,
         capsys: pytest.CaptureFixture[str]) -> None:
     registry = _registry()
@@ -317,15 +317,15 @@ def test_cli_jobs_fall_back_to_one_and_refuse_nonsense(
                           code="PERMISSION_DENIED")
     assert _cli(monkeypatch, key, registry, sandbox, denied, "--model", "fraud") == 0
     assert ("--jobs not given and the broker's pool status cannot be read "
-            "(PERMISSION_DENIED; it needs the admin role): one version at a time") in \
+            "(PERMISSION_DENIED; it needs the admin role): 2 versions at a time") in \
         capsys.readouterr().err
     for bad in ("0", "65"):
         assert _cli(monkeypatch, key, registry, sandbox, [], "--all", "--jobs", bad) == 2
         assert "--jobs: jobs must be between 1 and 64" in capsys.readouterr().err
     gone = ServiceUnavailable("no broker")
     assert _cli(monkeypatch, key, registry, sandbox, gone, "--model", "fraud") == 0
-    assert ("pool status cannot be read (UNAVAILABLE): one version at a time (--jobs N to "
-            "choose)") in capsys.readouterr().err
+    assert ("pool status cannot be read (UNAVAILABLE): 2 versions at a time, what a default "
+            "broker runs at once (--jobs N to choose)") in capsys.readouterr().err
     # an explicit --jobs never asks the broker; a dry run does not either
     broken = ServiceUnavailable("no broker")
     assert _cli(monkeypatch, key, registry, sandbox, broken, "--all", "--jobs", "2",
