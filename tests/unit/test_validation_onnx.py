@@ -223,6 +223,28 @@ def test_allowlisted_custom_domain_still_needs_a_schema() -> None:
     refused(hostile.custom_op("com.evil"), limits=allowing)
 
 
+def test_the_order_of_opset_imports_does_not_change_the_canonical_form(
+    sklearn_model: tuple[bytes, np.ndarray],
+) -> None:
+    """skl2onnx lists its domains in an order that follows Python's per-process string
+    hashing: the same model converted in two sandboxes must still canonicalise to one form."""
+    data, x = sklearn_model
+    model = onnx.load_from_string(data)
+    assert len({o.domain for o in model.opset_import}) >= 2
+    flipped = onnx.load_from_string(data)
+    imports = list(flipped.opset_import)[::-1]
+    del flipped.opset_import[:]
+    flipped.opset_import.extend(imports)
+    assert flipped.SerializeToString() != data
+    first, _ = validate_onnx_bytes(data, LIMITS)
+    second, _ = validate_onnx_bytes(flipped.SerializeToString(), LIMITS)
+    assert first == second
+    canonical = onnx.load_from_string(first)
+    assert [o.domain for o in canonical.opset_import] == \
+        sorted(o.domain for o in canonical.opset_import)
+    np.testing.assert_array_equal(run(first, x)[0], run(data, x)[0])
+
+
 def test_unknown_opset_version_is_rejected() -> None:
     model = hostile.add_model()
     model.opset_import[0].version = 999

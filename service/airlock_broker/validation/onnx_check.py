@@ -183,11 +183,14 @@ def _check_opset_domain(
 def _check_opsets(
     model: onnx.ModelProto, limits: OutputLimits, local_functions: frozenset[tuple[str, str]]
 ) -> None:
-    """Domains allowlisted, versions known, one version per domain; exact repeats removed.
+    """Domains allowlisted, versions known, one version per domain; exact repeats removed;
+    sorted by domain.
 
     skl2onnx writes the default domain twice with the same version and the checker accepts
     that, so an exact repeat is dropped (the canonical form lists each domain once); two
-    *different* versions of one domain are ambiguous and refused.
+    *different* versions of one domain are ambiguous and refused. The order means nothing,
+    and skl2onnx's follows Python's per-process string hashing: sorted, one model converted
+    twice has one canonical form.
     """
     versions: dict[str, int] = {}
     unique = []
@@ -211,7 +214,9 @@ def _check_opsets(
             continue
         versions[key] = opset.version
         unique.append(onnx.OperatorSetIdProto(domain=domain, version=opset.version))
-    if len(unique) != len(model.opset_import):
+    unique.sort(key=lambda o: o.domain)
+    if [(o.domain, o.version) for o in unique] != \
+            [(o.domain, o.version) for o in model.opset_import]:
         del model.opset_import[:]
         model.opset_import.extend(unique)
 
