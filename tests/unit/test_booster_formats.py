@@ -198,3 +198,96 @@ def test_a_broken_xgboost_body_fails_with_one_sentence(tmp_path: Path) -> None:
     assert err.value.exit is WorkerExit.CONVERSION_FAILED
     assert err.value.message.startswith("XGBoost could not read the model")
     assert "Stack trace" not in err.value.message
+
+
+# -- MLflow xgboost / lightgbm flavors ------------------------------------------------------
+
+
+def _mlflow_plan(flavors: dict[str, object], *names: str) -> object:
+    import zipfile
+
+    from airlock_worker import mlflow_model
+
+    members = {n: zipfile.ZipInfo(n) for n in ("MLmodel", *names)}
+    return mlflow_model.plan({"flavors": flavors}, members)
+
+
+def test_mlflow_booster_flavors_name_their_native_file() -> None:
+    xgb = _mlflow_plan({"xgboost": {"data": "model.ubj", "model_format": "ubj",
+                                    "model_class": "xgboost.sklearn.XGBClassifier"},
+                        "python_function": {"loader_module": "mlflow.xgboost"}}, "model.ubj")
+    lgb = _mlflow_plan({"lightgbm": {"data": "model.lgb",
+                                     "model_class": "lightgbm.basic.Booster"}}, "model.lgb")
+    wrapped = _mlflow_plan({"lightgbm": {"data": "model.pkl", "serialization_format":
+                                         "cloudpickle", "model_class":
+                                         "lightgbm.sklearn.LGBMClassifier"}}, "model.pkl")
+    pyfunc = _mlflow_plan({"python_function": {"loader_module": "mlflow.xgboost",
+                                               "data": "model.json"}}, "model.json")
+    got = [(p.flavor, p.member, p.serialization) for p in (xgb, lgb, wrapped, pyfunc)]
+    assert got == [("xgboost", "model.ubj", "ubj"), ("lightgbm", "model.lgb", "text"),
+                   ("lightgbm", "model.pkl", "cloudpickle"), ("xgboost", "model.json", "xgb")]
+
+
+def _mlflow_bundle(model_dir: Path, dest: Path) -> str:
+    from airlock_client._bundle import inspect, pack
+
+    model = inspect(model_dir)
+    pack(model, dest)
+    return model.flavor_hint
+
+
+def _convert_bundle(tmp_path: Path, model_dir: Path,
+                    policy: LoadingPolicy = LoadingPolicy.SAFE_ONLY) -> Report:
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir(parents=True)
+    out_dir.mkdir()
+    hint = _mlflow_bundle(model_dir, in_dir / ARTIFACT_NAME)
+    report = Report()
+    spec = JobSpec(job_id="t", artifact_format=ArtifactFormat.MLFLOW, policy=policy,
+                   declared_format="mlflow", mlflow_flavor=hint)
+    worker_job.run(spec, str(in_dir), str(out_dir), report)
+    assert [p.name for p in out_dir.iterdir()]
+    return report
+
+
+@pytest.mark.parametrize("model_format", ["ubj", "json"])
+def test_an_mlflow_xgboost_model_converts_under_safe_only(
+        tmp_path: Path, model_format: str) -> None:
+    import mlflow.xgboost
+
+    x, _ = _data()
+    where = tmp_path / "model"
+    mlflow.xgboost.save_model(_xgb_classifier(), str(where), model_format=model_format,
+                              input_example=x[:3])
+    report = _convert_bundle(tmp_path, where)
+    assert report.executed_artifact_code is False
+    assert report.detected_format == f"mlflow:xgboost/{model_format}"
+    assert len(report.parity) == 2 and all(e.passed for e in report.parity)
+
+
+def test_an_mlflow_lightgbm_booster_converts_under_safe_only(tmp_path: Path) -> None:
+    import mlflow.lightgbm
+
+    x, y = _data()
+    booster = lightgbm.train({"objective": "binary", "num_leaves": 4, "verbose": -1},
+                             lightgbm.Dataset(x, y), num_boost_round=3)
+    where = tmp_path / "model"
+    mlflow.lightgbm.save_model(booster, str(where))
+    report = _convert_bundle(tmp_path, where)
+    assert report.executed_artifact_code is False
+    assert report.detected_format == "mlflow:lightgbm/text"
+    assert all(e.passed for e in report.parity)
+
+
+def test_an_mlflow_lightgbm_wrapper_is_a_pickle_and_needs_allow_code(tmp_path: Path) -> None:
+    import mlflow.lightgbm
+
+    x, y = _data()
+    model = lightgbm.LGBMClassifier(n_estimators=3, num_leaves=4, verbose=-1).fit(x, y)
+    where = tmp_path / "model"
+    mlflow.lightgbm.save_model(model, str(where), serialization_format="cloudpickle")
+    with pytest.raises(WorkerError) as err:
+        _convert_bundle(tmp_path / "safe", where)
+    assert err.value.exit is WorkerExit.POLICY_VIOLATION
+    report = _convert_bundle(tmp_path / "code", where, LoadingPolicy.ALLOW_CODE)
+    assert report.executed_artifact_code is True
