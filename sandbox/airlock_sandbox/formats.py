@@ -260,17 +260,22 @@ _BOOSTER_NAMES = {
 }
 
 
-def booster_tail_problem(fmt: ArtifactFormat, tail: bytes, trees_ended: bool = True) -> str | None:
+def booster_tail_problem(fmt: ArtifactFormat, tail: bytes, trees_ended: bool = True,
+                         has_nul: bool = False) -> str | None:
     """Why a booster file whose prefix matched is not whole, or None. XGBoost: its last
     :data:`TAIL_BYTES` (``tail``) must close with the version record. LightGBM: its text must
     hold :data:`LIGHTGBM_END_OF_TREES` (``trees_ended``: feature importances and parameters
-    of any length follow that line, so the worker scans for it). A file cut short is refused
-    before a parser reads it: LightGBM's aborts the whole process on a tree cut in half."""
+    of any length follow that line, so the worker scans for it) and no NUL byte
+    (``has_nul``). Refused before a parser reads it: LightGBM's aborts the whole process on
+    a tree cut in half, and loops until the deadline on a NUL byte (lightgbm 4.7)."""
     if fmt is ArtifactFormat.XGBOOST_JSON:
         whole = _XGBOOST_JSON_TAIL.search(tail) is not None
     elif fmt is ArtifactFormat.XGBOOST_UBJ:
         whole = tail.endswith(b"}") and _XGBOOST_UBJ_TAIL in tail
     elif fmt is ArtifactFormat.LIGHTGBM_TEXT:
+        if has_nul:
+            return (f"it opens as {_BOOSTER_NAMES[fmt]} but holds NUL bytes, which no text "
+                    "model has")
         if not trees_ended:
             return (f"it opens as {_BOOSTER_NAMES[fmt]} but has no 'end of trees' line: "
                     "cut short, or not a model")

@@ -56,21 +56,27 @@ def _check_booster(f: IO[bytes], fmt: ArtifactFormat, size: int) -> None:
     """Refuse a booster file that is not whole (formats.booster_tail_problem)."""
     f.seek(max(0, size - TAIL_BYTES))
     tail = f.read(TAIL_BYTES)
-    ended = fmt is not ArtifactFormat.LIGHTGBM_TEXT or _contains(f, LIGHTGBM_END_OF_TREES)
-    problem = booster_tail_problem(fmt, tail, ended)
+    ended, nul = True, False
+    if fmt is ArtifactFormat.LIGHTGBM_TEXT:
+        ended, nul = _scan_text(f)
+    problem = booster_tail_problem(fmt, tail, ended, nul)
     if problem is not None:
         raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, problem)
 
 
-def _contains(f: IO[bytes], marker: bytes, chunk: int = 1 << 20) -> bool:
-    """Whether ``marker`` occurs in ``f``, read from the start in bounded chunks."""
+def _scan_text(f: IO[bytes], chunk: int = 1 << 20) -> tuple[bool, bool]:
+    """Whether the file, read from the start in bounded chunks, holds LightGBM's end-of-trees
+    line, and whether it holds a NUL byte (stops at the first one)."""
     f.seek(0)
+    marker = LIGHTGBM_END_OF_TREES
     carry = b""
+    ended = False
     while block := f.read(chunk):
-        if marker in carry + block:
-            return True
+        if b"\x00" in block:
+            return ended, True
+        ended = ended or marker in carry + block
         carry = block[-(len(marker) - 1):]
-    return False
+    return ended, False
 
 
 def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:
