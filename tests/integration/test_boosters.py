@@ -83,7 +83,8 @@ def test_a_native_booster_converts_under_safe_only_without_running_its_code(
     began = time.monotonic()
     with Client(cold_broker.address) as client:
         result = client.convert(tmp_path / name, out, loading_policy="safe_only")
-    print(f"{case}: {time.monotonic() - began:.2f} s")  # for -s runs
+    print(f"{case}: {time.monotonic() - began:.2f} s wall, broker {result.duration_seconds:.2f} s,"
+          f" {result.size} bytes")  # for -s runs
     assert result.format == "onnx" and result.detected_format == detected
     assert result.report.executed_artifact_code is False
     assert result.report.loader.startswith(("xgboost.Booster", "lightgbm.Booster"))

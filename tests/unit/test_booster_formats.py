@@ -90,6 +90,21 @@ def test_real_booster_files_are_recognised_by_prefix_and_whole(
     assert profile_for(fmt) == "sklearn"
 
 
+@pytest.mark.parametrize("name", ["xgb.json", "xgb.ubj", "lgb.txt"])
+def test_the_host_decides_a_booster_from_its_prefix_alone(
+        models: dict[str, Path], name: str) -> None:
+    from airlock_broker.conversion.format_decision import decide
+    from airlock_broker.errors import AirlockError, Reason
+
+    data = models[name].read_bytes()
+    decision = decide(data[:PREFIX_BYTES], len(data), None)
+    assert decision.format is _prefix(models[name])
+    assert (decision.profile, decision.integrity) == ("sklearn", False)
+    with pytest.raises(AirlockError) as err:  # a booster declared as anything is contradicted
+        decide(data[:PREFIX_BYTES], len(data), "pickle")
+    assert err.value.reason is Reason.FORMAT_MISMATCH
+
+
 def test_a_booster_is_recognised_by_its_bytes_not_its_name(
         models: dict[str, Path], tmp_path: Path) -> None:
     renamed = tmp_path / "model.pkl"
