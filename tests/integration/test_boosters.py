@@ -125,3 +125,21 @@ def test_a_pipeline_with_a_custom_step_is_refused_with_the_step_named(
     assert "step 'double'" in caught.value.message
     assert "Doubler" in caught.value.message and "Traceback" not in caught.value.message
     assert not out.exists()
+
+
+def test_the_cli_converts_a_booster_with_the_readme_input_shape(
+        cold_broker: BrokerProcess, tmp_path: Path) -> None:
+    """``airlock convert model.ubj --input-shape -1,5 --policy safe_only``, as typed."""
+    import json
+
+    from tests.conftest import run_cli
+
+    model = _xgboost(tmp_path / "model.ubj")
+    done = run_cli("convert", str(tmp_path / "model.ubj"), "--input-shape", f"-1,{FEATURES}",
+                   "--policy", "safe_only", "--json", server=cold_broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["status"] == "ok" and doc["executed_artifact_code"] is False, doc
+    x = _data()[0][:16]
+    np.testing.assert_allclose(_probabilities(Path(doc["output"]), x), model.predict_proba(x),
+                               atol=ATOL, rtol=0)
