@@ -13,6 +13,7 @@ only to say where they went.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,10 +47,43 @@ BROKER_COMMAND = "airlock-broker"
 _SERVER_HELP = "broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)"
 
 
+#: Options whose value may start with ``-`` (a free dimension: ``--input-shape -1,20``).
+_DASHED_VALUE_OPTIONS = frozenset({"--input-shape"})
+#: What such a value looks like: argparse takes ``-1`` for a number but ``-1,20`` for an
+#: option, so the pair is joined into ``--input-shape=-1,20`` before argparse sees it.
+_DASHED_VALUE = re.compile(r"-[0-9?Nn]")
+
+
+def join_dashed_values(argv: Sequence[str]) -> list[str]:
+    """``--input-shape -1,20`` as ``--input-shape=-1,20``; everything else unchanged."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        out.append(arg)
+        if arg in _DASHED_VALUE_OPTIONS:
+            value = next(args, None)
+            if value is None:
+                break
+            if _DASHED_VALUE.match(value):
+                out[-1] = f"{arg}={value}"
+            else:
+                out.append(value)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own exit code is 2 as well; be explicit
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else args
+        return super().parse_known_args(join_dashed_values(argv), namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:

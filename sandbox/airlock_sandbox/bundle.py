@@ -22,10 +22,11 @@ MAX_NAME_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
 MAX_DEPTH = 32
 #: The flavors Airlock converts, in the order a model's ``MLmodel`` is searched for one.
-CONVERTIBLE_FLAVORS = ("sklearn", "pytorch", "onnx")
+CONVERTIBLE_FLAVORS = ("sklearn", "pytorch", "onnx", "xgboost", "lightgbm")
 #: What a pyfunc ``loader_module`` may be for the model to be converted: MLflow's own flavors.
 SUPPORTED_LOADERS = {"mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch",
-                     "mlflow.onnx": "onnx"}
+                     "mlflow.onnx": "onnx", "mlflow.xgboost": "xgboost",
+                     "mlflow.lightgbm": "lightgbm"}
 
 
 class BundleError(ValueError):

@@ -11,6 +11,7 @@ decision. The host never lists an archive (DESIGN §1.1).
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Iterable
 
@@ -32,6 +33,16 @@ class ArtifactFormat(enum.StrEnum):
     SAFETENSORS = "safetensors"
     #: An MLflow model directory packed by the client (airlock_sandbox.bundle).
     MLFLOW = "mlflow"
+    #: Native booster files: data, read without running any of the artifact's code.
+    XGBOOST_JSON = "xgboost_json"
+    XGBOOST_UBJ = "xgboost_ubj"  # MLflow's xgboost flavor default (model.ubj)
+    LIGHTGBM_TEXT = "lightgbm_text"  # Booster.save_model; MLflow's lightgbm flavor's model.lgb
+
+
+#: The formats read as data by their library's own parser: no unpickling, no imports.
+BOOSTER_FORMATS = frozenset({
+    ArtifactFormat.XGBOOST_JSON, ArtifactFormat.XGBOOST_UBJ, ArtifactFormat.LIGHTGBM_TEXT,
+})
 
 
 #: What a caller may declare, and which detected formats each declaration admits.
@@ -91,7 +102,7 @@ def detect_prefix(prefix: bytes, size: int) -> ArtifactFormat:
         return ArtifactFormat.JOBLIB
     if _looks_like_onnx(prefix):
         return ArtifactFormat.ONNX
-    return ArtifactFormat.UNKNOWN
+    return _booster(prefix)
 
 
 def refine_zip_names(names: Iterable[str]) -> ArtifactFormat:
@@ -190,6 +201,91 @@ def _looks_like_onnx(prefix: bytes) -> bool:
     return 3 <= ir_version <= 20 and pos < len(prefix) and prefix[pos] in _ONNX_FOLLOW_TAGS
 
 
+# -- native booster files -----------------------------------------------------------------
+#
+# XGBoost writes its model as one JSON (or UBJSON) object whose keys are sorted (a std::map):
+# ``{"learner":{"attributes":{...},...},"version":[3,2,0]}``. The prefix must open exactly
+# so, the first key "learner" holding an object whose first key is "attributes": a JSON file
+# that merely mentions "learner" is not a model. The end of the file is the worker's check
+# (:func:`booster_tail_problem`): the host reads no more than the prefix.
+
+_XGBOOST_JSON = re.compile(rb'\{\s*"learner"\s*:\s*\{\s*"attributes"\s*:\s*\{')
+#: UBJSON integer markers and their widths: what a key's length may be written as.
+_UBJ_INTS = {b"i": 1, b"U": 1, b"I": 2, b"l": 4, b"L": 8}
+#: LightGBM's text model (GBDT::SaveModelToString) opens with its submodel and version lines.
+_LIGHTGBM_TEXT = re.compile(rb"tree\nversion=v[0-9]{1,3}\n")
+#: Bytes from a booster file's end that the worker checks.
+TAIL_BYTES = 64
+_XGBOOST_JSON_TAIL = re.compile(
+    rb'"version"\s*:\s*\[\s*[0-9]{1,4}\s*,\s*[0-9]{1,4}\s*,\s*[0-9]{1,4}\s*\]\s*\}\s*\Z')
+#: ``version`` as a UBJ key (its length 7 ends the length field), opening an array.
+_XGBOOST_UBJ_TAIL = b"\x07version["
+#: Written after the last tree; a text model cut short before it has lost trees.
+LIGHTGBM_END_OF_TREES = b"\nend of trees\n"
+
+
+def _booster(prefix: bytes) -> ArtifactFormat:
+    if _XGBOOST_JSON.match(prefix):
+        return ArtifactFormat.XGBOOST_JSON
+    if _LIGHTGBM_TEXT.match(prefix):
+        return ArtifactFormat.LIGHTGBM_TEXT
+    if prefix[:1] == b"{":
+        first = _ubj_key(prefix, 1)
+        if first is not None and first[0] == b"learner" and prefix[first[1]:first[1] + 1] == b"{":
+            second = _ubj_key(prefix, first[1] + 1)
+            if second is not None and second[0] == b"attributes" \
+                    and prefix[second[1]:second[1] + 1] == b"{":
+                return ArtifactFormat.XGBOOST_UBJ
+    return ArtifactFormat.UNKNOWN
+
+
+def _ubj_key(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    """A UBJSON object key at ``pos`` (an integer-typed length, then the bytes), and the
+    position after it; None when ``buf`` does not hold one whole."""
+    width = _UBJ_INTS.get(buf[pos:pos + 1])
+    if width is None or pos + 1 + width > len(buf):
+        return None
+    signed = buf[pos:pos + 1] != b"U"
+    length = int.from_bytes(buf[pos + 1:pos + 1 + width], "big", signed=signed)
+    start = pos + 1 + width
+    if length < 0 or start + length > len(buf):
+        return None
+    return buf[start:start + length], start + length
+
+
+_BOOSTER_NAMES = {
+    ArtifactFormat.XGBOOST_JSON: "an XGBoost JSON model",
+    ArtifactFormat.XGBOOST_UBJ: "an XGBoost UBJ model",
+    ArtifactFormat.LIGHTGBM_TEXT: "a LightGBM text model",
+}
+
+
+def booster_tail_problem(fmt: ArtifactFormat, tail: bytes, trees_ended: bool = True,
+                         has_nul: bool = False) -> str | None:
+    """Why a booster file whose prefix matched is not whole, or None. XGBoost: its last
+    :data:`TAIL_BYTES` (``tail``) must close with the version record. LightGBM: its text must
+    hold :data:`LIGHTGBM_END_OF_TREES` (``trees_ended``: feature importances and parameters
+    of any length follow that line, so the worker scans for it) and no NUL byte
+    (``has_nul``). Refused before a parser reads it: LightGBM's aborts the whole process on
+    a tree cut in half, and loops until the deadline on a NUL byte (lightgbm 4.7)."""
+    if fmt is ArtifactFormat.XGBOOST_JSON:
+        whole = _XGBOOST_JSON_TAIL.search(tail) is not None
+    elif fmt is ArtifactFormat.XGBOOST_UBJ:
+        whole = tail.endswith(b"}") and _XGBOOST_UBJ_TAIL in tail
+    elif fmt is ArtifactFormat.LIGHTGBM_TEXT:
+        if has_nul:
+            return (f"it opens as {_BOOSTER_NAMES[fmt]} but holds NUL bytes, which no text "
+                    "model has")
+        if not trees_ended:
+            return (f"it opens as {_BOOSTER_NAMES[fmt]} but has no 'end of trees' line: "
+                    "cut short, or not a model")
+        return None
+    else:
+        return None
+    return None if whole else (f"it opens as {_BOOSTER_NAMES[fmt]} but does not end with "
+                               "its version record: cut short, or not a model")
+
+
 #: Worker profiles: which libraries a container imports before its job arrives. The profile
 #: follows from the format, so a warm container of the right kind can be waiting.
 PROFILE_SKLEARN = "sklearn"
@@ -210,6 +306,11 @@ _PROFILE_OF: dict[ArtifactFormat, str] = {
     ArtifactFormat.ONNX: PROFILE_LIGHT,
     ArtifactFormat.SAFETENSORS: PROFILE_LIGHT,
     ArtifactFormat.MLFLOW: PROFILE_SKLEARN,  # unless the caller's flavor hint says otherwise
+    # onnxmltools and ONNX Runtime are warm there, and scikit-learn, which xgboost and
+    # lightgbm import; the light profile would pay ~2.4 CPU-s of imports per job instead.
+    ArtifactFormat.XGBOOST_JSON: PROFILE_SKLEARN,
+    ArtifactFormat.XGBOOST_UBJ: PROFILE_SKLEARN,
+    ArtifactFormat.LIGHTGBM_TEXT: PROFILE_SKLEARN,
 }
 #: An MLflow bundle's profile by the flavor the caller says it is (a hint: the broker opens
 #: no archive, the worker refuses a bundle of another flavor). ONNX bundles read ``MLmodel``
@@ -218,6 +319,8 @@ MLFLOW_FLAVOR_PROFILES: dict[str, str] = {
     "sklearn": PROFILE_SKLEARN,
     "pytorch": PROFILE_TORCH,
     "onnx": PROFILE_SKLEARN,
+    "xgboost": PROFILE_SKLEARN,
+    "lightgbm": PROFILE_SKLEARN,
 }
 
 

@@ -10,8 +10,12 @@ from typing import IO
 
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import (
+    BOOSTER_FORMATS,
+    LIGHTGBM_END_OF_TREES,
     PREFIX_BYTES,
+    TAIL_BYTES,
     ArtifactFormat,
+    booster_tail_problem,
     candidates,
     detect_prefix,
     refine_zip_names,
@@ -27,19 +31,52 @@ MAX_ZIP_ENTRIES = zip_budget.DEFAULT_BUDGET.max_entries
 
 def detect(path: str | IO[bytes]) -> ArtifactFormat:
     """The refined format of the file at ``path``, or of a seekable binary file from its
-    start (``UNKNOWN`` if nothing matches)."""
+    start (``UNKNOWN`` if nothing matches). A booster file must end as one too."""
     if isinstance(path, str):
         size = os.stat(path).st_size
         with open(path, "rb") as f:
             prefix = f.read(PREFIX_BYTES)
+            fmt = detect_prefix(prefix, size)
+            if fmt in BOOSTER_FORMATS:
+                _check_booster(f, fmt, size)
     else:
         size = path.seek(0, os.SEEK_END)
         path.seek(0)
         prefix = path.read(PREFIX_BYTES)
-    fmt = detect_prefix(prefix, size)
+        fmt = detect_prefix(prefix, size)
+        if fmt in BOOSTER_FORMATS:
+            _check_booster(path, fmt, size)
+        path.seek(0)
     if fmt is ArtifactFormat.ZIP:
         fmt = _refine_zip(path)
     return fmt
+
+
+def _check_booster(f: IO[bytes], fmt: ArtifactFormat, size: int) -> None:
+    """Refuse a booster file that is not whole (formats.booster_tail_problem)."""
+    f.seek(max(0, size - TAIL_BYTES))
+    tail = f.read(TAIL_BYTES)
+    ended, nul = True, False
+    if fmt is ArtifactFormat.LIGHTGBM_TEXT:
+        ended, nul = _scan_text(f)
+    problem = booster_tail_problem(fmt, tail, ended, nul)
+    if problem is not None:
+        raise WorkerError(WorkerExit.UNSUPPORTED_FORMAT, problem)
+
+
+def _scan_text(f: IO[bytes], chunk: int = 1 << 20) -> tuple[bool, bool]:
+    """Whether the file, read from the start in bounded chunks, holds LightGBM's end-of-trees
+    line, and whether it holds a NUL byte (stops at the first one)."""
+    f.seek(0)
+    marker = LIGHTGBM_END_OF_TREES
+    carry = b""
+    ended = False
+    while block := f.read(chunk):
+        if b"\x00" in block:
+            return ended, True
+        ended = ended or marker in carry + block
+        carry = block[-(len(marker) - 1):]
+    return ended, False
 
 
 def _refine_zip(path: str | IO[bytes]) -> ArtifactFormat:

@@ -40,6 +40,9 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.ONNX: ("passthrough", "convert_onnx"),
     ArtifactFormat.SAFETENSORS: ("passthrough", "convert_safetensors"),
     ArtifactFormat.MLFLOW: ("mlflow_convert", "convert"),
+    ArtifactFormat.XGBOOST_JSON: ("booster_convert", "convert"),
+    ArtifactFormat.XGBOOST_UBJ: ("booster_convert", "convert"),
+    ArtifactFormat.LIGHTGBM_TEXT: ("booster_convert", "convert"),
 }
 #: JobMode.EXTRACT_WEIGHTS, whatever the format (it refuses all but PyTorch zip checkpoints).
 EXTRACT_HANDLER = ("extract", "extract_weights")

@@ -35,7 +35,14 @@ _EXPECTED = {
     ("pytorch", "pickle"): {ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.PYTORCH_LEGACY},
     ("pytorch", "pt2"): {ArtifactFormat.TORCH_EXPORT},
     ("onnx", "onnx"): {ArtifactFormat.ONNX},
+    ("lightgbm", "text"): {ArtifactFormat.LIGHTGBM_TEXT},
+    ("lightgbm", "pickle"): {ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB},
+    ("lightgbm", "cloudpickle"): {ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB},
+    ("lightgbm", "skops"): {ArtifactFormat.ZIP},
 }
+#: Whatever MLmodel's model_format says (ubj, json, or xgb: XGBoost >= 2.1 writes UBJ under
+#: any other name), the bytes decide. XGBoost's old binary format is not read (below).
+_XGBOOST_FORMATS = {ArtifactFormat.XGBOOST_UBJ, ArtifactFormat.XGBOOST_JSON}
 
 
 def convert(job: Job) -> None:
@@ -78,7 +85,18 @@ def _format_of(view: IO[bytes], chosen: mlflow_model.Plan) -> ArtifactFormat:
     else:
         fmt = detect(view)
     view.seek(0)
-    if fmt not in _EXPECTED[(chosen.flavor, chosen.serialization)]:
+    if chosen.flavor == "xgboost":
+        expected = _XGBOOST_FORMATS
+        if fmt is ArtifactFormat.UNKNOWN:
+            raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                              f"{chosen.member} ({chosen.via}, model_format "
+                              f"{chosen.serialization}) is neither XGBoost UBJ nor JSON: it is "
+                              "XGBoost's old binary format, which xgboost removed in 3.1 (the "
+                              "sandbox has 3.2), or no model at all; re-save it as UBJ with "
+                              "xgboost 3.0 or earlier")
+    else:
+        expected = _EXPECTED[(chosen.flavor, chosen.serialization)]
+    if fmt not in expected:
         raise WorkerError(WorkerExit.FORMAT_MISMATCH,
                           f"{chosen.member} should be {chosen.flavor} {chosen.serialization} "
                           f"({chosen.via}), but its bytes are {fmt.value}")
@@ -86,13 +104,18 @@ def _format_of(view: IO[bytes], chosen: mlflow_model.Plan) -> ArtifactFormat:
 
 
 def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
-    if chosen.flavor == "onnx":
+    if chosen.flavor == "xgboost" or (chosen.flavor, chosen.serialization) == ("lightgbm",
+                                                                               "text"):
+        from . import booster_convert
+
+        booster_convert.convert(job)
+    elif chosen.flavor == "onnx":
         from . import passthrough
 
         passthrough.convert_onnx(job)
-    elif chosen.flavor == "sklearn" and chosen.serialization == "skops":
+    elif chosen.flavor in ("sklearn", "lightgbm") and chosen.serialization == "skops":
         _convert_skops(job)
-    elif chosen.flavor == "sklearn":
+    elif chosen.flavor in ("sklearn", "lightgbm"):
         from . import sklearn_convert
 
         sklearn_convert.convert(job)

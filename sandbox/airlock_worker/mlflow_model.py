@@ -37,6 +37,9 @@ MAX_SIGNATURE_CHARS = 256 * 1024
 MAX_SIGNATURE_INPUTS = 64
 SKLEARN_FORMATS = frozenset({"pickle", "cloudpickle", "skops"})
 TORCH_FILES = ("model.pth", "model.pt2")
+#: MLflow's lightgbm flavor saves a Booster as its text model (model.lgb) and the
+#: scikit-learn wrappers (LGBMClassifier...) with the sklearn serialization formats.
+LIGHTGBM_BOOSTER_CLASS = "lightgbm.basic.Booster"
 DEFAULT_PICKLE_MODULE = "mlflow.pytorch.pickle_module"
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
 _TENSOR_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
@@ -50,9 +53,11 @@ _COLUMN_DTYPES = {"boolean": "bool", "integer": "int32", "long": "int64", "float
 class Plan:
     """What to load from a bundle: one member, as which flavor and serialization."""
 
-    flavor: str  # "sklearn", "pytorch" or "onnx"
+    flavor: str  # "sklearn", "pytorch", "onnx", "xgboost" or "lightgbm"
     member: str
-    serialization: str  # sklearn: pickle / cloudpickle / skops; pytorch: pickle / pt2; onnx
+    #: sklearn: pickle / cloudpickle / skops; pytorch: pickle / pt2; onnx; xgboost: its
+    #: model_format (the bytes decide between UBJ and JSON); lightgbm: text, or as sklearn.
+    serialization: str
     via: str  # which MLmodel entry chose it, for the report
     inputs: tuple[TensorSpec, ...] = ()
     warnings: list[str] = field(default_factory=list)
@@ -132,6 +137,10 @@ def plan(mlmodel: dict[str, Any], members: dict[str, zipfile.ZipInfo]) -> Plan:
             chosen = _pytorch(flavors["pytorch"].get("model_data"), members, "flavors.pytorch")
         elif flavor == "onnx" and isinstance(flavors.get("onnx"), dict):
             chosen = _onnx(flavors["onnx"].get("data"), members, "flavors.onnx")
+        elif flavor == "xgboost" and isinstance(flavors.get("xgboost"), dict):
+            chosen = _xgboost(flavors["xgboost"], members, "flavors.xgboost")
+        elif flavor == "lightgbm" and isinstance(flavors.get("lightgbm"), dict):
+            chosen = _lightgbm(flavors["lightgbm"], members, "flavors.lightgbm")
         else:
             chosen = _from_pyfunc(pyfunc, flavors, members)
     except BundleError as exc:
@@ -177,6 +186,25 @@ def _onnx(path: Any, members: dict[str, zipfile.ZipInfo], via: str) -> Plan:
     return Plan("onnx", _file(path, members, f"{via}.data"), "onnx", via)
 
 
+def _xgboost(conf: dict[str, Any], members: dict[str, zipfile.ZipInfo], via: str) -> Plan:
+    """XGBoost's own file, whatever class wrapped it (``model_class`` is not imported)."""
+    member = _file(conf.get("data"), members, f"{via}.data")
+    model_format = conf.get("model_format")
+    return Plan("xgboost", member, str(model_format)[:20] if model_format else "xgb", via)
+
+
+def _lightgbm(conf: dict[str, Any], members: dict[str, zipfile.ZipInfo], via: str) -> Plan:
+    member = _file(conf.get("data"), members, f"{via}.data")
+    if conf.get("model_class", LIGHTGBM_BOOSTER_CLASS) == LIGHTGBM_BOOSTER_CLASS:
+        return Plan("lightgbm", member, "text", via)
+    serialization = conf.get("serialization_format") or "pickle"
+    if serialization not in SKLEARN_FORMATS:
+        raise WorkerError(WorkerExit.UNSUPPORTED_FLAVOR,
+                          f"lightgbm serialization_format {_short(serialization)} is not one "
+                          f"of {', '.join(sorted(SKLEARN_FORMATS))}")
+    return Plan("lightgbm", member, serialization, via)
+
+
 def _from_pyfunc(pyfunc: dict[str, Any], flavors: dict[str, Any],
                  members: dict[str, zipfile.ZipInfo]) -> Plan:
     loader = pyfunc.get("loader_module")
@@ -189,6 +217,10 @@ def _from_pyfunc(pyfunc: dict[str, Any], flavors: dict[str, Any],
         return _pytorch(data, members, via)
     if kind == "onnx":
         return _onnx(data, members, via)
+    if kind == "xgboost":
+        return _xgboost({"data": data}, members, via)
+    if kind == "lightgbm":
+        return _lightgbm({"data": data}, members, via)
     member = _file(data, members, f"{via}.data")
     return Plan("sklearn", member, "skops" if member.endswith(".skops") else "pickle", via)
 
@@ -202,8 +234,8 @@ def _unsupported(loader: Any, flavors: dict[str, Any]) -> str:
     else:
         what = f"loader_module {_short(loader)}"
     return (f"{what} cannot be converted: it is code, not a model format (flavors: {names}; "
-            "supported: sklearn, pytorch, onnx, pyfunc wrapping mlflow.sklearn, mlflow.pytorch "
-            "or mlflow.onnx)")
+            "supported: sklearn, pytorch, onnx, xgboost, lightgbm, and pyfunc wrapping one of "
+            "those MLflow flavors)")
 
 
 def _file(path: Any, members: dict[str, zipfile.ZipInfo], what: str) -> str:

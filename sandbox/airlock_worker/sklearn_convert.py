@@ -58,10 +58,8 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     try:
         onx = _convert(convert_sklearn, model, initial_types,
                        BOOSTER_OPSET if boosters else SKLEARN_OPSET)
-    except (MissingConverter, MissingShapeCalculator) as exc:
-        raise WorkerError(
-            WorkerExit.UNSUPPORTED_MODEL, f"no ONNX converter for {type(model).__name__}: {exc}"
-        ) from None
+    except (MissingConverter, MissingShapeCalculator):
+        raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, _no_converter(model)) from None
     except Exception as exc:
         if not job.spec.inputs and hasattr(model, "feature_names_in_"):
             raise WorkerError(
@@ -90,21 +88,47 @@ def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
     return convert_sklearn(model, initial_types=initial_types, target_opset=opset)
 
 
-def _estimators(model: Any) -> list[Any]:
-    """The model and every estimator nested in it (pipeline steps, column transformers...)."""
-    found = [model]
+def _no_converter(model: Any) -> str:
+    """Which step skl2onnx has no converter for, as a sentence: the step's name (its path in
+    ``get_params``, e.g. ``columns__scale``) and class, and why that is final."""
+    from skl2onnx._supported_operators import sklearn_operator_name_map
+
+    missing = [(name, step) for name, step in _named_estimators(model)
+               if type(step) not in sklearn_operator_name_map]
+    if not missing:
+        return (f"skl2onnx has no ONNX converter for a part of this "
+                f"{_qualname(model)}; no step could be named")
+    name, step = missing[0]
+    where = f"step {name!r} ({_qualname(step)})" if name else _qualname(step)
+    more = f" ({len(missing) - 1} more step(s) have none either)" if len(missing) > 1 else ""
+    if type(step).__module__.split(".")[0] == "sklearn":
+        why = "skl2onnx does not support this scikit-learn class"
+    else:
+        why = ("a custom class is Python code, which ONNX cannot express; rebuild the step "
+               "from scikit-learn classes to convert it")
+    return f"skl2onnx has no ONNX converter for {where}{more}: {why}"
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"[:120]
+
+
+def _named_estimators(model: Any) -> list[tuple[str, Any]]:
+    """The model ('' for itself) and every estimator nested in it, by parameter path."""
+    found: list[tuple[str, Any]] = [("", model)]
     try:
         params = model.get_params(deep=True)
     except Exception:
         return found
-    found.extend(v for v in params.values() if hasattr(v, "get_params") and not isinstance(v, type))
+    found.extend((k, v) for k, v in params.items()
+                 if hasattr(v, "get_params") and not isinstance(v, type))
     return found
 
 
 def _register_boosters(model: Any) -> bool:
     """Teach skl2onnx the XGBoost/LightGBM classes present (skl2onnx tutorials
     plot_gexternal_xgboost / plot_gexternal_lightgbm). Returns whether there were any."""
-    classes = {type(e): e for e in _estimators(model)
+    classes = {type(e): e for _, e in _named_estimators(model)
                if type(e).__module__.split(".")[0] in _BOOSTER_PACKAGES}
     if not classes:
         return False

@@ -57,9 +57,13 @@ def free_axes(spec: TensorSpec) -> dict[int, str]:
     }
 
 
-def skl2onnx_initial_types(inputs: tuple[TensorSpec, ...], n_features: int | None) -> list[Any]:
-    """One skl2onnx input per tensor spec, or ``X: float[None, n_features]`` by default."""
-    from skl2onnx.common import data_types
+def skl2onnx_initial_types(inputs: tuple[TensorSpec, ...], n_features: int | None,
+                           data_types: Any = None) -> list[Any]:
+    """One skl2onnx input per tensor spec, or ``X: float[None, n_features]`` by default.
+    ``data_types``: a module of the same type classes (onnxmltools' own, which its
+    converters insist on); skl2onnx's by default."""
+    if data_types is None:
+        from skl2onnx.common import data_types
 
     if not inputs:
         if n_features is None:

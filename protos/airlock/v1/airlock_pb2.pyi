@@ -210,8 +210,9 @@ class ConvertMetadata(_message.Message):
     BAD_REQUEST. Empty: the caller did not say.
     """
     mlflow_flavor: _builtins.str
-    """For declared_format MLFLOW only: the bundle's flavor ("sklearn", "pytorch" or "onnx"), as
-    the client read it from the MLmodel of the directory it packed. A hint, not a fact: the
+    """For declared_format MLFLOW only: the bundle's flavor ("sklearn", "pytorch", "onnx",
+    "xgboost" or "lightgbm"), as the client read it from the MLmodel of the directory it
+    packed. A hint, not a fact: the
     broker opens no archive and uses it only to pick a warm sandbox of the right kind; the
     sandbox reads MLmodel itself and refuses a bundle that is not this flavor
     (FORMAT_MISMATCH). Empty: not said (the sklearn sandbox is used). Anything else, or a

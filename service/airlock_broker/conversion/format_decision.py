@@ -30,6 +30,13 @@ The table (``decide``; UNKNOWN and a declaration the bytes contradict are refuse
     .npy            -, numpy                  numpy            light             no
     ONNX            -, onnx                   onnx             light             no
     safetensors     -, safetensors            safetensors      light             no
+    XGBoost JSON    -                         xgboost_json     sklearn           no
+    XGBoost UBJ     -                         xgboost_ubj      sklearn           no
+    LightGBM text   -                         lightgbm_text    sklearn           no
+
+A booster file has no declared format of its own (declaring any other is FORMAT_MISMATCH): its
+bytes say which it is, and it is read as data, never unpickled, so no declaration narrows or
+gates anything. XGBoost's old binary format (removed in xgboost 3.1) matches nothing.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ def decide(prefix: bytes, size: int, declared: str | None,
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "
-                    "PyTorch, numpy, ONNX, safetensors, a zip declared as an MLflow bundle)")
+                    "PyTorch, numpy, ONNX, safetensors, XGBoost JSON or UBJ, LightGBM text, "
+                    "a zip declared as an MLflow bundle)")
     if detected is ArtifactFormat.ZIP and declared == ArtifactFormat.MLFLOW:
         detected = ArtifactFormat.MLFLOW
     if declared is not None and not admits(declared, detected):
