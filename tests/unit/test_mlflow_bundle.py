@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,9 +17,6 @@ from airlock_client import ModelSourceError, mlflow_source
 from airlock_client._bundle import inspect, pack
 from airlock_sandbox.bundle import MAX_MEMBERS, BundleError
 from airlock_sandbox.formats import ArtifactFormat, detect_prefix
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
-
 from airlock_worker.mlflow_model import check_members
 
 MLMODEL = """\

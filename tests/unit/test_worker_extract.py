@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
-
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
     OUTPUT_NAMES,

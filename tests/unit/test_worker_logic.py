@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_sandbox.contract import ARTIFACT_NAME, OUTPUT_NAMES, JobSpec, OutputFormat, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat

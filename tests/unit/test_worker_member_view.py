@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,8 +12,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_client._bundle import inspect, pack
 from airlock_sandbox.contract import JobSpec, WorkerExit

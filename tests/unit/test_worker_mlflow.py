@@ -3,14 +3,11 @@ hostile bundle or an unconvertible flavor is refused before anything is loaded."
 
 from __future__ import annotations
 
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_sandbox.contract import JobSpec, TensorSpec, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat

@@ -5,15 +5,12 @@ are cloned, and the byte comparison after reload is exact where torch.equal is n
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_worker import st_torch
 

@@ -4,21 +4,17 @@ refused with a reason, an honest Zip64 archive is not (issue 11 §2)."""
 
 from __future__ import annotations
 
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-
-from tests import zip_bomb
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sandbox"))
 
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import zip_budget
 from airlock_worker.detect import confirm, detect
 from airlock_worker.errors import WorkerError
+from tests import zip_bomb
 
 
 def test_the_largest_claim_of_any_end_record_counts(tmp_path: Path) -> None:
