@@ -24,13 +24,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.readiness import DRAINED_WHY, POOL_HOLDS, Hold, Readiness
 from airlock_broker.sandboxes.engine_watch import engine_back
 from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
+from airlock_broker.sandboxes.pool_state import Pool, PoolStatus, Warm
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
 
 log = logging.getLogger(__name__)
@@ -40,62 +39,6 @@ async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
     """Destroy ``slot`` even if the calling task is being cancelled again meanwhile."""
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.shield(backend.destroy(slot))
-
-
-@dataclass
-class _Warm:
-    slot: Slot
-    since: float
-    generation: int
-
-
-@dataclass
-class Pool:
-    """One profile's pool. Counters are cumulative since the broker started."""
-
-    profile: str
-    warm: deque[_Warm] = field(default_factory=deque)
-    starting: int = 0
-    busy: int = 0
-    failed_starts: int = 0
-    served_warm: int = 0
-    served_cold: int = 0
-    retired: int = 0
-    #: Failed starts since the last success: the back-off before the next attempt grows with it.
-    failures_in_a_row: int = 0
-    #: Bumped by a restart: warm or starting containers of an older generation are retired.
-    generation: int = 0
-    #: Warm containers taken by jobs still running, whose replacement waits for them (slot id
-    #: -> the timer that ends the wait anyway). They count as filling the pool meanwhile.
-    deferred: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-    #: Warm containers taken out of ``warm`` whose liveness ``acquire`` is checking.
-    checking: int = 0
-    #: Jobs waiting for a container being started (``acquire``): each raises the pool's
-    #: target by one, up to ``max_warm``.
-    waiting: int = 0
-    #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def signal(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    profile: str
-    warm: int
-    busy: int
-    starting: int
-    failed_starts: int
-    served_warm: int
-    served_cold: int
-    oldest_warm_seconds: float
-    image_id: str
-    runtime: str
-    draining: bool
-    #: Why no container can be started now (the engine is unreachable), or "".
-    unavailable: str = ""
 
 
 class Pools:
@@ -368,7 +311,7 @@ class Pools:
             if generation != pool.generation:  # restarted while this one was starting
                 await self.backend.destroy(slot)
             else:
-                pool.warm.append(_Warm(slot=slot, since=time.monotonic(),
+                pool.warm.append(Warm(slot=slot, since=time.monotonic(),
                                        generation=generation))
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,70 @@
+"""The state of one warm pool (``Pools`` in pools.py changes it) and what its status says."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from airlock_broker.sandboxes.sandbox import Slot
+
+
+@dataclass
+class Warm:
+    """A started container waiting for a job, and when and for which generation it was
+    started."""
+
+    slot: Slot
+    since: float
+    generation: int
+
+
+@dataclass
+class Pool:
+    """One profile's pool. Counters are cumulative since the broker started."""
+
+    profile: str
+    warm: deque[Warm] = field(default_factory=deque)
+    starting: int = 0
+    busy: int = 0
+    failed_starts: int = 0
+    served_warm: int = 0
+    served_cold: int = 0
+    retired: int = 0
+    #: Failed starts since the last success: the back-off before the next attempt grows with it.
+    failures_in_a_row: int = 0
+    #: Bumped by a restart: warm or starting containers of an older generation are retired.
+    generation: int = 0
+    #: Warm containers taken by jobs still running, whose replacement waits for them (slot id
+    #: -> the timer that ends the wait anyway). They count as filling the pool meanwhile.
+    deferred: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    #: Warm containers taken out of ``warm`` whose liveness ``acquire`` is checking.
+    checking: int = 0
+    #: Jobs waiting for a container being started (``acquire``): each raises the pool's
+    #: target by one, up to ``max_warm``.
+    waiting: int = 0
+    #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def signal(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What ``Pools.status`` reports of one pool (the admin API's GetPoolStatus)."""
+
+    profile: str
+    warm: int
+    busy: int
+    starting: int
+    failed_starts: int
+    served_warm: int
+    served_cold: int
+    oldest_warm_seconds: float
+    image_id: str
+    runtime: str
+    draining: bool
+    #: Why no container can be started now (the engine is unreachable), or "".
+    unavailable: str = ""
