@@ -99,9 +99,23 @@ def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
     report.parity = list(merged.values())
     if not report.parity:
         report.warn("parity not checked: no comparable outputs")
-    failed = [e.output_name for e in report.parity if not e.passed]
+    failed = [e for e in report.parity if not e.passed]
     if failed:
-        raise WorkerError(WorkerExit.PARITY_FAILED, f"outputs differ from the original: {failed}")
+        raise WorkerError(WorkerExit.PARITY_FAILED, failure_message(failed))
+
+
+def failure_message(failed: Sequence[ParityEntry]) -> str:
+    """A sentence with what was measured and what was allowed, per failing output."""
+    parts = []
+    for e in failed:
+        if e.max_abs_diff == float("inf"):
+            parts.append(f"{e.output_name!r} does not match in shape or kind")
+        else:
+            parts.append(f"{e.output_name!r} differs by up to {e.max_abs_diff:.3g} "
+                         f"(allowed: {e.tolerance})")
+    samples = max(e.samples for e in failed)
+    return (f"{'; '.join(parts)}, on {samples} seeded samples: the converter does not "
+            "reproduce this model, and nothing was written")
 
 
 def compare(name: str, got: Any, want: Expected, rows: int) -> ParityEntry:

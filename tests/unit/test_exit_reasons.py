@@ -46,3 +46,18 @@ def test_a_refused_job_spec_is_a_bad_request_with_a_hint() -> None:
     assert STATUS_TABLE[Reason.BAD_REQUEST][0] is grpc.StatusCode.INVALID_ARGUMENT
     assert "check the input specs" in caught.value.message
     assert "unsupported dtype 'q8'" in caught.value.message
+
+
+def test_the_workers_sentence_is_shown_without_its_envelope() -> None:
+    """The report's ``error`` is ``{"exit", "message"}``: the caller reads the sentence, not a
+    Python dict, and the exit name only once."""
+    said = {"exit": "PARITY_FAILED", "message": "PARITY_FAILED: 'y' differs by up to 2.86"}
+    with pytest.raises(AirlockError) as caught:
+        judge(outcome(WorkerExit.PARITY_FAILED), {"error": said}, 60.0)
+    message = caught.value.message
+    assert message.endswith("(sandbox said, unverified: 'y' differs by up to 2.86)"), message
+    assert "{" not in message and message.count("PARITY_FAILED") == 0, message
+    hostile = {"exit": 7, "message": ["\x1b[2J", {"nested": True}]}
+    with pytest.raises(AirlockError) as caught:
+        judge(outcome(WorkerExit.PARITY_FAILED), {"error": hostile}, 60.0)
+    assert "unverified" in caught.value.message and "\x1b" not in caught.value.message

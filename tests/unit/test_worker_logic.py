@@ -272,6 +272,10 @@ def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
     assert err.value.exit is WorkerExit.PARITY_FAILED
     assert os.listdir(tmp_path) == []
     assert job.report.parity and not job.report.parity[0].passed  # type: ignore[attr-defined]
+    # A sentence with the output's name, the measured difference and the tolerance: no repr.
+    message = err.value.message
+    assert "'y' differs by up to 1 (allowed: atol=1e-05 rtol=0.0001)" in message, message
+    assert "[" not in message and "{" not in message, message
 
 
 def test_parity_success_writes_the_model_and_records_both_batches(tmp_path: Path) -> None:

@@ -164,10 +164,23 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     message = _EXIT_MESSAGES.get(reason) or f"the sandbox exited with code {code}"
     if reason is Reason.CONVERSION_FAILED and code not in EXIT_REASONS:
         message = f"the sandbox exited with code {code}"
-    detail = (report or {}).get("error")
+    detail = worker_said((report or {}).get("error"))
     if detail:
-        message += f" (sandbox said, unverified: {sanitize(detail)})"
+        message += f" (sandbox said, unverified: {detail})"
     raise error(reason, message)
+
+
+def worker_said(detail: Any) -> str:
+    """The sentence a failed worker's report gives (``{"exit": NAME, "message": "NAME: ..."}``)
+    without the exit name the reason already says, made safe; anything else as it is, made
+    safe. Its word, shown to the caller, never believed."""
+    if isinstance(detail, dict):
+        exit_name, text = detail.get("exit"), detail.get("message")
+        if isinstance(text, str):
+            if isinstance(exit_name, str) and text.startswith(f"{exit_name}: "):
+                text = text[len(exit_name) + 2:]
+            return sanitize(text)
+    return sanitize(detail) if detail else ""
 
 
 def _timings(report: dict[str, Any] | None) -> Any:
