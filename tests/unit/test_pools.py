@@ -259,3 +259,24 @@ def test_a_job_takes_the_cold_path_when_it_may_not_wait_longer(tmp_path: Path,
     run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
                                      defer_replacement=False, wait_for_starting_seconds=wait),
               body)
+
+
+def test_nothing_starts_once_the_pools_are_closing(tmp_path: Path) -> None:
+    """A job that ends while the broker closes its pools ends its deferral: that must not start
+    a container nobody will ever destroy."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        sk = pools.pools["sklearn"]
+        await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
+        slot = await pools.acquire("sklearn")
+        assert len(sk.deferred) == 1
+        prepared = backend.prepared
+        closing = asyncio.create_task(pools.close())
+        await asyncio.sleep(0)  # close() has begun: it is waiting for its background tasks
+        await pools.release(slot)  # no answer to wait for: the deferral ends at once
+        await closing
+        await asyncio.sleep(0.2)
+        assert backend.prepared == prepared and sk.starting == 0
+        assert backend.live == set()
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
+                                     defer_max_seconds=60.0), body)

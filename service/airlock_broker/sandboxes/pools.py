@@ -63,6 +63,8 @@ class Pools:
         self._loop_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        #: Set by ``close``: from then on nothing is started (a start would outlive it).
+        self._closing = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class Pools:
 
     async def close(self) -> None:
         """Stop replenishing and destroy every warm container (busy ones belong to jobs)."""
+        self._closing = True
         background = (self._loop_task, self._sweep_task, self._watch_task, *self._tasks)
         for task in background:
             if task is not None:
@@ -277,7 +280,7 @@ class Pools:
     def _fill(self, pool: Pool) -> None:
         """Start containers until the pool holds its target: ``min_warm``, plus one per job
         waiting for a start, at most ``max_warm``. (At most ``max_starting`` start at once.)"""
-        if self.readiness.refusal(*POOL_HOLDS) is not None:
+        if self._closing or self.readiness.refusal(*POOL_HOLDS) is not None:
             return
         target = min(self.settings.max_warm, self.settings.min_warm + pool.waiting)
         while len(pool.warm) + pool.starting + pool.checking + len(pool.deferred) < target:
