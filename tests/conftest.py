@@ -221,12 +221,28 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
     return BrokerProcess(address=address, process=process, state=state, log=log, socket=unix)
 
 
-@pytest.fixture(scope="session")
-def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    proc = start_broker(tmp_path_factory.mktemp("broker"))
+@contextlib.contextmanager
+def running_broker(tmp: Path, config: str | None = None) -> Iterator[BrokerProcess]:
+    """A broker for a fixture (``config``: its TOML, beside it in ``tmp``), stopped at the
+    end; it must exit 0."""
+    extra: tuple[str, ...] = ()
+    if config is not None:
+        (tmp / "airlock.toml").write_text(config)
+        extra = ("--config", str(tmp / "airlock.toml"))
+    proc = start_broker(tmp, *extra)
     yield proc
     code = proc.stop()
     assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
+
+
+#: A broker on the image under test with cold containers only (cheap on a shared machine).
+COLD_CONFIG = f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n'
+
+
+@pytest.fixture(scope="session")
+def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    with running_broker(tmp_path_factory.mktemp("broker")) as proc:
+        yield proc
 
 
 def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]

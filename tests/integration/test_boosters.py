@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError
-from tests.conftest import IMAGE, BrokerProcess, start_broker
+from tests.conftest import COLD_CONFIG, BrokerProcess, running_broker
 from tests.fixtures import custom_step
 
 pytestmark = pytest.mark.integration
@@ -27,14 +27,8 @@ FEATURES = 5
 
 @pytest.fixture(scope="module")
 def cold_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    """A broker on the image under test, cold containers only (cheap on a shared machine)."""
-    tmp = tmp_path_factory.mktemp("booster-broker")
-    config = tmp / "airlock.toml"
-    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')
-    proc = start_broker(tmp, "--config", str(config))
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
+    with running_broker(tmp_path_factory.mktemp("booster-broker"), COLD_CONFIG) as proc:
+        yield proc
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError, mlflow_source
-from tests.conftest import IMAGE, BrokerProcess, run_cli, start_broker
+from tests.conftest import COLD_CONFIG, BrokerProcess, run_cli, running_broker
 from tests.fixtures import mlflow_models
 from tests.fixtures.mlflow_models import Saved
 from tests.integration.mlflow_server import mlflow_tracking_server
@@ -28,14 +28,8 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def mlflow_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    """A broker on the image under test, cold containers only (cheap on a shared machine)."""
-    tmp = tmp_path_factory.mktemp("mlflow-broker")
-    config = tmp / "airlock.toml"
-    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')
-    proc = start_broker(tmp, "--config", str(config))
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"broker exited {code}:\n{proc.log.read_text()[-3000:]}"
+    with running_broker(tmp_path_factory.mktemp("mlflow-broker"), COLD_CONFIG) as proc:
+        yield proc
 
 
 def _predict(onnx_path: Path, saved: Saved) -> tuple[np.ndarray, np.ndarray]:
