@@ -4,11 +4,10 @@ tensor-rebuild globals, and :class:`Poison` for every other global."""
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import math
 import pickle
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
@@ -28,70 +27,13 @@ from .extract_stand_ins import (
     make_size,
     refuse_build,
 )
+from .pickle_poison import Poison, PoisonJar
 
-#: Distinct globals the pickle may name before we stop recording them.
-MAX_POISON_GLOBALS = 10_000
 #: Nodes looked at when deciding whether an unknown object holds tensor data.
 MAX_SCAN_NODES = 1_000_000
 MAX_DIMS = 64
 #: Sizes, strides and offsets are int64 in torch.
 INT64 = 2**63
-
-
-# -- poison: everything the artifact names that we do not know ----------------------------
-
-
-class _Immutable(type):
-    """The pickle VM can BUILD (setattr) on any object it holds, classes included: the
-    classes it gets from us cannot be changed (e.g. a forged ``__str__`` naming a tensor)."""
-
-    def __setattr__(cls, name: str, value: Any) -> None:
-        raise Refused("the pickle tries to modify a class")
-
-    def __delattr__(cls, name: str) -> None:
-        raise Refused("the pickle tries to modify a class")
-
-
-class Poison(metaclass=_Immutable):
-    """An object the artifact asked for and never got. ``find_class`` returns a subclass per
-    global name; calling it, instantiating it (REDUCE / NEWOBJ / INST / OBJ), building it
-    (BUILD) or filling it (SETITEMS / APPENDS / ADDITEMS) only records the arguments."""
-
-    global_name: ClassVar[str] = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Poison:
-        self = object.__new__(cls)
-        self.__dict__["_held"] = [args, kwargs]
-        return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Poison:
-        return type(self)(*args, **kwargs)
-
-    def __setstate__(self, state: Any) -> None:
-        self._held.append(state)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._held.append((key, value))
-
-    def append(self, value: Any) -> None:
-        self._held.append(value)
-
-    def extend(self, values: Any) -> None:
-        self._held.append(list(values) if isinstance(values, list) else values)
-
-    def add(self, value: Any) -> None:
-        self._held.append(value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self._held.append((name, value))
-
-    def __str__(self) -> str:
-        raise Unextractable(f"{NOT_EXTRACTABLE}: a dict key is a {self.global_name}")
-
-    __repr__ = __str__
 
 
 def holds_data(root: Any) -> bool:
@@ -193,7 +135,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(stream, encoding="utf-8")  # as torch.load passes
         self._archive = archive
         self._storages: dict[str, Storage] = {}
-        self._poison: dict[tuple[str, str], type[Poison]] = {}
+        self._jar = PoisonJar()
         calls = {
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
@@ -222,7 +164,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     @property
     def poisoned(self) -> list[str]:
-        return [cls.global_name for cls in self._poison.values()]
+        return self._jar.poisoned
 
     # -- the two hooks the pickle VM calls --------------------------------------------
 
@@ -231,15 +173,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return found if found is not None else self.poison_class(module, name)
 
     def poison_class(self, module: str, name: str) -> type[Poison]:
-        cls = self._poison.get((module, name))
-        if cls is None:
-            if len(self._poison) >= MAX_POISON_GLOBALS:
-                raise Refused(f"the pickle names more than {MAX_POISON_GLOBALS} globals")
-            shown = _compat_pickle.IMPORT_MAPPING.get(module, module)  # __builtin__ -> builtins
-            label = f"{shown}.{name}"[:120]
-            cls = _Immutable("Poison", (Poison,), {"global_name": label, "__slots__": ()})
-            self._poison[(module, name)] = cls
-        return cls
+        return self._jar.poison_class(module, name)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not isinstance(pid, tuple) or len(pid) != 5:

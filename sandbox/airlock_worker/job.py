@@ -44,7 +44,12 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.XGBOOST_UBJ: ("booster_convert", "convert"),
     ArtifactFormat.LIGHTGBM_TEXT: ("booster_convert", "convert"),
 }
-#: JobMode.EXTRACT_WEIGHTS, whatever the format (it refuses all but PyTorch zip checkpoints).
+#: JobMode.EXTRACT_WEIGHTS, the integrity reading: pickles by the policy loader, anything else
+#: by the checkpoint reader (which refuses all but PyTorch checkpoints).
+VERIFY_HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
+    ArtifactFormat.PICKLE: ("sklearn_convert", "verify"),
+    ArtifactFormat.JOBLIB: ("sklearn_convert", "verify"),
+}
 EXTRACT_HANDLER = ("extract", "extract_weights")
 
 
@@ -177,7 +182,10 @@ def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
         raise WorkerError(WorkerExit.BAD_JOB_SPEC, "no artifact in the input directory") from None
     report.detected_format = fmt.value
     job = Job(spec=spec, artifact=artifact, out_dir=out_dir, fmt=fmt, report=report)
-    module, function = EXTRACT_HANDLER if spec.mode is JobMode.EXTRACT_WEIGHTS else HANDLERS[fmt]
+    if spec.mode is JobMode.EXTRACT_WEIGHTS:
+        module, function = VERIFY_HANDLERS.get(fmt, EXTRACT_HANDLER)
+    else:
+        module, function = HANDLERS[fmt]
     try:
         getattr(importlib.import_module(f"{__package__}.{module}"), function)(job)
     except WorkerError:

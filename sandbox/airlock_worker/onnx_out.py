@@ -1,5 +1,7 @@
-"""Finishing an ONNX model before it leaves the sandbox: one opset per domain, no external
-data (the broker rejects it anyway, DESIGN §1.5), a full checker pass, one serialisation."""
+"""Finishing an ONNX model before it leaves the sandbox: one opset per domain in domain order
+(the same model serialises to the same bytes in every sandbox, whatever the converter's set
+iteration order), no external data (the broker rejects it anyway, DESIGN §1.5), a full
+checker pass, one serialisation."""
 
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ def finish(model: onnx.ModelProto) -> bytes:
 
 
 def _merge_opsets(model: onnx.ModelProto) -> None:
-    """Some converters (onnxmltools' XGBoost) import a domain twice; keep the highest."""
+    """Some converters (onnxmltools' XGBoost) import a domain twice; keep the highest, and
+    list the domains in order."""
     best: dict[str, int] = {}
     for entry in model.opset_import:
         best[entry.domain] = max(best.get(entry.domain, 0), entry.version)
-    if len(best) != len(model.opset_import):
+    if [(e.domain, e.version) for e in model.opset_import] != sorted(best.items()):
         del model.opset_import[:]
         for domain, version in sorted(best.items()):
             model.opset_import.append(onnx.helper.make_opsetid(domain, version))

@@ -40,6 +40,8 @@ class Report:
     loader: str = ""
     converter: str = ""
     executed_artifact_code: bool = False
+    #: Globals a restricted reading did not hand out (policy_loader, extract), first first.
+    refused_globals: list[str] = field(default_factory=list)
     parity: list[ParityEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)

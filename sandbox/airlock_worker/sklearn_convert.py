@@ -1,17 +1,19 @@
-"""PICKLE / JOBLIB: unpickle (code-executing, so policy-gated) with ``joblib.load``, which
-reads plain, joblib and compressed joblib pickles (and cloudpickle ones, cloudpickle being
-importable). A scikit-learn estimator or pipeline becomes ONNX via skl2onnx; XGBoost and
-LightGBM sklearn-API models, alone or inside pipelines, via onnxmltools' converters
-registered into skl2onnx; a pickled dict of arrays or tensors becomes safetensors."""
+"""PICKLE / JOBLIB: plain, joblib and compressed joblib pickles (and cloudpickle ones,
+cloudpickle being importable). Under ``allow_code`` they are unpickled with ``joblib.load``,
+which runs what the pickle names; under ``safe_only``, and in the integrity reading
+(``verify``), by the policy loader, which runs nothing the pickle names (policy_loader.py).
+A scikit-learn estimator or pipeline becomes ONNX via skl2onnx; XGBoost and LightGBM
+sklearn-API models, alone or inside pipelines, via onnxmltools' converters registered into
+skl2onnx; a pickled dict of arrays or tensors becomes safetensors."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from airlock_sandbox.contract import OutputFormat, WorkerExit
+from airlock_sandbox.contract import LoadingPolicy, OutputFormat, WorkerExit
 
-from . import tensor_tree
+from . import policy_loader, tensor_tree
 from .errors import WorkerError, describe
 from .job import Job
 from .parity import Expected, Reference
@@ -24,7 +26,17 @@ BOOSTER_OPSET = {"": 15, "ai.onnx.ml": 3}
 _BOOSTER_PACKAGES = frozenset({"xgboost", "lightgbm"})
 
 
+#: The report's ``loader`` for a reading that ran nothing the pickle names.
+POLICY_LOADER = "policy loader"
+
+
 def convert(job: Job) -> None:
+    if job.spec.policy is LoadingPolicy.SAFE_ONLY:
+        with job.loading(), job.open_artifact() as fh:
+            reading = policy_loader.read(fh, tolerant=False)
+        job.loaded_safely(POLICY_LOADER)
+        convert_object(job, reading.obj)
+        return
     job.allow_code("joblib.load", "a pickle or joblib stream can only be loaded by unpickling")
     import joblib
 
@@ -33,6 +45,20 @@ def convert(job: Job) -> None:
             job.artifact.seek(0)
         obj = joblib.load(job.artifact)
     convert_object(job, obj)
+
+
+def verify(job: Job) -> None:
+    """The integrity reading (JobMode.EXTRACT_WEIGHTS) of a pickle: the policy loader, with
+    poison for what it refuses, then the same conversion as :func:`convert`. The broker
+    compares both outputs (DESIGN §5)."""
+    with job.loading(), job.open_artifact() as fh:
+        reading = policy_loader.read(fh, tolerant=True)
+    job.loaded_safely(POLICY_LOADER)
+    if reading.refused:
+        job.report.refused_globals = reading.refused[:10]
+        job.report.warn(f"{len(reading.refused)} global(s) named by the pickle were not "
+                        "called: " + ", ".join(reading.refused[:10]))
+    convert_object(job, reading.obj)
 
 
 def convert_object(job: Job, obj: Any) -> None:
@@ -79,13 +105,16 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
 def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
              opset: dict[str, int]) -> Any:
     options = _zipmap_off(model)
+    # skl2onnx names the graph with a random uuid; the integrity reading converts the same
+    # model in another sandbox and the broker compares the bytes.
+    name = type(model).__name__
     try:
         return convert_sklearn(model, initial_types=initial_types, options=options,
-                               target_opset=opset)
+                               target_opset=opset, name=name)
     except NameError as exc:  # classifiers without probabilities (LinearSVC) have no zipmap
         if options is None or "zipmap" not in str(exc):
             raise
-    return convert_sklearn(model, initial_types=initial_types, target_opset=opset)
+    return convert_sklearn(model, initial_types=initial_types, target_opset=opset, name=name)
 
 
 def _no_converter(model: Any) -> str:
