@@ -24,6 +24,7 @@ import warnings
 from typing import Any
 
 import pytest
+
 from airlock_worker.estimator_allowlist import ALLOWLIST, SUBSTITUTES, Kind, entries
 from airlock_worker.estimator_classes import ESTIMATOR_CLASSES
 from airlock_worker.policy_loader import resolve

@@ -14,10 +14,10 @@ from typing import Any
 import joblib
 import numpy as np
 import pytest
+
 from airlock_worker import policy_loader
 from airlock_worker.pickle_poison import Poison
 from airlock_worker.policy_loader import PolicyRefused
-
 from tests.unit.test_estimator_allowlist import GADGETS
 
 
