@@ -82,8 +82,10 @@ def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
     managers: list[Any] = []
 
     def _make(auth: AuthConfig, listen: str = "127.0.0.1:0") -> tuple[str, FakeSandbox]:
+        # Integrity's second sandbox is not this file's subject (test_format_decision).
         config = BrokerConfig(listen=listen, state_root=tmp_path / "spool",
-                              pools=PoolSettings(min_warm=0), selftest_on_start=False, auth=auth)
+                              pools=PoolSettings(min_warm=0), selftest_on_start=False, auth=auth,
+                              verify_integrity=False)
         backend = FakeSandbox(config.spool_root, write_safetensors)
         cm = running_broker(config, backend)
         broker = cm.__enter__()

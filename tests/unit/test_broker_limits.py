@@ -79,6 +79,8 @@ def start(tmp_path: Path) -> Iterator[Any]:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
         overrides.setdefault("provenance_key", tmp_path / "provenance-key.pem")
+        # Integrity's second sandbox is not this file's subject (test_format_decision).
+        overrides.setdefault("verify_integrity", False)
         spool = tmp_path / f"spool{len(managers)}"
         config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, **overrides)
         backend = FakeSandbox(spool, write_big)

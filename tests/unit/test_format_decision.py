@@ -21,7 +21,7 @@ from airlock_broker.errors import AirlockError
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_broker.sandboxes.sandbox import Slot
 from airlock_client import Client
-from airlock_sandbox.contract import OUTPUT_NAMES, JobMode, JobSpec, OutputFormat
+from airlock_sandbox.contract import OUTPUT_NAMES, JobMode, JobSpec, OutputFormat, Target
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, leads_with_npy
 from tests.unit.fakes import FakeSandbox, running_broker
 
@@ -52,12 +52,12 @@ SAMPLES: dict[str, bytes] = {
 
 #: (leading bytes, declared) -> (format, profile, integrity sandbox)
 TABLE: list[tuple[str, str | None, tuple[ArtifactFormat, str, bool]]] = [
-    ("pickle", None, (F.PICKLE, "sklearn", False)),
-    ("pickle", "pickle", (F.PICKLE, "sklearn", False)),
-    ("pickle", "cloudpickle", (F.PICKLE, "sklearn", False)),
-    ("pickle", "joblib", (F.PICKLE, "sklearn", False)),
-    ("compressed", None, (F.JOBLIB, "sklearn", False)),
-    ("compressed", "joblib", (F.JOBLIB, "sklearn", False)),
+    ("pickle", None, (F.PICKLE, "sklearn", True)),  # read by the policy loader
+    ("pickle", "pickle", (F.PICKLE, "sklearn", True)),
+    ("pickle", "cloudpickle", (F.PICKLE, "sklearn", False)),  # functions by value
+    ("pickle", "joblib", (F.PICKLE, "sklearn", True)),
+    ("compressed", None, (F.JOBLIB, "sklearn", True)),
+    ("compressed", "joblib", (F.JOBLIB, "sklearn", True)),
     ("torch_legacy", None, (F.PYTORCH_LEGACY, "torch", True)),
     ("torch_legacy", "pytorch", (F.PYTORCH_LEGACY, "torch", True)),
     ("torch_zip", None, (F.ZIP, "torch", True)),
@@ -168,7 +168,7 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, FakeSandbox, list[str]]]:
 @pytest.mark.parametrize(("sample", "fmt", "profiles", "assurance"), [
     ("npz", "numpy_npz", ["light"], "format_safe_only"),
     ("torch_zip", "zip", ["torch", "light"], "integrity_verified"),
-    ("pickle", "pickle", ["sklearn"], "format_safe_only"),
+    ("pickle", "pickle", ["sklearn", "sklearn"], "integrity_verified"),
 ])
 def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
         broker: tuple[str, FakeSandbox, list[str]], tmp_path: Path, sample: str, fmt: str,
@@ -184,3 +184,20 @@ def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
     modes = sorted(spec.mode.value for spec in backend.specs)
     assert modes == sorted([JobMode.CONVERT.value]
                            + [JobMode.EXTRACT_WEIGHTS.value] * (len(profiles) - 1))
+
+
+@pytest.mark.parametrize(("sample", "target", "verifies", "profile"), [
+    ("torch_zip", Target.AUTO, True, "light"),
+    ("torch_zip", Target.SAFETENSORS, True, "light"),
+    ("torch_zip", Target.ONNX, False, "light"),  # the checkpoint reader writes tensors only
+    ("pickle", Target.AUTO, True, "sklearn"),
+    ("pickle", Target.ONNX, True, "sklearn"),  # the policy loader converts as the job does
+    ("compressed", Target.SAFETENSORS, True, "sklearn"),
+    ("npy", Target.AUTO, False, "light"),
+])
+def test_the_second_sandbox_profile_and_which_outputs_it_checks(
+        sample: str, target: Target, verifies: bool, profile: str) -> None:
+    raw = SAMPLES[sample]
+    decision = decide(raw[:PREFIX_BYTES], len(raw), None)
+    assert decision.verifies(target) is verifies
+    assert decision.integrity_profile == profile

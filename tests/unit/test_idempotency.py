@@ -74,6 +74,8 @@ def start(tmp_path: Path) -> Iterator[object]:
     def _start(behaviour: Behaviour = write_safetensors, **overrides: object) -> Running:
         overrides.setdefault("pools", PoolSettings(min_warm=0))
         overrides.setdefault("selftest_on_start", False)
+        # Integrity's second sandbox is not this file's subject (test_format_decision).
+        overrides.setdefault("verify_integrity", False)
         config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / f"spool{len(stack)}",
                               **overrides)  # type: ignore[arg-type]
         backend = GatedSandbox(config.spool_root, behaviour)

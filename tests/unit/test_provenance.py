@@ -339,9 +339,10 @@ def test_key_location_defaults_and_config(tmp_path: Path, monkeypatch: pytest.Mo
 # -- the client, against a broker with a fake sandbox ----------------------------------------
 
 def _broker_config(tmp_path: Path) -> BrokerConfig:
+    # Integrity's second sandbox is not this file's subject (test_format_decision).
     return BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                         pools=PoolSettings(min_warm=0), selftest_on_start=False,
-                        provenance_key=tmp_path / "keys" / "broker.pem")
+                        provenance_key=tmp_path / "keys" / "broker.pem", verify_integrity=False)
 
 
 def test_client_verifies_with_pinned_key_and_audit_names_it(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ was decided, with a reason.
 The table (``decide``; UNKNOWN and a declaration the bytes contradict are refused here)::
 
     leading bytes   declared                  format           profile           integrity
-    pickle          -, pickle, cloudpickle,   pickle           sklearn           no
-                    joblib
-    compressed      -, joblib                 joblib           sklearn           no
-    torch legacy    -, pytorch                pytorch_legacy   torch             yes
-    zip             -, pytorch                zip              torch             yes
+    pickle          -, pickle, joblib         pickle           sklearn           sklearn
+    pickle          cloudpickle               pickle           sklearn           no
+    compressed      -, joblib                 joblib           sklearn           sklearn
+    torch legacy    -, pytorch                pytorch_legacy   torch             light
+    zip             -, pytorch                zip              torch             light
     zip             torchscript               torchscript      torch             no
     zip             torch_export              torch_export     torch             no
     zip             numpy                     numpy_npz        light             no
@@ -34,6 +34,11 @@ The table (``decide``; UNKNOWN and a declaration the bytes contradict are refuse
     XGBoost UBJ     -                         xgboost_ubj      sklearn           no
     LightGBM text   -                         lightgbm_text    sklearn           no
 
+The integrity column is the profile of the second sandbox, which reads the artifact without
+executing it (conversion.integrity): the checkpoint reader needs no torch (light starts
+fastest); the estimator policy loader needs scikit-learn. A pickle declared ``cloudpickle``
+carries functions by value, which the policy loader never reads: no second sandbox.
+
 A booster file has no declared format of its own (declaring any other is FORMAT_MISMATCH): its
 bytes say which it is, and it is read as data, never unpickled, so no declaration narrows or
 gates anything. XGBoost's old binary format (removed in xgboost 3.1) matches nothing.
@@ -44,8 +49,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from airlock_broker.errors import Reason, error
+from airlock_sandbox.contract import Target
 from airlock_sandbox.formats import (
     MLFLOW_FLAVOR_PROFILES,
+    PROFILE_LIGHT,
+    PROFILE_SKLEARN,
     ArtifactFormat,
     admits,
     candidates,
@@ -54,10 +62,18 @@ from airlock_sandbox.formats import (
     profile_for,
 )
 
-#: The formats that may be a PyTorch checkpoint the integrity extraction reads
-#: (JobMode.EXTRACT_WEIGHTS: zip and legacy layouts): an unnarrowed zip may be one.
-_INTEGRITY_FORMATS = frozenset({ArtifactFormat.ZIP, ArtifactFormat.PYTORCH_ZIP,
-                                ArtifactFormat.PYTORCH_LEGACY})
+#: The formats a second sandbox reads without executing them (JobMode.EXTRACT_WEIGHTS), and
+#: the profile it needs: PyTorch checkpoints, zip and legacy layouts (an unnarrowed zip may be
+#: one), by the checkpoint reader; pickles by the estimator policy loader.
+_INTEGRITY_PROFILES: dict[ArtifactFormat, str] = {
+    ArtifactFormat.ZIP: PROFILE_LIGHT,
+    ArtifactFormat.PYTORCH_ZIP: PROFILE_LIGHT,
+    ArtifactFormat.PYTORCH_LEGACY: PROFILE_LIGHT,
+    ArtifactFormat.PICKLE: PROFILE_SKLEARN,
+    ArtifactFormat.JOBLIB: PROFILE_SKLEARN,
+}
+#: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
+_TENSOR_READINGS = frozenset({PROFILE_LIGHT})
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,21 @@ class Decision:
     format: ArtifactFormat
     #: The worker profile (airlock_sandbox.formats.PROFILES) whose sandbox converts it.
     profile: str
-    #: Whether a second sandbox reads the weights without executing anything, to be compared
-    #: with a safetensors conversion (conversion.integrity; the operator can turn it off).
+    #: Whether a second sandbox reads the artifact without executing anything, to be compared
+    #: with the conversion (conversion.integrity; the operator can turn it off).
     integrity: bool
+
+    @property
+    def integrity_profile(self) -> str:
+        """The profile of the second sandbox (when ``integrity``)."""
+        return _INTEGRITY_PROFILES.get(self.format, PROFILE_LIGHT)
+
+    def verifies(self, target: Target) -> bool:
+        """Whether the second sandbox can check an output of ``target``."""
+        if not self.integrity:
+            return False
+        return (self.integrity_profile not in _TENSOR_READINGS
+                or target in (Target.AUTO, Target.SAFETENSORS))
 
 
 def check_flavor_hint(declared: str | None, flavor: str) -> str | None:
@@ -108,7 +136,8 @@ def decide(prefix: bytes, size: int, declared: str | None,
         detected = _narrow_zip(prefix, declared)
     if detected is ArtifactFormat.MLFLOW and mlflow_flavor is not None:
         return Decision(detected, MLFLOW_FLAVOR_PROFILES[mlflow_flavor], integrity=False)
-    return Decision(detected, profile_for(detected), integrity=detected in _INTEGRITY_FORMATS)
+    integrity = detected in _INTEGRITY_PROFILES and declared != "cloudpickle"
+    return Decision(detected, profile_for(detected), integrity=integrity)
 
 
 def _narrow_zip(prefix: bytes, declared: str | None) -> ArtifactFormat:

@@ -1,11 +1,13 @@
-"""Integrity verification for PyTorch weights (DESIGN §5): beyond format safety.
+"""Integrity verification (DESIGN §5): beyond format safety.
 
 The conversion ran in a sandbox where the artifact could execute code and tamper with the
-converter ("Silent Sabotage"). A second, fresh sandbox reads the same checkpoint with a
-pickle reader that only accepts tensor-rebuild globals and calls nothing the artifact names.
-When both outputs hold the same tensors, byte for byte, the result is *integrity-verified*;
-when they differ the conversion is rejected; when the second reading is impossible the
-result stays *format-safe only*. Both files have already passed the strict validator.
+converter ("Silent Sabotage"). A second, fresh sandbox reads the same artifact without
+calling anything the artifact names: a PyTorch checkpoint with a pickle reader that only
+accepts tensor-rebuild globals, an estimator pickle with the policy loader (allowlisted data
+classes only). When both outputs are the same (the same tensors byte for byte; the same
+canonical ONNX bytes), the result is *integrity-verified*; when they differ the conversion is
+rejected; when the second reading is impossible the result stays *format-safe only*. Both
+files have already passed the strict validator.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
 
 log = logging.getLogger(__name__)
 
-VERIFIED_NOTE = "matches a reading of the checkpoint that executed nothing"
+VERIFIED_NOTE = "matches a reading of the artifact that executed nothing"
 
 
 class Assurance(enum.StrEnum):
@@ -47,6 +49,8 @@ class Extraction:
     note: str
     #: The output's sha256, computed in the background from the moment it was validated.
     digest: asyncio.Task[ValidatedOutput] | None = None
+    #: What the reading says it did not call (its report: shown, never believed).
+    refused: tuple[str, ...] = ()
 
     async def sha256(self) -> str:
         """The extraction output's digest ("" if it could not be computed)."""
@@ -64,11 +68,19 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
     """``INTEGRITY_VERIFIED`` or ``FORMAT_SAFE_ONLY`` with why; ``INTEGRITY_MISMATCH`` when the
     two readings disagree. The output comes back with the extraction's digest when it is the
     same file."""
-    if extraction is None or output.safetensors is None:
+    if extraction is None:
         return output, Assurance.FORMAT_SAFE_ONLY, ""
     extracted = extraction.output
     if extracted is None:
         return output, Assurance.FORMAT_SAFE_ONLY, extraction.note
+    if output.format is not extracted.format:
+        raise _mismatch(extraction, f"the conversion wrote {output.format.value}, the reading "
+                                    f"that executed nothing wrote {extracted.format.value}")
+    if output.safetensors is None:  # ONNX: the validator's canonical bytes, hashed
+        if output.sha256 == extracted.sha256:
+            return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
+        raise _mismatch(extraction, "the ONNX graphs differ: sha256 "
+                                    f"{output.sha256[:12]}… against {extracted.sha256[:12]}…")
     assert extracted.safetensors is not None
     # Compare while the extraction's hash finishes: two threads, two cores.
     same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
@@ -78,10 +90,20 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
     differs = await asyncio.to_thread(difference, output.path, output.safetensors,
                                       extracted.path, extracted.safetensors)
     if differs is not None:
-        raise error(Reason.INTEGRITY_MISMATCH,
-                    "the converted weights differ from the ones stored in the checkpoint "
-                    f"({differs}): the artifact tampered with its conversion")
+        raise _mismatch(extraction, differs)
     return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
+
+
+def _mismatch(extraction: Extraction, differs: str) -> AirlockError:
+    if extraction.refused:
+        why = (f"; loading it calls {', '.join(extraction.refused[:3])}, which the reading "
+               "did not: that code tampered with the conversion, or the model needs it, and "
+               "then it cannot be verified")
+    else:
+        why = ": the artifact tampered with its conversion"
+    return error(Reason.INTEGRITY_MISMATCH,
+                 "the converted model differs from the one stored in the artifact, read "
+                 f"without executing it ({differs}){why}")
 
 _BLOCK = 1024 * 1024
 

@@ -37,7 +37,7 @@ from airlock_sandbox.contract import (
     TensorSpec,
     WorkerExit,
 )
-from airlock_sandbox.formats import PROFILE_LIGHT, ZIP_FAMILY, ArtifactFormat
+from airlock_sandbox.formats import ZIP_FAMILY, ArtifactFormat
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,14 @@ def worker_said(detail: Any) -> str:
     return sanitize(detail) if detail else ""
 
 
+def _refused_globals(report: dict[str, Any]) -> tuple[str, ...]:
+    """The globals an integrity reading says it did not call: its word, made safe, shown."""
+    names = report.get("refused_globals")
+    if not isinstance(names, list):
+        return ()
+    return tuple(sanitize(n, 120) for n in names[:10] if isinstance(n, str))
+
+
 def _timings(report: dict[str, Any] | None) -> Any:
     """The worker's own timings, for the trace (its word, like the rest of the report)."""
     timings = (report or {}).get("timings")
@@ -218,22 +226,20 @@ class JobRunner:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit.
 
-        When the decision says integrity applies (an artifact that may be a PyTorch zip
-        checkpoint) and the output is safetensors, the artifact is also read, concurrently, by
-        a second sandbox in integrity-extraction mode; the two outputs must agree
-        (integrity.py).
+        When the decision says integrity applies (a PyTorch checkpoint converted to
+        safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
+        sandbox that executes nothing it names; the two outputs must agree (integrity.py).
         The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
         """
         began = time.monotonic()
         detected = decision.format
-        verify = (self.verify_integrity and decision.integrity
-                  and request.target in (Target.AUTO, Target.SAFETENSORS))
+        verify = self.verify_integrity and decision.verifies(request.target)
         async with contextlib.AsyncExitStack() as stack:
             slot = await self._slot(stack, decision.profile, answered)
             audit.set(warm_container=slot.started, profile=slot.profile)
             await self.backend.hand_over(slot, upload)
-            # The restricted reader needs no torch: the light profile starts fastest.
-            extractor = await self._slot(stack, PROFILE_LIGHT, answered) if verify else None
+            extractor = (await self._slot(stack, decision.integrity_profile, answered)
+                         if verify else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
             spec = JobSpec(job_id=request.job_id, artifact_format=detected,
@@ -334,19 +340,25 @@ class JobRunner:
         hash runs beside the conversion and the comparison instead of after them."""
         if slot is None:
             return None
-        spec = JobSpec(job_id=request.job_id, artifact_format=detected,
-                       mode=JobMode.EXTRACT_WEIGHTS, max_output_bytes=self.limits.max_output_bytes)
+        # The reading converts as the job does (inputs, target): the outputs are compared.
+        spec = JobSpec(job_id=request.job_id, artifact_format=detected, target=request.target,
+                       inputs=request.inputs, mode=JobMode.EXTRACT_WEIGHTS,
+                       max_output_bytes=self.limits.max_output_bytes)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
+        out_dir = await self.backend.output(slot)
+        report = read_report(out_dir, MAX_REPORT_BYTES) or {}
+        refused = _refused_globals(report)
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
-            return Extraction(None, "the weights could not be read without executing the "
-                                    f"artifact (extraction exit {outcome.exit_code})")
+            said = worker_said(report.get("error"))
+            return Extraction(None, "the model could not be read without executing the "
+                                    f"artifact (extraction exit {outcome.exit_code}"
+                                    f"{': ' + said if said else ''})", refused=refused)
         try:
             with self.trace.span("validate"):
-                extracted = await validate_output(await self.backend.output(slot),
-                                                  Target.SAFETENSORS, self.limits,
+                extracted = await validate_output(out_dir, request.target, self.limits,
                                                   self.onnx_validator, digest=False)
         except AirlockError as exc:
             return Extraction(None, f"the extraction's output was invalid: {exc.message}")
         digest = asyncio.create_task(compute_digest(extracted))
         stack.push_async_callback(_settle, digest)
-        return Extraction(extracted, "", digest)
+        return Extraction(extracted, "", digest, refused=refused)
