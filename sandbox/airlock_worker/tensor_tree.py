@@ -53,18 +53,25 @@ def select(obj: Any, is_tensor: Callable[[Any], bool]) -> str | None:
 
     ``obj`` is a training checkpoint when it is a mapping with one of :data:`WEIGHT_KEYS`
     whose value is a mapping; the first such key in that order wins. ``state_dict`` is taken
-    whatever it holds (Hugging Face's convert does so, and nested state dicts exist); the
-    other names are common words that may hold a config, so their mapping must be non-empty
-    and hold tensors only."""
+    whatever it holds (Hugging Face's convert does so, and nested state dicts exist). The
+    other names are common words that may hold a config, so their mapping must look like a
+    state dict: flat (no mapping, list or tuple among its values) and holding a tensor.
+    Flat rather than all tensors: a value one reader sees as a tensor and the other cannot
+    rebuild (a meta or quantized tensor) must not change what either selects."""
     if not isinstance(obj, Mapping):
         return None
     for key in WEIGHT_KEYS:
         value = obj.get(key)
-        if not isinstance(value, Mapping):
-            continue
-        if key == "state_dict" or (value and all(is_tensor(v) for v in value.values())):
+        if isinstance(value, Mapping) and (key == "state_dict" or _flat_with_tensors(
+                value, is_tensor)):
             return key
     return None
+
+
+def _flat_with_tensors(mapping: Mapping[Any, Any], is_tensor: Callable[[Any], bool]) -> bool:
+    values = list(mapping.values())
+    return (any(is_tensor(v) for v in values)
+            and not any(isinstance(v, (Mapping, list, tuple)) for v in values))
 
 
 def flatten(
@@ -157,14 +164,18 @@ def left_out_sentences(flat: Flattened) -> list[str]:
         lines.append(f"left out {e.key[:80]!r}: {e.tensors} tensor(s), {_size(e.nbytes)}")
     rest = heavy[MAX_LEFT_OUT_SENTENCES:]
     if rest:
-        lines.append(f"left out {len(rest)} more entries with tensors: "
+        lines.append(f"left out {len(rest)} more {_entries(len(rest))} with tensors: "
                      f"{sum(e.tensors for e in rest)} tensor(s), "
                      f"{_size(sum(e.nbytes for e in rest))}")
     if light:
         more = ", ..." if len(light) > 10 else ""
-        lines.append(f"left out {len(light)} entries without tensors: "
+        lines.append(f"left out {len(light)} {_entries(len(light))} without tensors: "
                      + ", ".join(k[:40] for k in light[:10]) + more)
     return lines
+
+
+def _entries(n: int) -> str:
+    return "entry" if n == 1 else "entries"
 
 
 def _size(nbytes: int) -> str:

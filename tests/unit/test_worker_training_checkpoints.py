@@ -61,12 +61,19 @@ STRUCTURES: dict[str, Callable[[], tuple[Any, str | None, dict[str, int]]]] = {
                                         "state_dict", {"model": 3, "state_dict_ema": 3}),
     # a shared tensor and a container that holds itself are counted once
     "shared_and_cyclic": lambda: _shared_and_cyclic(),
-    # "model" that is not a flat dict of tensors is not taken: flattened as ever
+    # a module's extra state (not a tensor) does not make "model" less of a state dict
+    "model_with_extra_state": lambda: ({"model": {**_sd(), "enc._extra_state": 3},
+                                        "optimizer": _opt(_sd())}, "model", {"optimizer": 6}),
+    # "model" that is not a flat dict holding tensors is not taken: flattened as ever
     "model_is_nested": lambda: ({"model": {"enc": _sd()}, "ema": {"w": torch.ones(2)}},
                                 None, {}),
     "model_is_a_config": lambda: ({"model": {"name": "mlp", "depth": 2}, "w": _sd()}, None, {}),
     "model_is_empty": lambda: ({"model": {}, "w": torch.ones(3)}, None, {}),
 }
+
+
+def _is_torch(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _shared_and_cyclic() -> tuple[Any, str | None, dict[str, int]]:
@@ -85,19 +92,15 @@ def test_both_readers_select_and_name_the_same_weights(tmp_path: Path, name: str
     conv, ext = assert_same_as_convert(tmp_path, artifact)  # same bytes, same warnings
     assert conv.report.executed_artifact_code is False
     if key is None:
-        want = tensor_tree.flatten(obj, tensor_tree_is_tensor).tensors
+        want = tensor_tree.flatten(obj, _is_torch).tensors
         assert not any("training checkpoint" in w for w in ext.report.warnings)
     else:
-        want = obj[key]
+        want = {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}
         assert f"converted its {key!r} entry" in ext.report.warnings[0]
         for entry, count in heavy.items():
             assert any(w.startswith(f"left out {entry!r}: {count} tensor(s)")
                        for w in ext.report.warnings), (entry, ext.report.warnings)
     assert_holds(ext, {k: v.numpy() for k, v in want.items()})
-
-
-def tensor_tree_is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -136,6 +139,21 @@ def test_a_lightning_checkpoint_whose_hyper_parameters_need_code(tmp_path: Path)
     assert refused.error is not None and refused.error.exit is WorkerExit.POLICY_VIOLATION
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_tensor_only_one_reader_can_rebuild_does_not_change_the_selection(
+        tmp_path: Path, layout: str) -> None:
+    """torch rebuilds a meta tensor, the integrity reader leaves it unbuilt: both must still
+    take "model" (an all-tensors rule would not, and a benign file would read as tampered)."""
+    sd = _sd()
+    artifact = _save(tmp_path / "meta.pt", {"model": {**sd, "m": torch.empty(2, device="meta")},
+                                            "optimizer": _opt(sd)}, layout)
+    conv = run(tmp_path, artifact, JobMode.CONVERT)
+    ext = run(tmp_path, artifact, JobMode.EXTRACT_WEIGHTS)
+    assert ext.raw == conv.raw
+    assert_holds(ext, {k: v.numpy() for k, v in sd.items()})
+    assert "converted its 'model' entry" in ext.report.warnings[1]  # [0]: the meta rebuild
+
+
 # -- the rule itself, on plain values --------------------------------------------------------
 
 
@@ -149,7 +167,10 @@ def test_the_rule_takes_the_first_known_key_holding_a_state_dict() -> None:
     assert tensor_tree.select(w, _is_array) is None
     assert tensor_tree.select([{"model": {"w": w}}], _is_array) is None
     assert tensor_tree.select({"net": {"w": w}, "module": {"w": w}}, _is_array) == "module"
-    assert tensor_tree.select({"model": {"w": w, "step": 1}}, _is_array) is None
+    assert tensor_tree.select({"model": {"w": w, "step": 1}}, _is_array) == "model"
+    assert tensor_tree.select({"model": {"w": w, "cfg": {"a": 1}}}, _is_array) is None
+    assert tensor_tree.select({"model": {"w": w, "seen": [1]}}, _is_array) is None
+    assert tensor_tree.select({"model": {"name": "mlp"}, "w": w}, _is_array) is None
     assert tensor_tree.select({"state_dict": {"enc": {"w": w}}}, _is_array) == "state_dict"
     assert tensor_tree.select({"state_dict": w, "model": {"w": w}}, _is_array) == "model"
     assert [k for k in tensor_tree.WEIGHT_KEYS] == ["state_dict", "model_state_dict", "model",
@@ -165,4 +186,4 @@ def test_left_out_entries_are_counted_and_summarised() -> None:
     lines = tensor_tree.left_out_sentences(flat)
     assert lines[1] == "left out 'ema0': 1 tensor(s), 2.0 KiB"
     assert lines[-2] == "left out 2 more entries with tensors: 2 tensor(s), 4.0 KiB"
-    assert lines[-1] == "left out 1 entries without tensors: epoch"
+    assert lines[-1] == "left out 1 entry without tensors: epoch"
