@@ -87,9 +87,9 @@ def flatten(
         _walk(obj, "", is_tensor, expand, out, 0)
         return out
     for key, value in obj.items():
-        if key != out.selected:
+        if not (isinstance(key, str) and key == out.selected):
             count, nbytes = _count(value, is_tensor)
-            out.left_out.append(LeftOut(str(key), count, nbytes))
+            out.left_out.append(LeftOut(_key_name(key), count, nbytes))
     _walk(obj[out.selected], "", is_tensor, expand, out, 0)
     return out
 
@@ -116,6 +116,12 @@ def _walk(
     for key, value in mapping.items():
         child = str(key) if not prefix else f"{prefix}.{key}"
         _walk(value, child, is_tensor, expand, out, depth + 1)
+
+
+def _key_name(key: Any) -> str:
+    """A left-out entry's name for the report. Only plain keys are printed: an object key's
+    ``__str__`` is the artifact's (or, in the integrity reader, refuses to name a tensor)."""
+    return str(key) if isinstance(key, (str, int, float)) else f"<{type(key).__name__}>"
 
 
 def _count(root: Any, is_tensor: Callable[[Any], bool]) -> tuple[int, int]:

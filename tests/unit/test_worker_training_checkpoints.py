@@ -187,3 +187,15 @@ def test_left_out_entries_are_counted_and_summarised() -> None:
     assert lines[1] == "left out 'ema0': 1 tensor(s), 2.0 KiB"
     assert lines[-2] == "left out 2 more entries with tensors: 2 tensor(s), 4.0 KiB"
     assert lines[-1] == "left out 1 entry without tensors: epoch"
+
+
+def test_an_object_key_beside_the_state_dict_is_named_by_its_type(tmp_path: Path) -> None:
+    """A tensor as a dict key: the integrity reader refuses to print it (it could pose as a
+    tensor's name); beside a state dict it is only a left-out entry, named by its type."""
+    sd = _sd()
+    artifact = _save(tmp_path / "k.pt", {"model": sd, torch.ones(1): "odd", 7: "n"}, "zip")
+    conv = run(tmp_path, artifact, JobMode.CONVERT)
+    ext = run(tmp_path, artifact, JobMode.EXTRACT_WEIGHTS)
+    assert ext.raw == conv.raw
+    assert ext.report.warnings[-1] == "left out 2 entries without tensors: <Tensor>, 7"
+    assert conv.report.warnings == ext.report.warnings
