@@ -15,7 +15,8 @@ Modules, one job each:
 * ``detect``: magic-byte detection plus zip refinement.
 * ``errors``: the one exception type, carrying a :class:`WorkerExit`.
 * ``spec_types``: dtype/shape mapping from the request's tensor specs.
-* ``tensor_tree``: flattening checkpoints into dotted-name tensor dicts (pure logic).
+* ``tensor_tree``: flattening checkpoints into dotted-name tensor dicts, a training
+  checkpoint's state dict picked out by one rule (pure logic, shared by both readers).
 * ``st_torch`` / ``st_numpy``: writing and byte-verifying safetensors from torch / numpy;
   ``st_verify``: checking a written file in place (mmap) against what was meant.
 * ``sklearn_convert``, ``torch_convert``, ``numpy_convert``, ``passthrough``: the loaders

@@ -20,9 +20,10 @@ reading that the broker compares with the conversion byte for byte:
   bounds-checked strided view of its storage, kept as raw little-endian bytes of its width
   (bf16, fp8 and friends need no numpy dtype);
 * the tree gets exactly the converter's semantics: :func:`tensor_tree.flatten` itself (pure,
-  torch-free) for unwrapping, dotted names and skipping; the converter's storable-dtype filter
-  and same-view dedupe from ``st_torch`` are mirrored here without torch (``st_torch`` needs
-  torch), with the same ``__metadata__``;
+  torch-free) for picking a training checkpoint's state dict (``tensor_tree.select``), dotted
+  names and skipping; the converter's storable-dtype filter and same-view dedupe from
+  ``st_torch`` are mirrored here without torch (``st_torch`` needs torch), with the same
+  ``__metadata__``;
 * the safetensors file is written by hand, exactly as ``safetensors`` 0.8 writes it: tensors
   ordered by dtype (widest first) then name, compact JSON header with ``__metadata__`` first,
   padded with spaces to 8 bytes. For the same checkpoint the data section is byte-identical to

@@ -21,7 +21,7 @@ from airlock_sandbox.contract import (
 )
 from airlock_sandbox.formats import ArtifactFormat
 
-from . import output
+from . import output, tensor_tree
 from .detect import confirm
 from .errors import WorkerError, describe
 from .report import Report
@@ -120,8 +120,10 @@ class Job:
         if self.spec.target is Target(fmt.value):
             raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, f"cannot produce {fmt.value}: {why}")
 
-    def note_flattened(self, flat: Any) -> None:
+    def note_flattened(self, flat: tensor_tree.Flattened) -> None:
         """Warn about what :func:`tensor_tree.flatten` left out or could not name uniquely."""
+        for sentence in tensor_tree.left_out_sentences(flat):
+            self.report.warn(sentence)
         if flat.skipped:
             self.report.warn(f"skipped {len(flat.skipped)} non-tensor value(s): "
                              + ", ".join(flat.skipped[:10]))

@@ -35,6 +35,8 @@ def test_flatten_unwraps_state_dict_and_skips_training_state() -> None:
     flat = tensor_tree.flatten({"state_dict": {"a.w": w}, "epoch": 3}, _is_array)
     assert flat.tensors == {"a.w": w}
     assert flat.skipped == []  # "epoch" lives beside state_dict, which alone is the weights
+    assert flat.selected == "state_dict"
+    assert flat.left_out == [tensor_tree.LeftOut("epoch", 0, 0)]
 
 
 def test_flatten_nested_dicts_get_dotted_names_and_non_tensors_are_listed() -> None:
