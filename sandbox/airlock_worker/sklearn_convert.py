@@ -54,11 +54,20 @@ def verify(job: Job) -> None:
     with job.loading(), job.open_artifact() as fh:
         reading = policy_loader.read(fh, tolerant=True)
     job.loaded_safely(POLICY_LOADER)
-    if reading.refused:
-        job.report.refused_globals = reading.refused[:10]
-        job.report.warn(f"{len(reading.refused)} global(s) named by the pickle were not "
-                        "called: " + ", ".join(reading.refused[:10]))
-    convert_object(job, reading.obj)
+    if not reading.refused:
+        convert_object(job, reading.obj)
+        return
+    job.report.refused_globals = reading.refused[:10]
+    job.report.warn(f"{len(reading.refused)} global(s) named by the pickle were not "
+                    "called: " + ", ".join(reading.refused[:10]))
+    try:
+        convert_object(job, reading.obj)
+    except Exception as exc:  # the model needs what was refused: say what, first
+        # (str() of a library's error may hold a poison's repr, which refuses to print)
+        said = exc.message if isinstance(exc, WorkerError) else type(exc).__name__
+        code = exc.exit if isinstance(exc, WorkerError) else WorkerExit.CONVERSION_FAILED
+        raise WorkerError(code, f"the policy loader does not allow {reading.refused[0]}, "
+                                f"which this model needs ({said})") from None
 
 
 def convert_object(job: Job, obj: Any) -> None:

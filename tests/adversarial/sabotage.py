@@ -9,6 +9,8 @@ serialise, they never call what they write). Never ``torch.load`` these on the h
 CONVERT path runs them inside the sandbox, the EXTRACT path may read them anywhere.
 
 * :func:`make_sabotaged_checkpoint` - the sabotage itself.
+* :func:`make_sabotaged_estimator` - the same against a scikit-learn pickle: the estimator's
+  coefficients, or skl2onnx itself, altered after load.
 * :func:`make_marker_checkpoint` - ``exec`` / ``os.system`` payloads whose only effect, if
   they ever ran, is to create a marker file.
 * :func:`write_checkpoint` - a torch-format zip built by hand from :class:`StorageRef` /
@@ -65,6 +67,72 @@ try:
 except Exception:
     pass
 """
+
+
+def estimator_sabotage_source(how: str) -> str:
+    """Python run by ``exec`` while ``joblib.load`` unpickles an estimator: ``coef`` makes
+    every LogisticRegression restored afterwards carry other coefficients (its
+    ``__setstate__`` patched: the model and its ONNX agree, so parity passes); ``skl2onnx``
+    makes skl2onnx's linear-classifier converter write other coefficients and silences the
+    worker's parity check (a compromised converter lies consistently). Only a reading that
+    never ran this code sees the stored model."""
+    if how == "coef":
+        return """
+def _airlock_sabotage():
+    from sklearn.linear_model import LogisticRegression
+    original = LogisticRegression.__setstate__
+    def __setstate__(self, state):
+        original(self, state)
+        self.__dict__["coef_"] = self.__dict__["coef_"] * 0.0 + 1.0
+    LogisticRegression.__setstate__ = __setstate__
+try:
+    _airlock_sabotage()
+except Exception:
+    pass
+"""
+    return """
+def _airlock_sabotage():
+    import skl2onnx._supported_operators as ops
+    from sklearn.linear_model import LogisticRegression
+    alias = ops.sklearn_operator_name_map[LogisticRegression]
+    from skl2onnx.common._registration import _converter_pool
+    original = _converter_pool[alias]._fct
+    def convert(scope, operator, container):
+        model = operator.raw_operator
+        saved = model.coef_
+        model.coef_ = saved * 0.0 + 1.0
+        try:
+            original(scope, operator, container)
+        finally:
+            model.coef_ = saved
+    _converter_pool[alias]._fct = convert
+    import airlock_worker.parity
+    airlock_worker.parity.check = lambda *args, **kwargs: None
+try:
+    _airlock_sabotage()
+except Exception:
+    pass
+"""
+
+
+def make_sabotaged_estimator(path: Path | str, how: str) -> Path:
+    """A joblib file of a fitted LogisticRegression whose extra attribute, unpickled before
+    the estimator's state is set, runs :func:`estimator_sabotage_source` (``how``)."""
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((60, 4))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    model = LogisticRegression().fit(x, y)
+    # The hook goes first in __dict__, so the pickle runs it before coef_ is restored.
+    state = {"_airlock_hook": _Exec(estimator_sabotage_source(how)), **model.__dict__}
+    model.__dict__.clear()
+    model.__dict__.update(state)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, target)
+    return target
 
 
 class _Exec:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.adversarial.sabotage import make_sabotaged_checkpoint
+from tests.adversarial.sabotage import make_sabotaged_checkpoint, make_sabotaged_estimator
 from tests.conftest import BrokerProcess, run_cli
 from tests.fixtures import models
 
@@ -29,6 +29,21 @@ def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess, tmp
     doc = json.loads(done.stdout)
     assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("how", ["coef", "skl2onnx"])
+def test_silent_sabotage_of_an_estimator_is_rejected(broker: BrokerProcess, tmp_path: Path,
+                                                      how: str) -> None:
+    """The payload runs in the converting sandbox (allow_code) and changes what it writes; the
+    policy loader's reading, which never ran it, converts the stored model: they differ."""
+    artifact = make_sabotaged_estimator(tmp_path / "sabotaged.joblib", how)
+    out = tmp_path / "out.onnx"
+    done = run_cli("convert", str(artifact), "-o", str(out), "--json", server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
+    assert "builtins.exec" in doc["message"], doc  # what the reading did not call
+    assert not out.exists()
 
 
 def test_benign_state_dict_is_integrity_verified(broker: BrokerProcess, tmp_path: Path) -> None:

@@ -75,9 +75,10 @@ def test_conversion_preserves_the_model(broker: BrokerProcess, tmp_path: Path,
 
     assert result.format == check.output
     assert result.detected_format == check.detected
-    # A checkpoint's weights (zip or legacy) are read a second time without executing anything.
-    verifiable = check.detected in ("pytorch_zip", "pytorch_legacy") \
-        and check.output == "safetensors"
+    # A checkpoint's weights (zip or legacy) and an estimator pickle are read a second time
+    # without executing anything (the checkpoint reader; the policy loader).
+    verifiable = (check.detected in ("pytorch_zip", "pytorch_legacy")
+                  and check.output == "safetensors") or check.detected in ("pickle", "joblib")
     assert result.assurance == ("integrity_verified" if verifiable else "format_safe_only")
     if check.output == "onnx" and check.model is not None:
         want = _reference(check)

@@ -60,7 +60,7 @@ def test_convert_writes_output_and_provenance_that_verify_accepts(
     record = provenance.verify(converted, prov.read_bytes(), public_key)
     assert record.output_sha256 == hashlib.sha256(converted.read_bytes()).hexdigest()
     assert record.detected_format == "pickle" and record.output_format == "onnx"
-    assert record.validation == "passed" and record.assurance == "format_safe_only"
+    assert record.validation == "passed" and record.assurance == "integrity_verified"
     assert record.image_id.startswith("sha256:") and record.runtime in {"runc", "runsc"}
     assert record.conversion["executed_artifact_code"] is True
     assert record.conversion["versions"], "the worker's library versions are recorded"

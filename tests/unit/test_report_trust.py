@@ -4,6 +4,7 @@ a zip's format, but it cannot rename a pickle or deny that unpickling ran code."
 from __future__ import annotations
 
 from airlock_broker.conversion.jobs import executed_artifact_code, refined_format
+from airlock_sandbox.contract import LoadingPolicy
 from airlock_sandbox.formats import ArtifactFormat as F
 
 
@@ -27,10 +28,15 @@ def test_an_mlflow_bundle_keeps_its_flavour_escaped() -> None:
     assert refined_format(F.MLFLOW, {"detected_format": "safetensors"}) == "mlflow"
 
 
-def test_unpickled_formats_always_count_as_executed() -> None:
+def test_unpickled_formats_always_count_as_executed_under_allow_code() -> None:
     for fmt in (F.PICKLE, F.JOBLIB):
         assert executed_artifact_code(fmt, {"executed_artifact_code": False})
         assert executed_artifact_code(fmt, None)
+        # under safe_only the policy loader reads them: the worker's "no" is believed
+        assert not executed_artifact_code(fmt, {"executed_artifact_code": False},
+                                          LoadingPolicy.SAFE_ONLY)
+        assert executed_artifact_code(fmt, {"executed_artifact_code": True},
+                                      LoadingPolicy.SAFE_ONLY)
     assert not executed_artifact_code(F.NUMPY, {"executed_artifact_code": False})
     assert executed_artifact_code(F.NUMPY, {"executed_artifact_code": True})
     assert not executed_artifact_code(F.ONNX, {"executed_artifact_code": "yes"})

@@ -76,8 +76,9 @@ _EXIT_MESSAGES: dict[Reason, str] = {
                         "the declared format)",
 }
 
-#: Formats whose only loader unpickles: loading one executed artifact code, whatever the worker
-#: (which that code may have taken over) reports.
+#: Formats that under ``allow_code`` are loaded by unpickling: loading one executed artifact
+#: code, whatever the worker (which that code may have taken over) reports. Under ``safe_only``
+#: the policy loader reads them, which calls nothing the pickle names.
 ALWAYS_EXECUTES = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
 
 
@@ -135,14 +136,17 @@ def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> s
     return detected.value
 
 
-def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | None) -> bool:
-    """True when the format can only be loaded by unpickling, else what the worker reports.
+def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | None,
+                           policy: LoadingPolicy = LoadingPolicy.ALLOW_CODE) -> bool:
+    """True when the format is loaded by unpickling under ``policy``, else what the worker
+    reports.
 
     The report can lie only once artifact code ran, so "yes" is always believed; "no" is
-    believed except for the formats that always execute. (For numpy and zip files loaded under
-    ``allow_code`` a subverted worker's "no" cannot be told from the truth: ``safe_only`` is
-    the guarantee.)"""
-    return detected in ALWAYS_EXECUTES or (report or {}).get("executed_artifact_code") is True
+    believed except for the formats that always execute under ``allow_code``. (For numpy and
+    zip files loaded under ``allow_code`` a subverted worker's "no" cannot be told from the
+    truth: ``safe_only`` is the guarantee.)"""
+    unpickled = detected in ALWAYS_EXECUTES and policy is LoadingPolicy.ALLOW_CODE
+    return unpickled or (report or {}).get("executed_artifact_code") is True
 
 
 def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> None:
@@ -266,7 +270,7 @@ class JobRunner:
             if report is not None:
                 audit.set(loader=sanitize(report.get("loader", ""), 80))
             audit.set(refined_format=refined_format(detected, report))
-            executed = executed_artifact_code(detected, report)
+            executed = executed_artifact_code(detected, report, request.policy)
             audit.set(executed_artifact_code=executed)
             try:
                 try:
