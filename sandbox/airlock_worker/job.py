@@ -49,6 +49,7 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
 VERIFY_HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.PICKLE: ("sklearn_convert", "verify"),
     ArtifactFormat.JOBLIB: ("sklearn_convert", "verify"),
+    ArtifactFormat.MLFLOW: ("mlflow_convert", "convert"),  # its pickled estimator, as above
 }
 EXTRACT_HANDLER = ("extract", "extract_weights")
 

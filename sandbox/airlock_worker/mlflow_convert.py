@@ -17,7 +17,7 @@ import os
 import zipfile
 from typing import IO
 
-from airlock_sandbox.contract import WorkerExit
+from airlock_sandbox.contract import JobMode, WorkerExit
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, detect_prefix
 
 from . import mlflow_model
@@ -104,6 +104,11 @@ def _format_of(view: IO[bytes], chosen: mlflow_model.Plan) -> ArtifactFormat:
 
 
 def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
+    if job.spec.mode is JobMode.EXTRACT_WEIGHTS and not (
+            chosen.flavor in ("sklearn", "lightgbm") and chosen.serialization != "skops"):
+        raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                          f"an MLflow {chosen.flavor} {chosen.serialization} model is not read "
+                          "a second time (only pickled scikit-learn and LightGBM models are)")
     if chosen.flavor == "xgboost" or (chosen.flavor, chosen.serialization) == ("lightgbm",
                                                                                "text"):
         from . import booster_convert
@@ -118,7 +123,10 @@ def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
     elif chosen.flavor in ("sklearn", "lightgbm"):
         from . import sklearn_convert
 
-        sklearn_convert.convert(job)
+        if job.spec.mode is JobMode.EXTRACT_WEIGHTS:
+            sklearn_convert.verify(job)
+        else:
+            sklearn_convert.convert(job)
     elif chosen.serialization == "pt2":
         from . import torch_convert
 

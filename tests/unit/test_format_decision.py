@@ -100,11 +100,13 @@ def test_an_npz_gets_the_light_profile_and_no_integrity_sandbox() -> None:
     assert _decide("npz", None) == (F.NUMPY_NPZ, "light", False)
 
 
-@pytest.mark.parametrize(("flavor", "profile"), [("sklearn", "sklearn"), ("pytorch", "torch"),
-                                                 ("onnx", "sklearn")])
-def test_a_declared_bundle_takes_its_profile_from_the_flavor_hint(flavor: str,
-                                                                  profile: str) -> None:
-    assert _decide("torch_zip", "mlflow", flavor) == (F.MLFLOW, profile, False)
+@pytest.mark.parametrize(("flavor", "profile", "integrity"), [
+    ("sklearn", "sklearn", True), ("lightgbm", "sklearn", True),  # a pickled estimator
+    ("pytorch", "torch", False), ("onnx", "sklearn", False), ("xgboost", "sklearn", False),
+    (None, "sklearn", False)])
+def test_a_declared_bundle_takes_its_profile_from_the_flavor_hint(
+        flavor: str | None, profile: str, integrity: bool) -> None:
+    assert _decide("torch_zip", "mlflow", flavor) == (F.MLFLOW, profile, integrity)
 
 
 @pytest.mark.parametrize(("sample", "declared"), [

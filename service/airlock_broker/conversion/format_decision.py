@@ -71,7 +71,11 @@ _INTEGRITY_PROFILES: dict[ArtifactFormat, str] = {
     ArtifactFormat.PYTORCH_LEGACY: PROFILE_LIGHT,
     ArtifactFormat.PICKLE: PROFILE_SKLEARN,
     ArtifactFormat.JOBLIB: PROFILE_SKLEARN,
+    ArtifactFormat.MLFLOW: PROFILE_SKLEARN,
 }
+#: MLflow flavors (the caller's hint) whose model file is a pickled estimator (or a booster
+#: file, which the worker reads the same way in both sandboxes).
+_VERIFIED_FLAVORS = frozenset({"sklearn", "lightgbm"})
 #: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
 _TENSOR_READINGS = frozenset({PROFILE_LIGHT})
 
@@ -134,8 +138,11 @@ def decide(prefix: bytes, size: int, declared: str | None,
                     f"declared {declared}, but the leading bytes say {detected}{hint}")
     if detected is ArtifactFormat.ZIP:
         detected = _narrow_zip(prefix, declared)
-    if detected is ArtifactFormat.MLFLOW and mlflow_flavor is not None:
-        return Decision(detected, MLFLOW_FLAVOR_PROFILES[mlflow_flavor], integrity=False)
+    if detected is ArtifactFormat.MLFLOW:
+        # The pickled estimator of a bundle is read a second time; only the caller's hint
+        # says what the bundle holds (the host does not open it).
+        return Decision(detected, MLFLOW_FLAVOR_PROFILES.get(mlflow_flavor or "", PROFILE_SKLEARN),
+                        integrity=mlflow_flavor in _VERIFIED_FLAVORS)
     integrity = detected in _INTEGRITY_PROFILES and declared != "cloudpickle"
     return Decision(detected, profile_for(detected), integrity=integrity)
 
