@@ -25,7 +25,7 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ REQUIREMENTS = ["scikit-learn"]
 @dataclass(frozen=True)
 class LocalRegistry:
     uri: str  # sqlite:///<root>/mlflow.db, tracking and registry alike
+    root: Path
     versions: list[str]
     setup_s: float
 
@@ -79,7 +80,7 @@ def build(root: Path, n: int) -> LocalRegistry:
         mv = client.create_model_version(MODEL, f"{run.info.artifact_uri}/model",
                                          run.info.run_id)
         versions.append(str(mv.version))
-    return LocalRegistry(uri, versions, time.perf_counter() - began)
+    return LocalRegistry(uri, root, versions, time.perf_counter() - began)
 
 
 def in_process(registry: LocalRegistry) -> list[float]:
@@ -106,9 +107,12 @@ def migrate(registry: LocalRegistry, broker: Broker, public_key: Path, jobs: int
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["AIRLOCK_SERVER"] = broker.address
     began = time.perf_counter()
+    # In the registry's directory: a sqlite store puts the artifacts of an experiment it
+    # creates (the twins') under ./mlruns of the working directory.
     done = subprocess.run([str(AIRLOCK), "migrate", "--all", "--tracking-uri", registry.uri,
                            "--public-key", str(public_key), "--jobs", str(jobs), "--json"],
-                          capture_output=True, text=True, env=env, timeout=3600, check=False)
+                          capture_output=True, text=True, env=env, timeout=3600, check=False,
+                          cwd=registry.root)
     wall = time.perf_counter() - began
     if not done.stdout.strip():
         raise BenchError(f"airlock migrate exited {done.returncode}: {done.stderr[-3000:]}")
@@ -124,7 +128,7 @@ def scenario(broker: Broker, n: int, jobs: int, work: Path) -> dict[str, Any]:
     registry = build(work / "s8-registry", n)
     public_key = work / "s8-airlock.pub.pem"
     public_key.write_text(load_key(broker.spool / KEY_FILE_NAME).public_pem)
-    in_process(LocalRegistry(registry.uri, registry.versions[:1], 0.0))  # first-call costs
+    in_process(replace(registry, versions=registry.versions[:1]))  # first-call costs, untimed
     broker.wait_ready()
     base = in_process(registry)
     base_wall = sum(base)
