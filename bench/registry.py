@@ -5,7 +5,8 @@ The registry is built here, in the benchmark's own temporary directory: a sqlite
 store and a local artifact root (no tracking server), one registered model holding ``n``
 versions, each a small scikit-learn pipeline (StandardScaler + LogisticRegression, fitted on
 its own seed, so no two versions have the same bytes) saved with ``mlflow.sklearn.save_model``
-and registered from a run, as a user's training job would. Building it is setup, timed apart
+and registered from a run, as a user's training job would. MLflow 3 saves them in its default
+format for scikit-learn, skops. Building it is setup, timed apart
 and kept off the measured time.
 
 Airlock's figure is the ``airlock`` command as a user runs it (its own process, from its
