@@ -108,3 +108,17 @@ def test_the_broker_reads_only_that_the_mark_exists_and_removes_it(tmp_path: Pat
     assert ws.worker_ready()
     ws.forget_ready()
     assert os.listdir(ws.out_dir) == []
+
+
+def test_the_status_command_shows_ready_and_importing_per_profile(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client import PoolStatus
+    from airlock_client._admin_cli import _print_pools
+
+    _print_pools([PoolStatus(profile="sklearn", warm=3, busy=0, starting=1, failed_starts=0,
+                             served_warm=7, served_cold=0, oldest_warm_seconds=12.0,
+                             image_id="sha256:abc", runtime="runc", draining=False,
+                             importing=1, ready=2)])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["PROFILE", "WARM", "READY", "IMPORTING"]
+    assert row.split()[:4] == ["sklearn", "3", "2", "1"]
