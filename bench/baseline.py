@@ -1,13 +1,14 @@
 """The UNSAFE in-process baseline: what a user gives up by switching to Airlock.
 
 WARNING: this module deserializes model files (``pickle.load``, ``joblib.load``,
-``torch.load``) in the benchmark's own process. That is exactly what Airlock exists to
-prevent, and it is done here only because this is a *benchmark*, not the product: the
-comparison Airlock is measured against is "load and convert in your own process, libraries
-already imported". It is only ever called on models the benchmark generated itself a moment
-earlier (``bench.run`` writes them with ``tests.fixtures.models`` into its own temporary
-directory). Nothing in ``service/``, ``clients/`` or ``sandbox/`` may import it, and it must
-never be pointed at a file from anywhere else.
+``torch.load``, ``mlflow.sklearn.load_model``) in the benchmark's own process. That is exactly
+what Airlock exists to prevent, and it is done here only because this is a *benchmark*, not the
+product: the comparison Airlock is measured against is "load and convert in your own process,
+libraries already imported". It is only ever called on models the benchmark generated itself a
+moment earlier (``bench.run`` writes them with ``tests.fixtures.models`` into its own temporary
+directory, and ``bench.registry`` builds S8's registry there). Nothing in ``service/``,
+``clients/`` or ``sandbox/`` may import it, and it must never be pointed at a file from
+anywhere else.
 
 Each conversion mirrors what the sandbox worker produces (skl2onnx with the same initial
 type, options and opsets; safetensors of a weights-only load) minus what only Airlock does
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ def import_libraries() -> None:
     import torch  # noqa: F401
 
 
-def _to_onnx_bytes(model: Any) -> bytes:
+def to_onnx_bytes(model: Any) -> bytes:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.base import is_classifier
@@ -53,7 +55,7 @@ def pickle_to_onnx(path: Path) -> bytes:
     """UNSAFE: ``pickle.load`` of a benchmark-generated sklearn pickle, then skl2onnx."""
     with path.open("rb") as fh:
         model = pickle.load(fh)
-    return _to_onnx_bytes(model)
+    return to_onnx_bytes(model)
 
 
 def joblib_to_onnx(path: Path) -> bytes:
@@ -61,7 +63,18 @@ def joblib_to_onnx(path: Path) -> bytes:
     import joblib
 
     model = joblib.load(path)  # benchmark-generated file, see the docstring
-    return _to_onnx_bytes(model)
+    return to_onnx_bytes(model)
+
+
+def mlflow_sklearn_to_onnx(uri: str) -> bytes:
+    """UNSAFE: ``mlflow.sklearn.load_model`` of a benchmark-registered version (a
+    ``models:/NAME/VERSION`` URI of the registry ``bench.registry`` built), then skl2onnx."""
+    import mlflow.sklearn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlflow.sklearn.load_model(uri)  # benchmark-generated version, see the docstring
+    return to_onnx_bytes(model)
 
 
 def state_dict_to_safetensors(path: Path, out: Path) -> int:

@@ -16,6 +16,9 @@ models generated here. Prints one table, writes every figure and raw sample as J
   S5  broker peak RSS during S3 (VmRSS sampled every 20 ms)
   S6  cold path (a second broker, pools off) for S1, against a plain ``docker run`` of the
       sandbox image importing the sklearn profile's modules
+  S8  ``airlock migrate --all --jobs 4`` of a local MLflow registry (sqlite, built here) of
+      200 small sklearn versions: versions per minute, against the same versions loaded with
+      ``mlflow.sklearn.load_model`` and converted in-process (``bench.registry``)
 
 "Warm pool" means what it says: before each timed request the benchmark waits until the
 broker reports its pools full *and* every warm container has finished importing (its cgroup
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_client import Client, ConversionError
-from bench import baseline, host
+from bench import baseline, host, registry
 from bench.broker import (
     AIRLOCK,
     QUIET_SHARE,
@@ -73,6 +76,8 @@ TARGETS: dict[str, tuple[str, Check]] = {
     "S4": (">= 60 conv/min", lambda r: r["conversions_per_minute"] >= 60),
     "S5": ("peak <= 150 MiB", lambda r: r["peak_rss_mib"] <= 150),
     "S6": ("ratio <= 1.2x", lambda r: r["ratio"] <= 1.2),
+    # Issue 15 sets no number for S8 yet: a figure to follow.
+    "S8": ("(versions/min)", lambda r: True),
 }
 
 #: The broker for S1-S5: warm pools for the profiles these scenarios use (S3's integrity
@@ -100,14 +105,17 @@ class Plan:
     s6: int
     s1c: int
     s1b: int
+    s8: int
     concurrency: int = 4
+    #: ``airlock migrate --jobs`` in S8: the warm broker's ``max_concurrent_jobs``.
+    s8_jobs: int = 4
     #: ``airlock --help`` runs; the median is reported.
     cli_starts: int = 5
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
-        return cls(s1=10, s2=10, s3=1, s4=20, s6=5, s1c=5, s1b=10) if quick else cls(
-            s1=30, s2=30, s3=3, s4=100, s6=10, s1c=10, s1b=20)
+        return cls(s1=10, s2=10, s3=1, s4=20, s6=5, s1c=5, s1b=10, s8=20) if quick else cls(
+            s1=30, s2=30, s3=3, s4=100, s6=10, s1c=10, s1b=20, s8=200)
 
 
 def log(message: str) -> None:
@@ -572,6 +580,12 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
         f"p50 {r['airlock_p50_ms']:.0f} ms" if r else "error",
         f"docker run p50 {r['plain_docker_run_p50_ms']:.0f} ms" if r else "",
         f"{r['ratio']:.2f}x" if r else "")
+    r = get("S8")
+    add("S8", f"airlock migrate --all, {r['n'] if r else '?'} sklearn versions, "
+        f"--jobs {r['jobs'] if r else '?'}",
+        f"{r['versions_per_minute']:.0f} versions/min" if r else "error",
+        f"{r['baseline_versions_per_minute']:.0f} versions/min in-process" if r else "",
+        f"{r['ratio']:.1f}x slower" if r else "")
     return out
 
 
@@ -605,10 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer samples (S1/S2 10, S3 1, S4 20, S6 5): about 3 minutes")
+                        help="fewer samples (S1/S2 10, S3 1, S4 20, S6 5, S8 20): about 3 "
+                             "minutes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6",
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S8",
                         help="comma-separated scenarios to run (S5 comes with S3, S1b and S1c "
                              "with S1)")
     parser.add_argument("--pools", action="append", default=[], metavar="KEY=VALUE",
@@ -698,6 +713,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"S4: {plan.s4} conversions at concurrency {plan.concurrency}")
                 run_guarded(results, "S4", lambda: throughput_scenario(
                     warm, small, plan.s4, plan.concurrency, work))
+            if "S8" in only:
+                log(f"S8: a registry of {plan.s8} sklearn versions, migrated "
+                    f"{plan.s8_jobs} at a time")
+                run_guarded(results, "S8", lambda: registry.scenario(
+                    warm, plan.s8, plan.s8_jobs, work))
         finally:
             doc["warm_container_cpu_s"] = warm.warm_cpu_by_profile() if warm.process else {}
             problems += stop_and_check(warm, "warm")

@@ -89,11 +89,12 @@ def _say(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 
 def _print_pools(pools: Sequence[PoolStatus]) -> None:
-    header = f"{'PROFILE':<9}{'WARM':>5}{'BUSY':>5}{'START':>6}{'FAILED':>7}{'WARM-HITS':>10}" \
-             f"{'COLD':>6}{'OLDEST':>8}  RUNTIME  IMAGE"
+    header = f"{'PROFILE':<9}{'WARM':>5}{'READY':>6}{'IMPORTING':>10}{'BUSY':>5}{'START':>6}" \
+             f"{'FAILED':>7}{'WARM-HITS':>10}{'COLD':>6}{'OLDEST':>8}  RUNTIME  IMAGE"
     print(header)
     for p in pools:
-        print(f"{printable(p.profile):<9}{p.warm:>5}{p.busy:>5}{p.starting:>6}"
+        print(f"{printable(p.profile):<9}{p.warm:>5}{p.ready:>6}{p.importing:>10}{p.busy:>5}"
+              f"{p.starting:>6}"
               f"{p.failed_starts:>7}{p.served_warm:>10}{p.served_cold:>6}"
               f"{p.oldest_warm_seconds:>7.0f}s  {printable(p.runtime):<7}  "
               f"{printable(p.image_id[:19])}{'  (draining)' if p.draining else ''}")

@@ -270,7 +270,8 @@ class Client:
             failed_starts=p.failed_starts, served_warm=p.served_warm,
             served_cold=p.served_cold, oldest_warm_seconds=p.oldest_warm_seconds,
             image_id=p.image_id, runtime=p.runtime, draining=p.draining,
-            unavailable=p.unavailable) for p in reply.pools]
+            unavailable=p.unavailable, importing=p.importing, ready=p.ready)
+            for p in reply.pools]
 
     def restart_pools(self, profile: str | None = None) -> int:
         """Replace every warm container (of one profile); returns how many were replaced."""

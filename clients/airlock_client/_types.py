@@ -126,6 +126,10 @@ class PoolStatus:
     draining: bool
     #: Why no sandbox can be started now (the engine is unreachable), or "".
     unavailable: str = ""
+    #: Of ``warm``: still importing their libraries, and warmed up (waiting for a job), as
+    #: the sandboxes say (a hint). A broker older than these counts reports 0 and 0.
+    importing: int = 0
+    ready: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ REPORT_NAME = "report.json"
 #: Renamed into OUT_DIR, after the report, by a worker that succeeded and now waits to be
 #: frozen (``JobSpec.linger_seconds``); the broker removes it before it reads the output.
 DONE_NAME = "worker.done"
+#: Renamed into OUT_DIR by a worker that has imported its profile and primed it, before it
+#: waits for its job spec. A hint for pool status and sizing only (the broker reads that it
+#: exists, nothing else, and removes it before it reads the output); a worker that never
+#: writes it serves jobs all the same.
+READY_NAME = "worker.ready"
 
 #: The worker waits this long at most for the job spec of a warm container.
 WARM_WAIT_SECONDS = 3600

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         warm_up(args.profile)
         report.timings["warm_up_s"] = round(time.perf_counter() - started, 4)
+        output.mark_ready(args.out_dir)
         spec = wait_for_spec(args.in_dir, args.wait_seconds)
         linger = spec.linger_seconds
         job_started = time.perf_counter()

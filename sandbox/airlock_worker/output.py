@@ -8,7 +8,14 @@ import errno
 import os
 from collections.abc import Iterator
 
-from airlock_sandbox.contract import DONE_NAME, OUTPUT_NAMES, REPORT_NAME, OutputFormat, WorkerExit
+from airlock_sandbox.contract import (
+    DONE_NAME,
+    OUTPUT_NAMES,
+    READY_NAME,
+    REPORT_NAME,
+    OutputFormat,
+    WorkerExit,
+)
 
 from .errors import WorkerError
 
@@ -61,10 +68,20 @@ def write_report(out_dir: str, data: bytes) -> None:
 
 def mark_done(out_dir: str) -> None:
     """Say (by a rename, which the broker watches for) that this worker succeeded and waits."""
-    tmp = os.path.join(out_dir, f".{DONE_NAME}.partial")
+    _mark(out_dir, DONE_NAME)
+
+
+def mark_ready(out_dir: str) -> None:
+    """Say that this worker has warmed up and waits for its job spec (pool status reads it)."""
+    _mark(out_dir, READY_NAME)
+
+
+def _mark(out_dir: str, name: str) -> None:
+    """An empty file ``name`` in ``out_dir``, appearing whole (by a rename); best effort."""
+    tmp = os.path.join(out_dir, f".{name}.partial")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.replace(tmp, os.path.join(out_dir, DONE_NAME))
+        os.replace(tmp, os.path.join(out_dir, name))
     except OSError:
         _remove(tmp)
 

@@ -72,6 +72,9 @@ class FakeSandbox:
             raise SandboxUnavailable("fake engine is down")
         slot.started = True
 
+    def warmed_up(self, slot: Slot) -> bool:
+        return slot.workspace.worker_ready()  # a test plays the worker by writing the mark
+
     async def is_running(self, slot: Slot) -> bool:
         return slot.slot_id in self.live and slot.slot_id not in self.dead
 

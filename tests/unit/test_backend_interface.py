@@ -15,15 +15,18 @@ from tests.unit.fakes import FakeSandbox
 
 BROKER = Path(__file__).resolve().parents[2] / "service" / "airlock_broker"
 VERBS = sorted(name for name, value in vars(SandboxBackend).items()
-               if inspect.iscoroutinefunction(value))
+               if inspect.isfunction(value) and not name.startswith("_"))
 
 
 def test_the_interface_is_a_handful_of_verbs() -> None:
     job = {"prepare", "start", "hand_over", "run", "output", "destroy"}
     upkeep = {"is_running", "check", "reap_orphans", "close"}
     selftest_and_gates = {"describe", "versions"}
+    hints = {"warmed_up"}  # synchronous: pool status reads it (a hint, never a decision)
     found = set(VERBS)
-    assert found == job | upkeep | selftest_and_gates
+    assert found == job | upkeep | selftest_and_gates | hints
+    assert {v for v in VERBS if not inspect.iscoroutinefunction(
+        getattr(SandboxBackend, v))} == hints
 
 
 @pytest.mark.parametrize("backend", [DockerSandbox, FakeSandbox])
@@ -31,7 +34,9 @@ def test_the_interface_is_a_handful_of_verbs() -> None:
 def test_every_backend_implements_every_verb_with_its_parameters(backend: type,
                                                                  verb: str) -> None:
     method = getattr(backend, verb, None)
-    assert method is not None and inspect.iscoroutinefunction(method), f"{backend} lacks {verb}"
+    is_async = inspect.iscoroutinefunction(getattr(SandboxBackend, verb))
+    assert method is not None and inspect.iscoroutinefunction(method) == is_async, \
+        f"{backend} lacks {verb}"
     want = list(inspect.signature(getattr(SandboxBackend, verb)).parameters)
     assert list(inspect.signature(method).parameters)[:len(want)] == want
 

@@ -283,6 +283,8 @@ def test_prometheus_metrics_count_jobs_rpcs_and_bytes(make_broker, tmp_path: Pat
         'airlock_grpc_server_handled_total{code="INVALID_ARGUMENT",method="Convert"} 1.0',
         f"airlock_artifact_bytes_in_total {float(len(PICKLE) + 18)}",
         'airlock_pool_containers{profile="sklearn",state="warm"} 0.0',
+        'airlock_pool_warm_containers{profile="sklearn",readiness="importing"} 0.0',
+        'airlock_pool_warm_containers{profile="sklearn",readiness="ready"} 0.0',
         "airlock_jobs_in_broker 0.0",
     ]
     # Job metrics are recorded after the reply (like the audit line): scrape until they are

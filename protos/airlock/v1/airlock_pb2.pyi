@@ -615,6 +615,8 @@ class PoolStatus(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    IMPORTING_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     warm: _builtins.int
     busy: _builtins.int
@@ -630,6 +632,12 @@ class PoolStatus(_message.Message):
     """Why no sandbox can be started now (e.g. the Docker engine is unreachable); empty when
     one can. Jobs are refused with UNAVAILABLE and this text while it is set.
     """
+    importing: _builtins.int
+    """Of `warm`: containers whose worker still imports its libraries (or never says it is done),
+    and those whose worker said it has warmed up and waits for a job. The sandboxes' own word,
+    a hint for status and sizing only. A broker older than these fields sends 0 and 0.
+    """
+    ready: _builtins.int
     def __init__(
         self,
         *,
@@ -645,10 +653,12 @@ class PoolStatus(_message.Message):
         runtime: _builtins.str = ...,
         draining: _builtins.bool = ...,
         unavailable: _builtins.str = ...,
+        importing: _builtins.int = ...,
+        ready: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "unavailable", b"unavailable", "warm", b"warm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "draining", b"draining", "failed_starts", b"failed_starts", "image_id", b"image_id", "importing", b"importing", "oldest_warm_seconds", b"oldest_warm_seconds", "profile", b"profile", "ready", b"ready", "runtime", b"runtime", "served_cold", b"served_cold", "served_warm", b"served_warm", "starting", b"starting", "unavailable", b"unavailable", "warm", b"warm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

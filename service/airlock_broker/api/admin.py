@@ -43,7 +43,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             profile=s.profile, warm=s.warm, busy=s.busy, starting=s.starting,
             failed_starts=s.failed_starts, served_warm=s.served_warm, served_cold=s.served_cold,
             oldest_warm_seconds=s.oldest_warm_seconds, image_id=s.image_id, runtime=s.runtime,
-            draining=s.draining, unavailable=s.unavailable) for s in self.pools.status()])
+            draining=s.draining, unavailable=s.unavailable, importing=s.importing,
+            ready=s.ready) for s in self.pools.status()])
 
     async def RestartPools(
         self, request: pb.RestartPoolsRequest,

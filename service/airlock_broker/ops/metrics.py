@@ -52,6 +52,10 @@ class Metrics:
                            "running)", registry=r)
         self.pool = Gauge("airlock_pool_containers", "Sandbox containers by profile and state",
                           ["profile", "state"], registry=r)
+        self.pool_warm = Gauge("airlock_pool_warm_containers", "Warm containers by profile and "
+                               "what their worker says: importing (its libraries) or ready "
+                               "(waiting for a job); a hint from the sandboxes",
+                               ["profile", "readiness"], registry=r)
         self.pool_events = Gauge("airlock_pool_events", "Cumulative pool events by profile "
                                  "(served_warm, served_cold, failed_starts)",
                                  ["profile", "event"], registry=r)
@@ -63,6 +67,9 @@ class Metrics:
             for state in ("warm", "busy", "starting"):
                 self.pool.labels(profile, state).set_function(
                     _reader(pools, profile, state))
+            for readiness in ("importing", "ready"):
+                self.pool_warm.labels(profile, readiness).set_function(
+                    _reader(pools, profile, readiness))
             for event in ("served_warm", "served_cold", "failed_starts"):
                 self.pool_events.labels(profile, event).set_function(
                     _reader(pools, profile, event))

@@ -233,6 +233,9 @@ class DockerSandbox:
         info = await self._call(self.client.api.inspect_container, slot.container_id)
         return bool(info["State"].get("Running"))
 
+    def warmed_up(self, slot: Slot) -> bool:
+        return slot.workspace.worker_ready()
+
     async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
         if isinstance(artifact, Slot):  # the same inode: one upload, two readers
             slot.workspace.link_artifact(artifact.workspace.artifact)
@@ -251,9 +254,10 @@ class DockerSandbox:
             slot.workspace.write_job_spec(spec)
         try:
             return await self._until_done(slot, deadline_seconds)
-        finally:  # nothing in it runs any more: the worker's signal is not an output
+        finally:  # nothing in it runs any more: the worker's signals are not outputs
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(slot.workspace.out_dir / DONE_NAME)
+            slot.workspace.forget_ready()
 
     async def _until_done(self, slot: Slot, deadline_seconds: float) -> Outcome:
         watch = slot.exit_watch

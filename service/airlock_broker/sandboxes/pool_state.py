@@ -17,6 +17,9 @@ class Warm:
     slot: Slot
     since: float
     generation: int
+    #: Its worker has said it finished importing and priming (``SandboxBackend.warmed_up``).
+    #: Kept once seen: the mark only goes away with the job that takes the slot.
+    ready: bool = False
 
 
 @dataclass
@@ -68,3 +71,8 @@ class PoolStatus:
     draining: bool
     #: Why no container can be started now (the engine is unreachable), or "".
     unavailable: str = ""
+    #: Of ``warm``: started, their worker still importing its libraries (or one that never
+    #: says it is done), and those whose worker said it waits for a job. The workers' own
+    #: word: for status and sizing, never for a decision.
+    importing: int = 0
+    ready: int = 0

@@ -267,13 +267,29 @@ class Pools:
 
     def status(self) -> list[PoolStatus]:
         now = time.monotonic()
-        return [PoolStatus(
-            profile=p.profile, warm=len(p.warm), busy=p.busy, starting=p.starting,
-            failed_starts=p.failed_starts, served_warm=p.served_warm, served_cold=p.served_cold,
-            oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
-            image_id=self.image_id, runtime=self.runtime, draining=self.draining,
-            unavailable=self.readiness.why(Hold.ENGINE_DOWN),
-        ) for p in self.pools.values()]
+        out = []
+        for p in self.pools.values():
+            ready = self._count_ready(p)
+            out.append(PoolStatus(
+                profile=p.profile, warm=len(p.warm), busy=p.busy, starting=p.starting,
+                failed_starts=p.failed_starts, served_warm=p.served_warm,
+                served_cold=p.served_cold,
+                oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
+                image_id=self.image_id, runtime=self.runtime, draining=self.draining,
+                unavailable=self.readiness.why(Hold.ENGINE_DOWN),
+                importing=len(p.warm) - ready, ready=ready))
+        return out
+
+    def _count_ready(self, pool: Pool) -> int:
+        """How many of ``pool``'s warm containers have said they are warmed up (asked of the
+        backend until one says so; a hint only, see ``SandboxBackend.warmed_up``)."""
+        for warm in pool.warm:
+            if not warm.ready:
+                try:
+                    warm.ready = self.backend.warmed_up(warm.slot)
+                except Exception as exc:  # a hint must never break status or metrics
+                    log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
+        return sum(w.ready for w in pool.warm)
 
     # -- background work -------------------------------------------------------------------
 

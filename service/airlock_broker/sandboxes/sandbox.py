@@ -61,9 +61,10 @@ class SandboxBackend(Protocol):
 
     A job: ``prepare`` (and ``start``, ahead of time, for a warm pool), ``hand_over`` the
     artifact, ``run`` the spec, read ``output`` once it is dead, ``destroy``. Upkeep:
-    ``is_running``, ``check``, ``reap_orphans``, ``close``. The self-test and the version
-    gates: ``describe``, ``versions``. Nothing above this interface knows which engine runs
-    the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes pod per job).
+    ``is_running``, ``warmed_up``, ``check``, ``reap_orphans``, ``close``. The self-test and
+    the version gates: ``describe``, ``versions``. Nothing above this interface knows which
+    engine runs the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes pod per
+    job).
     """
 
     async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
@@ -74,6 +75,12 @@ class SandboxBackend(Protocol):
     async def start(self, slot: Slot) -> None:
         """Start a prepared slot before any job is assigned (warm pools): its worker imports
         its profile's libraries and waits for a job spec."""
+        ...
+
+    def warmed_up(self, slot: Slot) -> bool:
+        """Whether a started slot's worker says it has imported and primed its profile and
+        waits for a job. The sandbox's word: a hint for pool status, never for a decision
+        (a slot that never says so serves jobs all the same). Cheap, never raises."""
         ...
 
     async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_broker.security.state_dirs import SAFE_OPEN, SPOOL_DIRS, ensure_dir
-from airlock_sandbox.contract import ARTIFACT_NAME, JOB_SPEC_NAME, JobSpec
+from airlock_sandbox.contract import ARTIFACT_NAME, JOB_SPEC_NAME, READY_NAME, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,22 @@ class JobWorkspace:
         finally:
             os.close(fd)
         os.rename(tmp, self.in_dir / JOB_SPEC_NAME)
+
+    def worker_ready(self) -> bool:
+        """Whether the worker has said it is warmed up (``READY_NAME`` exists in the out dir).
+
+        The sandbox's own word, so a hint for pool status and nothing else: only that the
+        name exists is read (``lstat``: a link is not followed, a file not opened)."""
+        try:
+            os.lstat(self.out_dir / READY_NAME)
+        except OSError:
+            return False
+        return True
+
+    def forget_ready(self) -> None:
+        """Remove the worker's readiness mark: it is not an output."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.out_dir / READY_NAME)
 
     def destroy(self) -> None:
         """Unmount and delete everything. Logs instead of raising: it runs in ``finally``."""

@@ -1,0 +1,124 @@
+"""Pool status splits warm containers into importing and ready, from the mark each worker
+writes once it has warmed up (``contract.READY_NAME``). The mark is the sandbox's word: it
+only changes counts, never which container a job gets, and it never reaches an output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.sandboxes.pools import Pools, PoolSettings
+from airlock_broker.sandboxes.sandbox import Slot
+from airlock_broker.sandboxes.workspace import JobWorkspace
+from airlock_sandbox.contract import READY_NAME
+from airlock_worker import output
+from tests.unit.fakes import FakeSandbox
+from tests.unit.test_pools import _until, run_pools
+
+
+def _mark(slot: Slot) -> None:
+    """Play the worker: warmed up, waiting for its job."""
+    output.mark_ready(str(slot.workspace.out_dir))
+
+
+def _counts(pools: Pools, profile: str) -> tuple[int, int, int]:
+    status = next(s for s in pools.status() if s.profile == profile)
+    return status.warm, status.importing, status.ready
+
+
+def test_warm_containers_are_importing_until_their_worker_marks_ready(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["sklearn"].warm) == 2)
+        assert _counts(pools, "sklearn") == (2, 2, 0)
+        first, second = (w.slot for w in pools.pools["sklearn"].warm)
+        _mark(first)
+        assert _counts(pools, "sklearn") == (2, 1, 1)
+        _mark(second)
+        assert _counts(pools, "sklearn") == (2, 0, 2)
+        # Seen once, kept: nothing but the job that takes the slot removes the mark.
+        os.unlink(first.workspace.out_dir / READY_NAME)
+        assert _counts(pools, "sklearn") == (2, 0, 2)
+
+    run_pools(tmp_path, PoolSettings(min_warm=2, max_starting=2, profiles=("sklearn",)), body)
+
+
+def test_a_taken_container_leaves_the_counts_and_its_replacement_starts_importing(
+        tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        _mark(pools.pools["light"].warm[0].slot)
+        assert _counts(pools, "light") == (1, 0, 1)
+        slot = await pools.acquire("light")
+        assert _counts(pools, "light")[1:] in {(0, 0), (1, 0)}  # replacement maybe started
+        await pools.release(slot)
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        assert _counts(pools, "light") == (1, 1, 0)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, defer_replacement=False,
+                                     profiles=("light",)), body)
+
+
+def test_a_container_that_never_marks_ready_serves_jobs_as_before(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["torch"].warm) == 1)
+        waiting = pools.pools["torch"].warm[0].slot
+        assert _counts(pools, "torch") == (1, 1, 0)
+        slot = await pools.acquire("torch")
+        assert slot.slot_id == waiting.slot_id and slot.started
+        await pools.release(slot)
+        status = next(s for s in pools.status() if s.profile == "torch")
+        assert status.served_warm == 1 and status.served_cold == 0
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, profiles=("torch",)), body)
+
+
+def test_a_backend_that_cannot_tell_counts_importing_and_status_still_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: FakeSandbox, slot: Slot) -> bool:
+        raise OSError("cannot tell")
+
+    monkeypatch.setattr(FakeSandbox, "warmed_up", broken)
+
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        assert _counts(pools, "light") == (1, 1, 0)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, profiles=("light",)), body)
+
+
+def _workspace(tmp_path: Path) -> JobWorkspace:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    return JobWorkspace(root=tmp_path, uid=os.getuid(), gid=os.getgid())
+
+
+def test_the_broker_reads_only_that_the_mark_exists_and_removes_it(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    assert not ws.worker_ready()
+    output.mark_ready(str(ws.out_dir))
+    assert os.listdir(ws.out_dir) == [READY_NAME]  # whole, no partial file left
+    assert ws.worker_ready()
+    ws.forget_ready()
+    assert os.listdir(ws.out_dir) == []
+    ws.forget_ready()  # gone already: nothing to do, no error
+    # A link in its place is not followed (the sandbox could point it anywhere).
+    os.symlink("/nonexistent/elsewhere", ws.out_dir / READY_NAME)
+    assert ws.worker_ready()
+    ws.forget_ready()
+    assert os.listdir(ws.out_dir) == []
+
+
+def test_the_status_command_shows_ready_and_importing_per_profile(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client import PoolStatus
+    from airlock_client._admin_cli import _print_pools
+
+    _print_pools([PoolStatus(profile="sklearn", warm=3, busy=0, starting=1, failed_starts=0,
+                             served_warm=7, served_cold=0, oldest_warm_seconds=12.0,
+                             image_id="sha256:abc", runtime="runc", draining=False,
+                             importing=1, ready=2)])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["PROFILE", "WARM", "READY", "IMPORTING"]
+    assert row.split()[:4] == ["sklearn", "3", "2", "1"]
