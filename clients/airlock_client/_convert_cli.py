@@ -81,7 +81,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 progress=None if args.json else ProgressBar.for_upload("uploading", size),
                 on_busy=busy_notice("convert"),
                 subject=_cli_source.default_subject(args.input) if args.subject is None
-                else args.subject)
+                else args.subject, parity_tolerance=args.parity_tolerance)
     except ValueError as exc:
         return _usage(str(exc))
     except AirlockError as exc:
@@ -134,8 +134,8 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
     print(f"  assurance  {t(result.assurance)}{note}")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
-        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g} over "
-              f"{p.samples} samples ({t(p.tolerance)}) {verdict}")
+        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g}, relative "
+              f"{p.max_rel_diff:.3g}, over {p.samples} samples ({t(p.tolerance)}) {verdict}")
     for warning in result.report.warnings:
         print(f"  warning    {t(warning)}")
     fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"

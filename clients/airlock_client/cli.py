@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
                          help="safe_only refuses any loader that executes the artifact's code")
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
+    convert.add_argument("--parity-tolerance", type=float, default=0.0, metavar="T",
+                         help="float outputs may differ from the original's by T + T*|original| "
+                              "in the parity check (0 < T <= 1; default atol 1e-5, rtol 1e-4)")
     convert.add_argument("--server", default=None,
                          help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     convert.add_argument("--public-key", type=Path, default=None,
