@@ -50,9 +50,12 @@ def _final_name(source: Path, fmt: str) -> Path:
 
 def run_convert(args: argparse.Namespace) -> int:
     try:
-        inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
+        dtype = args.input_dtype or "float32"
+        inputs = tuple(parse_shape(s, dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
         return _usage(str(exc))
+    if args.input_dtype and not inputs:  # the model's own width, filled in by the sandbox
+        inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(problem)
     if not mlflow_source.is_uri(args.input) and Path(args.input).is_dir():

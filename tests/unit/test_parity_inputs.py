@@ -119,6 +119,23 @@ def test_inputs_are_seeded_bounded_and_fall_back_when_the_model_says_nothing() -
     assert sample(other, 4, 1)["X"].shape == (4, 7)
 
 
+def test_a_dtype_alone_gives_the_model_s_width_and_a_float64_graph(tmp_path: Path) -> None:
+    import onnx
+    from sklearn.linear_model import LogisticRegression
+
+    from airlock_sandbox.contract import TensorSpec
+
+    x, y = _ints()
+    job = Job(spec=JobSpec(job_id="t", inputs=(TensorSpec("X", "float64", (-1, -1)),)),
+              artifact="", out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE)
+    sklearn_convert.convert_object(job, LogisticRegression().fit(x, y))
+    assert job.report.inputs == [{"name": "X", "dtype": "float64", "shape": [-1, 3]}]
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    probabilities = next(o for o in graph.output if o.name == "probabilities")
+    assert probabilities.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+    assert all(e.passed and e.max_abs_diff < 1e-12 for e in job.report.parity)
+
+
 # -- the MLflow input example -----------------------------------------------------------------
 
 
@@ -220,3 +237,38 @@ def test_the_broker_refuses_a_tolerance_out_of_bounds(bad: float) -> None:
     ok = job_request(pb.ConvertMetadata(parity_tolerance=1e-4), "j", default_deadline=60,
                      max_deadline=60)
     assert ok.parity_tolerance == 1e-4
+
+
+def _bundle(path: Path, model: object, example: bytes) -> Path:
+    import pickle
+    import zipfile
+
+    mlmodel = ("flavors: {sklearn: {pickled_model: model.pkl, serialization_format: pickle}}\n"
+               "saved_input_example_info: {artifact_path: input_example.json, type: ndarray}\n")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("MLmodel", mlmodel)
+        zf.writestr("model.pkl", pickle.dumps(model))
+        zf.writestr("input_example.json", example)
+    return path
+
+
+def test_an_mlflow_bundle_s_input_example_is_used_and_a_bad_one_is_said(tmp_path: Path) -> None:
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+
+    from airlock_worker import mlflow_convert
+
+    x, y = _ints()
+    model = LogisticRegression().fit(x, y)
+    for name, example, rows in (("good", json.dumps(x[:3].tolist()).encode(), 3),
+                                ("bad", b'[["a", "b", "c"]]', 0)):
+        out = tmp_path / name
+        out.mkdir()
+        job = Job(spec=JobSpec(job_id="t"), artifact=str(_bundle(tmp_path / f"{name}.zip",
+                                                                  model, example)),
+                  out_dir=str(out), fmt=ArtifactFormat.MLFLOW)
+        mlflow_convert.convert(job)
+        assert all(e.samples == rows + parity.PARITY_ROWS + 1 for e in job.report.parity)
+        noted = [w for w in job.report.warnings if "input example" in w]
+        assert bool(noted) == (name == "bad"), job.report.warnings
