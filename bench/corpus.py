@@ -9,6 +9,7 @@ moment earlier, in its own process: it is a benchmark, and nothing in the produc
     .venv/bin/python -m bench.corpus                      # a broker of its own (the test image)
     .venv/bin/python -m bench.corpus --server HOST:PORT   # a broker already running
     .venv/bin/python -m bench.corpus --json corpus.json   # the rows as JSON too
+    .venv/bin/python -m bench.corpus --parity-tolerance 1e-4 --input-dtype float64
 """
 
 from __future__ import annotations
@@ -112,11 +113,13 @@ def corpus(workdir: Path) -> list[tuple[str, str, Path]]:
 
 
 def convert_all(server: str, models: list[tuple[str, str, Path]], workdir: Path,
-                tolerance: float | None) -> list[Row]:
-    from airlock_client import Client, ConversionError
+                tolerance: float | None, dtype: str | None = None) -> list[Row]:
+    from airlock_client import Client, ConversionError, TensorSpec
 
     rows = []
     extra: dict[str, Any] = {} if tolerance is None else {"parity_tolerance": tolerance}
+    if dtype is not None:  # as `airlock convert --input-dtype` sends it: the model's width
+        extra["inputs"] = (TensorSpec("X", dtype, (-1, -1)),)
     with Client(server, timeout=300) as client:
         for name, kind, path in models:
             began = time.monotonic()
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=IMAGE, help="sandbox image of the broker started")
     parser.add_argument("--parity-tolerance", type=float, default=None,
                         help="sent with every request (default: the broker's)")
+    parser.add_argument("--input-dtype", default=None,
+                        help="e.g. float64: a graph of that input type (default float32)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="airlock-corpus-") as tmp:
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         models = corpus(workdir)
         print(f"{len(models)} estimators fit and convert in-process", file=sys.stderr)
         if args.server:
-            rows = convert_all(args.server, models, workdir, args.parity_tolerance)
+            rows = convert_all(args.server, models, workdir, args.parity_tolerance,
+                               args.input_dtype)
         else:
             from bench.broker import Broker
 
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 "pools": {"min_warm": 1, "profiles": ["sklearn"]}})
             try:
                 broker.start()
-                rows = convert_all(broker.address, models, workdir, args.parity_tolerance)
+                rows = convert_all(broker.address, models, workdir, args.parity_tolerance,
+                                   args.input_dtype)
             finally:
                 code = broker.stop()
             if code != 0:

@@ -15,8 +15,8 @@ what it has seen, in the first of these that it has:
 * ``mean_``/``scale_`` (``StandardScaler``), ``mean_``/``var_``: normal around the mean.
 
 Anything else, or inputs that are not one ``[rows, n_features]`` float tensor, gets
-:func:`parity.random_feeds`. Seeded, and bounded: at most ``MAX_VALUES`` values per feature,
-``MAX_TREES`` trees read.
+:func:`parity.random_feeds`. Seeded, and bounded: at most ``MAX_VALUES`` categories per
+feature, ``MAX_FITTED_VALUES`` values of fitted rows, ``MAX_TREES`` trees read.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import numpy as np
 from .parity import Sampler, random_feeds
 from .spec_types import concrete_shape
 
-#: Categories or fitted rows kept per feature: the draw needs a handful, not a copy.
+#: Categories kept per feature: the draw needs a handful, not a copy.
 MAX_VALUES = 4096
+#: Values of fitted rows kept (rows x features): a wide model keeps fewer rows.
+MAX_FITTED_VALUES = 2**20
 #: Trees read for thresholds: a forest's first hundred say enough about its range.
 MAX_TREES = 100
 #: Noise added to a fitted row, as a share of each feature's spread: far inside any radius a
@@ -124,7 +126,7 @@ def _fitted_rows(step: Any) -> Draw | None:
         return None
     if fit_x.dtype.kind not in "biuf":
         return None
-    seen = fit_x[:MAX_VALUES].astype(np.float64)
+    seen = fit_x[:max(1, MAX_FITTED_VALUES // max(fit_x.shape[1], 1))].astype(np.float64)
     finite = np.where(np.isfinite(seen), seen, np.nan)
     spread = np.nan_to_num(np.nanstd(finite, axis=0)) if np.isfinite(finite).any() else 0.0
     noise = JITTER * np.where(spread > 0, spread, 1.0)
