@@ -97,3 +97,22 @@ def test_input_dtype_float64_alone_gives_a_double_precision_graph(broker: Broker
     (graph_input,) = onnx.load(str(out)).graph.input
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1] == 5
+
+
+def test_an_mlflow_models_input_example_is_parity_s_first_batch(broker: BrokerProcess,
+                                                                tmp_path: Path) -> None:
+    import warnings
+
+    import mlflow.sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(3).standard_normal((40, 3))
+    where = tmp_path / "model"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.sklearn.save_model(LogisticRegression().fit(x, x[:, 0] > 0), str(where),
+                                  serialization_format="pickle", input_example=x[:7])
+    with Client(broker.address) as client:
+        result = client.convert(where, tmp_path / "m.onnx")
+    assert result.report.parity and all(p.passed for p in result.report.parity)
+    assert {p.samples for p in result.report.parity} == {7 + 64 + 1}
