@@ -136,6 +136,18 @@ def test_a_dtype_alone_gives_the_model_s_width_and_a_float64_graph(tmp_path: Pat
     assert all(e.passed and e.max_abs_diff < 1e-12 for e in job.report.parity)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kmeans_is_compared_in_the_precision_it_was_fitted_in(tmp_path: Path,
+                                                              dtype: type) -> None:
+    """Its compiled path refuses rows of another precision than its centres."""
+    from sklearn.cluster import KMeans
+
+    x = np.random.default_rng(0).random((60, 3)).astype(dtype)
+    job = _convert(KMeans(n_clusters=3, n_init=2, random_state=0).fit(x), tmp_path)
+    assert {e.output_name for e in job.report.parity} == {"label", "scores"}
+    assert all(e.passed for e in job.report.parity)
+
+
 # -- the MLflow input example -----------------------------------------------------------------
 
 
