@@ -147,6 +147,8 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], rows: int) -> list[Any]:
     """A graph ONNX Runtime refuses to run is a failed conversion, said in one sentence."""
     try:
         return list(sess.run(None, feeds))
+    except MemoryError:
+        raise
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkerError(WorkerExit.CONVERSION_FAILED,
@@ -167,7 +169,7 @@ def failure_message(failed: Sequence[ParityEntry]) -> str:
             parts.append(f"{e.output_name!r} differs by up to {e.max_abs_diff:.3g}, relative "
                          f"{e.max_rel_diff:.3g} (allowed: {e.tolerance})")
     samples = max(e.samples for e in failed)
-    return (f"{'; '.join(parts)}, on {samples} seeded samples: the converter does not "
+    return (f"{'; '.join(parts)}, on {samples} samples: the converter does not "
             "reproduce this model, and nothing was written")
 
 
