@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:50051
 export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv docker image serve test bench soak unit integration adversarial \
+.PHONY: help setup venv docker image serve test bench corpus soak unit integration adversarial \
         protos check-protos check-seccomp check-host lint typecheck check clean audit
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make setup   - .venv with the project, the Docker engine, the sandbox image"
 	@echo "make image   - (re)build the sandbox image if its inputs changed"
 	@echo "make bench   - Airlock against the unsafe in-process baseline (BENCH_ARGS=--quick)"
+	@echo "make corpus  - every scikit-learn estimator skl2onnx converts, through a broker: converted or why"
 	@echo "make soak    - mixed benign and hostile jobs for SOAK_MINUTES (30); leak report"
 	@echo "make check   - lint, type-check, verify generated stubs, scan the host for deserializers and archive readers"
 	@echo "make audit   - the host's and the image's versions against the version gates"
@@ -48,6 +49,11 @@ audit: venv docker
 BENCH_ARGS ?=
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# CORPUS_ARGS: e.g. --server HOST:PORT, --image airlock-x-sandbox:latest, --json corpus.json
+CORPUS_ARGS ?=
+corpus: setup
+	$(PY) -m bench.corpus $(CORPUS_ARGS)
 
 SOAK_MINUTES ?= 30
 soak: setup

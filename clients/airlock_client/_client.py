@@ -150,7 +150,7 @@ class Client:
                 declared_format: DeclaredFormat | None = None,
                 loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
                 progress: Progress | None = None, on_busy: OnBusy | None = None,
-                subject: str = "") -> ConversionResult:
+                subject: str = "", parity_tolerance: float = 0.0) -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -173,6 +173,12 @@ class Client:
         broker signs it into the provenance beside the input's sha256 and the caller's
         principal. At most 1024 printable characters (``provenance.escape_subject`` makes any
         name fit), else ``ValueError``.
+
+        ``parity_tolerance`` (``t``): how far the ONNX model's float outputs may differ from
+        the original's in the sandbox's parity check, ``|onnx - original| <= t + t *
+        |original|``; labels must match exactly. 0 keeps the broker's default (atol 1e-5, rtol
+        1e-4); the broker refuses a negative one, NaN or one above 1 (``BAD_REQUEST``). The
+        differences measured are in ``result.report.parity`` either way.
         """
         source = Path(artifact)
         if source.is_dir():
@@ -186,11 +192,12 @@ class Client:
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
                     filename=model.root.name, on_busy=on_busy, subject=subject,
-                    mlflow_flavor=model.flavor_hint)
+                    mlflow_flavor=model.flavor_hint, parity_tolerance=parity_tolerance)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-            filename=source.name, on_busy=on_busy, subject=subject)
+            filename=source.name, on_busy=on_busy, subject=subject,
+            parity_tolerance=parity_tolerance)
 
     def convert_directory(self, source: str | os.PathLike[str],
                           output: str | os.PathLike[str], *, jobs: int | None = None,
@@ -217,7 +224,8 @@ class Client:
                       loading_policy: LoadingPolicy, job_timeout: int,
                       progress: Progress | None, filename: str,
                       on_busy: OnBusy | None, subject: str = "",
-                      mlflow_flavor: str = "") -> ConversionResult:
+                      mlflow_flavor: str = "",
+                      parity_tolerance: float = 0.0) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -230,7 +238,7 @@ class Client:
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=filename, timeout_seconds=job_timeout, subject=subject,
-                    mlflow_flavor=mlflow_flavor)
+                    mlflow_flavor=mlflow_flavor, parity_tolerance=parity_tolerance)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "

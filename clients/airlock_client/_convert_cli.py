@@ -50,9 +50,12 @@ def _final_name(source: Path, fmt: str) -> Path:
 
 def run_convert(args: argparse.Namespace) -> int:
     try:
-        inputs = tuple(parse_shape(s, args.input_dtype, i) for i, s in enumerate(args.input_shape))
+        dtype = args.input_dtype or "float32"
+        inputs = tuple(parse_shape(s, dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
         return _usage(str(exc))
+    if args.input_dtype and not inputs:  # the model's own width, filled in by the sandbox
+        inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(problem)
     if not mlflow_source.is_uri(args.input) and Path(args.input).is_dir():
@@ -81,7 +84,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 progress=None if args.json else ProgressBar.for_upload("uploading", size),
                 on_busy=busy_notice("convert"),
                 subject=_cli_source.default_subject(args.input) if args.subject is None
-                else args.subject)
+                else args.subject, parity_tolerance=args.parity_tolerance)
     except ValueError as exc:
         return _usage(str(exc))
     except AirlockError as exc:
@@ -134,8 +137,8 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
     print(f"  assurance  {t(result.assurance)}{note}")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
-        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g} over "
-              f"{p.samples} samples ({t(p.tolerance)}) {verdict}")
+        print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g}, relative "
+              f"{p.max_rel_diff:.3g}, over {p.samples} samples ({t(p.tolerance)}) {verdict}")
     for warning in result.report.warnings:
         print(f"  warning    {t(warning)}")
     fp = result.provenance_record.key_fingerprint[:16] if result.provenance_record else "-"

@@ -43,11 +43,16 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ParityCheck:
+    """One output of the converted model against the original's, in the sandbox: the largest
+    absolute and relative differences over ``samples`` rows, and the tolerance they met."""
+
     output_name: str
     samples: int
     max_abs_diff: float
     tolerance: str
     passed: bool
+    #: ``max |onnx - original| / |original|`` where the original is not zero.
+    max_rel_diff: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
              idempotency_key: str, filename: str, timeout_seconds: int,
-             subject: str = "", mlflow_flavor: str = "") -> pb.ConvertRequest:
+             subject: str = "", mlflow_flavor: str = "",
+             parity_tolerance: float = 0.0) -> pb.ConvertRequest:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}")
     if policy not in POLICIES:
@@ -73,7 +74,7 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
         target=TARGETS[target], loading_policy=POLICIES[policy],
         idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
         filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
-        mlflow_flavor=mlflow_flavor,
+        mlflow_flavor=mlflow_flavor, parity_tolerance=float(parity_tolerance),
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
     )
     return pb.ConvertRequest(metadata=meta)
@@ -84,8 +85,8 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
     report = ConversionReport(
         loader=rep.loader, converter=rep.converter,
         executed_artifact_code=rep.executed_artifact_code,
-        parity=tuple(ParityCheck(p.output_name, p.samples, p.max_abs_diff, p.tolerance, p.passed)
-                     for p in rep.parity),
+        parity=tuple(ParityCheck(p.output_name, p.samples, p.max_abs_diff, p.tolerance, p.passed,
+                                 p.max_rel_diff) for p in rep.parity),
         warnings=tuple(rep.warnings), versions=dict(rep.versions),
         inputs=tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in rep.inputs),
         tensor_count=rep.tensor_count,

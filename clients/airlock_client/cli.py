@@ -48,7 +48,7 @@ _SERVER_HELP = "broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)"
 
 
 #: Options whose value may start with ``-`` (a free dimension: ``--input-shape -1,20``).
-_DASHED_VALUE_OPTIONS = frozenset({"--input-shape"})
+_DASHED_VALUE_OPTIONS = frozenset({"--input-shape", "--parity-tolerance"})
 #: What such a value looks like: argparse takes ``-1`` for a number but ``-1,20`` for an
 #: option, so the pair is joined into ``--input-shape=-1,20`` before argparse sees it.
 _DASHED_VALUE = re.compile(r"-[0-9?Nn]")
@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]DIMS",
                          help="a model input's shape, e.g. 1,20 or x:-1,20 (-1 = free); repeat "
                               "for several inputs")
-    convert.add_argument("--input-dtype", default="float32", help="dtype of the inputs")
+    convert.add_argument("--input-dtype", default=None, metavar="DTYPE",
+                         help="dtype of the inputs (default float32); without --input-shape, "
+                              "the one input of a scikit-learn or booster model, as wide as it "
+                              "was fitted: float64 gives a double-precision graph where the "
+                              "converter supports it")
     convert.add_argument("--format", dest="declared", default=None,
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
                                   "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
                          help="safe_only refuses any loader that executes the artifact's code")
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
+    convert.add_argument("--parity-tolerance", type=float, default=0.0, metavar="T",
+                         help="float outputs may differ from the original's by T + T*|original| "
+                              "in the parity check (0 < T <= 1; default atol 1e-5, rtol 1e-4)")
     convert.add_argument("--server", default=None,
                          help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     convert.add_argument("--public-key", type=Path, default=None,

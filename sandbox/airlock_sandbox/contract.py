@@ -44,6 +44,11 @@ MAX_REPORT_BYTES = 256 * 1024
 #: Upper bound on a job spec; the broker writes it, the worker refuses anything larger.
 MAX_JOB_SPEC_BYTES = 64 * 1024
 
+#: A caller's parity tolerance (both atol and rtol of ``|onnx - ref| <= atol + rtol*|ref|``)
+#: is at most this: beyond 1 a difference as large as the value itself passes, which is no
+#: check. 0 means the worker's default (atol 1e-5, rtol 1e-4).
+MAX_PARITY_TOLERANCE = 1.0
+
 CONTAINER_UID = 10001
 CONTAINER_GID = 10001
 
@@ -105,6 +110,16 @@ class WorkerExit(enum.IntEnum):
     UNSAFE_MODEL_DIR = 74
 
 
+def check_parity_tolerance(value: float) -> float:
+    """A caller's parity tolerance, or ``ValueError`` with a sentence saying what is allowed."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"the parity tolerance must be a number, not {str(value)[:20]}")
+    if not 0.0 <= value <= MAX_PARITY_TOLERANCE:
+        raise ValueError(f"the parity tolerance is {value:g}; it must be between 0 (the "
+                         f"default, atol 1e-05 and rtol 0.0001) and {MAX_PARITY_TOLERANCE:g}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input: name, numpy dtype name, shape (``-1`` or ``None`` marks a free dim)."""
@@ -136,6 +151,8 @@ class JobSpec:
     #: it in that time instead of waiting for its slow death (broker: sandboxes/freezer.py).
     #: 0: exit at once.
     linger_seconds: float = 0.0
+    #: The caller's parity tolerance (check_parity_tolerance); 0: the worker's default.
+    parity_tolerance: float = 0.0
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -166,4 +183,5 @@ class JobSpec:
             mode=JobMode(doc.get("mode", JobMode.CONVERT)),
             mlflow_flavor=None if flavor is None else str(flavor),
             linger_seconds=min(max(float(doc.get("linger_seconds", 0.0)), 0.0), 60.0),
+            parity_tolerance=check_parity_tolerance(float(doc.get("parity_tolerance", 0.0))),
         )

@@ -62,6 +62,8 @@ class Job:
     out_dir: str
     fmt: ArtifactFormat
     report: Report = field(default_factory=Report)
+    #: The model's own example inputs (an MLflow ``input_example``), parity's first batch.
+    parity_example: dict[str | None, Any] | None = None
 
     # -- the artifact ------------------------------------------------------------------
 
@@ -134,8 +136,10 @@ class Job:
 
     # -- output writers ----------------------------------------------------------------
 
-    def write_onnx(self, model: Any, converter: str, reference: Any | None) -> None:
-        """Finish, parity-check (if a reference is given), then write the ONNX file."""
+    def write_onnx(self, model: Any, converter: str, reference: Any | None,
+                   sampler: Any | None = None) -> None:
+        """Finish, parity-check (if a reference is given: on the model's example, then on
+        inputs from ``sampler``, parity.random_feeds by default), then write the ONNX file."""
         from . import onnx_out, parity
 
         self.report.converter = converter
@@ -144,9 +148,23 @@ class Job:
         self.report.inputs = onnx_out.graph_inputs(model)
         self.report.tensor_count = len(model.graph.initializer)
         if reference is not None:
-            parity.check(data, self.report.inputs, reference, self.report)
+            parity.check(data, self.report.inputs, reference, self.report,
+                         tolerance=parity.Tolerance.of(self.spec.parity_tolerance),
+                         sampler=sampler or parity.random_feeds,
+                         examples=self._example_feeds())
         output.write_bytes(self.out_dir, OutputFormat.ONNX, data, self.spec.max_output_bytes)
         self.report.output_format = OutputFormat.ONNX.value
+
+    def _example_feeds(self) -> list[dict[str, Any]]:
+        if not self.parity_example:
+            return []
+        from .parity_inputs import example_feeds
+
+        try:
+            return [example_feeds(self.parity_example, self.report.inputs)]
+        except ValueError as exc:
+            self.report.warn(f"the model's input example was not used for parity: {exc}")
+            return []
 
     def write_torch_tensors(self, tensors: dict[str, Any], converter: str) -> None:
         from . import st_torch

@@ -20,7 +20,7 @@ from typing import IO
 from airlock_sandbox.contract import JobMode, WorkerExit
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, detect_prefix
 
-from . import mlflow_model
+from . import mlflow_example, mlflow_model
 from .detect import detect
 from .errors import WorkerError
 from .job import Job
@@ -55,6 +55,7 @@ def convert(job: Job) -> None:
         members = mlflow_model.open_members(zf, size, MAX_BUNDLE_BYTES)
         mlmodel = mlflow_model.read_mlmodel(zf, members)
         chosen = mlflow_model.plan(mlmodel, members)
+        example = mlflow_example.read(zf, members, mlmodel, job.report.warn)
     hint = job.spec.mlflow_flavor
     if hint is not None and hint != chosen.flavor:
         raise WorkerError(WorkerExit.FORMAT_MISMATCH,
@@ -73,7 +74,8 @@ def convert(job: Job) -> None:
                                                   members)
         job.report.detected_format = f"mlflow:{chosen.flavor}/{chosen.serialization}"[:32]
         inner = Job(spec=dataclasses.replace(job.spec, declared_format=None, inputs=inputs),
-                    artifact=artifact, out_dir=job.out_dir, fmt=fmt, report=job.report)
+                    artifact=artifact, out_dir=job.out_dir, fmt=fmt, report=job.report,
+                    parity_example=example)
         _dispatch(inner, chosen)
 
 

@@ -2,33 +2,59 @@
 on seeded inputs. It catches honest conversion bugs; it proves nothing against a hostile
 artifact, which controls this process (research/conversion.md §0.1).
 
-Tolerance for floats is ``|onnx - ref| <= ATOL + RTOL * |ref|`` with ATOL=1e-5, RTOL=1e-4
-(the float32 policy of research/conversion.md §7); labels must match exactly."""
+Tolerance for floats is ``|onnx - ref| <= atol + rtol * |ref|``, by default atol=1e-5,
+rtol=1e-4 (the float32 policy of research/conversion.md §7); a caller's tolerance ``t``
+(``JobSpec.parity_tolerance``) makes both ``t``. Labels must match exactly. Every output
+compared is reported with its largest absolute and relative difference and the tolerance,
+whether it passed or not."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from airlock_sandbox.contract import WorkerExit
 
-from .errors import WorkerError
+from .errors import WorkerError, one_line
 from .report import ParityEntry, Report
 from .spec_types import PARITY_ROWS, concrete_shape
 
 ATOL = 1e-5
 RTOL = 1e-4
 SEED = 20240607
-FLOAT_TOLERANCE = f"atol={ATOL:g} rtol={RTOL:g}"
 EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed float difference: ``|onnx - ref| <= atol + rtol * |ref|``."""
+
+    atol: float = ATOL
+    rtol: float = RTOL
+
+    @classmethod
+    def of(cls, caller: float) -> Tolerance:
+        """The caller's single number for both; 0 (not given) keeps the default. The broker
+        has already bounded it (contract.check_parity_tolerance)."""
+        return cls(caller, caller) if caller > 0 else cls()
+
+    def __str__(self) -> str:
+        return f"atol={self.atol:g} rtol={self.rtol:g}"
+
+
+DEFAULT_TOLERANCE = Tolerance()
+FLOAT_TOLERANCE = str(DEFAULT_TOLERANCE)
 
 
 class Expected:
     """One reference output; ``exact`` for labels, which must match bit for bit."""
 
     def __init__(self, value: Any, exact: bool = False) -> None:
+        if hasattr(value, "toarray"):  # a scipy sparse result: ONNX outputs are dense
+            value = value.toarray()
         self.value = None if value is None else np.asarray(value)
         self.exact = exact
 
@@ -36,6 +62,9 @@ class Expected:
 #: Given the feeds (name -> array), the original model's outputs, aligned with the ONNX
 #: outputs; ``None`` marks an ONNX output with no counterpart.
 Reference = Callable[[dict[str, np.ndarray]], Sequence[Expected | None]]
+#: ``(inputs, rows, seed) -> feeds``: the inputs parity runs on (parity_inputs.py draws them
+#: where a fitted model has seen data); raises :class:`Unsupported` for an input it cannot make.
+Sampler = Callable[[list[dict[str, Any]], int, int], dict[str, np.ndarray]]
 
 
 def random_feeds(inputs: list[dict[str, Any]], rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -53,12 +82,12 @@ def random_feeds(inputs: list[dict[str, Any]], rows: int, seed: int) -> dict[str
         elif dtype.kind == "b":
             feeds[spec["name"]] = rng.random(shape) < 0.5
         else:
-            raise _Unsupported(f"cannot generate {dtype} input {spec['name']!r}")
+            raise Unsupported(f"cannot generate {dtype} input {spec['name']!r}")
     return feeds
 
 
-class _Unsupported(Exception):
-    pass
+class Unsupported(Exception):
+    """No inputs can be made for this graph: parity is skipped with a warning."""
 
 
 def session(onnx_bytes: bytes) -> Any:
@@ -72,28 +101,38 @@ def session(onnx_bytes: bytes) -> Any:
 
 
 def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
-          report: Report) -> None:
-    """Run both on a batch of PARITY_ROWS and a batch of one; record one entry per output;
-    raise PARITY_FAILED if any output differs beyond tolerance."""
+          report: Report, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
+          sampler: Sampler = random_feeds,
+          examples: Sequence[dict[str, np.ndarray]] = ()) -> None:
+    """Run both on ``examples`` (the model's own, e.g. an MLflow input example), a batch of
+    PARITY_ROWS and a batch of one; record one entry per output; raise PARITY_FAILED if any
+    output differs beyond ``tolerance``."""
     sess = session(onnx_bytes)
     names = [o.name for o in sess.get_outputs()]
     merged: dict[str, ParityEntry] = {}
+    batches: list[dict[str, np.ndarray]] = list(examples)
     for rows, seed in ((PARITY_ROWS, SEED), (1, SEED + 1)):
         try:
-            feeds = random_feeds(inputs, rows, seed)
-        except _Unsupported as exc:
-            report.warn(f"parity not checked: {exc}")
-            return
-        got = sess.run(None, feeds)
+            batches.append(sampler(inputs, rows, seed))
+        except Unsupported as exc:
+            if not examples:
+                report.warn(f"parity not checked: {exc}")
+                return
+            report.warn(f"parity checked on the model's example only: {exc}")
+            break
+    for feeds in batches:
+        rows = len(next(iter(feeds.values()))) if feeds else 0
+        got = _run(sess, feeds, rows)
         want = reference(feeds)
         for name, g, w in zip(names, got, want, strict=False):
             if w is None or w.value is None:
                 continue
-            entry = compare(name, g, w, rows)
+            entry = compare(name, g, w, rows, tolerance)
             seen = merged.get(name)
             if seen is not None:
                 entry.samples += seen.samples
                 entry.max_abs_diff = max(entry.max_abs_diff, seen.max_abs_diff)
+                entry.max_rel_diff = max(entry.max_rel_diff, seen.max_rel_diff)
                 entry.passed = entry.passed and seen.passed
             merged[name] = entry
     report.parity = list(merged.values())
@@ -104,34 +143,52 @@ def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
         raise WorkerError(WorkerExit.PARITY_FAILED, failure_message(failed))
 
 
+def _run(sess: Any, feeds: dict[str, np.ndarray], rows: int) -> list[Any]:
+    """A graph ONNX Runtime refuses to run is a failed conversion, said in one sentence."""
+    try:
+        return list(sess.run(None, feeds))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkerError(WorkerExit.CONVERSION_FAILED,
+                          f"ONNX Runtime cannot run the converted model on {rows} parity "
+                          f"row(s): {one_line(text, 240)}") from None
+
+
 def failure_message(failed: Sequence[ParityEntry]) -> str:
     """A sentence with what was measured and what was allowed, per failing output."""
     parts = []
     for e in failed:
         if e.max_abs_diff == float("inf"):
             parts.append(f"{e.output_name!r} does not match in shape or kind")
-        else:
+        elif e.tolerance == EXACT:
             parts.append(f"{e.output_name!r} differs by up to {e.max_abs_diff:.3g} "
-                         f"(allowed: {e.tolerance})")
+                         "(allowed: exact)")
+        else:
+            parts.append(f"{e.output_name!r} differs by up to {e.max_abs_diff:.3g}, relative "
+                         f"{e.max_rel_diff:.3g} (allowed: {e.tolerance})")
     samples = max(e.samples for e in failed)
-    return (f"{'; '.join(parts)}, on {samples} seeded samples: the converter does not "
+    return (f"{'; '.join(parts)}, on {samples} samples: the converter does not "
             "reproduce this model, and nothing was written")
 
 
-def compare(name: str, got: Any, want: Expected, rows: int) -> ParityEntry:
+def compare(name: str, got: Any, want: Expected, rows: int,
+            tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityEntry:
     assert want.value is not None
     ref = want.value
     out = _align(np.asarray(got), ref)
-    tolerance = EXACT if want.exact else FLOAT_TOLERANCE
+    allowed = EXACT if want.exact else str(tolerance)
     if out is None:
-        return ParityEntry(name, rows, float("inf"), tolerance, False)
+        return ParityEntry(name, rows, float("inf"), allowed, False, float("inf"))
+    numeric = ref.dtype.kind in "biuf" and out.dtype.kind in "biuf"
     if want.exact or ref.dtype.kind not in "fc" or out.dtype.kind not in "fc":
         same = bool(np.array_equal(out, ref))
-        diff = _max_abs(out, ref) if ref.dtype.kind in "biuf" and out.dtype.kind in "biuf" else (
-            0.0 if same else float("inf"))
-        return ParityEntry(name, rows, diff, EXACT, same)
-    ok = bool(np.allclose(out, ref, rtol=RTOL, atol=ATOL, equal_nan=True))
-    return ParityEntry(name, rows, _max_abs(out, ref), tolerance, ok)
+        diff = _max_abs(out, ref) if numeric else (0.0 if same else float("inf"))
+        rel = _max_rel(out, ref) if numeric else diff
+        return ParityEntry(name, rows, diff, EXACT, same, rel)
+    ok = bool(np.allclose(out, ref, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True))
+    return ParityEntry(name, rows, _max_abs(out, ref), allowed, ok, _max_rel(out, ref))
 
 
 def _align(out: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
@@ -154,3 +211,14 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     both_nan = np.isnan(a64) & np.isnan(b64)
     diff = np.where(both_nan, 0.0, np.abs(a64 - b64))
     return float(np.nan_to_num(diff, nan=np.inf).max())
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """``max |a - b| / |b|`` over the elements where ``b`` is not zero (0 if there are none)."""
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    nonzero = (b64 != 0) & ~(np.isnan(a64) & np.isnan(b64))
+    if not nonzero.any():
+        return 0.0
+    rel = np.abs(a64[nonzero] - b64[nonzero]) / np.abs(b64[nonzero])
+    return float(np.nan_to_num(rel, nan=np.inf).max())

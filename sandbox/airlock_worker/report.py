@@ -26,11 +26,15 @@ _VERSIONED = (
 
 @dataclass
 class ParityEntry:
+    """One output compared: the largest differences measured and what was allowed."""
+
     output_name: str
     samples: int
     max_abs_diff: float
     tolerance: str
     passed: bool
+    #: ``max |onnx - ref| / |ref|`` where ``ref`` is not zero.
+    max_rel_diff: float = 0.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from airlock_sandbox.contract import LoadingPolicy, OutputFormat, WorkerExit
 from . import policy_loader, tensor_tree
 from .errors import WorkerError, describe
 from .job import Job
-from .parity import Expected, Reference
+from .parity import Expected, Reference, Sampler
 from .spec_types import skl2onnx_initial_types
 
 #: skl2onnx's newest tested opset is 22; pin one the broker's ONNX Runtime runs everywhere.
@@ -108,7 +108,8 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
         reference = _reference(model)
     else:
         job.report.warn("parity not checked: several inputs would need a pandas DataFrame")
-    job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference)
+    job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference,
+                   _sampler(model))
 
 
 def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
@@ -213,6 +214,17 @@ def _zipmap_off(model: Any) -> dict[int, dict[str, Any]] | None:
     return {id(final): {"zipmap": False}} if is_classifier(final) else None
 
 
+def _sampler(model: Any) -> Sampler | None:
+    """Parity inputs where the fitted model has seen data; a model whose attributes cannot
+    be read (it is the artifact's object) gets the generic ones."""
+    from . import parity_inputs
+
+    try:
+        return parity_inputs.for_model(model)
+    except Exception:
+        return None
+
+
 def _reference(model: Any) -> Reference:
     """Outputs in skl2onnx's order: labels (or values), then probabilities / scores."""
     from sklearn.base import is_classifier
@@ -221,8 +233,7 @@ def _reference(model: Any) -> Reference:
     second = (("predict_proba", "decision_function") if classifier
               else ("decision_function", "transform"))
 
-    def reference(feeds: dict[str, Any]) -> list[Expected | None]:
-        (x,) = feeds.values()
+    def outputs(x: Any) -> list[Expected | None]:
         if not hasattr(model, "predict"):
             return [Expected(model.transform(x))]
         outs: list[Expected | None] = [Expected(model.predict(x))]
@@ -234,6 +245,17 @@ def _reference(model: Any) -> Reference:
                 except Exception:
                     continue
         return outs
+
+    def reference(feeds: dict[str, Any]) -> list[Expected | None]:
+        (x,) = feeds.values()
+        if getattr(x, "dtype", None) != "float32":
+            return outputs(x)
+        # The same values in float64 first, as most models are fitted: some compiled paths
+        # (KMeans) refuse rows of another precision than their fitted centres, either way.
+        try:
+            return outputs(x.astype("float64"))
+        except Exception:
+            return outputs(x)
 
     return reference
 

@@ -59,9 +59,10 @@ def free_axes(spec: TensorSpec) -> dict[int, str]:
 
 def skl2onnx_initial_types(inputs: tuple[TensorSpec, ...], n_features: int | None,
                            data_types: Any = None) -> list[Any]:
-    """One skl2onnx input per tensor spec, or ``X: float[None, n_features]`` by default.
-    ``data_types``: a module of the same type classes (onnxmltools' own, which its
-    converters insist on); skl2onnx's by default."""
+    """One skl2onnx input per tensor spec, or ``X: float[None, n_features]`` by default; a
+    single ``[-1, -1]`` input (a dtype without a shape: ``--input-dtype float64``) is
+    ``n_features`` wide. ``data_types``: a module of the same type classes (onnxmltools'
+    own, which its converters insist on); skl2onnx's by default."""
     if data_types is None:
         from skl2onnx.common import data_types
 
@@ -72,6 +73,10 @@ def skl2onnx_initial_types(inputs: tuple[TensorSpec, ...], n_features: int | Non
                 "the model does not record n_features_in_; give the input shapes",
             )
         return [("X", data_types.FloatTensorType([None, int(n_features)]))]
+    if len(inputs) == 1 and n_features is not None and len(inputs[0].shape) == 2 \
+            and inputs[0].shape[1] < 0:
+        inputs = (TensorSpec(inputs[0].name, inputs[0].dtype,
+                             (inputs[0].shape[0], int(n_features))),)
     return [
         (spec.name, getattr(data_types, SKL2ONNX_TYPES[check_dtype(spec)])(onnx_shape(spec)))
         for spec in inputs

@@ -39,3 +39,17 @@ def test_a_missing_shape_is_still_a_usage_error(capsys: pytest.CaptureFixture[st
         build_parser().parse_args(["convert", "m.pt", "--input-shape"])
     assert exit_.value.code == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1e-4", "-1e-4", "0.5"])
+def test_a_parity_tolerance_parses_even_negative_for_the_broker_to_refuse(value: str) -> None:
+    args = build_parser().parse_args(
+        join_dashed_values(["convert", "m.pkl", "--parity-tolerance", value]))
+    assert args.parity_tolerance == float(value)
+    assert build_parser().parse_args(["convert", "m.pkl"]).parity_tolerance == 0.0
+
+
+def test_an_input_dtype_alone_is_kept_for_the_model_s_own_width() -> None:
+    args = build_parser().parse_args(["convert", "m.pkl", "--input-dtype", "float64"])
+    assert args.input_dtype == "float64" and args.input_shape == []
+    assert build_parser().parse_args(["convert", "m.pkl"]).input_dtype is None

@@ -182,6 +182,7 @@ class ConvertMetadata(_message.Message):
     LOCAL_HANDLE_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     MLFLOW_FLAVOR_FIELD_NUMBER: _builtins.int
+    PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -218,6 +219,12 @@ class ConvertMetadata(_message.Message):
     (FORMAT_MISMATCH). Empty: not said (the sklearn sandbox is used). Anything else, or a
     flavor without declared_format MLFLOW: BAD_REQUEST.
     """
+    parity_tolerance: _builtins.float
+    """How far the converted model's float outputs may differ from the original's on the parity
+    check in the sandbox: a value t makes it |onnx - original| <= t + t * |original| (labels
+    must match exactly whatever t). 0: the default, atol 1e-5 and rtol 1e-4. Negative, NaN,
+    or above 1: BAD_REQUEST.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -235,10 +242,11 @@ class ConvertMetadata(_message.Message):
         local_handle: _builtins.str = ...,
         subject: _builtins.str = ...,
         mlflow_flavor: _builtins.str = ...,
+        parity_tolerance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,12 +312,15 @@ class ParityCheck(_message.Message):
     MAX_ABS_DIFF_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
+    MAX_REL_DIFF_FIELD_NUMBER: _builtins.int
     output_name: _builtins.str
     samples: _builtins.int
     max_abs_diff: _builtins.float
     tolerance: _builtins.str
     """e.g. "exact" or "atol=1e-05 rtol=0.0001" """
     passed: _builtins.bool
+    max_rel_diff: _builtins.float
+    """max |onnx - original| / |original| over the elements where the original is not zero."""
     def __init__(
         self,
         *,
@@ -318,10 +329,11 @@ class ParityCheck(_message.Message):
         max_abs_diff: _builtins.float = ...,
         tolerance: _builtins.str = ...,
         passed: _builtins.bool = ...,
+        max_rel_diff: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_diff", b"max_abs_diff", "output_name", b"output_name", "passed", b"passed", "samples", b"samples", "tolerance", b"tolerance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_diff", b"max_abs_diff", "max_rel_diff", b"max_rel_diff", "output_name", b"output_name", "passed", b"passed", "samples", b"samples", "tolerance", b"tolerance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

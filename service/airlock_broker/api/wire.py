@@ -18,7 +18,13 @@ from airlock_broker.conversion.integrity import Assurance
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
 from airlock_broker.hostile_text import sanitize
-from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
+from airlock_sandbox.contract import (
+    LoadingPolicy,
+    OutputFormat,
+    Target,
+    TensorSpec,
+    check_parity_tolerance,
+)
 
 MAX_INPUTS = 64
 #: A registry version, URI or path fits; a subject is a name, not a document.
@@ -81,7 +87,15 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         deadline_seconds=min(deadline, max_deadline),
         subject=subject(meta.subject),
         mlflow_flavor=check_flavor_hint(declared, meta.mlflow_flavor),
+        parity_tolerance=parity_tolerance(meta.parity_tolerance),
     )
+
+
+def parity_tolerance(value: float) -> float:
+    try:
+        return check_parity_tolerance(value)
+    except ValueError as exc:
+        raise error(Reason.BAD_REQUEST, str(exc)) from None
 
 
 def subject(text: str) -> str:
@@ -164,7 +178,8 @@ def conversion_report(report: dict[str, Any]) -> pb.ConversionReport:
                 samples=_int(item.get("samples")),
                 max_abs_diff=_float(item.get("max_abs_diff")),
                 tolerance=sanitize(item.get("tolerance", ""), 60),
-                passed=item.get("passed") is True))
+                passed=item.get("passed") is True,
+                max_rel_diff=_float(item.get("max_rel_diff"))))
     for warning in _list(report.get("warnings"))[:16]:
         out.warnings.append(sanitize(warning, 200))
     versions = report.get("versions")

@@ -96,6 +96,8 @@ class JobRequest:
     subject: str = ""
     #: The caller's MLflow flavor hint (format_decision): picks a profile, the worker checks it.
     mlflow_flavor: str | None = None
+    #: The caller's parity tolerance (contract.check_parity_tolerance); 0: the default.
+    parity_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ class JobRunner:
                            target=request.target, policy=request.policy,
                            declared_format=request.declared_format, inputs=request.inputs,
                            max_output_bytes=self.limits.max_output_bytes,
-                           mlflow_flavor=request.mlflow_flavor)
+                           mlflow_flavor=request.mlflow_flavor,
+                           parity_tolerance=request.parity_tolerance)
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -347,7 +350,9 @@ class JobRunner:
         # The reading converts as the job does (inputs, target): the outputs are compared.
         spec = JobSpec(job_id=request.job_id, artifact_format=detected, target=request.target,
                        inputs=request.inputs, mode=JobMode.EXTRACT_WEIGHTS,
-                       max_output_bytes=self.limits.max_output_bytes)
+                       max_output_bytes=self.limits.max_output_bytes,
+                       mlflow_flavor=request.mlflow_flavor,
+                       parity_tolerance=request.parity_tolerance)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
