@@ -18,9 +18,9 @@ from airlock_client._errors import (
     ConversionError,
 )
 from airlock_client._progress import ProgressBar, busy_notice
-from airlock_client._provenance_cli import write_provenance
 from airlock_client._terminal import printable
 from airlock_client._types import ConversionResult, TensorSpec
+from airlock_client.provenance import write_provenance
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
 

@@ -11,11 +11,8 @@ error; 3 when a key had to be fetched and the broker was unreachable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,23 +36,6 @@ from airlock_client.provenance import (
     shown,
     verify,
 )
-
-
-def write_provenance(output: Path, envelope: bytes) -> Path:
-    """Write ``<output>.provenance.json`` atomically (temp file in the same dir, rename)."""
-    target = provenance_path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(envelope)
-        current = os.umask(0)
-        os.umask(current)
-        os.chmod(tmp, 0o666 & ~current)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return target
 
 
 def run_verify(args: argparse.Namespace) -> int:

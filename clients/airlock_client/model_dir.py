@@ -172,7 +172,7 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
                     progress: Callable[[DirectoryProgress], None] | None,
                     loading_policy: LoadingPolicy, job_timeout: int, on_busy: OnBusy | None,
                     subject: str) -> list[ShardResult]:
-    from airlock_client._provenance_cli import write_provenance
+    from airlock_client.provenance import write_provenance
 
     def work(shard: Shard) -> ShardResult:
         out = tmp / shard.output_name

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +310,23 @@ def provenance_path(output: str | os.PathLike[str]) -> Path:
     """Where ``airlock convert`` puts an output's provenance: ``<output>.provenance.json``."""
     path = Path(output)
     return path.with_name(path.name + SUFFIX)
+
+
+def write_provenance(output: Path, envelope: bytes) -> Path:
+    """Write ``<output>.provenance.json`` atomically (temp file in the same dir, rename)."""
+    target = provenance_path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(envelope)
+        current = os.umask(0)
+        os.umask(current)
+        os.chmod(tmp, 0o666 & ~current)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
