@@ -26,14 +26,17 @@ def _predictions(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {name: x.astype(np.float32)})[1])
 
 
-def test_allow_code_conversion_is_verified_by_the_policy_loaders_reading(
+def test_allow_code_conversion_is_the_policy_loaders_reading_alone(
         broker: BrokerProcess, tmp_path: Path) -> None:
+    """The reading that executes nothing goes first; refusing nothing, it is the answer."""
     artifact, check = models.make_sklearn_joblib(tmp_path, compress=3)
     out = tmp_path / "model.onnx"
     with Client(broker.address) as client:
         result = client.convert(artifact, out)
     assert result.assurance == "integrity_verified", result.integrity_note
-    assert result.report.executed_artifact_code is True  # the first sandbox unpickled it
+    assert "refused no global" in result.integrity_note
+    assert result.report.executed_artifact_code is False
+    assert result.report.loader == "policy loader"
     np.testing.assert_allclose(_predictions(out, check.sample),
                                check.model.predict_proba(check.sample), atol=1e-5)
 

@@ -16,7 +16,13 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import Client
 from tests.adversarial import payloads
-from tests.conftest import BrokerProcess, assert_no_sandbox_left, job_containers, start_broker
+from tests.conftest import (
+    IMAGE,
+    BrokerProcess,
+    assert_no_sandbox_left,
+    job_containers,
+    start_broker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +58,12 @@ def test_cancelled_call_kills_its_sandbox_at_once(broker: BrokerProcess, docker_
 
 def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
                                                                  tmp_path: Path) -> None:
-    proc = start_broker(tmp_path)
+    # The payload's job runs two sandboxes one after the other (the policy reading refuses
+    # its globals, then the full load): on a busy machine that can exceed the default 30 s
+    # grace. What is tested is that the broker waits for it, so the grace is generous.
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[broker]\nshutdown_grace_seconds = 180\n\n[sandbox]\nimage = "{IMAGE}"\n')
+    proc = start_broker(tmp_path, "--config", str(config))
     try:
         artifact = payloads.fake_success_pickle(tmp_path / "slow.pkl", sleep_seconds=5)
         outcome: dict[str, object] = {}

@@ -248,7 +248,11 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
 
         replaced = ready.client.restart_pools()
 
-        assert replaced == len(ALL)
+        # At least those; on a busy machine a spare may have become warm in between.
+        assert replaced >= len(ALL)
+        ph.wait_for(lambda: not ph.idle_warm_ids(docker_client, ready) & warm_before, 60,
+                    "every warm container of before the restart to be gone",
+                    lambda: str(ph.idle_warm_ids(docker_client, ready) & warm_before))
         assert outcome == [], f"the slow job ended before the restart was tested: {outcome}"
         assert ready.status()["sklearn"].busy == 1
         in_flight[0].reload()

@@ -62,7 +62,7 @@ def test_convert_writes_output_and_provenance_that_verify_accepts(
     assert record.detected_format == "pickle" and record.output_format == "onnx"
     assert record.validation == "passed" and record.assurance == "integrity_verified"
     assert record.image_id.startswith("sha256:") and record.runtime in {"runc", "runsc"}
-    assert record.conversion["executed_artifact_code"] is True
+    assert record.conversion["executed_artifact_code"] is False  # the policy loader read it
     assert record.conversion["versions"], "the worker's library versions are recorded"
     done = run_cli("verify", str(converted), "--public-key", str(public_key),
                    server=broker.address)

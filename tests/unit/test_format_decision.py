@@ -8,7 +8,7 @@ import io
 import json
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,14 @@ from airlock_broker.errors import AirlockError
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_broker.sandboxes.sandbox import Slot
 from airlock_client import Client
-from airlock_sandbox.contract import OUTPUT_NAMES, JobMode, JobSpec, OutputFormat, Target
+from airlock_sandbox.contract import (
+    OUTPUT_NAMES,
+    JobMode,
+    JobSpec,
+    OutputFormat,
+    Target,
+    WorkerExit,
+)
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat, leads_with_npy
 from tests.unit.fakes import FakeSandbox, running_broker
 
@@ -170,7 +177,8 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, FakeSandbox, list[str]]]:
 @pytest.mark.parametrize(("sample", "fmt", "profiles", "assurance"), [
     ("npz", "numpy_npz", ["light"], "format_safe_only"),
     ("torch_zip", "zip", ["torch", "light"], "integrity_verified"),
-    ("pickle", "pickle", ["sklearn", "sklearn"], "integrity_verified"),
+    # the policy loader's reading goes first and, refusing nothing, is the answer
+    ("pickle", "pickle", ["sklearn"], "integrity_verified"),
 ])
 def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
         broker: tuple[str, FakeSandbox, list[str]], tmp_path: Path, sample: str, fmt: str,
@@ -184,8 +192,11 @@ def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
     assert sorted(prepared) == sorted(profiles)
     assert {spec.artifact_format for spec in backend.specs} == {F(fmt)}
     modes = sorted(spec.mode.value for spec in backend.specs)
-    assert modes == sorted([JobMode.CONVERT.value]
-                           + [JobMode.EXTRACT_WEIGHTS.value] * (len(profiles) - 1))
+    if sample == "pickle":
+        assert modes == [JobMode.EXTRACT_WEIGHTS.value]
+    else:
+        assert modes == sorted([JobMode.CONVERT.value]
+                               + [JobMode.EXTRACT_WEIGHTS.value] * (len(profiles) - 1))
 
 
 @pytest.mark.parametrize(("sample", "target", "verifies", "profile"), [
@@ -203,3 +214,96 @@ def test_the_second_sandbox_profile_and_which_outputs_it_checks(
     decision = decide(raw[:PREFIX_BYTES], len(raw), None)
     assert decision.verifies(target) is verifies
     assert decision.integrity_profile == profile
+
+
+def _refusing_reader(spec: JobSpec, artifact: bytes, out: Path) -> int:
+    """The reading refuses a global (its report says so) but converts; the job's own
+    conversion writes the same output."""
+    if spec.mode is JobMode.EXTRACT_WEIGHTS:
+        (out / "report.json").write_text(json.dumps({"refused_globals": ["builtins.exec"]}))
+    arrays = {"w": np.arange(4, dtype=np.float32)}
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(save(arrays))
+    return 0
+
+
+@pytest.mark.parametrize(("policy", "outcome"), [("allow_code", "integrity_verified"),
+                                                 ("safe_only", "POLICY_VIOLATION")])
+def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
+        tmp_path: Path, policy: str, outcome: str) -> None:
+    from airlock_client import ConversionError
+
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _refusing_reader)
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES["pickle"])
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        if policy == "safe_only":
+            with pytest.raises(ConversionError) as caught:
+                client.convert(src, tmp_path / "out.safetensors", loading_policy="safe_only")
+            assert caught.value.reason == outcome
+            assert "builtins.exec" in caught.value.message
+            modes = [JobMode.EXTRACT_WEIGHTS]
+        else:
+            result = client.convert(src, tmp_path / "out.safetensors")
+            assert result.assurance == outcome
+            modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
+    assert [spec.mode for spec in backend.specs] == modes
+
+
+@pytest.mark.parametrize(("sample", "declared", "flavor", "first"), [
+    ("pickle", None, None, True), ("compressed", "joblib", None, True),
+    # a bundle's reading stays beside its conversion: most hold skops or booster files
+    ("torch_zip", "mlflow", "sklearn", False),
+    ("torch_zip", None, None, False),  # a checkpoint's reading writes tensors only
+    ("pickle", "cloudpickle", None, False),  # no reading at all
+])
+def test_which_readings_go_first(sample: str, declared: str | None, flavor: str | None,
+                                 first: bool) -> None:
+    raw = SAMPLES[sample]
+    assert decide(raw[:PREFIX_BYTES], len(raw), declared, flavor).reading_first is first
+
+
+def _failing_reader(exit_code: int, message: str) -> Callable[[JobSpec, bytes, Path], int]:
+    """A reading that refuses no global but fails with ``exit_code``; the job's own
+    conversion (if it ever ran) would write tensors."""
+    def run(spec: JobSpec, artifact: bytes, out: Path) -> int:
+        if spec.mode is JobMode.EXTRACT_WEIGHTS:
+            (out / "report.json").write_text(json.dumps(
+                {"error": {"exit": "X", "message": message}}))
+            return exit_code
+        return _write_safetensors(spec, artifact, out)
+    return run
+
+
+@pytest.mark.parametrize(("policy", "exit_code", "reason", "modes"), [
+    # everything it names is allowed: a full load would fail the same way, so it never runs
+    ("allow_code", WorkerExit.UNSUPPORTED_MODEL, "UNSUPPORTED_MODEL", ["extract_weights"]),
+    ("allow_code", WorkerExit.PARITY_FAILED, "PARITY_FAILED", ["extract_weights"]),
+    ("safe_only", WorkerExit.CONVERSION_FAILED, "CONVERSION_FAILED", ["extract_weights"]),
+    # the policy refused something the report does not name (BUILD on a class it handed out)
+    ("safe_only", WorkerExit.POLICY_VIOLATION, "POLICY_VIOLATION", ["extract_weights"]),
+    ("allow_code", WorkerExit.POLICY_VIOLATION, "", ["extract_weights", "convert"]),
+])
+def test_a_reading_that_failed_without_refusing_a_global_is_the_jobs_answer(
+        tmp_path: Path, policy: str, exit_code: int, reason: str, modes: list[str]) -> None:
+    from airlock_client import ConversionError
+
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _failing_reader(exit_code, "the reader says why"))
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES["pickle"])
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        if reason:
+            with pytest.raises(ConversionError) as caught:
+                client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
+            assert caught.value.reason == reason
+            assert "the reader says why" in caught.value.message
+        else:
+            result = client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
+            assert result.assurance == "format_safe_only"
+            assert result.report.executed_artifact_code is True
+    assert [spec.mode.value for spec in backend.specs] == modes

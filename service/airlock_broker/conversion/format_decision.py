@@ -78,6 +78,10 @@ _INTEGRITY_PROFILES: dict[ArtifactFormat, str] = {
 _VERIFIED_FLAVORS = frozenset({"sklearn", "lightgbm"})
 #: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
 _TENSOR_READINGS = frozenset({PROFILE_LIGHT})
+#: Formats whose reading goes first: a pickle or joblib file the policy loader reads whole is
+#: converted by that reading alone. An MLflow bundle's reading stays beside its conversion:
+#: most hold skops or booster files, which the reading does not read a second time.
+_READ_FIRST = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,13 @@ class Decision:
     def integrity_profile(self) -> str:
         """The profile of the second sandbox (when ``integrity``)."""
         return _INTEGRITY_PROFILES.get(self.format, PROFILE_LIGHT)
+
+    @property
+    def reading_first(self) -> bool:
+        """Whether the reading that executes nothing runs before the conversion (estimator
+        pickles: when the policy loader refuses nothing, its output is the answer and no
+        conversion runs); a checkpoint's or an MLflow bundle's reading runs beside it."""
+        return self.integrity and self.format in _READ_FIRST
 
     def verifies(self, target: Target) -> bool:
         """Whether the second sandbox can check an output of ``target``."""

@@ -16,18 +16,22 @@ import asyncio
 import enum
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from airlock_broker.conversion.outputs import ValidatedOutput, same_output, with_sha256
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
+from airlock_sandbox.formats import ArtifactFormat
 
 log = logging.getLogger(__name__)
 
 VERIFIED_NOTE = "matches a reading of the artifact that executed nothing"
+READ_ALONE_NOTE = ("converted from a reading of the artifact that executed nothing "
+                   "(the policy loader refused no global)")
 
 
 class Assurance(enum.StrEnum):
@@ -49,8 +53,15 @@ class Extraction:
     note: str
     #: The output's sha256, computed in the background from the moment it was validated.
     digest: asyncio.Task[ValidatedOutput] | None = None
-    #: What the reading says it did not call (its report: shown, never believed).
+    #: What the reading says it did not call (its report: the reading executed nothing the
+    #: artifact names, so this is believed as far as its sandbox is).
     refused: tuple[str, ...] = ()
+    #: The reading's sandbox outcome and report, and the host's format of the artifact.
+    outcome: Outcome | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    format: ArtifactFormat = ArtifactFormat.UNKNOWN
+    #: Why the broker refused the reading's output, when its sandbox exited 0.
+    invalid: AirlockError | None = None
 
     async def sha256(self) -> str:
         """The extraction output's digest ("" if it could not be computed)."""

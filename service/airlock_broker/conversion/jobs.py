@@ -18,7 +18,12 @@ from typing import Any
 
 from airlock_broker.conversion.audit import AuditRecord
 from airlock_broker.conversion.format_decision import Decision
-from airlock_broker.conversion.integrity import Assurance, Extraction, assurance_of
+from airlock_broker.conversion.integrity import (
+    READ_ALONE_NOTE,
+    Assurance,
+    Extraction,
+    assurance_of,
+)
 from airlock_broker.conversion.outputs import ValidatedOutput, compute_digest, validate_output
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.hostile_text import sanitize
@@ -241,11 +246,25 @@ class JobRunner:
         detected = decision.format
         verify = self.verify_integrity and decision.verifies(request.target)
         async with contextlib.AsyncExitStack() as stack:
+            read_first: Extraction | None = None
+            reader: Slot | None = None
+            if verify and decision.reading_first:
+                # An estimator pickle: the reading that executes nothing goes first. When it
+                # refuses nothing, its output is the answer: one sandbox, no artifact code.
+                reader = await self._slot(stack, decision.integrity_profile, answered)
+                audit.set(warm_container=reader.started, profile=reader.profile)
+                await self.backend.hand_over(reader, upload)
+                read_first = await self._read_first(reader, request, detected, stack)
+                if not read_first.refused and read_first.output is not None:
+                    yield await self._read_result(read_first, request, input_sha256,
+                                                  input_size, audit, began)
+                    return
             slot = await self._slot(stack, decision.profile, answered)
-            audit.set(warm_container=slot.started, profile=slot.profile)
-            await self.backend.hand_over(slot, upload)
+            if reader is None:
+                audit.set(warm_container=slot.started, profile=slot.profile)
+            await self.backend.hand_over(slot, reader if reader is not None else upload)
             extractor = (await self._slot(stack, decision.integrity_profile, answered)
-                         if verify else None)
+                         if verify and reader is None else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
             spec = JobSpec(job_id=request.job_id, artifact_format=detected,
@@ -260,6 +279,7 @@ class JobRunner:
                     self._extract(extractor, request, detected, stack))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+            extraction = extraction or read_first
             audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                       timed_out=outcome.timed_out, image_id=outcome.image_id,
                       runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
@@ -276,12 +296,7 @@ class JobRunner:
             executed = executed_artifact_code(detected, report, request.policy)
             audit.set(executed_artifact_code=executed)
             try:
-                try:
-                    judge(outcome, report, request.deadline_seconds)
-                except AirlockError as exc:
-                    if outcome.killed_by or (outcome.exit_code or 0) > 128:
-                        await self._engine_went_away(exc)  # a stopping engine kills them all
-                    raise
+                await self._judge(outcome, report, request.deadline_seconds)
                 # With the extraction's output at hand, a safetensors output is compared with
                 # it rather than hashed: when they are the same file it takes that digest.
                 with self.trace.span("validate"):
@@ -306,6 +321,72 @@ class JobRunner:
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note)
+
+    async def _read_first(self, reader: Slot, request: JobRequest, detected: ArtifactFormat,
+                          stack: contextlib.AsyncExitStack) -> Extraction:
+        """The policy loader's reading of an estimator pickle, before any conversion.
+
+        Returned when it converted the whole file (the answer), or when the policy refused a
+        global under ``allow_code`` (the full load then runs and the two outputs are compared).
+        Raised: a refusal under ``safe_only``, and any other failure of the reading. With every
+        global it names allowed, a full load would unpickle the same objects and convert them
+        the same way, so it would fail the same way: a second sandbox would only cost time.
+        """
+        try:
+            reading = await self._extract(reader, request, detected, stack)
+        except SandboxUnavailable as exc:
+            raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
+        assert reading is not None and reading.outcome is not None
+        outcome = reading.outcome
+        policy_refused = (bool(reading.refused)
+                          or (outcome.exit_code == WorkerExit.POLICY_VIOLATION
+                              and not outcome.timed_out and not outcome.oom_killed))
+        if policy_refused and request.policy is LoadingPolicy.ALLOW_CODE:
+            return reading
+        if reading.refused:  # safe_only: what the model needs is not allowed
+            raise error(Reason.POLICY_VIOLATION,
+                        f"the pickle names {reading.refused[0]}, which the policy loader does "
+                        "not allow, and the policy is safe_only (allow_code would load it in "
+                        "the sandbox, executing its code)")
+        await self._judge(outcome, reading.report, request.deadline_seconds)
+        if reading.invalid is not None:
+            raise reading.invalid
+        return reading
+
+    async def _judge(self, outcome: Outcome, report: dict[str, Any] | None,
+                     deadline: float) -> None:
+        """:func:`judge`, telling the pools first when the engine itself went away."""
+        try:
+            judge(outcome, report, deadline)
+        except AirlockError as exc:
+            if outcome.killed_by or (outcome.exit_code or 0) > 128:
+                await self._engine_went_away(exc)  # a stopping engine kills them all
+            raise
+
+    async def _read_result(self, reading: Extraction, request: JobRequest, input_sha256: str,
+                           input_size: int, audit: AuditRecord, began: float) -> JobResult:
+        """The answer of a job its reading alone converted: integrity-verified, and no
+        artifact code ran (the reading's mode never executes what the artifact names)."""
+        assert reading.output is not None and reading.outcome is not None
+        outcome, report = reading.outcome, reading.report
+        output = await reading.digest if reading.digest is not None else reading.output
+        audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                  timed_out=outcome.timed_out, image_id=outcome.image_id,
+                  runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
+                  sandbox_seconds=round(outcome.duration_seconds, 3),
+                  loader=sanitize(report.get("loader", ""), 80),
+                  refined_format=refined_format(reading.format, report),
+                  executed_artifact_code=False,
+                  assurance=Assurance.INTEGRITY_VERIFIED, integrity_note=READ_ALONE_NOTE)
+        log.info("job %s converted %s -> %s by its reading alone in %.2fs", request.job_id,
+                 reading.format, output.format, time.monotonic() - began,
+                 extra={"job_id": request.job_id, "outcome": "ok"})
+        return JobResult(
+            job_id=request.job_id, detected_format=reading.format, input_sha256=input_sha256,
+            reported_format=refined_format(reading.format, report), executed_artifact_code=False,
+            input_size=input_size, output=output, outcome=outcome, policy=request.policy,
+            report=report, duration_seconds=time.monotonic() - began,
+            assurance=Assurance.INTEGRITY_VERIFIED, integrity_note=READ_ALONE_NOTE)
 
     async def _engine_went_away(self, killed: AirlockError) -> None:
         """A stopping engine kills its containers: then the job failed for want of an engine."""
@@ -357,17 +438,24 @@ class JobRunner:
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
         refused = _refused_globals(report)
+
+        def seen(output: ValidatedOutput | None, note: str,
+                 digest: asyncio.Task[ValidatedOutput] | None = None,
+                 invalid: AirlockError | None = None) -> Extraction:
+            return Extraction(output, note, digest, refused=refused, outcome=outcome,
+                              report=report, format=detected, invalid=invalid)
+
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
             said = worker_said(report.get("error"))
-            return Extraction(None, "the model could not be read without executing the "
-                                    f"artifact (extraction exit {outcome.exit_code}"
-                                    f"{': ' + said if said else ''})", refused=refused)
+            return seen(None, "the model could not be read without executing the "
+                              f"artifact (extraction exit {outcome.exit_code}"
+                              f"{': ' + said if said else ''})")
         try:
             with self.trace.span("validate"):
                 extracted = await validate_output(out_dir, request.target, self.limits,
                                                   self.onnx_validator, digest=False)
         except AirlockError as exc:
-            return Extraction(None, f"the extraction's output was invalid: {exc.message}")
+            return seen(None, f"the extraction's output was invalid: {exc.message}", invalid=exc)
         digest = asyncio.create_task(compute_digest(extracted))
         stack.push_async_callback(_settle, digest)
-        return Extraction(extracted, "", digest, refused=refused)
+        return seen(extracted, "", digest)
