@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from airlock_client import _cli_source, _hf_dir, mlflow_source
+from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import EXIT_OK, EXIT_USAGE, failure
 from airlock_client._client import Client, default_address
@@ -58,33 +58,32 @@ def run_convert(args: argparse.Namespace) -> int:
         inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(problem)
-    if not mlflow_source.is_uri(args.input) and Path(args.input).is_dir():
-        kind = _hf_dir.kind(args.input)
-        if kind is None:
-            return _usage(f"{args.input} is neither an MLflow model (no MLmodel file) nor a "
-                          f"PyTorch model directory (no {_hf_dir.WEIGHTS} or "
-                          f"{_hf_dir.WEIGHTS_INDEX})")
-        if kind == "pytorch":
-            from airlock_client._convert_dir_cli import run_convert_directory
-
-            return run_convert_directory(args)
-    if args.jobs is not None or args.overwrite:
-        return _usage("--jobs and --overwrite apply to a PyTorch model directory only")
     try:
-        options = client_options(args)
-        with _cli_source.opened(args.input, args.tracking_uri) as source, \
-                Client(args.server or default_address(), public_key=args.public_key,
-                       **options) as client:
-            output = args.output or _default_output(source.output_base)
-            size = 0 if source.is_directory else source.path.stat().st_size
-            result = client.convert(
-                source.path, output, target=args.target, inputs=inputs,
-                declared_format=args.declared, loading_policy=args.policy,
-                job_timeout=args.timeout,
-                progress=None if args.json else ProgressBar.for_upload("uploading", size),
-                on_busy=busy_notice("convert"),
-                subject=_cli_source.default_subject(args.input) if args.subject is None
-                else args.subject, parity_tolerance=args.parity_tolerance)
+        with _cli_source.opened(args.input, args.tracking_uri) as source:
+            kind = _hf_dir.kind(source.path) if source.is_directory else None
+            if source.is_directory and kind is None:
+                return _usage(f"{args.input} is neither an MLflow model (no MLmodel file) nor "
+                              f"a PyTorch model directory (no {_hf_dir.WEIGHTS} or "
+                              f"{_hf_dir.WEIGHTS_INDEX})")
+            if kind == "pytorch":
+                from airlock_client._convert_dir_cli import run_convert_directory
+
+                return run_convert_directory(args, source.path, source.output_base)
+            if args.jobs is not None or args.overwrite:
+                return _usage("--jobs and --overwrite apply to a PyTorch model directory only")
+            options = client_options(args)
+            with Client(args.server or default_address(), public_key=args.public_key,
+                        **options) as client:
+                output = args.output or _default_output(source.output_base)
+                size = 0 if source.is_directory else source.path.stat().st_size
+                result = client.convert(
+                    source.path, output, target=args.target, inputs=inputs,
+                    declared_format=args.declared, loading_policy=args.policy,
+                    job_timeout=args.timeout,
+                    progress=None if args.json else ProgressBar.for_upload("uploading", size),
+                    on_busy=busy_notice("convert"),
+                    subject=_cli_source.default_subject(args.input) if args.subject is None
+                    else args.subject, parity_tolerance=args.parity_tolerance)
     except ValueError as exc:
         return _usage(str(exc))
     except AirlockError as exc:

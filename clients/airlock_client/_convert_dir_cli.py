@@ -44,11 +44,12 @@ def default_output(source: Path) -> Path:
     return base.with_name(f"{base.name}-safetensors")
 
 
-def run_convert_directory(args: argparse.Namespace) -> int:
+def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) -> int:
+    """Convert the model directory ``source`` (``args.input``, or where a ``models:/`` URI
+    was fetched to); the output is named after ``name`` unless ``-o`` says."""
     if (problem := usage_problem(args)) is not None:
         return _usage(problem)
-    source = Path(args.input)
-    output = args.output or default_output(source)
+    output = args.output or default_output(name)
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
     try:

@@ -7,6 +7,13 @@ tokenizer files, a README) and often code or other pickles. Only its top level i
 hard link or a special file anywhere at the top level refuses the whole directory (the user
 asked us to read it; we do not guess which entry they meant). Subdirectories are skipped.
 
+An MLflow ``transformers`` model saved with PyTorch weights is the same thing inside its
+bundle: ``MLmodel`` names the weights directory (``flavors.transformers.model_binary``,
+``model``) and its components (``components/tokenizer``, ...). The weights directory is read as
+above, each component directory's top level for data files only (a tokenizer's JSON and text
+files, carried beside the weights as ``from_pretrained`` expects them); MLflow's own files
+are not carried. A bundle of another flavor, or of TensorFlow weights, stays an MLflow model.
+
 The index is attacker data: size-capped, parsed strictly (no duplicate keys, no ``NaN``), and
 every file it names must be a plain name of a regular file at the top level. The weights are
 never opened here: each is sent to the broker as it is. The data files carried over are read
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +53,9 @@ MAX_WEIGHT_BYTES = 64 * 1024**3
 MAX_ENTRIES = _bundle.MAX_FILES
 #: Distinct weight files one index may name.
 MAX_SHARDS = 10_000
+
+#: Where MLflow's transformers flavor keeps what the pipeline's components saved.
+MLFLOW_COMPONENTS = "components"
 
 #: Data files carried over, and what each must be.
 JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json",
@@ -103,28 +114,99 @@ class HfModelDir:
         return sum(s.source.size for s in self.shards)
 
 
+@dataclass(frozen=True)
+class MlflowTransformers:
+    """Where an MLflow transformers bundle keeps its Hugging Face directories."""
+
+    weights: Path
+    components: tuple[Path, ...]
+    #: The bundle's own entries, which are not carried.
+    skipped: tuple[Skipped, ...]
+
+
 def kind(path: str | os.PathLike[str]) -> str | None:
-    """``"mlflow"`` (an ``MLmodel`` file), ``"pytorch"`` (PyTorch weights as Hugging Face lays
-    them out) or None, for a directory; nothing is followed below the directory itself."""
+    """``"pytorch"`` (PyTorch weights as Hugging Face lays them out, or an MLflow transformers
+    model holding them), ``"mlflow"`` (any other ``MLmodel`` directory) or None, for a
+    directory. Raises :class:`ModelSourceError` for an MLflow bundle that is unsafe to read."""
     base = Path(path)
     if not base.is_dir():
         return None
     if os.path.lexists(base / MLMODEL):
-        return "mlflow"
+        return "pytorch" if mlflow_transformers(Path(os.path.realpath(base))) else "mlflow"
     if os.path.lexists(base / WEIGHTS) or os.path.lexists(base / WEIGHTS_INDEX):
         return "pytorch"
     return None
 
 
+def mlflow_transformers(base: Path) -> MlflowTransformers | None:
+    """The layout of an MLflow transformers model with PyTorch weights in ``base``, or None
+    (no ``MLmodel``, another flavor, another framework, or weights that are not PyTorch's)."""
+    files, _ = _top_level(base)
+    if MLMODEL not in files:
+        return None
+    conf = _bundle.read_mlmodel(files[MLMODEL])["flavors"].get("transformers")
+    if not isinstance(conf, dict) or conf.get("framework", "pt") != "pt":
+        return None
+    binary = conf.get("model_binary")
+    if not isinstance(binary, str):
+        return None
+    weights = _subdirectory(base, binary, "flavors.transformers.model_binary")
+    if weights is None or not (os.path.lexists(weights / WEIGHTS)
+                               or os.path.lexists(weights / WEIGHTS_INDEX)):
+        return None
+    names = conf.get("components")
+    components_dir = _subdirectory(base, MLFLOW_COMPONENTS, MLFLOW_COMPONENTS)
+    components: list[Path] = []
+    if isinstance(names, list) and components_dir is not None:
+        for name in names:
+            found = (_subdirectory(components_dir, name, "flavors.transformers.components")
+                     if isinstance(name, str) else None)
+            if found is not None:
+                components.append(found)
+    kept = {binary, MLFLOW_COMPONENTS}
+    skipped = tuple(Skipped(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""),
+                            "MLflow's own file or directory: the output is the Hugging Face "
+                            "model directory")
+                    for entry in sorted(os.scandir(base), key=lambda e: e.name)
+                    if entry.name not in kept)
+    return MlflowTransformers(weights, tuple(components), skipped)
+
+
+def _subdirectory(base: Path, name: str, what: str) -> Path | None:
+    """``base/name`` when it is a real directory (None when absent); a name that leads out of
+    ``base`` or a link refuses the bundle."""
+    if "/" in name or "\\" in name or name in {"", ".", ".."}:
+        raise _bundle.refuse(f"{MLMODEL}: {what} = {name[:80]!r} is not a plain directory "
+                             "name inside the model directory")
+    _bundle.check_name(name)
+    try:
+        info = os.lstat(base / name)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise _bundle.refuse(f"{base / name} is a symbolic link")
+    return base / name if stat.S_ISDIR(info.st_mode) else None
+
+
 def inspect(root: str | os.PathLike[str]) -> HfModelDir:
     """Read the directory's top level; raise :class:`ModelSourceError` if it is unsafe or is
-    not a PyTorch model directory."""
+    not a PyTorch model directory (or an MLflow transformers model holding one)."""
     base = Path(os.path.realpath(root))  # the root may be a link the user made; nothing below
     if not base.is_dir():
         raise ModelSourceError(NOT_A_MODEL, f"{root} is not a directory")
-    files, skipped = _top_level(base)
+    layout = mlflow_transformers(base) if os.path.lexists(base / MLMODEL) else None
+    if layout is None:
+        return _inspect(base, base, (), [])
+    return _inspect(base, layout.weights, layout.components, list(layout.skipped))
+
+
+def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
+             skipped: list[Skipped]) -> HfModelDir:
+    files, found_skipped = _top_level(weights_dir)
+    where = "" if weights_dir == base else f"{weights_dir.relative_to(base)}/"
+    skipped += [Skipped(where + s.name, s.why) for s in found_skipped]
     if WEIGHTS in files and WEIGHTS_INDEX in files:
-        raise ModelSourceError(INDEX_INVALID, f"{base} holds both {WEIGHTS} and "
+        raise ModelSourceError(INDEX_INVALID, f"{weights_dir} holds both {WEIGHTS} and "
                                f"{WEIGHTS_INDEX}: which one is the model is unclear")
     if WEIGHTS_INDEX in files:
         entry = files[WEIGHTS_INDEX]
@@ -139,24 +221,34 @@ def inspect(root: str | os.PathLike[str]) -> HfModelDir:
     elif WEIGHTS in files:
         shards = (Shard(files[WEIGHTS], SAFE_WEIGHTS, None),)
     else:
-        raise ModelSourceError(NOT_A_MODEL, f"{base} holds neither {WEIGHTS} nor "
+        raise ModelSourceError(NOT_A_MODEL, f"{weights_dir} holds neither {WEIGHTS} nor "
                                f"{WEIGHTS_INDEX}")
     total = sum(s.source.size for s in shards)
     if total > MAX_WEIGHT_BYTES:
         raise ModelSourceError(UNSAFE, f"the weights are {total} bytes in all "
                                f"(limit {MAX_WEIGHT_BYTES})")
     used = {s.source.name for s in shards} | {WEIGHTS_INDEX}
-    data: list[DataFile] = []
-    for name in sorted(set(files) - used):
-        why = data_file_problem(name, files[name])
-        if why is None:
-            raw = _bundle.read_exact(files[name], MAX_DATA_FILE_BYTES)
-            why = content_problem(name, raw)
+    data: dict[str, DataFile] = {}
+    sources = [(where, {n: f for n, f in files.items() if n not in used})]
+    for component in components:
+        component_files, component_skipped = _top_level(component)
+        at = f"{component.relative_to(base)}/"
+        skipped += [Skipped(at + s.name, s.why) for s in component_skipped]
+        sources.append((at, component_files))
+    for at, found in sources:
+        for name in sorted(found):
+            why = data_file_problem(name, found[name])
+            if why is None and name in data:
+                why = f"{at}{name} has the same name as a file carried already"
             if why is None:
-                data.append(DataFile(name, raw))
-                continue
-        skipped.append(Skipped(name, why))
-    return HfModelDir(base, shards, tuple(data), tuple(sorted(skipped, key=lambda s: s.name)))
+                raw = _bundle.read_exact(found[name], MAX_DATA_FILE_BYTES)
+                why = content_problem(name, raw)
+                if why is None:
+                    data[name] = DataFile(name, raw)
+                    continue
+            skipped.append(Skipped(at + name, why))
+    return HfModelDir(base, shards, tuple(data[n] for n in sorted(data)),
+                      tuple(sorted(skipped, key=lambda s: s.name)))
 
 
 def _top_level(base: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:

@@ -135,6 +135,27 @@ def test_an_unsharded_directory_through_the_python_api(broker: BrokerProcess,
     assert len(steps) == 1 and steps[0].startswith("shards 1/1 done")
 
 
+def test_an_mlflow_transformers_model_becomes_a_safetensors_directory(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """Its weights directory converted shard by shard, its tokenizer carried beside them,
+    MLflow's own files left out: what from_pretrained reads."""
+    model = hf_models.make_mlflow_transformers(tmp_path / "bundle", shards=2)
+    out = tmp_path / "bundle-safe"
+    code, doc, stderr = _convert(model.path, out, broker=broker)
+    assert code == 0, (doc, stderr)
+    assert doc["assurance"] == "integrity_verified", doc
+    assert sorted(doc["carried"]) == sorted(["config.json", *hf_models.TOKENIZER_FILES])
+    assert {s["name"] for s in doc["skipped"]} >= {"MLmodel", "conda.yaml", "requirements.txt"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got: dict[str, Any] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        got.update(_load(out / name)[0])
+    for name, want in model.expected.items():
+        _assert_tensor_equal(name, got[model.tied.get(name, name)], want)
+    assert (out / "tokenizer.json").read_text() == hf_models.DATA_FILES["tokenizer.json"]
+    assert not (out / "MLmodel").exists()
+
+
 def test_one_shard_alone_converts_as_before(broker: BrokerProcess, tmp_path: Path) -> None:
     model = hf_models.make_sharded(tmp_path / "tiny", shards=3, extras=False)
     shard = model.path / "pytorch_model-00002-of-00003.bin"

@@ -102,6 +102,73 @@ def test_a_shard_that_is_a_link_is_refused(tmp_path: Path) -> None:
         _hf_dir.inspect(root)
 
 
+# -- an MLflow transformers model holding a Hugging Face directory -----------------------------
+
+
+def mlflow_transformers(root: Path, *, framework: str = "pt", binary: str = "model",
+                        components: Any = ("tokenizer",)) -> Path:
+    """The layout mlflow.transformers.save_model writes (weights saved as pickles)."""
+    root.mkdir()
+    hf_dir(root / binary if "/" not in binary and binary not in ("", "..") else root / "w")
+    tokenizer = root / "components" / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    (tokenizer / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tokenizer / "vocab.txt").write_text("[PAD]\nhello\n")
+    (tokenizer / "special_tokens_map.pkl").write_bytes(b"\x80\x04 a pickle")
+    conf = {"transformers_version": "4.44.0", "framework": framework, "task": "fill-mask",
+            "model_binary": binary, "components": list(components)}
+    (root / "MLmodel").write_text(json.dumps({"flavors": {"transformers": conf,
+                                                          "python_function": {}}}))
+    (root / "requirements.txt").write_text("transformers\n")
+    return root
+
+
+def test_an_mlflow_transformers_model_is_its_hugging_face_directory(tmp_path: Path) -> None:
+    root = mlflow_transformers(tmp_path / "bundle")
+    assert _hf_dir.kind(root) == "pytorch"
+    model = _hf_dir.inspect(root)
+    assert model.root == root
+    assert [s.source.path for s in model.shards] == [
+        root / "model" / "pytorch_model-00001-of-00002.bin",
+        root / "model" / "pytorch_model-00002-of-00002.bin"]
+    # the tokenizer is carried beside the weights, as from_pretrained expects it
+    assert [d.name for d in model.data_files] == ["config.json", "tokenizer.json", "vocab.txt"]
+    skipped = {s.name: s.why for s in model.skipped}
+    assert "pickle" in skipped["components/tokenizer/special_tokens_map.pkl"]
+    assert "MLflow's own" in skipped["MLmodel"] and "MLflow's own" in skipped["requirements.txt"]
+
+
+@pytest.mark.parametrize("change", ["tensorflow", "safetensors weights", "another flavor"])
+def test_other_mlflow_models_stay_mlflow_models(tmp_path: Path, change: str) -> None:
+    root = mlflow_transformers(tmp_path / "bundle",
+                               framework="tf" if change == "tensorflow" else "pt")
+    if change == "safetensors weights":
+        for f in (root / "model").iterdir():
+            f.unlink()
+        (root / "model" / "model.safetensors").write_bytes(b"{}")
+    if change == "another flavor":
+        (root / "MLmodel").write_text(json.dumps({"flavors": {"sklearn": {}}}))
+    assert _hf_dir.kind(root) == "mlflow"
+
+
+@pytest.mark.parametrize("binary", ["../outside", "/etc", "a/b"])
+def test_a_model_binary_leading_out_of_the_bundle_refuses_it(tmp_path: Path,
+                                                             binary: str) -> None:
+    root = mlflow_transformers(tmp_path / "bundle", binary=binary)
+    with pytest.raises(ModelSourceError) as caught:
+        _hf_dir.kind(root)
+    assert caught.value.reason == "UNSAFE_MODEL_DIR"
+
+
+def test_a_weights_directory_that_is_a_link_refuses_the_bundle(tmp_path: Path) -> None:
+    elsewhere = hf_dir(tmp_path / "elsewhere")
+    root = mlflow_transformers(tmp_path / "bundle", binary="weights")
+    (root / "weights").rename(tmp_path / "unused")
+    (root / "weights").symlink_to(elsewhere)
+    with pytest.raises(ModelSourceError, match="symbolic link"):
+        _hf_dir.inspect(root)
+
+
 # -- the index ---------------------------------------------------------------------------------
 
 
