@@ -17,7 +17,7 @@ import pytest
 
 from airlock_client import Client, ConversionError, mlflow_source
 from tests.conftest import COLD_CONFIG, BrokerProcess, run_cli, running_broker
-from tests.fixtures import mlflow_models
+from tests.fixtures import hf_models, mlflow_models
 from tests.fixtures.mlflow_models import Saved
 from tests.integration.mlflow_server import mlflow_tracking_server
 
@@ -159,6 +159,31 @@ def test_registry_and_run_uris_resolve_against_a_real_tracking_server(
                           server=mlflow_broker.address, cwd=tmp_path)
         assert missing.returncode == 1
         assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
+
+
+def test_a_transformers_model_by_uri_becomes_a_safetensors_directory(
+        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+    """An MLflow transformers model with pickled weights, fetched by URI, converts as its
+    Hugging Face directory: named after the model, in the working directory."""
+    import mlflow
+
+    bundle = hf_models.make_mlflow_transformers(tmp_path / "tiny", shards=2)
+    with mlflow_tracking_server(tmp_path) as server:
+        mlflow.set_tracking_uri(server.uri)
+        try:
+            with mlflow.start_run() as run:
+                mlflow.log_artifacts(str(bundle.path), artifact_path="model")
+            mlflow.register_model(f"runs:/{run.info.run_id}/model", "tinylm")
+        finally:
+            mlflow.set_tracking_uri(None)
+        cli = run_cli("convert", "models:/tinylm/1", "--tracking-uri", server.uri, "--json",
+                      server=mlflow_broker.address, cwd=tmp_path, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    out = tmp_path / "tinylm-1-safetensors"
+    assert doc["output"] == str(out) and doc["assurance"] == "integrity_verified", doc
+    assert len(doc["shards"]) == 2 and "tokenizer.json" in doc["carried"]
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
 
 
 def test_cli_converts_a_model_directory(mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
