@@ -9,7 +9,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -247,6 +247,21 @@ class Client:
                 return self._convert_once(source, Path(output), first, size, progress,
                                           remaining)
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
+                     subject: str = "") -> bytes:
+        """The signed provenance of a sharded directory's ``model.safetensors.index.json``:
+        ``shards`` are (file name, provenance) for every file it names. The broker checks the
+        index against those records; the envelope returned is verified, with the key that
+        verifies conversions, to be over exactly ``index``."""
+        request = pb.AttestIndexRequest(
+            index=index, subject=subject,
+            shards=[pb.IndexShard(file_name=n, provenance=p) for n, p in shards])
+        reply = self._admin_call(self._stub.AttestIndex, request)
+        key, _ = self._verification_key()
+        record = verify_envelope(reply.provenance, key)
+        check_output(record, sha256=hashlib.sha256(index).hexdigest(), size=len(index))
+        return bytes(reply.provenance)
 
     def provenance_key(self) -> ProvenanceKey:
         """The broker's provenance public key, as it publishes it (not a trust anchor)."""

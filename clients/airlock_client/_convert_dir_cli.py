@@ -25,6 +25,7 @@ from airlock_client.model_dir import (
     DirectoryResult,
     ModelDirError,
 )
+from airlock_client.provenance import provenance_path
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -89,6 +90,8 @@ def result_document(result: DirectoryResult) -> dict[str, Any]:
         "output": str(result.output), "format": "safetensors",
         "assurance": result.assurance, "integrity_note": result.integrity_note,
         "index": None if result.index is None else str(result.index),
+        "index_provenance": None if result.index is None
+        else str(provenance_path(result.index)),
         "total_size": result.total_size,
         "shards": [{
             "source": s.source, "output": str(s.result.output), "sha256": s.result.sha256,
@@ -118,8 +121,8 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
         print(f"  shard      {t(s.source)} -> {t(s.output)}: {s.tensors} tensors, "
               f"{t(s.result.assurance)}, sha256 {t(s.result.sha256[:16])}...")
     if result.index is not None:
-        print(f"  index      {t(result.index.name)} (built from the shards' headers; no "
-              "provenance of its own)")
+        print(f"  index      {t(result.index.name)} (built from the shards' headers; signed "
+              "by the broker after checking it against the shards' records)")
     note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
     print(f"  assurance  {t(result.assurance)}{note}")
     for removed, kept in result.deduplicated.items():
@@ -128,7 +131,8 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
         print(f"  carried    {', '.join(t(n) for n in result.carried)}")
     for skipped in result.skipped:
         print(f"  skipped    {t(skipped.name)}: {t(skipped.why)}")
-    print("  provenance one signed record per shard (<shard>.provenance.json), verified")
+    print("  provenance one signed record per shard (<shard>.provenance.json), verified"
+          + ("; one for the index" if result.index is not None else ""))
     if any(s.result.provenance_key_source != "pinned" for s in result.shards):
         print("  key        as published by the broker (trust on first use); pin it with "
               "--public-key or AIRLOCK_PUBLIC_KEY")

@@ -25,6 +25,7 @@ from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
 from airlock_client.provenance import (
+    INDEX_KIND,
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
     ProvenanceRecord,
@@ -140,6 +141,9 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
     print(f"verified {t(path)}: signed by {trust} sha256:{t(record.key_fingerprint[:16])}...")
     print(f"  output     {t(record.output_format)}, {t(record.output_size)} bytes, "
           f"sha256 {t(record.output_sha256)}")
+    if record.kind == INDEX_KIND:
+        _print_index(record)
+        return
     print(f"  input      sha256 {t(record.input_sha256)}, {t(record.input_size)} bytes, "
           f"detected {t(record.detected_format)}"
           + (f" (declared {t(record.declared_format)})" if record.declared_format else ""))
@@ -159,6 +163,22 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
     note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
           f"{note}")
+
+
+def _print_index(record: ProvenanceRecord) -> None:
+    """A sharded directory's index: checked by the broker against the shards' records."""
+    t = printable
+    print(f"  index of   {len(record.shards)} shard(s), checked against their records: every "
+          "file it names, the tensor names of each, the total size")
+    for shard in record.shards[:64]:
+        print(f"  shard      {t(shard.get('file_name', ''))}: {t(shard.get('tensors', ''))} "
+              f"tensors, sha256 {t(str(shard.get('sha256', ''))[:16])}..., "
+              f"job {t(shard.get('job_id', ''))}, {t(shard.get('assurance', ''))}")
+    print(f"  subject    {shown(record.subject, 300)} (the caller's word)")
+    who = ("authentication off" if record.principal_method == "none"
+           else f"by {t(record.principal_method)}")
+    print(f"  asked by   {shown(record.principal)} ({who}) at {t(record.created)}")
+    print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}")
 
 
 def _is_sha256(text: str) -> bool:

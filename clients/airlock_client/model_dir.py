@@ -12,8 +12,10 @@ Everything is written into a temporary directory beside the destination and rena
 place at the end: a shard that fails fails the directory with that shard's reason (the batch
 stops starting shards; those in flight finish), and no partial output is left behind.
 
-The index and the carried data files have no provenance of their own: the broker never saw
-them. The index is derived from the shards, each of which has its signed record.
+The index, derived from the shards' headers, gets a signed record of its own: the broker
+checks it against the shards' records (``Client.attest_index``: every file named, each
+file's tensor names, the total size) before it signs. The carried data files have none: the
+broker never sees them.
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
                                  loading_policy=loading_policy, job_timeout=job_timeout,
                                  on_busy=on_busy, subject=subject)
         index = _write_outputs(model, shards, tmp)
+        if index is not None:  # its record: <index>.provenance.json, beside it
+            _attest_index(client, tmp / index, shards, subject)
         _replace(tmp, dest, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
@@ -232,6 +236,17 @@ def _write_outputs(model: HfModelDir, shards: list[ShardResult], tmp: Path) -> s
     headers = [(s.output, _st_header.read_header(tmp / s.output)) for s in shards]
     _write_new(tmp / _hf_dir.SAFE_WEIGHTS_INDEX, _st_header.index_document(headers))
     return _hf_dir.SAFE_WEIGHTS_INDEX
+
+
+def _attest_index(client: Client, index: Path, shards: list[ShardResult],
+                  subject: str) -> None:
+    """The index's signed record, beside it (``<index>.provenance.json``); its subject is
+    the directory's."""
+    from airlock_client.provenance import write_provenance
+
+    envelope = client.attest_index(
+        index.read_bytes(), [(s.output, s.result.provenance) for s in shards], subject=subject)
+    write_provenance(index, envelope)
 
 
 def _write_new(path: Path, data: bytes) -> None:

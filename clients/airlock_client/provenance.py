@@ -62,6 +62,8 @@ MAX_PROVENANCE_BYTES = 256 * 1024
 #: The broker refuses a longer subject (airlock_broker.api.wire.MAX_SUBJECT).
 MAX_SUBJECT = 1024
 SUFFIX = ".provenance.json"
+#: The ``kind`` of a sharded directory index's record.
+INDEX_KIND = "safetensors_index"
 _READ = 1024 * 1024
 
 PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey
@@ -104,6 +106,11 @@ class ProvenanceRecord:
     conversion: Mapping[str, Any] = field(default_factory=dict)
     #: The whole signed in-toto Statement, for anything not lifted into fields above.
     statement: Mapping[str, Any] = field(default_factory=dict)
+    #: "conversion" (one job's output), or "safetensors_index": a sharded directory's index,
+    #: checked by the broker against its shards' records, which ``shards`` lists (file_name,
+    #: sha256, job_id, tensors, data_bytes, assurance); the job fields above are then empty.
+    kind: str = "conversion"
+    shards: tuple[Mapping[str, Any], ...] = ()
 
 
 def load_public_key(key: PublicKeyLike) -> ec.EllipticCurvePublicKey:
@@ -390,11 +397,13 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
     if _obj(subjects[0], "digest").get("sha256") != root or _str(out, "sha256") != digest:
         raise ProvenanceError("PROVENANCE_MALFORMED",
                               "the statement's subject, resource and record digests disagree")
-    sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
-    request, broker = _obj(pred, "request"), _obj(pred, "broker")
     version = pred.get("record_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ProvenanceError("PROVENANCE_MALFORMED", "'record_version' is not a version")
+    if pred.get("kind") == INDEX_KIND:
+        return _index_record(pred, doc, digest, version, key_fingerprint)
+    sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
+    request, broker = _obj(pred, "request"), _obj(pred, "broker")
     subject = principal = method = ""
     if version >= 2:  # from version 2 on, a record without them is not a record
         who = _obj(pred, "principal")
@@ -416,6 +425,28 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         principal=principal, principal_method=method,
         conversion=_obj(pred, "conversion"), statement=doc,
     )
+
+
+def _index_record(pred: dict[str, Any], doc: dict[str, Any], digest: str, version: int,
+                  key_fingerprint: str) -> ProvenanceRecord:
+    """A directory index's record: which shards' records it was checked against."""
+    inp, out, verdicts = _obj(pred, "input"), _obj(pred, "output"), _obj(pred, "verdicts")
+    who, broker = _obj(pred, "principal"), _obj(pred, "broker")
+    shards = pred.get("shards")
+    if not isinstance(shards, list) or not shards or not all(isinstance(s, dict)
+                                                             for s in shards):
+        raise ProvenanceError("PROVENANCE_MALFORMED", "an index record lists no shards")
+    return ProvenanceRecord(
+        job_id="", created=_str(pred, "created"), broker_version=_str(broker, "version"),
+        input_sha256="", input_size=0, declared_format="", detected_format="",
+        output_name=_str(out, "name"), output_sha256=digest, output_size=_int(out, "size"),
+        output_format=_str(out, "format"), target="", loading_policy="", image_id="",
+        runtime="", validation=_str(verdicts, "validation"),
+        assurance=_str(verdicts, "assurance"), integrity_note="",
+        key_fingerprint=key_fingerprint, record_version=version,
+        subject=_str(inp, "subject"), principal=_str(who, "name"),
+        principal_method=_str(who, "method"), statement=doc, kind=INDEX_KIND,
+        shards=tuple(shards))
 
 
 def _obj(doc: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class Reason(enum.StrEnum):
     INTEGRITY_MISMATCH = "INTEGRITY_MISMATCH"
     UNSUPPORTED_FLAVOR = "UNSUPPORTED_FLAVOR"
     UNSAFE_MODEL_DIR = "UNSAFE_MODEL_DIR"
+    # A directory's index against its shards' records (index_attestation.py).
+    INDEX_MISMATCH = "INDEX_MISMATCH"
     # The service.
     BUSY = "BUSY"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -91,6 +93,7 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.INTEGRITY_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.UNSUPPORTED_FLAVOR: (grpc.StatusCode.FAILED_PRECONDITION, Kind.REJECTED),
     Reason.UNSAFE_MODEL_DIR: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.INDEX_MISMATCH: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.BUSY: (grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.FAILED),
     Reason.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, Kind.FAILED),
     Reason.CANCELLED: (grpc.StatusCode.CANCELLED, Kind.FAILED),

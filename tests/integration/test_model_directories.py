@@ -91,9 +91,18 @@ def test_a_sharded_checkpoint_becomes_a_safetensors_directory(broker: BrokerProc
 
     _assert_loads_like_transformers(out, index)
 
-    # Every output shard checks out against its own signed provenance.
+    # Every output shard checks out against its own signed provenance, and so does the index,
+    # which the broker signed after checking it against the shards' records.
     verified = run_cli("verify", str(out / names[1]), server=broker.address)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    verified = run_cli("verify", str(out / "model.safetensors.index.json"), "--json",
+                       server=broker.address)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    record = json.loads(verified.stdout)["record"]
+    assert record["kind"] == "safetensors_index"
+    assert [s["file_name"] for s in record["shards"]] == names
+    assert [s["sha256"] for s in record["shards"]] == [s["sha256"] for s in doc["shards"]]
+    assert record["subject"] == str(model.path)
 
 
 def _assert_loads_like_transformers(out: Path, index: dict[str, Any]) -> None:

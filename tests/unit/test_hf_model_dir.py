@@ -372,6 +372,11 @@ class FakeClient:
             with self._lock:
                 self.running -= 1
 
+    def attest_index(self, index: bytes, shards: list[tuple[str, bytes]], *,
+                     subject: str = "") -> bytes:
+        self.attested = (index, list(shards), subject)
+        return b'{"index": "signed"}'
+
 
 SHARDS = {f"pytorch_model-0000{i}-of-00003.bin": names
           for i, names in enumerate([["embed", "lm_head"], ["layer.1"], ["layer.2"]], start=1)}
@@ -392,8 +397,16 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
         "config.json", "model-00001-of-00003.safetensors",
         "model-00001-of-00003.safetensors.provenance.json", "model-00002-of-00003.safetensors",
         "model-00002-of-00003.safetensors.provenance.json", "model-00003-of-00003.safetensors",
-        "model-00003-of-00003.safetensors.provenance.json", "model.safetensors.index.json"]
+        "model-00003-of-00003.safetensors.provenance.json", "model.safetensors.index.json",
+        "model.safetensors.index.json.provenance.json"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
+    # the index's record, asked for with the index as written and every shard's record
+    attested, records, _ = client.attested
+    assert attested == (out / "model.safetensors.index.json").read_bytes()
+    assert [name for name, _ in records] == [f"model-0000{i}-of-00003.safetensors"
+                                             for i in (1, 2, 3)]
+    assert (out / "model.safetensors.index.json.provenance.json").read_bytes() \
+        == b'{"index": "signed"}'
     assert index["weight_map"] == {"embed": "model-00001-of-00003.safetensors",
                                    "layer.1": "model-00002-of-00003.safetensors",
                                    "layer.2": "model-00003-of-00003.safetensors"}

@@ -607,6 +607,87 @@ class GetProvenanceKeyResponse(_message.Message):
 Global___GetProvenanceKeyResponse: _TypeAlias = GetProvenanceKeyResponse  # noqa: Y015
 
 @_typing.final
+class IndexShard(_message.Message):
+    """A signed provenance record for the index of a sharded safetensors directory
+    (model.safetensors.index.json), which the client builds from the shards it converted. The
+    broker checks the index against the shards' own provenance records, which it signed: every
+    file the index names has a record, the tensor names it gives each file are those the broker
+    validated in that file (by their digest), and metadata.total_size is the sum of their data.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """The shard's file name in the directory (model-00001-of-00003.safetensors)."""
+    provenance: _builtins.bytes
+    """The shard's provenance record, as Convert returned it."""
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        provenance: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "provenance", b"provenance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexShard: _TypeAlias = IndexShard  # noqa: Y015
+
+@_typing.final
+class AttestIndexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    index: _builtins.bytes
+    """The index's bytes (strict JSON, at most 2 MiB)."""
+    subject: _builtins.str
+    """The caller's name for the directory, as ConvertMetadata.subject: signed, not believed."""
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexShard]:
+        """One entry per file the index names (at most 1024)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.bytes = ...,
+        shards: _abc.Iterable[Global___IndexShard] | None = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "shards", b"shards", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestIndexRequest: _TypeAlias = AttestIndexRequest  # noqa: Y015
+
+@_typing.final
+class AttestIndexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    provenance: _builtins.bytes
+    """A Sigstore bundle like Convert's, over the index's bytes."""
+    def __init__(
+        self,
+        *,
+        provenance: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestIndexResponse: _TypeAlias = AttestIndexResponse  # noqa: Y015
+
+@_typing.final
 class PoolStatus(_message.Message):
     """---------------------------------------------------------------------------------------------
     Operations: the warm sandbox pools (every container stays single-use whatever these do)

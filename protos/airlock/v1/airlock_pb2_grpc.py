@@ -44,6 +44,11 @@ class ConversionServiceStub:
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
                 _registered_method=True)
+        self.AttestIndex = channel.unary_unary(
+                '/airlock.v1.ConversionService/AttestIndex',
+                request_serializer=airlock_dot_v1_dot_airlock__pb2.AttestIndexRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_airlock__pb2.AttestIndexResponse.FromString,
+                _registered_method=True)
         self.OpenLocalTransfer = channel.unary_unary(
                 '/airlock.v1.ConversionService/OpenLocalTransfer',
                 request_serializer=airlock_dot_v1_dot_airlock__pb2.OpenLocalTransferRequest.SerializeToString,
@@ -63,6 +68,14 @@ class ConversionServiceServicer:
     def GetProvenanceKey(self, request, context):
         """The public half of the key that signs provenance. Fetching it over the same channel as the
         results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttestIndex(self, request, context):
+        """INVALID_ARGUMENT: BAD_REQUEST (malformed, or a record this broker did not sign) or
+        INDEX_MISMATCH (the index disagrees with the records). Needs the convert role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +101,11 @@ def add_ConversionServiceServicer_to_server(servicer, server):
                     servicer.GetProvenanceKey,
                     request_deserializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.SerializeToString,
+            ),
+            'AttestIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttestIndex,
+                    request_deserializer=airlock_dot_v1_dot_airlock__pb2.AttestIndexRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_airlock__pb2.AttestIndexResponse.SerializeToString,
             ),
             'OpenLocalTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenLocalTransfer,
@@ -149,6 +167,33 @@ class ConversionService:
             '/airlock.v1.ConversionService/GetProvenanceKey',
             airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyRequest.SerializeToString,
             airlock_dot_v1_dot_airlock__pb2.GetProvenanceKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttestIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.ConversionService/AttestIndex',
+            airlock_dot_v1_dot_airlock__pb2.AttestIndexRequest.SerializeToString,
+            airlock_dot_v1_dot_airlock__pb2.AttestIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class ConversionServiceStub:
     """The public half of the key that signs provenance. Fetching it over the same channel as the
     results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
     """
+    AttestIndex: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.AttestIndexRequest, _airlock_pb2.AttestIndexResponse]
+    """INVALID_ARGUMENT: BAD_REQUEST (malformed, or a record this broker did not sign) or
+    INDEX_MISMATCH (the index disagrees with the records). Needs the convert role.
+    """
     OpenLocalTransfer: _grpc.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]
     """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
     the broker does not offer it. Needs the convert role, like Convert.
@@ -54,6 +58,10 @@ class ConversionServiceAsyncStub(ConversionServiceStub):
     GetProvenanceKey: _aio.UnaryUnaryMultiCallable[_airlock_pb2.GetProvenanceKeyRequest, _airlock_pb2.GetProvenanceKeyResponse]  # type: ignore[assignment]
     """The public half of the key that signs provenance. Fetching it over the same channel as the
     results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
+    """
+    AttestIndex: _aio.UnaryUnaryMultiCallable[_airlock_pb2.AttestIndexRequest, _airlock_pb2.AttestIndexResponse]  # type: ignore[assignment]
+    """INVALID_ARGUMENT: BAD_REQUEST (malformed, or a record this broker did not sign) or
+    INDEX_MISMATCH (the index disagrees with the records). Needs the convert role.
     """
     OpenLocalTransfer: _aio.UnaryUnaryMultiCallable[_airlock_pb2.OpenLocalTransferRequest, _airlock_pb2.OpenLocalTransferResponse]  # type: ignore[assignment]
     """A ticket for the same-host fast path; FAILED_PRECONDITION (LOCAL_TRANSFER_DISABLED) when
@@ -76,6 +84,16 @@ class ConversionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_airlock_pb2.GetProvenanceKeyResponse, _abc.Awaitable[_airlock_pb2.GetProvenanceKeyResponse]]:
         """The public half of the key that signs provenance. Fetching it over the same channel as the
         results is trust-on-first-use; pin the key file (airlock-broker keys export) for real assurance.
+        """
+
+    @_abc_1.abstractmethod
+    def AttestIndex(
+        self,
+        request: _airlock_pb2.AttestIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_airlock_pb2.AttestIndexResponse, _abc.Awaitable[_airlock_pb2.AttestIndexResponse]]:
+        """INVALID_ARGUMENT: BAD_REQUEST (malformed, or a record this broker did not sign) or
+        INDEX_MISMATCH (the index disagrees with the records). Needs the convert role.
         """
 
     @_abc_1.abstractmethod

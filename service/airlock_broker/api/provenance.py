@@ -45,6 +45,7 @@ from typing import Any
 
 from airlock_broker.api.auth import Principal
 from airlock_broker.conversion.jobs import JobRequest, JobResult
+from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.hostile_text import sanitize
 from airlock_broker.security.keys import SigningKey
 from airlock_sandbox.contract import OUTPUT_NAMES
@@ -100,12 +101,7 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             # The worker's refinement (e.g. which zip layout); a claim, like all of "conversion".
             "refined_format": sanitize(report.get("detected_format", ""), 32),
         },
-        "output": {
-            "name": OUTPUT_NAMES[output.format],
-            "sha256": output.sha256,
-            "size": output.size,
-            "format": output.format.value,
-        },
+        "output": _output(output),
         "request": {
             "target": request.target.value,
             "loading_policy": request.policy.value,
@@ -128,21 +124,38 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
         },
         "conversion": _claims(report),
     }
-    # model-signing's view of a single file: one resource named "." (the path relative to
-    # itself, so any file name verifies), and a subject digest over the resources' digests.
+    return single_file_statement(OUTPUT_NAMES[output.format], output.sha256, record)
+
+
+def single_file_statement(name: str, sha256: str, record: dict[str, Any]) -> dict[str, Any]:
+    """model-signing's view of a single file: one resource named "." (the path relative to
+    itself, so any file name verifies), and a subject digest over the resources' digests;
+    ``record`` rides in the predicate."""
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": OUTPUT_NAMES[output.format],
-                     "digest": {"sha256": hashlib.sha256(bytes.fromhex(output.sha256))
-                                .hexdigest()}}],
+        "subject": [{"name": name,
+                     "digest": {"sha256": hashlib.sha256(bytes.fromhex(sha256)).hexdigest()}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "serialization": {"method": "files", "hash_type": "sha256",
                               "allow_symlinks": False, "ignore_paths": []},
-            "resources": [{"name": ".", "algorithm": "sha256", "digest": output.sha256}],
+            "resources": [{"name": ".", "algorithm": "sha256", "digest": sha256}],
             RECORD_FIELD: record,
         },
     }
+
+
+def _output(output: ValidatedOutput) -> dict[str, Any]:
+    """What the broker validated: for safetensors, also which tensors (by the digest of their
+    names) and how many bytes of data, so that an index can be checked against the files
+    (index_attestation.py)."""
+    doc: dict[str, Any] = {"name": OUTPUT_NAMES[output.format], "sha256": output.sha256,
+                           "size": output.size, "format": output.format.value}
+    info = output.safetensors
+    if info is not None:
+        doc["tensors"] = {"count": info.tensor_count, "data_bytes": info.data_bytes,
+                          "names_sha256": info.names_sha256}
+    return doc
 
 
 def _claims(report: dict[str, Any]) -> dict[str, Any]:

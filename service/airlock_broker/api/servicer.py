@@ -4,6 +4,7 @@ the drain deadline, and maps its ``AirlockError`` to a status (wire.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from grpc_status import rpc_status
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.api import index_attestation, wire
 from airlock_broker.api.answer_drains import AnswerDrains
 from airlock_broker.api.auth import current_principal
 from airlock_broker.api.provenance import sign, statement
@@ -76,6 +78,23 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         key = self.signing_key
         return pb.GetProvenanceKeyResponse(public_key_pem=key.public_pem,
                                            fingerprint=key.fingerprint, algorithm=ALGORITHM)
+
+    async def AttestIndex(
+        self, request: pb.AttestIndexRequest,
+        context: grpc.aio.ServicerContext[pb.AttestIndexRequest, pb.AttestIndexResponse],
+    ) -> pb.AttestIndexResponse:
+        """A signed record for a sharded directory's index, checked against its shards'
+        records (index_attestation.py): CPU only, a few milliseconds, in a worker thread."""
+        try:
+            subject = wire.subject(request.subject)
+            shards = [(s.file_name, s.provenance) for s in request.shards]
+            envelope = await asyncio.to_thread(
+                index_attestation.attest, request.index, shards, subject,
+                key=self.signing_key, principal=current_principal())
+        except AirlockError as exc:
+            await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
+            raise AssertionError("unreachable") from exc  # abort_with_status raises
+        return pb.AttestIndexResponse(provenance=envelope)
 
     async def OpenLocalTransfer(
         self, request: pb.OpenLocalTransferRequest,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,6 +62,16 @@ class SafetensorsInfo:
     canonical_header: bytes
     canonical_size: int
     canonical_sha256: str
+    #: :func:`names_digest` of the tensor names (signed into provenance, so that an index of
+    #: several files can later be checked against them without reading a file again).
+    names_sha256: str = ""
+
+
+def names_digest(names: Iterable[str]) -> str:
+    """The sha256 of a set of tensor names: of their sorted JSON list (names may hold any
+    character, so no separator would do)."""
+    listed = json.dumps(sorted(names), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(listed.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def with_digest(path: Path, info: SafetensorsInfo) -> SafetensorsInfo:

@@ -31,6 +31,7 @@ from airlock_broker.validation.safetensors_canonical import (
     FileIdentity,
     SafetensorsInfo,
     canonical_header_bytes,
+    names_digest,
     stream_canonical,
 )
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
@@ -103,6 +104,7 @@ def validate_safetensors(
         canonical_header=header,
         canonical_size=len(header) + data_bytes,
         canonical_sha256=sha256,
+        names_sha256=names_digest(names),
     )
 
 
