@@ -17,8 +17,9 @@ are not carried. A bundle of another flavor, or of TensorFlow weights, stays an 
 The index is attacker data: size-capped, parsed strictly (no duplicate keys, no ``NaN``), and
 every file it names must be a plain name of a regular file at the top level. The weights are
 never opened here: each is sent to the broker as it is. The data files carried over are read
-once, checked as what they claim to be (strict JSON, or UTF-8 text without NUL), and those
-checked bytes are what gets written; anything else is skipped with the reason why.
+once, checked as what they claim to be (strict JSON, UTF-8 text without NUL, or a SentencePiece
+model: :mod:`._sentencepiece`), and those checked bytes are what gets written; anything else
+is skipped with the reason why.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json
                         "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "added_tokens.json"})
 TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
+#: SentencePiece models (Llama, T5, Gemma), checked on the protobuf wire format.
+SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model"})
 #: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                     ".npz")
@@ -318,7 +321,7 @@ def data_file_problem(name: str, entry: ModelFile) -> str | None:
         return f"a weights shard {WEIGHTS_INDEX} does not name"
     if lower.endswith(_PICKLE_SUFFIXES):
         return "a pickle or other serialized object: never carried over"
-    if name not in JSON_FILES and name not in TEXT_FILES:
+    if name not in JSON_FILES and name not in TEXT_FILES and name not in SENTENCEPIECE_FILES:
         return "not a known data file: not carried over"
     if entry.size > MAX_DATA_FILE_BYTES:
         return f"{entry.size} bytes, over the {MAX_DATA_FILE_BYTES}-byte cap for data files"
@@ -327,6 +330,10 @@ def data_file_problem(name: str, entry: ModelFile) -> str | None:
 
 def content_problem(name: str, raw: bytes) -> str | None:
     """Why ``raw`` is not what ``name`` says (None: it is)."""
+    if name in SENTENCEPIECE_FILES:
+        from airlock_client import _sentencepiece
+
+        return _sentencepiece.problem(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -80,6 +80,7 @@ def test_a_sharded_checkpoint_becomes_a_safetensors_directory(broker: BrokerProc
 
     for name, text in hf_models.DATA_FILES.items():
         assert (out / name).read_text(encoding="utf-8") == text, name
+    assert (out / "tokenizer.model").read_bytes() == (model.path / "tokenizer.model").read_bytes()
     skipped = {s["name"]: s["why"] for s in doc["skipped"]}
     assert set(hf_models.NEVER_CARRIED) <= set(skipped)
     for name in hf_models.NEVER_CARRIED:
