@@ -32,6 +32,8 @@ from airlock_broker.conversion.format_decision import Decision, decide
 from airlock_broker.conversion.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
+from airlock_broker.conversion.spool_space import SpoolClaim, answer_bytes
+from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import new_upload, remove_quietly
 from airlock_broker.tracing import NO_TRACE, Trace
@@ -164,10 +166,15 @@ class ConversionPipeline:
     async def _answer(self, job: Job, meta: pb.ConvertMetadata, transfer: Transfer) -> Answer:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
+        # Room for the answer, claimed before the upload's own: a job whose output would take
+        # the spool below its reserve is refused before a byte moves (spool_space.py).
+        room = self._answer_room(request, meta.size_bytes)
         upload, fd = new_upload(self.settings.spool_root, job.id)
         try:
             with self.trace.span("spool"):
                 spooled = await transfer.receive(fd, meta)
+            if room is None:  # an undeclared size: known now, still before the sandbox starts
+                room = self._answer_room(request, spooled.size, spooled=True)
             decision = self._decide(job, request, spooled, transfer)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
@@ -181,6 +188,24 @@ class ConversionPipeline:
                                              transfer)
         finally:
             remove_quietly(upload)
+            if room is not None:
+                room.release()
+
+    def _answer_room(self, request: JobRequest, size: int, *,
+                     spooled: bool = False) -> SpoolClaim | None:
+        """The spool's room for this job's answer (None: size unknown, or not accounted).
+        Checked with the input's room when the input is still to come, so that one refusal
+        says what the whole job needs."""
+        if size <= 0:
+            return None
+        answer = answer_bytes(size, request.target, self.runner.limits)
+        upload = 0 if spooled else size
+        room = self.settings.intake.claim(
+            upload + answer, f"this job ({_mib(upload)} of input, then about "
+                             f"{_mib(answer)} of output)")
+        if room is not None:
+            room.keep(answer)  # the upload claims its own as it goes
+        return room
 
     def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
         if self.trace:
@@ -256,3 +281,7 @@ class ConversionPipeline:
         # Held open: eviction cannot cut the answer short. The store keeps the name.
         return Answer(result=header, fd=IdempotencyStore.open_stored(stored),
                       size=header.output_size, transfer=transfer)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"

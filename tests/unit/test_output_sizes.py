@@ -1,0 +1,136 @@
+"""Sizes and limits of big checkpoints (issue 13): where each cap is decided, and the refusals
+that say which limit to raise, with the numbers. Real gRPC broker, fake sandbox, fake disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from airlock_broker.api import servicer
+from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.spool_space import SpoolSpace, answer_bytes
+from airlock_broker.conversion.upload_limits import MiB, UploadLimits
+from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.validation.limits import GiB, OutputLimits
+from airlock_broker.validation.onnx_check import check_onnx_size, validate_onnx_bytes
+from airlock_client import Client, ConversionError
+from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, Target
+from airlock_sandbox.policy import OUTPUT_HEADROOM_BYTES, SandboxPolicy
+from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE
+from tests.unit.test_spool_space import Disk
+
+RESERVE = 100 * MiB
+#: A checkpoint's worth of input: its output (the fake worker's) is about as large.
+INPUT = PICKLE + bytes(4 * MiB - len(PICKLE))
+OUTPUT = save({"w": np.arange(MiB, dtype=np.float32)})  # 4 MiB of tensor data
+
+
+def test_defaults_take_a_16_gib_file_and_keep_the_output_inside_the_sandboxs_memory() -> None:
+    config = BrokerConfig(state_root=Path("/nonexistent"), unix_socket=None)
+    assert config.max_artifact_bytes == 16 * GiB
+    # The output a job may make is the sandbox's output tmpfs, decided once, below the
+    # validator's own (format) cap, and it fits in the sandbox's memory beside the worker.
+    limits = config.job_output_limits
+    assert limits.max_output_bytes == config.sandbox.output_bytes < config.output.max_output_bytes
+    assert config.sandbox.output_bytes + OUTPUT_HEADROOM_BYTES <= config.sandbox.memory_bytes
+    assert limits.max_onnx_bytes == config.output.max_onnx_bytes < 2 * GiB
+
+
+def test_an_output_tmpfs_the_sandboxs_memory_cannot_hold_is_refused_with_both_numbers() -> None:
+    with pytest.raises(ValueError) as refused:
+        SandboxPolicy(memory_bytes=4 * GiB, output_bytes=4 * GiB)
+    message = str(refused.value)
+    assert str(4 * GiB) in message and "memory_bytes" in message and "output_bytes" in message
+    SandboxPolicy(memory_bytes=18 * GiB, output_bytes=16 * GiB)  # raised together: fine
+
+
+def test_the_answer_is_estimated_from_the_input_within_the_formats_cap() -> None:
+    limits = OutputLimits(max_output_bytes=10 * MiB, max_onnx_bytes=2 * MiB)
+    assert answer_bytes(4 * MiB, Target.SAFETENSORS, limits) == 4 * MiB
+    assert answer_bytes(40 * MiB, Target.AUTO, limits) == 10 * MiB
+    assert answer_bytes(4 * MiB, Target.ONNX, limits) == 2 * MiB
+
+
+def test_an_onnx_output_over_its_cap_is_refused_with_the_advice_to_use_safetensors() -> None:
+    limits = OutputLimits(max_onnx_bytes=1 * MiB)
+    for refuse in (lambda: check_onnx_size(3 * MiB, limits),
+                   lambda: validate_onnx_bytes(bytes(3 * MiB), limits)):
+        with pytest.raises(AirlockError) as refused:
+            refuse()
+        assert refused.value.reason is Reason.OUTPUT_TOO_LARGE
+        assert str(3 * MiB) in refused.value.message and str(MiB) in refused.value.message
+        assert "safetensors instead" in refused.value.message
+
+
+# -- the spool's reserve, for the whole job, before it starts ---------------------------------
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    """The broker's spool on a fake disk of 1000 MiB (the broker's only seam to it)."""
+    fake = Disk(1000 * MiB, 1000 * MiB)
+
+    def space(root: Path, limits: UploadLimits) -> SpoolSpace:
+        return SpoolSpace(root, limits, statvfs=fake)
+
+    monkeypatch.setattr(servicer, "SpoolSpace", space)
+    return fake
+
+
+@pytest.fixture
+def broker(tmp_path: Path, disk: Disk) -> Iterator[tuple[str, FakeSandbox]]:
+    def worker(spec: JobSpec, data: bytes, out: Path) -> int:
+        (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
+        return 0
+
+    spool = tmp_path / "spool"
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, verify_integrity=False,
+                          selftest_on_start=False, pools=PoolSettings(min_warm=0),
+                          provenance_key=tmp_path / "provenance-key.pem",
+                          upload=UploadLimits(spool_min_free_bytes=RESERVE))
+    backend = FakeSandbox(spool, worker)
+    with running_broker(config, backend) as running:
+        yield f"127.0.0.1:{running.port}", backend
+
+
+@pytest.mark.parametrize("local_transfer", [False, True])
+def test_a_job_whose_output_would_cross_the_reserve_is_refused_before_it_starts(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path,
+        local_transfer: bool) -> None:
+    address, backend = broker
+    src = tmp_path / "shard.bin"
+    src.write_bytes(INPUT)
+    # Room for the upload, not for the upload and then its answer.
+    disk.free = RESERVE + 6 * MiB
+    with Client(address, retry_attempts=1, local_transfer=local_transfer) as client, \
+            pytest.raises(ConversionError) as refused:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert refused.value.reason == "SPOOL_FULL"
+    message = str(refused.value)
+    assert "4.0 MiB of input, then about 4.0 MiB of output" in message
+    assert "needs 8.0 MiB" in message and "106.0 MiB free" in message
+    assert "keeps 100.0 MiB free" in message
+    assert backend.specs == []  # no sandbox ran
+    assert not (tmp_path / "spool" / "uploads").exists() or \
+        os.listdir(tmp_path / "spool" / "uploads") == []
+
+
+def test_with_room_for_input_and_output_the_job_runs_and_its_claim_is_released(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = broker
+    src = tmp_path / "shard.bin"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 8 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+        assert len(backend.specs) == 1
+        # The job's claims are gone with it: the same job fits again.
+        client.convert(src, tmp_path / "again.safetensors", target="safetensors")
+    assert backend.specs[0].max_output_bytes == SandboxPolicy().output_bytes
