@@ -27,8 +27,11 @@ from tests.unit.test_broker import PICKLE
 from tests.unit.test_spool_space import Disk
 
 RESERVE = 100 * MiB
-#: A checkpoint's worth of input: its output (the fake worker's) is about as large.
-INPUT = PICKLE + bytes(4 * MiB - len(PICKLE))
+#: A checkpoint's worth of input (dense: every block is data); its output (the fake
+#: worker's) is about as large.
+INPUT = PICKLE + b"\x01" * (4 * MiB - len(PICKLE))
+#: The same size, but all holes after its first bytes: what it occupies is what counts.
+SPARSE = PICKLE + bytes(4 * MiB - len(PICKLE))
 OUTPUT = save({"w": np.arange(MiB, dtype=np.float32)})  # 4 MiB of tensor data
 
 
@@ -72,10 +75,27 @@ def test_an_onnx_output_over_its_cap_is_refused_with_the_advice_to_use_safetenso
 # -- the spool's reserve, for the whole job, before it starts ---------------------------------
 
 
+class SpoolDisk(Disk):
+    """A disk with ``free`` bytes available before the spool's files took what they occupy."""
+
+    def __init__(self, spool: Path) -> None:
+        super().__init__(1000 * MiB, 1000 * MiB)
+        self.spool = spool
+
+    def __call__(self, path: Path) -> os.statvfs_result:
+        used = sum(os.lstat(os.path.join(d, f)).st_blocks * 512
+                   for d, _, files in os.walk(self.spool) for f in files)
+        free, self.free = self.free, self.free - used
+        try:
+            return super().__call__(path)
+        finally:
+            self.free = free
+
+
 @pytest.fixture
-def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
-    """The broker's spool on a fake disk of 1000 MiB (the broker's only seam to it)."""
-    fake = Disk(1000 * MiB, 1000 * MiB)
+def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Disk:
+    """The broker's spool on a fake disk (the broker's only seam to it)."""
+    fake = SpoolDisk(tmp_path / "spool")
 
     def space(root: Path, limits: UploadLimits) -> SpoolSpace:
         return SpoolSpace(root, limits, statvfs=fake)
@@ -114,23 +134,30 @@ def test_a_job_whose_output_would_cross_the_reserve_is_refused_before_it_starts(
         client.convert(src, tmp_path / "out.safetensors", target="safetensors")
     assert refused.value.reason == "SPOOL_FULL"
     message = str(refused.value)
-    assert "4.0 MiB of input, then about 4.0 MiB of output" in message
-    assert "needs 8.0 MiB" in message and "106.0 MiB free" in message
-    assert "keeps 100.0 MiB free" in message
+    assert "this job's output (about its input's 4.0 MiB of data) needs 4.0 MiB" in message
+    assert "102.0 MiB free" in message and "keeps 100.0 MiB free" in message
     assert backend.specs == []  # no sandbox ran
-    assert not (tmp_path / "spool" / "uploads").exists() or \
-        os.listdir(tmp_path / "spool" / "uploads") == []
+    assert os.listdir(tmp_path / "spool" / "uploads") == []
 
 
-def test_with_room_for_input_and_output_the_job_runs_and_its_claim_is_released(
+def test_a_sparse_input_claims_the_room_of_its_data_not_of_its_length(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = broker
+    src = tmp_path / "sparse.bin"
+    src.write_bytes(SPARSE)
+    disk.free = RESERVE + 5 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert len(backend.specs) == 1
+
+
+def test_with_room_for_input_and_output_the_job_runs(
         broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
     address, backend = broker
     src = tmp_path / "shard.bin"
     src.write_bytes(INPUT)
-    disk.free = RESERVE + 8 * MiB
+    disk.free = RESERVE + 9 * MiB  # the upload, then the answer (and a little)
     with Client(address, retry_attempts=1, local_transfer=False) as client:
         client.convert(src, tmp_path / "out.safetensors", target="safetensors")
-        assert len(backend.specs) == 1
-        # The job's claims are gone with it: the same job fits again.
-        client.convert(src, tmp_path / "again.safetensors", target="safetensors")
+    assert len(backend.specs) == 1
     assert backend.specs[0].max_output_bytes == SandboxPolicy().output_bytes

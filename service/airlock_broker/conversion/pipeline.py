@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -166,15 +167,14 @@ class ConversionPipeline:
     async def _answer(self, job: Job, meta: pb.ConvertMetadata, transfer: Transfer) -> Answer:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
-        # Room for the answer, claimed before the upload's own: a job whose output would take
-        # the spool below its reserve is refused before a byte moves (spool_space.py).
-        room = self._answer_room(request, meta.size_bytes)
+        room: SpoolClaim | None = None
         upload, fd = new_upload(self.settings.spool_root, job.id)
         try:
             with self.trace.span("spool"):
                 spooled = await transfer.receive(fd, meta)
-            if room is None:  # an undeclared size: known now, still before the sandbox starts
-                room = self._answer_room(request, spooled.size, spooled=True)
+            # Room for the answer, before any sandbox starts: a job whose output would take
+            # the spool below its reserve is refused now, with the numbers (spool_space.py).
+            room = self._answer_room(request, upload, spooled.size)
             decision = self._decide(job, request, spooled, transfer)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
@@ -191,21 +191,14 @@ class ConversionPipeline:
             if room is not None:
                 room.release()
 
-    def _answer_room(self, request: JobRequest, size: int, *,
-                     spooled: bool = False) -> SpoolClaim | None:
-        """The spool's room for this job's answer (None: size unknown, or not accounted).
-        Checked with the input's room when the input is still to come, so that one refusal
-        says what the whole job needs."""
-        if size <= 0:
-            return None
-        answer = answer_bytes(size, request.target, self.runner.limits)
-        upload = 0 if spooled else size
-        room = self.settings.intake.claim(
-            upload + answer, f"this job ({_mib(upload)} of input, then about "
-                             f"{_mib(answer)} of output)")
-        if room is not None:
-            room.keep(answer)  # the upload claims its own as it goes
-        return room
+    def _answer_room(self, request: JobRequest, upload: Path, size: int) -> SpoolClaim | None:
+        """The spool's room for this job's answer (None: not accounted), estimated from the
+        spooled input's data: what it occupies (a hole, zeros a client did not have to
+        store, is not data that comes back as weights), at most its size."""
+        occupied = min(os.stat(upload).st_blocks * 512, size)
+        answer = answer_bytes(occupied, request.target, self.runner.limits)
+        return self.settings.intake.claim(
+            answer, f"this job's output (about its input's {_mib(occupied)} of data)")
 
     def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
         if self.trace:

@@ -12,12 +12,13 @@ the filesystem's free space below the reserve; while it is written the reserve i
 again (a peer can fill its file's holes meanwhile, and other programs use the disk too).
 
 A job's answer is a spool file too (answers.py): the validated output, about as large as the
-input for a checkpoint. Its room is claimed with the job's, before the upload starts
-(``answer_bytes``, the host's estimate), and held until the answer is written: a 16 GiB
-checkpoint on a disk with room for its upload but not its output is refused before a byte
-moves, not after the conversion. At its peak one conversion of N bytes holds about 2 N on the
-spool's disk (the input, until its sandboxes are destroyed, and the answer), and 2 N of RAM
-in the output tmpfs of its two sandboxes (the conversion's and the integrity reading's).
+input's data for a checkpoint. Its room is claimed once the input is spooled, before any
+sandbox starts (``answer_bytes``, the host's estimate from what the spool file occupies), and
+held until the answer is written: a 16 GiB checkpoint on a disk with room for its upload but
+not its output is refused before the conversion, not after it. At its peak one conversion of
+N bytes holds about 2 N on the spool's disk (the input, until its sandboxes are destroyed, and
+the answer), and 2 N of RAM in the output tmpfs of its two sandboxes (the conversion's and
+the integrity reading's).
 """
 
 from __future__ import annotations
@@ -112,11 +113,6 @@ class SpoolClaim:
             if self.written > self.expected:
                 self.expected = self.written + _CHECK_EVERY  # the next blocks, checked now
             space._check(self)
-
-    def keep(self, count: int) -> None:
-        """Promise only ``count`` bytes from now on (of a claim checked for more)."""
-        with self._space._lock:
-            self.expected = min(self.expected, self.written + max(count, 0))
 
     def release(self) -> None:
         self._space._release(self)
