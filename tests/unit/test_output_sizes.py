@@ -161,3 +161,21 @@ def test_with_room_for_input_and_output_the_job_runs(
         client.convert(src, tmp_path / "out.safetensors", target="safetensors")
     assert len(backend.specs) == 1
     assert backend.specs[0].max_output_bytes == SandboxPolicy().output_bytes
+
+
+def test_the_worker_refuses_an_onnx_model_past_protobufs_limit_naming_safetensors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from airlock_broker.validation.onnx_worker import tiny_model
+    from airlock_sandbox.contract import WorkerExit
+    from airlock_worker import onnx_out
+    from airlock_worker.errors import WorkerError
+
+    model = onnx.ModelProto.FromString(tiny_model())
+    monkeypatch.setattr(onnx_out, "PROTOBUF_LIMIT", 8)  # what 2 GiB is to a real model
+    with pytest.raises(WorkerError) as refused:
+        onnx_out.finish(model)
+    assert refused.value.exit is WorkerExit.OUTPUT_TOO_LARGE
+    assert str(model.ByteSize()) in str(refused.value)
+    assert "safetensors instead" in str(refused.value)
