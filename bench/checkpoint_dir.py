@@ -131,12 +131,16 @@ class SpoolSampler:
         device = os.stat(self.root).st_dev
         while not self._stop.is_set():
             disk = tmpfs = 0
+            seen: set[tuple[int, int]] = set()
             for dirpath, _dirs, files in os.walk(self.root):
                 for name in files:
                     try:
                         st = os.lstat(os.path.join(dirpath, name))
                     except OSError:
                         continue  # gone meanwhile
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue  # the input, hard-linked into the integrity reading's slot
+                    seen.add((st.st_dev, st.st_ino))
                     if st.st_dev == device:
                         disk += st.st_blocks * 512
                     else:
