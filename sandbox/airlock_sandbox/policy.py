@@ -17,6 +17,10 @@ GiB = 1024**3
 
 RUNTIMES = frozenset({"runc", "runsc"})
 
+#: Memory a sandbox keeps beside a full output tmpfs: the worker, its imported profile and
+#: the tensors it holds while it writes (the input is an mmap, paged in and out).
+OUTPUT_HEADROOM_BYTES = 512 * MiB
+
 
 EXIT_WATCHES = frozenset({"freeze", "pidfd", "engine"})
 
@@ -49,7 +53,11 @@ class SandboxPolicy:
     tmpfs_inodes: int = 16384
     #: /dev/shm (POSIX shared memory, semaphores), mounted by us so that it is capped like /tmp.
     shm_bytes: int = 64 * MiB
-    output_bytes: int = 2 * GiB
+    #: The job's output: a tmpfs the broker mounts, so RAM, charged to the sandbox's memory
+    #: cgroup as the worker writes it. The largest output (a safetensors shard) a job can make;
+    #: a bigger one needs this and ``memory_bytes`` raised together (this plus
+    #: ``OUTPUT_HEADROOM_BYTES`` at most).
+    output_bytes: int = 3 * GiB
     nofile_limit: int = 256
     deadline_seconds: float = 120.0
     #: Seccomp profile: "airlock" (deny by default, fitted to the worker; airlock_sandbox/seccomp),
@@ -84,6 +92,12 @@ class SandboxPolicy:
             raise ValueError("deadline_seconds must be positive")
         if self.memory_bytes < 64 * MiB:
             raise ValueError("memory_bytes below 64 MiB cannot start Python")
+        if self.output_bytes + OUTPUT_HEADROOM_BYTES > self.memory_bytes:
+            raise ValueError(
+                f"output_bytes ({self.output_bytes}) plus {OUTPUT_HEADROOM_BYTES // MiB} MiB for "
+                f"the worker exceeds memory_bytes ({self.memory_bytes}): the output tmpfs is "
+                "charged to the sandbox's memory, so a full one would get the worker killed. "
+                "Raise memory_bytes with output_bytes")
         if any("unconfined" in opt for opt in self.security_opts) or "unconfined" in self.seccomp:
             raise ValueError("security_opts may not disable seccomp or AppArmor")
         if any(opt.startswith("seccomp") for opt in self.security_opts):

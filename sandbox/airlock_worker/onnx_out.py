@@ -23,7 +23,9 @@ def finish(model: onnx.ModelProto) -> bytes:
     _merge_opsets(model)
     refuse_external_data(model)
     if model.ByteSize() > PROTOBUF_LIMIT:
-        raise WorkerError(WorkerExit.OUTPUT_TOO_LARGE, "ONNX model exceeds 2 GiB")
+        raise WorkerError(WorkerExit.OUTPUT_TOO_LARGE,
+                          f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit; "
+                          "convert the weights to safetensors instead (--to safetensors)")
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:

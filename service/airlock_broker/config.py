@@ -5,7 +5,7 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     [broker]
     state_root = "/var/lib/airlock"  # 0700, the broker's alone; --state-dir, AIRLOCK_STATE_DIR
     max_concurrent_jobs = 2
-    max_artifact_bytes = 4294967296
+    max_artifact_bytes = 17179869184    # 16 GiB per file (a model directory: per shard)
     unix_socket = "/run/airlock/broker.sock"   # local clients; "none": off (local_listeners.py)
     max_jobs_per_principal = 10      # default: max_concurrent_jobs + half of max_queued_jobs
     answer_drain_seconds = 600       # a caller not done reading its answer by then is cut off
@@ -117,7 +117,10 @@ class BrokerConfig:
     max_concurrent_jobs: int = 2
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
     max_queued_jobs: int = 16
-    max_artifact_bytes: int = 4 * GiB
+    #: One input file (a model directory sends each weights file as its own job). The spool
+    #: is disk, its reserve checked before an upload starts (spool_space.py); what a job can
+    #: *output* is bounded by ``sandbox.output_bytes`` (RAM) instead: ``job_output_limits``.
+    max_artifact_bytes: int = 16 * GiB
     #: Response chunk size; well under gRPC's 4 MiB message cap.
     chunk_bytes: int = 1 * MiB
     #: Largest request chunk accepted.
@@ -131,7 +134,8 @@ class BrokerConfig:
     max_jobs_per_principal: int | None = None
     #: How long an answer may take to reach its caller once the job is done (sandboxes
     #: already released); then the call is cancelled (DEADLINE_EXCEEDED) and its copy removed.
-    #: 10 minutes: a 2 GiB output (the sandbox's output cap) at 3.5 MB/s, a slow WAN link.
+    #: 10 minutes: a 2 GiB output at 3.5 MB/s, a slow WAN link (on the same host the answer
+    #: is a kernel copy into the caller's file: GiB per second).
     answer_drain_seconds: float = 600.0
     #: On SIGTERM: how long health says NOT_SERVING (and new jobs are refused) while the
     #: listener stays open, so load balancers notice before connections are refused.
@@ -184,6 +188,15 @@ class BrokerConfig:
         if self.max_jobs_per_principal is not None:
             return self.max_jobs_per_principal
         return self.max_concurrent_jobs + (self.max_queued_jobs + 1) // 2
+
+    @property
+    def job_output_limits(self) -> OutputLimits:
+        """``output`` with ``max_output_bytes`` no larger than the sandbox's output tmpfs: the
+        one cap a job's output meets, decided here. The worker gets it in its job spec (and
+        refuses a larger output before writing it, with both numbers); the broker checks it
+        again on what the dead sandbox left. ONNX keeps its own, lower ``max_onnx_bytes``."""
+        room = min(self.output.max_output_bytes, self.sandbox.output_bytes)
+        return replace(self.output, max_output_bytes=room)
 
     @property
     def spool_root(self) -> Path:

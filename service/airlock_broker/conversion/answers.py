@@ -18,12 +18,12 @@ The same object brought the artifact in.
 
 Why a copy on the spool, and not the tmpfs itself kept open after a lazy unmount (which would
 copy nothing): the tmpfs is RAM. Every answer waiting for a slow reader would pin up to
-``output_bytes`` (2 GiB) of it, for every admitted job instead of the running ones only. The
-spool is disk, where the same admitted jobs' uploads lived a moment before (an upload moves
-into its slot and goes with it). The copy is one kernel copy (``sendfile`` from the tmpfs),
-measured in the README's Performance section. An ONNX output was already in the broker's
-memory (the validator's canonical bytes); written out, it is the page cache's to keep or
-evict, not the broker's RSS while a caller dawdles.
+``output_bytes`` (3 GiB by default) of it, for every admitted job instead of the running ones
+only. The spool is disk, where the same admitted jobs' uploads lived a moment before (an
+upload moves into its slot and goes with it). The copy is one kernel copy (``sendfile``
+from the tmpfs), measured in the README's Performance section. An ONNX output was already in
+the broker's memory (the validator's canonical bytes); written out, it is the page cache's to
+keep or evict, not the broker's RSS while a caller dawdles.
 """
 
 from __future__ import annotations

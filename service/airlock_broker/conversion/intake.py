@@ -43,9 +43,9 @@ class IntakeLimits:
         """The clock of one upload, started now."""
         return Pace(self.upload, self.max_artifact_bytes)
 
-    def claim(self, expected: int) -> SpoolClaim | None:
+    def claim(self, expected: int, purpose: str = "this upload") -> SpoolClaim | None:
         """Room on the spool for ``expected`` bytes (SPOOL_FULL if there is none)."""
-        return None if self.space is None else self.space.claim(expected)
+        return None if self.space is None else self.space.claim(expected, purpose)
 
 
 @dataclass(frozen=True)

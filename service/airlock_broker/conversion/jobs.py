@@ -73,7 +73,8 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.INPUT_SPEC_REQUIRED: "exporting this model needs input shapes (--input-shape)",
     Reason.CONVERSION_FAILED: "the conversion failed in the sandbox",
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
-    Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the output size limit",
+    Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the sandbox's output room ([sandbox] "
+                             "output_bytes, a tmpfs counted in memory_bytes: raise both)",
     Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
                                "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
@@ -162,7 +163,8 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
         raise error(Reason.SANDBOX_TIMEOUT,
                     f"the sandbox did not finish within {deadline:g} s and was killed")
     if outcome.oom_killed:
-        raise error(Reason.SANDBOX_OOM, "the sandbox ran out of memory and was killed")
+        raise error(Reason.SANDBOX_OOM, "the sandbox ran out of memory and was killed "
+                                        "([sandbox] memory_bytes; its output tmpfs counts in it)")
     code = outcome.exit_code
     if code == WorkerExit.OK:
         return

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from airlock_broker.conversion.format_decision import Decision, decide
 from airlock_broker.conversion.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
+from airlock_broker.conversion.spool_space import SpoolClaim, answer_bytes
+from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import new_upload, remove_quietly
 from airlock_broker.tracing import NO_TRACE, Trace
@@ -164,10 +167,14 @@ class ConversionPipeline:
     async def _answer(self, job: Job, meta: pb.ConvertMetadata, transfer: Transfer) -> Answer:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
+        room: SpoolClaim | None = None
         upload, fd = new_upload(self.settings.spool_root, job.id)
         try:
             with self.trace.span("spool"):
                 spooled = await transfer.receive(fd, meta)
+            # Room for the answer, before any sandbox starts: a job whose output would take
+            # the spool below its reserve is refused now, with the numbers (spool_space.py).
+            room = self._answer_room(request, upload, spooled.size)
             decision = self._decide(job, request, spooled, transfer)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
@@ -181,6 +188,17 @@ class ConversionPipeline:
                                              transfer)
         finally:
             remove_quietly(upload)
+            if room is not None:
+                room.release()
+
+    def _answer_room(self, request: JobRequest, upload: Path, size: int) -> SpoolClaim | None:
+        """The spool's room for this job's answer (None: not accounted), estimated from the
+        spooled input's data: what it occupies (a hole, zeros a client did not have to
+        store, is not data that comes back as weights), at most its size."""
+        occupied = min(os.stat(upload).st_blocks * 512, size)
+        answer = answer_bytes(occupied, request.target, self.runner.limits)
+        return self.settings.intake.claim(
+            answer, f"this job's output (about its input's {_mib(occupied)} of data)")
 
     def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
         if self.trace:
@@ -256,3 +274,7 @@ class ConversionPipeline:
         # Held open: eviction cannot cut the answer short. The store keeps the name.
         return Answer(result=header, fd=IdempotencyStore.open_stored(stored),
                       size=header.output_size, transfer=transfer)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"

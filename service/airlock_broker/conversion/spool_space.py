@@ -10,6 +10,15 @@ file really occupies (its allocated size, ``st_blocks``, not its length). An upl
 (``SPOOL_FULL``) when that, plus what the uploads in progress may still write, would take
 the filesystem's free space below the reserve; while it is written the reserve is checked
 again (a peer can fill its file's holes meanwhile, and other programs use the disk too).
+
+A job's answer is a spool file too (answers.py): the validated output, about as large as the
+input's data for a checkpoint. Its room is claimed once the input is spooled, before any
+sandbox starts (``answer_bytes``, the host's estimate from what the spool file occupies), and
+held until the answer is written: a 16 GiB checkpoint on a disk with room for its upload but
+not its output is refused before the conversion, not after it. At its peak one conversion of
+N bytes holds about 2 N on the spool's disk (the input, until its sandboxes are destroyed, and
+the answer), and 2 N of RAM in the output tmpfs of its two sandboxes (the conversion's and
+the integrity reading's).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from pathlib import Path
 
 from airlock_broker.conversion.upload_limits import MiB, UploadLimits
 from airlock_broker.errors import Reason, error
+from airlock_broker.validation.limits import OutputLimits
+from airlock_sandbox.contract import Target
 
 #: Below this much written since the last look, the filesystem is not asked again.
 _CHECK_EVERY = 4 * MiB
@@ -39,9 +50,10 @@ class SpoolSpace:
         self._lock = threading.Lock()
         self._claims: set[SpoolClaim] = set()
 
-    def claim(self, expected: int) -> SpoolClaim:
-        """Room for an upload that will write about ``expected`` bytes, or SPOOL_FULL."""
-        made = SpoolClaim(self, max(expected, 0))
+    def claim(self, expected: int, purpose: str = "this upload") -> SpoolClaim:
+        """Room for ``purpose`` (an upload, an answer) that will write about ``expected``
+        bytes, or SPOOL_FULL."""
+        made = SpoolClaim(self, max(expected, 0), purpose)
         with self._lock:
             self._check(made)
             self._claims.add(made)
@@ -63,8 +75,9 @@ class SpoolSpace:
             return
         raise error(Reason.SPOOL_FULL,
                     f"the spool's filesystem ({self.root}) has {_mib(free)} free, "
-                    f"{_mib(others)} of it promised to uploads in progress; this upload needs "
-                    f"{_mib(need)} more and the broker keeps {_mib(reserve)} free ([upload] "
+                    f"{_mib(others)} of it promised to jobs in progress (uploads and answers); "
+                    f"{claim.purpose} needs {_mib(need)} more and the broker keeps "
+                    f"{_mib(reserve)} free ([upload] "
                     "spool_min_free_bytes / spool_min_free_ratio). Retry when other jobs have "
                     "finished, or ask the operator to free space")
 
@@ -76,9 +89,10 @@ class SpoolSpace:
 class SpoolClaim:
     """One upload's share of the spool: ``wrote`` after each write, ``release`` when done."""
 
-    def __init__(self, space: SpoolSpace, expected: int) -> None:
+    def __init__(self, space: SpoolSpace, expected: int, purpose: str = "this upload") -> None:
         self._space = space
         self.expected = expected
+        self.purpose = purpose
         self.written = 0
         self._checked = 0
 
@@ -125,6 +139,14 @@ class SpoolWriter:
 
     def finish(self, size: int) -> None:
         os.ftruncate(self.fd, size)  # trailing holes
+
+
+def answer_bytes(input_size: int, target: Target, limits: OutputLimits) -> int:
+    """What a job's answer will take on the spool, as far as the host can tell before the
+    conversion: about its input (weights in, the same weights out; a pickled model in, its
+    ONNX graph out), never more than the cap of the format it may come back in."""
+    cap = limits.max_onnx_bytes if target is Target.ONNX else limits.max_output_bytes
+    return max(min(input_size, cap), 0)
 
 
 def is_zero(data: bytes | bytearray) -> bool:

@@ -34,7 +34,7 @@ class UploadLimits:
     #: wait for the first message (the metadata), which a real client sends at once.
     grace_seconds: float = 10.0
     #: The whole upload, from the first message. None: the grace plus ``max_artifact_bytes``
-    #: at the minimum rate (4 GiB at 1 MiB/s: about 68 min; 1 MiB/s when the rate check is
+    #: at the minimum rate (16 GiB at 1 MiB/s: about 4.6 h; 1 MiB/s when the rate check is
     #: off), so that the largest artifact the broker accepts can always arrive at the minimum
     #: rate; a number caps it lower.
     deadline_seconds: float | None = None

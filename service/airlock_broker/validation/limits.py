@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 #: protobuf refuses to serialise or parse a message of 2 GiB or more; an ONNX model that big
 #: needs external data, which we never accept.
 PROTOBUF_MAX_BYTES = 2**31 - 1
+#: What a refusal of a too-large ONNX output tells the caller to do instead.
+ONNX_TOO_LARGE_ADVICE = ("convert the weights to safetensors instead (--to safetensors; "
+                         "target SAFETENSORS), which has no such limit")
 #: ``MAX_HEADER_SIZE`` of the reference safetensors parser: a larger cap would let us accept a
 #: header that every consumer then refuses.
 SAFETENSORS_REFERENCE_MAX_HEADER = 100_000_000
@@ -24,8 +27,12 @@ KiB = 1024
 class OutputLimits:
     """Caps for collecting and validating one sandbox output. Checked when built."""
 
-    #: The output file as the sandbox left it.
-    max_output_bytes: int = 2 * GiB
+    #: The output file as the sandbox left it, whatever its format (ONNX has its own, lower
+    #: cap below). A safetensors file is validated from its header and streamed, never held,
+    #: so this is not a memory bound: the binding one is the sandbox's output tmpfs
+    #: (``SandboxPolicy.output_bytes``). 64 GiB: a checkpoint shard ten times the largest
+    #: Hugging Face writes by default (5 GB).
+    max_output_bytes: int = 64 * GiB
     #: The JSON header of a safetensors file (the reference parser allows 100 MB).
     max_safetensors_header_bytes: int = 16 * MiB
     max_tensors: int = 100_000
@@ -41,7 +48,7 @@ class OutputLimits:
     max_metadata_entries: int = 1024
     max_metadata_value_len: int = 64 * KiB
     #: ONNX is parsed into memory (several copies at once), so its cap is far below the
-    #: protobuf limit.
+    #: protobuf limit (2 GiB, beyond which no ONNX model without external data exists).
     max_onnx_bytes: int = 512 * MiB
     #: Nodes summed over the main graph, every subgraph, functions and training graphs.
     max_onnx_nodes: int = 1_000_000

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import describe_name, open_regular_file, read_upto
-from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.limits import ONNX_TOO_LARGE_ADVICE, OutputLimits
 
 #: The highest opset version onnx itself knows for each built-in domain; later is unreviewed.
 _KNOWN_OPSETS = {
@@ -95,7 +95,8 @@ def check_onnx_size(size: int, limits: OutputLimits) -> None:
     if size > limits.max_onnx_bytes:
         raise error(
             Reason.OUTPUT_TOO_LARGE,
-            f"ONNX output is {size} bytes, over the {limits.max_onnx_bytes} cap",
+            f"ONNX output is {size} bytes, over the {limits.max_onnx_bytes}-byte cap "
+            f"([output] max_onnx_bytes); {ONNX_TOO_LARGE_ADVICE}",
         )
 
 
@@ -112,7 +113,9 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
     external data can be followed even by mistake.
     """
     if len(data) > limits.max_onnx_bytes:
-        raise error(Reason.OUTPUT_TOO_LARGE, f"ONNX output is {len(data)} bytes, over the cap")
+        raise error(Reason.OUTPUT_TOO_LARGE,
+                    f"ONNX output is {len(data)} bytes, over the {limits.max_onnx_bytes}-byte "
+                    f"cap ([output] max_onnx_bytes); {ONNX_TOO_LARGE_ADVICE}")
     if not data:
         raise error(Reason.OUTPUT_INVALID, "ONNX output is empty")
     model = onnx.ModelProto()
@@ -136,7 +139,9 @@ def validate_onnx_bytes(data: bytes, limits: OutputLimits) -> tuple[bytes, OnnxI
     canonical = model.SerializeToString(deterministic=True)
     # A hostile file can use a denser wire encoding than the serialiser writes back.
     if len(canonical) > limits.max_onnx_bytes:
-        raise error(Reason.OUTPUT_TOO_LARGE, "canonical ONNX is over the size cap")
+        raise error(Reason.OUTPUT_TOO_LARGE,
+                    f"canonical ONNX is {len(canonical)} bytes, over the "
+                    f"{limits.max_onnx_bytes}-byte cap; {ONNX_TOO_LARGE_ADVICE}")
     del model  # the checker parses its own copy; do not hold two parsed models at once
     try:
         # Checked in its canonical form, which is what a caller receives. full_check adds

@@ -1,0 +1,181 @@
+"""Sizes and limits of big checkpoints (issue 13): where each cap is decided, and the refusals
+that say which limit to raise, with the numbers. Real gRPC broker, fake sandbox, fake disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from airlock_broker.api import servicer
+from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.spool_space import SpoolSpace, answer_bytes
+from airlock_broker.conversion.upload_limits import MiB, UploadLimits
+from airlock_broker.errors import AirlockError, Reason
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.validation.limits import GiB, OutputLimits
+from airlock_broker.validation.onnx_check import check_onnx_size, validate_onnx_bytes
+from airlock_client import Client, ConversionError
+from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, Target
+from airlock_sandbox.policy import OUTPUT_HEADROOM_BYTES, SandboxPolicy
+from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE
+from tests.unit.test_spool_space import Disk
+
+RESERVE = 100 * MiB
+#: A checkpoint's worth of input (dense: every block is data); its output (the fake
+#: worker's) is about as large.
+INPUT = PICKLE + b"\x01" * (4 * MiB - len(PICKLE))
+#: The same size, but all holes after its first bytes: what it occupies is what counts.
+SPARSE = PICKLE + bytes(4 * MiB - len(PICKLE))
+OUTPUT = save({"w": np.arange(MiB, dtype=np.float32)})  # 4 MiB of tensor data
+
+
+def test_defaults_take_a_16_gib_file_and_keep_the_output_inside_the_sandboxs_memory() -> None:
+    config = BrokerConfig(state_root=Path("/nonexistent"), unix_socket=None)
+    assert config.max_artifact_bytes == 16 * GiB
+    # The output a job may make is the sandbox's output tmpfs, decided once, below the
+    # validator's own (format) cap, and it fits in the sandbox's memory beside the worker.
+    limits = config.job_output_limits
+    assert limits.max_output_bytes == config.sandbox.output_bytes < config.output.max_output_bytes
+    assert config.sandbox.output_bytes + OUTPUT_HEADROOM_BYTES <= config.sandbox.memory_bytes
+    assert limits.max_onnx_bytes == config.output.max_onnx_bytes < 2 * GiB
+
+
+def test_an_output_tmpfs_the_sandboxs_memory_cannot_hold_is_refused_with_both_numbers() -> None:
+    with pytest.raises(ValueError) as refused:
+        SandboxPolicy(memory_bytes=4 * GiB, output_bytes=4 * GiB)
+    message = str(refused.value)
+    assert str(4 * GiB) in message and "memory_bytes" in message and "output_bytes" in message
+    SandboxPolicy(memory_bytes=18 * GiB, output_bytes=16 * GiB)  # raised together: fine
+
+
+def test_the_answer_is_estimated_from_the_input_within_the_formats_cap() -> None:
+    limits = OutputLimits(max_output_bytes=10 * MiB, max_onnx_bytes=2 * MiB)
+    assert answer_bytes(4 * MiB, Target.SAFETENSORS, limits) == 4 * MiB
+    assert answer_bytes(40 * MiB, Target.AUTO, limits) == 10 * MiB
+    assert answer_bytes(4 * MiB, Target.ONNX, limits) == 2 * MiB
+
+
+def test_an_onnx_output_over_its_cap_is_refused_with_the_advice_to_use_safetensors() -> None:
+    limits = OutputLimits(max_onnx_bytes=1 * MiB)
+    for refuse in (lambda: check_onnx_size(3 * MiB, limits),
+                   lambda: validate_onnx_bytes(bytes(3 * MiB), limits)):
+        with pytest.raises(AirlockError) as refused:
+            refuse()
+        assert refused.value.reason is Reason.OUTPUT_TOO_LARGE
+        assert str(3 * MiB) in refused.value.message and str(MiB) in refused.value.message
+        assert "safetensors instead" in refused.value.message
+
+
+# -- the spool's reserve, for the whole job, before it starts ---------------------------------
+
+
+class SpoolDisk(Disk):
+    """A disk with ``free`` bytes available before the spool's files took what they occupy."""
+
+    def __init__(self, spool: Path) -> None:
+        super().__init__(1000 * MiB, 1000 * MiB)
+        self.spool = spool
+
+    def __call__(self, path: Path) -> os.statvfs_result:
+        used = sum(os.lstat(os.path.join(d, f)).st_blocks * 512
+                   for d, _, files in os.walk(self.spool) for f in files)
+        free, self.free = self.free, self.free - used
+        try:
+            return super().__call__(path)
+        finally:
+            self.free = free
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Disk:
+    """The broker's spool on a fake disk (the broker's only seam to it)."""
+    fake = SpoolDisk(tmp_path / "spool")
+
+    def space(root: Path, limits: UploadLimits) -> SpoolSpace:
+        return SpoolSpace(root, limits, statvfs=fake)
+
+    monkeypatch.setattr(servicer, "SpoolSpace", space)
+    return fake
+
+
+@pytest.fixture
+def broker(tmp_path: Path, disk: Disk) -> Iterator[tuple[str, FakeSandbox]]:
+    def worker(spec: JobSpec, data: bytes, out: Path) -> int:
+        (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
+        return 0
+
+    spool = tmp_path / "spool"
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, verify_integrity=False,
+                          selftest_on_start=False, pools=PoolSettings(min_warm=0),
+                          provenance_key=tmp_path / "provenance-key.pem",
+                          upload=UploadLimits(spool_min_free_bytes=RESERVE))
+    backend = FakeSandbox(spool, worker)
+    with running_broker(config, backend) as running:
+        yield f"127.0.0.1:{running.port}", backend
+
+
+@pytest.mark.parametrize("local_transfer", [False, True])
+def test_a_job_whose_output_would_cross_the_reserve_is_refused_before_it_starts(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path,
+        local_transfer: bool) -> None:
+    address, backend = broker
+    src = tmp_path / "shard.bin"
+    src.write_bytes(INPUT)
+    # Room for the upload, not for the upload and then its answer.
+    disk.free = RESERVE + 6 * MiB
+    with Client(address, retry_attempts=1, local_transfer=local_transfer) as client, \
+            pytest.raises(ConversionError) as refused:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert refused.value.reason == "SPOOL_FULL"
+    message = str(refused.value)
+    assert "this job's output (about its input's 4.0 MiB of data) needs 4.0 MiB" in message
+    assert "102.0 MiB free" in message and "keeps 100.0 MiB free" in message
+    assert backend.specs == []  # no sandbox ran
+    assert os.listdir(tmp_path / "spool" / "uploads") == []
+
+
+def test_a_sparse_input_claims_the_room_of_its_data_not_of_its_length(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = broker
+    src = tmp_path / "sparse.bin"
+    src.write_bytes(SPARSE)
+    disk.free = RESERVE + 5 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert len(backend.specs) == 1
+
+
+def test_with_room_for_input_and_output_the_job_runs(
+        broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = broker
+    src = tmp_path / "shard.bin"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 9 * MiB  # the upload, then the answer (and a little)
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert len(backend.specs) == 1
+    assert backend.specs[0].max_output_bytes == SandboxPolicy().output_bytes
+
+
+def test_the_worker_refuses_an_onnx_model_past_protobufs_limit_naming_safetensors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from airlock_broker.validation.onnx_worker import tiny_model
+    from airlock_sandbox.contract import WorkerExit
+    from airlock_worker import onnx_out
+    from airlock_worker.errors import WorkerError
+
+    model = onnx.ModelProto.FromString(tiny_model())
+    monkeypatch.setattr(onnx_out, "PROTOBUF_LIMIT", 8)  # what 2 GiB is to a real model
+    with pytest.raises(WorkerError) as refused:
+        onnx_out.finish(model)
+    assert refused.value.exit is WorkerExit.OUTPUT_TOO_LARGE
+    assert str(model.ByteSize()) in str(refused.value)
+    assert "safetensors instead" in str(refused.value)
