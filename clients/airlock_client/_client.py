@@ -150,7 +150,8 @@ class Client:
                 declared_format: DeclaredFormat | None = None,
                 loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
                 progress: Progress | None = None, on_busy: OnBusy | None = None,
-                subject: str = "", parity_tolerance: float = 0.0) -> ConversionResult:
+                subject: str = "", parity_tolerance: float = 0.0,
+                keep_training_state: bool = False) -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -179,6 +180,11 @@ class Client:
         |original|``; labels must match exactly. 0 keeps the broker's default (atol 1e-5, rtol
         1e-4); the broker refuses a negative one, NaN or one above 1 (``BAD_REQUEST``). The
         differences measured are in ``result.report.parity`` either way.
+
+        ``keep_training_state``: of a training checkpoint (a Lightning ``.ckpt``,
+        ``{"state_dict": ..., "optimizer": ...}``), keep the optimizer state and other
+        entries' tensors too, named under the entry's key; by default only the model's state
+        dict is converted and the rest is reported in ``result.report.warnings``.
         """
         source = Path(artifact)
         if source.is_dir():
@@ -192,12 +198,13 @@ class Client:
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
                     filename=model.root.name, on_busy=on_busy, subject=subject,
-                    mlflow_flavor=model.flavor_hint, parity_tolerance=parity_tolerance)
+                    mlflow_flavor=model.flavor_hint, parity_tolerance=parity_tolerance,
+                    keep_training_state=keep_training_state)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
             filename=source.name, on_busy=on_busy, subject=subject,
-            parity_tolerance=parity_tolerance)
+            parity_tolerance=parity_tolerance, keep_training_state=keep_training_state)
 
     def convert_directory(self, source: str | os.PathLike[str],
                           output: str | os.PathLike[str], *, jobs: int | None = None,
@@ -225,7 +232,8 @@ class Client:
                       progress: Progress | None, filename: str,
                       on_busy: OnBusy | None, subject: str = "",
                       mlflow_flavor: str = "",
-                      parity_tolerance: float = 0.0) -> ConversionResult:
+                      parity_tolerance: float = 0.0,
+                      keep_training_state: bool = False) -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -238,7 +246,8 @@ class Client:
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=filename, timeout_seconds=job_timeout, subject=subject,
-                    mlflow_flavor=mlflow_flavor, parity_tolerance=parity_tolerance)
+                    mlflow_flavor=mlflow_flavor, parity_tolerance=parity_tolerance,
+                    keep_training_state=keep_training_state)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "

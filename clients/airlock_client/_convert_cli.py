@@ -83,7 +83,8 @@ def run_convert(args: argparse.Namespace) -> int:
                     progress=None if args.json else ProgressBar.for_upload("uploading", size),
                     on_busy=busy_notice("convert"),
                     subject=_cli_source.default_subject(args.input) if args.subject is None
-                    else args.subject, parity_tolerance=args.parity_tolerance)
+                    else args.subject, parity_tolerance=args.parity_tolerance,
+                    keep_training_state=args.keep_training_state)
     except ValueError as exc:
         return _usage(str(exc))
     except AirlockError as exc:

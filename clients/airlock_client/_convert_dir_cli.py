@@ -34,6 +34,9 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "a model directory converts to safetensors only (--to safetensors)"
     if args.input_shape or args.declared not in (None, "pytorch"):
         return "--input-shape and --format do not apply to a model directory"
+    if args.keep_training_state:
+        return ("--keep-training-state applies to one training checkpoint; a model "
+                "directory's shards are state dicts")
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
     return None

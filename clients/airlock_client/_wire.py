@@ -61,7 +61,8 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
              idempotency_key: str, filename: str, timeout_seconds: int,
              subject: str = "", mlflow_flavor: str = "",
-             parity_tolerance: float = 0.0) -> pb.ConvertRequest:
+             parity_tolerance: float = 0.0,
+             keep_training_state: bool = False) -> pb.ConvertRequest:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}")
     if policy not in POLICIES:
@@ -75,6 +76,7 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
         idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
         filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
         mlflow_flavor=mlflow_flavor, parity_tolerance=float(parity_tolerance),
+        keep_training_state=keep_training_state,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
     )
     return pb.ConvertRequest(metadata=meta)

@@ -153,6 +153,9 @@ class JobSpec:
     linger_seconds: float = 0.0
     #: The caller's parity tolerance (check_parity_tolerance); 0: the worker's default.
     parity_tolerance: float = 0.0
+    #: A training checkpoint's other entries (optimizer state, ...) are kept, their tensors
+    #: named under the entry's key; by default only the model's state dict is converted.
+    keep_training_state: bool = False
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -184,4 +187,5 @@ class JobSpec:
             mlflow_flavor=None if flavor is None else str(flavor),
             linger_seconds=min(max(float(doc.get("linger_seconds", 0.0)), 0.0), 60.0),
             parity_tolerance=check_parity_tolerance(float(doc.get("parity_tolerance", 0.0))),
+            keep_training_state=doc.get("keep_training_state") is True,
         )

@@ -61,7 +61,7 @@ from typing import Any
 from airlock_sandbox.contract import OutputFormat, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 
-from . import output, tensor_tree
+from . import output
 from .errors import WorkerError, describe
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
@@ -159,7 +159,7 @@ def _flatten(job: Job, obj: Any) -> dict[str, Tensor]:
                                 f"{node.global_name} object")
         return None
 
-    flat = tensor_tree.flatten(obj, is_tensor, expand)
+    flat = job.flatten(obj, is_tensor, expand)
     if not flat.tensors:
         if isinstance(obj, Poison):
             raise Unextractable(f"{NOT_EXTRACTABLE}: the checkpoint is a pickled "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -122,6 +122,14 @@ class Job:
     def refuse_target(self, fmt: OutputFormat, why: str) -> None:
         if self.spec.target is Target(fmt.value):
             raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, f"cannot produce {fmt.value}: {why}")
+
+    def flatten(self, obj: Any, is_tensor: Callable[[Any], bool],
+                expand: Callable[[Any], Mapping[str, Any] | None] | None = None,
+                ) -> tensor_tree.Flattened:
+        """:func:`tensor_tree.flatten` as the request asks: a training checkpoint's other
+        entries kept when the caller asked for its training state."""
+        return tensor_tree.flatten(obj, is_tensor, expand or (lambda _: None),
+                                   keep_rest=self.spec.keep_training_state)
 
     def note_flattened(self, flat: tensor_tree.Flattened) -> None:
         """Warn about what :func:`tensor_tree.flatten` left out or could not name uniquely."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from airlock_sandbox.contract import OutputFormat, WorkerExit
 
-from . import st_numpy, tensor_tree
+from . import st_numpy
 from .errors import WorkerError
 from .job import Job
 
@@ -65,7 +65,7 @@ def _from_objects(job: Job, name: str, arr: np.ndarray) -> dict[str, Any]:
     if arr.dtype != object:
         return {name: arr}
     if arr.shape == ():
-        flat = tensor_tree.flatten(arr.item(), st_numpy.is_array)
+        flat = job.flatten(arr.item(), st_numpy.is_array)
         job.note_flattened(flat)
         if flat.tensors:
             # A bare array inside the object is named after the file, not "tensor".

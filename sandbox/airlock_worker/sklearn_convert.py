@@ -13,7 +13,7 @@ from typing import Any
 
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, WorkerExit
 
-from . import policy_loader, tensor_tree
+from . import policy_loader
 from .errors import WorkerError, describe
 from .job import Job
 from .parity import Expected, Reference, Sampler
@@ -272,7 +272,7 @@ def _tensors_to_safetensors(job: Job, obj: Any) -> None:
         return ((isinstance(v, np.ndarray) and v.dtype != object)
                 or (torch is not None and isinstance(v, torch.Tensor)))
 
-    flat = tensor_tree.flatten(obj, is_tensor)
+    flat = job.flatten(obj, is_tensor)
     if not flat.tensors:
         raise WorkerError(
             WorkerExit.UNSUPPORTED_MODEL,

@@ -43,6 +43,8 @@ class Flattened:
     collisions: list[str] = field(default_factory=list)
     #: the key whose value was taken as the state dict (:func:`select`); None: the whole tree.
     selected: str | None = None
+    #: the training checkpoint's other entries whose tensors were kept (``keep_rest``).
+    kept: list[str] = field(default_factory=list)
     #: the training checkpoint's other top-level entries, in their order.
     left_out: list[LeftOut] = field(default_factory=list)
 
@@ -78,19 +80,33 @@ def flatten(
     obj: Any,
     is_tensor: Callable[[Any], bool],
     expand: Callable[[Any], Mapping[str, Any] | None] = lambda _: None,
+    *,
+    keep_rest: bool = False,
 ) -> Flattened:
     """Flatten the state dict :func:`select` picks out of ``obj`` (or ``obj`` itself).
     ``expand`` may turn a non-mapping (e.g. an ``nn.Module``) into a mapping of its
-    tensors; it returns ``None`` for anything else. Every tensor has an ``nbytes``."""
+    tensors; it returns ``None`` for anything else. Every tensor has an ``nbytes``.
+
+    ``keep_rest`` (the caller asked for the training state too): a training checkpoint's
+    other entries are kept rather than left out, their tensors named under the entry's key
+    (``optimizer_states.0.state.3.exp_avg``: lists are walked there, by index, since
+    optimizers keep their state in them); the state dict's names stay as they are."""
     out = Flattened(selected=select(obj, is_tensor))
     if out.selected is None:
         _walk(obj, "", is_tensor, expand, out, 0)
         return out
+    _walk(obj[out.selected], "", is_tensor, expand, out, 0)
     for key, value in obj.items():
-        if not (isinstance(key, str) and key == out.selected):
+        if isinstance(key, str) and key == out.selected:
+            continue
+        before = len(out.tensors)
+        if keep_rest and isinstance(key, str):
+            _walk(value, key, is_tensor, expand, out, 0, lists=True)
+        if len(out.tensors) > before:
+            out.kept.append(key)
+        else:
             count, nbytes = _count(value, is_tensor)
             out.left_out.append(LeftOut(_key_name(key), count, nbytes))
-    _walk(obj[out.selected], "", is_tensor, expand, out, 0)
     return out
 
 
@@ -101,6 +117,8 @@ def _walk(
     expand: Callable[[Any], Mapping[str, Any] | None],
     out: Flattened,
     depth: int,
+    *,
+    lists: bool = False,
 ) -> None:
     if is_tensor(node):
         name = prefix or "tensor"
@@ -109,13 +127,18 @@ def _walk(
         else:
             out.tensors[name] = node
         return
-    mapping = node if isinstance(node, Mapping) else expand(node)
+    if lists and isinstance(node, (list, tuple)):
+        mapping: Mapping[Any, Any] | None = dict(enumerate(node))
+    else:
+        mapping = node if isinstance(node, Mapping) else expand(node)
     if mapping is None or depth >= MAX_DEPTH:
-        out.skipped.append(f"{prefix or '<root>'} ({type(node).__name__})")
+        # Hyper-parameters beside the optimizer state (lr, betas, step) are not news.
+        if not (lists and isinstance(node, (bool, int, float, str, type(None)))):
+            out.skipped.append(f"{prefix or '<root>'} ({type(node).__name__})")
         return
     for key, value in mapping.items():
         child = str(key) if not prefix else f"{prefix}.{key}"
-        _walk(value, child, is_tensor, expand, out, depth + 1)
+        _walk(value, child, is_tensor, expand, out, depth + 1, lists=lists)
 
 
 def _key_name(key: Any) -> str:
@@ -162,8 +185,14 @@ def left_out_sentences(flat: Flattened) -> list[str]:
     what was left out (entries with tensors one by one, with counts; the rest together)."""
     if flat.selected is None:
         return []
-    lines = [f"training checkpoint: converted its {flat.selected!r} entry (the model's state "
-             "dict) only, names as load_state_dict expects"]
+    if flat.kept:
+        lines = [f"training checkpoint: converted its {flat.selected!r} entry (the model's "
+                 "state dict, names as load_state_dict expects) and, as asked, the tensors of "
+                 + ", ".join(repr(k[:40]) for k in flat.kept[:10])
+                 + " under their entry's name"]
+    else:
+        lines = [f"training checkpoint: converted its {flat.selected!r} entry (the model's "
+                 "state dict) only, names as load_state_dict expects"]
     heavy = [e for e in flat.left_out if e.tensors]
     light = [e.key for e in flat.left_out if not e.tensors]
     for e in heavy[:MAX_LEFT_OUT_SENTENCES]:

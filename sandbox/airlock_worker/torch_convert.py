@@ -18,7 +18,7 @@ import torch
 from airlock_sandbox.contract import OutputFormat, Target, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 
-from . import st_torch, tensor_tree
+from . import st_torch
 from .errors import WorkerError
 from .job import Job
 from .parity import Expected, Reference, random_feeds
@@ -109,7 +109,7 @@ _NO_ONNXSCRIPT = ("exporting a .pt2 program to ONNX needs the dynamo exporter, w
 
 
 def _tensors_out(job: Job, obj: Any) -> None:
-    flat = tensor_tree.flatten(obj, st_torch.is_tensor, st_torch.module_state)
+    flat = job.flatten(obj, st_torch.is_tensor, st_torch.module_state)
     if not flat.tensors:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
                           f"the checkpoint holds no tensors (a {type(obj).__name__})")

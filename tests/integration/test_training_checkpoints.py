@@ -67,3 +67,25 @@ def test_a_legacy_model_and_optimizer_checkpoint_gives_the_model(broker: BrokerP
     assert result.assurance == "integrity_verified", result.integrity_note
     _assert_loads_strictly(output, check)
     _assert_left_out_reported(list(result.report.warnings), check)
+
+
+def test_asked_for_the_training_state_the_optimizer_comes_too(broker: BrokerProcess,
+                                                               tmp_path: Path) -> None:
+    """--keep-training-state: the model's weights under their own names, the optimizer's
+    under its entry; both readers agree, so it stays integrity-verified."""
+    from safetensors.torch import load_file
+
+    artifact, check = models.make_lightning_checkpoint(tmp_path / "in")
+    output = tmp_path / "train.safetensors"
+    done = run_cli("convert", str(artifact), "-o", str(output), "--json",
+                   "--keep-training-state", server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["assurance"] == "integrity_verified", doc
+    weights = load_file(str(output))
+    optimizer = sorted(k for k in weights if k.startswith("optimizer_states.0.state."))
+    assert len(optimizer) == check.left_out["optimizer_states"], sorted(weights)
+    for name, want in check.expected.items():
+        assert weights[name].numpy().tobytes() == want.tobytes(), name
+    assert "as asked, the tensors of 'callbacks', 'optimizer_states'" in doc["warnings"][0]
+    assert not any(w.startswith("left out 'optimizer_states'") for w in doc["warnings"])

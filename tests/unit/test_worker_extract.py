@@ -90,9 +90,9 @@ def extract_only(tmp: Path, artifact: Path, **spec: Any) -> Outcome:
     return run(tmp, artifact, JobMode.EXTRACT_WEIGHTS, **spec)
 
 
-def assert_same_as_convert(tmp: Path, artifact: Path) -> tuple[Outcome, Outcome]:
-    conv = run(tmp, artifact, JobMode.CONVERT)
-    ext = run(tmp, artifact, JobMode.EXTRACT_WEIGHTS)
+def assert_same_as_convert(tmp: Path, artifact: Path, **spec: Any) -> tuple[Outcome, Outcome]:
+    conv = run(tmp, artifact, JobMode.CONVERT, **spec)
+    ext = run(tmp, artifact, JobMode.EXTRACT_WEIGHTS, **spec)
     (hc, dc), (he, de) = conv.split(), ext.split()
     assert he == hc  # names, dtypes, shapes, offsets (data order) and __metadata__
     assert de == dc  # the data sections, byte for byte

@@ -119,6 +119,28 @@ def test_a_lightning_checkpoint_keeps_its_state_dict_and_reports_the_rest(
     assert len(warnings) == 4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_asked_for_the_training_state_both_readers_keep_it_under_its_entry(
+        tmp_path: Path, layout: str) -> None:
+    sd = _sd()
+    obj = {"state_dict": sd, "optimizer_states": [_opt(sd)], "epoch": 4,
+           "lr_schedulers": [{"last_epoch": 4}]}
+    artifact = _save(tmp_path / "train.ckpt", obj, layout)
+    _, ext = assert_same_as_convert(tmp_path, artifact, keep_training_state=True)
+    optimizer = {f"optimizer_states.0.state.{i}.{k}": v
+                 for i, state in obj["optimizer_states"][0]["state"].items()  # type: ignore[index]
+                 for k, v in state.items()}
+    want = {**sd, **optimizer}
+    assert_holds(ext, {k: v.numpy() for k, v in want.items()})
+    warnings = ext.report.warnings
+    assert "as asked, the tensors of 'optimizer_states' under" in warnings[0]
+    # hyper-parameters beside the optimizer state are not news; entries without tensors are
+    assert warnings[1:] == ["left out 2 entries without tensors: epoch, lr_schedulers"]
+    # and by default, as before: the state dict alone
+    _, plain = assert_same_as_convert(tmp_path / "default", artifact)
+    assert_holds(plain, {k: v.numpy() for k, v in sd.items()})
+
+
 def test_a_lightning_checkpoint_whose_hyper_parameters_need_code(tmp_path: Path) -> None:
     """weights_only refuses a Namespace: under allow_code the converter loads it all (and the
     selection still applies, so the integrity reading agrees); under safe_only it refuses."""

@@ -183,6 +183,7 @@ class ConvertMetadata(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     MLFLOW_FLAVOR_FIELD_NUMBER: _builtins.int
     PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
+    KEEP_TRAINING_STATE_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -225,6 +226,12 @@ class ConvertMetadata(_message.Message):
     must match exactly whatever t). 0: the default, atol 1e-5 and rtol 1e-4. Negative, NaN,
     or above 1: BAD_REQUEST.
     """
+    keep_training_state: _builtins.bool
+    """A training checkpoint (Lightning .ckpt, {"state_dict"/"model": ..., "optimizer": ...}):
+    also keep its other entries' tensors (optimizer state, ...), named under the entry's key
+    (optimizer_states.0.state.3.exp_avg). Default: the model's state dict only, the rest
+    reported as left out.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -243,10 +250,11 @@ class ConvertMetadata(_message.Message):
         subject: _builtins.str = ...,
         mlflow_flavor: _builtins.str = ...,
         parity_tolerance: _builtins.float = ...,
+        keep_training_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "keep_training_state", b"keep_training_state", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

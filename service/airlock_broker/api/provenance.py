@@ -107,6 +107,7 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             "loading_policy": request.policy.value,
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                        for t in request.inputs],
+            "keep_training_state": request.keep_training_state,
         },
         "sandbox": {
             "image_id": result.outcome.image_id,

@@ -88,6 +88,7 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         subject=subject(meta.subject),
         mlflow_flavor=check_flavor_hint(declared, meta.mlflow_flavor),
         parity_tolerance=parity_tolerance(meta.parity_tolerance),
+        keep_training_state=meta.keep_training_state,
     )
 
 

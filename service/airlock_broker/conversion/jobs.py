@@ -104,6 +104,8 @@ class JobRequest:
     mlflow_flavor: str | None = None
     #: The caller's parity tolerance (contract.check_parity_tolerance); 0: the default.
     parity_tolerance: float = 0.0
+    #: Keep a training checkpoint's optimizer state and other entries (JobSpec's field).
+    keep_training_state: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,8 @@ class JobRunner:
                            declared_format=request.declared_format, inputs=request.inputs,
                            max_output_bytes=self.limits.max_output_bytes,
                            mlflow_flavor=request.mlflow_flavor,
-                           parity_tolerance=request.parity_tolerance)
+                           parity_tolerance=request.parity_tolerance,
+                       keep_training_state=request.keep_training_state)
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -435,7 +438,8 @@ class JobRunner:
                        inputs=request.inputs, mode=JobMode.EXTRACT_WEIGHTS,
                        max_output_bytes=self.limits.max_output_bytes,
                        mlflow_flavor=request.mlflow_flavor,
-                       parity_tolerance=request.parity_tolerance)
+                       parity_tolerance=request.parity_tolerance,
+                       keep_training_state=request.keep_training_state)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
