@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -57,6 +58,7 @@ EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
     WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
     WorkerExit.BAD_JOB_SPEC: Reason.BAD_REQUEST,
+    WorkerExit.SAMPLE_INVALID: Reason.SAMPLE_INVALID,
 }
 
 _EXIT_MESSAGES: dict[Reason, str] = {
@@ -74,6 +76,7 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.BAD_REQUEST: "the sandbox refused the job's options (check the input specs and "
                         "the declared format)",
+    Reason.SAMPLE_INVALID: "the parity sample does not fit the model's input",
 }
 
 #: Formats that under ``allow_code`` are loaded by unpickling: loading one executed artifact
@@ -98,6 +101,20 @@ class JobRequest:
     mlflow_flavor: str | None = None
     #: The caller's parity tolerance (contract.check_parity_tolerance); 0: the default.
     parity_tolerance: float = 0.0
+    #: The caller's parity sample, a ``.npy`` file's bytes (contract.check_sample: size and
+    #: magic only; the sandbox alone parses it); empty: none.
+    sample_input: bytes = b""
+
+    @property
+    def sample_sha256(self) -> str:
+        """The parity sample's sha256 ("" for none): idempotency options, audit, provenance."""
+        return hashlib.sha256(self.sample_input).hexdigest() if self.sample_input else ""
+
+    def sample_record(self) -> dict[str, Any] | None:
+        """The parity sample as the audit record and the provenance name it (None: none)."""
+        if not self.sample_input:
+            return None
+        return {"sha256": self.sample_sha256, "size": len(self.sample_input)}
 
 
 @dataclass(frozen=True)
@@ -243,7 +260,7 @@ class JobRunner:
         async with contextlib.AsyncExitStack() as stack:
             slot = await self._slot(stack, decision.profile, answered)
             audit.set(warm_container=slot.started, profile=slot.profile)
-            await self.backend.hand_over(slot, upload)
+            await self.backend.hand_over(slot, upload, request.sample_input)
             extractor = (await self._slot(stack, decision.integrity_profile, answered)
                          if verify else None)
             if extractor is not None:
@@ -253,7 +270,8 @@ class JobRunner:
                            declared_format=request.declared_format, inputs=request.inputs,
                            max_output_bytes=self.limits.max_output_bytes,
                            mlflow_flavor=request.mlflow_flavor,
-                           parity_tolerance=request.parity_tolerance)
+                           parity_tolerance=request.parity_tolerance,
+                           sample_input=bool(request.sample_input))
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -352,7 +370,8 @@ class JobRunner:
                        inputs=request.inputs, mode=JobMode.EXTRACT_WEIGHTS,
                        max_output_bytes=self.limits.max_output_bytes,
                        mlflow_flavor=request.mlflow_flavor,
-                       parity_tolerance=request.parity_tolerance)
+                       parity_tolerance=request.parity_tolerance,
+                       sample_input=bool(request.sample_input))
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}

@@ -172,7 +172,9 @@ class ConversionPipeline:
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,
-                                     request.mlflow_flavor or "", request.parity_tolerance)
+                                     request.mlflow_flavor or "", request.parity_tolerance,
+                                     # only when given: keys stored without one still match
+                                     *filter(None, [request.sample_sha256]))
             async with self.idempotency.claim(principal, meta.idempotency_key, spooled.sha256,
                                               options, job.id) as claim:
                 if claim.stored is not None:
@@ -192,6 +194,7 @@ class ConversionPipeline:
             loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
             subject=request.subject, mlflow_flavor=request.mlflow_flavor or "",
             parity_tolerance=request.parity_tolerance,
+            sample_input=request.sample_record(),
             limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
                     "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
             weakened=list(policy.weakened))
