@@ -252,8 +252,8 @@ def corpus(workdir: Path, files: tuple[str, ...] = FILES,
 
 def convert_all(server: str, models: list[Entry], workdir: Path, tolerance: float | None,
                 dtype: str | None = None, policies: tuple[str, ...] = POLICIES,
-                jobs: int = 1) -> list[Row]:
-    from airlock_client import Client, ConversionError, TensorSpec
+                jobs: int = 1, progress: Path | None = None) -> list[Row]:
+    from airlock_client import AirlockError, Client, ConversionError, TensorSpec
 
     extra: dict[str, Any] = {} if tolerance is None else {"parity_tolerance": tolerance}
     if dtype is not None:  # as `airlock convert --input-dtype` sends it: the model's width
@@ -262,6 +262,7 @@ def convert_all(server: str, models: list[Entry], workdir: Path, tolerance: floa
              for policy in policies]
     local = threading.local()
     clients: list[Any] = []
+    done: list[Row] = []
     lock = threading.Lock()
 
     def one(case: tuple[Entry, str, str]) -> Row:
@@ -282,8 +283,13 @@ def convert_all(server: str, models: list[Entry], workdir: Path, tolerance: floa
             row.executed_artifact_code = result.report.executed_artifact_code
         except ConversionError as exc:
             row.reason, row.message = exc.reason, exc.message
+        except AirlockError as exc:  # the broker or its engine went away: not the model's
+            row.reason, row.message = exc.reason or "UNAVAILABLE", exc.message
         row.seconds = round(time.monotonic() - began, 2)
         with lock:
+            done.append(row)
+            if progress is not None:  # rows so far, for a run cut short
+                progress.write_text(json.dumps([asdict(r) for r in done], indent=1))
             print(f"  {entry.name:40} {file:6} {policy:10} "
                   f"{row.assurance if row.converted else row.reason}", file=sys.stderr,
                   flush=True)
@@ -423,8 +429,17 @@ def main(argv: list[str] | None = None) -> int:
                              "and pipelines); default both")
     parser.add_argument("--jobs", type=int, default=2,
                         help="conversions at once (default 2, what a default broker runs)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after "
+                                                  "each conversion)")
+    parser.add_argument("--table", type=Path, metavar="JSON",
+                        help="print the report of rows written earlier with --json (one file "
+                             "or several, comma-separated) and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        rows = [Row(**r) for name in str(args.table).split(",")
+                for r in json.loads(Path(name).read_text())]
+        print(table(rows))
+        return 0
     files = _choice(args.files, FILES, "--files")
     policies = _choice(args.policies, POLICIES, "--policies")
     groups = _choice(args.groups, GROUPS, "--groups")
@@ -435,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(models)} estimators fit and convert in-process", file=sys.stderr)
         if args.server:
             rows = convert_all(args.server, models, workdir, args.parity_tolerance,
-                               args.input_dtype, policies, args.jobs)
+                               args.input_dtype, policies, args.jobs, args.json)
         else:
             from bench.broker import Broker
 
@@ -445,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 broker.start()
                 rows = convert_all(broker.address, models, workdir, args.parity_tolerance,
-                                   args.input_dtype, policies, args.jobs)
+                                   args.input_dtype, policies, args.jobs, args.json)
             finally:
                 code = broker.stop()
             if code != 0:

@@ -474,6 +474,25 @@ def test_the_record_carries_the_tolerance_the_sample_and_each_measured_differenc
                              "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}
 
 
+def test_airlock_verify_prints_the_tolerance_the_rows_and_each_difference(
+        key: SigningKey, capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client._provenance_cli import _print_record
+
+    request = JobRequest(job_id="job-1", target=Target.ONNX, parity_tolerance=1e-4,
+                         sample_input=SAMPLE)
+    report = {"parity_inputs": "sample", "parity": [
+        {"output_name": "probabilities", "samples": 20, "max_abs_diff": 3e-7,
+         "max_rel_diff": 2e-6, "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}]}
+    doc = statement(_result(report=report), request, SandboxPolicy(), principal=CALLER)
+    _print_record(Path("model.onnx"), provenance.verify(OUTPUT, sign(doc, key),
+                                                        _public_pem(key)), "pinned")
+    out = capsys.readouterr().out
+    sha = hashlib.sha256(SAMPLE).hexdigest()[:16]
+    assert f"  parity     tolerance asked 0.0001; rows sample; sample sha256 {sha}..." in out
+    assert ("             probabilities: max |diff| 3e-07, relative 2e-06 "
+            "(atol=0.0001 rtol=0.0001) ok") in out
+
+
 def test_without_a_tolerance_or_sample_the_record_says_the_default_and_none(
         key: SigningKey) -> None:
     record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
