@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def _header(raw: bytes) -> tuple[tuple[int, ...], np.dtype[Any]]:
 
 
 def feeds(sample: np.ndarray, inputs: list[dict[str, Any]],
-          warn: Any) -> dict[str, np.ndarray]:
+          warn: Callable[[str], None]) -> dict[str, np.ndarray]:
     """The sample as the feeds of a graph with ``inputs`` (``[{name, dtype, shape}]``, -1 for
     a free dimension), cast to the input's dtype; ``SAMPLE_INVALID`` when it does not fit.
     ``warn`` is told when only the first MAX_SAMPLE_ROWS rows are used."""
