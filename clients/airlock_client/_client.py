@@ -44,6 +44,7 @@ from airlock_client.provenance import (
     load_public_key,
     verify_envelope,
 )
+from airlock_sandbox.contract import MAX_SAMPLE_BYTES, check_sample, check_sample_size
 
 if TYPE_CHECKING:
     from airlock_client.model_dir import DirectoryProgress, DirectoryResult
@@ -151,7 +152,8 @@ class Client:
                 loading_policy: LoadingPolicy = "allow_code", job_timeout: int = 0,
                 progress: Progress | None = None, on_busy: OnBusy | None = None,
                 subject: str = "", parity_tolerance: float = 0.0,
-                keep_training_state: bool = False) -> ConversionResult:
+                keep_training_state: bool = False,
+                sample_input: str | os.PathLike[str] | bytes | None = None) -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -185,7 +187,16 @@ class Client:
         ``{"state_dict": ..., "optimizer": ...}``), keep the optimizer state and other
         entries' tensors too, named under the entry's key; by default only the model's state
         dict is converted and the rest is reported in ``result.report.warnings``.
+
+        ``sample_input``: rows of your own for the parity check, instead of the rows the
+        sandbox generates: a ``.npy`` file (``numpy.save`` of one numeric array shaped like
+        the model's input, e.g. ``[rows, features]``), as a path or its bytes. It is sent as
+        bytes and parsed only in the sandbox (``allow_pickle=False``). At most 1 MiB
+        (``ValueError`` here, before anything is sent; ``SAMPLE_TOO_LARGE`` from the broker);
+        one that does not fit the model's input is refused as ``SAMPLE_INVALID``, with a
+        sentence. ``result.report.parity_inputs`` says which rows parity ran on.
         """
+        sample = read_sample(sample_input)
         source = Path(artifact)
         if source.is_dir():
             if declared_format not in (None, "mlflow"):
@@ -199,12 +210,13 @@ class Client:
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
                     filename=model.root.name, on_busy=on_busy, subject=subject,
                     mlflow_flavor=model.flavor_hint, parity_tolerance=parity_tolerance,
-                    keep_training_state=keep_training_state)
+                    keep_training_state=keep_training_state, sample_input=sample)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
             filename=source.name, on_busy=on_busy, subject=subject,
-            parity_tolerance=parity_tolerance, keep_training_state=keep_training_state)
+            parity_tolerance=parity_tolerance, keep_training_state=keep_training_state,
+            sample_input=sample)
 
     def convert_directory(self, source: str | os.PathLike[str],
                           output: str | os.PathLike[str], *, jobs: int | None = None,
@@ -233,7 +245,8 @@ class Client:
                       on_busy: OnBusy | None, subject: str = "",
                       mlflow_flavor: str = "",
                       parity_tolerance: float = 0.0,
-                      keep_training_state: bool = False) -> ConversionResult:
+                      keep_training_state: bool = False,
+                      sample_input: bytes = b"") -> ConversionResult:
         size = source.stat().st_size
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
@@ -247,7 +260,8 @@ class Client:
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=filename, timeout_seconds=job_timeout, subject=subject,
                     mlflow_flavor=mlflow_flavor, parity_tolerance=parity_tolerance,
-                    keep_training_state=keep_training_state)
+                    keep_training_state=keep_training_state,
+                    sample_input=sample_input)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConversionError("DEADLINE_EXCEEDED", "the call's deadline passed "
@@ -352,6 +366,26 @@ class Client:
             return _receive(responses, output, sent, key, key_source)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
+
+
+def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
+    """A parity sample's bytes, checked as the broker will check them (size and ``.npy``
+    magic, contract.check_sample), or ``ValueError`` with a sentence. Never parsed here."""
+    if sample is None:
+        return b""
+    if isinstance(sample, bytes):
+        data = sample
+    else:
+        try:
+            with open(sample, "rb") as fh:
+                check_sample_size(os.fstat(fh.fileno()).st_size)
+                data = fh.read(MAX_SAMPLE_BYTES + 1)  # a file still growing stays bounded
+        except OSError as exc:
+            raise ValueError(f"cannot read the parity sample {os.fspath(sample)}: "
+                             f"{exc.strerror or exc}") from None
+    if not data:
+        raise ValueError("the parity sample is empty")
+    return check_sample(data)
 
 
 def _umask() -> int:

@@ -84,7 +84,8 @@ def run_convert(args: argparse.Namespace) -> int:
                     on_busy=busy_notice("convert"),
                     subject=_cli_source.default_subject(args.input) if args.subject is None
                     else args.subject, parity_tolerance=args.parity_tolerance,
-                    keep_training_state=args.keep_training_state)
+                    keep_training_state=args.keep_training_state,
+                    sample_input=args.sample_input)
     except ValueError as exc:
         return _usage(str(exc))
     except AirlockError as exc:
@@ -116,6 +117,7 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
             "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
             "executed_artifact_code": result.report.executed_artifact_code,
             "parity": [asdict(p) for p in result.report.parity],
+            "parity_inputs": result.report.parity_inputs,
             "warnings": list(result.report.warnings),
             "duration_seconds": round(result.duration_seconds, 3),
             "provenance": str(provenance),
@@ -135,6 +137,8 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
           f"artifact code executed in sandbox: {executed}")
     note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
     print(f"  assurance  {t(result.assurance)}{note}")
+    if result.report.parity_inputs:
+        print(f"  parity on  {t(result.report.parity_inputs.replace('+', ' and '))} rows")
     for p in result.report.parity:
         verdict = "ok" if p.passed else "FAILED"
         print(f"  parity     {t(p.output_name)}: max |diff| {p.max_abs_diff:.3g}, relative "

@@ -34,6 +34,9 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "a model directory converts to safetensors only (--to safetensors)"
     if args.input_shape or args.declared not in (None, "pytorch"):
         return "--input-shape and --format do not apply to a model directory"
+    if args.sample_input is not None:
+        return ("--sample-input checks an ONNX conversion; a PyTorch model directory becomes "
+                "safetensors, which parity does not run on")
     if args.keep_training_state:
         return ("--keep-training-state applies to one training checkpoint; a model "
                 "directory's shards are state dicts")

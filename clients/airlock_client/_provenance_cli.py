@@ -160,6 +160,7 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
           f"{t(record.broker_version)}; policy {t(record.loading_policy)}; artifact code "
           f"executed in sandbox: {executed}")
     print(f"  sandbox    {t(record.runtime)}, image {t(record.image_id[:19])}")
+    _print_parity(record)
     note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
           f"{note}")
@@ -179,6 +180,33 @@ def _print_index(record: ProvenanceRecord) -> None:
            else f"by {t(record.principal_method)}")
     print(f"  asked by   {shown(record.principal)} ({who}) at {t(record.created)}")
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}")
+
+
+def _print_parity(record: ProvenanceRecord) -> None:
+    """What parity was asked to hold to and on which rows (version 3), and what the sandbox
+    says it measured (its claims, like all of ``conversion``)."""
+    t = printable
+    if record.parity_tolerance is not None:
+        asked = ("the default (atol 1e-05, rtol 0.0001)" if record.parity_tolerance == 0
+                 else f"{record.parity_tolerance:g}")
+        rows = record.conversion.get("parity_inputs")
+        sample = (f"; sample sha256 {t(record.sample_sha256[:16])}..."
+                  if record.sample_sha256 else "")
+        print(f"  parity     tolerance asked {asked}; rows "
+              f"{t(rows) if isinstance(rows, str) and rows else '-'}{sample}")
+    entries = record.conversion.get("parity")
+    for entry in entries[:16] if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        rel = entry.get("max_rel_diff")
+        relative = f", relative {rel:.3g}" if isinstance(rel, (int, float)) else ""
+        abs_diff = entry.get("max_abs_diff")
+        diff = f"{abs_diff:.3g}" if isinstance(abs_diff, (int, float)) else "?"
+        tolerance = entry.get("tolerance")
+        allowed = f" ({t(tolerance)})" if isinstance(tolerance, str) and tolerance else ""
+        verdict = "ok" if entry.get("passed") is True else "FAILED"
+        print(f"             {t(entry.get('output_name', ''))}: max |diff| {diff}{relative}"
+              f"{allowed} {verdict}")
 
 
 def _is_sha256(text: str) -> bool:

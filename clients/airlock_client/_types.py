@@ -67,6 +67,9 @@ class ConversionReport:
     versions: dict[str, str] = field(default_factory=dict)
     inputs: tuple[TensorSpec, ...] = ()
     tensor_count: int = 0
+    #: Which rows parity ran on: "sample" (the caller's ``sample_input``), or
+    #: "input_example" (an MLflow model's) and/or "generated", joined by "+"; "" if none.
+    parity_inputs: str = ""
 
 
 @dataclass(frozen=True)

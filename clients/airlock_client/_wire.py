@@ -61,7 +61,7 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
              idempotency_key: str, filename: str, timeout_seconds: int,
              subject: str = "", mlflow_flavor: str = "",
-             parity_tolerance: float = 0.0,
+             parity_tolerance: float = 0.0, sample_input: bytes = b"",
              keep_training_state: bool = False) -> pb.ConvertRequest:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}")
@@ -77,6 +77,7 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
         filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
         mlflow_flavor=mlflow_flavor, parity_tolerance=float(parity_tolerance),
         keep_training_state=keep_training_state,
+        sample_input=sample_input,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
     )
     return pb.ConvertRequest(metadata=meta)
@@ -91,7 +92,7 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
                                  p.max_rel_diff) for p in rep.parity),
         warnings=tuple(rep.warnings), versions=dict(rep.versions),
         inputs=tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in rep.inputs),
-        tensor_count=rep.tensor_count,
+        tensor_count=rep.tensor_count, parity_inputs=rep.parity_inputs,
     )
     if msg.output_format not in _OUTPUTS:
         raise AirlockError(f"the broker returned an unknown output format {msg.output_format}")

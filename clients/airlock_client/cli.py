@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--parity-tolerance", type=float, default=0.0, metavar="T",
                          help="float outputs may differ from the original's by T + T*|original| "
                               "in the parity check (0 < T <= 1; default atol 1e-5, rtol 1e-4)")
+    convert.add_argument("--sample-input", type=Path, default=None, metavar="SAMPLE.npy",
+                         help="rows of your own for the parity check instead of generated "
+                              "ones: numpy.save of one numeric array shaped like the model's "
+                              "input, at most 1 MiB; parsed only in the sandbox")
     convert.add_argument("--keep-training-state", action="store_true",
                          help="a training checkpoint: keep its optimizer state and other "
                               "entries' tensors too, named under their entry (default: the "

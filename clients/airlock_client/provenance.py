@@ -94,7 +94,8 @@ class ProvenanceRecord:
     #: The signing key's fingerprint (sha256 of its PEM SubjectPublicKeyInfo, hex; the same
     #: value model-signing calls the key hint).
     key_fingerprint: str
-    #: 1: no subject or principal recorded; 2: both are.
+    #: 1: no subject or principal recorded; 2: both are; 3: also the parity tolerance and
+    #: sample asked for, and each parity entry's tolerance and relative difference.
     record_version: int = 1
     #: What the caller said the input was (``models:/NAME/VERSION``, a path): its word only.
     subject: str = ""
@@ -102,7 +103,15 @@ class ProvenanceRecord:
     #: authentication was off, so the name proves nothing).
     principal: str = ""
     principal_method: str = ""
-    #: What the sandbox said: loader, converter, executed_artifact_code, versions, parity.
+    #: The parity tolerance the caller asked for (0: the broker's default, atol 1e-5 and rtol
+    #: 1e-4); None in records before version 3, which did not say.
+    parity_tolerance: float | None = None
+    #: The sha256 of the caller's parity sample (``--sample-input``); "" when there was none
+    #: (or the record is older than version 3).
+    sample_sha256: str = ""
+    #: What the sandbox said: loader, converter, executed_artifact_code, versions, parity
+    #: (each output's max_abs_diff, and from version 3 max_rel_diff, tolerance, samples) and
+    #: parity_inputs ("sample", "input_example", "generated", joined by "+").
     conversion: Mapping[str, Any] = field(default_factory=dict)
     #: The whole signed in-toto Statement, for anything not lifted into fields above.
     statement: Mapping[str, Any] = field(default_factory=dict)
@@ -404,11 +413,14 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         return _index_record(pred, doc, digest, version, key_fingerprint)
     sandbox, verdicts = _obj(pred, "sandbox"), _obj(pred, "verdicts")
     request, broker = _obj(pred, "request"), _obj(pred, "broker")
-    subject = principal = method = ""
+    subject = principal = method = sample = ""
     if version >= 2:  # from version 2 on, a record without them is not a record
         who = _obj(pred, "principal")
         subject, principal, method = (_str(inp, "subject"), _str(who, "name"),
                                       _str(who, "method"))
+    tolerance: float | None = None
+    if version >= 3:
+        tolerance, sample = _parity_request(request)
     return ProvenanceRecord(
         job_id=_str(pred, "job_id"), created=_str(pred, "created"),
         broker_version=_str(broker, "version"),
@@ -422,8 +434,8 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         validation=_str(verdicts, "validation"), assurance=_str(verdicts, "assurance"),
         integrity_note=_str(verdicts, "integrity_note"),
         key_fingerprint=key_fingerprint, record_version=version, subject=subject,
-        principal=principal, principal_method=method,
-        conversion=_obj(pred, "conversion"), statement=doc,
+        principal=principal, principal_method=method, parity_tolerance=tolerance,
+        sample_sha256=sample, conversion=_obj(pred, "conversion"), statement=doc,
     )
 
 
@@ -447,6 +459,20 @@ def _index_record(pred: dict[str, Any], doc: dict[str, Any], digest: str, versio
         subject=_str(inp, "subject"), principal=_str(who, "name"),
         principal_method=_str(who, "method"), statement=doc, kind=INDEX_KIND,
         shards=tuple(shards))
+
+
+def _parity_request(request: Mapping[str, Any]) -> tuple[float, str]:
+    """A version 3 record's ``request.parity_tolerance`` and its sample's sha256 ("": none)."""
+    tolerance = request.get("parity_tolerance")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
+            or not 0 <= tolerance <= 1:
+        raise ProvenanceError("PROVENANCE_MALFORMED", "'parity_tolerance' is not a tolerance")
+    sample = request.get("sample_input")
+    if sample is None:
+        return float(tolerance), ""
+    if not isinstance(sample, dict):
+        raise ProvenanceError("PROVENANCE_MALFORMED", "'sample_input' is not an object")
+    return float(tolerance), _str(sample, "sha256")
 
 
 def _obj(doc: Mapping[str, Any], name: str) -> dict[str, Any]:

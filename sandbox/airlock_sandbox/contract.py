@@ -2,9 +2,10 @@
 
 The broker mounts a fresh job directory into every container:
 
-* ``IN_DIR`` (read-only bind): the artifact as ``ARTIFACT_NAME`` and the job spec as
-  ``JOB_SPEC_NAME``. A warm container waits until the job spec appears (the broker writes it
-  last, atomically by rename), so the same layout serves cold and warm starts.
+* ``IN_DIR`` (read-only bind): the artifact as ``ARTIFACT_NAME``, the caller's parity sample
+  as ``SAMPLE_NAME`` when there is one, and the job spec as ``JOB_SPEC_NAME``. A warm
+  container waits until the job spec appears (the broker writes it last, atomically by
+  rename), so the same layout serves cold and warm starts.
 * ``OUT_DIR`` (a size-capped ``noexec,nosuid,nodev`` tmpfs owned by the broker): the worker
   writes exactly one output file named by ``OUTPUT_NAMES`` and, for information only, a
   ``REPORT_NAME`` JSON document.
@@ -26,6 +27,10 @@ IN_DIR = "/airlock/in"
 OUT_DIR = "/airlock/out"
 ARTIFACT_NAME = "artifact"
 JOB_SPEC_NAME = "job.json"
+#: The caller's parity sample (``--sample-input``): a ``.npy`` file, bytes the broker never
+#: parses beyond ``check_sample`` (its size and magic); the worker reads it with
+#: ``numpy.load(allow_pickle=False)``.
+SAMPLE_NAME = "sample.npy"
 REPORT_NAME = "report.json"
 #: Renamed into OUT_DIR, after the report, by a worker that succeeded and now waits to be
 #: frozen (``JobSpec.linger_seconds``); the broker removes it before it reads the output.
@@ -48,6 +53,14 @@ MAX_JOB_SPEC_BYTES = 64 * 1024
 #: is at most this: beyond 1 a difference as large as the value itself passes, which is no
 #: check. 0 means the worker's default (atol 1e-5, rtol 1e-4).
 MAX_PARITY_TOLERANCE = 1.0
+
+#: A parity sample is a few thousand rows, not a data set: 1 MiB holds 6,500 rows of 20
+#: float64 features, and it travels inside the request's first message (the metadata), so it
+#: must stay well under gRPC's 4 MiB message limit beside everything else there.
+MAX_SAMPLE_BYTES = 1024 * 1024
+#: The first bytes of every ``.npy`` file (numpy.lib.format.MAGIC_PREFIX): a ``.npz`` (a zip)
+#: or a pickle is refused before it travels further.
+NPY_MAGIC = b"\x93NUMPY"
 
 CONTAINER_UID = 10001
 CONTAINER_GID = 10001
@@ -108,6 +121,9 @@ class WorkerExit(enum.IntEnum):
     UNSUPPORTED_FLAVOR = 73
     #: An MLflow bundle that fails the re-check (traversal, links, duplicates, caps, MLmodel).
     UNSAFE_MODEL_DIR = 74
+    #: The caller's parity sample does not fit the model (not a numeric ``.npy``, another
+    #: number of features, another kind of number): the caller's doing, said in a sentence.
+    SAMPLE_INVALID = 75
 
 
 def check_parity_tolerance(value: float) -> float:
@@ -118,6 +134,28 @@ def check_parity_tolerance(value: float) -> float:
         raise ValueError(f"the parity tolerance is {value:g}; it must be between 0 (the "
                          f"default, atol 1e-05 and rtol 0.0001) and {MAX_PARITY_TOLERANCE:g}")
     return float(value)
+
+
+def check_sample(data: bytes) -> bytes:
+    """A caller's parity sample as far as anyone but the worker may look: its size and its
+    magic. ``ValueError`` with a sentence otherwise (``SampleTooLarge`` for the size)."""
+    check_sample_size(len(data))
+    if not data.startswith(NPY_MAGIC):
+        raise ValueError("the parity sample is not a .npy file (numpy.save of one array); "
+                         ".npz archives and pickles are not accepted")
+    return data
+
+
+def check_sample_size(size: int) -> None:
+    """``SampleTooLarge`` for a parity sample of ``size`` bytes beyond ``MAX_SAMPLE_BYTES``."""
+    if size > MAX_SAMPLE_BYTES:
+        raise SampleTooLarge(f"the parity sample is {size} bytes; at most {MAX_SAMPLE_BYTES} "
+                             f"bytes ({MAX_SAMPLE_BYTES // 1024} KiB) are allowed: send fewer "
+                             "rows")
+
+
+class SampleTooLarge(ValueError):
+    """A parity sample beyond ``MAX_SAMPLE_BYTES``."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +194,9 @@ class JobSpec:
     #: A training checkpoint's other entries (optimizer state, ...) are kept, their tensors
     #: named under the entry's key; by default only the model's state dict is converted.
     keep_training_state: bool = False
+    #: Whether the broker put the caller's parity sample in ``IN_DIR/SAMPLE_NAME``: parity then
+    #: runs on it instead of on generated inputs.
+    sample_input: bool = False
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -188,4 +229,5 @@ class JobSpec:
             linger_seconds=min(max(float(doc.get("linger_seconds", 0.0)), 0.0), 60.0),
             parity_tolerance=check_parity_tolerance(float(doc.get("parity_tolerance", 0.0))),
             keep_training_state=doc.get("keep_training_state") is True,
+            sample_input=doc.get("sample_input") is True,
         )

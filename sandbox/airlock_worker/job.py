@@ -12,6 +12,7 @@ from typing import IO, Any
 
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
+    SAMPLE_NAME,
     JobMode,
     JobSpec,
     LoadingPolicy,
@@ -52,6 +53,8 @@ VERIFY_HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.MLFLOW: ("mlflow_convert", "convert"),  # its pickled estimator, as above
 }
 EXTRACT_HANDLER = ("extract", "extract_weights")
+#: parity.SAMPLE, without importing numpy for jobs that have no parity.
+SAMPLE_SOURCE = "sample"
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Job:
     report: Report = field(default_factory=Report)
     #: The model's own example inputs (an MLflow ``input_example``), parity's first batch.
     parity_example: dict[str | None, Any] | None = None
+    #: The caller's parity sample (sample_input.read): parity's only rows when given.
+    sample: Any | None = None
 
     # -- the artifact ------------------------------------------------------------------
 
@@ -155,9 +160,15 @@ class Job:
         output.check_size(len(data), self.spec.max_output_bytes)
         self.report.inputs = onnx_out.graph_inputs(model)
         self.report.tensor_count = len(model.graph.initializer)
-        if reference is not None:
-            parity.check(data, self.report.inputs, reference, self.report,
-                         tolerance=parity.Tolerance.of(self.spec.parity_tolerance),
+        tolerance = parity.Tolerance.of(self.spec.parity_tolerance)
+        if reference is not None and self.sample is not None:
+            from . import sample_input
+
+            feeds = sample_input.feeds(self.sample, self.report.inputs, self.report.warn)
+            parity.check(data, self.report.inputs, reference, self.report, tolerance=tolerance,
+                         examples=[feeds], source=parity.SAMPLE, generate=False)
+        elif reference is not None:
+            parity.check(data, self.report.inputs, reference, self.report, tolerance=tolerance,
                          sampler=sampler or parity.random_feeds,
                          examples=self._example_feeds())
         output.write_bytes(self.out_dir, OutputFormat.ONNX, data, self.spec.max_output_bytes)
@@ -211,6 +222,10 @@ def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
         raise WorkerError(WorkerExit.BAD_JOB_SPEC, "no artifact in the input directory") from None
     report.detected_format = fmt.value
     job = Job(spec=spec, artifact=artifact, out_dir=out_dir, fmt=fmt, report=report)
+    if spec.sample_input:  # read before the artifact is: a sample that cannot serve is refused
+        from . import sample_input
+
+        job.sample = sample_input.read(os.path.join(in_dir, SAMPLE_NAME))
     if spec.mode is JobMode.EXTRACT_WEIGHTS:
         module, function = VERIFY_HANDLERS.get(fmt, EXTRACT_HANDLER)
     else:
@@ -223,3 +238,7 @@ def run(spec: JobSpec, in_dir: str, out_dir: str, report: Report) -> None:
         raise WorkerError(WorkerExit.CONVERSION_FAILED, "out of memory") from None
     except Exception as exc:  # a library failing on this model is a failed conversion
         raise WorkerError(WorkerExit.CONVERSION_FAILED, describe(exc)) from exc
+    if job.sample is not None and report.parity_inputs != SAMPLE_SOURCE:
+        report.warn("the parity sample was not used: this conversion has no parity check "
+                    f"(output {report.output_format or 'none'}, converter "
+                    f"{report.converter or 'none'})")

@@ -100,18 +100,28 @@ def session(onnx_bytes: bytes) -> Any:
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
+#: ``Report.parity_inputs`` words for the rows parity ran on.
+GENERATED = "generated"
+INPUT_EXAMPLE = "input_example"
+SAMPLE = "sample"
+
+
 def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
           report: Report, *, tolerance: Tolerance = DEFAULT_TOLERANCE,
           sampler: Sampler = random_feeds,
-          examples: Sequence[dict[str, np.ndarray]] = ()) -> None:
-    """Run both on ``examples`` (the model's own, e.g. an MLflow input example), a batch of
-    PARITY_ROWS and a batch of one; record one entry per output; raise PARITY_FAILED if any
-    output differs beyond ``tolerance``."""
+          examples: Sequence[dict[str, np.ndarray]] = (),
+          source: str = INPUT_EXAMPLE, generate: bool = True) -> None:
+    """Run both on ``examples`` (the model's own, e.g. an MLflow input example, or the
+    caller's sample: ``source`` names them), then, if ``generate``, a batch of PARITY_ROWS and
+    a batch of one from ``sampler``; record one entry per output and which rows were used
+    (``report.parity_inputs``); raise PARITY_FAILED if any output differs beyond
+    ``tolerance``."""
     sess = session(onnx_bytes)
     names = [o.name for o in sess.get_outputs()]
     merged: dict[str, ParityEntry] = {}
     batches: list[dict[str, np.ndarray]] = list(examples)
-    for rows, seed in ((PARITY_ROWS, SEED), (1, SEED + 1)):
+    used = [source] if examples else []
+    for rows, seed in ((PARITY_ROWS, SEED), (1, SEED + 1)) if generate else ():
         try:
             batches.append(sampler(inputs, rows, seed))
         except Unsupported as exc:
@@ -120,6 +130,9 @@ def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
                 return
             report.warn(f"parity checked on the model's example only: {exc}")
             break
+        if GENERATED not in used:
+            used.append(GENERATED)
+    report.parity_inputs = "+".join(used)
     for feeds in batches:
         rows = len(next(iter(feeds.values()))) if feeds else 0
         got = _run(sess, feeds, rows)

@@ -47,6 +47,9 @@ class Report:
     #: Globals a restricted reading did not hand out (policy_loader, extract), first first.
     refused_globals: list[str] = field(default_factory=list)
     parity: list[ParityEntry] = field(default_factory=list)
+    #: Which rows parity ran on: "sample", or "input_example" and/or "generated", joined by
+    #: "+" (parity.check); "" when it did not run.
+    parity_inputs: str = ""
     warnings: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     tensor_count: int = 0

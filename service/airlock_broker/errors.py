@@ -26,6 +26,9 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "TOO_LARGE"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     EMPTY_ARTIFACT = "EMPTY_ARTIFACT"
+    # The caller's parity sample (contract.check_sample; the worker's SAMPLE_INVALID).
+    SAMPLE_TOO_LARGE = "SAMPLE_TOO_LARGE"
+    SAMPLE_INVALID = "SAMPLE_INVALID"
     # The artifact.
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
     FORMAT_MISMATCH = "FORMAT_MISMATCH"
@@ -77,6 +80,10 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.CHECKSUM_MISMATCH: (grpc.StatusCode.DATA_LOSS, Kind.REJECTED),
     Reason.TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.EMPTY_ARTIFACT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    Reason.SAMPLE_TOO_LARGE: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    # Decided by the sandbox (its exit code), which the artifact may control: a rejection
+    # the client never retries, like every exit reason.
+    Reason.SAMPLE_INVALID: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     # The key was first used for another artifact or other options: a client bug, not transient.
     Reason.IDEMPOTENCY_KEY_REUSED: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
     Reason.UNSUPPORTED_FORMAT: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),

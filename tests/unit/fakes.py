@@ -46,9 +46,12 @@ class FakeSandbox:
     async def versions(self, *, image: bool = False) -> dict[str, Observation]:
         return {}
 
-    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+    async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
+        if sample:
+            slot.workspace.write_sample(sample)
         if isinstance(artifact, Slot):
             slot.workspace.link_artifact(artifact.workspace.artifact)
+            slot.workspace.share_sample(artifact.workspace)
         else:
             slot.workspace.adopt_artifact(artifact)
 

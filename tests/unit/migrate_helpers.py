@@ -50,7 +50,7 @@ def tiny_safetensors() -> bytes:
 def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source bytes",
              assurance: str = "format_safe_only", *, subject: str = "",
              source_sha256: str | None = None, principal: str = "migrator",
-             record_version: int = 2) -> bytes:
+             record_version: int = 3) -> bytes:
     """A broker-signed provenance for ``output``: converted from ``source`` (or from bytes
     whose sha256 is ``source_sha256``), asked for by ``principal`` with ``subject``.
     ``record_version=1`` signs the record as Airlock did before subjects."""

@@ -384,7 +384,7 @@ def test_client_pinned_to_another_key_writes_nothing(tmp_path: Path) -> None:
 
 def test_the_record_names_the_caller_the_subject_and_the_source_bytes(key: SigningKey) -> None:
     record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
-    assert record.record_version == 2
+    assert record.record_version == 3
     assert record.subject == "models:/fraud/3"
     assert (record.principal, record.principal_method) == ("training-pipeline", "token")
     assert record.input_sha256 == hashlib.sha256(INPUT).hexdigest()
@@ -443,6 +443,99 @@ def test_records_of_version_1_still_verify_and_bind_by_sha256_only(key: SigningK
         with pytest.raises(ProvenanceError) as exc:
             provenance.check_source(record, **expected)
         assert _reason(exc) == reason
+
+
+# -- how closely it was checked: the parity tolerance, the sample, the differences measured ----
+
+SAMPLE = b"\x93NUMPY" + b"rows of the caller's own" * 4
+
+
+def test_the_record_carries_the_tolerance_the_sample_and_each_measured_difference(
+        key: SigningKey) -> None:
+    request = JobRequest(job_id="job-1", declared_format="pickle", target=Target.ONNX,
+                         subject="models:/fraud/3", parity_tolerance=1e-4, sample_input=SAMPLE)
+    report = {"parity_inputs": "sample", "parity": [
+        {"output_name": "label", "samples": 20, "max_abs_diff": 0.0, "max_rel_diff": 0.0,
+         "tolerance": "exact", "passed": True},
+        {"output_name": "probabilities", "samples": 20, "max_abs_diff": 3.1e-7,
+         "max_rel_diff": 2.5e-6, "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}]}
+    doc = statement(_result(report=report), request, SandboxPolicy(), principal=CALLER)
+    record = provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert record.record_version == 3
+    assert record.parity_tolerance == 1e-4
+    assert record.sample_sha256 == hashlib.sha256(SAMPLE).hexdigest()
+    signed = record.statement["predicate"]["airlock"]
+    assert signed["request"]["sample_input"] == {"sha256": record.sample_sha256,
+                                                 "size": len(SAMPLE)}
+    assert record.conversion["parity_inputs"] == "sample"
+    probabilities = record.conversion["parity"][1]
+    assert probabilities == {"output_name": "probabilities", "samples": 20,
+                             "max_abs_diff": 3.1e-7, "max_rel_diff": 2.5e-6,
+                             "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}
+
+
+def test_airlock_verify_prints_the_tolerance_the_rows_and_each_difference(
+        key: SigningKey, capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client._provenance_cli import _print_record
+
+    request = JobRequest(job_id="job-1", target=Target.ONNX, parity_tolerance=1e-4,
+                         sample_input=SAMPLE)
+    report = {"parity_inputs": "sample", "parity": [
+        {"output_name": "probabilities", "samples": 20, "max_abs_diff": 3e-7,
+         "max_rel_diff": 2e-6, "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}]}
+    doc = statement(_result(report=report), request, SandboxPolicy(), principal=CALLER)
+    _print_record(Path("model.onnx"), provenance.verify(OUTPUT, sign(doc, key),
+                                                        _public_pem(key)), "pinned")
+    out = capsys.readouterr().out
+    sha = hashlib.sha256(SAMPLE).hexdigest()[:16]
+    assert f"  parity     tolerance asked 0.0001; rows sample; sample sha256 {sha}..." in out
+    assert ("             probabilities: max |diff| 3e-07, relative 2e-06 "
+            "(atol=0.0001 rtol=0.0001) ok") in out
+
+
+def test_without_a_tolerance_or_sample_the_record_says_the_default_and_none(
+        key: SigningKey) -> None:
+    record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
+    assert (record.parity_tolerance, record.sample_sha256) == (0.0, "")
+    assert record.statement["predicate"]["airlock"]["request"]["sample_input"] is None
+    assert record.conversion["parity"][0]["max_rel_diff"] is None  # the worker did not say
+
+
+def test_a_hostile_workers_parity_claims_are_typed_and_capped(key: SigningKey) -> None:
+    record = provenance.verify(OUTPUT, _envelope(key, parity=[{
+        "output_name": "x", "max_rel_diff": "NaN", "tolerance": "\x1b[2J" + "t" * 500,
+        "samples": -3, "passed": "yes"}], parity_inputs=["sample"]), _public_pem(key))
+    (entry,) = record.conversion["parity"]
+    assert entry["max_rel_diff"] is None and entry["samples"] == 0
+    assert entry["passed"] is False and len(entry["tolerance"]) <= 60 + len("...")
+    assert entry["tolerance"].isprintable()
+    assert record.conversion["parity_inputs"] == "['sample']"
+
+
+def test_a_version_2_record_has_no_tolerance_and_still_verifies(key: SigningKey) -> None:
+    doc = statement(_result(), _request(), SandboxPolicy(), principal=CALLER)
+    signed = doc["predicate"]["airlock"]
+    signed["record_version"] = 2
+    del signed["request"]["parity_tolerance"], signed["request"]["sample_input"]
+    record = provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert (record.record_version, record.parity_tolerance, record.sample_sha256) == (
+        2, None, "")
+
+
+@pytest.mark.parametrize("strip", [
+    lambda r: r["request"].pop("parity_tolerance"),
+    lambda r: r["request"].update(parity_tolerance="1e-4"),
+    lambda r: r["request"].update(parity_tolerance=7.0),
+    lambda r: r["request"].update(sample_input="abc"),
+    lambda r: r["request"].update(sample_input={"size": 3}),
+])
+def test_a_version_3_record_without_its_tolerance_is_malformed(key: SigningKey,
+                                                               strip: Any) -> None:
+    doc = statement(_result(), _request(), SandboxPolicy(), principal=CALLER)
+    strip(doc["predicate"]["airlock"])
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
+    assert _reason(exc) == "PROVENANCE_MALFORMED"
 
 
 @pytest.mark.parametrize("strip", [

@@ -183,6 +183,7 @@ class ConvertMetadata(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     MLFLOW_FLAVOR_FIELD_NUMBER: _builtins.int
     PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
+    SAMPLE_INPUT_FIELD_NUMBER: _builtins.int
     KEEP_TRAINING_STATE_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
@@ -226,6 +227,15 @@ class ConvertMetadata(_message.Message):
     must match exactly whatever t). 0: the default, atol 1e-5 and rtol 1e-4. Negative, NaN,
     or above 1: BAD_REQUEST.
     """
+    sample_input: _builtins.bytes
+    """Rows the caller chose for the parity check (`airlock convert --sample-input`): the bytes of
+    one .npy file (numpy.save of a numeric array shaped like the model's input, e.g.
+    [rows, features]). Parity then runs on these rows instead of generated ones. The broker
+    checks only its size (at most 1 MiB, else SAMPLE_TOO_LARGE) and its .npy magic (else
+    SAMPLE_INVALID) and hands it to the sandbox as a file; only the sandbox parses it
+    (numpy.load, allow_pickle=False) and refuses one that does not fit the model's input
+    (SAMPLE_INVALID, with a sentence). Empty: no sample.
+    """
     keep_training_state: _builtins.bool
     """A training checkpoint (Lightning .ckpt, {"state_dict"/"model": ..., "optimizer": ...}):
     also keep its other entries' tensors (optimizer state, ...), named under the entry's key
@@ -250,11 +260,12 @@ class ConvertMetadata(_message.Message):
         subject: _builtins.str = ...,
         mlflow_flavor: _builtins.str = ...,
         parity_tolerance: _builtins.float = ...,
+        sample_input: _builtins.bytes = ...,
         keep_training_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "keep_training_state", b"keep_training_state", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "keep_training_state", b"keep_training_state", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sample_input", b"sample_input", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -383,10 +394,16 @@ class ConversionReport(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    PARITY_INPUTS_FIELD_NUMBER: _builtins.int
     loader: _builtins.str
     converter: _builtins.str
     executed_artifact_code: _builtins.bool
     tensor_count: _builtins.int
+    parity_inputs: _builtins.str
+    """Which inputs the parity check ran on: "sample" (the caller's sample_input), or
+    "input_example" (an MLflow model's) and/or "generated" (drawn by the sandbox), joined by
+    "+"; empty when parity did not run.
+    """
     @_builtins.property
     def parity(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParityCheck]: ...
     @_builtins.property
@@ -406,10 +423,11 @@ class ConversionReport(_message.Message):
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         tensor_count: _builtins.int = ...,
+        parity_inputs: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["converter", b"converter", "executed_artifact_code", b"executed_artifact_code", "inputs", b"inputs", "loader", b"loader", "parity", b"parity", "tensor_count", b"tensor_count", "versions", b"versions", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converter", b"converter", "executed_artifact_code", b"executed_artifact_code", "inputs", b"inputs", "loader", b"loader", "parity", b"parity", "parity_inputs", b"parity_inputs", "tensor_count", b"tensor_count", "versions", b"versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,14 @@ authentication is off: then the name says nothing). A verifier binds an output t
 by comparing both with what it expects (``airlock_client.provenance.check_source``): the subject
 alone is the caller's word, the sha256 is not. Version 1 records had neither subject nor
 principal.
+
+How closely the output was checked against the original (record version 3):
+``request.parity_tolerance`` is the tolerance the caller asked for (0: the worker's default,
+atol 1e-5 and rtol 1e-4), ``request.sample_input`` the sha256 and size of the caller's parity
+sample (null: none); under ``conversion`` (the worker's claims), each ``parity`` entry carries
+the tolerance applied, the largest absolute and relative differences measured and the rows
+compared, and ``parity_inputs`` says which rows those were ("sample", "input_example",
+"generated", joined by "+"). Version 2 records had only each output's ``max_abs_diff``.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 #: Where Airlock's record sits in the predicate.
 RECORD_FIELD = "airlock"
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 @functools.cache
@@ -107,6 +115,9 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             "loading_policy": request.policy.value,
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                        for t in request.inputs],
+            # What the caller asked parity to hold to, and on which rows (checked, not claims).
+            "parity_tolerance": request.parity_tolerance,
+            "sample_input": request.sample_record(),
             "keep_training_state": request.keep_training_state,
         },
         "sandbox": {
@@ -171,10 +182,20 @@ def _claims(report: dict[str, Any]) -> dict[str, Any]:
                      if isinstance(versions, dict) else {}),
         "parity": [{"output_name": sanitize(p.get("output_name", ""), 80),
                     "max_abs_diff": _finite(p.get("max_abs_diff")),
+                    "max_rel_diff": _finite(p.get("max_rel_diff")),
+                    "tolerance": sanitize(p.get("tolerance", ""), 60),
+                    "samples": _count(p.get("samples")),
                     "passed": p.get("passed") is True}
                    for p in (parity if isinstance(parity, list) else [])[:16]
                    if isinstance(p, dict)],
+        "parity_inputs": sanitize(report.get("parity_inputs", ""), 40),
     }
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(0, min(value, 2**31 - 1))
 
 
 def _finite(value: Any) -> float | None:

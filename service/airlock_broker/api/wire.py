@@ -21,9 +21,11 @@ from airlock_broker.hostile_text import sanitize
 from airlock_sandbox.contract import (
     LoadingPolicy,
     OutputFormat,
+    SampleTooLarge,
     Target,
     TensorSpec,
     check_parity_tolerance,
+    check_sample,
 )
 
 MAX_INPUTS = 64
@@ -89,6 +91,7 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         mlflow_flavor=check_flavor_hint(declared, meta.mlflow_flavor),
         parity_tolerance=parity_tolerance(meta.parity_tolerance),
         keep_training_state=meta.keep_training_state,
+        sample_input=sample_input(meta.sample_input),
     )
 
 
@@ -97,6 +100,19 @@ def parity_tolerance(value: float) -> float:
         return check_parity_tolerance(value)
     except ValueError as exc:
         raise error(Reason.BAD_REQUEST, str(exc)) from None
+
+
+def sample_input(data: bytes) -> bytes:
+    """The caller's parity sample, checked for size and magic only: the bytes are handed to
+    the sandbox as a file and parsed there alone (contract.check_sample)."""
+    if not data:
+        return b""
+    try:
+        return check_sample(bytes(data))
+    except SampleTooLarge as exc:
+        raise error(Reason.SAMPLE_TOO_LARGE, str(exc)) from None
+    except ValueError as exc:
+        raise error(Reason.SAMPLE_INVALID, str(exc)) from None
 
 
 def subject(text: str) -> str:
@@ -181,6 +197,7 @@ def conversion_report(report: dict[str, Any]) -> pb.ConversionReport:
                 tolerance=sanitize(item.get("tolerance", ""), 60),
                 passed=item.get("passed") is True,
                 max_rel_diff=_float(item.get("max_rel_diff"))))
+    out.parity_inputs = sanitize(report.get("parity_inputs", ""), 40)
     for warning in _list(report.get("warnings"))[:16]:
         out.warnings.append(sanitize(warning, 200))
     versions = report.get("versions")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -62,6 +63,7 @@ EXIT_REASONS: dict[int, Reason] = {
     WorkerExit.UNSUPPORTED_FLAVOR: Reason.UNSUPPORTED_FLAVOR,
     WorkerExit.UNSAFE_MODEL_DIR: Reason.UNSAFE_MODEL_DIR,
     WorkerExit.BAD_JOB_SPEC: Reason.BAD_REQUEST,
+    WorkerExit.SAMPLE_INVALID: Reason.SAMPLE_INVALID,
 }
 
 _EXIT_MESSAGES: dict[Reason, str] = {
@@ -80,6 +82,7 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
     Reason.BAD_REQUEST: "the sandbox refused the job's options (check the input specs and "
                         "the declared format)",
+    Reason.SAMPLE_INVALID: "the parity sample does not fit the model's input",
 }
 
 #: Formats that under ``allow_code`` are loaded by unpickling: loading one executed artifact
@@ -106,6 +109,20 @@ class JobRequest:
     parity_tolerance: float = 0.0
     #: Keep a training checkpoint's optimizer state and other entries (JobSpec's field).
     keep_training_state: bool = False
+    #: The caller's parity sample, a ``.npy`` file's bytes (contract.check_sample: size and
+    #: magic only; the sandbox alone parses it); empty: none.
+    sample_input: bytes = b""
+
+    @property
+    def sample_sha256(self) -> str:
+        """The parity sample's sha256 ("" for none): idempotency options, audit, provenance."""
+        return hashlib.sha256(self.sample_input).hexdigest() if self.sample_input else ""
+
+    def sample_record(self) -> dict[str, Any] | None:
+        """The parity sample as the audit record and the provenance name it (None: none)."""
+        if not self.sample_input:
+            return None
+        return {"sha256": self.sample_sha256, "size": len(self.sample_input)}
 
 
 @dataclass(frozen=True)
@@ -257,7 +274,7 @@ class JobRunner:
                 # refuses nothing, its output is the answer: one sandbox, no artifact code.
                 reader = await self._slot(stack, decision.integrity_profile, answered)
                 audit.set(warm_container=reader.started, profile=reader.profile)
-                await self.backend.hand_over(reader, upload)
+                await self.backend.hand_over(reader, upload, request.sample_input)
                 read_first = await self._read_first(reader, request, detected, stack)
                 if not read_first.refused and read_first.output is not None:
                     yield await self._read_result(read_first, request, input_sha256,
@@ -266,7 +283,9 @@ class JobRunner:
             slot = await self._slot(stack, decision.profile, answered)
             if reader is None:
                 audit.set(warm_container=slot.started, profile=slot.profile)
-            await self.backend.hand_over(slot, reader if reader is not None else upload)
+                await self.backend.hand_over(slot, upload, request.sample_input)
+            else:  # the reading's artifact and sample, linked
+                await self.backend.hand_over(slot, reader)
             extractor = (await self._slot(stack, decision.integrity_profile, answered)
                          if verify and reader is None else None)
             if extractor is not None:
@@ -277,7 +296,8 @@ class JobRunner:
                            max_output_bytes=self.limits.max_output_bytes,
                            mlflow_flavor=request.mlflow_flavor,
                            parity_tolerance=request.parity_tolerance,
-                       keep_training_state=request.keep_training_state)
+                           keep_training_state=request.keep_training_state,
+                           sample_input=bool(request.sample_input))
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -439,7 +459,8 @@ class JobRunner:
                        max_output_bytes=self.limits.max_output_bytes,
                        mlflow_flavor=request.mlflow_flavor,
                        parity_tolerance=request.parity_tolerance,
-                       keep_training_state=request.keep_training_state)
+                       keep_training_state=request.keep_training_state,
+                       sample_input=bool(request.sample_input))
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}

@@ -180,7 +180,9 @@ class ConversionPipeline:
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,
                                      request.mlflow_flavor or "", request.parity_tolerance,
-                                     request.keep_training_state)
+                                     # only when given: keys stored without them still match
+                                     *filter(None, [request.sample_sha256,
+                                                    request.keep_training_state]))
             async with self.idempotency.claim(principal, meta.idempotency_key, spooled.sha256,
                                               options, job.id) as claim:
                 if claim.stored is not None:
@@ -212,6 +214,7 @@ class ConversionPipeline:
             subject=request.subject, mlflow_flavor=request.mlflow_flavor or "",
             parity_tolerance=request.parity_tolerance,
             keep_training_state=request.keep_training_state,
+            sample_input=request.sample_record(),
             limits={"memory_bytes": policy.memory_bytes, "nano_cpus": policy.nano_cpus,
                     "pids": policy.pids_limit, "output_bytes": policy.output_bytes},
             weakened=list(policy.weakened))

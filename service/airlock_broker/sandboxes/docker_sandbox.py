@@ -236,9 +236,12 @@ class DockerSandbox:
     def warmed_up(self, slot: Slot) -> bool:
         return slot.workspace.worker_ready()
 
-    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+    async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
+        if sample:
+            slot.workspace.write_sample(sample)
         if isinstance(artifact, Slot):  # the same inode: one upload, two readers
             slot.workspace.link_artifact(artifact.workspace.artifact)
+            slot.workspace.share_sample(artifact.workspace)
         else:
             slot.workspace.adopt_artifact(artifact)
 

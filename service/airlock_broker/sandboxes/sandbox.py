@@ -83,10 +83,11 @@ class SandboxBackend(Protocol):
         (a slot that never says so serves jobs all the same). Cheap, never raises."""
         ...
 
-    async def hand_over(self, slot: Slot, artifact: Path | Slot) -> None:
+    async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
         """Put the artifact in the slot, read-only to the sandbox: a spooled file (moved in:
         the slot owns it from here), or the artifact already in another slot of the same job
-        (shared, for the integrity extraction)."""
+        (shared, for the integrity extraction, with that slot's parity sample if any).
+        ``sample``: the caller's parity sample, written beside it (contract.SAMPLE_NAME)."""
         ...
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:

@@ -7,6 +7,7 @@ Layout under the state root (0700, owned by the broker, checked at start-up: sta
     <root>/slots/<slot_id>/     0700, one per container (``JobWorkspace``)
         in/                     0755, bind-mounted read-only at contract.IN_DIR
             artifact            0400, owned by the sandbox uid
+            sample.npy          0400, the caller's parity sample, when there is one
             job.json            0444, written last, by rename
         out/                    a tmpfs: size-capped, noexec,nosuid,nodev, owned by the sandbox
                                 uid, bind-mounted at contract.OUT_DIR
@@ -36,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_broker.security.state_dirs import SAFE_OPEN, SPOOL_DIRS, ensure_dir
-from airlock_sandbox.contract import ARTIFACT_NAME, JOB_SPEC_NAME, READY_NAME, JobSpec
+from airlock_sandbox.contract import (
+    ARTIFACT_NAME,
+    JOB_SPEC_NAME,
+    READY_NAME,
+    SAMPLE_NAME,
+    JobSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,10 @@ class JobWorkspace:
     def artifact(self) -> Path:
         return self.in_dir / ARTIFACT_NAME
 
+    @property
+    def sample(self) -> Path:
+        return self.in_dir / SAMPLE_NAME
+
     @classmethod
     def create(cls, spool_root: Path, slot_id: str, *, uid: int, gid: int,
                output_bytes: int) -> JobWorkspace:
@@ -107,6 +118,26 @@ class JobWorkspace:
     def link_artifact(self, source: Path) -> None:
         """The same artifact for a second sandbox: a hard link (read-only mounts in both)."""
         os.link(source, self.artifact, follow_symlinks=False)
+
+    def write_sample(self, data: bytes) -> None:
+        """The caller's parity sample (already capped: contract.check_sample), as a file the
+        sandbox user may read and nobody may change; never parsed here."""
+        fd = os.open(self.sample, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o400)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if os.geteuid() == 0:
+                os.fchown(fd, self.uid, self.gid)
+            else:  # a non-root broker cannot chown; world-readable inside a 0700 tree
+                os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+
+    def share_sample(self, source: JobWorkspace) -> None:
+        """The other slot's parity sample, if it has one, for a second sandbox of the job."""
+        if os.path.lexists(source.sample):
+            os.link(source.sample, self.sample, follow_symlinks=False)
 
     def write_job_spec(self, spec: JobSpec) -> None:
         """Written last and atomically: a warm worker starts the moment it appears."""
