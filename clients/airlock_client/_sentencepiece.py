@@ -25,48 +25,45 @@ _PIECE_FIELDS = {1: LEN, 2: I32, 3: VARINT}
 MAX_PIECES = 1_000_000
 
 
-class NotSentencePiece(ValueError):
-    """The bytes are not a SentencePiece model; the message says where and why."""
-
-
 def problem(raw: bytes) -> str | None:
     """Why ``raw`` is not a SentencePiece model (None: it is one)."""
     try:
         check(raw)
-    except NotSentencePiece as exc:
+    except ValueError as exc:
         return f"not a SentencePiece model: {exc}"
     return None
 
 
 def check(raw: bytes) -> None:
+    """``ValueError`` saying where and why ``raw`` is not a SentencePiece model."""
     pieces = 0
     for number, wire, value, at in _fields(memoryview(raw), 0):
         if number not in _MODEL_FIELDS or wire != LEN:
-            raise NotSentencePiece(f"field {number} (wire type {wire}) at byte {at} is not "
+            raise ValueError(f"field {number} (wire type {wire}) at byte {at} is not "
                                    "one of ModelProto's")
         assert isinstance(value, memoryview)
         if number == 1:
             pieces += 1
             if pieces > MAX_PIECES:
-                raise NotSentencePiece(f"more than {MAX_PIECES} pieces")
+                raise ValueError(f"more than {MAX_PIECES} pieces")
             _check_piece(value, at)
         else:
             _check_message(value, at)
     if pieces == 0:
-        raise NotSentencePiece("it holds no pieces")
+        raise ValueError("it holds no pieces")
 
 
 def _check_piece(piece: memoryview, at: int) -> None:
     for number, wire, value, _ in _fields(piece, at):
         if _PIECE_FIELDS.get(number) != wire:
-            raise NotSentencePiece(f"the piece at byte {at} has field {number} (wire type "
+            raise ValueError(f"the piece at byte {at} has field {number} (wire type "
                                    f"{wire}), which a piece does not have")
         if number == 1:
             assert isinstance(value, memoryview)
             try:
                 bytes(value).decode("utf-8")
             except UnicodeDecodeError:
-                raise NotSentencePiece(f"the piece at byte {at} is not UTF-8 text") from None
+                raise ValueError(f"the piece at byte {at} is not UTF-8 text") from None
 
 
 def _check_message(message: memoryview, at: int) -> None:
@@ -84,35 +81,35 @@ def _fields(buf: memoryview, base: int) -> Iterator[tuple[int, int, int | memory
         key, pos = _varint(buf, pos, at)
         number, wire = key >> 3, key & 7
         if number == 0 or number > 536_870_911:
-            raise NotSentencePiece(f"field number {number} at byte {at}")
+            raise ValueError(f"field number {number} at byte {at}")
         if wire == VARINT:
             value, pos = _varint(buf, pos, at)
             yield number, wire, value, at
         elif wire in (I64, I32):
             size = 8 if wire == I64 else 4
             if pos + size > end:
-                raise NotSentencePiece(f"a fixed-size field at byte {at} runs past its end")
+                raise ValueError(f"a fixed-size field at byte {at} runs past its end")
             yield number, wire, int.from_bytes(buf[pos:pos + size], "little"), at
             pos += size
         elif wire == LEN:
             length, pos = _varint(buf, pos, at)
             if length > end - pos:
-                raise NotSentencePiece(f"a field at byte {at} claims {length} bytes; "
+                raise ValueError(f"a field at byte {at} claims {length} bytes; "
                                        f"{end - pos} are left")
             yield number, wire, buf[pos:pos + length], at
             pos += length
         else:  # 3 and 4 (groups) are deprecated and never written by sentencepiece; 6, 7 none
-            raise NotSentencePiece(f"wire type {wire} at byte {at}")
+            raise ValueError(f"wire type {wire} at byte {at}")
 
 
 def _varint(buf: memoryview, pos: int, at: int) -> tuple[int, int]:
     value = shift = 0
     for i in range(10):
         if pos + i >= len(buf):
-            raise NotSentencePiece(f"a number at byte {at} runs past the end")
+            raise ValueError(f"a number at byte {at} runs past the end")
         byte = buf[pos + i]
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return value, pos + i + 1
         shift += 7
-    raise NotSentencePiece(f"a number at byte {at} is longer than 10 bytes")
+    raise ValueError(f"a number at byte {at} is longer than 10 bytes")

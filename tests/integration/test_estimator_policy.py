@@ -41,6 +41,32 @@ def test_allow_code_conversion_is_the_policy_loaders_reading_alone(
                                check.model.predict_proba(check.sample), atol=1e-5)
 
 
+def test_a_pipeline_with_a_scaler_a_forest_and_xgboost_is_integrity_verified(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    from sklearn.ensemble import RandomForestClassifier, VotingClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from xgboost import XGBClassifier
+
+    x, y = models.classification_data()
+    model = make_pipeline(StandardScaler(), VotingClassifier(
+        [("forest", RandomForestClassifier(n_estimators=8, random_state=0)),
+         ("xgb", XGBClassifier(n_estimators=8, max_depth=3))],
+        voting="soft", flatten_transform=False)).fit(x, y)
+    artifact = tmp_path / "mixed.joblib"
+    import joblib
+
+    joblib.dump(model, artifact)
+    out = tmp_path / "mixed.onnx"
+    with Client(broker.address) as client:
+        result = client.convert(artifact, out)
+    assert result.assurance == "integrity_verified", result.integrity_note
+    assert result.report.executed_artifact_code is False
+    sample = x[:40].astype(np.float32)
+    np.testing.assert_allclose(_predictions(out, sample), model.predict_proba(sample),
+                               atol=1e-4)
+
+
 def test_safe_only_converts_an_estimator_without_running_its_code(
         broker: BrokerProcess, tmp_path: Path) -> None:
     artifact, check = models.make_lightgbm_pipeline_pickle(tmp_path)
