@@ -40,9 +40,11 @@ _ALLOWED = entries()
 class PolicyRefused(WorkerError):
     """A strict reading met a global outside the allowlist (or a forbidden operation)."""
 
-    def __init__(self, refused: str, message: str) -> None:
+    def __init__(self, refused: str, message: str, names: list[str] | None = None) -> None:
         super().__init__(WorkerExit.POLICY_VIOLATION, message)
         self.refused = refused
+        #: Every global refused so far (a tolerant reading that could not go on without them).
+        self.names = names or [refused]
 
 
 @dataclass(frozen=True)
@@ -128,5 +130,17 @@ def read(fh: IO[bytes], *, tolerant: bool) -> Reading:
     unpickler_class = _unpickler_class()
     with _decompressed(fh) as stream:
         unpickler = unpickler_class(stream, tolerant)
-        obj = unpickler.load()
+        try:
+            obj = unpickler.load()
+        except WorkerError:
+            raise
+        except Exception as exc:
+            # A tolerant reading whose poison broke the load (object.__new__ of a poisoned
+            # class, a reducer given one): the pickle needs what was refused, so say so.
+            poisoned = unpickler.jar.poisoned
+            if not poisoned:
+                raise
+            raise PolicyRefused(poisoned[0], f"the pickle cannot be read without {poisoned[0]}, "
+                                f"which the policy loader does not allow "
+                                f"({type(exc).__name__})", poisoned) from None
     return Reading(obj, unpickler.jar.poisoned)

@@ -52,7 +52,11 @@ def verify(job: Job) -> None:
     poison for what it refuses, then the same conversion as :func:`convert`. The broker
     compares both outputs (DESIGN §5)."""
     with job.loading(), job.open_artifact() as fh:
-        reading = policy_loader.read(fh, tolerant=True)
+        try:
+            reading = policy_loader.read(fh, tolerant=True)
+        except policy_loader.PolicyRefused as exc:
+            job.report.refused_globals = exc.names[:10]
+            raise
     job.loaded_safely(POLICY_LOADER)
     if not reading.refused:
         convert_object(job, reading.obj)

@@ -15,6 +15,7 @@ import joblib
 import numpy as np
 import pytest
 
+from airlock_sandbox.contract import WorkerExit
 from airlock_worker import policy_loader
 from airlock_worker.pickle_poison import Poison
 from airlock_worker.policy_loader import PolicyRefused
@@ -172,3 +173,17 @@ def test_numpy_1_pickles_name_numpy_core() -> None:
                                                    b"numpy.core.multiarray")
     assert b"cnumpy.core.multiarray\n_reconstruct" in data
     np.testing.assert_array_equal(_read(data).obj, array)
+
+
+def test_a_tolerant_reading_that_cannot_go_on_without_a_refused_global_names_them() -> None:
+    """cloudpickle rebuilds a class by value through refused functions; the poison it gets
+    back breaks the load (``object.__new__`` of it). That is the policy's refusal, named,
+    not a failed load, so an allow_code job goes on to the full load (jobs._read_first)."""
+    from tests.fixtures import custom_step
+
+    with pytest.raises(PolicyRefused) as info:
+        _read(custom_step.pipeline_bytes(), tolerant=True)
+    assert info.value.exit == WorkerExit.POLICY_VIOLATION
+    assert info.value.names and info.value.refused == info.value.names[0]
+    assert info.value.refused.startswith("cloudpickle")
+    assert "policy loader does not allow" in info.value.message
