@@ -33,9 +33,7 @@ def test_extra_warm_is_rate_times_refill_in_whole_containers() -> None:
     for _ in range(40):  # refills measured at 1.5 s: the average converges on it
         demand.refilled(1.5)
     assert demand.refill_seconds == pytest.approx(1.5, abs=0.01)
-    assert demand.extra_warm(9.5) == 1
-    demand.arrive(9.6)  # a fraction more is the spare's job, not one more container
-    assert demand.extra_warm(9.6) == 1
+    assert demand.extra_warm(9.5) == 2  # 1.5 containers in refill: rounded up
 
 
 def test_learning_off_and_a_job_now_and_then_add_nothing() -> None:
@@ -44,9 +42,12 @@ def test_learning_off_and_a_job_now_and_then_add_nothing() -> None:
         off.arrive(t / 100)
     assert off.rate(1.0) == 0.0 and off.extra_warm(1.0) == 0
     sparse = Demand(60.0)
-    for t in range(5):  # five jobs a minute
+    for t in range(5):  # five jobs a minute: 0.25 per refill time
         sparse.arrive(t * 12.0)
     assert sparse.extra_warm(59.0) == 0
+    for t in range(5):  # ten a minute: 0.5 per refill time, one more container
+        sparse.arrive(t * 12.0 + 6.0)
+    assert sparse.extra_warm(59.0) == 1
 
 
 def _stream(pools: Pools, profile: str, jobs_per_second: float, window: float) -> None:

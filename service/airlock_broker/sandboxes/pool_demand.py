@@ -20,6 +20,8 @@ from collections import deque
 #: Refill time assumed until one is measured: a sklearn worker warms up in 1.5-4 s on this
 #: project's 2-core machine (bench.profile), longer under load.
 INITIAL_REFILL_SECONDS = 3.0
+#: Below this many jobs per refill time the stream adds no container (see ``extra_warm``).
+SPARSE = 0.5
 #: Weight of the newest refill time in the running average (about the last ten starts count).
 REFILL_WEIGHT = 0.2
 
@@ -52,9 +54,11 @@ class Demand:
 
     def extra_warm(self, now: float) -> int:
         """Containers to keep warm on top of the pool's spare for the current stream: those
-        its jobs take while a replacement is being refilled (whole ones: the spare, at least
-        one, covers the fraction, so a job now and then adds nothing)."""
-        return math.floor(self.rate(now) * self.refill_seconds + 1e-9)
+        its jobs take while a replacement is being refilled, rounded up (refill times vary,
+        and a job that finds the pool empty pays a whole start). Fewer jobs than one per two
+        refill times add nothing: the spare, at least one, is there for those."""
+        in_refill = self.rate(now) * self.refill_seconds
+        return math.ceil(in_refill - 1e-9) if in_refill >= SPARSE else 0
 
     def _forget(self, now: float) -> None:
         while self._arrivals and self._arrivals[0] <= now - self.window:

@@ -88,3 +88,5 @@ class PoolStatus:
     #: the arrival rate behind it (jobs per minute over ``stream_window_seconds``).
     target: int = 0
     jobs_per_minute: float = 0.0
+    #: The learned time from a container's start to its worker's ready mark (seconds).
+    refill_seconds: float = 0.0

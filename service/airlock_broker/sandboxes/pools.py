@@ -285,7 +285,8 @@ class Pools:
                 image_id=self.image_id, runtime=self.runtime, draining=self.draining,
                 unavailable=self.readiness.why(Hold.ENGINE_DOWN),
                 importing=len(p.warm) - ready, ready=ready, target=self._target(p),
-                jobs_per_minute=round(rate * 60, 2)))
+                jobs_per_minute=round(rate * 60, 2),
+                refill_seconds=round(p.demand.refill_seconds, 2)))
         return out
 
     def _count_ready(self, pool: Pool) -> int:
