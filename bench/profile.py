@@ -33,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from airlock_sandbox.formats import PROFILES
 from bench import host
 from bench.broker import ROOT, Broker
 from bench.containers import shim_pids
-from bench.run import IMAGE, WARM_CONFIG, log, pct, sklearn_profile_imports
+from bench.run import IMAGE, WARM_CONFIG, log, pct
 
 # -- 1. phases of a request -------------------------------------------------------------------
 
@@ -339,22 +340,35 @@ def _container_cost(script: str, reps: int) -> dict[str, Any]:
     return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
+#: ``import skops.io`` as the worker does it for an MLflow 3 sklearn model (saved as skops), in
+#: images with airlock_worker.skops_import, and plainly in older ones (for before/after runs).
+_SKOPS_IMPORT = """
+try:
+    from airlock_worker.skops_import import import_skops_io
+except ImportError:
+    import skops.io
+else:
+    import_skops_io()
+"""
+
+
 def start_costs(quick: bool) -> dict[str, Any]:
     reps = 3 if quick else 5
-    sk = sklearn_profile_imports()
-    torch_imports = ["torch", "safetensors.torch", "onnx", "numpy", "onnxruntime",
-                     "airlock_worker.torch_convert", "airlock_worker.st_torch"]
     out: dict[str, Any] = {
         "cpu_s per start (median), python3 -c pass": _container_cost("pass", reps),
-        "cpu_s per start (median), sklearn profile imports": _container_cost(
-            "import " + ", ".join(sk), reps),
-        # what a warm sklearn container really does before its job: the imports, then the
-        # priming conversion (airlock_worker.priming) in images that have one
-        "cpu_s per start (median), sklearn warm_up (imports + priming)": _container_cost(
-            "from airlock_worker.profiles import warm_up; warm_up('sklearn')", reps),
     }
+    # What a warm container really does before its job, per profile: the imports, then the
+    # priming conversion (airlock_worker.priming) where the profile has one. The image's own
+    # profile lists are used, so a before/after run compares what each image imports.
+    for profile in PROFILES:
+        out[f"cpu_s per start (median), {profile} warm_up (imports + priming)"] = \
+            _container_cost(f"from airlock_worker.profiles import warm_up; warm_up({profile!r})",
+                            reps)
+    out["cpu_s per start (median), sklearn warm_up + import skops.io"] = _container_cost(
+        "from airlock_worker.profiles import warm_up; warm_up('sklearn')\n" + _SKOPS_IMPORT,
+        reps)
     out["import ms (incremental, in profile order, --cpus 1, median of 3)"] = {
-        "sklearn": _import_times(sk), "torch": _import_times(torch_imports)}
+        profile: _import_times(profile) for profile in PROFILES}
     return out
 
 
@@ -438,14 +452,20 @@ def exit_latency(work: Path, reps: int) -> dict[str, Any]:
         "samples": rows}
 
 
-def _import_times(modules: list[str]) -> dict[str, Any]:
-    """Wall (= CPU: single-threaded, one CPU) time each import adds after the ones before it
-    (shared dependencies are charged to the first importer), in a fresh container; 3 runs."""
+def _import_times(profile: str) -> dict[str, Any]:
+    """Wall (= CPU: single-threaded, one CPU) time each import of ``profile`` (the image's own
+    list) adds after the ones before it (shared dependencies are charged to the first
+    importer), then its priming, in a fresh container; 3 runs."""
     script = ("import importlib, json, time\n"
+              "from airlock_worker.profiles import PROFILES\n"
               "t0 = time.perf_counter(); out = {}\n"
-              f"for m in {modules!r}:\n"
+              f"for m in PROFILES[{profile!r}]:\n"
               "    t = time.perf_counter(); importlib.import_module(m)\n"
               "    out[m] = round((time.perf_counter() - t) * 1000, 1)\n"
+              "t = time.perf_counter()\n"
+              "from airlock_worker.priming import prime\n"
+              f"prime({profile!r})\n"
+              "out['(priming)'] = round((time.perf_counter() - t) * 1000, 1)\n"
               "out['TOTAL'] = round((time.perf_counter() - t0) * 1000, 1)\n"
               "print('PROBE ' + json.dumps(out))\n")
     runs = []

@@ -21,6 +21,8 @@ Modules, one job each:
   ``st_verify``: checking a written file in place (mmap) against what was meant.
 * ``sklearn_convert``, ``torch_convert``, ``numpy_convert``, ``passthrough``: the loaders
   and converters per detected format.
+* ``skops_import``: ``import skops.io`` without the torch import sklearn's estimator walk
+  would drag in (MLflow 3 saves sklearn models as skops).
 * ``onnx_out``: finishing an ONNX model (opsets, no external data, checker, size cap).
 * ``parity``: ONNX Runtime against the original model on seeded inputs.
 * ``output`` / ``report``: the atomic output file and the informational report.

@@ -140,12 +140,13 @@ def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
 
 
 def _convert_skops(job: Job) -> None:
-    import skops.io
-
     from . import sklearn_convert
+    from .skops_import import import_skops_io
+
+    skops_io = import_skops_io()
 
     with job.loading(), job.open_artifact() as fh:
-        untrusted = skops.io.get_untrusted_types(file=fh)
+        untrusted = skops_io.get_untrusted_types(file=fh)
     if untrusted:
         job.allow_code(f"skops.io.load(trusting {len(untrusted)} more type(s))",
                        "the skops file names types outside skops' default trusted set: "
@@ -155,5 +156,5 @@ def _convert_skops(job: Job) -> None:
         job.loaded_safely("skops.io.load")
         trusted = None
     with job.loading(), job.open_artifact() as fh:
-        model = skops.io.load(fh, trusted=trusted)
+        model = skops_io.load(fh, trusted=trusted)
     sklearn_convert.convert_object(job, model)

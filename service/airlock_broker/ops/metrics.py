@@ -59,6 +59,15 @@ class Metrics:
         self.pool_events = Gauge("airlock_pool_events", "Cumulative pool events by profile "
                                  "(served_warm, served_cold, failed_starts)",
                                  ["profile", "event"], registry=r)
+        self.pool_target = Gauge("airlock_pool_target_warm", "Warm containers a pool keeps now: "
+                                 "min_warm, raised for the stream of jobs (within max_warm "
+                                 "and the memory budget)", ["profile"], registry=r)
+        self.pool_rate = Gauge("airlock_pool_jobs_per_minute", "Jobs per minute asking a pool "
+                               "for a container, over [pools] stream_window_seconds",
+                               ["profile"], registry=r)
+        self.pool_refill = Gauge("airlock_pool_refill_seconds", "Learned time from a warm "
+                                 "container's start to its worker's ready mark",
+                                 ["profile"], registry=r)
 
     def bind(self, admission: Admission, pools: Pools) -> None:
         """Gauges read live state at scrape time instead of being updated on every change."""
@@ -73,6 +82,11 @@ class Metrics:
             for event in ("served_warm", "served_cold", "failed_starts"):
                 self.pool_events.labels(profile, event).set_function(
                     _reader(pools, profile, event))
+            self.pool_target.labels(profile).set_function(_reader(pools, profile, "target"))
+            self.pool_rate.labels(profile).set_function(
+                _reader(pools, profile, "jobs_per_minute"))
+            self.pool_refill.labels(profile).set_function(
+                _reader(pools, profile, "refill_seconds"))
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from airlock_sandbox.formats import PROFILES
+from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH, PROFILES
+
+#: What an idle warm container of each profile holds in memory (MiB, resident: its worker's
+#: imports; the image's files are shared page cache), measured in the sandbox image with its
+#: libraries imported and primed: sklearn 113, torch 154, light 21, rounded up. The memory
+#: budget counts warm containers at these figures.
+WARM_MEMORY_MIB = {PROFILE_SKLEARN: 128, PROFILE_TORCH: 192, PROFILE_LIGHT: 32}
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,23 @@ class PoolSettings:
     #: start would take as long, and the CPU of the one under way) before it takes the cold
     #: path; each waiting job adds one to the pool's target, up to ``max_warm``. 0: never wait.
     wait_for_starting_seconds: float = 10.0
+    #: Keep enough warm containers for the stream of jobs (pool_demand.py): the arrival rate
+    #: over this window times the refill time (learned), on top of ``min_warm``, up to
+    #: ``max_warm``. 0: always ``min_warm`` (plus one per job waiting for a start).
+    stream_window_seconds: float = 60.0
+    #: Memory the warm containers the stream adds (beyond every pool's ``min_warm``) may hold
+    #: together, counted at ``WARM_MEMORY_MIB`` each. Waiting containers use no CPU; each one's
+    #: start costs a few CPU-seconds once, and ``max_starting`` bounds how many run at once.
+    stream_memory_budget_mib: int = 1024
     profiles: tuple[str, ...] = PROFILES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_warm <= self.max_warm:
             raise ValueError("need 0 <= min_warm <= max_warm")
-        if self.wait_for_starting_seconds < 0:
-            raise ValueError("wait_for_starting_seconds must not be negative")
+        if self.wait_for_starting_seconds < 0 or self.stream_window_seconds < 0 \
+                or self.stream_memory_budget_mib < 0:
+            raise ValueError("wait_for_starting_seconds, stream_window_seconds and "
+                             "stream_memory_budget_mib must not be negative")
         if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
                 or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
             raise ValueError("max_starting, sweep_seconds, max_age_seconds, "

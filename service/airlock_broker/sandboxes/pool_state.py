@@ -6,6 +6,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
+from airlock_broker.sandboxes.pool_demand import Demand
 from airlock_broker.sandboxes.sandbox import Slot
 
 
@@ -17,6 +18,9 @@ class Warm:
     slot: Slot
     since: float
     generation: int
+    #: When its start was asked for (before the container was created): its refill time
+    #: ends when its worker says it is ready.
+    began: float = 0.0
     #: Its worker has said it finished importing and priming (``SandboxBackend.warmed_up``).
     #: Kept once seen: the mark only goes away with the job that takes the slot.
     ready: bool = False
@@ -48,6 +52,9 @@ class Pool:
     waiting: int = 0
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The jobs' arrival rate and the refill time, learned: how many warm containers the
+    #: current stream needs (pool_demand.py). Learning off until pools.py sets a window.
+    demand: Demand = field(default_factory=lambda: Demand(0.0))
 
     def signal(self) -> None:
         self.changed.set()
@@ -76,3 +83,10 @@ class PoolStatus:
     #: word: for status and sizing, never for a decision.
     importing: int = 0
     ready: int = 0
+    #: How many warm containers the pool keeps now (``min_warm``, raised by the stream of
+    #: jobs and by jobs waiting for a start, within ``max_warm`` and the memory budget), and
+    #: the arrival rate behind it (jobs per minute over ``stream_window_seconds``).
+    target: int = 0
+    jobs_per_minute: float = 0.0
+    #: The learned time from a container's start to its worker's ready mark (seconds).
+    refill_seconds: float = 0.0

@@ -2,9 +2,11 @@
 
 Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
 time: created with their own fresh workspace, started, their profile's libraries imported,
-waiting for a job spec. A job takes one, uses it once, and destroys it (DESIGN §1.2); the
-replenisher starts a replacement in the background once that job is done (so that the start
-does not take CPU from the job), never more than ``max_starting`` at a time. When a pool is
+waiting for a job spec; more while a stream of jobs needs them (the arrival rate times the
+refill time, learned per pool: pool_demand.py), within ``max_warm`` and a memory budget. A
+job takes one, uses it once, and destroys it (DESIGN §1.2); the replenisher starts a
+replacement in the background once that job is done (so that the start does not take CPU
+from the job), never more than ``max_starting`` at a time. When a pool is
 empty a job takes the cold path: a container prepared just for it.
 
 Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
@@ -28,6 +30,8 @@ import time
 from airlock_broker.errors import Reason, error
 from airlock_broker.readiness import DRAINED_WHY, POOL_HOLDS, Hold, Readiness
 from airlock_broker.sandboxes.engine_watch import engine_back
+from airlock_broker.sandboxes.pool_demand import Demand
+from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
 from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
 from airlock_broker.sandboxes.pool_state import Pool, PoolStatus, Warm
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
@@ -48,7 +52,8 @@ class Pools:
                  runtime: str = "", readiness: Readiness | None = None) -> None:
         self.backend = backend
         self.settings = settings
-        self.pools = {p: Pool(p) for p in settings.profiles}
+        self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds))
+                      for p in settings.profiles}
         #: Shared with admission and health; the pools set DRAINED and ENGINE_DOWN.
         self.readiness = readiness or Readiness()
         self.image_id = image_id
@@ -109,6 +114,7 @@ class Pools:
         pool = self.pools.get(profile)
         if pool is None:
             return await self._cold(None, profile)
+        pool.demand.arrive(time.monotonic())
         # A second job while a replacement waits: there is demand, so start it now.
         for slot_id in list(pool.deferred):
             self._end_deferral(pool, slot_id)
@@ -270,6 +276,7 @@ class Pools:
         out = []
         for p in self.pools.values():
             ready = self._count_ready(p)
+            rate = p.demand.rate(now)
             out.append(PoolStatus(
                 profile=p.profile, warm=len(p.warm), busy=p.busy, starting=p.starting,
                 failed_starts=p.failed_starts, served_warm=p.served_warm,
@@ -277,7 +284,9 @@ class Pools:
                 oldest_warm_seconds=max((now - w.since for w in p.warm), default=0.0),
                 image_id=self.image_id, runtime=self.runtime, draining=self.draining,
                 unavailable=self.readiness.why(Hold.ENGINE_DOWN),
-                importing=len(p.warm) - ready, ready=ready))
+                importing=len(p.warm) - ready, ready=ready, target=self._target(p),
+                jobs_per_minute=round(rate * 60, 2),
+                refill_seconds=round(p.demand.refill_seconds, 2)))
         return out
 
     def _count_ready(self, pool: Pool) -> int:
@@ -289,17 +298,36 @@ class Pools:
                     warm.ready = self.backend.warmed_up(warm.slot)
                 except Exception as exc:  # a hint must never break status or metrics
                     log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
+                if warm.ready and warm.began:
+                    # Seen late by up to the replenisher's period: errs on the long side.
+                    pool.demand.refilled(time.monotonic() - warm.began)
         return sum(w.ready for w in pool.warm)
 
     # -- background work -------------------------------------------------------------------
 
+    def _target(self, pool: Pool) -> int:
+        """How many containers ``pool`` keeps: ``min_warm``, plus what the stream of jobs needs
+        (within the memory budget) or one per job waiting for a start, whichever is more, at
+        most ``max_warm``. Pools off (``min_warm = 0``) stay off."""
+        if self.settings.min_warm == 0:
+            return 0
+        stream = min(pool.demand.extra_warm(time.monotonic()), self._memory_allows(pool))
+        return min(self.settings.max_warm, self.settings.min_warm + max(pool.waiting, stream))
+
+    def _memory_allows(self, pool: Pool) -> int:
+        """How many containers beyond ``min_warm`` ``pool`` may hold within
+        ``stream_memory_budget_mib``, what the other pools' extra containers hold counted."""
+        others = sum(max(0, _held(p) - self.settings.min_warm) * _mib(p.profile)
+                     for p in self.pools.values() if p is not pool)
+        return max(0, (self.settings.stream_memory_budget_mib - others) // _mib(pool.profile))
+
     def _fill(self, pool: Pool) -> None:
-        """Start containers until the pool holds its target: ``min_warm``, plus one per job
-        waiting for a start, at most ``max_warm``. (At most ``max_starting`` start at once.)"""
+        """Start containers until the pool holds its target (``_target``). (At most
+        ``max_starting`` start at once.)"""
         if self._closing or self.readiness.refusal(*POOL_HOLDS) is not None:
             return
-        target = min(self.settings.max_warm, self.settings.min_warm + pool.waiting)
-        while len(pool.warm) + pool.starting + pool.checking + len(pool.deferred) < target:
+        target = self._target(pool)
+        while _held(pool) < target:
             pool.starting += 1
             task = asyncio.create_task(self._start_one(pool))
             self._tasks.add(task)
@@ -309,6 +337,7 @@ class Pools:
         while True:
             self._wake.clear()
             for pool in self.pools.values():
+                self._count_ready(pool)  # learns refill times (pool_demand.py)
                 self._fill(pool)
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # races with the event, and close() would then wait for this loop forever.
@@ -318,6 +347,7 @@ class Pools:
 
     async def _start_one(self, pool: Pool) -> None:
         generation = pool.generation
+        began = time.monotonic()
         try:
             async with self._starts:
                 slot = await self.backend.prepare(pool.profile)
@@ -331,7 +361,7 @@ class Pools:
                 await self.backend.destroy(slot)
             else:
                 pool.warm.append(Warm(slot=slot, since=time.monotonic(),
-                                       generation=generation))
+                                       generation=generation, began=began))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -398,3 +428,12 @@ class Pools:
             await self.restart()
         self.image_id = image_id
         self._wake.set()
+
+
+def _held(pool: Pool) -> int:
+    """Containers that fill ``pool``: warm, starting, being checked, or deferred."""
+    return len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
+
+
+def _mib(profile: str) -> int:
+    return WARM_MEMORY_MIB.get(profile, max(WARM_MEMORY_MIB.values()))
