@@ -11,6 +11,8 @@ says otherwise, visibly.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +21,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from airlock_broker.conversion.admission import Admission
+from airlock_broker.sandboxes.pool_state import PoolStatus
 from airlock_broker.sandboxes.pools import Pools
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -70,23 +73,25 @@ class Metrics:
                                  ["profile"], registry=r)
 
     def bind(self, admission: Admission, pools: Pools) -> None:
-        """Gauges read live state at scrape time instead of being updated on every change."""
+        """Gauges read live state at scrape time instead of being updated on every change.
+        Called on the broker's event loop: the pools are read there (:class:`PoolSnapshot`)."""
         self.queue.set_function(lambda: admission.admitted)
+        snapshot = PoolSnapshot(pools, asyncio.get_running_loop())
         for profile in pools.pools:
             for state in ("warm", "busy", "starting"):
                 self.pool.labels(profile, state).set_function(
-                    _reader(pools, profile, state))
+                    _reader(snapshot, profile, state))
             for readiness in ("importing", "ready"):
                 self.pool_warm.labels(profile, readiness).set_function(
-                    _reader(pools, profile, readiness))
+                    _reader(snapshot, profile, readiness))
             for event in ("served_warm", "served_cold", "failed_starts"):
                 self.pool_events.labels(profile, event).set_function(
-                    _reader(pools, profile, event))
-            self.pool_target.labels(profile).set_function(_reader(pools, profile, "target"))
+                    _reader(snapshot, profile, event))
+            self.pool_target.labels(profile).set_function(_reader(snapshot, profile, "target"))
             self.pool_rate.labels(profile).set_function(
-                _reader(pools, profile, "jobs_per_minute"))
+                _reader(snapshot, profile, "jobs_per_minute"))
             self.pool_refill.labels(profile).set_function(
-                _reader(pools, profile, "refill_seconds"))
+                _reader(snapshot, profile, "refill_seconds"))
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -98,10 +103,48 @@ class Metrics:
         self.job_seconds.labels(outcome).observe(seconds)
 
 
-def _reader(pools: Pools, profile: str, field: str) -> Callable[[], float]:
+class PoolSnapshot:
+    """The pools' status for the scraper, read on the event loop that owns them.
+
+    The HTTP server answers scrapes on a thread of its own; reading the pools' deques there
+    raced with the loop ("deque mutated during iteration": a 500 to the scraper). So a scrape
+    asks the loop for one status and every gauge of that scrape reads it."""
+
+    #: A scrape reads a dozen gauges per profile within milliseconds: one status serves them.
+    MAX_AGE_SECONDS = 0.5
+
+    def __init__(self, pools: Pools, loop: asyncio.AbstractEventLoop) -> None:
+        self.pools = pools
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._at = -1.0
+        self._status: dict[str, PoolStatus] = {}
+
+    def get(self, profile: str) -> PoolStatus | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._at < 0 or now - self._at > self.MAX_AGE_SECONDS:
+                self._status = {s.profile: s for s in self._read()}
+                self._at = now
+            return self._status.get(profile)
+
+    def _read(self) -> list[PoolStatus]:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:  # asked on the loop itself (a test's collect): read here
+            return self.pools.status()
+
+        async def read() -> list[PoolStatus]:
+            return self.pools.status()
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(timeout=10)
+
+
+def _reader(snapshot: PoolSnapshot, profile: str, field: str) -> Callable[[], float]:
     def read() -> float:
-        status = next(s for s in pools.status() if s.profile == profile)
-        return float(getattr(status, field))
+        status = snapshot.get(profile)
+        return float(getattr(status, field)) if status is not None else 0.0
     return read
 
 
