@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client
 from bench import host
 from bench.containers import profile_of, running_containers
+from bench.sampling import ThreadedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRLOCK = ROOT / ".venv" / "bin" / "airlock"
@@ -74,24 +74,12 @@ def toml(config: dict[str, dict[str, Any]]) -> str:
 
 
 @dataclass
-class RssSampler:
+class RssSampler(ThreadedSampler):
     """Samples VmRSS of a process every ``interval`` seconds in a thread; peak in bytes."""
 
     pid: int
     interval: float = 0.02
     samples: list[tuple[float, int]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> RssSampler:
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def _run(self) -> None:
         began = time.monotonic()

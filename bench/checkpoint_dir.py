@@ -22,15 +22,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from airlock_client import Client
 from bench import baseline
 from bench.broker import BenchError, Broker, RssSampler, proc_status
+from bench.sampling import ThreadedSampler
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -105,7 +105,7 @@ def _keys_of(checkpoint: Checkpoint, shard: Path) -> list[str]:
 
 
 @dataclass
-class SpoolSampler:
+class SpoolSampler(ThreadedSampler):
     """Bytes the broker holds under its state root, sampled: on the spool's own disk
     (allocated blocks of uploads, answers, slot inputs) and on other filesystems mounted in
     it (the output tmpfs: RAM)."""
@@ -114,18 +114,6 @@ class SpoolSampler:
     interval: float = 0.2
     peak_disk: int = 0
     peak_tmpfs: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> SpoolSampler:
-        self._thread = threading.Thread(target=self._run, name="spool-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def _run(self) -> None:
         device = os.stat(self.root).st_dev

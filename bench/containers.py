@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from bench import host
 from bench.host import CPUACCT, TICK
+from bench.sampling import ThreadedSampler
 
 _DOCKER_STATE = Path("/var/lib/docker/containers")
 _labels_cache: dict[str, dict[str, str]] = {}
@@ -82,7 +83,7 @@ def shim_pids() -> dict[str, int]:
 
 
 @dataclass
-class ContainerCpuTracker:
+class ContainerCpuTracker(ThreadedSampler):
     """CPU of one broker's containers and of their shims while the ``with`` block runs."""
 
     identity: str
@@ -96,19 +97,13 @@ class ContainerCpuTracker:
     gone: set[str] = field(default_factory=set)
     shims: dict[str, int] = field(default_factory=dict)
     others: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def __enter__(self) -> ContainerCpuTracker:
+    def __enter__(self) -> Self:
         self._scan(initial=True)
-        self._thread = threading.Thread(target=self._run, name="cgroup-sampler", daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        super().__exit__(*exc)
         self._scan(initial=False)
 
     def _run(self) -> None:
