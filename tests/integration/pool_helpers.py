@@ -31,10 +31,13 @@ LABEL_PROFILE = "airlock.profile"
 
 def write_config(directory: Path, pools: dict[str, Any], **sections: dict[str, Any]) -> Path:
     """A small ``airlock.toml``: a ``[pools]`` section and any others (``broker=``,
-    ``sandbox=``...) given as dicts. Integrity's second sandbox is off unless ``broker=`` turns
-    it on: these tests count containers per job, and the second reading has its own tests
-    (tests/integration/test_estimator_policy.py, tests/adversarial/test_integrity.py)."""
+    ``sandbox=``...) given as dicts. These tests count containers, so two things that change
+    the counts are off unless a test turns them on, each with tests of its own: integrity's
+    second sandbox (test_estimator_policy.py, adversarial/test_integrity.py) and pools sized
+    for a stream of jobs (``stream_window_seconds``; test_pool_stream.py). With sizing on, a
+    fixture's pool that served ten jobs keeps two warm, not the one these tests settle at."""
     sections["broker"] = {"verify_integrity": False, **sections.get("broker", {})}
+    pools = {"stream_window_seconds": 0, **pools}
     def render(name: str, values: dict[str, Any]) -> str:
         lines = [f"[{name}]"]
         for key, value in values.items():
