@@ -473,3 +473,17 @@ def _unchecked(**values: int) -> ValidatorSettings:
     for name, value in values.items():
         object.__setattr__(settings, name, value)
     return settings
+
+
+def test_a_killed_template_is_not_alive_even_before_it_is_dead() -> None:
+    """The pool kills a template that could not fork and starts another on the next job; it
+    asked the dying one instead when the kill had not landed yet (a BrokenPipeError from
+    test_a_validator_that_cannot_be_replaced_costs_no_slot in a full run)."""
+    async def body(pool: OnnxValidatorPool) -> bool:
+        template = pool._template
+        assert template is not None and template.alive()
+        template.kill()
+        return template.alive()
+
+    still_alive, _pids = with_pool(ValidatorSettings(processes=1), body)
+    assert still_alive is False

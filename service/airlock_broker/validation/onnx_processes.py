@@ -102,13 +102,16 @@ class Template:
         self.stderr = StderrDrain(err_r, stderr_bytes, f"ONNX validator template {self.pid}")
         self.ready = False
         self.lock = threading.Lock()
+        self.killed = False
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        """False from the moment it is killed: SIGKILL is not instant, and a template still
+        dying must not be asked to fork (its control pipe breaks under the request)."""
+        return not self.killed and self.process.poll() is None
 
     def await_ready(self, timeout: float) -> None:
         """Block until the template said ready; ``INTERNAL`` if it does not in ``timeout``."""
@@ -139,6 +142,7 @@ class Template:
         return Validator(int(pid), dict(zip(SPAWN_FDS, fds, strict=True)), stderr_bytes)
 
     def kill(self) -> None:
+        self.killed = True
         with contextlib.suppress(OSError):
             if self.process.poll() is None:
                 self.process.kill()
