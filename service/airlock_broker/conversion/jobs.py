@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,14 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
+def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
+    """What the audit record keeps of a finished sandbox."""
+    return {"exit_code": outcome.exit_code, "oom_killed": outcome.oom_killed,
+            "timed_out": outcome.timed_out, "image_id": outcome.image_id,
+            "runtime": outcome.runtime, "exit_seen_by": outcome.exit_seen_by,
+            "sandbox_seconds": round(outcome.duration_seconds, 3)}
+
+
 def worker_said(detail: Any) -> str:
     """The sentence a failed worker's report gives (``{"exit": NAME, "message": "NAME: ..."}``)
     without the exit name the reason already says, made safe; anything else as it is, made
@@ -290,14 +298,8 @@ class JobRunner:
                          if verify and reader is None else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
-            spec = JobSpec(job_id=request.job_id, artifact_format=detected,
-                           target=request.target, policy=request.policy,
-                           declared_format=request.declared_format, inputs=request.inputs,
-                           max_output_bytes=self.limits.max_output_bytes,
-                           mlflow_flavor=request.mlflow_flavor,
-                           parity_tolerance=request.parity_tolerance,
-                           keep_training_state=request.keep_training_state,
-                           sample_input=bool(request.sample_input))
+            spec = replace(self._spec(request, detected, JobMode.CONVERT),
+                           policy=request.policy, declared_format=request.declared_format)
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -305,10 +307,7 @@ class JobRunner:
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             extraction = extraction or read_first
-            audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
-                      timed_out=outcome.timed_out, image_id=outcome.image_id,
-                      runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
-                      sandbox_seconds=round(outcome.duration_seconds, 3))
+            audit.set(**_outcome_fields(outcome))
             # From here on the containers are dead: only now are their outputs looked at.
             out_dir = await self.backend.output(slot)
             with self.trace.span("read_report") as span:
@@ -378,6 +377,17 @@ class JobRunner:
             raise reading.invalid
         return reading
 
+    def _spec(self, request: JobRequest, detected: ArtifactFormat, mode: JobMode) -> JobSpec:
+        """What both readings of a job are asked alike (inputs, target, options), so that
+        their outputs compare; the conversion adds the policy and the declaration."""
+        return JobSpec(job_id=request.job_id, artifact_format=detected, target=request.target,
+                       inputs=request.inputs, mode=mode,
+                       max_output_bytes=self.limits.max_output_bytes,
+                       mlflow_flavor=request.mlflow_flavor,
+                       parity_tolerance=request.parity_tolerance,
+                       keep_training_state=request.keep_training_state,
+                       sample_input=bool(request.sample_input))
+
     async def _judge(self, outcome: Outcome, report: dict[str, Any] | None,
                      deadline: float) -> None:
         """:func:`judge`, telling the pools first when the engine itself went away."""
@@ -395,10 +405,7 @@ class JobRunner:
         assert reading.output is not None and reading.outcome is not None
         outcome, report = reading.outcome, reading.report
         output = await reading.digest if reading.digest is not None else reading.output
-        audit.set(exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
-                  timed_out=outcome.timed_out, image_id=outcome.image_id,
-                  runtime=outcome.runtime, exit_seen_by=outcome.exit_seen_by,
-                  sandbox_seconds=round(outcome.duration_seconds, 3),
+        audit.set(**_outcome_fields(outcome),
                   loader=sanitize(report.get("loader", ""), 80),
                   refined_format=refined_format(reading.format, report),
                   executed_artifact_code=False,
@@ -454,13 +461,7 @@ class JobRunner:
         if slot is None:
             return None
         # The reading converts as the job does (inputs, target): the outputs are compared.
-        spec = JobSpec(job_id=request.job_id, artifact_format=detected, target=request.target,
-                       inputs=request.inputs, mode=JobMode.EXTRACT_WEIGHTS,
-                       max_output_bytes=self.limits.max_output_bytes,
-                       mlflow_flavor=request.mlflow_flavor,
-                       parity_tolerance=request.parity_tolerance,
-                       keep_training_state=request.keep_training_state,
-                       sample_input=bool(request.sample_input))
+        spec = self._spec(request, detected, JobMode.EXTRACT_WEIGHTS)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
