@@ -144,7 +144,7 @@ def kind(path: str | os.PathLike[str]) -> str | None:
 def mlflow_transformers(base: Path) -> MlflowTransformers | None:
     """The layout of an MLflow transformers model with PyTorch weights in ``base``, or None
     (no ``MLmodel``, another flavor, another framework, or weights that are not PyTorch's)."""
-    files, _ = _top_level(base)
+    files, directories = _top_level(base)
     if MLMODEL not in files:
         return None
     conf = _bundle.read_mlmodel(files[MLMODEL])["flavors"].get("transformers")
@@ -167,11 +167,10 @@ def mlflow_transformers(base: Path) -> MlflowTransformers | None:
             if found is not None:
                 components.append(found)
     kept = {binary, MLFLOW_COMPONENTS}
-    skipped = tuple(Skipped(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""),
-                            "MLflow's own file or directory: the output is the Hugging Face "
-                            "model directory")
-                    for entry in sorted(os.scandir(base), key=lambda e: e.name)
-                    if entry.name not in kept)
+    entries = sorted([*files, *(d.name for d in directories)])  # a directory's ends in "/"
+    skipped = tuple(Skipped(name, "MLflow's own file or directory: the output is the Hugging "
+                                  "Face model directory")
+                    for name in entries if name.rstrip("/") not in kept)
     return MlflowTransformers(weights, tuple(components), skipped)
 
 
