@@ -61,6 +61,7 @@ class Reason(enum.StrEnum):
     LOCAL_HANDLE_INVALID = "LOCAL_HANDLE_INVALID"
     LOCAL_HANDLE_FOREIGN = "LOCAL_HANDLE_FOREIGN"
     LOCAL_FD_REFUSED = "LOCAL_FD_REFUSED"
+    LOCAL_WRITE_FAILED = "LOCAL_WRITE_FAILED"
     # The caller (auth.py).
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -122,6 +123,9 @@ STATUS_TABLE: dict[Reason, tuple[grpc.StatusCode, Kind]] = {
     Reason.LOCAL_HANDLE_FOREIGN: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
     # A descriptor (or the message carrying them) is not what the fast path accepts.
     Reason.LOCAL_FD_REFUSED: (grpc.StatusCode.INVALID_ARGUMENT, Kind.REJECTED),
+    # Writing the output into the caller's own file failed (its filesystem is full, or the
+    # file went read-only): the conversion itself succeeded; the caller's side must change.
+    Reason.LOCAL_WRITE_FAILED: (grpc.StatusCode.FAILED_PRECONDITION, Kind.FAILED),
     Reason.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, Kind.DENIED),
     Reason.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, Kind.DENIED),
 }

@@ -123,6 +123,95 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
     assert str(source) not in still_open and str(tmp_path / "peer-output") not in still_open
 
 
+def _peer(tmp_path: Path, peer_out: int) -> PeerTransfer:
+    local = LocalFiles(input_fd=os.open(os.devnull, os.O_RDONLY), output_fd=peer_out,
+                       input=InputFile(size=0, allocated=0), peer=PeerCred(0, 0, 0),
+                       io=PeerIO(2, 1.0))
+    return PeerTransfer(local, _LIMITS)
+
+
+def test_on_the_fast_path_the_callers_file_is_written_beside_the_spool_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh output goes into the caller's file while the spool copy is made (both from the
+    # output itself); sending the answer then copies nothing more. The spool copy stays: a
+    # retry with the same key is answered from it.
+    payload = bytes(range(256)) * 8192  # 2 MiB: over INLINE_WRITE_BYTES, so on threads
+    writers: list[int] = []
+
+    def write_into(fd: int) -> None:
+        writers.append(threading.get_ident())
+        os.pwrite(fd, payload, 0)
+        os.ftruncate(fd, len(payload))
+
+    output = ValidatedOutput(format=OutputFormat.ONNX, size=len(payload), sha256="",
+                             path=Path("/nonexistent"), write_into=write_into)
+
+    def no_second_copy(*_: object) -> None:
+        raise AssertionError("the answer was copied into the caller's file a second time")
+
+    monkeypatch.setattr("airlock_broker.fastpath.peer_transfer.copy_file", no_second_copy)
+    peer_path = tmp_path / "peer-output"
+    peer_out = os.open(peer_path, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    async def scenario() -> None:
+        transfer = _peer(tmp_path, peer_out)
+        try:
+            answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="fresh"), output,
+                                        transfer)
+            with answer:
+                assert answer.delivered
+                assert peer_path.read_bytes() == payload
+                assert (tmp_path / "results" / "fresh").read_bytes() == payload
+                messages = [m async for m in answer.responses()]
+            assert [m.WhichOneof("payload") for m in messages] == ["result"]
+            assert messages[0].result.transfer == "local"
+        finally:
+            transfer.close()
+
+    asyncio.run(scenario())
+    assert len(writers) == 2 and writers[0] != writers[1]  # two copies, on two threads
+
+
+def test_a_delivery_that_fails_leaves_no_spool_copy_behind(tmp_path: Path) -> None:
+    def write_into(fd: int) -> None:
+        if os.fstat(fd).st_ino == os.stat(tmp_path / "peer-output").st_ino:
+            raise OSError(28, "No space left on device")
+        os.pwrite(fd, b"x" * (2 << 20), 0)
+
+    output = ValidatedOutput(format=OutputFormat.ONNX, size=2 << 20, sha256="",
+                             path=Path("/nonexistent"), write_into=write_into)
+    peer_out = os.open(tmp_path / "peer-output", os.O_WRONLY | os.O_CREAT, 0o600)
+
+    async def scenario() -> None:
+        transfer = _peer(tmp_path, peer_out)
+        try:
+            with pytest.raises(AirlockError, match="No space left") as raised:
+                await spool_answer(tmp_path, pb.ConvertResult(job_id="failed"), output,
+                                   transfer)
+        finally:
+            transfer.close()
+        assert raised.value.reason.value == "LOCAL_WRITE_FAILED"
+        assert f"the {2 << 20}-byte output" in raised.value.message
+        deadline = time.monotonic() + 30  # the spool copy's thread finishes, then removes
+        while list((tmp_path / "results").iterdir()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert list((tmp_path / "results").iterdir()) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_streamed_answer_is_never_delivered_early(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="s"),
+                                    _output(b"y" * (2 << 20)), _stream(1 << 20))
+        with answer:
+            assert not answer.delivered
+            messages = [m async for m in answer.responses()]
+        assert len(messages) == 3  # the header, then both chunks
+
+    asyncio.run(scenario())
+
+
 def _open_files() -> list[str]:
     found = []
     for entry in os.listdir("/proc/self/fd"):

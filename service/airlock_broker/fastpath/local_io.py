@@ -93,7 +93,13 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
                         f"{seconds:.0f} s: its filesystem is too slow or stopped answering")
         return left
 
-    await local.io.run(write, (local.output_fd, *sources), watchdog)
+    try:
+        await local.io.run(write, (local.output_fd, *sources), watchdog)
+    except OSError as exc:
+        raise error(Reason.LOCAL_WRITE_FAILED,
+                    f"writing the {size}-byte output into the caller's file failed: "
+                    f"{exc.strerror or exc} (the conversion succeeded; free space on that "
+                    "filesystem, or give a writable file, and convert again)") from exc
 
 
 def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,

@@ -11,6 +11,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.answers import Answer
 from airlock_broker.conversion.file_copy import copy_file
 from airlock_broker.conversion.intake import IntakeLimits, Spooled
+from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.fastpath.local_handles import LocalFiles
 from airlock_broker.fastpath.local_io import spool_from_peer, write_to_peer
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
@@ -38,13 +39,25 @@ class PeerTransfer:
         # No Chunk follows the metadata: the input comes from the descriptor.
         return await spool_from_peer(self.files, fd, meta, self.limits)
 
-    async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
-        """The output into the caller's own file (within the time ``write_to_peer`` allows
-        for its size), then the header alone."""
-        size = answer.size
+    async def deliver(self, output: ValidatedOutput) -> bool:
+        """A fresh output into the caller's own file, from the dead sandbox's tmpfs (within
+        the time ``write_to_peer`` allows for its size), while the broker makes its spool
+        copy. The job's run slot is held meanwhile: at most that time, as a job's deadline
+        would hold it, and a local file does not read at a remote caller's pace."""
         with self.trace.span("peer_write"):
-            await write_to_peer(self.files, lambda out, src: copy_file(src, out, size), size,
-                                self.limits, answer.fd)
+            await write_to_peer(self.files, lambda out: output.write_into(out), output.size,
+                                self.limits)
+        return True
+
+    async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
+        """The output into the caller's own file unless it is there already (a stored answer
+        is copied from the store's file, within the time ``write_to_peer`` allows for its
+        size), then the header alone."""
+        size = answer.size
+        if not answer.delivered:
+            with self.trace.span("peer_write"):
+                await write_to_peer(self.files, lambda out, src: copy_file(src, out, size),
+                                    size, self.limits, answer.fd)
         yield pb.ConvertResponse(result=answer.result)
 
     def close(self) -> None:
