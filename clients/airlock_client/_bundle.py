@@ -37,6 +37,7 @@ from airlock_sandbox.bundle import (
     BundleError,
     check_member_name,
     convertible_flavor,
+    serialization_hint,
 )
 
 MAX_FILES = MAX_MEMBERS
@@ -80,6 +81,16 @@ class ModelDir:
         broker, which opens no archive, so that it picks the right kind of sandbox."""
         flavors = self.mlmodel.get("flavors")
         return (convertible_flavor(flavors) or "") if isinstance(flavors, dict) else ""
+
+    @property
+    def serialization_hint(self) -> str:
+        """How an estimator flavor's model file is stored ("pickle", "cloudpickle", "skops",
+        "text"; "" for other flavors): sent beside the flavor, so that the broker reads a
+        pickled estimator first and gives a skops or booster file no second sandbox."""
+        flavors = self.mlmodel.get("flavors")
+        if not isinstance(flavors, dict):
+            return ""
+        return serialization_hint(flavors, self.flavor_hint)
 
 
 def refuse(message: str) -> ModelSourceError:

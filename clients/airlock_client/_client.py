@@ -209,7 +209,9 @@ class Client:
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",
                     loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
                     filename=model.root.name, on_busy=on_busy, subject=subject,
-                    mlflow_flavor=model.flavor_hint, parity_tolerance=parity_tolerance,
+                    mlflow_flavor=model.flavor_hint,
+                    mlflow_serialization=model.serialization_hint,
+                    parity_tolerance=parity_tolerance,
                     keep_training_state=keep_training_state, sample_input=sample)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
@@ -243,7 +245,7 @@ class Client:
                       loading_policy: LoadingPolicy, job_timeout: int,
                       progress: Progress | None, filename: str,
                       on_busy: OnBusy | None, subject: str = "",
-                      mlflow_flavor: str = "",
+                      mlflow_flavor: str = "", mlflow_serialization: str = "",
                       parity_tolerance: float = 0.0,
                       keep_training_state: bool = False,
                       sample_input: bytes = b"") -> ConversionResult:
@@ -259,7 +261,8 @@ class Client:
                     size=size, sha256="", target=target, policy=loading_policy,
                     declared=declared_format, inputs=inputs, idempotency_key=key,
                     filename=filename, timeout_seconds=job_timeout, subject=subject,
-                    mlflow_flavor=mlflow_flavor, parity_tolerance=parity_tolerance,
+                    mlflow_flavor=mlflow_flavor, mlflow_serialization=mlflow_serialization,
+                    parity_tolerance=parity_tolerance,
                     keep_training_state=keep_training_state,
                     sample_input=sample_input)
                 remaining = deadline - time.monotonic()

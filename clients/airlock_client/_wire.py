@@ -60,7 +60,7 @@ _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
              declared: DeclaredFormat | None, inputs: tuple[TensorSpec, ...],
              idempotency_key: str, filename: str, timeout_seconds: int,
-             subject: str = "", mlflow_flavor: str = "",
+             subject: str = "", mlflow_flavor: str = "", mlflow_serialization: str = "",
              parity_tolerance: float = 0.0, sample_input: bytes = b"",
              keep_training_state: bool = False) -> pb.ConvertRequest:
     if target not in TARGETS:
@@ -75,7 +75,8 @@ def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
         target=TARGETS[target], loading_policy=POLICIES[policy],
         idempotency_key=idempotency_key, size_bytes=size, sha256=sha256,
         filename=filename[:255], timeout_seconds=timeout_seconds, subject=subject,
-        mlflow_flavor=mlflow_flavor, parity_tolerance=float(parity_tolerance),
+        mlflow_flavor=mlflow_flavor, mlflow_serialization=mlflow_serialization,
+        parity_tolerance=float(parity_tolerance),
         keep_training_state=keep_training_state,
         sample_input=sample_input,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],

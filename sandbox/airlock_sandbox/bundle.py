@@ -28,6 +28,16 @@ SUPPORTED_LOADERS = {"mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch",
                      "mlflow.onnx": "onnx", "mlflow.xgboost": "xgboost",
                      "mlflow.lightgbm": "lightgbm"}
 
+#: How MLflow saves an estimator flavor's model file (``serialization_format``).
+SKLEARN_FORMATS = frozenset({"pickle", "cloudpickle", "skops"})
+#: The model files of these formats are pickles: the reading that executes nothing reads them.
+PICKLED_FORMATS = frozenset({"pickle", "cloudpickle"})
+#: MLflow's lightgbm flavor saves a Booster as its text model (model.lgb) and the
+#: scikit-learn wrappers (LGBMClassifier...) with the sklearn serialization formats.
+LIGHTGBM_BOOSTER_CLASS = "lightgbm.basic.Booster"
+#: What :func:`serialization_hint` can say: one of these, or "".
+SERIALIZATION_HINTS = SKLEARN_FORMATS | {"text"}
+
 
 class BundleError(ValueError):
     """A bundle (or one of its member names) breaks a rule; the message says which."""
@@ -71,3 +81,20 @@ def convertible_flavor(flavors: Mapping[str, Any]) -> str | None:
     pyfunc = flavors.get("python_function")
     loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
     return SUPPORTED_LOADERS.get(loader) if isinstance(loader, str) else None
+
+
+def serialization_hint(flavors: Mapping[str, Any], flavor: str) -> str:
+    """How an estimator flavor's model file is stored, from ``MLmodel`` as the worker's plan
+    reads it: "pickle", "cloudpickle" or "skops" (``serialization_format``, MLflow's default
+    "pickle" when absent), "text" for a LightGBM Booster; "" for other flavors or a value the
+    worker would refuse. The client sends it beside the flavor: the broker then reads a
+    pickled estimator first (its reading alone may answer) and gives a skops or booster file
+    no second sandbox, which would refuse to read it."""
+    conf = flavors.get(flavor)
+    if flavor not in ("sklearn", "lightgbm") or not isinstance(conf, dict):
+        return ""
+    if flavor == "lightgbm" and conf.get("model_class",
+                                          LIGHTGBM_BOOSTER_CLASS) == LIGHTGBM_BOOSTER_CLASS:
+        return "text"
+    value = conf.get("serialization_format") or "pickle"
+    return value if isinstance(value, str) and value in SKLEARN_FORMATS else ""

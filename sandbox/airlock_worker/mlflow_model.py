@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airlock_sandbox.bundle import (
+    LIGHTGBM_BOOSTER_CLASS,
     MAX_MEMBERS,
     MAX_MLMODEL_BYTES,
     MLMODEL,
+    SKLEARN_FORMATS,
     SUPPORTED_LOADERS,
     BundleError,
     check_member_name,
@@ -35,11 +37,7 @@ from .errors import WorkerError
 #: Bytes of a signature's JSON the worker is willing to parse.
 MAX_SIGNATURE_CHARS = 256 * 1024
 MAX_SIGNATURE_INPUTS = 64
-SKLEARN_FORMATS = frozenset({"pickle", "cloudpickle", "skops"})
 TORCH_FILES = ("model.pth", "model.pt2")
-#: MLflow's lightgbm flavor saves a Booster as its text model (model.lgb) and the
-#: scikit-learn wrappers (LGBMClassifier...) with the sklearn serialization formats.
-LIGHTGBM_BOOSTER_CLASS = "lightgbm.basic.Booster"
 DEFAULT_PICKLE_MODULE = "mlflow.pytorch.pickle_module"
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
 _TENSOR_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",

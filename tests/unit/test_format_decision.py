@@ -252,17 +252,50 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
     assert [spec.mode for spec in backend.specs] == modes
 
 
-@pytest.mark.parametrize(("sample", "declared", "flavor", "first"), [
-    ("pickle", None, None, True), ("compressed", "joblib", None, True),
-    # a bundle's reading stays beside its conversion: most hold skops or booster files
-    ("torch_zip", "mlflow", "sklearn", False),
-    ("torch_zip", None, None, False),  # a checkpoint's reading writes tensors only
-    ("pickle", "cloudpickle", None, False),  # no reading at all
+@pytest.mark.parametrize(("sample", "declared", "flavor", "serialization", "integrity",
+                          "first"), [
+    ("pickle", None, None, None, True, True), ("compressed", "joblib", None, None, True, True),
+    # a bundle said to hold a pickled estimator is read first, as a pickle is
+    ("torch_zip", "mlflow", "sklearn", "pickle", True, True),
+    ("torch_zip", "mlflow", "sklearn", "cloudpickle", True, True),
+    ("torch_zip", "mlflow", "lightgbm", "pickle", True, True),
+    # skops or a booster's text file: the reading would refuse it, so there is none
+    ("torch_zip", "mlflow", "sklearn", "skops", False, False),
+    ("torch_zip", "mlflow", "lightgbm", "text", False, False),
+    # not said (an older client): the reading stays beside the conversion
+    ("torch_zip", "mlflow", "sklearn", None, True, False),
+    ("torch_zip", None, None, None, True, False),  # a checkpoint's reading writes tensors only
+    ("pickle", "cloudpickle", None, None, False, False),  # no reading at all
 ])
 def test_which_readings_go_first(sample: str, declared: str | None, flavor: str | None,
+                                 serialization: str | None, integrity: bool,
                                  first: bool) -> None:
     raw = SAMPLES[sample]
-    assert decide(raw[:PREFIX_BYTES], len(raw), declared, flavor).reading_first is first
+    decision = decide(raw[:PREFIX_BYTES], len(raw), declared, flavor, serialization)
+    assert (decision.integrity, decision.reading_first) == (integrity, first)
+
+
+@pytest.mark.parametrize(("serialization", "modes", "assurance"), [
+    ("cloudpickle", ["extract_weights"], "integrity_verified"),  # the reading is the answer
+    ("skops", ["convert"], "format_safe_only"),  # no reading that would refuse it
+])
+def test_a_bundles_hint_decides_its_sandboxes(tmp_path: Path, serialization: str,
+                                              modes: list[str], assurance: str) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors:\n  sklearn:\n    pickled_model: model.pkl\n"
+                                   f"    serialization_format: {serialization}\n")
+    (model / "model.pkl").write_bytes(SAMPLES["pickle"])
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _write_safetensors)
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        result = client.convert(model, tmp_path / "out.safetensors")
+    assert [spec.mode.value for spec in backend.specs] == modes
+    assert result.assurance == assurance
+    if modes == ["extract_weights"]:  # the reading's answer: nothing the artifact names ran
+        assert result.report.executed_artifact_code is False
 
 
 def _failing_reader(exit_code: int, message: str) -> Callable[[JobSpec, bytes, Path], int]:

@@ -8,15 +8,21 @@ import os
 import stat
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from airlock_broker.conversion.format_decision import check_flavor_hint, decide
+from airlock_broker.conversion.format_decision import (
+    check_flavor_hint,
+    check_serialization_hint,
+    decide,
+)
 from airlock_broker.errors import AirlockError
 from airlock_client import ModelSourceError, mlflow_source
 from airlock_client._bundle import inspect, pack
-from airlock_sandbox.bundle import MAX_MEMBERS, BundleError
+from airlock_sandbox.bundle import MAX_MEMBERS, BundleError, serialization_hint
 from airlock_sandbox.formats import ArtifactFormat, detect_prefix
+from airlock_worker import mlflow_model
 from airlock_worker.mlflow_model import check_members
 
 MLMODEL = """\
@@ -245,3 +251,42 @@ def test_a_flavor_hint_must_be_a_known_flavor_of_a_declared_bundle(
 def test_the_client_hints_the_flavor_the_worker_will_plan(tmp_path: Path, mlmodel: str,
                                                          hint: str) -> None:
     assert inspect(model_dir(tmp_path / "m", mlmodel)).flavor_hint == hint
+
+
+@pytest.mark.parametrize(("flavors", "hint"), [
+    ({"sklearn": {"pickled_model": "model.pkl"}}, "pickle"),  # MLflow's default when unsaid
+    ({"sklearn": {"pickled_model": "model.pkl", "serialization_format": "cloudpickle"}},
+     "cloudpickle"),
+    ({"sklearn": {"pickled_model": "model.pkl", "serialization_format": "skops"}}, "skops"),
+    ({"lightgbm": {"data": "model.pkl"}}, "text"),  # a Booster, MLflow's default class
+    ({"lightgbm": {"data": "model.pkl", "model_class": "lightgbm.sklearn.LGBMClassifier",
+                   "serialization_format": "cloudpickle"}}, "cloudpickle"),
+])
+def test_the_client_hints_the_serialization_the_worker_will_plan(flavors: dict[str, Any],
+                                                                hint: str) -> None:
+    """The client's hint and the worker's plan read the same keys of the same MLmodel."""
+    members = {"MLmodel": zipfile.ZipInfo("MLmodel"), "model.pkl": zipfile.ZipInfo("model.pkl")}
+    planned = mlflow_model.plan({"flavors": flavors}, members)
+    assert serialization_hint(flavors, planned.flavor) == planned.serialization == hint
+
+
+def test_other_flavors_and_unknown_formats_hint_nothing() -> None:
+    assert serialization_hint({"pytorch": {"model_data": "data"}}, "pytorch") == ""
+    assert serialization_hint({"sklearn": {"serialization_format": "joblib"}}, "sklearn") == ""
+    assert serialization_hint({"python_function": {}}, "sklearn") == ""
+
+
+@pytest.mark.parametrize(("flavor", "serialization", "problem"), [
+    ("sklearn", "", None), ("lightgbm", "text", None), ("sklearn", "skops", None),
+    ("pytorch", "pickle", "only meaningful with mlflow_flavor sklearn or lightgbm"),
+    (None, "pickle", "only meaningful with mlflow_flavor sklearn or lightgbm"),
+    ("sklearn", "joblib", "is not one of cloudpickle, pickle, skops, text"),
+])
+def test_the_serialization_hint_is_checked_for_form(flavor: str | None, serialization: str,
+                                                    problem: str | None) -> None:
+    if problem is None:
+        assert check_serialization_hint(flavor, serialization) == (serialization or None)
+        return
+    with pytest.raises(AirlockError, match=problem) as caught:
+        check_serialization_hint(flavor, serialization)
+    assert caught.value.reason.value == "BAD_REQUEST"

@@ -185,6 +185,7 @@ class ConvertMetadata(_message.Message):
     PARITY_TOLERANCE_FIELD_NUMBER: _builtins.int
     SAMPLE_INPUT_FIELD_NUMBER: _builtins.int
     KEEP_TRAINING_STATE_FIELD_NUMBER: _builtins.int
+    MLFLOW_SERIALIZATION_FIELD_NUMBER: _builtins.int
     declared_format: Global___ArtifactFormat.ValueType
     target: Global___TargetFormat.ValueType
     loading_policy: Global___LoadingPolicy.ValueType
@@ -242,6 +243,16 @@ class ConvertMetadata(_message.Message):
     (optimizer_states.0.state.3.exp_avg). Default: the model's state dict only, the rest
     reported as left out.
     """
+    mlflow_serialization: _builtins.str
+    """With mlflow_flavor "sklearn" or "lightgbm" only: how the bundle's model file is stored, as
+    the client read it from MLmodel ("pickle", "cloudpickle", "skops", or "text" for a LightGBM
+    Booster). A hint like the flavor: it decides only how the job is scheduled and how much it
+    can prove. A pickled estimator is read first by the sandbox that executes nothing (when that
+    reading refuses nothing, it is the answer: one sandbox); a skops or booster file gets no
+    second reading (there is none). Empty: not said (the reading runs beside the conversion).
+    Another value, or one without such a flavor: BAD_REQUEST. A hint that is wrong can only
+    fail the job or lower its assurance.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -262,10 +273,11 @@ class ConvertMetadata(_message.Message):
         parity_tolerance: _builtins.float = ...,
         sample_input: _builtins.bytes = ...,
         keep_training_state: _builtins.bool = ...,
+        mlflow_serialization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "keep_training_state", b"keep_training_state", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "parity_tolerance", b"parity_tolerance", "sample_input", b"sample_input", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_format", b"declared_format", "filename", b"filename", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "keep_training_state", b"keep_training_state", "loading_policy", b"loading_policy", "local_handle", b"local_handle", "mlflow_flavor", b"mlflow_flavor", "mlflow_serialization", b"mlflow_serialization", "parity_tolerance", b"parity_tolerance", "sample_input", b"sample_input", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject", b"subject", "target", b"target", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

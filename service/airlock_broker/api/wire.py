@@ -13,7 +13,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker.conversion.format_decision import check_flavor_hint
+from airlock_broker.conversion.format_decision import check_flavor_hint, check_serialization_hint
 from airlock_broker.conversion.integrity import Assurance
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
@@ -88,7 +88,8 @@ def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: floa
         inputs=tensor_specs(meta.inputs),
         deadline_seconds=min(deadline, max_deadline),
         subject=subject(meta.subject),
-        mlflow_flavor=check_flavor_hint(declared, meta.mlflow_flavor),
+        mlflow_flavor=(flavor := check_flavor_hint(declared, meta.mlflow_flavor)),
+        mlflow_serialization=check_serialization_hint(flavor, meta.mlflow_serialization),
         parity_tolerance=parity_tolerance(meta.parity_tolerance),
         keep_training_state=meta.keep_training_state,
         sample_input=sample_input(meta.sample_input),

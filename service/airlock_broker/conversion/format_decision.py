@@ -49,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from airlock_broker.errors import Reason, error
+from airlock_sandbox.bundle import PICKLED_FORMATS, SERIALIZATION_HINTS
 from airlock_sandbox.contract import Target
 from airlock_sandbox.formats import (
     MLFLOW_FLAVOR_PROFILES,
@@ -79,8 +80,9 @@ _VERIFIED_FLAVORS = frozenset({"sklearn", "lightgbm"})
 #: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
 _TENSOR_READINGS = frozenset({PROFILE_LIGHT})
 #: Formats whose reading goes first: a pickle or joblib file the policy loader reads whole is
-#: converted by that reading alone. An MLflow bundle's reading stays beside its conversion:
-#: most hold skops or booster files, which the reading does not read a second time.
+#: converted by that reading alone. So is an MLflow bundle whose client says its estimator is
+#: pickled (``mlflow_serialization``); without that hint its reading stays beside the
+#: conversion (it may hold a skops or booster file, which the reading does not read).
 _READ_FIRST = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
 
 
@@ -94,18 +96,15 @@ class Decision:
     #: Whether a second sandbox reads the artifact without executing anything, to be compared
     #: with the conversion (conversion.integrity; the operator can turn it off).
     integrity: bool
+    #: Whether that reading runs before the conversion (estimator pickles: when the policy
+    #: loader refuses nothing, its output is the answer and no conversion runs); a
+    #: checkpoint's reading, or an unhinted MLflow bundle's, runs beside it.
+    reading_first: bool = False
 
     @property
     def integrity_profile(self) -> str:
         """The profile of the second sandbox (when ``integrity``)."""
         return _INTEGRITY_PROFILES.get(self.format, PROFILE_LIGHT)
-
-    @property
-    def reading_first(self) -> bool:
-        """Whether the reading that executes nothing runs before the conversion (estimator
-        pickles: when the policy loader refuses nothing, its output is the answer and no
-        conversion runs); a checkpoint's or an MLflow bundle's reading runs beside it."""
-        return self.integrity and self.format in _READ_FIRST
 
     def verifies(self, target: Target) -> bool:
         """Whether the second sandbox can check an output of ``target``."""
@@ -128,8 +127,23 @@ def check_flavor_hint(declared: str | None, flavor: str) -> str | None:
     return flavor
 
 
+def check_serialization_hint(flavor: str | None, serialization: str) -> str | None:
+    """The caller's hint of how an MLflow estimator is stored, checked for form (not truth);
+    None when not given."""
+    if not serialization:
+        return None
+    if flavor not in _VERIFIED_FLAVORS:
+        raise error(Reason.BAD_REQUEST, f"mlflow_serialization {serialization[:20]!r} is only "
+                                        "meaningful with mlflow_flavor sklearn or lightgbm")
+    if serialization not in SERIALIZATION_HINTS:
+        raise error(Reason.BAD_REQUEST, f"mlflow_serialization {serialization[:20]!r} is not "
+                                        f"one of {', '.join(sorted(SERIALIZATION_HINTS))}")
+    return serialization
+
+
 def decide(prefix: bytes, size: int, declared: str | None,
-           mlflow_flavor: str | None = None) -> Decision:
+           mlflow_flavor: str | None = None,
+           mlflow_serialization: str | None = None) -> Decision:
     """Format by magic bytes and declaration; raise UNSUPPORTED_FORMAT or FORMAT_MISMATCH.
 
     ``prefix`` is the upload's first bytes (airlock_sandbox.formats.PREFIX_BYTES); nothing
@@ -150,12 +164,17 @@ def decide(prefix: bytes, size: int, declared: str | None,
     if detected is ArtifactFormat.ZIP:
         detected = _narrow_zip(prefix, declared)
     if detected is ArtifactFormat.MLFLOW:
-        # The pickled estimator of a bundle is read a second time; only the caller's hint
-        # says what the bundle holds (the host does not open it).
+        # The pickled estimator of a bundle is read a second time; only the caller's hints
+        # say what the bundle holds (the host does not open it). A wrong hint can only fail
+        # the job (a reading that finds no pickle) or lower its assurance (no reading).
+        pickled = mlflow_serialization in PICKLED_FORMATS
+        integrity = mlflow_flavor in _VERIFIED_FLAVORS and (mlflow_serialization is None
+                                                            or pickled)
         return Decision(detected, MLFLOW_FLAVOR_PROFILES.get(mlflow_flavor or "", PROFILE_SKLEARN),
-                        integrity=mlflow_flavor in _VERIFIED_FLAVORS)
+                        integrity=integrity, reading_first=integrity and pickled)
     integrity = detected in _INTEGRITY_PROFILES and declared != "cloudpickle"
-    return Decision(detected, profile_for(detected), integrity=integrity)
+    return Decision(detected, profile_for(detected), integrity=integrity,
+                    reading_first=integrity and detected in _READ_FIRST)
 
 
 def _narrow_zip(prefix: bytes, declared: str | None) -> ArtifactFormat:

@@ -105,6 +105,9 @@ class JobRequest:
     subject: str = ""
     #: The caller's MLflow flavor hint (format_decision): picks a profile, the worker checks it.
     mlflow_flavor: str | None = None
+    #: The caller's hint of how an MLflow estimator is stored (format_decision): whether its
+    #: reading goes first, or runs at all.
+    mlflow_serialization: str | None = None
     #: The caller's parity tolerance (contract.check_parity_tolerance); 0: the default.
     parity_tolerance: float = 0.0
     #: Keep a training checkpoint's optimizer state and other entries (JobSpec's field).

@@ -182,7 +182,8 @@ class ConversionPipeline:
                                      request.mlflow_flavor or "", request.parity_tolerance,
                                      # only when given: keys stored without them still match
                                      *filter(None, [request.sample_sha256,
-                                                    request.keep_training_state]))
+                                                    request.keep_training_state,
+                                                    request.mlflow_serialization]))
             async with self.idempotency.claim(principal, meta.idempotency_key, spooled.sha256,
                                               options, job.id) as claim:
                 if claim.stored is not None:
@@ -212,6 +213,7 @@ class ConversionPipeline:
             declared_format=request.declared_format, target=request.target.value,
             loading_policy=request.policy.value, deadline_seconds=request.deadline_seconds,
             subject=request.subject, mlflow_flavor=request.mlflow_flavor or "",
+            mlflow_serialization=request.mlflow_serialization or "",
             parity_tolerance=request.parity_tolerance,
             keep_training_state=request.keep_training_state,
             sample_input=request.sample_record(),
@@ -225,7 +227,7 @@ class ConversionPipeline:
         record = job.record
         record.set(input_sha256=spooled.sha256, input_size=spooled.size)
         decision = decide(spooled.prefix, spooled.size, request.declared_format,
-                          request.mlflow_flavor)
+                          request.mlflow_flavor, request.mlflow_serialization)
         record.set(detected_format=decision.format.value)
         log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s "
                  "transfer=%s", job.id, spooled.size, spooled.sha256[:16], decision.format,
