@@ -3,7 +3,8 @@
 Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
 time: created with their own fresh workspace, started, their profile's libraries imported,
 waiting for a job spec; more while a stream of jobs needs them (the arrival rate times the
-refill time, learned per pool: pool_demand.py), within ``max_warm`` and a memory budget. A
+refill time, or what the window's busiest refill time needed, learned per pool:
+pool_demand.py), within ``max_warm`` and a memory budget. A
 job takes one, uses it once, and destroys it (DESIGN §1.2); the replenisher starts a
 replacement in the background once that job is done (so that the start does not take CPU
 from the job), never more than ``max_starting`` at a time. When a pool is
@@ -52,7 +53,8 @@ class Pools:
                  runtime: str = "", readiness: Readiness | None = None) -> None:
         self.backend = backend
         self.settings = settings
-        self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds))
+        self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds,
+                                               bursts=settings.stream_bursts))
                       for p in settings.profiles}
         #: Shared with admission and health; the pools set DRAINED and ENGINE_DOWN.
         self.readiness = readiness or Readiness()
@@ -161,6 +163,7 @@ class Pools:
         if self.settings.min_warm == 0:  # pools off: every job is cold
             return False
         pool.waiting += 1
+        pool.demand.wait_began(time.monotonic())  # the pool ran dry: for its sizing
         try:
             self._fill(pool)
             if not (pool.starting or pool.deferred):
@@ -175,6 +178,8 @@ class Pools:
             return False
         finally:
             pool.waiting -= 1
+            if not pool.waiting:
+                pool.demand.wait_ended(time.monotonic())
 
     async def _cold(self, pool: Pool | None, profile: str) -> Slot:
         try:
@@ -306,9 +311,10 @@ class Pools:
     # -- background work -------------------------------------------------------------------
 
     def _target(self, pool: Pool) -> int:
-        """How many containers ``pool`` keeps: ``min_warm``, plus what the stream of jobs needs
-        (within the memory budget) or one per job waiting for a start, whichever is more, at
-        most ``max_warm``. Pools off (``min_warm = 0``) stay off."""
+        """How many containers ``pool`` keeps: ``min_warm``, plus what the stream of jobs and
+        its bursts need (within the memory budget: what they add costs memory, hardly CPU,
+        pool_demand.py) or one per job waiting for a start, whichever is more, at most
+        ``max_warm``. Pools off (``min_warm = 0``) stay off."""
         if self.settings.min_warm == 0:
             return 0
         stream = min(pool.demand.extra_warm(time.monotonic()), self._memory_allows(pool))
