@@ -4,11 +4,11 @@ Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers starte
 time: created with their own fresh workspace, started, their profile's libraries imported,
 waiting for a job spec; more while a stream of jobs needs them (the arrival rate times the
 refill time, or what the window's busiest refill time needed, learned per pool:
-pool_demand.py), within ``max_warm`` and a memory budget. A
-job takes one, uses it once, and destroys it (DESIGN §1.2); the replenisher starts a
-replacement in the background once that job is done (so that the start does not take CPU
-from the job), never more than ``max_starting`` at a time. When a pool is
-empty a job takes the cold path: a container prepared just for it.
+pool_demand.py), within ``max_warm`` and a memory budget. A job takes one, uses it once,
+and destroys it (DESIGN §1.2); the replenisher starts a replacement in the background once
+that job is done (so that the start does not take CPU from the job), never more than
+``max_starting`` at a time. When a pool is empty a job takes the cold path: a container
+prepared just for it.
 
 Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
 and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
