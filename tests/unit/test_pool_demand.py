@@ -1,12 +1,13 @@
 """Pools sized for the stream of jobs (pool_demand.py): the arrival rate over a window times
 the refill time, or what the window's busiest refill time needed (its jobs counted on a clock
-that stops while they wait for a start), on top of ``min_warm``, within ``max_warm`` and the
-memory budget."""
+that stops while jobs are held back: waiting for a start, or for the imports of the container
+they took), on top of ``min_warm``, within ``max_warm`` and the memory budget."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from airlock_broker.sandboxes.pool_demand import INITIAL_REFILL_SECONDS, Demand
 from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
 from airlock_broker.sandboxes.pools import Pools, PoolSettings
+from airlock_worker import output
 from tests.unit.test_pools import run_pools
 
 
@@ -90,8 +92,8 @@ def test_a_burst_that_ran_the_pool_dry_counts_the_jobs_it_held_back() -> None:
     for wait in (0, 0, 0, 2.7, 0, 1.9, 1.3, 0, 1.4, 1.1):
         demand.arrive(t)
         if wait:
-            demand.wait_began(t)
-            demand.wait_ended(t + wait)
+            demand.stall_began(t)
+            demand.stall_ended(t + wait)
         t += wait + 0.1
     assert demand.rate(t) * demand.refill_seconds < 1  # the average: under a container
     assert demand.busiest(t) == 10 and demand.extra_warm(t) == 9
@@ -100,18 +102,19 @@ def test_a_burst_that_ran_the_pool_dry_counts_the_jobs_it_held_back() -> None:
     assert rate_only.busiest(0.0) == 1
 
 
-def test_jobs_arriving_while_one_waits_count_as_arriving_when_the_wait_began() -> None:
+def test_jobs_arriving_while_others_are_held_back_arrive_when_that_began() -> None:
     demand = Demand(60.0)
     demand.arrive(0.0)
-    demand.wait_began(0.0)
-    demand.arrive(5.0)  # four clients stuck behind the same dry pool
-    demand.arrive(9.0)
-    demand.wait_began(9.0)  # another waits too: the pool ran dry at 0.0
-    demand.wait_ended(20.0)
+    demand.stall_began(0.0)  # it waits for a start
+    demand.arrive(5.0)
+    demand.stall_began(5.0)  # so does the next: the clock stopped at 0.0
+    demand.stall_ended(12.0)  # the first one's container came, the second still waits
+    demand.arrive(15.0)
+    demand.stall_ended(20.0)
     demand.arrive(20.5)
-    assert demand.busiest(21.0) == 4  # 0, 0, 0 and 0.5 on the stopped clock
+    assert demand.busiest(21.0) == 4  # at 0, 0, 0 and 0.5 on the stopped clock
     demand.arrive(30.0)
-    assert demand.busiest(30.0) == 4  # 9.5 s later on it: a refill time away
+    assert demand.busiest(30.0) == 4  # 9.5 s after the last on it: a refill time away
 
 
 def _stream(pools: Pools, profile: str, jobs_per_second: float, window: float) -> None:
@@ -162,6 +165,29 @@ def test_a_burst_leaves_the_pool_the_stock_it_needed(tmp_path: Path, bursts: boo
     run_pools(tmp_path, PoolSettings(min_warm=1, max_warm=6, max_starting=1,
                                      stream_window_seconds=10.0, stream_bursts=bursts,
                                      profiles=("sklearn",)), body)
+
+
+@pytest.mark.parametrize(("ready", "busiest"), [(False, 4), (True, 1)])
+def test_a_job_on_a_container_still_importing_is_held_back_until_released(
+        tmp_path: Path, ready: bool, busiest: int) -> None:
+    """One job after another, each 0.2 s, refill 0.1 s: a job now and then on the wall clock.
+    Those that took a container whose worker had not said it was ready waited for its
+    imports (the fake's containers never say so unless the test marks them)."""
+    async def body(pools: Pools, backend: object) -> None:
+        sk = pools.pools["sklearn"]
+        sk.demand.refill_seconds = 0.1
+        for _ in range(4):
+            await _until(lambda: bool(sk.warm))
+            if ready:
+                output.mark_ready(str(sk.warm[0].slot.workspace.out_dir))
+            slot = await pools.acquire("sklearn")
+            await asyncio.sleep(0.2)
+            await pools.release(slot)
+        assert sk.demand.busiest(time.monotonic()) == busiest
+        assert not sk.importing_taken
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_warm=6, defer_replacement=False,
+                                     stream_window_seconds=10.0, profiles=("sklearn",)), body)
 
 
 def test_the_memory_budget_caps_what_streams_add_across_pools(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ for the window, the stock its busiest refill time needed (``Demand.busiest``): t
 arrived within one refill time of each other, all of whom a full pool would have served at
 once, less the first, which the spare serves. A burst that ran the pool dry arrived slower
 than it wanted to: a client converting one model after another asks for the next only when
-the last is done, and that one waited for a start. So arrivals are placed on a clock that
-stops while a job waits for a start: on it, ten such jobs arrive within a second.
+the last is done, and that one waited for a start, or for the imports of the container it
+took. So arrivals are placed on a clock that stops while a job is held back so (``stall_*``):
+on it, ten such jobs arrive within a second or two.
 
 The burst itself cannot be helped once it has begun: a refill costs CPU-seconds (a sklearn
 container about 2.2 on this project's 2-core machine: at most about one a second), and warm
@@ -49,11 +50,13 @@ class Demand:
     def __init__(self, window: float, *, bursts: bool = True) -> None:
         self.window = window
         self.bursts = bursts
-        #: Each arrival's time, and its time on the clock that stops while jobs wait.
+        #: Each arrival's time, and its time on the clock that stops while jobs are held back.
         self._arrivals: deque[tuple[float, float]] = deque()
         self.refill_seconds = INITIAL_REFILL_SECONDS
-        self._waited = 0.0
-        self._waiting_since: float | None = None
+        #: Jobs held back now, since when, and for how long before.
+        self._stalls = 0
+        self._stalled_since: float | None = None
+        self._stalled = 0.0
 
     def arrive(self, now: float) -> None:
         """A job asked this pool for a container."""
@@ -61,16 +64,19 @@ class Demand:
             self._arrivals.append((now, self._unstalled(now)))
             self._forget(now)
 
-    def wait_began(self, now: float) -> None:
-        """A job waits for a start, and no other did: the pool has run dry."""
-        if self._waiting_since is None:
-            self._waiting_since = now
+    def stall_began(self, now: float) -> None:
+        """A job is held back by the pool: it waits for a start, or took a container whose
+        worker is still importing. The clock ``busiest`` counts on stops until none is."""
+        if not self._stalls:
+            self._stalled_since = now
+        self._stalls += 1
 
-    def wait_ended(self, now: float) -> None:
-        """No job waits for a start any more."""
-        if self._waiting_since is not None:
-            self._waited += max(0.0, now - self._waiting_since)
-            self._waiting_since = None
+    def stall_ended(self, now: float) -> None:
+        """A job held back (``stall_began``) no longer is."""
+        self._stalls = max(0, self._stalls - 1)
+        if not self._stalls and self._stalled_since is not None:
+            self._stalled += max(0.0, now - self._stalled_since)
+            self._stalled_since = None
 
     def refilled(self, seconds: float) -> None:
         """A container of this pool went from its start to ready in ``seconds``."""
@@ -86,7 +92,7 @@ class Demand:
 
     def busiest(self, now: float) -> int:
         """The most jobs of the last window that arrived within one refill time, on the
-        clock that stops while jobs wait for a start (0 when learning is off)."""
+        clock that stops while jobs are held back (0 when learning is off)."""
         self._forget(now)
         times = [unstalled for _, unstalled in self._arrivals]
         most = first = 0
@@ -117,9 +123,9 @@ class Demand:
         return max(stream, burst)
 
     def _unstalled(self, now: float) -> float:
-        if self._waiting_since is not None:
-            return self._waiting_since - self._waited
-        return now - self._waited
+        if self._stalled_since is not None:
+            return self._stalled_since - self._stalled
+        return now - self._stalled
 
     def _forget(self, now: float) -> None:
         while self._arrivals and self._arrivals[0][0] <= now - self.window:

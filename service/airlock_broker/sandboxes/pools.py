@@ -147,6 +147,9 @@ class Pools:
             if usable:
                 pool.busy += 1
                 pool.served_warm += 1
+                if not self._said_ready(pool, warm):  # the job waits for its imports
+                    pool.importing_taken.add(warm.slot.slot_id)
+                    pool.demand.stall_began(time.monotonic())
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
             self._wake.set()
@@ -163,7 +166,7 @@ class Pools:
         if self.settings.min_warm == 0:  # pools off: every job is cold
             return False
         pool.waiting += 1
-        pool.demand.wait_began(time.monotonic())  # the pool ran dry: for its sizing
+        pool.demand.stall_began(time.monotonic())  # the pool ran dry: for its sizing
         try:
             self._fill(pool)
             if not (pool.starting or pool.deferred):
@@ -178,8 +181,7 @@ class Pools:
             return False
         finally:
             pool.waiting -= 1
-            if not pool.waiting:
-                pool.demand.wait_ended(time.monotonic())
+            pool.demand.stall_ended(time.monotonic())
 
     async def _cold(self, pool: Pool | None, profile: str) -> Slot:
         try:
@@ -205,6 +207,9 @@ class Pools:
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
+            if slot.slot_id in pool.importing_taken:
+                pool.importing_taken.discard(slot.slot_id)
+                pool.demand.stall_ended(time.monotonic())
         task = asyncio.create_task(self._retire(pool, slot, answered),
                                    name=f"destroy-{slot.slot_id}")
         self._destroying.add(task)
@@ -295,18 +300,21 @@ class Pools:
         return out
 
     def _count_ready(self, pool: Pool) -> int:
-        """How many of ``pool``'s warm containers have said they are warmed up (asked of the
-        backend until one says so; a hint only, see ``SandboxBackend.warmed_up``)."""
-        for warm in pool.warm:
-            if not warm.ready:
-                try:
-                    warm.ready = self.backend.warmed_up(warm.slot)
-                except Exception as exc:  # a hint must never break status or metrics
-                    log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
-                if warm.ready and warm.began:
-                    # Seen late by up to the replenisher's period: errs on the long side.
-                    pool.demand.refilled(time.monotonic() - warm.began)
-        return sum(w.ready for w in pool.warm)
+        """How many of ``pool``'s warm containers have said they are warmed up."""
+        return sum(self._said_ready(pool, warm) for warm in pool.warm)
+
+    def _said_ready(self, pool: Pool, warm: Warm) -> bool:
+        """Whether ``warm``'s worker has said it is warmed up (asked of the backend until it
+        says so; a hint only, for status and sizing, see ``SandboxBackend.warmed_up``)."""
+        if not warm.ready:
+            try:
+                warm.ready = self.backend.warmed_up(warm.slot)
+            except Exception as exc:  # a hint must never break status, metrics or a job
+                log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
+            if warm.ready and warm.began:
+                # Seen late by up to the replenisher's period: errs on the long side.
+                pool.demand.refilled(time.monotonic() - warm.began)
+        return warm.ready
 
     # -- background work -------------------------------------------------------------------
 
