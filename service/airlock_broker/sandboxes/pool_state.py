@@ -50,6 +50,9 @@ class Pool:
     #: Jobs waiting for a container being started (``acquire``): each raises the pool's
     #: target by one, up to ``max_warm``.
     waiting: int = 0
+    #: Jobs (their slot ids) that took a container whose worker had not said it was ready:
+    #: held back by its imports until released. For sizing only (pool_demand.py).
+    importing_taken: set[str] = field(default_factory=set)
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: The jobs' arrival rate and the refill time, learned: how many warm containers the

@@ -3,11 +3,12 @@
 Each worker profile (sklearn, torch, light) keeps ``min_warm`` containers started ahead of
 time: created with their own fresh workspace, started, their profile's libraries imported,
 waiting for a job spec; more while a stream of jobs needs them (the arrival rate times the
-refill time, learned per pool: pool_demand.py), within ``max_warm`` and a memory budget. A
-job takes one, uses it once, and destroys it (DESIGN §1.2); the replenisher starts a
-replacement in the background once that job is done (so that the start does not take CPU
-from the job), never more than ``max_starting`` at a time. When a pool is
-empty a job takes the cold path: a container prepared just for it.
+refill time, or what the window's busiest refill time needed, learned per pool:
+pool_demand.py), within ``max_warm`` and a memory budget. A job takes one, uses it once,
+and destroys it (DESIGN §1.2); the replenisher starts a replacement in the background once
+that job is done (so that the start does not take CPU from the job), never more than
+``max_starting`` at a time. When a pool is empty a job takes the cold path: a container
+prepared just for it.
 
 Operators can drain (no container is handed out: jobs are refused with UNAVAILABLE), resume,
 and restart (every warm container replaced, e.g. after ``make image``). A periodic sweep
@@ -52,7 +53,8 @@ class Pools:
                  runtime: str = "", readiness: Readiness | None = None) -> None:
         self.backend = backend
         self.settings = settings
-        self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds))
+        self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds,
+                                               bursts=settings.stream_bursts))
                       for p in settings.profiles}
         #: Shared with admission and health; the pools set DRAINED and ENGINE_DOWN.
         self.readiness = readiness or Readiness()
@@ -145,6 +147,9 @@ class Pools:
             if usable:
                 pool.busy += 1
                 pool.served_warm += 1
+                if not self._said_ready(pool, warm):  # the job waits for its imports
+                    pool.importing_taken.add(warm.slot.slot_id)
+                    pool.demand.stall_began(time.monotonic())
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
             self._wake.set()
@@ -161,6 +166,7 @@ class Pools:
         if self.settings.min_warm == 0:  # pools off: every job is cold
             return False
         pool.waiting += 1
+        pool.demand.stall_began(time.monotonic())  # the pool ran dry: for its sizing
         try:
             self._fill(pool)
             if not (pool.starting or pool.deferred):
@@ -175,6 +181,7 @@ class Pools:
             return False
         finally:
             pool.waiting -= 1
+            pool.demand.stall_ended(time.monotonic())
 
     async def _cold(self, pool: Pool | None, profile: str) -> Slot:
         try:
@@ -200,6 +207,9 @@ class Pools:
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
+            if slot.slot_id in pool.importing_taken:
+                pool.importing_taken.discard(slot.slot_id)
+                pool.demand.stall_ended(time.monotonic())
         task = asyncio.create_task(self._retire(pool, slot, answered),
                                    name=f"destroy-{slot.slot_id}")
         self._destroying.add(task)
@@ -290,25 +300,29 @@ class Pools:
         return out
 
     def _count_ready(self, pool: Pool) -> int:
-        """How many of ``pool``'s warm containers have said they are warmed up (asked of the
-        backend until one says so; a hint only, see ``SandboxBackend.warmed_up``)."""
-        for warm in pool.warm:
-            if not warm.ready:
-                try:
-                    warm.ready = self.backend.warmed_up(warm.slot)
-                except Exception as exc:  # a hint must never break status or metrics
-                    log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
-                if warm.ready and warm.began:
-                    # Seen late by up to the replenisher's period: errs on the long side.
-                    pool.demand.refilled(time.monotonic() - warm.began)
-        return sum(w.ready for w in pool.warm)
+        """How many of ``pool``'s warm containers have said they are warmed up."""
+        return sum(self._said_ready(pool, warm) for warm in pool.warm)
+
+    def _said_ready(self, pool: Pool, warm: Warm) -> bool:
+        """Whether ``warm``'s worker has said it is warmed up (asked of the backend until it
+        says so; a hint only, for status and sizing, see ``SandboxBackend.warmed_up``)."""
+        if not warm.ready:
+            try:
+                warm.ready = self.backend.warmed_up(warm.slot)
+            except Exception as exc:  # a hint must never break status, metrics or a job
+                log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
+            if warm.ready and warm.began:
+                # Seen late by up to the replenisher's period: errs on the long side.
+                pool.demand.refilled(time.monotonic() - warm.began)
+        return warm.ready
 
     # -- background work -------------------------------------------------------------------
 
     def _target(self, pool: Pool) -> int:
-        """How many containers ``pool`` keeps: ``min_warm``, plus what the stream of jobs needs
-        (within the memory budget) or one per job waiting for a start, whichever is more, at
-        most ``max_warm``. Pools off (``min_warm = 0``) stay off."""
+        """How many containers ``pool`` keeps: ``min_warm``, plus what the stream of jobs and
+        its bursts need (within the memory budget: what they add costs memory, hardly CPU,
+        pool_demand.py) or one per job waiting for a start, whichever is more, at most
+        ``max_warm``. Pools off (``min_warm = 0``) stay off."""
         if self.settings.min_warm == 0:
             return 0
         stream = min(pool.demand.extra_warm(time.monotonic()), self._memory_allows(pool))

@@ -152,8 +152,8 @@ class JobWorkspace:
     def worker_ready(self) -> bool:
         """Whether the worker has said it is warmed up (``READY_NAME`` exists in the out dir).
 
-        The sandbox's own word, so a hint for pool status and nothing else: only that the
-        name exists is read (``lstat``: a link is not followed, a file not opened)."""
+        The sandbox's own word, so a hint for pool status and sizing and nothing else: only
+        that the name exists is read (``lstat``: a link is not followed, a file not opened)."""
         try:
             os.lstat(self.out_dir / READY_NAME)
         except OSError:
