@@ -28,8 +28,8 @@ from airlock_client import _lineage as tags
 from tests.conftest import IMAGE, BrokerProcess, start_broker
 from tests.fixtures import mlflow_models
 from tests.integration import mlflow_server
-from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
-from tests.integration.test_mlflow_migrate import _register, migrate, snapshot
+from tests.integration.mlflow_server import MlflowServer, starting_mlflow_server
+from tests.integration.test_mlflow_migrate import _register_now, migrate, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +57,19 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(docker_client, tmp_path_factory) -> Iterator[Runs]:  # type: ignore[no-untyped-def]
-    import mlflow
-
     tmp = tmp_path_factory.mktemp("migrate-jobs")
     mlflow_server.START_TIMEOUT = max(mlflow_server.START_TIMEOUT, 400.0)
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n')
-    broker = start_broker(tmp, "--config", str(config),
-                          env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
     marker = tmp / "host-markers" / "pwned"
-    try:
-        public_key = tmp / "airlock.pub.pem"
-        public_key.write_text(load_key(key_path).public_pem)
-        with mlflow_tracking_server(tmp) as server:
+    # The server comes up while the broker starts and the model directories are written.
+    with starting_mlflow_server(tmp) as starting:
+        broker = start_broker(tmp, "--config", str(config),
+                              env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
+        try:
+            public_key = tmp / "airlock.pub.pem"
+            public_key.write_text(load_key(key_path).public_pem)
             dirs: dict[str, Path] = {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -80,16 +79,11 @@ def runs(docker_client, tmp_path_factory) -> Iterator[Runs]:  # type: ignore[no-
                         dirs[case] = mlflow_models.malicious_sklearn_dir(path, marker)
                     else:
                         dirs[case] = mlflow_models.BENIGN[case](path).path
-                mlflow.set_tracking_uri(server.uri)
-                mlflow.set_registry_uri(server.uri)
-                try:
-                    for prefix in PREFIXES:
-                        for name, cases in MODELS.items():
-                            for case in cases:
-                                _register(server.uri, prefix + name, dirs[case])
-                finally:
-                    mlflow.set_tracking_uri(None)
-                    mlflow.set_registry_uri(None)
+            server = starting.wait()
+            for prefix in PREFIXES:
+                for name, cases in MODELS.items():
+                    for case in cases:
+                        _register_now(server.uri, prefix + name, dirs[case])
 
             def run(prefix: str, jobs: str) -> subprocess.CompletedProcess[str]:
                 models = [arg for name in MODELS for arg in ("--model", prefix + name)]
@@ -99,9 +93,9 @@ def runs(docker_client, tmp_path_factory) -> Iterator[Runs]:  # type: ignore[no-
             serial = run("serial-", "1")
             parallel = run("parallel-", "4")
             yield Runs(server, broker, marker, serial, parallel, snapshot(server.uri))
-    finally:
-        code = broker.stop()
-        assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
+        finally:
+            code = broker.stop()
+            assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
 
 
 def _doc(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
