@@ -19,7 +19,7 @@ from airlock_client import Client, ConversionError, mlflow_source
 from tests.conftest import COLD_CONFIG, BrokerProcess, run_cli, running_broker
 from tests.fixtures import hf_models, mlflow_models
 from tests.fixtures.mlflow_models import Saved
-from tests.integration.mlflow_server import mlflow_tracking_server
+from tests.integration.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.integration
 
@@ -117,67 +117,67 @@ def test_safe_only_converts_skops_without_executing_code(mlflow_broker: BrokerPr
 
 
 def test_registry_and_run_uris_resolve_against_a_real_tracking_server(
-        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+        mlflow_broker: BrokerProcess, mlflow_registry: MlflowServer, tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    with mlflow_tracking_server(tmp_path) as server:
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            saved = mlflow_models.sklearn_dir(tmp_path / "local-model", "pickle")
-            with mlflow.start_run() as run:
-                mlflow.log_artifacts(str(saved.path), artifact_path="model")
-            registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", "fraud")
-            assert registered.version == "1"
-            MlflowClient(server.uri).set_registered_model_alias("fraud", "champion", "1")
-        finally:
-            mlflow.set_tracking_uri(None)
+    server = mlflow_registry
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        saved = mlflow_models.sklearn_dir(tmp_path / "local-model", "pickle")
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(saved.path), artifact_path="model")
+        registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", "fraud")
+        assert registered.version == "1"
+        MlflowClient(server.uri).set_registered_model_alias("fraud", "champion", "1")
+    finally:
+        mlflow.set_tracking_uri(None)
 
-        work = tmp_path / "downloads"
-        uris = ["models:/fraud/1", "models:/fraud@champion", f"runs:/{run.info.run_id}/model"]
-        with Client(mlflow_broker.address) as client:
-            shas = set()
-            for i, uri in enumerate(uris):
-                model_dir = mlflow_source.resolve(uri, work, tracking_uri=server.uri)
-                assert model_dir.is_relative_to(work)
-                out = tmp_path / f"out-{i}.onnx"
-                shas.add(client.convert(model_dir, out).input_sha256)
-                got, expected = _predict(out, saved)
-                np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-        # Byte-identical downloads pack to one bundle.
-        assert len(shas) == 1
+    work = tmp_path / "downloads"
+    uris = ["models:/fraud/1", "models:/fraud@champion", f"runs:/{run.info.run_id}/model"]
+    with Client(mlflow_broker.address) as client:
+        shas = set()
+        for i, uri in enumerate(uris):
+            model_dir = mlflow_source.resolve(uri, work, tracking_uri=server.uri)
+            assert model_dir.is_relative_to(work)
+            out = tmp_path / f"out-{i}.onnx"
+            shas.add(client.convert(model_dir, out).input_sha256)
+            got, expected = _predict(out, saved)
+            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    # Byte-identical downloads pack to one bundle.
+    assert len(shas) == 1
 
-        # The CLI, as a user runs it: output named after the model, in the working directory.
-        cli = run_cli("convert", "models:/fraud/1", "--tracking-uri", server.uri, "--json",
+    # The CLI, as a user runs it: output named after the model, in the working directory.
+    cli = run_cli("convert", "models:/fraud/1", "--tracking-uri", server.uri, "--json",
+                  server=mlflow_broker.address, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    assert doc["status"] == "ok" and doc["output"] == str(tmp_path / "fraud-1.onnx")
+    assert doc["detected_format"] == "mlflow:sklearn/pickle"
+
+    missing = run_cli("convert", "models:/nope/7", "--tracking-uri", server.uri, "--json",
                       server=mlflow_broker.address, cwd=tmp_path)
-        assert cli.returncode == 0, cli.stderr
-        doc = json.loads(cli.stdout)
-        assert doc["status"] == "ok" and doc["output"] == str(tmp_path / "fraud-1.onnx")
-        assert doc["detected_format"] == "mlflow:sklearn/pickle"
-
-        missing = run_cli("convert", "models:/nope/7", "--tracking-uri", server.uri, "--json",
-                          server=mlflow_broker.address, cwd=tmp_path)
-        assert missing.returncode == 1
-        assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
 
 
 def test_a_transformers_model_by_uri_becomes_a_safetensors_directory(
-        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+        mlflow_broker: BrokerProcess, mlflow_registry: MlflowServer, tmp_path: Path) -> None:
     """An MLflow transformers model with pickled weights, fetched by URI, converts as its
     Hugging Face directory: named after the model, in the working directory."""
     import mlflow
 
     bundle = hf_models.make_mlflow_transformers(tmp_path / "tiny", shards=2)
-    with mlflow_tracking_server(tmp_path) as server:
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            with mlflow.start_run() as run:
-                mlflow.log_artifacts(str(bundle.path), artifact_path="model")
-            mlflow.register_model(f"runs:/{run.info.run_id}/model", "tinylm")
-        finally:
-            mlflow.set_tracking_uri(None)
-        cli = run_cli("convert", "models:/tinylm/1", "--tracking-uri", server.uri, "--json",
-                      server=mlflow_broker.address, cwd=tmp_path, timeout=600)
+    server = mlflow_registry
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(bundle.path), artifact_path="model")
+        mlflow.register_model(f"runs:/{run.info.run_id}/model", "tinylm")
+    finally:
+        mlflow.set_tracking_uri(None)
+    cli = run_cli("convert", "models:/tinylm/1", "--tracking-uri", server.uri, "--json",
+                  server=mlflow_broker.address, cwd=tmp_path, timeout=600)
     assert cli.returncode == 0, cli.stderr
     doc = json.loads(cli.stdout)
     out = tmp_path / "tinylm-1-safetensors"
