@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import assert_no_sandbox_left
+from tests.conftest import COLD_CONFIG, BrokerProcess, assert_no_sandbox_left, running_broker
 from tests.integration import mlflow_server
 from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
 
@@ -14,6 +14,14 @@ def no_sandbox_left_behind(docker_client) -> Iterator[None]:  # type: ignore[no-
     """After every test, no Airlock container may remain but a live broker's idle warm ones."""
     yield
     assert_no_sandbox_left(docker_client)
+
+
+@pytest.fixture(scope="session")
+def cold_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    """A broker on cold containers only, for the modules that need nothing else of theirs
+    (no audit log, metrics or pool counts read): one start and stop for them all."""
+    with running_broker(tmp_path_factory.mktemp("cold-broker"), COLD_CONFIG) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ returned file only, against the live model."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError
-from tests.conftest import COLD_CONFIG, BrokerProcess, running_broker
+from tests.conftest import BrokerProcess
 from tests.fixtures import custom_step
 from tests.integration.mlflow_server import MlflowServer
 
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.integration
 
 ATOL = 1e-5
 FEATURES = 5
-
-
-@pytest.fixture(scope="module")
-def cold_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    with running_broker(tmp_path_factory.mktemp("booster-broker"), COLD_CONFIG) as proc:
-        yield proc
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
