@@ -214,7 +214,8 @@ class OnnxValidatorPool:
         try:
             return self._fork()
         except Exception as exc:  # OSError, ValueError, AirlockError from a template that died
-            log.error("could not start an ONNX validator: %s", exc)  # the next job retries
+            if not self._closed:  # closing kills a template still starting: nothing went wrong
+                log.error("could not start an ONNX validator: %s", exc)  # the next job retries
         return None
 
     def _fork_or_fail(self) -> Validator:
@@ -284,6 +285,10 @@ class OnnxValidatorPool:
         validators = list(self._live)
         for validator in validators:
             validator.kill()
+        # A refill may be waiting for the template to finish its imports (a second or more):
+        # one still starting is killed, so that wait ends now instead of being waited out.
+        if self._template is not None:
+            self._template.kill_if_starting()
         if self._refills:
             await asyncio.wait(set(self._refills))
         validators = list(self._live | set(validators))
