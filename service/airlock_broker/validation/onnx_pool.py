@@ -44,7 +44,7 @@ from airlock_broker.validation.confinement import Confinement, expected_confinem
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
-from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
+from airlock_broker.validation.onnx_info import OnnxInfo, check_onnx_size
 from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_template import READY
 from airlock_broker.validation.onnx_worker import FD_MARK
