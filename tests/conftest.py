@@ -194,9 +194,10 @@ def without_shutdown_drain(config: Path) -> None:
     if "shutdown_drain_seconds" in text:
         return
     lines = text.splitlines()
-    if "[broker]" in (line.strip() for line in lines):
-        at = [line.strip() for line in lines].index("[broker]") + 1
-        lines.insert(at, NO_SHUTDOWN_DRAIN)
+    headers = [i for i, line in enumerate(lines)
+               if line.split("#", 1)[0].strip() == "[broker]"]
+    if headers:
+        lines.insert(headers[0] + 1, NO_SHUTDOWN_DRAIN)
     else:  # a table of its own at the end: whatever the file holds, the TOML stays valid
         lines += ["", "[broker]", NO_SHUTDOWN_DRAIN]
     config.write_text("\n".join(lines) + "\n")
