@@ -180,6 +180,29 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
                 pytrace=False)
 
 
+#: On SIGTERM a broker keeps its listener open with health NOT_SERVING for
+#: ``shutdown_drain_seconds`` (2 s by default) so that load balancers notice; nothing balances
+#: a test's broker, and every stop would wait it out. A config that names the setting keeps its
+#: own (test_lifecycle's SIGTERM test, which is about that drain).
+NO_SHUTDOWN_DRAIN = "shutdown_drain_seconds = 0"
+
+
+def without_shutdown_drain(config: Path) -> None:
+    """Add ``NO_SHUTDOWN_DRAIN`` to ``config``'s ``[broker]`` table (made if missing), unless
+    the file already names ``shutdown_drain_seconds``."""
+    text = config.read_text()
+    if "shutdown_drain_seconds" in text:
+        return
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines)
+               if line.split("#", 1)[0].strip() == "[broker]"]
+    if headers:
+        lines.insert(headers[0] + 1, NO_SHUTDOWN_DRAIN)
+    else:  # a table of its own at the end: whatever the file holds, the TOML stays valid
+        lines += ["", "[broker]", NO_SHUTDOWN_DRAIN]
+    config.write_text("\n".join(lines) + "\n")
+
+
 def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> BrokerProcess:
     """``credentials``: for a broker serving TLS (health is open, but the channel is TLS)."""
@@ -195,6 +218,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
             lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
         config.write_text("\n".join(lines) + "\n")
         extra = ("--config", str(config), *extra)
+    without_shutdown_drain(Path(extra[extra.index("--config") + 1]))
     socket_path = tmp / "run" / "broker.sock"
     full_env = {**os.environ, "AIRLOCK_STATE_DIR": str(state),
                 "AIRLOCK_SOCKET": str(socket_path), **(env or {})}

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock_client import Client
 from tests.adversarial import payloads
-from tests.conftest import BROKER, IMAGE, free_port
+from tests.conftest import BROKER, IMAGE, NO_SHUTDOWN_DRAIN, free_port
 
 NOBODY = 65534
 EXIT_UNSAFE_STATE = 4
@@ -38,6 +38,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 CONFIG = f"""
 [broker]
 selftest_on_start = false
+{NO_SHUTDOWN_DRAIN}
 [sandbox]
 image = {IMAGE!r}
 [pools]

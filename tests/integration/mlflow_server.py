@@ -5,6 +5,13 @@ group and killed in a ``finally``. Shared by the MLflow input and migration test
     with mlflow_tracking_server(tmp_path) as server:
         mlflow.set_tracking_uri(server.uri)
         ...
+
+The server takes several CPU-seconds to come up: a fixture with other set-up to do (a broker,
+model directories) does it meanwhile with ``starting_mlflow_server`` and waits afterwards.
+
+    with starting_mlflow_server(tmp) as starting:
+        ...  # build what the registry will hold
+        server = starting.wait()
 """
 
 from __future__ import annotations
@@ -36,9 +43,31 @@ class MlflowServer:
     pid: int
 
 
+@dataclass(frozen=True)
+class StartingServer:
+    """A server process launched but not yet known to answer."""
+
+    uri: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def wait(self) -> MlflowServer:
+        """Block until ``/health`` answers (``START_TIMEOUT``); fail the test if it never does."""
+        _wait_healthy(self.uri, self.process, self.root / "server.log")
+        return MlflowServer(uri=self.uri, root=self.root, pid=self.process.pid)
+
+
 @contextlib.contextmanager
 def mlflow_tracking_server(tmp: Path) -> Iterator[MlflowServer]:
     """Start ``mlflow server`` on a free loopback port; stop it (and its workers) on exit."""
+    with starting_mlflow_server(tmp) as starting:
+        yield starting.wait()
+
+
+@contextlib.contextmanager
+def starting_mlflow_server(tmp: Path) -> Iterator[StartingServer]:
+    """Launch ``mlflow server`` on a free loopback port without waiting for it; stop it (and
+    its workers) on exit."""
     root = tmp / "mlflow-server"
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -54,10 +83,8 @@ def mlflow_tracking_server(tmp: Path) -> Iterator[MlflowServer]:
     with log.open("wb") as fh:
         process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                    cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(uri, process, log)
-        yield MlflowServer(uri=uri, root=root, pid=process.pid)
+        yield StartingServer(uri=f"http://127.0.0.1:{port}", root=root, process=process)
     finally:
         _stop(process)
 

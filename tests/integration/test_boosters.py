@@ -7,7 +7,7 @@ returned file only, against the live model."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +16,14 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError
-from tests.conftest import COLD_CONFIG, BrokerProcess, running_broker
+from tests.conftest import BrokerProcess
 from tests.fixtures import custom_step
+from tests.integration.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.integration
 
 ATOL = 1e-5
 FEATURES = 5
-
-
-@pytest.fixture(scope="module")
-def cold_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    with running_broker(tmp_path_factory.mktemp("booster-broker"), COLD_CONFIG) as proc:
-        yield proc
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +104,7 @@ def test_an_mlflow_xgboost_directory_converts_through_the_client(
 
 
 def test_an_mlflow_xgboost_model_converts_by_its_registry_uri(
-        cold_broker: BrokerProcess, tmp_path: Path) -> None:
+        cold_broker: BrokerProcess, mlflow_registry: MlflowServer, tmp_path: Path) -> None:
     """``airlock convert models:/NAME/1 --policy safe_only``: MLflow's default ``model.ubj``,
     fetched from a registry, converted with no artifact code run."""
     import json
@@ -119,23 +114,21 @@ def test_an_mlflow_xgboost_model_converts_by_its_registry_uri(
     import xgboost
 
     from tests.conftest import run_cli
-    from tests.integration.mlflow_server import mlflow_tracking_server
 
     x, y = _data()
     model = xgboost.XGBClassifier(n_estimators=6, max_depth=3).fit(x, y)
     where = tmp_path / "model"
     mlflow.xgboost.save_model(model, str(where), input_example=x[:3])
-    with mlflow_tracking_server(tmp_path) as server:
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            with mlflow.start_run() as run:
-                mlflow.log_artifacts(str(where), artifact_path="model")
-            mlflow.register_model(f"runs:/{run.info.run_id}/model", "churn-xgb")
-        finally:
-            mlflow.set_tracking_uri(None)
-        done = run_cli("convert", "models:/churn-xgb/1", "--tracking-uri", server.uri,
-                       "--policy", "safe_only", "--json", server=cold_broker.address,
-                       cwd=tmp_path)
+    server = mlflow_registry
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(where), artifact_path="model")
+        mlflow.register_model(f"runs:/{run.info.run_id}/model", "churn-xgb")
+    finally:
+        mlflow.set_tracking_uri(None)
+    done = run_cli("convert", "models:/churn-xgb/1", "--tracking-uri", server.uri,
+                   "--policy", "safe_only", "--json", server=cold_broker.address, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads(done.stdout)
     assert doc["detected_format"] == "mlflow:xgboost/ubj" and not doc["executed_artifact_code"]

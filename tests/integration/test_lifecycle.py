@@ -60,9 +60,11 @@ def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
                                                                  tmp_path: Path) -> None:
     # The payload's job runs two sandboxes one after the other (the policy reading refuses
     # its globals, then the full load): on a busy machine that can exceed the default 30 s
-    # grace. What is tested is that the broker waits for it, so the grace is generous.
+    # grace. What is tested is that the broker waits for it, so the grace is generous; and
+    # the drain (health NOT_SERVING, new jobs refused) is the default's, as in production.
     config = tmp_path / "broker.toml"
-    config.write_text(f'[broker]\nshutdown_grace_seconds = 180\n\n[sandbox]\nimage = "{IMAGE}"\n')
+    config.write_text(f'[broker]\nshutdown_grace_seconds = 180\nshutdown_drain_seconds = 2.0\n\n'
+                      f'[sandbox]\nimage = "{IMAGE}"\n')
     proc = start_broker(tmp_path, "--config", str(config))
     try:
         artifact = payloads.fake_success_pickle(tmp_path / "slow.pkl", sleep_seconds=5)

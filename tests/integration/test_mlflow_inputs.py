@@ -8,7 +8,6 @@ ONNX must predict the same within 1e-5. Nothing saved is ever loaded back on the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +15,14 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError, mlflow_source
-from tests.conftest import COLD_CONFIG, BrokerProcess, run_cli, running_broker
+from tests.conftest import BrokerProcess, run_cli
 from tests.fixtures import hf_models, mlflow_models
 from tests.fixtures.mlflow_models import Saved
-from tests.integration.mlflow_server import mlflow_tracking_server
+from tests.integration.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.integration
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def mlflow_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    with running_broker(tmp_path_factory.mktemp("mlflow-broker"), COLD_CONFIG) as proc:
-        yield proc
 
 
 def _predict(onnx_path: Path, saved: Saved) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +44,11 @@ def _predict(onnx_path: Path, saved: Saved) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", sorted(mlflow_models.BENIGN))
-def test_mlflow_directory_converts_with_parity(case: str, mlflow_broker: BrokerProcess,
+def test_mlflow_directory_converts_with_parity(case: str, cold_broker: BrokerProcess,
                                                tmp_path: Path) -> None:
     saved = mlflow_models.BENIGN[case](tmp_path / "model")
     out = tmp_path / "model.onnx"
-    with Client(mlflow_broker.address) as client:
+    with Client(cold_broker.address) as client:
         result = client.convert(saved.path, out)
     assert result.format == "onnx"
     assert result.detected_format.startswith("mlflow:")
@@ -74,19 +67,19 @@ def test_mlflow_directory_converts_with_parity(case: str, mlflow_broker: BrokerP
     assert inp.type == "tensor(float)" and inp.shape[1] == mlflow_models.FEATURES
 
 
-def test_same_directory_gives_the_same_bundle_bytes(mlflow_broker: BrokerProcess,
+def test_same_directory_gives_the_same_bundle_bytes(cold_broker: BrokerProcess,
                                                     tmp_path: Path) -> None:
     saved = mlflow_models.sklearn_dir(tmp_path / "model", "pickle")
-    with Client(mlflow_broker.address) as client:
+    with Client(cold_broker.address) as client:
         first = client.convert(saved.path, tmp_path / "a.onnx")
         second = client.convert(saved.path, tmp_path / "b.onnx")
     assert first.input_sha256 == second.input_sha256
 
 
-def test_python_model_is_unsupported_flavor(mlflow_broker: BrokerProcess,
+def test_python_model_is_unsupported_flavor(cold_broker: BrokerProcess,
                                             tmp_path: Path) -> None:
     path = mlflow_models.python_model_dir(tmp_path / "pyfunc")
-    with Client(mlflow_broker.address) as client, pytest.raises(ConversionError) as caught:
+    with Client(cold_broker.address) as client, pytest.raises(ConversionError) as caught:
         client.convert(path, tmp_path / "out.onnx")
     assert caught.value.reason == "UNSUPPORTED_FLAVOR"
     assert "PythonModel" in caught.value.message
@@ -94,13 +87,13 @@ def test_python_model_is_unsupported_flavor(mlflow_broker: BrokerProcess,
 
 
 @pytest.mark.parametrize("policy", ["allow_code", "safe_only"])
-def test_malicious_mlflow_sklearn_model_is_contained(policy: str, mlflow_broker: BrokerProcess,
+def test_malicious_mlflow_sklearn_model_is_contained(policy: str, cold_broker: BrokerProcess,
                                                      tmp_path: Path) -> None:
     """CVE-2024-37052: a reduce payload in model.pkl. It runs only in the sandbox (or, under
     safe_only, not at all); the host marker never appears."""
     marker = tmp_path / "host-marker" / "pwned"
     path = mlflow_models.malicious_sklearn_dir(tmp_path / "evil", marker)
-    with Client(mlflow_broker.address) as client, pytest.raises(ConversionError) as caught:
+    with Client(cold_broker.address) as client, pytest.raises(ConversionError) as caught:
         client.convert(path, tmp_path / "out.onnx", loading_policy=policy)  # type: ignore[arg-type]
     expected = "POLICY_VIOLATION" if policy == "safe_only" else "UNSUPPORTED_MODEL"
     assert caught.value.reason == expected, caught.value.message
@@ -108,11 +101,11 @@ def test_malicious_mlflow_sklearn_model_is_contained(policy: str, mlflow_broker:
     assert not marker.parent.exists()
 
 
-def test_safe_only_converts_skops_without_executing_code(mlflow_broker: BrokerProcess,
+def test_safe_only_converts_skops_without_executing_code(cold_broker: BrokerProcess,
                                                          tmp_path: Path) -> None:
     saved = mlflow_models.sklearn_dir(tmp_path / "model", "skops")
     out = tmp_path / "model.onnx"
-    with Client(mlflow_broker.address) as client:
+    with Client(cold_broker.address) as client:
         result = client.convert(saved.path, out, loading_policy="safe_only")
     assert result.report.executed_artifact_code is False
     assert result.report.loader == "skops.io.load"
@@ -121,67 +114,67 @@ def test_safe_only_converts_skops_without_executing_code(mlflow_broker: BrokerPr
 
 
 def test_registry_and_run_uris_resolve_against_a_real_tracking_server(
-        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+        cold_broker: BrokerProcess, mlflow_registry: MlflowServer, tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    with mlflow_tracking_server(tmp_path) as server:
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            saved = mlflow_models.sklearn_dir(tmp_path / "local-model", "pickle")
-            with mlflow.start_run() as run:
-                mlflow.log_artifacts(str(saved.path), artifact_path="model")
-            registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", "fraud")
-            assert registered.version == "1"
-            MlflowClient(server.uri).set_registered_model_alias("fraud", "champion", "1")
-        finally:
-            mlflow.set_tracking_uri(None)
+    server = mlflow_registry
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        saved = mlflow_models.sklearn_dir(tmp_path / "local-model", "pickle")
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(saved.path), artifact_path="model")
+        registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", "fraud")
+        assert registered.version == "1"
+        MlflowClient(server.uri).set_registered_model_alias("fraud", "champion", "1")
+    finally:
+        mlflow.set_tracking_uri(None)
 
-        work = tmp_path / "downloads"
-        uris = ["models:/fraud/1", "models:/fraud@champion", f"runs:/{run.info.run_id}/model"]
-        with Client(mlflow_broker.address) as client:
-            shas = set()
-            for i, uri in enumerate(uris):
-                model_dir = mlflow_source.resolve(uri, work, tracking_uri=server.uri)
-                assert model_dir.is_relative_to(work)
-                out = tmp_path / f"out-{i}.onnx"
-                shas.add(client.convert(model_dir, out).input_sha256)
-                got, expected = _predict(out, saved)
-                np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-        # Byte-identical downloads pack to one bundle.
-        assert len(shas) == 1
+    work = tmp_path / "downloads"
+    uris = ["models:/fraud/1", "models:/fraud@champion", f"runs:/{run.info.run_id}/model"]
+    with Client(cold_broker.address) as client:
+        shas = set()
+        for i, uri in enumerate(uris):
+            model_dir = mlflow_source.resolve(uri, work, tracking_uri=server.uri)
+            assert model_dir.is_relative_to(work)
+            out = tmp_path / f"out-{i}.onnx"
+            shas.add(client.convert(model_dir, out).input_sha256)
+            got, expected = _predict(out, saved)
+            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    # Byte-identical downloads pack to one bundle.
+    assert len(shas) == 1
 
-        # The CLI, as a user runs it: output named after the model, in the working directory.
-        cli = run_cli("convert", "models:/fraud/1", "--tracking-uri", server.uri, "--json",
-                      server=mlflow_broker.address, cwd=tmp_path)
-        assert cli.returncode == 0, cli.stderr
-        doc = json.loads(cli.stdout)
-        assert doc["status"] == "ok" and doc["output"] == str(tmp_path / "fraud-1.onnx")
-        assert doc["detected_format"] == "mlflow:sklearn/pickle"
+    # The CLI, as a user runs it: output named after the model, in the working directory.
+    cli = run_cli("convert", "models:/fraud/1", "--tracking-uri", server.uri, "--json",
+                  server=cold_broker.address, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    assert doc["status"] == "ok" and doc["output"] == str(tmp_path / "fraud-1.onnx")
+    assert doc["detected_format"] == "mlflow:sklearn/pickle"
 
-        missing = run_cli("convert", "models:/nope/7", "--tracking-uri", server.uri, "--json",
-                          server=mlflow_broker.address, cwd=tmp_path)
-        assert missing.returncode == 1
-        assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
+    missing = run_cli("convert", "models:/nope/7", "--tracking-uri", server.uri, "--json",
+                      server=cold_broker.address, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["reason"] == "MLFLOW_DOWNLOAD_FAILED"
 
 
 def test_a_transformers_model_by_uri_becomes_a_safetensors_directory(
-        mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+        cold_broker: BrokerProcess, mlflow_registry: MlflowServer, tmp_path: Path) -> None:
     """An MLflow transformers model with pickled weights, fetched by URI, converts as its
     Hugging Face directory: named after the model, in the working directory."""
     import mlflow
 
     bundle = hf_models.make_mlflow_transformers(tmp_path / "tiny", shards=2)
-    with mlflow_tracking_server(tmp_path) as server:
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            with mlflow.start_run() as run:
-                mlflow.log_artifacts(str(bundle.path), artifact_path="model")
-            mlflow.register_model(f"runs:/{run.info.run_id}/model", "tinylm")
-        finally:
-            mlflow.set_tracking_uri(None)
-        cli = run_cli("convert", "models:/tinylm/1", "--tracking-uri", server.uri, "--json",
-                      server=mlflow_broker.address, cwd=tmp_path, timeout=600)
+    server = mlflow_registry
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(bundle.path), artifact_path="model")
+        mlflow.register_model(f"runs:/{run.info.run_id}/model", "tinylm")
+    finally:
+        mlflow.set_tracking_uri(None)
+    cli = run_cli("convert", "models:/tinylm/1", "--tracking-uri", server.uri, "--json",
+                  server=cold_broker.address, cwd=tmp_path, timeout=600)
     assert cli.returncode == 0, cli.stderr
     doc = json.loads(cli.stdout)
     out = tmp_path / "tinylm-1-safetensors"
@@ -190,9 +183,9 @@ def test_a_transformers_model_by_uri_becomes_a_safetensors_directory(
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
 
 
-def test_cli_converts_a_model_directory(mlflow_broker: BrokerProcess, tmp_path: Path) -> None:
+def test_cli_converts_a_model_directory(cold_broker: BrokerProcess, tmp_path: Path) -> None:
     saved = mlflow_models.sklearn_dir(tmp_path / "churn", "cloudpickle")
-    cli = run_cli("convert", str(saved.path), "--json", server=mlflow_broker.address)
+    cli = run_cli("convert", str(saved.path), "--json", server=cold_broker.address)
     assert cli.returncode == 0, cli.stderr
     doc = json.loads(cli.stdout)
     assert doc["output"] == str(tmp_path / "churn.onnx")
@@ -201,11 +194,11 @@ def test_cli_converts_a_model_directory(mlflow_broker: BrokerProcess, tmp_path: 
     assert doc["assurance"] == "integrity_verified"
 
 
-def test_cli_refuses_a_model_directory_with_a_symlink(mlflow_broker: BrokerProcess,
+def test_cli_refuses_a_model_directory_with_a_symlink(cold_broker: BrokerProcess,
                                                       tmp_path: Path) -> None:
     saved = mlflow_models.sklearn_dir(tmp_path / "model", "pickle")
     (saved.path / "extra").symlink_to("/etc/passwd")
-    cli = run_cli("convert", str(saved.path), "--json", server=mlflow_broker.address)
+    cli = run_cli("convert", str(saved.path), "--json", server=cold_broker.address)
     assert cli.returncode == 1
     doc = json.loads(cli.stdout)
     assert doc["reason"] == "UNSAFE_MODEL_DIR" and "symbolic link" in doc["message"]

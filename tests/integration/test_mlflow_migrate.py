@@ -36,7 +36,7 @@ from tests.conftest import AIRLOCK, IMAGE, BrokerProcess, start_broker
 from tests.fixtures import mlflow_models, models
 from tests.fixtures.mlflow_models import Saved
 from tests.integration import mlflow_server
-from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
+from tests.integration.mlflow_server import MlflowServer, starting_mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -129,8 +129,6 @@ def _register(uri: str, name: str, model_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ignore[no-untyped-def]
-    import mlflow
-
     tmp = tmp_path_factory.mktemp("migrate")
     # With several suites running on 2 cores, `mlflow server` has taken more than the
     # fixture's 120 s to come up; this module starts one server, so it can afford to wait.
@@ -138,32 +136,33 @@ def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ig
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')
-    broker = start_broker(tmp, "--config", str(config),
-                          env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
-    try:
-        public_key = tmp / "airlock.pub.pem"
-        public_key.write_text(load_key(key_path).public_pem)
-        with mlflow_tracking_server(tmp) as server:
-            saved: dict[tuple[str, str], Saved] = {}
+    # The server comes up while the broker starts and the model directories are written.
+    with starting_mlflow_server(tmp) as starting:
+        broker = start_broker(tmp, "--config", str(config),
+                              env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
+        try:
+            public_key = tmp / "airlock.pub.pem"
+            public_key.write_text(load_key(key_path).public_pem)
+            benign: list[tuple[str, Saved]] = []
+            hostile: list[tuple[str, Path]] = []
             markers: list[Path] = []
-            mlflow.set_tracking_uri(server.uri)
-            mlflow.set_registry_uri(server.uri)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    for name, cases in BENIGN.items():
-                        for case in cases:
-                            model = mlflow_models.BENIGN[case](tmp / "models" / name / case)
-                            saved[(name, _register(server.uri, name, model.path))] = model
-                    for name, make in (("evil-sklearn", mlflow_models.malicious_sklearn_dir),
-                                       ("evil-torch", malicious_torch_dir),
-                                       ("evil-loader", loader_module_dir)):
-                        marker = tmp / "host-markers" / name / "pwned"
-                        markers.append(marker)
-                        _register(server.uri, name, make(tmp / "models" / name, marker))
-            finally:
-                mlflow.set_tracking_uri(None)
-                mlflow.set_registry_uri(None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name, cases in BENIGN.items():
+                    for case in cases:
+                        benign.append(
+                            (name, mlflow_models.BENIGN[case](tmp / "models" / name / case)))
+                for name, make in (("evil-sklearn", mlflow_models.malicious_sklearn_dir),
+                                   ("evil-torch", malicious_torch_dir),
+                                   ("evil-loader", loader_module_dir)):
+                    marker = tmp / "host-markers" / name / "pwned"
+                    markers.append(marker)
+                    hostile.append((name, make(tmp / "models" / name, marker)))
+            server = starting.wait()
+            saved = {(name, _register_now(server.uri, name, model.path)): model
+                     for name, model in benign}
+            for name, path in hostile:
+                _register_now(server.uri, name, path)
             before = snapshot(server.uri)
             dry = migrate(server.uri, broker.address, public_key, "--all", "--dry-run", "--json")
             after_dry = snapshot(server.uri)
@@ -173,9 +172,9 @@ def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ig
                              first)
             state.after_first = snapshot(server.uri)
             yield state
-    finally:
-        code = broker.stop()
-        assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
+        finally:
+            code = broker.stop()
+            assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
 
 
 def _doc(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ image, against ``--jobs 1`` on an identical registry: the same outcomes, tags, t
 aliases, the hostile version refused alike and harmless, and the broker's audit log showing
 exactly one conversion per version.
 
-The two registries live on one tracking server under two prefixes (``serial-``,
+The two registries live on the session's tracking server under two prefixes (``serial-``,
 ``parallel-``): the same model directories registered in the same order, so everything but
 the names and the twins' numbers must match.
 """
@@ -27,9 +27,8 @@ from airlock_broker.security.keys import load_key
 from airlock_client import _lineage as tags
 from tests.conftest import IMAGE, BrokerProcess, start_broker
 from tests.fixtures import mlflow_models
-from tests.integration import mlflow_server
-from tests.integration.mlflow_server import MlflowServer, mlflow_tracking_server
-from tests.integration.test_mlflow_migrate import _register, migrate, snapshot
+from tests.integration.mlflow_server import MlflowServer
+from tests.integration.test_mlflow_migrate import _register_now, migrate, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +55,12 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(docker_client, tmp_path_factory) -> Iterator[Runs]:  # type: ignore[no-untyped-def]
-    import mlflow
-
+def runs(docker_client, mlflow_registry: MlflowServer,  # type: ignore[no-untyped-def]
+         tmp_path_factory) -> Iterator[Runs]:
+    """Both migrations, on the session's tracking server: they walk only their own models
+    (``--model``), and everything compared is read under their prefixes."""
     tmp = tmp_path_factory.mktemp("migrate-jobs")
-    mlflow_server.START_TIMEOUT = max(mlflow_server.START_TIMEOUT, 400.0)
+    server = mlflow_registry
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n')
@@ -70,35 +70,28 @@ def runs(docker_client, tmp_path_factory) -> Iterator[Runs]:  # type: ignore[no-
     try:
         public_key = tmp / "airlock.pub.pem"
         public_key.write_text(load_key(key_path).public_pem)
-        with mlflow_tracking_server(tmp) as server:
-            dirs: dict[str, Path] = {}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for case in {c for cases in MODELS.values() for c in cases}:
-                    path = tmp / "models" / case
-                    if case == "evil":
-                        dirs[case] = mlflow_models.malicious_sklearn_dir(path, marker)
-                    else:
-                        dirs[case] = mlflow_models.BENIGN[case](path).path
-                mlflow.set_tracking_uri(server.uri)
-                mlflow.set_registry_uri(server.uri)
-                try:
-                    for prefix in PREFIXES:
-                        for name, cases in MODELS.items():
-                            for case in cases:
-                                _register(server.uri, prefix + name, dirs[case])
-                finally:
-                    mlflow.set_tracking_uri(None)
-                    mlflow.set_registry_uri(None)
+        dirs: dict[str, Path] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for case in {c for cases in MODELS.values() for c in cases}:
+                path = tmp / "models" / case
+                if case == "evil":
+                    dirs[case] = mlflow_models.malicious_sklearn_dir(path, marker)
+                else:
+                    dirs[case] = mlflow_models.BENIGN[case](path).path
+        for prefix in PREFIXES:
+            for name, cases in MODELS.items():
+                for case in cases:
+                    _register_now(server.uri, prefix + name, dirs[case])
 
-            def run(prefix: str, jobs: str) -> subprocess.CompletedProcess[str]:
-                models = [arg for name in MODELS for arg in ("--model", prefix + name)]
-                return migrate(server.uri, broker.address, public_key, *models, "--json",
-                               "--alias", "champion", "--jobs", jobs)
+        def run(prefix: str, jobs: str) -> subprocess.CompletedProcess[str]:
+            models = [arg for name in MODELS for arg in ("--model", prefix + name)]
+            return migrate(server.uri, broker.address, public_key, *models, "--json",
+                           "--alias", "champion", "--jobs", jobs)
 
-            serial = run("serial-", "1")
-            parallel = run("parallel-", "4")
-            yield Runs(server, broker, marker, serial, parallel, snapshot(server.uri))
+        serial = run("serial-", "1")
+        parallel = run("parallel-", "4")
+        yield Runs(server, broker, marker, serial, parallel, snapshot(server.uri))
     finally:
         code = broker.stop()
         assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"

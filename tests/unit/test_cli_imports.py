@@ -87,3 +87,13 @@ def test_a_command_loads_its_module_when_it_runs() -> None:
     assert {"airlock_client._convert_cli", "airlock_client._client", "grpc"} <= modules
     assert not {"onnx", "mlflow", "airlock_broker", "docker", "numpy"} & {
         m.split(".")[0] for m in modules}
+
+
+def test_the_broker_starts_without_importing_onnx() -> None:
+    """Only the ONNX validator processes parse models; onnx's import (``ml_dtypes`` above all,
+    about a second) in the broker process cost every broker start that much."""
+    code, modules = _imported(
+        "import json, sys\nimport airlock_broker.__main__, airlock_broker.api.server\n"
+        "print(json.dumps({'code': 0, 'modules': sorted(sys.modules)}))")
+    assert code == 0
+    assert {"onnx", "ml_dtypes"} & modules == set()

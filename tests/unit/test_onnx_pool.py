@@ -188,6 +188,25 @@ def test_concurrent_validations_use_every_process(tmp_path: Path, model_bytes: b
     assert len(set(done)) == 1
 
 
+def test_closing_a_pool_whose_template_is_still_starting_forks_nothing() -> None:
+    """A broker stopped within a second of its start (every in-process test broker) closes
+    its pool while the template still imports: the template is killed, not waited for and
+    then asked for spares that would be killed at once."""
+
+    async def main() -> tuple[int, int | None]:
+        pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=2), worker_module=FAKE)
+        pool.start()
+        template = pool.template_pid()
+        # A refill has begun waiting for the template (it holds the lock while it waits).
+        await until(lambda: pool._template_lock.locked())
+        await pool.close()
+        return pool.started, template
+
+    started, template = asyncio.run(main())
+    assert started == 0
+    assert template is not None and not alive(template)
+
+
 def test_a_closed_pool_refuses_work(tmp_path: Path, model_bytes: bytes) -> None:
     source = write(tmp_path, "model.onnx", model_bytes)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from airlock_broker.errors import Reason, error
-from airlock_broker.validation.onnx_check import OnnxInfo, ValueSpec
+from airlock_broker.validation.onnx_info import OnnxInfo, ValueSpec
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 #: The JSON answer is a summary; a big one is a lie.

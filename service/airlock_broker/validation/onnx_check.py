@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +26,10 @@ from google.protobuf.message import Message
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import describe_name, open_regular_file, read_upto
 from airlock_broker.validation.limits import ONNX_TOO_LARGE_ADVICE, OutputLimits
+from airlock_broker.validation.onnx_info import Dim, OnnxInfo, ValueSpec, check_onnx_size
+
+__all__ = ["Dim", "OnnxInfo", "ValueSpec", "check_onnx_size", "read_onnx_file",
+           "read_onnx_handle", "validate_onnx_bytes", "validate_onnx_file"]
 
 #: The highest opset version onnx itself knows for each built-in domain; later is unreviewed.
 _KNOWN_OPSETS = {
@@ -38,37 +41,6 @@ _KNOWN_OPSETS = {
 _FREE_TEXT_FIELDS = ("doc_string", "metadata_props")
 #: Type nesting in a graph signature (seq(map(..., tensor))) we are willing to describe.
 _MAX_TYPE_DEPTH = 8
-
-Dim = int | str | None
-
-
-@dataclass(frozen=True)
-class ValueSpec:
-    """One graph input or output, as plain values.
-
-    ``type`` is ``"tensor"`` or a description such as ``"seq(map(int64,tensor(float)))"``;
-    ``elem_type`` and ``shape`` are set for dense tensors only (``shape`` is ``None`` when
-    unknown; a dim is an int, a symbolic name, or ``None``).
-    """
-
-    name: str
-    type: str
-    elem_type: str | None
-    shape: tuple[Dim, ...] | None
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    """What a caller may want to know about a validated model."""
-
-    ir_version: int
-    opsets: tuple[tuple[str, int], ...]
-    inputs: tuple[ValueSpec, ...]
-    outputs: tuple[ValueSpec, ...]
-    node_count: int
-    producer_name: str
-    producer_version: str
-
 
 def read_onnx_file(path: Path, limits: OutputLimits) -> bytes:
     """Read an ONNX output whole, refusing it *before* reading if it is over the cap."""
@@ -88,16 +60,6 @@ def read_onnx_handle(handle: BinaryIO, limits: OutputLimits) -> bytes:
     if len(data) != st.st_size:
         raise error(Reason.OUTPUT_INVALID, "ONNX output changed size while it was read")
     return data
-
-
-def check_onnx_size(size: int, limits: OutputLimits) -> None:
-    """``OUTPUT_TOO_LARGE`` for a file over the cap."""
-    if size > limits.max_onnx_bytes:
-        raise error(
-            Reason.OUTPUT_TOO_LARGE,
-            f"ONNX output is {size} bytes, over the {limits.max_onnx_bytes}-byte cap "
-            f"([output] max_onnx_bytes); {ONNX_TOO_LARGE_ADVICE}",
-        )
 
 
 def validate_onnx_file(path: Path, limits: OutputLimits) -> tuple[bytes, OnnxInfo]:

@@ -44,7 +44,7 @@ from airlock_broker.validation.confinement import Confinement, expected_confinem
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
-from airlock_broker.validation.onnx_check import OnnxInfo, check_onnx_size
+from airlock_broker.validation.onnx_info import OnnxInfo, check_onnx_size
 from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_template import READY
 from airlock_broker.validation.onnx_worker import FD_MARK
@@ -214,7 +214,8 @@ class OnnxValidatorPool:
         try:
             return self._fork()
         except Exception as exc:  # OSError, ValueError, AirlockError from a template that died
-            log.error("could not start an ONNX validator: %s", exc)  # the next job retries
+            if not self._closed:  # closing kills a template still starting: nothing went wrong
+                log.error("could not start an ONNX validator: %s", exc)  # the next job retries
         return None
 
     def _fork_or_fail(self) -> Validator:
@@ -284,6 +285,10 @@ class OnnxValidatorPool:
         validators = list(self._live)
         for validator in validators:
             validator.kill()
+        # A refill may be waiting for the template to finish its imports (a second or more):
+        # one still starting is killed, so that wait ends now instead of being waited out.
+        if self._template is not None:
+            self._template.kill_if_starting()
         if self._refills:
             await asyncio.wait(set(self._refills))
         validators = list(self._live | set(validators))

@@ -102,6 +102,9 @@ class Template:
         self.stderr = StderrDrain(err_r, stderr_bytes, f"ONNX validator template {self.pid}")
         self.ready = False
         self.lock = threading.Lock()
+        #: Orders "said ready" against ``kill_if_starting``: killed first, it never counts as
+        #: ready (so never forks); ready first, it is not killed there.
+        self._ready_lock = threading.Lock()
         self.killed = False
 
     @property
@@ -120,12 +123,21 @@ class Template:
         with contextlib.suppress(OSError):
             if _readable(self.control.fileno(), timeout) and \
                     self.control.recv(16) == READY:
-                self.ready = True
-                return
+                with self._ready_lock:
+                    if not self.killed:
+                        self.ready = True
+                        return
         self.kill()
         raise error(Reason.INTERNAL,
                     f"the ONNX validator template did not start within {timeout:g} s "
                     f"(exit code {self.process.poll()}; its stderr is in the broker's log)")
+
+    def kill_if_starting(self) -> None:
+        """Kill it if it has not said ready: it has forked no validator (whose exit status only
+        it could report), and whoever waits for it to start stops waiting at once."""
+        with self._ready_lock:
+            if not self.ready:
+                self.kill()
 
     def spawn(self, timeout: float, stderr_bytes: int) -> Validator:
         """Ask for one fresh validator; ``OSError`` if the template does not give one."""
