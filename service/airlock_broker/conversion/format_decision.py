@@ -46,6 +46,7 @@ gates anything. XGBoost's old binary format (removed in xgboost 3.1) matches not
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from airlock_broker.errors import Reason, error
@@ -116,29 +117,28 @@ class Decision:
 
 def check_flavor_hint(declared: str | None, flavor: str) -> str | None:
     """The caller's MLflow flavor hint, checked for form (not truth); None when not given."""
-    if not flavor:
-        return None
-    if declared != ArtifactFormat.MLFLOW:
-        raise error(Reason.BAD_REQUEST, f"mlflow_flavor {flavor[:20]!r} is only meaningful with "
-                                        "declared_format MLFLOW")
-    if flavor not in MLFLOW_FLAVOR_PROFILES:
-        raise error(Reason.BAD_REQUEST, f"mlflow_flavor {flavor[:20]!r} is not one of "
-                                        f"{', '.join(sorted(MLFLOW_FLAVOR_PROFILES))}")
-    return flavor
+    return _hint("mlflow_flavor", flavor, declared == ArtifactFormat.MLFLOW,
+                 "declared_format MLFLOW", MLFLOW_FLAVOR_PROFILES)
 
 
 def check_serialization_hint(flavor: str | None, serialization: str) -> str | None:
     """The caller's hint of how an MLflow estimator is stored, checked for form (not truth);
     None when not given."""
-    if not serialization:
+    return _hint("mlflow_serialization", serialization, flavor in _VERIFIED_FLAVORS,
+                 "mlflow_flavor sklearn or lightgbm", SERIALIZATION_HINTS)
+
+
+def _hint(field: str, value: str, applies: bool, needs: str,
+          allowed: Collection[str]) -> str | None:
+    if not value:
         return None
-    if flavor not in _VERIFIED_FLAVORS:
-        raise error(Reason.BAD_REQUEST, f"mlflow_serialization {serialization[:20]!r} is only "
-                                        "meaningful with mlflow_flavor sklearn or lightgbm")
-    if serialization not in SERIALIZATION_HINTS:
-        raise error(Reason.BAD_REQUEST, f"mlflow_serialization {serialization[:20]!r} is not "
-                                        f"one of {', '.join(sorted(SERIALIZATION_HINTS))}")
-    return serialization
+    if not applies:
+        raise error(Reason.BAD_REQUEST,
+                    f"{field} {value[:20]!r} is only meaningful with {needs}")
+    if value not in allowed:
+        raise error(Reason.BAD_REQUEST,
+                    f"{field} {value[:20]!r} is not one of {', '.join(sorted(allowed))}")
+    return value
 
 
 def decide(prefix: bytes, size: int, declared: str | None,
