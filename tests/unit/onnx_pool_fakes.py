@@ -17,7 +17,7 @@ from airlock_broker.validation import onnx_worker
 from airlock_broker.validation.limits import GiB, OutputLimits
 
 if TYPE_CHECKING:  # onnx is imported only once the process is confined
-    from airlock_broker.validation.onnx_check import OnnxInfo
+    from airlock_broker.validation.onnx_info import OnnxInfo
 
 CRASH = b"crash"
 HANG = b"hang"

@@ -18,7 +18,8 @@ from airlock_broker.conversion.upload_limits import MiB, UploadLimits
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_broker.validation.limits import GiB, OutputLimits
-from airlock_broker.validation.onnx_check import check_onnx_size, validate_onnx_bytes
+from airlock_broker.validation.onnx_check import validate_onnx_bytes
+from airlock_broker.validation.onnx_info import check_onnx_size
 from airlock_client import Client, ConversionError
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, Target
 from airlock_sandbox.policy import OUTPUT_HEADROOM_BYTES, SandboxPolicy

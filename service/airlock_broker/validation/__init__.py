@@ -4,7 +4,8 @@
 * ``files``: taking the output file and the untrusted report out of a dead sandbox's dir.
 * ``safetensors_check``: header-only validation of a hostile safetensors file.
 * ``safetensors_canonical``: the canonical header, chunked canonical stream, digest, compare.
-* ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function).
+* ``onnx_check``: strict ONNX validation and canonical re-serialisation (a pure function);
+  ``onnx_info`` what it says of a model, as plain values, and the size cap (no onnx import).
 * ``onnx_pool`` / ``onnx_processes`` / ``onnx_template`` / ``onnx_worker``: the broker's way:
   single-use, confined validator processes forked from a template (the broker itself never
   parses an ONNX output; ``confinement``, ``syscall_filter``); ``onnx_answer`` reads their
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from airlock_broker.validation.files import collect_output, open_regular_file, read_report
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_info import OnnxInfo, ValueSpec
 from airlock_broker.validation.safetensors_canonical import (
     FileIdentity,
     SafetensorsInfo,
@@ -50,13 +52,10 @@ __all__ = [
     "with_digest",
 ]
 
-_ONNX_CHECK_NAMES = frozenset(
-    {"OnnxInfo", "ValueSpec", "read_onnx_file", "validate_onnx_bytes", "validate_onnx_file"})
+_ONNX_CHECK_NAMES = frozenset({"read_onnx_file", "validate_onnx_bytes", "validate_onnx_file"})
 
 if TYPE_CHECKING:
     from airlock_broker.validation.onnx_check import (
-        OnnxInfo,
-        ValueSpec,
         read_onnx_file,
         validate_onnx_bytes,
         validate_onnx_file,

@@ -28,9 +28,6 @@ from airlock_broker.validation.files import describe_name, open_regular_file, re
 from airlock_broker.validation.limits import ONNX_TOO_LARGE_ADVICE, OutputLimits
 from airlock_broker.validation.onnx_info import Dim, OnnxInfo, ValueSpec, check_onnx_size
 
-__all__ = ["Dim", "OnnxInfo", "ValueSpec", "check_onnx_size", "read_onnx_file",
-           "read_onnx_handle", "validate_onnx_bytes", "validate_onnx_file"]
-
 #: The highest opset version onnx itself knows for each built-in domain; later is unreviewed.
 _KNOWN_OPSETS = {
     "": onnx.defs.onnx_opset_version(),

@@ -43,7 +43,7 @@ from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_template import READY, Template
 
 if TYPE_CHECKING:
-    from airlock_broker.validation.onnx_check import OnnxInfo
+    from airlock_broker.validation.onnx_info import OnnxInfo
 
 #: The one data byte that carries the file descriptor of a request.
 FD_MARK = b"F"
