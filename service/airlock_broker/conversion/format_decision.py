@@ -81,9 +81,9 @@ _VERIFIED_FLAVORS = frozenset({"sklearn", "lightgbm"})
 #: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
 _TENSOR_READINGS = frozenset({PROFILE_LIGHT})
 #: Formats whose reading goes first: a pickle or joblib file the policy loader reads whole is
-#: converted by that reading alone. So is an MLflow bundle whose client says its estimator is
-#: pickled (``mlflow_serialization``); without that hint its reading stays beside the
-#: conversion (it may hold a skops or booster file, which the reading does not read).
+#: converted by that reading alone. An MLflow bundle's reading goes first only when its client
+#: says the estimator is pickled (``mlflow_serialization``, in ``decide``); without that hint
+#: it stays beside the conversion (the bundle may hold a skops or booster file).
 _READ_FIRST = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
 
 

@@ -45,8 +45,7 @@ class PeerTransfer:
         copy. The job's run slot is held meanwhile: at most that time, as a job's deadline
         would hold it, and a local file does not read at a remote caller's pace."""
         with self.trace.span("peer_write"):
-            await write_to_peer(self.files, lambda out: output.write_into(out), output.size,
-                                self.limits)
+            await write_to_peer(self.files, output.write_into, output.size, self.limits)
         return True
 
     async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
