@@ -290,7 +290,14 @@ def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
     return left
 
 
-def assert_no_sandbox_left(client, grace: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+def assert_no_sandbox_left(client, grace: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll until no container but a live broker's idle warm ones is left (``job_containers``).
+
+    The deadline is generous because a pool's refill is a container in state "created" until
+    its start returns, and on this 2-core machine under the suite's own load that start took
+    over 5 s (CI, stop 23: one "created" refill flagged after a torchscript test). A leaked
+    container stays, so a leak still fails, a minute later; a clean state returns at once.
+    """
     deadline = time.monotonic() + grace
     while (left := job_containers(client)) and time.monotonic() < deadline:
         time.sleep(0.1)

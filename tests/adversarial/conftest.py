@@ -29,7 +29,7 @@ def no_sandbox_left_behind(docker_client) -> Iterator[None]:  # type: ignore[no-
     """After every test, no Airlock container may remain but a live broker's idle warm ones."""
     yield
     # 30 s: on a loaded machine a pool's replacement container can sit in "created" a while.
-    assert_no_sandbox_left(docker_client, grace=30)
+    assert_no_sandbox_left(docker_client)
 
 
 @pytest.fixture(scope="session", params=["runc", "runsc"])

@@ -232,7 +232,7 @@ def assert_contained(case: Case, broker: BrokerProcess, docker_client,  # type: 
     """All five oracles, in order."""
     assert_defined(case, status, reasons)
     observers.assert_untouched()
-    assert_no_sandbox_left(docker_client, grace=30)
+    assert_no_sandbox_left(docker_client)
     assert_still_serves(broker, tmp_path)
 
 

@@ -62,7 +62,7 @@ def test_a_burst_of_200_is_converted_or_refused_with_busy(docker_client, tmp_pat
         assert _rss_mib(proc.process.pid) < rss_before + 100, "broker memory grew unbounded"
         converted = list(tmp_path.glob("out-*.safetensors"))
         assert len(converted) == outcomes.count("ok")
-        assert_no_sandbox_left(docker_client, grace=15)
+        assert_no_sandbox_left(docker_client)
     finally:
         assert proc.stop() == 0
     leftovers = [p for sub in ("uploads", "slots") if (proc.spool / sub).exists()

@@ -135,7 +135,7 @@ def test_thirty_concurrent_cli_conversions_wait_for_a_sandbox_and_all_succeed(
         docs = [json.loads(out.read_text()) for _, out, _ in procs]
         assert {d["status"] for d in docs} == {"ok"}
         assert len(list(tmp_path.glob("out-*.safetensors"))) == CALLERS
-        assert_no_sandbox_left(docker_client, grace=30)  # the slow jobs' too
+        assert_no_sandbox_left(docker_client)  # the slow jobs' too
     finally:
         for proc, _, _ in procs:
             if proc.poll() is None:
