@@ -58,6 +58,11 @@ class SandboxPolicy:
     #: a bigger one needs this and ``memory_bytes`` raised together (this plus
     #: ``OUTPUT_HEADROOM_BYTES`` at most).
     output_bytes: int = 3 * GiB
+    #: The largest output of a job whose output may not fit ``output_bytes`` (a safetensors
+    #: shard of many GiB): it gets a disk-backed filesystem on the broker's spool instead,
+    #: sized from its input up to this, not charged to the sandbox's memory (the broker's
+    #: conversion/output_room.py). 0: never; such outputs are refused as too large.
+    disk_output_bytes: int = 64 * GiB
     nofile_limit: int = 256
     deadline_seconds: float = 120.0
     #: Seccomp profile: "airlock" (deny by default, fitted to the worker; airlock_sandbox/seccomp),
@@ -88,6 +93,8 @@ class SandboxPolicy:
                      "shm_bytes", "output_bytes", "nofile_limit"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (an unlimited sandbox is not offered)")
+        if self.disk_output_bytes < 0:
+            raise ValueError("disk_output_bytes must not be negative (0: no disk-backed output)")
         if self.deadline_seconds <= 0:
             raise ValueError("deadline_seconds must be positive")
         if self.memory_bytes < 64 * MiB:

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.conversion.idempotency import IdempotencySettings
+from airlock_broker.conversion.output_room import OutputRooms
 from airlock_broker.conversion.upload_limits import UploadLimits
 from airlock_broker.fastpath.local_transfer import LocalTransferSettings
 from airlock_broker.sandboxes.pool_settings import PoolSettings
@@ -190,13 +191,19 @@ class BrokerConfig:
         return self.max_concurrent_jobs + (self.max_queued_jobs + 1) // 2
 
     @property
+    def output_rooms(self) -> OutputRooms:
+        """What each job's output room is decided from (conversion/output_room.py): the
+        validator's caps, the sandbox's output tmpfs and its largest disk-backed output. The
+        worker gets its job's cap in the job spec (and refuses a larger output before writing
+        it, with both numbers); the broker checks it again on what the dead sandbox left."""
+        return OutputRooms(self.output, tmpfs_bytes=self.sandbox.output_bytes,
+                           disk_max_bytes=self.sandbox.disk_output_bytes)
+
+    @property
     def job_output_limits(self) -> OutputLimits:
-        """``output`` with ``max_output_bytes`` no larger than the sandbox's output tmpfs: the
-        one cap a job's output meets, decided here. The worker gets it in its job spec (and
-        refuses a larger output before writing it, with both numbers); the broker checks it
-        again on what the dead sandbox left. ONNX keeps its own, lower ``max_onnx_bytes``."""
-        room = min(self.output.max_output_bytes, self.sandbox.output_bytes)
-        return replace(self.output, max_output_bytes=room)
+        """The caps of a job whose output fits the sandbox's output tmpfs: ``output`` with
+        ``max_output_bytes`` no larger than it. ONNX keeps its own, lower ``max_onnx_bytes``."""
+        return self.output_rooms.tmpfs.limits
 
     @property
     def spool_root(self) -> Path:

@@ -1,7 +1,9 @@
 """The output caps end to end, real broker, engine and image: ONNX has its own cap, far below
 what a safetensors output may be, and a model over it is refused with the advice to take
 safetensors, which then converts; a safetensors output over the sandbox's output room is
-refused by the worker before it writes, naming the limit to raise. Small caps configured, so
+refused by the worker before it writes, naming the limit to raise (a safetensors output
+larger than the tmpfs is given a disk-backed room sized from its input: one far larger than
+its input is refused at that room). Small caps configured, so
 that megabytes prove what gigabytes would (issue 13)."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.conversion.output_room import HEADROOM_BYTES
 from airlock_client import Client, ConversionError, TensorSpec
 from tests.conftest import COLD_CONFIG, BrokerProcess, running_broker
 
@@ -60,17 +63,21 @@ def test_onnx_over_its_cap_is_refused_and_the_same_model_converts_to_safetensors
     assert {k: v.tobytes() for k, v in got.items()} == weights
 
 
-def test_an_output_over_the_sandboxs_output_room_is_refused_naming_the_limit(
+def test_an_output_over_the_jobs_output_room_is_refused_naming_the_limit(
         small_caps: BrokerProcess, tmp_path: Path) -> None:
     import torch
 
-    artifact = tmp_path / "big.pt"
-    torch.save({"w": torch.arange(2 * MiB, dtype=torch.float32)}, artifact)  # 8 MiB of data
+    # One float stored, 400 MB once made contiguous (safetensors has no strides): far more
+    # than the room a checkpoint of a few KiB is given (its data, a quarter, 64 MiB).
+    artifact = tmp_path / "expanded.pt"
+    torch.save({"w": torch.ones(1).expand(100_000_000)}, artifact)
     with Client(small_caps.address, retry_attempts=1) as client, \
             pytest.raises(ConversionError) as refused:
         client.convert(artifact, tmp_path / "big.safetensors", target="safetensors")
     assert refused.value.reason == "OUTPUT_TOO_LARGE"
     message = str(refused.value)
-    assert "output_bytes" in message and "memory_bytes" in message
-    assert f"limit {ROOM}" in message  # the worker's own numbers: the room it was given
+    assert "output_bytes" in message and "disk_output_bytes" in message
+    size = artifact.stat().st_size
+    room = size + size // 4 + HEADROOM_BYTES
+    assert f"limit {room}" in message  # the worker's own numbers: the room it was given
     assert not (tmp_path / "big.safetensors").exists()

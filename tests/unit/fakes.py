@@ -39,6 +39,8 @@ class FakeSandbox:
     image_id: str = "sha256:fake"
     #: slot ids of every job ever run, in order (to prove no slot serves twice)
     ran: list[str] = field(default_factory=list)
+    #: the ``disk_output_bytes`` of every prepare, in order (0: the tmpfs)
+    disk_outputs: list[int] = field(default_factory=list)
 
     async def describe(self, slot: Slot) -> Confinement:
         return Confinement()
@@ -58,7 +60,8 @@ class FakeSandbox:
     async def output(self, slot: Slot) -> Path:
         return slot.workspace.out_dir
 
-    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
+    async def prepare(self, profile: str, *, selftest: bool = False,
+                      disk_output_bytes: int = 0) -> Slot:
         if self.unavailable:
             raise SandboxUnavailable("fake engine is down")
         slot_id = uuid.uuid4().hex
@@ -66,6 +69,7 @@ class FakeSandbox:
         (root / "in").mkdir(parents=True)
         (root / "out").mkdir()
         self.prepared += 1
+        self.disk_outputs.append(disk_output_bytes)
         self.live.add(slot_id)
         ws = JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid())
         return Slot(slot_id=slot_id, profile=profile, workspace=ws, container_id=slot_id)

@@ -10,6 +10,7 @@ import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,9 +166,9 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, FakeSandbox, list[str]]]:
     profiles: list[str] = []
     prepare = backend.prepare
 
-    async def recording(profile: str, *, selftest: bool = False) -> Slot:
+    async def recording(profile: str, **options: Any) -> Slot:
         profiles.append(profile)
-        return await prepare(profile, selftest=selftest)
+        return await prepare(profile, **options)
 
     backend.prepare = recording  # type: ignore[method-assign]
     with running_broker(config, backend) as running:

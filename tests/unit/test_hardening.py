@@ -17,7 +17,7 @@ import pytest
 from airlock_broker.sandboxes.docker_hardening import create_kwargs
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
-from airlock_broker.sandboxes.workspace import JobWorkspace
+from airlock_broker.sandboxes.workspace import JobWorkspace, reap_stale
 from airlock_sandbox.contract import IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
 
@@ -123,6 +123,42 @@ def test_output_tmpfs_is_size_capped_noexec_and_removed(tmp_path: Path) -> None:
             os.fsync(fh.fileno())
     finally:
         ws.destroy()
+    assert not ws.root.exists()
+    assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop mount needs root (CI runs as root)")
+def test_a_disk_backed_output_is_capped_owned_noexec_and_removed_with_its_image(
+        tmp_path: Path) -> None:
+    ws = JobWorkspace.create(tmp_path, uuid.uuid4().hex, uid=10001, gid=10001,
+                             output_bytes=8 * 1024 * 1024, on_disk=True)
+    image = ws.root / "out.img"
+    try:
+        line = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if line.split()[4] == str(ws.out_dir))
+        fields = line.split()
+        assert {"noexec", "nosuid", "nodev"} <= set(fields[5].split(","))
+        assert fields[fields.index("-") + 1] == "ext4"
+        st = ws.out_dir.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (10001, 10001, 0o700)
+        assert list(ws.out_dir.iterdir()) == []  # no lost+found: the output is all there is
+        assert image.stat().st_blocks * 512 < 8 * 1024 * 1024  # sparse until written
+        with pytest.raises(OSError), (ws.out_dir / "big").open("wb") as fh:
+            fh.write(b"\1" * (16 * 1024 * 1024))
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        ws.destroy()
+    assert not ws.root.exists()
+    assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop mount needs root (CI runs as root)")
+def test_a_disk_backed_output_left_by_a_dead_broker_is_unmounted_by_the_reaper(
+        tmp_path: Path) -> None:
+    ws = JobWorkspace.create(tmp_path, uuid.uuid4().hex, uid=10001, gid=10001,
+                             output_bytes=8 * 1024 * 1024, on_disk=True)
+    assert reap_stale(tmp_path) == 1  # at the next start: nothing of the slot survives
     assert not ws.root.exists()
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
 

@@ -13,6 +13,7 @@ from safetensors.numpy import save
 
 from airlock_broker.api import servicer
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.output_room import OutputRooms
 from airlock_broker.conversion.spool_space import SpoolSpace, answer_bytes
 from airlock_broker.conversion.upload_limits import MiB, UploadLimits
 from airlock_broker.errors import AirlockError, Reason
@@ -180,3 +181,93 @@ def test_the_worker_refuses_an_onnx_model_past_protobufs_limit_naming_safetensor
     assert refused.value.exit is WorkerExit.OUTPUT_TOO_LARGE
     assert str(model.ByteSize()) in str(refused.value)
     assert "safetensors instead" in str(refused.value)
+
+
+# -- outputs too large for RAM: a disk-backed filesystem, sized from the input ---------------
+
+
+ROOMS = OutputRooms(OutputLimits(max_output_bytes=64 * GiB), tmpfs_bytes=3 * GiB,
+                    disk_max_bytes=16 * GiB)
+
+
+@pytest.mark.parametrize(("target", "occupied", "disk_bytes", "cap"), [
+    # a shard that fits the tmpfs with a quarter and 64 MiB to spare stays in RAM
+    (Target.SAFETENSORS, 2 * GiB, 0, 3 * GiB),
+    # a 10 GB shard: a disk-backed output of its data, a quarter more and 64 MiB
+    (Target.SAFETENSORS, 10 * GiB, 10 * GiB + 10 * GiB // 4 + 64 * MiB,
+     10 * GiB + 10 * GiB // 4 + 64 * MiB),
+    (Target.AUTO, 10 * GiB, 10 * GiB + 10 * GiB // 4 + 64 * MiB,
+     10 * GiB + 10 * GiB // 4 + 64 * MiB),
+    # never more than the configured largest
+    (Target.SAFETENSORS, 15 * GiB, 16 * GiB, 16 * GiB),
+    # ONNX is parsed in memory and capped far below: never on disk
+    (Target.ONNX, 10 * GiB, 0, 3 * GiB),
+])
+def test_an_output_too_large_for_the_tmpfs_gets_a_disk_backed_room_sized_from_the_input(
+        target: Target, occupied: int, disk_bytes: int, cap: int) -> None:
+    room = ROOMS.for_job(target, occupied)
+    assert room.disk_bytes == disk_bytes
+    assert room.limits.max_output_bytes == cap
+
+
+def test_with_disk_backed_outputs_off_a_large_output_keeps_the_tmpfs_cap() -> None:
+    rooms = OutputRooms(OutputLimits(), tmpfs_bytes=3 * GiB, disk_max_bytes=0)
+    room = rooms.for_job(Target.SAFETENSORS, 10 * GiB)
+    assert (room.disk_bytes, room.limits.max_output_bytes) == (0, 3 * GiB)
+    assert BrokerConfig(state_root=Path("/nonexistent"), unix_socket=None,
+                        sandbox=SandboxPolicy(disk_output_bytes=0)).output_rooms == rooms
+
+
+@pytest.fixture
+def small_tmpfs_broker(tmp_path: Path, disk: Disk) -> Iterator[tuple[str, FakeSandbox]]:
+    """A broker whose sandboxes' tmpfs holds 1 MiB: the 4 MiB input's output needs the disk."""
+    def worker(spec: JobSpec, data: bytes, out: Path) -> int:
+        (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
+        return 0
+
+    spool = tmp_path / "spool"
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
+                          pools=PoolSettings(min_warm=1, profiles=("torch", "light")),
+                          provenance_key=tmp_path / "provenance-key.pem",
+                          upload=UploadLimits(spool_min_free_bytes=RESERVE),
+                          sandbox=SandboxPolicy(output_bytes=MiB))
+    backend = FakeSandbox(spool, worker)
+    with running_broker(config, backend) as running:
+        yield f"127.0.0.1:{running.port}", backend
+
+
+def torch_zip(tmp_path: Path) -> Path:
+    """A dense 4 MiB PyTorch zip checkpoint (the fake worker's output is 4 MiB too)."""
+    import torch
+
+    path = tmp_path / "shard.pt"
+    torch.save({"w": torch.arange(MiB, dtype=torch.float32)}, path)
+    return path
+
+
+def test_both_sandboxes_of_a_job_too_large_for_ram_get_a_disk_backed_output(
+        small_tmpfs_broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = small_tmpfs_broker
+    src = torch_zip(tmp_path)
+    room = src.stat().st_size + src.stat().st_size // 4 + 64 * MiB
+    with Client(address, retry_attempts=1) as client:
+        prepared = len(backend.disk_outputs)
+        result = client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert result.assurance == "integrity_verified"
+    # the conversion's sandbox and the integrity reading's, each prepared for this job (not
+    # a warm one, whose output is a tmpfs), and each told the same cap
+    assert backend.disk_outputs[prepared:].count(room) == 2
+    assert [s.max_output_bytes for s in backend.specs] == [room, room]
+
+
+def test_a_job_too_large_for_ram_claims_the_spool_room_of_its_disk_backed_outputs(
+        small_tmpfs_broker: tuple[str, FakeSandbox], disk: Disk, tmp_path: Path) -> None:
+    address, backend = small_tmpfs_broker
+    src = torch_zip(tmp_path)
+    disk.free = RESERVE + 10 * MiB  # the upload and its answer, not two outputs besides
+    with Client(address, retry_attempts=1) as client, \
+            pytest.raises(ConversionError) as refused:
+        client.convert(src, tmp_path / "out.safetensors", target="safetensors")
+    assert refused.value.reason == "SPOOL_FULL"
+    assert "two sandboxes' disk-backed outputs" in str(refused.value)
+    assert backend.specs == []

@@ -222,7 +222,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     idempotency = IdempotencyStore(config.spool_root, config.idempotency)
     idempotency.start()
     fast_path = await _local_transfer(config)
-    runner = JobRunner(backend, pools, config.job_output_limits, onnx_validator=onnx_validator,
+    runner = JobRunner(backend, pools, config.output_rooms, onnx_validator=onnx_validator,
                        verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
         conversion_servicer(config, runner, admission, audit, metrics, signing_key,

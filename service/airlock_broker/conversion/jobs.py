@@ -25,6 +25,7 @@ from airlock_broker.conversion.integrity import (
     Extraction,
     assurance_of,
 )
+from airlock_broker.conversion.output_room import OutputRoom, OutputRooms
 from airlock_broker.conversion.outputs import ValidatedOutput, compute_digest, validate_output
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.hostile_text import sanitize
@@ -32,7 +33,6 @@ from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
 from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_broker.validation.files import read_report
-from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
@@ -75,8 +75,10 @@ _EXIT_MESSAGES: dict[Reason, str] = {
     Reason.INPUT_SPEC_REQUIRED: "exporting this model needs input shapes (--input-shape)",
     Reason.CONVERSION_FAILED: "the conversion failed in the sandbox",
     Reason.PARITY_FAILED: "the converted model's outputs differ from the original's",
-    Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the sandbox's output room ([sandbox] "
-                             "output_bytes, a tmpfs counted in memory_bytes: raise both)",
+    Reason.OUTPUT_TOO_LARGE: "the converted model exceeds the job's output room ([sandbox] "
+                             "output_bytes, a tmpfs counted in memory_bytes: raise both; "
+                             "or, for an output larger than the input's data by a quarter, "
+                             "disk_output_bytes)",
     Reason.UNSUPPORTED_FLAVOR: "the MLflow model's flavor cannot be converted (supported: "
                                "sklearn, pytorch, onnx, and pyfunc models that wrap them)",
     Reason.UNSAFE_MODEL_DIR: "the MLflow model bundle failed the sandbox's checks",
@@ -252,22 +254,25 @@ async def _settle(task: asyncio.Task[Any]) -> None:
 class JobRunner:
     """Runs jobs on single-use slots from the pools. Owns nothing between jobs."""
 
-    def __init__(self, backend: SandboxBackend, pools: Pools, limits: OutputLimits, *,
+    def __init__(self, backend: SandboxBackend, pools: Pools, rooms: OutputRooms, *,
                  onnx_validator: OnnxValidatorPool, verify_integrity: bool = True,
                  trace: Trace = NO_TRACE) -> None:
         self.backend = backend
         self.onnx_validator = onnx_validator
         self.pools = pools
-        self.limits = limits
+        #: Each job's output room is decided from these, once (output_room.py).
+        self.rooms = rooms
         self.verify_integrity = verify_integrity
         self.trace = trace
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
                   input_sha256: str, input_size: int, audit: AuditRecord,
-                  answered: asyncio.Event | None = None) -> AsyncIterator[JobResult]:
+                  answered: asyncio.Event | None = None,
+                  room: OutputRoom | None = None) -> AsyncIterator[JobResult]:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
-        it); yields the validated result, destroys the sandboxes on exit.
+        it); yields the validated result, destroys the sandboxes on exit. ``room``: where
+        its sandboxes write their outputs and how much (default: the tmpfs).
 
         When the decision says integrity applies (a PyTorch checkpoint converted to
         safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
@@ -276,6 +281,9 @@ class JobRunner:
         """
         began = time.monotonic()
         detected = decision.format
+        room = room or self.rooms.tmpfs
+        audit.set(output_room={"bytes": room.limits.max_output_bytes,
+                               "on_disk": bool(room.disk_bytes)})
         verify = self.verify_integrity and decision.verifies(request.target)
         async with contextlib.AsyncExitStack() as stack:
             read_first: Extraction | None = None
@@ -283,30 +291,30 @@ class JobRunner:
             if verify and decision.reading_first:
                 # An estimator pickle: the reading that executes nothing goes first. When it
                 # refuses nothing, its output is the answer: one sandbox, no artifact code.
-                reader = await self._slot(stack, decision.integrity_profile, answered)
+                reader = await self._slot(stack, decision.integrity_profile, answered, room)
                 audit.set(warm_container=reader.started, profile=reader.profile)
                 await self.backend.hand_over(reader, upload, request.sample_input)
-                read_first = await self._read_first(reader, request, detected, stack)
+                read_first = await self._read_first(reader, request, detected, stack, room)
                 if not read_first.refused and read_first.output is not None:
                     yield await self._read_result(read_first, request, input_sha256,
                                                   input_size, audit, began)
                     return
-            slot = await self._slot(stack, decision.profile, answered)
+            slot = await self._slot(stack, decision.profile, answered, room)
             if reader is None:
                 audit.set(warm_container=slot.started, profile=slot.profile)
                 await self.backend.hand_over(slot, upload, request.sample_input)
             else:  # the reading's artifact and sample, linked
                 await self.backend.hand_over(slot, reader)
-            extractor = (await self._slot(stack, decision.integrity_profile, answered)
+            extractor = (await self._slot(stack, decision.integrity_profile, answered, room)
                          if verify and reader is None else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
-            spec = replace(self._spec(request, detected, JobMode.CONVERT),
+            spec = replace(self._spec(request, detected, JobMode.CONVERT, room),
                            policy=request.policy, declared_format=request.declared_format)
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
-                    self._extract(extractor, request, detected, stack))
+                    self._extract(extractor, request, detected, stack, room))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             extraction = extraction or read_first
@@ -328,7 +336,7 @@ class JobRunner:
                 # it rather than hashed: when they are the same file it takes that digest.
                 with self.trace.span("validate"):
                     output = await validate_output(
-                        out_dir, request.target, self.limits, self.onnx_validator,
+                        out_dir, request.target, room.limits, self.onnx_validator,
                         digest=extraction is None or extraction.output is None)
                 output, assurance, note = await assurance_of(output, extraction)
                 output = await compute_digest(output)
@@ -350,7 +358,7 @@ class JobRunner:
                 assurance=assurance, integrity_note=note)
 
     async def _read_first(self, reader: Slot, request: JobRequest, detected: ArtifactFormat,
-                          stack: contextlib.AsyncExitStack) -> Extraction:
+                          stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction:
         """The policy loader's reading of an estimator pickle, before any conversion.
 
         Returned when it converted the whole file (the answer), or when the policy refused a
@@ -360,7 +368,7 @@ class JobRunner:
         the same way, so it would fail the same way: a second sandbox would only cost time.
         """
         try:
-            reading = await self._extract(reader, request, detected, stack)
+            reading = await self._extract(reader, request, detected, stack, room)
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
         assert reading is not None and reading.outcome is not None
@@ -380,12 +388,13 @@ class JobRunner:
             raise reading.invalid
         return reading
 
-    def _spec(self, request: JobRequest, detected: ArtifactFormat, mode: JobMode) -> JobSpec:
+    def _spec(self, request: JobRequest, detected: ArtifactFormat, mode: JobMode,
+              room: OutputRoom) -> JobSpec:
         """What both readings of a job are asked alike (inputs, target, options), so that
         their outputs compare; the conversion adds the policy and the declaration."""
         return JobSpec(job_id=request.job_id, artifact_format=detected, target=request.target,
                        inputs=request.inputs, mode=mode,
-                       max_output_bytes=self.limits.max_output_bytes,
+                       max_output_bytes=room.limits.max_output_bytes,
                        mlflow_flavor=request.mlflow_flavor,
                        parity_tolerance=request.parity_tolerance,
                        keep_training_state=request.keep_training_state,
@@ -433,10 +442,10 @@ class JobRunner:
                         f"{killed.message}") from exc
 
     async def _slot(self, stack: contextlib.AsyncExitStack, profile: str,
-                    answered: asyncio.Event | None) -> Slot:
-        """A single-use slot whose destruction ``stack`` owns."""
+                    answered: asyncio.Event | None, room: OutputRoom) -> Slot:
+        """A single-use slot whose destruction ``stack`` owns, its output as ``room`` says."""
         with self.trace.span("acquire") as span:
-            slot = await self.pools.acquire(profile)
+            slot = await self.pools.acquire(profile, disk_output_bytes=room.disk_bytes)
             if span:
                 span.note({"warm": bool(slot.started), "profile": slot.profile})
         stack.push_async_callback(self._release, slot, answered)
@@ -457,14 +466,14 @@ class JobRunner:
         return outcome
 
     async def _extract(self, slot: Slot | None, request: JobRequest, detected: ArtifactFormat,
-                       stack: contextlib.AsyncExitStack) -> Extraction | None:
+                       stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction | None:
         """Run the integrity extraction and, as soon as its sandbox is dead, validate its
         output and start hashing it: it usually ends before the conversion, so its 400 MB
         hash runs beside the conversion and the comparison instead of after them."""
         if slot is None:
             return None
         # The reading converts as the job does (inputs, target): the outputs are compared.
-        spec = self._spec(request, detected, JobMode.EXTRACT_WEIGHTS)
+        spec = self._spec(request, detected, JobMode.EXTRACT_WEIGHTS, room)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
@@ -483,7 +492,7 @@ class JobRunner:
                               f"{': ' + said if said else ''})")
         try:
             with self.trace.span("validate"):
-                extracted = await validate_output(out_dir, request.target, self.limits,
+                extracted = await validate_output(out_dir, request.target, room.limits,
                                                   self.onnx_validator, digest=False)
         except AirlockError as exc:
             return seen(None, f"the extraction's output was invalid: {exc.message}", invalid=exc)

@@ -33,6 +33,7 @@ from airlock_broker.conversion.format_decision import Decision, decide
 from airlock_broker.conversion.idempotency import Claim, IdempotencyStore, options_digest
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
+from airlock_broker.conversion.output_room import OutputRoom
 from airlock_broker.conversion.spool_space import SpoolClaim, answer_bytes
 from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.errors import AirlockError, Reason, error
@@ -174,7 +175,9 @@ class ConversionPipeline:
                 spooled = await transfer.receive(fd, meta)
             # Room for the answer, before any sandbox starts: a job whose output would take
             # the spool below its reserve is refused now, with the numbers (spool_space.py).
-            room = self._answer_room(request, upload, spooled.size)
+            occupied = min(os.stat(upload).st_blocks * 512, spooled.size)
+            output_room = self.runner.rooms.for_job(request.target, occupied)
+            room = self._spool_room(request, output_room, occupied)
             decision = self._decide(job, request, spooled, transfer)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
@@ -189,20 +192,25 @@ class ConversionPipeline:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
                 return await self._converted(job, request, upload, decision, spooled, claim,
-                                             transfer)
+                                             transfer, output_room)
         finally:
             remove_quietly(upload)
             if room is not None:
                 room.release()
 
-    def _answer_room(self, request: JobRequest, upload: Path, size: int) -> SpoolClaim | None:
+    def _spool_room(self, request: JobRequest, output: OutputRoom,
+                    occupied: int) -> SpoolClaim | None:
         """The spool's room for this job's answer (None: not accounted), estimated from the
         spooled input's data: what it occupies (a hole, zeros a client did not have to
-        store, is not data that comes back as weights), at most its size."""
-        occupied = min(os.stat(upload).st_blocks * 512, size)
-        answer = answer_bytes(occupied, request.target, self.runner.limits)
+        store, is not data that comes back as weights), at most its size. With disk-backed
+        outputs, theirs too: about as much again for each of the job's two sandboxes."""
+        answer = answer_bytes(occupied, request.target, output.limits)
+        if not output.disk_bytes:
+            return self.settings.intake.claim(
+                answer, f"this job's output (about its input's {_mib(occupied)} of data)")
         return self.settings.intake.claim(
-            answer, f"this job's output (about its input's {_mib(occupied)} of data)")
+            3 * answer, f"this job's output and its two sandboxes' disk-backed outputs (each "
+                        f"about its input's {_mib(occupied)} of data)")
 
     def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
         if self.trace:
@@ -236,14 +244,15 @@ class ConversionPipeline:
         return decision
 
     async def _converted(self, job: Job, request: JobRequest, upload: Path, decision: Decision,
-                         spooled: Spooled, claim: Claim, transfer: Transfer) -> Answer:
+                         spooled: Spooled, claim: Claim, transfer: Transfer,
+                         output_room: OutputRoom) -> Answer:
         """Run the job; its signed result, spooled, is the answer (and the store's to keep)."""
         record = job.record
         answer: Answer | None = None
         try:
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, decision, spooled.sha256, spooled.size, record,
-                    job.answered) as result:
+                    job.answered, output_room) as result:
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
                 # Signed from the hash validation already computed: no extra pass over the

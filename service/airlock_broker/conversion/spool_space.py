@@ -18,7 +18,8 @@ held until the answer is written: a 16 GiB checkpoint on a disk with room for it
 not its output is refused before the conversion, not after it. At its peak one conversion of
 N bytes holds about 2 N on the spool's disk (the input, until its sandboxes are destroyed, and
 the answer), and 2 N of RAM in the output tmpfs of its two sandboxes (the conversion's and
-the integrity reading's).
+the integrity reading's). A job whose output is too large for a tmpfs writes it to the spool
+instead (output_room.py): about 4 N of disk and no output in RAM, all of it claimed up front.
 """
 
 from __future__ import annotations

@@ -178,16 +178,22 @@ class DockerSandbox:
                                                 slot.container_id)
         return confinement_of(info)
 
-    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
+    async def prepare(self, profile: str, *, selftest: bool = False,
+                      disk_output_bytes: int = 0) -> Slot:
         with self.trace.span("container_prepare"):
-            return await self._prepare(profile, selftest=selftest)
+            return await self._prepare(profile, selftest=selftest,
+                                       disk_output_bytes=disk_output_bytes)
 
-    async def _prepare(self, profile: str, *, selftest: bool) -> Slot:
+    async def _prepare(self, profile: str, *, selftest: bool, disk_output_bytes: int) -> Slot:
         slot_id = uuid.uuid4().hex
+        make = functools.partial(
+            JobWorkspace.create, self.spool_root, slot_id, uid=CONTAINER_UID, gid=CONTAINER_GID,
+            output_bytes=disk_output_bytes or self.policy.output_bytes,
+            on_disk=bool(disk_output_bytes))
         try:
-            workspace = JobWorkspace.create(self.spool_root, slot_id, uid=CONTAINER_UID,
-                                            gid=CONTAINER_GID,
-                                            output_bytes=self.policy.output_bytes)
+            # mkfs and mount run as processes: not on the event loop.
+            workspace = (await asyncio.get_running_loop().run_in_executor(None, make)
+                         if disk_output_bytes else make())
         except (OSError, WorkspaceError) as exc:
             raise SandboxUnavailable(str(exc)) from exc
         labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,

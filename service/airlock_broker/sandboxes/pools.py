@@ -106,16 +106,18 @@ class Pools:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    async def acquire(self, profile: str) -> Slot:
+    async def acquire(self, profile: str, *, disk_output_bytes: int = 0) -> Slot:
         """A slot for one job: a warm one if any is alive; else, when one is being started for
         the pool, that one (waiting at most ``wait_for_starting_seconds``: a start of its own
         would cost the job as long, and take CPU from the one under way); else a freshly
-        prepared one (the cold path)."""
+        prepared one (the cold path). ``disk_output_bytes``: a job whose output needs a
+        disk-backed filesystem of that size (a warm container's output is fixed at its
+        creation): always prepared for it, as the cold path does."""
         # Only the pools' own holds: a job admitted before a shutdown still gets its sandbox.
         self.readiness.check(*POOL_HOLDS)
         pool = self.pools.get(profile)
-        if pool is None:
-            return await self._cold(None, profile)
+        if pool is None or disk_output_bytes:
+            return await self._cold(pool, profile, disk_output_bytes)
         pool.demand.arrive(time.monotonic())
         # A second job while a replacement waits: there is demand, so start it now.
         for slot_id in list(pool.deferred):
@@ -183,9 +185,9 @@ class Pools:
             pool.waiting -= 1
             pool.demand.stall_ended(time.monotonic())
 
-    async def _cold(self, pool: Pool | None, profile: str) -> Slot:
+    async def _cold(self, pool: Pool | None, profile: str, disk_output_bytes: int = 0) -> Slot:
         try:
-            slot = await self.backend.prepare(profile)
+            slot = await self.backend.prepare(profile, disk_output_bytes=disk_output_bytes)
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
         if pool is not None:

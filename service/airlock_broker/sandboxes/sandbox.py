@@ -67,9 +67,12 @@ class SandboxBackend(Protocol):
     job).
     """
 
-    async def prepare(self, profile: str, *, selftest: bool = False) -> Slot:
+    async def prepare(self, profile: str, *, selftest: bool = False,
+                      disk_output_bytes: int = 0) -> Slot:
         """A fresh, single-use sandbox for ``profile``, created but not started (with
-        ``selftest``: the isolation probe instead of a worker)."""
+        ``selftest``: the isolation probe instead of a worker). ``disk_output_bytes``: its
+        output is a disk-backed filesystem of that size instead of the policy's tmpfs (an
+        output too large for RAM)."""
         ...
 
     async def start(self, slot: Slot) -> None:

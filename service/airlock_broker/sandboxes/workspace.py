@@ -10,12 +10,19 @@ Layout under the state root (0700, owned by the broker, checked at start-up: sta
             sample.npy          0400, the caller's parity sample, when there is one
             job.json            0444, written last, by rename
         out/                    a tmpfs: size-capped, noexec,nosuid,nodev, owned by the sandbox
-                                uid, bind-mounted at contract.OUT_DIR
+                                uid, bind-mounted at contract.OUT_DIR; or, for an output too
+                                large for RAM, the same on disk (``out.img`` below)
+        out.img                 0600, a sparse ext4 image of the output's size, loop-mounted
+                                at out/ (only for a disk-backed output)
 
-The output is a tmpfs mounted by the broker (not a Docker tmpfs) so that it survives the
+The output is a filesystem mounted by the broker (not a Docker tmpfs) so that it survives the
 container: the broker reads it after the container is dead, then unmounts it. A size cap on a
 plain directory is not possible, and ``docker cp`` out of a sandbox is exactly what DESIGN
-§1.2 forbids.
+§1.2 forbids. A tmpfs is RAM, charged to the sandbox's memory as the worker writes it; a
+safetensors shard of many GiB gets a disk-backed filesystem instead (``on_disk``): the same
+cap, flags and owner, its bytes in the spool's page cache and on its disk. The sandbox only
+ever writes files through it; the image itself is never in any sandbox's reach, so the kernel
+mounts nothing a sandbox wrote raw.
 
 Nothing here follows a link the broker did not make (DESIGN §1.8): files are opened
 ``O_NOFOLLOW`` and changed through their descriptor, a mount point is recognised by ``lstat``
@@ -33,6 +40,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +61,9 @@ _MS_NOEXEC = 0x8
 _MNT_DETACH = 0x2
 _UMOUNT_NOFOLLOW = 0x8
 _OUT = "out"
+_IMAGE = "out.img"
+#: Where the disk-backed output's tools are looked for (never the broker's own PATH).
+_SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -88,15 +99,19 @@ class JobWorkspace:
 
     @classmethod
     def create(cls, spool_root: Path, slot_id: str, *, uid: int, gid: int,
-               output_bytes: int) -> JobWorkspace:
-        """Make the directories and mount the output tmpfs. Cleans up after itself on failure."""
+               output_bytes: int, on_disk: bool = False) -> JobWorkspace:
+        """Make the directories and mount the output filesystem (a tmpfs; ``on_disk``: an ext4
+        image on the spool). Cleans up after itself on failure."""
         root = _spool_dir(spool_root, "slots") / slot_id
         root.mkdir(mode=0o700)
         ws = cls(root=root, uid=uid, gid=gid)
         try:
             ws.in_dir.mkdir(mode=0o755)
             ws.out_dir.mkdir(mode=0o700)
-            _mount_tmpfs(ws.out_dir, output_bytes, uid, gid)
+            if on_disk:
+                _mount_disk(root / _IMAGE, ws.out_dir, output_bytes, uid, gid)
+            else:
+                _mount_tmpfs(ws.out_dir, output_bytes, uid, gid)
         except BaseException:
             ws.destroy()
             raise
@@ -282,3 +297,43 @@ def _mount_tmpfs(target: Path, size: int, uid: int, gid: int) -> None:
         raise WorkspaceError(
             f"cannot mount the job's output tmpfs at {target}: {err} "
             "(the broker must run as root to give each sandbox a size-capped output)")
+
+
+def _mount_disk(image: Path, target: Path, size: int, uid: int, gid: int) -> None:
+    """A sparse ext4 image of ``size`` bytes at ``image``, loop-mounted noexec,nosuid,nodev at
+    ``target``, its root owned by ``uid``:``gid`` and 0700 like the tmpfs's.
+
+    No journal and no reserved blocks (the filesystem lives as long as one job), few inodes
+    (an output is a handful of files; inodes on disk cost no host memory). ``mount -o loop``
+    marks the loop device autoclear: unmounting it (``_unmount_out``) releases it.
+    """
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    _run_tool("mkfs.ext4", "-q", "-F", "-m", "0", "-N", "64", "-O", "^has_journal",
+              "-E", f"lazy_itable_init=1,lazy_journal_init=1,root_owner={uid}:{gid}",
+              str(image))
+    _run_tool("mount", "-t", "ext4", "-o", "loop,noexec,nosuid,nodev", str(image), str(target))
+    try:
+        os.rmdir(target / "lost+found")
+        os.chmod(target, 0o700)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot prepare the job's disk-backed output at {target}: "
+                             f"{exc}") from exc
+
+
+def _run_tool(name: str, *args: str) -> None:
+    """Run a system tool for the disk-backed output, or say what is missing."""
+    tool = shutil.which(name, path=_SYSTEM_PATH)
+    if tool is None:
+        raise WorkspaceError(f"{name} is not installed: a disk-backed output needs e2fsprogs "
+                             "and util-linux's mount")
+    done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60,
+                          check=False, env={"PATH": _SYSTEM_PATH, "LC_ALL": "C"})
+    if done.returncode != 0:
+        raise WorkspaceError(f"{name} failed for the job's disk-backed output "
+                             f"(exit {done.returncode}): {done.stderr.strip()[-300:]} (the "
+                             "broker must run as root, with loop devices, to give a sandbox "
+                             "an output larger than RAM)")
