@@ -172,6 +172,53 @@ def test_on_the_fast_path_the_callers_file_is_written_beside_the_spool_copy(
     assert len(writers) == 2 and writers[0] != writers[1]  # two copies, on two threads
 
 
+def test_an_answer_the_store_will_not_keep_is_delivered_without_a_spool_copy(
+        tmp_path: Path) -> None:
+    # A shard over the idempotency store's max_bytes: a retry converts again, so a spool copy
+    # would only cost a copy of N bytes and N of the spool's disk.
+    payload = bytes(range(256)) * 8192
+    writers: list[int] = []
+
+    def write_into(fd: int) -> None:
+        writers.append(fd)
+        os.pwrite(fd, payload, 0)
+
+    output = ValidatedOutput(format=OutputFormat.ONNX, size=len(payload), sha256="",
+                             path=Path("/nonexistent"), write_into=write_into)
+    peer_path = tmp_path / "peer-output"
+    peer_out = os.open(peer_path, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    async def scenario() -> None:
+        transfer = _peer(tmp_path, peer_out)
+        try:
+            answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="big"), output,
+                                        transfer, kept=False)
+            with answer:
+                assert answer.delivered and answer.fd is None and answer.path is None
+                messages = [m async for m in answer.responses()]
+            assert [m.WhichOneof("payload") for m in messages] == ["result"]
+        finally:
+            transfer.close()
+        assert peer_path.read_bytes() == payload
+        assert not (tmp_path / "results").exists() or \
+            list((tmp_path / "results").iterdir()) == []
+
+    asyncio.run(scenario())
+    assert len(writers) == 1  # the caller's file only
+
+
+def test_an_answer_not_kept_still_gets_its_copy_when_it_is_streamed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="s"),
+                                    _output(b"y" * (2 << 20)), _stream(1 << 20), kept=False)
+        with answer:
+            assert not answer.delivered and answer.fd is not None
+            messages = [m async for m in answer.responses()]
+        assert b"".join(m.chunk.data for m in messages[1:]) == b"y" * (2 << 20)
+
+    asyncio.run(scenario())
+
+
 def test_a_delivery_that_fails_leaves_no_spool_copy_behind(tmp_path: Path) -> None:
     def write_into(fd: int) -> None:
         if os.fstat(fd).st_ino == os.stat(tmp_path / "peer-output").st_ino:

@@ -101,10 +101,12 @@ class StreamTransfer:
 
     async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
         yield pb.ConvertResponse(result=answer.result)
+        fd = answer.fd
+        assert fd is not None  # never delivered: its copy is kept
         offset = 0
         while offset < answer.size:
             # Page-cache reads of a file only the broker writes; explicit offsets.
-            data = os.pread(answer.fd, min(self.chunk_bytes, answer.size - offset), offset)
+            data = os.pread(fd, min(self.chunk_bytes, answer.size - offset), offset)
             if not data:
                 raise error(Reason.INTERNAL, f"the answer file ended at {offset} of "
                                              f"{answer.size} bytes")
@@ -127,7 +129,8 @@ class Answer:
     """
 
     result: pb.ConvertResult
-    fd: int
+    #: None: the output was delivered and no copy of it was kept (``spool_answer``).
+    fd: int | None
     size: int
     transfer: Transfer
     #: The file's name while this answer owns it (removed on release); None when the
@@ -148,7 +151,8 @@ class Answer:
         if self._closed:
             return
         self._closed = True
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
         if self.path is not None:
             remove_quietly(self.path)
 
@@ -166,7 +170,7 @@ class Answer:
 
 
 async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: ValidatedOutput,
-                       transfer: Transfer) -> Answer:
+                       transfer: Transfer, *, kept: bool = True) -> Answer:
     """Write ``output`` into ``<spool>/results/<job_id>`` (a small ONNX output at once, else in
     a worker thread, by kernel copy for a safetensors data section): the answer no longer needs
     the sandbox's tmpfs.
@@ -174,12 +178,17 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
     Meanwhile the transfer may already deliver the output from the tmpfs (the same-host fast
     path writes the caller's file, ``Transfer.deliver``): both copies run at once, instead of
     the caller's being made from the spool's afterwards (S3: 150-190 ms each for 400 MiB).
-    The spool copy is still made: it is what a retry with the same idempotency key is
-    answered from.
+    The spool copy is made when it will be kept (``kept``: the idempotency store takes it, and
+    a retry with the same key is answered from it). When it would not be, and the transfer
+    delivered, none is made: for a shard of many GiB, over the store's ``max_bytes``, that is
+    one copy (and its N bytes of spool) less.
 
     If the caller is cancelled meanwhile, or the delivery fails, the file is removed once the
     thread is done with it.
     """
+    if not kept and await transfer.deliver(output):
+        return Answer(result=result, fd=None, size=output.size, transfer=transfer,
+                      delivered=True)
     path = results_dir(spool_root) / result.job_id
     if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
         # Bytes already in memory, a page-cache write of well under a millisecond: cheaper

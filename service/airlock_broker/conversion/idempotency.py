@@ -95,13 +95,19 @@ class Claim:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
 
+    def would_store(self, size: int) -> bool:
+        """Whether a result of ``size`` bytes will be stored (``store``): it has a key, it
+        converts, and it is within the store's ``max_bytes``."""
+        return self._store is not None and self._entry is not None \
+            and size <= self._store.settings.max_bytes
+
     def store(self, header: bytes, path: Path, size: int) -> bool:
         """Make the result replayable, from ``path`` (a file of ``size`` bytes in the store's
         directory). True: the store owns the file from now on. False (no key, or larger than
         the store): it stays the caller's, and a retry converts again."""
         if self._store is None or self._entry is None:
             return False
-        if size > self._store.settings.max_bytes:
+        if not self.would_store(size):
             log.info("job %s: output of %d bytes is over the idempotency store's %d; a retry "
                      "will convert again", self._entry.job_id, size,
                      self._store.settings.max_bytes)

@@ -263,8 +263,9 @@ class ConversionPipeline:
                 # The output leaves the slot before the caller reads a byte of it: a caller
                 # that never reads must not hold a sandbox (answers.py).
                 with self.trace.span("answer_spool"):
-                    answer = await spool_answer(self.settings.spool_root, header, result.output,
-                                                transfer)
+                    answer = await spool_answer(
+                        self.settings.spool_root, header, result.output, transfer,
+                        kept=claim.would_store(result.output.size))
             # The run slot is free; the sandboxes and their output tmpfs are gone. Stored
             # inside the claim, before the answer: a retry while the answer is still on its way
             # is answered from the same file.

@@ -54,6 +54,7 @@ class PeerTransfer:
         size), then the header alone."""
         size = answer.size
         if not answer.delivered:
+            assert answer.fd is not None  # never delivered: its copy is kept
             with self.trace.span("peer_write"):
                 await write_to_peer(self.files, lambda out, src: copy_file(src, out, size),
                                     size, self.limits, answer.fd)
