@@ -163,6 +163,16 @@ def test_a_disk_backed_output_left_by_a_dead_broker_is_unmounted_by_the_reaper(
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
 
 
+def test_what_disk_backed_outputs_need_is_named_when_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from airlock_broker.sandboxes import workspace
+
+    assert workspace.disk_outputs_missing() is None  # this host (and CI's) has all of it
+    monkeypatch.setattr(workspace.shutil, "which", lambda name, path=None: None)
+    missing = workspace.disk_outputs_missing()
+    assert missing is not None and "mkfs.ext4" in missing and "mount" in missing
+
+
 class _EngineStub:
     """Just enough of docker.DockerClient for DockerSandbox.check()."""
 

@@ -43,7 +43,7 @@ from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.sandbox_ids import check_at_start
 from airlock_broker.sandboxes.version_gates import Observation, host_observations
-from airlock_broker.sandboxes.workspace import reap_stale
+from airlock_broker.sandboxes.workspace import disk_outputs_missing, reap_stale
 from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.tracing import NO_TRACE, Trace
@@ -170,6 +170,12 @@ async def create_server(config: BrokerConfig,
         stale = reap_stale(config.spool_root)
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
+        if config.sandbox.disk_output_bytes and (missing := disk_outputs_missing()):
+            log.warning("disk-backed outputs are unavailable (%s): a job whose output does not "
+                        "fit [sandbox] output_bytes (%d bytes) will fail with "
+                        "SANDBOX_UNAVAILABLE; install e2fsprogs and util-linux, or set "
+                        "[sandbox] disk_output_bytes = 0 to refuse such outputs as too large",
+                        missing, config.sandbox.output_bytes)
         if config.trace_events is not None:
             trace = Trace.to_file(config.trace_events)
             log.info("job step events go to %s ([observability] trace_events)",

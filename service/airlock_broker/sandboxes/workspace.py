@@ -324,6 +324,16 @@ def _mount_disk(image: Path, target: Path, size: int, uid: int, gid: int) -> Non
                              f"{exc}") from exc
 
 
+def disk_outputs_missing() -> str | None:
+    """What this host lacks for disk-backed outputs (a sentence), or None: checked at start-up,
+    so that an operator hears it before the first large shard fails."""
+    missing = [name for name in ("mkfs.ext4", "mount")
+               if shutil.which(name, path=_SYSTEM_PATH) is None]
+    if not os.path.exists("/dev/loop-control"):
+        missing.append("loop devices (/dev/loop-control)")
+    return ", ".join(missing) + " missing" if missing else None
+
+
 def _run_tool(name: str, *args: str) -> None:
     """Run a system tool for the disk-backed output, or say what is missing."""
     tool = shutil.which(name, path=_SYSTEM_PATH)
