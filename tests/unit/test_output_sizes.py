@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,20 +107,27 @@ def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Disk:
     return fake
 
 
+def _writes_output(spec: JobSpec, data: bytes, out: Path) -> int:
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
+    return 0
+
+
+def _broker(tmp_path: Path, **config: Any) -> Iterator[tuple[str, FakeSandbox]]:
+    """A real broker on the fake disk whose fake worker writes ``OUTPUT``."""
+    spool = tmp_path / "spool"
+    defaults: dict[str, Any] = {"pools": PoolSettings(min_warm=0)}
+    settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
+                            provenance_key=tmp_path / "provenance-key.pem",
+                            upload=UploadLimits(spool_min_free_bytes=RESERVE),
+                            **{**defaults, **config})
+    backend = FakeSandbox(spool, _writes_output)
+    with running_broker(settings, backend) as running:
+        yield f"127.0.0.1:{running.port}", backend
+
+
 @pytest.fixture
 def broker(tmp_path: Path, disk: Disk) -> Iterator[tuple[str, FakeSandbox]]:
-    def worker(spec: JobSpec, data: bytes, out: Path) -> int:
-        (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
-        return 0
-
-    spool = tmp_path / "spool"
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, verify_integrity=False,
-                          selftest_on_start=False, pools=PoolSettings(min_warm=0),
-                          provenance_key=tmp_path / "provenance-key.pem",
-                          upload=UploadLimits(spool_min_free_bytes=RESERVE))
-    backend = FakeSandbox(spool, worker)
-    with running_broker(config, backend) as running:
-        yield f"127.0.0.1:{running.port}", backend
+    yield from _broker(tmp_path, verify_integrity=False)
 
 
 @pytest.mark.parametrize("local_transfer", [False, True])
@@ -220,20 +228,10 @@ def test_with_disk_backed_outputs_off_a_large_output_keeps_the_tmpfs_cap() -> No
 
 @pytest.fixture
 def small_tmpfs_broker(tmp_path: Path, disk: Disk) -> Iterator[tuple[str, FakeSandbox]]:
-    """A broker whose sandboxes' tmpfs holds 1 MiB: the 4 MiB input's output needs the disk."""
-    def worker(spec: JobSpec, data: bytes, out: Path) -> int:
-        (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(OUTPUT)
-        return 0
-
-    spool = tmp_path / "spool"
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
-                          pools=PoolSettings(min_warm=1, profiles=("torch", "light")),
-                          provenance_key=tmp_path / "provenance-key.pem",
-                          upload=UploadLimits(spool_min_free_bytes=RESERVE),
-                          sandbox=SandboxPolicy(output_bytes=MiB))
-    backend = FakeSandbox(spool, worker)
-    with running_broker(config, backend) as running:
-        yield f"127.0.0.1:{running.port}", backend
+    """A broker whose sandboxes' tmpfs holds 1 MiB (and warm pools, which such jobs pass
+    by): the 4 MiB input's output needs the disk."""
+    yield from _broker(tmp_path, pools=PoolSettings(min_warm=1, profiles=("torch", "light")),
+                       sandbox=SandboxPolicy(output_bytes=MiB))
 
 
 def torch_zip(tmp_path: Path) -> Path:
