@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client, PoolStatus
+from airlock_sandbox.contract import IN_DIR, JOB_SPEC_NAME
 from tests.adversarial.payloads import reduce_pickle
 from tests.conftest import BrokerProcess, start_broker
 
@@ -353,6 +355,46 @@ time.sleep({seconds!r})
 _write_safetensors("/airlock/out/model.safetensors", {tensor!r}, {{"slept": "{seconds}"}})
 os._exit(0)
 '''
+
+
+#: Created by the test (``release_jobs``) in a busy slot's input directory, which the sandbox
+#: sees read-only at ``IN_DIR``: a job running ``wait_then_succeed_source`` may end.
+RELEASE_NAME = "release"
+
+
+def wait_then_succeed_source(cap_seconds: float, tensor: str = "released") -> str:
+    """Runs until the test releases it (``release_jobs``), at most ``cap_seconds``; then writes
+    a valid one-tensor safetensors output and exits 0. A job as long as the test needs it to
+    be, without a fixed sleep sized for the slowest machine."""
+    return "import os, time\n" + _SAFETENSORS + f'''
+deadline = time.monotonic() + {cap_seconds!r}
+while not os.path.exists("{IN_DIR}/{RELEASE_NAME}") and time.monotonic() < deadline:
+    time.sleep(0.05)
+_write_safetensors("/airlock/out/model.safetensors", {tensor!r}, {{"released": "yes"}})
+os._exit(0)
+'''
+
+
+def release_jobs(broker: PoolBroker) -> int:
+    """End every ``wait_then_succeed_source`` job of ``broker``: a release mark in each slot
+    whose input holds a job. How many slots were released."""
+    released = 0
+    for in_dir in (broker.spool / "slots").glob("*/in"):
+        with contextlib.suppress(OSError):  # a slot removed meanwhile
+            if (in_dir / JOB_SPEC_NAME).exists():
+                (in_dir / RELEASE_NAME).touch()
+                released += 1
+    return released
+
+
+def release_and_join(broker: PoolBroker, job: threading.Thread, seconds: float) -> None:
+    """Release ``broker``'s waiting job (polling until its slot holds it, up to a minute; a job
+    not released ends at its cap) and wait up to ``seconds`` for the thread that runs it. For a
+    ``finally``: it raises nothing of its own."""
+    deadline = time.monotonic() + 60
+    while job.is_alive() and not release_jobs(broker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.join(seconds)
 
 
 def exit_source(code: int) -> str:

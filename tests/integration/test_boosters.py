@@ -18,6 +18,7 @@ import pytest
 from airlock_client import Client, ConversionError
 from tests.conftest import BrokerProcess
 from tests.fixtures import custom_step
+from tests.fixtures.mlflow_models import REQUIREMENTS
 from tests.integration.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.integration
@@ -92,7 +93,8 @@ def test_an_mlflow_xgboost_directory_converts_through_the_client(
 
     model = xgboost.XGBClassifier(n_estimators=6, max_depth=3).fit(x, y)
     where = tmp_path / "model"
-    mlflow.xgboost.save_model(model, str(where), input_example=x[:3])  # model.ubj, MLflow's default
+    mlflow.xgboost.save_model(model, str(where), input_example=x[:3],  # model.ubj, the default
+                              pip_requirements=REQUIREMENTS["xgboost"])
     assert (where / "model.ubj").is_file()
     out = tmp_path / "model.onnx"
     with Client(cold_broker.address) as client:
@@ -118,7 +120,8 @@ def test_an_mlflow_xgboost_model_converts_by_its_registry_uri(
     x, y = _data()
     model = xgboost.XGBClassifier(n_estimators=6, max_depth=3).fit(x, y)
     where = tmp_path / "model"
-    mlflow.xgboost.save_model(model, str(where), input_example=x[:3])
+    mlflow.xgboost.save_model(model, str(where), input_example=x[:3],
+                              pip_requirements=REQUIREMENTS["xgboost"])
     server = mlflow_registry
     mlflow.set_tracking_uri(server.uri)
     try:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,27 @@ def _register(uri: str, name: str, model_dir: Path) -> str:
     return str(mv.version)
 
 
+def _model_dirs(tmp: Path) -> tuple[list[tuple[str, Saved]], list[tuple[str, Path]],
+                                    list[Path]]:
+    """The benign versions' directories (with the models they hold), the hostile ones', and
+    the files each hostile one would write on the host."""
+    benign: list[tuple[str, Saved]] = []
+    hostile: list[tuple[str, Path]] = []
+    markers: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, cases in BENIGN.items():
+            for case in cases:
+                benign.append((name, mlflow_models.BENIGN[case](tmp / "models" / name / case)))
+        for name, make in (("evil-sklearn", mlflow_models.malicious_sklearn_dir),
+                           ("evil-torch", malicious_torch_dir),
+                           ("evil-loader", loader_module_dir)):
+            marker = tmp / "host-markers" / name / "pwned"
+            markers.append(marker)
+            hostile.append((name, make(tmp / "models" / name, marker)))
+    return benign, hostile, markers
+
+
 @pytest.fixture(scope="module")
 def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("migrate")
@@ -136,28 +158,15 @@ def registry(docker_client, tmp_path_factory) -> Iterator[Registry]:  # type: ig
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n')
-    # The server comes up while the broker starts and the model directories are written.
-    with starting_mlflow_server(tmp) as starting:
+    # The server comes up, and the model directories are written, while the broker starts.
+    with starting_mlflow_server(tmp) as starting, ThreadPoolExecutor(max_workers=1) as background:
+        building = background.submit(_model_dirs, tmp)
         broker = start_broker(tmp, "--config", str(config),
                               env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
         try:
             public_key = tmp / "airlock.pub.pem"
             public_key.write_text(load_key(key_path).public_pem)
-            benign: list[tuple[str, Saved]] = []
-            hostile: list[tuple[str, Path]] = []
-            markers: list[Path] = []
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for name, cases in BENIGN.items():
-                    for case in cases:
-                        benign.append(
-                            (name, mlflow_models.BENIGN[case](tmp / "models" / name / case)))
-                for name, make in (("evil-sklearn", mlflow_models.malicious_sklearn_dir),
-                                   ("evil-torch", malicious_torch_dir),
-                                   ("evil-loader", loader_module_dir)):
-                    marker = tmp / "host-markers" / name / "pwned"
-                    markers.append(marker)
-                    hostile.append((name, make(tmp / "models" / name, marker)))
+            benign, hostile, markers = building.result()
             server = starting.wait()
             saved = {(name, _register_now(server.uri, name, model.path)): model
                      for name, model in benign}

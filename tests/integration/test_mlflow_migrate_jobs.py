@@ -17,6 +17,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,24 @@ class Runs:
     state: dict[str, Any]
 
 
+def _register_models(uri: str, models: Path, marker: Path) -> None:
+    """Write each case's directory once and register ``MODELS`` under both prefixes, in the
+    same order; the hostile version's payload would write ``marker`` on the host."""
+    dirs: dict[str, Path] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in {c for cases in MODELS.values() for c in cases}:
+            path = models / case
+            if case == "evil":
+                dirs[case] = mlflow_models.malicious_sklearn_dir(path, marker)
+            else:
+                dirs[case] = mlflow_models.BENIGN[case](path).path
+    for prefix in PREFIXES:
+        for name, cases in MODELS.items():
+            for case in cases:
+                _register_now(uri, prefix + name, dirs[case])
+
+
 @pytest.fixture(scope="module")
 def runs(docker_client, mlflow_registry: MlflowServer,  # type: ignore[no-untyped-def]
          tmp_path_factory) -> Iterator[Runs]:
@@ -64,37 +83,32 @@ def runs(docker_client, mlflow_registry: MlflowServer,  # type: ignore[no-untype
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
     config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n')
-    broker = start_broker(tmp, "--config", str(config),
-                          env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
     marker = tmp / "host-markers" / "pwned"
-    try:
-        public_key = tmp / "airlock.pub.pem"
-        public_key.write_text(load_key(key_path).public_pem)
-        dirs: dict[str, Path] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for case in {c for cases in MODELS.values() for c in cases}:
-                path = tmp / "models" / case
-                if case == "evil":
-                    dirs[case] = mlflow_models.malicious_sklearn_dir(path, marker)
-                else:
-                    dirs[case] = mlflow_models.BENIGN[case](path).path
-        for prefix in PREFIXES:
-            for name, cases in MODELS.items():
-                for case in cases:
-                    _register_now(server.uri, prefix + name, dirs[case])
+    with ThreadPoolExecutor(max_workers=2) as background:
+        # The registries are built while the broker starts.
+        registering = background.submit(_register_models, server.uri, tmp / "models", marker)
+        broker = start_broker(tmp, "--config", str(config),
+                              env={"AIRLOCK_PROVENANCE_KEY": str(key_path)})
+        try:
+            public_key = tmp / "airlock.pub.pem"
+            public_key.write_text(load_key(key_path).public_pem)
+            registering.result()
 
-        def run(prefix: str, jobs: str) -> subprocess.CompletedProcess[str]:
-            models = [arg for name in MODELS for arg in ("--model", prefix + name)]
-            return migrate(server.uri, broker.address, public_key, *models, "--json",
-                           "--alias", "champion", "--jobs", jobs)
+            def run(prefix: str, jobs: str) -> subprocess.CompletedProcess[str]:
+                models = [arg for name in MODELS for arg in ("--model", prefix + name)]
+                return migrate(server.uri, broker.address, public_key, *models, "--json",
+                               "--alias", "champion", "--jobs", jobs)
 
-        serial = run("serial-", "1")
-        parallel = run("parallel-", "4")
-        yield Runs(server, broker, marker, serial, parallel, snapshot(server.uri))
-    finally:
-        code = broker.stop()
-        assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
+            # The two runs touch disjoint models, so they run side by side: the broker's queue
+            # (two jobs at a time by default) serves both, and neither waits for the other's
+            # start-up, downloads and registrations.
+            serial_run = background.submit(run, "serial-", "1")
+            parallel_run = background.submit(run, "parallel-", "4")
+            serial, parallel = serial_run.result(), parallel_run.result()
+            yield Runs(server, broker, marker, serial, parallel, snapshot(server.uri))
+        finally:
+            code = broker.stop()
+            assert code == 0, f"broker exited {code}:\n{broker.log.read_text()[-3000:]}"
 
 
 def _doc(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -67,7 +67,10 @@ def wait_for_validators(broker_pid: int, count: int, exclude: set[int]) -> set[i
 
 def test_conversion_returns_the_validated_canonical_onnx(tmp_path: Path) -> None:
     config = tmp_path / "broker.toml"
-    config.write_text(f"[sandbox]\nimage = {IMAGE!r}\n\n[onnx_validator]\nprocesses = 2\n")
+    # Cold containers only: the test is about the validators, and warm pools would start a
+    # container for each profile that no job here uses.
+    config.write_text(f"[sandbox]\nimage = {IMAGE!r}\n\n[onnx_validator]\nprocesses = 2\n\n"
+                      "[pools]\nmin_warm = 0\n")
     broker = start_broker(tmp_path, "--config", str(config))
     try:
         before = wait_for_validators(broker.process.pid, 2, set())

@@ -15,6 +15,7 @@ import pytest
 
 from airlock_client import Client, ConversionError
 from tests.conftest import BrokerProcess, run_cli
+from tests.fixtures.mlflow_models import REQUIREMENTS
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +112,8 @@ def test_an_mlflow_models_input_example_is_parity_s_first_batch(broker: BrokerPr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlflow.sklearn.save_model(LogisticRegression().fit(x, x[:, 0] > 0), str(where),
-                                  serialization_format="pickle", input_example=x[:7])
+                                  serialization_format="pickle", input_example=x[:7],
+                                  pip_requirements=REQUIREMENTS["sklearn"])
     with Client(broker.address) as client:
         result = client.convert(where, tmp_path / "m.onnx")
     assert result.report.parity and all(p.passed for p in result.report.parity)

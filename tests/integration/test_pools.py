@@ -229,7 +229,7 @@ def test_the_pool_refills_to_min_warm_after_jobs(
 def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
         ready: PoolBroker, docker_client: Any, tmp_path: Path) -> None:
     artifact = ph.payload_pickle(tmp_path / "slow.pkl",
-                                 ph.sleep_then_succeed_source(12.0, tensor="survived"))
+                                 ph.wait_then_succeed_source(150.0, tensor="survived"))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
         convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=180)))
@@ -258,7 +258,8 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
         in_flight[0].reload()
         assert in_flight[0].status == "running", "restart touched the job's container"
     finally:
-        job.join(90)
+        # The job runs until released: the restart above must find it in flight.
+        ph.release_and_join(ready, job, 240)
     (result,) = outcome
     assert isinstance(result, ConversionResult), f"the job in flight failed: {result}"
     assert list(load_file(str(result.output))) == ["survived"]
@@ -433,7 +434,7 @@ def test_the_status_commands_numbers_match_what_docker_reports(
                 assert -1 < age - oldest < 90, (container.short_id, age, oldest)
 
     check(expect_busy=0)
-    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.sleep_then_succeed_source(30.0))
+    artifact = ph.payload_pickle(tmp_path / "slow.pkl", ph.wait_then_succeed_source(150.0))
     outcome: list[ConversionResult | ConversionError] = []
     job = threading.Thread(target=lambda: outcome.append(
         convert(ready, artifact, tmp_path / "slow.safetensors", job_timeout=180)))
@@ -446,7 +447,8 @@ def test_the_status_commands_numbers_match_what_docker_reports(
         human = run_cli("pool", "status", server=ready.unix_address, timeout=60)
         assert human.returncode == 0 and "sklearn" in human.stdout and "runc" in human.stdout
     finally:
-        job.join(240)
+        # The job runs until released: the checks above need it busy, however long they take.
+        ph.release_and_join(ready, job, 240)
     assert isinstance(outcome[0], ConversionResult), outcome
 
 

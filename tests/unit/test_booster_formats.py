@@ -27,6 +27,7 @@ from airlock_worker import detect
 from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
 from airlock_worker.report import Report
+from tests.fixtures.mlflow_models import REQUIREMENTS
 
 xgboost = pytest.importorskip("xgboost")
 lightgbm = pytest.importorskip("lightgbm")
@@ -279,7 +280,7 @@ def test_an_mlflow_xgboost_model_converts_under_safe_only(
     x, _ = _data()
     where = tmp_path / "model"
     mlflow.xgboost.save_model(_xgb_classifier(), str(where), model_format=model_format,
-                              input_example=x[:3])
+                              input_example=x[:3], pip_requirements=REQUIREMENTS["xgboost"])
     report = _convert_bundle(tmp_path, where)
     assert report.executed_artifact_code is False
     assert report.detected_format == f"mlflow:xgboost/{model_format}"
@@ -293,7 +294,7 @@ def test_an_mlflow_lightgbm_booster_converts_under_safe_only(tmp_path: Path) -> 
     booster = lightgbm.train({"objective": "binary", "num_leaves": 4, "verbose": -1},
                              lightgbm.Dataset(x, y), num_boost_round=3)
     where = tmp_path / "model"
-    mlflow.lightgbm.save_model(booster, str(where))
+    mlflow.lightgbm.save_model(booster, str(where), pip_requirements=REQUIREMENTS["lightgbm"])
     report = _convert_bundle(tmp_path, where)
     assert report.executed_artifact_code is False
     assert report.detected_format == "mlflow:lightgbm/text"
@@ -309,7 +310,8 @@ def test_an_mlflow_lightgbm_wrapper_is_a_pickle_read_by_the_policy_loader(
     x, y = _data()
     model = lightgbm.LGBMClassifier(n_estimators=3, num_leaves=4, verbose=-1).fit(x, y)
     where = tmp_path / "model"
-    mlflow.lightgbm.save_model(model, str(where), serialization_format="cloudpickle")
+    mlflow.lightgbm.save_model(model, str(where), serialization_format="cloudpickle",
+                               pip_requirements=REQUIREMENTS["lightgbm"])
     report = _convert_bundle(tmp_path / "safe", where)
     assert report.loader == "policy loader" and report.executed_artifact_code is False
     assert all(e.passed for e in report.parity)

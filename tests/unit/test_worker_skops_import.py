@@ -33,15 +33,27 @@ print(json.dumps({"torch": torch_after_import, "hidden": shim_left_hidden,
 '''
 
 
-def _probe(mode: str) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT), mode], capture_output=True,
-                         text=True, timeout=300, check=True)
-    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+def _probes(*modes: str) -> list[dict[str, object]]:
+    """One fresh interpreter per mode, all at once (each spends seconds importing)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, str(ROOT), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mode in modes]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def test_skops_io_imports_without_torch_and_trusts_the_same_types() -> None:
-    worker, plain = _probe("worker"), _probe("plain")
+    worker, plain = _probes("worker", "plain")
     assert worker["torch"] is False, "import_skops_io imported torch"
     assert worker["hidden"] is False, "the torch shim was left marked unimportable"
     assert worker["trusted"] == plain["trusted"]
