@@ -94,8 +94,13 @@ class Registry:
 def migrate(registry_uri: str, broker: str, public_key: Path, *args: str
             ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # Two quick retries, not MLflow's seven with long back-offs, nor none: the server closes
+    # a keep-alive connection idle for 5 s (uvicorn's default) while a version converts, and a
+    # download that reuses it just then is refused once (a fresh-clone run: one of 5 versions
+    # failed so, 'conda.yaml failed with exception HTTPConnectionPool(...)').
     env.update({"AIRLOCK_SERVER": broker, "AIRLOCK_MIGRATE_PAGE_SIZE": str(PAGE_SIZE),
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
     return subprocess.run([AIRLOCK, "migrate", "--tracking-uri", registry_uri,
                            "--public-key", str(public_key), *args],
                           capture_output=True, text=True, timeout=900, env=env, check=False)
