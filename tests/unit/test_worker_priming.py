@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 from airlock_worker import priming
+from tests.unit.fresh_interpreters import run_at_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,21 +56,12 @@ print("RESULT " + json.dumps(out, sort_keys=True))
 
 def _convert(tmp_path: Path, *variants: str) -> list[dict[str, object]]:
     """One fresh interpreter per variant, all at once (each spends seconds importing)."""
-    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(ROOT), str(tmp_path), variant],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for variant in variants]
     results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-            assert line is not None, err[-3000:]
-            results.append(json.loads(line[7:]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    for _, out, err in run_at_once(*(["-c", _CONVERT, str(ROOT), str(tmp_path), variant]
+                                     for variant in variants)):
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        assert line is not None, err[-3000:]
+        results.append(json.loads(line[7:]))
     return results
 
 

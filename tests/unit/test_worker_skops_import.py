@@ -6,9 +6,9 @@ again afterwards. Each side runs in a fresh interpreter (imports are once per pr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.unit.fresh_interpreters import run_at_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,20 +35,10 @@ print(json.dumps({"torch": torch_after_import, "hidden": shim_left_hidden,
 
 def _probes(*modes: str) -> list[dict[str, object]]:
     """One fresh interpreter per mode, all at once (each spends seconds importing)."""
-    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, str(ROOT), mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for mode in modes]
     results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    for returncode, out, err in run_at_once(*(["-c", _PROBE, str(ROOT), mode] for mode in modes)):
+        assert returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 
 
