@@ -268,11 +268,11 @@ class JobRunner:
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
                   input_sha256: str, input_size: int, audit: AuditRecord,
-                  answered: asyncio.Event | None = None,
-                  room: OutputRoom | None = None) -> AsyncIterator[JobResult]:
+                  answered: asyncio.Event | None,
+                  room: OutputRoom) -> AsyncIterator[JobResult]:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit. ``room``: where
-        its sandboxes write their outputs and how much (default: the tmpfs).
+        its sandboxes write their outputs and how much (``rooms.for_job``).
 
         When the decision says integrity applies (a PyTorch checkpoint converted to
         safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
@@ -281,7 +281,6 @@ class JobRunner:
         """
         began = time.monotonic()
         detected = decision.format
-        room = room or self.rooms.tmpfs
         audit.set(output_room={"bytes": room.limits.max_output_bytes,
                                "on_disk": bool(room.disk_bytes)})
         verify = self.verify_integrity and decision.verifies(request.target)
