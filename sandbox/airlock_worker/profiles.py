@@ -9,6 +9,7 @@ container's 1.6-2.0 CPU-s, 0.06-0.08 of a light one's 0.17-0.23)."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
@@ -39,9 +40,19 @@ DEFAULT_PROFILE = PROFILE_LIGHT
 
 
 def warm_up(profile: str) -> None:
-    """Import the profile's modules, then pay its first-call costs (:mod:`.priming`)."""
-    for module in PROFILES[profile]:
-        importlib.import_module(module)
-    from .priming import prime
+    """Import the profile's modules, then pay its first-call costs (:mod:`.priming`).
 
-    prime(profile)
+    The cyclic garbage collector is off meanwhile: what imports allocate lives as long as the
+    process, so its collections found nothing to free and cost 8-15 % of the warm-up's CPU
+    (sklearn 0.93 -> 0.85 CPU-s, torch 0.95 -> 0.84, ``--cpus 1``, median of 3). Frozen
+    afterwards, those objects are never walked again by the job's own collections."""
+    gc.disable()
+    try:
+        for module in PROFILES[profile]:
+            importlib.import_module(module)
+        from .priming import prime
+
+        prime(profile)
+    finally:
+        gc.freeze()
+        gc.enable()
