@@ -300,7 +300,9 @@ def _median_dict(rows: list[dict[str, float]]) -> dict[str, float]:
 def _container_cost(script: str, reps: int) -> dict[str, Any]:
     """CPU of one container start, split: the container itself (its cgroup: interpreter +
     ``script``), its shim (+ the runc calls it waits for), dockerd + containerd, and the
-    docker CLI. The script ends in a 1 s sleep so the cgroup can be read before it goes."""
+    docker CLI. The script ends in a 1 s sleep so the cgroup can be read before it goes, then
+    in ``os._exit`` as the worker does (a normal exit's collections and finalizers would count
+    CPU no worker spends)."""
     daemons = host.pids_named("dockerd", "containerd")
     rows = []
     for _ in range(reps):
@@ -309,7 +311,7 @@ def _container_cost(script: str, reps: int) -> dict[str, Any]:
         began = time.perf_counter()
         cid = subprocess.run(
             ["docker", "run", "-d", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-             "--entrypoint", "python3", IMAGE, "-c", script + "\nimport time; time.sleep(1.0)"],
+             "--entrypoint", "python3", IMAGE, "-c", script + "\nimport os, time; time.sleep(1.0); os._exit(0)"],
             capture_output=True, text=True, timeout=120, check=True).stdout.strip()
         shim = shim_pids().get(cid)
         cgroup_cpu, shim_cpu, last_change, ready = 0.0, 0.0, time.perf_counter(), None
