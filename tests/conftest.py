@@ -145,10 +145,11 @@ class BrokerProcess:
 def reap_state(state: Path) -> None:
     """What the broker's next start would do on this state root: unmount and remove the slots
     (and uploads, results) of a broker that is gone. Never for a live broker's root."""
-    from airlock_broker.sandboxes.workspace import reap_stale
+    from airlock_broker.sandboxes.workspace import reap_stale, unmount_ram_spool
 
     if state.is_dir():
         reap_stale(state)
+        unmount_ram_spool(state)  # its RAM spool, emptied by reap_stale
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown stopped their brokers

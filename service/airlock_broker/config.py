@@ -123,7 +123,8 @@ class BrokerConfig:
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
     max_queued_jobs: int = 16
     #: One input file (a model directory sends each weights file as its own job). The spool
-    #: is disk, its reserve checked before an upload starts (spool_space.py); what a job can
+    #: is disk, its reserve checked before an upload starts (spool_space.py), or for inputs
+    #: that fit ``[spool] ram_bytes`` the RAM spool (input_room.py); what a job can
     #: *output* is bounded by ``sandbox.output_bytes`` (RAM) instead: ``job_output_limits``.
     max_artifact_bytes: int = 16 * GiB
     #: Response chunk size; well under gRPC's 4 MiB message cap.

@@ -230,7 +230,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                          onnx_validator: OnnxValidatorPool, trace: Trace,
                          ram: RamSpool) -> Broker:
     metrics = Metrics()
-    metrics.bind(admission, pools)
+    metrics.bind(admission, pools, ram)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
     # socket's callers are named by uid and the pools need the admin role.
