@@ -198,6 +198,14 @@ class JobWorkspace:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.out_dir / READY_NAME)
 
+    def drop_input(self) -> None:
+        """Remove the artifact and the sample once the job is done with them (its sandbox
+        dead or being killed), before the slot itself is destroyed (deferred: pools.py): an
+        input in the RAM spool gives its room back as soon as no sandbox holds it open."""
+        for name in (ARTIFACT_NAME, SAMPLE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.in_dir / name)  # unlink never follows a link
+
     def destroy(self) -> None:
         """Unmount and delete everything. Logs instead of raising: it runs in ``finally``."""
         _destroy_slot(self.root)
