@@ -180,7 +180,7 @@ def test_an_input_that_fits_goes_to_ram_and_others_to_disk_with_the_reason() -> 
     assert (over.ram, over.root, over.disk_slots) == (False, Path("/state"), True)
     assert over.record() == {"ram": False, "bytes": 101 * MiB, "why": "over_budget"}
     assert ram.room(0, output_on_disk=False).why == "undeclared"
-    assert ram.room(MiB, output_on_disk=True).why == "output_on_disk"
+    assert ram.room(MiB, output_on_disk=True).why == "output_may_need_disk"
     fits.release()
 
 

@@ -121,7 +121,7 @@ class RamSpool:
         may need a disk-backed filesystem (``output_on_disk``)."""
         if self.root is None:
             return InputRoom(self.disk_root, ram=False, bytes=declared, why="off")
-        why = ("undeclared" if declared <= 0 else "output_on_disk" if output_on_disk
+        why = ("undeclared" if declared <= 0 else "output_may_need_disk" if output_on_disk
                else "over_budget" if declared > self.budget else "")
         with self._lock:
             if not why and self._free() - self._claimed() - RAM_SLACK_BYTES < declared:
