@@ -107,18 +107,21 @@ def _keys_of(checkpoint: Checkpoint, shard: Path) -> list[str]:
 @dataclass
 class SpoolSampler(ThreadedSampler):
     """Bytes the broker holds under its state root, sampled: on the spool's own disk
-    (allocated blocks of uploads, answers, slot inputs) and on other filesystems mounted in
-    it (the output tmpfs: RAM)."""
+    (allocated blocks of uploads, answers, slot inputs), in the RAM spool (``ram/``: inputs
+    that fit its budget) and on the other filesystems mounted in it (the output tmpfs: RAM)."""
 
     root: Path
     interval: float = 0.2
     peak_disk: int = 0
     peak_tmpfs: int = 0
+    peak_ram_spool: int = 0
 
     def _run(self) -> None:
         device = os.stat(self.root).st_dev
+        ram = self.root / "ram"
+        ram_device = os.stat(ram).st_dev if ram.is_dir() else device
         while not self._stop.is_set():
-            disk = tmpfs = 0
+            disk = tmpfs = spool_ram = 0
             seen: set[tuple[int, int]] = set()
             for dirpath, _dirs, files in os.walk(self.root):
                 for name in files:
@@ -131,10 +134,13 @@ class SpoolSampler(ThreadedSampler):
                     seen.add((st.st_dev, st.st_ino))
                     if st.st_dev == device:
                         disk += st.st_blocks * 512
+                    elif st.st_dev == ram_device:
+                        spool_ram += st.st_blocks * 512
                     else:
                         tmpfs += st.st_blocks * 512
             self.peak_disk = max(self.peak_disk, disk)
             self.peak_tmpfs = max(self.peak_tmpfs, tmpfs)
+            self.peak_ram_spool = max(self.peak_ram_spool, spool_ram)
             self._stop.wait(self.interval)
 
 
@@ -178,5 +184,6 @@ def scenario(broker: Broker, total_bytes: int, work: Path) -> dict[str, Any]:
         "temp_disk_peak_bytes": spool.peak_disk,
         "temp_disk_peak_over_input": round(spool.peak_disk / size, 2),
         "output_tmpfs_peak_bytes": spool.peak_tmpfs,
+        "ram_spool_peak_bytes": spool.peak_ram_spool,
         "setup_s": round(checkpoint.setup_s, 1),
     }

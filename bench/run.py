@@ -608,7 +608,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
         f"safetensors dir (transfer: {r['transfer']})" if r else "sharded checkpoint -> "
         "safetensors dir",
         f"{r['airlock_s']:.1f} s, RSS {r['broker_peak_rss_mib']:.0f} MiB, temp disk "
-        f"{r['temp_disk_peak_over_input']:.2f}x input" if r else "error",
+        f"{r['temp_disk_peak_over_input']:.2f}x input, RAM spool "
+        f"{r.get('ram_spool_peak_bytes', 0) / r['input_bytes']:.2f}x" if r else "error",
         f"{r['baseline_s']:.1f} s (convert_multi)" if r else "",
         f"{r['ratio']:.2f}x" if r else "")
     r = get("S8")

@@ -130,7 +130,9 @@ class Snapshot:
         for line in _docker_ps(broker.identity):
             states[line] += 1
         spool = broker.spool
-        files = {sub: _count_files(spool / sub) for sub in ("uploads", "slots", "results")}
+        # the disk spool's and the RAM spool's (ram/: warm slots, inputs that fit its budget)
+        files = {sub: _count_files(spool / sub) + _count_files(spool / "ram" / sub)
+                 for sub in ("uploads", "slots", "results")}
         with open("/proc/self/mountinfo") as fh:
             mounts = sum(1 for line in fh if line.split()[4].startswith(f"{spool}/"))
         with open(f"/proc/{broker.pid}/status") as fh:

@@ -142,13 +142,20 @@ class BrokerProcess:
         return int(self.process.returncode)
 
 
+def spool_dirs(spool: Path, sub: str) -> list[Path]:
+    """``sub`` (uploads/ or slots/) on the spool's disk and in its RAM spool (``ram/``, where
+    warm containers' slots and the inputs that fit its budget live)."""
+    return [spool / sub, spool / "ram" / sub]
+
+
 def reap_state(state: Path) -> None:
     """What the broker's next start would do on this state root: unmount and remove the slots
     (and uploads, results) of a broker that is gone. Never for a live broker's root."""
-    from airlock_broker.sandboxes.workspace import reap_stale
+    from airlock_broker.sandboxes.workspace import reap_stale, unmount_ram_spool
 
     if state.is_dir():
         reap_stale(state)
+        unmount_ram_spool(state)  # its RAM spool, emptied by reap_stale
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown stopped their brokers
@@ -282,7 +289,8 @@ def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
         if not owner_pid.isdigit() or int(owner_pid) not in STARTED_PIDS:
             continue
         slot = labels.get("airlock.slot", "")
-        in_dirs = [spool / "slots" / slot / "in" for spool in LIVE_SPOOLS if slot]
+        in_dirs = [slots / slot / "in" for spool in LIVE_SPOOLS if slot
+                   for slots in spool_dirs(spool, "slots")]
         idle = info.get("State") == "running" and any(
             d.is_dir() and not any(d.iterdir()) for d in in_dirs)
         if not idle:

@@ -38,6 +38,9 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     socket_path = "/run/airlock/transfer.sock"    # default: beside the Unix socket
     allowed_filesystems = ["ext4", "xfs", "btrfs", "tmpfs", "overlay"]   # never FUSE/NFS
 
+    [spool]            # SpoolSettings (input_room.py): inputs that fit go to a RAM spool
+    ram_bytes = 4294967296          # default: a quarter of the host's memory, at most 8 GiB; 0: off
+
     [upload]           # UploadLimits: minimum rate and total deadline, spool free-space reserve
     min_bytes_per_second = 1048576
     grace_seconds = 10.0
@@ -70,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.conversion.idempotency import IdempotencySettings
+from airlock_broker.conversion.input_room import SpoolSettings
 from airlock_broker.conversion.output_room import OutputRooms
 from airlock_broker.conversion.upload_limits import UploadLimits
 from airlock_broker.fastpath.local_transfer import LocalTransferSettings
@@ -119,7 +123,8 @@ class BrokerConfig:
     #: Jobs that may wait for a slot; beyond this a request is refused with BUSY.
     max_queued_jobs: int = 16
     #: One input file (a model directory sends each weights file as its own job). The spool
-    #: is disk, its reserve checked before an upload starts (spool_space.py); what a job can
+    #: is disk, its reserve checked before an upload starts (spool_space.py), or for inputs
+    #: that fit ``[spool] ram_bytes`` the RAM spool (input_room.py); what a job can
     #: *output* is bounded by ``sandbox.output_bytes`` (RAM) instead: ``job_output_limits``.
     max_artifact_bytes: int = 16 * GiB
     #: Response chunk size; well under gRPC's 4 MiB message cap.
@@ -163,6 +168,7 @@ class BrokerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     local_transfer: LocalTransferSettings = field(default_factory=LocalTransferSettings)
     upload: UploadLimits = field(default_factory=UploadLimits)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
@@ -207,7 +213,8 @@ class BrokerConfig:
 
     @property
     def spool_root(self) -> Path:
-        """Where uploads/, results/ and slots/ live: the state root itself."""
+        """Where uploads/, results/ and slots/ live: the state root itself (and the RAM
+        spool, when mounted, at its ``ram/``)."""
         return self.state_root
 
     @property
@@ -244,7 +251,7 @@ class BrokerConfig:
                 doc = tomllib.load(fh)
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
                               "provenance", "auth", "idempotency", "local_transfer", "upload",
-                              "rpc", "observability"}
+                              "spool", "rpc", "observability"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         broker = dict(doc.get("broker", {}))
@@ -255,8 +262,8 @@ class BrokerConfig:
             broker["unix_socket"] = unix_socket_setting(broker["unix_socket"])
         _check_keys(cls, broker, "broker", skip={"sandbox", "output", "onnx_validator", "pools",
                                                  "provenance_key", "auth", "idempotency",
-                                                 "local_transfer", "upload", "rpc",
-                                                 "trace_events"})
+                                                 "local_transfer", "upload", "spool",
+                                                 "rpc", "trace_events"})
         observability = dict(doc.get("observability", {}))
         if set(observability) - {"trace_events"}:
             raise ValueError("unknown keys in [observability]: "
@@ -265,6 +272,8 @@ class BrokerConfig:
             broker["trace_events"] = Path(observability["trace_events"])
         upload_doc = dict(doc.get("upload", {}))
         _check_keys(UploadLimits, upload_doc, "upload")
+        spool_doc = dict(doc.get("spool", {}))
+        _check_keys(SpoolSettings, spool_doc, "spool")
         local_doc = dict(doc.get("local_transfer", {}))
         _check_keys(LocalTransferSettings, local_doc, "local_transfer")
         if "socket_path" in local_doc:
@@ -305,7 +314,8 @@ class BrokerConfig:
                    pools=PoolSettings(**pools_doc), auth=auth,
                    idempotency=IdempotencySettings(**idem_doc),
                    local_transfer=LocalTransferSettings(**local_doc),
-                   upload=UploadLimits(**upload_doc), rpc=RpcLimits(**rpc_doc),
+                   upload=UploadLimits(**upload_doc), spool=SpoolSettings(**spool_doc),
+                   rpc=RpcLimits(**rpc_doc),
                    **{**broker, **overrides})
 
 

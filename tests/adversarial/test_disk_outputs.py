@@ -61,7 +61,8 @@ def _slots_cleared(broker: BrokerProcess, deadline: float = 60.0) -> list[str]:
     after the answer): mounts and images; polled until none or the deadline."""
     ends = time.monotonic() + deadline
     while True:
-        left = _mounts_under(broker.state) + [
+        left = [m for m in _mounts_under(broker.state)
+                if m != str(broker.state / "ram")] + [  # the RAM spool lives with the broker
             str(p) for p in (broker.state / "slots").rglob("out.img")]
         if not left or time.monotonic() > ends:
             return left

@@ -30,7 +30,7 @@ import pytest
 
 from airlock_client import Client, ConversionError
 from tests import zip_bomb
-from tests.conftest import BrokerProcess, start_broker
+from tests.conftest import BrokerProcess, spool_dirs, start_broker
 from tests.fixtures import models
 
 pytestmark = pytest.mark.adversarial
@@ -94,7 +94,8 @@ class RssWatch:
 def _spooled(broker: BrokerProcess, size: int) -> bool:
     """Whether an upload of ``size`` bytes has fully arrived: in the spool's uploads/, or
     already moved into its job's slot (where it stays until the job's answer is out)."""
-    places = [broker.spool / "uploads", *(broker.spool / "slots").glob("*/in")]
+    places = [*spool_dirs(broker.spool, "uploads"),
+              *(d for slots in spool_dirs(broker.spool, "slots") for d in slots.glob("*/in"))]
     for place in places:
         try:
             if any(entry.stat().st_size >= size for entry in place.iterdir()):

@@ -21,7 +21,7 @@ from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client, PoolStatus
 from airlock_sandbox.contract import IN_DIR, JOB_SPEC_NAME
 from tests.adversarial.payloads import reduce_pickle
-from tests.conftest import BrokerProcess, start_broker
+from tests.conftest import BrokerProcess, spool_dirs, start_broker
 
 T = TypeVar("T")
 
@@ -109,10 +109,15 @@ def stop_cleanly(broker: PoolBroker, docker_client: Any) -> None:
     assert code == 0, f"broker exited {code}:\n{broker.log_tail()}"
     left = containers_of(docker_client, broker.identity)
     assert left == [], f"the stopped broker left containers: {left}"
-    slots = broker.spool / "slots"
     assert mounts_under(broker.spool) == [], "the stopped broker left output tmpfs mounts"
-    assert not slots.is_dir() or list(slots.iterdir()) == [], \
-        f"the stopped broker left slot directories: {list(slots.iterdir())}"
+    left = [p for slots in spool_dirs(broker.spool, "slots") if slots.is_dir()
+            for p in slots.iterdir()]
+    assert left == [], f"the stopped broker left slot directories: {left}"
+
+
+def slot_mounts(spool: Path) -> list[str]:
+    """Mount points in the slots of ``spool``, on its disk and in its RAM spool."""
+    return [m for slots in spool_dirs(spool, "slots") for m in mounts_under(slots)]
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -147,10 +152,12 @@ def is_idle(container: Any, spool: Path) -> bool:
     slot = container.labels.get(LABEL_SLOT, "")
     if not slot or container.status != "running":
         return False
-    try:
-        return not any((spool / "slots" / slot / "in").iterdir())
-    except OSError:  # no such slot (any more)
-        return False
+    for slots in spool_dirs(spool, "slots"):
+        try:
+            return not any((slots / slot / "in").iterdir())
+        except OSError:  # no such slot (any more), or on the other spool
+            continue
+    return False
 
 
 def idle_warm_ids(docker_client: Any, broker: PoolBroker, profile: str | None = None) -> set[str]:
@@ -379,7 +386,7 @@ def release_jobs(broker: PoolBroker) -> int:
     """End every ``wait_then_succeed_source`` job of ``broker``: a release mark in each slot
     whose input holds a job. How many slots were released."""
     released = 0
-    for in_dir in (broker.spool / "slots").glob("*/in"):
+    for in_dir in (d for slots in spool_dirs(broker.spool, "slots") for d in slots.glob("*/in")):
         with contextlib.suppress(OSError):  # a slot removed meanwhile
             if (in_dir / JOB_SPEC_NAME).exists():
                 (in_dir / RELEASE_NAME).touch()

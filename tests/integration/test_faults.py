@@ -32,7 +32,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_client import Client, ConversionError, ServiceUnavailable
 from tests.adversarial import payloads
-from tests.conftest import IMAGE, ROOT
+from tests.conftest import IMAGE, ROOT, spool_dirs
 from tests.integration import pool_helpers as ph
 
 pytestmark = pytest.mark.integration
@@ -73,8 +73,9 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
 
 
 def _spool_files(spool: Path, sub: str) -> list[str]:
-    base = spool / sub
-    return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+    """The entries of ``sub`` on the spool's disk and in its RAM spool."""
+    return sorted(p.name for base in spool_dirs(spool, sub) if base.is_dir()
+                  for p in base.iterdir())
 
 
 def _warm_slots_only(docker_client: Any, broker: ph.PoolBroker) -> None:
@@ -93,7 +94,7 @@ def _warm_slots_only(docker_client: Any, broker: ph.PoolBroker) -> None:
 
     ph.wait_for(only_warm, 60, "only warm slot directories",
                 lambda: f"slots {_spool_files(broker.spool, 'slots')}, warm {warm}")
-    mounts = ph.mounts_under(broker.spool / "slots")
+    mounts = ph.slot_mounts(broker.spool)
     assert all(any(s in m for s in warm) for m in mounts), f"stray mounts: {mounts}"
     assert _spool_files(broker.spool, "uploads") == []
 
@@ -302,7 +303,7 @@ def test_a_sigkilled_broker_leaves_nothing_its_successor_does_not_reap(
         call.cancel()
         channel.close()
         assert ph.exists(docker_client, job.id), "the job's sandbox should outlive its broker"
-        assert ph.mounts_under(first.spool / "slots"), "its output mount should remain"
+        assert ph.slot_mounts(first.spool), "its output mount should remain"
 
         (tmp_path / "second").mkdir()
         second = ph.launch(tmp_path / "second", config, spool=first.spool)
@@ -311,7 +312,7 @@ def test_a_sigkilled_broker_leaves_nothing_its_successor_does_not_reap(
             assert _spool_files(first.spool, "uploads") == []
             assert _spool_files(first.spool, "results") == []
             assert _spool_files(first.spool, "slots") == []
-            assert ph.mounts_under(first.spool / "slots") == []
+            assert ph.slot_mounts(first.spool) == []
             with Client(second.address, retry_attempts=1) as client:
                 result = client.convert(quick, tmp_path / "again.safetensors")
             assert result.format == "safetensors"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from airlock_client import Client, ConversionError, ServiceUnavailable
-from tests.conftest import assert_no_sandbox_left, start_broker
+from tests.conftest import assert_no_sandbox_left, spool_dirs, start_broker
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -65,6 +65,6 @@ def test_a_burst_of_200_is_converted_or_refused_with_busy(docker_client, tmp_pat
         assert_no_sandbox_left(docker_client)
     finally:
         assert proc.stop() == 0
-    leftovers = [p for sub in ("uploads", "slots") if (proc.spool / sub).exists()
-                 for p in (proc.spool / sub).iterdir()]
+    leftovers = [p for sub in ("uploads", "slots") for d in spool_dirs(proc.spool, sub)
+                 if d.exists() for p in d.iterdir()]
     assert leftovers == []

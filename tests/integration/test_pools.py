@@ -23,7 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from airlock_client import Client, ConversionError, ConversionResult, ServiceUnavailable
-from tests.conftest import IMAGE, run_cli
+from tests.conftest import IMAGE, run_cli, spool_dirs
 from tests.fixtures import models
 from tests.integration import pool_helpers as ph
 from tests.integration.pool_helpers import PoolBroker
@@ -100,9 +100,9 @@ def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
         first.client.close()
         assert {c.id for c in ph.containers_of(docker_client, first.identity)} == set(orphans), \
             "the killed broker's warm containers should outlive it"
-        slots = first.spool / "slots"
-        assert {p.name for p in slots.iterdir()} >= set(orphans.values())
-        assert ph.mounts_under(slots), "the killed broker's output tmpfs mounts should remain"
+        slots = spool_dirs(first.spool, "slots")
+        assert {p.name for d in slots for p in d.iterdir()} >= set(orphans.values())
+        assert ph.slot_mounts(first.spool), "the killed broker's output tmpfs mounts should remain"
 
         # Same spool, and a sweep too slow to matter. (This test runs first so that the shared
         # broker's 2 s sweep cannot reap the orphans; another session's broker still might.)
@@ -113,9 +113,10 @@ def test_orphans_left_by_a_killed_broker_are_reaped_on_the_next_start(
         survivors = [c[:12] for c in orphans if ph.exists(docker_client, c)]
         assert survivors == [], f"orphans still there once the new broker serves:\n" \
                                 f"{second.log_tail()}"
-        stale = set(orphans.values()) & {p.name for p in slots.iterdir()}
+        stale = set(orphans.values()) & {p.name for d in slots if d.is_dir()
+                                         for p in d.iterdir()}
         assert stale == set(), f"stale slot directories left: {stale}"
-        old_mounts = [m for m in ph.mounts_under(slots)
+        old_mounts = [m for m in ph.slot_mounts(first.spool)
                       if any(slot in m for slot in orphans.values())]
         assert old_mounts == [], f"stale output tmpfs mounts left: {old_mounts}"
         # The new broker carries on with pools of its own.

@@ -21,7 +21,8 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.version_gates import Observation
-from airlock_broker.sandboxes.workspace import JobWorkspace
+from airlock_broker.sandboxes.workspace import JobWorkspace, slot_spool
+from airlock_broker.security.state_dirs import ensure_dir
 from airlock_sandbox.contract import JobSpec
 
 Behaviour = Callable[[JobSpec, bytes, Path], int | None]
@@ -41,6 +42,8 @@ class FakeSandbox:
     ran: list[str] = field(default_factory=list)
     #: the ``disk_output_bytes`` of every prepare, in order (0: the tmpfs)
     disk_outputs: list[int] = field(default_factory=list)
+    #: the spool each prepared slot is on, in order (the RAM spool or the disk's)
+    slot_spools: list[Path] = field(default_factory=list)
 
     async def describe(self, slot: Slot) -> Confinement:
         return Confinement()
@@ -61,15 +64,19 @@ class FakeSandbox:
         return slot.workspace.out_dir
 
     async def prepare(self, profile: str, *, selftest: bool = False,
-                      disk_output_bytes: int = 0) -> Slot:
+                      disk_output_bytes: int = 0, on_disk: bool = False) -> Slot:
         if self.unavailable:
             raise SandboxUnavailable("fake engine is down")
         slot_id = uuid.uuid4().hex
-        root = self.spool_root / "slots" / slot_id
+        slots = slot_spool(self.spool_root, on_disk=on_disk or bool(disk_output_bytes)) / "slots"
+        slots.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(slots)
+        root = slots / slot_id
         (root / "in").mkdir(parents=True)
         (root / "out").mkdir()
         self.prepared += 1
         self.disk_outputs.append(disk_output_bytes)
+        self.slot_spools.append(slots.parent)
         self.live.add(slot_id)
         ws = JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid())
         return Slot(slot_id=slot_id, profile=profile, workspace=ws, container_id=slot_id)

@@ -282,3 +282,24 @@ def test_nothing_starts_once_the_pools_are_closing(tmp_path: Path) -> None:
 
     run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
                                      defer_max_seconds=60.0), body)
+
+
+def test_a_released_slot_gives_its_input_back_before_it_is_destroyed(tmp_path: Path) -> None:
+    """The RAM spool's room (an input there) comes back when the job is done with it, not
+    when its slot is destroyed after the answer (deferred up to ``defer_max_seconds``)."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        slot = await pools.acquire("sklearn")
+        upload = tmp_path / "uploads" / "job"
+        upload.parent.mkdir(exist_ok=True)
+        upload.write_bytes(b"weights")
+        await backend.hand_over(slot, upload, b"\x93NUMPY")
+        answered = asyncio.Event()
+        await pools.release(slot, answered)
+        assert not slot.workspace.artifact.exists() and not slot.workspace.sample.exists()
+        assert slot.workspace.root.is_dir()  # the slot itself waits for the answer
+        answered.set()
+        await pools.settle()
+        assert not slot.workspace.root.exists()
+
+    run_pools(tmp_path, PoolSettings(min_warm=0, profiles=("sklearn",),
+                                     defer_max_seconds=60.0), body)

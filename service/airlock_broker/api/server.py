@@ -31,7 +31,9 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.admission import Admission
 from airlock_broker.conversion.audit import AuditLog
 from airlock_broker.conversion.idempotency import IdempotencyStore
+from airlock_broker.conversion.input_room import RamSpool
 from airlock_broker.conversion.jobs import JobRunner
+from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_identity import PeerTickets
 from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
@@ -43,7 +45,12 @@ from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.sandbox_ids import check_at_start
 from airlock_broker.sandboxes.version_gates import Observation, host_observations
-from airlock_broker.sandboxes.workspace import disk_outputs_missing, reap_stale
+from airlock_broker.sandboxes.workspace import (
+    disk_outputs_missing,
+    mount_ram_spool,
+    reap_stale,
+    unmount_ram_spool,
+)
 from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.tracing import NO_TRACE, Trace
@@ -110,6 +117,8 @@ class Broker:
                 left = reap_stale(self.spool_root) if self.spool_root is not None else 0
                 if left:
                     log.info("removed %d job director(ies) left at shutdown", left)
+                if self.spool_root is not None:
+                    unmount_ram_spool(self.spool_root)
                 self.trace.close()
                 os.close(self.lock_fd)
 
@@ -167,9 +176,15 @@ async def create_server(config: BrokerConfig,
     trace = NO_TRACE
     try:
         signing_key = provenance_key(config)
-        stale = reap_stale(config.spool_root)
+        stale = reap_stale(config.spool_root)  # the RAM spool's too, if one was left mounted
         if stale:
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
+        ram = RamSpool(config.spool_root, mount_ram_spool(config.spool_root,
+                                                          config.spool.ram_bytes),
+                       config.spool.ram_bytes)
+        if ram.on:
+            log.info("RAM spool of %d MiB at %s ([spool] ram_bytes)",
+                     config.spool.ram_bytes // MiB, ram.root)
         if config.sandbox.disk_output_bytes and (missing := disk_outputs_missing()):
             log.warning("disk-backed outputs are unavailable (%s): a job whose output does not "
                         "fit [sandbox] output_bytes (%d bytes) will fail with "
@@ -187,6 +202,7 @@ async def create_server(config: BrokerConfig,
         await backend.reap_orphans()
     except BaseException:
         trace.close()
+        unmount_ram_spool(config.spool_root)
         os.close(lock_fd)
         raise
     readiness = Readiness()
@@ -200,19 +216,21 @@ async def create_server(config: BrokerConfig,
     onnx_validator.start()
     try:
         return await _finish_server(config, backend, lock_fd, credentials, signing_key,
-                                    admission, pools, onnx_validator, trace)
+                                    admission, pools, onnx_validator, trace, ram)
     except BaseException:
         trace.close()
         await onnx_validator.close()
+        unmount_ram_spool(config.spool_root)
         raise
 
 
 async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd: int,
                          credentials: grpc.ServerCredentials | None, signing_key: SigningKey,
                          admission: Admission, pools: Pools,
-                         onnx_validator: OnnxValidatorPool, trace: Trace) -> Broker:
+                         onnx_validator: OnnxValidatorPool, trace: Trace,
+                         ram: RamSpool) -> Broker:
     metrics = Metrics()
-    metrics.bind(admission, pools)
+    metrics.bind(admission, pools, ram)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
     # socket's callers are named by uid and the pools need the admin role.
@@ -232,7 +250,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                        verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
         conversion_servicer(config, runner, admission, audit, metrics, signing_key,
-                            idempotency, fast_path, trace),
+                            idempotency, fast_path, trace, ram),
         server)
     async def host_versions() -> dict[str, Observation]:
         return {**host_observations(), **await backend.versions()}

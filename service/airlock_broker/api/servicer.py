@@ -25,6 +25,7 @@ from airlock_broker.conversion.admission import Admission
 from airlock_broker.conversion.answers import Answer
 from airlock_broker.conversion.audit import AuditLog, AuditRecord
 from airlock_broker.conversion.idempotency import IdempotencyStore
+from airlock_broker.conversion.input_room import RamSpool
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
 from airlock_broker.conversion.pipeline import ConversionPipeline, PipelineSettings
@@ -167,14 +168,16 @@ class RpcEdge:
 def conversion_servicer(config: BrokerConfig, runner: JobRunner, admission: Admission,
                         audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
                         idempotency: IdempotencyStore, fast_path: LocalTransferServer | None,
-                        trace: Trace = NO_TRACE) -> ConversionServicer:
+                        trace: Trace = NO_TRACE,
+                        ram: RamSpool | None = None) -> ConversionServicer:
     """The Convert service wired: its pipeline, on the broker's settings."""
     intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                           max_chunk_bytes=config.max_request_chunk_bytes,
                           idle_seconds=config.upload_idle_seconds, upload=config.upload,
                           space=SpoolSpace(config.spool_root, config.upload))
     settings = PipelineSettings(spool_root=config.spool_root, intake=intake,
-                                chunk_bytes=config.chunk_bytes, policy=config.sandbox)
+                                chunk_bytes=config.chunk_bytes, policy=config.sandbox,
+                                ram=ram)
     tickets = None if fast_path is None else FastPathTickets(fast_path, intake, trace)
     pipeline = ConversionPipeline(settings, runner, admission, audit, idempotency,
                                   RpcEdge(config, signing_key, trace), tickets=tickets,

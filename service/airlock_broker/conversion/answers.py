@@ -64,8 +64,11 @@ class Transfer(Protocol):
         """The caller's process as the kernel named it (the fast path), for the audit log."""
         ...
 
-    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
-        """The artifact into the spool file ``fd`` (which this closes), hashed."""
+    async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
+                      in_ram: bool = False) -> Spooled:
+        """The artifact into the spool file ``fd`` (which this closes), hashed. ``in_ram``:
+        the file is on the RAM spool, its declared size claimed there (input_room.py), so the
+        disk's reserve is not charged."""
         ...
 
     async def deliver(self, output: ValidatedOutput) -> bool:
@@ -93,8 +96,9 @@ class StreamTransfer:
     name: str = "stream"
     peer: Mapping[str, int] | None = None
 
-    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
-        return await spool_chunks(self.requests, fd, meta, self.limits)
+    async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
+                      in_ram: bool = False) -> Spooled:
+        return await spool_chunks(self.requests, fd, meta, self.limits, in_ram=in_ram)
 
     async def deliver(self, output: ValidatedOutput) -> bool:
         return False  # the caller reads at its own pace: from the spool copy, never the slot

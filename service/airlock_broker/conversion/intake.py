@@ -75,8 +75,11 @@ async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
 
 
 async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
-                       meta: pb.ConvertMetadata, limits: IntakeLimits) -> Spooled:
-    """Write every chunk to ``fd`` (which this function closes), hashing as it goes."""
+                       meta: pb.ConvertMetadata, limits: IntakeLimits, *,
+                       in_ram: bool = False) -> Spooled:
+    """Write every chunk to ``fd`` (which this function closes), hashing as it goes.
+    ``in_ram``: ``fd`` is on the RAM spool, its declared size claimed there (input_room.py):
+    nothing is claimed on the disk."""
     digest = hashlib.sha256()
     prefix = bytearray()
     size = 0
@@ -84,7 +87,8 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
     pace = limits.pace()
     claim: SpoolClaim | None = None
     try:
-        claim = limits.claim(min(meta.size_bytes, cap))  # undeclared: checked as it grows
+        if not in_ram:  # undeclared: checked as it grows
+            claim = limits.claim(min(meta.size_bytes, cap))
         spool = SpoolWriter(fd, claim)
         while (msg := await _next_chunk(stream, limits, pace, size)) is not None:
             if msg.WhichOneof("payload") != "chunk":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -269,10 +270,12 @@ class JobRunner:
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
                   input_sha256: str, input_size: int, audit: AuditRecord,
                   answered: asyncio.Event | None,
-                  room: OutputRoom) -> AsyncIterator[JobResult]:
+                  room: OutputRoom, *, slots_on_disk: bool = False) -> AsyncIterator[JobResult]:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit. ``room``: where
-        its sandboxes write their outputs and how much (``rooms.for_job``).
+        its sandboxes write their outputs and how much (``rooms.for_job``);
+        ``slots_on_disk``: the upload is on the disk spool while warm slots are on the RAM
+        spool, so the job's slots are prepared there (input_room.py).
 
         When the decision says integrity applies (a PyTorch checkpoint converted to
         safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
@@ -283,6 +286,7 @@ class JobRunner:
         detected = decision.format
         audit.set(output_room={"bytes": room.limits.max_output_bytes,
                                "on_disk": bool(room.disk_bytes)})
+        take = functools.partial(self._slot, on_disk=slots_on_disk)
         verify = self.verify_integrity and decision.verifies(request.target)
         async with contextlib.AsyncExitStack() as stack:
             read_first: Extraction | None = None
@@ -290,7 +294,7 @@ class JobRunner:
             if verify and decision.reading_first:
                 # An estimator pickle: the reading that executes nothing goes first. When it
                 # refuses nothing, its output is the answer: one sandbox, no artifact code.
-                reader = await self._slot(stack, decision.integrity_profile, answered, room)
+                reader = await take(stack, decision.integrity_profile, answered, room)
                 audit.set(warm_container=reader.started, profile=reader.profile)
                 await self.backend.hand_over(reader, upload, request.sample_input)
                 read_first = await self._read_first(reader, request, detected, stack, room)
@@ -298,13 +302,13 @@ class JobRunner:
                     yield await self._read_result(read_first, request, input_sha256,
                                                   input_size, audit, began)
                     return
-            slot = await self._slot(stack, decision.profile, answered, room)
+            slot = await take(stack, decision.profile, answered, room)
             if reader is None:
                 audit.set(warm_container=slot.started, profile=slot.profile)
                 await self.backend.hand_over(slot, upload, request.sample_input)
             else:  # the reading's artifact and sample, linked
                 await self.backend.hand_over(slot, reader)
-            extractor = (await self._slot(stack, decision.integrity_profile, answered, room)
+            extractor = (await take(stack, decision.integrity_profile, answered, room)
                          if verify and reader is None else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
@@ -441,10 +445,13 @@ class JobRunner:
                         f"{killed.message}") from exc
 
     async def _slot(self, stack: contextlib.AsyncExitStack, profile: str,
-                    answered: asyncio.Event | None, room: OutputRoom) -> Slot:
-        """A single-use slot whose destruction ``stack`` owns, its output as ``room`` says."""
+                    answered: asyncio.Event | None, room: OutputRoom, *,
+                    on_disk: bool = False) -> Slot:
+        """A single-use slot whose destruction ``stack`` owns, its output as ``room`` says,
+        on the disk spool if ``on_disk``."""
         with self.trace.span("acquire") as span:
-            slot = await self.pools.acquire(profile, disk_output_bytes=room.disk_bytes)
+            slot = await self.pools.acquire(profile, disk_output_bytes=room.disk_bytes,
+                                            on_disk=on_disk)
             if span:
                 span.note({"warm": bool(slot.started), "profile": slot.profile})
         stack.push_async_callback(self._release, slot, answered)

@@ -31,6 +31,7 @@ from airlock_broker.conversion.answers import Answer, StreamTransfer, Transfer, 
 from airlock_broker.conversion.audit import AuditLog, AuditRecord
 from airlock_broker.conversion.format_decision import Decision, decide
 from airlock_broker.conversion.idempotency import Claim, IdempotencyStore, options_digest
+from airlock_broker.conversion.input_room import InputRoom, RamSpool
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
 from airlock_broker.conversion.output_room import OutputRoom
@@ -95,6 +96,8 @@ class PipelineSettings:
     chunk_bytes: int
     #: The sandbox policy's limits and weakenings, for the audit record.
     policy: SandboxPolicy
+    #: Where each input is spooled, RAM or disk (input_room.py); None: always on disk.
+    ram: RamSpool | None = None
 
 
 class ConversionPipeline:
@@ -169,10 +172,19 @@ class ConversionPipeline:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
         room: SpoolClaim | None = None
-        upload, fd = new_upload(self.settings.spool_root, job.id)
+        inputs = self._input_room(request, meta)
+        try:
+            upload, fd = new_upload(inputs.root, job.id)
+        except BaseException:
+            inputs.release()
+            raise
+        job.record.set(input_room=inputs.record())
         try:
             with self.trace.span("spool"):
-                spooled = await transfer.receive(fd, meta)
+                try:
+                    spooled = await transfer.receive(fd, meta, in_ram=inputs.ram)
+                finally:  # written (or not): what it holds counts as the tmpfs's own
+                    inputs.release()
             # Room for the answer, before any sandbox starts: a job whose output would take
             # the spool below its reserve is refused now, with the numbers (spool_space.py).
             occupied = min(os.stat(upload).st_blocks * 512, spooled.size)
@@ -192,11 +204,22 @@ class ConversionPipeline:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
                 return await self._converted(job, request, upload, decision, spooled, claim,
-                                             transfer, output_room)
+                                             transfer, output_room, inputs)
         finally:
             remove_quietly(upload)
             if room is not None:
                 room.release()
+
+    def _input_room(self, request: JobRequest, meta: pb.ConvertMetadata) -> InputRoom:
+        """Where the input is spooled: in RAM when its declared size fits the RAM spool and
+        its output fits a tmpfs (an output image on disk needs its slots on disk), else on
+        disk (input_room.py)."""
+        declared = meta.size_bytes
+        ram = self.settings.ram
+        if ram is None:
+            return InputRoom(self.settings.spool_root, ram=False, bytes=declared, why="off")
+        output = self.runner.rooms.for_job(request.target, declared)
+        return ram.room(declared, output_on_disk=bool(output.disk_bytes))
 
     def _spool_room(self, request: JobRequest, output: OutputRoom,
                     occupied: int) -> SpoolClaim | None:
@@ -245,14 +268,14 @@ class ConversionPipeline:
 
     async def _converted(self, job: Job, request: JobRequest, upload: Path, decision: Decision,
                          spooled: Spooled, claim: Claim, transfer: Transfer,
-                         output_room: OutputRoom) -> Answer:
+                         output_room: OutputRoom, inputs: InputRoom) -> Answer:
         """Run the job; its signed result, spooled, is the answer (and the store's to keep)."""
         record = job.record
         answer: Answer | None = None
         try:
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, decision, spooled.sha256, spooled.size, record,
-                    job.answered, output_room) as result:
+                    job.answered, output_room, slots_on_disk=inputs.disk_slots) as result:
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
                 # Signed from the hash validation already computed: no extra pass over the

@@ -42,12 +42,14 @@ class ReadProgress:
 
 
 async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
-                          limits: IntakeLimits) -> Spooled:
+                          limits: IntakeLimits, *, in_ram: bool = False) -> Spooled:
     """The peer's input into the spool file ``dst`` (which this closes), on a thread of the
     fast path's own, within the upload's pace and idle timeout, and the spool's reserve.
 
     The room claimed up front is what the input really occupies (``st_blocks``), not its
-    length: its holes stay holes in the spool (spool_space.py).
+    length: its holes stay holes in the spool (spool_space.py). ``in_ram``: the spool file
+    is on the RAM spool, its declared size claimed there (input_room.py): nothing is
+    claimed on the disk.
     """
     progress = ReadProgress()
     pace: Pace | None = None
@@ -65,7 +67,8 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
 
     claim: SpoolClaim | None = None
     try:
-        claim = limits.claim(min(local.input.size, local.input.allocated))
+        if not in_ram:
+            claim = limits.claim(min(local.input.size, local.input.allocated))
         return await local.io.run(
             lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim),
             (local.input_fd, dst), watchdog)

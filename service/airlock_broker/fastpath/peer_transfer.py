@@ -35,9 +35,10 @@ class PeerTransfer:
         cred = self.files.peer
         return {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
 
-    async def receive(self, fd: int, meta: pb.ConvertMetadata) -> Spooled:
+    async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
+                      in_ram: bool = False) -> Spooled:
         # No Chunk follows the metadata: the input comes from the descriptor.
-        return await spool_from_peer(self.files, fd, meta, self.limits)
+        return await spool_from_peer(self.files, fd, meta, self.limits, in_ram=in_ram)
 
     async def deliver(self, output: ValidatedOutput) -> bool:
         """A fresh output into the caller's own file, from the dead sandbox's tmpfs (within

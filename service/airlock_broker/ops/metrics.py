@@ -21,6 +21,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from airlock_broker.conversion.admission import Admission
+from airlock_broker.conversion.input_room import RamSpool
 from airlock_broker.sandboxes.pool_state import PoolStatus
 from airlock_broker.sandboxes.pools import Pools
 
@@ -71,11 +72,18 @@ class Metrics:
         self.pool_refill = Gauge("airlock_pool_refill_seconds", "Learned time from a warm "
                                  "container's start to its worker's ready mark",
                                  ["profile"], registry=r)
+        self.ram_spool = Gauge("airlock_ram_spool_bytes", "The RAM spool ([spool] ram_bytes): "
+                               "its budget, what its tmpfs holds (inputs of jobs in flight), "
+                               "what uploads in progress have claimed", ["what"], registry=r)
 
-    def bind(self, admission: Admission, pools: Pools) -> None:
+    def bind(self, admission: Admission, pools: Pools, ram: RamSpool | None = None) -> None:
         """Gauges read live state at scrape time instead of being updated on every change.
         Called on the broker's event loop: the pools are read there (:class:`PoolSnapshot`)."""
         self.queue.set_function(lambda: admission.admitted)
+        if ram is not None:  # thread-safe: read on the scraping thread
+            for what in ("budget", "used", "claimed"):
+                self.ram_spool.labels(what).set_function(
+                    lambda what=what: ram.status()[what])  # type: ignore[misc]
         snapshot = PoolSnapshot(pools, asyncio.get_running_loop())
         for profile in pools.pools:
             for state in ("warm", "busy", "starting"):

@@ -46,7 +46,7 @@ from airlock_broker.sandboxes.version_gates import (
     engine_observations,
     from_probe,
 )
-from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError
+from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError, slot_spool
 from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, DONE_NAME, JobSpec
 from airlock_sandbox.policy import SandboxPolicy
@@ -179,15 +179,17 @@ class DockerSandbox:
         return confinement_of(info)
 
     async def prepare(self, profile: str, *, selftest: bool = False,
-                      disk_output_bytes: int = 0) -> Slot:
+                      disk_output_bytes: int = 0, on_disk: bool = False) -> Slot:
         with self.trace.span("container_prepare"):
             return await self._prepare(profile, selftest=selftest,
-                                       disk_output_bytes=disk_output_bytes)
+                                       disk_output_bytes=disk_output_bytes, on_disk=on_disk)
 
-    async def _prepare(self, profile: str, *, selftest: bool, disk_output_bytes: int) -> Slot:
+    async def _prepare(self, profile: str, *, selftest: bool, disk_output_bytes: int,
+                       on_disk: bool) -> Slot:
         slot_id = uuid.uuid4().hex
+        spool = slot_spool(self.spool_root, on_disk=on_disk or bool(disk_output_bytes))
         make = functools.partial(
-            JobWorkspace.create, self.spool_root, slot_id, uid=CONTAINER_UID, gid=CONTAINER_GID,
+            JobWorkspace.create, spool, slot_id, uid=CONTAINER_UID, gid=CONTAINER_GID,
             output_bytes=disk_output_bytes or self.policy.output_bytes,
             on_disk=bool(disk_output_bytes))
         try:

@@ -106,18 +106,21 @@ class Pools:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    async def acquire(self, profile: str, *, disk_output_bytes: int = 0) -> Slot:
+    async def acquire(self, profile: str, *, disk_output_bytes: int = 0,
+                      on_disk: bool = False) -> Slot:
         """A slot for one job: a warm one if any is alive; else, when one is being started for
         the pool, that one (waiting at most ``wait_for_starting_seconds``: a start of its own
         would cost the job as long, and take CPU from the one under way); else a freshly
         prepared one (the cold path). ``disk_output_bytes``: a job whose output needs a
         disk-backed filesystem of that size (a warm container's output is fixed at its
-        creation): always prepared for it, as the cold path does."""
+        creation); ``on_disk``: a job whose input is on the disk spool while warm slots are
+        on the RAM spool (conversion/input_room.py): either is always prepared for the job,
+        as the cold path does."""
         # Only the pools' own holds: a job admitted before a shutdown still gets its sandbox.
         self.readiness.check(*POOL_HOLDS)
         pool = self.pools.get(profile)
-        if pool is None or disk_output_bytes:
-            return await self._cold(pool, profile, disk_output_bytes)
+        if pool is None or disk_output_bytes or on_disk:
+            return await self._cold(pool, profile, disk_output_bytes, on_disk)
         pool.demand.arrive(time.monotonic())
         # A second job while a replacement waits: there is demand, so start it now.
         for slot_id in list(pool.deferred):
@@ -185,9 +188,11 @@ class Pools:
             pool.waiting -= 1
             pool.demand.stall_ended(time.monotonic())
 
-    async def _cold(self, pool: Pool | None, profile: str, disk_output_bytes: int = 0) -> Slot:
+    async def _cold(self, pool: Pool | None, profile: str, disk_output_bytes: int = 0,
+                    on_disk: bool = False) -> Slot:
         try:
-            slot = await self.backend.prepare(profile, disk_output_bytes=disk_output_bytes)
+            slot = await self.backend.prepare(profile, disk_output_bytes=disk_output_bytes,
+                                              on_disk=on_disk)
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
         if pool is not None:
@@ -203,10 +208,16 @@ class Pools:
         and the pool's refill wait until the job's answer is out (``answered`` is set), for at
         most ``defer_max_seconds``: on this project's 2-core machine both took the CPU from the
         answer's last steps (S1 and S2 slower by about 20 ms, bench.profile). A caller that
-        never reads holds the dead container no longer than that. The pools own the
-        destruction from here; ``close`` waits for every one still under way.
+        never reads holds the dead container no longer than that. The slot's input is removed
+        at once (a RAM spool's room, conversion/input_room.py, does not wait for the answer).
+        The pools own the destruction from here; ``close`` waits for every one still under
+        way.
         """
         pool = self.pools.get(slot.profile)
+        try:  # its input now, its slot later: a RAM spool's room comes back at once
+            slot.workspace.drop_input()
+        except OSError as exc:
+            log.warning("could not remove the input of slot %s: %s", slot.slot_id, exc)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
             if slot.slot_id in pool.importing_taken:

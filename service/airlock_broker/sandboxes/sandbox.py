@@ -68,11 +68,13 @@ class SandboxBackend(Protocol):
     """
 
     async def prepare(self, profile: str, *, selftest: bool = False,
-                      disk_output_bytes: int = 0) -> Slot:
+                      disk_output_bytes: int = 0, on_disk: bool = False) -> Slot:
         """A fresh, single-use sandbox for ``profile``, created but not started (with
         ``selftest``: the isolation probe instead of a worker). ``disk_output_bytes``: its
         output is a disk-backed filesystem of that size instead of the policy's tmpfs (an
-        output too large for RAM)."""
+        output too large for RAM). Its slot is on the RAM spool when one is mounted, unless
+        ``on_disk`` (an input spooled on disk) or ``disk_output_bytes`` says otherwise
+        (workspace.slot_spool)."""
         ...
 
     async def start(self, slot: Slot) -> None:

@@ -14,6 +14,13 @@ Layout under the state root (0700, owned by the broker, checked at start-up: sta
                                 large for RAM, the same on disk (``out.img`` below)
         out.img                 0600, a sparse ext4 image of the output's size, loop-mounted
                                 at out/ (only for a disk-backed output)
+    <root>/ram/                 0700, the RAM spool: a tmpfs of ``[spool] ram_bytes`` mounted
+                                noexec,nosuid,nodev by the broker (``mount_ram_spool``)
+        uploads/<job_id>        an input that fits the RAM spool (conversion/input_room.py)
+        slots/<slot_id>/        warm containers' slots, and those of a job whose input is
+                                here: the same layout as above (a rename and a hard link
+                                need one filesystem). A job whose input, or output image, is
+                                on disk gets slots prepared under <root>/slots instead.
 
 The output is a filesystem mounted by the broker (not a Docker tmpfs) so that it survives the
 container: the broker reads it after the container is dead, then unmounts it. A size cap on a
@@ -44,7 +51,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from airlock_broker.security.state_dirs import SAFE_OPEN, SPOOL_DIRS, ensure_dir
+from airlock_broker.security.state_dirs import (
+    RAM_SPOOL,
+    SAFE_OPEN,
+    SPOOL_DIRS,
+    check_dir,
+    ensure_dir,
+)
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
     JOB_SPEC_NAME,
@@ -62,6 +75,11 @@ _MNT_DETACH = 0x2
 _UMOUNT_NOFOLLOW = 0x8
 _OUT = "out"
 _IMAGE = "out.img"
+#: The RAM spool holds a few dozen slots and uploads: each inode it could hold costs memory.
+_RAM_INODES = 4096
+#: Room in the RAM spool beyond its budget, never claimed (conversion/input_room.py): job
+#: specs and parity samples (at most 1 MiB each), written after an upload's claim.
+RAM_SLACK_BYTES = 64 * 1024 * 1024
 #: Where the disk-backed output's tools are looked for (never the broker's own PATH).
 _SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN
@@ -180,9 +198,65 @@ class JobWorkspace:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.out_dir / READY_NAME)
 
+    def drop_input(self) -> None:
+        """Remove the artifact and the sample once the job is done with them (its sandbox
+        dead or being killed), before the slot itself is destroyed (deferred: pools.py): an
+        input in the RAM spool gives its room back as soon as no sandbox holds it open."""
+        for name in (ARTIFACT_NAME, SAMPLE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.in_dir / name)  # unlink never follows a link
+
     def destroy(self) -> None:
         """Unmount and delete everything. Logs instead of raising: it runs in ``finally``."""
         _destroy_slot(self.root)
+
+
+def slot_spool(spool_root: Path, *, on_disk: bool = False) -> Path:
+    """The spool a new slot goes on: the RAM spool when it is mounted, unless the slot is for
+    an input or an output image on disk (``on_disk``); else the disk spool."""
+    ram = spool_root / RAM_SPOOL
+    return spool_root if on_disk or not _is_mount(spool_root, RAM_SPOOL) else ram
+
+
+def mount_ram_spool(spool_root: Path, budget: int) -> Path | None:
+    """Mount the RAM spool at ``<spool_root>/ram`` (a tmpfs of ``budget`` plus
+    ``RAM_SLACK_BYTES``, noexec,nosuid,nodev, 0700, the broker's) and return it; None
+    when ``budget`` is 0 or the mount is refused (a broker that is not root: logged once, every
+    input goes to disk). A RAM spool a dead broker left is unmounted first (its contents were
+    reaped by ``reap_stale``), so the budget is always this configuration's."""
+    unmount_ram_spool(spool_root)
+    if budget <= 0:
+        return None
+    path = spool_root / RAM_SPOOL
+    ensure_dir(path)
+    fd = os.open(path, _DIR_OPEN)
+    try:
+        opts = (f"size={budget + RAM_SLACK_BYTES},nr_inodes={_RAM_INODES},mode=0700,"
+                f"uid={os.geteuid()},gid={os.getegid()}")
+        if _libc.mount(b"tmpfs", os.fsencode(f"/proc/self/fd/{fd}"), b"tmpfs",
+                       _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, opts.encode()) != 0:
+            log.warning("the RAM spool is off: cannot mount a tmpfs at %s (%s); every input "
+                        "is spooled on disk ([spool] ram_bytes = 0 says so without this line)",
+                        path, os.strerror(ctypes.get_errno()))
+            return None
+    finally:
+        os.close(fd)
+    check_dir(path)  # the tmpfs's root now: the broker's, 0700
+    return path
+
+
+def unmount_ram_spool(spool_root: Path) -> None:
+    """Unmount the RAM spool if one is mounted (``reap_stale`` first: nothing in it is
+    kept). Never follows a link: a link named ``ram`` is no mount point."""
+    try:
+        fd = os.open(spool_root, _DIR_OPEN)
+    except OSError as exc:
+        log.error("cannot open %s to unmount its RAM spool: %s", spool_root, exc)
+        return
+    try:
+        _unmount_at(fd, RAM_SPOOL, spool_root)
+    finally:
+        os.close(fd)
 
 
 def new_upload(spool_root: Path, job_id: str) -> tuple[Path, int]:
@@ -212,20 +286,22 @@ def reap_stale(spool_root: Path) -> int:
     followed: nothing outside the spool is unmounted or removed.
     """
     count = 0
-    for sub in SPOOL_DIRS:
-        try:
-            base = os.open(spool_root / sub, _DIR_OPEN)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:  # ELOOP: a link; the start-up check refuses it
-            log.error("not reaping %s: %s", spool_root / sub, exc)
-            continue
-        try:
-            for name in os.listdir(base):
-                _remove_entry(base, name, spool_root / sub / name)
-                count += 1
-        finally:
-            os.close(base)
+    ram = [spool_root / RAM_SPOOL] if _is_mount(spool_root, RAM_SPOOL) else []
+    for root in (spool_root, *ram):
+        for sub in SPOOL_DIRS:
+            try:
+                base = os.open(root / sub, _DIR_OPEN)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:  # ELOOP: a link; the start-up check refuses it
+                log.error("not reaping %s: %s", root / sub, exc)
+                continue
+            try:
+                for name in os.listdir(base):
+                    _remove_entry(base, name, root / sub / name)
+                    count += 1
+            finally:
+                os.close(base)
     return count
 
 
@@ -244,7 +320,7 @@ def _remove_entry(base: int, name: str, shown: Path) -> None:
         log.error("cannot open job directory %s: %s", shown, exc)
         return
     try:
-        _unmount_out(fd, shown)
+        _unmount_at(fd, _OUT, shown)
     finally:
         os.close(fd)
     shutil.rmtree(name, dir_fd=base, ignore_errors=True)
@@ -266,19 +342,29 @@ def _destroy_slot(root: Path) -> None:
         os.close(base)
 
 
-def _unmount_out(slot_fd: int, shown: Path) -> None:
-    """Unmount ``out`` in the slot open as ``slot_fd`` if something is mounted there. A link
-    named ``out`` is not a mount point (lstat: same device as its directory) and is never
-    followed (the path goes through the descriptor; UMOUNT_NOFOLLOW for the last part)."""
+def _unmount_at(dir_fd: int, name: str, shown: Path) -> None:
+    """Unmount ``name`` in the directory open as ``dir_fd`` (a slot's ``out``, the state
+    root's ``ram``) if something is mounted there. A link is not a mount point (lstat: same
+    device as its directory) and is never followed (the path goes through the descriptor;
+    UMOUNT_NOFOLLOW for the last part)."""
     try:
-        st = os.lstat(_OUT, dir_fd=slot_fd)
+        st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(st.st_mode) or st.st_dev == os.fstat(slot_fd).st_dev:
+    if not stat.S_ISDIR(st.st_mode) or st.st_dev == os.fstat(dir_fd).st_dev:
         return
-    target = os.fsencode(f"/proc/self/fd/{slot_fd}/{_OUT}")
+    target = os.fsencode(f"/proc/self/fd/{dir_fd}/{name}")
     if _libc.umount2(target, _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
-        log.error("umount %s failed: %s", shown / _OUT, os.strerror(ctypes.get_errno()))
+        log.error("umount %s failed: %s", shown / name, os.strerror(ctypes.get_errno()))
+
+
+def _is_mount(parent: Path, name: str) -> bool:
+    """Whether a filesystem is mounted at the directory ``parent/name`` (never a link)."""
+    try:
+        st = os.lstat(parent / name)
+        return stat.S_ISDIR(st.st_mode) and st.st_dev != os.lstat(parent).st_dev
+    except OSError:
+        return False
 
 
 def _spool_dir(spool_root: Path, name: str) -> Path:

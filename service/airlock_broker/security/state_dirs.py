@@ -9,6 +9,8 @@ Everything the broker keeps lives under one directory that only its user may ent
         audit.jsonl                 0600, the audit log (audit.py)
         provenance-signing-key.pem  0600, the signing key (keys.py)
         uploads/ results/ slots/    0700, the spool (workspace.py)
+        ram/                        0700, the RAM spool: a tmpfs the broker mounts, with its
+                                    own uploads/ and slots/ ([spool] ram_bytes; workspace.py)
         sockets/                    0755, the fast path's socket when there is no Unix socket
 
 Why: a state directory in a place others can write (the old default was ``$TMPDIR``) can be
@@ -35,6 +37,8 @@ from pathlib import Path
 
 #: The spool's subdirectories (workspace.py) and the fast path's socket directory.
 SPOOL_DIRS = ("uploads", "results", "slots")
+#: The RAM spool's mount point in the state root (workspace.mount_ram_spool).
+RAM_SPOOL = "ram"
 SOCKETS_DIR = "sockets"
 #: The flags every state file is opened with, on top of the caller's.
 SAFE_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -88,6 +92,8 @@ def prepare_root(root: Path) -> None:
     ensure_dir(root)
     for name in SPOOL_DIRS:
         ensure_dir(root / name)
+    if os.path.lexists(root / RAM_SPOOL):  # made when mounted; a dead broker's is reaped
+        check_dir(root / RAM_SPOOL)
 
 
 def prepare(root: Path, files: tuple[Path, ...]) -> None:
@@ -226,7 +232,7 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
                             f"{os.geteuid()}; or configure another state root ({_HOW_TO_MOVE})")
 
 
-__all__ = ["SAFE_OPEN", "SOCKETS_DIR", "SPOOL_DIRS", "Problem", "StateDirError",
+__all__ = ["RAM_SPOOL", "SAFE_OPEN", "SOCKETS_DIR", "SPOOL_DIRS", "Problem", "StateDirError",
            "check_ancestors", "check_dir", "check_file_dir", "check_private_file",
            "default_state_root", "ensure_dir", "open_private_file", "prepare", "prepare_key_dir",
            "prepare_root"]
