@@ -311,7 +311,8 @@ def _container_cost(script: str, reps: int) -> dict[str, Any]:
         began = time.perf_counter()
         cid = subprocess.run(
             ["docker", "run", "-d", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-             "--entrypoint", "python3", IMAGE, "-c", script + "\nimport os, time; time.sleep(1.0); os._exit(0)"],
+             "--entrypoint", "python3", IMAGE, "-c",
+             script + "\nimport os, time; time.sleep(1.0); os._exit(0)"],
             capture_output=True, text=True, timeout=120, check=True).stdout.strip()
         shim = shim_pids().get(cid)
         cgroup_cpu, shim_cpu, last_change, ready = 0.0, 0.0, time.perf_counter(), None
