@@ -210,6 +210,15 @@ def without_shutdown_drain(config: Path) -> None:
     config.write_text("\n".join(lines) + "\n")
 
 
+#: Warm pools of ``min_warm`` (1) each, not sized for the stream of jobs: a broker that
+#: serves a test module a job every few seconds would otherwise keep up to ``max_warm`` (4) per
+#: profile, which wait unused (each polling its job spec, ~0.5 % of a core) until the broker
+#: stops and are killed then: 8 such containers in the session broker, i.e. their starts
+#: (~1.5 CPU-s each) wasted. Stream sizing has tests of its own (test_pool_stream.py); the
+#: warm path itself is unchanged (every profile keeps its warm container).
+STEADY_POOLS = "[pools]\nstream_window_seconds = 0\n"
+
+
 def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> BrokerProcess:
     """``credentials``: for a broker serving TLS (health is open, but the channel is TLS)."""
@@ -223,6 +232,7 @@ def start_broker(tmp: Path, *extra: str, env: dict[str, str] | None = None,
         lines = ["[sandbox]", f"image = {IMAGE!r}"]
         if os.environ.get("AIRLOCK_TEST_SECCOMP"):
             lines.append(f"seccomp = {os.environ['AIRLOCK_TEST_SECCOMP']!r}")
+        lines += ["", *STEADY_POOLS.splitlines()]
         config.write_text("\n".join(lines) + "\n")
         extra = ("--config", str(config), *extra)
     without_shutdown_drain(Path(extra[extra.index("--config") + 1]))
@@ -268,12 +278,6 @@ def running_broker(tmp: Path, config: str | None = None) -> Iterator[BrokerProce
 
 #: A broker on the image under test with cold containers only (cheap on a shared machine).
 COLD_CONFIG = f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n'
-
-
-@pytest.fixture(scope="session")
-def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    with running_broker(tmp_path_factory.mktemp("broker")) as proc:
-        yield proc
 
 
 def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]

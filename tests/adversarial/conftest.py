@@ -5,11 +5,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import IMAGE, assert_no_sandbox_left
+from tests.conftest import IMAGE, STEADY_POOLS, assert_no_sandbox_left
 
 #: Tighter limits than the defaults, so that the resource-exhaustion cases hit them in seconds
 #: (a memory bomb fills 1 GiB, not 4). Every other adversarial test runs under them too.
-#: The image is the one under test (AIRLOCK_TEST_IMAGE), as for the integration tests.
+#: The image is the one under test (AIRLOCK_TEST_IMAGE), as for the integration tests. The pools
+#: keep one warm container per profile (every job of these tests takes the warm path first),
+#: not a stock sized for the stream of jobs (conftest.STEADY_POOLS).
 MEMORY_BYTES = 1024**3
 TMPFS_BYTES = 64 * 1024**2
 OUTPUT_BYTES = 128 * 1024**2
@@ -21,7 +23,8 @@ memory_bytes = {MEMORY_BYTES}
 tmpfs_bytes = {TMPFS_BYTES}
 output_bytes = {OUTPUT_BYTES}
 pids_limit = {PIDS_LIMIT}
-"""
+
+{STEADY_POOLS}"""
 
 
 @pytest.fixture(autouse=True)

@@ -59,7 +59,7 @@ def limited(docker_client, tmp_path_factory) -> Iterator[Any]:  # type: ignore[n
         f"max_jobs_per_principal = {PER_PRINCIPAL}\nanswer_drain_seconds = {DRAIN_SECONDS}\n"
         f'metrics_listen = "{metrics}"\n\n'
         f"[rpc]\nmax_open_streams = {MAX_OPEN_STREAMS}\n\n"
-        f'[pools]\nmin_warm = 2\nprofiles = ["light"]\n\n'
+        f'[pools]\nmin_warm = 2\nprofiles = ["light"]\nstream_window_seconds = 0\n\n'
         f"[sandbox]\nimage = {IMAGE!r}\n\n{tokens}")
     proc = start_broker(home, "--config", str(config))
     proc.metrics = metrics  # type: ignore[attr-defined]

@@ -57,6 +57,11 @@ grace_seconds = {GRACE}
 min_bytes_per_second = {MIN_RATE}
 spool_min_free_bytes = {SPOOL_BYTES - HEADROOM}
 spool_min_free_ratio = 0.0
+
+# The benign job is a state dict (the torch sandbox, then the light checkpoint reader).
+[pools]
+profiles = ["torch", "light"]
+stream_window_seconds = 0
 """ + "".join(f'\n[[auth.tokens]]\nprincipal = "{name}"\nroles = ["convert"]\n'
               f'sha256 = "{token_digest(token)}"\n'
               for name, token in (("alice", ALICE), ("mallory", MALLORY)))

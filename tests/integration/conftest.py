@@ -16,6 +16,15 @@ def no_sandbox_left_behind(docker_client) -> Iterator[None]:  # type: ignore[no-
     assert_no_sandbox_left(docker_client)
 
 
+@pytest.fixture(scope="package")
+def broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
+    """The integration modules' shared broker (warm pools, conftest.STEADY_POOLS). Package
+    scope: it stops when the integration tests end, not after the adversarial ones (whose
+    brokers are their own), so its idle warm containers do not poll for 15 more minutes."""
+    with running_broker(tmp_path_factory.mktemp("broker")) as proc:
+        yield proc
+
+
 @pytest.fixture(scope="session")
 def cold_broker(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
     """A broker on cold containers only, for the modules that need nothing else of theirs

@@ -71,7 +71,10 @@ def test_the_other_paths_give_the_same_output(broker: BrokerProcess, tmp_path: P
     assert check.sample is not None
     _convert(broker, artifact, tmp_path / "frozen.onnx")
     config = tmp_path / f"{watch}.toml"
-    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\nexit_watch = "{watch}"\n')
+    # Its jobs are sklearn pickles (conversion, then the policy loader's reading): the warm
+    # path as before, without warm torch and light containers no job here takes.
+    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\nexit_watch = "{watch}"\n\n'
+                      f'[pools]\nprofiles = ["sklearn"]\nstream_window_seconds = 0\n')
     (tmp_path / watch).mkdir()
     other = start_broker(tmp_path / watch, "--config", str(config))
     try:

@@ -64,8 +64,11 @@ def test_sigterm_finishes_jobs_in_flight_then_removes_everything(docker_client,
     # grace. What is tested is that the broker waits for it, so the grace is generous; and
     # the drain (health NOT_SERVING, new jobs refused) is the default's, as in production.
     config = tmp_path / "broker.toml"
+    # Pools: the payload's sandboxes are sklearn ones; the light pool's idle warm container is
+    # there at the signal (the sklearn one is the job's), and must be removed too. No torch.
     config.write_text(f'[broker]\nshutdown_grace_seconds = 180\nshutdown_drain_seconds = 2.0\n\n'
-                      f'[sandbox]\nimage = "{IMAGE}"\n')
+                      f'[sandbox]\nimage = "{IMAGE}"\n\n'
+                      f'[pools]\nprofiles = ["sklearn", "light"]\nstream_window_seconds = 0\n')
     proc = start_broker(tmp_path, "--config", str(config))
     try:
         artifact = payloads.fake_success_pickle(tmp_path / "slow.pkl", sleep_seconds=5)

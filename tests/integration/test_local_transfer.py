@@ -281,11 +281,13 @@ def test_a_used_ticket_cannot_be_replayed(broker: BrokerProcess, tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def authed(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    """A broker with two principals and 1-second tickets."""
+    """A broker with two principals and 1-second tickets (cold containers: its tests are
+    about tickets, not pools)."""
     tmp = tmp_path_factory.mktemp("authed")
     config = tmp / "broker.toml"
     config.write_text(
-        f'[sandbox]\nimage = {IMAGE!r}\n\n[local_transfer]\nticket_ttl_seconds = 1.0\n\n'
+        f'[sandbox]\nimage = {IMAGE!r}\n\n[pools]\nmin_warm = 0\n\n'
+        f'[local_transfer]\nticket_ttl_seconds = 1.0\n\n'
         + "".join(f'[[auth.tokens]]\nprincipal = "{name}"\nroles = ["convert"]\n'
                   f'sha256 = "{token_digest(token)}"\n\n'
                   for name, token in (("alice", ALICE), ("bob", BOB))))

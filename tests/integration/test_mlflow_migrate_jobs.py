@@ -82,7 +82,9 @@ def runs(docker_client, mlflow_registry: MlflowServer,  # type: ignore[no-untype
     server = mlflow_registry
     key_path = tmp / "state" / "provenance-signing-key.pem"
     config = tmp / "airlock.toml"
-    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n')
+    # Every version is an sklearn model: warm sklearn containers only, no stock for the stream.
+    config.write_text(f'[sandbox]\nimage = "{IMAGE}"\n\n'
+                      f'[pools]\nprofiles = ["sklearn"]\nstream_window_seconds = 0\n')
     marker = tmp / "host-markers" / "pwned"
     with ThreadPoolExecutor(max_workers=2) as background:
         # The registries are built while the broker starts.
