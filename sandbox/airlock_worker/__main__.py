@@ -19,6 +19,8 @@ from airlock_sandbox.contract import (
     JOB_SPEC_NAME,
     MAX_JOB_SPEC_BYTES,
     OUT_DIR,
+    SPEC_POLL_FAST_SECONDS,
+    SPEC_POLL_SECONDS,
     WARM_WAIT_SECONDS,
     JobSpec,
     WorkerExit,
@@ -30,24 +32,26 @@ from .profiles import DEFAULT_PROFILE, PROFILES, warm_up
 from .report import Report
 from .spec_types import check_dtype
 
-#: No inotify in the sandbox; 5 ms polling costs a stat() each and adds <5 ms latency.
-POLL_SECONDS = 0.005
 
-
-def wait_for_spec(in_dir: str, timeout: float) -> JobSpec:
-    """The broker renames the spec into place last, so once it exists it is complete."""
+def wait_for_spec(in_dir: str, timeout: float, idle_poll: float = SPEC_POLL_SECONDS) -> JobSpec:
+    """The broker renames the spec into place last, so once it exists it is complete. Looked
+    for every ``SPEC_POLL_SECONDS`` at first, every ``idle_poll`` once the container has
+    waited ``SPEC_POLL_FAST_SECONDS`` (contract.py says what a look costs)."""
     path = os.path.join(in_dir, JOB_SPEC_NAME)
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     while True:
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_JOB_SPEC_BYTES + 1)
             break
         except FileNotFoundError:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise WorkerError(WorkerExit.BAD_JOB_SPEC,
                                   f"no job spec within {timeout:g} s") from None
-            time.sleep(POLL_SECONDS)
+            time.sleep(SPEC_POLL_SECONDS if now - began < SPEC_POLL_FAST_SECONDS
+                       else idle_poll)
     try:
         spec = JobSpec.from_json(raw)
     except Exception as exc:
@@ -68,6 +72,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=OUT_DIR)
     parser.add_argument("--wait-seconds", type=float, default=WARM_WAIT_SECONDS,
                         help=argparse.SUPPRESS)  # for development only
+    parser.add_argument("--idle-poll-ms", type=int, default=round(SPEC_POLL_SECONDS * 1000),
+                        help="look for the job spec this often once idle (1-1000 ms)")
     parser.add_argument("--selftest", action="store_true",
                         help="probe this sandbox's confinement instead of running a job")
     parser.add_argument("--verbose", action="store_true",
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(args.profile)
         report.timings["warm_up_s"] = round(time.perf_counter() - started, 4)
         output.mark_ready(args.out_dir)
-        spec = wait_for_spec(args.in_dir, args.wait_seconds)
+        idle_poll = min(max(args.idle_poll_ms, 1), 1000) / 1000
+        spec = wait_for_spec(args.in_dir, args.wait_seconds, idle_poll)
         linger = spec.linger_seconds
         job_started = time.perf_counter()
         try:

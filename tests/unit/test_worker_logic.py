@@ -291,3 +291,28 @@ def test_parity_success_writes_the_model_and_records_both_batches(tmp_path: Path
     assert os.listdir(tmp_path) == [OUTPUT_NAMES[OutputFormat.ONNX]]
     (entry,) = job.report.parity  # type: ignore[attr-defined]
     assert entry.passed and entry.samples == parity.PARITY_ROWS + 1
+
+
+def test_a_warm_worker_looks_for_its_job_fast_at_first_then_at_the_idle_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's job is picked up within 5 ms; an idle container looks every ``idle_poll``."""
+    from airlock_sandbox.contract import JOB_SPEC_NAME, SPEC_POLL_FAST_SECONDS, SPEC_POLL_SECONDS
+    from airlock_worker import __main__ as worker_main
+
+    clock = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+        if clock[0] >= 100.0 + SPEC_POLL_FAST_SECONDS + 0.5:  # the job comes while idle
+            (tmp_path / JOB_SPEC_NAME).write_bytes(JobSpec(job_id="j").to_json())
+
+    monkeypatch.setattr(worker_main.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(worker_main.time, "sleep", sleep)
+    spec = worker_main.wait_for_spec(str(tmp_path), 60.0, idle_poll=0.05)
+    assert spec.job_id == "j"
+    fast = [s for s in sleeps if s == SPEC_POLL_SECONDS]
+    assert len(fast) == pytest.approx(SPEC_POLL_FAST_SECONDS / SPEC_POLL_SECONDS, abs=2)
+    assert sleeps[:len(fast)] == fast  # fast first ...
+    assert set(sleeps[len(fast):]) == {0.05} and len(sleeps) > len(fast)  # ... then idle

@@ -14,9 +14,16 @@ from docker.types import LogConfig, Mount, Ulimit
 from airlock_broker.sandboxes.confinement import Confinement
 from airlock_broker.sandboxes.owners import LABEL_BROKER
 from airlock_broker.sandboxes.workspace import JobWorkspace
-from airlock_sandbox.contract import IN_DIR, OUT_DIR
+from airlock_sandbox.contract import IDLE_POLL_MS, IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import profile_json
+
+
+def worker_args(policy: SandboxPolicy, profile: str) -> list[str]:
+    """The worker's command line: its profile, and how often it looks for its job spec once
+    idle, for this runtime (contract.IDLE_POLL_MS)."""
+    idle = IDLE_POLL_MS.get(policy.runtime_family)
+    return ["--profile", profile, *(["--idle-poll-ms", str(idle)] if idle else [])]
 
 
 def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
@@ -31,7 +38,7 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
         security_opt.append("no-new-privileges")
     return {
         "image": policy.image,
-        "command": ["--selftest"] if selftest else ["--profile", profile],
+        "command": ["--selftest"] if selftest else worker_args(policy, profile),
         "user": policy.user,
         "labels": labels,
         "detach": True,
