@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from airlock_broker.api import servicer
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion.input_room import SpoolSettings
 from airlock_broker.conversion.output_room import OutputRooms
-from airlock_broker.conversion.spool_space import SpoolSpace, answer_bytes
+from airlock_broker.conversion.spool_space import answer_bytes
 from airlock_broker.conversion.upload_limits import MiB, UploadLimits
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.sandboxes.pools import PoolSettings
@@ -27,7 +27,7 @@ from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, Target
 from airlock_sandbox.policy import OUTPUT_HEADROOM_BYTES, SandboxPolicy
 from tests.unit.fakes import FakeSandbox, running_broker
 from tests.unit.test_broker import PICKLE
-from tests.unit.test_spool_space import Disk
+from tests.unit.test_spool_space import Disk, on_fake_disk
 
 RESERVE = 100 * MiB
 #: A checkpoint's worth of input (dense: every block is data); its output (the fake
@@ -78,33 +78,10 @@ def test_an_onnx_output_over_its_cap_is_refused_with_the_advice_to_use_safetenso
 # -- the spool's reserve, for the whole job, before it starts ---------------------------------
 
 
-class SpoolDisk(Disk):
-    """A disk with ``free`` bytes available before the spool's files took what they occupy."""
-
-    def __init__(self, spool: Path) -> None:
-        super().__init__(1000 * MiB, 1000 * MiB)
-        self.spool = spool
-
-    def __call__(self, path: Path) -> os.statvfs_result:
-        used = sum(os.lstat(os.path.join(d, f)).st_blocks * 512
-                   for d, _, files in os.walk(self.spool) for f in files)
-        free, self.free = self.free, self.free - used
-        try:
-            return super().__call__(path)
-        finally:
-            self.free = free
-
-
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Disk:
-    """The broker's spool on a fake disk (the broker's only seam to it)."""
-    fake = SpoolDisk(tmp_path / "spool")
-
-    def space(root: Path, limits: UploadLimits) -> SpoolSpace:
-        return SpoolSpace(root, limits, statvfs=fake)
-
-    monkeypatch.setattr(servicer, "SpoolSpace", space)
-    return fake
+    """The broker's spool on a fake disk."""
+    return on_fake_disk(monkeypatch, tmp_path / "spool")
 
 
 def _writes_output(spec: JobSpec, data: bytes, out: Path) -> int:
@@ -115,7 +92,10 @@ def _writes_output(spec: JobSpec, data: bytes, out: Path) -> int:
 def _broker(tmp_path: Path, **config: Any) -> Iterator[tuple[str, FakeSandbox]]:
     """A real broker on the fake disk whose fake worker writes ``OUTPUT``."""
     spool = tmp_path / "spool"
-    defaults: dict[str, Any] = {"pools": PoolSettings(min_warm=0)}
+    # Inputs on the disk these tests measure (the RAM spool off: test_ram_spool.py has the
+    # reserve with inputs in RAM).
+    defaults: dict[str, Any] = {"pools": PoolSettings(min_warm=0),
+                                "spool": SpoolSettings(ram_bytes=0)}
     settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
                             provenance_key=tmp_path / "provenance-key.pem",
                             upload=UploadLimits(spool_min_free_bytes=RESERVE),

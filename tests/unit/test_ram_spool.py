@@ -22,10 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from airlock_broker.api import servicer
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.input_room import RamSpool, SpoolSettings, default_ram_bytes
-from airlock_broker.conversion.spool_space import SpoolSpace
 from airlock_broker.conversion.upload_limits import GiB, MiB, UploadLimits
 from airlock_broker.sandboxes import workspace
 from airlock_broker.sandboxes.pools import PoolSettings
@@ -44,7 +42,7 @@ from airlock_client import Client, ConversionError
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat
 from tests.unit.fakes import FakeSandbox, running_broker
 from tests.unit.test_broker import PICKLE
-from tests.unit.test_spool_space import Disk
+from tests.unit.test_spool_space import Disk, SpoolDisk, on_fake_disk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root (CI runs as root)")
 
@@ -244,37 +242,9 @@ def _writes_output(spec: JobSpec, data: bytes, out: Path) -> int:
     return 0
 
 
-class DiskOnly(Disk):
-    """The spool's disk, ``free`` before what the spool's files on it occupy (the RAM
-    spool's are on another filesystem: not counted)."""
-
-    def __init__(self, spool: Path, free: int) -> None:
-        super().__init__(1000 * MiB, free)
-        self.spool = spool
-
-    def __call__(self, path: Path) -> os.statvfs_result:
-        device = os.stat(self.spool).st_dev
-        used = 0
-        for d, _, files in os.walk(self.spool):
-            for f in files:
-                st = os.lstat(os.path.join(d, f))
-                used += st.st_blocks * 512 if st.st_dev == device else 0
-        free, self.free = self.free, self.free - used
-        try:
-            return super().__call__(path)
-        finally:
-            self.free = free
-
-
 @pytest.fixture
-def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DiskOnly:
-    fake = DiskOnly(tmp_path / "spool", 1000 * MiB)
-
-    def space(root: Path, limits: UploadLimits) -> SpoolSpace:
-        return SpoolSpace(root, limits, statvfs=fake)
-
-    monkeypatch.setattr(servicer, "SpoolSpace", space)
-    return fake
+def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SpoolDisk:
+    return on_fake_disk(monkeypatch, tmp_path / "spool")
 
 
 @contextlib.contextmanager
@@ -306,7 +276,7 @@ def _convert(address: str, src: Path, tmp_path: Path, local: bool) -> None:
 
 @pytest.mark.parametrize("local_transfer", [False, True])
 def test_an_input_under_the_budget_is_spooled_in_ram_with_warm_slots_beside_it(
-        tmp_path: Path, disk: DiskOnly, local_transfer: bool) -> None:
+        tmp_path: Path, disk: SpoolDisk, local_transfer: bool) -> None:
     import torch
 
     src = tmp_path / "shard.pt"
@@ -323,7 +293,7 @@ def test_an_input_under_the_budget_is_spooled_in_ram_with_warm_slots_beside_it(
 
 @pytest.mark.parametrize("local_transfer", [False, True])
 def test_an_input_over_the_budget_is_spooled_on_disk_and_its_slots_prepared_there(
-        tmp_path: Path, disk: DiskOnly, local_transfer: bool) -> None:
+        tmp_path: Path, disk: SpoolDisk, local_transfer: bool) -> None:
     import torch
 
     src = tmp_path / "shard.pt"
@@ -340,7 +310,7 @@ def test_an_input_over_the_budget_is_spooled_on_disk_and_its_slots_prepared_ther
 
 
 def test_a_ram_upload_is_not_charged_to_the_disks_reserve(
-        tmp_path: Path, disk: DiskOnly) -> None:
+        tmp_path: Path, disk: SpoolDisk) -> None:
     """Room on the disk for the answer, not for the upload and then the answer: a RAM
     upload runs, a disk one is refused (on the code before the RAM spool, both were)."""
     src = tmp_path / "shard.bin"

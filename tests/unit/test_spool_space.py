@@ -25,6 +25,42 @@ class Disk:
                                   self.free // block, 1000, 1000, 1000, 0, 255))
 
 
+class SpoolDisk(Disk):
+    """The spool's disk: ``free`` bytes available before what the spool's files on it
+    occupy. A RAM spool under it (input_room.py) is another filesystem: its files are not
+    counted."""
+
+    def __init__(self, spool: Path, free: int = 1000 * MiB) -> None:
+        super().__init__(1000 * MiB, free)
+        self.spool = spool
+
+    def __call__(self, path: Path) -> os.statvfs_result:
+        device = os.stat(self.spool).st_dev
+        used = 0
+        for d, _, files in os.walk(self.spool):
+            for f in files:
+                st = os.lstat(os.path.join(d, f))
+                used += st.st_blocks * 512 if st.st_dev == device else 0
+        free, self.free = self.free, self.free - used
+        try:
+            return super().__call__(path)
+        finally:
+            self.free = free
+
+
+def on_fake_disk(monkeypatch: pytest.MonkeyPatch, spool: Path) -> SpoolDisk:
+    """Put the broker's spool on a fake disk (``SpoolSpace``: its only seam to it)."""
+    from airlock_broker.api import servicer
+
+    fake = SpoolDisk(spool)
+
+    def space(root: Path, limits: UploadLimits) -> SpoolSpace:
+        return SpoolSpace(root, limits, statvfs=fake)
+
+    monkeypatch.setattr(servicer, "SpoolSpace", space)
+    return fake
+
+
 def _space(disk: Disk, reserve: int = 100 * MiB, ratio: float = 0.0) -> SpoolSpace:
     return SpoolSpace(Path("/spool"), UploadLimits(spool_min_free_bytes=reserve,
                                                    spool_min_free_ratio=ratio), statvfs=disk)
