@@ -418,13 +418,16 @@ def payload_pickle(path: Path, source: str) -> Path:
 def container_events(docker_client: Any, identity: str, since: float) -> dict[str, list[str]]:
     """Per container of one broker, its life since ``since`` as Docker recorded it:
     ``["profile=sklearn", "create", "start", "die:103", "destroy"]``. Waits up to a second for
-    the window to close."""
+    the window to close. The engine takes whole seconds; what it returns from before ``since``
+    (up to two seconds of the test before) is left out by each event's own time."""
     life: dict[str, list[str]] = {}
     events = docker_client.events(
         since=int(since) - 1, until=int(time.time()) + 1, decode=True,
         filters={"type": "container", "label": [f"{LABEL_BROKER}={identity}"],
                  "event": ["create", "start", "die", "destroy"]})
     for event in events:
+        if event["timeNano"] < since * 1e9:
+            continue
         attributes = event["Actor"]["Attributes"]
         action = event.get("Action") or event.get("status", "")
         if action == "die":
