@@ -108,7 +108,9 @@ def _keys_of(checkpoint: Checkpoint, shard: Path) -> list[str]:
 class SpoolSampler(ThreadedSampler):
     """Bytes the broker holds under its state root, sampled: on the spool's own disk
     (allocated blocks of uploads, answers, slot inputs), in the RAM spool (``ram/``: inputs
-    that fit its budget) and on the other filesystems mounted in it (the output tmpfs: RAM)."""
+    that fit its budget) and on the other filesystems mounted in it (the output tmpfs: RAM;
+    a disk-backed output's ext4 image: what is written in it, whose blocks the image file
+    also holds on the disk)."""
 
     root: Path
     interval: float = 0.2
@@ -144,10 +146,11 @@ class SpoolSampler(ThreadedSampler):
             self._stop.wait(self.interval)
 
 
-def scenario(broker: Broker, total_bytes: int, work: Path) -> dict[str, Any]:
+def scenario(broker: Broker, total_bytes: int, work: Path, shards: int = 4) -> dict[str, Any]:
     """S7 on the warm broker: build the checkpoint (untimed), convert it in process, then
-    through Airlock (same-host path), outputs deleted after each."""
-    checkpoint = build(work / "s7-checkpoint", total_bytes)
+    through Airlock (same-host path), outputs deleted after each. S7d is the same with one
+    shard too large for the output tmpfs: its two sandboxes write disk-backed outputs."""
+    checkpoint = build(work / "s7-checkpoint", total_bytes, shards)
     size = sum(p.stat().st_size for p in checkpoint.root.iterdir())
     base_out = work / "s7-baseline"
     broker.wait_ready()

@@ -5,7 +5,9 @@ Not part of ``make bench``: a tool for explaining its figures. It
 1. runs the ordinary broker (``airlock-broker serve``) with its job steps' events on
    (``[observability] trace_events``, airlock_broker/tracing.py) and splits the end-to-end
    latency of S1, S2 and S3 requests into phases (client, upload, pool hand-off, container,
-   validation, stream back, container removal);
+   validation, stream back, container removal), with the client ``make bench`` uses: the
+   broker's Unix socket, so the same-host fast path (``peer_write`` is the output's copy into
+   the caller's file);
 2. times the worker's own steps (load, skl2onnx, ONNX checker, parity, write; torch load,
    save, read-back) in a fresh container of the sandbox image, as a single-use container
    runs them: first call in the process, then later calls to show one-off costs;
@@ -169,7 +171,7 @@ def request_phases(work: Path, quick: bool, which: set[str],
     try:
         broker.start()
         broker.wait_ready()
-        with Client(broker.address, retry_attempts=1) as client:
+        with Client(f"unix:{broker.socket}", retry_attempts=1) as client:
             for name, artifact, count in (("S1", small, 6 if quick else 15),
                                           ("S2", forest, 6 if quick else 15),
                                           ("S3", big, 1 if quick else 2)):
