@@ -4,8 +4,9 @@ sized from the input (conversion/output_room.py). Real engine and image, on each
 
 The broker here has a 16 MiB output tmpfs, so every safetensors job takes the disk-backed
 path (its room is the input's data, a quarter more and 64 MiB). A benign checkpoint converts
-through it, integrity-verified, byte for byte; a payload that fills it stops at its room, and
-what it wrote leaves nothing behind on the host.
+through it, integrity-verified, byte for byte, its input in the RAM spool and the images on
+the disk; a payload that fills it stops at its room, and what it wrote leaves nothing behind
+on the host.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _slots_cleared(broker: BrokerProcess, deadline: float = 60.0) -> list[str]:
     while True:
         left = [m for m in _mounts_under(broker.state)
                 if m != str(broker.state / "ram")] + [  # the RAM spool lives with the broker
-            str(p) for p in (broker.state / "slots").rglob("out.img")]
+            str(p) for p in (broker.state / "images").iterdir()]
         if not left or time.monotonic() > ends:
             return left
         time.sleep(0.1)
@@ -93,8 +94,12 @@ def test_a_checkpoint_too_large_for_the_tmpfs_converts_through_a_disk_backed_out
     assert sorted(got) == sorted(weights)
     assert all(torch.equal(got[name], weights[name]) for name in weights)
     size = artifact.stat().st_size
-    room = _last_audit(broker)["output_room"]
+    record = _last_audit(broker)
+    room = record["output_room"]
     assert room == {"bytes": size + size // 4 + HEADROOM_BYTES, "on_disk": True}, room
+    # Its input fits the RAM spool (default budget: a quarter of the host's memory): it was
+    # spooled there, not written to the disk the images are on.
+    assert record["input_room"] == {"ram": True, "bytes": size}, record["input_room"]
     # Both sandboxes' filesystems and images are gone with them.
     assert _slots_cleared(broker) == []
 

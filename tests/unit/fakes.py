@@ -68,7 +68,7 @@ class FakeSandbox:
         if self.unavailable:
             raise SandboxUnavailable("fake engine is down")
         slot_id = uuid.uuid4().hex
-        slots = slot_spool(self.spool_root, on_disk=on_disk or bool(disk_output_bytes)) / "slots"
+        slots = slot_spool(self.spool_root, on_disk=on_disk) / "slots"  # as the real one
         slots.parent.mkdir(parents=True, exist_ok=True)
         ensure_dir(slots)
         root = slots / slot_id

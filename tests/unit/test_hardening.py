@@ -123,8 +123,12 @@ def test_weakening_is_visible(tmp_path: Path) -> None:
 def test_the_output_filesystem_is_capped_owned_noexec_and_removed(
         tmp_path: Path, on_disk: bool, fstype: str) -> None:
     cap = 8 * 1024 * 1024
-    ws = JobWorkspace.create(tmp_path, uuid.uuid4().hex, uid=10001, gid=10001,
-                             output_bytes=cap, on_disk=on_disk)
+    # A disk-backed output's image is on the disk spool, wherever its slot is (here a
+    # directory standing for the RAM spool).
+    slot_id = uuid.uuid4().hex
+    (tmp_path / "ram").mkdir(mode=0o700)
+    ws = JobWorkspace.create(tmp_path / "ram", slot_id, uid=10001, gid=10001,
+                             output_bytes=cap, image_root=tmp_path if on_disk else None)
     try:
         line = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines()
                     if line.split()[4] == str(ws.out_dir))
@@ -134,15 +138,20 @@ def test_the_output_filesystem_is_capped_owned_noexec_and_removed(
         st = ws.out_dir.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (10001, 10001, 0o700)
         assert list(ws.out_dir.iterdir()) == []  # (ext4: no lost+found) the output alone
-        if on_disk:  # the image on the spool is sparse until written
-            assert (ws.root / "out.img").stat().st_blocks * 512 < cap
+        assert ws.root == tmp_path / "ram" / "slots" / slot_id
+        if on_disk:  # the image on the disk spool is sparse until written
+            assert ws.image == tmp_path / "images" / f"{slot_id}.img"
+            assert ws.image.stat().st_blocks * 512 < cap
+        else:
+            assert ws.image is None
         with pytest.raises(OSError), (ws.out_dir / "big").open("wb") as fh:
             fh.write(b"\1" * (2 * cap))
             fh.flush()
             os.fsync(fh.fileno())
     finally:
         ws.destroy()
-    assert not ws.root.exists()  # the image with it
+    assert not ws.root.exists()
+    assert not (tmp_path / "images").exists() or list((tmp_path / "images").iterdir()) == []
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
 
 
@@ -150,9 +159,10 @@ def test_the_output_filesystem_is_capped_owned_noexec_and_removed(
 def test_a_disk_backed_output_left_by_a_dead_broker_is_unmounted_by_the_reaper(
         tmp_path: Path) -> None:
     ws = JobWorkspace.create(tmp_path, uuid.uuid4().hex, uid=10001, gid=10001,
-                             output_bytes=8 * 1024 * 1024, on_disk=True)
-    assert reap_stale(tmp_path) == 1  # at the next start: nothing of the slot survives
+                             output_bytes=8 * 1024 * 1024, image_root=tmp_path)
+    assert reap_stale(tmp_path) == 2  # at the next start: nothing of the slot survives
     assert not ws.root.exists()
+    assert ws.image is not None and not ws.image.exists()
     assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()
 
 

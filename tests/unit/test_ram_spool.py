@@ -171,40 +171,39 @@ def _ram(budget: int, free: int | None = None) -> RamSpool:
 
 def test_an_input_that_fits_goes_to_ram_and_others_to_disk_with_the_reason() -> None:
     ram = _ram(100 * MiB)
-    fits = ram.room(60 * MiB, output_on_disk=False)
+    fits = ram.room(60 * MiB)
     assert (fits.ram, fits.root, fits.disk_slots) == (True, Path("/state/ram"), False)
     assert fits.record() == {"ram": True, "bytes": 60 * MiB}
-    over = ram.room(101 * MiB, output_on_disk=False)
+    over = ram.room(101 * MiB)
     assert (over.ram, over.root, over.disk_slots) == (False, Path("/state"), True)
     assert over.record() == {"ram": False, "bytes": 101 * MiB, "why": "over_budget"}
-    assert ram.room(0, output_on_disk=False).why == "undeclared"
-    assert ram.room(MiB, output_on_disk=True).why == "output_may_need_disk"
+    assert ram.room(0).why == "undeclared"
     fits.release()
 
 
 def test_concurrent_claims_never_count_on_the_same_free_bytes() -> None:
     ram = _ram(100 * MiB)
-    first = ram.room(60 * MiB, output_on_disk=False)
-    second = ram.room(60 * MiB, output_on_disk=False)
+    first = ram.room(60 * MiB)
+    second = ram.room(60 * MiB)
     assert first.ram and (second.ram, second.why) == (False, "full")
-    third = ram.room(40 * MiB, output_on_disk=False)
+    third = ram.room(40 * MiB)
     assert third.ram  # exactly the rest
     assert ram.status() == {"budget": 100 * MiB, "used": 0, "claimed": 100 * MiB}
     first.release()
     first.release()  # idempotent
-    assert ram.room(60 * MiB, output_on_disk=False).ram
+    assert ram.room(60 * MiB).ram
 
 
 def test_what_finished_uploads_and_live_slots_hold_is_not_free() -> None:
     ram = _ram(100 * MiB, free=30 * MiB)  # 70 MiB held by slots of running jobs
-    assert ram.room(31 * MiB, output_on_disk=False).why == "full"
-    assert ram.room(30 * MiB, output_on_disk=False).ram
+    assert ram.room(31 * MiB).why == "full"
+    assert ram.room(30 * MiB).ram
 
 
 def test_a_budget_of_zero_or_no_mount_puts_every_input_on_disk_with_warm_slots() -> None:
     for ram in (RamSpool(Path("/state"), Path("/state/ram"), 0),
                 RamSpool(Path("/state"), None, GiB)):
-        room = ram.room(MiB, output_on_disk=False)
+        room = ram.room(MiB)
         assert (room.ram, room.root, room.why, room.disk_slots) == (False, Path("/state"),
                                                                     "off", False)
 

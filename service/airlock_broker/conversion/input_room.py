@@ -14,8 +14,10 @@ still write. Otherwise it goes to the disk spool, as before the RAM spool existe
 Warm containers get their slot when they are created, long before a job's size is known: they
 live on the RAM spool (an empty slot costs nothing there). A job whose input is on disk while
 the RAM spool is on therefore takes the cold path, its slots prepared on the disk spool, as a
-job with a disk-backed output does (output_room.py) -- and a job whose output would need a
-disk-backed filesystem (its image must not be RAM) has its input on disk too.
+job with a disk-backed output does (output_room.py). That output's image is on the disk
+whichever spool its slot is on (workspace.py): a shard too large for the output tmpfs still
+has its input in RAM when it fits, which spares the disk one write of its size and the job
+as much temporary disk.
 
 What is claimed. The tmpfs's own free space (``statvfs``) counts what finished uploads and
 live slots hold; a claim adds the declared size of an upload until it is written (released in
@@ -116,13 +118,12 @@ class RamSpool:
     def on(self) -> bool:
         return self.root is not None
 
-    def room(self, declared: int, *, output_on_disk: bool) -> InputRoom:
-        """The room of an upload of ``declared`` bytes (0: not declared) whose job's output
-        may need a disk-backed filesystem (``output_on_disk``)."""
+    def room(self, declared: int) -> InputRoom:
+        """The room of an upload of ``declared`` bytes (0: not declared)."""
         if self.root is None:
             return InputRoom(self.disk_root, ram=False, bytes=declared, why="off")
-        why = ("undeclared" if declared <= 0 else "output_may_need_disk" if output_on_disk
-               else "over_budget" if declared > self.budget else "")
+        why = ("undeclared" if declared <= 0 else "over_budget" if declared > self.budget
+               else "")
         with self._lock:
             if not why and self._free() - self._claimed() - RAM_SLACK_BYTES < declared:
                 why = "full"

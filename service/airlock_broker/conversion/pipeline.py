@@ -172,7 +172,7 @@ class ConversionPipeline:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
         room: SpoolClaim | None = None
-        inputs = self._input_room(request, meta)
+        inputs = self._input_room(meta)
         try:
             upload, fd = new_upload(inputs.root, job.id)
         except BaseException:
@@ -210,16 +210,14 @@ class ConversionPipeline:
             if room is not None:
                 room.release()
 
-    def _input_room(self, request: JobRequest, meta: pb.ConvertMetadata) -> InputRoom:
-        """Where the input is spooled: in RAM when its declared size fits the RAM spool and
-        its output fits a tmpfs (an output image on disk needs its slots on disk), else on
-        disk (input_room.py)."""
+    def _input_room(self, meta: pb.ConvertMetadata) -> InputRoom:
+        """Where the input is spooled: in RAM when its declared size fits the RAM spool, else
+        on disk (input_room.py)."""
         declared = meta.size_bytes
         ram = self.settings.ram
         if ram is None:
             return InputRoom(self.settings.spool_root, ram=False, bytes=declared, why="off")
-        output = self.runner.rooms.for_job(request.target, declared)
-        return ram.room(declared, output_on_disk=bool(output.disk_bytes))
+        return ram.room(declared)
 
     def _spool_room(self, request: JobRequest, output: OutputRoom,
                     occupied: int) -> SpoolClaim | None:

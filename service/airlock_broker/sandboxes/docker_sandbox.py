@@ -187,11 +187,13 @@ class DockerSandbox:
     async def _prepare(self, profile: str, *, selftest: bool, disk_output_bytes: int,
                        on_disk: bool) -> Slot:
         slot_id = uuid.uuid4().hex
-        spool = slot_spool(self.spool_root, on_disk=on_disk or bool(disk_output_bytes))
+        # The slot beside its input (RAM or disk spool); a disk-backed output's image on the
+        # disk spool, wherever the slot is.
         make = functools.partial(
-            JobWorkspace.create, spool, slot_id, uid=CONTAINER_UID, gid=CONTAINER_GID,
+            JobWorkspace.create, slot_spool(self.spool_root, on_disk=on_disk), slot_id,
+            uid=CONTAINER_UID, gid=CONTAINER_GID,
             output_bytes=disk_output_bytes or self.policy.output_bytes,
-            on_disk=bool(disk_output_bytes))
+            image_root=self.spool_root if disk_output_bytes else None)
         try:
             # mkfs and mount run as processes: not on the event loop.
             workspace = (await asyncio.get_running_loop().run_in_executor(None, make)

@@ -72,9 +72,9 @@ class SandboxBackend(Protocol):
         """A fresh, single-use sandbox for ``profile``, created but not started (with
         ``selftest``: the isolation probe instead of a worker). ``disk_output_bytes``: its
         output is a disk-backed filesystem of that size instead of the policy's tmpfs (an
-        output too large for RAM). Its slot is on the RAM spool when one is mounted, unless
-        ``on_disk`` (an input spooled on disk) or ``disk_output_bytes`` says otherwise
-        (workspace.slot_spool)."""
+        output too large for RAM; its image is on the disk spool). Its slot is on the RAM
+        spool when one is mounted, unless ``on_disk`` (an input spooled on disk) says
+        otherwise (workspace.slot_spool)."""
         ...
 
     async def start(self, slot: Slot) -> None:

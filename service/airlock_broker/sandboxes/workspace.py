@@ -11,16 +11,17 @@ Layout under the state root (0700, owned by the broker, checked at start-up: sta
             job.json            0444, written last, by rename
         out/                    a tmpfs: size-capped, noexec,nosuid,nodev, owned by the sandbox
                                 uid, bind-mounted at contract.OUT_DIR; or, for an output too
-                                large for RAM, the same on disk (``out.img`` below)
-        out.img                 0600, a sparse ext4 image of the output's size, loop-mounted
-                                at out/ (only for a disk-backed output)
+                                large for RAM, the same on disk (``images/`` below)
+    <root>/images/<slot_id>.img 0600, a sparse ext4 image of the output's size, loop-mounted
+                                at that slot's out/ (only for a disk-backed output); always
+                                on the disk, wherever its slot is
     <root>/ram/                 0700, the RAM spool: a tmpfs of ``[spool] ram_bytes`` mounted
                                 noexec,nosuid,nodev by the broker (``mount_ram_spool``)
         uploads/<job_id>        an input that fits the RAM spool (conversion/input_room.py)
         slots/<slot_id>/        warm containers' slots, and those of a job whose input is
                                 here: the same layout as above (a rename and a hard link
-                                need one filesystem). A job whose input, or output image, is
-                                on disk gets slots prepared under <root>/slots instead.
+                                need one filesystem). A job whose input is on disk gets
+                                slots prepared under <root>/slots instead.
 
 The output is a filesystem mounted by the broker (not a Docker tmpfs) so that it survives the
 container: the broker reads it after the container is dead, then unmounts it. A size cap on a
@@ -74,7 +75,7 @@ _MS_NOEXEC = 0x8
 _MNT_DETACH = 0x2
 _UMOUNT_NOFOLLOW = 0x8
 _OUT = "out"
-_IMAGE = "out.img"
+_IMAGE_SUFFIX = ".img"
 #: The RAM spool holds a few dozen slots and uploads: each inode it could hold costs memory.
 _RAM_INODES = 4096
 #: Room in the RAM spool beyond its budget, never claimed (conversion/input_room.py): job
@@ -98,6 +99,8 @@ class JobWorkspace:
     root: Path
     uid: int
     gid: int
+    #: The disk-backed output's image (``images/<slot_id>.img`` on the disk spool), if any.
+    image: Path | None = None
 
     @property
     def in_dir(self) -> Path:
@@ -117,17 +120,20 @@ class JobWorkspace:
 
     @classmethod
     def create(cls, spool_root: Path, slot_id: str, *, uid: int, gid: int,
-               output_bytes: int, on_disk: bool = False) -> JobWorkspace:
-        """Make the directories and mount the output filesystem (a tmpfs; ``on_disk``: an ext4
-        image on the spool). Cleans up after itself on failure."""
+               output_bytes: int, image_root: Path | None = None) -> JobWorkspace:
+        """Make the directories under ``spool_root`` (the RAM spool's or the disk's) and mount
+        the output filesystem: a tmpfs, or given ``image_root`` (the disk spool's root) an
+        ext4 image in its ``images/``. Cleans up after itself on failure."""
         root = _spool_dir(spool_root, "slots") / slot_id
+        image = None if image_root is None else _spool_dir(image_root, "images") / (
+            slot_id + _IMAGE_SUFFIX)
         root.mkdir(mode=0o700)
-        ws = cls(root=root, uid=uid, gid=gid)
+        ws = cls(root=root, uid=uid, gid=gid, image=image)
         try:
             ws.in_dir.mkdir(mode=0o755)
             ws.out_dir.mkdir(mode=0o700)
-            if on_disk:
-                _mount_disk(root / _IMAGE, ws.out_dir, output_bytes, uid, gid)
+            if image is not None:
+                _mount_disk(image, ws.out_dir, output_bytes, uid, gid)
             else:
                 _mount_tmpfs(ws.out_dir, output_bytes, uid, gid)
         except BaseException:
@@ -207,13 +213,19 @@ class JobWorkspace:
                 os.unlink(self.in_dir / name)  # unlink never follows a link
 
     def destroy(self) -> None:
-        """Unmount and delete everything. Logs instead of raising: it runs in ``finally``."""
+        """Unmount and delete everything, the image last (the unmount releases its loop
+        device). Logs instead of raising: it runs in ``finally``."""
         _destroy_slot(self.root)
+        if self.image is not None:
+            try:
+                remove_quietly(self.image)  # unlink never follows a link
+            except OSError as exc:
+                log.error("could not remove output image %s: %s", self.image, exc)
 
 
 def slot_spool(spool_root: Path, *, on_disk: bool = False) -> Path:
     """The spool a new slot goes on: the RAM spool when it is mounted, unless the slot is for
-    an input or an output image on disk (``on_disk``); else the disk spool."""
+    an input on disk (``on_disk``); else the disk spool."""
     ram = spool_root / RAM_SPOOL
     return spool_root if on_disk or not _is_mount(spool_root, RAM_SPOOL) else ram
 

@@ -36,7 +36,7 @@ import stat
 from pathlib import Path
 
 #: The spool's subdirectories (workspace.py) and the fast path's socket directory.
-SPOOL_DIRS = ("uploads", "results", "slots")
+SPOOL_DIRS = ("uploads", "results", "slots", "images")
 #: The RAM spool's mount point in the state root (workspace.mount_ram_spool).
 RAM_SPOOL = "ram"
 SOCKETS_DIR = "sockets"
