@@ -28,6 +28,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from airlock_broker.security.state_dirs import SPOOL_DIRS
 from airlock_client import Client
 from tests.adversarial import payloads
 from tests.conftest import BROKER, IMAGE, NO_SHUTDOWN_DRAIN, free_port
@@ -146,7 +147,7 @@ def test_a_state_root_another_user_created_first_is_refused(tmp_path: Path) -> N
     assert "refusing to start" in outcome.log and "chown" in outcome.log
 
 
-@pytest.mark.parametrize("sub", ["uploads", "results", "slots"])
+@pytest.mark.parametrize("sub", SPOOL_DIRS)
 @pytest.mark.parametrize("planted", ["attacker-owned", "group-and-other-bits"])
 def test_a_spool_directory_not_the_brokers_alone_is_refused(tmp_path: Path, sub: str,
                                                              planted: str) -> None:
@@ -228,14 +229,16 @@ def test_a_stale_slot_whose_out_links_to_a_mount_is_never_unmounted(
     assert list((root / "slots").iterdir()) == [], "the stale entries should be gone"
 
 
-def test_a_planted_result_link_is_removed_not_followed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sub", ["results", "images"])
+def test_a_planted_result_or_image_link_is_removed_not_followed(tmp_path: Path,
+                                                                sub: str) -> None:
     canary = _canary(tmp_path)
     before = _snapshot(canary)
     root = _own_root(tmp_path)
-    (root / "results").mkdir(mode=0o700)
-    (root / "results" / "job-1").symlink_to(canary)
-    os.link(canary, root / "results" / "job-2")
+    (root / sub).mkdir(mode=0o700)
+    (root / sub / "job-1").symlink_to(canary)
+    os.link(canary, root / sub / "job-2")
     outcome = _serve(tmp_path, root, convert=True)
     assert outcome.served and outcome.code == 0, outcome.log[-2000:]
     assert _snapshot(canary) == before
-    assert list((root / "results").iterdir()) == []
+    assert list((root / sub).iterdir()) == []
