@@ -209,6 +209,11 @@ class JobSpec:
     #: Whether the broker put the caller's parity sample in ``IN_DIR/SAMPLE_NAME``: parity then
     #: runs on it instead of on generated inputs.
     sample_input: bool = False
+    #: For the integrity reading of a checkpoint (``EXTRACT_WEIGHTS``) whose output is on
+    #: disk: write the safetensors header with the data section left a hole, and report the
+    #: data section's sha256 (``data_sha256`` in the report) instead of its bytes. The broker
+    #: compares that digest with the conversion's data section: no second N bytes on disk.
+    data_digest_only: bool = False
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -242,4 +247,5 @@ class JobSpec:
             parity_tolerance=check_parity_tolerance(float(doc.get("parity_tolerance", 0.0))),
             keep_training_state=doc.get("keep_training_state") is True,
             sample_input=doc.get("sample_input") is True,
+            data_digest_only=doc.get("data_digest_only") is True,
         )

@@ -120,8 +120,9 @@ def _extract(job: Job, read: Callable[[], tuple[Any, list[str]]]) -> None:
                         "(removed -> kept in __metadata__)")
     started = time.perf_counter()
     with output.staged(job.out_dir, OutputFormat.SAFETENSORS, job.spec.max_output_bytes) as tmp:
-        job.report.tensor_count = write_safetensors(ready, metadata, tmp,
-                                                    job.spec.max_output_bytes)
+        job.report.tensor_count, job.report.data_sha256 = write_safetensors(
+            ready, metadata, tmp, job.spec.max_output_bytes,
+            digest_only=job.spec.data_digest_only)
     job.report.output_format = OutputFormat.SAFETENSORS.value
     job.report.timings["extract_write_s"] = round(time.perf_counter() - started, 4)
 

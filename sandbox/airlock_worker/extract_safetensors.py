@@ -5,6 +5,7 @@ dedupe (``st_torch``, which needs torch) mirrored without torch."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import struct
@@ -100,26 +101,36 @@ def header_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[
 
 
 def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: str,
-                      max_bytes: int) -> int:
-    """Write, then read the header back and check the size. Returns the tensor count."""
+                      max_bytes: int, *, digest_only: bool = False) -> tuple[int, str]:
+    """Write, then read the header back and check the size. Returns the tensor count and,
+    with ``digest_only``, the sha256 of the data section, which is then not written: the
+    file is its header and a hole as long as the data (JobSpec.data_digest_only)."""
     if not tensors:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, "the checkpoint contains no tensors")
     data_bytes = sum(t.nbytes for t in tensors.values())
     output.check_size(data_bytes, max_bytes)
     header, order = header_bytes(tensors, metadata)
     output.check_size(len(header) + data_bytes, max_bytes)
+    digest = hashlib.sha256() if digest_only else None
     with open(path, "xb") as f:
         f.write(header)
         for name in order:
             written = 0
             for chunk in tensors[name].chunks():
                 for at in range(0, len(chunk), _WRITE_CHUNK):
-                    written += f.write(chunk[at:at + _WRITE_CHUNK])
+                    piece = chunk[at:at + _WRITE_CHUNK]
+                    if digest is None:
+                        written += f.write(piece)
+                    else:
+                        digest.update(piece)
+                        written += len(piece)
             if written != tensors[name].nbytes:
                 raise Refused(f"tensor {name[:80]!r}: wrote {written} bytes, "
                               f"expected {tensors[name].nbytes}")
+        if digest is not None:
+            f.truncate(len(header) + data_bytes)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if f.read(len(header)) != header or size != len(header) + data_bytes:
             raise WorkerError(WorkerExit.CONVERSION_FAILED, "the written file does not match")
-    return len(tensors)
+    return len(tensors), "" if digest is None else digest.hexdigest()

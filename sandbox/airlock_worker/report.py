@@ -53,6 +53,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     tensor_count: int = 0
+    #: The sha256 of the safetensors data section, when the spec asked for the digest in
+    #: place of the bytes (``JobSpec.data_digest_only``): 64 lower-case hex digits.
+    data_sha256: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     #: seconds spent importing the profile (before the job) and on the job itself.
     timings: dict[str, float] = field(default_factory=dict)

@@ -29,7 +29,8 @@ from tests.adversarial.oracles import (
     observers,  # noqa: F401  (fixture)
     run_case,
 )
-from tests.conftest import IMAGE, BrokerProcess, start_broker
+from tests.adversarial.sabotage import make_sabotaged_checkpoint
+from tests.conftest import IMAGE, BrokerProcess, run_cli, start_broker
 
 pytestmark = pytest.mark.adversarial
 
@@ -100,7 +101,31 @@ def test_a_checkpoint_too_large_for_the_tmpfs_converts_through_a_disk_backed_out
     # Its input fits the RAM spool (default budget: a quarter of the host's memory): it was
     # spooled there, not written to the disk the images are on.
     assert record["input_room"] == {"ram": True, "bytes": size}, record["input_room"]
+    # Its reading reported the digest of its data instead of writing a second copy.
+    assert record["integrity_compared"] == "data_digest", record
     # Both sandboxes' filesystems and images are gone with them.
+    assert _slots_cleared(broker) == []
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_silent_sabotage_is_rejected_when_the_reading_reports_a_digest(
+        broker: BrokerProcess, tmp_path: Path, layout: str) -> None:
+    """The payload tampers with the converter (test_integrity.py); here the output is on
+    disk, so the reading that executes nothing reports its data's sha256 instead of writing
+    it, and that digest must catch the tampering as the byte comparison does."""
+    artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt",
+                                                 legacy=layout == "legacy")
+    output = tmp_path / "out.safetensors"
+    done = run_cli("convert", str(artifact), "-o", str(output), "--json",
+                   server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
+    assert "data differs" in doc["message"], doc
+    record = _last_audit(broker)
+    assert record["integrity_compared"] == "data_digest", record
+    assert record["output_room"]["on_disk"] is True  # type: ignore[index]
+    assert not output.exists()
     assert _slots_cleared(broker) == []
 
 

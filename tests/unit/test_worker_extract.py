@@ -9,6 +9,7 @@ assert that it does not exist."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -186,6 +187,28 @@ def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path, protocol: in
     assert "complex128" not in header and "slice" in header and "whole" in header
     assert header["bf16_transposed"]["shape"] == [6, 4]
     assert any("complex128" in w for w in ext.report.warnings)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_digest_only_reading_reports_its_data_sections_sha256_and_writes_a_hole(
+        tmp_path: Path, legacy: bool) -> None:
+    """For an output on disk the broker asks the reading for its data's digest alone
+    (JobSpec.data_digest_only): the same header and size as the full reading, the data
+    section a hole on disk, and the sha256 of the bytes the full reading writes."""
+    gen = torch.Generator().manual_seed(9)
+    state = {"big": torch.randn(1024, 1024, generator=gen), "bf16": torch.randn(
+        7, 3, generator=gen).to(torch.bfloat16), "tied": (tied := torch.ones(5)), "tie": tied}
+    artifact = tmp_path / "ckpt.pt"
+    torch.save(state, artifact, _use_new_zipfile_serialization=not legacy)
+    full = extract_only(tmp_path / "full", artifact)
+    digest = extract_only(tmp_path / "digest", artifact, data_digest_only=True)
+    (hf, df), (hd, dd) = full.split(), digest.split()
+    assert hd == hf and len(dd) == len(df) > 4 * 1024 * 1024
+    assert dd == bytes(len(dd))  # not written: a hole reads as zeros...
+    assert digest.path.stat().st_blocks * 512 < 1024 * 1024  # ...and takes no room
+    assert digest.report.data_sha256 == hashlib.sha256(df).hexdigest()
+    assert full.report.data_sha256 == ""
+    assert digest.report.tensor_count == full.report.tensor_count == 3
 
 
 def test_extraction_of_a_root_tensor_and_of_nested_state_dicts(tmp_path: Path) -> None:

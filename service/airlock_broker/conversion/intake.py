@@ -27,7 +27,7 @@ from airlock_broker.conversion.upload_limits import Pace, UploadLimits
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_sandbox.formats import PREFIX_BYTES
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
     if meta.size_bytes > limits.max_artifact_bytes:
         raise error(Reason.TOO_LARGE, f"declared size {meta.size_bytes} bytes exceeds the "
                                       f"server maximum of {limits.max_artifact_bytes}")
-    if meta.sha256 and not _SHA256_HEX.fullmatch(meta.sha256):
+    if meta.sha256 and not SHA256_HEX.fullmatch(meta.sha256):
         raise error(Reason.BAD_REQUEST, "sha256 must be 64 lower-case hex digits")
     return meta
 

@@ -24,7 +24,10 @@ from airlock_broker.conversion.outputs import ValidatedOutput, same_output, with
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.validation.files import open_regular_file
-from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
+from airlock_broker.validation.safetensors_canonical import (
+    SafetensorsInfo,
+    canonical_and_data_digests,
+)
 from airlock_sandbox.formats import ArtifactFormat
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,10 @@ class Extraction:
     format: ArtifactFormat = ArtifactFormat.UNKNOWN
     #: Why the broker refused the reading's output, when its sandbox exited 0.
     invalid: AirlockError | None = None
+    #: The sha256 of the reading's data section, when it reported that in place of writing
+    #: the bytes (an output on disk: JobSpec.data_digest_only); its file is then the header
+    #: and a hole.
+    data_sha256: str = ""
 
     async def sha256(self) -> str:
         """The extraction output's digest ("" if it could not be computed)."""
@@ -93,6 +100,8 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
         raise _mismatch(extraction, "the ONNX graphs differ: sha256 "
                                     f"{output.sha256[:12]}… against {extracted.sha256[:12]}…")
     assert extracted.safetensors is not None
+    if extraction.data_sha256:
+        return await _by_digest(output, extraction)
     # Compare while the extraction's hash finishes: two threads, two cores.
     same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
     if same:
@@ -103,6 +112,24 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
     if differs is not None:
         raise _mismatch(extraction, differs)
     return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
+
+
+async def _by_digest(output: ValidatedOutput, extraction: Extraction
+                     ) -> tuple[ValidatedOutput, Assurance, str]:
+    """The comparison with a reading that reported its data section's digest: the same
+    canonical header (names, dtypes, shapes, layout, metadata), then the same data digest,
+    taken in the pass that hashes the output for its answer."""
+    conv, ext = output.safetensors, extraction.output.safetensors if extraction.output else None
+    assert conv is not None and ext is not None
+    if conv.canonical_header != ext.canonical_header or conv.data_bytes != ext.data_bytes:
+        raise _mismatch(extraction, header_difference(conv, ext)
+                        or "the tensors are laid out in another order")
+    whole, data = await asyncio.to_thread(canonical_and_data_digests, output.path, conv)
+    if data != extraction.data_sha256:
+        raise _mismatch(extraction, "the tensor data differs: sha256 of the data section "
+                                    f"{data[:12]}… against {extraction.data_sha256[:12]}… "
+                                    "(an output on disk is compared by digest)")
+    return with_sha256(output, whole), Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
 
 
 def _mismatch(extraction: Extraction, differs: str) -> AirlockError:
@@ -124,21 +151,33 @@ def difference(converted: Path, conv: SafetensorsInfo, extracted: Path,
     """None when both files hold the same tensors and metadata; else the first difference."""
     if conv.canonical_sha256 and conv.canonical_sha256 == ext.canonical_sha256:
         return None
+    differs = header_difference(conv, ext)
+    if differs is not None:
+        return differs
+    a, b = _entries(conv), _entries(ext)
+    a.pop("__metadata__", None)
+    b.pop("__metadata__", None)
+    with open_regular_file(converted)[0] as fa, open_regular_file(extracted)[0] as fb:
+        for name in sorted(a):
+            ea, eb = a[name], b[name]
+            if not _same_bytes(fa, conv.source_data_offset + ea["data_offsets"][0],
+                               fb, ext.source_data_offset + eb["data_offsets"][0],
+                               ea["data_offsets"][1] - ea["data_offsets"][0]):
+                return f"tensor {name[:80]!r}: values differ"
+    return None
+
+
+def header_difference(conv: SafetensorsInfo, ext: SafetensorsInfo) -> str | None:
+    """The first difference in metadata, tensor names, dtypes or shapes; None if none."""
     a, b = _entries(conv), _entries(ext)
     if a.pop("__metadata__", None) != b.pop("__metadata__", None):
         return "the metadata (tied-weight names) differs"
     if set(a) != set(b):
         only = sorted(set(a) ^ set(b))[:3]
         return f"the tensor names differ (e.g. {only})"
-    with open_regular_file(converted)[0] as fa, open_regular_file(extracted)[0] as fb:
-        for name in sorted(a):
-            ea, eb = a[name], b[name]
-            if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
-                return f"tensor {name[:80]!r}: dtype or shape differs"
-            if not _same_bytes(fa, conv.source_data_offset + ea["data_offsets"][0],
-                               fb, ext.source_data_offset + eb["data_offsets"][0],
-                               ea["data_offsets"][1] - ea["data_offsets"][0]):
-                return f"tensor {name[:80]!r}: values differ"
+    for name in sorted(a):
+        if (a[name]["dtype"], a[name]["shape"]) != (b[name]["dtype"], b[name]["shape"]):
+            return f"tensor {name[:80]!r}: dtype or shape differs"
     return None
 
 

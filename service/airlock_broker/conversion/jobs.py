@@ -20,6 +20,7 @@ from typing import Any
 
 from airlock_broker.conversion.audit import AuditRecord
 from airlock_broker.conversion.format_decision import Decision
+from airlock_broker.conversion.intake import SHA256_HEX
 from airlock_broker.conversion.integrity import (
     READ_ALONE_NOTE,
     Assurance,
@@ -317,7 +318,8 @@ class JobRunner:
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
-                    self._extract(extractor, request, detected, stack, room))
+                    self._extract(extractor, request, detected, stack, room,
+                                  digest_only=bool(room.disk_bytes)))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             extraction = extraction or read_first
@@ -341,6 +343,8 @@ class JobRunner:
                     output = await validate_output(
                         out_dir, request.target, room.limits, self.onnx_validator,
                         digest=extraction is None or extraction.output is None)
+                if extraction is not None and extraction.data_sha256:
+                    audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
                 output, assurance, note = await assurance_of(output, extraction)
                 output = await compute_digest(output)
             except AirlockError as exc:
@@ -472,14 +476,21 @@ class JobRunner:
         return outcome
 
     async def _extract(self, slot: Slot | None, request: JobRequest, detected: ArtifactFormat,
-                       stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction | None:
+                       stack: contextlib.AsyncExitStack, room: OutputRoom, *,
+                       digest_only: bool = False) -> Extraction | None:
         """Run the integrity extraction and, as soon as its sandbox is dead, validate its
         output and start hashing it: it usually ends before the conversion, so its 400 MB
-        hash runs beside the conversion and the comparison instead of after them."""
+        hash runs beside the conversion and the comparison instead of after them.
+
+        ``digest_only`` (an output on disk): a checkpoint's reading reports the sha256 of its
+        data section instead of writing it (JobSpec.data_digest_only), so a shard of N bytes
+        costs the disk N, not 2 N; the comparison then takes the conversion's digest
+        (integrity.py). A reading that wrote its data anyway is compared as a file."""
         if slot is None:
             return None
         # The reading converts as the job does (inputs, target): the outputs are compared.
-        spec = self._spec(request, detected, JobMode.EXTRACT_WEIGHTS, room)
+        spec = replace(self._spec(request, detected, JobMode.EXTRACT_WEIGHTS, room),
+                       data_digest_only=digest_only)
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
@@ -487,9 +498,10 @@ class JobRunner:
 
         def seen(output: ValidatedOutput | None, note: str,
                  digest: asyncio.Task[ValidatedOutput] | None = None,
-                 invalid: AirlockError | None = None) -> Extraction:
+                 invalid: AirlockError | None = None, data_sha256: str = "") -> Extraction:
             return Extraction(output, note, digest, refused=refused, outcome=outcome,
-                              report=report, format=detected, invalid=invalid)
+                              report=report, format=detected, invalid=invalid,
+                              data_sha256=data_sha256)
 
         if outcome.timed_out or outcome.oom_killed or outcome.exit_code != 0:
             said = worker_said(report.get("error"))
@@ -502,6 +514,11 @@ class JobRunner:
                                                   self.onnx_validator, digest=False)
         except AirlockError as exc:
             return seen(None, f"the extraction's output was invalid: {exc.message}", invalid=exc)
+        data_sha256 = report.get("data_sha256")
+        if digest_only and extracted.safetensors is not None and data_sha256:
+            if not isinstance(data_sha256, str) or not SHA256_HEX.fullmatch(data_sha256):
+                return seen(None, "the extraction reported a data digest that is not a sha256")
+            return seen(extracted, "", data_sha256=data_sha256)  # its data is a hole
         digest = asyncio.create_task(compute_digest(extracted))
         stack.push_async_callback(_settle, digest)
         return seen(extracted, "", digest)
