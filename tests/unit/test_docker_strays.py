@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import docker.errors
+import pytest
 import requests
 
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
@@ -128,3 +129,39 @@ def test_a_kill_the_engine_could_not_confirm_is_still_a_timeout(tmp_path: Path) 
 
     outcome = asyncio.run(run())
     assert outcome.timed_out and api.kills == 3
+
+
+def test_a_slots_files_are_removed_off_the_event_loop(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot of GiB (an input on the disk spool, an output image) takes the kernel a second
+    or more to unlink: ``destroy`` does it on a worker thread, and the loop serves on."""
+    import threading
+
+    from airlock_broker.sandboxes.sandbox import Slot
+    from airlock_broker.sandboxes.workspace import JobWorkspace
+
+    root = tmp_path / "slots" / "s"
+    (root / "in").mkdir(parents=True)
+    (root / "in" / "artifact").write_bytes(b"weights")
+    slot = Slot(slot_id="s", profile="torch", container_id="c", started=True,
+                workspace=JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid()))
+    removed_on: list[threading.Thread] = []
+    destroy = JobWorkspace.destroy
+
+    def recording(self: JobWorkspace) -> None:
+        removed_on.append(threading.current_thread())
+        destroy(self)
+
+    monkeypatch.setattr(JobWorkspace, "destroy", recording)
+    api = FakeApi([])
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        try:
+            await sandbox.destroy(slot)
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    asyncio.run(run())
+    assert api.removed == ["c"] and not root.exists()
+    assert removed_on and threading.main_thread() not in removed_on, removed_on

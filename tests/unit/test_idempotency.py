@@ -247,17 +247,50 @@ def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
         await _complete(store, "b", b"1234")
         assert _stored(store) == ["job-a", "job-b"]
         await _complete(store, "c", b"1234")  # over both bounds: the oldest goes
-        assert _stored(store) == ["job-b", "job-c"] and store.stored_bytes == 8 and len(store) == 2
+        assert store.stored_bytes == 8 and len(store) == 2
+        await store.settle()  # its file, on a worker thread
+        assert _stored(store) == ["job-b", "job-c"]
         # Larger than the store: not stored at all (its claim still made room for an entry).
         await _complete(store, "big", b"x" * 11)
+        await store.settle()
         assert _stored(store) == ["job-c"] and len(store) == 1
         await asyncio.sleep(0.35)
-        assert store.purge() == 1 and _stored(store) == [] and store.stored_bytes == 0
+        assert store.purge() == 1 and store.stored_bytes == 0
+        await store.settle()
+        assert _stored(store) == []
         await _complete(store, "d", b"1234")
         await store.close()
         assert _stored(store) == [] and len(store) == 0
 
     asyncio.run(scenario())
+
+
+def test_an_evicted_answer_is_unlinked_off_the_event_loop(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Unlinking an answer of GiB takes the kernel most of a second (its blocks are freed
+    first): never on the loop that serves every other call."""
+    from airlock_broker.sandboxes import workspace
+
+    unlinked_on: list[threading.Thread] = []
+    original = workspace.remove_quietly
+
+    def recording(path: Path) -> None:
+        unlinked_on.append(threading.current_thread())
+        original(path)
+
+    monkeypatch.setattr(workspace, "remove_quietly", recording)
+
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings(max_entries=1))
+        await _complete(store, "a", b"1234")
+        await _complete(store, "b", b"1234")  # evicts a
+        await store.settle()
+        assert _stored(store) == ["job-b"]
+        await store.close()
+
+    asyncio.run(scenario())
+    assert unlinked_on and threading.main_thread() not in unlinked_on, unlinked_on
 
 
 def test_without_a_key_the_store_takes_no_file(tmp_path: Path) -> None:

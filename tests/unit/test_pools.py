@@ -295,7 +295,10 @@ def test_a_released_slot_gives_its_input_back_before_it_is_destroyed(tmp_path: P
         await backend.hand_over(slot, upload, b"\x93NUMPY")
         answered = asyncio.Event()
         await pools.release(slot, answered)
-        assert not slot.workspace.artifact.exists() and not slot.workspace.sample.exists()
+        gone = asyncio.get_running_loop().time() + 30  # unlinked on a thread: polled
+        while slot.workspace.artifact.exists() or slot.workspace.sample.exists():
+            assert asyncio.get_running_loop().time() < gone, "the input was never removed"
+            await asyncio.sleep(0.005)
         assert slot.workspace.root.is_dir()  # the slot itself waits for the answer
         answered.set()
         await pools.settle()

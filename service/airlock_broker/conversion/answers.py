@@ -44,7 +44,7 @@ from airlock_broker.conversion.idempotency import Claim
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import Reason, error
-from airlock_broker.sandboxes.workspace import remove_quietly, results_dir
+from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, results_dir
 
 #: An ONNX output (canonical bytes in the broker's memory) up to this size is written to its
 #: answer file on the event loop; larger ones, and safetensors (a kernel copy), on a thread.
@@ -158,7 +158,7 @@ class Answer:
         if self.fd is not None:
             os.close(self.fd)
         if self.path is not None:
-            remove_quietly(self.path)
+            remove_soon(self.path)  # an answer may be GiB: its unlink is off the loop
 
     def store(self, claim: Claim) -> None:
         """Offer the file to the idempotency store; if it takes it, the store owns the name."""
@@ -230,4 +230,4 @@ def _discard(done: asyncio.Future[int], path: Path) -> None:
     if done.cancelled() or done.exception() is not None:
         return  # _write_output cleaned up after itself
     os.close(done.result())
-    remove_quietly(path)
+    remove_soon(path)

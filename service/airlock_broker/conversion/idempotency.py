@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.sandboxes.workspace import remove_quietly
+from airlock_broker.sandboxes.workspace import remove_soon
 from airlock_broker.security.state_dirs import open_private_file
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,8 @@ class IdempotencyStore:
         self.spool_root = spool_root
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._bytes = 0
+        #: Removals of evicted answers' files under way (workspace.remove_soon).
+        self._removing: set[asyncio.Future[None]] = set()
         #: Requests waiting for a first attempt still in flight (for status and tests).
         self.waiting = 0
         self._purger: asyncio.Task[None] | None = None
@@ -150,6 +152,12 @@ class IdempotencyStore:
                 await self._purger
         for key in list(self._entries):
             self._drop(key)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until the files of dropped entries are removed (on worker threads)."""
+        while self._removing:
+            await asyncio.gather(*self._removing)
 
     @contextlib.asynccontextmanager
     async def claim(self, principal: str, key: str, input_sha256: str, options: str,
@@ -244,7 +252,10 @@ class IdempotencyStore:
         if entry.stored is not None:
             self._bytes -= entry.stored.size
             if entry.stored.path is not None:
-                remove_quietly(entry.stored.path)
+                removing = remove_soon(entry.stored.path)  # may be GiB: off the loop
+                if removing is not None:
+                    self._removing.add(removing)
+                    removing.add_done_callback(self._removing.discard)
         entry.done.set()
 
     async def _purge_forever(self) -> None:

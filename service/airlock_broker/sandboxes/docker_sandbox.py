@@ -367,7 +367,9 @@ class DockerSandbox:
                           slot.container_id[:12], exc)
         finally:
             self._owned.discard(slot.slot_id)
-            slot.workspace.destroy()
+            # Unmounting and unlinking a slot of GiB (its input on disk, an output image)
+            # takes a second or more: off the loop, which serves every other call meanwhile.
+            await asyncio.get_running_loop().run_in_executor(None, slot.workspace.destroy)
 
     async def reap_orphans(self) -> int:
         """Remove containers of dead brokers, and this broker's strays (see ``_owned``)."""

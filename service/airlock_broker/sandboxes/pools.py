@@ -209,15 +209,12 @@ class Pools:
         most ``defer_max_seconds``: on this project's 2-core machine both took the CPU from the
         answer's last steps (S1 and S2 slower by about 20 ms, bench.profile). A caller that
         never reads holds the dead container no longer than that. The slot's input is removed
-        at once (a RAM spool's room, conversion/input_room.py, does not wait for the answer).
+        at once, on a thread (a RAM spool's room, conversion/input_room.py, does not wait for
+        the answer).
         The pools own the destruction from here; ``close`` waits for every one still under
         way.
         """
         pool = self.pools.get(slot.profile)
-        try:  # its input now, its slot later: a RAM spool's room comes back at once
-            slot.workspace.drop_input()
-        except OSError as exc:
-            log.warning("could not remove the input of slot %s: %s", slot.slot_id, exc)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
             if slot.slot_id in pool.importing_taken:
@@ -231,6 +228,11 @@ class Pools:
     async def _retire(self, pool: Pool | None, slot: Slot,
                       answered: asyncio.Event | None) -> None:
         try:
+            try:  # its input now, its slot later: a RAM spool's room comes back at once (an
+                # input on disk may be GiB: unlinked off the loop)
+                await asyncio.to_thread(slot.workspace.drop_input)
+            except OSError as exc:
+                log.warning("could not remove the input of slot %s: %s", slot.slot_id, exc)
             if answered is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.settings.defer_max_seconds):

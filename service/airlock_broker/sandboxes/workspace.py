@@ -41,6 +41,7 @@ by descriptor and only unlinks an entry that is not a real directory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -287,6 +288,26 @@ def remove_quietly(path: Path) -> None:
     """``unlink`` for ``finally`` blocks: a file already moved or removed is fine."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def remove_soon(path: Path) -> asyncio.Future[None] | None:
+    """``remove_quietly`` on a worker thread when called on the event loop (its future, for
+    whoever must know it is done), else at once: unlinking a large file frees its blocks
+    first (ext4 here: 83 ms for 400 MiB, 0.8 s for 4 GiB), and the loop serves every other
+    call meanwhile. Errors are logged, never raised."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop: already on a thread of its own, or shutting down
+        _remove_logged(path)
+        return None
+    return loop.run_in_executor(None, _remove_logged, path)
+
+
+def _remove_logged(path: Path) -> None:
+    try:
+        remove_quietly(path)
+    except OSError as exc:
+        log.error("could not remove %s: %s", path, exc)
 
 
 def reap_stale(spool_root: Path) -> int:
