@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from airlock_broker.api.server import Broker, create_server
 from airlock_broker.config import BrokerConfig
@@ -144,3 +145,17 @@ def running_broker(config: BrokerConfig, backend: FakeSandbox) -> Iterator[Broke
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def threads_calling(monkeypatch: Any, owner: Any, name: str) -> list[threading.Thread]:
+    """Wrap ``owner.name`` so that each call records the thread it ran on: for the checks that
+    something slow (a large unlink) runs off the event loop's thread."""
+    seen: list[threading.Thread] = []
+    original = getattr(owner, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen

@@ -139,20 +139,14 @@ def test_a_slots_files_are_removed_off_the_event_loop(tmp_path: Path,
 
     from airlock_broker.sandboxes.sandbox import Slot
     from airlock_broker.sandboxes.workspace import JobWorkspace
+    from tests.unit.fakes import threads_calling
 
     root = tmp_path / "slots" / "s"
     (root / "in").mkdir(parents=True)
     (root / "in" / "artifact").write_bytes(b"weights")
     slot = Slot(slot_id="s", profile="torch", container_id="c", started=True,
                 workspace=JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid()))
-    removed_on: list[threading.Thread] = []
-    destroy = JobWorkspace.destroy
-
-    def recording(self: JobWorkspace) -> None:
-        removed_on.append(threading.current_thread())
-        destroy(self)
-
-    monkeypatch.setattr(JobWorkspace, "destroy", recording)
+    removed_on = threads_calling(monkeypatch, JobWorkspace, "destroy")
     api = FakeApi([])
     sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
 

@@ -271,15 +271,9 @@ def test_an_evicted_answer_is_unlinked_off_the_event_loop(tmp_path: Path,
     """Unlinking an answer of GiB takes the kernel most of a second (its blocks are freed
     first): never on the loop that serves every other call."""
     from airlock_broker.sandboxes import workspace
+    from tests.unit.fakes import threads_calling
 
-    unlinked_on: list[threading.Thread] = []
-    original = workspace.remove_quietly
-
-    def recording(path: Path) -> None:
-        unlinked_on.append(threading.current_thread())
-        original(path)
-
-    monkeypatch.setattr(workspace, "remove_quietly", recording)
+    unlinked_on = threads_calling(monkeypatch, workspace, "remove_quietly")
 
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings(max_entries=1))
