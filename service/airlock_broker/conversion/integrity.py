@@ -101,7 +101,7 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
                                     f"{output.sha256[:12]}… against {extracted.sha256[:12]}…")
     assert extracted.safetensors is not None
     if extraction.data_sha256:
-        return await _by_digest(output, extraction)
+        return await _by_digest(output, extracted.safetensors, extraction)
     # Compare while the extraction's hash finishes: two threads, two cores.
     same, sha256 = await asyncio.gather(same_output(output, extracted), extraction.sha256())
     if same:
@@ -114,13 +114,13 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
     return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
 
 
-async def _by_digest(output: ValidatedOutput, extraction: Extraction
+async def _by_digest(output: ValidatedOutput, ext: SafetensorsInfo, extraction: Extraction
                      ) -> tuple[ValidatedOutput, Assurance, str]:
     """The comparison with a reading that reported its data section's digest: the same
     canonical header (names, dtypes, shapes, layout, metadata), then the same data digest,
     taken in the pass that hashes the output for its answer."""
-    conv, ext = output.safetensors, extraction.output.safetensors if extraction.output else None
-    assert conv is not None and ext is not None
+    conv = output.safetensors
+    assert conv is not None
     if conv.canonical_header != ext.canonical_header or conv.data_bytes != ext.data_bytes:
         raise _mismatch(extraction, header_difference(conv, ext)
                         or "the tensors are laid out in another order")
@@ -151,12 +151,10 @@ def difference(converted: Path, conv: SafetensorsInfo, extracted: Path,
     """None when both files hold the same tensors and metadata; else the first difference."""
     if conv.canonical_sha256 and conv.canonical_sha256 == ext.canonical_sha256:
         return None
-    differs = header_difference(conv, ext)
+    a, b = _entries(conv), _entries(ext)
+    differs = _entries_difference(a, b)
     if differs is not None:
         return differs
-    a, b = _entries(conv), _entries(ext)
-    a.pop("__metadata__", None)
-    b.pop("__metadata__", None)
     with open_regular_file(converted)[0] as fa, open_regular_file(extracted)[0] as fb:
         for name in sorted(a):
             ea, eb = a[name], b[name]
@@ -169,7 +167,11 @@ def difference(converted: Path, conv: SafetensorsInfo, extracted: Path,
 
 def header_difference(conv: SafetensorsInfo, ext: SafetensorsInfo) -> str | None:
     """The first difference in metadata, tensor names, dtypes or shapes; None if none."""
-    a, b = _entries(conv), _entries(ext)
+    return _entries_difference(_entries(conv), _entries(ext))
+
+
+def _entries_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """``header_difference`` of two parsed headers; their ``__metadata__`` is taken out."""
     if a.pop("__metadata__", None) != b.pop("__metadata__", None):
         return "the metadata (tied-weight names) differs"
     if set(a) != set(b):

@@ -218,10 +218,7 @@ class JobWorkspace:
         device). Logs instead of raising: it runs in ``finally``."""
         _destroy_slot(self.root)
         if self.image is not None:
-            try:
-                remove_quietly(self.image)  # unlink never follows a link
-            except OSError as exc:
-                log.error("could not remove output image %s: %s", self.image, exc)
+            _remove_logged(self.image)  # unlink never follows a link
 
 
 def slot_spool(spool_root: Path, *, on_disk: bool = False) -> Path:
