@@ -157,6 +157,38 @@ def test_a_refused_output_never_reaches_the_callers_file(broker: BrokerProcess,
     assert list(dest.parent.iterdir()) == []
 
 
+def test_a_retry_on_the_fast_path_is_answered_from_the_copy_kept_after_the_answer(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    # The caller's file is written alone; the idempotency store's copy is made after the
+    # answer, from the dead sandbox's output held open (its slot is destroyed meanwhile). A
+    # retry with the same key gets that copy, byte for byte, without converting again.
+    artifact, _ = models.make_state_dict(tmp_path)
+    meta = pb.ConvertMetadata(target=pb.TARGET_FORMAT_SAFETENSORS, idempotency_key="kept-after",
+                              size_bytes=artifact.stat().st_size)
+    headers, outputs = [], []
+    for attempt in ("first", "retry"):
+        ticket = _ticket(broker)
+        out = tmp_path / f"{attempt}.safetensors"
+        in_fd = os.open(artifact, os.O_RDONLY)
+        out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd]) == {"ok": True}
+        finally:
+            os.close(in_fd)
+            os.close(out_fd)
+        request = pb.ConvertRequest(metadata=meta)
+        request.metadata.local_handle = ticket
+        with _stub(broker.address) as stub:
+            messages = list(stub.Convert(iter([request]), timeout=120))
+        assert [m.WhichOneof("payload") for m in messages] == ["result"]
+        headers.append(messages[0].result)
+        outputs.append(out.read_bytes())
+    first, retry = headers
+    assert not first.replayed and retry.replayed and retry.job_id == first.job_id
+    assert outputs[0] == outputs[1] and len(outputs[0]) == first.output_size
+    assert hashlib.sha256(outputs[1]).hexdigest() == first.output_sha256
+
+
 @pytest.fixture
 def hostile(tmp_path: Path) -> Iterator[dict[str, int]]:
     """Descriptors of every kind a hostile peer might send; all closed afterwards."""

@@ -10,12 +10,17 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.answers import Answer, StreamTransfer, spool_answer
+from airlock_broker.conversion.file_copy import write_canonical_from, write_canonical_safetensors
+from airlock_broker.conversion.idempotency import IdempotencySettings, IdempotencyStore
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError
@@ -23,6 +28,9 @@ from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCre
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.fastpath.peer_transfer import PeerTransfer
 from airlock_broker.security.exposure import RpcLimits
+from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
+from airlock_broker.validation.safetensors_check import validate_safetensors
 from airlock_sandbox.contract import OutputFormat
 
 _LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=10,
@@ -133,21 +141,35 @@ def _peer(tmp_path: Path, peer_out: int) -> PeerTransfer:
     return PeerTransfer(local, _LIMITS)
 
 
-def test_on_the_fast_path_the_callers_file_is_written_beside_the_spool_copy(
+def test_on_the_fast_path_the_callers_file_is_written_alone_and_kept_after(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A fresh output goes into the caller's file while the spool copy is made (both from the
-    # output itself); sending the answer then copies nothing more. The spool copy stays: a
-    # retry with the same key is answered from it.
-    payload = bytes(range(256)) * 8192  # 2 MiB: over INLINE_WRITE_BYTES, so on threads
-    writers: list[int] = []
+    # A fresh output goes into the caller's file alone (a spool copy beside it slowed it 3-10
+    # times, S3); sending the answer copies nothing more. The idempotency store's copy is made
+    # after, in the background, from the output held open: the slot's file is gone by then
+    # (destroyed once the answer is out), and a retry meanwhile waits for the copy.
+    source = tmp_path / "slot-out" / "model.safetensors"
+    source.parent.mkdir()
+    save_file({"w": np.arange(1 << 19, dtype=np.float32)}, str(source))  # 2 MiB
+    info = validate_safetensors(source, OutputLimits())
+    canonical = info.canonical_header + source.read_bytes()[info.source_data_offset:]
+    copies: list[tuple[int, float, float]] = []  # (thread, start, end)
+    gate = threading.Event()
 
-    def write_into(fd: int) -> None:
-        writers.append(threading.get_ident())
-        os.pwrite(fd, payload, 0)
-        os.ftruncate(fd, len(payload))
+    def deliver(fd: int) -> None:
+        began = time.monotonic()
+        write_canonical_safetensors(source, info, fd)
+        copies.append((threading.get_ident(), began, time.monotonic()))
 
-    output = ValidatedOutput(format=OutputFormat.ONNX, size=len(payload), sha256="",
-                             path=Path("/nonexistent"), write_into=write_into)
+    def keep(handle: BinaryIO, kept_info: SafetensorsInfo, fd: int) -> None:
+        began = time.monotonic()
+        assert gate.wait(30)  # held until the retry below is waiting
+        write_canonical_from(handle, kept_info, fd)
+        copies.append((threading.get_ident(), began, time.monotonic()))
+
+    output = ValidatedOutput(format=OutputFormat.SAFETENSORS, size=info.canonical_size,
+                             sha256=info.canonical_sha256, path=source, write_into=deliver,
+                             safetensors=info)
+    monkeypatch.setattr("airlock_broker.conversion.outputs.write_canonical_from", keep)
 
     def no_second_copy(*_: object) -> None:
         raise AssertionError("the answer was copied into the caller's file a second time")
@@ -155,24 +177,46 @@ def test_on_the_fast_path_the_callers_file_is_written_beside_the_spool_copy(
     monkeypatch.setattr("airlock_broker.fastpath.peer_transfer.copy_file", no_second_copy)
     peer_path = tmp_path / "peer-output"
     peer_out = os.open(peer_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    kept = tmp_path / "results" / "fresh"
 
     async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
         transfer = _peer(tmp_path, peer_out)
         try:
-            answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="fresh"), output,
-                                        transfer)
-            with answer:
-                assert answer.delivered
-                assert peer_path.read_bytes() == payload
-                assert (tmp_path / "results" / "fresh").read_bytes() == payload
-                messages = [m async for m in answer.responses()]
+            async with store.claim("", "key", "sha", "opts", "fresh") as claim:
+                answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="fresh"),
+                                            output, transfer)
+                with answer:
+                    assert answer.delivered and answer.fd is None
+                    assert peer_path.read_bytes() == canonical
+                    assert not kept.exists() and len(copies) == 1  # the caller's file only
+                    answer.store(claim)
+                    messages = [m async for m in answer.responses()]
             assert [m.WhichOneof("payload") for m in messages] == ["result"]
             assert messages[0].result.transfer == "local"
+            source.unlink()  # the slot is destroyed: the pinned file is still read
+            retry = asyncio.create_task(_replay(store, "key"))
+            while store.waiting == 0:  # the retry waits for the store's copy ...
+                await asyncio.sleep(0.01)
+            gate.set()
+            assert await retry == canonical  # ... and is answered from it
+            await store.close()
         finally:
             transfer.close()
 
     asyncio.run(scenario())
-    assert len(writers) == 2 and writers[0] != writers[1]  # two copies, on two threads
+    (first, _, delivered), (second, began, _) = copies
+    assert first != second and began >= delivered  # on two threads, one after the other
+
+
+async def _replay(store: IdempotencyStore, key: str) -> bytes:
+    async with store.claim("", key, "sha", "opts", "retry") as claim:
+        assert claim.stored is not None and claim.waited
+        fd = store.open_stored(claim.stored)
+    try:
+        return os.pread(fd, claim.stored.size + 1, 0)
+    finally:
+        os.close(fd)
 
 
 def test_an_answer_the_store_will_not_keep_is_delivered_without_a_spool_copy(

@@ -373,3 +373,41 @@ def test_the_client_deadline_bounds_the_whole_call(start, tmp_path: Path) -> Non
     assert info.value.code == "DEADLINE_EXCEEDED"
     assert time.monotonic() - began < 5
     run.backend.gate.set()
+
+
+def test_a_result_whose_file_could_not_be_written_is_forgotten(tmp_path: Path) -> None:
+    # A delivered answer's copy is written by the store in the background; if that fails
+    # (a full disk), a retry must convert again, not be answered from half a file.
+    def fails() -> None:
+        raise OSError(28, "No space left on device")
+
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        async with store.claim("", "k", "sha", "opts", "job-1") as claim:
+            assert claim.store(b"h", results_dir(tmp_path) / "job-1", 10, write=fails)
+        async with store.claim("", "k", "sha", "opts", "job-2") as retry:
+            assert retry.stored is None and retry.stores  # waited for the write, converts
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_entry_evicted_while_its_file_is_written_leaves_no_file(tmp_path: Path) -> None:
+    gate = threading.Event()
+    path = results_dir(tmp_path) / "job-1"
+
+    def slow_write() -> None:
+        assert gate.wait(30)
+        path.write_bytes(b"0123456789")
+
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings(max_entries=1))
+        async with store.claim("", "a", "sha", "opts", "job-1") as claim:
+            assert claim.store(b"h", path, 10, write=slow_write)
+        await _complete(store, "b", b"1234")  # evicts a while its file is being written
+        gate.set()
+        await store.settle()
+        assert _stored(store) == ["job-b"]
+        await store.close()
+
+    asyncio.run(scenario())

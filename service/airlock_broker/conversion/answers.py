@@ -9,11 +9,11 @@ caller that reads slowly, or never (HTTP/2 flow control then holds the broker's 
 holds no sandbox for longer than that: only its admission place and that file, and those only
 for ``answer_drain_seconds`` (api/answer_drains.py); then the call ends with DEADLINE_EXCEEDED
 and the file is removed. On the same-host fast path no caller's pace is involved: the broker
-itself writes the caller's file, from the tmpfs, while it makes the spool copy
-(``Transfer.deliver``), within the time ``write_to_peer`` allows for the size. With an
-idempotency key the idempotency store adopts the spool file (no second copy), so a retry is
-answered from it: a stored answer is the same ``Answer`` (another header, the stored file),
-sent by the same code.
+itself writes the caller's file, from the tmpfs (``Transfer.deliver``), within the time
+``write_to_peer`` allows for the size, and makes a spool copy only for the idempotency store,
+after the answer (``spool_answer``). With an idempotency key the idempotency store adopts the
+spool file (no second copy), so a retry is answered from it: a stored answer is the same
+``Answer`` (another header, the stored file), sent by the same code.
 
 How an answer travels is its call's ``Transfer``: the request stream (``StreamTransfer``,
 here), or on the same-host fast path the caller's own descriptors (fastpath/peer_transfer.py).
@@ -32,9 +32,10 @@ keep or evict, not the broker's RSS while a caller dawdles.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +43,7 @@ from typing import Protocol
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.idempotency import Claim
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
-from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.conversion.outputs import PinnedOutput, ValidatedOutput
 from airlock_broker.errors import Reason, error
 from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, results_dir
 
@@ -143,6 +144,8 @@ class Answer:
     #: The output already is where the transfer puts it (``Transfer.deliver``): only the
     #: header is left to send.
     delivered: bool = False
+    #: A delivered output, held open for the store's copy (made by ``store``, at ``path``).
+    pinned: PinnedOutput | None = None
     _closed: bool = field(default=False, repr=False)
 
     def __enter__(self) -> Answer:
@@ -157,14 +160,21 @@ class Answer:
         self._closed = True
         if self.fd is not None:
             os.close(self.fd)
-        if self.path is not None:
+        if self.pinned is not None:  # never handed to the store: no file was made
+            self.pinned.close()
+        elif self.path is not None:
             remove_soon(self.path)  # an answer may be GiB: its unlink is off the loop
 
     def store(self, claim: Claim) -> None:
-        """Offer the file to the idempotency store; if it takes it, the store owns the name."""
-        if self.path is not None and claim.store(self.result.SerializeToString(), self.path,
-                                                 self.size):
-            self.path = None
+        """Offer the file to the idempotency store; if it takes it, the store owns the name.
+        A delivered answer's file is not made yet: the store makes it, in the background,
+        from the pinned output (a retry meanwhile waits for it)."""
+        if self.path is None:
+            return
+        pinned = self.pinned
+        write = None if pinned is None else functools.partial(_keep, self.path, pinned)
+        if claim.store(self.result.SerializeToString(), self.path, self.size, write=write):
+            self.path = self.pinned = None
 
     def responses(self) -> AsyncIterator[pb.ConvertResponse]:
         """The header, then the output (as chunks, or into the caller's own file: only now,
@@ -175,55 +185,63 @@ class Answer:
 
 async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: ValidatedOutput,
                        transfer: Transfer, *, kept: bool = True) -> Answer:
-    """Write ``output`` into ``<spool>/results/<job_id>`` (a small ONNX output at once, else in
-    a worker thread, by kernel copy for a safetensors data section): the answer no longer needs
-    the sandbox's tmpfs.
+    """The answer to ``output``: the answer no longer needs the sandbox's tmpfs.
 
-    Meanwhile the transfer may already deliver the output from the tmpfs (the same-host fast
-    path writes the caller's file, ``Transfer.deliver``): both copies run at once, instead of
-    the caller's being made from the spool's afterwards (S3: 150-190 ms each for 400 MiB).
-    The spool copy is made when it will be kept (``kept``: the idempotency store takes it, and
-    a retry with the same key is answered from it). When it would not be, and the transfer
-    delivered, none is made: for a shard of many GiB, over the store's ``max_bytes``, that is
-    one copy (and its N bytes of spool) less.
+    When the transfer delivers the output at once (the same-host fast path writes the
+    caller's file, ``Transfer.deliver``), it does so alone: the spool copy made beside it
+    slowed it 3 to 10 times here (S3: 284 to 1090 ms for 400 MiB instead of 110 ms, fresh
+    page-cache memory being what this machine is slowest at). The copy the idempotency store
+    keeps (``kept``: a retry with the same key is answered from it) is then made after the
+    answer, in the background: ``Answer.store`` hands it to the store with the output held
+    open (``ValidatedOutput.pin``), so that it outlives the slot.
 
-    If the caller is cancelled meanwhile, or the delivery fails, the file is removed once the
-    thread is done with it.
+    Otherwise ``output`` is written into ``<spool>/results/<job_id>`` (a small ONNX output at
+    once, else in a worker thread, by kernel copy for a safetensors data section), and the
+    answer is sent from that file. If the caller is cancelled meanwhile, the file is removed
+    once the thread is done with it.
     """
-    if not kept and await transfer.deliver(output):
-        return Answer(result=result, fd=None, size=output.size, transfer=transfer,
-                      delivered=True)
     path = results_dir(spool_root) / result.job_id
+    if await transfer.deliver(output):
+        return Answer(result=result, fd=None, size=output.size, transfer=transfer,
+                      delivered=True, pinned=output.pin() if kept else None,
+                      path=path if kept else None)
     if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
         # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
         # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
-        return Answer(result=result, fd=_write_output(path, output), size=output.size,
-                      transfer=transfer, path=path)
-    copy = asyncio.ensure_future(asyncio.to_thread(_write_output, path, output))
+        return Answer(result=result, fd=_write_output(path, output.write_into, output.size),
+                      size=output.size, transfer=transfer, path=path)
+    copy = asyncio.ensure_future(
+        asyncio.to_thread(_write_output, path, output.write_into, output.size))
     try:
-        delivered = await transfer.deliver(output)
         fd = await asyncio.shield(copy)
     except BaseException:
         copy.add_done_callback(lambda done: _discard(done, path))
         raise
-    return Answer(result=result, fd=fd, size=output.size, transfer=transfer, path=path,
-                  delivered=delivered)
+    return Answer(result=result, fd=fd, size=output.size, transfer=transfer, path=path)
 
 
-def _write_output(path: Path, output: ValidatedOutput) -> int:
+def _write_output(path: Path, write_into: Callable[[int], None], size: int) -> int:
     """A new 0600 file holding exactly the output: its descriptor, open for reading."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        output.write_into(fd)
+        write_into(fd)
         written = os.fstat(fd).st_size
-        if written != output.size:
+        if written != size:
             raise error(Reason.INTERNAL,
-                        f"wrote {written} bytes of a {output.size}-byte output to the spool")
+                        f"wrote {written} bytes of a {size}-byte output to the spool")
     except BaseException:
         os.close(fd)
         remove_quietly(path)
         raise
     return fd
+
+
+def _keep(path: Path, pinned: PinnedOutput) -> None:
+    """The store's copy of a delivered answer (on a worker thread)."""
+    try:
+        os.close(_write_output(path, pinned.write_into, pinned.size))
+    finally:
+        pinned.close()
 
 
 def _discard(done: asyncio.Future[int], path: Path) -> None:

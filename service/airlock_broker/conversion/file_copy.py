@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import open_regular_file
@@ -37,13 +38,25 @@ def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> 
     The source must still be the file validation described (a dead sandbox's tmpfs, the
     broker's own), as for streaming; the data section is copied in the kernel when it can be.
     """
+    with open_validated(path, info) as handle:
+        write_canonical_from(handle, info, dst)
+
+
+def open_validated(path: Path, info: SafetensorsInfo) -> BinaryIO:
+    """``path`` opened for reading, if it is still the file validation described: an open
+    file stays readable after its mount is lazily unmounted (a destroyed slot's)."""
     handle, st = open_regular_file(path)
-    with handle:
-        if FileIdentity.of(st) != info.source:
-            raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
-        header = info.canonical_header
-        _write_all(dst, header, 0)
-        copy_range(handle.fileno(), info.source_data_offset, dst, len(header), info.data_bytes)
+    if FileIdentity.of(st) != info.source:
+        handle.close()
+        raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
+    return handle
+
+
+def write_canonical_from(handle: BinaryIO, info: SafetensorsInfo, dst: int) -> None:
+    """``write_canonical_safetensors`` from the file ``open_validated`` returned."""
+    header = info.canonical_header
+    _write_all(dst, header, 0)
+    copy_range(handle.fileno(), info.source_data_offset, dst, len(header), info.data_bytes)
     os.ftruncate(dst, info.canonical_size)
 
 

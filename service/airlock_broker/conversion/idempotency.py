@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,13 @@ class StoredResult:
     path: Path | None = None
     size: int = 0
     error: tuple[Reason, str] | None = None
+    #: Done once ``path`` is written, when the store writes it (``Claim.store``'s ``write``).
+    written: asyncio.Future[None] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Its file is still being written: a replay must wait for it."""
+        return self.written is not None and not self.written.done()
 
 
 @dataclass
@@ -101,10 +110,15 @@ class Claim:
         return self._store is not None and self._entry is not None \
             and size <= self._store.settings.max_bytes
 
-    def store(self, header: bytes, path: Path, size: int) -> bool:
+    def store(self, header: bytes, path: Path, size: int, *,
+              write: Callable[[], None] | None = None) -> bool:
         """Make the result replayable, from ``path`` (a file of ``size`` bytes in the store's
         directory). True: the store owns the file from now on. False (no key, or larger than
-        the store): it stays the caller's, and a retry converts again."""
+        the store): it stays the caller's, and a retry converts again.
+
+        ``write``: the file is not there yet; the store makes it by calling ``write`` on a
+        worker thread (the copy of an answer already delivered, fastpath/). A retry meanwhile
+        waits for it; if it fails, the result is forgotten and a retry converts again."""
         if self._store is None or self._entry is None:
             return False
         if not self.would_store(size):
@@ -113,8 +127,18 @@ class Claim:
                      self._store.settings.max_bytes)
             return False
         self._store.complete(self._entry, StoredResult(job_id=self._entry.job_id,
-                                                       header=header, path=path, size=size))
+                                                       header=header, path=path, size=size),
+                             write=write)
         return True
+
+
+async def _waiting(store: IdempotencyStore, wait: Awaitable[object]) -> None:
+    """``wait``, counted in ``store.waiting``."""
+    store.waiting += 1
+    try:
+        await wait
+    finally:
+        store.waiting -= 1
 
 
 def options_digest(*parts: object) -> str:
@@ -128,7 +152,7 @@ class IdempotencyStore:
         self.spool_root = spool_root
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._bytes = 0
-        #: Removals of evicted answers' files under way (workspace.remove_soon).
+        #: Removals of evicted answers' files, and writes of stored ones, under way.
         self._removing: set[asyncio.Future[None]] = set()
         #: Requests waiting for a first attempt still in flight (for status and tests).
         self.waiting = 0
@@ -155,9 +179,10 @@ class IdempotencyStore:
         await self.settle()
 
     async def settle(self) -> None:
-        """Wait until the files of dropped entries are removed (on worker threads)."""
+        """Wait until the files of stored entries are written and those of dropped entries
+        removed (on worker threads)."""
         while self._removing:
-            await asyncio.gather(*self._removing)
+            await asyncio.gather(*self._removing, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def claim(self, principal: str, key: str, input_sha256: str, options: str,
@@ -181,15 +206,16 @@ class IdempotencyStore:
                 raise error(Reason.IDEMPOTENCY_KEY_REUSED,
                             f"idempotency key already used for job {entry.job_id} with the "
                             "same artifact but different options; use a new key per call")
+            if entry.stored is not None and entry.stored.pending:
+                waited = True  # its file is being written; if that fails, it is forgotten
+                assert entry.stored.written is not None
+                await _waiting(self, asyncio.wait({entry.stored.written}))
+                continue
             if entry.stored is not None:
                 yield self._replayed(entry.stored, waited)
                 return
             waited = True
-            self.waiting += 1
-            try:
-                await entry.done.wait()  # the first attempt is converting; its answer is ours
-            finally:
-                self.waiting -= 1
+            await _waiting(self, entry.done.wait())  # the first attempt is converting
         entry = _Entry(input_sha256=input_sha256, options=options, job_id=job_id)
         self._entries[ident] = entry
         self._evict(keep=entry)
@@ -229,7 +255,14 @@ class IdempotencyStore:
                                 "the same idempotency key)")
         return Claim(stored=stored, waited=waited)
 
-    def complete(self, entry: _Entry, stored: StoredResult) -> None:
+    def complete(self, entry: _Entry, stored: StoredResult, *,
+                 write: Callable[[], None] | None = None) -> None:
+        if write is not None:
+            written = asyncio.ensure_future(asyncio.to_thread(write))
+            self._removing.add(written)
+            written.add_done_callback(self._removing.discard)
+            written.add_done_callback(functools.partial(self._written, entry))
+            stored = dataclasses.replace(stored, written=written)
         entry.stored = stored
         entry.expires = time.monotonic() + self.settings.ttl_seconds
         self._bytes += stored.size
@@ -247,16 +280,34 @@ class IdempotencyStore:
                 self._drop(ident)
         # Entries in flight are never evicted; admission bounds how many there can be.
 
+    def _written(self, entry: _Entry, written: asyncio.Future[None]) -> None:
+        """A stored file's write ended: if it failed, the entry is forgotten."""
+        if written.cancelled() or written.exception() is None:
+            return
+        log.warning("job %s: its answer could not be kept for retries (%s); a retry will "
+                    "convert again", entry.job_id, written.exception())
+        for ident, known in list(self._entries.items()):
+            if known is entry:
+                self._drop(ident)
+
     def _drop(self, ident: tuple[str, str]) -> None:
         entry = self._entries.pop(ident)
-        if entry.stored is not None:
-            self._bytes -= entry.stored.size
-            if entry.stored.path is not None:
-                removing = remove_soon(entry.stored.path)  # may be GiB: off the loop
-                if removing is not None:
-                    self._removing.add(removing)
-                    removing.add_done_callback(self._removing.discard)
+        stored = entry.stored
+        if stored is not None:
+            self._bytes -= stored.size
+            if stored.pending:  # removed once written (a thread cannot be stopped)
+                assert stored.written is not None
+                stored.written.add_done_callback(lambda _: self._remove(stored))
+            else:
+                self._remove(stored)
         entry.done.set()
+
+    def _remove(self, stored: StoredResult) -> None:
+        if stored.path is not None:
+            removing = remove_soon(stored.path)  # may be GiB: off the loop
+            if removing is not None:
+                self._removing.add(removing)
+                removing.add_done_callback(self._removing.discard)
 
     async def _purge_forever(self) -> None:
         period = min(30.0, max(1.0, self.settings.ttl_seconds / 4))

@@ -8,7 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from airlock_broker.conversion.file_copy import write_bytes, write_canonical_safetensors
+from airlock_broker.conversion.file_copy import (
+    open_validated,
+    write_bytes,
+    write_canonical_from,
+    write_canonical_safetensors,
+)
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import collect_output
 from airlock_broker.validation.limits import OutputLimits
@@ -36,6 +41,26 @@ class ValidatedOutput:
     write_into: Callable[[int], None]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
+
+    def pin(self) -> PinnedOutput:
+        """The output held open from now on (the file validation described), so that it can
+        be copied after its slot is destroyed: a lazy unmount leaves open files readable.
+        An ONNX output is already in the broker's memory."""
+        info = self.safetensors
+        if info is None:
+            return PinnedOutput(self.size, self.write_into)
+        handle = open_validated(self.path, info)
+        return PinnedOutput(self.size, lambda fd: write_canonical_from(handle, info, fd),
+                            handle.close)
+
+
+@dataclass(frozen=True)
+class PinnedOutput:
+    """``ValidatedOutput.pin``: ``write_into`` as long as it is not closed; ``close`` once."""
+
+    size: int
+    write_into: Callable[[int], None]
+    close: Callable[[], None] = lambda: None
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:
