@@ -214,6 +214,12 @@ class JobSpec:
     #: data section's sha256 (``data_sha256`` in the report) instead of its bytes. The broker
     #: compares that digest with the conversion's data section: no second N bytes on disk.
     data_digest_only: bool = False
+    #: After writing a safetensors output, map it and compare it with the tensors meant (the
+    #: worker's own check of the writer, airlock_worker.st_verify). The broker turns it off for
+    #: a conversion whose integrity reading runs beside it: the broker compares the two outputs
+    #: (their bytes, or their data's digests), which catches the same writer bugs; the check
+    #: cost S3 130 ms of 270. Not a security control: the artifact's code controls this process.
+    read_back: bool = True
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -248,4 +254,5 @@ class JobSpec:
             keep_training_state=doc.get("keep_training_state") is True,
             sample_input=doc.get("sample_input") is True,
             data_digest_only=doc.get("data_digest_only") is True,
+            read_back=doc.get("read_back") is not False,
         )

@@ -196,7 +196,7 @@ class Job:
         with output.staged(self.out_dir, OutputFormat.SAFETENSORS,
                            self.spec.max_output_bytes) as tmp:
             self.report.tensor_count = st_torch.write_verified(
-                ready, metadata, tmp, self.spec.max_output_bytes)
+                ready, metadata, tmp, self.spec.max_output_bytes, read_back=self.spec.read_back)
         self.report.output_format = OutputFormat.SAFETENSORS.value
 
     def write_numpy_arrays(self, arrays: dict[str, Any], converter: str) -> None:
@@ -207,7 +207,8 @@ class Job:
         with output.staged(self.out_dir, OutputFormat.SAFETENSORS,
                            self.spec.max_output_bytes) as tmp:
             self.report.tensor_count = st_numpy.write_verified(
-                ready, tmp, self.spec.max_output_bytes, metadata={"format": "np"})
+                ready, tmp, self.spec.max_output_bytes, metadata={"format": "np"},
+                read_back=self.spec.read_back)
         self.report.output_format = OutputFormat.SAFETENSORS.value
 
 

@@ -110,14 +110,18 @@ def _is_whole(t: torch.Tensor) -> bool:
 
 
 def write_verified(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str, max_bytes: int
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str, max_bytes: int, *,
+    read_back: bool = True,
 ) -> int:
-    """Save, then check the file in place against every tensor. Returns how many."""
+    """Save, then (``read_back``: unless the broker compares the file with an independent
+    reading, JobSpec.read_back) check the file in place against every tensor. Returns how
+    many."""
     if not tensors:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, "the checkpoint contains no tensors")
     check_size(sum(t.nbytes for t in tensors.values()), max_bytes)
     save_file(tensors, path, metadata=metadata)
-    verify(path, {name: _meant(name, t) for name, t in tensors.items()}, metadata)
+    if read_back:
+        verify(path, {name: _meant(name, t) for name, t in tensors.items()}, metadata)
     return len(tensors)
 
 

@@ -5,8 +5,10 @@ conversion service). Format checks cannot see it; the integrity extraction must.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -14,6 +16,7 @@ from safetensors.numpy import load_file
 from tests.adversarial.sabotage import make_sabotaged_checkpoint, make_sabotaged_estimator
 from tests.conftest import BrokerProcess, run_cli
 from tests.fixtures import models
+from tests.integration import test_local_transfer as local
 
 pytestmark = pytest.mark.adversarial
 
@@ -29,6 +32,29 @@ def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess, tmp
     doc = json.loads(done.stdout)
     assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_sabotaged_output_delivered_during_the_comparison_is_taken_back(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """On the fast path the output goes into the caller's file while the broker compares it
+    with the reading that executed nothing (integrity.assurance_delivering). When they
+    differ, the caller's file is emptied before the refusal is sent: a client that ignored
+    the error would still hold nothing of the sabotaged weights."""
+    artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt")
+    ticket = local._ticket(broker)
+    out = tmp_path / "out.part"
+    in_fd = os.open(artifact, os.O_RDONLY)
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert local._send(broker.transfer_socket, ticket.encode(), [in_fd, out_fd]) \
+            == {"ok": True}
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+    with pytest.raises(grpc.RpcError) as caught:
+        local._convert_with(broker, ticket)
+    assert local._reason(caught.value) == "INTEGRITY_MISMATCH"
+    assert out.stat().st_size == 0
 
 
 @pytest.mark.parametrize("how", ["coef", "skl2onnx"])

@@ -198,6 +198,9 @@ def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
     else:
         assert modes == sorted([JobMode.CONVERT.value]
                                + [JobMode.EXTRACT_WEIGHTS.value] * (len(profiles) - 1))
+        # the worker reads its output back only when no reading is compared with it
+        [convert] = [spec for spec in backend.specs if spec.mode is JobMode.CONVERT]
+        assert convert.read_back is (len(profiles) == 1)
 
 
 @pytest.mark.parametrize(("sample", "target", "verifies", "profile"), [
@@ -251,6 +254,7 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
             assert result.assurance == outcome
             modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
     assert [spec.mode for spec in backend.specs] == modes
+    assert all(not spec.read_back for spec in backend.specs if spec.mode is JobMode.CONVERT)
 
 
 @pytest.mark.parametrize(("sample", "declared", "flavor", "serialization", "integrity",

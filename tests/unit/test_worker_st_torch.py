@@ -185,3 +185,17 @@ def test_every_dtype_code_agrees_with_safetensors_and_round_trips(tmp_path: Path
 def test_only_empty_tensors(tmp_path: Path) -> None:
     ready, metadata = _prepare({"e": torch.zeros(0), "f": torch.zeros(2, 0)})
     assert st_torch.write_verified(ready, metadata, str(tmp_path / "o"), 10**6) == 2
+
+
+def test_the_read_back_is_left_to_the_broker_when_it_compares(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # JobSpec.read_back = False: an integrity reading runs beside the conversion and the broker
+    # compares the outputs, so the worker does not map and compare its file a second time.
+    from airlock_sandbox.contract import JobSpec
+
+    ready, metadata = _prepare({"a": torch.randn(100)})
+    monkeypatch.setattr(st_torch, "save_file", _writer_that(lambda p: _flip_byte(p, 0)))
+    assert st_torch.write_verified(ready, metadata, str(tmp_path / "out.safetensors"), 10**6,
+                                   read_back=False) == 1
+    assert JobSpec.from_json(JobSpec(job_id="t", read_back=False).to_json()).read_back is False
+    assert JobSpec.from_json(b'{"job_id": "t"}').read_back is True  # by default, it checks

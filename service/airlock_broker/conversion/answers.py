@@ -73,9 +73,13 @@ class Transfer(Protocol):
         ...
 
     async def deliver(self, output: ValidatedOutput) -> bool:
-        """Put a fresh output where this transfer delivers it, now, while the spool copy is
-        being made; True if it did (``send`` then sends the header alone), False if the
-        output can only travel with the answer."""
+        """Put a fresh output where this transfer delivers it, now; True if it did (``send``
+        then sends the header alone), False if the output can only travel with the answer."""
+        ...
+
+    async def retract(self) -> None:
+        """Empty what ``deliver`` wrote: its output failed a check that ran meanwhile
+        (integrity.py's ``assurance_delivering``). Logs, never raises."""
         ...
 
     def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
@@ -103,6 +107,9 @@ class StreamTransfer:
 
     async def deliver(self, output: ValidatedOutput) -> bool:
         return False  # the caller reads at its own pace: from the spool copy, never the slot
+
+    async def retract(self) -> None:
+        pass  # nothing was delivered
 
     async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
         yield pb.ConvertResponse(result=answer.result)
@@ -184,7 +191,8 @@ class Answer:
 
 
 async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: ValidatedOutput,
-                       transfer: Transfer, *, kept: bool = True) -> Answer:
+                       transfer: Transfer, *, kept: bool = True,
+                       delivered: bool = False) -> Answer:
     """The answer to ``output``: the answer no longer needs the sandbox's tmpfs.
 
     When the transfer delivers the output at once (the same-host fast path writes the
@@ -193,7 +201,8 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
     page-cache memory being what this machine is slowest at). The copy the idempotency store
     keeps (``kept``: a retry with the same key is answered from it) is then made after the
     answer, in the background: ``Answer.store`` hands it to the store with the output held
-    open (``ValidatedOutput.pin``), so that it outlives the slot.
+    open (``ValidatedOutput.pin``), so that it outlives the slot. ``delivered``: the
+    transfer delivered it already, while the integrity comparison ran (jobs.py).
 
     Otherwise ``output`` is written into ``<spool>/results/<job_id>`` (a small ONNX output at
     once, else in a worker thread, by kernel copy for a safetensors data section), and the
@@ -201,7 +210,7 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
     once the thread is done with it.
     """
     path = results_dir(spool_root) / result.job_id
-    if await transfer.deliver(output):
+    if delivered or await transfer.deliver(output):
         return Answer(result=result, fd=None, size=output.size, transfer=transfer,
                       delivered=True, pinned=output.pin() if kept else None,
                       path=path if kept else None)

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airlock_broker.conversion.outputs import ValidatedOutput, same_output, with_sha256
+from airlock_broker.conversion.outputs import (
+    Delivery,
+    ValidatedOutput,
+    same_output,
+    with_sha256,
+)
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.validation.files import open_regular_file
@@ -112,6 +117,32 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
     if differs is not None:
         raise _mismatch(extraction, differs)
     return output, Assurance.INTEGRITY_VERIFIED, VERIFIED_NOTE
+
+
+async def assurance_delivering(output: ValidatedOutput, extraction: Extraction | None,
+                               delivery: Delivery | None
+                               ) -> tuple[ValidatedOutput, Assurance, str, bool]:
+    """``assurance_of``, with the output delivered meanwhile when a comparison of tensor data
+    (a hash and a byte comparison, 240-290 ms for S3's 400 MiB) would otherwise come first:
+    the two use the two cores, and on the fast path the caller's file is written in that
+    time. The caller's client renames that file into place only on success; if the
+    comparison fails, the file is emptied once the copy is done (``Delivery.retract``), and
+    the refusal is what the job raises. The last item: whether the output was delivered."""
+    compared = (extraction is not None and extraction.output is not None
+                and output.safetensors is not None
+                and extraction.output.safetensors is not None)
+    if delivery is None or not compared:
+        return (*await assurance_of(output, extraction), False)
+    delivering = asyncio.ensure_future(delivery.deliver(output))
+    try:
+        assured = await assurance_of(output, extraction)
+    except BaseException:
+        await asyncio.wait({delivering})  # bounded by the delivery's own time limit
+        if not delivering.cancelled():
+            delivering.exception()  # the refusal (or cancellation) is what counts
+        await delivery.retract()
+        raise
+    return (*assured, await delivering)
 
 
 async def _by_digest(output: ValidatedOutput, ext: SafetensorsInfo, extraction: Extraction

@@ -25,10 +25,15 @@ from airlock_broker.conversion.integrity import (
     READ_ALONE_NOTE,
     Assurance,
     Extraction,
-    assurance_of,
+    assurance_delivering,
 )
 from airlock_broker.conversion.output_room import OutputRoom, OutputRooms
-from airlock_broker.conversion.outputs import ValidatedOutput, compute_digest, validate_output
+from airlock_broker.conversion.outputs import (
+    Delivery,
+    ValidatedOutput,
+    compute_digest,
+    validate_output,
+)
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.hostile_text import sanitize
 from airlock_broker.sandboxes.pools import Pools
@@ -151,6 +156,9 @@ class JobResult:
     executed_artifact_code: bool = False
     #: The format shown to the caller: see :func:`refined_format`.
     reported_format: str = ""
+    #: The output already is where the call's transfer delivers it (integrity.py's
+    #: ``assurance_delivering``): the answer only has to say so.
+    delivered: bool = False
 
 
 def refined_format(detected: ArtifactFormat, report: dict[str, Any] | None) -> str:
@@ -271,7 +279,8 @@ class JobRunner:
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
                   input_sha256: str, input_size: int, audit: AuditRecord,
                   answered: asyncio.Event | None,
-                  room: OutputRoom, *, slots_on_disk: bool = False) -> AsyncIterator[JobResult]:
+                  room: OutputRoom, *, slots_on_disk: bool = False,
+                  delivery: Delivery | None = None) -> AsyncIterator[JobResult]:
         """Convert ``upload`` as ``decision`` says (format_decision: the host's one view of
         it); yields the validated result, destroys the sandboxes on exit. ``room``: where
         its sandboxes write their outputs and how much (``rooms.for_job``);
@@ -282,6 +291,8 @@ class JobRunner:
         safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
         sandbox that executes nothing it names; the two outputs must agree (integrity.py).
         The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
+        ``delivery``: where the output may go while the two are compared (the fast path's
+        caller's file); the result says whether it went (``JobResult.delivered``).
         """
         began = time.monotonic()
         detected = decision.format
@@ -313,8 +324,11 @@ class JobRunner:
                          if verify and reader is None else None)
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
+            # The worker's read-back of its own output is redundant beside a reading whose
+            # output the broker compares with it (JobSpec.read_back).
             spec = replace(self._spec(request, detected, JobMode.CONVERT, room),
-                           policy=request.policy, declared_format=request.declared_format)
+                           policy=request.policy, declared_format=request.declared_format,
+                           read_back=extractor is None and read_first is None)
             try:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
@@ -345,7 +359,8 @@ class JobRunner:
                         digest=extraction is None or extraction.output is None)
                 if extraction is not None and extraction.data_sha256:
                     audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
-                output, assurance, note = await assurance_of(output, extraction)
+                output, assurance, note, delivered = await assurance_delivering(
+                    output, extraction, delivery)
                 output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
@@ -362,7 +377,7 @@ class JobRunner:
                 executed_artifact_code=executed,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
                 report=report or {}, duration_seconds=time.monotonic() - began,
-                assurance=assurance, integrity_note=note)
+                assurance=assurance, integrity_note=note, delivered=delivered)
 
     async def _read_first(self, reader: Slot, request: JobRequest, detected: ArtifactFormat,
                           stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction:

@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from airlock_broker.conversion.file_copy import (
     open_validated,
@@ -61,6 +62,19 @@ class PinnedOutput:
     size: int
     write_into: Callable[[int], None]
     close: Callable[[], None] = lambda: None
+
+
+class Delivery(Protocol):
+    """Where a validated output can go before its integrity comparison ends (the same-host
+    fast path's caller's file: answers.Transfer), and be taken back from if it fails."""
+
+    async def deliver(self, output: ValidatedOutput) -> bool:
+        """Put ``output`` where it goes now; False if it can only travel with the answer."""
+        ...
+
+    async def retract(self) -> None:
+        """Empty what ``deliver`` wrote (logs, never raises: it runs on a failure's way out)."""
+        ...
 
 
 def expected_format(out_dir: Path, target: Target) -> OutputFormat:

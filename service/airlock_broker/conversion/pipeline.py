@@ -273,7 +273,8 @@ class ConversionPipeline:
         try:
             async with self.admission.run_slot(), self.runner.run(
                     request, upload, decision, spooled.sha256, spooled.size, record,
-                    job.answered, output_room, slots_on_disk=inputs.disk_slots) as result:
+                    job.answered, output_room, slots_on_disk=inputs.disk_slots,
+                    delivery=transfer) as result:
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
                 # Signed from the hash validation already computed: no extra pass over the
@@ -286,7 +287,7 @@ class ConversionPipeline:
                 with self.trace.span("answer_spool"):
                     answer = await spool_answer(
                         self.settings.spool_root, header, result.output, transfer,
-                        kept=claim.would_store(result.output.size))
+                        kept=claim.would_store(result.output.size), delivered=result.delivered)
             # The run slot is free; the sandboxes and their output tmpfs are gone. Stored
             # inside the claim, before the answer: a retry while the answer is still on its way
             # is answered from the same file.

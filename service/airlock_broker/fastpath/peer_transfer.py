@@ -4,6 +4,8 @@ the result header travels on the gRPC stream."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -12,10 +14,13 @@ from airlock_broker.conversion.answers import Answer
 from airlock_broker.conversion.file_copy import copy_file
 from airlock_broker.conversion.intake import IntakeLimits, Spooled
 from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.errors import AirlockError
 from airlock_broker.fastpath.local_handles import LocalFiles
 from airlock_broker.fastpath.local_io import spool_from_peer, write_to_peer
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.tracing import NO_TRACE, Trace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -42,12 +47,20 @@ class PeerTransfer:
 
     async def deliver(self, output: ValidatedOutput) -> bool:
         """A fresh output into the caller's own file, from the dead sandbox's tmpfs (within
-        the time ``write_to_peer`` allows for its size), while the broker makes its spool
-        copy. The job's run slot is held meanwhile: at most that time, as a job's deadline
-        would hold it, and a local file does not read at a remote caller's pace."""
+        the time ``write_to_peer`` allows for its size). The job's run slot is held
+        meanwhile: at most that time, as a job's deadline would hold it, and a local file
+        does not read at a remote caller's pace."""
         with self.trace.span("peer_write"):
             await write_to_peer(self.files, output.write_into, output.size, self.limits)
         return True
+
+    async def retract(self) -> None:
+        """The caller's file emptied (its output failed the integrity comparison): the client
+        never renames it into place, and it holds nothing of the refused output."""
+        try:
+            await write_to_peer(self.files, lambda out: os.ftruncate(out, 0), 0, self.limits)
+        except AirlockError as exc:
+            log.warning("could not empty the caller's file after a refused output: %s", exc)
 
     async def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
         """The output into the caller's own file unless it is there already (a stored answer

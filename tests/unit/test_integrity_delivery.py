@@ -1,0 +1,97 @@
+"""integrity.assurance_delivering: on the fast path the output goes into the caller's file
+while the two readings are compared; a refused comparison takes it back (the file is emptied
+once the copy is done), and the refusal is what the job raises."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from airlock_broker.conversion.integrity import Assurance, Extraction, assurance_delivering
+from airlock_broker.conversion.outputs import ValidatedOutput
+from airlock_broker.errors import AirlockError, Reason
+from tests.unit.test_integrity_digest import WEIGHTS, _output, _reading
+
+
+class Recorder:
+    """A ``Delivery`` that says what happened, in order; its copy waits for ``release``."""
+
+    def __init__(self, *, fails: bool = False) -> None:
+        self.events: list[str] = []
+        self.release = asyncio.Event()
+        self.fails = fails
+
+    async def deliver(self, output: ValidatedOutput) -> bool:
+        self.events.append("deliver")
+        await self.release.wait()
+        self.events.append("delivered")
+        if self.fails:
+            raise AirlockError(Reason.LOCAL_WRITE_FAILED, "disk full")
+        return True
+
+    async def retract(self) -> None:
+        self.events.append("retract")
+
+
+def _compared_reading(tmp_path: Path, weights: dict[str, np.ndarray]) -> Extraction:
+    """A reading that wrote its data: compared byte for byte (no data digest)."""
+    reading = _output(tmp_path / "read.safetensors", weights, digest=True)
+    return Extraction(reading, "")
+
+
+def test_the_output_is_delivered_while_the_readings_are_compared(tmp_path: Path) -> None:
+    output = _output(tmp_path / "out.safetensors", WEIGHTS)
+
+    async def scenario() -> None:
+        delivery = Recorder()
+        running = asyncio.ensure_future(assurance_delivering(
+            output, _compared_reading(tmp_path, WEIGHTS), delivery))
+        while not delivery.events:  # the copy started before the comparison ended ...
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        assert not running.done()  # ... and the result waits for it
+        delivery.release.set()
+        _out, assurance, _note, delivered = await running
+        assert assurance is Assurance.INTEGRITY_VERIFIED and delivered
+        assert delivery.events == ["deliver", "delivered"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("reading", ["bytes", "digest"])
+def test_a_refused_comparison_takes_the_delivered_output_back(tmp_path: Path,
+                                                                reading: str) -> None:
+    changed = {**WEIGHTS, "layer.bias": WEIGHTS["layer.bias"] + np.float32(1)}
+    output = _output(tmp_path / "out.safetensors", changed)
+    extraction = (_compared_reading(tmp_path, WEIGHTS) if reading == "bytes"
+                  else _reading(tmp_path / "read.safetensors", WEIGHTS))
+
+    async def scenario() -> None:
+        delivery = Recorder(fails=True)  # its own failure is not the one raised
+        running = asyncio.ensure_future(assurance_delivering(output, extraction, delivery))
+        await asyncio.sleep(0.2)
+        assert delivery.events == ["deliver"]  # refused, but the copy is not done yet
+        delivery.release.set()
+        with pytest.raises(AirlockError) as caught:
+            await running
+        assert caught.value.reason is Reason.INTEGRITY_MISMATCH
+        assert delivery.events == ["deliver", "delivered", "retract"]  # after the copy
+
+    asyncio.run(scenario())
+
+
+def test_without_a_comparison_of_data_nothing_is_delivered_early(tmp_path: Path) -> None:
+    output = _output(tmp_path / "out.safetensors", WEIGHTS, digest=True)
+
+    async def scenario() -> None:
+        delivery = Recorder()
+        for extraction in (None, Extraction(None, "the reading failed")):
+            _out, assurance, _note, delivered = await assurance_delivering(
+                output, extraction, delivery)
+            assert assurance is Assurance.FORMAT_SAFE_ONLY and not delivered
+        assert delivery.events == []
+
+    asyncio.run(scenario())
