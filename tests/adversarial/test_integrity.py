@@ -5,7 +5,6 @@ conversion service). Format checks cannot see it; the integrity extraction must.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import grpc
@@ -41,16 +40,8 @@ def test_a_sabotaged_output_delivered_during_the_comparison_is_taken_back(
     differ, the caller's file is emptied before the refusal is sent: a client that ignored
     the error would still hold nothing of the sabotaged weights."""
     artifact, _truth = make_sabotaged_checkpoint(tmp_path / "sabotaged.pt")
-    ticket = local._ticket(broker)
     out = tmp_path / "out.part"
-    in_fd = os.open(artifact, os.O_RDONLY)
-    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        assert local._send(broker.transfer_socket, ticket.encode(), [in_fd, out_fd]) \
-            == {"ok": True}
-    finally:
-        os.close(in_fd)
-        os.close(out_fd)
+    ticket = local._hand_over(broker, artifact, out)
     with pytest.raises(grpc.RpcError) as caught:
         local._convert_with(broker, ticket)
     assert local._reason(caught.value) == "INTEGRITY_MISMATCH"

@@ -71,6 +71,20 @@ def _send(path: Path, message: bytes, fds: list[int]) -> dict[str, object]:
     return reply
 
 
+def _hand_over(broker: BrokerProcess, artifact: Path, out: Path) -> str:
+    """A ticket holding ``artifact`` and a new ``out`` (whose path the test keeps, so that it
+    can look inside afterwards), as the client would hand them over."""
+    ticket = _ticket(broker)
+    in_fd = os.open(artifact, os.O_RDONLY)
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd]) == {"ok": True}
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+    return ticket
+
+
 def _convert_with(broker: BrokerProcess, ticket: str, token: str | None = None) -> None:
     md = (("authorization", f"Bearer {token}"),) if token else ()
     meta = pb.ConvertMetadata(target=pb.TARGET_FORMAT_AUTO, local_handle=ticket)
@@ -135,16 +149,8 @@ def test_a_refused_output_never_reaches_the_callers_file(broker: BrokerProcess,
     source = payloads.hostile_output_source([("symlink", payloads.SAFETENSORS_NAME,
                                               "/etc/passwd")])
     artifact = payloads.write_carrier(tmp_path / "artifact.npy", "npy", source)
-    # By hand: this test keeps the output file's path, so it can look inside afterwards.
-    ticket = _ticket(broker)
     out = tmp_path / "out.bin"
-    in_fd = os.open(artifact, os.O_RDONLY)
-    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd]) == {"ok": True}
-    finally:
-        os.close(in_fd)
-        os.close(out_fd)
+    ticket = _hand_over(broker, artifact, out)
     with pytest.raises(grpc.RpcError) as caught:
         _convert_with(broker, ticket)
     assert _reason(caught.value) == "OUTPUT_INVALID"
@@ -167,15 +173,8 @@ def test_a_retry_on_the_fast_path_is_answered_from_the_copy_kept_after_the_answe
                               size_bytes=artifact.stat().st_size)
     headers, outputs = [], []
     for attempt in ("first", "retry"):
-        ticket = _ticket(broker)
         out = tmp_path / f"{attempt}.safetensors"
-        in_fd = os.open(artifact, os.O_RDONLY)
-        out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            assert _send(_socket_path(broker), ticket.encode(), [in_fd, out_fd]) == {"ok": True}
-        finally:
-            os.close(in_fd)
-            os.close(out_fd)
+        ticket = _hand_over(broker, artifact, out)
         request = pb.ConvertRequest(metadata=meta)
         request.metadata.local_handle = ticket
         with _stub(broker.address) as stub:
