@@ -29,7 +29,7 @@ from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.fastpath.peer_transfer import PeerTransfer
 from airlock_broker.security.exposure import RpcLimits
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.safetensors_canonical import SafetensorsInfo
+from airlock_broker.validation.safetensors_canonical import FileIdentity, SafetensorsInfo
 from airlock_broker.validation.safetensors_check import validate_safetensors
 from airlock_sandbox.contract import OutputFormat
 
@@ -217,6 +217,36 @@ async def _replay(store: IdempotencyStore, key: str) -> bytes:
         return os.pread(fd, claim.stored.size + 1, 0)
     finally:
         os.close(fd)
+
+
+def test_a_delivered_answer_whose_output_cannot_be_held_is_not_kept(tmp_path: Path) -> None:
+    # The output changed (or vanished) after validation: the caller has its file already;
+    # only the store's copy is given up, and a retry will convert again.
+    missing = ValidatedOutput(format=OutputFormat.SAFETENSORS, size=4, sha256="",
+                              path=tmp_path / "gone.safetensors",
+                              write_into=lambda fd: os.pwrite(fd, b"abcd", 0),
+                              safetensors=_info_of_missing_file())
+    peer_out = os.open(tmp_path / "peer-output", os.O_WRONLY | os.O_CREAT, 0o600)
+
+    async def scenario() -> None:
+        transfer = _peer(tmp_path, peer_out)
+        try:
+            answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="j"), missing,
+                                        transfer)
+            with answer:
+                assert answer.delivered and answer.pinned is None and answer.path is None
+        finally:
+            transfer.close()
+
+    asyncio.run(scenario())
+    assert (tmp_path / "peer-output").read_bytes() == b"abcd"
+
+
+def _info_of_missing_file() -> SafetensorsInfo:
+    return SafetensorsInfo(tensor_count=0, data_bytes=0, dtypes=frozenset(), metadata=None,
+                           metadata_dropped=None, source_data_offset=8,
+                           source=FileIdentity(0, 0, 0, 0), canonical_header=b"",
+                           canonical_size=4, canonical_sha256="")
 
 
 def test_an_answer_the_store_will_not_keep_is_delivered_without_a_spool_copy(

@@ -411,3 +411,26 @@ def test_an_entry_evicted_while_its_file_is_written_leaves_no_file(tmp_path: Pat
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_write_cancelled_at_shutdown_is_forgotten_and_its_room_is_told(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow_write() -> None:
+        assert gate.wait(30)
+
+    async def scenario() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        async with store.claim("", "k", "sha", "opts", "job-1") as claim:
+            assert claim.writing is None
+            assert claim.store(b"h", results_dir(tmp_path) / "job-1", 10, write=slow_write)
+            writing = claim.writing  # what the answer's spool room waits for (pipeline.py)
+            assert writing is not None and not writing.done()
+        writing.cancel()  # as the loop's teardown would
+        await asyncio.wait({writing})  # its callbacks ran before this wakes up
+        gate.set()
+        async with store.claim("", "k", "sha", "opts", "job-2") as retry:
+            assert retry.stored is None and retry.stores  # not replayed from no file
+        await store.close()
+
+    asyncio.run(scenario())

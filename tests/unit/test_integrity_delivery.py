@@ -95,3 +95,23 @@ def test_without_a_comparison_of_data_nothing_is_delivered_early(tmp_path: Path)
         assert delivery.events == []
 
     asyncio.run(scenario())
+
+
+def test_a_caller_that_leaves_during_the_comparison_gives_its_copy_up(tmp_path: Path) -> None:
+    output = _output(tmp_path / "out.safetensors", WEIGHTS)
+
+    async def scenario() -> None:
+        delivery = Recorder()
+        running = asyncio.ensure_future(assurance_delivering(
+            output, _compared_reading(tmp_path, WEIGHTS), delivery))
+        while not delivery.events:
+            await asyncio.sleep(0.001)
+        running.cancel()  # the client disconnected
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):  # not held until the copy ends
+                await running
+        await asyncio.sleep(0)
+        assert delivery.events == ["deliver"]  # given up at once, neither waited for nor
+        # retracted (the copy's thread finishes alone; the client is gone)
+
+    asyncio.run(scenario())

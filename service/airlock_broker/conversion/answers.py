@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -44,8 +45,10 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.idempotency import Claim
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
 from airlock_broker.conversion.outputs import PinnedOutput, ValidatedOutput
-from airlock_broker.errors import Reason, error
+from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, results_dir
+
+log = logging.getLogger(__name__)
 
 #: An ONNX output (canonical bytes in the broker's memory) up to this size is written to its
 #: answer file on the event loop; larger ones, and safetensors (a kernel copy), on a thread.
@@ -211,9 +214,9 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
     """
     path = results_dir(spool_root) / result.job_id
     if delivered or await transfer.deliver(output):
+        pinned = _pinned(output) if kept else None
         return Answer(result=result, fd=None, size=output.size, transfer=transfer,
-                      delivered=True, pinned=output.pin() if kept else None,
-                      path=path if kept else None)
+                      delivered=True, pinned=pinned, path=path if pinned else None)
     if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
         # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
         # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
@@ -243,6 +246,16 @@ def _write_output(path: Path, write_into: Callable[[int], None], size: int) -> i
         remove_quietly(path)
         raise
     return fd
+
+
+def _pinned(output: ValidatedOutput) -> PinnedOutput | None:
+    """``output.pin()``; None (a retry will convert again) if that fails: the answer is
+    delivered, only the store's copy was at stake."""
+    try:
+        return output.pin()
+    except (AirlockError, OSError) as exc:
+        log.warning("a delivered answer cannot be kept for retries: %s", exc)
+        return None
 
 
 def _keep(path: Path, pinned: PinnedOutput) -> None:

@@ -100,6 +100,15 @@ class Claim:
     waited: bool = False
 
     @property
+    def writing(self) -> asyncio.Future[None] | None:
+        """The stored result's file being written by the store (``store``'s ``write``), until
+        it is: whoever accounts for the file's room holds it until then."""
+        stored = None if self._entry is None else self._entry.stored
+        if stored is None or not stored.pending:
+            return None
+        return stored.written
+
+    @property
     def stores(self) -> bool:
         """Whether this request's result will be stored (it has a key and converts)."""
         return self._entry is not None
@@ -181,8 +190,8 @@ class IdempotencyStore:
     async def settle(self) -> None:
         """Wait until the files of stored entries are written and those of dropped entries
         removed (on worker threads)."""
-        while self._removing:
-            await asyncio.gather(*self._removing, return_exceptions=True)
+        while self._removing:  # not gather: cancelling this wait must not cancel them
+            await asyncio.wait(set(self._removing))
 
     @contextlib.asynccontextmanager
     async def claim(self, principal: str, key: str, input_sha256: str, options: str,
@@ -281,11 +290,13 @@ class IdempotencyStore:
         # Entries in flight are never evicted; admission bounds how many there can be.
 
     def _written(self, entry: _Entry, written: asyncio.Future[None]) -> None:
-        """A stored file's write ended: if it failed, the entry is forgotten."""
-        if written.cancelled() or written.exception() is None:
+        """A stored file's write ended: if it failed (or was cancelled, at shutdown), the
+        entry is forgotten."""
+        if not written.cancelled() and written.exception() is None:
             return
+        why = "cancelled" if written.cancelled() else written.exception()
         log.warning("job %s: its answer could not be kept for retries (%s); a retry will "
-                    "convert again", entry.job_id, written.exception())
+                    "convert again", entry.job_id, why)
         for ident, known in list(self._entries.items()):
             if known is entry:
                 self._drop(ident)

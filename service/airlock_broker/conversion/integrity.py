@@ -134,15 +134,22 @@ async def assurance_delivering(output: ValidatedOutput, extraction: Extraction |
     if delivery is None or not compared:
         return (*await assurance_of(output, extraction), False)
     delivering = asyncio.ensure_future(delivery.deliver(output))
+    delivering.add_done_callback(_retrieved)  # a refusal or a cancellation is what counts
     try:
         assured = await assurance_of(output, extraction)
+    except asyncio.CancelledError:
+        delivering.cancel()  # the caller left: its copy thread finishes alone (peer_io.py)
+        raise
     except BaseException:
         await asyncio.wait({delivering})  # bounded by the delivery's own time limit
-        if not delivering.cancelled():
-            delivering.exception()  # the refusal (or cancellation) is what counts
         await delivery.retract()
         raise
     return (*assured, await delivering)
+
+
+def _retrieved(task: asyncio.Future[bool]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _by_digest(output: ValidatedOutput, ext: SafetensorsInfo, extraction: Extraction

@@ -172,6 +172,7 @@ class ConversionPipeline:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
         room: SpoolClaim | None = None
+        writing: asyncio.Future[None] | None = None
         inputs = self._input_room(meta)
         try:
             upload, fd = new_upload(inputs.root, job.id)
@@ -203,12 +204,19 @@ class ConversionPipeline:
                                               options, job.id) as claim:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
-                return await self._converted(job, request, upload, decision, spooled, claim,
-                                             transfer, output_room, inputs)
+                answer = await self._converted(job, request, upload, decision, spooled, claim,
+                                               transfer, output_room, inputs)
+                writing = claim.writing
+                return answer
         finally:
             remove_quietly(upload)
             if room is not None:
-                room.release()
+                # The store's copy of a delivered answer is written after it: its room is
+                # held until then (the spool's reserve sees it).
+                if writing is not None:
+                    writing.add_done_callback(lambda _: room.release())
+                else:
+                    room.release()
 
     def _input_room(self, meta: pb.ConvertMetadata) -> InputRoom:
         """Where the input is spooled: in RAM when its declared size fits the RAM spool, else

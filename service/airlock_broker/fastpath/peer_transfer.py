@@ -55,8 +55,11 @@ class PeerTransfer:
         return True
 
     async def retract(self) -> None:
-        """The caller's file emptied (its output failed the integrity comparison): the client
-        never renames it into place, and it holds nothing of the refused output."""
+        """The caller's file emptied (its output failed the integrity comparison), after the
+        copy: the client never renames it into place, and it holds nothing of the refused
+        output. Best effort when the copy was given up (the caller's filesystem stopped
+        answering: its thread may still write after this), or no thread is free: the client
+        removes its temp file on any error anyway."""
         try:
             await write_to_peer(self.files, lambda out: os.ftruncate(out, 0), 0, self.limits)
         except AirlockError as exc:
