@@ -42,15 +42,22 @@ def _compared_reading(tmp_path: Path, weights: dict[str, np.ndarray]) -> Extract
     return Extraction(reading, "")
 
 
+async def _copying(output: ValidatedOutput, extraction: Extraction, delivery: Recorder
+                   ) -> asyncio.Future[tuple[ValidatedOutput, Assurance, str, bool]]:
+    """``assurance_delivering`` under way, once its copy has started."""
+    running = asyncio.ensure_future(assurance_delivering(output, extraction, delivery))
+    while not delivery.events:
+        await asyncio.sleep(0.001)
+    return running
+
+
 def test_the_output_is_delivered_while_the_readings_are_compared(tmp_path: Path) -> None:
     output = _output(tmp_path / "out.safetensors", WEIGHTS)
 
     async def scenario() -> None:
         delivery = Recorder()
-        running = asyncio.ensure_future(assurance_delivering(
-            output, _compared_reading(tmp_path, WEIGHTS), delivery))
-        while not delivery.events:  # the copy started before the comparison ended ...
-            await asyncio.sleep(0.001)
+        # the copy started before the comparison ended ...
+        running = await _copying(output, _compared_reading(tmp_path, WEIGHTS), delivery)
         await asyncio.sleep(0.05)
         assert not running.done()  # ... and the result waits for it
         delivery.release.set()
@@ -102,10 +109,7 @@ def test_a_caller_that_leaves_during_the_comparison_gives_its_copy_up(tmp_path: 
 
     async def scenario() -> None:
         delivery = Recorder()
-        running = asyncio.ensure_future(assurance_delivering(
-            output, _compared_reading(tmp_path, WEIGHTS), delivery))
-        while not delivery.events:
-            await asyncio.sleep(0.001)
+        running = await _copying(output, _compared_reading(tmp_path, WEIGHTS), delivery)
         running.cancel()  # the client disconnected
         with pytest.raises(asyncio.CancelledError):
             async with asyncio.timeout(10):  # not held until the copy ends
