@@ -44,7 +44,7 @@ from typing import Protocol
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.idempotency import Claim
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
-from airlock_broker.conversion.outputs import PinnedOutput, ValidatedOutput
+from airlock_broker.conversion.outputs import Delivery, PinnedOutput, ValidatedOutput
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, results_dir
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 INLINE_WRITE_BYTES = 1024 * 1024
 
 
-class Transfer(Protocol):
+class Transfer(Delivery, Protocol):
     """How one call's artifact comes in and its answer goes out. ``close`` once."""
 
     @property
@@ -73,16 +73,6 @@ class Transfer(Protocol):
         """The artifact into the spool file ``fd`` (which this closes), hashed. ``in_ram``:
         the file is on the RAM spool, its declared size claimed there (input_room.py), so the
         disk's reserve is not charged."""
-        ...
-
-    async def deliver(self, output: ValidatedOutput) -> bool:
-        """Put a fresh output where this transfer delivers it, now; True if it did (``send``
-        then sends the header alone), False if the output can only travel with the answer."""
-        ...
-
-    async def retract(self) -> None:
-        """Empty what ``deliver`` wrote: its output failed a check that ran meanwhile
-        (integrity.py's ``assurance_delivering``). Logs, never raises."""
         ...
 
     def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:

@@ -65,15 +65,18 @@ class PinnedOutput:
 
 
 class Delivery(Protocol):
-    """Where a validated output can go before its integrity comparison ends (the same-host
-    fast path's caller's file: answers.Transfer), and be taken back from if it fails."""
+    """Where a validated output can go before its answer (the same-host fast path's caller's
+    file), even before its integrity comparison ends, and be taken back from if that fails.
+    answers.Transfer is one."""
 
     async def deliver(self, output: ValidatedOutput) -> bool:
-        """Put ``output`` where it goes now; False if it can only travel with the answer."""
+        """Put a fresh output where it goes, now; True if it did (the answer then carries the
+        header alone), False if the output can only travel with the answer."""
         ...
 
     async def retract(self) -> None:
-        """Empty what ``deliver`` wrote (logs, never raises: it runs on a failure's way out)."""
+        """Empty what ``deliver`` wrote: its output failed a check that ran meanwhile
+        (integrity.py's ``assurance_delivering``). Logs, never raises."""
         ...
 
 
