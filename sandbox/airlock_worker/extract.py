@@ -109,7 +109,8 @@ def extract_weights(job: Job) -> None:
 def _extract(job: Job, read: Callable[[], tuple[Any, list[str]]]) -> None:
     started = time.perf_counter()
     obj, poisoned = read()
-    if poisoned:
+    if poisoned:  # the broker then converts too, and compares (it never answers alone)
+        job.report.refused_globals = poisoned[:10]
         job.report.warn(f"{len(poisoned)} global(s) named by the pickle were not called: "
                         + ", ".join(poisoned[:10]))
     tensors = _flatten(job, obj)

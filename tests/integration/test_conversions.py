@@ -80,6 +80,10 @@ def test_conversion_preserves_the_model(broker: BrokerProcess, tmp_path: Path,
     verifiable = (check.detected in ("pytorch_zip", "pytorch_legacy")
                   and check.output == "safetensors") or check.detected in ("pickle", "joblib")
     assert result.assurance == ("integrity_verified" if verifiable else "format_safe_only")
+    if verifiable and check.detected.startswith("pytorch"):
+        # tensors only: the reading that executes nothing is the answer, torch never loads it
+        assert "that executed nothing and refused no global" in result.integrity_note
+        assert result.report.executed_artifact_code is False
     if check.output == "onnx" and check.model is not None:
         want = _reference(check)
         got = _onnx_prediction(output, check)

@@ -177,8 +177,9 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, FakeSandbox, list[str]]]:
 
 @pytest.mark.parametrize(("sample", "fmt", "profiles", "assurance"), [
     ("npz", "numpy_npz", ["light"], "format_safe_only"),
-    ("torch_zip", "zip", ["torch", "light"], "integrity_verified"),
-    # the policy loader's reading goes first and, refusing nothing, is the answer
+    # the reading goes first and, refusing nothing, is the answer: the checkpoint reader's,
+    # the policy loader's
+    ("torch_zip", "zip", ["light"], "integrity_verified"),
     ("pickle", "pickle", ["sklearn"], "integrity_verified"),
 ])
 def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
@@ -193,7 +194,7 @@ def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
     assert sorted(prepared) == sorted(profiles)
     assert {spec.artifact_format for spec in backend.specs} == {F(fmt)}
     modes = sorted(spec.mode.value for spec in backend.specs)
-    if sample == "pickle":
+    if sample in ("pickle", "torch_zip"):
         assert modes == [JobMode.EXTRACT_WEIGHTS.value]
     else:
         assert modes == sorted([JobMode.CONVERT.value]
@@ -230,27 +231,34 @@ def _refusing_reader(spec: JobSpec, artifact: bytes, out: Path) -> int:
     return 0
 
 
-@pytest.mark.parametrize(("policy", "outcome"), [("allow_code", "integrity_verified"),
-                                                 ("safe_only", "POLICY_VIOLATION")])
+@pytest.mark.parametrize(("sample", "policy", "outcome"), [
+    ("pickle", "allow_code", "integrity_verified"),
+    ("pickle", "safe_only", "POLICY_VIOLATION"),
+    # a checkpoint's conversion decides under either policy (torch's weights_only loader
+    # allows more than the reader); the two outputs are compared
+    ("torch_zip", "allow_code", "integrity_verified"),
+    ("torch_zip", "safe_only", "integrity_verified"),
+    ("torch_legacy", "safe_only", "integrity_verified"),
+])
 def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
-        tmp_path: Path, policy: str, outcome: str) -> None:
+        tmp_path: Path, sample: str, policy: str, outcome: str) -> None:
     from airlock_client import ConversionError
 
     config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
                           pools=PoolSettings(min_warm=0), selftest_on_start=False)
     backend = FakeSandbox(config.spool_root, _refusing_reader)
     src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES["pickle"])
+    src.write_bytes(SAMPLES[sample])
     with running_broker(config, backend) as running, \
             Client(f"127.0.0.1:{running.port}") as client:
-        if policy == "safe_only":
+        if outcome == "POLICY_VIOLATION":
             with pytest.raises(ConversionError) as caught:
                 client.convert(src, tmp_path / "out.safetensors", loading_policy="safe_only")
             assert caught.value.reason == outcome
             assert "builtins.exec" in caught.value.message
             modes = [JobMode.EXTRACT_WEIGHTS]
         else:
-            result = client.convert(src, tmp_path / "out.safetensors")
+            result = client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
             assert result.assurance == outcome
             modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
     assert [spec.mode for spec in backend.specs] == modes
@@ -269,7 +277,8 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
     ("torch_zip", "mlflow", "lightgbm", "text", False, False),
     # not said (an older client): the reading stays beside the conversion
     ("torch_zip", "mlflow", "sklearn", None, True, False),
-    ("torch_zip", None, None, None, True, False),  # a checkpoint's reading writes tensors only
+    ("torch_zip", None, None, None, True, True),  # a zip: the checkpoint reader goes first
+    ("torch_legacy", None, None, None, True, True),
     ("pickle", "cloudpickle", None, None, False, False),  # no reading at all
 ])
 def test_which_readings_go_first(sample: str, declared: str | None, flavor: str | None,
@@ -345,3 +354,36 @@ def test_a_reading_that_failed_without_refusing_a_global_is_the_jobs_answer(
             assert result.assurance == "format_safe_only"
             assert result.report.executed_artifact_code is True
     assert [spec.mode.value for spec in backend.specs] == modes
+
+
+@pytest.mark.parametrize(("sample", "policy", "exit_code"), [
+    # a pickled module, a zip that is no checkpoint: torch may load what the reader cannot
+    ("torch_zip", "allow_code", WorkerExit.UNSUPPORTED_MODEL),
+    ("torch_zip", "safe_only", WorkerExit.CONVERSION_FAILED),
+    ("torch_legacy", "allow_code", WorkerExit.UNSUPPORTED_MODEL),
+])
+def test_a_checkpoint_reading_that_fails_leaves_the_answer_to_the_conversion(
+        tmp_path: Path, sample: str, policy: str, exit_code: int) -> None:
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _failing_reader(exit_code, "the reader says why"))
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES[sample])
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        result = client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
+    assert result.assurance == "format_safe_only"
+    assert "the reader says why" in result.integrity_note
+    assert [spec.mode.value for spec in backend.specs] == ["extract_weights", "convert"]
+
+
+@pytest.mark.parametrize(("sample", "on_disk", "first"), [
+    ("torch_zip", False, True), ("torch_legacy", False, True),
+    # on disk a checkpoint's reading reports a digest of its data, which cannot be an answer
+    ("torch_zip", True, False), ("torch_legacy", True, False),
+    ("pickle", True, True),  # an estimator's reading writes its ONNX either way
+])
+def test_a_checkpoints_reading_goes_first_only_when_its_output_is_in_ram(
+        sample: str, on_disk: bool, first: bool) -> None:
+    raw = SAMPLES[sample]
+    assert decide(raw[:PREFIX_BYTES], len(raw), None).reads_first(on_disk) is first

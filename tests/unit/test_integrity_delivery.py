@@ -1,6 +1,7 @@
 """integrity.assurance_delivering: on the fast path the output goes into the caller's file
 while the two readings are compared; a refused comparison takes it back (the file is emptied
-once the copy is done), and the refusal is what the job raises."""
+once the copy is done), and the refusal is what the job raises. integrity.digest_delivering:
+the same while a reading that converted alone is hashed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airlock_broker.conversion.integrity import Assurance, Extraction, assurance_delivering
+from airlock_broker.conversion.integrity import (
+    Assurance,
+    Extraction,
+    assurance_delivering,
+    digest_delivering,
+)
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError, Reason
 from tests.unit.test_integrity_digest import WEIGHTS, _output, _reading
@@ -117,5 +123,56 @@ def test_a_caller_that_leaves_during_the_comparison_gives_its_copy_up(tmp_path: 
         await asyncio.sleep(0)
         assert delivery.events == ["deliver"]  # given up at once, neither waited for nor
         # retracted (the copy's thread finishes alone; the client is gone)
+
+    asyncio.run(scenario())
+
+
+def _hashing(output: ValidatedOutput, hashed: asyncio.Event, *, fails: bool = False
+             ) -> Extraction:
+    """A reading that converted alone, its digest done once ``hashed`` is set."""
+    async def digest() -> ValidatedOutput:
+        await hashed.wait()
+        if fails:
+            raise AirlockError(Reason.OUTPUT_INVALID, "output changed after it was validated")
+        return output
+
+    return Extraction(output, "", asyncio.ensure_future(digest()))
+
+
+def test_a_reading_alone_is_delivered_while_it_is_hashed(tmp_path: Path) -> None:
+    output = _output(tmp_path / "out.safetensors", WEIGHTS)
+
+    async def scenario() -> None:
+        delivery, hashed = Recorder(), asyncio.Event()
+        running = asyncio.ensure_future(digest_delivering(_hashing(output, hashed), delivery))
+        while not delivery.events:  # the copy starts before the hash is done
+            await asyncio.sleep(0.001)
+        delivery.release.set()
+        await asyncio.sleep(0.05)
+        assert not running.done()  # delivered, but the answer waits for its digest
+        hashed.set()
+        assert await running == (output, True)
+        assert delivery.events == ["deliver", "delivered"]
+        # no delivery given: the digest alone, nothing delivered
+        assert await digest_delivering(_hashing(output, hashed), None) == (output, False)
+
+    asyncio.run(scenario())
+
+
+def test_a_reading_whose_hash_fails_takes_its_delivered_output_back(tmp_path: Path) -> None:
+    output = _output(tmp_path / "out.safetensors", WEIGHTS)
+
+    async def scenario() -> None:
+        delivery, hashed = Recorder(), asyncio.Event()
+        running = asyncio.ensure_future(
+            digest_delivering(_hashing(output, hashed, fails=True), delivery))
+        hashed.set()
+        await asyncio.sleep(0.1)
+        assert delivery.events == ["deliver"]  # failed, but the copy is not done yet
+        delivery.release.set()
+        with pytest.raises(AirlockError) as caught:
+            await running
+        assert caught.value.reason is Reason.OUTPUT_INVALID
+        assert delivery.events == ["deliver", "delivered", "retract"]
 
     asyncio.run(scenario())

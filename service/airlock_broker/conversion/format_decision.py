@@ -80,11 +80,13 @@ _INTEGRITY_PROFILES: dict[ArtifactFormat, str] = {
 _VERIFIED_FLAVORS = frozenset({"sklearn", "lightgbm"})
 #: A checkpoint's reading writes tensors only: it can check a safetensors output, not ONNX.
 _TENSOR_READINGS = frozenset({PROFILE_LIGHT})
-#: Formats whose reading goes first: a pickle or joblib file the policy loader reads whole is
-#: converted by that reading alone. An MLflow bundle's reading goes first only when its client
-#: says the estimator is pickled (``mlflow_serialization``, in ``decide``); without that hint
-#: it stays beside the conversion (the bundle may hold a skops or booster file).
-_READ_FIRST = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB})
+#: Formats whose reading goes first: a pickle or joblib file the policy loader reads whole, or
+#: a checkpoint the tensor reader reads whole (nothing refused), is converted by that reading
+#: alone. An MLflow bundle's reading goes first only when its client says the estimator is
+#: pickled (``mlflow_serialization``, in ``decide``); without that hint it stays beside the
+#: conversion (the bundle may hold a skops or booster file).
+_READ_FIRST = frozenset({ArtifactFormat.PICKLE, ArtifactFormat.JOBLIB, ArtifactFormat.ZIP,
+                         ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.PYTORCH_LEGACY})
 
 
 @dataclass(frozen=True)
@@ -97,15 +99,31 @@ class Decision:
     #: Whether a second sandbox reads the artifact without executing anything, to be compared
     #: with the conversion (conversion.integrity; the operator can turn it off).
     integrity: bool
-    #: Whether that reading runs before the conversion (estimator pickles: when the policy
-    #: loader refuses nothing, its output is the answer and no conversion runs); a
-    #: checkpoint's reading, or an unhinted MLflow bundle's, runs beside it.
+    #: Whether that reading runs before the conversion (estimator pickles and checkpoints:
+    #: when the reading refuses nothing, its output is the answer and no conversion runs); an
+    #: unhinted MLflow bundle's runs beside it.
     reading_first: bool = False
 
     @property
     def integrity_profile(self) -> str:
         """The profile of the second sandbox (when ``integrity``)."""
         return _INTEGRITY_PROFILES.get(self.format, PROFILE_LIGHT)
+
+    @property
+    def reading_settles_failures(self) -> bool:
+        """Whether a reading that goes first and fails (or refuses a global under
+        ``safe_only``) is the job's answer: for an estimator pickle, whose every global the
+        policy loader allows, a full load would fail the same way. A checkpoint's reading
+        knows fewer layouts than torch (a zip that is no checkpoint, a pickled module): when
+        it does not convert the whole file, the conversion runs and is compared with it."""
+        return self.integrity_profile not in _TENSOR_READINGS
+
+    def reads_first(self, outputs_on_disk: bool) -> bool:
+        """Whether the reading goes first in a job whose sandboxes write to disk or not. On
+        disk a checkpoint's reading reports only its data's digest (JobSpec.data_digest_only:
+        a shard then costs the disk N bytes, not 2 N), which cannot be an answer: it stays
+        beside the conversion."""
+        return self.reading_first and (self.reading_settles_failures or not outputs_on_disk)
 
     def verifies(self, target: Target) -> bool:
         """Whether the second sandbox can check an output of ``target``."""

@@ -26,6 +26,7 @@ from airlock_broker.conversion.integrity import (
     Assurance,
     Extraction,
     assurance_delivering,
+    digest_delivering,
 )
 from airlock_broker.conversion.output_room import OutputRoom, OutputRooms
 from airlock_broker.conversion.outputs import (
@@ -303,16 +304,17 @@ class JobRunner:
         async with contextlib.AsyncExitStack() as stack:
             read_first: Extraction | None = None
             reader: Slot | None = None
-            if verify and decision.reading_first:
-                # An estimator pickle: the reading that executes nothing goes first. When it
-                # refuses nothing, its output is the answer: one sandbox, no artifact code.
+            if verify and decision.reads_first(bool(room.disk_bytes)):
+                # An estimator pickle or a checkpoint: the reading that executes nothing goes
+                # first. When it refuses nothing, its output is the answer: one sandbox, no
+                # artifact code.
                 reader = await take(stack, decision.integrity_profile, answered, room)
                 audit.set(warm_container=reader.started, profile=reader.profile)
                 await self.backend.hand_over(reader, upload, request.sample_input)
-                read_first = await self._read_first(reader, request, detected, stack, room)
+                read_first = await self._read_first(reader, request, decision, stack, room)
                 if not read_first.refused and read_first.output is not None:
                     yield await self._read_result(read_first, request, input_sha256,
-                                                  input_size, audit, began)
+                                                  input_size, audit, began, delivery)
                     return
             slot = await take(stack, decision.profile, answered, room)
             if reader is None:
@@ -379,22 +381,29 @@ class JobRunner:
                 report=report or {}, duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note, delivered=delivered)
 
-    async def _read_first(self, reader: Slot, request: JobRequest, detected: ArtifactFormat,
+    async def _read_first(self, reader: Slot, request: JobRequest, decision: Decision,
                           stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction:
-        """The policy loader's reading of an estimator pickle, before any conversion.
+        """The reading of an estimator pickle or a checkpoint, before any conversion.
 
-        Returned when it converted the whole file (the answer), or when the policy refused a
-        global under ``allow_code`` (the full load then runs and the two outputs are compared).
-        Raised: a refusal under ``safe_only``, and any other failure of the reading. With every
-        global it names allowed, a full load would unpickle the same objects and convert them
-        the same way, so it would fail the same way: a second sandbox would only cost time.
+        Returned when it converted the whole file (the answer), or when it refused a global
+        under ``allow_code`` (the full load then runs and the two outputs are compared).
+        A checkpoint's reading is also returned when it failed in any other way than running
+        out of time or memory (``Decision.reading_settles_failures``: torch may still load
+        it). Raised otherwise: an estimator's refusal under ``safe_only``, and any other
+        failure of its reading. With every global it names allowed, a full load would
+        unpickle the same objects and convert them the same way, so it would fail the same
+        way: a second sandbox would only cost time.
         """
         try:
-            reading = await self._extract(reader, request, detected, stack, room)
+            reading = await self._extract(reader, request, decision.format, stack, room)
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
         assert reading is not None and reading.outcome is not None
         outcome = reading.outcome
+        if not decision.reading_settles_failures:
+            if outcome.timed_out or outcome.oom_killed:
+                await self._judge(outcome, reading.report, request.deadline_seconds)
+            return reading
         policy_refused = (bool(reading.refused)
                           or (outcome.exit_code == WorkerExit.POLICY_VIOLATION
                               and not outcome.timed_out and not outcome.oom_killed))
@@ -433,12 +442,15 @@ class JobRunner:
             raise
 
     async def _read_result(self, reading: Extraction, request: JobRequest, input_sha256: str,
-                           input_size: int, audit: AuditRecord, began: float) -> JobResult:
+                           input_size: int, audit: AuditRecord, began: float,
+                           delivery: Delivery | None) -> JobResult:
         """The answer of a job its reading alone converted: integrity-verified, and no
-        artifact code ran (the reading's mode never executes what the artifact names)."""
+        artifact code ran (the reading's mode never executes what the artifact names).
+        ``delivery`` gets the output while its digest is finished (integrity.digest_delivering).
+        """
         assert reading.output is not None and reading.outcome is not None
         outcome, report = reading.outcome, reading.report
-        output = await reading.digest if reading.digest is not None else reading.output
+        output, delivered = await digest_delivering(reading, delivery)
         audit.set(**_outcome_fields(outcome),
                   loader=sanitize(report.get("loader", ""), 80),
                   refined_format=refined_format(reading.format, report),
@@ -452,7 +464,8 @@ class JobRunner:
             reported_format=refined_format(reading.format, report), executed_artifact_code=False,
             input_size=input_size, output=output, outcome=outcome, policy=request.policy,
             report=report, duration_seconds=time.monotonic() - began,
-            assurance=Assurance.INTEGRITY_VERIFIED, integrity_note=READ_ALONE_NOTE)
+            assurance=Assurance.INTEGRITY_VERIFIED, integrity_note=READ_ALONE_NOTE,
+            delivered=delivered)
 
     async def _engine_went_away(self, killed: AirlockError) -> None:
         """A stopping engine kills its containers: then the job failed for want of an engine."""
