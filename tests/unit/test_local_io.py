@@ -114,7 +114,7 @@ def test_a_descriptor_read_that_stalls_is_cut_off_at_the_uploads_pace(
     release = threading.Event()
 
     def stalling(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
-                 progress: local_io.ReadProgress, claim: object) -> object:
+                 progress: local_io.ReadProgress, claim: object, **_: object) -> object:
         progress.received = 1000
         progress.last = time.monotonic()
         release.wait(30)
@@ -179,6 +179,36 @@ def test_the_spool_reserve_is_checked_against_what_the_input_really_occupies(
             dense = _local(tmp_path, io, os.urandom(16 << 20))
             assert await spool(dense) == "SPOOL_FULL"
             assert os.stat(tmp_path / "spool").st_size == 0
+        finally:
+            io.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_input_spooled_in_ram_is_written_whole(tmp_path: Path) -> None:
+    """The RAM spool gets no holes: a sandbox that maps a hole of a tmpfs file is charged for
+    the page its read allocates (spool_space.SpoolWriter)."""
+    size = 8 << 20
+    limits = IntakeLimits(max_artifact_bytes=1 << 30, max_chunk_bytes=1 << 20, idle_seconds=60)
+
+    async def main() -> None:
+        io = PeerIO(2, 1.0)
+        try:
+            for in_ram, dense in ((False, False), (True, True)):
+                sparse = _local(tmp_path, io, b"")
+                os.truncate(tmp_path / "in", size)
+                sparse.input = InputFile(size, 0)
+                dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    spooled = await local_io.spool_from_peer(
+                        sparse, dst, pb.ConvertMetadata(size_bytes=size), limits,
+                        in_ram=in_ram)
+                finally:
+                    sparse.close()
+                assert spooled.sha256 == hashlib.sha256(bytes(size)).hexdigest()
+                st = os.stat(tmp_path / "spool")
+                assert st.st_size == size
+                assert (st.st_blocks * 512 >= size) is dense, (in_ram, st.st_blocks)
         finally:
             io.shutdown()
 

@@ -79,7 +79,7 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
                        in_ram: bool = False) -> Spooled:
     """Write every chunk to ``fd`` (which this function closes), hashing as it goes.
     ``in_ram``: ``fd`` is on the RAM spool, its declared size claimed there (input_room.py):
-    nothing is claimed on the disk."""
+    nothing is claimed on the disk, and it is written whole (spool_space.SpoolWriter)."""
     digest = hashlib.sha256()
     prefix = bytearray()
     size = 0
@@ -89,7 +89,7 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
     try:
         if not in_ram:  # undeclared: checked as it grows
             claim = limits.claim(min(meta.size_bytes, cap))
-        spool = SpoolWriter(fd, claim)
+        spool = SpoolWriter(fd, claim, holes=not in_ram)
         while (msg := await _next_chunk(stream, limits, pace, size)) is not None:
             if msg.WhichOneof("payload") != "chunk":
                 raise error(Reason.BAD_REQUEST, "metadata may be sent only once, first")

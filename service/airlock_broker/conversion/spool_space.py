@@ -126,14 +126,20 @@ class SpoolClaim:
 
 class SpoolWriter:
     """Writes one spool file at explicit offsets; an all-zero block stays a hole (not written,
-    not counted). ``finish`` gives the file its length."""
+    not counted) unless ``holes`` is false. ``finish`` gives the file its length.
 
-    def __init__(self, fd: int, claim: SpoolClaim | None) -> None:
+    A file on the RAM spool (a tmpfs) is written whole: its room there is claimed at its
+    declared size anyway, and a sandbox that maps a hole of a tmpfs file is charged for the
+    page its read allocates, in its own memory limit (a checkpoint with 2 GiB of zeros got
+    its reading killed for memory when the input's holes and its output were charged to it)."""
+
+    def __init__(self, fd: int, claim: SpoolClaim | None, *, holes: bool = True) -> None:
         self.fd = fd
         self.claim = claim
+        self.holes = holes
 
     def write(self, data: bytes | bytearray, offset: int) -> None:
-        if is_zero(data):
+        if self.holes and is_zero(data):
             return
         view = memoryview(data)
         while view:

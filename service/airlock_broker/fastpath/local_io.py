@@ -49,7 +49,7 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
     The room claimed up front is what the input really occupies (``st_blocks``), not its
     length: its holes stay holes in the spool (spool_space.py). ``in_ram``: the spool file
     is on the RAM spool, its declared size claimed there (input_room.py): nothing is
-    claimed on the disk.
+    claimed on the disk, and it is written whole (no holes: spool_space.SpoolWriter).
     """
     progress = ReadProgress()
     pace: Pace | None = None
@@ -70,7 +70,8 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
         if not in_ram:
             claim = limits.claim(min(local.input.size, local.input.allocated))
         return await local.io.run(
-            lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim),
+            lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim,
+                                             holes=not in_ram),
             (local.input_fd, dst), watchdog)
     finally:
         progress.stop.set()
@@ -107,19 +108,20 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
 
 def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
                   progress: ReadProgress | None = None,
-                  claim: SpoolClaim | None = None) -> Spooled:
+                  claim: SpoolClaim | None = None, *, holes: bool = True) -> Spooled:
     """Copy the peer's input into the spool file ``dst``, hashing it. Blocking: a thread's.
 
     One pass: each block read is hashed on a second thread (hashlib releases the GIL on large
     buffers) while it is written, so the hash is of exactly the bytes spooled even if the peer
     changes its file meanwhile. Bounded like the gRPC path: the declared size or
     ``max_artifact_bytes``; in time by the caller's watchdog (``progress``), which a read
-    that never returns cannot reach. All-zero blocks stay holes, and what is written is
-    accounted against the spool's reserve (``claim``).
+    that never returns cannot reach. All-zero blocks stay holes (unless not ``holes``: the
+    RAM spool, spool_space.SpoolWriter), and what is written is accounted against the spool's
+    reserve (``claim``).
     """
     cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
     progress = progress or ReadProgress()
-    spool = SpoolWriter(dst, claim)
+    spool = SpoolWriter(dst, claim, holes=holes)
     digest = hashlib.sha256()
     prefix = b""
     size = 0
