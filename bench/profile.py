@@ -53,7 +53,8 @@ PHASES = [
     ("container: worker job + exit + docker wait", "sandbox_run.begin", "sandbox_run.end"),
     ("after exit: inspect, wait for extraction, report", "sandbox_run.end", "validate.begin"),
     ("validate output (broker)", "validate.begin", "validate.end"),
-    ("integrity compare (if any) + result header", "validate.end", "result_message.end"),
+    ("compare or digest (fast path: copy inside) + header", "validate.end",
+     "result_message.end"),
     ("stream output to the client (server side)", "result_message.end", "release.begin"),
     ("release (destroy is in the background)", "release.begin", "release.end"),
     ("handler end", "release.end", "rpc.end"),
@@ -82,6 +83,10 @@ def _requests(trace: Path, calls: list[dict[str, float]]) -> list[dict[str, Any]
         evs = match[0]
         stamps: dict[str, float] = dict(call)
         info: dict[str, Any] = {}
+        if not any(e["ev"] == "sandbox_run.begin" for e in evs):
+            # The reading alone was the answer (a checkpoint or an estimator read first):
+            # its sandbox is the request's container.
+            evs = [{**e, "ev": e["ev"].replace("extract_run", "sandbox_run")} for e in evs]
         for e in evs:
             if e["ev"] in _LAST_WINS:
                 stamps[e["ev"]] = e["t"]
