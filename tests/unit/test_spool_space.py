@@ -132,7 +132,7 @@ def test_all_zero_blocks_stay_holes_and_are_not_counted(tmp_path: Path) -> None:
     st = os.stat(tmp_path / "spool")
     assert st.st_size == 64 * MiB + 1 + 4096
     assert st.st_blocks * 512 <= 64 * 1024  # one block of data, not 64 MiB
-    assert claim.written == 1
+    assert claim.written == 1 and writer.data_bytes == 1
     with open(tmp_path / "spool", "rb") as fh:
         fh.seek(64 * MiB)
         assert fh.read(2) == b"\x80\x00"
@@ -145,3 +145,18 @@ def test_all_zero_blocks_stay_holes_and_are_not_counted(tmp_path: Path) -> None:
 ])
 def test_is_zero(data: bytes, zero: bool) -> None:
     assert is_zero(data) is zero
+
+
+def test_without_holes_zero_blocks_are_written_and_still_not_data(tmp_path: Path) -> None:
+    """The RAM spool's writer: zeros written (no hole for a sandbox to fault in), but the
+    input's data, which its answer is estimated from, is what was not zero."""
+    fd = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        writer = SpoolWriter(fd, None, holes=False)
+        writer.write(bytearray(4 * MiB), 0)
+        writer.write(b"\x80", 4 * MiB)
+        writer.finish(4 * MiB + 1)
+    finally:
+        os.close(fd)
+    assert os.stat(tmp_path / "spool").st_blocks * 512 >= 4 * MiB
+    assert writer.data_bytes == 1

@@ -55,6 +55,8 @@ class Spooled:
     size: int
     sha256: str
     prefix: bytes
+    #: The bytes of its blocks that were not all zero (SpoolWriter.data_bytes).
+    data_bytes: int
 
 
 async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
@@ -112,10 +114,11 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
         if claim is not None:
             claim.release()
         os.close(fd)
-    return finished(size, digest.hexdigest(), bytes(prefix), meta)
+    return finished(size, digest.hexdigest(), bytes(prefix), meta, spool.data_bytes)
 
 
-def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata) -> Spooled:
+def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata,
+             data_bytes: int) -> Spooled:
     """The spooled artifact, if it is what the metadata declared (either transfer path)."""
     if size == 0:
         raise error(Reason.EMPTY_ARTIFACT, "the artifact is empty")
@@ -125,7 +128,7 @@ def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata) -> Sp
     if meta.sha256 and sha != meta.sha256:
         raise error(Reason.CHECKSUM_MISMATCH,
                     "the artifact's sha256 does not match the declared one")
-    return Spooled(size=size, sha256=sha, prefix=prefix)
+    return Spooled(size=size, sha256=sha, prefix=prefix, data_bytes=data_bytes)
 
 
 async def _next_chunk(stream: AsyncIterator[pb.ConvertRequest], limits: IntakeLimits,

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -188,7 +187,8 @@ class ConversionPipeline:
                     inputs.release()
             # Room for the answer, before any sandbox starts: a job whose output would take
             # the spool below its reserve is refused now, with the numbers (spool_space.py).
-            occupied = min(os.stat(upload).st_blocks * 512, spooled.size)
+            # Estimated from the input's data: its zeros are holes on disk, written in RAM.
+            occupied = spooled.data_bytes
             output_room = self.runner.rooms.for_job(request.target, occupied)
             room = self._spool_room(request, output_room, occupied)
             decision = self._decide(job, request, spooled, transfer)

@@ -137,10 +137,16 @@ class SpoolWriter:
         self.fd = fd
         self.claim = claim
         self.holes = holes
+        #: The bytes of the blocks that were not all zero: the input's data, wherever the
+        #: zeros went (what a job's answer is estimated from, spool_space.answer_bytes).
+        self.data_bytes = 0
 
     def write(self, data: bytes | bytearray, offset: int) -> None:
-        if self.holes and is_zero(data):
-            return
+        if is_zero(data):
+            if self.holes:
+                return
+        else:
+            self.data_bytes += len(data)
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)

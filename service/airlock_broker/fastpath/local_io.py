@@ -158,4 +158,4 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
             if pending is not None:
                 pending.result()
     spool.finish(size)
-    return finished(size, digest.hexdigest(), prefix, meta)
+    return finished(size, digest.hexdigest(), prefix, meta, spool.data_bytes)
