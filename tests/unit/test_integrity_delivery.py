@@ -85,15 +85,21 @@ def test_a_refused_comparison_takes_the_delivered_output_back(tmp_path: Path,
     async def scenario() -> None:
         delivery = Recorder(fails=True)  # its own failure is not the one raised
         running = asyncio.ensure_future(assurance_delivering(output, extraction, delivery))
-        await asyncio.sleep(0.2)
-        assert delivery.events == ["deliver"]  # refused, but the copy is not done yet
-        delivery.release.set()
-        with pytest.raises(AirlockError) as caught:
-            await running
-        assert caught.value.reason is Reason.INTEGRITY_MISMATCH
-        assert delivery.events == ["deliver", "delivered", "retract"]  # after the copy
+        await _taken_back(running, delivery, Reason.INTEGRITY_MISMATCH)
 
     asyncio.run(scenario())
+
+
+async def _taken_back(running: asyncio.Future[object], delivery: Recorder,
+                      reason: Reason) -> None:
+    """``running`` fails with ``reason`` and retracts its delivery, after the copy ended."""
+    await asyncio.sleep(0.2)
+    assert delivery.events == ["deliver"]  # failed, but the copy is not done yet
+    delivery.release.set()
+    with pytest.raises(AirlockError) as caught:
+        await running
+    assert caught.value.reason is reason
+    assert delivery.events == ["deliver", "delivered", "retract"]  # after the copy
 
 
 def test_without_a_comparison_of_data_nothing_is_delivered_early(tmp_path: Path) -> None:
@@ -167,12 +173,6 @@ def test_a_reading_whose_hash_fails_takes_its_delivered_output_back(tmp_path: Pa
         running = asyncio.ensure_future(
             digest_delivering(_hashing(output, hashed, fails=True), delivery))
         hashed.set()
-        await asyncio.sleep(0.1)
-        assert delivery.events == ["deliver"]  # failed, but the copy is not done yet
-        delivery.release.set()
-        with pytest.raises(AirlockError) as caught:
-            await running
-        assert caught.value.reason is Reason.OUTPUT_INVALID
-        assert delivery.events == ["deliver", "delivered", "retract"]
+        await _taken_back(running, delivery, Reason.OUTPUT_INVALID)
 
     asyncio.run(scenario())
