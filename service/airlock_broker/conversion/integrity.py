@@ -7,7 +7,8 @@ accepts tensor-rebuild globals, an estimator pickle with the policy loader (allo
 classes only). When both outputs are the same (the same tensors byte for byte; the same
 canonical ONNX bytes), the result is *integrity-verified*; when they differ the conversion is
 rejected; when the second reading is impossible the result stays *format-safe only*. Both
-files have already passed the strict validator.
+files have already passed the strict validator. A reading that goes first and refuses nothing
+is the answer by itself (jobs.py): no conversion runs, so there is nothing to compare.
 """
 
 from __future__ import annotations

@@ -289,8 +289,10 @@ class JobRunner:
         spool, so the job's slots are prepared there (input_room.py).
 
         When the decision says integrity applies (a PyTorch checkpoint converted to
-        safetensors, an estimator pickle), the artifact is also read, concurrently, by a second
-        sandbox that executes nothing it names; the two outputs must agree (integrity.py).
+        safetensors, an estimator pickle), the artifact is also read by a sandbox that
+        executes nothing it names: first, when ``Decision.reads_first`` (its output is the
+        answer if it refused nothing), else beside the conversion; when both run, the two
+        outputs must agree (integrity.py).
         The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
         ``delivery``: where the output may go while the two are compared (the fast path's
         caller's file); the result says whether it went (``JobResult.delivered``).
