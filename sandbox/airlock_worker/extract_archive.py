@@ -11,6 +11,7 @@ import os
 import struct
 import zipfile
 
+from . import zip_budget
 from .detect import MAX_ZIP_ENTRIES
 from .errors import describe
 from .extract_errors import Refused
@@ -33,12 +34,14 @@ class Archive:
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self._zip = zipfile.ZipFile(self._file)
             infos = self._zip.infolist()
+            named = zip_budget.directory_offsets(self._file)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             self.close()
             raise Refused(f"unreadable zip archive: {describe(exc)}") from None
         self.inflated = 0
         self._data_offsets: dict[str, int] = {}
         try:
+            _one_directory(named, self._zip.start_dir)
             self._index(infos)
         except BaseException:
             self.close()
@@ -140,3 +143,15 @@ class Archive:
                 self._mm.close()
         self._file.close()
 
+
+def _one_directory(named: set[int], read_at: int) -> None:
+    """The central directory ``zipfile`` read must be the only one the end records name,
+    where they name it. Otherwise ``torch.load`` (miniz) may list another archive of the same
+    file: one with bytes before it (``zipfile`` shifts every offset past them, miniz does
+    not), or whose classic and Zip64 records disagree. The reading would then answer for
+    weights torch never loads."""
+    if named != {read_at}:
+        shown = ", ".join(str(n) for n in sorted(named)[:3]) or "no offset"
+        raise Refused(f"the zip's end records place its central directory at {shown}, but "
+                      f"it begins at byte {read_at}: bytes before the archive, or end records "
+                      "that disagree, let readers list different archives")

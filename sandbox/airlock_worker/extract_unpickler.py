@@ -236,18 +236,40 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_parameter(self, data: Any, requires_grad: Any = False,
                            backward_hooks: Any = None, state: Any = None) -> Tensor:
-        """A parameter is its data; its attributes (``state``) do not change the bytes."""
+        """A parameter is its data, unless it carries attributes (``state``: see
+        ``_attributes``)."""
         if not isinstance(data, Tensor):
             raise Refused("a parameter is rebuilt from something that is not a tensor")
+        self._attributes(state)
         return data
 
+    def _attributes(self, state: Any) -> None:
+        """Attributes pickled with a tensor, which ``torch.load`` (``weights_only`` too) sets
+        on it with ``torch._utils._set_obj_state``: ``setattr(tensor, "data", other)`` swaps
+        its weights, ``real`` or ``imag`` overwrite them. The reading does not model
+        ``setattr`` on a tensor, so a tensor that carries any attribute is recorded as that
+        refused global: the reading is then never the answer alone, and the conversion (what
+        torch loads) is compared with it. An empty state sets nothing."""
+        if state is None or _empty(state):
+            return
+        self.poison_class("torch._utils", "_set_obj_state")
+
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
-        """A plain tensor or parameter with Python attributes: the tensor is ``func(*args)``.
-        A tensor *subclass* is someone's code: its rebuild is recorded, never run."""
+        """A plain tensor or parameter with Python attributes: the tensor is ``func(*args)``,
+        its attributes see ``_attributes``. A tensor *subclass* is someone's code: its
+        rebuild is recorded, never run."""
         if (isinstance(func, _Allowed) and id(func) in self._tensor_rebuilds
                 and (new_type is TENSOR_TYPE or new_type is PARAMETER_TYPE)
                 and isinstance(args, tuple)):
+            self._attributes(state)
             return func(*args)
         poison = self.poison_class("torch._tensor", "_rebuild_from_type_v2(subclass)")
         return poison(func, new_type, args, state)
 
+
+def _empty(state: Any) -> bool:
+    """A tensor's pickled state that sets nothing: ``{}``, or ``({}, {})`` (its ``__dict__``
+    and its slots, as ``torch._utils._get_obj_state`` makes them)."""
+    if isinstance(state, tuple):
+        return all(isinstance(part, dict) and not part for part in state)
+    return isinstance(state, dict) and not state

@@ -65,14 +65,17 @@ class Claim:
 def claims(source: str | os.PathLike[str] | IO[bytes]) -> Claim | None:
     """The largest claims of every end record a reader could pick; None if there is none
     (not a zip: the reader will say so itself)."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as fh:
-            return _claims(fh)
-    here = source.tell()
-    try:
-        return _claims(source)
-    finally:
-        source.seek(here)
+    records = end_records(source)
+    if not records:
+        return None
+    return Claim(max(r.entries for r in records), max(r.directory_bytes for r in records))
+
+
+def directory_offsets(source: str | os.PathLike[str] | IO[bytes]) -> set[int]:
+    """Where the central directory starts, by every end record a reader could pick, as the
+    record says (miniz, which ``torch.load`` uses, takes that offset as it stands; CPython's
+    ``zipfile`` shifts it by any bytes found before the archive)."""
+    return {r.directory_offset for r in end_records(source) if r.directory_offset is not None}
 
 
 def check(source: str | os.PathLike[str] | IO[bytes],
@@ -91,7 +94,30 @@ def check(source: str | os.PathLike[str] | IO[bytes],
             f"the sandbox reads at most {budget.max_directory_bytes} bytes of it")
 
 
-def _claims(fh: IO[bytes]) -> Claim | None:
+@dataclass(frozen=True)
+class EndRecord:
+    """What one end record (classic or Zip64) a reader could pick says of the directory."""
+
+    entries: int
+    directory_bytes: int
+    #: None: saturated in a classic record, which defers to its Zip64 record.
+    directory_offset: int | None
+
+
+def end_records(source: str | os.PathLike[str] | IO[bytes]) -> list[EndRecord]:
+    """Every end record a reader could pick (empty: not a zip). A saturated classic field
+    means "see the Zip64 record" and is no claim when there is one; without one it is."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            return _end_records(fh)
+    here = source.tell()
+    try:
+        return _end_records(source)
+    finally:
+        source.seek(here)
+
+
+def _end_records(fh: IO[bytes]) -> list[EndRecord]:
     size = fh.seek(0, os.SEEK_END)
     tail_len = min(size, _EOCD.size + _MAX_COMMENT)
     tail_at = size - tail_len
@@ -101,23 +127,23 @@ def _claims(fh: IO[bytes]) -> Claim | None:
     starts = {tail.rfind(_EOCD_SIG)}
     if tail[-_EOCD.size:][:4] == _EOCD_SIG:
         starts.add(len(tail) - _EOCD.size)
-    entries = directory = -1
+    found = []
     for start in starts:
         if start < 0 or start + _EOCD.size > len(tail):
             continue
         fields = _EOCD.unpack_from(tail, start)
-        zip64 = _zip64_claims(fh, size, tail_at + start)
-        # A saturated classic field means "see the Zip64 record"; without one it is a claim.
-        classic_entries = [n for n in fields[3:5] if n != 0xFFFF or not zip64]
-        classic_bytes = [] if fields[5] == 0xFFFFFFFF and zip64 else [fields[5]]
-        entries = max([entries, *classic_entries, *(n for n, _ in zip64)])
-        directory = max([directory, *classic_bytes, *(b for _, b in zip64)])
-    return None if entries < 0 else Claim(entries, directory)
+        zip64 = _zip64_records(fh, size, tail_at + start)
+        entries = max([n for n in fields[3:5] if n != 0xFFFF or not zip64], default=0)
+        size_ = None if fields[5] == 0xFFFFFFFF and zip64 else fields[5]
+        offset = None if fields[6] == 0xFFFFFFFF and zip64 else fields[6]
+        found.append(EndRecord(entries, size_ or 0, offset))
+        found.extend(zip64)
+    return found
 
 
-def _zip64_claims(fh: IO[bytes], size: int, eocd_at: int) -> list[tuple[int, int]]:
-    """(entries, bytes) of each Zip64 record a reader could take for the end record at
-    ``eocd_at``: the one just before the locator, and the one the locator points to."""
+def _zip64_records(fh: IO[bytes], size: int, eocd_at: int) -> list[EndRecord]:
+    """Each Zip64 record a reader could take for the end record at ``eocd_at``: the one
+    just before the locator, and the one the locator points to."""
     locator_at = eocd_at - _Z64_LOCATOR.size
     if locator_at < 0:
         return []
@@ -129,11 +155,11 @@ def _zip64_claims(fh: IO[bytes], size: int, eocd_at: int) -> list[tuple[int, int
     if sig != _Z64_LOCATOR_SIG:
         return []
     found = []
-    for record_at in {locator_at - _Z64_EOCD.size, pointed_at}:
+    for record_at in sorted({locator_at - _Z64_EOCD.size, pointed_at}):
         if not 0 <= record_at <= size - _Z64_EOCD.size:
             continue
         fh.seek(record_at)
         record = _Z64_EOCD.unpack(fh.read(_Z64_EOCD.size))
         if record[0] == _Z64_EOCD_SIG:
-            found.append((max(record[6], record[7]), record[8]))
+            found.append(EndRecord(max(record[6], record[7]), record[8], record[9]))
     return found

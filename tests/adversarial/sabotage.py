@@ -172,6 +172,48 @@ def make_sabotaged_checkpoint(path: Path | str,
     return target, {"w": w.numpy().copy(), "b": b.numpy().copy()}
 
 
+def make_attribute_swap_checkpoint(path: Path | str, how: str = "parameter",
+                                   legacy: bool = False) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A checkpoint that names no global outside torch's ``weights_only`` allowlist and
+    executes nothing, yet holds two sets of weights: ``w`` is rebuilt from storage A, then
+    given the attribute ``data`` = a tensor on storage B. ``torch.load`` (``weights_only`` or
+    not) applies the attribute (``torch._utils._set_obj_state``: ``setattr(w, "data", B)``)
+    and so loads B; a reader that skips a tensor's attributes would answer A. ``how``:
+    a ``parameter`` (``_rebuild_parameter_with_state``) or a plain ``tensor`` with a
+    Python attribute (``_rebuild_from_type_v2``). Returns the file, A and B."""
+    import torch
+
+    a = torch.zeros(4)
+    b = torch.full((4,), 7.0)
+    w = torch.nn.Parameter(a.clone()) if how == "parameter" else a.clone()
+    w.__dict__["data"] = b  # pickled as the tensor's state, applied by setattr on load
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": w}, target, _use_new_zipfile_serialization=not legacy)
+    return target, a.numpy().copy(), b.numpy().copy()
+
+
+def make_two_archive_checkpoint(path: Path | str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Two checkpoints of the same layout, one after the other: ``w`` = A, then ``w`` = B.
+    The end record is B's and names its central directory at B's own offset. CPython's
+    ``zipfile`` finds the bytes before it and shifts every offset past them (B); miniz,
+    which ``torch.load`` uses, reads at the offset as written, where A's directory lies (A).
+    Classic end records only (``write_checkpoint``), which every reader accepts. Returns
+    the file, A and B."""
+    a, b = np.full(4, 1.0, dtype="<f4"), np.full(4, 2.0, dtype="<f4")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for weights, name in ((a, "a"), (b, "b")):
+        ref, storages = float_storage("0", weights)
+        part = target.with_name(f"{target.name}.{name}")
+        parts.append(write_checkpoint(part, {"w": TensorRef(ref, 0, (4,), (1,))},
+                                      storages).read_bytes())
+        part.unlink()
+    target.write_bytes(b"".join(parts))
+    return target, a, b
+
+
 def make_marker_checkpoint(path: Path | str, marker: Path | str, via: str = "exec",
                            legacy: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
     """A state dict beside a payload that would create ``marker`` if it ever ran:

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.adversarial.sabotage import make_sabotaged_checkpoint, make_sabotaged_estimator
+from tests.adversarial.sabotage import (
+    make_attribute_swap_checkpoint,
+    make_sabotaged_checkpoint,
+    make_sabotaged_estimator,
+    make_two_archive_checkpoint,
+)
 from tests.conftest import BrokerProcess, run_cli
 from tests.fixtures import models
 from tests.integration import test_local_transfer as local
@@ -31,6 +36,37 @@ def test_silent_sabotage_of_the_converter_is_rejected(broker: BrokerProcess, tmp
     doc = json.loads(done.stdout)
     assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("how", "layout"), [("parameter", "zip"), ("tensor", "legacy")])
+def test_weights_swapped_by_a_tensor_attribute_are_rejected(broker: BrokerProcess,
+                                                            tmp_path: Path, how: str,
+                                                            layout: str) -> None:
+    """No code runs anywhere: torch.load sets the pickled attribute ``data`` and loads B,
+    while the first storage holds A. The reading does not answer alone for a tensor with
+    attributes, so the conversion (B) is compared with it (A) and the file is refused."""
+    artifact, _a, _b = make_attribute_swap_checkpoint(tmp_path / "swap.pt", how,
+                                                      legacy=layout == "legacy")
+    out = tmp_path / "out.safetensors"
+    done = run_cli("convert", str(artifact), "-o", str(out), "--json", server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("rejected", "INTEGRITY_MISMATCH"), doc
+    assert not out.exists()
+
+
+def test_a_zip_torch_and_the_reading_would_list_differently_is_not_verified(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """Two archives in one file: the reading refuses it (its zip library and torch's would
+    list different ones), so the conversion's answer, the weights torch loads, is never
+    called integrity-verified."""
+    artifact, a, _b = make_two_archive_checkpoint(tmp_path / "two.pt")
+    out = tmp_path / "out.safetensors"
+    done = run_cli("convert", str(artifact), "-o", str(out), "--json", server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["assurance"] == "format_safe_only", doc
+    assert np.array_equal(load_file(str(out))["w"], a)
 
 
 def test_a_sabotaged_output_delivered_during_the_comparison_is_taken_back(

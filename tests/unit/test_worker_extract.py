@@ -91,7 +91,14 @@ def extract_only(tmp: Path, artifact: Path, **spec: Any) -> Outcome:
     return run(tmp, artifact, JobMode.EXTRACT_WEIGHTS, **spec)
 
 
-def assert_same_as_convert(tmp: Path, artifact: Path, **spec: Any) -> tuple[Outcome, Outcome]:
+#: What a reading records for a tensor that carries attributes (extract_unpickler._attributes).
+SET_OBJ_STATE = "torch._utils._set_obj_state"
+
+
+def assert_same_as_convert(tmp: Path, artifact: Path, *, attributes: bool = False,
+                           **spec: Any) -> tuple[Outcome, Outcome]:
+    """Both readings agree byte for byte; the reading refused nothing, or (``attributes``)
+    only tensors' attributes, which send it to this very comparison."""
     conv = run(tmp, artifact, JobMode.CONVERT, **spec)
     ext = run(tmp, artifact, JobMode.EXTRACT_WEIGHTS, **spec)
     (hc, dc), (he, de) = conv.split(), ext.split()
@@ -99,7 +106,9 @@ def assert_same_as_convert(tmp: Path, artifact: Path, **spec: Any) -> tuple[Outc
     assert de == dc  # the data sections, byte for byte
     if len(hc["__metadata__"]) == 1:  # the reference writer orders metadata keys randomly
         assert ext.raw == conv.raw
-    assert ext.report.warnings == conv.report.warnings
+    refused = [SET_OBJ_STATE] if attributes else []
+    assert ext.report.refused_globals == refused
+    assert [w for w in ext.report.warnings if SET_OBJ_STATE not in w] == conv.report.warnings
     assert ext.report.tensor_count == conv.report.tensor_count
     fmt = detect_prefix(artifact.read_bytes()[:PREFIX_BYTES], artifact.stat().st_size)
     assert ext.report.loader == extract.LOADERS.get(fmt, "restricted-zip-reader")
@@ -181,7 +190,7 @@ def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path, protocol: in
     complex128 (skipped by both), a tensor and a parameter carrying attributes; pickled with
     torch's default protocol and with protocol 5 (STACK_GLOBAL, MEMOIZE, FRAME)."""
     artifact = _edge_checkpoint(tmp_path / "edge.pt", protocol)
-    _, ext = assert_same_as_convert(tmp_path, artifact)
+    _, ext = assert_same_as_convert(tmp_path, artifact, attributes=True)
     header, _ = ext.split()
     assert header["__metadata__"] == {"format": "pt", "lm_head": "embed"}
     assert "complex128" not in header and "slice" in header and "whole" in header
@@ -312,6 +321,45 @@ def test_the_sabotaged_checkpoint_extracts_its_true_weights(tmp_path: Path) -> N
     out = extract_only(tmp_path, artifact)
     assert_holds(out, truth)
     assert any("builtins.exec" in w for w in out.report.warnings)
+
+
+@pytest.mark.parametrize("how", ["parameter", "tensor"])
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_attributes_a_tensor_is_given_on_load_are_never_passed_over(tmp_path: Path, how: str,
+                                                                    layout: str) -> None:
+    """``torch.load`` sets a tensor's pickled attributes on it, and ``data`` swaps its
+    weights: a checkpoint naming only allowed globals loads as B while its first storage
+    holds A. The reading does not model attributes, so it says so as a refused global: it
+    is then never the answer alone, and the conversion's B is compared with its A."""
+    artifact, a, b = sabotage.make_attribute_swap_checkpoint(
+        tmp_path / f"{how}-{layout}.pt", how, legacy=layout == "legacy")
+    assert np.array_equal(torch.load(artifact, weights_only=True)["w"].detach().numpy(), b)
+    out = extract_only(tmp_path, artifact)
+    assert out.report.refused_globals == [SET_OBJ_STATE]
+    assert out.report.executed_artifact_code is False
+    converted = run(tmp_path, artifact, JobMode.CONVERT)
+    assert out.tensors()["w"].tobytes() == a.tobytes()
+    assert converted.tensors()["w"].tobytes() == b.tobytes()  # what the comparison refuses
+
+
+def test_a_zip_whose_readers_would_list_different_archives_is_refused(tmp_path: Path) -> None:
+    """Bytes before the archive: ``zipfile`` reads the second checkpoint, torch the first.
+    The reading refuses the file rather than answer for weights torch never loads."""
+    artifact, a, _b = sabotage.make_two_archive_checkpoint(tmp_path / "two.pt")
+    assert np.array_equal(torch.load(artifact, weights_only=True)["w"].numpy(), a)
+    out = extract_only(tmp_path, artifact)
+    assert out.error is not None and "different archives" in out.error.message
+
+
+def test_a_harmless_attribute_still_sends_the_checkpoint_to_the_comparison(
+        tmp_path: Path) -> None:
+    """An attribute that changes no byte (a library's flag on a parameter) is not told apart
+    from ``data``: the reading refuses to answer alone, and agrees with the conversion."""
+    w = torch.nn.Parameter(torch.arange(4.0))
+    w.__dict__["_is_hf_initialized"] = True
+    artifact = tmp_path / "flagged.pt"
+    torch.save({"w": w, "b": torch.ones(2)}, artifact)
+    assert_same_as_convert(tmp_path, artifact, attributes=True)
 
 
 def test_poison_is_inert_whatever_the_pickle_does_with_it() -> None:

@@ -48,7 +48,8 @@ def test_legacy_edge_cases_equal_the_conversion(tmp_path: Path) -> None:
     are saved through UntypedStorage, which torch's own legacy loader cannot read back.)"""
     edge = torch.load(_edge_checkpoint(tmp_path / "edge.pt"), weights_only=False)
     del edge["fp8"], edge["uint16"]
-    _, ext = assert_same_as_convert(tmp_path, _legacy(tmp_path / "edge-legacy.pt", edge))
+    _, ext = assert_same_as_convert(tmp_path, _legacy(tmp_path / "edge-legacy.pt", edge),
+                                    attributes=True)
     header, _ = ext.split()
     assert header["__metadata__"] == {"format": "pt", "lm_head": "embed"}
 
