@@ -12,7 +12,8 @@ the pickle declared before any tensor is built from them.
 What torch would read differently is refused or left format-safe only: a big-endian file, a
 storage *view* (the sixth field; written only by torch before 0.4), a pickled module
 (``"module"`` ids: its code decides its weights), a storage the key list does not name (torch
-would leave its memory uninitialised), a count that disagrees with the pickle.
+would leave its memory uninitialised), a count that disagrees with the pickle, and a file
+whose first block is also a valid tar header (torch tries its older tar layout first).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import mmap
 import os
 import struct
+import tarfile
 from typing import Any
 
 from airlock_sandbox.formats import TORCH_LEGACY_MAGIC
@@ -79,6 +81,9 @@ class LegacyFile:
 
     def read(self) -> tuple[Any, list[str]]:
         """The object and the globals it named that were not called (poisoned)."""
+        if _tar_header(self._mm[:tarfile.BLOCKSIZE]):
+            raise Refused("the checkpoint's first block is also a tar header: torch.load "
+                          "would read it as its older tar layout, not as this one")
         window = _Window(self._mm, MAX_PICKLE_BYTES)
         # One unpickler per pickle, as torch: no memo carries over from one to the next.
         magic = _load(_PlainUnpickler(window, self), "magic number")
@@ -174,3 +179,13 @@ class LegacyUnpickler(RestrictedUnpickler):
 
 
 __all__ = ["LegacyFile"]
+
+
+def _tar_header(block: bytes) -> bool:
+    """Whether ``block`` is a tar header ``tarfile`` accepts (its checksum holds): torch's
+    legacy loader tries the tar layout first and reads such a file as that."""
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True

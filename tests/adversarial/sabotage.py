@@ -337,6 +337,22 @@ def write_legacy_checkpoint(path: Path | str, obj: Any, storages: dict[str, byte
     return target
 
 
+def make_tar_headed_legacy_checkpoint(path: Path | str) -> Path:
+    """A legacy checkpoint whose first 512 bytes are also a valid tar header: its system-info
+    dict carries a string of NULs that covers the header's numeric fields and holds the
+    right checksum. ``torch.load`` tries the older tar layout first on such a file."""
+    ref, storages = float_storage("0", np.arange(4, dtype="<f4"))
+    obj = {"w": TensorRef(ref, 0, (4,), (1,))}
+    pad = "\0" * 480  # first in the dict, so that it starts within the header's name field
+    target = write_legacy_checkpoint(path, obj, storages, sys_info={"pad": pad, **LEGACY_SYS_INFO})
+    block = bytearray(target.read_bytes()[:512])
+    string = block.index(b"X" + len(pad).to_bytes(4, "little")) + 5  # BINUNICODE, length
+    at = 148 - string  # the checksum field, within the string
+    block[148:156] = b" " * 8  # as tar sums it; the digits that go there are not summed
+    pad = pad[:at] + (b"%06o\0 " % sum(block)).decode() + pad[at + 8:]
+    return write_legacy_checkpoint(path, obj, storages, sys_info={"pad": pad, **LEGACY_SYS_INFO})
+
+
 def float_storage(key: str, values: np.ndarray) -> tuple[StorageRef, dict[str, bytes]]:
     arr = np.ascontiguousarray(values, dtype="<f4")
     return StorageRef(key, arr.size), {key: arr.tobytes()}

@@ -7,6 +7,7 @@ Benign checkpoints run through both worker modes on the host (they are ours); ho
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,13 @@ def test_an_oversized_pickle_is_refused_without_reading_the_file(
     artifact, _ = models.make_state_dict(tmp_path / "src", legacy=True)
     monkeypatch.setattr(extract_legacy, "MAX_PICKLE_BYTES", 64)
     _refused(tmp_path, artifact, WorkerExit.CONVERSION_FAILED, "exceed 64 bytes")
+
+
+def test_a_legacy_checkpoint_that_is_also_a_tar_is_refused(tmp_path: Path) -> None:
+    """torch's legacy loader reads a file whose first block is a tar header as its older
+    tar layout: the reading would answer for another layout than torch's."""
+    artifact = sabotage.make_tar_headed_legacy_checkpoint(tmp_path / "tarred.pt")
+    with tarfile.open(artifact, "r:") as tar:  # what torch's loader tries first
+        assert tar.getmembers()
+    out = extract_only(tmp_path, artifact)
+    assert out.error is not None and "tar header" in out.error.message
