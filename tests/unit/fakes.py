@@ -45,6 +45,8 @@ class FakeSandbox:
     disk_outputs: list[int] = field(default_factory=list)
     #: the spool each prepared slot is on, in order (the RAM spool or the disk's)
     slot_spools: list[Path] = field(default_factory=list)
+    #: the deadline of every run, in order
+    deadlines: list[float] = field(default_factory=list)
 
     async def describe(self, slot: Slot) -> Confinement:
         return Confinement()
@@ -98,6 +100,7 @@ class FakeSandbox:
         self.ran.append(slot.slot_id)
         slot.workspace.write_job_spec(spec)
         self.specs.append(spec)
+        self.deadlines.append(deadline_seconds)
         code = self.behaviour(spec, slot.workspace.artifact.read_bytes(), slot.workspace.out_dir)
         timed_out = code is None
         if timed_out:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,6 +264,37 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
             modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
     assert [spec.mode for spec in backend.specs] == modes
     assert all(not spec.read_back for spec in backend.specs if spec.mode is JobMode.CONVERT)
+
+
+def _slow_failing_reading(spec: JobSpec, artifact: bytes, out: Path) -> int:
+    """The reading takes a while and fails (a layout it does not know); the conversion
+    writes an output."""
+    if spec.mode is JobMode.EXTRACT_WEIGHTS:
+        time.sleep(0.3)
+        return WorkerExit.CONVERSION_FAILED
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(
+        save({"w": np.arange(4, dtype=np.float32)}))
+    return 0
+
+
+def test_a_conversion_after_a_failed_reading_checks_itself_within_the_jobs_deadline(
+        tmp_path: Path) -> None:
+    """Nothing is compared with it, so the worker reads its output back (JobSpec.read_back);
+    and it has what the reading left of the caller's deadline, not a deadline of its own."""
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _slow_failing_reading)
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES["torch_zip"])
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        result = client.convert(src, tmp_path / "out.safetensors", job_timeout=60)
+    assert result.assurance == "format_safe_only"
+    [reading, convert] = backend.specs
+    assert (reading.mode, convert.mode) == (JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT)
+    assert convert.read_back is True
+    assert backend.deadlines[0] == 60
+    assert backend.deadlines[1] <= 60 - 0.3
 
 
 @pytest.mark.parametrize(("sample", "declared", "flavor", "serialization", "integrity",

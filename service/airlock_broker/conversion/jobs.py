@@ -329,13 +329,21 @@ class JobRunner:
             if extractor is not None:
                 await self.backend.hand_over(extractor, slot)
             # The worker's read-back of its own output is redundant beside a reading whose
-            # output the broker compares with it (JobSpec.read_back).
+            # output the broker compares with it (JobSpec.read_back); not after one that
+            # failed, which leaves nothing to compare.
+            compared = extractor is not None or (read_first is not None
+                                                 and read_first.output is not None)
             spec = replace(self._spec(request, detected, JobMode.CONVERT, room),
                            policy=request.policy, declared_format=request.declared_format,
-                           read_back=extractor is None and read_first is None)
+                           read_back=not compared)
+            # The caller's deadline is the job's: after a reading, the conversion has what
+            # it left (at least a second), not a deadline of its own.
+            deadline = request.deadline_seconds
+            if read_first is not None:
+                deadline = max(1.0, deadline - (time.monotonic() - began))
             try:
                 outcome, extraction = await asyncio.gather(
-                    self._sandbox_run("sandbox_run", slot, spec, request.deadline_seconds),
+                    self._sandbox_run("sandbox_run", slot, spec, deadline),
                     self._extract(extractor, request, detected, stack, room,
                                   digest_only=bool(room.disk_bytes)))
             except SandboxUnavailable as exc:
@@ -354,7 +362,7 @@ class JobRunner:
             executed = executed_artifact_code(detected, report, request.policy)
             audit.set(executed_artifact_code=executed)
             try:
-                await self._judge(outcome, report, request.deadline_seconds)
+                await self._judge(outcome, report, deadline)
                 # With the extraction's output at hand, a safetensors output is compared with
                 # it rather than hashed: when they are the same file it takes that digest.
                 with self.trace.span("validate"):
