@@ -391,3 +391,47 @@ def test_a_sparse_multi_gib_input_costs_the_spool_what_it_really_occupies(
         assert exc.code == "RESOURCE_EXHAUSTED" and "MiB free" in exc.message, exc
         assert f"keeps {(SPOOL_BYTES - HEADROOM) / MiB:.1f} MiB free" in exc.message, exc
     assert took < _bound(usual)
+
+
+def _sparse_copy(source: Path, target: Path) -> Path:
+    """``source``'s bytes in ``target``, its all-zero 4 KiB blocks left as holes."""
+    data = source.read_bytes()
+    with target.open("wb") as fh:
+        for at in range(0, len(data), 4096):
+            block = data[at:at + 4096]
+            if block.count(0) != len(block):
+                fh.seek(at)
+                fh.write(block)
+        fh.truncate(len(data))
+    return target
+
+
+def test_zero_weights_held_as_holes_do_not_let_their_answer_cross_the_reserve(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """A checkpoint of 96 MiB of zero weights, sparse on the fast path: the job's room was
+    estimated from its data (a few KiB), but its answer is 96 MiB of written zeros, more
+    than the 64 MiB above the reserve. The answer reaches the caller's file; the copy the
+    idempotency store would keep is not made. Before: that copy was written anyway, and the
+    spool grew by 96 MiB, into the space it keeps free."""
+    import torch
+
+    dense = tmp_path / "zeros.pt"
+    torch.save({"w": torch.zeros(24 * MiB)}, dense)  # 96 MiB of float32 zeros
+    artifact = _sparse_copy(dense, tmp_path / "sparse-zeros.pt")
+    assert artifact.stat().st_blocks * 512 < 4 * MiB
+    out = tmp_path / "zeros.safetensors"
+    baseline = _spool_used(broker)
+    with _peak_spool_use(broker) as peak:
+        with Client(broker.address, token=ALICE, timeout=300) as client:
+            result = client.convert(artifact, out)
+            assert client.last_transfer == "local"
+        # The store's copy would be written after the answer: sampled until the broker says
+        # it will not keep it.
+        deadline = time.monotonic() + 60
+        while "is not kept for retries" not in broker.log.read_text():
+            assert time.monotonic() < deadline, "the broker never said the copy is not kept"
+            assert peak[0] - baseline < HEADROOM, "the store's copy crossed the reserve"
+            time.sleep(0.1)
+    assert result.size == out.stat().st_size >= 96 * MiB
+    grew = peak[0] - baseline
+    assert grew < HEADROOM, f"the spool grew by {grew / MiB:.0f} MiB"

@@ -45,6 +45,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.idempotency import Claim
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, spool_chunks
 from airlock_broker.conversion.outputs import Delivery, PinnedOutput, ValidatedOutput
+from airlock_broker.conversion.spool_space import SpoolClaim
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, results_dir
 
@@ -185,7 +186,7 @@ class Answer:
 
 async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: ValidatedOutput,
                        transfer: Transfer, *, kept: bool = True,
-                       delivered: bool = False) -> Answer:
+                       delivered: bool = False, room: SpoolClaim | None = None) -> Answer:
     """The answer to ``output``: the answer no longer needs the sandbox's tmpfs.
 
     When the transfer delivers the output at once (the same-host fast path writes the
@@ -201,12 +202,22 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
     once, else in a worker thread, by kernel copy for a safetensors data section), and the
     answer is sent from that file. If the caller is cancelled meanwhile, the file is removed
     once the thread is done with it.
+
+    ``room``: the spool's room claimed for the answer, estimated before the job from its
+    input's data; a file on the spool is claimed at its real size first: zero weights the
+    input held as holes come back written. The answer's own file is then refused
+    (SPOOL_FULL) if it does not fit; the store's copy of an answer delivered already is not
+    kept (a retry converts again).
     """
     path = results_dir(spool_root) / result.job_id
     if delivered or await transfer.deliver(output):
+        if kept and room is not None:
+            kept = _room_for_copy(room, output.size, result.job_id)
         pinned = _pinned(output) if kept else None
         return Answer(result=result, fd=None, size=output.size, transfer=transfer,
                       delivered=True, pinned=pinned, path=path if pinned else None)
+    if room is not None:
+        room.expect(output.size)
     if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
         # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
         # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
@@ -220,6 +231,17 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
         copy.add_done_callback(lambda done: _discard(done, path))
         raise
     return Answer(result=result, fd=fd, size=output.size, transfer=transfer, path=path)
+
+
+def _room_for_copy(room: SpoolClaim, size: int, job_id: str) -> bool:
+    """Whether the store's copy of a delivered answer fits above the spool's reserve."""
+    try:
+        room.expect(size)
+    except AirlockError as exc:
+        log.warning("job %s: its answer is not kept for retries: %s", job_id, exc.message,
+                    extra={"job_id": job_id})
+        return False
+    return True
 
 
 def _write_output(path: Path, write_into: Callable[[int], None], size: int) -> int:

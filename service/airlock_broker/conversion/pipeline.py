@@ -205,7 +205,7 @@ class ConversionPipeline:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
                 answer = await self._converted(job, request, upload, decision, spooled, claim,
-                                               transfer, output_room, inputs)
+                                               transfer, output_room, inputs, room)
                 writing = claim.writing
                 return answer
         finally:
@@ -230,8 +230,9 @@ class ConversionPipeline:
     def _spool_room(self, request: JobRequest, output: OutputRoom,
                     occupied: int) -> SpoolClaim | None:
         """The spool's room for this job's answer (None: not accounted), estimated from the
-        spooled input's data: what it occupies (a hole, zeros a client did not have to
-        store, is not data that comes back as weights), at most its size. With disk-backed
+        spooled input's data: what it occupies, at most its size. Zero weights held as holes
+        do come back written: the answer is claimed at its real size before it is written
+        (answers.spool_answer), and refused then if it does not fit. With disk-backed
         outputs, theirs too: about as much again for each of the job's two sandboxes."""
         answer = answer_bytes(occupied, request.target, output.limits)
         if not output.disk_bytes:
@@ -274,8 +275,11 @@ class ConversionPipeline:
 
     async def _converted(self, job: Job, request: JobRequest, upload: Path, decision: Decision,
                          spooled: Spooled, claim: Claim, transfer: Transfer,
-                         output_room: OutputRoom, inputs: InputRoom) -> Answer:
-        """Run the job; its signed result, spooled, is the answer (and the store's to keep)."""
+                         output_room: OutputRoom, inputs: InputRoom,
+                         room: SpoolClaim | None) -> Answer:
+        """Run the job; its signed result, spooled, is the answer (and the store's to keep).
+        ``room``: the spool's room for it (``_spool_room``), claimed at its real size once
+        known (answers.spool_answer)."""
         record = job.record
         answer: Answer | None = None
         try:
@@ -295,7 +299,8 @@ class ConversionPipeline:
                 with self.trace.span("answer_spool"):
                     answer = await spool_answer(
                         self.settings.spool_root, header, result.output, transfer,
-                        kept=claim.would_store(result.output.size), delivered=result.delivered)
+                        kept=claim.would_store(result.output.size), delivered=result.delivered,
+                        room=room)
             # The run slot is free; the sandboxes and their output tmpfs are gone. Stored
             # inside the claim, before the answer: a retry while the answer is still on its way
             # is answered from the same file.

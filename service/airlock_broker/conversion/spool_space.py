@@ -120,6 +120,16 @@ class SpoolClaim:
                 self.expected = self.written + _CHECK_EVERY  # the next blocks, checked now
             space._check(self)
 
+    def expect(self, total: int) -> None:
+        """This will write ``total`` bytes in all, more than it claimed: SPOOL_FULL now if
+        the rest does not fit above the reserve (an answer, once its size is known)."""
+        space = self._space
+        with space._lock:
+            if total <= self.expected:
+                return
+            self.expected = total
+            space._check(self)
+
     def release(self) -> None:
         self._space._release(self)
 
