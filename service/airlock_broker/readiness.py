@@ -14,8 +14,10 @@ one a refusal names. Who sets what:
 Who asks what:
 
     admission (before the upload is read)  ``refusal()``: every hold
-    the pools (before a sandbox is handed out)  ``refusal(*POOL_HOLDS)``: a job admitted before
-        a shutdown or a failed self-test still gets its sandbox during the grace period
+    the pools (before a sandbox is handed out)  ``refusal(*JOB_HOLDS)``: a job admitted before
+        a shutdown, a failed self-test or a drain still gets its sandbox (during the grace
+        period of a shutdown)
+    the pools' refills  ``refusal(*POOL_HOLDS)``: none while drained or the engine is down
     gRPC health  ``serving``: SERVING unless a hold other than DRAINED is held (an operator
         drain stops new jobs, it does not take the broker out of a load balancer)
 """
@@ -37,8 +39,11 @@ class Hold(enum.Enum):
     ENGINE_DOWN = "engine_down"
 
 
-#: What the pools refuse for: the holds that concern sandboxes, not the broker's life cycle.
+#: What stops the pools' refills: the holds that concern sandboxes, not the broker's life cycle.
 POOL_HOLDS = (Hold.DRAINED, Hold.ENGINE_DOWN)
+#: What refuses an admitted job its sandbox: an engine that does not answer. A job admitted
+#: before a shutdown, a failed self-test or a drain has its upload read: it runs.
+JOB_HOLDS = (Hold.ENGINE_DOWN,)
 
 #: Holds that leave gRPC health SERVING.
 _STILL_SERVING = frozenset({Hold.DRAINED})

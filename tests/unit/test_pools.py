@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.sandboxes.pools import Pools, PoolSettings
 from tests.unit.fakes import FakeSandbox
 
@@ -78,17 +77,24 @@ def test_dead_warm_container_is_never_handed_out(tmp_path: Path) -> None:
     run_pools(tmp_path, PoolSettings(min_warm=1), body)
 
 
-def test_drain_refuses_with_unavailable_and_resume_serves(tmp_path: Path) -> None:
+def test_a_drain_stops_refills_and_jobs_admitted_before_it_still_run(tmp_path: Path) -> None:
+    """A drain refuses new jobs at admission (test_readiness); a job admitted before it has
+    its upload read, and still gets a sandbox: the warm one, then a cold one. The pools do
+    not refill until resumed."""
     async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["sklearn"].warm) == 1)
         pools.drain()
-        with pytest.raises(AirlockError) as info:
-            await pools.acquire("sklearn")
-        assert info.value.reason is Reason.SANDBOX_UNAVAILABLE
-        assert info.value.status.name == "UNAVAILABLE"
+        warm = await pools.acquire("sklearn")
+        await pools.release(warm)
+        prepared = backend.prepared
+        cold = await pools.acquire("sklearn")  # no warm one left, none started: the cold path
+        assert backend.prepared == prepared + 1
+        await pools.release(cold)
+        assert not pools.pools["sklearn"].warm and pools.pools["sklearn"].starting == 0
         pools.resume()
-        await pools.release(await pools.acquire("sklearn"))
+        await _until(lambda: len(pools.pools["sklearn"].warm) >= 1)
 
-    run_pools(tmp_path, PoolSettings(min_warm=1), body)
+    run_pools(tmp_path, PoolSettings(min_warm=1, defer_replacement=False), body)
 
 
 def test_restart_replaces_every_warm_container(tmp_path: Path) -> None:

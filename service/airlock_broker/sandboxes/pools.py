@@ -29,7 +29,7 @@ import logging
 import time
 
 from airlock_broker.errors import Reason, error
-from airlock_broker.readiness import DRAINED_WHY, POOL_HOLDS, Hold, Readiness
+from airlock_broker.readiness import DRAINED_WHY, JOB_HOLDS, POOL_HOLDS, Hold, Readiness
 from airlock_broker.sandboxes.engine_watch import engine_back
 from airlock_broker.sandboxes.pool_demand import Demand
 from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
@@ -116,8 +116,10 @@ class Pools:
         creation); ``on_disk``: a job whose input is on the disk spool while warm slots are
         on the RAM spool (conversion/input_room.py): either is always prepared for the job,
         as the cold path does."""
-        # Only the pools' own holds: a job admitted before a shutdown still gets its sandbox.
-        self.readiness.check(*POOL_HOLDS)
+        # A job admitted (its upload read) before a shutdown or an operator's drain still
+        # gets its sandbox: those stop new jobs at admission, and a drain stops the pools'
+        # refills (``_fill``). Only an engine that does not answer refuses it here.
+        self.readiness.check(*JOB_HOLDS)
         pool = self.pools.get(profile)
         if pool is None or disk_output_bytes or on_disk:
             return await self._cold(pool, profile, disk_output_bytes, on_disk)
@@ -132,7 +134,7 @@ class Pools:
                 return slot
             if not await self._wait_for_start(pool, deadline):
                 return await self._cold(pool, profile)
-            self.readiness.check(*POOL_HOLDS)  # drained, or the engine lost, meanwhile
+            self.readiness.check(*JOB_HOLDS)  # the engine lost meanwhile
 
     async def _take_warm(self, pool: Pool) -> Slot | None:
         """A live warm slot of ``pool``, or None; dead or outdated ones are retired."""
