@@ -19,10 +19,13 @@ from airlock_client._errors import (
 )
 from airlock_client._progress import ProgressBar, busy_notice
 from airlock_client._terminal import printable
-from airlock_client._types import ConversionResult, TensorSpec
+from airlock_client._types import ConversionResult, LoadingPolicy, TensorSpec
 from airlock_client.provenance import write_provenance
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
+#: ``--policy`` unless given, for one file or an MLflow model: a pickled estimator or module
+#: often needs its own classes to load. A model directory's is ``model_dir.DIRECTORY_POLICY``.
+FILE_POLICY: LoadingPolicy = "allow_code"
 
 
 def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
@@ -78,7 +81,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 size = 0 if source.is_directory else source.path.stat().st_size
                 result = client.convert(
                     source.path, output, target=args.target, inputs=inputs,
-                    declared_format=args.declared, loading_policy=args.policy,
+                    declared_format=args.declared, loading_policy=args.policy or FILE_POLICY,
                     job_timeout=args.timeout,
                     progress=None if args.json else ProgressBar.for_upload("uploading", size),
                     on_busy=busy_notice("convert"),

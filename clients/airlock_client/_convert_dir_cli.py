@@ -21,6 +21,7 @@ from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.model_dir import (
+    DIRECTORY_POLICY,
     DirectoryProgress,
     DirectoryResult,
     ModelDirError,
@@ -64,7 +65,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
                     **client_options(args)) as client:
             result = client.convert_directory(
                 source, output, jobs=args.jobs, progress=_progress_line,
-                overwrite=args.overwrite, loading_policy=args.policy,
+                overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except (ValueError, FileExistsError) as exc:
         return _usage(str(exc))
@@ -99,6 +100,8 @@ def result_document(result: DirectoryResult) -> dict[str, Any]:
         "index_provenance": None if result.index is None
         else str(provenance_path(result.index)),
         "total_size": result.total_size,
+        "executed_artifact_code": result.executed_artifact_code,
+        "shards_that_ran_code": list(result.shards_that_ran_code),
         "shards": [{
             "source": s.source, "output": str(s.result.output), "sha256": s.result.sha256,
             "size": s.result.size, "tensors": s.tensors, "job_id": s.result.job_id,
@@ -131,6 +134,13 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
               "by the broker after checking it against the shards' records)")
     note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
     print(f"  assurance  {t(result.assurance)}{note}")
+    ran = result.shards_that_ran_code
+    executed = f"yes (shards: {', '.join(t(n) for n in ran)})" if ran else "no"
+    print(f"  policy     {args.policy or DIRECTORY_POLICY}; artifact code executed in sandbox: "
+          f"{executed}")
+    for s in result.shards:
+        for warning in s.result.report.warnings:
+            print(f"  warning    {t(s.source)}: {t(warning)}")
     for removed, kept in result.deduplicated.items():
         print(f"  tied       {t(removed)} stored once as {t(kept)}")
     if result.carried:

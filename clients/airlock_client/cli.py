@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
                                   "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
                          help="what the artifact is declared to be (checked against its bytes)")
-    convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
-                         help="safe_only refuses any loader that executes the artifact's code")
+    convert.add_argument("--policy", choices=["allow_code", "safe_only"], default=None,
+                         help="safe_only refuses any loader that executes the artifact's code "
+                              "(default: allow_code for a file or an MLflow model, safe_only "
+                              "for a PyTorch model directory, whose shards are state dicts)")
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
     convert.add_argument("--parity-tolerance", type=float, default=0.0, metavar="T",
                          help="float outputs may differ from the original's by T + T*|original| "

@@ -43,6 +43,11 @@ if TYPE_CHECKING:  # the client's module needs grpc; importing this module does 
 #: Shards converted at once unless told: each is one sandbox (and one more for the integrity
 #: check), and a broker runs a handful of each kind at a time by default.
 DEFAULT_JOBS = 2
+#: How a directory's shards are loaded unless told: Hugging Face shards are plain state
+#: dicts, which torch's ``weights_only`` loader reads without running anything. A shard that
+#: needs the artifact's own code to load is not what it claims to be, and fails the directory
+#: (``POLICY_VIOLATION``, naming it) instead of running that code for the sake of one shard.
+DIRECTORY_POLICY: LoadingPolicy = "safe_only"
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
 #: Weakest first: the directory's assurance is the weakest of its shards'.
@@ -103,6 +108,18 @@ class DirectoryResult:
     def integrity_verified(self) -> bool:
         return self.assurance == Assurance.INTEGRITY_VERIFIED
 
+    @property
+    def shards_that_ran_code(self) -> tuple[str, ...]:
+        """The source shards whose conversion executed artifact code in its sandbox (as the
+        sandbox reported it), in output order."""
+        return tuple(s.source for s in self.shards if s.result.report.executed_artifact_code)
+
+    @property
+    def executed_artifact_code(self) -> bool:
+        """Whether any shard's conversion executed artifact code (see
+        ``shards_that_ran_code``); only possible under ``allow_code``."""
+        return bool(self.shards_that_ran_code)
+
 
 @dataclass(frozen=True)
 class DirectoryProgress:
@@ -127,7 +144,8 @@ class DirectoryProgress:
 def convert_directory(client: Client, source: str | os.PathLike[str],
                       output: str | os.PathLike[str], *, jobs: int = DEFAULT_JOBS,
                       progress: Callable[[DirectoryProgress], None] | None = None,
-                      overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
+                      overwrite: bool = False,
+                      loading_policy: LoadingPolicy = DIRECTORY_POLICY,
                       job_timeout: int = 0, on_busy: OnBusy | None = None,
                       subject: str = "") -> DirectoryResult:
     """Convert the model directory ``source`` into the safetensors directory ``output``.
@@ -137,6 +155,7 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
     ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
     replaces a directory), ``ValueError`` when ``output`` is ``source`` or holds it.
     ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
+    ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
     began = time.monotonic()
     model = _hf_dir.inspect(source)
@@ -308,5 +327,5 @@ def _shard_subject(subject: str, shard: Shard) -> str:
     return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
 
 
-__all__ = ["DEFAULT_JOBS", "INDEX_MISMATCH", "DirectoryProgress", "DirectoryResult",
-           "ModelDirError", "ShardResult", "convert_directory"]
+__all__ = ["DEFAULT_JOBS", "DIRECTORY_POLICY", "INDEX_MISMATCH", "DirectoryProgress",
+           "DirectoryResult", "ModelDirError", "ShardResult", "convert_directory"]

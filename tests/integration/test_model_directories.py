@@ -197,6 +197,25 @@ def test_a_malicious_shard_fails_the_directory_with_its_reason(broker: BrokerPro
     _no_leftovers(tmp_path, {"tiny"})
 
 
+def test_a_shard_that_runs_code_fails_the_directory_unless_code_is_allowed(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """A directory loads safe_only by default: a shard whose loading runs code is refused
+    with its name. Asked for allow_code, it converts, and the report says code ran there."""
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)
+    bad = "pytorch_model-00002-of-00002.bin"
+    hf_models.add_code_entry(model.path / bad)
+    out = tmp_path / "out"
+    code, doc, _ = _convert(model.path, out, broker=broker)
+    assert code == 1 and (doc["reason"], doc["shard"]) == ("POLICY_VIOLATION", bad), doc
+    assert bad in doc["message"]
+    _no_leftovers(tmp_path, {"tiny"})
+
+    done = run_cli("convert", str(model.path), "-o", str(out), "--policy", "allow_code",
+                   server=broker.address, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"artifact code executed in sandbox: yes (shards: {bad})" in done.stdout, done.stdout
+
+
 def test_an_index_naming_a_file_outside_the_directory_is_refused(broker: BrokerProcess,
                                                                   tmp_path: Path) -> None:
     model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)

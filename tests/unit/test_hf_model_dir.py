@@ -330,24 +330,29 @@ def test_a_header_length_beyond_the_file_is_refused_unread(tmp_path: Path) -> No
 
 class FakeClient:
     """Writes, for each shard, a safetensors file with the tensor names ``outputs`` gives (by
-    source file name), or raises what ``errors`` gives; records how many ran at once."""
+    source file name), or raises what ``errors`` gives, with the report ``reports`` gives;
+    records how many ran at once and the loading policy each was asked for."""
 
     def __init__(self, outputs: dict[str, list[str]], errors: dict[str, Exception] | None = None,
                  assurance: dict[str, str] | None = None,
-                 meanwhile: Any = None) -> None:
+                 meanwhile: Any = None,
+                 reports: dict[str, ConversionReport] | None = None) -> None:
         self.meanwhile = meanwhile
         self.outputs = outputs
         self.errors = errors or {}
         self.assurance = assurance or {}
+        self.reports = reports or {}
         self.running = 0
         self.most = 0
         self.calls: list[str] = []
+        self.policies: list[str] = []
         self._lock = threading.Lock()
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name
         with self._lock:
             self.calls.append(name)
+            self.policies.append(kwargs["loading_policy"])
             self.running += 1
             self.most = max(self.most, self.running)
         try:
@@ -364,8 +369,9 @@ class FakeClient:
                 sha256="0" * 64, size=Path(output).stat().st_size, input_sha256="1" * 64,
                 input_size=Path(artifact).stat().st_size, detected_format="pytorch_zip",
                 assurance=Assurance(self.assurance.get(name, "integrity_verified")),
-                loading_policy="allow_code", duration_seconds=0.1, image_id="img",
-                runtime="runc", report=ConversionReport(),
+                loading_policy=kwargs["loading_policy"], duration_seconds=0.1,
+                image_id="img", runtime="runc",
+                report=self.reports.get(name, ConversionReport()),
                 integrity_note=("no extraction" if name in self.assurance else ""),
                 provenance=b'{"signed": true}')
         finally:

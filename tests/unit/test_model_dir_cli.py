@@ -1,0 +1,111 @@
+"""``airlock convert DIR`` as a user sees it, with a fake client behind the real
+``convert_directory``: the loading policy a directory gets, whether artifact code ran and
+each shard's warnings, what ``--json`` prints. No broker is contacted."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock_client import Client, ConversionReport, _convert_dir_cli
+from airlock_client.cli import main
+from airlock_client.model_dir import (
+    DEFAULT_JOBS,
+    DIRECTORY_POLICY,
+    DirectoryResult,
+    convert_directory,
+)
+from tests.unit.test_hf_model_dir import GOOD, SHARDS, FakeClient, hf_dir
+
+RAN_CODE = "pytorch_model-00002-of-00003.bin"
+REPORTS = {
+    "pytorch_model-00001-of-00003.bin": ConversionReport(
+        warnings=("left out 'optimizer': 4 tensor(s)",)),
+    RAN_CODE: ConversionReport(executed_artifact_code=True,
+                               warnings=("weights_only load refused; loaded in full",)),
+}
+
+
+class AsClient:
+    """What the CLI opens as ``Client(...)``: the real ``convert_directory`` over ``fake``."""
+
+    def __init__(self, fake: FakeClient) -> None:
+        self.fake = fake
+
+    def __enter__(self) -> AsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def convert_directory(self, source: Path, output: Path, *, jobs: int | None = None,
+                          **kwargs: Any) -> DirectoryResult:
+        return convert_directory(self.fake, source, output,  # type: ignore[arg-type]
+                                 jobs=jobs or DEFAULT_JOBS, **kwargs)
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, fake: FakeClient, *argv: str) -> int:
+    monkeypatch.setattr(_convert_dir_cli, "Client", lambda *a, **k: AsClient(fake))
+    return main(["convert", *argv, "--server", "127.0.0.1:9"])
+
+
+# -- 1. a directory loads safe_only unless told; code that ran is said, with every warning -----
+
+
+def test_a_model_directory_is_converted_safe_only_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out")) == 0
+    assert fake.policies == ["safe_only"] * 3
+    fake = FakeClient(GOOD)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out2"),
+                "--policy", "allow_code") == 0
+    assert fake.policies == ["allow_code"] * 3
+    # From Python too: the same default, in both signatures.
+    fake = FakeClient(GOOD)
+    convert_directory(fake, src, tmp_path / "out3")  # type: ignore[arg-type]
+    assert fake.policies == ["safe_only"] * 3
+    policy = inspect.signature(Client.convert_directory).parameters["loading_policy"]
+    assert policy.default == DIRECTORY_POLICY == "safe_only"
+
+
+def test_the_directory_says_which_shards_ran_artifact_code_and_every_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, reports=REPORTS)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"),
+                "--policy", "allow_code") == 0
+    out = capsys.readouterr().out
+    assert f"artifact code executed in sandbox: yes (shards: {RAN_CODE})" in out
+    assert ("warning    pytorch_model-00001-of-00003.bin: left out 'optimizer': 4 tensor(s)"
+            in out)
+    assert f"warning    {RAN_CODE}: weights_only load refused; loaded in full" in out
+
+    fake = FakeClient(GOOD, reports=REPORTS)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out2"),
+                "--policy", "allow_code", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["executed_artifact_code"] is True
+    assert doc["shards_that_ran_code"] == [RAN_CODE]
+
+    result = convert_directory(FakeClient(GOOD, reports=REPORTS), src,  # type: ignore[arg-type]
+                               tmp_path / "out3")
+    assert result.executed_artifact_code and result.shards_that_ran_code == (RAN_CODE,)
+
+
+def test_a_clean_directory_says_no_code_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "artifact code executed in sandbox: no" in out and "warning" not in out
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out2"),
+                "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["executed_artifact_code"] is False and doc["shards_that_ran_code"] == []
