@@ -6,6 +6,7 @@
 2     usage error
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
+130   convert: interrupted (Ctrl-C), as a shell reports a command that SIGINT ended
 ====  =====================================================
 
 ``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Final
 
 from airlock_client._errors import (
@@ -30,6 +32,16 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 EXIT_DENIED: Final = 4
+#: 128 + SIGINT: what a shell reports for a command that Ctrl-C ended, so that scripts and
+#: `set -e` treat it as they treat any other interrupted command.
+EXIT_INTERRUPTED: Final = 130
+
+
+def interrupted(command: str, what_was_left: str) -> int:
+    """Say on stderr, in one line, that Ctrl-C stopped ``command`` and what it left; the exit
+    code. A traceback would say nothing the user does not know and hide what was left."""
+    print(f"airlock {command}: interrupted: {what_was_left}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def failure(exc: AirlockError) -> tuple[str, int]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, failure
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, failure, interrupted
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
@@ -67,6 +67,11 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
                 source, output, jobs=args.jobs, progress=_progress_line,
                 overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
+    except KeyboardInterrupt:
+        # The batch started no new shard and let those in flight finish; the temporary
+        # directory is gone (convert_directory's finally), the destination untouched.
+        return interrupted("convert", f"stopped by Ctrl-C; no partial output was left "
+                           f"({printable(str(output))} is as it was)")
     except (ValueError, FileExistsError) as exc:
         return _usage(str(exc))
     except ModelDirError as exc:  # one shard's failure, as that shard's conversion said

@@ -26,6 +26,7 @@ from airlock_client._cli_exits import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    interrupted,
 )
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, MAX_DEFAULT_JOBS
@@ -281,7 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_migrate(args)
     from airlock_client._convert_cli import run_convert
 
-    return run_convert(args)
+    try:
+        return run_convert(args)
+    except KeyboardInterrupt:  # a model directory says more itself (_convert_dir_cli)
+        return interrupted("convert", "stopped by Ctrl-C before the result was complete")
 
 
 def _moved(args: argparse.Namespace) -> bool:

@@ -109,3 +109,43 @@ def test_a_clean_directory_says_no_code_ran(tmp_path: Path, monkeypatch: pytest.
                 "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["executed_artifact_code"] is False and doc["shards_that_ran_code"] == []
+
+
+# -- 2. Ctrl-C is one line and exit 130, not a traceback --------------------------------------
+
+
+def test_ctrl_c_during_a_directory_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    # Raised in a shard's thread, it reaches the main thread as Ctrl-C does: through the batch.
+    fake = FakeClient(GOOD, errors={RAN_CODE: KeyboardInterrupt()})  # type: ignore[dict-item]
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"), "--jobs", "1") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("airlock convert: interrupted: ") and "Traceback" not in err
+    assert "no partial output" in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_ctrl_c_during_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client import _convert_cli
+
+    class Interrupted:
+        def __init__(self, *a: object, **k: object) -> None:
+            pass
+
+        def __enter__(self) -> Interrupted:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def convert(self, *a: object, **k: object) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_convert_cli, "Client", Interrupted)
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04")
+    assert main(["convert", str(tmp_path / "model.pt"), "--server", "127.0.0.1:9"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("airlock convert: interrupted: "), err
