@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--jobs", type=int, default=None, metavar="N",
                          help="a PyTorch model directory: shards converted at once (default 2)")
     convert.add_argument("--overwrite", action="store_true",
-                         help="a PyTorch model directory: replace a non-empty output directory")
+                         help="a PyTorch model directory: replace an earlier output directory "
+                              "(one that holds only what an Airlock output holds)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
     _add_verify_parser(sub)

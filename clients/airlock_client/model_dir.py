@@ -153,7 +153,8 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
     Raises ``ModelSourceError`` when the directory is refused before anything is sent (see
     :mod:`._hf_dir`), ``ModelDirError`` when a shard fails or disagrees with the index,
     ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
-    replaces a directory), ``ValueError`` when ``output`` is ``source`` or holds it.
+    replaces one that holds only what such an output holds: shards, index, provenance
+    records, carried data files), ``ValueError`` when ``output`` is ``source`` or holds it.
     ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
     ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
@@ -283,7 +284,37 @@ def _check_destination(source: Path, dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest} exists and is not a directory")
     if any(os.scandir(dest)) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty (--overwrite, overwrite=True, "
-                              "replaces it)")
+                              "replaces it if it is an earlier output)")
+    _check_replaceable(dest)
+
+
+def _check_replaceable(dest: Path) -> None:
+    """Refuse to replace a directory that holds anything an output of ours does not: an
+    ``-o`` pointing at the wrong directory must not delete a user's files."""
+    foreign = _foreign_entries(dest)
+    if foreign:
+        raise FileExistsError(
+            f"{dest} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that an "
+            f"Airlock model directory output does not (such as {foreign[0]!r}): it is not an "
+            "Airlock output, so --overwrite does not replace it; choose another output "
+            "directory or empty this one yourself")
+
+
+def _foreign_entries(dest: Path) -> list[str]:
+    """Entries of ``dest`` that ``convert_directory`` never writes, sorted: anything but a
+    regular file named as an output shard, the index, their provenance records or a carried
+    data file."""
+    from airlock_client.provenance import SUFFIX
+
+    def ours(name: str) -> bool:
+        weights = name.removesuffix(SUFFIX)
+        return (weights in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX)
+                or _hf_dir.SAFE_SHARD_NAME.fullmatch(weights) is not None
+                or name in _hf_dir.CARRIED_FILES)
+
+    with os.scandir(dest) as entries:
+        return sorted(e.name for e in entries
+                      if not (ours(e.name) and e.is_file(follow_symlinks=False)))
 
 
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -299,6 +330,7 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
         return
     if not overwrite:  # something was written there while we converted
         raise FileExistsError(f"{dest} is no longer empty")
+    _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
     old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
     os.rename(dest, old)
     os.rename(tmp, dest)

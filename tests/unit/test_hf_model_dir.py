@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -492,9 +493,9 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
     convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]  # empty: fine
     with pytest.raises(FileExistsError, match="not empty"):
         convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
-    (out / "stale.txt").write_text("old")
+    (out / "model-00001-of-00003.safetensors").write_bytes(b"an older output")
     convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
@@ -503,6 +504,43 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
         convert_directory(FakeClient(GOOD), src, src, overwrite=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="source directory"):
         convert_directory(FakeClient(GOOD), src, tmp_path, overwrite=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stranger", ["notes.txt", "model.safetensors.bak", "sub/",
+                                      "tokenizer.json/"])
+def test_overwrite_never_deletes_a_directory_that_is_not_an_airlock_output(
+        tmp_path: Path, stranger: str) -> None:
+    """``-o ~/work --overwrite`` by mistake: only a directory holding what an Airlock
+    output holds (shards, index, provenance records, carried data files) is replaced."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+    before = sorted(p.name for p in out.iterdir())
+    (out / stranger).mkdir() if stranger.endswith("/") else (out / stranger).write_text("mine")
+    name = stranger.rstrip("/")
+    client = FakeClient(GOOD)
+    with pytest.raises(FileExistsError, match=re.escape(f"'{name}'")) as caught:
+        convert_directory(client, src, out, overwrite=True)  # type: ignore[arg-type]
+    assert "not an Airlock output" in str(caught.value)
+    assert client.calls == [], "refused before any shard is sent"
+    assert (out / name).exists() and sorted(p.name for p in out.iterdir()) == sorted(
+        [*before, name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_overwrite_checks_the_destination_again_before_replacing_it(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+
+    def meanwhile() -> None:
+        (out / "written-meanwhile.txt").write_text("mine")
+
+    with pytest.raises(FileExistsError, match=r"'written-meanwhile\.txt'"):
+        convert_directory(FakeClient(GOOD, meanwhile=meanwhile), src, out,  # type: ignore[arg-type]
+                          overwrite=True)
+    assert (out / "written-meanwhile.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
 
 
 # -- the command line's usage errors (no broker is contacted) -----------------------------------
