@@ -39,8 +39,12 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return ("--sample-input checks an ONNX conversion; a PyTorch model directory becomes "
                 "safetensors, which parity does not run on")
     if args.keep_training_state:
-        return ("--keep-training-state applies to one training checkpoint; a model "
-                "directory's shards are state dicts")
+        # A shard's optimizer tensors would be names the index does not give it
+        # (INDEX_MISMATCH), and from_pretrained would not know what to do with them.
+        return ("--keep-training-state applies to one training checkpoint file; a model "
+                "directory's output holds the model's weights only (a shard that is a "
+                "training checkpoint gives its state dict, and its warnings say what was "
+                "left out)")
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
     return None
