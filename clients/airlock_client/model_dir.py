@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from airlock_client import _bundle, _hf_dir, _st_header
-from airlock_client._errors import AirlockError
+from airlock_client._errors import AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
 from airlock_client.batch import Done, Throughput, run_bounded
@@ -154,7 +154,8 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
     :mod:`._hf_dir`), ``ModelDirError`` when a shard fails or disagrees with the index,
     ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
     replaces one that holds only what such an output holds: shards, index, provenance
-    records, carried data files), ``ValueError`` when ``output`` is ``source`` or holds it.
+    records, carried data files), ``ValueError`` when ``output`` is ``source`` or holds it,
+    ``ServiceUnavailable`` when the broker could not be reached before it answered any shard.
     ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
     ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
@@ -224,22 +225,33 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
     done_bytes = 0
     results: list[ShardResult] = []
     failed: Done[Shard, ShardResult] | None = None
+    answered = False  # has the broker answered any shard, converted or refused?
+    broker_failed = False  # did the first failure come before any answer, unreachable?
     for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok):
-        throughput.add(done.ok)
-        done_bytes += done.item.source.size
+        unreached = not answered and isinstance(done.error, ServiceUnavailable)
+        answered = answered or not unreached
         if done.result is not None:
             results.append(done.result)
         elif failed is None:
-            failed = done
+            failed, broker_failed = done, unreached
+        if unreached:
+            continue  # not this shard's doing: no "FAILED" line for it
+        throughput.add(done.ok)
+        done_bytes += done.item.source.size
         if progress is not None:
             progress(DirectoryProgress(done.item.source.name, done.ok, throughput.done,
                                        len(model.shards), done_bytes, total_bytes, throughput))
     if failed is not None:
-        raise _shard_failure(failed.item, failed.error)
+        raise _shard_failure(failed.item, failed.error, broker_failed)
     return sorted(results, key=lambda r: r.output)
 
 
-def _shard_failure(shard: Shard, error: Exception | None) -> Exception:
+def _shard_failure(shard: Shard, error: Exception | None, broker_failed: bool) -> Exception:
+    """What a failed shard fails the directory with: the shard's reason under its name, or,
+    for a broker that could not be reached before it answered any shard, the broker's own
+    failure (the shard was never looked at: naming it would send the user to the wrong file)."""
+    if broker_failed:
+        return error or AssertionError("a shard failed without an error")
     if isinstance(error, ModelDirError) or not isinstance(error, AirlockError):
         return error or AssertionError("a shard failed without an error")
     return ModelDirError(error.reason, f"shard {shard.source.name}: {error.message}",

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from airlock_client import Client, ConversionReport, _convert_dir_cli
+from airlock_client import Client, ConversionReport, ServiceUnavailable, _convert_dir_cli
 from airlock_client.cli import main
 from airlock_client.model_dir import (
     DEFAULT_JOBS,
     DIRECTORY_POLICY,
     DirectoryResult,
+    ModelDirError,
     convert_directory,
 )
 from tests.unit.test_hf_model_dir import GOOD, SHARDS, FakeClient, hf_dir
@@ -149,3 +150,37 @@ def test_ctrl_c_during_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert main(["convert", str(tmp_path / "model.pt"), "--server", "127.0.0.1:9"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("airlock convert: interrupted: "), err
+
+
+# -- 5. an unreachable broker is the broker's failure, not a shard's ----------------------------
+
+
+def _unreachable() -> ServiceUnavailable:
+    return ServiceUnavailable("failed to connect to all addresses", reason="UNAVAILABLE")
+
+
+def test_an_unreachable_broker_is_reported_as_the_brokers_not_a_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out")) == 3
+    err = capsys.readouterr().err
+    assert "failed: UNAVAILABLE: failed to connect to all addresses" in err, err
+    assert "shard" not in err and "FAILED" not in err, err
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"), "--json") == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["status"], doc["reason"], doc["shard"]) == ("failed", "UNAVAILABLE", None)
+    with pytest.raises(ServiceUnavailable):
+        convert_directory(FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable())),
+                          src, tmp_path / "out")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_broker_lost_after_a_shard_was_answered_still_names_the_shard(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, errors={RAN_CODE: _unreachable()})
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(fake, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (caught.value.reason, caught.value.shard) == ("UNAVAILABLE", RAN_CODE)
