@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Final
 
@@ -37,11 +38,33 @@ EXIT_DENIED: Final = 4
 EXIT_INTERRUPTED: Final = 130
 
 
-def interrupted(command: str, what_was_left: str) -> int:
-    """Say on stderr, in one line, that Ctrl-C stopped ``command`` and what it left; the exit
-    code. A traceback would say nothing the user does not know and hide what was left."""
+#: ``reason`` in the ``--json`` object of a command line that cannot run, and of Ctrl-C.
+USAGE: Final = "USAGE"
+INTERRUPTED: Final = "INTERRUPTED"
+
+
+def usage_error(command: str, message: str, *, as_json: bool = False) -> int:
+    """Say on stderr why this command line cannot run; with ``--json`` also print on stdout
+    the one object ``--json`` promises (a script reads stdout alone). Returns EXIT_USAGE."""
+    print(f"airlock {command}: error: {message}", file=sys.stderr)
+    if as_json:
+        _json_failure("usage", USAGE, message)
+    return EXIT_USAGE
+
+
+def interrupted(command: str, what_was_left: str, *, as_json: bool = False) -> int:
+    """Say on stderr, in one line, that Ctrl-C stopped ``command`` and what it left (and the
+    ``--json`` object, as ``usage_error``); the exit code. A traceback would say nothing the
+    user does not know and hide what was left."""
     print(f"airlock {command}: interrupted: {what_was_left}", file=sys.stderr)
+    if as_json:
+        _json_failure("interrupted", INTERRUPTED, what_was_left)
     return EXIT_INTERRUPTED
+
+
+def _json_failure(status: str, reason: str, message: str) -> None:
+    print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
+                      "output": None}))
 
 
 def failure(exc: AirlockError) -> tuple[str, int]:

@@ -12,7 +12,13 @@ from typing import Any
 
 from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, failure, interrupted
+from airlock_client._cli_exits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    failure,
+    interrupted,
+    usage_error,
+)
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
@@ -60,7 +66,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
     """Convert the model directory ``source`` (``args.input``, or where a ``models:/`` URI
     was fetched to); the output is named after ``name`` unless ``-o`` says."""
     if (problem := usage_problem(args)) is not None:
-        return _usage(problem)
+        return _usage(args, problem)
     output = args.output or default_output(name)
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
@@ -75,9 +81,9 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
         # The batch started no new shard and let those in flight finish; the temporary
         # directory is gone (convert_directory's finally), the destination untouched.
         return interrupted("convert", f"stopped by Ctrl-C; no partial output was left "
-                           f"({printable(str(output))} is as it was)")
+                           f"({printable(str(output))} is as it was)", as_json=args.json)
     except (ValueError, FileExistsError) as exc:
-        return _usage(str(exc))
+        return _usage(args, str(exc))
     except ModelDirError as exc:  # one shard's failure, as that shard's conversion said
         _, code = failure(exc.cause) if exc.cause is not None else ("", EXIT_FAILED)
         return _report_error(args, exc.kind, exc.reason, exc.message, code, shard=exc.shard)
@@ -94,15 +100,14 @@ def _progress_line(step: DirectoryProgress) -> None:
           flush=True)
 
 
-def _usage(message: str) -> int:
-    print(f"airlock convert: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _usage(args: argparse.Namespace, message: str) -> int:
+    return usage_error("convert", message, as_json=args.json)
 
 
 def result_document(result: DirectoryResult) -> dict[str, Any]:
     """The ``--json`` object for a converted directory."""
     return {
-        "status": "ok", "reason": None, "message": "converted",
+        "ok": True, "status": "ok", "reason": None, "message": "converted",
         "output": str(result.output), "format": "safetensors",
         "assurance": result.assurance, "integrity_note": result.integrity_note,
         "index": None if result.index is None else str(result.index),
@@ -166,7 +171,7 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
                   shard: str = "") -> int:
     if args.json:
-        print(json.dumps({"status": status, "reason": reason, "message": message,
+        print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
                           "output": None, "format": None, "shard": shard or None}))
     else:
         # A shard's message starts with the shard's name.

@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_convert(args)
     except KeyboardInterrupt:  # a model directory says more itself (_convert_dir_cli)
-        return interrupted("convert", "stopped by Ctrl-C before the result was complete")
+        return interrupted("convert", "stopped by Ctrl-C before the result was complete",
+                           as_json=args.json)
 
 
 def _moved(args: argparse.Namespace) -> bool:

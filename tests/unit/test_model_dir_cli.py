@@ -184,3 +184,35 @@ def test_a_broker_lost_after_a_shard_was_answered_still_names_the_shard(tmp_path
     with pytest.raises(ModelDirError) as caught:
         convert_directory(fake, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
     assert (caught.value.reason, caught.value.shard) == ("UNAVAILABLE", RAN_CODE)
+
+
+# -- 6. --json prints its one object for a usage error too -------------------------------------
+
+
+@pytest.mark.parametrize("case", ["output exists", "input missing", "file flag on a directory",
+                                  "directory flag on a file"])
+def test_json_prints_one_object_for_a_usage_error(tmp_path: Path, case: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    argv = {"output exists": [str(src), "-o", str(tmp_path / "taken")],
+            "input missing": [str(tmp_path / "nowhere.pt")],
+            "file flag on a directory": [str(src), "--to", "onnx"],
+            "directory flag on a file": [str(src / "config.json"), "--jobs", "2"]}[case]
+    assert main(["convert", *argv, "--json", "--server", "127.0.0.1:9"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # exactly one object: json.loads refuses anything more
+    assert doc["ok"] is False and doc["status"] == "usage" and doc["reason"] == "USAGE"
+    assert doc["message"] and doc["message"] in captured.err
+
+
+def test_every_json_object_says_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "a"),
+                "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "b"), "--json") == 3
+    assert json.loads(capsys.readouterr().out)["ok"] is False
