@@ -34,7 +34,7 @@ from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client._errors import AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
-from airlock_client.batch import Done, Throughput, run_bounded
+from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 
 if TYPE_CHECKING:  # the client's module needs grpc; importing this module does not
     from airlock_client._client import Client
@@ -133,12 +133,26 @@ class DirectoryProgress:
     bytes_total: int
     throughput: Throughput = field(repr=False)
 
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate in bytes so far (None while unknown, or when done):
+        shards differ in size (an embedding shard may be twice a layer shard), so counting
+        shards would promise the end too early or too late."""
+        elapsed = time.monotonic() - self.throughput.began
+        if self.bytes_done <= 0 or elapsed <= 0 or self.bytes_done >= self.bytes_total:
+            return None
+        return (self.bytes_total - self.bytes_done) * elapsed / self.bytes_done
+
     def line(self) -> str:
-        """``shards 2/3 done, 1.5/min, about 40s left; 120.0/180.0 MB``."""
+        """``shards 2/3 done, 1.5 shards/min; 120.0/180.0 MB, about 40s left``."""
         scale, unit = next(((s, u) for s, u in _UNITS if self.bytes_total >= s), (1, "bytes"))
         amount = f"{self.bytes_done}/{self.bytes_total}" if scale == 1 else \
             f"{self.bytes_done / scale:.1f}/{self.bytes_total / scale:.1f}"
-        return f"shards {self.throughput.line()}; {amount} {unit}"
+        failed = self.throughput.failed
+        eta = self.eta_seconds()
+        return (f"shards {self.shards_done}/{self.shards_total} done"
+                + (f" ({failed} failed)" if failed else "")
+                + f", {self.throughput.per_minute():.1f} shards/min; {amount} {unit}"
+                + ("" if eta is None else f", about {format_duration(eta)} left"))
 
 
 def convert_directory(client: Client, source: str | os.PathLike[str],

@@ -577,3 +577,20 @@ def test_the_progress_line_counts_shards_and_bytes(total: int, line: str) -> Non
     throughput.add(True)
     step = DirectoryProgress("a.bin", True, 1, 2, total // 2, total, throughput)
     assert line in step.line()
+
+
+def test_the_eta_counts_bytes_and_the_rate_says_its_unit() -> None:
+    """One small shard of two done after a minute, 900 of 1000 bytes still to go: about nine
+    minutes left, not the one minute that counting shards would say."""
+    import time
+
+    from airlock_client.batch import Throughput
+    from airlock_client.model_dir import DirectoryProgress
+
+    throughput = Throughput(total=2, began=time.monotonic() - 60)
+    throughput.add(True)
+    line = DirectoryProgress("a.bin", True, 1, 2, 100, 1000, throughput).line()
+    assert "about 9m00s left" in line and "shards/min" in line, line
+    assert line.startswith("shards 1/2 done, 1.0 shards/min; 0.1/1.0 kB, about"), line
+    done = DirectoryProgress("b.bin", True, 2, 2, 1000, 1000, throughput).line()
+    assert "left" not in done, done
