@@ -6,6 +6,7 @@
 2     usage error
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
+130   convert: interrupted (Ctrl-C), as a shell reports a command that SIGINT ended
 ====  =====================================================
 
 ``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Final
 
 from airlock_client._errors import (
@@ -30,6 +33,38 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 EXIT_DENIED: Final = 4
+#: 128 + SIGINT: what a shell reports for a command that Ctrl-C ended, so that scripts and
+#: `set -e` treat it as they treat any other interrupted command.
+EXIT_INTERRUPTED: Final = 130
+
+
+#: ``reason`` in the ``--json`` object of a command line that cannot run, and of Ctrl-C.
+USAGE: Final = "USAGE"
+INTERRUPTED: Final = "INTERRUPTED"
+
+
+def usage_error(command: str, message: str, *, as_json: bool = False) -> int:
+    """Say on stderr why this command line cannot run; with ``--json`` also print on stdout
+    the one object ``--json`` promises (a script reads stdout alone). Returns EXIT_USAGE."""
+    print(f"airlock {command}: error: {message}", file=sys.stderr)
+    if as_json:
+        _json_failure("usage", USAGE, message)
+    return EXIT_USAGE
+
+
+def interrupted(command: str, what_was_left: str, *, as_json: bool = False) -> int:
+    """Say on stderr, in one line, that Ctrl-C stopped ``command`` and what it left (and the
+    ``--json`` object, as ``usage_error``); the exit code. A traceback would say nothing the
+    user does not know and hide what was left."""
+    print(f"airlock {command}: interrupted: {what_was_left}", file=sys.stderr)
+    if as_json:
+        _json_failure("interrupted", INTERRUPTED, what_was_left)
+    return EXIT_INTERRUPTED
+
+
+def _json_failure(status: str, reason: str, message: str) -> None:
+    print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
+                      "output": None}))
 
 
 def failure(exc: AirlockError) -> tuple[str, int]:

@@ -223,13 +223,14 @@ class Client:
     def convert_directory(self, source: str | os.PathLike[str],
                           output: str | os.PathLike[str], *, jobs: int | None = None,
                           progress: Callable[[DirectoryProgress], None] | None = None,
-                          overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
+                          overwrite: bool = False, loading_policy: LoadingPolicy = "safe_only",
                           job_timeout: int = 0, on_busy: OnBusy | None = None,
                           subject: str = "") -> DirectoryResult:
         """Convert a Hugging Face-style PyTorch model directory (``pytorch_model.bin``, or
         shards named by ``pytorch_model.bin.index.json``) into a safetensors directory: one
         conversion per weights file, ``jobs`` at a time (default
-        ``model_dir.DEFAULT_JOBS``), written atomically. See
+        ``model_dir.DEFAULT_JOBS``), written atomically. ``loading_policy`` is ``safe_only``
+        unless told (``model_dir.DIRECTORY_POLICY`` says why). See
         :func:`airlock_client.model_dir.convert_directory` for what is carried over, what is
         refused and what it raises."""
         from airlock_client import model_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_OK, EXIT_USAGE, failure
+from airlock_client._cli_exits import EXIT_OK, failure, usage_error
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
@@ -19,10 +19,13 @@ from airlock_client._errors import (
 )
 from airlock_client._progress import ProgressBar, busy_notice
 from airlock_client._terminal import printable
-from airlock_client._types import ConversionResult, TensorSpec
+from airlock_client._types import ConversionResult, LoadingPolicy, TensorSpec
 from airlock_client.provenance import write_provenance
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
+#: ``--policy`` unless given, for one file or an MLflow model: a pickled estimator or module
+#: often needs its own classes to load. A model directory's is ``model_dir.DIRECTORY_POLICY``.
+FILE_POLICY: LoadingPolicy = "allow_code"
 
 
 def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
@@ -53,24 +56,25 @@ def run_convert(args: argparse.Namespace) -> int:
         dtype = args.input_dtype or "float32"
         inputs = tuple(parse_shape(s, dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
-        return _usage(str(exc))
+        return _usage(args, str(exc))
     if args.input_dtype and not inputs:  # the model's own width, filled in by the sandbox
         inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
     if (problem := _cli_source.usage_problem(args.input)) is not None:
-        return _usage(problem)
+        return _usage(args, problem)
     try:
         with _cli_source.opened(args.input, args.tracking_uri) as source:
             kind = _hf_dir.kind(source.path) if source.is_directory else None
             if source.is_directory and kind is None:
-                return _usage(f"{args.input} is neither an MLflow model (no MLmodel file) nor "
-                              f"a PyTorch model directory (no {_hf_dir.WEIGHTS} or "
+                return _usage(args, f"{args.input} is neither an MLflow model (no MLmodel "
+                              f"file) nor a PyTorch model directory (no {_hf_dir.WEIGHTS} or "
                               f"{_hf_dir.WEIGHTS_INDEX})")
             if kind == "pytorch":
                 from airlock_client._convert_dir_cli import run_convert_directory
 
                 return run_convert_directory(args, source.path, source.output_base)
             if args.jobs is not None or args.overwrite:
-                return _usage("--jobs and --overwrite apply to a PyTorch model directory only")
+                return _usage(args, "--jobs and --overwrite apply to a PyTorch model "
+                              "directory only")
             options = client_options(args)
             with Client(args.server or default_address(), public_key=args.public_key,
                         **options) as client:
@@ -78,7 +82,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 size = 0 if source.is_directory else source.path.stat().st_size
                 result = client.convert(
                     source.path, output, target=args.target, inputs=inputs,
-                    declared_format=args.declared, loading_policy=args.policy,
+                    declared_format=args.declared, loading_policy=args.policy or FILE_POLICY,
                     job_timeout=args.timeout,
                     progress=None if args.json else ProgressBar.for_upload("uploading", size),
                     on_busy=busy_notice("convert"),
@@ -87,7 +91,7 @@ def run_convert(args: argparse.Namespace) -> int:
                     keep_training_state=args.keep_training_state,
                     sample_input=args.sample_input)
     except ValueError as exc:
-        return _usage(str(exc))
+        return _usage(args, str(exc))
     except AirlockError as exc:
         status, code = failure(exc)
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
@@ -101,15 +105,14 @@ def run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _usage(message: str) -> int:
-    print(f"airlock convert: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _usage(args: argparse.Namespace, message: str) -> int:
+    return usage_error("convert", message, as_json=args.json)
 
 
 def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
     if args.json:
         doc = {
-            "status": "ok", "reason": None, "message": "converted",
+            "ok": True, "status": "ok", "reason": None, "message": "converted",
             "output": str(result.output), "format": result.format, "sha256": result.sha256,
             "size": result.size, "job_id": result.job_id,
             "detected_format": result.detected_format, "assurance": result.assurance,
@@ -155,7 +158,7 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
                   job_id: str = "") -> int:
     if args.json:
-        print(json.dumps({"status": status, "reason": reason, "message": message,
+        print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
                           "output": None, "format": None, "sha256": None,
                           "job_id": job_id or None}))
     else:

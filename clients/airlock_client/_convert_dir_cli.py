@@ -12,7 +12,13 @@ from typing import Any
 
 from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, failure
+from airlock_client._cli_exits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    failure,
+    interrupted,
+    usage_error,
+)
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
@@ -21,6 +27,7 @@ from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.model_dir import (
+    DIRECTORY_POLICY,
     DirectoryProgress,
     DirectoryResult,
     ModelDirError,
@@ -38,8 +45,12 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return ("--sample-input checks an ONNX conversion; a PyTorch model directory becomes "
                 "safetensors, which parity does not run on")
     if args.keep_training_state:
-        return ("--keep-training-state applies to one training checkpoint; a model "
-                "directory's shards are state dicts")
+        # A shard's optimizer tensors would be names the index does not give it
+        # (INDEX_MISMATCH), and from_pretrained would not know what to do with them.
+        return ("--keep-training-state applies to one training checkpoint file; a model "
+                "directory's output holds the model's weights only (a shard that is a "
+                "training checkpoint gives its state dict, and its warnings say what was "
+                "left out)")
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
     return None
@@ -55,7 +66,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
     """Convert the model directory ``source`` (``args.input``, or where a ``models:/`` URI
     was fetched to); the output is named after ``name`` unless ``-o`` says."""
     if (problem := usage_problem(args)) is not None:
-        return _usage(problem)
+        return _usage(args, problem)
     output = args.output or default_output(name)
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
@@ -64,10 +75,15 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
                     **client_options(args)) as client:
             result = client.convert_directory(
                 source, output, jobs=args.jobs, progress=_progress_line,
-                overwrite=args.overwrite, loading_policy=args.policy,
+                overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
+    except KeyboardInterrupt:
+        # The batch started no new shard and let those in flight finish; the temporary
+        # directory is gone (convert_directory's finally), the destination untouched.
+        return interrupted("convert", f"stopped by Ctrl-C; no partial output was left "
+                           f"({printable(str(output))} is as it was)", as_json=args.json)
     except (ValueError, FileExistsError) as exc:
-        return _usage(str(exc))
+        return _usage(args, str(exc))
     except ModelDirError as exc:  # one shard's failure, as that shard's conversion said
         _, code = failure(exc.cause) if exc.cause is not None else ("", EXIT_FAILED)
         return _report_error(args, exc.kind, exc.reason, exc.message, code, shard=exc.shard)
@@ -84,21 +100,22 @@ def _progress_line(step: DirectoryProgress) -> None:
           flush=True)
 
 
-def _usage(message: str) -> int:
-    print(f"airlock convert: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _usage(args: argparse.Namespace, message: str) -> int:
+    return usage_error("convert", message, as_json=args.json)
 
 
 def result_document(result: DirectoryResult) -> dict[str, Any]:
     """The ``--json`` object for a converted directory."""
     return {
-        "status": "ok", "reason": None, "message": "converted",
+        "ok": True, "status": "ok", "reason": None, "message": "converted",
         "output": str(result.output), "format": "safetensors",
         "assurance": result.assurance, "integrity_note": result.integrity_note,
         "index": None if result.index is None else str(result.index),
         "index_provenance": None if result.index is None
         else str(provenance_path(result.index)),
         "total_size": result.total_size,
+        "executed_artifact_code": result.executed_artifact_code,
+        "shards_that_ran_code": list(result.shards_that_ran_code),
         "shards": [{
             "source": s.source, "output": str(s.result.output), "sha256": s.result.sha256,
             "size": s.result.size, "tensors": s.tensors, "job_id": s.result.job_id,
@@ -131,6 +148,13 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
               "by the broker after checking it against the shards' records)")
     note = f" ({t(result.integrity_note)})" if result.integrity_note else ""
     print(f"  assurance  {t(result.assurance)}{note}")
+    ran = result.shards_that_ran_code
+    executed = f"yes (shards: {', '.join(t(n) for n in ran)})" if ran else "no"
+    print(f"  policy     {args.policy or DIRECTORY_POLICY}; artifact code executed in sandbox: "
+          f"{executed}")
+    for s in result.shards:
+        for warning in s.result.report.warnings:
+            print(f"  warning    {t(s.source)}: {t(warning)}")
     for removed, kept in result.deduplicated.items():
         print(f"  tied       {t(removed)} stored once as {t(kept)}")
     if result.carried:
@@ -147,7 +171,7 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
                   shard: str = "") -> int:
     if args.json:
-        print(json.dumps({"status": status, "reason": reason, "message": message,
+        print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
                           "output": None, "format": None, "shard": shard or None}))
     else:
         # A shard's message starts with the shard's name.

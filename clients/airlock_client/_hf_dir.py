@@ -43,6 +43,7 @@ SHARD_NAME = re.compile(r"pytorch_model-\d{5}-of-\d{5}\.bin")
 #: Outputs, named as ``transformers.save_pretrained`` names them.
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+SAFE_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 #: A 100 000-tensor index is about 8 MiB; twice that is still parsed in well under a second.
 MAX_INDEX_BYTES = 16 * 1024 * 1024
@@ -65,6 +66,7 @@ JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json
 TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
 #: SentencePiece models (Llama, T5, Gemma), checked on the protobuf wire format.
 SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model"})
+CARRIED_FILES = JSON_FILES | TEXT_FILES | SENTENCEPIECE_FILES
 #: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                     ".npz")

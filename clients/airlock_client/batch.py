@@ -123,11 +123,12 @@ class Throughput:
         of = f"/{self.total}" if self.total is not None else ""
         failed = f" ({self.failed} failed)" if self.failed else ""
         eta = self.eta_seconds()
-        left = "" if eta is None else f", about {_duration(eta)} left"
+        left = "" if eta is None else f", about {format_duration(eta)} left"
         return f"{self.done}{of} done{failed}, {self.per_minute():.1f}/min{left}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``45s``, ``4m35s``, ``2h05m``: a time left, as progress lines say it."""
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     if hours:
@@ -135,4 +136,4 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-__all__ = ["MAX_CONCURRENCY", "Done", "Throughput", "run_bounded"]
+__all__ = ["MAX_CONCURRENCY", "Done", "Throughput", "format_duration", "run_bounded"]

@@ -26,6 +26,7 @@ from airlock_client._cli_exits import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    interrupted,
 )
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, MAX_DEFAULT_JOBS
@@ -133,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
                                   "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
                          help="what the artifact is declared to be (checked against its bytes)")
-    convert.add_argument("--policy", choices=["allow_code", "safe_only"], default="allow_code",
-                         help="safe_only refuses any loader that executes the artifact's code")
+    convert.add_argument("--policy", choices=["allow_code", "safe_only"], default=None,
+                         help="safe_only refuses any loader that executes the artifact's code "
+                              "(default: allow_code for a file or an MLflow model, safe_only "
+                              "for a PyTorch model directory, whose shards are state dicts)")
     convert.add_argument("--timeout", type=int, default=0, help="sandbox deadline in seconds")
     convert.add_argument("--parity-tolerance", type=float, default=0.0, metavar="T",
                          help="float outputs may differ from the original's by T + T*|original| "
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--jobs", type=int, default=None, metavar="N",
                          help="a PyTorch model directory: shards converted at once (default 2)")
     convert.add_argument("--overwrite", action="store_true",
-                         help="a PyTorch model directory: replace a non-empty output directory")
+                         help="a PyTorch model directory: replace an earlier output directory "
+                              "(one that holds only what an Airlock output holds)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
     _add_verify_parser(sub)
@@ -279,7 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_migrate(args)
     from airlock_client._convert_cli import run_convert
 
-    return run_convert(args)
+    try:
+        return run_convert(args)
+    except KeyboardInterrupt:  # a model directory says more itself (_convert_dir_cli)
+        return interrupted("convert", "stopped by Ctrl-C before the result was complete",
+                           as_json=args.json)
 
 
 def _moved(args: argparse.Namespace) -> bool:

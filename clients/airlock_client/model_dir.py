@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from airlock_client import _bundle, _hf_dir, _st_header
-from airlock_client._errors import AirlockError
+from airlock_client._errors import AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
-from airlock_client.batch import Done, Throughput, run_bounded
+from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 
 if TYPE_CHECKING:  # the client's module needs grpc; importing this module does not
     from airlock_client._client import Client
@@ -43,6 +43,11 @@ if TYPE_CHECKING:  # the client's module needs grpc; importing this module does 
 #: Shards converted at once unless told: each is one sandbox (and one more for the integrity
 #: check), and a broker runs a handful of each kind at a time by default.
 DEFAULT_JOBS = 2
+#: How a directory's shards are loaded unless told: Hugging Face shards are plain state
+#: dicts, which torch's ``weights_only`` loader reads without running anything. A shard that
+#: needs the artifact's own code to load is not what it claims to be, and fails the directory
+#: (``POLICY_VIOLATION``, naming it) instead of running that code for the sake of one shard.
+DIRECTORY_POLICY: LoadingPolicy = "safe_only"
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
 #: Weakest first: the directory's assurance is the weakest of its shards'.
@@ -103,6 +108,18 @@ class DirectoryResult:
     def integrity_verified(self) -> bool:
         return self.assurance == Assurance.INTEGRITY_VERIFIED
 
+    @property
+    def shards_that_ran_code(self) -> tuple[str, ...]:
+        """The source shards whose conversion executed artifact code in its sandbox (as the
+        sandbox reported it), in output order."""
+        return tuple(s.source for s in self.shards if s.result.report.executed_artifact_code)
+
+    @property
+    def executed_artifact_code(self) -> bool:
+        """Whether any shard's conversion executed artifact code (see
+        ``shards_that_ran_code``); only possible under ``allow_code``."""
+        return bool(self.shards_that_ran_code)
+
 
 @dataclass(frozen=True)
 class DirectoryProgress:
@@ -116,18 +133,33 @@ class DirectoryProgress:
     bytes_total: int
     throughput: Throughput = field(repr=False)
 
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate in bytes so far (None while unknown, or when done):
+        shards differ in size (an embedding shard may be twice a layer shard), so counting
+        shards would promise the end too early or too late."""
+        elapsed = time.monotonic() - self.throughput.began
+        if self.bytes_done <= 0 or elapsed <= 0 or self.bytes_done >= self.bytes_total:
+            return None
+        return (self.bytes_total - self.bytes_done) * elapsed / self.bytes_done
+
     def line(self) -> str:
-        """``shards 2/3 done, 1.5/min, about 40s left; 120.0/180.0 MB``."""
+        """``shards 2/3 done, 1.5 shards/min; 120.0/180.0 MB, about 40s left``."""
         scale, unit = next(((s, u) for s, u in _UNITS if self.bytes_total >= s), (1, "bytes"))
         amount = f"{self.bytes_done}/{self.bytes_total}" if scale == 1 else \
             f"{self.bytes_done / scale:.1f}/{self.bytes_total / scale:.1f}"
-        return f"shards {self.throughput.line()}; {amount} {unit}"
+        failed = self.throughput.failed
+        eta = self.eta_seconds()
+        return (f"shards {self.shards_done}/{self.shards_total} done"
+                + (f" ({failed} failed)" if failed else "")
+                + f", {self.throughput.per_minute():.1f} shards/min; {amount} {unit}"
+                + ("" if eta is None else f", about {format_duration(eta)} left"))
 
 
 def convert_directory(client: Client, source: str | os.PathLike[str],
                       output: str | os.PathLike[str], *, jobs: int = DEFAULT_JOBS,
                       progress: Callable[[DirectoryProgress], None] | None = None,
-                      overwrite: bool = False, loading_policy: LoadingPolicy = "allow_code",
+                      overwrite: bool = False,
+                      loading_policy: LoadingPolicy = DIRECTORY_POLICY,
                       job_timeout: int = 0, on_busy: OnBusy | None = None,
                       subject: str = "") -> DirectoryResult:
     """Convert the model directory ``source`` into the safetensors directory ``output``.
@@ -135,8 +167,11 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
     Raises ``ModelSourceError`` when the directory is refused before anything is sent (see
     :mod:`._hf_dir`), ``ModelDirError`` when a shard fails or disagrees with the index,
     ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
-    replaces a directory), ``ValueError`` when ``output`` is ``source`` or holds it.
+    replaces one that holds only what such an output holds: shards, index, provenance
+    records, carried data files), ``ValueError`` when ``output`` is ``source`` or holds it,
+    ``ServiceUnavailable`` when the broker could not be reached before it answered any shard.
     ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
+    ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
     began = time.monotonic()
     model = _hf_dir.inspect(source)
@@ -204,22 +239,33 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
     done_bytes = 0
     results: list[ShardResult] = []
     failed: Done[Shard, ShardResult] | None = None
+    answered = False  # has the broker answered any shard, converted or refused?
+    broker_failed = False  # did the first failure come before any answer, unreachable?
     for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok):
-        throughput.add(done.ok)
-        done_bytes += done.item.source.size
+        unreached = not answered and isinstance(done.error, ServiceUnavailable)
+        answered = answered or not unreached
         if done.result is not None:
             results.append(done.result)
         elif failed is None:
-            failed = done
+            failed, broker_failed = done, unreached
+        if unreached:
+            continue  # not this shard's doing: no "FAILED" line for it
+        throughput.add(done.ok)
+        done_bytes += done.item.source.size
         if progress is not None:
             progress(DirectoryProgress(done.item.source.name, done.ok, throughput.done,
                                        len(model.shards), done_bytes, total_bytes, throughput))
     if failed is not None:
-        raise _shard_failure(failed.item, failed.error)
+        raise _shard_failure(failed.item, failed.error, broker_failed)
     return sorted(results, key=lambda r: r.output)
 
 
-def _shard_failure(shard: Shard, error: Exception | None) -> Exception:
+def _shard_failure(shard: Shard, error: Exception | None, broker_failed: bool) -> Exception:
+    """What a failed shard fails the directory with: the shard's reason under its name, or,
+    for a broker that could not be reached before it answered any shard, the broker's own
+    failure (the shard was never looked at: naming it would send the user to the wrong file)."""
+    if broker_failed:
+        return error or AssertionError("a shard failed without an error")
     if isinstance(error, ModelDirError) or not isinstance(error, AirlockError):
         return error or AssertionError("a shard failed without an error")
     return ModelDirError(error.reason, f"shard {shard.source.name}: {error.message}",
@@ -264,7 +310,37 @@ def _check_destination(source: Path, dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest} exists and is not a directory")
     if any(os.scandir(dest)) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty (--overwrite, overwrite=True, "
-                              "replaces it)")
+                              "replaces it if it is an earlier output)")
+    _check_replaceable(dest)
+
+
+def _check_replaceable(dest: Path) -> None:
+    """Refuse to replace a directory that holds anything an output of ours does not: an
+    ``-o`` pointing at the wrong directory must not delete a user's files."""
+    foreign = _foreign_entries(dest)
+    if foreign:
+        raise FileExistsError(
+            f"{dest} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that an "
+            f"Airlock model directory output does not (such as {foreign[0]!r}): it is not an "
+            "Airlock output, so --overwrite does not replace it; choose another output "
+            "directory or empty this one yourself")
+
+
+def _foreign_entries(dest: Path) -> list[str]:
+    """Entries of ``dest`` that ``convert_directory`` never writes, sorted: anything but a
+    regular file named as an output shard, the index, their provenance records or a carried
+    data file."""
+    from airlock_client.provenance import SUFFIX
+
+    def ours(name: str) -> bool:
+        weights = name.removesuffix(SUFFIX)
+        return (weights in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX)
+                or _hf_dir.SAFE_SHARD_NAME.fullmatch(weights) is not None
+                or name in _hf_dir.CARRIED_FILES)
+
+    with os.scandir(dest) as entries:
+        return sorted(e.name for e in entries
+                      if not (ours(e.name) and e.is_file(follow_symlinks=False)))
 
 
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -280,6 +356,7 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
         return
     if not overwrite:  # something was written there while we converted
         raise FileExistsError(f"{dest} is no longer empty")
+    _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
     old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
     os.rename(dest, old)
     os.rename(tmp, dest)
@@ -308,5 +385,5 @@ def _shard_subject(subject: str, shard: Shard) -> str:
     return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
 
 
-__all__ = ["DEFAULT_JOBS", "INDEX_MISMATCH", "DirectoryProgress", "DirectoryResult",
-           "ModelDirError", "ShardResult", "convert_directory"]
+__all__ = ["DEFAULT_JOBS", "DIRECTORY_POLICY", "INDEX_MISMATCH", "DirectoryProgress",
+           "DirectoryResult", "ModelDirError", "ShardResult", "convert_directory"]

@@ -197,6 +197,67 @@ def test_a_malicious_shard_fails_the_directory_with_its_reason(broker: BrokerPro
     _no_leftovers(tmp_path, {"tiny"})
 
 
+def test_a_shard_that_runs_code_fails_the_directory_unless_code_is_allowed(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """A directory loads safe_only by default: a shard whose loading runs code is refused
+    with its name. Asked for allow_code, it converts, and the report says code ran there."""
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)
+    bad = "pytorch_model-00002-of-00002.bin"
+    hf_models.add_code_entry(model.path / bad)
+    out = tmp_path / "out"
+    code, doc, _ = _convert(model.path, out, broker=broker)
+    assert code == 1 and (doc["reason"], doc["shard"]) == ("POLICY_VIOLATION", bad), doc
+    assert bad in doc["message"]
+    _no_leftovers(tmp_path, {"tiny"})
+
+    done = run_cli("convert", str(model.path), "-o", str(out), "--policy", "allow_code",
+                   server=broker.address, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"artifact code executed in sandbox: yes (shards: {bad})" in done.stdout, done.stdout
+
+
+def test_training_checkpoints_as_shards_give_their_state_dicts_and_say_what_was_left_out(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """Shards saved as {"state_dict", "optimizer", "epoch"}: the state dicts are converted
+    (their names are what the index says), and each shard's left-out optimizer state is
+    printed as that shard's warning."""
+    model = hf_models.make_training_shards(tmp_path / "tiny", shards=2)
+    out = tmp_path / "out"
+    done = run_cli("convert", str(model.path), "-o", str(out), server=broker.address,
+                   timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for shard, names in model.shards.items():
+        assert f"warning    {shard}: left out 'optimizer': {len(names)} tensor(s)" in done.stdout, (
+            done.stdout)
+    got: dict[str, Any] = {}
+    for i in (1, 2):
+        got.update(_load(out / f"model-0000{i}-of-00002.safetensors")[0])
+    for name, want in model.expected.items():
+        _assert_tensor_equal(name, got[model.tied.get(name, name)], want)
+
+
+def test_a_lightning_checkpoint_as_the_weights_converts_to_its_state_dict(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """A Lightning .ckpt saved as pytorch_model.bin: its state dict, under safe_only (the
+    directory's default); the optimizer and callbacks left out, each said in a warning."""
+    from tests.fixtures import models
+
+    artifact, check = models.make_lightning_checkpoint(tmp_path / "in")
+    directory = tmp_path / "m"
+    directory.mkdir()
+    artifact.rename(directory / "pytorch_model.bin")
+    done = run_cli("convert", str(directory), "-o", str(tmp_path / "out"),
+                   server=broker.address, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for entry, count in check.left_out.items():
+        assert f"warning    pytorch_model.bin: left out {entry!r}: {count} tensor(s)" in (
+            done.stdout), done.stdout
+    tensors, _ = _load(tmp_path / "out" / "model.safetensors")
+    assert set(tensors) == set(check.expected)
+    for name, want in check.expected.items():
+        _assert_tensor_equal(name, tensors[name], want)
+
+
 def test_an_index_naming_a_file_outside_the_directory_is_refused(broker: BrokerProcess,
                                                                   tmp_path: Path) -> None:
     model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)

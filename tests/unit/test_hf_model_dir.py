@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -330,24 +331,29 @@ def test_a_header_length_beyond_the_file_is_refused_unread(tmp_path: Path) -> No
 
 class FakeClient:
     """Writes, for each shard, a safetensors file with the tensor names ``outputs`` gives (by
-    source file name), or raises what ``errors`` gives; records how many ran at once."""
+    source file name), or raises what ``errors`` gives, with the report ``reports`` gives;
+    records how many ran at once and the loading policy each was asked for."""
 
     def __init__(self, outputs: dict[str, list[str]], errors: dict[str, Exception] | None = None,
                  assurance: dict[str, str] | None = None,
-                 meanwhile: Any = None) -> None:
+                 meanwhile: Any = None,
+                 reports: dict[str, ConversionReport] | None = None) -> None:
         self.meanwhile = meanwhile
         self.outputs = outputs
         self.errors = errors or {}
         self.assurance = assurance or {}
+        self.reports = reports or {}
         self.running = 0
         self.most = 0
         self.calls: list[str] = []
+        self.policies: list[str] = []
         self._lock = threading.Lock()
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name
         with self._lock:
             self.calls.append(name)
+            self.policies.append(kwargs["loading_policy"])
             self.running += 1
             self.most = max(self.most, self.running)
         try:
@@ -364,8 +370,9 @@ class FakeClient:
                 sha256="0" * 64, size=Path(output).stat().st_size, input_sha256="1" * 64,
                 input_size=Path(artifact).stat().st_size, detected_format="pytorch_zip",
                 assurance=Assurance(self.assurance.get(name, "integrity_verified")),
-                loading_policy="allow_code", duration_seconds=0.1, image_id="img",
-                runtime="runc", report=ConversionReport(),
+                loading_policy=kwargs["loading_policy"], duration_seconds=0.1,
+                image_id="img", runtime="runc",
+                report=self.reports.get(name, ConversionReport()),
                 integrity_note=("no extraction" if name in self.assurance else ""),
                 provenance=b'{"signed": true}')
         finally:
@@ -486,9 +493,9 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
     convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]  # empty: fine
     with pytest.raises(FileExistsError, match="not empty"):
         convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
-    (out / "stale.txt").write_text("old")
+    (out / "model-00001-of-00003.safetensors").write_bytes(b"an older output")
     convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
@@ -499,6 +506,43 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
         convert_directory(FakeClient(GOOD), src, tmp_path, overwrite=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("stranger", ["notes.txt", "model.safetensors.bak", "sub/",
+                                      "tokenizer.json/"])
+def test_overwrite_never_deletes_a_directory_that_is_not_an_airlock_output(
+        tmp_path: Path, stranger: str) -> None:
+    """``-o ~/work --overwrite`` by mistake: only a directory holding what an Airlock
+    output holds (shards, index, provenance records, carried data files) is replaced."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+    before = sorted(p.name for p in out.iterdir())
+    (out / stranger).mkdir() if stranger.endswith("/") else (out / stranger).write_text("mine")
+    name = stranger.rstrip("/")
+    client = FakeClient(GOOD)
+    with pytest.raises(FileExistsError, match=re.escape(f"'{name}'")) as caught:
+        convert_directory(client, src, out, overwrite=True)  # type: ignore[arg-type]
+    assert "not an Airlock output" in str(caught.value)
+    assert client.calls == [], "refused before any shard is sent"
+    assert (out / name).exists() and sorted(p.name for p in out.iterdir()) == sorted(
+        [*before, name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_overwrite_checks_the_destination_again_before_replacing_it(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+
+    def meanwhile() -> None:
+        (out / "written-meanwhile.txt").write_text("mine")
+
+    with pytest.raises(FileExistsError, match=r"'written-meanwhile\.txt'"):
+        convert_directory(FakeClient(GOOD, meanwhile=meanwhile), src, out,  # type: ignore[arg-type]
+                          overwrite=True)
+    assert (out / "written-meanwhile.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
 # -- the command line's usage errors (no broker is contacted) -----------------------------------
 
 
@@ -507,6 +551,7 @@ def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path
     (["{model}", "--to", "onnx"], "safetensors only"),
     (["{model}", "--input-shape", "1,2"], "do not apply"),
     (["{model}", "--jobs", "0"], "--jobs must be between 1 and"),
+    (["{model}", "--keep-training-state"], "the model's weights only"),
     (["{model}/config.json", "--jobs", "2"], "apply to a PyTorch model directory only"),
     (["{model}", "-o", "{model}", "--overwrite"], "source directory"),
 ])
@@ -532,3 +577,20 @@ def test_the_progress_line_counts_shards_and_bytes(total: int, line: str) -> Non
     throughput.add(True)
     step = DirectoryProgress("a.bin", True, 1, 2, total // 2, total, throughput)
     assert line in step.line()
+
+
+def test_the_eta_counts_bytes_and_the_rate_says_its_unit() -> None:
+    """One small shard of two done after a minute, 900 of 1000 bytes still to go: about nine
+    minutes left, not the one minute that counting shards would say."""
+    import time
+
+    from airlock_client.batch import Throughput
+    from airlock_client.model_dir import DirectoryProgress
+
+    throughput = Throughput(total=2, began=time.monotonic() - 60)
+    throughput.add(True)
+    line = DirectoryProgress("a.bin", True, 1, 2, 100, 1000, throughput).line()
+    assert "about 9m00s left" in line and "shards/min" in line, line
+    assert line.startswith("shards 1/2 done, 1.0 shards/min; 0.1/1.0 kB, about"), line
+    done = DirectoryProgress("b.bin", True, 2, 2, 1000, 1000, throughput).line()
+    assert "left" not in done, done

@@ -1,0 +1,218 @@
+"""``airlock convert DIR`` as a user sees it, with a fake client behind the real
+``convert_directory``: the loading policy a directory gets, whether artifact code ran and
+each shard's warnings, what ``--json`` prints. No broker is contacted."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock_client import Client, ConversionReport, ServiceUnavailable, _convert_dir_cli
+from airlock_client.cli import main
+from airlock_client.model_dir import (
+    DEFAULT_JOBS,
+    DIRECTORY_POLICY,
+    DirectoryResult,
+    ModelDirError,
+    convert_directory,
+)
+from tests.unit.test_hf_model_dir import GOOD, SHARDS, FakeClient, hf_dir
+
+RAN_CODE = "pytorch_model-00002-of-00003.bin"
+REPORTS = {
+    "pytorch_model-00001-of-00003.bin": ConversionReport(
+        warnings=("left out 'optimizer': 4 tensor(s)",)),
+    RAN_CODE: ConversionReport(executed_artifact_code=True,
+                               warnings=("weights_only load refused; loaded in full",)),
+}
+
+
+class AsClient:
+    """What the CLI opens as ``Client(...)``: the real ``convert_directory`` over ``fake``."""
+
+    def __init__(self, fake: FakeClient) -> None:
+        self.fake = fake
+
+    def __enter__(self) -> AsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def convert_directory(self, source: Path, output: Path, *, jobs: int | None = None,
+                          **kwargs: Any) -> DirectoryResult:
+        return convert_directory(self.fake, source, output,  # type: ignore[arg-type]
+                                 jobs=jobs or DEFAULT_JOBS, **kwargs)
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, fake: FakeClient, *argv: str) -> int:
+    monkeypatch.setattr(_convert_dir_cli, "Client", lambda *a, **k: AsClient(fake))
+    return main(["convert", *argv, "--server", "127.0.0.1:9"])
+
+
+# -- 1. a directory loads safe_only unless told; code that ran is said, with every warning -----
+
+
+def test_a_model_directory_is_converted_safe_only_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out")) == 0
+    assert fake.policies == ["safe_only"] * 3
+    fake = FakeClient(GOOD)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out2"),
+                "--policy", "allow_code") == 0
+    assert fake.policies == ["allow_code"] * 3
+    # From Python too: the same default, in both signatures.
+    fake = FakeClient(GOOD)
+    convert_directory(fake, src, tmp_path / "out3")  # type: ignore[arg-type]
+    assert fake.policies == ["safe_only"] * 3
+    policy = inspect.signature(Client.convert_directory).parameters["loading_policy"]
+    assert policy.default == DIRECTORY_POLICY == "safe_only"
+
+
+def test_the_directory_says_which_shards_ran_artifact_code_and_every_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, reports=REPORTS)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"),
+                "--policy", "allow_code") == 0
+    out = capsys.readouterr().out
+    assert f"artifact code executed in sandbox: yes (shards: {RAN_CODE})" in out
+    assert ("warning    pytorch_model-00001-of-00003.bin: left out 'optimizer': 4 tensor(s)"
+            in out)
+    assert f"warning    {RAN_CODE}: weights_only load refused; loaded in full" in out
+
+    fake = FakeClient(GOOD, reports=REPORTS)
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out2"),
+                "--policy", "allow_code", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["executed_artifact_code"] is True
+    assert doc["shards_that_ran_code"] == [RAN_CODE]
+
+    result = convert_directory(FakeClient(GOOD, reports=REPORTS), src,  # type: ignore[arg-type]
+                               tmp_path / "out3")
+    assert result.executed_artifact_code and result.shards_that_ran_code == (RAN_CODE,)
+
+
+def test_a_clean_directory_says_no_code_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "artifact code executed in sandbox: no" in out and "warning" not in out
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out2"),
+                "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["executed_artifact_code"] is False and doc["shards_that_ran_code"] == []
+
+
+# -- 2. Ctrl-C is one line and exit 130, not a traceback --------------------------------------
+
+
+def test_ctrl_c_during_a_directory_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    # Raised in a shard's thread, it reaches the main thread as Ctrl-C does: through the batch.
+    fake = FakeClient(GOOD, errors={RAN_CODE: KeyboardInterrupt()})  # type: ignore[dict-item]
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"), "--jobs", "1") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("airlock convert: interrupted: ") and "Traceback" not in err
+    assert "no partial output" in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_ctrl_c_during_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client import _convert_cli
+
+    class Interrupted:
+        def __init__(self, *a: object, **k: object) -> None:
+            pass
+
+        def __enter__(self) -> Interrupted:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def convert(self, *a: object, **k: object) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_convert_cli, "Client", Interrupted)
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04")
+    assert main(["convert", str(tmp_path / "model.pt"), "--server", "127.0.0.1:9"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("airlock convert: interrupted: "), err
+
+
+# -- 5. an unreachable broker is the broker's failure, not a shard's ----------------------------
+
+
+def _unreachable() -> ServiceUnavailable:
+    return ServiceUnavailable("failed to connect to all addresses", reason="UNAVAILABLE")
+
+
+def test_an_unreachable_broker_is_reported_as_the_brokers_not_a_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out")) == 3
+    err = capsys.readouterr().err
+    assert "failed: UNAVAILABLE: failed to connect to all addresses" in err, err
+    assert "shard" not in err and "FAILED" not in err, err
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"), "--json") == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["status"], doc["reason"], doc["shard"]) == ("failed", "UNAVAILABLE", None)
+    with pytest.raises(ServiceUnavailable):
+        convert_directory(FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable())),
+                          src, tmp_path / "out")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_broker_lost_after_a_shard_was_answered_still_names_the_shard(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD, errors={RAN_CODE: _unreachable()})
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(fake, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (caught.value.reason, caught.value.shard) == ("UNAVAILABLE", RAN_CODE)
+
+
+# -- 6. --json prints its one object for a usage error too -------------------------------------
+
+
+@pytest.mark.parametrize("case", ["output exists", "input missing", "file flag on a directory",
+                                  "directory flag on a file"])
+def test_json_prints_one_object_for_a_usage_error(tmp_path: Path, case: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    argv = {"output exists": [str(src), "-o", str(tmp_path / "taken")],
+            "input missing": [str(tmp_path / "nowhere.pt")],
+            "file flag on a directory": [str(src), "--to", "onnx"],
+            "directory flag on a file": [str(src / "config.json"), "--jobs", "2"]}[case]
+    assert main(["convert", *argv, "--json", "--server", "127.0.0.1:9"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # exactly one object: json.loads refuses anything more
+    assert doc["ok"] is False and doc["status"] == "usage" and doc["reason"] == "USAGE"
+    assert doc["message"] and doc["message"] in captured.err
+
+
+def test_every_json_object_says_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "a"),
+                "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "b"), "--json") == 3
+    assert json.loads(capsys.readouterr().out)["ok"] is False
