@@ -137,15 +137,25 @@ class Job:
                                    keep_rest=self.spec.keep_training_state)
 
     def note_flattened(self, flat: tensor_tree.Flattened) -> None:
-        """Warn about what :func:`tensor_tree.flatten` left out or could not name uniquely."""
+        """Warn about what :func:`tensor_tree.flatten` left out; refuse names a safetensors
+        file cannot hold: two tensors under one name (keeping either would lose the other
+        without a trace an index could catch), or the name its header reserves."""
+        if flat.collisions:
+            shown = ", ".join(repr(name[:80]) for name in flat.collisions[:5])
+            raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                              f"{len(flat.collisions)} tensor name(s) would be given twice "
+                              f"once nested keys are joined with '.': {shown} (e.g. the keys "
+                              "0 and '0', or {'a': {'b': ...}} beside 'a.b'); a safetensors "
+                              "file holds one tensor per name: rename the keys")
+        if tensor_tree.METADATA_KEY in flat.tensors:
+            raise WorkerError(WorkerExit.UNSUPPORTED_MODEL,
+                              f"a tensor is named {tensor_tree.METADATA_KEY!r}, which safetensors "
+                              "reserves for the file's metadata: rename it")
         for sentence in tensor_tree.left_out_sentences(flat):
             self.report.warn(sentence)
         if flat.skipped:
             self.report.warn(f"skipped {len(flat.skipped)} non-tensor value(s): "
                              + ", ".join(flat.skipped[:10]))
-        if flat.collisions:
-            self.report.warn("names collided after flattening, first kept: "
-                             + ", ".join(flat.collisions[:10]))
 
     # -- output writers ----------------------------------------------------------------
 

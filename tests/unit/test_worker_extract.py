@@ -351,6 +351,24 @@ def test_a_zip_whose_readers_would_list_different_archives_is_refused(tmp_path: 
     assert out.error is not None and "different archives" in out.error.message
 
 
+@pytest.mark.parametrize(("state", "says"), [
+    ({0: torch.zeros(2), "0": torch.ones(3)}, "would be given twice"),
+    ({"a": {"b": torch.zeros(2)}, "a.b": torch.ones(3)}, "would be given twice"),
+    ({"__metadata__": torch.zeros(2), "w": torch.ones(3)}, "reserves for the file's metadata"),
+])
+def test_names_a_safetensors_file_cannot_hold_are_refused_by_both_readers(
+        tmp_path: Path, state: dict[Any, Any], says: str) -> None:
+    """Before, the first of two tensors under one name was kept and the other dropped with a
+    warning (an index lists the survivor, so nothing downstream noticed); a tensor named
+    __metadata__ made a file the broker's validator refused as malformed."""
+    artifact = tmp_path / "names.pt"
+    torch.save(state, artifact)
+    for mode in (JobMode.CONVERT, JobMode.EXTRACT_WEIGHTS):
+        out = run(tmp_path / mode.value, artifact, mode)
+        assert out.error is not None and says in out.error.message, (mode, out.error)
+        assert out.error.exit is WorkerExit.UNSUPPORTED_MODEL
+
+
 def test_a_harmless_attribute_still_sends_the_checkpoint_to_the_comparison(
         tmp_path: Path) -> None:
     """An attribute that changes no byte (a library's flag on a parameter) is not told apart
