@@ -62,10 +62,11 @@ MLFLOW_COMPONENTS = "components"
 #: Data files carried over, and what each must be.
 JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json",
                         "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                        "added_tokens.json"})
+                        "added_tokens.json", "preprocessor_config.json",
+                        "processor_config.json", "chat_template.json"})
 TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
-#: SentencePiece models (Llama, T5, Gemma), checked on the protobuf wire format.
-SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model"})
+#: SentencePiece models (Llama, T5, Gemma, XLM-R), checked on the protobuf wire format.
+SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
 CARRIED_FILES = JSON_FILES | TEXT_FILES | SENTENCEPIECE_FILES
 #: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",

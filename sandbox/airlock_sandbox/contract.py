@@ -41,6 +41,11 @@ DONE_NAME = "worker.done"
 #: writes it serves jobs all the same.
 READY_NAME = "worker.ready"
 
+#: What a checkpoint's reading reports as a refused global for a tensor that carries
+#: attributes: torch.load applies them with this function of its own, which the reading does
+#: not model. It sends the reading to the comparison; it names no code of the artifact's.
+TENSOR_ATTRIBUTES_GLOBAL = "torch._utils._set_obj_state"
+
 #: The worker waits this long at most for the job spec of a warm container.
 WARM_WAIT_SECONDS = 3600
 

@@ -9,6 +9,8 @@ import math
 import pickle
 from typing import Any, Protocol
 
+from airlock_sandbox.contract import TENSOR_ATTRIBUTES_GLOBAL
+
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
 from .extract_stand_ins import (
@@ -252,7 +254,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         torch loads) is compared with it. An empty state sets nothing."""
         if state is None or _empty(state):
             return
-        self.poison_class("torch._utils", "_set_obj_state")
+        self.poison_class(*TENSOR_ATTRIBUTES_GLOBAL.rsplit(".", 1))
 
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
         """A plain tensor or parameter with Python attributes: the tensor is ``func(*args)``,

@@ -261,6 +261,8 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
         else:
             result = client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
             assert result.assurance == outcome
+            # the conversion's "no code ran" is not believed: builtins.exec may have run
+            assert result.report.executed_artifact_code is (policy == "allow_code")
             modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
     assert [spec.mode for spec in backend.specs] == modes
     assert all(not spec.read_back for spec in backend.specs if spec.mode is JobMode.CONVERT)
@@ -295,6 +297,33 @@ def test_a_conversion_after_a_failed_reading_checks_itself_within_the_jobs_deadl
     assert convert.read_back is True
     assert backend.deadlines[0] == 60
     assert backend.deadlines[1] <= 60 - 0.3
+
+
+def _payload_reading(spec: JobSpec, artifact: bytes, out: Path) -> int:
+    """The reading refuses posix.system and converts nothing; the full load ran it and
+    found no model (what a bare ``__reduce__`` payload leaves)."""
+    if spec.mode is JobMode.EXTRACT_WEIGHTS:
+        (out / "report.json").write_text(json.dumps({"refused_globals": ["posix.system"]}))
+        return WorkerExit.UNSUPPORTED_MODEL
+    return WorkerExit.UNSUPPORTED_MODEL
+
+
+@pytest.mark.parametrize("sample", ["pickle", "torch_zip"])
+def test_a_failed_load_that_may_have_run_a_payload_names_what_the_reading_refused(
+        tmp_path: Path, sample: str) -> None:
+    from airlock_client import ConversionError
+
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, _payload_reading)
+    src = tmp_path / "artifact"
+    src.write_bytes(SAMPLES[sample])
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client, \
+            pytest.raises(ConversionError) as caught:
+        client.convert(src, tmp_path / "out.onnx", loading_policy="allow_code")
+    assert caught.value.reason == "UNSUPPORTED_MODEL"
+    assert "the artifact names posix.system" in caught.value.message
 
 
 @pytest.mark.parametrize(("sample", "declared", "flavor", "serialization", "integrity",

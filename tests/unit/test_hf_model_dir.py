@@ -240,6 +240,8 @@ def test_data_files_are_carried_and_everything_else_skipped_with_why(tmp_path: P
     (root / "tokenizer.json").write_text('{"model": {}}')
     (root / "vocab.txt").write_text("a\nb\n")
     (root / "README.md").write_text("# tiny\n")
+    (root / "preprocessor_config.json").write_text('{"do_resize": true}')
+    (root / "chat_template.json").write_text('{"chat_template": "{{ messages }}"}')
     (root / "modeling_tiny.py").write_text("import os")
     (root / "training_args.bin").write_bytes(b"\x80\x04pickle")
     (root / "optimizer.pt").write_bytes(b"PK")
@@ -248,8 +250,9 @@ def test_data_files_are_carried_and_everything_else_skipped_with_why(tmp_path: P
     (root / "model.safetensors").write_bytes(b"\0" * 8)
     (root / "notes").mkdir()
     model = _hf_dir.inspect(root)
-    assert [d.name for d in model.data_files] == ["README.md", "config.json", "tokenizer.json",
-                                                  "vocab.txt"]
+    assert [d.name for d in model.data_files] == ["README.md", "chat_template.json",
+                                                  "config.json", "preprocessor_config.json",
+                                                  "tokenizer.json", "vocab.txt"]
     why = {s.name: s.why for s in model.skipped}
     assert set(why) == {"modeling_tiny.py", "training_args.bin", "optimizer.pt", "extra.pkl",
                         "pytorch_model-00009-of-00009.bin", "model.safetensors", "notes/"}

@@ -27,6 +27,7 @@ import torch
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
     OUTPUT_NAMES,
+    TENSOR_ATTRIBUTES_GLOBAL,
     JobMode,
     JobSpec,
     OutputFormat,
@@ -92,7 +93,7 @@ def extract_only(tmp: Path, artifact: Path, **spec: Any) -> Outcome:
 
 
 #: What a reading records for a tensor that carries attributes (extract_unpickler._attributes).
-SET_OBJ_STATE = "torch._utils._set_obj_state"
+SET_OBJ_STATE = TENSOR_ATTRIBUTES_GLOBAL
 
 
 def assert_same_as_convert(tmp: Path, artifact: Path, *, attributes: bool = False,

@@ -44,6 +44,7 @@ from airlock_broker.validation.files import read_report
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
+    TENSOR_ATTRIBUTES_GLOBAL,
     JobMode,
     JobSpec,
     LoadingPolicy,
@@ -190,6 +191,30 @@ def executed_artifact_code(detected: ArtifactFormat, report: dict[str, Any] | No
     truth: ``safe_only`` is the guarantee.)"""
     unpickled = detected in ALWAYS_EXECUTES and policy is LoadingPolicy.ALLOW_CODE
     return unpickled or (report or {}).get("executed_artifact_code") is True
+
+
+def may_have_run_code(refused: tuple[str, ...], policy: LoadingPolicy) -> bool:
+    """Whether, under ``policy``, a checkpoint whose non-executing reading refused these
+    globals may have run artifact code in its conversion: under ``allow_code`` torch's
+    ``weights_only`` loader refuses such a global too (or allows one of its own), and the
+    converter then falls back to a full load, which runs it; code that ran there can make
+    its sandbox report that none did, so that report is not believed. A tensor's
+    attributes (``TENSOR_ATTRIBUTES_GLOBAL``) name no code."""
+    return policy is LoadingPolicy.ALLOW_CODE and any(
+        name != TENSOR_ATTRIBUTES_GLOBAL for name in refused)
+
+
+def _naming_refused(exc: AirlockError, reading: Extraction | None,
+                    policy: LoadingPolicy) -> AirlockError:
+    """A failed conversion's error, with the globals the reading refused when the load may
+    have run them (``may_have_run_code``): what the artifact names says more about a payload
+    than what the load it subverted reports ("unpickled a builtins.int")."""
+    if reading is None or not may_have_run_code(reading.refused, policy):
+        return exc
+    named = ", ".join(reading.refused[:3])
+    return error(exc.reason, f"{exc.message} (the artifact names {named}, which the reading "
+                             "that executed nothing refused and this load, under allow_code, "
+                             "may have run in the sandbox)", retry_after=exc.retry_after)
 
 
 def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> None:
@@ -359,10 +384,14 @@ class JobRunner:
             if report is not None:
                 audit.set(loader=sanitize(report.get("loader", ""), 80))
             audit.set(refined_format=refined_format(detected, report))
-            executed = executed_artifact_code(detected, report, request.policy)
+            executed = executed_artifact_code(detected, report, request.policy) or (
+                extraction is not None and may_have_run_code(extraction.refused, request.policy))
             audit.set(executed_artifact_code=executed)
             try:
-                await self._judge(outcome, report, deadline)
+                try:
+                    await self._judge(outcome, report, deadline)
+                except AirlockError as exc:
+                    raise _naming_refused(exc, extraction, request.policy) from exc
                 # With the extraction's output at hand, a safetensors output is compared with
                 # it rather than hashed: when they are the same file it takes that digest.
                 with self.trace.span("validate"):
