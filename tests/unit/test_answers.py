@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pytest
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save_file
 
 from airlock.v1 import airlock_pb2 as pb
@@ -139,6 +141,36 @@ def _peer(tmp_path: Path, peer_out: int) -> PeerTransfer:
                        input=InputFile(size=0, allocated=0), peer=PeerCred(0, 0, 0),
                        io=PeerIO(2, 1.0))
     return PeerTransfer(local, _LIMITS)
+
+
+def test_a_pending_delivery_is_no_safetensors_file_until_it_is_committed(
+        tmp_path: Path) -> None:
+    """Delivered while its check runs, the caller's file has its header length zeroed: if
+    the retract never happens (no thread free, a copy given up that finishes later), what
+    stays is no file a safetensors loader takes. The commit writes the length."""
+    source = tmp_path / "model.safetensors"
+    save_file({"w": np.arange(64, dtype=np.float32)}, str(source))
+    info = validate_safetensors(source, OutputLimits())
+    output = ValidatedOutput(format=OutputFormat.SAFETENSORS, size=info.canonical_size,
+                             sha256=info.canonical_sha256, path=source, safetensors=info,
+                             write_into=lambda fd: write_canonical_safetensors(source, info, fd))
+    peer_file = tmp_path / "caller.part"
+
+    async def scenario() -> None:
+        fd = os.open(peer_file, os.O_RDWR | os.O_CREAT, 0o600)
+        transfer = _peer(tmp_path, fd)
+        try:
+            assert await transfer.deliver(output, pending=True)
+            pending = peer_file.read_bytes()
+            assert pending[:8] == bytes(8) and len(pending) == info.canonical_size
+            with pytest.raises(SafetensorError):  # what a loader makes of it
+                safetensors_load(pending)
+            await transfer.commit(output)
+            assert safetensors_load(peer_file.read_bytes())["w"].tolist() == list(range(64))
+        finally:
+            transfer.close()
+
+    asyncio.run(scenario())
 
 
 def test_on_the_fast_path_the_callers_file_is_written_alone_and_kept_after(

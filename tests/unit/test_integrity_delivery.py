@@ -30,16 +30,25 @@ class Recorder:
         self.release = asyncio.Event()
         self.fails = fails
 
-    async def deliver(self, output: ValidatedOutput) -> bool:
-        self.events.append("deliver")
+    async def deliver(self, output: ValidatedOutput, *, pending: bool = False) -> bool:
+        self.events.append("deliver pending" if pending else "deliver")
         await self.release.wait()
         self.events.append("delivered")
         if self.fails:
             raise AirlockError(Reason.LOCAL_WRITE_FAILED, "disk full")
         return True
 
+    async def commit(self, output: ValidatedOutput) -> None:
+        self.events.append(f"commit {output.head().hex()}")
+
     async def retract(self) -> None:
         self.events.append("retract")
+
+
+def _commit(output: ValidatedOutput) -> str:
+    """The event of committing ``output``: its header length, little-endian."""
+    assert output.safetensors is not None
+    return f"commit {output.safetensors.canonical_header[:8].hex()}"
 
 
 def _compared_reading(tmp_path: Path, weights: dict[str, np.ndarray]) -> Extraction:
@@ -69,7 +78,8 @@ def test_the_output_is_delivered_while_the_readings_are_compared(tmp_path: Path)
         delivery.release.set()
         _out, assurance, _note, delivered = await running
         assert assurance is Assurance.INTEGRITY_VERIFIED and delivered
-        assert delivery.events == ["deliver", "delivered"]
+        # delivered pending (its header length zero), committed once the comparison passed
+        assert delivery.events == ["deliver pending", "delivered", _commit(output)]
 
     asyncio.run(scenario())
 
@@ -94,12 +104,12 @@ async def _taken_back(running: asyncio.Future[object], delivery: Recorder,
                       reason: Reason) -> None:
     """``running`` fails with ``reason`` and retracts its delivery, after the copy ended."""
     await asyncio.sleep(0.2)
-    assert delivery.events == ["deliver"]  # failed, but the copy is not done yet
+    assert delivery.events == ["deliver pending"]  # failed, but the copy is not done yet
     delivery.release.set()
     with pytest.raises(AirlockError) as caught:
         await running
     assert caught.value.reason is reason
-    assert delivery.events == ["deliver", "delivered", "retract"]  # after the copy
+    assert delivery.events == ["deliver pending", "delivered", "retract"]  # never committed
 
 
 def test_without_a_comparison_of_data_nothing_is_delivered_early(tmp_path: Path) -> None:
@@ -127,7 +137,7 @@ def test_a_caller_that_leaves_during_the_comparison_gives_its_copy_up(tmp_path: 
             async with asyncio.timeout(10):  # not held until the copy ends
                 await running
         await asyncio.sleep(0)
-        assert delivery.events == ["deliver"]  # given up at once, neither waited for nor
+        assert delivery.events == ["deliver pending"]  # given up at once, neither waited for nor
         # retracted (the copy's thread finishes alone; the client is gone)
 
     asyncio.run(scenario())
@@ -158,7 +168,7 @@ def test_a_reading_alone_is_delivered_while_it_is_hashed(tmp_path: Path) -> None
         assert not running.done()  # delivered, but the answer waits for its digest
         hashed.set()
         assert await running == (output, True)
-        assert delivery.events == ["deliver", "delivered"]
+        assert delivery.events == ["deliver pending", "delivered", _commit(output)]
         # no delivery given: the digest alone, nothing delivered
         assert await digest_delivering(_hashing(output, hashed), None) == (output, False)
 

@@ -99,8 +99,11 @@ class StreamTransfer:
                       in_ram: bool = False) -> Spooled:
         return await spool_chunks(self.requests, fd, meta, self.limits, in_ram=in_ram)
 
-    async def deliver(self, output: ValidatedOutput) -> bool:
+    async def deliver(self, output: ValidatedOutput, *, pending: bool = False) -> bool:
         return False  # the caller reads at its own pace: from the spool copy, never the slot
+
+    async def commit(self, output: ValidatedOutput) -> None:
+        pass  # nothing was delivered
 
     async def retract(self) -> None:
         pass  # nothing was delivered

@@ -100,6 +100,12 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> No
         raise error(Reason.OUTPUT_INVALID, "the output ended early while it was copied")
 
 
+def write_at(data: bytes, offset: int, dst: int) -> None:
+    """``data`` at ``offset`` of ``dst``, whatever the file's size (explicit offset: a peer
+    sharing the descriptor may move its own)."""
+    _write_all(dst, data, offset)
+
+
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:

@@ -156,9 +156,12 @@ async def digest_delivering(reading: Extraction, delivery: Delivery | None
 
 async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Delivery
                       ) -> tuple[T, bool]:
-    """``work`` awaited while ``output`` is delivered; on its failure the delivery is waited
-    for and retracted, and the failure raised. The second item: whether it was delivered."""
-    delivering = asyncio.ensure_future(delivery.deliver(output))
+    """``work`` awaited while ``output`` is delivered, pending (its first bytes zero: no
+    loader takes the file); committed once ``work`` succeeded. On its failure the delivery
+    is waited for and retracted, and the failure raised; a retract that cannot happen, or a
+    copy that outlives it, leaves a file that is still pending. The second item: whether it
+    was delivered."""
+    delivering = asyncio.ensure_future(delivery.deliver(output, pending=True))
     delivering.add_done_callback(_retrieved)  # a refusal or a cancellation is what counts
     try:
         done = await work
@@ -169,7 +172,10 @@ async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Del
         await asyncio.wait({delivering})  # bounded by the delivery's own time limit
         await delivery.retract()
         raise
-    return done, await delivering
+    delivered = await delivering
+    if delivered:
+        await delivery.commit(output)
+    return done, delivered
 
 
 def _retrieved(task: asyncio.Future[bool]) -> None:

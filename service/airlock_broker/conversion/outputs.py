@@ -27,6 +27,10 @@ from airlock_broker.validation.safetensors_canonical import (
 from airlock_broker.validation.safetensors_check import validate_safetensors
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
+#: What a delivery still under check leaves zero (``Delivery.deliver``): a safetensors file's
+#: header length, without which no loader takes the file.
+COMMIT_BYTES = 8
+
 
 @dataclass(frozen=True)
 class ValidatedOutput:
@@ -42,6 +46,12 @@ class ValidatedOutput:
     write_into: Callable[[int], None]
     #: The validator's findings for a safetensors output (None for ONNX).
     safetensors: SafetensorsInfo | None = None
+
+    def head(self) -> bytes:
+        """Its first ``COMMIT_BYTES``: a safetensors output's header length (what a pending
+        delivery writes last)."""
+        assert self.safetensors is not None, "only a safetensors output is delivered pending"
+        return self.safetensors.canonical_header[:COMMIT_BYTES]
 
     def pin(self) -> PinnedOutput:
         """The output held open from now on (the file validation described), so that it can
@@ -69,9 +79,16 @@ class Delivery(Protocol):
     file), even before its integrity comparison ends, and be taken back from if that fails.
     answers.Transfer is one."""
 
-    async def deliver(self, output: ValidatedOutput) -> bool:
+    async def deliver(self, output: ValidatedOutput, *, pending: bool = False) -> bool:
         """Put a fresh output where it goes, now; True if it did (the answer then carries the
-        header alone), False if the output can only travel with the answer."""
+        header alone), False if the output can only travel with the answer. ``pending``: a
+        check of it still runs (integrity.py): its first ``COMMIT_BYTES`` are left zero, and
+        what is there is no safetensors file until ``commit``, even where a ``retract``
+        failed or came before a copy its watchdog gave up on had finished."""
+        ...
+
+    async def commit(self, output: ValidatedOutput) -> None:
+        """The first bytes a pending ``deliver`` left zero: the check passed."""
         ...
 
     async def retract(self) -> None:
