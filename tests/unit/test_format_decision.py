@@ -263,6 +263,8 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
             assert result.assurance == outcome
             # the conversion's "no code ran" is not believed: builtins.exec may have run
             assert result.report.executed_artifact_code is (policy == "allow_code")
+            named = [w for w in result.report.warnings if "names builtins.exec" in w]
+            assert len(named) == (policy == "allow_code")
             modes = [JobMode.EXTRACT_WEIGHTS, JobMode.CONVERT]
     assert [spec.mode for spec in backend.specs] == modes
     assert all(not spec.read_back for spec in backend.specs if spec.mode is JobMode.CONVERT)

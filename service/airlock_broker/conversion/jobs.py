@@ -204,17 +204,37 @@ def may_have_run_code(refused: tuple[str, ...], policy: LoadingPolicy) -> bool:
         name != TENSOR_ATTRIBUTES_GLOBAL for name in refused)
 
 
+def _refused_sentence(reading: Extraction | None, policy: LoadingPolicy) -> str:
+    """What the broker says of the globals the reading refused, when the conversion may have
+    run them (``may_have_run_code``); "" otherwise. The broker's own words, from the sandbox
+    that executed nothing: a subverted load reports what its payload wants."""
+    if reading is None or not may_have_run_code(reading.refused, policy):
+        return ""
+    return (f"the artifact names {', '.join(reading.refused[:3])}, which the reading that "
+            "executed nothing refused and this load, under allow_code, may have run in the "
+            "sandbox")
+
+
 def _naming_refused(exc: AirlockError, reading: Extraction | None,
                     policy: LoadingPolicy) -> AirlockError:
-    """A failed conversion's error, with the globals the reading refused when the load may
-    have run them (``may_have_run_code``): what the artifact names says more about a payload
-    than what the load it subverted reports ("unpickled a builtins.int")."""
-    if reading is None or not may_have_run_code(reading.refused, policy):
+    """A failed conversion's error, with the globals the reading refused (what the artifact
+    names says more about a payload than the load it subverted: "unpickled a
+    builtins.int")."""
+    sentence = _refused_sentence(reading, policy)
+    if not sentence:
         return exc
-    named = ", ".join(reading.refused[:3])
-    return error(exc.reason, f"{exc.message} (the artifact names {named}, which the reading "
-                             "that executed nothing refused and this load, under allow_code, "
-                             "may have run in the sandbox)", retry_after=exc.retry_after)
+    return error(exc.reason, f"{exc.message} ({sentence})", retry_after=exc.retry_after)
+
+
+def _warning_refused(report: dict[str, Any], reading: Extraction | None,
+                     policy: LoadingPolicy) -> dict[str, Any]:
+    """The conversion's report with that sentence as its first warning (the answer's report
+    keeps 16: the broker's own comes before the sandbox's)."""
+    sentence = _refused_sentence(reading, policy)
+    if not sentence:
+        return report
+    warnings = report.get("warnings")
+    return {**report, "warnings": [sentence, *(warnings if isinstance(warnings, list) else [])]}
 
 
 def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> None:
@@ -417,7 +437,8 @@ class JobRunner:
                 reported_format=refined_format(detected, report),
                 executed_artifact_code=executed,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
-                report=report or {}, duration_seconds=time.monotonic() - began,
+                report=_warning_refused(report or {}, extraction, request.policy),
+                duration_seconds=time.monotonic() - began,
                 assurance=assurance, integrity_note=note, delivered=delivered)
 
     async def _read_first(self, reader: Slot, request: JobRequest, decision: Decision,
