@@ -310,6 +310,7 @@ def test_restart_of_one_profile_replaces_that_profiles_warm_containers_only(
     assert json.loads(done.stdout) == {"action": "restart", "replaced": 1}
     bad = run_cli("pool", "restart", "--profile", "nosuch", server=ready.unix_address, timeout=60)
     assert bad.returncode == 1 and "BAD_REQUEST" in bad.stderr, bad.stdout + bad.stderr
+    assert "this broker's pools: " in bad.stderr and "light" in bad.stderr, bad.stderr
 
 
 # -- 4 -----------------------------------------------------------------------------------------

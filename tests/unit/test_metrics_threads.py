@@ -26,7 +26,7 @@ class _Pools:
         self.asked_on.append(threading.current_thread())
         return [PoolStatus(profile="light", warm=2, busy=1, starting=0, failed_starts=0,
                            served_warm=5, served_cold=1, oldest_warm_seconds=0.0,
-                           image_id="", runtime="runc", draining=False, unavailable="",
+                           image_id="", runtime="runc", draining=True, unavailable="",
                            importing=0, ready=2, target=3, jobs_per_minute=6.0,
                            refill_seconds=1.5)]
 
@@ -54,4 +54,5 @@ def test_a_scrape_reads_the_pools_on_their_event_loop_once() -> None:
     assert pools.asked_on and all(t is thread for t in pools.asked_on), pools.asked_on
     assert len(pools.asked_on) == 1  # one status serves every gauge of the scrape
     assert 'airlock_pool_target_warm{profile="light"} 3.0' in text
+    assert "airlock_pools_drained 1.0" in text
     assert 'airlock_pool_events{event="served_cold",profile="light"} 1.0' in text

@@ -72,6 +72,9 @@ class Metrics:
         self.pool_refill = Gauge("airlock_pool_refill_seconds", "Learned time from a warm "
                                  "container's start to its worker's ready mark",
                                  ["profile"], registry=r)
+        self.drained = Gauge("airlock_pools_drained", "1 while an operator's drain holds "
+                             "(airlock pool drain, until resume): new jobs are refused and the "
+                             "pools do not refill", registry=r)
         self.ram_spool = Gauge("airlock_ram_spool_bytes", "The RAM spool ([spool] ram_bytes): "
                                "its budget, what its tmpfs holds (inputs of jobs in flight), "
                                "what uploads in progress have claimed", ["what"], registry=r)
@@ -85,6 +88,8 @@ class Metrics:
                 self.ram_spool.labels(what).set_function(
                     lambda what=what: ram.status()[what])  # type: ignore[misc]
         snapshot = PoolSnapshot(pools, asyncio.get_running_loop())
+        for profile in list(pools.pools)[:1]:  # a drain holds for every pool
+            self.drained.set_function(_reader(snapshot, profile, "draining"))
         for profile in pools.pools:
             for state in ("warm", "busy", "starting"):
                 self.pool.labels(profile, state).set_function(

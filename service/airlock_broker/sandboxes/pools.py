@@ -285,7 +285,8 @@ class Pools:
     async def restart(self, profile: str | None = None) -> int:
         """Replace every warm container (of one profile, or all). Jobs in flight keep theirs."""
         if profile is not None and profile not in self.pools:
-            raise error(Reason.BAD_REQUEST, f"unknown profile {profile!r}")
+            raise error(Reason.BAD_REQUEST, f"unknown profile {profile[:40]!r}; this broker's "
+                                            f"pools: {', '.join(self.pools)}")
         replaced = 0
         for pool in self.pools.values():
             if profile is not None and pool.profile != profile:
