@@ -43,9 +43,15 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._client import Client, default_address, default_public_key
-from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ServiceUnavailable,
+)
 from airlock_client._lineage import clip
 from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, default_jobs
+from airlock_client._migrate_key import conversion_key
 from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (
     RegistryError,
@@ -73,6 +79,8 @@ from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_publi
 
 EXIT_NOTHING = 5
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+#: The broker's refusal of an idempotency key it first saw with other bytes or options.
+KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 NO_PINNED_KEY = (
     "migrate writes into the registry, so it needs the broker's public key pinned: "
     "--public-key airlock.pub.pem or AIRLOCK_PUBLIC_KEY (make the file with `airlock-broker keys "
@@ -122,7 +130,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                           jobs=1 if args.jobs is None else args.jobs)
     except ValueError as exc:  # --jobs out of range
         return _usage(f"--jobs: {exc}")
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    registry_uri = _registry_uri(args)
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
@@ -183,17 +191,40 @@ def _fetch(tracking_uri: str) -> Fetch:
     return fetch
 
 
-def _converter(args: argparse.Namespace, public_key: PublicKeyLike) -> Broker:
+def _registry_uri(args: argparse.Namespace) -> str:
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+
+
+def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Broker:
     """The broker, through the client (which verifies each output with the pinned key). The
-    client's channel is shared by the versions in flight (gRPC channels are thread-safe)."""
+    client's channel is shared by the versions in flight (gRPC channels are thread-safe).
+
+    Each version is converted under a key derived from it (``_migrate_key``), so a run resumed
+    after a crash is answered with the broker's stored result of the killed run's conversion
+    instead of a second sandbox. The broker binds a key to the bytes it first saw: a version
+    whose files changed since then is refused as IDEMPOTENCY_KEY_REUSED, and converted once
+    more under a fresh key (what it holds now is what must be converted)."""
     client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
     policy: LoadingPolicy = args.policy
+    registry_uri = _registry_uri(args)
 
     def convert(model_dir: Path, output: Path, subject: str) -> ConversionResult:
-        return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                              job_timeout=args.timeout, on_busy=busy_notice("migrate"),
-                              subject=subject)
+        key = conversion_key(registry_uri, subject, policy=policy, target="auto",
+                             job_timeout=args.timeout)
+        try:
+            return client.convert(model_dir, output, target="auto", loading_policy=policy,
+                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                  subject=subject, idempotency_key=key)
+        except ConversionError as exc:
+            if exc.reason != KEY_REUSED:
+                raise
+            _progress(f"{subject}: its files are not the ones converted under its key within "
+                      "the broker's idempotency TTL; converting them under a fresh key")
+            return client.convert(model_dir, output, target="auto", loading_policy=policy,
+                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                  subject=subject)
 
     return Broker(convert, client.close, client.pool_status)
 
