@@ -38,6 +38,7 @@ from airlock_client import _lineage as tags
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
+from airlock_client._migrate_leftovers import find as find_open_runs
 from airlock_client._migrate_report import (
     PROBLEMS,
     Outcome,
@@ -121,6 +122,9 @@ class Migration:
                           f"{' (dry run: nothing will change)' if self.options.dry_run else ''}"
                           f"{f', {self.options.jobs} at a time' if self.options.jobs > 1 else ''}")
             self.throughput = Throughput(total)
+            if not self.options.dry_run:
+                self._versions.open_runs = find_open_runs(
+                    self.registry, self.options.experiment, self.options.page_size)
             try:
                 self._walk(plan, total, outcomes)
             finally:
