@@ -14,12 +14,15 @@ Exit codes (scripts and schedulers depend on them):
 4     the broker refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), as
       for every ``airlock`` command; the run stopped
 5     nothing to do: the selection holds no model version at all
+130   interrupted (Ctrl-C or SIGTERM): the versions in flight finished, no new one
+      started. Run it again to resume
 ====  ==========================================================================
 
 Progress goes to stderr: one line per version as it ends, then how many are done, the rate
 (versions per minute) and the time left; with ``--jobs`` above 1 the lines of versions in
 flight alternate (each line whole). The summary (a table, or one JSON object with ``--json``)
-goes to stdout, in the walk's order whatever order the versions finished in.
+goes to stdout, in the walk's order whatever order the versions finished in; a run that
+stopped early lists the versions it never reached as ``not_started``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -73,11 +78,14 @@ from airlock_client.migrate import (
     SelectionError,
     Status,
     counts,
+    with_not_started,
 )
 from airlock_client.mlflow_source import resolve
 from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_public_key
 
 EXIT_NOTHING = 5
+#: 128 + SIGINT, as a shell reports a command stopped by Ctrl-C; SIGTERM ends the same way.
+EXIT_INTERRUPTED = 130
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 #: The broker's refusal of an idempotency key it first saw with other bytes or options.
 KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
@@ -152,10 +160,16 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
         # "View run ..." links there when a run ends, so the run talks to stderr instead.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _sigterm_as_interrupt():
             outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
         return _usage(str(exc))
+    except KeyboardInterrupt:
+        # Migration let the versions in flight finish before this reached here.
+        _summary(args, migration, migration.outcomes, EXIT_INTERRUPTED,
+                 error=("INTERRUPTED", "stopped by Ctrl-C or SIGTERM"))
+        _progress("stopped: interrupted (run again to resume)")
+        return EXIT_INTERRUPTED
     except MigrationAborted as exc:
         code = EXIT_DENIED if exc.reason in _DENIED else EXIT_UNAVAILABLE
         _summary(args, migration, exc.outcomes, code, error=(exc.reason, exc.message))
@@ -166,6 +180,25 @@ def run_migrate(args: argparse.Namespace) -> int:
     code = exit_code(outcomes)
     _summary(args, migration, outcomes, code)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler or ``kill`` ending the job) stops the run as Ctrl-C does: nothing
+    new starts, the versions in flight finish and are tagged, the summary is printed.
+    Python's default for SIGTERM ends the process at once, with versions half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_jobs(broker: Broker) -> int:
@@ -247,21 +280,23 @@ def _usage(message: str) -> int:
 
 def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[Outcome],
              code: int, error: tuple[str, str] | None = None) -> None:
-    tally = counts(outcomes)
+    rows = with_not_started(migration.planned, outcomes)
+    tally = counts(rows)
     if args.json:
         status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNAVAILABLE: "aborted",
-                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing"}[code]
+                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing",
+                  EXIT_INTERRUPTED: "interrupted"}[code]
         print(json.dumps({
             "status": status, "exit_code": code, "dry_run": args.dry_run,
-            "counts": tally, "versions": [asdict(o) for o in outcomes],
+            "counts": tally, "versions": [asdict(o) for o in rows],
             "error": {"reason": error[0], "message": error[1]} if error else None,
             "jobs": migration.options.jobs,
             "versions_per_minute": round(migration.throughput.per_minute(), 1),
         }))
         return
-    print(render_table(outcomes))
+    print(render_table(rows))
     parts = [f"{n} {status.replace('_', ' ')}" for status, n in tally.items() if n]
-    print(f"{len(outcomes)} version(s): {', '.join(parts) or 'none'}"
+    print(f"{len(rows)} version(s): {', '.join(parts) or 'none'}"
           f"{' (dry run)' if args.dry_run else ''}")
 
 

@@ -45,6 +45,7 @@ from airlock_client._migrate_report import (
     Status,
     counts,
     iter_problems,
+    with_not_started,
 )
 from airlock_client._migrate_version import (
     EXPERIMENT,
@@ -66,7 +67,7 @@ __all__ = [
     "EXPERIMENT", "JOBS_PROFILE", "MAX_DEFAULT_JOBS", "MAX_JOBS", "PROBLEMS", "TARGET_SUFFIX",
     "TRANSIENT_REASONS", "Convert", "Download", "Fetch", "Migration", "MigrationAborted",
     "Options", "Outcome", "Progress", "SelectionError", "Status", "counts", "default_jobs",
-    "iter_problems",
+    "iter_problems", "with_not_started",
 ]
 
 
@@ -101,6 +102,11 @@ class Migration:
         self.progress = progress or (lambda _line: None)
         #: Versions done (and failed) so far, their rate and the time left, for progress.
         self.throughput = Throughput()
+        #: (model, version) of every version the walk holds, in its order, as listed so far.
+        self.planned: list[tuple[str, str]] = []
+        #: The outcomes of the last ``run`` so far, in the walk's order once it returns or
+        #: raises: what an interrupted run (KeyboardInterrupt) had finished.
+        self.outcomes: list[Outcome] = []
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
                                           options=options, progress=self.progress)
@@ -112,11 +118,14 @@ class Migration:
     def run(self, names: Sequence[str] | None) -> list[Outcome]:
         """Migrate every version of the selected models; never stops for one version."""
         outcomes: list[Outcome] = []
+        self.outcomes, self.planned = outcomes, []
         try:
             models = self.select(names)
             plan = [(name, model_versions(self.registry, name, self.options.page_size),
                      find_target(self.registry, name, self.options.target_suffix,
                                  self.options.page_size)) for name in models]
+            self.planned = [(name, str(mv.version)) for name, versions, _ in plan
+                            for mv in versions]
             total = sum(len(versions) for _, versions, _ in plan)
             self.progress(f"{total} version(s) in {len(plan)} registered model(s)"
                           f"{' (dry run: nothing will change)' if self.options.dry_run else ''}"
@@ -158,24 +167,35 @@ class Migration:
                     position += 1
                     yield position, name, mv, target
 
+        #: Every outcome by position as its version ends, on the version's thread: an
+        #: interrupted batch lets the versions in flight finish but yields them no more.
+        ended: dict[int, Outcome] = {}
+        reported: set[int] = set()
+
         def work(item: _Item) -> Outcome:
             position, name, mv, target = item
-            return self._versions.one(name, mv, target, f"[{position}/{total}]")
+            ended[position] = outcome = self._versions.one(name, mv, target,
+                                                           f"[{position}/{total}]")
+            return outcome
 
         failure: Exception | None = None
         batch = run_bounded(items(), work, concurrency=self.options.jobs,
                             stop=lambda done: not done.ok)
-        with contextlib.closing(batch):
-            try:
-                for done in batch:
-                    if done.error is not None:
-                        failure = failure or done.error
-                        continue
-                    self._finished(done, outcomes, left, failure is None)
-            except KeyboardInterrupt:
-                self.progress("interrupted: no new version starts, the ones in flight finish "
-                              "(run again to resume)")
-                raise
+        try:
+            with contextlib.closing(batch):
+                try:
+                    for done in batch:
+                        if done.error is not None:
+                            failure = failure or done.error
+                            continue
+                        reported.add(done.item[0])
+                        self._finished(done, outcomes, left, failure is None)
+                except KeyboardInterrupt:
+                    self.progress("interrupted: no new version starts, the ones in flight "
+                                  "finish (run again to resume)")
+                    raise
+        finally:  # closed: the versions in flight have ended, reported or not
+            outcomes.extend(o for p, o in sorted(ended.items()) if p not in reported)
         if failure is not None:
             raise failure
 
