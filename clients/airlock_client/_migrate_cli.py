@@ -302,14 +302,23 @@ def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[
 
 def render_table(outcomes: Sequence[Outcome]) -> str:
     """The human summary: one row per version, reasons last (they are the long column)."""
-    header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "REASON")
+    header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "CODE_RAN",
+              "REASON")
     rows = [header] + [tuple(printable(cell) for cell in (
         o.model, o.version, str(o.status), o.target or "-", o.format or "-",
-        o.assurance or "-", _reason(o))) for o in outcomes]
+        o.assurance or "-", _code_ran(o), _reason(o))) for o in outcomes]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
              + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _code_ran(outcome: Outcome) -> str:
+    """Whether converting the version ran its own code in the sandbox (allow_code): a
+    hostile version converted that way must not look like a clean one."""
+    if outcome.executed_artifact_code is None:
+        return "-"
+    return "yes" if outcome.executed_artifact_code else "no"
 
 
 def _reason(outcome: Outcome) -> str:

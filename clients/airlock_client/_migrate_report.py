@@ -37,6 +37,9 @@ class Outcome:
     target: str = ""
     format: str = ""
     assurance: str = ""
+    #: Whether converting it ran the artifact's own code in the sandbox (signed; None when
+    #: nothing was converted or the record does not say).
+    executed_artifact_code: bool | None = None
     source_sha256: str = ""
     output_sha256: str = ""
     reason: str = ""
@@ -48,6 +51,8 @@ def describe(outcome: Outcome) -> str:
     """The outcome as the end of one progress line."""
     if outcome.status in {Status.CONVERTED, Status.ALREADY_MIGRATED}:
         extra = f" {outcome.format} {outcome.assurance}".rstrip() if outcome.format else ""
+        if outcome.executed_artifact_code:
+            extra += " (its code ran in the sandbox)"
         return f"{outcome.status} -> {outcome.target}{extra}"
     return f"{outcome.status}: {outcome.reason}: {tags.clip(outcome.message, 200)}"
 

@@ -222,6 +222,7 @@ class VersionMigration:
             self._close(left, "FINISHED" if left.run_id == run_id else "FAILED")
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256)
 
     def _resume(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
@@ -267,6 +268,7 @@ class VersionMigration:
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.CONVERTED, target=where,
                        format=record.output_format, assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256,
                        message=f"registered from run {run.run_id}, which a stopped migrate "
                                "left open (its files verified): not converted again")
@@ -324,7 +326,9 @@ class VersionMigration:
             target.twins.setdefault(version, []).insert(0, twin)
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
-                       assurance=record.assurance, source_sha256=record.input_sha256,
+                       assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
+                       source_sha256=record.input_sha256,
                        output_sha256=record.output_sha256)
 
     # -- registry writes ---------------------------------------------------------------------
@@ -402,7 +406,14 @@ def _lineage(name: str, version: str, record: ProvenanceRecord,
         tags.PROVENANCE_FILE: file_name + tags.PROVENANCE_SUFFIX,
         tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
         tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint,
+        tags.EXECUTED_CODE: "true" if executed_code(record) else "false",
     }
+
+
+def executed_code(record: ProvenanceRecord) -> bool:
+    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
+    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
+    return record.conversion.get("executed_artifact_code") is True
 
 
 def _description(name: str, version: str, record: ProvenanceRecord) -> str:

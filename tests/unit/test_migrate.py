@@ -288,9 +288,9 @@ def test_summary_table_and_counts() -> None:
                         message="x" * 300)]
     table = _migrate_cli.render_table(outcomes).splitlines()
     assert table[0].split() == ["MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT",
-                                "REASON"]
-    assert table[1].split()[:6] == ["fraud", "1", "converted", "fraud-airlock/1", "onnx",
-                                    "format_safe_only"]
+                                "CODE_RAN", "REASON"]
+    assert table[1].split()[:7] == ["fraud", "1", "converted", "fraud-airlock/1", "onnx",
+                                    "format_safe_only", "-"]
     assert "POLICY_VIOLATION: " in table[2] and len(table[2]) < 200
     tally = counts(outcomes)
     assert tally["converted"] == 1 and tally["rejected"] == 1 and sum(tally.values()) == 2
@@ -565,3 +565,34 @@ def test_an_alias_never_moves_back_past_a_twin_that_could_not_be_checked(
     _migration(registry, sandbox, alias="champion").run(["m"])
     source = registry.version("m", 2).tags
     assert source[tags.STATUS] == "converted" and tags.REASON not in source
+
+
+def test_a_version_whose_conversion_ran_its_code_says_so_everywhere(
+        key: SigningKey, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A hostile version converted under allow_code must not look clean: the outcome, the
+    table, --json and the twin's tags say that its code ran in the sandbox (signed)."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key, executed={("m", "2")})
+    outcomes = _migration(registry, sandbox).run(None)
+    assert [o.executed_artifact_code for o in outcomes] == [False, True]
+    twins = registry.versions["m-airlock"]
+    assert [t.tags[tags.EXECUTED_CODE] for t in twins] == ["false", "true"]
+    again = _migration(registry, sandbox).run(None)  # from the twins' signed records
+    assert [(o.status, o.executed_artifact_code) for o in again] == [
+        (Status.ALREADY_MIGRATED, False), (Status.ALREADY_MIGRATED, True)]
+    table = _migrate_cli.render_table(again).splitlines()
+    assert "CODE_RAN" in table[0].split()
+    column = table[0].split().index("CODE_RAN")
+    assert [row.split()[column] for row in table[1:]] == ["no", "yes"]
+
+    _isolate_env(monkeypatch, key, registry)
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
+    capsys.readouterr()  # the fake registry's "View run" lines, as MLflow prints them
+    assert _migrate_cli.run_migrate(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["executed_artifact_code"] for v in doc["versions"]] == [False, True]
