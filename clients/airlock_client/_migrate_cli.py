@@ -291,7 +291,8 @@ def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[
             "counts": tally, "versions": [asdict(o) for o in rows],
             "error": {"reason": error[0], "message": error[1]} if error else None,
             "jobs": migration.options.jobs,
-            "versions_per_minute": round(migration.throughput.per_minute(), 1),
+            "versions_per_minute": round(migration.throughput.versions_per_minute(), 1),
+            "conversions_per_minute": round(migration.throughput.per_minute(), 1),
         }))
         return
     print(render_table(rows))

@@ -39,6 +39,7 @@ from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailabl
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
 from airlock_client._migrate_leftovers import find as find_open_runs
+from airlock_client._migrate_pace import Pace
 from airlock_client._migrate_report import (
     PROBLEMS,
     Outcome,
@@ -60,7 +61,7 @@ from airlock_client._migrate_version import (
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
 from airlock_client._registry import ModelVersion, Registry, model_versions
 from airlock_client._twin import Download
-from airlock_client.batch import Done, Throughput, run_bounded
+from airlock_client.batch import Done, run_bounded
 from airlock_client.provenance import PublicKeyLike
 
 __all__ = [
@@ -100,8 +101,8 @@ class Migration:
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
-        #: Versions done (and failed) so far, their rate and the time left, for progress.
-        self.throughput = Throughput()
+        #: Versions done (failed, skipped) so far, the conversions' rate and the time left.
+        self.throughput = Pace()
         #: (model, version) of every version the walk holds, in its order, as listed so far.
         self.planned: list[tuple[str, str]] = []
         #: The outcomes of the last ``run`` so far, in the walk's order once it returns or
@@ -130,7 +131,7 @@ class Migration:
             self.progress(f"{total} version(s) in {len(plan)} registered model(s)"
                           f"{' (dry run: nothing will change)' if self.options.dry_run else ''}"
                           f"{f', {self.options.jobs} at a time' if self.options.jobs > 1 else ''}")
-            self.throughput = Throughput(total)
+            self.throughput = Pace(total)
             if not self.options.dry_run:
                 self._versions.open_runs = find_open_runs(
                     self.registry, self.options.experiment, self.options.page_size)
@@ -205,7 +206,7 @@ class Migration:
         outcome = done.result
         assert outcome is not None
         outcomes.append(outcome)
-        self.throughput.add(outcome.status not in PROBLEMS)
+        self.throughput.add(outcome)
         self.progress(self.throughput.line())
         left[name] -= 1
         if not left[name] and going:
