@@ -126,10 +126,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.alias is not None and not args.alias.strip():
         return _usage("--alias needs a name")
     pinned = args.public_key or default_public_key()
-    if pinned is None:
+    if pinned is None and not args.dry_run:  # a dry run converts and writes nothing
         return _usage(NO_PINNED_KEY)
     try:
-        public_key = load_public_key(pinned)
+        public_key = None if pinned is None else load_public_key(pinned)
     except ProvenanceError as exc:
         return _usage(exc.message)
     try:

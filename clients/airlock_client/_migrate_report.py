@@ -20,6 +20,7 @@ class Status(enum.StrEnum):
     FAILED_EARLIER = "failed_earlier"       # refused by an earlier run: skipped (retry_failed)
     NOT_READY = "not_ready"                 # the registry has not finished creating it
     NOT_STARTED = "not_started"             # the run stopped (abort, Ctrl-C) before it
+    UNVERIFIED = "unverified"               # --dry-run with no pinned key: claims a twin
 
 
 #: Outcomes that leave a version without a migrated twin, for a reason worth an exit code.

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_leftovers as leftovers
 from airlock_client._errors import (
@@ -93,7 +95,8 @@ class VersionMigration:
 
     ``public_key`` is the pinned key: every twin is verified with it before it counts (see
     ``_twin``), and so is every fresh conversion before it is registered, whatever key the
-    ``convert`` callable verified with.
+    ``convert`` callable verified with. A dry run may go without one (it converts and writes
+    nothing): a version that claims a twin is then reported ``UNVERIFIED``, never believed.
 
     ``one`` may run on several threads at once, one version each: downloads, checks and
     conversions overlap, while the registry writes (registering a twin, tagging a source)
@@ -103,13 +106,16 @@ class VersionMigration:
     """
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
-                 download: Download, public_key: PublicKeyLike, options: Options,
+                 download: Download, public_key: PublicKeyLike | None, options: Options,
                  progress: Progress) -> None:
         self.registry = registry
         self.fetch = fetch
         self.convert = convert
         self.download = download
-        self.public_key = load_public_key(public_key)
+        if public_key is None and not options.dry_run:
+            raise ValueError("only a dry run may go without the pinned public key: everything "
+                             "else is verified with it before it is written into the registry")
+        self._public_key = None if public_key is None else load_public_key(public_key)
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
@@ -127,6 +133,8 @@ class VersionMigration:
         if target.conflict:
             outcome = Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
                               message=target.conflict)
+        elif target.twins.get(version) and self._public_key is None:
+            outcome = self._refusal(name, mv) or self._unverified(name, version, target)
         elif target.twins.get(version):
             outcome = self._with_twins(name, mv, target, step)
         else:
@@ -134,6 +142,19 @@ class VersionMigration:
         took = f" ({outcome.seconds:.1f} s)" if outcome.seconds else ""
         self.progress(f"{step} {name} v{version}: {describe(outcome)}{took}")
         return outcome
+
+    @property
+    def public_key(self) -> EllipticCurvePublicKey:
+        """The pinned key; only a dry run has none, and it never asks."""
+        if self._public_key is None:
+            raise ValueError("no pinned public key (a dry run's) to verify with")
+        return self._public_key
+
+    def _unverified(self, name: str, version: str, target: Target) -> Outcome:
+        claims = ", ".join(f"{target.name}/{mv.version}" for mv in target.twins[version])
+        return Outcome(name, version, Status.UNVERIFIED, message=(
+            f"{claims} claims to be its twin; not verified: a dry run with no --public-key "
+            "(or AIRLOCK_PUBLIC_KEY) checks no twin, and tags alone are never believed"))
 
     def _refusal(self, name: str, mv: ModelVersion) -> Outcome | None:
         """Why this version is not converted now although it has no (verified) twin."""

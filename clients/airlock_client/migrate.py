@@ -91,13 +91,14 @@ class Migration:
     """One run of ``airlock migrate`` over a registry (see the module docstring)."""
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
-                 download: Download, public_key: PublicKeyLike,
+                 download: Download, public_key: PublicKeyLike | None,
                  options: Options = _DEFAULTS, progress: Progress | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
-        what is verified with it is written into the registry). With ``options.jobs`` above
-        1, ``fetch``, ``convert``, ``download`` and ``progress`` are called from several
-        threads at once (one version each)."""
+        what is verified with it is written into the registry). Only a dry run may pass None
+        (``ValueError`` otherwise): its versions that claim a twin are ``UNVERIFIED``. With
+        ``options.jobs`` above 1, ``fetch``, ``convert``, ``download`` and ``progress`` are
+        called from several threads at once (one version each)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)

@@ -530,10 +530,10 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
-    for extra in ([], ["--dry-run"]):
-        args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", *extra])
-        assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
-        assert "--public-key" in capsys.readouterr().err
+    # (a dry run writes nothing and needs no key: test_a_dry_run_needs_no_pinned_key)
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake"])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert "--public-key" in capsys.readouterr().err
     bad = key.path.parent / "not-a-key.pem"
     bad.write_text("hello")
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--public-key",
@@ -596,3 +596,30 @@ def test_a_version_whose_conversion_ran_its_code_says_so_everywhere(
     assert _migrate_cli.run_migrate(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [v["executed_artifact_code"] for v in doc["versions"]] == [False, True]
+
+
+def test_a_dry_run_needs_no_pinned_key(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run converts nothing and writes nothing, so it needs no key; without one it
+    cannot verify twins either, and says so instead of believing their tags."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["m"])  # both migrated
+    registry.add_model("n", versions=1)
+    _isolate_env(monkeypatch, key, registry)
+    monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
+    writes = len(registry.writes)
+    capsys.readouterr()
+    args = _args(argv=["--all", "--tracking-uri", "http://fake", "--dry-run", "--json"])
+    assert _migrate_cli.run_migrate(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(v["model"], v["version"], v["status"]) for v in doc["versions"]] == [
+        ("m", "1", "unverified"), ("m", "2", "unverified"), ("n", "1", "would_convert")]
+    assert "no --public-key" in doc["versions"][0]["message"]
+    assert len(registry.writes) == writes and len(sandbox.converted) == 2
+    args = _args(argv=["--all", "--tracking-uri", "http://fake"])  # a real run still needs it
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
