@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("airlock_client")
 
 CHUNK_BYTES = 1024 * 1024
+#: The broker refuses a longer idempotency key (BAD_REQUEST).
+MAX_IDEMPOTENCY_KEY = 128
 
 Progress = Callable[[int, int], None]
 
@@ -153,7 +155,8 @@ class Client:
                 progress: Progress | None = None, on_busy: OnBusy | None = None,
                 subject: str = "", parity_tolerance: float = 0.0,
                 keep_training_state: bool = False,
-                sample_input: str | os.PathLike[str] | bytes | None = None) -> ConversionResult:
+                sample_input: str | os.PathLike[str] | bytes | None = None,
+                idempotency_key: str = "") -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -195,7 +198,18 @@ class Client:
         (``ValueError`` here, before anything is sent; ``SAMPLE_TOO_LARGE`` from the broker);
         one that does not fit the model's input is refused as ``SAMPLE_INVALID``, with a
         sentence. ``result.report.parity_inputs`` says which rows parity ran on.
+
+        ``idempotency_key``: the key the broker de-duplicates this call by (at most 128
+        characters); by default a fresh random one per call. A caller that may repeat the same
+        logical conversion from another process (``airlock migrate`` resumed after a crash)
+        passes a key derived from what it converts: within the broker's idempotency TTL (600 s
+        by default) the repeat is answered with the stored result, ``result.replayed``,
+        without a sandbox. The broker refuses the key for other bytes or other options
+        (``IDEMPOTENCY_KEY_REUSED``).
         """
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise ValueError(f"idempotency_key has {len(idempotency_key)} characters; the "
+                             f"broker takes at most {MAX_IDEMPOTENCY_KEY}")
         sample = read_sample(sample_input)
         source = Path(artifact)
         if source.is_dir():
@@ -212,13 +226,14 @@ class Client:
                     mlflow_flavor=model.flavor_hint,
                     mlflow_serialization=model.serialization_hint,
                     parity_tolerance=parity_tolerance,
-                    keep_training_state=keep_training_state, sample_input=sample)
+                    keep_training_state=keep_training_state, sample_input=sample,
+                    idempotency_key=idempotency_key)
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
             filename=source.name, on_busy=on_busy, subject=subject,
             parity_tolerance=parity_tolerance, keep_training_state=keep_training_state,
-            sample_input=sample)
+            sample_input=sample, idempotency_key=idempotency_key)
 
     def convert_directory(self, source: str | os.PathLike[str],
                           output: str | os.PathLike[str], *, jobs: int | None = None,
@@ -249,9 +264,10 @@ class Client:
                       mlflow_flavor: str = "", mlflow_serialization: str = "",
                       parity_tolerance: float = 0.0,
                       keep_training_state: bool = False,
-                      sample_input: bytes = b"") -> ConversionResult:
+                      sample_input: bytes = b"",
+                      idempotency_key: str = "") -> ConversionResult:
         size = source.stat().st_size
-        key = uuid.uuid4().hex
+        key = idempotency_key or uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
         schedule = RetrySchedule(self.retry_policy, deadline, on_busy)
         for attempt in schedule.retrying():

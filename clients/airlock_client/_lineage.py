@@ -25,6 +25,10 @@ OUTPUT_FILE: Final = "airlock.output_file"
 PROVENANCE_FILE: Final = "airlock.provenance_file"
 #: "format_safe_only" or "integrity_verified" (the signed record's assurance).
 VERDICT: Final = "airlock.verdict"
+#: "true" when the conversion ran the artifact's own code in the sandbox (a pickle loaded
+#: under allow_code), else "false": the signed record's ``executed_artifact_code`` (the
+#: sandbox's claim). A hostile version converted that way must not look like a clean one.
+EXECUTED_CODE: Final = "airlock.executed_artifact_code"
 VALIDATION: Final = "airlock.validation"
 JOB_ID: Final = "airlock.job_id"
 PROVENANCE_KEY: Final = "airlock.provenance_key"

@@ -14,12 +14,15 @@ Exit codes (scripts and schedulers depend on them):
 4     the broker refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), as
       for every ``airlock`` command; the run stopped
 5     nothing to do: the selection holds no model version at all
+130   interrupted (Ctrl-C or SIGTERM): the versions in flight finished, no new one
+      started. Run it again to resume
 ====  ==========================================================================
 
 Progress goes to stderr: one line per version as it ends, then how many are done, the rate
 (versions per minute) and the time left; with ``--jobs`` above 1 the lines of versions in
 flight alternate (each line whole). The summary (a table, or one JSON object with ``--json``)
-goes to stdout, in the walk's order whatever order the versions finished in.
+goes to stdout, in the walk's order whatever order the versions finished in; a run that
+stopped early lists the versions it never reached as ``not_started``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,9 +48,15 @@ from airlock_client._cli_exits import (
     EXIT_USAGE,
 )
 from airlock_client._client import Client, default_address, default_public_key
-from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ServiceUnavailable,
+)
 from airlock_client._lineage import clip
 from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, default_jobs
+from airlock_client._migrate_key import conversion_key
 from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (
     RegistryError,
@@ -67,12 +78,17 @@ from airlock_client.migrate import (
     SelectionError,
     Status,
     counts,
+    with_not_started,
 )
 from airlock_client.mlflow_source import resolve
 from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_public_key
 
 EXIT_NOTHING = 5
+#: 128 + SIGINT, as a shell reports a command stopped by Ctrl-C; SIGTERM ends the same way.
+EXIT_INTERRUPTED = 130
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+#: The broker's refusal of an idempotency key it first saw with other bytes or options.
+KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 NO_PINNED_KEY = (
     "migrate writes into the registry, so it needs the broker's public key pinned: "
     "--public-key airlock.pub.pem or AIRLOCK_PUBLIC_KEY (make the file with `airlock-broker keys "
@@ -110,10 +126,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.alias is not None and not args.alias.strip():
         return _usage("--alias needs a name")
     pinned = args.public_key or default_public_key()
-    if pinned is None:
+    if pinned is None and not args.dry_run:  # a dry run converts and writes nothing
         return _usage(NO_PINNED_KEY)
     try:
-        public_key = load_public_key(pinned)
+        public_key = None if pinned is None else load_public_key(pinned)
     except ProvenanceError as exc:
         return _usage(exc.message)
     try:
@@ -122,7 +138,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                           jobs=1 if args.jobs is None else args.jobs)
     except ValueError as exc:  # --jobs out of range
         return _usage(f"--jobs: {exc}")
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    registry_uri = _registry_uri(args)
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
@@ -144,10 +160,16 @@ def run_migrate(args: argparse.Namespace) -> int:
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
         # "View run ..." links there when a run ends, so the run talks to stderr instead.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _sigterm_as_interrupt():
             outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
         return _usage(str(exc))
+    except KeyboardInterrupt:
+        # Migration let the versions in flight finish before this reached here.
+        _summary(args, migration, migration.outcomes, EXIT_INTERRUPTED,
+                 error=("INTERRUPTED", "stopped by Ctrl-C or SIGTERM"))
+        _progress("stopped: interrupted (run again to resume)")
+        return EXIT_INTERRUPTED
     except MigrationAborted as exc:
         code = EXIT_DENIED if exc.reason in _DENIED else EXIT_UNAVAILABLE
         _summary(args, migration, exc.outcomes, code, error=(exc.reason, exc.message))
@@ -158,6 +180,25 @@ def run_migrate(args: argparse.Namespace) -> int:
     code = exit_code(outcomes)
     _summary(args, migration, outcomes, code)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler or ``kill`` ending the job) stops the run as Ctrl-C does: nothing
+    new starts, the versions in flight finish and are tagged, the summary is printed.
+    Python's default for SIGTERM ends the process at once, with versions half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_jobs(broker: Broker) -> int:
@@ -183,17 +224,40 @@ def _fetch(tracking_uri: str) -> Fetch:
     return fetch
 
 
-def _converter(args: argparse.Namespace, public_key: PublicKeyLike) -> Broker:
+def _registry_uri(args: argparse.Namespace) -> str:
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+
+
+def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Broker:
     """The broker, through the client (which verifies each output with the pinned key). The
-    client's channel is shared by the versions in flight (gRPC channels are thread-safe)."""
+    client's channel is shared by the versions in flight (gRPC channels are thread-safe).
+
+    Each version is converted under a key derived from it (``_migrate_key``), so a run resumed
+    after a crash is answered with the broker's stored result of the killed run's conversion
+    instead of a second sandbox. The broker binds a key to the bytes it first saw: a version
+    whose files changed since then is refused as IDEMPOTENCY_KEY_REUSED, and converted once
+    more under a fresh key (what it holds now is what must be converted)."""
     client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
     policy: LoadingPolicy = args.policy
+    registry_uri = _registry_uri(args)
 
     def convert(model_dir: Path, output: Path, subject: str) -> ConversionResult:
-        return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                              job_timeout=args.timeout, on_busy=busy_notice("migrate"),
-                              subject=subject)
+        key = conversion_key(registry_uri, subject, policy=policy, target="auto",
+                             job_timeout=args.timeout)
+        try:
+            return client.convert(model_dir, output, target="auto", loading_policy=policy,
+                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                  subject=subject, idempotency_key=key)
+        except ConversionError as exc:
+            if exc.reason != KEY_REUSED:
+                raise
+            _progress(f"{subject}: its files are not the ones converted under its key within "
+                      "the broker's idempotency TTL; converting them under a fresh key")
+            return client.convert(model_dir, output, target="auto", loading_policy=policy,
+                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                  subject=subject)
 
     return Broker(convert, client.close, client.pool_status)
 
@@ -216,34 +280,46 @@ def _usage(message: str) -> int:
 
 def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[Outcome],
              code: int, error: tuple[str, str] | None = None) -> None:
-    tally = counts(outcomes)
+    rows = with_not_started(migration.planned, outcomes)
+    tally = counts(rows)
     if args.json:
         status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNAVAILABLE: "aborted",
-                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing"}[code]
+                  EXIT_DENIED: "denied", EXIT_NOTHING: "nothing",
+                  EXIT_INTERRUPTED: "interrupted"}[code]
         print(json.dumps({
             "status": status, "exit_code": code, "dry_run": args.dry_run,
-            "counts": tally, "versions": [asdict(o) for o in outcomes],
+            "counts": tally, "versions": [asdict(o) for o in rows],
             "error": {"reason": error[0], "message": error[1]} if error else None,
             "jobs": migration.options.jobs,
-            "versions_per_minute": round(migration.throughput.per_minute(), 1),
+            "versions_per_minute": round(migration.throughput.versions_per_minute(), 1),
+            "conversions_per_minute": round(migration.throughput.per_minute(), 1),
         }))
         return
-    print(render_table(outcomes))
+    print(render_table(rows))
     parts = [f"{n} {status.replace('_', ' ')}" for status, n in tally.items() if n]
-    print(f"{len(outcomes)} version(s): {', '.join(parts) or 'none'}"
+    print(f"{len(rows)} version(s): {', '.join(parts) or 'none'}"
           f"{' (dry run)' if args.dry_run else ''}")
 
 
 def render_table(outcomes: Sequence[Outcome]) -> str:
     """The human summary: one row per version, reasons last (they are the long column)."""
-    header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "REASON")
+    header = ("MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT", "CODE_RAN",
+              "REASON")
     rows = [header] + [tuple(printable(cell) for cell in (
         o.model, o.version, str(o.status), o.target or "-", o.format or "-",
-        o.assurance or "-", _reason(o))) for o in outcomes]
+        o.assurance or "-", _code_ran(o), _reason(o))) for o in outcomes]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
              + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _code_ran(outcome: Outcome) -> str:
+    """Whether converting the version ran its own code in the sandbox (allow_code): a
+    hostile version converted that way must not look like a clean one."""
+    if outcome.executed_artifact_code is None:
+        return "-"
+    return "yes" if outcome.executed_artifact_code else "no"
 
 
 def _reason(outcome: Outcome) -> str:

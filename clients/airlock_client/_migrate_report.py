@@ -19,6 +19,8 @@ class Status(enum.StrEnum):
     FAILED = "failed"                       # conversion or download failed
     FAILED_EARLIER = "failed_earlier"       # refused by an earlier run: skipped (retry_failed)
     NOT_READY = "not_ready"                 # the registry has not finished creating it
+    NOT_STARTED = "not_started"             # the run stopped (abort, Ctrl-C) before it
+    UNVERIFIED = "unverified"               # --dry-run with no pinned key: claims a twin
 
 
 #: Outcomes that leave a version without a migrated twin, for a reason worth an exit code.
@@ -36,6 +38,9 @@ class Outcome:
     target: str = ""
     format: str = ""
     assurance: str = ""
+    #: Whether converting it ran the artifact's own code in the sandbox (signed; None when
+    #: nothing was converted or the record does not say).
+    executed_artifact_code: bool | None = None
     source_sha256: str = ""
     output_sha256: str = ""
     reason: str = ""
@@ -47,6 +52,8 @@ def describe(outcome: Outcome) -> str:
     """The outcome as the end of one progress line."""
     if outcome.status in {Status.CONVERTED, Status.ALREADY_MIGRATED}:
         extra = f" {outcome.format} {outcome.assurance}".rstrip() if outcome.format else ""
+        if outcome.executed_artifact_code:
+            extra += " (its code ran in the sandbox)"
         return f"{outcome.status} -> {outcome.target}{extra}"
     return f"{outcome.status}: {outcome.reason}: {tags.clip(outcome.message, 200)}"
 
@@ -57,6 +64,16 @@ def counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
     for outcome in outcomes:
         tally[str(outcome.status)] += 1
     return tally
+
+
+def with_not_started(planned: Sequence[tuple[str, str]],
+                     outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Every planned (model, version), in the plan's order: its outcome, or ``NOT_STARTED``
+    for a version a stopped run never reached (a summary of 6 outcomes out of 30 must still
+    say 30)."""
+    ended: dict[tuple[str, str], Outcome | None] = {(o.model, o.version): o for o in outcomes}
+    rows = [ended.pop(item, None) or Outcome(*item, Status.NOT_STARTED) for item in planned]
+    return rows + [o for o in ended.values() if o is not None]  # none, unless cut short
 
 
 def iter_problems(outcomes: Sequence[Outcome]) -> Iterator[Outcome]:

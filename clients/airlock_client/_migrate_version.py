@@ -19,7 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
 from airlock_client import _lineage as tags
+from airlock_client import _migrate_leftovers as leftovers
 from airlock_client._errors import (
     AccessDenied,
     AirlockError,
@@ -28,6 +31,7 @@ from airlock_client._errors import (
     ModelSourceError,
     ServiceUnavailable,
 )
+from airlock_client._migrate_leftovers import OpenRun
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import DEFAULT_PAGE_SIZE, ModelVersion, Registry, tag
@@ -91,7 +95,8 @@ class VersionMigration:
 
     ``public_key`` is the pinned key: every twin is verified with it before it counts (see
     ``_twin``), and so is every fresh conversion before it is registered, whatever key the
-    ``convert`` callable verified with.
+    ``convert`` callable verified with. A dry run may go without one (it converts and writes
+    nothing): a version that claims a twin is then reported ``UNVERIFIED``, never believed.
 
     ``one`` may run on several threads at once, one version each: downloads, checks and
     conversions overlap, while the registry writes (registering a twin, tagging a source)
@@ -101,13 +106,16 @@ class VersionMigration:
     """
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
-                 download: Download, public_key: PublicKeyLike, options: Options,
+                 download: Download, public_key: PublicKeyLike | None, options: Options,
                  progress: Progress) -> None:
         self.registry = registry
         self.fetch = fetch
         self.convert = convert
         self.download = download
-        self.public_key = load_public_key(public_key)
+        if public_key is None and not options.dry_run:
+            raise ValueError("only a dry run may go without the pinned public key: everything "
+                             "else is verified with it before it is written into the registry")
+        self._public_key = None if public_key is None else load_public_key(public_key)
         self.options = options
         self.progress = progress
         self._experiment_id: str | None = None
@@ -116,12 +124,17 @@ class VersionMigration:
         #: (model, version) whose claimed twins could not be checked this run (the source
         #: could not be read): nobody knows whether they are migrated, so no alias moves past.
         self.unchecked: set[tuple[str, str]] = set()
+        #: Runs a killed migrate left open, by the source version they name (``Migration``
+        #: fills it before the walk; see ``_migrate_leftovers``).
+        self.open_runs: dict[tuple[str, str], list[OpenRun]] = {}
 
     def one(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
         version = str(mv.version)
         if target.conflict:
             outcome = Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
                               message=target.conflict)
+        elif target.twins.get(version) and self._public_key is None:
+            outcome = self._refusal(name, mv) or self._unverified(name, version, target)
         elif target.twins.get(version):
             outcome = self._with_twins(name, mv, target, step)
         else:
@@ -129,6 +142,19 @@ class VersionMigration:
         took = f" ({outcome.seconds:.1f} s)" if outcome.seconds else ""
         self.progress(f"{step} {name} v{version}: {describe(outcome)}{took}")
         return outcome
+
+    @property
+    def public_key(self) -> EllipticCurvePublicKey:
+        """The pinned key; only a dry run has none, and it never asks."""
+        if self._public_key is None:
+            raise ValueError("no pinned public key (a dry run's) to verify with")
+        return self._public_key
+
+    def _unverified(self, name: str, version: str, target: Target) -> Outcome:
+        claims = ", ".join(f"{target.name}/{mv.version}" for mv in target.twins[version])
+        return Outcome(name, version, Status.UNVERIFIED, message=(
+            f"{claims} claims to be its twin; not verified: a dry run with no --public-key "
+            "(or AIRLOCK_PUBLIC_KEY) checks no twin, and tags alone are never believed"))
 
     def _refusal(self, name: str, mv: ModelVersion) -> Outcome | None:
         """Why this version is not converted now although it has no (verified) twin."""
@@ -151,6 +177,9 @@ class VersionMigration:
             model_dir = self._fetch(name, version, work)
             if isinstance(model_dir, Outcome):
                 return model_dir
+            resumed = self._resume(name, version, target, model_dir, work, None, step)
+            if resumed is not None:
+                return resumed
             self.progress(f"{step} {name} v{version}: converting")
             return self._migrate(name, version, target, model_dir, work, source_sha256=None)
         finally:
@@ -183,7 +212,7 @@ class VersionMigration:
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
                                   f"its twin but is not: {exc}")
                     continue
-                return self._already(name, version, mv, where, twin.record)
+                return self._already(name, version, mv, where, twin.record, claim.run_id)
             note = f"not a verified twin, ignored: {', '.join(refused)}"
             refusal = self._refusal(name, mv)
             if refusal is not None:
@@ -191,6 +220,9 @@ class VersionMigration:
             if self.options.dry_run:
                 return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?",
                                message=note)
+            resumed = self._resume(name, version, target, model_dir, work, digest, step)
+            if resumed is not None:
+                return resumed
             self.progress(f"{step} {name} v{version}: converting")
             outcome = self._migrate(name, version, target, model_dir, work,
                                     source_sha256=digest)
@@ -199,16 +231,72 @@ class VersionMigration:
             shutil.rmtree(work, ignore_errors=True)
 
     def _already(self, name: str, version: str, mv: ModelVersion, where: str,
-                 record: ProvenanceRecord) -> Outcome:
+                 record: ProvenanceRecord, run_id: str | None) -> Outcome:
         # A run that stopped between registering and tagging the source finishes here, and
         # a run that could not download the source to check its twin is taken back.
         if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
                                          or tag(mv, tags.STATUS) != Status.CONVERTED):
             with self.writes:
                 self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        # Killed after registering the twin, before closing its run: the run did its job.
+        for left in self.open_runs.pop((name, version), []):
+            self._close(left, "FINISHED" if left.run_id == run_id else "FAILED")
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256)
+
+    def _resume(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
+                digest: str | None, step: str) -> Outcome | None:
+        """Register the conversion a killed run left in an open run, if one of them verifies
+        (no second conversion); close the others as FAILED. None: there is none to adopt."""
+        left = self.open_runs.pop((name, version), [])
+        if not left:
+            return None
+        adopted: Outcome | None = None
+        try:
+            digest = digest or bundle_sha256(model_dir, work)
+        except ModelSourceError:
+            digest = None  # the conversion refuses it too, with the reason
+        for run in left:
+            if adopted is None and digest is not None:
+                try:
+                    record = leftovers.verify(run, self.download, self.public_key,
+                                              subject=source_subject(name, version),
+                                              source_sha256=digest)
+                except IntegrityError as exc:
+                    self.progress(f"{step} {name} v{version}: run {run.run_id}, left open by "
+                                  f"a stopped migrate, does not verify; closed as FAILED: "
+                                  f"{exc}")
+                else:
+                    adopted = self._adopt(name, version, target, run, record)
+                    continue
+            self._close(run, "FAILED")
+        return adopted
+
+    def _adopt(self, name: str, version: str, target: Target, run: OpenRun,
+               record: ProvenanceRecord) -> Outcome:
+        file_name = tags.OUTPUT_FILES[record.output_format]
+        with self.writes:
+            self._ensure_target(name, target)
+            twin = self.registry.create_model_version(
+                target.name, source=f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}",
+                run_id=run.run_id, tags=_lineage(name, version, record, file_name),
+                description=_description(name, version, record))
+            self.registry.set_terminated(run.run_id, "FINISHED")
+            where = f"{target.name}/{twin.version}"
+            target.twins.setdefault(version, []).insert(0, twin)
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return Outcome(name, version, Status.CONVERTED, target=where,
+                       format=record.output_format, assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
+                       source_sha256=record.input_sha256, output_sha256=record.output_sha256,
+                       message=f"registered from run {run.run_id}, which a stopped migrate "
+                               "left open (its files verified): not converted again")
+
+    def _close(self, run: OpenRun, status: str) -> None:
+        with self.writes, contextlib.suppress(Exception):  # bookkeeping; the next run retries
+            self.registry.set_terminated(run.run_id, status)
 
     def _fetch(self, name: str, version: str, work: Path) -> Path | Outcome:
         try:
@@ -259,7 +347,9 @@ class VersionMigration:
             target.twins.setdefault(version, []).insert(0, twin)
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
         return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
-                       assurance=record.assurance, source_sha256=record.input_sha256,
+                       assurance=record.assurance,
+                       executed_artifact_code=executed_code(record),
+                       source_sha256=record.input_sha256,
                        output_sha256=record.output_sha256)
 
     # -- registry writes ---------------------------------------------------------------------
@@ -272,14 +362,7 @@ class VersionMigration:
         result.output.replace(model_file)
         provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
         provenance_file.write_bytes(result.provenance)
-        lineage = {
-            tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
-            tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
-            tags.OUTPUT_FORMAT: result.format, tags.OUTPUT_FILE: file_name,
-            tags.PROVENANCE_FILE: provenance_file.name, tags.VERDICT: record.assurance,
-            tags.VALIDATION: record.validation, tags.JOB_ID: record.job_id,
-            tags.PROVENANCE_KEY: record.key_fingerprint,
-        }
+        lineage = _lineage(name, version, record, file_name)
         self._ensure_target(name, target)
         run = self.registry.create_run(self._experiment(), tags=lineage,
                                        run_name=f"airlock {name} v{version}")
@@ -290,10 +373,7 @@ class VersionMigration:
                 self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
             twin = self.registry.create_model_version(
                 target.name, source=f"{run.info.artifact_uri}/{tags.ARTIFACT_DIR}",
-                run_id=run_id, tags=lineage,
-                description=f"{name} version {version} converted by Airlock to "
-                            f"{result.format} ({record.assurance}); load it with "
-                            "airlock_client.load_verified, never with MLflow's loaders.")
+                run_id=run_id, tags=lineage, description=_description(name, version, record))
             finished = True
         finally:
             with contextlib.suppress(Exception):
@@ -335,3 +415,29 @@ class VersionMigration:
             self._experiment_id = (str(found.experiment_id) if found is not None else
                                    str(self.registry.create_experiment(self.options.experiment)))
         return self._experiment_id
+
+
+def _lineage(name: str, version: str, record: ProvenanceRecord,
+             file_name: str) -> dict[str, str]:
+    """The tags of a twin (and of its run), from the signed record of its conversion."""
+    return {
+        tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
+        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
+        tags.OUTPUT_FORMAT: record.output_format, tags.OUTPUT_FILE: file_name,
+        tags.PROVENANCE_FILE: file_name + tags.PROVENANCE_SUFFIX,
+        tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
+        tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint,
+        tags.EXECUTED_CODE: "true" if executed_code(record) else "false",
+    }
+
+
+def executed_code(record: ProvenanceRecord) -> bool:
+    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
+    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
+    return record.conversion.get("executed_artifact_code") is True
+
+
+def _description(name: str, version: str, record: ProvenanceRecord) -> str:
+    return (f"{name} version {version} converted by Airlock to {record.output_format} "
+            f"({record.assurance}); load it with airlock_client.load_verified, never with "
+            "MLflow's loaders.")

@@ -38,12 +38,15 @@ from airlock_client import _lineage as tags
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
+from airlock_client._migrate_leftovers import find as find_open_runs
+from airlock_client._migrate_pace import Pace
 from airlock_client._migrate_report import (
     PROBLEMS,
     Outcome,
     Status,
     counts,
     iter_problems,
+    with_not_started,
 )
 from airlock_client._migrate_version import (
     EXPERIMENT,
@@ -58,14 +61,14 @@ from airlock_client._migrate_version import (
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
 from airlock_client._registry import ModelVersion, Registry, model_versions
 from airlock_client._twin import Download
-from airlock_client.batch import Done, Throughput, run_bounded
+from airlock_client.batch import Done, run_bounded
 from airlock_client.provenance import PublicKeyLike
 
 __all__ = [
     "EXPERIMENT", "JOBS_PROFILE", "MAX_DEFAULT_JOBS", "MAX_JOBS", "PROBLEMS", "TARGET_SUFFIX",
     "TRANSIENT_REASONS", "Convert", "Download", "Fetch", "Migration", "MigrationAborted",
     "Options", "Outcome", "Progress", "SelectionError", "Status", "counts", "default_jobs",
-    "iter_problems",
+    "iter_problems", "with_not_started",
 ]
 
 
@@ -88,18 +91,24 @@ class Migration:
     """One run of ``airlock migrate`` over a registry (see the module docstring)."""
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
-                 download: Download, public_key: PublicKeyLike,
+                 download: Download, public_key: PublicKeyLike | None,
                  options: Options = _DEFAULTS, progress: Progress | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
-        what is verified with it is written into the registry). With ``options.jobs`` above
-        1, ``fetch``, ``convert``, ``download`` and ``progress`` are called from several
-        threads at once (one version each)."""
+        what is verified with it is written into the registry). Only a dry run may pass None
+        (``ValueError`` otherwise): its versions that claim a twin are ``UNVERIFIED``. With
+        ``options.jobs`` above 1, ``fetch``, ``convert``, ``download`` and ``progress`` are
+        called from several threads at once (one version each)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
-        #: Versions done (and failed) so far, their rate and the time left, for progress.
-        self.throughput = Throughput()
+        #: Versions done (failed, skipped) so far, the conversions' rate and the time left.
+        self.throughput = Pace()
+        #: (model, version) of every version the walk holds, in its order, as listed so far.
+        self.planned: list[tuple[str, str]] = []
+        #: The outcomes of the last ``run`` so far, in the walk's order once it returns or
+        #: raises: what an interrupted run (KeyboardInterrupt) had finished.
+        self.outcomes: list[Outcome] = []
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
                                           options=options, progress=self.progress)
@@ -111,16 +120,22 @@ class Migration:
     def run(self, names: Sequence[str] | None) -> list[Outcome]:
         """Migrate every version of the selected models; never stops for one version."""
         outcomes: list[Outcome] = []
+        self.outcomes, self.planned = outcomes, []
         try:
             models = self.select(names)
             plan = [(name, model_versions(self.registry, name, self.options.page_size),
                      find_target(self.registry, name, self.options.target_suffix,
                                  self.options.page_size)) for name in models]
+            self.planned = [(name, str(mv.version)) for name, versions, _ in plan
+                            for mv in versions]
             total = sum(len(versions) for _, versions, _ in plan)
             self.progress(f"{total} version(s) in {len(plan)} registered model(s)"
                           f"{' (dry run: nothing will change)' if self.options.dry_run else ''}"
                           f"{f', {self.options.jobs} at a time' if self.options.jobs > 1 else ''}")
-            self.throughput = Throughput(total)
+            self.throughput = Pace(total)
+            if not self.options.dry_run:
+                self._versions.open_runs = find_open_runs(
+                    self.registry, self.options.experiment, self.options.page_size)
             try:
                 self._walk(plan, total, outcomes)
             finally:
@@ -154,24 +169,35 @@ class Migration:
                     position += 1
                     yield position, name, mv, target
 
+        #: Every outcome by position as its version ends, on the version's thread: an
+        #: interrupted batch lets the versions in flight finish but yields them no more.
+        ended: dict[int, Outcome] = {}
+        reported: set[int] = set()
+
         def work(item: _Item) -> Outcome:
             position, name, mv, target = item
-            return self._versions.one(name, mv, target, f"[{position}/{total}]")
+            ended[position] = outcome = self._versions.one(name, mv, target,
+                                                           f"[{position}/{total}]")
+            return outcome
 
         failure: Exception | None = None
         batch = run_bounded(items(), work, concurrency=self.options.jobs,
                             stop=lambda done: not done.ok)
-        with contextlib.closing(batch):
-            try:
-                for done in batch:
-                    if done.error is not None:
-                        failure = failure or done.error
-                        continue
-                    self._finished(done, outcomes, left, failure is None)
-            except KeyboardInterrupt:
-                self.progress("interrupted: no new version starts, the ones in flight finish "
-                              "(run again to resume)")
-                raise
+        try:
+            with contextlib.closing(batch):
+                try:
+                    for done in batch:
+                        if done.error is not None:
+                            failure = failure or done.error
+                            continue
+                        reported.add(done.item[0])
+                        self._finished(done, outcomes, left, failure is None)
+                except KeyboardInterrupt:
+                    self.progress("interrupted: no new version starts, the ones in flight "
+                                  "finish (run again to resume)")
+                    raise
+        finally:  # closed: the versions in flight have ended, reported or not
+            outcomes.extend(o for p, o in sorted(ended.items()) if p not in reported)
         if failure is not None:
             raise failure
 
@@ -181,7 +207,7 @@ class Migration:
         outcome = done.result
         assert outcome is not None
         outcomes.append(outcome)
-        self.throughput.add(outcome.status not in PROBLEMS)
+        self.throughput.add(outcome)
         self.progress(self.throughput.line())
         left[name] -= 1
         if not left[name] and going:

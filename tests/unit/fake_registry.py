@@ -102,6 +102,19 @@ class FakeRegistry:
                  if name is None or v.name == name]
         return self._page(f"versions:{name}", items, max_results, page_token)
 
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "",
+                    run_view_type: int = 1, max_results: int = 1000,
+                    order_by: Any = None, page_token: str | None = None) -> FakePage:
+        assert filter_string == "attributes.status = 'RUNNING'", filter_string
+        items = [SimpleNamespace(
+            info=SimpleNamespace(run_id=run_id, status=run["status"],
+                                 artifact_uri=f"fake-artifacts:/{run_id}",
+                                 experiment_id=run.get("experiment_id")),
+            data=SimpleNamespace(tags=dict(run["tags"])))
+            for run_id, run in self.runs.items()
+            if run["status"] == "RUNNING" and run.get("experiment_id") in experiment_ids]
+        return self._page("runs", items, max_results, page_token)
+
     # -- reads -------------------------------------------------------------------------------
 
     def get_registered_model(self, name: str) -> FakeModel:
@@ -172,7 +185,8 @@ class FakeRegistry:
                    run_name: str | None = None) -> Any:
         self._write("create_run", experiment_id)
         run_id = f"run{next(self._ids)}"
-        self.runs[run_id] = {"tags": dict(tags or {}), "artifacts": {}, "status": "RUNNING"}
+        self.runs[run_id] = {"tags": dict(tags or {}), "artifacts": {}, "status": "RUNNING",
+                             "experiment_id": experiment_id, "name": run_name or ""}
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id,
                                                     artifact_uri=f"fake-artifacts:/{run_id}"))
 

@@ -50,7 +50,7 @@ def tiny_safetensors() -> bytes:
 def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source bytes",
              assurance: str = "format_safe_only", *, subject: str = "",
              source_sha256: str | None = None, principal: str = "migrator",
-             record_version: int = 3) -> bytes:
+             record_version: int = 3, executed: bool = False) -> bytes:
     """A broker-signed provenance for ``output``: converted from ``source`` (or from bytes
     whose sha256 is ``source_sha256``), asked for by ``principal`` with ``subject``.
     ``record_version=1`` signs the record as Airlock did before subjects."""
@@ -66,7 +66,8 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
         output=validated, outcome=SandboxOutcome(
             exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
             image_id="sha256:" + "ab" * 32, runtime="runc"),
-        policy=LoadingPolicy.ALLOW_CODE, report={"loader": "fake"}, assurance=assurance)
+        policy=LoadingPolicy.ALLOW_CODE,
+        report={"loader": "fake", "executed_artifact_code": executed}, assurance=assurance)
     request = JobRequest(job_id="job-1", declared_format="", target=Target.AUTO,
                          subject=subject)
     doc = statement(result, request, SandboxPolicy(), version="test",
@@ -101,6 +102,8 @@ class FakeSandbox:
     fetched: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
     subjects: list[str] = field(default_factory=list)
+    #: (name, version) whose conversion ran the artifact's code in the sandbox (allow_code)
+    executed: set[tuple[str, str]] = field(default_factory=set)
 
     def fetch(self, uri: str, dest: Path) -> Path:
         self.fetched.append(uri)
@@ -118,14 +121,16 @@ class FakeSandbox:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_bytes(data)
         signed = envelope(self.key, data, action, subject=subject,
-                          source_sha256=bundle_sha256(model_dir, output.parent))
+                          source_sha256=bundle_sha256(model_dir, output.parent),
+                          executed=(name, version) in self.executed)
         record = provenance.verify(data, signed, self.key.public_pem.encode())
         return ConversionResult(
             job_id="job-1", output=output, format=action, sha256=record.output_sha256,
             size=len(data), input_sha256=record.input_sha256, input_size=record.input_size,
             detected_format="pickle", assurance="format_safe_only", loading_policy="allow_code",
             duration_seconds=0.1, image_id="sha256:ab", runtime="runc",
-            report=ConversionReport(), provenance=signed, provenance_record=record)
+            report=ConversionReport(executed_artifact_code=(name, version) in self.executed),
+            provenance=signed, provenance_record=record)
 
 
 def rejected(reason: str = "POLICY_VIOLATION", message: str = "refused") -> ConversionError:

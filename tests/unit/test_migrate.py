@@ -288,9 +288,9 @@ def test_summary_table_and_counts() -> None:
                         message="x" * 300)]
     table = _migrate_cli.render_table(outcomes).splitlines()
     assert table[0].split() == ["MODEL", "VERSION", "STATUS", "TARGET", "FORMAT", "VERDICT",
-                                "REASON"]
-    assert table[1].split()[:6] == ["fraud", "1", "converted", "fraud-airlock/1", "onnx",
-                                    "format_safe_only"]
+                                "CODE_RAN", "REASON"]
+    assert table[1].split()[:7] == ["fraud", "1", "converted", "fraud-airlock/1", "onnx",
+                                    "format_safe_only", "-"]
     assert "POLICY_VIOLATION: " in table[2] and len(table[2]) < 200
     tally = counts(outcomes)
     assert tally["converted"] == 1 and tally["rejected"] == 1 and sum(tally.values()) == 2
@@ -530,10 +530,10 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
-    for extra in ([], ["--dry-run"]):
-        args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", *extra])
-        assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
-        assert "--public-key" in capsys.readouterr().err
+    # (a dry run writes nothing and needs no key: test_a_dry_run_needs_no_pinned_key)
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake"])
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert "--public-key" in capsys.readouterr().err
     bad = key.path.parent / "not-a-key.pem"
     bad.write_text("hello")
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--public-key",
@@ -565,3 +565,61 @@ def test_an_alias_never_moves_back_past_a_twin_that_could_not_be_checked(
     _migration(registry, sandbox, alias="champion").run(["m"])
     source = registry.version("m", 2).tags
     assert source[tags.STATUS] == "converted" and tags.REASON not in source
+
+
+def test_a_version_whose_conversion_ran_its_code_says_so_everywhere(
+        key: SigningKey, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A hostile version converted under allow_code must not look clean: the outcome, the
+    table, --json and the twin's tags say that its code ran in the sandbox (signed)."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key, executed={("m", "2")})
+    outcomes = _migration(registry, sandbox).run(None)
+    assert [o.executed_artifact_code for o in outcomes] == [False, True]
+    twins = registry.versions["m-airlock"]
+    assert [t.tags[tags.EXECUTED_CODE] for t in twins] == ["false", "true"]
+    again = _migration(registry, sandbox).run(None)  # from the twins' signed records
+    assert [(o.status, o.executed_artifact_code) for o in again] == [
+        (Status.ALREADY_MIGRATED, False), (Status.ALREADY_MIGRATED, True)]
+    table = _migrate_cli.render_table(again).splitlines()
+    assert "CODE_RAN" in table[0].split()
+    column = table[0].split().index("CODE_RAN")
+    assert [row.split()[column] for row in table[1:]] == ["no", "yes"]
+
+    _isolate_env(monkeypatch, key, registry)
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
+    args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
+    capsys.readouterr()  # the fake registry's "View run" lines, as MLflow prints them
+    assert _migrate_cli.run_migrate(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["executed_artifact_code"] for v in doc["versions"]] == [False, True]
+
+
+def test_a_dry_run_needs_no_pinned_key(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run converts nothing and writes nothing, so it needs no key; without one it
+    cannot verify twins either, and says so instead of believing their tags."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox).run(["m"])  # both migrated
+    registry.add_model("n", versions=1)
+    _isolate_env(monkeypatch, key, registry)
+    monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
+    monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
+    writes = len(registry.writes)
+    capsys.readouterr()
+    args = _args(argv=["--all", "--tracking-uri", "http://fake", "--dry-run", "--json"])
+    assert _migrate_cli.run_migrate(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(v["model"], v["version"], v["status"]) for v in doc["versions"]] == [
+        ("m", "1", "unverified"), ("m", "2", "unverified"), ("n", "1", "would_convert")]
+    assert "no --public-key" in doc["versions"][0]["message"]
+    assert len(registry.writes) == writes and len(sandbox.converted) == 2
+    args = _args(argv=["--all", "--tracking-uri", "http://fake"])  # a real run still needs it
+    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE

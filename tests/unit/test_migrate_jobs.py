@@ -331,3 +331,18 @@ def test_cli_jobs_fall_back_to_a_default_brokers_and_refuse_nonsense(
     assert _cli(monkeypatch, key, registry, sandbox, broken, "--all", "--jobs", "2",
                 "--dry-run") == 0
     assert "pool status" not in capsys.readouterr().err
+
+
+def test_rate_and_time_left_count_conversions_not_skipped_versions(key: SigningKey) -> None:
+    """The review's "19/30 done, 1974.7/min, about 0s left" with 11 conversions ahead: the
+    versions already migrated took no conversion and must not make the rest look done."""
+    registry = FakeRegistry()
+    registry.add_model("a", versions=3)
+    sandbox = FakeSandbox(key)
+    _run(registry, sandbox)
+    registry.add_model("b", versions=2)
+    lines: list[str] = []
+    _run(registry, sandbox, progress=lines.append)
+    done = [line for line in lines if " done" in line and "/min" in line]
+    assert done[2] == "3/5 done (3 skipped), 0.0/min", done  # no conversion yet: no ETA
+    assert done[3].startswith("4/5 done (3 skipped), ") and ", about " in done[3]
