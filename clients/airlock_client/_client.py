@@ -339,6 +339,12 @@ class Client:
             unavailable=p.unavailable, importing=p.importing, ready=p.ready)
             for p in reply.pools]
 
+    def max_concurrent_jobs(self) -> int:
+        """Jobs the broker runs at once, as its pool status says (0: a broker that does not
+        say): what a batch of conversions should keep in flight."""
+        reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
+        return int(reply.max_concurrent_jobs)
+
     def restart_pools(self, profile: str | None = None) -> int:
         """Replace every warm container (of one profile); returns how many were replaced."""
         reply = self._admin_call(self._admin.RestartPools,

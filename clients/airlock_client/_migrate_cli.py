@@ -55,7 +55,12 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._lineage import clip
-from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, default_jobs
+from airlock_client._migrate_jobs import (
+    FALLBACK_JOBS,
+    JOBS_PROFILE,
+    MAX_DEFAULT_JOBS,
+    default_jobs,
+)
 from airlock_client._migrate_key import conversion_key
 from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (
@@ -112,6 +117,8 @@ class Broker:
     convert: Convert
     close: Callable[[], None]
     pools: Callable[[], Sequence[PoolStatus]]
+    #: Jobs the broker runs at once, from its pool status (0: it does not say).
+    max_concurrent_jobs: Callable[[], int] = lambda: 0
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -211,9 +218,11 @@ def _default_jobs(broker: Broker) -> int:
                   f"({exc.reason}{why}): {FALLBACK_JOBS} versions at a time, what a default "
                   "broker runs at once (--jobs N to choose)")
         return FALLBACK_JOBS
-    jobs = default_jobs(pools)
-    _progress(f"--jobs not given: {jobs}, the broker's warm {JOBS_PROFILE} sandboxes "
-              "(ready or starting)")
+    runs = broker.max_concurrent_jobs()
+    jobs = default_jobs(pools, runs)
+    why = ("what the broker runs at once" if runs and jobs == min(runs, MAX_DEFAULT_JOBS)
+           else f"the broker's warm {JOBS_PROFILE} sandboxes (ready or starting)")
+    _progress(f"--jobs not given: {jobs}, {why}")
     return jobs
 
 
@@ -259,7 +268,7 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
                                   job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                                   subject=subject)
 
-    return Broker(convert, client.close, client.pool_status)
+    return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs)
 
 
 def _quiet_mlflow() -> None:

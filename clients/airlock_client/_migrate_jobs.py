@@ -1,5 +1,5 @@
 """How many versions ``airlock migrate`` migrates at once when ``--jobs`` is not given: what
-the broker says it can run now, from its pool status. Imports nothing (``airlock migrate
+the broker says it runs at once, from its pool status. Imports nothing (``airlock migrate
 --help`` quotes these numbers)."""
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ MAX_DEFAULT_JOBS = 4
 FALLBACK_JOBS = 2
 
 
-def default_jobs(pools: Sequence[PoolStatus]) -> int:
-    """The warm sandboxes (ready or starting) of the broker's ``JOBS_PROFILE`` pool, at least
-    1, at most ``MAX_DEFAULT_JOBS``: more versions at once would wait for containers started
-    cold, or in the broker's queue."""
-    warm = sum(p.warm + p.starting for p in pools
-               if p.profile == JOBS_PROFILE and not p.draining and not p.unavailable)
-    return max(1, min(MAX_DEFAULT_JOBS, warm))
+def default_jobs(pools: Sequence[PoolStatus], max_concurrent_jobs: int = 0) -> int:
+    """What the broker runs at once (``max_concurrent_jobs``, from its pool status): more
+    versions at once would wait in its queue, fewer would leave a run slot idle. A broker
+    that does not say: the warm sandboxes (ready or starting) of its ``JOBS_PROFILE`` pool.
+    At least 1 (1 when that pool is drained or its engine down), at most
+    ``MAX_DEFAULT_JOBS``."""
+    usable = [p for p in pools if p.profile == JOBS_PROFILE
+              and not p.draining and not p.unavailable]
+    if pools and not usable:
+        return 1
+    if max_concurrent_jobs > 0:
+        return max(1, min(MAX_DEFAULT_JOBS, max_concurrent_jobs))
+    return max(1, min(MAX_DEFAULT_JOBS, sum(p.warm + p.starting for p in usable)))

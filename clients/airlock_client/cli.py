@@ -236,9 +236,10 @@ def _add_migrate_parser(sub: Any) -> None:
                         help="loading policy for every conversion")
     parser.add_argument("--timeout", type=int, default=0, help="sandbox deadline per version (s)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="versions migrated at once (default: what the broker can run now: "
-                             f"its warm {JOBS_PROFILE} sandboxes, ready or starting, as `airlock "
-                             f"pool status` shows them, from 1 to {MAX_DEFAULT_JOBS}; "
+                        help="versions migrated at once (default: what the broker runs at "
+                             "once, as its pool status says, from 1 to "
+                             f"{MAX_DEFAULT_JOBS}; a broker that does not say: its warm "
+                             f"{JOBS_PROFILE} sandboxes, ready or starting; "
                              f"{FALLBACK_JOBS}, what a default broker runs at once, when the "
                              "pool status cannot be read: it needs the admin role, which "
                              "an anonymous or convert-only caller lacks). --jobs 1 migrates "

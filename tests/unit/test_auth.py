@@ -384,6 +384,7 @@ def test_admin_role_operates_the_pools_but_does_not_convert(
     with Client(address, token=ADMIN_TOKEN) as client:
         assert client.restart_pools() == 0
         assert [p.profile for p in client.pool_status()]
+        assert client.max_concurrent_jobs() == 2  # [broker] max_concurrent_jobs, the default
         client.drain_pools()
         client.resume_pools()
         with pytest.raises(AccessDenied) as info:

@@ -258,7 +258,18 @@ def _pool(profile: str, warm: int, starting: int = 0, **kw: Any) -> PoolStatus:
 ])
 def test_the_default_jobs_are_the_warm_sklearn_sandboxes(pools: list[PoolStatus],
                                                          jobs: int) -> None:
-    assert default_jobs(pools) == jobs
+    assert default_jobs(pools) == jobs  # a broker that does not say what it runs at once
+
+
+@pytest.mark.parametrize(("pools", "runs", "jobs"), [
+    ([_pool("sklearn", 1)], 2, 2),  # a fresh broker: one warm, two run slots
+    ([_pool("sklearn", 4)], 2, 2),  # more warm than run slots: the rest would queue
+    ([_pool("sklearn", 1)], 16, MAX_DEFAULT_JOBS),
+    ([_pool("sklearn", 3, draining=True)], 2, 1),
+])
+def test_the_default_jobs_are_what_the_broker_runs_at_once(pools: list[PoolStatus], runs: int,
+                                                           jobs: int) -> None:
+    assert default_jobs(pools, runs) == jobs
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, key: SigningKey, registry: FakeRegistry,

@@ -815,16 +815,22 @@ class GetPoolStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOLS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _builtins.int
+    max_concurrent_jobs: _builtins.int
+    """Jobs the broker runs at once ([broker] max_concurrent_jobs): what a batch of
+    conversions should keep in flight. 0 from a broker older than this field.
+    """
     @_builtins.property
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolStatus]: ...
     def __init__(
         self,
         *,
         pools: _abc.Iterable[Global___PoolStatus] | None = ...,
+        max_concurrent_jobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pools", b"pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_jobs", b"max_concurrent_jobs", "pools", b"pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

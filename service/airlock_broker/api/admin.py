@@ -17,9 +17,12 @@ from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
-    def __init__(self, pools: Pools, selftest: Callable[[], Awaitable[SelfTestReport]]) -> None:
+    def __init__(self, pools: Pools, selftest: Callable[[], Awaitable[SelfTestReport]], *,
+                 max_concurrent_jobs: int = 0) -> None:
         self.pools = pools
         self.selftest = selftest
+        #: Said in the pool status: what a client's batch should keep in flight.
+        self.max_concurrent_jobs = max_concurrent_jobs
 
     async def RunSelfTest(
         self, request: pb.RunSelfTestRequest,
@@ -44,7 +47,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             failed_starts=s.failed_starts, served_warm=s.served_warm, served_cold=s.served_cold,
             oldest_warm_seconds=s.oldest_warm_seconds, image_id=s.image_id, runtime=s.runtime,
             draining=s.draining, unavailable=s.unavailable, importing=s.importing,
-            ready=s.ready) for s in self.pools.status()])
+            ready=s.ready) for s in self.pools.status()],
+            max_concurrent_jobs=self.max_concurrent_jobs)
 
     async def RestartPools(
         self, request: pb.RestartPoolsRequest,
