@@ -19,6 +19,7 @@ from airlock_broker.conversion.integrity import (
 )
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError, Reason
+from airlock_sandbox.contract import OutputFormat
 from tests.unit.test_integrity_digest import WEIGHTS, _output, _reading
 
 
@@ -184,5 +185,21 @@ def test_a_reading_whose_hash_fails_takes_its_delivered_output_back(tmp_path: Pa
             digest_delivering(_hashing(output, hashed, fails=True), delivery))
         hashed.set()
         await _taken_back(running, delivery, Reason.OUTPUT_INVALID)
+
+    asyncio.run(scenario())
+
+
+def test_an_onnx_reading_alone_is_delivered_whole(tmp_path: Path) -> None:
+    """An estimator's reading converts to ONNX, validated and held in memory: delivered as
+    it is, with nothing to commit (a header length is a safetensors file's)."""
+    onnx = ValidatedOutput(format=OutputFormat.ONNX, size=4, sha256="", path=tmp_path / "x",
+                           write_into=lambda fd: None)
+
+    async def scenario() -> None:
+        delivery, hashed = Recorder(), asyncio.Event()
+        delivery.release.set()
+        hashed.set()
+        assert await digest_delivering(_hashing(onnx, hashed), delivery) == (onnx, True)
+        assert delivery.events == ["deliver", "delivered"]
 
     asyncio.run(scenario())

@@ -156,12 +156,14 @@ async def digest_delivering(reading: Extraction, delivery: Delivery | None
 
 async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Delivery
                       ) -> tuple[T, bool]:
-    """``work`` awaited while ``output`` is delivered, pending (its first bytes zero: no
-    loader takes the file); committed once ``work`` succeeded. On its failure the delivery
-    is waited for and retracted, and the failure raised; a retract that cannot happen, or a
-    copy that outlives it, leaves a file that is still pending. The second item: whether it
-    was delivered."""
-    delivering = asyncio.ensure_future(delivery.deliver(output, pending=True))
+    """``work`` awaited while ``output`` is delivered; a safetensors output pending (its
+    header length zero: no loader takes the file), committed once ``work`` succeeded. On its
+    failure the delivery is waited for and retracted, and the failure raised; a retract that
+    cannot happen, or a copy that outlives it, leaves a file that is still pending. (An
+    estimator's ONNX reading is delivered whole: it was validated, and its digest is a hash
+    of bytes held in memory.) The second item: whether it was delivered."""
+    pending = output.safetensors is not None
+    delivering = asyncio.ensure_future(delivery.deliver(output, pending=pending))
     delivering.add_done_callback(_retrieved)  # a refusal or a cancellation is what counts
     try:
         done = await work
@@ -173,7 +175,7 @@ async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Del
         await delivery.retract()
         raise
     delivered = await delivering
-    if delivered:
+    if delivered and pending:
         await delivery.commit(output)
     return done, delivered
 
