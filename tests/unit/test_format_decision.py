@@ -4,6 +4,7 @@ re-made) by the worker (tests/unit/test_worker_logic.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -222,6 +223,22 @@ def test_the_second_sandbox_profile_and_which_outputs_it_checks(
     assert decision.integrity_profile == profile
 
 
+@contextlib.contextmanager
+def _converting(tmp_path: Path, behaviour: Callable[[JobSpec, bytes, Path], int | None],
+                artifact: bytes | None = None) -> Iterator[tuple[Client, FakeSandbox, Path]]:
+    """A client of a broker whose sandboxes act out ``behaviour``, and the artifact file
+    (``artifact``'s bytes) to convert."""
+    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
+                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
+    backend = FakeSandbox(config.spool_root, behaviour)
+    src = tmp_path / "artifact"
+    if artifact is not None:
+        src.write_bytes(artifact)
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        yield client, backend, src
+
+
 def _refusing_reader(spec: JobSpec, artifact: bytes, out: Path) -> int:
     """The reading refuses a global (its report says so) but converts; the job's own
     conversion writes the same output."""
@@ -245,13 +262,7 @@ def test_a_reading_that_refused_a_global_needs_the_conversion_beside_it(
         tmp_path: Path, sample: str, policy: str, outcome: str) -> None:
     from airlock_client import ConversionError
 
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _refusing_reader)
-    src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES[sample])
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client:
+    with _converting(tmp_path, _refusing_reader, SAMPLES[sample]) as (client, backend, src):
         if outcome == "POLICY_VIOLATION":
             with pytest.raises(ConversionError) as caught:
                 client.convert(src, tmp_path / "out.safetensors", loading_policy="safe_only")
@@ -285,13 +296,8 @@ def test_a_conversion_after_a_failed_reading_checks_itself_within_the_jobs_deadl
         tmp_path: Path) -> None:
     """Nothing is compared with it, so the worker reads its output back (JobSpec.read_back);
     and it has what the reading left of the caller's deadline, not a deadline of its own."""
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _slow_failing_reading)
-    src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES["torch_zip"])
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client:
+    with _converting(tmp_path, _slow_failing_reading,
+                     SAMPLES["torch_zip"]) as (client, backend, src):
         result = client.convert(src, tmp_path / "out.safetensors", job_timeout=60)
     assert result.assurance == "format_safe_only"
     [reading, convert] = backend.specs
@@ -315,13 +321,7 @@ def test_a_failed_load_that_may_have_run_a_payload_names_what_the_reading_refuse
         tmp_path: Path, sample: str) -> None:
     from airlock_client import ConversionError
 
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _payload_reading)
-    src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES[sample])
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client, \
+    with _converting(tmp_path, _payload_reading, SAMPLES[sample]) as (client, _, src), \
             pytest.raises(ConversionError) as caught:
         client.convert(src, tmp_path / "out.onnx", loading_policy="allow_code")
     assert caught.value.reason == "UNSUPPORTED_MODEL"
@@ -363,11 +363,7 @@ def test_a_bundles_hint_decides_its_sandboxes(tmp_path: Path, serialization: str
     (model / "MLmodel").write_text("flavors:\n  sklearn:\n    pickled_model: model.pkl\n"
                                    f"    serialization_format: {serialization}\n")
     (model / "model.pkl").write_bytes(SAMPLES["pickle"])
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _write_safetensors)
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client:
+    with _converting(tmp_path, _write_safetensors) as (client, backend, _):
         result = client.convert(model, tmp_path / "out.safetensors")
     assert [spec.mode.value for spec in backend.specs] == modes
     assert result.assurance == assurance
@@ -400,13 +396,8 @@ def test_a_reading_that_failed_without_refusing_a_global_is_the_jobs_answer(
         tmp_path: Path, policy: str, exit_code: int, reason: str, modes: list[str]) -> None:
     from airlock_client import ConversionError
 
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _failing_reader(exit_code, "the reader says why"))
-    src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES["pickle"])
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client:
+    with _converting(tmp_path, _failing_reader(exit_code, "the reader says why"),
+                     SAMPLES["pickle"]) as (client, backend, src):
         if reason:
             with pytest.raises(ConversionError) as caught:
                 client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
@@ -427,13 +418,8 @@ def test_a_reading_that_failed_without_refusing_a_global_is_the_jobs_answer(
 ])
 def test_a_checkpoint_reading_that_fails_leaves_the_answer_to_the_conversion(
         tmp_path: Path, sample: str, policy: str, exit_code: int) -> None:
-    config = BrokerConfig(listen="127.0.0.1:0", state_root=tmp_path / "spool",
-                          pools=PoolSettings(min_warm=0), selftest_on_start=False)
-    backend = FakeSandbox(config.spool_root, _failing_reader(exit_code, "the reader says why"))
-    src = tmp_path / "artifact"
-    src.write_bytes(SAMPLES[sample])
-    with running_broker(config, backend) as running, \
-            Client(f"127.0.0.1:{running.port}") as client:
+    with _converting(tmp_path, _failing_reader(exit_code, "the reader says why"),
+                     SAMPLES[sample]) as (client, backend, src):
         result = client.convert(src, tmp_path / "out.safetensors", loading_policy=policy)
     assert result.assurance == "format_safe_only"
     assert "the reader says why" in result.integrity_note
