@@ -129,8 +129,10 @@ def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
             elif detail.Unpack(retry):
                 retry_after = _seconds(retry.retry_delay.ToNanoseconds() / 1e9)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ServiceUnavailable(message or "the Airlock service is unavailable",
-                                  reason=reason or "UNAVAILABLE")
+        if not reason:  # the transport's, not the broker's: nothing answered
+            message = (f"no broker answered ({message or 'unavailable'}); is it running "
+                       "('make serve'), and is the address right (--server, AIRLOCK_SERVER)?")
+        return ServiceUnavailable(message, reason=reason or "UNAVAILABLE")
     if not reason:
         reason = code.name if code is not None else "UNKNOWN"
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

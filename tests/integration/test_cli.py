@@ -52,7 +52,9 @@ def test_unreachable_service_exits_3(tmp_path: Path) -> None:
     done = run_cli("convert", str(artifact), "--json", server=f"127.0.0.1:{free_port()}",
                    timeout=120)
     assert done.returncode == 3, done.stdout + done.stderr
-    assert json.loads(done.stdout)["status"] == "failed"
+    doc = json.loads(done.stdout)
+    assert doc["status"] == "failed"
+    assert "no broker answered" in doc["message"] and "AIRLOCK_SERVER" in doc["message"], doc
 
 
 @pytest.mark.parametrize("args", [
