@@ -28,7 +28,8 @@ class Disk:
 class SpoolDisk(Disk):
     """The spool's disk: ``free`` bytes available before what the spool's files on it
     occupy. A RAM spool under it (input_room.py) is another filesystem: its files are not
-    counted."""
+    counted; nor are a fake sandbox's outputs (``slots/<id>/out``), which a real sandbox
+    writes on a tmpfs of its own."""
 
     def __init__(self, spool: Path, free: int = 1000 * MiB) -> None:
         super().__init__(1000 * MiB, free)
@@ -38,6 +39,8 @@ class SpoolDisk(Disk):
         device = os.stat(self.spool).st_dev
         used = 0
         for d, _, files in os.walk(self.spool):
+            if Path(d).name == "out" and Path(d).parent.parent.name == "slots":
+                continue
             for f in files:
                 st = os.lstat(os.path.join(d, f))
                 used += st.st_blocks * 512 if st.st_dev == device else 0
