@@ -199,6 +199,68 @@ def test_extraction_equals_conversion_on_edge_cases(tmp_path: Path, protocol: in
     assert any("complex128" in w for w in ext.report.warnings)
 
 
+def _random_checkpoint(seed: int) -> dict[str, Any]:
+    """A state dict of ``seed``'s making: nested dicts, several dtypes, views of shared
+    storages (slices, strided, transposed), 0-dim and empty tensors, now and then a tensor
+    with a harmless attribute. No two entries are the same view (the reader would tie them)."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.bool]
+    state: dict[str, Any] = {}
+    for i in range(int(rng.integers(1, 8))):
+        dtype = dtypes[int(rng.integers(len(dtypes)))]
+        shape = tuple(int(n) for n in rng.integers(0, 5, size=int(rng.integers(0, 4))))
+        base = torch.randn(24, 6, generator=gen).mul(10)
+        base = base.to(dtype) if dtype is not torch.bool else base > 0
+        kind = int(rng.integers(4))
+        if kind == 0:
+            tensor = torch.zeros(shape).to(base.dtype)
+        elif kind == 1:
+            tensor = base[int(rng.integers(0, 12)):][::2]
+        elif kind == 2:
+            tensor = base.t()
+        else:
+            tensor = base
+        if rng.random() < 0.05:
+            tensor.__dict__["note"] = "x"
+        home = state if rng.random() < 0.6 else state.setdefault(f"block{i % 2}", {})
+        home[f"t{i}"] = tensor
+    return state
+
+
+def _flat_bytes(obj: Any, prefix: str = "") -> dict[str, bytes]:
+    """Each tensor's bytes, contiguous, by its dotted name (bfloat16 as its raw bits)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().contiguous()
+        if t.dtype is torch.bfloat16:
+            t = t.view(torch.int16)
+        return {prefix: t.numpy().tobytes()}
+    out: dict[str, bytes] = {}
+    for key, value in obj.items():
+        out.update(_flat_bytes(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+@pytest.mark.parametrize("seed", range(16))
+def test_a_reading_that_would_answer_alone_holds_what_torch_loads(tmp_path: Path, seed: int,
+                                                                   layout: str) -> None:
+    """The rule the reading answers alone by, checked against torch itself on generated
+    checkpoints: when it refuses nothing, its tensors are byte for byte what
+    ``torch.load(weights_only=True)`` returns."""
+    state = _random_checkpoint(seed)
+    artifact = tmp_path / f"{seed}.pt"
+    torch.save(state, artifact, _use_new_zipfile_serialization=layout == "zip")
+    out = extract_only(tmp_path, artifact)
+    truth = _flat_bytes(torch.load(artifact, weights_only=True))
+    if out.error is not None or out.report.refused_globals:
+        return  # not an answer alone: the conversion runs and is compared
+    got = out.tensors()
+    assert sorted(got) == sorted(truth)
+    for name, data in truth.items():
+        assert got[name].tobytes() == data, name
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_a_digest_only_reading_reports_its_data_sections_sha256_and_writes_a_hole(
         tmp_path: Path, legacy: bool) -> None:
