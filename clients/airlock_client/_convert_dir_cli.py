@@ -161,6 +161,9 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
         print(f"  carried    {', '.join(t(n) for n in result.carried)}")
     for skipped in result.skipped:
         print(f"  skipped    {t(skipped.name)}: {t(skipped.why)}")
+    if any(skipped.name == "config.json" for skipped in result.skipped):
+        print("  warning    config.json was not carried over (above): transformers' "
+              "from_pretrained needs it; make it strict JSON and convert again")
     print("  provenance one signed record per shard (<shard>.provenance.json), verified"
           + ("; one for the index" if result.index is not None else ""))
     if any(s.result.provenance_key_source != "pinned" for s in result.shards):

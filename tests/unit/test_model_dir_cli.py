@@ -112,6 +112,17 @@ def test_a_clean_directory_says_no_code_ran(tmp_path: Path, monkeypatch: pytest.
     assert doc["executed_artifact_code"] is False and doc["shards_that_ran_code"] == []
 
 
+def test_a_config_json_that_was_not_carried_over_is_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (src / "config.json").write_text('{"a": 1, "a": 2}')  # not strict JSON: skipped
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "skipped    config.json: not strict JSON" in out
+    assert "config.json was not carried over" in out and "from_pretrained" in out
+
+
 # -- 2. Ctrl-C is one line and exit 130, not a traceback --------------------------------------
 
 
