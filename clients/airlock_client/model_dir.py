@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from airlock_client import _bundle, _hf_dir, _st_header
-from airlock_client._errors import AirlockError, ServiceUnavailable
+from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
 from airlock_client.batch import Done, Throughput, format_duration, run_bounded
@@ -240,9 +240,10 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
     results: list[ShardResult] = []
     failed: Done[Shard, ShardResult] | None = None
     answered = False  # has the broker answered any shard, converted or refused?
-    broker_failed = False  # did the first failure come before any answer, unreachable?
+    broker_failed = False  # did the first failure come before any answer, the broker's?
     for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok):
-        unreached = not answered and isinstance(done.error, ServiceUnavailable)
+        # Unreachable, or the caller denied: about the broker or the caller, not this shard.
+        unreached = not answered and isinstance(done.error, (ServiceUnavailable, AccessDenied))
         answered = answered or not unreached
         if done.result is not None:
             results.append(done.result)
@@ -262,8 +263,9 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
 
 def _shard_failure(shard: Shard, error: Exception | None, broker_failed: bool) -> Exception:
     """What a failed shard fails the directory with: the shard's reason under its name, or,
-    for a broker that could not be reached before it answered any shard, the broker's own
-    failure (the shard was never looked at: naming it would send the user to the wrong file)."""
+    for a broker that could not be reached (or denied the caller) before it answered any
+    shard, the broker's own failure (the shard was never looked at: naming it would send the
+    user to the wrong file)."""
     if broker_failed:
         return error or AssertionError("a shard failed without an error")
     if isinstance(error, ModelDirError) or not isinstance(error, AirlockError):

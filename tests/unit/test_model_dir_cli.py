@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from airlock_client import Client, ConversionReport, ServiceUnavailable, _convert_dir_cli
+from airlock_client import (
+    AccessDenied,
+    Client,
+    ConversionReport,
+    ServiceUnavailable,
+    _convert_dir_cli,
+)
 from airlock_client.cli import main
 from airlock_client.model_dir import (
     DEFAULT_JOBS,
@@ -187,6 +193,18 @@ def test_an_unreachable_broker_is_reported_as_the_brokers_not_a_shards(
         convert_directory(FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable())),
                           src, tmp_path / "out")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_caller_the_broker_denies_is_not_a_shards_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    denied = AccessDenied("UNAUTHENTICATED", "the token is not known to this broker",
+                          kind="denied", code="UNAUTHENTICATED")
+    fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, denied))
+    assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "out"), "--json") == 4
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["reason"], doc["shard"]) == ("UNAUTHENTICATED", None), doc
 
 
 def test_a_broker_lost_after_a_shard_was_answered_still_names_the_shard(tmp_path: Path) -> None:
