@@ -405,9 +405,11 @@ def test_an_entry_evicted_while_its_file_is_written_leaves_no_file(tmp_path: Pat
         async with store.claim("", "a", "sha", "opts", "job-1") as claim:
             assert claim.store(b"h", path, 10, write=slow_write)
         await _complete(store, "b", b"1234")  # evicts a while its file is being written
+        assert store.stored_bytes == 14  # a's 10 bytes still on their way to the disk
         gate.set()
         await store.settle()
         assert _stored(store) == ["job-b"]
+        assert store.stored_bytes == 4
         await store.close()
 
     asyncio.run(scenario())

@@ -305,7 +305,6 @@ class IdempotencyStore:
         entry = self._entries.pop(ident)
         stored = entry.stored
         if stored is not None:
-            self._bytes -= stored.size
             if stored.pending:  # removed once written (a thread cannot be stopped)
                 assert stored.written is not None
                 stored.written.add_done_callback(lambda _: self._remove(stored))
@@ -314,6 +313,9 @@ class IdempotencyStore:
         entry.done.set()
 
     def _remove(self, stored: StoredResult) -> None:
+        """Its file goes, and only now leaves ``stored_bytes``: one still being written
+        counts against ``max_bytes`` until then."""
+        self._bytes -= stored.size
         if stored.path is not None:
             removing = remove_soon(stored.path)  # may be GiB: off the loop
             if removing is not None:
