@@ -12,32 +12,15 @@ as FAILED. A run's tags, like a version's, are believed for nothing but finding 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from airlock_client import _lineage as tags
 from airlock_client._errors import SafeLoadError
 from airlock_client._registry import Registry, walk_pages
-from airlock_client._twin import (
-    DEFAULT_MAX_BYTES,
-    Download,
-    _downloaded,
-    _hash,
-    _read,
-    output_format,
-)
-from airlock_client.provenance import (
-    MAX_PROVENANCE_BYTES,
-    ProvenanceRecord,
-    PublicKeyLike,
-    check_output,
-    check_source,
-    verify_envelope,
-)
+from airlock_client._twin import Download, output_format, verified_output
+from airlock_client.provenance import ProvenanceRecord, PublicKeyLike, check_source
 
 #: MLflow's search filter for runs still open.
 OPEN = "attributes.status = 'RUNNING'"
@@ -78,22 +61,8 @@ def verify(run: OpenRun, download: Download, public_key: PublicKeyLike, *, subje
     fmt = output_format(run.tags.get(tags.OUTPUT_FORMAT, ""))
     if fmt is None:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"run {run.run_id} names no output format")
-    file_name = tags.OUTPUT_FILES[fmt]
     base = f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}"
-    work = Path(tempfile.mkdtemp(prefix="airlock-open-run-"))
-    try:
-        envelope = _read(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
-                         work / "provenance", MAX_PROVENANCE_BYTES)
-        record = verify_envelope(envelope, public_key)  # before the larger download
-        with _downloaded(download, f"{base}/{file_name}", work / "model",
-                         DEFAULT_MAX_BYTES) as fh:
-            sha, size = _hash(fh)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    check_output(record, sha256=sha, size=size)
-    if record.output_format != fmt:
-        raise SafeLoadError("FORMAT_MISMATCH", f"run {run.run_id} is tagged {fmt} but its "
-                                               f"signed provenance says {record.output_format}")
+    record, _ = verified_output(download, base, fmt, public_key, f"run {run.run_id}")
     check_source(record, subject=subject, sha256=source_sha256)
     return record
 

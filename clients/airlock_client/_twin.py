@@ -107,8 +107,23 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT",
                             f"{name} version {version} was not registered by airlock migrate "
                             "(it has no airlock output tags); migrate its source first")
-    file_name = tags.OUTPUT_FILES[fmt]
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
+    record, data = verified_output(download, base, fmt, public_key, "the version",
+                                   max_bytes=max_bytes, keep_bytes=keep_bytes)
+    if tag(mv, tags.OUTPUT_SHA256) != record.output_sha256:
+        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
+                                            "output's: the registry entry was altered")
+    return Twin(name=name, version=version, format=fmt, record=record, data=data)
+
+
+def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
+                    public_key: PublicKeyLike, what: str, *,
+                    max_bytes: int = DEFAULT_MAX_BYTES,
+                    keep_bytes: bool = False) -> tuple[ProvenanceRecord, bytes]:
+    """The signed record of the ``fmt`` output stored under ``base`` (``what``'s: a twin
+    version, a run), once its model file matches it; with ``keep_bytes``, the file's bytes
+    too (else empty). Bytes only: the provenance is verified before the larger download."""
+    file_name = tags.OUTPUT_FILES[fmt]
     work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
     try:
         envelope = _read(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
@@ -127,12 +142,9 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
         shutil.rmtree(work, ignore_errors=True)
     check_output(record, sha256=sha, size=size)
     if record.output_format != fmt:
-        raise SafeLoadError("FORMAT_MISMATCH", f"the version is tagged {fmt} but its signed "
+        raise SafeLoadError("FORMAT_MISMATCH", f"{what} is tagged {fmt} but its signed "
                                                f"provenance says {record.output_format}")
-    if tag(mv, tags.OUTPUT_SHA256) != record.output_sha256:
-        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
-                                            "output's: the registry entry was altered")
-    return Twin(name=name, version=version, format=fmt, record=record, data=data)
+    return record, data
 
 
 def check_lineage(twin: Twin, mv: ModelVersion, *, model: str, version: str | None = None,
