@@ -27,6 +27,7 @@ WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 #: The name a safetensors header reserves for the file's metadata: no tensor may have it.
 METADATA_KEY = "__metadata__"
 
+
 @dataclass(frozen=True)
 class LeftOut:
     """A top-level entry of a training checkpoint that is not its state dict (optimizer

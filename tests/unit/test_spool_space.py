@@ -69,6 +69,19 @@ def _space(disk: Disk, reserve: int = 100 * MiB, ratio: float = 0.0) -> SpoolSpa
                                                    spool_min_free_ratio=ratio), statvfs=disk)
 
 
+def test_an_answer_claimed_at_its_size_is_refused_and_promises_no_more_than_before() -> None:
+    space = _space(Disk(1000 * MiB, 300 * MiB))
+    answer = space.claim(10 * MiB, "this job's output")
+    answer.expect(150 * MiB)  # its real size, once known: fits
+    with pytest.raises(AirlockError) as full:
+        answer.expect(250 * MiB)
+    assert full.value.reason is Reason.SPOOL_FULL and "needs 250.0 MiB" in full.value.message
+    space.claim(50 * MiB).release()  # the refused 250 MiB are not promised: 150 + 50 fit
+    with pytest.raises(AirlockError):
+        space.claim(51 * MiB)
+    answer.release()
+
+
 def test_an_upload_that_would_cross_the_reserve_is_refused_before_it_writes() -> None:
     space = _space(Disk(1000 * MiB, 300 * MiB))
     space.claim(200 * MiB).release()  # exactly down to the reserve: fine

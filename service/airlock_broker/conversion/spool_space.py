@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from airlock_broker.conversion.upload_limits import MiB, UploadLimits
-from airlock_broker.errors import Reason, error
+from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.validation.limits import OutputLimits
 from airlock_sandbox.contract import Target
 
@@ -127,8 +127,12 @@ class SpoolClaim:
         with space._lock:
             if total <= self.expected:
                 return
-            self.expected = total
-            space._check(self)
+            claimed, self.expected = self.expected, total
+            try:
+                space._check(self)
+            except AirlockError:
+                self.expected = claimed  # refused: it promises no more than before
+                raise
 
     def release(self) -> None:
         self._space._release(self)

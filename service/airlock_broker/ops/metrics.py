@@ -88,8 +88,8 @@ class Metrics:
                 self.ram_spool.labels(what).set_function(
                     lambda what=what: ram.status()[what])  # type: ignore[misc]
         snapshot = PoolSnapshot(pools, asyncio.get_running_loop())
-        for profile in list(pools.pools)[:1]:  # a drain holds for every pool
-            self.drained.set_function(_reader(snapshot, profile, "draining"))
+        if pools.pools:  # a drain holds for every pool: any one says it
+            self.drained.set_function(_reader(snapshot, next(iter(pools.pools)), "draining"))
         for profile in pools.pools:
             for state in ("warm", "busy", "starting"):
                 self.pool.labels(profile, state).set_function(
