@@ -28,6 +28,7 @@ import docker.errors
 import requests.exceptions
 
 from airlock_broker.sandboxes.confinement import Confinement
+from airlock_broker.sandboxes.cpu_weight import CpuWeight
 from airlock_broker.sandboxes.docker_hardening import confinement_of, create_kwargs, probe_kwargs
 from airlock_broker.sandboxes.exit_watch import FROZEN, ExitWatch
 from airlock_broker.sandboxes.freezer import LINGER_SECONDS, thaw_container
@@ -233,9 +234,16 @@ class DockerSandbox:
         slot.started = True
         if self.policy.exit_watch != "engine" and self.policy.runtime_family == "runc":
             info = await self._call(self.client.api.inspect_container, slot.container_id)
-            slot.exit_watch = ExitWatch.open(int(info["State"].get("Pid") or 0),
-                                             slot.container_id,
-                                             freeze=self.policy.exit_watch == "freeze")
+            watch = ExitWatch.open(int(info["State"].get("Pid") or 0), slot.container_id,
+                                   freeze=self.policy.exit_watch == "freeze")
+            slot.exit_watch = watch
+            if watch is not None and self.policy.warm_low_priority and not slot.assigned:
+                # A warm container waits (and imports) at the lowest weight (cpu_weight.py).
+                weight = CpuWeight.of(watch.cgroups, slot.container_id)
+                with contextlib.suppress(OSError):
+                    if weight is not None:
+                        weight.lower()
+                        slot.cpu_weight = weight
 
     async def is_running(self, slot: Slot) -> bool:
         if slot.exit_watch is not None:
@@ -247,6 +255,15 @@ class DockerSandbox:
         return slot.workspace.worker_ready()
 
     async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
+        slot.assigned = True
+        if slot.cpu_weight is not None:
+            # A job has it: the default weight, before the job can start (cpu_weight.py).
+            weight, slot.cpu_weight = slot.cpu_weight, None
+            try:
+                weight.restore()
+            except OSError as exc:  # it only runs slower (a dead one fails its job anyway)
+                log.warning("could not restore the CPU weight of container %s (%s): %s",
+                            slot.container_id[:12], weight.path, exc)
         if sample:
             slot.workspace.write_sample(sample)
         if isinstance(artifact, Slot):  # the same inode: one upload, two readers

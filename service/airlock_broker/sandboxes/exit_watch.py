@@ -126,12 +126,16 @@ def _alive(pidfd: int) -> bool:
 class ExitWatch:
     """A pidfd on one container's init process. Owned by its slot; closed when it is destroyed."""
 
-    def __init__(self, pidfd: int, pid: int, freezer: Freezer | None = None) -> None:
+    def __init__(self, pidfd: int, pid: int, freezer: Freezer | None = None,
+                 cgroups: str = "") -> None:
         self._fd = pidfd
         self.pid = pid
         #: The container's freezer cgroup, found while the init provably lived; None: the
         #: broker waits for the death (freezer.py).
         self.freezer = freezer
+        #: The init's ``/proc/PID/cgroup``, read while it provably lived: where the
+        #: container's other controls are (cpu_weight.py).
+        self.cgroups = cgroups
 
     @classmethod
     def open(cls, pid: int, container_id: str, *, freeze: bool = False) -> ExitWatch | None:
@@ -150,7 +154,7 @@ class ExitWatch:
             # Read while the pidfd's process lived, so the file was that process's.
             if container_id in cgroups and _alive(pidfd):
                 freezer = Freezer.of(cgroups, container_id) if freeze else None
-                watch, pidfd = cls(pidfd, pid, freezer), -1
+                watch, pidfd = cls(pidfd, pid, freezer, cgroups), -1
                 return watch
             return None
         except OSError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from airlock_broker.sandboxes.confinement import Confinement
+from airlock_broker.sandboxes.cpu_weight import CpuWeight
 from airlock_broker.sandboxes.exit_watch import ExitWatch
 from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.sandboxes.workspace import JobWorkspace
@@ -34,6 +35,10 @@ class Slot:
     started: bool = False
     #: The kernel's view of the container's death (runc, recent kernels); None: ask the engine.
     exit_watch: ExitWatch | None = None
+    #: Set by ``hand_over``: a job has it.
+    assigned: bool = False
+    #: While it waits in a pool at the lowest CPU weight: its control (cpu_weight.py).
+    cpu_weight: CpuWeight | None = None
 
 
 @dataclass(frozen=True)
