@@ -9,7 +9,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -19,7 +19,7 @@ import grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _bundle, _channel, _wire
+from airlock_client import _bundle, _channel, _migrate_jobs, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
@@ -47,6 +47,7 @@ from airlock_client.provenance import (
 from airlock_sandbox.contract import MAX_SAMPLE_BYTES, check_sample, check_sample_size
 
 if TYPE_CHECKING:
+    from airlock_client.batch import Done
     from airlock_client.model_dir import DirectoryProgress, DirectoryResult
 
 log = logging.getLogger("airlock_client")
@@ -256,6 +257,44 @@ class Client:
             loading_policy=loading_policy, job_timeout=job_timeout, on_busy=on_busy,
             subject=subject)
 
+    def convert_many(self, conversions: Iterable[tuple[str | os.PathLike[str],
+                                                       str | os.PathLike[str]]], *,
+                     jobs: int | None = None, **options: Any
+                     ) -> Generator[Done[tuple[Path, Path], ConversionResult], None, None]:
+        """``convert(artifact, output, **options)`` for each ``(artifact, output)`` pair, at
+        most ``jobs`` at once (default: ``default_jobs()``), each in its own sandbox; yields
+        each pair's ``batch.Done`` as it finishes, in completion order: its ``result``, or
+        the ``error`` its conversion raised (a ``ConversionError`` for one artifact is that
+        artifact's outcome, and the others go on). The pairs are taken lazily, so a
+        generator of thousands is never listed at once. Ctrl-C (or ``close()`` on the
+        generator) starts nothing new and lets the conversions in flight finish, so none is
+        left half written; a caller that stops iterating early should close it
+        (``contextlib.closing``). Raises ``ValueError`` for ``jobs`` outside
+        1..``batch.MAX_CONCURRENCY``.
+
+            with client, contextlib.closing(client.convert_many(pairs)) as batch:
+                for done in batch:
+                    print(done.item[0], done.result.sha256 if done.ok else done.error)
+        """
+        from airlock_client.batch import run_bounded
+
+        def work(pair: tuple[Path, Path]) -> ConversionResult:
+            return self.convert(pair[0], pair[1], **options)
+
+        pairs = ((Path(a), Path(o)) for a, o in conversions)
+        return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
+                           else jobs)
+
+    def default_jobs(self) -> int:
+        """How many conversions a batch keeps in flight when not told: what the broker runs
+        at once, from its pool status (``_migrate_jobs.default_jobs``), or
+        ``FALLBACK_JOBS`` when that cannot be read (it needs the admin role)."""
+        try:
+            reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
+        except AirlockError:
+            return _migrate_jobs.FALLBACK_JOBS
+        return _migrate_jobs.default_jobs(_pool_statuses(reply), int(reply.max_concurrent_jobs))
+
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,
                       loading_policy: LoadingPolicy, job_timeout: int,
@@ -330,14 +369,8 @@ class Client:
 
     def pool_status(self) -> list[PoolStatus]:
         """Warm, busy and starting counts per profile, with failures, image and runtime."""
-        reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
-        return [PoolStatus(
-            profile=p.profile, warm=p.warm, busy=p.busy, starting=p.starting,
-            failed_starts=p.failed_starts, served_warm=p.served_warm,
-            served_cold=p.served_cold, oldest_warm_seconds=p.oldest_warm_seconds,
-            image_id=p.image_id, runtime=p.runtime, draining=p.draining,
-            unavailable=p.unavailable, importing=p.importing, ready=p.ready)
-            for p in reply.pools]
+        return _pool_statuses(self._admin_call(self._admin.GetPoolStatus,
+                                               pb.GetPoolStatusRequest()))
 
     def max_concurrent_jobs(self) -> int:
         """Jobs the broker runs at once, as its pool status says (0: a broker that does not
@@ -392,6 +425,16 @@ class Client:
             return _receive(responses, output, sent, key, key_source)
         except grpc.RpcError as exc:
             raise _wire.error_from_rpc(exc) from None
+
+
+def _pool_statuses(reply: pb.GetPoolStatusResponse) -> list[PoolStatus]:
+    return [PoolStatus(
+        profile=p.profile, warm=p.warm, busy=p.busy, starting=p.starting,
+        failed_starts=p.failed_starts, served_warm=p.served_warm,
+        served_cold=p.served_cold, oldest_warm_seconds=p.oldest_warm_seconds,
+        image_id=p.image_id, runtime=p.runtime, draining=p.draining,
+        unavailable=p.unavailable, importing=p.importing, ready=p.ready)
+        for p in reply.pools]
 
 
 def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
