@@ -259,7 +259,10 @@ class Client:
 
     def convert_many(self, conversions: Iterable[tuple[str | os.PathLike[str],
                                                        str | os.PathLike[str]]], *,
-                     jobs: int | None = None, **options: Any
+                     jobs: int | None = None,
+                     stop: Callable[[Done[tuple[Path, Path], ConversionResult]], bool]
+                     | None = None, subject: str | Callable[[Path], str] = "",
+                     **options: Any
                      ) -> Generator[Done[tuple[Path, Path], ConversionResult], None, None]:
         """``convert(artifact, output, **options)`` for each ``(artifact, output)`` pair, at
         most ``jobs`` at once (default: ``default_jobs()``), each in its own sandbox; yields
@@ -269,7 +272,10 @@ class Client:
         generator of thousands is never listed at once. Ctrl-C (or ``close()`` on the
         generator) starts nothing new and lets the conversions in flight finish, so none is
         left half written; a caller that stops iterating early should close it
-        (``contextlib.closing``). Raises ``ValueError`` for ``jobs`` outside
+        (``contextlib.closing``). ``stop``, called with each outcome, ends the batch the same
+        way when it returns True (e.g. on ``ServiceUnavailable``: no later artifact would
+        fare better). ``subject``: what each artifact is signed as, one string for all or a
+        function of its path. Raises ``ValueError`` for ``jobs`` outside
         1..``batch.MAX_CONCURRENCY``.
 
             with client, contextlib.closing(client.convert_many(pairs)) as batch:
@@ -279,11 +285,12 @@ class Client:
         from airlock_client.batch import run_bounded
 
         def work(pair: tuple[Path, Path]) -> ConversionResult:
-            return self.convert(pair[0], pair[1], **options)
+            named = subject(pair[0]) if callable(subject) else subject
+            return self.convert(pair[0], pair[1], subject=named, **options)
 
         pairs = ((Path(a), Path(o)) for a, o in conversions)
         return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
-                           else jobs)
+                           else jobs, stop=stop)
 
     def default_jobs(self) -> int:
         """How many conversions a batch keeps in flight when not told: what the broker runs

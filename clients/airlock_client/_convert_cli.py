@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
@@ -40,12 +41,12 @@ def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=shape)
 
 
-def _default_output(source: Path) -> Path:
+def default_output(source: Path) -> Path:
     """A temporary name beside the input; renamed once the output format is known."""
     return source.with_name(f".{source.name}.airlock-out")
 
 
-def _final_name(source: Path, fmt: str) -> Path:
+def final_name(source: Path, fmt: str) -> Path:
     target = source.with_suffix(_SUFFIX[fmt])
     return target.with_name(f"{source.stem}.converted{_SUFFIX[fmt]}") if target == source \
         else target
@@ -59,6 +60,11 @@ def run_convert(args: argparse.Namespace) -> int:
         return _usage(args, str(exc))
     if args.input_dtype and not inputs:  # the model's own width, filled in by the sandbox
         inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
+    if len(args.input) > 1:
+        from airlock_client._convert_many_cli import run_convert_many
+
+        return run_convert_many(args, inputs)
+    args.input = args.input[0]
     if (problem := _cli_source.usage_problem(args.input)) is not None:
         return _usage(args, problem)
     try:
@@ -78,7 +84,7 @@ def run_convert(args: argparse.Namespace) -> int:
             options = client_options(args)
             with Client(args.server or default_address(), public_key=args.public_key,
                         **options) as client:
-                output = args.output or _default_output(source.output_base)
+                output = args.output or default_output(source.output_base)
                 size = 0 if source.is_directory else source.path.stat().st_size
                 result = client.convert(
                     source.path, output, target=args.target, inputs=inputs,
@@ -97,7 +103,7 @@ def run_convert(args: argparse.Namespace) -> int:
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
         return _report_error(args, status, exc.reason, exc.message, code, job_id)
     if args.output is None:
-        final = _final_name(source.output_base, result.format)
+        final = final_name(source.output_base, result.format)
         output.replace(final)
         result = ConversionResult(**{**result.__dict__, "output": final})
     provenance = write_provenance(result.output, result.provenance)
@@ -109,27 +115,31 @@ def _usage(args: argparse.Namespace, message: str) -> int:
     return usage_error("convert", message, as_json=args.json)
 
 
+def result_document(result: ConversionResult, provenance: Path) -> dict[str, Any]:
+    """The ``--json`` object for one converted file."""
+    return {
+        "ok": True, "status": "ok", "reason": None, "message": "converted",
+        "output": str(result.output), "format": result.format, "sha256": result.sha256,
+        "size": result.size, "job_id": result.job_id,
+        "detected_format": result.detected_format, "assurance": result.assurance,
+        "integrity_note": result.integrity_note,
+        "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
+        "executed_artifact_code": result.report.executed_artifact_code,
+        "parity": [asdict(p) for p in result.report.parity],
+        "parity_inputs": result.report.parity_inputs,
+        "warnings": list(result.report.warnings),
+        "duration_seconds": round(result.duration_seconds, 3),
+        "provenance": str(provenance),
+        "provenance_key": (result.provenance_record.key_fingerprint
+                           if result.provenance_record else None),
+        "provenance_key_source": result.provenance_key_source,
+        "transfer": result.transfer,
+    }
+
+
 def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
     if args.json:
-        doc = {
-            "ok": True, "status": "ok", "reason": None, "message": "converted",
-            "output": str(result.output), "format": result.format, "sha256": result.sha256,
-            "size": result.size, "job_id": result.job_id,
-            "detected_format": result.detected_format, "assurance": result.assurance,
-            "integrity_note": result.integrity_note,
-            "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
-            "executed_artifact_code": result.report.executed_artifact_code,
-            "parity": [asdict(p) for p in result.report.parity],
-            "parity_inputs": result.report.parity_inputs,
-            "warnings": list(result.report.warnings),
-            "duration_seconds": round(result.duration_seconds, 3),
-            "provenance": str(provenance),
-            "provenance_key": (result.provenance_record.key_fingerprint
-                               if result.provenance_record else None),
-            "provenance_key_source": result.provenance_key_source,
-            "transfer": result.transfer,
-        }
-        print(json.dumps(doc))
+        print(json.dumps(result_document(result, provenance)))
         return
     t = printable  # every field of the result came from the broker
     print(f"converted {t(args.input)} -> {t(result.output)} ({t(result.format)}, {result.size} "

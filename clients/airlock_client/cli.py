@@ -110,16 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--json", action="store_true", help="print JSON on stdout")
     add_connection_arguments(selftest)
 
-    convert = sub.add_parser("convert", help="convert one artifact")
-    convert.add_argument("input", help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
+    convert = sub.add_parser("convert", help="convert one artifact (or several files)")
+    convert.add_argument("input", nargs="+",
+                         help="the artifact (pickle, joblib, PyTorch, ...), an MLflow "
                          "model directory, a Hugging Face-style PyTorch model directory "
                          "(pytorch_model.bin or shards with pytorch_model.bin.index.json), or "
-                         "models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN/PATH")
+                         "models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN/PATH; or several "
+                         "files, converted --jobs at a time")
     convert.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking (and registry) server for models:/ and runs:/ "
                               "(default $MLFLOW_TRACKING_URI)")
     convert.add_argument("-o", "--output", type=Path, default=None,
-                         help="where to write the result (default: beside the input)")
+                         help="where to write the result (default: beside the input); "
+                              "with several files, a directory")
     convert.add_argument("--to", dest="target", choices=["auto", "onnx", "safetensors"],
                          default="auto")
     convert.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]DIMS",
@@ -159,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what the input is, signed into its provenance (default: the "
                               "URI as given, or the input's absolute path)")
     convert.add_argument("--jobs", type=int, default=None, metavar="N",
-                         help="a PyTorch model directory: shards converted at once (default 2)")
+                         help="shards of a PyTorch model directory converted at once "
+                              "(default 2), or files of several (default: what the broker "
+                              "runs at once)")
     convert.add_argument("--overwrite", action="store_true",
                          help="a PyTorch model directory: replace an earlier output directory "
                               "(one that holds only what an Airlock output holds)")

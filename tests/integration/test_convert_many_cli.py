@@ -1,0 +1,94 @@
+"""``airlock convert FILE FILE ...``: several files through ``Client.convert_many``, against
+the real broker, engine and image (issue #15: bulk conversion from the command line)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from airlock_client.provenance import provenance_path
+from tests.conftest import BrokerProcess, free_port, run_cli
+from tests.fixtures import models
+
+pytestmark = pytest.mark.integration
+
+
+def _pickles(tmp_path: Path, names: list[str]) -> list[Path]:
+    made, _ = models.make_sklearn_pickle(tmp_path / "made")
+    paths = []
+    for name in names:
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(made, path)
+        paths.append(path)
+    return paths
+
+
+def test_several_files_convert_into_one_directory_and_a_bad_one_fails_alone(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    a, b, c = _pickles(tmp_path, ["a.pkl", "b.pkl", "c.pkl"])
+    junk = tmp_path / "in" / "junk.bin"
+    junk.write_bytes(b"\x00not a model at all\xff" * 64)
+    out = tmp_path / "out"
+    done = run_cli("convert", str(a), str(junk), str(b), str(c), "-o", str(out), "--jobs", "2",
+                   "--json", server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr  # the junk's: rejected
+    doc = json.loads(done.stdout)
+    assert (doc["ok"], doc["converted"], doc["failed"], doc["not_started"]) == (False, 3, 1, 0)
+    by_input = {f["input"]: f for f in doc["files"]}
+    assert set(by_input) == {str(a), str(junk), str(b), str(c)}
+    assert by_input[str(junk)]["status"] == "rejected"
+    assert by_input[str(junk)]["reason"] == "UNSUPPORTED_FORMAT"
+    for source in (a, b, c):
+        entry = by_input[str(source)]
+        assert entry["ok"] and entry["format"] == "onnx", entry
+        assert entry["output"] == str(out / f"{source.stem}.onnx")
+        assert Path(entry["provenance"]) == provenance_path(Path(entry["output"]))
+        assert Path(entry["provenance"]).is_file()
+    # One line per file on stderr as it ended; nothing half-written left in the directory.
+    assert done.stderr.count("airlock convert: ") == 4, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s.stem}.onnx" for s in (a, b, c)]
+        + [provenance_path(out / f"{s.stem}.onnx").name for s in (a, b, c)])
+
+
+def test_several_files_beside_their_inputs_say_what_they_did(broker: BrokerProcess,
+                                                             tmp_path: Path) -> None:
+    a, b = _pickles(tmp_path, ["a.pkl", "b.pkl"])
+    done = run_cli("convert", str(a), str(b), server=broker.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (a.with_suffix(".onnx")).is_file() and (b.with_suffix(".onnx")).is_file()
+    assert "2 of 2 converted, 0 failed" in done.stdout
+    assert f"converted {a} -> {a.with_suffix('.onnx')} (onnx, " in done.stdout
+
+
+def test_an_unreachable_broker_ends_the_batch_and_the_rest_is_not_started(
+        tmp_path: Path) -> None:
+    a, b, c = _pickles(tmp_path, ["a.pkl", "b.pkl", "c.pkl"])
+    done = run_cli("convert", str(a), str(b), str(c), "--jobs", "1", "--json",
+                   server=f"127.0.0.1:{free_port()}", timeout=180)
+    assert done.returncode == 3, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["converted"], doc["failed"], doc["not_started"]) == (0, 1, 2)
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    (["x/m.pkl", "y/m.pkl", "-o", "{out}"], "would both be written as"),
+    (["x/m.pkl", "x"], "each must be a file"),
+    (["x/m.pkl", "y/m.pkl", "--subject", "s"], "--subject names one input"),
+    (["x/m.pkl", "y/n.pkl", "-o", "x/m.pkl"], "names a directory"),
+])
+def test_several_inputs_that_cannot_go_together_are_a_usage_error(
+        tmp_path: Path, layout: list[str], expected: str) -> None:
+    for name in ("x/m.pkl", "y/m.pkl", "y/n.pkl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"never sent")
+    args = [a.format(out=tmp_path / "out") if a.startswith("{") else
+            (str(tmp_path / a) if "/" in a or a == "x" else a) for a in layout]
+    done = run_cli("convert", *args, "--json", server="127.0.0.1:1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr
+    assert json.loads(done.stdout)["reason"] == "USAGE"
