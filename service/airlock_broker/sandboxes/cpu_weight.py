@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
+from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups
+
 #: (control file, lowest, default) for cgroup v1 and v2.
 _V1 = ("cpu.shares", b"2", b"1024")
 _V2 = ("cpu.weight", b"1", b"100")
@@ -38,22 +39,17 @@ class CpuWeight:
         self.default = default
 
     @classmethod
-    def of(cls, cgroups: str, container_id: str, root: Path = _CGROUP_ROOT) -> CpuWeight | None:
+    def of(cls, cgroups: str, container_id: str, root: Path = CGROUP_ROOT) -> CpuWeight | None:
         """The weight of the process whose ``/proc/PID/cgroup`` is ``cgroups``, if its path
         names ``container_id`` and the control file exists; else None."""
-        for line in cgroups.splitlines():
-            _hid, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if container_id not in path or ".." in path.split("/"):
-                continue
-            names = controllers.split(",")
-            if "cpu" in names:  # v1: mounted as "cpu" or "cpu,cpuacct"
+        for controllers, path in container_cgroups(cgroups, container_id):
+            if "cpu" in controllers.split(","):  # v1: mounted as "cpu" or "cpu,cpuacct"
                 for mount in (controllers, "cpu"):
-                    control = root / mount / path.lstrip("/") / _V1[0]
+                    control = root / mount / path / _V1[0]
                     if control.is_file():
                         return cls(control, *_V1[1:])
             elif controllers == "":
-                control = root / path.lstrip("/") / _V2[0]
+                control = root / path / _V2[0]
                 if control.is_file():
                     return cls(control, *_V2[1:])
         return None

@@ -35,11 +35,12 @@ import signal
 import struct
 from pathlib import Path
 
+from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups
+
 #: How long a freeze may take before the broker thaws and waits for the death instead.
 FREEZE_TIMEOUT_SECONDS = 0.1
 #: How long a worker whose broker can freeze it waits after its report before it exits anyway.
 LINGER_SECONDS = 5.0
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 class Freezer:
@@ -53,20 +54,16 @@ class Freezer:
 
     @classmethod
     def of(cls, cgroups: str, container_id: str,
-           root: Path = _CGROUP_ROOT) -> Freezer | None:
+           root: Path = CGROUP_ROOT) -> Freezer | None:
         """The freezer of the process whose ``/proc/PID/cgroup`` is ``cgroups``, if its path
         names ``container_id`` and the control files exist; else None."""
-        for line in cgroups.splitlines():
-            _hid, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if container_id not in path or ".." in path.split("/"):
-                continue
+        for controllers, path in container_cgroups(cgroups, container_id):
             if "freezer" in controllers.split(","):
-                directory = root / "freezer" / path.lstrip("/")
+                directory = root / "freezer" / path
                 if (directory / "freezer.state").is_file():
                     return cls(directory, v2=False)
             elif controllers == "":
-                directory = root / path.lstrip("/")
+                directory = root / path
                 if (directory / "cgroup.freeze").is_file():
                     return cls(directory, v2=True)
         return None
