@@ -6,35 +6,31 @@ the credentials going away raise, because every later version would fail the sam
 
 "Already migrated" is decided from signed provenance, never from tags: a version that claims
 to be the twin counts only when ``_twin`` verifies it against the source's own bytes, which
-costs a download of the source and of the twin's model file on every run."""
+costs a download of the source and of the twin's model file on every run.
+
+This module decides what happens to a version; ``_migrate_convert`` converts one and verifies
+the output, ``_migrate_register`` writes the registry, ``_migrate_options`` holds what a run
+is given."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_leftovers as leftovers
-from airlock_client._errors import (
-    AccessDenied,
-    AirlockError,
-    ConversionError,
-    IntegrityError,
-    ModelSourceError,
-    ServiceUnavailable,
-)
+from airlock_client._errors import IntegrityError, ModelSourceError
+from airlock_client._migrate_convert import Failure, convert_verified
 from airlock_client._migrate_leftovers import OpenRun
+from airlock_client._migrate_options import TRANSIENT_REASONS, Convert, Fetch, Options, Progress
+from airlock_client._migrate_register import Registrar, executed_code
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
-from airlock_client._registry import DEFAULT_PAGE_SIZE, ModelVersion, Registry, tag
+from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
     Download,
     bundle_sha256,
@@ -42,56 +38,12 @@ from airlock_client._twin import (
     read_twin,
     source_subject,
 )
-from airlock_client._types import ConversionResult
-from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
-from airlock_client.provenance import (
-    ProvenanceError,
-    ProvenanceRecord,
-    PublicKeyLike,
-    check_output,
-    check_source,
-    load_public_key,
-    verify_envelope,
-)
-
-#: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
-Fetch = Callable[[str, Path], Path]
-#: ``convert(model_dir, output, subject) -> result``: convert in the broker's sandbox, with
-#: ``subject`` (``models:/NAME/VERSION``) signed into the provenance.
-Convert = Callable[[Path, Path, str], ConversionResult]
-#: One line of progress for a human (the CLI prints it on stderr).
-Progress = Callable[[str], None]
-
-EXPERIMENT = "airlock-migrations"
-#: The most versions one run migrates at once (``--jobs``).
-MAX_JOBS = MAX_CONCURRENCY
-#: Failure reasons that judge the moment, not the artifact: retried by the next run.
-TRANSIENT_REASONS = frozenset({
-    "SANDBOX_TIMEOUT", "SANDBOX_OOM", "BUSY", "DEADLINE_EXCEEDED", "CANCELLED",
-    "SANDBOX_UNAVAILABLE", "UNAVAILABLE", "INTERNAL", "DOWNLOAD_FAILED", DOWNLOAD_FAILED,
-})
-
-
-@dataclass(frozen=True)
-class Options:
-    page_size: int = DEFAULT_PAGE_SIZE
-    dry_run: bool = False
-    #: Point this alias of each target model at the twin of its newest migrated version.
-    alias: str | None = None
-    retry_failed: bool = False
-    target_suffix: str = tags.TARGET_SUFFIX
-    experiment: str = EXPERIMENT
-    #: Versions migrated at once (1: one after the other).
-    jobs: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.jobs <= MAX_JOBS:
-            raise ValueError(f"jobs must be between 1 and {MAX_JOBS}, not {self.jobs}")
+from airlock_client.provenance import ProvenanceRecord, PublicKeyLike, load_public_key
 
 
 class VersionMigration:
-    """Migrates single versions for one run (it caches the run's experiment id).
+    """Migrates single versions for one run (its ``registrar`` writes the registry).
 
     ``public_key`` is the pinned key: every twin is verified with it before it counts (see
     ``_twin``), and so is every fresh conversion before it is registered, whatever key the
@@ -118,9 +70,9 @@ class VersionMigration:
         self._public_key = None if public_key is None else load_public_key(public_key)
         self.options = options
         self.progress = progress
-        self._experiment_id: str | None = None
-        #: Held by every registry write of the run (``Migration`` sets aliases under it too).
-        self.writes = threading.Lock()
+        self.registrar = Registrar(registry, options.experiment)
+        #: The registrar's lock, which ``Migration`` sets aliases under too.
+        self.writes = self.registrar.writes
         #: (model, version) whose claimed twins could not be checked this run (the source
         #: could not be read): nobody knows whether they are migrated, so no alias moves past.
         self.unchecked: set[tuple[str, str]] = set()
@@ -236,11 +188,10 @@ class VersionMigration:
         # a run that could not download the source to check its twin is taken back.
         if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
                                          or tag(mv, tags.STATUS) != Status.CONVERTED):
-            with self.writes:
-                self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+            self.registrar.mark_source(name, version, Status.CONVERTED, migrated_to=where)
         # Killed after registering the twin, before closing its run: the run did its job.
         for left in self.open_runs.pop((name, version), []):
-            self._close(left, "FINISHED" if left.run_id == run_id else "FAILED")
+            self.registrar.close(left, "FINISHED" if left.run_id == run_id else "FAILED")
         return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
                        format=record.output_format, assurance=record.assurance,
                        executed_artifact_code=executed_code(record),
@@ -271,32 +222,18 @@ class VersionMigration:
                 else:
                     adopted = self._adopt(name, version, target, run, record)
                     continue
-            self._close(run, "FAILED")
+            self.registrar.close(run, "FAILED")
         return adopted
 
     def _adopt(self, name: str, version: str, target: Target, run: OpenRun,
                record: ProvenanceRecord) -> Outcome:
-        file_name = tags.OUTPUT_FILES[record.output_format]
-        with self.writes:
-            self._ensure_target(name, target)
-            twin = self.registry.create_model_version(
-                target.name, source=f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}",
-                run_id=run.run_id, tags=_lineage(name, version, record, file_name),
-                description=_description(name, version, record))
-            self.registry.set_terminated(run.run_id, "FINISHED")
-            where = f"{target.name}/{twin.version}"
-            target.twins.setdefault(version, []).insert(0, twin)
-            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        where = self.registrar.adopt(name, version, target, run, record)
         return Outcome(name, version, Status.CONVERTED, target=where,
                        format=record.output_format, assurance=record.assurance,
                        executed_artifact_code=executed_code(record),
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256,
                        message=f"registered from run {run.run_id}, which a stopped migrate "
                                "left open (its files verified): not converted again")
-
-    def _close(self, run: OpenRun, status: str) -> None:
-        with self.writes, contextlib.suppress(Exception):  # bookkeeping; the next run retries
-            self.registry.set_terminated(run.run_id, status)
 
     def _fetch(self, name: str, version: str, work: Path) -> Path | Outcome:
         try:
@@ -316,128 +253,22 @@ class VersionMigration:
 
     def _convert(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
                  source_sha256: str | None) -> Outcome:
-        subject = source_subject(name, version)
-        try:
-            result = self.convert(model_dir, work / "out" / "converted", subject)
-        except (ServiceUnavailable, AccessDenied):
-            raise
-        except ConversionError as exc:
-            status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED
-            return self._failed(name, version, status, exc.reason, exc.message)
-        except AirlockError as exc:  # provenance or stream integrity: refuse the output
-            status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
-            return self._failed(name, version, status,
-                                getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
-        except OSError as exc:
-            return self._failed(name, version, Status.FAILED, "CLIENT_ERROR",
-                                f"{type(exc).__name__}: {exc}")
-        if not result.provenance:
-            return self._failed(name, version, Status.FAILED, "PROVENANCE_MISSING",
-                                "the broker returned no signed provenance")
-        try:  # with the pinned key, whatever key ``convert`` used: this goes into a registry
-            record = verify_envelope(result.provenance, self.public_key)
-            check_output(record, sha256=result.sha256, size=result.size)
-            check_source(record, subject=subject,
-                         sha256=source_sha256 or result.input_sha256)
-        except ProvenanceError as exc:
-            return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
-        with self.writes:
-            twin = self._register(name, version, target, result, record, work / "out")
-            where = f"{target.name}/{twin.version}"
-            target.twins.setdefault(version, []).insert(0, twin)
-            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        converted = convert_verified(self.convert, model_dir, work / "out" / "converted",
+                                     source_subject(name, version), self.public_key,
+                                     source_sha256=source_sha256)
+        if isinstance(converted, Failure):
+            return self._failed(name, version, converted.status, converted.reason,
+                                converted.message)
+        result, record = converted
+        where = self.registrar.register(name, version, target, result, record, work / "out")
         return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
                        assurance=record.assurance,
                        executed_artifact_code=executed_code(record),
                        source_sha256=record.input_sha256,
                        output_sha256=record.output_sha256)
 
-    # -- registry writes ---------------------------------------------------------------------
-
-    def _register(self, name: str, version: str, target: Target, result: ConversionResult,
-                  record: ProvenanceRecord, out_dir: Path) -> ModelVersion:
-        """Log the file and its provenance in a run; make them a version of the target model."""
-        file_name = tags.OUTPUT_FILES[result.format]
-        model_file = out_dir / file_name
-        result.output.replace(model_file)
-        provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
-        provenance_file.write_bytes(result.provenance)
-        lineage = _lineage(name, version, record, file_name)
-        self._ensure_target(name, target)
-        run = self.registry.create_run(self._experiment(), tags=lineage,
-                                       run_name=f"airlock {name} v{version}")
-        run_id = str(run.info.run_id)
-        finished = False
-        try:
-            for path in (model_file, provenance_file):
-                self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
-            twin = self.registry.create_model_version(
-                target.name, source=f"{run.info.artifact_uri}/{tags.ARTIFACT_DIR}",
-                run_id=run_id, tags=lineage, description=_description(name, version, record))
-            finished = True
-        finally:
-            with contextlib.suppress(Exception):
-                self.registry.set_terminated(run_id, "FINISHED" if finished else "FAILED")
-        return twin
-
     def _failed(self, name: str, version: str, status: Status, reason: str,
                 message: str) -> Outcome:
         if not self.options.dry_run:
-            with self.writes:
-                self._mark_source(name, version, status, reason=reason, message=message)
+            self.registrar.mark_source(name, version, status, reason=reason, message=message)
         return Outcome(name, version, status, reason=reason, message=tags.clip(message))
-
-    def _mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",
-                     reason: str = "", message: str = "") -> None:
-        set_tag = self.registry.set_model_version_tag
-        set_tag(name, version, tags.STATUS, str(status))
-        if migrated_to:
-            set_tag(name, version, tags.MIGRATED_TO, migrated_to)
-            for stale in (tags.REASON, tags.MESSAGE):
-                with contextlib.suppress(Exception):  # absent tags are fine
-                    self.registry.delete_model_version_tag(name, version, stale)
-        else:
-            set_tag(name, version, tags.REASON, reason)
-            set_tag(name, version, tags.MESSAGE, tags.clip(message))
-
-    def _ensure_target(self, source: str, target: Target) -> None:
-        if target.exists:
-            return
-        self.registry.create_registered_model(
-            target.name, tags={tags.ROLE: tags.ROLE_MIGRATED, tags.SOURCE_MODEL: source},
-            description=f"{source}, converted by Airlock: each version holds one ONNX or "
-                        "safetensors file and its signed provenance.")
-        target.exists = True
-
-    def _experiment(self) -> str:
-        if self._experiment_id is None:
-            found = self.registry.get_experiment_by_name(self.options.experiment)
-            self._experiment_id = (str(found.experiment_id) if found is not None else
-                                   str(self.registry.create_experiment(self.options.experiment)))
-        return self._experiment_id
-
-
-def _lineage(name: str, version: str, record: ProvenanceRecord,
-             file_name: str) -> dict[str, str]:
-    """The tags of a twin (and of its run), from the signed record of its conversion."""
-    return {
-        tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
-        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
-        tags.OUTPUT_FORMAT: record.output_format, tags.OUTPUT_FILE: file_name,
-        tags.PROVENANCE_FILE: file_name + tags.PROVENANCE_SUFFIX,
-        tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
-        tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint,
-        tags.EXECUTED_CODE: "true" if executed_code(record) else "false",
-    }
-
-
-def executed_code(record: ProvenanceRecord) -> bool:
-    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
-    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
-    return record.conversion.get("executed_artifact_code") is True
-
-
-def _description(name: str, version: str, record: ProvenanceRecord) -> str:
-    return (f"{name} version {version} converted by Airlock to {record.output_format} "
-            f"({record.assurance}); load it with airlock_client.load_verified, never with "
-            "MLflow's loaders.")

@@ -26,7 +26,8 @@ interrupted run (Ctrl-C) starts nothing new and lets the versions in flight fini
 is left registered but untagged.
 
 This module runs the walk; ``_migrate_walk`` selects models and finds targets,
-``_migrate_version`` migrates one version, ``_migrate_report`` holds what is reported.
+``_migrate_version`` migrates one version, ``_migrate_report`` holds what is reported,
+``_migrate_options`` what a run is given.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailabl
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
 from airlock_client._migrate_leftovers import find as find_open_runs
+from airlock_client._migrate_options import (
+    EXPERIMENT,
+    MAX_JOBS,
+    TRANSIENT_REASONS,
+    Convert,
+    Fetch,
+    Options,
+    Progress,
+)
 from airlock_client._migrate_pace import Pace
 from airlock_client._migrate_report import (
     PROBLEMS,
@@ -48,16 +58,7 @@ from airlock_client._migrate_report import (
     iter_problems,
     with_not_started,
 )
-from airlock_client._migrate_version import (
-    EXPERIMENT,
-    MAX_JOBS,
-    TRANSIENT_REASONS,
-    Convert,
-    Fetch,
-    Options,
-    Progress,
-    VersionMigration,
-)
+from airlock_client._migrate_version import VersionMigration
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
 from airlock_client._registry import ModelVersion, Registry, model_versions
 from airlock_client._twin import Download

@@ -10,7 +10,7 @@ import pytest
 from airlock_broker.conversion.jobs import EXIT_REASONS, judge
 from airlock_broker.errors import STATUS_TABLE, AirlockError, Reason
 from airlock_broker.sandboxes.sandbox import Outcome
-from airlock_client._migrate_version import TRANSIENT_REASONS
+from airlock_client._migrate_options import TRANSIENT_REASONS
 from airlock_sandbox.contract import WorkerExit
 
 #: Status codes the client retries (DESIGN §2: only UNAVAILABLE / RESOURCE_EXHAUSTED) and

@@ -1,0 +1,72 @@
+"""One conversion for ``airlock migrate``, and whether its output may be registered.
+
+The broker converts a source version's files with ``models:/NAME/VERSION`` signed into the
+provenance; the record is then verified with the pinned key, whatever key ``convert`` verified
+with, because what passes goes into a registry: signature, the output's sha256 and size, this
+very subject and source bytes. A conversion the broker refused or failed, or an output that
+does not verify, is a :class:`Failure`; only the broker or the credentials going away raise
+(see ``_migrate_version``). No registry calls here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    IntegrityError,
+    ServiceUnavailable,
+)
+from airlock_client._migrate_options import Convert
+from airlock_client._migrate_report import Status
+from airlock_client._types import ConversionResult
+from airlock_client.provenance import (
+    ProvenanceError,
+    ProvenanceRecord,
+    check_output,
+    check_source,
+    verify_envelope,
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a conversion's output is not registered: what the source version is tagged with."""
+
+    status: Status
+    reason: str
+    message: str
+
+
+def convert_verified(convert: Convert, model_dir: Path, output: Path, subject: str,
+                     public_key: EllipticCurvePublicKey, *, source_sha256: str | None,
+                     ) -> tuple[ConversionResult, ProvenanceRecord] | Failure:
+    """Convert ``model_dir`` into ``output`` as ``subject``; the result and its signed record
+    once they verify with ``public_key``. ``source_sha256``: what the signed input must be,
+    when the caller hashed the source (else the one the broker answered with)."""
+    try:
+        result = convert(model_dir, output, subject)
+    except (ServiceUnavailable, AccessDenied):
+        raise
+    except ConversionError as exc:
+        status = Status.REJECTED if exc.kind == "rejected" else Status.FAILED
+        return Failure(status, exc.reason, exc.message)
+    except AirlockError as exc:  # provenance or stream integrity: refuse the output
+        status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
+        return Failure(status, getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
+    except OSError as exc:
+        return Failure(Status.FAILED, "CLIENT_ERROR", f"{type(exc).__name__}: {exc}")
+    if not result.provenance:
+        return Failure(Status.FAILED, "PROVENANCE_MISSING",
+                       "the broker returned no signed provenance")
+    try:  # with the pinned key, whatever key ``convert`` used: this goes into a registry
+        record = verify_envelope(result.provenance, public_key)
+        check_output(record, sha256=result.sha256, size=result.size)
+        check_source(record, subject=subject, sha256=source_sha256 or result.input_sha256)
+    except ProvenanceError as exc:
+        return Failure(Status.REJECTED, exc.reason, exc.message)
+    return result, record

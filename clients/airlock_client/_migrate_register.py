@@ -1,0 +1,151 @@
+"""The registry writes of ``airlock migrate``: a verified conversion logged in a run of the
+run's experiment and registered as a version of the target model (its twin), tagged and
+described from its signed record; a conversion a stopped migrate left in an open run
+registered from that run; the source version tagged with what happened to it; and open runs
+closed. It writes what it is given: the output was verified before (``_migrate_convert``,
+``_migrate_leftovers``). One write at a time, under one lock."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+from airlock_client import _lineage as tags
+from airlock_client._migrate_leftovers import OpenRun
+from airlock_client._migrate_report import Status
+from airlock_client._migrate_walk import Target
+from airlock_client._registry import ModelVersion, Registry
+from airlock_client._types import ConversionResult
+from airlock_client.provenance import ProvenanceRecord
+
+
+class Registrar:
+    """The registry writes of one run (it caches the run's experiment id), taking turns under
+    ``writes``: every public method takes the lock, the private ones expect it held."""
+
+    def __init__(self, registry: Registry, experiment: str) -> None:
+        self.registry = registry
+        self.experiment = experiment
+        self._experiment_id: str | None = None
+        #: Held by every registry write of the run (``Migration`` sets aliases under it too).
+        self.writes = threading.Lock()
+
+    def register(self, name: str, version: str, target: Target, result: ConversionResult,
+                 record: ProvenanceRecord, out_dir: Path) -> str:
+        """Register the verified conversion of ``name`` v``version`` as its twin and tag the
+        source with it; the twin's ``NAME-airlock/VERSION``."""
+        with self.writes:
+            twin = self._register(name, version, target, result, record, out_dir)
+            where = f"{target.name}/{twin.version}"
+            target.twins.setdefault(version, []).insert(0, twin)
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return where
+
+    def adopt(self, name: str, version: str, target: Target, run: OpenRun,
+              record: ProvenanceRecord) -> str:
+        """Register the verified conversion ``run`` holds as the twin, close the run as
+        FINISHED and tag the source; the twin's ``NAME-airlock/VERSION``."""
+        file_name = tags.OUTPUT_FILES[record.output_format]
+        with self.writes:
+            self._ensure_target(name, target)
+            twin = self.registry.create_model_version(
+                target.name, source=f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}",
+                run_id=run.run_id, tags=_lineage(name, version, record, file_name),
+                description=_description(name, version, record))
+            self.registry.set_terminated(run.run_id, "FINISHED")
+            where = f"{target.name}/{twin.version}"
+            target.twins.setdefault(version, []).insert(0, twin)
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return where
+
+    def mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",
+                    reason: str = "", message: str = "") -> None:
+        with self.writes:
+            self._mark_source(name, version, status, migrated_to=migrated_to, reason=reason,
+                              message=message)
+
+    def close(self, run: OpenRun, status: str) -> None:
+        with self.writes, contextlib.suppress(Exception):  # bookkeeping; the next run retries
+            self.registry.set_terminated(run.run_id, status)
+
+    def _register(self, name: str, version: str, target: Target, result: ConversionResult,
+                  record: ProvenanceRecord, out_dir: Path) -> ModelVersion:
+        """Log the file and its provenance in a run; make them a version of the target model."""
+        file_name = tags.OUTPUT_FILES[result.format]
+        model_file = out_dir / file_name
+        result.output.replace(model_file)
+        provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
+        provenance_file.write_bytes(result.provenance)
+        lineage = _lineage(name, version, record, file_name)
+        self._ensure_target(name, target)
+        run = self.registry.create_run(self._experiment(), tags=lineage,
+                                       run_name=f"airlock {name} v{version}")
+        run_id = str(run.info.run_id)
+        finished = False
+        try:
+            for path in (model_file, provenance_file):
+                self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
+            twin = self.registry.create_model_version(
+                target.name, source=f"{run.info.artifact_uri}/{tags.ARTIFACT_DIR}",
+                run_id=run_id, tags=lineage, description=_description(name, version, record))
+            finished = True
+        finally:
+            with contextlib.suppress(Exception):
+                self.registry.set_terminated(run_id, "FINISHED" if finished else "FAILED")
+        return twin
+
+    def _mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",
+                     reason: str = "", message: str = "") -> None:
+        set_tag = self.registry.set_model_version_tag
+        set_tag(name, version, tags.STATUS, str(status))
+        if migrated_to:
+            set_tag(name, version, tags.MIGRATED_TO, migrated_to)
+            for stale in (tags.REASON, tags.MESSAGE):
+                with contextlib.suppress(Exception):  # absent tags are fine
+                    self.registry.delete_model_version_tag(name, version, stale)
+        else:
+            set_tag(name, version, tags.REASON, reason)
+            set_tag(name, version, tags.MESSAGE, tags.clip(message))
+
+    def _ensure_target(self, source: str, target: Target) -> None:
+        if target.exists:
+            return
+        self.registry.create_registered_model(
+            target.name, tags={tags.ROLE: tags.ROLE_MIGRATED, tags.SOURCE_MODEL: source},
+            description=f"{source}, converted by Airlock: each version holds one ONNX or "
+                        "safetensors file and its signed provenance.")
+        target.exists = True
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            found = self.registry.get_experiment_by_name(self.experiment)
+            self._experiment_id = (str(found.experiment_id) if found is not None else
+                                   str(self.registry.create_experiment(self.experiment)))
+        return self._experiment_id
+
+
+def _lineage(name: str, version: str, record: ProvenanceRecord,
+             file_name: str) -> dict[str, str]:
+    """The tags of a twin (and of its run), from the signed record of its conversion."""
+    return {
+        tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
+        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
+        tags.OUTPUT_FORMAT: record.output_format, tags.OUTPUT_FILE: file_name,
+        tags.PROVENANCE_FILE: file_name + tags.PROVENANCE_SUFFIX,
+        tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
+        tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint,
+        tags.EXECUTED_CODE: "true" if executed_code(record) else "false",
+    }
+
+
+def executed_code(record: ProvenanceRecord) -> bool:
+    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
+    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
+    return record.conversion.get("executed_artifact_code") is True
+
+
+def _description(name: str, version: str, record: ProvenanceRecord) -> str:
+    return (f"{name} version {version} converted by Airlock to {record.output_format} "
+            f"({record.assurance}); load it with airlock_client.load_verified, never with "
+            "MLflow's loaders.")
