@@ -19,7 +19,7 @@ import grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _bundle, _channel, _migrate_jobs, _wire
+from airlock_client import _batch_jobs, _bundle, _channel, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
@@ -294,13 +294,13 @@ class Client:
 
     def default_jobs(self) -> int:
         """How many conversions a batch keeps in flight when not told: what the broker runs
-        at once, from its pool status (``_migrate_jobs.default_jobs``), or
+        at once, from its pool status (``_batch_jobs.default_jobs``), or
         ``FALLBACK_JOBS`` when that cannot be read (it needs the admin role)."""
         try:
             reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
         except AirlockError:
-            return _migrate_jobs.FALLBACK_JOBS
-        return _migrate_jobs.default_jobs(_pool_statuses(reply), int(reply.max_concurrent_jobs))
+            return _batch_jobs.FALLBACK_JOBS
+        return _batch_jobs.default_jobs(_pool_statuses(reply), int(reply.max_concurrent_jobs))
 
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,

@@ -39,6 +39,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from airlock_client._batch_jobs import (
+    FALLBACK_JOBS,
+    JOBS_PROFILE,
+    MAX_DEFAULT_JOBS,
+    default_jobs,
+)
 from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import (
     EXIT_DENIED,
@@ -55,12 +61,6 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._lineage import clip
-from airlock_client._migrate_jobs import (
-    FALLBACK_JOBS,
-    JOBS_PROFILE,
-    MAX_DEFAULT_JOBS,
-    default_jobs,
-)
 from airlock_client._migrate_key import conversion_key
 from airlock_client._progress import busy_notice, write_line
 from airlock_client._registry import (

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from airlock_client._batch_jobs import FALLBACK_JOBS, JOBS_PROFILE, MAX_DEFAULT_JOBS
 from airlock_client._cli_connection import add_connection_arguments
 from airlock_client._cli_exits import (
     EXIT_DENIED,
@@ -29,7 +30,6 @@ from airlock_client._cli_exits import (
     interrupted,
 )
 from airlock_client._lineage import TARGET_SUFFIX
-from airlock_client._migrate_jobs import FALLBACK_JOBS, JOBS_PROFILE, MAX_DEFAULT_JOBS
 from airlock_client._registry import DEFAULT_PAGE_SIZE
 
 __all__ = [

@@ -36,9 +36,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from airlock_client import _lineage as tags
+from airlock_client._batch_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._lineage import TARGET_SUFFIX
-from airlock_client._migrate_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
 from airlock_client._migrate_leftovers import find as find_open_runs
 from airlock_client._migrate_options import (
     EXPERIMENT,

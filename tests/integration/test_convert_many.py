@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from airlock_client import Client, ConversionError
-from airlock_client._migrate_jobs import FALLBACK_JOBS, MAX_DEFAULT_JOBS
+from airlock_client._batch_jobs import FALLBACK_JOBS, MAX_DEFAULT_JOBS
 from tests.conftest import BrokerProcess
 from tests.fixtures import models
 

@@ -16,7 +16,7 @@ HEAVY = ("onnx", "onnxruntime", "ml_dtypes", "numpy", "mlflow", "cryptography", 
          "airlock_broker", "grpc", "google.protobuf", "yaml", "tenacity", "safetensors")
 #: What ``import airlock_client`` and the CLI's surface may load of the client.
 LIGHT = {"airlock_client", "airlock_client._cli_connection", "airlock_client._cli_exits",
-         "airlock_client._errors", "airlock_client._lineage", "airlock_client._migrate_jobs",
+         "airlock_client._errors", "airlock_client._lineage", "airlock_client._batch_jobs",
          "airlock_client._registry",
          "airlock_client.cli"}
 

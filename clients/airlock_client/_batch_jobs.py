@@ -1,6 +1,7 @@
-"""How many versions ``airlock migrate`` migrates at once when ``--jobs`` is not given: what
-the broker says it runs at once, from its pool status. Imports nothing (``airlock migrate
---help`` quotes these numbers)."""
+"""How many conversions a batch keeps in flight when not told (``airlock migrate`` without
+``--jobs``, ``airlock convert FILE FILE ...``, ``Client.convert_many``): what the broker says
+it runs at once, from its pool status. Imports nothing (``airlock migrate --help`` quotes
+these numbers)."""
 
 from __future__ import annotations
 
