@@ -15,7 +15,7 @@ from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import _migrate_cli
 from airlock_client._types import ConversionResult
 from tests.unit.migrate_helpers import FakeSandbox
-from tests.unit.test_batch_jobs import _cli, _registry
+from tests.unit.test_migrate_jobs import _cli, _registry
 
 #: The walk: fraud v1-v5, churn v1-v4, encoder v1-v3.
 VERSIONS = 12
