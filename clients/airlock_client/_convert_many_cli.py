@@ -3,8 +3,9 @@ would be, ``--jobs`` at a time (``Client.convert_many``), a line on stderr as ea
 
 Each output is named as one file's would be (``m.pkl`` -> ``m.onnx``), beside its input or in
 the ``-o`` directory, with its signed provenance beside it. A file's failure is that file's
-outcome: the others go on. A broker that cannot be reached, or that denies the caller, ends
-the batch (no later file would fare better): those not started are counted, not tried. The
+outcome: the others go on. A broker that cannot be reached or that denies the caller, or an
+option every file shares that the client refuses (a ``ValueError``: a usage error), ends the
+batch (no later file would fare better): those not started are counted, not tried. The
 exit code is 0 when every file converted, otherwise that of the first failed file in the
 order given (``_cli_exits``); Ctrl-C lets the files in flight finish, keeps what converted,
 and removes the outputs of those it did not report.
@@ -21,7 +22,15 @@ from typing import Any
 
 from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_OK, failure, interrupted, usage_error
+from airlock_client._cli_exits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    USAGE,
+    failure,
+    interrupted,
+    usage_error,
+)
 from airlock_client._client import Client, default_address
 from airlock_client._convert_cli import FILE_POLICY, final_name, result_document
 from airlock_client._errors import AccessDenied, AirlockError, ConversionError, ServiceUnavailable
@@ -108,8 +117,9 @@ def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -
 
 
 def _broker_failed(done: Done[tuple[Path, Path], Any]) -> bool:
-    """Whether a failure was the broker's or the caller's, not the file's."""
-    return isinstance(done.error, (ServiceUnavailable, AccessDenied))
+    """Whether a failure was the broker's or the command line's (a ``ValueError``: an option
+    every file shares, such as a too large ``--sample-input``), not the file's."""
+    return isinstance(done.error, (ServiceUnavailable, AccessDenied, ValueError))
 
 
 def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dict[str, Any]:
@@ -124,8 +134,10 @@ def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dic
             return {"ok": False, "status": status, "reason": error.reason,
                     "message": error.message, "input": str(source), "output": None,
                     "job_id": job_id or None}
-        return {"ok": False, "status": "failed", "reason": "CLIENT_ERROR",
-                "message": str(error), "input": str(source), "output": None, "job_id": None}
+        usage = isinstance(error, ValueError)
+        return {"ok": False, "status": "usage" if usage else "failed",
+                "reason": USAGE if usage else "CLIENT_ERROR", "message": str(error),
+                "input": str(source), "output": None, "job_id": None}
     result = done.result
     final = final_name(_base(args, source), result.format)
     done.item[1].replace(final)
@@ -183,7 +195,9 @@ def _report(args: argparse.Namespace, sources: list[Path],
     if not failed:
         return EXIT_OK
     error = outcomes[failed[0]].error
-    return failure(error)[1] if isinstance(error, AirlockError) else 1
+    if isinstance(error, AirlockError):
+        return failure(error)[1]
+    return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILED
 
 
 def _whole_failure(args: argparse.Namespace, status: str, reason: str, message: str,

@@ -92,3 +92,17 @@ def test_several_inputs_that_cannot_go_together_are_a_usage_error(
     assert done.returncode == 2, done.stdout + done.stderr
     assert expected in done.stderr
     assert json.loads(done.stdout)["reason"] == "USAGE"
+
+
+def test_an_option_the_client_refuses_for_every_file_is_a_usage_error_once(
+        tmp_path: Path) -> None:
+    for name in ("a.pkl", "b.pkl"):
+        (tmp_path / name).write_bytes(b"never sent")
+    sample = tmp_path / "rows.npy"
+    sample.write_bytes(b"\x93NUMPY" + b"\x00" * (2 * 1024 * 1024))  # over the 1 MiB cap
+    done = run_cli("convert", str(tmp_path / "a.pkl"), str(tmp_path / "b.pkl"), "--jobs", "1",
+                   "--sample-input", str(sample), "--json", server="127.0.0.1:1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["converted"], doc["failed"], doc["not_started"]) == (0, 1, 1)
+    assert doc["files"][0]["reason"] == "USAGE" and "parity sample" in doc["files"][0]["message"]
