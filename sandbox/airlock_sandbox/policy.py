@@ -77,10 +77,12 @@ class SandboxPolicy:
     #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting: in
     #: every mode the output is read only once nothing in the container can run.
     exit_watch: str = "freeze"
-    #: A warm container imports and waits at the lowest CPU weight, the default restored when
-    #: a job takes it, so that refills never take the CPU from jobs (runc with the kernel exit
-    #: watch only; the broker's sandboxes/cpu_weight.py). Not a confinement setting either.
-    warm_low_priority: bool = True
+    #: Warm containers import at the lowest CPU weight, but for the oldest importing ones (one
+    #: per core); a job's container runs at the default. Pays with a pool whose stock covers
+    #: the bursts it serves (``[pools] max_warm``); costs a burst that runs the pool dry
+    #: (docs/operations.md has the figures). runc with the kernel exit watch only; the
+    #: broker's sandboxes/cpu_weight.py. Not a confinement setting either.
+    warm_low_priority: bool = False
     #: A host account or group with the sandbox's uid or gid (there is no user-namespace
     #: remapping: they are the same ids) would own every sandbox and be where an escape lands.
     #: "refuse": the broker does not start; "warn": it starts and logs it (weakened).

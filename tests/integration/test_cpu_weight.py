@@ -65,8 +65,8 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it(
             await backend.close()
 
     try:
-        low = asyncio.run(scenario(SandboxPolicy(image=IMAGE)))
-        off = asyncio.run(scenario(SandboxPolicy(image=IMAGE, warm_low_priority=False)))
+        low = asyncio.run(scenario(SandboxPolicy(image=IMAGE, warm_low_priority=True)))
+        off = asyncio.run(scenario(SandboxPolicy(image=IMAGE)))  # the default: off
     finally:
         reap_stale(spool)
     assert low == {"warm, waiting": 2, "warm, taken by a job": 1024, "cold": 1024}

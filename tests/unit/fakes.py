@@ -47,6 +47,8 @@ class FakeSandbox:
     slot_spools: list[Path] = field(default_factory=list)
     #: the deadline of every run, in order
     deadlines: list[float] = field(default_factory=list)
+    #: slot ids given their default CPU weight back by the pools (``hasten``), in order
+    hastened: list[str] = field(default_factory=list)
 
     async def describe(self, slot: Slot) -> Confinement:
         return Confinement()
@@ -91,6 +93,9 @@ class FakeSandbox:
 
     def warmed_up(self, slot: Slot) -> bool:
         return slot.workspace.worker_ready()  # a test plays the worker by writing the mark
+
+    def hasten(self, slot: Slot) -> None:
+        self.hastened.append(slot.slot_id)
 
     async def is_running(self, slot: Slot) -> bool:
         return slot.slot_id in self.live and slot.slot_id not in self.dead

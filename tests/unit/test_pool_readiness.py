@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.sandboxes import pools as pools_module
 from airlock_broker.sandboxes.pools import Pools, PoolSettings
 from airlock_broker.sandboxes.sandbox import Slot
 from airlock_broker.sandboxes.workspace import JobWorkspace
@@ -122,3 +123,28 @@ def test_the_status_command_shows_ready_and_importing_per_profile(
     header, row = capsys.readouterr().out.splitlines()
     assert header.split()[:4] == ["PROFILE", "WARM", "READY", "IMPORTING"]
     assert row.split()[:4] == ["sklearn", "3", "2", "1"]
+
+
+def test_the_oldest_importing_containers_get_the_default_priority_one_per_core(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Younger importing containers wait at a low CPU priority (cpu_weight.py); the oldest
+    ones, one per core, import at the default one, so that they get ready one after another.
+    A ready one needs no lane: the next oldest importing one gets it."""
+    monkeypatch.setattr(pools_module, "REFILL_LANES", 2)
+
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pool = pools.pools["sklearn"]
+        await _until(lambda: len(pool.warm) == 4 and pool.starting == 0)
+        a, b, c, d = (w.slot for w in pool.warm)
+        assert set(backend.hastened) == {a.slot_id, b.slot_id}
+        _mark(a)  # ready: its lane goes to the next oldest importing one
+        await _until(lambda: c.slot_id in backend.hastened)
+        assert d.slot_id not in backend.hastened
+        taken = await pools.acquire("sklearn")  # a job takes a (ready): lanes unchanged
+        assert taken is a and d.slot_id not in backend.hastened
+        taken = await pools.acquire("sklearn")  # b: its lane goes to d at once
+        assert taken is b and d.slot_id in backend.hastened
+
+    run_pools(tmp_path, PoolSettings(min_warm=4, max_warm=4, max_starting=4,
+                                     defer_replacement=True, stream_window_seconds=0,
+                                     profiles=("sklearn",)), body)

@@ -254,16 +254,19 @@ class DockerSandbox:
     def warmed_up(self, slot: Slot) -> bool:
         return slot.workspace.worker_ready()
 
+    def hasten(self, slot: Slot) -> None:
+        weight, slot.cpu_weight = slot.cpu_weight, None
+        if weight is None:
+            return
+        try:
+            weight.restore()
+        except OSError as exc:  # it only runs slower (a dead one fails its job anyway)
+            log.warning("could not restore the CPU weight of container %s (%s): %s",
+                        slot.container_id[:12], weight.path, exc)
+
     async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
         slot.assigned = True
-        if slot.cpu_weight is not None:
-            # A job has it: the default weight, before the job can start (cpu_weight.py).
-            weight, slot.cpu_weight = slot.cpu_weight, None
-            try:
-                weight.restore()
-            except OSError as exc:  # it only runs slower (a dead one fails its job anyway)
-                log.warning("could not restore the CPU weight of container %s (%s): %s",
-                            slot.container_id[:12], weight.path, exc)
+        self.hasten(slot)  # a job has it: the default weight, before the job can start
         if sample:
             slot.workspace.write_sample(sample)
         if isinstance(artifact, Slot):  # the same inode: one upload, two readers

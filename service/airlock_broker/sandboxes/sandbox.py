@@ -87,6 +87,12 @@ class SandboxBackend(Protocol):
         its profile's libraries and waits for a job spec."""
         ...
 
+    def hasten(self, slot: Slot) -> None:
+        """Give a started slot that waits at a low CPU priority (a warm container, while the
+        pool has a ready one to spare: cpu_weight.py) the default one; nothing when it has it.
+        ``hand_over`` does it too. Cheap, never raises."""
+        ...
+
     def warmed_up(self, slot: Slot) -> bool:
         """Whether a started slot's worker says it has imported and primed its profile and
         waits for a job. The sandbox's word: a hint for pool status, never for a decision
