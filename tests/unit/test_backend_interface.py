@@ -23,10 +23,11 @@ def test_the_interface_is_a_handful_of_verbs() -> None:
     upkeep = {"is_running", "check", "reap_orphans", "close"}
     selftest_and_gates = {"describe", "versions"}
     hints = {"warmed_up"}  # synchronous: pool status reads it (a hint, never a decision)
+    priority = {"hasten"}  # synchronous: a CPU weight (a speed, never a confinement)
     found = set(VERBS)
-    assert found == job | upkeep | selftest_and_gates | hints
+    assert found == job | upkeep | selftest_and_gates | hints | priority
     assert {v for v in VERBS if not inspect.iscoroutinefunction(
-        getattr(SandboxBackend, v))} == hints
+        getattr(SandboxBackend, v))} == hints | priority
 
 
 @pytest.mark.parametrize("backend", [DockerSandbox, FakeSandbox])

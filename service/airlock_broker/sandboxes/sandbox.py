@@ -66,10 +66,10 @@ class SandboxBackend(Protocol):
 
     A job: ``prepare`` (and ``start``, ahead of time, for a warm pool), ``hand_over`` the
     artifact, ``run`` the spec, read ``output`` once it is dead, ``destroy``. Upkeep:
-    ``is_running``, ``warmed_up``, ``check``, ``reap_orphans``, ``close``. The self-test and
-    the version gates: ``describe``, ``versions``. Nothing above this interface knows which
-    engine runs the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes pod per
-    job).
+    ``is_running``, ``warmed_up``, ``hasten``, ``check``, ``reap_orphans``, ``close``. The
+    self-test and the version gates: ``describe``, ``versions``. Nothing above this interface
+    knows which engine runs the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes
+    pod per job).
     """
 
     async def prepare(self, profile: str, *, selftest: bool = False,
