@@ -52,6 +52,14 @@ def final_name(source: Path, fmt: str) -> Path:
         else target
 
 
+def placed(result: ConversionResult, temporary: Path, base: Path) -> ConversionResult:
+    """A conversion written to ``temporary`` (``default_output``), renamed to its final name
+    after ``base`` now that its format is known (``final_name``)."""
+    final = final_name(base, result.format)
+    temporary.replace(final)
+    return ConversionResult(**{**result.__dict__, "output": final})
+
+
 def run_convert(args: argparse.Namespace) -> int:
     try:
         dtype = args.input_dtype or "float32"
@@ -103,9 +111,7 @@ def run_convert(args: argparse.Namespace) -> int:
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
         return _report_error(args, status, exc.reason, exc.message, code, job_id)
     if args.output is None:
-        final = final_name(source.output_base, result.format)
-        output.replace(final)
-        result = ConversionResult(**{**result.__dict__, "output": final})
+        result = placed(result, output, source.output_base)
     provenance = write_provenance(result.output, result.provenance)
     _report_ok(args, result, provenance)
     return EXIT_OK

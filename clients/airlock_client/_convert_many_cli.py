@@ -32,7 +32,12 @@ from airlock_client._cli_exits import (
     usage_error,
 )
 from airlock_client._client import Client, default_address
-from airlock_client._convert_cli import FILE_POLICY, final_name, result_document
+from airlock_client._convert_cli import (
+    FILE_POLICY,
+    default_output,
+    placed,
+    result_document,
+)
 from airlock_client._errors import AccessDenied, AirlockError, ConversionError, ServiceUnavailable
 from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
@@ -71,18 +76,13 @@ def _base(args: argparse.Namespace, source: Path) -> Path:
     return source if args.output is None else args.output / source.name
 
 
-def _temporary(base: Path) -> Path:
-    """Where the output is written until its format is known (as for one file)."""
-    return base.with_name(f".{base.name}.airlock-out")
-
-
 def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -> int:
     if (problem := usage_problem(args)) is not None:
         return usage_error("convert", problem, as_json=args.json)
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
     sources = [Path(text) for text in args.input]
-    pairs = [(source, _temporary(_base(args, source))) for source in sources]
+    pairs = [(source, default_output(_base(args, source))) for source in sources]
     count = Throughput(total=len(pairs))
     outcomes: dict[Path, Done[tuple[Path, Path], Any]] = {}
     documents: dict[Path, dict[str, Any]] = {}
@@ -138,11 +138,8 @@ def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dic
         return {"ok": False, "status": "usage" if usage else "failed",
                 "reason": USAGE if usage else "CLIENT_ERROR", "message": str(error),
                 "input": str(source), "output": None, "job_id": None}
-    result = done.result
-    final = final_name(_base(args, source), result.format)
-    done.item[1].replace(final)
-    result = type(result)(**{**result.__dict__, "output": final})
-    provenance = write_provenance(final, result.provenance)
+    result = placed(done.result, done.item[1], _base(args, source))
+    provenance = write_provenance(result.output, result.provenance)
     return {**result_document(result, provenance), "input": str(source)}
 
 
