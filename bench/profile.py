@@ -188,6 +188,7 @@ def request_phases(work: Path, quick: bool, which: set[str],
                 calls = []
                 for _ in range(count):
                     broker.wait_ready()
+                    host.settle_disk()  # as bench.run: no sample pays the last one's writeback
                     began = time.monotonic()
                     client.convert(artifact, work / f"{name}.out")
                     calls.append({"client.begin": began, "client.end": time.monotonic()})

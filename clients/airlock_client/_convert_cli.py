@@ -171,12 +171,18 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
               "--public-key or AIRLOCK_PUBLIC_KEY")
 
 
+def failure_document(status: str, reason: str | None, message: str, job_id: str = ""
+                     ) -> dict[str, Any]:
+    """The ``--json`` object for one file that was not converted (a file of several adds its
+    ``input``): the keys of :func:`result_document` a script checks first, with no output."""
+    return {"ok": False, "status": status, "reason": reason, "message": message,
+            "output": None, "format": None, "sha256": None, "job_id": job_id or None}
+
+
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,
                   job_id: str = "") -> int:
     if args.json:
-        print(json.dumps({"ok": False, "status": status, "reason": reason, "message": message,
-                          "output": None, "format": None, "sha256": None,
-                          "job_id": job_id or None}))
+        print(json.dumps(failure_document(status, reason, message, job_id)))
     else:
         print(f"airlock convert: {status}: {printable(reason)}: {printable(message)}",
               file=sys.stderr)

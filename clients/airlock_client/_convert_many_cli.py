@@ -35,6 +35,7 @@ from airlock_client._client import Client, default_address
 from airlock_client._convert_cli import (
     FILE_POLICY,
     default_output,
+    failure_document,
     placed,
     result_document,
 )
@@ -131,13 +132,12 @@ def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dic
         if isinstance(error, AirlockError):
             status, _ = failure(error)
             job_id = error.job_id if isinstance(error, ConversionError) else ""
-            return {"ok": False, "status": status, "reason": error.reason,
-                    "message": error.message, "input": str(source), "output": None,
-                    "job_id": job_id or None}
-        usage = isinstance(error, ValueError)
-        return {"ok": False, "status": "usage" if usage else "failed",
-                "reason": USAGE if usage else "CLIENT_ERROR", "message": str(error),
-                "input": str(source), "output": None, "job_id": None}
+            doc = failure_document(status, error.reason, error.message, job_id)
+        else:
+            usage = isinstance(error, ValueError)
+            doc = failure_document("usage" if usage else "failed",
+                                   USAGE if usage else "CLIENT_ERROR", str(error))
+        return {**doc, "input": str(source)}
     result = placed(done.result, done.item[1], _base(args, source))
     provenance = write_provenance(result.output, result.provenance)
     return {**result_document(result, provenance), "input": str(source)}
@@ -174,8 +174,8 @@ def _report(args: argparse.Namespace, sources: list[Path],
             "status": "ok" if not failed and not not_started else "failed",
             "converted": converted, "failed": len(failed), "not_started": len(not_started),
             "files": [documents[s] for s in sources if s in documents]
-            + [{"ok": False, "status": "not_started", "reason": None, "input": str(s),
-                "output": None} for s in not_started],
+            + [{**failure_document("not_started", None, "the batch ended before this "
+                                   "file's turn"), "input": str(s)} for s in not_started],
         }))
     else:
         for source in sources:

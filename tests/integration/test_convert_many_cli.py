@@ -42,6 +42,9 @@ def test_several_files_convert_into_one_directory_and_a_bad_one_fails_alone(
     assert set(by_input) == {str(a), str(junk), str(b), str(c)}
     assert by_input[str(junk)]["status"] == "rejected"
     assert by_input[str(junk)]["reason"] == "UNSUPPORTED_FORMAT"
+    # A failed file's object is the one `convert FILE --json` prints, plus its input.
+    alone = run_cli("convert", str(junk), "--json", server=broker.address)
+    assert set(by_input[str(junk)]) == set(json.loads(alone.stdout)) | {"input"}
     for source in (a, b, c):
         entry = by_input[str(source)]
         assert entry["ok"] and entry["format"] == "onnx", entry

@@ -4,6 +4,7 @@ cpu_weight.py) are found here and nowhere else."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,3 +20,14 @@ def container_cgroups(cgroups: str, container_id: str) -> Iterator[tuple[str, st
         controllers, _, path = rest.partition(":")
         if container_id in path and ".." not in path.split("/"):
             yield controllers, path.lstrip("/")
+
+
+def write_control(path: Path, value: bytes) -> None:
+    """Write ``value`` into one cgroup control file, as a shell's ``>`` would (``O_TRUNC``:
+    kernfs ignores it, a test's plain file needs it), never through a symbolic link. Raises
+    OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, value)
+    finally:
+        os.close(fd)

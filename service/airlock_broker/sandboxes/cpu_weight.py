@@ -23,10 +23,9 @@ Off by default (``[sandbox] warm_low_priority``): a burst that runs the pool dry
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups
+from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups, write_control
 
 #: (control file, lowest, default) for cgroup v1 and v2.
 _V1 = ("cpu.shares", b"2", b"1024")
@@ -66,9 +65,4 @@ class CpuWeight:
         self._write(self.default)
 
     def _write(self, value: bytes) -> None:
-        # O_TRUNC as a shell's ">" opens it (kernfs ignores it; a test's plain file needs it).
-        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.write(fd, value)
-        finally:
-            os.close(fd)
+        write_control(self.path, value)

@@ -35,7 +35,7 @@ import signal
 import struct
 from pathlib import Path
 
-from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups
+from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups, write_control
 
 #: How long a freeze may take before the broker thaws and waits for the death instead.
 FREEZE_TIMEOUT_SECONDS = 0.1
@@ -92,12 +92,7 @@ class Freezer:
         self._write(b"0" if self.v2 else b"THAWED")
 
     def _write(self, value: bytes) -> None:
-        name = "cgroup.freeze" if self.v2 else "freezer.state"
-        fd = os.open(self.directory / name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.write(fd, value)
-        finally:
-            os.close(fd)
+        write_control(self.directory / ("cgroup.freeze" if self.v2 else "freezer.state"), value)
 
 
 def thaw_container(pid: int, container_id: str) -> None:
