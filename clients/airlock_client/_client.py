@@ -271,7 +271,8 @@ class Client:
         artifact's outcome, and the others go on). The pairs are taken lazily, so a
         generator of thousands is never listed at once. Ctrl-C (or ``close()`` on the
         generator) starts nothing new and lets the conversions in flight finish, so none is
-        left half written; a caller that stops iterating early should close it
+        left half written; a second Ctrl-C meanwhile closes this client, which cancels
+        them (and their broker jobs). A caller that stops iterating early should close it
         (``contextlib.closing``). ``stop``, called with each outcome, ends the batch the same
         way when it returns True (e.g. on ``ServiceUnavailable``: no later artifact would
         fare better). ``subject``: what each artifact is signed as, one string for all or a
@@ -290,7 +291,7 @@ class Client:
 
         pairs = ((Path(a), Path(o)) for a, o in conversions)
         return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
-                           else jobs, stop=stop)
+                           else jobs, stop=stop, abandon=self.close)
 
     def default_jobs(self) -> int:
         """How many conversions a batch keeps in flight when not told: what the broker runs

@@ -31,6 +31,7 @@ from airlock_client._cli_exits import (
     interrupted,
     usage_error,
 )
+from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address
 from airlock_client._convert_cli import (
     FILE_POLICY,
@@ -88,8 +89,10 @@ def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -
     outcomes: dict[Path, Done[tuple[Path, Path], Any]] = {}
     documents: dict[Path, dict[str, Any]] = {}
     try:
-        with Client(args.server or default_address(), public_key=args.public_key,
-                    **client_options(args)) as client, contextlib.closing(client.convert_many(
+        with batch_interrupts("convert", "conversion"), \
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **client_options(args)) as client, \
+                contextlib.closing(client.convert_many(
                         pairs, jobs=args.jobs, stop=_broker_failed, target=args.target,
                         inputs=inputs, declared_format=args.declared,
                         loading_policy=args.policy or FILE_POLICY, job_timeout=args.timeout,

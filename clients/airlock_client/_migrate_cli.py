@@ -32,10 +32,8 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -53,6 +51,7 @@ from airlock_client._cli_exits import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import (
     AccessDenied,
@@ -162,12 +161,14 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.jobs is None and not args.dry_run:
         options = replace(options, jobs=_default_jobs(broker))
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
+                          abandon=broker.close,
                           download=mlflow_download(tracking_uri), public_key=public_key,
                           options=options, progress=_progress)
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
         # "View run ..." links there when a run ends, so the run talks to stderr instead.
-        with contextlib.redirect_stdout(sys.stderr), _sigterm_as_interrupt():
+        with contextlib.redirect_stdout(sys.stderr), \
+                batch_interrupts("migrate", "version", sigterm=True):
             outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
         return _usage(str(exc))
@@ -187,25 +188,6 @@ def run_migrate(args: argparse.Namespace) -> int:
     code = exit_code(outcomes)
     _summary(args, migration, outcomes, code)
     return code
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler or ``kill`` ending the job) stops the run as Ctrl-C does: nothing
-    new starts, the versions in flight finish and are tagged, the summary is printed.
-    Python's default for SIGTERM ends the process at once, with versions half done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_jobs(broker: Broker) -> int:

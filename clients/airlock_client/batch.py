@@ -7,7 +7,9 @@ shared and thread-safe; each conversion mostly waits on the broker), and yields 
 batch's: the exception is carried in ``Done.error``. ``stop`` (called after every outcome)
 ends the batch early: nothing new starts, and what is in flight is finished and yielded, so
 no conversion is left half done and none is lost. An exception that is not an ``Exception``
-(KeyboardInterrupt) does the same and is re-raised after the in-flight items finished.
+(KeyboardInterrupt) does the same and is re-raised after the in-flight items finished; a
+second Ctrl-C meanwhile calls ``abandon`` (the client closes its channel: each call in flight
+is cancelled, and its broker job with it) and the batch ends as soon as they have returned.
 
 ``Throughput`` turns outcomes into the numbers a progress line needs (rate and ETA).
 """
@@ -43,13 +45,17 @@ class Done(Generic[T, R]):
 
 
 def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
-                stop: Callable[[Done[T, R]], bool] | None = None
+                stop: Callable[[Done[T, R]], bool] | None = None,
+                abandon: Callable[[], None] | None = None
                 ) -> Generator[Done[T, R], None, None]:
     """``work(item)`` for each item, at most ``concurrency`` at once; each outcome as it ends.
 
     A consumer that stops iterating early should ``close()`` the generator (``with
-    contextlib.closing(...)``): that is when the items in flight are waited for.
-    Raises ``ValueError`` for a concurrency outside 1..``MAX_CONCURRENCY``."""
+    contextlib.closing(...)``): that is when the items in flight are waited for. A second
+    KeyboardInterrupt while they are waited for calls ``abandon``, which must make them
+    return soon; without it, that interrupt is raised at once (the interpreter still waits
+    for the threads when it exits). Raises ``ValueError`` for a concurrency outside
+    1..``MAX_CONCURRENCY``."""
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, "
                          f"not {concurrency}")
@@ -64,7 +70,8 @@ def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
         except Exception as exc:  # the item's outcome; the batch goes on
             return Done(item, None, exc, time.monotonic() - began)
 
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="airlock-batch") as pool:
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="airlock-batch")
+    try:
         try:
             while True:
                 while not stopped and len(running) < concurrency:
@@ -88,8 +95,24 @@ def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
             # is in flight finish, so that none is abandoned half way.
             for future in running:
                 future.cancel()
-            wait(running)
+            _wait_or_abandon(running, abandon)
             raise
+    finally:
+        # Not ``with``: its exit would wait for the threads again, after a second Ctrl-C.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _wait_or_abandon(running: Iterable[Future[Done[T, R]]],
+                     abandon: Callable[[], None] | None) -> None:
+    """Wait for ``running``; on a second interrupt, ``abandon`` them and wait for them to
+    return (a third interrupt, or no ``abandon``, leaves at once)."""
+    try:
+        wait(running)
+    except KeyboardInterrupt:
+        if abandon is None:
+            raise
+        abandon()
+        wait(running)
 
 
 @dataclass

@@ -33,7 +33,7 @@ This module runs the walk; ``_migrate_walk`` selects models and finds targets,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from airlock_client import _lineage as tags
 from airlock_client._batch_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
@@ -93,10 +93,14 @@ class Migration:
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
                  download: Download, public_key: PublicKeyLike | None,
-                 options: Options = _DEFAULTS, progress: Progress | None = None) -> None:
+                 options: Options = _DEFAULTS, progress: Progress | None = None,
+                 abandon: Callable[[], None] | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
-        what is verified with it is written into the registry). Only a dry run may pass None
+        what is verified with it is written into the registry); ``abandon`` makes the
+        conversions in flight end at once when a second Ctrl-C comes while they finish (the
+        CLI closes its broker client: they fail as ``CANCELLED``, which the next run
+        retries). Only a dry run may pass None
         (``ValueError`` otherwise): its versions that claim a twin are ``UNVERIFIED``. With
         ``options.jobs`` above 1, ``fetch``, ``convert``, ``download`` and ``progress`` are
         called from several threads at once (one version each)."""
@@ -110,6 +114,7 @@ class Migration:
         #: The outcomes of the last ``run`` so far, in the walk's order once it returns or
         #: raises: what an interrupted run (KeyboardInterrupt) had finished.
         self.outcomes: list[Outcome] = []
+        self._abandon = abandon
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
                                           options=options, progress=self.progress)
@@ -183,7 +188,7 @@ class Migration:
 
         failure: Exception | None = None
         batch = run_bounded(items(), work, concurrency=self.options.jobs,
-                            stop=lambda done: not done.ok)
+                            stop=lambda done: not done.ok, abandon=self._abandon)
         try:
             with contextlib.closing(batch):
                 try:

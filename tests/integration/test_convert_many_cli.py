@@ -4,13 +4,21 @@ the real broker, engine and image (issue #15: bulk conversion from the command l
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from airlock_client import Client
 from airlock_client.provenance import provenance_path
-from tests.conftest import BrokerProcess, free_port, run_cli
+from tests.adversarial.payloads import sleeper_pickle
+from tests.conftest import AIRLOCK, BrokerProcess, free_port, run_cli
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -109,3 +117,49 @@ def test_an_option_the_client_refuses_for_every_file_is_a_usage_error_once(
     doc = json.loads(done.stdout)
     assert (doc["converted"], doc["failed"], doc["not_started"]) == (0, 1, 1)
     assert doc["files"][0]["reason"] == "USAGE" and "parity sample" in doc["files"][0]["message"]
+
+
+def test_a_second_ctrl_c_cancels_the_conversions_in_flight(broker: BrokerProcess,
+                                                           tmp_path: Path) -> None:
+    """The first Ctrl-C lets the conversions in flight finish; a second one does not wait for
+    two that would sleep for 10 minutes: it cancels them (their sandboxes go) and removes
+    their outputs. Fails on a client that waits for them (the process outlives the wait)."""
+    sleepers = [sleeper_pickle(tmp_path / f"slow-{i}.pkl", seconds=600) for i in range(2)]
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [AIRLOCK, "convert", *map(str, sleepers), "-o", str(out), "--jobs", "2",
+         "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "AIRLOCK_SERVER": broker.address})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")),
+                              daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        with Client(broker.unix_address) as admin:  # the admin role (root on its socket)
+            _until(lambda: sum(p.busy for p in admin.pool_status()) >= 2, 120,
+                   "both sleepers running in their sandboxes",
+                   lambda: f"pools: {admin.pool_status()}; stderr: {''.join(lines)}")
+        process.send_signal(signal.SIGINT)
+        _until(lambda: any("finish first" in line for line in lines), 60,
+               "the first Ctrl-C's notice", lambda: "".join(lines))
+        assert process.poll() is None  # the first Ctrl-C waits for them
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+    said = "".join(lines)
+    assert "cancelling the conversions in flight" in said, said
+    assert "0 of 2 converted" in said, said
+    assert list(out.iterdir()) == []  # no half-written output is left
+
+
+def _until(probe: Callable[[], object], seconds: float, what: str,
+           describe: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out after {seconds:g} s waiting for " \
+                                            f"{what}. {describe()}"
+        time.sleep(0.2)

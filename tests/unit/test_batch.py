@@ -4,6 +4,7 @@ reported once, failures kept per item, and an early stop that abandons nothing."
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -87,3 +88,36 @@ def test_throughput_says_rate_and_time_left() -> None:
     assert meter.eta_seconds() == pytest.approx(60.0, rel=0.01)
     assert meter.line().startswith("5/10 done (1 failed), 5.0/min, about 1m00s left")
     assert "left" not in Throughput().line()
+
+
+def test_a_second_interrupt_abandons_what_is_in_flight() -> None:
+    """The first Ctrl-C waits for the items in flight; a second one calls ``abandon``
+    (the client cancels its calls), and the batch ends once they have returned."""
+    release = threading.Event()
+    started = threading.Barrier(3)
+    abandoned: list[float] = []
+
+    def work(item: int) -> int:
+        started.wait(timeout=60)
+        release.wait(timeout=120)  # a conversion that only a cancellation ends early
+        return item
+
+    def abandon() -> None:
+        abandoned.append(time.monotonic())
+        release.set()
+
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt_twice() -> None:
+        started.wait(timeout=60)
+        for _ in range(2):
+            time.sleep(0.3)  # each lands while the main thread waits in the batch
+            signal.pthread_kill(main, signal.SIGINT)
+
+    began = time.monotonic()
+    threading.Thread(target=interrupt_twice, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        list(run_bounded(range(10), work, concurrency=2, abandon=abandon))
+    assert len(abandoned) == 1
+    assert time.monotonic() - began < 60  # not the 120 s the items would have taken
