@@ -101,7 +101,7 @@ TARGETS: dict[str, tuple[str, Check]] = {
 WARM_CONFIG: dict[str, dict[str, Any]] = {
     "broker": {"max_concurrent_jobs": 4, "max_queued_jobs": 16},
     "sandbox": {"runtime": RUNTIME, "image": IMAGE},
-    "pools": {"min_warm": 2, "max_warm": 4, "max_starting": 2,
+    "pools": {"min_warm": 2, "max_starting": 2,
               "profiles": ["sklearn", "torch", "light"]},
 }
 #: The broker for S6: pools off, every job takes the cold path.

@@ -211,10 +211,10 @@ def without_shutdown_drain(config: Path) -> None:
 
 
 #: Warm pools of ``min_warm`` (1) each, not sized for the stream of jobs: a broker that
-#: serves a test module a job every few seconds would otherwise keep up to ``max_warm`` (4) per
-#: profile, which wait unused (each polling its job spec, ~0.5 % of a core) until the broker
-#: stops and are killed then: 8 such containers in the session broker, i.e. their starts
-#: (~1.5 CPU-s each) wasted. Stream sizing has tests of its own (test_pool_stream.py); the
+#: serves a test module a job every few seconds would otherwise keep what the stream's memory
+#: budget allows (1 GiB: 8 sklearn containers beyond ``min_warm``), which wait unused (each
+#: polling its job spec, ~0.5 % of a core) until the broker stops and are killed then: their
+#: starts (~1.5 CPU-s each) wasted. Stream sizing has tests of its own (test_pool_stream.py); the
 #: warm path itself is unchanged (every profile keeps its warm container).
 STEADY_POOLS = "[pools]\nstream_window_seconds = 0\n"
 

@@ -79,7 +79,7 @@ class SandboxPolicy:
     exit_watch: str = "freeze"
     #: Warm containers import at the lowest CPU weight, but for the oldest importing ones (one
     #: per core); a job's container runs at the default. Pays with a pool whose stock covers
-    #: the bursts it serves (``[pools] max_warm``); costs a burst that runs the pool dry
+    #: the bursts it serves (``[pools]`` memory budget); costs a burst that runs the pool dry
     #: (docs/operations.md has the figures). runc with the kernel exit watch only; the
     #: broker's sandboxes/cpu_weight.py. Not a confinement setting either.
     warm_low_priority: bool = False

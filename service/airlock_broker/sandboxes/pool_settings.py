@@ -22,7 +22,11 @@ class PoolSettings:
     """Sizes and rates of the warm pools. ``min_warm = 0`` turns pools off (all cold)."""
 
     min_warm: int = 1
-    max_warm: int = 4
+    #: A cap per profile; what bounds the stock a stream adds is ``stream_memory_budget_mib``
+    #: (with the defaults, 8 sklearn containers beyond ``min_warm``). At 4 the cap bound it
+    #: instead: a burst of 20 back to back after one like it waited +271-286 ms (p50, bench
+    #: S1b2) against +113-123 ms here.
+    max_warm: int = 16
     #: Containers being started at once, across all profiles (bounds the start rate).
     max_starting: int = 1
     #: A warm container older than this is replaced (the worker itself gives up after an hour).
