@@ -14,6 +14,8 @@ import importlib
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 
+from .doc_parsing import skip_scipy_docstring_parsing
+
 PROFILES: dict[str, tuple[str, ...]] = {
     # pickles / joblib: the estimator base classes, the converters and their runtime.
     # xgboost and lightgbm are left to the unpickler, which imports them if the model is one.
@@ -48,6 +50,8 @@ def warm_up(profile: str) -> None:
     afterwards, those objects are never walked again by the job's own collections."""
     gc.disable()
     try:
+        if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats (doc_parsing.py)
+            skip_scipy_docstring_parsing()
         for module in PROFILES[profile]:
             importlib.import_module(module)
         from .priming import prime
