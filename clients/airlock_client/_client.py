@@ -35,6 +35,7 @@ from airlock_client._types import (
     Target,
     TensorSpec,
 )
+from airlock_client._umask import umask
 from airlock_client.addresses import is_loopback
 from airlock_client.provenance import (
     ProvenanceError,
@@ -465,11 +466,6 @@ def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
     return check_sample(data)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
 
 def _requests(path: Path, first: pb.ConvertRequest, size: int, progress: Progress | None,
               digest: Any) -> Iterator[pb.ConvertRequest]:
@@ -524,7 +520,7 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
         if received != header.output_size or digest.hexdigest() != header.output_sha256:
             raise IntegrityError("the output does not match the size and sha256 announced")
         check_output(record, sha256=digest.hexdigest(), size=received)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it the usual mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

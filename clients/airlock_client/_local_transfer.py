@@ -32,6 +32,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_client import _wire
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client._types import ConversionResult
+from airlock_client._umask import umask
 from airlock_client.provenance import ProvenanceError, check_output, verify_envelope
 
 _MAX_REPLY = 4096
@@ -160,7 +161,7 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
         check_output(record, sha256=header.output_sha256, size=written)
         if written != header.output_size:
             raise IntegrityError("the output file's size is not the one announced")
-        os.fchmod(out_fd, 0o666 & ~_umask())  # mkstemp makes 0600; give it the usual mode
+        os.fchmod(out_fd, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(tmp, output)
         tmp = None
     finally:
@@ -186,8 +187,3 @@ def _header(responses: Any) -> pb.ConvertResult:
     result: pb.ConvertResult = first.result
     return result
 
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

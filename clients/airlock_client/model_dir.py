@@ -34,6 +34,7 @@ from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
+from airlock_client._umask import umask
 from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 
 if TYPE_CHECKING:  # the client's module needs grpc; importing this module does not
@@ -348,7 +349,7 @@ def _foreign_entries(dest: Path) -> list[str]:
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     """Rename the finished directory into place; an existing one is moved aside first and
     removed only once the new one is in place."""
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give it the usual mode
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; give it the usual mode
     if not os.path.lexists(dest):
         os.rename(tmp, dest)
         return
@@ -364,11 +365,6 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     os.rename(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
 
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock_client._errors import ProvenanceError
+from airlock_client._umask import umask
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -335,9 +336,7 @@ def write_provenance(output: Path, envelope: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(envelope)
-        current = os.umask(0)
-        os.umask(current)
-        os.chmod(tmp, 0o666 & ~current)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
