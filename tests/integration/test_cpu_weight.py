@@ -15,6 +15,8 @@ from airlock_broker.sandboxes.cpu_weight import CpuWeight
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import Slot
 from airlock_broker.sandboxes.workspace import reap_stale
+from airlock_sandbox.contract import JobSpec
+from airlock_sandbox.formats import PROFILE_LIGHT
 from airlock_sandbox.policy import SandboxPolicy
 from tests.conftest import IMAGE
 
@@ -71,3 +73,38 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it(
         reap_stale(spool)
     assert low == {"warm, waiting": 2, "warm, taken by a job": 1024, "cold": 1024}
     assert off == {"warm, waiting": 1024, "warm, taken by a job": 1024, "cold": 1024}
+
+
+def test_the_self_test_probe_runs_at_the_default_weight(docker_client: Any,
+                                                        tmp_path: Path) -> None:
+    """The probe's container is started by ``run`` (no pool, no ``hand_over``): it must
+    never be lowered, or a busy broker's self-test could miss its deadline. Its weight is
+    read as long as it runs; at the lowest (2) even once fails."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+
+    async def scenario() -> list[int]:
+        backend = DockerSandbox(SandboxPolicy(image=IMAGE, warm_low_priority=True), spool)
+        await backend.check()
+        seen: list[int] = []
+        slot = await backend.prepare(PROFILE_LIGHT, selftest=True)
+        try:
+            running = asyncio.ensure_future(backend.run(slot, JobSpec(job_id="selftest"), 120))
+            while not running.done():
+                with contextlib.suppress(Exception):  # not started yet, or gone already
+                    seen.append(_weight(docker_client, slot))
+                await asyncio.sleep(0.005)
+            outcome = await running
+            assert outcome.exit_code == 0, outcome
+            return seen
+        finally:
+            with contextlib.suppress(Exception):
+                await backend.destroy(slot)
+            await backend.close()
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        reap_stale(spool)
+    assert seen, "the probe's weight was never read while it ran"
+    assert set(seen) == {1024}, seen

@@ -279,6 +279,7 @@ class DockerSandbox:
         return slot.workspace.out_dir
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
+        slot.assigned = True  # started here (a cold job, the self-test): at the default weight
         watch = slot.exit_watch
         if watch is not None and watch.freezer is not None:
             # It waits after its report, to be frozen rather than awaited (freezer.py).

@@ -35,7 +35,7 @@ class Slot:
     started: bool = False
     #: The kernel's view of the container's death (runc, recent kernels); None: ask the engine.
     exit_watch: ExitWatch | None = None
-    #: Set by ``hand_over``: a job has it.
+    #: Set by ``hand_over`` and ``run``: a job (or the self-test) has it.
     assigned: bool = False
     #: While it waits in a pool at the lowest CPU weight: its control (cpu_weight.py).
     cpu_weight: CpuWeight | None = None
