@@ -8,18 +8,23 @@ batch may take minutes to wind down, and a silent terminal invites a third press
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def batch_interrupts(command: str, unit: str, *, sigterm: bool = False) -> Iterator[None]:
-    """Ctrl-C (and SIGTERM when ``sigterm``: a scheduler ending the job, whose default would
-    end the process at once) raises KeyboardInterrupt as Python's default does, after a line
-    on stderr saying what happens next. ``unit``: what the batch is made of ("file").
-    Signal handlers can only be set from the main thread: elsewhere this does nothing."""
+def batch_interrupts(command: str, unit: str, *, halt: threading.Event | None = None,
+                     sigterm: bool = False) -> Iterator[None]:
+    """Within the block, Ctrl-C (and SIGTERM when ``sigterm``: a scheduler ending the job,
+    whose default would end the process at once) first says on stderr what happens next.
+    The first one then sets ``halt`` when given (the batch ends by itself, reporting what
+    was in flight: ``batch.run_bounded``), else raises KeyboardInterrupt; any later one
+    raises KeyboardInterrupt. ``unit``: what the batch converts ("version").
+
+    A signal the process ignores (a batch started in the background by a script) stays
+    ignored; handlers can only be set from the main thread: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -31,11 +36,17 @@ def batch_interrupts(command: str, unit: str, *, sigterm: bool = False) -> Itera
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         then = (f"no new {unit} starts; those in flight finish first (Ctrl-C again cancels "
                 "them)" if presses == 1 else f"cancelling the {unit}s in flight")
-        print(f"airlock {command}: {what}: {then}", file=sys.stderr, flush=True)
+        # Not print(): a handler that interrupts a write to sys.stderr may not write to it.
+        with contextlib.suppress(OSError):
+            os.write(2, f"airlock {command}: {what}: {then}\n".encode())
+        if presses == 1 and halt is not None:
+            halt.set()
+            return
         raise KeyboardInterrupt
 
-    which = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
-    previous = {signum: signal.signal(signum, interrupt) for signum in which}
+    which = [signal.SIGINT] + ([signal.SIGTERM] if sigterm else [])
+    previous = {signum: signal.signal(signum, interrupt) for signum in which
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:

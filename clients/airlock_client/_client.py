@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -135,6 +136,7 @@ class Client:
         self.last_transfer = ""
         settings = ChannelSettings.resolve(token=token, tls=tls, tls_ca=tls_ca,
                                            client_cert=client_cert, client_key=client_key)
+        self._closed = threading.Event()
         self._channel, self._metadata = open_channel(self.address, settings, options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         self._stub = pb_grpc.ConversionServiceStub(self._channel)
@@ -148,7 +150,16 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the channel: calls in flight (from any thread) end with ``CANCELLED``, and
+        a call waiting to retry stops waiting."""
+        self._closed.set()
         self._channel.close()
+
+    def _pause(self, seconds: float) -> None:
+        """A retry's wait, cut short by ``close``."""
+        if self._closed.wait(seconds):
+            raise ConversionError("CANCELLED", "the client was closed while the call waited "
+                                  "to be retried", kind="failed", code="CANCELLED")
 
     def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str], *,
                 target: Target = "auto", inputs: tuple[TensorSpec, ...] = (),
@@ -263,7 +274,7 @@ class Client:
                      jobs: int | None = None,
                      stop: Callable[[Done[tuple[Path, Path], ConversionResult]], bool]
                      | None = None, subject: str | Callable[[Path], str] = "",
-                     **options: Any
+                     halt: threading.Event | None = None, **options: Any
                      ) -> Generator[Done[tuple[Path, Path], ConversionResult], None, None]:
         """``convert(artifact, output, **options)`` for each ``(artifact, output)`` pair, at
         most ``jobs`` at once (default: ``default_jobs()``), each in its own sandbox; yields
@@ -276,23 +287,26 @@ class Client:
         them (and their broker jobs). A caller that stops iterating early should close it
         (``contextlib.closing``). ``stop``, called with each outcome, ends the batch the same
         way when it returns True (e.g. on ``ServiceUnavailable``: no later artifact would
-        fare better). ``subject``: what each artifact is signed as, one string for all or a
-        function of its path. Raises ``ValueError`` for ``jobs`` outside
-        1..``batch.MAX_CONCURRENCY``.
+        fare better); so does ``halt`` once set (a Ctrl-C handler's event), with the outcomes
+        of those in flight yielded, and a Ctrl-C after it cancels them at once.
+        ``subject``: what each artifact is signed as, one string for all or a function of its
+        path. Raises ``ValueError`` for ``jobs`` outside 1..``batch.MAX_CONCURRENCY``.
 
             with client, contextlib.closing(client.convert_many(pairs)) as batch:
                 for done in batch:
                     print(done.item[0], done.result.sha256 if done.ok else done.error)
         """
-        from airlock_client.batch import run_bounded
+        from airlock_client.batch import MAX_CONCURRENCY, run_bounded
 
         def work(pair: tuple[Path, Path]) -> ConversionResult:
             named = subject(pair[0]) if callable(subject) else subject
             return self.convert(pair[0], pair[1], subject=named, **options)
 
+        if jobs is not None and not 1 <= jobs <= MAX_CONCURRENCY:
+            raise ValueError(f"jobs must be between 1 and {MAX_CONCURRENCY}, not {jobs}")
         pairs = ((Path(a), Path(o)) for a, o in conversions)
         return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
-                           else jobs, stop=stop, abandon=self.close)
+                           else jobs, stop=stop, halt=halt, abandon=self.close)
 
     def default_jobs(self) -> int:
         """How many conversions a batch keeps in flight when not told: what the broker runs
@@ -318,7 +332,7 @@ class Client:
         key = idempotency_key or uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
         schedule = RetrySchedule(self.retry_policy, deadline, on_busy)
-        for attempt in schedule.retrying():
+        for attempt in schedule.retrying(sleep=self._pause):
             with attempt:
                 # No sha256 up front (that would read the file twice): the broker hashes what
                 # it receives and the client compares with its own hash of what it sent.

@@ -19,6 +19,7 @@ from airlock_client._cli_exits import (
     interrupted,
     usage_error,
 )
+from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
@@ -71,15 +72,17 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
     try:
-        with Client(args.server or default_address(), public_key=args.public_key,
-                    **client_options(args)) as client:
+        with batch_interrupts("convert", "shard"), \
+                Client(args.server or default_address(), public_key=args.public_key,
+                       **client_options(args)) as client:
             result = client.convert_directory(
                 source, output, jobs=args.jobs, progress=_progress_line,
                 overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except KeyboardInterrupt:
-        # The batch started no new shard and let those in flight finish; the temporary
-        # directory is gone (convert_directory's finally), the destination untouched.
+        # The batch started no new shard and let those in flight finish (or, on a second
+        # Ctrl-C, cancelled them); the temporary directory is gone (convert_directory's
+        # finally), the destination untouched.
         return interrupted("convert", f"stopped by Ctrl-C; no partial output was left "
                            f"({printable(str(output))} is as it was)", as_json=args.json)
     except (ValueError, FileExistsError) as exc:

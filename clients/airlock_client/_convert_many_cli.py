@@ -3,12 +3,11 @@ would be, ``--jobs`` at a time (``Client.convert_many``), a line on stderr as ea
 
 Each output is named as one file's would be (``m.pkl`` -> ``m.onnx``), beside its input or in
 the ``-o`` directory, with its signed provenance beside it. A file's failure is that file's
-outcome: the others go on. A broker that cannot be reached or that denies the caller, or an
-option every file shares that the client refuses (a ``ValueError``: a usage error), ends the
-batch (no later file would fare better): those not started are counted, not tried. The
+outcome: the others go on. A broker that cannot be reached or that denies the caller ends
+the batch (no later file would fare better): those not started are counted, not tried. The
 exit code is 0 when every file converted, otherwise that of the first failed file in the
-order given (``_cli_exits``); Ctrl-C lets the files in flight finish, keeps what converted,
-and removes the outputs of those it did not report.
+order given (``_cli_exits``). Ctrl-C starts no new file and lets those in flight finish and
+be reported (exit 130); a second one cancels them and removes their outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,15 @@ from airlock_client import _cli_source
 from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     USAGE,
     failure,
-    interrupted,
     usage_error,
 )
 from airlock_client._cli_interrupts import batch_interrupts
-from airlock_client._client import Client, default_address
+from airlock_client._client import Client, default_address, read_sample
 from airlock_client._convert_cli import (
     FILE_POLICY,
     default_output,
@@ -46,6 +46,10 @@ from airlock_client._terminal import printable
 from airlock_client._types import TensorSpec
 from airlock_client.batch import MAX_CONCURRENCY, Done, Throughput
 from airlock_client.provenance import write_provenance
+
+#: ``reason`` of a file that converted but could not be renamed into place (or have its
+#: provenance written beside it): the converted file is kept under its temporary name.
+OUTPUT_NOT_PLACED = "OUTPUT_NOT_PLACED"
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -81,6 +85,10 @@ def _base(args: argparse.Namespace, source: Path) -> Path:
 def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -> int:
     if (problem := usage_problem(args)) is not None:
         return usage_error("convert", problem, as_json=args.json)
+    try:  # read once, and refused before anything is sent: every file shares it
+        sample = read_sample(args.sample_input)
+    except ValueError as exc:
+        return usage_error("convert", str(exc), as_json=args.json)
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
     sources = [Path(text) for text in args.input]
@@ -88,42 +96,39 @@ def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -
     count = Throughput(total=len(pairs))
     outcomes: dict[Path, Done[tuple[Path, Path], Any]] = {}
     documents: dict[Path, dict[str, Any]] = {}
+    halt = threading.Event()  # the first Ctrl-C: nothing new starts (_cli_interrupts)
     try:
-        with batch_interrupts("convert", "conversion"), \
+        with batch_interrupts("convert", "conversion", halt=halt), \
                 Client(args.server or default_address(), public_key=args.public_key,
                        **client_options(args)) as client, \
                 contextlib.closing(client.convert_many(
-                        pairs, jobs=args.jobs, stop=_broker_failed, target=args.target,
-                        inputs=inputs, declared_format=args.declared,
-                        loading_policy=args.policy or FILE_POLICY, job_timeout=args.timeout,
-                        on_busy=busy_notice("convert"),
-                        subject=lambda path: _cli_source.default_subject(str(path)),
-                        parity_tolerance=args.parity_tolerance,
-                        keep_training_state=args.keep_training_state,
-                        sample_input=args.sample_input)) as batch:
+                    pairs, jobs=args.jobs, stop=_broker_failed, halt=halt,
+                    target=args.target, inputs=inputs, declared_format=args.declared,
+                    loading_policy=args.policy or FILE_POLICY, job_timeout=args.timeout,
+                    on_busy=busy_notice("convert"),
+                    subject=lambda path: _cli_source.default_subject(str(path)),
+                    parity_tolerance=args.parity_tolerance,
+                    keep_training_state=args.keep_training_state,
+                    sample_input=sample or None)) as batch:
             for done in batch:
                 source = done.item[0]
                 outcomes[source] = done
                 documents[source] = _finish(args, done)
-                count.add(done.ok)
+                count.add(documents[source]["ok"])
                 _progress(source, documents[source], count)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: those in flight were cancelled
         _remove_unreported(pairs, outcomes)
-        return interrupted("convert", f"stopped by Ctrl-C: {count.done - count.failed} of "
-                           f"{len(pairs)} converted and kept, {count.failed} failed, "
-                           f"{len(pairs) - count.done} not converted", as_json=args.json)
-    except ValueError as exc:
-        return usage_error("convert", str(exc), as_json=args.json)
+        return _report(args, sources, outcomes, documents, count, interrupted=True)
     except AirlockError as exc:  # before any file: the broker's key, the pool status
         status, code = failure(exc)
         return _whole_failure(args, status, exc.reason, exc.message, code)
-    return _report(args, sources, outcomes, documents, count)
+    return _report(args, sources, outcomes, documents, count, interrupted=halt.is_set())
 
 
 def _broker_failed(done: Done[tuple[Path, Path], Any]) -> bool:
-    """Whether a failure was the broker's or the command line's (a ``ValueError``: an option
-    every file shares, such as a too large ``--sample-input``), not the file's."""
-    return isinstance(done.error, (ServiceUnavailable, AccessDenied, ValueError))
+    """Whether a failure was the broker's (unreachable, or denying the caller), not the
+    file's: no later file would fare better."""
+    return isinstance(done.error, (ServiceUnavailable, AccessDenied))
 
 
 def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dict[str, Any]:
@@ -141,8 +146,16 @@ def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dic
             doc = failure_document("usage" if usage else "failed",
                                    USAGE if usage else "CLIENT_ERROR", str(error))
         return {**doc, "input": str(source)}
-    result = placed(done.result, done.item[1], _base(args, source))
-    provenance = write_provenance(result.output, result.provenance)
+    try:
+        result = placed(done.result, done.item[1], _base(args, source))
+        provenance = write_provenance(result.output, result.provenance)
+    except OSError as exc:  # e.g. the final name is a directory: this file's failure
+        return {**failure_document(
+            "failed", OUTPUT_NOT_PLACED,
+            f"converted, but it could not be put in place ({exc.strerror or exc}: "
+            f"{exc.filename2 or exc.filename or ''}); the converted file is kept as "
+            f"{done.item[1]}",
+            done.result.job_id), "input": str(source)}
     return {**result_document(result, provenance), "input": str(source)}
 
 
@@ -167,18 +180,21 @@ def _remove_unreported(pairs: list[tuple[Path, Path]],
 
 def _report(args: argparse.Namespace, sources: list[Path],
             outcomes: dict[Path, Done[tuple[Path, Path], Any]],
-            documents: dict[Path, dict[str, Any]], count: Throughput) -> int:
-    failed = [s for s in sources if s in outcomes and not outcomes[s].ok]
+            documents: dict[Path, dict[str, Any]], count: Throughput, *,
+            interrupted: bool = False) -> int:
+    failed = [s for s in sources if s in documents and not documents[s]["ok"]]
     not_started = [s for s in sources if s not in outcomes]
     converted = count.done - count.failed
     if args.json:
         print(json.dumps({
             "ok": not failed and not not_started,
-            "status": "ok" if not failed and not not_started else "failed",
+            "status": "interrupted" if interrupted
+            else "ok" if not failed and not not_started else "failed",
             "converted": converted, "failed": len(failed), "not_started": len(not_started),
             "files": [documents[s] for s in sources if s in documents]
-            + [{**failure_document("not_started", None, "the batch ended before this "
-                                   "file's turn"), "input": str(s)} for s in not_started],
+            + [{**failure_document("not_started", None, "not converted: the batch ended "
+                                   "first (the broker failed, or Ctrl-C)"), "input": str(s)}
+               for s in not_started],
         }))
     else:
         for source in sources:
@@ -192,9 +208,13 @@ def _report(args: argparse.Namespace, sources: list[Path],
                   f"{printable(doc['reason'])}: {printable(doc['message'])}", file=sys.stderr)
         rest = f", {len(not_started)} not started" if not_started else ""
         print(f"{converted} of {len(sources)} converted, {len(failed)} failed{rest}")
+    if interrupted:
+        print(f"airlock convert: interrupted: {converted} of {len(sources)} converted and "
+              f"kept, {len(failed)} failed, {len(not_started)} not converted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not failed:
         return EXIT_OK
-    error = outcomes[failed[0]].error
+    error = outcomes[failed[0]].error  # None: converted, but not put in place
     if isinstance(error, AirlockError):
         return failure(error)[1]
     return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILED

@@ -5,11 +5,15 @@ at once), keeps at most ``concurrency`` of them in flight on threads (the gRPC c
 shared and thread-safe; each conversion mostly waits on the broker), and yields each item's
 ``Done`` as it finishes, in completion order. An item's failure is its outcome, not the
 batch's: the exception is carried in ``Done.error``. ``stop`` (called after every outcome)
-ends the batch early: nothing new starts, and what is in flight is finished and yielded, so
-no conversion is left half done and none is lost. An exception that is not an ``Exception``
-(KeyboardInterrupt) does the same and is re-raised after the in-flight items finished; a
-second Ctrl-C meanwhile calls ``abandon`` (the client closes its channel: each call in flight
-is cancelled, and its broker job with it) and the batch ends as soon as they have returned.
+and ``halt`` (an event: a command's Ctrl-C handler sets it) end the batch early: nothing new
+starts, and what is in flight is finished and yielded, so no conversion is left half done
+and none is lost. A KeyboardInterrupt (or ``close()``) also starts nothing new; what is in
+flight is waited for, not yielded (the consumer has the interrupt), and the interrupt is
+raised. ``abandon`` makes the items in flight end soon (the client closes its channel: each
+call is cancelled, and its broker job with it): it is called on a KeyboardInterrupt that
+comes while they are waited for, or at once when ``halt`` was already set. The items in
+flight are always waited for: a thread left running would write after its consumer cleaned
+up.
 
 ``Throughput`` turns outcomes into the numbers a progress line needs (rate and ETA).
 """
@@ -46,16 +50,15 @@ class Done(Generic[T, R]):
 
 def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
                 stop: Callable[[Done[T, R]], bool] | None = None,
+                halt: threading.Event | None = None,
                 abandon: Callable[[], None] | None = None
                 ) -> Generator[Done[T, R], None, None]:
-    """``work(item)`` for each item, at most ``concurrency`` at once; each outcome as it ends.
+    """``work(item)`` for each item, at most ``concurrency`` at once; each outcome as it ends
+    (see the module docstring for ``stop``, ``halt`` and ``abandon``).
 
     A consumer that stops iterating early should ``close()`` the generator (``with
-    contextlib.closing(...)``): that is when the items in flight are waited for. A second
-    KeyboardInterrupt while they are waited for calls ``abandon``, which must make them
-    return soon; without it, that interrupt is raised at once (the interpreter still waits
-    for the threads when it exits). Raises ``ValueError`` for a concurrency outside
-    1..``MAX_CONCURRENCY``."""
+    contextlib.closing(...)``): that is when the items in flight are waited for. Raises
+    ``ValueError`` for a concurrency outside 1..``MAX_CONCURRENCY``, on the first ``next``."""
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, "
                          f"not {concurrency}")
@@ -72,47 +75,52 @@ def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
 
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="airlock-batch")
     try:
-        try:
-            while True:
-                while not stopped and len(running) < concurrency:
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        stopped = True
-                        break
-                    running[pool.submit(timed, item)] = item
-                if not running:
-                    return
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    del running[future]
-                    done = future.result()
-                    if stop is not None and stop(done):
-                        stopped = True
-                    yield done
-        except BaseException:
-            # Interrupted (or the consumer stopped iterating): start nothing new and let what
-            # is in flight finish, so that none is abandoned half way.
-            for future in running:
-                future.cancel()
-            _wait_or_abandon(running, abandon)
-            raise
+        while True:
+            while not stopped and len(running) < concurrency:
+                if halt is not None and halt.is_set():
+                    stopped = True
+                    break
+                try:
+                    item = next(source)
+                except StopIteration:
+                    stopped = True
+                    break
+                running[pool.submit(timed, item)] = item
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                del running[future]
+                done = future.result()
+                if stop is not None and stop(done):
+                    stopped = True
+                yield done
+    except BaseException as exc:
+        # Interrupted (or the consumer stopped iterating): start nothing new; what is in
+        # flight ends before this does.
+        for future in running:
+            future.cancel()
+        hurry = isinstance(exc, KeyboardInterrupt) and halt is not None and halt.is_set()
+        _wait_for(running, abandon, hurry)
+        raise
     finally:
-        # Not ``with``: its exit would wait for the threads again, after a second Ctrl-C.
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)  # idle by now: every item in flight has returned
 
 
-def _wait_or_abandon(running: Iterable[Future[Done[T, R]]],
-                     abandon: Callable[[], None] | None) -> None:
-    """Wait for ``running``; on a second interrupt, ``abandon`` them and wait for them to
-    return (a third interrupt, or no ``abandon``, leaves at once)."""
-    try:
-        wait(running)
-    except KeyboardInterrupt:
-        if abandon is None:
-            raise
-        abandon()
-        wait(running)
+def _wait_for(running: Iterable[Future[Done[T, R]]], abandon: Callable[[], None] | None,
+              hurry: bool) -> None:
+    """Wait until every item in ``running`` has returned. ``abandon`` is called once: at
+    once if ``hurry``, else on the first KeyboardInterrupt meanwhile. No interrupt cuts the
+    wait short."""
+    while True:
+        if hurry and abandon is not None:
+            abandon()
+            abandon = None
+        try:
+            wait(running)
+            return
+        except KeyboardInterrupt:
+            hurry = True
 
 
 @dataclass

@@ -242,7 +242,10 @@ def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
     failed: Done[Shard, ShardResult] | None = None
     answered = False  # has the broker answered any shard, converted or refused?
     broker_failed = False  # did the first failure come before any answer, the broker's?
-    for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok):
+    # A second Ctrl-C cancels the shards in flight (the client closes its channel); they
+    # have all returned before the temporary directory is removed (convert_directory).
+    for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok,
+                            abandon=client.close):
         # Unreachable, or the caller denied: about the broker or the caller, not this shard.
         unreached = not answered and isinstance(done.error, (ServiceUnavailable, AccessDenied))
         answered = answered or not unreached

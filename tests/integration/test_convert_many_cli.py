@@ -17,7 +17,7 @@ import pytest
 
 from airlock_client import Client
 from airlock_client.provenance import provenance_path
-from tests.adversarial.payloads import sleeper_pickle
+from tests.adversarial.payloads import fake_success_pickle, sleeper_pickle
 from tests.conftest import AIRLOCK, BrokerProcess, free_port, run_cli
 from tests.fixtures import models
 
@@ -114,9 +114,24 @@ def test_an_option_the_client_refuses_for_every_file_is_a_usage_error_once(
     done = run_cli("convert", str(tmp_path / "a.pkl"), str(tmp_path / "b.pkl"), "--jobs", "1",
                    "--sample-input", str(sample), "--json", server="127.0.0.1:1")
     assert done.returncode == 2, done.stdout + done.stderr
+    doc = json.loads(done.stdout)  # refused before anything is sent (the broker is not there)
+    assert (doc["status"], doc["reason"]) == ("usage", "USAGE")
+    assert "parity sample" in doc["message"]
+
+
+def test_a_file_that_cannot_be_put_in_place_fails_alone_and_keeps_its_conversion(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    a, b = _pickles(tmp_path, ["a.pkl", "b.pkl"])
+    (tmp_path / "in" / "a.onnx").mkdir()  # a's final name is taken by a directory
+    done = run_cli("convert", str(a), str(b), "--json", server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
     doc = json.loads(done.stdout)
-    assert (doc["converted"], doc["failed"], doc["not_started"]) == (0, 1, 1)
-    assert doc["files"][0]["reason"] == "USAGE" and "parity sample" in doc["files"][0]["message"]
+    by_input = {f["input"]: f for f in doc["files"]}
+    assert by_input[str(b)]["ok"] and Path(by_input[str(b)]["output"]).is_file()
+    failed = by_input[str(a)]
+    assert (failed["status"], failed["reason"]) == ("failed", "OUTPUT_NOT_PLACED"), failed
+    kept = tmp_path / "in" / ".a.pkl.airlock-out"
+    assert kept.is_file() and str(kept) in failed["message"]  # the conversion is not lost
 
 
 def test_a_second_ctrl_c_cancels_the_conversions_in_flight(broker: BrokerProcess,
@@ -163,3 +178,36 @@ def _until(probe: Callable[[], object], seconds: float, what: str,
         assert time.monotonic() < deadline, f"timed out after {seconds:g} s waiting for " \
                                             f"{what}. {describe()}"
         time.sleep(0.2)
+
+
+def test_ctrl_c_lets_the_conversions_in_flight_finish_and_keeps_them(broker: BrokerProcess,
+                                                                    tmp_path: Path) -> None:
+    """Two of three files converting (each ~15 s) when Ctrl-C comes: both finish and are
+    kept, with their provenance; the third never starts; exit 130. Fails on a client that
+    waits for them but drops their outcomes (their outputs were removed)."""
+    inputs = [fake_success_pickle(tmp_path / f"{name}.pkl", sleep_seconds=15)
+              for name in ("a", "b", "c")]
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [AIRLOCK, "convert", *map(str, inputs), "-o", str(out), "--jobs", "2", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "AIRLOCK_SERVER": broker.address})
+    try:
+        with Client(broker.unix_address) as admin:  # the admin role (root on its socket)
+            _until(lambda: sum(p.busy for p in admin.pool_status()) >= 2, 120,
+                   "two conversions in their sandboxes")
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stdout + stderr
+    assert "finish first" in stderr, stderr
+    doc = json.loads(stdout)
+    assert (doc["status"], doc["converted"], doc["failed"], doc["not_started"]) == (
+        "interrupted", 2, 0, 1), doc
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == sorted(["a.safetensors", "b.safetensors",
+                           provenance_path(out / "a.safetensors").name,
+                           provenance_path(out / "b.safetensors").name]), kept

@@ -121,3 +121,56 @@ def test_a_second_interrupt_abandons_what_is_in_flight() -> None:
         list(run_bounded(range(10), work, concurrency=2, abandon=abandon))
     assert len(abandoned) == 1
     assert time.monotonic() - began < 60  # not the 120 s the items would have taken
+
+
+def test_a_halt_starts_nothing_new_and_yields_what_was_in_flight() -> None:
+    """A command's first Ctrl-C sets ``halt``: the items in flight finish and are reported
+    like any other (their outputs are kept), nothing new starts, and no exception is raised."""
+    halt = threading.Event()
+    gate = threading.Event()
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            started.append(item)
+        gate.wait(timeout=60)
+        return item
+
+    batch = run_bounded(range(100), work, concurrency=3, halt=halt)
+    threading.Timer(0.2, lambda: (halt.set(), gate.set())).start()
+    outcomes = list(batch)
+    assert sorted(d.item for d in outcomes) == sorted(started)
+    assert all(d.ok for d in outcomes)
+    assert len(started) < 100
+
+
+def test_an_interrupt_after_a_halt_abandons_at_once() -> None:
+    """The second Ctrl-C of a command that halted on the first: ``abandon`` runs at once."""
+    halt = threading.Event()
+    release = threading.Event()
+    abandoned: list[int] = []
+
+    def work(item: int) -> int:
+        release.wait(timeout=120)
+        return item
+
+    def abandon() -> None:
+        abandoned.append(1)
+        release.set()
+
+    batch = run_bounded(range(10), work, concurrency=2, halt=halt, abandon=abandon)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def second_press() -> None:
+        time.sleep(0.3)
+        halt.set()
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=second_press, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        list(batch)
+    assert abandoned == [1]
+    assert time.monotonic() - began < 60

@@ -350,7 +350,11 @@ class FakeClient:
         self.most = 0
         self.calls: list[str] = []
         self.policies: list[str] = []
+        self.closed = False
         self._lock = threading.Lock()
+
+    def close(self) -> None:  # what a second Ctrl-C calls (batch.run_bounded's abandon)
+        self.closed = True
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name

@@ -313,3 +313,25 @@ def test_the_client_waits_for_a_full_broker_and_tells_its_caller(full_broker,
     assert result.format == "safetensors"
     assert len(seen) >= 2 and all(w.queued == 0 and w.retry_after == 1.0 for w in seen)
     assert all(1.0 <= w.seconds <= 1.5 for w in seen)
+
+
+def test_closing_the_client_ends_a_wait_to_retry(full_broker, tmp_path: Path) -> None:
+    """A batch's second Ctrl-C closes the client: a conversion waiting out a BUSY (here a
+    minute, the broker's estimate) must end at once with CANCELLED, not sleep it out."""
+    address, _, broker = full_broker
+    broker.admission.job_times = JobTimes(prior=60.0)  # type: ignore[attr-defined]
+    src = tmp_path / "m.pkl"
+    src.write_bytes(PICKLE)
+    client = Client(address, timeout=600)
+    seen: list[BusyWait] = []
+
+    def waiting(wait: BusyWait) -> None:
+        seen.append(wait)
+        threading.Timer(0.2, client.close).start()
+
+    began = time.monotonic()
+    with pytest.raises(ConversionError) as info:
+        client.convert(src, tmp_path / "out.safetensors", on_busy=waiting)
+    assert info.value.reason == "CANCELLED"
+    assert seen and seen[0].seconds >= 50  # it was told to wait about a minute...
+    assert time.monotonic() - began < 30  # ...and did not
