@@ -328,3 +328,23 @@ def run_cli(*args: str, server: str, timeout: float = 300, cwd: Path | None = No
     return subprocess.run([AIRLOCK, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "AIRLOCK_SERVER": server, **(env or {})},
                           check=False, cwd=cwd)
+
+
+#: Started by a shell's ``&`` (no job control), pytest and every child it starts inherit an
+#: ignored SIGINT, and Python then leaves it ignored: Ctrl-C never raises. Tests of Ctrl-C
+#: must not depend on how the suite was started.
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process for the test's duration."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+#: ``[*CTRL_C_ABLE, program, *args]`` runs the program with SIGINT at its default (exec keeps
+#: an ignored signal ignored, a default one default), so a Python program in it gets its
+#: KeyboardInterrupt handler.
+CTRL_C_ABLE = [sys.executable, "-c", "import os, signal, sys; "
+               "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]

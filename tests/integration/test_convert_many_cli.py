@@ -18,7 +18,7 @@ import pytest
 from airlock_client import Client
 from airlock_client.provenance import provenance_path
 from tests.adversarial.payloads import fake_success_pickle, sleeper_pickle
-from tests.conftest import AIRLOCK, BrokerProcess, free_port, run_cli
+from tests.conftest import AIRLOCK, CTRL_C_ABLE, BrokerProcess, free_port, run_cli
 from tests.fixtures import models
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ def test_a_second_ctrl_c_cancels_the_conversions_in_flight(broker: BrokerProcess
     sleepers = [sleeper_pickle(tmp_path / f"slow-{i}.pkl", seconds=600) for i in range(2)]
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [AIRLOCK, "convert", *map(str, sleepers), "-o", str(out), "--jobs", "2",
+        [*CTRL_C_ABLE, AIRLOCK, "convert", *map(str, sleepers), "-o", str(out), "--jobs", "2",
          "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "AIRLOCK_SERVER": broker.address})
     lines: list[str] = []
@@ -189,7 +189,8 @@ def test_ctrl_c_lets_the_conversions_in_flight_finish_and_keeps_them(broker: Bro
               for name in ("a", "b", "c")]
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [AIRLOCK, "convert", *map(str, inputs), "-o", str(out), "--jobs", "2", "--json"],
+        [*CTRL_C_ABLE, AIRLOCK, "convert", *map(str, inputs), "-o", str(out), "--jobs", "2",
+         "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "AIRLOCK_SERVER": broker.address})
     try:

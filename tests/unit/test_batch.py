@@ -90,6 +90,7 @@ def test_throughput_says_rate_and_time_left() -> None:
     assert "left" not in Throughput().line()
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_a_second_interrupt_abandons_what_is_in_flight() -> None:
     """The first Ctrl-C waits for the items in flight; a second one calls ``abandon``
     (the client cancels its calls), and the batch ends once they have returned."""
@@ -145,6 +146,7 @@ def test_a_halt_starts_nothing_new_and_yields_what_was_in_flight() -> None:
     assert len(started) < 100
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_an_interrupt_after_a_halt_abandons_at_once() -> None:
     """The second Ctrl-C of a command that halted on the first: ``abandon`` runs at once."""
     halt = threading.Event()

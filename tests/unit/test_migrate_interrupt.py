@@ -20,6 +20,9 @@ from tests.unit.test_migrate_jobs import _cli, _registry
 #: The walk: fraud v1-v5, churn v1-v4, encoder v1-v3.
 VERSIONS = 12
 
+#: A Ctrl-C raises here however the suite was started (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("ctrl_c_raises")
+
 
 @pytest.fixture
 def key(tmp_path: Path) -> SigningKey:
