@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--jobs", type=int, default=None, metavar="N",
                          help="shards of a PyTorch model directory converted at once "
                               "(default 2), or files of several (default: what the broker "
-                              "runs at once)")
+                              "runs at once, at most 4)")
     convert.add_argument("--overwrite", action="store_true",
                          help="a PyTorch model directory: replace an earlier output directory "
                               "(one that holds only what an Airlock output holds)")
