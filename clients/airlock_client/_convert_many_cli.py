@@ -119,6 +119,8 @@ def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -
     except KeyboardInterrupt:  # a second Ctrl-C: those in flight were cancelled
         _remove_unreported(pairs, outcomes)
         return _report(args, sources, outcomes, documents, count, interrupted=True)
+    except ValueError as exc:  # before any file: an address the client cannot use
+        return usage_error("convert", str(exc), as_json=args.json)
     except AirlockError as exc:  # before any file: the broker's key, the pool status
         status, code = failure(exc)
         return _whole_failure(args, status, exc.reason, exc.message, code)

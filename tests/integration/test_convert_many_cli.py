@@ -119,6 +119,15 @@ def test_an_option_the_client_refuses_for_every_file_is_a_usage_error_once(
     assert "parity sample" in doc["message"]
 
 
+def test_an_address_the_client_cannot_use_is_a_usage_error(tmp_path: Path) -> None:
+    a, b = _pickles(tmp_path, ["a.pkl", "b.pkl"])
+    done = run_cli("convert", str(a), str(b), "--json", server="unix:")
+    assert done.returncode == 2, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("usage", "USAGE")
+    assert "absolute path" in doc["message"] and "Traceback" not in done.stderr
+
+
 def test_a_file_that_cannot_be_put_in_place_fails_alone_and_keeps_its_conversion(
         broker: BrokerProcess, tmp_path: Path) -> None:
     a, b = _pickles(tmp_path, ["a.pkl", "b.pkl"])
