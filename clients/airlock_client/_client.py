@@ -296,14 +296,14 @@ class Client:
                 for done in batch:
                     print(done.item[0], done.result.sha256 if done.ok else done.error)
         """
-        from airlock_client.batch import MAX_CONCURRENCY, run_bounded
+        from airlock_client.batch import check_concurrency, run_bounded
 
         def work(pair: tuple[Path, Path]) -> ConversionResult:
             named = subject(pair[0]) if callable(subject) else subject
             return self.convert(pair[0], pair[1], subject=named, **options)
 
-        if jobs is not None and not 1 <= jobs <= MAX_CONCURRENCY:
-            raise ValueError(f"jobs must be between 1 and {MAX_CONCURRENCY}, not {jobs}")
+        if jobs is not None:
+            check_concurrency(jobs, "jobs")  # now, not on the first next()
         pairs = ((Path(a), Path(o)) for a, o in conversions)
         return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
                            else jobs, stop=stop, halt=halt, abandon=self.close)
@@ -478,7 +478,6 @@ def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
     if not data:
         raise ValueError("the parity sample is empty")
     return check_sample(data)
-
 
 
 def _requests(path: Path, first: pb.ConvertRequest, size: int, progress: Progress | None,

@@ -186,4 +186,3 @@ def _header(responses: Any) -> pb.ConvertResult:
         raise IntegrityError("unexpected message after a local transfer's result")
     result: pb.ConvertResult = first.result
     return result
-

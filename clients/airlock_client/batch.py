@@ -48,6 +48,12 @@ class Done(Generic[T, R]):
         return self.error is None
 
 
+def check_concurrency(value: int, name: str = "concurrency") -> None:
+    """``ValueError`` unless 1 <= ``value`` <= ``MAX_CONCURRENCY``."""
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise ValueError(f"{name} must be between 1 and {MAX_CONCURRENCY}, not {value}")
+
+
 def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
                 stop: Callable[[Done[T, R]], bool] | None = None,
                 halt: threading.Event | None = None,
@@ -59,9 +65,7 @@ def run_bounded(items: Iterable[T], work: Callable[[T], R], *, concurrency: int,
     A consumer that stops iterating early should ``close()`` the generator (``with
     contextlib.closing(...)``): that is when the items in flight are waited for. Raises
     ``ValueError`` for a concurrency outside 1..``MAX_CONCURRENCY``, on the first ``next``."""
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, "
-                         f"not {concurrency}")
+    check_concurrency(concurrency)
     source = iter(items)
     running: dict[Future[Done[T, R]], T] = {}
     stopped = False

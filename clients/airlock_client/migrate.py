@@ -97,13 +97,13 @@ class Migration:
                  abandon: Callable[[], None] | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
-        what is verified with it is written into the registry); ``abandon`` makes the
-        conversions in flight end at once when a second Ctrl-C comes while they finish (the
-        CLI closes its broker client: they fail as ``CANCELLED``, which the next run
-        retries). Only a dry run may pass None
+        what is verified with it is written into the registry). Only a dry run may pass None
         (``ValueError`` otherwise): its versions that claim a twin are ``UNVERIFIED``. With
         ``options.jobs`` above 1, ``fetch``, ``convert``, ``download`` and ``progress`` are
-        called from several threads at once (one version each)."""
+        called from several threads at once (one version each). ``abandon`` makes the
+        conversions in flight end at once when a second Ctrl-C comes while they finish (the
+        CLI closes its broker client: they fail as ``CANCELLED``, which the next run
+        retries)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)

@@ -369,7 +369,6 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-
 def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:
     result = ConversionResult(**{**shard.result.__dict__, "output": dest / shard.output})
     return ShardResult(shard.source, shard.output, result, shard.tensors, shard.data_bytes,
