@@ -23,6 +23,7 @@ from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.answers import Answer, StreamTransfer, spool_answer
 from airlock_broker.conversion.file_copy import write_canonical_from, write_canonical_safetensors
 from airlock_broker.conversion.idempotency import IdempotencySettings, IdempotencyStore
+from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.errors import AirlockError
@@ -215,7 +216,7 @@ def test_on_the_fast_path_the_callers_file_is_written_alone_and_kept_after(
         store = IdempotencyStore(tmp_path, IdempotencySettings())
         transfer = _peer(tmp_path, peer_out)
         try:
-            async with store.claim("", "key", "sha", "opts", "fresh") as claim:
+            async with store.claim("", "key", InputDigest.known("sha"), "opts", "fresh") as claim:
                 answer = await spool_answer(tmp_path, pb.ConvertResult(job_id="fresh"),
                                             output, transfer)
                 with answer:
@@ -242,7 +243,7 @@ def test_on_the_fast_path_the_callers_file_is_written_alone_and_kept_after(
 
 
 async def _replay(store: IdempotencyStore, key: str) -> bytes:
-    async with store.claim("", key, "sha", "opts", "retry") as claim:
+    async with store.claim("", key, InputDigest.known("sha"), "opts", "retry") as claim:
         assert claim.stored is not None and claim.waited
         fd = store.open_stored(claim.stored)
     try:

@@ -25,6 +25,7 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.server import Broker
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.idempotency import IdempotencySettings, IdempotencyStore
+from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.workspace import results_dir
@@ -231,7 +232,7 @@ def _stored(store: IdempotencyStore) -> list[str]:
 
 async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
     """What the pipeline does: the answer's file, in the store's directory, then stored."""
-    async with store.claim("", key, "sha-" + key, "opts", f"job-{key}") as claim:
+    async with store.claim("", key, InputDigest.known("sha-" + key), "opts", f"job-{key}") as claim:
         path = results_dir(store.spool_root) / f"job-{key}"
         path.touch(mode=0o600)  # as answers.py makes it: the broker's alone
         path.write_bytes(payload)
@@ -290,7 +291,7 @@ def test_an_evicted_answer_is_unlinked_off_the_event_loop(tmp_path: Path,
 def test_without_a_key_the_store_takes_no_file(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
-        async with store.claim("", "", "sha", "opts", "job-nokey") as claim:
+        async with store.claim("", "", InputDigest.known("sha"), "opts", "job-nokey") as claim:
             assert not claim.stores
             assert not claim.store(b"h", tmp_path / "whatever", 1)
         assert len(store) == 0
@@ -303,7 +304,7 @@ def test_a_replay_survives_eviction_of_its_file(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings(ttl_seconds=60))
         await _complete(store, "a", b"payload")
-        async with store.claim("", "a", "sha-a", "opts", "job-x") as claim:
+        async with store.claim("", "a", InputDigest.known("sha-a"), "opts", "job-x") as claim:
             assert claim.stored is not None
             fd = store.open_stored(claim.stored)
         await store.close()  # the file is gone from the directory ...
@@ -319,11 +320,12 @@ def test_a_replay_survives_eviction_of_its_file(tmp_path: Path) -> None:
 def test_keys_are_scoped_to_the_principal(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
-        async with store.claim("alice", "k", "sha", "opts", "job-1") as claim:
+        async with store.claim("alice", "k", InputDigest.known("sha"), "opts", "job-1") as claim:
             path = results_dir(tmp_path) / "job-1"
             path.write_bytes(b"x")
             assert claim.store(b"h", path, 1)
-        async with store.claim("bob", "k", "other-sha", "opts", "job-2") as claim:
+        other = InputDigest.known("other-sha")
+        async with store.claim("bob", "k", other, "opts", "job-2") as claim:
             assert claim.stored is None and claim.stores  # bob's "k" is not alice's
         await store.close()
 
@@ -383,9 +385,9 @@ def test_a_result_whose_file_could_not_be_written_is_forgotten(tmp_path: Path) -
 
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
-        async with store.claim("", "k", "sha", "opts", "job-1") as claim:
+        async with store.claim("", "k", InputDigest.known("sha"), "opts", "job-1") as claim:
             assert claim.store(b"h", results_dir(tmp_path) / "job-1", 10, write=fails)
-        async with store.claim("", "k", "sha", "opts", "job-2") as retry:
+        async with store.claim("", "k", InputDigest.known("sha"), "opts", "job-2") as retry:
             assert retry.stored is None and retry.stores  # waited for the write, converts
         await store.close()
 
@@ -402,7 +404,7 @@ def test_an_entry_evicted_while_its_file_is_written_leaves_no_file(tmp_path: Pat
 
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings(max_entries=1))
-        async with store.claim("", "a", "sha", "opts", "job-1") as claim:
+        async with store.claim("", "a", InputDigest.known("sha"), "opts", "job-1") as claim:
             assert claim.store(b"h", path, 10, write=slow_write)
         await _complete(store, "b", b"1234")  # evicts a while its file is being written
         assert store.stored_bytes == 14  # a's 10 bytes still on their way to the disk
@@ -423,7 +425,7 @@ def test_a_write_cancelled_at_shutdown_is_forgotten_and_its_room_is_told(tmp_pat
 
     async def scenario() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
-        async with store.claim("", "k", "sha", "opts", "job-1") as claim:
+        async with store.claim("", "k", InputDigest.known("sha"), "opts", "job-1") as claim:
             assert claim.writing is None
             assert claim.store(b"h", results_dir(tmp_path) / "job-1", 10, write=slow_write)
             writing = claim.writing  # what the answer's spool room waits for (pipeline.py)
@@ -431,7 +433,7 @@ def test_a_write_cancelled_at_shutdown_is_forgotten_and_its_room_is_told(tmp_pat
         writing.cancel()  # as the loop's teardown would
         await asyncio.wait({writing})  # its callbacks ran before this wakes up
         gate.set()
-        async with store.claim("", "k", "sha", "opts", "job-2") as retry:
+        async with store.claim("", "k", InputDigest.known("sha"), "opts", "job-2") as retry:
             assert retry.stored is None and retry.stores  # not replayed from no file
         await store.close()
 

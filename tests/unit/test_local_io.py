@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_broker.conversion import file_copy
+from airlock_broker.conversion import file_copy, input_digest
 from airlock_broker.conversion.intake import IntakeLimits
 from airlock_broker.conversion.spool_space import SpoolSpace
 from airlock_broker.conversion.upload_limits import UploadLimits
@@ -25,31 +25,30 @@ LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_
 
 
 def _spool(tmp_path: Path, data: bytes, meta: pb.ConvertMetadata,
-           limits: IntakeLimits = LIMITS) -> tuple[str, bytes]:
+           limits: IntakeLimits = LIMITS) -> bytes:
     (tmp_path / "in").write_bytes(data)
     src = os.open(tmp_path / "in", os.O_RDONLY)
-    dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        spooled = local_io.spool_from_fd(src, dst, meta, limits)
+        copied = local_io.spool_from_fd(src, dst, meta, limits)
     finally:
         os.close(src)
         os.close(dst)
-    return spooled.sha256, (tmp_path / "spool").read_bytes()
+    assert copied.size == len(data) and copied.prefix == data[:len(copied.prefix)]
+    return (tmp_path / "spool").read_bytes()
 
 
-def test_spooled_bytes_and_hash_match_the_input_across_blocks(
+def test_spooled_bytes_match_the_input_across_blocks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_io, "BLOCK_BYTES", 4096)  # many blocks, both buffers in turn
+    monkeypatch.setattr(local_io, "BLOCK_BYTES", 4096)  # many blocks
     data = os.urandom(4096 * 9 + 17)
-    sha, spooled = _spool(tmp_path, data, pb.ConvertMetadata(size_bytes=len(data)))
-    assert spooled == data and sha == hashlib.sha256(data).hexdigest()
+    assert _spool(tmp_path, data, pb.ConvertMetadata(size_bytes=len(data))) == data
 
 
 @pytest.mark.parametrize(("data", "meta", "reason"), [
     (b"x" * ((1 << 20) + 1), pb.ConvertMetadata(), "TOO_LARGE"),
     (b"x" * 100, pb.ConvertMetadata(size_bytes=50), "TOO_LARGE"),
     (b"x" * 100, pb.ConvertMetadata(size_bytes=200), "CHECKSUM_MISMATCH"),
-    (b"x" * 100, pb.ConvertMetadata(sha256="0" * 64), "CHECKSUM_MISMATCH"),
     (b"", pb.ConvertMetadata(), "EMPTY_ARTIFACT"),
 ])
 def test_the_streaming_paths_limits_apply(tmp_path: Path, data: bytes,
@@ -57,6 +56,36 @@ def test_the_streaming_paths_limits_apply(tmp_path: Path, data: bytes,
     with pytest.raises(AirlockError) as refused:
         _spool(tmp_path, data, meta)
     assert refused.value.reason.value == reason
+
+
+def test_the_hash_is_of_the_spool_copy_not_of_the_peers_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input is hashed after the copy, from the broker's own file: a peer that rewrites
+    its file as soon as the copy ends changes neither the digest nor what was spooled; a
+    declared sha256 that differs is CHECKSUM_MISMATCH."""
+    monkeypatch.setattr(input_digest, "STEP_BYTES", 64 << 10)  # many steps
+    data = os.urandom(900_005)
+
+    async def spool(meta: pb.ConvertMetadata) -> str:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io, data)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            spooled = await local_io.spool_from_peer(local, dst, meta, LIMITS)
+            (tmp_path / "in").write_bytes(b"\0" * len(data))  # the peer's file, changed
+            try:
+                return await spooled.digest.value()
+            except AirlockError as exc:
+                return exc.reason.value
+            finally:
+                spooled.digest.close()
+        finally:
+            local.close()
+            io.shutdown()
+
+    assert asyncio.run(spool(pb.ConvertMetadata())) == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "spool").read_bytes() == data
+    assert asyncio.run(spool(pb.ConvertMetadata(sha256="0" * 64))) == "CHECKSUM_MISMATCH"
 
 
 def test_copy_writes_the_whole_file_at_explicit_offsets(tmp_path: Path) -> None:
@@ -86,13 +115,13 @@ def test_a_sparse_input_is_spooled_as_sparse_and_hashed_whole(
     dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT)
     limits = IntakeLimits(max_artifact_bytes=1 << 30, max_chunk_bytes=1 << 20, idle_seconds=60)
     try:
-        spooled = local_io.spool_from_fd(src, dst, pb.ConvertMetadata(size_bytes=size), limits)
+        copied = local_io.spool_from_fd(src, dst, pb.ConvertMetadata(size_bytes=size), limits)
     finally:
         os.close(src)
         os.close(dst)
     expected = bytearray(size)
     expected[size // 2] = 0x80
-    assert spooled.size == size and spooled.sha256 == hashlib.sha256(expected).hexdigest()
+    assert copied.size == size and (tmp_path / "spool").read_bytes() == expected
     st = os.stat(tmp_path / "spool")
     assert st.st_size == size and st.st_blocks * 512 <= 2 << 20  # one block of data at most
 
@@ -160,10 +189,11 @@ def test_the_spool_reserve_is_checked_against_what_the_input_really_occupies(
                           space=SpoolSpace(tmp_path, reserve, statvfs=lambda _: disk))
 
     async def spool(local: LocalFiles) -> str:
-        dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            return (await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(),
-                                                   limits)).sha256
+            digest = (await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(),
+                                                     limits)).digest
+            return await digest.value()
         except AirlockError as exc:
             return exc.reason.value
         finally:
@@ -198,14 +228,14 @@ def test_an_input_spooled_in_ram_is_written_whole(tmp_path: Path) -> None:
                 sparse = _local(tmp_path, io, b"")
                 os.truncate(tmp_path / "in", size)
                 sparse.input = InputFile(size, 0)
-                dst = os.open(tmp_path / "spool", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
                     spooled = await local_io.spool_from_peer(
                         sparse, dst, pb.ConvertMetadata(size_bytes=size), limits,
                         in_ram=in_ram)
                 finally:
                     sparse.close()
-                assert spooled.sha256 == hashlib.sha256(bytes(size)).hexdigest()
+                assert await spooled.digest.value() == hashlib.sha256(bytes(size)).hexdigest()
                 st = os.stat(tmp_path / "spool")
                 assert st.st_size == size
                 assert (st.st_blocks * 512 >= size) is dense, (in_ram, st.st_blocks)

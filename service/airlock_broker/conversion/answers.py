@@ -71,7 +71,8 @@ class Transfer(Delivery, Protocol):
 
     async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
                       in_ram: bool = False) -> Spooled:
-        """The artifact into the spool file ``fd`` (which this closes), hashed. ``in_ram``:
+        """The artifact into the spool file ``fd`` (which this closes), with its digest
+        (``Spooled.digest``: perhaps still being computed, input_digest.py). ``in_ram``:
         the file is on the RAM spool, its declared size claimed there (input_room.py), so the
         disk's reserve is not charged."""
         ...

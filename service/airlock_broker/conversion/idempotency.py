@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import remove_soon
 from airlock_broker.security.state_dirs import open_private_file
@@ -81,7 +82,8 @@ class StoredResult:
 
 @dataclass
 class _Entry:
-    input_sha256: str
+    #: The first attempt's input, perhaps still being hashed while it converts.
+    input: InputDigest
     options: str
     job_id: str
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -194,9 +196,10 @@ class IdempotencyStore:
             await asyncio.wait(set(self._removing))
 
     @contextlib.asynccontextmanager
-    async def claim(self, principal: str, key: str, input_sha256: str, options: str,
+    async def claim(self, principal: str, key: str, input_digest: InputDigest, options: str,
                     job_id: str) -> AsyncIterator[Claim]:
-        """Replay, wait for, or take on the job for ``key``; see the module docstring."""
+        """Replay, wait for, or take on the job for ``key``; see the module docstring.
+        ``input_digest`` is awaited only when the key was seen before."""
         if not key or self.settings.ttl_seconds <= 0:
             yield Claim(stored=None)
             return
@@ -207,7 +210,19 @@ class IdempotencyStore:
             entry = self._entries.get(ident)
             if entry is None:
                 break
-            if entry.input_sha256 != input_sha256:
+            # Both hashes may still be running (the fast path's, input_digest.py).
+            theirs = await entry.input.settled()
+            mine = await input_digest.value()
+            if self._entries.get(ident) is not entry:
+                continue  # it was forgotten meanwhile
+            if theirs is None:  # its attempt gave its hash up: it is ending, unstored
+                if entry.stored is not None:  # (never so: nothing to compare, so forgotten)
+                    self._drop(ident)
+                    continue
+                waited = True
+                await _waiting(self, entry.done.wait())
+                continue
+            if theirs != mine:
                 raise error(Reason.IDEMPOTENCY_KEY_REUSED,
                             f"idempotency key already used for job {entry.job_id} with a "
                             "different artifact (sha256 differs); use a new key per call")
@@ -225,7 +240,7 @@ class IdempotencyStore:
                 return
             waited = True
             await _waiting(self, entry.done.wait())  # the first attempt is converting
-        entry = _Entry(input_sha256=input_sha256, options=options, job_id=job_id)
+        entry = _Entry(input=input_digest, options=options, job_id=job_id)
         self._entries[ident] = entry
         self._evict(keep=entry)
         claim = Claim(stored=None, _store=self, _entry=entry)

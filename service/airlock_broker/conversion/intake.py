@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolSpace, SpoolWriter
 from airlock_broker.conversion.upload_limits import Pace, UploadLimits
 from airlock_broker.errors import AirlockError, Reason, error
@@ -53,10 +54,12 @@ class Spooled:
     """What the broker knows about an artifact once it is on disk."""
 
     size: int
-    sha256: str
     prefix: bytes
     #: The bytes of its blocks that were not all zero (SpoolWriter.data_bytes).
     data_bytes: int
+    #: Its sha256: known as it arrived, or computed while the job runs (input_digest.py).
+    #: The call owns it: ``close`` when done.
+    digest: InputDigest
 
 
 async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
@@ -114,21 +117,19 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
         if claim is not None:
             claim.release()
         os.close(fd)
-    return finished(size, digest.hexdigest(), bytes(prefix), meta, spool.data_bytes)
+    check_size(size, meta)
+    return Spooled(size=size, prefix=bytes(prefix), data_bytes=spool.data_bytes,
+                   digest=InputDigest.known(digest.hexdigest(), meta.sha256))
 
 
-def finished(size: int, sha: str, prefix: bytes, meta: pb.ConvertMetadata,
-             data_bytes: int) -> Spooled:
-    """The spooled artifact, if it is what the metadata declared (either transfer path)."""
+def check_size(size: int, meta: pb.ConvertMetadata) -> None:
+    """The spooled artifact's size is what the metadata declared (either transfer path); its
+    declared sha256 is checked with its digest (input_digest.py)."""
     if size == 0:
         raise error(Reason.EMPTY_ARTIFACT, "the artifact is empty")
     if meta.size_bytes and size != meta.size_bytes:
         raise error(Reason.CHECKSUM_MISMATCH,
                     f"stream ended after {size} of {meta.size_bytes} declared bytes")
-    if meta.sha256 and sha != meta.sha256:
-        raise error(Reason.CHECKSUM_MISMATCH,
-                    "the artifact's sha256 does not match the declared one")
-    return Spooled(size=size, sha256=sha, prefix=prefix, data_bytes=data_bytes)
 
 
 async def _next_chunk(stream: AsyncIterator[pb.ConvertRequest], limits: IntakeLimits,

@@ -20,6 +20,7 @@ from typing import Any
 
 from airlock_broker.conversion.audit import AuditRecord
 from airlock_broker.conversion.format_decision import Decision
+from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.conversion.intake import SHA256_HEX
 from airlock_broker.conversion.integrity import (
     READ_ALONE_NOTE,
@@ -323,7 +324,7 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def run(self, request: JobRequest, upload: Path, decision: Decision,
-                  input_sha256: str, input_size: int, audit: AuditRecord,
+                  input_digest: InputDigest, input_size: int, audit: AuditRecord,
                   answered: asyncio.Event | None,
                   room: OutputRoom, *, slots_on_disk: bool = False,
                   delivery: Delivery | None = None) -> AsyncIterator[JobResult]:
@@ -341,6 +342,8 @@ class JobRunner:
         The sandboxes are destroyed once ``answered`` is set (bounded: ``Pools.release``).
         ``delivery``: where the output may go while the two are compared (the fast path's
         caller's file); the result says whether it went (``JobResult.delivered``).
+        ``input_digest``: the upload's sha256, perhaps still being computed (the fast path's,
+        input_digest.py); awaited last, for the result.
         """
         began = time.monotonic()
         detected = decision.format
@@ -360,7 +363,7 @@ class JobRunner:
                 await self.backend.hand_over(reader, upload, request.sample_input)
                 read_first = await self._read_first(reader, request, decision, stack, room)
                 if not read_first.refused and read_first.output is not None:
-                    yield await self._read_result(read_first, request, input_sha256,
+                    yield await self._read_result(read_first, request, input_digest,
                                                   input_size, audit, began, delivery)
                     return
             slot = await take(stack, decision.profile, answered, room)
@@ -433,7 +436,8 @@ class JobRunner:
                      output.format, assurance, time.monotonic() - began,
                      extra={"job_id": request.job_id, "outcome": "ok"})
             yield JobResult(
-                job_id=request.job_id, detected_format=detected, input_sha256=input_sha256,
+                job_id=request.job_id, detected_format=detected,
+                input_sha256=await input_digest.value(),
                 reported_format=refined_format(detected, report),
                 executed_artifact_code=executed,
                 input_size=input_size, output=output, outcome=outcome, policy=request.policy,
@@ -501,7 +505,8 @@ class JobRunner:
                 await self._engine_went_away(exc)  # a stopping engine kills them all
             raise
 
-    async def _read_result(self, reading: Extraction, request: JobRequest, input_sha256: str,
+    async def _read_result(self, reading: Extraction, request: JobRequest,
+                           input_digest: InputDigest,
                            input_size: int, audit: AuditRecord, began: float,
                            delivery: Delivery | None) -> JobResult:
         """The answer of a job its reading alone converted: integrity-verified, and no
@@ -520,7 +525,8 @@ class JobRunner:
                  reading.format, output.format, time.monotonic() - began,
                  extra={"job_id": request.job_id, "outcome": "ok"})
         return JobResult(
-            job_id=request.job_id, detected_format=reading.format, input_sha256=input_sha256,
+            job_id=request.job_id, detected_format=reading.format,
+            input_sha256=await input_digest.value(),
             reported_format=refined_format(reading.format, report), executed_artifact_code=False,
             input_size=input_size, output=output, outcome=outcome, policy=request.policy,
             report=report, duration_seconds=time.monotonic() - began,

@@ -172,6 +172,7 @@ class ConversionPipeline:
         request = self._request(job, meta)
         room: SpoolClaim | None = None
         writing: asyncio.Future[None] | None = None
+        spooled: Spooled | None = None
         inputs = self._input_room(meta)
         try:
             upload, fd = new_upload(inputs.root, job.id)
@@ -185,6 +186,9 @@ class ConversionPipeline:
                     spooled = await transfer.receive(fd, meta, in_ram=inputs.ram)
                 finally:  # written (or not): what it holds counts as the tmpfs's own
                     inputs.release()
+            spooled.digest.when_known(lambda sha: job.record.set(input_sha256=sha))
+            if meta.sha256:  # declared: a mismatch is refused before any sandbox starts
+                await spooled.digest.value()
             # Room for the answer, before any sandbox starts: a job whose output would take
             # the spool below its reserve is refused now, with the numbers (spool_space.py).
             # Estimated from the input's data: its zeros are holes on disk, written in RAM.
@@ -200,7 +204,7 @@ class ConversionPipeline:
                                      *filter(None, [request.sample_sha256,
                                                     request.keep_training_state,
                                                     request.mlflow_serialization]))
-            async with self.idempotency.claim(principal, meta.idempotency_key, spooled.sha256,
+            async with self.idempotency.claim(principal, meta.idempotency_key, spooled.digest,
                                               options, job.id) as claim:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
@@ -208,7 +212,15 @@ class ConversionPipeline:
                                                transfer, output_room, inputs, room)
                 writing = claim.writing
                 return answer
+        except BaseException as exc:
+            if spooled is not None and not isinstance(exc, AirlockError):
+                spooled.digest.close()  # a cancelled call: its input's hash is not needed
+            raise
         finally:
+            if spooled is not None:
+                # A refused artifact's audit record names it too: its hash is finished first.
+                await spooled.digest.settled()
+                spooled.digest.close()
             remove_quietly(upload)
             if room is not None:
                 # The store's copy of a delivered answer is written after it: its room is
@@ -263,12 +275,13 @@ class ConversionPipeline:
     def _decide(self, job: Job, request: JobRequest, spooled: Spooled,
                 transfer: Transfer) -> Decision:
         record = job.record
-        record.set(input_sha256=spooled.sha256, input_size=spooled.size)
+        record.set(input_size=spooled.size)
         decision = decide(spooled.prefix, spooled.size, request.declared_format,
                           request.mlflow_flavor, request.mlflow_serialization)
         record.set(detected_format=decision.format.value)
         log.info("job %s: %d bytes sha256=%s detected=%s target=%s policy=%s principal=%s "
-                 "transfer=%s", job.id, spooled.size, spooled.sha256[:16], decision.format,
+                 "transfer=%s", job.id, spooled.size, spooled.digest.hex_or_pending[:16],
+                 decision.format,
                  request.target, request.policy, record.principal, transfer.name,
                  extra={"job_id": job.id})
         return decision
@@ -284,7 +297,7 @@ class ConversionPipeline:
         answer: Answer | None = None
         try:
             async with self.admission.run_slot(), self.runner.run(
-                    request, upload, decision, spooled.sha256, spooled.size, record,
+                    request, upload, decision, spooled.digest, spooled.size, record,
                     job.answered, output_room, slots_on_disk=inputs.disk_slots,
                     delivery=transfer) as result:
                 record.set(output_format=result.output.format.value,

@@ -13,22 +13,30 @@ under us at any time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.file_copy import BLOCK_BYTES
-from airlock_broker.conversion.intake import IntakeLimits, Spooled, finished
+from airlock_broker.conversion.input_digest import InputDigest
+from airlock_broker.conversion.intake import IntakeLimits, Spooled, check_size
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolWriter
 from airlock_broker.conversion.upload_limits import MiB, Pace
 from airlock_broker.errors import Reason, error
 from airlock_broker.fastpath.local_handles import LocalFiles
 from airlock_sandbox.formats import PREFIX_BYTES
+
+
+@dataclass(frozen=True)
+class Copied:
+    """A peer's input as spooled (``spool_from_fd``), before its hash."""
+
+    size: int
+    prefix: bytes
+    data_bytes: int
 
 
 @dataclass
@@ -69,10 +77,13 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
     try:
         if not in_ram:
             claim = limits.claim(min(local.input.size, local.input.allocated))
-        return await local.io.run(
+        copied = await local.io.run(
             lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim,
                                              holes=not in_ram),
             (local.input_fd, dst), watchdog)
+        # Hashed from the broker's own copy, while the job runs: the bytes converted.
+        return Spooled(size=copied.size, prefix=copied.prefix, data_bytes=copied.data_bytes,
+                       digest=InputDigest.of_spool(os.dup(dst), copied.size, meta.sha256))
     finally:
         progress.stop.set()
         if claim is not None:
@@ -108,54 +119,37 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
 
 def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
                   progress: ReadProgress | None = None,
-                  claim: SpoolClaim | None = None, *, holes: bool = True) -> Spooled:
-    """Copy the peer's input into the spool file ``dst``, hashing it. Blocking: a thread's.
+                  claim: SpoolClaim | None = None, *, holes: bool = True) -> Copied:
+    """Copy the peer's input into the spool file ``dst``. Blocking: a thread's.
 
-    One pass: each block read is hashed on a second thread (hashlib releases the GIL on large
-    buffers) while it is written, so the hash is of exactly the bytes spooled even if the peer
-    changes its file meanwhile. Bounded like the gRPC path: the declared size or
-    ``max_artifact_bytes``; in time by the caller's watchdog (``progress``), which a read
-    that never returns cannot reach. All-zero blocks stay holes (unless not ``holes``: the
-    RAM spool, spool_space.SpoolWriter), and what is written is accounted against the spool's
-    reserve (``claim``).
+    Not hashed here: SHA-256 is twice as slow as this copy, so the spool copy is hashed
+    while the job runs (``spool_from_peer``, input_digest.py). Bounded like the gRPC path:
+    the declared size or ``max_artifact_bytes``; in time by the caller's watchdog
+    (``progress``), which a read that never returns cannot reach. All-zero blocks stay holes
+    (unless not ``holes``: the RAM spool, spool_space.SpoolWriter), and what is written is
+    accounted against the spool's reserve (``claim``).
     """
     cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
     progress = progress or ReadProgress()
     spool = SpoolWriter(dst, claim, holes=holes)
-    digest = hashlib.sha256()
     prefix = b""
     size = 0
-    # Two buffers, reused in turn: a block is read into one while the other's hash may still
-    # run; a buffer is refilled only after its hash finished (``pending.result()`` below).
-    buffers = (bytearray(BLOCK_BYTES), bytearray(BLOCK_BYTES))
-    turn = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="airlock-hash") as hasher:
-        pending: Future[None] | None = None
-        try:
-            while True:
-                raw = buffers[turn]
-                turn ^= 1
-                n = os.preadv(src, [raw], size)
-                progress.last = time.monotonic()
-                if progress.stop.is_set():
-                    raise error(Reason.CANCELLED, "the upload was given up")
-                if not n:
-                    break
-                if size + n > cap:
-                    what = "declared size" if meta.size_bytes else "server maximum"
-                    raise error(Reason.TOO_LARGE,
-                                f"artifact exceeds the {what} of {cap} bytes")
-                block = memoryview(raw)[:n]
-                if pending is not None:
-                    pending.result()
-                pending = hasher.submit(digest.update, block)
-                if len(prefix) < PREFIX_BYTES:
-                    prefix += bytes(block[: PREFIX_BYTES - len(prefix)])
-                spool.write(raw if n == BLOCK_BYTES else raw[:n], size)
-                size += n
-                progress.received = size
-        finally:
-            if pending is not None:
-                pending.result()
+    raw = bytearray(BLOCK_BYTES)
+    while True:
+        n = os.preadv(src, [raw], size)
+        progress.last = time.monotonic()
+        if progress.stop.is_set():
+            raise error(Reason.CANCELLED, "the upload was given up")
+        if not n:
+            break
+        if size + n > cap:
+            what = "declared size" if meta.size_bytes else "server maximum"
+            raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
+        if len(prefix) < PREFIX_BYTES:
+            prefix += bytes(raw[: min(n, PREFIX_BYTES - len(prefix))])
+        spool.write(raw if n == BLOCK_BYTES else raw[:n], size)
+        size += n
+        progress.received = size
     spool.finish(size)
-    return finished(size, digest.hexdigest(), prefix, meta, spool.data_bytes)
+    check_size(size, meta)
+    return Copied(size=size, prefix=prefix, data_bytes=spool.data_bytes)

@@ -270,9 +270,10 @@ def unmount_ram_spool(spool_root: Path) -> None:
 
 
 def new_upload(spool_root: Path, job_id: str) -> tuple[Path, int]:
-    """A new, exclusive, private file for an incoming artifact: (path, fd opened for writing)."""
+    """A new, exclusive, private file for an incoming artifact: (path, fd opened for writing,
+    and reading: the fast path hashes what it spooled, input_digest.py)."""
     path = _spool_dir(spool_root, "uploads") / job_id
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     return path, fd
 
 

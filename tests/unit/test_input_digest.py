@@ -1,0 +1,227 @@
+"""The input's sha256 computed while its job runs (input_digest.py): the value, the declared
+check, stopping it, and idempotency keys compared while either attempt's hash still runs."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion import input_digest
+from airlock_broker.conversion.idempotency import IdempotencySettings, IdempotencyStore
+from airlock_broker.conversion.input_digest import InputDigest
+from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.sandboxes.pools import PoolSettings
+from airlock_broker.sandboxes.workspace import results_dir
+from airlock_client import Client, ConversionError
+from airlock_sandbox.contract import WorkerExit
+from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.test_broker import PICKLE
+
+
+def _spool(tmp_path: Path, data: bytes) -> int:
+    path = tmp_path / "spool"
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_the_digest_is_of_the_first_size_bytes_and_its_descriptor_is_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)  # many steps, a partial last one
+    data = os.urandom(4096 * 7 + 33)
+    fd = _spool(tmp_path, data + b"trailing bytes past the size")
+    seen: list[str] = []
+
+    async def main() -> str:
+        digest = InputDigest.of_spool(fd, len(data))
+        digest.when_known(seen.append)
+        assert digest.hex_or_pending in ("(hashing)", hashlib.sha256(data).hexdigest())
+        value = await digest.value()
+        assert digest.hex_or_pending == value
+        return value
+
+    value = asyncio.run(main())
+    assert value == hashlib.sha256(data).hexdigest() and seen == [value]
+    assert _closed(fd)
+
+
+def test_a_declared_digest_that_differs_is_checksum_mismatch(tmp_path: Path) -> None:
+    data = b"\x80\x04N." * 1000
+    right = hashlib.sha256(data).hexdigest()
+
+    async def main() -> None:
+        assert await InputDigest.of_spool(_spool(tmp_path, data), len(data), right).value() \
+            == right
+        seen: list[str] = []
+        wrong = InputDigest.of_spool(_spool(tmp_path, data), len(data), "0" * 64)
+        wrong.when_known(seen.append)
+        with pytest.raises(AirlockError) as refused:
+            await wrong.value()
+        assert refused.value.reason is Reason.CHECKSUM_MISMATCH
+        assert await wrong.settled() is None and seen == []  # never "known"
+        with pytest.raises(AirlockError) as at_once:
+            InputDigest.known(right, "0" * 64)
+        assert at_once.value.reason is Reason.CHECKSUM_MISMATCH
+
+    asyncio.run(main())
+
+
+def test_close_stops_the_hash_and_closes_its_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread is held in its first read until the call has given the hash up: it stops
+    at its next step with CANCELLED, and its descriptor is closed."""
+    monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
+    data = os.urandom(4096 * 4)
+    fd = _spool(tmp_path, data)
+    reading, resume = threading.Event(), threading.Event()
+    preadv = os.preadv
+
+    def held(fd_: int, buffers: list[memoryview], offset: int) -> int:
+        reading.set()
+        assert resume.wait(60)
+        return preadv(fd_, buffers, offset)
+
+    monkeypatch.setattr(input_digest.os, "preadv", held)
+
+    async def main() -> None:
+        digest = InputDigest.of_spool(fd, len(data))
+        assert await asyncio.to_thread(reading.wait, 60)
+        digest.close()
+        resume.set()
+        assert await digest.settled() is None
+        with pytest.raises(AirlockError) as stopped:
+            await digest.value()
+        assert stopped.value.reason is Reason.CANCELLED
+
+    asyncio.run(main())
+    assert _closed(fd)
+
+
+def test_a_cancelled_waiter_does_not_cancel_the_hash_others_wait_for() -> None:
+    async def main() -> None:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        digest = InputDigest(future)
+        waiter = asyncio.ensure_future(digest.value())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.wait({waiter})
+        future.set_result("a" * 64)
+        assert await digest.value() == "a" * 64
+
+    asyncio.run(main())
+
+
+def _pending() -> tuple[InputDigest, asyncio.Future[str]]:
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    return InputDigest(future), future
+
+
+def test_a_retry_is_compared_once_both_hashes_are_known(tmp_path: Path) -> None:
+    """The first attempt converts while its input is still being hashed; a retry with the
+    same key and another artifact is refused once the hashes are known, one with the same
+    artifact waits for the first and replays it."""
+    async def main() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        first, first_hash = _pending()
+        async with store.claim("", "k", first, "opts", "job-1") as claim:
+            other, other_hash = _pending()
+            refused = asyncio.ensure_future(_claim(store, other, "job-2"))
+            same, same_hash = _pending()
+            replayed = asyncio.ensure_future(_claim(store, same, "job-3"))
+            await asyncio.sleep(0.05)
+            assert not refused.done() and not replayed.done()  # nothing known to compare yet
+            first_hash.set_result("a" * 64)
+            other_hash.set_result("b" * 64)
+            same_hash.set_result("a" * 64)
+            with pytest.raises(AirlockError) as reused:
+                await refused
+            assert reused.value.reason is Reason.IDEMPOTENCY_KEY_REUSED
+            assert "different artifact" in reused.value.message
+            path = results_dir(tmp_path) / "job-1"
+            path.write_bytes(b"x")
+            assert claim.store(b"h", path, 1)
+        assert await replayed == "job-1"
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_retry_of_an_attempt_that_gave_its_hash_up_converts_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = IdempotencyStore(tmp_path, IdempotencySettings())
+        first, first_hash = _pending()
+        retry = InputDigest.known("a" * 64)
+        waiting: asyncio.Future[str] | None = None
+        with pytest.raises(asyncio.CancelledError):
+            async with store.claim("", "k", first, "opts", "job-1"):
+                waiting = asyncio.ensure_future(_claim(store, retry, "job-2"))
+                await asyncio.sleep(0.05)
+                first_hash.set_exception(error(Reason.CANCELLED, "given up"))
+                raise asyncio.CancelledError  # the first call went away
+        assert waiting is not None
+        assert await waiting == ""  # not replayed: it converts
+        await store.close()
+
+    asyncio.run(main())
+
+
+async def _claim(store: IdempotencyStore, digest: InputDigest, job_id: str) -> str:
+    """The job id replayed for key "k", or "" when this request converts."""
+    async with store.claim("", "k", digest, "opts", job_id) as claim:
+        return "" if claim.stored is None else claim.stored.job_id
+
+
+def test_a_refused_fast_path_input_is_named_in_its_audit_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job fails while its input is still being hashed (held in its first read): the
+    answer waits for the hash, so the audit record of a refused artifact carries its sha256
+    (an operator looks refused artifacts up by it)."""
+    reading, resume = threading.Event(), threading.Event()
+    preadv = os.preadv
+
+    def held(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if threading.current_thread().name == "airlock-input-hash":
+            reading.set()
+            assert resume.wait(60)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(input_digest.os, "preadv", held)
+    spool = tmp_path / "spool"
+    settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
+                            provenance_key=tmp_path / "provenance-key.pem",
+                            pools=PoolSettings(min_warm=0))
+    backend = FakeSandbox(spool, lambda spec, data, out: int(WorkerExit.CONVERSION_FAILED))
+    src = tmp_path / "model.pkl"
+    src.write_bytes(PICKLE)
+    with (running_broker(settings, backend) as running,
+          Client(f"127.0.0.1:{running.port}", retry_attempts=1) as client,
+          concurrent.futures.ThreadPoolExecutor(1) as calls):
+        failed = calls.submit(client.convert, src, tmp_path / "out.onnx")
+        assert reading.wait(60)
+        deadline = time.monotonic() + 60
+        while not backend.specs and time.monotonic() < deadline:
+            time.sleep(0.02)  # the job ran (and failed) while its hash was held
+        assert backend.specs
+        resume.set()
+        with pytest.raises(ConversionError) as refused:
+            failed.result(timeout=60)
+        assert client.last_transfer == "local"
+    record = json.loads((spool / "audit.jsonl").read_text().splitlines()[-1])
+    assert record["job_id"] == refused.value.job_id and record["outcome"] == "failed"
+    assert record["input_sha256"] == hashlib.sha256(PICKLE).hexdigest()
