@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,9 @@ def test_close_stops_the_hash_and_closes_its_descriptor(
     preadv = os.preadv
 
     def held(fd_: int, buffers: list[memoryview], offset: int) -> int:
-        reading.set()
-        assert resume.wait(60)
+        if threading.current_thread().name == "airlock-input-hash":
+            reading.set()
+            assert resume.wait(60)
         return preadv(fd_, buffers, offset)
 
     monkeypatch.setattr(input_digest.os, "preadv", held)
@@ -163,16 +165,20 @@ def test_a_retry_is_compared_once_both_hashes_are_known(tmp_path: Path) -> None:
 
 
 def test_a_retry_of_an_attempt_that_gave_its_hash_up_converts_again(tmp_path: Path) -> None:
+    """The first attempt's hash fails (its call is going away): a retry waits for that
+    attempt to end, unstored, then converts."""
     async def main() -> None:
         store = IdempotencyStore(tmp_path, IdempotencySettings())
         first, first_hash = _pending()
-        retry = InputDigest.known("a" * 64)
         waiting: asyncio.Future[str] | None = None
         with pytest.raises(asyncio.CancelledError):
             async with store.claim("", "k", first, "opts", "job-1"):
-                waiting = asyncio.ensure_future(_claim(store, retry, "job-2"))
-                await asyncio.sleep(0.05)
+                waiting = asyncio.ensure_future(
+                    _claim(store, InputDigest.known("a" * 64), "job-2"))
                 first_hash.set_exception(error(Reason.CANCELLED, "given up"))
+                while store.waiting == 0:  # the retry saw no hash, and waits for the attempt
+                    assert not waiting.done()
+                    await asyncio.sleep(0.01)
                 raise asyncio.CancelledError  # the first call went away
         assert waiting is not None
         assert await waiting == ""  # not replayed: it converts
@@ -202,6 +208,7 @@ def test_a_refused_fast_path_input_is_named_in_its_audit_record(
         return preadv(fd, buffers, offset)
 
     monkeypatch.setattr(input_digest.os, "preadv", held)
+    settling = _settling(monkeypatch)
     spool = tmp_path / "spool"
     settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
                             provenance_key=tmp_path / "provenance-key.pem",
@@ -214,9 +221,7 @@ def test_a_refused_fast_path_input_is_named_in_its_audit_record(
           concurrent.futures.ThreadPoolExecutor(1) as calls):
         failed = calls.submit(client.convert, src, tmp_path / "out.onnx")
         assert reading.wait(60)
-        deadline = time.monotonic() + 60
-        while not backend.specs and time.monotonic() < deadline:
-            time.sleep(0.02)  # the job ran (and failed) while its hash was held
+        assert settling.wait(60)  # the job failed and its answer waits for the held hash
         assert backend.specs
         resume.set()
         with pytest.raises(ConversionError) as refused:
@@ -225,3 +230,94 @@ def test_a_refused_fast_path_input_is_named_in_its_audit_record(
     record = json.loads((spool / "audit.jsonl").read_text().splitlines()[-1])
     assert record["job_id"] == refused.value.job_id and record["outcome"] == "failed"
     assert record["input_sha256"] == hashlib.sha256(PICKLE).hexdigest()
+
+
+def _settling(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set when a call starts waiting for its input's hash to settle (the pipeline's
+    ``finally``)."""
+    started = threading.Event()
+    settled = InputDigest.settled
+
+    async def noted(self: InputDigest) -> str | None:
+        started.set()
+        return await settled(self)
+
+    monkeypatch.setattr(InputDigest, "settled", noted)
+    return started
+
+
+def _held_hash(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(reading, resume): the input's hash thread is held in its first read until resumed."""
+    reading, resume = threading.Event(), threading.Event()
+    preadv: Callable[[int, list[memoryview], int], int] = os.preadv
+
+    def held(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if threading.current_thread().name == "airlock-input-hash":
+            reading.set()
+            assert resume.wait(60)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(input_digest.os, "preadv", held)
+    return reading, resume
+
+
+def _fast_broker(tmp_path: Path) -> tuple[BrokerConfig, FakeSandbox]:
+    """A broker whose (fake) sandbox refuses every job; the fast path on."""
+    spool = tmp_path / "spool"
+    settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
+                            provenance_key=tmp_path / "provenance-key.pem",
+                            pools=PoolSettings(min_warm=0))
+    return settings, FakeSandbox(spool, lambda spec, data, out: int(WorkerExit.CONVERSION_FAILED))
+
+
+def test_a_call_cancelled_while_its_answer_waits_for_the_hash_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The artifact is refused before any sandbox (no format it could be), its answer waits
+    for the input's hash (held), and the caller's deadline passes meanwhile: its upload is
+    removed and its spool room released all the same (they came after the wait, which the
+    cancellation cut short: seen with the upload still there)."""
+    reading, resume = _held_hash(monkeypatch)
+    settling = _settling(monkeypatch)
+    settings, backend = _fast_broker(tmp_path)
+    src = tmp_path / "noise.bin"
+    src.write_bytes(os.urandom(64 << 10))
+    try:
+        with running_broker(settings, backend) as running, \
+                Client(f"127.0.0.1:{running.port}", retry_attempts=1, timeout=5) as client:
+            with pytest.raises(ConversionError) as late:
+                client.convert(src, tmp_path / "out.onnx")
+            assert late.value.code == "DEADLINE_EXCEEDED" and client.last_transfer == "local"
+            assert reading.is_set() and settling.is_set() and backend.specs == []
+            spool = settings.state_root
+            deadline = time.monotonic() + 60
+            while _uploads(spool) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the handler's cancellation is the broker's to see
+            assert _uploads(spool) == [], "the upload outlived its call"
+    finally:
+        resume.set()
+
+
+def _uploads(spool: Path) -> list[Path]:
+    return [p for p in spool.rglob("uploads/*") if p.is_file()]
+
+
+def test_a_declared_sha256_that_differs_is_refused_before_any_sandbox_on_the_fast_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airlock_client import _wire
+
+    metadata = _wire.metadata
+
+    def declaring(**fields: object) -> object:
+        return metadata(**{**fields, "sha256": "0" * 64})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_wire, "metadata", declaring)
+    settings, backend = _fast_broker(tmp_path)
+    src = tmp_path / "model.pkl"
+    src.write_bytes(PICKLE)
+    with running_broker(settings, backend) as running, \
+            Client(f"127.0.0.1:{running.port}", retry_attempts=1) as client:
+        with pytest.raises(ConversionError) as refused:
+            client.convert(src, tmp_path / "out.onnx")
+        assert client.last_transfer == "local"
+    assert refused.value.reason == "CHECKSUM_MISMATCH"
+    assert backend.specs == []  # no sandbox ran

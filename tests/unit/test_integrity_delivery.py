@@ -203,3 +203,26 @@ def test_an_onnx_reading_alone_is_delivered_whole(tmp_path: Path) -> None:
         assert delivery.events == ["deliver", "delivered"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("via", ["comparison", "reading alone"])
+def test_an_input_digest_that_fails_takes_the_delivered_output_back(tmp_path: Path,
+                                                                     via: str) -> None:
+    """The output is right but the input's digest, computed meanwhile (input_digest.py),
+    fails: nothing is committed, the delivery is taken back, the digest's failure raised."""
+    output = _output(tmp_path / "out.safetensors", WEIGHTS)
+
+    async def input_digest() -> str:
+        raise AirlockError(Reason.INTERNAL, "the spooled input ended while it was hashed")
+
+    async def scenario() -> None:
+        delivery, hashed = Recorder(), asyncio.Event()
+        hashed.set()
+        running: asyncio.Future[object] = asyncio.ensure_future(
+            assurance_delivering(output, _compared_reading(tmp_path, WEIGHTS), delivery,
+                                 before_commit=input_digest) if via == "comparison"
+            else digest_delivering(_hashing(output, hashed), delivery,
+                                   before_commit=input_digest))
+        await _taken_back(running, delivery, Reason.INTERNAL)
+
+    asyncio.run(scenario())

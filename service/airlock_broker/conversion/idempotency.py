@@ -216,7 +216,7 @@ class IdempotencyStore:
             if self._entries.get(ident) is not entry:
                 continue  # it was forgotten meanwhile
             if theirs is None:  # its attempt gave its hash up: it is ending, unstored
-                if entry.stored is not None:  # (never so: nothing to compare, so forgotten)
+                if entry.stored is not None:  # its refusal, then its hash failed: forgotten
                     self._drop(ident)
                     continue
                 waited = True

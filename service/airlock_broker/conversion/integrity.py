@@ -17,7 +17,7 @@ import asyncio
 import enum
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,42 +124,50 @@ async def assurance_of(output: ValidatedOutput, extraction: Extraction | None
 
 
 async def assurance_delivering(output: ValidatedOutput, extraction: Extraction | None,
-                               delivery: Delivery | None
+                               delivery: Delivery | None, *,
+                               before_commit: Callable[[], Awaitable[object]] | None = None
                                ) -> tuple[ValidatedOutput, Assurance, str, bool]:
     """``assurance_of``, with the output delivered meanwhile when a comparison of tensor data
     (a hash and a byte comparison, 240-290 ms for S3's 400 MiB) would otherwise come first:
     the two use the two cores, and on the fast path the caller's file is written in that
     time. The caller's client renames that file into place only on success; if the
     comparison fails, the file is emptied once the copy is done (``Delivery.retract``), and
-    the refusal is what the job raises. The last item: whether the output was delivered."""
+    the refusal is what the job raises. The last item: whether the output was delivered.
+    ``before_commit``: what else must succeed before a delivered output is committed (the
+    input's digest, input_digest.py); its failure retracts it the same way."""
     compared = (extraction is not None and extraction.output is not None
                 and output.safetensors is not None
                 and extraction.output.safetensors is not None)
     if delivery is None or not compared:
         return (*await assurance_of(output, extraction), False)
-    assured, delivered = await _delivering(assurance_of(output, extraction), output, delivery)
+    assured, delivered = await _delivering(assurance_of(output, extraction), output, delivery,
+                                           before_commit)
     return (*assured, delivered)
 
 
-async def digest_delivering(reading: Extraction, delivery: Delivery | None
+async def digest_delivering(reading: Extraction, delivery: Delivery | None, *,
+                            before_commit: Callable[[], Awaitable[object]] | None = None
                             ) -> tuple[ValidatedOutput, bool]:
     """The output of a reading that converted the artifact alone, with its digest (hashed in
     the background since it was validated: 240 ms for 400 MiB), delivered meanwhile as in
-    :func:`assurance_delivering`; taken back if the digest fails (the file changed)."""
+    :func:`assurance_delivering`; taken back if the digest fails (the file changed), or
+    ``before_commit`` does."""
     assert reading.output is not None
     if reading.digest is None:
         return reading.output, False
     if delivery is None:
         return await reading.digest, False
-    return await _delivering(reading.digest, reading.output, delivery)
+    return await _delivering(reading.digest, reading.output, delivery, before_commit)
 
 
-async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Delivery
+async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Delivery,
+                      before_commit: Callable[[], Awaitable[object]] | None = None
                       ) -> tuple[T, bool]:
     """``work`` awaited while ``output`` is delivered; a safetensors output pending (its
-    header length zero: no loader takes the file), committed once ``work`` succeeded. On its
-    failure the delivery is waited for and retracted, and the failure raised; a retract that
-    cannot happen, or a copy that outlives it, leaves a file that is still pending. (An
+    header length zero: no loader takes the file), committed once ``work`` and
+    ``before_commit()`` succeeded. On a failure of either the delivery is waited for and
+    retracted, and the failure raised; a retract that cannot happen, or a copy that outlives
+    it, leaves a file that is still pending. (An
     estimator's ONNX reading is delivered whole: it was validated, and its digest is a hash
     of bytes held in memory.) The second item: whether it was delivered."""
     pending = output.safetensors is not None
@@ -167,6 +175,8 @@ async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Del
     delivering.add_done_callback(_retrieved)  # a refusal or a cancellation is what counts
     try:
         done = await work
+        if before_commit is not None:
+            await before_commit()  # it ran meanwhile
     except asyncio.CancelledError:
         delivering.cancel()  # the caller left: its copy thread finishes alone (peer_io.py)
         raise

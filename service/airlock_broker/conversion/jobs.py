@@ -424,7 +424,7 @@ class JobRunner:
                 if extraction is not None and extraction.data_sha256:
                     audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
                 output, assurance, note, delivered = await assurance_delivering(
-                    output, extraction, delivery)
+                    output, extraction, delivery, before_commit=input_digest.value)
                 output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
@@ -515,7 +515,8 @@ class JobRunner:
         """
         assert reading.output is not None and reading.outcome is not None
         outcome, report = reading.outcome, reading.report
-        output, delivered = await digest_delivering(reading, delivery)
+        output, delivered = await digest_delivering(reading, delivery,
+                                                    before_commit=input_digest.value)
         audit.set(**_outcome_fields(outcome),
                   loader=sanitize(report.get("loader", ""), 80),
                   refined_format=refined_format(reading.format, report),

@@ -217,11 +217,7 @@ class ConversionPipeline:
                 spooled.digest.close()  # a cancelled call: its input's hash is not needed
             raise
         finally:
-            if spooled is not None:
-                # A refused artifact's audit record names it too: its hash is finished first.
-                await spooled.digest.settled()
-                spooled.digest.close()
-            remove_quietly(upload)
+            remove_quietly(upload)  # the hash, if still running, reads its own descriptor
             if room is not None:
                 # The store's copy of a delivered answer is written after it: its room is
                 # held until then (the spool's reserve sees it).
@@ -229,6 +225,11 @@ class ConversionPipeline:
                     writing.add_done_callback(lambda _: room.release())
                 else:
                     room.release()
+            if spooled is not None:
+                try:  # a refused artifact's audit record names it too: its hash ends first
+                    await spooled.digest.settled()
+                finally:  # (cancelled meanwhile: it stops at its next step)
+                    spooled.digest.close()
 
     def _input_room(self, meta: pb.ConvertMetadata) -> InputRoom:
         """Where the input is spooled: in RAM when its declared size fits the RAM spool, else
