@@ -90,16 +90,7 @@ def test_close_stops_the_hash_and_closes_its_descriptor(
     monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
     data = os.urandom(4096 * 4)
     fd = _spool(tmp_path, data)
-    reading, resume = threading.Event(), threading.Event()
-    preadv = os.preadv
-
-    def held(fd_: int, buffers: list[memoryview], offset: int) -> int:
-        if threading.current_thread().name == "airlock-input-hash":
-            reading.set()
-            assert resume.wait(60)
-        return preadv(fd_, buffers, offset)
-
-    monkeypatch.setattr(input_digest.os, "preadv", held)
+    reading, resume = _held_hash(monkeypatch)
 
     async def main() -> None:
         digest = InputDigest.of_spool(fd, len(data))
@@ -198,22 +189,10 @@ def test_a_refused_fast_path_input_is_named_in_its_audit_record(
     """The job fails while its input is still being hashed (held in its first read): the
     answer waits for the hash, so the audit record of a refused artifact carries its sha256
     (an operator looks refused artifacts up by it)."""
-    reading, resume = threading.Event(), threading.Event()
-    preadv = os.preadv
-
-    def held(fd: int, buffers: list[memoryview], offset: int) -> int:
-        if threading.current_thread().name == "airlock-input-hash":
-            reading.set()
-            assert resume.wait(60)
-        return preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(input_digest.os, "preadv", held)
+    reading, resume = _held_hash(monkeypatch)
     settling = _settling(monkeypatch)
-    spool = tmp_path / "spool"
-    settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
-                            provenance_key=tmp_path / "provenance-key.pem",
-                            pools=PoolSettings(min_warm=0))
-    backend = FakeSandbox(spool, lambda spec, data, out: int(WorkerExit.CONVERSION_FAILED))
+    settings, backend = _fast_broker(tmp_path)
+    spool = settings.state_root
     src = tmp_path / "model.pkl"
     src.write_bytes(PICKLE)
     with (running_broker(settings, backend) as running,
@@ -257,7 +236,7 @@ def _held_hash(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thread
             assert resume.wait(60)
         return preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(input_digest.os, "preadv", held)
+    monkeypatch.setattr(os, "preadv", held)
     return reading, resume
 
 

@@ -73,7 +73,7 @@ def test_the_hash_is_of_the_spool_copy_not_of_the_peers_file(
             assert changed.wait(60)  # the hash reads only once the peer's file changed
         return preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(input_digest.os, "preadv", after_the_change)
+    monkeypatch.setattr(os, "preadv", after_the_change)
 
     async def spool(meta: pb.ConvertMetadata) -> str:
         io = PeerIO(2, 1.0)
