@@ -6,27 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import EXIT_OK, failure, usage_error
 from airlock_client._client import Client, default_address
+from airlock_client._converted_file import (
+    FILE_POLICY,
+    default_output,
+    failure_document,
+    placed,
+    result_document,
+)
 from airlock_client._errors import (
     AirlockError,
     ConversionError,
 )
 from airlock_client._progress import ProgressBar, busy_notice
 from airlock_client._terminal import printable
-from airlock_client._types import ConversionResult, LoadingPolicy, TensorSpec
+from airlock_client._types import ConversionResult, TensorSpec
 from airlock_client.provenance import write_provenance
-
-_SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
-#: ``--policy`` unless given, for one file or an MLflow model: a pickled estimator or module
-#: often needs its own classes to load. A model directory's is ``model_dir.DIRECTORY_POLICY``.
-FILE_POLICY: LoadingPolicy = "allow_code"
 
 
 def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
@@ -39,25 +39,6 @@ def parse_shape(text: str, dtype: str, index: int) -> TensorSpec:
     if not shape or any(d < -1 for d in shape):
         raise argparse.ArgumentTypeError(f"bad --input-shape {text!r}")
     return TensorSpec(name=name, dtype=dtype, shape=shape)
-
-
-def default_output(source: Path) -> Path:
-    """A temporary name beside the input; renamed once the output format is known."""
-    return source.with_name(f".{source.name}.airlock-out")
-
-
-def final_name(source: Path, fmt: str) -> Path:
-    target = source.with_suffix(_SUFFIX[fmt])
-    return target.with_name(f"{source.stem}.converted{_SUFFIX[fmt]}") if target == source \
-        else target
-
-
-def placed(result: ConversionResult, temporary: Path, base: Path) -> ConversionResult:
-    """A conversion written to ``temporary`` (``default_output``), renamed to its final name
-    after ``base`` now that its format is known (``final_name``)."""
-    final = final_name(base, result.format)
-    temporary.replace(final)
-    return ConversionResult(**{**result.__dict__, "output": final})
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -121,28 +102,6 @@ def _usage(args: argparse.Namespace, message: str) -> int:
     return usage_error("convert", message, as_json=args.json)
 
 
-def result_document(result: ConversionResult, provenance: Path) -> dict[str, Any]:
-    """The ``--json`` object for one converted file."""
-    return {
-        "ok": True, "status": "ok", "reason": None, "message": "converted",
-        "output": str(result.output), "format": result.format, "sha256": result.sha256,
-        "size": result.size, "job_id": result.job_id,
-        "detected_format": result.detected_format, "assurance": result.assurance,
-        "integrity_note": result.integrity_note,
-        "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
-        "executed_artifact_code": result.report.executed_artifact_code,
-        "parity": [asdict(p) for p in result.report.parity],
-        "parity_inputs": result.report.parity_inputs,
-        "warnings": list(result.report.warnings),
-        "duration_seconds": round(result.duration_seconds, 3),
-        "provenance": str(provenance),
-        "provenance_key": (result.provenance_record.key_fingerprint
-                           if result.provenance_record else None),
-        "provenance_key_source": result.provenance_key_source,
-        "transfer": result.transfer,
-    }
-
-
 def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:
     if args.json:
         print(json.dumps(result_document(result, provenance)))
@@ -169,14 +128,6 @@ def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: P
     if result.provenance_key_source != "pinned":
         print("  key        as published by the broker (trust on first use); pin it with "
               "--public-key or AIRLOCK_PUBLIC_KEY")
-
-
-def failure_document(status: str, reason: str | None, message: str, job_id: str = ""
-                     ) -> dict[str, Any]:
-    """The ``--json`` object for one file that was not converted (a file of several adds its
-    ``input``): the keys of :func:`result_document` a script checks first, with no output."""
-    return {"ok": False, "status": status, "reason": reason, "message": message,
-            "output": None, "format": None, "sha256": None, "job_id": job_id or None}
 
 
 def _report_error(args: argparse.Namespace, status: str, reason: str, message: str, code: int,

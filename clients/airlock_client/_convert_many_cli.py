@@ -33,7 +33,7 @@ from airlock_client._cli_exits import (
 )
 from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address, read_sample
-from airlock_client._convert_cli import (
+from airlock_client._converted_file import (
     FILE_POLICY,
     default_output,
     failure_document,

@@ -25,20 +25,19 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
-from airlock_client._types import Assurance, ConversionResult, LoadingPolicy
+from airlock_client._types import Assurance, ConversionResult, LoadingPolicy, Target
 from airlock_client._umask import umask
 from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 
-if TYPE_CHECKING:  # the client's module needs grpc; importing this module does not
-    from airlock_client._client import Client
+if TYPE_CHECKING:
     from airlock_client._retry import OnBusy
 
 #: Shards converted at once unless told: each is one sandbox (and one more for the integrity
@@ -156,7 +155,22 @@ class DirectoryProgress:
                 + ("" if eta is None else f", about {format_duration(eta)} left"))
 
 
-def convert_directory(client: Client, source: str | os.PathLike[str],
+class ShardClient(Protocol):
+    """What a directory's conversion asks of its client: ``Client`` (typed apart: the
+    client's module needs grpc, and it offers ``Client.convert_directory`` from here)."""
+
+    def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                target: Target = ..., loading_policy: LoadingPolicy = ...,
+                job_timeout: int = ..., on_busy: OnBusy | None = ...,
+                subject: str = ...) -> ConversionResult: ...
+
+    def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
+                     subject: str = ...) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def convert_directory(client: ShardClient, source: str | os.PathLike[str],
                       output: str | os.PathLike[str], *, jobs: int = DEFAULT_JOBS,
                       progress: Callable[[DirectoryProgress], None] | None = None,
                       overwrite: bool = False,
@@ -208,7 +222,7 @@ def convert_directory(client: Client, source: str | os.PathLike[str],
         duration_seconds=time.monotonic() - began)
 
 
-def _convert_shards(client: Client, model: HfModelDir, tmp: Path, *, jobs: int,
+def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,
                     progress: Callable[[DirectoryProgress], None] | None,
                     loading_policy: LoadingPolicy, job_timeout: int, on_busy: OnBusy | None,
                     subject: str) -> list[ShardResult]:
@@ -290,7 +304,7 @@ def _write_outputs(model: HfModelDir, shards: list[ShardResult], tmp: Path) -> s
     return _hf_dir.SAFE_WEIGHTS_INDEX
 
 
-def _attest_index(client: Client, index: Path, shards: list[ShardResult],
+def _attest_index(client: ShardClient, index: Path, shards: list[ShardResult],
                   subject: str) -> None:
     """The index's signed record, beside it (``<index>.provenance.json``); its subject is
     the directory's."""

@@ -190,8 +190,8 @@ def test_an_unreachable_broker_is_reported_as_the_brokers_not_a_shards(
     doc = json.loads(capsys.readouterr().out)
     assert (doc["status"], doc["reason"], doc["shard"]) == ("failed", "UNAVAILABLE", None)
     with pytest.raises(ServiceUnavailable):
-        convert_directory(FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable())),
-                          src, tmp_path / "out")  # type: ignore[arg-type]
+        unreachable = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
+        convert_directory(unreachable, src, tmp_path / "out")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
