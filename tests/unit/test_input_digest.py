@@ -42,24 +42,65 @@ def _closed(fd: int) -> bool:
     return False
 
 
-def test_the_digest_is_of_the_first_size_bytes_and_its_descriptor_is_closed(
+def _hashed_whole(fd: int, size: int, declared: str = "") -> InputDigest:
+    """A digest of a spool file already written: one block, then the end."""
+    digest, feed = InputDigest.following(fd, declared)
+    feed.wrote(0, size)
+    feed.finished(size)
+    return digest
+
+
+def test_the_hash_follows_the_blocks_reported_holes_included(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)  # many steps, a partial last one
-    data = os.urandom(4096 * 7 + 33)
-    fd = _spool(tmp_path, data + b"trailing bytes past the size")
+    """Blocks read back from the file (many steps each, a partial last one), a hole hashed
+    as zeros (not in the file: it ends before it), and the descriptor closed at the end."""
+    monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
+    head, tail = os.urandom(4096 * 7 + 33), os.urandom(5000)
+    hole = 3 * 4096 + 7
+    path = tmp_path / "spool"
+    with open(path, "wb") as fh:  # the hole stays one: the file is written around it
+        fh.write(head)
+        fh.seek(len(head) + hole)
+        fh.write(tail)
+    fd = os.open(path, os.O_RDONLY)
+    whole = head + bytes(hole) + tail
     seen: list[str] = []
 
     async def main() -> str:
-        digest = InputDigest.of_spool(fd, len(data))
+        digest, feed = InputDigest.following(fd)
         digest.when_known(seen.append)
-        assert digest.hex_or_pending in ("(hashing)", hashlib.sha256(data).hexdigest())
+        feed.wrote(0, len(head))
+        assert digest.hex_or_pending == "(hashing)"  # not before the end is reported
+        feed.wrote(len(head), hole, hole=True)
+        feed.wrote(len(head) + hole, len(tail))
+        feed.finished(len(whole))
         value = await digest.value()
         assert digest.hex_or_pending == value
         return value
 
     value = asyncio.run(main())
-    assert value == hashlib.sha256(data).hexdigest() and seen == [value]
+    assert value == hashlib.sha256(whole).hexdigest() and seen == [value]
     assert _closed(fd)
+
+
+def test_a_report_that_does_not_add_up_is_an_internal_error(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+
+    async def main() -> list[Reason]:
+        reasons = []
+        for blocks, size in (([(0, 5000), (6000, 4000)], 10_000),  # a gap
+                             ([(0, 5000)], 10_000),  # an end past what was reported
+                             ([(0, 20_000)], 20_000)):  # past the file's end
+            digest, feed = InputDigest.following(_spool(tmp_path, data))
+            for offset, length in blocks:
+                feed.wrote(offset, length)
+            feed.finished(size)
+            with pytest.raises(AirlockError) as failed:
+                await digest.value()
+            reasons.append(failed.value.reason)
+        return reasons
+
+    assert asyncio.run(main()) == [Reason.INTERNAL] * 3
 
 
 def test_a_declared_digest_that_differs_is_checksum_mismatch(tmp_path: Path) -> None:
@@ -67,10 +108,9 @@ def test_a_declared_digest_that_differs_is_checksum_mismatch(tmp_path: Path) -> 
     right = hashlib.sha256(data).hexdigest()
 
     async def main() -> None:
-        assert await InputDigest.of_spool(_spool(tmp_path, data), len(data), right).value() \
-            == right
+        assert await _hashed_whole(_spool(tmp_path, data), len(data), right).value() == right
         seen: list[str] = []
-        wrong = InputDigest.of_spool(_spool(tmp_path, data), len(data), "0" * 64)
+        wrong = _hashed_whole(_spool(tmp_path, data), len(data), "0" * 64)
         wrong.when_known(seen.append)
         with pytest.raises(AirlockError) as refused:
             await wrong.value()
@@ -85,15 +125,19 @@ def test_a_declared_digest_that_differs_is_checksum_mismatch(tmp_path: Path) -> 
 
 def test_close_stops_the_hash_and_closes_its_descriptor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The thread is held in its first read until the call has given the hash up: it stops
-    at its next step with CANCELLED, and its descriptor is closed."""
+    """Closed while it waits for the copy's next block, or while it reads one (held in its
+    first read until the call has given the hash up): CANCELLED either way, its descriptor
+    closed."""
     monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
     data = os.urandom(4096 * 4)
-    fd = _spool(tmp_path, data)
     reading, resume = _held_hash(monkeypatch)
 
     async def main() -> None:
-        digest = InputDigest.of_spool(fd, len(data))
+        waiting, _feed = InputDigest.following(first := _spool(tmp_path, data))
+        waiting.close()
+        assert await waiting.settled() is None
+        assert _closed(first)
+        digest = _hashed_whole(second := _spool(tmp_path, data), len(data))
         assert await asyncio.to_thread(reading.wait, 60)
         digest.close()
         resume.set()
@@ -101,9 +145,9 @@ def test_close_stops_the_hash_and_closes_its_descriptor(
         with pytest.raises(AirlockError) as stopped:
             await digest.value()
         assert stopped.value.reason is Reason.CANCELLED
+        assert _closed(second)
 
     asyncio.run(main())
-    assert _closed(fd)
 
 
 def test_a_cancelled_waiter_does_not_cancel_the_hash_others_wait_for() -> None:

@@ -2,13 +2,17 @@
 
 The gRPC stream hashes each chunk as it comes (the network is the slower side). The same-host
 fast path copies at memory speed, where SHA-256 (one core, about 1.7 GB/s on this machine)
-would double the copy's time; so it copies first and then hashes the broker's own spool copy
-on a thread while the sandboxes read it. The bytes hashed are the bytes converted: the same
-inode, which nothing writes once spooled (the broker's private directory outside, a read-only
-mount in each sandbox), never the caller's file, which it may change at any time.
+would double the copy's time if the copy waited for it. So the hash follows the copy on a
+thread of its own, reading back from the broker's spool file each block the copy has written
+(from the page cache, or as zeros for a block the copy left a hole), and goes on after the
+copy has ended, while the sandboxes read the same file. The bytes hashed are the bytes
+converted: the same inode, which nothing writes once spooled (the broker's private directory
+outside, a read-only mount in each sandbox), never the caller's file, which it may change at
+any time.
 
 What needs the digest awaits it: the result header and the provenance it signs (jobs.py, at
-the very end), an idempotency key seen before (idempotency.py), the audit record (set when
+the very end, and before a delivered output is committed), an idempotency key seen before
+(idempotency.py), a declared sha256 (before any sandbox starts), the audit record (set when
 known; a failed job waits for it before its record is written, a cancelled one stops it).
 """
 
@@ -19,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import queue
 import threading
 from collections.abc import Callable
 
@@ -31,9 +36,9 @@ STEP_BYTES = 1024 * 1024
 class InputDigest:
     """One artifact's sha256, possibly still being computed. Owned by its call: ``close``."""
 
-    def __init__(self, future: asyncio.Future[str], stop: threading.Event | None = None) -> None:
+    def __init__(self, future: asyncio.Future[str], feed: HashFeed | None = None) -> None:
         self._future = future
-        self._stop = stop
+        self._feed = feed
 
     @classmethod
     def known(cls, sha256: str, declared: str = "") -> InputDigest:
@@ -45,19 +50,19 @@ class InputDigest:
         return cls(future)
 
     @classmethod
-    def of_spool(cls, fd: int, size: int, declared: str = "") -> InputDigest:
-        """Start hashing the first ``size`` bytes of the spool file ``fd`` (which this owns
-        and closes) on a thread of its own (a 16 GiB input takes about 10 s: not a place in
-        the loop's shared executor); its value is CHECKSUM_MISMATCH unless it is
-        ``declared`` (when the caller declared one)."""
+    def following(cls, fd: int, declared: str = "") -> tuple[InputDigest, HashFeed]:
+        """A hash of the spool file ``fd`` (which this owns and closes) that follows its
+        copy: the copy reports each block through the ``HashFeed``, then the end. On a
+        thread of its own (a 16 GiB input takes about 10 s: not a place in the loop's shared
+        executor). Its value is CHECKSUM_MISMATCH unless it is ``declared`` (when given)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        stop = threading.Event()
+        feed = HashFeed()
 
         def run() -> None:
             try:
                 outcome: Callable[[], None] = functools.partial(
-                    _settle, future, _hash_file(fd, size, declared, stop), None)
+                    _settle, future, _follow(fd, feed, declared), None)
             except BaseException as exc:  # handed to whoever awaits it
                 outcome = functools.partial(_settle, future, "", exc)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
@@ -68,7 +73,7 @@ class InputDigest:
         except BaseException:
             os.close(fd)
             raise
-        return cls(future, stop)
+        return cls(future, feed), feed
 
     @property
     def hex_or_pending(self) -> str:
@@ -100,8 +105,35 @@ class InputDigest:
     def close(self) -> None:
         """The call no longer needs it: the thread stops at its next step and closes its
         descriptor (``settled`` then returns promptly)."""
-        if self._stop is not None:
-            self._stop.set()
+        if self._feed is not None:
+            self._feed.give_up()
+
+
+class HashFeed:
+    """What the copy tells the hash that follows it (thread-safe): each block, in order,
+    then the end; or that it failed (``give_up``: the hash stops)."""
+
+    def __init__(self) -> None:
+        self._blocks: queue.SimpleQueue[tuple[int, int, bool] | int | None] = \
+            queue.SimpleQueue()
+        self.stopped = threading.Event()
+
+    def wrote(self, offset: int, length: int, *, hole: bool = False) -> None:
+        """``length`` bytes at ``offset`` are in the file (``hole``: all zero, not written)."""
+        self._blocks.put((offset, length, hole))
+
+    def finished(self, size: int) -> None:
+        """The copy ended: the file holds ``size`` bytes, every one reported."""
+        self._blocks.put(size)
+
+    def give_up(self) -> None:
+        self.stopped.set()
+        self._blocks.put(None)
+
+    def next(self) -> tuple[int, int, bool] | int | None:
+        """The next report (blocking): a block, the final size, or None when given up."""
+        item = self._blocks.get()
+        return None if self.stopped.is_set() else item
 
 
 def _settle(future: asyncio.Future[str], sha256: str, exc: BaseException | None) -> None:
@@ -119,22 +151,41 @@ def _check(sha256: str, declared: str) -> None:
                     "the artifact's sha256 does not match the declared one")
 
 
-def _hash_file(fd: int, size: int, declared: str, stop: threading.Event) -> str:
-    """Blocking: the sha256 of ``fd``'s first ``size`` bytes, read at explicit offsets."""
+def _follow(fd: int, feed: HashFeed, declared: str) -> str:
+    """Blocking: the sha256 of what ``feed`` reports of ``fd``, read at explicit offsets."""
     try:
         digest = hashlib.sha256()
-        buffer = bytearray(min(STEP_BYTES, max(size, 1)))
-        view = memoryview(buffer)
-        offset = 0
-        while offset < size:
-            if stop.is_set():
+        buffer = bytearray(STEP_BYTES)
+        zeros = bytes(STEP_BYTES)
+        hashed = 0
+        while True:
+            item = feed.next()
+            if item is None:
                 raise error(Reason.CANCELLED, "the input's hash was given up with its call")
-            n = os.preadv(fd, [view[:size - offset]], offset)
-            if n == 0:  # the broker's own file cannot shrink; if it did, nothing is vouched for
-                raise error(Reason.INTERNAL, f"the spooled input ended at {offset} of its "
-                                             f"{size} bytes while it was hashed")
-            digest.update(view[:n])  # releases the GIL: the event loop runs meanwhile
-            offset += n
+            if isinstance(item, int):  # the end
+                if item != hashed:
+                    raise error(Reason.INTERNAL, f"the copy reported {hashed} of its {item} "
+                                                 "bytes to the input's hash")
+                break
+            offset, length, hole = item
+            if offset != hashed:
+                raise error(Reason.INTERNAL, f"the copy reported the block at {offset} "
+                                             f"after {hashed} bytes")
+            end = offset + length
+            while hashed < end:
+                if feed.stopped.is_set():
+                    raise error(Reason.CANCELLED, "the input's hash was given up with its call")
+                want = min(STEP_BYTES, end - hashed)
+                if hole:
+                    digest.update(memoryview(zeros)[:want])
+                    hashed += want
+                    continue
+                n = os.preadv(fd, [memoryview(buffer)[:want]], hashed)
+                if n == 0:  # the broker's own file cannot shrink; if it did, nothing holds
+                    raise error(Reason.INTERNAL, f"the spooled input ended at {hashed} bytes "
+                                                 f"while it was hashed ({end} written)")
+                digest.update(memoryview(buffer)[:n])  # releases the GIL
+                hashed += n
         sha256 = digest.hexdigest()
         _check(sha256, declared)
         return sha256

@@ -155,10 +155,11 @@ class SpoolWriter:
         #: zeros went (what a job's answer is estimated from, spool_space.answer_bytes).
         self.data_bytes = 0
 
-    def write(self, data: bytes | bytearray, offset: int) -> None:
+    def write(self, data: bytes | bytearray, offset: int) -> bool:
+        """``data`` at ``offset``; False: it is all zero and left a hole."""
         if is_zero(data):
             if self.holes:
-                return
+                return False
         else:
             self.data_bytes += len(data)
         view = memoryview(data)
@@ -168,6 +169,7 @@ class SpoolWriter:
             offset += n
         if self.claim is not None:
             self.claim.wrote(len(data))
+        return True
 
     def finish(self, size: int) -> None:
         os.ftruncate(self.fd, size)  # trailing holes

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.conversion.file_copy import BLOCK_BYTES
-from airlock_broker.conversion.input_digest import InputDigest
+from airlock_broker.conversion.input_digest import HashFeed, InputDigest
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, check_size
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolWriter
 from airlock_broker.conversion.upload_limits import MiB, Pace
@@ -77,13 +77,19 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
     try:
         if not in_ram:
             claim = limits.claim(min(local.input.size, local.input.allocated))
-        copied = await local.io.run(
-            lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim,
-                                             holes=not in_ram),
-            (local.input_fd, dst), watchdog)
-        # Hashed from the broker's own copy, while the job runs: the bytes converted.
+        # Hashed from the broker's own copy, behind it and then while the job runs: the
+        # bytes converted.
+        digest, feed = InputDigest.following(os.dup(dst), meta.sha256)
+        try:
+            copied = await local.io.run(
+                lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim,
+                                                 holes=not in_ram, feed=feed),
+                (local.input_fd, dst), watchdog)
+        except BaseException:
+            digest.close()
+            raise
         return Spooled(size=copied.size, prefix=copied.prefix, data_bytes=copied.data_bytes,
-                       digest=InputDigest.of_spool(os.dup(dst), copied.size, meta.sha256))
+                       digest=digest)
     finally:
         progress.stop.set()
         if claim is not None:
@@ -119,11 +125,13 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
 
 def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
                   progress: ReadProgress | None = None,
-                  claim: SpoolClaim | None = None, *, holes: bool = True) -> Copied:
+                  claim: SpoolClaim | None = None, *, holes: bool = True,
+                  feed: HashFeed | None = None) -> Copied:
     """Copy the peer's input into the spool file ``dst``. Blocking: a thread's.
 
-    Not hashed here: SHA-256 is twice as slow as this copy, so the spool copy is hashed
-    while the job runs (``spool_from_peer``, input_digest.py). Bounded like the gRPC path:
+    Not hashed here: SHA-256 is twice as slow as this copy, which does not wait for it; each
+    block written is reported to the hash that follows it (``feed``, input_digest.py), which
+    goes on while the job runs. Bounded like the gRPC path:
     the declared size or ``max_artifact_bytes``; in time by the caller's watchdog
     (``progress``), which a read that never returns cannot reach. All-zero blocks stay holes
     (unless not ``holes``: the RAM spool, spool_space.SpoolWriter), and what is written is
@@ -147,9 +155,13 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
             raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
         if len(prefix) < PREFIX_BYTES:
             prefix += bytes(raw[: min(n, PREFIX_BYTES - len(prefix))])
-        spool.write(raw if n == BLOCK_BYTES else raw[:n], size)
+        written = spool.write(raw if n == BLOCK_BYTES else raw[:n], size)
+        if feed is not None:
+            feed.wrote(size, n, hole=not written)
         size += n
         progress.received = size
     spool.finish(size)
     check_size(size, meta)
+    if feed is not None:
+        feed.finished(size)
     return Copied(size=size, prefix=prefix, data_bytes=spool.data_bytes)
