@@ -53,7 +53,7 @@ def _hashed_whole(fd: int, size: int, declared: str = "") -> InputDigest:
 def test_the_hash_follows_the_blocks_reported_holes_included(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks read back from the file (many steps each, a partial last one), a hole hashed
-    as zeros (not in the file: it ends before it), and the descriptor closed at the end."""
+    as zeros without reading it, and the descriptor closed at the end."""
     monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
     head, tail = os.urandom(4096 * 7 + 33), os.urandom(5000)
     hole = 3 * 4096 + 7

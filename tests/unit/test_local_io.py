@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import threading
@@ -60,9 +61,9 @@ def test_the_streaming_paths_limits_apply(tmp_path: Path, data: bytes,
 
 def test_the_hash_is_of_the_spool_copy_not_of_the_peers_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The input is hashed after the copy, from the broker's own file: a peer that rewrites
-    its file as soon as the copy ends changes neither the digest nor what was spooled; a
-    declared sha256 that differs is CHECKSUM_MISMATCH."""
+    """The input is hashed from the broker's own file, never the peer's: a peer that rewrites
+    its file as soon as the copy ends (the hash held until then) changes neither the digest
+    nor what was spooled; a declared sha256 that differs is CHECKSUM_MISMATCH."""
     monkeypatch.setattr(input_digest, "STEP_BYTES", 64 << 10)  # many steps
     data = os.urandom(900_005)
     changed = threading.Event()
@@ -254,3 +255,72 @@ def test_an_input_spooled_in_ram_is_written_whole(tmp_path: Path) -> None:
             io.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("in_ram", [False, True])
+def test_the_hash_follows_data_and_holes_block_by_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_ram: bool) -> None:
+    """Data and all-zero blocks mixed, a partial last block: the digest is the input's and
+    the spool file's (on disk the zero blocks stay holes, hashed as zeros)."""
+    monkeypatch.setattr(local_io, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(input_digest, "STEP_BYTES", 4096)
+    blocks = [os.urandom(4096), bytes(4096), bytes(4096), os.urandom(4096), bytes(4096),
+              os.urandom(4096), bytes(100)]
+    data = b"".join(blocks)
+    limits = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=60)
+
+    async def main() -> str:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io, data)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            spooled = await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(), limits,
+                                                     in_ram=in_ram)
+            return await spooled.digest.value()
+        finally:
+            local.close()
+            io.shutdown()
+
+    sha = hashlib.sha256(data).hexdigest()
+    assert asyncio.run(main()) == sha
+    assert hashlib.sha256((tmp_path / "spool").read_bytes()).hexdigest() == sha
+    allocated = os.stat(tmp_path / "spool").st_blocks * 512
+    assert (allocated >= len(data)) is in_ram, allocated  # holes on disk only
+
+
+def test_a_failed_copy_ends_its_hash_quietly(tmp_path: Path) -> None:
+    """The copy fails (TOO_LARGE): the hash that followed it stops, closes its descriptor,
+    and nothing is logged about a failure no one awaited."""
+    data = os.urandom((1 << 20) + 1)
+    complaints: list[str] = []
+
+    async def refused() -> Reason:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io, data)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(), LIMITS)
+        except AirlockError as exc:
+            return exc.reason
+        finally:
+            local.close()
+            io.shutdown()
+        raise AssertionError("not refused")
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: complaints.append(context["message"]))
+        assert await refused() is Reason.TOO_LARGE
+        deadline = time.monotonic() + 60
+        while _hashing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # its thread ends at its next step
+        assert not _hashing()
+        await asyncio.sleep(0)  # its outcome handed to the loop, and no one holds it now
+        gc.collect()
+
+    asyncio.run(main())
+    assert complaints == []
+
+
+def _hashing() -> bool:
+    return any(t.name == "airlock-input-hash" for t in threading.enumerate())

@@ -39,6 +39,8 @@ class InputDigest:
     def __init__(self, future: asyncio.Future[str], feed: HashFeed | None = None) -> None:
         self._future = future
         self._feed = feed
+        # A hash given up with a copy that failed is awaited by no one: not an error to log.
+        future.add_done_callback(_retrieved)
 
     @classmethod
     def known(cls, sha256: str, declared: str = "") -> InputDigest:
@@ -136,6 +138,11 @@ class HashFeed:
         return None if self.stopped.is_set() else item
 
 
+def _retrieved(future: asyncio.Future[str]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _settle(future: asyncio.Future[str], sha256: str, exc: BaseException | None) -> None:
     if future.done():
         return
@@ -167,7 +174,7 @@ def _follow(fd: int, feed: HashFeed, declared: str) -> str:
                     raise error(Reason.INTERNAL, f"the copy reported {hashed} of its {item} "
                                                  "bytes to the input's hash")
                 break
-            offset, length, hole = item
+            offset, length, hole = item  # a hole reads as zeros: the spool file is new
             if offset != hashed:
                 raise error(Reason.INTERNAL, f"the copy reported the block at {offset} "
                                              f"after {hashed} bytes")
