@@ -31,6 +31,8 @@ from airlock_broker.errors import Reason, error
 
 #: Read per step of the hash: the step at which ``close`` is noticed.
 STEP_BYTES = 1024 * 1024
+#: What a hole hashes as, a step at a time (one copy for every job).
+_ZEROS = memoryview(bytes(STEP_BYTES))
 
 
 class InputDigest:
@@ -162,8 +164,9 @@ def _follow(fd: int, feed: HashFeed, declared: str) -> str:
     """Blocking: the sha256 of what ``feed`` reports of ``fd``, read at explicit offsets."""
     try:
         digest = hashlib.sha256()
-        buffer = bytearray(STEP_BYTES)
-        zeros = bytes(STEP_BYTES)
+        # Sized to need: most inputs are a few kB, and each job's hash is a thread of its
+        # own, whose freed buffers the allocator's per-thread arenas would keep.
+        buffer = bytearray(0)
         hashed = 0
         while True:
             item = feed.next()
@@ -184,9 +187,12 @@ def _follow(fd: int, feed: HashFeed, declared: str) -> str:
                     raise error(Reason.CANCELLED, "the input's hash was given up with its call")
                 want = min(STEP_BYTES, end - hashed)
                 if hole:
-                    digest.update(memoryview(zeros)[:want])
+                    want = min(want, len(_ZEROS))
+                    digest.update(_ZEROS[:want])
                     hashed += want
                     continue
+                if len(buffer) < want:
+                    buffer = bytearray(want)
                 n = os.preadv(fd, [memoryview(buffer)[:want]], hashed)
                 if n == 0:  # the broker's own file cannot shrink; if it did, nothing holds
                     raise error(Reason.INTERNAL, f"the spooled input ended at {hashed} bytes "
