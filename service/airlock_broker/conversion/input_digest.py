@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.futures import retrieved
 
 #: Read per step of the hash: the step at which ``close`` is noticed.
 STEP_BYTES = 1024 * 1024
@@ -42,7 +43,7 @@ class InputDigest:
         self._future = future
         self._feed = feed
         # A hash given up with a copy that failed is awaited by no one: not an error to log.
-        future.add_done_callback(_retrieved)
+        future.add_done_callback(retrieved)
 
     @classmethod
     def known(cls, sha256: str, declared: str = "") -> InputDigest:
@@ -82,10 +83,7 @@ class InputDigest:
     @property
     def hex_or_pending(self) -> str:
         """For a log line: the digest, or that it is still being computed."""
-        if self._future.done() and not self._future.cancelled() \
-                and self._future.exception() is None:
-            return self._future.result()
-        return "(hashing)"
+        return self._future.result() if _succeeded(self._future) else "(hashing)"
 
     async def value(self) -> str:
         """The sha256 (raises what the hash raised: CHECKSUM_MISMATCH, or CANCELLED after
@@ -95,14 +93,12 @@ class InputDigest:
     async def settled(self) -> str | None:
         """The sha256, or None when the hash failed or was given up."""
         await asyncio.wait({self._future})
-        if self._future.cancelled() or self._future.exception() is not None:
-            return None
-        return self._future.result()
+        return self._future.result() if _succeeded(self._future) else None
 
     def when_known(self, callback: Callable[[str], None]) -> None:
         """``callback(sha256)`` on the event loop once the hash succeeds (never otherwise)."""
         def done(future: asyncio.Future[str]) -> None:
-            if not future.cancelled() and future.exception() is None:
+            if _succeeded(future):
                 callback(future.result())
         self._future.add_done_callback(done)
 
@@ -140,9 +136,8 @@ class HashFeed:
         return None if self.stopped.is_set() else item
 
 
-def _retrieved(future: asyncio.Future[str]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _succeeded(future: asyncio.Future[str]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _settle(future: asyncio.Future[str], sha256: str, exc: BaseException | None) -> None:

@@ -29,6 +29,7 @@ from airlock_broker.conversion.outputs import (
     with_sha256,
 )
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.futures import retrieved
 from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.safetensors_canonical import (
@@ -172,7 +173,7 @@ async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Del
     of bytes held in memory.) The second item: whether it was delivered."""
     pending = output.safetensors is not None
     delivering = asyncio.ensure_future(delivery.deliver(output, pending=pending))
-    delivering.add_done_callback(_retrieved)  # a refusal or a cancellation is what counts
+    delivering.add_done_callback(retrieved)  # a refusal or a cancellation is what counts
     try:
         done = await work
         if before_commit is not None:
@@ -188,11 +189,6 @@ async def _delivering(work: Awaitable[T], output: ValidatedOutput, delivery: Del
     if delivered and pending:
         await delivery.commit(output)
     return done, delivered
-
-
-def _retrieved(task: asyncio.Future[bool]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def _by_digest(output: ValidatedOutput, ext: SafetensorsInfo, extraction: Extraction

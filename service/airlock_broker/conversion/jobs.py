@@ -37,6 +37,7 @@ from airlock_broker.conversion.outputs import (
     validate_output,
 )
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.futures import retrieved
 from airlock_broker.hostile_text import sanitize
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
@@ -304,8 +305,7 @@ async def _settle(task: asyncio.Task[Any]) -> None:
     if not task.done():
         task.cancel()
         await asyncio.wait({task})  # the task's own outcome is not raised here; ours would be
-    if not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" at collection
+    retrieved(task)
 
 
 class JobRunner:
