@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_client import Client
-from bench import baseline
+from bench import baseline, host
 from bench.broker import BenchError, Broker, RssSampler, proc_status
 from bench.sampling import ThreadedSampler
 
@@ -154,12 +154,15 @@ def scenario(broker: Broker, total_bytes: int, work: Path, shards: int = 4) -> d
     size = sum(p.stat().st_size for p in checkpoint.root.iterdir())
     base_out = work / "s7-baseline"
     broker.wait_ready()
+    # Each side starts with no dirty page to write back (the build's 8 GiB, the other side's).
+    host.settle_disk()
     began = time.perf_counter()
     with RssSampler(os.getpid()) as own:
         convert_multi(checkpoint, base_out)
     base_s = time.perf_counter() - began
     shutil.rmtree(base_out)
     broker.wait_ready()
+    host.settle_disk()
     out = work / "s7-airlock"
     idle_rss = proc_status(broker.pid).get("VmRSS", 0)
     with Client(f"unix:{broker.socket}", timeout=3600, retry_attempts=1) as client, \
