@@ -4,10 +4,8 @@ sandbox image: when either is missing they FAIL with a message saying how to fix
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.broker import free_port  # one definition, for the benchmark's brokers and ours
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -79,21 +79,6 @@ def docker_client():  # type: ignore[no-untyped-def]
 
 def airlock_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
     return [c.id for c in client.containers.list(all=True, filters={"label": LABEL})]
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 and on [::1]: a broker on loopback holds both families."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            try:
-                with socket.socket(socket.AF_INET6) as s6:
-                    s6.bind(("::1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue  # a host without IPv6 loopback has nothing to hold there
-            return port
 
 
 @dataclass

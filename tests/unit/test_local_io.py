@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import os
@@ -98,6 +99,42 @@ def test_the_hash_is_of_the_spool_copy_not_of_the_peers_file(
     assert asyncio.run(spool(pb.ConvertMetadata())) == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "spool").read_bytes() == data
     assert asyncio.run(spool(pb.ConvertMetadata(sha256="0" * 64))) == "CHECKSUM_MISMATCH"
+
+
+def test_the_hash_reads_the_spool_through_a_descriptor_that_cannot_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash thread gets a descriptor of the spool file opened read-only (the copy's is
+    read-write): a fault in the hash cannot change the bytes the sandbox converts."""
+    seen: list[int] = []
+    preadv = os.preadv
+
+    def noting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if threading.current_thread().name == "airlock-input-hash":
+            seen.append(os.stat(fd).st_ino)
+            seen.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", noting)
+    data = os.urandom(100_000)
+
+    async def spool() -> str:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io, data)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            spooled = await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(), LIMITS)
+            try:
+                return await spooled.digest.value()
+            finally:
+                spooled.digest.close()
+        finally:
+            local.close()
+            io.shutdown()
+
+    assert asyncio.run(spool()) == hashlib.sha256(data).hexdigest()
+    assert seen, "the hash never read the spool file"
+    assert seen[0] == (tmp_path / "spool").stat().st_ino  # the spool file itself
+    assert set(seen[1::2]) == {os.O_RDONLY}
 
 
 def test_copy_writes_the_whole_file_at_explicit_offsets(tmp_path: Path) -> None:

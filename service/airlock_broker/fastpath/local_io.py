@@ -78,8 +78,8 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
         if not in_ram:
             claim = limits.claim(min(local.input.size, local.input.allocated))
         # Hashed from the broker's own copy, behind it and then while the job runs: the
-        # bytes converted.
-        digest, feed = InputDigest.following(os.dup(dst), meta.sha256)
+        # bytes converted, through a descriptor that can only read them.
+        digest, feed = InputDigest.following(read_only(dst), meta.sha256)
         try:
             copied = await local.io.run(
                 lambda src, spool: spool_from_fd(src, spool, meta, limits, progress, claim,
@@ -121,6 +121,12 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
                     f"writing the {size}-byte output into the caller's file failed: "
                     f"{exc.strerror or exc} (the conversion succeeded; free space on that "
                     "filesystem, or give a writable file, and convert again)") from exc
+
+
+def read_only(fd: int) -> int:
+    """A new descriptor of the broker's own file ``fd`` that can only read it: the same inode,
+    reopened through the process's own descriptor table (not a path someone could swap)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLimits,
