@@ -19,6 +19,7 @@ from airlock_broker.api.provenance import sign, single_file_statement
 from airlock_broker.errors import AirlockError
 from airlock_broker.security.keys import SigningKey
 from airlock_broker.validation.safetensors_canonical import names_digest
+from airlock_client import _hf_dir
 from airlock_client import provenance as client_provenance
 
 PRINCIPAL = Principal(name="trainer", method="token", roles=frozenset())
@@ -173,3 +174,10 @@ def test_the_names_digest_does_not_depend_on_order_and_tells_names_apart() -> No
     assert names_digest(["b", "a"]) == names_digest(["a", "b"])
     assert names_digest(["a,b"]) != names_digest(["a", "b"])
     assert names_digest(["a\nb"]) != names_digest(["a", "b"])
+
+
+def test_the_client_refuses_up_front_what_the_broker_would_not_attest() -> None:
+    """A directory whose index the broker would refuse to sign is refused by the client while
+    it inspects the directory, not after every shard has been converted."""
+    assert _hf_dir.MAX_INDEX_BYTES == index_attestation.MAX_INDEX_BYTES
+    assert _hf_dir.MAX_SHARDS == index_attestation.MAX_SHARDS
