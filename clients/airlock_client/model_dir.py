@@ -50,6 +50,9 @@ DEFAULT_JOBS = 2
 DIRECTORY_POLICY: LoadingPolicy = "safe_only"
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
+#: The destination's filesystem has less free space than the output will take: refused
+#: before any shard is sent, not when a late shard of a long run finds the disk full.
+NO_SPACE = "NO_SPACE"
 #: Weakest first: the directory's assurance is the weakest of its shards'.
 _UNITS = ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"))
 _STRENGTH = {Assurance.UNSPECIFIED: 0, Assurance.FORMAT_SAFE_ONLY: 1,
@@ -184,7 +187,9 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     ``FileExistsError`` when ``output`` exists and is not an empty directory (``overwrite``
     replaces one that holds only what such an output holds: shards, index, provenance
     records, carried data files), ``ValueError`` when ``output`` is ``source`` or holds it,
-    ``ServiceUnavailable`` when the broker could not be reached before it answered any shard.
+    ``ServiceUnavailable`` when the broker could not be reached before it answered any shard,
+    ``AirlockError`` (reason ``NO_SPACE``) when ``output``'s filesystem has less free space
+    than the weights and data files take, before any shard is sent.
     ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
     ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
@@ -193,6 +198,7 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     dest = Path(os.path.abspath(output))
     _check_destination(model.root, dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(dest.parent, model.weight_bytes + sum(len(d.data) for d in model.data_files))
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".airlock-part",
                                 dir=dest.parent))
     try:
@@ -220,6 +226,24 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
         carried=tuple(d.name for d in model.data_files), skipped=model.skipped,
         deduplicated=dict(sorted(deduplicated.items())),
         duration_seconds=time.monotonic() - began)
+
+
+def _check_room(where: Path, needed: int) -> None:
+    """Refuse (``NO_SPACE``) when ``where``'s filesystem has less free space than ``needed``:
+    the output's size as the inputs' (the weights as safetensors take what they took as
+    pickles; a training checkpoint's optimizer state, dropped, makes it an overestimate). An
+    output being replaced still counts: it is removed only once the new one is in place."""
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise AirlockError(
+            f"the output needs about {_size(needed)} (the weights' and data files' size) and "
+            f"{where} has {_size(free)} free: free space there, or give an output directory "
+            "on another filesystem", reason=NO_SPACE)
+
+
+def _size(n: int) -> str:
+    scale, unit = next(((s, u) for s, u in _UNITS if n >= s), (1, "bytes"))
+    return f"{n} bytes" if scale == 1 else f"{n / scale:.1f} {unit}"
 
 
 def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,

@@ -11,6 +11,7 @@ import re
 import struct
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,9 @@ from airlock_client import (
     ModelSourceError,
     _hf_dir,
     _st_header,
+    model_dir,
 )
-from airlock_client._errors import IntegrityError
+from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client.model_dir import INDEX_MISMATCH, ModelDirError, convert_directory
 
 INDEX = _hf_dir.WEIGHTS_INDEX
@@ -434,6 +436,36 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
     assert [s.name for s in result.skipped] == ["modeling_x.py"]
     assert len(seen) == 3 and seen[-1].startswith("shards 3/3 done") and client.most <= 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
+
+
+def test_a_destination_without_room_for_the_output_is_refused_before_any_shard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output will take about what the weights and data files take: a filesystem with
+    less free space is refused (``NO_SPACE``, with both figures) before any shard is sent,
+    and nothing is left; with just enough, the directory converts."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    needed = sum(p.stat().st_size for p in src.iterdir()
+                 if p.name.endswith(".bin") or p.name == "config.json")
+    asked: list[Path] = []
+
+    def free(space: int) -> Any:
+        def usage(where: str | os.PathLike[str]) -> Any:
+            asked.append(Path(where))
+            return SimpleNamespace(free=space)
+        return usage
+
+    monkeypatch.setattr(model_dir.shutil, "disk_usage", free(needed - 1))
+    client = FakeClient(GOOD)
+    with pytest.raises(AirlockError) as refused:
+        convert_directory(client, src, tmp_path / "out" / "m")  # type: ignore[arg-type]
+    assert refused.value.reason == model_dir.NO_SPACE
+    assert f"needs about {needed} bytes" in refused.value.message
+    assert f"has {needed - 1} bytes free" in refused.value.message
+    assert client.calls == [] and asked == [tmp_path / "out"]
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(model_dir.shutil, "disk_usage", free(needed))
+    convert_directory(client, src, tmp_path / "out" / "m")  # type: ignore[arg-type]
+    assert len(client.calls) == 3
 
 
 def test_the_weakest_shard_names_the_directory_assurance(tmp_path: Path) -> None:
