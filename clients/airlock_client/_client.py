@@ -256,15 +256,16 @@ class Client:
                           subject: str = "") -> DirectoryResult:
         """Convert a Hugging Face-style PyTorch model directory (``pytorch_model.bin``, or
         shards named by ``pytorch_model.bin.index.json``) into a safetensors directory: one
-        conversion per weights file, ``jobs`` at a time (default
-        ``model_dir.DEFAULT_JOBS``), written atomically. ``loading_policy`` is ``safe_only``
+        conversion per weights file, ``jobs`` at a time (default: ``default_jobs`` for the
+        broker's PyTorch sandboxes), written atomically. ``loading_policy`` is ``safe_only``
         unless told (``model_dir.DIRECTORY_POLICY`` says why). See
         :func:`airlock_client.model_dir.convert_directory` for what is carried over, what is
         refused and what it raises."""
         from airlock_client import model_dir
 
         return model_dir.convert_directory(
-            self, source, output, jobs=model_dir.DEFAULT_JOBS if jobs is None else jobs,
+            self, source, output,
+            jobs=self.default_jobs(_batch_jobs.SHARDS_PROFILE) if jobs is None else jobs,
             progress=progress, overwrite=overwrite,
             loading_policy=loading_policy, job_timeout=job_timeout, on_busy=on_busy,
             subject=subject)
@@ -308,15 +309,17 @@ class Client:
         return run_bounded(pairs, work, concurrency=self.default_jobs() if jobs is None
                            else jobs, stop=stop, halt=halt, abandon=self.close)
 
-    def default_jobs(self) -> int:
+    def default_jobs(self, profile: str = _batch_jobs.JOBS_PROFILE) -> int:
         """How many conversions a batch keeps in flight when not told: what the broker runs
-        at once, from its pool status (``_batch_jobs.default_jobs``), or
-        ``FALLBACK_JOBS`` when that cannot be read (it needs the admin role)."""
+        at once, from its pool status (``_batch_jobs.default_jobs``; ``profile``: the pool
+        the batch's conversions go to), or ``FALLBACK_JOBS`` when that cannot be read (it
+        needs the admin role)."""
         try:
             reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
         except AirlockError:
             return _batch_jobs.FALLBACK_JOBS
-        return _batch_jobs.default_jobs(_pool_statuses(reply), int(reply.max_concurrent_jobs))
+        return _batch_jobs.default_jobs(_pool_statuses(reply), int(reply.max_concurrent_jobs),
+                                        profile)
 
     def _convert_file(self, source: Path, output: str | os.PathLike[str], *, target: Target,
                       inputs: tuple[TensorSpec, ...], declared_format: DeclaredFormat | None,

@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what the input is, signed into its provenance (default: the "
                               "URI as given, or the input's absolute path)")
     convert.add_argument("--jobs", type=int, default=None, metavar="N",
-                         help="shards of a PyTorch model directory converted at once "
-                              "(default 2), or files of several (default: what the broker "
-                              "runs at once, at most 4)")
+                         help="shards of a PyTorch model directory, or files of several, "
+                              "converted at once (default: what the broker runs at once, at "
+                              "most 4)")
     convert.add_argument("--overwrite", action="store_true",
                          help="a PyTorch model directory: replace an earlier output directory "
                               "(one that holds only what an Airlock output holds)")

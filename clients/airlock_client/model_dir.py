@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from airlock_client import _bundle, _hf_dir, _st_header
+from airlock_client._batch_jobs import FALLBACK_JOBS
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy, Target
@@ -40,9 +41,9 @@ from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 if TYPE_CHECKING:
     from airlock_client._retry import OnBusy
 
-#: Shards converted at once unless told: each is one sandbox (and one more for the integrity
-#: check), and a broker runs a handful of each kind at a time by default.
-DEFAULT_JOBS = 2
+#: Shards converted at once unless told (``Client.convert_directory`` asks the broker how
+#: many it runs at once; this is what a default broker runs).
+DEFAULT_JOBS = FALLBACK_JOBS
 #: How a directory's shards are loaded unless told: Hugging Face shards are plain state
 #: dicts, which torch's ``weights_only`` loader reads without running anything. A shard that
 #: needs the artifact's own code to load is not what it claims to be, and fails the directory

@@ -5,6 +5,7 @@ shard's failure or disagreement fails it all, atomically; the weakest assurance 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -436,6 +437,22 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
     assert [s.name for s in result.skipped] == ["modeling_x.py"]
     assert len(seen) == 3 and seen[-1].startswith("shards 3/3 done") and client.most <= 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
+
+
+def test_the_shards_convert_jobs_at_a_time(tmp_path: Path) -> None:
+    """``jobs=2``: the first two shards are in flight together (each waits for the other),
+    never a third beside them."""
+    together = threading.Barrier(2, timeout=60)
+    entered = itertools.count()
+
+    def meanwhile() -> None:
+        if next(entered) < 2:
+            together.wait()  # breaks (the shard fails) unless both run at once
+
+    client = FakeClient(GOOD, meanwhile=meanwhile)
+    result = convert_directory(client, hf_dir(tmp_path / "m", SHARDS),  # type: ignore[arg-type]
+                               tmp_path / "out", jobs=2)
+    assert len(result.shards) == 3 and client.most == 2
 
 
 def test_a_destination_without_room_for_the_output_is_refused_before_any_shard(

@@ -16,6 +16,7 @@ import pytest
 from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_cli, cli
+from airlock_client._batch_jobs import SHARDS_PROFILE
 from airlock_client._errors import AccessDenied, ServiceUnavailable
 from airlock_client._types import ConversionResult, PoolStatus
 from airlock_client.migrate import (
@@ -270,6 +271,16 @@ def test_the_default_jobs_are_the_warm_sklearn_sandboxes(pools: list[PoolStatus]
 def test_the_default_jobs_are_what_the_broker_runs_at_once(pools: list[PoolStatus], runs: int,
                                                            jobs: int) -> None:
     assert default_jobs(pools, runs) == jobs
+
+
+def test_a_directorys_shards_count_the_torch_sandboxes() -> None:
+    """``convert DIR`` asks for its shards' pool: a drained sklearn pool does not hold it to
+    one shard at a time, a drained torch pool does."""
+    pools = [_pool("sklearn", 3, draining=True), _pool("torch", 2)]
+    assert default_jobs(pools, 2) == 1
+    assert default_jobs(pools, 2, SHARDS_PROFILE) == 2
+    assert default_jobs([_pool("sklearn", 3), _pool("torch", 2, draining=True)], 2,
+                        SHARDS_PROFILE) == 1
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, key: SigningKey, registry: FakeRegistry,
