@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial import payloads
-from tests.adversarial.oracles import Listener, assert_still_serves, bridge_gateway
+from tests.adversarial.oracles import (
+    Listener,
+    Observers,
+    assert_still_serves,
+    bridge_gateway,
+    observers,  # noqa: F401  (fixture)
+)
 from tests.conftest import BrokerProcess, run_cli
 
 pytestmark = pytest.mark.adversarial
@@ -85,4 +91,36 @@ def test_payload_that_sleeps_forever_ends_at_the_deadline(broker: BrokerProcess,
     doc = json.loads(done.stdout)
     assert (doc["status"], doc["reason"]) == ("failed", "SANDBOX_TIMEOUT"), doc
     assert elapsed < 8 + 30, f"deadline of 8 s took {elapsed:.1f} s to enforce"
+    assert_still_serves(broker, tmp_path)
+
+
+def test_a_hostile_shard_loaded_with_code_allowed_runs_only_in_its_sandbox(
+        broker: BrokerProcess, observers: Observers, tmp_path: Path) -> None:  # noqa: F811
+    """A model directory asked for ``allow_code`` (the default refuses such a shard before
+    its code runs): the hostile shard's payload does run, in that shard's sandbox, and
+    reaches nothing on the host; the directory converts, says which shard ran code, and its
+    tensors are the source's byte for byte."""
+    from tests.fixtures import hf_models
+
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=3, extras=False)
+    bad = "pytorch_model-00002-of-00003.bin"
+    hf_models.add_code_entry(model.path / bad, payloads.escape_attempt_source(
+        observers.escape_target, [observers.tcp.port], observers.hosts))
+    out = tmp_path / "out"
+    done = run_cli("convert", str(model.path), "-o", str(out), "--policy", "allow_code",
+                   "--json", server=broker.address, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["shards_that_ran_code"] == [bad], doc
+    ran = {s["source"]: s["executed_artifact_code"] for s in doc["shards"]}
+    assert ran == {name: name == bad for name in model.shards}, ran
+    observers.assert_untouched()
+    import torch
+    from safetensors.torch import load_file
+
+    got = {k: v for s in doc["shards"] for k, v in load_file(s["output"]).items()}
+    for name, want in model.expected.items():
+        if name not in model.tied:  # a tied name is the tensor it was tied to
+            raw = got[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert raw == want.tobytes(), name
     assert_still_serves(broker, tmp_path)
