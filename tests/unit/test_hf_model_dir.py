@@ -220,6 +220,22 @@ def test_an_oversized_index_is_refused_before_it_is_read(tmp_path: Path,
     assert caught.value.reason == _hf_dir.INDEX_INVALID
 
 
+def test_weights_up_to_64_gib_in_all_are_taken_and_more_are_refused(tmp_path: Path) -> None:
+    """The directory cap counts the shards' sizes (sparse files here: nothing is read)."""
+    root = hf_dir(tmp_path / "m")
+    first, second = sorted(root.glob("pytorch_model-*.bin"))
+    half = _hf_dir.MAX_WEIGHT_BYTES // 2
+    for shard in (first, second):
+        with shard.open("r+b") as fh:
+            fh.truncate(half)
+    assert _hf_dir.inspect(root).weight_bytes == 64 * 1024**3
+    with second.open("r+b") as fh:
+        fh.truncate(half + 1)
+    with pytest.raises(ModelSourceError, match=f"limit {64 * 1024**3}") as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == "UNSAFE_MODEL_DIR"
+
+
 def test_weights_and_an_index_together_are_ambiguous(tmp_path: Path) -> None:
     root = hf_dir(tmp_path / "m")
     (root / "pytorch_model.bin").write_bytes(b"PK")
