@@ -1,7 +1,7 @@
 """A checkpoint larger than 4 GiB whose safetensors output is larger than 2 GiB, end to end
 with the default limits (issue #13: the old caps were 4 GiB in, 2 GiB out): a training
 checkpoint of 2.3 GiB of weights and 2 GiB of optimizer state, through the same-host path,
-integrity-verified, the weights equal to the source's where they were marked.
+integrity-verified, the weights equal to the source's byte for byte.
 
 The slowest test of the suite (about 13 GB written in all: the checkpoint, the spool's copy,
 two outputs in the sandboxes' memory, the answer and the caller's file); it is one test."""
@@ -57,9 +57,7 @@ def test_a_checkpoint_over_4_gib_becomes_safetensors_over_2_gib(broker: BrokerPr
                for w in result.report.warnings), result.report.warnings
     with safe_open(str(output), framework="pt") as fh:
         assert sorted(fh.keys()) == sorted(weights)
-        for name, want in weights.items():
-            got = fh.get_slice(name)
-            assert got.get_shape() == [WEIGHT_ELEMENTS]
-            assert torch.equal(got[:MARK], want[:MARK]), name
-            assert torch.equal(got[WEIGHT_ELEMENTS - MARK:], want[-MARK:]), name
-            assert torch.count_nonzero(got[MARK:MARK + 1_000_000]) == 0, name
+        for name, want in weights.items():  # every byte, one tensor at a time (0.575 GiB)
+            got = fh.get_tensor(name)
+            assert got.shape == want.shape and got.dtype == want.dtype, name
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
