@@ -20,7 +20,7 @@ import grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _batch_jobs, _bundle, _channel, _wire
+from airlock_client import _batch_jobs, _bundle, _channel, _part_files, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
@@ -516,12 +516,12 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
         raise ProvenanceError("OUTPUT_MISMATCH", "the provenance is for another input")
     check_output(record, sha256=header.output_sha256, size=header.output_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
-    tmp = Path(tmp_name)
+    part = _part_files.new_file(output)
+    tmp = part.path
     try:
         digest = hashlib.sha256()
         received = 0
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(part.fd, "wb") as fh:
             for msg in responses:
                 if msg.WhichOneof("payload") != "chunk":
                     raise IntegrityError("unexpected message in the output stream")
@@ -540,5 +540,6 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
+        part.release()
     return replace(_wire.result(header, output), provenance=bytes(header.provenance),
                    provenance_record=record, provenance_key_source=key_source)

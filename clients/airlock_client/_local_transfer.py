@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import grpc
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_client import _wire
+from airlock_client import _part_files, _wire
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client._types import ConversionResult
 from airlock_client._umask import umask
@@ -136,10 +135,10 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
     in_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     out_fd = -1
     tmp: Path | None = None
+    part: _part_files.PartFile | None = None
     try:
-        out_fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part",
-                                            dir=output.parent)
-        tmp = Path(tmp_name)
+        part = _part_files.new_file(output)
+        out_fd, tmp = part.fd, part.path
         hand_over(Path(ticket.socket_path), ticket.ticket, in_fd, out_fd,
                   timeout=min(timeout, 10.0))
         request = pb.ConvertRequest()
@@ -170,6 +169,8 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
             os.close(out_fd)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if part is not None:
+            part.release()
     return replace(_wire.result(header, output), provenance=bytes(header.provenance),
                    provenance_record=record, provenance_key_source=key_source)
 

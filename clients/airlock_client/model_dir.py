@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from airlock_client import _bundle, _hf_dir, _st_header
+from airlock_client import _bundle, _hf_dir, _part_files, _st_header
 from airlock_client._batch_jobs import FALLBACK_JOBS
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
@@ -200,8 +199,8 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     _check_destination(model.root, dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _check_room(dest.parent, model.weight_bytes + sum(len(d.data) for d in model.data_files))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".airlock-part",
-                                dir=dest.parent))
+    part = _part_files.new_dir(dest)
+    tmp = part.path
     try:
         shards = _convert_shards(client, model, tmp, jobs=jobs, progress=progress,
                                  loading_policy=loading_policy, job_timeout=job_timeout,
@@ -212,6 +211,7 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
         _replace(tmp, dest, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+        part.release()
     weakest = min((s.result.assurance for s in shards), key=lambda a: _STRENGTH.get(a, 0))
     weak = [s for s in shards if s.result.assurance != Assurance.INTEGRITY_VERIFIED]
     note = "; ".join(f"{s.source}: {s.result.assurance}"

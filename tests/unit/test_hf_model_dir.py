@@ -455,6 +455,19 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
 
 
+def test_a_rerun_removes_what_a_killed_run_left(tmp_path: Path) -> None:
+    """A run killed mid-way (SIGKILL, a third Ctrl-C) leaves its temporary directory; the
+    next conversion to the same destination removes it (_part_files.py says how it knows
+    that run is dead)."""
+    left = tmp_path / ".out.k1lled_1.airlock-part"
+    left.mkdir()
+    (left / "model-00001-of-00003.safetensors").write_bytes(b"half")
+    os.utime(left, (0, 0))
+    convert_directory(FakeClient(GOOD), hf_dir(tmp_path / "m", SHARDS),  # type: ignore[arg-type]
+                      tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
 def test_the_shards_convert_jobs_at_a_time(tmp_path: Path) -> None:
     """``jobs=2``: the first two shards are in flight together (each waits for the other),
     never a third beside them."""

@@ -1,0 +1,111 @@
+"""Temporary outputs are locked while their run lives; the next conversion to the same
+destination removes what a killed run left, and nothing else."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from airlock_client import _part_files
+from airlock_client._part_files import STALE_SECONDS, new_dir, new_file, sweep
+
+LATER = STALE_SECONDS + 1
+
+
+def _left(parent: Path, name: str, *, directory: bool = False, age: float = LATER) -> Path:
+    """A temporary output as a killed run leaves it: unlocked, last modified ``age`` ago."""
+    path = parent / name
+    if directory:
+        path.mkdir()
+        (path / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    else:
+        path.write_bytes(b"half")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_what_a_killed_run_left_for_this_destination_goes_and_nothing_else(
+        tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    gone = [_left(tmp_path, ".m.onnx.abcd1234.part"),
+            _left(tmp_path, ".m.onnx.zz_9yy8x.airlock-part", directory=True)]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    kept = [_left(tmp_path, ".other.onnx.abcd1234.part"),     # another destination's
+            _left(tmp_path, ".m.onnx.abcd1234.part.bak"),       # not a name we make
+            _left(tmp_path, ".m.onnx.abcd12345.part"),          # nor this
+            _left(tmp_path, ".m.onnx.fresh123.part", age=1.0),  # its run may be starting
+            tmp_path / ".m.onnx.link1234.airlock-part",           # a link: never followed
+            tmp_path / ".m.onnx.flnk1234.part"]
+    kept[-2].symlink_to(victim)
+    kept[-1].symlink_to(victim / "keep")
+    part = new_file(out)
+    try:
+        assert not any(p.exists() for p in gone)
+        assert all(p.is_symlink() or p.exists() for p in kept)
+        assert (victim / "keep").read_text() == "precious"
+        assert part.path.parent == tmp_path and part.path.name.startswith(".m.onnx.")
+    finally:
+        os.close(part.fd)
+        part.path.unlink()
+        part.release()
+
+
+def test_a_living_runs_output_is_never_taken_for_a_leftover(tmp_path: Path) -> None:
+    """Locked by the process writing it, however long it has been left unmodified; once
+    released (its run over) and still there, it is a leftover."""
+    out = tmp_path / "llama-safe"
+    part = new_dir(out)
+    file_part = new_file(tmp_path / "m.safetensors")
+    os.close(file_part.fd)  # closed before the rename: the lock is held apart
+    then = time.time() - 10 * STALE_SECONDS
+    for path in (part.path, file_part.path):
+        os.utime(path, (then, then))
+    try:
+        assert sweep(out) == [] and part.path.is_dir()
+        assert sweep(tmp_path / "m.safetensors") == [] and file_part.path.exists()
+    finally:
+        part.release()
+        file_part.release()
+    assert sweep(out) == [part.path.name] and not part.path.exists()
+    assert sweep(tmp_path / "m.safetensors") == [file_part.path.name]
+
+
+def test_the_lock_of_a_killed_process_is_gone_and_so_is_its_output(tmp_path: Path) -> None:
+    """SIGKILL: the process cannot clean up, the kernel drops its lock, the next run for the
+    same destination removes the directory it was writing."""
+    out = tmp_path / "llama-safe"
+    code = ("import sys, time\nfrom pathlib import Path\n"
+            "from airlock_client._part_files import new_dir\n"
+            "part = new_dir(Path(sys.argv[1]))\n"
+            "(part.path / 'model-00001-of-00002.safetensors').write_bytes(b'half')\n"
+            "print(part.path, flush=True)\ntime.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert child.stdout is not None
+        left = Path(child.stdout.readline().strip())
+        assert left.is_dir()
+        assert sweep(out, now=time.time() + LATER) == []  # alive: locked
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)
+    assert left.is_dir()  # nothing cleaned it up
+    assert sweep(out, now=time.time() + LATER) == [left.name]
+    assert not left.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_leftover_that_cannot_be_removed_is_left(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    left = _left(tmp_path, ".m.onnx.abcd1234.part")
+
+    def refused(path: object) -> None:
+        raise PermissionError(13, "read-only", str(path))
+
+    monkeypatch.setattr(_part_files.os, "unlink", refused)
+    assert sweep(tmp_path / "m.onnx") == [] and left.exists()
