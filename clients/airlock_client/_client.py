@@ -264,8 +264,7 @@ class Client:
         from airlock_client import model_dir
 
         return model_dir.convert_directory(
-            self, source, output,
-            jobs=self.default_jobs(_batch_jobs.SHARDS_PROFILE) if jobs is None else jobs,
+            self, source, output, jobs=jobs,
             progress=progress, overwrite=overwrite,
             loading_policy=loading_policy, job_timeout=job_timeout, on_busy=on_busy,
             subject=subject)

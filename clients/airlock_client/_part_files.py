@@ -11,14 +11,18 @@ destination removes what such runs left, and only that:
 - a leftover is a name of exactly that form, for that destination, a regular file or a
   directory (never a link: nothing is followed), whose lock can be taken and which has not
   been modified for ``STALE_SECONDS`` (a run between creating its file and locking it is
-  never mistaken for a dead one).
+  never mistaken for a dead one);
+- only on a local filesystem (``LOCAL_FILESYSTEMS``, read from the kernel's mount table):
+  on a network filesystem a lock may not reach a run on another host, so nothing is swept
+  there. Where ``flock`` is refused altogether, a run writes without a lock, and a sweep,
+  refused the lock too, removes nothing.
 
 Imports nothing heavy: ``airlock convert`` uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -35,6 +39,12 @@ DIR_SUFFIX = ".airlock-part"
 STALE_SECONDS = 60.0
 #: What ``tempfile`` puts between the prefix and the suffix.
 _RANDOM = r"[a-z0-9_]{8}"
+#: Kernel-backed local filesystems, where a ``flock`` held by any process on the machine is
+#: seen by every other: the only ones swept.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay",
+                               "f2fs", "zfs"})
+#: ``flock`` refused by the filesystem itself (some network and cluster filesystems).
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 @dataclass
@@ -61,8 +71,7 @@ def new_file(output: Path) -> PartFile:
     fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=FILE_SUFFIX,
                                 dir=output.parent)
     try:
-        lock = os.dup(fd)
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one description, one lock
+        lock = _locked(os.dup(fd))  # one open file description, one lock
     except BaseException:
         os.close(fd)
         os.unlink(name)
@@ -90,36 +99,78 @@ def new_dir(output: Path) -> PartDir:
     path = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=DIR_SUFFIX,
                                  dir=output.parent))
     try:
-        lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock = _locked(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                               | os.O_CLOEXEC))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return PartDir(path, lock)
 
 
+def _locked(fd: int) -> int:
+    """``fd``, holding an exclusive ``flock`` of what it opened; -1 (closed) where the
+    filesystem refuses ``flock``: there no sweep can take the lock either."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_FLOCK:
+            return -1
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def sweep(output: Path, *, now: float | None = None) -> list[str]:
     """Remove the temporary outputs for ``output`` that killed runs left (see the module's
     docstring); the names removed. Errors are not raised: a leftover that cannot be removed
     is left as it is."""
-    pattern = re.compile(re.escape(f".{output.name}.") + _RANDOM
+    prefix = f".{output.name}."
+    pattern = re.compile(re.escape(prefix) + _RANDOM
                          + f"({re.escape(FILE_SUFFIX)}|{re.escape(DIR_SUFFIX)})")
     now = time.time() if now is None else now
     removed: list[str] = []
     try:
-        names = os.listdir(output.parent)
+        parent = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return removed
-    for name in names:
-        if pattern.fullmatch(name) and _remove_if_left(output.parent, name, now):
-            removed.append(name)
+    try:
+        with os.scandir(parent) as entries:
+            names = [e.name for e in entries
+                     if e.name.startswith(prefix) and pattern.fullmatch(e.name)]
+        if names and _on_local_filesystem(parent):
+            removed = [n for n in names if _remove_if_left(parent, n, now)]
+    except OSError:
+        pass
+    finally:
+        os.close(parent)
     return removed
 
 
-def _remove_if_left(parent: Path, name: str, now: float) -> bool:
-    path = parent / name
+def _on_local_filesystem(fd: int, proc: Path = Path("/proc")) -> bool:
+    """Whether ``fd`` is on one of ``LOCAL_FILESYSTEMS``, from the kernel's tables (its
+    mount id in fdinfo, that mount's type in mountinfo), never asking the filesystem (a
+    network one may not answer). False when they cannot be read (not Linux)."""
     try:
-        st = os.lstat(path)
+        fields = dict(line.split(":", 1) for line in
+                      (proc / "self" / "fdinfo" / str(fd)).read_text().splitlines()
+                      if ":" in line)
+        mount = fields["mnt_id"].strip()
+        for line in (proc / "self" / "mountinfo").read_text().splitlines():
+            head, sep, tail = line.partition(" - ")
+            if sep and head.split(" ", 1)[0] == mount:
+                return tail.split(" ", 1)[0] in LOCAL_FILESYSTEMS
+    except (OSError, KeyError, ValueError):
+        pass
+    return False
+
+
+def _remove_if_left(parent: int, name: str, now: float) -> bool:
+    """Remove ``name`` in the directory ``parent`` if it is a leftover; whether it was."""
+    try:
+        st = os.lstat(name, dir_fd=parent)
         if now - st.st_mtime < STALE_SECONDS:
             return False
         if stat.S_ISDIR(st.st_mode):
@@ -128,22 +179,24 @@ def _remove_if_left(parent: Path, name: str, now: float) -> bool:
             flags = os.O_RDONLY
         else:
             return False  # a link or a special file: not ours, never followed
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError:
         return False
     try:
-        if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (st.st_ino, st.st_dev):
+        opened = os.fstat(fd)
+        if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
             return False  # replaced between the look and the open
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return False  # its run is alive
-        with contextlib.suppress(OSError):
+            return False  # its run is alive (or the filesystem has no locks)
+        try:
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(path)  # fd-based on Linux: it follows no link inside
+                shutil.rmtree(name, dir_fd=parent)  # follows no link inside
             else:
-                os.unlink(path)
-            return True
-        return False
+                os.unlink(name, dir_fd=parent)
+        except OSError:
+            return False
+        return True
     finally:
         os.close(fd)

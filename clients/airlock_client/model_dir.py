@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from airlock_client import _bundle, _hf_dir, _part_files, _st_header
-from airlock_client._batch_jobs import FALLBACK_JOBS
+from airlock_client._batch_jobs import FALLBACK_JOBS, SHARDS_PROFILE
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
 from airlock_client._hf_dir import HfModelDir, Shard, Skipped
 from airlock_client._types import Assurance, ConversionResult, LoadingPolicy, Target
@@ -40,8 +40,8 @@ from airlock_client.batch import Done, Throughput, format_duration, run_bounded
 if TYPE_CHECKING:
     from airlock_client._retry import OnBusy
 
-#: Shards converted at once unless told (``Client.convert_directory`` asks the broker how
-#: many it runs at once; this is what a default broker runs).
+#: What a default broker runs at once: the shards converted at once when the broker's pool
+#: status cannot be read (without ``jobs``, ``convert_directory`` asks the broker).
 DEFAULT_JOBS = FALLBACK_JOBS
 #: How a directory's shards are loaded unless told: Hugging Face shards are plain state
 #: dicts, which torch's ``weights_only`` loader reads without running anything. A shard that
@@ -170,11 +170,13 @@ class ShardClient(Protocol):
     def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
                      subject: str = ...) -> bytes: ...
 
+    def default_jobs(self, profile: str = ...) -> int: ...
+
     def close(self) -> None: ...
 
 
 def convert_directory(client: ShardClient, source: str | os.PathLike[str],
-                      output: str | os.PathLike[str], *, jobs: int = DEFAULT_JOBS,
+                      output: str | os.PathLike[str], *, jobs: int | None = None,
                       progress: Callable[[DirectoryProgress], None] | None = None,
                       overwrite: bool = False,
                       loading_policy: LoadingPolicy = DIRECTORY_POLICY,
@@ -199,6 +201,8 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     _check_destination(model.root, dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _check_room(dest.parent, model.weight_bytes + sum(len(d.data) for d in model.data_files))
+    if jobs is None:  # what the broker runs at once; one shard needs no asking
+        jobs = 1 if len(model.shards) == 1 else client.default_jobs(SHARDS_PROFILE)
     part = _part_files.new_dir(dest)
     tmp = part.path
     try:
@@ -234,8 +238,9 @@ def _check_room(where: Path, needed: int) -> None:
     the output's size as the inputs' (the weights as safetensors take what they took as
     pickles; a training checkpoint's optimizer state, dropped, makes it an overestimate). An
     output being replaced still counts: it is removed only once the new one is in place."""
-    free = shutil.disk_usage(where).free
-    if free < needed:
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and free < needed:  # one that gives no size (some FUSE) is not judged
         raise AirlockError(
             f"the output needs about {_size(needed)} (the weights' and data files' size) and "
             f"{where} has {_size(free)} free: free space there, or give an output directory "

@@ -370,6 +370,7 @@ class FakeClient:
         self.calls: list[str] = []
         self.policies: list[str] = []
         self.closed = False
+        self.asked_jobs: list[str] = []
         self._lock = threading.Lock()
 
     def close(self) -> None:  # what a second Ctrl-C calls (batch.run_bounded's abandon)
@@ -409,6 +410,10 @@ class FakeClient:
                      subject: str = "") -> bytes:
         self.attested = (index, list(shards), subject)
         return b'{"index": "signed"}'
+
+    def default_jobs(self, profile: str = "sklearn") -> int:
+        self.asked_jobs.append(profile)
+        return 2
 
 
 SHARDS = {f"pytorch_model-0000{i}-of-00003.bin": names
@@ -484,6 +489,21 @@ def test_the_shards_convert_jobs_at_a_time(tmp_path: Path) -> None:
     assert len(result.shards) == 3 and client.most == 2
 
 
+def test_without_jobs_a_directory_asks_the_broker_for_its_shards_pool(tmp_path: Path) -> None:
+    """``jobs`` unset: what the broker runs at once, asked for the torch pool (the shards'),
+    after the directory was inspected; a one-shard directory asks nothing."""
+    client = FakeClient(GOOD)
+    convert_directory(client, hf_dir(tmp_path / "m", SHARDS),  # type: ignore[arg-type]
+                      tmp_path / "out")
+    assert client.asked_jobs == ["torch"]
+    single = tmp_path / "s"
+    single.mkdir()
+    (single / "pytorch_model.bin").write_bytes(b"PK opaque")
+    one = FakeClient({"pytorch_model.bin": ["w"]})
+    convert_directory(one, single, tmp_path / "out1")  # type: ignore[arg-type]
+    assert one.asked_jobs == [] and one.calls == ["pytorch_model.bin"]
+
+
 def test_a_destination_without_room_for_the_output_is_refused_before_any_shard(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The output will take about what the weights and data files take: a filesystem with
@@ -494,13 +514,13 @@ def test_a_destination_without_room_for_the_output_is_refused_before_any_shard(
                  if p.name.endswith(".bin") or p.name == "config.json")
     asked: list[Path] = []
 
-    def free(space: int) -> Any:
+    def free(space: int, blocks: int = 10**6) -> Any:
         def usage(where: str | os.PathLike[str]) -> Any:
             asked.append(Path(where))
-            return SimpleNamespace(free=space)
+            return SimpleNamespace(f_bavail=space, f_frsize=1, f_blocks=blocks)
         return usage
 
-    monkeypatch.setattr(model_dir.shutil, "disk_usage", free(needed - 1))
+    monkeypatch.setattr(model_dir.os, "statvfs", free(needed - 1))
     client = FakeClient(GOOD)
     with pytest.raises(AirlockError) as refused:
         convert_directory(client, src, tmp_path / "out" / "m")  # type: ignore[arg-type]
@@ -509,9 +529,13 @@ def test_a_destination_without_room_for_the_output_is_refused_before_any_shard(
     assert f"has {needed - 1} bytes free" in refused.value.message
     assert client.calls == [] and asked == [tmp_path / "out"]
     assert list((tmp_path / "out").iterdir()) == []
-    monkeypatch.setattr(model_dir.shutil, "disk_usage", free(needed))
+    monkeypatch.setattr(model_dir.os, "statvfs", free(needed))
     convert_directory(client, src, tmp_path / "out" / "m")  # type: ignore[arg-type]
     assert len(client.calls) == 3
+    # A filesystem that reports no size at all (some FUSE mounts) is not judged.
+    monkeypatch.setattr(model_dir.os, "statvfs", free(0, blocks=0))
+    convert_directory(client, src, tmp_path / "out" / "m2")  # type: ignore[arg-type]
+    assert len(client.calls) == 6
 
 
 def test_the_weakest_shard_names_the_directory_assurance(tmp_path: Path) -> None:

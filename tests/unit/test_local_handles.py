@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.config import BrokerConfig
 from airlock_broker.errors import AirlockError
 from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_handles import (
@@ -199,3 +200,25 @@ def test_a_descriptor_on_a_filesystem_outside_the_allowlist_is_refused_naming_it
         finally:
             os.close(r)
             os.close(w)
+
+
+def test_the_default_cap_takes_a_16_gib_input_and_refuses_a_byte_more(tmp_path: Path) -> None:
+    """Issue #13's sizes on the same-host path: with the broker's default per-file cap, the
+    hand-over (before any copy) takes a 16 GiB input and refuses one byte more, from its
+    measured size (sparse files: nothing is read or written)."""
+    cap = BrokerConfig().max_artifact_bytes
+    assert cap == 16 * 1024**3
+    for size, refused in ((cap, False), (cap + 1, True)):
+        with (tmp_path / "in").open("wb") as fh:
+            fh.truncate(size)
+        fd = os.open(tmp_path / "in", os.O_RDONLY)
+        try:
+            allowed = {filesystem_of(fd) or ""}
+            if refused:
+                with pytest.raises(AirlockError, match=f"{cap + 1} bytes exceed the server "
+                                                       f"maximum of {cap}"):
+                    check_input(fd, cap, allowed)
+            else:
+                assert check_input(fd, cap, allowed).size == cap
+        finally:
+            os.close(fd)

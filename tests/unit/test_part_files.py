@@ -3,12 +3,15 @@ destination removes what a killed run left, and nothing else."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from airlock_client import _part_files
 from airlock_client._part_files import STALE_SECONDS, new_dir, new_file, sweep
@@ -45,6 +48,9 @@ def test_what_a_killed_run_left_for_this_destination_goes_and_nothing_else(
             tmp_path / ".m.onnx.flnk1234.part"]
     kept[-2].symlink_to(victim)
     kept[-1].symlink_to(victim / "keep")
+    then = time.time() - LATER
+    for link in kept[-2:]:  # as old as the leftovers: only being links keeps them
+        os.utime(link, (then, then), follow_symlinks=False)
     part = new_file(out)
     try:
         assert not any(p.exists() for p in gone)
@@ -101,11 +107,50 @@ def test_the_lock_of_a_killed_process_is_gone_and_so_is_its_output(tmp_path: Pat
     assert not left.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_a_leftover_that_cannot_be_removed_is_left(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_leftover_that_cannot_be_removed_is_left(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     left = _left(tmp_path, ".m.onnx.abcd1234.part")
 
-    def refused(path: object) -> None:
+    def refused(path: object, **kwargs: object) -> None:
         raise PermissionError(13, "read-only", str(path))
 
     monkeypatch.setattr(_part_files.os, "unlink", refused)
     assert sweep(tmp_path / "m.onnx") == [] and left.exists()
+
+
+def test_nothing_is_swept_on_a_filesystem_that_is_not_local(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On NFS a lock may not reach a run on another host: a leftover there stays. The type
+    is the kernel's (this test's directory is on a local one, taken off the list)."""
+    here = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert _part_files._on_local_filesystem(here)  # ext4 here: swept once back on the list
+    finally:
+        os.close(here)
+    left = _left(tmp_path, ".m.onnx.abcd1234.part")
+    monkeypatch.setattr(_part_files, "LOCAL_FILESYSTEMS", frozenset())
+    assert sweep(tmp_path / "m.onnx") == [] and left.exists()
+    monkeypatch.undo()
+    assert sweep(tmp_path / "m.onnx") == [left.name]
+
+
+@pytest.mark.parametrize("refusal", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_filesystem_without_flock_still_takes_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """Where the filesystem refuses ``flock``, a run writes without a lock (and leaks no
+    descriptor); a sweep, refused the lock too, removes nothing."""
+    def no_flock(fd: int, how: int) -> None:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(_part_files.fcntl, "flock", no_flock)
+    before = len(os.listdir("/proc/self/fd"))
+    part, folder = new_file(tmp_path / "m.onnx"), new_dir(tmp_path / "d")
+    os.close(part.fd)
+    part.release()
+    folder.release()
+    assert len(os.listdir("/proc/self/fd")) == before
+    then = time.time() - LATER
+    for path in (part.path, folder.path):
+        os.utime(path, (then, then))
+    assert sweep(tmp_path / "m.onnx") == [] and sweep(tmp_path / "d") == []
+    assert part.path.exists() and folder.path.is_dir()

@@ -75,10 +75,6 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
 
     claim: SpoolClaim | None = None
     try:
-        cap, what = _cap(meta, limits)
-        if local.input.size > cap:  # said now, not after reading as much as the cap allows
-            raise error(Reason.TOO_LARGE, f"the input file is {local.input.size} bytes, over "
-                                          f"the {what} of {cap} bytes")
         if not in_ram:
             claim = limits.claim(min(local.input.size, local.input.allocated))
         # Hashed from the broker's own copy, behind it and then while the job runs: the
@@ -127,13 +123,6 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
                     "filesystem, or give a writable file, and convert again)") from exc
 
 
-def _cap(meta: pb.ConvertMetadata, limits: IntakeLimits) -> tuple[int, str]:
-    """The most bytes this input may have, and what sets it."""
-    if meta.size_bytes and meta.size_bytes < limits.max_artifact_bytes:
-        return meta.size_bytes, "declared size"
-    return limits.max_artifact_bytes, "server maximum"
-
-
 def read_only(fd: int) -> int:
     """A new descriptor of the broker's own file ``fd`` that can only read it: the same inode,
     reopened through the process's own descriptor table (not a path someone could swap)."""
@@ -154,7 +143,7 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
     (unless not ``holes``: the RAM spool, spool_space.SpoolWriter), and what is written is
     accounted against the spool's reserve (``claim``).
     """
-    cap, what = _cap(meta, limits)
+    cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
     progress = progress or ReadProgress()
     spool = SpoolWriter(dst, claim, holes=holes)
     prefix = b""
@@ -167,7 +156,8 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
             raise error(Reason.CANCELLED, "the upload was given up")
         if not n:
             break
-        if size + n > cap:  # the file grew since it was measured, or was declared smaller
+        if size + n > cap:
+            what = "declared size" if meta.size_bytes else "server maximum"
             raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
         if len(prefix) < PREFIX_BYTES:
             prefix += bytes(raw[: min(n, PREFIX_BYTES - len(prefix))])
