@@ -407,6 +407,11 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     if not overwrite:  # something was written there while we converted
         raise FileExistsError(f"{dest} is no longer empty")
     _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
+    if _part_files.exchange(tmp, dest):
+        # At no moment was there no output; the old one is under the temporary name (the
+        # caller removes it, or, killed first, the next run: it is unlocked).
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
     os.rename(dest, old)
     os.rename(tmp, dest)

@@ -26,6 +26,7 @@ from airlock_client import (
     ConversionResult,
     ModelSourceError,
     _hf_dir,
+    _part_files,
     _st_header,
     model_dir,
 )
@@ -595,17 +596,28 @@ def test_a_shard_swapped_for_a_link_after_inspection_is_refused(tmp_path: Path) 
     assert victim.name not in client.calls
 
 
-def test_an_existing_destination_is_refused_unless_empty_or_overwritten(tmp_path: Path) -> None:
+def test_an_existing_destination_is_refused_unless_empty_or_overwritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = hf_dir(tmp_path / "m", SHARDS)
     out = tmp_path / "out"
     out.mkdir()
     convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]  # empty: fine
     with pytest.raises(FileExistsError, match="not empty"):
         convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
-    (out / "model-00001-of-00003.safetensors").write_bytes(b"an older output")
-    convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
-    assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    swapped: list[bool] = []
+    exchange = _part_files.exchange
+    for swap in (True, False):  # in one step (renameat2), or where it cannot, two renames
+
+        def noted(a: Path, b: Path, swap: bool = swap) -> bool:
+            swapped.append(swap and exchange(a, b))
+            return swapped[-1]
+
+        (out / "model-00001-of-00003.safetensors").write_bytes(b"an older output")
+        monkeypatch.setattr(_part_files, "exchange", noted)
+        convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
+        assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    assert swapped == [True, False]
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
         convert_directory(FakeClient(GOOD), src, tmp_path / "file")  # type: ignore[arg-type]

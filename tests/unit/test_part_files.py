@@ -154,3 +154,15 @@ def test_a_filesystem_without_flock_still_takes_outputs(
         os.utime(path, (then, then))
     assert sweep(tmp_path / "m.onnx") == [] and sweep(tmp_path / "d") == []
     assert part.path.exists() and folder.path.is_dir()
+
+
+def test_exchange_swaps_two_names_in_one_step(tmp_path: Path) -> None:
+    new, old = tmp_path / ".out.abcd1234.airlock-part", tmp_path / "out"
+    for path, text in ((new, "new"), (old, "old")):
+        path.mkdir()
+        (path / "model.safetensors").write_text(text)
+    assert _part_files.exchange(new, old)  # ext4 here: supported
+    assert (old / "model.safetensors").read_text() == "new"
+    assert (new / "model.safetensors").read_text() == "old"
+    with pytest.raises(FileNotFoundError):
+        _part_files.exchange(tmp_path / "missing", old)
