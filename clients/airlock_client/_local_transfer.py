@@ -135,7 +135,7 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
     in_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     out_fd = -1
     tmp: Path | None = None
-    part: _part_files.PartFile | None = None
+    part: _part_files.Part | None = None
     try:
         part = _part_files.new_file(output)
         out_fd, tmp = part.fd, part.path

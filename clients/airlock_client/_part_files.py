@@ -48,13 +48,13 @@ _NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVA
 
 
 @dataclass
-class PartFile:
-    """A locked temporary file for ``output``: ``fd`` to write (the caller's to close,
-    e.g. by ``os.fdopen``), ``path`` to rename; ``release()`` (in a ``finally``, after the
-    rename or the removal) drops the lock."""
+class Part:
+    """A temporary output, locked by this process until ``release()`` (in a ``finally``,
+    after the rename or the removal). A file's ``fd`` is open for writing and the caller's
+    to close (e.g. by ``os.fdopen``); a directory has none (-1)."""
 
-    fd: int
     path: Path
+    fd: int
     _lock: int
 
     def release(self) -> None:
@@ -63,7 +63,7 @@ class PartFile:
             self._lock = -1
 
 
-def new_file(output: Path) -> PartFile:
+def new_file(output: Path) -> Part:
     """A new ``.NAME.XXXXXXXX.part`` beside ``output`` (mode 0600), locked by this process
     until ``release``. The lock is held through a descriptor of its own, so that closing
     ``fd`` before the rename does not let another run take the file for a leftover."""
@@ -76,23 +76,10 @@ def new_file(output: Path) -> PartFile:
         os.close(fd)
         os.unlink(name)
         raise
-    return PartFile(fd, Path(name), lock)
+    return Part(Path(name), fd, lock)
 
 
-@dataclass
-class PartDir:
-    """A locked temporary directory for ``output``; ``release()`` drops the lock."""
-
-    path: Path
-    _lock: int
-
-    def release(self) -> None:
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
-
-
-def new_dir(output: Path) -> PartDir:
+def new_dir(output: Path) -> Part:
     """A new ``.NAME.XXXXXXXX.airlock-part`` directory beside ``output`` (mode 0700), locked
     by this process until ``release``."""
     sweep(output)
@@ -104,7 +91,7 @@ def new_dir(output: Path) -> PartDir:
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return PartDir(path, lock)
+    return Part(path, -1, lock)
 
 
 def _locked(fd: int) -> int:
