@@ -23,7 +23,7 @@ from airlock_client._errors import (
     AirlockError,
     ConversionError,
 )
-from airlock_client._progress import ProgressBar, busy_notice
+from airlock_client._progress import Heartbeat, ProgressBar, busy_notice
 from airlock_client._terminal import printable
 from airlock_client._types import ConversionResult, TensorSpec
 from airlock_client.provenance import write_provenance
@@ -75,16 +75,21 @@ def run_convert(args: argparse.Namespace) -> int:
                         **options) as client:
                 output = args.output or default_output(source.output_base)
                 size = 0 if source.is_directory else source.path.stat().st_size
-                result = client.convert(
-                    source.path, output, target=args.target, inputs=inputs,
-                    declared_format=args.declared, loading_policy=args.policy or FILE_POLICY,
-                    job_timeout=args.timeout,
-                    progress=None if args.json else ProgressBar.for_upload("uploading", size),
-                    on_busy=busy_notice("convert"),
-                    subject=_cli_source.default_subject(args.input) if args.subject is None
-                    else args.subject, parity_tolerance=args.parity_tolerance,
-                    keep_training_state=args.keep_training_state,
-                    sample_input=args.sample_input)
+                what = f"converting {printable(str(args.input))}" + (
+                    f" ({size / 1e9:.1f} GB)" if size >= 10**8 else "")
+                with Heartbeat("convert", lambda: what):
+                    result = client.convert(
+                        source.path, output, target=args.target, inputs=inputs,
+                        declared_format=args.declared,
+                        loading_policy=args.policy or FILE_POLICY, job_timeout=args.timeout,
+                        progress=None if args.json
+                        else ProgressBar.for_upload("uploading", size),
+                        on_busy=busy_notice("convert"),
+                        subject=_cli_source.default_subject(args.input)
+                        if args.subject is None else args.subject,
+                        parity_tolerance=args.parity_tolerance,
+                        keep_training_state=args.keep_training_state,
+                        sample_input=args.sample_input)
     except ValueError as exc:
         return _usage(args, str(exc))
     except AirlockError as exc:

@@ -24,7 +24,7 @@ from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
 )
-from airlock_client._progress import busy_notice
+from airlock_client._progress import Heartbeat, busy_notice
 from airlock_client._terminal import printable
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.model_dir import (
@@ -71,12 +71,22 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
     output = args.output or default_output(name)
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
+    last: list[DirectoryProgress] = []
+
+    def progress(step: DirectoryProgress) -> None:
+        last[:] = [step]
+        _progress_line(step)
+
+    def under_way() -> str:
+        done = f"; {last[0].line()}" if last else ""
+        return f"converting {printable(str(args.input))}{done}"
+
     try:
-        with batch_interrupts("convert", "shard"), \
+        with batch_interrupts("convert", "shard"), Heartbeat("convert", under_way), \
                 Client(args.server or default_address(), public_key=args.public_key,
                        **client_options(args)) as client:
             result = client.convert_directory(
-                source, output, jobs=args.jobs, progress=_progress_line,
+                source, output, jobs=args.jobs, progress=progress,
                 overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """What the CLI shows on stderr while it works: an upload progress bar (on a terminal only),
-and a line each time it waits for a full broker."""
+a line each time it waits for a full broker, and a line now and then while a long
+conversion runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from typing import TextIO
 from airlock_client._types import BusyWait
 
 MIN_BYTES = 8 * 1024 * 1024
+#: How often a conversion still running says so: a multi-GB checkpoint takes minutes in its
+#: sandbox, and nothing else is printed until it ends.
+HEARTBEAT_SECONDS = 30.0
 _LINES = threading.Lock()
 
 
@@ -62,3 +66,37 @@ def busy_notice(command: str, stream: TextIO | None = None) -> Callable[[BusyWai
         write_line(f"airlock {command}: waiting for a sandbox (queue {queue}); trying again in "
                    f"{wait.seconds:.0f} s", stream)
     return notice
+
+
+class Heartbeat:
+    """``with Heartbeat("convert", status):`` a line on stderr every ``interval`` seconds
+    while the block runs: ``airlock convert: STATUS, 2m30s so far`` (``status()`` says what
+    is under way). Terminal or not: a script's log shows the command is alive. Its thread
+    stops when the block ends."""
+
+    def __init__(self, command: str, status: Callable[[], str],
+                 interval: float = HEARTBEAT_SECONDS, stream: TextIO | None = None) -> None:
+        self.command = command
+        self.status = status
+        self.interval = interval
+        self.stream = stream
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="airlock-heartbeat",
+                                        daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from airlock_client.batch import format_duration
+
+        while not self._stop.wait(self.interval):
+            elapsed = format_duration(time.monotonic() - self._began)
+            write_line(f"airlock {self.command}: {self.status()}, {elapsed} so far",
+                       self.stream)
