@@ -44,6 +44,9 @@ SHARD_NAME = re.compile(r"pytorch_model-\d{5}-of-\d{5}\.bin")
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 SAFE_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+#: A PEFT adapter (LoRA and the like) saved as a pickle, and what ``peft`` loads instead.
+ADAPTER_WEIGHTS = "adapter_model.bin"
+SAFE_ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 #: What the broker signs the output's index with at the most (its index_attestation.py;
 #: tests/unit/test_index_attestation.py holds the two equal), checked before any shard is
@@ -65,7 +68,8 @@ MLFLOW_COMPONENTS = "components"
 JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json",
                         "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "added_tokens.json", "preprocessor_config.json",
-                        "processor_config.json", "chat_template.json"})
+                        "processor_config.json", "chat_template.json",
+                        "adapter_config.json"})
 TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
 #: SentencePiece models (Llama, T5, Gemma, XLM-R), checked on the protobuf wire format.
 SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
@@ -141,7 +145,7 @@ def kind(path: str | os.PathLike[str]) -> str | None:
         return None
     if os.path.lexists(base / MLMODEL):
         return "pytorch" if mlflow_transformers(Path(os.path.realpath(base))) else "mlflow"
-    if os.path.lexists(base / WEIGHTS) or os.path.lexists(base / WEIGHTS_INDEX):
+    if any(os.path.lexists(base / name) for name in (WEIGHTS, WEIGHTS_INDEX, ADAPTER_WEIGHTS)):
         return "pytorch"
     return None
 
@@ -215,6 +219,11 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
     if WEIGHTS in files and WEIGHTS_INDEX in files:
         raise ModelSourceError(INDEX_INVALID, f"{weights_dir} holds both {WEIGHTS} and "
                                f"{WEIGHTS_INDEX}: which one is the model is unclear")
+    if ADAPTER_WEIGHTS in files and (WEIGHTS in files or WEIGHTS_INDEX in files):
+        raise ModelSourceError(INDEX_INVALID, f"{weights_dir} holds a model's weights and a "
+                               f"PEFT adapter ({ADAPTER_WEIGHTS}); convert the adapter on its "
+                               f"own: airlock convert {ADAPTER_WEIGHTS} -o "
+                               f"{SAFE_ADAPTER_WEIGHTS}")
     if WEIGHTS_INDEX in files:
         entry = files[WEIGHTS_INDEX]
         if entry.size > MAX_INDEX_BYTES:
@@ -227,9 +236,11 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
                        for i, name in enumerate(sorted(by_file), start=1))
     elif WEIGHTS in files:
         shards = (Shard(files[WEIGHTS], SAFE_WEIGHTS, None),)
+    elif ADAPTER_WEIGHTS in files:  # a PEFT adapter directory
+        shards = (Shard(files[ADAPTER_WEIGHTS], SAFE_ADAPTER_WEIGHTS, None),)
     else:
-        raise ModelSourceError(NOT_A_MODEL, f"{weights_dir} holds neither {WEIGHTS} nor "
-                               f"{WEIGHTS_INDEX}")
+        raise ModelSourceError(NOT_A_MODEL, f"{weights_dir} holds none of {WEIGHTS}, "
+                               f"{WEIGHTS_INDEX} and {ADAPTER_WEIGHTS}")
     total = sum(s.source.size for s in shards)
     if total > MAX_WEIGHT_BYTES:
         raise ModelSourceError(UNSAFE, f"the weights are {total} bytes in all "

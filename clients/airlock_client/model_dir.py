@@ -384,7 +384,8 @@ def _foreign_entries(dest: Path) -> list[str]:
 
     def ours(name: str) -> bool:
         weights = name.removesuffix(SUFFIX)
-        return (weights in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX)
+        return (weights in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX,
+                            _hf_dir.SAFE_ADAPTER_WEIGHTS)
                 or _hf_dir.SAFE_SHARD_NAME.fullmatch(weights) is not None
                 or name in _hf_dir.CARRIED_FILES)
 

@@ -145,6 +145,39 @@ def test_an_unsharded_directory_through_the_python_api(broker: BrokerProcess,
     assert len(steps) == 1 and steps[0].startswith("shards 1/1 done")
 
 
+def test_a_peft_adapter_directory_becomes_what_peft_loads(broker: BrokerProcess,
+                                                          tmp_path: Path) -> None:
+    """A LoRA adapter saved the old way (``adapter_model.bin``, a torch pickle) beside its
+    ``adapter_config.json``: ``adapter_model.safetensors`` with the same tensors byte for
+    byte, integrity-verified, the config carried."""
+    import torch
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    generator = torch.Generator().manual_seed(7)
+    state = {f"base_model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.weight":
+             torch.randn(shape, generator=generator)
+             for i in range(2) for p in ("q", "v")
+             for ab, shape in (("A", (4, 16)), ("B", (16, 4)))}
+    torch.save(state, lora / "adapter_model.bin")
+    config = '{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"]}'
+    (lora / "adapter_config.json").write_text(config)
+    out = tmp_path / "lora-safe"
+    code, doc, stderr = _convert(lora, out, broker=broker)
+    assert code == 0, (doc, stderr)
+    assert doc["assurance"] == "integrity_verified" and doc["carried"] == ["adapter_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors",
+        "adapter_model.safetensors.provenance.json"]
+    assert (out / "adapter_config.json").read_text() == config
+    from safetensors.torch import load_file
+
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(state)
+    for name, want in state.items():
+        assert got[name].numpy().tobytes() == want.numpy().tobytes(), name
+
+
 def test_an_mlflow_transformers_model_becomes_a_safetensors_directory(
         broker: BrokerProcess, tmp_path: Path) -> None:
     """Its weights directory converted shard by shard, its tokenizer carried beside them,

@@ -82,6 +82,38 @@ def test_an_unsharded_directory_becomes_model_safetensors(tmp_path: Path) -> Non
     assert not model.sharded
 
 
+def test_a_peft_adapter_directory_becomes_adapter_model_safetensors(tmp_path: Path) -> None:
+    """A LoRA-style adapter saved as a pickle: ``adapter_model.bin`` becomes what ``peft``
+    loads instead, its ``adapter_config.json`` carried; beside a model's own weights it is
+    refused (which of the two is meant is unclear), with the command for the adapter."""
+    root = tmp_path / "lora"
+    root.mkdir()
+    (root / "adapter_model.bin").write_bytes(b"PK opaque")
+    (root / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    assert _hf_dir.kind(root) == "pytorch"
+    model = _hf_dir.inspect(root)
+    assert [(s.source.name, s.output_name, s.names) for s in model.shards] == [
+        ("adapter_model.bin", "adapter_model.safetensors", None)]
+    assert [d.name for d in model.data_files] == ["adapter_config.json"]
+    (root / "pytorch_model.bin").write_bytes(b"PK opaque")
+    with pytest.raises(ModelSourceError, match="convert the adapter on its own") as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == _hf_dir.INDEX_INVALID
+
+
+def test_an_adapter_output_is_replaced_by_overwrite(tmp_path: Path) -> None:
+    root = tmp_path / "lora"
+    root.mkdir()
+    (root / "adapter_model.bin").write_bytes(b"PK opaque")
+    out = tmp_path / "out"
+    client = FakeClient({"adapter_model.bin": ["base.lora_A.weight"]})
+    convert_directory(client, root, out)  # type: ignore[arg-type]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_model.safetensors", "adapter_model.safetensors.provenance.json"]
+    convert_directory(client, root, out, overwrite=True)  # type: ignore[arg-type]
+    assert client.calls == ["adapter_model.bin"] * 2
+
+
 @pytest.mark.parametrize("make", ["symlink", "fifo", "hardlink"])
 def test_a_link_or_special_file_refuses_the_directory(tmp_path: Path, make: str) -> None:
     root = hf_dir(tmp_path / "m")
