@@ -40,8 +40,12 @@ from airlock_client.provenance import (
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        return _usage("verify", f"{args.file} is not a readable file")
+    directory = args.file.is_dir()
+    if not directory and not args.file.is_file():
+        return _usage("verify", f"{args.file} is not a readable file or directory")
+    if directory and (args.provenance, args.subject, args.source_sha256) != (None, None, None):
+        return _usage("verify", "--provenance, --subject and --source-sha256 apply to one file; "
+                      "a directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
     source = "pinned"
@@ -65,6 +69,8 @@ def run_verify(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     if args.source_sha256 is not None and not _is_sha256(args.source_sha256):
         return _usage("verify", "--source-sha256 must be 64 hexadecimal digits")
+    if directory:
+        return _verify_directory(args, key, source)
     try:
         envelope = _read_provenance(prov_path)
         record = verify(args.file, envelope, key)
@@ -84,6 +90,48 @@ def run_verify(args: argparse.Namespace) -> int:
                           "key_source": source, "record": _record_doc(record)}))
     else:
         _print_record(args.file, record, source)
+    return EXIT_OK
+
+
+def _verify_directory(args: argparse.Namespace, key: Any, source: str) -> int:
+    """``airlock verify DIR``: every weights file and the index (verify_dir.py)."""
+    from airlock_client.verify_dir import verify_directory
+
+    try:
+        checked = verify_directory(args.file, key)
+        records = [r for _, r in checked.files]
+        if checked.index is not None:
+            records.append(checked.index)
+        for record in records if args.principal is not None else []:
+            check_source(record, principals=args.principal)
+    except ProvenanceError as exc:
+        if args.json:
+            print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message,
+                              "directory": str(args.file)}))
+        else:
+            print(f"airlock verify: FAILED: {printable(exc.reason)}: {printable(exc.message)}",
+                  file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({
+            "status": "ok", "directory": str(args.file), "key_source": source,
+            "files": [{"name": name, "sha256": r.output_sha256, "size": r.output_size,
+                       "assurance": r.assurance, "job_id": r.job_id}
+                      for name, r in checked.files],
+            "index": None if checked.index is None else _record_doc(checked.index),
+            "unsigned": list(checked.unsigned)}))
+        return EXIT_OK
+    t = printable
+    trust = "pinned key" if source == "pinned" else "key fetched from the broker (TOFU)"
+    index = " and the index, which lists exactly them" if checked.index is not None else ""
+    print(f"verified {t(args.file)}: {len(checked.files)} weights file(s){index}, signed by "
+          f"{trust}")
+    for name, record in checked.files:
+        print(f"  {t(name)}: sha256 {t(record.output_sha256)}, assurance "
+              f"{t(record.assurance)}, job {t(record.job_id)}")
+    if checked.unsigned:
+        print(f"  not signed (data files the client validated and carried): "
+              f"{', '.join(t(n) for n in checked.unsigned)}")
     return EXIT_OK
 
 

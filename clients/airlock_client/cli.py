@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verify_parser(sub: Any) -> None:
-    verify_p = sub.add_parser("verify", help="check a converted file against its signed "
-                                             "provenance")
-    verify_p.add_argument("file", type=Path, help="the converted model (ONNX / safetensors)")
+    verify_p = sub.add_parser("verify", help="check a converted file (or model directory) "
+                                             "against its signed provenance")
+    verify_p.add_argument("file", type=Path, help="the converted model (ONNX / safetensors), "
+                          "or a converted model directory: every weights file and the index")
     verify_p.add_argument("--provenance", type=Path, default=None,
                           help="the provenance file (default FILE.provenance.json)")
     verify_p.add_argument("--public-key", type=Path, default=None,

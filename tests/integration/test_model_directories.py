@@ -106,6 +106,51 @@ def test_a_sharded_checkpoint_becomes_a_safetensors_directory(broker: BrokerProc
     assert record["subject"] == str(model.path)
 
 
+def test_a_directory_verifies_as_a_whole_and_a_swapped_shard_does_not(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """``airlock verify DIR``: each weights file against its record, and the set against
+    the index's record. A shard taken from another conversion verifies on its own, and the
+    directory does not; nor does a file nothing signed."""
+    import torch
+
+    model = hf_models.make_sharded(tmp_path / "tiny", shards=3)
+    other = hf_models.make_sharded(tmp_path / "other", shards=3, extras=False)
+    second = other.path / "pytorch_model-00002-of-00003.bin"
+    state = torch.load(second, weights_only=True)  # our own file, written just above
+    torch.save({k: v + 1 for k, v in state.items()}, second)
+    out, out_other = tmp_path / "tiny-safe", tmp_path / "other-safe"
+    for source, dest in ((model.path, out), (other.path, out_other)):
+        code, doc, stderr = _convert(source, dest, broker=broker)
+        assert code == 0, (doc, stderr)
+
+    verified = run_cli("verify", str(out), "--json", server=broker.address)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    doc = json.loads(verified.stdout)
+    assert [f["name"] for f in doc["files"]] == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert doc["index"]["kind"] == "safetensors_index"
+    assert "config.json" in doc["unsigned"]
+
+    shard = "model-00002-of-00003.safetensors"
+    kept = {name: (out / name).read_bytes() for name in (shard, f"{shard}.provenance.json")}
+    for name in kept:
+        (out / name).write_bytes((out_other / name).read_bytes())
+    alone = run_cli("verify", str(out / shard), server=broker.address)
+    assert alone.returncode == 0, alone.stdout + alone.stderr  # signed, on its own
+    swapped = run_cli("verify", str(out), "--json", server=broker.address)
+    assert swapped.returncode == 1, swapped.stdout + swapped.stderr
+    failed = json.loads(swapped.stdout)
+    assert failed["reason"] == "OUTPUT_MISMATCH" and shard in failed["message"], failed
+
+    for name, data in kept.items():  # back as it was, plus a file nothing signed
+        (out / name).write_bytes(data)
+    (out / "model-00004-of-00003.safetensors").write_bytes(b"stray")
+    stray = run_cli("verify", str(out), "--json", server=broker.address)
+    assert stray.returncode == 1 and json.loads(stray.stdout)["reason"] == "UNEXPECTED_FILE"
+    (out / "model-00004-of-00003.safetensors").unlink()
+    assert run_cli("verify", str(out), server=broker.address).returncode == 0
+
+
 def _assert_loads_like_transformers(out: Path, index: dict[str, Any]) -> None:
     """What ``from_pretrained`` does with such a directory: read the shards the index names,
     re-tie the de-duplicated names, then a strict ``load_state_dict`` into the architecture."""
