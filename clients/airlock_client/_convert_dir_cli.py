@@ -24,7 +24,7 @@ from airlock_client._client import Client, default_address
 from airlock_client._errors import (
     AirlockError,
 )
-from airlock_client._progress import Heartbeat, busy_notice
+from airlock_client._progress import Heartbeat, busy_notice, write_line
 from airlock_client._terminal import printable
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.model_dir import (
@@ -109,8 +109,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
 
 def _progress_line(step: DirectoryProgress) -> None:
     verdict = "converted" if step.ok else "FAILED"
-    print(f"airlock convert: {printable(step.shard)} {verdict}; {step.line()}", file=sys.stderr,
-          flush=True)
+    write_line(f"airlock convert: {printable(step.shard)} {verdict}; {step.line()}")
 
 
 def _usage(args: argparse.Namespace, message: str) -> int:

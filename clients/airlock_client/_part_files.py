@@ -205,8 +205,8 @@ def exchange(a: Path, b: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     failure = ctypes.get_errno()
-    if failure in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
+    if failure in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # EPERM: a seccomp filter that refuses syscalls it does not know
     raise OSError(failure, os.strerror(failure), str(b))
 
 

@@ -43,9 +43,9 @@ def run_verify(args: argparse.Namespace) -> int:
     directory = args.file.is_dir()
     if not directory and not args.file.is_file():
         return _usage("verify", f"{args.file} is not a readable file or directory")
-    if directory and (args.provenance, args.subject, args.source_sha256) != (None, None, None):
-        return _usage("verify", "--provenance, --subject and --source-sha256 apply to one file; "
-                      "a directory's files are each checked against their own record")
+    if directory and (args.provenance, args.source_sha256) != (None, None):
+        return _usage("verify", "--provenance and --source-sha256 apply to one file; a "
+                      "directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
     source = "pinned"
@@ -98,40 +98,44 @@ def _verify_directory(args: argparse.Namespace, key: Any, source: str) -> int:
     from airlock_client.verify_dir import verify_directory
 
     try:
-        checked = verify_directory(args.file, key)
-        records = [r for _, r in checked.files]
-        if checked.index is not None:
-            records.append(checked.index)
-        for record in records if args.principal is not None else []:
-            check_source(record, principals=args.principal)
+        checked = verify_directory(args.file, key, subject=args.subject,
+                                   principals=args.principal)
     except ProvenanceError as exc:
         if args.json:
             print(json.dumps({"status": "failed", "reason": exc.reason, "message": exc.message,
-                              "directory": str(args.file)}))
+                              "file": str(args.file), "provenance": None}))
         else:
             print(f"airlock verify: FAILED: {printable(exc.reason)}: {printable(exc.message)}",
                   file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps({
-            "status": "ok", "directory": str(args.file), "key_source": source,
-            "files": [{"name": name, "sha256": r.output_sha256, "size": r.output_size,
-                       "assurance": r.assurance, "job_id": r.job_id}
-                      for name, r in checked.files],
+            "status": "ok", "file": str(args.file), "key_source": source,
+            "files": [{"name": name, "provenance": str(provenance_path(args.file / name)),
+                       "record": _record_doc(r)} for name, r in checked.files],
             "index": None if checked.index is None else _record_doc(checked.index),
             "unsigned": list(checked.unsigned)}))
         return EXIT_OK
     t = printable
     trust = "pinned key" if source == "pinned" else "key fetched from the broker (TOFU)"
+    whole = checked.index or checked.files[0][1]
     index = " and the index, which lists exactly them" if checked.index is not None else ""
     print(f"verified {t(args.file)}: {len(checked.files)} weights file(s){index}, signed by "
           f"{trust}")
+    # Anyone with the convert role can have an index signed over any shards this broker
+    # signed: who asked, and what they said it was, is part of the answer.
+    print(f"  subject    {shown(whole.subject, 300)} (the caller's word)")
+    print(f"  asked by   {shown(whole.principal)}"
+          + ("" if all(r.principal == whole.principal for _, r in checked.files)
+             else " (the weights files: " + ", ".join(
+                 sorted({shown(r.principal) for _, r in checked.files})) + ")"))
     for name, record in checked.files:
         print(f"  {t(name)}: sha256 {t(record.output_sha256)}, assurance "
               f"{t(record.assurance)}, job {t(record.job_id)}")
     if checked.unsigned:
-        print(f"  not signed (data files the client validated and carried): "
-              f"{', '.join(t(n) for n in checked.unsigned)}")
+        print(f"  not signed {', '.join(t(n) for n in checked.unsigned)}: data files the "
+              "client validated and carried; they steer loading (config.json, "
+              "adapter_config.json), so take them from a source you trust")
     return EXIT_OK
 
 

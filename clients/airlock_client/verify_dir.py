@@ -3,19 +3,27 @@
 Each weights file is checked against its own signed record, as ``airlock verify FILE``
 checks one file. A sharded directory is also checked against its index's record, which the
 broker signed after checking the index against those same shard records: every shard the
-index's record lists must be there with the sha256 it lists. That binds the set: a shard
-swapped for another validly signed one (from another conversion) verifies alone and fails
-here. Files the record does not list are reported, and so are the data files carried over
-(``config.json``, tokenizer files), which have no signed record (the broker never saw them).
+index's record lists must be there, with the sha256 and job id it lists, and nothing else.
+A shard swapped for another validly signed one (from another conversion) verifies alone and
+fails here, unless whoever swapped it could also have the broker sign a new index: any
+caller with the convert role can. So who asked for the index, and what it was said to be,
+is part of the answer (printed; ``principals`` and ``subject`` pin them).
 
-Reads only: file names are the ones this library writes (``_hf_dir``), looked up without
-following links, and each file is hashed once.
+Files that steer loading but are not signed are reported: the data files carried over
+(``config.json``, ``adapter_config.json``, tokenizer files), which the client validated and
+the broker never saw.
+
+Every file is opened relative to the directory's descriptor, without following a link and
+without blocking on a FIFO, checked to be the regular file listed, and hashed from that
+descriptor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +35,13 @@ from airlock_client.provenance import (
     ProvenanceError,
     ProvenanceRecord,
     PublicKeyLike,
-    provenance_path,
-    verify,
+    check_output,
+    check_source,
+    verify_envelope,
 )
+
+_READ = 1024 * 1024
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -44,33 +56,56 @@ class VerifiedDirectory:
     unsigned: tuple[str, ...]
 
 
-def verify_directory(path: str | os.PathLike[str],
-                     public_key: PublicKeyLike) -> VerifiedDirectory:
+def verify_directory(path: str | os.PathLike[str], public_key: PublicKeyLike, *,
+                     subject: str | None = None,
+                     principals: Collection[str] | None = None) -> VerifiedDirectory:
     """Verify the model directory ``path`` (see the module's docstring) or raise
     ``ProvenanceError``: ``PROVENANCE_MISSING`` (a weights file or index without its
     record, or no weights at all), ``OUTPUT_MISMATCH`` (a file that is not what its record
-    or the index's record says), ``UNEXPECTED_FILE`` (anything this command never writes),
-    or what verifying one file raises."""
+    or the index's record says), ``UNEXPECTED_FILE`` (anything this command never writes,
+    or that is not a regular file), or what verifying one file raises. ``subject``: what the
+    directory was said to be when converted (the index's, or the one weights file's);
+    ``principals``: who may have asked for each record."""
     root = Path(path)
-    names = _entries(root)
+    try:
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProvenanceError("PROVENANCE_MISSING", f"cannot read {root}: "
+                              f"{exc.strerror or exc}") from None
+    try:
+        return _verify(root, dir_fd, public_key, subject, principals)
+    finally:
+        os.close(dir_fd)
+
+
+def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
+            principals: Collection[str] | None) -> VerifiedDirectory:
+    names = _entries(dir_fd, root)
     index = None
     if _hf_dir.SAFE_WEIGHTS_INDEX in names:
-        index = _verified(root, _hf_dir.SAFE_WEIGHTS_INDEX, public_key)
+        index = _verified(dir_fd, _hf_dir.SAFE_WEIGHTS_INDEX, key)
         if index.kind != INDEX_KIND:
             raise ProvenanceError("OUTPUT_MISMATCH", f"the record of "
                                   f"{_hf_dir.SAFE_WEIGHTS_INDEX} is not an index's")
-        weights = [_listed(root, shard) for shard in index.shards]
+        listed = _listed(index)
+        weights = list(listed)
     else:
+        listed = {}
         weights = [n for n in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_ADAPTER_WEIGHTS)
                    if n in names]
-        if not weights:
-            raise ProvenanceError("PROVENANCE_MISSING", f"{root} holds no "
-                                  f"{_hf_dir.SAFE_WEIGHTS}, {_hf_dir.SAFE_WEIGHTS_INDEX} or "
-                                  f"{_hf_dir.SAFE_ADAPTER_WEIGHTS}")
+        if len(weights) != 1:
+            raise ProvenanceError(
+                "PROVENANCE_MISSING" if not weights else "UNEXPECTED_FILE",
+                f"{root} holds no {_hf_dir.SAFE_WEIGHTS}, {_hf_dir.SAFE_WEIGHTS_INDEX} or "
+                f"{_hf_dir.SAFE_ADAPTER_WEIGHTS}" if not weights else
+                f"{root} holds both {weights[0]} and {weights[1]}: no conversion writes both")
     files = []
     for name in weights:
-        record = _verified(root, name, public_key)
-        if index is not None and record.output_sha256 != _listed_sha256(index, name):
+        if name not in names:
+            raise ProvenanceError("PROVENANCE_MISSING", f"{name}, listed by the index's "
+                                  "record, is missing")
+        record = _verified(dir_fd, name, key)
+        if name in listed and (record.output_sha256, record.job_id) != listed[name]:
             raise ProvenanceError("OUTPUT_MISMATCH", f"{name} is not the shard the index's "
                                   "record lists (another conversion's shard, signed on its "
                                   "own, was put in its place)")
@@ -82,51 +117,97 @@ def verify_directory(path: str | os.PathLike[str],
         raise ProvenanceError("UNEXPECTED_FILE", f"{root} holds {len(unexpected)} file(s) no "
                               f"record covers and no conversion writes, such as "
                               f"{unexpected[0][:120]!r}")
+    records = [r for _, r in files] + ([index] if index is not None else [])
+    if subject is not None:  # the index's, which names the directory; or the one file's
+        check_source(records[-1], subject=subject)
+    for record in records if principals is not None else []:
+        check_source(record, principals=principals)
     return VerifiedDirectory(root, tuple(files), index,
                              tuple(sorted(names & _hf_dir.CARRIED_FILES)))
 
 
-def _entries(root: Path) -> set[str]:
+def _entries(dir_fd: int, root: Path) -> set[str]:
     """The directory's entry names; anything but a regular file is refused (not followed)."""
+    names = set()
     try:
-        entries = list(os.scandir(root))
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                    raise ProvenanceError("UNEXPECTED_FILE", f"{entry.name[:120]!r} in {root} "
+                                          "is not a regular file (a link, a directory, ...)")
+                names.add(entry.name)
     except OSError as exc:
-        raise ProvenanceError("PROVENANCE_MISSING", f"cannot read {root}: "
+        raise ProvenanceError("UNEXPECTED_FILE", f"{root} changed while being read: "
                               f"{exc.strerror or exc}") from None
-    for entry in entries:
-        if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-            raise ProvenanceError("UNEXPECTED_FILE", f"{entry.name[:120]!r} in {root} is not "
-                                  "a regular file (a link, a directory, ...)")
-    return {e.name for e in entries}
+    return names
 
 
-def _verified(root: Path, name: str, public_key: PublicKeyLike) -> ProvenanceRecord:
-    record_path = provenance_path(root / name)
+def _verified(dir_fd: int, name: str, key: PublicKeyLike) -> ProvenanceRecord:
+    """``name``'s record, checked against ``name``'s bytes; both read through descriptors."""
     try:
-        with record_path.open("rb") as fh:
-            envelope = fh.read(MAX_PROVENANCE_BYTES + 1)
+        envelope = _read(dir_fd, name + SUFFIX, limit=MAX_PROVENANCE_BYTES + 1)
     except FileNotFoundError:
         raise ProvenanceError("PROVENANCE_MISSING", f"{name} has no signed record "
-                              f"({record_path.name})") from None
+                              f"({name}{SUFFIX})") from None
     try:
-        return verify(root / name, envelope, public_key)
+        record = verify_envelope(envelope, key)
+        digest = hashlib.sha256()
+        size = 0
+
+        def hashed(block: bytes) -> None:
+            nonlocal size
+            digest.update(block)
+            size += len(block)
+
+        _read(dir_fd, name, sink=hashed)
+        check_output(record, sha256=digest.hexdigest(), size=size)
     except ProvenanceError as exc:
         raise ProvenanceError(exc.reason, f"{name}: {exc.message}") from None
+    return record
 
 
-def _listed(root: Path, shard: object) -> str:
-    name = shard.get("file_name") if isinstance(shard, dict) else None
-    if not isinstance(name, str) or _hf_dir.SAFE_SHARD_NAME.fullmatch(name) is None:
-        raise ProvenanceError("PROVENANCE_MALFORMED", "the index's record lists a shard that "
-                              "is not named as a shard")
-    if not (root / name).is_file():
-        raise ProvenanceError("PROVENANCE_MISSING", f"{name}, listed by the index's record, "
-                              "is missing")
-    return name
+def _read(dir_fd: int, name: str, *, limit: int = -1,
+          sink: Callable[[bytes], None] | None = None) -> bytes:
+    """Read ``name`` (a regular file, never through a link) up to ``limit`` bytes, or feed
+    it block by block to ``sink``."""
+    try:
+        fd = os.open(name, _OPEN, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a link put there since the listing
+        raise ProvenanceError("UNEXPECTED_FILE", f"{name} cannot be opened as a regular "
+                              f"file: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProvenanceError("UNEXPECTED_FILE", f"{name} is not a regular file")
+        os.set_blocking(fd, True)
+        kept = bytearray()
+        while block := os.read(fd, _READ):
+            if sink is not None:
+                sink(block)
+            else:
+                kept += block
+                if 0 <= limit <= len(kept):
+                    break
+        return bytes(kept)
+    except OSError as exc:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {name}: "
+                              f"{exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
-def _listed_sha256(index: ProvenanceRecord, name: str) -> str:
-    return next(str(s.get("sha256", "")) for s in index.shards if s.get("file_name") == name)
+def _listed(index: ProvenanceRecord) -> dict[str, tuple[str, str]]:
+    """The shards the index's record lists: file name -> (sha256, job id), in its order."""
+    listed: dict[str, tuple[str, str]] = {}
+    for shard in index.shards:
+        name = shard.get("file_name")
+        if not isinstance(name, str) or _hf_dir.SAFE_SHARD_NAME.fullmatch(name) is None \
+                or name in listed:
+            raise ProvenanceError("PROVENANCE_MALFORMED", "the index's record lists a shard "
+                                  "that is not named as a shard, or one twice")
+        listed[name] = (str(shard.get("sha256", "")), str(shard.get("job_id", "")))
+    return listed
 
 
 __all__ = ["VerifiedDirectory", "verify_directory"]

@@ -148,7 +148,15 @@ def test_a_directory_verifies_as_a_whole_and_a_swapped_shard_does_not(
     stray = run_cli("verify", str(out), "--json", server=broker.address)
     assert stray.returncode == 1 and json.loads(stray.stdout)["reason"] == "UNEXPECTED_FILE"
     (out / "model-00004-of-00003.safetensors").unlink()
-    assert run_cli("verify", str(out), server=broker.address).returncode == 0
+    whole = run_cli("verify", str(out), server=broker.address)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert f"subject    {str(model.path)!r}" in whole.stdout  # who asked, what for: shown
+    # What the directory was said to be, pinned: the index's subject.
+    assert run_cli("verify", str(out), "--subject", str(model.path),
+                   server=broker.address).returncode == 0
+    other_subject = run_cli("verify", str(out), "--subject", str(other.path), "--json",
+                            server=broker.address)
+    assert other_subject.returncode == 1, other_subject.stdout
 
 
 def _assert_loads_like_transformers(out: Path, index: dict[str, Any]) -> None:
@@ -221,6 +229,19 @@ def test_a_peft_adapter_directory_becomes_what_peft_loads(broker: BrokerProcess,
     assert sorted(got) == sorted(state)
     for name, want in state.items():
         assert got[name].numpy().tobytes() == want.numpy().tobytes(), name
+    assert run_cli("verify", str(out), server=broker.address).returncode == 0
+
+    # A signed adapter dropped into a verified model's directory: each file verifies alone,
+    # and the directory does not (no conversion writes both).
+    model = hf_models.make_unsharded(tmp_path / "tiny")
+    code, doc, stderr = _convert(model.path, tmp_path / "tiny-safe", broker=broker)
+    assert code == 0, (doc, stderr)
+    for name in ("adapter_model.safetensors", "adapter_model.safetensors.provenance.json",
+                 "adapter_config.json"):
+        (tmp_path / "tiny-safe" / name).write_bytes((out / name).read_bytes())
+    mixed = run_cli("verify", str(tmp_path / "tiny-safe"), "--json", server=broker.address)
+    assert mixed.returncode == 1, mixed.stdout + mixed.stderr
+    assert json.loads(mixed.stdout)["reason"] == "UNEXPECTED_FILE"
 
 
 def test_an_mlflow_transformers_model_becomes_a_safetensors_directory(

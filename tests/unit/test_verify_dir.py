@@ -24,6 +24,8 @@ KEY = ec.generate_private_key(ec.SECP256R1()).public_key()
     ({"model.safetensors.index.json": "{}"}, None, "PROVENANCE_MISSING",
      "has no signed record"),
     ({"model.safetensors": "x"}, "config.json", "UNEXPECTED_FILE", "not a regular file"),
+    ({"model.safetensors": "x", "adapter_model.safetensors": "y"}, None, "UNEXPECTED_FILE",
+     "no conversion writes both"),
 ])
 def test_what_cannot_be_vouched_for_is_refused(tmp_path: Path, files: dict[str, str],
                                                link: str | None, reason: str,
