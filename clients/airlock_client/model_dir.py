@@ -147,7 +147,7 @@ class DirectoryProgress:
 
     def line(self) -> str:
         """``shards 2/3 done, 1.5 shards/min; 120.0/180.0 MB, about 40s left``."""
-        scale, unit = next(((s, u) for s, u in _UNITS if self.bytes_total >= s), (1, "bytes"))
+        scale, unit = _unit(self.bytes_total)
         amount = f"{self.bytes_done}/{self.bytes_total}" if scale == 1 else \
             f"{self.bytes_done / scale:.1f}/{self.bytes_total / scale:.1f}"
         failed = self.throughput.failed
@@ -248,8 +248,13 @@ def _check_room(where: Path, needed: int) -> None:
 
 
 def _size(n: int) -> str:
-    scale, unit = next(((s, u) for s, u in _UNITS if n >= s), (1, "bytes"))
+    scale, unit = _unit(n)
     return f"{n} bytes" if scale == 1 else f"{n / scale:.1f} {unit}"
+
+
+def _unit(n: int) -> tuple[int, str]:
+    """The unit ``n`` bytes are shown in: the largest of ``_UNITS`` it reaches."""
+    return next(((s, u) for s, u in _UNITS if n >= s), (1, "bytes"))
 
 
 def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,
@@ -409,9 +414,8 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest} is no longer empty")
     _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
     if _part_files.exchange(tmp, dest):
-        # At no moment was there no output; the old one is under the temporary name (the
-        # caller removes it, or, killed first, the next run: it is unlocked).
-        shutil.rmtree(tmp, ignore_errors=True)
+        # At no moment was there no output; the old one is under the temporary name, which
+        # the caller's ``finally`` removes (or, killed first, the next run: it is unlocked).
         return
     old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
     os.rename(dest, old)

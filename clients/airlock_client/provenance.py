@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -345,15 +345,21 @@ def write_provenance(output: Path, envelope: bytes) -> Path:
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
     try:
         with path.open("rb") as fh:
-            while block := fh.read(_READ):
-                digest.update(block)
-                size += len(block)
+            return digest_of(fh)
     except OSError as exc:
         raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {path}: {exc.strerror}") from None
+
+
+def digest_of(stream: BinaryIO) -> tuple[str, int]:
+    """The sha256 and size of what ``stream`` holds from where it is (``check_output``'s
+    two figures). Raises the stream's ``OSError``."""
+    digest = hashlib.sha256()
+    size = 0
+    while block := stream.read(_READ):
+        digest.update(block)
+        size += len(block)
     return digest.hexdigest(), size
 
 

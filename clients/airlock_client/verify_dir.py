@@ -20,12 +20,12 @@ descriptor.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from airlock_client import _hf_dir
 from airlock_client.provenance import (
@@ -37,10 +37,10 @@ from airlock_client.provenance import (
     PublicKeyLike,
     check_output,
     check_source,
+    digest_of,
     verify_envelope,
 )
 
-_READ = 1024 * 1024
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -145,31 +145,32 @@ def _entries(dir_fd: int, root: Path) -> set[str]:
 def _verified(dir_fd: int, name: str, key: PublicKeyLike) -> ProvenanceRecord:
     """``name``'s record, checked against ``name``'s bytes; both read through descriptors."""
     try:
-        envelope = _read(dir_fd, name + SUFFIX, limit=MAX_PROVENANCE_BYTES + 1)
+        with _opened(dir_fd, name + SUFFIX) as fh:
+            envelope = fh.read(MAX_PROVENANCE_BYTES + 1)
     except FileNotFoundError:
         raise ProvenanceError("PROVENANCE_MISSING", f"{name} has no signed record "
                               f"({name}{SUFFIX})") from None
+    except OSError as exc:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {name}{SUFFIX}: "
+                              f"{exc.strerror or exc}") from None
     try:
         record = verify_envelope(envelope, key)
-        digest = hashlib.sha256()
-        size = 0
-
-        def hashed(block: bytes) -> None:
-            nonlocal size
-            digest.update(block)
-            size += len(block)
-
-        _read(dir_fd, name, sink=hashed)
-        check_output(record, sha256=digest.hexdigest(), size=size)
+        try:
+            with _opened(dir_fd, name) as fh:
+                sha256, size = digest_of(fh)
+        except OSError as exc:
+            raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read it: "
+                                  f"{exc.strerror or exc}") from None
+        check_output(record, sha256=sha256, size=size)
     except ProvenanceError as exc:
         raise ProvenanceError(exc.reason, f"{name}: {exc.message}") from None
     return record
 
 
-def _read(dir_fd: int, name: str, *, limit: int = -1,
-          sink: Callable[[bytes], None] | None = None) -> bytes:
-    """Read ``name`` (a regular file, never through a link) up to ``limit`` bytes, or feed
-    it block by block to ``sink``."""
+def _opened(dir_fd: int, name: str) -> BinaryIO:
+    """``name`` in the directory, opened for reading if it is a regular file: never through
+    a link, never blocking on a FIFO put there since the listing. Raises ``OSError``
+    (``FileNotFoundError`` when it is gone) or ``ProvenanceError``."""
     try:
         fd = os.open(name, _OPEN, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -181,20 +182,10 @@ def _read(dir_fd: int, name: str, *, limit: int = -1,
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ProvenanceError("UNEXPECTED_FILE", f"{name} is not a regular file")
         os.set_blocking(fd, True)
-        kept = bytearray()
-        while block := os.read(fd, _READ):
-            if sink is not None:
-                sink(block)
-            else:
-                kept += block
-                if 0 <= limit <= len(kept):
-                    break
-        return bytes(kept)
-    except OSError as exc:
-        raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {name}: "
-                              f"{exc.strerror or exc}") from None
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
 
 
 def _listed(index: ProvenanceRecord) -> dict[str, tuple[str, str]]:

@@ -181,8 +181,7 @@ def _follow(fd: int, feed: HashFeed, declared: str) -> str:
                 if feed.stopped.is_set():
                     raise error(Reason.CANCELLED, "the input's hash was given up with its call")
                 want = min(STEP_BYTES, end - hashed)
-                if hole:
-                    want = min(want, len(_ZEROS))
+                if hole:  # want <= STEP_BYTES, the length of _ZEROS
                     digest.update(_ZEROS[:want])
                     hashed += want
                     continue
