@@ -34,7 +34,9 @@ from pathlib import Path
 from airlock_client import _bundle
 from airlock_client._bundle import ModelFile
 from airlock_client._errors import ModelSourceError
+from airlock_sandbox import data_files
 from airlock_sandbox.bundle import MLMODEL
+from airlock_sandbox.formats import ArtifactFormat
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 WEIGHTS = "pytorch_model.bin"
@@ -52,8 +54,8 @@ SAFE_ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: tests/unit/test_index_attestation.py holds the two equal), checked before any shard is
 #: converted: about 25 000 tensors (Llama-70B's index is 60 KiB, BLOOM-176B's 72 shards 80).
 MAX_INDEX_BYTES = 2 * 1024 * 1024
-#: Per data file. Large-vocabulary ``tokenizer.json`` files reach ~35 MB (Gemma's).
-MAX_DATA_FILE_BYTES = 64 * 1024 * 1024
+#: Per data file (what the sandbox that checks it accepts).
+MAX_DATA_FILE_BYTES = data_files.MAX_DATA_BYTES
 #: The weights of one directory together (a 30B-parameter model in fp16 is ~60 GB).
 MAX_WEIGHT_BYTES = 64 * 1024**3
 #: Top-level entries; as for an MLflow bundle.
@@ -71,7 +73,8 @@ JSON_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json
                         "processor_config.json", "chat_template.json",
                         "adapter_config.json"})
 TEXT_FILES = frozenset({"vocab.txt", "merges.txt", "README.md"})
-#: SentencePiece models (Llama, T5, Gemma, XLM-R), checked on the protobuf wire format.
+#: SentencePiece models (Llama, T5, Gemma, XLM-R), checked on the protobuf wire format
+#: (airlock_sandbox.sentencepiece).
 SENTENCEPIECE_FILES = frozenset({"tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
 CARRIED_FILES = JSON_FILES | TEXT_FILES | SENTENCEPIECE_FILES
 #: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
@@ -94,10 +97,16 @@ class Skipped:
 
 @dataclass(frozen=True)
 class DataFile:
-    """A data file checked as what its name says; ``data`` are the bytes checked."""
+    """A data file checked as what its name says; ``data`` are the bytes checked, read from
+    ``source`` (which the broker then converts: model_dir.py)."""
 
     name: str
     data: bytes
+    source: ModelFile
+
+    @property
+    def kind(self) -> ArtifactFormat:
+        return kind_of(self.name)
 
 
 @dataclass(frozen=True)
@@ -262,7 +271,7 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
                 raw = _bundle.read_exact(found[name], MAX_DATA_FILE_BYTES)
                 why = content_problem(name, raw)
                 if why is None:
-                    data[name] = DataFile(name, raw)
+                    data[name] = DataFile(name, raw, found[name])
                     continue
             skipped.append(Skipped(at + name, why))
     return HfModelDir(base, shards, tuple(data[n] for n in sorted(data)),
@@ -343,25 +352,16 @@ def data_file_problem(name: str, entry: ModelFile) -> str | None:
     return None
 
 
+def kind_of(name: str) -> ArtifactFormat:
+    """What a carried file named ``name`` must be: the format it is declared as."""
+    if name in SENTENCEPIECE_FILES:
+        return ArtifactFormat.DATA_SENTENCEPIECE
+    return ArtifactFormat.DATA_JSON if name in JSON_FILES else ArtifactFormat.DATA_TEXT
+
+
 def content_problem(name: str, raw: bytes) -> str | None:
     """Why ``raw`` is not what ``name`` says (None: it is)."""
-    if name in SENTENCEPIECE_FILES:
-        from airlock_client import _sentencepiece
-
-        return _sentencepiece.problem(raw)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not UTF-8 (byte {exc.start})"
-    if name in JSON_FILES:
-        try:
-            loads_strict(text)
-        except StrictJSONError as exc:
-            return f"not strict JSON: {str(exc)[:200]}"
-        return None
-    if "\0" in text:
-        return "not text: holds a NUL character"
-    return None
+    return data_files.problem(kind_of(name), raw)
 
 
 def tensor_names_problem(expected: frozenset[str], converted: Mapping[str, object],

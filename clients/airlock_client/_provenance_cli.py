@@ -114,14 +114,16 @@ def _verify_directory(args: argparse.Namespace, key: Any, source: str) -> int:
             "files": [{"name": name, "provenance": str(provenance_path(args.file / name)),
                        "record": _record_doc(r)} for name, r in checked.files],
             "index": None if checked.index is None else _record_doc(checked.index),
-            "unsigned": list(checked.unsigned)}))
+            "carried": [{"name": name, "provenance": str(provenance_path(args.file / name)),
+                         "record": _record_doc(r)} for name, r in checked.carried]}))
         return EXIT_OK
     t = printable
     trust = "pinned key" if source == "pinned" else "key fetched from the broker (TOFU)"
     whole = checked.index or checked.files[0][1]
     index = " and the index, which lists exactly them" if checked.index is not None else ""
-    print(f"verified {t(args.file)}: {len(checked.files)} weights file(s){index}, signed by "
-          f"{trust}")
+    carried = f", {len(checked.carried)} data file(s)" if checked.carried else ""
+    print(f"verified {t(args.file)}: {len(checked.files)} weights file(s){index}{carried}, "
+          f"signed by {trust}")
     # Anyone with the convert role can have an index signed over any shards this broker
     # signed: who asked, and what they said it was, is part of the answer.
     print(f"  subject    {shown(whole.subject, 300)} (the caller's word)")
@@ -132,10 +134,9 @@ def _verify_directory(args: argparse.Namespace, key: Any, source: str) -> int:
     for name, record in checked.files:
         print(f"  {t(name)}: sha256 {t(record.output_sha256)}, assurance "
               f"{t(record.assurance)}, job {t(record.job_id)}")
-    if checked.unsigned:
-        print(f"  not signed {', '.join(t(n) for n in checked.unsigned)}: data files the "
-              "client validated and carried; they steer loading (config.json, "
-              "adapter_config.json), so take them from a source you trust")
+    for name, record in checked.carried:
+        print(f"  {t(name)}: sha256 {t(record.output_sha256)}, {t(record.declared_format)} "
+              f"data file carried unchanged, job {t(record.job_id)}")
     return EXIT_OK
 
 

@@ -12,8 +12,11 @@ if TYPE_CHECKING:  # the record's module needs cryptography; these values do not
 
 Target = Literal["auto", "onnx", "safetensors"]
 LoadingPolicy = Literal["allow_code", "safe_only"]
+#: ``json``, ``text`` and ``sentencepiece`` name a model directory's data files
+#: (``config.json``, tokenizer files), which are checked and carried unchanged.
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                         "torch_export", "numpy", "onnx", "safetensors", "mlflow"]
+                         "torch_export", "numpy", "onnx", "safetensors", "mlflow",
+                         "json", "text", "sentencepiece"]
 
 
 class Assurance(enum.StrEnum):
@@ -78,7 +81,8 @@ class ConversionResult:
 
     job_id: str
     output: Path
-    format: Literal["onnx", "safetensors"]
+    #: ``data``: a data file, carried unchanged (declared json, text or sentencepiece).
+    format: Literal["onnx", "safetensors", "data"]
     sha256: str
     size: int
     input_sha256: str

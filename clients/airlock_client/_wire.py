@@ -49,9 +49,13 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "onnx": pb.ARTIFACT_FORMAT_ONNX,
     "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
     "mlflow": pb.ARTIFACT_FORMAT_MLFLOW,
+    "json": pb.ARTIFACT_FORMAT_JSON,
+    "text": pb.ARTIFACT_FORMAT_TEXT,
+    "sentencepiece": pb.ARTIFACT_FORMAT_SENTENCEPIECE,
 }
-_OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors"]] = {
-    pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
+_OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors", "data"]] = {
+    pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors",
+    pb.TARGET_FORMAT_DATA: "data"}
 _ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: Assurance.FORMAT_SAFE_ONLY,
               pb.ASSURANCE_INTEGRITY_VERIFIED: Assurance.INTEGRITY_VERIFIED}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}

@@ -20,6 +20,7 @@ broker never sees them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -32,10 +33,17 @@ from typing import TYPE_CHECKING, Protocol
 from airlock_client import _bundle, _hf_dir, _part_files, _st_header
 from airlock_client._batch_jobs import FALLBACK_JOBS, SHARDS_PROFILE
 from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
-from airlock_client._hf_dir import HfModelDir, Shard, Skipped
-from airlock_client._types import Assurance, ConversionResult, LoadingPolicy, Target
+from airlock_client._hf_dir import DataFile, HfModelDir, Shard, Skipped
+from airlock_client._types import (
+    Assurance,
+    ConversionResult,
+    DeclaredFormat,
+    LoadingPolicy,
+    Target,
+)
 from airlock_client._umask import umask
 from airlock_client.batch import Done, Throughput, format_duration, run_bounded
+from airlock_sandbox.formats import ArtifactFormat
 
 if TYPE_CHECKING:
     from airlock_client._retry import OnBusy
@@ -48,6 +56,10 @@ DEFAULT_JOBS = FALLBACK_JOBS
 #: needs the artifact's own code to load is not what it claims to be, and fails the directory
 #: (``POLICY_VIOLATION``, naming it) instead of running that code for the sake of one shard.
 DIRECTORY_POLICY: LoadingPolicy = "safe_only"
+#: What each kind of data file is declared as (airlock_sandbox.data_files.KINDS).
+_DECLARED: dict[ArtifactFormat, DeclaredFormat] = {
+    ArtifactFormat.DATA_JSON: "json", ArtifactFormat.DATA_TEXT: "text",
+    ArtifactFormat.DATA_SENTENCEPIECE: "sentencepiece"}
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
 #: The destination's filesystem has less free space than the output will take: refused
@@ -163,7 +175,8 @@ class ShardClient(Protocol):
     client's module needs grpc, and it offers ``Client.convert_directory`` from here)."""
 
     def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                target: Target = ..., loading_policy: LoadingPolicy = ...,
+                target: Target = ..., declared_format: DeclaredFormat | None = ...,
+                loading_policy: LoadingPolicy = ...,
                 job_timeout: int = ..., on_busy: OnBusy | None = ...,
                 subject: str = ...) -> ConversionResult: ...
 
@@ -206,6 +219,8 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     part = _part_files.new_dir(dest)
     tmp = part.path
     try:
+        _carry_data_files(client, model, tmp, jobs=jobs, job_timeout=job_timeout,
+                          on_busy=on_busy, subject=subject)
         shards = _convert_shards(client, model, tmp, jobs=jobs, progress=progress,
                                  loading_policy=loading_policy, job_timeout=job_timeout,
                                  on_busy=on_busy, subject=subject)
@@ -255,6 +270,36 @@ def _size(n: int) -> str:
 def _unit(n: int) -> tuple[int, str]:
     """The unit ``n`` bytes are shown in: the largest of ``_UNITS`` it reaches."""
     return next(((s, u) for s, u in _UNITS if n >= s), (1, "bytes"))
+
+
+def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,
+                      job_timeout: int, on_busy: OnBusy | None, subject: str) -> None:
+    """Each data file through the broker, as its kind (``json``, ``text``, ``sentencepiece``):
+    its sandbox checks it and the broker returns it unchanged, with a signed record written
+    beside it. First, because they are small: a file the broker refuses fails the directory
+    before any shard is sent."""
+    from airlock_client.provenance import write_provenance
+
+    def work(data: DataFile) -> None:
+        out = tmp / data.name
+        _bundle.check_unchanged(data.source)
+        result = client.convert(data.source.path, out, declared_format=_DECLARED[data.kind],
+                                job_timeout=job_timeout, on_busy=on_busy,
+                                subject=f"{subject}/{data.name}" if subject else "")
+        if result.sha256 != hashlib.sha256(data.data).hexdigest():
+            raise _bundle.refuse(f"{data.name} changed while being carried")
+        write_provenance(out, result.provenance)
+
+    for done in run_bounded(model.data_files, work, concurrency=jobs, stop=lambda d: not d.ok,
+                            abandon=client.close):
+        if not done.ok:
+            error = done.error
+            if isinstance(error, AirlockError) and not isinstance(
+                    error, (ModelDirError, ServiceUnavailable, AccessDenied)):
+                raise ModelDirError(error.reason, f"{done.item.name}: {error.message}",
+                                    shard=done.item.name, kind=getattr(error, "kind", "failed"),
+                                    cause=error)
+            raise error or AssertionError("a data file failed without an error")
 
 
 def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,
@@ -329,9 +374,7 @@ def _shard_failure(shard: Shard, error: Exception | None, broker_failed: bool) -
 
 
 def _write_outputs(model: HfModelDir, shards: list[ShardResult], tmp: Path) -> str | None:
-    """The index (when sharded) and the carried data files; returns the index's name."""
-    for data in model.data_files:
-        _write_new(tmp / data.name, data.data)
+    """The index, when sharded; returns its name."""
     if not model.sharded:
         return None
     headers = [(s.output, _st_header.read_header(tmp / s.output)) for s in shards]
@@ -383,16 +426,16 @@ def _check_replaceable(dest: Path) -> None:
 
 def _foreign_entries(dest: Path) -> list[str]:
     """Entries of ``dest`` that ``convert_directory`` never writes, sorted: anything but a
-    regular file named as an output shard, the index, their provenance records or a carried
-    data file."""
+    regular file named as an output shard, the index, a carried data file, or the provenance
+    record of one of them."""
     from airlock_client.provenance import SUFFIX
 
     def ours(name: str) -> bool:
-        weights = name.removesuffix(SUFFIX)
-        return (weights in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX,
-                            _hf_dir.SAFE_ADAPTER_WEIGHTS)
-                or _hf_dir.SAFE_SHARD_NAME.fullmatch(weights) is not None
-                or name in _hf_dir.CARRIED_FILES)
+        signed = name.removesuffix(SUFFIX)
+        return (signed in (_hf_dir.SAFE_WEIGHTS, _hf_dir.SAFE_WEIGHTS_INDEX,
+                           _hf_dir.SAFE_ADAPTER_WEIGHTS)
+                or _hf_dir.SAFE_SHARD_NAME.fullmatch(signed) is not None
+                or signed in _hf_dir.CARRIED_FILES)
 
     with os.scandir(dest) as entries:
         return sorted(e.name for e in entries

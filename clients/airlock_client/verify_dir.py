@@ -9,9 +9,10 @@ fails here, unless whoever swapped it could also have the broker sign a new inde
 caller with the convert role can. So who asked for the index, and what it was said to be,
 is part of the answer (printed; ``principals`` and ``subject`` pin them).
 
-Files that steer loading but are not signed are reported: the data files carried over
-(``config.json``, ``adapter_config.json``, tokenizer files), which the client validated and
-the broker never saw.
+The data files carried over (``config.json``, ``adapter_config.json``, tokenizer files) steer
+loading: each must have its own record, as a data file of its kind (the broker had it checked
+in a sandbox and returned it unchanged), and match it. A directory converted before data files
+were signed fails here (``PROVENANCE_MISSING``): convert it again.
 
 Every file is opened relative to the directory's descriptor, without following a link and
 without blocking on a FIFO, checked to be the regular file listed, and hashed from that
@@ -41,19 +42,21 @@ from airlock_client.provenance import (
     verify_envelope,
 )
 
+#: A data file's output format in its record (the broker's OutputFormat.DATA).
+DATA = "data"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
 class VerifiedDirectory:
     """What ``verify_directory`` checked: every weights file with its record (shards in
-    index order), the index's record when sharded, and the files left unsigned."""
+    index order), the index's record when sharded, and each carried data file's record."""
 
     path: Path
     files: tuple[tuple[str, ProvenanceRecord], ...]
     index: ProvenanceRecord | None
-    #: Carried data files: validated by the client when converted, not signed.
-    unsigned: tuple[str, ...]
+    #: Carried data files (sorted by name), each with its record.
+    carried: tuple[tuple[str, ProvenanceRecord], ...]
 
 
 def verify_directory(path: str | os.PathLike[str], public_key: PublicKeyLike, *,
@@ -110,8 +113,11 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
                                   "record lists (another conversion's shard, signed on its "
                                   "own, was put in its place)")
         files.append((name, record))
-    signed = set(weights) | ({_hf_dir.SAFE_WEIGHTS_INDEX} if index is not None else set())
-    known = signed | {n + SUFFIX for n in signed} | _hf_dir.CARRIED_FILES
+    carried = [(name, _carried(dir_fd, name, key))
+               for name in sorted(names & _hf_dir.CARRIED_FILES)]
+    signed = (set(weights) | {n for n, _ in carried}
+              | ({_hf_dir.SAFE_WEIGHTS_INDEX} if index is not None else set()))
+    known = signed | {n + SUFFIX for n in signed}
     unexpected = sorted(names - known)
     if unexpected:
         raise ProvenanceError("UNEXPECTED_FILE", f"{root} holds {len(unexpected)} file(s) no "
@@ -120,10 +126,20 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
     records = [r for _, r in files] + ([index] if index is not None else [])
     if subject is not None:  # the index's, which names the directory; or the one file's
         check_source(records[-1], subject=subject)
-    for record in records if principals is not None else []:
+    for record in records + [r for _, r in carried] if principals is not None else []:
         check_source(record, principals=principals)
-    return VerifiedDirectory(root, tuple(files), index,
-                             tuple(sorted(names & _hf_dir.CARRIED_FILES)))
+    return VerifiedDirectory(root, tuple(files), index, tuple(carried))
+
+
+def _carried(dir_fd: int, name: str, key: PublicKeyLike) -> ProvenanceRecord:
+    """A carried data file's record, checked against the file and its kind."""
+    record = _verified(dir_fd, name, key)
+    kind = _hf_dir.kind_of(name).value
+    if record.output_format != DATA or record.declared_format != kind:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a {kind} data "
+                              f"file's (output {record.output_format[:20]!r}, declared "
+                              f"{record.declared_format[:20]!r})")
+    return record
 
 
 def _entries(dir_fd: int, root: Path) -> set[str]:

@@ -86,18 +86,25 @@ CONTAINER_GID = 10001
 class OutputFormat(enum.StrEnum):
     ONNX = "onnx"
     SAFETENSORS = "safetensors"
+    #: A data file (airlock_sandbox.data_files), checked and written unchanged.
+    DATA = "data"
 
 
 OUTPUT_NAMES: dict[OutputFormat, str] = {
     OutputFormat.ONNX: "model.onnx",
     OutputFormat.SAFETENSORS: "model.safetensors",
+    OutputFormat.DATA: "data",
 }
+#: What a model conversion may leave: a data job's output is never one of them (outputs.py).
+MODEL_OUTPUTS = (OutputFormat.ONNX, OutputFormat.SAFETENSORS)
 
 
 class Target(enum.StrEnum):
     AUTO = "auto"
     ONNX = "onnx"
     SAFETENSORS = "safetensors"
+    #: The data file itself, checked (a data file's only target; AUTO means it too).
+    DATA = "data"
 
 
 class LoadingPolicy(enum.StrEnum):

@@ -37,11 +37,22 @@ class ArtifactFormat(enum.StrEnum):
     XGBOOST_JSON = "xgboost_json"
     XGBOOST_UBJ = "xgboost_ubj"  # MLflow's xgboost flavor default (model.ubj)
     LIGHTGBM_TEXT = "lightgbm_text"  # Booster.save_model; MLflow's lightgbm flavor's model.lgb
+    #: A model directory's data files (airlock_sandbox.data_files): named by the caller's
+    #: declaration alone, never detected, and carried unchanged once checked.
+    DATA_JSON = "json"
+    DATA_TEXT = "text"
+    DATA_SENTENCEPIECE = "sentencepiece"
 
 
 #: The formats read as data by their library's own parser: no unpickling, no imports.
 BOOSTER_FORMATS = frozenset({
     ArtifactFormat.XGBOOST_JSON, ArtifactFormat.XGBOOST_UBJ, ArtifactFormat.LIGHTGBM_TEXT,
+})
+
+
+#: The formats of data files: no magic bytes name them, a declaration does (format_decision).
+DATA_FORMATS = frozenset({
+    ArtifactFormat.DATA_JSON, ArtifactFormat.DATA_TEXT, ArtifactFormat.DATA_SENTENCEPIECE,
 })
 
 
@@ -60,6 +71,9 @@ DECLARABLE: dict[str, frozenset[ArtifactFormat]] = {
     "onnx": frozenset({ArtifactFormat.ONNX}),
     "safetensors": frozenset({ArtifactFormat.SAFETENSORS}),
     "mlflow": frozenset({ArtifactFormat.MLFLOW}),
+    "json": frozenset({ArtifactFormat.DATA_JSON}),
+    "text": frozenset({ArtifactFormat.DATA_TEXT}),
+    "sentencepiece": frozenset({ArtifactFormat.DATA_SENTENCEPIECE}),
 }
 
 #: The formats a host-side ZIP may turn out to be once the sandbox lists its members (an

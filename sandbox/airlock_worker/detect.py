@@ -11,6 +11,7 @@ from typing import IO
 from airlock_sandbox.contract import WorkerExit
 from airlock_sandbox.formats import (
     BOOSTER_FORMATS,
+    DATA_FORMATS,
     LIGHTGBM_END_OF_TREES,
     PREFIX_BYTES,
     TAIL_BYTES,
@@ -108,6 +109,13 @@ def confirm(path: str, decided: ArtifactFormat | None, declared: str | None) -> 
     an undeclared bundle, or a declared one that is no readable bundle, is refused here."""
     if decided is None:
         raise WorkerError(WorkerExit.BAD_JOB_SPEC, "the job spec names no artifact format")
+    if decided in DATA_FORMATS:  # no magic bytes: any format's are a contradiction
+        with open(path, "rb") as f:
+            found = detect_prefix(f.read(PREFIX_BYTES), os.fstat(f.fileno()).st_size)
+        if found is not ArtifactFormat.UNKNOWN:
+            raise WorkerError(WorkerExit.FORMAT_MISMATCH,
+                              f"declared {decided.value}, but the bytes are {found.value}")
+        return decided
     try:
         fmt = detect(path)
     except WorkerError as exc:

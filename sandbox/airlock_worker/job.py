@@ -44,6 +44,9 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.XGBOOST_JSON: ("booster_convert", "convert"),
     ArtifactFormat.XGBOOST_UBJ: ("booster_convert", "convert"),
     ArtifactFormat.LIGHTGBM_TEXT: ("booster_convert", "convert"),
+    ArtifactFormat.DATA_JSON: ("data_copy", "carry"),
+    ArtifactFormat.DATA_TEXT: ("data_copy", "carry"),
+    ArtifactFormat.DATA_SENTENCEPIECE: ("data_copy", "carry"),
 }
 #: JobMode.EXTRACT_WEIGHTS, the integrity reading: pickles by the policy loader, anything else
 #: by the checkpoint reader (which refuses all but PyTorch checkpoints).

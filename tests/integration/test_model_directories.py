@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from airlock_client import Client
+from airlock_client import Client, ConversionError
 from tests.adversarial import payloads
 from tests.conftest import BrokerProcess, run_cli
 from tests.fixtures import hf_models
@@ -129,7 +129,31 @@ def test_a_directory_verifies_as_a_whole_and_a_swapped_shard_does_not(
     assert [f["name"] for f in doc["files"]] == [
         f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert doc["index"]["kind"] == "safetensors_index"
-    assert "config.json" in doc["unsigned"]
+    # Each carried data file has a record of its own, as a data file of its kind.
+    carried = {f["name"]: f["record"] for f in doc["carried"]}
+    assert set(carried) == set(hf_models.DATA_FILES) | {"tokenizer.model"}, carried
+    assert carried["config.json"]["output_format"] == "data"
+    assert carried["config.json"]["declared_format"] == "json"
+    assert carried["tokenizer.model"]["declared_format"] == "sentencepiece"
+    assert carried["config.json"]["assurance"] == "integrity_verified"
+
+    # A config.json changed after the conversion steers loading and is no longer what was
+    # signed (it was listed unsigned, and the directory verified, before data files had
+    # records).
+    config = (out / "config.json").read_bytes()
+    (out / "config.json").write_bytes(config.replace(b"{", b'{"auto_map": {"AutoModel": '
+                                                          b'"evil.Model"}, ', 1))
+    tampered = run_cli("verify", str(out), "--json", server=broker.address)
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    failed = json.loads(tampered.stdout)
+    assert failed["reason"] == "OUTPUT_MISMATCH" and "config.json" in failed["message"], failed
+    (out / "config.json").write_bytes(config)
+    # So does one whose record is gone.
+    record = (out / "config.json.provenance.json").read_bytes()
+    (out / "config.json.provenance.json").unlink()
+    unsigned = run_cli("verify", str(out), "--json", server=broker.address)
+    assert json.loads(unsigned.stdout)["reason"] == "PROVENANCE_MISSING", unsigned.stdout
+    (out / "config.json.provenance.json").write_bytes(record)
 
     shard = "model-00002-of-00003.safetensors"
     kept = {name: (out / name).read_bytes() for name in (shard, f"{shard}.provenance.json")}
@@ -220,8 +244,8 @@ def test_a_peft_adapter_directory_becomes_what_peft_loads(broker: BrokerProcess,
     assert code == 0, (doc, stderr)
     assert doc["assurance"] == "integrity_verified" and doc["carried"] == ["adapter_config.json"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors",
-        "adapter_model.safetensors.provenance.json"]
+        "adapter_config.json", "adapter_config.json.provenance.json",
+        "adapter_model.safetensors", "adapter_model.safetensors.provenance.json"]
     assert (out / "adapter_config.json").read_text() == config
     from safetensors.torch import load_file
 
@@ -385,3 +409,29 @@ def test_an_index_that_disagrees_with_a_shard_is_refused(broker: BrokerProcess,
     assert code == 1 and (doc["reason"], doc["shard"]) == ("INDEX_MISMATCH", last), doc
     assert "'model.ghost.weight'" in doc["message"]
     _no_leftovers(tmp_path, {"tiny"})
+
+
+@pytest.mark.parametrize(("raw", "declared", "said"), [
+    (b'{"hidden_size": 8, "hidden_size": 9}', "json", "not strict JSON"),  # two meanings
+    (b"vocab\0with a NUL", "text", "NUL"),
+    (b'{"pieces": []}', "sentencepiece", "not a SentencePiece model"),
+])
+def test_a_data_file_that_is_not_its_kind_is_refused_by_its_sandbox(
+        broker: BrokerProcess, tmp_path: Path, raw: bytes, declared: str, said: str) -> None:
+    """What a directory's data files go through (the client checks first, so a directory
+    with such a file skips it): the sandbox's check, whose refusal is the job's answer."""
+    source = tmp_path / "data"
+    source.write_bytes(raw)
+    with Client(broker.address) as client, pytest.raises(ConversionError) as caught:
+        client.convert(source, tmp_path / "out", declared_format=declared)  # type: ignore[arg-type]
+    assert caught.value.reason == "FORMAT_MISMATCH" and said in caught.value.message, caught.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_declared_as_a_data_file_never_reaches_a_sandbox(broker: BrokerProcess,
+                                                                 tmp_path: Path) -> None:
+    source = tmp_path / "config.json"
+    source.write_bytes(payloads.reduce_pickle("open('/tmp/airlock-carried-pwned', 'w')"))
+    with Client(broker.address) as client, pytest.raises(ConversionError) as caught:
+        client.convert(source, tmp_path / "out", declared_format="json")
+    assert caught.value.reason == "FORMAT_MISMATCH" and "pickle" in caught.value.message

@@ -5,6 +5,7 @@ shard's failure or disagreement fails it all, atomically; the weakest assurance 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -404,6 +405,7 @@ class FakeClient:
         self.policies: list[str] = []
         self.closed = False
         self.asked_jobs: list[str] = []
+        self.carried: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
     def close(self) -> None:  # what a second Ctrl-C calls (batch.run_bounded's abandon)
@@ -411,6 +413,8 @@ class FakeClient:
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name
+        if kwargs.get("declared_format") in ("json", "text", "sentencepiece"):
+            return self._carry(Path(artifact), Path(output), kwargs["declared_format"])
         with self._lock:
             self.calls.append(name)
             self.policies.append(kwargs["loading_policy"])
@@ -439,6 +443,23 @@ class FakeClient:
             with self._lock:
                 self.running -= 1
 
+    def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
+        """A data file, as the broker returns one: unchanged, with its own record."""
+        data = artifact.read_bytes()
+        with self._lock:
+            self.carried.append((artifact.name, declared))
+        if artifact.name in self.errors:
+            raise self.errors[artifact.name]
+        output.write_bytes(data)
+        return ConversionResult(
+            job_id=f"job-{artifact.name}", output=output, format="data",
+            sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+            input_sha256=hashlib.sha256(data).hexdigest(), input_size=len(data),
+            detected_format=declared, assurance=Assurance.INTEGRITY_VERIFIED,
+            loading_policy="allow_code", duration_seconds=0.01, image_id="img",
+            runtime="runc", report=ConversionReport(), integrity_note="",
+            provenance=b'{"signed": "data"}')
+
     def attest_index(self, index: bytes, shards: list[tuple[str, bytes]], *,
                      subject: str = "") -> bytes:
         self.attested = (index, list(shards), subject)
@@ -465,7 +486,7 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
                                progress=lambda p: seen.append(p.line()))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model-00001-of-00003.safetensors",
+        "config.json", "config.json.provenance.json", "model-00001-of-00003.safetensors",
         "model-00001-of-00003.safetensors.provenance.json", "model-00002-of-00003.safetensors",
         "model-00002-of-00003.safetensors.provenance.json", "model-00003-of-00003.safetensors",
         "model-00003-of-00003.safetensors.provenance.json", "model.safetensors.index.json",
@@ -488,6 +509,10 @@ def test_a_directory_converts_into_place_with_index_data_and_provenance(tmp_path
     assert all(s.result.output.parent == out and s.provenance.parent == out
                for s in result.shards)
     assert result.carried == ("config.json",)
+    # carried through the broker, declared as what its name says, with its record beside it
+    assert client.carried == [("config.json", "json")]
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "config.json.provenance.json").read_bytes() == b'{"signed": "data"}'
     assert [s.name for s in result.skipped] == ["modeling_x.py"]
     assert len(seen) == 3 and seen[-1].startswith("shards 3/3 done") and client.most <= 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
@@ -747,3 +772,33 @@ def test_the_eta_counts_bytes_and_the_rate_says_its_unit() -> None:
     assert line.startswith("shards 1/2 done, 1.0 shards/min; 0.1/1.0 kB, about"), line
     done = DirectoryProgress("b.bin", True, 2, 2, 1000, 1000, throughput).line()
     assert "left" not in done, done
+
+
+def test_a_data_file_the_broker_refuses_fails_the_directory_before_any_shard(
+        tmp_path: Path) -> None:
+    """Data files go first: one refused (here: what the sandbox says of a file that changed
+    after inspection) fails the directory under its name, and no shard is sent."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    refused = ConversionError("FORMAT_MISMATCH", "declared json, but not strict JSON",
+                              kind="rejected", code="FAILED_PRECONDITION")
+    client = FakeClient(GOOD, errors={"config.json": refused})
+    with pytest.raises(ModelDirError, match=r"config\.json: declared json") as caught:
+        convert_directory(client, src, tmp_path / "out", jobs=2)  # type: ignore[arg-type]
+    assert caught.value.reason == "FORMAT_MISMATCH" and caught.value.shard == "config.json"
+    assert client.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_a_data_file_that_changed_after_it_was_checked_is_refused(tmp_path: Path) -> None:
+    """What the broker carried must be the bytes the client checked: a file rewritten in
+    between (here, by the broker's double) fails the directory."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+
+    class Rewriting(FakeClient):
+        def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
+            artifact.write_text('{"model_type": "other"}')
+            return super()._carry(artifact, output, declared)
+
+    with pytest.raises(ModelDirError, match=r"config\.json changed while being carried"):
+        convert_directory(Rewriting(GOOD), src, tmp_path / "out",  # type: ignore[arg-type]
+                          jobs=1)
+    assert not (tmp_path / "out").exists()

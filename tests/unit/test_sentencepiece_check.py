@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from airlock_client import _hf_dir, _sentencepiece
+from airlock_client import _hf_dir
+from airlock_sandbox import sentencepiece as _sentencepiece
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen jugs",
         "how vexingly quick daft zebras jump", "sphinx of black quartz judge my vow"] * 20

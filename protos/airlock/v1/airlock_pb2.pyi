@@ -45,6 +45,14 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     """An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
     root. Recognised by member names; opened only in the sandbox.
     """
+    ARTIFACT_FORMAT_JSON: _ArtifactFormat.ValueType  # 11
+    """A model directory's data files (config.json, tokenizer files, README.md): no magic bytes
+    name them, so only a declaration does; bytes that look like any format above contradict
+    it. The sandbox checks the file (strict JSON; UTF-8 text without NUL; a SentencePiece
+    ModelProto) and the output is the input, byte for byte (TARGET_FORMAT_DATA).
+    """
+    ARTIFACT_FORMAT_TEXT: _ArtifactFormat.ValueType  # 12
+    ARTIFACT_FORMAT_SENTENCEPIECE: _ArtifactFormat.ValueType  # 13
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper):
     """What the caller says the artifact is. The broker detects the format by magic bytes and
@@ -65,6 +73,14 @@ ARTIFACT_FORMAT_MLFLOW: ArtifactFormat.ValueType  # 10
 """An MLflow model directory, packed by the client into a STORED zip with MLmodel at its
 root. Recognised by member names; opened only in the sandbox.
 """
+ARTIFACT_FORMAT_JSON: ArtifactFormat.ValueType  # 11
+"""A model directory's data files (config.json, tokenizer files, README.md): no magic bytes
+name them, so only a declaration does; bytes that look like any format above contradict
+it. The sandbox checks the file (strict JSON; UTF-8 text without NUL; a SentencePiece
+ModelProto) and the output is the input, byte for byte (TARGET_FORMAT_DATA).
+"""
+ARTIFACT_FORMAT_TEXT: ArtifactFormat.ValueType  # 12
+ARTIFACT_FORMAT_SENTENCEPIECE: ArtifactFormat.ValueType  # 13
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _TargetFormat:
@@ -78,6 +94,10 @@ class _TargetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetFo
     TARGET_FORMAT_AUTO: _TargetFormat.ValueType  # 1
     TARGET_FORMAT_ONNX: _TargetFormat.ValueType  # 2
     TARGET_FORMAT_SAFETENSORS: _TargetFormat.ValueType  # 3
+    TARGET_FORMAT_DATA: _TargetFormat.ValueType  # 4
+    """A data file, checked and unchanged: the only target of ARTIFACT_FORMAT_JSON, _TEXT and
+    _SENTENCEPIECE (AUTO means it for them), and of nothing else.
+    """
 
 class TargetFormat(_TargetFormat, metaclass=_TargetFormatEnumTypeWrapper): ...
 
@@ -86,6 +106,10 @@ TARGET_FORMAT_UNSPECIFIED: TargetFormat.ValueType  # 0
 TARGET_FORMAT_AUTO: TargetFormat.ValueType  # 1
 TARGET_FORMAT_ONNX: TargetFormat.ValueType  # 2
 TARGET_FORMAT_SAFETENSORS: TargetFormat.ValueType  # 3
+TARGET_FORMAT_DATA: TargetFormat.ValueType  # 4
+"""A data file, checked and unchanged: the only target of ARTIFACT_FORMAT_JSON, _TEXT and
+_SENTENCEPIECE (AUTO means it for them), and of nothing else.
+"""
 Global___TargetFormat: _TypeAlias = TargetFormat  # noqa: Y015
 
 class _LoadingPolicy:

@@ -48,12 +48,16 @@ DECLARED: dict[pb.ArtifactFormat.ValueType, str] = {
     pb.ARTIFACT_FORMAT_ONNX: "onnx",
     pb.ARTIFACT_FORMAT_SAFETENSORS: "safetensors",
     pb.ARTIFACT_FORMAT_MLFLOW: "mlflow",
+    pb.ARTIFACT_FORMAT_JSON: "json",
+    pb.ARTIFACT_FORMAT_TEXT: "text",
+    pb.ARTIFACT_FORMAT_SENTENCEPIECE: "sentencepiece",
 }
 TARGETS: dict[pb.TargetFormat.ValueType, Target] = {
     pb.TARGET_FORMAT_UNSPECIFIED: Target.AUTO,
     pb.TARGET_FORMAT_AUTO: Target.AUTO,
     pb.TARGET_FORMAT_ONNX: Target.ONNX,
     pb.TARGET_FORMAT_SAFETENSORS: Target.SAFETENSORS,
+    pb.TARGET_FORMAT_DATA: Target.DATA,
 }
 POLICIES: dict[pb.LoadingPolicy.ValueType, LoadingPolicy] = {
     pb.LOADING_POLICY_UNSPECIFIED: LoadingPolicy.ALLOW_CODE,
@@ -62,7 +66,8 @@ POLICIES: dict[pb.LoadingPolicy.ValueType, LoadingPolicy] = {
 }
 _POLICY_TO_PB = {v: k for k, v in POLICIES.items() if k != pb.LOADING_POLICY_UNSPECIFIED}
 _OUTPUT_TO_PB = {OutputFormat.ONNX: pb.TARGET_FORMAT_ONNX,
-                 OutputFormat.SAFETENSORS: pb.TARGET_FORMAT_SAFETENSORS}
+                 OutputFormat.SAFETENSORS: pb.TARGET_FORMAT_SAFETENSORS,
+                 OutputFormat.DATA: pb.TARGET_FORMAT_DATA}
 
 
 def job_request(meta: pb.ConvertMetadata, job_id: str, *, default_deadline: float,

@@ -33,6 +33,7 @@ The table (``decide``; UNKNOWN and a declaration the bytes contradict are refuse
     XGBoost JSON    -                         xgboost_json     sklearn           no
     XGBoost UBJ     -                         xgboost_ubj      sklearn           no
     LightGBM text   -                         lightgbm_text    sklearn           no
+    none of these   json, text, sentencepiece json, text, ...  light             no
 
 The integrity column is the profile of the second sandbox, which reads the artifact without
 executing it (conversion.integrity): the checkpoint reader needs no torch (light starts
@@ -42,6 +43,11 @@ carries functions by value, which the policy loader never reads: no second sandb
 A booster file has no declared format of its own (declaring any other is FORMAT_MISMATCH): its
 bytes say which it is, and it is read as data, never unpickled, so no declaration narrows or
 gates anything. XGBoost's old binary format (removed in xgboost 3.1) matches nothing.
+
+A model directory's data file (airlock_sandbox.data_files) has no magic bytes: it is what its
+declaration says when its leading bytes match no format, and FORMAT_MISMATCH when they match
+one (a pickle named ``config.json`` is a pickle). Its sandbox checks it; its output must be
+the input itself (Target.DATA, conversion/outputs.py).
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ from dataclasses import dataclass
 from airlock_broker.errors import Reason, error
 from airlock_sandbox.bundle import PICKLED_FORMATS, SERIALIZATION_HINTS
 from airlock_sandbox.contract import Target
+from airlock_sandbox.data_files import MAX_DATA_BYTES
 from airlock_sandbox.formats import (
+    DATA_FORMATS,
+    DECLARABLE,
     MLFLOW_FLAVOR_PROFILES,
     PROFILE_LIGHT,
     PROFILE_SKLEARN,
@@ -125,6 +134,20 @@ class Decision:
         beside the conversion."""
         return self.reading_first and (self.reading_settles_failures or not outputs_on_disk)
 
+    def target_for(self, requested: Target) -> Target:
+        """The output the job may produce for a caller that asked for ``requested``: a data
+        file's is the file itself (``AUTO`` means it), and nothing else's is; BAD_REQUEST for
+        the other combinations."""
+        data = self.format in DATA_FORMATS
+        if data and requested in (Target.AUTO, Target.DATA):
+            return Target.DATA
+        if data or requested is Target.DATA:
+            raise error(Reason.BAD_REQUEST,
+                        f"target {requested.value} does not apply to {self.format.value}: a "
+                        "data file (json, text, sentencepiece) is carried as it is (target "
+                        "data or auto), and nothing else has target data")
+        return requested
+
     def verifies(self, target: Target) -> bool:
         """Whether the second sandbox can check an output of ``target``."""
         if not self.integrity:
@@ -168,6 +191,9 @@ def decide(prefix: bytes, size: int, declared: str | None,
     else of the file is read.
     """
     detected = detect_prefix(prefix, size)
+    data = DECLARABLE.get(declared or "", frozenset()) & DATA_FORMATS
+    if data:
+        return _data_file(detected, size, declared or "", next(iter(data)))
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "
@@ -193,6 +219,17 @@ def decide(prefix: bytes, size: int, declared: str | None,
     integrity = detected in _INTEGRITY_PROFILES and declared != "cloudpickle"
     return Decision(detected, profile_for(detected), integrity=integrity,
                     reading_first=integrity and detected in _READ_FIRST)
+
+
+def _data_file(detected: ArtifactFormat, size: int, declared: str,
+               kind: ArtifactFormat) -> Decision:
+    if detected is not ArtifactFormat.UNKNOWN:
+        raise error(Reason.FORMAT_MISMATCH,
+                    f"declared {declared}, but the leading bytes say {detected}")
+    if size > MAX_DATA_BYTES:
+        raise error(Reason.TOO_LARGE, f"the data file is {size} bytes; a data file is carried "
+                                      f"up to {MAX_DATA_BYTES} bytes")
+    return Decision(kind, PROFILE_LIGHT, integrity=False)
 
 
 def _narrow_zip(prefix: bytes, declared: str | None) -> ArtifactFormat:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 VERIFIED_NOTE = "matches a reading of the artifact that executed nothing"
+#: A data file (airlock_sandbox.data_files): checked in its sandbox, and the output is the input.
+CARRIED_NOTE = "a data file, checked as its kind and carried unchanged (sha256 of the input)"
 READ_ALONE_NOTE = ("converted from a reading of the artifact that executed nothing and "
                    "refused no global")
 

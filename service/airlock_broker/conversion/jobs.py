@@ -23,6 +23,7 @@ from airlock_broker.conversion.format_decision import Decision
 from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.conversion.intake import SHA256_HEX
 from airlock_broker.conversion.integrity import (
+    CARRIED_NOTE,
     READ_ALONE_NOTE,
     Assurance,
     Extraction,
@@ -50,6 +51,7 @@ from airlock_sandbox.contract import (
     JobMode,
     JobSpec,
     LoadingPolicy,
+    OutputFormat,
     Target,
     TensorSpec,
     WorkerExit,
@@ -265,6 +267,19 @@ def judge(outcome: Outcome, report: dict[str, Any] | None, deadline: float) -> N
     raise error(reason, message)
 
 
+async def _carried(output: ValidatedOutput, input_digest: InputDigest
+                   ) -> tuple[Assurance, str, bool]:
+    """A data file's output is accepted only as the input itself: its sandbox checked the file
+    and was to write it unchanged (airlock_sandbox.data_files). Then it is the author's bytes:
+    integrity-verified. It travels with the answer (it is small)."""
+    if output.sha256 != await input_digest.value():
+        raise error(Reason.OUTPUT_INVALID,
+                    "the data file's output is not the input byte for byte (sha256 "
+                    f"{output.sha256[:12]}... against the input's): a data file is carried "
+                    "unchanged")
+    return Assurance.INTEGRITY_VERIFIED, CARRIED_NOTE, False
+
+
 def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
     """What the audit record keeps of a finished sandbox."""
     return {"exit_code": outcome.exit_code, "oom_killed": outcome.oom_killed,
@@ -420,12 +435,15 @@ class JobRunner:
                 with self.trace.span("validate"):
                     output = await validate_output(
                         out_dir, request.target, room.limits, self.onnx_validator,
-                        digest=extraction is None or extraction.output is None)
+                        digest=extraction is None or extraction.output is None, kind=detected)
                 if extraction is not None and extraction.data_sha256:
                     audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
-                output, assurance, note, delivered = await assurance_delivering(
-                    output, extraction, delivery, before_commit=input_digest.value)
-                output = await compute_digest(output)
+                if output.format is OutputFormat.DATA:
+                    assurance, note, delivered = await _carried(output, input_digest)
+                else:
+                    output, assurance, note, delivered = await assurance_delivering(
+                        output, extraction, delivery, before_commit=input_digest.value)
+                    output = await compute_digest(output)
             except AirlockError as exc:
                 log.info("job %s ended: %s", request.job_id, exc,
                          extra={"job_id": request.job_id, "outcome": exc.kind.value,

@@ -16,7 +16,7 @@ from airlock_broker.conversion.file_copy import (
     write_canonical_safetensors,
 )
 from airlock_broker.errors import Reason, error
-from airlock_broker.validation.files import collect_output
+from airlock_broker.validation.files import collect_output, open_regular_file, read_upto
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_canonical import (
@@ -25,7 +25,9 @@ from airlock_broker.validation.safetensors_canonical import (
     with_digest,
 )
 from airlock_broker.validation.safetensors_check import validate_safetensors
-from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
+from airlock_sandbox.contract import MODEL_OUTPUTS, OUTPUT_NAMES, OutputFormat, Target
+from airlock_sandbox.data_files import MAX_DATA_BYTES, encoding_problem
+from airlock_sandbox.formats import ArtifactFormat
 
 #: What a delivery still under check leaves zero (``Delivery.deliver``): a safetensors file's
 #: header length, without which no loader takes the file.
@@ -44,7 +46,7 @@ class ValidatedOutput:
     #: offsets, by kernel copy where it can (blocking: a worker thread). Makes the answer's
     #: file (answers.py), which the caller, the fast path and idempotent retries are served from.
     write_into: Callable[[int], None]
-    #: The validator's findings for a safetensors output (None for ONNX).
+    #: The validator's findings for a safetensors output (None for ONNX and data files).
     safetensors: SafetensorsInfo | None = None
 
     def head(self) -> bytes:
@@ -103,8 +105,10 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
         return OutputFormat.ONNX
     if target is Target.SAFETENSORS:
         return OutputFormat.SAFETENSORS
-    present = [fmt for fmt, name in OUTPUT_NAMES.items() if (out_dir / name).exists()
-               or (out_dir / name).is_symlink()]
+    if target is Target.DATA:
+        return OutputFormat.DATA
+    present = [fmt for fmt in MODEL_OUTPUTS if (out_dir / OUTPUT_NAMES[fmt]).exists()
+               or (out_dir / OUTPUT_NAMES[fmt]).is_symlink()]
     if len(present) != 1:
         raise error(Reason.OUTPUT_INVALID,
                     "the sandbox exited 0 but left no single model file "
@@ -114,16 +118,22 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
 
 async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                           onnx_validator: OnnxValidatorPool, *,
-                          digest: bool = True) -> ValidatedOutput:
+                          digest: bool = True,
+                          kind: ArtifactFormat | None = None) -> ValidatedOutput:
     """Collect the single output file and validate it as hostile data (DESIGN §1.5).
 
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
     the canonical bytes they send back are what the caller receives, hashed here.
     ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
     one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
+    A data file's output (``Target.DATA``; ``kind``: its declared format) is read whole, at
+    most ``MAX_DATA_BYTES``: the caller must then find it to be the input (jobs.py).
     """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
+    if fmt is OutputFormat.DATA:
+        assert kind is not None, "a data file's output is checked as its kind"
+        return await asyncio.to_thread(_data_output, path, kind)
     if fmt is OutputFormat.SAFETENSORS:
         # Reads the header and hashes the data section: off the event loop.
         info = await asyncio.to_thread(validate_safetensors, path, limits, digest=digest)
@@ -135,6 +145,21 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
     return ValidatedOutput(format=fmt, size=len(canonical),
                            sha256=hashlib.sha256(canonical).hexdigest(), path=path,
                            write_into=lambda fd: write_bytes(canonical, fd))
+
+
+def _data_output(path: Path, kind: ArtifactFormat) -> ValidatedOutput:
+    handle, _st = open_regular_file(path)
+    with handle:
+        data = read_upto(handle, MAX_DATA_BYTES + 1)
+    if len(data) > MAX_DATA_BYTES:
+        raise error(Reason.OUTPUT_TOO_LARGE, f"the data file's output is over the "
+                                             f"{MAX_DATA_BYTES}-byte cap for data files")
+    problem = encoding_problem(kind, data)
+    if problem is not None:
+        raise error(Reason.OUTPUT_INVALID, f"the data file's output {problem}")
+    return ValidatedOutput(format=OutputFormat.DATA, size=len(data),
+                           sha256=hashlib.sha256(data).hexdigest(), path=path,
+                           write_into=lambda fd: write_bytes(data, fd))
 
 
 async def same_output(output: ValidatedOutput, twin: ValidatedOutput) -> bool:

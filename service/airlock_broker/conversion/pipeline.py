@@ -20,7 +20,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -196,6 +196,7 @@ class ConversionPipeline:
             output_room = self.runner.rooms.for_job(request.target, occupied)
             room = self._spool_room(request, output_room, occupied)
             decision = self._decide(job, request, spooled, transfer)
+            request = replace(request, target=decision.target_for(request.target))
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,

@@ -1,7 +1,7 @@
 """``tokenizer.model`` checked as what it claims to be: a SentencePiece ``ModelProto``.
 
 Llama-family and T5 directories keep their tokenizer as a serialized protocol buffer, not
-JSON. Before such a file is carried into an output directory it is walked here, on the wire
+JSON. Before such a file is carried into an output directory it is walked, on the wire
 format alone, without building any object from it: every field well-formed and inside the
 file; at the top level only ModelProto's fields (1 ``pieces``; 2 ``trainer_spec``;
 3 ``normalizer_spec``; 4 ``self_test_data``; 5 ``denormalizer_spec``), all length-delimited;

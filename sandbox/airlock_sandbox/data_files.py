@@ -1,0 +1,75 @@
+"""A model directory's plain data files (``config.json``, tokenizer files, a README), checked
+as what they claim to be before they are carried into a converted directory.
+
+Such a file is converted like any artifact, in a sandbox of its own, so that the broker signs
+a provenance record for it: the caller declares its kind (``json``, ``text`` or
+``sentencepiece``: these have no magic bytes, so a declaration is what names them, and bytes
+that look like any artifact format contradict it); the worker checks it with :func:`problem`
+and writes it unchanged; the broker accepts the output only if it is the input, byte for byte
+(conversion/outputs.py). The client runs the same check first, to say before any upload which
+files it will not carry and why (the client's ``_hf_dir``).
+
+A data file runs nothing: ``config.json`` can still steer a loader (``auto_map`` names code
+for ``trust_remote_code``), which is why it is signed with the weights, not why it is refused.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_sandbox.strict_json import StrictJSONError, loads_strict
+
+#: Per data file. Large-vocabulary ``tokenizer.json`` files reach ~35 MB (Gemma's).
+MAX_DATA_BYTES = 64 * 1024 * 1024
+
+#: The declarations that name a data file, and the formats they name.
+KINDS: dict[str, ArtifactFormat] = {
+    "json": ArtifactFormat.DATA_JSON,
+    "text": ArtifactFormat.DATA_TEXT,
+    "sentencepiece": ArtifactFormat.DATA_SENTENCEPIECE,
+}
+
+
+def problem(kind: ArtifactFormat, raw: bytes) -> str | None:
+    """Why ``raw`` is not a file of ``kind`` (None: it is one)."""
+    if len(raw) > MAX_DATA_BYTES:
+        return f"{len(raw)} bytes, over the {MAX_DATA_BYTES}-byte cap for data files"
+    if kind is ArtifactFormat.DATA_SENTENCEPIECE:
+        from airlock_sandbox import sentencepiece
+
+        return sentencepiece.problem(raw)
+    if kind not in (ArtifactFormat.DATA_JSON, ArtifactFormat.DATA_TEXT):
+        return f"{kind.value} is not a data file's kind"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte {exc.start})"
+    if kind is ArtifactFormat.DATA_JSON:
+        try:
+            loads_strict(text)
+        except StrictJSONError as exc:
+            return f"not strict JSON: {str(exc)[:200]}"
+        return None
+    if "\0" in text:
+        return "not text: holds a NUL character"
+    return None
+
+
+def encoding_problem(kind: ArtifactFormat, raw: bytes) -> str | None:
+    """What the broker checks of a data file's output beyond its being the input: that a JSON
+    or text file is UTF-8 without NUL, decoded a MiB at a time (no document is built, so its
+    memory does not grow with the file: the sandbox parsed it)."""
+    if kind is ArtifactFormat.DATA_SENTENCEPIECE:
+        return None
+    if b"\0" in raw:
+        return "holds a NUL byte"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    step = 1024 * 1024
+    try:
+        for start in range(0, len(raw), step):
+            decoder.decode(raw[start:start + step])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return None
