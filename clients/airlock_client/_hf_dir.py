@@ -17,9 +17,10 @@ are not carried. A bundle of another flavor, or of TensorFlow weights, stays an 
 The index is attacker data: size-capped, parsed strictly (no duplicate keys, no ``NaN``), and
 every file it names must be a plain name of a regular file at the top level. The weights are
 never opened here: each is sent to the broker as it is. The data files carried over are read
-once, checked as what they claim to be (strict JSON, UTF-8 text without NUL, or a SentencePiece
-model: :mod:`._sentencepiece`), and those checked bytes are what gets written; anything else
-is skipped with the reason why.
+once and checked as what they claim to be (strict JSON, UTF-8 text without NUL, or a
+SentencePiece model: airlock_sandbox.data_files), so that what is skipped, and why, is known
+before anything is sent; then each goes through the broker (model_dir.py), which must return
+the bytes checked here.
 """
 
 from __future__ import annotations

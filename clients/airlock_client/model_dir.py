@@ -6,7 +6,7 @@ and written beside it. At most ``jobs`` run at once (:func:`airlock_client.batch
 The output is what ``transformers`` writes: ``model.safetensors``, or shards
 ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json`` built from the
 converted files' own headers, plus the plain data files checked as what they claim to be
-(:mod:`._hf_dir`). Code and pickles other than the weights are never carried over.
+(:mod:`._hf_dir`, then their sandboxes). Code and pickles other than the weights are never carried over.
 
 Everything is written into a temporary directory beside the destination and renamed into
 place at the end: a shard that fails fails the directory with that shard's reason (the batch
@@ -14,8 +14,9 @@ stops starting shards; those in flight finish), and no partial output is left be
 
 The index, derived from the shards' headers, gets a signed record of its own: the broker
 checks it against the shards' records (``Client.attest_index``: every file named, each
-file's tensor names, the total size) before it signs. The carried data files have none: the
-broker never sees them.
+file's tensor names, the total size) before it signs. Each carried data file goes through
+the broker too, before the shards, declared as its kind (airlock_sandbox.data_files): its
+sandbox checks it, the broker returns it unchanged and signs a record for it.
 """
 
 from __future__ import annotations
