@@ -285,6 +285,7 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
         out = tmp / data.name
         _bundle.check_unchanged(data.source)
         result = client.convert(data.source.path, out, declared_format=_DECLARED[data.kind],
+                                loading_policy="safe_only",  # nothing in it is loaded
                                 job_timeout=job_timeout, on_busy=on_busy,
                                 subject=f"{subject}/{data.name}" if subject else "")
         if result.sha256 != hashlib.sha256(data.data).hexdigest():

@@ -414,6 +414,7 @@ class FakeClient:
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name
         if kwargs.get("declared_format") in ("json", "text", "sentencepiece"):
+            assert kwargs["loading_policy"] == "safe_only"
             return self._carry(Path(artifact), Path(output), kwargs["declared_format"])
         with self._lock:
             self.calls.append(name)
