@@ -6,7 +6,8 @@ and written beside it. At most ``jobs`` run at once (:func:`airlock_client.batch
 The output is what ``transformers`` writes: ``model.safetensors``, or shards
 ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json`` built from the
 converted files' own headers, plus the plain data files checked as what they claim to be
-(:mod:`._hf_dir`, then their sandboxes). Code and pickles other than the weights are never carried over.
+(:mod:`._hf_dir`, then their sandboxes). Code and pickles other than the weights are never
+carried over.
 
 Everything is written into a temporary directory beside the destination and renamed into
 place at the end: a shard that fails fails the directory with that shard's reason (the batch
