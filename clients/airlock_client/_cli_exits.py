@@ -7,6 +7,8 @@
 3     the service is unreachable or unavailable
 4     not authenticated, or not authorized for this operation
 130   convert: interrupted (Ctrl-C), as a shell reports a command that SIGINT ended
+141   whatever read the output left before it was written (``airlock ... | head``), as a
+      shell reports a command that SIGPIPE ended; the work itself was done
 ====  =====================================================
 
 ``airlock migrate`` adds 5 (nothing to do); its table is in ``_migrate_cli``.
@@ -36,6 +38,9 @@ EXIT_DENIED: Final = 4
 #: 128 + SIGINT: what a shell reports for a command that Ctrl-C ended, so that scripts and
 #: `set -e` treat it as they treat any other interrupted command.
 EXIT_INTERRUPTED: Final = 130
+#: 128 + SIGPIPE: the reader of stdout went away (``| head``). Python ignores SIGPIPE, so
+#: without this a write there would end in a BrokenPipeError traceback.
+EXIT_READER_GONE: Final = 141
 
 
 #: ``reason`` in the ``--json`` object of a command line that cannot run, and of Ctrl-C.

@@ -13,6 +13,7 @@ only to say where they went.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from airlock_client._cli_exits import (
     EXIT_DENIED,
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_READER_GONE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     interrupted,
@@ -261,6 +263,39 @@ def _add_migrate_parser(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a reader of its output that left early (``| head``) ends it quietly
+    with ``EXIT_READER_GONE``, whatever was done is done (a converted directory stays)."""
+    try:
+        code = _run(argv)
+    except BrokenPipeError:
+        return _reader_gone()
+    except SystemExit:  # argparse: --help, a usage error
+        if not _flushed():
+            raise SystemExit(_reader_gone()) from None
+        raise
+    return code if _flushed() else _reader_gone()
+
+
+def _flushed() -> bool:
+    """Whether stdout took what is buffered: it is flushed here, not at the interpreter's
+    exit, where a reader gone would print a traceback-like warning."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
+
+
+def _reader_gone() -> int:
+    """stdout pointed at /dev/null, so nothing written to it later fails again (the
+    interpreter flushes it on exit); the exit code a shell gives a SIGPIPE'd command."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if _moved(args):
