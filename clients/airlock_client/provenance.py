@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,17 +329,21 @@ def provenance_path(output: str | os.PathLike[str]) -> Path:
 
 
 def write_provenance(output: Path, envelope: bytes) -> Path:
-    """Write ``<output>.provenance.json`` atomically (temp file in the same dir, rename)."""
+    """Write ``<output>.provenance.json`` atomically (a locked temporary file beside it,
+    renamed; one a killed run left is removed: _part_files.py)."""
+    from airlock_client import _part_files
+
     target = provenance_path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    part = _part_files.new_file(target)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(part.fd, "wb") as fh:
             fh.write(envelope)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, target)
+        os.chmod(part.path, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
+        os.replace(part.path, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(part.path)
+        part.release()
     return target
 
 

@@ -166,3 +166,19 @@ def test_exchange_swaps_two_names_in_one_step(tmp_path: Path) -> None:
     assert (new / "model.safetensors").read_text() == "old"
     with pytest.raises(FileNotFoundError):
         _part_files.exchange(tmp_path / "missing", old)
+
+
+def test_a_provenance_record_a_killed_run_was_writing_goes_with_the_next_one(
+        tmp_path: Path) -> None:
+    """``write_provenance`` writes through the same locked temporary files: what a run killed
+    between creating ``.NAME.provenance.json.XXXXXXXX.part`` and renaming it left is removed
+    by the next record written for that output (before, nothing ever removed it)."""
+    from airlock_client.provenance import write_provenance
+
+    output = tmp_path / "model.safetensors"
+    left = _left(tmp_path, ".model.safetensors.provenance.json.k3j2h1g0.part")
+    other = _left(tmp_path, ".other.safetensors.provenance.json.k3j2h1g0.part")
+    written = write_provenance(output, b'{"signed": true}')
+    assert written.read_bytes() == b'{"signed": true}'
+    assert not left.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, written.name]
