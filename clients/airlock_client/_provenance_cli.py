@@ -25,6 +25,7 @@ from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
 from airlock_client.provenance import (
+    DATA_FORMAT,
     INDEX_KIND,
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
@@ -43,9 +44,10 @@ def run_verify(args: argparse.Namespace) -> int:
     directory = args.file.is_dir()
     if not directory and not args.file.is_file():
         return _usage("verify", f"{args.file} is not a readable file or directory")
-    if directory and (args.provenance, args.source_sha256) != (None, None):
-        return _usage("verify", "--provenance and --source-sha256 apply to one file; a "
-                      "directory's files are each checked against their own record")
+    if directory and (args.provenance, args.source_sha256, args.data_file) != (None, None,
+                                                                                False):
+        return _usage("verify", "--provenance, --source-sha256 and --data-file apply to one "
+                      "file; a directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
     source = "pinned"
@@ -73,7 +75,7 @@ def run_verify(args: argparse.Namespace) -> int:
         return _verify_directory(args, key, source)
     try:
         envelope = _read_provenance(prov_path)
-        record = verify(args.file, envelope, key)
+        record = verify(args.file, envelope, key, data_file=args.data_file)
         if (args.subject, args.source_sha256, args.principal) != (None, None, None):
             check_source(record, subject=args.subject, sha256=args.source_sha256,
                          principals=args.principal)
@@ -197,6 +199,9 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
     if record.kind == INDEX_KIND:
         _print_index(record)
         return
+    if record.output_format == DATA_FORMAT:
+        print(f"  a data file: checked as {t(record.declared_format)} in its sandbox and "
+              "carried unchanged; not a model")
     print(f"  input      sha256 {t(record.input_sha256)}, {t(record.input_size)} bytes, "
           f"detected {t(record.detected_format)}"
           + (f" (declared {t(record.declared_format)})" if record.declared_format else ""))

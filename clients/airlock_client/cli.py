@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,6 +194,11 @@ def _add_verify_parser(sub: Any) -> None:
                                "the input was, e.g. models:/fraud/3), exactly")
     verify_p.add_argument("--source-sha256", default=None, metavar="HEX",
                           help="require this input sha256 (the bytes the broker converted)")
+    verify_p.add_argument("--data-file", action="store_true",
+                          help="FILE is a data file carried with a converted model directory "
+                               "(config.json, a tokenizer): accept a data file's record, and "
+                               "only that (a model's record never passes for one, nor the "
+                               "other way round)")
     verify_p.add_argument("--principal", action="append", default=None, metavar="NAME",
                           help="require one of these broker principals to have asked for it "
                                "(repeatable)")
@@ -268,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(argv)
     except BrokenPipeError:
+        if not _stdout_gone():  # another pipe or socket: not the reader of our output
+            raise
         return _reader_gone()
     except SystemExit:  # argparse: --help, a usage error
         if not _flushed():
@@ -286,12 +294,27 @@ def _flushed() -> bool:
     return True
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (the kernel says so: POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (replaced, closed)
+        return False
+
+
 def _reader_gone() -> int:
     """stdout pointed at /dev/null, so nothing written to it later fails again (the
     interpreter flushes it on exit); the exit code a shell gives a SIGPIPE'd command."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no descriptor to point elsewhere
+        pass
     return EXIT_READER_GONE
 
 

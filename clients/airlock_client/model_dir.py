@@ -280,7 +280,7 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
     its sandbox checks it and the broker returns it unchanged, with a signed record written
     beside it. First, because they are small: a file the broker refuses fails the directory
     before any shard is sent."""
-    from airlock_client.provenance import write_provenance
+    from airlock_client.provenance import file_subject, write_provenance
 
     def work(data: DataFile) -> None:
         out = tmp / data.name
@@ -288,7 +288,7 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
         result = client.convert(data.source.path, out, declared_format=_DECLARED[data.kind],
                                 loading_policy="safe_only",  # nothing in it is loaded
                                 job_timeout=job_timeout, on_busy=on_busy,
-                                subject=f"{subject}/{data.name}" if subject else "")
+                                subject=file_subject(subject, data.name))
         if result.sha256 != hashlib.sha256(data.data).hexdigest():
             raise _bundle.refuse(f"{data.name} changed while being carried")
         write_provenance(out, result.provenance)
@@ -309,7 +309,7 @@ def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: 
                     progress: Callable[[DirectoryProgress], None] | None,
                     loading_policy: LoadingPolicy, job_timeout: int, on_busy: OnBusy | None,
                     subject: str) -> list[ShardResult]:
-    from airlock_client.provenance import write_provenance
+    from airlock_client.provenance import file_subject, write_provenance
 
     def work(shard: Shard) -> ShardResult:
         out = tmp / shard.output_name
@@ -318,7 +318,7 @@ def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: 
         _bundle.check_unchanged(shard.source)
         result = client.convert(shard.source.path, out, target="safetensors",
                                 loading_policy=loading_policy, job_timeout=job_timeout,
-                                on_busy=on_busy, subject=_shard_subject(subject, shard))
+                                on_busy=on_busy, subject=file_subject(subject, shard.source.name))
         if result.input_size != shard.source.size:
             raise _bundle.refuse(f"{shard.source.name} changed while being converted")
         header = _st_header.read_header(out)
@@ -473,16 +473,6 @@ def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:
     result = ConversionResult(**{**shard.result.__dict__, "output": dest / shard.output})
     return ShardResult(shard.source, shard.output, result, shard.tensors, shard.data_bytes,
                        shard.deduplicated, dest / shard.provenance.relative_to(tmp))
-
-
-def _shard_subject(subject: str, shard: Shard) -> str:
-    if not subject:
-        return ""
-    from airlock_client.provenance import MAX_SUBJECT, escape_subject
-
-    out = subject + "/" + "".join(escape_subject(ch) for ch in shard.source.name)
-    # Clipped at the front, as the CLI clips a long path: the end says the most.
-    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
 
 
 __all__ = ["DEFAULT_JOBS", "DIRECTORY_POLICY", "INDEX_MISMATCH", "DirectoryProgress",

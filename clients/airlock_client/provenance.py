@@ -62,8 +62,11 @@ MAX_PROVENANCE_BYTES = 256 * 1024
 #: The broker refuses a longer subject (airlock_broker.api.wire.MAX_SUBJECT).
 MAX_SUBJECT = 1024
 SUFFIX = ".provenance.json"
-#: The ``kind`` of a sharded directory index's record.
+#: The ``kind`` of one job's record, and of a sharded directory index's.
+CONVERSION_KIND = "conversion"
 INDEX_KIND = "safetensors_index"
+#: A data file's output format: carried unchanged with a model directory (model_dir.py).
+DATA_FORMAT = "data"
 _READ = 1024 * 1024
 
 PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey
@@ -118,7 +121,7 @@ class ProvenanceRecord:
     #: "conversion" (one job's output), or "safetensors_index": a sharded directory's index,
     #: checked by the broker against its shards' records, which ``shards`` lists (file_name,
     #: sha256, job_id, tensors, data_bytes, assurance); the job fields above are then empty.
-    kind: str = "conversion"
+    kind: str = CONVERSION_KIND
     shards: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -156,10 +159,13 @@ def fingerprint(key: PublicKeyLike) -> str:
 
 
 def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
-           public_key: PublicKeyLike) -> ProvenanceRecord:
+           public_key: PublicKeyLike, *, data_file: bool = False) -> ProvenanceRecord:
     """Verify ``provenance`` with ``public_key``, then that it describes ``file_or_bytes``.
 
     ``file_or_bytes`` is the output's content (``bytes``) or a path to it (read once, hashed).
+    ``data_file``: it is a data file carried with a model directory (``config.json``, a
+    tokenizer), whose record is a data file's; else its record must be a converted model's
+    (or an index's): see :func:`check_kind`.
     """
     record = verify_envelope(provenance, public_key)
     if isinstance(file_or_bytes, bytes):
@@ -167,7 +173,36 @@ def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
     else:
         sha, size = _hash_file(Path(file_or_bytes))
     check_output(record, sha256=sha, size=size)
+    check_kind(record, data_file=data_file)
     return record
+
+
+def check_kind(record: ProvenanceRecord, *, data_file: bool = False) -> None:
+    """Raise ``OUTPUT_KIND`` unless the record is of what the caller expects: a data file
+    (``data_file``) or a model, never one for the other. The broker signs a data file as the
+    bytes it was given once its sandbox checked them as JSON, text or a SentencePiece model;
+    a text file may be anything printable, a script or a protocol-0 pickle among them. So a
+    data file's valid signature says nothing about a file that is to be loaded as a model."""
+    if (record.output_format == DATA_FORMAT) == data_file:
+        return
+    if data_file:
+        raise ProvenanceError("OUTPUT_KIND", f"the record is a converted model's "
+                                             f"({record.output_format[:20]}), not a data file's")
+    raise ProvenanceError(
+        "OUTPUT_KIND", f"the record is a data file's (declared "
+                       f"{record.declared_format[:20] or 'nothing'}, carried unchanged with a "
+                       "model directory), not a converted model's: check it with its directory "
+                       "(airlock verify DIR), or alone as a data file (--data-file)")
+
+
+def file_subject(subject: str, name: str) -> str:
+    """What a directory's file is signed as: ``SUBJECT/NAME`` (the name escaped), clipped at
+    the front when too long, as the CLI clips a long path (the end says the most); "" for
+    no subject. ``convert DIR`` signs every shard and data file so; ``verify DIR`` expects it."""
+    if not subject:
+        return ""
+    out = subject + "/" + "".join(escape_subject(ch) for ch in name)
+    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
 
 
 def verify_envelope(provenance: bytes, public_key: PublicKeyLike) -> ProvenanceRecord:

@@ -30,6 +30,8 @@ from typing import BinaryIO
 
 from airlock_client import _hf_dir
 from airlock_client.provenance import (
+    CONVERSION_KIND,
+    DATA_FORMAT,
     INDEX_KIND,
     MAX_PROVENANCE_BYTES,
     SUFFIX,
@@ -39,11 +41,10 @@ from airlock_client.provenance import (
     check_output,
     check_source,
     digest_of,
+    file_subject,
     verify_envelope,
 )
 
-#: A data file's output format in its record (the broker's OutputFormat.DATA).
-DATA = "data"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -108,12 +109,16 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
             raise ProvenanceError("PROVENANCE_MISSING", f"{name}, listed by the index's "
                                   "record, is missing")
         record = _verified(dir_fd, name, key)
+        if record.output_format != "safetensors" or record.kind != CONVERSION_KIND:
+            raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a safetensors "
+                                  f"conversion's (output {record.output_format[:20]!r})")
         if name in listed and (record.output_sha256, record.job_id) != listed[name]:
             raise ProvenanceError("OUTPUT_MISMATCH", f"{name} is not the shard the index's "
                                   "record lists (another conversion's shard, signed on its "
                                   "own, was put in its place)")
         files.append((name, record))
-    carried = [(name, _carried(dir_fd, name, key))
+    whole = index if index is not None else files[0][1]
+    carried = [(name, _carried(dir_fd, name, key, whole))
                for name in sorted(names & _hf_dir.CARRIED_FILES)]
     signed = (set(weights) | {n for n, _ in carried}
               | ({_hf_dir.SAFE_WEIGHTS_INDEX} if index is not None else set()))
@@ -131,15 +136,40 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
     return VerifiedDirectory(root, tuple(files), index, tuple(carried))
 
 
-def _carried(dir_fd: int, name: str, key: PublicKeyLike) -> ProvenanceRecord:
-    """A carried data file's record, checked against the file and its kind."""
+def _carried(dir_fd: int, name: str, key: PublicKeyLike,
+             whole: ProvenanceRecord) -> ProvenanceRecord:
+    """A carried data file's record, checked against the file, its kind, and the directory
+    it was signed as part of (``whole``: the index's record, or the one weights file's)."""
     record = _verified(dir_fd, name, key)
     kind = _hf_dir.kind_of(name).value
-    if record.output_format != DATA or record.declared_format != kind:
+    if record.output_format != DATA_FORMAT or record.declared_format != kind:
         raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a {kind} data "
                               f"file's (output {record.output_format[:20]!r}, declared "
                               f"{record.declared_format[:20]!r})")
+    if not _same_directory(whole, record.subject, name):
+        raise ProvenanceError(
+            "OUTPUT_MISMATCH", f"{name} was signed as part of another directory (subject "
+                               f"{record.subject[-200:]!r}; this one's is "
+                               f"{whole.subject[-200:]!r}): another conversion's data file "
+                               "was put in its place")
     return record
+
+
+def _same_directory(whole: ProvenanceRecord, subject: str, name: str) -> bool:
+    """Whether a data file's signed ``subject`` is what ``convert DIR`` signs ``name`` as in
+    the directory ``whole`` describes (provenance.file_subject). An index's subject is the
+    directory's; the one weights file's is the directory's with its source file's name after
+    it. A subject clipped at the front (a long path) is compared on what both still hold."""
+    directory = whole.subject
+    if whole.kind != INDEX_KIND:
+        directory = directory.rpartition("/")[0] if "/" in directory else ""
+    expected = file_subject(directory, name)
+    if subject == expected:
+        return True
+    if not (expected.startswith("…") or subject.startswith("…")):
+        return False
+    mine, theirs = expected.lstrip("…"), subject.lstrip("…")
+    return bool(mine and theirs) and (mine.endswith(theirs) or theirs.endswith(mine))
 
 
 def _entries(dir_fd: int, root: Path) -> set[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 
-from airlock_sandbox.formats import ArtifactFormat
+from airlock_sandbox.formats import DATA_FORMATS, PREFIX_BYTES, ArtifactFormat, detect_prefix
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 #: Per data file. Large-vocabulary ``tokenizer.json`` files reach ~35 MB (Gemma's).
@@ -33,14 +33,17 @@ KINDS: dict[str, ArtifactFormat] = {
 
 def problem(kind: ArtifactFormat, raw: bytes) -> str | None:
     """Why ``raw`` is not a file of ``kind`` (None: it is one)."""
+    if kind not in DATA_FORMATS:
+        return f"{kind.value} is not a data file's kind"
     if len(raw) > MAX_DATA_BYTES:
         return f"{len(raw)} bytes, over the {MAX_DATA_BYTES}-byte cap for data files"
+    looks = detect_prefix(raw[:PREFIX_BYTES], len(raw))
+    if looks is not ArtifactFormat.UNKNOWN:  # what the broker refuses from the same bytes
+        return f"its leading bytes are those of {looks.value}"
     if kind is ArtifactFormat.DATA_SENTENCEPIECE:
         from airlock_sandbox import sentencepiece
 
         return sentencepiece.problem(raw)
-    if kind not in (ArtifactFormat.DATA_JSON, ArtifactFormat.DATA_TEXT):
-        return f"{kind.value} is not a data file's kind"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

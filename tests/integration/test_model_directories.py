@@ -136,6 +136,11 @@ def test_a_directory_verifies_as_a_whole_and_a_swapped_shard_does_not(
     assert carried["config.json"]["declared_format"] == "json"
     assert carried["tokenizer.model"]["declared_format"] == "sentencepiece"
     assert carried["config.json"]["assurance"] == "integrity_verified"
+    # Alone, a data file's record passes only as a data file's: a model's check refuses it.
+    alone = run_cli("verify", str(out / "config.json"), "--json", server=broker.address)
+    assert alone.returncode == 1 and json.loads(alone.stdout)["reason"] == "OUTPUT_KIND"
+    alone = run_cli("verify", str(out / "config.json"), "--data-file", server=broker.address)
+    assert alone.returncode == 0 and "a data file: checked as json" in alone.stdout, alone
 
     # A config.json changed after the conversion steers loading and is no longer what was
     # signed (it was listed unsigned, and the directory verified, before data files had

@@ -39,3 +39,14 @@ def test_a_commands_report_to_a_reader_gone_ends_quietly(tmp_path: Path) -> None
     done = _to_a_reader_gone("verify", str(tmp_path / "model.safetensors"), "--json",
                              "--public-key", str(key))
     _quiet(done)
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_not_hidden() -> None:
+    """Another pipe or socket failing (an output FIFO whose reader left, a peer gone) is an
+    error of the command, reported as such; stdout's reader is still there."""
+    code = ("import sys\nfrom airlock_client import cli\n"
+            "def run(argv):\n    raise BrokenPipeError(32, 'a socket of the command')\n"
+            "cli._run = run\nsys.exit(cli.main([]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 1 and "a socket of the command" in done.stderr, done

@@ -20,7 +20,14 @@ from airlock_broker.conversion.format_decision import decide
 from airlock_broker.errors import AirlockError
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_client import Client, ConversionError
-from airlock_client.provenance import verify_envelope
+from airlock_client.provenance import (
+    ProvenanceError,
+    file_subject,
+    verify,
+    verify_envelope,
+    write_provenance,
+)
+from airlock_client.verify_dir import verify_directory
 from airlock_sandbox import data_files
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat, Target, WorkerExit
 from airlock_sandbox.formats import PREFIX_BYTES, ArtifactFormat
@@ -49,6 +56,9 @@ SAFETENSORS = struct.pack("<Q", len(_HEADER)) + _HEADER + b"\0" * 4
     (F.DATA_SENTENCEPIECE, SPIECE, None),
     (F.DATA_SENTENCEPIECE, CONFIG, "not a SentencePiece model"),
     (F.PICKLE, PICKLE, "not a data file's kind"),
+    # what the broker refuses from its leading bytes, the client skips rather than sends
+    (F.DATA_TEXT, b"x^2 is a square\n", "leading bytes are those of joblib"),
+    (F.DATA_TEXT, PICKLE, "leading bytes are those of pickle"),
 ])
 def test_each_kind_is_checked_as_what_it_claims(kind: ArtifactFormat, raw: bytes,
                                                 why: str | None) -> None:
@@ -208,12 +218,15 @@ def test_a_data_file_comes_back_unchanged_with_its_own_record(
     (_model_instead, "json", "unexpected entry 'model.safetensors'"),
     # ...and a model job never one (here: safetensors, whose job is a plain conversion)
     (_data_instead, None, "left no single model file"),
+    # the input itself, unchanged, but not UTF-8: the broker's own check of the output
+    (_copy, "text", "not UTF-8"),
 ])
 def test_a_sandbox_that_leaves_anything_else_is_refused(
         config: BrokerConfig, tmp_path: Path, behaviour: object, declared: str | None,
         said: str) -> None:
     source = tmp_path / "artifact"
-    source.write_bytes(CONFIG if declared else SAFETENSORS)
+    source.write_bytes({"json": CONFIG, "text": b"caf\xe9 au lait\n"}.get(declared or "",
+                                                                         SAFETENSORS))
     backend = FakeSandbox(config.spool_root, behaviour)  # type: ignore[arg-type]
     with running_broker(config, backend) as running, \
             Client(f"127.0.0.1:{running.port}") as client, \
@@ -232,3 +245,108 @@ def test_a_data_file_asked_for_as_a_model_is_a_bad_request(
         client.convert(source, tmp_path / "out", declared_format="json", target="onnx")
     assert caught.value.reason == "BAD_REQUEST" and "target onnx" in caught.value.message
     assert backend.specs == []  # refused before any sandbox
+
+
+# -- a data file's signature never passes for a model's, nor one directory's for another's --
+
+
+def _either(spec: JobSpec, data: bytes, out: Path) -> int:
+    """A data job copies its input; a safetensors job writes the one safetensors file."""
+    if spec.target is Target.DATA:
+        return _copy(spec, data, out)
+    (out / OUTPUT_NAMES[OutputFormat.SAFETENSORS]).write_bytes(SAFETENSORS)
+    return 0
+
+
+@pytest.fixture
+def signing(config: BrokerConfig) -> Iterator[tuple[Client, bytes]]:
+    backend = FakeSandbox(config.spool_root, _either)
+    with running_broker(config, backend) as running, \
+            Client(f"127.0.0.1:{running.port}") as client:
+        yield client, client.provenance_key().public_key_pem.encode()
+
+
+def _signed(client: Client, data: bytes, where: Path, declared: str | None,
+            subject: str) -> tuple[bytes, bytes]:
+    """``data`` converted as ``declared``: the output's bytes and its record."""
+    source = where.with_suffix(".in")
+    source.write_bytes(data)
+    result = client.convert(source, where, declared_format=declared,  # type: ignore[arg-type]
+                            subject=subject)
+    return where.read_bytes(), result.provenance
+
+
+def test_a_protocol_0_pickle_signed_as_text_never_verifies_as_a_model(
+        signing: tuple[Client, bytes], tmp_path: Path) -> None:
+    """A text file may be anything printable: a protocol-0 pickle has no magic bytes, so the
+    broker signs it as the text it was declared to be. That signature must say nothing to
+    whoever checks a file they are about to load as a model."""
+    client, key = signing
+    pickle0 = pickle.dumps({"a": 1}, protocol=0)
+    assert pickle0[:1] != b"\x80"  # not what the leading bytes name
+    data, record = _signed(client, pickle0, tmp_path / "vocab.txt", "text", "")
+    with pytest.raises(ProvenanceError) as caught:
+        verify(data, record, key)
+    assert caught.value.reason == "OUTPUT_KIND" and "declared text" in caught.value.message
+    assert verify(data, record, key, data_file=True).declared_format == "text"
+    model, model_record = _signed(client, SAFETENSORS, tmp_path / "m.safetensors", None, "")
+    assert verify(model, model_record, key).output_format == "safetensors"
+    with pytest.raises(ProvenanceError) as caught:
+        verify(model, model_record, key, data_file=True)
+    assert caught.value.reason == "OUTPUT_KIND"
+
+
+def _directory(client: Client, root: Path, subject: str) -> Path:
+    """An unsharded converted directory as ``convert DIR`` writes it."""
+    root.mkdir()
+    for name, data, declared, source in (
+            ("model.safetensors", SAFETENSORS, None, "pytorch_model.bin"),
+            ("config.json", CONFIG, "json", "config.json")):
+        _, record = _signed(client, data, root / name, declared, file_subject(subject, source))
+        write_provenance(root / name, record)
+        (root / name).with_suffix(".in").unlink()
+    return root
+
+
+def _replace(root: Path, name: str, data: bytes, record: bytes) -> None:
+    (root / name).write_bytes(data)
+    write_provenance(root / name, record)
+
+
+@pytest.mark.parametrize("case", ["declared_as_text", "another_directory", "data_as_weights"])
+def test_a_directory_holds_each_file_to_its_kind_and_to_the_directory(
+        signing: tuple[Client, bytes], tmp_path: Path, case: str) -> None:
+    client, key = signing
+    root = _directory(client, tmp_path / "llama-safe", "/models/llama")
+    checked = verify_directory(root, key)
+    assert [n for n, _ in checked.carried] == ["config.json"]
+    other = tmp_path / "other"
+    other.mkdir()
+    if case == "declared_as_text":  # the same bytes, validly signed, as another kind
+        data, record = _signed(client, CONFIG, other / "c", "text",
+                               file_subject("/models/llama", "config.json"))
+        _replace(root, "config.json", data, record)
+        said = "not a json data file's"
+    elif case == "another_directory":  # another conversion's config.json, validly signed
+        data, record = _signed(client, CONFIG.replace(b"8", b"9"), other / "c", "json",
+                               file_subject("/models/evil", "config.json"))
+        _replace(root, "config.json", data, record)
+        said = "signed as part of another directory"
+    else:  # a data file's bytes and record where the weights go
+        data, record = _signed(client, CONFIG, other / "c", "json",
+                               file_subject("/models/llama", "pytorch_model.bin"))
+        _replace(root, "model.safetensors", data, record)
+        said = "not a safetensors conversion's"
+    with pytest.raises(ProvenanceError) as caught:
+        verify_directory(root, key)
+    assert caught.value.reason == "OUTPUT_MISMATCH" and said in caught.value.message, caught.value
+
+
+@pytest.mark.parametrize("length", [10, 1000, 1024])
+def test_a_long_directory_subject_binds_its_data_files_too(
+        signing: tuple[Client, bytes], tmp_path: Path, length: int) -> None:
+    """A subject clipped at the front (a long path) still ties the data files to it."""
+    client, key = signing
+    subject = "/" + "d" * (length - 1)
+    root = _directory(client, tmp_path / "m", subject)
+    assert verify_directory(root, key).carried

@@ -33,6 +33,7 @@ from airlock_client import (
 )
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client.model_dir import INDEX_MISMATCH, ModelDirError, convert_directory
+from airlock_client.provenance import MAX_SUBJECT, check_subject
 
 INDEX = _hf_dir.WEIGHTS_INDEX
 
@@ -406,6 +407,7 @@ class FakeClient:
         self.closed = False
         self.asked_jobs: list[str] = []
         self.carried: list[tuple[str, str]] = []
+        self.subjects: list[str] = []
         self._lock = threading.Lock()
 
     def close(self) -> None:  # what a second Ctrl-C calls (batch.run_bounded's abandon)
@@ -413,6 +415,7 @@ class FakeClient:
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
         name = Path(artifact).name
+        self.subjects.append(check_subject(kwargs.get("subject", "")))  # as Client.convert
         if kwargs.get("declared_format") in ("json", "text", "sentencepiece"):
             assert kwargs["loading_policy"] == "safe_only"
             return self._carry(Path(artifact), Path(output), kwargs["declared_format"])
@@ -803,3 +806,17 @@ def test_a_data_file_that_changed_after_it_was_checked_is_refused(tmp_path: Path
         convert_directory(Rewriting(GOOD), src, tmp_path / "out",  # type: ignore[arg-type]
                           jobs=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_subject_as_long_as_allowed_still_names_every_file(tmp_path: Path) -> None:
+    """Each shard and data file is signed as SUBJECT/NAME, clipped at the front when that is
+    too long (as the CLI clips a long path): a subject of the longest length allowed fails
+    nothing (a data file's was sent unclipped, and refused)."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    client = FakeClient(GOOD)
+    convert_directory(client, src, tmp_path / "out", jobs=1,  # type: ignore[arg-type]
+                      subject="/" + "x" * (MAX_SUBJECT - 1))
+    assert len(client.subjects) == len(SHARDS) + 1
+    assert all(len(s) == MAX_SUBJECT and s.startswith("…") for s in client.subjects)
+    assert sorted(s.rpartition("/")[2] for s in client.subjects) == sorted(
+        ["config.json", *SHARDS])

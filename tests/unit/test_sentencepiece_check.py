@@ -85,4 +85,4 @@ def test_the_directory_reader_carries_it_or_says_why_not(tmp_path: Path, model: 
     found = _hf_dir.inspect(root)
     assert [(d.name, d.data) for d in found.data_files] == [("tokenizer.model", model)]
     skipped = {s.name: s.why for s in found.skipped}
-    assert skipped["spiece.model"].startswith("not a SentencePiece model")
+    assert skipped["spiece.model"] == "its leading bytes are those of pickle"

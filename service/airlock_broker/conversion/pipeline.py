@@ -42,7 +42,8 @@ from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_sandbox.policy import SandboxPolicy
 
 log = logging.getLogger(__name__)
-_FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors"}
+_FORMAT_NAMES = {pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors",
+                 pb.TARGET_FORMAT_DATA: "data"}
 
 
 class Edge(Protocol):
@@ -197,6 +198,7 @@ class ConversionPipeline:
             room = self._spool_room(request, output_room, occupied)
             decision = self._decide(job, request, spooled, transfer)
             request = replace(request, target=decision.target_for(request.target))
+            job.record.set(target=request.target.value)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,
