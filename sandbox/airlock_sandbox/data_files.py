@@ -59,20 +59,40 @@ def problem(kind: ArtifactFormat, raw: bytes) -> str | None:
     return None
 
 
-def encoding_problem(kind: ArtifactFormat, raw: bytes) -> str | None:
-    """What the broker checks of a data file's output beyond its being the input: that a JSON
-    or text file is UTF-8 without NUL, decoded a MiB at a time (no document is built, so its
+class EncodingCheck:
+    """What the broker checks of a data file's output beyond its being the input, fed a block
+    at a time: a JSON or text file is UTF-8 without NUL (no document is built, so the check's
     memory does not grow with the file: the sandbox parsed it)."""
-    if kind is ArtifactFormat.DATA_SENTENCEPIECE:
-        return None
-    if b"\0" in raw:
-        return "holds a NUL byte"
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    step = 1024 * 1024
-    try:
-        for start in range(0, len(raw), step):
-            decoder.decode(raw[start:start + step])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return "not UTF-8"
-    return None
+
+    def __init__(self, kind: ArtifactFormat) -> None:
+        self._decoder = (None if kind is ArtifactFormat.DATA_SENTENCEPIECE
+                         else codecs.getincrementaldecoder("utf-8")())
+        self._problem: str | None = None
+
+    def feed(self, block: bytes) -> None:
+        if self._decoder is None or self._problem is not None:
+            return
+        if b"\0" in block:
+            self._problem = "holds a NUL byte"
+            return
+        try:
+            self._decoder.decode(block)
+        except UnicodeDecodeError:
+            self._problem = "not UTF-8"
+
+    def problem(self) -> str | None:
+        """Why what was fed is not what its kind must be (None: it is); call once, at the end."""
+        if self._decoder is not None and self._problem is None:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self._problem = "not UTF-8"
+        return self._problem
+
+
+def encoding_problem(kind: ArtifactFormat, raw: bytes, step: int = 1024 * 1024) -> str | None:
+    """``EncodingCheck`` of ``raw``, fed ``step`` bytes at a time."""
+    check = EncodingCheck(kind)
+    for start in range(0, len(raw), step):
+        check.feed(raw[start:start + step])
+    return check.problem()

@@ -45,11 +45,22 @@ def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> 
 def open_validated(path: Path, info: SafetensorsInfo) -> BinaryIO:
     """``path`` opened for reading, if it is still the file validation described: an open
     file stays readable after its mount is lazily unmounted (a destroyed slot's)."""
+    return open_identical(path, info.source)
+
+
+def open_identical(path: Path, identity: FileIdentity) -> BinaryIO:
+    """``path`` opened for reading, if it is still the file ``identity`` describes."""
     handle, st = open_regular_file(path)
-    if FileIdentity.of(st) != info.source:
+    if FileIdentity.of(st) != identity:
         handle.close()
         raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")
     return handle
+
+
+def copy_identical(path: Path, identity: FileIdentity, dst: int) -> None:
+    """The file ``identity`` describes, whole, into ``dst`` (``copy_file``)."""
+    with open_identical(path, identity) as handle:
+        copy_file(handle.fileno(), dst, identity.size)
 
 
 def write_canonical_from(handle: BinaryIO, info: SafetensorsInfo, dst: int) -> None:

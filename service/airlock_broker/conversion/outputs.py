@@ -10,23 +10,28 @@ from pathlib import Path
 from typing import Protocol
 
 from airlock_broker.conversion.file_copy import (
+    BLOCK_BYTES,
+    copy_file,
+    copy_identical,
+    open_identical,
     open_validated,
     write_bytes,
     write_canonical_from,
     write_canonical_safetensors,
 )
 from airlock_broker.errors import Reason, error
-from airlock_broker.validation.files import collect_output, open_regular_file, read_upto
+from airlock_broker.validation.files import collect_output, open_regular_file
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_canonical import (
+    FileIdentity,
     SafetensorsInfo,
     same_canonical,
     with_digest,
 )
 from airlock_broker.validation.safetensors_check import validate_safetensors
 from airlock_sandbox.contract import MODEL_OUTPUTS, OUTPUT_NAMES, OutputFormat, Target
-from airlock_sandbox.data_files import MAX_DATA_BYTES, encoding_problem
+from airlock_sandbox.data_files import MAX_DATA_BYTES, EncodingCheck
 from airlock_sandbox.formats import ArtifactFormat
 
 #: What a delivery still under check leaves zero (``Delivery.deliver``): a safetensors file's
@@ -48,6 +53,8 @@ class ValidatedOutput:
     write_into: Callable[[int], None]
     #: The validator's findings for a safetensors output (None for ONNX and data files).
     safetensors: SafetensorsInfo | None = None
+    #: A data file's output as validated (it is copied from its file, never held).
+    identity: FileIdentity | None = None
 
     def head(self) -> bytes:
         """Its first ``COMMIT_BYTES``: a safetensors output's header length (what a pending
@@ -59,6 +66,10 @@ class ValidatedOutput:
         """The output held open from now on (the file validation described), so that it can
         be copied after its slot is destroyed: a lazy unmount leaves open files readable.
         An ONNX output is already in the broker's memory."""
+        if self.identity is not None:  # a data file
+            held = open_identical(self.path, self.identity)
+            return PinnedOutput(self.size, lambda fd: copy_file(held.fileno(), fd, self.size),
+                                held.close)
         info = self.safetensors
         if info is None:
             return PinnedOutput(self.size, self.write_into)
@@ -148,18 +159,28 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
 
 
 def _data_output(path: Path, kind: ArtifactFormat) -> ValidatedOutput:
-    handle, _st = open_regular_file(path)
+    """Hashed and checked a block at a time: the broker holds none of it (a carried
+    ``tokenizer.json`` may be tens of MB), and copies it from its file when it is asked for."""
+    handle, st = open_regular_file(path)
+    if st.st_size > MAX_DATA_BYTES:
+        handle.close()
+        raise error(Reason.OUTPUT_TOO_LARGE, f"the data file's output is {st.st_size} bytes, "
+                                             f"over the {MAX_DATA_BYTES}-byte cap")
+    digest, check, size = hashlib.sha256(), EncodingCheck(kind), 0
     with handle:
-        data = read_upto(handle, MAX_DATA_BYTES + 1)
-    if len(data) > MAX_DATA_BYTES:
-        raise error(Reason.OUTPUT_TOO_LARGE, f"the data file's output is over the "
-                                             f"{MAX_DATA_BYTES}-byte cap for data files")
-    problem = encoding_problem(kind, data)
+        while block := handle.read(BLOCK_BYTES):
+            digest.update(block)
+            check.feed(block)
+            size += len(block)
+    problem = check.problem()
     if problem is not None:
         raise error(Reason.OUTPUT_INVALID, f"the data file's output {problem}")
-    return ValidatedOutput(format=OutputFormat.DATA, size=len(data),
-                           sha256=hashlib.sha256(data).hexdigest(), path=path,
-                           write_into=lambda fd: write_bytes(data, fd))
+    identity = FileIdentity.of(st)
+    if size != identity.size:
+        raise error(Reason.OUTPUT_INVALID, "the data file's output changed while it was read")
+    return ValidatedOutput(format=OutputFormat.DATA, size=size, sha256=digest.hexdigest(),
+                           path=path, identity=identity,
+                           write_into=lambda fd: copy_identical(path, identity, fd))
 
 
 async def same_output(output: ValidatedOutput, twin: ValidatedOutput) -> bool:
