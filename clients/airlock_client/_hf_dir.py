@@ -16,11 +16,10 @@ are not carried. A bundle of another flavor, or of TensorFlow weights, stays an 
 
 The index is attacker data: size-capped, parsed strictly (no duplicate keys, no ``NaN``), and
 every file it names must be a plain name of a regular file at the top level. The weights are
-never opened here: each is sent to the broker as it is. The data files carried over are read
-once and checked as what they claim to be (strict JSON, UTF-8 text without NUL, or a
-SentencePiece model: airlock_sandbox.data_files), so that what is skipped, and why, is known
-before anything is sent; then each goes through the broker (model_dir.py), which must return
-the bytes checked here.
+never opened here: each is sent to the broker as it is. Nor are the data files: chosen by name
+and size here, each goes through the broker (model_dir.py), whose sandbox checks it as what
+its name says (strict JSON, UTF-8 text without NUL, or a SentencePiece model:
+airlock_sandbox.data_files); one it finds is not is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -98,11 +97,10 @@ class Skipped:
 
 @dataclass(frozen=True)
 class DataFile:
-    """A data file checked as what its name says; ``data`` are the bytes checked, read from
-    ``source`` (which the broker then converts: model_dir.py)."""
+    """A data file to carry over, by its name and size; its sandbox checks its bytes as what
+    its name says (``kind``) when the broker converts it (model_dir.py)."""
 
     name: str
-    data: bytes
     source: ModelFile
 
     @property
@@ -269,11 +267,8 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
             if why is None and name in data:
                 why = f"{at}{name} has the same name as a file carried already"
             if why is None:
-                raw = _bundle.read_exact(found[name], MAX_DATA_FILE_BYTES)
-                why = content_problem(name, raw)
-                if why is None:
-                    data[name] = DataFile(name, raw, found[name])
-                    continue
+                data[name] = DataFile(name, found[name])
+                continue
             skipped.append(Skipped(at + name, why))
     return HfModelDir(base, shards, tuple(data[n] for n in sorted(data)),
                       tuple(sorted(skipped, key=lambda s: s.name)))
@@ -358,11 +353,6 @@ def kind_of(name: str) -> ArtifactFormat:
     if name in SENTENCEPIECE_FILES:
         return ArtifactFormat.DATA_SENTENCEPIECE
     return ArtifactFormat.DATA_JSON if name in JSON_FILES else ArtifactFormat.DATA_TEXT
-
-
-def content_problem(name: str, raw: bytes) -> str | None:
-    """Why ``raw`` is not what ``name`` says (None: it is)."""
-    return data_files.problem(kind_of(name), raw)
 
 
 def tensor_names_problem(expected: frozenset[str], converted: Mapping[str, object],

@@ -22,7 +22,6 @@ sandbox checks it, the broker returns it unchanged and signs a record for it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -58,6 +57,9 @@ DEFAULT_JOBS = FALLBACK_JOBS
 #: needs the artifact's own code to load is not what it claims to be, and fails the directory
 #: (``POLICY_VIOLATION``, naming it) instead of running that code for the sake of one shard.
 DIRECTORY_POLICY: LoadingPolicy = "safe_only"
+#: A data file refused for these is skipped (not what its name says, or grown past the cap
+#: since it was listed); any other refusal fails the directory.
+NOT_ITS_KIND = frozenset({"FORMAT_MISMATCH", "TOO_LARGE"})
 #: What each kind of data file is declared as (airlock_sandbox.data_files.KINDS).
 _DECLARED: dict[ArtifactFormat, DeclaredFormat] = {
     ArtifactFormat.DATA_JSON: "json", ArtifactFormat.DATA_TEXT: "text",
@@ -215,14 +217,15 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     dest = Path(os.path.abspath(output))
     _check_destination(model.root, dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _check_room(dest.parent, model.weight_bytes + sum(len(d.data) for d in model.data_files))
+    _check_room(dest.parent,
+                model.weight_bytes + sum(d.source.size for d in model.data_files))
     if jobs is None:  # what the broker runs at once; one shard needs no asking
         jobs = 1 if len(model.shards) == 1 else client.default_jobs(SHARDS_PROFILE)
     part = _part_files.new_dir(dest)
     tmp = part.path
     try:
-        _carry_data_files(client, model, tmp, jobs=jobs, job_timeout=job_timeout,
-                          on_busy=on_busy, subject=subject)
+        refused = _carry_data_files(client, model, tmp, jobs=jobs, job_timeout=job_timeout,
+                                    on_busy=on_busy, subject=subject)
         shards = _convert_shards(client, model, tmp, jobs=jobs, progress=progress,
                                  loading_policy=loading_policy, job_timeout=job_timeout,
                                  on_busy=on_busy, subject=subject)
@@ -245,7 +248,8 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
         index=None if index is None else dest / index,
         total_size=sum(s.data_bytes for s in shards),
         assurance=weakest, integrity_note=note,
-        carried=tuple(d.name for d in model.data_files), skipped=model.skipped,
+        carried=tuple(d.name for d in model.data_files if d.name not in refused),
+        skipped=tuple(sorted((*model.skipped, *refused.values()), key=lambda s: s.name)),
         deduplicated=dict(sorted(deduplicated.items())),
         duration_seconds=time.monotonic() - began)
 
@@ -275,26 +279,36 @@ def _unit(n: int) -> tuple[int, str]:
 
 
 def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,
-                      job_timeout: int, on_busy: OnBusy | None, subject: str) -> None:
+                      job_timeout: int, on_busy: OnBusy | None,
+                      subject: str) -> dict[str, Skipped]:
     """Each data file through the broker, as its kind (``json``, ``text``, ``sentencepiece``):
     its sandbox checks it and the broker returns it unchanged, with a signed record written
-    beside it. First, because they are small: a file the broker refuses fails the directory
-    before any shard is sent."""
+    beside it. One that is not what its name says (``NOT_ITS_KIND``: the sandbox's check, or
+    leading bytes of a model or a pickle) is skipped, and returned with why; any other
+    failure fails the directory. First, because they are small: before any shard is sent."""
     from airlock_client.provenance import file_subject, write_provenance
 
-    def work(data: DataFile) -> None:
+    def work(data: DataFile) -> Skipped | None:
         out = tmp / data.name
         _bundle.check_unchanged(data.source)
-        result = client.convert(data.source.path, out, declared_format=_DECLARED[data.kind],
-                                loading_policy="safe_only",  # nothing in it is loaded
-                                job_timeout=job_timeout, on_busy=on_busy,
-                                subject=file_subject(subject, data.name))
-        if result.sha256 != hashlib.sha256(data.data).hexdigest():
-            raise _bundle.refuse(f"{data.name} changed while being carried")
+        try:
+            result = client.convert(data.source.path, out,
+                                    declared_format=_DECLARED[data.kind],
+                                    loading_policy="safe_only",  # nothing in it is loaded
+                                    job_timeout=job_timeout, on_busy=on_busy,
+                                    subject=file_subject(subject, data.name))
+        except AirlockError as exc:
+            if getattr(exc, "reason", "") not in NOT_ITS_KIND:
+                raise
+            return Skipped(data.name, exc.message)
         write_provenance(out, result.provenance)
+        return None
 
+    refused: dict[str, Skipped] = {}
     for done in run_bounded(model.data_files, work, concurrency=jobs, stop=lambda d: not d.ok,
                             abandon=client.close):
+        if done.result is not None:
+            refused[done.item.name] = done.result
         if not done.ok:
             error = done.error
             if isinstance(error, AirlockError) and not isinstance(
@@ -303,6 +317,7 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
                                     shard=done.item.name, kind=getattr(error, "kind", "failed"),
                                     cause=error)
             raise error or AssertionError("a data file failed without an error")
+    return refused
 
 
 def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: int,

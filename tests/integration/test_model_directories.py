@@ -440,3 +440,23 @@ def test_a_pickle_declared_as_a_data_file_never_reaches_a_sandbox(broker: Broker
     with Client(broker.address) as client, pytest.raises(ConversionError) as caught:
         client.convert(source, tmp_path / "out", declared_format="json")
     assert caught.value.reason == "FORMAT_MISMATCH" and "pickle" in caught.value.message
+
+
+def test_data_files_that_are_not_what_their_names_say_are_skipped_by_their_sandboxes(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """The client reads no data file: each goes to the broker as what its name says, and the
+    ones refused as not that are skipped with the broker's reason; the rest are carried, each
+    with its record, and the directory verifies."""
+    model = hf_models.make_unsharded(tmp_path / "tiny")
+    (model.path / "tokenizer_config.json").write_bytes(b'{"a": 1, "a": 2}')  # two meanings
+    (model.path / "vocab.txt").write_bytes(payloads.reduce_pickle("open('/tmp/x', 'w')"))
+    out = tmp_path / "tiny-safe"
+    code, doc, stderr = _convert(model.path, out, broker=broker)
+    assert code == 0, (doc, stderr)
+    skipped = {s["name"]: s["why"] for s in doc["skipped"]}
+    assert "not strict JSON" in skipped["tokenizer_config.json"], skipped
+    assert "pickle" in skipped["vocab.txt"], skipped
+    assert "config.json" in doc["carried"] and "vocab.txt" not in doc["carried"]
+    assert not (out / "vocab.txt").exists() and not (out / "tokenizer_config.json").exists()
+    verified = run_cli("verify", str(out), server=broker.address)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

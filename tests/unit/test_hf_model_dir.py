@@ -34,6 +34,7 @@ from airlock_client import (
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client.model_dir import INDEX_MISMATCH, ModelDirError, convert_directory
 from airlock_client.provenance import MAX_SUBJECT, check_subject
+from airlock_sandbox import data_files
 
 INDEX = _hf_dir.WEIGHTS_INDEX
 
@@ -325,11 +326,18 @@ def test_data_files_are_carried_and_everything_else_skipped_with_why(tmp_path: P
 ])
 def test_a_data_file_that_is_not_what_it_claims_is_skipped(tmp_path: Path, name: str,
                                                            data: bytes, why: str) -> None:
-    root = hf_dir(tmp_path / "m")
+    """The client reads no data file: each is sent as what its name says, and one its
+    sandbox refuses as not that (FORMAT_MISMATCH, the broker's double here) is skipped with
+    the broker's reason; the directory converts without it."""
+    root = hf_dir(tmp_path / "m", SHARDS)
     (root / name).write_bytes(data)
-    model = _hf_dir.inspect(root)
-    assert name not in [d.name for d in model.data_files]
-    assert why in {s.name: s.why for s in model.skipped}[name]
+    assert name in [d.name for d in _hf_dir.inspect(root).data_files]  # chosen by name
+    result = convert_directory(FakeClient(GOOD), root, tmp_path / "out",  # type: ignore[arg-type]
+                               jobs=2)
+    assert name not in result.carried and not (tmp_path / "out" / name).exists()
+    assert not (tmp_path / "out" / f"{name}.provenance.json").exists()
+    skipped = {s.name: s.why for s in result.skipped}
+    assert why in skipped[name] and skipped[name].startswith("declared ")
 
 
 def test_an_oversized_data_file_is_skipped_unread(tmp_path: Path,
@@ -448,12 +456,17 @@ class FakeClient:
                 self.running -= 1
 
     def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
-        """A data file, as the broker returns one: unchanged, with its own record."""
+        """A data file, as the broker returns one: unchanged, with its own record, or refused
+        as its sandbox refuses one that is not what it was declared to be."""
         data = artifact.read_bytes()
         with self._lock:
             self.carried.append((artifact.name, declared))
         if artifact.name in self.errors:
             raise self.errors[artifact.name]
+        why = data_files.problem(data_files.KINDS[declared], data)
+        if why is not None:
+            raise ConversionError("FORMAT_MISMATCH", f"declared {declared}, but {why}",
+                                  kind="rejected", code="INVALID_ARGUMENT")
         output.write_bytes(data)
         return ConversionResult(
             job_id=f"job-{artifact.name}", output=output, format="data",
@@ -778,34 +791,19 @@ def test_the_eta_counts_bytes_and_the_rate_says_its_unit() -> None:
     assert "left" not in done, done
 
 
-def test_a_data_file_the_broker_refuses_fails_the_directory_before_any_shard(
+def test_a_data_file_the_broker_fails_fails_the_directory_before_any_shard(
         tmp_path: Path) -> None:
-    """Data files go first: one refused (here: what the sandbox says of a file that changed
-    after inspection) fails the directory under its name, and no shard is sent."""
+    """Data files go first: one that fails for any reason but not being what its name says
+    (here: an output that was not the input) fails the directory under its name, and no
+    shard is sent."""
     src = hf_dir(tmp_path / "m", SHARDS)
-    refused = ConversionError("FORMAT_MISMATCH", "declared json, but not strict JSON",
-                              kind="rejected", code="FAILED_PRECONDITION")
-    client = FakeClient(GOOD, errors={"config.json": refused})
-    with pytest.raises(ModelDirError, match=r"config\.json: declared json") as caught:
+    failed = ConversionError("OUTPUT_INVALID", "the data file's output is not the input",
+                             kind="failed", code="INTERNAL")
+    client = FakeClient(GOOD, errors={"config.json": failed})
+    with pytest.raises(ModelDirError, match=r"config\.json: the data file's") as caught:
         convert_directory(client, src, tmp_path / "out", jobs=2)  # type: ignore[arg-type]
-    assert caught.value.reason == "FORMAT_MISMATCH" and caught.value.shard == "config.json"
+    assert caught.value.reason == "OUTPUT_INVALID" and caught.value.shard == "config.json"
     assert client.calls == [] and not (tmp_path / "out").exists()
-
-
-def test_a_data_file_that_changed_after_it_was_checked_is_refused(tmp_path: Path) -> None:
-    """What the broker carried must be the bytes the client checked: a file rewritten in
-    between (here, by the broker's double) fails the directory."""
-    src = hf_dir(tmp_path / "m", SHARDS)
-
-    class Rewriting(FakeClient):
-        def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
-            artifact.write_text('{"model_type": "other"}')
-            return super()._carry(artifact, output, declared)
-
-    with pytest.raises(ModelDirError, match=r"config\.json changed while being carried"):
-        convert_directory(Rewriting(GOOD), src, tmp_path / "out",  # type: ignore[arg-type]
-                          jobs=1)
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_subject_as_long_as_allowed_still_names_every_file(tmp_path: Path) -> None:

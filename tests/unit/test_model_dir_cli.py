@@ -125,7 +125,7 @@ def test_a_config_json_that_was_not_carried_over_is_a_warning(
     (src / "config.json").write_text('{"a": 1, "a": 2}')  # not strict JSON: skipped
     assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(tmp_path / "out")) == 0
     out = capsys.readouterr().out
-    assert "skipped    config.json: not strict JSON" in out
+    assert "skipped    config.json: declared json, but not strict JSON" in out
     assert "config.json was not carried over" in out and "from_pretrained" in out
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from airlock_client import _hf_dir
+from airlock_sandbox import data_files
 from airlock_sandbox import sentencepiece as _sentencepiece
+from airlock_sandbox.formats import ArtifactFormat
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen jugs",
         "how vexingly quick daft zebras jump", "sphinx of black quartz judge my vow"] * 20
@@ -76,13 +78,18 @@ def test_anything_else_is_refused(model: bytes, damage: str, says: str) -> None:
     assert says in why
 
 
-def test_the_directory_reader_carries_it_or_says_why_not(tmp_path: Path, model: bytes) -> None:
+def test_the_directory_reader_sends_it_as_sentencepiece_and_the_check_says_why_not(
+        tmp_path: Path, model: bytes) -> None:
+    """The client reads neither file: both go to the broker declared ``sentencepiece``, and
+    the sandbox's check (this one) passes the model and refuses the pickle."""
     root = tmp_path / "m"
     root.mkdir()
     (root / "pytorch_model.bin").write_bytes(b"PK opaque")
     (root / "tokenizer.model").write_bytes(model)
     (root / "spiece.model").write_bytes(pickle.dumps("not a model"))
     found = _hf_dir.inspect(root)
-    assert [(d.name, d.data) for d in found.data_files] == [("tokenizer.model", model)]
-    skipped = {s.name: s.why for s in found.skipped}
-    assert skipped["spiece.model"] == "its leading bytes are those of pickle"
+    assert [(d.name, d.kind.value) for d in found.data_files] == [
+        ("spiece.model", "sentencepiece"), ("tokenizer.model", "sentencepiece")]
+    assert data_files.problem(ArtifactFormat.DATA_SENTENCEPIECE, model) is None
+    assert data_files.problem(ArtifactFormat.DATA_SENTENCEPIECE, pickle.dumps("not a model")) \
+        == "its leading bytes are those of pickle"
