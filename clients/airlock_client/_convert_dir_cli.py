@@ -176,7 +176,8 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
     if any(skipped.name == "config.json" for skipped in result.skipped):
         print("  warning    config.json was not carried over (above): transformers' "
               "from_pretrained needs it; make it strict JSON and convert again")
-    print("  provenance one signed record per shard (<shard>.provenance.json), verified"
+    print("  provenance one signed record per shard and per carried file "
+          "(<file>.provenance.json), verified"
           + ("; one for the index" if result.index is not None else ""))
     if any(s.result.provenance_key_source != "pinned" for s in result.shards):
         print("  key        as published by the broker (trust on first use); pin it with "

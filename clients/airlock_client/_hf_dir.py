@@ -102,6 +102,13 @@ class DataFile:
 
     name: str
     source: ModelFile
+    #: Where it is, for a message: the directory relative to the one converted ("" at the
+    #: top; ``components/tokenizer/`` in an MLflow bundle).
+    where: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.where + self.name
 
     @property
     def kind(self) -> ArtifactFormat:
@@ -267,7 +274,7 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
             if why is None and name in data:
                 why = f"{at}{name} has the same name as a file carried already"
             if why is None:
-                data[name] = DataFile(name, found[name])
+                data[name] = DataFile(name, found[name], at)
                 continue
             skipped.append(Skipped(at + name, why))
     return HfModelDir(base, shards, tuple(data[n] for n in sorted(data)),
@@ -333,7 +340,8 @@ def check_plain_name(filename: str) -> None:
 
 
 def data_file_problem(name: str, entry: ModelFile) -> str | None:
-    """Why ``name`` is not carried over, judging by its name and size (None: check its bytes)."""
+    """Why ``name`` is not carried over, judging by its name and size (None: send it, for its
+    sandbox to check its bytes)."""
     lower = name.lower()
     if lower.endswith(_CODE_SUFFIXES):
         return "code (trust_remote_code): never carried over"
@@ -343,6 +351,8 @@ def data_file_problem(name: str, entry: ModelFile) -> str | None:
         return "a pickle or other serialized object: never carried over"
     if name not in JSON_FILES and name not in TEXT_FILES and name not in SENTENCEPIECE_FILES:
         return "not a known data file: not carried over"
+    if entry.size == 0:
+        return "empty: nothing to carry"
     if entry.size > MAX_DATA_FILE_BYTES:
         return f"{entry.size} bytes, over the {MAX_DATA_FILE_BYTES}-byte cap for data files"
     return None

@@ -5,9 +5,9 @@ its own single-use sandbox, integrity-checked by the broker, its signed provenan
 and written beside it. At most ``jobs`` run at once (:func:`airlock_client.batch.run_bounded`).
 The output is what ``transformers`` writes: ``model.safetensors``, or shards
 ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json`` built from the
-converted files' own headers, plus the plain data files checked as what they claim to be
-(:mod:`._hf_dir`, then their sandboxes). Code and pickles other than the weights are never
-carried over.
+converted files' own headers, plus the plain data files, each checked in its sandbox as what
+its name says (:mod:`._hf_dir` chooses them by name). Code and pickles other than the weights
+are never carried over.
 
 Everything is written into a temporary directory beside the destination and renamed into
 place at the end: a shard that fails fails the directory with that shard's reason (the batch
@@ -22,6 +22,7 @@ sandbox checks it, the broker returns it unchanged and signs a record for it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -57,9 +58,9 @@ DEFAULT_JOBS = FALLBACK_JOBS
 #: needs the artifact's own code to load is not what it claims to be, and fails the directory
 #: (``POLICY_VIOLATION``, naming it) instead of running that code for the sake of one shard.
 DIRECTORY_POLICY: LoadingPolicy = "safe_only"
-#: A data file refused for these is skipped (not what its name says, or grown past the cap
-#: since it was listed); any other refusal fails the directory.
-NOT_ITS_KIND = frozenset({"FORMAT_MISMATCH", "TOO_LARGE"})
+#: A data file refused for this is skipped (not what its name says); any other refusal
+#: fails the directory (one that grew while it was sent: TOO_LARGE, as a shard).
+NOT_ITS_KIND = frozenset({"FORMAT_MISMATCH"})
 #: What each kind of data file is declared as (airlock_sandbox.data_files.KINDS).
 _DECLARED: dict[ArtifactFormat, DeclaredFormat] = {
     ArtifactFormat.DATA_JSON: "json", ArtifactFormat.DATA_TEXT: "text",
@@ -285,7 +286,8 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
     its sandbox checks it and the broker returns it unchanged, with a signed record written
     beside it. One that is not what its name says (``NOT_ITS_KIND``: the sandbox's check, or
     leading bytes of a model or a pickle) is skipped, and returned with why; any other
-    failure fails the directory. First, because they are small: before any shard is sent."""
+    failure fails the directory, and so does one whose bytes sent are not the file listed.
+    First, because they are small: before any shard is sent."""
     from airlock_client.provenance import file_subject, write_provenance
 
     def work(data: DataFile) -> Skipped | None:
@@ -300,7 +302,12 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
         except AirlockError as exc:
             if getattr(exc, "reason", "") not in NOT_ITS_KIND:
                 raise
-            return Skipped(data.name, exc.message)
+            return Skipped(data.shown, exc.message)
+        # Client.convert opened the path again: what it sent must be the file listed (not a
+        # link swapped in and out meanwhile, to a file its caller may read and we may not).
+        listed = hashlib.sha256(_bundle.read_exact(data.source, data.source.size)).hexdigest()
+        if (result.input_size, result.input_sha256) != (data.source.size, listed):
+            raise _bundle.refuse(f"{data.shown} changed while being carried")
         write_provenance(out, result.provenance)
         return None
 

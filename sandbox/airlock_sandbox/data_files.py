@@ -6,8 +6,8 @@ a provenance record for it: the caller declares its kind (``json``, ``text`` or
 ``sentencepiece``: these have no magic bytes, so a declaration is what names them, and bytes
 that look like any artifact format contradict it); the worker checks it with :func:`problem`
 and writes it unchanged; the broker accepts the output only if it is the input, byte for byte
-(conversion/outputs.py). The client runs the same check first, to say before any upload which
-files it will not carry and why (the client's ``_hf_dir``).
+(conversion/outputs.py, :class:`EncodingCheck`). The client reads none of it: it chooses data
+files by name and size, and skips one the sandbox refuses (its ``model_dir``).
 
 A data file runs nothing: ``config.json`` can still steer a loader (``auto_map`` names code
 for ``trust_remote_code``), which is why it is signed with the weights, not why it is refused.
@@ -88,11 +88,3 @@ class EncodingCheck:
             except UnicodeDecodeError:
                 self._problem = "not UTF-8"
         return self._problem
-
-
-def encoding_problem(kind: ArtifactFormat, raw: bytes, step: int = 1024 * 1024) -> str | None:
-    """``EncodingCheck`` of ``raw``, fed ``step`` bytes at a time."""
-    check = EncodingCheck(kind)
-    for start in range(0, len(raw), step):
-        check.feed(raw[start:start + step])
-    return check.problem()

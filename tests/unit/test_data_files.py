@@ -66,15 +66,23 @@ def test_each_kind_is_checked_as_what_it_claims(kind: ArtifactFormat, raw: bytes
     assert (problem is None) if why is None else (why in (problem or "")), problem
 
 
+def encoding_problem(kind: ArtifactFormat, raw: bytes, step: int = 1024 * 1024) -> str | None:
+    """The broker's check of ``raw``, fed ``step`` bytes at a time as outputs.py feeds it."""
+    check = data_files.EncodingCheck(kind)
+    for start in range(0, len(raw), step):
+        check.feed(raw[start:start + step])
+    return check.problem()
+
+
 def test_the_brokers_check_of_the_output_builds_nothing_and_finds_bad_encodings() -> None:
-    assert data_files.encoding_problem(F.DATA_JSON, CONFIG) is None
-    assert data_files.encoding_problem(F.DATA_TEXT, README * 300_000) is None  # > 1 MiB steps
+    assert encoding_problem(F.DATA_JSON, CONFIG) is None
+    assert encoding_problem(F.DATA_TEXT, README * 300_000) is None  # > 1 MiB steps
     # a character split across the 1 MiB step is decoded whole
     split = b"a" * (1024 * 1024 - 1) + "Ü".encode()
-    assert data_files.encoding_problem(F.DATA_TEXT, split) is None
-    assert data_files.encoding_problem(F.DATA_TEXT, split[:-1]) == "not UTF-8"
-    assert data_files.encoding_problem(F.DATA_JSON, b'{"a": "\0"}') == "holds a NUL byte"
-    assert data_files.encoding_problem(F.DATA_SENTENCEPIECE, SPIECE + b"\0\xff") is None
+    assert encoding_problem(F.DATA_TEXT, split) is None
+    assert encoding_problem(F.DATA_TEXT, split[:-1]) == "not UTF-8"
+    assert encoding_problem(F.DATA_JSON, b'{"a": "\0"}') == "holds a NUL byte"
+    assert encoding_problem(F.DATA_SENTENCEPIECE, SPIECE + b"\0\xff") is None
 
 
 # -- the host's decision: a declaration names a data file; a format's bytes contradict it ---

@@ -818,3 +818,41 @@ def test_a_subject_as_long_as_allowed_still_names_every_file(tmp_path: Path) -> 
     assert all(len(s) == MAX_SUBJECT and s.startswith("…") for s in client.subjects)
     assert sorted(s.rpartition("/")[2] for s in client.subjects) == sorted(
         ["config.json", *SHARDS])
+
+
+def test_a_data_file_swapped_for_a_link_while_it_was_sent_fails_the_directory(
+        tmp_path: Path) -> None:
+    """Client.convert opens the path again: a link swapped in while it read (here, to a file
+    of the same size the caller may read and an attacker may not) and swapped back after is
+    caught by the hash of the file listed, read without following links."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    config = src / "config.json"
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(b'{"k": "' + b"x" * (config.stat().st_size - 9) + b'"}')
+    assert secret.stat().st_size == config.stat().st_size
+
+    class Swapping(FakeClient):
+        def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
+            kept = tmp_path / "kept"
+            config.rename(kept)
+            config.symlink_to(secret)
+            try:
+                return super()._carry(artifact, output, declared)
+            finally:
+                config.unlink()
+                kept.rename(config)
+
+    with pytest.raises(ModelDirError, match=r"config\.json changed while being carried"):
+        convert_directory(Swapping(GOOD), src, tmp_path / "out",  # type: ignore[arg-type]
+                          jobs=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_data_file_is_skipped_unsent(tmp_path: Path) -> None:
+    root = hf_dir(tmp_path / "m", SHARDS)
+    (root / "generation_config.json").write_bytes(b"")
+    client = FakeClient(GOOD)
+    result = convert_directory(client, root, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert {s.name: s.why for s in result.skipped}["generation_config.json"] == \
+        "empty: nothing to carry"
+    assert [name for name, _ in client.carried] == ["config.json"]

@@ -222,7 +222,8 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
                       delivered=True, pinned=pinned, path=path if pinned else None)
     if room is not None:
         room.expect(output.size)
-    if output.safetensors is None and output.size <= INLINE_WRITE_BYTES:
+    if output.safetensors is None and output.identity is None \
+            and output.size <= INLINE_WRITE_BYTES:
         # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
         # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
         return Answer(result=result, fd=_write_output(path, output.write_into, output.size),

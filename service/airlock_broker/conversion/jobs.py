@@ -271,7 +271,7 @@ async def _carried(output: ValidatedOutput, input_digest: InputDigest
                    ) -> tuple[Assurance, str, bool]:
     """A data file's output is accepted only as the input itself: its sandbox checked the file
     and was to write it unchanged (airlock_sandbox.data_files). Then it is the author's bytes:
-    integrity-verified. It travels with the answer (it is small)."""
+    integrity-verified. It is not delivered before the answer: it is copied when answered."""
     if output.sha256 != await input_digest.value():
         raise error(Reason.OUTPUT_INVALID,
                     "the data file's output is not the input byte for byte (sha256 "

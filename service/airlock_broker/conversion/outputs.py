@@ -137,8 +137,9 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
     the canonical bytes they send back are what the caller receives, hashed here.
     ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
     one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
-    A data file's output (``Target.DATA``; ``kind``: its declared format) is read whole, at
-    most ``MAX_DATA_BYTES``: the caller must then find it to be the input (jobs.py).
+    A data file's output (``Target.DATA``; ``kind``: its declared format) is hashed and
+    checked a block at a time, at most ``MAX_DATA_BYTES``, never held: the caller must then
+    find it to be the input (jobs.py).
     """
     fmt = expected_format(out_dir, target)
     path = collect_output(out_dir, OUTPUT_NAMES[fmt], limits)
