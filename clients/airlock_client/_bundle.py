@@ -215,7 +215,7 @@ def pack(model: ModelDir, dest: str | os.PathLike[str]) -> int:
     return os.stat(dest).st_size
 
 
-def _open_checked(entry: ModelFile) -> int:
+def open_checked(entry: ModelFile) -> int:
     """Open without following a link, and prove it is still the file that was inspected."""
     try:
         fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -231,12 +231,12 @@ def _open_checked(entry: ModelFile) -> int:
 
 def check_unchanged(entry: ModelFile) -> None:
     """Raise :class:`ModelSourceError` unless ``entry`` is still the regular file inspected."""
-    os.close(_open_checked(entry))
+    os.close(open_checked(entry))
 
 
 def read_exact(entry: ModelFile, cap: int) -> bytes:
     """The whole file, which must still be the one inspected and at most ``cap`` bytes."""
-    fd = _open_checked(entry)
+    fd = open_checked(entry)
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(cap + 1)
     if len(data) != entry.size:
@@ -245,7 +245,7 @@ def read_exact(entry: ModelFile, cap: int) -> bytes:
 
 
 def _copy_checked(entry: ModelFile, out: Any) -> None:
-    fd = _open_checked(entry)
+    fd = open_checked(entry)
     copied = 0
     with os.fdopen(fd, "rb") as fh:
         while block := fh.read(min(COPY_BYTES, entry.size - copied + 1)):

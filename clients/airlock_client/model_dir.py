@@ -22,7 +22,6 @@ sandbox checks it, the broker returns it unchanged and signs a record for it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -30,7 +29,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from airlock_client import _bundle, _hf_dir, _part_files, _st_header
 from airlock_client._batch_jobs import FALLBACK_JOBS, SHARDS_PROFILE
@@ -45,6 +44,7 @@ from airlock_client._types import (
 )
 from airlock_client._umask import umask
 from airlock_client.batch import Done, Throughput, format_duration, run_bounded
+from airlock_sandbox import data_files
 from airlock_sandbox.formats import ArtifactFormat
 
 if TYPE_CHECKING:
@@ -62,9 +62,8 @@ DIRECTORY_POLICY: LoadingPolicy = "safe_only"
 #: fails the directory (one that grew while it was sent: TOO_LARGE, as a shard).
 NOT_ITS_KIND = frozenset({"FORMAT_MISMATCH"})
 #: What each kind of data file is declared as (airlock_sandbox.data_files.KINDS).
-_DECLARED: dict[ArtifactFormat, DeclaredFormat] = {
-    ArtifactFormat.DATA_JSON: "json", ArtifactFormat.DATA_TEXT: "text",
-    ArtifactFormat.DATA_SENTENCEPIECE: "sentencepiece"}
+_DECLARED = cast(dict[ArtifactFormat, DeclaredFormat],
+                 {kind: name for name, kind in data_files.KINDS.items()})
 #: What a mismatch between a converted shard and the source index is called.
 INDEX_MISMATCH = "INDEX_MISMATCH"
 #: The destination's filesystem has less free space than the output will take: refused
@@ -288,7 +287,7 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
     leading bytes of a model or a pickle) is skipped, and returned with why; any other
     failure fails the directory, and so does one whose bytes sent are not the file listed.
     First, because they are small: before any shard is sent."""
-    from airlock_client.provenance import file_subject, write_provenance
+    from airlock_client.provenance import digest_of, file_subject, write_provenance
 
     def work(data: DataFile) -> Skipped | None:
         out = tmp / data.name
@@ -305,8 +304,9 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
             return Skipped(data.shown, exc.message)
         # Client.convert opened the path again: what it sent must be the file listed (not a
         # link swapped in and out meanwhile, to a file its caller may read and we may not).
-        listed = hashlib.sha256(_bundle.read_exact(data.source, data.source.size)).hexdigest()
-        if (result.input_size, result.input_sha256) != (data.source.size, listed):
+        with os.fdopen(_bundle.open_checked(data.source), "rb") as fh:
+            listed = digest_of(fh)
+        if listed != (result.input_sha256, result.input_size) or listed[1] != data.source.size:
             raise _bundle.refuse(f"{data.shown} changed while being carried")
         write_provenance(out, result.provenance)
         return None
@@ -316,14 +316,9 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
                             abandon=client.close):
         if done.result is not None:
             refused[done.item.name] = done.result
-        if not done.ok:
-            error = done.error
-            if isinstance(error, AirlockError) and not isinstance(
-                    error, (ModelDirError, ServiceUnavailable, AccessDenied)):
-                raise ModelDirError(error.reason, f"{done.item.name}: {error.message}",
-                                    shard=done.item.name, kind=getattr(error, "kind", "failed"),
-                                    cause=error)
-            raise error or AssertionError("a data file failed without an error")
+        if not done.ok:  # unreachable or denied: the broker's or the caller's, not the file's
+            raise _failure(done.item.shown, done.error,
+                           isinstance(done.error, (ServiceUnavailable, AccessDenied)))
     return refused
 
 
@@ -380,22 +375,20 @@ def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: 
             progress(DirectoryProgress(done.item.source.name, done.ok, throughput.done,
                                        len(model.shards), done_bytes, total_bytes, throughput))
     if failed is not None:
-        raise _shard_failure(failed.item, failed.error, broker_failed)
+        raise _failure(failed.item.source.name, failed.error, broker_failed, what="shard ")
     return sorted(results, key=lambda r: r.output)
 
 
-def _shard_failure(shard: Shard, error: Exception | None, broker_failed: bool) -> Exception:
-    """What a failed shard fails the directory with: the shard's reason under its name, or,
-    for a broker that could not be reached (or denied the caller) before it answered any
-    shard, the broker's own failure (the shard was never looked at: naming it would send the
-    user to the wrong file)."""
-    if broker_failed:
-        return error or AssertionError("a shard failed without an error")
-    if isinstance(error, ModelDirError) or not isinstance(error, AirlockError):
-        return error or AssertionError("a shard failed without an error")
-    return ModelDirError(error.reason, f"shard {shard.source.name}: {error.message}",
-                         shard=shard.source.name, kind=getattr(error, "kind", "failed"),
-                         cause=error)
+def _failure(name: str, error: Exception | None, broker_failed: bool, *,
+             what: str = "") -> Exception:
+    """What a failed shard or data file (``name``; ``what`` says which in the message) fails
+    the directory with: its reason under its name, or, for a broker that could not be reached
+    (or denied the caller) before it answered, the broker's own failure (the file was never
+    looked at: naming it would send the user to the wrong file)."""
+    if broker_failed or isinstance(error, ModelDirError) or not isinstance(error, AirlockError):
+        return error or AssertionError(f"{what}{name} failed without an error")
+    return ModelDirError(error.reason, f"{what}{name}: {error.message}", shard=name,
+                         kind=getattr(error, "kind", "failed"), cause=error)
 
 
 def _write_outputs(model: HfModelDir, shards: list[ShardResult], tmp: Path) -> str | None:

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock_client._errors import ProvenanceError
 from airlock_client._umask import umask
+from airlock_sandbox.contract import OutputFormat
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -66,7 +67,7 @@ SUFFIX = ".provenance.json"
 CONVERSION_KIND = "conversion"
 INDEX_KIND = "safetensors_index"
 #: A data file's output format: carried unchanged with a model directory (model_dir.py).
-DATA_FORMAT = "data"
+DATA_FORMAT = OutputFormat.DATA.value
 _READ = 1024 * 1024
 
 PublicKeyLike = bytes | str | os.PathLike[str] | ec.EllipticCurvePublicKey

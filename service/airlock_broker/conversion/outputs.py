@@ -163,12 +163,11 @@ def _data_output(path: Path, kind: ArtifactFormat) -> ValidatedOutput:
     """Hashed and checked a block at a time: the broker holds none of it (a carried
     ``tokenizer.json`` may be tens of MB), and copies it from its file when it is asked for."""
     handle, st = open_regular_file(path)
-    if st.st_size > MAX_DATA_BYTES:
-        handle.close()
-        raise error(Reason.OUTPUT_TOO_LARGE, f"the data file's output is {st.st_size} bytes, "
-                                             f"over the {MAX_DATA_BYTES}-byte cap")
     digest, check, size = hashlib.sha256(), EncodingCheck(kind), 0
     with handle:
+        if st.st_size > MAX_DATA_BYTES:
+            raise error(Reason.OUTPUT_TOO_LARGE, f"the data file's output is {st.st_size} "
+                                                 f"bytes, over the {MAX_DATA_BYTES}-byte cap")
         while block := handle.read(BLOCK_BYTES):
             digest.update(block)
             check.feed(block)
