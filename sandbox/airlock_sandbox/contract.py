@@ -232,6 +232,12 @@ class JobSpec:
     #: (their bytes, or their data's digests), which catches the same writer bugs; the check
     #: cost S3 130 ms of 270. Not a security control: the artifact's code controls this process.
     read_back: bool = True
+    #: The integrity reading's safetensors output already exists, empty, made by the broker
+    #: and marked append-only (a tmpfs output under runc): write it in place, from its first
+    #: byte to its last, never through another name. The broker hashes it as it grows, so the
+    #: hash ends with the writing instead of starting after it; bytes once written cannot
+    #: change (the kernel refuses rewriting, truncating and mapping an append-only file).
+    output_in_place: bool = False
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -267,4 +273,5 @@ class JobSpec:
             sample_input=doc.get("sample_input") is True,
             data_digest_only=doc.get("data_digest_only") is True,
             read_back=doc.get("read_back") is not False,
+            output_in_place=doc.get("output_in_place") is True,
         )

@@ -24,11 +24,11 @@ reading that the broker compares with the conversion byte for byte:
   names and skipping; the converter's storable-dtype filter and same-view dedupe from
   ``st_torch`` are mirrored here without torch (``st_torch`` needs torch), with the same
   ``__metadata__``;
-* the safetensors file is written by hand, exactly as ``safetensors`` 0.8 writes it: tensors
-  ordered by dtype (widest first) then name, compact JSON header with ``__metadata__`` first,
-  padded with spaces to 8 bytes. For the same checkpoint the data section is byte-identical to
-  the converter's; only the order of ``__metadata__`` keys may differ (the reference writer
-  uses a hash map), and the broker canonicalises headers anyway.
+* the safetensors file is written by hand: tensors ordered as ``safetensors`` 0.8 orders them
+  (by dtype, widest first, then name), so that for the same checkpoint the data section is
+  byte-identical to the converter's; the header is the broker's canonical one (compact JSON,
+  keys sorted, padded with spaces to 8 bytes), so that the file the broker hashed as it was
+  written is the canonical file it answers with (JobSpec.output_in_place).
 
 A :class:`Poison` is dropped like any other non-tensor value, as the converter drops it. Where
 the converter could draw tensors from code (the whole checkpoint is a pickled object, or a
@@ -120,10 +120,15 @@ def _extract(job: Job, read: Callable[[], tuple[Any, list[str]]]) -> None:
         job.report.warn(f"{len(metadata) - 1} tied tensor name(s) deduplicated "
                         "(removed -> kept in __metadata__)")
     started = time.perf_counter()
-    with output.staged(job.out_dir, OutputFormat.SAFETENSORS, job.spec.max_output_bytes) as tmp:
+    spec = job.spec
+    if spec.output_in_place and spec.data_digest_only:  # a hole cannot be appended
+        raise WorkerError(WorkerExit.CONVERSION_FAILED,
+                          "an output written in place cannot leave its data a hole")
+    place = output.in_place if spec.output_in_place else output.staged
+    with place(job.out_dir, OutputFormat.SAFETENSORS, spec.max_output_bytes) as path:
         job.report.tensor_count, job.report.data_sha256 = write_safetensors(
-            ready, metadata, tmp, job.spec.max_output_bytes,
-            digest_only=job.spec.data_digest_only)
+            ready, metadata, path, spec.max_output_bytes,
+            digest_only=spec.data_digest_only, in_place=spec.output_in_place)
     job.report.output_format = OutputFormat.SAFETENSORS.value
     job.report.timings["extract_write_s"] = round(time.perf_counter() - started, 4)
 

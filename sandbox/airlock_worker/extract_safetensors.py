@@ -1,5 +1,6 @@
-"""The integrity extraction's safetensors file (:mod:`.extract`), written by hand exactly as
-``safetensors`` 0.8 writes it, after the converter's storable-dtype filter and same-view
+"""The integrity extraction's safetensors file (:mod:`.extract`), written by hand: its data
+laid out exactly as ``safetensors`` 0.8 lays it out, its header the broker's canonical form
+(validation/safetensors_canonical.py), after the converter's storable-dtype filter and same-view
 dedupe (``st_torch``, which needs torch) mirrored without torch."""
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def _st_shape(t: Tensor) -> list[int]:
 
 
 def header_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
-    """The header exactly as ``safetensors`` writes it, and the names in data order."""
+    """The header in the broker's canonical form (compact JSON, keys sorted, padded with
+    spaces to 8 bytes) over the data in the order ``safetensors`` writes it, and the names in
+    that order."""
     if "__metadata__" in tensors:
         raise Refused("a tensor is named __metadata__")
     order = sorted(tensors, key=lambda n: (-_ST_RANK[str(tensors[n].dtype.st)], n))
@@ -93,7 +96,8 @@ def header_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[
                      "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     try:
-        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw = json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise Refused("a tensor name is not valid UTF-8") from None
     raw += b" " * (-len(raw) % 8)
@@ -101,10 +105,13 @@ def header_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[
 
 
 def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: str,
-                      max_bytes: int, *, digest_only: bool = False) -> tuple[int, str]:
+                      max_bytes: int, *, digest_only: bool = False,
+                      in_place: bool = False) -> tuple[int, str]:
     """Write, then read the header back and check the size. Returns the tensor count and,
     with ``digest_only``, the sha256 of the data section, which is then not written: the
-    file is its header and a hole as long as the data (JobSpec.data_digest_only)."""
+    file is its header and a hole as long as the data (JobSpec.data_digest_only).
+    ``in_place``: ``path`` is the broker's empty append-only file, appended to from its
+    first byte (JobSpec.output_in_place); otherwise it is created."""
     if not tensors:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, "the checkpoint contains no tensors")
     data_bytes = sum(t.nbytes for t in tensors.values())
@@ -112,7 +119,7 @@ def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path
     header, order = header_bytes(tensors, metadata)
     output.check_size(len(header) + data_bytes, max_bytes)
     digest = hashlib.sha256() if digest_only else None
-    with open(path, "xb") as f:
+    with open(path, "ab" if in_place else "xb") as f:
         f.write(header)
         for name in order:
             written = 0

@@ -1,5 +1,7 @@
 """The one output file: written under a temporary name in OUT_DIR, size-checked, then renamed,
-so the broker never sees a partial file and a failed job leaves nothing behind."""
+so the broker never sees a partial file and a failed job leaves nothing behind; or, where the
+broker made it append-only for the job (JobSpec.output_in_place), written in place, which the
+broker follows as it grows and judges only after this process is gone."""
 
 from __future__ import annotations
 
@@ -49,6 +51,28 @@ def staged(out_dir: str, fmt: OutputFormat, max_bytes: int) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def in_place(out_dir: str, fmt: OutputFormat, max_bytes: int) -> Iterator[str]:
+    """Yield the path of the broker's empty, append-only ``OUTPUT_NAMES[fmt]``, to be opened
+    for appending only (``"ab"``); on clean exit, cap-check it. Nothing can be removed from
+    it: after a failure the broker disregards it, as it disregards any failed job's files."""
+    final = os.path.join(out_dir, OUTPUT_NAMES[fmt])
+    try:
+        st = os.stat(final, follow_symlinks=False)
+    except FileNotFoundError:
+        raise WorkerError(WorkerExit.CONVERSION_FAILED,
+                          "the output to write in place does not exist") from None
+    if st.st_size:
+        raise WorkerError(WorkerExit.CONVERSION_FAILED, "the output to write in place is not empty")
+    try:
+        yield final
+        check_size(os.stat(final).st_size, max_bytes)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise WorkerError(WorkerExit.OUTPUT_TOO_LARGE, f"output does not fit: {exc}") from None
+        raise
+
+
 def write_bytes(out_dir: str, fmt: OutputFormat, data: bytes, max_bytes: int) -> None:
     check_size(len(data), max_bytes)
     with staged(out_dir, fmt, max_bytes) as tmp, open(tmp, "xb") as f:
@@ -87,9 +111,11 @@ def _mark(out_dir: str, name: str) -> None:
 
 
 def remove_outputs(out_dir: str) -> None:
-    """After a failure, make sure no output file (finished or partial) is left."""
+    """After a failure, make sure no output file (finished or partial) is left, except one
+    the broker made append-only (``in_place``), which no one here may remove."""
     for name in OUTPUT_NAMES.values():
-        _remove(os.path.join(out_dir, name))
+        with contextlib.suppress(PermissionError):
+            _remove(os.path.join(out_dir, name))
         _remove(os.path.join(out_dir, f".{name}.partial"))
 
 

@@ -68,6 +68,9 @@ class FakeSandbox:
     async def output(self, slot: Slot) -> Path:
         return slot.workspace.out_dir
 
+    async def append_only_output(self, slot: Slot, name: str) -> int | None:
+        return None  # the fake's output is a plain directory: hashed once it is whole
+
     async def prepare(self, profile: str, *, selftest: bool = False,
                       disk_output_bytes: int = 0, on_disk: bool = False) -> Slot:
         if self.unavailable:

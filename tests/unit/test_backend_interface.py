@@ -19,7 +19,7 @@ VERBS = sorted(name for name, value in vars(SandboxBackend).items()
 
 
 def test_the_interface_is_a_handful_of_verbs() -> None:
-    job = {"prepare", "start", "hand_over", "run", "output", "destroy"}
+    job = {"prepare", "start", "hand_over", "append_only_output", "run", "output", "destroy"}
     upkeep = {"is_running", "check", "reap_orphans", "close"}
     selftest_and_gates = {"describe", "versions"}
     hints = {"warmed_up"}  # synchronous: pool status reads it (a hint, never a decision)

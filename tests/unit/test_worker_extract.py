@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from airlock_broker.validation.safetensors_canonical import canonical_header_bytes
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
     OUTPUT_NAMES,
@@ -35,7 +36,7 @@ from airlock_sandbox.contract import (
     WorkerExit,
 )
 from airlock_sandbox.formats import PREFIX_BYTES, detect_prefix
-from airlock_worker import extract, extract_stand_ins, extract_unpickler
+from airlock_worker import extract, extract_stand_ins, extract_unpickler, output
 from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
 from airlock_worker.report import Report
@@ -70,12 +71,15 @@ class Outcome:
 
 
 def run(tmp: Path, artifact: Path, mode: JobMode, **spec: Any) -> Outcome:
-    """One job through the worker's own entry (detect -> dispatch -> write)."""
+    """One job through the worker's own entry (detect -> dispatch -> write). With
+    ``output_in_place`` the output exists, empty, as the broker makes it."""
     base = tmp / f"{artifact.stem}-{mode.value}"
     in_dir, out_dir = base / "in", base / "out"
     in_dir.mkdir(parents=True)
     out_dir.mkdir()
     os.link(artifact, in_dir / ARTIFACT_NAME)
+    if spec.get("output_in_place"):
+        (out_dir / OUTPUT).touch()
     report = Report()
     raw = artifact.read_bytes()[:PREFIX_BYTES]  # as the broker decides an undeclared one
     decided = detect_prefix(raw, artifact.stat().st_size)
@@ -83,7 +87,8 @@ def run(tmp: Path, artifact: Path, mode: JobMode, **spec: Any) -> Outcome:
         worker_job.run(JobSpec(job_id="t", artifact_format=decided, mode=mode, **spec),
                        str(in_dir), str(out_dir), report)
     except WorkerError as exc:
-        assert not (out_dir / OUTPUT).exists() or mode is JobMode.CONVERT
+        assert (not (out_dir / OUTPUT).exists() or mode is JobMode.CONVERT
+                or spec.get("output_in_place"))
         return Outcome(out_dir, report, exc)
     return Outcome(out_dir, report, None)
 
@@ -105,8 +110,11 @@ def assert_same_as_convert(tmp: Path, artifact: Path, *, attributes: bool = Fals
     (hc, dc), (he, de) = conv.split(), ext.split()
     assert he == hc  # names, dtypes, shapes, offsets (data order) and __metadata__
     assert de == dc  # the data sections, byte for byte
-    if len(hc["__metadata__"]) == 1:  # the reference writer orders metadata keys randomly
-        assert ext.raw == conv.raw
+    # The reading writes the broker's canonical header, so that the file hashed as it was
+    # written is the file answered (output_tail.py).
+    (n,) = struct.unpack("<Q", ext.raw[:8])
+    metadata = he.pop("__metadata__", None)
+    assert ext.raw[:8 + n] == canonical_header_bytes(he, metadata)
     refused = [SET_OBJ_STATE] if attributes else []
     assert ext.report.refused_globals == refused
     assert [w for w in ext.report.warnings if SET_OBJ_STATE not in w] == conv.report.warnings
@@ -115,6 +123,14 @@ def assert_same_as_convert(tmp: Path, artifact: Path, *, attributes: bool = Fals
     assert ext.report.loader == extract.LOADERS.get(fmt, "restricted-zip-reader")
     assert ext.report.executed_artifact_code is False
     return conv, ext
+
+
+def assert_same_file(ext: Outcome, conv: Outcome) -> None:
+    """The same file as the broker compares them: the same header (its keys in any order:
+    the reading's is canonical, the converter's the reference writer's) and the same data."""
+    (he, de), (hc, dc) = ext.split(), conv.split()
+    assert he == hc
+    assert de == dc
 
 
 def assert_holds(outcome: Outcome, truth: dict[str, np.ndarray]) -> None:
@@ -281,6 +297,27 @@ def test_a_digest_only_reading_reports_its_data_sections_sha256_and_writes_a_hol
     assert digest.report.data_sha256 == hashlib.sha256(df).hexdigest()
     assert full.report.data_sha256 == ""
     assert digest.report.tensor_count == full.report.tensor_count == 3
+
+
+def test_a_reading_writes_in_place_the_file_the_broker_made(tmp_path: Path) -> None:
+    """JobSpec.output_in_place: the same bytes as a reading that makes its own file, appended
+    to the broker's (a file opened without O_APPEND would fail on an append-only one); the
+    broker's file missing, or not empty, fails the reading; a hole cannot be appended."""
+    artifact, _check = models.make_state_dict(tmp_path)
+    staged = extract_only(tmp_path / "staged", artifact)
+    placed = extract_only(tmp_path / "placed", artifact, output_in_place=True)
+    assert placed.raw == staged.raw
+    assert not list(placed.path.parent.glob(".*partial"))
+    holed = extract_only(tmp_path / "holed", artifact, output_in_place=True,
+                         data_digest_only=True)
+    assert holed.error is not None and "hole" in holed.error.message
+    with pytest.raises(WorkerError, match="does not exist"), \
+            output.in_place(str(tmp_path), OutputFormat.SAFETENSORS, 1024):
+        pass
+    (tmp_path / OUTPUT).write_bytes(b"x")
+    with pytest.raises(WorkerError, match="not empty"), \
+            output.in_place(str(tmp_path), OutputFormat.SAFETENSORS, 1024):
+        pass
 
 
 def test_extraction_of_a_root_tensor_and_of_nested_state_dicts(tmp_path: Path) -> None:

@@ -20,7 +20,12 @@ import torch
 from airlock_sandbox.contract import JobMode, LoadingPolicy, WorkerExit
 from airlock_worker import tensor_tree
 from tests.fixtures import models
-from tests.unit.test_worker_extract import assert_holds, assert_same_as_convert, run
+from tests.unit.test_worker_extract import (
+    assert_holds,
+    assert_same_as_convert,
+    assert_same_file,
+    run,
+)
 
 LAYOUTS = ["zip", "legacy"]
 
@@ -149,7 +154,7 @@ def test_a_lightning_checkpoint_whose_hyper_parameters_need_code(tmp_path: Path)
                                             argparse.Namespace(lr=0.1)}, "zip")
     conv = run(tmp_path, artifact, JobMode.CONVERT)
     ext = run(tmp_path, artifact, JobMode.EXTRACT_WEIGHTS)
-    assert ext.raw == conv.raw
+    assert_same_file(ext, conv)
     # the integrity reader also says it did not call argparse.Namespace
     assert ext.report.warnings[1:] == conv.report.warnings
     assert conv.report.loader == "torch.load(weights_only=False)"
@@ -171,7 +176,7 @@ def test_a_tensor_only_one_reader_can_rebuild_does_not_change_the_selection(
                                             "optimizer": _opt(sd)}, layout)
     conv = run(tmp_path, artifact, JobMode.CONVERT)
     ext = run(tmp_path, artifact, JobMode.EXTRACT_WEIGHTS)
-    assert ext.raw == conv.raw
+    assert_same_file(ext, conv)
     assert_holds(ext, {k: v.numpy() for k, v in sd.items()})
     assert "converted its 'model' entry" in ext.report.warnings[1]  # [0]: the meta rebuild
 
@@ -218,6 +223,6 @@ def test_an_object_key_beside_the_state_dict_is_named_by_its_type(tmp_path: Path
     artifact = _save(tmp_path / "k.pt", {"model": sd, torch.ones(1): "odd", 7: "n"}, "zip")
     conv = run(tmp_path, artifact, JobMode.CONVERT)
     ext = run(tmp_path, artifact, JobMode.EXTRACT_WEIGHTS)
-    assert ext.raw == conv.raw
+    assert_same_file(ext, conv)
     assert ext.report.warnings[-1] == "left out 2 entries without tensors: <Tensor>, 7"
     assert conv.report.warnings == ext.report.warnings

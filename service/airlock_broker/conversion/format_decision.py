@@ -119,13 +119,19 @@ class Decision:
         return _INTEGRITY_PROFILES.get(self.format, PROFILE_LIGHT)
 
     @property
+    def reads_tensors(self) -> bool:
+        """Whether the second sandbox reads a checkpoint's tensors: its output is then a
+        safetensors file, whatever the target (``AUTO`` too)."""
+        return self.integrity_profile in _TENSOR_READINGS
+
+    @property
     def reading_settles_failures(self) -> bool:
         """Whether a reading that goes first and fails (or refuses a global under
         ``safe_only``) is the job's answer: for an estimator pickle, whose every global the
         policy loader allows, a full load would fail the same way. A checkpoint's reading
         knows fewer layouts than torch (a zip that is no checkpoint, a pickled module): when
         it does not convert the whole file, the conversion runs and is compared with it."""
-        return self.integrity_profile not in _TENSOR_READINGS
+        return not self.reads_tensors
 
     def reads_first(self, outputs_on_disk: bool) -> bool:
         """Whether the reading goes first in a job whose sandboxes write to disk or not. On
@@ -152,8 +158,7 @@ class Decision:
         """Whether the second sandbox can check an output of ``target``."""
         if not self.integrity:
             return False
-        return (self.integrity_profile not in _TENSOR_READINGS
-                or target in (Target.AUTO, Target.SAFETENSORS))
+        return not self.reads_tensors or target in (Target.AUTO, Target.SAFETENSORS)
 
 
 def check_flavor_hint(declared: str | None, flavor: str) -> str | None:

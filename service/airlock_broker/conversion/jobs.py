@@ -31,6 +31,7 @@ from airlock_broker.conversion.integrity import (
     digest_delivering,
 )
 from airlock_broker.conversion.output_room import OutputRoom, OutputRooms
+from airlock_broker.conversion.output_tail import OutputTail
 from airlock_broker.conversion.outputs import (
     Delivery,
     ValidatedOutput,
@@ -47,6 +48,7 @@ from airlock_broker.validation.files import read_report
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
+    OUTPUT_NAMES,
     TENSOR_ATTRIBUTES_GLOBAL,
     JobMode,
     JobSpec,
@@ -376,7 +378,8 @@ class JobRunner:
                 reader = await take(stack, decision.integrity_profile, answered, room)
                 audit.set(warm_container=reader.started, profile=reader.profile)
                 await self.backend.hand_over(reader, upload, request.sample_input)
-                read_first = await self._read_first(reader, request, decision, stack, room)
+                read_first = await self._read_first(reader, request, decision, stack, room,
+                                                    audit)
                 if not read_first.refused and read_first.output is not None:
                     yield await self._read_result(read_first, request, input_digest,
                                                   input_size, audit, began, delivery)
@@ -408,7 +411,8 @@ class JobRunner:
                 outcome, extraction = await asyncio.gather(
                     self._sandbox_run("sandbox_run", slot, spec, deadline),
                     self._extract(extractor, request, detected, stack, room,
-                                  digest_only=bool(room.disk_bytes)))
+                                  digest_only=bool(room.disk_bytes),
+                                  tensors=decision.reads_tensors, audit=audit))
             except SandboxUnavailable as exc:
                 raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
             extraction = extraction or read_first
@@ -464,7 +468,8 @@ class JobRunner:
                 assurance=assurance, integrity_note=note, delivered=delivered)
 
     async def _read_first(self, reader: Slot, request: JobRequest, decision: Decision,
-                          stack: contextlib.AsyncExitStack, room: OutputRoom) -> Extraction:
+                          stack: contextlib.AsyncExitStack, room: OutputRoom,
+                          audit: AuditRecord) -> Extraction:
         """The reading of an estimator pickle or a checkpoint, before any conversion.
 
         Returned when it converted the whole file (the answer), or when it refused a global
@@ -477,7 +482,8 @@ class JobRunner:
         way: a second sandbox would only cost time.
         """
         try:
-            reading = await self._extract(reader, request, decision.format, stack, room)
+            reading = await self._extract(reader, request, decision.format, stack, room,
+                                          tensors=decision.reads_tensors, audit=audit)
         except SandboxUnavailable as exc:
             raise error(Reason.SANDBOX_UNAVAILABLE, str(exc)) from exc
         assert reading is not None and reading.outcome is not None
@@ -590,7 +596,8 @@ class JobRunner:
 
     async def _extract(self, slot: Slot | None, request: JobRequest, detected: ArtifactFormat,
                        stack: contextlib.AsyncExitStack, room: OutputRoom, *,
-                       digest_only: bool = False) -> Extraction | None:
+                       digest_only: bool = False, tensors: bool = False,
+                       audit: AuditRecord | None = None) -> Extraction | None:
         """Run the integrity extraction and, as soon as its sandbox is dead, validate its
         output and start hashing it: it usually ends before the conversion, so its 400 MB
         hash runs beside the conversion and the comparison instead of after them.
@@ -604,6 +611,11 @@ class JobRunner:
         # The reading converts as the job does (inputs, target): the outputs are compared.
         spec = replace(self._spec(request, detected, JobMode.EXTRACT_WEIGHTS, room),
                        data_digest_only=digest_only)
+        tail = await self._follow(slot, room) if tensors and not digest_only else None
+        if tail is not None:
+            stack.push_async_callback(tail.close)
+            spec = replace(spec, output_in_place=True)
+            tail.start()
         outcome = await self._sandbox_run("extract_run", slot, spec, request.deadline_seconds)
         out_dir = await self.backend.output(slot)
         report = read_report(out_dir, MAX_REPORT_BYTES) or {}
@@ -632,6 +644,32 @@ class JobRunner:
             if not isinstance(data_sha256, str) or not SHA256_HEX.fullmatch(data_sha256):
                 return seen(None, "the extraction reported a data digest that is not a sha256")
             return seen(extracted, "", data_sha256=data_sha256)  # its data is a hole
-        digest = asyncio.create_task(compute_digest(extracted))
-        stack.push_async_callback(_settle, digest)
+        digest = asyncio.create_task(self._reading_digest(extracted, tail, audit))
+        stack.push_async_callback(_settle, digest)  # before the tail closes (last in, first out)
         return seen(extracted, "", digest)
+
+    async def _reading_digest(self, output: ValidatedOutput, tail: OutputTail | None,
+                              audit: AuditRecord | None) -> ValidatedOutput:
+        """The reading's output with its digest, taken while it was written where it was
+        followed (``tail``); the audit record says which of a safetensors output
+        (``output_hashed``; an ONNX output's is of bytes in memory). Once its
+        sandbox is dead; the hash's last blocks run while the output is delivered
+        (integrity.digest_delivering)."""
+        with self.trace.span("output_digest") as span:
+            if tail is None:
+                output, while_written = await compute_digest(output), False
+            else:
+                output, while_written = await tail.digest_of(output, await tail.finish())
+            if span:
+                span.note({"while_written": while_written})
+        if audit is not None and output.safetensors is not None:
+            audit.set(output_hashed="while_written" if while_written else "after")
+        return output
+
+    async def _follow(self, slot: Slot, room: OutputRoom) -> OutputTail | None:
+        """A checkpoint's reading's safetensors output, followed and hashed as it is written
+        (output_tail.py), where its sandbox can be given it append-only (under runc). Not
+        an output on disk: its data is a hole there (``digest_only``)."""
+        fd = await self.backend.append_only_output(slot,
+                                                   OUTPUT_NAMES[OutputFormat.SAFETENSORS])
+        return None if fd is None else OutputTail(fd, room.limits.max_output_bytes)

@@ -65,7 +65,8 @@ class SandboxBackend(Protocol):
     payload does (a crash, a timeout, an OOM kill) comes back as an ``Outcome``.
 
     A job: ``prepare`` (and ``start``, ahead of time, for a warm pool), ``hand_over`` the
-    artifact, ``run`` the spec, read ``output`` once it is dead, ``destroy``. Upkeep:
+    artifact, perhaps an ``append_only_output`` to follow, ``run`` the spec, read ``output``
+    once it is dead, ``destroy``. Upkeep:
     ``is_running``, ``warmed_up``, ``hasten``, ``check``, ``reap_orphans``, ``close``. The
     self-test and the version gates: ``describe``, ``versions``. Nothing above this interface
     knows which engine runs the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes
@@ -104,6 +105,12 @@ class SandboxBackend(Protocol):
         the slot owns it from here), or the artifact already in another slot of the same job
         (shared, for the integrity extraction, with that slot's parity sample if any).
         ``sample``: the caller's parity sample, written beside it (contract.SAMPLE_NAME)."""
+        ...
+
+    async def append_only_output(self, slot: Slot, name: str) -> int | None:
+        """Before ``run``: an empty output file ``name`` its sandbox can only append to, and
+        a read-only descriptor for the broker to follow it by as it is written (the caller
+        closes it); None where the runtime or the output's filesystem cannot give one."""
         ...
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:

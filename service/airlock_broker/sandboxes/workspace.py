@@ -41,10 +41,12 @@ by descriptor and only unlinks an entry that is not a real directory.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 import shutil
@@ -74,6 +76,10 @@ _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
 _MNT_DETACH = 0x2
+#: <linux/fs.h> on 64-bit Linux: the inode flags' ioctls (an int travels) and append-only.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_APPEND_FL = 0x20
 _UMOUNT_NOFOLLOW = 0x8
 _OUT = "out"
 _IMAGE_SUFFIX = ".img"
@@ -188,6 +194,38 @@ class JobWorkspace:
         finally:
             os.close(fd)
         os.rename(tmp, self.in_dir / JOB_SPEC_NAME)
+
+    def append_only_output(self, name: str) -> int | None:
+        """An empty file ``name`` in the output, which its sandbox may append to and do
+        nothing else with (``FS_APPEND_FL``: the kernel refuses writing anywhere but at its
+        end, truncating it, mapping it writable, renaming and removing it, to its owner too),
+        and a read-only descriptor of it for the broker to follow it by (the caller closes
+        it). None where the output's filesystem cannot mark a file so, or a non-root broker
+        may not (``CAP_LINUX_IMMUTABLE``): the file is then removed. Made before the job's
+        spec, while the output holds nothing of the job's."""
+        dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o600,
+                         dir_fd=dir_fd)
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(fd, self.uid, self.gid)
+                marked = _mark_append_only(fd)
+                made = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if not marked:
+                os.unlink(name, dir_fd=dir_fd)
+                return None
+            # Reopened by name: it can no longer be renamed or removed, so it is the same file.
+            reader = os.open(name, os.O_RDONLY | SAFE_OPEN, dir_fd=dir_fd)
+            seen = os.fstat(reader)
+            if (seen.st_dev, seen.st_ino) != (made.st_dev, made.st_ino):
+                os.close(reader)
+                raise WorkspaceError(f"the output file {name} changed while it was made")
+            return reader
+        finally:
+            os.close(dir_fd)
 
     def worker_ready(self) -> bool:
         """Whether the worker has said it is warmed up (``READY_NAME`` exists in the out dir).
@@ -396,6 +434,20 @@ def _is_mount(parent: Path, name: str) -> bool:
         return stat.S_ISDIR(st.st_mode) and st.st_dev != os.lstat(parent).st_dev
     except OSError:
         return False
+
+
+def _mark_append_only(fd: int) -> bool:
+    """Set ``FS_APPEND_FL`` on ``fd``'s file; False where the filesystem or the broker's
+    capabilities refuse it."""
+    flags = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        flags[0] |= _FS_APPEND_FL
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags)
+    except OSError as exc:
+        log.debug("cannot make an output append-only: %s", exc)
+        return False
+    return True
 
 
 def _spool_dir(spool_root: Path, name: str) -> Path:
