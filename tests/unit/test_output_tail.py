@@ -139,15 +139,76 @@ def test_the_digest_taken_while_the_sandbox_wrote_is_of_the_file_as_it_stays(
 
 
 @ROOT_ONLY
-def test_a_file_is_made_once_and_never_over_one_there(workspace: JobWorkspace) -> None:
+def test_no_file_is_made_over_one_there(workspace: JobWorkspace) -> None:
+    """A name already taken (a link, a file) is left alone: no output to follow."""
     (workspace.out_dir / "planted").symlink_to("/etc/passwd")
-    with pytest.raises(FileExistsError):
-        workspace.append_only_output("planted")
+    assert workspace.append_only_output("planted") is None
+    assert os.readlink(workspace.out_dir / "planted") == "/etc/passwd"
     first = workspace.append_only_output(NAME)
     assert first is not None
     os.close(first)
-    with pytest.raises(FileExistsError):
-        workspace.append_only_output(NAME)
+    assert workspace.append_only_output(NAME) is None
+
+
+@ROOT_ONLY
+def test_a_file_opened_for_writing_before_its_mark_is_not_followed(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel checks the mark when a file is opened, not when it is written: a
+    descriptor opened in between could rewrite hashed bytes. The broker then follows nothing
+    and takes the file away (the job writes its own, hashed once whole)."""
+    from airlock_broker.sandboxes import workspace as module
+
+    real = module._set_append_only
+    early: list[int] = []
+
+    def racing(fd: int, on: bool) -> bool:
+        if on:  # a writer that got in between the file's making and its mark
+            early.append(os.open(f"/proc/self/fd/{fd}", os.O_WRONLY))
+        return real(fd, on)
+
+    monkeypatch.setattr(module, "_set_append_only", racing)
+    try:
+        assert workspace.append_only_output(NAME) is None
+        assert early and not (workspace.out_dir / NAME).exists()
+    finally:
+        for fd in early:
+            os.close(fd)
+
+
+@ROOT_ONLY
+def test_the_readings_own_writer_is_followed_to_the_answers_digest(
+        workspace: JobWorkspace, tmp_path: Path) -> None:
+    """The worker's in-place writer (JobSpec.output_in_place) into the broker's append-only
+    file, as root (whom the mark binds too): written through O_APPEND, canonical, and the
+    digest taken while it was written is the answer's."""
+    from airlock_sandbox.contract import ARTIFACT_NAME, JobMode, JobSpec
+    from airlock_sandbox.formats import ArtifactFormat
+    from airlock_worker import job as worker_job
+    from airlock_worker.report import Report
+    from tests.fixtures import models
+
+    artifact, _check = models.make_state_dict(tmp_path)
+    os.link(artifact, workspace.in_dir / ARTIFACT_NAME)
+    fd = workspace.append_only_output(NAME)
+    assert fd is not None
+    spec = JobSpec(job_id="t", artifact_format=ArtifactFormat.ZIP,
+                   mode=JobMode.EXTRACT_WEIGHTS, output_in_place=True)
+
+    async def convert() -> tuple[ValidatedOutput, bool]:
+        tail = OutputTail(fd, cap=64 * 1024 * 1024)
+        tail.start()
+        try:
+            await asyncio.to_thread(worker_job.run, spec, str(workspace.in_dir),
+                                    str(workspace.out_dir), Report())
+            return await tail.digest_of(_validated(workspace.out_dir / NAME),
+                                        await tail.finish())
+        finally:
+            await tail.close()
+
+    output, while_written = asyncio.run(convert())
+    assert while_written
+    assert output.sha256 == hashlib.sha256((workspace.out_dir / NAME).read_bytes()).hexdigest()
+    assert sorted(os.listdir(workspace.out_dir)) == [NAME]  # no other name was written
 
 
 def test_a_file_past_the_cap_is_not_followed_on(tmp_path: Path) -> None:

@@ -301,8 +301,9 @@ def test_a_digest_only_reading_reports_its_data_sections_sha256_and_writes_a_hol
 
 def test_a_reading_writes_in_place_the_file_the_broker_made(tmp_path: Path) -> None:
     """JobSpec.output_in_place: the same bytes as a reading that makes its own file, appended
-    to the broker's (a file opened without O_APPEND would fail on an append-only one); the
-    broker's file missing, or not empty, fails the reading; a hole cannot be appended."""
+    to the broker's (here a plain file; test_output_tail.py runs it into an append-only one,
+    which only O_APPEND may write); the broker's file missing, or not empty, fails the
+    reading; a hole cannot be appended."""
     artifact, _check = models.make_state_dict(tmp_path)
     staged = extract_only(tmp_path / "staged", artifact)
     placed = extract_only(tmp_path / "placed", artifact, output_in_place=True)

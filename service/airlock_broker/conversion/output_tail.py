@@ -87,29 +87,39 @@ class OutputTail:
 
     async def finish(self) -> Followed | None:
         """Only once nothing in the sandbox runs: the digest of the whole file, or None if
-        it ran past the cap (validation then refuses it) or could not be read."""
-        assert self._result is not None, "finish a started tail"
+        it ran past the cap (validation then refuses it), could not be read, or the tail is
+        closed (its job is over)."""
+        result = self._result
+        if result is None:
+            return None
         self._dead.set()
         try:
-            return await asyncio.shield(self._result)
+            return await asyncio.shield(result)
         except OSError as exc:
             log.warning("following the output failed (it is hashed after validation): %s", exc)
             return None
 
     async def close(self) -> None:
-        """Stop following, wait for the thread (one block at most) and close the descriptor.
-        Idempotent; never raises."""
+        """Stop following and close the descriptor once the thread is done (one block at
+        most): awaited here, or, if this is cancelled meanwhile, when it is. Idempotent."""
         self._abandoned = True
         self._dead.set()
-        if self._result is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait({self._result})
-            if self._result.done() and not self._result.cancelled():
-                self._result.exception()  # retrieved: a failure was logged or is moot
-            self._result = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        result, self._result = self._result, None
+        if result is None:
+            self._close_fd()
+            return
+        result.add_done_callback(self._thread_done)
+        await asyncio.wait({result})
+
+    def _thread_done(self, result: asyncio.Future[Followed | None]) -> None:
+        if not result.cancelled():
+            result.exception()  # retrieved: a failure was logged by ``finish``, or is moot
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     async def digest_of(self, output: ValidatedOutput, followed: Followed | None
                         ) -> tuple[ValidatedOutput, bool]:
@@ -117,11 +127,11 @@ class OutputTail:
         that file and canonical as it lies; otherwise computed now. The second item: whether
         it was the followed file's. Before ``close``."""
         info = output.safetensors
-        if (followed is not None and info is not None
+        if (followed is not None and info is not None and self._fd >= 0
                 and (info.source.device, info.source.inode) == (followed.device, followed.inode)
                 and info.source.size == followed.size == info.canonical_size):
-            header = info.canonical_header
-            if await asyncio.to_thread(os.pread, self._fd, len(header), 0) == header:
+            header = info.canonical_header  # a few KiB from the page cache (16 MiB at most)
+            if os.pread(self._fd, len(header), 0) == header:
                 return with_sha256(output, followed.sha256), True
         return await compute_digest(output), False
 

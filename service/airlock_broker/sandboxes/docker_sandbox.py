@@ -283,7 +283,11 @@ class DockerSandbox:
         # refuses for an append-only one: under runsc the output is hashed once it is whole.
         if self.policy.runtime_family != "runc":
             return None
-        return slot.workspace.append_only_output(name)
+        try:
+            return slot.workspace.append_only_output(name)
+        except OSError as exc:  # a speed, never a reason to fail the job
+            log.warning("cannot give slot %s an append-only output: %s", slot.slot_id, exc)
+            return None
 
     async def run(self, slot: Slot, spec: JobSpec, deadline_seconds: float) -> Outcome:
         slot.assigned = True  # started here (a cold job, the self-test): at the default weight

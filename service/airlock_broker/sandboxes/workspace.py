@@ -200,29 +200,28 @@ class JobWorkspace:
         nothing else with (``FS_APPEND_FL``: the kernel refuses writing anywhere but at its
         end, truncating it, mapping it writable, renaming and removing it, to its owner too),
         and a read-only descriptor of it for the broker to follow it by (the caller closes
-        it). None where the output's filesystem cannot mark a file so, or a non-root broker
-        may not (``CAP_LINUX_IMMUTABLE``): the file is then removed. Made before the job's
-        spec, while the output holds nothing of the job's."""
+        it). Made before the job's spec. None, and no file, where it cannot be made so: the
+        name is taken, the output's filesystem cannot mark a file, a non-root broker may not
+        (``CAP_LINUX_IMMUTABLE``), or a descriptor opened for writing before the mark exists
+        (the kernel checks the mark when a file is opened, not when it is written)."""
         dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN)
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o600,
-                         dir_fd=dir_fd)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o600,
+                             dir_fd=dir_fd)
+            except OSError as exc:
+                log.debug("cannot make the output %s: %s", name, exc)
+                return None
             try:
                 if os.geteuid() == 0:
                     os.fchown(fd, self.uid, self.gid)
-                marked = _mark_append_only(fd)
+                marked = _set_append_only(fd, True)
                 made = os.fstat(fd)
             finally:
                 os.close(fd)
-            if not marked:
-                os.unlink(name, dir_fd=dir_fd)
-                return None
-            # Reopened by name: it can no longer be renamed or removed, so it is the same file.
-            reader = os.open(name, os.O_RDONLY | SAFE_OPEN, dir_fd=dir_fd)
-            seen = os.fstat(reader)
-            if (seen.st_dev, seen.st_ino) != (made.st_dev, made.st_ino):
-                os.close(reader)
-                raise WorkspaceError(f"the output file {name} changed while it was made")
+            reader = _only_reader(dir_fd, name, made) if marked else None
+            if reader is None:
+                _remove_output(dir_fd, name, marked)
             return reader
         finally:
             os.close(dir_fd)
@@ -436,18 +435,48 @@ def _is_mount(parent: Path, name: str) -> bool:
         return False
 
 
-def _mark_append_only(fd: int) -> bool:
-    """Set ``FS_APPEND_FL`` on ``fd``'s file; False where the filesystem or the broker's
-    capabilities refuse it."""
+def _set_append_only(fd: int, on: bool) -> bool:
+    """Set or clear ``FS_APPEND_FL`` on ``fd``'s file; False where the filesystem or the
+    broker's capabilities refuse it."""
     flags = array.array("i", [0])
     try:
         fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
-        flags[0] |= _FS_APPEND_FL
+        flags[0] = flags[0] | _FS_APPEND_FL if on else flags[0] & ~_FS_APPEND_FL
         fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags)
     except OSError as exc:
-        log.debug("cannot make an output append-only: %s", exc)
+        log.debug("cannot %s an output append-only: %s", "make" if on else "unmake", exc)
         return False
     return True
+
+
+def _only_reader(dir_fd: int, name: str, made: os.stat_result) -> int | None:
+    """A read-only descriptor of the marked file ``name``, if it is the file made (it can no
+    longer be renamed or removed) and no descriptor of it is open for writing: a read lease,
+    which the kernel grants only then."""
+    reader = os.open(name, os.O_RDONLY | SAFE_OPEN, dir_fd=dir_fd)
+    seen = os.fstat(reader)
+    try:
+        if (seen.st_dev, seen.st_ino) != (made.st_dev, made.st_ino):
+            raise OSError(f"{name} is another file than the one made")
+        fcntl.fcntl(reader, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(reader, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError as exc:
+        log.warning("the output %s cannot be followed (%s): it is hashed once written", name,
+                    exc)
+        os.close(reader)
+        return None
+    return reader
+
+
+def _remove_output(dir_fd: int, name: str, marked: bool) -> None:
+    """Take a made output away again (its mark first), so that the job writes its own."""
+    if marked:
+        fd = os.open(name, os.O_RDONLY | SAFE_OPEN, dir_fd=dir_fd)
+        try:
+            _set_append_only(fd, False)
+        finally:
+            os.close(fd)
+    os.unlink(name, dir_fd=dir_fd)
 
 
 def _spool_dir(spool_root: Path, name: str) -> Path:
