@@ -39,7 +39,7 @@ from airlock_broker.conversion.outputs import (
     validate_output,
 )
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.futures import retrieved
+from airlock_broker.futures import retrieved, together
 from airlock_broker.hostile_text import sanitize
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxBackend, SandboxUnavailable, Slot
@@ -408,7 +408,7 @@ class JobRunner:
             if read_first is not None:
                 deadline = max(1.0, deadline - (time.monotonic() - began))
             try:
-                outcome, extraction = await asyncio.gather(
+                outcome, extraction = await together(
                     self._sandbox_run("sandbox_run", slot, spec, deadline),
                     self._extract(extractor, request, detected, stack, room,
                                   digest_only=bool(room.disk_bytes),
