@@ -20,11 +20,13 @@ re-checks every member before it reads one and refuses a bundle that is not what
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
 import unicodedata
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,8 @@ def read_mlmodel(entry: ModelFile) -> dict[str, Any]:
         doc = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise refuse(f"{MLMODEL} is not valid YAML: {str(exc)[:200]}") from None
+    except RecursionError:  # a few KB of nested brackets
+        raise refuse(f"{MLMODEL} nests too deeply to be read") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("flavors"), dict):
         raise refuse(f"{MLMODEL} has no 'flavors' mapping")
     return doc
@@ -227,6 +231,21 @@ def open_checked(entry: ModelFile) -> int:
         os.close(fd)
         raise refuse(f"{entry.name} changed while being read")
     return fd
+
+
+@contextlib.contextmanager
+def pinned(entry: ModelFile) -> Iterator[str]:
+    """A path that names the very file inspected while the block runs: ``/proc/self/fd/N``
+    of a descriptor opened without following a link and checked (:func:`open_checked`), so
+    that whatever is put at its name meanwhile (a link to a file its owner may read and the
+    directory's author may not, a FIFO) is not what is read. Where there is no ``/proc``,
+    its name, checked."""
+    fd = open_checked(entry)
+    try:
+        by_fd = f"/proc/self/fd/{fd}"
+        yield by_fd if os.path.exists(by_fd) else str(entry.path)
+    finally:
+        os.close(fd)
 
 
 def check_unchanged(entry: ModelFile) -> None:

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_client import mlflow_source
-from airlock_client.provenance import MAX_SUBJECT, escape_subject
+from airlock_client.provenance import clip_subject, escape_subject, path_subject
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,9 @@ def default_subject(text: str) -> str:
     """What ``airlock convert`` signs as the input's subject unless ``--subject`` says: the URI
     as given, or the absolute path; escaped, and clipped at the front when too long (the end of
     a path says the most)."""
-    name = text if mlflow_source.is_uri(text) else os.path.abspath(text)
-    out = "".join(escape_subject(ch) for ch in name)  # per character: never too long to escape
-    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
+    if not mlflow_source.is_uri(text):
+        return path_subject(text)
+    return clip_subject("".join(escape_subject(ch) for ch in text))  # per character
 
 
 @contextlib.contextmanager

@@ -169,7 +169,7 @@ class Client:
                 subject: str = "", parity_tolerance: float = 0.0,
                 keep_training_state: bool = False,
                 sample_input: str | os.PathLike[str] | bytes | None = None,
-                idempotency_key: str = "") -> ConversionResult:
+                idempotency_key: str = "", filename: str = "") -> ConversionResult:
         """Convert ``artifact`` in a sandbox and write the validated model to ``output``.
 
         Retries only when the service is busy (until the deadline, after the broker's
@@ -219,6 +219,10 @@ class Client:
         by default) the repeat is answered with the stored result, ``result.replayed``,
         without a sandbox. The broker refuses the key for other bytes or other options
         (``IDEMPOTENCY_KEY_REUSED``).
+
+        ``filename``: the artifact's name as the broker's audit record shows it; by default
+        the last part of ``artifact``'s path (give it when that path names the file by its
+        descriptor, ``/proc/self/fd/N``, as ``convert_directory`` does).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise ValueError(f"idempotency_key has {len(idempotency_key)} characters; the "
@@ -244,7 +248,7 @@ class Client:
         return self._convert_file(
             source, output, target=target, inputs=inputs, declared_format=declared_format,
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-            filename=source.name, on_busy=on_busy, subject=subject,
+            filename=filename or source.name, on_busy=on_busy, subject=subject,
             parity_tolerance=parity_tolerance, keep_training_state=keep_training_state,
             sample_input=sample, idempotency_key=idempotency_key)
 

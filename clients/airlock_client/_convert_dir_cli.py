@@ -22,6 +22,7 @@ from airlock_client._cli_exits import (
 from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address
 from airlock_client._errors import (
+    CLIENT_ERROR,
     AirlockError,
 )
 from airlock_client._progress import Heartbeat, busy_notice, write_line
@@ -97,6 +98,11 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
                            f"({printable(str(output))} is as it was)", as_json=args.json)
     except (ValueError, FileExistsError) as exc:
         return _usage(args, str(exc))
+    except OSError as exc:  # the output's directory cannot be made or written, the disk is full
+        where = exc.filename2 or exc.filename
+        return _report_error(args, "failed", CLIENT_ERROR,
+                             f"{exc.strerror or exc}{f': {where}' if where else ''}; nothing "
+                             f"was left at {printable(str(output))}", EXIT_FAILED)
     except ModelDirError as exc:  # one shard's failure, as that shard's conversion said
         _, code = failure(exc.cause) if exc.cause is not None else ("", EXIT_FAILED)
         return _report_error(args, exc.kind, exc.reason, exc.message, code, shard=exc.shard)
@@ -173,7 +179,7 @@ def _report_ok(args: argparse.Namespace, result: DirectoryResult) -> None:
         print(f"  carried    {', '.join(t(n) for n in result.carried)}")
     for skipped in result.skipped:
         print(f"  skipped    {t(skipped.name)}: {t(skipped.why)}")
-    if any(skipped.name == "config.json" for skipped in result.skipped):
+    if any(skipped.name.rpartition("/")[2] == "config.json" for skipped in result.skipped):
         print("  warning    config.json was not carried over (above): transformers' "
               "from_pretrained needs it; make it strict JSON and convert again")
     print("  provenance one signed record per shard and per carried file "

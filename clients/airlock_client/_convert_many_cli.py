@@ -40,7 +40,13 @@ from airlock_client._converted_file import (
     placed,
     result_document,
 )
-from airlock_client._errors import AccessDenied, AirlockError, ConversionError, ServiceUnavailable
+from airlock_client._errors import (
+    CLIENT_ERROR,
+    AccessDenied,
+    AirlockError,
+    ConversionError,
+    ServiceUnavailable,
+)
 from airlock_client._progress import busy_notice
 from airlock_client._terminal import printable
 from airlock_client._types import TensorSpec
@@ -146,7 +152,7 @@ def _finish(args: argparse.Namespace, done: Done[tuple[Path, Path], Any]) -> dic
         else:
             usage = isinstance(error, ValueError)
             doc = failure_document("usage" if usage else "failed",
-                                   USAGE if usage else "CLIENT_ERROR", str(error))
+                                   USAGE if usage else CLIENT_ERROR, str(error))
         return {**doc, "input": str(source)}
     try:
         result = placed(done.result, done.item[1], _base(args, source))

@@ -109,6 +109,9 @@ class SafeLoadError(IntegrityError):
 #: ``ModelSourceError``'s reason when a ``models:/`` or ``runs:/`` source could not be fetched
 #: (the registry's doing, not the model's).
 DOWNLOAD_FAILED = "MLFLOW_DOWNLOAD_FAILED"
+#: A failure on the client's own side (a file it could not read or write), with the
+#: operating system's sentence and the file's name.
+CLIENT_ERROR = "CLIENT_ERROR"
 
 
 class ModelSourceError(AirlockError):

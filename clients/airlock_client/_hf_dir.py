@@ -289,7 +289,7 @@ def _top_level(base: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:
     except OSError as exc:
         raise _bundle.refuse(f"cannot list {base}: {exc.strerror}") from None
     if len(entries) > MAX_ENTRIES:
-        raise _bundle.refuse(f"more than {MAX_ENTRIES} entries")
+        raise _bundle.refuse(f"{base} has {len(entries)} entries (limit {MAX_ENTRIES})")
     for entry in entries:
         found = _bundle.checked_entry(entry, entry.name)
         if found is None:

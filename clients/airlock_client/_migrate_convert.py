@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from airlock_client._errors import (
+    CLIENT_ERROR,
     AccessDenied,
     AirlockError,
     ConversionError,
@@ -57,9 +58,9 @@ def convert_verified(convert: Convert, model_dir: Path, output: Path, subject: s
         return Failure(status, exc.reason, exc.message)
     except AirlockError as exc:  # provenance or stream integrity: refuse the output
         status = Status.REJECTED if isinstance(exc, IntegrityError) else Status.FAILED
-        return Failure(status, getattr(exc, "reason", "") or "CLIENT_ERROR", str(exc))
+        return Failure(status, getattr(exc, "reason", "") or CLIENT_ERROR, str(exc))
     except OSError as exc:
-        return Failure(Status.FAILED, "CLIENT_ERROR", f"{type(exc).__name__}: {exc}")
+        return Failure(Status.FAILED, CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
     if not result.provenance:
         return Failure(Status.FAILED, "PROVENANCE_MISSING",
                        "the broker returned no signed provenance")

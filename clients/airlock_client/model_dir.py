@@ -182,7 +182,7 @@ class ShardClient(Protocol):
                 target: Target = ..., declared_format: DeclaredFormat | None = ...,
                 loading_policy: LoadingPolicy = ...,
                 job_timeout: int = ..., on_busy: OnBusy | None = ...,
-                subject: str = ...) -> ConversionResult: ...
+                subject: str = ..., filename: str = ...) -> ConversionResult: ...
 
     def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
                      subject: str = ...) -> bytes: ...
@@ -209,10 +209,16 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     ``ServiceUnavailable`` when the broker could not be reached before it answered any shard,
     ``AirlockError`` (reason ``NO_SPACE``) when ``output``'s filesystem has less free space
     than the weights and data files take, before any shard is sent.
-    ``subject``, if given, is signed into each shard's provenance as ``SUBJECT/FILE``.
+    ``subject`` is signed into each file's provenance as ``SUBJECT/FILE`` (the index's as
+    ``SUBJECT``); by default the source directory's absolute path, as ``airlock convert DIR``
+    signs it (``provenance.path_subject``): ``verify DIR`` holds each carried data file to
+    it.
     ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
     """
+    from airlock_client.provenance import path_subject
+
     began = time.monotonic()
+    subject = subject or path_subject(source)
     model = _hf_dir.inspect(source)
     dest = Path(os.path.abspath(output))
     _check_destination(model.root, dest, overwrite)
@@ -285,29 +291,27 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
     its sandbox checks it and the broker returns it unchanged, with a signed record written
     beside it. One that is not what its name says (``NOT_ITS_KIND``: the sandbox's check, or
     leading bytes of a model or a pickle) is skipped, and returned with why; any other
-    failure fails the directory, and so does one whose bytes sent are not the file listed.
-    First, because they are small: before any shard is sent."""
-    from airlock_client.provenance import digest_of, file_subject, write_provenance
+    failure fails the directory, and so does one that changed size while it was sent. Sent
+    by its descriptor (``_bundle.pinned``), as shards are. First, because they are small:
+    before any shard is sent."""
+    from airlock_client.provenance import file_subject, write_provenance
 
     def work(data: DataFile) -> Skipped | None:
         out = tmp / data.name
-        _bundle.check_unchanged(data.source)
         try:
-            result = client.convert(data.source.path, out,
-                                    declared_format=_DECLARED[data.kind],
-                                    loading_policy="safe_only",  # nothing in it is loaded
-                                    job_timeout=job_timeout, on_busy=on_busy,
-                                    subject=file_subject(subject, data.name))
+            with _bundle.pinned(data.source) as listed:
+                result = client.convert(listed, out, declared_format=_DECLARED[data.kind],
+                                        loading_policy="safe_only",  # nothing in it is loaded
+                                        job_timeout=job_timeout, on_busy=on_busy,
+                                        subject=file_subject(subject, data.name),
+                                        filename=data.name)
         except AirlockError as exc:
             if getattr(exc, "reason", "") not in NOT_ITS_KIND:
                 raise
             return Skipped(data.shown, exc.message)
-        # Client.convert opened the path again: what it sent must be the file listed (not a
-        # link swapped in and out meanwhile, to a file its caller may read and we may not).
-        with os.fdopen(_bundle.open_checked(data.source), "rb") as fh:
-            listed = digest_of(fh)
-        if listed != (result.input_sha256, result.input_size) or listed[1] != data.source.size:
-            raise _bundle.refuse(f"{data.shown} changed while being carried")
+        if result.input_size != data.source.size:
+            raise _bundle.refuse(f"{data.shown} changed while being carried: "
+                                 f"{result.input_size} bytes sent, {data.source.size} listed")
         write_provenance(out, result.provenance)
         return None
 
@@ -330,14 +334,16 @@ def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: 
 
     def work(shard: Shard) -> ShardResult:
         out = tmp / shard.output_name
-        # Client.convert opens the path again: it must still be the file inspected, not a
-        # link or another file put there since.
-        _bundle.check_unchanged(shard.source)
-        result = client.convert(shard.source.path, out, target="safetensors",
-                                loading_policy=loading_policy, job_timeout=job_timeout,
-                                on_busy=on_busy, subject=file_subject(subject, shard.source.name))
+        # Sent by its descriptor: the file inspected, whatever is put at its name meanwhile.
+        with _bundle.pinned(shard.source) as listed:
+            result = client.convert(listed, out, target="safetensors",
+                                    loading_policy=loading_policy, job_timeout=job_timeout,
+                                    on_busy=on_busy,
+                                    subject=file_subject(subject, shard.source.name),
+                                    filename=shard.source.name)
         if result.input_size != shard.source.size:
-            raise _bundle.refuse(f"{shard.source.name} changed while being converted")
+            raise _bundle.refuse(f"{shard.source.name} changed while being converted: "
+                                 f"{result.input_size} bytes sent, {shard.source.size} listed")
         header = _st_header.read_header(out)
         if shard.names is not None:
             why = _hf_dir.tensor_names_problem(shard.names, dict.fromkeys(header.tensors),
@@ -478,7 +484,9 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
         # At no moment was there no output; the old one is under the temporary name, which
         # the caller's ``finally`` removes (or, killed first, the next run: it is unlocked).
         return
-    old = dest.with_name(f".{dest.name}.airlock-old-{uuid.uuid4().hex[:8]}")
+    # Named as a temporary output of ``dest``: killed between the two renames, the old
+    # output is what the next run's sweep removes (its new one is at ``tmp``, swept too).
+    old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_part_files.DIR_SUFFIX}")
     os.rename(dest, old)
     os.rename(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)

@@ -198,12 +198,23 @@ def check_kind(record: ProvenanceRecord, *, data_file: bool = False) -> None:
 
 def file_subject(subject: str, name: str) -> str:
     """What a directory's file is signed as: ``SUBJECT/NAME`` (the name escaped), clipped at
-    the front when too long, as the CLI clips a long path (the end says the most); "" for
-    no subject. ``convert DIR`` signs every shard and data file so; ``verify DIR`` expects it."""
+    the front when too long (:func:`clip_subject`); "" for no subject. ``convert DIR`` signs
+    every shard and data file so; ``verify DIR`` expects it."""
     if not subject:
         return ""
-    out = subject + "/" + "".join(escape_subject(ch) for ch in name)
-    return out if len(out) <= MAX_SUBJECT else "…" + out[-(MAX_SUBJECT - 1):]
+    return clip_subject(subject + "/" + "".join(escape_subject(ch) for ch in name))
+
+
+def path_subject(path: str | os.PathLike[str]) -> str:
+    """What a local file or directory is signed as unless its caller says otherwise: its
+    absolute path, escaped and clipped."""
+    return clip_subject("".join(escape_subject(ch) for ch in os.path.abspath(path)))
+
+
+def clip_subject(subject: str) -> str:
+    """``subject`` (already escaped), clipped at the front to ``MAX_SUBJECT`` characters when
+    too long: the end of a path says the most."""
+    return subject if len(subject) <= MAX_SUBJECT else "…" + subject[-(MAX_SUBJECT - 1):]
 
 
 def verify_envelope(provenance: bytes, public_key: PublicKeyLike) -> ProvenanceRecord:

@@ -11,8 +11,11 @@ is part of the answer (printed; ``principals`` and ``subject`` pin them).
 
 The data files carried over (``config.json``, ``adapter_config.json``, tokenizer files) steer
 loading: each must have its own record, as a data file of its kind (the broker had it checked
-in a sandbox and returned it unchanged), and match it. A directory converted before data files
-were signed fails here (``PROVENANCE_MISSING``): convert it again.
+in a sandbox and returned it unchanged), and match it, signed as part of this directory (its
+subject) at the request of whoever asked for the directory (its principal). With
+authentication off every caller is the same principal, and then only the subject binds it.
+A directory converted before data files were signed fails here (``PROVENANCE_MISSING``):
+convert it again.
 
 Every file is opened relative to the directory's descriptor, without following a link and
 without blocking on a FIFO, checked to be the regular file listed, and hashed from that
@@ -152,6 +155,15 @@ def _carried(dir_fd: int, name: str, key: PublicKeyLike,
                                f"{record.subject[-200:]!r}; this one's is "
                                f"{whole.subject[-200:]!r}): another conversion's data file "
                                "was put in its place")
+    # A subject is the caller's word: any caller may name any directory. One directory is
+    # one caller's conversion, so its data files were asked for by whoever asked for it.
+    if (record.principal, record.principal_method) != (whole.principal,
+                                                       whole.principal_method):
+        raise ProvenanceError(
+            "OUTPUT_MISMATCH", f"{name} was asked for by {record.principal[:80]!r} "
+                               f"({record.principal_method[:20]}), the directory by "
+                               f"{whole.principal[:80]!r} ({whole.principal_method[:20]}): "
+                               "another caller's data file was put in its place")
     return record
 
 

@@ -422,11 +422,11 @@ class FakeClient:
         self.closed = True
 
     def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
-        name = Path(artifact).name
+        name = kwargs.get("filename") or Path(artifact).name  # as Client.convert
         self.subjects.append(check_subject(kwargs.get("subject", "")))  # as Client.convert
         if kwargs.get("declared_format") in ("json", "text", "sentencepiece"):
             assert kwargs["loading_policy"] == "safe_only"
-            return self._carry(Path(artifact), Path(output), kwargs["declared_format"])
+            return self._carry(Path(artifact), Path(output), kwargs["declared_format"], name)
         with self._lock:
             self.calls.append(name)
             self.policies.append(kwargs["loading_policy"])
@@ -455,21 +455,22 @@ class FakeClient:
             with self._lock:
                 self.running -= 1
 
-    def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
+    def _carry(self, artifact: Path, output: Path, declared: str,
+               name: str) -> ConversionResult:
         """A data file, as the broker returns one: unchanged, with its own record, or refused
         as its sandbox refuses one that is not what it was declared to be."""
         data = artifact.read_bytes()
         with self._lock:
-            self.carried.append((artifact.name, declared))
-        if artifact.name in self.errors:
-            raise self.errors[artifact.name]
+            self.carried.append((name, declared))
+        if name in self.errors:
+            raise self.errors[name]
         why = data_files.problem(data_files.KINDS[declared], data)
         if why is not None:
             raise ConversionError("FORMAT_MISMATCH", f"declared {declared}, but {why}",
                                   kind="rejected", code="INVALID_ARGUMENT")
         output.write_bytes(data)
         return ConversionResult(
-            job_id=f"job-{artifact.name}", output=output, format="data",
+            job_id=f"job-{name}", output=output, format="data",
             sha256=hashlib.sha256(data).hexdigest(), size=len(data),
             input_sha256=hashlib.sha256(data).hexdigest(), input_size=len(data),
             detected_format=declared, assurance=Assurance.INTEGRITY_VERIFIED,
@@ -820,32 +821,58 @@ def test_a_subject_as_long_as_allowed_still_names_every_file(tmp_path: Path) -> 
         ["config.json", *SHARDS])
 
 
-def test_a_data_file_swapped_for_a_link_while_it_was_sent_fails_the_directory(
+def test_a_data_file_swapped_for_a_link_while_it_was_sent_is_carried_as_listed(
         tmp_path: Path) -> None:
-    """Client.convert opens the path again: a link swapped in while it read (here, to a file
-    of the same size the caller may read and an attacker may not) and swapped back after is
-    caught by the hash of the file listed, read without following links."""
+    """A link swapped in while the file is sent (here, to a file of the same size the caller
+    may read and the directory's author may not) and swapped back after is not what is sent:
+    the file goes by its descriptor, opened without following links when it was listed."""
     src = hf_dir(tmp_path / "m", SHARDS)
     config = src / "config.json"
+    listed = config.read_bytes()
     secret = tmp_path / "secret.json"
     secret.write_bytes(b'{"k": "' + b"x" * (config.stat().st_size - 9) + b'"}')
     assert secret.stat().st_size == config.stat().st_size
 
     class Swapping(FakeClient):
-        def _carry(self, artifact: Path, output: Path, declared: str) -> ConversionResult:
+        def _carry(self, artifact: Path, output: Path, declared: str,
+                   name: str) -> ConversionResult:
             kept = tmp_path / "kept"
             config.rename(kept)
             config.symlink_to(secret)
             try:
-                return super()._carry(artifact, output, declared)
+                return super()._carry(artifact, output, declared, name)
             finally:
                 config.unlink()
                 kept.rename(config)
 
-    with pytest.raises(ModelDirError, match=r"config\.json changed while being carried"):
-        convert_directory(Swapping(GOOD), src, tmp_path / "out",  # type: ignore[arg-type]
-                          jobs=1)
-    assert not (tmp_path / "out").exists()
+    convert_directory(Swapping(GOOD), src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert (tmp_path / "out" / "config.json").read_bytes() == listed
+
+
+def test_a_shard_swapped_for_a_link_while_it_is_sent_is_sent_as_listed(tmp_path: Path) -> None:
+    """The same for a shard, swapped during its own conversion (a check before sending
+    cannot see it): what the client reads is the file listed."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    victim = src / "pytorch_model-00002-of-00003.bin"
+    listed = victim.read_bytes()
+    (tmp_path / "elsewhere.bin").write_bytes(b"Z" * len(listed))
+    sent: dict[str, bytes] = {}
+
+    class Swapping(FakeClient):
+        def convert(self, artifact: Path, output: Path, **kwargs: Any) -> ConversionResult:
+            if kwargs.get("filename") == victim.name:
+                victim.rename(tmp_path / "kept")
+                victim.symlink_to(tmp_path / "elsewhere.bin")
+                try:
+                    sent[victim.name] = Path(artifact).read_bytes()
+                    return super().convert(artifact, output, **kwargs)
+                finally:
+                    victim.unlink()
+                    (tmp_path / "kept").rename(victim)
+            return super().convert(artifact, output, **kwargs)
+
+    convert_directory(Swapping(GOOD), src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert sent[victim.name] == listed
 
 
 def test_an_empty_data_file_is_skipped_unsent(tmp_path: Path) -> None:

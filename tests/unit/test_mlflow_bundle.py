@@ -290,3 +290,15 @@ def test_the_serialization_hint_is_checked_for_form(flavor: str | None, serializ
     with pytest.raises(AirlockError, match=problem) as caught:
         check_serialization_hint(flavor, serialization)
     assert caught.value.reason.value == "BAD_REQUEST"
+
+
+def test_an_mlmodel_nested_too_deeply_is_refused_with_a_reason(tmp_path: Path) -> None:
+    """A few KB of brackets would blow the YAML parser's recursion: refused, not a crash."""
+    from airlock_client import _hf_dir
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ModelSourceError, match="nests too deeply") as caught:
+        _hf_dir.kind(model)
+    assert caught.value.reason == "UNSAFE_MODEL_DIR"

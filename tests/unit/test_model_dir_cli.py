@@ -245,3 +245,25 @@ def test_every_json_object_says_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     fake = FakeClient(GOOD, errors=dict.fromkeys(SHARDS, _unreachable()))
     assert _run(monkeypatch, fake, str(src), "-o", str(tmp_path / "b"), "--json") == 3
     assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_an_output_that_cannot_be_written_is_a_reason_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        where: str) -> None:
+    src = hf_dir(tmp_path / "m", SHARDS)
+    (tmp_path / "file").write_text("x")
+    output = {"under a file": tmp_path / "file" / "x" / "out",
+              "in /proc": Path("/proc/airlock-nowhere/out")}[where]
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(output), "--json") == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["ok"], doc["status"], doc["reason"]) == (False, "failed", "CLIENT_ERROR")
+    assert str(output.parent) in doc["message"] or str(output) in doc["message"], doc
+
+
+def test_the_api_signs_a_directory_as_its_path_unless_told(tmp_path: Path) -> None:
+    """As ``airlock convert DIR`` does: ``verify DIR`` holds carried files to that subject."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    fake = FakeClient(GOOD)
+    convert_directory(fake, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
+    assert sorted(fake.subjects) == sorted(f"{src}/{name}" for name in [*SHARDS, "config.json"])

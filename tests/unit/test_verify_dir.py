@@ -5,13 +5,20 @@ test_model_directories.py, with the broker's real records.)"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from airlock_client.provenance import ProvenanceError
+from airlock_broker.api.auth import Principal
+from airlock_broker.api.provenance import sign, statement
+from airlock_broker.security.keys import SigningKey, create_key
+from airlock_client.provenance import SUFFIX, ProvenanceError
 from airlock_client.verify_dir import verify_directory
+from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_sandbox.policy import SandboxPolicy
 
 KEY = ec.generate_private_key(ec.SECP256R1()).public_key()
 
@@ -37,3 +44,51 @@ def test_what_cannot_be_vouched_for_is_refused(tmp_path: Path, files: dict[str, 
     with pytest.raises(ProvenanceError, match=words) as caught:
         verify_directory(tmp_path, KEY)
     assert caught.value.reason == reason
+
+
+def _signed(key: SigningKey, path: Path, data: bytes, *, subject: str, principal: Principal,
+            declared: str = "") -> None:
+    """``data`` at ``path`` with a record the broker would sign: a safetensors conversion's,
+    or (``declared``) a carried data file's of that kind."""
+    from airlock_broker.conversion.jobs import JobRequest, JobResult
+    from airlock_broker.conversion.outputs import ValidatedOutput
+    from airlock_broker.sandboxes.sandbox import Outcome
+
+    fmt = OutputFormat.DATA if declared else OutputFormat.SAFETENSORS
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    result = JobResult(
+        job_id=f"job-{path.name}", input_sha256=digest, input_size=len(data),
+        detected_format=ArtifactFormat(declared) if declared else ArtifactFormat.PYTORCH_ZIP,
+        output=ValidatedOutput(format=fmt, size=len(data), sha256=digest, path=path,
+                               write_into=lambda fd: None),
+        outcome=Outcome(exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
+                        image_id="sha256:" + "ab" * 32, runtime="runc"),
+        policy=LoadingPolicy.SAFE_ONLY, report={})
+    request = JobRequest(job_id=result.job_id, declared_format=declared,
+                         target=Target.DATA if declared else Target.SAFETENSORS,
+                         subject=subject)
+    record = sign(statement(result, request, SandboxPolicy(), principal=principal), key)
+    (path.parent / (path.name + SUFFIX)).write_bytes(record)
+
+
+def test_a_data_file_asked_for_by_another_caller_is_refused(tmp_path: Path) -> None:
+    """A subject is the caller's word: another caller can have a config.json signed as part
+    of this very directory. One directory is one caller's conversion: its data files must
+    have been asked for by whoever asked for its weights."""
+    key = create_key(tmp_path / "key.pem")
+    alice = Principal("alice", "token", frozenset())
+    mallory = Principal("mallory", "token", frozenset())
+    out = tmp_path / "out"
+    out.mkdir()
+    _signed(key, out / "model.safetensors", b"weights", subject="/src/pytorch_model.bin",
+            principal=alice)
+    _signed(key, out / "config.json", b'{"auto_map": {"AutoModel": "evil.Model"}}',
+            subject="/src/config.json", principal=mallory, declared="json")
+    with pytest.raises(ProvenanceError, match="another caller's data file") as caught:
+        verify_directory(out, key.public_pem.encode())
+    assert caught.value.reason == "OUTPUT_MISMATCH"
+    _signed(key, out / "config.json", b'{"model_type": "llama"}', subject="/src/config.json",
+            principal=alice, declared="json")
+    checked = verify_directory(out, key.public_pem.encode())
+    assert [name for name, _ in checked.carried] == ["config.json"]
