@@ -159,3 +159,60 @@ def test_a_slots_files_are_removed_off_the_event_loop(tmp_path: Path,
     asyncio.run(run())
     assert api.removed == ["c"] and not root.exists()
     assert removed_on and threading.main_thread() not in removed_on, removed_on
+
+
+def test_a_call_given_up_while_its_disk_output_is_made_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkfs and the loop mount go on in their thread after the call is cancelled: what they
+    made is destroyed (before: a mount, an image and a slot stayed until the broker's next
+    start)."""
+    import threading
+
+    from airlock_broker.sandboxes import docker_sandbox
+
+    started, proceed, destroyed = threading.Event(), threading.Event(), threading.Event()
+
+    class Made:
+        def destroy(self) -> None:
+            destroyed.set()
+
+    def slow_create(*args: Any, **kwargs: Any) -> Made:
+        started.set()
+        proceed.wait(60)  # mkfs taking its time
+        return Made()
+
+    monkeypatch.setattr(docker_sandbox.JobWorkspace, "create", slow_create)
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(FakeApi([])))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        try:
+            task = asyncio.ensure_future(sandbox.prepare("torch", disk_output_bytes=1 << 30))
+            assert await asyncio.to_thread(started.wait, 60)
+            task.cancel()
+            proceed.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    asyncio.run(run())
+    assert destroyed.wait(60)
+
+
+def test_marks_the_sandbox_made_directories_of_do_not_fail_the_job(tmp_path: Path) -> None:
+    """A payload can ``mkdir /airlock/out/worker.done``: forgetting the marks after the run
+    must not raise (it was an internal error, which clients retry)."""
+    from airlock_broker.sandboxes.workspace import JobWorkspace
+    from airlock_sandbox.contract import DONE_NAME, READY_NAME
+
+    workspace = JobWorkspace(root=tmp_path, uid=os.getuid(), gid=os.getgid())
+    workspace.out_dir.mkdir()
+    (workspace.out_dir / DONE_NAME).mkdir()
+    (workspace.out_dir / READY_NAME).mkdir()
+    workspace.forget_marks()
+    (workspace.out_dir / DONE_NAME).rmdir()
+    (workspace.out_dir / READY_NAME).rmdir()
+    (workspace.out_dir / DONE_NAME).write_bytes(b"")  # as the worker makes them
+    (workspace.out_dir / READY_NAME).write_bytes(b"")
+    workspace.forget_marks()
+    assert list(workspace.out_dir.iterdir()) == []

@@ -291,3 +291,22 @@ def test_no_followed_digest_is_taken_for_a_file_that_changed_size(tmp_path: Path
 
     output, while_written = asyncio.run(digest())
     assert not while_written and output.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_which_output_a_sandbox_left_is_decided_without_following_its_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link the sandbox left as ``model.onnx`` is an entry (then refused as not a regular
+    file), never followed on the host as root: its target could be anywhere, or hang."""
+    from airlock_broker.conversion.outputs import expected_format
+    from airlock_sandbox.contract import Target
+
+    (tmp_path / OUTPUT_NAMES[OutputFormat.ONNX]).symlink_to("/etc/shadow")
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, follow_symlinks: bool = True, **kwargs: object
+             ) -> os.stat_result:
+        assert not (follow_symlinks and str(path).startswith(str(tmp_path))), path
+        return real_stat(path, *args, follow_symlinks=follow_symlinks, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert expected_format(tmp_path, Target.AUTO) is OutputFormat.ONNX

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,8 +119,8 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
         return OutputFormat.SAFETENSORS
     if target is Target.DATA:
         return OutputFormat.DATA
-    present = [fmt for fmt in MODEL_OUTPUTS if (out_dir / OUTPUT_NAMES[fmt]).exists()
-               or (out_dir / OUTPUT_NAMES[fmt]).is_symlink()]
+    # lexists: a link the sandbox left is an entry, never followed (on the host, as root).
+    present = [fmt for fmt in MODEL_OUTPUTS if os.path.lexists(out_dir / OUTPUT_NAMES[fmt])]
     if len(present) != 1:
         raise error(Reason.OUTPUT_INVALID,
                     "the sandbox exited 0 but left no single model file "

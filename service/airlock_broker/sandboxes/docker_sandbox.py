@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -197,8 +196,7 @@ class DockerSandbox:
             image_root=self.spool_root if disk_output_bytes else None)
         try:
             # mkfs and mount run as processes: not on the event loop.
-            workspace = (await asyncio.get_running_loop().run_in_executor(None, make)
-                         if disk_output_bytes else make())
+            workspace = await _made_off_loop(make) if disk_output_bytes else make()
         except (OSError, WorkspaceError) as exc:
             raise SandboxUnavailable(str(exc)) from exc
         labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
@@ -300,9 +298,7 @@ class DockerSandbox:
         try:
             return await self._until_done(slot, deadline_seconds)
         finally:  # nothing in it runs any more: the worker's signals are not outputs
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(slot.workspace.out_dir / DONE_NAME)
-            slot.workspace.forget_ready()
+            slot.workspace.forget_marks()
 
     async def _until_done(self, slot: Slot, deadline_seconds: float) -> Outcome:
         watch = slot.exit_watch
@@ -448,3 +444,17 @@ class DockerSandbox:
             self._pool.shutdown(wait=False, cancel_futures=True)
             if self._client is not None:
                 self._client.close()
+
+
+async def _made_off_loop(make: Callable[[], JobWorkspace]) -> JobWorkspace:
+    """``make()`` in a thread. Cancelled meanwhile, the thread goes on (mkfs, a loop mount):
+    what it made is destroyed before the cancellation is raised, so a call given up while its
+    disk-backed output was being prepared leaves no mount, image or slot behind."""
+    making = asyncio.get_running_loop().run_in_executor(None, make)
+    try:
+        return await asyncio.shield(making)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            made = await making
+            await asyncio.to_thread(made.destroy)
+        raise

@@ -64,6 +64,7 @@ from airlock_broker.security.state_dirs import (
 )
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
+    DONE_NAME,
     JOB_SPEC_NAME,
     READY_NAME,
     SAMPLE_NAME,
@@ -239,8 +240,18 @@ class JobWorkspace:
 
     def forget_ready(self) -> None:
         """Remove the worker's readiness mark: it is not an output."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.out_dir / READY_NAME)
+        self._forget(READY_NAME)
+
+    def forget_marks(self) -> None:
+        """Remove the worker's marks (readiness, success) once nothing in the sandbox runs:
+        they are not outputs. A mark the sandbox made something else of (a directory) stays:
+        it is the sandbox's word either way, and no output is taken from it."""
+        for name in (READY_NAME, DONE_NAME):
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        with contextlib.suppress(OSError):  # gone, or not a file: unlink never follows a link
+            os.unlink(self.out_dir / name)
 
     def drop_input(self) -> None:
         """Remove the artifact and the sample once the job is done with them (its sandbox
