@@ -387,7 +387,11 @@ def test_limits_have_finite_defaults_and_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             BrokerConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_open_streams must stay below"):
-        RpcLimits(max_open_streams=8, max_concurrent_rpcs=8)
+        RpcLimits(max_open_streams=8, max_concurrent_rpcs=8, max_waiting_calls=1)
+    with pytest.raises(ValueError, match="max_waiting_calls must stay below"):
+        RpcLimits(max_open_streams=1, max_concurrent_rpcs=8, max_waiting_calls=8)
+    with pytest.raises(ValueError, match="request_seconds"):
+        RpcLimits(request_seconds=0)
     toml = tmp_path / "airlock.toml"
     toml.write_text("[broker]\nanswer_drain_seconds = 5\nmax_jobs_per_principal = 4\n"
                     "[rpc]\nmax_open_streams = 2\nmax_connection_age_seconds = 60\n")

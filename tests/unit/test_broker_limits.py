@@ -246,7 +246,7 @@ def test_health_watch_and_reflection_streams_are_bounded(start) -> None:
 
 
 def test_the_server_refuses_calls_beyond_max_concurrent_rpcs(start) -> None:
-    run = start(rpc=RpcLimits(max_open_streams=1, max_concurrent_rpcs=2))
+    run = start(rpc=RpcLimits(max_open_streams=1, max_concurrent_rpcs=2, max_waiting_calls=1))
     hold = threading.Event()
     with own_channel(run.address) as channel:
         try:
@@ -262,3 +262,69 @@ def test_the_server_refuses_calls_beyond_max_concurrent_rpcs(start) -> None:
         for call in held:
             first, *_ = call
             assert first.result.job_id
+
+
+def _withheld(hold: threading.Event) -> Iterator[health_pb2.HealthCheckRequest]:
+    """A request stream that sends nothing until ``hold`` is set: the call's headers only."""
+    hold.wait(120)
+    return
+    yield  # a generator
+
+
+def test_calls_that_withhold_their_request_cannot_take_every_place(start) -> None:
+    """gRPC counts a call from its first frame, and ran a unary method only once its request
+    arrived: calls that sent their headers and never their message (a health check needs no
+    credentials) held every one of ``max_concurrent_rpcs``, and every other call, probes and
+    conversions included, was refused. Now at most ``max_waiting_calls`` of one principal
+    wait; the others are refused at once, and those that wait give up after
+    ``request_seconds``."""
+    run = start(rpc=RpcLimits(max_open_streams=1, max_concurrent_rpcs=6, max_waiting_calls=2,
+                              request_seconds=30))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    hold = threading.Event()
+    with own_channel(run.address) as channel:
+        check = channel.stream_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        try:
+            withheld = [check.future(_withheld(hold), timeout=120) for _ in range(6)]
+            # Beyond the two that may wait (whichever came first): refused, not held.
+            wait_for(lambda: sum(call.done() for call in withheld) >= 4)
+            refused = [call.exception() for call in withheld if call.done()]
+            waiting = [call for call in withheld if not call.done()]
+            assert len(refused) == 4 and len(waiting) == 2
+            assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+            assert "the limit is 2 ([rpc] max_waiting_calls)" in (refused[0].details() or "")
+            # A probe and a conversion are served while two calls withhold their request.
+            assert health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10).status == serving
+            messages = list(pb_grpc.ConversionServiceStub(channel).Convert(
+                requests(PICKLE), timeout=30))
+            assert messages[0].result.job_id
+        finally:
+            hold.set()
+        # The two that waited end when their stream does, without a request.
+        for call in waiting:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "without its request message" in (info.value.details() or "")
+
+
+def test_a_call_that_never_sends_its_request_gives_up_its_place(start) -> None:
+    run = start(rpc=RpcLimits(request_seconds=1))
+    hold = threading.Event()
+    with own_channel(run.address) as channel:
+        check = channel.stream_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                check(_withheld(hold), timeout=60)
+        finally:
+            hold.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no request message arrived within 1 s ([rpc] request_seconds)" in (
+        info.value.details() or "")

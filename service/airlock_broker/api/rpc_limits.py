@@ -11,12 +11,15 @@ included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from airlock_broker.api.auth import current_principal
 
 #: Methods that anyone may call and keep open as long as they like (auth.OPEN_SERVICES).
 OPEN_STREAMS = frozenset({
@@ -81,3 +84,108 @@ class OpenStreamLimiter(grpc.aio.ServerInterceptor):
             yield
         finally:
             self.open -= 1
+
+
+#: A request sent with its call arrives with it: only a call still without one after this
+#: long counts as waiting (so that withheld requests never keep others' from being taken).
+PROMPT_SECONDS = 0.2
+_NO_REQUEST = object()
+
+
+class RequestArrival(grpc.aio.ServerInterceptor):
+    """Takes a method's one request message with a time limit, and bounds how many calls of
+    one principal wait for theirs.
+
+    gRPC counts a call against ``max_concurrent_rpcs`` from its first frame, but runs a
+    method that takes one request (all but Convert and reflection) only once that request
+    has arrived: a caller that sends the call's headers and withholds its message held a
+    place for ever, and ``max_concurrent_rpcs`` such calls refused every other call, health
+    checks included, with no credentials needed. Here such a method is served as one that
+    streams its request: its handler runs at once (the interceptors outside this one first:
+    authentication refuses a caller without credentials before anything is read), takes the
+    first message within ``seconds`` (else DEADLINE_EXCEEDED) and calls the method with it.
+    A call whose request did not come with it (``PROMPT_SECONDS``) waits, counted: at most
+    ``limit`` calls of one principal at once (``auth.current_principal``: every caller of an
+    open method, such as a health check, and every caller with authentication off is
+    ``anonymous``); beyond it a call is refused with RESOURCE_EXHAUSTED, so withheld requests
+    never take every place, and calls that send theirs are served beside them.
+    """
+
+    def __init__(self, seconds: float, limit: int) -> None:
+        self.seconds = seconds
+        self.limit = limit
+        self.waiting: dict[str, int] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            unary: Any = handler.unary_unary  # an aio handler: a coroutine function
+
+            async def streamed_unary(requests: Any,
+                                     context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await unary(await self._request(requests, context), context)
+            return grpc.stream_unary_rpc_method_handler(
+                streamed_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streamed(handler.unary_stream), handler.request_deserializer,
+                handler.response_serializer)
+        return handler
+
+    def _streamed(self, behaviour: Any) -> Any:
+        """A server-streaming method, of the same kind (a coroutine that writes with
+        ``context.write``, as the health servicer's Watch, or an async generator)."""
+        if inspect.isasyncgenfunction(behaviour):
+            async def generator(requests: Any,
+                                context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                async for message in behaviour(await self._request(requests, context),
+                                               context):
+                    yield message
+            return generator
+
+        async def coroutine(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await behaviour(await self._request(requests, context), context)
+        return coroutine
+
+    async def _request(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # The next message, as a task: cancelling an aio request stream's own step would end
+        # the stream.
+        arriving = asyncio.ensure_future(anext(requests, _NO_REQUEST))
+        try:
+            done, _ = await asyncio.wait({arriving}, timeout=PROMPT_SECONDS)
+            if not done:  # not sent with the call: it waits, counted
+                await self._wait(arriving, context)
+            request = arriving.result()
+        finally:
+            arriving.cancel()
+        if request is _NO_REQUEST:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the call ended without its request message")
+        return request
+
+    async def _wait(self, arriving: asyncio.Future[Any],
+                    context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        who = current_principal().name
+        if self.waiting.get(who, 0) >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.limit} calls of principal {who!r} are waiting for "
+                                f"their request message, the limit is {self.limit} ([rpc] "
+                                "max_waiting_calls); send each call's request with it")
+        self.waiting[who] = self.waiting.get(who, 0) + 1
+        try:
+            done, _ = await asyncio.wait({arriving}, timeout=self.seconds - PROMPT_SECONDS)
+        finally:
+            self.waiting[who] -= 1
+            if not self.waiting[who]:
+                del self.waiting[who]
+        if not done:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no request message arrived within {self.seconds:g} s ([rpc] "
+                                "request_seconds)")

@@ -25,7 +25,7 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.admin import AdminServicer
 from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
-from airlock_broker.api.rpc_limits import OpenStreamLimiter
+from airlock_broker.api.rpc_limits import OpenStreamLimiter, RequestArrival
 from airlock_broker.api.servicer import conversion_servicer
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.admission import Admission
@@ -237,6 +237,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     peer_tickets = PeerTickets()
     interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
     interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
+    # Innermost: the methods it serves as streaming ones are guarded and counted above.
+    interceptors.append(RequestArrival(config.rpc.request_seconds, config.rpc.max_waiting_calls))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),

@@ -12,6 +12,7 @@ says otherwise, visibly.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -202,11 +203,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 wrap_unary(handler.unary_unary), handler.request_deserializer,
                 handler.response_serializer)
-        if handler.stream_stream:
+        if handler.stream_unary:  # a unary method, as api/rpc_limits.RequestArrival serves it
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
             return grpc.stream_stream_rpc_method_handler(
                 wrap_stream(handler.stream_stream), handler.request_deserializer,
                 handler.response_serializer)
-        return handler
+        return handler  # a coroutine writing with context.write (the health Watch)
 
 
 def _record(metrics: Metrics, method: str, context: Any, began: float) -> None:

@@ -94,6 +94,17 @@ class RpcLimits:
     #: Health.Watch and reflection streams open at once (``OPEN_STREAMS``); beyond it a new
     #: one is refused with RESOURCE_EXHAUSTED. Load balancers and probes use one or two each.
     max_open_streams: int = 16
+    #: How long a call may take to send its request message, for every method that takes
+    #: one (all but Convert and reflection, which stream theirs): gRPC counts a call against
+    #: ``max_concurrent_rpcs`` from its first frame, and a caller that withholds its request
+    #: would hold that place for ever (api/rpc_limits.RequestArrival). Ten seconds: a
+    #: request is a few bytes sent with the call's headers.
+    request_seconds: float = 10.0
+    #: Calls of one principal waiting for their request message at once; beyond it one is
+    #: refused at once with RESOURCE_EXHAUSTED. Every caller of an open method (a health
+    #: check) and every caller with authentication off is ``anonymous``: together they never
+    #: hold more than this many places of ``max_concurrent_rpcs`` with withheld requests.
+    max_waiting_calls: int = 16
     #: A connection is asked to close (GOAWAY) after this long; clients reconnect for new
     #: calls. With the grace below, this is what finally ends an HTTP/2 stream whose caller
     #: never reads and never leaves (its handler gave up at ``answer_drain_seconds``).
@@ -105,9 +116,15 @@ class RpcLimits:
     connection_age_grace_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_open_streams"):
+        for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_open_streams",
+                     "max_waiting_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[rpc] {name} must be at least 1")
+        if self.max_waiting_calls >= self.max_concurrent_rpcs:
+            raise ValueError("[rpc] max_waiting_calls must stay below max_concurrent_rpcs, or "
+                             "calls that withhold their request can refuse every other call")
+        if not 0 < self.request_seconds <= 3600:
+            raise ValueError("[rpc] request_seconds must be more than 0 and at most 3600")
         if self.max_open_streams >= self.max_concurrent_rpcs:
             raise ValueError("[rpc] max_open_streams must stay below max_concurrent_rpcs, or "
                              "idle watchers can refuse every other call")
