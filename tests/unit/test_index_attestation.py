@@ -181,3 +181,63 @@ def test_the_client_refuses_up_front_what_the_broker_would_not_attest() -> None:
     it inspects the directory, not after every shard has been converted."""
     assert _hf_dir.MAX_INDEX_BYTES == index_attestation.MAX_INDEX_BYTES
     assert _hf_dir.MAX_SHARDS == index_attestation.MAX_SHARDS
+
+
+def test_one_record_given_for_two_shards_or_with_extra_signatures_is_refused(
+        tmp_path: Path) -> None:
+    """Each shard is its own conversion with its own record, which this broker signed once:
+    a record repeated, or one with junk signatures before the broker's, was a cheap way to
+    make one call cost thousands of signature verifications."""
+    key = _key(tmp_path)
+    records = _records(key, SHARDS)
+    repeated = [records[0], (records[1][0], records[0][1])]
+    with pytest.raises(AirlockError, match="the same record was given for") as caught:
+        _attest(_index(SHARDS), repeated, key)
+    assert caught.value.reason == "BAD_REQUEST"
+    bundle = json.loads(records[0][1])
+    signatures = bundle["dsseEnvelope"]["signatures"]
+    other = json.loads(records[1][1])["dsseEnvelope"]["signatures"][0]  # valid, not for this
+    bundle["dsseEnvelope"]["signatures"] = [other] * 7 + signatures
+    padded = [(records[0][0], json.dumps(bundle).encode()), records[1]]
+    with pytest.raises(AirlockError, match="not signed by this broker") as caught:
+        _attest(_index(SHARDS), padded, key)
+    assert caught.value.reason == "BAD_REQUEST"
+
+
+def test_attestations_run_a_few_at_once_and_refuse_beyond_their_queue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any caller with the convert role may ask; without a bound, enough large requests kept
+    every executor thread (validation, answers, slot removal need them) and their bytes."""
+    import asyncio
+    import threading
+
+    key = _key(tmp_path)
+    release = threading.Event()
+    running: list[int] = []
+    real = index_attestation.attest
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        running.append(1)
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_attestation, "attest", slow)
+    attestations = index_attestation.Attestations(running=1, waiting=1)
+
+    async def run() -> list[Any]:
+        calls = [asyncio.ensure_future(attestations.attest(
+            _index(SHARDS), _records(key, SHARDS), "s", key=key, principal=PRINCIPAL))
+            for _ in range(3)]
+        deadline = asyncio.get_running_loop().time() + 60
+        while not (running and sum(c.done() for c in calls) == 1):
+            assert asyncio.get_running_loop().time() < deadline, "no attestation started"
+            await asyncio.sleep(0.01)
+        assert len(running) == 1  # one runs, one waits, the third is refused
+        release.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, AirlockError)]
+    assert len(refused) == 1 and refused[0].reason == "BUSY"
+    assert "the limit is 2" in refused[0].message
+    assert sum(isinstance(r, bytes) for r in results) == 2

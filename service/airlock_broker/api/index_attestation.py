@@ -12,6 +12,7 @@ claims another ``metadata.total_size``. Nothing is read from disk.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -75,10 +76,16 @@ def attest(index: bytes, shards: Sequence[tuple[str, bytes]], subject: str, *,
         raise error(Reason.BAD_REQUEST, f"{len(shards)} shard records were given; an index "
                                         f"is attested with 1 to {MAX_SHARDS}")
     records: dict[str, ShardRecord] = {}
+    given: dict[bytes, str] = {}  # each shard is its own conversion: its record is its own
     for file_name, record in shards:
         name = _file_name(file_name)
         if name in records:
             raise error(Reason.BAD_REQUEST, f"two records were given for {name}")
+        digest = hashlib.sha256(record).digest()
+        if digest in given:
+            raise error(Reason.BAD_REQUEST, f"the same record was given for {given[digest]} "
+                                            f"and {name}")
+        given[digest] = name
         records[name] = verified_shard(name, record, key)
     weight_map, total_size = _parse_index(index)
     _check(weight_map, total_size, records)
@@ -99,17 +106,16 @@ def verified_shard(name: str, provenance: bytes, key: SigningKey) -> ShardRecord
     signatures = envelope.get("signatures")
     if not isinstance(signatures, list) or not signatures:
         raise error(Reason.BAD_REQUEST, f"{what} holds no signature")
-    signed = pae(PAYLOAD_TYPE, payload)
-    for entry in signatures[:8]:
-        sig = entry.get("sig") if isinstance(entry, dict) else None
-        try:
-            key.public_key.verify(_b64(sig, what), signed, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            continue
-        break
-    else:
+    # This broker signs a record once: its signature is the first, and the only one tried
+    # (a request of MAX_SHARDS records costs at most MAX_SHARDS verifications).
+    entry = signatures[0]
+    sig = entry.get("sig") if isinstance(entry, dict) else None
+    try:
+        key.public_key.verify(_b64(sig, what), pae(PAYLOAD_TYPE, payload),
+                              ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
         raise error(Reason.BAD_REQUEST, f"{what} is not signed by this broker's provenance "
-                                        f"key ({key.fingerprint[:16]}...)")
+                                        f"key ({key.fingerprint[:16]}...)") from None
     statement = _json(payload, what)
     if statement.get("predicateType") != PREDICATE_TYPE:
         raise error(Reason.BAD_REQUEST, f"{what} is not a model-signing statement")
@@ -241,3 +247,32 @@ def _str(value: Any) -> str:
 def _some(names: list[str], shown: int = 5) -> str:
     head = ", ".join(printable_name(n, 80) for n in names[:shown])
     return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+class Attestations:
+    """The attestations in progress: at most ``running`` at once, each in a worker thread of
+    the event loop's executor (a request of ``MAX_SHARDS`` records costs that many signature
+    verifications, a fraction of a second of CPU), at most ``waiting`` more queued behind
+    them; beyond, BUSY. Without a bound, any caller with the convert role could keep every
+    executor thread (which validation, answers and slot removal need) and gigabytes of
+    requests in hand."""
+
+    def __init__(self, running: int = 2, waiting: int = 16) -> None:
+        self.running = running
+        self.waiting = waiting
+        self.calls = 0
+        self._slots = asyncio.Semaphore(running)
+
+    async def attest(self, index: bytes, shards: Sequence[tuple[str, bytes]], subject: str, *,
+                     key: SigningKey, principal: Principal) -> bytes:
+        limit = self.running + self.waiting
+        if self.calls >= limit:
+            raise error(Reason.BUSY, f"{self.calls} index attestations are in progress or "
+                                     f"waiting, the limit is {limit}; retry in a moment")
+        self.calls += 1
+        try:
+            async with self._slots:
+                return await asyncio.to_thread(attest, index, shards, subject, key=key,
+                                               principal=principal)
+        finally:
+            self.calls -= 1

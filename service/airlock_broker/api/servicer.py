@@ -4,7 +4,6 @@ the drain deadline, and maps its ``AirlockError`` to a status (wire.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         self.metrics = metrics
         self.signing_key = signing_key
         self.drains = AnswerDrains(answer_drain_seconds)
+        self.attestations = index_attestation.Attestations()
         #: The same-host fast path's socket, where OpenLocalTransfer's tickets are used (None:
         #: streaming only).
         self.fast_path = fast_path
@@ -85,13 +85,13 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         context: grpc.aio.ServicerContext[pb.AttestIndexRequest, pb.AttestIndexResponse],
     ) -> pb.AttestIndexResponse:
         """A signed record for a sharded directory's index, checked against its shards'
-        records (index_attestation.py): CPU only, a few milliseconds, in a worker thread."""
+        records (index_attestation.py): CPU only, in a worker thread, a bounded few at once."""
         try:
             subject = wire.subject(request.subject)
             shards = [(s.file_name, s.provenance) for s in request.shards]
-            envelope = await asyncio.to_thread(
-                index_attestation.attest, request.index, shards, subject,
-                key=self.signing_key, principal=current_principal())
+            envelope = await self.attestations.attest(
+                request.index, shards, subject, key=self.signing_key,
+                principal=current_principal())
         except AirlockError as exc:
             await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
