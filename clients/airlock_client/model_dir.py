@@ -22,11 +22,14 @@ sandbox checks it, the broker returns it unchanged and signs a record for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
@@ -487,9 +490,25 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     # Named as a temporary output of ``dest``: killed between the two renames, the old
     # output is what the next run's sweep removes (its new one is at ``tmp``, swept too).
     old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_part_files.DIR_SUFFIX}")
-    os.rename(dest, old)
-    os.rename(tmp, dest)
+    with _signals_held():  # a Ctrl-C between the renames would leave no output at all
+        os.rename(dest, old)
+        os.rename(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (in the main thread, where Python handles them) until
+    the block ends, then delivered."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:

@@ -883,3 +883,33 @@ def test_an_empty_data_file_is_skipped_unsent(tmp_path: Path) -> None:
     assert {s.name: s.why for s in result.skipped}["generation_config.json"] == \
         "empty: nothing to carry"
     assert [name for name, _ in client.carried] == ["config.json"]
+
+
+def test_a_ctrl_c_between_the_two_renames_leaves_the_new_output_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the output cannot be swapped in one step, it takes two renames; a Ctrl-C between
+    them used to leave no output at all (the new one removed by the ``finally``, the old one
+    under a temporary name). It is held until both are done, then raised."""
+    import signal
+
+    from airlock_client import model_dir
+
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+    (out / "model-00001-of-00003.safetensors").write_bytes(b"an older output")
+    monkeypatch.setattr(_part_files, "exchange", lambda a, b: False)
+    real_rename = os.rename
+    renames: list[str] = []
+
+    def rename(a: Any, b: Any) -> None:
+        real_rename(a, b)
+        renames.append(str(b))
+        if len(renames) == 1:  # the old output moved aside: the user presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(model_dir.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert_directory(FakeClient(GOOD), src, out, overwrite=True)  # type: ignore[arg-type]
+    assert len(renames) == 2
+    assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
