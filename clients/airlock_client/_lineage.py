@@ -8,7 +8,10 @@ provenance (``_twin``), and a tag that disagrees with it is refused.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from airlock_client.provenance import ProvenanceRecord
 
 #: On the target registered model: marks it as Airlock's output, so ``--all`` never migrates it.
 ROLE: Final = "airlock.role"
@@ -61,3 +64,24 @@ def target_name(source: str, suffix: str) -> str:
 
 def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def twin_tags(name: str, version: str, record: ProvenanceRecord,
+              file_name: str) -> dict[str, str]:
+    """The tags of a twin (and of its run), from the signed record of its conversion: what
+    ``migrate`` writes, and what a twin's tags must say when it is checked (``_twin``)."""
+    return {
+        SOURCE_MODEL: name, SOURCE_VERSION: version,
+        SOURCE_SHA256: record.input_sha256, OUTPUT_SHA256: record.output_sha256,
+        OUTPUT_FORMAT: record.output_format, OUTPUT_FILE: file_name,
+        PROVENANCE_FILE: file_name + PROVENANCE_SUFFIX,
+        VERDICT: record.assurance, VALIDATION: record.validation,
+        JOB_ID: record.job_id, PROVENANCE_KEY: record.key_fingerprint,
+        EXECUTED_CODE: "true" if executed_code(record) else "false",
+    }
+
+
+def executed_code(record: ProvenanceRecord) -> bool:
+    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
+    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
+    return record.conversion.get("executed_artifact_code") is True

@@ -51,7 +51,7 @@ class Registrar:
             self._ensure_target(name, target)
             twin = self.registry.create_model_version(
                 target.name, source=f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}",
-                run_id=run.run_id, tags=_lineage(name, version, record, file_name),
+                run_id=run.run_id, tags=tags.twin_tags(name, version, record, file_name),
                 description=_description(name, version, record))
             self.registry.set_terminated(run.run_id, "FINISHED")
             where = f"{target.name}/{twin.version}"
@@ -77,7 +77,7 @@ class Registrar:
         result.output.replace(model_file)
         provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
         provenance_file.write_bytes(result.provenance)
-        lineage = _lineage(name, version, record, file_name)
+        lineage = tags.twin_tags(name, version, record, file_name)
         self._ensure_target(name, target)
         run = self.registry.create_run(self._experiment(), tags=lineage,
                                        run_name=f"airlock {name} v{version}")
@@ -123,26 +123,6 @@ class Registrar:
             self._experiment_id = (str(found.experiment_id) if found is not None else
                                    str(self.registry.create_experiment(self.experiment)))
         return self._experiment_id
-
-
-def _lineage(name: str, version: str, record: ProvenanceRecord,
-             file_name: str) -> dict[str, str]:
-    """The tags of a twin (and of its run), from the signed record of its conversion."""
-    return {
-        tags.SOURCE_MODEL: name, tags.SOURCE_VERSION: version,
-        tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,
-        tags.OUTPUT_FORMAT: record.output_format, tags.OUTPUT_FILE: file_name,
-        tags.PROVENANCE_FILE: file_name + tags.PROVENANCE_SUFFIX,
-        tags.VERDICT: record.assurance, tags.VALIDATION: record.validation,
-        tags.JOB_ID: record.job_id, tags.PROVENANCE_KEY: record.key_fingerprint,
-        tags.EXECUTED_CODE: "true" if executed_code(record) else "false",
-    }
-
-
-def executed_code(record: ProvenanceRecord) -> bool:
-    """Whether the signed record says the conversion ran the artifact's code (the sandbox's
-    claim, signed: a record that does not say counts as no, as ``airlock verify`` shows it)."""
-    return record.conversion.get("executed_artifact_code") is True
 
 
 def _description(name: str, version: str, record: ProvenanceRecord) -> str:

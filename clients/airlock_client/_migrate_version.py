@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_leftovers as leftovers
 from airlock_client._errors import IntegrityError, ModelSourceError
+from airlock_client._lineage import executed_code
 from airlock_client._migrate_convert import Failure, convert_verified
 from airlock_client._migrate_leftovers import OpenRun
 from airlock_client._migrate_options import TRANSIENT_REASONS, Convert, Fetch, Options, Progress
-from airlock_client._migrate_register import Registrar, executed_code
+from airlock_client._migrate_register import Registrar
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry, tag
@@ -83,7 +84,7 @@ class VersionMigration:
     def one(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
         version = str(mv.version)
         if target.conflict:
-            outcome = Outcome(name, version, Status.REJECTED, reason="TARGET_CONFLICT",
+            outcome = Outcome(name, version, Status.REJECTED, reason=target.reason,
                               message=target.conflict)
         elif target.twins.get(version) and self._public_key is None:
             outcome = self._refusal(name, mv) or self._unverified(name, version, target)
@@ -153,7 +154,13 @@ class VersionMigration:
                 self.unchecked.add((name, version))
                 return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
             refused: list[str] = []
-            for claim in target.twins[version]:
+            # The twin the source names first, then the oldest: a later copy of a twin's files
+            # (with files or tags of its own beside them) never takes its place.
+            named = tag(mv, tags.MIGRATED_TO)
+            claims = sorted(target.twins[version],
+                            key=lambda c: (f"{target.name}/{c.version}" != named,
+                                           int(c.version)))
+            for claim in claims:
                 where = f"{target.name}/{claim.version}"
                 try:
                     twin = read_twin(self.registry, self.download, claim, self.public_key,

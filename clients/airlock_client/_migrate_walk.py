@@ -24,6 +24,7 @@ from airlock_client._registry import (
     registered_models,
     tag,
 )
+from airlock_client._twin import source_subject
 
 #: MLflow 3 keeps prompts in the model registry too; they are text, not models.
 PROMPT_TAG = "mlflow.prompt.is_prompt"
@@ -39,10 +40,12 @@ class SelectionError(AirlockError):
 class Target:
     name: str
     exists: bool
-    #: source version -> the target versions that claim to be its twin, newest first (claims:
+    #: source version -> the target versions that claim to be its twin, oldest first (claims:
     #: each is verified before it is believed)
     twins: dict[str, list[ModelVersion]] = field(default_factory=dict)
     conflict: str = ""
+    #: The reason the source's versions are refused with when ``conflict`` says why.
+    reason: str = "TARGET_CONFLICT"
     aliases: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,6 +89,11 @@ def registered_model(registry: Registry, name: str) -> RegisteredModel | None:
 def find_target(registry: Registry, source: str, suffix: str, page_size: int) -> Target:
     """The target model and its twins (source version -> target version), paged."""
     name = tags.target_name(source, suffix)
+    try:
+        source_subject(source, "0")
+    except ValueError as exc:  # a name of the registry's, anyone's to choose: this model's
+        return Target(name, exists=False, conflict=f"{exc}: its versions cannot be signed as "
+                      "models:/NAME/VERSION; rename the model", reason="SUBJECT_TOO_LONG")
     found = registered_model(registry, name)
     if found is None:
         return Target(name, exists=False)
@@ -95,7 +103,7 @@ def find_target(registry: Registry, source: str, suffix: str, page_size: int) ->
             f"{name!r} exists and is not Airlock's target for {source!r}; rename it or "
             "choose another --target-suffix"))
     twins: dict[str, list[ModelVersion]] = {}
-    for mv in reversed(model_versions(registry, name, page_size)):
+    for mv in model_versions(registry, name, page_size):
         if tag(mv, tags.SOURCE_MODEL) == source and tag(mv, tags.SOURCE_VERSION):
             twins.setdefault(tag(mv, tags.SOURCE_VERSION), []).append(mv)
     return Target(name, exists=True, twins=twins,

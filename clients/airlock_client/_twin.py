@@ -183,6 +183,13 @@ def check_lineage(twin: Twin, mv: ModelVersion, *, model: str, version: str | No
     if tag(mv, tags.SOURCE_SHA256) != record.input_sha256:
         raise SafeLoadError("TAG_MISMATCH", f"{where}'s source_sha256 tag is not the signed "
                                             "input's: the registry entry was altered")
+    # Every other tag migrate writes, where present (older twins lack some), must say what
+    # the record says: a verdict or "no code ran" tag that lies is refused, not shown.
+    signed = tags.twin_tags(model, claimed, record, tags.OUTPUT_FILES[twin.format])
+    lying = sorted(k for k, v in signed.items() if (mv.tags or {}).get(k) not in (None, v))
+    if lying:
+        raise SafeLoadError("TAG_MISMATCH", f"{where}'s tag {lying[0]} is not what its signed "
+                                            "provenance says: the registry entry was altered")
     return claimed
 
 

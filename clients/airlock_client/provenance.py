@@ -288,6 +288,8 @@ def check_source(record: ProvenanceRecord, *, subject: str | None = None,
     """
     if subject is None and sha256 is None and principals is None:
         raise ValueError("check_source needs an expectation: subject, sha256 or principals")
+    if isinstance(principals, str):  # one name, not its letters ("mig" in "migrator")
+        principals = (principals,)
     if sha256 is not None and sha256.lower() != record.input_sha256:
         raise ProvenanceError("SOURCE_MISMATCH",
                               f"the output was converted from input sha256 "

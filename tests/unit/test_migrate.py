@@ -623,3 +623,52 @@ def test_a_dry_run_needs_no_pinned_key(monkeypatch: pytest.MonkeyPatch, key: Sig
     assert len(registry.writes) == writes and len(sandbox.converted) == 2
     args = _args(argv=["--all", "--tracking-uri", "http://fake"])  # a real run still needs it
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+
+
+def test_a_later_copy_of_a_twin_never_takes_its_place_nor_the_alias(key: SigningKey) -> None:
+    """A registry writer copies a genuine twin's two files into a version of its own (with
+    an MLmodel of its own beside them, which MLflow's loaders would run), tagged as that
+    twin is: the twin the source names, then the oldest, is the one that counts, and the
+    alias stays on it. With a verdict tag that lies, the copy does not verify at all."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+    real = registry.runs[str(registry.version("m-airlock", 1).run_id)]["artifacts"]
+    data, signed = real["model/model.onnx"], real["model/model.onnx.provenance.json"]
+    copy = plant_twin(registry, key, "m", "1", data, signed)
+    copy.tags[tags.EXECUTED_CODE] = "false"
+    registry.runs[str(copy.run_id)]["artifacts"]["model/MLmodel"] = b"flavors: {pyfunc: {}}"
+    outcomes = _migration(registry, sandbox, alias="champion").run(["m"])
+    assert [(o.status, o.target) for o in outcomes] == [(Status.ALREADY_MIGRATED,
+                                                         "m-airlock/1")]
+    assert registry.models["m-airlock"].aliases == {"champion": "1"}
+    assert registry.version("m", 1).tags[tags.MIGRATED_TO] == "m-airlock/1"
+
+    registry.version("m", 1).tags.pop(tags.MIGRATED_TO)  # the source names none now
+    registry.version("m-airlock", 1).tags[tags.VERDICT] = "integrity_verified"  # a lie
+    lines: list[str] = []
+    again = Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                      download=registry.download, public_key=key.public_pem.encode(),
+                      options=Options(alias="champion"), progress=lines.append).run(["m"])
+    assert [(o.status, o.target) for o in again] == [(Status.ALREADY_MIGRATED,
+                                                      f"m-airlock/{copy.version}")]
+    assert any("m-airlock/1 claims to be its twin but is not" in line
+               and "airlock.verdict" in line for line in lines), lines
+
+
+def test_a_model_whose_name_cannot_be_signed_is_refused_and_the_walk_goes_on(
+        key: SigningKey) -> None:
+    """A registered model's name is anyone's to choose: one that escapes past the 1024
+    characters a subject may have stopped every run (as REGISTRY_UNAVAILABLE) before the
+    models after it; now its versions are refused with the reason, and the rest migrate."""
+    registry = FakeRegistry()
+    long_name = "a" + "\U000E0001" * 110  # each escapes to 10 characters
+    registry.add_model(long_name, versions=1)
+    registry.add_model("zgood", versions=1)
+    sandbox = FakeSandbox(key)
+    outcomes = _migration(registry, sandbox).run(None)
+    by_model = {o.model: o for o in outcomes}
+    assert by_model[long_name].status == Status.REJECTED
+    assert by_model[long_name].reason == "SUBJECT_TOO_LONG"
+    assert by_model["zgood"].status == Status.CONVERTED

@@ -422,6 +422,16 @@ def test_an_unauthenticated_principal_is_never_an_allowed_one(key: SigningKey) -
     assert _reason(exc) == "PRINCIPAL_NOT_ALLOWED"
 
 
+def test_one_principal_given_as_a_string_is_a_name_not_its_letters(key: SigningKey) -> None:
+    """``principals="training-pipeline-2"`` once matched "training-pipeline" as a substring."""
+    record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
+    assert record.principal == "training-pipeline"
+    provenance.check_source(record, principals="training-pipeline")
+    with pytest.raises(ProvenanceError) as exc:
+        provenance.check_source(record, principals="training-pipeline-2")
+    assert _reason(exc) == "PRINCIPAL_NOT_ALLOWED"
+
+
 def _version_1(doc: dict[str, Any]) -> dict[str, Any]:
     """The statement as Airlock signed it before subjects and principals (record version 1)."""
     record = doc["predicate"]["airlock"]
