@@ -97,16 +97,21 @@ class Registrar:
 
     def _mark_source(self, name: str, version: str, status: Status, *, migrated_to: str = "",
                      reason: str = "", message: str = "") -> None:
+        # The status last: a run killed between these writes leaves the old status with the
+        # new details (which the next run rewrites), never a new status without its reason
+        # (a transient failure with no reason would count as final).
         set_tag = self.registry.set_model_version_tag
-        set_tag(name, version, tags.STATUS, str(status))
         if migrated_to:
             set_tag(name, version, tags.MIGRATED_TO, migrated_to)
-            for stale in (tags.REASON, tags.MESSAGE):
-                with contextlib.suppress(Exception):  # absent tags are fine
-                    self.registry.delete_model_version_tag(name, version, stale)
+            stale = (tags.REASON, tags.MESSAGE)
         else:
             set_tag(name, version, tags.REASON, reason)
             set_tag(name, version, tags.MESSAGE, tags.clip(message))
+            stale = (tags.MIGRATED_TO,)  # a twin it named no longer counts
+        set_tag(name, version, tags.STATUS, str(status))
+        for key in stale:
+            with contextlib.suppress(Exception):  # absent tags are fine
+                self.registry.delete_model_version_tag(name, version, key)
 
     def _ensure_target(self, source: str, target: Target) -> None:
         if target.exists:

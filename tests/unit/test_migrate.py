@@ -672,3 +672,29 @@ def test_a_model_whose_name_cannot_be_signed_is_refused_and_the_walk_goes_on(
     assert by_model[long_name].status == Status.REJECTED
     assert by_model[long_name].reason == "SUBJECT_TOO_LONG"
     assert by_model["zgood"].status == Status.CONVERTED
+
+
+def test_a_source_mark_writes_its_status_last_and_a_failure_forgets_the_twin(
+        key: SigningKey) -> None:
+    """Killed between two tag writes, a run must not leave a new status without its reason
+    (a transient failure would then count as final); and a version whose twin no longer
+    verifies and whose conversion then fails must not keep naming that twin."""
+    from airlock_client._migrate_register import Registrar
+
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    written: list[str] = []
+    real = registry.set_model_version_tag
+
+    def noting(name: str, version: str | None = None, key: str = "", value: Any = "") -> None:
+        written.append(key)
+        real(name, version, key, value)
+
+    registry.set_model_version_tag = noting  # type: ignore[method-assign]
+    registrar = Registrar(registry, "airlock-migrations")
+    registrar.mark_source("m", "1", Status.CONVERTED, migrated_to="m-airlock/1")
+    assert written[-1] == tags.STATUS
+    written.clear()
+    registrar.mark_source("m", "1", Status.FAILED, reason="SANDBOX_TIMEOUT", message="slow")
+    assert written == [tags.REASON, tags.MESSAGE, tags.STATUS]
+    assert tags.MIGRATED_TO not in registry.version("m", 1).tags
