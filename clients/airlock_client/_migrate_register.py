@@ -101,6 +101,7 @@ class Registrar:
         # new details (which the next run rewrites), never a new status without its reason
         # (a transient failure with no reason would count as final).
         set_tag = self.registry.set_model_version_tag
+        stale: tuple[str, ...]
         if migrated_to:
             set_tag(name, version, tags.MIGRATED_TO, migrated_to)
             stale = (tags.REASON, tags.MESSAGE)
