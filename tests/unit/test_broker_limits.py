@@ -271,6 +271,14 @@ def _withheld(hold: threading.Event) -> Iterator[health_pb2.HealthCheckRequest]:
     yield  # a generator
 
 
+def _health_check_streaming(channel: grpc.Channel) -> Any:
+    """Health.Check with a request stream of the caller's: it may send nothing."""
+    return channel.stream_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+
 def test_calls_that_withhold_their_request_cannot_take_every_place(start) -> None:
     """gRPC counts a call from its first frame, and ran a unary method only once its request
     arrived: calls that sent their headers and never their message (a health check needs no
@@ -283,10 +291,7 @@ def test_calls_that_withhold_their_request_cannot_take_every_place(start) -> Non
     serving = health_pb2.HealthCheckResponse.SERVING
     hold = threading.Event()
     with own_channel(run.address) as channel:
-        check = channel.stream_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        check = _health_check_streaming(channel)
         try:
             withheld = [check.future(_withheld(hold), timeout=120) for _ in range(6)]
             # Beyond the two that may wait (whichever came first): refused, not held.
@@ -316,10 +321,7 @@ def test_a_call_that_never_sends_its_request_gives_up_its_place(start) -> None:
     run = start(rpc=RpcLimits(request_seconds=1))
     hold = threading.Event()
     with own_channel(run.address) as channel:
-        check = channel.stream_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        check = _health_check_streaming(channel)
         try:
             with pytest.raises(grpc.RpcError) as info:
                 check(_withheld(hold), timeout=60)
