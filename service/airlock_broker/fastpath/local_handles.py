@@ -4,9 +4,8 @@ A ticket's life (DESIGN: the fast path never weakens authentication):
 
 1. ``issue``: an authenticated gRPC call (``OpenLocalTransfer``, the ``convert`` role) gets a
    random 256-bit ticket bound to its principal, valid ``ttl`` seconds. At most
-   ``max_entries`` tickets exist at once, and a quarter of them per principal (``BUSY``
-   beyond), so a caller cannot make the broker hold descriptors without bound, nor take
-   every ticket.
+   ``max_entries`` tickets exist at once (``BUSY`` beyond), so a caller cannot make the broker
+   hold descriptors without bound.
 2. ``attach``: a peer on the Unix socket presents the ticket with two descriptors, which are
    checked here first (``check_input`` / ``check_output``). The peer's credentials
    (``SO_PEERCRED``) are recorded with them. A ticket takes descriptors once: a second attach
@@ -99,11 +98,6 @@ class HandleTable:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl_seconds
         self.max_entries = max_entries
-        #: Tickets one principal may hold at once: a quarter of the table (at least two), so
-        #: that one caller asking for tickets and never using them cannot turn every other
-        #: caller to the slower stream. A ticket is held only from OpenLocalTransfer to its
-        #: Convert: 8 of the default 32 cover 8 conversions starting at once.
-        self.max_per_principal = min(max_entries, max(2, max_entries // 4))
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -119,11 +113,6 @@ class HandleTable:
             if len(self._entries) >= self.max_entries:
                 raise error(Reason.BUSY, f"{self.max_entries} local transfers are already "
                                          "pending; retry shortly or stream")
-            mine = sum(e.principal == principal for e in self._entries.values())
-            if mine >= self.max_per_principal:
-                raise error(Reason.BUSY, f"principal {principal!r} holds {mine} unused local "
-                                         f"transfer tickets, the limit per principal is "
-                                         f"{self.max_per_principal}; use them, or stream")
             self._entries[ticket] = _Entry(principal, self._clock() + self.ttl)
         return ticket
 
