@@ -498,17 +498,24 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (in the main thread, where Python handles them) until
-    the block ends, then delivered."""
+    """SIGINT and SIGTERM held back until the block ends, then delivered. Their handlers are
+    swapped for ones that only note them: a signal mask would hold them for this thread
+    alone, and the kernel hands a process's signal to any thread (a gRPC channel has
+    several), whose handler Python then runs in the main thread all the same. Only the main
+    thread can set handlers; in another, no signal interrupts the block anyway."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    before = {sig: signal.signal(sig, lambda number, frame: noted.append(number))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for held, handler in before.items():
+            signal.signal(held, handler)
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
 
 
 def _moved(shard: ShardResult, tmp: Path, dest: Path) -> ShardResult:

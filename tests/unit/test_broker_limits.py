@@ -330,3 +330,47 @@ def test_a_call_that_never_sends_its_request_gives_up_its_place(start) -> None:
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no request message arrived within 1 s ([rpc] request_seconds)" in (
         info.value.details() or "")
+
+
+def test_a_call_counts_as_waiting_from_its_start_and_beyond_the_limit_is_refused_at_once(
+        ) -> None:
+    """Counted only after a grace, calls reopened as fast as they were refused held places
+    uncounted (a trickle of header frames kept the server full). Every call counts from its
+    first step; one beyond the limit gets ``PROMPT_SECONDS`` for its request, then is
+    refused."""
+    import asyncio
+
+    from airlock_broker.api.rpc_limits import RequestArrival
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self) -> None:
+            self.code: grpc.StatusCode | None = None
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.code = code
+            raise Aborted(details)
+
+    async def never(sent: asyncio.Event) -> Any:
+        await sent.wait()
+        yield health_pb2.HealthCheckRequest()
+
+    async def run() -> None:
+        arrival = RequestArrival(seconds=60, limit=2)
+        sent = asyncio.Event()
+        contexts = [Context() for _ in range(3)]
+        calls = [asyncio.ensure_future(arrival._request(never(sent), c)) for c in contexts]
+        await asyncio.sleep(0)  # each call has taken its first step
+        assert arrival.waiting == {"anonymous": 3}
+        done, pending = await asyncio.wait(calls, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and isinstance(next(iter(done)).exception(), Aborted)
+        assert [c.code for c in contexts].count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1
+        assert arrival.waiting == {"anonymous": 2}
+        sent.set()  # the two that wait send their requests and are served
+        results = await asyncio.gather(*pending)
+        assert all(isinstance(r, health_pb2.HealthCheckRequest) for r in results)
+        assert arrival.waiting == {}
+
+    asyncio.run(run())

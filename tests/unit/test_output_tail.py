@@ -310,3 +310,28 @@ def test_which_output_a_sandbox_left_is_decided_without_following_its_links(
 
     monkeypatch.setattr(os, "stat", stat)
     assert expected_format(tmp_path, Target.AUTO) is OutputFormat.ONNX
+
+
+def test_a_tail_whose_thread_cannot_start_follows_nothing_and_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of threads, the tail's future was never settled: its job's cleanup waited on it
+    for ever, holding the job's place and slot."""
+    import threading
+
+    path = tmp_path / NAME
+    path.write_bytes(b"x")
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def follow() -> Followed | None:
+        tail = OutputTail(os.open(path, os.O_RDONLY), cap=1024)
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        tail.start()
+        monkeypatch.undo()
+        try:
+            return await asyncio.wait_for(tail.finish(), 30)
+        finally:
+            await asyncio.wait_for(tail.close(), 30)
+
+    assert asyncio.run(follow()) is None

@@ -86,9 +86,10 @@ class OpenStreamLimiter(grpc.aio.ServerInterceptor):
             self.open -= 1
 
 
-#: A request sent with its call arrives with it: only a call still without one after this
-#: long counts as waiting (so that withheld requests never keep others' from being taken).
-PROMPT_SECONDS = 0.2
+#: A request sent with its call arrives with it: what a call gets when its principal already
+#: has ``max_waiting_calls`` waiting (a withheld one is then refused this soon, so holding
+#: places beyond the limit takes a flood of calls, not a trickle).
+PROMPT_SECONDS = 0.01
 _NO_REQUEST = object()
 
 
@@ -104,11 +105,11 @@ class RequestArrival(grpc.aio.ServerInterceptor):
     streams its request: its handler runs at once (the interceptors outside this one first:
     authentication refuses a caller without credentials before anything is read), takes the
     first message within ``seconds`` (else DEADLINE_EXCEEDED) and calls the method with it.
-    A call whose request did not come with it (``PROMPT_SECONDS``) waits, counted: at most
-    ``limit`` calls of one principal at once (``auth.current_principal``: every caller of an
-    open method, such as a health check, and every caller with authentication off is
-    ``anonymous``); beyond it a call is refused with RESOURCE_EXHAUSTED, so withheld requests
-    never take every place, and calls that send theirs are served beside them.
+    Every call is counted while it waits for its request: at most ``limit`` calls of one
+    principal wait (``auth.current_principal``: every caller of an open method, such as a
+    health check, and every caller with authentication off is ``anonymous``); a call beyond
+    them gets ``PROMPT_SECONDS`` for its request, then RESOURCE_EXHAUSTED. So withheld
+    requests never take every place, and calls that send theirs are served beside them.
     """
 
     def __init__(self, seconds: float, limit: int) -> None:
@@ -155,37 +156,34 @@ class RequestArrival(grpc.aio.ServerInterceptor):
         return coroutine
 
     async def _request(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        who = current_principal().name
+        # Counted from the start: a call is never uncounted while it holds a place. At the
+        # limit, a call gets only as long as a request sent with it takes to be read.
+        full = self.waiting.get(who, 0) >= self.limit
+        self.waiting[who] = self.waiting.get(who, 0) + 1
         # The next message, as a task: cancelling an aio request stream's own step would end
         # the stream.
         arriving = asyncio.ensure_future(anext(requests, _NO_REQUEST))
         try:
-            done, _ = await asyncio.wait({arriving}, timeout=PROMPT_SECONDS)
-            if not done:  # not sent with the call: it waits, counted
-                await self._wait(arriving, context)
-            request = arriving.result()
-        finally:
-            arriving.cancel()
-        if request is _NO_REQUEST:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the call ended without its request message")
-        return request
-
-    async def _wait(self, arriving: asyncio.Future[Any],
-                    context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        who = current_principal().name
-        if self.waiting.get(who, 0) >= self.limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.limit} calls of principal {who!r} are waiting for "
-                                f"their request message, the limit is {self.limit} ([rpc] "
-                                "max_waiting_calls); send each call's request with it")
-        self.waiting[who] = self.waiting.get(who, 0) + 1
-        try:
-            done, _ = await asyncio.wait({arriving}, timeout=self.seconds - PROMPT_SECONDS)
+            done, _ = await asyncio.wait(
+                {arriving}, timeout=PROMPT_SECONDS if full else self.seconds)
         finally:
             self.waiting[who] -= 1
             if not self.waiting[who]:
                 del self.waiting[who]
+            if not arriving.done():
+                arriving.cancel()
+        if not done and full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.limit} calls of principal {who!r} are waiting for "
+                                f"their request message, the limit is {self.limit} ([rpc] "
+                                "max_waiting_calls); send each call's request with it")
         if not done:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"no request message arrived within {self.seconds:g} s ([rpc] "
                                 "request_seconds)")
+        request = arriving.result()
+        if request is _NO_REQUEST:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the call ended without its request message")
+        return request

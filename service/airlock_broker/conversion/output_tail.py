@@ -83,7 +83,10 @@ class OutputTail:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits it
                 loop.call_soon_threadsafe(settle, value, exc)
 
-        threading.Thread(target=run, name="airlock-output-tail", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="airlock-output-tail", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: nothing is followed
+            result.set_exception(OSError(f"cannot start the tail's thread: {exc}"))
 
     async def finish(self) -> Followed | None:
         """Only once nothing in the sandbox runs: the digest of the whole file, or None if
