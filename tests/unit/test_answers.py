@@ -121,7 +121,12 @@ def test_closing_an_answer_under_a_running_copy_leaves_the_thread_its_own_descri
             await sending
         answer.close()
         transfer.close()  # as the pipeline does: the answer first, then the caller's files
-        assert not source.exists()  # the answer's name and descriptor are gone at once...
+        # The answer's name goes (removed on a worker thread: remove_soon) and its
+        # descriptor at once...
+        deadline = time.monotonic() + 30
+        while source.exists():
+            assert time.monotonic() < deadline, "the answer's file was never removed"
+            await asyncio.sleep(0.01)
         release.set()  # ...and the thread still copied from its own duplicates
         while not seen:
             await asyncio.sleep(0.01)
