@@ -43,7 +43,12 @@ if TYPE_CHECKING:
         TensorSpec,
     )
     from airlock_client.provenance import ProvenanceRecord
-    from airlock_client.safe_load import VerifiedArtifact, fetch_verified, load_verified
+    from airlock_client.safe_load import (
+        VerifiedArtifact,
+        fetch_verified,
+        fetch_verified_directory,
+        load_verified,
+    )
 
 #: Names imported on first use, and the module each comes from.
 _LAZY = {
@@ -56,6 +61,7 @@ _LAZY = {
     "ProvenanceRecord": "provenance",
     "VerifiedArtifact": "safe_load",
     "fetch_verified": "safe_load",
+    "fetch_verified_directory": "safe_load",
     "load_verified": "safe_load",
 }
 
@@ -121,5 +127,6 @@ __all__ = [
     "VerifiedArtifact",
     "default_address",
     "fetch_verified",
+    "fetch_verified_directory",
     "load_verified",
 ]

@@ -26,6 +26,11 @@ OUTPUT_SHA256: Final = "airlock.output_sha256"
 OUTPUT_FORMAT: Final = "airlock.output_format"
 OUTPUT_FILE: Final = "airlock.output_file"
 PROVENANCE_FILE: Final = "airlock.provenance_file"
+#: "directory" on a twin that holds a safetensors model directory (the conversion of an MLflow
+#: transformers version, file by file; see ``_twin_dir``); absent on a one-file twin, whose
+#: ``OUTPUT_FILE`` is its model.
+OUTPUT_LAYOUT: Final = "airlock.output_layout"
+LAYOUT_DIRECTORY: Final = "directory"
 #: "format_safe_only" or "integrity_verified" (the signed record's assurance).
 VERDICT: Final = "airlock.verdict"
 #: "true" when the conversion ran the artifact's own code in the sandbox (a pickle loaded

@@ -74,6 +74,7 @@ from airlock_client._types import ConversionResult, LoadingPolicy, PoolStatus
 from airlock_client.migrate import (
     PROBLEMS,
     Convert,
+    ConvertDirectory,
     Fetch,
     Migration,
     MigrationAborted,
@@ -118,6 +119,9 @@ class Broker:
     pools: Callable[[], Sequence[PoolStatus]]
     #: Jobs the broker runs at once, from its pool status (0: it does not say).
     max_concurrent_jobs: Callable[[], int] = lambda: 0
+    #: A version holding a Hugging Face model directory, file by file (``convert DIR``);
+    #: None: sent as its bundle, like any other version.
+    convert_directory: ConvertDirectory | None = None
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -161,7 +165,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.jobs is None and not args.dry_run:
         options = replace(options, jobs=_default_jobs(broker))
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
-                          abandon=broker.close,
+                          convert_directory=broker.convert_directory, abandon=broker.close,
                           download=mlflow_download(tracking_uri), public_key=public_key,
                           options=options, progress=_progress)
     try:
@@ -250,7 +254,16 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
                                   job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                                   subject=subject)
 
-    return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs)
+    def convert_dir(model_dir: Path, output: Path, subject: str) -> object:
+        from airlock_client.model_dir import convert_directory
+
+        # One file at a time: the run's --jobs versions are what the broker is asked for at
+        # once. The files go without an idempotency key: a killed run converts them again.
+        return convert_directory(client, model_dir, output, jobs=1, subject=subject,
+                                 job_timeout=args.timeout, on_busy=busy_notice("migrate"))
+
+    return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs,
+                  convert_dir)
 
 
 def _quiet_mlflow() -> None:

@@ -5,7 +5,11 @@ provenance; the record is then verified with the pinned key, whatever key ``conv
 with, because what passes goes into a registry: signature, the output's sha256 and size, this
 very subject and source bytes. A conversion the broker refused or failed, or an output that
 does not verify, is a :class:`Failure`; only the broker or the credentials going away raise
-(see ``_migrate_version``). No registry calls here."""
+(see ``_migrate_version``). No registry calls here.
+
+A version holding a Hugging Face model directory (an MLflow transformers model with PyTorch
+weights) is converted file by file (``convert_directory_verified``); the output directory is
+verified as a whole with the pinned key and against the source's own files (``_twin_dir``)."""
 
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ from airlock_client._errors import (
     AirlockError,
     ConversionError,
     IntegrityError,
+    ModelSourceError,
     ServiceUnavailable,
 )
-from airlock_client._migrate_options import Convert
+from airlock_client._migrate_options import Convert, ConvertDirectory
 from airlock_client._migrate_report import Status
+from airlock_client._twin_dir import check_directory_source, source_files
 from airlock_client._types import ConversionResult
 from airlock_client.provenance import (
     ProvenanceError,
@@ -32,6 +38,7 @@ from airlock_client.provenance import (
     check_source,
     verify_envelope,
 )
+from airlock_client.verify_dir import VerifiedDirectory, verify_directory
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,30 @@ def convert_verified(convert: Convert, model_dir: Path, output: Path, subject: s
     except ProvenanceError as exc:
         return Failure(Status.REJECTED, exc.reason, exc.message)
     return result, record
+
+
+def convert_directory_verified(convert: ConvertDirectory, model_dir: Path, output: Path,
+                               subject: str, public_key: EllipticCurvePublicKey,
+                               ) -> VerifiedDirectory | Failure:
+    """Convert the model directory in ``model_dir`` into the new directory ``output`` as
+    ``subject``; the output, once it verifies as a whole with ``public_key`` and as the
+    conversion of ``model_dir``'s own files (``_twin_dir``)."""
+    try:
+        source = source_files(model_dir)
+        convert(model_dir, output, subject)
+    except (ServiceUnavailable, AccessDenied):
+        raise
+    except ModelSourceError as exc:  # refused before anything was sent
+        return Failure(Status.REJECTED, exc.reason, exc.message)
+    except AirlockError as exc:  # a shard or data file's refusal (its name is in the message)
+        rejected = getattr(exc, "kind", "") == "rejected" or isinstance(exc, IntegrityError)
+        return Failure(Status.REJECTED if rejected else Status.FAILED,
+                       getattr(exc, "reason", "") or CLIENT_ERROR, exc.message)
+    except OSError as exc:
+        return Failure(Status.FAILED, CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
+    try:  # with the pinned key, whatever key ``convert`` used: this goes into a registry
+        verified = verify_directory(output, public_key)
+        check_directory_source(verified, source, subject)
+    except ProvenanceError as exc:
+        return Failure(Status.REJECTED, exc.reason, exc.message)
+    return verified

@@ -19,6 +19,10 @@ Fetch = Callable[[str, Path], Path]
 #: ``convert(model_dir, output, subject) -> result``: convert in the broker's sandbox, with
 #: ``subject`` (``models:/NAME/VERSION``) signed into the provenance.
 Convert = Callable[[Path, Path, str], ConversionResult]
+#: ``convert_directory(model_dir, output_dir, subject)``: convert the Hugging Face model
+#: directory in ``model_dir`` (an MLflow transformers version) file by file into the new
+#: directory ``output_dir``, each file signed as ``subject/FILE`` (``model_dir``).
+ConvertDirectory = Callable[[Path, Path, str], object]
 #: One line of progress for a human (the CLI prints it on stderr).
 Progress = Callable[[str], None]
 

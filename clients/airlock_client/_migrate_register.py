@@ -16,8 +16,10 @@ from airlock_client._migrate_leftovers import OpenRun
 from airlock_client._migrate_report import Status
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry
+from airlock_client._twin_dir import directory_tags, whole_record
 from airlock_client._types import ConversionResult
 from airlock_client.provenance import ProvenanceRecord
+from airlock_client.verify_dir import VerifiedDirectory
 
 
 class Registrar:
@@ -37,6 +39,22 @@ class Registrar:
         source with it; the twin's ``NAME-airlock/VERSION``."""
         with self.writes:
             twin = self._register(name, version, target, result, record, out_dir)
+            where = f"{target.name}/{twin.version}"
+            target.twins.setdefault(version, []).insert(0, twin)
+            self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
+        return where
+
+    def register_directory(self, name: str, version: str, target: Target,
+                           verified: VerifiedDirectory) -> str:
+        """Register the verified conversion of ``name`` v``version``'s model directory (every
+        file of ``verified.path``, records beside them) as its twin and tag the source with
+        it; the twin's ``NAME-airlock/VERSION``."""
+        lineage = directory_tags(name, version, verified)
+        whole = whole_record(verified)
+        with self.writes:
+            self._ensure_target(name, target)
+            twin = self._log(target, sorted(verified.path.iterdir()), lineage, name, version,
+                             _description(name, version, whole, directory=True))
             where = f"{target.name}/{twin.version}"
             target.twins.setdefault(version, []).insert(0, twin)
             self._mark_source(name, version, Status.CONVERTED, migrated_to=where)
@@ -77,18 +95,24 @@ class Registrar:
         result.output.replace(model_file)
         provenance_file = out_dir / (file_name + tags.PROVENANCE_SUFFIX)
         provenance_file.write_bytes(result.provenance)
-        lineage = tags.twin_tags(name, version, record, file_name)
         self._ensure_target(name, target)
+        return self._log(target, [model_file, provenance_file],
+                         tags.twin_tags(name, version, record, file_name), name, version,
+                         _description(name, version, record))
+
+    def _log(self, target: Target, files: list[Path], lineage: dict[str, str], name: str,
+             version: str, description: str) -> ModelVersion:
+        """Log ``files`` in a run tagged ``lineage``; make them a version of the target model."""
         run = self.registry.create_run(self._experiment(), tags=lineage,
                                        run_name=f"airlock {name} v{version}")
         run_id = str(run.info.run_id)
         finished = False
         try:
-            for path in (model_file, provenance_file):
+            for path in files:
                 self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
             twin = self.registry.create_model_version(
                 target.name, source=f"{run.info.artifact_uri}/{tags.ARTIFACT_DIR}",
-                run_id=run_id, tags=lineage, description=_description(name, version, record))
+                run_id=run_id, tags=lineage, description=description)
             finished = True
         finally:
             with contextlib.suppress(Exception):
@@ -120,7 +144,8 @@ class Registrar:
         self.registry.create_registered_model(
             target.name, tags={tags.ROLE: tags.ROLE_MIGRATED, tags.SOURCE_MODEL: source},
             description=f"{source}, converted by Airlock: each version holds one ONNX or "
-                        "safetensors file and its signed provenance.")
+                        "safetensors file, or one safetensors model directory, with signed "
+                        "provenance.")
         target.exists = True
 
     def _experiment(self) -> str:
@@ -131,7 +156,12 @@ class Registrar:
         return self._experiment_id
 
 
-def _description(name: str, version: str, record: ProvenanceRecord) -> str:
+def _description(name: str, version: str, record: ProvenanceRecord, *,
+                 directory: bool = False) -> str:
+    if directory:
+        return (f"{name} version {version} converted by Airlock to a safetensors model "
+                f"directory ({record.assurance}); fetch it with "
+                "airlock_client.fetch_verified_directory, never with MLflow's loaders.")
     return (f"{name} version {version} converted by Airlock to {record.output_format} "
             f"({record.assurance}); load it with airlock_client.load_verified, never with "
             "MLflow's loaders.")

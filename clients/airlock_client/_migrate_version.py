@@ -8,6 +8,11 @@ the credentials going away raise, because every later version would fail the sam
 to be the twin counts only when ``_twin`` verifies it against the source's own bytes, which
 costs a download of the source and of the twin's model file on every run.
 
+A version holding a Hugging Face model directory (an MLflow transformers model with PyTorch
+weights) is converted file by file when the run is given a directory converter, and its twin
+is that safetensors directory, checked file by file against the source's own files
+(``_twin_dir``). A run killed half-way through such a version converts it again.
+
 This module decides what happens to a version; ``_migrate_convert`` converts one and verifies
 the output, ``_migrate_register`` writes the registry, ``_migrate_options`` holds what a run
 is given."""
@@ -25,9 +30,20 @@ from airlock_client import _lineage as tags
 from airlock_client import _migrate_leftovers as leftovers
 from airlock_client._errors import IntegrityError, ModelSourceError
 from airlock_client._lineage import executed_code
-from airlock_client._migrate_convert import Failure, convert_verified
+from airlock_client._migrate_convert import (
+    Failure,
+    convert_directory_verified,
+    convert_verified,
+)
 from airlock_client._migrate_leftovers import OpenRun
-from airlock_client._migrate_options import TRANSIENT_REASONS, Convert, Fetch, Options, Progress
+from airlock_client._migrate_options import (
+    TRANSIENT_REASONS,
+    Convert,
+    ConvertDirectory,
+    Fetch,
+    Options,
+    Progress,
+)
 from airlock_client._migrate_register import Registrar
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
@@ -38,6 +54,14 @@ from airlock_client._twin import (
     check_lineage,
     read_twin,
     source_subject,
+)
+from airlock_client._twin_dir import (
+    SourceFiles,
+    check_directory_lineage,
+    is_directory_source,
+    read_directory_twin,
+    source_files,
+    whole_record,
 )
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
 from airlock_client.provenance import ProvenanceRecord, PublicKeyLike, load_public_key
@@ -60,10 +84,12 @@ class VersionMigration:
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
                  download: Download, public_key: PublicKeyLike | None, options: Options,
-                 progress: Progress) -> None:
+                 progress: Progress, convert_directory: ConvertDirectory | None = None) -> None:
         self.registry = registry
         self.fetch = fetch
         self.convert = convert
+        #: None: a model-directory version is sent as its MLflow bundle, like any other.
+        self.convert_directory = convert_directory
         self.download = download
         if public_key is None and not options.dry_run:
             raise ValueError("only a dry run may go without the pinned public key: everything "
@@ -130,11 +156,16 @@ class VersionMigration:
             model_dir = self._fetch(name, version, work)
             if isinstance(model_dir, Outcome):
                 return model_dir
-            resumed = self._resume(name, version, target, model_dir, work, None, step)
+            directory = self._directory(name, version, model_dir)
+            if isinstance(directory, Outcome):
+                return directory
+            resumed = self._resume(name, version, target, model_dir, work, None, step,
+                                   adoptable=not directory)
             if resumed is not None:
                 return resumed
             self.progress(f"{step} {name} v{version}: converting")
-            return self._migrate(name, version, target, model_dir, work, source_sha256=None)
+            return self._migrate(name, version, target, model_dir, work, source_sha256=None,
+                                 directory=directory)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -148,8 +179,13 @@ class VersionMigration:
             if isinstance(model_dir, Outcome):
                 self.unchecked.add((name, version))
                 return model_dir
+            directory = self._directory(name, version, model_dir)
+            if isinstance(directory, Outcome):
+                self.unchecked.add((name, version))
+                return directory
             try:
-                digest = bundle_sha256(model_dir, work)
+                source = source_files(model_dir) if directory else None
+                digest = None if directory else bundle_sha256(model_dir, work)
             except ModelSourceError as exc:
                 self.unchecked.add((name, version))
                 return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
@@ -163,15 +199,13 @@ class VersionMigration:
             for claim in claims:
                 where = f"{target.name}/{claim.version}"
                 try:
-                    twin = read_twin(self.registry, self.download, claim, self.public_key,
-                                     keep_bytes=False)
-                    check_lineage(twin, claim, model=name, version=version, sha256=digest)
+                    record = self._check_twin(name, version, claim, work, source, digest)
                 except IntegrityError as exc:
                     refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
                                   f"its twin but is not: {exc}")
                     continue
-                return self._already(name, version, mv, where, twin.record, claim.run_id)
+                return self._already(name, version, mv, where, record, claim.run_id)
             note = f"not a verified twin, ignored: {', '.join(refused)}"
             refusal = self._refusal(name, mv)
             if refusal is not None:
@@ -179,15 +213,46 @@ class VersionMigration:
             if self.options.dry_run:
                 return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?",
                                message=note)
-            resumed = self._resume(name, version, target, model_dir, work, digest, step)
+            resumed = self._resume(name, version, target, model_dir, work, digest, step,
+                                   adoptable=not directory)
             if resumed is not None:
                 return resumed
             self.progress(f"{step} {name} v{version}: converting")
             outcome = self._migrate(name, version, target, model_dir, work,
-                                    source_sha256=digest)
+                                    source_sha256=digest, directory=directory)
             return Outcome(**{**outcome.__dict__, "message": outcome.message or note})
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _check_twin(self, name: str, version: str, claim: ModelVersion, work: Path,
+                    source: SourceFiles | None, digest: str | None) -> ProvenanceRecord:
+        """The record of ``claim`` once it verifies as the twin of ``name`` v``version``
+        (a directory twin when ``source`` is given, else a file twin of bytes ``digest``);
+        else raise ``IntegrityError``."""
+        if source is None:
+            twin = read_twin(self.registry, self.download, claim, self.public_key,
+                             keep_bytes=False)
+            check_lineage(twin, claim, model=name, version=version, sha256=digest)
+            return twin.record
+        dest = Path(tempfile.mkdtemp(prefix="twin-", dir=work))
+        try:
+            twin_dir = read_directory_twin(self.registry, self.download, claim,
+                                           self.public_key, dest)
+            check_directory_lineage(twin_dir, claim, model=name, version=version,
+                                    source=source)
+            return twin_dir.record
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def _directory(self, name: str, version: str, model_dir: Path) -> bool | Outcome:
+        """Whether the version is converted as a model directory (only with a directory
+        converter); an Outcome when its bundle is refused as unsafe to read."""
+        if self.convert_directory is None:
+            return False
+        try:
+            return is_directory_source(model_dir)
+        except ModelSourceError as exc:
+            return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
 
     def _already(self, name: str, version: str, mv: ModelVersion, where: str,
                  record: ProvenanceRecord, run_id: str | None) -> Outcome:
@@ -205,15 +270,16 @@ class VersionMigration:
                        source_sha256=record.input_sha256, output_sha256=record.output_sha256)
 
     def _resume(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
-                digest: str | None, step: str) -> Outcome | None:
+                digest: str | None, step: str, *, adoptable: bool) -> Outcome | None:
         """Register the conversion a killed run left in an open run, if one of them verifies
-        (no second conversion); close the others as FAILED. None: there is none to adopt."""
+        (no second conversion); close the others as FAILED. None: there is none to adopt.
+        A directory's (not ``adoptable``) are all closed: it is converted again."""
         left = self.open_runs.pop((name, version), [])
         if not left:
             return None
         adopted: Outcome | None = None
         try:
-            digest = digest or bundle_sha256(model_dir, work)
+            digest = (digest or bundle_sha256(model_dir, work)) if adoptable else None
         except ModelSourceError:
             digest = None  # the conversion refuses it too, with the reason
         for run in left:
@@ -253,10 +319,27 @@ class VersionMigration:
                                 f"{type(exc).__name__}: {exc}")
 
     def _migrate(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
-                 source_sha256: str | None) -> Outcome:
+                 source_sha256: str | None, *, directory: bool) -> Outcome:
         began = time.monotonic()
-        outcome = self._convert(name, version, target, model_dir, work, source_sha256)
+        outcome = (self._convert_directory(name, version, target, model_dir, work) if directory
+                   else self._convert(name, version, target, model_dir, work, source_sha256))
         return Outcome(**{**outcome.__dict__, "seconds": round(time.monotonic() - began, 3)})
+
+    def _convert_directory(self, name: str, version: str, target: Target, model_dir: Path,
+                           work: Path) -> Outcome:
+        assert self.convert_directory is not None
+        verified = convert_directory_verified(self.convert_directory, model_dir,
+                                              work / "out" / "converted",
+                                              source_subject(name, version), self.public_key)
+        if isinstance(verified, Failure):
+            return self._failed(name, version, verified.status, verified.reason,
+                                verified.message)
+        where = self.registrar.register_directory(name, version, target, verified)
+        record = whole_record(verified)
+        return Outcome(name, version, Status.CONVERTED, target=where, format="safetensors",
+                       assurance=record.assurance,
+                       executed_artifact_code=any(executed_code(r) for _, r in verified.files),
+                       source_sha256=record.input_sha256, output_sha256=record.output_sha256)
 
     def _convert(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
                  source_sha256: str | None) -> Outcome:

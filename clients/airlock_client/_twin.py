@@ -102,6 +102,10 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
               keep_bytes: bool = True) -> Twin:
     """Download ``mv``'s model file and provenance (bytes only) and verify them."""
     name, version = str(mv.name), str(mv.version)
+    if tag(mv, tags.OUTPUT_LAYOUT) == tags.LAYOUT_DIRECTORY:
+        raise SafeLoadError("IS_DIRECTORY", f"{name} version {version} is a model directory "
+                                            "(a migrated transformers model): fetch it with "
+                                            "airlock_client.fetch_verified_directory")
     fmt = output_format(tag(mv, tags.OUTPUT_FORMAT))
     if fmt is None:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT",

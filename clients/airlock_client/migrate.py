@@ -45,6 +45,7 @@ from airlock_client._migrate_options import (
     MAX_JOBS,
     TRANSIENT_REASONS,
     Convert,
+    ConvertDirectory,
     Fetch,
     Options,
     Progress,
@@ -67,9 +68,9 @@ from airlock_client.provenance import PublicKeyLike
 
 __all__ = [
     "EXPERIMENT", "JOBS_PROFILE", "MAX_DEFAULT_JOBS", "MAX_JOBS", "PROBLEMS", "TARGET_SUFFIX",
-    "TRANSIENT_REASONS", "Convert", "Download", "Fetch", "Migration", "MigrationAborted",
-    "Options", "Outcome", "Progress", "SelectionError", "Status", "counts", "default_jobs",
-    "iter_problems", "with_not_started",
+    "TRANSIENT_REASONS", "Convert", "ConvertDirectory", "Download", "Fetch", "Migration",
+    "MigrationAborted", "Options", "Outcome", "Progress", "SelectionError", "Status", "counts",
+    "default_jobs", "iter_problems", "with_not_started",
 ]
 
 
@@ -94,7 +95,8 @@ class Migration:
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
                  download: Download, public_key: PublicKeyLike | None,
                  options: Options = _DEFAULTS, progress: Progress | None = None,
-                 abandon: Callable[[], None] | None = None) -> None:
+                 abandon: Callable[[], None] | None = None,
+                 convert_directory: ConvertDirectory | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
         what is verified with it is written into the registry). Only a dry run may pass None
@@ -103,7 +105,10 @@ class Migration:
         called from several threads at once (one version each). ``abandon`` makes the
         conversions in flight end at once when a second Ctrl-C comes while they finish (the
         CLI closes its broker client: they fail as ``CANCELLED``, which the next run
-        retries)."""
+        retries). ``convert_directory`` converts a version that holds a Hugging Face model
+        directory (an MLflow transformers model with PyTorch weights) file by file, and its
+        twin is that safetensors directory (``_twin_dir``); without it such a version is sent
+        as its bundle, which the broker refuses (``UNSUPPORTED_FLAVOR``)."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
@@ -117,7 +122,8 @@ class Migration:
         self._abandon = abandon
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
-                                          options=options, progress=self.progress)
+                                          options=options, progress=self.progress,
+                                          convert_directory=convert_directory)
 
     def select(self, names: Sequence[str] | None) -> list[str]:
         """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""

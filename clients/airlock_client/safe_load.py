@@ -19,6 +19,15 @@ is that version's, computed from the registry's bytes unless the caller passes
 onnxruntime or to safetensors' own loader. Neither format can carry code; there is no pickle
 anywhere on this path.
 
+A migrated MLflow transformers version is a safetensors model directory (its twin holds the
+shards, the index, the carried data files and a signed record for each):
+``fetch_verified_directory`` downloads it into a new directory, verifies it as a whole and
+against the source version's own files (``_twin_dir``), and only then puts it where asked,
+for ``from_pretrained``::
+
+    verified = fetch_verified_directory("models:/tinylm-airlock/1", "./tinylm",
+                                        source="models:/tinylm", public_key=...)
+
 Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``)::
 
     IntegrityError
@@ -26,11 +35,13 @@ Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``
     │                     SIGNATURE_INVALID, OUTPUT_MISMATCH, SOURCE_MISMATCH,
     │                     PRINCIPAL_NOT_ALLOWED
     └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNSAFE, TOO_LARGE,
-                          FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING
+                          FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING,
+                          IS_DIRECTORY (load_verified of a directory twin)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -51,6 +62,7 @@ from airlock_client._twin import (
     mlflow_download,
     read_twin,
 )
+from airlock_client._twin_dir import check_directory_lineage, read_directory_twin, source_files
 from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
@@ -58,10 +70,11 @@ from airlock_client.provenance import (
     PublicKeyLike,
     check_source,
 )
+from airlock_client.verify_dir import VerifiedDirectory
 
 __all__ = ["DEFAULT_MAX_BYTES", "MAX_PROVENANCE_BYTES", "Download", "FetchSource",
-           "SafeLoadError", "VerifiedArtifact", "fetch_verified", "load_verified",
-           "open_artifact"]
+           "SafeLoadError", "VerifiedArtifact", "fetch_verified", "fetch_verified_directory",
+           "load_verified", "open_artifact"]
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 _SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
@@ -142,6 +155,54 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
         check_source(twin.record, sha256=source_sha256, principals=principals)
     return VerifiedArtifact(name=twin.name, version=twin.version, format=twin.format,
                             data=twin.data, record=twin.record, source_version=claimed)
+
+
+def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, source: str,
+                             principals: Collection[str] | None = None,
+                             public_key: PublicKeyLike | None = None,
+                             tracking_uri: str | None = None, registry: Registry | None = None,
+                             download: Download | None = None,
+                             fetch: FetchSource | None = None) -> VerifiedDirectory:
+    """Download the model directory of a migrated transformers version into ``dest`` (which
+    must not exist yet), once it verifies: as a whole with ``public_key``, and file by file
+    against the source version's own files (``source``: ``models:/NAME`` or
+    ``models:/NAME/VERSION``), downloaded as bytes. Nothing is left at ``dest`` when it does
+    not. The arguments are ``fetch_verified``'s."""
+    key = public_key if public_key is not None else os.environ.get("AIRLOCK_PUBLIC_KEY")
+    if not key:
+        raise ProvenanceError("BAD_PUBLIC_KEY", "a safe load needs the broker's public key "
+                                                "(public_key=... or AIRLOCK_PUBLIC_KEY)")
+    model, version = _expected_source(source, None)
+    assert model is not None  # a source is required here
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if registry is None or download is None or fetch is None:
+        if not uri:
+            raise ValueError("no tracking server: pass tracking_uri= or set MLFLOW_TRACKING_URI")
+        registry = registry or open_registry(uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
+        download = download or mlflow_download(uri)
+        fetch = fetch or _mlflow_fetch(uri)
+    target = Path(os.path.abspath(dest))
+    if os.path.lexists(target):
+        raise FileExistsError(f"{target} exists: fetch_verified_directory writes a new one")
+    mv = _version(registry, models_uri)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".airlock-part",
+                                 dir=target.parent))
+    try:
+        twin = read_directory_twin(registry, download, mv, key, work / "twin")
+        claimed = version or str((mv.tags or {}).get(tags.SOURCE_VERSION, ""))
+        try:
+            source_dir = fetch(f"models:/{model}/{claimed}", work / "source")
+            files = source_files(Path(source_dir))
+        except ModelSourceError as exc:
+            raise SafeLoadError("SOURCE_MISSING",
+                                f"cannot read the source models:/{model}/{claimed} to check "
+                                f"the version against it: {exc.reason}: {exc.message}") from exc
+        check_directory_lineage(twin, mv, model=model, version=claimed, source=files,
+                                principals=principals)
+        os.rename(twin.verified.path, target)  # checked above: nothing is there
+        return dataclasses.replace(twin.verified, path=target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"] = "numpy",

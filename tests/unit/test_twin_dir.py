@@ -1,0 +1,129 @@
+"""A directory twin counts as the conversion of a source version only when its records name
+that version's own files (``_twin_dir.check_directory_source``): every weights file once,
+with its bytes, and data files of that version; all asked for by one principal. The records
+here are already "verified" (``verify_dir``'s job, tested on its own); these tests are about
+binding them to the source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from airlock_client import ProvenanceError
+from airlock_client._twin_dir import SourceFiles, check_directory_source, directory_tags
+from airlock_client.provenance import INDEX_KIND, ProvenanceRecord, file_subject
+from airlock_client.verify_dir import VerifiedDirectory
+
+SUBJECT = "models:/tinylm/2"
+SHARDS = {"pytorch_model-00001-of-00002.bin": ("a" * 64, 100),
+          "pytorch_model-00002-of-00002.bin": ("b" * 64, 200)}
+DATA = {"config.json": ("c" * 64, 10), "tokenizer.json": ("d" * 64, 20)}
+SOURCE = SourceFiles(weights=SHARDS, data=DATA)
+
+
+def record(subject: str, sha: str = "", size: int = 0, *, kind: str = "conversion",
+           principal: str = "migrator", output: str = "out", executed: bool = False,
+           ) -> ProvenanceRecord:
+    return ProvenanceRecord(
+        job_id="job", created="", broker_version="", input_sha256=sha, input_size=size,
+        declared_format="", detected_format="", output_name=output, output_sha256="e" * 64,
+        output_size=1, output_format="safetensors", target="", loading_policy="safe_only",
+        image_id="", runtime="", validation="passed", assurance="integrity_verified",
+        integrity_note="", key_fingerprint="f" * 64, record_version=3, subject=subject,
+        principal=principal, principal_method="token", kind=kind,
+        conversion={"executed_artifact_code": executed})
+
+
+def directory(shards: dict[str, tuple[str, int]] | None = None,
+              data: dict[str, tuple[str, int]] | None = None, *, index: bool = True,
+              index_subject: str = SUBJECT, principal: str = "migrator") -> VerifiedDirectory:
+    """What ``convert_directory`` signs for ``shards`` and ``data`` (name -> sha, size)."""
+    shards = SHARDS if shards is None else shards
+    files = tuple((f"model-{i:05d}-of-{len(shards):05d}.safetensors",
+                   record(file_subject(SUBJECT, name), sha, size, principal=principal))
+                  for i, (name, (sha, size)) in enumerate(sorted(shards.items()), 1))
+    carried = tuple((name, record(file_subject(SUBJECT, name), sha, size))
+                    for name, (sha, size) in sorted((DATA if data is None else data).items()))
+    whole = record(index_subject, kind=INDEX_KIND, output="model.safetensors.index.json")
+    return VerifiedDirectory(Path("/nonexistent"), files, whole if index else None, carried)
+
+
+def test_the_conversion_of_the_sources_own_files_passes() -> None:
+    assert check_directory_source(directory(), SOURCE, SUBJECT).kind == INDEX_KIND
+
+
+def test_an_unsharded_directory_is_named_by_its_one_weights_file() -> None:
+    single = {"pytorch_model.bin": ("a" * 64, 100)}
+    whole = check_directory_source(directory(single, index=False),
+                                   SourceFiles(weights=single, data=DATA), SUBJECT)
+    assert whole.subject == file_subject(SUBJECT, "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("case", ["other bytes", "other size", "missing shard", "extra shard",
+                                  "shard twice", "other version"])
+def test_weights_that_are_not_the_sources_are_refused(case: str) -> None:
+    first, second = sorted(SHARDS)
+    shards = dict(SHARDS)
+    source = SOURCE
+    if case == "other bytes":
+        shards[first] = ("0" * 64, 100)
+    elif case == "other size":
+        shards[first] = ("a" * 64, 101)
+    elif case == "missing shard":
+        del shards[second]
+    elif case == "extra shard":
+        source = SourceFiles(weights={first: SHARDS[first]}, data=DATA)
+    elif case == "shard twice":
+        twice = directory()
+        twin = dataclasses.replace(twice, files=(twice.files[0], twice.files[0]))
+        with pytest.raises(ProvenanceError) as info:
+            check_directory_source(twin, SOURCE, SUBJECT)
+        assert info.value.reason == "SOURCE_MISMATCH"
+        return
+    elif case == "other version":
+        with pytest.raises(ProvenanceError) as info:
+            check_directory_source(directory(), SOURCE, "models:/tinylm/3")
+        assert info.value.reason == "SOURCE_MISMATCH"
+        return
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(shards), source, SUBJECT)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_an_index_signed_for_another_directory_is_refused() -> None:
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(index_subject="models:/tinylm/3"), SOURCE, SUBJECT)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+@pytest.mark.parametrize("data", [{"config.json": ("0" * 64, 10)},
+                                  {"vocab.txt": ("c" * 64, 10)}])
+def test_a_data_file_that_is_not_the_sources_is_refused(
+        data: dict[str, tuple[str, int]]) -> None:
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(data=data), SOURCE, SUBJECT)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_shards_asked_for_by_another_principal_are_refused() -> None:
+    mixed = directory(principal="someone-else")
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(mixed, SOURCE, SUBJECT)
+    assert info.value.reason == "PRINCIPAL_NOT_ALLOWED"
+    with pytest.raises(ProvenanceError):
+        check_directory_source(directory(), SOURCE, SUBJECT, principals=["not-migrator"])
+
+
+def test_the_tags_say_code_ran_if_it_ran_for_any_file() -> None:
+    clean = directory()
+    assert directory_tags("tinylm", "2", clean)["airlock.executed_artifact_code"] == "false"
+    name, first = clean.files[0]
+    ran = dataclasses.replace(clean, files=(
+        (name, dataclasses.replace(first, conversion={"executed_artifact_code": True})),
+        *clean.files[1:]))
+    found = directory_tags("tinylm", "2", ran)
+    assert found["airlock.executed_artifact_code"] == "true"
+    assert found["airlock.output_layout"] == "directory"
+    assert found["airlock.output_file"] == "model.safetensors.index.json"
