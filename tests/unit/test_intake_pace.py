@@ -134,3 +134,91 @@ def test_a_declared_size_over_the_reserve_is_refused_before_any_chunk_is_read(
 
     asyncio.run(main())
     assert taken == []  # refused on the declared size: not one chunk was taken
+
+
+def test_a_write_the_kernel_holds_back_stalls_its_upload_not_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool write that blocks (dirty pages throttled behind a slow disk) must leave the
+    event loop free for every other call: the write here waits until a coroutine on the loop
+    lets it go. With writes on the loop, nothing could, and it gives up after 10 s."""
+    import threading
+
+    from airlock_broker.conversion import spool_space
+
+    released = threading.Event()
+    gave_up: list[bool] = []
+    write = spool_space.SpoolWriter.write
+
+    def held_back(self: spool_space.SpoolWriter, data: bytes | bytearray, offset: int) -> bool:
+        if offset == 0:
+            gave_up.append(not released.wait(10))
+        return write(self, data, offset)
+
+    monkeypatch.setattr(spool_space.SpoolWriter, "write", held_back)
+    data = os.urandom(MiB)
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.05)
+        released.set()
+
+    async def main() -> None:
+        stream = _dribble([_chunk(data), _chunk(data)], [], then_stall=False)
+        releasing = asyncio.ensure_future(release_soon())
+        spooled = await spool_chunks(stream, _spool(tmp_path), pb.ConvertMetadata(),
+                                     _limits(tmp_path))
+        await releasing
+        assert spooled.size == 2 * MiB
+        assert (tmp_path / "spool").read_bytes() == data + data
+        import hashlib
+
+        assert await spooled.digest.value() == hashlib.sha256(data + data).hexdigest()
+
+    asyncio.run(main())
+    assert gave_up == [False]
+
+
+def test_a_cancelled_upload_closes_its_spool_file_only_after_its_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled while a chunk is being written on its thread, the upload waits for that
+    write before it closes the descriptor (a number the next open could reuse)."""
+    import threading
+
+    from airlock_broker.conversion import spool_space
+
+    writing, release = threading.Event(), threading.Event()
+    ended: list[bool] = []
+    write = spool_space.SpoolWriter.write
+
+    def slow(self: spool_space.SpoolWriter, data: bytes | bytearray, offset: int) -> bool:
+        writing.set()
+        release.wait(10)
+        done = write(self, data, offset)
+        ended.append(True)
+        return done
+
+    monkeypatch.setattr(spool_space.SpoolWriter, "write", slow)
+    closed: list[bool] = []
+    real_close = os.close
+    fd = _spool(tmp_path)
+
+    def close(n: int) -> None:
+        if n == fd:
+            closed.append(bool(ended))
+        real_close(n)
+
+    monkeypatch.setattr(os, "close", close)
+
+    async def main() -> None:
+        stream = _dribble([_chunk(b"x" * 1024)], [], then_stall=True)
+        task = asyncio.ensure_future(spool_chunks(stream, fd, pb.ConvertMetadata(),
+                                                  _limits(tmp_path)))
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert closed == [True]

@@ -19,7 +19,7 @@ PUBLIC = [
     "ModelSourceError", "ParityCheck", "PoolStatus", "ProvenanceError", "ProvenanceKey",
     "ProvenanceRecord", "SafeLoadError", "SelfTestCheck", "SelfTestReport",
     "ServiceUnavailable", "TensorSpec", "VerifiedArtifact", "default_address",
-    "fetch_verified", "load_verified",
+    "fetch_verified", "fetch_verified_directory", "load_verified",
 ]
 #: Exceptions that never leave the client: Client catches it and streams over gRPC instead.
 INTERNAL_SIGNALS = {"airlock_client._local_transfer.LocalTransferUnavailable"}

@@ -9,6 +9,12 @@ must come within the grace period, and the chunks at the minimum average rate wi
 total deadline (``Pace``, upload_limits.py); a client that stops sending is cut off at the
 moment it falls behind. Its spool file is accounted against the spool's free-space reserve
 and keeps all-zero chunks as holes (spool_space.py).
+
+Each chunk's CRC, hash and write run on a worker thread while the event loop waits for the
+next chunk: a write that the kernel holds back (dirty pages throttled behind a slow disk)
+stalls this upload only, never every other call the loop serves. One chunk is in flight at a
+time, so the hash sees them in order, and the spool file is closed only once its thread is
+done with it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from airlock_broker.conversion.input_digest import InputDigest
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolSpace, SpoolWriter
 from airlock_broker.conversion.upload_limits import Pace, UploadLimits
 from airlock_broker.errors import AirlockError, Reason, error
+from airlock_broker.futures import retrieved
 from airlock_sandbox.formats import PREFIX_BYTES
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -91,6 +98,7 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
     cap = min(meta.size_bytes or limits.max_artifact_bytes, limits.max_artifact_bytes)
     pace = limits.pace()
     claim: SpoolClaim | None = None
+    writing: asyncio.Future[None] | None = None  # the chunk on its worker thread
     try:
         if not in_ram:  # undeclared: checked as it grows
             claim = limits.claim(min(meta.size_bytes, cap))
@@ -102,24 +110,53 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
             if len(data) > limits.max_chunk_bytes:
                 raise error(Reason.BAD_REQUEST, f"chunk of {len(data)} bytes exceeds the "
                                                 f"maximum of {limits.max_chunk_bytes}")
-            if zlib.crc32(data) != msg.chunk.crc32:
-                raise error(Reason.CHECKSUM_MISMATCH, f"chunk at offset {size} fails its CRC-32")
             size += len(data)
             if size > cap:
                 what = "declared size" if meta.size_bytes else "server maximum"
                 raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
-            digest.update(data)
             if len(prefix) < PREFIX_BYTES:
                 prefix += data[: PREFIX_BYTES - len(prefix)]
-            spool.write(data, size - len(data))
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(asyncio.to_thread(
+                _take, data, msg.chunk.crc32, size - len(data), digest, spool))
+        if writing is not None:
+            await writing
         spool.finish(size)
     finally:
-        if claim is not None:
-            claim.release()
-        os.close(fd)
+        try:
+            if writing is not None:
+                await _settled(writing)  # its thread writes to fd: it ends before fd closes
+        finally:
+            if claim is not None:
+                claim.release()
+            os.close(fd)
     check_size(size, meta)
     return Spooled(size=size, prefix=bytes(prefix), data_bytes=spool.data_bytes,
                    digest=InputDigest.known(digest.hexdigest(), meta.sha256))
+
+
+def _take(data: bytes, crc32: int, offset: int, digest: hashlib._Hash,
+          spool: SpoolWriter) -> None:
+    """One chunk, on a worker thread: its CRC checked, hashed, written at ``offset``."""
+    if zlib.crc32(data) != crc32:
+        raise error(Reason.CHECKSUM_MISMATCH, f"chunk at offset {offset} fails its CRC-32")
+    digest.update(data)
+    spool.write(data, offset)
+
+
+async def _settled(future: asyncio.Future[None]) -> None:
+    """Wait until ``future`` is done, even through cancellations (a thread cannot be stopped,
+    and one chunk's write is short); the last cancellation is raised after."""
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    retrieved(future)
+    if cancelled is not None:
+        raise cancelled
 
 
 def check_size(size: int, meta: pb.ConvertMetadata) -> None:
