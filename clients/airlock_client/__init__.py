@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from airlock_client.provenance import ProvenanceRecord
     from airlock_client.safe_load import (
         VerifiedArtifact,
+        VerifiedModelDirectory,
         fetch_verified,
         fetch_verified_directory,
         load_verified,
@@ -60,6 +61,7 @@ _LAZY = {
     "Client": "_client",
     "ProvenanceRecord": "provenance",
     "VerifiedArtifact": "safe_load",
+    "VerifiedModelDirectory": "safe_load",
     "fetch_verified": "safe_load",
     "fetch_verified_directory": "safe_load",
     "load_verified": "safe_load",
@@ -125,6 +127,7 @@ __all__ = [
     "ServiceUnavailable",
     "TensorSpec",
     "VerifiedArtifact",
+    "VerifiedModelDirectory",
     "default_address",
     "fetch_verified",
     "fetch_verified_directory",

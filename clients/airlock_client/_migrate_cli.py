@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airlock_client._batch_jobs import (
     FALLBACK_JOBS,
@@ -87,6 +88,9 @@ from airlock_client.migrate import (
 )
 from airlock_client.mlflow_source import resolve
 from airlock_client.provenance import ProvenanceError, PublicKeyLike, load_public_key
+
+if TYPE_CHECKING:
+    from airlock_client.model_dir import DirectoryResult
 
 EXIT_NOTHING = 5
 #: 128 + SIGINT, as a shell reports a command stopped by Ctrl-C; SIGTERM ends the same way.
@@ -254,7 +258,7 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
                                   job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                                   subject=subject)
 
-    def convert_dir(model_dir: Path, output: Path, subject: str) -> object:
+    def convert_dir(model_dir: Path, output: Path, subject: str) -> DirectoryResult:
         from airlock_client.model_dir import convert_directory
 
         # One file at a time: the run's --jobs versions are what the broker is asked for at

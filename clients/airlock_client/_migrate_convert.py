@@ -40,6 +40,10 @@ from airlock_client.provenance import (
 )
 from airlock_client.verify_dir import VerifiedDirectory, verify_directory
 
+#: A data file of a transformers version is not what its name says (its sandbox refused it):
+#: ``convert DIR`` leaves it out, but a twin must hold every one (``_twin_dir``).
+DATA_FILE_REFUSED = "DATA_FILE_REFUSED"
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -88,7 +92,7 @@ def convert_directory_verified(convert: ConvertDirectory, model_dir: Path, outpu
     conversion of ``model_dir``'s own files (``_twin_dir``)."""
     try:
         source = source_files(model_dir)
-        convert(model_dir, output, subject)
+        result = convert(model_dir, output, subject)
     except (ServiceUnavailable, AccessDenied):
         raise
     except ModelSourceError as exc:  # refused before anything was sent
@@ -99,6 +103,12 @@ def convert_directory_verified(convert: ConvertDirectory, model_dir: Path, outpu
                        getattr(exc, "reason", "") or CLIENT_ERROR, exc.message)
     except OSError as exc:
         return Failure(Status.FAILED, CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
+    refused = [s for s in result.skipped if s.name.rpartition("/")[2] in source.data
+               and s.name.rpartition("/")[2] not in result.carried]
+    if refused:  # its twin would miss it: a model without its tokenizer is not the model
+        return Failure(Status.REJECTED, DATA_FILE_REFUSED,
+                       f"{len(refused)} data file(s) are not what their names say, such as "
+                       f"{refused[0].name}: {refused[0].why}")
     try:  # with the pinned key, whatever key ``convert`` used: this goes into a registry
         verified = verify_directory(output, public_key)
         check_directory_source(verified, source, subject)

@@ -7,12 +7,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airlock_client import _lineage as tags
 from airlock_client._registry import DEFAULT_PAGE_SIZE
 from airlock_client._types import ConversionResult
 from airlock_client.batch import MAX_CONCURRENCY
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
+
+if TYPE_CHECKING:
+    from airlock_client.model_dir import DirectoryResult
 
 #: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
 Fetch = Callable[[str, Path], Path]
@@ -22,7 +26,7 @@ Convert = Callable[[Path, Path, str], ConversionResult]
 #: ``convert_directory(model_dir, output_dir, subject)``: convert the Hugging Face model
 #: directory in ``model_dir`` (an MLflow transformers version) file by file into the new
 #: directory ``output_dir``, each file signed as ``subject/FILE`` (``model_dir``).
-ConvertDirectory = Callable[[Path, Path, str], object]
+ConvertDirectory = Callable[[Path, Path, str], "DirectoryResult"]
 #: One line of progress for a human (the CLI prints it on stderr).
 Progress = Callable[[str], None]
 

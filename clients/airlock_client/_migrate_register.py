@@ -16,7 +16,7 @@ from airlock_client._migrate_leftovers import OpenRun
 from airlock_client._migrate_report import Status
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry
-from airlock_client._twin_dir import directory_tags, whole_record
+from airlock_client._twin_dir import directory_tags
 from airlock_client._types import ConversionResult
 from airlock_client.provenance import ProvenanceRecord
 from airlock_client.verify_dir import VerifiedDirectory
@@ -50,7 +50,7 @@ class Registrar:
         file of ``verified.path``, records beside them) as its twin and tag the source with
         it; the twin's ``NAME-airlock/VERSION``."""
         lineage = directory_tags(name, version, verified)
-        whole = whole_record(verified)
+        whole = verified.whole
         with self.writes:
             self._ensure_target(name, target)
             twin = self._log(target, sorted(verified.path.iterdir()), lineage, name, version,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -61,10 +62,44 @@ from airlock_client._twin_dir import (
     is_directory_source,
     read_directory_twin,
     source_files,
-    whole_record,
 )
+from airlock_client._twin_dir import executed_code as directory_ran_code
 from airlock_client.mlflow_source import DOWNLOAD_FAILED
 from airlock_client.provenance import ProvenanceRecord, PublicKeyLike, load_public_key
+from airlock_client.verify_dir import VerifiedDirectory
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """What a twin holds, as a version's outcome reports it (one definition for every way a
+    version ends up migrated)."""
+
+    format: str
+    assurance: str
+    executed_code: bool
+    #: The signed input's sha256: "" for a directory (each file has its own).
+    source_sha256: str
+    #: The model file's, or the index's (or the one weights file's) for a directory.
+    output_sha256: str
+
+    @classmethod
+    def of_file(cls, record: ProvenanceRecord) -> Migrated:
+        return cls(record.output_format, record.assurance, executed_code(record),
+                   record.input_sha256, record.output_sha256)
+
+    @classmethod
+    def of_directory(cls, verified: VerifiedDirectory) -> Migrated:
+        whole = verified.whole
+        return cls("safetensors", whole.assurance, directory_ran_code(verified),
+                   "" if verified.index is not None else whole.input_sha256,
+                   whole.output_sha256)
+
+    def outcome(self, name: str, version: str, status: Status, where: str, *,
+                message: str = "") -> Outcome:
+        return Outcome(name, version, status, target=where, format=self.format,
+                       assurance=self.assurance, executed_artifact_code=self.executed_code,
+                       source_sha256=self.source_sha256, output_sha256=self.output_sha256,
+                       message=message)
 
 
 class VersionMigration:
@@ -159,13 +194,14 @@ class VersionMigration:
             directory = self._directory(name, version, model_dir)
             if isinstance(directory, Outcome):
                 return directory
+            by_files = directory and self.convert_directory is not None
             resumed = self._resume(name, version, target, model_dir, work, None, step,
-                                   adoptable=not directory)
+                                   adoptable=not by_files)
             if resumed is not None:
                 return resumed
             self.progress(f"{step} {name} v{version}: converting")
             return self._migrate(name, version, target, model_dir, work, source_sha256=None,
-                                 directory=directory)
+                                 directory=by_files)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -199,13 +235,13 @@ class VersionMigration:
             for claim in claims:
                 where = f"{target.name}/{claim.version}"
                 try:
-                    record = self._check_twin(name, version, claim, work, source, digest)
+                    checked = self._check_twin(name, version, claim, work, source, digest)
                 except IntegrityError as exc:
                     refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
                                   f"its twin but is not: {exc}")
                     continue
-                return self._already(name, version, mv, where, record, claim.run_id)
+                return self._already(name, version, mv, where, checked, claim.run_id)
             note = f"not a verified twin, ignored: {', '.join(refused)}"
             refusal = self._refusal(name, mv)
             if refusal is not None:
@@ -213,49 +249,48 @@ class VersionMigration:
             if self.options.dry_run:
                 return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?",
                                message=note)
+            by_files = directory and self.convert_directory is not None
             resumed = self._resume(name, version, target, model_dir, work, digest, step,
-                                   adoptable=not directory)
+                                   adoptable=not by_files)
             if resumed is not None:
                 return resumed
             self.progress(f"{step} {name} v{version}: converting")
             outcome = self._migrate(name, version, target, model_dir, work,
-                                    source_sha256=digest, directory=directory)
+                                    source_sha256=digest, directory=by_files)
             return Outcome(**{**outcome.__dict__, "message": outcome.message or note})
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     def _check_twin(self, name: str, version: str, claim: ModelVersion, work: Path,
-                    source: SourceFiles | None, digest: str | None) -> ProvenanceRecord:
-        """The record of ``claim`` once it verifies as the twin of ``name`` v``version``
-        (a directory twin when ``source`` is given, else a file twin of bytes ``digest``);
-        else raise ``IntegrityError``."""
+                    source: SourceFiles | None, digest: str | None) -> Migrated:
+        """What ``claim`` holds once it verifies as the twin of ``name`` v``version`` (a
+        directory twin when ``source`` is given, else a file twin of bytes ``digest``); else
+        raise ``IntegrityError``."""
         if source is None:
             twin = read_twin(self.registry, self.download, claim, self.public_key,
                              keep_bytes=False)
             check_lineage(twin, claim, model=name, version=version, sha256=digest)
-            return twin.record
+            return Migrated.of_file(twin.record)
         dest = Path(tempfile.mkdtemp(prefix="twin-", dir=work))
         try:
             twin_dir = read_directory_twin(self.registry, self.download, claim,
                                            self.public_key, dest)
             check_directory_lineage(twin_dir, claim, model=name, version=version,
                                     source=source)
-            return twin_dir.record
+            return Migrated.of_directory(twin_dir.verified)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
 
     def _directory(self, name: str, version: str, model_dir: Path) -> bool | Outcome:
-        """Whether the version is converted as a model directory (only with a directory
-        converter); an Outcome when its bundle is refused as unsafe to read."""
-        if self.convert_directory is None:
-            return False
+        """Whether the version holds a model directory (an MLflow transformers model with
+        PyTorch weights); an Outcome when its bundle is refused as unsafe to read."""
         try:
             return is_directory_source(model_dir)
         except ModelSourceError as exc:
             return self._failed(name, version, Status.REJECTED, exc.reason, exc.message)
 
     def _already(self, name: str, version: str, mv: ModelVersion, where: str,
-                 record: ProvenanceRecord, run_id: str | None) -> Outcome:
+                 migrated: Migrated, run_id: str | None) -> Outcome:
         # A run that stopped between registering and tagging the source finishes here, and
         # a run that could not download the source to check its twin is taken back.
         if not self.options.dry_run and (tag(mv, tags.MIGRATED_TO) != where
@@ -264,10 +299,7 @@ class VersionMigration:
         # Killed after registering the twin, before closing its run: the run did its job.
         for left in self.open_runs.pop((name, version), []):
             self.registrar.close(left, "FINISHED" if left.run_id == run_id else "FAILED")
-        return Outcome(name, version, Status.ALREADY_MIGRATED, target=where,
-                       format=record.output_format, assurance=record.assurance,
-                       executed_artifact_code=executed_code(record),
-                       source_sha256=record.input_sha256, output_sha256=record.output_sha256)
+        return migrated.outcome(name, version, Status.ALREADY_MIGRATED, where)
 
     def _resume(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
                 digest: str | None, step: str, *, adoptable: bool) -> Outcome | None:
@@ -301,12 +333,10 @@ class VersionMigration:
     def _adopt(self, name: str, version: str, target: Target, run: OpenRun,
                record: ProvenanceRecord) -> Outcome:
         where = self.registrar.adopt(name, version, target, run, record)
-        return Outcome(name, version, Status.CONVERTED, target=where,
-                       format=record.output_format, assurance=record.assurance,
-                       executed_artifact_code=executed_code(record),
-                       source_sha256=record.input_sha256, output_sha256=record.output_sha256,
-                       message=f"registered from run {run.run_id}, which a stopped migrate "
-                               "left open (its files verified): not converted again")
+        return Migrated.of_file(record).outcome(
+            name, version, Status.CONVERTED, where,
+            message=f"registered from run {run.run_id}, which a stopped migrate left open "
+                    "(its files verified): not converted again")
 
     def _fetch(self, name: str, version: str, work: Path) -> Path | Outcome:
         try:
@@ -335,11 +365,7 @@ class VersionMigration:
             return self._failed(name, version, verified.status, verified.reason,
                                 verified.message)
         where = self.registrar.register_directory(name, version, target, verified)
-        record = whole_record(verified)
-        return Outcome(name, version, Status.CONVERTED, target=where, format="safetensors",
-                       assurance=record.assurance,
-                       executed_artifact_code=any(executed_code(r) for _, r in verified.files),
-                       source_sha256=record.input_sha256, output_sha256=record.output_sha256)
+        return Migrated.of_directory(verified).outcome(name, version, Status.CONVERTED, where)
 
     def _convert(self, name: str, version: str, target: Target, model_dir: Path, work: Path,
                  source_sha256: str | None) -> Outcome:
@@ -351,11 +377,7 @@ class VersionMigration:
                                 converted.message)
         result, record = converted
         where = self.registrar.register(name, version, target, result, record, work / "out")
-        return Outcome(name, version, Status.CONVERTED, target=where, format=result.format,
-                       assurance=record.assurance,
-                       executed_artifact_code=executed_code(record),
-                       source_sha256=record.input_sha256,
-                       output_sha256=record.output_sha256)
+        return Migrated.of_file(record).outcome(name, version, Status.CONVERTED, where)
 
     def _failed(self, name: str, version: str, status: Status, reason: str,
                 message: str) -> Outcome:

@@ -114,9 +114,7 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
     record, data = verified_output(download, base, fmt, public_key, "the version",
                                    max_bytes=max_bytes, keep_bytes=keep_bytes)
-    if tag(mv, tags.OUTPUT_SHA256) != record.output_sha256:
-        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
-                                            "output's: the registry entry was altered")
+    check_output_tag(mv, record)
     return Twin(name=name, version=version, format=fmt, record=record, data=data)
 
 
@@ -187,14 +185,26 @@ def check_lineage(twin: Twin, mv: ModelVersion, *, model: str, version: str | No
     if tag(mv, tags.SOURCE_SHA256) != record.input_sha256:
         raise SafeLoadError("TAG_MISMATCH", f"{where}'s source_sha256 tag is not the signed "
                                             "input's: the registry entry was altered")
-    # Every other tag migrate writes, where present (older twins lack some), must say what
-    # the record says: a verdict or "no code ran" tag that lies is refused, not shown.
-    signed = tags.twin_tags(model, claimed, record, tags.OUTPUT_FILES[twin.format])
+    check_tags(mv, tags.twin_tags(model, claimed, record, tags.OUTPUT_FILES[twin.format]),
+               where)
+    return claimed
+
+
+def check_output_tag(mv: ModelVersion, record: ProvenanceRecord) -> None:
+    """The version's output_sha256 tag must be the signed output's (checked first: cheap)."""
+    if tag(mv, tags.OUTPUT_SHA256) != record.output_sha256:
+        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
+                                            "output's: the registry entry was altered")
+
+
+def check_tags(mv: ModelVersion, signed: dict[str, str], where: str) -> None:
+    """Every tag migrate writes, where present (older twins lack some), must say what the
+    signed records say (``signed``): a verdict or "no code ran" tag that lies is refused, not
+    shown."""
     lying = sorted(k for k, v in signed.items() if (mv.tags or {}).get(k) not in (None, v))
     if lying:
         raise SafeLoadError("TAG_MISMATCH", f"{where}'s tag {lying[0]} is not what its signed "
                                             "provenance says: the registry entry was altered")
-    return claimed
 
 
 def mlflow_download(tracking_uri: str) -> Download:

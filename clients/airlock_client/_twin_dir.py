@@ -11,11 +11,16 @@ compare, so a directory twin counts as the conversion of ``NAME/V`` only when
 - the twin's directory verifies as a whole with the pinned key (``verify_dir``: every file
   against its record, the shards against the index's record, nothing else in it);
 - the index's record (or the one weights file's) is signed as ``models:/NAME/V`` (or
-  ``models:/NAME/V/FILE``);
-- each weights record names one source weights file, under its name, and its signed input is
-  that file's sha256 and size; every source weights file is covered, none twice;
-- each carried data file's record names the source data file of that name and its bytes;
-- one principal asked for all of it (and an allowed one, when the caller names any);
+  ``models:/NAME/V/FILE``), and the index is the one the shards' own headers make;
+- each weights record names one source weights file, under its name, its output has the name
+  that file's conversion gets, and its signed input is that file's sha256 and size; every
+  source weights file is covered, none twice;
+- each of the source's data files is carried, and its record names the source data file of
+  that name and its bytes (a conversion that had to leave one out is no twin: a model whose
+  tokenizer's chat template went missing is not the model);
+- every file was converted under ``safe_only`` (``DIRECTORY_POLICY``: what ``migrate`` asks
+  for), so none ran the source's code; one principal asked for all of it (and an allowed
+  one, when the caller names any);
 - and the twin's tags say what the records say.
 
 The source's files are hashed from the registry's copy, downloaded (bytes only) by the caller.
@@ -28,11 +33,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from airlock_client import _bundle, _hf_dir
+from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client import _lineage as tags
-from airlock_client._errors import SafeLoadError
+from airlock_client._errors import AirlockError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
-from airlock_client._twin import Download
+from airlock_client._twin import Download, check_output_tag, check_tags, source_subject
+from airlock_client.model_dir import DIRECTORY_POLICY
 from airlock_client.provenance import (
     ProvenanceError,
     ProvenanceRecord,
@@ -47,10 +53,12 @@ from airlock_client.verify_dir import VerifiedDirectory, verify_directory
 
 @dataclass(frozen=True)
 class SourceFiles:
-    """A source directory's weights and data files: name -> (sha256, size)."""
+    """A source directory's weights and data files: name -> (sha256, size); and the name
+    each weights file's conversion gets (``model-00001-of-00002.safetensors``)."""
 
     weights: Mapping[str, tuple[str, int]]
     data: Mapping[str, tuple[str, int]]
+    outputs: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class DirectoryTwin:
 
     @property
     def record(self) -> ProvenanceRecord:
-        return whole_record(self.verified)
+        return self.verified.whole
 
 
 def is_directory_source(model_dir: Path) -> bool:
@@ -84,22 +92,22 @@ def source_files(model_dir: Path) -> SourceFiles:
             return digest_of(fh)
 
     return SourceFiles(weights={s.source.name: digest(s.source) for s in model.shards},
-                       data={d.name: digest(d.source) for d in model.data_files})
+                       data={d.name: digest(d.source) for d in model.data_files},
+                       outputs={s.source.name: s.output_name for s in model.shards})
 
 
-def whole_record(verified: VerifiedDirectory) -> ProvenanceRecord:
-    """The record that names the directory: the index's, or the one weights file's."""
-    return verified.index if verified.index is not None else verified.files[0][1]
+def executed_code(verified: VerifiedDirectory) -> bool:
+    """Whether any file's conversion says it ran the source's code."""
+    return any(tags.executed_code(r) for r in _records(verified))
 
 
 def directory_tags(name: str, version: str, verified: VerifiedDirectory) -> dict[str, str]:
     """The tags of a directory twin: a file twin's, from the record that names the directory,
     with the layout, and "code ran" if it ran for any file."""
-    whole = whole_record(verified)
-    records = [r for _, r in verified.files] + [r for _, r in verified.carried]
+    whole = verified.whole
     return {**tags.twin_tags(name, version, whole, whole.output_name),
             tags.OUTPUT_LAYOUT: tags.LAYOUT_DIRECTORY,
-            tags.EXECUTED_CODE: "true" if any(map(tags.executed_code, records)) else "false"}
+            tags.EXECUTED_CODE: "true" if executed_code(verified) else "false"}
 
 
 def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, subject: str, *,
@@ -107,7 +115,7 @@ def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, sub
     """Raise ``ProvenanceError`` unless ``verified`` is the conversion of the directory whose
     files are ``source``, signed as ``subject`` (see the module's docstring); return the
     record that names the directory."""
-    whole = whole_record(verified)
+    whole = verified.whole
     if verified.index is not None:
         check_source(verified.index, subject=subject)
     by_subject = {file_subject(subject, n): n for n in source.weights}
@@ -119,6 +127,10 @@ def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, sub
                                   f"of {shown(record.subject)}, not of a weights file of "
                                   f"{shown(subject)}" + (" (one is covered twice)"
                                                          if name in covered else ""))
+        if out_name != source.outputs[name]:
+            raise ProvenanceError("OUTPUT_MISMATCH", f"{out_name[:120]!r} holds the conversion "
+                                  f"of {name[:120]!r}, which is named "
+                                  f"{source.outputs[name]!r}")
         _same_bytes(out_name, record, source.weights[name], name)
         covered.add(name)
     missing = sorted(set(source.weights) - covered)
@@ -131,14 +143,25 @@ def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, sub
             raise ProvenanceError("SOURCE_MISMATCH", f"{name} is not a data file of "
                                   f"{shown(subject)} (signed as {shown(record.subject)})")
         _same_bytes(name, record, source.data[name], name)
+    left_out = sorted(set(source.data) - {name for name, _ in verified.carried})
+    if left_out:
+        raise ProvenanceError("SOURCE_MISMATCH", f"{len(left_out)} data file(s) of "
+                              f"{shown(subject)} are not in the directory, such as "
+                              f"{left_out[0][:120]!r}")
     asker = (whole.principal, whole.principal_method)
-    for _, record in verified.files:
+    for record in _records(verified):
         if (record.principal, record.principal_method) != asker:
             raise ProvenanceError("PRINCIPAL_NOT_ALLOWED", f"{record.output_name[:80]!r} was "
                                   f"asked for by {record.principal[:80]!r}, the directory by "
                                   f"{whole.principal[:80]!r}")
+        if record.loading_policy != DIRECTORY_POLICY:
+            raise ProvenanceError("POLICY_MISMATCH", f"{record.output_name[:80]!r} was "
+                                  f"converted under {record.loading_policy[:20]!r}, not "
+                                  f"{DIRECTORY_POLICY!r}: the source's code may have made it")
     if principals is not None:
-        check_source(whole, principals=principals)  # verify_dir held the others to it
+        check_source(whole, principals=principals)
+    if verified.index is not None:
+        _check_index(verified)
     return whole
 
 
@@ -161,11 +184,8 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
         raise SafeLoadError("ARTIFACT_UNSAFE", f"the download of {base} left the directory it "
                                                "was given")
     verified = verify_directory(local, public_key)
-    twin = DirectoryTwin(name, version, verified)
-    if tag(mv, tags.OUTPUT_SHA256) != twin.record.output_sha256:
-        raise SafeLoadError("TAG_MISMATCH", "the version's output_sha256 tag is not the signed "
-                                            "output's: the registry entry was altered")
-    return twin
+    check_output_tag(mv, verified.whole)
+    return DirectoryTwin(name, version, verified)
 
 
 def check_directory_lineage(twin: DirectoryTwin, mv: ModelVersion, *, model: str,
@@ -173,19 +193,32 @@ def check_directory_lineage(twin: DirectoryTwin, mv: ModelVersion, *, model: str
                             principals: Collection[str] | None = None) -> None:
     """Raise unless ``twin`` is the conversion of ``model`` version ``version``, whose files
     are ``source``, and its tags say so."""
-    from airlock_client._twin import source_subject
-
     where = f"{twin.name} version {twin.version}"
     if tag(mv, tags.SOURCE_MODEL) != model or tag(mv, tags.SOURCE_VERSION) != version:
         raise SafeLoadError("TAG_MISMATCH", f"{where}'s source tags do not name {model} "
                                             f"version {version}")
     check_directory_source(twin.verified, source, source_subject(model, version),
                            principals=principals)
-    signed = directory_tags(model, version, twin.verified)
-    lying = sorted(k for k, v in signed.items() if (mv.tags or {}).get(k) not in (None, v))
-    if lying:
-        raise SafeLoadError("TAG_MISMATCH", f"{where}'s tag {lying[0]} is not what its signed "
-                                            "provenance says: the registry entry was altered")
+    check_tags(mv, directory_tags(model, version, twin.verified), where)
+
+
+def _records(verified: VerifiedDirectory) -> list[ProvenanceRecord]:
+    """The records of every converted and carried file (not the index's)."""
+    return [r for _, r in verified.files] + [r for _, r in verified.carried]
+
+
+def _check_index(verified: VerifiedDirectory) -> None:
+    """The index must be the one the shards' own headers make (``model_dir`` writes it so):
+    the broker checked its weight map and total size; this holds the rest of its bytes too."""
+    try:
+        headers = [(name, _st_header.read_header(verified.path / name)) for name, _ in
+                   sorted(verified.files)]
+    except AirlockError as exc:  # the broker validated them: not reached but by a bug
+        raise ProvenanceError("OUTPUT_MISMATCH", exc.message) from None
+    index = verified.path / _hf_dir.SAFE_WEIGHTS_INDEX
+    if index.read_bytes() != _st_header.index_document(headers):
+        raise ProvenanceError("OUTPUT_MISMATCH", f"{_hf_dir.SAFE_WEIGHTS_INDEX} is not the "
+                              "index its shards make: it holds something else beside them")
 
 
 def _same_bytes(out_name: str, record: ProvenanceRecord, source: tuple[str, int],

@@ -73,8 +73,8 @@ from airlock_client.provenance import (
 from airlock_client.verify_dir import VerifiedDirectory
 
 __all__ = ["DEFAULT_MAX_BYTES", "MAX_PROVENANCE_BYTES", "Download", "FetchSource",
-           "SafeLoadError", "VerifiedArtifact", "fetch_verified", "fetch_verified_directory",
-           "load_verified", "open_artifact"]
+           "SafeLoadError", "VerifiedArtifact", "VerifiedModelDirectory", "fetch_verified",
+           "fetch_verified_directory", "load_verified", "open_artifact"]
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 _SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
@@ -132,24 +132,14 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
     ``registry``, ``download`` and ``fetch`` replace the MLflow client, its artifact download
     and the source-version download (tests).
     """
-    key = public_key if public_key is not None else os.environ.get("AIRLOCK_PUBLIC_KEY")
-    if not key:
-        raise ProvenanceError("BAD_PUBLIC_KEY", "a safe load needs the broker's public key "
-                                                "(public_key=... or AIRLOCK_PUBLIC_KEY)")
     model, version = _expected_source(source, source_sha256)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if registry is None or download is None or fetch is None:
-        if not uri:
-            raise ValueError("no tracking server: pass tracking_uri= or set MLFLOW_TRACKING_URI")
-        registry = registry or open_registry(uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
-        download = download or mlflow_download(uri)
-        fetch = fetch or _mlflow_fetch(uri)
-    mv = _version(registry, models_uri)
-    twin = read_twin(registry, download, mv, key, max_bytes=max_bytes)
+    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch)
+    mv = _version(reg.registry, models_uri)
+    twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes)
     claimed = ""
     if model is not None:
         claimed = check_lineage(twin, mv, model=model, version=version, sha256=source_sha256,
-                                source_sha256=lambda v: _source_sha256(fetch, model, v),
+                                source_sha256=lambda v: _source_sha256(reg.fetch, model, v),
                                 principals=principals)
     else:  # only the source's sha256 is expected: it decides alone
         check_source(twin.record, sha256=source_sha256, principals=principals)
@@ -157,41 +147,47 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
                             data=twin.data, record=twin.record, source_version=claimed)
 
 
+@dataclass(frozen=True)
+class VerifiedModelDirectory:
+    """A migrated model directory, verified and put in place."""
+
+    path: Path
+    #: What was checked: every file with its record (``airlock verify DIR`` checks it again).
+    verified: VerifiedDirectory
+    #: The source version it is the verified conversion of (``source``'s model).
+    source_version: str
+
+
 def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, source: str,
                              principals: Collection[str] | None = None,
                              public_key: PublicKeyLike | None = None,
                              tracking_uri: str | None = None, registry: Registry | None = None,
                              download: Download | None = None,
-                             fetch: FetchSource | None = None) -> VerifiedDirectory:
-    """Download the model directory of a migrated transformers version into ``dest`` (which
-    must not exist yet), once it verifies: as a whole with ``public_key``, and file by file
-    against the source version's own files (``source``: ``models:/NAME`` or
-    ``models:/NAME/VERSION``), downloaded as bytes. Nothing is left at ``dest`` when it does
-    not. The arguments are ``fetch_verified``'s."""
-    key = public_key if public_key is not None else os.environ.get("AIRLOCK_PUBLIC_KEY")
-    if not key:
-        raise ProvenanceError("BAD_PUBLIC_KEY", "a safe load needs the broker's public key "
-                                                "(public_key=... or AIRLOCK_PUBLIC_KEY)")
+                             fetch: FetchSource | None = None) -> VerifiedModelDirectory:
+    """Put the model directory of a migrated transformers version at ``dest`` (which must not
+    exist yet), once it verifies: as a whole with ``public_key``, and file by file against
+    the source version's own files (``source``: ``models:/NAME``, whichever version the twin
+    is of, or ``models:/NAME/VERSION``), downloaded as bytes. It is downloaded beside
+    ``dest`` and renamed there only once it passed: nothing is left at ``dest`` when it does
+    not. The other arguments are ``fetch_verified``'s. Raises what ``fetch_verified`` raises,
+    and ``FileExistsError`` when ``dest`` exists (or came to exist meanwhile)."""
     model, version = _expected_source(source, None)
     assert model is not None  # a source is required here
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if registry is None or download is None or fetch is None:
-        if not uri:
-            raise ValueError("no tracking server: pass tracking_uri= or set MLFLOW_TRACKING_URI")
-        registry = registry or open_registry(uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
-        download = download or mlflow_download(uri)
-        fetch = fetch or _mlflow_fetch(uri)
+    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch)
     target = Path(os.path.abspath(dest))
     if os.path.lexists(target):
         raise FileExistsError(f"{target} exists: fetch_verified_directory writes a new one")
-    mv = _version(registry, models_uri)
+    mv = _version(reg.registry, models_uri)
+    claimed = version or str((mv.tags or {}).get(tags.SOURCE_VERSION, ""))
+    if not claimed.isdigit() or not claimed.isascii():
+        raise SafeLoadError("TAG_MISMATCH", f"{models_uri}'s source version tag "
+                                            f"{claimed[:40]!r} is not a version number")
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".airlock-part",
                                  dir=target.parent))
     try:
-        twin = read_directory_twin(registry, download, mv, key, work / "twin")
-        claimed = version or str((mv.tags or {}).get(tags.SOURCE_VERSION, ""))
+        twin = read_directory_twin(reg.registry, reg.download, mv, key, work / "twin")
         try:
-            source_dir = fetch(f"models:/{model}/{claimed}", work / "source")
+            source_dir = reg.fetch(f"models:/{model}/{claimed}", work / "source")
             files = source_files(Path(source_dir))
         except ModelSourceError as exc:
             raise SafeLoadError("SOURCE_MISSING",
@@ -199,10 +195,50 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
                                 f"the version against it: {exc.reason}: {exc.message}") from exc
         check_directory_lineage(twin, mv, model=model, version=claimed, source=files,
                                 principals=principals)
-        os.rename(twin.verified.path, target)  # checked above: nothing is there
-        return dataclasses.replace(twin.verified, path=target)
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} came to exist while the version was verified")
+        try:
+            os.rename(twin.verified.path, target)
+        except OSError as exc:  # made meanwhile, and not empty
+            raise FileExistsError(f"{target} came to exist while the version was verified: "
+                                  f"{exc.strerror}") from None
+        return VerifiedModelDirectory(target, dataclasses.replace(twin.verified, path=target),
+                                      claimed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _key(public_key: PublicKeyLike | None) -> PublicKeyLike:
+    """The pinned key: the caller's, else ``$AIRLOCK_PUBLIC_KEY``."""
+    key = public_key if public_key is not None else os.environ.get("AIRLOCK_PUBLIC_KEY")
+    if not key:
+        raise ProvenanceError("BAD_PUBLIC_KEY", "a safe load needs the broker's public key "
+                                                "(public_key=... or AIRLOCK_PUBLIC_KEY)")
+    return key
+
+
+@dataclass(frozen=True)
+class _Registry:
+    """The registry, its artifact download and the source-version download of one call."""
+
+    registry: Registry
+    download: Download
+    fetch: FetchSource
+
+    @classmethod
+    def of(cls, tracking_uri: str | None, registry: Registry | None,
+           download: Download | None, fetch: FetchSource | None) -> _Registry:
+        """The caller's (tests), else MLflow's on ``tracking_uri`` (or the environment's)."""
+        if registry is None or download is None or fetch is None:
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+            if not uri:
+                raise ValueError("no tracking server: pass tracking_uri= or set "
+                                 "MLFLOW_TRACKING_URI")
+            registry = registry or open_registry(
+                uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
+            download = download or mlflow_download(uri)
+            fetch = fetch or _mlflow_fetch(uri)
+        return cls(registry, download, fetch)
 
 
 def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"] = "numpy",

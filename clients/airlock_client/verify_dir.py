@@ -62,6 +62,11 @@ class VerifiedDirectory:
     #: Carried data files (sorted by name), each with its record.
     carried: tuple[tuple[str, ProvenanceRecord], ...]
 
+    @property
+    def whole(self) -> ProvenanceRecord:
+        """The record that names the directory: the index's, or the one weights file's."""
+        return self.index if self.index is not None else self.files[0][1]
+
 
 def verify_directory(path: str | os.PathLike[str], public_key: PublicKeyLike, *,
                      subject: str | None = None,

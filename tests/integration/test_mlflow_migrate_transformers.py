@@ -110,9 +110,10 @@ def test_each_version_becomes_a_verified_directory_twin(migrated: Migrated,
                                             source=f"models:/{MODEL}/{version}",
                                             public_key=migrated.public_key,
                                             tracking_uri=migrated.server.uri)
-        assert verified.path == dest
-        assert (verified.index is not None) == (version == "1")
-        assert {name for name, _ in verified.carried} >= {"config.json", "tokenizer.json"}
+        assert verified.path == dest and verified.source_version == version
+        assert (verified.verified.index is not None) == (version == "1")
+        assert {name for name, _ in verified.verified.carried} >= {"config.json",
+                                                                   "tokenizer.json"}
         got = _tensor_bytes(dest)
         kept = {n: a for n, a in source.expected.items() if n not in source.tied}
         assert set(got) == set(kept)

@@ -18,7 +18,8 @@ PUBLIC = [
     "ConversionError", "ConversionReport", "ConversionResult", "IntegrityError",
     "ModelSourceError", "ParityCheck", "PoolStatus", "ProvenanceError", "ProvenanceKey",
     "ProvenanceRecord", "SafeLoadError", "SelfTestCheck", "SelfTestReport",
-    "ServiceUnavailable", "TensorSpec", "VerifiedArtifact", "default_address",
+    "ServiceUnavailable", "TensorSpec", "VerifiedArtifact", "VerifiedModelDirectory",
+    "default_address",
     "fetch_verified", "fetch_verified_directory", "load_verified",
 ]
 #: Exceptions that never leave the client: Client catches it and streams over gRPC instead.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from airlock_client import ProvenanceError
@@ -20,16 +21,18 @@ SUBJECT = "models:/tinylm/2"
 SHARDS = {"pytorch_model-00001-of-00002.bin": ("a" * 64, 100),
           "pytorch_model-00002-of-00002.bin": ("b" * 64, 200)}
 DATA = {"config.json": ("c" * 64, 10), "tokenizer.json": ("d" * 64, 20)}
-SOURCE = SourceFiles(weights=SHARDS, data=DATA)
+OUTPUTS = {name: f"model-{i:05d}-of-{len(SHARDS):05d}.safetensors"
+           for i, name in enumerate(sorted(SHARDS), 1)}
+SOURCE = SourceFiles(weights=SHARDS, data=DATA, outputs=OUTPUTS)
 
 
 def record(subject: str, sha: str = "", size: int = 0, *, kind: str = "conversion",
            principal: str = "migrator", output: str = "out", executed: bool = False,
-           ) -> ProvenanceRecord:
+           policy: str = "safe_only") -> ProvenanceRecord:
     return ProvenanceRecord(
         job_id="job", created="", broker_version="", input_sha256=sha, input_size=size,
         declared_format="", detected_format="", output_name=output, output_sha256="e" * 64,
-        output_size=1, output_format="safetensors", target="", loading_policy="safe_only",
+        output_size=1, output_format="safetensors", target="", loading_policy=policy,
         image_id="", runtime="", validation="passed", assurance="integrity_verified",
         integrity_note="", key_fingerprint="f" * 64, record_version=3, subject=subject,
         principal=principal, principal_method="token", kind=kind,
@@ -38,26 +41,58 @@ def record(subject: str, sha: str = "", size: int = 0, *, kind: str = "conversio
 
 def directory(shards: dict[str, tuple[str, int]] | None = None,
               data: dict[str, tuple[str, int]] | None = None, *, index: bool = True,
-              index_subject: str = SUBJECT, principal: str = "migrator") -> VerifiedDirectory:
-    """What ``convert_directory`` signs for ``shards`` and ``data`` (name -> sha, size)."""
+              index_subject: str = SUBJECT, principal: str = "migrator",
+              policy: str = "safe_only", path: Path = Path("/nonexistent"),
+              ) -> VerifiedDirectory:
+    """What ``convert_directory`` signs for ``shards`` and ``data`` (name -> sha, size);
+    ``path`` holds the shards' files and index (``written``) when a test reaches the check
+    that the index is the one they make."""
     shards = SHARDS if shards is None else shards
-    files = tuple((f"model-{i:05d}-of-{len(shards):05d}.safetensors",
-                   record(file_subject(SUBJECT, name), sha, size, principal=principal))
+    files = tuple((OUTPUTS.get(name, f"model-{i:05d}-of-{len(shards):05d}.safetensors"),
+                   record(file_subject(SUBJECT, name), sha, size, principal=principal,
+                          policy=policy))
                   for i, (name, (sha, size)) in enumerate(sorted(shards.items()), 1))
     carried = tuple((name, record(file_subject(SUBJECT, name), sha, size))
                     for name, (sha, size) in sorted((DATA if data is None else data).items()))
     whole = record(index_subject, kind=INDEX_KIND, output="model.safetensors.index.json")
-    return VerifiedDirectory(Path("/nonexistent"), files, whole if index else None, carried)
+    return VerifiedDirectory(path, files, whole if index else None, carried)
 
 
-def test_the_conversion_of_the_sources_own_files_passes() -> None:
-    assert check_directory_source(directory(), SOURCE, SUBJECT).kind == INDEX_KIND
+def written(path: Path, extra: bytes = b"") -> Path:
+    """Two small shards and the index they make (with ``extra`` spliced into it)."""
+    from safetensors.numpy import save_file
+
+    from airlock_client import _st_header
+
+    for i, name in enumerate(sorted(OUTPUTS.values())):
+        save_file({f"layer{i}.weight": np.full((2, 2), i, np.float32)}, str(path / name))
+    index = _st_header.index_document([(name, _st_header.read_header(path / name))
+                                       for name in sorted(OUTPUTS.values())])
+    if extra:
+        index = index[:1] + extra + index[1:]
+    (path / "model.safetensors.index.json").write_bytes(index)
+    return path
+
+
+def test_the_conversion_of_the_sources_own_files_passes(tmp_path: Path) -> None:
+    whole = check_directory_source(directory(path=written(tmp_path)), SOURCE, SUBJECT)
+    assert whole.kind == INDEX_KIND
+
+
+def test_an_index_with_more_than_its_shards_make_is_refused(tmp_path: Path) -> None:
+    """The broker checks the weight map and total size; the rest of the index is the
+    caller's bytes, and a twin's must be exactly what its shards make."""
+    twin = directory(path=written(tmp_path, b'"_name_or_path": "attacker/model", '))
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(twin, SOURCE, SUBJECT)
+    assert info.value.reason == "OUTPUT_MISMATCH"
 
 
 def test_an_unsharded_directory_is_named_by_its_one_weights_file() -> None:
     single = {"pytorch_model.bin": ("a" * 64, 100)}
-    whole = check_directory_source(directory(single, index=False),
-                                   SourceFiles(weights=single, data=DATA), SUBJECT)
+    whole = check_directory_source(
+        directory(single, index=False), SourceFiles(weights=single, data=DATA, outputs={
+            "pytorch_model.bin": "model-00001-of-00001.safetensors"}), SUBJECT)
     assert whole.subject == file_subject(SUBJECT, "pytorch_model.bin")
 
 
@@ -74,7 +109,7 @@ def test_weights_that_are_not_the_sources_are_refused(case: str) -> None:
     elif case == "missing shard":
         del shards[second]
     elif case == "extra shard":
-        source = SourceFiles(weights={first: SHARDS[first]}, data=DATA)
+        source = SourceFiles(weights={first: SHARDS[first]}, data=DATA, outputs=OUTPUTS)
     elif case == "shard twice":
         twice = directory()
         twin = dataclasses.replace(twice, files=(twice.files[0], twice.files[0]))
@@ -105,6 +140,33 @@ def test_a_data_file_that_is_not_the_sources_is_refused(
     with pytest.raises(ProvenanceError) as info:
         check_directory_source(directory(data=data), SOURCE, SUBJECT)
     assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_a_data_file_left_out_is_refused() -> None:
+    """A conversion without the tokenizer's config (its chat template) is not the model."""
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(data={"config.json": DATA["config.json"]}), SOURCE,
+                               SUBJECT)
+    assert info.value.reason == "SOURCE_MISMATCH"
+    assert "tokenizer.json" in info.value.message
+
+
+def test_shards_converted_under_another_policy_are_refused() -> None:
+    """Under allow_code the source's own code may have made the tensors."""
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(policy="allow_code"), SOURCE, SUBJECT)
+    assert info.value.reason == "POLICY_MISMATCH"
+
+
+def test_a_shard_under_another_name_is_refused() -> None:
+    """One weights file's conversion must be named as that file's conversion is (an
+    unsharded model's is ``model.safetensors``, never ``adapter_model.safetensors``)."""
+    single = {"pytorch_model.bin": ("a" * 64, 100)}
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(single, index=False), SourceFiles(
+            weights=single, data=DATA, outputs={"pytorch_model.bin": "model.safetensors"}),
+            SUBJECT)
+    assert info.value.reason == "OUTPUT_MISMATCH"
 
 
 def test_shards_asked_for_by_another_principal_are_refused() -> None:
