@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from airlock_client._batch_jobs import (
     FALLBACK_JOBS,
@@ -234,40 +234,67 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
 
     Each version is converted under a key derived from it (``_migrate_key``), so a run resumed
     after a crash is answered with the broker's stored result of the killed run's conversion
-    instead of a second sandbox. The broker binds a key to the bytes it first saw: a version
-    whose files changed since then is refused as IDEMPOTENCY_KEY_REUSED, and converted once
-    more under a fresh key (what it holds now is what must be converted)."""
+    instead of a second sandbox; so is each file of a transformers version. The broker binds a
+    key to the bytes it first saw: a version whose files changed since then is refused as
+    IDEMPOTENCY_KEY_REUSED, and converted once more under a fresh key (what it holds now is
+    what must be converted)."""
     client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
+    keyed = KeyedClient(client, _registry_uri(args))
     policy: LoadingPolicy = args.policy
-    registry_uri = _registry_uri(args)
 
     def convert(model_dir: Path, output: Path, subject: str) -> ConversionResult:
-        key = conversion_key(registry_uri, subject, policy=policy, target="auto",
-                             job_timeout=args.timeout)
-        try:
-            return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
-                                  subject=subject, idempotency_key=key)
-        except ConversionError as exc:
-            if exc.reason != KEY_REUSED:
-                raise
-            _progress(f"{subject}: its files are not the ones converted under its key within "
-                      "the broker's idempotency TTL; converting them under a fresh key")
-            return client.convert(model_dir, output, target="auto", loading_policy=policy,
-                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
-                                  subject=subject)
+        return keyed.convert(model_dir, output, target="auto", loading_policy=policy,
+                             job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                             subject=subject)
 
     def convert_dir(model_dir: Path, output: Path, subject: str) -> DirectoryResult:
         from airlock_client.model_dir import convert_directory
 
         # One file at a time: the run's --jobs versions are what the broker is asked for at
-        # once. The files go without an idempotency key: a killed run converts them again.
-        return convert_directory(client, model_dir, output, jobs=1, subject=subject,
+        # once.
+        return convert_directory(keyed, model_dir, output, jobs=1, subject=subject,
                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"))
 
     return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs,
                   convert_dir)
+
+
+class KeyedClient:
+    """``Client``, converting each subject under the key ``_migrate_key`` derives from it and
+    its options (and again under a fresh key when the broker saw other bytes under that one);
+    what ``convert_directory`` asks of a client."""
+
+    def __init__(self, client: Client, registry_uri: str) -> None:
+        self.client = client
+        self.registry_uri = registry_uri
+
+    def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str],
+                **options: Any) -> ConversionResult:
+        subject = str(options.get("subject", ""))
+        key = conversion_key(self.registry_uri, subject,
+                             policy=str(options.get("loading_policy", "")),
+                             target=str(options.get("target", "")),
+                             job_timeout=int(options.get("job_timeout", 0)),
+                             declared=str(options.get("declared_format") or ""))
+        try:
+            return self.client.convert(artifact, output, idempotency_key=key, **options)
+        except ConversionError as exc:
+            if exc.reason != KEY_REUSED:
+                raise
+            _progress(f"{subject}: its files are not the ones converted under its key within "
+                      "the broker's idempotency TTL; converting them under a fresh key")
+            return self.client.convert(artifact, output, **options)
+
+    def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
+                     subject: str = "") -> bytes:
+        return self.client.attest_index(index, shards, subject=subject)
+
+    def default_jobs(self, profile: str = JOBS_PROFILE) -> int:
+        return self.client.default_jobs(profile)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _quiet_mlflow() -> None:

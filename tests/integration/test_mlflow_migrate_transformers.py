@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from airlock_client import (
     load_verified,
 )
 from airlock_client import _lineage as tags
+from airlock_client._migrate_key import PREFIX
 from airlock_client._twin_dir import directory_tags
 from airlock_client.model_dir import convert_directory
 from airlock_client.verify_dir import verify_directory
@@ -129,6 +131,24 @@ def test_each_version_becomes_a_verified_directory_twin(migrated: Migrated,
     assert twin_tags[tags.OUTPUT_LAYOUT] == tags.LAYOUT_DIRECTORY
     assert migrated.after_first["versions"][(MODEL, "2")][tags.MIGRATED_TO] == \
         outcomes["2"]["target"]
+
+
+def test_each_file_was_converted_under_a_key_a_resumed_run_sends_again(
+        migrated: Migrated) -> None:
+    """So a run killed half-way through a large model is answered from the broker's stored
+    results when resumed (``_migrate_key``; the keys' derivation: test_migrate_resume)."""
+    wanted = {"pytorch_model-00001-of-00002.bin", "pytorch_model.bin", "config.json",
+              "tokenizer.json"}
+    deadline = time.monotonic() + 60  # records are appended as each job's handler ends
+
+    def keyed() -> set[str]:
+        records = [json.loads(line) for line in migrated.broker.audit.read_text().splitlines()]
+        return {str(r.get("filename")) for r in records
+                if str(r.get("idempotency_key", "")).startswith(PREFIX)}
+
+    while not wanted <= keyed():
+        assert time.monotonic() < deadline, f"no keyed conversion of {wanted - keyed()}"
+        time.sleep(0.5)
 
 
 def test_a_rerun_recognises_the_directory_twins(migrated: Migrated) -> None:

@@ -178,3 +178,44 @@ def test_a_run_killed_after_registering_is_finished(key: SigningKey) -> None:
     assert [o.status for o in outcomes][:2] == [Status.ALREADY_MIGRATED] * 2
     assert registry.runs[left]["status"] == "FINISHED" and not _running(registry)
     assert sandbox.converted.count("models:/model2/1") == 1
+
+
+class _Recording:
+    """A client that records the key of each conversion and refuses ``refuse`` once."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.keys: list[str | None] = []
+        self.refuse = refuse
+
+    def convert(self, artifact: Any, output: Any, **options: Any) -> str:
+        key = options.get("idempotency_key")
+        self.keys.append(key)
+        if key is not None and key == self.refuse:
+            from airlock_client import ConversionError
+
+            raise ConversionError("IDEMPOTENCY_KEY_REUSED", "other bytes", kind="rejected",
+                                  code="FAILED_PRECONDITION")
+        return "converted"
+
+
+def test_each_file_of_a_directory_version_has_a_key_of_its_own() -> None:
+    """A transformers version's files are converted one by one (``convert_directory``):
+    each under the key of its own subject and kind, the same in a resumed process, so a run
+    killed half-way through a many-GiB model is answered from the broker's stored results."""
+    def keys(client: _Recording) -> list[str | None]:
+        keyed = _migrate_cli.KeyedClient(
+            client, "http://registry.example:5000")  # type: ignore[arg-type]
+        for subject, declared in (("models:/lm/1/pytorch_model-00001-of-00002.bin", None),
+                                  ("models:/lm/1/pytorch_model-00002-of-00002.bin", None),
+                                  ("models:/lm/1/config.json", "json"),
+                                  ("models:/lm/2/config.json", "json")):
+            keyed.convert("in", "out", target="safetensors", loading_policy="safe_only",
+                          subject=subject, declared_format=declared, job_timeout=0)
+        return client.keys
+
+    first, resumed = keys(_Recording()), keys(_Recording())
+    assert first == resumed and len(set(first)) == 4
+    assert all(k and k.startswith("airlock-migrate-") for k in first)
+    # Bytes that changed since the key was first used: converted again under a fresh key.
+    again = _Recording(refuse=str(first[2]))
+    assert keys(again)[2:4] == [first[2], None]
