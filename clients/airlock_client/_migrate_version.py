@@ -271,10 +271,11 @@ class VersionMigration:
                              keep_bytes=False)
             check_lineage(twin, claim, model=name, version=version, sha256=digest)
             return Migrated.of_file(twin.record)
-        dest = Path(tempfile.mkdtemp(prefix="twin-", dir=work))
+        dest = work / f"twin-{claim.version}"
         try:
             twin_dir = read_directory_twin(self.registry, self.download, claim,
-                                           self.public_key, dest)
+                                           self.public_key, dest, source,
+                                           source_subject(name, version))
             check_directory_lineage(twin_dir, claim, model=name, version=version,
                                     source=source)
             return Migrated.of_directory(twin_dir.verified)

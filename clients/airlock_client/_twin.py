@@ -128,11 +128,11 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
     file_name = tags.OUTPUT_FILES[fmt]
     work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
     try:
-        envelope = _read(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
+        envelope = read_small(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
                          work / "provenance", MAX_PROVENANCE_BYTES)
         record = verify_envelope(envelope, public_key)  # before a large download
         uri = f"{base}/{file_name}"
-        with _downloaded(download, uri, work / "model", max_bytes) as fh:
+        with downloaded(download, uri, work / "model", max_bytes) as fh:
             if keep_bytes:
                 data = fh.read(max_bytes + 1)
                 if len(data) > max_bytes:
@@ -226,8 +226,10 @@ def output_format(value: str) -> tags.OutputFormat | None:
     return None
 
 
-def _read(download: Download, artifact_uri: str, dest: Path, limit: int) -> bytes:
-    with _downloaded(download, artifact_uri, dest, limit) as fh:
+def read_small(download: Download, artifact_uri: str, dest: Path, limit: int) -> bytes:
+    """The bytes of one file of at most ``limit`` bytes, downloaded into the new directory
+    ``dest`` (see ``downloaded``)."""
+    with downloaded(download, artifact_uri, dest, limit) as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise SafeLoadError("TOO_LARGE", f"{artifact_uri} grew past {limit} bytes")
@@ -235,8 +237,8 @@ def _read(download: Download, artifact_uri: str, dest: Path, limit: int) -> byte
 
 
 @contextlib.contextmanager
-def _downloaded(download: Download, artifact_uri: str, dest: Path,
-                limit: int) -> Iterator[BinaryIO]:
+def downloaded(download: Download, artifact_uri: str, dest: Path,
+               limit: int) -> Iterator[BinaryIO]:
     """Download one file into an empty directory; yield it open, refusing anything but a
     regular file under ``limit`` bytes."""
     dest.mkdir()

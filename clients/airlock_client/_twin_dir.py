@@ -29,6 +29,7 @@ The source's files are hashed from the registry's copy, downloaded (bytes only) 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,18 @@ from airlock_client import _bundle, _hf_dir, _st_header
 from airlock_client import _lineage as tags
 from airlock_client._errors import AirlockError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
-from airlock_client._twin import Download, check_output_tag, check_tags, source_subject
+from airlock_client._twin import (
+    Download,
+    check_output_tag,
+    check_tags,
+    downloaded,
+    read_small,
+    source_subject,
+)
 from airlock_client.model_dir import DIRECTORY_POLICY
 from airlock_client.provenance import (
+    MAX_PROVENANCE_BYTES,
+    SUFFIX,
     ProvenanceError,
     ProvenanceRecord,
     PublicKeyLike,
@@ -47,8 +57,11 @@ from airlock_client.provenance import (
     digest_of,
     file_subject,
     shown,
+    verify_envelope,
 )
 from airlock_client.verify_dir import VerifiedDirectory, verify_directory
+
+_COPY = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class SourceFiles:
     weights: Mapping[str, tuple[str, int]]
     data: Mapping[str, tuple[str, int]]
     outputs: Mapping[str, str]
+    #: Whether it has an index (its conversion then has one too).
+    sharded: bool
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,8 @@ def source_files(model_dir: Path) -> SourceFiles:
 
     return SourceFiles(weights={s.source.name: digest(s.source) for s in model.shards},
                        data={d.name: digest(d.source) for d in model.data_files},
-                       outputs={s.source.name: s.output_name for s in model.shards})
+                       outputs={s.source.name: s.output_name for s in model.shards},
+                       sharded=model.sharded)
 
 
 def executed_code(verified: VerifiedDirectory) -> bool:
@@ -111,10 +127,12 @@ def directory_tags(name: str, version: str, verified: VerifiedDirectory) -> dict
 
 
 def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, subject: str, *,
-                           principals: Collection[str] | None = None) -> ProvenanceRecord:
+                           principals: Collection[str] | None = None,
+                           index_file: bool = True) -> ProvenanceRecord:
     """Raise ``ProvenanceError`` unless ``verified`` is the conversion of the directory whose
     files are ``source``, signed as ``subject`` (see the module's docstring); return the
-    record that names the directory."""
+    record that names the directory. ``index_file``: also check the index file against the
+    shards' files (False: only their records are there yet)."""
     whole = verified.whole
     if verified.index is not None:
         check_source(verified.index, subject=subject)
@@ -160,30 +178,56 @@ def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, sub
                                   f"{DIRECTORY_POLICY!r}: the source's code may have made it")
     if principals is not None:
         check_source(whole, principals=principals)
-    if verified.index is not None:
+    if (verified.index is not None) != source.sharded:
+        raise ProvenanceError("SOURCE_MISMATCH", f"{shown(subject)} is "
+                              f"{'' if source.sharded else 'not '}sharded, and the directory "
+                              f"{'has no' if source.sharded else 'has an'} index")
+    if verified.index is not None and index_file:
         _check_index(verified)
     return whole
 
 
 def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion,
-                        public_key: PublicKeyLike, dest: Path) -> DirectoryTwin:
-    """Download ``mv``'s directory into ``dest`` (an empty directory; bytes only) and verify
-    it as a whole with ``public_key``."""
+                        public_key: PublicKeyLike, dest: Path, source: SourceFiles,
+                        subject: str) -> DirectoryTwin:
+    """Download ``mv``'s directory into the new directory ``dest`` (bytes only) and verify it
+    as a whole with ``public_key``, as the conversion of ``source`` signed as ``subject``.
+
+    Only the files such a conversion holds are downloaded, named from the source (its
+    weights files' outputs, the index when sharded, every data file), never a listing of
+    the twin: their records first (small), each checked against the source before any
+    weights file is downloaded, and then each file, refused beyond the size its record
+    signed. A registry entry pointing at gigabytes of something else costs a few records."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
                                                   "directory registered by airlock migrate")
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
-    dest.mkdir(parents=True, exist_ok=True)
+    names = sorted({*source.outputs.values(), *source.data}
+                   | ({_hf_dir.SAFE_WEIGHTS_INDEX} if source.sharded else set()))
+    dest.mkdir()
+    scratch = dest.with_name(dest.name + ".download")
+    scratch.mkdir()
     try:
-        local = Path(download(base, dest))
-    except Exception as exc:  # the artifact store's own errors
-        raise SafeLoadError("ARTIFACT_MISSING", f"cannot download {base}: "
-                            f"{type(exc).__name__}: {tags.clip(str(exc), 200)}") from exc
-    if local.is_symlink() or not local.resolve().is_relative_to(dest.resolve()):
-        raise SafeLoadError("ARTIFACT_UNSAFE", f"the download of {base} left the directory it "
-                                               "was given")
-    verified = verify_directory(local, public_key)
+        records = {}
+        for i, file_name in enumerate(names):
+            envelope = read_small(download, f"{base}/{file_name}{SUFFIX}", scratch / f"r{i}",
+                                  MAX_PROVENANCE_BYTES)
+            records[file_name] = verify_envelope(envelope, public_key)
+            (dest / (file_name + SUFFIX)).write_bytes(envelope)
+        whole = records.get(_hf_dir.SAFE_WEIGHTS_INDEX)
+        listed = VerifiedDirectory(
+            dest, tuple((n, records[n]) for n in sorted(source.outputs.values())),
+            whole, tuple((n, records[n]) for n in sorted(source.data)))
+        check_directory_source(listed, source, subject, index_file=False)
+        for i, file_name in enumerate(names):
+            with downloaded(download, f"{base}/{file_name}", scratch / f"f{i}",
+                            records[file_name].output_size) as fh, \
+                    open(dest / file_name, "xb") as out:
+                shutil.copyfileobj(fh, out, _COPY)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    verified = verify_directory(dest, public_key)
     check_output_tag(mv, verified.whole)
     return DirectoryTwin(name, version, verified)
 

@@ -61,6 +61,7 @@ from airlock_client._twin import (
     check_lineage,
     mlflow_download,
     read_twin,
+    source_subject,
 )
 from airlock_client._twin_dir import check_directory_lineage, read_directory_twin, source_files
 from airlock_client.provenance import (
@@ -185,14 +186,15 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".airlock-part",
                                  dir=target.parent))
     try:
-        twin = read_directory_twin(reg.registry, reg.download, mv, key, work / "twin")
-        try:
+        try:  # first: what is downloaded of the twin is named from it
             source_dir = reg.fetch(f"models:/{model}/{claimed}", work / "source")
             files = source_files(Path(source_dir))
         except ModelSourceError as exc:
             raise SafeLoadError("SOURCE_MISSING",
                                 f"cannot read the source models:/{model}/{claimed} to check "
                                 f"the version against it: {exc.reason}: {exc.message}") from exc
+        twin = read_directory_twin(reg.registry, reg.download, mv, key, work / "twin", files,
+                                   source_subject(model, claimed))
         check_directory_lineage(twin, mv, model=model, version=claimed, source=files,
                                 principals=principals)
         if os.path.lexists(target):

@@ -172,10 +172,14 @@ def forged(migrated: Migrated, tmp_path_factory: pytest.TempPathFactory) -> str:
     directory of their own through the broker naming ``models:/MODEL/2`` (so every file is
     validly signed under that name), and register it as a twin of v2 with every tag right."""
     import mlflow
+    import torch
     from mlflow import MlflowClient
 
     tmp = tmp_path_factory.mktemp("forged-directory")
-    theirs = hf_models.make_mlflow_transformers(tmp / "theirs", shards=2)
+    # v2's layout and file names, weights of their own
+    theirs = hf_models.make_mlflow_transformers(tmp / "theirs", shards=0)
+    torch.save({"lm_head.weight": torch.ones(32, 8)},
+               theirs.path / "model" / "pytorch_model.bin")
     out = tmp / "signed"
     with Client(migrated.broker.address, public_key=migrated.public_key) as client:
         convert_directory(client, theirs.path, out, jobs=1, subject=f"models:/{MODEL}/2")

@@ -177,10 +177,14 @@ def test_a_write_the_kernel_holds_back_stalls_its_upload_not_the_event_loop(
     assert gave_up == [False]
 
 
+@pytest.mark.parametrize("next_chunk", ["comes at once", "never comes"])
 def test_a_cancelled_upload_closes_its_spool_file_only_after_its_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, next_chunk: str) -> None:
     """Cancelled while a chunk is being written on its thread, the upload waits for that
-    write before it closes the descriptor (a number the next open could reuse)."""
+    write before it closes the descriptor (a number the next open could reuse): whether the
+    cancellation finds it waiting for the next chunk or for that write (a plain ``await`` of
+    the write let the cancellation end the wait while the thread wrote on: found by review,
+    reproduced with the next open getting the same number and the bytes)."""
     import threading
 
     from airlock_broker.conversion import spool_space
@@ -209,11 +213,14 @@ def test_a_cancelled_upload_closes_its_spool_file_only_after_its_write(
     monkeypatch.setattr(os, "close", close)
 
     async def main() -> None:
-        stream = _dribble([_chunk(b"x" * 1024)], [], then_stall=True)
+        chunks = [_chunk(b"x" * 1024)] * (2 if next_chunk == "comes at once" else 1)
+        taken: list[int] = []
+        stream = _dribble(chunks, taken, then_stall=True)
         task = asyncio.ensure_future(spool_chunks(stream, fd, pb.ConvertMetadata(),
                                                   _limits(tmp_path)))
-        while not writing.is_set():
+        while not writing.is_set() or len(taken) < len(chunks):
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the upload is now waiting: for the write, or the stream
         task.cancel()
         await asyncio.sleep(0.05)
         release.set()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.fastpath.peer_io import DaemonPool, PeerIO
+from airlock_broker.fastpath.peer_io import PeerIO
 
 
 def _deadline(seconds: float) -> object:

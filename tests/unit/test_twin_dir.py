@@ -23,7 +23,7 @@ SHARDS = {"pytorch_model-00001-of-00002.bin": ("a" * 64, 100),
 DATA = {"config.json": ("c" * 64, 10), "tokenizer.json": ("d" * 64, 20)}
 OUTPUTS = {name: f"model-{i:05d}-of-{len(SHARDS):05d}.safetensors"
            for i, name in enumerate(sorted(SHARDS), 1)}
-SOURCE = SourceFiles(weights=SHARDS, data=DATA, outputs=OUTPUTS)
+SOURCE = SourceFiles(weights=SHARDS, data=DATA, outputs=OUTPUTS, sharded=True)
 
 
 def record(subject: str, sha: str = "", size: int = 0, *, kind: str = "conversion",
@@ -92,7 +92,7 @@ def test_an_unsharded_directory_is_named_by_its_one_weights_file() -> None:
     single = {"pytorch_model.bin": ("a" * 64, 100)}
     whole = check_directory_source(
         directory(single, index=False), SourceFiles(weights=single, data=DATA, outputs={
-            "pytorch_model.bin": "model-00001-of-00001.safetensors"}), SUBJECT)
+            "pytorch_model.bin": "model-00001-of-00001.safetensors"}, sharded=False), SUBJECT)
     assert whole.subject == file_subject(SUBJECT, "pytorch_model.bin")
 
 
@@ -109,7 +109,8 @@ def test_weights_that_are_not_the_sources_are_refused(case: str) -> None:
     elif case == "missing shard":
         del shards[second]
     elif case == "extra shard":
-        source = SourceFiles(weights={first: SHARDS[first]}, data=DATA, outputs=OUTPUTS)
+        source = SourceFiles(weights={first: SHARDS[first]}, data=DATA, outputs=OUTPUTS,
+                             sharded=True)
     elif case == "shard twice":
         twice = directory()
         twin = dataclasses.replace(twice, files=(twice.files[0], twice.files[0]))
@@ -164,8 +165,8 @@ def test_a_shard_under_another_name_is_refused() -> None:
     single = {"pytorch_model.bin": ("a" * 64, 100)}
     with pytest.raises(ProvenanceError) as info:
         check_directory_source(directory(single, index=False), SourceFiles(
-            weights=single, data=DATA, outputs={"pytorch_model.bin": "model.safetensors"}),
-            SUBJECT)
+            weights=single, data=DATA, outputs={"pytorch_model.bin": "model.safetensors"},
+            sharded=False), SUBJECT)
     assert info.value.reason == "OUTPUT_MISMATCH"
 
 
@@ -189,3 +190,47 @@ def test_the_tags_say_code_ran_if_it_ran_for_any_file() -> None:
     assert found["airlock.executed_artifact_code"] == "true"
     assert found["airlock.output_layout"] == "directory"
     assert found["airlock.output_file"] == "model.safetensors.index.json"
+
+
+def test_a_directory_without_the_index_its_source_has_is_refused() -> None:
+    with pytest.raises(ProvenanceError) as info:
+        check_directory_source(directory(index=False), SOURCE, SUBJECT, index_file=False)
+    assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_a_twin_is_read_records_first_and_only_the_files_its_source_names(
+        tmp_path: Path) -> None:
+    """A claimed twin's records are downloaded and checked before any weights file, and only
+    the files the source's conversion would hold are asked for (never a listing): a registry
+    entry pointing at gigabytes of something else costs a few records."""
+    from airlock_broker.security.keys import create_key
+    from airlock_client import _lineage as tags
+    from airlock_client._twin_dir import read_directory_twin
+    from tests.unit.fake_registry import FakeVersion
+    from tests.unit.migrate_helpers import envelope, tiny_safetensors
+
+    key = create_key(tmp_path / "key.pem")
+    data = tiny_safetensors()
+    # Validly signed, named as the source's files, but converted under allow_code.
+    names = [*OUTPUTS.values(), "model.safetensors.index.json", *DATA]
+    store = {f"twin/{n}{tags.PROVENANCE_SUFFIX}": envelope(key, data, "safetensors",
+                                                          subject=SUBJECT) for n in names}
+    store.update({f"twin/{n}": data for n in names})
+    store["twin/huge.bin"] = b"\0" * 1024
+    asked: list[str] = []
+
+    def download(uri: str, dest: Path) -> Path:
+        asked.append(uri)
+        (dest / "file").write_bytes(store[uri])
+        return dest / "file"
+
+    class Registry:
+        def get_model_version_download_uri(self, name: str, version: str) -> str:
+            return "twin"
+
+    mv = FakeVersion("lm-airlock", "1", {tags.OUTPUT_LAYOUT: tags.LAYOUT_DIRECTORY})
+    with pytest.raises(ProvenanceError):
+        read_directory_twin(Registry(), download, mv, key.public_pem.encode(),  # type: ignore[arg-type]
+                            tmp_path / "twin", SOURCE, SUBJECT)
+    assert asked and all(uri.endswith(tags.PROVENANCE_SUFFIX) for uri in asked), asked
+    assert sorted(asked) == sorted(f"twin/{n}{tags.PROVENANCE_SUFFIX}" for n in names)

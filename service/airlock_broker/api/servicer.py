@@ -25,10 +25,11 @@ from airlock_broker.conversion.answers import Answer
 from airlock_broker.conversion.audit import AuditLog, AuditRecord
 from airlock_broker.conversion.idempotency import IdempotencyStore
 from airlock_broker.conversion.input_room import RamSpool
-from airlock_broker.conversion.intake import IntakeLimits
+from airlock_broker.conversion.intake import UPLOAD_WRITERS, IntakeLimits
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
 from airlock_broker.conversion.pipeline import ConversionPipeline, PipelineSettings
 from airlock_broker.conversion.spool_space import SpoolSpace
+from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_transfer import FastPathTickets
@@ -174,7 +175,8 @@ def conversion_servicer(config: BrokerConfig, runner: JobRunner, admission: Admi
     intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                           max_chunk_bytes=config.max_request_chunk_bytes,
                           idle_seconds=config.upload_idle_seconds, upload=config.upload,
-                          space=SpoolSpace(config.spool_root, config.upload))
+                          space=SpoolSpace(config.spool_root, config.upload),
+                          writers=DaemonPool(UPLOAD_WRITERS, "airlock-upload"))
     settings = PipelineSettings(spool_root=config.spool_root, intake=intake,
                                 chunk_bytes=config.chunk_bytes, policy=config.sandbox,
                                 ram=ram)

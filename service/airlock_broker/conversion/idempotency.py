@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 FORGOTTEN_REASONS = frozenset({
     Reason.BUSY, Reason.DEADLINE_EXCEEDED, Reason.CANCELLED, Reason.SANDBOX_UNAVAILABLE,
     Reason.SANDBOX_KILLED, Reason.INTERNAL, Reason.IDEMPOTENCY_KEY_REUSED,
+    # The broker's disk or the caller's: the moment's, not the artifact's.
+    Reason.SPOOL_FULL, Reason.LOCAL_WRITE_FAILED,
 })
 
 

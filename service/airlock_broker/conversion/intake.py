@@ -10,11 +10,12 @@ total deadline (``Pace``, upload_limits.py); a client that stops sending is cut 
 moment it falls behind. Its spool file is accounted against the spool's free-space reserve
 and keeps all-zero chunks as holes (spool_space.py).
 
-Each chunk's CRC, hash and write run on a worker thread while the event loop waits for the
-next chunk: a write that the kernel holds back (dirty pages throttled behind a slow disk)
-stalls this upload only, never every other call the loop serves. One chunk is in flight at a
-time, so the hash sees them in order, and the spool file is closed only once its thread is
-done with it.
+Each chunk's hash and write run on a thread of the uploads' own (``IntakeLimits.writers``)
+while the event loop takes the next chunk: a write that the kernel holds back (dirty pages
+throttled behind a slow disk) stalls the uploads, never every other call the loop serves nor
+what else waits for the default executor. One chunk is in flight at a time, so the hash sees
+them in order, and the spool file is closed only once its thread is done with it. A chunk's
+CRC is checked on the loop, as it arrives (a cheap pass), so a corrupt one is refused at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import re
 import zlib
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from airlock.v1 import airlock_pb2 as pb
@@ -36,6 +38,10 @@ from airlock_broker.futures import retrieved
 from airlock_sandbox.formats import PREFIX_BYTES
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: Threads the broker's uploads hash and write their chunks on (``IntakeLimits.writers``):
+#: more uploads than this at once take turns, chunk by chunk (a chunk is a millisecond or
+#: two of work; these threads wait only when the disk holds writes back).
+UPLOAD_WRITERS = 4
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class IntakeLimits:
     upload: UploadLimits = field(default_factory=UploadLimits)
     #: The spool's free-space reserve (None: not accounted, for spools in a test's tmp dir).
     space: SpoolSpace | None = None
+    #: The threads chunks are hashed and written on (None: the loop's default executor).
+    writers: Executor | None = None
 
     def pace(self) -> Pace:
         """The clock of one upload, started now."""
@@ -110,18 +118,20 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
             if len(data) > limits.max_chunk_bytes:
                 raise error(Reason.BAD_REQUEST, f"chunk of {len(data)} bytes exceeds the "
                                                 f"maximum of {limits.max_chunk_bytes}")
+            if zlib.crc32(data) != msg.chunk.crc32:
+                raise error(Reason.CHECKSUM_MISMATCH, f"chunk at offset {size} fails its CRC-32")
             size += len(data)
             if size > cap:
                 what = "declared size" if meta.size_bytes else "server maximum"
                 raise error(Reason.TOO_LARGE, f"artifact exceeds the {what} of {cap} bytes")
             if len(prefix) < PREFIX_BYTES:
                 prefix += data[: PREFIX_BYTES - len(prefix)]
-            if writing is not None:
-                await writing
-            writing = asyncio.ensure_future(asyncio.to_thread(
-                _take, data, msg.chunk.crc32, size - len(data), digest, spool))
+            if writing is not None:  # shielded: a cancellation must not end it, its thread runs on
+                await asyncio.shield(writing)
+            writing = asyncio.get_running_loop().run_in_executor(
+                limits.writers, _take, data, size - len(data), digest, spool)
         if writing is not None:
-            await writing
+            await asyncio.shield(writing)
         spool.finish(size)
     finally:
         try:
@@ -136,11 +146,8 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
                    digest=InputDigest.known(digest.hexdigest(), meta.sha256))
 
 
-def _take(data: bytes, crc32: int, offset: int, digest: hashlib._Hash,
-          spool: SpoolWriter) -> None:
-    """One chunk, on a worker thread: its CRC checked, hashed, written at ``offset``."""
-    if zlib.crc32(data) != crc32:
-        raise error(Reason.CHECKSUM_MISMATCH, f"chunk at offset {offset} fails its CRC-32")
+def _take(data: bytes, offset: int, digest: hashlib._Hash, spool: SpoolWriter) -> None:
+    """One chunk, on a writer thread: hashed, and written at ``offset``."""
     digest.update(data)
     spool.write(data, offset)
 

@@ -47,6 +47,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.fastpath.filesystems import DEFAULT_ALLOWED
 from airlock_broker.fastpath.local_handles import (
@@ -56,7 +57,7 @@ from airlock_broker.fastpath.local_handles import (
     check_input,
     check_output,
 )
-from airlock_broker.fastpath.peer_io import DaemonPool, PeerIO
+from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, ensure_dir
 

@@ -26,76 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
-from typing import Any, ParamSpec, TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
+from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import Reason, error
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class DaemonPool(Executor):
-    """``ThreadPoolExecutor`` with daemon threads (started on demand, at most ``workers``)."""
-
-    def __init__(self, workers: int, name: str) -> None:
-        self._workers = workers
-        self._name = name
-        self._queue: queue.SimpleQueue[tuple[Future[object], Callable[[], object]] | None] = \
-            queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._shutdown = False
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        future: Future[T] = Future()
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.put((future, functools.partial(fn, *args, **kwargs)))  # type: ignore[arg-type]
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self._workers:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"{self._name}_{len(self._threads)}")
-                thread.start()
-                self._threads.append(thread)
-        return future
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, call = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = call()
-                except BaseException as exc:  # handed to the future's owner
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-            del item, future, call
-            self._idle.release()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-            threads = list(self._threads)
-        if cancel_futures:
-            with contextlib.suppress(queue.Empty):
-                while (item := self._queue.get_nowait()) is not None:
-                    item[0].cancel()
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
-
 
 class PeerIO:
     """Copies from and to peer descriptors, and their closes (see the module docstring)."""
