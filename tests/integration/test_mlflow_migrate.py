@@ -330,11 +330,24 @@ def _register_now(uri: str, name: str, model_dir: Path) -> str:
         mlflow.set_registry_uri(None)
 
 
+def log_folder(uri: str, folder: Path) -> Any:
+    """A new run on ``uri`` holding ``folder``'s files under ``model/``: what anyone with
+    write access to the registry can make."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(folder), artifact_path="model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    return run
+
+
 def _plant_forged_twin(uri: str, source: str, version: str, result: ConversionResult) -> str:
     """What anyone with write access to the registry can do: register an output Airlock
     signed (for *their* model) as ``<source>-airlock/N``, with every tag a real twin of
     ``source``/``version`` has, consistent with the signed record."""
-    import mlflow
     from mlflow import MlflowClient
 
     record = result.provenance_record
@@ -348,12 +361,7 @@ def _plant_forged_twin(uri: str, source: str, version: str, result: ConversionRe
     folder.mkdir()
     (folder / "model.onnx").write_bytes(result.output.read_bytes())
     (folder / "model.onnx.provenance.json").write_bytes(result.provenance)
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run() as run:
-            mlflow.log_artifacts(str(folder), artifact_path="model")
-    finally:
-        mlflow.set_tracking_uri(None)
+    run = log_folder(uri, folder)
     lineage = {
         tags.SOURCE_MODEL: source, tags.SOURCE_VERSION: version,
         tags.SOURCE_SHA256: record.input_sha256, tags.OUTPUT_SHA256: record.output_sha256,

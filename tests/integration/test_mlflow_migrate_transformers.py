@@ -33,7 +33,7 @@ from airlock_client.verify_dir import verify_directory
 from tests.conftest import BrokerProcess
 from tests.fixtures import hf_models
 from tests.integration.mlflow_server import MlflowServer
-from tests.integration.test_mlflow_migrate import _register_now, migrate, snapshot
+from tests.integration.test_mlflow_migrate import _register_now, log_folder, migrate, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,6 @@ def forged(migrated: Migrated, tmp_path_factory: pytest.TempPathFactory) -> str:
     """What anyone with the convert role and write access to the registry can do: send a
     directory of their own through the broker naming ``models:/MODEL/2`` (so every file is
     validly signed under that name), and register it as a twin of v2 with every tag right."""
-    import mlflow
     import torch
     from mlflow import MlflowClient
 
@@ -185,12 +184,7 @@ def forged(migrated: Migrated, tmp_path_factory: pytest.TempPathFactory) -> str:
         convert_directory(client, theirs.path, out, jobs=1, subject=f"models:/{MODEL}/2")
     verified = verify_directory(out, migrated.public_key)
     uri = migrated.server.uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run() as run:
-            mlflow.log_artifacts(str(out), artifact_path="model")
-    finally:
-        mlflow.set_tracking_uri(None)
+    run = log_folder(uri, out)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.create_model_version(TARGET, f"{run.info.artifact_uri}/model", run.info.run_id,
                                      tags=directory_tags(MODEL, "2", verified))
