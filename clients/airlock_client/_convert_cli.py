@@ -62,7 +62,8 @@ def run_convert(args: argparse.Namespace) -> int:
             if source.is_directory and kind is None:
                 return _usage(args, f"{args.input} is neither an MLflow model (no MLmodel "
                               f"file) nor a PyTorch model directory (no {_hf_dir.WEIGHTS}, "
-                              f"{_hf_dir.WEIGHTS_INDEX} or {_hf_dir.ADAPTER_WEIGHTS})")
+                              f"{_hf_dir.WEIGHTS_INDEX}, {_hf_dir.ADAPTER_WEIGHTS} or one "
+                              f"checkpoint: *.ckpt, *.pt, *.pth)")
             if kind == "pytorch":
                 from airlock_client._convert_dir_cli import run_convert_directory
 

@@ -2,10 +2,15 @@
 
 Such a directory holds ``pytorch_model.bin``, or shards (``pytorch_model-00001-of-00003.bin``,
 ...) named by ``pytorch_model.bin.index.json``, beside plain data files (``config.json``,
-tokenizer files, a README) and often code or other pickles. Only its top level is read, with
-``lstat`` and the checks :mod:`._bundle` applies to MLflow directories: a symbolic link, a
-hard link or a special file anywhere at the top level refuses the whole directory (the user
-asked us to read it; we do not guess which entry they meant). Subdirectories are skipped.
+tokenizer files, a README) and often code or other pickles. A directory holding none of these
+but exactly one checkpoint (``*.ckpt``, ``*.pt``, ``*.pth``: a Lightning ``model.ckpt``, a
+training loop's ``best.pt``) is a model directory too, that file its weights; a trainer's own
+state beside it (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ...) is never taken
+for the model, and two or more candidates are refused (which one is the model is unclear).
+Only its top level is read, with ``lstat`` and the checks :mod:`._bundle` applies to MLflow
+directories: a symbolic link, a hard link or a special file anywhere at the top level refuses
+the whole directory (the user asked us to read it; we do not guess which entry they meant).
+Subdirectories are skipped.
 
 An MLflow ``transformers`` model saved with PyTorch weights is the same thing inside its
 bundle: ``MLmodel`` names the weights directory (``flavors.transformers.model_binary``,
@@ -27,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +85,12 @@ CARRIED_FILES = JSON_FILES | TEXT_FILES | SENTENCEPIECE_FILES
 #: Suffixes of files that are (or may be) pickles or code, named as such in the skip list.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                     ".npz")
+#: A checkpoint that may be a directory's weights when it holds no ``pytorch_model.bin``.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+#: What a trainer saves beside a model (Hugging Face's Trainer, Accelerate, Lightning loops):
+#: never the model's weights.
+TRAINING_STATE = re.compile(r"(optimizer|scheduler|scaler|lr_scheduler|training_args|"
+                            r"rng_state(_\d+)?|random_states(_\d+)?)\.(pt|pth|bin)")
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 NOT_A_MODEL = _bundle.NOT_A_MODEL
@@ -162,7 +173,18 @@ def kind(path: str | os.PathLike[str]) -> str | None:
         return "pytorch" if mlflow_transformers(Path(os.path.realpath(base))) else "mlflow"
     if any(os.path.lexists(base / name) for name in (WEIGHTS, WEIGHTS_INDEX, ADAPTER_WEIGHTS)):
         return "pytorch"
-    return None
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    return "pytorch" if checkpoints(names) else None
+
+
+def checkpoints(names: Iterable[str]) -> list[str]:
+    """The names that may be a directory's one checkpoint (``CHECKPOINT_SUFFIXES``, not a
+    trainer's own state), sorted."""
+    return sorted(n for n in names
+                  if n.endswith(CHECKPOINT_SUFFIXES) and not TRAINING_STATE.fullmatch(n))
 
 
 def mlflow_transformers(base: Path) -> MlflowTransformers | None:
@@ -253,9 +275,18 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
         shards = (Shard(files[WEIGHTS], SAFE_WEIGHTS, None),)
     elif ADAPTER_WEIGHTS in files:  # a PEFT adapter directory
         shards = (Shard(files[ADAPTER_WEIGHTS], SAFE_ADAPTER_WEIGHTS, None),)
+    elif len(candidates := checkpoints(files)) == 1:  # a Lightning model.ckpt, a loop's best.pt
+        shards = (Shard(files[candidates[0]], SAFE_WEIGHTS, None),)
+    elif candidates:
+        shown = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+        raise ModelSourceError(NOT_A_MODEL, f"{weights_dir} holds {len(candidates)} checkpoints "
+                               f"({shown}) and no {WEIGHTS}: which one is the model is "
+                               f"unclear; convert one on its own: airlock convert "
+                               f"{weights_dir / candidates[0]}")
     else:
         raise ModelSourceError(NOT_A_MODEL, f"{weights_dir} holds none of {WEIGHTS}, "
-                               f"{WEIGHTS_INDEX} and {ADAPTER_WEIGHTS}")
+                               f"{WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or one checkpoint "
+                               f"({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})")
     total = sum(s.source.size for s in shards)
     if total > MAX_WEIGHT_BYTES:
         raise ModelSourceError(UNSAFE, f"the weights are {total} bytes in all "

@@ -386,6 +386,37 @@ def test_a_lightning_checkpoint_as_the_weights_converts_to_its_state_dict(
         _assert_tensor_equal(name, tensors[name], want)
 
 
+def test_a_directory_holding_one_lightning_checkpoint_converts_to_model_safetensors(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """A directory as a training run leaves it: ``model.ckpt`` (Lightning), its config, and
+    the trainer's own ``optimizer.pt``, a pickle that is never carried nor taken for the
+    model. The output is what ``from_pretrained`` reads, and ``verify DIR`` accepts it."""
+    import torch
+
+    from tests.fixtures import models
+
+    artifact, check = models.make_lightning_checkpoint(tmp_path / "in")
+    directory = tmp_path / "run"
+    directory.mkdir()
+    artifact.rename(directory / "model.ckpt")
+    torch.save({"state": {}, "param_groups": []}, directory / "optimizer.pt")
+    (directory / "config.json").write_text('{"hidden": 16}')
+    code, doc, _ = _convert(directory, tmp_path / "out", broker=broker)
+    assert code == 0, doc
+    assert doc["assurance"] == "integrity_verified", doc
+    assert [s["source"] for s in doc["shards"]] == ["model.ckpt"], doc
+    assert doc["carried"] == ["config.json"]
+    assert "optimizer.pt" in {s["name"] for s in doc["skipped"]}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "config.json.provenance.json", "model.safetensors",
+        "model.safetensors.provenance.json"]
+    tensors, _ = _load(tmp_path / "out" / "model.safetensors")
+    assert set(tensors) == set(check.expected)
+    for name, want in check.expected.items():
+        _assert_tensor_equal(name, tensors[name], want)
+    assert run_cli("verify", str(tmp_path / "out"), server=broker.address).returncode == 0
+
+
 def test_an_index_naming_a_file_outside_the_directory_is_refused(broker: BrokerProcess,
                                                                   tmp_path: Path) -> None:
     model = hf_models.make_sharded(tmp_path / "tiny", shards=2, extras=False)

@@ -287,6 +287,41 @@ def test_a_directory_without_weights_is_not_a_model(tmp_path: Path) -> None:
     assert caught.value.reason == "NOT_A_MODEL_DIR"
 
 
+def test_one_checkpoint_is_a_directorys_weights_and_a_trainers_state_never_is(
+        tmp_path: Path) -> None:
+    """A Lightning ``model.ckpt`` (or a loop's ``best.pt``) beside its config: the directory's
+    weights, converted to ``model.safetensors``; the optimizer's and scheduler's state are
+    pickles that are never carried, and never taken for the model."""
+    root = tmp_path / "m"
+    root.mkdir()
+    for name in ("model.ckpt", "optimizer.pt", "scheduler.pt", "rng_state_0.pth"):
+        (root / name).write_bytes(b"PK")
+    (root / "config.json").write_text("{}")
+    assert _hf_dir.kind(root) == "pytorch"
+    model = _hf_dir.inspect(root)
+    assert [(s.source.name, s.output_name) for s in model.shards] == [
+        ("model.ckpt", "model.safetensors")]
+    assert [d.name for d in model.data_files] == ["config.json"]
+    assert {s.name for s in model.skipped} == {"optimizer.pt", "scheduler.pt",
+                                                "rng_state_0.pth"}
+
+
+def test_two_checkpoints_are_ambiguous_and_a_trainers_state_alone_is_no_model(
+        tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    for name in ("last.ckpt", "best.ckpt"):
+        (root / name).write_bytes(b"PK")
+    with pytest.raises(ModelSourceError) as caught:
+        _hf_dir.inspect(root)
+    assert caught.value.reason == "NOT_A_MODEL_DIR" and "unclear" in caught.value.message
+    assert "airlock convert" in caught.value.message
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "optimizer.pt").write_bytes(b"PK")
+    assert _hf_dir.kind(state) is None
+
+
 # -- data files --------------------------------------------------------------------------------
 
 
