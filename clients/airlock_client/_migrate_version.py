@@ -236,6 +236,11 @@ class VersionMigration:
                 where = f"{target.name}/{claim.version}"
                 try:
                     checked = self._check_twin(name, version, claim, work, source, digest)
+                except OSError as exc:  # this machine's disk, not the claim: check it next run
+                    self.unchecked.add((name, version))
+                    return self._failed(name, version, Status.FAILED, DOWNLOAD_FAILED,
+                                        f"cannot check {where}, which claims to be its twin: "
+                                        f"{type(exc).__name__}: {exc}")
                 except IntegrityError as exc:
                     refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "

@@ -59,9 +59,18 @@ from airlock_client.provenance import (
     shown,
     verify_envelope,
 )
-from airlock_client.verify_dir import VerifiedDirectory, verify_directory
+from airlock_client.verify_dir import (
+    VerifiedDirectory,
+    check_carried_record,
+    check_weights_record,
+    listed_shards,
+    verify_directory,
+)
 
 _COPY = 1024 * 1024
+#: A weights file's conversion is about its source's size (tensors out as they came in); a
+#: record claiming more than this many times that (plus 1 MiB of header) is no twin's.
+MAX_GROWTH = 2
 
 
 @dataclass(frozen=True)
@@ -195,9 +204,13 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
 
     Only the files such a conversion holds are downloaded, named from the source (its
     weights files' outputs, the index when sharded, every data file), never a listing of
-    the twin: their records first (small), each checked against the source before any
-    weights file is downloaded, and then each file, refused beyond the size its record
-    signed. A registry entry pointing at gigabytes of something else costs a few records."""
+    the twin: their records first (small), each checked as ``verify_dir`` checks it and
+    against the source before any weights file is downloaded (a weights file's signed size
+    at most ``MAX_GROWTH`` times its source's, a data file's its source's), and then each
+    file, refused when its size is not the signed one. The artifact store's download writes
+    a whole file before its size can be seen, so a record file or a weights file of another
+    size costs what the store holds under that name (the same is true of the source's
+    files); a twin whose records do not verify costs no weights file."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
@@ -215,10 +228,11 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
                                   MAX_PROVENANCE_BYTES)
             records[file_name] = verify_envelope(envelope, public_key)
             (dest / (file_name + SUFFIX)).write_bytes(envelope)
-        whole = records.get(_hf_dir.SAFE_WEIGHTS_INDEX)
+        _check_records(records, source)
         listed = VerifiedDirectory(
             dest, tuple((n, records[n]) for n in sorted(source.outputs.values())),
-            whole, tuple((n, records[n]) for n in sorted(source.data)))
+            records.get(_hf_dir.SAFE_WEIGHTS_INDEX),
+            tuple((n, records[n]) for n in sorted(source.data)))
         check_directory_source(listed, source, subject, index_file=False)
         for i, file_name in enumerate(names):
             with downloaded(download, f"{base}/{file_name}", scratch / f"f{i}",
@@ -244,6 +258,30 @@ def check_directory_lineage(twin: DirectoryTwin, mv: ModelVersion, *, model: str
     check_directory_source(twin.verified, source, source_subject(model, version),
                            principals=principals)
     check_tags(mv, directory_tags(model, version, twin.verified), where)
+
+
+def _check_records(records: Mapping[str, ProvenanceRecord], source: SourceFiles) -> None:
+    """``verify_dir``'s checks of each record (kind, format, the index's listing), and sizes
+    the source bounds, before any weights file is downloaded."""
+    index = records.get(_hf_dir.SAFE_WEIGHTS_INDEX)
+    listed = listed_shards(index) if index is not None else {}
+    outputs = {out: name for name, out in source.outputs.items()}
+    if index is not None and set(listed) != set(outputs):
+        raise ProvenanceError("OUTPUT_MISMATCH", "the index's record lists other shards than "
+                              "the source's conversion has")
+    for out, name in outputs.items():
+        check_weights_record(out, records[out], listed)
+        bound = MAX_GROWTH * source.weights[name][1] + 1024 * 1024
+        if records[out].output_size > bound:
+            raise ProvenanceError("OUTPUT_MISMATCH", f"{out} is signed at "
+                                  f"{records[out].output_size} bytes, more than a conversion "
+                                  f"of its {source.weights[name][1]}-byte source makes")
+    whole = index if index is not None else records[next(iter(outputs))]
+    for name, (_, size) in source.data.items():
+        check_carried_record(name, records[name], whole)
+        if records[name].output_size != size:
+            raise ProvenanceError("OUTPUT_MISMATCH", f"{name} is signed at "
+                                  f"{records[name].output_size} bytes; the source's is {size}")
 
 
 def _records(verified: VerifiedDirectory) -> list[ProvenanceRecord]:

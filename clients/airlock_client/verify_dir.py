@@ -96,10 +96,7 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
     index = None
     if _hf_dir.SAFE_WEIGHTS_INDEX in names:
         index = _verified(dir_fd, _hf_dir.SAFE_WEIGHTS_INDEX, key)
-        if index.kind != INDEX_KIND:
-            raise ProvenanceError("OUTPUT_MISMATCH", f"the record of "
-                                  f"{_hf_dir.SAFE_WEIGHTS_INDEX} is not an index's")
-        listed = _listed(index)
+        listed = listed_shards(index)
         weights = list(listed)
     else:
         listed = {}
@@ -117,16 +114,10 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
             raise ProvenanceError("PROVENANCE_MISSING", f"{name}, listed by the index's "
                                   "record, is missing")
         record = _verified(dir_fd, name, key)
-        if record.output_format != "safetensors" or record.kind != CONVERSION_KIND:
-            raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a safetensors "
-                                  f"conversion's (output {record.output_format[:20]!r})")
-        if name in listed and (record.output_sha256, record.job_id) != listed[name]:
-            raise ProvenanceError("OUTPUT_MISMATCH", f"{name} is not the shard the index's "
-                                  "record lists (another conversion's shard, signed on its "
-                                  "own, was put in its place)")
+        check_weights_record(name, record, listed)
         files.append((name, record))
     whole = index if index is not None else files[0][1]
-    carried = [(name, _carried(dir_fd, name, key, whole))
+    carried = [(name, check_carried_record(name, _verified(dir_fd, name, key), whole))
                for name in sorted(names & _hf_dir.CARRIED_FILES)]
     signed = (set(weights) | {n for n, _ in carried}
               | ({_hf_dir.SAFE_WEIGHTS_INDEX} if index is not None else set()))
@@ -144,11 +135,23 @@ def _verify(root: Path, dir_fd: int, key: PublicKeyLike, subject: str | None,
     return VerifiedDirectory(root, tuple(files), index, tuple(carried))
 
 
-def _carried(dir_fd: int, name: str, key: PublicKeyLike,
-             whole: ProvenanceRecord) -> ProvenanceRecord:
-    """A carried data file's record, checked against the file, its kind, and the directory
-    it was signed as part of (``whole``: the index's record, or the one weights file's)."""
-    record = _verified(dir_fd, name, key)
+def check_weights_record(name: str, record: ProvenanceRecord,
+                         listed: dict[str, tuple[str, str]]) -> None:
+    """``name``'s record must be a safetensors conversion's, and the shard the index's
+    record lists under that name (``listed``: ``listed_shards``; empty when unsharded)."""
+    if record.output_format != "safetensors" or record.kind != CONVERSION_KIND:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a safetensors "
+                              f"conversion's (output {record.output_format[:20]!r})")
+    if listed and (record.output_sha256, record.job_id) != listed.get(name):
+        raise ProvenanceError("OUTPUT_MISMATCH", f"{name} is not the shard the index's "
+                              "record lists (another conversion's shard, signed on its "
+                              "own, was put in its place)")
+
+
+def check_carried_record(name: str, record: ProvenanceRecord,
+                         whole: ProvenanceRecord) -> ProvenanceRecord:
+    """A carried data file's record, checked against its kind and the directory it was
+    signed as part of (``whole``: the index's record, or the one weights file's)."""
     kind = _hf_dir.kind_of(name).value
     if record.output_format != DATA_FORMAT or record.declared_format != kind:
         raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a {kind} data "
@@ -251,8 +254,12 @@ def _opened(dir_fd: int, name: str) -> BinaryIO:
         raise
 
 
-def _listed(index: ProvenanceRecord) -> dict[str, tuple[str, str]]:
-    """The shards the index's record lists: file name -> (sha256, job id), in its order."""
+def listed_shards(index: ProvenanceRecord) -> dict[str, tuple[str, str]]:
+    """The shards the index's record lists: file name -> (sha256, job id), in its order;
+    raises unless it is an index's record."""
+    if index.kind != INDEX_KIND:
+        raise ProvenanceError("OUTPUT_MISMATCH", f"the record of "
+                              f"{_hf_dir.SAFE_WEIGHTS_INDEX} is not an index's")
     listed: dict[str, tuple[str, str]] = {}
     for shard in index.shards:
         name = shard.get("file_name")

@@ -306,6 +306,26 @@ def test_one_checkpoint_is_a_directorys_weights_and_a_trainers_state_never_is(
                                                 "rng_state_0.pth"}
 
 
+@pytest.mark.parametrize("names", [
+    # a Trainer's checkpoint-500/: its weights are safe already
+    ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "config.json"],
+    ["model.safetensors", "ema.pt"],
+    ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "optimizer_0.pt"],
+    ["adapter_model.safetensors", "adapter_config.json", "grad_scaler.pt"],
+    ["Optimizer.pt", "Scheduler-1.PTH"],
+])
+def test_a_stray_checkpoint_beside_safe_weights_or_a_trainers_state_is_never_the_model(
+        tmp_path: Path, names: list[str]) -> None:
+    """Found by review: ``ema.pt`` beside ``model.safetensors`` was taken for the weights, and
+    an optimizer's moments would have been signed as the model."""
+    root = tmp_path / "m"
+    root.mkdir()
+    for name in names:
+        (root / name).write_bytes(b"{}" if name.endswith(".json") else b"PK")
+    assert _hf_dir.kind(root) is None
+    assert _hf_dir.checkpoints(names) == []
+
+
 def test_two_checkpoints_are_ambiguous_and_a_trainers_state_alone_is_no_model(
         tmp_path: Path) -> None:
     root = tmp_path / "m"

@@ -14,7 +14,7 @@ import pytest
 
 from airlock_client import ProvenanceError
 from airlock_client._twin_dir import SourceFiles, check_directory_source, directory_tags
-from airlock_client.provenance import INDEX_KIND, ProvenanceRecord, file_subject
+from airlock_client.provenance import DATA_FORMAT, INDEX_KIND, ProvenanceRecord, file_subject
 from airlock_client.verify_dir import VerifiedDirectory
 
 SUBJECT = "models:/tinylm/2"
@@ -28,11 +28,14 @@ SOURCE = SourceFiles(weights=SHARDS, data=DATA, outputs=OUTPUTS, sharded=True)
 
 def record(subject: str, sha: str = "", size: int = 0, *, kind: str = "conversion",
            principal: str = "migrator", output: str = "out", executed: bool = False,
-           policy: str = "safe_only") -> ProvenanceRecord:
+           policy: str = "safe_only", data_kind: str = "") -> ProvenanceRecord:
+    """A conversion's record (a data file's when ``data_kind``: carried unchanged)."""
     return ProvenanceRecord(
         job_id="job", created="", broker_version="", input_sha256=sha, input_size=size,
-        declared_format="", detected_format="", output_name=output, output_sha256="e" * 64,
-        output_size=1, output_format="safetensors", target="", loading_policy=policy,
+        declared_format=data_kind, detected_format="", output_name=output,
+        output_sha256=sha if data_kind else "e" * 64, output_size=size if data_kind else 1,
+        output_format=DATA_FORMAT if data_kind else "safetensors", target="",
+        loading_policy=policy,
         image_id="", runtime="", validation="passed", assurance="integrity_verified",
         integrity_note="", key_fingerprint="f" * 64, record_version=3, subject=subject,
         principal=principal, principal_method="token", kind=kind,
@@ -52,7 +55,7 @@ def directory(shards: dict[str, tuple[str, int]] | None = None,
                    record(file_subject(SUBJECT, name), sha, size, principal=principal,
                           policy=policy))
                   for i, (name, (sha, size)) in enumerate(sorted(shards.items()), 1))
-    carried = tuple((name, record(file_subject(SUBJECT, name), sha, size))
+    carried = tuple((name, record(file_subject(SUBJECT, name), sha, size, data_kind="json"))
                     for name, (sha, size) in sorted((DATA if data is None else data).items()))
     whole = record(index_subject, kind=INDEX_KIND, output="model.safetensors.index.json")
     return VerifiedDirectory(path, files, whole if index else None, carried)
@@ -234,3 +237,27 @@ def test_a_twin_is_read_records_first_and_only_the_files_its_source_names(
                             tmp_path / "twin", SOURCE, SUBJECT)
     assert asked and all(uri.endswith(tags.PROVENANCE_SUFFIX) for uri in asked), asked
     assert sorted(asked) == sorted(f"twin/{n}{tags.PROVENANCE_SUFFIX}" for n in names)
+
+
+def test_records_the_source_bounds_are_checked_before_any_weights_file(tmp_path: Path) -> None:
+    """A record signed for far more bytes than its source makes, or a data file's of another
+    size, is refused from the records alone."""
+    from airlock_client._twin_dir import _check_records
+
+    def records(name: str = "", size: int = 0) -> dict[str, ProvenanceRecord]:
+        """The directory's records, with ``name``'s signed at ``size`` bytes."""
+        twin = directory()
+        found = {n: r for n, r in twin.files} | {n: r for n, r in twin.carried}
+        assert twin.index is not None
+        listed = tuple({"file_name": n, "sha256": r.output_sha256, "job_id": r.job_id}
+                       for n, r in twin.files)
+        found["model.safetensors.index.json"] = dataclasses.replace(twin.index, shards=listed)
+        if name:
+            found[name] = dataclasses.replace(found[name], output_size=size)
+        return found
+
+    _check_records(records(), SOURCE)
+    for name, size in (("model-00001-of-00002.safetensors", 10**12), ("config.json", 11)):
+        with pytest.raises(ProvenanceError) as info:
+            _check_records(records(name, size), SOURCE)
+        assert info.value.reason == "OUTPUT_MISMATCH", name
