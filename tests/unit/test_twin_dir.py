@@ -261,3 +261,41 @@ def test_records_the_source_bounds_are_checked_before_any_weights_file(tmp_path:
         with pytest.raises(ProvenanceError) as info:
             _check_records(records(name, size), SOURCE)
         assert info.value.reason == "OUTPUT_MISMATCH", name
+
+
+def test_a_version_whose_data_file_its_sandbox_refused_is_not_registered(
+        tmp_path: Path) -> None:
+    """``convert DIR`` leaves out a data file that is not what its name says; a twin must hold
+    every one, so migrate refuses the version (``DATA_FILE_REFUSED``, with the file and why)
+    instead of registering a directory no later run would count as its twin."""
+    from airlock_broker.security.keys import create_key
+    from airlock_client._hf_dir import Skipped
+    from airlock_client._migrate_convert import (
+        DATA_FILE_REFUSED,
+        Failure,
+        convert_directory_verified,
+    )
+    from airlock_client._migrate_report import Status
+    from airlock_client.model_dir import DirectoryResult
+    from airlock_client.provenance import load_public_key
+    from tests.unit.test_hf_model_dir import mlflow_transformers
+
+    source = mlflow_transformers(tmp_path / "bundle")
+    seen: list[str] = []
+
+    def convert(model_dir: Path, output: Path, subject: str) -> DirectoryResult:
+        seen.append(subject)
+        output.mkdir(parents=True)
+        return DirectoryResult(
+            source=model_dir, output=output, shards=(), index=None, total_size=0,
+            assurance="integrity_verified", integrity_note="",  # type: ignore[arg-type]
+            carried=("config.json", "vocab.txt"),
+            skipped=(Skipped("components/tokenizer/tokenizer.json", "not strict JSON"),),
+            deduplicated={}, duration_seconds=0.1)
+
+    key = load_public_key(create_key(tmp_path / "key.pem").public_pem.encode())
+    failed = convert_directory_verified(convert, source, tmp_path / "out", SUBJECT, key)
+    assert seen == [SUBJECT]
+    assert isinstance(failed, Failure)
+    assert (failed.status, failed.reason) == (Status.REJECTED, DATA_FILE_REFUSED)
+    assert "components/tokenizer/tokenizer.json: not strict JSON" in failed.message
