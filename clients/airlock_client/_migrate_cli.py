@@ -252,9 +252,12 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
         from airlock_client.model_dir import convert_directory
 
         # One file at a time: the run's --jobs versions are what the broker is asked for at
-        # once.
+        # once. A many-GiB model takes minutes: a line per weights file says how far it is.
         return convert_directory(keyed, model_dir, output, jobs=1, subject=subject,
-                                 job_timeout=args.timeout, on_busy=busy_notice("migrate"))
+                                 job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                 progress=lambda p: _progress(f"{subject}: {p.shard} "
+                                                              f"{'converted' if p.ok else 'FAILED'}"
+                                                              f"; {p.line()}"))
 
     return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs,
                   convert_dir)

@@ -124,6 +124,9 @@ def test_each_version_becomes_a_verified_directory_twin(migrated: Migrated,
         # what the registry holds is exactly that directory: nothing MLflow could load
         assert verify_directory(dest, migrated.public_key).path == dest
         assert not (dest / "MLmodel").exists()
+    # progress while a version's files convert: a line per weights file
+    assert (f"models:/{MODEL}/1: pytorch_model-00002-of-00002.bin converted; shards 2/2 done"
+            in migrated.first.stderr), migrated.first.stderr[-3000:]
     # --alias: the newest version's twin
     champion = migrated.after_first["models"][TARGET][1]["champion"]
     assert f"{TARGET}/{champion}" == outcomes["2"]["target"]
