@@ -70,7 +70,7 @@ from airlock_client._registry import (
     page_size_from_env,
 )
 from airlock_client._terminal import printable
-from airlock_client._twin import mlflow_download
+from airlock_client._twin import mlflow_download, mlflow_listing
 from airlock_client._types import ConversionResult, LoadingPolicy, PoolStatus
 from airlock_client.migrate import (
     PROBLEMS,
@@ -170,7 +170,8 @@ def run_migrate(args: argparse.Namespace) -> int:
         options = replace(options, jobs=_default_jobs(broker))
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
                           convert_directory=broker.convert_directory, abandon=broker.close,
-                          download=mlflow_download(tracking_uri), public_key=public_key,
+                          download=mlflow_download(tracking_uri),
+                          listing=mlflow_listing(tracking_uri), public_key=public_key,
                           options=options, progress=_progress)
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints

@@ -19,7 +19,7 @@ from typing import Any
 from airlock_client import _lineage as tags
 from airlock_client._errors import SafeLoadError
 from airlock_client._registry import Registry, walk_pages
-from airlock_client._twin import Download, output_format, verified_output
+from airlock_client._twin import Download, Listing, output_format, verified_output
 from airlock_client.provenance import ProvenanceRecord, PublicKeyLike, check_source
 
 #: MLflow's search filter for runs still open.
@@ -54,7 +54,7 @@ def find(registry: Registry, experiment: str,
 
 
 def verify(run: OpenRun, download: Download, public_key: PublicKeyLike, *, subject: str,
-           source_sha256: str) -> ProvenanceRecord:
+           source_sha256: str, listing: Listing | None = None) -> ProvenanceRecord:
     """The signed record of the conversion ``run`` holds, once its files verify as the
     conversion of ``subject`` from bytes whose sha256 is ``source_sha256``; else raise an
     ``IntegrityError`` (files missing, unsigned, altered, or of another source)."""
@@ -62,7 +62,8 @@ def verify(run: OpenRun, download: Download, public_key: PublicKeyLike, *, subje
     if fmt is None:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"run {run.run_id} names no output format")
     base = f"{run.artifact_uri.rstrip('/')}/{tags.ARTIFACT_DIR}"
-    record, _ = verified_output(download, base, fmt, public_key, f"run {run.run_id}")
+    record, _ = verified_output(download, base, fmt, public_key, f"run {run.run_id}",
+                                listing=listing)
     check_source(record, subject=subject, sha256=source_sha256)
     return record
 

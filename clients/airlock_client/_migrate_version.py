@@ -51,6 +51,7 @@ from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
     Download,
+    Listing,
     bundle_sha256,
     check_lineage,
     read_twin,
@@ -119,10 +120,14 @@ class VersionMigration:
 
     def __init__(self, registry: Registry, *, fetch: Fetch, convert: Convert,
                  download: Download, public_key: PublicKeyLike | None, options: Options,
-                 progress: Progress, convert_directory: ConvertDirectory | None = None) -> None:
+                 progress: Progress, convert_directory: ConvertDirectory | None = None,
+                 listing: Listing | None = None) -> None:
         self.registry = registry
         self.fetch = fetch
         self.convert = convert
+        #: The artifact store's listing: a claimed twin's folder must hold its files and
+        #: nothing else (None: not checked; the files are still verified).
+        self.listing = listing
         #: None: a model-directory version is sent as its MLflow bundle, like any other.
         self.convert_directory = convert_directory
         self.download = download
@@ -273,14 +278,15 @@ class VersionMigration:
         raise ``IntegrityError``."""
         if source is None:
             twin = read_twin(self.registry, self.download, claim, self.public_key,
-                             keep_bytes=False)
+                             keep_bytes=False, listing=self.listing)
             check_lineage(twin, claim, model=name, version=version, sha256=digest)
             return Migrated.of_file(twin.record)
         dest = work / f"twin-{claim.version}"
         try:
             twin_dir = read_directory_twin(self.registry, self.download, claim,
                                            self.public_key, dest, source,
-                                           source_subject(name, version))
+                                           source_subject(name, version),
+                                           listing=self.listing)
             check_directory_lineage(twin_dir, claim, model=name, version=version,
                                     source=source)
             return Migrated.of_directory(twin_dir.verified)
@@ -324,6 +330,7 @@ class VersionMigration:
             if adopted is None and digest is not None:
                 try:
                     record = leftovers.verify(run, self.download, self.public_key,
+                                              listing=self.listing,
                                               subject=source_subject(name, version),
                                               source_sha256=digest)
                 except IntegrityError as exc:

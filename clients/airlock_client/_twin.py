@@ -29,9 +29,9 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from airlock_client import _bundle
@@ -57,6 +57,9 @@ _VERSION = re.compile(r"[0-9]{1,18}")
 
 #: ``download(artifact_uri, dest_dir) -> local file``: bytes only.
 Download = Callable[[str, Path], Path]
+#: ``listing(folder_uri) -> {name: size}``: the entries directly under a folder of the
+#: artifact store, with the sizes it reports (-1 for a folder).
+Listing = Callable[[str], Mapping[str, int]]
 #: ``source_sha256(version) -> hex``: the sha256 of that source version's bundle.
 SourceDigest = Callable[[str], str]
 
@@ -99,8 +102,9 @@ def bundle_sha256(model_dir: Path, scratch: Path) -> str:
 
 def read_twin(registry: Registry, download: Download, mv: ModelVersion,
               public_key: PublicKeyLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
-              keep_bytes: bool = True) -> Twin:
-    """Download ``mv``'s model file and provenance (bytes only) and verify them."""
+              keep_bytes: bool = True, listing: Listing | None = None) -> Twin:
+    """Download ``mv``'s model file and provenance (bytes only) and verify them; with
+    ``listing``, first check that its folder holds those two files and nothing else."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) == tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("IS_DIRECTORY", f"{name} version {version} is a model directory "
@@ -113,23 +117,30 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
                             "(it has no airlock output tags); migrate its source first")
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
     record, data = verified_output(download, base, fmt, public_key, "the version",
-                                   max_bytes=max_bytes, keep_bytes=keep_bytes)
+                                   max_bytes=max_bytes, keep_bytes=keep_bytes,
+                                   listing=listing)
     check_output_tag(mv, record)
     return Twin(name=name, version=version, format=fmt, record=record, data=data)
 
 
 def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
                     public_key: PublicKeyLike, what: str, *,
-                    max_bytes: int = DEFAULT_MAX_BYTES,
-                    keep_bytes: bool = False) -> tuple[ProvenanceRecord, bytes]:
+                    max_bytes: int = DEFAULT_MAX_BYTES, keep_bytes: bool = False,
+                    listing: Listing | None = None) -> tuple[ProvenanceRecord, bytes]:
     """The signed record of the ``fmt`` output stored under ``base`` (``what``'s: a twin
     version, a run), once its model file matches it; with ``keep_bytes``, the file's bytes
-    too (else empty). Bytes only: the provenance is verified before the larger download."""
+    too (else empty). Bytes only: the provenance is verified before the larger download.
+    With ``listing``, the folder must hold the two files and nothing else, within their
+    caps, before anything is downloaded."""
     file_name = tags.OUTPUT_FILES[fmt]
+    if listing is not None:
+        check_listing(listing, base, {file_name: max_bytes,
+                                      file_name + tags.PROVENANCE_SUFFIX: MAX_PROVENANCE_BYTES},
+                      what)
     work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
     try:
         envelope = read_small(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
-                         work / "provenance", MAX_PROVENANCE_BYTES)
+                              work / "provenance", MAX_PROVENANCE_BYTES)
         record = verify_envelope(envelope, public_key)  # before a large download
         uri = f"{base}/{file_name}"
         with downloaded(download, uri, work / "model", max_bytes) as fh:
@@ -147,6 +158,41 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
         raise SafeLoadError("FORMAT_MISMATCH", f"{what} is tagged {fmt} but its signed "
                                                f"provenance says {record.output_format}")
     return record, data
+
+
+def check_listing(listing: Listing, base: str, expected: Mapping[str, int], what: str) -> None:
+    """Raise unless the folder ``base`` holds exactly the files ``expected`` names, each at
+    most its bound in bytes (as the store reports it: before any download). Anything else
+    beside a twin's files (an ``MLmodel`` that MLflow's loaders would follow, a script) is
+    not Airlock's output."""
+    try:
+        found = dict(listing(base))
+    except Exception as exc:  # the artifact store's own errors
+        raise SafeLoadError("ARTIFACT_MISSING", f"cannot list {base}: {type(exc).__name__}: "
+                            f"{tags.clip(str(exc), 200)}") from exc
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise SafeLoadError("UNEXPECTED_FILE", f"{what} holds {len(extra)} file(s) no Airlock "
+                            f"output holds, such as {extra[0][:120]!r}: not a twin")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise SafeLoadError("ARTIFACT_MISSING", f"{what} has no {missing[0][:120]!r}")
+    for name, bound in expected.items():
+        if not 0 <= found[name] <= bound:
+            raise SafeLoadError("TOO_LARGE" if found[name] > bound else "ARTIFACT_UNSAFE",
+                                f"{what}'s {name[:120]!r} is {found[name]} bytes (a folder "
+                                f"when negative); at most {bound} are expected")
+
+
+def mlflow_listing(tracking_uri: str) -> Listing:
+    """MLflow's artifact listing (names and sizes only), on an explicit server."""
+    def listing(folder_uri: str) -> Mapping[str, int]:
+        from mlflow.artifacts import list_artifacts
+
+        return {PurePosixPath(f.path).name: -1 if f.is_dir else int(f.file_size or 0)
+                for f in list_artifacts(artifact_uri=folder_uri, tracking_uri=tracking_uri)}
+
+    return listing
 
 
 def check_lineage(twin: Twin, mv: ModelVersion, *, model: str, version: str | None = None,

@@ -40,6 +40,8 @@ from airlock_client._errors import AirlockError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
     Download,
+    Listing,
+    check_listing,
     check_output_tag,
     check_tags,
     downloaded,
@@ -198,7 +200,7 @@ def check_directory_source(verified: VerifiedDirectory, source: SourceFiles, sub
 
 def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion,
                         public_key: PublicKeyLike, dest: Path, source: SourceFiles,
-                        subject: str) -> DirectoryTwin:
+                        subject: str, *, listing: Listing | None = None) -> DirectoryTwin:
     """Download ``mv``'s directory into the new directory ``dest`` (bytes only) and verify it
     as a whole with ``public_key``, as the conversion of ``source`` signed as ``subject``.
 
@@ -207,10 +209,11 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     the twin: their records first (small), each checked as ``verify_dir`` checks it and
     against the source before any weights file is downloaded (a weights file's signed size
     at most ``MAX_GROWTH`` times its source's, a data file's its source's), and then each
-    file, refused when its size is not the signed one. The artifact store's download writes
-    a whole file before its size can be seen, so a record file or a weights file of another
-    size costs what the store holds under that name (the same is true of the source's
-    files); a twin whose records do not verify costs no weights file."""
+    file, refused when its size is not the signed one. A twin whose records do not verify
+    costs no weights file. With ``listing``, the folder must first hold exactly these files
+    (anything beside them, an ``MLmodel``, a script, is no twin's), each within the bound
+    the source sets, as the store reports their sizes: nothing oversized is downloaded.
+    Without it, the store's download writes a whole file before its size can be seen."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
@@ -218,6 +221,8 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
     names = sorted({*source.outputs.values(), *source.data}
                    | ({_hf_dir.SAFE_WEIGHTS_INDEX} if source.sharded else set()))
+    if listing is not None:
+        check_listing(listing, base, _bounds(source, names), f"{name} version {version}")
     dest.mkdir()
     scratch = dest.with_name(dest.name + ".download")
     scratch.mkdir()
@@ -260,6 +265,17 @@ def check_directory_lineage(twin: DirectoryTwin, mv: ModelVersion, *, model: str
     check_tags(mv, directory_tags(model, version, twin.verified), where)
 
 
+def _bounds(source: SourceFiles, names: list[str]) -> dict[str, int]:
+    """Each file of a conversion of ``source`` (``names``, records beside them), with the
+    most bytes it can hold."""
+    weights = {out: MAX_GROWTH * source.weights[name][1] + 1024 * 1024
+               for name, out in source.outputs.items()}
+    bounds = {n: weights[n] if n in weights else
+              source.data[n][1] if n in source.data else _hf_dir.MAX_INDEX_BYTES
+              for n in names}
+    return bounds | {n + SUFFIX: MAX_PROVENANCE_BYTES for n in names}
+
+
 def _check_records(records: Mapping[str, ProvenanceRecord], source: SourceFiles) -> None:
     """``verify_dir``'s checks of each record (kind, format, the index's listing), and sizes
     the source bounds, before any weights file is downloaded."""
@@ -271,8 +287,7 @@ def _check_records(records: Mapping[str, ProvenanceRecord], source: SourceFiles)
                               "the source's conversion has")
     for out, name in outputs.items():
         check_weights_record(out, records[out], listed)
-        bound = MAX_GROWTH * source.weights[name][1] + 1024 * 1024
-        if records[out].output_size > bound:
+        if records[out].output_size > _bounds(source, [out])[out]:
             raise ProvenanceError("OUTPUT_MISMATCH", f"{out} is signed at "
                                   f"{records[out].output_size} bytes, more than a conversion "
                                   f"of its {source.weights[name][1]}-byte source makes")

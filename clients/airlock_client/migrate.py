@@ -62,7 +62,7 @@ from airlock_client._migrate_report import (
 from airlock_client._migrate_version import VersionMigration
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
 from airlock_client._registry import ModelVersion, Registry, model_versions
-from airlock_client._twin import Download
+from airlock_client._twin import Download, Listing
 from airlock_client.batch import Done, run_bounded
 from airlock_client.provenance import PublicKeyLike
 
@@ -96,7 +96,8 @@ class Migration:
                  download: Download, public_key: PublicKeyLike | None,
                  options: Options = _DEFAULTS, progress: Progress | None = None,
                  abandon: Callable[[], None] | None = None,
-                 convert_directory: ConvertDirectory | None = None) -> None:
+                 convert_directory: ConvertDirectory | None = None,
+                 listing: Listing | None = None) -> None:
         """``download(artifact_uri, dest_dir)`` fetches a twin's files (bytes only) to verify
         them; ``public_key`` is the broker's key, pinned (never one fetched from the broker:
         what is verified with it is written into the registry). Only a dry run may pass None
@@ -108,7 +109,9 @@ class Migration:
         retries). ``convert_directory`` converts a version that holds a Hugging Face model
         directory (an MLflow transformers model with PyTorch weights) file by file, and its
         twin is that safetensors directory (``_twin_dir``); without it such a version is sent
-        as its bundle, which the broker refuses (``UNSUPPORTED_FLAVOR``)."""
+        as its bundle, which the broker refuses (``UNSUPPORTED_FLAVOR``). ``listing`` lists a
+        folder of the artifact store: a claimed twin whose folder holds anything beside its
+        files (an ``MLmodel`` MLflow's loaders would follow) is no twin."""
         self.registry = registry
         self.options = options
         self.progress = progress or (lambda _line: None)
@@ -123,7 +126,8 @@ class Migration:
         self._versions = VersionMigration(registry, fetch=fetch, convert=convert,
                                           download=download, public_key=public_key,
                                           options=options, progress=self.progress,
-                                          convert_directory=convert_directory)
+                                          convert_directory=convert_directory,
+                                          listing=listing)
 
     def select(self, names: Sequence[str] | None) -> list[str]:
         """The models to migrate: ``names`` (each checked), or every model but Airlock's own."""

@@ -36,6 +36,7 @@ Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``
     │                     PRINCIPAL_NOT_ALLOWED
     └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNSAFE, TOO_LARGE,
                           FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING,
+                          UNEXPECTED_FILE (the version's folder holds more than its files),
                           IS_DIRECTORY (load_verified of a directory twin)
 """
 
@@ -57,9 +58,11 @@ from airlock_client._registry import ModelVersion, Registry, open_registry
 from airlock_client._twin import (
     DEFAULT_MAX_BYTES,
     Download,
+    Listing,
     bundle_sha256,
     check_lineage,
     mlflow_download,
+    mlflow_listing,
     read_twin,
     source_subject,
 )
@@ -136,7 +139,8 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
     model, version = _expected_source(source, source_sha256)
     key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch)
     mv = _version(reg.registry, models_uri)
-    twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes)
+    twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes,
+                     listing=reg.listing)
     claimed = ""
     if model is not None:
         claimed = check_lineage(twin, mv, model=model, version=version, sha256=source_sha256,
@@ -194,7 +198,7 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
                                 f"cannot read the source models:/{model}/{claimed} to check "
                                 f"the version against it: {exc.reason}: {exc.message}") from exc
         twin = read_directory_twin(reg.registry, reg.download, mv, key, work / "twin", files,
-                                   source_subject(model, claimed))
+                                   source_subject(model, claimed), listing=reg.listing)
         check_directory_lineage(twin, mv, model=model, version=claimed, source=files,
                                 principals=principals)
         if os.path.lexists(target):
@@ -221,15 +225,19 @@ def _key(public_key: PublicKeyLike | None) -> PublicKeyLike:
 
 @dataclass(frozen=True)
 class _Registry:
-    """The registry, its artifact download and the source-version download of one call."""
+    """The registry, its artifact download and listing, and the source-version download of
+    one call."""
 
     registry: Registry
     download: Download
     fetch: FetchSource
+    #: None when the caller gave its own download and no listing (tests).
+    listing: Listing | None
 
     @classmethod
     def of(cls, tracking_uri: str | None, registry: Registry | None,
-           download: Download | None, fetch: FetchSource | None) -> _Registry:
+           download: Download | None, fetch: FetchSource | None,
+           listing: Listing | None = None) -> _Registry:
         """The caller's (tests), else MLflow's on ``tracking_uri`` (or the environment's)."""
         if registry is None or download is None or fetch is None:
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -238,9 +246,10 @@ class _Registry:
                                  "MLFLOW_TRACKING_URI")
             registry = registry or open_registry(
                 uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
-            download = download or mlflow_download(uri)
+            if download is None:
+                download, listing = mlflow_download(uri), listing or mlflow_listing(uri)
             fetch = fetch or _mlflow_fetch(uri)
-        return cls(registry, download, fetch)
+        return cls(registry, download, fetch, listing)
 
 
 def open_artifact(artifact: VerifiedArtifact, *, tensors: Literal["numpy", "pt"] = "numpy",

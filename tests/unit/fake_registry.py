@@ -202,6 +202,18 @@ class FakeRegistry:
 
     # -- a downloader over the fake artifact store --------------------------------------------
 
+    def listing(self, folder_uri: str) -> dict[str, int]:
+        """The files directly under ``folder_uri``, with their sizes (a folder: -1)."""
+        prefix = "fake-artifacts:/"
+        assert folder_uri.startswith(prefix), folder_uri
+        run_id, _, rel = folder_uri[len(prefix):].rstrip("/").partition("/")
+        found: dict[str, int] = {}
+        for path, data in self.runs[run_id]["artifacts"].items():
+            if path.startswith(rel + "/"):
+                first, _, rest = path[len(rel) + 1:].partition("/")
+                found[first] = -1 if rest else len(data)
+        return found
+
     def download(self, artifact_uri: str, dest: Path) -> Path:
         prefix = "fake-artifacts:/"
         assert artifact_uri.startswith(prefix), artifact_uri

@@ -335,6 +335,7 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
     pub.write_text(key.public_pem)
     monkeypatch.setenv("AIRLOCK_PUBLIC_KEY", str(pub))
     monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri: registry.download)
+    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri: registry.listing)
 
 
 def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
@@ -655,6 +656,58 @@ def test_a_later_copy_of_a_twin_never_takes_its_place_nor_the_alias(key: Signing
                                                       f"m-airlock/{copy.version}")]
     assert any("m-airlock/1 claims to be its twin but is not" in line
                and "airlock.verdict" in line for line in lines), lines
+
+
+def test_a_twin_with_a_file_beside_its_own_is_no_twin_and_is_converted_again(
+        key: SigningKey) -> None:
+    """A registry writer adds an ``MLmodel`` to a genuine twin's folder (MLflow's loaders
+    would follow it). Its two files still verify, but the folder is not Airlock's output any
+    more: the version is converted again and the alias moves to the new twin. Nothing of the
+    folder is downloaded: the listing refuses it first."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+
+    def migration() -> Migration:
+        return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                         download=registry.download, listing=registry.listing,
+                         public_key=key.public_pem.encode(), options=Options(alias="champion"))
+
+    assert [o.status for o in migration().run(["m"])] == [Status.CONVERTED]
+    assert [o.status for o in migration().run(["m"])] == [Status.ALREADY_MIGRATED]
+    genuine = registry.runs[str(registry.version("m-airlock", 1).run_id)]["artifacts"]
+    genuine["model/MLmodel"] = b"flavors: {python_function: {loader_module: evil}}"
+    (again,) = migration().run(["m"])
+    assert (again.status, again.target) == (Status.CONVERTED, "m-airlock/2")
+    assert "m-airlock/1 (UNEXPECTED_FILE)" in again.message
+    assert registry.models["m-airlock"].aliases == {"champion": "2"}
+
+
+def test_a_listing_bounds_a_twins_files_before_any_download(tmp_path: Path,
+                                                          key: SigningKey) -> None:
+    """A folder whose model file the store lists beyond the cap is refused unread."""
+    from airlock_client._errors import SafeLoadError
+    from airlock_client._twin import verified_output
+
+    asked: list[str] = []
+
+    def download(uri: str, dest: Path) -> Path:
+        asked.append(uri)
+        raise AssertionError("nothing should be downloaded")
+
+    for listed, reason in (({"model.onnx": 10**12, "model.onnx.provenance.json": 10},
+                            "TOO_LARGE"),
+                           ({"model.onnx": 10, "model.onnx.provenance.json": 10,
+                             "loader.py": 10}, "UNEXPECTED_FILE"),
+                           ({"model.onnx": -1, "model.onnx.provenance.json": 10},
+                            "ARTIFACT_UNSAFE"),
+                           ({"model.onnx.provenance.json": 10}, "ARTIFACT_MISSING")):
+        with pytest.raises(SafeLoadError) as info:
+            verified_output(download, "fake-artifacts:/r/model", "onnx",
+                            key.public_pem.encode(), "the version",
+                            listing=lambda uri, found=listed: found)
+        assert info.value.reason == reason, listed
+    assert asked == []
 
 
 def test_a_model_whose_name_cannot_be_signed_is_refused_and_the_walk_goes_on(

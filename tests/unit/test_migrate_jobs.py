@@ -291,6 +291,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, key: SigningKey, registry: FakeRegistr
     pub.write_text(key.public_pem)
     monkeypatch.setenv("AIRLOCK_PUBLIC_KEY", str(pub))
     monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri: registry.download)
+    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri: registry.listing)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
     monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
 
