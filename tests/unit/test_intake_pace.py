@@ -180,11 +180,13 @@ def test_a_write_the_kernel_holds_back_stalls_its_upload_not_the_event_loop(
 @pytest.mark.parametrize("next_chunk", ["comes at once", "never comes"])
 def test_a_cancelled_upload_closes_its_spool_file_only_after_its_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, next_chunk: str) -> None:
-    """Cancelled while a chunk is being written on its thread, the upload waits for that
-    write before it closes the descriptor (a number the next open could reuse): whether the
-    cancellation finds it waiting for the next chunk or for that write (a plain ``await`` of
-    the write let the cancellation end the wait while the thread wrote on: found by review,
-    reproduced with the next open getting the same number and the bytes)."""
+    """Cancelled while a chunk is being written on its thread, the upload ends at once, and
+    its descriptor (a number the next open could reuse) is closed only when that write
+    returns: whether the cancellation finds it waiting for the next chunk or for that write.
+    A plain ``await`` of the write let the cancellation end the wait and close the
+    descriptor while the thread wrote on (found by review, reproduced with the next open
+    getting the same number and the bytes); the fix after it waited for the write, which
+    held the call (and shutdown) for as long as a disk held the write."""
     import threading
 
     from airlock_broker.conversion import spool_space
@@ -222,10 +224,16 @@ def test_a_cancelled_upload_closes_its_spool_file_only_after_its_write(
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the upload is now waiting: for the write, or the stream
         task.cancel()
-        await asyncio.sleep(0.05)
-        release.set()
+        # The call ends at once, though its write is held: it never waits for a thread it
+        # cannot stop (a disk that never takes the write would hold it for ever) ...
         with pytest.raises(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, 5)
+        assert closed == [] and not ended  # ... and the descriptor stays open under it
+        release.set()
+        deadline = time.monotonic() + 10
+        while not closed:  # closed once the write returns, on the loop
+            assert time.monotonic() < deadline, "the spool file was never closed"
+            await asyncio.sleep(0.01)
 
     asyncio.run(main())
     assert closed == [True]

@@ -14,8 +14,12 @@ Each chunk's hash and write run on a thread of the uploads' own (``IntakeLimits.
 while the event loop takes the next chunk: a write that the kernel holds back (dirty pages
 throttled behind a slow disk) stalls the uploads, never every other call the loop serves nor
 what else waits for the default executor. One chunk is in flight at a time, so the hash sees
-them in order, and the spool file is closed only once its thread is done with it. A chunk's
-CRC is checked on the loop, as it arrives (a cheap pass), so a corrupt one is refused at once.
+them in order. The spool file is closed (and its room released) only once its thread is
+done with it: at once, or, for an upload that ends while a write is in flight (refused,
+cancelled), when that write returns; the call itself never waits for a thread it cannot
+stop (a disk that never takes the write would hold it, and the broker's shutdown, for ever).
+A chunk's CRC is checked on the loop, as it arrives (a cheap pass), so a corrupt one is
+refused at once.
 """
 
 from __future__ import annotations
@@ -134,13 +138,7 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
             await asyncio.shield(writing)
         spool.finish(size)
     finally:
-        try:
-            if writing is not None:
-                await _settled(writing)  # its thread writes to fd: it ends before fd closes
-        finally:
-            if claim is not None:
-                claim.release()
-            os.close(fd)
+        _close_after(writing, fd, claim)
     check_size(size, meta)
     return Spooled(size=size, prefix=bytes(prefix), data_bytes=spool.data_bytes,
                    digest=InputDigest.known(digest.hexdigest(), meta.sha256))
@@ -152,18 +150,24 @@ def _take(data: bytes, offset: int, digest: hashlib._Hash, spool: SpoolWriter) -
     spool.write(data, offset)
 
 
-async def _settled(future: asyncio.Future[None]) -> None:
-    """Wait until ``future`` is done, even through cancellations (a thread cannot be stopped,
-    and one chunk's write is short); the last cancellation is raised after."""
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
+def _close_after(writing: asyncio.Future[None] | None, fd: int,
+                 claim: SpoolClaim | None) -> None:
+    """Close ``fd`` and release ``claim`` once the chunk in flight (``writing``) is written:
+    now when there is none, else when it returns (its thread writes to ``fd``: closed under
+    it, the number could be reused by the next open, and the write land there)."""
+    def close(done: asyncio.Future[None] | None = None) -> None:
+        if done is not None:
+            retrieved(done)  # the upload has ended with its own outcome
         try:
-            await asyncio.wait({future})
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    retrieved(future)
-    if cancelled is not None:
-        raise cancelled
+            if claim is not None:
+                claim.release()
+        finally:
+            os.close(fd)
+
+    if writing is None or writing.done():
+        close(writing)
+    else:
+        writing.add_done_callback(close)
 
 
 def check_size(size: int, meta: pb.ConvertMetadata) -> None:
