@@ -50,6 +50,7 @@ from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
+    UNAVAILABLE,
     Download,
     Listing,
     bundle_sha256,
@@ -247,6 +248,12 @@ class VersionMigration:
                                         f"cannot check {where}, which claims to be its twin: "
                                         f"{type(exc).__name__}: {exc}")
                 except IntegrityError as exc:
+                    if exc.reason == UNAVAILABLE and self.listing is not None:
+                        # the store's moment (its listing showed the files): check next run
+                        self.unchecked.add((name, version))
+                        return self._failed(name, version, Status.FAILED, DOWNLOAD_FAILED,
+                                            f"cannot check {where}, which claims to be its "
+                                            f"twin: {exc.message}")
                     refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
                                   f"its twin but is not: {exc}")

@@ -60,6 +60,9 @@ Download = Callable[[str, Path], Path]
 #: ``listing(folder_uri) -> {name: size}``: the entries directly under a folder of the
 #: artifact store, with the sizes it reports (-1 for a folder).
 Listing = Callable[[str], Mapping[str, int]]
+#: The artifact store failed to list or to hand over a file: says nothing about the twin (a
+#: run of migrate with a listing checks it again next time, instead of converting again).
+UNAVAILABLE = "ARTIFACT_UNAVAILABLE"
 #: ``source_sha256(version) -> hex``: the sha256 of that source version's bundle.
 SourceDigest = Callable[[str], str]
 
@@ -133,15 +136,16 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
     With ``listing``, the folder must hold the two files and nothing else, within their
     caps, before anything is downloaded."""
     file_name = tags.OUTPUT_FILES[fmt]
-    if listing is not None:
-        check_listing(listing, base, {file_name: max_bytes,
-                                      file_name + tags.PROVENANCE_SUFFIX: MAX_PROVENANCE_BYTES},
-                      what)
+    listed = None if listing is None else check_listing(
+        listing, base, {file_name: max_bytes,
+                        file_name + tags.PROVENANCE_SUFFIX: MAX_PROVENANCE_BYTES}, what)
     work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
     try:
         envelope = read_small(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
                               work / "provenance", MAX_PROVENANCE_BYTES)
         record = verify_envelope(envelope, public_key)  # before a large download
+        if listed is not None:
+            check_listed_sizes(listed, {file_name: record.output_size}, what)
         uri = f"{base}/{file_name}"
         with downloaded(download, uri, work / "model", max_bytes) as fh:
             if keep_bytes:
@@ -160,15 +164,17 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
     return record, data
 
 
-def check_listing(listing: Listing, base: str, expected: Mapping[str, int], what: str) -> None:
-    """Raise unless the folder ``base`` holds exactly the files ``expected`` names, each at
-    most its bound in bytes (as the store reports it: before any download). Anything else
-    beside a twin's files (an ``MLmodel`` that MLflow's loaders would follow, a script) is
-    not Airlock's output."""
+def check_listing(listing: Listing, base: str, expected: Mapping[str, int | None],
+                  what: str) -> dict[str, int]:
+    """The folder ``base``'s files and their sizes (as the store reports them: before any
+    download), once it holds exactly the files ``expected`` names, each at most its bound
+    in bytes (None: bounded later, by its signed size: ``check_listed_sizes``). Anything
+    else beside a twin's files (an ``MLmodel`` that MLflow's loaders would follow, a
+    script) is not Airlock's output."""
     try:
         found = dict(listing(base))
     except Exception as exc:  # the artifact store's own errors
-        raise SafeLoadError("ARTIFACT_MISSING", f"cannot list {base}: {type(exc).__name__}: "
+        raise SafeLoadError(UNAVAILABLE, f"cannot list {base}: {type(exc).__name__}: "
                             f"{tags.clip(str(exc), 200)}") from exc
     extra = sorted(set(found) - set(expected))
     if extra:
@@ -178,10 +184,21 @@ def check_listing(listing: Listing, base: str, expected: Mapping[str, int], what
     if missing:
         raise SafeLoadError("ARTIFACT_MISSING", f"{what} has no {missing[0][:120]!r}")
     for name, bound in expected.items():
-        if not 0 <= found[name] <= bound:
-            raise SafeLoadError("TOO_LARGE" if found[name] > bound else "ARTIFACT_UNSAFE",
-                                f"{what}'s {name[:120]!r} is {found[name]} bytes (a folder "
-                                f"when negative); at most {bound} are expected")
+        if found[name] < 0:
+            raise SafeLoadError("ARTIFACT_UNSAFE", f"{what}'s {name[:120]!r} is a folder")
+        if bound is not None and found[name] > bound:
+            raise SafeLoadError("TOO_LARGE", f"{what}'s {name[:120]!r} is {found[name]} "
+                                f"bytes; at most {bound} are expected")
+    return found
+
+
+def check_listed_sizes(found: Mapping[str, int], signed: Mapping[str, int], what: str) -> None:
+    """Each file the store lists at its signed size (a store that reports none, 0, leaves it
+    to the hash after the download): checked before the download."""
+    for name, size in signed.items():
+        if found.get(name, 0) not in (0, size):
+            raise SafeLoadError("OUTPUT_MISMATCH", f"{what}'s {name[:120]!r} is {found[name]} "
+                                f"bytes; its record signs {size}")
 
 
 def mlflow_listing(tracking_uri: str) -> Listing:
@@ -291,7 +308,7 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     try:
         local = Path(download(artifact_uri, dest))
     except Exception as exc:  # the artifact store's own errors
-        raise SafeLoadError("ARTIFACT_MISSING",
+        raise SafeLoadError(UNAVAILABLE,
                             f"cannot download {artifact_uri}: {type(exc).__name__}: "
                             f"{tags.clip(str(exc), 200)}") from exc
     if not local.resolve().is_relative_to(dest.resolve()):

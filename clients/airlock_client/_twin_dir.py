@@ -41,6 +41,7 @@ from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
     Download,
     Listing,
+    check_listed_sizes,
     check_listing,
     check_output_tag,
     check_tags,
@@ -70,9 +71,6 @@ from airlock_client.verify_dir import (
 )
 
 _COPY = 1024 * 1024
-#: A weights file's conversion is about its source's size (tensors out as they came in); a
-#: record claiming more than this many times that (plus 1 MiB of header) is no twin's.
-MAX_GROWTH = 2
 
 
 @dataclass(frozen=True)
@@ -207,13 +205,13 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     Only the files such a conversion holds are downloaded, named from the source (its
     weights files' outputs, the index when sharded, every data file), never a listing of
     the twin: their records first (small), each checked as ``verify_dir`` checks it and
-    against the source before any weights file is downloaded (a weights file's signed size
-    at most ``MAX_GROWTH`` times its source's, a data file's its source's), and then each
-    file, refused when its size is not the signed one. A twin whose records do not verify
-    costs no weights file. With ``listing``, the folder must first hold exactly these files
-    (anything beside them, an ``MLmodel``, a script, is no twin's), each within the bound
-    the source sets, as the store reports their sizes: nothing oversized is downloaded.
-    Without it, the store's download writes a whole file before its size can be seen."""
+    against the source before any weights file is downloaded (a data file's signed size
+    its source's), and then each file, refused when its size is not the signed one. A twin
+    whose records do not verify costs no weights file. With ``listing``, the folder must
+    first hold exactly these files (anything beside them, an ``MLmodel``, a script, is no
+    twin's), its records within their cap, and each file at its signed size as the store
+    reports it: nothing oversized is downloaded. Without it, the store's download writes a
+    whole file before its size can be seen."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
@@ -221,8 +219,10 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     base = registry.get_model_version_download_uri(name, version).rstrip("/")
     names = sorted({*source.outputs.values(), *source.data}
                    | ({_hf_dir.SAFE_WEIGHTS_INDEX} if source.sharded else set()))
-    if listing is not None:
-        check_listing(listing, base, _bounds(source, names), f"{name} version {version}")
+    where = f"{name} version {version}"
+    found = None if listing is None else check_listing(
+        listing, base, {n: None for n in names} | {n + SUFFIX: MAX_PROVENANCE_BYTES
+                                                   for n in names}, where)
     dest.mkdir()
     scratch = dest.with_name(dest.name + ".download")
     scratch.mkdir()
@@ -239,6 +239,8 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
             records.get(_hf_dir.SAFE_WEIGHTS_INDEX),
             tuple((n, records[n]) for n in sorted(source.data)))
         check_directory_source(listed, source, subject, index_file=False)
+        if found is not None:
+            check_listed_sizes(found, {n: records[n].output_size for n in names}, where)
         for i, file_name in enumerate(names):
             with downloaded(download, f"{base}/{file_name}", scratch / f"f{i}",
                             records[file_name].output_size) as fh, \
@@ -265,32 +267,19 @@ def check_directory_lineage(twin: DirectoryTwin, mv: ModelVersion, *, model: str
     check_tags(mv, directory_tags(model, version, twin.verified), where)
 
 
-def _bounds(source: SourceFiles, names: list[str]) -> dict[str, int]:
-    """Each file of a conversion of ``source`` (``names``, records beside them), with the
-    most bytes it can hold."""
-    weights = {out: MAX_GROWTH * source.weights[name][1] + 1024 * 1024
-               for name, out in source.outputs.items()}
-    bounds = {n: weights[n] if n in weights else
-              source.data[n][1] if n in source.data else _hf_dir.MAX_INDEX_BYTES
-              for n in names}
-    return bounds | {n + SUFFIX: MAX_PROVENANCE_BYTES for n in names}
-
-
 def _check_records(records: Mapping[str, ProvenanceRecord], source: SourceFiles) -> None:
-    """``verify_dir``'s checks of each record (kind, format, the index's listing), and sizes
-    the source bounds, before any weights file is downloaded."""
+    """``verify_dir``'s checks of each record (kind, format, the index's listing), and a data
+    file's size (its source's, carried unchanged), before any weights file is downloaded.
+    A weights file's size has no bound from its source: a pickle of views of one storage
+    becomes several whole tensors."""
     index = records.get(_hf_dir.SAFE_WEIGHTS_INDEX)
     listed = listed_shards(index) if index is not None else {}
     outputs = {out: name for name, out in source.outputs.items()}
     if index is not None and set(listed) != set(outputs):
         raise ProvenanceError("OUTPUT_MISMATCH", "the index's record lists other shards than "
                               "the source's conversion has")
-    for out, name in outputs.items():
+    for out in outputs:
         check_weights_record(out, records[out], listed)
-        if records[out].output_size > _bounds(source, [out])[out]:
-            raise ProvenanceError("OUTPUT_MISMATCH", f"{out} is signed at "
-                                  f"{records[out].output_size} bytes, more than a conversion "
-                                  f"of its {source.weights[name][1]}-byte source makes")
     whole = index if index is not None else records[next(iter(outputs))]
     for name, (_, size) in source.data.items():
         check_carried_record(name, records[name], whole)

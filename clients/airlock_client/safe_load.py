@@ -34,7 +34,8 @@ Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``
     ├── ProvenanceError   PROVENANCE_MISSING, PROVENANCE_MALFORMED, BAD_PUBLIC_KEY,
     │                     SIGNATURE_INVALID, OUTPUT_MISMATCH, SOURCE_MISMATCH,
     │                     PRINCIPAL_NOT_ALLOWED
-    └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNSAFE, TOO_LARGE,
+    └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNAVAILABLE (the
+                          store failed: try again), ARTIFACT_UNSAFE, TOO_LARGE,
                           FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING,
                           UNEXPECTED_FILE (the version's folder holds more than its files),
                           IS_DIRECTORY (load_verified of a directory twin)
@@ -130,14 +131,17 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
                    public_key: PublicKeyLike | None = None,
                    tracking_uri: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                    registry: Registry | None = None, download: Download | None = None,
-                   fetch: FetchSource | None = None) -> VerifiedArtifact:
+                   fetch: FetchSource | None = None,
+                   listing: Listing | None = None) -> VerifiedArtifact:
     """The verified bytes of a migrated version, without loading them (see ``load_verified``).
 
-    ``registry``, ``download`` and ``fetch`` replace the MLflow client, its artifact download
-    and the source-version download (tests).
+    ``registry``, ``download``, ``fetch`` and ``listing`` replace the MLflow client, its
+    artifact download, the source-version download and the artifact listing (tests; with
+    MLflow's download, MLflow's listing is used: the version's folder must hold its two
+    files and nothing else).
     """
     model, version = _expected_source(source, source_sha256)
-    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch)
+    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch, listing)
     mv = _version(reg.registry, models_uri)
     twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes,
                      listing=reg.listing)
@@ -168,7 +172,8 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
                              public_key: PublicKeyLike | None = None,
                              tracking_uri: str | None = None, registry: Registry | None = None,
                              download: Download | None = None,
-                             fetch: FetchSource | None = None) -> VerifiedModelDirectory:
+                             fetch: FetchSource | None = None,
+                             listing: Listing | None = None) -> VerifiedModelDirectory:
     """Put the model directory of a migrated transformers version at ``dest`` (which must not
     exist yet), once it verifies: as a whole with ``public_key``, and file by file against
     the source version's own files (``source``: ``models:/NAME``, whichever version the twin
@@ -178,7 +183,7 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
     and ``FileExistsError`` when ``dest`` exists (or came to exist meanwhile)."""
     model, version = _expected_source(source, None)
     assert model is not None  # a source is required here
-    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch)
+    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch, listing)
     target = Path(os.path.abspath(dest))
     if os.path.lexists(target):
         raise FileExistsError(f"{target} exists: fetch_verified_directory writes a new one")

@@ -683,6 +683,28 @@ def test_a_twin_with_a_file_beside_its_own_is_no_twin_and_is_converted_again(
     assert registry.models["m-airlock"].aliases == {"champion": "2"}
 
 
+def test_a_store_that_cannot_list_a_claimed_twin_leaves_the_version_for_the_next_run(
+        key: SigningKey) -> None:
+    """A listing that fails (the store's 5xx) says nothing about the twin: the version is
+    not converted again (a second twin, the alias moved), but failed for the next run."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _migration(registry, sandbox, alias="champion").run(["m"])
+
+    def down(uri: str) -> dict[str, int]:
+        raise ConnectionError("503 Service Unavailable")
+
+    (outcome,) = Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                           download=registry.download, listing=down,
+                           public_key=key.public_pem.encode(),
+                           options=Options(alias="champion")).run(["m"])
+    assert (outcome.status, outcome.reason) == (Status.FAILED, "MLFLOW_DOWNLOAD_FAILED")
+    assert "503" in outcome.message and len(sandbox.converted) == 1
+    assert len(registry.versions["m-airlock"]) == 1
+    assert registry.models["m-airlock"].aliases == {"champion": "1"}
+
+
 def test_a_listing_bounds_a_twins_files_before_any_download(tmp_path: Path,
                                                           key: SigningKey) -> None:
     """A folder whose model file the store lists beyond the cap is refused unread."""

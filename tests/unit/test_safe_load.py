@@ -155,9 +155,28 @@ def test_an_edited_record_is_refused(registry: FakeRegistry, key: SigningKey) ->
 
 def test_missing_provenance_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
     del _artifacts(registry, "m-airlock")["model/model.onnx.provenance.json"]
-    with pytest.raises(SafeLoadError) as info:
+    with pytest.raises(SafeLoadError) as info:  # what the store cannot hand over
         _load(registry, "models:/m-airlock/1", key)
+    assert info.value.reason == "ARTIFACT_UNAVAILABLE"
+    with pytest.raises(SafeLoadError) as info:  # what its listing shows missing
+        _fetch(registry, "models:/m-airlock/1", key, listing=registry.listing)
     assert info.value.reason == "ARTIFACT_MISSING"
+
+
+def test_a_file_beside_the_twins_own_is_refused_unread(registry: FakeRegistry,
+                                                       key: SigningKey) -> None:
+    _artifacts(registry, "m-airlock")["model/MLmodel"] = b"flavors: {python_function: {}}"
+    assert _fetch(registry, "models:/m-airlock/1", key).format == "onnx"  # unlisted: read
+    asked: list[str] = []
+
+    def download(uri: str, dest: Path) -> Path:
+        asked.append(uri)
+        return registry.download(uri, dest)
+
+    with pytest.raises(SafeLoadError) as info:
+        _fetch(registry, "models:/m-airlock/1", key, listing=registry.listing,
+               download=download)
+    assert info.value.reason == "UNEXPECTED_FILE" and asked == []
 
 
 def test_tags_that_disagree_with_the_signed_record_are_refused(registry: FakeRegistry,
