@@ -89,12 +89,13 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 #: What a trainer saves beside a model (Hugging Face's Trainer, Accelerate, Lightning loops):
 #: never the model's weights.
-TRAINING_STATE = re.compile(r"(optimizer|scheduler|lr_scheduler|scaler|grad_scaler|"
-                            r"training_args|rng_state|random_states)([_-]\d+)?\.(pt|pth|bin)",
+TRAINING_STATE = re.compile(r"(optimizer|optim|optimizer_state|scheduler|lr_scheduler|scaler|"
+                            r"grad_scaler|training_args|training_state|trainer_state|"
+                            r"recipe_state|rng_state|random_states)([_-]\d+)?\.(pt|pth|bin)",
                             re.IGNORECASE)
-#: Weights already safe: a directory holding any has nothing to convert (a stray checkpoint
-#: beside them is not the model).
-SAFE_SUFFIX = ".safetensors"
+#: Weights in another format (safetensors, ONNX, Keras/TF, GGUF, Flax): a directory holding
+#: any is not a checkpoint's (a stray checkpoint beside them is not the model).
+OTHER_WEIGHTS = (".safetensors", ".onnx", ".h5", ".keras", ".gguf", ".msgpack", ".tflite")
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 NOT_A_MODEL = _bundle.NOT_A_MODEL
@@ -186,10 +187,11 @@ def kind(path: str | os.PathLike[str]) -> str | None:
 
 def checkpoints(names: Iterable[str]) -> list[str]:
     """The names that may be a directory's one checkpoint (``CHECKPOINT_SUFFIXES``, not a
-    trainer's own state), sorted; none when the directory holds safetensors weights or an
-    index of them (a Trainer's ``checkpoint-500/``: its ``optimizer.pt`` is not the model)."""
+    trainer's own state), sorted; none when the directory holds weights in another format
+    (a Trainer's ``checkpoint-500/`` with ``model.safetensors``: its ``optimizer.pt`` is not
+    the model)."""
     names = list(names)
-    if any(n.endswith(SAFE_SUFFIX) or n == SAFE_WEIGHTS_INDEX for n in names):
+    if any(n.lower().endswith(OTHER_WEIGHTS) or n == SAFE_WEIGHTS_INDEX for n in names):
         return []
     return sorted(n for n in names
                   if n.endswith(CHECKPOINT_SUFFIXES) and not TRAINING_STATE.fullmatch(n))

@@ -50,7 +50,6 @@ from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._twin import (
-    UNAVAILABLE,
     Download,
     Listing,
     bundle_sha256,
@@ -238,27 +237,28 @@ class VersionMigration:
             claims = sorted(target.twins[version],
                             key=lambda c: (f"{target.name}/{c.version}" != named,
                                            int(c.version)))
+            # Every claim is tried until one verifies: one that cannot be read (a location the
+            # store cannot list, which anyone who may register a version can name) never
+            # keeps the genuine twin from counting, nor, with none, the version from being
+            # converted.
+            unreadable = ""  # this machine's disk failed while checking one: next run
             for claim in claims:
                 where = f"{target.name}/{claim.version}"
                 try:
                     checked = self._check_twin(name, version, claim, work, source, digest)
-                except OSError as exc:  # this machine's disk, not the claim: check it next run
-                    self.unchecked.add((name, version))
-                    return self._failed(name, version, Status.FAILED, DOWNLOAD_FAILED,
-                                        f"cannot check {where}, which claims to be its twin: "
-                                        f"{type(exc).__name__}: {exc}")
+                except OSError as exc:
+                    unreadable = unreadable or (f"cannot check {where}, which claims to be its "
+                                                f"twin: {type(exc).__name__}: {exc}")
+                    continue
                 except IntegrityError as exc:
-                    if exc.reason == UNAVAILABLE and self.listing is not None:
-                        # the store's moment (its listing showed the files): check next run
-                        self.unchecked.add((name, version))
-                        return self._failed(name, version, Status.FAILED, DOWNLOAD_FAILED,
-                                            f"cannot check {where}, which claims to be its "
-                                            f"twin: {exc.message}")
                     refused.append(f"{where} ({getattr(exc, 'reason', 'INTEGRITY_ERROR')})")
                     self.progress(f"{step} {name} v{version}: WARNING: {where} claims to be "
                                   f"its twin but is not: {exc}")
                     continue
                 return self._already(name, version, mv, where, checked, claim.run_id)
+            if unreadable:
+                self.unchecked.add((name, version))
+                return self._failed(name, version, Status.FAILED, DOWNLOAD_FAILED, unreadable)
             note = f"not a verified twin, ignored: {', '.join(refused)}"
             refusal = self._refusal(name, mv)
             if refusal is not None:

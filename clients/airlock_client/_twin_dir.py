@@ -210,7 +210,9 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     whose records do not verify costs no weights file. With ``listing``, the folder must
     first hold exactly these files (anything beside them, an ``MLmodel``, a script, is no
     twin's), its records within their cap, and each file at its signed size as the store
-    reports it: nothing oversized is downloaded. Without it, the store's download writes a
+    reports it: nothing listed oversized is downloaded (a file swapped between the listing
+    and the download is refused by its hash, after it was). Without it, the store's download
+    writes a
     whole file before its size can be seen."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:

@@ -67,7 +67,12 @@ from airlock_client._twin import (
     read_twin,
     source_subject,
 )
-from airlock_client._twin_dir import check_directory_lineage, read_directory_twin, source_files
+from airlock_client._twin_dir import (
+    check_directory_lineage,
+    is_directory_source,
+    read_directory_twin,
+    source_files,
+)
 from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
@@ -196,8 +201,12 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
                                  dir=target.parent))
     try:
         try:  # first: what is downloaded of the twin is named from it
-            source_dir = reg.fetch(f"models:/{model}/{claimed}", work / "source")
-            files = source_files(Path(source_dir))
+            source_dir = Path(reg.fetch(f"models:/{model}/{claimed}", work / "source"))
+            if not is_directory_source(source_dir):
+                raise ProvenanceError("SOURCE_MISMATCH", f"models:/{model}/{claimed} is not "
+                                      "a transformers model with PyTorch weights: no model "
+                                      "directory is its conversion")
+            files = source_files(source_dir)
         except ModelSourceError as exc:
             raise SafeLoadError("SOURCE_MISSING",
                                 f"cannot read the source models:/{model}/{claimed} to check "

@@ -313,6 +313,10 @@ def test_one_checkpoint_is_a_directorys_weights_and_a_trainers_state_never_is(
     ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "optimizer_0.pt"],
     ["adapter_model.safetensors", "adapter_config.json", "grad_scaler.pt"],
     ["Optimizer.pt", "Scheduler-1.PTH"],
+    # found by the last review: weights in another format, and more trainers' state
+    ["model.onnx", "ema.pt"],
+    ["tf_model.h5", "best.ckpt"],
+    ["recipe_state.pt"], ["optim.pt"], ["training_state.pt"],
 ])
 def test_a_stray_checkpoint_beside_safe_weights_or_a_trainers_state_is_never_the_model(
         tmp_path: Path, names: list[str]) -> None:

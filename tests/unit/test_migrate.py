@@ -683,26 +683,41 @@ def test_a_twin_with_a_file_beside_its_own_is_no_twin_and_is_converted_again(
     assert registry.models["m-airlock"].aliases == {"champion": "2"}
 
 
-def test_a_store_that_cannot_list_a_claimed_twin_leaves_the_version_for_the_next_run(
-        key: SigningKey) -> None:
-    """A listing that fails (the store's 5xx) says nothing about the twin: the version is
-    not converted again (a second twin, the alias moved), but failed for the next run."""
+def test_a_claim_the_store_cannot_list_never_blocks_a_version(key: SigningKey) -> None:
+    """Anyone who may register a version can point one at a location the store cannot list,
+    tag it as a version's twin, and name it in the source's ``migrated_to``. It is not a
+    twin, and it blocks nothing: the genuine twin still counts (found by review: a version
+    failed for every run, its alias stuck), and a version with no other claim converts."""
+    from tests.unit.fake_registry import FakeVersion
+
     registry = FakeRegistry()
-    registry.add_model("m", versions=1)
+    registry.add_model("m", versions=2)
     sandbox = FakeSandbox(key)
-    _migration(registry, sandbox, alias="champion").run(["m"])
 
-    def down(uri: str) -> dict[str, int]:
-        raise ConnectionError("503 Service Unavailable")
+    def migration() -> Migration:
+        return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                         download=registry.download, listing=registry.listing,
+                         public_key=key.public_pem.encode(), options=Options(alias="champion"))
 
-    (outcome,) = Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
-                           download=registry.download, listing=down,
-                           public_key=key.public_pem.encode(),
-                           options=Options(alias="champion")).run(["m"])
-    assert (outcome.status, outcome.reason) == (Status.FAILED, "MLFLOW_DOWNLOAD_FAILED")
-    assert "503" in outcome.message and len(sandbox.converted) == 1
-    assert len(registry.versions["m-airlock"]) == 1
-    assert registry.models["m-airlock"].aliases == {"champion": "1"}
+    migration().run(["m"])  # m/1 and m/2 have their twins
+    registry.versions["m"].append(FakeVersion("m", "3", source="src/m/3"))  # not migrated yet
+
+    def unlistable(source_version: str) -> str:
+        number = str(len(registry.versions["m-airlock"]) + 1)
+        registry.versions["m-airlock"].append(FakeVersion(
+            "m-airlock", number, {tags.SOURCE_MODEL: "m", tags.SOURCE_VERSION: source_version,
+                                  tags.OUTPUT_FORMAT: "onnx"},
+            run_id="nowhere", source="fake-artifacts:/nowhere/model"))
+        return f"m-airlock/{number}"
+
+    registry.version("m", 2).tags[tags.MIGRATED_TO] = unlistable("2")
+    unlistable("3")
+    outcomes = {o.version: o for o in migration().run(["m"])}
+    assert (outcomes["2"].status, outcomes["2"].target) == (Status.ALREADY_MIGRATED,
+                                                            "m-airlock/2")
+    assert outcomes["3"].status == Status.CONVERTED
+    assert "ARTIFACT_UNAVAILABLE" in outcomes["3"].message
+    assert registry.models["m-airlock"].aliases["champion"] == outcomes["3"].target.split("/")[1]
 
 
 def test_a_listing_bounds_a_twins_files_before_any_download(tmp_path: Path,
