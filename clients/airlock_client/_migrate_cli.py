@@ -254,8 +254,11 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
 
         # One file at a time: the run's --jobs versions are what the broker is asked for at
         # once. A many-GiB model takes minutes: a line per weights file says how far it is.
+        # A twin must hold every data file (_twin_dir): one refused fails the version before
+        # any shard is converted.
         return convert_directory(keyed, model_dir, output, jobs=1, subject=subject,
                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
+                                 all_data_files=True,
                                  progress=lambda p: _progress(f"{subject}: {p.shard} "
                                                               f"{'converted' if p.ok else 'FAILED'}"
                                                               f"; {p.line()}"))

@@ -31,6 +31,7 @@ from airlock_client._migrate_options import Convert, ConvertDirectory
 from airlock_client._migrate_report import Status
 from airlock_client._twin_dir import check_directory_source, source_files
 from airlock_client._types import ConversionResult
+from airlock_client.model_dir import DATA_FILE_REFUSED
 from airlock_client.provenance import (
     ProvenanceError,
     ProvenanceRecord,
@@ -39,10 +40,6 @@ from airlock_client.provenance import (
     verify_envelope,
 )
 from airlock_client.verify_dir import VerifiedDirectory, verify_directory
-
-#: A data file of a transformers version is not what its name says (its sandbox refused it):
-#: ``convert DIR`` leaves it out, but a twin must hold every one (``_twin_dir``).
-DATA_FILE_REFUSED = "DATA_FILE_REFUSED"
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def convert_directory_verified(convert: ConvertDirectory, model_dir: Path, outpu
         return Failure(Status.FAILED, CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
     refused = [s for s in result.skipped if s.name.rpartition("/")[2] in source.data
                and s.name.rpartition("/")[2] not in result.carried]
-    if refused:  # its twin would miss it: a model without its tokenizer is not the model
+    if refused:  # its twin would miss it (a converter without all_data_files left it out)
         return Failure(Status.REJECTED, DATA_FILE_REFUSED,
                        f"{len(refused)} data file(s) are not what their names say, such as "
                        f"{refused[0].name}: {refused[0].why}")

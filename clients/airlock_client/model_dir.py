@@ -72,6 +72,9 @@ INDEX_MISMATCH = "INDEX_MISMATCH"
 #: The destination's filesystem has less free space than the output will take: refused
 #: before any shard is sent, not when a late shard of a long run finds the disk full.
 NO_SPACE = "NO_SPACE"
+#: A data file is not what its name says, and the caller wants every one carried
+#: (``all_data_files``: a migrated twin must hold them all): refused before any shard.
+DATA_FILE_REFUSED = "DATA_FILE_REFUSED"
 #: Weakest first: the directory's assurance is the weakest of its shards'.
 _UNITS = ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"))
 _STRENGTH = {Assurance.UNSPECIFIED: 0, Assurance.FORMAT_SAFE_ONLY: 1,
@@ -201,7 +204,7 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
                       overwrite: bool = False,
                       loading_policy: LoadingPolicy = DIRECTORY_POLICY,
                       job_timeout: int = 0, on_busy: OnBusy | None = None,
-                      subject: str = "") -> DirectoryResult:
+                      subject: str = "", all_data_files: bool = False) -> DirectoryResult:
     """Convert the model directory ``source`` into the safetensors directory ``output``.
 
     Raises ``ModelSourceError`` when the directory is refused before anything is sent (see
@@ -217,6 +220,8 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     signs it (``provenance.path_subject``): ``verify DIR`` holds each carried data file to
     it.
     ``loading_policy`` is ``safe_only`` unless told (``DIRECTORY_POLICY``: why, there).
+    ``all_data_files``: a data file that is not what its name says fails the directory
+    (``DATA_FILE_REFUSED``, before any shard is sent) instead of being left out.
     """
     from airlock_client.provenance import path_subject
 
@@ -235,6 +240,11 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     try:
         refused = _carry_data_files(client, model, tmp, jobs=jobs, job_timeout=job_timeout,
                                     on_busy=on_busy, subject=subject)
+        if refused and all_data_files:
+            first = refused[min(refused)]
+            raise ModelDirError(DATA_FILE_REFUSED, f"{len(refused)} data file(s) are not what "
+                                f"their names say, such as {first.name}: {first.why}",
+                                shard=first.name)
         shards = _convert_shards(client, model, tmp, jobs=jobs, progress=progress,
                                  loading_policy=loading_policy, job_timeout=job_timeout,
                                  on_busy=on_busy, subject=subject)

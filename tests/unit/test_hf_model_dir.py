@@ -399,6 +399,25 @@ def test_a_data_file_that_is_not_what_it_claims_is_skipped(tmp_path: Path, name:
     assert why in skipped[name] and skipped[name].startswith("declared ")
 
 
+def test_a_refused_data_file_fails_the_directory_before_any_shard_when_all_are_wanted(
+        tmp_path: Path) -> None:
+    """``all_data_files`` (what migrate asks: a twin must hold every one): a data file its
+    sandbox refuses fails the directory with why, before a shard is sent, and leaves
+    nothing behind."""
+    from airlock_client.model_dir import DATA_FILE_REFUSED
+
+    root = hf_dir(tmp_path / "m", SHARDS)
+    (root / "config.json").write_bytes(b"{not json")
+    client = FakeClient(GOOD)
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(client, root, tmp_path / "out", jobs=2,  # type: ignore[arg-type]
+                          all_data_files=True)
+    assert caught.value.reason == DATA_FILE_REFUSED
+    assert "config.json" in caught.value.message and "not strict JSON" in caught.value.message
+    assert client.calls == [], client.calls  # no shard was sent
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_oversized_data_file_is_skipped_unread(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root = hf_dir(tmp_path / "m")
