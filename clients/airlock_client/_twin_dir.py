@@ -203,17 +203,17 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     as a whole with ``public_key``, as the conversion of ``source`` signed as ``subject``.
 
     Only the files such a conversion holds are downloaded, named from the source (its
-    weights files' outputs, the index when sharded, every data file), never a listing of
-    the twin: their records first (small), each checked as ``verify_dir`` checks it and
+    weights files' outputs, the index when sharded, every data file), never from what the
+    twin holds: their records first (small), each checked as ``verify_dir`` checks it and
     against the source before any weights file is downloaded (a data file's signed size
     its source's), and then each file, refused when its size is not the signed one. A twin
-    whose records do not verify costs no weights file. With ``listing``, the folder must
-    first hold exactly these files (anything beside them, an ``MLmodel``, a script, is no
-    twin's), its records within their cap, and each file at its signed size as the store
-    reports it: nothing listed oversized is downloaded (a file swapped between the listing
-    and the download is refused by its hash, after it was). Without it, the store's download
-    writes a
-    whole file before its size can be seen."""
+    whose records do not verify costs no weights file.
+
+    With ``listing``, the folder must first hold exactly these files (anything beside them,
+    an ``MLmodel``, a script, is no twin's), its records within their cap, and each file at
+    its signed size as the store reports it: nothing listed oversized is downloaded (a file
+    swapped between the listing and the download is refused by its hash, after it was).
+    Without it, the store's download writes a whole file before its size can be seen."""
     name, version = str(mv.name), str(mv.version)
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
