@@ -658,6 +658,13 @@ def test_a_later_copy_of_a_twin_never_takes_its_place_nor_the_alias(key: Signing
                and "airlock.verdict" in line for line in lines), lines
 
 
+def _listed(registry: FakeRegistry, sandbox: FakeSandbox, **options: Any) -> Migration:
+    """``_migration``, with the fake store's listing: what the CLI runs with MLflow's."""
+    return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
+                     download=registry.download, listing=registry.listing,
+                     public_key=sandbox.key.public_pem.encode(), options=Options(**options))
+
+
 def test_a_twin_with_a_file_beside_its_own_is_no_twin_and_is_converted_again(
         key: SigningKey) -> None:
     """A registry writer adds an ``MLmodel`` to a genuine twin's folder (MLflow's loaders
@@ -669,9 +676,7 @@ def test_a_twin_with_a_file_beside_its_own_is_no_twin_and_is_converted_again(
     sandbox = FakeSandbox(key)
 
     def migration() -> Migration:
-        return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
-                         download=registry.download, listing=registry.listing,
-                         public_key=key.public_pem.encode(), options=Options(alias="champion"))
+        return _listed(registry, sandbox, alias="champion")
 
     assert [o.status for o in migration().run(["m"])] == [Status.CONVERTED]
     assert [o.status for o in migration().run(["m"])] == [Status.ALREADY_MIGRATED]
@@ -695,9 +700,7 @@ def test_a_claim_the_store_cannot_list_never_blocks_a_version(key: SigningKey) -
     sandbox = FakeSandbox(key)
 
     def migration() -> Migration:
-        return Migration(registry, fetch=sandbox.fetch, convert=sandbox.convert,
-                         download=registry.download, listing=registry.listing,
-                         public_key=key.public_pem.encode(), options=Options(alias="champion"))
+        return _listed(registry, sandbox, alias="champion")
 
     migration().run(["m"])  # m/1 and m/2 have their twins
     registry.versions["m"].append(FakeVersion("m", "3", source="src/m/3"))  # not migrated yet
