@@ -60,8 +60,8 @@ Download = Callable[[str, Path], Path]
 #: ``listing(folder_uri) -> {name: size}``: the entries directly under a folder of the
 #: artifact store, with the sizes it reports (-1 for a folder).
 Listing = Callable[[str], Mapping[str, int]]
-#: The artifact store failed to list or to hand over a file: says nothing about the twin (a
-#: run of migrate with a listing checks it again next time, instead of converting again).
+#: The artifact store failed to list or to hand over a file. ``migrate`` takes such a claim
+#: for no twin and tries the others: a location anyone may name must not block a version.
 UNAVAILABLE = "ARTIFACT_UNAVAILABLE"
 #: ``source_sha256(version) -> hex``: the sha256 of that source version's bundle.
 SourceDigest = Callable[[str], str]

@@ -94,10 +94,6 @@ class DirectoryTwin:
     version: str
     verified: VerifiedDirectory
 
-    @property
-    def record(self) -> ProvenanceRecord:
-        return self.verified.whole
-
 
 def is_directory_source(model_dir: Path) -> bool:
     """Whether a fetched source version is converted as a model directory (an MLflow
