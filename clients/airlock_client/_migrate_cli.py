@@ -33,8 +33,9 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,8 @@ class Broker:
     #: A version holding a Hugging Face model directory, file by file (``convert DIR``);
     #: None: sent as its bundle, like any other version.
     convert_directory: ConvertDirectory | None = None
+    #: The conversions in flight, shared by whole versions and a directory's files.
+    lanes: Lanes = field(default_factory=lambda: Lanes())
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -168,6 +171,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     if args.jobs is None and not args.dry_run:
         options = replace(options, jobs=_default_jobs(broker))
+    broker.lanes.size(options.jobs)
     migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
                           convert_directory=broker.convert_directory, abandon=broker.close,
                           download=mlflow_download(tracking_uri),
@@ -241,7 +245,8 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
     what must be converted)."""
     client = Client(args.server or default_address(), public_key=public_key,
                     **client_options(args))
-    keyed = KeyedClient(client, _registry_uri(args))
+    lanes = Lanes()
+    keyed = KeyedClient(client, _registry_uri(args), lanes)
     policy: LoadingPolicy = args.policy
 
     def convert(model_dir: Path, output: Path, subject: str) -> ConversionResult:
@@ -252,11 +257,12 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
     def convert_dir(model_dir: Path, output: Path, subject: str) -> DirectoryResult:
         from airlock_client.model_dir import convert_directory
 
-        # One file at a time: the run's --jobs versions are what the broker is asked for at
-        # once. A many-GiB model takes minutes: a line per weights file says how far it is.
-        # A twin must hold every data file (_twin_dir): one refused fails the version before
-        # any shard is converted.
-        return convert_directory(keyed, model_dir, output, jobs=1, subject=subject,
+        # Up to --jobs files at once, within the run's --jobs conversions in flight (the
+        # lanes): a version's shards take the lanes other versions leave free, so the last
+        # large model of a run does not convert one file at a time. A many-GiB model takes
+        # minutes: a line per weights file says how far it is. A twin must hold every data
+        # file (_twin_dir): one refused fails the version before any shard is converted.
+        return convert_directory(keyed, model_dir, output, jobs=lanes.count, subject=subject,
                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                                  all_data_files=True,
                                  progress=lambda p: _progress(f"{subject}: {p.shard} "
@@ -264,7 +270,27 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
                                                               f"; {p.line()}"))
 
     return Broker(convert, client.close, client.pool_status, client.max_concurrent_jobs,
-                  convert_dir)
+                  convert_dir, lanes)
+
+
+class Lanes:
+    """The run's conversions in flight, whole versions and the files of a transformers
+    version alike: at most ``--jobs``. Sized once (``size``), when the run's jobs are known,
+    before its first conversion; one lane until then."""
+
+    def __init__(self) -> None:
+        self.count = 1
+        self._free = threading.BoundedSemaphore(1)
+
+    def size(self, count: int) -> None:
+        self.count = count
+        self._free = threading.BoundedSemaphore(count)
+
+    def __enter__(self) -> None:
+        self._free.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._free.release()
 
 
 class KeyedClient:
@@ -272,9 +298,11 @@ class KeyedClient:
     its options (and again under a fresh key when the broker saw other bytes under that one);
     what ``convert_directory`` asks of a client."""
 
-    def __init__(self, client: Client, registry_uri: str) -> None:
+    def __init__(self, client: Client, registry_uri: str, lanes: Lanes | None = None) -> None:
         self.client = client
         self.registry_uri = registry_uri
+        #: Each conversion holds one of the run's lanes while it is in flight.
+        self.lanes = lanes or Lanes()
 
     def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str],
                 **options: Any) -> ConversionResult:
@@ -284,14 +312,16 @@ class KeyedClient:
                              target=str(options.get("target", "")),
                              job_timeout=int(options.get("job_timeout", 0)),
                              declared=str(options.get("declared_format") or ""))
-        try:
-            return self.client.convert(artifact, output, idempotency_key=key, **options)
-        except ConversionError as exc:
-            if exc.reason != KEY_REUSED:
-                raise
-            _progress(f"{subject}: its files are not the ones converted under its key within "
-                      "the broker's idempotency TTL; converting them under a fresh key")
-            return self.client.convert(artifact, output, **options)
+        with self.lanes:
+            try:
+                return self.client.convert(artifact, output, idempotency_key=key, **options)
+            except ConversionError as exc:
+                if exc.reason != KEY_REUSED:
+                    raise
+                _progress(f"{subject}: its files are not the ones converted under its key "
+                          "within the broker's idempotency TTL; converting them under a fresh "
+                          "key")
+                return self.client.convert(artifact, output, **options)
 
     def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
                      subject: str = "") -> bytes:

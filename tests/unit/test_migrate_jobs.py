@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,64 @@ def test_rate_and_time_left_count_conversions_not_skipped_versions(key: SigningK
     done = [line for line in lines if " done" in line and "/min" in line]
     assert done[2] == "3/5 done (3 skipped), 0.0/min", done  # no conversion yet: no ETA
     assert done[3].startswith("4/5 done (3 skipped), ") and ", about " in done[3]
+
+
+def test_a_directory_versions_files_take_the_lanes_the_other_versions_leave(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--jobs 3``: a transformers version's files are converted three at a time, not one
+    by one, and with whole versions converting beside them the run never has more than
+    three conversions in flight."""
+    width = 3
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, peak
+    everyone_in = threading.Event()  # never set unless three run at once
+
+    class Broker:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def convert(self, artifact: Any, output: Any, **options: Any) -> str:
+            with lock:
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+                if in_flight[0] == width:
+                    everyone_in.set()
+            try:
+                everyone_in.wait(timeout=30)  # the first ones wait for the others
+                return str(options["subject"])
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+        def close(self) -> None:
+            pass
+
+        pool_status = max_concurrent_jobs = close
+
+    files_jobs: list[int] = []
+
+    def convert_directory(client: Any, model_dir: Path, output: Path, *, jobs: int,
+                          subject: str, **options: Any) -> list[str]:
+        files_jobs.append(jobs)
+        with ThreadPoolExecutor(8) as pool:  # more threads than lanes: the lanes bound them
+            return list(pool.map(lambda i: client.convert(model_dir, output,
+                                                          subject=f"{subject}/f{i}"),
+                                 range(8)))
+
+    import airlock_client.model_dir
+
+    monkeypatch.setattr(_migrate_cli, "Client", Broker)
+    monkeypatch.setattr(airlock_client.model_dir, "convert_directory", convert_directory)
+    args = cli.build_parser().parse_args(["migrate", "--all", "--tracking-uri", "http://x",
+                                          "--server", "unix:/nowhere", "--jobs", str(width)])
+    broker = _migrate_cli._converter(args, None)
+    broker.lanes.size(width)
+    with ThreadPoolExecutor(3) as versions:
+        directory = versions.submit(broker.convert_directory, Path("lm"), Path("out"),
+                                    "models:/lm/1")
+        wholes = [versions.submit(broker.convert, Path(f"m{i}"), Path("o"), f"models:/m/{i}")
+                  for i in range(2)]
+        assert len(directory.result(timeout=60)) == 8  # type: ignore[arg-type]
+        assert [w.result(timeout=60) for w in wholes] == ["models:/m/0", "models:/m/1"]
+    assert files_jobs == [width]
+    assert everyone_in.is_set() and in_flight == [0, width]
