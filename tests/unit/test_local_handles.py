@@ -222,3 +222,54 @@ def test_the_default_cap_takes_a_16_gib_input_and_refuses_a_byte_more(tmp_path: 
                 assert check_input(fd, cap, allowed).size == cap
         finally:
             os.close(fd)
+
+
+def test_one_caller_cannot_take_every_ticket() -> None:
+    """Each pending hand-over can hold one of the socket's connection threads: a caller with
+    every ticket could stall them all."""
+    table = HandleTable(30, 32, Clock(), per_principal=8)
+    for _ in range(8):
+        table.issue("uid:1001")
+    with pytest.raises(AirlockError) as busy:
+        table.issue("uid:1001")
+    assert _reason(busy) == "BUSY" and "already has 8 local transfers" in str(busy.value)
+    assert table.issue("uid:1002")  # another caller still gets one
+    table.close()
+
+
+def test_a_ticket_is_looked_at_before_any_descriptor(files: LocalFiles) -> None:
+    """``expect`` refuses what ``attach`` would, with no descriptor to look at: an unknown
+    ticket, one that has its descriptors, and a local user's ticket shown by another uid."""
+    table = HandleTable(30, 4, Clock())
+    with pytest.raises(AirlockError) as unknown:
+        table.expect("A" * 43, PEER)
+    assert _reason(unknown) == "LOCAL_HANDLE_INVALID"
+    theirs = table.issue("uid:4242", uid=4242)
+    with pytest.raises(AirlockError) as foreign:
+        table.expect(theirs, PEER)  # uid 1000
+    assert _reason(foreign) == "LOCAL_HANDLE_FOREIGN" and "uid 1000" in str(foreign.value)
+    ours = table.issue("token:ci")  # a token's ticket: any uid may hand its files over
+    table.expect(ours, PEER)
+    table.attach(ours, files)
+    with pytest.raises(AirlockError) as used:
+        table.expect(ours, PEER)
+    assert _reason(used) == "LOCAL_HANDLE_INVALID"
+    assert table.claim(ours, "token:ci") is files
+
+
+def test_an_o_path_handle_is_no_input(tmp_path: Path) -> None:
+    """Its access mode reads as O_RDONLY, but reading it fails (EBADF), which surfaced as
+    INTERNAL; and it needs only search permission on the path."""
+    (tmp_path / "in").write_bytes(b"abc")
+    fd = os.open(tmp_path / "in", os.O_PATH)
+    try:
+        here = filesystem_of(fd)
+        assert here is not None
+        with pytest.raises(AirlockError) as refused:
+            check_input(fd, 1 << 20, {here})
+        assert _reason(refused) == "LOCAL_FD_REFUSED" and "O_PATH" in str(refused.value)
+        with pytest.raises(AirlockError) as out:
+            check_output(fd, {here})
+        assert _reason(out) == "LOCAL_FD_REFUSED"
+    finally:
+        os.close(fd)

@@ -361,3 +361,18 @@ def test_a_failed_copy_ends_its_hash_quietly(tmp_path: Path) -> None:
 
 def _hashing() -> bool:
     return any(t.name == "airlock-input-hash" for t in threading.enumerate())
+
+
+def test_a_failed_read_of_the_peers_file_has_a_reason(tmp_path: Path) -> None:
+    """It surfaced as INTERNAL, with a stack trace in the broker's log."""
+    (tmp_path / "in").write_bytes(b"abc")
+    src = os.open(tmp_path / "in", os.O_WRONLY)  # preadv: EBADF
+    dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        with pytest.raises(AirlockError) as refused:
+            local_io.spool_from_fd(src, dst, pb.ConvertMetadata(), LIMITS)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert refused.value.reason == Reason.LOCAL_FD_REFUSED
+    assert "after 0 bytes" in refused.value.message

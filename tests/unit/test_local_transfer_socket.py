@@ -132,3 +132,78 @@ def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
         server.table.close()
     assert reply["reason"] == "BUSY" and "stream instead" in reply["message"]
     assert received == []
+
+
+def _hand_over(server: LocalTransferServer, message: bytes, fds: list[int]) -> dict[str, object]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = threading.Thread(target=server.serve_connection, args=(theirs,))
+    worker.start()
+    with ours:
+        socket.send_fds(ours, [message], fds)
+        reply = json.loads(read_reply(ours))
+    worker.join(60)
+    return dict(reply)
+
+
+def test_no_descriptor_is_looked_at_without_a_live_ticket(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a descriptor reads kernel tables and ``fstat``s the file, which on an overlay
+    over FUSE waits for the FUSE daemon: the socket is 0666, so anyone with a made-up ticket
+    could hold its threads there. The ticket is looked at first."""
+    import airlock_broker.fastpath.local_transfer as local_transfer
+
+    checked: list[int] = []
+    monkeypatch.setattr(local_transfer, "check_input", lambda fd, *a: checked.append(fd))
+    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        made_up = _hand_over(server, b"A" * 43, [in_fd, out_fd])
+        theirs = server.table.issue(f"uid:{os.getuid() + 1}", uid=os.getuid() + 1)
+        foreign = _hand_over(server, theirs.encode(), [in_fd, out_fd])
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+        server.table.close()
+    assert made_up["reason"] == "LOCAL_HANDLE_INVALID"
+    assert foreign["reason"] == "LOCAL_HANDLE_FOREIGN"
+    assert checked == []
+
+
+def test_closing_does_not_wait_for_a_hand_over_stuck_in_a_peers_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-over whose checks wait on a filesystem that stopped answering held the broker's
+    shutdown for as long (``close`` gathered every connection)."""
+    import asyncio
+
+    import airlock_broker.fastpath.local_transfer as local_transfer
+
+    release = threading.Event()
+    stuck = threading.Event()
+
+    def hangs(*_args: object) -> None:
+        stuck.set()
+        release.wait(300)
+
+    monkeypatch.setattr(local_transfer, "check_input", hangs)
+    settings = LocalTransferSettings(connection_timeout_seconds=1.0)
+    server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+
+    async def scenario() -> None:
+        assert await server.start()
+        ticket = server.table.issue("alice")
+        in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            await asyncio.to_thread(client.connect, os.fspath(server.path))
+            socket.send_fds(client, [ticket.encode()], [in_fd, in_fd])
+            assert await asyncio.to_thread(stuck.wait, 60)
+            await asyncio.wait_for(server.close(), 30)
+        finally:
+            release.set()
+            client.close()
+            os.close(in_fd)
+
+    asyncio.run(scenario())

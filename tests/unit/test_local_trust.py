@@ -312,3 +312,21 @@ def test_a_stopped_brokers_socket_is_unavailable_not_a_fallback(tmp_path: Path) 
     with Client(f"unix:{config.unix_socket}", retry_attempts=1) as client, \
             pytest.raises(ServiceUnavailable, match="unix:"):
         client.pool_status()
+
+
+def test_tickets_are_bounded_in_all_and_expire_whatever_uid_they_were_for() -> None:
+    """Processes in a user namespace connect as each of a user's 65,536 subordinate uids:
+    256 tickets for each would never expire (the old table dropped a uid's expired tickets
+    only when that uid asked again) and held GiBs."""
+    now = [0.0]
+    tickets = peer_identity.PeerTickets(ttl_seconds=30, per_uid=4, max_total=100,
+                                        clock=lambda: now[0])
+    for uid in range(2000, 2050):  # 50 uids x 4: twice the total bound
+        for _ in range(4):
+            tickets.issue(uid)
+    assert len(tickets) == 100
+    genuine = tickets.issue(1000)  # the newest survives the flood behind it
+    assert tickets.redeem(genuine) == 1000
+    now[0] = 31  # every ticket has expired; one more for another uid
+    tickets.issue(4242)
+    assert len(tickets) == 1

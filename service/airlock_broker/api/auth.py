@@ -78,6 +78,13 @@ class Principal:
     method: str
     roles: frozenset[Role]
 
+    @property
+    def uid(self) -> int | None:
+        """The local user this caller is, when the kernel said so (``peercred``)."""
+        if self.method != "peercred":
+            return None
+        return int(self.name.removeprefix("uid:"))
+
 
 ANONYMOUS = Principal(name="anonymous", method="none", roles=frozenset())
 _EVERY_ROLE = frozenset(Role)

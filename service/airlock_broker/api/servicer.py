@@ -108,7 +108,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
             if self.fast_path is None:
                 raise error(Reason.LOCAL_TRANSFER_DISABLED,
                             "this broker does not offer the same-host fast path")
-            ticket = self.fast_path.table.issue(current_principal().name)
+            caller = current_principal()
+            ticket = self.fast_path.table.issue(caller.name, uid=caller.uid)
         except AirlockError as exc:
             await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
             raise AssertionError("unreachable") from exc  # abort_with_status raises

@@ -4,13 +4,17 @@ A ticket's life (DESIGN: the fast path never weakens authentication):
 
 1. ``issue``: an authenticated gRPC call (``OpenLocalTransfer``, the ``convert`` role) gets a
    random 256-bit ticket bound to its principal, valid ``ttl`` seconds. At most
-   ``max_entries`` tickets exist at once (``BUSY`` beyond), so a caller cannot make the broker
-   hold descriptors without bound.
-2. ``attach``: a peer on the Unix socket presents the ticket with two descriptors, which are
-   checked here first (``check_input`` / ``check_output``). The peer's credentials
-   (``SO_PEERCRED``) are recorded with them. A ticket takes descriptors once: a second attach
-   (someone else who learnt the ticket, racing the owner) *burns* it, closing what the first
-   attached, so descriptors of unknown origin are never used.
+   ``max_entries`` tickets exist at once, and at most ``per_principal`` of one principal
+   (``BUSY`` beyond), so a caller cannot make the broker hold descriptors without bound, nor
+   take every ticket (and with them the socket's connection threads) from the others.
+2. ``attach``: a peer on the Unix socket presents the ticket with two descriptors. The ticket
+   is looked at first (``expect``: live, no descriptors yet, and for a local user's ticket
+   a peer of that uid), and only then the descriptors (``check_input`` / ``check_output``):
+   checking a descriptor reads kernel tables and ``fstat``s the file, which on an overlay over
+   FUSE can wait for the FUSE daemon, so nobody without a ticket reaches it. The peer's
+   credentials (``SO_PEERCRED``) are recorded with them. A ticket takes descriptors once: a
+   second attach (someone else who learnt the ticket, racing the owner) *burns* it, closing
+   what the first attached, so descriptors of unknown origin are never used.
 3. ``claim``: the Convert call presenting the ticket must come from the same principal
    (``LOCAL_HANDLE_FOREIGN`` otherwise, and the ticket stays for its owner). Claiming removes
    the ticket: single use. An expired, unknown, used or descriptor-less ticket is
@@ -88,6 +92,9 @@ class LocalFiles:
 class _Entry:
     principal: str
     expires: float
+    #: The uid the principal is, when the kernel said so (``SO_PEERCRED``): only a process
+    #: of that uid may attach descriptors.
+    uid: int | None = None
     files: LocalFiles | None = None
 
 
@@ -95,9 +102,11 @@ class HandleTable:
     """Issued tickets. Thread-safe: the socket's connections are served on worker threads."""
 
     def __init__(self, ttl_seconds: float, max_entries: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 per_principal: int | None = None) -> None:
         self.ttl = ttl_seconds
         self.max_entries = max_entries
+        self.per_principal = per_principal or max_entries
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -106,15 +115,36 @@ class HandleTable:
         with self._lock:
             return len(self._entries)
 
-    def issue(self, principal: str) -> str:
+    def issue(self, principal: str, uid: int | None = None) -> str:
+        """A ticket for ``principal``; ``uid``: the uid it is, when the kernel said so."""
         self.sweep()
         ticket = secrets.token_urlsafe(32)
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 raise error(Reason.BUSY, f"{self.max_entries} local transfers are already "
                                          "pending; retry shortly or stream")
-            self._entries[ticket] = _Entry(principal, self._clock() + self.ttl)
+            mine = sum(e.principal == principal for e in self._entries.values())
+            if mine >= self.per_principal:
+                raise error(Reason.BUSY, f"this caller already has {mine} local transfers "
+                                         f"pending, the most one caller may "
+                                         f"([local_transfer] max_tickets_per_caller = "
+                                         f"{self.per_principal}); retry shortly or stream")
+            self._entries[ticket] = _Entry(principal, self._clock() + self.ttl, uid)
         return ticket
+
+    def expect(self, ticket: str, peer: PeerCred) -> None:
+        """Refuse, before any descriptor is looked at, a hand-over ``attach`` would refuse
+        anyway: an unknown, expired or already used ticket, or one issued to a local user
+        (by uid) that a process of another uid presents."""
+        with self._lock:
+            entry = self._live(ticket)
+            if entry.files is not None:
+                raise error(Reason.LOCAL_HANDLE_INVALID,
+                            "this ticket already has descriptors")
+            if entry.uid is not None and entry.uid != peer.uid:
+                raise error(Reason.LOCAL_HANDLE_FOREIGN,
+                            f"this ticket was issued to uid {entry.uid}; the process that "
+                            f"presents it runs as uid {peer.uid}")
 
     def attach(self, ticket: str, files: LocalFiles) -> None:
         """Give ``files`` to ``ticket``. On success the table owns them; on error the caller
@@ -226,7 +256,11 @@ def check_input(fd: int, max_bytes: int, allowed: Set[str],
     if not stat.S_ISREG(st.st_mode):
         raise error(Reason.LOCAL_FD_REFUSED, f"the input descriptor is {_kind(st.st_mode)}, "
                                              "not a regular file")
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_PATH:  # its access mode reads as O_RDONLY, but it reads nothing
+        raise error(Reason.LOCAL_FD_REFUSED, "the input descriptor is an O_PATH handle; open "
+                                             "the file for reading")
+    if flags & os.O_ACCMODE != os.O_RDONLY:
         raise error(Reason.LOCAL_FD_REFUSED, "the input descriptor must be opened read-only")
     if st.st_size > max_bytes:
         raise error(Reason.TOO_LARGE, f"the input's {st.st_size} bytes exceed the server "
@@ -243,7 +277,7 @@ def check_output(fd: int, allowed: Set[str], peer_pid: int | None = None) -> Non
         raise error(Reason.LOCAL_FD_REFUSED, f"the output descriptor is {_kind(st.st_mode)}, "
                                              "not a regular file")
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if flags & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
+    if flags & os.O_PATH or flags & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
         raise error(Reason.LOCAL_FD_REFUSED, "the output descriptor is not opened for writing")
     if flags & os.O_APPEND:
         raise error(Reason.LOCAL_FD_REFUSED, "the output descriptor must not be in append mode")

@@ -150,7 +150,12 @@ def spool_from_fd(src: int, dst: int, meta: pb.ConvertMetadata, limits: IntakeLi
     size = 0
     raw = bytearray(BLOCK_BYTES)
     while True:
-        n = os.preadv(src, [raw], size)
+        try:
+            n = os.preadv(src, [raw], size)
+        except OSError as exc:  # the peer's file: its errors are the caller's to see
+            raise error(Reason.LOCAL_FD_REFUSED,
+                        f"reading the input descriptor failed after {size} bytes: "
+                        f"{exc.strerror or exc}; stream the file instead") from exc
         progress.last = time.monotonic()
         if progress.stop.is_set():
             raise error(Reason.CANCELLED, "the upload was given up")

@@ -83,6 +83,9 @@ class LocalTransferSettings:
     socket_mode: int = 0o666
     ticket_ttl_seconds: float = 30.0
     max_tickets: int = 32
+    #: Of those, how many one caller may hold: each pending hand-over can hold one of the
+    #: socket's ``max_connections`` threads, and one caller must not take them all.
+    max_tickets_per_caller: int = 8
     max_connections: int = 8
     connection_timeout_seconds: float = 5.0
     #: Filesystem types (as in /proc/self/mountinfo) a peer's descriptors may be on. Local
@@ -107,8 +110,10 @@ class LocalTransferSettings:
             raise ValueError("socket_mode must be a permission mode (0o000-0o777)")
         if not 0 < self.ticket_ttl_seconds <= 300:
             raise ValueError("ticket_ttl_seconds must be in (0, 300]")
-        if self.max_tickets <= 0 or self.max_connections <= 0:
-            raise ValueError("max_tickets and max_connections must be positive")
+        if self.max_tickets <= 0 or self.max_connections <= 0 \
+                or self.max_tickets_per_caller <= 0:
+            raise ValueError("max_tickets, max_tickets_per_caller and max_connections must be "
+                             "positive")
         if self.connection_timeout_seconds <= 0:
             raise ValueError("connection_timeout_seconds must be positive")
 
@@ -121,7 +126,8 @@ class LocalTransferServer:
         self.settings = settings
         self.path = path
         self.max_artifact_bytes = max_artifact_bytes
-        self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets)
+        self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets,
+                                 per_principal=settings.max_tickets_per_caller)
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
@@ -150,8 +156,11 @@ class LocalTransferServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._conns:  # a hand-over whose checks wait on a peer's filesystem: not for ever
+            _done, stuck = await asyncio.wait(
+                self._conns, timeout=self.settings.connection_timeout_seconds + 1)
+            for task in stuck:  # its (daemon) thread is left to the kernel
+                task.cancel()
         self._threads.shutdown(wait=False)
         self.io.shutdown()
         if self._sock is not None:
@@ -228,6 +237,7 @@ class LocalTransferServer:
             if len(fds) != 2:
                 raise error(Reason.LOCAL_FD_REFUSED,
                             f"expected 2 descriptors (input, output), got {len(fds)}")
+            self.table.expect(msg.decode(), peer)  # the ticket before its descriptors
             found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
             check_output(fds[1], allowed, peer.pid)
             if self.io.copies_wedged:

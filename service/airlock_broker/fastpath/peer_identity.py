@@ -22,7 +22,12 @@ got it from a process of that uid, and a process that hands its ticket on only l
 identity, which it could as well do by proxying its calls.
 
 Bounded: at most ``per_uid`` unredeemed tickets per uid (the oldest is dropped first), so one
-user cannot crowd out another; expired tickets are dropped as new ones are issued.
+user cannot crowd out another, and at most ``max_total`` in all (the oldest of all is dropped
+first). A user may own 65,536 subordinate uids (Debian's ``adduser``), and processes in a user
+namespace connect as each of them: without the total bound, 256 tickets each would hold GiBs.
+A client redeems its ticket within milliseconds of getting it, so a flood that pushes out the
+oldest rarely reaches a genuine one. Every expired ticket, of any uid, is dropped as new ones
+are issued (tickets expire in the order they were issued: one TTL for all).
 """
 
 from __future__ import annotations
@@ -53,12 +58,14 @@ _UCRED = struct.Struct("=iII")
 class PeerTickets:
     """Issued, unredeemed tickets. Thread-safe (issued on the loop, redeemed by interceptors)."""
 
-    def __init__(self, ttl_seconds: float = 30.0, per_uid: int = 256,
+    def __init__(self, ttl_seconds: float = 30.0, per_uid: int = 256, max_total: int = 4096,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl_seconds
         self.per_uid = per_uid
+        self.max_total = max_total
         self._clock = clock
-        self._by_ticket: dict[str, tuple[int, float]] = {}
+        #: ticket -> (uid, expiry), oldest first (= first to expire).
+        self._by_ticket: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._by_uid: dict[int, OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
 
@@ -66,13 +73,18 @@ class PeerTickets:
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
         with self._lock:
-            mine = self._by_uid.setdefault(uid, OrderedDict())
-            for old in list(mine):  # oldest first: drop the expired, then the surplus
-                if len(mine) < self.per_uid and self._by_ticket[old][1] > now:
+            while self._by_ticket:  # every uid's expired tickets, oldest first
+                oldest, (_uid, expires) = next(iter(self._by_ticket.items()))
+                if expires > now:
                     break
-                del mine[old]
-                del self._by_ticket[old]
-            mine[ticket] = None
+                self._drop(oldest)
+            mine = self._by_uid.get(uid)
+            while mine and len(mine) >= self.per_uid:  # this uid's oldest
+                self._drop(next(iter(mine)))
+                mine = self._by_uid.get(uid)
+            while len(self._by_ticket) >= self.max_total:  # the oldest of all
+                self._drop(next(iter(self._by_ticket)))
+            self._by_uid.setdefault(uid, OrderedDict())[ticket] = None
             self._by_ticket[ticket] = (uid, now + self.ttl)
         return ticket
 
@@ -81,15 +93,20 @@ class PeerTickets:
         if len(ticket) > _MAX_TICKET:
             return None
         with self._lock:
-            found = self._by_ticket.pop(ticket, None)
+            found = self._by_ticket.get(ticket)
             if found is None:
                 return None
-            uid, expires = found
-            mine = self._by_uid[uid]
-            del mine[ticket]
-            if not mine:
-                del self._by_uid[uid]
+            self._drop(ticket)
+        uid, expires = found
         return uid if expires > self._clock() else None
+
+    def _drop(self, ticket: str) -> None:
+        """Forget ``ticket`` (lock held)."""
+        uid, _ = self._by_ticket.pop(ticket)
+        mine = self._by_uid[uid]
+        del mine[ticket]
+        if not mine:
+            del self._by_uid[uid]
 
     def __len__(self) -> int:
         with self._lock:
