@@ -251,10 +251,13 @@ def test_a_ticket_is_looked_at_before_any_descriptor(files: LocalFiles) -> None:
     ours = table.issue("token:ci")  # a token's ticket: any uid may hand its files over
     table.expect(ours, PEER)
     table.attach(ours, files)
-    with pytest.raises(AirlockError) as used:
+    with pytest.raises(AirlockError) as used:  # someone racing the owner: burned
         table.expect(ours, PEER)
     assert _reason(used) == "LOCAL_HANDLE_INVALID"
-    assert table.claim(ours, "token:ci") is files
+    with pytest.raises(AirlockError) as burned:
+        table.claim(ours, "token:ci")
+    assert _reason(burned) == "LOCAL_HANDLE_INVALID"
+    assert _closed_soon(files.input_fd, files.output_fd)
 
 
 def test_an_o_path_handle_is_no_input(tmp_path: Path) -> None:

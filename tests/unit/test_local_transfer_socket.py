@@ -84,6 +84,8 @@ def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None
     try:
         assert hand_over(b"not a ticket", [in_fd, out_fd])["reason"] == "LOCAL_FD_REFUSED"
         assert hand_over(ticket.encode(), [out_fd, out_fd])["reason"] == "LOCAL_FD_REFUSED"
+        assert hand_over(ticket.encode(), [in_fd, out_fd])["reason"] == "LOCAL_HANDLE_INVALID"
+        ticket = server.table.issue("alice")  # a refused hand-over gave its ticket back
         assert hand_over(ticket.encode(), [in_fd, out_fd]) == {"ok": True}
         files = server.claim(ticket, "alice")
         try:
@@ -207,3 +209,25 @@ def test_closing_does_not_wait_for_a_hand_over_stuck_in_a_peers_filesystem(
             os.close(in_fd)
 
     asyncio.run(scenario())
+
+
+def test_a_refused_hand_over_gives_its_ticket_back(tmp_path: Path) -> None:
+    """Its client streams instead: a ticket kept for its TTL would count against the caller's
+    tickets, and a client whose files are all refused (on NFS, say) would run out of them."""
+    (tmp_path / "in").write_bytes(b"abc")
+    with open(tmp_path / "in", "rb") as fh:
+        here = filesystem_of(fh.fileno())
+    assert here is not None
+    settings = LocalTransferSettings(allowed_filesystems=frozenset({here}),
+                                     max_tickets_per_caller=2)
+    server = LocalTransferServer(settings, tmp_path / "unused", 1 << 20)
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    try:
+        for _ in range(5):  # the input twice: the output is refused
+            ticket = server.table.issue("alice")
+            assert _hand_over(server, ticket.encode(), [in_fd, in_fd])["reason"] \
+                == "LOCAL_FD_REFUSED"
+        assert len(server.table) == 0
+    finally:
+        os.close(in_fd)
+        server.table.close()

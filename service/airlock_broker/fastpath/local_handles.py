@@ -135,16 +135,33 @@ class HandleTable:
     def expect(self, ticket: str, peer: PeerCred) -> None:
         """Refuse, before any descriptor is looked at, a hand-over ``attach`` would refuse
         anyway: an unknown, expired or already used ticket, or one issued to a local user
-        (by uid) that a process of another uid presents."""
+        (by uid) that a process of another uid presents. A ticket that already has
+        descriptors is burned, as ``attach`` burns it."""
+        burned: LocalFiles | None = None
+        try:
+            with self._lock:
+                entry = self._live(ticket)
+                if entry.uid is not None and entry.uid != peer.uid:
+                    raise error(Reason.LOCAL_HANDLE_FOREIGN,
+                                f"this ticket was issued to uid {entry.uid}; the process that "
+                                f"presents it runs as uid {peer.uid}")
+                if entry.files is not None:
+                    burned = entry.files
+                    del self._entries[ticket]
+                    raise error(Reason.LOCAL_HANDLE_INVALID,
+                                "this ticket already has descriptors; it is now revoked")
+        finally:
+            if burned is not None:
+                burned.close()
+
+    def revoke(self, ticket: str) -> None:
+        """Forget ``ticket`` unless it holds descriptors: its hand-over was refused, and its
+        client streams instead (else each refused hand-over held a ticket for a TTL, and a
+        client whose files are all on, say, NFS ran out of them)."""
         with self._lock:
-            entry = self._live(ticket)
-            if entry.files is not None:
-                raise error(Reason.LOCAL_HANDLE_INVALID,
-                            "this ticket already has descriptors")
-            if entry.uid is not None and entry.uid != peer.uid:
-                raise error(Reason.LOCAL_HANDLE_FOREIGN,
-                            f"this ticket was issued to uid {entry.uid}; the process that "
-                            f"presents it runs as uid {peer.uid}")
+            entry = self._entries.get(ticket)
+            if entry is not None and entry.files is None:
+                del self._entries[ticket]
 
     def attach(self, ticket: str, files: LocalFiles) -> None:
         """Give ``files`` to ``ticket``. On success the table owns them; on error the caller

@@ -237,13 +237,18 @@ class LocalTransferServer:
             if len(fds) != 2:
                 raise error(Reason.LOCAL_FD_REFUSED,
                             f"expected 2 descriptors (input, output), got {len(fds)}")
-            self.table.expect(msg.decode(), peer)  # the ticket before its descriptors
-            found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
-            check_output(fds[1], allowed, peer.pid)
+            ticket = msg.decode()
+            self.table.expect(ticket, peer)  # the ticket before its descriptors
+            try:
+                found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
+                check_output(fds[1], allowed, peer.pid)
+            except AirlockError:
+                self.table.revoke(ticket)  # its client streams instead
+                raise
             if self.io.copies_wedged:
                 raise error(Reason.BUSY, f"all {self.io.threads} same-host copy threads are "
                             "held by descriptors that stopped answering; stream instead")
-            self.table.attach(msg.decode(), LocalFiles(fds[0], fds[1], found, peer, self.io))
+            self.table.attach(ticket, LocalFiles(fds[0], fds[1], found, peer, self.io))
             owned = True
             log.debug("descriptors attached by pid %d uid %d", peer.pid, peer.uid)
             return {"ok": True}
