@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock_client._errors import IntegrityError
+from airlock_sandbox.formats import SAFETENSORS_MAX_HEADER_BYTES
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
 METADATA = "__metadata__"
-#: The broker's own cap on a header it validates (its ``OutputLimits``).
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: The most a broker may allow (its ``OutputLimits`` cap, 16 MiB unless raised, is at most
+#: this): a signed shard whose header a broker allowed is read, whatever that broker's cap.
+MAX_HEADER_BYTES = SAFETENSORS_MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ import struct
 from collections.abc import Iterable
 
 PREFIX_BYTES = 64
+#: ``MAX_HEADER_SIZE`` of the reference safetensors parser: the largest header any consumer
+#: reads (the broker's cap may not exceed it; a client reads whatever the broker allowed).
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 
 
 class ArtifactFormat(enum.StrEnum):

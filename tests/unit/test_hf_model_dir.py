@@ -1000,3 +1000,18 @@ def test_a_ctrl_c_between_the_two_renames_leaves_the_new_output_in_place(
         other.join()
     assert len(renames) == 2
     assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
+
+
+def test_a_header_a_broker_may_allow_is_read_whatever_its_size(tmp_path: Path) -> None:
+    """A broker's header cap can be raised to the reference parser's 100 MB
+    (``OutputLimits``); the client held signed shards to 16 MiB, so a raised broker's
+    directories failed to assemble ("not readable safetensors")."""
+    from airlock_broker.validation.limits import OutputLimits
+    from airlock_client._st_header import read_header
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (17 * 1024 * 1024 - len(header))  # padded, as safetensors allows
+    path = tmp_path / "big-header.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert OutputLimits(max_safetensors_header_bytes=len(header)).max_safetensors_header_bytes
+    assert read_header(path).tensors == ("w",)

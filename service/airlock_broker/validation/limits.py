@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from airlock_sandbox.formats import SAFETENSORS_MAX_HEADER_BYTES
+
 #: protobuf refuses to serialise or parse a message of 2 GiB or more; an ONNX model that big
 #: needs external data, which we never accept.
 PROTOBUF_MAX_BYTES = 2**31 - 1
 #: What a refusal of a too-large ONNX output tells the caller to do instead.
 ONNX_TOO_LARGE_ADVICE = ("convert the weights to safetensors instead (--to safetensors; "
                          "target SAFETENSORS), which has no such limit")
-#: ``MAX_HEADER_SIZE`` of the reference safetensors parser: a larger cap would let us accept a
-#: header that every consumer then refuses.
-SAFETENSORS_REFERENCE_MAX_HEADER = 100_000_000
+#: A larger cap would let us accept a header that every consumer then refuses.
+SAFETENSORS_REFERENCE_MAX_HEADER = SAFETENSORS_MAX_HEADER_BYTES
 
 GiB = 1024**3
 MiB = 1024**2
