@@ -323,6 +323,9 @@ class DockerSandbox:
                 await self._call(self.client.api.wait, slot.container_id)
         except TimeoutError:
             timed_out = True
+            if watch is not None:
+                # The deadline may have cut a freeze short: frozen tasks ignore the kill.
+                watch.kill_and_thaw()
             await self._kill(slot)
             # A container with thousands of processes can take a while to die; if it is still
             # not dead, the forced removal in ``destroy`` finishes it. The verdict stands: the
