@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker.sandboxes.docker_hardening import create_kwargs
+from airlock_broker.sandboxes.docker_hardening import create_kwargs, probe_kwargs
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 from airlock_broker.sandboxes.workspace import JobWorkspace, reap_stale
@@ -51,6 +51,29 @@ def test_default_policy_is_the_hardened_profile(tmp_path: Path) -> None:
     assert all(m["Type"] == "bind" for m in mounts.values())
     assert not any("docker.sock" in str(m["Source"]) for m in mounts.values())
     assert "privileged" not in kw and "cap_add" not in kw and "devices" not in kw
+
+
+def _as_docker_py_sends_it(kwargs: dict[str, object]) -> dict[str, object]:
+    """The create request's body docker-py's ``containers.create`` makes of ``kwargs``."""
+    from docker.models.containers import _create_container_args
+    from docker.types import ContainerConfig
+
+    args = _create_container_args({k: v for k, v in kwargs.items()
+                                   if k not in {"detach", "use_config_proxy"}}
+                                  | {"version": "1.41"})
+    args.setdefault("command", None)
+    return dict(ContainerConfig("1.41", **args))
+
+
+def test_no_sandbox_inherits_the_images_healthcheck(tmp_path: Path) -> None:
+    """An image's HEALTHCHECK would have the engine exec into every sandbox on a timer
+    (DESIGN §1.2): jobs' containers and the version probe both say NONE, and docker-py sends
+    it (before: neither did, and the image's check applied)."""
+    job = _kwargs(SandboxPolicy(), tmp_path)
+    probe = probe_kwargs(SandboxPolicy(), "print(1)", "host:1:1")
+    for kwargs in (job, probe):
+        assert kwargs["healthcheck"] == {"test": ["NONE"]}
+        assert _as_docker_py_sends_it(kwargs)["Healthcheck"]["Test"] == ["NONE"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("runtime", "clone3"), [("runc", "SCMP_ACT_ERRNO"),

@@ -23,7 +23,8 @@ GOOD: dict[str, Any] = {
         "MemorySwap": POLICY.memory_bytes, "NanoCpus": POLICY.nano_cpus,
         "LogConfig": {"Type": "none"}, "Runtime": "runc",
     },
-    "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"]},
+    "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"],
+               "Healthcheck": {"Test": ["NONE"]}},
     "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in"},
                {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
 }
@@ -53,6 +54,9 @@ def test_hardened_configuration_passes_every_check() -> None:
     (("HostConfig", "LogConfig"), {"Type": "json-file"}, "logging_off"),
     (("Config", "User"), "0:0", "non_root_user"),
     (("Config", "Env"), ["HTTPS_PROXY=http://p:3128"], "no_proxy_env"),
+    (("Config", "Healthcheck"), {"Test": ["CMD-SHELL", "curl -f localhost"]}, "no_healthcheck"),
+    (("Config", "Healthcheck"), {"Test": ["CMD", "python3", "-c", "1"], "Interval": 10**9},
+     "no_healthcheck"),
     (("Mounts",), [{"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/s"},
                    {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
      "only_job_mounts"),
@@ -66,6 +70,13 @@ def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any
     target[path[-1]] = value
     failed = {c.name for c in config_checks(info, POLICY) if not c.passed}
     assert failing in failed
+
+
+@pytest.mark.parametrize("recorded", [None, {"Test": []}, {"Test": ["NONE"]}])
+def test_a_sandbox_the_engine_runs_no_health_check_in_passes(recorded: Any) -> None:
+    info = copy.deepcopy(GOOD)
+    info["Config"]["Healthcheck"] = recorded
+    assert {c.name: c.passed for c in config_checks(info, POLICY)}["no_healthcheck"]
 
 
 def test_waivers_apply_only_to_their_runtime() -> None:

@@ -100,6 +100,9 @@ def config_checks(applied: Confinement, policy: SandboxPolicy) -> list[Check]:
          [target for _, target in applied.bind_mounts]),
         ("no_proxy_env", not any("proxy" in k.lower() for k in applied.env_names),
          applied.env_names),
+        # An image's HEALTHCHECK would have the engine exec into the sandbox (DESIGN §1.2).
+        ("no_healthcheck", applied.healthcheck[:1] in ([], ["NONE"]),
+         applied.healthcheck or "none"),
     ]
     return [Check(name, bool(ok), str(detail)[:200], "config") for name, ok, detail in checks]
 

@@ -35,3 +35,6 @@ class Confinement:
     bind_mounts: list[tuple[str, str]] = field(default_factory=list)
     #: The names of the sandbox's environment variables.
     env_names: list[str] = field(default_factory=list)
+    #: The health check the engine runs inside the sandbox, as the engine records it (its
+    #: test: ``["CMD", ...]``, ``["CMD-SHELL", ...]``); empty or ``["NONE"]``: none.
+    healthcheck: list[str] = field(default_factory=list)

@@ -19,6 +19,13 @@ from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import profile_json
 
 
+def no_healthcheck() -> dict[str, list[str]]:
+    """The health check every sandbox gets: none. An image's ``HEALTHCHECK`` is inherited by
+    each container made from it, and the engine would then ``exec`` its command into every
+    sandbox on a timer, while the sandbox holds an artifact (DESIGN §1.2: never exec)."""
+    return {"test": ["NONE"]}
+
+
 def worker_args(policy: SandboxPolicy, profile: str) -> list[str]:
     """The worker's command line: its profile, and how often it looks for its job spec once
     idle, for this runtime (contract.IDLE_POLL_MS)."""
@@ -70,6 +77,7 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
             Mount(target=OUT_DIR, source=str(workspace.out_dir), type="bind", read_only=False),
         ],
         "log_config": LogConfig(type="none"),
+        "healthcheck": no_healthcheck(),
         "runtime": policy.runtime,
         "ipc_mode": "private",
         "stdin_open": False,
@@ -99,7 +107,7 @@ def probe_kwargs(policy: SandboxPolicy, source: str, identity: str) -> dict[str,
         "security_opt": [*policy.security_opts, "no-new-privileges"]
         + ([f"seccomp={p}"] if (p := seccomp_json(policy)) else []),
         "pids_limit": policy.pids_limit, "mem_limit": policy.memory_bytes,
-        "runtime": policy.runtime, "detach": True,
+        "runtime": policy.runtime, "detach": True, "healthcheck": no_healthcheck(),
         "labels": {LABEL_BROKER: identity},
     }
 
@@ -125,4 +133,5 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
         user=str(config.get("User", "")),
         bind_mounts=[(str(m.get("Source")), str(m.get("Destination"))) for m in binds],
         env_names=[e.split("=", 1)[0] for e in config.get("Env") or []],
+        healthcheck=[str(t) for t in (config.get("Healthcheck") or {}).get("Test") or []],
     )
