@@ -93,3 +93,22 @@ def test_an_images_healthcheck_never_runs_in_a_sandbox(docker_client: Any,
             docker_client.api.remove_container(inherits["Id"], force=True)
         assert record["Config"]["Healthcheck"]["Test"][0] == "CMD"
         assert "no_healthcheck" in _failed(record)
+
+
+def test_an_images_volume_fails_the_self_test(docker_client: Any, tmp_path: Path) -> None:
+    """A ``VOLUME`` in the image gives every sandbox an anonymous volume: writable under a
+    read-only root, exec-capable, capped by nothing but the host's disk. The engine lists it
+    among the sandbox's mounts, beside the job's two binds, and the self-test refuses it
+    (before: only binds were counted, and it passed)."""
+    with _image_from_sandbox(docker_client, "VOLUME /data") as tag:
+        info = _sandbox_record(tag, tmp_path / "spool", start=False)
+        kinds = sorted((m["Type"], m["Destination"]) for m in info["Mounts"])
+        assert ("volume", "/data") in kinds, kinds
+        assert "only_job_mounts" in _failed(info)
+
+    # The sandbox image itself: the job's binds and nothing else, and what the engine lists
+    # of them is exactly what the check expects (the tmpfs /tmp and /dev/shm are not listed).
+    info = _sandbox_record(IMAGE, tmp_path / "spool", start=False)
+    assert sorted((m["Type"], m["Destination"]) for m in info["Mounts"]) == [
+        ("bind", "/airlock/in"), ("bind", "/airlock/out")]
+    assert "only_job_mounts" not in _failed(info)

@@ -25,9 +25,12 @@ GOOD: dict[str, Any] = {
     },
     "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"],
                "Healthcheck": {"Test": ["NONE"]}},
-    "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in"},
-               {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
+    "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in", "RW": False},
+               {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out", "RW": True}],
 }
+#: An image's ``VOLUME /data``, as the engine lists it: an anonymous volume, writable.
+IMAGE_VOLUME = {"Type": "volume", "Name": "0f1e", "Source": "/var/lib/docker/volumes/0f1e/_data",
+                "Destination": "/data", "Driver": "local", "RW": True}
 
 
 def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
@@ -59,6 +62,13 @@ def test_hardened_configuration_passes_every_check() -> None:
      "no_healthcheck"),
     (("Mounts",), [{"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/s"},
                    {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
+     "only_job_mounts"),
+    (("Mounts",), [*GOOD["Mounts"], IMAGE_VOLUME], "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0], IMAGE_VOLUME | {"Destination": "/airlock/out"}],
+     "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0] | {"RW": True}, GOOD["Mounts"][1]], "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0], {"Type": "tmpfs", "Source": "",
+                                       "Destination": "/airlock/out", "RW": True}],
      "only_job_mounts"),
 ])
 def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any,

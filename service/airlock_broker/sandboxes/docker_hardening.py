@@ -11,7 +11,7 @@ from typing import Any
 
 from docker.types import LogConfig, Mount, Ulimit
 
-from airlock_broker.sandboxes.confinement import Confinement
+from airlock_broker.sandboxes.confinement import AppliedMount, Confinement
 from airlock_broker.sandboxes.owners import LABEL_BROKER
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import IDLE_POLL_MS, IN_DIR, OUT_DIR
@@ -116,7 +116,6 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
     """``docker inspect``'s record of a container, in the policy's terms."""
     host = info.get("HostConfig", {})
     config = info.get("Config", {})
-    binds = [m for m in info.get("Mounts", []) if m.get("Type") == "bind"]
     return Confinement(
         network=host.get("NetworkMode"),
         read_only_root=host.get("ReadonlyRootfs"),
@@ -131,7 +130,11 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
         logging=(host.get("LogConfig") or {}).get("Type"),
         runtime=host.get("Runtime"),
         user=str(config.get("User", "")),
-        bind_mounts=[(str(m.get("Source")), str(m.get("Destination"))) for m in binds],
+        # All of them: an image's VOLUME is listed as "volume" (the tmpfs mounts made from
+        # HostConfig.Tmpfs are not listed at all; ``tmpfs`` in create_kwargs owns them).
+        mounts=[AppliedMount(kind=str(m.get("Type")), source=str(m.get("Source")),
+                             destination=str(m.get("Destination")), writable=m.get("RW") is True)
+                for m in info.get("Mounts") or []],
         env_names=[e.split("=", 1)[0] for e in config.get("Env") or []],
         healthcheck=[str(t) for t in (config.get("Healthcheck") or {}).get("Test") or []],
     )
