@@ -130,6 +130,25 @@ def test_policy_refuses_unsafe_or_unbounded_values(change: dict[str, object]) ->
         SandboxPolicy(**change)  # type: ignore[arg-type]
 
 
+#: Root however the engine's integer parse reads it, or by name (before: only "0", "root"
+#: and "" were refused, compared as strings).
+ROOT_USERS = ["0", "00", "+0", "-0", "0000:0", "0:10001", "root", "root:10001", "10001:0",
+              "10001:00", "10001:root", ""]
+
+
+@pytest.mark.parametrize("user", ROOT_USERS)
+def test_the_sandbox_never_runs_as_root_however_it_is_spelled(user: str) -> None:
+    with pytest.raises(ValueError, match="never runs as root") as refused:
+        SandboxPolicy(user=user)
+    assert repr(user) in str(refused.value)
+
+
+@pytest.mark.parametrize("user", ["10001:10001", "010001:10001", "airlock", "airlock:airlock",
+                                  "10001"])
+def test_a_user_other_than_root_is_a_visible_choice(user: str) -> None:
+    assert SandboxPolicy(user=user).user == user
+
+
 def test_policy_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SandboxPolicy().network_disabled = False  # type: ignore[misc]

@@ -89,6 +89,17 @@ def test_a_sandbox_the_engine_runs_no_health_check_in_passes(recorded: Any) -> N
     assert {c.name: c.passed for c in config_checks(info, POLICY)}["no_healthcheck"]
 
 
+@pytest.mark.parametrize("user", ["00", "+0", "0000:0", "0:10001", "10001:0", "root", "",
+                                  "10001:root"])
+def test_a_sandbox_running_as_root_however_spelled_fails(user: str) -> None:
+    """The engine reads "00", "+0" and "0000:0" as uid 0 (before: compared as strings, they
+    passed)."""
+    info = copy.deepcopy(GOOD)
+    info["Config"]["User"] = user
+    (check,) = [c for c in config_checks(info, POLICY) if c.name == "non_root_user"]
+    assert not check.passed, check
+
+
 def test_waivers_apply_only_to_their_runtime() -> None:
     bad = Check("output_noexec", False, "exec exited 0", "sandbox")
     runsc, runc = SandboxPolicy(runtime="runsc"), SandboxPolicy(runtime="runc")

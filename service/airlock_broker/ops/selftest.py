@@ -20,7 +20,7 @@ from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.validation.files import open_regular_file, read_upto
 from airlock_sandbox.contract import IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.formats import PROFILE_LIGHT
-from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.policy import SandboxPolicy, root_in
 from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
 from airlock_sandbox.seccomp import profile_json
 
@@ -94,7 +94,8 @@ def config_checks(applied: Confinement, policy: SandboxPolicy) -> list[Check]:
         ("cpu_limit", applied.nano_cpus == policy.nano_cpus, applied.nano_cpus),
         ("logging_off", applied.logging == "none", applied.logging),
         ("runtime", applied.runtime == policy.runtime, applied.runtime),
-        ("non_root_user", applied.user.split(":")[0] not in {"", "0", "root"}, applied.user),
+        ("non_root_user", not root_in(applied.user),
+         "; ".join(root_in(applied.user)) or applied.user),
         ("only_job_mounts", _only_job_mounts(applied.mounts),
          [f"{m.kind}:{m.destination}{'' if m.writable else ':ro'}" for m in applied.mounts]),
         ("no_proxy_env", not any("proxy" in k.lower() for k in applied.env_names),
