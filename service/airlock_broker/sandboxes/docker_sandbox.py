@@ -208,11 +208,13 @@ class DockerSandbox:
         try:
             container = await asyncio.shield(create)
         except asyncio.CancelledError:
-            # The create goes on in its thread after we are cancelled: wait for it, remove
-            # what it made, then give up, so a cancelled job leaves no container behind.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                made = await create
-                await self._call(self.client.api.remove_container, made.id, force=True)
+            # The create goes on in its thread after we are cancelled: wait for it (through
+            # further cancellations), remove what it made, then give up, so a cancelled job
+            # leaves no container behind.
+            made = await _despite_cancels(create)
+            if made is not None:
+                await _despite_cancels(asyncio.ensure_future(self._call(
+                    self.client.api.remove_container, made.id, force=True)))
             workspace.destroy()
             self._owned.discard(slot_id)
             raise
@@ -452,12 +454,28 @@ class DockerSandbox:
 async def _made_off_loop(make: Callable[[], JobWorkspace]) -> JobWorkspace:
     """``make()`` in a thread. Cancelled meanwhile, the thread goes on (mkfs, a loop mount):
     what it made is destroyed before the cancellation is raised, so a call given up while its
-    disk-backed output was being prepared leaves no mount, image or slot behind."""
+    disk-backed output was being prepared leaves no mount, image or slot behind, however
+    often it is cancelled again while it waits for the thread (bounded: each tool has a
+    timeout, workspace._run_tool)."""
     making = asyncio.get_running_loop().run_in_executor(None, make)
     try:
         return await asyncio.shield(making)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            made = await making
-            await asyncio.to_thread(made.destroy)
+        made = await _despite_cancels(making)
+        if made is not None:
+            await _despite_cancels(asyncio.ensure_future(asyncio.to_thread(made.destroy)))
         raise
+
+
+async def _despite_cancels(work: asyncio.Future[T]) -> T | None:
+    """``work``'s result once it is done, waiting through any cancellation of the caller (the
+    thread behind it goes on regardless, and what it makes must still be undone); None if it
+    failed (logged: cleanup never raises)."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(work)
+    if work.cancelled() or work.exception() is not None:
+        log.warning("preparing or removing the slot of a cancelled call failed: %r",
+                    "cancelled" if work.cancelled() else work.exception())
+        return None
+    return work.result()
