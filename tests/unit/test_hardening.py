@@ -218,6 +218,39 @@ def test_what_disk_backed_outputs_need_is_named_when_missing(
     assert missing is not None and "mkfs.ext4" in missing and "mount" in missing
 
 
+def test_a_stuck_mkfs_is_a_sandbox_failure_with_its_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkfs or mount past their timeout (a stuck disk, a wedged loop driver) raised
+    ``subprocess.TimeoutExpired``, which no layer maps: the job failed INTERNAL. It is a
+    ``WorkspaceError`` naming the tool and the timeout, so the job gets SANDBOX_UNAVAILABLE,
+    and the half-made slot and image are removed."""
+    from airlock_broker.sandboxes import workspace
+
+    ran: list[str] = []
+
+    def stuck(cmd: list[str], **kwargs: object) -> object:
+        ran.append(Path(cmd[0]).name)
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workspace.subprocess, "run", stuck)
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    sandbox = DockerSandbox(SandboxPolicy(), spool, client=types.SimpleNamespace())  # type: ignore[arg-type]
+
+    async def prepare() -> None:
+        try:
+            await sandbox.prepare("torch", disk_output_bytes=64 * 1024 * 1024)
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    with pytest.raises(SandboxUnavailable) as failed:
+        asyncio.run(prepare())
+    assert ran == ["mkfs.ext4"]
+    assert isinstance(failed.value.__cause__, workspace.WorkspaceError)
+    assert "mkfs.ext4 did not finish within 60 s" in str(failed.value)
+    assert [p for p in spool.rglob("*") if p.is_file() or p.parent.name == "slots"] == []
+
+
 class _EngineStub:
     """Just enough of docker.DockerClient for DockerSandbox.check()."""
 
