@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,6 @@ def test_a_prepare_cancelled_twice_while_its_container_is_created_removes_it(
     cancellations, and what it made is removed at once (before: the second cancellation
     escaped, and the container stayed until the sweep found it a stray)."""
     import threading
-    import types
 
     from airlock_broker.sandboxes import docker_sandbox
     from airlock_broker.sandboxes.workspace import JobWorkspace
@@ -304,3 +304,68 @@ def test_a_prepare_cancelled_twice_while_its_container_is_created_removes_it(
     asyncio.run(run())
     assert removed == ["made"]
     assert not workspace.root.exists() and not sandbox._owned
+
+
+# -- the version probe's container -----------------------------------------------------------
+
+
+class _ListingApi(FakeApi):
+    """The engine's list, with the label filter applied as the engine does."""
+
+    def containers(self, all: bool, filters: dict[str, str]) -> list[dict[str, Any]]:
+        key, _, value = filters["label"].partition("=")
+        return [c for c in self.listed if (c.get("Labels") or {}).get(key) == value]
+
+    def remove_container(self, container_id: str, force: bool, v: bool) -> None:
+        super().remove_container(container_id, force, v)
+        self.listed = [c for c in self.listed if c["Id"] != container_id]
+
+
+class _ProbeEngine(FakeClient):
+    """``containers.create`` of a probe whose broker dies before its removal reaches the
+    engine: the probe stays listed, with the labels it was created with."""
+
+    def __init__(self) -> None:
+        super().__init__(_ListingApi([]))
+        self.containers = types.SimpleNamespace(create=self._create)
+        #: Whether the broker owned the probe's slot while the probe ran.
+        self.owned_while_running: bool | None = None
+        self.owner: DockerSandbox | None = None
+
+    def _create(self, **kwargs: Any) -> Any:
+        info = {"Id": f"probe{len(self.api.listed)}", "Labels": dict(kwargs["labels"]),
+                "State": "exited"}
+        self.api.listed.append(info)
+
+        def wait(timeout: float) -> dict[str, int]:
+            assert self.owner is not None
+            self.owned_while_running = info["Labels"].get(LABEL_SLOT, "") in self.owner._owned
+            return {"StatusCode": 0}
+
+        return types.SimpleNamespace(start=lambda: None, wait=wait, logs=lambda **kw: b"{}\n",
+                                     remove=lambda force: None)
+
+
+def test_a_probe_left_by_a_dead_broker_is_reaped_by_the_next(tmp_path: Path) -> None:
+    """The image's version probe carried only ``airlock.broker``: the sweep lists
+    ``airlock.managed`` containers, so a probe orphaned by a broker that died while it ran
+    was never reaped. It carries a sandbox's labels now, and its slot is owned while it runs
+    (so its own broker's sweep does not take it for a stray)."""
+    engine = _ProbeEngine()
+    dead = broker_identity().rsplit(":", 2)[0] + ":999999999:12345"
+    first = DockerSandbox(SandboxPolicy(), tmp_path, client=engine)  # type: ignore[arg-type]
+    first.identity = dead  # the broker that will have died
+    engine.owner = first
+    later = DockerSandbox(SandboxPolicy(), tmp_path, client=engine)  # type: ignore[arg-type]
+
+    async def run() -> int:
+        try:
+            await first._probe_image("print('{}')")
+            return await later.reap_orphans()
+        finally:
+            first._pool.shutdown(wait=False)
+            later._pool.shutdown(wait=False)
+
+    assert asyncio.run(run()) == 1
+    assert engine.api.removed == ["probe0"] and engine.api.listed == []
+    assert engine.owned_while_running is True and not first._owned

@@ -70,7 +70,7 @@ def test_no_sandbox_inherits_the_images_healthcheck(tmp_path: Path) -> None:
     (DESIGN §1.2): jobs' containers and the version probe both say NONE, and docker-py sends
     it (before: neither did, and the image's check applied)."""
     job = _kwargs(SandboxPolicy(), tmp_path)
-    probe = probe_kwargs(SandboxPolicy(), "print(1)", "host:1:1")
+    probe = probe_kwargs(SandboxPolicy(), "print(1)", {"airlock.managed": "true"})
     for kwargs in (job, probe):
         assert kwargs["healthcheck"] == {"test": ["NONE"]}
         assert _as_docker_py_sends_it(kwargs)["Healthcheck"]["Test"] == ["NONE"]  # type: ignore[index]

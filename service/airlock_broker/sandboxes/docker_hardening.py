@@ -12,7 +12,6 @@ from typing import Any
 from docker.types import LogConfig, Mount, Ulimit
 
 from airlock_broker.sandboxes.confinement import AppliedMount, Confinement
-from airlock_broker.sandboxes.owners import LABEL_BROKER
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import IDLE_POLL_MS, IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
@@ -96,10 +95,11 @@ def _seccomp_json(name: str, family: str) -> str | None:
     return profile_json(name, family)
 
 
-def probe_kwargs(policy: SandboxPolicy, source: str, identity: str) -> dict[str, Any]:
+def probe_kwargs(policy: SandboxPolicy, source: str, labels: dict[str, str]) -> dict[str, Any]:
     """A throwaway container running ``python3 -c source`` in the policy's image, confined
     like a sandbox (no network, read-only, no capabilities, the seccomp profile): how the
-    image's versions are read without importing anything from it on the host."""
+    image's versions are read without importing anything from it on the host. ``labels``: a
+    sandbox's (owners.sandbox_labels), so that an orphaned probe is reaped like one."""
     return {
         "image": policy.image, "entrypoint": ["python3", "-c", source],
         "user": policy.user, "environment": {}, "use_config_proxy": False,
@@ -108,7 +108,7 @@ def probe_kwargs(policy: SandboxPolicy, source: str, identity: str) -> dict[str,
         + ([f"seccomp={p}"] if (p := seccomp_json(policy)) else []),
         "pids_limit": policy.pids_limit, "mem_limit": policy.memory_bytes,
         "runtime": policy.runtime, "detach": True, "healthcheck": no_healthcheck(),
-        "labels": {LABEL_BROKER: identity},
+        "labels": labels,
     }
 
 

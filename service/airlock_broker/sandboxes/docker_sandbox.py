@@ -34,10 +34,11 @@ from airlock_broker.sandboxes.freezer import LINGER_SECONDS, thaw_container
 from airlock_broker.sandboxes.owners import (
     LABEL_BROKER,
     LABEL_MANAGED,
-    LABEL_PROFILE,
     LABEL_SLOT,
+    PROBE_PROFILE,
     broker_identity,
     is_alive,
+    sandbox_labels,
 )
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.version_gates import (
@@ -157,17 +158,25 @@ class DockerSandbox:
         return found
 
     async def _probe_image(self, source: str, timeout: float = 60.0) -> str:
-        """Run ``python3 -c source`` in a throwaway confined container; its stdout."""
-        container = await self._call(self.client.containers.create,
-                                     **probe_kwargs(self.policy, source, self.identity))
+        """Run ``python3 -c source`` in a throwaway confined container; its stdout. Labelled
+        and owned like a slot while it runs: this broker's sweep leaves it alone, and a later
+        broker's reaps it if this one dies first."""
+        slot_id = uuid.uuid4().hex
+        labels = sandbox_labels(self.identity, slot_id, PROBE_PROFILE)
+        self._owned.add(slot_id)
         try:
-            await self._call(container.start)
-            await self._call(container.wait, timeout=timeout)
-            out: bytes = await self._call(container.logs, stdout=True, stderr=False)
-            return out.decode(errors="replace")
+            container = await self._call(self.client.containers.create,
+                                         **probe_kwargs(self.policy, source, labels))
+            try:
+                await self._call(container.start)
+                await self._call(container.wait, timeout=timeout)
+                out: bytes = await self._call(container.logs, stdout=True, stderr=False)
+                return out.decode(errors="replace")
+            finally:
+                with contextlib.suppress(SandboxUnavailable):
+                    await self._call(container.remove, force=True)
         finally:
-            with contextlib.suppress(SandboxUnavailable):
-                await self._call(container.remove, force=True)
+            self._owned.discard(slot_id)
 
     @property
     def image_id(self) -> str:
@@ -199,8 +208,7 @@ class DockerSandbox:
             workspace = await _made_off_loop(make) if disk_output_bytes else make()
         except (OSError, WorkspaceError) as exc:
             raise SandboxUnavailable(str(exc)) from exc
-        labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
-                  LABEL_PROFILE: profile}
+        labels = sandbox_labels(self.identity, slot_id, profile)
         self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(
             self.client.containers.create,
