@@ -33,6 +33,27 @@ def runtime_family(runtime: str) -> str:
     return runtime.split("-", 1)[0]
 
 
+def root_in(user: str) -> list[str]:
+    """What in a container ``user`` (``UID``, ``UID:GID``, names in their place) is root, as
+    phrases; empty when nothing is. The engine reads a number as an integer (Go's ``Atoi``),
+    so ``"00"``, ``"+0"`` and ``"0000:0"`` are id 0 as much as ``"0"``: numbers are compared
+    as numbers (``int``, which accepts every spelling ``Atoi`` does), never as strings. No
+    user at all is the image's default, root unless the image says otherwise."""
+    uid, _, gid = user.partition(":")
+    found = [] if uid else ["no user (the image's default)"]
+    for kind, text in (("user", uid), ("group", gid)):
+        if text == "root":
+            found.append(f"the {kind} name 'root'")
+            continue
+        try:
+            number = int(text)
+        except ValueError:  # a name (or nothing): resolved by the engine in the image
+            continue
+        if number == 0:
+            found.append(f"{kind} id {number} ({text!r})")
+    return found
+
+
 @dataclass(frozen=True)
 class SandboxPolicy:
     """How one sandbox container is confined. Validated on creation."""
@@ -92,9 +113,9 @@ class SandboxPolicy:
         if runtime_family(self.runtime) not in RUNTIMES:
             raise ValueError(f"runtime must be one of {sorted(RUNTIMES)} (or <runtime>-<suffix>, "
                              f"another registration of one), not {self.runtime!r}")
-        uid = self.user.split(":", 1)[0]
-        if uid in {"0", "root", ""}:
-            raise ValueError("the sandbox never runs as root")
+        if root := root_in(self.user):
+            raise ValueError(f"the sandbox never runs as root, nor in its group: user "
+                             f"{self.user!r} has {', '.join(root)}")
         for name in ("pids_limit", "memory_bytes", "nano_cpus", "tmpfs_bytes", "tmpfs_inodes",
                      "shm_bytes", "output_bytes", "nofile_limit"):
             if getattr(self, name) <= 0:

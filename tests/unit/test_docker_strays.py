@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,155 @@ def test_marks_the_sandbox_made_directories_of_do_not_fail_the_job(tmp_path: Pat
     (workspace.out_dir / READY_NAME).write_bytes(b"")
     workspace.forget_marks()
     assert list(workspace.out_dir.iterdir()) == []
+
+
+def test_a_call_cancelled_twice_while_its_disk_output_is_made_still_leaves_nothing(
+        tmp_path: Path) -> None:
+    """A second cancellation (the client's cancel, then the server's shutdown) while the first
+    waits for mkfs used to escape the cleanup: the thread's workspace, a mounted image, was
+    never destroyed. Now the cleanup waits through it, and the call still ends cancelled."""
+    import threading
+
+    from airlock_broker.sandboxes import docker_sandbox
+
+    started, proceed, destroyed = threading.Event(), threading.Event(), threading.Event()
+
+    class Made:
+        def destroy(self) -> None:
+            destroyed.set()
+
+    def slow_make() -> Made:
+        started.set()
+        assert proceed.wait(60)  # mkfs taking its time
+        return Made()
+
+    async def run() -> None:
+        task = asyncio.ensure_future(docker_sandbox._made_off_loop(slow_make))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(started.wait, 60)
+        task.cancel()
+        for _ in range(5):  # no clock involved: the task takes the first cancellation
+            await asyncio.sleep(0)
+        assert not task.done()
+        task.cancel()
+        for _ in range(5):  # and is waiting for the thread again
+            await asyncio.sleep(0)
+        proceed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert destroyed.wait(60)
+
+
+def test_a_prepare_cancelled_twice_while_its_container_is_created_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the container: the create goes on in its thread through both
+    cancellations, and what it made is removed at once (before: the second cancellation
+    escaped, and the container stayed until the sweep found it a stray)."""
+    import threading
+
+    from airlock_broker.sandboxes import docker_sandbox
+    from airlock_broker.sandboxes.workspace import JobWorkspace
+
+    workspace = JobWorkspace(root=tmp_path / "slot", uid=os.getuid(), gid=os.getgid())
+    workspace.in_dir.mkdir(parents=True)
+    monkeypatch.setattr(docker_sandbox.JobWorkspace, "create",
+                        lambda *args, **kwargs: workspace)
+    started, proceed = threading.Event(), threading.Event()
+    removed: list[str] = []
+
+    def slow_create(**kwargs: Any) -> Any:
+        started.set()
+        assert proceed.wait(60)  # an engine under load
+        return types.SimpleNamespace(id="made")
+
+    api = types.SimpleNamespace(remove_container=lambda cid, force: removed.append(cid))
+    client = types.SimpleNamespace(api=api, containers=types.SimpleNamespace(create=slow_create),
+                                   close=lambda: None)
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=client)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        try:
+            task = asyncio.ensure_future(sandbox.prepare("light"))
+            assert await asyncio.to_thread(started.wait, 60)
+            task.cancel()
+            for _ in range(5):  # no clock involved: the task takes the first cancellation
+                await asyncio.sleep(0)
+            assert not task.done()
+            task.cancel()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            proceed.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    asyncio.run(run())
+    assert removed == ["made"]
+    assert not workspace.root.exists() and not sandbox._owned
+
+
+# -- the version probe's container -----------------------------------------------------------
+
+
+class _ListingApi(FakeApi):
+    """The engine's list, with the label filter applied as the engine does."""
+
+    def containers(self, all: bool, filters: dict[str, str]) -> list[dict[str, Any]]:
+        key, _, value = filters["label"].partition("=")
+        return [c for c in self.listed if (c.get("Labels") or {}).get(key) == value]
+
+    def remove_container(self, container_id: str, force: bool, v: bool) -> None:
+        super().remove_container(container_id, force, v)
+        self.listed = [c for c in self.listed if c["Id"] != container_id]
+
+
+class _ProbeEngine(FakeClient):
+    """``containers.create`` of a probe whose broker dies before its removal reaches the
+    engine: the probe stays listed, with the labels it was created with."""
+
+    def __init__(self) -> None:
+        super().__init__(_ListingApi([]))
+        self.containers = types.SimpleNamespace(create=self._create)
+        #: Whether the broker owned the probe's slot while the probe ran.
+        self.owned_while_running: bool | None = None
+        self.owner: DockerSandbox | None = None
+
+    def _create(self, **kwargs: Any) -> Any:
+        info = {"Id": f"probe{len(self.api.listed)}", "Labels": dict(kwargs["labels"]),
+                "State": "exited"}
+        self.api.listed.append(info)
+
+        def wait(timeout: float) -> dict[str, int]:
+            assert self.owner is not None
+            self.owned_while_running = info["Labels"].get(LABEL_SLOT, "") in self.owner._owned
+            return {"StatusCode": 0}
+
+        return types.SimpleNamespace(start=lambda: None, wait=wait, logs=lambda **kw: b"{}\n",
+                                     remove=lambda force: None)
+
+
+def test_a_probe_left_by_a_dead_broker_is_reaped_by_the_next(tmp_path: Path) -> None:
+    """The image's version probe carried only ``airlock.broker``: the sweep lists
+    ``airlock.managed`` containers, so a probe orphaned by a broker that died while it ran
+    was never reaped. It carries a sandbox's labels now, and its slot is owned while it runs
+    (so its own broker's sweep does not take it for a stray)."""
+    engine = _ProbeEngine()
+    dead = broker_identity().rsplit(":", 2)[0] + ":999999999:12345"
+    first = DockerSandbox(SandboxPolicy(), tmp_path, client=engine)  # type: ignore[arg-type]
+    first.identity = dead  # the broker that will have died
+    engine.owner = first
+    later = DockerSandbox(SandboxPolicy(), tmp_path, client=engine)  # type: ignore[arg-type]
+
+    async def run() -> int:
+        try:
+            await first._probe_image("print('{}')")
+            return await later.reap_orphans()
+        finally:
+            first._pool.shutdown(wait=False)
+            later._pool.shutdown(wait=False)
+
+    assert asyncio.run(run()) == 1
+    assert engine.api.removed == ["probe0"] and engine.api.listed == []
+    assert engine.owned_while_running is True and not first._owned

@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,148 @@ def test_only_the_report_renamed_into_place_counts_as_its_arrival(tmp_path: Path
         assert watch.arrived()
     finally:
         watch.close()
+
+
+# -- a freeze cut short: the kernel was asked, the broker stopped waiting ----------------------
+
+
+def _until(what: str, check: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not {what} within {seconds} s"
+        time.sleep(0.01)
+
+
+def _freeze_state(cgroup: Path) -> str:
+    return (cgroup / "freezer.state").read_text().strip()
+
+
+def _still_freezing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``is_frozen`` as while the kernel is still freezing (a task in D state, thousands of
+    tasks): always False, and how often it was asked."""
+    asked: list[int] = []
+    monkeypatch.setattr(Freezer, "is_frozen", lambda self: asked.append(1) or False)
+    monkeypatch.setattr(exit_watch, "FREEZE_TIMEOUT_SECONDS", 600.0)  # not the test's exit
+    return asked
+
+
+async def _cancel_mid_freeze(watch: ExitWatch, out: Path, asked: list[int]) -> None:
+    (out / "go").write_text("")
+    waiting = asyncio.ensure_future(watch.wait(out / "worker.done"))
+    deadline = asyncio.get_running_loop().time() + 60
+    while not asked:  # the freeze is requested and being polled
+        assert asyncio.get_running_loop().time() < deadline, "the freeze was never requested"
+        assert not waiting.done(), waiting
+        await asyncio.sleep(0.001)
+    waiting.cancel()  # the job's deadline, or its client's cancel
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+def test_a_freeze_cut_short_by_a_cancellation_is_killed_and_thawed_on_close(
+        cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the flag said "not frozen", ``close`` skipped the kill and thaw, the engine's
+    SIGKILL could not end the parked tasks and the container lived until the next sweep."""
+    child, watch = _start(cgroup, tmp_path, "linger")
+    try:
+        asked = _still_freezing(monkeypatch)
+        asyncio.run(_cancel_mid_freeze(watch, tmp_path, asked))
+        assert watch.freezer is not None and not watch.freezer.frozen
+        watch.close()  # what DockerSandbox.destroy does first
+        _until("thawed", lambda: _freeze_state(cgroup) == "THAWED")
+        assert child.wait(timeout=60) == -9
+    finally:
+        watch.close()
+        if child.poll() is None:
+            (cgroup / "freezer.state").write_text("THAWED")
+            child.kill()
+            child.wait()
+
+
+def test_the_deadline_kills_and_thaws_a_container_whose_freeze_it_cut_short(
+        cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline fires while the freeze is polled: the container is killed and thawed
+    before the engine's kill (which a frozen task ignores), not 30 s later at the removal."""
+    from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+    from airlock_broker.sandboxes.sandbox import Slot
+    from airlock_broker.sandboxes.workspace import JobWorkspace
+    from airlock_sandbox.contract import JobSpec
+    from airlock_sandbox.policy import SandboxPolicy
+
+    workspace = JobWorkspace(root=tmp_path / "slot", uid=os.getuid(), gid=os.getgid())
+    workspace.in_dir.mkdir(parents=True)
+    workspace.out_dir.mkdir()
+    child, watch = _start(cgroup, workspace.out_dir, "linger")
+    slot = Slot(slot_id="s", profile="light", container_id="c", started=True,
+                workspace=workspace, exit_watch=watch)
+    asked = _still_freezing(monkeypatch)
+    api = _DeadAfterTheKillApi()
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=_Client(api))  # type: ignore[arg-type]
+    # The report is there before the job starts, so the freeze begins at once.
+    (workspace.out_dir / "go").write_text("")
+    _until("reported", lambda: (workspace.out_dir / "worker.done").exists())
+
+    async def run() -> tuple[object, str]:
+        try:
+            outcome = await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=0.5)
+            return outcome, api.state_at_kill
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    api.cgroup = cgroup
+    try:
+        outcome, state_at_kill = asyncio.run(run())
+        assert asked, "the freeze was never polled"
+        assert outcome.timed_out  # type: ignore[attr-defined]
+        assert state_at_kill == "THAWED"
+        assert child.wait(timeout=60) == -9
+    finally:
+        watch.close()
+        if child.poll() is None:
+            (cgroup / "freezer.state").write_text("THAWED")
+            child.kill()
+            child.wait()
+
+
+def test_an_orphan_left_freezing_is_killed_and_thawed_by_the_sweep(
+        cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that died mid-freeze leaves its container FREEZING, not FROZEN: the sweep's
+    forced removal kills and thaws it all the same (before: only a FROZEN one)."""
+    child, watch = _start(cgroup, tmp_path, "linger")
+    try:
+        asyncio.run(_cancel_mid_freeze(watch, tmp_path, _still_freezing(monkeypatch)))
+        watch.freezer = None  # the broker that asked for the freeze is gone
+        watch.close()
+        assert child.poll() is None
+        thaw_container(child.pid, cgroup.name)  # still "freezing", as far as it can tell
+        assert child.wait(timeout=60) == -9
+        assert _freeze_state(cgroup) == "THAWED"
+    finally:
+        if child.poll() is None:
+            (cgroup / "freezer.state").write_text("THAWED")
+            child.kill()
+            child.wait()
+
+
+class _DeadAfterTheKillApi:
+    """The engine's side of the deadline: records the freezer's state when the kill came."""
+
+    cgroup: Path
+    state_at_kill = ""
+
+    def kill(self, container_id: str) -> None:
+        self.state_at_kill = _freeze_state(self.cgroup)
+
+    def wait(self, container_id: str, timeout: float | None = None) -> dict[str, int]:
+        return {"StatusCode": 137}
+
+    def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return {"State": {"Running": False, "ExitCode": 137, "OOMKilled": False}}
+
+
+class _Client:
+    def __init__(self, api: _DeadAfterTheKillApi) -> None:
+        self.api = api
+
+    def close(self) -> None:
+        pass

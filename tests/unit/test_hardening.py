@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock_broker.sandboxes.docker_hardening import create_kwargs
+from airlock_broker.sandboxes.docker_hardening import create_kwargs, probe_kwargs
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 from airlock_broker.sandboxes.workspace import JobWorkspace, reap_stale
@@ -51,6 +51,29 @@ def test_default_policy_is_the_hardened_profile(tmp_path: Path) -> None:
     assert all(m["Type"] == "bind" for m in mounts.values())
     assert not any("docker.sock" in str(m["Source"]) for m in mounts.values())
     assert "privileged" not in kw and "cap_add" not in kw and "devices" not in kw
+
+
+def _as_docker_py_sends_it(kwargs: dict[str, object]) -> dict[str, object]:
+    """The create request's body docker-py's ``containers.create`` makes of ``kwargs``."""
+    from docker.models.containers import _create_container_args
+    from docker.types import ContainerConfig
+
+    args = _create_container_args({k: v for k, v in kwargs.items()
+                                   if k not in {"detach", "use_config_proxy"}}
+                                  | {"version": "1.41"})
+    args.setdefault("command", None)
+    return dict(ContainerConfig("1.41", **args))
+
+
+def test_no_sandbox_inherits_the_images_healthcheck(tmp_path: Path) -> None:
+    """An image's HEALTHCHECK would have the engine exec into every sandbox on a timer
+    (DESIGN §1.2): jobs' containers and the version probe both say NONE, and docker-py sends
+    it (before: neither did, and the image's check applied)."""
+    job = _kwargs(SandboxPolicy(), tmp_path)
+    probe = probe_kwargs(SandboxPolicy(), "print(1)", {"airlock.managed": "true"})
+    for kwargs in (job, probe):
+        assert kwargs["healthcheck"] == {"test": ["NONE"]}
+        assert _as_docker_py_sends_it(kwargs)["Healthcheck"]["Test"] == ["NONE"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("runtime", "clone3"), [("runc", "SCMP_ACT_ERRNO"),
@@ -105,6 +128,25 @@ def test_a_weaker_seccomp_profile_is_a_visible_choice(tmp_path: Path) -> None:
 def test_policy_refuses_unsafe_or_unbounded_values(change: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SandboxPolicy(**change)  # type: ignore[arg-type]
+
+
+#: Root however the engine's integer parse reads it, or by name (before: only "0", "root"
+#: and "" were refused, compared as strings).
+ROOT_USERS = ["0", "00", "+0", "-0", "0000:0", "0:10001", "root", "root:10001", "10001:0",
+              "10001:00", "10001:root", ""]
+
+
+@pytest.mark.parametrize("user", ROOT_USERS)
+def test_the_sandbox_never_runs_as_root_however_it_is_spelled(user: str) -> None:
+    with pytest.raises(ValueError, match="never runs as root") as refused:
+        SandboxPolicy(user=user)
+    assert repr(user) in str(refused.value)
+
+
+@pytest.mark.parametrize("user", ["10001:10001", "010001:10001", "airlock", "airlock:airlock",
+                                  "10001"])
+def test_a_user_other_than_root_is_a_visible_choice(user: str) -> None:
+    assert SandboxPolicy(user=user).user == user
 
 
 def test_policy_is_frozen() -> None:
@@ -174,6 +216,39 @@ def test_what_disk_backed_outputs_need_is_named_when_missing(
     monkeypatch.setattr(workspace.shutil, "which", lambda name, path=None: None)
     missing = workspace.disk_outputs_missing()
     assert missing is not None and "mkfs.ext4" in missing and "mount" in missing
+
+
+def test_a_stuck_mkfs_is_a_sandbox_failure_with_its_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkfs or mount past their timeout (a stuck disk, a wedged loop driver) raised
+    ``subprocess.TimeoutExpired``, which no layer maps: the job failed INTERNAL. It is a
+    ``WorkspaceError`` naming the tool and the timeout, so the job gets SANDBOX_UNAVAILABLE,
+    and the half-made slot and image are removed."""
+    from airlock_broker.sandboxes import workspace
+
+    ran: list[str] = []
+
+    def stuck(cmd: list[str], **kwargs: object) -> object:
+        ran.append(Path(cmd[0]).name)
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workspace.subprocess, "run", stuck)
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    sandbox = DockerSandbox(SandboxPolicy(), spool, client=types.SimpleNamespace())  # type: ignore[arg-type]
+
+    async def prepare() -> None:
+        try:
+            await sandbox.prepare("torch", disk_output_bytes=64 * 1024 * 1024)
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    with pytest.raises(SandboxUnavailable) as failed:
+        asyncio.run(prepare())
+    assert ran == ["mkfs.ext4"]
+    assert isinstance(failed.value.__cause__, workspace.WorkspaceError)
+    assert "mkfs.ext4 did not finish within 60 s" in str(failed.value)
+    assert [p for p in spool.rglob("*") if p.is_file() or p.parent.name == "slots"] == []
 
 
 class _EngineStub:

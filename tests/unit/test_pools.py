@@ -114,6 +114,37 @@ def test_restart_replaces_every_warm_container(tmp_path: Path) -> None:
     run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=3), body)
 
 
+def test_a_warm_container_outdated_while_its_liveness_is_checked_is_not_handed_out(
+        tmp_path: Path) -> None:
+    """A restart (an operator's, or the sweep's after ``make image``) while a job's warm slot
+    is being checked: the slot was in no pool, so the restart could not retire it, and the
+    generation had been compared before the check (before: the job got the old image's
+    container). It is compared again after, and the slot retired."""
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        old = pools.pools["light"].warm[0].slot
+        checking, restarted = asyncio.Event(), asyncio.Event()
+        alive = backend.is_running
+
+        async def is_running(slot: Any) -> bool:
+            if slot.slot_id == old.slot_id:  # the engine answers after the restart
+                checking.set()
+                await restarted.wait()
+            return await alive(slot)
+
+        backend.is_running = is_running  # type: ignore[method-assign]
+        taking = asyncio.create_task(pools.acquire("light"))
+        await asyncio.wait_for(checking.wait(), 60)
+        await pools.restart()
+        restarted.set()
+        slot = await asyncio.wait_for(taking, 60)
+        assert slot.slot_id != old.slot_id
+        assert old.slot_id not in backend.live  # retired, not left behind
+        await pools.release(slot)
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, sweep_seconds=3600), body)
+
+
 def test_rebuilt_image_rolls_the_pool(tmp_path: Path) -> None:
     async def body(pools: Pools, backend: FakeSandbox) -> None:
         await _until(lambda: len(pools.pools["light"].warm) == 1)

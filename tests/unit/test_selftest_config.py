@@ -23,10 +23,14 @@ GOOD: dict[str, Any] = {
         "MemorySwap": POLICY.memory_bytes, "NanoCpus": POLICY.nano_cpus,
         "LogConfig": {"Type": "none"}, "Runtime": "runc",
     },
-    "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"]},
-    "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in"},
-               {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
+    "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"],
+               "Healthcheck": {"Test": ["NONE"]}},
+    "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in", "RW": False},
+               {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out", "RW": True}],
 }
+#: An image's ``VOLUME /data``, as the engine lists it: an anonymous volume, writable.
+IMAGE_VOLUME = {"Type": "volume", "Name": "0f1e", "Source": "/var/lib/docker/volumes/0f1e/_data",
+                "Destination": "/data", "Driver": "local", "RW": True}
 
 
 def config_checks(info: dict[str, Any], policy: SandboxPolicy) -> list[Check]:
@@ -53,8 +57,18 @@ def test_hardened_configuration_passes_every_check() -> None:
     (("HostConfig", "LogConfig"), {"Type": "json-file"}, "logging_off"),
     (("Config", "User"), "0:0", "non_root_user"),
     (("Config", "Env"), ["HTTPS_PROXY=http://p:3128"], "no_proxy_env"),
+    (("Config", "Healthcheck"), {"Test": ["CMD-SHELL", "curl -f localhost"]}, "no_healthcheck"),
+    (("Config", "Healthcheck"), {"Test": ["CMD", "python3", "-c", "1"], "Interval": 10**9},
+     "no_healthcheck"),
     (("Mounts",), [{"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/s"},
                    {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out"}],
+     "only_job_mounts"),
+    (("Mounts",), [*GOOD["Mounts"], IMAGE_VOLUME], "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0], IMAGE_VOLUME | {"Destination": "/airlock/out"}],
+     "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0] | {"RW": True}, GOOD["Mounts"][1]], "only_job_mounts"),
+    (("Mounts",), [GOOD["Mounts"][0], {"Type": "tmpfs", "Source": "",
+                                       "Destination": "/airlock/out", "RW": True}],
      "only_job_mounts"),
 ])
 def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any,
@@ -66,6 +80,24 @@ def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any
     target[path[-1]] = value
     failed = {c.name for c in config_checks(info, POLICY) if not c.passed}
     assert failing in failed
+
+
+@pytest.mark.parametrize("recorded", [None, {"Test": []}, {"Test": ["NONE"]}])
+def test_a_sandbox_the_engine_runs_no_health_check_in_passes(recorded: Any) -> None:
+    info = copy.deepcopy(GOOD)
+    info["Config"]["Healthcheck"] = recorded
+    assert {c.name: c.passed for c in config_checks(info, POLICY)}["no_healthcheck"]
+
+
+@pytest.mark.parametrize("user", ["00", "+0", "0000:0", "0:10001", "10001:0", "root", "",
+                                  "10001:root"])
+def test_a_sandbox_running_as_root_however_spelled_fails(user: str) -> None:
+    """The engine reads "00", "+0" and "0000:0" as uid 0 (before: compared as strings, they
+    passed)."""
+    info = copy.deepcopy(GOOD)
+    info["Config"]["User"] = user
+    (check,) = [c for c in config_checks(info, POLICY) if c.name == "non_root_user"]
+    assert not check.passed, check
 
 
 def test_waivers_apply_only_to_their_runtime() -> None:

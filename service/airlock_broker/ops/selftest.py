@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from airlock_broker.sandboxes import sandbox_ids, version_gates
-from airlock_broker.sandboxes.confinement import Confinement
+from airlock_broker.sandboxes.confinement import AppliedMount, Confinement
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.validation.files import open_regular_file, read_upto
-from airlock_sandbox.contract import JobSpec
+from airlock_sandbox.contract import IN_DIR, OUT_DIR, JobSpec
 from airlock_sandbox.formats import PROFILE_LIGHT
-from airlock_sandbox.policy import SandboxPolicy
+from airlock_sandbox.policy import SandboxPolicy, root_in
 from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
 from airlock_sandbox.seccomp import profile_json
 
@@ -94,14 +94,26 @@ def config_checks(applied: Confinement, policy: SandboxPolicy) -> list[Check]:
         ("cpu_limit", applied.nano_cpus == policy.nano_cpus, applied.nano_cpus),
         ("logging_off", applied.logging == "none", applied.logging),
         ("runtime", applied.runtime == policy.runtime, applied.runtime),
-        ("non_root_user", applied.user.split(":")[0] not in {"", "0", "root"}, applied.user),
-        ("only_job_mounts", len(applied.bind_mounts) == 2 and all(
-            "docker.sock" not in source for source, _ in applied.bind_mounts),
-         [target for _, target in applied.bind_mounts]),
+        ("non_root_user", not root_in(applied.user),
+         "; ".join(root_in(applied.user)) or applied.user),
+        ("only_job_mounts", _only_job_mounts(applied.mounts),
+         [f"{m.kind}:{m.destination}{'' if m.writable else ':ro'}" for m in applied.mounts]),
         ("no_proxy_env", not any("proxy" in k.lower() for k in applied.env_names),
          applied.env_names),
+        # An image's HEALTHCHECK would have the engine exec into the sandbox (DESIGN §1.2).
+        ("no_healthcheck", applied.healthcheck[:1] in ([], ["NONE"]),
+         applied.healthcheck or "none"),
     ]
     return [Check(name, bool(ok), str(detail)[:200], "config") for name, ok, detail in checks]
+
+
+def _only_job_mounts(mounts: list[AppliedMount]) -> bool:
+    """The sandbox's mounts are the job's two binds and nothing else, of any kind: an image's
+    ``VOLUME`` (an anonymous volume: writable, exec-capable, not capped) fails it too."""
+    by_destination = {m.destination: m for m in mounts}
+    return (len(mounts) == 2 and set(by_destination) == {IN_DIR, OUT_DIR}
+            and all(m.kind == "bind" and "docker.sock" not in m.source for m in mounts)
+            and not by_destination[IN_DIR].writable)
 
 
 def host_checks(policy: SandboxPolicy, users: sandbox_ids.Lookup | None = None,

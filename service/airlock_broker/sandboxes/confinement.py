@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class AppliedMount:
+    """One filesystem mounted into the sandbox from outside its image's root, whatever made
+    it: the broker's binds, an image's ``VOLUME`` (anonymous, writable, exec-capable,
+    uncapped), anything else the engine added."""
+
+    #: "bind", "volume", "tmpfs", ... as the engine names it.
+    kind: str
+    source: str
+    destination: str
+    writable: bool
+
+
+@dataclass(frozen=True)
 class Confinement:
     """One sandbox's applied settings, in the policy's terms (None: the engine did not say)."""
 
@@ -31,7 +44,10 @@ class Confinement:
     logging: str | None = None
     runtime: str | None = None
     user: str = ""
-    #: Host paths bound into the sandbox, as (source, destination).
-    bind_mounts: list[tuple[str, str]] = field(default_factory=list)
+    #: Every mount the engine lists for the sandbox, of every kind.
+    mounts: list[AppliedMount] = field(default_factory=list)
     #: The names of the sandbox's environment variables.
     env_names: list[str] = field(default_factory=list)
+    #: The health check the engine runs inside the sandbox, as the engine records it (its
+    #: test: ``["CMD", ...]``, ``["CMD-SHELL", ...]``); empty or ``["NONE"]``: none.
+    healthcheck: list[str] = field(default_factory=list)

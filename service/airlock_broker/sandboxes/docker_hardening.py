@@ -11,12 +11,18 @@ from typing import Any
 
 from docker.types import LogConfig, Mount, Ulimit
 
-from airlock_broker.sandboxes.confinement import Confinement
-from airlock_broker.sandboxes.owners import LABEL_BROKER
+from airlock_broker.sandboxes.confinement import AppliedMount, Confinement
 from airlock_broker.sandboxes.workspace import JobWorkspace
 from airlock_sandbox.contract import IDLE_POLL_MS, IN_DIR, OUT_DIR
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import profile_json
+
+
+def no_healthcheck() -> dict[str, list[str]]:
+    """The health check every sandbox gets: none. An image's ``HEALTHCHECK`` is inherited by
+    each container made from it, and the engine would then ``exec`` its command into every
+    sandbox on a timer, while the sandbox holds an artifact (DESIGN §1.2: never exec)."""
+    return {"test": ["NONE"]}
 
 
 def worker_args(policy: SandboxPolicy, profile: str) -> list[str]:
@@ -70,6 +76,7 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
             Mount(target=OUT_DIR, source=str(workspace.out_dir), type="bind", read_only=False),
         ],
         "log_config": LogConfig(type="none"),
+        "healthcheck": no_healthcheck(),
         "runtime": policy.runtime,
         "ipc_mode": "private",
         "stdin_open": False,
@@ -88,10 +95,11 @@ def _seccomp_json(name: str, family: str) -> str | None:
     return profile_json(name, family)
 
 
-def probe_kwargs(policy: SandboxPolicy, source: str, identity: str) -> dict[str, Any]:
+def probe_kwargs(policy: SandboxPolicy, source: str, labels: dict[str, str]) -> dict[str, Any]:
     """A throwaway container running ``python3 -c source`` in the policy's image, confined
     like a sandbox (no network, read-only, no capabilities, the seccomp profile): how the
-    image's versions are read without importing anything from it on the host."""
+    image's versions are read without importing anything from it on the host. ``labels``: a
+    sandbox's (owners.sandbox_labels), so that an orphaned probe is reaped like one."""
     return {
         "image": policy.image, "entrypoint": ["python3", "-c", source],
         "user": policy.user, "environment": {}, "use_config_proxy": False,
@@ -99,8 +107,8 @@ def probe_kwargs(policy: SandboxPolicy, source: str, identity: str) -> dict[str,
         "security_opt": [*policy.security_opts, "no-new-privileges"]
         + ([f"seccomp={p}"] if (p := seccomp_json(policy)) else []),
         "pids_limit": policy.pids_limit, "mem_limit": policy.memory_bytes,
-        "runtime": policy.runtime, "detach": True,
-        "labels": {LABEL_BROKER: identity},
+        "runtime": policy.runtime, "detach": True, "healthcheck": no_healthcheck(),
+        "labels": labels,
     }
 
 
@@ -108,7 +116,6 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
     """``docker inspect``'s record of a container, in the policy's terms."""
     host = info.get("HostConfig", {})
     config = info.get("Config", {})
-    binds = [m for m in info.get("Mounts", []) if m.get("Type") == "bind"]
     return Confinement(
         network=host.get("NetworkMode"),
         read_only_root=host.get("ReadonlyRootfs"),
@@ -123,6 +130,11 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
         logging=(host.get("LogConfig") or {}).get("Type"),
         runtime=host.get("Runtime"),
         user=str(config.get("User", "")),
-        bind_mounts=[(str(m.get("Source")), str(m.get("Destination"))) for m in binds],
+        # All of them: an image's VOLUME is listed as "volume" (the tmpfs mounts made from
+        # HostConfig.Tmpfs are not listed at all; ``tmpfs`` in create_kwargs owns them).
+        mounts=[AppliedMount(kind=str(m.get("Type")), source=str(m.get("Source")),
+                             destination=str(m.get("Destination")), writable=m.get("RW") is True)
+                for m in info.get("Mounts") or []],
         env_names=[e.split("=", 1)[0] for e in config.get("Env") or []],
+        healthcheck=[str(t) for t in (config.get("Healthcheck") or {}).get("Test") or []],
     )

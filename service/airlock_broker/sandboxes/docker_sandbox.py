@@ -34,10 +34,11 @@ from airlock_broker.sandboxes.freezer import LINGER_SECONDS, thaw_container
 from airlock_broker.sandboxes.owners import (
     LABEL_BROKER,
     LABEL_MANAGED,
-    LABEL_PROFILE,
     LABEL_SLOT,
+    PROBE_PROFILE,
     broker_identity,
     is_alive,
+    sandbox_labels,
 )
 from airlock_broker.sandboxes.sandbox import Outcome, SandboxUnavailable, Slot
 from airlock_broker.sandboxes.version_gates import (
@@ -157,17 +158,25 @@ class DockerSandbox:
         return found
 
     async def _probe_image(self, source: str, timeout: float = 60.0) -> str:
-        """Run ``python3 -c source`` in a throwaway confined container; its stdout."""
-        container = await self._call(self.client.containers.create,
-                                     **probe_kwargs(self.policy, source, self.identity))
+        """Run ``python3 -c source`` in a throwaway confined container; its stdout. Labelled
+        and owned like a slot while it runs: this broker's sweep leaves it alone, and a later
+        broker's reaps it if this one dies first."""
+        slot_id = uuid.uuid4().hex
+        labels = sandbox_labels(self.identity, slot_id, PROBE_PROFILE)
+        self._owned.add(slot_id)
         try:
-            await self._call(container.start)
-            await self._call(container.wait, timeout=timeout)
-            out: bytes = await self._call(container.logs, stdout=True, stderr=False)
-            return out.decode(errors="replace")
+            container = await self._call(self.client.containers.create,
+                                         **probe_kwargs(self.policy, source, labels))
+            try:
+                await self._call(container.start)
+                await self._call(container.wait, timeout=timeout)
+                out: bytes = await self._call(container.logs, stdout=True, stderr=False)
+                return out.decode(errors="replace")
+            finally:
+                with contextlib.suppress(SandboxUnavailable):
+                    await self._call(container.remove, force=True)
         finally:
-            with contextlib.suppress(SandboxUnavailable):
-                await self._call(container.remove, force=True)
+            self._owned.discard(slot_id)
 
     @property
     def image_id(self) -> str:
@@ -199,8 +208,7 @@ class DockerSandbox:
             workspace = await _made_off_loop(make) if disk_output_bytes else make()
         except (OSError, WorkspaceError) as exc:
             raise SandboxUnavailable(str(exc)) from exc
-        labels = {LABEL_MANAGED: "true", LABEL_BROKER: self.identity, LABEL_SLOT: slot_id,
-                  LABEL_PROFILE: profile}
+        labels = sandbox_labels(self.identity, slot_id, profile)
         self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(
             self.client.containers.create,
@@ -208,11 +216,13 @@ class DockerSandbox:
         try:
             container = await asyncio.shield(create)
         except asyncio.CancelledError:
-            # The create goes on in its thread after we are cancelled: wait for it, remove
-            # what it made, then give up, so a cancelled job leaves no container behind.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                made = await create
-                await self._call(self.client.api.remove_container, made.id, force=True)
+            # The create goes on in its thread after we are cancelled: wait for it (through
+            # further cancellations), remove what it made, then give up, so a cancelled job
+            # leaves no container behind.
+            made = await _despite_cancels(create)
+            if made is not None:
+                await _despite_cancels(asyncio.ensure_future(self._call(
+                    self.client.api.remove_container, made.id, force=True)))
             workspace.destroy()
             self._owned.discard(slot_id)
             raise
@@ -323,6 +333,9 @@ class DockerSandbox:
                 await self._call(self.client.api.wait, slot.container_id)
         except TimeoutError:
             timed_out = True
+            if watch is not None:
+                # The deadline may have cut a freeze short: frozen tasks ignore the kill.
+                watch.kill_and_thaw()
             await self._kill(slot)
             # A container with thousands of processes can take a while to die; if it is still
             # not dead, the forced removal in ``destroy`` finishes it. The verdict stands: the
@@ -449,12 +462,28 @@ class DockerSandbox:
 async def _made_off_loop(make: Callable[[], JobWorkspace]) -> JobWorkspace:
     """``make()`` in a thread. Cancelled meanwhile, the thread goes on (mkfs, a loop mount):
     what it made is destroyed before the cancellation is raised, so a call given up while its
-    disk-backed output was being prepared leaves no mount, image or slot behind."""
+    disk-backed output was being prepared leaves no mount, image or slot behind, however
+    often it is cancelled again while it waits for the thread (bounded: each tool has a
+    timeout, workspace._run_tool)."""
     making = asyncio.get_running_loop().run_in_executor(None, make)
     try:
         return await asyncio.shield(making)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            made = await making
-            await asyncio.to_thread(made.destroy)
+        made = await _despite_cancels(making)
+        if made is not None:
+            await _despite_cancels(asyncio.ensure_future(asyncio.to_thread(made.destroy)))
         raise
+
+
+async def _despite_cancels(work: asyncio.Future[T]) -> T | None:
+    """``work``'s result once it is done, waiting through any cancellation of the caller (the
+    thread behind it goes on regardless, and what it makes must still be undone); None if it
+    failed (logged: cleanup never raises)."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(work)
+    if work.cancelled() or work.exception() is not None:
+        log.warning("preparing or removing the slot of a cancelled call failed: %r",
+                    "cancelled" if work.cancelled() else work.exception())
+        return None
+    return work.result()

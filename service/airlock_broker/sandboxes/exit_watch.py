@@ -246,10 +246,17 @@ class ExitWatch:
         freezer.frozen = True
         return True
 
-    def close(self) -> None:
-        """Kill and thaw a frozen container (so that the engine can remove it) and close."""
-        if self.freezer is not None and self.freezer.frozen:
+    def kill_and_thaw(self) -> None:
+        """Kill and thaw the container if a freeze was ever asked of it and not undone, whether
+        or not the kernel finished it: a task parked in the freezer dies of no SIGKILL (the
+        engine's kill at the deadline, its forced removal) until it is thawed. Idempotent."""
+        if self.freezer is not None and (self.freezer.requested or self.freezer.frozen):
             self.freezer.kill_and_thaw()
+
+    def close(self) -> None:
+        """Kill and thaw a frozen or freezing container (so that the engine can remove it) and
+        close."""
+        self.kill_and_thaw()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):

@@ -51,6 +51,11 @@ class Freezer:
         self.v2 = v2
         #: True from a completed freeze until ``kill_and_thaw``.
         self.frozen = False
+        #: True from the moment a freeze is asked of the kernel until a thaw: a freeze cut
+        #: short (the job's deadline or its client's cancel while the kernel was still
+        #: freezing) leaves the cgroup FREEZING with ``frozen`` False, and a frozen task does
+        #: not die of the engine's SIGKILL (cgroup v1), so the teardown must go by this.
+        self.requested = False
 
     @classmethod
     def of(cls, cgroups: str, container_id: str,
@@ -70,6 +75,7 @@ class Freezer:
 
     def request(self) -> None:
         """Ask the kernel to freeze every task (``is_frozen`` says when it is done)."""
+        self.requested = True  # before the write: a failed write leaves a thaw to do, no harm
         self._write(b"1" if self.v2 else b"FROZEN")
 
     def is_frozen(self) -> bool:
@@ -90,19 +96,22 @@ class Freezer:
 
     def thaw(self) -> None:
         self._write(b"0" if self.v2 else b"THAWED")
+        self.requested = False
 
     def _write(self, value: bytes) -> None:
         write_control(self.directory / ("cgroup.freeze" if self.v2 else "freezer.state"), value)
 
 
 def thaw_container(pid: int, container_id: str) -> None:
-    """Kill and thaw a container this or an earlier broker may have frozen (an orphan), so that
-    the engine can remove it. Does nothing when its process or freezer cannot be found."""
+    """Kill and thaw a running container this or an earlier broker may have frozen (an
+    orphan), so that the engine can remove it. Whatever its freezer says: a freeze cut short
+    leaves it FREEZING, neither frozen nor thawed, and the container is being removed anyway.
+    Does nothing when its process or freezer cannot be found."""
     if pid <= 0:
         return
     with contextlib.suppress(OSError):
         freezer = Freezer.of(Path(f"/proc/{pid}/cgroup").read_text(), container_id)
-        if freezer is not None and freezer.is_frozen():
+        if freezer is not None:
             freezer.kill_and_thaw()
 
 

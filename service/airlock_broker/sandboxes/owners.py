@@ -10,6 +10,17 @@ LABEL_MANAGED = "airlock.managed"
 LABEL_BROKER = "airlock.broker"
 LABEL_SLOT = "airlock.slot"
 LABEL_PROFILE = "airlock.profile"
+#: The profile label of a probe container (the image's versions, read in a confined throwaway
+#: container): it runs no worker, but is reaped like any sandbox if its broker dies.
+PROBE_PROFILE = "probe"
+
+
+def sandbox_labels(identity: str, slot_id: str, profile: str) -> dict[str, str]:
+    """The labels of every container a broker makes, jobs' and probes' alike: ``reap_orphans``
+    lists ``LABEL_MANAGED`` and judges ``LABEL_BROKER`` and ``LABEL_SLOT``, so a container
+    without all three would outlive a broker that died while it ran."""
+    return {LABEL_MANAGED: "true", LABEL_BROKER: identity, LABEL_SLOT: slot_id,
+            LABEL_PROFILE: profile}
 
 
 def broker_identity(pid: int | None = None) -> str:

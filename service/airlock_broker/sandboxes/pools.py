@@ -146,7 +146,7 @@ class Pools:
             warm = pool.warm.popleft()
             pool.checking += 1  # still fills the pool while its liveness is checked
             try:
-                usable = warm.generation == pool.generation and await self._alive(warm.slot)
+                alive = warm.generation == pool.generation and await self._alive(warm.slot)
             except BaseException:
                 # Cancelled (the client went away) while this slot was ours alone: it is in
                 # no pool and no job, so nobody else would ever destroy it.
@@ -155,7 +155,10 @@ class Pools:
                 raise
             finally:
                 pool.checking -= 1
-            if usable:
+            # Asked again after the await: a restart or a rebuilt image (the sweep restarts
+            # the pools) may have come while its liveness was checked, and the restart could
+            # not retire this one, which was in no pool meanwhile.
+            if alive and warm.generation == pool.generation:
                 pool.busy += 1
                 pool.served_warm += 1
                 if not self._said_ready(pool, warm):  # the job waits for its imports
@@ -165,7 +168,7 @@ class Pools:
                 self._give_lanes(pool)
                 return warm.slot
             self._wake.set()
-            if warm.generation == pool.generation:  # current but dead: as the sweep counts it
+            if not alive and warm.generation == pool.generation:  # as the sweep counts it
                 pool.failed_starts += 1
                 log.warning("a warm %s container died while waiting; replaced", pool.profile)
             pool.retired += 1

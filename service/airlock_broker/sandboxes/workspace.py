@@ -91,6 +91,9 @@ _RAM_INODES = 4096
 RAM_SLACK_BYTES = 64 * 1024 * 1024
 #: Where the disk-backed output's tools are looked for (never the broker's own PATH).
 _SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: How long mkfs or mount may take for a disk-backed output. A sparse image with 64 inodes and
+#: no journal is made in well under a second; past this the disk or the loop driver is stuck.
+TOOL_TIMEOUT_SECONDS = 60.0
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -549,8 +552,17 @@ def _run_tool(name: str, *args: str) -> None:
     if tool is None:
         raise WorkspaceError(f"{name} is not installed: a disk-backed output needs e2fsprogs "
                              "and util-linux's mount")
-    done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60,
-                          check=False, env={"PATH": _SYSTEM_PATH, "LC_ALL": "C"})
+    try:
+        done = subprocess.run([tool, *args], capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT_SECONDS, check=False,
+                              env={"PATH": _SYSTEM_PATH, "LC_ALL": "C"})
+    except subprocess.TimeoutExpired as exc:  # killed by subprocess.run
+        raise WorkspaceError(f"{name} did not finish within {exc.timeout:g} s for the job's "
+                             "disk-backed output (killed; the disk or the loop driver is "
+                             "stuck)") from exc
+    except subprocess.SubprocessError as exc:
+        raise WorkspaceError(f"{name} could not be run for the job's disk-backed output: "
+                             f"{exc}") from exc
     if done.returncode != 0:
         raise WorkspaceError(f"{name} failed for the job's disk-backed output "
                              f"(exit {done.returncode}): {done.stderr.strip()[-300:]} (the "
