@@ -6,6 +6,7 @@ worker with a fake ``validate``, standing in for a parser bug or a resource bomb
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -30,6 +31,10 @@ PID = b"pid"
 LOOK = b"look"
 #: Refuses after trying to fork, open a socket and signal its parent (the seccomp filter).
 SYSCALLS = b"syscalls"
+#: Refuses after trying to make a System V shared memory segment, message queue and semaphore
+#: set and a POSIX message queue (``IPC_MQ_NAME``): objects that would outlive it.
+IPC = b"ipc"
+IPC_MQ_NAME = b"/airlock-validator-probe"
 #: Writes terminal escapes, a forged log line and a flood to stderr, then refuses.
 STDERR = b"stderr"
 STDERR_TEXT = b"\x1b[2J\x1b[31mred\r\nINFO job 1 converted fine\n"
@@ -86,6 +91,8 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
             except OSError as exc:
                 outcomes[name] = os.strerror(exc.errno or 0)
         raise error(Reason.OUTPUT_INVALID, f"syscalls {outcomes}")
+    if data == IPC:
+        raise error(Reason.OUTPUT_INVALID, f"ipc {_make_ipc_objects()}")
     if data == STDERR:
         os.write(2, STDERR_TEXT + b"x" * 200_000)
         raise error(Reason.OUTPUT_INVALID, "wrote to stderr")
@@ -93,6 +100,24 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         while True:
             pass
     return validate_onnx_bytes(data, limits)
+
+
+def _make_ipc_objects() -> dict[str, str]:
+    """Try to make each kind of IPC object (1 MiB of shared memory among them); what each
+    call came to. Nothing is removed: a subverted validator would not either."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    private, create = 0, 0o1000  # IPC_PRIVATE, IPC_CREAT
+    calls = {
+        "shmget": lambda: libc.shmget(private, 1 << 20, create | 0o600),
+        "msgget": lambda: libc.msgget(private, create | 0o600),
+        "semget": lambda: libc.semget(private, 1, create | 0o600),
+        "mq_open": lambda: libc.mq_open(IPC_MQ_NAME, os.O_CREAT | os.O_RDWR, 0o600, None),
+    }
+    outcomes = {}
+    for name, call in calls.items():
+        ctypes.set_errno(0)
+        outcomes[name] = "allowed" if call() != -1 else os.strerror(ctypes.get_errno())
+    return outcomes
 
 
 if __name__ == "__main__":

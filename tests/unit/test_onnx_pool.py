@@ -323,7 +323,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
     probe = write(tmp_path, "probe.onnx", fakes.CONNECT + str(port).encode())
 
     async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, list[list[str]],
-                                                      bool, str]:
+                                                      str, bool, str]:
         await pool.validate(source)  # a validator served a job; its replacement is forked
         await until(lambda: [p for p in pool.pids() if _seccomp_on(p)] != [])
         [pid] = pool.pids()
@@ -331,11 +331,13 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         interfaces = [line.split(":")[0].strip()
                       for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
         mounts = _mounts(pid)
+        ipc_namespace = os.readlink(f"/proc/{pid}/ns/ipc")
         with pytest.raises(AirlockError) as probed:
             await pool.validate(probe)
-        return status, ",".join(interfaces), mounts, pool.confinement.full, probed.value.message
+        return (status, ",".join(interfaces), mounts, ipc_namespace, pool.confinement.full,
+                probed.value.message)
 
-    (status, interfaces, mounts, full, probed), _pids = with_pool(settings, body)
+    (status, interfaces, mounts, ipc_namespace, full, probed), _pids = with_pool(settings, body)
     try:
         with pytest.raises(TimeoutError):
             listener.accept()[0].close()  # nothing reached the host's listener
@@ -351,6 +353,8 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         assert status["Groups"] == ""
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
         assert interfaces == "lo"
+        # Its own IPC namespace: what it might make there is not the host's, and goes with it.
+        assert ipc_namespace != os.readlink("/proc/self/ns/ipc"), ipc_namespace
         # One mount, an empty read-only tmpfs as its root: no spool, no keys, no /proc.
         assert len(mounts) == 1, mounts
         [root_mount] = mounts
@@ -391,6 +395,51 @@ def test_a_validator_cannot_fork_open_sockets_or_signal_others(tmp_path: Path) -
     denied = os.strerror(1)  # EPERM
     assert message == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
                        f"'kill': '{denied}'}}"), message
+
+
+#: /proc/sysvipc/<kind>: the column that holds each object's id.
+_IPC_ID_COLUMN = {"shm": "shmid", "msg": "msqid", "sem": "semid"}
+
+
+def _host_ipc_objects(uid: int) -> set[tuple[str, int]]:
+    """The System V IPC objects in this (the host's) IPC namespace that ``uid`` made."""
+    found: set[tuple[str, int]] = set()
+    for kind, id_column in _IPC_ID_COLUMN.items():
+        header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        for row in rows:
+            fields = dict(zip(header.split(), row.split(), strict=True))
+            if int(fields["cuid"]) == uid:
+                found.add((kind, int(fields[id_column])))
+    return found
+
+
+def _remove_ipc_objects(objects: set[tuple[str, int]]) -> None:
+    """IPC_RMID each of ``objects``, and the probe's POSIX queue: a failed run leaves none."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    remove = {"shm": lambda i: libc.shmctl(i, 0, None), "msg": lambda i: libc.msgctl(i, 0, None),
+              "sem": lambda i: libc.semctl(i, 0, 0)}
+    for kind, ipc_id in objects:
+        remove[kind](ipc_id)
+    libc.mq_unlink(fakes.IPC_MQ_NAME)
+
+
+def test_a_validator_cannot_leave_ipc_objects_on_the_host(tmp_path: Path) -> None:
+    # A shared memory segment outlives the process that made it (kernel.shm_rmid_forced=0):
+    # a subverted validator could pin host memory long after it was killed.
+    source = write(tmp_path, "ipc.onnx", fakes.IPC)
+    uid = VALIDATOR_ID if os.geteuid() == 0 else os.geteuid()
+    before = _host_ipc_objects(uid)
+    try:
+        message = refusal_of(source)
+        left = _host_ipc_objects(uid) - before
+    finally:
+        _remove_ipc_objects(_host_ipc_objects(uid) - before)
+    assert left == set(), f"System V IPC objects left on the host: {left} ({message})"
+    denied = os.strerror(1)  # EPERM
+    assert message == (f"ipc {{'shmget': '{denied}', 'msgget': '{denied}', "
+                       f"'semget': '{denied}', 'mq_open': '{denied}'}}"), message
 
 
 def test_validator_stderr_is_bounded_and_escaped_in_the_log(
