@@ -10,18 +10,23 @@ import ctypes
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from airlock_broker.validation import onnx_worker
 from airlock_broker.validation.limits import GiB, OutputLimits
+from airlock_broker.validation.onnx_template import JOB_FD
 
 if TYPE_CHECKING:  # onnx is imported only once the process is confined
     from airlock_broker.validation.onnx_info import OnnxInfo
 
 CRASH = b"crash"
 HANG = b"hang"
+#: Starts its answer (a length for 1 MiB, then 10 bytes of it) and sleeps: no CPU is used, so
+#: RLIMIT_CPU never fires; only the broker's deadline ends it.
+STALL = b"stall"
 MEMORY = b"memory"
 SPIN = b"spin"
 NATIVE_MEMORY = b"native-memory"
@@ -50,6 +55,9 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
     if data == CRASH:  # what an out-of-bounds read in the C++ parser looks like
         os.kill(os.getpid(), signal.SIGSEGV)
     if data == HANG:
+        time.sleep(3600)
+    if data == STALL:
+        os.write(JOB_FD, struct.pack("!i", 1 << 20) + b"x" * 10)
         time.sleep(3600)
     if data == MEMORY:
         hog = bytearray(16 * GiB)  # refused by RLIMIT_AS: MemoryError

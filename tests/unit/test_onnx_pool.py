@@ -150,6 +150,33 @@ def test_a_misbehaving_validator_fails_only_that_job(
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
 
 
+def test_a_validator_that_stalls_in_the_middle_of_its_answer_is_killed_at_the_deadline(
+    tmp_path: Path, model_bytes: bytes
+) -> None:
+    # It sends a length and a few bytes, then sleeps: only the deadline can end it, and the
+    # deadline must cover the answer's last byte, not only its first.
+    stall = write(tmp_path, "stall.onnx", fakes.STALL)
+    good = write(tmp_path, "good.onnx", model_bytes)
+    settings = ValidatorSettings(processes=1, timeout_seconds=3.0)
+    bound = settings.timeout_seconds + 30  # generous, for a busy machine
+
+    async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, bytes]:
+        with pytest.raises(AirlockError) as caught:
+            await asyncio.wait_for(pool.validate(stall), bound)
+        stalled = pool.forked[0]
+        await until(lambda: not alive(stalled))  # killed, and reaped by its template
+        # Its one slot is filled again: the next job gets a fresh validator.
+        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        assert pool.started >= 2 and stalled not in pool.pids()
+        return caught.value, canonical
+
+    (exc, canonical), _pids = with_pool(settings, body)
+    assert exc.reason is Reason.OUTPUT_INVALID
+    assert exc.message == ("ONNX validation did not finish in 3 s (10 of a 1048576-byte "
+                           "message had come by then)"), exc.message
+    assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
+
+
 def test_a_cancelled_validation_kills_its_validator(
     tmp_path: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
