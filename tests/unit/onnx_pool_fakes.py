@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,9 @@ SYSCALLS = b"syscalls"
 #: set and a POSIX message queue (``IPC_MQ_NAME``): objects that would outlive it.
 IPC = b"ipc"
 IPC_MQ_NAME = b"/airlock-validator-probe"
+#: Refuses after starting as many threads as it can (``MANY_THREADS`` at most), saying how many.
+THREADS = b"threads"
+MANY_THREADS = 1000
 #: Writes terminal escapes, a forged log line and a flood to stderr, then refuses.
 STDERR = b"stderr"
 STDERR_TEXT = b"\x1b[2J\x1b[31mred\r\nINFO job 1 converted fine\n"
@@ -99,6 +103,8 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
             except OSError as exc:
                 outcomes[name] = os.strerror(exc.errno or 0)
         raise error(Reason.OUTPUT_INVALID, f"syscalls {outcomes}")
+    if data == THREADS:
+        raise error(Reason.OUTPUT_INVALID, f"threads {_start_threads()}")
     if data == IPC:
         raise error(Reason.OUTPUT_INVALID, f"ipc {_make_ipc_objects()}")
     if data == STDERR:
@@ -108,6 +114,20 @@ def misbehaving_validate(data: bytes, limits: OutputLimits) -> tuple[bytes, Onnx
         while True:
             pass
     return validate_onnx_bytes(data, limits)
+
+
+def _start_threads() -> str:
+    """Start threads that wait for ever until one cannot start; how many did, and why not."""
+    threading.stack_size(64 * 1024)  # MANY_THREADS stacks must fit in RLIMIT_AS
+    hold = threading.Event()
+    started = 0
+    try:
+        while started < MANY_THREADS:
+            threading.Thread(target=hold.wait, daemon=True).start()
+            started += 1
+    except RuntimeError as exc:  # "can't start new thread": clone() failed with EAGAIN
+        return f"{started} started, then {exc}"
+    return f"{started} started, none refused"
 
 
 def _make_ipc_objects() -> dict[str, str]:

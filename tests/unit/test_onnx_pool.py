@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
@@ -22,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import OutputLimits, validate_onnx_bytes
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
+from airlock_broker.validation.onnx_worker import task_limit
 from tests.unit import hostile_outputs as hostile
 from tests.unit import onnx_pool_fakes as fakes
 
@@ -331,6 +333,14 @@ def _seccomp_on(pid: int) -> bool:
         return False
 
 
+def _limit(pid: int, name: str) -> list[str]:
+    """The soft and hard value of one row of /proc/PID/limits ("Max processes")."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name + " "):
+            return line[len(name):].split()[:2]
+    raise AssertionError(f"no {name!r} in /proc/{pid}/limits")
+
+
 def _mounts(pid: int) -> list[list[str]]:
     return [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
 
@@ -350,7 +360,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
     probe = write(tmp_path, "probe.onnx", fakes.CONNECT + str(port).encode())
 
     async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, list[list[str]],
-                                                      str, bool, str]:
+                                                      str, list[str], bool, str]:
         await pool.validate(source)  # a validator served a job; its replacement is forked
         await until(lambda: [p for p in pool.pids() if _seccomp_on(p)] != [])
         [pid] = pool.pids()
@@ -359,12 +369,14 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
                       for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
         mounts = _mounts(pid)
         ipc_namespace = os.readlink(f"/proc/{pid}/ns/ipc")
+        max_tasks = _limit(pid, "Max processes")
         with pytest.raises(AirlockError) as probed:
             await pool.validate(probe)
-        return (status, ",".join(interfaces), mounts, ipc_namespace, pool.confinement.full,
-                probed.value.message)
+        return (status, ",".join(interfaces), mounts, ipc_namespace, max_tasks,
+                pool.confinement.full, probed.value.message)
 
-    (status, interfaces, mounts, ipc_namespace, full, probed), _pids = with_pool(settings, body)
+    (status, interfaces, mounts, ipc_namespace, max_tasks, full, probed), _pids = \
+        with_pool(settings, body)
     try:
         with pytest.raises(TimeoutError):
             listener.accept()[0].close()  # nothing reached the host's listener
@@ -372,6 +384,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         listener.close()
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
+    assert max_tasks == [str(task_limit(settings.processes))] * 2, max_tasks
     assert full is root
     assert probed.startswith("connect failed"), probed
     if root:
@@ -422,6 +435,18 @@ def test_a_validator_cannot_fork_open_sockets_or_signal_others(tmp_path: Path) -
     denied = os.strerror(1)  # EPERM
     assert message == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
                        f"'kill': '{denied}'}}"), message
+
+
+def test_a_validator_cannot_start_more_threads_than_its_task_limit(tmp_path: Path) -> None:
+    # Threads are allowed (clone with CLONE_THREAD); without RLIMIT_NPROC a subverted validator
+    # could start them until the host's pid_max ran out.
+    source = write(tmp_path, "threads.onnx", fakes.THREADS)
+
+    message = refusal_of(source)  # one validator (processes=1)
+    counted = re.fullmatch(r"threads (\d+) started, then can't start new thread", message)
+    assert counted, message
+    # The limit counts every task of the uid (the template, this validator, any other's).
+    assert int(counted.group(1)) < task_limit(1), message
 
 
 #: /proc/sysvipc/<kind>: the column that holds each object's id.

@@ -3,9 +3,9 @@
 Parsing hostile protobuf runs onnx's C++ (parser, checker, shape inference), which has had
 out-of-bounds bugs (CVE-2024-27319, onnx issue #8275). In the broker a crash would end every
 job and a runaway inference would hold a thread, so the broker never parses an ONNX output
-itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE,
-a seccomp filter and a wall-clock deadline, and a crash, hang or memory blow-up fails only that
-job.
+itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE /
+RLIMIT_NPROC, a seccomp filter and a wall-clock deadline, and a crash, hang or memory blow-up
+fails only that job.
 
 Each validator serves **one** validation and is then killed: a parser exploit that still
 answers ``ok`` holds a process that no later job will use, so it cannot rewrite another
