@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
@@ -22,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import OutputLimits, validate_onnx_bytes
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
+from airlock_broker.validation.onnx_worker import task_limit
 from tests.unit import hostile_outputs as hostile
 from tests.unit import onnx_pool_fakes as fakes
 
@@ -147,6 +149,33 @@ def test_a_misbehaving_validator_fails_only_that_job(
     (exc, canonical), _pids = with_pool(settings, body)
     assert exc.reason is Reason.OUTPUT_INVALID
     assert words in exc.message
+    assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
+
+
+def test_a_validator_that_stalls_in_the_middle_of_its_answer_is_killed_at_the_deadline(
+    tmp_path: Path, model_bytes: bytes
+) -> None:
+    # It sends a length and a few bytes, then sleeps: only the deadline can end it, and the
+    # deadline must cover the answer's last byte, not only its first.
+    stall = write(tmp_path, "stall.onnx", fakes.STALL)
+    good = write(tmp_path, "good.onnx", model_bytes)
+    settings = ValidatorSettings(processes=1, timeout_seconds=3.0)
+    bound = settings.timeout_seconds + 30  # generous, for a busy machine
+
+    async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, bytes]:
+        with pytest.raises(AirlockError) as caught:
+            await asyncio.wait_for(pool.validate(stall), bound)
+        stalled = pool.forked[0]
+        await until(lambda: not alive(stalled))  # killed, and reaped by its template
+        # Its one slot is filled again: the next job gets a fresh validator.
+        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        assert pool.started >= 2 and stalled not in pool.pids()
+        return caught.value, canonical
+
+    (exc, canonical), _pids = with_pool(settings, body)
+    assert exc.reason is Reason.OUTPUT_INVALID
+    assert exc.message == ("ONNX validation did not finish in 3 s (10 of a 1048576-byte "
+                           "message had come by then)"), exc.message
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
 
 
@@ -304,6 +333,14 @@ def _seccomp_on(pid: int) -> bool:
         return False
 
 
+def _limit(pid: int, name: str) -> list[str]:
+    """The soft and hard value of one row of /proc/PID/limits ("Max processes")."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name + " "):
+            return line[len(name):].split()[:2]
+    raise AssertionError(f"no {name!r} in /proc/{pid}/limits")
+
+
 def _mounts(pid: int) -> list[list[str]]:
     return [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
 
@@ -323,7 +360,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
     probe = write(tmp_path, "probe.onnx", fakes.CONNECT + str(port).encode())
 
     async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, list[list[str]],
-                                                      bool, str]:
+                                                      str, list[str], bool, str]:
         await pool.validate(source)  # a validator served a job; its replacement is forked
         await until(lambda: [p for p in pool.pids() if _seccomp_on(p)] != [])
         [pid] = pool.pids()
@@ -331,11 +368,15 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         interfaces = [line.split(":")[0].strip()
                       for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
         mounts = _mounts(pid)
+        ipc_namespace = os.readlink(f"/proc/{pid}/ns/ipc")
+        max_tasks = _limit(pid, "Max processes")
         with pytest.raises(AirlockError) as probed:
             await pool.validate(probe)
-        return status, ",".join(interfaces), mounts, pool.confinement.full, probed.value.message
+        return (status, ",".join(interfaces), mounts, ipc_namespace, max_tasks,
+                pool.confinement.full, probed.value.message)
 
-    (status, interfaces, mounts, full, probed), _pids = with_pool(settings, body)
+    (status, interfaces, mounts, ipc_namespace, max_tasks, full, probed), _pids = \
+        with_pool(settings, body)
     try:
         with pytest.raises(TimeoutError):
             listener.accept()[0].close()  # nothing reached the host's listener
@@ -343,6 +384,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         listener.close()
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
+    assert max_tasks == [str(task_limit(settings.processes))] * 2, max_tasks
     assert full is root
     assert probed.startswith("connect failed"), probed
     if root:
@@ -351,6 +393,8 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         assert status["Groups"] == ""
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
         assert interfaces == "lo"
+        # Its own IPC namespace: what it might make there is not the host's, and goes with it.
+        assert ipc_namespace != os.readlink("/proc/self/ns/ipc"), ipc_namespace
         # One mount, an empty read-only tmpfs as its root: no spool, no keys, no /proc.
         assert len(mounts) == 1, mounts
         [root_mount] = mounts
@@ -391,6 +435,63 @@ def test_a_validator_cannot_fork_open_sockets_or_signal_others(tmp_path: Path) -
     denied = os.strerror(1)  # EPERM
     assert message == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
                        f"'kill': '{denied}'}}"), message
+
+
+def test_a_validator_cannot_start_more_threads_than_its_task_limit(tmp_path: Path) -> None:
+    # Threads are allowed (clone with CLONE_THREAD); without RLIMIT_NPROC a subverted validator
+    # could start them until the host's pid_max ran out.
+    source = write(tmp_path, "threads.onnx", fakes.THREADS)
+
+    message = refusal_of(source)  # one validator (processes=1)
+    counted = re.fullmatch(r"threads (\d+) started, then can't start new thread", message)
+    assert counted, message
+    # The limit counts every task of the uid (the template, this validator, any other's).
+    assert int(counted.group(1)) < task_limit(1), message
+
+
+#: /proc/sysvipc/<kind>: the column that holds each object's id.
+_IPC_ID_COLUMN = {"shm": "shmid", "msg": "msqid", "sem": "semid"}
+
+
+def _host_ipc_objects(uid: int) -> set[tuple[str, int]]:
+    """The System V IPC objects in this (the host's) IPC namespace that ``uid`` made."""
+    found: set[tuple[str, int]] = set()
+    for kind, id_column in _IPC_ID_COLUMN.items():
+        header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        for row in rows:
+            fields = dict(zip(header.split(), row.split(), strict=True))
+            if int(fields["cuid"]) == uid:
+                found.add((kind, int(fields[id_column])))
+    return found
+
+
+def _remove_ipc_objects(objects: set[tuple[str, int]]) -> None:
+    """IPC_RMID each of ``objects``, and the probe's POSIX queue: a failed run leaves none."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    remove = {"shm": lambda i: libc.shmctl(i, 0, None), "msg": lambda i: libc.msgctl(i, 0, None),
+              "sem": lambda i: libc.semctl(i, 0, 0)}
+    for kind, ipc_id in objects:
+        remove[kind](ipc_id)
+    libc.mq_unlink(fakes.IPC_MQ_NAME)
+
+
+def test_a_validator_cannot_leave_ipc_objects_on_the_host(tmp_path: Path) -> None:
+    # A shared memory segment outlives the process that made it (kernel.shm_rmid_forced=0):
+    # a subverted validator could pin host memory long after it was killed.
+    source = write(tmp_path, "ipc.onnx", fakes.IPC)
+    uid = VALIDATOR_ID if os.geteuid() == 0 else os.geteuid()
+    before = _host_ipc_objects(uid)
+    try:
+        message = refusal_of(source)
+        left = _host_ipc_objects(uid) - before
+    finally:
+        _remove_ipc_objects(_host_ipc_objects(uid) - before)
+    assert left == set(), f"System V IPC objects left on the host: {left} ({message})"
+    denied = os.strerror(1)  # EPERM
+    assert message == (f"ipc {{'shmget': '{denied}', 'msgget': '{denied}', "
+                       f"'semget': '{denied}', 'mq_open': '{denied}'}}"), message
 
 
 def test_validator_stderr_is_bounded_and_escaped_in_the_log(

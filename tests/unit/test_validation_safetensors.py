@@ -377,6 +377,28 @@ def test_reference_parser_refusal_rejects_the_output(
     assert "safetensors refused" in error.message
 
 
+def test_the_second_opinion_reads_a_stand_in_with_no_name_in_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A named stand-in in the system's temporary directory could be opened or replaced by
+    # whoever else writes there, and a broker killed mid-check left it behind.
+    seen: list[tuple[str, int, int]] = []
+    reference = safetensors.safe_open
+
+    def watch(path: str, *args: Any, **kwargs: Any) -> Any:
+        status = os.stat(path)
+        seen.append((path, status.st_nlink, status.st_size))
+        return reference(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", watch)
+    header, data = two_f32_tensors()
+    source = write(tmp_path, st_file(header, data))
+    validate_safetensors(source, LIMITS)
+    [(path, links, size)] = seen
+    assert links == 0, f"the stand-in {path} has {links} link(s) in the file system"
+    assert size == source.stat().st_size, (path, size)
+
+
 def test_second_opinion_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("safe_open must not be called")

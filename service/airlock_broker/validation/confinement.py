@@ -4,10 +4,14 @@ The broker runs as root (it drives the Docker engine). A validator parses attack
 onnx's C++; if a parser bug subverts it, it should hold nothing worth having. The validator
 template (``onnx_worker``), which never reads a model, prepares what every validator inherits:
 
-1. first thing, before it imports onnx, it enters a fresh network namespace and a fresh mount
-   namespace (``unshare(CLONE_NEWNET | CLONE_NEWNS)``, all mounts made private): only a
+1. first thing, before it imports onnx, it enters fresh network, mount and IPC namespaces
+   (``unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)``, all mounts made private): only a
    loopback interface, and that one down, so it can reach no host, no Docker daemon over TCP,
-   not even 127.0.0.1;
+   not even 127.0.0.1; and no System V or POSIX IPC object of the host's. An IPC object
+   outlives the process that made it (a shared memory segment does while
+   ``kernel.shm_rmid_forced`` is 0, the default), but not its namespace: none can pin host
+   memory beyond the template's life (the seccomp filter refuses validators the IPC calls
+   anyway);
 2. after its imports and a warm-up validation of a model it built itself, it replaces its root
    with an empty, read-only tmpfs (``pivot_root`` and a detached unmount of the old root): no
    spool, no keys, no results, no /proc, no sockets remain visible to it or its children;
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWIPC = 0x08000000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_DUMPABLE = 4
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
@@ -68,7 +73,8 @@ class Confinement:
                 and self.no_new_privs)
 
     def describe(self) -> str:
-        network = "own empty network namespace" if self.own_network else "the broker's network"
+        network = ("own empty network and IPC namespaces" if self.own_network
+                   else "the broker's network and IPC")
         root = "empty read-only root" if self.empty_root else "the broker's filesystem"
         return (f"uid {self.uid}, gid {self.gid}, {network}, {root}, "
                 f"no_new_privs {'on' if self.no_new_privs else 'off'}, seccomp filter on")
@@ -85,14 +91,15 @@ def _check(result: int, what: str) -> None:
 
 
 def enter_namespaces() -> bool:
-    """Step 1, as root: fresh network and mount namespaces for the calling process, every
-    mount private to it; ``OSError`` if that fails. Returns False, doing nothing, when not
-    root. Call it while the process has one thread: ``unshare`` moves only the calling thread,
-    and refuses a new mount namespace to a threaded process."""
+    """Step 1, as root: fresh network, mount and IPC namespaces for the calling process,
+    every mount private to it; ``OSError`` if that fails. Returns False, doing nothing, when
+    not root. Call it while the process has one thread: ``unshare`` moves only the calling
+    thread, and refuses a new mount namespace to a threaded process."""
     if os.geteuid() != 0:
         return False
     libc = _libc()
-    _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS), "unshare(CLONE_NEWNET|CLONE_NEWNS)")
+    _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWIPC),
+           "unshare(CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWIPC)")
     _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount(/, MS_PRIVATE)")
     return True
 

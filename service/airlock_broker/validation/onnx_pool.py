@@ -3,9 +3,9 @@
 Parsing hostile protobuf runs onnx's C++ (parser, checker, shape inference), which has had
 out-of-bounds bugs (CVE-2024-27319, onnx issue #8275). In the broker a crash would end every
 job and a runaway inference would hold a thread, so the broker never parses an ONNX output
-itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE,
-a seccomp filter and a wall-clock deadline, and a crash, hang or memory blow-up fails only that
-job.
+itself: a validator process does, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_CORE=0 / RLIMIT_NOFILE /
+RLIMIT_NPROC, a seccomp filter and a wall-clock deadline, and a crash, hang or memory blow-up
+fails only that job.
 
 Each validator serves **one** validation and is then killed: a parser exploit that still
 answers ``ok`` holds a process that no later job will use, so it cannot rewrite another
@@ -45,6 +45,7 @@ from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
 from airlock_broker.validation.onnx_info import OnnxInfo, check_onnx_size
+from airlock_broker.validation.onnx_messages import BadLength, Late, read_message
 from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_template import READY
 from airlock_broker.validation.onnx_worker import FD_MARK
@@ -315,15 +316,15 @@ def _reap_all(validators: list[Validator], template: Template | None) -> None:
 
 def _receive(worker: Validator, deadline: float, limit: int,
              settings: ValidatorSettings) -> bytes | None:
-    """The next message, or None if the process died first; refuses overlong or late ones."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or not worker.conn.poll(remaining):
+    """The next message, or None if the process died first (its exit code says how);
+    refuses overlong or late ones. The deadline covers the message's last byte, not only its
+    first: one that stops half-way is as late as one that never starts."""
+    try:
+        return read_message(worker.conn.fileno(), deadline, limit)
+    except Late as late:
         worker.kill()
         raise error(Reason.OUTPUT_INVALID,
-                    f"ONNX validation did not finish in {settings.timeout_seconds:g} s")
-    try:
-        return worker.conn.recv_bytes(limit)
-    except EOFError:
-        return None  # it died; its exit code says how
-    except OSError:  # longer than ``limit``
-        raise error(Reason.OUTPUT_INVALID, "ONNX validator answered too much") from None
+                    f"ONNX validation did not finish in {settings.timeout_seconds:g} s "
+                    f"({late} by then)") from None
+    except BadLength as exc:
+        raise error(Reason.OUTPUT_INVALID, f"ONNX validator answered too much: {exc}") from None

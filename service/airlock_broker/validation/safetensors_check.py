@@ -13,8 +13,8 @@ header we wrote ourselves, so no byte of the original header reaches a caller.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -283,16 +283,20 @@ def _reference_accepts(
     """Ask safetensors' own parser about the canonical header, reading no tensor data.
 
     It reads a sparse stand-in file (our header, then a hole as long as the data section), so
-    what it judges is exactly what a caller will receive, and nothing is copied.
+    what it judges is exactly what a caller will receive, and nothing is copied. The stand-in
+    is a memfd: it has no name in any directory, so nobody else can open, replace or watch
+    it, and a broker killed mid-check leaves nothing behind (a named file in the system's
+    temporary directory did both).
     """
     from safetensors import safe_open  # a dependency: ImportError here is our bug
 
-    with tempfile.NamedTemporaryFile(prefix="airlock-st-", suffix=".safetensors") as stand_in:
+    with os.fdopen(os.memfd_create("airlock-st-stand-in", os.MFD_CLOEXEC), "r+b") as stand_in:
         stand_in.write(header)
         stand_in.truncate(total_size)
         stand_in.flush()
         try:
-            with safe_open(stand_in.name, framework="numpy") as reader:
+            # The broker's own descriptor, opened again through the link /proc made for it.
+            with safe_open(f"/proc/self/fd/{stand_in.fileno()}", framework="numpy") as reader:
                 seen_names = frozenset(reader.keys())
                 seen_metadata = reader.metadata()
         except Exception as exc:  # SafetensorError, or anything else it throws at a bad header

@@ -2,8 +2,10 @@
 
 A validator only reads a descriptor it was given, computes, and writes to a socket it already
 holds. A subverted one should not be able to make a process, run a program, open a socket,
-signal or trace another process, change its credentials or limits, or reach the kernel's
-rarely used attack surface (BPF, io_uring, keyrings, user faults, mount API). Each of those
+signal or trace another process, change its credentials or limits, make an IPC object that
+would outlive it (System V shared memory, message queues, semaphores; POSIX message queues),
+or reach the kernel's rarely used attack surface (BPF, io_uring, keyrings, user faults, mount
+API). Each of those
 calls fails with ``EPERM`` (``clone3`` with ``ENOSYS``, so that libc falls back to ``clone``,
 which is then refused unless it makes a thread); a signal is allowed to the process itself
 only (``abort`` and the tests' "crash" send one); any other architecture or ABI (x32) kills.
@@ -13,8 +15,8 @@ make while parsing vary with versions and inputs, and a refused call in the midd
 model would be a false rejection. What is denied is what a validator never needs.
 
 No seccomp binding is in the broker's dependencies (libseccomp's Python module is not on PyPI
-under its own name), so the BPF program is built here: a few dozen instructions, x86-64 only.
-A validator on another architecture cannot install it and exits before it says ready.
+under its own name), so the BPF program is built here: about a hundred instructions, x86-64
+only. A validator on another architecture cannot install it and exits before it says ready.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ DENIED: dict[str, int] = {
     "chroot": 161, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
     "fsmount": 432, "fspick": 433, "mount_setattr": 442,
     "mknod": 133, "mknodat": 259, "name_to_handle_at": 303, "open_by_handle_at": 304,
+    # System V and POSIX IPC: an object outlives its maker (a shared memory segment does while
+    # kernel.shm_rmid_forced is 0, the default), so it could pin memory after the validator
+    # is killed; the template's own IPC namespace (confinement) keeps them off the host too
+    "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67,
+    "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
+    "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220,
+    "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243,
+    "mq_notify": 244, "mq_getsetattr": 245,
     # kernel attack surface a parser never touches
     "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "keyctl": 250, "add_key": 248,
