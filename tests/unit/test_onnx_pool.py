@@ -604,7 +604,11 @@ def test_an_account_that_owns_the_validator_uid_is_refused() -> None:
         ValidatorSettings.check_ids_unused(_unchecked(gid=0))
     with pytest.raises(ValueError, match=r"are the sandboxes' \(64998:10001\)"):
         ValidatorSettings().check_ids_unused("64998:10001")
+    for spelling in ("064998:10001", "+64998", "10001:064998"):  # the engine's Atoi reads these
+        with pytest.raises(ValueError, match=r"are the sandboxes'"):
+            ValidatorSettings().check_ids_unused(spelling)
     ValidatorSettings().check_ids_unused("10001:10001")  # the defaults belong to nobody here
+    ValidatorSettings().check_ids_unused("sandbox:sandbox")  # names: the image's, not ours
 
 
 def _unchecked(**values: int) -> ValidatorSettings:

@@ -101,8 +101,9 @@ class ValidatorSettings:
         """``ValueError`` if an account or group on this host, or the sandboxes
         (``sandbox_user``, "UID:GID"), have the validators' ids: a validator would then share
         what they own and may signal."""
-        if f"{self.uid}" in sandbox_user.split(":")[:1] or \
-                f"{self.gid}" in sandbox_user.split(":")[1:]:
+        uid_text, _, gid_text = sandbox_user.partition(":")
+        # Numbers as numbers: the engine reads "064998" as 64998 (policy.root_in).
+        if _number(uid_text) == self.uid or _number(gid_text) == self.gid:
             raise ValueError(f"[onnx_validator] uid/gid {self.uid}:{self.gid} are the "
                              f"sandboxes' ({sandbox_user}): give validators ids of their own")
         with contextlib.suppress(KeyError):
@@ -113,6 +114,14 @@ class ValidatorSettings:
             name = grp.getgrgid(self.gid).gr_name
             raise ValueError(f"[onnx_validator] gid = {self.gid} belongs to the group "
                              f"{name!r}: choose a gid no group uses")
+
+
+def _number(text: str) -> int | None:
+    """``text`` as the integer the engine would read it as, or None for a name."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 class OnnxValidatorPool:
