@@ -72,6 +72,8 @@ def main(argv: list[str]) -> int:
     uid, command, rest = int(argv[0]), argv[1], argv[2:]
     if command == "airlock":
         # Everything a subcommand may import later, while root (cli imports each when it runs).
+        import encodings.ascii  # looked up lazily once a conversion succeeds (an ASCII codec)
+
         import yaml  # _bundle's, for a model directory
 
         import airlock_client._admin_cli
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> int:
         import airlock_client._provenance_cli
         import airlock_client.cli
 
-        _ = (yaml, airlock_client._admin_cli, airlock_client._convert_cli,
+        _ = (encodings.ascii, yaml, airlock_client._admin_cli, airlock_client._convert_cli,
              airlock_client._migrate_cli, airlock_client._provenance_cli)
         _drop_to(uid)
         return airlock_client.cli.main(rest)

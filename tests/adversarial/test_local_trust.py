@@ -25,10 +25,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from airlock_client import Client, ConversionError, ServiceUnavailable
 from tests.conftest import IMAGE, ROOT, BrokerProcess, free_port, run_cli, start_broker
+from tests.fixtures import models
 
 pytestmark = pytest.mark.adversarial
 
@@ -191,6 +194,30 @@ def test_a_unix_callers_principal_is_its_uid_in_the_audit_log(
         client.convert(artifact, shared_dir / "t.onnx")
     line = _audit(local_broker, artifact.name, 2)
     assert (line["principal"], line["auth"]) == ("anonymous", "none"), line
+
+
+def test_a_local_users_output_is_written_into_their_file_as_them(
+        local_broker: BrokerProcess, shared_dir: Path) -> None:
+    """The broker writes a same-host caller's output with the caller's claim on the disk
+    (security/caller_disk.py), and copies it from its own 0700 directories all the same."""
+    source, check = models.make_state_dict(shared_dir / f"state-{os.getpid()}")
+    source.parent.chmod(0o755)
+    source.chmod(0o644)
+    out = shared_dir / "nobody-out"
+    out.mkdir(exist_ok=True)
+    os.chown(out, NOBODY, NOBODY)
+    target = out / f"state-{os.getpid()}.safetensors"
+    done = as_user(NOBODY, "convert", str(source), "-o", str(target), "--json",
+                   env={"AIRLOCK_SERVER": local_broker.unix_address})
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    result = json.loads(done.stdout)
+    assert (result["status"], result["transfer"]) == ("ok", "local"), result
+    assert _audit(local_broker, source.name, 1)["principal"] == "uid:65534"
+    assert target.stat().st_uid == NOBODY
+    tensors = safetensors.numpy.load_file(target)
+    assert check.expected is not None and tensors.keys() == check.expected.keys()
+    for name, value in check.expected.items():
+        np.testing.assert_array_equal(tensors[name], value)
 
 
 def test_a_local_user_cannot_drain_the_pools_without_the_admin_role(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import gc
 import hashlib
 import os
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -376,3 +379,96 @@ def test_a_failed_read_of_the_peers_file_has_a_reason(tmp_path: Path) -> None:
         os.close(dst)
     assert refused.value.reason == Reason.LOCAL_FD_REFUSED
     assert "after 0 bytes" in refused.value.message
+
+
+_CALLER = 10001
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB ext4 filesystem, loop-mounted, half of it kept for root (``-m 50``), its
+    root directory open to everyone. Needs root, mkfs.ext4 and a loop device."""
+    image, mount = tmp_path / "disk.img", tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "50", "-O", "^has_journal", str(image),
+                    "16M"], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop,nodev,nosuid,noexec", str(image), str(mount)],
+                   check=True, capture_output=True)
+    try:
+        os.chmod(mount, 0o1777)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True, capture_output=True)
+
+
+def test_the_callers_file_gets_the_callers_room_not_roots_reserve(
+        tmp_path: Path, small_disk: Path) -> None:
+    """A root broker wrote a same-host caller's output into the blocks ext4 keeps for root:
+    a local user who had filled their disk could fill the rest through the broker."""
+    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # the caller fills what it may (through a descriptor: it cannot reach tmp_path)
+        filled = subprocess.run(["dd", "if=/dev/zero", "bs=4k"], stdout=filler,
+                                stderr=subprocess.PIPE, text=True, user=_CALLER,
+                                group=_CALLER, extra_groups=[], check=False)
+    finally:
+        os.close(filler)
+    assert "No space left on device" in filled.stderr, filled.stderr
+    before = os.statvfs(small_disk)
+    room, reserve = before.f_bavail * before.f_frsize, before.f_bfree * before.f_frsize
+    assert room < 64 << 10 and reserve > 4 << 20, before
+    output = b"o" * (1 << 20)
+    (tmp_path / "in").write_bytes(b"\x80\x04N.")
+    out = os.open(small_disk / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.fchown(out, _CALLER, _CALLER)
+
+    async def main() -> AirlockError:
+        io = PeerIO(2, 1.0)
+        local = LocalFiles(os.open(tmp_path / "in", os.O_RDONLY), out, InputFile(4, 4096),
+                           PeerCred(1, _CALLER, _CALLER), io)
+        try:
+            with pytest.raises(AirlockError) as refused:
+                await local_io.write_to_peer(local, functools.partial(file_copy.write_at,
+                                                                      output, 0),
+                                             len(output), LIMITS)
+            # The thread is the broker's again: it may still write the broker's own files.
+            await io.run(lambda: _fs_ids(), (), lambda: 30.0)
+            return refused.value
+        finally:
+            local.close()
+            io.shutdown()
+
+    refused = asyncio.run(main())
+    assert refused.reason is Reason.LOCAL_WRITE_FAILED
+    assert "No space left on device" in refused.message, refused.message
+    after = os.statvfs(small_disk)
+    # At most the caller's room was taken, not a block of the reserve.
+    assert after.f_bfree >= before.f_bfree - before.f_bavail, (before, after)
+
+
+def test_a_thread_that_wrote_as_the_caller_is_the_brokers_again(tmp_path: Path) -> None:
+    """The peer copy threads also spool inputs into the broker's own 0700 directories."""
+    seen: list[tuple[str, str]] = []
+
+    def write(out: int) -> None:
+        seen.append(_fs_ids())
+        file_copy.write_at(b"x", 0, out)
+
+    async def main() -> None:
+        io = PeerIO(1, 1.0)  # one thread: the same one before and after
+        local = _local(tmp_path, io)
+        try:
+            await local_io.write_to_peer(local, write, 1, LIMITS)
+            seen.append(await io.run(_fs_ids, (), lambda: 30.0))
+        finally:
+            local.close()
+            io.shutdown()
+
+    asyncio.run(main())
+    assert seen == [("1", "1"), (str(os.geteuid()), str(os.getegid()))], seen
+
+
+def _fs_ids() -> tuple[str, str]:
+    """This thread's filesystem uid and gid, as the kernel shows them."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return fields["Uid"].split()[3], fields["Gid"].split()[3]

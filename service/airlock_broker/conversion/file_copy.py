@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from airlock_broker.errors import Reason, error
+from airlock_broker.security.caller_disk import as_broker
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.safetensors_canonical import FileIdentity, SafetensorsInfo
 
@@ -49,8 +50,10 @@ def open_validated(path: Path, info: SafetensorsInfo) -> BinaryIO:
 
 
 def open_identical(path: Path, identity: FileIdentity) -> BinaryIO:
-    """``path`` opened for reading, if it is still the file ``identity`` describes."""
-    handle, st = open_regular_file(path)
+    """``path`` opened for reading, if it is still the file ``identity`` describes (as the
+    broker, also on a thread that writes as a caller: caller_disk.py)."""
+    with as_broker():
+        handle, st = open_regular_file(path)
     if FileIdentity.of(st) != identity:
         handle.close()
         raise error(Reason.OUTPUT_INVALID, "output changed after it was validated")

@@ -13,6 +13,7 @@ under us at any time.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -26,7 +27,8 @@ from airlock_broker.conversion.intake import IntakeLimits, Spooled, check_size
 from airlock_broker.conversion.spool_space import SpoolClaim, SpoolWriter
 from airlock_broker.conversion.upload_limits import MiB, Pace
 from airlock_broker.errors import Reason, error
-from airlock_broker.fastpath.local_handles import LocalFiles
+from airlock_broker.fastpath.local_handles import LocalFiles, PeerCred
+from airlock_broker.security.caller_disk import writing_as
 from airlock_sandbox.formats import PREFIX_BYTES
 
 
@@ -101,7 +103,9 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
                         limits: IntakeLimits, *sources: int) -> None:
     """``write(output, *sources)`` into the peer's output descriptor on a thread of the fast
     path's own (duplicates of each), within the grace period plus ``size`` at the upload's
-    minimum rate: a file that takes longer is on a filesystem that stopped answering."""
+    minimum rate: a file that takes longer is on a filesystem that stopped answering. The
+    thread writes with the peer's claim on that disk, not root's (security/caller_disk.py):
+    its quota, and no block its filesystem keeps for root."""
     rate = limits.upload.min_bytes_per_second or MiB
     seconds = limits.upload.grace_seconds + size / rate
     deadline = time.monotonic() + seconds
@@ -115,12 +119,18 @@ async def write_to_peer(local: LocalFiles, write: Callable[..., None], size: int
         return left
 
     try:
-        await local.io.run(write, (local.output_fd, *sources), watchdog)
+        await local.io.run(functools.partial(_as_peer, local.peer, write),
+                           (local.output_fd, *sources), watchdog)
     except OSError as exc:
         raise error(Reason.LOCAL_WRITE_FAILED,
                     f"writing the {size}-byte output into the caller's file failed: "
                     f"{exc.strerror or exc} (the conversion succeeded; free space on that "
                     "filesystem, or give a writable file, and convert again)") from exc
+
+
+def _as_peer(peer: PeerCred, write: Callable[..., None], *fds: int) -> None:
+    with writing_as(peer.uid, peer.gid):
+        write(*fds)
 
 
 def read_only(fd: int) -> int:

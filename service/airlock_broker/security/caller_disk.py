@@ -1,0 +1,117 @@
+"""Writing into a caller's file with the caller's claim on its disk, not root's.
+
+The same-host fast path writes the output into a file the caller opened (fastpath/). The
+kernel decides whether a write may take a new block by who writes, not by who owns the file:
+a root broker would fill the blocks a filesystem keeps for root (ext4 reserves 5 % by default,
+granted to fsuid 0 and to ``CAP_SYS_RESOURCE``) and pass over the caller's disk quota (also
+``CAP_SYS_RESOURCE``). A local user could then fill a disk, through the broker, past the point
+where the system itself can still write.
+
+``writing_as`` gives the calling thread, for one block of code, the caller's filesystem ids
+and no ``CAP_SYS_RESOURCE``. Both are per thread on Linux (``setfsuid``, ``capset`` with
+pid 0), so nothing else in the broker is touched, and both are restored at the end. A
+write through an open descriptor checks no permission, only space; a file of the broker's own
+that such a block opens (the output it copies from, in a 0700 directory) is opened under
+``as_broker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterator
+
+#: linux/capability.h
+_CAPABILITY_VERSION_3 = 0x20080522
+CAP_SYS_RESOURCE = 24
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_CapData = _Data * 2  # version 3: 64 capabilities in two words
+
+
+def _capget() -> ctypes.Array[_Data]:
+    header, data = _Header(_CAPABILITY_VERSION_3, 0), _CapData()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise _os_error("capget")
+    return data
+
+
+def _capset(data: ctypes.Array[_Data]) -> None:
+    header = _Header(_CAPABILITY_VERSION_3, 0)  # pid 0: the calling thread only
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise _os_error("capset")
+
+
+def _os_error(call: str) -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, f"{call}: {os.strerror(code)}")
+
+
+def _without(data: ctypes.Array[_Data], capability: int) -> ctypes.Array[_Data]:
+    lowered = _CapData()
+    ctypes.memmove(lowered, data, ctypes.sizeof(data))
+    lowered[capability // 32].effective &= ~(1 << (capability % 32)) & 0xFFFFFFFF
+    return lowered
+
+
+def _set_fs_ids(uid: int, gid: int) -> tuple[int, int]:
+    """This thread's filesystem uid and gid set; the previous ones. (``setfs*id`` says no
+    error: asking with -1 changes nothing and answers what is set.)"""
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    now_uid, now_gid = _libc.setfsuid(-1), _libc.setfsgid(-1)
+    if (now_uid, now_gid) != (uid, gid):
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+        raise OSError(errno.EPERM, f"could not write as uid {uid}, gid {gid} (the broker's "
+                                   f"thread stayed {now_uid}:{now_gid})")
+    return old_uid, old_gid
+
+
+@contextlib.contextmanager
+def writing_as(uid: int, gid: int) -> Iterator[None]:
+    """Within the block, this thread takes disk space as ``uid``/``gid`` would: their quota,
+    no block a filesystem keeps for root (unless they are root). A broker that is not root
+    holds no such right: nothing changes."""
+    if os.geteuid() != 0:
+        yield
+        return
+    caps = _capget()
+    _capset(_without(caps, CAP_SYS_RESOURCE))
+    try:
+        old_uid, old_gid = _set_fs_ids(uid, gid)
+        try:
+            yield
+        finally:
+            _set_fs_ids(old_uid, old_gid)  # back to 0 also gives back the file capabilities
+    finally:
+        _capset(caps)
+
+
+@contextlib.contextmanager
+def as_broker() -> Iterator[None]:
+    """Within ``writing_as``, the broker's own filesystem ids for the block (to open one of
+    its own files); elsewhere, nothing changes."""
+    ids = _libc.setfsuid(-1), _libc.setfsgid(-1)
+    own = os.geteuid(), os.getegid()
+    if ids == own:
+        yield
+        return
+    _set_fs_ids(*own)
+    try:
+        yield
+    finally:
+        _set_fs_ids(*ids)
