@@ -69,6 +69,14 @@ def cgroup() -> Iterator[Path]:
                 time.sleep(0.01)
 
 
+def _reap(child: subprocess.Popen[bytes], cgroup: Path) -> None:
+    """A test's child that is still alive: thawed (a frozen task ignores SIGKILL), killed."""
+    if child.poll() is None:
+        (cgroup / "freezer.state").write_text("THAWED")
+        child.kill()
+        child.wait()
+
+
 def _start(cgroup: Path, out: Path, then: str) -> tuple[subprocess.Popen[bytes], ExitWatch]:
     child = subprocess.Popen([sys.executable, "-c", WORKER, str(out), then])
     (cgroup / "cgroup.procs").write_text(str(child.pid))
@@ -234,10 +242,7 @@ def test_a_freeze_cut_short_by_a_cancellation_is_killed_and_thawed_on_close(
         assert child.wait(timeout=60) == -9
     finally:
         watch.close()
-        if child.poll() is None:
-            (cgroup / "freezer.state").write_text("THAWED")
-            child.kill()
-            child.wait()
+        _reap(child, cgroup)
 
 
 def test_the_deadline_kills_and_thaws_a_container_whose_freeze_it_cut_short(
@@ -279,10 +284,7 @@ def test_the_deadline_kills_and_thaws_a_container_whose_freeze_it_cut_short(
         assert child.wait(timeout=60) == -9
     finally:
         watch.close()
-        if child.poll() is None:
-            (cgroup / "freezer.state").write_text("THAWED")
-            child.kill()
-            child.wait()
+        _reap(child, cgroup)
 
 
 def test_an_orphan_left_freezing_is_killed_and_thawed_by_the_sweep(
@@ -299,10 +301,7 @@ def test_an_orphan_left_freezing_is_killed_and_thawed_by_the_sweep(
         assert child.wait(timeout=60) == -9
         assert _freeze_state(cgroup) == "THAWED"
     finally:
-        if child.poll() is None:
-            (cgroup / "freezer.state").write_text("THAWED")
-            child.kill()
-            child.wait()
+        _reap(child, cgroup)
 
 
 class _DeadAfterTheKillApi:
