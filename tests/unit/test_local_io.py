@@ -9,9 +9,11 @@ import gc
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.fastpath import local_io
 from airlock_broker.fastpath.local_handles import InputFile, LocalFiles, PeerCred
 from airlock_broker.fastpath.peer_io import PeerIO
+from airlock_broker.security import caller_disk
+from airlock_broker.validation.safetensors_canonical import FileIdentity
 
 LIMITS = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20, idle_seconds=60)
 
@@ -430,8 +434,6 @@ def test_the_callers_file_gets_the_callers_room_not_roots_reserve(
                 await local_io.write_to_peer(local, functools.partial(file_copy.write_at,
                                                                       output, 0),
                                              len(output), LIMITS)
-            # The thread is the broker's again: it may still write the broker's own files.
-            await io.run(lambda: _fs_ids(), (), lambda: 30.0)
             return refused.value
         finally:
             local.close()
@@ -446,11 +448,15 @@ def test_the_callers_file_gets_the_callers_room_not_roots_reserve(
 
 
 def test_a_thread_that_wrote_as_the_caller_is_the_brokers_again(tmp_path: Path) -> None:
-    """The peer copy threads also spool inputs into the broker's own 0700 directories."""
+    """The peer copy threads also spool inputs into the broker's own 0700 directories.
+    (Where root holds ``CAP_SYS_RESOURCE``, this also checks that the write goes without it:
+    this project's machine runs root without it.)"""
     seen: list[tuple[str, str]] = []
+    capabilities_outside = _capabilities()
 
     def write(out: int) -> None:
         seen.append(_fs_ids())
+        assert not _capabilities() & (1 << caller_disk.CAP_SYS_RESOURCE)
         file_copy.write_at(b"x", 0, out)
 
     async def main() -> None:
@@ -459,6 +465,7 @@ def test_a_thread_that_wrote_as_the_caller_is_the_brokers_again(tmp_path: Path) 
         try:
             await local_io.write_to_peer(local, write, 1, LIMITS)
             seen.append(await io.run(_fs_ids, (), lambda: 30.0))
+            assert await io.run(_capabilities, (), lambda: 30.0) == capabilities_outside
         finally:
             local.close()
             io.shutdown()
@@ -467,8 +474,55 @@ def test_a_thread_that_wrote_as_the_caller_is_the_brokers_again(tmp_path: Path) 
     assert seen == [("1", "1"), (str(os.geteuid()), str(os.getegid()))], seen
 
 
+@pytest.mark.parametrize("caller", [_CALLER, 2**31 + 5, 2**32 - 2])
+def test_a_broker_file_opens_as_the_broker_while_the_thread_writes_as_the_caller(
+        tmp_path: Path, caller: int) -> None:
+    """A safetensors output or a data file is copied from the broker's own 0700 directory
+    (``open_identical``) by a thread that writes as the caller; ids past 2**31 are ids."""
+    source = tmp_path / "private" / "model.safetensors"
+    source.parent.mkdir(mode=0o700)
+    source.write_bytes(b"canonical bytes")
+    source.chmod(0o600)
+    identity = FileIdentity.of(source.stat())
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def copy() -> tuple[str, str]:
+        with caller_disk.writing_as(caller, caller):
+            ids = _fs_ids()
+            file_copy.copy_identical(source, identity, out)
+        return ids
+
+    try:
+        with ThreadPoolExecutor(1) as thread:  # not the test's own thread
+            assert thread.submit(copy).result() == (str(caller), str(caller))
+        assert os.pread(out, 100, 0) == b"canonical bytes"
+    finally:
+        os.close(out)
+
+
+def _capabilities() -> int:
+    """This thread's effective capabilities, as the kernel shows them."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(dict(line.split(":", 1) for line in status.splitlines())["CapEff"], 16)
+
+
 def _fs_ids() -> tuple[str, str]:
     """This thread's filesystem uid and gid, as the kernel shows them."""
     status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines())
     return fields["Uid"].split()[3], fields["Gid"].split()[3]
+
+
+def test_root_of_a_user_namespace_writes_as_itself(tmp_path: Path) -> None:
+    """There root's ids are not the host's (no reserve, no quota exemption), and the caller's
+    uid may not be mapped: switching to it failed every fast-path output."""
+    script = ("import os, sys\n"
+              "from airlock_broker.security.caller_disk import writing_as\n"
+              "with writing_as(1000, 1000):\n"
+              "    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)\n"
+              "    os.write(fd, b'written')\n")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script,
+                           str(tmp_path / "out")], capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out").read_bytes() == b"written"

@@ -67,6 +67,8 @@ def task_limit(processes: int) -> int:
     The kernel counts every task of the validators' uid (all pools' that share it) and refuses
     a validator a new thread once they are that many. Without it, a subverted validator could
     start threads until the host's pid_max (32768 here) ran out, for as long as its deadline.
+    A broker that is not root runs its validators as itself: the count then includes the
+    broker's own threads, and a validator may start none (none does today).
     """
     return TASKS_PER_PROCESS * (processes + 1)
 
