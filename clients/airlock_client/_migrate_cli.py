@@ -276,20 +276,28 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
 class Lanes:
     """The run's conversions in flight, whole versions and the files of a transformers
     version alike: at most ``--jobs``. Sized once (``size``), when the run's jobs are known,
-    before its first conversion; one lane until then."""
+    before its first conversion: a conversion before that is a bug (RuntimeError), not a
+    run that silently converts one thing at a time."""
 
-    def __init__(self) -> None:
-        self.count = 1
-        self._free = threading.BoundedSemaphore(1)
+    def __init__(self, count: int | None = None) -> None:
+        self.count = 0
+        self._free: threading.BoundedSemaphore | None = None
+        if count is not None:
+            self.size(count)
 
     def size(self, count: int) -> None:
+        if self._free is not None:  # a conversion in flight would give back the wrong one
+            raise RuntimeError("a run's lanes are sized once")
         self.count = count
         self._free = threading.BoundedSemaphore(count)
 
     def __enter__(self) -> None:
+        if self._free is None:
+            raise RuntimeError("a conversion before the run's --jobs sized its lanes")
         self._free.acquire()
 
     def __exit__(self, *exc: object) -> None:
+        assert self._free is not None
         self._free.release()
 
 
@@ -298,11 +306,11 @@ class KeyedClient:
     its options (and again under a fresh key when the broker saw other bytes under that one);
     what ``convert_directory`` asks of a client."""
 
-    def __init__(self, client: Client, registry_uri: str, lanes: Lanes | None = None) -> None:
+    def __init__(self, client: Client, registry_uri: str, lanes: Lanes) -> None:
         self.client = client
         self.registry_uri = registry_uri
         #: Each conversion holds one of the run's lanes while it is in flight.
-        self.lanes = lanes or Lanes()
+        self.lanes = lanes
 
     def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str],
                 **options: Any) -> ConversionResult:

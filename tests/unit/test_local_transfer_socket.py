@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from airlock_broker.config import BrokerConfig
+from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
 from airlock_broker.fastpath.peer_io import PeerIO
@@ -231,3 +232,97 @@ def test_a_refused_hand_over_gives_its_ticket_back(tmp_path: Path) -> None:
     finally:
         os.close(in_fd)
         server.table.close()
+
+
+def test_one_uid_cannot_hold_every_hand_over_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that waits on a filesystem that never answers holds its thread for good: one
+    user with tickets (every local uid has them without [auth]) held all of them, and every
+    other client's hand-over waited until it gave up. Its next one is BUSY at once now."""
+    import asyncio
+
+    import airlock_broker.fastpath.local_transfer as local_transfer
+
+    release = threading.Event()
+    stuck = threading.Semaphore(0)
+
+    def hangs(*_args: object) -> None:
+        stuck.release()
+        release.wait(300)
+
+    monkeypatch.setattr(local_transfer, "check_input", hangs)
+    settings = LocalTransferSettings(max_connections=4, max_connections_per_uid=2,
+                                     max_tickets_per_caller=8)
+    server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+
+    async def hand_over(client: socket.socket, fd: int) -> None:
+        await asyncio.to_thread(client.connect, os.fspath(server.path))
+        socket.send_fds(client, [server.table.issue("alice").encode()], [fd, fd])
+
+    async def scenario() -> dict[str, object]:
+        assert await server.start()
+        fd = os.open(tmp_path / "in", os.O_RDONLY)
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+        try:
+            for client in clients[:2]:
+                await hand_over(client, fd)
+            for _ in range(2):
+                assert await asyncio.to_thread(stuck.acquire, True, 60)
+            await hand_over(clients[2], fd)
+            clients[2].settimeout(30)
+            return dict(json.loads(await asyncio.to_thread(read_reply, clients[2])))
+        finally:
+            release.set()
+            for client in clients:
+                client.close()
+            os.close(fd)
+            await server.close()
+
+    reply = asyncio.run(scenario())
+    assert reply["reason"] == "BUSY", reply
+    assert "max_connections_per_uid = 2" in str(reply["message"]), reply
+
+
+def test_a_descriptor_whose_check_fails_is_refused_and_its_ticket_given_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``fstat`` that fails (EIO, ESTALE on a failing filesystem) escaped as an error: no
+    reply, and the ticket was kept for its TTL, so a client whose files all fail so ran out."""
+    import errno
+
+    import airlock_broker.fastpath.local_transfer as local_transfer
+
+    def fails(*_args: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(local_transfer, "check_input", fails)
+    server = LocalTransferServer(LocalTransferSettings(max_tickets_per_caller=2),
+                                 tmp_path / "unused", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    try:
+        for _ in range(5):
+            reply = _hand_over(server, server.table.issue("alice").encode(), [in_fd, in_fd])
+            assert reply["reason"] == "LOCAL_FD_REFUSED", reply
+            assert "Input/output error" in str(reply["message"]), reply
+        assert len(server.table) == 0
+    finally:
+        os.close(in_fd)
+        server.table.close()
+
+
+def test_the_server_holds_one_caller_to_its_share_of_the_tickets(tmp_path: Path) -> None:
+    """``max_tickets_per_caller`` as the server's table applies it (the setting reached
+    ``HandleTable`` only through the server)."""
+    settings = LocalTransferSettings(max_tickets=32, max_tickets_per_caller=2)
+    server = LocalTransferServer(settings, tmp_path / "unused", 1 << 20)
+    try:
+        server.table.issue("alice")
+        server.table.issue("alice")
+        with pytest.raises(AirlockError) as third:
+            server.table.issue("alice")
+        server.table.issue("bob")  # another caller is not held to alice's
+    finally:
+        server.table.close()
+    assert third.value.reason is Reason.BUSY
+    assert "max_tickets_per_caller = 2" in third.value.message

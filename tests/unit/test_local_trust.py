@@ -314,6 +314,20 @@ def test_a_stopped_brokers_socket_is_unavailable_not_a_fallback(tmp_path: Path) 
         client.pool_status()
 
 
+def test_a_flood_from_many_uids_does_not_push_out_a_ticket_waiting_to_be_redeemed() -> None:
+    """At the total bound the oldest of all was dropped: 17 uids of 256 tickets each, issued
+    between a genuine client's ticket and its redeem, pushed it out (UNAUTHENTICATED)."""
+    tickets = peer_identity.PeerTickets(ttl_seconds=30, per_uid=256, max_total=4096)
+    genuine = tickets.issue(1000)
+    for uid in range(2000, 2017):
+        for _ in range(256):
+            tickets.issue(uid)
+    for uid in range(3000, 3100):  # and uids that ask once each
+        tickets.issue(uid)
+    assert len(tickets) == 4096
+    assert tickets.redeem(genuine) == 1000
+
+
 def test_tickets_are_bounded_in_all_and_expire_whatever_uid_they_were_for() -> None:
     """Processes in a user namespace connect as each of a user's 65,536 subordinate uids:
     256 tickets for each would never expire (the old table dropped a uid's expired tickets

@@ -31,7 +31,9 @@ def _converter(address: str, tmp_path: Path, *argv: str) -> _migrate_cli.Broker:
     args = cli.build_parser().parse_args(
         ["migrate", "--all", "--tracking-uri", "http://registry.example:5000",
          "--server", address, *argv])
-    return _migrate_cli._converter(args, pem)
+    broker = _migrate_cli._converter(args, pem)
+    broker.lanes.size(1)  # as run_migrate does, once it knows --jobs
+    return broker
 
 
 def test_a_resumed_run_is_answered_from_the_brokers_stored_result(
@@ -204,7 +206,7 @@ def test_each_file_of_a_directory_version_has_a_key_of_its_own() -> None:
     killed half-way through a many-GiB model is answered from the broker's stored results."""
     def keys(client: _Recording) -> list[str | None]:
         keyed = _migrate_cli.KeyedClient(
-            client, "http://registry.example:5000")  # type: ignore[arg-type]
+            client, "http://registry.example:5000", _migrate_cli.Lanes(1))  # type: ignore[arg-type]
         for subject, declared in (("models:/lm/1/pytorch_model-00001-of-00002.bin", None),
                                   ("models:/lm/1/pytorch_model-00002-of-00002.bin", None),
                                   ("models:/lm/1/config.json", "json"),

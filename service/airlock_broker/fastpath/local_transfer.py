@@ -86,7 +86,13 @@ class LocalTransferSettings:
     #: Of those, how many one caller may hold: each pending hand-over can hold one of the
     #: socket's ``max_connections`` threads, and one caller must not take them all.
     max_tickets_per_caller: int = 8
-    max_connections: int = 8
+    max_connections: int = 16
+    #: Of those, how many one uid's hand-overs may hold at once. A check that waits on a
+    #: filesystem that never answers (an overlay over a FUSE mount) holds its thread for good:
+    #: one user with tickets could otherwise hold every one, and the fast path stayed off for
+    #: everyone. The next hand-over of that uid is BUSY at once (its client streams). Four:
+    #: a client converting four files at once hands over four at a time.
+    max_connections_per_uid: int = 4
     connection_timeout_seconds: float = 5.0
     #: Filesystem types (as in /proc/self/mountinfo) a peer's descriptors may be on. Local
     #: ones only: a FUSE or network filesystem can block every read and close for ever.
@@ -108,6 +114,8 @@ class LocalTransferSettings:
             raise ValueError("io_threads and io_wait_seconds must be positive")
         if self.socket_mode & ~0o777:
             raise ValueError("socket_mode must be a permission mode (0o000-0o777)")
+        if self.max_connections_per_uid <= 0:
+            raise ValueError("max_connections_per_uid must be positive")
         if not 0 < self.ticket_ttl_seconds <= 300:
             raise ValueError("ticket_ttl_seconds must be in (0, 300]")
         if self.max_tickets <= 0 or self.max_connections <= 0 \
@@ -132,6 +140,8 @@ class LocalTransferServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
+        #: Hand-overs under way (or stuck) per peer uid (touched on the loop only).
+        self._per_uid: dict[int, int] = {}
         # Its own threads: peers that connect and stay silent must not occupy the loop's
         # default executor, which spooling and validation use. Daemon threads: a check that
         # blocks in a peer's filesystem must not keep the broker from exiting.
@@ -194,18 +204,48 @@ class LocalTransferServer:
             except BaseException:
                 self._slots.release()
                 raise
-            task = asyncio.create_task(self._serve(conn))
+            try:
+                uid = _peer(conn).uid
+            except OSError as exc:  # gone already
+                log.info("local transfer connection dropped: %s", exc)
+                conn.close()
+                self._slots.release()
+                continue
+            if self._per_uid.get(uid, 0) >= self.settings.max_connections_per_uid:
+                self._refuse_at_once(conn, uid)
+                self._slots.release()
+                continue
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            task = asyncio.create_task(self._serve(conn, uid))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    def _refuse_at_once(self, conn: socket.socket, uid: int) -> None:
+        """BUSY on the loop, unread: a fresh socket's buffer takes one small message without
+        blocking, and a peer that is gone just gets nothing."""
+        with conn:
+            limit = self.settings.max_connections_per_uid
+            reply = {"ok": False, "reason": Reason.BUSY.value,
+                     "message": f"uid {uid} already has {limit} same-host hand-overs under "
+                                f"way (max_connections_per_uid = {limit}); stream instead"}
+            conn.setblocking(False)
+            try:
+                conn.send(json.dumps(reply).encode())
+            except OSError as exc:
+                log.info("local transfer connection dropped: %s", exc)
+        log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
+
+    async def _serve(self, conn: socket.socket, uid: int) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._threads,
                                                              self.serve_connection, conn)
         except Exception:
             log.exception("local transfer connection failed")
-        finally:
+        finally:  # not reached while a check waits on a filesystem: that counts for its uid
             self._slots.release()
+            left = self._per_uid.pop(uid, 1) - 1
+            if left:
+                self._per_uid[uid] = left
 
     def serve_connection(self, conn: socket.socket) -> None:
         """One hand-over (blocking: runs on a worker thread). Closes ``conn``."""
@@ -240,14 +280,19 @@ class LocalTransferServer:
             ticket = msg.decode()
             self.table.expect(ticket, peer)  # the ticket before its descriptors
             try:
-                found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
-                check_output(fds[1], allowed, peer.pid)
+                try:
+                    found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
+                    check_output(fds[1], allowed, peer.pid)
+                except OSError as exc:  # fstat of a failing filesystem: EIO, ESTALE
+                    raise error(Reason.LOCAL_FD_REFUSED, "the descriptors could not be "
+                                f"checked: {exc.strerror or exc}") from None
+                if self.io.copies_wedged:
+                    raise error(Reason.BUSY, f"all {self.io.threads} same-host copy threads "
+                                "are held by descriptors that stopped answering; stream "
+                                "instead")
             except AirlockError:
                 self.table.revoke(ticket)  # its client streams instead
                 raise
-            if self.io.copies_wedged:
-                raise error(Reason.BUSY, f"all {self.io.threads} same-host copy threads are "
-                            "held by descriptors that stopped answering; stream instead")
             self.table.attach(ticket, LocalFiles(fds[0], fds[1], found, peer, self.io))
             owned = True
             log.debug("descriptors attached by pid %d uid %d", peer.pid, peer.uid)
@@ -260,10 +305,13 @@ class LocalTransferServer:
                 self.io.close_later(fds)
 
 
+#: struct ucred: pid_t pid; uid_t uid; gid_t gid (uid and gid are unsigned).
+_UCRED = struct.Struct("=iII")
+
+
 def _peer(conn: socket.socket) -> PeerCred:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCred(*_UCRED.unpack(raw))
 
 
 def _bind(path: Path, mode: int) -> socket.socket:
