@@ -198,6 +198,34 @@ def test_a_refusal_is_replayed_but_an_outage_is_forgotten(start) -> None:
     assert not result.replayed and run.conversions == 2
 
 
+def test_a_sandbox_timeout_is_forgotten_so_a_retry_with_more_time_converts(start) -> None:
+    """The key's options do not hold the caller's deadline, and a timeout is partly the
+    machine's load: the stored SANDBOX_TIMEOUT answered a retry that asked for more time
+    with the old refusal, for the store's whole TTL, without converting."""
+    runs: list[int] = []
+
+    def slow_once(spec: JobSpec, data: bytes, out: Path) -> int | None:
+        runs.append(1)
+        return None if len(runs) == 1 else write_safetensors(spec, data, out)
+
+    run = start(slow_once)
+
+    def call(timeout_seconds: int) -> list[pb.ConvertResponse]:
+        meta = pb.ConvertMetadata(size_bytes=len(PICKLE), idempotency_key="slow",
+                                  timeout_seconds=timeout_seconds)
+        requests = [pb.ConvertRequest(metadata=meta),
+                    pb.ConvertRequest(chunk=pb.Chunk(data=PICKLE, crc32=zlib.crc32(PICKLE)))]
+        with grpc.insecure_channel(run.address) as channel:
+            return list(pb_grpc.ConversionServiceStub(channel).Convert(iter(requests),
+                                                                     timeout=60))
+
+    with pytest.raises(grpc.RpcError) as first:
+        call(1)
+    assert error_from_rpc(first.value).reason == "SANDBOX_TIMEOUT"
+    result = call(30)[0].result
+    assert not result.replayed and run.conversions == 2
+
+
 def test_the_client_sends_one_key_on_every_retry(start, tmp_path: Path) -> None:
     run = start()
     run.backend.fail_runs = 2

@@ -47,6 +47,9 @@ FORGOTTEN_REASONS = frozenset({
     Reason.SANDBOX_KILLED, Reason.INTERNAL, Reason.IDEMPOTENCY_KEY_REUSED,
     # The broker's disk or the caller's: the moment's, not the artifact's.
     Reason.SPOOL_FULL, Reason.LOCAL_WRITE_FAILED,
+    # The caller's deadline (not among the key's options) and the machine's load as much as
+    # the artifact: a retry that asks for more time must get it.
+    Reason.SANDBOX_TIMEOUT,
 })
 
 
