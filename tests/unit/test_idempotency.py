@@ -258,9 +258,11 @@ def _stored(store: IdempotencyStore) -> list[str]:
     return sorted(p.name for p in (store.spool_root / "results").iterdir())
 
 
-async def _complete(store: IdempotencyStore, key: str, payload: bytes) -> None:
+async def _complete(store: IdempotencyStore, key: str, payload: bytes,
+                    principal: str = "") -> None:
     """What the pipeline does: the answer's file, in the store's directory, then stored."""
-    async with store.claim("", key, InputDigest.known("sha-" + key), "opts", f"job-{key}") as claim:
+    async with store.claim(principal, key, InputDigest.known("sha-" + key), "opts",
+                           f"job-{key}") as claim:
         path = results_dir(store.spool_root) / f"job-{key}"
         path.touch(mode=0o600)  # as answers.py makes it: the broker's alone
         path.write_bytes(payload)
@@ -292,6 +294,31 @@ def test_store_bounds_entries_bytes_and_age(tmp_path: Path) -> None:
         assert _stored(store) == [] and len(store) == 0
 
     asyncio.run(scenario())
+
+
+def test_one_principal_cannot_push_out_every_other_principals_answers(tmp_path: Path) -> None:
+    """The bounds are shared: evicting the oldest of all let one caller's stream of results
+    push out everyone else's, whose retries then converted again."""
+    async def scenario(settings: IdempotencySettings,
+                       answers: list[tuple[str, str, bytes]]) -> list[str]:
+        root = tmp_path / str(len(answers))
+        root.mkdir()
+        store = IdempotencyStore(root, settings)
+        for principal, key, payload in answers:
+            await _complete(store, key, payload, principal)
+        await store.settle()
+        stored = _stored(store)
+        await store.close()
+        return stored
+
+    by_count = [("alice", "alice-1", b"1234")] + \
+        [("mallory", f"mallory-{n}", b"1234") for n in range(5)]
+    assert asyncio.run(scenario(IdempotencySettings(max_entries=3), by_count)) == \
+        ["job-alice-1", "job-mallory-3", "job-mallory-4"]
+    by_bytes = [("alice", "alice-1", b"1234"), ("bob", "big-1", b"x" * 40),
+                ("bob", "big-2", b"x" * 40)]
+    assert asyncio.run(scenario(IdempotencySettings(max_bytes=50), by_bytes)) == \
+        ["job-alice-1", "job-big-2"]
 
 
 def test_an_evicted_answer_is_unlinked_off_the_event_loop(tmp_path: Path,

@@ -299,15 +299,23 @@ class IdempotencyStore:
         self._evict(keep=entry)
 
     def _evict(self, keep: _Entry | None = None) -> None:
-        """Oldest completed entries first, until within ``max_entries`` and ``max_bytes``."""
-        for ident in list(self._entries):
-            if len(self._entries) <= self.settings.max_entries \
-                    and self._bytes <= self.settings.max_bytes:
+        """Until within ``max_entries`` and ``max_bytes``: the oldest completed entry of the
+        principal whose completed entries hold the most (bytes while over ``max_bytes``, else
+        entries), so that one principal's answers cannot push out every other's. Entries in
+        flight are never evicted; admission bounds how many there can be."""
+        while len(self._entries) > self.settings.max_entries \
+                or self._bytes > self.settings.max_bytes:
+            by_bytes = self._bytes > self.settings.max_bytes
+            held: dict[str, int] = {}
+            oldest: dict[str, tuple[str, str]] = {}
+            for ident, entry in self._entries.items():
+                if entry is keep or entry.stored is None:
+                    continue
+                held[ident[0]] = held.get(ident[0], 0) + (entry.stored.size if by_bytes else 1)
+                oldest.setdefault(ident[0], ident)
+            if not held:
                 return
-            entry = self._entries[ident]
-            if entry is not keep and entry.stored is not None:
-                self._drop(ident)
-        # Entries in flight are never evicted; admission bounds how many there can be.
+            self._drop(oldest[max(held, key=held.__getitem__)])  # ties: the oldest entry's
 
     def _written(self, entry: _Entry, written: asyncio.Future[None]) -> None:
         """A stored file's write ended: if it failed (or was cancelled, at shutdown), the
