@@ -265,6 +265,12 @@ roles = ["admin"]
     ('[[auth.tokens]]\nprincipal = "a"\nroles = []\nsha256 = "' + "0" * 64 + '"\n', "roles"),
     ('[[auth.tokens]]\nprincipal = "a\\u0007"\nroles = ["admin"]\nsha256 = "' + "0" * 64
      + '"\n', "acceptable name"),
+    # The broker's own names: shared idempotency keys and audit name with those callers.
+    ('[[auth.tokens]]\nprincipal = "uid:0"\nroles = ["convert"]\nsha256 = "' + "0" * 64
+     + '"\n', "a name the broker gives callers itself"),
+    ('[[auth.tokens]]\nprincipal = "anonymous"\nroles = ["convert"]\nsha256 = "' + "0" * 64
+     + '"\n', "a name the broker gives callers itself"),
+    ('[[auth.subjects]]\nname = "uid:1000"\nroles = ["admin"]\n', "gives callers itself"),
     ('[[auth.subjects]]\nname = "x"\nroles = ["admin"]\n', "client_ca"),
     ('[auth]\nclient_ca = "ca.pem"\n', "tls_cert"),
 ])

@@ -98,6 +98,11 @@ def _check_name(name: str, where: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"{where}: {name!r} is not an acceptable name (letters, digits and "
                          "_.@:/=,+*- only, at most 253 characters)")
+    # The broker's own names: a token or certificate named so would share the idempotency
+    # keys, tickets and audit name of every unauthenticated caller, or of a local user.
+    if name == "anonymous" or name.startswith("uid:"):
+        raise ValueError(f"{where}: {name!r} is a name the broker gives callers itself "
+                         "('anonymous', 'uid:N'): choose another")
 
 
 @dataclass(frozen=True)
