@@ -326,3 +326,30 @@ def test_the_server_holds_one_caller_to_its_share_of_the_tickets(tmp_path: Path)
         server.table.close()
     assert third.value.reason is Reason.BUSY
     assert "max_tickets_per_caller = 2" in third.value.message
+
+
+def test_a_users_subordinate_uids_share_its_hand_over_threads(tmp_path: Path) -> None:
+    """Hand-overs count per user: a process of a subordinate uid (here this one's, made
+    subordinate to user 7) is held to what the user's other uids already hold."""
+    import asyncio
+
+    from airlock_broker.security.uid_owners import UidOwners
+
+    owners = UidOwners([(os.getuid(), os.getuid() + 1, 7)])
+    settings = LocalTransferSettings(max_connections_per_uid=2)
+    server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20, owners)
+
+    async def scenario() -> dict[str, object]:
+        assert await server.start()
+        server._per_user[7] = 2  # two hand-overs of the user's other uids, stuck
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            await asyncio.to_thread(client.connect, os.fspath(server.path))
+            client.settimeout(30)
+            return dict(json.loads(await asyncio.to_thread(read_reply, client)))
+        finally:
+            client.close()
+            await server.close()
+
+    reply = asyncio.run(scenario())
+    assert reply["reason"] == "BUSY", reply

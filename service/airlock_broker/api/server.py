@@ -53,6 +53,7 @@ from airlock_broker.sandboxes.workspace import (
 )
 from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
+from airlock_broker.security.uid_owners import UidOwners
 from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 
@@ -234,7 +235,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
     # socket's callers are named by uid and the pools need the admin role.
-    peer_tickets = PeerTickets()
+    owners = UidOwners.load()  # a user's subordinate uids count as that user's
+    peer_tickets = PeerTickets(owners=owners)
     interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
     interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
     # Innermost: the methods it serves as streaming ones are guarded and counted above.
@@ -247,7 +249,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     audit = AuditLog(config.audit_path)
     idempotency = IdempotencyStore(config.spool_root, config.idempotency)
     idempotency.start()
-    fast_path = await _local_transfer(config)
+    fast_path = await _local_transfer(config, owners)
     runner = JobRunner(backend, pools, config.output_rooms, onnx_validator=onnx_validator,
                        verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
@@ -337,14 +339,15 @@ async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) 
         await health_servicer.set(name, status)
 
 
-async def _local_transfer(config: BrokerConfig) -> LocalTransferServer | None:
+async def _local_transfer(config: BrokerConfig,
+                          owners: UidOwners) -> LocalTransferServer | None:
     """The same-host fast path's socket, if configured and safely placed (else None, logged)."""
     settings = config.local_transfer
     if not settings.enabled:
         log.info("same-host fast path off ([local_transfer] enabled = false)")
         return None
     local = LocalTransferServer(settings, config.transfer_socket_path,
-                                config.max_artifact_bytes)
+                                config.max_artifact_bytes, owners)
     return local if await local.start() else None
 
 

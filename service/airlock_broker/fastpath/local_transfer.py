@@ -60,6 +60,7 @@ from airlock_broker.fastpath.local_handles import (
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, ensure_dir
+from airlock_broker.security.uid_owners import UidOwners
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class LocalTransferSettings:
     #: socket's ``max_connections`` threads, and one caller must not take them all.
     max_tickets_per_caller: int = 8
     max_connections: int = 16
-    #: Of those, how many one uid's hand-overs may hold at once. A check that waits on a
+    #: Of those, how many one user's hand-overs may hold at once (its subordinate uids, in
+    #: /etc/subuid, count as its own). A check that waits on a
     #: filesystem that never answers (an overlay over a FUSE mount) holds its thread for good:
     #: one user with tickets could otherwise hold every one, and the fast path stayed off for
     #: everyone. The next hand-over of that uid is BUSY at once (its client streams). Four:
@@ -130,8 +132,10 @@ class LocalTransferServer:
     """Accepts descriptor hand-overs on the socket and files them under their tickets."""
 
     def __init__(self, settings: LocalTransferSettings, path: Path,
-                 max_artifact_bytes: int) -> None:
+                 max_artifact_bytes: int, owners: UidOwners | None = None) -> None:
         self.settings = settings
+        #: Whose a peer's uid is (a subordinate uid is its owner's): the per-user bound.
+        self.owners = owners or UidOwners()
         self.path = path
         self.max_artifact_bytes = max_artifact_bytes
         self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets,
@@ -140,8 +144,9 @@ class LocalTransferServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
-        #: Hand-overs under way (or stuck) per peer uid (touched on the loop only).
-        self._per_uid: dict[int, int] = {}
+        #: Hand-overs under way (or stuck) per user: a peer's uid, or its owner's when it is
+        #: a subordinate uid (touched on the loop only).
+        self._per_user: dict[int, int] = {}
         # Its own threads: peers that connect and stay silent must not occupy the loop's
         # default executor, which spooling and validation use. Daemon threads: a check that
         # blocks in a peer's filesystem must not keep the broker from exiting.
@@ -211,12 +216,13 @@ class LocalTransferServer:
                 conn.close()
                 self._slots.release()
                 continue
-            if self._per_uid.get(uid, 0) >= self.settings.max_connections_per_uid:
+            user = self.owners.owner(uid)
+            if self._per_user.get(user, 0) >= self.settings.max_connections_per_uid:
                 self._refuse_at_once(conn, uid)
                 self._slots.release()
                 continue
-            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-            task = asyncio.create_task(self._serve(conn, uid))
+            self._per_user[user] = self._per_user.get(user, 0) + 1
+            task = asyncio.create_task(self._serve(conn, user))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
@@ -226,8 +232,9 @@ class LocalTransferServer:
         with conn:
             limit = self.settings.max_connections_per_uid
             reply = {"ok": False, "reason": Reason.BUSY.value,
-                     "message": f"uid {uid} already has {limit} same-host hand-overs under "
-                                f"way (max_connections_per_uid = {limit}); stream instead"}
+                     "message": f"uid {uid} (or the user whose subordinate uid it is) "
+                                f"already has {limit} same-host hand-overs under way "
+                                f"(max_connections_per_uid = {limit}); stream instead"}
             conn.setblocking(False)
             try:
                 conn.send(json.dumps(reply).encode())
@@ -235,17 +242,17 @@ class LocalTransferServer:
                 log.info("local transfer connection dropped: %s", exc)
         log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
 
-    async def _serve(self, conn: socket.socket, uid: int) -> None:
+    async def _serve(self, conn: socket.socket, user: int) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._threads,
                                                              self.serve_connection, conn)
         except Exception:
             log.exception("local transfer connection failed")
-        finally:  # not reached while a check waits on a filesystem: that counts for its uid
+        finally:  # not reached while a check waits on a filesystem: that counts for its user
             self._slots.release()
-            left = self._per_uid.pop(uid, 1) - 1
+            left = self._per_user.pop(user, 1) - 1
             if left:
-                self._per_uid[uid] = left
+                self._per_user[user] = left
 
     def serve_connection(self, conn: socket.socket) -> None:
         """One hand-over (blocking: runs on a worker thread). Closes ``conn``."""

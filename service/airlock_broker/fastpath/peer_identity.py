@@ -21,10 +21,11 @@ Why it is sound: a ticket only ever crosses the two Unix sockets, never TCP; who
 got it from a process of that uid, and a process that hands its ticket on only lends its own
 identity, which it could as well do by proxying its calls.
 
-Bounded: at most ``per_uid`` unredeemed tickets per uid (the oldest is dropped first), so one
+Bounded: at most ``per_uid`` unredeemed tickets per user (the oldest is dropped first), so one
 user cannot crowd out another, and at most ``max_total`` in all. A user may own 65,536
 subordinate uids (Debian's ``adduser``), and processes in a user namespace connect as each of
-them: without the total bound, 256 tickets each would hold GiBs. At the total bound the ticket
+them: their tickets count as that user's (``/etc/subuid``, security/uid_owners.py), and the
+total bound holds for users no file names. At the total bound the ticket
 dropped is the oldest of the uid that holds the most (the asking uid's own first, if it holds
 any): a genuine client holds one ticket for the milliseconds between getting and redeeming it,
 so a flood pushes it out only once every uid holds one, which takes ``max_total`` uids at
@@ -49,6 +50,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from airlock_broker.security.uid_owners import UidOwners
+
 log = logging.getLogger(__name__)
 
 #: The call metadata that carries a ticket (lower case: gRPC metadata keys are).
@@ -59,56 +62,62 @@ _UCRED = struct.Struct("=iII")
 
 
 class PeerTickets:
-    """Issued, unredeemed tickets. Thread-safe (issued on the loop, redeemed by interceptors)."""
+    """Issued, unredeemed tickets. Thread-safe (issued on the loop, redeemed by interceptors).
+
+    The bounds hold per user: a subordinate uid's tickets count as its owner's
+    (``owners``, security/uid_owners.py); a ticket still names the uid that asked for it."""
 
     def __init__(self, ttl_seconds: float = 30.0, per_uid: int = 256, max_total: int = 4096,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 owners: UidOwners | None = None) -> None:
         self.ttl = ttl_seconds
         self.per_uid = per_uid
         self.max_total = max_total
         self._clock = clock
-        #: ticket -> (uid, expiry), oldest first (= first to expire).
-        self._by_ticket: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        self._by_uid: dict[int, OrderedDict[str, None]] = {}
-        #: uids by how many tickets they hold (index 1 to ``per_uid``): whom to drop from.
+        self._owners = owners or UidOwners()
+        #: ticket -> (uid, owner, expiry), oldest first (= first to expire).
+        self._by_ticket: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
+        self._by_owner: dict[int, OrderedDict[str, None]] = {}
+        #: owners by how many tickets they hold (index 1 to ``per_uid``): whom to drop from.
         self._holders: list[dict[int, None]] = [{} for _ in range(per_uid + 1)]
         self._lock = threading.Lock()
 
     def issue(self, uid: int) -> str:
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
+        owner = self._owners.owner(uid)
         with self._lock:
             while self._by_ticket:  # every uid's expired tickets, oldest first
-                oldest, (_uid, expires) = next(iter(self._by_ticket.items()))
+                oldest, (_uid, _owner, expires) = next(iter(self._by_ticket.items()))
                 if expires > now:
                     break
                 self._drop(oldest)
-            mine = self._by_uid.get(uid)
-            while mine and len(mine) >= self.per_uid:  # this uid's oldest
+            mine = self._by_owner.get(owner)
+            while mine and len(mine) >= self.per_uid:  # this user's oldest
                 self._drop(next(iter(mine)))
-                mine = self._by_uid.get(uid)
+                mine = self._by_owner.get(owner)
             while len(self._by_ticket) >= self.max_total:
-                crowded = uid if uid in self._by_uid else self._most_held()
-                self._drop(next(iter(self._by_uid[crowded])))
-            mine = self._by_uid.setdefault(uid, OrderedDict())
-            self._move(uid, len(mine), len(mine) + 1)
+                crowded = owner if owner in self._by_owner else self._most_held()
+                self._drop(next(iter(self._by_owner[crowded])))
+            mine = self._by_owner.setdefault(owner, OrderedDict())
+            self._move(owner, len(mine), len(mine) + 1)
             mine[ticket] = None
-            self._by_ticket[ticket] = (uid, now + self.ttl)
+            self._by_ticket[ticket] = (uid, owner, now + self.ttl)
         return ticket
 
     def _most_held(self) -> int:
-        """A uid among those that hold the most tickets (lock held, some held)."""
+        """An owner among those that hold the most tickets (lock held, some held)."""
         for holders in reversed(self._holders):
             if holders:
                 return next(iter(holders))
         raise AssertionError("no ticket is held")
 
-    def _move(self, uid: int, held: int, holds: int) -> None:
-        """``uid`` went from ``held`` tickets to ``holds`` (lock held)."""
+    def _move(self, owner: int, held: int, holds: int) -> None:
+        """``owner`` went from ``held`` tickets to ``holds`` (lock held)."""
         if held:
-            del self._holders[held][uid]
+            del self._holders[held][owner]
         if holds:
-            self._holders[holds][uid] = None
+            self._holders[holds][owner] = None
 
     def redeem(self, ticket: str) -> int | None:
         """The uid the ticket was issued to, once; None if unknown, used or expired."""
@@ -119,17 +128,17 @@ class PeerTickets:
             if found is None:
                 return None
             self._drop(ticket)
-        uid, expires = found
+        uid, _owner, expires = found
         return uid if expires > self._clock() else None
 
     def _drop(self, ticket: str) -> None:
         """Forget ``ticket`` (lock held)."""
-        uid, _ = self._by_ticket.pop(ticket)
-        mine = self._by_uid[uid]
+        _uid, owner, _ = self._by_ticket.pop(ticket)
+        mine = self._by_owner[owner]
         del mine[ticket]
-        self._move(uid, len(mine) + 1, len(mine))
+        self._move(owner, len(mine) + 1, len(mine))
         if not mine:
-            del self._by_uid[uid]
+            del self._by_owner[owner]
 
     def __len__(self) -> int:
         with self._lock:
