@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -171,11 +172,44 @@ def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
     record = verify_envelope(provenance, public_key)
     if isinstance(file_or_bytes, bytes):
         sha, size = hashlib.sha256(file_or_bytes).hexdigest(), len(file_or_bytes)
+        check_output(record, sha256=sha, size=size)
     else:
-        sha, size = _hash_file(Path(file_or_bytes))
-    check_output(record, sha256=sha, size=size)
+        path = Path(file_or_bytes)
+        try:
+            with open_regular(path) as fh:
+                check_stream(fh, record)
+        except OSError as exc:
+            raise ProvenanceError("OUTPUT_MISMATCH",
+                                  f"cannot read {path}: {exc.strerror or exc}") from None
     check_kind(record, data_file=data_file)
     return record
+
+
+def open_regular(path: Path, *, dir_fd: int | None = None, follow: bool = True) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, never blocking on a FIFO nor
+    reading a device put at its name; ``follow=False``: not through a link either (ELOOP).
+    Raises ``OSError`` or ``ProvenanceError`` (UNEXPECTED_FILE)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProvenanceError("UNEXPECTED_FILE", f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_stream(fh: BinaryIO, record: ProvenanceRecord) -> None:
+    """Raise unless the regular file ``fh`` holds the record's output: its size first (before
+    a byte is read: a swapped-in file of a TiB is refused at once, not after an hour of
+    hashing), then its sha256, reading at most one byte past the signed size."""
+    size = os.fstat(fh.fileno()).st_size
+    if size != record.output_size:
+        check_output(record, sha256=record.output_sha256, size=size)  # says the sizes
+    sha, size = digest_of(fh, limit=record.output_size)
+    check_output(record, sha256=sha, size=size)
 
 
 def check_kind(record: ProvenanceRecord, *, data_file: bool = False) -> None:
@@ -396,22 +430,17 @@ def write_provenance(output: Path, envelope: bytes) -> Path:
     return target
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
-    try:
-        with path.open("rb") as fh:
-            return digest_of(fh)
-    except OSError as exc:
-        raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read {path}: {exc.strerror}") from None
-
-
-def digest_of(stream: BinaryIO) -> tuple[str, int]:
+def digest_of(stream: BinaryIO, limit: int | None = None) -> tuple[str, int]:
     """The sha256 and size of what ``stream`` holds from where it is (``check_output``'s
-    two figures). Raises the stream's ``OSError``."""
+    two figures); with ``limit``, of at most ``limit`` + 1 bytes (enough to tell a file that
+    grew). Raises the stream's ``OSError``."""
     digest = hashlib.sha256()
     size = 0
-    while block := stream.read(_READ):
+    left = -1 if limit is None else limit + 1
+    while left and (block := stream.read(_READ if left < 0 else min(_READ, left))):
         digest.update(block)
         size += len(block)
+        left = -1 if left < 0 else left - len(block)
     return digest.hexdigest(), size
 
 

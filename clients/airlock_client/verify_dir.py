@@ -41,14 +41,12 @@ from airlock_client.provenance import (
     ProvenanceError,
     ProvenanceRecord,
     PublicKeyLike,
-    check_output,
     check_source,
-    digest_of,
+    check_stream,
     file_subject,
+    open_regular,
     verify_envelope,
 )
-
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -157,6 +155,11 @@ def check_carried_record(name: str, record: ProvenanceRecord,
         raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record is not a {kind} data "
                               f"file's (output {record.output_format[:20]!r}, declared "
                               f"{record.declared_format[:20]!r})")
+    if (record.output_sha256, record.output_size) != (record.input_sha256, record.input_size):
+        # Carried unchanged (docs/provenance.md): the broker refuses anything else, and the
+        # client does not take its word for it (a twin compares the input with the source).
+        raise ProvenanceError("OUTPUT_MISMATCH", f"{name}: its record says the bytes carried "
+                                                 "differ from the bytes given")
     if not _same_directory(whole, record.subject, name):
         raise ProvenanceError(
             "OUTPUT_MISMATCH", f"{name} was signed as part of another directory (subject "
@@ -186,10 +189,17 @@ def _same_directory(whole: ProvenanceRecord, subject: str, name: str) -> bool:
     expected = file_subject(directory, name)
     if subject == expected:
         return True
-    if not (expected.startswith("…") or subject.startswith("…")):
-        return False
+    clipped_mine, clipped_theirs = expected.startswith("…"), subject.startswith("…")
     mine, theirs = expected.lstrip("…"), subject.lstrip("…")
-    return bool(mine and theirs) and (mine.endswith(theirs) or theirs.endswith(mine))
+    if not (mine and theirs):
+        return False
+    if clipped_mine and clipped_theirs:  # the shorter is the end of the longer
+        return mine.endswith(theirs) or theirs.endswith(mine)
+    if clipped_mine:  # only the expected one lost its start: the record's ends with it
+        return theirs.endswith(mine)
+    if clipped_theirs:  # only the record's lost its start: it is the end of the expected
+        return mine.endswith(theirs)
+    return False
 
 
 def _entries(dir_fd: int, root: Path) -> set[str]:
@@ -223,11 +233,10 @@ def _verified(dir_fd: int, name: str, key: PublicKeyLike) -> ProvenanceRecord:
         record = verify_envelope(envelope, key)
         try:
             with _opened(dir_fd, name) as fh:
-                sha256, size = digest_of(fh)
+                check_stream(fh, record)
         except OSError as exc:
             raise ProvenanceError("OUTPUT_MISMATCH", f"cannot read it: "
                                   f"{exc.strerror or exc}") from None
-        check_output(record, sha256=sha256, size=size)
     except ProvenanceError as exc:
         raise ProvenanceError(exc.reason, f"{name}: {exc.message}") from None
     return record
@@ -238,20 +247,14 @@ def _opened(dir_fd: int, name: str) -> BinaryIO:
     a link, never blocking on a FIFO put there since the listing. Raises ``OSError``
     (``FileNotFoundError`` when it is gone) or ``ProvenanceError``."""
     try:
-        fd = os.open(name, _OPEN, dir_fd=dir_fd)
+        return open_regular(Path(name), dir_fd=dir_fd, follow=False)
+    except ProvenanceError as exc:
+        raise ProvenanceError(exc.reason, f"{name} is not a regular file") from None
     except FileNotFoundError:
         raise
     except OSError as exc:  # ELOOP: a link put there since the listing
         raise ProvenanceError("UNEXPECTED_FILE", f"{name} cannot be opened as a regular "
                               f"file: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ProvenanceError("UNEXPECTED_FILE", f"{name} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def listed_shards(index: ProvenanceRecord) -> dict[str, tuple[str, str]]:

@@ -6,6 +6,7 @@ test_model_directories.py, with the broker's real records.)"""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,10 @@ def test_what_cannot_be_vouched_for_is_refused(tmp_path: Path, files: dict[str, 
 
 
 def _signed(key: SigningKey, path: Path, data: bytes, *, subject: str, principal: Principal,
-            declared: str = "") -> None:
+            declared: str = "", given: bytes | None = None) -> None:
     """``data`` at ``path`` with a record the broker would sign: a safetensors conversion's,
-    or (``declared``) a carried data file's of that kind."""
+    or (``declared``) a carried data file's of that kind; ``given``: the input it records,
+    when not ``data`` itself."""
     from airlock_broker.conversion.jobs import JobRequest, JobResult
     from airlock_broker.conversion.outputs import ValidatedOutput
     from airlock_broker.sandboxes.sandbox import Outcome
@@ -57,8 +59,10 @@ def _signed(key: SigningKey, path: Path, data: bytes, *, subject: str, principal
     fmt = OutputFormat.DATA if declared else OutputFormat.SAFETENSORS
     path.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
+    source = data if given is None else given
     result = JobResult(
-        job_id=f"job-{path.name}", input_sha256=digest, input_size=len(data),
+        job_id=f"job-{path.name}", input_sha256=hashlib.sha256(source).hexdigest(),
+        input_size=len(source),
         detected_format=ArtifactFormat(declared) if declared else ArtifactFormat.PYTORCH_ZIP,
         output=ValidatedOutput(format=fmt, size=len(data), sha256=digest, path=path,
                                write_into=lambda fd: None),
@@ -92,3 +96,96 @@ def test_a_data_file_asked_for_by_another_caller_is_refused(tmp_path: Path) -> N
             principal=alice, declared="json")
     checked = verify_directory(out, key.public_pem.encode())
     assert [name for name, _ in checked.carried] == ["config.json"]
+
+
+def test_a_carried_file_whose_record_says_it_changed_is_refused(tmp_path: Path) -> None:
+    """A data file is carried unchanged: a record whose output is not its input (which the
+    broker never signs) is not taken on the broker's word."""
+    key = create_key(tmp_path / "key.pem")
+    alice = Principal("alice", "token", frozenset())
+    out = tmp_path / "out"
+    out.mkdir()
+    _signed(key, out / "model.safetensors", b"weights", subject="/src/pytorch_model.bin",
+            principal=alice)
+    _signed(key, out / "config.json", b'{"model_type": "llama"}', subject="/src/config.json",
+            principal=alice, declared="json", given=b'{"model_type": "gpt2"}')
+    with pytest.raises(ProvenanceError, match="differ from the bytes given") as caught:
+        verify_directory(out, key.public_pem.encode())
+    assert caught.value.reason == "OUTPUT_MISMATCH"
+
+
+def test_a_file_of_another_size_is_refused_before_a_byte_is_hashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights file swapped for a sparse TiB took an hour of hashing to refuse."""
+    import airlock_client.provenance as provenance
+
+    key = create_key(tmp_path / "key.pem")
+    out = tmp_path / "out"
+    out.mkdir()
+    _signed(key, out / "model.safetensors", b"weights", subject="/src/pytorch_model.bin",
+            principal=Principal("alice", "token", frozenset()))
+    os.truncate(out / "model.safetensors", 1 << 40)
+    import airlock_client.verify_dir as verify_dir
+
+    hashed: list[object] = []
+    for module in (provenance, verify_dir):  # wherever a hash would be taken
+        monkeypatch.setattr(module, "digest_of", lambda *a, **k: hashed.append(a),
+                            raising=False)
+    with pytest.raises(ProvenanceError, match="1099511627776 bytes") as caught:
+        verify_directory(out, key.public_pem.encode())
+    assert caught.value.reason == "OUTPUT_MISMATCH" and hashed == []
+    with pytest.raises(ProvenanceError, match="1099511627776 bytes"):
+        provenance.verify(out / "model.safetensors",
+                          (out / ("model.safetensors" + SUFFIX)).read_bytes(),
+                          key.public_pem.encode())
+    assert hashed == []
+
+
+def test_verifying_a_fifo_put_at_a_files_name_does_not_wait_for_a_writer(
+        tmp_path: Path) -> None:
+    """``provenance.verify(path, ...)`` opened the path as it was: a FIFO there blocked it
+    for ever, and a link to /dev/zero read for ever."""
+    import threading
+
+    import airlock_client.provenance as provenance
+
+    key = create_key(tmp_path / "key.pem")
+    _signed(key, tmp_path / "model.safetensors", b"weights", subject="/src/x.bin",
+            principal=Principal("alice", "token", frozenset()))
+    envelope = (tmp_path / ("model.safetensors" + SUFFIX)).read_bytes()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    outcomes: list[str] = []
+
+    def check(name: str) -> None:
+        try:
+            provenance.verify(tmp_path / name, envelope, key.public_pem.encode())
+        except ProvenanceError as exc:
+            outcomes.append(exc.reason)
+
+    for name in ("fifo", "zero"):
+        thread = threading.Thread(target=check, args=(name,), daemon=True)
+        thread.start()
+        thread.join(60)
+    assert outcomes == ["UNEXPECTED_FILE", "UNEXPECTED_FILE"], outcomes
+
+
+def test_a_data_file_of_a_short_subject_does_not_match_a_clipped_directory(
+        tmp_path: Path) -> None:
+    """A subject clipped at the front is compared on what both still hold; a data file whose
+    subject was never clipped matched any directory whose clipped subject ended like it."""
+    key = create_key(tmp_path / "key.pem")
+    alice = Principal("alice", "token", frozenset())
+    out = tmp_path / "out"
+    out.mkdir()
+    long_dir = "/" + "a" * 1100
+    _signed(key, out / "model.safetensors", b"weights",
+            subject=f"{long_dir}/pytorch_model.bin", principal=alice)
+    _signed(key, out / "config.json", b'{"auto_map": {"AutoModel": "evil.Model"}}',
+            subject="a/config.json", principal=alice, declared="json")
+    with pytest.raises(ProvenanceError, match="another directory"):
+        verify_directory(out, key.public_pem.encode())
+    _signed(key, out / "config.json", b'{"model_type": "llama"}',
+            subject=f"{long_dir}/config.json", principal=alice, declared="json")
+    assert [n for n, _ in verify_directory(out, key.public_pem.encode()).carried] == \
+        ["config.json"]
