@@ -526,3 +526,21 @@ def test_root_of_a_user_namespace_writes_as_itself(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out").read_bytes() == b"written"
+
+
+def test_an_output_rewritten_with_its_mtime_set_back_is_not_the_one_validated(
+        tmp_path: Path) -> None:
+    """The sandbox's uid owns its output and may ``utime`` it: same inode, size and mtime
+    after a rewrite in place. The ctime, which ``utime`` itself moves, tells."""
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"validated bytes")
+    before = source.stat()
+    identity = FileIdentity.of(before)
+    with open(source, "r+b") as fh:
+        fh.write(b"rewritten")
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = source.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    with pytest.raises(AirlockError, match="changed after it was validated"):
+        file_copy.open_identical(source, identity)

@@ -31,17 +31,20 @@ HASH_BLOCK_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """Enough of a file's stat to notice that it changed between validation and streaming."""
+    """Enough of a file's stat to notice that it changed between validation and streaming.
+    The ctime too: the file's owner (the sandbox's uid) can set its mtime back with
+    ``utime``, but not its ctime, which that very call moves."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
         """The identity of the file ``st`` describes."""
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
