@@ -289,3 +289,25 @@ def test_runsc_without_oci_seccomp_is_refused_at_start(tmp_path: Path, args: lis
             asyncio.run(backend.check())
     finally:
         asyncio.run(backend.close())
+
+
+def test_a_slot_whose_output_cannot_be_unmounted_is_left_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed unmount was only logged: the removal then walked the sandbox's own
+    filesystem (on ext4, as many hard links as it made), and the image was unlinked under
+    its loop device, which nothing tracked any more."""
+    from airlock_broker.sandboxes import workspace
+
+    ws = JobWorkspace.create(tmp_path, uuid.uuid4().hex, uid=10001, gid=10001,
+                             output_bytes=8 * 1024 * 1024, image_root=tmp_path)
+    (ws.out_dir / "written").write_bytes(b"the sandbox's")
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(workspace._libc, "umount2", lambda *_args: -1)
+            ws.destroy()
+        assert (ws.out_dir / "written").read_bytes() == b"the sandbox's"
+        assert ws.image is not None and ws.image.exists()
+    finally:
+        ws.destroy()
+    assert not ws.root.exists() and not ws.image.exists()
+    assert str(ws.out_dir) not in Path("/proc/self/mountinfo").read_text()

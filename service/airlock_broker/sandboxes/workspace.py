@@ -266,9 +266,10 @@ class JobWorkspace:
 
     def destroy(self) -> None:
         """Unmount and delete everything, the image last (the unmount releases its loop
-        device). Logs instead of raising: it runs in ``finally``."""
-        _destroy_slot(self.root)
-        if self.image is not None:
+        device). Logs instead of raising: it runs in ``finally``. A slot whose output could
+        not be unmounted is left whole, its image too (the next start's reaper tries again):
+        removing files through the mount would walk what the sandbox wrote."""
+        if _destroy_slot(self.root) and self.image is not None:
             _remove_logged(self.image)  # unlink never follows a link
 
 
@@ -387,57 +388,65 @@ def reap_stale(spool_root: Path) -> int:
     return count
 
 
-def _remove_entry(base: int, name: str, shown: Path) -> None:
+def _remove_entry(base: int, name: str, shown: Path) -> bool:
+    """Remove ``name`` (a slot) from the directory open as ``base``; False if its output is
+    still mounted (then nothing is removed: logged) or it could not be opened."""
     try:
         st = os.lstat(name, dir_fd=base)
     except FileNotFoundError:
-        return
+        return True
     if not stat.S_ISDIR(st.st_mode):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=base)
-        return
+        return True
     try:
         fd = os.open(name, _DIR_OPEN, dir_fd=base)
     except OSError as exc:
         log.error("cannot open job directory %s: %s", shown, exc)
-        return
+        return False
     try:
-        _unmount_at(fd, _OUT, shown)
+        if not _unmount_at(fd, _OUT, shown):
+            log.error("job directory %s left in place: its output is still mounted", shown)
+            return False
     finally:
         os.close(fd)
     shutil.rmtree(name, dir_fd=base, ignore_errors=True)
     if os.path.lexists(shown):
         log.error("could not remove job directory %s", shown)
+    return True
 
 
-def _destroy_slot(root: Path) -> None:
+def _destroy_slot(root: Path) -> bool:
+    """Remove the slot ``root``; False if it is left in place (logged)."""
     try:
         base = os.open(root.parent, _DIR_OPEN)
     except FileNotFoundError:
-        return
+        return True
     except OSError as exc:
         log.error("cannot open %s to remove job directory %s: %s", root.parent, root.name, exc)
-        return
+        return False
     try:
-        _remove_entry(base, root.name, root)
+        return _remove_entry(base, root.name, root)
     finally:
         os.close(base)
 
 
-def _unmount_at(dir_fd: int, name: str, shown: Path) -> None:
+def _unmount_at(dir_fd: int, name: str, shown: Path) -> bool:
     """Unmount ``name`` in the directory open as ``dir_fd`` (a slot's ``out``, the state
-    root's ``ram``) if something is mounted there. A link is not a mount point (lstat: same
-    device as its directory) and is never followed (the path goes through the descriptor;
-    UMOUNT_NOFOLLOW for the last part)."""
+    root's ``ram``) if something is mounted there; False if that failed (logged). A link is
+    not a mount point (lstat: same device as its directory) and is never followed (the path
+    goes through the descriptor; UMOUNT_NOFOLLOW for the last part)."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        return
+        return True
     if not stat.S_ISDIR(st.st_mode) or st.st_dev == os.fstat(dir_fd).st_dev:
-        return
+        return True
     target = os.fsencode(f"/proc/self/fd/{dir_fd}/{name}")
     if _libc.umount2(target, _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
         log.error("umount %s failed: %s", shown / name, os.strerror(ctypes.get_errno()))
+        return False
+    return True
 
 
 def _is_mount(parent: Path, name: str) -> bool:
