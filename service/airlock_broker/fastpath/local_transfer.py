@@ -43,7 +43,6 @@ import os
 import re
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from airlock_broker.fastpath.local_handles import (
     check_input,
     check_output,
 )
+from airlock_broker.fastpath.peer_identity import peer_credentials
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, ensure_dir
@@ -312,13 +312,8 @@ class LocalTransferServer:
                 self.io.close_later(fds)
 
 
-#: struct ucred: pid_t pid; uid_t uid; gid_t gid (uid and gid are unsigned).
-_UCRED = struct.Struct("=iII")
-
-
 def _peer(conn: socket.socket) -> PeerCred:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return PeerCred(*_UCRED.unpack(raw))
+    return PeerCred(*peer_credentials(conn))
 
 
 def _bind(path: Path, mode: int) -> socket.socket:

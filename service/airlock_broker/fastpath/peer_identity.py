@@ -61,6 +61,14 @@ _MAX_TICKET = 64
 _UCRED = struct.Struct("=iII")
 
 
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of the Unix socket ``conn``, as
+    the kernel recorded them at ``connect`` (``SO_PEERCRED``). Raises ``OSError``."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
 class PeerTickets:
     """Issued, unredeemed tickets. Thread-safe (issued on the loop, redeemed by interceptors).
 
@@ -204,11 +212,10 @@ class IdentityServer:
         """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer
         takes one small message, and a peer that is already gone just gets nothing."""
         try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            _pid, uid, _gid = _UCRED.unpack(raw)
+            _pid, uid, _gid = peer_credentials(conn)
             conn.send(self.tickets.issue(uid).encode())
         except OSError as exc:
             log.debug("identity socket: peer left early: %s", exc)
 
 
-__all__ = ["PEER_TICKET_HEADER", "IdentityServer", "PeerTickets"]
+__all__ = ["PEER_TICKET_HEADER", "IdentityServer", "PeerTickets", "peer_credentials"]
