@@ -10,10 +10,11 @@ from pathlib import Path
 
 from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_OK, failure, usage_error
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failure, usage_error
 from airlock_client._client import Client, default_address
 from airlock_client._converted_file import (
     FILE_POLICY,
+    OUTPUT_NOT_PLACED,
     default_output,
     failure_document,
     placed,
@@ -97,9 +98,16 @@ def run_convert(args: argparse.Namespace) -> int:
         status, code = failure(exc)
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
         return _report_error(args, status, exc.reason, exc.message, code, job_id)
-    if args.output is None:
-        result = placed(result, output, source.output_base)
-    provenance = write_provenance(result.output, result.provenance)
+    try:
+        if args.output is None:
+            result = placed(result, output, source.output_base)
+        provenance = write_provenance(result.output, result.provenance)
+    except OSError as exc:  # the final name is a directory, the disk is full, ...
+        return _report_error(
+            args, "failed", OUTPUT_NOT_PLACED,
+            f"converted, but it could not be put in place ({exc.strerror or exc}: "
+            f"{exc.filename2 or exc.filename or ''}); the converted file is kept as "
+            f"{result.output}", EXIT_FAILED, result.job_id)
     _report_ok(args, result, provenance)
     return EXIT_OK
 

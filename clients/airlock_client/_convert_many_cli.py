@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -35,8 +36,10 @@ from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address, read_sample
 from airlock_client._converted_file import (
     FILE_POLICY,
+    OUTPUT_NOT_PLACED,
     default_output,
     failure_document,
+    final_name,
     placed,
     result_document,
 )
@@ -53,10 +56,6 @@ from airlock_client._types import TensorSpec
 from airlock_client.batch import MAX_CONCURRENCY, Done, Throughput
 from airlock_client.provenance import write_provenance
 
-#: ``reason`` of a file that converted but could not be renamed into place (or have its
-#: provenance written beside it): the converted file is kept under its temporary name.
-OUTPUT_NOT_PLACED = "OUTPUT_NOT_PLACED"
-
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     """Why these inputs and flags cannot be converted as several files, or None."""
@@ -72,14 +71,22 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return f"-o {args.output}: with several inputs, -o names a directory"
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
-    bases: dict[Path, str] = {}
+    sources: dict[str, str] = {}
+    finals: dict[Path, str] = {}
     for text in args.input:
+        real = os.path.realpath(text)
+        if real in sources:
+            return f"{sources[real]} and {text} are the same file: give it once"
+        sources[real] = text
         base = _base(args, Path(text))
-        stem = base.with_suffix("")
-        if stem in bases:
-            return (f"{bases[stem]} and {text} would both be written as {stem}.*: convert "
-                    "them apart, or rename one")
-        bases[stem] = text
+        # Every name its output may take (its format is the broker's answer), as placed:
+        # "x.safetensors" and "x.converted.pkl" both become x.converted.safetensors.
+        for fmt in ("onnx", "safetensors"):
+            final = final_name(base, fmt)
+            if final in finals and finals[final] != text:
+                return (f"{finals[final]} and {text} would both be written as {final}: "
+                        "convert them apart, or rename one")
+            finals[final] = text
     return None
 
 
@@ -96,7 +103,11 @@ def run_convert_many(args: argparse.Namespace, inputs: tuple[TensorSpec, ...]) -
     except ValueError as exc:
         return usage_error("convert", str(exc), as_json=args.json)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
+        try:
+            args.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return usage_error("convert", f"-o {args.output}: cannot make it a directory "
+                               f"({exc.strerror or exc})", as_json=args.json)
     sources = [Path(text) for text in args.input]
     pairs = [(source, default_output(_base(args, source))) for source in sources]
     count = Throughput(total=len(pairs))

@@ -11,6 +11,9 @@ from typing import Any
 from airlock_client._types import ConversionResult, LoadingPolicy
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
+#: ``reason`` of a file that converted but could not be renamed into place (or have its
+#: provenance written beside it): the converted file is kept under its temporary name.
+OUTPUT_NOT_PLACED = "OUTPUT_NOT_PLACED"
 #: ``--policy`` unless given, for one file or an MLflow model: a pickled estimator or module
 #: often needs its own classes to load. A model directory's is ``model_dir.DIRECTORY_POLICY``.
 FILE_POLICY: LoadingPolicy = "allow_code"

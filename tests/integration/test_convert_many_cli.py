@@ -91,10 +91,16 @@ def test_an_unreachable_broker_ends_the_batch_and_the_rest_is_not_started(
     (["x/m.pkl", "x"], "each must be a file"),
     (["x/m.pkl", "y/m.pkl", "--subject", "s"], "--subject names one input"),
     (["x/m.pkl", "y/n.pkl", "-o", "x/m.pkl"], "names a directory"),
+    # The same file twice, spelled two ways: converted twice into one output before.
+    (["x/m.pkl", "x/../x/m.pkl"], "are the same file"),
+    # Both become x/a.converted.safetensors: one overwrote the other before.
+    (["x/a.safetensors", "x/a.converted.pkl"], "would both be written as"),
+    # -o under a file: a traceback before.
+    (["x/m.pkl", "y/n.pkl", "-o", "x/m.pkl/out"], "cannot make it a directory"),
 ])
 def test_several_inputs_that_cannot_go_together_are_a_usage_error(
         tmp_path: Path, layout: list[str], expected: str) -> None:
-    for name in ("x/m.pkl", "y/m.pkl", "y/n.pkl"):
+    for name in ("x/m.pkl", "y/m.pkl", "y/n.pkl", "x/a.safetensors", "x/a.converted.pkl"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"never sent")
     args = [a.format(out=tmp_path / "out") if a.startswith("{") else
@@ -141,6 +147,21 @@ def test_a_file_that_cannot_be_put_in_place_fails_alone_and_keeps_its_conversion
     assert (failed["status"], failed["reason"]) == ("failed", "OUTPUT_NOT_PLACED"), failed
     kept = tmp_path / "in" / ".a.pkl.airlock-out"
     assert kept.is_file() and str(kept) in failed["message"]  # the conversion is not lost
+
+
+def test_one_file_that_cannot_be_put_in_place_says_so_and_keeps_its_conversion(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    """The same for a file converted alone: its final name taken by a directory raised
+    IsADirectoryError out of the CLI, a traceback and no JSON object."""
+    [a] = _pickles(tmp_path, ["a.pkl"])
+    (tmp_path / "in" / "a.onnx").mkdir()
+    done = run_cli("convert", str(a), "--json", server=broker.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["status"], doc["reason"]) == ("failed", "OUTPUT_NOT_PLACED"), doc
+    kept = tmp_path / "in" / ".a.pkl.airlock-out"
+    assert kept.is_file() and str(kept) in doc["message"] and doc["job_id"]
+    assert "Traceback" not in done.stderr
 
 
 def test_a_second_ctrl_c_cancels_the_conversions_in_flight(broker: BrokerProcess,
