@@ -34,7 +34,9 @@ Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``
     ├── ProvenanceError   PROVENANCE_MISSING, PROVENANCE_MALFORMED, BAD_PUBLIC_KEY,
     │                     SIGNATURE_INVALID, OUTPUT_MISMATCH, SOURCE_MISMATCH,
     │                     PRINCIPAL_NOT_ALLOWED
-    └── SafeLoadError     NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNAVAILABLE (the
+    └── SafeLoadError     VERSION_MISSING (no such version or alias in the registry),
+                          REGISTRY_UNAVAILABLE (the registry failed: try again),
+                          NOT_AIRLOCK_OUTPUT, ARTIFACT_MISSING, ARTIFACT_UNAVAILABLE (the
                           store failed: try again), ARTIFACT_UNSAFE, TOO_LARGE,
                           FORMAT_MISMATCH, TAG_MISMATCH, EXTERNAL_DATA, SOURCE_MISSING,
                           UNEXPECTED_FILE (the version's folder holds more than its files),
@@ -86,6 +88,9 @@ __all__ = ["DEFAULT_MAX_BYTES", "MAX_PROVENANCE_BYTES", "Download", "FetchSource
            "SafeLoadError", "VerifiedArtifact", "VerifiedModelDirectory", "fetch_verified",
            "fetch_verified_directory", "load_verified", "open_artifact"]
 
+#: ``SafeLoadError`` reasons of the registry's lookup of the version itself.
+VERSION_MISSING = "VERSION_MISSING"
+REGISTRY_UNAVAILABLE = "REGISTRY_UNAVAILABLE"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 _SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
 
@@ -294,9 +299,16 @@ def _version(registry: Registry, models_uri: str) -> ModelVersion:
     match = _MODELS_URI.match(models_uri)
     if match is None:
         raise ValueError(f"{models_uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
-    if match["alias"]:
-        return registry.get_model_version_by_alias(match["name"], match["alias"])
-    return registry.get_model_version(match["name"], match["version"])
+    try:
+        if match["alias"]:
+            return registry.get_model_version_by_alias(match["name"], match["alias"])
+        return registry.get_model_version(match["name"], match["version"])
+    except Exception as exc:  # the registry's own errors (MlflowException, REST failures)
+        missing = getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+        raise SafeLoadError(
+            VERSION_MISSING if missing else REGISTRY_UNAVAILABLE,
+            f"cannot read {models_uri[:200]} from the registry: {type(exc).__name__}: "
+            f"{tags.clip(str(exc), 200)}" + ("" if missing else " (try again)")) from exc
 
 
 def _refuse_external_data(onnx: Any, data: bytes) -> None:

@@ -120,6 +120,30 @@ def test_a_version_airlock_did_not_register_is_refused(registry: FakeRegistry,
     assert info.value.reason == "NOT_AIRLOCK_OUTPUT"
 
 
+def test_a_registry_that_fails_the_lookup_is_a_reason_not_a_traceback(
+        registry: FakeRegistry, key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own exceptions escaped ``load_verified``: no reason code, and nothing to say
+    whether to try again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    def missing(*_args: object) -> None:
+        raise MlflowException("Model Version (name=m-airlock, version=7) not found",
+                              error_code=RESOURCE_DOES_NOT_EXIST)
+
+    def down(*_args: object) -> None:
+        raise MlflowException("API request to /api/2.0/mlflow/model-versions/get failed "
+                              "with exception HTTPConnectionPool: Max retries exceeded")
+
+    outcomes = []
+    for failure in (missing, down):
+        monkeypatch.setattr(registry, "get_model_version", failure)
+        with pytest.raises(SafeLoadError) as info:
+            _load(registry, "models:/m-airlock/7", key)
+        outcomes.append((info.value.reason, "try again" in info.value.message))
+    assert outcomes == [("VERSION_MISSING", False), ("REGISTRY_UNAVAILABLE", True)]
+
+
 def test_a_swapped_model_file_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
     _artifacts(registry, "m-airlock")["model/model.onnx"] = tiny_onnx(bias=666.0)
     with pytest.raises(ProvenanceError) as info:
