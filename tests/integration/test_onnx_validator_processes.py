@@ -26,7 +26,7 @@ def children(pid: int) -> set[int]:
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             found.update(int(p) for p in (task / "children").read_text().split())
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         pass
     return found
 
@@ -38,7 +38,7 @@ def validator_pids(broker_pid: int) -> set[int]:
     for pid in children(broker_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone since it was listed
             continue
         if b"airlock_broker.validation.onnx_worker" in cmdline:
             found.update(p for p in {pid} | children(pid) if status(p).get("Seccomp") == "2")
@@ -48,8 +48,8 @@ def validator_pids(broker_pid: int) -> set[int]:
 def status(pid: int) -> dict[str, str]:
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except FileNotFoundError:
-        return {}
+    except (FileNotFoundError, ProcessLookupError):  # a validator ends after its one job:
+        return {}  # its /proc entry goes as it is read (ESRCH), or before
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
