@@ -210,19 +210,19 @@ class LocalTransferServer:
                 self._slots.release()
                 raise
             try:
-                uid = _peer(conn).uid
+                peer = _peer(conn)
             except OSError as exc:  # gone already
                 log.info("local transfer connection dropped: %s", exc)
                 conn.close()
                 self._slots.release()
                 continue
-            user = self.owners.owner(uid)
+            user = self.owners.owner(peer.uid)
             if self._per_user.get(user, 0) >= self.settings.max_connections_per_uid:
-                self._refuse_at_once(conn, uid)
+                self._refuse_at_once(conn, peer.uid)
                 self._slots.release()
                 continue
             self._per_user[user] = self._per_user.get(user, 0) + 1
-            task = asyncio.create_task(self._serve(conn, user))
+            task = asyncio.create_task(self._serve(conn, peer, user))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
@@ -231,10 +231,9 @@ class LocalTransferServer:
         blocking, and a peer that is gone just gets nothing."""
         with conn:
             limit = self.settings.max_connections_per_uid
-            reply = {"ok": False, "reason": Reason.BUSY.value,
-                     "message": f"uid {uid} (or the user whose subordinate uid it is) "
-                                f"already has {limit} same-host hand-overs under way "
-                                f"(max_connections_per_uid = {limit}); stream instead"}
+            reply = _refusal(error(Reason.BUSY, f"uid {uid} (or the user whose subordinate uid "
+                                   f"it is) already has {limit} same-host hand-overs under "
+                                   f"way (max_connections_per_uid = {limit}); stream instead"))
             conn.setblocking(False)
             try:
                 conn.send(json.dumps(reply).encode())
@@ -242,10 +241,10 @@ class LocalTransferServer:
                 log.info("local transfer connection dropped: %s", exc)
         log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
 
-    async def _serve(self, conn: socket.socket, user: int) -> None:
+    async def _serve(self, conn: socket.socket, peer: PeerCred, user: int) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._threads,
-                                                             self.serve_connection, conn)
+                                                             self.serve_connection, conn, peer)
         except Exception:
             log.exception("local transfer connection failed")
         finally:  # not reached while a check waits on a filesystem: that counts for its user
@@ -254,13 +253,13 @@ class LocalTransferServer:
             if left:
                 self._per_user[user] = left
 
-    def serve_connection(self, conn: socket.socket) -> None:
-        """One hand-over (blocking: runs on a worker thread). Closes ``conn``."""
+    def serve_connection(self, conn: socket.socket, peer: PeerCred | None = None) -> None:
+        """One hand-over (blocking: runs on a worker thread); ``peer``: its credentials, when
+        the accept loop read them already. Closes ``conn``."""
         with conn:
             try:
                 conn.settimeout(self.settings.connection_timeout_seconds)
-                peer = _peer(conn)
-                reply = self._receive(conn, peer)
+                reply = self._receive(conn, peer or _peer(conn))
                 conn.sendall(json.dumps(reply).encode())
             except OSError as exc:
                 log.info("local transfer connection dropped: %s", exc)
@@ -306,10 +305,15 @@ class LocalTransferServer:
             return {"ok": True}
         except AirlockError as exc:
             log.info("local transfer refused (pid %d uid %d): %s", peer.pid, peer.uid, exc)
-            return {"ok": False, "reason": exc.reason.value, "message": exc.message}
+            return _refusal(exc)
         finally:
             if not owned:  # not here: a close of a refused FUSE file waits for its daemon
                 self.io.close_later(fds)
+
+
+def _refusal(exc: AirlockError) -> dict[str, object]:
+    """The reply to a hand-over that is refused (its client streams instead)."""
+    return {"ok": False, "reason": exc.reason.value, "message": exc.message}
 
 
 def _peer(conn: socket.socket) -> PeerCred:
