@@ -121,7 +121,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def audit_lines(tmp_path: Path, expected: int) -> list[dict[str, Any]]:
     path = tmp_path / "spool" / "audit.jsonl"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         lines = path.read_text().splitlines() if path.exists() else []
         if len(lines) >= expected or time.monotonic() > deadline:

@@ -66,7 +66,7 @@ def _files_left(tmp_path: Path) -> list[str]:
             continue
 
 
-def leftovers(tmp_path: Path, timeout: float = 5.0) -> list[str]:
+def leftovers(tmp_path: Path, timeout: float = 30.0) -> list[str]:
     """Files left in the spool once the broker's background clean-up has had its chance."""
     deadline = time.monotonic() + timeout
     while (left := _files_left(tmp_path)) and time.monotonic() < deadline:
@@ -74,7 +74,7 @@ def leftovers(tmp_path: Path, timeout: float = 5.0) -> list[str]:
     return left
 
 
-def settled(backend: FakeSandbox, timeout: float = 5.0) -> set[str]:
+def settled(backend: FakeSandbox, timeout: float = 30.0) -> set[str]:
     """The slots still alive once released ones have been destroyed (in the background)."""
     deadline = time.monotonic() + timeout
     while backend.live and time.monotonic() < deadline:
@@ -84,7 +84,7 @@ def settled(backend: FakeSandbox, timeout: float = 5.0) -> set[str]:
 
 def audit_records(tmp_path: Path, expected: int) -> list[dict[str, object]]:
     """The audit lines, once ``expected`` have been written (the line follows the reply)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         lines = (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()
         if len(lines) >= expected or time.monotonic() > deadline:

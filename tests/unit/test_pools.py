@@ -222,11 +222,12 @@ def test_without_deferral_the_replacement_starts_at_once(tmp_path: Path) -> None
         sk = pools.pools["sklearn"]
         await _until(lambda: len(sk.warm) == 1 and sk.starting == 0)
         slot = await pools.acquire("sklearn")
-        await _until(lambda: len(sk.warm) + sk.starting == 1, timeout=0.9)
+        # A deferred start would wait the whole minute: half of it tells the two apart.
+        await _until(lambda: len(sk.warm) + sk.starting == 1, timeout=30.0)
         await pools.release(slot)
 
     run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=2, profiles=("sklearn",),
-                                     defer_replacement=False), body)
+                                     defer_replacement=False, defer_max_seconds=60.0), body)
 
 
 def _slow_starts(backend: FakeSandbox, seconds: float) -> asyncio.Event:
