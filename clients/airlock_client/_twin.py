@@ -118,12 +118,24 @@ def read_twin(registry: Registry, download: Download, mv: ModelVersion,
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT",
                             f"{name} version {version} was not registered by airlock migrate "
                             "(it has no airlock output tags); migrate its source first")
-    base = registry.get_model_version_download_uri(name, version).rstrip("/")
+    base = files_of(registry, name, version)
     record, data = verified_output(download, base, fmt, public_key, "the version",
                                    max_bytes=max_bytes, keep_bytes=keep_bytes,
                                    listing=listing)
     check_output_tag(mv, record)
     return Twin(name=name, version=version, format=fmt, record=record, data=data)
+
+
+def files_of(registry: Registry, name: str, version: str) -> str:
+    """Where the registry keeps ``name`` v``version``'s files. The registry derives it from
+    the version's source, which whoever registered the version chose (MLflow raises for a
+    run that does not exist): a lookup that fails is this version's failure, with a reason,
+    never a registry's outage that stops a whole migration."""
+    try:
+        return registry.get_model_version_download_uri(name, version).rstrip("/")
+    except Exception as exc:  # the registry's own errors
+        raise SafeLoadError(UNAVAILABLE, f"cannot find where {name} version {version}'s files "
+                            f"are: {type(exc).__name__}: {tags.clip(str(exc), 200)}") from exc
 
 
 def verified_output(download: Download, base: str, fmt: tags.OutputFormat,

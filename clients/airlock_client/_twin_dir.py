@@ -46,6 +46,7 @@ from airlock_client._twin import (
     check_output_tag,
     check_tags,
     downloaded,
+    files_of,
     read_small,
     source_subject,
 )
@@ -214,7 +215,7 @@ def read_directory_twin(registry: Registry, download: Download, mv: ModelVersion
     if tag(mv, tags.OUTPUT_LAYOUT) != tags.LAYOUT_DIRECTORY:
         raise SafeLoadError("NOT_AIRLOCK_OUTPUT", f"{name} version {version} is not a "
                                                   "directory registered by airlock migrate")
-    base = registry.get_model_version_download_uri(name, version).rstrip("/")
+    base = files_of(registry, name, version)
     names = sorted({*source.outputs.values(), *source.data}
                    | ({_hf_dir.SAFE_WEIGHTS_INDEX} if source.sharded else set()))
     where = f"{name} version {version}"

@@ -723,6 +723,32 @@ def test_a_claim_the_store_cannot_list_never_blocks_a_version(key: SigningKey) -
     assert registry.models["m-airlock"].aliases["champion"] == outcomes["3"].target.split("/")[1]
 
 
+def test_a_claim_whose_files_cannot_be_located_never_blocks_a_version(
+        key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with a claim the registry cannot even say where its files are (MLflow
+    raises for a version whose source is a run that does not exist): its exception escaped
+    the check and aborted every run as REGISTRY_UNAVAILABLE."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=1)
+    sandbox = FakeSandbox(key)
+    _listed(registry, sandbox).run(["m"])  # m/1 has its twin, m-airlock/1
+    registry.versions["m-airlock"].append(FakeVersion(
+        "m-airlock", "2", {tags.SOURCE_MODEL: "m", tags.SOURCE_VERSION: "1",
+                           tags.OUTPUT_FORMAT: "onnx"},
+        run_id="gone", source="runs:/gone/model"))
+    registry.version("m", 1).tags[tags.MIGRATED_TO] = "m-airlock/2"
+    located = registry.get_model_version_download_uri
+
+    def download_uri(name: str, version: str) -> str:
+        if registry.version(name, version).source.startswith("runs:/gone"):
+            raise RuntimeError("Run 'gone' not found")
+        return located(name, version)
+
+    monkeypatch.setattr(registry, "get_model_version_download_uri", download_uri)
+    (outcome,) = _listed(registry, sandbox).run(["m"])
+    assert (outcome.status, outcome.target) == (Status.ALREADY_MIGRATED, "m-airlock/1")
+
+
 def test_a_listing_bounds_a_twins_files_before_any_download(tmp_path: Path,
                                                           key: SigningKey) -> None:
     """A folder whose model file the store lists beyond the cap is refused unread."""

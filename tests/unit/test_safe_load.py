@@ -144,6 +144,23 @@ def test_a_registry_that_fails_the_lookup_is_a_reason_not_a_traceback(
     assert outcomes == [("VERSION_MISSING", False), ("REGISTRY_UNAVAILABLE", True)]
 
 
+def test_a_version_whose_files_cannot_be_located_is_a_reason_not_a_traceback(
+        registry: FakeRegistry, key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second registry call, where the version's files are, let MLflow's exception
+    through (a version's source names a run that is gone: MLflow raises)."""
+    from mlflow.exceptions import MlflowException
+
+    def gone(*_args: object) -> None:
+        raise MlflowException("Run 'nowhere' not found")
+
+    monkeypatch.setattr(registry, "get_model_version_download_uri", gone)
+    for call in (_load, _fetch):
+        with pytest.raises(SafeLoadError) as info:
+            call(registry, "models:/m-airlock/1", key)
+        assert info.value.reason == "ARTIFACT_UNAVAILABLE"
+        assert "m-airlock version 1" in info.value.message and "not found" in info.value.message
+
+
 def test_a_swapped_model_file_is_refused(registry: FakeRegistry, key: SigningKey) -> None:
     _artifacts(registry, "m-airlock")["model/model.onnx"] = tiny_onnx(bias=666.0)
     with pytest.raises(ProvenanceError) as info:
