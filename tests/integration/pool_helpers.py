@@ -193,7 +193,7 @@ def exists(docker_client: Any, container_id: str) -> bool:
     return True
 
 
-def removed(docker_client: Any, container_id: str, timeout: float = 10.0) -> bool:
+def removed(docker_client: Any, container_id: str, timeout: float = 60.0) -> bool:
     """Whether the container is gone within ``timeout``: the broker removes a finished job's
     container in the background, right after the RPC ends."""
     deadline = time.monotonic() + timeout

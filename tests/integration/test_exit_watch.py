@@ -50,11 +50,19 @@ def _predict(model: Path, sample: np.ndarray) -> list[np.ndarray]:
 def test_a_success_is_frozen_and_a_failure_seen_by_the_engine(
         broker: BrokerProcess, tmp_path: Path) -> None:
     artifact, _ = models.make_sklearn_pickle(tmp_path / "in")
-    job_id = _convert(broker, artifact, tmp_path / "out.onnx")
-    record = _audit(broker, job_id)
-    assert record["runtime"] == "runc"
-    assert record["exit_code"] == 0
-    assert record["exit_seen_by"] == "freezer"
+    # A freeze gets 0.1 s before the broker falls back to the death (the kernel's or the
+    # engine's word): on a very loaded machine that can pass, so a few tries must see the
+    # freezer's.
+    seen = []
+    for attempt in range(5):
+        job_id = _convert(broker, artifact, tmp_path / f"out{attempt}.onnx")
+        record = _audit(broker, job_id)
+        assert record["runtime"] == "runc"
+        assert record["exit_code"] == 0
+        seen.append(record["exit_seen_by"])
+        if seen[-1] == "freezer":
+            break
+    assert seen[-1] == "freezer" and set(seen) <= {"freezer", "kernel", "engine"}, seen
 
     artifact, _ = models.make_state_dict(tmp_path / "sd")
     with Client(broker.address) as client, pytest.raises(ConversionError) as info:

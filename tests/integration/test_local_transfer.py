@@ -312,13 +312,13 @@ def test_a_used_ticket_cannot_be_replayed(broker: BrokerProcess, tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def authed(docker_client, tmp_path_factory) -> Iterator[BrokerProcess]:  # type: ignore[no-untyped-def]
-    """A broker with two principals and 1-second tickets (cold containers: its tests are
-    about tickets, not pools)."""
+    """A broker with two principals and 8-second tickets (cold containers: its tests are
+    about tickets, not pools). Long enough for a hand-over and a call on a busy machine."""
     tmp = tmp_path_factory.mktemp("authed")
     config = tmp / "broker.toml"
     config.write_text(
         f'[sandbox]\nimage = {IMAGE!r}\n\n[pools]\nmin_warm = 0\n\n'
-        f'[local_transfer]\nticket_ttl_seconds = 1.0\n\n'
+        f'[local_transfer]\nticket_ttl_seconds = 8.0\n\n'
         + "".join(f'[[auth.tokens]]\nprincipal = "{name}"\nroles = ["convert"]\n'
                   f'sha256 = "{token_digest(token)}"\n\n'
                   for name, token in (("alice", ALICE), ("bob", BOB))))
@@ -347,7 +347,7 @@ def test_a_ticket_is_bound_to_its_principal_and_expires(authed: BrokerProcess,
         assert _reason(caught.value) == "LOCAL_HANDLE_FOREIGN"
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         old = _ticket(authed, ALICE)
-        time.sleep(1.5)
+        time.sleep(8.5)
         assert _send(path, old.encode(), [in_fd, fresh[1]])["reason"] == "LOCAL_HANDLE_INVALID"
         with pytest.raises(grpc.RpcError) as caught:  # alice's first ticket expired meanwhile
             _convert_with(authed, ticket, ALICE)

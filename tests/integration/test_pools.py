@@ -216,7 +216,7 @@ def test_the_pool_refills_to_min_warm_after_jobs(
     # The last job's container is removed in the background right after its RPC; the pool may
     # already be full by then (max_warm 2), so give the removal its moment (bounded).
     ph.wait_for(lambda: ph.count_by_profile(docker_client, ready.identity)
-                == dict.fromkeys(ALL, 1), 10, "one container per profile",
+                == dict.fromkeys(ALL, 1), 60, "one container per profile",
                 lambda: str(ph.count_by_profile(docker_client, ready.identity)))
     reused = ph.idle_warm_ids(docker_client, ready, "sklearn") & warm_before
     assert reused == set(), "the sklearn warm container is one that existed before the jobs"
@@ -239,7 +239,7 @@ def test_restart_replaces_every_warm_container_while_a_job_in_flight_completes(
         # The job holds one container; its pool has started a replacement meanwhile.
         # The spare's start is deferred for defer_max_seconds (2 s) of a job this long.
         ph.wait_for(lambda: (s := ready.status()["sklearn"]).busy == 1 and s.warm == 1
-                    and s.starting == 0, 10, "the slow job to run with a warm spare",
+                    and s.starting == 0, 60, "the slow job to run with a warm spare",
                     lambda: str(ready.status()))
         in_flight = [c for c in ph.containers_of(docker_client, ready.identity)
                      if not ph.is_idle(c, ready.spool)]
@@ -285,7 +285,7 @@ def test_restart_of_one_profile_replaces_that_profiles_warm_containers_only(
     try:
         # The job took the sklearn container; restart "light" while sklearn's replacement is
         # still starting: that start has nothing to do with the restart and must survive it.
-        ph.wait_for(lambda: ready.status()["sklearn"].starting == 1, 10,
+        ph.wait_for(lambda: ready.status()["sklearn"].starting == 1, 60,
                     "sklearn's replacement to be starting", interval=0.005)
         assert ready.client.restart_pools("light") == 1
     finally:
@@ -374,7 +374,7 @@ def test_orphans_of_a_killed_broker_are_reaped_by_a_running_brokers_sweep(
         doomed.proc.process.send_signal(signal.SIGKILL)
         doomed.proc.process.wait(30)
         # The shared broker sweeps every 2 s (any other live broker's sweep may win the race).
-        ph.wait_for(lambda: not any(ph.exists(docker_client, c) for c in orphans), 15,
+        ph.wait_for(lambda: not any(ph.exists(docker_client, c) for c in orphans), 60,
                     "a sweep to reap the dead broker's containers", ready.log_tail)
         assert ready.status()["light"].warm == 1, "the sweep touched a live broker's pool"
     finally:
@@ -492,7 +492,7 @@ def test_with_pools_off_a_job_takes_the_cold_path_and_no_warm_container_exists(
 def _kill(docker_client: Any, container_id: str) -> None:
     docker_client.api.kill(container_id)
     ph.wait_for(lambda: not docker_client.api.inspect_container(container_id)["State"]["Running"],
-                10, f"{container_id[:12]} to die")
+                60, f"{container_id[:12]} to die")
 
 
 def test_a_warm_container_that_died_is_replaced_and_counted_by_the_sweep(

@@ -113,7 +113,8 @@ def test_a_second_interrupt_abandons_what_is_in_flight() -> None:
     def interrupt_twice() -> None:
         started.wait(timeout=60)
         for _ in range(2):
-            time.sleep(0.3)  # each lands while the main thread waits in the batch
+            time.sleep(1.0)  # each lands while the main thread waits in the batch (two
+            # within one bytecode of a starved main thread would be handled as one)
             signal.pthread_kill(main, signal.SIGINT)
 
     began = time.monotonic()

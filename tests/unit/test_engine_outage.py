@@ -26,7 +26,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+def _wait(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -57,13 +57,12 @@ def test_outage_flips_health_refuses_with_the_reason_and_recovery_refills(
         _wait(lambda: status() == NOT_SERVING)
         why = client.pool_status()[0].unavailable
         assert "fake engine is down" in why
-        began = time.monotonic()
+        prepared = backend.prepared
         with pytest.raises(ServiceUnavailable) as info:
             client.convert(src, tmp_path / "out.safetensors")
         assert info.value.reason == "SANDBOX_UNAVAILABLE" and "fake engine is down" in str(
             info.value)
-        assert time.monotonic() - began < 2  # refused at once, not after a failed start
-        prepared = backend.prepared
+        assert backend.prepared == prepared  # refused at once, not after a failed start
 
         backend.unavailable = False  # the engine is back
         backend.dead |= backend.live  # and, as after a real restart, the warm ones are dead

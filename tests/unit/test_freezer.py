@@ -47,6 +47,14 @@ elif then == "write-on":
 """
 
 
+@pytest.fixture(autouse=True)
+def patient_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker gives a freeze 0.1 s, then falls back to the death (tested below, with
+    its own bound); a loaded machine can take longer to park a task, which is not what
+    these tests are about."""
+    monkeypatch.setattr(exit_watch, "FREEZE_TIMEOUT_SECONDS", 30.0)
+
+
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
     assert (FREEZER / "freezer.state").exists() or FREEZER.is_dir(), \

@@ -82,7 +82,7 @@ def test_stalled_copies_are_given_up_at_their_deadline_and_wedge_nothing_else(
             with pytest.raises(AirlockError) as busy:
                 await io.run(stall, (fd,), _deadline(5))  # type: ignore[arg-type]
             assert busy.value.reason is Reason.BUSY and "2 held by" in busy.value.message
-            assert time.monotonic() - began < 0.3
+            assert time.monotonic() - began < 5  # at once, not after the 5 s deadline
             # Meanwhile the loop and its default executor are untouched.
             assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42
             release.set()  # the filesystem answers at last: the threads come back
@@ -158,7 +158,7 @@ def test_closes_never_block_the_caller(monkeypatch: pytest.MonkeyPatch, tmp_path
         began = time.monotonic()
         for fd in fds:
             io.close_later([fd])
-        assert time.monotonic() - began < 1
+        assert time.monotonic() - began < 5  # the slow closes run on threads, not here
         assert io.closes_wedged  # two threads blocked, one close queued
     finally:
         release.set()

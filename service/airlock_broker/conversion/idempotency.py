@@ -163,9 +163,11 @@ def options_digest(*parts: object) -> str:
 
 
 class IdempotencyStore:
-    def __init__(self, spool_root: Path, settings: IdempotencySettings) -> None:
+    def __init__(self, spool_root: Path, settings: IdempotencySettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.spool_root = spool_root
+        self._clock = clock
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._bytes = 0
         #: Removals of evicted answers' files, and writes of stored ones, under way.
@@ -269,7 +271,7 @@ class IdempotencyStore:
 
     def purge(self) -> int:
         """Forget completed entries past their TTL and delete their files."""
-        now = time.monotonic()
+        now = self._clock()
         expired = [k for k, e in self._entries.items() if e.stored is not None and e.expires <= now]
         for key in expired:
             self._drop(key)
@@ -293,7 +295,7 @@ class IdempotencyStore:
             written.add_done_callback(functools.partial(self._written, entry))
             stored = dataclasses.replace(stored, written=written)
         entry.stored = stored
-        entry.expires = time.monotonic() + self.settings.ttl_seconds
+        entry.expires = self._clock() + self.settings.ttl_seconds
         self._bytes += stored.size
         entry.done.set()
         self._evict(keep=entry)
