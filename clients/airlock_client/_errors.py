@@ -106,6 +106,15 @@ class SafeLoadError(IntegrityError):
         super().__init__(message, reason=reason)
 
 
+class FileSkipped(AirlockError):
+    """A file of a model directory its client did not convert because another file had
+    already failed the directory (``airlock migrate``: a file that waited for one of the
+    run's lanes while the other failed). Not a failure of its own: the directory fails with
+    the first one's reason, and the skipped file gets no progress line (``model_dir``)."""
+
+    reason = "SKIPPED_AFTER_FAILURE"
+
+
 #: ``ModelSourceError``'s reason when a ``models:/`` or ``runs:/`` source could not be fetched
 #: (the registry's doing, not the model's).
 DOWNLOAD_FAILED = "MLFLOW_DOWNLOAD_FAILED"

@@ -59,6 +59,7 @@ from airlock_client._errors import (
     AccessDenied,
     AirlockError,
     ConversionError,
+    FileSkipped,
     ServiceUnavailable,
 )
 from airlock_client._lineage import clip
@@ -262,7 +263,8 @@ def _converter(args: argparse.Namespace, public_key: PublicKeyLike | None) -> Br
         # large model of a run does not convert one file at a time. A many-GiB model takes
         # minutes: a line per weights file says how far it is. A twin must hold every data
         # file (_twin_dir): one refused fails the version before any shard is converted.
-        return convert_directory(keyed, model_dir, output, jobs=lanes.count, subject=subject,
+        return convert_directory(keyed.for_directory(), model_dir, output, jobs=lanes.count,
+                                 subject=subject,
                                  job_timeout=args.timeout, on_busy=busy_notice("migrate"),
                                  all_data_files=True,
                                  progress=lambda p: _progress(f"{subject}: {p.shard} "
@@ -306,11 +308,21 @@ class KeyedClient:
     its options (and again under a fresh key when the broker saw other bytes under that one);
     what ``convert_directory`` asks of a client."""
 
-    def __init__(self, client: Client, registry_uri: str, lanes: Lanes) -> None:
+    def __init__(self, client: Client, registry_uri: str, lanes: Lanes,
+                 failed: threading.Event | None = None) -> None:
         self.client = client
         self.registry_uri = registry_uri
         #: Each conversion holds one of the run's lanes while it is in flight.
         self.lanes = lanes
+        #: Set when one of this client's conversions failed (``for_directory``).
+        self.failed = failed
+
+    def for_directory(self) -> KeyedClient:
+        """This client for one directory version's files. Every file's failure fails a
+        migrated version (it wants every data file: ``all_data_files``), so once one fails, a
+        file that was still waiting for a lane is not converted (``FileSkipped``): its
+        conversion, a many-GiB shard's maybe, would be thrown away."""
+        return KeyedClient(self.client, self.registry_uri, self.lanes, threading.Event())
 
     def convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str],
                 **options: Any) -> ConversionResult:
@@ -321,15 +333,27 @@ class KeyedClient:
                              job_timeout=int(options.get("job_timeout", 0)),
                              declared=str(options.get("declared_format") or ""))
         with self.lanes:
+            if self.failed is not None and self.failed.is_set():
+                raise FileSkipped(f"{clip(subject, 200)}: not converted: another file of "
+                                  "its version failed first")
             try:
-                return self.client.convert(artifact, output, idempotency_key=key, **options)
-            except ConversionError as exc:
-                if exc.reason != KEY_REUSED:
-                    raise
-                _progress(f"{subject}: its files are not the ones converted under its key "
-                          "within the broker's idempotency TTL; converting them under a fresh "
-                          "key")
-                return self.client.convert(artifact, output, **options)
+                return self._convert(artifact, output, key, subject, options)
+            except BaseException:
+                if self.failed is not None:
+                    self.failed.set()  # before the lane is given back to a file waiting
+                raise
+
+    def _convert(self, artifact: str | os.PathLike[str], output: str | os.PathLike[str],
+                 key: str, subject: str, options: dict[str, Any]) -> ConversionResult:
+        try:
+            return self.client.convert(artifact, output, idempotency_key=key, **options)
+        except ConversionError as exc:
+            if exc.reason != KEY_REUSED:
+                raise
+            _progress(f"{subject}: its files are not the ones converted under its key "
+                      "within the broker's idempotency TTL; converting them under a fresh "
+                      "key")
+            return self.client.convert(artifact, output, **options)
 
     def attest_index(self, index: bytes, shards: Sequence[tuple[str, bytes]], *,
                      subject: str = "") -> bytes:

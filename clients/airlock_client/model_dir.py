@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from airlock_client import _bundle, _hf_dir, _part_files, _st_header
 from airlock_client._batch_jobs import FALLBACK_JOBS, SHARDS_PROFILE
-from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
+from airlock_client._errors import AccessDenied, AirlockError, FileSkipped, ServiceUnavailable
 from airlock_client._hf_dir import DataFile, HfModelDir, Shard, Skipped
 from airlock_client._types import (
     Assurance,
@@ -331,6 +331,8 @@ def _carry_data_files(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs
     refused: dict[str, Skipped] = {}
     for done in run_bounded(model.data_files, work, concurrency=jobs, stop=lambda d: not d.ok,
                             abandon=client.close):
+        if isinstance(done.error, FileSkipped):
+            continue  # another file failed first (and was yielded first): its failure stands
         if done.result is not None:
             refused[done.item.name] = done.result
         if not done.ok:  # unreachable or denied: the broker's or the caller's, not the file's
@@ -379,6 +381,8 @@ def _convert_shards(client: ShardClient, model: HfModelDir, tmp: Path, *, jobs: 
     # have all returned before the temporary directory is removed (convert_directory).
     for done in run_bounded(model.shards, work, concurrency=jobs, stop=lambda d: not d.ok,
                             abandon=client.close):
+        if isinstance(done.error, FileSkipped):
+            continue  # another shard failed first (and was yielded first): its failure stands
         # Unreachable, or the caller denied: about the broker or the caller, not this shard.
         unreached = not answered and isinstance(done.error, (ServiceUnavailable, AccessDenied))
         answered = answered or not unreached

@@ -718,6 +718,39 @@ def test_a_failed_shard_fails_the_directory_and_leaves_nothing(tmp_path: Path) -
     assert convert_directory(FakeClient(GOOD), src, tmp_path / "out").shards  # type: ignore[arg-type]
 
 
+def test_a_file_its_client_skipped_after_a_failure_is_neither_the_failure_nor_a_line(
+        tmp_path: Path) -> None:
+    """``airlock migrate``'s client skips a file that waited for a lane while another failed
+    (``FileSkipped``): the directory fails with the first failure, whichever of the two the
+    batch yields first, and only that one gets a progress line."""
+    from airlock_client._errors import FileSkipped
+
+    src = hf_dir(tmp_path / "m", SHARDS)
+    bad, skipped = "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin"
+    both_in = threading.Barrier(2, timeout=30)
+    client = FakeClient(GOOD, meanwhile=both_in.wait, errors={
+        bad: ConversionError("POLICY_VIOLATION", "the loader would run code",
+                             kind="rejected", code="X"),
+        skipped: FileSkipped("not converted: another file of its version failed first")})
+    lines: list[str] = []
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(client, src, tmp_path / "out", jobs=2,  # type: ignore[arg-type]
+                          progress=lambda p: lines.append(f"{p.shard} {p.ok}"))
+    assert (caught.value.reason, caught.value.shard) == ("POLICY_VIOLATION", bad)
+    assert lines == [f"{bad} False"]
+    # The same for a data file skipped after one that was not what its name says.
+    (src / "tokenizer.json").write_text("{}")
+    (src / "vocab.txt").write_text("a\nb\n")
+    carrying = FakeClient(GOOD, errors={
+        "tokenizer.json": ConversionError("FORMAT_MISMATCH", "declared json, but it is not",
+                                          kind="rejected", code="X"),
+        "vocab.txt": FileSkipped("not converted: another file of its version failed first")})
+    with pytest.raises(ModelDirError) as caught:
+        convert_directory(carrying, src, tmp_path / "out2", jobs=2,  # type: ignore[arg-type]
+                          all_data_files=True)
+    assert caught.value.reason == "DATA_FILE_REFUSED" and "tokenizer.json" in str(caught.value)
+
+
 def test_a_shard_whose_tensors_disagree_with_the_index_is_refused(tmp_path: Path) -> None:
     src = hf_dir(tmp_path / "m", SHARDS)
     wrong = {**GOOD, "pytorch_model-00003-of-00003.bin": ["layer.2", "sneaky"]}

@@ -431,3 +431,62 @@ def test_a_directory_versions_files_take_the_lanes_the_other_versions_leave(
         assert [w.result(timeout=60) for w in wholes] == ["models:/m/0", "models:/m/1"]
     assert files_jobs == [width]
     assert everyone_in.is_set() and in_flight == [0, width]
+
+
+def test_a_directory_versions_files_waiting_for_a_lane_are_not_converted_after_a_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a transformers version's files wait for the run's lanes inside their
+    conversion; once one failed (which fails the version), the others still went through
+    the broker when a lane came free, many-GiB shards maybe, only to be thrown away."""
+    from airlock_client import ConversionError
+    from airlock_client._errors import FileSkipped
+
+    files = 4
+    asked: list[str] = []
+    entered = threading.Semaphore(0)
+
+    class Broker:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def convert(self, artifact: Any, output: Any, **options: Any) -> str:
+            asked.append(str(options["subject"]))
+            for _ in range(files if len(asked) == 1 else 0):  # every file under way: the
+                assert entered.acquire(timeout=30)  # others wait for the lane this one holds
+            raise ConversionError("POLICY_VIOLATION", "the loader would run code",
+                                  kind="rejected", code="FAILED_PRECONDITION")
+
+        def close(self) -> None:
+            pass
+
+        pool_status = max_concurrent_jobs = close
+
+    def convert_directory(client: Any, model_dir: Path, output: Path, *, jobs: int,
+                          subject: str, **options: Any) -> list[Exception]:
+        def one(i: int) -> Exception:
+            entered.release()
+            try:
+                client.convert(model_dir, output, subject=f"{subject}/f{i}")
+            except Exception as exc:  # what each file ended with
+                return exc
+            raise AssertionError("no file converts here")
+
+        with ThreadPoolExecutor(files) as pool:
+            return list(pool.map(one, range(files)))
+
+    import airlock_client.model_dir
+
+    monkeypatch.setattr(_migrate_cli, "Client", Broker)
+    monkeypatch.setattr(airlock_client.model_dir, "convert_directory", convert_directory)
+    args = cli.build_parser().parse_args(["migrate", "--all", "--tracking-uri", "http://x",
+                                          "--server", "unix:/nowhere", "--jobs", "1"])
+    broker = _migrate_cli._converter(args, None)
+    broker.lanes.size(1)
+    ended = broker.convert_directory(Path("lm"), Path("out"), "models:/lm/1")
+    assert len(asked) == 1, asked
+    assert sorted(type(e).__name__ for e in ended) == ["ConversionError"] + ["FileSkipped"] * 3
+    assert all("another file of its version failed first" in str(e)
+               for e in ended if isinstance(e, FileSkipped))
+    # A whole version is never skipped: its client is the run's, not a directory's.
+    with pytest.raises(ConversionError):
+        broker.convert(Path("m"), Path("o"), "models:/m/1")
