@@ -46,6 +46,7 @@ from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.fastpath.peer_identity import PEER_TICKET_HEADER, PeerTickets
 from airlock_broker.hostile_text import printable_name
 from airlock_broker.security.auth_config import AuthConfig, Role, TokenEntry, token_digest
+from airlock_broker.security.uid_owners import UidOwners
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,15 @@ class Principal:
     #: ``SO_PEERCRED``), or "none" (a TCP caller while authentication is off).
     method: str
     roles: frozenset[Role]
+    #: Whom the per-caller bounds count it as, when not ``name``: a local user's subordinate
+    #: uid (a process in that user's namespace: /etc/subuid) counts as the user that owns it.
+    counted_as: str = ""
+
+    @property
+    def quota(self) -> str:
+        """The key of every per-caller bound (admission places, calls waiting for their
+        request, fast-path tickets): one user is one caller, however many uids it has."""
+        return self.counted_as or self.name
 
     @property
     def uid(self) -> int | None:
@@ -114,12 +124,14 @@ class Authenticator:
     """Turns what a call presented into a ``Principal``, or a ``Denied`` error."""
 
     def __init__(self, config: AuthConfig, tickets: PeerTickets | None = None,
-                 broker_uid: int | None = None) -> None:
+                 broker_uid: int | None = None, owners: UidOwners | None = None) -> None:
         self.enabled = config.enabled
         self.tokens: tuple[TokenEntry, ...] = config.tokens
         self.subjects = {s.name: s.roles for s in config.subjects}
         self.mutual_tls = config.mutual_tls
         self.tickets = tickets if tickets is not None else PeerTickets()
+        #: A subordinate uid counts as its owner for every per-caller bound.
+        self.uid_owners = owners or UidOwners()
         self.local_users = {u.uid: u.roles for u in config.local_users}
         #: Root and the broker's own user can read its keys and config anyway.
         self.owners = frozenset({0, os.geteuid() if broker_uid is None else broker_uid})
@@ -179,7 +191,9 @@ class Authenticator:
             roles = self.local_users.get(uid, frozenset())
             if not self.enabled:  # as anyone on the TCP port may
                 roles |= {Role.CONVERT}
-        return Principal(f"uid:{uid}", "peercred", roles)
+        owner = self.uid_owners.owner(uid)
+        return Principal(f"uid:{uid}", "peercred", roles,
+                         counted_as=f"uid:{owner}" if owner != uid else "")
 
     @staticmethod
     def _bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:

@@ -156,7 +156,7 @@ class RequestArrival(grpc.aio.ServerInterceptor):
         return coroutine
 
     async def _request(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        who = current_principal().name
+        who = current_principal().quota
         # Counted from the start: a call is never uncounted while it holds a place. At the
         # limit, a call gets only as long as a request sent with it takes to be read.
         full = self.waiting.get(who, 0) >= self.limit

@@ -237,7 +237,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     # socket's callers are named by uid and the pools need the admin role.
     owners = UidOwners.load()  # a user's subordinate uids count as that user's
     peer_tickets = PeerTickets(owners=owners)
-    interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets)))
+    interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets,
+                                                      owners=owners)))
     interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
     # Innermost: the methods it serves as streaming ones are guarded and counted above.
     interceptors.append(RequestArrival(config.rpc.request_seconds, config.rpc.max_waiting_calls))

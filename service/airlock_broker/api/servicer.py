@@ -60,7 +60,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
         trace = self.pipeline.trace
         trace.rpc()
         principal = current_principal()
-        job = self.pipeline.job(principal.name, principal.method, context.peer())
+        job = self.pipeline.job(principal.name, principal.method, context.peer(),
+                                principal.quota)
         try:
             async with self.pipeline.convert(job, request_iterator) as answer:
                 with self.drains.deadline(context, lambda: self._unread(answer, job.record)):
@@ -109,7 +110,8 @@ class ConversionServicer(pb_grpc.ConversionServiceServicer):
                 raise error(Reason.LOCAL_TRANSFER_DISABLED,
                             "this broker does not offer the same-host fast path")
             caller = current_principal()
-            ticket = self.fast_path.table.issue(caller.name, uid=caller.uid)
+            ticket = self.fast_path.table.issue(caller.name, uid=caller.uid,
+                                                counted_as=caller.quota)
         except AirlockError as exc:
             await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
             raise AssertionError("unreachable") from exc  # abort_with_status raises

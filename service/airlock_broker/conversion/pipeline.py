@@ -77,6 +77,8 @@ class Job:
     """One call's job: its audit record (its id), and when its answer is out."""
 
     record: AuditRecord
+    #: Whom its admission place counts against (``auth.Principal.quota``).
+    counted_as: str
     #: Set once the call's answer is out (or it failed): the job's dead sandboxes are
     #: destroyed and replaced only then, so that neither competes with the answer.
     answered: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,11 +118,12 @@ class ConversionPipeline:
         self.tickets = tickets
         self.trace = trace
 
-    def job(self, principal: str, auth: str, peer: str) -> Job:
-        """A new job for ``principal`` (authenticated by ``auth``), calling from ``peer``."""
+    def job(self, principal: str, auth: str, peer: str, counted_as: str = "") -> Job:
+        """A new job for ``principal`` (authenticated by ``auth``), calling from ``peer``;
+        its place counts against ``counted_as`` (default: the principal)."""
         record = AuditRecord(job_id=uuid.uuid4().hex, peer=peer, principal=principal)
         record.set(auth=auth, outcome="cancelled", reason=Reason.CANCELLED.value)
-        return Job(record)
+        return Job(record, counted_as or principal)
 
     @contextlib.asynccontextmanager
     async def convert(self, job: Job,
@@ -133,7 +136,7 @@ class ConversionPipeline:
             # The place is held until the answer is sent: it bounds the spool files (uploads,
             # then answers) a caller can make the broker hold. The run slot and the sandboxes
             # are already free by then (answers.py).
-            async with self.admission.admit(record.principal):
+            async with self.admission.admit(job.counted_as):
                 with self.trace.span("metadata"):
                     meta = await read_metadata(requests, self.settings.intake)
                 record.set(idempotency_key=meta.idempotency_key, filename=meta.filename,

@@ -96,6 +96,13 @@ class _Entry:
     #: of that uid may attach descriptors.
     uid: int | None = None
     files: LocalFiles | None = None
+    #: Whom it counts against for ``per_principal`` (a subordinate uid's owner), if not
+    #: ``principal``.
+    counted_as: str = ""
+
+    @property
+    def quota(self) -> str:
+        return self.counted_as or self.principal
 
 
 class HandleTable:
@@ -115,21 +122,24 @@ class HandleTable:
         with self._lock:
             return len(self._entries)
 
-    def issue(self, principal: str, uid: int | None = None) -> str:
-        """A ticket for ``principal``; ``uid``: the uid it is, when the kernel said so."""
+    def issue(self, principal: str, uid: int | None = None, counted_as: str = "") -> str:
+        """A ticket for ``principal``; ``uid``: the uid it is, when the kernel said so;
+        ``counted_as``: whom it counts against, when not ``principal`` (auth.Principal)."""
         self.sweep()
         ticket = secrets.token_urlsafe(32)
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 raise error(Reason.BUSY, f"{self.max_entries} local transfers are already "
                                          "pending; retry shortly or stream")
-            mine = sum(e.principal == principal for e in self._entries.values())
+            quota = counted_as or principal
+            mine = sum(e.quota == quota for e in self._entries.values())
             if mine >= self.per_principal:
                 raise error(Reason.BUSY, f"this caller already has {mine} local transfers "
                                          f"pending, the most one caller may "
                                          f"([local_transfer] max_tickets_per_caller = "
                                          f"{self.per_principal}); retry shortly or stream")
-            self._entries[ticket] = _Entry(principal, self._clock() + self.ttl, uid)
+            self._entries[ticket] = _Entry(principal, self._clock() + self.ttl, uid,
+                                           counted_as=counted_as)
         return ticket
 
     def expect(self, ticket: str, peer: PeerCred) -> None:
