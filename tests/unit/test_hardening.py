@@ -291,6 +291,41 @@ def test_runsc_without_oci_seccomp_is_refused_at_start(tmp_path: Path, args: lis
         asyncio.run(backend.close())
 
 
+def test_a_container_runs_the_image_id_checked_not_whatever_the_tag_names_now(
+        tmp_path: Path) -> None:
+    """Found by review: containers were created from the tag while provenance signed the id
+    read at the last check, so between a retag (``make image``) and the next sweep's check a
+    job ran one image and its record named another. Both a job's container and a probe are
+    created from the id checked."""
+    import docker
+
+    created: list[dict[str, object]] = []
+
+    def create(**kwargs: object) -> None:
+        created.append(kwargs)
+        raise docker.errors.APIError("no container in this test")
+
+    engine = _EngineStub({"runc": {"path": "runc"}})
+    engine.containers = types.SimpleNamespace(create=create)  # type: ignore[attr-defined]
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    backend = DockerSandbox(SandboxPolicy(), spool, client=engine)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        try:
+            assert await backend.check() == "sha256:x"
+            with pytest.raises(SandboxUnavailable):
+                await backend.prepare("sklearn")
+            with pytest.raises(SandboxUnavailable):
+                await backend._probe_image("print(1)")
+        finally:
+            await backend.close()
+
+    asyncio.run(run())
+    assert [kw["image"] for kw in created] == ["sha256:x", "sha256:x"]
+    assert SandboxPolicy().image != "sha256:x"
+
+
 def test_a_slot_whose_output_cannot_be_unmounted_is_left_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed unmount was only logged: the removal then walked the sandbox's own

@@ -33,8 +33,12 @@ def worker_args(policy: SandboxPolicy, profile: str) -> list[str]:
 
 
 def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
-                  labels: dict[str, str], *, selftest: bool = False) -> dict[str, Any]:
-    """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested."""
+                  labels: dict[str, str], *, selftest: bool = False,
+                  image: str = "") -> dict[str, Any]:
+    """The hardening profile of DESIGN §1.3 as docker-py arguments. Pure; unit-tested.
+    ``image``: the image id the backend checked (``DockerSandbox.check``), so that the
+    container runs the image its provenance names even when the tag moved since; the
+    policy's tag when none was checked."""
     security_opt = list(policy.security_opts)
     seccomp = seccomp_json(policy)
     if seccomp is not None:
@@ -43,7 +47,7 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
     if policy.no_new_privileges:
         security_opt.append("no-new-privileges")
     return {
-        "image": policy.image,
+        "image": image or policy.image,
         "command": ["--selftest"] if selftest else worker_args(policy, profile),
         "user": policy.user,
         "labels": labels,
@@ -95,13 +99,15 @@ def _seccomp_json(name: str, family: str) -> str | None:
     return profile_json(name, family)
 
 
-def probe_kwargs(policy: SandboxPolicy, source: str, labels: dict[str, str]) -> dict[str, Any]:
-    """A throwaway container running ``python3 -c source`` in the policy's image, confined
-    like a sandbox (no network, read-only, no capabilities, the seccomp profile): how the
-    image's versions are read without importing anything from it on the host. ``labels``: a
-    sandbox's (owners.sandbox_labels), so that an orphaned probe is reaped like one."""
+def probe_kwargs(policy: SandboxPolicy, source: str, labels: dict[str, str], *,
+                 image: str = "") -> dict[str, Any]:
+    """A throwaway container running ``python3 -c source`` in the policy's image (``image``:
+    the id checked, as for ``create_kwargs``), confined like a sandbox (no network,
+    read-only, no capabilities, the seccomp profile): how the image's versions are read
+    without importing anything from it on the host. ``labels``: a sandbox's
+    (owners.sandbox_labels), so that an orphaned probe is reaped like one."""
     return {
-        "image": policy.image, "entrypoint": ["python3", "-c", source],
+        "image": image or policy.image, "entrypoint": ["python3", "-c", source],
         "user": policy.user, "environment": {}, "use_config_proxy": False,
         "network_mode": "none", "read_only": True, "cap_drop": ["ALL"],
         "security_opt": [*policy.security_opts, "no-new-privileges"]

@@ -166,7 +166,8 @@ class DockerSandbox:
         self._owned.add(slot_id)
         try:
             container = await self._call(self.client.containers.create,
-                                         **probe_kwargs(self.policy, source, labels))
+                                         **probe_kwargs(self.policy, source, labels,
+                                                        image=self._image_id))
             try:
                 await self._call(container.start)
                 await self._call(container.wait, timeout=timeout)
@@ -212,7 +213,8 @@ class DockerSandbox:
         self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(
             self.client.containers.create,
-            **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest)))
+            **create_kwargs(self.policy, workspace, profile, labels, selftest=selftest,
+                            image=self._image_id)))
         try:
             container = await asyncio.shield(create)
         except asyncio.CancelledError:
