@@ -394,7 +394,7 @@ def emit_public_key(pem: str, key_fingerprint: str, output: Path | None,
     export`` both do: PEM on stdout (fingerprint on stderr), or into ``output``; ``as_json``:
     one JSON object on stdout."""
     if output is not None:
-        output.write_text(pem)
+        replace_file(output, pem.encode())
     if as_json:
         print(json.dumps({"public_key_pem": pem, "fingerprint": key_fingerprint,
                           "written_to": str(output) if output else None}))
@@ -412,22 +412,29 @@ def provenance_path(output: str | os.PathLike[str]) -> Path:
 
 
 def write_provenance(output: Path, envelope: bytes) -> Path:
-    """Write ``<output>.provenance.json`` atomically (a locked temporary file beside it,
-    renamed; one a killed run left is removed: _part_files.py)."""
+    """Write ``<output>.provenance.json`` (``replace_file``)."""
+    target = provenance_path(output)
+    replace_file(target, envelope)
+    return target
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """Write ``target`` as a new file: a locked temporary file beside it, renamed over it (one
+    a killed run left is removed: _part_files.py). Whatever was at that name, a link or
+    another user's file, is replaced, never written through; a reader sees the old file or
+    the whole new one."""
     from airlock_client import _part_files
 
-    target = provenance_path(output)
     part = _part_files.new_file(target)
     try:
         with os.fdopen(part.fd, "wb") as fh:
-            fh.write(envelope)
+            fh.write(data)
         os.chmod(part.path, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
         os.replace(part.path, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part.path)
         part.release()
-    return target
 
 
 def digest_of(stream: BinaryIO, limit: int | None = None) -> tuple[str, int]:

@@ -180,6 +180,21 @@ def test_the_same_key_for_another_artifact_or_other_options_is_refused(start) ->
     assert run.conversions == 1
 
 
+def test_an_unauthenticated_caller_learns_nothing_of_the_call_that_used_a_key(
+        start) -> None:
+    """Found by review: unauthenticated callers share one key space, and the refusal named
+    the other call's job id and said whether a guessed artifact was the one it sent (the
+    message differed for another artifact and for the same one with other options)."""
+    run = start()
+    first, _ = convert(run.address, PICKLE, "k")
+    messages = {refusal(run.address, data, "k", target)[2]
+                for data, target in ((PICKLE + b"\x00", pb.TARGET_FORMAT_AUTO),
+                                     (PICKLE, pb.TARGET_FORMAT_SAFETENSORS))}
+    assert len(messages) == 1, messages  # no oracle: one answer for both
+    (message,) = messages
+    assert first.job_id not in message and "same artifact" not in message
+
+
 def test_a_refusal_is_replayed_but_an_outage_is_forgotten(start) -> None:
     def refuse(spec: JobSpec, data: bytes, out: Path) -> int:
         return WorkerExit.POLICY_VIOLATION

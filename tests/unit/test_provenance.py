@@ -634,3 +634,28 @@ def test_airlock_convert_names_its_input_by_default(tmp_path: Path) -> None:
     deep = default_subject("/" + "d/" * 600 + "model.pkl")
     assert len(deep) == provenance.MAX_SUBJECT and deep.startswith("…")
     assert deep.endswith("d/model.pkl")
+
+
+def test_a_public_key_written_to_a_path_replaces_what_was_there_never_writes_through_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by review: ``keys export -o``/``keys fetch -o`` wrote with ``write_text``, through
+    a link and into a file another user had put at that name (which keeps its owner, who could
+    later put their own key there for others to pin)."""
+    from airlock_client.provenance import emit_public_key
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not a key")
+    link = tmp_path / "linked.pem"
+    link.symlink_to(elsewhere)
+    planted = tmp_path / "planted.pem"
+    planted.write_text("theirs")
+    os.chown(planted, 65534, 65534)
+    before = planted.stat().st_ino
+    pem = "-----BEGIN PUBLIC KEY-----\nMFk=\n-----END PUBLIC KEY-----\n"
+    for output in (link, planted):
+        emit_public_key(pem, "ab" * 32, output, as_json=False)
+        assert not output.is_symlink() and output.read_text() == pem
+        assert output.stat().st_uid == os.geteuid()
+    assert elsewhere.read_text() == "not a key"
+    assert planted.stat().st_ino != before
+    assert "wrote" in capsys.readouterr().out

@@ -162,6 +162,21 @@ def options_digest(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
+def _reused(principal: str, job_id: str, *, same_input: bool) -> str:
+    """Why a key is refused. A principal's keys are its own, so it is told which job used it
+    and what differs; unauthenticated callers ("") share one key space, so they are told
+    neither: another caller's job id, nor whether a guessed artifact is the one it sent."""
+    if not principal:
+        return ("idempotency key already used with a different artifact or different "
+                "options (unauthenticated callers share one key space: nothing more is said "
+                "of that call); use a new key per call")
+    if not same_input:
+        return (f"idempotency key already used for job {job_id} with a different artifact "
+                "(sha256 differs); use a new key per call")
+    return (f"idempotency key already used for job {job_id} with the same artifact but "
+            "different options; use a new key per call")
+
+
 class IdempotencyStore:
     def __init__(self, spool_root: Path, settings: IdempotencySettings,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -229,14 +244,9 @@ class IdempotencyStore:
                 waited = True
                 await _waiting(self, entry.done.wait())
                 continue
-            if theirs != mine:
+            if theirs != mine or entry.options != options:
                 raise error(Reason.IDEMPOTENCY_KEY_REUSED,
-                            f"idempotency key already used for job {entry.job_id} with a "
-                            "different artifact (sha256 differs); use a new key per call")
-            if entry.options != options:
-                raise error(Reason.IDEMPOTENCY_KEY_REUSED,
-                            f"idempotency key already used for job {entry.job_id} with the "
-                            "same artifact but different options; use a new key per call")
+                            _reused(principal, entry.job_id, same_input=theirs == mine))
             if entry.stored is not None and entry.stored.pending:
                 waited = True  # its file is being written; if that fails, it is forgotten
                 assert entry.stored.written is not None
