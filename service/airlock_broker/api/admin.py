@@ -1,7 +1,15 @@
-"""The AdminService servicer: thin wrappers over ``Pools`` and the self-test, for operators."""
+"""The AdminService servicer: thin wrappers over ``Pools`` and the self-test, for operators.
+
+One self-test runs at a time: callers that ask while it runs share its report (each run
+starts containers outside the admission places, so 256 concurrent calls started 256). A
+failure other than the ones each method expects is INTERNAL with a reason, its details in
+the broker's log, not the caller's.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -15,6 +23,8 @@ from airlock_broker.ops.selftest import SelfTestReport
 from airlock_broker.sandboxes.pools import Pools
 from airlock_broker.sandboxes.sandbox import SandboxUnavailable
 
+log = logging.getLogger(__name__)
+
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(self, pools: Pools, selftest: Callable[[], Awaitable[SelfTestReport]], *,
@@ -23,16 +33,26 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self.selftest = selftest
         #: Said in the pool status: what a client's batch should keep in flight.
         self.max_concurrent_jobs = max_concurrent_jobs
+        #: The self-test under way, shared by every caller that asks meanwhile.
+        self._selftest_run: asyncio.Future[SelfTestReport] | None = None
+
+    async def _selftest_once(self) -> SelfTestReport:
+        run = self._selftest_run
+        if run is None or run.done():
+            run = self._selftest_run = asyncio.ensure_future(self.selftest())
+            run.add_done_callback(_retrieved)  # every caller may have gone meanwhile
+        return await asyncio.shield(run)  # a caller gone does not end it for the others
 
     async def RunSelfTest(
         self, request: pb.RunSelfTestRequest,
         context: grpc.aio.ServicerContext[pb.RunSelfTestRequest, pb.RunSelfTestResponse],
     ) -> pb.RunSelfTestResponse:
         try:
-            report = await self.selftest()
+            report = await self._selftest_once()
         except SandboxUnavailable as exc:
-            err = error(Reason.SANDBOX_UNAVAILABLE, str(exc))
-            await context.abort_with_status(rpc_status.to_status(status_of(err, "")))
+            await _abort(context, error(Reason.SANDBOX_UNAVAILABLE, str(exc)))
+        except Exception:
+            await _abort(context, _internal("RunSelfTest"))
         return pb.RunSelfTestResponse(
             passed=report.passed, runtime=report.runtime, image_id=report.image_id,
             checks=[pb.SelfTestCheck(name=c.name, passed=c.passed, detail=c.detail,
@@ -57,7 +77,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         try:
             replaced = await self.pools.restart(request.profile or None)
         except AirlockError as exc:
-            await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
+            await _abort(context, exc)
+        except Exception:
+            await _abort(context, _internal("RestartPools"))
         return pb.RestartPoolsResponse(replaced=replaced)
 
     async def DrainPools(
@@ -73,3 +95,19 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     ) -> pb.ResumePoolsResponse:
         self.pools.resume()
         return pb.ResumePoolsResponse()
+
+
+def _internal(method: str) -> AirlockError:
+    """An unexpected failure of ``method``: logged whole here (called in its ``except``),
+    INTERNAL with one sentence for the caller (no paths, no exception text)."""
+    log.exception("%s failed", method)
+    return error(Reason.INTERNAL, f"{method} failed on the broker; see its log")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: AirlockError) -> None:  # type: ignore[type-arg]
+    await context.abort_with_status(rpc_status.to_status(status_of(exc, "")))
+
+
+def _retrieved(run: asyncio.Future[SelfTestReport]) -> None:
+    if not run.cancelled():
+        run.exception()  # read, so an error no caller waited for is not reported as lost
