@@ -375,3 +375,56 @@ def test_a_call_counts_as_waiting_from_its_start_and_beyond_the_limit_is_refused
         assert arrival.waiting == {}
 
     asyncio.run(run())
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)  # + SETTINGS
+
+
+def _closed_within(sock: Any, seconds: float) -> bool:
+    """Whether the broker closes ``sock`` within ``seconds`` (what it sends first, a GOAWAY
+    or its settings, is read and dropped)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_connections_that_hold_a_descriptor_and_make_no_call_are_closed(start) -> None:
+    """Found by review: a connection that sent only the HTTP/2 preface (or nothing) held a
+    descriptor of the broker's for the hour of ``max_connection_age_seconds``, and calls are
+    authenticated, connections are not: thousands ran the broker out of descriptors. An idle
+    connection is now closed after ``[rpc] max_connection_idle_seconds``, one that never
+    finishes its handshake after ``handshake_seconds``; callers are served meanwhile."""
+    import socket
+
+    run = start(rpc=RpcLimits(max_connection_idle_seconds=1, handshake_seconds=1))
+    idle = socket.create_connection(("127.0.0.1", run.broker.port))
+    silent = socket.create_connection(("127.0.0.1", run.broker.port))
+    try:
+        idle.sendall(_PREFACE)
+        with grpc.insecure_channel(run.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        # 1 s each; 30 s is only the bound of a busy machine's lateness.
+        assert _closed_within(idle, 30), "an idle connection stayed open"
+        assert _closed_within(silent, 30), "a connection without a handshake stayed open"
+    finally:
+        idle.close()
+        silent.close()
+
+
+def test_the_broker_raises_its_soft_descriptor_limit_to_the_hard_one() -> None:
+    import subprocess
+    import sys
+
+    script = ("import resource\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+              "from airlock_broker.ops.process_limits import raise_open_files_limit\n"
+              "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.split() == ["4096", "4096"]

@@ -37,6 +37,7 @@ from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_identity import PeerTickets
 from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
+from airlock_broker.ops.process_limits import raise_open_files_limit
 from airlock_broker.ops.selftest import SelfTestReport, run_selftest
 from airlock_broker.readiness import STOPPING_WHY, Hold, Readiness
 from airlock_broker.sandboxes import exit_watch
@@ -354,6 +355,7 @@ async def _local_transfer(config: BrokerConfig,
 
 async def serve(config: BrokerConfig) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    raise_open_files_limit()
     broker = await create_server(config)
     host = config.listen.rsplit(":", 1)[0]
     print(f"airlock-broker: serving on {host}:{broker.port} ({config.auth.describe()}; "

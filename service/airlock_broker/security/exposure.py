@@ -114,6 +114,15 @@ class RpcLimits:
     #: answer (``answer_drain_seconds``), and a call cut short is retried by the client with
     #: its idempotency key.
     connection_age_grace_seconds: float = 1800.0
+    #: A connection with no call in progress for this long is asked to close (GOAWAY); clients
+    #: reconnect for their next call. Without it a connection that only sent the HTTP/2
+    #: preface held a descriptor of the broker's for ``max_connection_age_seconds``, and a
+    #: local user (or anyone, on a public port: calls are authenticated, connections are not)
+    #: opening thousands ran the broker out of descriptors.
+    max_connection_idle_seconds: float = 300.0
+    #: How long a new connection has to finish its handshake (TLS, then the HTTP/2 preface and
+    #: settings); gRPC's own default is 120 s.
+    handshake_seconds: float = 20.0
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_open_streams",
@@ -128,8 +137,10 @@ class RpcLimits:
         if self.max_open_streams >= self.max_concurrent_rpcs:
             raise ValueError("[rpc] max_open_streams must stay below max_concurrent_rpcs, or "
                              "idle watchers can refuse every other call")
-        if self.max_connection_age_seconds <= 0 or self.connection_age_grace_seconds <= 0:
-            raise ValueError("[rpc] connection ages must be positive")
+        if self.max_connection_age_seconds <= 0 or self.connection_age_grace_seconds <= 0 \
+                or self.max_connection_idle_seconds <= 0 or self.handshake_seconds <= 0:
+            raise ValueError("[rpc] connection ages, idle time and handshake time must be "
+                             "positive")
 
     def server_options(self) -> list[tuple[str, int]]:
         """Channel arguments for ``grpc.aio.server``."""
@@ -137,4 +148,6 @@ class RpcLimits:
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", int(self.connection_age_grace_seconds * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.max_connection_idle_seconds * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
         ]
