@@ -15,6 +15,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,6 +90,8 @@ class Broker:
     spool_root: Path | None = None
     #: Where the job steps' events go ([observability] trace_events; off by default).
     trace: Trace = NO_TRACE
+    #: The metrics endpoint's server, when ``--metrics`` asked for one.
+    metrics_http: WSGIServer | None = None
     stopped: bool = False
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
@@ -125,6 +128,9 @@ class Broker:
                 os.close(self.lock_fd)
 
     async def _release(self) -> None:
+        if self.metrics_http is not None:
+            await asyncio.to_thread(self.metrics_http.shutdown)  # waits for its loop to end
+            self.metrics_http.server_close()
         if self.unix is not None:
             await self.unix.close()
         if self.fast_path is not None:
@@ -289,8 +295,9 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                    if config.selftest_on_start else "the broker is starting")
     await set_health(health_servicer, readiness.serving)
     await server.start()
+    metrics_http = None
     if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+        metrics_http = metrics.serve(config.metrics_listen)
         log.info("Prometheus metrics on http://%s/metrics", config.metrics_listen)
     passed = True
     if config.selftest_on_start:
@@ -321,7 +328,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                   readiness=readiness, health_follower=follower, backend=backend, pools=pools,
                   onnx_validator=onnx_validator, audit=audit,
                   idempotency=idempotency, lock_fd=lock_fd, spool_root=config.spool_root,
-                  signing_key=signing_key, fast_path=fast_path, unix=unix, trace=trace)
+                  signing_key=signing_key, fast_path=fast_path, unix=unix, trace=trace,
+                  metrics_http=metrics_http)
 
 
 async def follow_health(readiness: Readiness, health_servicer: health.aio.HealthServicer

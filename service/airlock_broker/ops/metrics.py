@@ -17,12 +17,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from airlock_broker.conversion.admission import Admission
 from airlock_broker.conversion.input_room import RamSpool
+from airlock_broker.ops.metrics_http import serve_metrics
 from airlock_broker.sandboxes.pool_state import PoolStatus
 from airlock_broker.sandboxes.pools import Pools
 
@@ -107,10 +109,10 @@ class Metrics:
             self.pool_refill.labels(profile).set_function(
                 _reader(snapshot, profile, "refill_seconds"))
 
-    def serve(self, listen: str) -> None:
+    def serve(self, listen: str) -> WSGIServer:
+        """Serve the metrics on ``listen`` (bounded: ops/metrics_http.py)."""
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
-                          registry=self.registry)
+        return serve_metrics(host.strip("[]") or "127.0.0.1", int(port), self.registry)
 
     def job_done(self, outcome: str, reason: str | None, seconds: float) -> None:
         self.jobs.labels(outcome, reason or "").inc()

@@ -1,0 +1,55 @@
+"""The metrics endpoint's server is bounded (ops/metrics_http.py).
+
+Found by review: prometheus_client's ``start_http_server`` served each connection on a thread
+of its own with no timeout, so a local user's idle connections each held a broker thread and
+descriptor for good. Now a connection gets a few seconds, a few are served at once, and a
+scrape still gets through."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+from prometheus_client import CollectorRegistry, Counter
+
+from airlock_broker.ops import metrics_http
+from airlock_broker.ops.metrics_http import MAX_CONNECTIONS, serve_metrics
+
+
+def _scrape(port: int, deadline: float) -> str:
+    """The page, once a scrape gets through (one beyond the cap is closed unanswered)."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                return page.read().decode()
+        except OSError:
+            assert time.monotonic() < deadline, "no scrape got through"
+            time.sleep(0.1)
+
+
+def test_idle_connections_are_few_and_short_and_a_scrape_gets_through(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 1.0)
+    registry = CollectorRegistry()
+    Counter("airlock_test_scrapes", "a counter to find in the page", registry=registry).inc()
+    server = serve_metrics("127.0.0.1", 0, registry)
+    port = server.server_address[1]
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3 * MAX_CONNECTIONS)]
+    try:
+        idle[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        # Serving threads are bounded, whatever the connections.
+        time.sleep(0.5)  # (an absence: gives the server the time to start too many)
+        assert threading.active_count() - before <= MAX_CONNECTIONS
+        # Each idle connection is closed: at once beyond the cap, after its timeout within.
+        for sock in idle:
+            sock.settimeout(30)
+            while sock.recv(4096):
+                pass
+        assert "airlock_test_scrapes_total 1.0" in _scrape(port, time.monotonic() + 30)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+        server.server_close()
