@@ -586,3 +586,37 @@ def test_cli_exit_codes_for_denied_calls(make_broker: BrokerFactory, tmp_path: P
     remote = _cli("pool", "status", "--server", "192.0.2.1:50051",
                   env={"AIRLOCK_TOKEN": ADMIN_TOKEN})
     assert remote.returncode == 2 and "cleartext" in remote.stderr
+
+
+def test_refusals_write_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by review: every refused call wrote a warning, and anyone who can reach the port
+    can be refused: a flood filled the disk or made journald drop the broker's other lines.
+    At most 20 lines in 10 s now; the next one says how many were left out."""
+    from airlock_broker.api.auth import AuthInterceptor
+    from airlock_broker.ops.log_budget import LogBudget
+
+    class Call:
+        def peer(self) -> str:
+            return "ipv4:192.0.2.7:4242"
+
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer not-a-token")]
+
+        def auth_context(self) -> dict[str, Any]:
+            return {}
+
+    interceptor = AuthInterceptor(Authenticator(AuthConfig(tokens=TOKENS)))
+    now = [0.0]
+    interceptor.refusals = LogBudget(clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="airlock_broker.api.auth")
+    for _ in range(1000):
+        with pytest.raises(AirlockError):
+            interceptor._admit("/airlock.v1.ConversionService/Convert",
+                               "airlock.v1.ConversionService", Call())
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 20 and "not logged" not in lines[-1]
+    now[0] += 10  # the next window: its first line tells of the ones left out
+    with pytest.raises(AirlockError):
+        interceptor._admit("/airlock.v1.ConversionService/Convert",
+                           "airlock.v1.ConversionService", Call())
+    assert caplog.records[-1].getMessage().endswith("(980 more like it not logged)")

@@ -45,6 +45,7 @@ from airlock_broker.api.wire import status_of
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.fastpath.peer_identity import PEER_TICKET_HEADER, PeerTickets
 from airlock_broker.hostile_text import printable_name
+from airlock_broker.ops.log_budget import LogBudget, left_out
 from airlock_broker.security.auth_config import AuthConfig, Role, TokenEntry, token_digest
 from airlock_broker.security.uid_owners import UidOwners
 
@@ -240,6 +241,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        #: Refusals are a caller's to cause: their lines are bounded (ops/log_budget.py).
+        self.refusals = LogBudget()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -259,13 +262,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             principal = self.authenticator.identify(context.invocation_metadata(),
                                                     context.auth_context(), raw_peer)
         except AirlockError as exc:
-            log.warning("refused %s from %s: %s", method, peer, exc.message)
+            self._refused("refused %s from %s: %s", method, peer, exc.message)
             raise
         role = SERVICE_ROLES.get(service)
         if role is None or role not in principal.roles:
             needs = f"the {role.value} role" if role else "a role no principal can hold"
-            log.warning("refused %s from %s: principal %s (%s) lacks %s", method, peer,
-                        principal.name, principal.method, needs)
+            self._refused("refused %s from %s: principal %s (%s) lacks %s", method, peer,
+                          principal.name, principal.method, needs)
             raise error(Reason.PERMISSION_DENIED,
                         f"{principal.name} may not call {method.rsplit('/', 1)[-1]}: it needs "
                         f"{needs}{_how_to_get(principal, role)}")
@@ -273,6 +276,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             log.info("%s called by %s (%s) from %s", method.rsplit("/", 1)[-1], principal.name,
                      principal.method, peer)
         return principal
+
+
+    def _refused(self, message: str, *args: object) -> None:
+        write, dropped = self.refusals.take()
+        if write:
+            log.warning(message + "%s", *args, left_out(dropped))
 
 
 def _how_to_get(principal: Principal, role: Role | None) -> str:
