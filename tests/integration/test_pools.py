@@ -580,6 +580,42 @@ def test_a_rebuilt_image_rolls_the_pool_onto_it(docker_client: Any, image: str,
         docker_client.api.remove_image(tag)
 
 
+def test_a_rebuilt_image_that_fails_the_self_test_takes_no_new_job(docker_client: Any,
+                                                                   image: str,
+                                                                   tmp_path: Path) -> None:
+    """"make image" made an image with a ``VOLUME`` (every sandbox would get a writable
+    anonymous volume): the sweep used to serve it at once. It is self-tested first, as the
+    first image was at start-up, and new jobs are refused with the reason."""
+    import io
+
+    repo = f"airlock-pooltest-{os.urandom(4).hex()}"
+    tag = f"{repo}:latest"
+    docker_client.api.tag(image, repo, "latest")
+    config = ph.write_config(tmp_path, {"min_warm": 1, "profiles": ("light",),
+                                        "sweep_seconds": 2}, sandbox={"image": tag})
+    artifact, _ = models.make_npy(tmp_path / "in")
+    try:
+        with ph.running_broker(tmp_path, config, docker_client) as broker:
+            ph.wait_settled(broker, 1, ("light",))
+            docker_client.images.build(
+                fileobj=io.BytesIO(f"FROM {tag}\nVOLUME /data\n".encode()),
+                tag=tag, network_mode="none", rm=True, pull=False)
+
+            def refused() -> str:
+                try:
+                    broker.client.convert(artifact, tmp_path / "out.safetensors")
+                except ServiceUnavailable as exc:
+                    return exc.message if "failed the isolation self-test" in exc.message \
+                        else ""
+                return ""
+
+            why = ph.wait_for(refused, REFILL_SECONDS, "new jobs to be refused",
+                              lambda: f"{broker.status()}\n{broker.log_tail()}")
+            assert "only_job_mounts" in why or "/data" in why, why
+    finally:
+        docker_client.api.remove_image(tag, force=True)
+
+
 def test_a_job_cancelled_while_taking_a_warm_container_does_not_leak_it(
         docker_client: Any, image: str, tmp_path: Path) -> None:
     """A caller can go away (disconnect, deadline) while its job is in ``Pools.acquire``: the

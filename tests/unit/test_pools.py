@@ -344,3 +344,38 @@ def test_a_released_slot_gives_its_input_back_before_it_is_destroyed(tmp_path: P
 
     run_pools(tmp_path, PoolSettings(min_warm=0, profiles=("sklearn",),
                                      defer_max_seconds=60.0), body)
+
+
+def test_a_rebuilt_image_serves_new_jobs_only_once_it_passed_the_self_test(
+        tmp_path: Path) -> None:
+    """Found by review: after ``make image`` the sweep served the new image without the
+    isolation self-test the first one passed at start-up (a base image with a VOLUME, a
+    library below its version gate). New jobs are refused while it runs and for as long as the
+    image fails it; a later image is tested again."""
+    from airlock_broker.readiness import Hold
+
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        verdicts = iter(["only_job_mounts: /data is a volume of the image", None])
+        tested: list[str] = []
+
+        async def vet() -> str | None:
+            tested.append(backend.image_id)
+            assert pools.readiness.held(Hold.SELFTEST)  # nothing new is admitted meanwhile
+            return next(verdicts)
+
+        pools.vet_image = vet
+        await _until(lambda: len(pools.pools["light"].warm) == 1)
+        await pools.sweep()  # the same image: nothing to test
+        assert tested == [] and pools.readiness.serving
+        backend.image_id = "sha256:broken"
+        await pools.sweep()
+        assert not pools.readiness.serving
+        assert "failed the isolation self-test: only_job_mounts" in pools.readiness.why(
+            Hold.SELFTEST)
+        await pools.sweep()  # still that image: still refused, not tested again
+        assert tested == ["sha256:broken"] and not pools.readiness.serving
+        backend.image_id = "sha256:fixed"
+        await pools.sweep()
+        assert tested == ["sha256:broken", "sha256:fixed"] and pools.readiness.serving
+
+    run_pools(tmp_path, PoolSettings(min_warm=1, max_starting=3), body)

@@ -270,6 +270,13 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     async def selftest() -> SelfTestReport:
         return await run_selftest(backend, config.sandbox, host_versions=host_versions)
 
+    async def vet_image() -> str | None:
+        report = await selftest()
+        return None if report.passed else "; ".join(report.failures())
+
+    if config.selftest_on_start:  # a rebuilt image is vetted as the first one was
+        pools.vet_image = vet_image
+
     pb_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(pools, selftest, max_concurrent_jobs=config.max_concurrent_jobs), server)
     health_servicer = health.aio.HealthServicer()

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 from airlock_broker.errors import Reason, error
 from airlock_broker.readiness import DRAINED_WHY, JOB_HOLDS, POOL_HOLDS, Hold, Readiness
@@ -64,6 +65,10 @@ class Pools:
         self.readiness = readiness or Readiness()
         self.image_id = image_id
         self.runtime = runtime
+        #: Runs the isolation self-test on the image the backend now uses: None when it
+        #: passed, else why not. Set by the server (ops/selftest.py is above this module);
+        #: without it a new image is served unvetted.
+        self.vet_image: Callable[[], Awaitable[str | None]] | None = None
         self._starts = asyncio.Semaphore(settings.max_starting)
         self._wake = asyncio.Event()
         #: Set for a moment when the engine comes back: start back-offs end early.
@@ -481,9 +486,32 @@ class Pools:
             log.info("sandbox image changed (%s -> %s): replacing warm containers",
                      self.image_id[:19], image_id[:19])
             self.image_id = image_id
+            await self._vet(image_id)
             await self.restart()
         self.image_id = image_id
         self._wake.set()
+
+    async def _vet(self, image_id: str) -> None:
+        """A new image serves new jobs only once it passed the isolation self-test, as the
+        first one did when the broker started: new jobs are refused (UNAVAILABLE, which
+        clients retry) while it runs, and for as long as the image fails it (a later image
+        is tested again). Jobs admitted before keep their place."""
+        if self.vet_image is None:
+            return
+        self.readiness.hold(Hold.SELFTEST, f"the new sandbox image {image_id[:19]} is "
+                                           "running its isolation self-test")
+        try:
+            why = await self.vet_image()
+        except Exception as exc:  # the self-test could not run: not a pass
+            why = f"it could not run: {type(exc).__name__}: {exc}"
+        if why is None:
+            self.readiness.release(Hold.SELFTEST)
+            log.info("the new sandbox image %s passed the isolation self-test", image_id[:19])
+            return
+        self.readiness.hold(Hold.SELFTEST, f"the new sandbox image {image_id[:19]} failed the "
+                                           f"isolation self-test: {why}")
+        log.error("%s: NOT serving new jobs until an image passes", self.readiness.why(
+            Hold.SELFTEST))
 
 
 def _held(pool: Pool) -> int:
