@@ -374,14 +374,32 @@ def test_convert_role_cannot_operate_the_pools(make_broker: BrokerFactory, artif
     with Client(address, token=CONVERT_TOKEN) as client:
         result = client.convert(artifact, tmp_path / "out")
         assert result.format == "safetensors"
-        for operation in (client.restart_pools, client.drain_pools, client.pool_status,
-                          client.selftest):
+        for operation, needs in ((client.restart_pools, "admin"), (client.drain_pools, "admin"),
+                                 (client.pool_status, "observe"), (client.selftest, "admin")):
             with pytest.raises(AccessDenied) as info:
                 operation()
             assert info.value.code == "PERMISSION_DENIED"
             assert info.value.reason == "PERMISSION_DENIED"
-            assert "ci-batch" in info.value.message and "admin" in info.value.message
+            assert "ci-batch" in info.value.message
+            assert f"the {needs} role" in info.value.message
     assert len(backend.specs) == 1
+
+
+def test_observe_role_reads_the_pools_status_and_changes_nothing(
+        make_broker: BrokerFactory, artifact: Path, tmp_path: Path) -> None:
+    """Found by review: a monitor that wanted the pools' status needed the role that drains
+    and restarts them. ``observe`` reads the status alone; ``admin`` includes it."""
+    observer = mint_token()
+    address, backend = make_broker(AuthConfig(tokens=(*TOKENS, TokenEntry(
+        "dashboard", frozenset({Role.OBSERVE}), token_digest(observer)))))
+    with Client(address, token=observer) as client:
+        assert [p.profile for p in client.pool_status()]
+        for operation in (client.restart_pools, client.drain_pools, client.resume_pools,
+                          client.selftest, lambda: client.convert(artifact, tmp_path / "o")):
+            with pytest.raises(AccessDenied) as info:
+                operation()
+            assert info.value.code == "PERMISSION_DENIED" and "dashboard" in info.value.message
+    assert backend.specs == []
 
 
 def test_admin_role_operates_the_pools_but_does_not_convert(

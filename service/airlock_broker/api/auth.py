@@ -15,9 +15,11 @@ installed: even without ``[auth]``, operating the pools needs the admin role.
    ``[auth]``, a TCP caller is ``anonymous``. Otherwise: ``UNAUTHENTICATED``.
 2. **Authorize.** Each service needs one role: ``convert`` for ConversionService, ``admin`` for
    AdminService (``OPEN_METHODS`` lists the exceptions: the provenance public key). Pool
-   *status* needs ``admin`` too: it names the runtime and image a sandbox escape would have
-   to beat, and shows other callers' load; converting callers learn about load from ``BUSY``.
-   Who holds which role is in ``auth_config`` (root on the Unix socket holds both;
+   *status* needs ``observe`` (``METHOD_ROLES``), which ``admin`` includes: it names the
+   runtime and image a sandbox escape would have to beat, and shows other callers' load, so
+   converting callers do not have it (they learn about load from ``BUSY``); a monitor can,
+   without the role that drains and restarts the pools.
+   Who holds which role is in ``auth_config`` (root on the Unix socket holds all;
    ``anonymous`` converts but operates the pools only with ``anonymous_admin``).
    A service missing from ``SERVICE_ROLES`` is refused to everyone.
    Missing role: ``PERMISSION_DENIED``.
@@ -67,6 +69,18 @@ SERVICE_ROLES: dict[str, Role] = {
     pb.DESCRIPTOR.services_by_name["ConversionService"].full_name: Role.CONVERT,
     pb.DESCRIPTOR.services_by_name["AdminService"].full_name: Role.ADMIN,
 }
+#: Methods that need less than their service's role: reading the pools' status changes
+#: nothing, so a monitor need not hold the role that drains and restarts them.
+METHOD_ROLES: dict[str, Role] = {
+    f"/{pb.DESCRIPTOR.services_by_name['AdminService'].full_name}/GetPoolStatus": Role.OBSERVE,
+}
+#: Roles that include others.
+_INCLUDES: dict[Role, frozenset[Role]] = {Role.ADMIN: frozenset({Role.OBSERVE})}
+
+
+def holds(principal_roles: frozenset[Role], role: Role) -> bool:
+    """Whether roles ``principal_roles`` include ``role`` (``admin`` includes ``observe``)."""
+    return role in principal_roles or any(role in _INCLUDES.get(r, ()) for r in principal_roles)
 _MAX_TOKEN = 512
 
 
@@ -264,15 +278,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except AirlockError as exc:
             self._refused("refused %s from %s: %s", method, peer, exc.message)
             raise
-        role = SERVICE_ROLES.get(service)
-        if role is None or role not in principal.roles:
+        role = METHOD_ROLES.get(method, SERVICE_ROLES.get(service))
+        if role is None or not holds(principal.roles, role):
             needs = f"the {role.value} role" if role else "a role no principal can hold"
             self._refused("refused %s from %s: principal %s (%s) lacks %s", method, peer,
                           principal.name, principal.method, needs)
             raise error(Reason.PERMISSION_DENIED,
                         f"{principal.name} may not call {method.rsplit('/', 1)[-1]}: it needs "
                         f"{needs}{_how_to_get(principal, role)}")
-        if role is Role.ADMIN:
+        if role is Role.ADMIN:  # what changes the pools; a status read is not news
             log.info("%s called by %s (%s) from %s", method.rsplit("/", 1)[-1], principal.name,
                      principal.method, peer)
         return principal

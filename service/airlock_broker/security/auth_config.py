@@ -73,6 +73,9 @@ class Role(enum.StrEnum):
     CONVERT = "convert"
     #: AdminService: pool status, restart, drain, resume; the isolation self-test.
     ADMIN = "admin"
+    #: AdminService's pool status alone (dashboards, monitors): what ``admin`` may do that
+    #: changes nothing. ``admin`` includes it.
+    OBSERVE = "observe"
 
 
 def mint_token() -> str:
