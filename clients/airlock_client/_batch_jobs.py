@@ -19,8 +19,8 @@ SHARDS_PROFILE = "torch"
 #: The most versions at once that ``default_jobs`` asks for, however many sandboxes are warm
 #: (the broker queues the rest; a default broker runs two jobs at a time).
 MAX_DEFAULT_JOBS = 4
-#: When the pool status cannot be read (it needs the admin role): what a default broker runs
-#: at once (``[broker] max_concurrent_jobs``). More would only wait in its queue.
+#: When the pool status cannot be read (it needs the observe or admin role): what a default
+#: broker runs at once (``[broker] max_concurrent_jobs``). More would only wait in its queue.
 FALLBACK_JOBS = 2
 
 

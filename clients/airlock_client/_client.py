@@ -316,7 +316,7 @@ class Client:
         """How many conversions a batch keeps in flight when not told: what the broker runs
         at once, from its pool status (``_batch_jobs.default_jobs``; ``profile``: the pool
         the batch's conversions go to), or ``FALLBACK_JOBS`` when that cannot be read (it
-        needs the admin role)."""
+        needs the observe or admin role)."""
         try:
             reply = self._admin_call(self._admin.GetPoolStatus, pb.GetPoolStatusRequest())
         except AirlockError:

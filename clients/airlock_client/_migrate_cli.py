@@ -209,7 +209,7 @@ def _default_jobs(broker: Broker) -> int:
     try:
         pools = broker.pools()
     except AirlockError as exc:  # no admin role, an old broker, or none at all (yet)
-        why = "; it needs the admin role" if isinstance(exc, AccessDenied) else ""
+        why = "; it needs the observe or admin role" if isinstance(exc, AccessDenied) else ""
         _progress(f"--jobs not given and the broker's pool status cannot be read "
                   f"({exc.reason}{why}): {FALLBACK_JOBS} versions at a time, what a default "
                   "broker runs at once (--jobs N to choose)")

@@ -255,8 +255,9 @@ def _add_migrate_parser(sub: Any) -> None:
                              f"{MAX_DEFAULT_JOBS}; a broker that does not say: its warm "
                              f"{JOBS_PROFILE} sandboxes, ready or starting; "
                              f"{FALLBACK_JOBS}, what a default broker runs at once, when the "
-                             "pool status cannot be read: it needs the admin role, which "
-                             "an anonymous or convert-only caller lacks). --jobs 1 migrates "
+                             "pool status cannot be read: it needs the observe or admin "
+                             "role, which an anonymous or convert-only caller lacks). "
+                             "--jobs 1 migrates "
                              "one version after the other")
     parser.add_argument("--server", default=None,
                         help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")

@@ -341,7 +341,7 @@ def test_cli_jobs_fall_back_to_a_default_brokers_and_refuse_nonsense(
                           code="PERMISSION_DENIED")
     assert _cli(monkeypatch, key, registry, sandbox, denied, "--model", "fraud") == 0
     assert ("--jobs not given and the broker's pool status cannot be read "
-            "(PERMISSION_DENIED; it needs the admin role): 2 versions at a time") in \
+            "(PERMISSION_DENIED; it needs the observe or admin role): 2 versions at a time") in \
         capsys.readouterr().err
     for bad in ("0", "65"):
         assert _cli(monkeypatch, key, registry, sandbox, [], "--all", "--jobs", bad) == 2
