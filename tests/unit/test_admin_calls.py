@@ -88,3 +88,56 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_no_path(
         assert "/var/lib" not in status.details and "see its log" in status.details
         assert _reason(status) == "INTERNAL"
     assert "/var/lib/airlock/spool/slots/x" in caplog.text  # the operator's log has it all
+
+
+def test_each_action_on_the_pools_is_in_the_audit_log_with_who_asked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Found by review: drains, restarts and self-tests were in the process log alone, which a
+    log flood or rotation loses: an operator's action (or a stolen admin token's) left no
+    durable record. Each is an audit line now, with the principal and how it ended."""
+    import json
+
+    from airlock_broker.api.auth import _CURRENT, Principal
+    from airlock_broker.conversion.audit import AuditLog
+    from airlock_broker.errors import Reason, error
+
+    class Pools:
+        def drain(self) -> None:
+            pass
+
+        def resume(self) -> None:
+            pass
+
+        async def restart(self, profile: str | None) -> int:
+            if profile == "nope":
+                raise error(Reason.BAD_REQUEST, "unknown profile 'nope'")
+            return 2
+
+    async def selftest() -> SelfTestReport:
+        return SelfTestReport(checks=(Check("network", True, "none", "sandbox"),),
+                              runtime="runc", image_id="sha256:x")
+
+    class Peer(Context):
+        def peer(self) -> str:
+            return "unix:"
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+
+    async def run() -> None:
+        _CURRENT.set(Principal("uid:0", "peercred", frozenset()))
+        admin = AdminServicer(Pools(), selftest, audit=audit)  # type: ignore[arg-type]
+        await admin.DrainPools(pb.DrainPoolsRequest(), Peer())  # type: ignore[arg-type]
+        await admin.ResumePools(pb.ResumePoolsRequest(), Peer())  # type: ignore[arg-type]
+        await admin.RestartPools(pb.RestartPoolsRequest(profile="light"), Peer())  # type: ignore[arg-type]
+        with pytest.raises(Aborted):
+            await admin.RestartPools(pb.RestartPoolsRequest(profile="nope"), Peer())  # type: ignore[arg-type]
+        await admin.RunSelfTest(pb.RunSelfTestRequest(), Peer())  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(d["action"], d["outcome"], d.get("profile"), d.get("replaced")) for d in lines] == [
+        ("drain", "ok", None, None), ("resume", "ok", None, None), ("restart", "ok", "light", 2),
+        ("restart", "rejected", "nope", None), ("selftest", "ok", None, None)]
+    assert all(d["principal"] == "uid:0" and d["auth"] == "peercred" and d["peer"] == "unix:"
+               and "job_id" not in d for d in lines)
+    assert lines[3]["reason"] == "BAD_REQUEST" and lines[4]["passed"] is True

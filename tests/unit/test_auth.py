@@ -447,8 +447,11 @@ def test_audit_and_logs_carry_the_principal_never_the_token(
         client.restart_pools()
         with pytest.raises(AccessDenied):
             client.convert(artifact, tmp_path / "out2")
-    [line] = audit_lines(tmp_path, 1)
+    lines = audit_lines(tmp_path, 2)
+    [line] = [d for d in lines if "job_id" in d]
     assert (line["principal"], line["auth"], line["outcome"]) == ("ci-batch", "token", "ok")
+    [action] = [d for d in lines if "action" in d]  # the restart: who asked, never the token
+    assert (action["action"], action["principal"], action["auth"]) == ("restart", "ops", "token")
     job_logs = [r for r in caplog.records if getattr(r, "job_id", None) == line["job_id"]]
     assert len(job_logs) >= 2  # received, converted
     assert {getattr(r, "principal", None) for r in job_logs} == {"ci-batch"}
@@ -528,7 +531,8 @@ def test_mtls_subject_maps_to_roles(make_broker: BrokerFactory, artifact: Path, 
                 client_key=alice.key) as client:
         assert client.restart_pools() == 0
         client.convert(artifact, tmp_path / "out")
-    [line] = audit_lines(tmp_path, 1)
+    restart, line = audit_lines(tmp_path, 2)
+    assert (restart["action"], restart["principal"]) == ("restart", "alice.ops.example")
     assert (line["principal"], line["auth"]) == ("alice.ops.example", "certificate")
     # A certificate the CA signed, for a subject with no roles: authenticated, not authorized.
     with Client(address, tls_ca=pki["ca"].cert_path, client_cert=mallory.cert,

@@ -93,7 +93,8 @@ def test_a_drained_broker_refuses_before_it_reads_the_upload(tmp_path: Path) -> 
             client.convert(src, tmp_path / "out.safetensors")
         assert info.value.reason == "SANDBOX_UNAVAILABLE"
         assert DRAINED_WHY in str(info.value)
-        [record] = audit_records(tmp_path, 1)
+        [drain, record] = audit_records(tmp_path, 2)
+        assert (drain["action"], drain["principal"]) == ("drain", "uid:0")
         # Refused at admission: the request's metadata (the first message) was never read.
         assert record["reason"] == "SANDBOX_UNAVAILABLE"
         assert "filename" not in record and "declared_size" not in record

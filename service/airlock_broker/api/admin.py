@@ -17,7 +17,9 @@ from grpc_status import rpc_status
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
+from airlock_broker.api.auth import current_principal
 from airlock_broker.api.wire import status_of
+from airlock_broker.conversion.audit import AuditLog
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.ops.selftest import SelfTestReport
 from airlock_broker.sandboxes.pools import Pools
@@ -28,9 +30,11 @@ log = logging.getLogger(__name__)
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(self, pools: Pools, selftest: Callable[[], Awaitable[SelfTestReport]], *,
-                 max_concurrent_jobs: int = 0) -> None:
+                 max_concurrent_jobs: int = 0, audit: AuditLog | None = None) -> None:
         self.pools = pools
         self.selftest = selftest
+        #: Where each action that changes the pools, and each self-test, is recorded.
+        self.audit = audit
         #: Said in the pool status: what a client's batch should keep in flight.
         self.max_concurrent_jobs = max_concurrent_jobs
         #: The self-test under way, shared by every caller that asks meanwhile.
@@ -50,9 +54,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         try:
             report = await self._selftest_once()
         except SandboxUnavailable as exc:
-            await _abort(context, error(Reason.SANDBOX_UNAVAILABLE, str(exc)))
+            await self._abort(context, "selftest", error(Reason.SANDBOX_UNAVAILABLE, str(exc)))
         except Exception:
-            await _abort(context, _internal("RunSelfTest"))
+            await self._abort(context, "selftest", _internal("RunSelfTest"))
+        self._record(context, "selftest", outcome="ok", passed=report.passed,
+                     image_id=report.image_id)
         return pb.RunSelfTestResponse(
             passed=report.passed, runtime=report.runtime, image_id=report.image_id,
             checks=[pb.SelfTestCheck(name=c.name, passed=c.passed, detail=c.detail,
@@ -74,12 +80,14 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.RestartPoolsRequest,
         context: grpc.aio.ServicerContext[pb.RestartPoolsRequest, pb.RestartPoolsResponse],
     ) -> pb.RestartPoolsResponse:
+        profile = request.profile or None
         try:
-            replaced = await self.pools.restart(request.profile or None)
+            replaced = await self.pools.restart(profile)
         except AirlockError as exc:
-            await _abort(context, exc)
+            await self._abort(context, "restart", exc, profile=profile)
         except Exception:
-            await _abort(context, _internal("RestartPools"))
+            await self._abort(context, "restart", _internal("RestartPools"), profile=profile)
+        self._record(context, "restart", outcome="ok", profile=profile, replaced=replaced)
         return pb.RestartPoolsResponse(replaced=replaced)
 
     async def DrainPools(
@@ -87,6 +95,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[pb.DrainPoolsRequest, pb.DrainPoolsResponse],
     ) -> pb.DrainPoolsResponse:
         self.pools.drain()
+        self._record(context, "drain", outcome="ok")
         return pb.DrainPoolsResponse()
 
     async def ResumePools(
@@ -94,7 +103,21 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[pb.ResumePoolsRequest, pb.ResumePoolsResponse],
     ) -> pb.ResumePoolsResponse:
         self.pools.resume()
+        self._record(context, "resume", outcome="ok")
         return pb.ResumePoolsResponse()
+
+    def _record(self, context: grpc.aio.ServicerContext, action: str,  # type: ignore[type-arg]
+                **fields: object) -> None:
+        """The action in the audit log, with the principal that asked (auth.py set it)."""
+        if self.audit is not None:
+            caller = current_principal()
+            self.audit.action(action, caller.name, caller.method, context.peer(), **fields)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, action: str,  # type: ignore[type-arg]
+                     exc: AirlockError, **fields: object) -> None:
+        self._record(context, action, outcome=exc.kind.value, reason=exc.reason.value,
+                     message=exc.message, **fields)
+        await _abort(context, exc)
 
 
 def _internal(method: str) -> AirlockError:

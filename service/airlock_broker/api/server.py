@@ -278,7 +278,8 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         pools.vet_image = vet_image
 
     pb_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(pools, selftest, max_concurrent_jobs=config.max_concurrent_jobs), server)
+        AdminServicer(pools, selftest, max_concurrent_jobs=config.max_concurrent_jobs,
+                      audit=audit), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

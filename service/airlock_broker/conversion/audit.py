@@ -1,4 +1,5 @@
-"""The audit log: one JSON line per job, appended, never rewritten.
+"""The audit log: one JSON line per job, and one per operator action on the pools (an
+``action`` instead of a ``job_id``), appended, never rewritten.
 
 It records who asked for what, what the broker observed and decided, and what it returned;
 never artifact bytes and never secrets. Every string that came from a caller or a sandbox is
@@ -73,13 +74,22 @@ class AuditLog:
 
     def write(self, record: AuditRecord) -> None:
         """Never raises: a full disk must not turn a finished job into a crash; it is logged."""
-        line = json.dumps(record.document(), ensure_ascii=True, sort_keys=True,
-                          default=str) + "\n"
+        self._append(record.document(), f"job {record.job_id}")
+
+    def action(self, action: str, principal: str, auth: str, peer: str, **fields: Any) -> None:
+        """An operator's action (a drain, a restart, a self-test), with who asked and how it
+        ended; never raises, as ``write``."""
+        doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
+               "principal": principal, "auth": auth, "peer": peer, **fields}
+        self._append({k: _cap(v) for k, v in doc.items()}, f"the {action} action")
+
+    def _append(self, doc: dict[str, Any], what: str) -> None:
+        line = json.dumps(doc, ensure_ascii=True, sort_keys=True, default=str) + "\n"
         try:
             with self._lock:
                 os.write(self._fd, line.encode())
         except OSError as exc:
-            log.error("could not write the audit record of job %s: %s", record.job_id, exc)
+            log.error("could not write the audit record of %s: %s", what, exc)
 
     def close(self) -> None:
         """Idempotent: the descriptor number is closed once, never a reused one."""
