@@ -428,3 +428,37 @@ def test_the_broker_raises_its_soft_descriptor_limit_to_the_hard_one() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.split() == ["4096", "4096"]
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_the_broker_serves_after(
+        start) -> None:
+    """A backstop beside the idle and handshake times: connections are not authenticated, and
+    a flood of them (each idle one lives minutes) ran the broker out of descriptors, failing
+    the jobs in flight. At ``[rpc] max_connections`` a new one is closed at once."""
+    import socket
+
+    run = start(rpc=RpcLimits(max_connections=2))
+    held = [socket.create_connection(("127.0.0.1", run.broker.port)) for _ in range(2)]
+    for sock in held:
+        sock.sendall(_PREFACE)
+        sock.settimeout(30)
+        assert sock.recv(4096), "a connection within the cap is answered"
+    extra = socket.create_connection(("127.0.0.1", run.broker.port))
+    try:
+        extra.sendall(_PREFACE)
+        assert _closed_within(extra, 30), "a connection beyond the cap stayed open"
+    finally:
+        extra.close()
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 60  # the broker notices the two closed, then serves again
+    while True:
+        try:
+            with grpc.insecure_channel(run.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "the broker did not serve after the flood"
+            time.sleep(0.2)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

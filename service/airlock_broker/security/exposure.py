@@ -123,10 +123,16 @@ class RpcLimits:
     #: How long a new connection has to finish its handshake (TLS, then the HTTP/2 preface and
     #: settings); gRPC's own default is 120 s.
     handshake_seconds: float = 20.0
+    #: Connections open at once, every listener together; one beyond is closed at once. A
+    #: backstop: connections are not authenticated, so a flood of them (each idle one lives
+    #: ``max_connection_idle_seconds``) would otherwise run the broker out of descriptors and
+    #: fail the jobs in flight; at the cap only new connections are refused. Far above what a
+    #: fleet of clients holds (gRPC shares one connection per address in a process).
+    max_connections: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_open_streams",
-                     "max_waiting_calls"):
+                     "max_waiting_calls", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[rpc] {name} must be at least 1")
         if self.max_waiting_calls >= self.max_concurrent_rpcs:
@@ -150,4 +156,5 @@ class RpcLimits:
             ("grpc.max_connection_age_grace_ms", int(self.connection_age_grace_seconds * 1000)),
             ("grpc.max_connection_idle_ms", int(self.max_connection_idle_seconds * 1000)),
             ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
         ]
