@@ -333,6 +333,27 @@ def test_a_call_that_never_sends_its_request_gives_up_its_place(start) -> None:
         info.value.details() or "")
 
 
+class Aborted(Exception):
+    """What ``Context.abort`` raises, as gRPC's does."""
+
+
+class Context:
+    """A call's context for ``RequestArrival``: the code it was aborted with."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise Aborted(details)
+
+
+async def never(sent: Any) -> Any:
+    """A request stream whose one message comes only once ``sent`` (an asyncio.Event) is."""
+    await sent.wait()
+    yield health_pb2.HealthCheckRequest()
+
+
 def test_a_call_counts_as_waiting_from_its_start_and_beyond_the_limit_is_refused_at_once(
         ) -> None:
     """Counted only after a grace, calls reopened as fast as they were refused held places
@@ -342,21 +363,6 @@ def test_a_call_counts_as_waiting_from_its_start_and_beyond_the_limit_is_refused
     import asyncio
 
     from airlock_broker.api.rpc_limits import RequestArrival
-
-    class Aborted(Exception):
-        pass
-
-    class Context:
-        def __init__(self) -> None:
-            self.code: grpc.StatusCode | None = None
-
-        async def abort(self, code: grpc.StatusCode, details: str) -> None:
-            self.code = code
-            raise Aborted(details)
-
-    async def never(sent: asyncio.Event) -> Any:
-        await sent.wait()
-        yield health_pb2.HealthCheckRequest()
 
     async def run() -> None:
         arrival = RequestArrival(seconds=60, limit=2)

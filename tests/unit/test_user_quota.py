@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
 from airlock_broker.api.auth import _CURRENT, Authenticator, Principal
 from airlock_broker.api.rpc_limits import RequestArrival
@@ -25,6 +24,7 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.fastpath.local_handles import HandleTable
 from airlock_broker.security.auth_config import AuthConfig
 from airlock_broker.security.uid_owners import UidOwners
+from tests.unit.test_broker_limits import Aborted, Context, never
 
 USER = 1000
 OWNERS = UidOwners([(100000, 165536, USER)])
@@ -44,21 +44,6 @@ def test_a_subordinate_uid_is_named_as_itself_and_counted_as_its_owner() -> None
 
 
 def test_calls_waiting_for_their_request_are_bounded_per_user() -> None:
-    class Aborted(Exception):
-        pass
-
-    class Context:
-        def __init__(self) -> None:
-            self.code: grpc.StatusCode | None = None
-
-        async def abort(self, code: grpc.StatusCode, details: str) -> None:
-            self.code = code
-            raise Aborted(details)
-
-    async def never(sent: asyncio.Event) -> Any:
-        await sent.wait()
-        yield health_pb2.HealthCheckRequest()
-
     async def as_(principal: Principal, call: Any) -> Any:
         _CURRENT.set(principal)  # the task's own context, as the auth interceptor sets it
         return await call
