@@ -18,9 +18,11 @@ from airlock_client._converted_file import (
     default_output,
     failure_document,
     placed,
+    placement_problem,
     result_document,
 )
 from airlock_client._errors import (
+    CLIENT_ERROR,
     AirlockError,
     ConversionError,
 )
@@ -69,9 +71,15 @@ def run_convert(args: argparse.Namespace) -> int:
                 from airlock_client._convert_dir_cli import run_convert_directory
 
                 return run_convert_directory(args, source.path, source.output_base)
-            if args.jobs is not None or args.overwrite:
-                return _usage(args, "--jobs and --overwrite apply to a PyTorch model "
-                              "directory only")
+            if args.jobs is not None:
+                return _usage(args, "--jobs applies to a PyTorch model directory only")
+            if args.output is not None and args.output.is_dir():
+                return _usage(args, f"-o {args.output} is a directory: name the output file "
+                              f"(-o {args.output}/NAME.onnx), or give several inputs to "
+                              "convert into a directory")
+            if args.output is None and (problem := placement_problem(
+                    [(args.input, source.output_base)], overwrite=args.overwrite)):
+                return _usage(args, problem)
             options = client_options(args)
             with Client(args.server or default_address(), public_key=args.public_key,
                         **options) as client:
@@ -98,6 +106,11 @@ def run_convert(args: argparse.Namespace) -> int:
         status, code = failure(exc)
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
         return _report_error(args, status, exc.reason, exc.message, code, job_id)
+    except OSError as exc:  # the input cannot be read, the output's directory not written
+        where = exc.filename2 or exc.filename
+        return _report_error(args, "failed", CLIENT_ERROR,
+                             f"{exc.strerror or exc}{f': {where}' if where else ''}; nothing "
+                             "was converted", EXIT_FAILED)
     try:
         if args.output is None:
             result = placed(result, output, source.output_base)

@@ -39,8 +39,8 @@ from airlock_client._converted_file import (
     OUTPUT_NOT_PLACED,
     default_output,
     failure_document,
-    final_name,
     placed,
+    placement_problem,
     result_document,
 )
 from airlock_client._errors import (
@@ -65,29 +65,19 @@ def usage_problem(args: argparse.Namespace) -> str | None:
                     "directory or a models:/ or runs:/ URI on its own)")
     if args.subject is not None:
         return "--subject names one input; with several, each is signed with its own path"
-    if args.overwrite:
-        return "--overwrite applies to a PyTorch model directory only"
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         return f"-o {args.output}: with several inputs, -o names a directory"
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
     sources: dict[str, str] = {}
-    finals: dict[Path, str] = {}
     for text in args.input:
         real = os.path.realpath(text)
         if real in sources:
             return f"{sources[real]} and {text} are the same file: give it once"
         sources[real] = text
-        base = _base(args, Path(text))
-        # Every name its output may take (its format is the broker's answer), as placed:
-        # "x.safetensors" and "x.converted.pkl" both become x.converted.safetensors.
-        for fmt in ("onnx", "safetensors"):
-            final = final_name(base, fmt)
-            if final in finals and finals[final] != text:
-                return (f"{finals[final]} and {text} would both be written as {final}: "
-                        "convert them apart, or rename one")
-            finals[final] = text
-    return None
+    # "x.safetensors" and "x.converted.pkl" both become x.converted.safetensors.
+    return placement_problem([(text, _base(args, Path(text))) for text in args.input],
+                             overwrite=args.overwrite)
 
 
 def _base(args: argparse.Namespace, source: Path) -> Path:

@@ -4,11 +4,15 @@ output's name, the ``--json`` object."""
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from airlock_client._types import ConversionResult, LoadingPolicy
+from airlock_client.provenance import provenance_path
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
 #: ``reason`` of a file that converted but could not be renamed into place (or have its
@@ -19,9 +23,63 @@ OUTPUT_NOT_PLACED = "OUTPUT_NOT_PLACED"
 FILE_POLICY: LoadingPolicy = "allow_code"
 
 
-def default_output(source: Path) -> Path:
-    """A temporary name beside the input; renamed once the output format is known."""
-    return source.with_name(f".{source.name}.airlock-out")
+#: This process's part of every temporary name (``default_output``): two runs on one input
+#: never share one (a fixed name let each take the other's output and report its own).
+_RUN = secrets.token_hex(4)
+
+
+def default_output(base: Path) -> Path:
+    """The temporary name beside where the output goes, ``.NAME.<run>.airlock-out``: the
+    client writes the conversion there (through a part file of its own, renamed: nothing is
+    at this name unless a conversion finished), and it is renamed to its final name once the
+    format is known (``placed``). Not a name a sweep removes (``_part_files``): a conversion
+    kept under it (OUTPUT_NOT_PLACED) stays where the message says."""
+    base = _named(base)
+    return base.with_name(f".{base.name}.{_RUN}.airlock-out")
+
+
+def _named(base: Path) -> Path:
+    """``base``, or its absolute path where it has no name of its own ("." or "..")."""
+    return base if base.name not in ("", ".", "..") else Path(os.path.abspath(base))
+
+
+def placement_problem(items: Sequence[tuple[str, Path]], *, overwrite: bool) -> str | None:
+    """Why the outputs of these inputs cannot all be put in place, found before anything is
+    sent, or None. ``items``: each input as given, and the base its output is named after
+    (``final_name``). Every name an output may take is checked (its format is the broker's
+    answer), compared by real path (``m.onnx`` and ``/abs/m.onnx`` are one file):
+
+    - two outputs would take one name;
+    - an output would replace one of the inputs;
+    - an output would replace a file of the user's, one with no provenance record beside it
+      (an earlier conversion's output has one), unless ``overwrite``. A directory there is
+      left to the placing, which keeps the conversion (OUTPUT_NOT_PLACED)."""
+    inputs = {os.path.realpath(text): text for text, _ in items}
+    finals: dict[str, str] = {}
+    names = [(text, final_name(_named(base), fmt)) for text, base in items
+             for fmt in ("onnx", "safetensors")]
+    for text, final in names:
+        key = os.path.join(os.path.realpath(final.parent), final.name)
+        if finals.get(key, text) != text:
+            return (f"{finals[key]} and {text} would both be written as {final}: "
+                    "convert them apart, or rename one")
+        finals[key] = text
+        if key in inputs:
+            return (f"{text}'s output would be written as {final}, which is the input "
+                    f"{inputs[key]}: convert them apart, or rename one")
+    for _, final in names if not overwrite else ():
+        if _users_file(final):
+            return (f"{final} exists and is not an earlier conversion's output (it has no "
+                    f"{provenance_path(final).name} beside it): move it, or pass "
+                    "--overwrite to replace it")
+    return None
+
+
+def _users_file(path: Path) -> bool:
+    """Whether ``path`` is something of the user's a placed output would replace: there (a
+    link counts, whatever it points to), not a directory, with no provenance record."""
+    return os.path.lexists(path) and not os.path.isdir(path) \
+        and not os.path.lexists(provenance_path(path))
 
 
 def final_name(source: Path, fmt: str) -> Path:
@@ -33,7 +91,7 @@ def final_name(source: Path, fmt: str) -> Path:
 def placed(result: ConversionResult, temporary: Path, base: Path) -> ConversionResult:
     """A conversion written to ``temporary`` (``default_output``), renamed to its final name
     after ``base`` now that its format is known (``final_name``)."""
-    final = final_name(base, result.format)
+    final = final_name(_named(base), result.format)
     temporary.replace(final)
     return ConversionResult(**{**result.__dict__, "output": final})
 

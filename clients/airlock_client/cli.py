@@ -169,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "converted at once (default: what the broker runs at once, at "
                               "most 4)")
     convert.add_argument("--overwrite", action="store_true",
-                         help="a PyTorch model directory: replace an earlier output directory "
-                              "(one that holds only what an Airlock output holds)")
+                         help="a file: replace a file of yours at the output's name (an "
+                              "earlier conversion's output, with its provenance record beside "
+                              "it, is replaced without it); a PyTorch model directory: replace "
+                              "an earlier output directory (one that holds only what an "
+                              "Airlock output holds)")
     convert.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_connection_arguments(convert)
     _add_verify_parser(sub)

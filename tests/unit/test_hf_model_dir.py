@@ -859,7 +859,7 @@ def test_overwrite_checks_the_destination_again_before_replacing_it(tmp_path: Pa
     (["{model}", "--input-shape", "1,2"], "do not apply"),
     (["{model}", "--jobs", "0"], "--jobs must be between 1 and"),
     (["{model}", "--keep-training-state"], "the model's weights only"),
-    (["{model}/config.json", "--jobs", "2"], "apply to a PyTorch model directory only"),
+    (["{model}/config.json", "--jobs", "2"], "applies to a PyTorch model directory only"),
     (["{model}", "-o", "{model}", "--overwrite"], "source directory"),
 ])
 def test_the_cli_says_what_is_wrong_before_it_connects(tmp_path: Path, args: list[str], why: str,
