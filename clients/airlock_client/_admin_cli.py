@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-)
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_error
 from airlock_client._client import Client, default_address
-from airlock_client._errors import AccessDenied, ConversionError, ServiceUnavailable
+from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
 from airlock_client._types import PoolStatus
 
 
 def run_pool(args: argparse.Namespace) -> int:
+    if args.profile is not None and args.action != "restart":
+        # Drain and resume act on every pool, and status shows them all: a profile given
+        # there would look obeyed while the whole broker was drained.
+        return usage_error("pool", f"--profile applies to restart only; {args.action} acts "
+                           "on every pool", as_json=args.json)
     try:
         with Client(args.server or default_address(), retry_attempts=1,
                     **client_options(args)) as client:
@@ -44,10 +42,9 @@ def run_pool(args: argparse.Namespace) -> int:
                 client.resume_pools()
                 _say(args, {"action": "resume"}, "resumed")
     except (ServiceUnavailable, ConversionError) as exc:
-        return _operation_failed("pool", exc)
+        return failed("pool", exc, as_json=args.json)
     except ValueError as exc:
-        print(f"airlock pool: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("pool", str(exc), as_json=args.json)
     return EXIT_OK
 
 
@@ -57,10 +54,9 @@ def run_selftest(args: argparse.Namespace) -> int:
                     **client_options(args)) as client:
             report = client.selftest()
     except (ServiceUnavailable, ConversionError) as exc:
-        return _operation_failed("selftest", exc)
+        return failed("selftest", exc, as_json=args.json)
     except ValueError as exc:
-        print(f"airlock selftest: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("selftest", str(exc), as_json=args.json)
     if args.json:
         print(json.dumps(asdict(report)))
     else:
@@ -74,14 +70,6 @@ def run_selftest(args: argparse.Namespace) -> int:
         print(f"self-test {verdict} (runtime {printable(report.runtime)}, image "
               f"{printable(report.image_id[:19])})")
     return EXIT_OK if report.passed else EXIT_FAILED
-
-
-def _operation_failed(command: str, exc: ServiceUnavailable | ConversionError) -> int:
-    print(f"airlock {command}: {printable(exc.reason)}: {printable(exc.message)}",
-          file=sys.stderr)
-    if isinstance(exc, AccessDenied):
-        return EXIT_DENIED
-    return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
 
 
 def _say(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:

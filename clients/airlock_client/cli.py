@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     pool = sub.add_parser("pool", help="operate the warm sandbox pools")
     pool.add_argument("action", choices=["status", "restart", "drain", "resume"])
-    pool.add_argument("--profile", default=None, help="restart only this profile")
+    pool.add_argument("--profile", default=None,
+                      help="restart only this profile (restart only: drain and resume act on "
+                           "every pool)")
     pool.add_argument("--server", default=None,
                       help="broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)")
     pool.add_argument("--json", action="store_true", help="print JSON on stdout")
