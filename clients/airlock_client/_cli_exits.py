@@ -88,14 +88,16 @@ def failure(exc: AirlockError) -> tuple[str, int]:
     return "failed", EXIT_FAILED
 
 
-def failed(command: str, exc: AirlockError, *, as_json: bool = False) -> int:
-    """Say on stderr why ``command`` failed (its reason and sentence, escaped), with
-    ``--json`` also the one object on stdout, as ``usage_error``; the exit code (``failure``)."""
+def failed(command: str, exc: AirlockError, *, as_json: bool = False,
+           doing: str = "") -> int:
+    """Say on stderr why ``command`` failed (its reason and sentence, escaped; ``doing``:
+    what it was doing, said first), with ``--json`` also the one object on stdout, as
+    ``usage_error``; the exit code (``failure``)."""
     from airlock_client._terminal import printable
 
     status, code = failure(exc)
-    print(f"airlock {command}: {printable(exc.reason)}: {printable(exc.message)}",
-          file=sys.stderr)
+    message = f"{doing}: {exc.message}" if doing else exc.message
+    print(f"airlock {command}: {printable(exc.reason)}: {printable(message)}", file=sys.stderr)
     if as_json:
-        _json_failure(status, exc.reason, exc.message)
+        _json_failure(status, exc.reason, message)
     return code

@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_error
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
@@ -43,10 +43,10 @@ from airlock_client.provenance import (
 def run_verify(args: argparse.Namespace) -> int:
     directory = args.file.is_dir()
     if not directory and not args.file.is_file():
-        return _usage("verify", f"{args.file} is not a readable file or directory")
+        return _usage(args, f"{args.file} is not a readable file or directory")
     if directory and (args.provenance, args.source_sha256, args.data_file) != (None, None,
                                                                                 False):
-        return _usage("verify", "--provenance, --source-sha256 and --data-file apply to one "
+        return _usage(args, "--provenance, --source-sha256 and --data-file apply to one "
                       "file; a directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
@@ -62,15 +62,13 @@ def run_verify(args: argparse.Namespace) -> int:
             print("airlock verify: warning: no --public-key or AIRLOCK_PUBLIC_KEY; using the key "
                   "the broker publishes (trust on first use)", file=sys.stderr)
     except ProvenanceError as exc:
-        return _usage("verify", exc.message)
+        return _usage(args, exc.message)
     except ValueError as exc:  # connection options: a bad token file, a cleartext token
-        return _usage("verify", str(exc))
+        return _usage(args, str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
-        print(f"airlock verify: cannot fetch the broker's key: {printable(exc.reason)}: "
-              f"{printable(exc.message)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return failed("verify", exc, as_json=args.json, doing="cannot fetch the broker's key")
     if args.source_sha256 is not None and not _is_sha256(args.source_sha256):
-        return _usage("verify", "--source-sha256 must be 64 hexadecimal digits")
+        return _usage(args, "--source-sha256 must be 64 hexadecimal digits")
     if directory:
         return _verify_directory(args, key, source)
     try:
@@ -149,11 +147,9 @@ def run_keys(args: argparse.Namespace) -> int:
                     **client_options(args)) as client:
             published = client.provenance_key()
     except ValueError as exc:  # connection options: a bad token file, a cleartext token
-        return _usage("keys", str(exc))
+        return _usage(args, str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
-        print(f"airlock keys: {printable(exc.reason)}: {printable(exc.message)}",
-              file=sys.stderr)
-        return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable) else EXIT_FAILED
+        return failed("keys", exc, as_json=args.json)
     try:
         actual = fingerprint(published.public_key_pem.encode())
         # The key as parsed, re-encoded: not the broker's text, which may carry more.
@@ -167,10 +163,34 @@ def run_keys(args: argparse.Namespace) -> int:
         print("airlock keys: the broker's key does not match its fingerprint",
               file=sys.stderr)
         return EXIT_FAILED
+    if args.output is not None and (problem := _pinned_elsewhere(args.output, actual)):
+        return _usage(args, problem)
     print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
           "with the broker's host (airlock-broker keys export) before pinning it", file=sys.stderr)
-    emit_public_key(pem, actual, args.output, args.json)
+    try:
+        emit_public_key(pem, actual, args.output, args.json)
+    except OSError as exc:  # -o names a directory, or a directory that is not there
+        return _usage(args, f"-o {args.output}: cannot write the key there "
+                      f"({exc.strerror or exc})")
     return EXIT_OK
+
+
+def _pinned_elsewhere(output: Path, fetched: str) -> str | None:
+    """Why ``output`` must not be replaced by the fetched key, or None: it holds another
+    key (a key pinned earlier, perhaps exported on the broker's host: a key published over
+    the API is trust on first use, and must not silently replace one checked by hand)."""
+    try:
+        held = fingerprint(output.read_bytes()[:65536]) if output.is_file() else None
+    except (OSError, ProvenanceError):
+        return None
+    if held is None:
+        return None  # not there, not a key, or not readable: written (or refused) as a file
+    if held == fetched:
+        return None
+    return (f"{output} holds another public key (sha256:{held[:16]}...) than the broker "
+            f"publishes (sha256:{fetched[:16]}...): if the broker's key changed on purpose, "
+            "check the new one on its host (airlock-broker keys export) and remove the old "
+            "file first")
 
 
 def _read_provenance(path: Path) -> bytes:
@@ -271,6 +291,5 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def _usage(command: str, message: str) -> int:
-    print(f"airlock {command}: error: {printable(message)}", file=sys.stderr)
-    return EXIT_USAGE
+def _usage(args: argparse.Namespace, message: str) -> int:
+    return usage_error(args.command, printable(message), as_json=args.json)
