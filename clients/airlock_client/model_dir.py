@@ -468,7 +468,8 @@ def _check_replaceable(dest: Path) -> None:
 def _foreign_entries(dest: Path) -> list[str]:
     """Entries of ``dest`` that ``convert_directory`` never writes, sorted: anything but a
     regular file named as an output shard, the index, a carried data file, or the provenance
-    record of one of them."""
+    record of one of them; and such a file without its record beside it (every file an
+    output holds has one: a ``save_pretrained`` directory uses the same names, and none)."""
     from airlock_client.provenance import SUFFIX
 
     def ours(name: str) -> bool:
@@ -479,8 +480,10 @@ def _foreign_entries(dest: Path) -> list[str]:
                 or signed in _hf_dir.CARRIED_FILES)
 
     with os.scandir(dest) as entries:
-        return sorted(e.name for e in entries
-                      if not (ours(e.name) and e.is_file(follow_symlinks=False)))
+        files = {e.name for e in entries if ours(e.name) and e.is_file(follow_symlinks=False)}
+    with os.scandir(dest) as entries:
+        return sorted(e.name for e in entries if e.name not in files
+                      or (not e.name.endswith(SUFFIX) and e.name + SUFFIX not in files))
 
 
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:

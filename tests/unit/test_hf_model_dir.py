@@ -835,6 +835,23 @@ def test_overwrite_never_deletes_a_directory_that_is_not_an_airlock_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
 
 
+def test_overwrite_never_deletes_a_save_pretrained_directory_of_the_same_names(
+        tmp_path: Path) -> None:
+    """Found by review: a user's own ``save_pretrained`` output uses an Airlock output's file
+    names (shards, index, config, tokenizer) and was replaced by ``--overwrite``. Every file
+    of an Airlock output has its provenance record beside it; one without is the user's."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "hf"
+    convert_directory(FakeClient(GOOD), src, out)  # type: ignore[arg-type]
+    for record in out.glob("*.provenance.json"):
+        record.unlink()  # what save_pretrained writes: the same names, no records
+    before = sorted(p.name for p in out.iterdir())
+    client = FakeClient(GOOD)
+    with pytest.raises(FileExistsError, match="not an Airlock output"):
+        convert_directory(client, src, out, overwrite=True)  # type: ignore[arg-type]
+    assert client.calls == [] and sorted(p.name for p in out.iterdir()) == before
+
+
 def test_overwrite_checks_the_destination_again_before_replacing_it(tmp_path: Path) -> None:
     src = hf_dir(tmp_path / "m", SHARDS)
     out = tmp_path / "out"
