@@ -47,6 +47,15 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         token = raw.strip()
         if not token or len(token) > _MAX_TOKEN_FILE:
             raise ValueError(f"{args.token_file} does not hold a token")
-    return {"token": token, "tls": args.tls, "tls_ca": args.tls_ca,
-            "client_cert": args.client_cert, "client_key": args.client_key,
-            "local_transfer": False if getattr(args, "no_local_transfer", False) else None}
+    options: dict[str, Any] = {
+        "token": token, "tls": args.tls, "tls_ca": args.tls_ca,
+        "client_cert": args.client_cert, "client_key": args.client_key,
+        "local_transfer": False if getattr(args, "no_local_transfer", False) else None}
+    if getattr(args, "timeout", 0) > 0:
+        from airlock_client._types import CALL_SECONDS  # when a command runs, not at start
+
+        # A call's deadline holds the wait for a place, the upload, the job's sandboxes (two
+        # when integrity is verified, each given --timeout) and the answer: the client's
+        # default (900 s) beside them, so a longer --timeout is never cut short by it.
+        options["timeout"] = CALL_SECONDS + 2 * args.timeout
+    return options

@@ -26,6 +26,7 @@ from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
 from airlock_client._types import (
+    CALL_SECONDS,
     ConversionResult,
     DeclaredFormat,
     LoadingPolicy,
@@ -110,7 +111,7 @@ class Client:
     (UNAVAILABLE) is tried ``retry_attempts`` times in a row within ``retry_max_seconds``.
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = 900.0,
+    def __init__(self, address: str | None = None, *, timeout: float = CALL_SECONDS,
                  retry_attempts: int = 4, retry_max_seconds: float = 60.0,
                  wait_when_busy: bool = True,
                  token: str | None = None, tls: bool | None = None,

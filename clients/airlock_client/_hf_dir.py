@@ -269,8 +269,8 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
     if ADAPTER_WEIGHTS in files and (WEIGHTS in files or WEIGHTS_INDEX in files):
         raise ModelSourceError(INDEX_INVALID, f"{weights_dir} holds a model's weights and a "
                                f"PEFT adapter ({ADAPTER_WEIGHTS}); convert the adapter on its "
-                               f"own: airlock convert {ADAPTER_WEIGHTS} -o "
-                               f"{SAFE_ADAPTER_WEIGHTS}")
+                               f"own: airlock convert {weights_dir / ADAPTER_WEIGHTS} -o "
+                               f"{weights_dir / SAFE_ADAPTER_WEIGHTS}")
     if WEIGHTS_INDEX in files:
         entry = files[WEIGHTS_INDEX]
         if entry.size > MAX_INDEX_BYTES:

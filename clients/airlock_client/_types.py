@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+#: A call's deadline unless the caller gives one (``Client(timeout=...)``): the wait for a
+#: place, the upload, the job's sandboxes and the answer together.
+CALL_SECONDS = 900.0
+
 if TYPE_CHECKING:  # the record's module needs cryptography; these values do not
     from airlock_client.provenance import ProvenanceRecord
 

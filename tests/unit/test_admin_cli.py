@@ -92,3 +92,17 @@ def test_verify_prints_its_json_object_on_a_usage_error(
     assert main(["verify", str(tmp_path / "nope.onnx"), "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert (doc["ok"], doc["reason"]) == (False, "USAGE") and "nope.onnx" in doc["message"]
+
+
+@pytest.mark.parametrize("command", [["convert", "m.pkl"], ["migrate", "--all"]])
+def test_a_longer_sandbox_timeout_lengthens_the_calls_deadline(command: list[str]) -> None:
+    """Found by review: the client's 900 s deadline for a call held whatever ``--timeout``
+    said, so a job given 1800 s ended DEADLINE_EXCEEDED at 900."""
+    from airlock_client._cli_connection import client_options
+    from airlock_client._types import CALL_SECONDS
+    from airlock_client.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--timeout", "1800"])
+    assert client_options(args)["timeout"] >= 2 * 1800
+    assert "timeout" not in client_options(build_parser().parse_args(command))  # 900 s
+    assert CALL_SECONDS == 900
