@@ -106,3 +106,11 @@ def test_a_longer_sandbox_timeout_lengthens_the_calls_deadline(command: list[str
     assert client_options(args)["timeout"] >= 2 * 1800
     assert "timeout" not in client_options(build_parser().parse_args(command))  # 900 s
     assert CALL_SECONDS == 900
+
+
+def test_migrate_prints_its_json_object_on_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["migrate", "--all", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["ok"], doc["reason"]) == (False, "USAGE") and "tracking" in doc["message"]

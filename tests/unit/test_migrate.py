@@ -14,6 +14,7 @@ import pytest
 from airlock_broker.security.keys import SigningKey, create_key
 from airlock_client import _lineage as tags
 from airlock_client import _migrate_cli, cli
+from airlock_client._cli_exits import EXIT_USAGE
 from airlock_client._errors import AccessDenied, ServiceUnavailable
 from airlock_client._registry import (
     RegistryError,
@@ -304,14 +305,14 @@ def _args(**overrides: Any) -> argparse.Namespace:
 def test_cli_needs_an_explicit_tracking_server(monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert _migrate_cli.run_migrate(_args()) == _migrate_cli.EXIT_USAGE
+    assert _migrate_cli.run_migrate(_args()) == EXIT_USAGE
     assert "--tracking-uri" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size", ["0", "1001"])
 def test_cli_refuses_a_bad_page_size(size: str) -> None:
     args = _args(argv=["--all", "--tracking-uri", "http://127.0.0.1:1", "--page-size", size])
-    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert _migrate_cli.run_migrate(args) == EXIT_USAGE
 
 
 def _broker(sandbox: FakeSandbox, pools: Any = ()) -> _migrate_cli.Broker:
@@ -533,13 +534,13 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     # (a dry run writes nothing and needs no key: test_a_dry_run_needs_no_pinned_key)
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake"])
-    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert _migrate_cli.run_migrate(args) == EXIT_USAGE
     assert "--public-key" in capsys.readouterr().err
     bad = key.path.parent / "not-a-key.pem"
     bad.write_text("hello")
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--public-key",
                        str(bad)])
-    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert _migrate_cli.run_migrate(args) == EXIT_USAGE
     assert registry.writes == [] and registry.searches == [] and sandbox.converted == []
 
 
@@ -623,7 +624,7 @@ def test_a_dry_run_needs_no_pinned_key(monkeypatch: pytest.MonkeyPatch, key: Sig
     assert "no --public-key" in doc["versions"][0]["message"]
     assert len(registry.writes) == writes and len(sandbox.converted) == 2
     args = _args(argv=["--all", "--tracking-uri", "http://fake"])  # a real run still needs it
-    assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_USAGE
+    assert _migrate_cli.run_migrate(args) == EXIT_USAGE
 
 
 def test_a_later_copy_of_a_twin_never_takes_its_place_nor_the_alias(key: SigningKey) -> None:
