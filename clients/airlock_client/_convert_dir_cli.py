@@ -58,6 +58,16 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What ``path`` is now (device and inode), None if nothing: a finished output is renamed
+    into place whole, so a new identity there means the conversion got there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def default_output(source: Path) -> Path:
     """``NAME-safetensors`` beside the source directory."""
     base = Path(os.path.abspath(source))
@@ -82,6 +92,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
         done = f"; {last[0].line()}" if last else ""
         return f"converting {printable(str(args.input))}{done}"
 
+    before = _identity(output)
     try:
         with batch_interrupts("convert", "shard"), Heartbeat("convert", under_way), \
                 Client(args.server or default_address(), public_key=args.public_key,
@@ -91,6 +102,12 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
                 overwrite=args.overwrite, loading_policy=args.policy or DIRECTORY_POLICY,
                 job_timeout=args.timeout, on_busy=busy_notice("convert"), subject=subject)
     except KeyboardInterrupt:
+        if _identity(output) not in (before, None):
+            # Too late to stop: the new output was in place (renamed whole) and the old one
+            # was being removed (what is left of it, the next conversion's sweep removes).
+            return interrupted("convert", f"stopped by Ctrl-C after the conversion was put "
+                               f"in place: {printable(str(output))} is the new output",
+                               as_json=args.json)
         # The batch started no new shard and let those in flight finish (or, on a second
         # Ctrl-C, cancelled them); the temporary directory is gone (convert_directory's
         # finally), the destination untouched.

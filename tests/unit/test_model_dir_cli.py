@@ -267,3 +267,30 @@ def test_the_api_signs_a_directory_as_its_path_unless_told(tmp_path: Path) -> No
     fake = FakeClient(GOOD)
     convert_directory(fake, src, tmp_path / "out", jobs=1)  # type: ignore[arg-type]
     assert sorted(fake.subjects) == sorted(f"{src}/{name}" for name in [*SHARDS, "config.json"])
+
+
+def test_ctrl_c_after_the_output_was_put_in_place_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by review: a Ctrl-C while ``--overwrite`` removed the old output (which a large
+    directory makes long) was reported as "no partial output was left (OUT is as it was)",
+    when OUT was the new, complete output."""
+    import shutil
+
+    from airlock_client import model_dir
+
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out)) == 0
+    removing = shutil.rmtree
+
+    def interrupted(path: object, *args: object, **kwargs: object) -> None:
+        removing(path, *args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # as if pressed while the old output was being removed
+
+    monkeypatch.setattr(model_dir.shutil, "rmtree", interrupted)
+    capsys.readouterr()
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out), "--overwrite") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "after the conversion was put in place" in err[-1], err
+    assert "no partial output" not in err[-1]
