@@ -609,7 +609,9 @@ def test_a_rebuilt_image_that_fails_the_self_test_takes_no_new_job(docker_client
                         else ""
                 return ""
 
-            why = ph.wait_for(refused, REFILL_SECONDS, "new jobs to be refused",
+            # A sweep (2 s), then the new image's self-test: a probe container started on a
+            # machine the suite keeps busy, so twice a refill's bound.
+            why = ph.wait_for(refused, 2 * REFILL_SECONDS, "new jobs to be refused",
                               lambda: f"{broker.status()}\n{broker.log_tail()}")
             assert "only_job_mounts" in why or "/data" in why, why
     finally:
