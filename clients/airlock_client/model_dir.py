@@ -479,11 +479,11 @@ def _foreign_entries(dest: Path) -> list[str]:
                 or _hf_dir.SAFE_SHARD_NAME.fullmatch(signed) is not None
                 or signed in _hf_dir.CARRIED_FILES)
 
-    with os.scandir(dest) as entries:
-        files = {e.name for e in entries if ours(e.name) and e.is_file(follow_symlinks=False)}
-    with os.scandir(dest) as entries:
-        return sorted(e.name for e in entries if e.name not in files
-                      or (not e.name.endswith(SUFFIX) and e.name + SUFFIX not in files))
+    with os.scandir(dest) as entries:  # read once: both checks judge the same listing
+        names = {e.name: ours(e.name) and e.is_file(follow_symlinks=False) for e in entries}
+    files = {name for name, mine in names.items() if mine}
+    return sorted(name for name in names if name not in files
+                  or (not name.endswith(SUFFIX) and name + SUFFIX not in files))
 
 
 def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:

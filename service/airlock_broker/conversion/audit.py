@@ -39,7 +39,7 @@ class AuditRecord:
 
     def document(self) -> dict[str, Any]:
         doc = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "time": _utc(self.started),
             "job_id": self.job_id,
             "principal": self.principal,
             "peer": self.peer,
@@ -47,6 +47,11 @@ class AuditRecord:
             "duration_seconds": round(time.time() - self.started, 3),
         }
         return {k: _cap(v) for k, v in doc.items()}
+
+
+def _utc(seconds: float) -> str:
+    """A line's ``time``: UTC, to the second, as every audit line gives it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _cap(value: Any) -> Any:
@@ -79,7 +84,7 @@ class AuditLog:
     def action(self, action: str, principal: str, auth: str, peer: str, **fields: Any) -> None:
         """An operator's action (a drain, a restart, a self-test), with who asked and how it
         ended; never raises, as ``write``."""
-        doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
+        doc = {"time": _utc(time.time()), "action": action,
                "principal": principal, "auth": auth, "peer": peer, **fields}
         self._append({k: _cap(v) for k, v in doc.items()}, f"the {action} action")
 
