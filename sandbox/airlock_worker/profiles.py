@@ -14,6 +14,7 @@ import importlib
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 
+from .deferred_imports import defer_all
 from .doc_parsing import skip_scipy_docstring_parsing
 
 PROFILES: dict[str, tuple[str, ...]] = {
@@ -50,8 +51,9 @@ def warm_up(profile: str) -> None:
     afterwards, those objects are never walked again by the job's own collections."""
     gc.disable()
     try:
-        if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats (doc_parsing.py)
-            skip_scipy_docstring_parsing()
+        if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats
+            skip_scipy_docstring_parsing()  # doc_parsing.py: for a job that uses it
+            defer_all()  # deferred_imports.py: imported only by such a job
         for module in PROFILES[profile]:
             importlib.import_module(module)
         from .priming import prime

@@ -1,0 +1,163 @@
+"""``scipy.stats``, imported in a sklearn container only when its job uses it.
+
+scikit-learn imports ``scipy.stats`` as it imports (``sklearn.utils.fixes``), and a sklearn
+container's warm-up imports scikit-learn. It is the largest single import of that warm-up
+(about 200 of 650 ms, with its distributions, scipy.optimize and scipy.integrate, and 13 MiB
+of memory), and nothing in it runs until a job fits or transforms with a model that calls it
+(``QuantileTransformer``'s normal output, ``MinCovDet``, ``IsotonicRegression``'s fit...). A
+conversion of a linear model or a forest never does. Measured in the sandbox image, ``--cpus
+1``, four runs each: the sklearn warm-up took 0.60-0.72 CPU-s with it, 0.51-0.53 deferred.
+
+So the warm-up puts a stand-in module under the package's name (``defer``) before scikit-learn
+imports it. Nothing is changed about what a job may do or what it computes; only when the
+package's code runs:
+
+- ``import scipy.stats`` and ``from scipy import stats`` bind the stand-in. Any attribute read
+  from it imports the real package (Python's own import, with its own locks) and answers from
+  it; from then on ``sys.modules`` and ``scipy.stats`` hold the real package.
+- ``from scipy.stats import NAME`` reads ``NAME`` at import time. For the few names
+  scikit-learn binds so (``EARLY``) the stand-in gives a forwarder that imports the package
+  when it is first called or read from. Any other name imports the package at once: a
+  scikit-learn that binds a new one is slower, not wrong (``tests/unit/test_deferred_imports
+  .py`` says which name).
+- A submodule imported before the package (an unpickled frozen distribution names
+  ``scipy.stats._distn_infrastructure``) imports the package first, as Python does, and then
+  the submodule once: the package may have imported it already (``_SubmoduleFinder``).
+
+What a job computes is the same (the test compares the ONNX bytes, the reports and SciPy's
+results with and without). The container is single-use, so nothing outlives its job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import threading
+import types
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+#: Packages deferred in a sklearn container, and the names imported from each (``from P import
+#: NAME``) while scikit-learn 1.9 and its converters import.
+EARLY: dict[str, frozenset[str]] = {
+    "scipy.stats": frozenset({"chi2", "gmean", "rankdata", "spearmanr"}),
+}
+
+
+class _StandIn(types.ModuleType):
+    """What ``sys.modules[name]`` holds until the package is first used."""
+
+    def __init__(self, spec: importlib.machinery.ModuleSpec, early: frozenset[str]) -> None:
+        super().__init__(spec.name)
+        self.__spec__ = spec
+        self.__loader__ = spec.loader
+        self.__file__ = spec.origin
+        self.__package__ = spec.name
+        self.__path__ = list(spec.submodule_search_locations or ())
+        self._airlock_early = early
+        self._airlock_real: types.ModuleType | None = None
+        self._airlock_lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set above
+        if self._airlock_real is None and name in self._airlock_early:
+            return _Forwarder(self, name)
+        return getattr(self.load(), name)
+
+    def load(self) -> types.ModuleType:
+        """The real package, imported on the first call."""
+        real = self._airlock_real
+        if real is None:
+            with self._airlock_lock:  # only the swap: the import takes Python's own locks
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)
+            self._airlock_real = real
+        return real
+
+    @property
+    def loaded(self) -> bool:
+        return self._airlock_real is not None
+
+
+class _Forwarder:
+    """A name bound from a package before the package was imported: calling it, or reading
+    an attribute of it, imports the package and uses the real object."""
+
+    __slots__ = ("_module", "_name")
+
+    def __init__(self, module: _StandIn, name: str) -> None:
+        self._module = module
+        self._name = name
+
+    def _target(self) -> Any:
+        return getattr(self._module.load(), self._name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target()(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._target(), attr)
+
+    def __repr__(self) -> str:
+        return f"<{self._module.__name__}.{self._name}, imported on first use>"
+
+
+class _Existing(importlib.abc.Loader):
+    """Loads a submodule of a deferred package: imports the package, then hands back the
+    submodule, which the package's own import may have created already."""
+
+    def __init__(self, stand_in: _StandIn, name: str) -> None:
+        self._stand_in = stand_in
+        self._name = name
+        self._spec: importlib.machinery.ModuleSpec | None = None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        self._stand_in.load()
+        module = sys.modules.get(self._name) or importlib.import_module(self._name)
+        self._spec = module.__spec__  # the import system overwrites it with ``spec``
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self._spec  # already executed: only its own spec back
+
+
+class _SubmoduleFinder(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: a submodule of a package still deferred is loaded by
+    ``_Existing``; anything else is left to the finders after it."""
+
+    def __init__(self, stand_in: _StandIn) -> None:
+        self._stand_in = stand_in
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        package = self._stand_in.__name__
+        if (self._stand_in.loaded or not fullname.startswith(package + ".")
+                or sys.modules.get(package) is not self._stand_in):
+            return None
+        return importlib.util.spec_from_loader(fullname, _Existing(self._stand_in, fullname))
+
+
+def defer(package: str, early: Iterable[str]) -> _StandIn | None:
+    """Put a stand-in for ``package`` in ``sys.modules``; None (and nothing done) if the
+    package is imported already or not installed. ``early``: names bound from it at import
+    time, which get forwarders."""
+    if package in sys.modules:
+        return None
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.loader is None:
+        return None
+    stand_in = _StandIn(spec, frozenset(early))
+    sys.meta_path.insert(0, _SubmoduleFinder(stand_in))
+    sys.modules[package] = stand_in
+    parent, _, child = package.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, stand_in)
+    return stand_in
+
+
+def defer_all(early: dict[str, frozenset[str]] = EARLY) -> list[str]:
+    """Defer each package of ``early``; the names of those deferred."""
+    return [package for package, names in early.items() if defer(package, names)]

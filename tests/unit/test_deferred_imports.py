@@ -1,0 +1,127 @@
+"""A sklearn container defers ``scipy.stats`` until its job uses it (airlock_worker.
+deferred_imports): the warm-up must not import it with the pinned scikit-learn, and a job must
+compute the same either way: the same ONNX bytes and reports, the same SciPy results through
+the names scikit-learn bound early, and one module object per submodule when an unpickled
+object names a submodule before anything used the package.
+
+No artifact is loaded: the models are built (fitted) in the test's own processes, and the one
+pickle is made here, of a SciPy distribution."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import scipy.stats
+
+from tests.unit.fresh_interpreters import run_at_once
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: In a fresh interpreter: scipy.stats imported first ("eager", which leaves nothing to
+#: defer) or not; the sklearn warm-up; two conversions through the worker's path; then the
+#: package used, first through a pickled frozen distribution (a submodule) or first through
+#: the names scikit-learn bound at import (``EARLY``). Prints all of it.
+_RUN = r'''
+import json, os, pickle, sys, traceback
+sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[1]]
+variant, frozen = sys.argv[3], bytes.fromhex(sys.argv[4])
+if variant == "eager":
+    import scipy.stats
+from airlock_worker import deferred_imports, profiles
+first_load = []
+real_load = deferred_imports._StandIn.load
+def load(self):
+    if not first_load:
+        first_load.append("".join(traceback.format_stack(limit=8)[:-1]))
+    return real_load(self)
+deferred_imports._StandIn.load = load
+def deferred():
+    return isinstance(sys.modules.get("scipy.stats"), deferred_imports._StandIn) and not first_load
+profiles.warm_up("sklearn")
+out = {"deferred_after_warm_up": deferred()}
+from airlock_sandbox.contract import JobSpec
+from airlock_sandbox.formats import ArtifactFormat
+from airlock_worker.job import Job
+from airlock_worker import sklearn_convert
+from tests.fixtures.models import sklearn_pipeline, classification_data
+from sklearn.ensemble import RandomForestClassifier
+import onnx
+x, y = classification_data()
+models = {"pipeline": sklearn_pipeline(),
+          "forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)}
+for name, model in models.items():
+    d = sys.argv[2] + "/" + variant + "-" + name
+    os.mkdir(d)
+    job = Job(spec=JobSpec(job_id="t"), artifact="", out_dir=d, fmt=ArtifactFormat.PICKLE)
+    sklearn_convert.convert_object(job, model)
+    report = json.loads(job.report.to_json())
+    report.pop("timings", None)
+    converted = onnx.load(d + "/model.onnx")
+    converted.graph.name = ""  # skl2onnx names every graph with a fresh uuid4
+    out[name] = {"onnx": converted.SerializeToString().hex(), "report": report}
+out["deferred_after_conversions"] = deferred()
+out["first_load"] = first_load[0] if first_load else ""
+
+def unpickled():
+    dist = pickle.loads(frozen)  # names scipy.stats._distn_infrastructure
+    import scipy.stats, scipy.stats._distn_infrastructure as infra
+    return {"value": float(dist.ppf(0.25)),
+            "isinstance": isinstance(dist, scipy.stats.distributions.rv_frozen),
+            "one_module": sys.modules["scipy.stats._distn_infrastructure"] is infra
+                          and scipy.stats._distn_infrastructure is infra
+                          and type(dist).__module__ == infra.__name__}
+
+def early_names():
+    from sklearn._loss import link
+    from sklearn.covariance import _robust_covariance
+    from sklearn.metrics import _ranking
+    from sklearn import isotonic
+    return [_ranking.rankdata([3.0, 1.0, 2.0, 2.0], "max").tolist(),
+            float(link.gmean([1.0, 2.0, 4.0])),
+            float(isotonic.spearmanr([1, 2, 3, 4], [1, 3, 2, 4])[0]),
+            float(_robust_covariance.chi2(3).isf(0.5)),
+            float(_robust_covariance.chi2.ppf(0.5, 3))]
+
+if variant == "submodule-first":
+    out["unpickled"], out["early_names"] = unpickled(), early_names()
+else:
+    out["early_names"], out["unpickled"] = early_names(), unpickled()
+import scipy, scipy.stats
+out["real_module_in_place"] = (sys.modules["scipy.stats"] is scipy.stats
+                               and type(scipy.stats) is type(os)
+                               and hasattr(scipy.stats, "norm"))
+print("RESULT " + json.dumps(out, sort_keys=True))
+'''
+
+VARIANTS = ("eager", "names-first", "submodule-first")
+
+
+def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_result(
+        tmp_path: Path) -> None:
+    frozen = pickle.dumps(scipy.stats.uniform(loc=1.0, scale=2.0)).hex()
+    results = {}
+    for variant, (_, out, err) in zip(VARIANTS, run_at_once(
+            *(["-c", _RUN, str(ROOT), str(tmp_path), variant, frozen] for variant in VARIANTS)),
+            strict=True):
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        assert line is not None, f"{variant}: {err[-3000:]}"
+        results[variant] = json.loads(line[7:])
+    eager = results.pop("eager")
+    assert eager.pop("deferred_after_warm_up") is False  # the control: nothing to defer
+    assert eager.pop("deferred_after_conversions") is False
+    eager.pop("first_load")
+    for variant, result in results.items():
+        # The warm-up, and converting a pipeline and a forest, never imported scipy.stats.
+        # If this fails after a scikit-learn upgrade, first_load says which import read a
+        # name not in deferred_imports.EARLY.
+        assert result.pop("deferred_after_warm_up") is True, result["first_load"]
+        assert result.pop("deferred_after_conversions") is True, result["first_load"]
+        result.pop("first_load")
+        # Used afterwards, the package is the real one, and every result is the same.
+        assert result == eager, variant
+    assert eager["unpickled"] == {"value": 1.5, "isinstance": True, "one_module": True}
+    assert eager["real_module_in_place"] is True
+    assert set(eager) == {"pipeline", "forest", "unpickled", "early_names",
+                          "real_module_in_place"}
