@@ -2,11 +2,12 @@
 
 scikit-learn imports ``scipy.stats`` as it imports (``sklearn.utils.fixes``), and a sklearn
 container's warm-up imports scikit-learn. It is the largest single import of that warm-up
-(about 200 of 650 ms, with its distributions, scipy.optimize and scipy.integrate, and 13 MiB
-of memory), and nothing in it runs until a job fits or transforms with a model that calls it
-(``QuantileTransformer``'s normal output, ``MinCovDet``, ``IsotonicRegression``'s fit...). A
-conversion of a linear model or a forest never does. Measured in the sandbox image, ``--cpus
-1``, four runs each: the sklearn warm-up took 0.60-0.72 CPU-s with it, 0.51-0.53 deferred.
+(with its distributions and the SciPy packages only they use), and nothing in it runs until
+a job fits or transforms with a model that calls it (``QuantileTransformer``'s normal output,
+``MinCovDet``, ``IsotonicRegression``'s fit...). A conversion of a linear model or a forest
+never does. Measured in the sandbox image, ``--cpus 1``, five runs each, alternating, on a
+quiet machine: the sklearn warm-up took 0.587-0.609 CPU-s with it and 0.472-0.479 deferred,
+and left 179 MiB resident against 166 (1656 modules against 1566).
 
 So the warm-up puts a stand-in module under the package's name (``defer``) before scikit-learn
 imports it. Nothing is changed about what a job may do or what it computes; only when the
