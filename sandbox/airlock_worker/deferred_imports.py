@@ -15,12 +15,15 @@ package's code runs:
 
 - ``import scipy.stats`` and ``from scipy import stats`` bind the stand-in. Any attribute read
   from it imports the real package (Python's own import, with its own locks) and answers from
-  it; from then on ``sys.modules`` and ``scipy.stats`` hold the real package.
+  it; from then on ``sys.modules`` and ``scipy.stats`` hold the real package. While the
+  package runs, its parent's attribute is left unset, so that its own ``import
+  scipy.stats.X.Y as z`` finds the package, not the stand-in.
 - ``from scipy.stats import NAME`` reads ``NAME`` at import time. For the few names
   scikit-learn binds so (``EARLY``) the stand-in gives a forwarder that imports the package
-  when it is first called or read from. Any other name imports the package at once: a
-  scikit-learn that binds a new one is slower, not wrong (``tests/unit/test_deferred_imports
-  .py`` says which name).
+  when it is first called or read from (so only functions and objects used so belong there:
+  never a class something subclasses or tests ``isinstance`` against, never a submodule).
+  Any other name imports the package at once: a scikit-learn that binds a new one is slower,
+  not wrong (``tests/unit/test_deferred_imports.py`` says which name).
 - A submodule imported before the package (an unpickled frozen distribution names
   ``scipy.stats._distn_infrastructure``) imports the package first, as Python does, and then
   the submodule once: the package may have imported it already (``_SubmoduleFinder``).
@@ -74,6 +77,12 @@ class _StandIn(types.ModuleType):
             with self._airlock_lock:  # only the swap: the import takes Python's own locks
                 if sys.modules.get(self.__name__) is self:
                     del sys.modules[self.__name__]
+                # While the package runs, ``import PARENT.NAME.SUB as x`` in it reads the
+                # parent's attribute: the package itself, not this stand-in (Python sets it
+                # once the package is imported).
+                parent, _, child = self.__name__.rpartition(".")
+                if parent and getattr(sys.modules.get(parent), child, None) is self:
+                    delattr(sys.modules[parent], child)
             real = importlib.import_module(self.__name__)
             self._airlock_real = real
         return real

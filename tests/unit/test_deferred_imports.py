@@ -125,3 +125,58 @@ def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_resu
     assert eager["real_module_in_place"] is True
     assert set(eager) == {"pipeline", "forest", "unpickled", "early_names",
                           "real_module_in_place"}
+
+
+#: A package tree of the test's own: ``pkgx.heavy`` counts its runs in ``pkgx.RUNS``, and its
+#: submodule imports its own submodule through the parents while both are still running
+#: (``import a.b.c.d as x``, as ``scipy.spatial.transform`` does). ``sub`` is also bound early
+#: (``from pkgx.heavy import sub``), so the stand-in has a forwarder for that name.
+_TREE = {
+    "pkgx/__init__.py": "RUNS = []\n",
+    "pkgx/heavy/__init__.py": ("import pkgx\npkgx.RUNS.append('heavy')\n"
+                               "import pkgx.heavy.sub\n"
+                               "def twice(x):\n    return 2 * x\n"
+                               "class Base:\n    pass\n"),
+    "pkgx/heavy/sub/__init__.py": ("import pkgx\npkgx.RUNS.append('sub')\n"
+                                   "import pkgx.heavy.sub.leaf as leaf\n"),
+    "pkgx/heavy/sub/leaf.py": "import pkgx\npkgx.RUNS.append('leaf')\nVALUE = 7\n",
+}
+
+_MECHANISM = r'''
+import json, sys
+sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[2]]
+import pkgx
+from airlock_worker import deferred_imports
+stand_in = deferred_imports.defer("pkgx.heavy", {"twice", "sub"})
+out = {}
+if sys.argv[3] == "name-first":
+    from pkgx.heavy import twice      # a forwarder: nothing has run yet
+    out["before"] = list(pkgx.RUNS)
+    out["value"] = twice(21)
+else:
+    import pkgx.heavy.sub.leaf as leaf  # a submodule before the package
+    out["before"] = []
+    out["value"] = leaf.VALUE * 6
+import pkgx.heavy, pkgx.heavy.sub.leaf
+out["runs"] = sorted(pkgx.RUNS)
+out["one_leaf"] = (pkgx.heavy.sub.leaf is sys.modules["pkgx.heavy.sub.leaf"]
+                   is sys.modules["pkgx.heavy.sub"].leaf)
+out["real"] = sys.modules["pkgx.heavy"] is pkgx.heavy and type(pkgx.heavy) is type(sys)
+out["through_stand_in"] = stand_in.Base is pkgx.heavy.Base
+print("RESULT " + json.dumps(out, sort_keys=True))
+'''
+
+
+def test_a_deferred_package_runs_once_whichever_way_it_is_first_used(tmp_path: Path) -> None:
+    for name, text in _TREE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cases = ("name-first", "submodule-first")
+    for case, (_, out, err) in zip(cases, run_at_once(
+            *(["-c", _MECHANISM, str(ROOT), str(tmp_path), case] for case in cases)),
+            strict=True):
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        assert line is not None, f"{case}: {err[-3000:]}"
+        assert json.loads(line[7:]) == {
+            "before": [], "value": 42, "runs": ["heavy", "leaf", "sub"], "one_leaf": True,
+            "real": True, "through_stand_in": True}, case
