@@ -238,6 +238,7 @@ def back_to_back_scenario(broker: Broker, artifact: Path, base: Callable[[Path],
     ready_wait = broker.wait_ready()
     counters0 = broker.pool_counters()
     air: list[float] = []
+    busy0, total0 = host.host_cpu()
     began = time.perf_counter()
     for _ in range(n):
         elapsed, result = convert(broker.client, artifact, out)
@@ -245,6 +246,7 @@ def back_to_back_scenario(broker: Broker, artifact: Path, base: Callable[[Path],
             raise BenchError(f"unexpected result: {result}")
         air.append(elapsed)
     wall = time.perf_counter() - began
+    busy1, total1 = host.host_cpu()
     counters1 = broker.pool_counters()
     p50, b50 = pct(air, 50), pct(base_s, 50)
     # One client, one request at a time: the burst's time is the sum of its latencies, so the
@@ -258,6 +260,11 @@ def back_to_back_scenario(broker: Broker, artifact: Path, base: Callable[[Path],
         "airlock_mean_ms": round(mean * 1000, 1), "baseline_mean_ms": round(b_mean * 1000, 1),
         "overhead_mean_ms": round((mean - b_mean) * 1000, 1),
         "conversions_per_minute": round(n * 60 / wall, 1),
+        # How much of the machine the burst had: a burst that runs the pool dry waits for
+        # container starts, each ~1 CPU-second (S4), so on a busy machine its mean is bound
+        # by CPU-seconds per start over the cores, whatever the pool does.
+        "machine_busy_share": round((busy1 - busy0) / max(total1 - total0, 1e-9), 3),
+        "machine_cpu_s_per_job": round((busy1 - busy0) / n, 3),
         # The stock the burst began with (the pools' sizing), and how long it took to fill.
         "warm_at_start": {p: c["warm"] for p, c in counters0.items()},
         "ready_wait_s": round(ready_wait, 2),
@@ -273,7 +280,8 @@ def _burst(r: dict[str, Any], side: str) -> str:
     """A back-to-back burst's figures for the table: p50, mean, and Airlock's rate."""
     figures = f"p50 {r[side + '_p50_ms']:.0f} ms, mean {r[side + '_mean_ms']:.0f} ms"
     if side == "airlock":
-        figures += f", {r['conversions_per_minute']:.0f}/min, {r['served_cold']} cold"
+        figures += (f", {r['conversions_per_minute']:.0f}/min, {r['served_cold']} cold, "
+                    f"machine {r['machine_busy_share']:.0%} busy")
     return figures
 
 

@@ -17,8 +17,9 @@ took. So arrivals are placed on a clock that stops while a job is held back so (
 on it, ten such jobs arrive within a second or two.
 
 The burst itself cannot be helped once it has begun: a refill costs CPU-seconds (a sklearn
-container about 2.2 on this project's 2-core machine: at most about one a second), and warm
-jobs run faster than that. The next burst within the window finds the stock warm.
+job beyond the stock about 1.05 of the machine's, most of it its container's start: on this
+project's 2-core machine at most about two a second), and warm jobs run faster than that.
+The next burst within the window finds the stock warm.
 
 Both figures are learned per pool: the arrivals from the jobs of the last window, the refill
 time from warm containers seen going ready (their worker's mark, a hint only: it sizes the
