@@ -9,13 +9,12 @@ pickle is made here, of a SciPy distribution."""
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import scipy.stats
 
-from tests.unit.fresh_interpreters import run_at_once
+from tests.unit.fresh_interpreters import printed_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,26 +40,8 @@ def deferred():
     return isinstance(sys.modules.get("scipy.stats"), deferred_imports._StandIn) and not first_load
 profiles.warm_up("sklearn")
 out = {"deferred_after_warm_up": deferred()}
-from airlock_sandbox.contract import JobSpec
-from airlock_sandbox.formats import ArtifactFormat
-from airlock_worker.job import Job
-from airlock_worker import sklearn_convert
-from tests.fixtures.models import sklearn_pipeline, classification_data
-from sklearn.ensemble import RandomForestClassifier
-import onnx
-x, y = classification_data()
-models = {"pipeline": sklearn_pipeline(),
-          "forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)}
-for name, model in models.items():
-    d = sys.argv[2] + "/" + variant + "-" + name
-    os.mkdir(d)
-    job = Job(spec=JobSpec(job_id="t"), artifact="", out_dir=d, fmt=ArtifactFormat.PICKLE)
-    sklearn_convert.convert_object(job, model)
-    report = json.loads(job.report.to_json())
-    report.pop("timings", None)
-    converted = onnx.load(d + "/model.onnx")
-    converted.graph.name = ""  # skl2onnx names every graph with a fresh uuid4
-    out[name] = {"onnx": converted.SerializeToString().hex(), "report": report}
+from tests.unit.worker_outputs import two_conversions
+out.update(two_conversions(sys.argv[2], variant))
 out["deferred_after_conversions"] = deferred()
 out["first_load"] = first_load[0] if first_load else ""
 
@@ -101,13 +82,9 @@ VARIANTS = ("eager", "names-first", "submodule-first")
 def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_result(
         tmp_path: Path) -> None:
     frozen = pickle.dumps(scipy.stats.uniform(loc=1.0, scale=2.0)).hex()
-    results = {}
-    for variant, (_, out, err) in zip(VARIANTS, run_at_once(
-            *(["-c", _RUN, str(ROOT), str(tmp_path), variant, frozen] for variant in VARIANTS)),
-            strict=True):
-        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-        assert line is not None, f"{variant}: {err[-3000:]}"
-        results[variant] = json.loads(line[7:])
+    results = dict(zip(VARIANTS, printed_results(
+        *(["-c", _RUN, str(ROOT), str(tmp_path), variant, frozen] for variant in VARIANTS)),
+        strict=True))
     eager = results.pop("eager")
     assert eager.pop("deferred_after_warm_up") is False  # the control: nothing to defer
     assert eager.pop("deferred_after_conversions") is False
@@ -172,11 +149,9 @@ def test_a_deferred_package_runs_once_whichever_way_it_is_first_used(tmp_path: P
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     cases = ("name-first", "submodule-first")
-    for case, (_, out, err) in zip(cases, run_at_once(
+    for case, result in zip(cases, printed_results(
             *(["-c", _MECHANISM, str(ROOT), str(tmp_path), case] for case in cases)),
             strict=True):
-        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-        assert line is not None, f"{case}: {err[-3000:]}"
-        assert json.loads(line[7:]) == {
+        assert result == {
             "before": [], "value": 42, "runs": ["heavy", "leaf", "sub"], "one_leaf": True,
             "real": True, "through_stand_in": True}, case

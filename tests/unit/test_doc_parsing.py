@@ -6,10 +6,9 @@ No artifact is loaded: the models are built (fitted) in the test's own processes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tests.unit.fresh_interpreters import run_at_once
+from tests.unit.fresh_interpreters import printed_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,45 +21,21 @@ sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[1]]
 if sys.argv[3] == "skipped":
     from airlock_worker.doc_parsing import skip_scipy_docstring_parsing
     assert skip_scipy_docstring_parsing()
-import os
-import numpy as np
 import scipy.stats
-from airlock_sandbox.contract import JobSpec
-from airlock_sandbox.formats import ArtifactFormat
-from airlock_worker.job import Job
-from airlock_worker import sklearn_convert
-from tests.fixtures.models import sklearn_pipeline, classification_data
-from sklearn.ensemble import RandomForestClassifier
-x, y = classification_data()
 out = {"docs_parsed": "Parameters\n----------" in (scipy.stats.rankdata.__doc__ or ""),
        "stats": [scipy.stats.rankdata([3.0, 1.0, 2.0, 2.0]).tolist(),
                  float(scipy.stats.gmean([1.0, 2.0, 4.0])),
                  float(scipy.stats.mode([1, 2, 2, 3], keepdims=False).mode),
                  float(scipy.stats.norm.cdf(0.5))]}
-models = {"pipeline": sklearn_pipeline(),
-          "forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)}
-for name, model in models.items():
-    d = sys.argv[2] + "/" + sys.argv[3] + "-" + name
-    os.mkdir(d)
-    job = Job(spec=JobSpec(job_id="t"), artifact="", out_dir=d, fmt=ArtifactFormat.PICKLE)
-    sklearn_convert.convert_object(job, model)
-    report = json.loads(job.report.to_json())
-    report.pop("timings", None)
-    import onnx
-    converted = onnx.load(d + "/model.onnx")
-    converted.graph.name = ""  # skl2onnx names every graph with a fresh uuid4
-    out[name] = {"onnx": converted.SerializeToString().hex(), "report": report}
+from tests.unit.worker_outputs import two_conversions
+out.update(two_conversions(sys.argv[2], sys.argv[3]))
 print("RESULT " + json.dumps(out, sort_keys=True))
 '''
 
 
 def test_skipping_scipy_docstring_parsing_changes_nothing_but_docstrings(tmp_path: Path) -> None:
-    results = []
-    for _, out, err in run_at_once(*(["-c", _RUN, str(ROOT), str(tmp_path), variant]
-                                     for variant in ("parsed", "skipped"))):
-        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-        assert line is not None, err[-3000:]
-        results.append(json.loads(line[7:]))
+    results = printed_results(*(["-c", _RUN, str(ROOT), str(tmp_path), variant]
+                                for variant in ("parsed", "skipped")))
     parsed, skipped = results
     # The skip took effect (a SciPy that renamed its parser would leave it a no-op)...
     assert parsed.pop("docs_parsed") is True

@@ -6,7 +6,6 @@ No artifact is loaded: the models are built (fitted) in the test's own processes
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,54 +14,27 @@ import pytest
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 from airlock_worker import priming
-from tests.unit.fresh_interpreters import run_at_once
+from tests.unit.fresh_interpreters import printed_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Run in a fresh interpreter: fit a model from code, optionally prime, convert it through
-#: the worker's path (convert_object -> write_onnx), print the output's bytes and the report.
+#: Run in a fresh interpreter: optionally prime, then convert two models fitted from code
+#: through the worker's path and print the outputs (tests/unit/worker_outputs.py).
 _CONVERT = r'''
 import json, sys
 sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[1]]
-from airlock_sandbox.contract import JobSpec
-from airlock_sandbox.formats import ArtifactFormat
-from airlock_worker.job import Job
-from airlock_worker import sklearn_convert
-from tests.fixtures.models import sklearn_pipeline, classification_data
-from sklearn.ensemble import RandomForestClassifier
 if sys.argv[3] == "primed":
     from airlock_worker.priming import prime
     prime("sklearn")
-x, y = classification_data()
-models = {"pipeline": sklearn_pipeline(),
-          "forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)}
-out = {}
-for name, model in models.items():
-    d = sys.argv[2] + "/" + sys.argv[3] + "-" + name
-    import os; os.mkdir(d)
-    job = Job(spec=JobSpec(job_id="t"), artifact="", out_dir=d, fmt=ArtifactFormat.PICKLE)
-    sklearn_convert.convert_object(job, model)
-    report = json.loads(job.report.to_json())
-    report.pop("timings", None)
-    import onnx
-    model = onnx.load(d + "/model.onnx")
-    graph_name = model.graph.name
-    model.graph.name = ""  # skl2onnx names every graph with a fresh uuid4
-    out[name] = {"onnx": model.SerializeToString().hex(), "report": report,
-                 "graph_name_length": len(graph_name)}
-print("RESULT " + json.dumps(out, sort_keys=True))
+from tests.unit.worker_outputs import two_conversions
+print("RESULT " + json.dumps(two_conversions(sys.argv[2], sys.argv[3]), sort_keys=True))
 '''
 
 
 def _convert(tmp_path: Path, *variants: str) -> list[dict[str, object]]:
     """One fresh interpreter per variant, all at once (each spends seconds importing)."""
-    results = []
-    for _, out, err in run_at_once(*(["-c", _CONVERT, str(ROOT), str(tmp_path), variant]
-                                     for variant in variants)):
-        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-        assert line is not None, err[-3000:]
-        results.append(json.loads(line[7:]))
-    return results
+    return printed_results(*(["-c", _CONVERT, str(ROOT), str(tmp_path), variant]
+                             for variant in variants))
 
 
 def test_a_primed_process_converts_exactly_like_a_fresh_one(tmp_path: Path) -> None:
