@@ -156,7 +156,10 @@ def defer(package: str, early: Iterable[str]) -> _StandIn | None:
     time, which get forwarders."""
     if package in sys.modules:
         return None
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)  # imports the parent package, if any
+    except ImportError:  # the parent is not installed
+        return None
     if spec is None or spec.loader is None:
         return None
     stand_in = _StandIn(spec, frozenset(early))

@@ -155,3 +155,15 @@ def test_a_deferred_package_runs_once_whichever_way_it_is_first_used(tmp_path: P
         assert result == {
             "before": [], "value": 42, "runs": ["heavy", "leaf", "sub"], "one_leaf": True,
             "real": True, "through_stand_in": True}, case
+
+
+def test_nothing_is_deferred_that_is_imported_already_or_not_installed() -> None:
+    import sys
+
+    from airlock_worker import deferred_imports
+
+    before = (dict(sys.modules), list(sys.meta_path))
+    assert deferred_imports.defer("json", ()) is None  # imported already
+    assert deferred_imports.defer("airlock_no_such_package.sub", ()) is None
+    assert deferred_imports.defer("json.airlock_no_such_module", ()) is None
+    assert (dict(sys.modules), list(sys.meta_path)) == before
