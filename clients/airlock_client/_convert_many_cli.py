@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import threading
 from pathlib import Path
@@ -69,12 +68,6 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return f"-o {args.output}: with several inputs, -o names a directory"
     if args.jobs is not None and not 1 <= args.jobs <= MAX_CONCURRENCY:
         return f"--jobs must be between 1 and {MAX_CONCURRENCY}"
-    sources: dict[str, str] = {}
-    for text in args.input:
-        real = os.path.realpath(text)
-        if real in sources:
-            return f"{sources[real]} and {text} are the same file: give it once"
-        sources[real] = text
     # "x.safetensors" and "x.converted.pkl" both become x.converted.safetensors.
     return placement_problem([(text, _base(args, Path(text))) for text in args.input],
                              overwrite=args.overwrite)

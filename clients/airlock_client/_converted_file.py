@@ -49,12 +49,18 @@ def placement_problem(items: Sequence[tuple[str, Path]], *, overwrite: bool) -> 
     (``final_name``). Every name an output may take is checked (its format is the broker's
     answer), compared by real path (``m.onnx`` and ``/abs/m.onnx`` are one file):
 
+    - an input is given twice (as two paths to one file);
     - two outputs would take one name;
     - an output would replace one of the inputs;
     - an output would replace a file of the user's, one with no provenance record beside it
       (an earlier conversion's output has one), unless ``overwrite``. A directory there is
       left to the placing, which keeps the conversion (OUTPUT_NOT_PLACED)."""
-    inputs = {os.path.realpath(text): text for text, _ in items}
+    inputs: dict[str, str] = {}
+    for text, _ in items:
+        real = os.path.realpath(text)
+        if real in inputs:
+            return f"{inputs[real]} and {text} are the same file: give it once"
+        inputs[real] = text
     finals: dict[str, str] = {}
     names = [(text, final_name(_named(base), fmt)) for text, base in items
              for fmt in ("onnx", "safetensors")]

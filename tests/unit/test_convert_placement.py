@@ -51,6 +51,18 @@ def test_an_output_that_would_replace_another_input_is_refused(
     assert (here / "m.onnx").read_bytes() == b"MINE"
 
 
+def test_an_input_given_twice_is_refused_by_real_path(
+        here: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (here / "x").mkdir()
+    (here / "x" / "m.pkl").write_bytes(b"never sent")
+    os.symlink("x/m.pkl", here / "link.pkl")
+    for twice in (["x/m.pkl", "x/../x/m.pkl"], ["x/m.pkl", str(here / "link.pkl")]):
+        assert "are the same file: give it once" in _usage(twice, capsys)
+    assert _converted_file.placement_problem(
+        [("x/m.pkl", Path("x/m.pkl")), ("link.pkl", Path("out/link.pkl"))],
+        overwrite=False) == "x/m.pkl and link.pkl are the same file: give it once"
+
+
 @pytest.mark.parametrize("several", [False, True])
 def test_a_file_of_the_users_at_the_output_name_is_kept_unless_overwrite(
         here: Path, capsys: pytest.CaptureFixture[str], several: bool) -> None:

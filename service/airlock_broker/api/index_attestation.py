@@ -16,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from airlock_broker.api.provenance import (
     RECORD_FIELD,
     RECORD_VERSION,
     broker_version,
+    created_at,
     pae,
     sign,
     single_file_statement,
@@ -183,7 +183,7 @@ def _sign_index(index: bytes, records: dict[str, ShardRecord], subject: str, *,
         "record_version": RECORD_VERSION,
         "kind": "safetensors_index",
         "broker": {"name": "airlock", "version": broker_version()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time())),
+        "created": created_at(created),
         "principal": {"name": principal.name, "method": principal.method},
         "input": {"subject": subject},
         "output": {"name": INDEX_NAME, "sha256": sha256, "size": len(index),

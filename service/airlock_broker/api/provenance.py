@@ -87,6 +87,11 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
+def created_at(created: float | None = None) -> str:
+    """A record's ``created``: UTC, to the second; now when ``created`` is None."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time()))
+
+
 def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
               principal: Principal, created: float | None = None,
               version: str | None = None) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
         "record_version": RECORD_VERSION,
         "broker": {"name": "airlock", "version": version or broker_version()},
         "job_id": result.job_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time())),
+        "created": created_at(created),
         "principal": {"name": principal.name, "method": principal.method},
         "input": {
             # The caller's word for what this is; bound to the bytes by "sha256" below.
