@@ -110,7 +110,8 @@ def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_resu
 #: (``from pkgx.heavy import sub``), so the stand-in has a forwarder for that name.
 _TREE = {
     "pkgx/__init__.py": "RUNS = []\n",
-    "pkgx/heavy/__init__.py": ("import pkgx\npkgx.RUNS.append('heavy')\n"
+    "pkgx/heavy/__init__.py": ("import pkgx, time\npkgx.RUNS.append('heavy')\n"
+                               "time.sleep(0.2)  # long enough for first uses to meet\n"
                                "import pkgx.heavy.sub\n"
                                "def twice(x):\n    return 2 * x\n"
                                "class Base:\n    pass\n"),
@@ -130,6 +131,26 @@ if sys.argv[3] == "name-first":
     from pkgx.heavy import twice      # a forwarder: nothing has run yet
     out["before"] = list(pkgx.RUNS)
     out["value"] = twice(21)
+elif sys.argv[3] == "threads":          # eight first uses at once, through all three ways
+    import threading
+    from pkgx.heavy import twice
+    out["before"] = list(pkgx.RUNS)
+    start, values = threading.Barrier(8), []
+    def use(way):
+        start.wait()
+        if way == 0:
+            values.append(twice(21))
+        elif way == 1:
+            values.append(stand_in.twice(21))
+        else:
+            import pkgx.heavy.sub.leaf as leaf
+            values.append(leaf.VALUE * 6)
+    threads = [threading.Thread(target=use, args=(i % 3,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    out["value"] = values[0] if values == [42] * 8 else values
 else:
     import pkgx.heavy.sub.leaf as leaf  # a submodule before the package
     out["before"] = []
@@ -144,11 +165,12 @@ print("RESULT " + json.dumps(out, sort_keys=True))
 '''
 
 
-def test_a_deferred_package_runs_once_whichever_way_it_is_first_used(tmp_path: Path) -> None:
+def test_a_deferred_package_runs_once_whichever_way_and_however_often_it_is_first_used(
+        tmp_path: Path) -> None:
     for name, text in _TREE.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    cases = ("name-first", "submodule-first")
+    cases = ("name-first", "submodule-first", "threads")
     for case, result in zip(cases, printed_results(
             *(["-c", _MECHANISM, str(ROOT), str(tmp_path), case] for case in cases)),
             strict=True):
