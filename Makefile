@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml scripts/setup-venv.sh
 	scripts/setup-venv.sh
 	@touch $@
 
+# The project's own bytecode, as pip writes it when it installs the client: the CLI then starts
+# without compiling itself each time where Python writes none (PYTHONDONTWRITEBYTECODE). An
+# optimization only: a tree it cannot write to is left as it is.
 venv: $(STAMP)
+	@$(PY) -m compileall -q clients service sandbox protos >/dev/null || true
 
 docker:
 	scripts/ensure-docker.sh
