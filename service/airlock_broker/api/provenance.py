@@ -56,6 +56,7 @@ from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.hostile_text import sanitize
 from airlock_broker.security.keys import SigningKey
+from airlock_broker.timestamps import utc_second
 from airlock_sandbox.contract import OUTPUT_NAMES
 from airlock_sandbox.policy import SandboxPolicy
 
@@ -89,7 +90,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 def created_at(created: float | None = None) -> str:
     """A record's ``created``: UTC, to the second; now when ``created`` is None."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created or time.time()))
+    return utc_second(created or time.time())
 
 
 def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_broker.security.state_dirs import open_private_file
+from airlock_broker.timestamps import utc_second
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class AuditRecord:
 
     def document(self) -> dict[str, Any]:
         doc = {
-            "time": _utc(self.started),
+            "time": utc_second(self.started),
             "job_id": self.job_id,
             "principal": self.principal,
             "peer": self.peer,
@@ -47,11 +48,6 @@ class AuditRecord:
             "duration_seconds": round(time.time() - self.started, 3),
         }
         return {k: _cap(v) for k, v in doc.items()}
-
-
-def _utc(seconds: float) -> str:
-    """A line's ``time``: UTC, to the second, as every audit line gives it."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _cap(value: Any) -> Any:
@@ -84,7 +80,7 @@ class AuditLog:
     def action(self, action: str, principal: str, auth: str, peer: str, **fields: Any) -> None:
         """An operator's action (a drain, a restart, a self-test), with who asked and how it
         ended; never raises, as ``write``."""
-        doc = {"time": _utc(time.time()), "action": action,
+        doc = {"time": utc_second(time.time()), "action": action,
                "principal": principal, "auth": auth, "peer": peer, **fields}
         self._append({k: _cap(v) for k, v in doc.items()}, f"the {action} action")
 
