@@ -158,6 +158,14 @@ def _phase_table(requests: list[dict[str, Any]]) -> dict[str, Any]:
             for name in order if phases.get(name)}
 
 
+def _spans(request: dict[str, Any]) -> dict[str, float]:
+    """One request's phases in ms, in order (those it has)."""
+    s = request["stamps"]
+    spans = {name: s[b] - s[a] for name, a, b in PHASES if a in s and b in s}
+    spans["TOTAL"] = s["client.end"] - s["client.begin"]
+    return {name: round(span * 1000, 1) for name, span in spans.items()}
+
+
 def request_phases(work: Path, quick: bool, which: set[str],
                    config: dict[str, dict[str, Any]] | None = None,
                    suffix: str = "") -> dict[str, Any]:
@@ -178,22 +186,31 @@ def request_phases(work: Path, quick: bool, which: set[str],
         broker.wait_ready()
         with Client(f"unix:{broker.socket}", retry_attempts=1) as client:
             for name, artifact, count in (("S1", small, 6 if quick else 15),
+                                          ("S1b", small, 10 if quick else 20),
                                           ("S2", forest, 6 if quick else 15),
                                           ("S3", big, 1 if quick else 2)):
-                if name not in which:
+                if name.upper() not in which:
                     continue
 
                 log(f"profile: {name} x {count}")
                 client.convert(artifact, work / "warmup.out")  # one-off client costs
                 calls = []
-                for _ in range(count):
+                for i in range(count):
+                    if name == "S1b" and i:  # back to back, as bench.run's S1b
+                        began = time.monotonic()
+                        client.convert(artifact, work / f"{name}.out")
+                        calls.append({"client.begin": began, "client.end": time.monotonic()})
+                        continue
                     broker.wait_ready()
                     host.settle_disk()  # as bench.run: no sample pays the last one's writeback
                     began = time.monotonic()
                     client.convert(artifact, work / f"{name}.out")
                     calls.append({"client.begin": began, "client.end": time.monotonic()})
                 time.sleep(0.3)  # let the trace lines land
-                out[name + suffix] = _phase_table(_requests(trace, calls))
+                requests = _requests(trace, calls)
+                out[name + suffix] = _phase_table(requests)
+                if name == "S1b":  # waits and contention differ request by request
+                    out[name + suffix + " each request"] = [_spans(req) for req in requests]
     finally:
         broker.stop()
     return out
@@ -532,6 +549,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     for name, table in doc.get("phases", {}).items():
+        if isinstance(table, list):  # one row per request, a column per phase
+            columns = [phase for phase, _, _ in PHASES] + ["TOTAL"]
+            print(f"\n{name} (ms), columns: "
+                  + "; ".join(f"{i} {phase}" for i, phase in enumerate(columns, 1)))
+            print("  " + " ".join(f"{i:>7}" for i in range(1, len(columns) + 1)))
+            for row in table:
+                print("  " + " ".join(f"{row.get(phase, '-'):>7}" for phase in columns))
+            continue
         print(f"\n{name}: phases (median / p95 ms)")
         for phase, v in table.items():
             print(f"  {phase:<48} {v['median_ms']:>9.1f} {v['p95_ms']:>9.1f}  (n={v['n']})")
