@@ -29,6 +29,7 @@ from airlock_client._errors import (
     ProvenanceError,
     ServiceUnavailable,
 )
+from airlock_client._terminal import printable
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -50,8 +51,11 @@ INTERRUPTED: Final = "INTERRUPTED"
 
 def usage_error(command: str, message: str, *, as_json: bool = False) -> int:
     """Say on stderr why this command line cannot run; with ``--json`` also print on stdout
-    the one object ``--json`` promises (a script reads stdout alone). Returns EXIT_USAGE."""
-    print(f"airlock {command}: error: {message}", file=sys.stderr)
+    the one object ``--json`` promises (a script reads stdout alone). Returns EXIT_USAGE.
+
+    The message often names a file, and a name is someone else's text once a glob picked it:
+    the terminal sees it escaped (``printable``), the JSON as it is (JSON escapes it)."""
+    print(f"airlock {command}: error: {printable(message)}", file=sys.stderr)
     if as_json:
         _json_failure("usage", USAGE, message)
     return EXIT_USAGE
@@ -61,7 +65,7 @@ def interrupted(command: str, what_was_left: str, *, as_json: bool = False) -> i
     """Say on stderr, in one line, that Ctrl-C stopped ``command`` and what it left (and the
     ``--json`` object, as ``usage_error``); the exit code. A traceback would say nothing the
     user does not know and hide what was left."""
-    print(f"airlock {command}: interrupted: {what_was_left}", file=sys.stderr)
+    print(f"airlock {command}: interrupted: {printable(what_was_left)}", file=sys.stderr)
     if as_json:
         _json_failure("interrupted", INTERRUPTED, what_was_left)
     return EXIT_INTERRUPTED

@@ -378,7 +378,7 @@ def _progress(line: str) -> None:
 
 
 def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error("migrate", printable(message), as_json=args.json)
+    return usage_error("migrate", message, as_json=args.json)
 
 
 def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[Outcome],

@@ -292,4 +292,4 @@ def _is_sha256(text: str) -> bool:
 
 
 def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error(args.command, printable(message), as_json=args.json)
+    return usage_error(args.command, message, as_json=args.json)
