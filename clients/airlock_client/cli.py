@@ -81,8 +81,11 @@ def join_dashed_values(argv: Sequence[str]) -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own exit code is 2 as well; be explicit
+        from airlock_client._terminal import printable
+
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # It quotes the arguments it refuses: a file name a glob passed is someone else's text.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)}\n")
 
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:

@@ -34,6 +34,16 @@ def test_a_usage_error_shows_a_file_name_escaped(
     assert "x\\x1b]2;pwned\\x07\\x1b[2J\\u202elpk.pkl" in err, err
 
 
+def test_an_argument_the_parser_refuses_is_shown_escaped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A glob's file name that starts with a dash reads as an option; argparse quotes it."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["convert", "a.pkl", f"-{EVIL}"])
+    assert exited.value.code == 2
+    said = capsys.readouterr().err.rstrip("\n").splitlines()[-1]  # after the usage lines
+    assert "unrecognized arguments" in said and said.isprintable(), repr(said)
+
+
 @pytest.mark.parametrize("say", [usage_error, interrupted])
 def test_every_commands_one_line_is_escaped(
         say: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
