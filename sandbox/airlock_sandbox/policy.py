@@ -98,12 +98,11 @@ class SandboxPolicy:
     #: or "engine" (always Docker's ``wait``, 40-60 ms later). Not a confinement setting: in
     #: every mode the output is read only once nothing in the container can run.
     exit_watch: str = "freeze"
-    #: Warm containers import at the lowest CPU weight, but for the oldest importing ones (one
-    #: per core); a job's container runs at the default. Pays with a pool whose stock covers
-    #: the bursts it serves (``[pools]`` memory budget); costs a burst that runs the pool dry
-    #: (docs/operations.md has the figures). runc with the kernel exit watch only; the
-    #: broker's sandboxes/cpu_weight.py. Not a confinement setting either.
-    warm_low_priority: bool = False
+    #: Warm containers import and wait at the lowest CPU weight; a job that takes one warmed
+    #: up runs at the default, ahead of the refills (docs/operations.md has the figures).
+    #: runc with the kernel exit watch only; the broker's sandboxes/cpu_weight.py. Not a
+    #: confinement setting either.
+    warm_low_priority: bool = True
     #: A host account or group with the sandbox's uid or gid (there is no user-namespace
     #: remapping: they are the same ids) would own every sandbox and be where an escape lands.
     #: "refuse": the broker does not start; "warn": it starts and logs it (weakened).

@@ -1,6 +1,7 @@
-"""Warm containers import and wait at the lowest CPU weight; a job's container runs at the
-default (sandboxes/cpu_weight.py). In-process on the real engine and image, reading each
-container's own cgroup file, as the kernel applies it."""
+"""Warm containers import and wait at the lowest CPU weight; one that the pools hand to a job
+warmed up is given the default (``hasten``), and a cold job's container runs at the default
+(sandboxes/cpu_weight.py). In-process on the real engine and image, reading each container's
+own cgroup file, as the kernel applies it."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _upload(spool: Path, name: str) -> Path:
     return upload
 
 
-def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it(
+def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it_warmed_up(
         docker_client: Any, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)  # a state root, as the broker makes it
@@ -53,7 +54,9 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it(
             await backend.start(warm)  # a pool's start: no job yet
             seen["warm, waiting"] = _weight(docker_client, warm)
             await backend.hand_over(warm, _upload(spool, "a"))
-            seen["warm, taken by a job"] = _weight(docker_client, warm)
+            seen["warm, handed a job"] = _weight(docker_client, warm)  # importing, maybe
+            backend.hasten(warm)  # as the pools do for one that says it is warmed up
+            seen["warm, its job running"] = _weight(docker_client, warm)
             cold = await backend.prepare("light")
             slots.append(cold)
             await backend.hand_over(cold, _upload(spool, "b"))  # the cold path's order
@@ -67,12 +70,14 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it(
             await backend.close()
 
     try:
-        low = asyncio.run(scenario(SandboxPolicy(image=IMAGE, warm_low_priority=True)))
-        off = asyncio.run(scenario(SandboxPolicy(image=IMAGE)))  # the default: off
+        low = asyncio.run(scenario(SandboxPolicy(image=IMAGE)))  # the default: on
+        off = asyncio.run(scenario(SandboxPolicy(image=IMAGE, warm_low_priority=False)))
     finally:
         reap_stale(spool)
-    assert low == {"warm, waiting": 2, "warm, taken by a job": 1024, "cold": 1024}
-    assert off == {"warm, waiting": 1024, "warm, taken by a job": 1024, "cold": 1024}
+    assert low == {"warm, waiting": 2, "warm, handed a job": 2, "warm, its job running": 1024,
+                   "cold": 1024}
+    assert off == {"warm, waiting": 1024, "warm, handed a job": 1024,
+                   "warm, its job running": 1024, "cold": 1024}
 
 
 def test_the_self_test_probe_runs_at_the_default_weight(docker_client: Any,

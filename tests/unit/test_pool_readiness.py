@@ -4,12 +4,12 @@ only changes counts, never which container a job gets, and it never reaches an o
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
-from airlock_broker.sandboxes import pools as pools_module
 from airlock_broker.sandboxes.pools import Pools, PoolSettings
 from airlock_broker.sandboxes.sandbox import Slot
 from airlock_broker.sandboxes.workspace import JobWorkspace
@@ -125,25 +125,28 @@ def test_the_status_command_shows_ready_and_importing_per_profile(
     assert row.split()[:4] == ["sklearn", "3", "2", "1"]
 
 
-def test_the_oldest_importing_containers_get_the_default_priority_one_per_core(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Younger importing containers wait at a low CPU priority (cpu_weight.py); the oldest
-    ones, one per core, import at the default one, so that they get ready one after another.
-    A ready one needs no lane: the next oldest importing one gets it."""
-    monkeypatch.setattr(pools_module, "REFILL_LANES", 2)
+def test_a_job_that_takes_a_warmed_up_container_runs_ahead_of_the_refills(
+        tmp_path: Path) -> None:
+    """The pools give a warm container the default CPU priority (cpu_weight.py) when they hand
+    it to a job warmed up, and only then: every importing one waits at the low one, those a
+    job took among them, so that the refills get ready together."""
 
     async def body(pools: Pools, backend: FakeSandbox) -> None:
         pool = pools.pools["sklearn"]
         await _until(lambda: len(pool.warm) == 4 and pool.starting == 0)
         a, b, c, d = (w.slot for w in pool.warm)
-        assert set(backend.hastened) == {a.slot_id, b.slot_id}
-        _mark(a)  # ready: its lane goes to the next oldest importing one
-        await _until(lambda: c.slot_id in backend.hastened)
+        _mark(b)
+        await asyncio.sleep(0.05)  # the replenisher looked at them meanwhile
+        assert backend.hastened == []  # importing or waiting: no job yet
+        taken = await pools.acquire("sklearn")  # a job takes a, still importing
+        assert taken is a and backend.hastened == []
+        _mark(a)  # its imports end while its job waits for them: it stays among the refills
+        taken = await pools.acquire("sklearn")  # b: warmed up, its job runs now
+        assert taken is b and backend.hastened == [b.slot_id]
+        _mark(c)
+        taken = await pools.acquire("sklearn")
+        assert taken is c and backend.hastened == [b.slot_id, c.slot_id]
         assert d.slot_id not in backend.hastened
-        taken = await pools.acquire("sklearn")  # a job takes a (ready): lanes unchanged
-        assert taken is a and d.slot_id not in backend.hastened
-        taken = await pools.acquire("sklearn")  # b: its lane goes to d at once
-        assert taken is b and d.slot_id in backend.hastened
 
     run_pools(tmp_path, PoolSettings(min_warm=4, max_warm=4, max_starting=4,
                                      defer_replacement=True, stream_window_seconds=0,

@@ -1,24 +1,24 @@
-"""A warm container's CPU weight: the lowest while it waits in a pool behind older refills,
-the default once a job takes it or it is among the pool's oldest importing ones.
+"""A warm container's CPU weight: the lowest while it imports and waits in a pool, the
+default once a job takes it warmed up.
 
-A pool's refill imports its profile's libraries, about 1.4 CPU-seconds for a sklearn
-container (bench.profile). Back-to-back jobs run in warm containers beside those refills, and
+A pool's refill imports its profile's libraries, about 0.5 CPU-second for a sklearn container
+(bench.profile). Back-to-back jobs run in warm containers beside the refills they set off, and
 the kernel shares the CPU between runnable cgroups by their weights. With equal weights, on
-this project's 2-core machine, a burst served from a stock of 16 warm containers still waited
-100-600 ms a job (the refills it set off took the CPU), and the job after the stock waited
-10 s: sixteen refills shared two cores and all got ready at once, at the end. So a warm
-container starts at the lowest weight the kernel offers (cgroup v1 ``cpu.shares`` 2, v2
-``cpu.weight`` 1), and the broker writes the default back when a job takes it (``hand_over``,
-before its spec exists) and when it becomes one of its pool's oldest importing containers,
-one per core (pools.py ``_give_lanes``): refills get ready one after another, in the order
-they started. A weight never changes what a container may do (its ``nano_cpus`` cap holds
-either way): it only orders who runs first when the CPU is short. Nothing about the weight is
-the container's to change: it cannot write cgroupfs.
+this project's 2-core machine, a job that found a warmed-up container took 70-300 ms in it
+instead of 20-30 (bench.profile --phases S1b): the refills took the CPU. So a warm container
+starts at the lowest weight the kernel offers (cgroup v1 ``cpu.shares`` 2, v2 ``cpu.weight``
+1), and the pools write the default back when they hand one that says it is warmed up to a
+job, before its spec exists (pools.py ``_take_warm``). A container a job takes while it still
+imports stays among the refills at their weight: raising it alone made each job wait for one
+container's imports on one core while the others stood still, so that every job after a
+burst's stock waited ~0.6 s, where equal refills get ready together and serve the next jobs
+at once (measured in stop 40: docs/operations.md). A weight never changes what a container
+may do (its ``nano_cpus`` cap holds either way): it only orders who runs first when the CPU
+is short. Nothing about the weight is the container's to change: it cannot write cgroupfs.
 
-Off by default (``[sandbox] warm_low_priority``): a burst that runs the pool dry pays for it
-(docs/operations.md). Only for runc with the kernel exit watch: the cgroup is found in
-``/proc/PID/cgroup`` read while a pidfd proved the container's init alive, as the freezer's is
-(exit_watch.py, cgroup_paths.py).
+On by default (``[sandbox] warm_low_priority``). Only for runc with the kernel exit watch: the
+cgroup is found in ``/proc/PID/cgroup`` read while a pidfd proved the container's init alive,
+as the freezer's is (exit_watch.py, cgroup_paths.py).
 """
 
 from __future__ import annotations

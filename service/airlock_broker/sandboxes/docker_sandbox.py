@@ -276,7 +276,6 @@ class DockerSandbox:
 
     async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
         slot.assigned = True
-        self.hasten(slot)  # a job has it: the default weight, before the job can start
         if sample:
             slot.workspace.write_sample(sample)
         if isinstance(artifact, Slot):  # the same inode: one upload, two readers

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -40,9 +39,6 @@ from airlock_broker.sandboxes.pool_state import Pool, PoolStatus, Warm
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
 
 log = logging.getLogger(__name__)
-#: Importing containers per pool that get the default CPU priority (``_give_lanes``): one per
-#: core, each sandbox being capped at one CPU (``[sandbox] nano_cpus``).
-REFILL_LANES = max(1, os.cpu_count() or 1)
 
 
 async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
@@ -166,11 +162,14 @@ class Pools:
             if alive and warm.generation == pool.generation:
                 pool.busy += 1
                 pool.served_warm += 1
-                if not self._said_ready(pool, warm):  # the job waits for its imports
+                if self._said_ready(pool, warm):
+                    # Its job runs now: ahead of the refills (cpu_weight.py), before its spec
+                    # exists. One still importing stays among them, as one of them.
+                    self.backend.hasten(warm.slot)
+                else:  # the job waits for its imports
                     pool.importing_taken.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
                 self._defer_replacement(pool, warm.slot.slot_id)
-                self._give_lanes(pool)
                 return warm.slot
             self._wake.set()
             if not alive and warm.generation == pool.generation:  # as the sweep counts it
@@ -330,20 +329,6 @@ class Pools:
                 refill_seconds=round(p.demand.refill_seconds, 2)))
         return out
 
-    def _give_lanes(self, pool: Pool) -> None:
-        """The pool's oldest importing containers, one per core (``REFILL_LANES``), import at
-        the default CPU priority; the younger ones wait at a low one (cpu_weight.py), as a job
-        beside them would not. Refills then get ready one after another in the order they
-        started, instead of all at once after as many times as long (sixteen sharing two cores
-        took 10 s to give the next job one: bench S1b2 with a stock of 16)."""
-        lanes = REFILL_LANES
-        for warm in pool.warm:
-            if lanes <= 0:
-                return
-            if not self._said_ready(pool, warm):
-                self.backend.hasten(warm.slot)
-                lanes -= 1
-
     def _count_ready(self, pool: Pool) -> int:
         """How many of ``pool``'s warm containers have said they are warmed up."""
         return sum(self._said_ready(pool, warm) for warm in pool.warm)
@@ -397,7 +382,6 @@ class Pools:
             self._wake.clear()
             for pool in self.pools.values():
                 self._count_ready(pool)  # learns refill times (pool_demand.py)
-                self._give_lanes(pool)
                 self._fill(pool)
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # races with the event, and close() would then wait for this loop forever.
@@ -422,7 +406,6 @@ class Pools:
             else:
                 pool.warm.append(Warm(slot=slot, since=time.monotonic(),
                                        generation=generation, began=began))
-                self._give_lanes(pool)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -89,15 +89,16 @@ class SandboxBackend(Protocol):
         ...
 
     def hasten(self, slot: Slot) -> None:
-        """Give a started slot that waits at a low CPU priority (a warm container, while the
-        pool has a ready one to spare: cpu_weight.py) the default one; nothing when it has it.
-        ``hand_over`` does it too. Cheap, never raises."""
+        """Give a started slot that waits at a low CPU priority (a warm container:
+        cpu_weight.py) the default one; nothing when it has it. The pools call it when they
+        hand out a warmed-up slot, before its job is handed over. Cheap, never raises."""
         ...
 
     def warmed_up(self, slot: Slot) -> bool:
         """Whether a started slot's worker says it has imported and primed its profile and
-        waits for a job. The sandbox's word: a hint for pool status, never for a decision
-        (a slot that never says so serves jobs all the same). Cheap, never raises."""
+        waits for a job. The sandbox's word: a hint for pool status and for a CPU weight (a
+        speed), never for a decision on what runs where (a slot that never says so serves
+        jobs all the same). Cheap, never raises."""
         ...
 
     async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
