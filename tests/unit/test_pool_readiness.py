@@ -127,9 +127,10 @@ def test_the_status_command_shows_ready_and_importing_per_profile(
 
 def test_a_job_that_takes_a_warmed_up_container_runs_ahead_of_the_refills(
         tmp_path: Path) -> None:
-    """The pools give a warm container the default CPU priority (cpu_weight.py) when they hand
-    it to a job warmed up, and only then: every importing one waits at the low one, those a
-    job took among them, so that the refills get ready together."""
+    """The pools give a warm container the default CPU priority (cpu_weight.py) when its job
+    can run: at once when they hand it out warmed up; one a job took still importing imports
+    at the low one among the refills, so that they get ready together, and is raised once it
+    says it is warmed up (its job starts then)."""
 
     async def body(pools: Pools, backend: FakeSandbox) -> None:
         pool = pools.pools["sklearn"]
@@ -139,13 +140,19 @@ def test_a_job_that_takes_a_warmed_up_container_runs_ahead_of_the_refills(
         await asyncio.sleep(0.05)  # the replenisher looked at them meanwhile
         assert backend.hastened == []  # importing or waiting: no job yet
         taken = await pools.acquire("sklearn")  # a job takes a, still importing
-        assert taken is a and backend.hastened == []
-        _mark(a)  # its imports end while its job waits for them: it stays among the refills
+        assert taken is a
+        await asyncio.sleep(0.1)  # the watch asked it several times meanwhile
+        assert backend.hastened == []  # it imports among the refills
         taken = await pools.acquire("sklearn")  # b: warmed up, its job runs now
         assert taken is b and backend.hastened == [b.slot_id]
+        _mark(a)  # a's imports are done: its job starts, at the default weight
+        await _until(lambda: a.slot_id in backend.hastened)
+        taken = await pools.acquire("sklearn")  # c, still importing, then released unready
+        assert taken is c
+        await pools.release(c)
         _mark(c)
-        taken = await pools.acquire("sklearn")
-        assert taken is c and backend.hastened == [b.slot_id, c.slot_id]
+        await asyncio.sleep(0.1)
+        assert backend.hastened == [b.slot_id, a.slot_id]  # released: no longer watched
         assert d.slot_id not in backend.hastened
 
     run_pools(tmp_path, PoolSettings(min_warm=4, max_warm=4, max_starting=4,

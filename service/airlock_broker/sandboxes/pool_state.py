@@ -51,7 +51,8 @@ class Pool:
     #: target by one, up to ``max_warm``.
     waiting: int = 0
     #: Jobs (their slot ids) that took a container whose worker had not said it was ready:
-    #: held back by its imports until released. For sizing only (pool_demand.py).
+    #: held back by its imports until released. For sizing (pool_demand.py), and its CPU
+    #: weight is raised once it is (pools.py ``_hasten_when_warmed_up``).
     importing_taken: set[str] = field(default_factory=set)
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -40,6 +40,10 @@ from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable,
 
 log = logging.getLogger(__name__)
 
+#: How often a container that a job took still importing is asked whether it is warmed up
+#: (a stat of its marker): its job starts then, and runs at the default CPU weight.
+WARMED_UP_POLL_SECONDS = 0.02
+
 
 async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
     """Destroy ``slot`` even if the calling task is being cancelled again meanwhile."""
@@ -169,6 +173,7 @@ class Pools:
                 else:  # the job waits for its imports
                     pool.importing_taken.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
+                    self._hasten_when_warmed_up(pool, warm.slot)
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
             self._wake.set()
@@ -328,6 +333,23 @@ class Pools:
                 jobs_per_minute=round(rate * 60, 2),
                 refill_seconds=round(p.demand.refill_seconds, 2)))
         return out
+
+    def _hasten_when_warmed_up(self, pool: Pool, slot: Slot) -> None:
+        """A job took ``slot`` still importing: it imports at the refills' weight, as one of
+        them (raising it now would have it get ready alone, the refills one at a time), and
+        its job, which starts once it is warmed up, runs at the default weight, however long
+        it takes. Watched until then or until the slot is released."""
+
+        async def watch() -> None:
+            while slot.slot_id in pool.importing_taken:
+                if self.backend.warmed_up(slot):
+                    self.backend.hasten(slot)
+                    return
+                await asyncio.sleep(WARMED_UP_POLL_SECONDS)
+
+        task = asyncio.create_task(watch(), name=f"hasten-{slot.slot_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _count_ready(self, pool: Pool) -> int:
         """How many of ``pool``'s warm containers have said they are warmed up."""

@@ -233,8 +233,9 @@ class JobWorkspace:
     def worker_ready(self) -> bool:
         """Whether the worker has said it is warmed up (``READY_NAME`` exists in the out dir).
 
-        The sandbox's own word, so a hint for pool status and sizing and nothing else: only
-        that the name exists is read (``lstat``: a link is not followed, a file not opened)."""
+        The sandbox's own word, so a hint for pool status, sizing and a CPU weight (a speed)
+        and nothing else: only that the name exists is read (``lstat``: a link is not
+        followed, a file not opened)."""
         try:
             os.lstat(self.out_dir / READY_NAME)
         except OSError:
