@@ -80,6 +80,10 @@ def test_a_run_killed_after_a_conversion_resumes_without_converting_twice(
         models = [arg for name in MODELS for arg in ("--model", PREFIX + name)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["AIRLOCK_SERVER"] = broker.address
+        # A killed process cleans up nothing: its temporary directories go with tmp_path, not
+        # into the machine's /tmp (one per test run piled up there).
+        env["TMPDIR"] = str(tmp_path / "killed-run-tmp")
+        os.mkdir(env["TMPDIR"], 0o700)
         killed = subprocess.Popen(
             [AIRLOCK, "migrate", "--tracking-uri", server.uri, "--public-key",
              str(public_key), "--jobs", "1", *models],
