@@ -196,13 +196,9 @@ def request_phases(work: Path, quick: bool, which: set[str],
                 client.convert(artifact, work / "warmup.out")  # one-off client costs
                 calls = []
                 for i in range(count):
-                    if name == "S1b" and i:  # back to back, as bench.run's S1b
-                        began = time.monotonic()
-                        client.convert(artifact, work / f"{name}.out")
-                        calls.append({"client.begin": began, "client.end": time.monotonic()})
-                        continue
-                    broker.wait_ready()
-                    host.settle_disk()  # as bench.run: no sample pays the last one's writeback
+                    if name != "S1b" or i == 0:  # S1b goes back to back, as bench.run's
+                        broker.wait_ready()
+                        host.settle_disk()  # as bench.run: no sample pays the last writeback
                     began = time.monotonic()
                     client.convert(artifact, work / f"{name}.out")
                     calls.append({"client.begin": began, "client.end": time.monotonic()})

@@ -34,6 +34,7 @@ from airlock_client._cli_exits import (
 )
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._registry import DEFAULT_PAGE_SIZE
+from airlock_client._terminal import printable
 
 __all__ = [
     "BROKER_COMMAND",
@@ -81,8 +82,6 @@ def join_dashed_values(argv: Sequence[str]) -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own exit code is 2 as well; be explicit
-        from airlock_client._terminal import printable
-
         self.print_usage(sys.stderr)
         # It quotes the arguments it refuses: a file name a glob passed is someone else's text.
         self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)}\n")
