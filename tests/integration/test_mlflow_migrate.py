@@ -91,9 +91,11 @@ class Registry:
     after_first: dict[str, Any] = field(default_factory=dict)
 
 
-def migrate(registry_uri: str, broker: str, public_key: Path, *args: str
-            ) -> subprocess.CompletedProcess[str]:
+def migrate(registry_uri: str, broker: str, public_key: Path, *args: str,
+            tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     # Two quick retries, not MLflow's seven with long back-offs, nor none: the server closes
     # a keep-alive connection idle for 5 s (uvicorn's default) while a version converts, and a
     # download that reuses it just then is refused once (a fresh-clone run: one of 5 versions

@@ -3,7 +3,9 @@ again, on a real registry (loopback MLflow server), broker, engine and image: ev
 ends migrated once, the broker's audit log shows one sandbox per version (the resumed run is
 answered from the stored result, or adopts the killed run's open MLflow run), and no run of
 ``airlock-migrations`` is left RUNNING. The review that found it: two ok conversions of
-``models:/model2/1`` and a run "airlock model2 v1" RUNNING for ever."""
+``models:/model2/1`` and a run "airlock model2 v1" RUNNING for ever. The killed run's work
+directory, with its downloads, is removed by the next run (one per suite run had piled up
+in ``/tmp``)."""
 
 from __future__ import annotations
 
@@ -80,10 +82,11 @@ def test_a_run_killed_after_a_conversion_resumes_without_converting_twice(
         models = [arg for name in MODELS for arg in ("--model", PREFIX + name)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["AIRLOCK_SERVER"] = broker.address
-        # A killed process cleans up nothing: its temporary directories go with tmp_path, not
-        # into the machine's /tmp (one per test run piled up there).
-        env["TMPDIR"] = str(tmp_path / "killed-run-tmp")
-        os.mkdir(env["TMPDIR"], 0o700)
+        # A killed process cleans up nothing itself: its work directory stays until the next
+        # run sweeps it. Both runs use a TMPDIR of their own, under tmp_path.
+        tmpdir = tmp_path / "runs-tmp"
+        tmpdir.mkdir(mode=0o700)
+        env["TMPDIR"] = str(tmpdir)
         killed = subprocess.Popen(
             [AIRLOCK, "migrate", "--tracking-uri", server.uri, "--public-key",
              str(public_key), "--jobs", "1", *models],
@@ -98,10 +101,16 @@ def test_a_run_killed_after_a_conversion_resumes_without_converting_twice(
         finally:
             killed.kill()
             killed.wait()
+        left = [p.name for p in tmpdir.iterdir()]
+        assert len(left) == 1 and left[0].startswith("airlock-migrate-run-"), left
 
-        again = migrate(server.uri, broker.address, public_key, *models, "--json")
+        again = migrate(server.uri, broker.address, public_key, *models, "--json",
+                        tmpdir=tmpdir)
 
         assert again.returncode == 0, again.stderr[-3000:]
+        # The killed run's downloads went with its work directory, and the new run's with its.
+        assert list(tmpdir.iterdir()) == []
+        assert "removed 1 work directory of earlier runs that were killed" in again.stderr
         doc = json.loads(again.stdout)
         statuses = {(v["model"], v["version"]): v["status"] for v in doc["versions"]}
         assert set(statuses.values()) <= {"converted", "already_migrated"}, statuses
