@@ -24,9 +24,8 @@ flight alternate (each line whole). The summary (a table, or one JSON object wit
 goes to stdout, in the walk's order whatever order the versions finished in; a run that
 stopped early lists the versions it never reached as ``not_started``.
 
-A run keeps its downloads in one work directory under ``$TMPDIR`` (``airlock-migrate-run-*``,
-mode 0700), removed when it ends. One that a killed run left (SIGKILL, the OOM killer) is
-removed by the next run, which says so on stderr (``_run_dir``).
+A run keeps its downloads in the command's work directory (``cli.py``, ``_run_dir``), which a
+later ``airlock`` command removes if this one is killed.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -77,7 +75,6 @@ from airlock_client._registry import (
     open_registry,
     page_size_from_env,
 )
-from airlock_client._run_dir import Swept, run_directory
 from airlock_client._terminal import printable
 from airlock_client._twin import mlflow_download, mlflow_listing
 from airlock_client._types import ConversionResult, LoadingPolicy, PoolStatus
@@ -102,8 +99,6 @@ if TYPE_CHECKING:
     from airlock_client.model_dir import DirectoryResult
 
 EXIT_NOTHING = 5
-#: The run's work directory (``_run_dir``): every version's download and bundle goes in it.
-WORK_PREFIX = "airlock-migrate-"
 #: 128 + SIGINT, as a shell reports a command stopped by Ctrl-C; SIGTERM ends the same way.
 EXIT_INTERRUPTED = 130
 _DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
@@ -190,9 +185,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
         # "View run ..." links there when a run ends, so the run talks to stderr instead.
         with contextlib.redirect_stdout(sys.stderr), \
-                batch_interrupts("migrate", "version", sigterm=True), \
-                run_directory(WORK_PREFIX) as (_, swept):
-            _say_swept(swept)
+                batch_interrupts("migrate", "version", sigterm=True):
             outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
         return _usage(args, str(exc))
@@ -381,13 +374,6 @@ def _quiet_mlflow() -> None:
     lines already say what happened, once per version."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
-def _say_swept(swept: Swept) -> None:
-    if swept.directories:
-        _progress(f"removed {swept.directories} work director"
-                  f"{'y' if swept.directories == 1 else 'ies'} of earlier runs that were killed "
-                  f"({swept.bytes / 2**20:.1f} MiB) from {tempfile.gettempdir()}")
 
 
 def _progress(line: str) -> None:

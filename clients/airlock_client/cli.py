@@ -26,6 +26,7 @@ from airlock_client._cli_connection import add_connection_arguments
 from airlock_client._cli_exits import (
     EXIT_DENIED,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_READER_GONE,
     EXIT_UNAVAILABLE,
@@ -51,6 +52,12 @@ __all__ = [
 BROKER_COMMAND = "airlock-broker"
 _SERVER_HELP = "broker address (default $AIRLOCK_SERVER or 127.0.0.1:50051)"
 
+
+#: Commands that may download or bundle a model into temporary files. They run in a work
+#: directory of their own under ``$TMPDIR``, which holds every temporary file they make and
+#: is removed when they end; one that a killed command left (SIGKILL, the OOM killer) is
+#: removed by the next of them (``_run_dir``).
+_WRITES_TEMPORARIES = frozenset({"convert", "migrate", "verify"})
 
 #: Options whose value may start with ``-`` (a free dimension: ``--input-shape -1,20``).
 _DASHED_VALUE_OPTIONS = frozenset({"--input-shape", "--parity-tolerance"})
@@ -333,6 +340,28 @@ def _run(argv: Sequence[str] | None) -> int:
         return _moved_to_broker(args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command not in _WRITES_TEMPORARIES:
+        return _dispatch(args)
+    from airlock_client._run_dir import run_directory
+
+    code: int | None = None
+    try:
+        with run_directory() as (work, removed):
+            if removed:
+                print(f"airlock: removed {len(removed)} work director"
+                      f"{'y' if len(removed) == 1 else 'ies'} that killed commands left in "
+                      f"{printable(str(work.parent))}", file=sys.stderr)
+            code = _dispatch(args)
+    except KeyboardInterrupt:
+        if code is None:  # the command's own summary, if any, was not printed
+            return interrupted(args.command, "stopped by Ctrl-C", as_json=args.json)
+        print(f"airlock {args.command}: interrupted while its work directory was removed "
+              "(the next command removes what is left)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     # Each subcommand's module is imported here, when it runs (see the module docstring).
     if args.command == "pool":
         from airlock_client._admin_cli import run_pool

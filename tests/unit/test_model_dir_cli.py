@@ -283,10 +283,13 @@ def test_ctrl_c_after_the_output_was_put_in_place_says_so(
     out = tmp_path / "out"
     assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out)) == 0
     removing = shutil.rmtree
+    pressed: list[object] = []
 
     def interrupted(path: object, *args: object, **kwargs: object) -> None:
         removing(path, *args, **kwargs)  # type: ignore[arg-type]
-        raise KeyboardInterrupt  # as if pressed while the old output was being removed
+        if not pressed:  # once: as if pressed while the old output was being removed
+            pressed.append(path)
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(model_dir.shutil, "rmtree", interrupted)
     capsys.readouterr()

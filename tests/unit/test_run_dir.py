@@ -1,6 +1,7 @@
-"""A long command's work directory (``_run_dir``): a run killed by SIGKILL leaves it behind,
-and the next run removes it; a live run's directory, another user's, a link, or a directory
-of the right name that this module did not make are left alone."""
+"""A command's work directory (``_run_dir``): everything ``tempfile`` makes during the command
+goes in it, it is removed when the command ends, and one that a command killed by SIGKILL
+left is removed by the next command, while a live command's stays. What counts as left over
+(links, other names, recent ones) is ``_part_files``' rule, tested in test_part_files.py."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from airlock_client import _run_dir
-from airlock_client._run_dir import LOCK_NAME, RUN, run_directory, sweep
+from airlock_client._part_files import STALE_SECONDS
+from airlock_client._run_dir import run_directory
 
-PREFIX = "airlock-test-"
-
-#: A run that writes a file into its work directory, says where, and waits to be killed.
-_RUN = textwrap.dedent("""
-    import sys, tempfile, time
+#: A command that writes a file into its work directory, says where, and waits to be killed.
+_COMMAND = textwrap.dedent("""
+    import tempfile, time
     from airlock_client._run_dir import run_directory
-    with run_directory(sys.argv[1]) as (path, _):
+    with run_directory() as (path, _):
         with tempfile.NamedTemporaryFile(delete=False) as fh:  # where tempfile puts it
             fh.write(b"x" * 4096)
         print(path, flush=True)
@@ -31,132 +31,115 @@ _RUN = textwrap.dedent("""
 """)
 
 
-def _start_run(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
-    run = subprocess.Popen([sys.executable, "-c", _RUN, PREFIX], stdout=subprocess.PIPE,
-                           text=True, env={**os.environ, "TMPDIR": str(tmp)})
-    assert run.stdout is not None
-    line = run.stdout.readline().strip()  # blocks until the run is inside its directory
-    assert line, f"the run ended first (exit {run.wait()})"
-    return run, Path(line)
+def _start(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
+    command = subprocess.Popen([sys.executable, "-c", _COMMAND], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    assert command.stdout is not None
+    line = command.stdout.readline().strip()  # blocks until it is inside its directory
+    assert line, f"the command ended first (exit {command.wait()})"
+    return command, Path(line)
+
+
+def _age(path: Path) -> None:
+    """As if the command had last touched its directory more than a minute ago."""
+    past = time.time() - STALE_SECONDS - 60
+    os.utime(path, (past, past))
 
 
 @pytest.fixture
-def tmp(tmp_path: Path) -> Path:
+def tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "tmp"
     path.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
     return path
 
 
-def test_a_killed_runs_directory_is_removed_by_the_next_run_and_a_live_ones_is_not(
+def test_a_killed_commands_directory_is_removed_by_the_next_and_a_live_ones_is_not(
         tmp: Path) -> None:
-    killed, dead_dir = _start_run(tmp)
-    live, live_dir = _start_run(tmp)
+    killed, dead = _start(tmp)
+    live, alive = _start(tmp)
     try:
-        assert dead_dir.parent == tmp and dead_dir.name.startswith(PREFIX + RUN)
-        assert len(list(dead_dir.iterdir())) == 2  # the lock and the run's temporary file
+        assert dead.parent == tmp and len(list(dead.iterdir())) == 1  # the command's file
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-        assert dead_dir.is_dir()  # nothing removed it: that is the leak
+        assert dead.is_dir()  # nothing of its own removed it
+        _age(dead)
+        _age(alive)
 
-        swept = sweep(tmp, PREFIX)
-
-        assert not dead_dir.exists()
-        assert swept.directories == 1 and swept.bytes == 4096
-        assert live_dir.is_dir() and live.poll() is None
+        with run_directory() as (path, removed):
+            assert removed == [dead.name]
+            assert not dead.exists()
+            assert alive.is_dir() and live.poll() is None
+        assert not path.exists()
     finally:
         live.kill()
         live.wait()
 
 
-def test_a_run_uses_its_directory_for_temporary_files_and_removes_it_at_the_end(
-        tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    with run_directory(PREFIX) as (path, swept):
+def test_a_command_puts_its_temporary_files_in_its_directory_and_removes_it(
+        tmp: Path) -> None:
+    with run_directory() as (path, removed):
+        assert removed == [] and path.parent == tmp
         assert tempfile.gettempdir() == str(path)
         assert (path.stat().st_mode & 0o777) == 0o700
-        assert swept.directories == 0
         with tempfile.TemporaryDirectory() as inner:
             assert Path(inner).parent == path
-        assert sweep(tmp, PREFIX).directories == 0  # its own: locked
-        assert path.is_dir()
+        _age(path)
+        with run_directory() as (_, removed_meanwhile):  # its own: locked, never taken
+            assert removed_meanwhile == []
+        assert path.is_dir() and tempfile.gettempdir() == str(path)
     assert tempfile.gettempdir() == str(tmp)
     assert list(tmp.iterdir()) == []
 
 
-def test_the_directory_is_removed_when_the_run_fails(
-        tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    with pytest.raises(RuntimeError), run_directory(PREFIX):
-        raise RuntimeError("the run failed")
+def test_the_directory_is_removed_when_the_command_fails(tmp: Path) -> None:
+    with pytest.raises(RuntimeError), run_directory():
+        raise RuntimeError("the command failed")
     assert list(tmp.iterdir()) == [] and tempfile.gettempdir() == str(tmp)
 
 
-def _dead_run_dir(tmp: Path, name: str) -> Path:
-    """What a killed run leaves: the directory, its free lock, a file."""
-    path = tmp / (PREFIX + RUN + name)
-    path.mkdir(mode=0o700)
-    (path / LOCK_NAME).touch(mode=0o600)
-    (path / "model.pkl").write_bytes(b"m" * 100)
-    return path
+def _left_by_a_killed_command(tmp: Path) -> Path:
+    killed, dead = _start(tmp)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    _age(dead)
+    return dead
 
 
-def test_a_link_with_a_run_directorys_name_is_not_followed(tmp: Path,
-                                                            tmp_path: Path) -> None:
-    elsewhere = _dead_run_dir(tmp_path, "target")  # free lock, right mode, under another name
-    link = tmp / (PREFIX + RUN + "link")
-    link.symlink_to(elsewhere)
+def test_the_cli_sweeps_and_uses_a_work_directory_for_commands_that_download(
+        tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from airlock_client import cli
 
-    assert sweep(tmp, PREFIX).directories == 0
-    assert (elsewhere / "model.pkl").exists() and link.is_symlink()
+    dead = _left_by_a_killed_command(tmp)
+    seen: list[str] = []
+    real = cli._dispatch
 
+    def dispatch(args: object) -> int:
+        seen.append(tempfile.gettempdir())
+        return real(args)  # type: ignore[arg-type]
 
-def test_links_inside_a_dead_runs_directory_are_removed_not_followed(tmp: Path,
-                                                                     tmp_path: Path) -> None:
-    keep = tmp_path / "keep"
-    keep.mkdir()
-    (keep / "precious").write_text("x")
-    dead = _dead_run_dir(tmp, "dead")
-    (dead / "to-keep").symlink_to(keep)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "_dispatch", dispatch)
+        code = cli.main(["convert", str(tmp / "absent.pkl"), "--public-key", str(tmp / "k")])
 
-    assert sweep(tmp, PREFIX).directories == 1
-    assert not dead.exists() and (keep / "precious").exists()
-
-
-@pytest.mark.parametrize("change", ["mode", "no-lock", "lock-link", "lock-mode"])
-def test_a_directory_this_module_did_not_make_is_left(tmp: Path, tmp_path: Path,
-                                                      change: str) -> None:
-    path = _dead_run_dir(tmp, change)
-    lock = path / LOCK_NAME
-    if change == "mode":
-        path.chmod(0o755)
-    elif change == "no-lock":
-        lock.unlink()
-    elif change == "lock-link":
-        target = tmp_path / "other-lock"
-        target.touch(mode=0o600)
-        lock.unlink()
-        lock.symlink_to(target)
-    else:
-        lock.chmod(0o644)
-
-    assert sweep(tmp, PREFIX).directories == 0
-    assert (path / "model.pkl").exists()
+    assert code == 2  # not readable: a usage error, after the sweep
+    assert not dead.exists() and list(tmp.iterdir()) == []
+    assert len(seen) == 1 and Path(seen[0]).parent == tmp
+    err = capsys.readouterr().err
+    assert f"airlock: removed 1 work directory that killed commands left in {tmp}" in err
 
 
-def test_another_users_directory_is_left(tmp: Path) -> None:
-    path = _dead_run_dir(tmp, "theirs")
-    os.chown(path, os.geteuid() + 1000, -1)  # the suite runs as root (make test)
-    assert sweep(tmp, PREFIX).directories == 0
-    assert (path / "model.pkl").exists()
+def test_a_ctrl_c_while_the_work_directory_is_removed_is_one_line(
+        tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from airlock_client import _run_dir, cli
 
+    def pressed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
 
-def test_a_staging_directory_is_not_swept(tmp: Path) -> None:
-    """Locked only after it is made, a run's directory is swept only under its final name."""
-    staging = tmp / (PREFIX + _run_dir.STAGING + "abc")
-    staging.mkdir(mode=0o700)
-    (staging / LOCK_NAME).touch(mode=0o600)
-    assert sweep(tmp, PREFIX).directories == 0 and staging.exists()
-
-
-def test_a_missing_temporary_directory_sweeps_nothing(tmp_path: Path) -> None:
-    assert sweep(tmp_path / "absent", PREFIX) == _run_dir.Swept()
+    monkeypatch.setattr(cli, "_dispatch", lambda args: 0)
+    monkeypatch.setattr(_run_dir.shutil, "rmtree", pressed)
+    assert cli.main(["convert", "x.pkl", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert out == ""  # the command's own JSON object is all that stdout may hold
+    assert err.strip() == ("airlock convert: interrupted while its work directory was removed "
+                           "(the next command removes what is left)")
