@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_client import mlflow_source
+from airlock_client._run_dir import scratch_dir
 from airlock_client.provenance import clip_subject, escape_subject, path_subject
 
 
@@ -47,6 +47,6 @@ def opened(text: str, tracking_uri: str | None) -> Iterator[Source]:
         path = Path(text)
         yield Source(path, path, path.is_dir())
         return
-    with tempfile.TemporaryDirectory(prefix="airlock-mlflow-") as tmp:
+    with scratch_dir("airlock-mlflow") as tmp:
         model_dir = mlflow_source.resolve(text, tmp, tracking_uri=tracking_uri)
         yield Source(model_dir, Path.cwd() / mlflow_source.suggested_name(text), True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
+from airlock_client._run_dir import scratch_dir
 from airlock_client._types import (
     CALL_SECONDS,
     ConversionResult,
@@ -234,8 +234,8 @@ class Client:
             if declared_format not in (None, "mlflow"):
                 raise ValueError("a directory can only be declared as an mlflow model")
             model = _bundle.inspect(source)
-            with tempfile.TemporaryDirectory(prefix="airlock-bundle-") as tmp:
-                bundle = Path(tmp) / f"{model.root.name or 'model'}.mlflow.zip"
+            with scratch_dir("airlock-bundle") as tmp:
+                bundle = tmp / f"{model.root.name or 'model'}.mlflow.zip"
                 _bundle.pack(model, bundle)
                 return self._convert_file(
                     bundle, output, target=target, inputs=inputs, declared_format="mlflow",

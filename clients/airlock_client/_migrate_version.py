@@ -20,7 +20,6 @@ is given."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from airlock_client._migrate_register import Registrar
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
 from airlock_client._registry import ModelVersion, Registry, tag
+from airlock_client._run_dir import scratch_dir
 from airlock_client._twin import (
     Download,
     Listing,
@@ -191,8 +191,7 @@ class VersionMigration:
     def _fresh(self, name: str, version: str, target: Target, step: str) -> Outcome:
         if self.options.dry_run:
             return Outcome(name, version, Status.WOULD_CONVERT, target=f"{target.name}/?")
-        work = Path(tempfile.mkdtemp(prefix="airlock-migrate-"))
-        try:
+        with scratch_dir("airlock-migrate") as work:
             model_dir = self._fetch(name, version, work)
             if isinstance(model_dir, Outcome):
                 return model_dir
@@ -207,15 +206,12 @@ class VersionMigration:
             self.progress(f"{step} {name} v{version}: converting")
             return self._migrate(name, version, target, model_dir, work, source_sha256=None,
                                  directory=by_files)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
     def _with_twins(self, name: str, mv: ModelVersion, target: Target, step: str) -> Outcome:
         """Skip the version if one of the versions claiming to be its twin verifies (see
         ``_twin``); otherwise say why each did not, and convert it (unless refused)."""
         version = str(mv.version)
-        work = Path(tempfile.mkdtemp(prefix="airlock-migrate-"))
-        try:
+        with scratch_dir("airlock-migrate") as work:
             model_dir = self._fetch(name, version, work)
             if isinstance(model_dir, Outcome):
                 self.unchecked.add((name, version))
@@ -275,8 +271,6 @@ class VersionMigration:
             outcome = self._migrate(name, version, target, model_dir, work,
                                     source_sha256=digest, directory=by_files)
             return Outcome(**{**outcome.__dict__, "message": outcome.message or note})
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
     def _check_twin(self, name: str, version: str, claim: ModelVersion, work: Path,
                     source: SourceFiles | None, digest: str | None) -> Migrated:

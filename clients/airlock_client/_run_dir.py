@@ -10,7 +10,9 @@ there while the block runs), made and locked like a model directory's temporary 
 (``_part_files.new_dir``: ``.airlock-run.XXXXXXXX.airlock-part``, mode 0700, an ``flock``
 the kernel drops however the process ends), and the next command removes what killed ones
 left by the same rules (``_part_files.sweep``: unlocked, unmodified for a minute, on a local
-filesystem, no link followed).
+filesystem, no link followed). The library's own temporary directories (a directory's bundle,
+a downloaded source or twin) are made the same way (``scratch_dir``), so that a serving job
+killed by the OOM killer during a download leaves nothing behind either.
 
 Imports nothing heavy.
 """
@@ -30,19 +32,27 @@ WORK_NAME = "airlock-run"
 
 
 @contextlib.contextmanager
+def scratch_dir(name: str) -> Iterator[Path]:
+    """A temporary directory (mode 0700) in ``tempfile``'s, removed when the block ends, and
+    by the next ``scratch_dir`` of the same ``name`` if this process is killed first. The
+    library's downloads and bundles are made in these."""
+    part = _part_files.new_dir(Path(tempfile.gettempdir()) / name)  # sweeps first
+    try:
+        yield part.path
+    finally:
+        shutil.rmtree(part.path, ignore_errors=True)
+        part.release()
+
+
+@contextlib.contextmanager
 def run_directory() -> Iterator[tuple[Path, list[str]]]:
     """Remove the work directories of killed commands, make this one's, and have
     ``tempfile`` put everything in it until the block ends; it is removed then. Yields the
     directory and the names of those removed."""
-    stand_in = Path(tempfile.gettempdir()) / WORK_NAME
-    removed = _part_files.sweep(stand_in)
-    part = _part_files.new_dir(stand_in)
-    try:
-        saved, tempfile.tempdir = tempfile.tempdir, str(part.path)
+    removed = _part_files.sweep(Path(tempfile.gettempdir()) / WORK_NAME)
+    with scratch_dir(WORK_NAME) as path:
+        saved, tempfile.tempdir = tempfile.tempdir, str(path)
         try:
-            yield part.path, removed
+            yield path, removed
         finally:
             tempfile.tempdir = saved
-    finally:
-        shutil.rmtree(part.path, ignore_errors=True)
-        part.release()

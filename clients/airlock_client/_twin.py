@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -38,6 +37,7 @@ from airlock_client import _bundle
 from airlock_client import _lineage as tags
 from airlock_client._errors import SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
+from airlock_client._run_dir import scratch_dir
 from airlock_client.provenance import (
     MAX_PROVENANCE_BYTES,
     ProvenanceError,
@@ -151,8 +151,7 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
     listed = None if listing is None else check_listing(
         listing, base, {file_name: max_bytes,
                         file_name + tags.PROVENANCE_SUFFIX: MAX_PROVENANCE_BYTES}, what)
-    work = Path(tempfile.mkdtemp(prefix="airlock-twin-"))
-    try:
+    with scratch_dir("airlock-twin") as work:
         envelope = read_small(download, f"{base}/{file_name}{tags.PROVENANCE_SUFFIX}",
                               work / "provenance", MAX_PROVENANCE_BYTES)
         record = verify_envelope(envelope, public_key)  # before a large download
@@ -167,8 +166,6 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
                 sha, size = hashlib.sha256(data).hexdigest(), len(data)
             else:
                 data, (sha, size) = b"", _hash(fh)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     check_output(record, sha256=sha, size=size)
     if record.output_format != fmt:
         raise SafeLoadError("FORMAT_MISMATCH", f"{what} is tagged {fmt} but its signed "

@@ -58,6 +58,7 @@ from typing import Any, Literal
 from airlock_client import _lineage as tags
 from airlock_client._errors import ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, open_registry
+from airlock_client._run_dir import scratch_dir
 from airlock_client._twin import (
     DEFAULT_MAX_BYTES,
     Download,
@@ -360,8 +361,7 @@ def _expected_source(source: str | None, sha256: str | None) -> tuple[str | None
 
 def _source_sha256(fetch: FetchSource, model: str, version: str) -> str:
     """The sha256 of source version ``model``/``version`` as the client sends it to the broker."""
-    work = Path(tempfile.mkdtemp(prefix="airlock-source-"))
-    try:
+    with scratch_dir("airlock-source") as work:
         try:
             model_dir = fetch(f"models:/{model}/{version}", work / "source")
             return bundle_sha256(Path(model_dir), work)
@@ -369,5 +369,3 @@ def _source_sha256(fetch: FetchSource, model: str, version: str) -> str:
             raise SafeLoadError("SOURCE_MISSING",
                                 f"cannot read the source models:/{model}/{version} to check "
                                 f"the version against it: {exc.reason}: {exc.message}") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -143,3 +143,27 @@ def test_a_ctrl_c_while_the_work_directory_is_removed_is_one_line(
     assert out == ""  # the command's own JSON object is all that stdout may hold
     assert err.strip() == ("airlock convert: interrupted while its work directory was removed "
                            "(the next command removes what is left)")
+
+
+def test_a_library_scratch_directory_a_killed_process_left_goes_with_the_next(
+        tmp: Path) -> None:
+    """A serving job killed by the OOM killer while it downloaded a source (``safe_load``)
+    or bundled a directory (``Client.convert``)."""
+    from airlock_client._run_dir import scratch_dir
+
+    code = ("import sys, time\nfrom airlock_client._run_dir import scratch_dir\n"
+            "with scratch_dir('airlock-source') as p:\n"
+            "    (p / 'model.pkl').write_bytes(b'm' * 1024)\n"
+            "    print(p, flush=True)\n    time.sleep(600)\n")
+    killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp)})
+    assert killed.stdout is not None
+    dead = Path(killed.stdout.readline().strip())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (dead / "model.pkl").exists()
+    _age(dead)
+
+    with scratch_dir("airlock-source") as path:
+        assert not dead.exists() and path.parent == tmp
+    assert list(tmp.iterdir()) == []
