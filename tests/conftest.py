@@ -265,10 +265,22 @@ def running_broker(tmp: Path, config: str | None = None) -> Iterator[BrokerProce
 COLD_CONFIG = f'[sandbox]\nimage = "{IMAGE}"\n\n[pools]\nmin_warm = 0\n'
 
 
+def holds_no_job(in_dir: Path) -> bool:
+    """Whether a slot's input directory is a warm container's that no job has taken: there,
+    with nothing in it but the doorbell (contract.DOORBELL_NAME)."""
+    from airlock_sandbox.contract import DOORBELL_NAME
+
+    try:
+        return all(p.name == DOORBELL_NAME for p in in_dir.iterdir())
+    except OSError:  # no such slot (any more), or on the other spool
+        return False
+
+
 def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
     """Airlock containers that are not idle warm ones of a broker the tests run.
 
-    A warm container is running and its workspace holds neither an artifact nor a job spec;
+    A warm container is running and its workspace holds neither an artifact nor a job spec
+    (``holds_no_job``);
     any other container labelled as Airlock's is a leftover.
     """
     left = []
@@ -280,8 +292,7 @@ def job_containers(client) -> list[str]:  # type: ignore[no-untyped-def]
         slot = labels.get("airlock.slot", "")
         in_dirs = [slots / slot / "in" for spool in LIVE_SPOOLS if slot
                    for slots in spool_dirs(spool, "slots")]
-        idle = info.get("State") == "running" and any(
-            d.is_dir() and not any(d.iterdir()) for d in in_dirs)
+        idle = info.get("State") == "running" and any(holds_no_job(d) for d in in_dirs)
         if not idle:
             left.append(f"{info['Id'][:12]} ({info.get('State')})")
     return left

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
+import stat
 import sys
 import time
 import warnings
 from typing import TextIO
 
 from airlock_sandbox.contract import (
+    DOORBELL_FALLBACK_SECONDS,
+    DOORBELL_NAME,
     IN_DIR,
     JOB_SPEC_NAME,
     MAX_JOB_SPEC_BYTES,
@@ -34,24 +38,35 @@ from .spec_types import check_dtype
 
 
 def wait_for_spec(in_dir: str, timeout: float, idle_poll: float = SPEC_POLL_SECONDS) -> JobSpec:
-    """The broker renames the spec into place last, so once it exists it is complete. Looked
-    for every ``SPEC_POLL_SECONDS`` at first, every ``idle_poll`` once the container has
-    waited ``SPEC_POLL_FAST_SECONDS`` (contract.py says what a look costs)."""
+    """The broker renames the spec into place last, so once it exists it is complete. With
+    a doorbell (contract.DOORBELL_NAME), the worker sleeps on it until it rings; else the
+    spec is looked for every ``SPEC_POLL_SECONDS`` at first, every ``idle_poll`` once the
+    container has waited ``SPEC_POLL_FAST_SECONDS`` (contract.py says what a look costs)."""
     path = os.path.join(in_dir, JOB_SPEC_NAME)
     began = time.monotonic()
     deadline = began + timeout
-    while True:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_JOB_SPEC_BYTES + 1)
-            break
-        except FileNotFoundError:
-            now = time.monotonic()
-            if now >= deadline:
-                raise WorkerError(WorkerExit.BAD_JOB_SPEC,
-                                  f"no job spec within {timeout:g} s") from None
-            time.sleep(SPEC_POLL_SECONDS if now - began < SPEC_POLL_FAST_SECONDS
-                       else idle_poll)
+    bell = _open_doorbell(in_dir)  # before the first look: a ring after it is not lost
+    try:
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_JOB_SPEC_BYTES + 1)
+                break
+            except FileNotFoundError:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise WorkerError(WorkerExit.BAD_JOB_SPEC,
+                                      f"no job spec within {timeout:g} s") from None
+                if bell is not None:
+                    if _rang(bell, min(DOORBELL_FALLBACK_SECONDS, deadline - now)):
+                        os.close(bell)  # it rings once: from here on, polling
+                        bell = None
+                    continue
+                time.sleep(SPEC_POLL_SECONDS if now - began < SPEC_POLL_FAST_SECONDS
+                           else idle_poll)
+    finally:
+        if bell is not None:
+            os.close(bell)
     try:
         spec = JobSpec.from_json(raw)
     except Exception as exc:
@@ -63,6 +78,27 @@ def wait_for_spec(in_dir: str, timeout: float, idle_poll: float = SPEC_POLL_SECO
     for tensor in spec.inputs:  # refuse before anything is loaded, not after
         check_dtype(tensor)
     return spec
+
+
+def _open_doorbell(in_dir: str) -> int | None:
+    """The broker's doorbell, open for reading without waiting for a writer; None where there
+    is none (or it is not a FIFO, or cannot be opened): then the worker polls."""
+    try:
+        fd = os.open(os.path.join(in_dir, DOORBELL_NAME),
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _rang(bell: int, seconds: float) -> bool:
+    """Whether the bell rang (or its writer came and went) within ``seconds``."""
+    poller = select.poll()
+    poller.register(bell, select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(max(0, round(seconds * 1000))))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

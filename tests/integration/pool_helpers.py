@@ -21,7 +21,7 @@ from airlock_broker.sandboxes.owners import broker_identity
 from airlock_client import Client, PoolStatus
 from airlock_sandbox.contract import IN_DIR, JOB_SPEC_NAME
 from tests.adversarial.payloads import reduce_pickle
-from tests.conftest import BrokerProcess, spool_dirs, start_broker
+from tests.conftest import BrokerProcess, holds_no_job, spool_dirs, start_broker
 
 T = TypeVar("T")
 
@@ -148,16 +148,12 @@ def containers_of(docker_client: Any, identity: str, *, running_only: bool = Fal
 
 
 def is_idle(container: Any, spool: Path) -> bool:
-    """A warm container waiting for a job: running, and its input directory still empty."""
+    """A warm container waiting for a job: running, and its input directory holding nothing
+    but its doorbell (no artifact, no job spec)."""
     slot = container.labels.get(LABEL_SLOT, "")
     if not slot or container.status != "running":
         return False
-    for slots in spool_dirs(spool, "slots"):
-        try:
-            return not any((slots / slot / "in").iterdir())
-        except OSError:  # no such slot (any more), or on the other spool
-            continue
-    return False
+    return any(holds_no_job(slots / slot / "in") for slots in spool_dirs(spool, "slots"))
 
 
 def idle_warm_ids(docker_client: Any, broker: PoolBroker, profile: str | None = None) -> set[str]:

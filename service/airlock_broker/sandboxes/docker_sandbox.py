@@ -49,7 +49,13 @@ from airlock_broker.sandboxes.version_gates import (
 )
 from airlock_broker.sandboxes.workspace import JobWorkspace, WorkspaceError, slot_spool
 from airlock_broker.tracing import NO_TRACE, Trace
-from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID, DONE_NAME, JobSpec
+from airlock_sandbox.contract import (
+    CONTAINER_GID,
+    CONTAINER_UID,
+    DONE_NAME,
+    DOORBELL_RUNTIME_FAMILIES,
+    JobSpec,
+)
 from airlock_sandbox.policy import SandboxPolicy
 from airlock_sandbox.seccomp import DOCKER_DEFAULT
 
@@ -209,6 +215,11 @@ class DockerSandbox:
             workspace = await _made_off_loop(make) if disk_output_bytes else make()
         except (OSError, WorkspaceError) as exc:
             raise SandboxUnavailable(str(exc)) from exc
+        if not selftest and self.policy.runtime_family in DOORBELL_RUNTIME_FAMILIES:
+            try:
+                workspace.make_doorbell()
+            except OSError as exc:  # a speed, never a reason to fail: the worker polls
+                log.warning("slot %s gets no doorbell: %s", slot_id, exc)
         labels = sandbox_labels(self.identity, slot_id, profile)
         self._owned.add(slot_id)
         create = asyncio.ensure_future(self._call(

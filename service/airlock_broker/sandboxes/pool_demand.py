@@ -115,8 +115,8 @@ class Demand:
 
         Kept warm for the whole window, what a burst left behind costs memory, hardly CPU:
         its start was paid once, by the job that takes it (or every ``max_age_seconds`` if
-        none does), and while it waits its worker polls for its job spec, about 1.2 % of a
-        core under runc (pool_settings.WARM_MEMORY_MIB has the figures). pools.py caps the memory.
+        none does), and while it waits its worker sleeps on its doorbell under runc, next to
+        no CPU (pool_settings.WARM_MEMORY_MIB has the figures). pools.py caps the memory.
         """
         in_refill = self.rate(now) * self.refill_seconds
         stream = math.ceil(in_refill - 1e-9) if in_refill >= SPARSE else 0

@@ -9,6 +9,7 @@ Layout under the state root (0700, owned by the broker, checked at start-up: sta
             artifact            0400, owned by the sandbox uid
             sample.npy          0400, the caller's parity sample, when there is one
             job.json            0444, written last, by rename
+            job.bell            0444, a FIFO (runc only): one byte once job.json is in place
         out/                    a tmpfs: size-capped, noexec,nosuid,nodev, owned by the sandbox
                                 uid, bind-mounted at contract.OUT_DIR; or, for an output too
                                 large for RAM, the same on disk (``images/`` below)
@@ -65,6 +66,7 @@ from airlock_broker.security.state_dirs import (
 from airlock_sandbox.contract import (
     ARTIFACT_NAME,
     DONE_NAME,
+    DOORBELL_NAME,
     JOB_SPEC_NAME,
     READY_NAME,
     SAMPLE_NAME,
@@ -190,7 +192,8 @@ class JobWorkspace:
             os.link(source.sample, self.sample, follow_symlinks=False)
 
     def write_job_spec(self, spec: JobSpec) -> None:
-        """Written last and atomically: a warm worker starts the moment it appears."""
+        """Written last and atomically: a warm worker starts the moment it appears (it is
+        woken by its doorbell, if it has one)."""
         tmp = self.in_dir / f".{JOB_SPEC_NAME}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
         try:
@@ -198,6 +201,33 @@ class JobWorkspace:
         finally:
             os.close(fd)
         os.rename(tmp, self.in_dir / JOB_SPEC_NAME)
+        self._ring()
+
+    def make_doorbell(self) -> None:
+        """The FIFO a waiting worker sleeps on (contract.DOORBELL_NAME): the broker's, 0444,
+        in the input directory the sandbox sees read-only; nothing but ``_ring`` writes it."""
+        bell = self.in_dir / DOORBELL_NAME
+        os.mkfifo(bell, 0o400)
+        fd = os.open(bell, os.O_RDONLY | os.O_NONBLOCK | SAFE_OPEN)  # no writer: no wait
+        try:
+            os.fchmod(fd, 0o444)  # whatever the umask
+        finally:
+            os.close(fd)
+
+    def _ring(self) -> None:
+        """One byte into the doorbell, if a worker has it open; never waits. Without a reader
+        (none made, a cold container not started yet, a worker that polls) it is left: the
+        worker finds the spec when it looks."""
+        try:
+            fd = os.open(self.in_dir / DOORBELL_NAME, os.O_WRONLY | os.O_NONBLOCK | SAFE_OPEN)
+        except OSError:  # ENOENT: no bell; ENXIO: nobody listens
+            return
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                with contextlib.suppress(BlockingIOError):
+                    os.write(fd, b"\n")
+        finally:
+            os.close(fd)
 
     def append_only_output(self, name: str) -> int | None:
         """An empty file ``name`` in the output, which its sandbox may append to and do

@@ -1,0 +1,174 @@
+"""A warm worker sleeps on its doorbell (contract.DOORBELL_NAME) instead of looking for its job
+spec 200 times a second, and the broker rings it once the spec is in place: the broker's half
+(``JobWorkspace.make_doorbell``, ``write_job_spec``) against the worker's (``wait_for_spec``),
+each on its own thread. Counted in wake-ups, not timed."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.sandboxes.workspace import JobWorkspace
+from airlock_sandbox.contract import DOORBELL_NAME, JOB_SPEC_NAME, JobSpec
+from airlock_worker import __main__ as worker_main
+
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> JobWorkspace:
+    ws = JobWorkspace(root=tmp_path, uid=os.getuid(), gid=os.getgid())
+    ws.in_dir.mkdir(mode=0o755)
+    return ws
+
+
+class Counted:
+    """``wait_for_spec``'s sleeps and its waits at the bell."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sleeps = 0
+        self.rings: list[bool] = []
+        rang = worker_main._rang
+
+        def counted_rang(bell: int, seconds: float) -> bool:
+            self.rings.append(rang(bell, seconds))
+            return self.rings[-1]
+
+        def counted_sleep(seconds: float) -> None:
+            self.sleeps += 1
+            waited.wait(seconds)
+
+        waited = threading.Event()
+        monkeypatch.setattr(worker_main, "_rang", counted_rang)
+        monkeypatch.setattr(worker_main.time, "sleep", counted_sleep)
+
+
+def _until(condition: Callable[[], bool], thread: threading.Thread, got: list[object]) -> None:
+    """Poll ``condition`` while the worker's thread waits (``time.sleep`` is the test's)."""
+    pause, deadline = threading.Event(), time.monotonic() + DEADLINE
+    while not condition():
+        assert thread.is_alive(), got
+        assert time.monotonic() < deadline, "the condition was never met"
+        pause.wait(0.01)
+
+
+def _wait_in_thread(ws: JobWorkspace) -> tuple[threading.Thread, list[object]]:
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            got.append(worker_main.wait_for_spec(str(ws.in_dir), DEADLINE))
+        except BaseException as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread, got
+
+
+def test_the_bell_is_a_fifo_the_sandbox_may_only_read(workspace: JobWorkspace) -> None:
+    old = os.umask(0o077)  # the broker's umask does not decide its mode
+    try:
+        workspace.make_doorbell()
+    finally:
+        os.umask(old)
+    st = os.lstat(workspace.in_dir / DOORBELL_NAME)
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+    assert st.st_uid == os.geteuid()
+
+
+def test_a_waiting_worker_sleeps_on_its_bell_until_the_spec_is_in_place(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted = Counted(monkeypatch)
+    workspace.make_doorbell()
+    thread, got = _wait_in_thread(workspace)
+    try:
+        # The worker is at its bell once the broker's ring would find a reader.
+        _until(lambda: _has_reader(workspace.in_dir / DOORBELL_NAME), thread, got)
+        workspace.write_job_spec(JobSpec(job_id="rung"))
+    finally:
+        thread.join(DEADLINE)
+    assert [type(g).__name__ for g in got] == ["JobSpec"] and got[0].job_id == "rung"  # type: ignore[attr-defined]
+    assert counted.sleeps == 0  # never polled
+    assert counted.rings[-1] is True and len(counted.rings) <= 2, counted.rings
+
+
+def _has_reader(bell: Path) -> bool:
+    try:
+        fd = os.open(bell, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return False
+    os.close(fd)  # opened and closed without a byte: the worker sees its writer come and go
+    return True
+
+
+def test_a_spec_written_before_the_worker_looks_is_found_at_once(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted = Counted(monkeypatch)
+    workspace.make_doorbell()
+    workspace.write_job_spec(JobSpec(job_id="early"))  # nobody listens: the ring is dropped
+    assert worker_main.wait_for_spec(str(workspace.in_dir), DEADLINE).job_id == "early"
+    assert counted.sleeps == 0 and counted.rings == []
+
+
+def test_without_a_bell_the_worker_polls(workspace: JobWorkspace,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    counted = Counted(monkeypatch)
+    thread, got = _wait_in_thread(workspace)
+    try:
+        _until(lambda: counted.sleeps >= 3, thread, got)
+        workspace.write_job_spec(JobSpec(job_id="polled"))  # no bell: the ring is a no-op
+    finally:
+        thread.join(DEADLINE)
+    assert got[0].job_id == "polled"  # type: ignore[attr-defined]
+    assert counted.rings == []
+
+
+@pytest.mark.parametrize("bell", ["a file", "a link to a fifo"])
+def test_a_bell_that_is_not_a_fifo_of_its_own_is_not_used(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        bell: str) -> None:
+    path = workspace.in_dir / DOORBELL_NAME
+    if bell == "a file":
+        path.write_bytes(b"")
+    else:
+        os.mkfifo(tmp_path / "elsewhere")
+        path.symlink_to(tmp_path / "elsewhere")
+    assert worker_main._open_doorbell(str(workspace.in_dir)) is None
+    workspace._ring()  # and the broker writes nothing into it, nor through the link
+    assert path.is_symlink() or path.read_bytes() == b""
+
+
+def test_a_bell_that_rang_without_a_spec_leaves_the_worker_polling_not_spinning(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted = Counted(monkeypatch)
+    workspace.make_doorbell()
+    thread, got = _wait_in_thread(workspace)
+    try:
+        # A writer comes and goes without a byte; the worker goes back to polling.
+        _until(lambda: _has_reader(workspace.in_dir / DOORBELL_NAME), thread, got)
+        _until(lambda: counted.sleeps >= 3, thread, got)
+        (workspace.in_dir / JOB_SPEC_NAME).write_bytes(JobSpec(job_id="late").to_json())
+    finally:
+        thread.join(DEADLINE)
+    assert got[0].job_id == "late"  # type: ignore[attr-defined]
+    assert counted.rings.count(True) == 1
+
+
+def test_the_broker_never_waits_at_a_bell_nobody_listens_to(workspace: JobWorkspace) -> None:
+    workspace._ring()  # no bell
+    workspace.make_doorbell()
+    workspace._ring()  # a bell, no reader: ENXIO, not a wait
+    reader = os.open(workspace.in_dir / DOORBELL_NAME, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for _ in range(70_000):  # more bytes than a pipe holds: never blocks
+            workspace._ring()
+        assert os.read(reader, 16) == b"\n" * 16
+    finally:
+        os.close(reader)
