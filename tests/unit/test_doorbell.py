@@ -5,11 +5,12 @@ each on its own thread. Counted in wake-ups, not timed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def workspace(tmp_path: Path) -> JobWorkspace:
 
 
 class Counted:
-    """``wait_for_spec``'s sleeps and its waits at the bell."""
+    """``wait_for_spec``'s sleeps and its waits at the bell (``at_bell``: it came to one)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sleeps = 0
@@ -37,6 +38,7 @@ class Counted:
         rang = worker_main._rang
 
         def counted_rang(bell: int, seconds: float) -> bool:
+            self.at_bell.set()  # a byte written from here on is in the pipe when it polls
             self.rings.append(rang(bell, seconds))
             return self.rings[-1]
 
@@ -45,21 +47,30 @@ class Counted:
             waited.wait(seconds)
 
         waited = threading.Event()
+        self.at_bell = threading.Event()
         monkeypatch.setattr(worker_main, "_rang", counted_rang)
-        monkeypatch.setattr(worker_main.time, "sleep", counted_sleep)
+        monkeypatch.setattr(time, "sleep", counted_sleep)  # the worker's
 
 
-def _until(condition: Callable[[], bool], thread: threading.Thread, got: list[object]) -> None:
+class Waiting(list[object]):
+    """What ``wait_for_spec`` returned (or raised), on the worker's thread."""
+
+    thread: threading.Thread
+
+
+def _until(condition: Callable[[], bool], got: Waiting) -> None:
     """Poll ``condition`` while the worker's thread waits (``time.sleep`` is the test's)."""
     pause, deadline = threading.Event(), time.monotonic() + DEADLINE
     while not condition():
-        assert thread.is_alive(), got
+        assert got.thread.is_alive(), got
         assert time.monotonic() < deadline, "the condition was never met"
         pause.wait(0.01)
 
 
-def _wait_in_thread(ws: JobWorkspace) -> tuple[threading.Thread, list[object]]:
-    got: list[object] = []
+@contextlib.contextmanager
+def _waiting(ws: JobWorkspace) -> Iterator[Waiting]:
+    """A worker waiting for its spec in ``ws`` on a thread, joined when the block ends."""
+    got = Waiting()
 
     def wait() -> None:
         try:
@@ -67,9 +78,21 @@ def _wait_in_thread(ws: JobWorkspace) -> tuple[threading.Thread, list[object]]:
         except BaseException as exc:
             got.append(exc)
 
-    thread = threading.Thread(target=wait)
-    thread.start()
-    return thread, got
+    got.thread = threading.Thread(target=wait)
+    got.thread.start()
+    try:
+        yield got
+    finally:
+        got.thread.join(DEADLINE)
+
+
+@contextlib.contextmanager
+def _at_its_bell(ws: JobWorkspace, counted: Counted) -> Iterator[Waiting]:
+    """The same, with a doorbell, once the worker waits at it."""
+    ws.make_doorbell()
+    with _waiting(ws) as got:
+        _until(counted.at_bell.is_set, got)
+        yield got
 
 
 def test_the_bell_is_a_fifo_the_sandbox_may_only_read(workspace: JobWorkspace) -> None:
@@ -86,26 +109,11 @@ def test_the_bell_is_a_fifo_the_sandbox_may_only_read(workspace: JobWorkspace) -
 def test_a_waiting_worker_sleeps_on_its_bell_until_the_spec_is_in_place(
         workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
     counted = Counted(monkeypatch)
-    workspace.make_doorbell()
-    thread, got = _wait_in_thread(workspace)
-    try:
-        # The worker is at its bell once the broker's ring would find a reader.
-        _until(lambda: _has_reader(workspace.in_dir / DOORBELL_NAME), thread, got)
+    with _at_its_bell(workspace, counted) as got:
         workspace.write_job_spec(JobSpec(job_id="rung"))
-    finally:
-        thread.join(DEADLINE)
     assert [type(g).__name__ for g in got] == ["JobSpec"] and got[0].job_id == "rung"  # type: ignore[attr-defined]
     assert counted.sleeps == 0  # never polled
     assert counted.rings[-1] is True and len(counted.rings) <= 2, counted.rings
-
-
-def _has_reader(bell: Path) -> bool:
-    try:
-        fd = os.open(bell, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:  # ENXIO: no reader yet
-        return False
-    os.close(fd)  # opened and closed without a byte: the worker sees its writer come and go
-    return True
 
 
 def test_a_spec_written_before_the_worker_looks_is_found_at_once(
@@ -120,12 +128,9 @@ def test_a_spec_written_before_the_worker_looks_is_found_at_once(
 def test_without_a_bell_the_worker_polls(workspace: JobWorkspace,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     counted = Counted(monkeypatch)
-    thread, got = _wait_in_thread(workspace)
-    try:
-        _until(lambda: counted.sleeps >= 3, thread, got)
+    with _waiting(workspace) as got:
+        _until(lambda: counted.sleeps >= 3, got)
         workspace.write_job_spec(JobSpec(job_id="polled"))  # no bell: the ring is a no-op
-    finally:
-        thread.join(DEADLINE)
     assert got[0].job_id == "polled"  # type: ignore[attr-defined]
     assert counted.rings == []
 
@@ -141,22 +146,26 @@ def test_a_bell_that_is_not_a_fifo_of_its_own_is_not_used(
         os.mkfifo(tmp_path / "elsewhere")
         path.symlink_to(tmp_path / "elsewhere")
     assert worker_main._open_doorbell(str(workspace.in_dir)) is None
-    workspace._ring()  # and the broker writes nothing into it, nor through the link
-    assert path.is_symlink() or path.read_bytes() == b""
+    if bell == "a file":
+        workspace._ring()  # the broker writes nothing into it ...
+        assert path.read_bytes() == b""
+        return
+    reader = os.open(tmp_path / "elsewhere", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        workspace._ring()  # ... nor through the link
+        with contextlib.suppress(BlockingIOError):
+            assert os.read(reader, 16) == b""
+    finally:
+        os.close(reader)
 
 
 def test_a_bell_that_rang_without_a_spec_leaves_the_worker_polling_not_spinning(
         workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
     counted = Counted(monkeypatch)
-    workspace.make_doorbell()
-    thread, got = _wait_in_thread(workspace)
-    try:
-        # A writer comes and goes without a byte; the worker goes back to polling.
-        _until(lambda: _has_reader(workspace.in_dir / DOORBELL_NAME), thread, got)
-        _until(lambda: counted.sleeps >= 3, thread, got)
+    with _at_its_bell(workspace, counted) as got:
+        os.close(os.open(workspace.in_dir / DOORBELL_NAME, os.O_WRONLY | os.O_NONBLOCK))
+        _until(lambda: counted.sleeps >= 3, got)  # back to looking at the polling interval
         (workspace.in_dir / JOB_SPEC_NAME).write_bytes(JobSpec(job_id="late").to_json())
-    finally:
-        thread.join(DEADLINE)
     assert got[0].job_id == "late"  # type: ignore[attr-defined]
     assert counted.rings.count(True) == 1
 
