@@ -9,9 +9,11 @@ destination removes what such runs left, and only that:
 - each temporary output is locked (``flock``) by the process writing it for as long as it
   exists; the kernel drops the lock when that process dies, however it dies;
 - a leftover is a name of exactly that form, for that destination, a regular file or a
-  directory (never a link: nothing is followed), whose lock can be taken and which has not
-  been modified for ``STALE_SECONDS`` (a run between creating its file and locking it is
-  never mistaken for a dead one);
+  directory (never a link: nothing is followed) that this user owns, whose lock can be taken
+  and which has not been modified for ``STALE_SECONDS`` (a run between creating its file and
+  locking it is never mistaken for a dead one). A directory in a shared one (``/tmp``) may
+  have been made under our name by anyone: another user's is left alone, whatever it holds,
+  and a tree too deep to remove (Python 3.11's ``rmtree`` recurses) is left, not raised;
 - only on a local filesystem (``LOCAL_FILESYSTEMS``, read from the kernel's mount table):
   on a network filesystem a lock may not reach a run on another host, so nothing is swept
   there. Where ``flock`` is refused altogether, a run writes without a lock, and a sweep,
@@ -158,8 +160,8 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
     """Remove ``name`` in the directory ``parent`` if it is a leftover; whether it was."""
     try:
         st = os.lstat(name, dir_fd=parent)
-        if now - st.st_mtime < STALE_SECONDS:
-            return False
+        if st.st_uid != os.geteuid() or now - st.st_mtime < STALE_SECONDS:
+            return False  # another user's (never ours to remove), or perhaps a live run's
         if stat.S_ISDIR(st.st_mode):
             flags = os.O_RDONLY | os.O_DIRECTORY
         elif stat.S_ISREG(st.st_mode):
@@ -171,7 +173,7 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
         return False
     try:
         opened = os.fstat(fd)
-        if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
+        if (opened.st_ino, opened.st_dev, opened.st_uid) != (st.st_ino, st.st_dev, st.st_uid):
             return False  # replaced between the look and the open
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,7 +184,7 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
                 shutil.rmtree(name, dir_fd=parent)  # follows no link inside
             else:
                 os.unlink(name, dir_fd=parent)
-        except OSError:
+        except (OSError, RecursionError):  # RecursionError: a tree deeper than ~1000 levels
             return False
         return True
     finally:

@@ -15,6 +15,7 @@ import pytest
 
 from airlock_client import _part_files
 from airlock_client._part_files import STALE_SECONDS, new_dir, new_file, sweep
+from tests.unit.shared_tmp import STRANGER, nest, plant, remove
 
 LATER = STALE_SECONDS + 1
 
@@ -116,6 +117,36 @@ def test_a_leftover_that_cannot_be_removed_is_left(tmp_path: Path,
 
     monkeypatch.setattr(_part_files.os, "unlink", refused)
     assert sweep(tmp_path / "m.onnx") == [] and left.exists()
+
+
+def test_another_users_directory_under_our_name_is_left_alone(tmp_path: Path) -> None:
+    """In a shared ``$TMPDIR`` anyone may make ``.airlock-run.XXXXXXXX.airlock-part``, open
+    to all, and fill it; it is never ours to remove, and the sweep must not let its contents
+    break the command (1500 levels deep: ``rmtree`` raised RecursionError through ``airlock
+    convert``)."""
+    planted = tmp_path / ".airlock-run.abcd1234.airlock-part"
+    plant(planted)
+    try:
+        stray = _left(tmp_path, ".airlock-run.wxyz6789.part")
+        os.chown(stray, STRANGER, STRANGER)
+        assert sweep(tmp_path / "airlock-run") == []
+        assert (planted / "d").is_dir() and stray.exists()
+    finally:
+        remove(planted)
+
+
+def test_a_tree_too_deep_to_remove_is_left_and_not_raised(tmp_path: Path) -> None:
+    """Our own leftover holding a tree deeper than Python 3.11's ``rmtree`` can recurse
+    (a model directory's output is given the umask's mode just before its rename: 0777
+    under umask 0, so a run killed there leaves one anyone could fill)."""
+    left = _left(tmp_path, ".out.abcd1234.airlock-part", directory=True)
+    try:
+        nest(left, 1500)
+        then = time.time() - LATER
+        os.utime(left, (then, then))
+        assert sweep(tmp_path / "out") == [] and left.is_dir()
+    finally:
+        remove(left)
 
 
 def test_nothing_is_swept_on_a_filesystem_that_is_not_local(

@@ -18,6 +18,7 @@ import pytest
 
 from airlock_client._part_files import STALE_SECONDS
 from airlock_client._run_dir import run_directory
+from tests.unit.shared_tmp import plant, remove
 
 #: A command that writes a file into its work directory, says where, and waits to be killed.
 _COMMAND = textwrap.dedent("""
@@ -128,6 +129,23 @@ def test_the_cli_sweeps_and_uses_a_work_directory_for_commands_that_download(
     err = capsys.readouterr().err
     assert f"airlock: removed 1 work directory that killed commands left in {tmp}" in err
 
+
+def test_what_another_user_left_in_tmp_under_our_name_neither_goes_nor_breaks_the_command(
+        tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory named like a work directory, made by another user in a shared ``$TMPDIR``
+    (open to all, too deep for ``rmtree``): ``airlock convert`` went into it and ended in a
+    RecursionError traceback, for every user of the machine."""
+    from airlock_client import cli
+
+    planted = tmp / ".airlock-run.abcd1234.airlock-part"
+    plant(planted)
+    try:
+        code = cli.main(["convert", str(tmp / "absent.pkl"), "--public-key", str(tmp / "k")])
+        assert code == 2  # not readable: the usage error the command gives without the plant
+        assert (planted / "d").is_dir() and list(tmp.iterdir()) == [planted]
+        assert "removed" not in capsys.readouterr().err
+    finally:
+        remove(planted)
 
 def test_a_ctrl_c_while_the_work_directory_is_removed_is_one_line(
         tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,41 @@
+"""What another user can leave in a shared directory (``/tmp``) under our names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+#: A uid no one on this machine has: the owner of another user's files (the suite runs as
+#: root, which can give a file to anyone).
+STRANGER = 4242
+
+
+def nest(path: Path, depth: int) -> None:
+    """``depth`` directories nested in ``path``, made one level at a time (a path that long
+    could not be named)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+def plant(directory: Path, depth: int = 1500) -> None:
+    """``directory``, made as another user would: open to all, ``depth`` levels deep (too
+    deep for Python 3.11's recursive ``rmtree``), that user's, last modified an hour ago."""
+    directory.mkdir()
+    directory.chmod(0o777)
+    nest(directory, depth)
+    os.chown(directory, STRANGER, STRANGER)
+    os.utime(directory, (os.path.getmtime(directory) - 3600,) * 2)
+
+
+def remove(path: Path) -> None:
+    """Remove a tree made by ``nest`` or ``plant``, which Python 3.11's ``rmtree`` (and so
+    pytest's clean-up of old temporary directories) cannot: ``rm`` walks it iteratively."""
+    subprocess.run(["rm", "-rf", "--", str(path)], check=True, timeout=120)
