@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from airlock_client._errors import (
     DOWNLOAD_FAILED,
@@ -30,6 +30,9 @@ from airlock_client._errors import (
     ServiceUnavailable,
 )
 from airlock_client._terminal import printable
+
+if TYPE_CHECKING:
+    import argparse
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -47,6 +50,11 @@ EXIT_READER_GONE: Final = 141
 #: ``reason`` in the ``--json`` object of a command line that cannot run, and of Ctrl-C.
 USAGE: Final = "USAGE"
 INTERRUPTED: Final = "INTERRUPTED"
+
+
+def usage_of(args: argparse.Namespace, message: str) -> int:
+    """``usage_error`` for the parsed command line ``args`` (its command, its ``--json``)."""
+    return usage_error(args.command, message, as_json=args.json)
 
 
 def usage_error(command: str, message: str, *, as_json: bool = False) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from airlock_client import _cli_source, _hf_dir
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failure, usage_error
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failure, usage_of
 from airlock_client._client import Client, default_address
 from airlock_client._converted_file import (
     FILE_POLICY,
@@ -49,7 +49,7 @@ def run_convert(args: argparse.Namespace) -> int:
         dtype = args.input_dtype or "float32"
         inputs = tuple(parse_shape(s, dtype, i) for i, s in enumerate(args.input_shape))
     except argparse.ArgumentTypeError as exc:
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     if args.input_dtype and not inputs:  # the model's own width, filled in by the sandbox
         inputs = (TensorSpec(name="X", dtype=args.input_dtype, shape=(-1, -1)),)
     if len(args.input) > 1:
@@ -58,12 +58,12 @@ def run_convert(args: argparse.Namespace) -> int:
         return run_convert_many(args, inputs)
     args.input = args.input[0]
     if (problem := _cli_source.usage_problem(args.input)) is not None:
-        return _usage(args, problem)
+        return usage_of(args, problem)
     try:
         with _cli_source.opened(args.input, args.tracking_uri) as source:
             kind = _hf_dir.kind(source.path) if source.is_directory else None
             if source.is_directory and kind is None:
-                return _usage(args, f"{args.input} is neither an MLflow model (no MLmodel "
+                return usage_of(args, f"{args.input} is neither an MLflow model (no MLmodel "
                               f"file) nor a PyTorch model directory (no {_hf_dir.WEIGHTS}, "
                               f"{_hf_dir.WEIGHTS_INDEX}, {_hf_dir.ADAPTER_WEIGHTS} or one "
                               f"checkpoint: *.ckpt, *.pt, *.pth)")
@@ -72,14 +72,14 @@ def run_convert(args: argparse.Namespace) -> int:
 
                 return run_convert_directory(args, source.path, source.output_base)
             if args.jobs is not None:
-                return _usage(args, "--jobs applies to a PyTorch model directory only")
+                return usage_of(args, "--jobs applies to a PyTorch model directory only")
             if args.output is not None and args.output.is_dir():
-                return _usage(args, f"-o {args.output} is a directory: name the output file "
+                return usage_of(args, f"-o {args.output} is a directory: name the output file "
                               f"(-o {args.output}/NAME.onnx), or give several inputs to "
                               "convert into a directory")
             if args.output is None and (problem := placement_problem(
                     [(args.input, source.output_base)], overwrite=args.overwrite)):
-                return _usage(args, problem)
+                return usage_of(args, problem)
             options = client_options(args)
             with Client(args.server or default_address(), public_key=args.public_key,
                         **options) as client:
@@ -101,7 +101,7 @@ def run_convert(args: argparse.Namespace) -> int:
                         keep_training_state=args.keep_training_state,
                         sample_input=args.sample_input)
     except ValueError as exc:
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except AirlockError as exc:
         status, code = failure(exc)
         job_id = exc.job_id if isinstance(exc, ConversionError) else ""
@@ -123,10 +123,6 @@ def run_convert(args: argparse.Namespace) -> int:
             f"{result.output}", EXIT_FAILED, result.job_id)
     _report_ok(args, result, provenance)
     return EXIT_OK
-
-
-def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error("convert", message, as_json=args.json)
 
 
 def _report_ok(args: argparse.Namespace, result: ConversionResult, provenance: Path) -> None:

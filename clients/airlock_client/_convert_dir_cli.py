@@ -17,7 +17,7 @@ from airlock_client._cli_exits import (
     EXIT_OK,
     failure,
     interrupted,
-    usage_error,
+    usage_of,
 )
 from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address
@@ -78,7 +78,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
     """Convert the model directory ``source`` (``args.input``, or where a ``models:/`` URI
     was fetched to); the output is named after ``name`` unless ``-o`` says."""
     if (problem := usage_problem(args)) is not None:
-        return _usage(args, problem)
+        return usage_of(args, problem)
     output = args.output or default_output(name)
     subject = (_cli_source.default_subject(args.input) if args.subject is None
                else args.subject)
@@ -114,7 +114,7 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
         return interrupted("convert", f"stopped by Ctrl-C; no partial output was left "
                            f"({printable(str(output))} is as it was)", as_json=args.json)
     except (ValueError, FileExistsError) as exc:
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except OSError as exc:  # the output's directory cannot be made or written, the disk is full
         where = exc.filename2 or exc.filename
         return _report_error(args, "failed", CLIENT_ERROR,
@@ -133,10 +133,6 @@ def run_convert_directory(args: argparse.Namespace, source: Path, name: Path) ->
 def _progress_line(step: DirectoryProgress) -> None:
     verdict = "converted" if step.ok else "FAILED"
     write_line(f"airlock convert: {printable(step.shard)} {verdict}; {step.line()}")
-
-
-def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error("convert", message, as_json=args.json)
 
 
 def result_document(result: DirectoryResult) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from airlock_client._cli_exits import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     failed,
-    usage_error,
+    usage_of,
 )
 from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address, default_public_key
@@ -139,38 +139,38 @@ class Broker:
 def run_migrate(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking_uri:
-        return _usage(args, "no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+        return usage_of(args, "no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     try:
         page_size = (check_page_size(args.page_size) if args.page_size is not None
                      else page_size_from_env())
     except ValueError as exc:
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     if args.alias is not None and not args.alias.strip():
-        return _usage(args, "--alias needs a name")
+        return usage_of(args, "--alias needs a name")
     pinned = args.public_key or default_public_key()
     if pinned is None and not args.dry_run:  # a dry run converts and writes nothing
-        return _usage(args, NO_PINNED_KEY)
+        return usage_of(args, NO_PINNED_KEY)
     try:
         public_key = None if pinned is None else load_public_key(pinned)
     except ProvenanceError as exc:
-        return _usage(args, exc.message)
+        return usage_of(args, exc.message)
     try:
         options = Options(page_size=page_size, dry_run=args.dry_run, alias=args.alias,
                           retry_failed=args.retry_failed, target_suffix=args.target_suffix,
                           jobs=1 if args.jobs is None else args.jobs)
     except ValueError as exc:  # --jobs out of range
-        return _usage(args, f"--jobs: {exc}")
+        return usage_of(args, f"--jobs: {exc}")
     registry_uri = _registry_uri(args)
     try:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
-        return _usage(args, "MLflow's client is not installed here "
+        return usage_of(args, "MLflow's client is not installed here "
                       "(pip install 'airlock-client[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
         broker = _converter(args, public_key)
     except ValueError as exc:  # a bad token file
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except ServiceUnavailable as exc:  # a broker socket someone else could have made
         return failed("migrate", exc, as_json=args.json, doing="stopped")
     if args.jobs is None and not args.dry_run:
@@ -188,7 +188,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                 batch_interrupts("migrate", "version", sigterm=True):
             outcomes = migration.run(None if args.all else args.model)
     except (SelectionError, RegistryError) as exc:
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except KeyboardInterrupt:
         # Migration let the versions in flight finish before this reached here.
         _summary(args, migration, migration.outcomes, EXIT_INTERRUPTED,
@@ -378,10 +378,6 @@ def _quiet_mlflow() -> None:
 
 def _progress(line: str) -> None:
     write_line(f"airlock migrate: {printable(line)}", sys.stderr)
-
-
-def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error("migrate", message, as_json=args.json)
 
 
 def _summary(args: argparse.Namespace, migration: Migration, outcomes: Sequence[Outcome],

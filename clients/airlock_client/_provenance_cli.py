@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from airlock_client._cli_connection import client_options
-from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_error
+from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_of
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
 from airlock_client._terminal import printable
@@ -43,10 +43,10 @@ from airlock_client.provenance import (
 def run_verify(args: argparse.Namespace) -> int:
     directory = args.file.is_dir()
     if not directory and not args.file.is_file():
-        return _usage(args, f"{args.file} is not a readable file or directory")
+        return usage_of(args, f"{args.file} is not a readable file or directory")
     if directory and (args.provenance, args.source_sha256, args.data_file) != (None, None,
                                                                                 False):
-        return _usage(args, "--provenance, --source-sha256 and --data-file apply to one "
+        return usage_of(args, "--provenance, --source-sha256 and --data-file apply to one "
                       "file; a directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
@@ -62,13 +62,13 @@ def run_verify(args: argparse.Namespace) -> int:
             print("airlock verify: warning: no --public-key or AIRLOCK_PUBLIC_KEY; using the key "
                   "the broker publishes (trust on first use)", file=sys.stderr)
     except ProvenanceError as exc:
-        return _usage(args, exc.message)
+        return usage_of(args, exc.message)
     except ValueError as exc:  # connection options: a bad token file, a cleartext token
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
         return failed("verify", exc, as_json=args.json, doing="cannot fetch the broker's key")
     if args.source_sha256 is not None and not _is_sha256(args.source_sha256):
-        return _usage(args, "--source-sha256 must be 64 hexadecimal digits")
+        return usage_of(args, "--source-sha256 must be 64 hexadecimal digits")
     if directory:
         return _verify_directory(args, key, source)
     try:
@@ -147,7 +147,7 @@ def run_keys(args: argparse.Namespace) -> int:
                     **client_options(args)) as client:
             published = client.provenance_key()
     except ValueError as exc:  # connection options: a bad token file, a cleartext token
-        return _usage(args, str(exc))
+        return usage_of(args, str(exc))
     except (ServiceUnavailable, ConversionError) as exc:
         return failed("keys", exc, as_json=args.json)
     try:
@@ -164,13 +164,13 @@ def run_keys(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     if args.output is not None and (problem := _pinned_elsewhere(args.output, actual)):
-        return _usage(args, problem)
+        return usage_of(args, problem)
     print("airlock keys: fetched over the API: trust on first use; compare the fingerprint "
           "with the broker's host (airlock-broker keys export) before pinning it", file=sys.stderr)
     try:
         emit_public_key(pem, actual, args.output, args.json)
     except OSError as exc:  # -o names a directory, or a directory that is not there
-        return _usage(args, f"-o {args.output}: cannot write the key there "
+        return usage_of(args, f"-o {args.output}: cannot write the key there "
                       f"({exc.strerror or exc})")
     return EXIT_OK
 
@@ -289,7 +289,3 @@ def _print_parity(record: ProvenanceRecord) -> None:
 
 def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _usage(args: argparse.Namespace, message: str) -> int:
-    return usage_error(args.command, message, as_json=args.json)
