@@ -181,3 +181,25 @@ def test_the_broker_never_waits_at_a_bell_nobody_listens_to(workspace: JobWorksp
         assert os.read(reader, 16) == b"\n" * 16
     finally:
         os.close(reader)
+
+
+def test_a_worker_that_stops_listening_between_the_open_and_the_byte_is_no_error(
+        workspace: JobWorkspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm worker closes its bell when its once-a-second look finds the spec; if that
+    falls between the broker's open of the bell and its write, the write gets EPIPE. It was
+    raised out of ``write_job_spec``, and the job ended INTERNAL with a traceback."""
+    from airlock_broker.sandboxes import workspace as workspace_module
+
+    workspace.make_doorbell()
+    reader = [os.open(workspace.in_dir / DOORBELL_NAME, os.O_RDONLY | os.O_NONBLOCK)]
+    real_fstat = os.fstat
+
+    def fstat_as_the_worker_leaves(fd: int) -> os.stat_result:
+        result = real_fstat(fd)
+        if reader:  # the broker has its end open: the worker closes its own now
+            os.close(reader.pop())
+        return result
+
+    monkeypatch.setattr(workspace_module.os, "fstat", fstat_as_the_worker_leaves)
+    workspace._ring()
+    assert reader == []  # the race happened as described, and the ring took it

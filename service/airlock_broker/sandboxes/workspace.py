@@ -224,7 +224,9 @@ class JobWorkspace:
             return
         try:
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                with contextlib.suppress(BlockingIOError):
+                # Full (rung already), or the worker closed its end since the open (its
+                # fallback look found the spec): either way there is nothing left to wake.
+                with contextlib.suppress(BlockingIOError, BrokenPipeError):
                     os.write(fd, b"\n")
         finally:
             os.close(fd)

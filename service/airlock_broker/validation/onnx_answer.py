@@ -32,14 +32,22 @@ class Exited(Protocol):
     def exitcode(self) -> int | None: ...
 
 
+def _signal_name(number: int) -> str:
+    """``SIGSEGV`` for 11; a real-time signal (``SIGRTMIN`` + n, which a subverted validator
+    may send itself) has no name of its own: ``signal 40``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def interpret(answer: bytes | None, child: Exited) -> OnnxInfo:
     """The summary of a passed model, or the ``AirlockError`` the answer (or its absence) means."""
     if answer is None:
         child.join(1.0)
         code = child.exitcode
         if code is not None and code < 0:
-            how = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            raise error(Reason.OUTPUT_INVALID, f"ONNX validation crashed ({how})")
+            raise error(Reason.OUTPUT_INVALID, f"ONNX validation crashed ({_signal_name(-code)})")
         raise error(Reason.OUTPUT_INVALID, f"ONNX validation died (exit code {code})")
     try:
         doc = loads_strict(answer.decode("utf-8"))
