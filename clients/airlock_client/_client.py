@@ -521,7 +521,6 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
     check_output(record, sha256=header.output_sha256, size=header.output_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     part = _part_files.new_file(output)
-    tmp = part.path
     try:
         digest = hashlib.sha256()
         received = 0
@@ -540,10 +539,10 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
         if received != header.output_size or digest.hexdigest() != header.output_sha256:
             raise IntegrityError("the output does not match the size and sha256 announced")
         check_output(record, sha256=digest.hexdigest(), size=received)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, output)
+        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
+        part.replace(output)
     finally:
-        tmp.unlink(missing_ok=True)
+        part.remove()  # unless it was put in place
         part.release()
     return replace(_wire.result(header, output), provenance=bytes(header.provenance),
                    provenance_record=record, provenance_key_source=key_source)

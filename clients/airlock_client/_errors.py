@@ -22,6 +22,8 @@
     ├── ModelDirError            (model_dir.py) one shard of a model directory failed
     │                            (.shard, .kind, .cause: that shard's error) or disagrees
     │                            with the index (INDEX_MISMATCH); no output was written
+    ├── OutputSwapped            (_part_files.py) a temporary output's name was taken from it
+    │                            while it was written (others may write its directory)
     ├── FileSkipped              a directory's file not converted: another failed first
     │                            (``migrate``'s lanes); never the directory's failure
     ├── RegistryError            (_registry.py) the MLflow registry refused a call

@@ -134,11 +134,10 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
     output.parent.mkdir(parents=True, exist_ok=True)
     in_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     out_fd = -1
-    tmp: Path | None = None
     part: _part_files.Part | None = None
     try:
         part = _part_files.new_file(output)
-        out_fd, tmp = part.fd, part.path
+        out_fd = part.fd
         hand_over(Path(ticket.socket_path), ticket.ticket, in_fd, out_fd,
                   timeout=min(timeout, 10.0))
         request = pb.ConvertRequest()
@@ -160,16 +159,14 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
         check_output(record, sha256=header.output_sha256, size=written)
         if written != header.output_size:
             raise IntegrityError("the output file's size is not the one announced")
-        os.fchmod(out_fd, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, output)
-        tmp = None
+        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
+        part.replace(output)
     finally:
         os.close(in_fd)
         if out_fd >= 0:
             os.close(out_fd)
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         if part is not None:
+            part.remove()  # unless it was put in place
             part.release()
     return replace(_wire.result(header, output), provenance=bytes(header.provenance),
                    provenance_record=record, provenance_key_source=key_source)

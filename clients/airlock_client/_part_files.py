@@ -19,11 +19,21 @@ destination removes what such runs left, and only that:
   there. Where ``flock`` is refused altogether, a run writes without a lock, and a sweep,
   refused the lock too, removes nothing.
 
+A temporary output's name is only a name: in a directory others may write that is not sticky
+(a team's ``2775``), any of them can rename it away and put a link to anywhere in its place
+while the conversion runs. So nothing is done to it by its name that a link would carry
+elsewhere: its mode is set through the descriptor ``Part`` holds (``set_mode``), a directory
+is written through that descriptor (``inside``: ``/proc/self/fd/N``, the directory itself
+wherever its name points), and the name is checked to be it just before and after the rename
+that puts it in place (``replace``, ``placed_as``: ``OutputSwapped`` otherwise). Removing it
+(``remove``) goes by name only while the name is still it.
+
 Imports nothing heavy: ``airlock convert`` uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,6 +44,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from airlock_client._errors import AirlockError
 
 FILE_SUFFIX = ".part"
 DIR_SUFFIX = ".airlock-part"
@@ -49,20 +61,89 @@ LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
 _NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
+class OutputSwapped(AirlockError):
+    """A temporary output's name no longer names it: someone who can write its directory
+    renamed it away or put something else there (``Part.check_named``)."""
+
+    reason = "OUTPUT_SWAPPED"
+
+    def __init__(self, name: Path) -> None:
+        super().__init__(f"{name} was renamed or replaced by someone else while it was "
+                         "written: others may write to its directory; write the output to one "
+                         "only you can write, or one with the sticky bit")
+        self.path = name
+
+
 @dataclass
 class Part:
     """A temporary output, locked by this process until ``release()`` (in a ``finally``,
-    after the rename or the removal). A file's ``fd`` is open for writing and the caller's
-    to close (e.g. by ``os.fdopen``); a directory has none (-1)."""
+    after ``replace`` or ``remove``). A file's ``fd`` is open for writing and the caller's
+    to close (e.g. by ``os.fdopen``); a directory has none (-1). ``_handle`` is this run's
+    own descriptor of it (holding the lock where the filesystem has ``flock``)."""
 
     path: Path
     fd: int
-    _lock: int
+    _handle: int
+    _ident: tuple[int, int]
+    _placed: bool = False
 
     def release(self) -> None:
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
+        if self._handle >= 0:
+            os.close(self._handle)
+            self._handle = -1
+
+    @property
+    def inside(self) -> Path:
+        """A temporary directory itself, whatever its name points to now: write into it
+        through this, never through ``path``."""
+        return Path(f"/proc/self/fd/{self._handle}")
+
+    def set_mode(self, mode: int) -> None:
+        """Give it ``mode`` (mkstemp and mkdtemp make it private) through the descriptor: a
+        ``chmod`` by name follows whatever link was put there, to the user's own files."""
+        os.fchmod(self._handle, mode)
+
+    def check_named(self, name: Path) -> None:
+        """Raise ``OutputSwapped`` unless ``name`` is this temporary output (not a link,
+        not another file, not nothing)."""
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._ident:
+            raise OutputSwapped(name)
+
+    def placed_as(self, output: Path) -> None:
+        """After a rename of ``path`` to ``output``: check ``output`` is it, and from now on
+        leave it to ``remove``."""
+        self.check_named(output)
+        self._placed = True
+
+    def replace(self, output: Path) -> None:
+        """Rename it to ``output`` (replacing what is there), checking the name before and
+        after."""
+        self.check_named(self.path)
+        os.replace(self.path, output)
+        self.placed_as(output)
+
+    def remove(self) -> None:
+        """Unless it was put in place, remove it by its name, if the name is still it. A
+        name taken from it (renamed by someone else, or by this run just before an
+        exception) is left alone, and so is whatever it names now. Errors are not raised (a
+        ``finally`` calls it)."""
+        if self._placed or self._handle < 0:
+            return
+        with contextlib.suppress(OutputSwapped, OSError, RecursionError):
+            self.check_named(self.path)
+            if self.fd == -1:
+                shutil.rmtree(self.path)
+            else:
+                os.unlink(self.path)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def new_file(output: Path) -> Part:
@@ -73,12 +154,12 @@ def new_file(output: Path) -> Part:
     fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=FILE_SUFFIX,
                                 dir=output.parent)
     try:
-        lock = _locked(os.dup(fd))  # one open file description, one lock
+        handle = _held(os.dup(fd))  # one open file description, one lock
     except BaseException:
         os.close(fd)
         os.unlink(name)
         raise
-    return Part(Path(name), fd, lock)
+    return Part(Path(name), fd, handle, _identity(handle))
 
 
 def new_dir(output: Path) -> Part:
@@ -88,23 +169,24 @@ def new_dir(output: Path) -> Part:
     path = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=DIR_SUFFIX,
                                  dir=output.parent))
     try:
-        lock = _locked(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        handle = _held(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                | os.O_CLOEXEC))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return Part(path, -1, lock)
+    return Part(path, -1, handle, _identity(handle))
 
 
-def _locked(fd: int) -> int:
-    """``fd``, holding an exclusive ``flock`` of what it opened; -1 (closed) where the
-    filesystem refuses ``flock``: there no sweep can take the lock either."""
+def _held(fd: int) -> int:
+    """``fd``, holding an exclusive ``flock`` of what it opened where the filesystem has
+    ``flock`` (where it refuses, no sweep can take the lock either); closed on any other
+    error."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        os.close(fd)
         if exc.errno in _NO_FLOCK:
-            return -1
+            return fd
+        os.close(fd)
         raise
     except BaseException:
         os.close(fd)

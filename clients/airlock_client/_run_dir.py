@@ -20,7 +20,6 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ def scratch_dir(name: str) -> Iterator[Path]:
     try:
         yield part.path
     finally:
-        shutil.rmtree(part.path, ignore_errors=True)
+        part.remove()
         part.release()
 
 

@@ -236,7 +236,7 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
     if jobs is None:  # what the broker runs at once; one shard needs no asking
         jobs = 1 if len(model.shards) == 1 else client.default_jobs(SHARDS_PROFILE)
     part = _part_files.new_dir(dest)
-    tmp = part.path
+    tmp = part.inside  # never its name, which others may point elsewhere (_part_files)
     try:
         refused = _carry_data_files(client, model, tmp, jobs=jobs, job_timeout=job_timeout,
                                     on_busy=on_busy, subject=subject)
@@ -251,9 +251,9 @@ def convert_directory(client: ShardClient, source: str | os.PathLike[str],
         index = _write_outputs(model, shards, tmp)
         if index is not None:  # its record: <index>.provenance.json, beside it
             _attest_index(client, tmp / index, shards, subject)
-        _replace(tmp, dest, overwrite)
+        _replace(part, dest, overwrite)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+        part.remove()  # unless it was put in place
         part.release()
     weakest = min((s.result.assurance for s in shards), key=lambda a: _STRENGTH.get(a, 0))
     weak = [s for s in shards if s.result.assurance != Assurance.INTEGRITY_VERIFIED]
@@ -486,23 +486,30 @@ def _foreign_entries(dest: Path) -> list[str]:
                   or (not name.endswith(SUFFIX) and name + SUFFIX not in files))
 
 
-def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
+def _replace(part: _part_files.Part, dest: Path, overwrite: bool) -> None:
     """Rename the finished directory into place; an existing one is moved aside first and
-    removed only once the new one is in place."""
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; give it the usual mode
+    removed only once the new one is in place. The temporary name is checked to be ours
+    before the rename, and ``dest`` after it (``Part.placed_as``)."""
+    tmp = part.path
+    part.set_mode(0o777 & ~umask())  # mkdtemp makes 0700; give it the usual mode
+    part.check_named(tmp)
     if not os.path.lexists(dest):
         os.rename(tmp, dest)
+        part.placed_as(dest)
         return
     if not any(os.scandir(dest)):
         os.rmdir(dest)
         os.rename(tmp, dest)
+        part.placed_as(dest)
         return
     if not overwrite:  # something was written there while we converted
         raise FileExistsError(f"{dest} is no longer empty")
     _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
     if _part_files.exchange(tmp, dest):
-        # At no moment was there no output; the old one is under the temporary name, which
-        # the caller's ``finally`` removes (or, killed first, the next run: it is unlocked).
+        # At no moment was there no output; the old one is under the temporary name (or,
+        # killed first, the next run removes it: it is unlocked).
+        part.placed_as(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     # Named as a temporary output of ``dest``: killed between the two renames, the old
     # output is what the next run's sweep removes (its new one is at ``tmp``, swept too).
@@ -510,6 +517,7 @@ def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
     with _signals_held():  # a Ctrl-C between the renames would leave no output at all
         os.rename(dest, old)
         os.rename(tmp, dest)
+        part.placed_as(dest)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import os
@@ -429,11 +428,10 @@ def replace_file(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(part.fd, "wb") as fh:
             fh.write(data)
-        os.chmod(part.path, 0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        os.replace(part.path, target)
+        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
+        part.replace(target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part.path)
+        part.remove()  # unless it was put in place
         part.release()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,3 +40,22 @@ def remove(path: Path) -> None:
     """Remove a tree made by ``nest`` or ``plant``, which Python 3.11's ``rmtree`` (and so
     pytest's clean-up of old temporary directories) cannot: ``rm`` walks it iteratively."""
     subprocess.run(["rm", "-rf", "--", str(path)], check=True, timeout=120)
+
+
+def swap(parent: Path, pattern: str, target: Path) -> Path:
+    """What another user who may write ``parent`` (a team's directory, not sticky) does while
+    a conversion runs: renames the temporary output whose name matches ``pattern`` away and
+    links its name to ``target``, one of the user's own files. Where it was moved to."""
+    [name] = [p for p in parent.iterdir() if re.fullmatch(pattern, p.name)]
+    moved = parent / "moved-away"
+    os.rename(name, moved)
+    os.symlink(target, name)
+    return moved
+
+
+def private_file(path: Path, data: bytes = b"aws_secret_access_key = SECRET\n") -> Path:
+    """A file of the user's that no one else may read (``path`` in a 0700 directory)."""
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path

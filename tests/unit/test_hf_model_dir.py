@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -32,9 +33,11 @@ from airlock_client import (
     model_dir,
 )
 from airlock_client._errors import AirlockError, IntegrityError
+from airlock_client._part_files import OutputSwapped
 from airlock_client.model_dir import INDEX_MISMATCH, ModelDirError, convert_directory
 from airlock_client.provenance import MAX_SUBJECT, check_subject
 from airlock_sandbox import data_files
+from tests.unit import shared_tmp
 
 INDEX = _hf_dir.WEIGHTS_INDEX
 
@@ -1050,6 +1053,34 @@ def test_a_ctrl_c_between_the_two_renames_leaves_the_new_output_in_place(
         other.join()
     assert len(renames) == 2
     assert (out / "model-00001-of-00003.safetensors").read_bytes() != b"an older output"
+
+
+def test_a_temporary_output_swapped_for_a_link_to_home_changes_nothing_there(
+        tmp_path: Path) -> None:
+    """Another user who may write the output's directory (a team's 2775) renames the
+    temporary output away while the shards convert and links its name to the user's home:
+    the home was made 0755, the shards written into it, and the output left a link to it,
+    reported as converted (test_output_swap.py has the single file's case)."""
+    src = hf_dir(tmp_path / "m", SHARDS)
+    home = shared_tmp.private_file(tmp_path / "home" / ".bashrc").parent
+    team = tmp_path / "team"
+    team.mkdir()
+    out = team / "out"
+    swapped: list[Path] = []
+    once = threading.Lock()
+
+    def meanwhile() -> None:  # as the shards convert (side by side)
+        with once:
+            if not swapped:
+                swapped.append(shared_tmp.swap(team, r"\.out\.\w{8}\.airlock-part", home))
+
+    with pytest.raises(OutputSwapped):
+        convert_directory(FakeClient(GOOD, meanwhile=meanwhile), src,  # type: ignore[arg-type]
+                          out)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc"]
+    assert not out.is_symlink() and not out.exists()
+    assert len(list(swapped[0].glob("*.safetensors"))) == 3  # written where the directory is
 
 
 def test_a_header_a_broker_may_allow_is_read_whatever_its_size(tmp_path: Path) -> None:

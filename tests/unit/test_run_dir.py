@@ -149,13 +149,13 @@ def test_what_another_user_left_in_tmp_under_our_name_neither_goes_nor_breaks_th
 
 def test_a_ctrl_c_while_the_work_directory_is_removed_is_one_line(
         tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from airlock_client import _run_dir, cli
+    from airlock_client import _part_files, cli
 
     def pressed(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_dispatch", lambda args: 0)
-    monkeypatch.setattr(_run_dir.shutil, "rmtree", pressed)
+    monkeypatch.setattr(_part_files.shutil, "rmtree", pressed)
     assert cli.main(["convert", "x.pkl", "--json"]) == 130
     out, err = capsys.readouterr()
     assert out == ""  # the command's own JSON object is all that stdout may hold
