@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from airlock_client._errors import ServiceUnavailable
+from airlock_client._regular_files import read_small
 from airlock_client.addresses import is_loopback
 
 #: Printable ASCII without spaces: what an HTTP/2 header value can carry unchanged.
@@ -47,6 +48,8 @@ Metadata = tuple[tuple[str, str], ...]
 PathLike = str | os.PathLike[str]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: A CA bundle, a client certificate or key: a system's whole CA bundle is about 200 KiB.
+MAX_PEM_BYTES = 1024 * 1024
 DEFAULT_SOCKET = Path("/run/airlock/broker.sock")
 #: The broker's contract (its ``peer_identity``): the identity socket beside the gRPC one,
 #: and the metadata that carries the ticket it hands out.
@@ -255,6 +258,6 @@ def _read(path: Path | None) -> bytes | None:
     if path is None:
         return None
     try:
-        return path.read_bytes()
+        return read_small(path, MAX_PEM_BYTES)
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from airlock_client._regular_files import read_small
+
 _MAX_TOKEN_FILE = 4096
 
 
@@ -40,8 +42,7 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
             if str(args.token_file) == "-":
                 raw = sys.stdin.read(_MAX_TOKEN_FILE + 1)
             else:
-                with args.token_file.open() as fh:
-                    raw = fh.read(_MAX_TOKEN_FILE + 1)
+                raw = read_small(args.token_file, _MAX_TOKEN_FILE).decode()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read the token file {args.token_file}: {exc}") from None
         token = raw.strip()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 
@@ -23,6 +23,7 @@ from airlock_client import _batch_jobs, _bundle, _channel, _part_files, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
+from airlock_client._regular_files import open_regular
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
 from airlock_client._run_dir import scratch_dir
 from airlock_client._types import (
@@ -438,23 +439,26 @@ class Client:
     def _convert_once(self, source: Path, output: Path, first: pb.ConvertRequest, size: int,
                       progress: Progress | None, timeout: float) -> ConversionResult:
         key, key_source = self._verification_key()
-        if self.local_transfer and source.stat().st_size > 0:
-            self.last_transfer = "local"  # also when the job fails: it went the local way
+        # Opened once, for either way in: a FIFO or device put at the name is refused, never
+        # waited on (the name may be in a directory others can write).
+        with open_regular(source) as fh:
+            if self.local_transfer and os.fstat(fh.fileno()).st_size > 0:
+                self.last_transfer = "local"  # also when the job fails: it went the local way
+                try:
+                    return convert_local(self._stub, self._metadata, fh.fileno(), output,
+                                         first, size, progress, timeout, key, key_source)
+                except LocalTransferUnavailable as why:
+                    if why.not_offered:
+                        self.local_transfer = False
+                    log.info("same-host fast path not used, streaming instead: %s", why)
+            self.last_transfer = "stream"
+            sent = hashlib.sha256()
             try:
-                return convert_local(self._stub, self._metadata, source, output, first, size,
-                                     progress, timeout, key, key_source)
-            except LocalTransferUnavailable as why:
-                if why.not_offered:
-                    self.local_transfer = False
-                log.info("same-host fast path not used, streaming instead: %s", why)
-        self.last_transfer = "stream"
-        sent = hashlib.sha256()
-        try:
-            responses = self._stub.Convert(_requests(source, first, size, progress, sent),
-                                           timeout=timeout, metadata=self._metadata)
-            return _receive(responses, output, sent, key, key_source)
-        except grpc.RpcError as exc:
-            raise _wire.error_from_rpc(exc) from None
+                responses = self._stub.Convert(_requests(fh, first, size, progress, sent),
+                                               timeout=timeout, metadata=self._metadata)
+                return _receive(responses, output, sent, key, key_source)
+            except grpc.RpcError as exc:
+                raise _wire.error_from_rpc(exc) from None
 
 
 def _pool_statuses(reply: pb.GetPoolStatusResponse) -> list[PoolStatus]:
@@ -476,7 +480,7 @@ def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
         data = sample
     else:
         try:
-            with open(sample, "rb") as fh:
+            with open_regular(sample) as fh:  # a FIFO is refused, not waited on
                 check_sample_size(os.fstat(fh.fileno()).st_size)
                 data = fh.read(MAX_SAMPLE_BYTES + 1)  # a file still growing stays bounded
         except OSError as exc:
@@ -487,17 +491,17 @@ def read_sample(sample: str | os.PathLike[str] | bytes | None) -> bytes:
     return check_sample(data)
 
 
-def _requests(path: Path, first: pb.ConvertRequest, size: int, progress: Progress | None,
+def _requests(fh: BinaryIO, first: pb.ConvertRequest, size: int, progress: Progress | None,
               digest: Any) -> Iterator[pb.ConvertRequest]:
     yield first
     sent = 0
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK_BYTES):
-            digest.update(block)
-            yield pb.ConvertRequest(chunk=pb.Chunk(data=block, crc32=zlib.crc32(block)))
-            sent += len(block)
-            if progress is not None:
-                progress(sent, size)
+    fh.seek(0)  # from its start, whatever a fast path that was refused did with it
+    while block := fh.read(CHUNK_BYTES):
+        digest.update(block)
+        yield pb.ConvertRequest(chunk=pb.Chunk(data=block, crc32=zlib.crc32(block)))
+        sent += len(block)
+        if progress is not None:
+            progress(sent, size)
 
 
 def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, key: Any,

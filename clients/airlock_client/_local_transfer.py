@@ -112,11 +112,12 @@ def read_reply(sock: socket.socket) -> bytes:
         return sock.recv(_MAX_REPLY)
 
 
-def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
+def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
                   first: pb.ConvertRequest, size: int,
                   progress: Callable[[int, int], None] | None, timeout: float, key: Any,
                   key_source: str) -> ConversionResult:
-    """Convert via the fast path; ``LocalTransferUnavailable`` if it cannot start.
+    """Convert via the fast path; ``LocalTransferUnavailable`` if it cannot start. ``in_fd``:
+    the input, a regular file the caller opened (and closes).
 
     The output is *not* hashed again here, by choice: its bytes never crossed a network or
     left the kernel. The broker wrote them, after validation, from the very file whose sha256
@@ -132,7 +133,6 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
     """
     ticket = open_ticket(stub, metadata, timeout)
     output.parent.mkdir(parents=True, exist_ok=True)
-    in_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     out_fd = -1
     part: _part_files.Part | None = None
     try:
@@ -162,7 +162,6 @@ def convert_local(stub: Any, metadata: Metadata, source: Path, output: Path,
         part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
         part.replace(output)
     finally:
-        os.close(in_fd)
         if out_fd >= 0:
             os.close(out_fd)
         if part is not None:

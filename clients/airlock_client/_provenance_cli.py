@@ -23,6 +23,7 @@ from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_of
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
+from airlock_client._regular_files import read_small
 from airlock_client._terminal import printable
 from airlock_client.provenance import (
     DATA_FORMAT,
@@ -34,6 +35,7 @@ from airlock_client.provenance import (
     emit_public_key,
     fingerprint,
     load_public_key,
+    open_regular,
     provenance_path,
     shown,
     verify,
@@ -180,7 +182,7 @@ def _pinned_elsewhere(output: Path, fetched: str) -> str | None:
     key (a key pinned earlier, perhaps exported on the broker's host: a key published over
     the API is trust on first use, and must not silently replace one checked by hand)."""
     try:
-        held = fingerprint(output.read_bytes()[:65536]) if output.is_file() else None
+        held = fingerprint(read_small(output, 65536)) if output.is_file() else None
     except (OSError, ProvenanceError):
         return None
     if held is None:
@@ -195,7 +197,7 @@ def _pinned_elsewhere(output: Path, fetched: str) -> str | None:
 
 def _read_provenance(path: Path) -> bytes:
     try:
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:  # a FIFO put beside the file is refused, not waited on
             return fh.read(MAX_PROVENANCE_BYTES + 1)
     except FileNotFoundError:
         raise ProvenanceError("PROVENANCE_MISSING", f"no provenance file {path}") from None

@@ -37,7 +37,6 @@ import binascii
 import hashlib
 import json
 import os
-import stat
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock_client._errors import ProvenanceError
+from airlock_client._regular_files import NOT_REGULAR, read_small
+from airlock_client._regular_files import open_regular as _open_regular
 from airlock_client._umask import umask
 from airlock_sandbox.contract import OutputFormat
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
@@ -60,6 +61,8 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 RECORD_FIELD = "airlock"
 #: An envelope is a few KiB; anything far larger is not one.
 MAX_PROVENANCE_BYTES = 256 * 1024
+#: A PEM public key is a few hundred bytes; a file far larger is not one.
+MAX_PUBLIC_KEY_BYTES = 64 * 1024
 #: The broker refuses a longer subject (airlock_broker.api.wire.MAX_SUBJECT).
 MAX_SUBJECT = 1024
 SUFFIX = ".provenance.json"
@@ -137,7 +140,7 @@ def load_public_key(key: PublicKeyLike) -> ec.EllipticCurvePublicKey:
             pem = key.encode()
         else:
             try:
-                pem = Path(key).read_bytes()
+                pem = read_small(key, MAX_PUBLIC_KEY_BYTES)
             except OSError as exc:
                 raise ProvenanceError("BAD_PUBLIC_KEY",
                                       f"cannot read the public key {key}: {exc.strerror}") from None
@@ -188,16 +191,12 @@ def open_regular(path: Path, *, dir_fd: int | None = None, follow: bool = True) 
     """``path`` opened for reading if it is a regular file, never blocking on a FIFO nor
     reading a device put at its name; ``follow=False``: not through a link either (ELOOP).
     Raises ``OSError`` or ``ProvenanceError`` (UNEXPECTED_FILE)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ProvenanceError("UNEXPECTED_FILE", f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return _open_regular(path, dir_fd=dir_fd, follow=follow)
+    except OSError as exc:
+        if exc.strerror != NOT_REGULAR:
+            raise
+        raise ProvenanceError("UNEXPECTED_FILE", f"{path} is not a regular file") from None
 
 
 def check_stream(fh: BinaryIO, record: ProvenanceRecord) -> None:

@@ -28,10 +28,12 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.security.auth_config import token_digest
 from airlock_broker.validation.onnx_pool import ValidatorSettings
 from airlock_client import Client, ConversionError
+from airlock_client._regular_files import NOT_REGULAR
 from tests.adversarial import payloads
 from tests.conftest import IMAGE, BrokerProcess, start_broker
 from tests.fixtures import models
 from tests.integration.test_onnx_validator_processes import wait_for_validators
+from tests.unit.shared_tmp import returns_within
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +144,25 @@ def test_fast_path_gives_the_same_bytes_as_streaming(broker: BrokerProcess,
     mine = {x["job_id"]: x for x in lines}
     assert mine[local.job_id]["transfer"] == "local" and "uid" in mine[local.job_id]["local_peer"]
     assert mine[streamed.job_id]["transfer"] == "stream"
+
+
+def test_a_fifo_put_at_the_inputs_name_is_refused_not_waited_on(broker: BrokerProcess,
+                                                                tmp_path: Path) -> None:
+    """Another user who may write the model's directory swaps the model for a FIFO (after
+    ``airlock convert`` looked at it). Swapped in after the client read the size, the fast
+    path's open waited for a writer for ever (a command still there after 10 minutes, seen
+    by hand); a FIFO from the start was streamed from until the broker gave up
+    (UPLOAD_TOO_SLOW after 10 s: this test, on the code before). It is refused at once."""
+    fifo = tmp_path / "model.pkl"
+    os.mkfifo(fifo)
+
+    def convert() -> object:
+        with Client(broker.address) as client:
+            return client.convert(fifo, tmp_path / "model.onnx")
+
+    refused = returns_within(convert, fifo)
+    assert isinstance(refused, OSError) and refused.strerror == NOT_REGULAR, refused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pkl"]
 
 
 def test_a_refused_output_never_reaches_the_callers_file(broker: BrokerProcess,

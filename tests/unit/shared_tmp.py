@@ -1,11 +1,18 @@
-"""What another user can leave in a shared directory (``/tmp``) under our names."""
+"""What another user can leave in a directory others may write (`/tmp`, a team's), under our
+names or the names we are given."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 #: A uid no one on this machine has: the owner of another user's files (the suite runs as
 #: root, which can give a file to anyone).
@@ -59,3 +66,26 @@ def private_file(path: Path, data: bytes = b"aws_secret_access_key = SECRET\n") 
     path.write_bytes(data)
     path.chmod(0o600)
     return path
+
+
+def returns_within(call: Callable[[], Any], fifo: Path, seconds: float = 60.0) -> Any:
+    """What ``call`` returned, or the exception it raised. Fails the test if it is still
+    waiting at the FIFO ``fifo`` after ``seconds`` (a writer then opens it, so that the
+    waiting thread ends)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(seconds)
+        pytest.fail(f"still waiting at the FIFO {fifo} after {seconds:.0f} s")
+    return outcome[0]

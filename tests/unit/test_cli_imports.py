@@ -17,7 +17,7 @@ HEAVY = ("onnx", "onnxruntime", "ml_dtypes", "numpy", "mlflow", "cryptography", 
 #: What ``import airlock_client`` and the CLI's surface may load of the client.
 LIGHT = {"airlock_client", "airlock_client._cli_connection", "airlock_client._cli_exits",
          "airlock_client._errors", "airlock_client._lineage", "airlock_client._batch_jobs",
-         "airlock_client._registry", "airlock_client._terminal",
+         "airlock_client._registry", "airlock_client._regular_files", "airlock_client._terminal",
          "airlock_client.cli"}
 
 # Runs the console script's code (``from airlock_client.cli import main``), then prints what
