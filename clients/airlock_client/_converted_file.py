@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from airlock_client._part_files import OutputSwapped
 from airlock_client._types import ConversionResult, LoadingPolicy
 from airlock_client.provenance import provenance_path
 
@@ -96,9 +98,18 @@ def final_name(source: Path, fmt: str) -> Path:
 
 def placed(result: ConversionResult, temporary: Path, base: Path) -> ConversionResult:
     """A conversion written to ``temporary`` (``default_output``), renamed to its final name
-    after ``base`` now that its format is known (``final_name``)."""
+    after ``base`` now that its format is known (``final_name``). What is renamed must be a
+    regular file of the output's size, and the final name that same file after the rename
+    (``OutputSwapped`` otherwise: in a directory others may write, the name may have been
+    pointed elsewhere since the conversion put the file there)."""
     final = final_name(_named(base), result.format)
+    before = os.lstat(temporary)
+    if not stat.S_ISREG(before.st_mode) or before.st_size != result.size:
+        raise OutputSwapped(temporary)
     temporary.replace(final)
+    after = os.lstat(final)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        raise OutputSwapped(final)
     return ConversionResult(**{**result.__dict__, "output": final})
 
 

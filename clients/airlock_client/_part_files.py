@@ -61,16 +61,19 @@ LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
 _NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
-class OutputSwapped(AirlockError):
-    """A temporary output's name no longer names it: someone who can write its directory
-    renamed it away or put something else there (``Part.check_named``)."""
+class OutputSwapped(AirlockError, OSError):
+    """An output's name no longer names it: someone who can write its directory renamed it
+    away or put something else there (``Part.check_named``). An ``OSError`` too: what
+    handles a failed placement (a full disk, a directory at the name) handles this."""
 
     reason = "OUTPUT_SWAPPED"
 
     def __init__(self, name: Path) -> None:
-        super().__init__(f"{name} was renamed or replaced by someone else while it was "
-                         "written: others may write to its directory; write the output to one "
-                         "only you can write, or one with the sticky bit")
+        sentence = ("renamed or replaced by someone else while it was written: others may "
+                    "write to its directory; write the output to one only you can write, or "
+                    "one with the sticky bit")
+        super().__init__(f"{name} was {sentence}")
+        self.errno, self.strerror, self.filename = errno.ESTALE, sentence, str(name)
         self.path = name
 
 

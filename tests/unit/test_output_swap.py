@@ -9,6 +9,7 @@ test_hf_model_dir.py)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import stat
 import zlib
 from collections.abc import Iterator
@@ -75,3 +76,27 @@ def test_a_provenance_record_swapped_for_a_link_changes_nothing_the_link_points_
         provenance.replace_file(target, b"{}")
     assert _mode(secret) == 0o600
     assert not target.is_symlink() and not target.exists()
+
+
+def test_a_converted_file_swapped_for_a_link_before_its_final_rename_is_not_put_in_place(
+        tmp_path: Path) -> None:
+    """``airlock convert`` writes ``.m.pkl.<run>.airlock-out`` and renames it to ``m.onnx``
+    once the format is known; a link put at the first name was renamed into place."""
+    from airlock_client import ConversionReport, ConversionResult
+    from airlock_client._converted_file import default_output, placed
+
+    secret = private_file(tmp_path / "home" / "model.onnx", b"someone's own model")
+    team = tmp_path / "team"
+    team.mkdir()
+    temporary = default_output(team / "m.pkl")
+    temporary.write_bytes(b"converted")
+    result = ConversionResult(
+        job_id="job-1", output=temporary, format="onnx", sha256="0" * 64, size=9,
+        input_sha256="1" * 64, input_size=3, detected_format="pickle",
+        assurance="format_safe_only", loading_policy="allow_code", duration_seconds=0.1,
+        image_id="img", runtime="runc", report=ConversionReport())
+    swap(team, re.escape(temporary.name), secret)
+    with pytest.raises(OutputSwapped):
+        placed(result, temporary, team / "m.pkl")
+    assert not (team / "m.onnx").exists() and not (team / "m.onnx").is_symlink()
+    assert placed(result, team / "moved-away", team / "m.pkl").output == team / "m.onnx"
