@@ -35,7 +35,8 @@ from typing import BinaryIO
 
 from airlock_client import _bundle
 from airlock_client import _lineage as tags
-from airlock_client._errors import SafeLoadError
+from airlock_client._artifact_locations import check_location
+from airlock_client._errors import ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._run_dir import scratch_dir
 from airlock_client.provenance import (
@@ -182,6 +183,8 @@ def check_listing(listing: Listing, base: str, expected: Mapping[str, int | None
     script) is not Airlock's output."""
     try:
         found = dict(listing(base))
+    except ModelSourceError as exc:  # a location nothing is listed from
+        raise SafeLoadError("ARTIFACT_UNSAFE", exc.message) from None
     except Exception as exc:  # the artifact store's own errors
         raise SafeLoadError(UNAVAILABLE, f"cannot list {base}: {type(exc).__name__}: "
                             f"{tags.clip(str(exc), 200)}") from exc
@@ -215,6 +218,7 @@ def mlflow_listing(tracking_uri: str) -> Listing:
     def listing(folder_uri: str) -> Mapping[str, int]:
         from mlflow.artifacts import list_artifacts
 
+        check_location(folder_uri, tracking_uri)  # a path on this host, from a server: no
         return {PurePosixPath(f.path).name: -1 if f.is_dir else int(f.file_size or 0)
                 for f in list_artifacts(artifact_uri=folder_uri, tracking_uri=tracking_uri)}
 
@@ -284,6 +288,7 @@ def mlflow_download(tracking_uri: str) -> Download:
     def download(artifact_uri: str, dest: Path) -> Path:
         from mlflow.artifacts import download_artifacts
 
+        check_location(artifact_uri, tracking_uri)  # a path on this host, from a server: no
         return Path(download_artifacts(
             artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri))
 
@@ -316,6 +321,8 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     dest.mkdir()
     try:
         local = Path(download(artifact_uri, dest))
+    except ModelSourceError as exc:  # a location no file is fetched from
+        raise SafeLoadError("ARTIFACT_UNSAFE", exc.message) from None
     except Exception as exc:  # the artifact store's own errors
         raise SafeLoadError(UNAVAILABLE,
                             f"cannot download {artifact_uri}: {type(exc).__name__}: "

@@ -22,6 +22,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from airlock_client._artifact_locations import check_location
 from airlock_client._bundle import (
     MAX_FILES,
     MAX_TOTAL_BYTES,
@@ -100,27 +101,40 @@ def _download(uri: str, dest: Path, tracking_uri: str | None) -> str:
                                "MLflow's client: pip install 'airlock-client[mlflow]'") from None
 
     try:
-        if uri.startswith("models:/") and tracking_uri is not None:
-            # download_artifacts resolves models:/ against the process-wide registry URI,
-            # whatever registry_uri it is given (mlflow 3.17): look the version up ourselves.
-            uri = _model_version_location(uri, tracking_uri)
+        if tracking_uri is None:
+            from mlflow.tracking import get_tracking_uri
+
+            tracking_uri = get_tracking_uri()
+        # Where the files are, asked of this server and checked (_artifact_locations), then
+        # fetched from there: download_artifacts would resolve models:/ against the
+        # process-wide registry URI, whatever registry_uri it is given (mlflow 3.17).
+        uri = check_location(_location(uri, tracking_uri), tracking_uri)
         return download_artifacts(artifact_uri=uri, dst_path=str(dest),
                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except MlflowException as exc:
         raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: {str(exc.message)[:400]}") from None
     except OSError as exc:
         raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: {exc}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a malformed answer
+        raise ModelSourceError(DOWNLOAD_FAILED, f"{uri}: the store's answer is malformed "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?")
 _LOGGED_MODEL_URI = re.compile(r"models:/(?P<id>m-[0-9a-f]+)/?")
+_RUN_URI = re.compile(r"runs:/(?P<run>[^/]+)(?P<path>/.*)?")
 
 
-def _model_version_location(uri: str, tracking_uri: str) -> str:
-    """Where a registry version (or a logged model) keeps its files, asked of this server."""
+def _location(uri: str, tracking_uri: str) -> str:
+    """Where a registry version, a logged model or a run's path keeps its files, asked of
+    this server."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if match := _RUN_URI.fullmatch(uri):
+        root = str(client.get_run(match["run"]).info.artifact_uri).rstrip("/")
+        path = (match["path"] or "").strip("/")
+        return f"{check_location(root, tracking_uri)}/{path}" if path else root
     if match := _LOGGED_MODEL_URI.fullmatch(uri):
         return str(client.get_logged_model(match["id"]).artifact_location)
     match = _MODEL_URI.fullmatch(uri)
@@ -130,7 +144,10 @@ def _model_version_location(uri: str, tracking_uri: str) -> str:
     version = match["version"]
     if version is None:
         version = client.get_model_version_by_alias(match["name"], match["alias"]).version
-    return str(client.get_model_version_download_uri(match["name"], str(version)))
+    location = str(client.get_model_version_download_uri(match["name"], str(version)))
+    if logged := _LOGGED_MODEL_URI.fullmatch(location):  # MLflow 3: a logged model of this store
+        return str(client.get_logged_model(logged["id"]).artifact_location)
+    return location
 
 
 def _no_links_under(root: Path) -> None:

@@ -1,0 +1,55 @@
+"""Where a registry says a model's files are, checked before anything is fetched from there.
+
+The registry is untrusted: anyone who may register a version writes its source. MLflow's
+download API fetches from whatever location it is given. A path on this host (``file:`` or no
+scheme) is read like any artifact store, so a version whose source was
+``file:///home/you/model`` had the client read that directory, send it to the broker and,
+under ``migrate``, publish its conversion in the registry. A location that is itself
+``models:/`` or ``runs:/`` was looked up again in whatever registry the process defaults to
+(creating ``./mlflow.db`` when that is the default). So:
+
+- ``models:`` and ``runs:`` as a location are refused: an indirection through another registry;
+- a location on this host is fetched only when the tracking store is on this host too (a
+  sqlite file, a file store, a path): there the store's own artifacts are local paths. A
+  server's versions are fetched through the server (``mlflow-artifacts:``, run it with
+  ``--serve-artifacts``, MLflow's default) or from a remote store (``s3:``, ``gs:``...);
+- ``UNSAFE_ARTIFACT_LOCATION`` names the location and the rule otherwise.
+
+Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from airlock_client._errors import ModelSourceError
+
+UNSAFE_LOCATION = "UNSAFE_ARTIFACT_LOCATION"
+#: Locations that name a model by another registry's look-up.
+_INDIRECT = frozenset({"models", "runs"})
+#: Locations on this host.
+_LOCAL = frozenset({"", "file"})
+#: Tracking stores the client reaches over a network: their versions' files are never read
+#: from this host's paths.
+_REMOTE_STORES = frozenset({"http", "https", "databricks", "databricks-uc", "uc"})
+
+
+def _scheme(uri: str) -> str:
+    scheme = urlparse(uri).scheme.lower()
+    return "" if len(scheme) == 1 else scheme  # a Windows drive letter is a path
+
+
+def check_location(location: str, tracking_uri: str) -> str:
+    """``location`` if the client may fetch a registry's files from it for a store at
+    ``tracking_uri``; ``ModelSourceError`` (``UNSAFE_LOCATION``) otherwise."""
+    scheme = _scheme(location)
+    if scheme in _INDIRECT:
+        raise ModelSourceError(UNSAFE_LOCATION, f"the registry gives {location!r} as where the "
+                               "files are: a look-up in another registry, not a location")
+    if scheme in _LOCAL and _scheme(tracking_uri) in _REMOTE_STORES:
+        raise ModelSourceError(UNSAFE_LOCATION, f"the server {tracking_uri} gives "
+                               f"{location!r}, a path on this host, as where the files are: "
+                               "a server's files are fetched through it (mlflow server "
+                               "--serve-artifacts) or from a remote store, never from this "
+                               "host's paths")
+    return location
