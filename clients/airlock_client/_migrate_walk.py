@@ -19,10 +19,11 @@ from airlock_client._registry import (
     ModelVersion,
     RegisteredModel,
     Registry,
-    filter_literal,
     model_versions,
+    name_filter,
     registered_models,
     tag,
+    walk_pages,
 )
 from airlock_client._twin import source_subject
 
@@ -81,9 +82,10 @@ def is_target(model: RegisteredModel, suffix: str, exists: Callable[[str], bool]
 
 
 def registered_model(registry: Registry, name: str) -> RegisteredModel | None:
-    page = registry.search_registered_models(
-        filter_string=f"name = {filter_literal(name)}", max_results=10)
-    return next((m for m in page if m.name == name), None)
+    """The model named ``name``, or None (the filter may match others: ``name_filter``)."""
+    return next((m for m in walk_pages(lambda token: registry.search_registered_models(
+        filter_string=name_filter(name), max_results=100, page_token=token),
+        f"the models named {name!r}") if m.name == name), None)
 
 
 def find_target(registry: Registry, source: str, suffix: str, page_size: int) -> Target:

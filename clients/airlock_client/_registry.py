@@ -130,13 +130,16 @@ def walk_pages(fetch: Callable[[str | None], Page[E]], what: str) -> Iterator[E]
     raise RegistryError(f"listing {what} took more than {MAX_PAGES} pages")
 
 
-def filter_literal(value: str) -> str:
-    """``value`` quoted for an MLflow search filter (which has no escape for quotes)."""
+def name_filter(name: str) -> str:
+    """An MLflow search filter that matches ``name``, and perhaps other names too (callers
+    compare each name found): ``name = 'NAME'``. The filter language has no escape for
+    quotes, so a name holding both kinds (anyone may register one) is matched by what comes
+    before its first single quote: ``name LIKE 'PREFIX%'``. A refusal there stopped every
+    ``migrate --all``."""
     for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    raise RegistryError(f"the name {value[:80]!r} holds both quote characters; MLflow's search "
-                        "filters cannot express it")
+        if quote not in name:
+            return f"name = {quote}{name}{quote}"
+    return f"name LIKE '{name[:name.index(chr(39))]}%'"
 
 
 def registered_models(registry: Registry, page_size: int) -> Iterator[RegisteredModel]:
@@ -147,7 +150,7 @@ def registered_models(registry: Registry, page_size: int) -> Iterator[Registered
 
 def model_versions(registry: Registry, name: str, page_size: int) -> list[ModelVersion]:
     """Every version of ``name``, each once, oldest first."""
-    query = f"name = {filter_literal(name)}"
+    query = name_filter(name)
     found: dict[int, ModelVersion] = {}
     for mv in walk_pages(lambda token: registry.search_model_versions(
             filter_string=query, max_results=page_size, page_token=token),

@@ -11,6 +11,7 @@ import base64
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +46,7 @@ class FakePage:
         return iter(self.items)
 
 
-_NAME_FILTER = re.compile(r"""^name = (['"])(?P<name>.*)\1$""")
+_NAME_FILTER = re.compile(r"""^name = (['"])(?P<name>.*)\1$|^name LIKE '(?P<prefix>[^']*)%'$""")
 
 
 class FakeRegistry:
@@ -82,25 +83,29 @@ class FakeRegistry:
         token = base64.b64encode(json.dumps({"offset": start + size}).encode()).decode()
         return FakePage(chunk, token if more else "")
 
-    def _name(self, filter_string: str | None) -> str | None:
+    def _name(self, filter_string: str | None) -> Callable[[str], bool]:
+        """What the filter matches: ``name = 'X'`` or ``name LIKE 'PREFIX%'`` (or all)."""
         if not filter_string:
-            return None
+            return lambda name: True
         match = _NAME_FILTER.match(filter_string)
         assert match, f"the fake understands name filters only, not {filter_string!r}"
-        return match["name"]
+        if match["prefix"] is not None:
+            return lambda name: name.startswith(match["prefix"])
+        return lambda name: name == match["name"]
 
     def search_registered_models(self, filter_string: str | None = None, max_results: int = 100,
                                  order_by: Any = None, page_token: str | None = None) -> FakePage:
-        name = self._name(filter_string)
-        items = [m for m in self.models.values() if name is None or m.name == name]
+        matches = self._name(filter_string)
+        items = [m for m in self.models.values() if matches(m.name)]
         return self._page("models", items, max_results, page_token)
 
     def search_model_versions(self, filter_string: str | None = None, max_results: int = 10000,
                               order_by: Any = None, page_token: str | None = None) -> FakePage:
-        name = self._name(filter_string)
-        items = [v for vs in self.versions.values() for v in vs
-                 if name is None or v.name == name]
-        return self._page(f"versions:{name}", items, max_results, page_token)
+        matches = self._name(filter_string)
+        items = [v for vs in self.versions.values() for v in vs if matches(v.name)]
+        name = _NAME_FILTER.match(filter_string or "")
+        return self._page(f"versions:{name['name'] if name else None}", items, max_results,
+                          page_token)
 
     def search_runs(self, experiment_ids: list[str], filter_string: str = "",
                     run_view_type: int = 1, max_results: int = 1000,

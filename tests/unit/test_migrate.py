@@ -18,8 +18,8 @@ from airlock_client._cli_exits import EXIT_USAGE
 from airlock_client._errors import AccessDenied, ServiceUnavailable
 from airlock_client._registry import (
     RegistryError,
-    filter_literal,
     model_versions,
+    name_filter,
     registered_models,
     walk_pages,
 )
@@ -89,11 +89,27 @@ def test_model_versions_dedupes_and_sorts_numerically() -> None:
         [str(v) for v in range(1, 13)]
 
 
-def test_filter_literal_quotes_and_refuses_the_unquotable() -> None:
-    assert filter_literal("fraud") == "'fraud'"
-    assert filter_literal("it's") == '"it\'s"'
-    with pytest.raises(RegistryError):
-        filter_literal("""both ' and " """)
+def test_a_name_filter_quotes_the_name_or_matches_what_comes_before_its_quote() -> None:
+    assert name_filter("fraud") == "name = 'fraud'"
+    assert name_filter("it's") == 'name = "it\'s"'
+    assert name_filter("""both ' and " """) == "name LIKE 'both %'"
+
+
+def test_a_model_named_with_both_quotes_is_migrated_and_stops_no_other(key: SigningKey) -> None:
+    """Anyone who may register a model can name it ``evil'"name`` (MLflow refuses only / and
+    :). No search filter can name it, and that refusal aborted every ``migrate --all``
+    (REGISTRY_UNAVAILABLE) before any model converted."""
+    registry = FakeRegistry()
+    registry.add_model("""evil'"name""", versions=1)
+    registry.add_model("evil", versions=2)  # what its filter (name LIKE 'evil%') also finds
+    registry.add_model("fraud", versions=1)
+    sandbox = FakeSandbox(key)
+    outcomes = _migration(registry, sandbox).run(None)
+    assert sorted((o.model, o.version, o.status) for o in outcomes) == [
+        ("evil", "1", Status.CONVERTED), ("evil", "2", Status.CONVERTED),
+        ("""evil'"name""", "1", Status.CONVERTED), ("fraud", "1", Status.CONVERTED)]
+    assert registry.version("""evil'"name-airlock""", 1).tags[tags.SOURCE_MODEL] == \
+        """evil'"name"""
 
 
 # -- migrating -------------------------------------------------------------------------------
