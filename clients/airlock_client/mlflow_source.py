@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from airlock_client._artifact_locations import check_location
 from airlock_client._bundle import (
@@ -66,7 +66,7 @@ def resolve(uri_or_path: str | os.PathLike[str], dest_dir: str | os.PathLike[str
     uri = str(uri_or_path)
     Path(dest_dir).mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix="mlflow-model-", dir=dest_dir))
-    local = Path(_download(uri, fresh, tracking_uri))
+    local = Path(_download(uri, fresh, tracking_uri, max_files, max_total_bytes))
     # A hostile server or store could answer with a path elsewhere on this host.
     real, inside = os.path.realpath(local), os.path.realpath(fresh)
     if os.path.commonpath([real, inside]) != inside:
@@ -90,7 +90,8 @@ def suggested_name(uri_or_path: str | os.PathLike[str]) -> str:
     return stem[:120] or "model"
 
 
-def _download(uri: str, dest: Path, tracking_uri: str | None) -> str:
+def _download(uri: str, dest: Path, tracking_uri: str | None, max_files: int,
+              max_total_bytes: int) -> str:
     # Imported here: mlflow is large and plain-file conversions never need it. Only the
     # download API and registry look-ups are used (the host-never-deserializes test pins it).
     try:
@@ -109,6 +110,7 @@ def _download(uri: str, dest: Path, tracking_uri: str | None) -> str:
         # fetched from there: download_artifacts would resolve models:/ against the
         # process-wide registry URI, whatever registry_uri it is given (mlflow 3.17).
         uri = check_location(_location(uri, tracking_uri), tracking_uri)
+        _check_listing(uri, tracking_uri, max_files, max_total_bytes)
         return download_artifacts(artifact_uri=uri, dst_path=str(dest),
                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except MlflowException as exc:
@@ -148,6 +150,30 @@ def _location(uri: str, tracking_uri: str) -> str:
     if logged := _LOGGED_MODEL_URI.fullmatch(location):  # MLflow 3: a logged model of this store
         return str(client.get_logged_model(logged["id"]).artifact_location)
     return location
+
+
+def _check_listing(location: str, tracking_uri: str, max_files: int,
+                   max_total_bytes: int) -> None:
+    """Refuse, before a byte is downloaded, a model whose store lists more entries or more
+    bytes than the caps (``check`` applies them again to what arrives): MLflow downloads
+    whatever is listed, so a registered 100 GB directory was fetched whole, and a listing of
+    20,001 files took 4 minutes, before the caps refused them."""
+    from mlflow.artifacts import list_artifacts
+
+    pending, entries, total = [""], 0, 0
+    while pending:
+        folder = pending.pop()
+        for info in list_artifacts(artifact_uri=f"{location}/{folder}".rstrip("/"),
+                                   tracking_uri=tracking_uri):
+            entries += 1
+            if info.is_dir:
+                pending.append(f"{folder}/{PurePosixPath(info.path).name}".lstrip("/"))
+            else:
+                total += max(int(info.file_size or 0), 0)
+            if entries > max_files or total > max_total_bytes:
+                raise refuse(f"{location} lists more than {max_files} entries or "
+                             f"{max_total_bytes} bytes ({entries} entries, {total} bytes so "
+                             "far): nothing was downloaded")
 
 
 def _no_links_under(root: Path) -> None:

@@ -25,6 +25,7 @@ def hostile_server() -> Iterator[tuple[str, dict[str, str]]]:
     """A tracking server that answers the download-location call with ``answer["location"]``
     and nothing else; its URI and that answer, to set."""
     answer: dict[str, str] = {}
+    asked: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -39,6 +40,7 @@ def hostile_server() -> Iterator[tuple[str, dict[str, str]]]:
                     "status": "READY"}},
                 "mlflow-artifacts/artifacts": json.loads(answer.get("listing", "{}")),
             }
+            asked.append(self.path)
             found = next((doc for route, doc in routes.items() if route in self.path), None)
             data = json.dumps(found or {"error_code": "RESOURCE_DOES_NOT_EXIST",
                                         "message": "no"}).encode()
@@ -52,6 +54,7 @@ def hostile_server() -> Iterator[tuple[str, dict[str, str]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
+        answer["asked"] = asked  # type: ignore[assignment]
         yield f"http://127.0.0.1:{server.server_address[1]}", answer
     finally:
         server.shutdown()
@@ -118,3 +121,20 @@ def test_a_malformed_listing_is_a_reason_not_a_traceback(
         mlflow_source.resolve("models:/innocent/1", tmp_path / "dest", tracking_uri=uri)
     assert refused.value.reason == "MLFLOW_DOWNLOAD_FAILED"
     assert "malformed" in refused.value.message
+
+
+def test_a_listing_over_the_caps_is_refused_before_anything_is_downloaded(
+        hostile_server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """MLflow downloads whatever is listed; the caps were applied to what arrived, so a
+    registered 100 GB model was fetched whole first (and 20,001 files took 4 minutes)."""
+    uri, answer = hostile_server
+    answer["location"] = "mlflow-artifacts:/1/abc/artifacts/model"
+    answer["listing"] = json.dumps({"files": [
+        {"path": "MLmodel", "is_dir": False, "file_size": 100},
+        {"path": "model.pkl", "is_dir": False, "file_size": 100 * 1024**3}]})
+    with pytest.raises(ModelSourceError) as refused:
+        mlflow_source.resolve("models:/innocent/1", tmp_path / "dest", tracking_uri=uri)
+    assert refused.value.reason == "UNSAFE_MODEL_DIR"
+    assert "nothing was downloaded" in refused.value.message
+    downloads = [p for p in answer["asked"] if "artifacts/1/abc" in p]  # a file's own GET
+    assert downloads == [], downloads
