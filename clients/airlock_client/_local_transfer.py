@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import grpc
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_client import _part_files, _wire
+from airlock_client import _channel, _part_files, _wire
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client._types import ConversionResult
 from airlock_client._umask import umask
@@ -64,19 +63,17 @@ def open_ticket(stub: Any, metadata: Metadata, timeout: float) -> pb.OpenLocalTr
 
 
 def check_socket(path: Path) -> None:
-    """The socket must sit in a directory that only root or this user can write: otherwise
-    someone else could have put it there to receive our files."""
+    """The socket must be one that only root, this user or the broker's uid could have put
+    there, by the rule the broker's own socket is held to (``_channel.check_socket``: the
+    socket and every directory on its real path): otherwise someone else could receive our
+    files. Only its directory was checked before: a directory of root's in one anyone could
+    write passed."""
     try:
-        parent = os.lstat(path.parent)
-        sock = os.lstat(path)
+        _channel.check_socket(Path(os.path.realpath(path)), _channel.trusted_owners())
+    except (_channel.UntrustedSocket, ValueError) as exc:
+        raise LocalTransferUnavailable(f"socket {path}: {exc}") from None
     except OSError as exc:
         raise LocalTransferUnavailable(f"socket {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(parent.st_mode) or parent.st_uid not in (0, os.geteuid()) \
-            or parent.st_mode & 0o022:
-        raise LocalTransferUnavailable(f"{path.parent} is not a directory that only root or "
-                                       "this user can write")
-    if not stat.S_ISSOCK(sock.st_mode):
-        raise LocalTransferUnavailable(f"{path} is not a socket")
 
 
 def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: float) -> None:

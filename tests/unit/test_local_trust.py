@@ -346,3 +346,25 @@ def test_tickets_are_bounded_in_all_and_expire_whatever_uid_they_were_for() -> N
     now[0] = 31  # every ticket has expired; one more for another uid
     tickets.issue(4242)
     assert len(tickets) == 1
+
+
+def test_the_fast_path_socket_is_held_to_the_brokers_socket_rule(tmp_path: Path) -> None:
+    """The same-host fast path hands the broker the input and a writable output descriptor
+    over the socket the broker names. Only the socket's own directory was checked: a
+    directory of root's inside one anyone could write (and rename it in) passed."""
+    from airlock_client._local_transfer import LocalTransferUnavailable, check_socket
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone may swap what is in it
+    (shared / "run").mkdir(mode=0o755)
+    with _socket_at(shared / "run" / "t.sock"), \
+            pytest.raises(LocalTransferUnavailable, match="writable by others"):
+        check_socket(shared / "run" / "t.sock")
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    with _socket_at(mine / "t.sock"):
+        check_socket(mine / "t.sock")
+        os.chown(mine / "t.sock", NOBODY, NOBODY)
+        with pytest.raises(LocalTransferUnavailable, match="owned by uid 65534"):
+            check_socket(mine / "t.sock")
