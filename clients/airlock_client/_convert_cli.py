@@ -64,9 +64,9 @@ def run_convert(args: argparse.Namespace) -> int:
             kind = _hf_dir.kind(source.path) if source.is_directory else None
             if source.is_directory and kind is None:
                 return usage_of(args, f"{args.input} is neither an MLflow model (no MLmodel "
-                              f"file) nor a PyTorch model directory (no {_hf_dir.WEIGHTS}, "
-                              f"{_hf_dir.WEIGHTS_INDEX}, {_hf_dir.ADAPTER_WEIGHTS} or one "
-                              f"checkpoint: *.ckpt, *.pt, *.pth)")
+                                f"file) nor a PyTorch model directory (no {_hf_dir.WEIGHTS}, "
+                                f"{_hf_dir.WEIGHTS_INDEX}, {_hf_dir.ADAPTER_WEIGHTS} or one "
+                                f"checkpoint: *.ckpt, *.pt, *.pth)")
             if kind == "pytorch":
                 from airlock_client._convert_dir_cli import run_convert_directory
 
@@ -75,8 +75,8 @@ def run_convert(args: argparse.Namespace) -> int:
                 return usage_of(args, "--jobs applies to a PyTorch model directory only")
             if args.output is not None and args.output.is_dir():
                 return usage_of(args, f"-o {args.output} is a directory: name the output file "
-                              f"(-o {args.output}/NAME.onnx), or give several inputs to "
-                              "convert into a directory")
+                                f"(-o {args.output}/NAME.onnx), or give several inputs to "
+                                "convert into a directory")
             if args.output is None and (problem := placement_problem(
                     [(args.input, source.output_base)], overwrite=args.overwrite)):
                 return usage_of(args, problem)

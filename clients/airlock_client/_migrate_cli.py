@@ -165,7 +165,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         registry = open_registry(tracking_uri, registry_uri)
     except ImportError:
         return usage_of(args, "MLflow's client is not installed here "
-                      "(pip install 'airlock-client[mlflow]')")
+                        "(pip install 'airlock-client[mlflow]')")
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers' levels
     try:
         broker = _converter(args, public_key)

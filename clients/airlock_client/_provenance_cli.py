@@ -49,7 +49,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if directory and (args.provenance, args.source_sha256, args.data_file) != (None, None,
                                                                                 False):
         return usage_of(args, "--provenance, --source-sha256 and --data-file apply to one "
-                      "file; a directory's files are each checked against their own record")
+                        "file; a directory's files are each checked against their own record")
     prov_path = args.provenance or provenance_path(args.file)
     key_arg: Any = args.public_key or default_public_key()
     source = "pinned"
@@ -173,7 +173,7 @@ def run_keys(args: argparse.Namespace) -> int:
         emit_public_key(pem, actual, args.output, args.json)
     except OSError as exc:  # -o names a directory, or a directory that is not there
         return usage_of(args, f"-o {args.output}: cannot write the key there "
-                      f"({exc.strerror or exc})")
+                        f"({exc.strerror or exc})")
     return EXIT_OK
 
 
