@@ -38,7 +38,6 @@ from airlock_client._types import (
     Target,
     TensorSpec,
 )
-from airlock_client._umask import umask
 from airlock_client.addresses import is_loopback
 from airlock_client.provenance import (
     ProvenanceError,
@@ -543,8 +542,7 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
         if received != header.output_size or digest.hexdigest() != header.output_sha256:
             raise IntegrityError("the output does not match the size and sha256 announced")
         check_output(record, sha256=digest.hexdigest(), size=received)
-        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        part.replace(output)
+        part.place_file(output)
     finally:
         part.remove()  # unless it was put in place
         part.release()

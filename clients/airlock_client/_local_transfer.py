@@ -30,7 +30,6 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_client import _channel, _part_files, _wire
 from airlock_client._errors import AirlockError, IntegrityError
 from airlock_client._types import ConversionResult
-from airlock_client._umask import umask
 from airlock_client.provenance import ProvenanceError, check_output, verify_envelope
 
 _MAX_REPLY = 4096
@@ -156,8 +155,7 @@ def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
         check_output(record, sha256=header.output_sha256, size=written)
         if written != header.output_size:
             raise IntegrityError("the output file's size is not the one announced")
-        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        part.replace(output)
+        part.place_file(output)
     finally:
         if out_fd >= 0:
             os.close(out_fd)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airlock_client._errors import AirlockError
+from airlock_client._umask import umask
 
 FILE_SUFFIX = ".part"
 DIR_SUFFIX = ".airlock-part"
@@ -129,6 +130,12 @@ class Part:
         os.replace(self.path, output)
         self.placed_as(output)
 
+    def place_file(self, output: Path) -> None:
+        """A finished file: given the mode a new file has (mkstemp made it 0600), then
+        renamed to ``output`` (``replace``)."""
+        self.set_mode(0o666 & ~umask())
+        self.replace(output)
+
     def remove(self) -> None:
         """Unless it was put in place, remove it by its name, if the name is still it. A
         name taken from it (renamed by someone else, or by this run just before an
@@ -136,7 +143,7 @@ class Part:
         ``finally`` calls it)."""
         if self._placed or self._handle < 0:
             return
-        with contextlib.suppress(OutputSwapped, OSError, RecursionError):
+        with contextlib.suppress(OSError, RecursionError):  # OutputSwapped is one
             self.check_named(self.path)
             if self.fd == -1:
                 shutil.rmtree(self.path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 from typing import BinaryIO
 
 #: The ``strerror`` of the ``OSError`` for what is not a regular file.
@@ -44,5 +43,5 @@ def read_small(path: str | os.PathLike[str], limit: int) -> bytes:
     with open_regular(path) as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(Path(path)))
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
     return data

@@ -136,7 +136,7 @@ def _location(uri: str, tracking_uri: str) -> str:
     if match := _RUN_URI.fullmatch(uri):
         root = str(client.get_run(match["run"]).info.artifact_uri).rstrip("/")
         path = (match["path"] or "").strip("/")
-        return f"{check_location(root, tracking_uri)}/{path}" if path else root
+        return f"{root}/{path}" if path else root
     if match := _LOGGED_MODEL_URI.fullmatch(uri):
         return str(client.get_logged_model(match["id"]).artifact_location)
     match = _MODEL_URI.fullmatch(uri)

@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from airlock_client._errors import ProvenanceError
 from airlock_client._regular_files import NOT_REGULAR, read_small
 from airlock_client._regular_files import open_regular as _open_regular
-from airlock_client._umask import umask
 from airlock_sandbox.contract import OutputFormat
 from airlock_sandbox.strict_json import StrictJSONError, loads_strict
 
@@ -427,8 +426,7 @@ def replace_file(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(part.fd, "wb") as fh:
             fh.write(data)
-        part.set_mode(0o666 & ~umask())  # mkstemp makes 0600; give it the usual mode
-        part.replace(target)
+        part.place_file(target)
     finally:
         part.remove()  # unless it was put in place
         part.release()
