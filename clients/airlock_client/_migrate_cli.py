@@ -59,6 +59,7 @@ from airlock_client._cli_exits import (
 )
 from airlock_client._cli_interrupts import batch_interrupts
 from airlock_client._client import Client, default_address, default_public_key
+from airlock_client._downloads import Downloads
 from airlock_client._errors import (
     AccessDenied,
     AirlockError,
@@ -176,11 +177,12 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.jobs is None and not args.dry_run:
         options = replace(options, jobs=_default_jobs(broker))
     broker.lanes.size(options.jobs)
-    migration = Migration(registry, fetch=_fetch(tracking_uri), convert=broker.convert,
-                          convert_directory=broker.convert_directory, abandon=broker.close,
-                          download=mlflow_download(tracking_uri),
-                          listing=mlflow_listing(tracking_uri), public_key=public_key,
-                          options=options, progress=_progress)
+    downloads = Downloads()  # processes started as versions need them, stopped at the end
+    migration = Migration(registry, fetch=_fetch(tracking_uri, downloads),
+                          convert=broker.convert, convert_directory=broker.convert_directory,
+                          abandon=broker.close, download=mlflow_download(tracking_uri, downloads),
+                          listing=mlflow_listing(tracking_uri, downloads),
+                          public_key=public_key, options=options, progress=_progress)
     try:
         # stdout carries the summary alone (scripts parse --json): MLflow's client prints
         # "View run ..." links there when a run ends, so the run talks to stderr instead.
@@ -202,6 +204,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         return code
     finally:
         broker.close()
+        downloads.close()
     code = exit_code(outcomes)
     _summary(args, migration, outcomes, code)
     return code
@@ -225,9 +228,9 @@ def _default_jobs(broker: Broker) -> int:
     return jobs
 
 
-def _fetch(tracking_uri: str) -> Fetch:
+def _fetch(tracking_uri: str, downloads: Downloads) -> Fetch:
     def fetch(uri: str, dest: Path) -> Path:
-        return resolve(uri, dest, tracking_uri=tracking_uri)
+        return resolve(uri, dest, tracking_uri=tracking_uri, downloads=downloads)
 
     return fetch
 

@@ -30,13 +30,13 @@ import stat
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from airlock_client import _bundle
 from airlock_client import _lineage as tags
-from airlock_client._artifact_locations import check_location
-from airlock_client._errors import ModelSourceError, SafeLoadError
+from airlock_client._downloads import Downloads
+from airlock_client._errors import DOWNLOAD_FAILED, ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._run_dir import scratch_dir
 from airlock_client.provenance import (
@@ -56,8 +56,9 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 _READ = 1024 * 1024
 _VERSION = re.compile(r"[0-9]{1,18}")
 
-#: ``download(artifact_uri, dest_dir) -> local file``: bytes only.
-Download = Callable[[str, Path], Path]
+#: ``download(artifact_uri, dest_dir, limit) -> local file``: bytes only, at most ``limit``
+#: of them (a store that sends more may be stopped, raising ``ModelSourceError``).
+Download = Callable[[str, Path, int], Path]
 #: ``listing(folder_uri) -> {name: size}``: the entries directly under a folder of the
 #: artifact store, with the sizes it reports (-1 for a folder).
 Listing = Callable[[str], Mapping[str, int]]
@@ -213,14 +214,10 @@ def check_listed_sizes(found: Mapping[str, int], signed: Mapping[str, int], what
                                 f"bytes; its record signs {size}")
 
 
-def mlflow_listing(tracking_uri: str) -> Listing:
+def mlflow_listing(tracking_uri: str, downloads: Downloads) -> Listing:
     """MLflow's artifact listing (names and sizes only), on an explicit server."""
     def listing(folder_uri: str) -> Mapping[str, int]:
-        from mlflow.artifacts import list_artifacts
-
-        check_location(folder_uri, tracking_uri)  # a path on this host, from a server: no
-        return {PurePosixPath(f.path).name: -1 if f.is_dir else int(f.file_size or 0)
-                for f in list_artifacts(artifact_uri=folder_uri, tracking_uri=tracking_uri)}
+        return downloads.listing(folder_uri, tracking_uri=tracking_uri)
 
     return listing
 
@@ -283,14 +280,10 @@ def check_tags(mv: ModelVersion, signed: dict[str, str], where: str) -> None:
                                             "provenance says: the registry entry was altered")
 
 
-def mlflow_download(tracking_uri: str) -> Download:
+def mlflow_download(tracking_uri: str, downloads: Downloads) -> Download:
     """MLflow's artifact download (copies bytes; loads no model), on an explicit server."""
-    def download(artifact_uri: str, dest: Path) -> Path:
-        from mlflow.artifacts import download_artifacts
-
-        check_location(artifact_uri, tracking_uri)  # a path on this host, from a server: no
-        return Path(download_artifacts(
-            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri))
+    def download(artifact_uri: str, dest: Path, limit: int) -> Path:
+        return downloads.file(artifact_uri, dest, tracking_uri=tracking_uri, limit=limit)
 
     return download
 
@@ -320,9 +313,10 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     regular file under ``limit`` bytes."""
     dest.mkdir()
     try:
-        local = Path(download(artifact_uri, dest))
-    except ModelSourceError as exc:  # a location no file is fetched from
-        raise SafeLoadError("ARTIFACT_UNSAFE", exc.message) from None
+        local = Path(download(artifact_uri, dest, limit))
+    except ModelSourceError as exc:  # refused (a location, more bytes than allowed) or failed
+        failed = exc.reason == DOWNLOAD_FAILED
+        raise SafeLoadError(UNAVAILABLE if failed else "ARTIFACT_UNSAFE", exc.message) from None
     except Exception as exc:  # the artifact store's own errors
         raise SafeLoadError(UNAVAILABLE,
                             f"cannot download {artifact_uri}: {type(exc).__name__}: "
@@ -335,10 +329,11 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     except OSError as exc:
         raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a plain file "
                                                f"({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # before fdopen, which raises for a directory
+        os.close(fd)
+        raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a regular file")
         if info.st_size > limit:
             raise SafeLoadError("TOO_LARGE", f"{artifact_uri} has {info.st_size} bytes, more "
                                              f"than the {limit} allowed")

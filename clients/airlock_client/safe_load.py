@@ -45,17 +45,19 @@ Refusals raise ``SafeLoadError`` or ``ProvenanceError`` (both ``IntegrityError``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from airlock_client import _lineage as tags
+from airlock_client._downloads import Downloads
 from airlock_client._errors import ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, open_registry
 from airlock_client._run_dir import scratch_dir
@@ -96,7 +98,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<al
 _SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
 
 #: ``fetch(models_uri, dest_dir) -> model_dir``: a source version's files, bytes only.
-FetchSource = Download
+FetchSource = Callable[[str, Path], Path]
 
 
 @dataclass(frozen=True)
@@ -152,19 +154,20 @@ def fetch_verified(models_uri: str, *, source: str | None = None,
     files and nothing else).
     """
     model, version = _expected_source(source, source_sha256)
-    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch, listing)
-    mv = _version(reg.registry, models_uri)
-    twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes,
-                     listing=reg.listing)
-    claimed = ""
-    if model is not None:
-        claimed = check_lineage(twin, mv, model=model, version=version, sha256=source_sha256,
-                                source_sha256=lambda v: _source_sha256(reg.fetch, model, v),
-                                principals=principals)
-    else:  # only the source's sha256 is expected: it decides alone
-        check_source(twin.record, sha256=source_sha256, principals=principals)
-    return VerifiedArtifact(name=twin.name, version=twin.version, format=twin.format,
-                            data=twin.data, record=twin.record, source_version=claimed)
+    key = _key(public_key)
+    with _Registry.opened(tracking_uri, registry, download, fetch, listing) as reg:
+        mv = _version(reg.registry, models_uri)
+        twin = read_twin(reg.registry, reg.download, mv, key, max_bytes=max_bytes,
+                         listing=reg.listing)
+        claimed = ""
+        if model is not None:
+            claimed = check_lineage(twin, mv, model=model, version=version, sha256=source_sha256,
+                                    source_sha256=lambda v: _source_sha256(reg.fetch, model, v),
+                                    principals=principals)
+        else:  # only the source's sha256 is expected: it decides alone
+            check_source(twin.record, sha256=source_sha256, principals=principals)
+        return VerifiedArtifact(name=twin.name, version=twin.version, format=twin.format,
+                                data=twin.data, record=twin.record, source_version=claimed)
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,17 @@ def fetch_verified_directory(models_uri: str, dest: str | os.PathLike[str], *, s
     and ``FileExistsError`` when ``dest`` exists (or came to exist meanwhile)."""
     model, version = _expected_source(source, None)
     assert model is not None  # a source is required here
-    key, reg = _key(public_key), _Registry.of(tracking_uri, registry, download, fetch, listing)
+    key = _key(public_key)
     target = Path(os.path.abspath(dest))
     if os.path.lexists(target):
         raise FileExistsError(f"{target} exists: fetch_verified_directory writes a new one")
+    with _Registry.opened(tracking_uri, registry, download, fetch, listing) as reg:
+        return _put_directory(reg, models_uri, target, model, version, key, principals)
+
+
+def _put_directory(reg: _Registry, models_uri: str, target: Path, model: str,
+                   version: str | None, key: PublicKeyLike,
+                   principals: Collection[str] | None) -> VerifiedModelDirectory:
     mv = _version(reg.registry, models_uri)
     claimed = version or str((mv.tags or {}).get(tags.SOURCE_VERSION, ""))
     if not claimed.isdigit() or not claimed.isascii():
@@ -255,10 +265,19 @@ class _Registry:
     listing: Listing | None
 
     @classmethod
+    @contextlib.contextmanager
+    def opened(cls, tracking_uri: str | None, registry: Registry | None,
+               download: Download | None, fetch: FetchSource | None,
+               listing: Listing | None = None) -> Iterator[_Registry]:
+        """The caller's (tests), else MLflow's on ``tracking_uri`` (or the environment's),
+        with the download processes they start until the block ends."""
+        with Downloads() as downloads:
+            yield cls.of(tracking_uri, registry, download, fetch, listing, downloads)
+
+    @classmethod
     def of(cls, tracking_uri: str | None, registry: Registry | None,
            download: Download | None, fetch: FetchSource | None,
-           listing: Listing | None = None) -> _Registry:
-        """The caller's (tests), else MLflow's on ``tracking_uri`` (or the environment's)."""
+           listing: Listing | None, downloads: Downloads) -> _Registry:
         if registry is None or download is None or fetch is None:
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
             if not uri:
@@ -267,8 +286,9 @@ class _Registry:
             registry = registry or open_registry(
                 uri, os.environ.get("MLFLOW_REGISTRY_URI") or None)
             if download is None:
-                download, listing = mlflow_download(uri), listing or mlflow_listing(uri)
-            fetch = fetch or _mlflow_fetch(uri)
+                download = mlflow_download(uri, downloads)
+                listing = listing or mlflow_listing(uri, downloads)
+            fetch = fetch or _mlflow_fetch(uri, downloads)
         return cls(registry, download, fetch, listing)
 
 
@@ -333,11 +353,11 @@ def _refuse_external_data(onnx: Any, data: bytes) -> None:
             raise SafeLoadError("EXTERNAL_DATA", "the ONNX model refers to external data")
 
 
-def _mlflow_fetch(tracking_uri: str) -> FetchSource:
+def _mlflow_fetch(tracking_uri: str, downloads: Downloads) -> FetchSource:
     def fetch(models_uri: str, dest: Path) -> Path:
         from airlock_client.mlflow_source import resolve  # bytes only; loads no model
 
-        return resolve(models_uri, dest, tracking_uri=tracking_uri)
+        return resolve(models_uri, dest, tracking_uri=tracking_uri, downloads=downloads)
 
     return fetch
 

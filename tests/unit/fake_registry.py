@@ -219,7 +219,7 @@ class FakeRegistry:
                 found[first] = -1 if rest else len(data)
         return found
 
-    def download(self, artifact_uri: str, dest: Path) -> Path:
+    def download(self, artifact_uri: str, dest: Path, limit: int) -> Path:
         prefix = "fake-artifacts:/"
         assert artifact_uri.startswith(prefix), artifact_uri
         run_id, _, rel = artifact_uri[len(prefix):].partition("/")

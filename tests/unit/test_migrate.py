@@ -351,8 +351,8 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
     pub = key.path.parent / "airlock.pub.pem"
     pub.write_text(key.public_pem)
     monkeypatch.setenv("AIRLOCK_PUBLIC_KEY", str(pub))
-    monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri: registry.download)
-    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri: registry.listing)
+    monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri, _: registry.download)
+    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri, _: registry.listing)
 
 
 def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: SigningKey,
@@ -362,7 +362,7 @@ def test_cli_json_summary_and_exit_code(monkeypatch: pytest.MonkeyPatch, key: Si
     sandbox = FakeSandbox(key, plan={("m", "2"): rejected()})
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
     assert _migrate_cli.run_migrate(args) == _migrate_cli.EXIT_FAILED
@@ -386,7 +386,7 @@ def test_cli_exit_codes_for_unknown_models_and_a_dead_broker(
     sandbox = FakeSandbox(key, plan={("m", "1"): ServiceUnavailable("connection refused")})
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     base = ["--tracking-uri", "http://fake"]
     assert _migrate_cli.run_migrate(_args(argv=["--model", "nope", *base])) == 2
@@ -546,7 +546,7 @@ def test_cli_refuses_a_key_it_did_not_pin(monkeypatch: pytest.MonkeyPatch, key: 
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     # (a dry run writes nothing and needs no key: test_a_dry_run_needs_no_pinned_key)
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake"])
@@ -607,7 +607,7 @@ def test_a_version_whose_conversion_ran_its_code_says_so_everywhere(
 
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     args = _args(argv=["--model", "m", "--tracking-uri", "http://fake", "--json"])
     capsys.readouterr()  # the fake registry's "View run" lines, as MLflow prints them
@@ -628,7 +628,7 @@ def test_a_dry_run_needs_no_pinned_key(monkeypatch: pytest.MonkeyPatch, key: Sig
     _isolate_env(monkeypatch, key, registry)
     monkeypatch.delenv("AIRLOCK_PUBLIC_KEY")
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
     monkeypatch.setattr(_migrate_cli, "_converter", lambda *a: _broker(sandbox))
     writes = len(registry.writes)
     capsys.readouterr()

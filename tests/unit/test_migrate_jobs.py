@@ -291,10 +291,10 @@ def _cli(monkeypatch: pytest.MonkeyPatch, key: SigningKey, registry: FakeRegistr
     pub = key.path.parent / "airlock.pub.pem"
     pub.write_text(key.public_pem)
     monkeypatch.setenv("AIRLOCK_PUBLIC_KEY", str(pub))
-    monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri: registry.download)
-    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri: registry.listing)
+    monkeypatch.setattr(_migrate_cli, "mlflow_download", lambda uri, _: registry.download)
+    monkeypatch.setattr(_migrate_cli, "mlflow_listing", lambda uri, _: registry.listing)
     monkeypatch.setattr(_migrate_cli, "open_registry", lambda *a: registry)
-    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri: sandbox.fetch)
+    monkeypatch.setattr(_migrate_cli, "_fetch", lambda uri, _: sandbox.fetch)
 
     def status() -> list[PoolStatus]:
         if isinstance(pools, Exception):

@@ -210,9 +210,9 @@ def test_a_file_beside_the_twins_own_is_refused_unread(registry: FakeRegistry,
     assert _fetch(registry, "models:/m-airlock/1", key).format == "onnx"  # unlisted: read
     asked: list[str] = []
 
-    def download(uri: str, dest: Path) -> Path:
+    def download(uri: str, dest: Path, limit: int) -> Path:
         asked.append(uri)
-        return registry.download(uri, dest)
+        return registry.download(uri, dest, limit)
 
     with pytest.raises(SafeLoadError) as info:
         _fetch(registry, "models:/m-airlock/1", key, listing=registry.listing,
@@ -236,8 +236,8 @@ def test_a_symlinked_download_is_refused(registry: FakeRegistry, key: SigningKey
     real = registry.download
     outside = tmp_path / "outside.onnx"
 
-    def hostile(uri: str, dest: Path) -> Path:
-        path = real(uri, dest)
+    def hostile(uri: str, dest: Path, limit: int) -> Path:
+        path = real(uri, dest, limit)
         if path.suffix == ".onnx":
             outside.write_bytes(path.read_bytes())
             path.unlink()

@@ -222,7 +222,7 @@ def test_a_twin_is_read_records_first_and_only_the_files_its_source_names(
     store["twin/huge.bin"] = b"\0" * 1024
     asked: list[str] = []
 
-    def download(uri: str, dest: Path) -> Path:
+    def download(uri: str, dest: Path, limit: int) -> Path:
         asked.append(uri)
         (dest / "file").write_bytes(store[uri])
         return dest / "file"

@@ -1,0 +1,284 @@
+"""A hostile artifact store cannot fill the client's disk or hold a download open
+(``_downloads``): MLflow's download has no byte cap and no overall deadline, so it runs in a
+worker process the client watches and kills.
+
+The store here is an HTTP tracking server in this process that serves ``mlflow-artifacts:``
+itself (``mlflow server --serve-artifacts``). It lists a model of a few bytes, then sends a
+file its own way: endlessly, or a byte at a time. On the code before, the first test
+downloaded all 64 MiB the server sent for a file it listed as 1 byte and returned the model
+(seen), and a drip held ``resolve`` for as long as the server liked (a reviewer saw 200 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+
+from airlock_client import mlflow_source
+from airlock_client._downloads import DownloadLimits, Downloads
+from airlock_client._errors import ModelSourceError
+from airlock_client._twin import downloaded, mlflow_download, mlflow_listing, read_small
+from airlock_client.safe_load import SafeLoadError
+
+_ROOT = "1/abc/artifacts/model"
+_ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+#: What an endless sender sends at most, so that a failing test still ends.
+_ENDLESS = 64 * 1024**2
+
+
+@dataclass
+class Store:
+    """What the server lists and how it sends each file; what it sent."""
+
+    uri: str = ""
+    files: dict[str, bytes] = field(default_factory=lambda: {
+        "MLmodel": b"flavors: {}\n", "model.pkl": b"x"})
+    #: File name -> how it is sent instead of its bytes: "endless" or "drip".
+    senders: dict[str, str] = field(default_factory=dict)
+    sent: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, n: int) -> None:
+        with self.lock:
+            self.sent += n
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    state = Store()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            location = f"mlflow-artifacts:/{_ROOT}"
+            if "get-download-uri" in path:
+                return self._json({"artifact_uri": location})
+            if "registered-models/get" in path:
+                return self._json({"registered_model": {"name": "innocent"}})
+            if "model-versions/get" in path:
+                return self._json({"model_version": {"name": "innocent", "version": "1",
+                                                     "source": location, "status": "READY"}})
+            if path.rstrip("/") == _ARTIFACTS:  # a listing: ?path=...
+                if parse_qs(query).get("path") != [_ROOT]:  # a file: nothing under it
+                    return self._json({})
+                return self._json({"files": [
+                    {"path": name, "is_dir": False, "file_size": len(data)}
+                    for name, data in state.files.items()]})
+            name = path.rsplit("/", 1)[-1]
+            if path.startswith(f"{_ARTIFACTS}/{_ROOT}/") and name in state.files:
+                return self._send(name)
+            return self._json({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"},
+                              404)
+
+        def _json(self, doc: object, status: int = 200) -> None:
+            data = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _send(self, name: str) -> None:
+            how = state.senders.get(name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            if how is None:
+                data = state.files[name]
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return state.count(len(data))
+            self.send_header("Connection", "close")  # no length: until the server stops
+            self.end_headers()
+            block, pause = (b"\0" * 65536, 0.0) if how == "endless" else (b"x", 0.1)
+            deadline = time.monotonic() + 60
+            try:
+                while state.sent < _ENDLESS and time.monotonic() < deadline:
+                    self.wfile.write(block)
+                    self.wfile.flush()
+                    state.count(len(block))
+                    time.sleep(pause)
+            except OSError:  # the client stopped reading: what this test wants
+                pass
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def finishes_within(call: Callable[[], object], seconds: float) -> object:
+    """What ``call`` returned or raised; fails the test if it takes longer than ``seconds``."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"the download still ran after {seconds:.0f} s")
+    return outcome[0]
+
+
+def workers_of(pid: int) -> list[int]:
+    """The download workers whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv = cmdline.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"airlock_client._download_worker" in argv:
+            found.append(int(entry))
+    return found
+
+
+def test_a_store_that_sends_what_it_listed_is_downloaded(store: Store, tmp_path: Path) -> None:
+    model = mlflow_source.resolve("models:/innocent/1", tmp_path, tracking_uri=store.uri)
+    assert (model / "model.pkl").read_bytes() == b"x"
+    assert workers_of(os.getpid()) == []  # resolve's own worker is stopped with it
+
+
+def test_a_store_that_sends_more_than_it_listed_is_stopped(store: Store,
+                                                          tmp_path: Path) -> None:
+    store.senders["model.pkl"] = "endless"
+    outcome = finishes_within(lambda: mlflow_source.resolve(
+        "models:/innocent/1", tmp_path, tracking_uri=store.uri), 120)
+    assert isinstance(outcome, ModelSourceError), outcome
+    assert outcome.reason == "UNSAFE_MODEL_DIR"
+    assert "more than the 13 bytes it listed" in outcome.message
+    sizes = [p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()]
+    assert max(sizes) <= 13 + 1, sizes  # a file stops one byte past what was listed in all
+    assert store.sent < _ENDLESS
+    assert workers_of(os.getpid()) == []
+
+
+def test_a_store_that_drips_is_stopped(store: Store, tmp_path: Path) -> None:
+    store.files["model.pkl"] = b"y" * 1024**2  # listed as 1 MiB: the byte cap is not the limit
+    store.senders["model.pkl"] = "drip"
+    limits = DownloadLimits(grace_s=3.0, min_rate=64 * 1024)
+    started = time.monotonic()
+    with Downloads(limits) as downloads:
+        outcome = finishes_within(lambda: mlflow_source.resolve(
+            "models:/innocent/1", tmp_path, tracking_uri=store.uri, downloads=downloads), 50)
+    assert isinstance(outcome, ModelSourceError), outcome
+    assert outcome.reason == "MLFLOW_DOWNLOAD_FAILED"
+    assert "less than 64 KiB/s after 3 s to start" in outcome.message
+    assert time.monotonic() - started < 45  # the server drips for 60 s
+    assert workers_of(os.getpid()) == []
+
+
+def test_a_twin_file_past_its_limit_is_stopped(store: Store, tmp_path: Path) -> None:
+    """``airlock migrate`` and ``load_verified`` read a provenance record of at most 1 MiB:
+    on the code before, 501 MB were written first."""
+    store.files["model.onnx.provenance.json"] = b"{}"
+    store.senders["model.onnx.provenance.json"] = "endless"
+    with Downloads() as downloads:
+        download = mlflow_download(store.uri, downloads)
+        outcome = finishes_within(lambda: read_small(
+            download, f"mlflow-artifacts:/{_ROOT}/model.onnx.provenance.json",
+            tmp_path / "record", 1024**2), 120)
+    assert isinstance(outcome, SafeLoadError), outcome
+    assert outcome.reason == "ARTIFACT_UNSAFE"
+    assert f"more than the {1024**2} bytes" in outcome.message
+    assert store.sent < _ENDLESS
+
+
+def test_a_twin_file_within_its_limit_and_the_listing_arrive(store: Store,
+                                                            tmp_path: Path) -> None:
+    with Downloads() as downloads:
+        listing = mlflow_listing(store.uri, downloads)
+        assert listing(f"mlflow-artifacts:/{_ROOT}") == {"MLmodel": 12, "model.pkl": 1}
+        download = mlflow_download(store.uri, downloads)
+        with downloaded(download, f"mlflow-artifacts:/{_ROOT}/MLmodel", tmp_path / "f",
+                        64) as fh:
+            assert fh.read() == b"flavors: {}\n"
+        assert len(workers_of(os.getpid())) == 1  # one worker served the three calls
+    assert workers_of(os.getpid()) == []
+
+
+def test_a_download_process_past_its_memory_cap_is_stopped(store: Store) -> None:
+    with Downloads(DownloadLimits(max_rss=1)) as downloads, \
+            pytest.raises(ModelSourceError) as stopped:
+        downloads.listing(f"mlflow-artifacts:/{_ROOT}", tracking_uri=store.uri)
+    assert stopped.value.reason == "MLFLOW_DOWNLOAD_FAILED"
+    assert "past 0 MiB" in stopped.value.message
+    assert workers_of(os.getpid()) == []
+
+
+def test_a_worker_ends_when_its_client_dies(store: Store, tmp_path: Path) -> None:
+    """A download left running would be nobody's to stop."""
+    store.senders["model.pkl"] = "drip"
+    store.files["model.pkl"] = b"y" * 1024**2
+    script = ("import sys; from airlock_client import mlflow_source; "
+              "mlflow_source.resolve('models:/innocent/1', sys.argv[1], tracking_uri=sys.argv[2])")
+    client = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), store.uri],
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := workers_of(client.pid)):
+            assert client.poll() is None and time.monotonic() < deadline, "no worker started"
+            time.sleep(0.1)
+        while store.sent == 0:  # the download has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        while os.path.exists(f"/proc/{workers[0]}"):
+            stat = Path(f"/proc/{workers[0]}/stat").read_text(errors="replace")
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped by init
+                break
+            assert time.monotonic() < deadline + 30, "the worker outlived its client"
+            time.sleep(0.2)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def test_a_directory_where_a_file_was_asked_for_is_refused(tmp_path: Path) -> None:
+    """On the code before, ``os.fdopen`` raised ``IsADirectoryError`` (a traceback)."""
+    def download(uri: str, dest: Path, *limit: int) -> Path:
+        (dest / "model.onnx").mkdir()
+        return dest / "model.onnx"
+
+    with pytest.raises(SafeLoadError) as refused, \
+            downloaded(download, "mlflow-artifacts:/x/model.onnx", tmp_path / "f", 64):
+        pass
+    assert refused.value.reason == "ARTIFACT_UNSAFE"
+    assert "not a regular file" in refused.value.message
