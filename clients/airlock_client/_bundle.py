@@ -21,6 +21,7 @@ re-checks every member before it reads one and refuses a bundle that is not what
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import posixpath
 import stat
@@ -119,14 +120,14 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
         raise ModelSourceError(NOT_A_MODEL, f"{base} is not a directory")
     base = Path(os.path.realpath(base))
     files: list[ModelFile] = []
-    total = 0
+    total = seen = 0
     pending: list[tuple[Path, str]] = [(base, "")]
     while pending:
         directory, prefix = pending.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as exc:
-            raise refuse(f"cannot list {prefix or '.'}: {exc.strerror}") from None
+        entries = listed(directory, max_files - seen, prefix or ".")
+        seen += len(entries)  # directories too: a tree of empty ones is no smaller to walk
+        if seen > max_files:
+            raise refuse(f"more than {max_files} files and directories")
         for entry in entries:
             name = f"{prefix}{entry.name}"
             found = checked_entry(entry, name)
@@ -135,8 +136,6 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
                 continue
             files.append(found)
             total += found.size
-            if len(files) > max_files:
-                raise refuse(f"more than {max_files} files")
             if total > max_total_bytes:
                 raise refuse(f"more than {max_total_bytes} bytes in total")
     folded = [unicodedata.normalize("NFC", f.name).casefold() for f in files]
@@ -149,6 +148,17 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     check_references(mlmodel)
     files.sort(key=lambda f: (f.name != MLMODEL, f.name))
     return ModelDir(root=base, files=tuple(files), total_bytes=total, mlmodel=mlmodel)
+
+
+def listed(directory: Path, limit: int, shown: str) -> list[os.DirEntry[str]]:
+    """The entries of ``directory`` by name, at most ``limit + 1`` of them: reading stops
+    there, and more than ``limit`` is the caller's to refuse."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = list(itertools.islice(scan, max(limit, 0) + 1))
+    except OSError as exc:
+        raise refuse(f"cannot list {shown}: {exc.strerror}") from None
+    return sorted(entries, key=lambda e: e.name)
 
 
 def checked_entry(entry: os.DirEntry[str], name: str) -> ModelFile | None:

@@ -325,12 +325,9 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
 def _top_level(base: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:
     files: dict[str, ModelFile] = {}
     skipped: list[Skipped] = []
-    try:
-        entries = sorted(os.scandir(base), key=lambda e: e.name)
-    except OSError as exc:
-        raise _bundle.refuse(f"cannot list {base}: {exc.strerror}") from None
+    entries = _bundle.listed(base, MAX_ENTRIES, str(base))
     if len(entries) > MAX_ENTRIES:
-        raise _bundle.refuse(f"{base} has {len(entries)} entries (limit {MAX_ENTRIES})")
+        raise _bundle.refuse(f"{base} has more than {MAX_ENTRIES} entries")
     for entry in entries:
         found = _bundle.checked_entry(entry, entry.name)
         if found is None:
