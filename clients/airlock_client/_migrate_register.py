@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from airlock_client import _lineage as tags
+from airlock_client._artifact_locations import check_location
 from airlock_client._migrate_leftovers import OpenRun
 from airlock_client._migrate_report import Status
 from airlock_client._migrate_walk import Target
@@ -108,6 +109,11 @@ class Registrar:
         run_id = str(run.info.run_id)
         finished = False
         try:
+            # Checked as any location is (_artifact_locations): an experiment of this name,
+            # made beforehand by anyone who may write the registry, could send the outputs,
+            # and MLflow the tracking credentials with them, to a host of theirs, or have them
+            # written into a path on this host.
+            check_location(str(run.info.artifact_uri), self.registry.tracking_uri)
             for path in files:
                 self.registry.log_artifact(run_id, str(path), tags.ARTIFACT_DIR)
             twin = self.registry.create_model_version(

@@ -37,7 +37,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from airlock_client import _lineage as tags
 from airlock_client._batch_jobs import JOBS_PROFILE, MAX_DEFAULT_JOBS, default_jobs
-from airlock_client._errors import AccessDenied, AirlockError, ServiceUnavailable
+from airlock_client._errors import (
+    AccessDenied,
+    AirlockError,
+    ModelSourceError,
+    ServiceUnavailable,
+)
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._migrate_leftovers import find as find_open_runs
 from airlock_client._migrate_options import (
@@ -160,6 +165,8 @@ class Migration:
         except ServiceUnavailable as exc:
             raise MigrationAborted("BROKER_UNAVAILABLE", exc.message, outcomes) from exc
         except AccessDenied as exc:  # the caller's credentials, not the artifact
+            raise MigrationAborted(exc.reason, exc.message, outcomes) from exc
+        except ModelSourceError as exc:  # where this run's own outputs would go: every one
             raise MigrationAborted(exc.reason, exc.message, outcomes) from exc
         except (SelectionError, MigrationAborted):
             raise

@@ -59,6 +59,9 @@ class FakeRegistry:
         self.searches: list[tuple[str, int]] = []
         self.server_cap = server_cap
         self.fail_on: dict[str, Exception] = {}
+        #: What the registry's client was opened on, and where new runs keep their files.
+        self.tracking_uri = "http://fake-registry:5000"
+        self.artifact_root = "fake-artifacts:/"
         self._ids = itertools.count(1)
 
     # -- set-up helpers -----------------------------------------------------------------------
@@ -192,8 +195,8 @@ class FakeRegistry:
         run_id = f"run{next(self._ids)}"
         self.runs[run_id] = {"tags": dict(tags or {}), "artifacts": {}, "status": "RUNNING",
                              "experiment_id": experiment_id, "name": run_name or ""}
-        return SimpleNamespace(info=SimpleNamespace(run_id=run_id,
-                                                    artifact_uri=f"fake-artifacts:/{run_id}"))
+        return SimpleNamespace(info=SimpleNamespace(
+            run_id=run_id, artifact_uri=f"{self.artifact_root}{run_id}"))
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self._write("log_artifact", run_id, Path(local_path).name)

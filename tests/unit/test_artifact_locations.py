@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from airlock_client import mlflow_source
-from airlock_client._artifact_locations import UNSAFE_LOCATION, check_location
+from airlock_client._artifact_locations import HOSTS_ENV, UNSAFE_LOCATION, check_location
 from airlock_client._errors import ModelSourceError
 
 
@@ -100,6 +100,17 @@ def test_a_server_cannot_send_the_client_to_another_registry(
     ("/home/you/model", "https://mlflow.example", False),
     ("runs:/abc/model", "sqlite:////srv/mlflow.db", False),
     ("models:/m-123", "http://mlflow:5000", False),
+    # Over HTTP, only from the tracking server itself: MLflow sends it the credentials.
+    ("mlflow-artifacts://mlflow:5000/1/abc/artifacts/model", "http://mlflow:5000", True),
+    ("mlflow-artifacts://their.host/1/abc/artifacts/model", "http://mlflow:5000", False),
+    ("https://mlflow.example/api/2.0/mlflow-artifacts/artifacts/m", "https://mlflow.example:443",
+     True),
+    ("https://their.host/api/2.0/mlflow-artifacts/artifacts/m", "https://mlflow.example", False),
+    ("http://mlflow.example/api/2.0/mlflow-artifacts/artifacts/m", "https://mlflow.example",
+     False),  # the same host in clear text
+    ("http://mlflow.example@their.host/m", "http://mlflow.example", False),
+    ("http://mlflow:5000/api/2.0/mlflow-artifacts/artifacts/m", "sqlite:////srv/mlflow.db",
+     False),
 ])
 def test_which_locations_are_fetched(location: str, tracking: str, fetched: bool) -> None:
     if fetched:
@@ -108,6 +119,51 @@ def test_which_locations_are_fetched(location: str, tracking: str, fetched: bool
         with pytest.raises(ModelSourceError) as refused:
             check_location(location, tracking)
         assert refused.value.reason == UNSAFE_LOCATION
+
+
+def test_an_artifact_host_the_user_names_is_fetched_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    location = "mlflow-artifacts://artifacts.internal:8443/1/abc/artifacts/model"
+    with pytest.raises(ModelSourceError):
+        check_location(location, "https://mlflow.internal")
+    monkeypatch.setenv(HOSTS_ENV, "other.internal, artifacts.internal:8443")
+    assert check_location(location, "https://mlflow.internal") == location
+
+
+def test_the_tracking_token_is_never_sent_to_a_host_a_version_names(
+        hostile_server: tuple[str, dict[str, str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the code before, a version whose source was ``mlflow-artifacts://their-host/...``
+    had the client send ``Authorization: Bearer <MLFLOW_TRACKING_TOKEN>`` to that host four
+    times (seen: the listing, twice, the server-info probe and the download)."""
+    uri, answer = hostile_server
+    tokens: list[str | None] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            tokens.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    theirs = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=theirs.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "the-users-token")
+        answer["location"] = f"mlflow-artifacts://localhost:{theirs.server_address[1]}/model"
+        with pytest.raises(ModelSourceError) as refused:
+            mlflow_source.resolve("models:/innocent/1", tmp_path / "dest", tracking_uri=uri)
+    finally:
+        theirs.shutdown()
+        theirs.server_close()
+        thread.join()
+    assert refused.value.reason == UNSAFE_LOCATION
+    assert "credentials" in refused.value.message
+    assert tokens == []
 
 
 def test_a_malformed_listing_is_a_reason_not_a_traceback(

@@ -217,6 +217,24 @@ def test_broker_unavailable_stops_the_run_and_the_next_run_resumes(key: SigningK
     assert len(registry.versions["m-airlock"]) == 3
 
 
+@pytest.mark.parametrize("root", ["https://their.host/api/2.0/mlflow-artifacts/artifacts/",
+                                  "file:///home/you/.ssh/"])
+def test_outputs_are_never_uploaded_where_an_experiment_made_by_someone_else_points(
+        key: SigningKey, root: str) -> None:
+    """Anyone who may write the registry can make the experiment ``airlock-migrate`` before
+    the first run, with an artifact location of their own. On the code before, the outputs
+    were logged there (MLflow sends the tracking token with them to an HTTP host; a path is
+    written on the client's host) and registered (seen: both log_artifact writes)."""
+    registry = FakeRegistry()
+    registry.add_model("m", versions=2)
+    registry.artifact_root = root
+    with pytest.raises(MigrationAborted) as info:
+        _migration(registry, FakeSandbox(key)).run(["m"])
+    assert info.value.reason == "UNSAFE_ARTIFACT_LOCATION"
+    assert root.rstrip("/") in info.value.message
+    assert [w for w in registry.writes if w[0] in ("log_artifact", "create_model_version")] == []
+
+
 def test_a_run_cut_between_registering_and_tagging_finishes_on_the_next(
         key: SigningKey) -> None:
     registry = FakeRegistry()
