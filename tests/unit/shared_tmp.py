@@ -68,10 +68,12 @@ def private_file(path: Path, data: bytes = b"aws_secret_access_key = SECRET\n") 
     return path
 
 
-def returns_within(call: Callable[[], Any], fifo: Path, seconds: float = 60.0) -> Any:
-    """What ``call`` returned, or the exception it raised. Fails the test if it is still
-    waiting at the FIFO ``fifo`` after ``seconds`` (a writer then opens it, so that the
-    waiting thread ends)."""
+def finishes_within(call: Callable[[], Any], seconds: float, *,
+                    unblock: Callable[[], None] | None = None,
+                    still: str = "the call still ran") -> Any:
+    """What ``call`` returned, or the exception it raised. Fails the test, saying ``still``,
+    if it has not finished after ``seconds`` (``unblock`` is then called so that the waiting
+    thread ends)."""
     outcome: list[Any] = []
 
     def run() -> None:
@@ -84,8 +86,19 @@ def returns_within(call: Callable[[], Any], fifo: Path, seconds: float = 60.0) -
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
+        if unblock is not None:
+            unblock()
+            thread.join(seconds)
+        pytest.fail(f"{still} after {seconds:.0f} s")
+    return outcome[0]
+
+
+def returns_within(call: Callable[[], Any], fifo: Path, seconds: float = 60.0) -> Any:
+    """``finishes_within`` for a call that may wait at the FIFO ``fifo``: a writer then opens
+    it, so that the waiting thread ends."""
+    def unblock() -> None:
         with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(seconds)
-        pytest.fail(f"still waiting at the FIFO {fifo} after {seconds:.0f} s")
-    return outcome[0]
+
+    return finishes_within(call, seconds, unblock=unblock,
+                           still=f"still waiting at the FIFO {fifo}")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +31,7 @@ from airlock_client._downloads import DownloadLimits, Downloads
 from airlock_client._errors import ModelSourceError
 from airlock_client._twin import downloaded, mlflow_download, mlflow_listing, read_small
 from airlock_client.safe_load import SafeLoadError
+from tests.unit.shared_tmp import finishes_within
 
 _ROOT = "1/abc/artifacts/model"
 _ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
@@ -132,24 +133,6 @@ def store() -> Iterator[Store]:
         thread.join()
 
 
-def finishes_within(call: Callable[[], object], seconds: float) -> object:
-    """What ``call`` returned or raised; fails the test if it takes longer than ``seconds``."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # the test looks at it
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"the download still ran after {seconds:.0f} s")
-    return outcome[0]
-
-
 def workers_of(pid: int) -> list[int]:
     """The download workers whose parent is ``pid``."""
     found = []
@@ -178,7 +161,8 @@ def test_a_store_that_sends_more_than_it_listed_is_stopped(store: Store,
                                                           tmp_path: Path) -> None:
     store.senders["model.pkl"] = "endless"
     outcome = finishes_within(lambda: mlflow_source.resolve(
-        "models:/innocent/1", tmp_path, tracking_uri=store.uri), 120)
+        "models:/innocent/1", tmp_path, tracking_uri=store.uri), 120,
+        still="the download still ran")
     assert isinstance(outcome, ModelSourceError), outcome
     assert outcome.reason == "UNSAFE_MODEL_DIR"
     assert "more than the 13 bytes it listed" in outcome.message
