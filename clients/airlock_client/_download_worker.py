@@ -1,12 +1,13 @@
 """The process that talks to an MLflow artifact store for the client (``_downloads``).
 
-Started by ``_downloads.Downloads`` as ``python -m airlock_client._download_worker``. It
-reads one JSON request per line on stdin and answers on stdout: any number of
-``{"listed": BYTES}`` lines (how much the store said it will send), then one
-``{"ok": ...}`` or ``{"error": REASON, "message": ..., "refused": BOOL}``. ``refused`` says
-the client's own checks refused the source (a location, a listing over the caps) rather than
-the store failing. The parent watches what this process writes and how fast, and kills it
-past a limit: nothing here needs to be trusted to stop.
+Started by ``_downloads.Downloads`` as ``python -P -m airlock_client._download_worker FD``
+(``-P``: nothing from the working directory is imported). It reads one JSON request per
+line on stdin and answers on the pipe ``FD`` (stdout goes nowhere: whatever MLflow or a
+``sitecustomize`` prints is never read as an answer). Per request, any of:
+
+- ``{"downloading": BYTES}``: the download itself begins; ``BYTES`` is what the store listed
+  in all, or null when it did not say;
+- then one ``{"ok": ...}``, or ``{"error": REASON, "message": ...}``.
 
 Requests, each with ``tracking_uri`` (null: MLflow's from the environment):
 
@@ -16,10 +17,11 @@ Requests, each with ``tracking_uri`` (null: MLflow's from the environment):
 - ``{"op": "list", "uri"}``: the names directly under ``uri`` and their sizes (a folder: -1).
 
 Only MLflow's location, listing and download calls are made here: they copy bytes and load
-nothing (the host-never-deserializes test pins it). While a download runs, a file can grow
-only one byte larger than what the store listed (``RLIMIT_FSIZE``; Python ignores
-``SIGXFSZ``, so the write fails, and the parent sees the byte too many), and the process exits
-when its parent is gone.
+nothing (the host-never-deserializes test pins it). The parent watches what this process
+writes, how fast and how much memory it takes, and kills it past a limit: nothing here needs
+to be trusted to stop. While a download runs, no file grows more than one byte past the
+bytes allowed (``RLIMIT_FSIZE``; Python ignores ``SIGXFSZ``, so the write fails, and the
+parent sees the byte too many). The process exits when its parent is gone.
 """
 
 from __future__ import annotations
@@ -32,29 +34,40 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
 from airlock_client._artifact_locations import check_location
-from airlock_client._bundle import refuse
+from airlock_client._bundle import NOT_A_MODEL, refuse
 from airlock_client._errors import DOWNLOAD_FAILED, ModelSourceError
+
+#: The protocol's words, on both sides.
+OP, MODEL, FILE, LIST = "op", "model", "file", "list"
+DOWNLOADING, OK, ERROR, MESSAGE = "downloading", "ok", "error", "message"
+#: The worker's environment beyond the client's: MLflow's presigned multipart download would
+#: truncate each file to a size the server names first (sparse, so no bytes show progress)
+#: and fetch from whatever hosts the server's URLs name.
+ENVIRONMENT = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?")
 _LOGGED_MODEL_URI = re.compile(r"models:/(?P<id>m-[0-9a-f]+)/?")
 _RUN_URI = re.compile(r"runs:/(?P<run>[^/]+)(?P<path>/.*)?")
 
+Say = Callable[[dict[str, Any]], None]
+
 
 def main() -> None:
-    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # a print or progress bar must not be read as an answer
+    answers = os.fdopen(int(sys.argv[1]), "w", encoding="utf-8")
+
+    def say(answer: dict[str, Any]) -> None:
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
     parent = os.getppid()
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     for line in sys.stdin:
-        request = json.loads(line)
-        answers.write(json.dumps(_answer(request, answers)) + "\n")
-        answers.flush()
+        say(_answer(json.loads(line), say))
 
 
 def _exit_with(parent: int) -> None:
@@ -64,28 +77,25 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def _answer(request: dict[str, Any], answers: Any) -> dict[str, Any]:
+def _answer(request: dict[str, Any], say: Say) -> dict[str, Any]:
     uri = str(request.get("uri", ""))
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:
-        return {"error": DOWNLOAD_FAILED, "refused": False,
-                "message": f"{uri}: fetching from MLflow needs its client: pip install "
-                           "'airlock-client[mlflow]'"}
-
-    def listed(size: int) -> None:
-        answers.write(json.dumps({"listed": size}) + "\n")
-        answers.flush()
-
+        return _failed(f"{uri}: fetching from MLflow needs its client: pip install "
+                       "'airlock-client[mlflow]'")
+    except Exception as exc:  # an installation that cannot import (protobuf, say)
+        return _failed(f"{uri}: MLflow's client cannot be imported here: "
+                       f"{type(exc).__name__}: {str(exc)[:300]}")
     try:
         tracking_uri = request.get("tracking_uri")
         if tracking_uri is None:
             from mlflow.tracking import get_tracking_uri
 
             tracking_uri = get_tracking_uri()
-        return {"ok": _OPS[request["op"]](request, str(tracking_uri), listed)}
+        return {OK: _OPS[request[OP]](request, str(tracking_uri), say)}
     except ModelSourceError as exc:
-        return {"error": exc.reason, "message": exc.message, "refused": True}
+        return {ERROR: exc.reason, MESSAGE: exc.message}
     except MlflowException as exc:
         return _failed(f"{uri}: {str(exc.message)[:400]}")
     except OSError as exc:
@@ -98,36 +108,35 @@ def _answer(request: dict[str, Any], answers: Any) -> dict[str, Any]:
 
 
 def _failed(message: str) -> dict[str, Any]:
-    return {"error": DOWNLOAD_FAILED, "message": message, "refused": False}
+    return {ERROR: DOWNLOAD_FAILED, MESSAGE: message}
 
 
-def _model(request: dict[str, Any], tracking_uri: str, listed: Any) -> str:
+def _model(request: dict[str, Any], tracking_uri: str, say: Say) -> str:
     from mlflow.artifacts import download_artifacts
 
     # Where the files are, asked of this server and checked (_artifact_locations), then
     # fetched from there: download_artifacts would resolve models:/ against the
     # process-wide registry URI, whatever registry_uri it is given (mlflow 3.17).
     uri = check_location(_location(str(request["uri"]), tracking_uri), tracking_uri)
-    total = _check_listing(uri, tracking_uri, int(request["max_files"]),
-                           int(request["max_total_bytes"]))
-    listed(total)
-    with _files_at_most(total):
+    max_total_bytes = int(request["max_total_bytes"])
+    listed = _check_listing(uri, tracking_uri, int(request["max_files"]), max_total_bytes)
+    say({DOWNLOADING: listed})
+    with _files_at_most(max_total_bytes if listed is None else listed):
         return str(download_artifacts(artifact_uri=uri, dst_path=str(request["dest"]),
                                       tracking_uri=tracking_uri, registry_uri=tracking_uri))
 
 
-def _file(request: dict[str, Any], tracking_uri: str, listed: Any) -> str:
+def _file(request: dict[str, Any], tracking_uri: str, say: Say) -> str:
     from mlflow.artifacts import download_artifacts
 
     uri = check_location(str(request["uri"]), tracking_uri)
-    limit = int(request["limit"])
-    listed(limit)
-    with _files_at_most(limit):
+    say({DOWNLOADING: None})
+    with _files_at_most(int(request["limit"])):
         return str(download_artifacts(artifact_uri=uri, dst_path=str(request["dest"]),
                                       tracking_uri=tracking_uri))
 
 
-def _list(request: dict[str, Any], tracking_uri: str, listed: Any) -> dict[str, int]:
+def _list(request: dict[str, Any], tracking_uri: str, say: Say) -> dict[str, int]:
     from mlflow.artifacts import list_artifacts
 
     uri = check_location(str(request["uri"]), tracking_uri)
@@ -135,7 +144,7 @@ def _list(request: dict[str, Any], tracking_uri: str, listed: Any) -> dict[str, 
             for f in list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)}
 
 
-_OPS = {"model": _model, "file": _file, "list": _list}
+_OPS = {MODEL: _model, FILE: _file, LIST: _list}
 
 
 @contextlib.contextmanager
@@ -178,15 +187,15 @@ def _location(uri: str, tracking_uri: str) -> str:
 
 
 def _check_listing(location: str, tracking_uri: str, max_files: int,
-                   max_total_bytes: int) -> int:
-    """The bytes the store lists under ``location`` (``max_total_bytes`` when it does not
-    say a file's size); refused, before a byte is downloaded, when it lists more entries or
-    more bytes than the caps: MLflow downloads whatever is listed, so a registered 100 GB
-    directory was fetched whole, and a listing of 20,001 files took 4 minutes, before the
-    caps refused them. What arrives is held to this total."""
+                   max_total_bytes: int) -> int | None:
+    """The bytes the store lists under ``location`` (None when it does not say a file's
+    size); refused, before a byte is downloaded, when it lists nothing or more entries
+    (files and folders) or more bytes than the caps: MLflow downloads whatever is listed, so
+    a registered 100 GB directory was fetched whole, and a listing of 20,001 files took 4
+    minutes, before the caps refused them. What arrives is held to this total."""
     from mlflow.artifacts import list_artifacts
 
-    pending, entries, total, unsized = [""], 0, 0, False
+    pending, entries, total, sized = [""], 0, 0, True
     while pending:
         folder = pending.pop()
         for info in list_artifacts(artifact_uri=f"{location}/{folder}".rstrip("/"),
@@ -195,14 +204,17 @@ def _check_listing(location: str, tracking_uri: str, max_files: int,
             if info.is_dir:
                 pending.append(f"{folder}/{PurePosixPath(info.path).name}".lstrip("/"))
             elif info.file_size is None:
-                unsized = True
+                sized = False
             else:
                 total += max(int(info.file_size), 0)
             if entries > max_files or total > max_total_bytes:
                 raise refuse(f"{location} lists more than {max_files} entries or "
                              f"{max_total_bytes} bytes ({entries} entries, {total} bytes so "
                              "far): nothing was downloaded")
-    return max_total_bytes if unsized else total
+    if not entries:
+        raise ModelSourceError(NOT_A_MODEL, f"{location} lists no files: a single file or an "
+                                            "empty folder, not a model directory")
+    return total if sized else None
 
 
 if __name__ == "__main__":

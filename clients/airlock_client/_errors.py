@@ -122,6 +122,9 @@ class FileSkipped(AirlockError):
 #: ``ModelSourceError``'s reason when a ``models:/`` or ``runs:/`` source could not be fetched
 #: (the registry's doing, not the model's).
 DOWNLOAD_FAILED = "MLFLOW_DOWNLOAD_FAILED"
+#: A file larger than it may be: a twin's download past its limit (``ModelSourceError`` from
+#: ``_downloads``, ``SafeLoadError`` from ``_twin``).
+TOO_LARGE = "TOO_LARGE"
 #: A failure on the client's own side (a file it could not read or write), with the
 #: operating system's sentence and the file's name.
 CLIENT_ERROR = "CLIENT_ERROR"

@@ -178,9 +178,15 @@ def run_migrate(args: argparse.Namespace) -> int:
         options = replace(options, jobs=_default_jobs(broker))
     broker.lanes.size(options.jobs)
     downloads = Downloads()  # processes started as versions need them, stopped at the end
+
+    def abandon() -> None:  # a second Ctrl-C: the conversions and downloads in flight end
+        broker.close()
+        downloads.close()
+
     migration = Migration(registry, fetch=_fetch(tracking_uri, downloads),
                           convert=broker.convert, convert_directory=broker.convert_directory,
-                          abandon=broker.close, download=mlflow_download(tracking_uri, downloads),
+                          abandon=abandon,
+                          download=mlflow_download(tracking_uri, downloads),
                           listing=mlflow_listing(tracking_uri, downloads),
                           public_key=public_key, options=options, progress=_progress)
     try:

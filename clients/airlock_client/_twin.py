@@ -36,7 +36,7 @@ from typing import BinaryIO
 from airlock_client import _bundle
 from airlock_client import _lineage as tags
 from airlock_client._downloads import Downloads
-from airlock_client._errors import DOWNLOAD_FAILED, ModelSourceError, SafeLoadError
+from airlock_client._errors import DOWNLOAD_FAILED, TOO_LARGE, ModelSourceError, SafeLoadError
 from airlock_client._registry import ModelVersion, Registry, tag
 from airlock_client._run_dir import scratch_dir
 from airlock_client.provenance import (
@@ -160,11 +160,12 @@ def verified_output(download: Download, base: str, fmt: tags.OutputFormat,
         if listed is not None:
             check_listed_sizes(listed, {file_name: record.output_size}, what)
         uri = f"{base}/{file_name}"
-        with downloaded(download, uri, work / "model", max_bytes) as fh:
+        with downloaded(download, uri, work / "model",
+                        min(max_bytes, record.output_size)) as fh:
             if keep_bytes:
                 data = fh.read(max_bytes + 1)
                 if len(data) > max_bytes:
-                    raise SafeLoadError("TOO_LARGE", f"{uri} grew past {max_bytes} bytes")
+                    raise SafeLoadError(TOO_LARGE, f"{uri} grew past {max_bytes} bytes")
                 sha, size = hashlib.sha256(data).hexdigest(), len(data)
             else:
                 data, (sha, size) = b"", _hash(fh)
@@ -200,7 +201,7 @@ def check_listing(listing: Listing, base: str, expected: Mapping[str, int | None
         if found[name] < 0:
             raise SafeLoadError("ARTIFACT_UNSAFE", f"{what}'s {name[:120]!r} is a folder")
         if bound is not None and found[name] > bound:
-            raise SafeLoadError("TOO_LARGE", f"{what}'s {name[:120]!r} is {found[name]} "
+            raise SafeLoadError(TOO_LARGE, f"{what}'s {name[:120]!r} is {found[name]} "
                                 f"bytes; at most {bound} are expected")
     return found
 
@@ -302,7 +303,7 @@ def read_small(download: Download, artifact_uri: str, dest: Path, limit: int) ->
     with downloaded(download, artifact_uri, dest, limit) as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise SafeLoadError("TOO_LARGE", f"{artifact_uri} grew past {limit} bytes")
+        raise SafeLoadError(TOO_LARGE, f"{artifact_uri} grew past {limit} bytes")
     return data
 
 
@@ -315,8 +316,9 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     try:
         local = Path(download(artifact_uri, dest, limit))
     except ModelSourceError as exc:  # refused (a location, more bytes than allowed) or failed
-        failed = exc.reason == DOWNLOAD_FAILED
-        raise SafeLoadError(UNAVAILABLE if failed else "ARTIFACT_UNSAFE", exc.message) from None
+        reason = {DOWNLOAD_FAILED: UNAVAILABLE, TOO_LARGE: TOO_LARGE}.get(exc.reason,
+                                                                       "ARTIFACT_UNSAFE")
+        raise SafeLoadError(reason, exc.message) from None
     except Exception as exc:  # the artifact store's own errors
         raise SafeLoadError(UNAVAILABLE,
                             f"cannot download {artifact_uri}: {type(exc).__name__}: "
@@ -335,7 +337,7 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
         raise SafeLoadError("ARTIFACT_UNSAFE", f"{artifact_uri} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
         if info.st_size > limit:
-            raise SafeLoadError("TOO_LARGE", f"{artifact_uri} has {info.st_size} bytes, more "
+            raise SafeLoadError(TOO_LARGE, f"{artifact_uri} has {info.st_size} bytes, more "
                                              f"than the {limit} allowed")
         yield fh
 

@@ -409,3 +409,17 @@ def test_a_twin_signed_before_subjects_loads_on_its_source_sha256(registry: Fake
     with pytest.raises(ProvenanceError) as info:  # the same, for other source bytes
         _fetch(registry, "models:/m-airlock/1", key)
     assert info.value.reason == "SOURCE_MISMATCH"
+
+
+def test_a_twins_file_is_downloaded_to_its_signed_size_at_most(registry: FakeRegistry,
+                                                                key: SigningKey) -> None:
+    """Its size is known, signed, before the larger download; the limit was 2 GiB, so a store
+    could send up to that for a file of a few bytes (seen: 300 MB for 12)."""
+    limits: dict[str, int] = {}
+
+    def download(uri: str, dest: Path, limit: int) -> Path:
+        limits[uri.rsplit("/", 1)[-1]] = limit
+        return registry.download(uri, dest, limit)
+
+    artifact = _fetch(registry, "models:/m-airlock/1", key, download=download)
+    assert limits["model.onnx"] == artifact.record.output_size == len(artifact.data)
