@@ -338,7 +338,7 @@ def downloaded(download: Download, artifact_uri: str, dest: Path,
     with os.fdopen(fd, "rb") as fh:
         if info.st_size > limit:
             raise SafeLoadError(TOO_LARGE, f"{artifact_uri} has {info.st_size} bytes, more "
-                                             f"than the {limit} allowed")
+                                           f"than the {limit} allowed")
         yield fh
 
 
