@@ -368,7 +368,7 @@ def test_what_the_interpreter_prints_at_start_is_not_an_answer(
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("print('hello from sitecustomize')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     with Downloads() as downloads:
         assert downloads.listing(f"mlflow-artifacts:/{_ROOT}", tracking_uri=store.uri)
 
@@ -380,7 +380,7 @@ def test_a_broken_mlflow_is_named_not_a_bare_exit_status(
     (broken / "__init__.py").write_text("raise TypeError('Descriptors cannot be created "
                                         "directly')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(broken.parent),
-                                                      os.environ["PYTHONPATH"]]))
+                                                      os.environ.get("PYTHONPATH", "")]))
     with Downloads() as downloads, pytest.raises(ModelSourceError) as failed:
         downloads.listing(f"mlflow-artifacts:/{_ROOT}", tracking_uri=store.uri)
     assert failed.value.reason == "MLFLOW_DOWNLOAD_FAILED"
