@@ -82,18 +82,27 @@ def hand_over(path: Path, ticket: str, input_fd: int, output_fd: int, timeout: f
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
             sock.connect(os.fspath(path))
+            # The ticket alone first: the broker takes descriptors only on a connection
+            # whose ticket is live (it answers {"ready": true}), then the two of them. A
+            # broker that refuses (BUSY) may have answered and hung up already: its reply,
+            # still queued, says why.
             with contextlib.suppress(BrokenPipeError):
-                # A broker that refuses before taking descriptors (BUSY) may have answered
-                # and hung up already; its reply, still queued, says why.
-                socket.send_fds(sock, [ticket.encode()], [input_fd, output_fd])
-            raw = read_reply(sock)
+                sock.send(ticket.encode())
+            _answer(read_reply(sock), "ready")
+            with contextlib.suppress(BrokenPipeError):
+                socket.send_fds(sock, [b"descriptors"], [input_fd, output_fd])
+            _answer(read_reply(sock), "ok")
     except OSError as exc:
         raise LocalTransferUnavailable(f"socket {path}: {exc}") from None
+
+
+def _answer(raw: bytes, step: str) -> None:
+    """Nothing if the broker's reply says ``step`` is true; why not otherwise."""
     try:
         reply = json.loads(raw)
     except ValueError:
         raise LocalTransferUnavailable("the broker's socket answered garbage") from None
-    if not isinstance(reply, dict) or reply.get("ok") is not True:
+    if not isinstance(reply, dict) or reply.get(step) is not True:
         reason = reply.get("reason") if isinstance(reply, dict) else None
         message = reply.get("message") if isinstance(reply, dict) else None
         raise LocalTransferUnavailable(f"descriptors refused: {reason}: {message}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import os
 import secrets
 import socket
@@ -34,6 +33,7 @@ from airlock_client import Client, ConversionError
 from tests.adversarial.stalling_fs import StallingFs, overlay_over
 from tests.conftest import IMAGE, BrokerProcess, start_broker
 from tests.fixtures import models
+from tests.unit.hand_over import hand_over
 
 pytestmark = pytest.mark.adversarial
 
@@ -164,8 +164,7 @@ def _fast_path_job(broker: BrokerProcess, in_fd: int, out_dir: Path) -> Outcome:
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
                 sock.settimeout(15)
                 sock.connect(str(_socket_path(broker)))
-                socket.send_fds(sock, [ticket.encode()], [in_fd, out_fd])
-                reply = json.loads(sock.recv(4096))
+                reply = hand_over(sock, ticket.encode(), [in_fd, out_fd])
         except OSError as exc:  # the socket stopped taking descriptors: the client streams
             return done("HANDOVER_TIMEOUT", str(exc))
         if not reply.get("ok"):

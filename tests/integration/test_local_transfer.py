@@ -33,6 +33,7 @@ from tests.adversarial import payloads
 from tests.conftest import IMAGE, BrokerProcess, start_broker
 from tests.fixtures import models
 from tests.integration.test_onnx_validator_processes import wait_for_validators
+from tests.unit.hand_over import hand_over
 from tests.unit.shared_tmp import returns_within
 
 pytestmark = pytest.mark.integration
@@ -64,13 +65,7 @@ def _send(path: Path, message: bytes, fds: list[int]) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(path))
-        if fds:
-            socket.send_fds(sock, [message], fds)
-        else:
-            sock.send(message)
-        reply = json.loads(sock.recv(4096))
-    assert isinstance(reply, dict)
-    return reply
+        return hand_over(sock, message, fds)
 
 
 def _hand_over(broker: BrokerProcess, artifact: Path, out: Path) -> str:
@@ -289,7 +284,8 @@ def test_hostile_peers_are_refused_and_leak_no_descriptor(poolless: BrokerProces
         assert reply.get("ok") is False and reply.get("reason") == reason, (case, reply)
     # A ticket takes descriptors once: a second attach burns it, and its Convert is refused.
     ticket = _ticket(broker)
-    assert _send(path, ticket.encode(), [hostile["input"], hostile["output"]])["ok"] is True
+    first = _send(path, ticket.encode(), [hostile["input"], hostile["output"]])
+    assert first["ok"] is True, first
     again = _send(path, ticket.encode(), [hostile["input"], hostile["output"]])
     assert again["reason"] == "LOCAL_HANDLE_INVALID"
     with pytest.raises(grpc.RpcError) as caught:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings, _bind
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_client._local_transfer import read_reply
+from tests.unit.hand_over import hand_over, two_steps
 
 
 def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
@@ -71,14 +71,7 @@ def test_a_hand_over_on_a_socketpair_attaches_or_refuses(tmp_path: Path) -> None
     ticket = server.table.issue("alice")
 
     def hand_over(message: bytes, fds: list[int]) -> dict[str, object]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        worker = threading.Thread(target=server.serve_connection, args=(theirs,))
-        worker.start()
-        with ours:
-            socket.send_fds(ours, [message], fds)
-            reply = json.loads(ours.recv(4096))
-        worker.join(10)
-        return dict(reply)
+        return _hand_over(server, message, fds)
 
     in_fd = os.open(tmp_path / "in", os.O_RDONLY)
     out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
@@ -117,8 +110,10 @@ def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
     refused (BUSY, so the client streams) before its descriptors are taken."""
     server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
     monkeypatch.setattr(PeerIO, "closes_wedged", property(lambda _self: True))
+    import airlock_broker.fastpath.local_transfer as local_transfer
+
     received: list[object] = []
-    monkeypatch.setattr(socket, "recv_fds", lambda *a: received.append(a))
+    monkeypatch.setattr(local_transfer, "receive", lambda *a: received.append(a))
     (tmp_path / "in").write_bytes(b"abc")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     in_fd = os.open(tmp_path / "in", os.O_RDONLY)
@@ -126,9 +121,7 @@ def test_hand_overs_are_refused_unread_while_every_close_thread_waits(
         worker = threading.Thread(target=server.serve_connection, args=(theirs,))
         worker.start()
         with ours:
-            with contextlib.suppress(BrokenPipeError):  # it may answer and hang up first
-                socket.send_fds(ours, [server.table.issue("a").encode()], [in_fd, in_fd])
-            reply = json.loads(read_reply(ours))  # as the client reads it
+            reply = two_steps(ours, server.table.issue("a").encode(), [in_fd, in_fd])
         worker.join(10)
     finally:
         os.close(in_fd)
@@ -142,8 +135,7 @@ def _hand_over(server: LocalTransferServer, message: bytes, fds: list[int]) -> d
     worker = threading.Thread(target=server.serve_connection, args=(theirs,))
     worker.start()
     with ours:
-        socket.send_fds(ours, [message], fds)
-        reply = json.loads(read_reply(ours))
+        reply = hand_over(ours, message, fds)
     worker.join(60)
     return dict(reply)
 
@@ -201,7 +193,8 @@ def test_closing_does_not_wait_for_a_hand_over_stuck_in_a_peers_filesystem(
         client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             await asyncio.to_thread(client.connect, os.fspath(server.path))
-            socket.send_fds(client, [ticket.encode()], [in_fd, in_fd])
+            assert await asyncio.to_thread(two_steps, client, ticket.encode(),
+                                           [in_fd, in_fd]) is None
             assert await asyncio.to_thread(stuck.wait, 60)
             await asyncio.wait_for(server.close(), 30)
         finally:
@@ -256,12 +249,11 @@ def test_one_uid_cannot_hold_every_hand_over_thread(
     server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20)
     (tmp_path / "in").write_bytes(b"abc")
 
-    async def hand_over(client: socket.socket, fd: int) -> None:
+    async def hand_over(client: socket.socket, fd: int) -> dict[str, object] | None:
         await asyncio.to_thread(client.connect, os.fspath(server.path))
-        with contextlib.suppress(BrokenPipeError):
-            # A refusal at accept may hang up before this is sent, as the client library knows;
-            # its reply stays queued for read_reply.
-            socket.send_fds(client, [server.table.issue("alice").encode()], [fd, fd])
+        client.settimeout(30)
+        return await asyncio.to_thread(two_steps, client,
+                                       server.table.issue("alice").encode(), [fd, fd])
 
     async def scenario() -> dict[str, object]:
         assert await server.start()
@@ -269,12 +261,12 @@ def test_one_uid_cannot_hold_every_hand_over_thread(
         clients = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
         try:
             for client in clients[:2]:
-                await hand_over(client, fd)
+                assert await hand_over(client, fd) is None
             for _ in range(2):
                 assert await asyncio.to_thread(stuck.acquire, True, 60)
-            await hand_over(clients[2], fd)
-            clients[2].settimeout(30)
-            return dict(json.loads(await asyncio.to_thread(read_reply, clients[2])))
+            refused = await hand_over(clients[2], fd)  # refused at once, at the ticket
+            assert refused is not None
+            return refused
         finally:
             release.set()
             for client in clients:

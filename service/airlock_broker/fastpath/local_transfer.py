@@ -15,14 +15,19 @@ Security (the broker runs as root, so this socket is attack surface):
   nothing. Only a ticket does, and only an authenticated gRPC caller with the ``convert`` role
   gets one (``OpenLocalTransfer``); its Convert must present it again as the same principal
   (local_handles.py). A narrower mode would merely send some local users back to streaming.
-- **What is accepted.** One message of at most 128 bytes (the ticket) with exactly two
-  descriptors: a regular file opened read-only, then an empty regular file opened for
+- **What is accepted.** Two steps. First one message of at most 128 bytes, the ticket, and
+  no descriptor: the kernel refuses any (``peer_rights``: ``SO_PASSRIGHTS`` 0 on the
+  listening socket, Linux 6.16+), so nobody without a live ticket can make the broker hold,
+  or wait to close, a descriptor of theirs. Once the ticket is live the broker allows
+  descriptors on that connection and answers ``{"ready": true}``; then one message with
+  exactly two: a regular file opened read-only, then an empty regular file opened for
   writing, both on a filesystem from ``allowed_filesystems`` (local ones: a FUSE or network
   filesystem can hang every access, filesystems.py); sizes within ``max_artifact_bytes``.
   Anything else (more or fewer descriptors, a FIFO, a directory, a socket, wrong access
   modes, another filesystem, a truncated message) is refused with a reason, and every
-  received descriptor is closed (``MSG_CMSG_CLOEXEC`` too, so none leaks into a child process
-  meanwhile). ``SO_PEERCRED`` is recorded in the audit log.
+  received descriptor is disarmed (a socket's linger is cleared) and closed; they are
+  close-on-exec from the start, so none leaks into a child process meanwhile.
+  ``SO_PEERCRED`` is recorded in the audit log.
 - **Bounded.** Each connection is served on a thread of the socket's own pool (silent peers
   cannot starve the broker's other threads) with a socket timeout, at most
   ``max_connections`` at once; tickets are few and short-lived (``HandleTable``). A flood of
@@ -58,6 +63,7 @@ from airlock_broker.fastpath.local_handles import (
 )
 from airlock_broker.fastpath.peer_identity import peer_credentials
 from airlock_broker.fastpath.peer_io import PeerIO
+from airlock_broker.fastpath.peer_rights import allow_rights, let_go, receive, refuse_rights
 from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, ensure_dir
 from airlock_broker.security.uid_owners import UidOwners
@@ -141,6 +147,8 @@ class LocalTransferServer:
         self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets,
                                  per_principal=settings.max_tickets_per_caller)
         self._sock: socket.socket | None = None
+        #: Whether the kernel refuses descriptors until a connection's ticket is live.
+        self._rights_refused = False
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
@@ -161,6 +169,11 @@ class LocalTransferServer:
         except (OSError, ValueError) as exc:
             log.error("same-host fast path OFF: %s", exc)
             return False
+        self._rights_refused = refuse_rights(self._sock)
+        if not self._rights_refused:
+            log.warning("same-host fast path: this kernel cannot refuse descriptors before a "
+                        "ticket (SO_PASSRIGHTS, Linux 6.16+): they are taken and closed "
+                        "disarmed instead")
         self._tasks = [asyncio.create_task(self._accept_loop()),
                        asyncio.create_task(self._sweep_loop())]
         log.info("same-host fast path on %s (mode %o)", self.path, self.settings.socket_mode)
@@ -228,17 +241,19 @@ class LocalTransferServer:
 
     def _refuse_at_once(self, conn: socket.socket, uid: int) -> None:
         """BUSY on the loop, unread: a fresh socket's buffer takes one small message without
-        blocking, and a peer that is gone just gets nothing."""
-        with conn:
-            limit = self.settings.max_connections_per_uid
-            reply = _refusal(error(Reason.BUSY, f"uid {uid} (or the user whose subordinate uid "
-                                   f"it is) already has {limit} same-host hand-overs under "
-                                   f"way (max_connections_per_uid = {limit}); stream instead"))
+        blocking, a peer that is gone just gets nothing, and nothing it queued can make the
+        close wait (``peer_rights``)."""
+        limit = self.settings.max_connections_per_uid
+        reply = _refusal(error(Reason.BUSY, f"uid {uid} (or the user whose subordinate uid "
+                               f"it is) already has {limit} same-host hand-overs under "
+                               f"way (max_connections_per_uid = {limit}); stream instead"))
+        try:
             conn.setblocking(False)
-            try:
-                conn.send(json.dumps(reply).encode())
-            except OSError as exc:
-                log.info("local transfer connection dropped: %s", exc)
+            conn.send(json.dumps(reply).encode())
+        except OSError as exc:
+            log.info("local transfer connection dropped: %s", exc)
+        finally:
+            let_go(conn, drain=not self._rights_refused)
         log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
 
     async def _serve(self, conn: socket.socket, peer: PeerCred, user: int) -> None:
@@ -256,13 +271,14 @@ class LocalTransferServer:
     def serve_connection(self, conn: socket.socket, peer: PeerCred | None = None) -> None:
         """One hand-over (blocking: runs on a worker thread); ``peer``: its credentials, when
         the accept loop read them already. Closes ``conn``."""
-        with conn:
-            try:
-                conn.settimeout(self.settings.connection_timeout_seconds)
-                reply = self._receive(conn, peer or _peer(conn))
-                conn.sendall(json.dumps(reply).encode())
-            except OSError as exc:
-                log.info("local transfer connection dropped: %s", exc)
+        try:
+            conn.settimeout(self.settings.connection_timeout_seconds)
+            reply = self._receive(conn, peer or _peer(conn))
+            conn.sendall(json.dumps(reply).encode())
+        except OSError as exc:
+            log.info("local transfer connection dropped: %s", exc)
+        finally:  # descriptors were allowed once a ticket was live: drain what is left
+            let_go(conn)
 
     def _receive(self, conn: socket.socket, peer: PeerCred) -> dict[str, object]:
         fds: list[int] = []
@@ -273,19 +289,24 @@ class LocalTransferServer:
                 raise error(Reason.BUSY, f"all {self.io.threads} threads that close same-host "
                             "descriptors are waiting for filesystems that stopped answering; "
                             "stream instead")
-            msg, fds, flags, _ = socket.recv_fds(conn, _MAX_MESSAGE, _MAX_FDS,
-                                                 socket.MSG_CMSG_CLOEXEC)
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                raise error(Reason.LOCAL_FD_REFUSED, "message or descriptors truncated: too "
-                                                     "many descriptors or too long")
-            if not _TICKET.fullmatch(msg):
+            msg, fds, flags = receive(conn, _MAX_MESSAGE, _MAX_FDS)
+            if fds:  # a kernel that does not refuse them (before 6.16), or an older client
+                raise error(Reason.LOCAL_FD_REFUSED, "descriptors before the ticket: send the "
+                                                     "ticket alone first")
+            if flags & socket.MSG_TRUNC or not _TICKET.fullmatch(msg):
                 raise error(Reason.LOCAL_FD_REFUSED, "the message is not a ticket")
-            if len(fds) != 2:
-                raise error(Reason.LOCAL_FD_REFUSED,
-                            f"expected 2 descriptors (input, output), got {len(fds)}")
             ticket = msg.decode()
             self.table.expect(ticket, peer)  # the ticket before its descriptors
             try:
+                allow_rights(conn)
+                conn.sendall(json.dumps({"ready": True}).encode())
+                msg, fds, flags = receive(conn, _MAX_MESSAGE, _MAX_FDS)
+                if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                    raise error(Reason.LOCAL_FD_REFUSED, "message or descriptors truncated: "
+                                                         "too many descriptors or too long")
+                if len(fds) != 2:
+                    raise error(Reason.LOCAL_FD_REFUSED,
+                                f"expected 2 descriptors (input, output), got {len(fds)}")
                 try:
                     found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
                     check_output(fds[1], allowed, peer.pid)
@@ -296,7 +317,7 @@ class LocalTransferServer:
                     raise error(Reason.BUSY, f"all {self.io.threads} same-host copy threads "
                                 "are held by descriptors that stopped answering; stream "
                                 "instead")
-            except AirlockError:
+            except (AirlockError, OSError):
                 self.table.revoke(ticket)  # its client streams instead
                 raise
             self.table.attach(ticket, LocalFiles(fds[0], fds[1], found, peer, self.io))

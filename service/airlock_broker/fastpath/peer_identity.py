@@ -8,7 +8,9 @@ beside the gRPC one (``<socket>.id``, see ``security/exposure.identity_path``):
 1. A client connects to the identity socket. The broker reads ``SO_PEERCRED`` (filled in by
    the kernel at ``connect``: a process cannot choose it), answers with a fresh random
    256-bit ticket bound to that uid, and closes. It reads nothing from the peer, so a silent
-   peer holds nothing and the event loop never waits on one.
+   peer holds nothing and the event loop never waits on one; and it takes no descriptors
+   (``peer_rights``: refused by the kernel, else drained and disarmed), so none can make its
+   close wait.
 2. The client sends the ticket as call metadata (``PEER_TICKET_HEADER``) on one gRPC call
    over the Unix socket. The interceptor (auth.py) redeems it there: single use, at most
    ``ttl`` seconds old, and only on a call that arrived on the Unix listener. The caller's
@@ -50,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from airlock_broker.fastpath.peer_rights import let_go, refuse_rights
 from airlock_broker.security.uid_owners import UidOwners
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,8 @@ class IdentityServer:
         self.tickets = tickets
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Whether the kernel refuses descriptors sent here (else each connection is drained).
+        self._rights_refused = False
 
     def start(self) -> None:
         """Bind and start answering (``OSError`` if the socket cannot be made). The directory
@@ -171,6 +176,7 @@ class IdentityServer:
             os.unlink(self.path)  # a previous broker's: the directory is ours
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
+            self._rights_refused = refuse_rights(sock)
             sock.bind(os.fspath(self.path))
             # Connecting proves who you are; it grants nothing else.
             os.chmod(self.path, 0o666, follow_symlinks=False)
@@ -205,8 +211,10 @@ class IdentityServer:
                 log.warning("identity socket: accept failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            with conn:
+            try:
                 self.answer(conn)
+            finally:
+                let_go(conn, drain=not self._rights_refused)
 
     def answer(self, conn: socket.socket) -> None:
         """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import Reason, error
+from airlock_broker.fastpath.peer_rights import close_disarmed
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class PeerIO:
 
     def _close(self, fds: tuple[int, ...]) -> None:
         try:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_disarmed(list(fds))  # a lingering socket closes at once (peer_rights)
         finally:
             with self._lock:
                 self._closing -= 1

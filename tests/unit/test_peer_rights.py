@@ -1,0 +1,186 @@
+"""Nobody can make the broker wait to close a descriptor of theirs (``peer_rights``).
+
+The attack: a TCP socket with ``SO_LINGER`` set and unsent data queued to a receiver that
+never reads makes the ``close`` of its last reference wait for the linger time; sent over one
+of the broker's Unix sockets and closed by the sender, the broker holds that last reference.
+On the code before (seen): the identity socket, which anyone may connect to, stopped the
+broker's event loop for the whole linger time; four such messages on the fast-path socket,
+none with a ticket, held all four close threads, and every genuine hand-over was ``BUSY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from airlock_broker.fastpath.filesystems import filesystem_of
+from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings
+from airlock_broker.fastpath.peer_identity import IdentityServer, PeerTickets
+from airlock_broker.fastpath.peer_rights import receive
+from tests.unit.hand_over import hand_over
+
+#: How long closing the attacker's socket would wait: far beyond what the tests allow.
+_LINGER = 30
+
+
+@pytest.fixture
+def lingering() -> Iterator[Callable[[], socket.socket]]:
+    """Makes TCP sockets whose close waits ``_LINGER`` s: their data cannot leave, since
+    their peers read nothing (until the fixture ends)."""
+    made: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def make() -> socket.socket:
+            sock = socket.create_connection(listener.getsockname())
+            made.append(listener.accept()[0])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack("ii", 1, _LINGER))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sock.send(b"\0" * 65536)
+            return sock
+
+        try:
+            yield make
+        finally:
+            for peer in made:  # their data can go now: a close still waiting ends
+                peer.close()
+
+
+def _send_and_let_go(path: Path, message: bytes, sock: socket.socket) -> bool:
+    """Connect to ``path`` and send ``message`` with ``sock``, as an attacker would, keeping
+    the connection open (in ``_held``). Whether the kernel let the descriptor through."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(os.fspath(path))
+    _held.append(conn)
+    try:
+        socket.send_fds(conn, [message], [sock.fileno()])
+    except PermissionError:  # EPERM: the broker takes no descriptor here
+        return False
+    return True
+
+
+_held: list[socket.socket] = []
+
+
+def _drop(sock: socket.socket) -> None:
+    """Close the attacker's own copy on a thread: where the kernel refused to pass it on, it
+    is the last one, whose close waits until the fixture lets its data go."""
+    threading.Thread(target=sock.close, daemon=True).start()
+
+
+def _answered(conn: socket.socket) -> bool:
+    try:
+        return bool(conn.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+async def _longest_stop(seconds: float) -> float:
+    """The longest the event loop stopped during ``seconds``."""
+    longest, end = 0.0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        began = time.monotonic()
+        await asyncio.sleep(0.05)
+        longest = max(longest, time.monotonic() - began - 0.05)
+    return longest
+
+
+def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
+        tmp_path: Path, lingering: Callable[[], socket.socket]) -> None:
+    async def scenario() -> tuple[float, str]:
+        server = IdentityServer(tmp_path / "broker.sock.id", PeerTickets())
+        server.start()
+        try:
+            # Before the loop runs again: queued before the broker accepts the connection.
+            sock = lingering()
+            _send_and_let_go(server.path, b"x", sock)
+            _drop(sock)  # the broker's copy, if the kernel let one through, is the last
+            stop = await _longest_stop(3.0)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with client:
+                client.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(client, os.fspath(server.path))
+                ticket = await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(client, 64), 10)
+            return stop, ticket.decode()
+        finally:
+            for conn in _held:
+                conn.close()
+            _held.clear()
+            await server.close()
+
+    stop, ticket = asyncio.run(scenario())
+    assert stop < 2.0, f"the event loop stopped for {stop:.1f} s"
+    assert len(ticket) >= 32
+
+
+def test_messages_without_a_ticket_cannot_hold_the_close_threads(
+        tmp_path: Path, lingering: Callable[[], socket.socket]) -> None:
+    (tmp_path / "in").write_bytes(b"abc")
+    with open(tmp_path / "in", "rb") as fh:
+        here = filesystem_of(fh.fileno())
+    assert here is not None
+    settings = LocalTransferSettings(allowed_filesystems=frozenset({here}),
+                                     max_connections_per_uid=8)  # the attacker is this uid
+    server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20)
+
+    async def scenario() -> dict[str, object]:
+        assert await server.start()
+        try:
+            sent = []
+            for _ in range(settings.io_threads):  # a close thread each, on the code before
+                sock = lingering()
+                sent.append(_send_and_let_go(server.path, b"not a ticket", sock))
+                _drop(sock)
+            deadline = time.monotonic() + 30
+            # Where the kernel let them through, the broker refuses them (not tickets) and
+            # closes their descriptors: once it answered, those closes are queued.
+            while not all(_answered(conn) for conn, went in zip(_held, sent, strict=True) if went):
+                assert time.monotonic() < deadline, "no refusal came"
+                await asyncio.sleep(0.05)
+            in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+            out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                client.settimeout(10)
+                await asyncio.to_thread(client.connect, os.fspath(server.path))
+                ticket = server.table.issue("alice")
+                return await asyncio.to_thread(hand_over, client, ticket.encode(),
+                                               [in_fd, out_fd])
+            finally:
+                client.close()
+                os.close(in_fd)
+                os.close(out_fd)
+        finally:
+            for conn in _held:
+                conn.close()
+            _held.clear()
+            await server.close()
+
+    reply = asyncio.run(scenario())
+    assert reply == {"ok": True}, reply
+
+
+def test_descriptors_are_received_close_on_exec() -> None:
+    """Python 3.11's ``socket.recv_fds`` drops ``MSG_CMSG_CLOEXEC`` (seen: not set)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        socket.send_fds(ours, [b"m"], [0])
+        msg, fds, _flags = receive(theirs, 16, 2)
+        try:
+            assert msg == b"m" and len(fds) == 1
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        finally:
+            for fd in fds:
+                os.close(fd)
