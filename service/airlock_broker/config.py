@@ -37,6 +37,7 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     enabled = true
     socket_path = "/run/airlock/transfer.sock"    # default: beside the Unix socket
     allowed_filesystems = ["ext4", "xfs", "btrfs", "tmpfs", "overlay"]   # never FUSE/NFS
+    output_filesystems = ["ext4", "xfs", "btrfs"]   # disk only: tmpfs pages are the broker's
 
     [spool]            # SpoolSettings (input_room.py): inputs that fit go to a RAM spool
     ram_bytes = 4294967296          # default: a quarter of the host's memory, at most 8 GiB; 0: off

@@ -10,6 +10,7 @@ import pytest
 
 from airlock_broker.fastpath.filesystems import (
     DEFAULT_ALLOWED,
+    MAX_TABLE_BYTES,
     filesystem_of,
     mount_id,
     mount_types,
@@ -97,3 +98,23 @@ def test_the_default_allowlist_is_local_filesystems_only() -> None:
     assert {"ext4", "xfs", "btrfs", "tmpfs", "overlay"} <= DEFAULT_ALLOWED
     assert not {t for t in DEFAULT_ALLOWED if t.startswith("fuse") or t in {"nfs", "nfs4",
                                                                              "cifs", "9p"}}
+
+
+def test_a_mount_table_is_read_up_to_the_mount_and_no_further(tmp_path: Path) -> None:
+    """A user namespace can stack thousands of long-named mounts: a 408 MB table, read whole
+    twice per hand-over, took the broker to 941 MiB (found in review). Now a table is read
+    line by line up to the mount, at most MAX_TABLE_BYTES: one whose mount lies past that is
+    refused (on the code before, 'ext4' was found after reading all of it)."""
+    filler = "".join(f"{1000 + i} 1 0:{i} / /n/{'x' * 200} rw - tmpfs tmpfs rw\n"
+                     for i in range(MAX_TABLE_BYTES // 200 + 1))
+    found = "99 1 253:1 / /data rw - ext4 /dev/vda1 rw\n"
+    first = _fake_proc(tmp_path / "first", 5, 99, found + filler, None)
+    last = _fake_proc(tmp_path / "last", 5, 99, filler + found, None)
+    assert filesystem_of(5, proc=first) == "ext4"
+    assert filesystem_of(5, proc=last) is None
+
+
+def test_a_line_longer_than_any_mount_makes_the_table_unreadable(tmp_path: Path) -> None:
+    """Not split: a piece cut from a long line could read as another mount's."""
+    table = "98 1 0:1 / /" + "y" * 70_000 + " rw - fuse.x x rw\n99 1 0:2 / / rw - ext4 x rw\n"
+    assert filesystem_of(5, proc=_fake_proc(tmp_path, 5, 99, table, None)) is None

@@ -43,6 +43,18 @@ def test_config_section_loads_and_rejects_unknown_keys(tmp_path: Path) -> None:
         LocalTransferSettings(io_threads=0)
 
 
+def test_the_socket_is_refused_under_a_directory_another_user_owns(tmp_path: Path) -> None:
+    """Its own directory was checked, not those above it: under a directory of uid 1000's,
+    that user renamed the socket's directory away and bound a socket of theirs at its name
+    (found in review). The Unix socket's directory is held to the same rule."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 1000, 1000)
+    with pytest.raises(ValueError, match="UNSAFE_ANCESTOR"):
+        _bind(theirs / "sockets" / "t.sock", 0o666)
+    assert not (theirs / "sockets").exists()
+
+
 def test_the_socket_is_refused_in_a_directory_others_can_write(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -348,3 +360,27 @@ def test_a_users_subordinate_uids_share_its_hand_over_threads(tmp_path: Path) ->
 
     reply = asyncio.run(scenario())
     assert reply["reason"] == "BUSY", reply
+
+
+def test_an_output_in_memory_is_refused(tmp_path: Path) -> None:
+    """The broker's own thread writes the output: on tmpfs its pages were charged to the
+    broker's memory for as long as the user kept the file (256 MiB seen, found in review).
+    Outputs go on disk filesystems only (``output_filesystems``); the client streams."""
+    shm = Path("/dev/shm")
+    (tmp_path / "in").write_bytes(b"abc")
+    out = shm / f"airlock-test-{os.getpid()}"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert filesystem_of(fd) == "tmpfs", "this test needs /dev/shm on tmpfs"
+        server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+        in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+        try:
+            reply = _hand_over(server, server.table.issue("alice").encode(), [in_fd, fd])
+        finally:
+            os.close(in_fd)
+            server.table.close()
+    finally:
+        os.close(fd)
+        out.unlink()
+    assert reply["reason"] == "LOCAL_FD_REFUSED", reply
+    assert "'tmpfs'" in str(reply["message"]) and "output_filesystems" in str(reply["message"])

@@ -16,6 +16,17 @@ container); one found nowhere (a detached mount, a ``memfd``, a pipe) is refused
 The types are those of ``mountinfo`` (``ext4``, ``fuse.sshfs``, ``nfs4``...). An overlay
 whose lower layer is on FUSE still says ``overlay``: the allowlist is the first bound, the
 fast path's own bounded threads and deadlines (peer_io.py) are the second.
+
+Both are read as far as needed and no further: a table is read line by line up to the
+mount, at most ``MAX_TABLE_BYTES`` (an unprivileged user can stack thousands of mounts with
+long names in a namespace of their own: a 408 MB table, read whole twice per hand-over, took
+the broker to 941 MiB), and a descriptor's fdinfo only its first lines (an epoll or inotify
+descriptor's runs to megabytes).
+
+An output is written by the broker's own thread, so on a memory-backed filesystem (tmpfs,
+or an overlay whose upper layer may be one) its pages are charged to the broker's memory,
+and stay charged for as long as the user keeps the file: outputs are accepted on disk
+filesystems only (``DEFAULT_OUTPUTS``).
 """
 
 from __future__ import annotations
@@ -28,12 +39,25 @@ from pathlib import Path
 #: (e.g. "zfs", "f2fs"); never with FUSE or network filesystems.
 DEFAULT_ALLOWED = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay"})
 
+#: Where an output may be written by the broker: disk filesystems (see above).
+DEFAULT_OUTPUTS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
+#: The most of one mount table read (about 28,000 mounts of 150 bytes); past it the mount is
+#: not looked for further, and the descriptor is refused.
+MAX_TABLE_BYTES = 4 * 1024**2
+#: The longest line of a mount table taken as one (a mount point of 4,096 bytes, each
+#: escaped to four): a longer one makes the table unreadable rather than split.
+_MAX_LINE = 64 * 1024
+#: How much of a descriptor's fdinfo is read: ``mnt_id`` is on its third line.
+_FDINFO_HEAD = 4096
+
 _PROC = Path("/proc")
 
 
 def mount_id(fd: int, proc: Path = _PROC) -> int:
     """The id of the mount ``fd`` was opened on (``mnt_id`` of its fdinfo, Linux >= 3.15)."""
-    for line in (proc / "self" / "fdinfo" / str(fd)).read_text().splitlines():
+    with open(proc / "self" / "fdinfo" / str(fd), "rb") as fdinfo:
+        head = fdinfo.read(_FDINFO_HEAD).decode("ascii", "replace")
+    for line in head.splitlines():
         key, _, value = line.partition(":")
         if key == "mnt_id":
             return int(value)
@@ -41,17 +65,39 @@ def mount_id(fd: int, proc: Path = _PROC) -> int:
 
 
 def mount_types(mountinfo: str) -> dict[int, str]:
-    """``mount id -> filesystem type`` from a ``mountinfo`` table (proc(5)): the id is the
-    first field, the type the first after the `` - `` separator (mount points are escaped,
-    ``\\040`` for a space, so the separator is unambiguous)."""
+    """``mount id -> filesystem type`` from a ``mountinfo`` table (proc(5))."""
     types: dict[int, str] = {}
     for line in mountinfo.splitlines():
-        head, sep, tail = line.partition(" - ")
-        fields = head.split(" ", 1)
-        if not sep or not tail or not fields[0].isdigit():
-            continue
-        types[int(fields[0])] = tail.split(" ", 1)[0]
+        if (found := _parse(line)) is not None:
+            types[found[0]] = found[1]
     return types
+
+
+def _parse(line: str) -> tuple[int, str] | None:
+    """A table line's mount id and filesystem type: the id is the first field, the type the
+    first after the `` - `` separator (mount points are escaped, ``\\040`` for a space, so
+    the separator is unambiguous)."""
+    head, sep, tail = line.partition(" - ")
+    fields = head.split(" ", 1)
+    if not sep or not tail or not fields[0].isdigit():
+        return None
+    return int(fields[0]), tail.split(" ", 1)[0]
+
+
+def mount_type(table: Path, mnt: int, limit: int = MAX_TABLE_BYTES) -> str | None:
+    """The filesystem type of mount ``mnt`` in the table at ``table``, read line by line up
+    to it; None if it is not there within ``limit`` bytes (or a line is longer than any
+    mount's). Raises ``OSError``."""
+    read = 0
+    with open(table, "rb") as lines:
+        while read <= limit and (raw := lines.readline(_MAX_LINE + 1)):
+            read += len(raw)
+            if len(raw) > _MAX_LINE:
+                return None
+            found = _parse(raw.decode("utf-8", "replace").rstrip("\n"))
+            if found is not None and found[0] == mnt:
+                return found[1]
+    return None
 
 
 def filesystem_of(fd: int, peer_pid: int | None = None, proc: Path = _PROC) -> str | None:
@@ -63,7 +109,7 @@ def filesystem_of(fd: int, peer_pid: int | None = None, proc: Path = _PROC) -> s
         tables.append(proc / str(peer_pid) / "mountinfo")
     for table in tables:
         with contextlib.suppress(OSError):  # the peer may be gone: then only ours counts
-            found = mount_types(table.read_text()).get(mnt)
+            found = mount_type(table, mnt)
             if found is not None:
                 return found
     return None

@@ -245,8 +245,10 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_filesystem(fd: int, what: str, allowed: Set[str], peer_pid: int | None) -> str:
-    """The descriptor's filesystem type, if it is in ``allowed``; asks nothing of the file."""
+def check_filesystem(fd: int, what: str, allowed: Set[str], peer_pid: int | None,
+                     setting: str = "allowed_filesystems") -> str:
+    """The descriptor's filesystem type, if it is in ``allowed`` (the ``[local_transfer]``
+    ``setting``); asks nothing of the file."""
     try:
         found = filesystem_of(fd, peer_pid)
     except (OSError, ValueError) as exc:
@@ -261,7 +263,7 @@ def check_filesystem(fd: int, what: str, allowed: Set[str], peer_pid: int | None
         raise error(Reason.LOCAL_FD_REFUSED,
                     f"the {what} descriptor is on a {found!r} filesystem; the same-host fast "
                     f"path accepts only {', '.join(sorted(allowed))} ([local_transfer] "
-                    "allowed_filesystems): the client streams instead")
+                    f"{setting}): the client streams instead")
     return found
 
 
@@ -298,7 +300,8 @@ def check_input(fd: int, max_bytes: int, allowed: Set[str],
 def check_output(fd: int, allowed: Set[str], peer_pid: int | None = None) -> None:
     """The output must be an empty regular file on an allowed filesystem, opened for writing,
     without ``O_APPEND`` (the broker writes at explicit offsets)."""
-    check_filesystem(fd, "output", allowed, peer_pid)
+    check_filesystem(fd, "output", allowed, peer_pid,
+                     "allowed_filesystems and output_filesystems")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise error(Reason.LOCAL_FD_REFUSED, f"the output descriptor is {_kind(st.st_mode)}, "

@@ -22,7 +22,9 @@ Security (the broker runs as root, so this socket is attack surface):
   descriptors on that connection and answers ``{"ready": true}``; then one message with
   exactly two: a regular file opened read-only, then an empty regular file opened for
   writing, both on a filesystem from ``allowed_filesystems`` (local ones: a FUSE or network
-  filesystem can hang every access, filesystems.py); sizes within ``max_artifact_bytes``.
+  filesystem can hang every access, filesystems.py), the output on a disk filesystem
+  (``output_filesystems``: tmpfs pages would be the broker's memory); sizes within
+  ``max_artifact_bytes``.
   Anything else (more or fewer descriptors, a FIFO, a directory, a socket, wrong access
   modes, another filesystem, a truncated message) is refused with a reason, and every
   received descriptor is disarmed (a socket's linger is cleared) and closed; they are
@@ -53,7 +55,7 @@ from pathlib import Path
 
 from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import AirlockError, Reason, error
-from airlock_broker.fastpath.filesystems import DEFAULT_ALLOWED
+from airlock_broker.fastpath.filesystems import DEFAULT_ALLOWED, DEFAULT_OUTPUTS
 from airlock_broker.fastpath.local_handles import (
     HandleTable,
     LocalFiles,
@@ -65,7 +67,7 @@ from airlock_broker.fastpath.peer_identity import peer_credentials
 from airlock_broker.fastpath.peer_io import PeerIO
 from airlock_broker.fastpath.peer_rights import allow_rights, let_go, receive, refuse_rights
 from airlock_broker.security.exposure import SUN_PATH_MAX
-from airlock_broker.security.state_dirs import StateDirError, ensure_dir
+from airlock_broker.security.state_dirs import StateDirError, check_ancestors, ensure_dir
 from airlock_broker.security.uid_owners import UidOwners
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,10 @@ class LocalTransferSettings:
     #: Filesystem types (as in /proc/self/mountinfo) a peer's descriptors may be on. Local
     #: ones only: a FUSE or network filesystem can block every read and close for ever.
     allowed_filesystems: frozenset[str] = DEFAULT_ALLOWED
+    #: Of those, where an output may be: disk filesystems only. On tmpfs (or an overlay,
+    #: whose upper layer may be tmpfs) the pages the broker writes are charged to the
+    #: broker's memory for as long as the user keeps the file (filesystems.py).
+    output_filesystems: frozenset[str] = DEFAULT_OUTPUTS
     #: Threads that copy from and to peer descriptors (never the default executor's): at most
     #: this many fast-path copies at once. A descriptor that stops answering holds one until
     #: its filesystem answers; the job itself ends at its deadline.
@@ -115,6 +121,7 @@ class LocalTransferSettings:
     def __post_init__(self) -> None:
         # From TOML it is a list; a set it must be (and frozen, as the rest).
         object.__setattr__(self, "allowed_filesystems", frozenset(self.allowed_filesystems))
+        object.__setattr__(self, "output_filesystems", frozenset(self.output_filesystems))
         if not self.allowed_filesystems:
             raise ValueError("allowed_filesystems must not be empty (enabled = false turns "
                              "the fast path off)")
@@ -309,7 +316,8 @@ class LocalTransferServer:
                                 f"expected 2 descriptors (input, output), got {len(fds)}")
                 try:
                     found = check_input(fds[0], self.max_artifact_bytes, allowed, peer.pid)
-                    check_output(fds[1], allowed, peer.pid)
+                    check_output(fds[1], allowed & self.settings.output_filesystems,
+                                 peer.pid)
                 except OSError as exc:  # fstat of a failing filesystem: EIO, ESTALE
                     raise error(Reason.LOCAL_FD_REFUSED, "the descriptors could not be "
                                 f"checked: {exc.strerror or exc}") from None
@@ -346,6 +354,9 @@ def _bind(path: Path, mode: int) -> socket.socket:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ValueError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
     try:
+        # Every directory above it too: one another user may write could be renamed away
+        # and the socket's name taken (as the Unix socket's directory is held).
+        check_ancestors(path.parent)
         ensure_dir(path.parent, shared=True)  # 0755 made; else the broker's, nobody else may write
     except StateDirError as exc:
         raise ValueError(str(exc)) from None
