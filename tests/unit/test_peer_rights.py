@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import struct
@@ -26,7 +27,8 @@ import pytest
 from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings
 from airlock_broker.fastpath.peer_identity import IdentityServer, PeerTickets
-from airlock_broker.fastpath.peer_rights import receive
+from airlock_broker.fastpath.peer_rights import close_disarmed, receive, rights_refused
+from airlock_client._local_transfer import read_reply
 from tests.unit.hand_over import hand_over
 
 #: How long closing the attacker's socket would wait: far beyond what the tests allow.
@@ -73,10 +75,14 @@ def _send_and_let_go(path: Path, message: bytes, sock: socket.socket) -> bool:
 _held: list[socket.socket] = []
 
 
-def _drop(sock: socket.socket) -> None:
-    """Close the attacker's own copy on a thread: where the kernel refused to pass it on, it
-    is the last one, whose close waits until the fixture lets its data go."""
-    threading.Thread(target=sock.close, daemon=True).start()
+def _drop(sock: socket.socket, sent: bool) -> None:
+    """Close the attacker's own copy: at once where it went through (the broker's copy, in
+    flight or taken, is then the last); on a thread where the kernel refused it, since then
+    this one is the last, whose close waits until the fixture lets its data go."""
+    if sent:
+        sock.close()
+    else:
+        threading.Thread(target=sock.close, daemon=True).start()
 
 
 def _answered(conn: socket.socket) -> bool:
@@ -103,9 +109,9 @@ def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
         server.start()
         try:
             # Before the loop runs again: queued before the broker accepts the connection.
+            assert rights_refused(server._sock)  # type: ignore[arg-type]
             sock = lingering()
-            _send_and_let_go(server.path, b"x", sock)
-            _drop(sock)  # the broker's copy, if the kernel let one through, is the last
+            _drop(sock, _send_and_let_go(server.path, b"x", sock))
             stop = await _longest_stop(3.0)
             client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with client:
@@ -138,11 +144,12 @@ def test_messages_without_a_ticket_cannot_hold_the_close_threads(
     async def scenario() -> dict[str, object]:
         assert await server.start()
         try:
+            assert rights_refused(server._sock)  # type: ignore[arg-type]
             sent = []
             for _ in range(settings.io_threads):  # a close thread each, on the code before
                 sock = lingering()
                 sent.append(_send_and_let_go(server.path, b"not a ticket", sock))
-                _drop(sock)
+                _drop(sock, sent[-1])
             deadline = time.monotonic() + 30
             # Where the kernel let them through, the broker refuses them (not tickets) and
             # closes their descriptors: once it answered, those closes are queued.
@@ -177,10 +184,49 @@ def test_descriptors_are_received_close_on_exec() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         socket.send_fds(ours, [b"m"], [0])
-        msg, fds, _flags = receive(theirs, 16, 2)
+        msg, fds, _flags = receive(theirs, 16)
         try:
             assert msg == b"m" and len(fds) == 1
             assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def test_every_descriptor_of_a_message_is_taken_before_any_is_closed(
+        lingering: Callable[[], socket.socket]) -> None:
+    """Room for only 8 made the kernel close the rest itself, inside ``recvmsg``, before they
+    could be disarmed: 10 lingering sockets held it 2 x their linger (found in review)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    socks = [lingering() for _ in range(10)]
+    with ours, theirs:
+        socket.send_fds(ours, [b"m"], [s.fileno() for s in socks])
+        for sock in socks:
+            sock.close()  # in flight: the broker's copies are the last
+        began = time.monotonic()
+        _msg, fds, flags = receive(theirs, 16)
+        took = time.monotonic() - began
+        close_disarmed(fds)
+    assert len(fds) == 10 and not flags & socket.MSG_CTRUNC
+    assert took < _LINGER / 2, f"receive took {took:.1f} s"
+
+
+def test_descriptors_sent_with_the_ticket_are_refused(tmp_path: Path) -> None:
+    """Where the kernel lets them through (a socketpair, or a kernel before 6.16), the ticket
+    still comes first: descriptors sent with it are closed, disarmed, and refused."""
+    server = LocalTransferServer(LocalTransferSettings(), tmp_path / "unused", 1 << 20)
+    (tmp_path / "in").write_bytes(b"abc")
+    in_fd = os.open(tmp_path / "in", os.O_RDONLY)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = threading.Thread(target=server.serve_connection, args=(theirs,))
+    worker.start()
+    try:
+        with ours:
+            socket.send_fds(ours, [server.table.issue("alice").encode()], [in_fd, in_fd])
+            reply = json.loads(read_reply(ours))
+        worker.join(30)
+    finally:
+        os.close(in_fd)
+        server.table.close()
+    assert reply["reason"] == "LOCAL_FD_REFUSED"
+    assert "descriptors before the ticket" in reply["message"]

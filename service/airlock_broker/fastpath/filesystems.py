@@ -36,16 +36,18 @@ from pathlib import Path
 
 #: Local, kernel-backed filesystems whose reads end: ext2/3/4 (one driver), xfs, btrfs,
 #: tmpfs, overlay (container roots). Extend it in ``[local_transfer] allowed_filesystems``
-#: (e.g. "zfs", "f2fs"); never with FUSE or network filesystems.
+#: (e.g. "zfs", "f2fs", and in ``output_filesystems`` too for outputs there); never with
+#: FUSE or network filesystems.
 DEFAULT_ALLOWED = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay"})
 
 #: Where an output may be written by the broker: disk filesystems (see above).
-DEFAULT_OUTPUTS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
+DEFAULT_OUTPUTS = DEFAULT_ALLOWED - {"tmpfs", "overlay"}
 #: The most of one mount table read (about 28,000 mounts of 150 bytes); past it the mount is
 #: not looked for further, and the descriptor is refused.
 MAX_TABLE_BYTES = 4 * 1024**2
-#: The longest line of a mount table taken as one (a mount point of 4,096 bytes, each
-#: escaped to four): a longer one makes the table unreadable rather than split.
+#: The longest line of a mount table taken as one: a longer one makes the table unreadable
+#: (the descriptor is refused, its client streams) rather than split, since a piece cut from
+#: it could read as another mount's line.
 _MAX_LINE = 64 * 1024
 #: How much of a descriptor's fdinfo is read: ``mnt_id`` is on its third line.
 _FDINFO_HEAD = 4096
@@ -89,7 +91,7 @@ def mount_type(table: Path, mnt: int, limit: int = MAX_TABLE_BYTES) -> str | Non
     to it; None if it is not there within ``limit`` bytes (or a line is longer than any
     mount's). Raises ``OSError``."""
     read = 0
-    with open(table, "rb") as lines:
+    with open(table, "rb", buffering=1 << 16) as lines:  # /proc's own block is 1 KiB
         while read <= limit and (raw := lines.readline(_MAX_LINE + 1)):
             read += len(raw)
             if len(raw) > _MAX_LINE:

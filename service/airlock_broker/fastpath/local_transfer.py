@@ -65,7 +65,13 @@ from airlock_broker.fastpath.local_handles import (
 )
 from airlock_broker.fastpath.peer_identity import peer_credentials
 from airlock_broker.fastpath.peer_io import PeerIO
-from airlock_broker.fastpath.peer_rights import allow_rights, let_go, receive, refuse_rights
+from airlock_broker.fastpath.peer_rights import (
+    allow_rights,
+    let_go,
+    receive,
+    refuse_rights,
+    rights_refused,
+)
 from airlock_broker.security.exposure import SUN_PATH_MAX
 from airlock_broker.security.state_dirs import StateDirError, check_ancestors, ensure_dir
 from airlock_broker.security.uid_owners import UidOwners
@@ -73,7 +79,6 @@ from airlock_broker.security.uid_owners import UidOwners
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 128
-_MAX_FDS = 8  # more than the 2 expected, so that "too many" is seen and refused, not truncated
 _TICKET = re.compile(rb"[A-Za-z0-9_\-]{32,64}")
 
 
@@ -125,6 +130,9 @@ class LocalTransferSettings:
         if not self.allowed_filesystems:
             raise ValueError("allowed_filesystems must not be empty (enabled = false turns "
                              "the fast path off)")
+        if not self.allowed_filesystems & self.output_filesystems:
+            raise ValueError("output_filesystems has none of allowed_filesystems: no output "
+                             "could be handed over (enabled = false turns the fast path off)")
         if self.io_threads <= 0 or self.io_wait_seconds <= 0:
             raise ValueError("io_threads and io_wait_seconds must be positive")
         if self.socket_mode & ~0o777:
@@ -176,7 +184,7 @@ class LocalTransferServer:
         except (OSError, ValueError) as exc:
             log.error("same-host fast path OFF: %s", exc)
             return False
-        self._rights_refused = refuse_rights(self._sock)
+        self._rights_refused = rights_refused(self._sock)
         if not self._rights_refused:
             log.warning("same-host fast path: this kernel cannot refuse descriptors before a "
                         "ticket (SO_PASSRIGHTS, Linux 6.16+): they are taken and closed "
@@ -296,7 +304,7 @@ class LocalTransferServer:
                 raise error(Reason.BUSY, f"all {self.io.threads} threads that close same-host "
                             "descriptors are waiting for filesystems that stopped answering; "
                             "stream instead")
-            msg, fds, flags = receive(conn, _MAX_MESSAGE, _MAX_FDS)
+            msg, fds, flags = receive(conn, _MAX_MESSAGE)
             if fds:  # a kernel that does not refuse them (before 6.16), or an older client
                 raise error(Reason.LOCAL_FD_REFUSED, "descriptors before the ticket: send the "
                                                      "ticket alone first")
@@ -307,7 +315,7 @@ class LocalTransferServer:
             try:
                 allow_rights(conn)
                 conn.sendall(json.dumps({"ready": True}).encode())
-                msg, fds, flags = receive(conn, _MAX_MESSAGE, _MAX_FDS)
+                msg, fds, flags = receive(conn, _MAX_MESSAGE)
                 if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                     raise error(Reason.LOCAL_FD_REFUSED, "message or descriptors truncated: "
                                                          "too many descriptors or too long")
@@ -367,6 +375,7 @@ def _bind(path: Path, mode: int) -> socket.socket:
         os.unlink(path)  # a previous broker's
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
+        refuse_rights(sock)  # before anyone can connect (peer_rights)
         sock.bind(os.fspath(path))  # mode from the umask until the chmod: not wider than 0777
         os.chmod(path, mode, follow_symlinks=False)
         sock.listen(16)

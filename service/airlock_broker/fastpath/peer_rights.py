@@ -8,14 +8,22 @@ stop the broker's event loop on the identity socket (15 s of 16, for as long as 
 with no credentials at all), and hold every close thread of the fast-path socket (``BUSY``
 for everyone). So:
 
-- both listening sockets refuse descriptors (``SO_PASSRIGHTS`` 0, Linux 6.16+; accepted
-  sockets inherit it): a peer's ``SCM_RIGHTS`` fails at its own ``sendmsg`` (``EPERM``). The
-  fast-path socket allows them on one connection once it has presented a live ticket;
+- both listening sockets refuse descriptors (``SO_PASSRIGHTS`` 0, Linux 6.16+; set before
+  ``bind``, so accepted sockets inherit it): a peer's ``SCM_RIGHTS`` fails at its own
+  ``sendmsg`` (``EPERM``). The fast-path socket allows them on one connection once it has
+  presented a live ticket. This is the guarantee, and it needs the kernel: what follows
+  only narrows what an older kernel lets through, and what a ticket holder can do;
 - every descriptor received is disarmed before it is closed: a socket gets ``SO_LINGER``
   on with a zero timeout, which closes at once;
-- a connection is let go of by shutting it for reading and taking, disarming and closing
-  whatever descriptors are still queued in it (on an older kernel, where nothing refuses
-  them), then closing it.
+- a connection that may hold descriptors (an older kernel's, or one whose ticket allowed
+  them) is shut for reading and drained of a bounded number of messages, their descriptors
+  disarmed, before it is closed.
+
+What is left, and bounded elsewhere: a socket inside a received Unix socket is not reached
+(nor a FUSE file, whose close waits for its daemon), and a peer can queue more messages than
+the drain reads. Those closes run on the fast path's close threads, at most four per user;
+when all are held, hand-overs are ``BUSY`` and clients stream (peer_io.py). Only a ticket
+holder can reach them from Linux 6.16 on.
 
 Received descriptors are close-on-exec from the start (``MSG_CMSG_CLOEXEC``: Python 3.11's
 ``socket.recv_fds`` drops that flag).
@@ -27,7 +35,6 @@ import array
 import contextlib
 import os
 import socket
-import stat
 import struct
 
 #: ``SO_PASSRIGHTS`` (asm-generic/socket.h), which Python 3.11 does not name.
@@ -38,17 +45,9 @@ _LINGER_NOW = struct.pack("ii", 1, 0)
 _SCM_MAX_FD = 253
 
 
-def _max_queued() -> int:
-    """How many messages a peer can queue in one connection: ``net.unix.max_dgram_qlen``
-    (the kernel lets one more in), 512 by default."""
-    try:
-        with open("/proc/sys/net/unix/max_dgram_qlen", encoding="ascii") as qlen:
-            return int(qlen.read()) + 1
-    except (OSError, ValueError):
-        return 513
-
-
-_MAX_QUEUED = _max_queued()
+#: The most messages drained from a connection before it is closed (a peer's send buffer,
+#: not ``max_dgram_qlen``, bounds how many it can queue: 278 empty ones at the default).
+_MAX_QUEUED = 512
 
 
 def refuse_rights(sock: socket.socket) -> bool:
@@ -61,6 +60,14 @@ def refuse_rights(sock: socket.socket) -> bool:
     return True
 
 
+def rights_refused(sock: socket.socket) -> bool:
+    """Whether the kernel refuses descriptors sent to ``sock``."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) == 0
+    except OSError:
+        return False
+
+
 def allow_rights(conn: socket.socket) -> None:
     """Let the peer of ``conn`` send descriptors (nothing to do where they were never
     refused)."""
@@ -68,10 +75,13 @@ def allow_rights(conn: socket.socket) -> None:
         conn.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 1)
 
 
-def receive(conn: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], int]:
-    """One message, the descriptors that came with it (close-on-exec) and its flags."""
+def receive(conn: socket.socket, size: int) -> tuple[bytes, list[int], int]:
+    """One message, the descriptors that came with it (close-on-exec) and its flags. Room is
+    made for as many as a message can carry: the kernel closes those that do not fit itself,
+    inside ``recvmsg``, before they could be disarmed (10 lingering sockets, 2 over a room
+    for 8, held it 10 s)."""
     fds = array.array("i")
-    msg, ancdata, flags, _ = conn.recvmsg(size, socket.CMSG_SPACE(max_fds * fds.itemsize),
+    msg, ancdata, flags, _ = conn.recvmsg(size, socket.CMSG_SPACE(_SCM_MAX_FD * fds.itemsize),
                                           socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -82,9 +92,7 @@ def receive(conn: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[i
 def disarm(fd: int) -> None:
     """Make closing ``fd`` immediate where it can be: a socket is set to linger for zero
     seconds. Anything else is left as it is."""
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return
+    try:  # not fstat: on FUSE it asks the daemon; a non-socket is ENOTSOCK here
         peer = socket.socket(fileno=fd)
     except OSError:
         return
@@ -104,18 +112,17 @@ def close_disarmed(fds: list[int]) -> None:
 
 
 def let_go(conn: socket.socket, *, drain: bool = True) -> None:
-    """Close ``conn`` without waiting on what its peer queued in it. With ``drain`` (a peer
-    that may have sent descriptors): refuse more, shut it for reading (the peer's sends fail
-    from then on), take and close, disarmed, whatever descriptors are still queued (at most
-    as many messages as the kernel queues), then close. Never blocks on a socket; a queued
-    descriptor of another kind closes as it would have anyway."""
+    """Close ``conn``. With ``drain`` (a peer that may have sent descriptors): refuse more,
+    shut it for reading (the peer's sends fail from then on), take and close, disarmed, the
+    descriptors of up to ``_MAX_QUEUED`` queued messages, then close (see the module
+    docstring for what this does not reach)."""
     try:
         if drain:
             refuse_rights(conn)
             conn.shutdown(socket.SHUT_RD)
             conn.setblocking(False)
             for _ in range(_MAX_QUEUED):  # an empty read is the end or an empty message
-                _msg, fds, _flags = receive(conn, 1, _SCM_MAX_FD)
+                _msg, fds, _flags = receive(conn, 1)
                 close_disarmed(fds)
     except OSError:  # drained (EAGAIN), or the peer is gone
         pass
@@ -124,4 +131,4 @@ def let_go(conn: socket.socket, *, drain: bool = True) -> None:
 
 
 __all__ = ["SO_PASSRIGHTS", "allow_rights", "close_disarmed", "disarm", "let_go", "receive",
-           "refuse_rights"]
+           "refuse_rights", "rights_refused"]
