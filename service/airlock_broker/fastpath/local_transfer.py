@@ -162,8 +162,6 @@ class LocalTransferServer:
         self.table = HandleTable(settings.ticket_ttl_seconds, settings.max_tickets,
                                  per_principal=settings.max_tickets_per_caller)
         self._sock: socket.socket | None = None
-        #: Whether the kernel refuses descriptors until a connection's ticket is live.
-        self._rights_refused = False
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._conns: set[asyncio.Task[None]] = set()
@@ -184,8 +182,7 @@ class LocalTransferServer:
         except (OSError, ValueError) as exc:
             log.error("same-host fast path OFF: %s", exc)
             return False
-        self._rights_refused = rights_refused(self._sock)
-        if not self._rights_refused:
+        if not rights_refused(self._sock):
             log.warning("same-host fast path: this kernel cannot refuse descriptors before a "
                         "ticket (SO_PASSRIGHTS, Linux 6.16+): they are taken and closed "
                         "disarmed instead")
@@ -268,7 +265,7 @@ class LocalTransferServer:
         except OSError as exc:
             log.info("local transfer connection dropped: %s", exc)
         finally:
-            let_go(conn, drain=not self._rights_refused)
+            let_go(conn)
         log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
 
     async def _serve(self, conn: socket.socket, peer: PeerCred, user: int) -> None:
@@ -292,7 +289,7 @@ class LocalTransferServer:
             conn.sendall(json.dumps(reply).encode())
         except OSError as exc:
             log.info("local transfer connection dropped: %s", exc)
-        finally:  # descriptors were allowed once a ticket was live: drain what is left
+        finally:  # drained if a live ticket allowed descriptors (peer_rights)
             let_go(conn)
 
     def _receive(self, conn: socket.socket, peer: PeerCred) -> dict[str, object]:

@@ -164,8 +164,6 @@ class IdentityServer:
         self.tickets = tickets
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        #: Whether the kernel refuses descriptors sent here (else each connection is drained).
-        self._rights_refused = False
 
     def start(self) -> None:
         """Bind and start answering (``OSError`` if the socket cannot be made). The directory
@@ -176,7 +174,7 @@ class IdentityServer:
             os.unlink(self.path)  # a previous broker's: the directory is ours
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            self._rights_refused = refuse_rights(sock)
+            refuse_rights(sock)  # before anyone can connect; accepted sockets inherit it
             sock.bind(os.fspath(self.path))
             # Connecting proves who you are; it grants nothing else.
             os.chmod(self.path, 0o666, follow_symlinks=False)
@@ -214,7 +212,7 @@ class IdentityServer:
             try:
                 self.answer(conn)
             finally:
-                let_go(conn, drain=not self._rights_refused)
+                let_go(conn)
 
     def answer(self, conn: socket.socket) -> None:
         """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer

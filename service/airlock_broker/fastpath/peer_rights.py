@@ -111,13 +111,13 @@ def close_disarmed(fds: list[int]) -> None:
             os.close(fd)
 
 
-def let_go(conn: socket.socket, *, drain: bool = True) -> None:
-    """Close ``conn``. With ``drain`` (a peer that may have sent descriptors): refuse more,
-    shut it for reading (the peer's sends fail from then on), take and close, disarmed, the
-    descriptors of up to ``_MAX_QUEUED`` queued messages, then close (see the module
-    docstring for what this does not reach)."""
+def let_go(conn: socket.socket) -> None:
+    """Close ``conn``. If its peer may have sent descriptors (an older kernel, or a
+    connection whose ticket allowed them): refuse more, shut it for reading (the peer's sends
+    fail from then on), take and close, disarmed, the descriptors of up to ``_MAX_QUEUED``
+    queued messages, then close (see the module docstring for what this does not reach)."""
     try:
-        if drain:
+        if not rights_refused(conn):
             refuse_rights(conn)
             conn.shutdown(socket.SHUT_RD)
             conn.setblocking(False)
