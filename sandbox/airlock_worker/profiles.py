@@ -51,7 +51,7 @@ def warm_up(profile: str) -> None:
     afterwards, those objects are never walked again by the job's own collections."""
     gc.disable()
     try:
-        if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats
+        if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats and more
             skip_scipy_docstring_parsing()  # doc_parsing.py: for a job that uses it
             defer_all()  # deferred_imports.py: imported only by such a job
         for module in PROFILES[profile]:

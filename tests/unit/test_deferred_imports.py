@@ -1,34 +1,41 @@
-"""A sklearn container defers ``scipy.stats`` until its job uses it (airlock_worker.
-deferred_imports): the warm-up must not import it with the pinned scikit-learn, and a job must
-compute the same either way: the same ONNX bytes and reports, the same SciPy results through
-the names scikit-learn bound early, and one module object per submodule when an unpickled
-object names a submodule before anything used the package.
+"""A sklearn container defers ``scipy.stats``, ``scipy.interpolate`` and ``scipy.integrate``
+until its job uses them (airlock_worker.deferred_imports): the warm-up must not import them
+with the pinned scikit-learn, and a job must compute the same either way: the same ONNX bytes
+and reports, the same SciPy results through the names scikit-learn bound early, and one module
+object per submodule when an unpickled object names a submodule before anything used the
+package.
 
-No artifact is loaded: the models are built (fitted) in the test's own processes, and the one
-pickle is made here, of a SciPy distribution."""
+No artifact is loaded: the models are built (fitted) in the test's own processes, and the two
+pickles are made here, of a SciPy distribution and of a fitted ``SplineTransformer`` (whose
+splines are ``scipy.interpolate`` objects)."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import numpy as np
 import scipy.stats
+from sklearn.preprocessing import SplineTransformer
 
 from tests.unit.fresh_interpreters import printed_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: In a fresh interpreter: scipy.stats imported first ("eager", which leaves nothing to
-#: defer) or not; the sklearn warm-up; two conversions through the worker's path; then the
+#: In a fresh interpreter: the deferred packages imported first ("eager", which leaves nothing
+#: to defer) or not; the sklearn warm-up; two conversions through the worker's path; then the
 #: package used, first through a pickled frozen distribution (a submodule) or first through
 #: the names scikit-learn bound at import (``EARLY``). Prints all of it.
 _RUN = r'''
-import json, os, pickle, sys, traceback
+import importlib, json, os, pickle, sys, traceback
+import numpy as np
 sys.path[:0] = [sys.argv[1] + "/sandbox", sys.argv[1]]
-variant, frozen = sys.argv[3], bytes.fromhex(sys.argv[4])
-if variant == "eager":
-    import scipy.stats
+variant, frozen, spline = sys.argv[3], bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5])
+packages = sys.argv[6].split(",")
 from airlock_worker import deferred_imports, profiles
+if variant == "eager":
+    for package in packages:
+        importlib.import_module(package)
 first_load = []
 real_load = deferred_imports._StandIn.load
 def load(self):
@@ -37,7 +44,8 @@ def load(self):
     return real_load(self)
 deferred_imports._StandIn.load = load
 def deferred():
-    return isinstance(sys.modules.get("scipy.stats"), deferred_imports._StandIn) and not first_load
+    return not first_load and all(isinstance(sys.modules.get(package), deferred_imports._StandIn)
+                                  for package in packages)
 profiles.warm_up("sklearn")
 out = {"deferred_after_warm_up": deferred()}
 from tests.unit.worker_outputs import two_conversions
@@ -47,50 +55,70 @@ out["first_load"] = first_load[0] if first_load else ""
 
 def unpickled():
     dist = pickle.loads(frozen)  # names scipy.stats._distn_infrastructure
+    splines = pickle.loads(spline)  # names scipy.interpolate._bsplines
     import scipy.stats, scipy.stats._distn_infrastructure as infra
+    import scipy.interpolate, scipy.interpolate._bsplines as bsplines
     return {"value": float(dist.ppf(0.25)),
-            "isinstance": isinstance(dist, scipy.stats.distributions.rv_frozen),
+            "isinstance": isinstance(dist, scipy.stats.distributions.rv_frozen)
+                          and isinstance(splines.bsplines_[0], scipy.interpolate.BSpline),
             "one_module": sys.modules["scipy.stats._distn_infrastructure"] is infra
                           and scipy.stats._distn_infrastructure is infra
-                          and type(dist).__module__ == infra.__name__}
+                          and type(dist).__module__ == infra.__name__
+                          and sys.modules["scipy.interpolate._bsplines"] is bsplines
+                          and scipy.interpolate._bsplines is bsplines
+                          and type(splines.bsplines_[0]).__module__ == bsplines.__name__,
+            "splines": splines.transform([[0.25], [0.5], [2.0]]).round(12).tolist()}
 
 def early_names():
     from sklearn._loss import link
     from sklearn.covariance import _robust_covariance
     from sklearn.metrics import _ranking
+    from sklearn.preprocessing import SplineTransformer, _polynomial
     from sklearn import isotonic
+    x = [[0.0], [0.5], [1.0], [1.5], [3.0]]
     return [_ranking.rankdata([3.0, 1.0, 2.0, 2.0], "max").tolist(),
             float(link.gmean([1.0, 2.0, 4.0])),
             float(isotonic.spearmanr([1, 2, 3, 4], [1, 3, 2, 4])[0]),
             float(_robust_covariance.chi2(3).isf(0.5)),
-            float(_robust_covariance.chi2.ppf(0.5, 3))]
+            float(_robust_covariance.chi2.ppf(0.5, 3)),
+            float(_ranking.trapezoid([1.0, 2.0, 4.0], [0.0, 1.0, 3.0])),
+            float(_ranking.auc([0.0, 0.5, 1.0], [0.0, 0.75, 1.0])),
+            float(_polynomial.BSpline.construct_fast(
+                np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0]), 2)(0.5)),
+            SplineTransformer(n_knots=3, degree=2).fit(x).transform(x).round(12).tolist()]
 
 if variant == "submodule-first":
     out["unpickled"], out["early_names"] = unpickled(), early_names()
 else:
     out["early_names"], out["unpickled"] = early_names(), unpickled()
-import scipy, scipy.stats
-out["real_module_in_place"] = (sys.modules["scipy.stats"] is scipy.stats
-                               and type(scipy.stats) is type(os)
-                               and hasattr(scipy.stats, "norm"))
+import scipy, scipy.stats, scipy.interpolate, scipy.integrate
+out["real_module_in_place"] = all(
+    sys.modules[package] is getattr(scipy, package.split(".")[1])
+    and type(sys.modules[package]) is type(os) for package in packages) and all(
+    hasattr(module, name) for module, name in ((scipy.stats, "norm"),
+                                               (scipy.interpolate, "BSpline"),
+                                               (scipy.integrate, "quad")))
 print("RESULT " + json.dumps(out, sort_keys=True))
 '''
 
 VARIANTS = ("eager", "names-first", "submodule-first")
+#: What the warm-up leaves unimported (about 0.25 CPU-s of a sklearn container's start).
+DEFERRED = ("scipy.stats", "scipy.interpolate", "scipy.integrate")
 
 
-def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_result(
+def test_deferred_scipy_packages_are_not_imported_by_the_warm_up_and_change_no_result(
         tmp_path: Path) -> None:
     frozen = pickle.dumps(scipy.stats.uniform(loc=1.0, scale=2.0)).hex()
+    spline = pickle.dumps(SplineTransformer(n_knots=4).fit(np.linspace(0, 2, 9)[:, None])).hex()
     results = dict(zip(VARIANTS, printed_results(
-        *(["-c", _RUN, str(ROOT), str(tmp_path), variant, frozen] for variant in VARIANTS)),
-        strict=True))
+        *(["-c", _RUN, str(ROOT), str(tmp_path), variant, frozen, spline, ",".join(DEFERRED)]
+          for variant in VARIANTS)), strict=True))
     eager = results.pop("eager")
     assert eager.pop("deferred_after_warm_up") is False  # the control: nothing to defer
     assert eager.pop("deferred_after_conversions") is False
     eager.pop("first_load")
     for variant, result in results.items():
-        # The warm-up, and converting a pipeline and a forest, never imported scipy.stats.
+        # The warm-up, and converting a pipeline and a forest, never imported the packages.
         # If this fails after a scikit-learn upgrade, first_load says which import read a
         # name not in deferred_imports.EARLY.
         assert result.pop("deferred_after_warm_up") is True, result["first_load"]
@@ -98,7 +126,9 @@ def test_deferred_scipy_stats_is_not_imported_by_the_warm_up_and_changes_no_resu
         result.pop("first_load")
         # Used afterwards, the package is the real one, and every result is the same.
         assert result == eager, variant
-    assert eager["unpickled"] == {"value": 1.5, "isinstance": True, "one_module": True}
+    assert {key: eager["unpickled"][key] for key in ("value", "isinstance", "one_module")} \
+        == {"value": 1.5, "isinstance": True, "one_module": True}
+    assert len(eager["unpickled"]["splines"]) == 3
     assert eager["real_module_in_place"] is True
     assert set(eager) == {"pipeline", "forest", "unpickled", "early_names",
                           "real_module_in_place"}
