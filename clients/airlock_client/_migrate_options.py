@@ -18,8 +18,6 @@ from airlock_client.mlflow_source import DOWNLOAD_FAILED
 if TYPE_CHECKING:
     from airlock_client.model_dir import DirectoryResult
 
-#: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only.
-Fetch = Callable[[str, Path], Path]
 #: ``convert(model_dir, output, subject) -> result``: convert in the broker's sandbox, with
 #: ``subject`` (``models:/NAME/VERSION``) signed into the provenance.
 Convert = Callable[[Path, Path, str], ConversionResult]

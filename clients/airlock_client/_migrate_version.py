@@ -40,14 +40,13 @@ from airlock_client._migrate_options import (
     TRANSIENT_REASONS,
     Convert,
     ConvertDirectory,
-    Fetch,
     Options,
     Progress,
 )
 from airlock_client._migrate_register import Registrar
 from airlock_client._migrate_report import Outcome, Status, describe
 from airlock_client._migrate_walk import Target
-from airlock_client._registry import ModelVersion, Registry, tag
+from airlock_client._registry import Fetch, ModelVersion, Registry, tag
 from airlock_client._run_dir import scratch_dir
 from airlock_client._twin import (
     Download,

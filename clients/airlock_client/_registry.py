@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from airlock_client._errors import AirlockError
@@ -24,6 +25,9 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 #: A walk longer than this is a registry bug, not a registry.
 MAX_PAGES = 100_000
+#: ``fetch(models_uri, dest_dir) -> model_dir``: download a version's files, bytes only
+#: (``migrate``'s source versions, ``safe_load``'s source of a converted version).
+Fetch = Callable[[str, Path], Path]
 
 T = TypeVar("T", covariant=True)
 E = TypeVar("E")

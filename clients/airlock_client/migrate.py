@@ -51,7 +51,6 @@ from airlock_client._migrate_options import (
     TRANSIENT_REASONS,
     Convert,
     ConvertDirectory,
-    Fetch,
     Options,
     Progress,
 )
@@ -66,7 +65,7 @@ from airlock_client._migrate_report import (
 )
 from airlock_client._migrate_version import VersionMigration
 from airlock_client._migrate_walk import SelectionError, Target, find_target, select
-from airlock_client._registry import ModelVersion, Registry, model_versions
+from airlock_client._registry import Fetch, ModelVersion, Registry, model_versions
 from airlock_client._twin import Download, Listing
 from airlock_client.batch import Done, run_bounded
 from airlock_client.provenance import PublicKeyLike

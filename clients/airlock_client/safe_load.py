@@ -51,7 +51,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +59,7 @@ from typing import Any, Literal
 from airlock_client import _lineage as tags
 from airlock_client._downloads import Downloads
 from airlock_client._errors import ModelSourceError, SafeLoadError
-from airlock_client._registry import ModelVersion, Registry, open_registry
+from airlock_client._registry import Fetch, ModelVersion, Registry, open_registry
 from airlock_client._run_dir import scratch_dir
 from airlock_client._twin import (
     DEFAULT_MAX_BYTES,
@@ -97,8 +97,9 @@ REGISTRY_UNAVAILABLE = "REGISTRY_UNAVAILABLE"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 _SOURCE_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+))?$")
 
-#: ``fetch(models_uri, dest_dir) -> model_dir``: a source version's files, bytes only.
-FetchSource = Callable[[str, Path], Path]
+#: ``fetch(models_uri, dest_dir) -> model_dir``: a source version's files, bytes only
+#: (the same type as ``migrate.Fetch``).
+FetchSource = Fetch
 
 
 @dataclass(frozen=True)
