@@ -63,8 +63,12 @@ MAX_INDEX_BYTES = 2 * 1024 * 1024
 MAX_DATA_FILE_BYTES = data_files.MAX_DATA_BYTES
 #: The weights of one directory together (a 30B-parameter model in fp16 is ~60 GB).
 MAX_WEIGHT_BYTES = 64 * 1024**3
-#: Top-level entries; as for an MLflow bundle.
+#: Top-level entries; as for an MLflow bundle. An MLflow transformers model's weights
+#: directory and its components count together.
 MAX_ENTRIES = _bundle.MAX_FILES
+#: Names in an MLflow transformers model's ``components`` (a pipeline saves a tokenizer, a
+#: feature extractor, an image processor, a processor: four at most today).
+MAX_COMPONENTS = 16
 #: Distinct weight files one index may name (as MAX_INDEX_BYTES: what the broker attests).
 MAX_SHARDS = 1024
 
@@ -217,9 +221,11 @@ def mlflow_transformers(base: Path) -> MlflowTransformers | None:
     components_dir = _subdirectory(base, MLFLOW_COMPONENTS, MLFLOW_COMPONENTS)
     components: list[Path] = []
     if isinstance(names, list) and components_dir is not None:
-        for name in names:
-            found = (_subdirectory(components_dir, name, "flavors.transformers.components")
-                     if isinstance(name, str) else None)
+        if len(names) > MAX_COMPONENTS:  # a 1 MiB MLmodel holds 520,000 of one name
+            raise _bundle.refuse(f"{MLMODEL}: flavors.transformers.components names "
+                                 f"{len(names)} components (limit {MAX_COMPONENTS})")
+        for name in dict.fromkeys(n for n in names if isinstance(n, str)):  # each once
+            found = _subdirectory(components_dir, name, "flavors.transformers.components")
             if found is not None:
                 components.append(found)
     kept = {binary, MLFLOW_COMPONENTS}
@@ -260,7 +266,8 @@ def inspect(root: str | os.PathLike[str]) -> HfModelDir:
 
 def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
              skipped: list[Skipped]) -> HfModelDir:
-    files, found_skipped = _top_level(weights_dir)
+    files, found_skipped = _top_level(weights_dir, MAX_ENTRIES)
+    room = MAX_ENTRIES - len(files) - len(found_skipped)
     where = "" if weights_dir == base else f"{weights_dir.relative_to(base)}/"
     skipped += [Skipped(where + s.name, s.why) for s in found_skipped]
     if WEIGHTS in files and WEIGHTS_INDEX in files:
@@ -305,7 +312,8 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
     data: dict[str, DataFile] = {}
     sources = [(where, {n: f for n, f in files.items() if n not in used})]
     for component in components:
-        component_files, component_skipped = _top_level(component)
+        component_files, component_skipped = _top_level(component, room)
+        room -= len(component_files) + len(component_skipped)
         at = f"{component.relative_to(base)}/"
         skipped += [Skipped(at + s.name, s.why) for s in component_skipped]
         sources.append((at, component_files))
@@ -322,12 +330,16 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
                       tuple(sorted(skipped, key=lambda s: s.name)))
 
 
-def _top_level(base: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:
+def _top_level(base: Path, room: int = MAX_ENTRIES) -> tuple[dict[str, ModelFile],
+                                                             list[Skipped]]:
+    """``base``'s entries: its files, and what is skipped; more than ``room`` of them (what
+    is left of ``MAX_ENTRIES`` for the whole model) refuses the model."""
     files: dict[str, ModelFile] = {}
     skipped: list[Skipped] = []
-    entries = _bundle.listed(base, MAX_ENTRIES, str(base))
-    if len(entries) > MAX_ENTRIES:
-        raise _bundle.refuse(f"{base} has more than {MAX_ENTRIES} entries")
+    entries = _bundle.listed(base, room, str(base))
+    if len(entries) > room:
+        raise _bundle.refuse(f"{base} has more than {room} entries (the model's files, with "
+                             f"its components', are limited to {MAX_ENTRIES} entries)")
     for entry in entries:
         found = _bundle.checked_entry(entry, entry.name)
         if found is None:

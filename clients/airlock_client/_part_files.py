@@ -17,7 +17,14 @@ destination removes what such runs left, and only that:
 - only on a local filesystem (``LOCAL_FILESYSTEMS``, read from the kernel's mount table):
   on a network filesystem a lock may not reach a run on another host, so nothing is swept
   there. Where ``flock`` is refused altogether, a run writes without a lock, and a sweep,
-  refused the lock too, removes nothing.
+  refused the lock too, removes nothing;
+- only where no one else can give an entry that name (``names_are_ours``): a directory that
+  this user or root owns and that no one else may write, or that has the sticky bit. In a
+  team's ``2775`` any member can rename a tree of the user's to a leftover's name, which keeps
+  its owner and its age, and the user's next conversion would remove it. Leftovers there
+  stay until the user removes them (``rm -r .NAME.*.airlock-part``);
+- a file's name (``.part``) must be a regular file, a directory's (``.airlock-part``) a
+  directory.
 
 A temporary output's name is only a name: in a directory others may write that is not sticky
 (a team's ``2775``), any of them can rename it away and put a link to anywhere in its place
@@ -25,8 +32,10 @@ while the conversion runs. So nothing is done to it by its name that a link woul
 elsewhere: its mode is set through the descriptor ``Part`` holds (``set_mode``), a directory
 is written through that descriptor (``inside``: ``/proc/self/fd/N``, the directory itself
 wherever its name points), and the name is checked to be it just before and after the rename
-that puts it in place (``replace``, ``placed_as``: ``OutputSwapped`` otherwise). Removing it
-(``remove``) goes by name only while the name is still it.
+that puts it in place (``replace``, ``placed_as``: ``OutputSwapped`` otherwise). A directory
+is removed through a descriptor of its own, checked to be it (``remove_tree``): what is inside
+is removed through that descriptor, and only the emptied directory by its name, if the name is
+still it. A file is unlinked by name only while the name is still it.
 
 Imports nothing heavy: ``airlock convert`` uses it.
 """
@@ -144,16 +153,69 @@ class Part:
         if self._placed or self._handle < 0:
             return
         with contextlib.suppress(OSError, RecursionError):  # OutputSwapped is one
-            self.check_named(self.path)
             if self.fd == -1:
-                shutil.rmtree(self.path)
+                remove_tree(self.path, self._ident)
             else:
+                self.check_named(self.path)
                 os.unlink(self.path)
 
 
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def identity(path: Path) -> tuple[int, int]:
+    """What ``path`` itself is (a link is not followed): for ``remove_tree``."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def remove_tree(path: Path, ident: tuple[int, int]) -> bool:
+    """Remove the directory ``path`` if it is still ``ident`` (``identity``); whether it was.
+    Its contents are removed through a descriptor of it, never through ``path``, so a tree
+    that someone else renamed to ``path`` meanwhile is left alone; the emptied directory goes
+    by its name only if the name is still it. Follows no link. Raises ``OSError`` (and
+    ``RecursionError``, for a tree deeper than ~1000 levels) when something cannot be
+    removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link at the name: not it
+            return False
+        raise
+    try:
+        if _identity(fd) != ident:
+            return False
+        _empty(fd)
+    finally:
+        os.close(fd)
+    try:
+        if identity(path) != ident:
+            return False
+        os.rmdir(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _empty(directory: int) -> None:
+    """Remove everything in the open directory ``directory``, through descriptors."""
+    with os.scandir(directory) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in names:
+        if not is_dir:
+            os.unlink(name, dir_fd=directory)
+            continue
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=directory)
+        try:
+            _empty(sub)
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=directory)
 
 
 def new_file(output: Path) -> Part:
@@ -218,6 +280,8 @@ def sweep(output: Path, *, now: float | None = None) -> list[str]:
     except OSError:
         return removed
     try:
+        if not names_are_ours(os.fstat(parent)):
+            return removed
         with os.scandir(parent) as entries:
             names = [e.name for e in entries
                      if e.name.startswith(prefix) and pattern.fullmatch(e.name)]
@@ -228,6 +292,17 @@ def sweep(output: Path, *, now: float | None = None) -> list[str]:
     finally:
         os.close(parent)
     return removed
+
+
+def names_are_ours(directory: os.stat_result) -> bool:
+    """Whether only this user (or root) can give an entry of ``directory`` a name: it is this
+    user's or root's, and no one else may write it or it has the sticky bit (where only an
+    entry's owner may rename it). Group or other write bits also stand for an ACL that lets
+    someone else write (they show its mask)."""
+    if directory.st_uid not in (os.geteuid(), 0):
+        return False
+    return not directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) \
+        or bool(directory.st_mode & stat.S_ISVTX)
 
 
 def _on_local_filesystem(fd: int, proc: Path = Path("/proc")) -> bool:
@@ -254,12 +329,12 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
         st = os.lstat(name, dir_fd=parent)
         if st.st_uid != os.geteuid() or now - st.st_mtime < STALE_SECONDS:
             return False  # another user's (never ours to remove), or perhaps a live run's
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode) and name.endswith(DIR_SUFFIX):
             flags = os.O_RDONLY | os.O_DIRECTORY
-        elif stat.S_ISREG(st.st_mode):
+        elif stat.S_ISREG(st.st_mode) and not name.endswith(DIR_SUFFIX):  # FILE_SUFFIX
             flags = os.O_RDONLY
         else:
-            return False  # a link or a special file: not ours, never followed
+            return False  # a link, a special file, or not what its name says: never ours
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError:
         return False
@@ -273,7 +348,8 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
             return False  # its run is alive (or the filesystem has no locks)
         try:
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(name, dir_fd=parent)  # follows no link inside
+                _empty(fd)  # through the descriptor checked above; follows no link
+                os.rmdir(name, dir_fd=parent)
             else:
                 os.unlink(name, dir_fd=parent)
         except (OSError, RecursionError):  # RecursionError: a tree deeper than ~1000 levels

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import threading
 import time
@@ -505,11 +504,14 @@ def _replace(part: _part_files.Part, dest: Path, overwrite: bool) -> None:
     if not overwrite:  # something was written there while we converted
         raise FileExistsError(f"{dest} is no longer empty")
     _check_replaceable(dest)  # again: it was checked before the conversion, minutes ago
+    # The old output is removed as what it is now, not as whatever its name holds later: in a
+    # directory others may write, they could rename a tree of the user's to that name.
+    previous = _part_files.identity(dest)
     if _part_files.exchange(tmp, dest):
         # At no moment was there no output; the old one is under the temporary name (or,
         # killed first, the next run removes it: it is unlocked).
         part.placed_as(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_previous(tmp, previous)
         return
     # Named as a temporary output of ``dest``: killed between the two renames, the old
     # output is what the next run's sweep removes (its new one is at ``tmp``, swept too).
@@ -518,7 +520,13 @@ def _replace(part: _part_files.Part, dest: Path, overwrite: bool) -> None:
         os.rename(dest, old)
         os.rename(tmp, dest)
         part.placed_as(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_previous(old, previous)
+
+
+def _remove_previous(name: Path, previous: tuple[int, int]) -> None:
+    """The replaced output, if ``name`` still holds it; what cannot be removed is left."""
+    with contextlib.suppress(OSError, RecursionError):
+        _part_files.remove_tree(name, previous)
 
 
 @contextlib.contextmanager

@@ -181,6 +181,42 @@ def test_an_mlflow_transformers_model_is_its_hugging_face_directory(tmp_path: Pa
     assert "MLflow's own" in skipped["MLmodel"] and "MLflow's own" in skipped["requirements.txt"]
 
 
+def test_a_component_named_many_times_is_read_once(tmp_path: Path) -> None:
+    """Found by review: ``components`` naming one component over and over listed it once per
+    name, a skipped entry for each of its files every time: a 1 MiB MLmodel names 520,000,
+    and the client ran out of memory before anything was sent (a MemoryError after 68 s
+    under a 2 GB cap). A registry's writer chooses the MLmodel of a version ``migrate``
+    reads."""
+    root = mlflow_transformers(tmp_path / "bundle", components=["tokenizer"] * 16)
+    model = _hf_dir.inspect(root)
+    assert [s.name for s in model.skipped].count(
+        "components/tokenizer/special_tokens_map.pkl") == 1
+    assert [d.name for d in model.data_files] == ["config.json", "tokenizer.json", "vocab.txt"]
+
+
+def test_more_components_than_a_pipeline_saves_refuse_the_model(tmp_path: Path) -> None:
+    root = mlflow_transformers(tmp_path / "bundle", components=["tokenizer"] * 50_000)
+    with pytest.raises(ModelSourceError, match=r"names 50000 components \(limit 16\)"):
+        _hf_dir.inspect(root)
+
+
+def test_the_weights_and_the_components_share_one_entry_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each directory within the limit, together beyond it."""
+    root = mlflow_transformers(tmp_path / "bundle", components=["tokenizer", "processor"])
+    processor = root / "components" / "processor"
+    processor.mkdir()
+    for i in range(3):
+        (processor / f"extra{i}.txt").write_text("x")
+    model_entries = len(os.listdir(root / "model"))
+    tokenizer_entries = len(os.listdir(root / "components" / "tokenizer"))
+    monkeypatch.setattr(_hf_dir, "MAX_ENTRIES", model_entries + tokenizer_entries + 3)
+    assert len(_hf_dir.inspect(root).skipped) > 0  # exactly at the limit: read
+    (processor / "extra3.txt").write_text("x")
+    with pytest.raises(ModelSourceError, match="more than 3 entries"):
+        _hf_dir.inspect(root)
+
+
 @pytest.mark.parametrize("change", ["tensorflow", "safetensors weights", "another flavor"])
 def test_other_mlflow_models_stay_mlflow_models(tmp_path: Path, change: str) -> None:
     root = mlflow_transformers(tmp_path / "bundle",

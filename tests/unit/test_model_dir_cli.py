@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -275,25 +276,58 @@ def test_ctrl_c_after_the_output_was_put_in_place_says_so(
     """Found by review: a Ctrl-C while ``--overwrite`` removed the old output (which a large
     directory makes long) was reported as "no partial output was left (OUT is as it was)",
     when OUT was the new, complete output."""
-    import shutil
-
-    from airlock_client import model_dir
+    from airlock_client import _part_files
 
     src = hf_dir(tmp_path / "m", SHARDS)
     out = tmp_path / "out"
     assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out)) == 0
-    removing = shutil.rmtree
+    removing = _part_files.remove_tree
     pressed: list[object] = []
 
-    def interrupted(path: object, *args: object, **kwargs: object) -> None:
-        removing(path, *args, **kwargs)  # type: ignore[arg-type]
+    def interrupted(path: Path, ident: tuple[int, int]) -> bool:
+        removing(path, ident)
         if not pressed:  # once: as if pressed while the old output was being removed
             pressed.append(path)
             raise KeyboardInterrupt
+        return True
 
-    monkeypatch.setattr(model_dir.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(_part_files, "remove_tree", interrupted)
     capsys.readouterr()
     assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out), "--overwrite") == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert "after the conversion was put in place" in err[-1], err
     assert "no partial output" not in err[-1]
+
+
+@pytest.mark.parametrize("one_step", [True, False])
+def test_overwrite_removes_the_old_output_and_not_what_its_name_holds_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_step: bool) -> None:
+    """Found by review: ``--overwrite`` removed the replaced output by its name once the new
+    one was in place. In a directory others may write, a member who renamed a tree of the
+    user's to that name in between had it removed. Both ways of replacing (one exchange, or
+    two renames where the kernel cannot exchange) are checked."""
+    from airlock_client import _part_files, model_dir
+
+    if not one_step:
+        monkeypatch.setattr(_part_files, "exchange", lambda a, b: False)
+    src = hf_dir(tmp_path / "m", SHARDS)
+    out = tmp_path / "out"
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out)) == 0
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("secret-notes")
+    placing = _part_files.Part.placed_as
+    swapped: list[Path] = []
+
+    def placed_then_swapped(part: _part_files.Part, output: Path) -> None:
+        placing(part, output)
+        if output == out and not swapped:  # the old output's name, taken in between
+            old = next(p for p in tmp_path.iterdir() if p.name.startswith(".out."))
+            os.rename(old, tmp_path / "old-moved-away")
+            os.rename(precious, old)
+            swapped.append(old)
+
+    monkeypatch.setattr(_part_files.Part, "placed_as", placed_then_swapped)
+    assert _run(monkeypatch, FakeClient(GOOD), str(src), "-o", str(out), "--overwrite") == 0
+    assert swapped and (swapped[0] / "notes.txt").read_text() == "secret-notes"
+    assert model_dir._foreign_entries(out) == []  # the new output is in place

@@ -213,3 +213,78 @@ def test_a_provenance_record_a_killed_run_was_writing_goes_with_the_next_one(
     assert written.read_bytes() == b'{"signed": true}'
     assert not left.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, written.name]
+
+
+def _precious(path: Path) -> Path:
+    """A tree of the user's, untouched for an hour: what a leftover's name must not cost."""
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("secret-notes")
+    (path / "sub" / "results.csv").write_text("data")
+    then = time.time() - 3600
+    os.utime(path, (then, then))
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o2775, 0o777])
+def test_a_tree_renamed_to_a_leftovers_name_where_others_may_write_is_kept(
+        tmp_path: Path, mode: int) -> None:
+    """Found by review: in a team's directory (group-writable, not sticky) a member renamed a
+    tree of the user's to ``.NAME.XXXXXXXX.airlock-part`` (a rename keeps its owner and its
+    age), and the user's next conversion to NAME removed it, files the member could not
+    delete themselves. Names there can be given by others: nothing is swept."""
+    team = tmp_path / "team"
+    team.mkdir()
+    os.chmod(team, mode)
+    renamed = _precious(team / ".model-safetensors.abcd1234.airlock-part")
+    left_file = _left(team, ".model-safetensors.wxyz6789.part")
+    part = new_dir(team / "model-safetensors")
+    try:
+        assert (renamed / "notes.txt").read_text() == "secret-notes"
+        assert (renamed / "sub" / "results.csv").exists() and left_file.exists()
+    finally:
+        part.remove()
+        part.release()
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o3775, 0o755])
+def test_where_only_the_user_can_name_entries_a_leftover_still_goes(
+        tmp_path: Path, mode: int) -> None:
+    """Sticky (``/tmp``, a team's ``3775``) or writable by its owner alone: only an entry's
+    owner can rename it there, so a leftover's name is a killed run's."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    os.chmod(parent, mode)
+    left = _left(parent, ".out.abcd1234.airlock-part", directory=True)
+    assert sweep(parent / "out") == [left.name] and not left.exists()
+
+
+def test_a_directory_of_another_user_is_not_ours_to_sweep(tmp_path: Path) -> None:
+    """Its owner may rename anything in it, whatever its mode."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, STRANGER, STRANGER)
+    left = _left(theirs, ".out.abcd1234.airlock-part", directory=True)
+    assert sweep(theirs / "out") == [] and left.exists()
+
+
+def test_a_leftovers_name_on_the_wrong_kind_of_entry_is_kept(tmp_path: Path) -> None:
+    """A ``.part`` is a file and an ``.airlock-part`` a directory; nothing else goes."""
+    directory = _precious(tmp_path / ".m.onnx.abcd1234.part")
+    plain = _left(tmp_path, ".m.onnx.wxyz6789.airlock-part")
+    assert sweep(tmp_path / "m.onnx") == []
+    assert (directory / "notes.txt").exists() and plain.exists()
+
+
+def test_remove_tree_removes_only_what_it_was_given(tmp_path: Path) -> None:
+    tree = _precious(tmp_path / "tree")
+    ident = _part_files.identity(tree)
+    other = _precious(tmp_path / "other")
+    os.rename(tree, tmp_path / "moved")
+    os.rename(other, tree)  # someone else's rename: the name now holds another tree
+    assert _part_files.remove_tree(tree, ident) is False
+    assert (tree / "notes.txt").exists() and (tmp_path / "moved" / "notes.txt").exists()
+    assert _part_files.remove_tree(tmp_path / "moved", ident) is True
+    assert not (tmp_path / "moved").exists()
+    (tmp_path / "link").symlink_to(tree)
+    assert _part_files.remove_tree(tmp_path / "link", _part_files.identity(tree)) is False
+    assert (tree / "notes.txt").exists()

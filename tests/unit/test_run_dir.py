@@ -155,7 +155,7 @@ def test_a_ctrl_c_while_the_work_directory_is_removed_is_one_line(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_dispatch", lambda args: 0)
-    monkeypatch.setattr(_part_files.shutil, "rmtree", pressed)
+    monkeypatch.setattr(_part_files, "_empty", pressed)
     assert cli.main(["convert", "x.pkl", "--json"]) == 130
     out, err = capsys.readouterr()
     assert out == ""  # the command's own JSON object is all that stdout may hold
