@@ -57,15 +57,17 @@ def usage_of(args: argparse.Namespace, message: str) -> int:
     return usage_error(args.command, message, as_json=args.json)
 
 
-def usage_error(command: str, message: str, *, as_json: bool = False) -> int:
+def usage_error(command: str, message: str, *, as_json: bool = False,
+                reason: str = USAGE) -> int:
     """Say on stderr why this command line cannot run; with ``--json`` also print on stdout
-    the one object ``--json`` promises (a script reads stdout alone). Returns EXIT_USAGE.
+    the one object ``--json`` promises (a script reads stdout alone), with ``reason``.
+    Returns EXIT_USAGE.
 
     The message often names a file, and a name is someone else's text once a glob picked it:
     the terminal sees it escaped (``printable``), the JSON as it is (JSON escapes it)."""
     print(f"airlock {command}: error: {printable(message)}", file=sys.stderr)
     if as_json:
-        _json_failure("usage", USAGE, message)
+        _json_failure("usage", reason, message)
     return EXIT_USAGE
 
 

@@ -24,6 +24,8 @@
     │                            with the index (INDEX_MISMATCH); no output was written
     ├── OutputSwapped            (_part_files.py) a temporary output's name was taken from it
     │                            while it was written (others may write its directory)
+    ├── UnsafeTempDir            (_run_dir.py) ``$TMPDIR`` can be written by others and is not
+    │                            sticky (UNSAFE_TMPDIR)
     ├── FileSkipped              a directory's file not converted: another failed first
     │                            (``migrate``'s lanes); never the directory's failure
     ├── RegistryError            (_registry.py) the MLflow registry refused a call

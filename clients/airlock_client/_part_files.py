@@ -19,7 +19,8 @@ destination removes what such runs left, and only that:
   there. Where ``flock`` is refused altogether, a run writes without a lock, and a sweep,
   refused the lock too, removes nothing;
 - only where no one else can give an entry that name (``names_are_ours``): a directory that
-  this user or root owns and that no one else may write, or that has the sticky bit. In a
+  this user or root owns and that no one else may write (the user's own personal group
+  aside), or that has the sticky bit. In a
   team's ``2775`` any member can rename a tree of the user's to a leftover's name, which keeps
   its owner and its age, and the user's next conversion would remove it. Leftovers there
   stay until the user removes them (``rm -r .NAME.*.airlock-part``);
@@ -34,8 +35,9 @@ is written through that descriptor (``inside``: ``/proc/self/fd/N``, the directo
 wherever its name points), and the name is checked to be it just before and after the rename
 that puts it in place (``replace``, ``placed_as``: ``OutputSwapped`` otherwise). A directory
 is removed through a descriptor of its own, checked to be it (``remove_tree``): what is inside
-is removed through that descriptor, and only the emptied directory by its name, if the name is
-still it. A file is unlinked by name only while the name is still it.
+is removed through that descriptor, entering no subdirectory that someone else could have
+moved there (``_empty``), and only the emptied directory by its name, if the name is still
+it. A file is unlinked by name only while the name is still it.
 
 Imports nothing heavy: ``airlock convert`` uses it.
 """
@@ -175,7 +177,8 @@ def remove_tree(path: Path, ident: tuple[int, int]) -> bool:
     """Remove the directory ``path`` if it is still ``ident`` (``identity``); whether it was.
     Its contents are removed through a descriptor of it, never through ``path``, so a tree
     that someone else renamed to ``path`` meanwhile is left alone; the emptied directory goes
-    by its name only if the name is still it. Follows no link. Raises ``OSError`` (and
+    by its name only if the name is still it. Follows no link, and enters no subdirectory that
+    someone else could have moved in (``_empty``). Raises ``OSError`` (and
     ``RecursionError``, for a tree deeper than ~1000 levels) when something cannot be
     removed."""
     try:
@@ -187,9 +190,10 @@ def remove_tree(path: Path, ident: tuple[int, int]) -> bool:
             return False
         raise
     try:
-        if _identity(fd) != ident:
+        top = os.fstat(fd)
+        if (top.st_dev, top.st_ino) != ident:
             return False
-        _empty(fd)
+        _empty(fd, _unreachable(top))
     finally:
         os.close(fd)
     try:
@@ -201,8 +205,16 @@ def remove_tree(path: Path, ident: tuple[int, int]) -> bool:
     return True
 
 
-def _empty(directory: int) -> None:
-    """Remove everything in the open directory ``directory``, through descriptors."""
+def _empty(directory: int, private: bool) -> None:
+    """Remove what is in the open directory ``directory``, through descriptors.
+
+    A subdirectory is entered only if nobody else could have moved it in: ``private`` (no one
+    else can reach ``directory``: it, or a directory above it in this walk, is this user's
+    and others may not search it), or the subdirectory is this user's and no one else may
+    write it (moving a directory to another parent takes write permission on it). Another,
+    in an output made group-writable by the umask, may be a tree of the user's that a group
+    member moved in from elsewhere (a file moved in only loses a name its mover could have
+    removed). It is left, and so the directory holding it is not removed (``OSError``)."""
     with os.scandir(directory) as entries:
         names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
     for name, is_dir in names:
@@ -212,10 +224,24 @@ def _empty(directory: int) -> None:
         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                       dir_fd=directory)
         try:
-            _empty(sub)
+            st = os.fstat(sub)
+            if not (private or _sealed(st)):
+                continue  # perhaps moved in: left, and its parent with it
+            _empty(sub, private or _unreachable(st))
         finally:
             os.close(sub)
         os.rmdir(name, dir_fd=directory)
+
+
+def _sealed(st: os.stat_result) -> bool:
+    """This user's, and no one else may write it."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _unreachable(st: os.stat_result) -> bool:
+    """This user's, and no one else may search it (nothing below it can be reached by
+    others, whatever its own modes)."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IXGRP | stat.S_IXOTH)
 
 
 def new_file(output: Path) -> Part:
@@ -298,11 +324,29 @@ def names_are_ours(directory: os.stat_result) -> bool:
     """Whether only this user (or root) can give an entry of ``directory`` a name: it is this
     user's or root's, and no one else may write it or it has the sticky bit (where only an
     entry's owner may rename it). Group or other write bits also stand for an ACL that lets
-    someone else write (they show its mask)."""
+    someone else write (they show its mask). A group write bit is no one else's where the
+    group is the user's own personal group (``_personal_group``: umask 002 makes every
+    directory of such a user 0775)."""
     if directory.st_uid not in (os.geteuid(), 0):
         return False
-    return not directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) \
-        or bool(directory.st_mode & stat.S_ISVTX)
+    if directory.st_mode & stat.S_ISVTX or not directory.st_mode & (stat.S_IWGRP
+                                                                     | stat.S_IWOTH):
+        return True
+    return not directory.st_mode & stat.S_IWOTH and directory.st_uid == os.geteuid() \
+        and _personal_group(directory.st_gid)
+
+
+def _personal_group(gid: int) -> bool:
+    """Whether ``gid`` is this user's own group (a user private group: named as the user and
+    listing no members); False when either cannot be looked up."""
+    import grp
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.geteuid())
+    except (KeyError, OSError):
+        return False
+    return group.gr_name == user.pw_name and not group.gr_mem and user.pw_gid == gid
 
 
 def _on_local_filesystem(fd: int, proc: Path = Path("/proc")) -> bool:
@@ -348,7 +392,7 @@ def _remove_if_left(parent: int, name: str, now: float) -> bool:
             return False  # its run is alive (or the filesystem has no locks)
         try:
             if stat.S_ISDIR(st.st_mode):
-                _empty(fd)  # through the descriptor checked above; follows no link
+                _empty(fd, _unreachable(opened))  # through the descriptor checked above
                 os.rmdir(name, dir_fd=parent)
             else:
                 os.unlink(name, dir_fd=parent)

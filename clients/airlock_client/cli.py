@@ -32,6 +32,7 @@ from airlock_client._cli_exits import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     interrupted,
+    usage_error,
 )
 from airlock_client._lineage import TARGET_SUFFIX
 from airlock_client._registry import DEFAULT_PAGE_SIZE
@@ -342,7 +343,7 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command not in _WRITES_TEMPORARIES:
         return _dispatch(args)
-    from airlock_client._run_dir import run_directory
+    from airlock_client._run_dir import UnsafeTempDir, run_directory
 
     code: int | None = None
     try:
@@ -352,6 +353,9 @@ def _run(argv: Sequence[str] | None) -> int:
                       f"{'y' if len(removed) == 1 else 'ies'} that killed commands left in "
                       f"{printable(str(work.parent))}", file=sys.stderr)
             code = _dispatch(args)
+    except UnsafeTempDir as exc:
+        return usage_error(args.command, f"{exc.reason}: {exc.message}", as_json=args.json,
+                           reason=exc.reason)
     except KeyboardInterrupt:
         if code is None:  # the command's own summary, if any, was not printed
             return interrupted(args.command, "stopped by Ctrl-C", as_json=args.json)

@@ -234,6 +234,7 @@ def test_a_tree_renamed_to_a_leftovers_name_where_others_may_write_is_kept(
     delete themselves. Names there can be given by others: nothing is swept."""
     team = tmp_path / "team"
     team.mkdir()
+    os.chown(team, -1, STRANGER)  # a team's group, not the user's own
     os.chmod(team, mode)
     renamed = _precious(team / ".model-safetensors.abcd1234.airlock-part")
     left_file = _left(team, ".model-safetensors.wxyz6789.part")
@@ -288,3 +289,69 @@ def test_remove_tree_removes_only_what_it_was_given(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tree)
     assert _part_files.remove_tree(tmp_path / "link", _part_files.identity(tree)) is False
     assert (tree / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(("mode", "swept"), [(0o775, True), (0o777, False)])
+def test_a_directory_writable_by_the_users_own_group_alone_is_still_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int, swept: bool) -> None:
+    """Found by the review of the fix: with a user private group and umask 002 (RHEL, and
+    Debian's ``USERGROUPS_ENAB``), every directory of the user's is 0775, and leftovers of
+    many GiB stayed there for good."""
+    monkeypatch.setattr(_part_files, "_personal_group", lambda gid: gid == 4343)
+    parent = tmp_path / "mine"
+    parent.mkdir()
+    os.chown(parent, -1, 4343)
+    os.chmod(parent, mode)
+    left = _left(parent, ".out.abcd1234.airlock-part", directory=True)
+    assert (sweep(parent / "out") == [left.name]) is swept and left.exists() is not swept
+
+
+@pytest.mark.parametrize(("name", "members", "primary", "personal"), [
+    ("alice", [], 1001, True),         # a user private group
+    ("alice", ["bob"], 1001, False),   # bob is in it
+    ("team", [], 1001, False),         # named for something else
+    ("alice", [], 2000, False),        # not the user's primary group
+])
+def test_a_personal_group_is_the_users_alone(monkeypatch: pytest.MonkeyPatch, name: str,
+                                             members: list[str], primary: int,
+                                             personal: bool) -> None:
+    import grp
+    import pwd
+
+    group = grp.struct_group((name, "x", 1001, members))
+    user = pwd.struct_passwd(("alice", "x", 1001, primary, "", "/home/alice", "/bin/sh"))
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: user)
+    assert _part_files._personal_group(1001) is personal
+
+
+def test_no_directory_someone_else_could_have_moved_in_is_entered(tmp_path: Path) -> None:
+    """Found by the review of the fix: the old output of ``--overwrite`` is 0775 under umask
+    002, so a group member could move into it a group-writable tree of the user's from
+    elsewhere (a directory moves with write permission on it and on both parents) holding a
+    directory only the user may write; removing the old output removed that too."""
+    old = tmp_path / "out"
+    old.mkdir()
+    os.chmod(old, 0o775)
+    (old / "model.safetensors").write_bytes(b"old")
+    moved_in = old / "shared"
+    _precious(moved_in / "private")
+    os.chmod(moved_in, 0o775)
+    os.chmod(moved_in / "private", 0o755)
+    with pytest.raises(OSError):
+        _part_files.remove_tree(old, _part_files.identity(old))
+    assert (moved_in / "private" / "notes.txt").read_text() == "secret-notes"
+    assert not (old / "model.safetensors").exists()
+
+
+def test_a_tree_no_one_else_can_reach_is_removed_whatever_its_modes(tmp_path: Path) -> None:
+    """A work directory is 0700: under it, a download's 0775 directories (umask 002) were
+    never reachable by anyone else, and go with it; so do the user's own 0755 ones."""
+    for top_mode, inner_mode in ((0o700, 0o775), (0o755, 0o755)):
+        work = tmp_path / f"work{top_mode:o}"
+        work.mkdir()
+        _precious(work / "download" / "model")
+        os.chmod(work / "download", inner_mode)
+        os.chmod(work, top_mode)
+        assert _part_files.remove_tree(work, _part_files.identity(work)) is True
+        assert not work.exists()

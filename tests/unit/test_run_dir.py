@@ -5,6 +5,7 @@ left is removed by the next command, while a live command's stays. What counts a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -185,3 +186,31 @@ def test_a_library_scratch_directory_a_killed_process_left_goes_with_the_next(
     with scratch_dir("airlock-source") as path:
         assert not dead.exists() and path.parent == tmp
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o2775, 0o777])
+def test_a_tmpdir_where_others_can_name_entries_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        mode: int) -> None:
+    """Found by the review of the sweep fix: with ``TMPDIR`` a team's ``2775``, a member
+    renamed the work directory away and put a link to a directory of theirs at its name, and
+    the command's downloads and bundles were made in theirs (``tempfile`` goes by the
+    name). Refused before anything is made there."""
+    from airlock_client import cli
+    from airlock_client._run_dir import UnsafeTempDir, scratch_dir
+    from tests.unit.shared_tmp import STRANGER
+
+    team = tmp_path / "team"
+    team.mkdir()
+    os.chown(team, -1, STRANGER)
+    os.chmod(team, mode)
+    monkeypatch.setattr(tempfile, "tempdir", str(team))
+    with pytest.raises(UnsafeTempDir, match="can be written by other users"), \
+            scratch_dir("airlock-bundle"):
+        pass
+    monkeypatch.setattr(cli, "_dispatch", lambda args: 0)
+    assert cli.main(["convert", "x.pkl", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "UNSAFE_TMPDIR" in err and "set TMPDIR" in err
+    assert json.loads(out)["reason"] == "UNSAFE_TMPDIR"  # the one --json object
+    assert list(team.iterdir()) == []
