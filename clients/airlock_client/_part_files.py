@@ -49,7 +49,6 @@ import errno
 import fcntl
 import os
 import re
-import shutil
 import stat
 import tempfile
 import time
@@ -262,15 +261,37 @@ def new_file(output: Path) -> Part:
 
 def new_dir(output: Path) -> Part:
     """A new ``.NAME.XXXXXXXX.airlock-part`` directory beside ``output`` (mode 0700), locked
-    by this process until ``release``."""
+    by this process until ``release``.
+
+    ``mkdtemp`` gives a name, not a descriptor: in a directory others may write, one of them
+    can rename the new directory away and a directory of the user's to its name before it is
+    opened (a rename within one directory needs no permission on what it moves). What is
+    opened must be what ``mkdtemp`` makes, the user's, 0700 and empty, or ``OutputSwapped``
+    is raised and nothing is removed."""
     sweep(output)
     path = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=DIR_SUFFIX,
                                  dir=output.parent))
     try:
-        handle = _held(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                               | os.O_CLOEXEC))
+        handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only if empty: what mkdtemp made, not a tree put in its place
+        raise
+    try:
+        st = os.fstat(handle)
+        fresh = st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o700 \
+            and not os.listdir(handle)
+    except BaseException:
+        os.close(handle)
+        raise
+    if not fresh:
+        os.close(handle)
+        raise OutputSwapped(path)
+    try:
+        handle = _held(handle)  # closes it on failure
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
         raise
     return Part(path, -1, handle, _identity(handle))
 

@@ -355,3 +355,37 @@ def test_a_tree_no_one_else_can_reach_is_removed_whatever_its_modes(tmp_path: Pa
         os.chmod(work, top_mode)
         assert _part_files.remove_tree(work, _part_files.identity(work)) is True
         assert not work.exists()
+
+
+def test_a_tree_put_in_place_of_a_new_temporary_directory_is_not_taken_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mkdtemp`` gives a name: between it and the open, a member of a team's directory
+    renamed the new directory away and a tree of the user's to its name (a rename within one
+    directory needs no permission on what it moves). The conversion then wrote into that
+    tree, and a failed one removed it. What is opened must be what mkdtemp made."""
+    team = tmp_path / "team"
+    team.mkdir()
+    os.chown(team, -1, STRANGER)
+    os.chmod(team, 0o2775)
+    precious = _precious(team / "precious")
+    os.chmod(precious, 0o700)
+    made = _part_files.tempfile.mkdtemp
+
+    def raced(**kwargs: object) -> str:
+        name = made(**kwargs)  # type: ignore[call-overload]
+        os.rename(name, team / "moved-away")
+        os.rename(precious, name)
+        return str(name)
+
+    monkeypatch.setattr(_part_files.tempfile, "mkdtemp", raced)
+    raised = None
+    try:
+        part = new_dir(team / "model-safetensors")
+    except _part_files.OutputSwapped as exc:
+        raised = exc
+    else:  # the code before: the conversion fails, and its temporary output is removed
+        part.remove()
+        part.release()
+    taken = next(team.glob(".model-safetensors.*.airlock-part"))
+    assert (taken / "notes.txt").read_text() == "secret-notes"
+    assert raised is not None
