@@ -241,3 +241,45 @@ def test_attestations_run_a_few_at_once_and_refuse_beyond_their_queue(
     assert len(refused) == 1 and refused[0].reason == "BUSY"
     assert "the limit is 2" in refused[0].message
     assert sum(isinstance(r, bytes) for r in results) == 2
+
+
+def test_one_caller_cannot_take_every_place(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: one caller with the convert role looping on attestations (a record
+    that fails its checks after a parse is enough) took every place, and another caller's
+    were BUSY 12 times in 21. With the default bounds, one caller's calls beyond its share
+    are refused and another's still run."""
+    import asyncio
+    import threading
+
+    key = _key(tmp_path)
+    release = threading.Event()
+    real = index_attestation.attest
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_attestation, "attest", slow)
+    attestations = index_attestation.Attestations()
+    other = Principal(name="serving", method="token", roles=frozenset())
+
+    async def run() -> tuple[list[Any], Any]:
+        def call(principal: Principal) -> asyncio.Future[bytes]:
+            return asyncio.ensure_future(attestations.attest(
+                _index(SHARDS), _records(key, SHARDS), "s", key=key, principal=principal))
+
+        flood = [call(PRINCIPAL) for _ in range(attestations.running + attestations.waiting)]
+        await asyncio.sleep(0)  # every call has asked for its place
+        theirs = call(other)
+        await asyncio.sleep(0)
+        release.set()
+        return (await asyncio.gather(*flood, return_exceptions=True),
+                await asyncio.gather(theirs, return_exceptions=True))
+
+    flood, (theirs,) = asyncio.run(run())
+    assert isinstance(theirs, bytes), theirs  # the other caller's index is signed
+    refused = [r for r in flood if not isinstance(r, bytes)]
+    assert len(refused) == len(flood) - attestations.per_caller
+    assert all(isinstance(e, AirlockError) and e.reason == "BUSY" and "of yours" in e.message
+               for e in refused)

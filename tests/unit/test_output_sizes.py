@@ -98,8 +98,8 @@ def _broker(tmp_path: Path, **config: Any) -> Iterator[tuple[str, FakeSandbox]]:
                                 "spool": SpoolSettings(ram_bytes=0)}
     settings = BrokerConfig(listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
                             provenance_key=tmp_path / "provenance-key.pem",
-                            upload=UploadLimits(spool_min_free_bytes=RESERVE),
-                            **{**defaults, **config})
+                            **{"upload": UploadLimits(spool_min_free_bytes=RESERVE),
+                               **defaults, **config})
     backend = FakeSandbox(spool, _writes_output)
     with running_broker(settings, backend) as running:
         yield f"127.0.0.1:{running.port}", backend
@@ -251,3 +251,80 @@ def test_a_job_too_large_for_ram_claims_the_spool_room_of_its_disk_backed_output
     assert refused.value.reason == "SPOOL_FULL"
     assert "two sandboxes' disk-backed outputs" in str(refused.value)
     assert backend.specs == []
+
+
+def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Found in review: a caller with the convert role declared large uploads and sent them
+    at the minimum rate (zeros: holes, the disk stayed empty), and every other caller's
+    upload was refused SPOOL_FULL for as long. Its uploads now hold at most half the room
+    (``[upload] spool_share_per_caller``): its second is refused, another caller converts."""
+    import contextlib
+    import threading
+
+    import grpc
+
+    from airlock.v1 import airlock_pb2 as pb
+    from airlock.v1 import airlock_pb2_grpc as pb_grpc
+    from airlock_broker.conversion.spool_space import SpoolSpace
+    from airlock_broker.security.auth_config import (
+        AuthConfig,
+        Role,
+        TokenEntry,
+        mint_token,
+        token_digest,
+    )
+    from tests.unit.test_broker_limits import wait_for
+
+    disk = on_fake_disk(monkeypatch, tmp_path / "spool")
+    from airlock_broker.api import servicer
+
+    spaces: list[SpoolSpace] = []
+    make = servicer.SpoolSpace
+    monkeypatch.setattr(servicer, "SpoolSpace",
+                        lambda root, limits: spaces.append(make(root, limits)) or spaces[-1])
+    disk.free = RESERVE + 40 * MiB  # 20 MiB a caller
+    alice, bob = mint_token(), mint_token()
+    auth = AuthConfig(tokens=(
+        TokenEntry("alice", frozenset({Role.CONVERT}), token_digest(alice)),
+        TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(bob))))
+    # Stalled uploads are not cut off while the test runs (the pace is not the subject).
+    upload = UploadLimits(spool_min_free_bytes=RESERVE, grace_seconds=600,
+                          min_bytes_per_second=0)
+    broker = contextlib.contextmanager(_broker)
+    with broker(tmp_path, verify_integrity=False, auth=auth, upload=upload) as (address, _):
+        hold = threading.Event()
+
+        def stalled(declared: int) -> Iterator[pb.ConvertRequest]:
+            yield pb.ConvertRequest(metadata=pb.ConvertMetadata(size_bytes=declared))
+            hold.wait(120)
+
+        channel = grpc.insecure_channel(address)
+        stub = pb_grpc.ConversionServiceStub(channel)
+        metadata = (("authorization", f"Bearer {alice}"),)
+        results: list[Any] = []
+
+        def upload_as_alice() -> None:
+            try:
+                results.append(list(stub.Convert(stalled(20 * MiB), metadata=metadata,
+                                                 timeout=120)))
+            except grpc.RpcError as exc:
+                results.append(exc)
+
+        calls = [threading.Thread(target=upload_as_alice) for _ in range(2)]
+        try:
+            calls[0].start()
+            wait_for(lambda: len(spaces[0]._claims) == 1, 60)  # alice's first is promised
+            calls[1].start()  # refused at once, or (the code before) promised as well
+            wait_for(lambda: bool(results) or len(spaces[0]._claims) == 2, 60)
+            src = tmp_path / "bob.pkl"
+            src.write_bytes(INPUT[:MiB])
+            with Client(address, token=bob, retry_attempts=1) as client:
+                client.convert(src, tmp_path / "bob.safetensors", target="safetensors")
+            assert results and isinstance(results[0], grpc.RpcError)
+            assert "your uploads in progress" in results[0].details()
+        finally:
+            hold.set()
+            for call in calls:
+                call.join(60)
+            channel.close()

@@ -176,3 +176,40 @@ def test_without_holes_zero_blocks_are_written_and_still_not_data(tmp_path: Path
         os.close(fd)
     assert os.stat(tmp_path / "spool").st_blocks * 512 >= 4 * MiB
     assert writer.data_bytes == 1
+
+
+def test_one_callers_uploads_hold_at_most_their_share_of_the_room() -> None:
+    """Found in review: uploads are promised their declared size before a byte arrives, and
+    one caller's few 16 GiB uploads of zeros (holes: the disk stays empty), sent at the
+    minimum rate, had every other caller's refused SPOOL_FULL for hours."""
+    disk = Disk(1000 * MiB, 500 * MiB)  # 400 MiB above the 100 MiB reserve: 200 a caller
+    space = _space(disk)
+    alice = space.claim(150 * MiB, owner="alice")
+    with pytest.raises(AirlockError) as refused:
+        space.claim(100 * MiB, owner="alice")
+    assert refused.value.reason is Reason.SPOOL_FULL
+    message = refused.value.message
+    assert "your uploads in progress may still write 150.0 MiB" in message
+    assert "at most 200.0 MiB, 50% of its 400.0 MiB free above the reserve" in message
+    assert "spool_share_per_caller" in message
+    bob = space.claim(200 * MiB, owner="bob")  # another caller's share is whole
+    answer = space.claim(40 * MiB, "this job's output")  # answers count for no caller
+    bob.release()
+    answer.release()
+    alice.wrote(100 * MiB)  # what arrived is on the disk, no longer a promise
+    disk.free -= 100 * MiB
+    space.claim(100 * MiB, owner="alice").release()  # 50 + 100 of 300 MiB's half: fits
+    with pytest.raises(AirlockError, match=r"at most 150\.0 MiB"):
+        space.claim(101 * MiB, owner="alice")
+    alice.release()
+
+
+def test_with_no_share_one_caller_may_promise_the_whole_room() -> None:
+    space = SpoolSpace(Path("/spool"), UploadLimits(spool_min_free_bytes=100 * MiB,
+                                                    spool_share_per_caller=1.0),
+                       statvfs=Disk(1000 * MiB, 500 * MiB))
+    claims = [space.claim(200 * MiB, owner="alice"), space.claim(200 * MiB, owner="alice")]
+    for claim in claims:
+        claim.release()
+    with pytest.raises(ValueError, match="spool_share_per_caller"):
+        UploadLimits(spool_share_per_caller=0)

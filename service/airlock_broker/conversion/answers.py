@@ -70,11 +70,12 @@ class Transfer(Delivery, Protocol):
         ...
 
     async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
-                      in_ram: bool = False) -> Spooled:
+                      in_ram: bool = False, owner: str = "") -> Spooled:
         """The artifact into the spool file ``fd`` (which this closes), with its digest
         (``Spooled.digest``: perhaps still being computed, input_digest.py). ``in_ram``:
         the file is on the RAM spool, its declared size claimed there (input_room.py), so the
-        disk's reserve is not charged."""
+        disk's reserve is not charged. ``owner``: the caller (``Principal.quota``), whose
+        claims on the disk share ``[upload] spool_share_per_caller``."""
         ...
 
     def send(self, answer: Answer) -> AsyncIterator[pb.ConvertResponse]:
@@ -97,8 +98,9 @@ class StreamTransfer:
     peer: Mapping[str, int] | None = None
 
     async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
-                      in_ram: bool = False) -> Spooled:
-        return await spool_chunks(self.requests, fd, meta, self.limits, in_ram=in_ram)
+                      in_ram: bool = False, owner: str = "") -> Spooled:
+        return await spool_chunks(self.requests, fd, meta, self.limits, in_ram=in_ram,
+                                  owner=owner)
 
     async def deliver(self, output: ValidatedOutput, *, pending: bool = False) -> bool:
         return False  # the caller reads at its own pace: from the spool copy, never the slot

@@ -63,9 +63,12 @@ class IntakeLimits:
         """The clock of one upload, started now."""
         return Pace(self.upload, self.max_artifact_bytes)
 
-    def claim(self, expected: int, purpose: str = "this upload") -> SpoolClaim | None:
-        """Room on the spool for ``expected`` bytes (SPOOL_FULL if there is none)."""
-        return None if self.space is None else self.space.claim(expected, purpose)
+    def claim(self, expected: int, purpose: str = "this upload", *,
+              owner: str = "") -> SpoolClaim | None:
+        """Room on the spool for ``expected`` bytes (SPOOL_FULL if there is none), for the
+        caller ``owner`` (spool_space.SpoolSpace.claim)."""
+        return None if self.space is None else self.space.claim(expected, purpose,
+                                                                  owner=owner)
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,11 @@ async def read_metadata(stream: AsyncIterator[pb.ConvertRequest],
 
 async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
                        meta: pb.ConvertMetadata, limits: IntakeLimits, *,
-                       in_ram: bool = False) -> Spooled:
+                       in_ram: bool = False, owner: str = "") -> Spooled:
     """Write every chunk to ``fd`` (which this function closes), hashing as it goes.
     ``in_ram``: ``fd`` is on the RAM spool, its declared size claimed there (input_room.py):
-    nothing is claimed on the disk, and it is written whole (spool_space.SpoolWriter)."""
+    nothing is claimed on the disk, and it is written whole (spool_space.SpoolWriter).
+    ``owner``: the caller, whose claims on the disk share a bound."""
     digest = hashlib.sha256()
     prefix = bytearray()
     size = 0
@@ -113,7 +117,7 @@ async def spool_chunks(stream: AsyncIterator[pb.ConvertRequest], fd: int,
     writing: asyncio.Future[None] | None = None  # the chunk on its worker thread
     try:
         if not in_ram:  # undeclared: checked as it grows
-            claim = limits.claim(min(meta.size_bytes, cap))
+            claim = limits.claim(min(meta.size_bytes, cap), owner=owner)
         spool = SpoolWriter(fd, claim, holes=not in_ram)
         while (msg := await _next_chunk(stream, limits, pace, size)) is not None:
             if msg.WhichOneof("payload") != "chunk":

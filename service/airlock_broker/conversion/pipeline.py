@@ -187,7 +187,8 @@ class ConversionPipeline:
         try:
             with self.trace.span("spool"):
                 try:
-                    spooled = await transfer.receive(fd, meta, in_ram=inputs.ram)
+                    spooled = await transfer.receive(fd, meta, in_ram=inputs.ram,
+                                                     owner=job.counted_as)
                 finally:  # written (or not): what it holds counts as the tmpfs's own
                     inputs.release()
             spooled.digest.when_known(lambda sha: job.record.set(input_sha256=sha))

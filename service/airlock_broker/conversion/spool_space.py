@@ -56,10 +56,13 @@ class SpoolSpace:
         self._lock = threading.Lock()
         self._claims: set[SpoolClaim] = set()
 
-    def claim(self, expected: int, purpose: str = "this upload") -> SpoolClaim:
+    def claim(self, expected: int, purpose: str = "this upload", *,
+              owner: str = "") -> SpoolClaim:
         """Room for ``purpose`` (an upload, an answer) that will write about ``expected``
-        bytes, or SPOOL_FULL."""
-        made = SpoolClaim(self, max(expected, 0), purpose)
+        bytes, or SPOOL_FULL. ``owner``: the caller an upload is for (``Principal.quota``),
+        whose uploads together stay within ``[upload] spool_share_per_caller``; "" for none
+        (an answer: claimed for data that has arrived)."""
+        made = SpoolClaim(self, max(expected, 0), purpose, owner)
         with self._lock:
             self._check(made)
             self._claims.add(made)
@@ -78,6 +81,7 @@ class SpoolSpace:
         others = self._promised(but=claim)
         need = claim.outstanding
         if free - others - need >= reserve:
+            self._check_share(claim, free - reserve)
             return
         raise error(Reason.SPOOL_FULL,
                     f"the spool's filesystem ({self.root}) has {_mib(free)} free, "
@@ -87,6 +91,28 @@ class SpoolSpace:
                     "spool_min_free_bytes / spool_min_free_ratio). Retry when other jobs have "
                     "finished, or ask the operator to free space")
 
+    def _check_share(self, claim: SpoolClaim, room: int) -> None:
+        """Lock held. SPOOL_FULL if ``claim``'s owner would hold more than its share of
+        ``room`` (the free space above the reserve), counting what its uploads in progress
+        may still write. A caller's only upload in progress may take all the room, as any
+        upload may (one job of one caller is never refused by the share)."""
+        share = self.limits.spool_share_per_caller
+        if not claim.owner or share >= 1:
+            return
+        mine = [c for c in self._claims if c.owner == claim.owner and c is not claim]
+        if not mine:
+            return
+        held = sum(c.outstanding for c in mine)
+        allowed = int(share * room)
+        if held + claim.outstanding <= allowed:
+            return
+        raise error(Reason.SPOOL_FULL,
+                    f"your uploads in progress may still write {_mib(held)} on the spool "
+                    f"({self.root}); {claim.purpose} needs {_mib(claim.outstanding)} more, and "
+                    f"one caller's uploads may hold at most {_mib(allowed)}, {share:.0%} of "
+                    f"its {_mib(room)} free above the reserve ([upload] "
+                    "spool_share_per_caller). Retry when some of your jobs have finished")
+
     def _release(self, claim: SpoolClaim) -> None:
         with self._lock:
             self._claims.discard(claim)
@@ -95,10 +121,12 @@ class SpoolSpace:
 class SpoolClaim:
     """One upload's share of the spool: ``wrote`` after each write, ``release`` when done."""
 
-    def __init__(self, space: SpoolSpace, expected: int, purpose: str = "this upload") -> None:
+    def __init__(self, space: SpoolSpace, expected: int, purpose: str = "this upload",
+                 owner: str = "") -> None:
         self._space = space
         self.expected = expected
         self.purpose = purpose
+        self.owner = owner
         self.written = 0
         self._checked = 0
 

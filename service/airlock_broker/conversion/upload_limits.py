@@ -44,6 +44,15 @@ class UploadLimits:
     spool_min_free_bytes: int = 1 * GiB
     #: ... or this fraction of the filesystem's size, whichever is larger.
     spool_min_free_ratio: float = 0.01
+    #: What one caller's uploads in progress may still write on the spool together, as a
+    #: share of the free space above the reserve, once it has more than one. An upload is
+    #: promised its declared size before its first byte, and may take hours at the minimum
+    #: rate; without a share, one caller with a few 16 GiB uploads of zeros (holes: the disk
+    #: stays empty) had every other caller's uploads refused SPOOL_FULL for as long (found in
+    #: review). A caller's only upload may take all the room, as before: one job is never
+    #: refused by the share. Answers are not counted: they are claimed for data that has
+    #: arrived. 1.0: no share (one tenant).
+    spool_share_per_caller: float = 0.5
 
     def __post_init__(self) -> None:
         if self.min_bytes_per_second < 0:
@@ -55,6 +64,8 @@ class UploadLimits:
         if self.spool_min_free_bytes < 0 or not 0 <= self.spool_min_free_ratio < 1:
             raise ValueError("spool_min_free_bytes must be >= 0 and spool_min_free_ratio "
                              "in [0, 1)")
+        if not 0 < self.spool_share_per_caller <= 1:
+            raise ValueError("spool_share_per_caller must be in (0, 1]")
 
     def deadline_for(self, max_artifact_bytes: int) -> float:
         if self.deadline_seconds is not None:

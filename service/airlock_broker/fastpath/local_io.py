@@ -52,7 +52,8 @@ class ReadProgress:
 
 
 async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
-                          limits: IntakeLimits, *, in_ram: bool = False) -> Spooled:
+                          limits: IntakeLimits, *, in_ram: bool = False,
+                          owner: str = "") -> Spooled:
     """The peer's input into the spool file ``dst`` (which this closes), on a thread of the
     fast path's own, within the upload's pace and idle timeout, and the spool's reserve.
 
@@ -78,7 +79,7 @@ async def spool_from_peer(local: LocalFiles, dst: int, meta: pb.ConvertMetadata,
     claim: SpoolClaim | None = None
     try:
         if not in_ram:
-            claim = limits.claim(min(local.input.size, local.input.allocated))
+            claim = limits.claim(min(local.input.size, local.input.allocated), owner=owner)
         # Hashed from the broker's own copy, behind it and then while the job runs: the
         # bytes converted, through a descriptor that can only read them.
         digest, feed = InputDigest.following(read_only(dst), meta.sha256)

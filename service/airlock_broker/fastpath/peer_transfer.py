@@ -42,9 +42,10 @@ class PeerTransfer:
         return {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
 
     async def receive(self, fd: int, meta: pb.ConvertMetadata, *,
-                      in_ram: bool = False) -> Spooled:
+                      in_ram: bool = False, owner: str = "") -> Spooled:
         # No Chunk follows the metadata: the input comes from the descriptor.
-        return await spool_from_peer(self.files, fd, meta, self.limits, in_ram=in_ram)
+        return await spool_from_peer(self.files, fd, meta, self.limits, in_ram=in_ram,
+                                     owner=owner)
 
     async def deliver(self, output: ValidatedOutput, *, pending: bool = False) -> bool:
         """A fresh output into the caller's own file, from the dead sandbox's tmpfs (within

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.security.trusted_files import check_trusted_file
 from airlock_client.addresses import is_loopback
 
 TOKEN_PREFIX = "airlock_"
@@ -193,9 +194,12 @@ class AuthConfig:
         if self.insecure_no_auth and self.enabled:
             raise ValueError("insecure_no_auth is set but authentication is configured: "
                              "drop one of them")
-        for path in (self.tls_cert, self.tls_key, self.client_ca):
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key),
+                           ("client_ca", self.client_ca)):
             if path is not None and not path.is_file():
                 raise ValueError(f"[auth] {path} is not a readable file")
+            if path is not None:
+                check_trusted_file(path, f"[auth] {name}")
         self._check_pem()
 
     def _check_pem(self) -> None:
@@ -292,7 +296,9 @@ def _token_entries(items: Any, where: str) -> list[TokenEntry]:
 
 
 def load_tokens_file(path: Path) -> list[TokenEntry]:
-    """A file holding only ``[[auth.tokens]]`` tables (so a minted snippet pastes into either)."""
+    """A file holding only ``[[auth.tokens]]`` tables (so a minted snippet pastes into either),
+    which no one but root or the broker's user could have written (``trusted_files``)."""
+    check_trusted_file(path, "[auth] tokens_file")
     with path.open("rb") as fh:
         raw = fh.read(_MAX_TOKENS_FILE + 1)
     if len(raw) > _MAX_TOKENS_FILE:

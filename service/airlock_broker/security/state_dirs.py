@@ -154,9 +154,11 @@ def check_dir(path: Path, *, shared: bool = False) -> None:
                             "else put anything in it, or remove it")
 
 
-def check_ancestors(path: Path) -> None:
+def check_ancestors(path: Path, *, what: str = "the state path",
+                    elsewhere: str = f"choose another state root ({_HOW_TO_MOVE})") -> None:
     """Every directory above ``path`` (as written and as resolved) is root's or the broker's
-    and not writable by others, unless sticky (``/tmp``): no one else can rename it away."""
+    and not writable by others, unless sticky (``/tmp``): no one else can rename it away.
+    ``what`` names ``path`` in the error; ``elsewhere`` says where else it could be."""
     for chain in (path, Path(os.path.realpath(path.parent)) / path.name):
         for parent in chain.parents:
             try:
@@ -166,17 +168,14 @@ def check_ancestors(path: Path) -> None:
             if stat.S_ISLNK(st.st_mode):
                 continue  # its target is checked in the resolved chain
             if st.st_uid not in (0, os.geteuid()):
-                raise StateDirError(parent, Problem.UNSAFE_ANCESTOR, f"a directory above the "
-                                    f"state path {path} is owned by uid {st.st_uid}, who could "
-                                    "move the state away and replace it",
-                                    f"choose a state root under root's or your own directories "
-                                    f"({_HOW_TO_MOVE})")
+                raise StateDirError(parent, Problem.UNSAFE_ANCESTOR, f"a directory above "
+                                    f"{what} {path} is owned by uid {st.st_uid}, who could "
+                                    "move it away and replace it", elsewhere)
             if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-                raise StateDirError(parent, Problem.UNSAFE_ANCESTOR, f"a directory above the "
-                                    f"state path {path} is writable by others (mode "
+                raise StateDirError(parent, Problem.UNSAFE_ANCESTOR, f"a directory above "
+                                    f"{what} {path} is writable by others (mode "
                                     f"{stat.S_IMODE(st.st_mode):04o}, not sticky)",
-                                    f"chmod go-w it, or choose another state root "
-                                    f"({_HOW_TO_MOVE})")
+                                    f"chmod go-w it, or {elsewhere}")
 
 
 def check_file_dir(path: Path) -> None:
