@@ -5,6 +5,8 @@ Started by ``_downloads.Downloads`` as ``python -P -m airlock_client._download_w
 line on stdin and answers on the pipe ``FD`` (stdout goes nowhere: whatever MLflow or a
 ``sitecustomize`` prints is never read as an answer). Per request, any of:
 
+- ``{"began": true}``: MLflow is imported and the store is asked now (the first request's
+  imports take seconds on a busy machine: they are not the store's time);
 - ``{"downloading": BYTES}``: the download itself begins; ``BYTES`` is what the store listed
   in all, or null when it did not say;
 - then one ``{"ok": ...}``, or ``{"error": REASON, "message": ...}``.
@@ -44,7 +46,7 @@ from airlock_client._errors import DOWNLOAD_FAILED, ModelSourceError
 
 #: The protocol's words, on both sides.
 OP, MODEL, FILE, LIST = "op", "model", "file", "list"
-DOWNLOADING, OK, ERROR, MESSAGE = "downloading", "ok", "error", "message"
+BEGAN, DOWNLOADING, OK, ERROR, MESSAGE = "began", "downloading", "ok", "error", "message"
 #: The worker's environment beyond the client's: MLflow's presigned multipart download would
 #: truncate each file to a size the server names first (sparse, so no bytes show progress)
 #: and fetch from whatever hosts the server's URLs name.
@@ -80,13 +82,17 @@ def _exit_with(parent: int) -> None:
 def _answer(request: dict[str, Any], say: Say) -> dict[str, Any]:
     uri = str(request.get("uri", ""))
     try:
+        # Everything the requests use, now: their imports are not the store's time.
+        from mlflow.artifacts import download_artifacts, list_artifacts  # noqa: F401
         from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient, get_tracking_uri  # noqa: F401
     except ImportError:
         return _failed(f"{uri}: fetching from MLflow needs its client: pip install "
                        "'airlock-client[mlflow]'")
     except Exception as exc:  # an installation that cannot import (protobuf, say)
         return _failed(f"{uri}: MLflow's client cannot be imported here: "
                        f"{type(exc).__name__}: {str(exc)[:300]}")
+    say({BEGAN: True})
     try:
         tracking_uri = request.get("tracking_uri")
         if tracking_uri is None:

@@ -11,7 +11,9 @@ times a second:
 - the bytes on disk under the call's directory (allocated: a sparse file shows only what
   was written) against the store's listed total or the caller's limit, and its entries
   against the caller's cap;
-- time: the store has ``grace_s`` to answer the location and listing calls; then, in every
+- time: the worker has ``START_SECONDS`` to import MLflow (1.3 CPU-s, more on a busy
+  machine: not the store's time); then the store has ``grace_s`` to answer the location and
+  listing calls; then, in every
   ``grace_s`` of the download, progress must reach ``min_rate`` on average, a file or folder
   that appears counting as ``ENTRY_CREDIT`` bytes (many small files behind a slow proxy are
   progress too). A drip, or fast bytes then a drip, is stopped within one window; a store
@@ -46,6 +48,7 @@ from typing import Any
 
 from airlock_client._bundle import UNSAFE
 from airlock_client._download_worker import (
+    BEGAN,
     DOWNLOADING,
     ENVIRONMENT,
     ERROR,
@@ -68,6 +71,8 @@ _MAX_ANSWER = 64 * 1024**2
 _STDERR_TAIL = 2048
 #: Where ``airlock_client`` is imported from, for the worker's ``PYTHONPATH``.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+#: How long a worker may take to import MLflow before it asks the store (about 1.3 CPU-s).
+START_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -288,12 +293,15 @@ class _Worker:
             self.process.stdin.flush()
         except BrokenPipeError:
             raise self._died(watch) from None
-        started, downloading = time.monotonic(), False
+        started, downloading, began = time.monotonic(), False, False
         while True:
             line = self._line(watch)
             now = time.monotonic()
             if line is not None:
                 answer = _parse(line, watch.uri)
+                if BEGAN in answer:  # imported: the store's time starts now
+                    started, began = now, True
+                    continue
                 if DOWNLOADING in answer:
                     watch.listed(answer[DOWNLOADING])
                     downloading = True
@@ -304,7 +312,11 @@ class _Worker:
             if downloading:
                 if refusal := watch.stalled(now, limits):
                     raise refusal
-            elif now - started > limits.grace_s:
+            elif not began and now - started > START_SECONDS:
+                raise ModelSourceError(DOWNLOAD_FAILED, (
+                    f"{watch.uri}: the download process did not get MLflow imported within "
+                    f"{START_SECONDS:.0f} s (is the machine overloaded?): stopped"))
+            elif began and now - started > limits.grace_s:
                 raise ModelSourceError(DOWNLOAD_FAILED, (
                     f"{watch.uri}: the store did not answer within {limits.grace_s:.0f} s: "
                     "stopped"))

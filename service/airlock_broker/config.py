@@ -89,7 +89,7 @@ from airlock_broker.security.exposure import (
 )
 from airlock_broker.security.keys import KEY_FILE_NAME
 from airlock_broker.security.state_dirs import SOCKETS_DIR, default_state_root
-from airlock_broker.security.trusted_files import check_trusted_file
+from airlock_broker.security.trusted_files import read_trusted_file
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import ValidatorSettings
 from airlock_sandbox.policy import GiB, MiB, SandboxPolicy
@@ -249,9 +249,7 @@ class BrokerConfig:
         """
         doc: dict[str, Any] = {}
         if path is not None:
-            check_trusted_file(path, "the configuration file")
-            with path.open("rb") as fh:
-                doc = tomllib.load(fh)
+            doc = tomllib.loads(read_trusted_file(path, "the configuration file").decode())
         unknown = set(doc) - {"broker", "sandbox", "output", "onnx_validator", "pools",
                               "provenance", "auth", "idempotency", "local_transfer", "upload",
                               "spool", "rpc", "observability"}

@@ -399,3 +399,20 @@ def test_a_client_holding_more_than_1024_descriptors_still_downloads(store: Stor
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_worker_slow_to_start_does_not_count_against_the_store(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing MLflow takes the worker 1.3 CPU-s, several seconds on a busy machine: the
+    store's ``grace_s`` counted it, and a full unit-suite run beside a test run stopped a
+    download that was fine ("did not answer within 2 s"). The clock starts once the worker
+    says it asks the store. Here its interpreter sleeps 3 s before anything, against 1 s."""
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(slow), os.environ.get("PYTHONPATH", "")) if p))
+    with Downloads(DownloadLimits(grace_s=1.0)) as downloads:
+        model = mlflow_source.resolve("models:/innocent/1", tmp_path / "out",
+                                      tracking_uri=store.uri, downloads=downloads)
+    assert sorted(p.name for p in model.iterdir()) == ["MLmodel", "model.pkl"]

@@ -283,3 +283,49 @@ def test_one_caller_cannot_take_every_place(tmp_path: Path,
     assert len(refused) == len(flood) - attestations.per_caller
     assert all(isinstance(e, AirlockError) and e.reason == "BUSY" and "of yours" in e.message
                for e in refused)
+
+
+def test_a_cancelled_attestation_keeps_its_place_until_its_thread_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a call cancelled while its attestation ran gave its place back at
+    once, though its thread went on; cancelling and asking again ran six at once on two
+    cores with the count at zero."""
+    import asyncio
+    import threading
+
+    key = _key(tmp_path)
+    release = threading.Event()
+    started: list[int] = []
+    real = index_attestation.attest
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        started.append(1)
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_attestation, "attest", slow)
+    attestations = index_attestation.Attestations(running=2, waiting=0, per_caller=4)
+
+    async def run() -> list[Any]:
+        def call() -> asyncio.Future[bytes]:
+            return asyncio.ensure_future(attestations.attest(
+                _index(SHARDS), _records(key, SHARDS), "s", key=key, principal=PRINCIPAL))
+
+        first = [call(), call()]
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(started) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no attestation started"
+            await asyncio.sleep(0.01)
+        for c in first:
+            c.cancel()
+        await asyncio.gather(*first, return_exceptions=True)
+        again = await asyncio.gather(call(), return_exceptions=True)
+        release.set()
+        while attestations.calls:
+            assert asyncio.get_running_loop().time() < deadline, "places not given back"
+            await asyncio.sleep(0.01)
+        return [*again, attestations._by_caller]
+
+    refused, by_caller = asyncio.run(run())
+    assert isinstance(refused, AirlockError) and refused.reason == "BUSY", refused
+    assert by_caller == {} and len(started) == 2  # no third thread ran

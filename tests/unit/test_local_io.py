@@ -546,3 +546,37 @@ def test_an_output_rewritten_with_its_mtime_set_back_is_not_the_one_validated(
         (before.st_ino, before.st_size, before.st_mtime_ns)
     with pytest.raises(AirlockError, match="changed after it was validated"):
         file_copy.open_identical(source, identity)
+
+
+def test_the_fast_paths_upload_counts_against_its_callers_share(tmp_path: Path) -> None:
+    """The fast path's claim is the caller's too (``[upload] spool_share_per_caller``): a
+    caller holding an upload already may not promise more than its share through it."""
+    from airlock_broker.conversion.spool_space import SpoolSpace
+    from tests.unit.test_spool_space import Disk
+
+    data = os.urandom(256 << 10)
+    space = SpoolSpace(tmp_path, UploadLimits(spool_min_free_bytes=100 << 20),
+                       statvfs=Disk(1000 << 20, (100 << 20) + (1 << 20)))  # 1 MiB of room
+    limits = IntakeLimits(max_artifact_bytes=1 << 20, max_chunk_bytes=1 << 20,
+                          idle_seconds=60, space=space)
+    held = space.claim(400 << 10, owner="alice")  # within half a MiB: the caller's first
+
+    async def spool(owner: str) -> str:
+        io = PeerIO(2, 1.0)
+        local = _local(tmp_path, io, data)
+        dst = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            spooled = await local_io.spool_from_peer(local, dst, pb.ConvertMetadata(), limits,
+                                                     owner=owner)
+            spooled.digest.close()
+            return "spooled"
+        except AirlockError as exc:
+            return exc.message
+        finally:
+            local.close()
+            io.shutdown()
+
+    refused = asyncio.run(spool("alice"))
+    assert "your uploads in progress may still write 0.4 MiB" in refused, refused
+    assert asyncio.run(spool("bob")) == "spooled"
+    held.release()

@@ -213,3 +213,19 @@ def test_with_no_share_one_caller_may_promise_the_whole_room() -> None:
         claim.release()
     with pytest.raises(ValueError, match="spool_share_per_caller"):
         UploadLimits(spool_share_per_caller=0)
+
+
+def test_an_upload_promised_once_is_not_stopped_for_its_share_as_others_write() -> None:
+    """Found in the review of the share: it was checked again as an upload grew, against a
+    room that shrank as another caller wrote what it had been promised, and an upload
+    already accepted was stopped half way."""
+    disk = Disk(1000 * MiB, 500 * MiB)  # 400 MiB above the reserve: 200 a caller
+    space = _space(disk)
+    alice = [space.claim(100 * MiB, owner="alice"), space.claim(100 * MiB, owner="alice")]
+    bob = space.claim(100 * MiB, owner="bob")
+    bob.wrote(40 * MiB)
+    disk.free -= 40 * MiB  # bob's data: the room above the reserve is 360 MiB now
+    alice[0].wrote(8 * MiB)  # checked again (4 MiB since the last look): still fits
+    disk.free -= 8 * MiB
+    for claim in (*alice, bob):
+        claim.release()

@@ -93,3 +93,35 @@ def test_the_broker_will_not_start_on_such_a_file(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "bad configuration" in done.stderr and "tokens_file" in done.stderr
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("where", ["sticky directory", "directory of another user"])
+def test_the_directories_above_are_judged_as_the_state_roots_are(tmp_path: Path,
+                                                                  where: str) -> None:
+    parent = tmp_path / "parent"
+    config, tokens = _files(tmp_path / "etc", parent)
+    if where == "sticky directory":  # /tmp's kind: no one else may rename the file away
+        os.chmod(parent, 0o1777)
+        assert load_tokens_file(tokens)
+        return
+    os.chown(parent, STRANGER, STRANGER)
+    with pytest.raises(ValueError, match="owned by uid 4242, who could move it away"):
+        BrokerConfig.load(config)
+
+
+def test_the_tls_files_are_checked_too(tmp_path: Path) -> None:
+    """The key and the CA decide who the broker is and whom it believes."""
+    import subprocess
+
+    from airlock_broker.security.auth_config import AuthConfig
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(etc / "server.key"),
+                    "-out", str(etc / "server.crt"), "-days", "1", "-subj", "/CN=broker"],
+                   check=True, capture_output=True, timeout=60)
+    assert AuthConfig(tls_cert=etc / "server.crt", tls_key=etc / "server.key").tls
+    os.chmod(etc / "server.key", 0o662)
+    with pytest.raises(ValueError, match=r"\[auth\] tls_key .* is writable by others"):
+        AuthConfig(tls_cert=etc / "server.crt", tls_key=etc / "server.key")

@@ -49,6 +49,7 @@ from airlock_broker.fastpath.peer_identity import PEER_TICKET_HEADER, PeerTicket
 from airlock_broker.hostile_text import printable_name
 from airlock_broker.ops.log_budget import LogBudget, left_out
 from airlock_broker.security.auth_config import AuthConfig, Role, TokenEntry, token_digest
+from airlock_broker.security.trusted_files import read_trusted_file
 from airlock_broker.security.uid_owners import UidOwners
 
 log = logging.getLogger(__name__)
@@ -351,9 +352,11 @@ def server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None:
     """TLS for the listening port (client certificates required when a client CA is set)."""
     if config.tls_cert is None or config.tls_key is None:
         return None
-    ca = config.client_ca.read_bytes() if config.client_ca is not None else None
+    ca = (read_trusted_file(config.client_ca, "[auth] client_ca")
+          if config.client_ca is not None else None)
     return grpc.ssl_server_credentials(
-        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        [(read_trusted_file(config.tls_key, "[auth] tls_key"),
+          read_trusted_file(config.tls_cert, "[auth] tls_cert"))],
         root_certificates=ca, require_client_auth=ca is not None)
 
 

@@ -284,13 +284,29 @@ class Attestations:
         self.calls += 1
         self._by_caller[caller] = held + 1
         try:
-            async with self._slots:
-                return await asyncio.to_thread(attest, index, shards, subject, key=key,
-                                               principal=principal)
-        finally:
-            self.calls -= 1
-            left = self._by_caller[caller] - 1
-            if left:
-                self._by_caller[caller] = left
-            else:
-                del self._by_caller[caller]
+            await self._slots.acquire()
+        except BaseException:  # cancelled while waiting: nothing ran
+            self._leave(caller)
+            raise
+        # A thread cannot be stopped: a call cancelled while its attestation runs keeps its
+        # places until the thread ends, or cancelling and asking again would run any number
+        # at once (six threads on two cores, with the count at zero, in a review).
+        work = asyncio.ensure_future(asyncio.to_thread(attest, index, shards, subject, key=key,
+                                                       principal=principal))
+
+        def finished(done: asyncio.Future[bytes]) -> None:
+            self._slots.release()
+            self._leave(caller)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that left does not hear of it
+
+        work.add_done_callback(finished)
+        return await asyncio.shield(work)
+
+    def _leave(self, caller: str) -> None:
+        self.calls -= 1
+        left = self._by_caller[caller] - 1
+        if left:
+            self._by_caller[caller] = left
+        else:
+            del self._by_caller[caller]

@@ -64,16 +64,18 @@ class SpoolSpace:
         (an answer: claimed for data that has arrived)."""
         made = SpoolClaim(self, max(expected, 0), purpose, owner)
         with self._lock:
-            self._check(made)
+            self._check(made, new=True)
             self._claims.add(made)
         return made
 
     def _promised(self, but: SpoolClaim | None = None) -> int:
         return sum(c.outstanding for c in self._claims if c is not but)
 
-    def _check(self, claim: SpoolClaim) -> None:
+    def _check(self, claim: SpoolClaim, *, new: bool = False) -> None:
         """Lock held. SPOOL_FULL if what ``claim`` may still write does not fit above the
-        reserve, after what the other uploads in progress may still write."""
+        reserve, after what the other uploads in progress may still write; and, for a
+        ``new`` claim, if its owner would hold more than its share. (An upload once
+        promised is not stopped for its share later, as others' data lands.)"""
         st = self._statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         reserve = max(self.limits.spool_min_free_bytes,
@@ -81,7 +83,8 @@ class SpoolSpace:
         others = self._promised(but=claim)
         need = claim.outstanding
         if free - others - need >= reserve:
-            self._check_share(claim, free - reserve)
+            if new:
+                self._check_share(claim, free - reserve)
             return
         raise error(Reason.SPOOL_FULL,
                     f"the spool's filesystem ({self.root}) has {_mib(free)} free, "
@@ -111,7 +114,8 @@ class SpoolSpace:
                     f"({self.root}); {claim.purpose} needs {_mib(claim.outstanding)} more, and "
                     f"one caller's uploads may hold at most {_mib(allowed)}, {share:.0%} of "
                     f"its {_mib(room)} free above the reserve ([upload] "
-                    "spool_share_per_caller). Retry when some of your jobs have finished")
+                    "spool_share_per_caller). Retry when some of your jobs have finished, or "
+                    "send fewer at once (a model directory: airlock convert DIR --jobs 1)")
 
     def _release(self, claim: SpoolClaim) -> None:
         with self._lock:

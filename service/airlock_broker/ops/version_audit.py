@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", default=None, help="OCI runtime (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout")
     args = parser.parse_args(argv)
-    config = BrokerConfig.load(args.config)
+    try:
+        config = BrokerConfig.load(args.config)
+    except (ValueError, OSError) as exc:
+        print(f"audit: bad configuration: {exc}", file=sys.stderr)
+        return 2
     sandbox = config.sandbox
     if args.image:
         sandbox = dataclasses.replace(sandbox, image=args.image)

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airlock_broker.security.trusted_files import check_trusted_file
+from airlock_broker.security.trusted_files import check_trusted_file, read_trusted_file
 from airlock_client.addresses import is_loopback
 
 TOKEN_PREFIX = "airlock_"
@@ -298,11 +298,7 @@ def _token_entries(items: Any, where: str) -> list[TokenEntry]:
 def load_tokens_file(path: Path) -> list[TokenEntry]:
     """A file holding only ``[[auth.tokens]]`` tables (so a minted snippet pastes into either),
     which no one but root or the broker's user could have written (``trusted_files``)."""
-    check_trusted_file(path, "[auth] tokens_file")
-    with path.open("rb") as fh:
-        raw = fh.read(_MAX_TOKENS_FILE + 1)
-    if len(raw) > _MAX_TOKENS_FILE:
-        raise ValueError(f"{path} is larger than {_MAX_TOKENS_FILE} bytes")
+    raw = read_trusted_file(path, "[auth] tokens_file", _MAX_TOKENS_FILE)
     doc = tomllib.loads(raw.decode("utf-8"))
     auth = doc.get("auth")
     if set(doc) != {"auth"} or not isinstance(auth, dict) or set(auth) != {"tokens"}:
