@@ -204,24 +204,33 @@ def test_one_record_given_for_two_shards_or_with_extra_signatures_is_refused(
     assert caught.value.reason == "BAD_REQUEST"
 
 
+
+def _held_attestations(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
+    """Attestations that wait, each in its thread, until the returned event is set; the list
+    gets one item per attestation that started."""
+    import threading
+
+    release = threading.Event()
+    started: list[int] = []
+    real = index_attestation.attest
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        started.append(1)
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_attestation, "attest", slow)
+    return release, started
+
+
 def test_attestations_run_a_few_at_once_and_refuse_beyond_their_queue(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Any caller with the convert role may ask; without a bound, enough large requests kept
     every executor thread (validation, answers, slot removal need them) and their bytes."""
     import asyncio
-    import threading
 
     key = _key(tmp_path)
-    release = threading.Event()
-    running: list[int] = []
-    real = index_attestation.attest
-
-    def slow(*args: Any, **kwargs: Any) -> bytes:
-        running.append(1)
-        release.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_attestation, "attest", slow)
+    release, running = _held_attestations(monkeypatch)
     attestations = index_attestation.Attestations(running=1, waiting=1)
 
     async def run() -> list[Any]:
@@ -250,17 +259,9 @@ def test_one_caller_cannot_take_every_place(tmp_path: Path,
     were BUSY 12 times in 21. With the default bounds, one caller's calls beyond its share
     are refused and another's still run."""
     import asyncio
-    import threading
 
     key = _key(tmp_path)
-    release = threading.Event()
-    real = index_attestation.attest
-
-    def slow(*args: Any, **kwargs: Any) -> bytes:
-        release.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_attestation, "attest", slow)
+    release, _ = _held_attestations(monkeypatch)
     attestations = index_attestation.Attestations()
     other = Principal(name="serving", method="token", roles=frozenset())
 
@@ -291,19 +292,9 @@ def test_a_cancelled_attestation_keeps_its_place_until_its_thread_ends(
     once, though its thread went on; cancelling and asking again ran six at once on two
     cores with the count at zero."""
     import asyncio
-    import threading
 
     key = _key(tmp_path)
-    release = threading.Event()
-    started: list[int] = []
-    real = index_attestation.attest
-
-    def slow(*args: Any, **kwargs: Any) -> bytes:
-        started.append(1)
-        release.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_attestation, "attest", slow)
+    release, started = _held_attestations(monkeypatch)
     attestations = index_attestation.Attestations(running=2, waiting=0, per_caller=4)
 
     async def run() -> list[Any]:
