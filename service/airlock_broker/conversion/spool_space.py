@@ -97,15 +97,16 @@ class SpoolSpace:
     def _check_share(self, claim: SpoolClaim, room: int) -> None:
         """Lock held. SPOOL_FULL if ``claim``'s owner would hold more than its share of
         ``room`` (the free space above the reserve), counting what its uploads in progress
-        may still write. A caller's only upload in progress may take all the room, as any
-        upload may (one job of one caller is never refused by the share)."""
+        may still write. An upload of a caller whose others may write nothing more may take
+        all the room, as any upload may (one job of one caller is never refused by the
+        share)."""
         share = self.limits.spool_share_per_caller
         if not claim.owner or share >= 1:
             return
-        mine = [c for c in self._claims if c.owner == claim.owner and c is not claim]
-        if not mine:
+        held = sum(c.outstanding for c in self._claims
+                   if c.owner == claim.owner and c is not claim)
+        if not held:
             return
-        held = sum(c.outstanding for c in mine)
         allowed = int(share * room)
         if held + claim.outstanding <= allowed:
             return
