@@ -96,8 +96,6 @@ def _answer(request: dict[str, Any], say: Say) -> dict[str, Any]:
     try:
         tracking_uri = request.get("tracking_uri")
         if tracking_uri is None:
-            from mlflow.tracking import get_tracking_uri
-
             tracking_uri = get_tracking_uri()
         return {OK: _OPS[request[OP]](request, str(tracking_uri), say)}
     except ModelSourceError as exc:

@@ -121,10 +121,10 @@ class Part:
         """Raise ``OutputSwapped`` unless ``name`` is this temporary output (not a link,
         not another file, not nothing)."""
         try:
-            st = os.lstat(name)
+            named: tuple[int, int] | None = identity(name)
         except FileNotFoundError:
-            st = None
-        if st is None or (st.st_dev, st.st_ino) != self._ident:
+            named = None
+        if named != self._ident:
             raise OutputSwapped(name)
 
     def placed_as(self, output: Path) -> None:
