@@ -26,6 +26,7 @@ from airlock_client._local_transfer import LocalTransferUnavailable, convert_loc
 from airlock_client._regular_files import open_regular
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
 from airlock_client._run_dir import scratch_dir
+from airlock_client._signed_answer import signed_index, signed_record
 from airlock_client._types import (
     CALL_SECONDS,
     ConversionResult,
@@ -45,7 +46,6 @@ from airlock_client.provenance import (
     check_output,
     fingerprint,
     load_public_key,
-    verify_envelope,
 )
 from airlock_sandbox.contract import MAX_SAMPLE_BYTES, check_sample, check_sample_size
 
@@ -371,8 +371,7 @@ class Client:
             shards=[pb.IndexShard(file_name=n, provenance=p) for n, p in shards])
         reply = self._admin_call(self._stub.AttestIndex, request)
         key, _ = self._verification_key()
-        record = verify_envelope(reply.provenance, key)
-        check_output(record, sha256=hashlib.sha256(index).hexdigest(), size=len(index))
+        signed_index(reply.provenance, index, subject, key)
         return bytes(reply.provenance)
 
     def provenance_key(self) -> ProvenanceKey:
@@ -455,7 +454,7 @@ class Client:
             try:
                 responses = self._stub.Convert(_requests(fh, first, size, progress, sent),
                                                timeout=timeout, metadata=self._metadata)
-                return _receive(responses, output, sent, key, key_source)
+                return _receive(responses, output, first.metadata, sent, key, key_source)
             except grpc.RpcError as exc:
                 raise _wire.error_from_rpc(exc) from None
 
@@ -503,14 +502,15 @@ def _requests(fh: BinaryIO, first: pb.ConvertRequest, size: int, progress: Progr
             progress(sent, size)
 
 
-def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, key: Any,
-             key_source: str) -> ConversionResult:
+def _receive(responses: Iterator[pb.ConvertResponse], output: Path, asked: pb.ConvertMetadata,
+             sent: Any, key: Any, key_source: str) -> ConversionResult:
     """Read the result header, then the chunks into a temp file; rename only if all checks pass.
 
     The result arrives after the whole upload, so ``sent`` (the hash of what this client
     uploaded) is complete by then and must equal the hash of what the broker converted. The
-    signed provenance is checked before a byte of output is accepted, and the received bytes'
-    sha256 (computed while receiving) must be the signed one before the rename.
+    signed provenance is checked before a byte of output is accepted (it must be of the job
+    ``asked`` for, _signed_answer.py), and the received bytes' sha256 (computed while
+    receiving) must be the signed one before the rename.
     """
     first = next(responses, None)
     if first is None or first.WhichOneof("payload") != "result":
@@ -518,10 +518,7 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, sent: Any, k
     header = first.result
     if header.input_sha256 != sent.hexdigest():
         raise IntegrityError("the broker converted bytes other than the ones sent")
-    record = verify_envelope(header.provenance, key)
-    if record.input_sha256 != header.input_sha256:
-        raise ProvenanceError("OUTPUT_MISMATCH", "the provenance is for another input")
-    check_output(record, sha256=header.output_sha256, size=header.output_size)
+    record = signed_record(header, asked, key)
     output.parent.mkdir(parents=True, exist_ok=True)
     part = _part_files.new_file(output)
     try:

@@ -29,8 +29,9 @@ import grpc
 from airlock.v1 import airlock_pb2 as pb
 from airlock_client import _channel, _part_files, _wire
 from airlock_client._errors import AirlockError, IntegrityError
+from airlock_client._signed_answer import signed_record
 from airlock_client._types import ConversionResult
-from airlock_client.provenance import ProvenanceError, check_output, verify_envelope
+from airlock_client.provenance import check_output
 
 _MAX_REPLY = 4096
 #: Refusals of the ticket that happen before any job starts: streaming is the answer.
@@ -157,9 +158,7 @@ def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
             raise err from None
         if progress is not None:
             progress(size, size)
-        record = verify_envelope(header.provenance, key)
-        if record.input_sha256 != header.input_sha256:
-            raise ProvenanceError("OUTPUT_MISMATCH", "the provenance is for another input")
+        record = signed_record(header, first.metadata, key)
         written = os.fstat(out_fd).st_size
         check_output(record, sha256=header.output_sha256, size=written)
         if written != header.output_size:

@@ -23,6 +23,7 @@ from airlock_client._cli_connection import client_options
 from airlock_client._cli_exits import EXIT_FAILED, EXIT_OK, failed, usage_of
 from airlock_client._client import Client, default_address, default_public_key
 from airlock_client._errors import ConversionError, ServiceUnavailable
+from airlock_client._hf_dir import SAFE_WEIGHTS_INDEX
 from airlock_client._regular_files import read_small
 from airlock_client._terminal import printable
 from airlock_client.provenance import (
@@ -75,7 +76,8 @@ def run_verify(args: argparse.Namespace) -> int:
         return _verify_directory(args, key, source)
     try:
         envelope = _read_provenance(prov_path)
-        record = verify(args.file, envelope, key, data_file=args.data_file)
+        record = verify(args.file, envelope, key, data_file=args.data_file,
+                        index=Path(args.file).name == SAFE_WEIGHTS_INDEX)
         if (args.subject, args.source_sha256, args.principal) != (None, None, None):
             check_source(record, subject=args.subject, sha256=args.source_sha256,
                          principals=args.principal)
@@ -235,7 +237,12 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
         print(f"  asked by   {shown(record.principal)} ({who})")
     else:
         print("  subject    none recorded (record version 1)")
-    executed = "yes" if record.conversion.get("executed_artifact_code") is True else "no"
+    if record.executed_artifact_code is not None:  # the broker's verdict (version 4 on)
+        executed = "yes" if record.executed_artifact_code else "no"
+    else:  # before, only the sandbox said, and an artifact that ran code can make it say no
+        said = record.conversion.get("executed_artifact_code") is True
+        executed = f"{'yes' if said else 'no'} (the sandbox's word, record version " \
+                   f"{record.record_version})"
     print(f"  converted  job {t(record.job_id)} at {t(record.created)} by airlock "
           f"{t(record.broker_version)}; policy {t(record.loading_policy)}; artifact code "
           f"executed in sandbox: {executed}")

@@ -53,12 +53,16 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "text": pb.ARTIFACT_FORMAT_TEXT,
     "sentencepiece": pb.ARTIFACT_FORMAT_SENTENCEPIECE,
 }
-_OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors", "data"]] = {
+OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors", "data"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors",
     pb.TARGET_FORMAT_DATA: "data"}
 _ASSURANCE = {pb.ASSURANCE_FORMAT_SAFE_ONLY: Assurance.FORMAT_SAFE_ONLY,
               pb.ASSURANCE_INTEGRITY_VERIFIED: Assurance.INTEGRITY_VERIFIED}
-_POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+
+
+def assurance(value: pb.Assurance.ValueType) -> Assurance:
+    return _ASSURANCE.get(value, Assurance.UNSPECIFIED)
 
 
 def metadata(*, size: int, sha256: str, target: Target, policy: LoadingPolicy,
@@ -99,14 +103,14 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
         inputs=tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in rep.inputs),
         tensor_count=rep.tensor_count, parity_inputs=rep.parity_inputs,
     )
-    if msg.output_format not in _OUTPUTS:
+    if msg.output_format not in OUTPUTS:
         raise AirlockError(f"the broker returned an unknown output format {msg.output_format}")
     return ConversionResult(
-        job_id=msg.job_id, output=output, format=_OUTPUTS[msg.output_format],
+        job_id=msg.job_id, output=output, format=OUTPUTS[msg.output_format],
         sha256=msg.output_sha256, size=msg.output_size, input_sha256=msg.input_sha256,
         input_size=msg.input_size, detected_format=msg.detected_format,
-        assurance=_ASSURANCE.get(msg.assurance, Assurance.UNSPECIFIED),
-        loading_policy=cast(LoadingPolicy, _POLICY_NAMES.get(msg.loading_policy, "allow_code")),
+        assurance=assurance(msg.assurance),
+        loading_policy=cast(LoadingPolicy, POLICY_NAMES.get(msg.loading_policy, "allow_code")),
         duration_seconds=msg.duration_seconds, image_id=msg.image_id, runtime=msg.runtime,
         report=report, integrity_note=msg.integrity_note, replayed=msg.replayed,
         transfer=msg.transfer,

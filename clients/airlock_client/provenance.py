@@ -101,7 +101,8 @@ class ProvenanceRecord:
     #: value model-signing calls the key hint).
     key_fingerprint: str
     #: 1: no subject or principal recorded; 2: both are; 3: also the parity tolerance and
-    #: sample asked for, and each parity entry's tolerance and relative difference.
+    #: sample asked for, and each parity entry's tolerance and relative difference; 4: also
+    #: the broker's verdict on whether artifact code ran (``executed_artifact_code``).
     record_version: int = 1
     #: What the caller said the input was (``models:/NAME/VERSION``, a path): its word only.
     subject: str = ""
@@ -119,6 +120,10 @@ class ProvenanceRecord:
     #: (each output's max_abs_diff, and from version 3 max_rel_diff, tolerance, samples) and
     #: parity_inputs ("sample", "input_example", "generated", joined by "+").
     conversion: Mapping[str, Any] = field(default_factory=dict)
+    #: Whether loading the artifact ran its code, as the broker judged it (from version 4;
+    #: None before, when only the sandbox's word under ``conversion`` said, and a sandbox
+    #: whose artifact ran code can make it say no).
+    executed_artifact_code: bool | None = None
     #: The whole signed in-toto Statement, for anything not lifted into fields above.
     statement: Mapping[str, Any] = field(default_factory=dict)
     #: "conversion" (one job's output), or "safetensors_index": a sharded directory's index,
@@ -162,13 +167,15 @@ def fingerprint(key: PublicKeyLike) -> str:
 
 
 def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
-           public_key: PublicKeyLike, *, data_file: bool = False) -> ProvenanceRecord:
+           public_key: PublicKeyLike, *, data_file: bool = False,
+           index: bool = False) -> ProvenanceRecord:
     """Verify ``provenance`` with ``public_key``, then that it describes ``file_or_bytes``.
 
     ``file_or_bytes`` is the output's content (``bytes``) or a path to it (read once, hashed).
     ``data_file``: it is a data file carried with a model directory (``config.json``, a
-    tokenizer), whose record is a data file's; else its record must be a converted model's
-    (or an index's): see :func:`check_kind`.
+    tokenizer), whose record is a data file's; ``index``: it is a sharded directory's
+    ``model.safetensors.index.json``, whose record is an index's; else its record must be a
+    converted model's: see :func:`check_kind`.
     """
     record = verify_envelope(provenance, public_key)
     if isinstance(file_or_bytes, bytes):
@@ -182,7 +189,7 @@ def verify(file_or_bytes: bytes | str | os.PathLike[str], provenance: bytes,
         except OSError as exc:
             raise ProvenanceError("OUTPUT_MISMATCH",
                                   f"cannot read {path}: {exc.strerror or exc}") from None
-    check_kind(record, data_file=data_file)
+    check_kind(record, data_file=data_file, index=index)
     return record
 
 
@@ -209,13 +216,24 @@ def check_stream(fh: BinaryIO, record: ProvenanceRecord) -> None:
     check_output(record, sha256=sha, size=size)
 
 
-def check_kind(record: ProvenanceRecord, *, data_file: bool = False) -> None:
+def check_kind(record: ProvenanceRecord, *, data_file: bool = False,
+               index: bool = False) -> None:
     """Raise ``OUTPUT_KIND`` unless the record is of what the caller expects: a data file
-    (``data_file``) or a model, never one for the other. The broker signs a data file as the
-    bytes it was given once its sandbox checked them as JSON, text or a SentencePiece model;
-    a text file may be anything printable, a script or a protocol-0 pickle among them. So a
-    data file's valid signature says nothing about a file that is to be loaded as a model."""
-    if (record.output_format == DATA_FORMAT) == data_file:
+    (``data_file``), a sharded directory's index (``index``) or a converted model, never one
+    for another. The broker signs a data file as the bytes it was given once its sandbox
+    checked them as JSON, text or a SentencePiece model; a text file may be anything
+    printable, a script or a protocol-0 pickle among them. So a data file's valid signature
+    says nothing about a file that is to be loaded as a model. An index's record vouches for
+    JSON a caller wrote (checked against the shards' records), under a name it chose."""
+    if (record.kind == INDEX_KIND) != index:
+        if index:
+            raise ProvenanceError("OUTPUT_KIND", "the record is not a sharded directory's "
+                                                 "index")
+        raise ProvenanceError("OUTPUT_KIND", "the record is a sharded directory's index, not "
+                                             "a converted model's: verify it as "
+                                             "model.safetensors.index.json or with its "
+                                             "directory (airlock verify DIR)")
+    if index or (record.output_format == DATA_FORMAT) == data_file:
         return
     if data_file:
         raise ProvenanceError("OUTPUT_KIND", f"the record is a converted model's "
@@ -321,6 +339,9 @@ def check_source(record: ProvenanceRecord, *, subject: str | None = None,
         raise ValueError("check_source needs an expectation: subject, sha256 or principals")
     if isinstance(principals, str):  # one name, not its letters ("mig" in "migrator")
         principals = (principals,)
+    if sha256 is not None and not record.input_sha256:
+        raise ProvenanceError("SOURCE_MISMATCH", "the record names no input sha256 (an "
+                                                 "index's: its shards' records name theirs)")
     if sha256 is not None and sha256.lower() != record.input_sha256:
         raise ProvenanceError("SOURCE_MISMATCH",
                               f"the output was converted from input sha256 "
@@ -509,6 +530,12 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
     tolerance: float | None = None
     if version >= 3:
         tolerance, sample = _parity_request(request)
+    executed: bool | None = None
+    if version >= 4:
+        executed = verdicts.get("executed_artifact_code")
+        if not isinstance(executed, bool):
+            raise ProvenanceError("PROVENANCE_MALFORMED",
+                                  "'executed_artifact_code' is not true or false")
     return ProvenanceRecord(
         job_id=_str(pred, "job_id"), created=_str(pred, "created"),
         broker_version=_str(broker, "version"),
@@ -523,7 +550,8 @@ def _record(doc: dict[str, Any], key_fingerprint: str) -> ProvenanceRecord:
         integrity_note=_str(verdicts, "integrity_note"),
         key_fingerprint=key_fingerprint, record_version=version, subject=subject,
         principal=principal, principal_method=method, parity_tolerance=tolerance,
-        sample_sha256=sample, conversion=_obj(pred, "conversion"), statement=doc,
+        sample_sha256=sample, executed_artifact_code=executed,
+        conversion=_obj(pred, "conversion"), statement=doc,
     )
 
 

@@ -149,6 +149,14 @@ def admits(declared: str, detected: ArtifactFormat) -> bool:
     return detected in allowed
 
 
+def declared_data(declared: str | None) -> ArtifactFormat | None:
+    """The data file format ``declared`` names, or None. A data file is one because its
+    caller says so (no magic bytes name it): the broker then checks it and carries it
+    unchanged, and its record is a data file's, which a client asking for a model refuses."""
+    data = DECLARABLE.get(declared or "", frozenset()) & DATA_FORMATS
+    return next(iter(data)) if data else None
+
+
 def candidates(decided: ArtifactFormat, declared: str | None) -> frozenset[ArtifactFormat]:
     """What an artifact the broker decided is ``decided`` may turn out to be when the sandbox
     lists it: itself, or for a ``ZIP`` the zip formats the declaration admits. The broker

@@ -14,13 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.api.auth import Principal
 from airlock_broker.api.provenance import sign, statement
+from airlock_broker.api.wire import result_message
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.sandboxes.sandbox import Outcome as SandboxOutcome
 from airlock_broker.security.keys import SigningKey
 from airlock_client import ConversionError, ConversionReport, ConversionResult, provenance
+from airlock_client import _wire as client_wire
 from airlock_client._twin import bundle_sha256
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
 from airlock_sandbox.formats import ArtifactFormat
@@ -54,12 +57,40 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
     """A broker-signed provenance for ``output``: converted from ``source`` (or from bytes
     whose sha256 is ``source_sha256``), asked for by ``principal`` with ``subject``.
     ``record_version=1`` signs the record as Airlock did before subjects."""
+    result = _result(output, fmt, source, assurance, source_sha256, executed)
+    doc = statement(result, _request(subject), SandboxPolicy(), version="test",
+                    principal=Principal(principal, "token", frozenset()))
+    if record_version == 1:
+        record = doc["predicate"]["airlock"]
+        record["record_version"] = 1
+        del record["principal"], record["input"]["subject"]
+    return sign(doc, key)
+
+
+def answer(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source bytes", *,
+           subject: str = "") -> tuple[pb.ConvertResult, pb.ConvertMetadata]:
+    """The broker's answer to a conversion of ``source`` into ``output`` (its result header,
+    made by the broker's own wire code, with the signed provenance) and the request the client
+    sent for it."""
+    result = _result(output, fmt, source)
+    signed = sign(statement(result, _request(subject), SandboxPolicy(), version="test",
+                            principal=Principal("migrator", "token", frozenset())), key)
+    header = result_message(result, signed).result
+    asked = client_wire.metadata(size=len(source), sha256="", target="auto",
+                                 policy="allow_code", declared=None, inputs=(),
+                                 idempotency_key="", filename="model", timeout_seconds=60,
+                                 subject=subject).metadata
+    return header, asked
+
+
+def _result(output: bytes, fmt: str, source: bytes, assurance: str = "format_safe_only",
+            source_sha256: str | None = None, executed: bool = False) -> JobResult:
     out_format = OutputFormat.ONNX if fmt == "onnx" else OutputFormat.SAFETENSORS
     validated = ValidatedOutput(format=out_format, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
                                 path=Path("/nonexistent"),
                                 write_into=lambda fd: os.ftruncate(fd, os.pwrite(fd, output, 0)))
-    result = JobResult(
+    return JobResult(
         job_id="job-1", detected_format=ArtifactFormat.PICKLE,
         input_sha256=source_sha256 or hashlib.sha256(source).hexdigest(),
         input_size=len(source),
@@ -67,16 +98,12 @@ def envelope(key: SigningKey, output: bytes, fmt: str, source: bytes = b"source 
             exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
             image_id="sha256:" + "ab" * 32, runtime="runc"),
         policy=LoadingPolicy.ALLOW_CODE,
-        report={"loader": "fake", "executed_artifact_code": executed}, assurance=assurance)
-    request = JobRequest(job_id="job-1", declared_format="", target=Target.AUTO,
-                         subject=subject)
-    doc = statement(result, request, SandboxPolicy(), version="test",
-                    principal=Principal(principal, "token", frozenset()))
-    if record_version == 1:
-        record = doc["predicate"]["airlock"]
-        record["record_version"] = 1
-        del record["principal"], record["input"]["subject"]
-    return sign(doc, key)
+        report={"loader": "fake", "executed_artifact_code": executed}, assurance=assurance,
+        executed_artifact_code=executed)
+
+
+def _request(subject: str) -> JobRequest:
+    return JobRequest(job_id="job-1", declared_format="", target=Target.AUTO, subject=subject)
 
 
 def source_dir(dest: Path, uri: str) -> Path:

@@ -27,6 +27,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.server import Broker
 from airlock_broker.config import BrokerConfig
+from airlock_broker.conversion import audit
 from airlock_broker.sandboxes.pools import PoolSettings
 from airlock_broker.security.auth_config import (
     AuthConfig,
@@ -468,3 +469,29 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_the_broker_serves_aft
             assert time.monotonic() < deadline, "the broker did not serve after the flood"
             time.sleep(0.2)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+
+def test_calls_refused_before_their_upload_cannot_fill_the_audit_log(
+        start, tmp_path: Path) -> None:
+    # Found by review: each refused call wrote a full record (1.5 KB with a long file name):
+    # one client sending refused calls filled the disk at 40 GiB a day.
+    run = start(auth=AuthConfig(tokens=TOKENS))
+    alice = (("authorization", f"Bearer {ALICE}"),)
+    refused = pb.ConvertRequest(metadata=pb.ConvertMetadata(size_bytes=1, filename="\n" * 5000,
+                                                            target=99))
+    began = time.monotonic()
+    with own_channel(run.address) as channel:
+        stub = pb_grpc.ConversionServiceStub(channel)
+        for _ in range(100):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Convert(iter([refused]), metadata=alice, timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    windows = (time.monotonic() - began) // audit.REFUSAL_WINDOW_SECONDS + 1
+    refusals = [r for r in run.audit() if r["principal"] == "alice"]
+    assert 0 < len(refusals) <= audit.REFUSALS_PER_WINDOW * windows < 100, len(refusals)
+    assert {r["reason"] for r in refusals} == {"BAD_REQUEST"}
+    # A job that got further always has its record, whatever alice's refusals left.
+    timed_convert(run.address, tmp_path, "converted", token=ALICE)
+    wait_for(lambda: any(r.get("outcome") == "ok" and r["principal"] == "alice"
+                         for r in run.audit()))

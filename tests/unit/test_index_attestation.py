@@ -65,14 +65,14 @@ def test_an_index_that_agrees_with_its_records_is_signed(tmp_path: Path) -> None
     key = _key(tmp_path)
     index = _index(SHARDS)
     envelope = _attest(index, _records(key, SHARDS), key)
-    record = client_provenance.verify(index, envelope, key.public_key)
+    record = client_provenance.verify(index, envelope, key.public_key, index=True)
     assert record.kind == "safetensors_index" and record.output_size == len(index)
     assert record.subject == "models:/tiny/1" and record.principal == "trainer"
     assert [s["file_name"] for s in record.shards] == sorted(SHARDS)
     assert [s["tensors"] for s in record.shards] == [2, 2]
     assert record.assurance == "integrity_verified" and record.validation == "passed"
     with pytest.raises(client_provenance.ProvenanceError):  # bound to these bytes
-        client_provenance.verify(index + b" ", envelope, key.public_key)
+        client_provenance.verify(index + b" ", envelope, key.public_key, index=True)
 
 
 def test_the_weakest_shard_names_the_index_assurance(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_the_weakest_shard_names_the_index_assurance(tmp_path: Path) -> None:
     names, size = SHARDS["model-00002-of-00002.safetensors"]
     records[1] = (records[1][0], _record(key, names, size, assurance="format_safe_only"))
     envelope = _attest(_index(SHARDS), records, key)
-    record = client_provenance.verify(_index(SHARDS), envelope, key.public_key)
+    record = client_provenance.verify(_index(SHARDS), envelope, key.public_key, index=True)
     assert record.assurance == "format_safe_only"
 
 

@@ -53,3 +53,45 @@ def test_idle_connections_are_few_and_short_and_a_scrape_gets_through(monkeypatc
             sock.close()
         server.shutdown()
         server.server_close()
+
+
+def test_connections_that_trickle_their_request_cannot_keep_scrapes_out(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Found by review: the timeout was each read's, so eight connections sending a byte every
+    # four seconds held every place for as long as they kept it up, and no scrape got in.
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 2.0)
+    monkeypatch.setattr(metrics_http, "REQUEST_SECONDS", 2.0)
+    registry = CollectorRegistry()
+    Counter("airlock_test_scrapes", "a counter to find in the page", registry=registry).inc()
+    server = serve_metrics("127.0.0.1", 0, registry)
+    port = server.server_address[1]
+    stop = threading.Event()
+    cut: list[float] = []
+
+    def trickle() -> None:
+        """One connection sending a header byte every half second, well within each read's
+        timeout, until the server cuts it (or the test ends)."""
+        began = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            try:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+                while not stop.wait(0.5):
+                    sock.sendall(b"X")
+            except OSError:
+                cut.append(time.monotonic() - began)
+
+    tricklers = [threading.Thread(target=trickle) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for thread in tricklers:
+            thread.start()
+        # Each is cut at its deadline, and a scrape gets through while they go on trying.
+        assert "airlock_test_scrapes_total 1.0" in _scrape(port, time.monotonic() + 60)
+        deadline = time.monotonic() + 60
+        while len(cut) < MAX_CONNECTIONS:
+            assert time.monotonic() < deadline, f"only {len(cut)} trickling connections cut"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in tricklers:
+            thread.join(30)
+        server.shutdown()
+        server.server_close()

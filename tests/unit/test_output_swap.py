@@ -21,7 +21,7 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.security.keys import create_key
 from airlock_client import _client, _part_files, provenance
 from airlock_client._part_files import OutputSwapped
-from tests.unit.migrate_helpers import envelope, tiny_safetensors
+from tests.unit.migrate_helpers import answer, tiny_safetensors
 from tests.unit.shared_tmp import private_file, swap
 
 SOURCE = b"source bytes"
@@ -40,17 +40,16 @@ def test_a_streamed_output_swapped_for_a_link_changes_nothing_the_link_points_to
     data = tiny_safetensors()
     out = team / "m.safetensors"
 
+    header, asked = answer(key, data, "safetensors", SOURCE)
+
     def responses() -> Iterator[pb.ConvertResponse]:
-        yield pb.ConvertResponse(result=pb.ConvertResult(
-            job_id="job-1", output_format=pb.TARGET_FORMAT_SAFETENSORS,
-            input_sha256=hashlib.sha256(SOURCE).hexdigest(), input_size=len(SOURCE),
-            output_sha256=hashlib.sha256(data).hexdigest(), output_size=len(data),
-            provenance=envelope(key, data, "safetensors", SOURCE)))
+        yield pb.ConvertResponse(result=header)
         swap(team, r"\.m\.safetensors\.\w{8}\.part", secret)  # while the output streams in
         yield pb.ConvertResponse(chunk=pb.Chunk(data=data, crc32=zlib.crc32(data)))
 
     with pytest.raises(OutputSwapped) as caught:
-        _client._receive(responses(), out, hashlib.sha256(SOURCE), key.public_pem, "test")
+        _client._receive(responses(), out, asked, hashlib.sha256(SOURCE), key.public_pem,
+                         "test")
     assert caught.value.reason == "OUTPUT_SWAPPED"
     assert _mode(secret) == 0o600  # was 0644: chmod by name followed the link
     assert not out.is_symlink() and not out.exists()  # was the link, reported as converted

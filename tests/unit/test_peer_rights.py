@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from airlock_broker.fastpath import local_transfer, peer_identity
 from airlock_broker.fastpath.filesystems import filesystem_of
 from airlock_broker.fastpath.local_transfer import LocalTransferServer, LocalTransferSettings
 from airlock_broker.fastpath.peer_identity import IdentityServer, PeerTickets
@@ -131,6 +132,44 @@ def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
     assert len(ticket) >= 32
 
 
+def test_on_an_older_kernel_a_descriptor_inside_another_cannot_stop_the_loop(
+        tmp_path: Path, lingering: Callable[[], socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by review: before Linux 6.16 the kernel lets descriptors through, and the drain
+    # does not reach a lingering socket queued inside a Unix socket sent to the identity
+    # socket: its close, on the event loop, stopped every call for the whole linger time.
+    monkeypatch.setattr(peer_identity, "refuse_rights", lambda sock: False)  # that kernel
+
+    async def scenario() -> tuple[float, str]:
+        server = IdentityServer(tmp_path / "broker.sock.id", PeerTickets())
+        server.start()
+        try:
+            sending, queued = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with sending:
+                sock = lingering()
+                socket.send_fds(sending, [b"y"], [sock.fileno()])
+                sock.close()  # the copy queued in ``queued`` is the last
+            assert _send_and_let_go(server.path, b"x", queued)
+            queued.close()  # the broker's copy is the last
+            stop = await _longest_stop(3.0)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with client:  # and the next local client still gets its ticket
+                client.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(client, os.fspath(server.path))
+                ticket = await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(client, 64), 10)
+            return stop, ticket.decode()
+        finally:
+            for conn in _held:
+                conn.close()
+            _held.clear()
+            await server.close()
+
+    stop, ticket = asyncio.run(scenario())
+    assert stop < 2.0, f"the event loop stopped for {stop:.1f} s"
+    assert len(ticket) >= 32
+
+
 def test_messages_without_a_ticket_cannot_hold_the_close_threads(
         tmp_path: Path, lingering: Callable[[], socket.socket]) -> None:
     (tmp_path / "in").write_bytes(b"abc")
@@ -177,6 +216,42 @@ def test_messages_without_a_ticket_cannot_hold_the_close_threads(
 
     reply = asyncio.run(scenario())
     assert reply == {"ok": True}, reply
+
+
+def test_on_an_older_kernel_a_refused_hand_over_cannot_stop_the_loop(
+        tmp_path: Path, lingering: Callable[[], socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by review (the identity socket's twin): a uid over its hand-overs was refused
+    # and closed on the event loop, and before Linux 6.16 a lingering socket queued inside a
+    # Unix socket it sent made that close wait, with no ticket needed.
+    monkeypatch.setattr(local_transfer, "refuse_rights", lambda sock: False)  # that kernel
+    settings = LocalTransferSettings(allowed_filesystems=frozenset({"ext4"}),
+                                     max_connections_per_uid=1)  # the attacker is this uid
+    server = LocalTransferServer(settings, tmp_path / "sockets" / "t.sock", 1 << 20)
+
+    async def scenario() -> float:
+        assert await server.start()
+        try:
+            assert not rights_refused(server._sock)  # type: ignore[arg-type]
+            holder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            holder.connect(os.fspath(server.path))  # silent: holds the uid's one hand-over
+            _held.append(holder)
+            sending, queued = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with sending:
+                sock = lingering()
+                socket.send_fds(sending, [b"y"], [sock.fileno()])
+                sock.close()  # the copy queued in ``queued`` is the last
+            assert _send_and_let_go(server.path, b"not a ticket", queued)
+            queued.close()  # the broker's copy is the last
+            return await _longest_stop(3.0)
+        finally:
+            for conn in _held:
+                conn.close()
+            _held.clear()
+            await server.close()
+
+    stop = asyncio.run(scenario())
+    assert stop < 2.0, f"the event loop stopped for {stop:.1f} s"
 
 
 def test_descriptors_are_received_close_on_exec() -> None:

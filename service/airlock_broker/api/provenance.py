@@ -67,7 +67,10 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 #: Where Airlock's record sits in the predicate.
 RECORD_FIELD = "airlock"
-RECORD_VERSION = 3
+#: 2: subject and principal; 3: the parity asked for; 4: the broker's verdict on whether
+#: artifact code ran (``verdicts.executed_artifact_code``; the sandbox's word stays under
+#: "conversion", and a sandbox whose artifact ran code can make it say no).
+RECORD_VERSION = 4
 
 
 @functools.cache
@@ -139,6 +142,8 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             "validation": "passed",
             "assurance": result.assurance,
             "integrity_note": result.integrity_note,
+            # The broker's judgement (jobs.executed_artifact_code), as the result header says.
+            "executed_artifact_code": result.executed_artifact_code,
         },
         "conversion": _claims(report),
     }

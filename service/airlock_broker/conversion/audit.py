@@ -4,6 +4,13 @@
 It records who asked for what, what the broker observed and decided, and what it returned;
 never artifact bytes and never secrets. Every string that came from a caller or a sandbox is
 escaped by ``json.dumps(ensure_ascii=True)`` (control characters included) and capped.
+
+A call refused before its upload began (the broker busy or drained, metadata it refuses)
+costs its caller one small message, and its record was up to 1.5 KB: one client filled the
+disk at 40 GiB a day (found by review). Those records are written within a budget per
+principal (``REFUSALS_PER_WINDOW`` per ``REFUSAL_WINDOW_SECONDS``, ops/log_budget.py); the
+next one written says how many were left out (``refusals_not_recorded``). Every job that got
+further has its record, and the metrics count every call.
 """
 
 from __future__ import annotations
@@ -13,16 +20,24 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airlock_broker.ops.log_budget import LogBudget
 from airlock_broker.security.state_dirs import open_private_file
 from airlock_broker.timestamps import utc_second
 
 log = logging.getLogger(__name__)
 
 _MAX_STRING = 512
+#: Records of calls refused before their upload, per principal and window (see above).
+REFUSALS_PER_WINDOW = 20
+REFUSAL_WINDOW_SECONDS = 10.0
+#: Principals whose refusal budgets are kept (the least recently refused is forgotten).
+_MAX_BUDGETS = 1024
 
 
 @dataclass
@@ -68,14 +83,33 @@ class AuditLog:
     broker append caller-chosen text to a file of root's. Its directory is checked at start-up.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._fd = open_private_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._lock = threading.Lock()
+        self._clock = clock
+        self._refusals: OrderedDict[str, LogBudget] = OrderedDict()
 
-    def write(self, record: AuditRecord) -> None:
-        """Never raises: a full disk must not turn a finished job into a crash; it is logged."""
+    def write(self, record: AuditRecord, *, before_upload: bool = False) -> None:
+        """Never raises: a full disk must not turn a finished job into a crash; it is logged.
+        ``before_upload``: the call was refused before its upload began, and its record is
+        written within its principal's budget (see the module docstring)."""
+        if before_upload:
+            written, dropped = self._refusal_budget(record.principal).take()
+            if not written:
+                return
+            if dropped:
+                record.set(refusals_not_recorded=dropped)
         self._append(record.document(), f"job {record.job_id}")
+
+    def _refusal_budget(self, principal: str) -> LogBudget:
+        with self._lock:
+            budget = self._refusals.pop(principal, None) or LogBudget(
+                REFUSALS_PER_WINDOW, REFUSAL_WINDOW_SECONDS, self._clock)
+            self._refusals[principal] = budget  # the most recently refused last
+            while len(self._refusals) > _MAX_BUDGETS:
+                self._refusals.popitem(last=False)
+            return budget
 
     def action(self, action: str, principal: str, auth: str, peer: str, **fields: Any) -> None:
         """An operator's action (a drain, a restart, a self-test), with who asked and how it

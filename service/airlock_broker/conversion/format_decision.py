@@ -61,13 +61,13 @@ from airlock_sandbox.contract import Target
 from airlock_sandbox.data_files import MAX_DATA_BYTES
 from airlock_sandbox.formats import (
     DATA_FORMATS,
-    DECLARABLE,
     MLFLOW_FLAVOR_PROFILES,
     PROFILE_LIGHT,
     PROFILE_SKLEARN,
     ArtifactFormat,
     admits,
     candidates,
+    declared_data,
     detect_prefix,
     leads_with_npy,
     profile_for,
@@ -196,9 +196,9 @@ def decide(prefix: bytes, size: int, declared: str | None,
     else of the file is read.
     """
     detected = detect_prefix(prefix, size)
-    data = DECLARABLE.get(declared or "", frozenset()) & DATA_FORMATS
-    if data:
-        return _data_file(detected, size, declared or "", next(iter(data)))
+    data = declared_data(declared)
+    if data is not None:
+        return _data_file(detected, size, declared or "", data)
     if detected is ArtifactFormat.UNKNOWN:
         raise error(Reason.UNSUPPORTED_FORMAT,
                     "the artifact's leading bytes match no supported format (pickle, joblib, "

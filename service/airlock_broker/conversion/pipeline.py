@@ -82,6 +82,9 @@ class Job:
     #: Set once the call's answer is out (or it failed): the job's dead sandboxes are
     #: destroyed and replaced only then, so that neither competes with the answer.
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Whether its upload began (a call refused before costs its caller one message: its
+    #: audit record is within a budget, audit.py).
+    uploading: bool = False
 
     @property
     def id(self) -> str:
@@ -157,7 +160,7 @@ class ConversionPipeline:
         finally:
             job.answered.set()
             with self.trace.span("audit"):
-                self.audit.write(record)
+                self.audit.write(record, before_upload=not job.uploading)
 
     def _transfer(self, meta: pb.ConvertMetadata, requests: AsyncIterator[pb.ConvertRequest],
                   record: AuditRecord) -> Transfer:
@@ -184,6 +187,7 @@ class ConversionPipeline:
             inputs.release()
             raise
         job.record.set(input_room=inputs.record())
+        job.uploading = True
         try:
             with self.trace.span("spool"):
                 try:

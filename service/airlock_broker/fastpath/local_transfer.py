@@ -238,23 +238,38 @@ class LocalTransferServer:
                 peer = _peer(conn)
             except OSError as exc:  # gone already
                 log.info("local transfer connection dropped: %s", exc)
-                conn.close()
-                self._slots.release()
+                self._let_go(conn, loop)
                 continue
             user = self.owners.owner(peer.uid)
             if self._per_user.get(user, 0) >= self.settings.max_connections_per_uid:
                 self._refuse_at_once(conn, peer.uid)
-                self._slots.release()
+                self._let_go(conn, loop)
                 continue
             self._per_user[user] = self._per_user.get(user, 0) + 1
             task = asyncio.create_task(self._serve(conn, peer, user))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
+    def _let_go(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """Close a connection the accept loop will not serve, and give its place back: here
+        when the kernel refused it descriptors, as nothing queued can make that close wait;
+        else (before Linux 6.16) on a close thread, the place held until it is done. A
+        socket queued inside a Unix socket is out of the drain's reach (peer_rights), and its
+        close on the loop stopped every call of the broker (found by review)."""
+        if self._sock is not None and rights_refused(self._sock):
+            let_go(conn)
+            self._slots.release()
+            return
+
+        def release() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+                loop.call_soon_threadsafe(self._slots.release)
+
+        self.io.let_go_later(conn, release)
+
     def _refuse_at_once(self, conn: socket.socket, uid: int) -> None:
         """BUSY on the loop, unread: a fresh socket's buffer takes one small message without
-        blocking, a peer that is gone just gets nothing, and nothing it queued can make the
-        close wait (``peer_rights``)."""
+        blocking, and a peer that is gone just gets nothing. (The caller closes it.)"""
         limit = self.settings.max_connections_per_uid
         reply = _refusal(error(Reason.BUSY, f"uid {uid} (or the user whose subordinate uid "
                                f"it is) already has {limit} same-host hand-overs under "
@@ -264,8 +279,6 @@ class LocalTransferServer:
             conn.send(json.dumps(reply).encode())
         except OSError as exc:
             log.info("local transfer connection dropped: %s", exc)
-        finally:
-            let_go(conn)
         log.info("local transfer refused (uid %d): %d hand-overs under way", uid, limit)
 
     async def _serve(self, conn: socket.socket, peer: PeerCred, user: int) -> None:

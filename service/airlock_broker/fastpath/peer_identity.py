@@ -9,8 +9,13 @@ beside the gRPC one (``<socket>.id``, see ``security/exposure.identity_path``):
    the kernel at ``connect``: a process cannot choose it), answers with a fresh random
    256-bit ticket bound to that uid, and closes. It reads nothing from the peer, so a silent
    peer holds nothing and the event loop never waits on one; and it takes no descriptors
-   (``peer_rights``: refused by the kernel, else drained and disarmed), so none can make its
-   close wait.
+   (``peer_rights``: refused by the kernel, Linux 6.16+), so none can make its close wait.
+   On an older kernel a descriptor queued inside another (a TCP socket set to linger, inside
+   a Unix socket) is out of the drain's reach, and the close of the connection that brought
+   it waits as long as its sender likes: there each connection is closed on a thread of its
+   own, at most ``CLOSE_THREADS`` at once (the socket accepts no more while they are held),
+   never on the event loop (found by review: without credentials, a local user stopped
+   every call of the broker for 15 s of each 15).
 2. The client sends the ticket as call metadata (``PEER_TICKET_HEADER``) on one gRPC call
    over the Unix socket. The interceptor (auth.py) redeems it there: single use, at most
    ``ttl`` seconds old, and only on a call that arrived on the Unix listener. The caller's
@@ -52,6 +57,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.fastpath.peer_rights import let_go, refuse_rights
 from airlock_broker.security.uid_owners import UidOwners
 
@@ -156,6 +162,10 @@ class PeerTickets:
             return len(self._by_ticket)
 
 
+#: Connections closed at once where the kernel cannot refuse descriptors (see above).
+CLOSE_THREADS = 4
+
+
 class IdentityServer:
     """The identity socket: one ticket per connection, for the uid the kernel names."""
 
@@ -164,6 +174,9 @@ class IdentityServer:
         self.tickets = tickets
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Whether the kernel refuses descriptors sent to the socket; else closes go here.
+        self._refused = True
+        self._closes = DaemonPool(CLOSE_THREADS, "airlock-identity-close")
 
     def start(self) -> None:
         """Bind and start answering (``OSError`` if the socket cannot be made). The directory
@@ -174,7 +187,8 @@ class IdentityServer:
             os.unlink(self.path)  # a previous broker's: the directory is ours
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            refuse_rights(sock)  # before anyone can connect; accepted sockets inherit it
+            # Before anyone can connect; accepted sockets inherit it.
+            self._refused = refuse_rights(sock)
             sock.bind(os.fspath(self.path))
             # Connecting proves who you are; it grants nothing else.
             os.chmod(self.path, 0o666, follow_symlinks=False)
@@ -183,6 +197,11 @@ class IdentityServer:
         except BaseException:
             sock.close()
             raise
+        if not self._refused:
+            log.warning("identity socket: this kernel cannot refuse descriptors (SO_PASSRIGHTS, "
+                        "Linux 6.16+): each connection is closed on a thread, %d at most at "
+                        "once, and a local user who holds them all stops new local "
+                        "identities (never the broker's other calls)", CLOSE_THREADS)
         self._sock = sock
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
 
@@ -192,6 +211,7 @@ class IdentityServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._closes.shutdown(wait=False)  # a close still waiting carries on alone
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -202,17 +222,42 @@ class IdentityServer:
     async def _accept_loop(self) -> None:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
+        closes = asyncio.Semaphore(CLOSE_THREADS)
         while True:
+            if not self._refused:
+                await closes.acquire()  # a thread to close the next connection on
             try:
                 conn, _ = await loop.sock_accept(self._sock)
             except OSError as exc:  # EMFILE and the like: the socket must outlive them
+                if not self._refused:
+                    closes.release()
                 log.warning("identity socket: accept failed: %s", exc)
                 await asyncio.sleep(0.5)
+                continue
+            if self._refused:  # nothing it could send can make its close wait
+                try:
+                    self.answer(conn)
+                finally:
+                    let_go(conn)
                 continue
             try:
                 self.answer(conn)
             finally:
+                self._close_later(loop, conn, closes)
+
+    def _close_later(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                     closes: asyncio.Semaphore) -> None:
+        def close() -> None:
+            try:
                 let_go(conn)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+                    loop.call_soon_threadsafe(closes.release)
+
+        try:
+            self._closes.submit(close)
+        except RuntimeError:  # shut down (the broker is exiting): a thread of its own
+            threading.Thread(target=close, daemon=True, name="airlock-identity-close").start()
 
     def answer(self, conn: socket.socket) -> None:
         """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 
 from airlock_broker.daemon_pool import DaemonPool
 from airlock_broker.errors import Reason, error
-from airlock_broker.fastpath.peer_rights import close_disarmed
+from airlock_broker.fastpath.peer_rights import close_disarmed, let_go
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,25 @@ class PeerIO:
         except RuntimeError:  # shut down (the broker is exiting): a thread of its own
             threading.Thread(target=self._close, args=(tuple(fds),), daemon=True,
                              name="airlock-peer-close").start()
+
+    def let_go_later(self, conn: socket.socket, then: Callable[[], None]) -> None:
+        """``peer_rights.let_go(conn)`` on a close thread, then ``then()`` there: a
+        connection whose peer may have queued descriptors (a kernel before 6.16) is closed
+        where its close may wait."""
+        def close() -> None:
+            try:
+                let_go(conn)
+            finally:
+                with self._lock:
+                    self._closing -= 1
+                then()
+
+        with self._lock:
+            self._closing += 1
+        try:
+            self._closes.submit(close)
+        except RuntimeError:  # shut down (the broker is exiting): a thread of its own
+            threading.Thread(target=close, daemon=True, name="airlock-peer-close").start()
 
     def _close(self, fds: tuple[int, ...]) -> None:
         try:
