@@ -80,12 +80,12 @@ def _check_asked(record: ProvenanceRecord, asked: pb.ConvertMetadata) -> None:
         expected["parity sample"] = (sample, record.sample_sha256)
     if target != "auto":
         expected["output format"] = (target, record.output_format)
-    for what, (mine, signed) in expected.items():
-        if mine != signed:
-            raise ProvenanceError("REQUEST_MISMATCH",
-                                  f"the broker signed a job whose {what} is {_shown(signed)}, "
-                                  f"but this client asked for {_shown(mine)}: the request "
-                                  "was changed on its way (or the broker is not Airlock's)")
+    if (differs := _first_difference(expected)) is not None:
+        what, mine, signed = differs
+        raise ProvenanceError("REQUEST_MISMATCH",
+                              f"the broker signed a job whose {what} is {signed}, but this "
+                              f"client asked for {mine}: the request was changed on its way "
+                              "(or the broker is not Airlock's)")
     check_kind(record, data_file=data_file)
 
 
@@ -108,12 +108,20 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
     if record.executed_artifact_code is not None:  # the broker's verdict (version 4 on)
         said["whether artifact code ran"] = (report.executed_artifact_code,
                                              record.executed_artifact_code)
-    for what, (header_says, signed) in said.items():
-        if header_says != signed:
-            raise ProvenanceError("RESULT_MISMATCH",
-                                  f"the result says the {what} is {_shown(header_says)}, but "
-                                  f"the signed record says {_shown(signed)}: the answer was "
-                                  "changed on its way (or the broker is not Airlock's)")
+    if (differs := _first_difference(said)) is not None:
+        what, header_says, signed = differs
+        raise ProvenanceError("RESULT_MISMATCH",
+                              f"the result says the {what} is {header_says}, but the signed "
+                              f"record says {signed}: the answer was changed on its way (or "
+                              "the broker is not Airlock's)")
+
+
+def _first_difference(pairs: dict[str, tuple[object, object]]) -> tuple[str, str, str] | None:
+    """The first entry whose sides differ, as (what, one side, the other), shown."""
+    for what, (ours, signed) in pairs.items():
+        if ours != signed:
+            return what, _shown(ours), _shown(signed)
+    return None
 
 
 def _shown(value: object) -> str:

@@ -103,16 +103,15 @@ async def _longest_stop(seconds: float) -> float:
     return longest
 
 
-def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
-        tmp_path: Path, lingering: Callable[[], socket.socket]) -> None:
+def _identity_attacked(path: Path, attack: Callable[[IdentityServer], None]) -> tuple[float, str]:
+    """Start an identity socket at ``path``, run ``attack`` on it before the loop runs again
+    (so what it sends is queued before the broker accepts), then: the longest the event loop
+    stopped in the next 3 s, and the ticket a client asking after that gets."""
     async def scenario() -> tuple[float, str]:
-        server = IdentityServer(tmp_path / "broker.sock.id", PeerTickets())
+        server = IdentityServer(path, PeerTickets())
         server.start()
         try:
-            # Before the loop runs again: queued before the broker accepts the connection.
-            assert rights_refused(server._sock)  # type: ignore[arg-type]
-            sock = lingering()
-            _drop(sock, _send_and_let_go(server.path, b"x", sock))
+            attack(server)
             stop = await _longest_stop(3.0)
             client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with client:
@@ -127,7 +126,29 @@ def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
             _held.clear()
             await server.close()
 
-    stop, ticket = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def _send_inside_a_socket(path: Path, lingering: Callable[[], socket.socket]) -> None:
+    """Send ``path`` a Unix socket holding a lingering TCP socket in its queue, leaving the
+    broker's copy the last reference to both."""
+    sending, queued = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sending:
+        sock = lingering()
+        socket.send_fds(sending, [b"y"], [sock.fileno()])
+        sock.close()  # the copy queued in ``queued`` is the last
+    assert _send_and_let_go(path, b"not a ticket", queued)
+    queued.close()  # the broker's copy is the last
+
+
+def test_the_identity_socket_takes_no_descriptor_that_could_stop_the_loop(
+        tmp_path: Path, lingering: Callable[[], socket.socket]) -> None:
+    def attack(server: IdentityServer) -> None:
+        assert rights_refused(server._sock)  # type: ignore[arg-type]
+        sock = lingering()
+        _drop(sock, _send_and_let_go(server.path, b"x", sock))
+
+    stop, ticket = _identity_attacked(tmp_path / "broker.sock.id", attack)
     assert stop < 2.0, f"the event loop stopped for {stop:.1f} s"
     assert len(ticket) >= 32
 
@@ -139,35 +160,10 @@ def test_on_an_older_kernel_a_descriptor_inside_another_cannot_stop_the_loop(
     # does not reach a lingering socket queued inside a Unix socket sent to the identity
     # socket: its close, on the event loop, stopped every call for the whole linger time.
     monkeypatch.setattr(peer_identity, "refuse_rights", lambda sock: False)  # that kernel
-
-    async def scenario() -> tuple[float, str]:
-        server = IdentityServer(tmp_path / "broker.sock.id", PeerTickets())
-        server.start()
-        try:
-            sending, queued = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            with sending:
-                sock = lingering()
-                socket.send_fds(sending, [b"y"], [sock.fileno()])
-                sock.close()  # the copy queued in ``queued`` is the last
-            assert _send_and_let_go(server.path, b"x", queued)
-            queued.close()  # the broker's copy is the last
-            stop = await _longest_stop(3.0)
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with client:  # and the next local client still gets its ticket
-                client.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(client, os.fspath(server.path))
-                ticket = await asyncio.wait_for(
-                    asyncio.get_running_loop().sock_recv(client, 64), 10)
-            return stop, ticket.decode()
-        finally:
-            for conn in _held:
-                conn.close()
-            _held.clear()
-            await server.close()
-
-    stop, ticket = asyncio.run(scenario())
+    stop, ticket = _identity_attacked(
+        tmp_path / "broker.sock.id", lambda server: _send_inside_a_socket(server.path, lingering))
     assert stop < 2.0, f"the event loop stopped for {stop:.1f} s"
-    assert len(ticket) >= 32
+    assert len(ticket) >= 32  # and the next local client still gets its ticket
 
 
 def test_messages_without_a_ticket_cannot_hold_the_close_threads(
@@ -236,13 +232,7 @@ def test_on_an_older_kernel_a_refused_hand_over_cannot_stop_the_loop(
             holder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             holder.connect(os.fspath(server.path))  # silent: holds the uid's one hand-over
             _held.append(holder)
-            sending, queued = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            with sending:
-                sock = lingering()
-                socket.send_fds(sending, [b"y"], [sock.fileno()])
-                sock.close()  # the copy queued in ``queued`` is the last
-            assert _send_and_let_go(server.path, b"not a ticket", queued)
-            queued.close()  # the broker's copy is the last
+            _send_inside_a_socket(server.path, lingering)
             return await _longest_stop(3.0)
         finally:
             for conn in _held:
