@@ -10,7 +10,6 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -19,14 +18,13 @@ import grpc
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
-from airlock_client import _batch_jobs, _bundle, _channel, _part_files, _wire
+from airlock_client import _batch_jobs, _bundle, _channel, _part_files, _signed_answer, _wire
 from airlock_client._channel import ChannelSettings, PathLike, open_channel
 from airlock_client._errors import AirlockError, ConversionError, IntegrityError
 from airlock_client._local_transfer import LocalTransferUnavailable, convert_local
 from airlock_client._regular_files import open_regular
 from airlock_client._retry import OnBusy, RetryPolicy, RetrySchedule
 from airlock_client._run_dir import scratch_dir
-from airlock_client._signed_answer import signed_index, signed_record
 from airlock_client._types import (
     CALL_SECONDS,
     ConversionResult,
@@ -371,7 +369,7 @@ class Client:
             shards=[pb.IndexShard(file_name=n, provenance=p) for n, p in shards])
         reply = self._admin_call(self._stub.AttestIndex, request)
         key, _ = self._verification_key()
-        signed_index(reply.provenance, index, subject, key)
+        _signed_answer.signed_index(reply.provenance, index, subject, key)
         return bytes(reply.provenance)
 
     def provenance_key(self) -> ProvenanceKey:
@@ -518,7 +516,7 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, asked: pb.Co
     header = first.result
     if header.input_sha256 != sent.hexdigest():
         raise IntegrityError("the broker converted bytes other than the ones sent")
-    record = signed_record(header, asked, key)
+    record = _signed_answer.signed_record(header, asked, key)
     output.parent.mkdir(parents=True, exist_ok=True)
     part = _part_files.new_file(output)
     try:
@@ -543,5 +541,4 @@ def _receive(responses: Iterator[pb.ConvertResponse], output: Path, asked: pb.Co
     finally:
         part.remove()  # unless it was put in place
         part.release()
-    return replace(_wire.result(header, output), provenance=bytes(header.provenance),
-                   provenance_record=record, provenance_key_source=key_source)
+    return _signed_answer.result(header, record, output, key_source)

@@ -20,16 +20,14 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from airlock.v1 import airlock_pb2 as pb
-from airlock_client import _channel, _part_files, _wire
+from airlock_client import _channel, _part_files, _signed_answer, _wire
 from airlock_client._errors import AirlockError, IntegrityError
-from airlock_client._signed_answer import signed_record
 from airlock_client._types import ConversionResult
 from airlock_client.provenance import check_output
 
@@ -158,7 +156,7 @@ def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
             raise err from None
         if progress is not None:
             progress(size, size)
-        record = signed_record(header, first.metadata, key)
+        record = _signed_answer.signed_record(header, first.metadata, key)
         written = os.fstat(out_fd).st_size
         check_output(record, sha256=header.output_sha256, size=written)
         if written != header.output_size:
@@ -170,8 +168,7 @@ def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
         if part is not None:
             part.remove()  # unless it was put in place
             part.release()
-    return replace(_wire.result(header, output), provenance=bytes(header.provenance),
-                   provenance_record=record, provenance_key_source=key_source)
+    return _signed_answer.result(header, record, output, key_source)
 
 
 def _header(responses: Any) -> pb.ConvertResult:

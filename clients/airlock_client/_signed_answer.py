@@ -6,17 +6,27 @@ valid signature says only that the broker made the output. A request rewritten o
 (``allow_code`` for ``safe_only``, another subject, or a declared ``text`` that has the
 broker check a protocol-0 pickle as text and carry it back unchanged) is a job the broker
 really did and really signed. So the record must say the job is the one this client asked
-for (``REQUEST_MISMATCH``), and every field the client reports from the header must be the
-record's (``RESULT_MISMATCH``), before a byte of the output is put in place. Both the
-streaming and the same-host paths go through :func:`signed_record`.
+for (``REQUEST_MISMATCH``), and what the header says of the output and the job must be the
+record's (``RESULT_MISMATCH``), before a byte of the output is put in place; the result the
+client reports is then built from the record wherever the record says (:func:`result`).
+The header's own words are left only where the record has nothing: ``replayed``, the
+duration, the sandbox's warnings, input specs and tensor count. Both the streaming and the
+same-host paths go through :func:`signed_record` and :func:`result`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_client import _wire
 from airlock_client._errors import ProvenanceError
+from airlock_client._types import ConversionResult, ParityCheck
 from airlock_client._wire import DECLARED, OUTPUTS, POLICY_NAMES, TARGETS, assurance
 from airlock_client.provenance import (
     DATA_FORMAT,
@@ -26,6 +36,7 @@ from airlock_client.provenance import (
     check_output,
     verify_envelope,
 )
+from airlock_sandbox.contract import DEFAULT_INPUT_DTYPE, input_name
 from airlock_sandbox.formats import declared_data
 
 _TARGET_NAMES = {v: k for k, v in TARGETS.items()}
@@ -44,6 +55,25 @@ def signed_record(header: pb.ConvertResult, asked: pb.ConvertMetadata,
     _check_asked(record, asked)
     _check_header(record, header)
     return record
+
+
+def result(header: pb.ConvertResult, record: ProvenanceRecord, output: Path,
+           key_source: str) -> ConversionResult:
+    """The result to report for ``header`` once :func:`signed_record` took it: what the
+    signed ``record`` says, wherever it says it."""
+    reported = _wire.result(header, output)
+    claims = record.conversion
+    executed = record.executed_artifact_code
+    report = replace(
+        reported.report,
+        loader=_text(claims.get("loader")), converter=_text(claims.get("converter")),
+        executed_artifact_code=(reported.report.executed_artifact_code if executed is None
+                                else executed),  # before version 4, the header's
+        parity=tuple(_parity(p) for p in claims.get("parity", ()) if isinstance(p, Mapping)),
+        versions={str(k): _text(v) for k, v in _mapping(claims.get("versions")).items()},
+        parity_inputs=_text(claims.get("parity_inputs")))
+    return replace(reported, report=report, provenance=bytes(header.provenance),
+                   provenance_record=record, provenance_key_source=key_source)
 
 
 def signed_index(provenance: bytes, index: bytes, subject: str,
@@ -80,6 +110,18 @@ def _check_asked(record: ProvenanceRecord, asked: pb.ConvertMetadata) -> None:
         expected["parity sample"] = (sample, record.sample_sha256)
     if target != "auto":
         expected["output format"] = (target, record.output_format)
+    request = _mapping(_mapping(_mapping(record.statement.get("predicate")).get("airlock"))
+                       .get("request"))
+    if "inputs" in request or asked.inputs:
+        count = len(asked.inputs)
+        expected["input specs"] = (
+            [(input_name(t.name, i, count), t.dtype or DEFAULT_INPUT_DTYPE, list(t.shape))
+             for i, t in enumerate(asked.inputs)],
+            [(d.get("name"), d.get("dtype"), d.get("shape"))
+             for d in request.get("inputs") or () if isinstance(d, Mapping)])
+    if "keep_training_state" in request or asked.keep_training_state:
+        expected["training state kept"] = (asked.keep_training_state,
+                                           request.get("keep_training_state"))
     if (differs := _first_difference(expected)) is not None:
         what, mine, signed = differs
         raise ProvenanceError("REQUEST_MISMATCH",
@@ -105,6 +147,11 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
                    [(p.get("output_name"), p.get("passed"))
                     for p in record.conversion.get("parity", ()) if isinstance(p, dict)]),
     }
+    # The host's detection, or the sandbox's refinement of a zip or a bundle (jobs.py).
+    refined = _mapping(_mapping(_mapping(record.statement.get("predicate")).get("airlock"))
+                       .get("input")).get("refined_format")
+    if header.detected_format not in (record.detected_format, refined):
+        said["detected format"] = (header.detected_format, record.detected_format)
     if record.executed_artifact_code is not None:  # the broker's verdict (version 4 on)
         said["whether artifact code ran"] = (report.executed_artifact_code,
                                              record.executed_artifact_code)
@@ -114,6 +161,37 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
                               f"the result says the {what} is {header_says}, but the signed "
                               f"record says {signed}: the answer was changed on its way (or "
                               "the broker is not Airlock's)")
+
+
+def _parity(entry: Mapping[str, Any]) -> ParityCheck:
+    """A signed parity entry as the client reports one (a difference the broker could not
+    record as a number, being infinite or NaN, is NaN; one a record before version 3 did not
+    hold, the relative difference, is 0)."""
+    return ParityCheck(output_name=_text(entry.get("output_name")),
+                       samples=_int(entry.get("samples")),
+                       max_abs_diff=_number(entry.get("max_abs_diff")),
+                       tolerance=_text(entry.get("tolerance")),
+                       passed=entry.get("passed") is True,
+                       max_rel_diff=(_number(entry["max_rel_diff"])
+                                     if "max_rel_diff" in entry else 0.0))
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _first_difference(pairs: dict[str, tuple[object, object]]) -> tuple[str, str, str] | None:

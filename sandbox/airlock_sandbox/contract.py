@@ -209,6 +209,16 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+#: The dtype of an input a caller described without one.
+DEFAULT_INPUT_DTYPE = "float32"
+
+
+def input_name(name: str, index: int, count: int) -> str:
+    """The name of input ``index`` of ``count`` a caller described: its own, else ``input``
+    (the only one) or ``input_INDEX``. The broker records it so, and a client compares so."""
+    return name or ("input" if count == 1 else f"input_{index}")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the broker asks of the worker. Serialised as JSON into ``IN_DIR/JOB_SPEC_NAME``."""

@@ -54,13 +54,46 @@ def test_refusals_are_budgeted_per_principal_and_the_next_says_how_many_were_lef
         log.close()
 
 
-def test_the_budgets_kept_are_bounded(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_many_principals_do_not_add_up_to_many_budgets(tmp_path: Path,
+                                                         monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Found by review of the fix: budgets keyed by principal alone, a user's subordinate
+    # uids (each its own principal) evicted each other's and every refusal was written.
     monkeypatch.setattr(audit, "_MAX_BUDGETS", 8)
-    log = AuditLog(tmp_path / "audit.jsonl", clock=Clock())
+    clock = Clock()
+    log = AuditLog(tmp_path / "audit.jsonl", clock=clock)
     try:
-        for uid in range(100):  # a user's subordinate uids are principals of their own
+        for uid in range(1000):
             log.write(_refused(f"uid:{uid}", 0), before_upload=True)
         assert len(log._refusals) == 8
-        assert len(_lines(tmp_path / "audit.jsonl")) == 100
+        assert len(_lines(tmp_path / "audit.jsonl")) == audit.REFUSALS_IN_ALL_PER_WINDOW
+        clock.now += audit.REFUSAL_WINDOW_SECONDS
+        log.write(_refused("uid:1", 1), before_upload=True)
+        last = _lines(tmp_path / "audit.jsonl")[-1]
+        assert last["refusals_not_recorded_in_all"] == 1000 - audit.REFUSALS_IN_ALL_PER_WINDOW
+    finally:
+        log.close()
+
+
+def test_a_users_subordinate_uids_share_its_budget(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl", clock=Clock())
+    try:
+        for uid in range(100):  # each its own principal, all counted as user 1000's
+            log.write(_refused(f"uid:{100000 + uid}", 0), before_upload=True, caller="uid:1000")
+        assert len(_lines(tmp_path / "audit.jsonl")) == audit.REFUSALS_PER_WINDOW
+    finally:
+        log.close()
+
+
+def test_a_refusal_that_says_something_of_its_caller_is_always_written(tmp_path: Path) -> None:
+    # Found by review of the fix: someone else's ticket, refused before an upload, was hidden
+    # among twenty cheap refusals.
+    log = AuditLog(tmp_path / "audit.jsonl", clock=Clock())
+    try:
+        for n in range(audit.REFUSALS_PER_WINDOW + 5):
+            log.write(_refused("mallory", n), before_upload=True)
+        stolen = AuditRecord(job_id="job-stolen-ticket", principal="mallory")
+        stolen.set(outcome="denied", reason="LOCAL_HANDLE_FOREIGN")
+        log.write(stolen, before_upload=True)
+        assert _lines(tmp_path / "audit.jsonl")[-1]["job_id"] == "job-stolen-ticket"
     finally:
         log.close()

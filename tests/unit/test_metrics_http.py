@@ -95,3 +95,19 @@ def test_connections_that_trickle_their_request_cannot_keep_scrapes_out(monkeypa
             thread.join(30)
         server.shutdown()
         server.server_close()
+
+
+def test_a_closed_server_leaves_no_thread_behind() -> None:
+    def deadline_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "airlock-metrics-deadlines"}
+
+    before = deadline_threads()  # an earlier test's may still be ending
+    server = serve_metrics("127.0.0.1", 0, CollectorRegistry())
+    ours = deadline_threads() - before
+    assert len(ours) == 1
+    server.shutdown()
+    server.server_close()
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in ours):
+        assert time.monotonic() < deadline, "the deadlines' thread outlived its server"
+        time.sleep(0.05)

@@ -28,7 +28,7 @@ from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.security.keys import SigningKey, create_key
 from airlock_broker.validation.safetensors_canonical import names_digest
 from airlock_client import ProvenanceError, _client, _local_transfer, _wire, provenance
-from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
+from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_sandbox.policy import SandboxPolicy
 from tests.conftest import run_cli
@@ -59,7 +59,8 @@ def _job(output: bytes = ONNX, *, fmt: OutputFormat = OutputFormat.ONNX,
          target: Target = Target.AUTO, policy: LoadingPolicy = LoadingPolicy.SAFE_ONLY,
          subject: str = "/home/alice/model.pkl", parity_tolerance: float = 0.0,
          executed: bool = False, said_executed: bool | None = None,
-         passed: bool = True) -> tuple[JobResult, JobRequest]:
+         passed: bool = True, inputs: tuple[TensorSpec, ...] = (),
+         keep_training_state: bool = False) -> tuple[JobResult, JobRequest]:
     """A job the broker did: its result and the request it was for."""
     validated = ValidatedOutput(format=fmt, size=len(output),
                                 sha256=hashlib.sha256(output).hexdigest(),
@@ -75,7 +76,8 @@ def _job(output: bytes = ONNX, *, fmt: OutputFormat = OutputFormat.ONNX,
                        output=validated, outcome=outcome, policy=policy, report=report,
                        executed_artifact_code=executed)
     request = JobRequest(job_id="job-1", declared_format=declared, target=target, policy=policy,
-                         subject=subject, parity_tolerance=parity_tolerance)
+                         subject=subject, parity_tolerance=parity_tolerance, inputs=inputs,
+                         keep_training_state=keep_training_state)
     return result, request
 
 
@@ -145,6 +147,9 @@ REWRITTEN = {
     "subject": (dict(subject="models:/fraud/3"), "subject"),
     "parity_tolerance": (dict(parity_tolerance=0.5), "parity tolerance"),
     "target": (dict(target=Target.SAFETENSORS, fmt=OutputFormat.SAFETENSORS), "target"),
+    # What the output is made of: its inputs' types and shapes, a checkpoint's training state.
+    "inputs": (dict(inputs=(TensorSpec("input", "float64", (1, 3)),)), "input specs"),
+    "keep_training_state": (dict(keep_training_state=True), "training state kept"),
     # declared text: the sandbox checked the pickle as text and the broker carried it back
     # unchanged, signed as a data file; the header says it is the ONNX asked for.
     "declared_text": (dict(output=PICKLE, fmt=OutputFormat.DATA, detected=ArtifactFormat.DATA_TEXT,
@@ -195,6 +200,50 @@ def test_a_result_header_that_is_not_its_record_writes_nothing(
         PATHS[path](tmp_path, key, header, ONNX, _asked(policy="allow_code"), monkeypatch)
     assert caught.value.reason == "RESULT_MISMATCH", caught.value
     assert os.listdir(tmp_path) in ([], ["model.pkl"])
+
+
+def test_what_the_result_reports_is_the_records_where_the_record_says(
+        key: SigningKey, tmp_path: Path) -> None:
+    header = _answer(key, *_job(policy=LoadingPolicy.ALLOW_CODE, executed=True))
+    header.report.loader = "numpy.load"  # an on-path rewrite of the sandbox's words
+    header.report.parity[0].max_abs_diff = 0.0
+    header.report.parity[0].tolerance = "atol 1e-9"
+    header.report.versions["skl2onnx"] = "9.9"
+    responses = iter([pb.ConvertResponse(result=header),
+                      pb.ConvertResponse(chunk=pb.Chunk(data=ONNX, crc32=zlib.crc32(ONNX)))])
+    got = _client._receive(responses, tmp_path / "model.onnx", _asked(policy="allow_code"),
+                           hashlib.sha256(PICKLE), key.public_pem, "pinned")
+    assert got.report.loader == "skops" and got.report.versions == {}
+    assert [(p.output_name, p.tolerance, p.passed) for p in got.report.parity] == [
+        ("label", "", True)]
+    assert got.report.executed_artifact_code is True and got.format == "onnx"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_detected_format_the_record_does_not_name_writes_nothing(
+        path: str, key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    header = _answer(key, *_job())
+    header.detected_format = "safetensors"  # a pickle, made to look like weights
+    with pytest.raises(ProvenanceError) as caught:
+        PATHS[path](tmp_path, key, header, ONNX, _asked(), monkeypatch)
+    assert caught.value.reason == "RESULT_MISMATCH" and "detected format" in str(caught.value)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_an_older_brokers_answer_is_still_taken(version: int, key: SigningKey,
+                                                tmp_path: Path) -> None:
+    result, request = _job()
+    doc = statement(result, request, SandboxPolicy(), principal=CALLER)
+    record = doc["predicate"]["airlock"]
+    record["record_version"] = version
+    del record["verdicts"]["executed_artifact_code"], record["request"]["keep_training_state"]
+    if version < 3:
+        del record["request"]["parity_tolerance"], record["request"]["sample_input"]
+    if version < 2:
+        del record["principal"], record["input"]["subject"]
+    header: pb.ConvertResult = result_message(result, sign(doc, key)).result
+    written = _stream(tmp_path, key, header, ONNX, _asked())
+    assert written.read_bytes() == ONNX
 
 
 def test_the_record_says_code_ran_when_the_broker_judged_so_whatever_the_sandbox_said(

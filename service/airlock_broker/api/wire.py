@@ -19,6 +19,7 @@ from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
 from airlock_broker.hostile_text import sanitize
 from airlock_sandbox.contract import (
+    DEFAULT_INPUT_DTYPE,
     LoadingPolicy,
     OutputFormat,
     SampleTooLarge,
@@ -26,6 +27,7 @@ from airlock_sandbox.contract import (
     TensorSpec,
     check_parity_tolerance,
     check_sample,
+    input_name,
 )
 
 MAX_INPUTS = 64
@@ -142,11 +144,10 @@ def tensor_specs(specs: Any) -> tuple[TensorSpec, ...]:
         raise error(Reason.BAD_REQUEST, f"at most {MAX_INPUTS} inputs may be described")
     out = []
     for i, spec in enumerate(specs):
-        default_name = "input" if len(specs) == 1 else f"input_{i}"
-        name = spec.name or default_name
+        name = input_name(spec.name, i, len(specs))
         if not _NAME.fullmatch(name):
             raise error(Reason.BAD_REQUEST, f"input name {name[:40]!r} is not allowed")
-        dtype = spec.dtype or "float32"
+        dtype = spec.dtype or DEFAULT_INPUT_DTYPE
         if dtype not in DTYPES:
             raise error(Reason.BAD_REQUEST, f"input dtype {dtype[:20]!r} is not one of "
                                             f"{', '.join(sorted(DTYPES))}")

@@ -7,10 +7,14 @@ escaped by ``json.dumps(ensure_ascii=True)`` (control characters included) and c
 
 A call refused before its upload began (the broker busy or drained, metadata it refuses)
 costs its caller one small message, and its record was up to 1.5 KB: one client filled the
-disk at 40 GiB a day (found by review). Those records are written within a budget per
-principal (``REFUSALS_PER_WINDOW`` per ``REFUSAL_WINDOW_SECONDS``, ops/log_budget.py); the
-next one written says how many were left out (``refusals_not_recorded``). Every job that got
-further has its record, and the metrics count every call.
+disk at 40 GiB a day (found by review). Those records (``BUDGETED`` reasons only) are written
+within a budget per caller (``REFUSALS_PER_WINDOW`` per ``REFUSAL_WINDOW_SECONDS``; a user's
+subordinate uids are that user, auth.Principal.quota) and one for all callers together
+(``REFUSALS_IN_ALL_PER_WINDOW``: many principals do not add up to many budgets); the next
+one written says how many were left out (``refusals_not_recorded``, and
+``refusals_not_recorded_in_all``). A refusal that says something about its caller (a ticket
+that is not theirs, a credential) is always written, as is every job that got further, and
+the metrics count every call.
 """
 
 from __future__ import annotations
@@ -33,10 +37,17 @@ from airlock_broker.timestamps import utc_second
 log = logging.getLogger(__name__)
 
 _MAX_STRING = 512
-#: Records of calls refused before their upload, per principal and window (see above).
+#: Records of calls refused before their upload, per caller and window (see above).
 REFUSALS_PER_WINDOW = 20
 REFUSAL_WINDOW_SECONDS = 10.0
-#: Principals whose refusal budgets are kept (the least recently refused is forgotten).
+#: ... and for all callers together.
+REFUSALS_IN_ALL_PER_WINDOW = 200
+#: The reasons whose records are budgeted: what any caller can have at the cost of a message.
+BUDGETED = frozenset({"BAD_REQUEST", "BUSY", "SANDBOX_UNAVAILABLE", "CANCELLED",
+                      "DEADLINE_EXCEEDED", "TOO_LARGE", "SAMPLE_TOO_LARGE", "SAMPLE_INVALID",
+                      "SPOOL_FULL", "LOCAL_TRANSFER_DISABLED"})
+#: Callers whose refusal budgets are kept (the least recently refused is forgotten; the
+#: budget for all callers still holds).
 _MAX_BUDGETS = 1024
 
 
@@ -89,24 +100,33 @@ class AuditLog:
         self._lock = threading.Lock()
         self._clock = clock
         self._refusals: OrderedDict[str, LogBudget] = OrderedDict()
+        self._all_refusals = LogBudget(REFUSALS_IN_ALL_PER_WINDOW, REFUSAL_WINDOW_SECONDS,
+                                       clock)
 
-    def write(self, record: AuditRecord, *, before_upload: bool = False) -> None:
+    def write(self, record: AuditRecord, *, before_upload: bool = False,
+              caller: str = "") -> None:
         """Never raises: a full disk must not turn a finished job into a crash; it is logged.
-        ``before_upload``: the call was refused before its upload began, and its record is
-        written within its principal's budget (see the module docstring)."""
-        if before_upload:
-            written, dropped = self._refusal_budget(record.principal).take()
+        ``before_upload``: the call was refused before its upload began, so a record of a
+        ``BUDGETED`` reason is written within the budgets of ``caller`` (default: the
+        principal) and of all callers (see the module docstring)."""
+        if before_upload and record.fields.get("reason") in BUDGETED:
+            written, dropped = self._refusal_budget(caller or record.principal).take()
+            if not written:
+                return
+            written, dropped_in_all = self._all_refusals.take()
             if not written:
                 return
             if dropped:
                 record.set(refusals_not_recorded=dropped)
+            if dropped_in_all:
+                record.set(refusals_not_recorded_in_all=dropped_in_all)
         self._append(record.document(), f"job {record.job_id}")
 
-    def _refusal_budget(self, principal: str) -> LogBudget:
+    def _refusal_budget(self, caller: str) -> LogBudget:
         with self._lock:
-            budget = self._refusals.pop(principal, None) or LogBudget(
+            budget = self._refusals.pop(caller, None) or LogBudget(
                 REFUSALS_PER_WINDOW, REFUSAL_WINDOW_SECONDS, self._clock)
-            self._refusals[principal] = budget  # the most recently refused last
+            self._refusals[caller] = budget  # the most recently refused last
             while len(self._refusals) > _MAX_BUDGETS:
                 self._refusals.popitem(last=False)
             return budget

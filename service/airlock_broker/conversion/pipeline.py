@@ -160,7 +160,8 @@ class ConversionPipeline:
         finally:
             job.answered.set()
             with self.trace.span("audit"):
-                self.audit.write(record, before_upload=not job.uploading)
+                self.audit.write(record, before_upload=not job.uploading,
+                                 caller=job.counted_as)
 
     def _transfer(self, meta: pb.ConvertMetadata, requests: AsyncIterator[pb.ConvertRequest],
                   record: AuditRecord) -> Transfer:

@@ -46,8 +46,15 @@ class _Deadlines:
     def __init__(self) -> None:
         self._due: dict[socket.socket, float] = {}
         self._changed = threading.Condition()
-        threading.Thread(target=self._cut_forever, name="airlock-metrics-deadlines",
+        self._closed = False
+        threading.Thread(target=self._cut_until_closed, name="airlock-metrics-deadlines",
                          daemon=True).start()
+
+    def close(self) -> None:
+        """End the thread (the server is closed: no connection is served any more)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
 
     def add(self, sock: socket.socket, seconds: float) -> None:
         with self._changed:
@@ -58,9 +65,9 @@ class _Deadlines:
         with self._changed:
             self._due.pop(sock, None)
 
-    def _cut_forever(self) -> None:
+    def _cut_until_closed(self) -> None:
         with self._changed:
-            while True:
+            while not self._closed:
                 now = time.monotonic()
                 for sock, due in list(self._due.items()):
                     if due <= now:
@@ -96,6 +103,10 @@ class _Server(ThreadingMixIn, WSGIServer):
         finally:
             self._deadlines.remove(request)
             self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._deadlines.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics: a connection from %s failed mid-request", client_address,
