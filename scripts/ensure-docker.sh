@@ -94,7 +94,7 @@ PY
 
 reload_dockerd() {
     local pid
-    pid="$(cat /var/run/docker.pid 2>/dev/null || pgrep -x dockerd | head -n1 || true)"
+    pid="$(engine_pid "$(find_dockerd || echo dockerd)" || true)"
     [ -n "$pid" ] && kill -HUP "$pid" 2>/dev/null && sleep 1 && say "dockerd reloaded its runtimes"
     return 0
 }
@@ -115,18 +115,32 @@ live_pid() {
     [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
-dockerd_running() {
-    local pid
+# Whether PID is a Docker engine: alive, root's, and (where we may look) running DOCKERD.
+# Any user can name a process "dockerd", or wait for a stale pid file's number to come round:
+# taken for the engine, it kept root from ever starting the real one (found by review).
+is_engine() {
+    local pid="$1" dockerd="$2" exe
+    live_pid "$pid" || return 1
+    [ "$(stat -c %u "/proc/$pid" 2>/dev/null)" = 0 ] || return 1
+    is_root || return 0  # root's process: /proc/PID/exe is root's to read
+    exe="$(readlink "/proc/$pid/exe" 2>/dev/null)" || return 1
+    [ "${exe% (deleted)}" = "$(readlink -f "$dockerd")" ]
+}
+
+# The running engine's PID (the pid file's, else a root dockerd's), or nothing and 1.
+engine_pid() {
+    local dockerd="$1" pid
     if [ -s /var/run/docker.pid ]; then
         pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
-        [ -n "$pid" ] && live_pid "$pid" && return 0
+        [ -n "$pid" ] && is_engine "$pid" "$dockerd" && { echo "$pid"; return 0; }
     fi
-    # No (valid) pid file: look for a dockerd process by exact name.
-    for pid in $(pgrep -x dockerd 2>/dev/null); do
-        live_pid "$pid" && return 0
+    for pid in $(pgrep -x -u root dockerd 2>/dev/null); do
+        is_engine "$pid" "$dockerd" && { echo "$pid"; return 0; }
     done
     return 1
 }
+
+dockerd_running() { engine_pid "$1" >/dev/null; }
 
 main() {
     ensure_debootstrap
@@ -152,13 +166,15 @@ main() {
     command -v docker >/dev/null 2>&1 \
         || die "dockerd is installed but the docker CLI is not on PATH (apt-get install docker.io)"
 
-    if ! dockerd_running; then
+    if ! dockerd_running "$dockerd"; then
         is_root || die "dockerd is not running and we are not root: start it as root
   (e.g. sudo $0), or ask an operator to start the Docker engine"
         rm -f /var/run/docker.pid
         say "starting dockerd (log: $LOG)"
         # setsid + redirected stdio: the daemon outlives this shell and its session.
-        setsid "$dockerd" >"$LOG" 2>&1 </dev/null &
+        # A new log, root's and its group's only: it names every container and when it ran.
+        install -m 0640 /dev/null "$LOG"
+        setsid "$dockerd" >>"$LOG" 2>&1 </dev/null &
         disown || true
     fi
 
@@ -185,4 +201,5 @@ main() {
     die "Docker engine not usable. Check $LOG, then run scripts/ensure-docker.sh again."
 }
 
-main "$@"
+# Sourced (tests/unit/test_ensure_docker.py), it only defines the functions.
+[ "${BASH_SOURCE[0]}" != "$0" ] || main "$@"
