@@ -86,12 +86,15 @@ def test_convert_signs_which_input_it_was_and_verify_checks_it(
     source = converted.with_name("pipeline.pkl")
     prov = converted.with_name(converted.name + ".provenance.json")
     record = provenance.verify(converted, prov.read_bytes(), public_key)
-    assert record.record_version == 3 and record.subject == os.path.abspath(source)
+    assert record.record_version == 4 and record.subject == os.path.abspath(source)
+    assert record.executed_artifact_code is not None  # the broker's verdict, from version 4
     assert record.input_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
     assert record.principal and record.principal_method
     base = ("verify", str(converted), "--public-key", str(public_key))
     shown = run_cli(*base, server=broker.address)
     assert shown.returncode == 0 and repr(record.subject) in shown.stdout, shown.stderr
+    ran = "yes" if record.executed_artifact_code else "no"
+    assert f"artifact code executed in sandbox: {ran}\n" in shown.stdout, shown.stdout
     ok = run_cli(*base, "--subject", record.subject, "--source-sha256", record.input_sha256,
                  server=broker.address)
     assert ok.returncode == 0, ok.stderr
