@@ -69,7 +69,7 @@ def result(header: pb.ConvertResult, record: ProvenanceRecord, output: Path,
         loader=_text(claims.get("loader")), converter=_text(claims.get("converter")),
         executed_artifact_code=(reported.report.executed_artifact_code if executed is None
                                 else executed),  # before version 4, the header's
-        parity=tuple(_parity(p) for p in claims.get("parity", ()) if isinstance(p, Mapping)),
+        parity=_signed_parity(record),
         versions={str(k): _text(v) for k, v in _mapping(claims.get("versions")).items()},
         parity_inputs=_text(claims.get("parity_inputs")))
     return replace(reported, report=report, provenance=bytes(header.provenance),
@@ -110,8 +110,7 @@ def _check_asked(record: ProvenanceRecord, asked: pb.ConvertMetadata) -> None:
         expected["parity sample"] = (sample, record.sample_sha256)
     if target != "auto":
         expected["output format"] = (target, record.output_format)
-    request = _mapping(_mapping(_mapping(record.statement.get("predicate")).get("airlock"))
-                       .get("request"))
+    request = _signed_part(record, "request")
     if "inputs" in request or asked.inputs:
         count = len(asked.inputs)
         expected["input specs"] = (
@@ -144,12 +143,10 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
         "runtime": (header.runtime, record.runtime),
         "image": (header.image_id, record.image_id),
         "parity": ([(p.output_name, p.passed) for p in report.parity],
-                   [(p.get("output_name"), p.get("passed"))
-                    for p in record.conversion.get("parity", ()) if isinstance(p, dict)]),
+                   [(p.output_name, p.passed) for p in _signed_parity(record)]),
     }
     # The host's detection, or the sandbox's refinement of a zip or a bundle (jobs.py).
-    refined = _mapping(_mapping(_mapping(record.statement.get("predicate")).get("airlock"))
-                       .get("input")).get("refined_format")
+    refined = _signed_part(record, "input").get("refined_format")
     if header.detected_format not in (record.detected_format, refined):
         said["detected format"] = (header.detected_format, record.detected_format)
     if record.executed_artifact_code is not None:  # the broker's verdict (version 4 on)
@@ -161,6 +158,19 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
                               f"the result says the {what} is {header_says}, but the signed "
                               f"record says {signed}: the answer was changed on its way (or "
                               "the broker is not Airlock's)")
+
+
+def _signed_part(record: ProvenanceRecord, name: str) -> Mapping[str, Any]:
+    """The object ``name`` of the signed Airlock record (``request``, ``input``), as signed;
+    empty where the record has none."""
+    return _mapping(_mapping(_mapping(record.statement.get("predicate")).get("airlock"))
+                    .get(name))
+
+
+def _signed_parity(record: ProvenanceRecord) -> tuple[ParityCheck, ...]:
+    """The parity entries of the sandbox's signed claims, as the client reports them."""
+    return tuple(_parity(p) for p in record.conversion.get("parity", ())
+                 if isinstance(p, Mapping))
 
 
 def _parity(entry: Mapping[str, Any]) -> ParityCheck:

@@ -48,6 +48,14 @@ class DaemonPool(Executor):
                 self._threads.append(thread)
         return future
 
+    def run_anyway(self, fn: Callable[[], object]) -> None:
+        """``fn()`` on a pool thread; once the pool is shut down (its owner is stopping), on a
+        daemon thread of its own: for work that must happen whatever, such as a close."""
+        try:
+            self.submit(fn)
+        except RuntimeError:  # shut down
+            threading.Thread(target=fn, daemon=True, name=self._name).start()
+
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             future, call = item

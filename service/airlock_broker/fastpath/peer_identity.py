@@ -234,16 +234,13 @@ class IdentityServer:
                 log.warning("identity socket: accept failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if self._refused:  # nothing it could send can make its close wait
-                try:
-                    self.answer(conn)
-                finally:
-                    let_go(conn)
-                continue
             try:
                 self.answer(conn)
             finally:
-                self._close_later(loop, conn, closes)
+                if self._refused:  # nothing it could send can make its close wait
+                    let_go(conn)
+                else:
+                    self._close_later(loop, conn, closes)
 
     def _close_later(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                      closes: asyncio.Semaphore) -> None:
@@ -254,10 +251,7 @@ class IdentityServer:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
                     loop.call_soon_threadsafe(closes.release)
 
-        try:
-            self._closes.submit(close)
-        except RuntimeError:  # shut down (the broker is exiting): a thread of its own
-            threading.Thread(target=close, daemon=True, name="airlock-identity-close").start()
+        self._closes.run_anyway(close)
 
     def answer(self, conn: socket.socket) -> None:
         """Send ``conn``'s peer a ticket for its uid. Never blocks: a fresh socket's buffer

@@ -132,41 +132,33 @@ class PeerIO:
 
     def close_later(self, fds: Sequence[int]) -> None:
         """Close ``fds`` on a close thread: never blocks the caller."""
-        if not fds:
-            return
-        with self._lock:
-            self._closing += 1
-        try:
-            self._closes.submit(self._close, tuple(fds))
-        except RuntimeError:  # shut down (the broker is exiting): a thread of its own
-            threading.Thread(target=self._close, args=(tuple(fds),), daemon=True,
-                             name="airlock-peer-close").start()
+        if fds:
+            held = list(fds)
+            # A lingering socket closes at once (peer_rights).
+            self._on_close_thread(lambda: close_disarmed(held))
 
     def let_go_later(self, conn: socket.socket, then: Callable[[], None]) -> None:
         """``peer_rights.let_go(conn)`` on a close thread, then ``then()`` there: a
         connection whose peer may have queued descriptors (a kernel before 6.16) is closed
         where its close may wait."""
-        def close() -> None:
+        self._on_close_thread(lambda: let_go(conn), then)
+
+    def _on_close_thread(self, close: Callable[[], None],
+                         then: Callable[[], None] | None = None) -> None:
+        """``close()`` on a close thread, counted (``closes_wedged``) until it returns; then
+        ``then()`` there."""
+        def run() -> None:
             try:
-                let_go(conn)
+                close()
             finally:
                 with self._lock:
                     self._closing -= 1
-                then()
+                if then is not None:
+                    then()
 
         with self._lock:
             self._closing += 1
-        try:
-            self._closes.submit(close)
-        except RuntimeError:  # shut down (the broker is exiting): a thread of its own
-            threading.Thread(target=close, daemon=True, name="airlock-peer-close").start()
-
-    def _close(self, fds: tuple[int, ...]) -> None:
-        try:
-            close_disarmed(list(fds))  # a lingering socket closes at once (peer_rights)
-        finally:
-            with self._lock:
-                self._closing -= 1
+        self._closes.run_anyway(run)
 
     def shutdown(self) -> None:
         """Stop taking work; threads blocked in the kernel are left to the process's exit."""
