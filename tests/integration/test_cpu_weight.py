@@ -1,5 +1,6 @@
-"""Warm containers import and wait at the lowest CPU weight; one that the pools hand to a job
-warmed up is given the default (``hasten``), and a cold job's container runs at the default
+"""Warm containers import and wait at the lowest CPU weight, a refill let import in its batch
+at the middle one (``let_import``); one that the pools hand to a job warmed up is given the
+default (``hasten``), and a cold job's container runs at the default
 (sandboxes/cpu_weight.py). In-process on the real engine and image, reading each container's
 own cgroup file, as the kernel applies it."""
 
@@ -53,6 +54,8 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it_warmed
             slots.append(warm)
             await backend.start(warm)  # a pool's start: no job yet
             seen["warm, waiting"] = _weight(docker_client, warm)
+            backend.let_import(warm)  # as the pools do for a refill in its import batch
+            seen["warm, its batch importing"] = _weight(docker_client, warm)
             await backend.hand_over(warm, _upload(spool, "a"))
             seen["warm, handed a job"] = _weight(docker_client, warm)  # importing, maybe
             backend.hasten(warm)  # as the pools do for one that says it is warmed up
@@ -74,10 +77,10 @@ def test_a_warm_container_waits_at_the_lowest_weight_until_a_job_takes_it_warmed
         off = asyncio.run(scenario(SandboxPolicy(image=IMAGE, warm_low_priority=False)))
     finally:
         reap_stale(spool)
-    assert low == {"warm, waiting": 2, "warm, handed a job": 2, "warm, its job running": 1024,
-                   "cold": 1024}
-    assert off == {"warm, waiting": 1024, "warm, handed a job": 1024,
-                   "warm, its job running": 1024, "cold": 1024}
+    assert low == {"warm, waiting": 2, "warm, its batch importing": 16,
+                   "warm, handed a job": 16, "warm, its job running": 1024, "cold": 1024}
+    assert off == {"warm, waiting": 1024, "warm, its batch importing": 1024,
+                   "warm, handed a job": 1024, "warm, its job running": 1024, "cold": 1024}
 
 
 def test_the_self_test_probe_runs_at_the_default_weight(docker_client: Any,

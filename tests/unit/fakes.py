@@ -49,6 +49,8 @@ class FakeSandbox:
     deadlines: list[float] = field(default_factory=list)
     #: slot ids given their default CPU weight back by the pools (``hasten``), in order
     hastened: list[str] = field(default_factory=list)
+    #: slot ids let import in their batch by the pools (``let_import``), in order
+    let_import_ids: list[str] = field(default_factory=list)
 
     async def describe(self, slot: Slot) -> Confinement:
         return Confinement()
@@ -99,6 +101,9 @@ class FakeSandbox:
 
     def hasten(self, slot: Slot) -> None:
         self.hastened.append(slot.slot_id)
+
+    def let_import(self, slot: Slot) -> None:
+        self.let_import_ids.append(slot.slot_id)
 
     async def is_running(self, slot: Slot) -> bool:
         return slot.slot_id in self.live and slot.slot_id not in self.dead

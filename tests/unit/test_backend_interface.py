@@ -23,7 +23,8 @@ def test_the_interface_is_a_handful_of_verbs() -> None:
     upkeep = {"is_running", "check", "reap_orphans", "close"}
     selftest_and_gates = {"describe", "versions"}
     hints = {"warmed_up"}  # synchronous: pool status reads it (a hint, never a decision)
-    priority = {"hasten"}  # synchronous: a CPU weight (a speed, never a confinement)
+    priority = {"hasten", "let_import"}  # synchronous: a CPU weight (a speed, never a
+    # confinement)
     found = set(VERBS)
     assert found == job | upkeep | selftest_and_gates | hints | priority
     assert {v for v in VERBS if not inspect.iscoroutinefunction(

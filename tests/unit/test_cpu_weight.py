@@ -34,6 +34,8 @@ def test_the_weight_of_a_container_is_found_and_set_low_then_back(
     assert weight is not None and weight.path == control
     weight.lower()
     assert control.read_bytes() == values[0]
+    weight.let_import()  # a refill in its import batch: above the lowest, below the default
+    assert int(values[0]) < int(control.read_bytes()) < int(values[1])
     weight.restore()
     assert control.read_bytes() == values[1]
 

@@ -1,6 +1,7 @@
 """Pool status splits warm containers into importing and ready, from the mark each worker
 writes once it has warmed up (``contract.READY_NAME``). The mark is the sandbox's word: it
-only changes counts, never which container a job gets, and it never reaches an output."""
+changes counts, CPU weights and which of a pool's identical containers a job gets first,
+never whether a job gets one, and it never reaches an output."""
 
 from __future__ import annotations
 
@@ -139,12 +140,12 @@ def test_a_job_that_takes_a_warmed_up_container_runs_ahead_of_the_refills(
         _mark(b)
         await asyncio.sleep(0.05)  # the replenisher looked at them meanwhile
         assert backend.hastened == []  # importing or waiting: no job yet
+        taken = await pools.acquire("sklearn")  # b: warmed up, its job runs now
+        assert taken is b and backend.hastened == [b.slot_id]
         taken = await pools.acquire("sklearn")  # a job takes a, still importing
         assert taken is a
         await asyncio.sleep(0.1)  # the watch asked it several times meanwhile
-        assert backend.hastened == []  # it imports among the refills
-        taken = await pools.acquire("sklearn")  # b: warmed up, its job runs now
-        assert taken is b and backend.hastened == [b.slot_id]
+        assert backend.hastened == [b.slot_id]  # a imports among the refills
         _mark(a)  # a's imports are done: its job starts, at the default weight
         await _until(lambda: a.slot_id in backend.hastened)
         taken = await pools.acquire("sklearn")  # c, still importing, then released unready
@@ -157,4 +158,78 @@ def test_a_job_that_takes_a_warmed_up_container_runs_ahead_of_the_refills(
 
     run_pools(tmp_path, PoolSettings(min_warm=4, max_warm=4, max_starting=4,
                                      defer_replacement=True, stream_window_seconds=0,
+                                     profiles=("sklearn",)), body)
+
+
+def test_a_job_gets_a_warmed_up_container_before_an_older_one_still_importing(
+        tmp_path: Path) -> None:
+    """Refills do not always get ready in the order they were started (a batch imports
+    together, import_batches.py): a job that took the oldest would wait for its imports
+    while another container waits for a job."""
+
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pool = pools.pools["sklearn"]
+        await _until(lambda: len(pool.warm) == 3 and pool.starting == 0)
+        older, newer, newest = (w.slot for w in pool.warm)
+        _mark(newest)
+        assert await pools.acquire("sklearn") is newest
+        assert await pools.acquire("sklearn") is older  # none ready: the oldest
+        _mark(newer)
+        assert await pools.acquire("sklearn") is newer
+
+    run_pools(tmp_path, PoolSettings(min_warm=3, max_warm=3, max_starting=3,
+                                     stream_window_seconds=0, import_in_batches=False,
+                                     profiles=("sklearn",)), body)
+
+
+def test_refills_import_in_batches(tmp_path: Path) -> None:
+    """The first refill imports at once; those started after the batch's join window wait at
+    the lowest weight until the whole batch says it is warmed up, then import together. A
+    job that takes a held one has it import with the batch under way."""
+
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pool = pools.pools["sklearn"]
+        await _until(lambda: len(pool.warm) == 4 and pool.starting == 0)
+        a, b, c, d = (w.slot for w in pool.warm)
+        assert backend.let_import_ids == [a.slot_id]  # b, c, d came after the window
+        await asyncio.sleep(0.1)  # the pacer looked several times meanwhile
+        assert backend.let_import_ids == [a.slot_id]
+        _mark(a)
+        await _until(lambda: len(backend.let_import_ids) == 4)
+        assert backend.let_import_ids[1:] == [b.slot_id, c.slot_id, d.slot_id]
+
+    run_pools(tmp_path, PoolSettings(min_warm=4, max_warm=4, max_starting=1,
+                                     stream_window_seconds=0, batch_join_seconds=0,
+                                     defer_replacement=False, profiles=("sklearn",)), body)
+
+
+def test_a_job_that_takes_a_held_refill_has_it_import_with_the_batch(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pool = pools.pools["sklearn"]
+        await _until(lambda: len(pool.warm) == 3 and pool.starting == 0)
+        a, b, c = (w.slot for w in pool.warm)
+        assert backend.let_import_ids == [a.slot_id]
+        pool.warm.rotate(-1)  # so that the job's pick, the oldest, is a held one: b
+        assert await pools.acquire("sklearn") is b
+        assert backend.let_import_ids == [a.slot_id, b.slot_id]  # c still held
+        _mark(a)
+        _mark(b)
+        await _until(lambda: c.slot_id in backend.let_import_ids)  # with b's replacement
+        assert backend.let_import_ids[:3] == [a.slot_id, b.slot_id, c.slot_id]
+
+    run_pools(tmp_path, PoolSettings(min_warm=3, max_warm=3, max_starting=1,
+                                     stream_window_seconds=0, batch_join_seconds=0,
+                                     defer_replacement=False, profiles=("sklearn",)), body)
+
+
+def test_without_batches_no_refill_is_raised_before_its_job(tmp_path: Path) -> None:
+    async def body(pools: Pools, backend: FakeSandbox) -> None:
+        pool = pools.pools["sklearn"]
+        await _until(lambda: len(pool.warm) == 2 and pool.starting == 0)
+        await pools.acquire("sklearn")  # importing: waits among the refills, at their weight
+        await asyncio.sleep(0.1)
+        assert backend.let_import_ids == []
+
+    run_pools(tmp_path, PoolSettings(min_warm=2, max_warm=2, max_starting=1,
+                                     stream_window_seconds=0, import_in_batches=False,
                                      profiles=("sklearn",)), body)

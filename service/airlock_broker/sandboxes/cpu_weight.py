@@ -16,6 +16,9 @@ at once (measured in stop 40: docs/operations.md). A weight never changes what a
 may do (its ``nano_cpus`` cap holds either way): it only orders who runs first when the CPU
 is short. Nothing about the weight is the container's to change: it cannot write cgroupfs.
 
+Between the two, a refill that the pools let import in its batch (import_batches.py) runs
+at a middle weight, ahead of the refills held for the next batch.
+
 On by default (``[sandbox] warm_low_priority``). Only for runc with the kernel exit watch: the
 cgroup is found in ``/proc/PID/cgroup`` read while a pidfd proved the container's init alive,
 as the freezer's is (exit_watch.py, cgroup_paths.py).
@@ -27,17 +30,20 @@ from pathlib import Path
 
 from airlock_broker.sandboxes.cgroup_paths import CGROUP_ROOT, container_cgroups, write_control
 
-#: (control file, lowest, default) for cgroup v1 and v2.
-_V1 = ("cpu.shares", b"2", b"1024")
-_V2 = ("cpu.weight", b"1", b"100")
+#: (control file, lowest, importing, default) for cgroup v1 and v2. Importing: a warm
+#: container let import its libraries in its batch (import_batches.py), 8 times the weight of
+#: one held for the next batch and a 64th (v2: a 12th) of a job's.
+_V1 = ("cpu.shares", b"2", b"16", b"1024")
+_V2 = ("cpu.weight", b"1", b"8", b"100")
 
 
 class CpuWeight:
     """One container's CPU weight control file."""
 
-    def __init__(self, path: Path, lowest: bytes, default: bytes) -> None:
+    def __init__(self, path: Path, lowest: bytes, importing: bytes, default: bytes) -> None:
         self.path = path
         self.lowest = lowest
+        self.importing = importing
         self.default = default
 
     @classmethod
@@ -59,6 +65,10 @@ class CpuWeight:
     def lower(self) -> None:
         """The lowest weight. Raises OSError."""
         self._write(self.lowest)
+
+    def let_import(self) -> None:
+        """The importing weight (above the lowest, far below the default). Raises OSError."""
+        self._write(self.importing)
 
     def restore(self) -> None:
         """The default weight. Raises OSError."""

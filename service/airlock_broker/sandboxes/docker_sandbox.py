@@ -275,6 +275,16 @@ class DockerSandbox:
     def warmed_up(self, slot: Slot) -> bool:
         return slot.workspace.worker_ready()
 
+    def let_import(self, slot: Slot) -> None:
+        weight = slot.cpu_weight
+        if weight is None:
+            return
+        try:
+            weight.let_import()
+        except OSError as exc:  # it only imports later (gone by now, or a broken cgroupfs)
+            log.debug("could not raise the CPU weight of container %s (%s): %s",
+                      slot.container_id[:12], weight.path, exc)
+
     def hasten(self, slot: Slot) -> None:
         weight, slot.cpu_weight = slot.cpu_weight, None
         if weight is None:

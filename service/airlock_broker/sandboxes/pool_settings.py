@@ -57,15 +57,22 @@ class PoolSettings:
     #: there); each one's start costs a few CPU-seconds once, and ``max_starting`` bounds how
     #: many run at once.
     stream_memory_budget_mib: int = 1024
+    #: Refills import their libraries in batches (import_batches.py): one started while a
+    #: batch imports waits at the lowest CPU weight for the next, unless it was started
+    #: within ``batch_join_seconds`` of the batch's first. Only where warm containers wait
+    #: at a low weight (``[sandbox] warm_low_priority``). False: all import at once, evenly.
+    import_in_batches: bool = True
+    batch_join_seconds: float = 0.5
     profiles: tuple[str, ...] = PROFILES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_warm <= self.max_warm:
             raise ValueError("need 0 <= min_warm <= max_warm")
         if self.wait_for_starting_seconds < 0 or self.stream_window_seconds < 0 \
-                or self.stream_memory_budget_mib < 0:
-            raise ValueError("wait_for_starting_seconds, stream_window_seconds and "
-                             "stream_memory_budget_mib must not be negative")
+                or self.stream_memory_budget_mib < 0 or self.batch_join_seconds < 0:
+            raise ValueError("wait_for_starting_seconds, stream_window_seconds, "
+                             "stream_memory_budget_mib and batch_join_seconds must not be "
+                             "negative")
         if self.max_starting < 1 or self.sweep_seconds <= 0 or self.max_age_seconds <= 0 \
                 or self.engine_check_seconds <= 0 or self.defer_max_seconds <= 0:
             raise ValueError("max_starting, sweep_seconds, max_age_seconds, "

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from airlock_broker.errors import Reason, error
 from airlock_broker.readiness import DRAINED_WHY, JOB_HOLDS, POOL_HOLDS, Hold, Readiness
 from airlock_broker.sandboxes.engine_watch import engine_back
+from airlock_broker.sandboxes.import_batches import ImportBatches
 from airlock_broker.sandboxes.pool_demand import Demand
 from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
 from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
@@ -81,6 +82,10 @@ class Pools:
         self._watch_task: asyncio.Task[None] | None = None
         #: Set by ``close``: from then on nothing is started (a start would outlive it).
         self._closing = False
+        #: Which refills import now and which wait for the next batch (import_batches.py),
+        #: across all pools (they share the CPU); watched while there are any.
+        self._batches = ImportBatches(settings.batch_join_seconds)
+        self._pacer: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -148,7 +153,7 @@ class Pools:
     async def _take_warm(self, pool: Pool) -> Slot | None:
         """A live warm slot of ``pool``, or None; dead or outdated ones are retired."""
         while pool.warm:
-            warm = pool.warm.popleft()
+            warm = self._next_warm(pool)
             pool.checking += 1  # still fills the pool while its liveness is checked
             try:
                 alive = warm.generation == pool.generation and await self._alive(warm.slot)
@@ -173,6 +178,8 @@ class Pools:
                 else:  # the job waits for its imports
                     pool.importing_taken.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
+                    if self.settings.import_in_batches:
+                        self._pace(self._batches.join(warm.slot, time.monotonic()))
                     self._hasten_when_warmed_up(pool, warm.slot)
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
@@ -183,6 +190,16 @@ class Pools:
             pool.retired += 1
             await self.backend.destroy(warm.slot)
         return None
+
+    def _next_warm(self, pool: Pool) -> Warm:
+        """Take out the warm container a job gets: the oldest that says it is warmed up, else
+        the oldest (the furthest in its imports, most likely). Refills do not always get ready
+        in the order they were started (import_batches.py)."""
+        ready = next((warm for warm in pool.warm if self._said_ready(pool, warm)), None)
+        if ready is None:
+            return pool.warm.popleft()
+        pool.warm.remove(ready)
+        return ready
 
     async def _wait_for_start(self, pool: Pool, deadline: float) -> bool:
         """Wait for a start of ``pool`` to end (this job counts as demand meanwhile); False
@@ -428,6 +445,8 @@ class Pools:
             else:
                 pool.warm.append(Warm(slot=slot, since=time.monotonic(),
                                        generation=generation, began=began))
+                if self.settings.import_in_batches:
+                    self._pace(self._batches.admit(slot, time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -442,6 +461,38 @@ class Pools:
             pool.starting -= 1
             pool.signal()
             self._wake.set()
+
+    # -- refills import in batches (import_batches.py) -----------------------------------
+
+    def _pace(self, let_import: list[Slot]) -> None:
+        """Let ``let_import`` import now, and watch the batches while there are any."""
+        for slot in let_import:
+            self.backend.let_import(slot)
+        if self._batches.idle or (self._pacer is not None and not self._pacer.done()):
+            return
+        self._pacer = asyncio.create_task(self._pace_batches(), name="pool-import-batches")
+        self._tasks.add(self._pacer)
+        self._pacer.add_done_callback(self._tasks.discard)
+
+    async def _pace_batches(self) -> None:
+        while not self._batches.idle:
+            await asyncio.sleep(WARMED_UP_POLL_SECONDS)
+            for slot in self._batches.settle(time.monotonic(), self._still_importing):
+                self.backend.let_import(slot)
+
+    def _still_importing(self, slot: Slot) -> bool:
+        """Whether ``slot`` waits in its pool or for its job's imports, and has not said it
+        is warmed up. (One taken by a job while its liveness is checked counts as gone for
+        a moment: if its job keeps it, ``_take_warm`` puts it back in the batch.)"""
+        pool = self.pools.get(slot.profile)
+        if pool is None:
+            return False
+        waiting = slot.slot_id in pool.importing_taken or any(
+            warm.slot is slot for warm in pool.warm)
+        try:
+            return waiting and not self.backend.warmed_up(slot)
+        except Exception:  # a hint: one that cannot say does not hold the next batch
+            return False
 
     async def _watch_engine_forever(self) -> None:
         while True:

@@ -67,10 +67,10 @@ class SandboxBackend(Protocol):
     A job: ``prepare`` (and ``start``, ahead of time, for a warm pool), ``hand_over`` the
     artifact, perhaps an ``append_only_output`` to follow, ``run`` the spec, read ``output``
     once it is dead, ``destroy``. Upkeep:
-    ``is_running``, ``warmed_up``, ``hasten``, ``check``, ``reap_orphans``, ``close``. The
-    self-test and the version gates: ``describe``, ``versions``. Nothing above this interface
-    knows which engine runs the sandboxes (docs/scale-out.md maps each verb onto a Kubernetes
-    pod per job).
+    ``is_running``, ``warmed_up``, ``hasten``, ``let_import``, ``check``, ``reap_orphans``,
+    ``close``. The self-test and the version gates: ``describe``, ``versions``. Nothing above
+    this interface knows which engine runs the sandboxes (docs/scale-out.md maps each verb
+    onto a Kubernetes pod per job).
     """
 
     async def prepare(self, profile: str, *, selftest: bool = False,
@@ -94,11 +94,18 @@ class SandboxBackend(Protocol):
         hand out a warmed-up slot, before its job is handed over. Cheap, never raises."""
         ...
 
+    def let_import(self, slot: Slot) -> None:
+        """Raise a started slot that waits at the lowest CPU priority to the one its batch of
+        refills imports at (import_batches.py, cpu_weight.py); nothing when its priority is
+        not the broker's to set. Cheap, never raises."""
+        ...
+
     def warmed_up(self, slot: Slot) -> bool:
         """Whether a started slot's worker says it has imported and primed its profile and
-        waits for a job. The sandbox's word: a hint for pool status and for a CPU weight (a
-        speed), never for a decision on what runs where (a slot that never says so serves
-        jobs all the same). Cheap, never raises."""
+        waits for a job. The sandbox's word: a hint for pool status, for a CPU weight and for
+        which of a pool's identical slots a job gets first (speeds), never for a decision on
+        what runs where (a slot that never says so serves jobs all the same). Cheap, never
+        raises."""
         ...
 
     async def hand_over(self, slot: Slot, artifact: Path | Slot, sample: bytes = b"") -> None:
