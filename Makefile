@@ -21,7 +21,7 @@ help:
 	@echo "make check   - lint, type-check, verify generated stubs, scan the host for deserializers and archive readers"
 	@echo "make audit   - the host's and the image's versions against the version gates"
 
-$(STAMP): pyproject.toml scripts/setup-venv.sh
+$(STAMP): pyproject.toml host-requirements.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh
 	@touch $@
 
