@@ -71,3 +71,23 @@ def test_a_control_file_replaced_by_a_link_is_not_written(tmp_path: Path) -> Non
     with pytest.raises(OSError):
         weight.lower()
     assert elsewhere.read_bytes() == b"untouched"
+
+
+def test_a_container_given_the_default_weight_is_never_lowered_again(tmp_path: Path) -> None:
+    """``hasten`` (a job's container) forgets the control: a late ``let_import`` from the
+    import batches finds nothing to write (docker_sandbox.py)."""
+    from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+    from airlock_broker.sandboxes.sandbox import Slot
+    from airlock_broker.sandboxes.workspace import JobWorkspace
+
+    control = _control(tmp_path, f"cpu/docker/{ID}/cpu.shares")
+    weight = CpuWeight.of(f"4:cpu:/docker/{ID}\n", ID, root=tmp_path)
+    slot = Slot(slot_id="s", profile="sklearn", container_id=ID, cpu_weight=weight,
+                workspace=JobWorkspace(root=tmp_path / "ws", uid=0, gid=0))
+    backend = DockerSandbox.__new__(DockerSandbox)  # the two verbs touch only the slot
+    backend.let_import(slot)
+    assert control.read_bytes() == b"16"
+    backend.hasten(slot)
+    assert control.read_bytes() == b"1024"
+    backend.let_import(slot)
+    assert control.read_bytes() == b"1024"

@@ -59,8 +59,9 @@ class PoolSettings:
     stream_memory_budget_mib: int = 1024
     #: Refills import their libraries in batches (import_batches.py): one started while a
     #: batch imports waits at the lowest CPU weight for the next, unless it was started
-    #: within ``batch_join_seconds`` of the batch's first. Only where warm containers wait
-    #: at a low weight (``[sandbox] warm_low_priority``). False: all import at once, evenly.
+    #: within ``batch_join_seconds`` of the batch's first. It changes anything only where
+    #: warm containers wait at a low weight (``[sandbox] warm_low_priority``, runc). False:
+    #: all import at once, evenly.
     import_in_batches: bool = True
     batch_join_seconds: float = 0.5
     profiles: tuple[str, ...] = PROFILES

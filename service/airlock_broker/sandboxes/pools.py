@@ -468,8 +468,9 @@ class Pools:
         """Let ``let_import`` import now, and watch the batches while there are any."""
         for slot in let_import:
             self.backend.let_import(slot)
-        if self._batches.idle or (self._pacer is not None and not self._pacer.done()):
-            return
+        if self._closing or self._batches.idle or (self._pacer is not None
+                                                   and not self._pacer.done()):
+            return  # (after close, nothing would cancel it)
         self._pacer = asyncio.create_task(self._pace_batches(), name="pool-import-batches")
         self._tasks.add(self._pacer)
         self._pacer.add_done_callback(self._tasks.discard)

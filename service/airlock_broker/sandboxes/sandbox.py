@@ -97,7 +97,8 @@ class SandboxBackend(Protocol):
     def let_import(self, slot: Slot) -> None:
         """Raise a started slot that waits at the lowest CPU priority to the one its batch of
         refills imports at (import_batches.py, cpu_weight.py); nothing when its priority is
-        not the broker's to set. Cheap, never raises."""
+        not the broker's to set, and nothing once ``hasten`` gave it the default (a job's
+        container is never lowered). Cheap, never raises."""
         ...
 
     def warmed_up(self, slot: Slot) -> bool:
