@@ -8,14 +8,15 @@ last: the client, taking them one at a time, waits a little for nearly every one
 On this project's 2-core machine, twenty jobs back to back then waited 200-600 ms for most
 of their containers (bench S1b).
 
-So refills import in batches. The first refill started when nothing imports begins a batch
-and is let import (``SandboxBackend.let_import``: a CPU weight above the waiting containers',
-far below a job's). Refills started within ``batch_join_seconds`` of it join the batch; later
-ones wait at the lowest weight (held), and when the whole batch is ready, all the held ones
-are let import together, as the next batch. A batch shares the CPU evenly and gets ready at
-about the same time, so that the next jobs find several ready containers at once: fewer
-waits, each longer. The CPU is never left idle for it: the kernel's weights only order who
-runs first, so a held container imports on a core nothing else wants.
+So a pool's refills import in batches (each pool its own: a light container's few imports do
+not wait for a torch container's). The first refill started while none of the pool's imports
+begins a batch and is let import (``SandboxBackend.let_import``: a CPU weight above the waiting
+containers', far below a job's). Refills started within ``batch_join_seconds`` of it join the
+batch; later ones wait at the lowest weight (held), and when the whole batch is ready, all the
+held ones are let import together, as the next batch. A batch shares the CPU evenly and gets
+ready at about the same time, so that the next jobs find several ready containers at once:
+fewer waits, each longer. The CPU is never left idle for it: the kernel's weights only order
+who runs first, so a held container imports on a core nothing else wants.
 
 Measured on the 2-core machine (five alternating pairs of twenty back to back after spaced
 jobs, 3 sklearn containers warm at the start): the p50 of a request 120-389 ms (median 150)

@@ -6,6 +6,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
+from airlock_broker.sandboxes.import_batches import ImportBatches
 from airlock_broker.sandboxes.pool_demand import Demand
 from airlock_broker.sandboxes.sandbox import Slot
 
@@ -59,6 +60,8 @@ class Pool:
     #: The jobs' arrival rate and the refill time, learned: how many warm containers the
     #: current stream needs (pool_demand.py). Learning off until pools.py sets a window.
     demand: Demand = field(default_factory=lambda: Demand(0.0))
+    #: Which of its refills import now and which wait for the next batch (import_batches.py).
+    batches: ImportBatches = field(default_factory=lambda: ImportBatches(0.5))
 
     def signal(self) -> None:
         self.changed.set()

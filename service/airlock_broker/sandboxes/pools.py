@@ -60,7 +60,8 @@ class Pools:
         self.backend = backend
         self.settings = settings
         self.pools = {p: Pool(p, demand=Demand(settings.stream_window_seconds,
-                                               bursts=settings.stream_bursts))
+                                               bursts=settings.stream_bursts),
+                              batches=ImportBatches(settings.batch_join_seconds))
                       for p in settings.profiles}
         #: Shared with admission and health; the pools set DRAINED and ENGINE_DOWN.
         self.readiness = readiness or Readiness()
@@ -82,9 +83,7 @@ class Pools:
         self._watch_task: asyncio.Task[None] | None = None
         #: Set by ``close``: from then on nothing is started (a start would outlive it).
         self._closing = False
-        #: Which refills import now and which wait for the next batch (import_batches.py),
-        #: across all pools (they share the CPU); watched while there are any.
-        self._batches = ImportBatches(settings.batch_join_seconds)
+        #: Watches the pools' import batches while there are any (import_batches.py).
         self._pacer: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
@@ -179,7 +178,7 @@ class Pools:
                     pool.importing_taken.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
                     if self.settings.import_in_batches:
-                        self._pace(self._batches.join(warm.slot, time.monotonic()))
+                        self._pace(pool.batches.join(warm.slot, time.monotonic()))
                     self._hasten_when_warmed_up(pool, warm.slot)
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
@@ -446,7 +445,7 @@ class Pools:
                 pool.warm.append(Warm(slot=slot, since=time.monotonic(),
                                        generation=generation, began=began))
                 if self.settings.import_in_batches:
-                    self._pace(self._batches.admit(slot, time.monotonic()))
+                    self._pace(pool.batches.admit(slot, time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -468,18 +467,22 @@ class Pools:
         """Let ``let_import`` import now, and watch the batches while there are any."""
         for slot in let_import:
             self.backend.let_import(slot)
-        if self._closing or self._batches.idle or (self._pacer is not None
-                                                   and not self._pacer.done()):
+        if self._closing or self._batches_idle() or (self._pacer is not None
+                                                     and not self._pacer.done()):
             return  # (after close, nothing would cancel it)
         self._pacer = asyncio.create_task(self._pace_batches(), name="pool-import-batches")
         self._tasks.add(self._pacer)
         self._pacer.add_done_callback(self._tasks.discard)
 
     async def _pace_batches(self) -> None:
-        while not self._batches.idle:
+        while not self._batches_idle():
             await asyncio.sleep(WARMED_UP_POLL_SECONDS)
-            for slot in self._batches.settle(time.monotonic(), self._still_importing):
-                self.backend.let_import(slot)
+            for pool in self.pools.values():
+                for slot in pool.batches.settle(time.monotonic(), self._still_importing):
+                    self.backend.let_import(slot)
+
+    def _batches_idle(self) -> bool:
+        return all(pool.batches.idle for pool in self.pools.values())
 
     def _still_importing(self, slot: Slot) -> bool:
         """Whether ``slot`` waits in its pool or for its job's imports, and has not said it
