@@ -141,11 +141,16 @@ else
     [ "$(id -u)" -eq 0 ] || die "building the base image needs root (debootstrap); run as root"
     command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] \
         || die "debootstrap not installed: run scripts/ensure-docker.sh (or apt-get install debootstrap)"
+    # base-rootfs.sh has debootstrap check the archive's signature against it (--force-check-gpg).
+    [ -s /usr/share/keyrings/debian-archive-keyring.gpg ] \
+        || die "the Debian archive keyring is not installed: run scripts/ensure-docker.sh (or
+  apt-get install debian-archive-keyring); without it nothing checks what the mirror sends"
     export PATH="$PATH:/usr/sbin:/sbin"
     tmp=$(mktemp -d "$BUILD/rootfs.XXXXXX")
     CLEANUP+=("$tmp")
     run_logged "$LOGS/debootstrap.log" bash "$IMG_SRC/base-rootfs.sh" "$tmp/rootfs" \
-        || die "debootstrap failed (is ${AIRLOCK_DEBIAN_MIRROR:-http://deb.debian.org/debian} reachable?)"
+        || die "debootstrap failed (is ${AIRLOCK_DEBIAN_MIRROR:-http://deb.debian.org/debian} reachable,
+  and its Release file signed by a key of the Debian archive keyring?)"
     tar --numeric-owner -C "$tmp/rootfs" -c . \
         | docker import --message "airlock base rootfs $BASEHASH" \
             --change "LABEL airlock.base-recipe=$BASEHASH" - "$BASE_REPO:$BASEHASH" >/dev/null \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make sure a Docker engine is usable (and that debootstrap, needed by
-# scripts/build-image.sh, is installed). Idempotent; silent when all is fine.
+# Make sure a Docker engine is usable (and that debootstrap and the Debian
+# archive keyring it checks the archive against, needed by scripts/build-image.sh,
+# are installed). Idempotent; silent when all is fine.
 #
 #   - `docker info` works            -> nothing to do
 #   - dockerd missing, we are root    -> apt-get install docker.io
@@ -39,15 +40,23 @@ apt_install() {
 
 docker_ok() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 
+# The keys sandbox/image/base-rootfs.sh makes debootstrap check the archive against.
+DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
 ensure_debootstrap() {
-    if command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ]; then
-        return 0
-    fi
+    local missing=()
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] \
+        || missing+=(debootstrap)
+    [ -s "$DEBIAN_KEYRING" ] || missing+=(debian-archive-keyring)
+    [ ${#missing[@]} -gt 0 ] || return 0
     if is_root; then
-        apt_install debootstrap
+        apt_install "${missing[@]}"
+        [ -s "$DEBIAN_KEYRING" ] \
+            || die "debian-archive-keyring is installed but $DEBIAN_KEYRING is missing"
     else
-        die "debootstrap is not installed (needed to build the sandbox base image).
-  Install it as root: apt-get install debootstrap"
+        die "${missing[*]} not installed (needed to build the sandbox base image: debootstrap
+  checks the Debian archive's signature against $DEBIAN_KEYRING).
+  Install as root: apt-get install ${missing[*]}"
     fi
 }
 

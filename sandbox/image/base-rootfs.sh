@@ -14,8 +14,23 @@ ROOTFS="${1:?usage: base-rootfs.sh <dir>}"
 SUITE=bookworm
 MIRROR="${AIRLOCK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 INCLUDE=python3,libgomp1
+# The Debian archive's signing keys (package debian-archive-keyring, which
+# scripts/ensure-docker.sh installs). Every package is checked against the
+# Release file's hashes, and the Release file against these keys: nothing else
+# vouches for bytes fetched over plain http from a mirror anyone may name.
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
-debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOTFS" "$MIRROR" >&2
+[ -s "$KEYRING" ] || {
+    echo "base-rootfs: ERROR: the Debian archive keyring $KEYRING is missing:" \
+         "run scripts/ensure-docker.sh (or apt-get install debian-archive-keyring)" >&2
+    exit 1
+}
+
+# --force-check-gpg: with an explicit mirror, debootstrap would otherwise only
+# warn when it cannot check the Release signature, and go on unverified.
+debootstrap --variant=minbase --include="$INCLUDE" \
+    --force-check-gpg --keyring="$KEYRING" \
+    "$SUITE" "$ROOTFS" "$MIRROR" >&2
 
 # Slim down: package caches, indexes, docs, manuals, translations.
 rm -rf "$ROOTFS"/var/cache/apt/* "$ROOTFS"/var/lib/apt/lists/* \

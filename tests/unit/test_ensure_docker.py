@@ -71,3 +71,19 @@ def test_the_running_engine_is_the_engine() -> None:
     said = _sourced(f'is_engine {pid} "$(find_dockerd)"; echo "engine=$?"; '
                     'echo "pid=$(engine_pid "$(find_dockerd)")"')
     assert said.stdout.split() == ["engine=0", f"pid={pid}"], said
+
+
+def test_the_debian_archive_keyring_is_ensured_like_debootstrap() -> None:
+    """The base image's debootstrap checks the archive against this keyring and refuses to go
+    on without it (sandbox/image/base-rootfs.sh): the script installs it as root, and says
+    what to install otherwise (before: only debootstrap was ensured)."""
+    missing = "DEBIAN_KEYRING=/nonexistent/debian-archive-keyring.gpg; "
+    as_user = _sourced(missing + 'is_root() { return 1; }; ensure_debootstrap; echo "rc=$?"')
+    assert as_user.returncode == 1 and "rc=" not in as_user.stdout, as_user
+    assert "apt-get install debian-archive-keyring" in as_user.stderr, as_user
+    as_root = _sourced(missing + 'is_root() { return 0; }; apt_install() { echo "install $*"; }; '
+                       'ensure_debootstrap')
+    assert as_root.stdout.splitlines() == ["install debian-archive-keyring"], as_root
+    assert as_root.returncode == 1 and "keyring" in as_root.stderr, as_root  # still missing
+    present = _sourced('is_root() { return 1; }; ensure_debootstrap; echo "rc=$?"')
+    assert present.stdout.split() == ["rc=0"], present  # this host has both
