@@ -85,6 +85,17 @@ trap cleanup EXIT
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# check_image_config <image>: its own configuration is what sandbox/image/Dockerfile sets
+# (ENTRYPOINT the worker, no CMD, USER the sandbox user; no VOLUME, HEALTHCHECK, EXPOSE or
+# ONBUILD). Every container inherits it where the broker does not override it, so an image
+# built or cached otherwise is never tagged :latest. Each problem is printed.
+# airlock_sandbox/image_config.py holds the expected values (this tree's, not the venv's).
+check_image_config() {
+    docker image inspect --format '{{json .Config}}' "$1" \
+        | env PYTHONPATH="$ROOT/sandbox" PYTHONDONTWRITEBYTECODE=1 \
+            "$PY" -m airlock_sandbox.image_config "$1"
+}
+
 # --------------------------------------------------------------- preflight
 docker info >/dev/null 2>&1 \
     || die "Docker engine not reachable: run scripts/ensure-docker.sh (or 'make docker')"
@@ -127,6 +138,9 @@ REQHASH=$( { echo "site-recipe-v$SITE_RECIPE_VERSION py$PYVER"; sha256sum "$IMG_
 SITEHASH=$( { echo "base=$BASEHASH req=$REQHASH"; sha256sum "$IMG_SRC/Dockerfile.site"; } | h12)
 
 if image_exists "$REPO:$HASH"; then
+    check_image_config "$REPO:$HASH" \
+        || die "the cached $REPO:$HASH is not the image sandbox/image/Dockerfile makes (above):
+  refusing it. Remove it (docker rmi $REPO:$HASH) and run 'make image' again"
     docker tag "$REPO:$HASH" "$REPO:latest"
     say "$REPO:$HASH is up to date (inputs unchanged); tagged $REPO:latest"
     exit 0
@@ -290,6 +304,13 @@ run_logged "$LOGS/docker-build-app.log" docker build --network=none --rm --force
     || die "docker build of the app image failed (see $LOGS/docker-build-app.log)"
 rm -rf "$ctx"
 done_step "app image"
+
+step "image configuration (entrypoint, user; no volumes, healthcheck, ports, triggers)"
+if ! check_image_config "$REPO:$HASH"; then
+    docker rmi "$REPO:$HASH" >/dev/null 2>&1 || true
+    die "$REPO:$HASH is not configured as sandbox/image/Dockerfile says (above; tag removed)"
+fi
+done_step "image configuration"
 
 # ---------------------------------------------------------------- 4. smoke
 step "smoke test (network none, read-only, uid 10001)"

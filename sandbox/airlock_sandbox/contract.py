@@ -99,6 +99,14 @@ NPY_MAGIC = b"\x93NUMPY"
 
 CONTAINER_UID = 10001
 CONTAINER_GID = 10001
+#: The image's ``USER`` (sandbox/image/Dockerfile) and the policy's default user: unprivileged,
+#: with a group of its own (no host account may have either id, sandbox_ids.py).
+CONTAINER_USER = f"{CONTAINER_UID}:{CONTAINER_GID}"
+#: The image's ``ENTRYPOINT`` (sandbox/image/Dockerfile): every sandbox runs the worker, and
+#: the broker sends only its arguments (``--profile ...``, ``--selftest``). The image build
+#: (image_config.py) and the self-test (``worker_entrypoint``) refuse anything else, since an
+#: image's entrypoint is what each of its containers runs unless the create request says other.
+WORKER_ENTRYPOINT = ("python3", "-m", "airlock_worker")
 
 
 class OutputFormat(enum.StrEnum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from airlock_sandbox.contract import CONTAINER_GID, CONTAINER_UID
+from airlock_sandbox.contract import CONTAINER_USER
 from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
 
 MiB = 1024**2
@@ -64,7 +64,7 @@ class SandboxPolicy:
     read_only_root: bool = True
     drop_all_capabilities: bool = True
     no_new_privileges: bool = True
-    user: str = f"{CONTAINER_UID}:{CONTAINER_GID}"
+    user: str = CONTAINER_USER
     pids_limit: int = 256
     memory_bytes: int = 4 * GiB
     nano_cpus: int = 1_000_000_000  # one CPU

@@ -15,6 +15,7 @@ REQUIRED = {"network_none", "read_only_rootfs", "cap_drop_all", "no_new_privileg
             "non_root_user", "no_capabilities", "read_only_root", "read_only_input",
             "no_network", "no_docker_socket", "tmp_noexec", "no_secrets_in_env",
             "pids_limit", "memory_limit", "no_swap", "only_job_mounts", "no_healthcheck",
+            "worker_entrypoint",
             "seccomp_profile", "seccomp_mode", "seccomp_unshare", "seccomp_mount",
             "seccomp_ptrace", "seccomp_bpf", "seccomp_io_uring_setup", "seccomp_keyctl",
             "seccomp_userfaultfd", "seccomp_memfd_create", "seccomp_clone3",

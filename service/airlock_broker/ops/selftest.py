@@ -18,7 +18,7 @@ from airlock_broker.sandboxes.confinement import AppliedMount, Confinement
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable
 from airlock_broker.sandboxes.version_gates import Observation
 from airlock_broker.validation.files import open_regular_file, read_upto
-from airlock_sandbox.contract import IN_DIR, OUT_DIR, JobSpec
+from airlock_sandbox.contract import IN_DIR, OUT_DIR, WORKER_ENTRYPOINT, JobSpec
 from airlock_sandbox.formats import PROFILE_LIGHT
 from airlock_sandbox.policy import SandboxPolicy, root_in
 from airlock_sandbox.seccomp import AIRLOCK as SECCOMP_AIRLOCK
@@ -96,6 +96,10 @@ def config_checks(applied: Confinement, policy: SandboxPolicy) -> list[Check]:
         ("runtime", applied.runtime == policy.runtime, applied.runtime),
         ("non_root_user", not root_in(applied.user),
          "; ".join(root_in(applied.user)) or applied.user),
+        # The broker sends the worker's arguments only: what runs is the image's entrypoint,
+        # and an image that names another program runs it in every sandbox.
+        ("worker_entrypoint", applied.entrypoint == list(WORKER_ENTRYPOINT),
+         applied.entrypoint or "none"),
         ("only_job_mounts", _only_job_mounts(applied.mounts),
          [f"{m.kind}:{m.destination}{'' if m.writable else ':ro'}" for m in applied.mounts]),
         ("no_proxy_env", not any("proxy" in k.lower() for k in applied.env_names),

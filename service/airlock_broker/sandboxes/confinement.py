@@ -44,6 +44,9 @@ class Confinement:
     logging: str | None = None
     runtime: str | None = None
     user: str = ""
+    #: What the sandbox runs, before the broker's arguments: the image's entrypoint unless the
+    #: create request named another (empty: none, the command alone runs).
+    entrypoint: list[str] = field(default_factory=list)
     #: Every mount the engine lists for the sandbox, of every kind.
     mounts: list[AppliedMount] = field(default_factory=list)
     #: The names of the sandbox's environment variables.

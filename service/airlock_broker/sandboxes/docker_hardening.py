@@ -136,6 +136,7 @@ def confinement_of(info: dict[str, Any]) -> Confinement:
         logging=(host.get("LogConfig") or {}).get("Type"),
         runtime=host.get("Runtime"),
         user=str(config.get("User", "")),
+        entrypoint=[str(a) for a in config.get("Entrypoint") or []],
         # All of them: an image's VOLUME is listed as "volume" (the tmpfs mounts made from
         # HostConfig.Tmpfs are not listed at all; ``tmpfs`` in create_kwargs owns them).
         mounts=[AppliedMount(kind=str(m.get("Type")), source=str(m.get("Source")),
