@@ -16,6 +16,11 @@
 # Each stage is cached on its own inputs, so a change to the worker code only
 # rebuilds the small app layer (the build context is then a few kB).
 # Every `docker build` runs with --network=none: nothing is downloaded inside.
+# The base comes from a Debian mirror, checked against the archive's signature
+# (base-rootfs.sh: debootstrap --force-check-gpg with debian-archive-keyring).
+# The app image, built or cached, is refused unless its configuration is the
+# Dockerfile's (airlock_sandbox/image_config.py: entrypoint, user, no CMD,
+# VOLUME, HEALTHCHECK, EXPOSE or ONBUILD).
 #
 # Environment:
 #   AIRLOCK_HOST_PYTHON       python 3.11 used for pip/compileall (default .venv/bin/python)
