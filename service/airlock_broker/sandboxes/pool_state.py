@@ -61,7 +61,8 @@ class Pool:
     #: current stream needs (pool_demand.py). Learning off until pools.py sets a window.
     demand: Demand = field(default_factory=lambda: Demand(0.0))
     #: Which of its refills import now and which wait for the next batch (import_batches.py).
-    batches: ImportBatches = field(default_factory=lambda: ImportBatches(0.5))
+    #: No join window until pools.py sets the configured one (``batch_join_seconds``).
+    batches: ImportBatches = field(default_factory=lambda: ImportBatches(0.0))
 
     def signal(self) -> None:
         self.changed.set()
