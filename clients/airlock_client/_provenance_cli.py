@@ -248,6 +248,9 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
           f"executed in sandbox: {executed}")
     print(f"  sandbox    {t(record.runtime)}, image {t(record.image_id[:19])}")
     _print_parity(record)
+    warnings = record.conversion.get("warnings")
+    for warning in (warnings if isinstance(warnings, list) else [])[:16]:  # version 5 on
+        print(f"  warning    {t(warning)}")
     note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
           f"{note}")

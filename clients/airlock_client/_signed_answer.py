@@ -9,9 +9,10 @@ really did and really signed. So the record must say the job is the one this cli
 for (``REQUEST_MISMATCH``), and what the header says of the output and the job must be the
 record's (``RESULT_MISMATCH``), before a byte of the output is put in place; the result the
 client reports is then built from the record wherever the record says (:func:`result`).
-The header's own words are left only where the record has nothing: ``replayed``, the
-duration, the sandbox's warnings, input specs and tensor count. Both the streaming and the
-same-host paths go through :func:`signed_record` and :func:`result`.
+The header's own words are left only where the record has nothing: ``replayed`` and the
+duration (and, from a broker whose records are older than version 5, the sandbox's warnings,
+the output's input specs and its tensor count). Both the streaming and the same-host paths go
+through :func:`signed_record` and :func:`result`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from airlock.v1 import airlock_pb2 as pb
 from airlock_client import _wire
 from airlock_client._errors import ProvenanceError
-from airlock_client._types import ConversionResult, ParityCheck
+from airlock_client._types import ConversionResult, ParityCheck, TensorSpec
 from airlock_client._wire import DECLARED, OUTPUTS, POLICY_NAMES, TARGETS, assurance
 from airlock_client.provenance import (
     DATA_FORMAT,
@@ -72,6 +73,10 @@ def result(header: pb.ConvertResult, record: ProvenanceRecord, output: Path,
         parity=_signed_parity(record),
         versions={str(k): _text(v) for k, v in _mapping(claims.get("versions")).items()},
         parity_inputs=_text(claims.get("parity_inputs")))
+    if record.record_version >= 5:  # before, the record had none of these
+        report = replace(report, warnings=_signed_warnings(record),
+                         inputs=_signed_inputs(record),
+                         tensor_count=_int(claims.get("tensor_count")))
     return replace(reported, report=report, provenance=bytes(header.provenance),
                    provenance_record=record, provenance_key_source=key_source)
 
@@ -152,6 +157,13 @@ def _check_header(record: ProvenanceRecord, header: pb.ConvertResult) -> None:
     if record.executed_artifact_code is not None:  # the broker's verdict (version 4 on)
         said["whether artifact code ran"] = (report.executed_artifact_code,
                                              record.executed_artifact_code)
+    if record.record_version >= 5:
+        said["warnings"] = (list(report.warnings), list(_signed_warnings(record)))
+        said["output's input specs"] = (
+            [TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in report.inputs],
+            list(_signed_inputs(record)))
+        said["tensor count"] = (report.tensor_count,
+                                _int(record.conversion.get("tensor_count")))
     if (differs := _first_difference(said)) is not None:
         what, header_says, signed = differs
         raise ProvenanceError("RESULT_MISMATCH",
@@ -173,6 +185,21 @@ def _signed_parity(record: ProvenanceRecord) -> tuple[ParityCheck, ...]:
                  if isinstance(p, Mapping))
 
 
+def _signed_warnings(record: ProvenanceRecord) -> tuple[str, ...]:
+    """The sandbox's warnings as signed (version 5 on)."""
+    warnings = record.conversion.get("warnings")
+    return tuple(_text(w) for w in warnings) if isinstance(warnings, list) else ()
+
+
+def _signed_inputs(record: ProvenanceRecord) -> tuple[TensorSpec, ...]:
+    """The output's input specs as signed (version 5 on)."""
+    specs = record.conversion.get("inputs")
+    return tuple(TensorSpec(_text(s.get("name")), _text(s.get("dtype")),
+                            tuple(_int(d, signed=True) for d in _list(s.get("shape"))))
+                 for s in (specs if isinstance(specs, list) else ())
+                 if isinstance(s, Mapping))
+
+
 def _parity(entry: Mapping[str, Any]) -> ParityCheck:
     """A signed parity entry as the client reports one (a difference the broker could not
     record as a number, being infinite or NaN, is NaN; one a record before version 3 did not
@@ -192,8 +219,15 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def _int(value: Any, *, signed: bool = False) -> int:
+    """An int of the record, or 0; a negative one only where ``signed`` (a free dim)."""
+    if not isinstance(value, int) or isinstance(value, bool) or (value < 0 and not signed):
+        return 0
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _text(value: Any) -> str:

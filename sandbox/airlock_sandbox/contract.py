@@ -219,6 +219,9 @@ class TensorSpec:
 
 #: The dtype of an input a caller described without one.
 DEFAULT_INPUT_DTYPE = "float32"
+#: How many inputs a request may describe, and a result report, and how many dims each.
+MAX_INPUTS = 64
+MAX_DIMS = 8
 
 
 def input_name(name: str, index: int, count: int) -> str:

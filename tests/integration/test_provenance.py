@@ -86,7 +86,7 @@ def test_convert_signs_which_input_it_was_and_verify_checks_it(
     source = converted.with_name("pipeline.pkl")
     prov = converted.with_name(converted.name + ".provenance.json")
     record = provenance.verify(converted, prov.read_bytes(), public_key)
-    assert record.record_version == 4 and record.subject == os.path.abspath(source)
+    assert record.record_version == 5 and record.subject == os.path.abspath(source)
     assert record.executed_artifact_code is not None  # the broker's verdict, from version 4
     assert record.input_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
     assert record.principal and record.principal_method

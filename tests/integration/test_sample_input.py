@@ -66,7 +66,7 @@ def test_the_callers_rows_make_parity_pass_where_generated_rows_cannot_run(
     # The second reading (the policy loader) checked its conversion on the same rows.
     assert result.assurance == "integrity_verified", result.integrity_note
     record = result.provenance_record
-    assert record is not None and record.record_version == 4
+    assert record is not None and record.record_version == 5
     assert record.sample_sha256 == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert record.parity_tolerance == 0.0
     assert record.conversion["parity_inputs"] == "sample"

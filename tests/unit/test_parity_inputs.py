@@ -222,14 +222,14 @@ def test_a_passing_conversion_reports_every_output_s_differences(tmp_path: Path)
 
 def test_the_measured_differences_reach_the_client() -> None:
     from airlock.v1 import airlock_pb2 as pb
-    from airlock_broker.api.wire import conversion_report
+    from airlock_broker.api.claims import claims, report_message
     from airlock_client import _wire
 
     report = {"parity": [{"output_name": "probabilities", "samples": 65, "max_abs_diff": 2e-7,
                           "max_rel_diff": 3e-6, "tolerance": "atol=1e-05 rtol=0.0001",
                           "passed": True}]}
     msg = pb.ConvertResult(output_format=pb.TARGET_FORMAT_ONNX,
-                           report=conversion_report(report))
+                           report=report_message(claims(report)))
     (entry,) = _wire.result(msg, Path("out.onnx")).report.parity
     assert (entry.output_name, entry.samples, entry.passed) == ("probabilities", 65, True)
     assert entry.max_abs_diff == pytest.approx(2e-7) and entry.max_rel_diff == pytest.approx(3e-6)

@@ -384,7 +384,7 @@ def test_client_pinned_to_another_key_writes_nothing(tmp_path: Path) -> None:
 
 def test_the_record_names_the_caller_the_subject_and_the_source_bytes(key: SigningKey) -> None:
     record = provenance.verify(OUTPUT, _envelope(key), _public_pem(key))
-    assert record.record_version == 4
+    assert record.record_version == 5
     assert record.subject == "models:/fraud/3"
     assert (record.principal, record.principal_method) == ("training-pipeline", "token")
     assert record.input_sha256 == hashlib.sha256(INPUT).hexdigest()
@@ -471,7 +471,7 @@ def test_the_record_carries_the_tolerance_the_sample_and_each_measured_differenc
          "max_rel_diff": 2.5e-6, "tolerance": "atol=0.0001 rtol=0.0001", "passed": True}]}
     doc = statement(_result(report=report), request, SandboxPolicy(), principal=CALLER)
     record = provenance.verify(OUTPUT, sign(doc, key), _public_pem(key))
-    assert record.record_version == 4
+    assert record.record_version == 5
     assert record.parity_tolerance == 1e-4
     assert record.sample_sha256 == hashlib.sha256(SAMPLE).hexdigest()
     signed = record.statement["predicate"]["airlock"]

@@ -70,7 +70,10 @@ def _job(output: bytes = ONNX, *, fmt: OutputFormat = OutputFormat.ONNX,
                       image_id="sha256:" + "ab" * 32, runtime="runc")
     report = {"loader": "skops", "converter": "skl2onnx",
               "executed_artifact_code": executed if said_executed is None else said_executed,
-              "parity": [{"output_name": "label", "max_abs_diff": 0.0, "passed": passed}]}
+              "parity": [{"output_name": "label", "max_abs_diff": 0.0, "passed": passed}],
+              "warnings": ["parity ran on generated rows only: pass --sample-input"],
+              "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 4]}],
+              "tensor_count": 3}
     result = JobResult(job_id="job-1", detected_format=detected,
                        input_sha256=hashlib.sha256(PICKLE).hexdigest(), input_size=len(PICKLE),
                        output=validated, outcome=outcome, policy=policy, report=report,
@@ -184,6 +187,11 @@ HEADER_LIES = {
     "policy": lambda h: setattr(h, "loading_policy", pb.LOADING_POLICY_SAFE_ONLY),
     "parity": lambda h: setattr(h.report.parity[0], "passed", True),
     "runtime": lambda h: setattr(h, "runtime", "runsc"),
+    # What the header alone said before record version 5: a warning taken out, the output's
+    # inputs or tensor count changed (the model served with other types than it has).
+    "warnings": lambda h: h.report.ClearField("warnings"),
+    "inputs": lambda h: setattr(h.report.inputs[0], "dtype", "float64"),
+    "tensor_count": lambda h: setattr(h.report, "tensor_count", 4),
 }
 
 
@@ -209,6 +217,9 @@ def test_what_the_result_reports_is_the_records_where_the_record_says(
     header.report.parity[0].max_abs_diff = 0.0
     header.report.parity[0].tolerance = "atol 1e-9"
     header.report.versions["skl2onnx"] = "9.9"
+    header.report.warnings.append("an on-path word")  # also held to the record (version 5)
+    header.report.ClearField("warnings")
+    header.report.warnings.append("parity ran on generated rows only: pass --sample-input")
     responses = iter([pb.ConvertResponse(result=header),
                       pb.ConvertResponse(chunk=pb.Chunk(data=ONNX, crc32=zlib.crc32(ONNX)))])
     got = _client._receive(responses, tmp_path / "model.onnx", _asked(policy="allow_code"),
@@ -217,6 +228,37 @@ def test_what_the_result_reports_is_the_records_where_the_record_says(
     assert [(p.output_name, p.tolerance, p.passed) for p in got.report.parity] == [
         ("label", "", True)]
     assert got.report.executed_artifact_code is True and got.format == "onnx"
+    assert got.report.warnings == ("parity ran on generated rows only: pass --sample-input",)
+    assert [(t.name, t.dtype, t.shape) for t in got.report.inputs] == [
+        ("input", "float32", (-1, 4))]
+    assert got.report.tensor_count == 3
+
+
+def test_the_header_and_the_record_repeat_a_hostile_report_alike(key: SigningKey) -> None:
+    # Whatever a subverted sandbox reports, the broker says it the same way in both places,
+    # so that an honest answer is never taken for a rewritten one.
+    result, request = _job()
+    result.report.update({
+        "warnings": ["\x1b[2Jcleared", "x" * 1000, 7, None, *(f"w{i}" for i in range(40))],
+        "inputs": [{"name": "in\n1", "dtype": 5, "shape": [None, True, 2**70, -(2**70), "3"]},
+                   "not a spec", *({"name": f"i{i}", "shape": [1] * 20} for i in range(99))],
+        "tensor_count": -5,
+        "parity": [{"output_name": "y", "max_abs_diff": float("nan"), "max_rel_diff": "1",
+                    "samples": 2**40, "passed": 1}]})
+    header = _answer(key, result, request)
+    record = provenance.verify(ONNX, bytes(header.provenance), key.public_pem)
+    claims = record.conversion
+    assert list(header.report.warnings) == claims["warnings"] and len(claims["warnings"]) == 16
+    assert claims["warnings"][0] == "?[2Jcleared" and claims["warnings"][1].endswith("...")
+    assert [(t.name, t.dtype, list(t.shape)) for t in header.report.inputs] == [
+        (c["name"], c["dtype"], c["shape"]) for c in claims["inputs"]]
+    assert len(claims["inputs"]) == 63  # of the first 64, one was not a spec
+    assert claims["inputs"][0]["shape"] == [0, 0, 2**31 - 1, -(2**62), 0]
+    assert len(claims["inputs"][1]["shape"]) == 8
+    assert header.report.tensor_count == claims["tensor_count"] == 0
+    assert header.report.parity[0].samples == claims["parity"][0]["samples"] == 2**31 - 1
+    assert claims["parity"][0]["max_abs_diff"] is None  # NaN in the header: not JSON
+    assert not header.report.parity[0].passed and not claims["parity"][0]["passed"]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -229,14 +271,18 @@ def test_a_detected_format_the_record_does_not_name_writes_nothing(
     assert caught.value.reason == "RESULT_MISMATCH" and "detected format" in str(caught.value)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_brokers_answer_is_still_taken(version: int, key: SigningKey,
                                                 tmp_path: Path) -> None:
     result, request = _job()
     doc = statement(result, request, SandboxPolicy(), principal=CALLER)
     record = doc["predicate"]["airlock"]
     record["record_version"] = version
-    del record["verdicts"]["executed_artifact_code"], record["request"]["keep_training_state"]
+    for claim in ("warnings", "inputs", "tensor_count"):  # the header's word alone then
+        del record["conversion"][claim]
+    if version < 4:
+        del record["verdicts"]["executed_artifact_code"]
+        del record["request"]["keep_training_state"]
     if version < 3:
         del record["request"]["parity_tolerance"], record["request"]["sample_input"]
     if version < 2:
@@ -244,6 +290,8 @@ def test_an_older_brokers_answer_is_still_taken(version: int, key: SigningKey,
     header: pb.ConvertResult = result_message(result, sign(doc, key)).result
     written = _stream(tmp_path, key, header, ONNX, _asked())
     assert written.read_bytes() == ONNX
+    header.report.tensor_count = 9  # unsigned before version 5: the header's word is taken
+    assert _stream(tmp_path, key, header, ONNX, _asked()).read_bytes() == ONNX
 
 
 def test_the_record_says_code_ran_when_the_broker_judged_so_whatever_the_sandbox_said(
@@ -252,7 +300,7 @@ def test_the_record_says_code_ran_when_the_broker_judged_so_whatever_the_sandbox
     result, request = _job(policy=LoadingPolicy.ALLOW_CODE, executed=True, said_executed=False)
     signed = sign(statement(result, request, SandboxPolicy(), principal=CALLER), key)
     record = provenance.verify(ONNX, signed, key.public_pem)
-    assert record.record_version == 4
+    assert record.record_version >= 4
     assert record.executed_artifact_code is True
     assert record.conversion["executed_artifact_code"] is False  # the sandbox's word, kept
     out, pub = tmp_path / "model.onnx", tmp_path / "pub.pem"
@@ -262,6 +310,7 @@ def test_the_record_says_code_ran_when_the_broker_judged_so_whatever_the_sandbox
     shown = _cli("verify", str(out), "--public-key", str(pub))
     assert shown.returncode == 0, shown.stderr
     assert "artifact code executed in sandbox: yes" in shown.stdout
+    assert "  warning    parity ran on generated rows only: pass --sample-input\n" in shown.stdout
 
 
 def test_an_older_record_says_whose_word_the_executed_flag_is(

@@ -18,9 +18,11 @@ would bring sigstore, pyOpenSSL and ~25 other packages into the broker and the c
 envelope is a few lines of standard data signed with ``cryptography``'s ECDSA P-256; a unit
 test checks that model-signing 1.1.1 verifies it.
 
-Everything in the record that came from the sandbox (loader, converter, versions, parity) is
-the worker's claim, capped and made printable, and sits under ``conversion``; the rest is what
-the broker observed or decided itself.
+Everything in the record that came from the sandbox (loader, converter, versions, parity,
+warnings, the output's input specs and tensor count) is the worker's claim, capped and made
+printable exactly as the result header carries it (claims.py), and sits under ``conversion``;
+the rest is what the broker observed or decided itself. Version 4 records had no warnings,
+input specs or tensor count: those were the header's word alone.
 
 Which model an output is (record version 2): ``input.subject`` is the caller's name for the
 artifact (``models:/NAME/VERSION`` from ``airlock migrate``, a path or URI from ``airlock
@@ -46,12 +48,12 @@ import base64
 import functools
 import hashlib
 import json
-import math
 import time
 from importlib import metadata
 from typing import Any
 
 from airlock_broker.api.auth import Principal
+from airlock_broker.api.claims import claims
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.hostile_text import sanitize
@@ -69,8 +71,10 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 RECORD_FIELD = "airlock"
 #: 2: subject and principal; 3: the parity asked for; 4: the broker's verdict on whether
 #: artifact code ran (``verdicts.executed_artifact_code``; the sandbox's word stays under
-#: "conversion", and a sandbox whose artifact ran code can make it say no).
-RECORD_VERSION = 4
+#: "conversion", and a sandbox whose artifact ran code can make it say no); 5: the sandbox's
+#: warnings, the output's input specs and tensor count under "conversion" (claims.py), which
+#: the result header had alone.
+RECORD_VERSION = 5
 
 
 @functools.cache
@@ -145,7 +149,7 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             # The broker's judgement (jobs.executed_artifact_code), as the result header says.
             "executed_artifact_code": result.executed_artifact_code,
         },
-        "conversion": _claims(report),
+        "conversion": claims(report),
     }
     return single_file_statement(OUTPUT_NAMES[output.format], output.sha256, record)
 
@@ -179,40 +183,6 @@ def _output(output: ValidatedOutput) -> dict[str, Any]:
         doc["tensors"] = {"count": info.tensor_count, "data_bytes": info.data_bytes,
                           "names_sha256": info.names_sha256}
     return doc
-
-
-def _claims(report: dict[str, Any]) -> dict[str, Any]:
-    """What the worker said about its work: untrusted, so typed, capped and printable."""
-    versions = report.get("versions")
-    parity = report.get("parity")
-    return {
-        "loader": sanitize(report.get("loader", ""), 80),
-        "converter": sanitize(report.get("converter", ""), 80),
-        "executed_artifact_code": report.get("executed_artifact_code") is True,
-        "versions": ({sanitize(k, 40): sanitize(v, 40) for k, v in list(versions.items())[:32]}
-                     if isinstance(versions, dict) else {}),
-        "parity": [{"output_name": sanitize(p.get("output_name", ""), 80),
-                    "max_abs_diff": _finite(p.get("max_abs_diff")),
-                    "max_rel_diff": _finite(p.get("max_rel_diff")),
-                    "tolerance": sanitize(p.get("tolerance", ""), 60),
-                    "samples": _count(p.get("samples")),
-                    "passed": p.get("passed") is True}
-                   for p in (parity if isinstance(parity, list) else [])[:16]
-                   if isinstance(p, dict)],
-        "parity_inputs": sanitize(report.get("parity_inputs", ""), 40),
-    }
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return 0
-    return max(0, min(value, 2**31 - 1))
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def sign(doc: dict[str, Any], key: SigningKey) -> bytes:

@@ -13,13 +13,15 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from airlock.v1 import airlock_pb2 as pb
+from airlock_broker.api.claims import claims, report_message
 from airlock_broker.conversion.format_decision import check_flavor_hint, check_serialization_hint
 from airlock_broker.conversion.integrity import Assurance
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.errors import ERROR_DOMAIN, AirlockError, Reason, error
-from airlock_broker.hostile_text import sanitize
 from airlock_sandbox.contract import (
     DEFAULT_INPUT_DTYPE,
+    MAX_DIMS,
+    MAX_INPUTS,
     LoadingPolicy,
     OutputFormat,
     SampleTooLarge,
@@ -30,10 +32,8 @@ from airlock_sandbox.contract import (
     input_name,
 )
 
-MAX_INPUTS = 64
 #: A registry version, URI or path fits; a subject is a name, not a document.
 MAX_SUBJECT = 1024
-MAX_DIMS = 8
 MAX_DIM = 2**31
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
 DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -162,7 +162,6 @@ def tensor_specs(specs: Any) -> tuple[TensorSpec, ...]:
 
 
 def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResponse:
-    report = result.report
     msg = pb.ConvertResult(
         job_id=result.job_id,
         detected_format=result.reported_format or result.detected_format.value,
@@ -179,45 +178,12 @@ def result_message(result: JobResult, provenance: bytes = b"") -> pb.ConvertResp
         image_id=result.outcome.image_id,
         runtime=result.outcome.runtime,
         integrity_note=result.integrity_note,
-        report=conversion_report(report),
+        report=report_message(claims(result.report)),
         provenance=provenance,
     )
     # The broker's own judgement, not the report's claim (see jobs.executed_artifact_code).
     msg.report.executed_artifact_code = result.executed_artifact_code
     return pb.ConvertResponse(result=msg)
-
-
-def conversion_report(report: dict[str, Any]) -> pb.ConversionReport:
-    """The worker's report, untrusted: every field typed, capped and made printable."""
-    out = pb.ConversionReport(
-        loader=sanitize(report.get("loader", ""), 80),
-        converter=sanitize(report.get("converter", ""), 80),
-        executed_artifact_code=report.get("executed_artifact_code") is True,
-        tensor_count=_int(report.get("tensor_count")),
-    )
-    for item in _list(report.get("parity"))[:16]:
-        if isinstance(item, dict):
-            out.parity.append(pb.ParityCheck(
-                output_name=sanitize(item.get("output_name", ""), 80),
-                samples=_int(item.get("samples")),
-                max_abs_diff=_float(item.get("max_abs_diff")),
-                tolerance=sanitize(item.get("tolerance", ""), 60),
-                passed=item.get("passed") is True,
-                max_rel_diff=_float(item.get("max_rel_diff"))))
-    out.parity_inputs = sanitize(report.get("parity_inputs", ""), 40)
-    for warning in _list(report.get("warnings"))[:16]:
-        out.warnings.append(sanitize(warning, 200))
-    versions = report.get("versions")
-    if isinstance(versions, dict):
-        for key, value in list(versions.items())[:32]:
-            out.versions[sanitize(key, 40)] = sanitize(value, 40)
-    for spec in _list(report.get("inputs"))[:MAX_INPUTS]:
-        if isinstance(spec, dict):
-            shape = [_int(d, signed=True) for d in _list(spec.get("shape"))[:MAX_DIMS]]
-            out.inputs.append(pb.TensorSpec(name=sanitize(spec.get("name", ""), 128),
-                                            dtype=sanitize(spec.get("dtype", ""), 20),
-                                            shape=shape))
-    return out
 
 
 def status_of(exc: AirlockError, job_id: str) -> status_pb2.Status:
@@ -241,20 +207,3 @@ def _packed(message: Any) -> any_pb2.Any:
     detail = any_pb2.Any()
     detail.Pack(message)
     return detail
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _int(value: Any, *, signed: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return 0
-    lo = -(2**62) if signed else 0
-    return max(lo, min(value, 2**31 - 1))
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0.0
-    return float(value) if math.isfinite(value) else float("nan")
