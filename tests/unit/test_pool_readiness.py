@@ -192,7 +192,7 @@ def test_refills_import_in_batches(tmp_path: Path) -> None:
         await _until(lambda: len(pool.warm) == 4 and pool.starting == 0)
         a, b, c, d = (w.slot for w in pool.warm)
         assert backend.let_import_ids == [a.slot_id]  # b, c, d came after the window
-        await asyncio.sleep(0.1)  # the pacer looked several times meanwhile
+        await asyncio.sleep(0.1)  # the follower looked several times meanwhile
         assert backend.let_import_ids == [a.slot_id]
         _mark(a)
         await _until(lambda: len(backend.let_import_ids) == 4)

@@ -52,9 +52,11 @@ class Pool:
     #: target by one, up to ``max_warm``.
     waiting: int = 0
     #: Jobs (their slot ids) that took a container whose worker had not said it was ready:
-    #: held back by its imports until released. For sizing (pool_demand.py), and its CPU
-    #: weight is raised once it is (pools.py ``_hasten_when_warmed_up``).
+    #: held back by its imports until released. For sizing (pool_demand.py).
     importing_taken: set[str] = field(default_factory=set)
+    #: Of those, the ones whose CPU weight is raised once their worker says it is warmed up
+    #: (pools.py ``_follow_imports``), by slot id.
+    to_hasten: dict[str, Slot] = field(default_factory=dict)
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: The jobs' arrival rate and the refill time, learned: how many warm containers the

@@ -83,8 +83,9 @@ class Pools:
         self._watch_task: asyncio.Task[None] | None = None
         #: Set by ``close``: from then on nothing is started (a start would outlive it).
         self._closing = False
-        #: Watches the pools' import batches while there are any (import_batches.py).
-        self._pacer: asyncio.Task[None] | None = None
+        #: Follows the imports of refills and of taken containers while there are any to
+        #: follow (``_follow_imports``).
+        self._follower: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -177,9 +178,12 @@ class Pools:
                 else:  # the job waits for its imports
                     pool.importing_taken.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
-                    if self.settings.import_in_batches:
-                        self._pace(pool.batches.join(warm.slot, time.monotonic()))
-                    self._hasten_when_warmed_up(pool, warm.slot)
+                    # It imports at the refills' weight, as one of them (raised now, it would
+                    # get ready alone, the refills one at a time); its job, which starts once
+                    # it is warmed up, runs at the default weight, however long that takes.
+                    pool.to_hasten[warm.slot.slot_id] = warm.slot
+                    self._follow(pool.batches.join(warm.slot, time.monotonic())
+                                 if self.settings.import_in_batches else [])
                 self._defer_replacement(pool, warm.slot.slot_id)
                 return warm.slot
             self._wake.set()
@@ -252,6 +256,7 @@ class Pools:
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
+            pool.to_hasten.pop(slot.slot_id, None)
             if slot.slot_id in pool.importing_taken:
                 pool.importing_taken.discard(slot.slot_id)
                 pool.demand.stall_ended(time.monotonic())
@@ -350,23 +355,6 @@ class Pools:
                 refill_seconds=round(p.demand.refill_seconds, 2)))
         return out
 
-    def _hasten_when_warmed_up(self, pool: Pool, slot: Slot) -> None:
-        """A job took ``slot`` still importing: it imports at the refills' weight, as one of
-        them (raising it now would have it get ready alone, the refills one at a time), and
-        its job, which starts once it is warmed up, runs at the default weight, however long
-        it takes. Watched until then or until the slot is released."""
-
-        async def watch() -> None:
-            while slot.slot_id in pool.importing_taken:
-                if self.backend.warmed_up(slot):
-                    self.backend.hasten(slot)
-                    return
-                await asyncio.sleep(WARMED_UP_POLL_SECONDS)
-
-        task = asyncio.create_task(watch(), name=f"hasten-{slot.slot_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _count_ready(self, pool: Pool) -> int:
         """How many of ``pool``'s warm containers have said they are warmed up."""
         return sum(self._said_ready(pool, warm) for warm in pool.warm)
@@ -375,10 +363,7 @@ class Pools:
         """Whether ``warm``'s worker has said it is warmed up (asked of the backend until it
         says so; a hint only, for status and sizing, see ``SandboxBackend.warmed_up``)."""
         if not warm.ready:
-            try:
-                warm.ready = self.backend.warmed_up(warm.slot)
-            except Exception as exc:  # a hint must never break status, metrics or a job
-                log.debug("readiness of %s unknown: %s", warm.slot.slot_id, exc)
+            warm.ready = self._warmed_up(warm.slot) is True
             if warm.ready and warm.began:
                 # Seen late by up to the replenisher's period: errs on the long side.
                 pool.demand.refilled(time.monotonic() - warm.began)
@@ -445,7 +430,7 @@ class Pools:
                 pool.warm.append(Warm(slot=slot, since=time.monotonic(),
                                        generation=generation, began=began))
                 if self.settings.import_in_batches:
-                    self._pace(pool.batches.admit(slot, time.monotonic()))
+                    self._follow(pool.batches.admit(slot, time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -461,28 +446,35 @@ class Pools:
             pool.signal()
             self._wake.set()
 
-    # -- refills import in batches (import_batches.py) -----------------------------------
+    # -- following imports: batches (import_batches.py) and taken containers ----------------
 
-    def _pace(self, let_import: list[Slot]) -> None:
-        """Let ``let_import`` import now, and watch the batches while there are any."""
+    def _follow(self, let_import: list[Slot]) -> None:
+        """Let ``let_import`` import now, and follow the imports while there are any to
+        follow."""
         for slot in let_import:
             self.backend.let_import(slot)
-        if self._closing or self._batches_idle() or (self._pacer is not None
-                                                     and not self._pacer.done()):
+        if self._closing or self._nothing_to_follow() or (self._follower is not None
+                                                          and not self._follower.done()):
             return  # (after close, nothing would cancel it)
-        self._pacer = asyncio.create_task(self._pace_batches(), name="pool-import-batches")
-        self._tasks.add(self._pacer)
-        self._pacer.add_done_callback(self._tasks.discard)
+        self._follower = asyncio.create_task(self._follow_imports(), name="pool-imports")
+        self._tasks.add(self._follower)
+        self._follower.add_done_callback(self._tasks.discard)
 
-    async def _pace_batches(self) -> None:
-        while not self._batches_idle():
+    async def _follow_imports(self) -> None:
+        """Each poll: a taken container that says it is warmed up runs its job at the default
+        weight (``hasten``), and the batches move on (``ImportBatches.settle``)."""
+        while not self._nothing_to_follow():
             await asyncio.sleep(WARMED_UP_POLL_SECONDS)
             for pool in self.pools.values():
+                for slot_id, slot in list(pool.to_hasten.items()):
+                    if self._warmed_up(slot):
+                        del pool.to_hasten[slot_id]
+                        self.backend.hasten(slot)
                 for slot in pool.batches.settle(time.monotonic(), self._still_importing):
                     self.backend.let_import(slot)
 
-    def _batches_idle(self) -> bool:
-        return all(pool.batches.idle for pool in self.pools.values())
+    def _nothing_to_follow(self) -> bool:
+        return all(pool.batches.idle and not pool.to_hasten for pool in self.pools.values())
 
     def _still_importing(self, slot: Slot) -> bool:
         """Whether ``slot`` waits in its pool or for its job's imports, and has not said it
@@ -493,10 +485,17 @@ class Pools:
             return False
         waiting = slot.slot_id in pool.importing_taken or any(
             warm.slot is slot for warm in pool.warm)
+        return waiting and self._warmed_up(slot) is False
+
+    def _warmed_up(self, slot: Slot) -> bool | None:
+        """Whether ``slot``'s worker says it is warmed up; None when the backend cannot say (a
+        hint must never break status, metrics or a job: such a slot counts as not ready, holds
+        no batch, and its job keeps the weight it has)."""
         try:
-            return waiting and not self.backend.warmed_up(slot)
-        except Exception:  # a hint: one that cannot say does not hold the next batch
-            return False
+            return self.backend.warmed_up(slot)
+        except Exception as exc:
+            log.debug("readiness of %s unknown: %s", slot.slot_id, exc)
+            return None
 
     async def _watch_engine_forever(self) -> None:
         while True:
