@@ -76,7 +76,9 @@ ensure_runsc() {
     fi
     mkdir -p /etc/docker
     local out
-    out="$(python3 - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
+    # -I: nothing from the current directory (sys.path[0] for a script on stdin) nor PYTHON*
+    # variables: run from a directory another user can write, their json.py ran as root.
+    out="$(python3 -I - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
 import json, os, sys
 path, runsc = sys.argv[1], sys.argv[2]
 doc = {}

@@ -27,8 +27,10 @@ die() { say "ERROR: $*"; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+# --no-build-isolation: the project's metadata is built by the venv's locked setuptools. With
+# isolation pip installed the newest setuptools the index serves (no hash) and ran it as root.
 "$PY" -m pip install --quiet --dry-run --ignore-installed --only-binary :all: \
-    --report "$tmp/report.json" '.[dev]' pip setuptools wheel \
+    --no-build-isolation --report "$tmp/report.json" '.[dev]' pip setuptools wheel \
     || die "pip could not resolve pyproject.toml's requirements to wheels"
 "$PY" - "$tmp/report.json" "$OUT" <<'PYEOF'
 import json
