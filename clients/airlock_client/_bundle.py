@@ -150,7 +150,7 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     return ModelDir(root=base, files=tuple(files), total_bytes=total, mlmodel=mlmodel)
 
 
-def listed(directory: Path, limit: int, shown: str) -> list[os.DirEntry[str]]:
+def listed(directory: Path | int, limit: int, shown: str) -> list[os.DirEntry[str]]:
     """The entries of ``directory`` by name, at most ``limit + 1`` of them: reading stops
     there, and more than ``limit`` is the caller's to refuse."""
     try:

@@ -10,7 +10,9 @@ for the model, and two or more candidates are refused (which one is the model is
 Only its top level is read, with ``lstat`` and the checks :mod:`._bundle` applies to MLflow
 directories: a symbolic link, a hard link or a special file anywhere at the top level refuses
 the whole directory (the user asked us to read it; we do not guess which entry they meant).
-Subdirectories are skipped.
+Subdirectories are skipped. Each directory read is listed through a descriptor opened name by
+name from the root without following a link (``_opened_below``), never by its path: a
+directory swapped for a link after it was checked is refused, not listed.
 
 An MLflow ``transformers`` model saved with PyTorch weights is the same thing inside its
 bundle: ``MLmodel`` names the weights directory (``flavors.transformers.model_binary``,
@@ -33,7 +35,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from airlock_client import _bundle
@@ -204,7 +206,7 @@ def checkpoints(names: Iterable[str]) -> list[str]:
 def mlflow_transformers(base: Path) -> MlflowTransformers | None:
     """The layout of an MLflow transformers model with PyTorch weights in ``base``, or None
     (no ``MLmodel``, another flavor, another framework, or weights that are not PyTorch's)."""
-    files, directories = _top_level(base)
+    files, directories = _top_level(base, root=base)
     if MLMODEL not in files:
         return None
     conf = _bundle.read_mlmodel(files[MLMODEL])["flavors"].get("transformers")
@@ -266,7 +268,7 @@ def inspect(root: str | os.PathLike[str]) -> HfModelDir:
 
 def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
              skipped: list[Skipped]) -> HfModelDir:
-    files, found_skipped = _top_level(weights_dir, MAX_ENTRIES)
+    files, found_skipped = _top_level(weights_dir, MAX_ENTRIES, root=base)
     room = MAX_ENTRIES - len(files) - len(found_skipped)
     where = "" if weights_dir == base else f"{weights_dir.relative_to(base)}/"
     skipped += [Skipped(where + s.name, s.why) for s in found_skipped]
@@ -312,7 +314,7 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
     data: dict[str, DataFile] = {}
     sources = [(where, {n: f for n, f in files.items() if n not in used})]
     for component in components:
-        component_files, component_skipped = _top_level(component, room)
+        component_files, component_skipped = _top_level(component, room, root=base)
         room -= len(component_files) + len(component_skipped)
         at = f"{component.relative_to(base)}/"
         skipped += [Skipped(at + s.name, s.why) for s in component_skipped]
@@ -330,23 +332,54 @@ def _inspect(base: Path, weights_dir: Path, components: tuple[Path, ...],
                       tuple(sorted(skipped, key=lambda s: s.name)))
 
 
-def _top_level(base: Path, room: int = MAX_ENTRIES) -> tuple[dict[str, ModelFile],
-                                                             list[Skipped]]:
-    """``base``'s entries: its files, and what is skipped; more than ``room`` of them (what
-    is left of ``MAX_ENTRIES`` for the whole model) refuses the model."""
+def _top_level(base: Path, room: int = MAX_ENTRIES, *,
+               root: Path) -> tuple[dict[str, ModelFile], list[Skipped]]:
+    """``base``'s entries (``root`` or a directory below it): its files, and what is skipped;
+    more than ``room`` of them (what is left of ``MAX_ENTRIES`` for the whole model) refuses
+    the model. Listed through a descriptor (``_opened_below``): a directory swapped for a
+    link since it was looked at is refused, never listed."""
     files: dict[str, ModelFile] = {}
     skipped: list[Skipped] = []
-    entries = _bundle.listed(base, room, str(base))
-    if len(entries) > room:
-        raise _bundle.refuse(f"{base} has more than {room} entries (the model's files, with "
-                             f"its components', are limited to {MAX_ENTRIES} entries)")
-    for entry in entries:
-        found = _bundle.checked_entry(entry, entry.name)
-        if found is None:
-            skipped.append(Skipped(f"{entry.name}/", "a directory: only the top level is read"))
-        else:
-            files[entry.name] = found
+    fd = _opened_below(root, base)
+    try:
+        entries = _bundle.listed(fd, room, str(base))
+        if len(entries) > room:
+            raise _bundle.refuse(f"{base} has more than {room} entries (the model's files, "
+                                 f"with its components', are limited to {MAX_ENTRIES} entries)")
+        for entry in entries:  # stat-ed through ``fd`` (fstatat), which must stay open
+            found = _bundle.checked_entry(entry, entry.name)
+            if found is None:
+                skipped.append(Skipped(f"{entry.name}/",
+                                       "a directory: only the top level is read"))
+            else:  # opened later by this name, and proved to be this file (open_checked)
+                files[entry.name] = replace(found, path=base / entry.name)
+    finally:
+        os.close(fd)
     return files, skipped
+
+
+def _opened_below(root: Path, directory: Path) -> int:
+    """A descriptor of ``directory``: ``root`` (a real path), then each plain name below it,
+    each opened without following a link from the one before. A directory is checked to be
+    no link (``_subdirectory``) and listed later: in between, whoever wrote the bundle can
+    swap it (or a directory above it) for a link to a directory of the caller's, whose files
+    would be listed, then sent and written to the output as the model's. Such a swap now
+    fails the open (``UNSAFE_MODEL_DIR``)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, flags)
+    except OSError as exc:
+        raise _bundle.refuse(f"cannot read {root}: {exc.strerror}") from None
+    try:
+        for name in directory.relative_to(root).parts:
+            inner = os.open(name, flags, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except OSError as exc:
+        os.close(fd)
+        raise _bundle.refuse(f"{directory} changed while being read (a link put in place of "
+                             f"a directory?): {exc.strerror}") from None
+    return fd
 
 
 def parse_index(raw: bytes, present: set[str]) -> dict[str, set[str]]:
