@@ -28,7 +28,7 @@ import stat
 import unicodedata
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +121,32 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     base = Path(os.path.realpath(base))
     files: list[ModelFile] = []
     total = seen = 0
-    pending: list[tuple[Path, str]] = [(base, "")]
+    # Each directory with what it was when looked at (device, inode): listed through a
+    # descriptor proved to be that directory, never by its path (see ``opened_as``).
+    pending: list[tuple[Path, str, tuple[int, int]]] = [(base, "", (top.st_dev, top.st_ino))]
     while pending:
-        directory, prefix = pending.pop()
-        entries = listed(directory, max_files - seen, prefix or ".")
-        seen += len(entries)  # directories too: a tree of empty ones is no smaller to walk
-        if seen > max_files:
-            raise refuse(f"more than {max_files} files and directories")
-        for entry in entries:
-            name = f"{prefix}{entry.name}"
-            found = checked_entry(entry, name)
-            if found is None:
-                pending.append((Path(entry.path), f"{name}/"))
-                continue
-            files.append(found)
-            total += found.size
-            if total > max_total_bytes:
-                raise refuse(f"more than {max_total_bytes} bytes in total")
+        directory, prefix, ident = pending.pop()
+        fd = opened_as(directory, ident, prefix or ".")
+        try:
+            entries = listed(fd, max_files - seen, prefix or ".")
+            seen += len(entries)  # directories too: a tree of empty ones is no smaller to walk
+            if seen > max_files:
+                raise refuse(f"more than {max_files} files and directories")
+            for entry in entries:  # stat-ed through ``fd`` (fstatat): it stays open
+                name = f"{prefix}{entry.name}"
+                found = checked_entry(entry, name)
+                if found is None:
+                    st = entry.stat(follow_symlinks=False)
+                    pending.append((directory / entry.name, f"{name}/",
+                                    (st.st_dev, st.st_ino)))
+                    continue
+                found = replace(found, path=directory / entry.name)
+                files.append(found)
+                total += found.size
+                if total > max_total_bytes:
+                    raise refuse(f"more than {max_total_bytes} bytes in total")
+        finally:
+            os.close(fd)
     folded = [unicodedata.normalize("NFC", f.name).casefold() for f in files]
     if len(set(folded)) != len(folded):
         raise refuse("two paths differ only in case or Unicode normalisation")
@@ -148,6 +157,24 @@ def inspect(root: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     check_references(mlmodel)
     files.sort(key=lambda f: (f.name != MLMODEL, f.name))
     return ModelDir(root=base, files=tuple(files), total_bytes=total, mlmodel=mlmodel)
+
+
+def opened_as(directory: Path, ident: tuple[int, int], shown: str) -> int:
+    """A descriptor of ``directory``, which must still be the directory ``ident`` names
+    (device, inode), to list it through. A directory is checked (``checked_entry``) and
+    listed later: in between, whoever may write its parent can swap it, or a directory above
+    it, for a link to a directory of the caller's, whose files would be listed as the
+    model's (and pass ``open_checked``, which proves a file is the one listed). Such a swap
+    is refused (``UNSAFE_MODEL_DIR``)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise refuse(f"{shown} changed while being read: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if (info.st_dev, info.st_ino) != ident:
+        os.close(fd)
+        raise refuse(f"{shown} changed while being read (another directory is at its name)")
+    return fd
 
 
 def listed(directory: Path | int, limit: int, shown: str) -> list[os.DirEntry[str]]:

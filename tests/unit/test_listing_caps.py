@@ -51,8 +51,15 @@ def huge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[in
     with real(directory) as scan:
         entry = next(iter(scan))
 
-    def scandir(path: str | os.PathLike[str]) -> object:
-        if os.fspath(path) == os.fspath(directory):
+    ident = (directory.stat().st_dev, directory.stat().st_ino)
+
+    def scandir(path: int | str | os.PathLike[str]) -> object:
+        # By path, or by a descriptor of it (a listing goes through one: test_model_dir_swaps)
+        if isinstance(path, int):
+            opened = os.fstat(path)
+            if (opened.st_dev, opened.st_ino) == ident:
+                return _EndlessScan(entry, pulled)
+        elif os.fspath(path) == os.fspath(directory):
             return _EndlessScan(entry, pulled)
         return real(path)
 

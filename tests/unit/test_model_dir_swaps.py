@@ -115,3 +115,38 @@ def test_a_directory_above_a_component_swapped_for_a_link_is_not_followed(
         return
     assert not [d for d in model.data_files
                 if d.source.path.resolve().parent == callers / "tokenizer"]
+
+
+def test_a_directory_of_an_mlflow_model_swapped_for_a_link_before_its_listing_is_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same race in any MLflow model directory's walk (``_bundle.inspect``): the bundle
+    packed from it would hold the caller's files, for the model's own code (allow_code) to
+    read in its sandbox and write into the output."""
+    from airlock_client import _bundle
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "id_ed25519").write_text("the caller's key\n")
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "MLmodel").write_text("flavors:\n  python_function: {loader_module: m, code: code}\n")
+    (root / "code").mkdir()
+    (root / "code" / "m.py").write_text("x = 1\n")
+    checked_entry = _bundle.checked_entry
+    swapped: list[bool] = []
+
+    def racing(entry: Any, name: str) -> Any:
+        found = checked_entry(entry, name)
+        if name == "code" and found is None and not swapped:  # checked: a directory
+            (root / "code").rename(root / "code.real")
+            (root / "code").symlink_to(private)
+            swapped.append(True)
+        return found
+
+    monkeypatch.setattr(_bundle, "checked_entry", racing)
+    try:
+        model = _bundle.inspect(root)
+    except ModelSourceError:
+        return
+    assert swapped
+    assert "code/id_ed25519" not in [f.name for f in model.files]
