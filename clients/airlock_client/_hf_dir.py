@@ -184,11 +184,13 @@ def kind(path: str | os.PathLike[str]) -> str | None:
         return "pytorch" if mlflow_transformers(Path(os.path.realpath(base))) else "mlflow"
     if any(os.path.lexists(base / name) for name in (WEIGHTS, WEIGHTS_INDEX, ADAPTER_WEIGHTS)):
         return "pytorch"
-    try:
-        names = os.listdir(base)
-    except OSError:
+    try:  # up to the cap, as inspect() reads it: not a listing of millions into memory
+        entries = _bundle.listed(base, MAX_ENTRIES, str(base))
+    except ModelSourceError:
         return None
-    return "pytorch" if checkpoints(names) else None
+    if len(entries) > MAX_ENTRIES:
+        return "pytorch"  # for inspect() to refuse, saying why (more entries than a model's)
+    return "pytorch" if checkpoints(e.name for e in entries) else None
 
 
 def checkpoints(names: Iterable[str]) -> list[str]:

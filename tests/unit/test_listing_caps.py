@@ -95,3 +95,32 @@ def test_empty_directories_count_towards_the_cap(tmp_path: Path) -> None:
         _bundle.inspect(tmp_path, max_files=10)
     assert "more than 10 files and directories" in refused.value.message
     assert _bundle.inspect(tmp_path, max_files=13).files  # 13 entries: within the cap
+
+
+def test_telling_what_a_directory_is_reads_its_listing_only_up_to_the_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``airlock convert DIR`` asks what DIR is (``_hf_dir.kind``) before it inspects it: a
+    directory of no model's files was listed whole there (``os.listdir``; 500,000 entries
+    took 54 MB and 0.65 s, a directory of ten million some 1 GB), past the cap that
+    ``inspect`` keeps (found in the tenth review)."""
+    directory = tmp_path / "many"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("x")
+    pulled = [0]
+    real_scandir = os.scandir
+    with real_scandir(directory) as scan:
+        entry = next(iter(scan))
+
+    def listdir(path: str | os.PathLike[str]) -> list[str]:
+        return [entry.name for entry in _EndlessScan(entry, pulled)]
+
+    def scandir(path: int | str | os.PathLike[str]) -> object:
+        if not isinstance(path, int) and os.fspath(path) == os.fspath(directory):
+            return _EndlessScan(entry, pulled)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "scandir", scandir)
+    # taken for a model directory, for inspect() to refuse as one with too many entries
+    assert _hf_dir.kind(directory) == "pytorch"
+    assert pulled[0] == _hf_dir.MAX_ENTRIES + 1
