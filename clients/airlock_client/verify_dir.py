@@ -202,12 +202,23 @@ def _same_directory(whole: ProvenanceRecord, subject: str, name: str) -> bool:
     return False
 
 
+#: The most entries an output of ``convert DIR`` holds: every shard an index may name (what
+#: the broker attests), the index, each carried data file, and the record beside each. A
+#: directory with more is read no further (one of millions was listed whole into memory).
+MAX_ENTRIES = 2 * (_hf_dir.MAX_SHARDS + 1 + len(_hf_dir.CARRIED_FILES))
+
+
 def _entries(dir_fd: int, root: Path) -> set[str]:
-    """The directory's entry names; anything but a regular file is refused (not followed)."""
-    names = set()
+    """The directory's entry names; anything but a regular file is refused (not followed),
+    and so is a directory of more than ``MAX_ENTRIES`` (after reading one more)."""
+    names: set[str] = set()
     try:
         with os.scandir(dir_fd) as entries:
-            for entry in entries:
+            for seen, entry in enumerate(entries):
+                if seen == MAX_ENTRIES:
+                    raise ProvenanceError("UNEXPECTED_FILE", f"{root} holds more than "
+                                          f"{MAX_ENTRIES} entries: no conversion writes that "
+                                          "many")
                 if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
                     raise ProvenanceError("UNEXPECTED_FILE", f"{entry.name[:120]!r} in {root} "
                                           "is not a regular file (a link, a directory, ...)")

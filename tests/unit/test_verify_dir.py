@@ -189,3 +189,40 @@ def test_a_data_file_of_a_short_subject_does_not_match_a_clipped_directory(
             subject=f"{long_dir}/config.json", principal=alice, declared="json")
     assert [n for n, _ in verify_directory(out, key.public_pem.encode()).carried] == \
         ["config.json"]
+
+
+def test_a_directory_of_more_entries_than_any_output_is_read_no_further(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``verify DIR`` is for directories someone else made: one of millions of empty files
+    was listed whole into memory (and each stat-ed) before anything was judged (tenth
+    review)."""
+    from airlock_client import verify_dir
+
+    (tmp_path / "model.safetensors").write_text("x")
+    real = os.scandir
+    with real(tmp_path) as scan:
+        entry = next(iter(scan))
+    pulled = [0]
+
+    class Endless:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for _ in range(200_000):
+                pulled[0] += 1
+                yield entry
+
+        def __enter__(self) -> Endless:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def scandir(path: int | str | os.PathLike[str]) -> object:
+        if isinstance(path, int):  # verify_dir lists the directory through a descriptor
+            return Endless()
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ProvenanceError, match="more than") as caught:
+        verify_directory(tmp_path, KEY)
+    assert caught.value.reason == "UNEXPECTED_FILE"
+    assert pulled[0] == verify_dir.MAX_ENTRIES + 1
