@@ -363,13 +363,13 @@ class Client:
         """The signed provenance of a sharded directory's ``model.safetensors.index.json``:
         ``shards`` are (file name, provenance) for every file it names. The broker checks the
         index against those records; the envelope returned is verified, with the key that
-        verifies conversions, to be over exactly ``index``."""
+        verifies conversions, to be over exactly ``index`` and to list exactly ``shards``."""
         request = pb.AttestIndexRequest(
             index=index, subject=subject,
             shards=[pb.IndexShard(file_name=n, provenance=p) for n, p in shards])
         reply = self._admin_call(self._stub.AttestIndex, request)
         key, _ = self._verification_key()
-        _signed_answer.signed_index(reply.provenance, index, subject, key)
+        _signed_answer.signed_index(reply.provenance, index, subject, key, shards)
         return bytes(reply.provenance)
 
     def provenance_key(self) -> ProvenanceKey:

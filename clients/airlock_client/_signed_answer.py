@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -81,10 +81,14 @@ def result(header: pb.ConvertResult, record: ProvenanceRecord, output: Path,
                    provenance_record=record, provenance_key_source=key_source)
 
 
-def signed_index(provenance: bytes, index: bytes, subject: str,
-                 key: PublicKeyLike) -> ProvenanceRecord:
+def signed_index(provenance: bytes, index: bytes, subject: str, key: PublicKeyLike,
+                 shards: Sequence[tuple[str, bytes]] = ()) -> ProvenanceRecord:
     """The record AttestIndex answered, verified with ``key``, once it is an index's record
-    of exactly ``index`` under ``subject``; else raise ``ProvenanceError``."""
+    of exactly ``index`` under ``subject``, listing exactly ``shards`` (file name and
+    record, as sent: each shard's output sha256 and job id); else raise
+    ``ProvenanceError``. One index's bytes are often another's (a fine-tuned model's are
+    its base model's): a record the broker signed for them over other shards, answered by
+    whoever sits on the channel, would be written as this directory's."""
     record = verify_envelope(provenance, key)
     check_output(record, sha256=hashlib.sha256(index).hexdigest(), size=len(index))
     check_kind(record, index=True)
@@ -93,6 +97,17 @@ def signed_index(provenance: bytes, index: bytes, subject: str,
                               f"the broker signed the index under the subject "
                               f"{_shown(record.subject)}, but this client asked for "
                               f"{_shown(subject)}: the request was changed on its way")
+    sent = {}
+    for name, shard in shards:
+        shard_record = verify_envelope(shard, key)
+        sent[name] = (shard_record.output_sha256, shard_record.job_id)
+    listed = {str(s.get("file_name")): (s.get("sha256"), s.get("job_id"))
+              for s in record.shards}
+    if shards and (listed != sent or len(record.shards) != len(sent)):
+        raise ProvenanceError("REQUEST_MISMATCH",
+                              "the broker's record of the index lists other shards than this "
+                              "client sent (another conversion's record of the same index "
+                              "bytes): the answer was changed on its way")
     return record
 
 
