@@ -189,7 +189,7 @@ async def create_server(config: BrokerConfig,
             log.info("removed %d stale job director(ies) from %s", stale, config.spool_root)
         ram = RamSpool(config.spool_root, mount_ram_spool(config.spool_root,
                                                           config.spool.ram_bytes),
-                       config.spool.ram_bytes)
+                       config.spool.ram_bytes, share=config.upload.spool_share_per_caller)
         if ram.on:
             log.info("RAM spool of %d MiB at %s ([spool] ram_bytes)",
                      config.spool.ram_bytes // MiB, ram.root)

@@ -26,6 +26,13 @@ bytes (an upload half written counts twice meanwhile: the error is on the safe s
 tmpfs is ``ram_bytes`` plus ``RAM_SLACK_BYTES`` for the small files written after a claim (job
 specs, parity samples of at most 1 MiB); a claim leaves that slack free. The disk spool's
 reserve (spool_space.py) is not charged for a RAM upload; the answer, on disk, still is.
+
+One caller's uploads in progress claim at most ``[upload] spool_share_per_caller`` (half) of
+the budget, its first one included; beyond, its input goes to disk (``why: share``). A claim
+is made before a byte arrives and lasts the whole upload, which a caller may send at the
+minimum rate: one upload as large as the budget, at 1 MiB/s, sent every other caller's input
+to disk, and so every job of theirs to the cold path (a container started for it), for an
+hour (found in review). A caller is a principal (``Principal.quota``), as on the disk.
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ class InputRoom:
     why: str = ""
     #: The job's slots must be prepared on the disk spool (cold): warm ones are in RAM.
     disk_slots: bool = False
+    #: Whose upload it is (``Principal.quota``; "" for nobody's): its share is counted.
+    owner: str = ""
     _spool: RamSpool | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
@@ -106,10 +115,13 @@ class RamSpool:
     Thread-safe (claims are cheap; the lock is for the fast path's threads, should they ask)."""
 
     def __init__(self, disk_root: Path, root: Path | None, budget: int,
-                 statvfs: Callable[[Path], os.statvfs_result] = os.statvfs) -> None:
+                 statvfs: Callable[[Path], os.statvfs_result] = os.statvfs, *,
+                 share: float = 1.0) -> None:
         self.disk_root = disk_root
         self.root = root if budget > 0 else None
         self.budget = budget
+        #: What one caller's claims may hold together, of the budget (1.0: all of it).
+        self.share = share
         self._statvfs = statvfs
         self._lock = threading.Lock()
         self._claims: set[InputRoom] = set()
@@ -118,8 +130,8 @@ class RamSpool:
     def on(self) -> bool:
         return self.root is not None
 
-    def room(self, declared: int) -> InputRoom:
-        """The room of an upload of ``declared`` bytes (0: not declared)."""
+    def room(self, declared: int, *, owner: str = "") -> InputRoom:
+        """The room of an upload of ``declared`` bytes (0: not declared) for ``owner``."""
         if self.root is None:
             return InputRoom(self.disk_root, ram=False, bytes=declared, why="off")
         why = ("undeclared" if declared <= 0 else "over_budget" if declared > self.budget
@@ -127,10 +139,13 @@ class RamSpool:
         with self._lock:
             if not why and self._free() - self._claimed() - RAM_SLACK_BYTES < declared:
                 why = "full"
+            if not why and owner and self.share < 1 and (
+                    self._claimed(owner) + declared > int(self.share * self.budget)):
+                why = "share"
             if why:
                 return InputRoom(self.disk_root, ram=False, bytes=declared, why=why,
-                                 disk_slots=True)
-            room = InputRoom(self.root, ram=True, bytes=declared, _spool=self)
+                                 disk_slots=True, owner=owner)
+            room = InputRoom(self.root, ram=True, bytes=declared, owner=owner, _spool=self)
             self._claims.add(room)
         return room
 
@@ -152,5 +167,6 @@ class RamSpool:
         st = self._statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def _claimed(self) -> int:
-        return sum(c.bytes for c in self._claims)
+    def _claimed(self, owner: str = "") -> int:
+        """What the uploads in progress (``owner``'s alone, if given) may write."""
+        return sum(c.bytes for c in self._claims if not owner or c.owner == owner)

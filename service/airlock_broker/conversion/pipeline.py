@@ -181,7 +181,7 @@ class ConversionPipeline:
         room: SpoolClaim | None = None
         writing: asyncio.Future[None] | None = None
         spooled: Spooled | None = None
-        inputs = self._input_room(meta)
+        inputs = self._input_room(meta, job.counted_as)
         try:
             upload, fd = new_upload(inputs.root, job.id)
         except BaseException:
@@ -243,14 +243,14 @@ class ConversionPipeline:
                 finally:  # (cancelled meanwhile: it stops at its next step)
                     spooled.digest.close()
 
-    def _input_room(self, meta: pb.ConvertMetadata) -> InputRoom:
-        """Where the input is spooled: in RAM when its declared size fits the RAM spool, else
-        on disk (input_room.py)."""
+    def _input_room(self, meta: pb.ConvertMetadata, owner: str) -> InputRoom:
+        """Where the input is spooled: in RAM when its declared size fits the RAM spool and
+        ``owner``'s share of it, else on disk (input_room.py)."""
         declared = meta.size_bytes
         ram = self.settings.ram
         if ram is None:
             return InputRoom(self.settings.spool_root, ram=False, bytes=declared, why="off")
-        return ram.room(declared)
+        return ram.room(declared, owner=owner)
 
     def _spool_room(self, request: JobRequest, output: OutputRoom,
                     occupied: int) -> SpoolClaim | None:
