@@ -38,6 +38,7 @@ from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
 from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
 from airlock_broker.sandboxes.pool_state import Pool, PoolStatus, Warm
 from airlock_broker.sandboxes.sandbox import SandboxBackend, SandboxUnavailable, Slot
+from airlock_broker.sandboxes.start_turns import StartTurns
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class Pools:
         #: passed, else why not. Set by the server (ops/selftest.py is above this module);
         #: without it a new image is served unvetted.
         self.vet_image: Callable[[], Awaitable[str | None]] | None = None
-        self._starts = asyncio.Semaphore(settings.max_starting)
+        #: At most ``max_starting`` starts at once, the pools taking turns (start_turns.py).
+        self._starts = StartTurns(settings.max_starting)
         self._wake = asyncio.Event()
         #: Set for a moment when the engine comes back: start back-offs end early.
         self._recovered = asyncio.Event()
@@ -416,7 +418,7 @@ class Pools:
         generation = pool.generation
         began = time.monotonic()
         try:
-            async with self._starts:
+            async with self._starts.turn(pool.profile):
                 slot = await self.backend.prepare(pool.profile)
                 try:
                     await self.backend.start(slot)
