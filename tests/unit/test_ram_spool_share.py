@@ -58,6 +58,18 @@ def test_one_callers_uploads_hold_at_most_their_share_of_the_ram_spool() -> None
     assert other.ram
     first.release()
     assert ram.room(50 * MiB, owner="mallory").ram
+    # Written, an input is the tmpfs's own (its statvfs says so), but its caller's until its
+    # job is done: the caller's next input goes to disk, another caller's fits.
+    tmpfs = Disk(100 * MiB + RAM_SLACK_BYTES, 100 * MiB + RAM_SLACK_BYTES)
+    ram = RamSpool(Path("/state"), Path("/state/ram"), 100 * MiB, statvfs=tmpfs, share=0.5)
+    held = ram.room(50 * MiB, owner="mallory")
+    held.written()
+    tmpfs.free -= 50 * MiB
+    assert ram.room(50 * MiB, owner="mallory").why == "share"
+    assert ram.room(50 * MiB, owner="alice").ram
+    held.release()  # its job is done
+    tmpfs.free += 50 * MiB
+    assert ram.room(50 * MiB, owner="mallory").ram
     # No owner (nobody to count it against), or a share of 1: the budget alone.
     assert _ram(100 * MiB).room(100 * MiB).ram
     assert _ram(100 * MiB, share=1.0).room(100 * MiB, owner="mallory").ram
@@ -139,3 +151,58 @@ def _wait_for_upload(spool: Path) -> None:
                     return
         time.sleep(0.02)
     raise AssertionError("mallory's upload never began")
+
+
+def test_inputs_sent_whole_count_in_their_callers_share_until_their_jobs_end(
+        tmp_path: Path, disk: SpoolDisk) -> None:
+    """The same caller sends two inputs of half the budget each, whole, whose jobs sleep
+    until their deadline (or wait for a run slot): every other caller's input went to disk
+    for as long, as with one stalled upload."""
+    from tests.unit.test_broker import PICKLE
+
+    mallory, bob = mint_token(), mint_token()
+    auth = AuthConfig(tokens=(
+        TokenEntry("mallory", frozenset({Role.CONVERT}), token_digest(mallory)),
+        TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(bob))))
+    spool = tmp_path / "spool"
+    budget = 16 * MiB
+    sleeper = PICKLE + b"\x02" * (budget // 2 - 64 * 1024 - len(PICKLE))  # two fit
+
+    def behaviour(spec: Any, data: bytes, out: Path) -> int | None:
+        return None if data == sleeper else _writes_output(spec, data, out)  # None: sleeps
+
+    settings = BrokerConfig(
+        listen="127.0.0.1:0", state_root=spool, selftest_on_start=False,
+        provenance_key=tmp_path / "provenance-key.pem", verify_integrity=False, auth=auth,
+        max_concurrent_jobs=3, pools=PoolSettings(min_warm=1, profiles=("sklearn",)),
+        spool=SpoolSettings(ram_bytes=budget),
+        upload=UploadLimits(spool_min_free_bytes=RESERVE))
+    backend = FakeSandbox(spool, behaviour)
+    src = tmp_path / "sleeper.pkl"
+    src.write_bytes(sleeper)
+    threads: list[threading.Thread] = []
+
+    def as_mallory(address: str, n: int) -> None:
+        with contextlib.suppress(Exception), \
+                Client(address, token=mallory, retry_attempts=1, local_transfer=False) as c:
+            c.convert(src, tmp_path / f"m{n}.safetensors", target="safetensors",
+                      job_timeout=60)
+
+    with running_broker(settings, backend) as running:
+        address = f"127.0.0.1:{running.port}"
+        for n in range(2):
+            threads.append(threading.Thread(target=as_mallory, args=(address, n)))
+            threads[-1].start()
+            deadline = time.monotonic() + 30
+            while len(backend.specs) < n + 1:  # its job runs (and sleeps)
+                assert time.monotonic() < deadline, "mallory's job never ran"
+                time.sleep(0.02)
+        bob_src = tmp_path / "bob.bin"
+        bob_src.write_bytes(INPUT)
+        with Client(address, token=bob, retry_attempts=1, local_transfer=False) as client:
+            client.convert(bob_src, tmp_path / "bob.safetensors", target="safetensors")
+        record = _last_audit(spool, "bob")
+        assert record["input_room"] == {"ram": True, "bytes": len(INPUT)}
+        assert record["warm_container"] is True
+    for thread in threads:  # the broker's stop cancelled mallory's jobs
+        thread.join(60)

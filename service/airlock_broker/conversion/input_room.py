@@ -27,12 +27,14 @@ tmpfs is ``ram_bytes`` plus ``RAM_SLACK_BYTES`` for the small files written afte
 specs, parity samples of at most 1 MiB); a claim leaves that slack free. The disk spool's
 reserve (spool_space.py) is not charged for a RAM upload; the answer, on disk, still is.
 
-One caller's uploads in progress claim at most ``[upload] spool_share_per_caller`` (half) of
-the budget, its first one included; beyond, its input goes to disk (``why: share``). A claim
-is made before a byte arrives and lasts the whole upload, which a caller may send at the
-minimum rate: one upload as large as the budget, at 1 MiB/s, sent every other caller's input
-to disk, and so every job of theirs to the cold path (a container started for it), for an
-hour (found in review). A caller is a principal (``Principal.quota``), as on the disk.
+One caller's inputs claim at most ``[upload] spool_share_per_caller`` (half) of the budget,
+its first one included, from the upload's start to its job's end; beyond, its input goes to
+disk (``why: share``). A claim is made before a byte arrives and lasts the whole upload, which
+a caller may send at the minimum rate: one upload as large as the budget, at 1 MiB/s, sent
+every other caller's input to disk, and so every job of theirs to the cold path (a container
+started for it), for an hour; so did inputs sent whole whose jobs waited for a run slot or
+slept until their deadline (found in review). A caller is a principal
+(``Principal.quota``), as on the disk.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ class SpoolSettings:
 @dataclass(eq=False)
 class InputRoom:
     """One job's input room: the spool its upload is written to (and its slots live on).
-    ``release`` once the upload is written (or failed): from then on its bytes count in the
-    tmpfs's own used space."""
+    ``written`` once the upload is written (or failed): from then on its bytes count in the
+    tmpfs's own used space; ``release`` once the job is done (until then they count in its
+    caller's share)."""
 
     #: The spool root of the upload: ``<state root>/ram`` or the state root itself.
     root: Path
@@ -94,6 +97,8 @@ class InputRoom:
     disk_slots: bool = False
     #: Whose upload it is (``Principal.quota``; "" for nobody's): its share is counted.
     owner: str = ""
+    #: Its upload is over: its bytes are the tmpfs's own, no longer a claim on it.
+    done: bool = False
     _spool: RamSpool | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
@@ -102,6 +107,9 @@ class InputRoom:
         if self.why:
             room["why"] = self.why
         return room
+
+    def written(self) -> None:
+        self.done = True
 
     def release(self) -> None:
         if self._spool is not None:
@@ -168,5 +176,8 @@ class RamSpool:
         return st.f_bavail * st.f_frsize
 
     def _claimed(self, owner: str = "") -> int:
-        """What the uploads in progress (``owner``'s alone, if given) may write."""
-        return sum(c.bytes for c in self._claims if not owner or c.owner == owner)
+        """What the uploads in progress may still write; with ``owner``: what that caller's
+        inputs may hold, written or not, until their jobs are done (its share)."""
+        if owner:
+            return sum(c.bytes for c in self._claims if c.owner == owner)
+        return sum(c.bytes for c in self._claims if not c.done)

@@ -195,7 +195,7 @@ class ConversionPipeline:
                     spooled = await transfer.receive(fd, meta, in_ram=inputs.ram,
                                                      owner=job.counted_as)
                 finally:  # written (or not): what it holds counts as the tmpfs's own
-                    inputs.release()
+                    inputs.written()
             spooled.digest.when_known(lambda sha: job.record.set(input_sha256=sha))
             if meta.sha256:  # declared: a mismatch is refused before any sandbox starts
                 await spooled.digest.value()
@@ -229,6 +229,7 @@ class ConversionPipeline:
                 spooled.digest.close()  # a cancelled call: its input's hash is not needed
             raise
         finally:
+            inputs.release()  # its caller's share of the RAM spool (input_room.py)
             remove_quietly(upload)  # the hash, if still running, reads its own descriptor
             if room is not None:
                 # The store's copy of a delivered answer is written after it: its room is
