@@ -128,3 +128,31 @@ def test_a_start_cancelled_while_it_waits_or_as_its_turn_comes_holds_no_turn() -
         assert turns._free == 1 and not any(turns._waiting.values())
 
     asyncio.run(main())
+
+
+def test_a_start_cancelled_just_before_its_turn_is_skipped() -> None:
+    """Cancelled while it waits, and the turn passed on before its task ran again: the next
+    one gets the turn (the first version set a result on the cancelled future: the start
+    that passed it on failed, counted as a failed start, and waited out a back-off)."""
+    from airlock_broker.sandboxes.start_turns import StartTurns
+
+    async def main() -> None:
+        turns = StartTurns(1)
+        got: list[str] = []
+
+        async def waiter(profile: str) -> None:
+            async with turns.turn(profile):
+                got.append(profile)
+
+        async with turns.turn("light"):
+            cancelled = asyncio.create_task(waiter("torch"))
+            later = asyncio.create_task(waiter("sklearn"))
+            await asyncio.sleep(0)  # both wait
+            cancelled.cancel()  # its future is cancelled now, its task runs later
+        # (the turn was passed on as the block ended: to sklearn, past torch's)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await later
+        assert got == ["sklearn"] and turns._free == 1
+
+    asyncio.run(main())

@@ -59,10 +59,15 @@ class StartTurns:
 
     def _pass_on(self) -> None:
         """A start is done: the pool that waited longest since its last turn goes next."""
-        waiting = [profile for profile, queue in self._waiting.items() if queue]
-        if not waiting:
-            self._free += 1
+        while True:
+            waiting = [profile for profile, queue in self._waiting.items() if queue]
+            if not waiting:
+                self._free += 1
+                return
+            profile = min(waiting, key=lambda p: self._last_turn.get(p, 0))
+            given = self._waiting[profile].popleft()
+            if given.done():  # cancelled as it waited; its task has not looked yet
+                continue
+            self._note_turn(profile)
+            given.set_result(None)
             return
-        profile = min(waiting, key=lambda p: self._last_turn.get(p, 0))
-        self._note_turn(profile)
-        self._waiting[profile].popleft().set_result(None)
