@@ -51,12 +51,17 @@ class Pool:
     #: Jobs waiting for a container being started (``acquire``): each raises the pool's
     #: target by one, up to ``max_warm``.
     waiting: int = 0
-    #: Jobs (their slot ids) that took a container whose worker had not said it was ready:
-    #: held back by its imports until released. For sizing (pool_demand.py).
+    #: Jobs (their slot ids) that took a container whose worker had not said it was ready,
+    #: until it says so or is released.
     importing_taken: set[str] = field(default_factory=set)
-    #: Of those, the ones whose CPU weight is raised once their worker says it is warmed up
-    #: (pools.py ``_follow_imports``), by slot id.
-    to_hasten: dict[str, Slot] = field(default_factory=dict)
+    #: The same jobs, with when each took its container: their CPU weight is raised once
+    #: their worker says it is warmed up (pools.py ``_follow_imports``).
+    to_hasten: dict[str, tuple[Slot, float]] = field(default_factory=dict)
+    #: Of those, the ones counted as held back by its imports (for sizing, pool_demand.py):
+    #: until it says it is warmed up, it is released, or ``HELD_BACK_MAX_REFILLS`` learned
+    #: refill times have passed (pools.py: the mark is the sandbox's word, and an artifact
+    #: can take it away before the broker saw it).
+    held_back: set[str] = field(default_factory=set)
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: The jobs' arrival rate and the refill time, learned: how many warm containers the

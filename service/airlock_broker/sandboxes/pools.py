@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from airlock_broker.errors import Reason, error
 from airlock_broker.readiness import DRAINED_WHY, JOB_HOLDS, POOL_HOLDS, Hold, Readiness
 from airlock_broker.sandboxes.engine_watch import engine_back
-from airlock_broker.sandboxes.import_batches import ImportBatches
+from airlock_broker.sandboxes.import_batches import BATCH_MAX_SECONDS, ImportBatches
 from airlock_broker.sandboxes.pool_demand import Demand
 from airlock_broker.sandboxes.pool_settings import WARM_MEMORY_MIB
 from airlock_broker.sandboxes.pool_settings import PoolSettings as PoolSettings
@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 #: How often a container that a job took still importing is asked whether it is warmed up
 #: (a stat of its marker): its job starts then, and runs at the default CPU weight.
 WARMED_UP_POLL_SECONDS = 0.02
+#: A job that took a container still importing counts as held back by its imports (the
+#: clock bursts are counted on stops, pool_demand.py) until the container says it is warmed
+#: up, and for at most this many learned refill times (never beyond ``BATCH_MAX_SECONDS``):
+#: the mark is the sandbox's word, and the job's artifact may remove it before it is seen;
+#: held back for its whole run (up to its deadline), it made every other caller's job of
+#: the window count as one burst.
+HELD_BACK_MAX_REFILLS = 4
 
 
 async def _destroy_shielded(backend: SandboxBackend, slot: Slot) -> None:
@@ -179,11 +186,12 @@ class Pools:
                     self.backend.hasten(warm.slot)
                 else:  # the job waits for its imports
                     pool.importing_taken.add(warm.slot.slot_id)
+                    pool.held_back.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
                     # It imports at the refills' weight, as one of them (raised now, it would
                     # get ready alone, the refills one at a time); its job, which starts once
                     # it is warmed up, runs at the default weight, however long that takes.
-                    pool.to_hasten[warm.slot.slot_id] = warm.slot
+                    pool.to_hasten[warm.slot.slot_id] = (warm.slot, time.monotonic())
                     self._follow(pool.batches.join(warm.slot, time.monotonic())
                                  if self.settings.import_in_batches else [])
                 self._defer_replacement(pool, warm.slot.slot_id)
@@ -259,9 +267,8 @@ class Pools:
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
             pool.to_hasten.pop(slot.slot_id, None)
-            if slot.slot_id in pool.importing_taken:
-                pool.importing_taken.discard(slot.slot_id)
-                pool.demand.stall_ended(time.monotonic())
+            pool.importing_taken.discard(slot.slot_id)
+            _end_hold(pool, slot.slot_id)
         task = asyncio.create_task(self._retire(pool, slot, answered),
                                    name=f"destroy-{slot.slot_id}")
         self._destroying.add(task)
@@ -464,15 +471,24 @@ class Pools:
 
     async def _follow_imports(self) -> None:
         """Each poll: a taken container that says it is warmed up runs its job at the default
-        weight (``hasten``), and the batches move on (``ImportBatches.settle``)."""
+        weight (``hasten``) and its job is no longer held back (one that never says so stops
+        counting as held back after ``HELD_BACK_MAX_REFILLS`` refill times, and is still
+        followed for its weight); and the batches move on (``ImportBatches.settle``)."""
         while not self._nothing_to_follow():
             await asyncio.sleep(WARMED_UP_POLL_SECONDS)
+            now = time.monotonic()
             for pool in self.pools.values():
-                for slot_id, slot in list(pool.to_hasten.items()):
+                longest = min(BATCH_MAX_SECONDS,
+                              HELD_BACK_MAX_REFILLS * pool.demand.refill_seconds)
+                for slot_id, (slot, taken) in list(pool.to_hasten.items()):
                     if self._warmed_up(slot):
                         del pool.to_hasten[slot_id]
                         self.backend.hasten(slot)
-                for slot in pool.batches.settle(time.monotonic(), self._still_importing):
+                        pool.importing_taken.discard(slot_id)
+                        _end_hold(pool, slot_id)  # its job runs: no longer held back
+                    elif now - taken > longest:
+                        _end_hold(pool, slot_id)
+                for slot in pool.batches.settle(now, self._still_importing):
                     self.backend.let_import(slot)
 
     def _nothing_to_follow(self) -> bool:
@@ -573,6 +589,13 @@ class Pools:
                                            f"isolation self-test: {why}")
         log.error("%s: NOT serving new jobs until an image passes", self.readiness.why(
             Hold.SELFTEST))
+
+
+def _end_hold(pool: Pool, slot_id: str) -> None:
+    """The job on ``slot_id`` is no longer held back by its container's imports (if it was)."""
+    if slot_id in pool.held_back:
+        pool.held_back.discard(slot_id)
+        pool.demand.stall_ended(time.monotonic())
 
 
 def _held(pool: Pool) -> int:
