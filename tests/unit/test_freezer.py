@@ -192,10 +192,18 @@ def test_only_the_report_renamed_into_place_counts_as_its_arrival(tmp_path: Path
         for i in range(100):  # a container renaming other files, as fast as it can
             (tmp_path / f"x{i}").write_text("")
             os.replace(tmp_path / f"x{i}", tmp_path / f"y{i}")
-        assert not watch.arrived()
+        # One small batch a look (test_a_container_renaming_without_end_costs_the_event_loop_
+        # little): 100 events take a few looks, none of which sees the report.
+        assert not any(watch.arrived() for _ in range(20))
         (tmp_path / "r.tmp").write_text("{}")
         os.replace(tmp_path / "r.tmp", tmp_path / "report.json")
         assert watch.arrived()
+        for i in range(100):  # behind others, it is seen in a later look
+            os.replace(tmp_path / f"y{i}", tmp_path / f"x{i}")
+        os.replace(tmp_path / "report.json", tmp_path / "r.tmp")
+        os.replace(tmp_path / "r.tmp", tmp_path / "report.json")
+        assert not watch.arrived()
+        assert any(watch.arrived() for _ in range(20))
     finally:
         watch.close()
 
@@ -334,3 +342,64 @@ class _Client:
 
     def close(self) -> None:
         pass
+
+
+#: A payload in a finished sandbox that keeps renaming in its output directory, each rename an
+#: event on the broker's arrival watch, as fast as it can and for as long as it may.
+RENAMER = """
+import os, sys
+a, b = os.path.join(sys.argv[1], "a"), os.path.join(sys.argv[1], "b")
+open(a, "w").close()
+while True:
+    os.rename(a, b)
+    os.rename(b, a)
+"""
+
+
+def test_a_container_renaming_without_end_costs_the_event_loop_little(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenth review, of the validators: the arrival watch read every pending event on the
+    event loop at each look, so a look cost what the container made since the last one:
+    a quarter of the broker's event loop per renaming sandbox (half with two), every other
+    caller's calls waiting behind it."""
+    spent: list[float] = []
+    arrived = ArrivalWatch.arrived
+
+    def timed(self: ArrivalWatch) -> bool:
+        start = time.perf_counter()
+        try:
+            return arrived(self)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(ArrivalWatch, "arrived", timed)
+    child = subprocess.Popen([sys.executable, "-c", RENAMER, str(tmp_path)])
+    # Never asked to freeze: the report never comes.
+    watch = ExitWatch(os.pidfd_open(child.pid), child.pid, Freezer(tmp_path, v2=True))
+
+    async def run() -> tuple[float, float]:
+        waiting = asyncio.ensure_future(watch.wait(tmp_path / "worker.done"))
+        start = time.perf_counter()
+        late = 0.0
+        while time.perf_counter() - start < 2.0:  # another caller's work, a tick a millisecond
+            tick = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late = max(late, time.perf_counter() - tick - 0.001)
+        wall = time.perf_counter() - start
+        child.kill()
+        await asyncio.to_thread(child.wait)
+        await asyncio.wait_for(waiting, 30)
+        return wall, late
+
+    try:
+        wall, late = asyncio.run(run())
+    finally:
+        watch.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert spent, "the renames were never looked at"
+    share = sum(spent) / wall
+    assert share < 0.08, (f"the arrival watch took {share:.0%} of the event loop "
+                          f"({len(spent)} looks, the longest {max(spent) * 1000:.1f} ms; "
+                          f"a tick came {late * 1000:.1f} ms late)")

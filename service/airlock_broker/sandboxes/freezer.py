@@ -121,6 +121,9 @@ _IN_MOVED_TO = 0x00000080
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+#: What one look reads of the events: room for one with the longest name (16 + 256 bytes; a
+#: smaller buffer is EINVAL), or sixteen with short ones. About 25 us a look.
+_ARRIVAL_READ_BYTES = 512
 
 
 @functools.cache
@@ -152,23 +155,30 @@ class ArrivalWatch:
         return cls(fd, os.fsencode(name))
 
     def arrived(self) -> bool:
-        """Drain the pending events; whether one was ``name`` moved into the directory (an
-        overflowed queue counts as a maybe: the caller checks the file itself)."""
-        seen = False
-        while True:
-            try:
-                data = os.read(self.fd, 64 * 1024)
-            except BlockingIOError:
-                return seen
-            except OSError:
+        """Read one bounded batch of the pending events; whether one was ``name`` moved into
+        the directory (an overflowed queue counts as a maybe: the caller checks the file
+        itself, and it does so whatever this says, so an event left unread costs nothing).
+
+        One batch, never "until the queue is empty": the container makes these events, as
+        fast as it likes (a rename loop makes ~360,000 a second), and they are read on the
+        event loop. Draining them all cost the loop time in proportion to what the container
+        made meanwhile (a quarter of the loop for each renaming sandbox), however rarely it
+        looked; one small batch costs tens of microseconds, and the rest of a flood stays in
+        the kernel's bounded queue (``max_queued_events``), then overflows."""
+        try:
+            data = os.read(self.fd, _ARRIVAL_READ_BYTES)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            raw = data[offset + _EVENT.size: offset + _EVENT.size + length]
+            offset += _EVENT.size + length
+            if mask & 0x4000 or raw.rstrip(b"\0") == self.name:  # IN_Q_OVERFLOW
                 return True
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                raw = data[offset + _EVENT.size: offset + _EVENT.size + length]
-                offset += _EVENT.size + length
-                if mask & 0x4000 or raw.rstrip(b"\0") == self.name:  # IN_Q_OVERFLOW
-                    seen = True
+        return False
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
