@@ -83,7 +83,9 @@ ALLOWLIST: tuple[Group, ...] = (
     Group(
         why="numpy arrays, dtypes and scalar types: ndarray's ``__setstate__`` copies "
             "bytes (or, for object arrays, objects this same loader built) into a new "
-            "buffer of the declared shape and dtype, checking sizes; ``_reconstruct`` is "
+            "buffer of the declared shape and dtype, checking sizes (the loader refuses "
+            "``ndarray(shape, dtype, buffer)``, which takes a buffer's bytes for pointers, "
+            "and a dtype state numpy's constructor would not make: policy_loader.py); ``_reconstruct`` is "
             "``ndarray.__new__`` for a subclass of ndarray; ``scalar`` builds a scalar from "
             "a dtype and its bytes.",
         kind=Kind.CLASS, native=True,

@@ -106,10 +106,105 @@ def _unpickler_class() -> type:
                 raise PolicyRefused(str(name)[:120], "the pickle tries to modify "
                                     f"{str(name)[:120]}, a class or function of a library")
             NumpyUnpickler.load_build(self)
+            _check_made(self.stack[-1])
+
+        def load_reduce(self) -> None:
+            _check_call(self.stack[-2], self.stack[-1], {})
+            NumpyUnpickler.load_reduce(self)
+            _check_made(self.stack[-1])
+
+        def load_newobj(self) -> None:
+            _check_call(self.stack[-2], self.stack[-1], {})
+            NumpyUnpickler.load_newobj(self)
+            _check_made(self.stack[-1])
+
+        def load_newobj_ex(self) -> None:
+            _check_call(self.stack[-3], self.stack[-2], self.stack[-1])
+            NumpyUnpickler.load_newobj_ex(self)
+            _check_made(self.stack[-1])
+
+        def _instantiate(self, klass: Any, args: Any) -> None:  # OBJ and INST
+            _check_call(klass, args, {})
+            NumpyUnpickler._instantiate(self, klass, args)
+            _check_made(self.stack[-1])
+
+        def load_setitem(self) -> None:
+            NumpyUnpickler.load_setitem(self)
+            _check_made(self.stack[-1])
+
+        def load_setitems(self) -> None:
+            NumpyUnpickler.load_setitems(self)
+            _check_made(self.stack[-1])
 
         dispatch[b"b"[0]] = load_build  # BUILD
+        dispatch[b"R"[0]] = load_reduce  # REDUCE
+        dispatch[b"\x81"[0]] = load_newobj  # NEWOBJ
+        dispatch[b"\x92"[0]] = load_newobj_ex  # NEWOBJ_EX
+        dispatch[b"s"[0]] = load_setitem  # SETITEM
+        dispatch[b"u"[0]] = load_setitems  # SETITEMS
 
     return PolicyUnpickler
+
+
+#: ``numpy.ndarray``'s parameters after ``shape`` and ``dtype``: a buffer (and where in it)
+#: makes an array over bytes the pickle chose, which for an object dtype are pointers.
+_ARRAY_BUFFER_PARAMETERS = frozenset({"buffer", "offset", "strides"})
+
+
+def _check_call(callable_: Any, args: Any, kwargs: Any) -> None:
+    """Refuse ``numpy.ndarray(shape, dtype, buffer, ...)`` by any opcode that calls or
+    instantiates a class (REDUCE, NEWOBJ, NEWOBJ_EX, OBJ, INST): numpy makes an object
+    array over the buffer's bytes, so the pickle would hand out any object at an address it
+    writes, and forged ones elsewhere. numpy's own pickles never call it so (they name
+    ``_reconstruct`` and set the state)."""
+    import numpy as np
+
+    if not (isinstance(callable_, type) and issubclass(callable_, np.ndarray)
+            and callable_.__new__ is np.ndarray.__new__):
+        return
+    # The VM unpacks any iterable and any mapping: only a tuple or list (OBJ, INST) and a
+    # dict are counted; anything else is refused for this class.
+    over = (not isinstance(args, (tuple, list)) or len(args) > 2
+            or type(kwargs) is not dict or not _ARRAY_BUFFER_PARAMETERS.isdisjoint(kwargs))
+    if over:
+        raise PolicyRefused("numpy.ndarray(buffer)", "the pickle builds a numpy array over "
+                            "a buffer of its own, whose bytes numpy would take for memory "
+                            "addresses; the policy loader does not allow it")
+
+
+def _is_dunder(key: Any) -> bool:
+    return isinstance(key, str) and len(key) > 4 and key[:2] == key[-2:] == "__"
+
+
+def _check_made(obj: Any) -> None:
+    """Refuse an object the pickle built with a dunder name among its attributes: in its
+    ``__dict__`` (BUILD, an estimator's ``__setstate__``), or as a key of a mapping whose
+    keys are its attributes (scikit-learn's ``Bunch``). Libraries look such names up on the
+    instance: numpy takes ``__array_interface__`` / ``__array_struct__`` from it when it
+    coerces the object to an array (an array over any address the pickle gives: read,
+    write, or objects forged from its bytes), ``copy`` and ``pickle`` take
+    ``__reduce_ex__`` / ``__deepcopy__``, scikit-learn ``__sklearn_clone__``. No estimator's
+    state holds one."""
+    if isinstance(obj, type):
+        return
+    import numpy as np
+
+    if isinstance(obj, np.dtype):
+        _check_dtype(obj)
+        return
+    try:
+        attributes = object.__getattribute__(obj, "__dict__")
+    except (AttributeError, TypeError):
+        attributes = None
+    names: list[Any] = list(attributes) if isinstance(attributes, dict) else []
+    if isinstance(obj, dict) and getattr(type(obj), "__getattr__", None) is not None:
+        names.extend(obj.keys())
+    for name in names:
+        if _is_dunder(name):
+            label = f"attribute {name[:80]}"
+            raise PolicyRefused(label, f"the pickle gives a {type(obj).__name__[:80]} the "
+                                f"attribute {name[:80]}, which libraries look up on the "
+                                "instance; the policy loader does not allow it")
 
 
 @contextmanager
@@ -144,3 +239,61 @@ def read(fh: IO[bytes], *, tolerant: bool) -> Reading:
                                 f"which the policy loader does not allow "
                                 f"({type(exc).__name__})", poisoned) from None
     return Reading(obj, unpickler.jar.poisoned)
+
+
+#: Structured dtypes nest; numpy's own limit is far below what a pickle could build.
+_MAX_DTYPE_DEPTH = 32
+
+
+def _check_dtype(dtype: Any, depth: int = 0) -> None:
+    """Refuse a dtype that numpy's constructor would not make from its own description.
+    ``dtype.__setstate__`` (BUILD) takes fields, offsets and flags from the pickle as they
+    are: a dtype with an object field whose flags say it holds none (numpy then copies the
+    array's raw bytes into it: pointers), or an object field overlapping an integer one
+    (which the constructor refuses), makes objects from the artifact's numbers."""
+
+    def refuse(why: str) -> PolicyRefused:
+        return PolicyRefused("numpy.dtype(state)", f"the pickle sets a numpy dtype's state "
+                             f"to one numpy would not construct ({why}); the policy loader "
+                             "does not allow it")
+
+    if depth > _MAX_DTYPE_DEPTH:
+        raise refuse("nested too deeply")
+    try:
+        fresh = _constructed(dtype, depth)
+    except PolicyRefused:
+        raise
+    except Exception as exc:
+        raise refuse(type(exc).__name__) from None
+    if not (fresh == dtype and fresh.flags == dtype.flags
+            and fresh.hasobject == dtype.hasobject and fresh.itemsize == dtype.itemsize
+            and fresh.alignment == dtype.alignment):
+        raise refuse("its flags, sizes or fields differ")
+    if dtype.subdtype is not None:
+        _check_dtype(dtype.subdtype[0], depth + 1)
+    for name in dtype.names or ():
+        _check_dtype(dtype.fields[name][0], depth + 1)
+
+
+def _constructed(dtype: Any, depth: int) -> Any:
+    """``dtype`` made again by numpy's constructor from what it says it is."""
+    import numpy as np
+
+    if depth > _MAX_DTYPE_DEPTH:
+        raise PolicyRefused("numpy.dtype(state)", "the pickle nests a numpy dtype too deeply")
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return np.dtype((_constructed(base, depth + 1), shape))
+    if dtype.names is not None:
+        fields = dtype.fields
+        spec: Any = {
+            "names": list(dtype.names),
+            "formats": [_constructed(fields[n][0], depth + 1) for n in dtype.names],
+            "offsets": [fields[n][1] for n in dtype.names],
+            "itemsize": dtype.itemsize,
+        }
+        titles = [fields[n][2] if len(fields[n]) > 2 else None for n in dtype.names]
+        if any(t is not None for t in titles):
+            spec["titles"] = titles
+        return np.dtype(spec, align=dtype.isalignedstruct)
+    return np.dtype(dtype.str)
