@@ -85,8 +85,9 @@ ALLOWLIST: tuple[Group, ...] = (
             "bytes (or, for object arrays, objects this same loader built) into a new "
             "buffer of the declared shape and dtype, checking sizes (the loader refuses "
             "``ndarray(shape, dtype, buffer)``, which takes a buffer's bytes for pointers, "
-            "and a dtype state numpy's constructor would not make: policy_loader.py); ``_reconstruct`` is "
-            "``ndarray.__new__`` for a subclass of ndarray; ``scalar`` builds a scalar from "
+            "and a dtype state numpy's constructor would not make: policy_loader.py); "
+            "``_reconstruct`` is ``ndarray.__new__`` for a subclass of ndarray; ``scalar`` "
+            "builds a scalar from "
             "a dtype and its bytes.",
         kind=Kind.CLASS, native=True,
         names=("numpy:ndarray", "numpy:dtype", "numpy:bool", "numpy:bool_", "numpy:int8",
@@ -142,7 +143,9 @@ ALLOWLIST: tuple[Group, ...] = (
         kind=Kind.CLASS, names=("joblib.numpy_pickle:NumpyArrayWrapper",)),
     Group(
         why="scipy sparse matrices and B-splines (SplineTransformer): built from arrays, "
-            "checked for consistent shapes.",
+            "checked for consistent shapes (a sparse matrix's BUILD checks nothing: the "
+            "loader makes it again from copies of its arrays and checks every index, "
+            "policy_loader.py).",
         kind=Kind.CLASS,
         names=("scipy.sparse._csr:csr_matrix", "scipy.sparse._csc:csc_matrix",
                "scipy.sparse._coo:coo_matrix", "scipy.sparse._csr:csr_array",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import importlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,6 +193,9 @@ def _check_made(obj: Any) -> None:
     if isinstance(obj, np.dtype):
         _check_dtype(obj)
         return
+    sparse = sys.modules.get("scipy.sparse")
+    if sparse is not None and sparse.issparse(obj):
+        _rebuild_sparse(obj)
     try:
         attributes = object.__getattribute__(obj, "__dict__")
     except (AttributeError, TypeError):
@@ -297,3 +301,40 @@ def _constructed(dtype: Any, depth: int) -> Any:
             spec["titles"] = titles
         return np.dtype(spec, align=dtype.isalignedstruct)
     return np.dtype(dtype.str)
+
+
+def _rebuild_sparse(matrix: Any) -> None:
+    """A scipy sparse matrix the pickle built (BUILD sets its ``__dict__`` as it is; the
+    constructor checks only shapes) made again by its constructor from copies of its arrays
+    and fully checked: scipy's C++ routines (``toarray``, products, ``tocsr``) index their
+    buffers with its indices unchecked, so an index outside the matrix is a write outside a
+    buffer (skl2onnx's SVM converter calls ``toarray``). Copies, so that BUILD on one of the
+    pickle's arrays afterwards cannot change the matrix. A matrix with no state yet (NEWOBJ
+    before its BUILD) is left for that BUILD."""
+    import numpy as np
+
+    state = object.__getattribute__(matrix, "__dict__")
+    if "_shape" not in state:
+        return
+    kind = type(matrix)
+    try:
+        shape = tuple(int(n) for n in state["_shape"])
+        data = np.array(state["data"], copy=True)
+        if matrix.format in ("csr", "csc"):
+            fresh = kind((data, np.array(state["indices"], copy=True),
+                          np.array(state["indptr"], copy=True)), shape=shape)
+            fresh.check_format(full_check=True)
+        elif matrix.format == "coo":
+            coords = tuple(np.array(c, copy=True) for c in state["coords"])
+            fresh = kind((data, coords), shape=shape)  # _check: every index in the shape
+        else:
+            raise ValueError(f"format {matrix.format!r}")
+        if fresh.data.dtype.hasobject:
+            raise ValueError("object data")
+    except Exception as exc:
+        raise PolicyRefused(f"{kind.__module__}.{kind.__qualname__}(state)"[:120],
+                            f"the pickle builds a scipy sparse matrix scipy would not "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); the policy loader "
+                            "does not allow it") from None
+    state.clear()
+    state.update(object.__getattribute__(fresh, "__dict__"))
