@@ -209,6 +209,8 @@ def _check_made(obj: Any) -> None:
             raise PolicyRefused(label, f"the pickle gives a {type(obj).__name__[:80]} the "
                                 f"attribute {name[:80]}, which libraries look up on the "
                                 "instance; the policy loader does not allow it")
+    if isinstance(attributes, dict):
+        _check_method_names(obj, attributes)
 
 
 @contextmanager
@@ -338,3 +340,44 @@ def _rebuild_sparse(matrix: Any) -> None:
                             "does not allow it") from None
     state.clear()
     state.update(object.__getattribute__(fresh, "__dict__"))
+
+
+_RESPONSE_METHODS = frozenset({"predict", "predict_proba", "predict_log_proba",
+                               "decision_function"})
+#: Attributes whose values scikit-learn calls as methods (``getattr(estimator, name)(X)``),
+#: by the class that keeps them (``module``, ``qualname``), and the names its own ``fit``
+#: or constructor writes there: stacking's ``_transform``, ``_get_response_values`` for the
+#: threshold classifiers and ``ClassifierChain``.
+_METHOD_NAME_ATTRIBUTES: dict[tuple[str, str], dict[str, frozenset[str]]] = {
+    ("sklearn.ensemble._stacking", "_BaseStacking"): {
+        "stack_method_": frozenset({"predict", "predict_proba", "decision_function", "drop"}),
+    },
+    ("sklearn.model_selection._classification_threshold", "BaseThresholdClassifier"): {
+        "response_method": frozenset({"auto", "predict_proba", "decision_function"}),
+    },
+    ("sklearn.multioutput", "ClassifierChain"): {
+        "chain_method_": _RESPONSE_METHODS,
+        "chain_method": _RESPONSE_METHODS,
+    },
+}
+
+
+def _check_method_names(obj: Any, attributes: dict[str, Any]) -> None:
+    """Refuse an estimator whose state names a method scikit-learn will call that its own
+    ``fit`` would never have named: the pickle would choose which method of its estimators
+    parity runs (``Pipeline.fit``, whose ``memory`` then writes where the pickle says)."""
+    for (module, qualname), checked in _METHOD_NAME_ATTRIBUTES.items():
+        cls = getattr(sys.modules.get(module), qualname, None)
+        if cls is None or not isinstance(obj, cls):
+            continue
+        for attribute, allowed in checked.items():
+            if attribute not in attributes:
+                continue
+            value = attributes[attribute]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not all(type(v) is str and v in allowed for v in values):
+                raise PolicyRefused(
+                    f"{type(obj).__name__}.{attribute}"[:120],
+                    f"the pickle sets {type(obj).__name__[:80]}.{attribute}, the name of a "
+                    f"method scikit-learn calls, to {str(value)[:80]!r}; the policy loader "
+                    f"allows only {', '.join(sorted(allowed))}")
