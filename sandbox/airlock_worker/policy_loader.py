@@ -70,16 +70,20 @@ def resolve(key: str) -> Any:
 def _unpickler_class() -> type:
     """joblib's NumpyUnpickler with our find_class and BUILD (joblib imported on demand:
     the light profile never loads it)."""
-    from joblib.numpy_pickle import NumpyUnpickler
+    from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
+    from joblib.numpy_pickle_utils import Unpickler
 
     class PolicyUnpickler(NumpyUnpickler):  # type: ignore[misc]
         dispatch = NumpyUnpickler.dispatch.copy()
 
-        def __init__(self, fh: IO[bytes], tolerant: bool) -> None:
+        def __init__(self, fh: IO[bytes], tolerant: bool,
+                     outer: PolicyUnpickler | None = None) -> None:
             super().__init__("", fh, ensure_native_byte_order=True)
             self.tolerant = tolerant
-            self.jar = PoisonJar()
-            self.handed_out: set[int] = set()
+            # A joblib object array's nested pickle (below) shares what the outer one
+            # refused and handed out.
+            self.jar: PoisonJar = outer.jar if outer is not None else PoisonJar()
+            self.handed_out: set[int] = outer.handed_out if outer is not None else set()
 
         def find_class(self, module: str, name: str) -> Any:
             if self.proto < 3 and self.fix_imports:  # as pickle's own find_class
@@ -106,8 +110,32 @@ def _unpickler_class() -> type:
                 name = getattr(target, "__qualname__", type(target).__name__)
                 raise PolicyRefused(str(name)[:120], "the pickle tries to modify "
                                     f"{str(name)[:120]}, a class or function of a library")
-            NumpyUnpickler.load_build(self)
+            Unpickler.load_build(self)  # the plain BUILD; joblib's array records below
+            top = self.stack[-1]
+            if isinstance(top, NumpyArrayWrapper):
+                self.stack[-1] = self._read_array(top)
             _check_made(self.stack[-1])
+
+        def _read_array(self, wrapper: Any) -> Any:
+            """What ``NumpyUnpickler.load_build`` does with a joblib array record, except
+            that an object array's elements, a nested pickle, are read by a
+            :class:`PolicyUnpickler` too (joblib reads them with a plain
+            ``pickle._Unpickler`` that only borrows ``find_class``: none of the rules
+            above applied there)."""
+            import numpy as np
+
+            dtype = getattr(wrapper, "dtype", None)
+            if not isinstance(dtype, np.dtype):
+                raise PolicyRefused("joblib.numpy_pickle.NumpyArrayWrapper(state)",
+                                    "a joblib array record whose dtype is not a numpy dtype")
+            if not dtype.hasobject:
+                return wrapper.read(self, self.ensure_native_byte_order)
+            array = PolicyUnpickler(self.file_handle, self.tolerant, outer=self).load()
+            if not isinstance(array, np.ndarray) or not array.dtype.hasobject:
+                raise PolicyRefused("joblib.numpy_pickle.NumpyArrayWrapper(state)",
+                                    "a joblib object array record whose nested pickle is not "
+                                    "an object array")
+            return array
 
         def load_reduce(self) -> None:
             _check_call(self.stack[-2], self.stack[-1], {})
