@@ -92,7 +92,11 @@ def _dim(value: Any) -> int:
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:  # an int beyond a double (strict JSON reads 400 digits as one) is no finite number
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _number(value: float | None) -> float:
