@@ -46,6 +46,15 @@ READY_NAME = "worker.ready"
 #: not model. It sends the reading to the comparison; it names no code of the artifact's.
 TENSOR_ATTRIBUTES_GLOBAL = "torch._utils._set_obj_state"
 
+#: The same for an ``OrderedDict`` whose pickle sets attributes on it other than a state
+#: dict's ``_metadata``: torch's ``weights_only`` loader puts them in its ``__dict__``, where
+#: ``items``, ``keys`` or ``get`` shadow the methods the converter (and every consumer) calls,
+#: so torch's dict may list other tensors than the reading's. It names no code either.
+DICT_ATTRIBUTES_GLOBAL = "collections.OrderedDict.__dict__"
+
+#: The refused globals above that stand for what torch sets, not for code of the artifact's.
+ATTRIBUTE_GLOBALS = frozenset({TENSOR_ATTRIBUTES_GLOBAL, DICT_ATTRIBUTES_GLOBAL})
+
 #: The worker waits this long at most for the job spec of a warm container.
 WARM_WAIT_SECONDS = 3600
 

@@ -55,12 +55,22 @@ class Archive:
         names = [i.filename for i in infos]
         if len(set(names)) != len(names) or len({n.casefold() for n in names}) != len(names):
             raise Refused("duplicate zip entry names")  # readers disagree on which one wins
-        first = names[0]
-        if "/" not in first:
+        # torch finds a record as miniz does: by the bytes of its name (the UTF-8 flag is not
+        # looked at) and ignoring ASCII case. A name "byteorder" never finds "BYTEORDER"
+        # here, and a flagged "é" and an unflagged "├⌐" are two names here but one there
+        # (the same bytes): each reader would read another record. So records are indexed
+        # and found the way miniz finds them, and two that miniz cannot tell apart refuse.
+        raw = [_raw_name(i) for i in infos]
+        folded = {_ascii_fold(r) for r in raw}
+        if len(folded) != len(raw):
+            raise Refused("zip entry names that torch's reader cannot tell apart")
+        first = raw[0]
+        if b"/" not in first:
             raise Refused("the archive's records are not in a folder")
         # torch's reader takes the folder of the first record as the prefix of all lookups.
-        self.prefix = first.split("/", 1)[0] + "/"
-        self._infos = {i.filename: i for i in infos}
+        self._prefix_raw = first.split(b"/", 1)[0] + b"/"
+        self.prefix = self._prefix_raw.decode("utf-8", "replace")
+        self._infos = {_ascii_fold(r): i for r, i in zip(raw, infos, strict=True)}
         spans = []
         for info in infos:
             start = self._data_offset(info)
@@ -80,8 +90,7 @@ class Archive:
             raise Refused(f"zip entry {info.filename[:80]!r} has no local header")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         local_name = self._mm[at + 30:at + 30 + name_len]
-        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
-                                                   else "cp437"):
+        if local_name != _raw_name(info):
             raise Refused(f"zip entry {info.filename[:80]!r}: local and central names differ")
         start = at + 30 + name_len + extra_len
         if start + info.compress_size > self.size:
@@ -92,7 +101,12 @@ class Archive:
         return start
 
     def record(self, name: str) -> zipfile.ZipInfo | None:
-        return self._infos.get(self.prefix + name)
+        """The record torch's reader finds for ``name`` (under the archive's folder)."""
+        try:
+            wanted = self._prefix_raw + name.encode("utf-8")
+        except UnicodeEncodeError:  # torch cannot pass such a name to its reader either
+            return None
+        return self._infos.get(_ascii_fold(wanted))
 
     def check(self, info: zipfile.ZipInfo, limit: int | None = None) -> None:
         """Refuse a record before reading it: over ``limit``, stored with two sizes,
@@ -155,3 +169,18 @@ def _one_directory(named: set[int], read_at: int) -> None:
         raise Refused(f"the zip's end records place its central directory at {shown}, but "
                       f"it begins at byte {read_at}: bytes before the archive, or end records "
                       "that disagree, let readers list different archives")
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    """The name's bytes as stored (``zipfile`` decoded them as its flag says)."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+
+
+_ASCII_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_fold(name: bytes) -> bytes:
+    """A name as miniz compares it when torch looks a record up: ASCII letters folded to
+    lower case, every other byte as is (``mz_zip_reader_locate_file`` without
+    ``MZ_ZIP_FLAG_CASE_SENSITIVE``)."""
+    return name.translate(_ASCII_LOWER)

@@ -132,7 +132,9 @@ class OrderedDictStandIn(dict[Any, Any]):
     """``collections.OrderedDict`` as the pickle builds it: a dict (insertion-ordered) with
     no instance ``__dict__``, so a BUILD cannot shadow ``items`` or ``get``, which the
     flattening calls. ``nn.Module.state_dict()`` BUILDs its ``_metadata`` (module versions)
-    onto it: accepted and dropped, it holds no weights."""
+    onto it: accepted and dropped, it holds no weights. The reading's own subclass
+    (``RestrictedUnpickler._ordered_dict_type``) records any other state, which torch would
+    set and this stand-in does not model."""
 
     __slots__ = ()
 

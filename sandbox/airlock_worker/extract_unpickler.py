@@ -9,7 +9,7 @@ import math
 import pickle
 from typing import Any, Protocol
 
-from airlock_sandbox.contract import TENSOR_ATTRIBUTES_GLOBAL
+from airlock_sandbox.contract import DICT_ATTRIBUTES_GLOBAL, TENSOR_ATTRIBUTES_GLOBAL
 
 from .extract_archive import Archive
 from .extract_errors import NOT_EXTRACTABLE, Refused, Unextractable
@@ -121,9 +121,10 @@ def check_storage_id(pid: tuple[Any, ...]) -> tuple[StorageType, str, int]:
     if not isinstance(storage_type, StorageType):
         name = getattr(storage_type, "global_name", type(storage_type).__name__)
         raise Unextractable(f"{NOT_EXTRACTABLE}: storage type {name}")
-    if isinstance(key, bytes):
-        key = key.decode("ascii", "replace")
     if not isinstance(key, str):
+        # torch names the record f"data/{key}": a bytes key b"0" (SHORT_BINBYTES, which its
+        # weights_only loader refuses, so the converter loads the file fully) is the
+        # record "data/b'0'" there, not "data/0". No torch.save writes one.
         raise Refused("storage key is not a string")
     return storage_type, key, _int(numel, "storage size") * storage_type.dtype.itemsize
 
@@ -137,6 +138,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(stream, encoding="utf-8")  # as torch.load passes
         self._archive = archive
         self._storages: dict[str, Storage] = {}
+        self._record_keys: dict[str, str] = {}
         self._jar = PoisonJar()
         calls = {
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
@@ -152,7 +154,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         }
         self.allowed: dict[tuple[str, str], Any] = {
             **{key: _Allowed(f"{key[0]}.{key[1]}", fn) for key, fn in calls.items()},
-            ("collections", "OrderedDict"): OrderedDictStandIn,
+            ("collections", "OrderedDict"): self._ordered_dict_type(),
             ("torch", "Tensor"): TENSOR_TYPE,
             ("torch._tensor", "Tensor"): TENSOR_TYPE,
             ("torch.nn.parameter", "Parameter"): PARAMETER_TYPE,
@@ -167,6 +169,32 @@ class RestrictedUnpickler(pickle.Unpickler):
     @property
     def poisoned(self) -> list[str]:
         return self._jar.poisoned
+
+    def _ordered_dict_type(self) -> type[OrderedDictStandIn]:
+        """``collections.OrderedDict`` for this reading: a BUILD on one is
+        :meth:`_dict_attributes`'s to judge."""
+        judge = self._dict_attributes
+
+        class OrderedDict(OrderedDictStandIn):
+            __slots__ = ()
+
+            def __setstate__(self, state: Any) -> None:
+                judge(state)
+
+        return OrderedDict
+
+    def _dict_attributes(self, state: Any) -> None:
+        """A BUILD on an ``OrderedDict``: torch's ``weights_only`` loader puts the state in
+        its ``__dict__`` (``inst.__dict__.update(state)``), so ``items``, ``keys``, ``values``
+        or ``get`` there shadow the methods the converter's flattening (and
+        ``load_state_dict``) calls, and torch's dict lists other tensors than the reading,
+        which keeps no attributes, does. ``nn.Module.state_dict()`` sets only ``_metadata``
+        (module versions): dropped, as before. Anything else is recorded as a refused
+        global, so the reading never answers alone and the conversion is compared with it."""
+        if isinstance(state, dict) and all(
+                type(k) is str and k == "_metadata" for k in state):
+            return
+        self.poison_class(*DICT_ATTRIBUTES_GLOBAL.rsplit(".", 1))
 
     # -- the two hooks the pickle VM calls --------------------------------------------
 
@@ -188,6 +216,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         record = self._archive.record(f"data/{key}")
         if record is None:
             raise Refused(f"storage record data/{key[:80]} is missing")
+        other = self._record_keys.setdefault(record.orig_filename, key)
+        if other != key:  # "a" and "A": one record to torch's lookup, two storages
+            raise Refused(f"storages {other[:40]!r} and {key[:40]!r} are one record")
         self._archive.check(record)
         if record.file_size != nbytes:
             raise Refused(f"storage data/{key[:80]} holds {record.file_size} bytes, "

@@ -49,7 +49,7 @@ from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.contract import (
     MAX_REPORT_BYTES,
     OUTPUT_NAMES,
-    TENSOR_ATTRIBUTES_GLOBAL,
+    ATTRIBUTE_GLOBALS,
     JobMode,
     JobSpec,
     LoadingPolicy,
@@ -205,9 +205,9 @@ def may_have_run_code(refused: tuple[str, ...], policy: LoadingPolicy) -> bool:
     ``weights_only`` loader refuses such a global too (or allows one of its own), and the
     converter then falls back to a full load, which runs it; code that ran there can make
     its sandbox report that none did, so that report is not believed. A tensor's
-    attributes (``TENSOR_ATTRIBUTES_GLOBAL``) name no code."""
+    attributes, or an ``OrderedDict``'s (``ATTRIBUTE_GLOBALS``), name no code."""
     return policy is LoadingPolicy.ALLOW_CODE and any(
-        name != TENSOR_ATTRIBUTES_GLOBAL for name in refused)
+        name not in ATTRIBUTE_GLOBALS for name in refused)
 
 
 def _refused_sentence(reading: Extraction | None, policy: LoadingPolicy) -> str:
