@@ -45,6 +45,8 @@ class DType:
     def __str__(self) -> str:  # as str(torch.float32), should a dtype be a dict key
         return f"torch.{self.name}"
 
+    __repr__ = __str__  # as repr(torch.float32), inside a tuple key: "(torch.float32,)"
+
 
 DType.__name__ = "dtype"  # "skipped x (dtype)", as the converter's warning says
 
@@ -71,6 +73,11 @@ class StorageType:
 
     __setstate__ = refuse_build
 
+    def __str__(self) -> str:  # torch's StorageType prints otherwise
+        raise Unextractable(f"{NOT_EXTRACTABLE}: a dict key is a storage type")
+
+    __repr__ = __str__
+
 
 STORAGE_TYPES: dict[tuple[str, str], StorageType] = {
     ("torch", f"{prefix}Storage"): StorageType(f"{prefix}Storage", DTYPES[name])
@@ -91,11 +98,17 @@ class device(str):  # named as torch's, for the "skipped" warnings
 
     __slots__ = ()
 
+    def __repr__(self) -> str:  # as torch's, inside a tuple key: "(device(type='cpu'),)"
+        kind, _, index = self.partition(":")
+        return f"device(type='{kind}', index={index})" if index else f"device(type='{kind}')"
+
 
 class layout(str):
     """Stand-in for ``torch.layout`` (``torch.serialization.get_layout``)."""
 
     __slots__ = ()
+
+    __repr__ = str.__str__  # as repr(torch.strided): "torch.strided", no quotes
 
 
 class Size(tuple[int, ...]):
@@ -153,6 +166,11 @@ class _TypeMarker:
     name: str
 
     __setstate__ = refuse_build
+
+    def __str__(self) -> str:  # a dict key torch would print as "<class ...>"
+        raise Unextractable(f"{NOT_EXTRACTABLE}: a dict key is {self.name}")
+
+    __repr__ = __str__
 
 
 TENSOR_TYPE = _TypeMarker("torch.Tensor")

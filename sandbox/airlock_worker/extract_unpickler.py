@@ -86,6 +86,11 @@ class _Allowed:
 
     __setstate__ = refuse_build
 
+    def __repr__(self) -> str:  # torch's function prints with its address
+        raise Unextractable(f"{NOT_EXTRACTABLE}: a dict key is {self.name}")
+
+    __str__ = __repr__
+
 
 def _int(value: Any, what: str) -> int:
     if type(value) is not int:
@@ -175,8 +180,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         :meth:`_dict_attributes`'s to judge."""
         judge = self._dict_attributes
 
-        class OrderedDict(OrderedDictStandIn):
+        class OrderedDict(OrderedDictStandIn):  # prints as torch's, should it be a key
             __slots__ = ()
+            __module__ = "collections"
+            __qualname__ = "OrderedDict"
 
             def __setstate__(self, state: Any) -> None:
                 judge(state)
@@ -211,6 +218,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         storage_type, key, nbytes = check_storage_id(pid)
         cached = self._storages.get(key)  # as torch: the first reference defines the storage
         if cached is not None:
+            if cached.nbytes == 0 and cached.dtype != storage_type.dtype:
+                # torch keeps only a storage with data (its data_ptr is not 0): without
+                # mmap an empty one is made again with each reference's dtype, with mmap
+                # the first is kept. The two loads give its tensors different dtypes.
+                raise Refused(f"empty storage data/{key[:80]} is referenced as "
+                              f"{cached.dtype} and as {storage_type.dtype}")
             return cached
         assert isinstance(self._archive, Archive)
         record = self._archive.record(f"data/{key}")

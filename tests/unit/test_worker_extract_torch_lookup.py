@@ -180,4 +180,38 @@ def test_storage_keys_that_torch_finds_in_one_record_are_refused(tmp_path: Path)
     _write_zip(artifact, entries)
     assert torch.load(artifact, weights_only=True)["v"].tolist() == t.tolist()
     ext = extract_only(tmp_path, artifact)
-    assert ext.error is not None and "one record" in ext.error.message
+    assert ext.error is not None  # (before the lookup folded case: "data/A is missing")
+
+
+def test_an_empty_storage_referenced_with_two_dtypes_is_refused(tmp_path: Path) -> None:
+    """torch caches only storages with data: a plain ``torch.load`` makes an empty storage
+    again for each reference (``b`` is float64), ``mmap=True`` (the converter) keeps the
+    first (float32), and so did the reading, which answered alone for a dtype torch.load
+    does not give."""
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.zeros(0), "b": torch.zeros(0, dtype=torch.float64),
+                "w": torch.ones(2)}, src)
+    entries = []
+    for name, flag, data in _entries(src):
+        if name.endswith(b"/data.pkl"):  # b's storage is a's: key "1" -> "0"
+            data = data.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000")
+        if not name.endswith(b"/data/1"):
+            entries.append((name, flag, data))
+    artifact = tmp_path / "empty.pt"
+    _write_zip(artifact, entries)
+    assert torch.load(artifact, weights_only=True)["b"].dtype is torch.float64
+    ext = extract_only(tmp_path, artifact)
+    assert ext.error is not None and "empty storage" in ext.error.message
+
+
+def test_tuple_keys_of_dtypes_and_devices_are_named_as_torch_names_them(tmp_path: Path) -> None:
+    """A key ``(torch.float32,)`` is the tensor name ``m.(torch.float32,)`` to the converter;
+    the reading printed its stand-ins' own reprs (``m.(DType(name='float32', ...),)``,
+    ``m.('cpu',)``) and answered alone with names torch's state dict does not have."""
+    artifact = tmp_path / "keys.pt"
+    torch.save({"m": {(torch.float32,): torch.ones(2), (torch.device("cpu"),): torch.zeros(2),
+                      (torch.device("cpu", 0),): torch.ones(3), torch.float16: torch.ones(1),
+                      (torch.Size([2]),): torch.ones(4), (collections.OrderedDict,): torch.ones(5)}},
+               artifact)
+    _answers_only_as_torch(tmp_path, artifact)
+    assert extract_only(tmp_path / "again", artifact).report.refused_globals == []
