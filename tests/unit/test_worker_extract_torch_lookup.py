@@ -114,7 +114,7 @@ def test_an_ordered_dict_whose_items_torch_shadows_is_not_answered_alone(
     torch.save({"enc": enc, "dec": {"w": torch.ones(2)}}, src)
     entries = []
     for name, flag, data in _entries(src):
-        if name.endswith(b"/data.pkl"):  # BUILD state {'_metadata': 'MARKER'} -> {'items': OrderedDict}
+        if name.endswith(b"/data.pkl"):  # BUILD {'_metadata': 'MARKER'} -> {'items': OrderedDict}
             end = data.index(b"X\x06\x00\x00\x00MARKER") + 11
             start = data.rindex(b"X\t\x00\x00\x00_metadata", 0, end)
             data = (data[:start] + b"X\x05\x00\x00\x00items"
@@ -211,7 +211,7 @@ def test_tuple_keys_of_dtypes_and_devices_are_named_as_torch_names_them(tmp_path
     artifact = tmp_path / "keys.pt"
     torch.save({"m": {(torch.float32,): torch.ones(2), (torch.device("cpu"),): torch.zeros(2),
                       (torch.device("cpu", 0),): torch.ones(3), torch.float16: torch.ones(1),
-                      (torch.Size([2]),): torch.ones(4), (collections.OrderedDict,): torch.ones(5)}},
-               artifact)
+                      (torch.Size([2]),): torch.ones(4),
+                      (collections.OrderedDict,): torch.ones(5)}}, artifact)
     _answers_only_as_torch(tmp_path, artifact)
     assert extract_only(tmp_path / "again", artifact).report.refused_globals == []

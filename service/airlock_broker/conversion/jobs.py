@@ -47,9 +47,9 @@ from airlock_broker.tracing import NO_TRACE, Trace
 from airlock_broker.validation.files import read_report
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_sandbox.contract import (
+    ATTRIBUTE_GLOBALS,
     MAX_REPORT_BYTES,
     OUTPUT_NAMES,
-    ATTRIBUTE_GLOBALS,
     JobMode,
     JobSpec,
     LoadingPolicy,
