@@ -73,6 +73,8 @@ class _Allowed:
     or bound method would let BUILD set attributes on it)."""
 
     __slots__ = ("_fn", "name")
+    _fn: Any
+    name: str
 
     def __init__(self, name: str, fn: Any) -> None:
         object.__setattr__(self, "name", name)
