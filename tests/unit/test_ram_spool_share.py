@@ -127,18 +127,25 @@ def test_a_callers_stalled_upload_cannot_send_everyone_elses_jobs_down_the_cold_
         try:
             waiter.start()
             _wait_for_upload(spool)
-            src = tmp_path / "bob.bin"
-            src.write_bytes(INPUT)
-            with Client(address, token=bob, retry_attempts=1, local_transfer=False) as client:
-                client.convert(src, tmp_path / "bob.safetensors", target="safetensors")
-            record = _last_audit(spool, "bob")
-            assert record["input_room"] == {"ram": True, "bytes": len(INPUT)}
-            assert record["warm_container"] is True
+            _bob_converts_from_ram_on_a_warm_container(address, bob, tmp_path, spool)
         finally:
             hold.set()
             call.cancel()
             waiter.join(60)
             channel.close()
+
+
+def _bob_converts_from_ram_on_a_warm_container(address: str, bob: str, tmp_path: Path,
+                                               spool: Path) -> None:
+    """Another caller's conversion, while mallory holds what she can: its input was kept in
+    the RAM spool and its job took a warm container (its audit record says both)."""
+    src = tmp_path / "bob.bin"
+    src.write_bytes(INPUT)
+    with Client(address, token=bob, retry_attempts=1, local_transfer=False) as client:
+        client.convert(src, tmp_path / "bob.safetensors", target="safetensors")
+    record = _last_audit(spool, "bob")
+    assert record["input_room"] == {"ram": True, "bytes": len(INPUT)}
+    assert record["warm_container"] is True
 
 
 def _wait_for_upload(spool: Path) -> None:
@@ -197,12 +204,6 @@ def test_inputs_sent_whole_count_in_their_callers_share_until_their_jobs_end(
             while len(backend.specs) < n + 1:  # its job runs (and sleeps)
                 assert time.monotonic() < deadline, "mallory's job never ran"
                 time.sleep(0.02)
-        bob_src = tmp_path / "bob.bin"
-        bob_src.write_bytes(INPUT)
-        with Client(address, token=bob, retry_attempts=1, local_transfer=False) as client:
-            client.convert(bob_src, tmp_path / "bob.safetensors", target="safetensors")
-        record = _last_audit(spool, "bob")
-        assert record["input_room"] == {"ram": True, "bytes": len(INPUT)}
-        assert record["warm_container"] is True
+        _bob_converts_from_ram_on_a_warm_container(address, bob, tmp_path, spool)
     for thread in threads:  # the broker's stop cancelled mallory's jobs
         thread.join(60)
