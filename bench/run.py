@@ -41,6 +41,7 @@ import ast
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -686,6 +687,10 @@ def run_guarded(results: dict[str, Any], sid: str, fn: Callable[[], Any]) -> Non
         results[sid]["scenario_wall_s"] = round(time.monotonic() - began, 1)
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -723,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: the broker must run as root (it mounts each job's output tmpfs)",
               file=sys.stderr)
         return 2
+    # A SIGTERM (a timeout, a pkill) unwinds like Ctrl-C, through the finally blocks that stop
+    # the brokers and remove the work directory: Python's default ended the process where it
+    # stood, and its broker ran on with its work directory gone.
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     log("importing the baseline's libraries")
     baseline.import_libraries()
