@@ -26,9 +26,9 @@ def test_warmed_up_raising_ends_the_hold_and_release_clears(tmp_path: Path) -> N
         slot = await pools.acquire("sklearn")
         assert slot.slot_id in sk.held_back
         await _until(lambda: slot.slot_id not in sk.held_back)
-        assert slot.slot_id in sk.to_hasten and slot.slot_id not in backend.hastened
+        assert slot.slot_id in sk.importing_taken and slot.slot_id not in backend.hastened
         await pools.release(slot)
-        assert not sk.to_hasten and not sk.importing_taken and not sk.held_back
+        assert not sk.importing_taken and not sk.held_back
         await _until(lambda: pools._follower is None or pools._follower.done()
                      or not sk.batches.importing)
 
@@ -50,7 +50,7 @@ def test_slots_taken_importing_before_a_restart_are_hastened_once(
         await asyncio.sleep(0.2)
         for s in (a, b):
             assert backend.hastened.count(s.slot_id) == 1
-        assert not sk.to_hasten and not sk.importing_taken and not sk.held_back
+        assert not sk.importing_taken and not sk.held_back
         await pools.release(a)
         await pools.release(b)
 

@@ -51,12 +51,10 @@ class Pool:
     #: Jobs waiting for a container being started (``acquire``): each raises the pool's
     #: target by one, up to ``max_warm``.
     waiting: int = 0
-    #: Jobs (their slot ids) that took a container whose worker had not said it was ready,
-    #: until it says so or is released.
-    importing_taken: set[str] = field(default_factory=set)
-    #: The same jobs, with when each took its container: their CPU weight is raised once
-    #: their worker says it is warmed up (pools.py ``_follow_imports``).
-    to_hasten: dict[str, tuple[Slot, float]] = field(default_factory=dict)
+    #: Jobs that took a container whose worker had not said it was ready (slot id -> the
+    #: slot, and when it was taken), until it says so or is released: their CPU weight is
+    #: raised once their worker says it is warmed up (pools.py ``_follow_imports``).
+    importing_taken: dict[str, tuple[Slot, float]] = field(default_factory=dict)
     #: Of those, the ones counted as held back by its imports (for sizing, pool_demand.py):
     #: until it says it is warmed up, it is released, or ``HELD_BACK_MAX_REFILLS`` learned
     #: refill times have passed (pools.py: the mark is the sandbox's word, and an artifact

@@ -185,13 +185,12 @@ class Pools:
                     # exists. One still importing stays among them, as one of them.
                     self.backend.hasten(warm.slot)
                 else:  # the job waits for its imports
-                    pool.importing_taken.add(warm.slot.slot_id)
+                    pool.importing_taken[warm.slot.slot_id] = (warm.slot, time.monotonic())
                     pool.held_back.add(warm.slot.slot_id)
                     pool.demand.stall_began(time.monotonic())
                     # It imports at the refills' weight, as one of them (raised now, it would
                     # get ready alone, the refills one at a time); its job, which starts once
                     # it is warmed up, runs at the default weight, however long that takes.
-                    pool.to_hasten[warm.slot.slot_id] = (warm.slot, time.monotonic())
                     self._follow(pool.batches.join(warm.slot, time.monotonic())
                                  if self.settings.import_in_batches else [])
                 self._defer_replacement(pool, warm.slot.slot_id)
@@ -266,8 +265,7 @@ class Pools:
         pool = self.pools.get(slot.profile)
         if pool is not None:
             pool.busy = max(0, pool.busy - 1)
-            pool.to_hasten.pop(slot.slot_id, None)
-            pool.importing_taken.discard(slot.slot_id)
+            pool.importing_taken.pop(slot.slot_id, None)
             _end_hold(pool, slot.slot_id)
         task = asyncio.create_task(self._retire(pool, slot, answered),
                                    name=f"destroy-{slot.slot_id}")
@@ -480,11 +478,10 @@ class Pools:
             for pool in self.pools.values():
                 longest = min(BATCH_MAX_SECONDS,
                               HELD_BACK_MAX_REFILLS * pool.demand.refill_seconds)
-                for slot_id, (slot, taken) in list(pool.to_hasten.items()):
+                for slot_id, (slot, taken) in list(pool.importing_taken.items()):
                     if self._warmed_up(slot):
-                        del pool.to_hasten[slot_id]
+                        del pool.importing_taken[slot_id]
                         self.backend.hasten(slot)
-                        pool.importing_taken.discard(slot_id)
                         _end_hold(pool, slot_id)  # its job runs: no longer held back
                     elif now - taken > longest:
                         _end_hold(pool, slot_id)
@@ -492,7 +489,7 @@ class Pools:
                     self.backend.let_import(slot)
 
     def _nothing_to_follow(self) -> bool:
-        return all(pool.batches.idle and not pool.to_hasten for pool in self.pools.values())
+        return all(pool.batches.idle and not pool.importing_taken for pool in self.pools.values())
 
     def _still_importing(self, slot: Slot) -> bool:
         """Whether ``slot`` waits in its pool or for its job's imports, and has not said it
