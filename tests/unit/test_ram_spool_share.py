@@ -91,10 +91,7 @@ def _last_audit(spool: Path, principal: str) -> dict[str, Any]:
 
 def test_a_callers_stalled_upload_cannot_send_everyone_elses_jobs_down_the_cold_path(
         tmp_path: Path, disk: SpoolDisk) -> None:
-    mallory, bob = mint_token(), mint_token()
-    auth = AuthConfig(tokens=(
-        TokenEntry("mallory", frozenset({Role.CONVERT}), token_digest(mallory)),
-        TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(bob))))
+    mallory, bob, auth = _two_callers()
     spool = tmp_path / "spool"
     budget = 16 * MiB
     settings = BrokerConfig(
@@ -135,6 +132,14 @@ def test_a_callers_stalled_upload_cannot_send_everyone_elses_jobs_down_the_cold_
             channel.close()
 
 
+def _two_callers() -> tuple[str, str, AuthConfig]:
+    """Tokens of mallory and bob, each with the convert role, and the broker's auth for them."""
+    mallory, bob = mint_token(), mint_token()
+    return mallory, bob, AuthConfig(tokens=(
+        TokenEntry("mallory", frozenset({Role.CONVERT}), token_digest(mallory)),
+        TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(bob))))
+
+
 def _bob_converts_from_ram_on_a_warm_container(address: str, bob: str, tmp_path: Path,
                                                spool: Path) -> None:
     """Another caller's conversion, while mallory holds what she can: its input was kept in
@@ -167,10 +172,7 @@ def test_inputs_sent_whole_count_in_their_callers_share_until_their_jobs_end(
     for as long, as with one stalled upload."""
     from tests.unit.test_broker import PICKLE
 
-    mallory, bob = mint_token(), mint_token()
-    auth = AuthConfig(tokens=(
-        TokenEntry("mallory", frozenset({Role.CONVERT}), token_digest(mallory)),
-        TokenEntry("bob", frozenset({Role.CONVERT}), token_digest(bob))))
+    mallory, bob, auth = _two_callers()
     spool = tmp_path / "spool"
     budget = 16 * MiB
     sleeper = PICKLE + b"\x02" * (budget // 2 - 64 * 1024 - len(PICKLE))  # two fit
