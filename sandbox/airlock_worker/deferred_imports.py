@@ -1,4 +1,4 @@
-"""SciPy packages a sklearn container imports only when its job uses them.
+"""SciPy and numpy packages a sklearn container imports only when its job uses them.
 
 scikit-learn imports ``scipy.stats`` (``sklearn.utils.fixes``), ``scipy.interpolate``
 (``sklearn.preprocessing._polynomial``, for ``SplineTransformer``) and ``scipy.integrate``
@@ -16,6 +16,12 @@ Measured in the sandbox image, ``--cpus 1``, on a quiet machine:
   against 0.74; 1501 modules against 1566. ``scipy.optimize`` is imported all the same
   (``sklearn.linear_model`` imports its submodules by name), so only their own code and
   ``scipy.interpolate``'s splines go.
+- ``numpy.f2py`` and ``numpy.testing`` (2026-12-07, eight runs each, alternating, on a busy
+  machine): SciPy's array-API layer runs ``from numpy import *``, which imports every
+  subpackage numpy lists, the Fortran wrapper generator and the test helpers among them;
+  skl2onnx and onnxmltools bind three ``numpy.testing`` asserts at import. 0.630-0.749
+  CPU-s with them, 0.626-0.826 deferred, median 0.709 against 0.656; 1501 modules against
+  1480. (``numpy.ma`` stays: ``sklearn.model_selection`` binds its ``MaskedArray`` class.)
 
 So the warm-up puts a stand-in module under the package's name (``defer``) before scikit-learn
 imports it. Nothing is changed about what a job may do or what it computes; only when the
@@ -59,6 +65,10 @@ EARLY: dict[str, frozenset[str]] = {
     "scipy.stats": frozenset({"chi2", "gmean", "rankdata", "spearmanr"}),
     "scipy.interpolate": frozenset({"BSpline"}),  # only its attributes are read (no isinstance)
     "scipy.integrate": frozenset({"trapezoid"}),
+    "numpy.f2py": frozenset(),
+    # skl2onnx.helpers.investigate, onnxmltools.utils.utils_backend: functions only
+    "numpy.testing": frozenset({"assert_almost_equal", "assert_array_almost_equal",
+                                "assert_array_equal"}),
 }
 
 

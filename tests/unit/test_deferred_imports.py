@@ -1,9 +1,9 @@
-"""A sklearn container defers ``scipy.stats``, ``scipy.interpolate`` and ``scipy.integrate``
-until its job uses them (airlock_worker.deferred_imports): the warm-up must not import them
-with the pinned scikit-learn, and a job must compute the same either way: the same ONNX bytes
-and reports, the same SciPy results through the names scikit-learn bound early, and one module
-object per submodule when an unpickled object names a submodule before anything used the
-package.
+"""A sklearn container defers ``scipy.stats``, ``scipy.interpolate``, ``scipy.integrate``,
+``numpy.f2py`` and ``numpy.testing`` until its job uses them (airlock_worker.deferred_imports):
+the warm-up must not import them with the pinned scikit-learn, and a job must compute the same
+either way: the same ONNX bytes and reports, the same results through the names scikit-learn
+and the converters bound early, and one module object per submodule when an unpickled object
+names a submodule before anything used the package.
 
 No artifact is loaded: the models are built (fitted) in the test's own processes, and the two
 pickles are made here, of a SciPy distribution and of a fitted ``SplineTransformer`` (whose
@@ -85,28 +85,49 @@ def early_names():
             float(_ranking.auc([0.0, 0.5, 1.0], [0.0, 0.75, 1.0])),
             float(_polynomial.BSpline.construct_fast(
                 np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0]), 2)(0.5)),
-            SplineTransformer(n_knots=3, degree=2).fit(x).transform(x).round(12).tolist()]
+            SplineTransformer(n_knots=3, degree=2).fit(x).transform(x).round(12).tolist(),
+            numpy_asserts()]
+
+def numpy_asserts():
+    """The numpy.testing names the converters bound: they pass and fail as numpy's own."""
+    from skl2onnx.helpers import investigate
+    from onnxmltools.utils import utils_backend
+    checks = ((investigate.assert_almost_equal, 1.0, 1.0 + 1e-9, 1.0, 1.1),
+              (utils_backend.assert_array_almost_equal, [1.0, 2.0], [1.0, 2.0], [1.0], [1.5]),
+              (utils_backend.assert_array_equal, [1, 2], [1, 2], [1, 2], [1, 3]))
+    out = []
+    for check, same, close, one, other in checks:
+        check(same, close)
+        try:
+            check(one, other)
+            out.append("passed")
+        except AssertionError:
+            out.append("failed")
+    return out
 
 if variant == "submodule-first":
     out["unpickled"], out["early_names"] = unpickled(), early_names()
 else:
     out["early_names"], out["unpickled"] = early_names(), unpickled()
-import scipy, scipy.stats, scipy.interpolate, scipy.integrate
-out["real_module_in_place"] = all(
-    sys.modules[package] is getattr(scipy, package.split(".")[1])
-    and type(sys.modules[package]) is type(os) for package in packages) and all(
-    hasattr(module, name) for module, name in ((scipy.stats, "norm"),
-                                               (scipy.interpolate, "BSpline"),
-                                               (scipy.integrate, "quad")))
+import scipy, scipy.stats, scipy.interpolate, scipy.integrate, numpy.f2py, numpy.testing
+# Reading a name loads a package nothing used yet (numpy.f2py's, here).
+names_read = all(hasattr(module, name) for module, name in (
+    (scipy.stats, "norm"), (scipy.interpolate, "BSpline"), (scipy.integrate, "quad"),
+    (numpy.f2py, "run_main"), (numpy.testing, "assert_allclose")))
+out["real_module_in_place"] = names_read and all(
+    sys.modules[package] is getattr(sys.modules[package.rpartition(".")[0]],
+                                    package.rpartition(".")[2])
+    and type(sys.modules[package]) is type(os) for package in packages)
 print("RESULT " + json.dumps(out, sort_keys=True))
 '''
 
 VARIANTS = ("eager", "names-first", "submodule-first")
-#: What the warm-up leaves unimported (about 0.25 CPU-s of a sklearn container's start).
-DEFERRED = ("scipy.stats", "scipy.interpolate", "scipy.integrate")
+#: What the warm-up leaves unimported (about 0.3 CPU-s of a sklearn container's start).
+DEFERRED = ("scipy.stats", "scipy.interpolate", "scipy.integrate", "numpy.f2py",
+            "numpy.testing")
 
 
-def test_deferred_scipy_packages_are_not_imported_by_the_warm_up_and_change_no_result(
+def test_deferred_packages_are_not_imported_by_the_warm_up_and_change_no_result(
         tmp_path: Path) -> None:
     frozen = pickle.dumps(scipy.stats.uniform(loc=1.0, scale=2.0)).hex()
     spline = pickle.dumps(SplineTransformer(n_knots=4).fit(np.linspace(0, 2, 9)[:, None])).hex()
@@ -129,6 +150,7 @@ def test_deferred_scipy_packages_are_not_imported_by_the_warm_up_and_change_no_r
     assert {key: eager["unpickled"][key] for key in ("value", "isinstance", "one_module")} \
         == {"value": 1.5, "isinstance": True, "one_module": True}
     assert len(eager["unpickled"]["splines"]) == 3
+    assert eager["early_names"][-1] == ["failed"] * 3  # each forwarded assert still asserts
     assert eager["real_module_in_place"] is True
     assert set(eager) == {"pipeline", "forest", "unpickled", "early_names",
                           "real_module_in_place"}
