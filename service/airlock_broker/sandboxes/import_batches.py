@@ -24,8 +24,11 @@ against 114-282 (median 235), the mean 539-633 ms against 572-821: fewer contain
 once, so they cost less CPU together.
 
 A hint-driven speed, never a decision: a container's ready mark only moves weights, and a
-container that never says it is ready leaves its batch after ``BATCH_MAX_SECONDS``. Pure
-bookkeeping: pools.py asks which slots still import and applies what this returns.
+container that never says it is ready leaves its batch after ``BATCH_MAX_SECONDS``; one a
+job took, once its job no longer counts as held back by its imports (a few learned refill
+times at most, pools.py ``HELD_BACK_MAX_REFILLS``: its artifact may remove the mark before
+the broker saw it). Pure bookkeeping: pools.py asks which slots still import and applies
+what this returns.
 """
 
 from __future__ import annotations

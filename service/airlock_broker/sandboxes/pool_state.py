@@ -33,7 +33,12 @@ class Pool:
 
     profile: str
     warm: deque[Warm] = field(default_factory=deque)
+    #: Starts under way (or waiting for their turn): jobs that find the pool empty wait for
+    #: one (``wait_for_starting_seconds``).
     starting: int = 0
+    #: Starts that failed, each waiting out its back-off: they are no start, so no job waits
+    #: for one, but they hold their place in the pool meanwhile (nothing starts instead).
+    backing_off: int = 0
     busy: int = 0
     failed_starts: int = 0
     served_warm: int = 0
@@ -55,10 +60,11 @@ class Pool:
     #: slot, and when it was taken), until it says so or is released: their CPU weight is
     #: raised once their worker says it is warmed up (pools.py ``_follow_imports``).
     importing_taken: dict[str, tuple[Slot, float]] = field(default_factory=dict)
-    #: Of those, the ones counted as held back by its imports (for sizing, pool_demand.py):
-    #: until it says it is warmed up, it is released, or ``HELD_BACK_MAX_REFILLS`` learned
-    #: refill times have passed (pools.py: the mark is the sandbox's word, and an artifact
-    #: can take it away before the broker saw it).
+    #: Of those, the ones counted as held back by its imports (for sizing, pool_demand.py),
+    #: their containers as still importing (for their batch, import_batches.py): until it
+    #: says it is warmed up, it is released, or ``HELD_BACK_MAX_REFILLS`` learned refill
+    #: times have passed (pools.py: the mark is the sandbox's word, and an artifact can take
+    #: it away before the broker saw it).
     held_back: set[str] = field(default_factory=set)
     #: Set (and replaced) whenever a start ends or a deferral does: waiters look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)

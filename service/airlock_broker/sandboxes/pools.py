@@ -46,11 +46,13 @@ log = logging.getLogger(__name__)
 #: (a stat of its marker): its job starts then, and runs at the default CPU weight.
 WARMED_UP_POLL_SECONDS = 0.02
 #: A job that took a container still importing counts as held back by its imports (the
-#: clock bursts are counted on stops, pool_demand.py) until the container says it is warmed
-#: up, and for at most this many learned refill times (never beyond ``BATCH_MAX_SECONDS``):
-#: the mark is the sandbox's word, and the job's artifact may remove it before it is seen;
-#: held back for its whole run (up to its deadline), it made every other caller's job of
-#: the window count as one burst.
+#: clock bursts are counted on stops, pool_demand.py), and its container as one of its
+#: batch's imports (import_batches.py), until the container says it is warmed up, its job
+#: is released, or at most this many learned refill times have passed (never beyond
+#: ``BATCH_MAX_SECONDS``): the mark is the sandbox's word, and the job's artifact may remove
+#: it before it is seen; held back for its whole run (up to its deadline), it made every
+#: other caller's job of the window count as one burst, and held the pool's next refills'
+#: imports for 30 s.
 HELD_BACK_MAX_REFILLS = 4
 
 
@@ -422,6 +424,7 @@ class Pools:
     async def _start_one(self, pool: Pool) -> None:
         generation = pool.generation
         began = time.monotonic()
+        starting = True  # (``_fill`` counted it)
         try:
             async with self._starts.turn(pool.profile):
                 slot = await self.backend.prepare(pool.profile)
@@ -444,12 +447,24 @@ class Pools:
             pool.failed_starts += 1
             pool.failures_in_a_row += 1
             log.warning("warm %s container failed to start: %s", pool.profile, exc)
-            # Backs off on consecutive failures only; an engine recovery cuts the wait short.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6))):
-                    await self._recovered.wait()
-        finally:
+            # No start from here: a job waiting for one looks again now (and takes the cold
+            # path if nothing else starts), not after the back-off (up to 30 s); counted
+            # as starting meanwhile, it kept jobs waiting up to ``wait_for_starting_seconds``.
             pool.starting -= 1
+            starting = False
+            pool.backing_off += 1
+            pool.signal()
+            try:
+                # Backs off on consecutive failures only; an engine recovery cuts it short.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                            min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6))):
+                        await self._recovered.wait()
+            finally:
+                pool.backing_off -= 1
+        finally:
+            if starting:
+                pool.starting -= 1
             pool.signal()
             self._wake.set()
 
@@ -492,13 +507,16 @@ class Pools:
         return all(pool.batches.idle and not pool.importing_taken for pool in self.pools.values())
 
     def _still_importing(self, slot: Slot) -> bool:
-        """Whether ``slot`` waits in its pool or for its job's imports, and has not said it
-        is warmed up. (One taken by a job while its liveness is checked counts as gone for
-        a moment: if its job keeps it, ``_take_warm`` puts it back in the batch.)"""
+        """Whether ``slot`` waits in its pool, or its job is held back by its imports, and it
+        has not said it is warmed up. A job's container is importing exactly as long as its
+        job is held back (``_follow_imports`` decides, for the sizing and the batch alike):
+        its artifact may remove the mark before it was seen, and the batch waited for it up
+        to ``BATCH_MAX_SECONDS``. (One taken by a job while its liveness is checked counts as
+        gone for a moment: if its job keeps it, ``_take_warm`` puts it back in the batch.)"""
         pool = self.pools.get(slot.profile)
         if pool is None:
             return False
-        waiting = slot.slot_id in pool.importing_taken or any(
+        waiting = slot.slot_id in pool.held_back or any(
             warm.slot is slot for warm in pool.warm)
         return waiting and self._warmed_up(slot) is False
 
@@ -596,8 +614,10 @@ def _end_hold(pool: Pool, slot_id: str) -> None:
 
 
 def _held(pool: Pool) -> int:
-    """Containers that fill ``pool``: warm, starting, being checked, or deferred."""
-    return len(pool.warm) + pool.starting + pool.checking + len(pool.deferred)
+    """Containers that fill ``pool``: warm, starting (or a failed start backing off), being
+    checked, or deferred."""
+    return (len(pool.warm) + pool.starting + pool.backing_off + pool.checking
+            + len(pool.deferred))
 
 
 def _mib(profile: str) -> int:
