@@ -322,6 +322,60 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
     assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
 
 
+def test_a_validator_forked_for_a_cancelled_job_is_not_left_to_the_pools_close(
+    tmp_path: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job that finds its slot empty (the slot's replacement failed) forks a validator itself;
+    # cancelled while that fork runs, the validator it forks must still belong to the slot.
+    # It was dropped: alive, one more than the pool's size, until the pool closed.
+    import threading
+
+    from airlock_broker.validation import onnx_pool
+
+    crash = write(tmp_path, "crash.onnx", fakes.CRASH)
+    good = write(tmp_path, "good.onnx", model_bytes)
+    real_spawn = onnx_pool.Template.spawn
+    forking, go_on = threading.Event(), threading.Event()
+
+    def no_processes(self: onnx_pool.Template, timeout: float,
+                     stderr_bytes: int) -> onnx_pool.Validator:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    def slow_spawn(self: onnx_pool.Template, timeout: float,
+                   stderr_bytes: int) -> onnx_pool.Validator:
+        forking.set()
+        go_on.wait(30)
+        return real_spawn(self, timeout, stderr_bytes)
+
+    def settled(pool: OnnxValidatorPool) -> bool:
+        return not pool._refills and pool._idle is not None and pool._idle.qsize() == 1
+
+    async def body(pool: OnnxValidatorPool) -> tuple[list[int], list[int], bytes]:
+        await until(lambda: pool.started == 1 and settled(pool))  # the spare is ready
+        monkeypatch.setattr(onnx_pool.Template, "spawn", no_processes)
+        with pytest.raises(AirlockError):
+            await pool.validate(crash)  # its replacement cannot start: the slot is empty
+        await until(lambda: settled(pool))
+        monkeypatch.setattr(onnx_pool.Template, "spawn", slow_spawn)
+        job = asyncio.ensure_future(pool.validate(good))
+        await until(forking.is_set)  # the job forks for the empty slot
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        monkeypatch.setattr(onnx_pool.Template, "spawn", real_spawn)
+        go_on.set()
+        await until(lambda: settled(pool))
+        live = pool.pids()
+        stray = [p for p in pool.forked if p not in live and alive(p)]
+        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        return live, stray, canonical
+
+    (live, stray, canonical), _pids = with_pool(ValidatorSettings(processes=1), body)
+    assert len(live) == 1, f"{len(live)} validators alive for one slot: {live}"
+    assert stray == []
+    assert canonical == validate_onnx_bytes(model_bytes, LIMITS)[0]
+
+
 def _status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -448,6 +502,58 @@ def test_a_validator_cannot_start_more_threads_than_its_task_limit(tmp_path: Pat
     assert counted, message
     # The limit counts every task of the uid (the template, this validator, any other's).
     assert int(counted.group(1)) < task_limit(1), message
+
+
+#: The uid that plays a broker that is not root: no account's, not the validators'.
+NOT_ROOT_UID = 64997
+
+
+#: CAP_SYS_ADMIN: one of the two capabilities that lift RLIMIT_NPROC (CAP_SYS_RESOURCE, the
+#: other, is outside this test machine's bounding set).
+CAP_SYS_ADMIN = 21
+
+
+@pytest.mark.parametrize("ambient", [None, CAP_SYS_ADMIN], ids=["plain", "holding-sys-admin"])
+def test_a_validator_of_a_broker_that_is_not_root_cannot_fork_and_has_a_task_limit(
+    ambient: int | None,
+) -> None:
+    # RLIMIT_NPROC counts the tasks of the validator's real uid, which is then the broker's
+    # own: it still binds, and the seccomp filter, not the rlimit, is what refuses a process.
+    # A broker that is not root but was given a capability (an ambient one, which every
+    # program it starts inherits) handed it to its validators: with CAP_SYS_ADMIN (or
+    # CAP_SYS_RESOURCE) the kernel lifted their RLIMIT_NPROC (1000 threads started) and they
+    # held CAP_SYS_ADMIN. The tests run as root, so a process that drops to a uid of its own
+    # plays that broker (onnx_pool_not_root).
+    import json
+    import pwd
+    import subprocess
+    import sys
+
+    with contextlib.suppress(KeyError):
+        pytest.fail(f"uid {NOT_ROOT_UID} is {pwd.getpwuid(NOT_ROOT_UID).pw_name!r}'s")
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.unit.onnx_pool_not_root", str(NOT_ROOT_UID),
+         *([] if ambient is None else [str(ambient)])],
+        capture_output=True, text=True, timeout=240, check=False,
+        cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    expected_uid = NOT_ROOT_UID if os.geteuid() == 0 else os.geteuid()
+    assert found["uid"] == expected_uid and found["full"] is False, found
+    status = found["status"]
+    assert status["Uid"].split() == [str(expected_uid)] * 4, status
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+    [max_tasks] = [line.split()[2:4] for line in found["limits"].splitlines()
+                   if line.startswith("Max processes ")]
+    assert max_tasks == [str(task_limit(1))] * 2, max_tasks
+    counted = re.fullmatch(r"threads (\d+) started, then can't start new thread",
+                           found["threads"])
+    assert counted and int(counted.group(1)) < task_limit(1), found["threads"]
+    denied = os.strerror(1)  # EPERM
+    assert found["syscalls"] == (f"syscalls {{'fork': '{denied}', 'socket': '{denied}', "
+                                 f"'kill': '{denied}'}}"), found["syscalls"]
+    for held in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+        assert int(status[held], 16) == 0, status
 
 
 #: /proc/sysvipc/<kind>: the column that holds each object's id.

@@ -16,9 +16,9 @@ template (``onnx_worker``), which never reads a model, prepares what every valid
    with an empty, read-only tmpfs (``pivot_root`` and a detached unmount of the old root): no
    spool, no keys, no results, no /proc, no sockets remain visible to it or its children;
 3. it drops to the validators' own uid/gid (``[onnx_validator] uid/gid``; supplementary groups
-   cleared first, then gid, then uid, real, effective and saved), which also empties its
-   capability sets, checks that it cannot get root back, and becomes non-dumpable (no process
-   of the same uid may trace it or read its memory);
+   cleared first, then gid, then uid, real, effective and saved), checks that it cannot get
+   root back, empties every capability set (below), and becomes non-dumpable (no process of
+   the same uid may trace it or read its memory);
 4. it sets ``PR_SET_NO_NEW_PRIVS``, so no exec can ever give it privileges again.
 
 Each validator it forks then adds a seccomp filter (``syscall_filter``) before it reads the
@@ -29,7 +29,12 @@ code is the same the broker runs.
 
 The file a validator checks is handed to it as an open, read-only descriptor by the broker, so
 it needs no path at all. Steps 1-3 need root; a broker that is not root (a developer's unit
-test run) gets step 4 and the seccomp filter only, and says so (:attr:`Confinement.full`). A
+test run) gets step 4, the seccomp filter and no capabilities only, and says so
+(:attr:`Confinement.full`). Its validators keep its uid, so their ``RLIMIT_NPROC`` counts its
+tasks too, and binds all the same: the kernel lifts it only for uid 0 and for a holder of
+``CAP_SYS_RESOURCE`` or ``CAP_SYS_ADMIN``. Such a broker may hold capabilities (ambient ones, from
+a service manager), which a uid change would have emptied and nothing else does: so the
+capability sets are emptied whoever the broker is, and checked empty (eleventh review). A
 root broker whose validators cannot confine themselves gets no validators: the template exits
 before it says ready, and validations fail with INTERNAL.
 
@@ -52,6 +57,8 @@ _PR_SET_DUMPABLE = 4
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
 _MNT_DETACH = 2
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 #: Where the empty root is mounted before it becomes "/" (any directory of the old root).
 _STAGING = b"/tmp"
@@ -76,7 +83,7 @@ class Confinement:
         network = ("own empty network and IPC namespaces" if self.own_network
                    else "the broker's network and IPC")
         root = "empty read-only root" if self.empty_root else "the broker's filesystem"
-        return (f"uid {self.uid}, gid {self.gid}, {network}, {root}, "
+        return (f"uid {self.uid}, gid {self.gid}, no capabilities, {network}, {root}, "
                 f"no_new_privs {'on' if self.no_new_privs else 'off'}, seccomp filter on")
 
 
@@ -122,8 +129,34 @@ def enter_empty_root() -> None:
         raise OSError("the validator's new root is not empty")
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    """One of the two 32-bit halves of the capability sets (``_LINUX_CAPABILITY_VERSION_3``)."""
+
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Empty the ambient, effective, permitted and inheritable capability sets of the calling
+    process; ``OSError`` if any is left. Giving capabilities up needs none."""
+    libc = _libc()
+    _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+           "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(libc.capset(ctypes.byref(header), ctypes.byref((_CapData * 2)())), "capset")
+    held = (_CapData * 2)()
+    _check(libc.capget(ctypes.byref(header), ctypes.byref(held)), "capget")
+    if any(half.effective or half.permitted or half.inheritable for half in held):
+        raise OSError("a validator kept capabilities it gave up")
+
+
 def drop_privileges(own_network: bool, empty_root: bool, uid: int, gid: int) -> Confinement:
-    """Steps 3 (as root) and 4; ``OSError`` if root cannot be given up for good."""
+    """Step 3 (the ids as root; the capabilities whoever the broker is) and step 4;
+    ``OSError`` if root or a capability cannot be given up for good."""
     libc = _libc()
     if os.geteuid() == 0:
         os.setgroups([])
@@ -135,6 +168,7 @@ def drop_privileges(own_network: bool, empty_root: bool, uid: int, gid: int) -> 
             pass
         else:
             raise OSError("a validator that dropped root could take it back")
+    drop_capabilities()
     _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     return Confinement(uid=os.geteuid(), gid=os.getegid(), own_network=own_network,

@@ -58,6 +58,8 @@ WORKER_MODULE = "airlock_broker.validation.onnx_worker"
 #: 60000-64999 block is allocated by the distribution itself, and not to this number), and the
 #: sandboxes run as 10001. The broker refuses to start if an account uses them.
 VALIDATOR_ID = 64998
+#: A fork in flight for one slot: a refill's (None if it failed) or a cancelled job's.
+_SlotFork = asyncio.Future[Validator | None] | asyncio.Future[Validator]
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class OnnxValidatorPool:
         self._template_lock = threading.Lock()
         #: Every validator not yet reaped (spares and busy ones).
         self._live: set[Validator] = set()
-        self._refills: set[asyncio.Future[Validator | None]] = set()
+        #: Forks in flight for slots: refills, and those of cancelled jobs (``_refilled``).
+        self._refills: set[_SlotFork] = set()
         self._closed = False
         #: Validators forked so far (for metrics and tests: one per validation, plus spares).
         self.started = 0
@@ -186,9 +189,9 @@ class OnnxValidatorPool:
         if self._idle is None or self._closed:
             raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
         validator = await self._idle.get()
+        if validator is None:
+            validator = await self._fork_for_empty_slot()
         try:
-            if validator is None:
-                validator = await asyncio.to_thread(self._fork_or_fail)
             job = asyncio.ensure_future(asyncio.to_thread(self._exchange, validator, source))
             try:
                 return await asyncio.shield(job)
@@ -200,15 +203,39 @@ class OnnxValidatorPool:
         finally:
             self._refill(validator)  # used once, whatever happened
 
+    async def _fork_for_empty_slot(self) -> Validator:
+        """A validator for a slot that has none (its replacement failed), forked now.
+
+        The slot is this call's until the fork returns. Cancelled meanwhile, the fork goes on
+        in its thread: what it forks becomes the slot's spare (it has read nothing), as a
+        refill's would, so that no validator is left without an owner until ``close``.
+        """
+        fork = asyncio.ensure_future(asyncio.to_thread(self._fork_or_fail))
+        try:
+            return await asyncio.shield(fork)
+        except asyncio.CancelledError:
+            self._refills.add(fork)
+            fork.add_done_callback(self._refilled)
+            raise
+        except BaseException:
+            self._refill(None)  # the slot stays; a background fork tries again
+            raise
+
     def _refill(self, used: Validator | None) -> None:
         """Reap ``used`` and put a freshly forked validator in its slot, in the background."""
         refill = asyncio.ensure_future(asyncio.to_thread(self._replace, used))
         self._refills.add(refill)
         refill.add_done_callback(self._refilled)
 
-    def _refilled(self, refill: asyncio.Future[Validator | None]) -> None:
+    def _refilled(self, refill: _SlotFork) -> None:
         self._refills.discard(refill)
-        fresh = None if refill.cancelled() or refill.exception() else refill.result()
+        fresh = None
+        if not refill.cancelled():
+            failed = refill.exception()  # only a slot's own fork raises (_replace logs)
+            if failed is None:
+                fresh = refill.result()
+            elif not self._closed:
+                log.error("could not start an ONNX validator: %s", failed)
         if self._closed or self._idle is None:
             if fresh is not None:
                 fresh.kill()  # close() reaps everything in _live

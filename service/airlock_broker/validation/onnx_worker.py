@@ -68,7 +68,9 @@ def task_limit(processes: int) -> int:
     a validator a new thread once they are that many. Without it, a subverted validator could
     start threads until the host's pid_max (32768 here) ran out, for as long as its deadline.
     A broker that is not root runs its validators as itself: the count then includes the
-    broker's own threads, and a validator may start none (none does today).
+    broker's own tasks, and a validator may start fewer threads, or none (none does today). The
+    limit binds a validator holding no ``CAP_SYS_RESOURCE`` or ``CAP_SYS_ADMIN``, which
+    ``confinement.drop_capabilities`` makes sure of, whoever the broker is.
     """
     return TASKS_PER_PROCESS * (processes + 1)
 
