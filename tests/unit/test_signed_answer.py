@@ -12,6 +12,7 @@ import os
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from airlock_broker.api import index_attestation
 from airlock_broker.api.auth import Principal
 from airlock_broker.api.provenance import sign, single_file_statement, statement
 from airlock_broker.api.wire import result_message
-from airlock_broker.conversion.jobs import JobRequest, JobResult
+from airlock_broker.conversion.jobs import JobRequest, JobResult, refined_format
 from airlock_broker.conversion.outputs import ValidatedOutput
 from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.security.keys import SigningKey, create_key
@@ -269,6 +270,39 @@ def test_a_detected_format_the_record_does_not_name_writes_nothing(
     with pytest.raises(ProvenanceError) as caught:
         PATHS[path](tmp_path, key, header, ONNX, _asked(), monkeypatch)
     assert caught.value.reason == "RESULT_MISMATCH" and "detected format" in str(caught.value)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_refinement_the_broker_refused_is_no_detected_format_the_header_may_say(
+        path: str, key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A subverted sandbox says the pickle was safetensors; the broker refuses the rename
+    # (jobs.refined_format) and says "pickle". The record named the claim, and a header
+    # rewritten to it was taken: a pickle reported as weights.
+    result, request = _job()
+    result.report["detected_format"] = "safetensors"
+    result = replace(result, reported_format=refined_format(result.detected_format,
+                                                             result.report))
+    header = _answer(key, result, request)
+    assert header.detected_format == "pickle"
+    header.detected_format = "safetensors"
+    with pytest.raises(ProvenanceError) as caught:
+        PATHS[path](tmp_path, key, header, ONNX, _asked(), monkeypatch)
+    assert caught.value.reason == "RESULT_MISMATCH" and "detected format" in str(caught.value)
+    assert os.listdir(tmp_path) in ([], ["model.pkl"])
+
+
+@pytest.mark.parametrize(("detected", "claimed"), [(ArtifactFormat.ZIP, "pytorch_zip"),
+                                                   (ArtifactFormat.MLFLOW, "mlflow:sklearn")])
+def test_a_refinement_the_broker_took_is_the_detected_format_reported(
+        detected: ArtifactFormat, claimed: str, key: SigningKey, tmp_path: Path) -> None:
+    result, request = _job(detected=detected)
+    result.report["detected_format"] = claimed
+    result = replace(result, reported_format=refined_format(detected, result.report))
+    got = _client._receive(
+        iter([pb.ConvertResponse(result=_answer(key, result, request)),
+              pb.ConvertResponse(chunk=pb.Chunk(data=ONNX, crc32=zlib.crc32(ONNX)))]),
+        tmp_path / "model.onnx", _asked(), hashlib.sha256(PICKLE), key.public_pem, "pinned")
+    assert got.detected_format == claimed
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4])

@@ -56,7 +56,6 @@ from airlock_broker.api.auth import Principal
 from airlock_broker.api.claims import claims
 from airlock_broker.conversion.jobs import JobRequest, JobResult
 from airlock_broker.conversion.outputs import ValidatedOutput
-from airlock_broker.hostile_text import sanitize
 from airlock_broker.security.keys import SigningKey
 from airlock_broker.timestamps import utc_second
 from airlock_sandbox.contract import OUTPUT_NAMES
@@ -119,8 +118,10 @@ def statement(result: JobResult, request: JobRequest, policy: SandboxPolicy, *,
             "size": result.input_size,
             "declared_format": request.declared_format or "",
             "detected_format": result.detected_format.value,
-            # The worker's refinement (e.g. which zip layout); a claim, like all of "conversion".
-            "refined_format": sanitize(report.get("detected_format", ""), 32),
+            # The worker's refinement (which zip layout, which MLflow flavour) where the broker
+            # took it (jobs.refined_format), as the result header says it; never the bare claim,
+            # which a client would take for the header's word (a pickle "safetensors").
+            "refined_format": result.reported_format,
         },
         "output": _output(output),
         "request": {
