@@ -4,6 +4,7 @@ output's name, the ``--json`` object."""
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import stat
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock_client._part_files import OutputSwapped
-from airlock_client._types import ConversionResult, LoadingPolicy
+from airlock_client._types import ConversionResult, LoadingPolicy, ParityCheck
 from airlock_client.provenance import provenance_path
 
 _SUFFIX = {"onnx": ".onnx", "safetensors": ".safetensors"}
@@ -123,7 +124,7 @@ def result_document(result: ConversionResult, provenance: Path) -> dict[str, Any
         "integrity_note": result.integrity_note,
         "loading_policy": result.loading_policy, "input_sha256": result.input_sha256,
         "executed_artifact_code": result.report.executed_artifact_code,
-        "parity": [asdict(p) for p in result.report.parity],
+        "parity": [_json_parity(p) for p in result.report.parity],
         "parity_inputs": result.report.parity_inputs,
         "warnings": list(result.report.warnings),
         "duration_seconds": round(result.duration_seconds, 3),
@@ -133,6 +134,13 @@ def result_document(result: ConversionResult, provenance: Path) -> dict[str, Any
         "provenance_key_source": result.provenance_key_source,
         "transfer": result.transfer,
     }
+
+
+def _json_parity(check: ParityCheck) -> dict[str, Any]:
+    """A parity entry as JSON has it: a difference that is no number (NaN in
+    ``ParityCheck``, null in the record) is null; ``NaN`` is no JSON (jq, JSON.parse)."""
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in asdict(check).items()}
 
 
 def failure_document(status: str, reason: str | None, message: str, job_id: str = ""

@@ -111,7 +111,9 @@ def result(msg: pb.ConvertResult, output: Path) -> ConversionResult:
         input_size=msg.input_size, detected_format=msg.detected_format,
         assurance=assurance(msg.assurance),
         loading_policy=cast(LoadingPolicy, POLICY_NAMES.get(msg.loading_policy, "allow_code")),
-        duration_seconds=msg.duration_seconds, image_id=msg.image_id, runtime=msg.runtime,
+        # Unsigned, the header's word alone: a number, or 0 (NaN or Infinity is no JSON).
+        duration_seconds=_seconds(msg.duration_seconds) or 0.0, image_id=msg.image_id,
+        runtime=msg.runtime,
         report=report, integrity_note=msg.integrity_note, replayed=msg.replayed,
         transfer=msg.transfer,
     )
@@ -150,7 +152,8 @@ def error_from_rpc(exc: grpc.RpcError) -> AirlockError:
 
 
 def _seconds(value: float) -> float | None:
-    """A delay the broker asked for, if it is one (the client bounds it by its deadline)."""
+    """A delay the broker asked for, or a duration it said, if it is one (the client bounds
+    a delay by its deadline)."""
     return value if math.isfinite(value) and value >= 0 else None
 
 

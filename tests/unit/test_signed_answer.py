@@ -29,6 +29,7 @@ from airlock_broker.sandboxes.sandbox import Outcome
 from airlock_broker.security.keys import SigningKey, create_key
 from airlock_broker.validation.safetensors_canonical import names_digest
 from airlock_client import ProvenanceError, _client, _local_transfer, _wire, provenance
+from airlock_client._converted_file import result_document
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target, TensorSpec
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_sandbox.policy import SandboxPolicy
@@ -303,6 +304,30 @@ def test_a_refinement_the_broker_took_is_the_detected_format_reported(
               pb.ConvertResponse(chunk=pb.Chunk(data=ONNX, crc32=zlib.crc32(ONNX)))]),
         tmp_path / "model.onnx", _asked(), hashlib.sha256(PICKLE), key.public_pem, "pinned")
     assert got.detected_format == claimed
+
+
+def test_a_difference_that_is_no_number_or_a_proxys_duration_leaves_convert_json_json(
+        key: SigningKey, tmp_path: Path) -> None:
+    # A sandbox's parity difference that is NaN (the record: null; the client: NaN), and a
+    # duration an on-path rewrite made infinite (the header's word alone): `airlock convert
+    # --json` printed NaN and Infinity, which strict JSON readers (jq, JSON.parse) refuse.
+    result, request = _job()
+    result.report["parity"] = [{"output_name": "label", "max_abs_diff": float("nan"),
+                                "max_rel_diff": float("inf"), "passed": False}]
+    header = _answer(key, result, request)
+    header.duration_seconds = float("inf")
+    got = _client._receive(
+        iter([pb.ConvertResponse(result=header),
+              pb.ConvertResponse(chunk=pb.Chunk(data=ONNX, crc32=zlib.crc32(ONNX)))]),
+        tmp_path / "model.onnx", _asked(), hashlib.sha256(PICKLE), key.public_pem, "pinned")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    doc = json.loads(json.dumps(result_document(got, tmp_path / "p.json")),
+                     parse_constant=refuse)
+    assert doc["parity"][0]["max_abs_diff"] is None and doc["parity"][0]["max_rel_diff"] is None
+    assert doc["parity"][0]["passed"] is False and doc["duration_seconds"] == 0.0
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4])
