@@ -138,9 +138,13 @@ def _verify_directory(args: argparse.Namespace, key: Any, source: str) -> int:
     for name, record in checked.files:
         print(f"  {t(name)}: sha256 {t(record.output_sha256)}, assurance "
               f"{t(record.assurance)}, job {t(record.job_id)}")
+        for warning in _warnings(record):
+            print(f"  {t(name)}: warning {t(warning)}")
     for name, record in checked.carried:
         print(f"  {t(name)}: sha256 {t(record.output_sha256)}, {t(record.declared_format)} "
               f"data file carried unchanged, job {t(record.job_id)}")
+        for warning in _warnings(record):
+            print(f"  {t(name)}: warning {t(warning)}")
     return EXIT_OK
 
 
@@ -248,12 +252,17 @@ def _print_record(path: Path, record: ProvenanceRecord, source: str) -> None:
           f"executed in sandbox: {executed}")
     print(f"  sandbox    {t(record.runtime)}, image {t(record.image_id[:19])}")
     _print_parity(record)
-    warnings = record.conversion.get("warnings")
-    for warning in (warnings if isinstance(warnings, list) else [])[:16]:  # version 5 on
+    for warning in _warnings(record):
         print(f"  warning    {t(warning)}")
     note = f" ({t(record.integrity_note)})" if record.integrity_note else ""
     print(f"  verdicts   validation {t(record.validation)}; assurance {t(record.assurance)}"
           f"{note}")
+
+
+def _warnings(record: ProvenanceRecord) -> list[object]:
+    """The sandbox's warnings as the record signs them (version 5 on; none before)."""
+    warnings = record.conversion.get("warnings")
+    return (warnings if isinstance(warnings, list) else [])[:16]
 
 
 def _print_index(record: ProvenanceRecord) -> None:

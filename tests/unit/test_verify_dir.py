@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from airlock_broker.api.auth import Principal
 from airlock_broker.api.provenance import sign, statement
 from airlock_broker.security.keys import SigningKey, create_key
+from airlock_client import cli
 from airlock_client.provenance import SUFFIX, ProvenanceError
 from airlock_client.verify_dir import verify_directory
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, Target
@@ -48,10 +50,11 @@ def test_what_cannot_be_vouched_for_is_refused(tmp_path: Path, files: dict[str, 
 
 
 def _signed(key: SigningKey, path: Path, data: bytes, *, subject: str, principal: Principal,
-            declared: str = "", given: bytes | None = None) -> None:
+            declared: str = "", given: bytes | None = None,
+            report: dict[str, Any] | None = None) -> None:
     """``data`` at ``path`` with a record the broker would sign: a safetensors conversion's,
     or (``declared``) a carried data file's of that kind; ``given``: the input it records,
-    when not ``data`` itself."""
+    when not ``data`` itself; ``report``: what its sandbox said."""
     from airlock_broker.conversion.jobs import JobRequest, JobResult
     from airlock_broker.conversion.outputs import ValidatedOutput
     from airlock_broker.sandboxes.sandbox import Outcome
@@ -68,7 +71,7 @@ def _signed(key: SigningKey, path: Path, data: bytes, *, subject: str, principal
                                write_into=lambda fd: None),
         outcome=Outcome(exit_code=0, oom_killed=False, timed_out=False, duration_seconds=0.1,
                         image_id="sha256:" + "ab" * 32, runtime="runc"),
-        policy=LoadingPolicy.SAFE_ONLY, report={})
+        policy=LoadingPolicy.SAFE_ONLY, report=report or {})
     request = JobRequest(job_id=result.job_id, declared_format=declared,
                          target=Target.DATA if declared else Target.SAFETENSORS,
                          subject=subject)
@@ -226,3 +229,20 @@ def test_a_directory_of_more_entries_than_any_output_is_read_no_further(
         verify_directory(tmp_path, KEY)
     assert caught.value.reason == "UNEXPECTED_FILE"
     assert pulled[0] == verify_dir.MAX_ENTRIES + 1
+
+
+def test_verifying_a_directory_shows_the_warnings_its_records_sign(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Record version 5 signs the sandbox's warnings ("parity ran on generated rows only",
+    what a checkpoint left out), and ``verify FILE`` prints them: ``verify DIR`` said only
+    "verified" and each file's assurance."""
+    key = create_key(tmp_path / "key.pem")
+    (tmp_path / "pub.pem").write_text(key.public_pem)
+    model = tmp_path / "model"
+    model.mkdir()
+    _signed(key, model / "model.safetensors", b"weights", subject="/m/model.bin",
+            principal=Principal("alice", "token", frozenset()),
+            report={"warnings": ["left out: optimizer \x1b[2J"]})
+    assert cli.main(["verify", str(model), "--public-key", str(tmp_path / "pub.pem")]) == 0
+    shown = capsys.readouterr().out
+    assert "model.safetensors: warning left out: optimizer ?[2J" in " ".join(shown.split())
