@@ -41,6 +41,7 @@ from airlock_client import Client
 from airlock_client._wire import error_from_rpc
 from airlock_sandbox.contract import OUTPUT_NAMES, JobSpec, OutputFormat
 from tests.unit.fakes import FakeSandbox, running_broker
+from tests.unit.raw_http2 import Http2Caller
 from tests.unit.test_broker import PICKLE
 
 #: 16 MiB: several times what HTTP/2 flow control lets the broker write to a caller that does
@@ -259,11 +260,56 @@ def test_the_server_refuses_calls_beyond_max_concurrent_rpcs(start) -> None:
                 health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 calls are in progress, the limit is 2 ([rpc] max_concurrent_rpcs)" in (
+                info.value.details() or "")
         finally:
             hold.set()
         for call in held:
             first, *_ = call
             assert first.result.job_id
+
+
+def test_calls_whose_answer_the_caller_never_lets_out_cannot_take_every_place(
+        start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in the eleventh review: a caller that sets its HTTP/2 stream windows to 0 and
+    sends health checks (no credentials needed) on one connection. Each check is answered,
+    but the answer cannot leave, and gRPC counted the call against ``max_concurrent_rpcs``
+    until its stream closed: at the connection's age, an hour and a half. Every other call
+    was refused meanwhile ("Concurrent RPC limit exceeded!"). Now a call counts while its
+    task runs, and an answer not out in time ends its task (within ``PROMPT_SECONDS`` once
+    the principal has ``max_waiting_calls`` calls waiting)."""
+    from grpc_health.v1 import health
+
+    answered: list[str] = []
+    check = health.aio.HealthServicer.Check
+
+    async def counted(self: Any, request: Any, context: Any) -> Any:
+        answered.append(request.service)
+        return await check(self, request, context)
+    monkeypatch.setattr(health.aio.HealthServicer, "Check", counted)
+    run = start(rpc=RpcLimits(max_concurrent_rpcs=32, max_waiting_calls=4, max_open_streams=2,
+                              request_seconds=30))
+    caller = Http2Caller(run.broker.port)  # its windows are 0: no answer reaches it
+    try:
+        for _ in range(64):
+            caller.unary("/grpc.health.v1.Health/Check")
+        # At least every place was answered (and, before, held): the flood is in.
+        wait_for(lambda: len(answered) >= 32, timeout=60)
+        deadline = time.monotonic() + 60  # served at once now; before, never
+        while True:
+            try:
+                with own_channel(run.address) as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=10)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert time.monotonic() < deadline, f"another caller was refused: {exc.details()}"
+                time.sleep(0.2)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert not caller.closed.is_set()  # the flood's connection was still open throughout
+    finally:
+        caller.close()
 
 
 def _withheld(hold: threading.Event) -> Iterator[health_pb2.HealthCheckRequest]:

@@ -29,6 +29,58 @@ OPEN_STREAMS = frozenset({
 })
 
 
+class CallLimiter(grpc.aio.ServerInterceptor):
+    """Refuses a call, RESOURCE_EXHAUSTED with the numbers, while ``limit`` calls are in
+    progress (``[rpc] max_concurrent_rpcs``, every method together).
+
+    gRPC's own ``maximum_concurrent_rpcs`` counts a call until its HTTP/2 stream closes, which
+    no servicer can hasten: an answer stays queued until the caller's flow-control window lets
+    it out, and a caller that sets its stream windows to 0 never does. 256 health checks (no
+    credentials needed) on one connection held every place for the connection's age (an hour
+    and a half), and every other call was refused (found in the eleventh review). Here a call
+    counts while its task runs: its request, its method and the sending of its answer, which
+    ``RequestArrival`` bounds in time. What such a stream still costs is gRPC's (at most
+    ``max_streams_per_connection`` of them on a connection, until it closes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.calls = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        task = asyncio.current_task()
+        if task is None:  # not a call's task: nothing to count
+            return await continuation(handler_call_details)
+        if self.calls >= self.limit:
+            handler = await continuation(handler_call_details)
+            return None if handler is None else _refusing(
+                handler, f"{self.calls} calls are in progress, the limit is {self.limit} "
+                         "([rpc] max_concurrent_rpcs); retry shortly")
+        self.calls += 1
+
+        def ended(_: object) -> None:
+            self.calls -= 1
+        task.add_done_callback(ended)
+        return await continuation(handler_call_details)
+
+
+def _refusing(handler: grpc.RpcMethodHandler[Any, Any],
+              message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of ``handler``'s kind that refuses its call (RESOURCE_EXHAUSTED) at once."""
+    async def refuse(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+            else grpc.unary_stream_rpc_method_handler if handler.unary_stream
+            else grpc.stream_unary_rpc_method_handler if handler.stream_unary
+            else grpc.stream_stream_rpc_method_handler)
+    return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
 class OpenStreamLimiter(grpc.aio.ServerInterceptor):
     """Refuses an ``OPEN_STREAMS`` call while ``limit`` of them are open."""
 
@@ -131,7 +183,9 @@ class RequestArrival(grpc.aio.ServerInterceptor):
 
             async def streamed_unary(requests: Any,
                                      context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                return await unary(await self._request(requests, context), context)
+                answer = await unary(await self._request(requests, context), context)
+                self._answer_taken_in_time()
+                return answer
             return grpc.stream_unary_rpc_method_handler(
                 streamed_unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
@@ -154,6 +208,28 @@ class RequestArrival(grpc.aio.ServerInterceptor):
         async def coroutine(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await behaviour(await self._request(requests, context), context)
         return coroutine
+
+    def _answer_taken_in_time(self) -> None:
+        """The answer the method returned goes out after it returns, from the call's own task,
+        which ends (and gives up its place in ``max_concurrent_rpcs``) only once the caller's
+        HTTP/2 windows let it out: a caller whose stream windows are 0 kept it for the
+        connection's age. So the call counts as waiting (as for its request) until its task
+        ends, and is cancelled if its answer is not out within ``seconds``, or within
+        ``PROMPT_SECONDS`` when its principal already has ``limit`` calls waiting."""
+        task = asyncio.current_task()
+        assert task is not None, "a method runs in its call's task"
+        who = current_principal().quota
+        full = self.waiting.get(who, 0) >= self.limit
+        self.waiting[who] = self.waiting.get(who, 0) + 1
+        timer = asyncio.get_running_loop().call_later(
+            PROMPT_SECONDS if full else self.seconds, task.cancel)
+
+        def ended(_: object) -> None:
+            timer.cancel()
+            self.waiting[who] -= 1
+            if not self.waiting[who]:
+                del self.waiting[who]
+        task.add_done_callback(ended)
 
     async def _request(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         who = current_principal().quota

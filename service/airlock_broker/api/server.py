@@ -26,7 +26,7 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.admin import AdminServicer
 from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
-from airlock_broker.api.rpc_limits import OpenStreamLimiter, RequestArrival
+from airlock_broker.api.rpc_limits import CallLimiter, OpenStreamLimiter, RequestArrival
 from airlock_broker.api.servicer import conversion_servicer
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.admission import Admission
@@ -239,7 +239,11 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                          ram: RamSpool) -> Broker:
     metrics = Metrics()
     metrics.bind(admission, pools, ram)
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    # gRPC's maximum_concurrent_rpcs would count a call until its stream closes, which a
+    # caller that never opens its flow-control window delays for the connection's age: calls
+    # are counted while their task runs instead (rpc_limits.CallLimiter), refused calls too.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(metrics), CallLimiter(config.rpc.max_concurrent_rpcs)]
     # After metrics, so refused calls are counted too. Always: even without [auth], the Unix
     # socket's callers are named by uid and the pools need the admin role.
     owners = UidOwners.load()  # a user's subordinate uids count as that user's
@@ -253,7 +257,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
         *config.rpc.server_options(),
-    ], maximum_concurrent_rpcs=config.rpc.max_concurrent_rpcs)
+    ])
     audit = AuditLog(config.audit_path)
     idempotency = IdempotencyStore(config.spool_root, config.idempotency)
     idempotency.start()

@@ -79,10 +79,13 @@ def check_metrics_listen(listen: str | None, public: bool) -> None:
 class RpcLimits:
     """The ``[rpc]`` section. Every limit is finite; each number says why it is what it is."""
 
-    #: Calls in progress at once, every method together (gRPC answers RESOURCE_EXHAUSTED
-    #: beyond it). The backstop against floods of calls (each costs a task and its HTTP/2
-    #: buffers): well above the 18 job places and ``max_open_streams``, because calls beyond
-    #: the places are already refused by admission, with BUSY and a reason.
+    #: Calls in progress at once, every method together (RESOURCE_EXHAUSTED beyond it, with
+    #: the numbers: api/rpc_limits.CallLimiter). The backstop against floods of calls (each
+    #: costs a task and its HTTP/2 buffers): well above the 18 job places and
+    #: ``max_open_streams``, because calls beyond the places are already refused by
+    #: admission, with BUSY and a reason. A call counts while its task runs, not until its
+    #: stream closes (which a caller that never reads its answer delays for the connection's
+    #: age).
     max_concurrent_rpcs: int = 256
     #: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one connection may have open at once;
     #: beyond it a new stream is refused (REFUSED_STREAM, which clients see as UNAVAILABLE and
@@ -98,12 +101,16 @@ class RpcLimits:
     #: one (all but Convert and reflection, which stream theirs): gRPC counts a call against
     #: ``max_concurrent_rpcs`` from its first frame, and a caller that withholds its request
     #: would hold that place for ever (api/rpc_limits.RequestArrival). Ten seconds: a
-    #: request is a few bytes sent with the call's headers.
+    #: request is a few bytes sent with the call's headers. The same bound applies to the
+    #: answer of such a method (a few bytes too): a call whose caller does not let it out
+    #: (HTTP/2 windows of 0) is ended then.
     request_seconds: float = 10.0
-    #: Calls of one principal waiting for their request message at once; beyond it one is
-    #: refused at once with RESOURCE_EXHAUSTED. Every caller of an open method (a health
-    #: check) and every caller with authentication off is ``anonymous``: together they never
-    #: hold more than this many places of ``max_concurrent_rpcs`` with withheld requests.
+    #: Calls of one principal waiting for their request message, or for their answer to
+    #: leave, at once; beyond it a call gets ``PROMPT_SECONDS`` for either (its request is
+    #: then refused with RESOURCE_EXHAUSTED, its answer's call ended). Every caller of an
+    #: open method (a health check) and every caller with authentication off is
+    #: ``anonymous``: together they never hold more than this many places of
+    #: ``max_concurrent_rpcs`` with withheld requests or answers.
     max_waiting_calls: int = 16
     #: A connection is asked to close (GOAWAY) after this long; clients reconnect for new
     #: calls. With the grace below, this is what finally ends an HTTP/2 stream whose caller
