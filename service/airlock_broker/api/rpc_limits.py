@@ -162,6 +162,10 @@ class RequestArrival(grpc.aio.ServerInterceptor):
     health check, and every caller with authentication off is ``anonymous``); a call beyond
     them gets ``PROMPT_SECONDS`` for its request, then RESOURCE_EXHAUSTED. So withheld
     requests never take every place, and calls that send theirs are served beside them.
+
+    A unary method's answer is counted the same way until it has left (``_answer_taken_in_time``):
+    ending the call's task then does not withdraw the answer (gRPC still sends it to a caller
+    that reads); it only gives the place back.
     """
 
     def __init__(self, seconds: float, limit: int) -> None:
