@@ -3,14 +3,23 @@ within one deadline for all of a message's bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import pytest
 
-from airlock_broker.validation.onnx_messages import LENGTH, BadLength, Late, read_message
+from airlock_broker.validation.onnx_messages import (
+    BLOCK_BYTES,
+    LENGTH,
+    BadLength,
+    Late,
+    read_message,
+    read_message_into,
+)
 
 
 @pytest.mark.parametrize("payload", [b"", b"ready", bytes(range(256)) * 5000])
@@ -62,3 +71,46 @@ def test_the_deadline_covers_the_whole_message(sent: bytes, words: str) -> None:
         with pytest.raises(Late, match=words):
             read_message(ours.fileno(), began + 0.5, 2 << 20)
         assert time.monotonic() - began < 30  # generous: a busy machine
+
+
+def test_a_message_read_into_a_sink_is_handed_over_a_block_at_a_time() -> None:
+    # The broker holds one block of a validator's canonical model, never the model.
+    payload = bytes(range(256)) * (3 * BLOCK_BYTES // 256 + 1000)
+    ours, theirs = socket.socketpair()
+    blocks: list[int] = []
+    digest = hashlib.sha256()
+    announced: list[int] = []
+
+    def begin(size: int) -> Callable[[memoryview], None]:
+        announced.append(size)
+
+        def sink(block: memoryview) -> None:
+            blocks.append(len(block))
+            digest.update(block)
+        return sink
+
+    with ours, Connection(theirs.detach()) as writer:
+        sender = threading.Thread(target=lambda: writer.send_bytes(payload))
+        sender.start()
+        try:
+            got = read_message_into(ours.fileno(), time.monotonic() + 60, len(payload), begin)
+        finally:
+            sender.join(60)
+    assert got == len(payload) and announced == [len(payload)]
+    assert sum(blocks) == len(payload) and max(blocks) <= BLOCK_BYTES
+    assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_message_over_the_limit_begins_nothing() -> None:
+    ours, theirs = socket.socketpair()
+    begun: list[int] = []
+
+    def begin(size: int) -> Callable[[memoryview], None]:
+        begun.append(size)
+        return lambda block: None
+
+    with ours, theirs:
+        theirs.sendall(LENGTH.pack(101))
+        with pytest.raises(BadLength):
+            read_message_into(ours.fileno(), time.monotonic() + 60, 100, begin)
+    assert begun == []

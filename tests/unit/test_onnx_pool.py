@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import OutputLimits, validate_onnx_bytes
+from airlock_broker.validation.onnx_info import OnnxInfo
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
 from airlock_broker.validation.onnx_worker import task_limit
 from tests.unit import hostile_outputs as hostile
@@ -84,6 +86,17 @@ async def until(condition: Callable[[], bool], seconds: float = 60.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def validated(pool: OnnxValidatorPool, source: Path) -> tuple[bytes, OnnxInfo]:
+    """``pool.validate(source)``, its canonical bytes read back from the broker's file (and
+    found to be what its digest says), the file closed."""
+    canonical, info = await pool.validate(source)
+    with canonical:
+        data = os.pread(canonical.fileno(), canonical.size + 1, 0)
+    assert len(data) == canonical.size
+    assert hashlib.sha256(data).hexdigest() == canonical.sha256
+    return data, info
+
+
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -96,7 +109,7 @@ def test_pool_returns_exactly_the_in_process_canonical_model(
     source = write(tmp_path, "model.onnx", model_bytes)
 
     async def body(pool: OnnxValidatorPool) -> list[tuple[bytes, object]]:
-        return [await pool.validate(source) for _ in range(3)]
+        return [await validated(pool, source) for _ in range(3)]
 
     results, _pids = with_pool(ValidatorSettings(processes=1), body)
     canonical, info = validate_onnx_bytes(model_bytes, LIMITS)
@@ -108,7 +121,7 @@ def test_no_validator_serves_two_validations(tmp_path: Path) -> None:
     source = write(tmp_path, "model.onnx", fakes.PID)
 
     async def body(pool: OnnxValidatorPool) -> list[bytes]:
-        return [(await pool.validate(source))[0] for _ in range(4)]
+        return [(await validated(pool, source))[0] for _ in range(4)]
 
     served = plain_pool(ValidatorSettings(processes=1), body)
     assert len(set(served)) == 4, f"validators served more than one job: {served}"
@@ -119,7 +132,7 @@ def test_a_refused_model_is_refused_with_the_validators_reason(tmp_path: Path) -
 
     async def body(pool: OnnxValidatorPool) -> AirlockError:
         with pytest.raises(AirlockError) as caught:
-            await pool.validate(source)
+            await validated(pool, source)
         return caught.value
 
     exc, _pids = with_pool(ValidatorSettings(processes=1), body)
@@ -143,8 +156,8 @@ def test_a_misbehaving_validator_fails_only_that_job(
 
     async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, bytes]:
         with pytest.raises(AirlockError) as caught:
-            await pool.validate(bad)
-        canonical, _info = await pool.validate(good)
+            await validated(pool, bad)
+        canonical, _info = await validated(pool, good)
         return caught.value, canonical
 
     (exc, canonical), _pids = with_pool(settings, body)
@@ -165,11 +178,11 @@ def test_a_validator_that_stalls_in_the_middle_of_its_answer_is_killed_at_the_de
 
     async def body(pool: OnnxValidatorPool) -> tuple[AirlockError, bytes]:
         with pytest.raises(AirlockError) as caught:
-            await asyncio.wait_for(pool.validate(stall), bound)
+            await asyncio.wait_for(validated(pool, stall), bound)
         stalled = pool.forked[0]
         await until(lambda: not alive(stalled))  # killed, and reaped by its template
         # Its one slot is filled again: the next job gets a fresh validator.
-        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        canonical, _info = await asyncio.wait_for(validated(pool, good), 60)
         assert pool.started >= 2 and stalled not in pool.pids()
         return caught.value, canonical
 
@@ -197,7 +210,7 @@ def test_a_cancelled_validation_kills_its_validator(
     monkeypatch.setattr(onnx_pool, "_send_fd", send_fd)
 
     async def body(pool: OnnxValidatorPool) -> bytes:
-        job = asyncio.ensure_future(pool.validate(hang))
+        job = asyncio.ensure_future(validated(pool, hang))
         await until(lambda: bool(handed))  # a validator started and was handed the job
         busy = list(pool.forked)
         job.cancel()
@@ -207,7 +220,7 @@ def test_a_cancelled_validation_kills_its_validator(
         while [p for p in busy if alive(p)] and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert not [p for p in busy if alive(p)]
-        canonical, _info = await pool.validate(good)
+        canonical, _info = await validated(pool, good)
         return canonical
 
     canonical, _pids = with_pool(ValidatorSettings(processes=1), body)
@@ -220,9 +233,9 @@ def test_concurrent_validations_use_every_process(tmp_path: Path, model_bytes: b
 
     async def body(pool: OnnxValidatorPool) -> tuple[BaseException | bytes, ...]:
         # One validator hangs; the other keeps serving meanwhile.
-        stuck = asyncio.ensure_future(pool.validate(hang))
+        stuck = asyncio.ensure_future(validated(pool, hang))
         await asyncio.sleep(0)
-        done = [(await pool.validate(source))[0] for _ in range(3)]
+        done = [(await validated(pool, source))[0] for _ in range(3)]
         assert not stuck.done()
         # The hung job holds one of the two first validators (the other served the first good
         # job and was killed after it). Kill it rather than wait out its deadline: the deadline
@@ -266,7 +279,7 @@ def test_a_closed_pool_refuses_work(tmp_path: Path, model_bytes: bytes) -> None:
         await pool.close()
         assert not [p for p in [*pool.forked, pool.template_pid()] if p and alive(p)]
         with pytest.raises(AirlockError) as caught:
-            await pool.validate(source)
+            await validated(pool, source)
         return caught.value
 
     assert asyncio.run(main()).reason is Reason.INTERNAL
@@ -305,15 +318,15 @@ def test_a_validator_that_cannot_be_replaced_costs_no_slot(
         raise OSError(11, "Resource temporarily unavailable")
 
     async def body(pool: OnnxValidatorPool) -> tuple[Reason, Reason, bytes]:
-        await asyncio.wait_for(pool.validate(good), 60)  # the spare is forked and used
+        await asyncio.wait_for(validated(pool, good), 60)  # the spare is forked and used
         await until(lambda: pool.started == 2)  # and its replacement is ready
         monkeypatch.setattr(onnx_pool.Template, "spawn", no_processes)
         with pytest.raises(AirlockError) as crashed:
-            await pool.validate(crash)  # its replacement cannot start
+            await validated(pool, crash)  # its replacement cannot start
         with pytest.raises(AirlockError) as starved:
-            await pool.validate(good)  # the slot is still there: it tries, and says why
+            await validated(pool, good)  # the slot is still there: it tries, and says why
         monkeypatch.setattr(onnx_pool.Template, "spawn", real_spawn)
-        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        canonical, _info = await asyncio.wait_for(validated(pool, good), 60)
         return crashed.value.reason, starved.value.reason, canonical
 
     (crashed, starved, canonical), _pids = with_pool(ValidatorSettings(processes=1), body)
@@ -416,7 +429,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
 
     async def body(pool: OnnxValidatorPool) -> tuple[dict[str, str], str, list[list[str]],
                                                       str, list[str], bool, str]:
-        await pool.validate(source)  # a validator served a job; its replacement is forked
+        await validated(pool, source)  # a validator served a job; its replacement is forked
         await until(lambda: [p for p in pool.pids() if _seccomp_on(p)] != [])
         [pid] = pool.pids()
         status = _status(pid)
@@ -426,7 +439,7 @@ def test_validators_run_unprivileged_without_network(tmp_path: Path, model_bytes
         ipc_namespace = os.readlink(f"/proc/{pid}/ns/ipc")
         max_tasks = _limit(pid, "Max processes")
         with pytest.raises(AirlockError) as probed:
-            await pool.validate(probe)
+            await validated(pool, probe)
         return (status, ",".join(interfaces), mounts, ipc_namespace, max_tasks,
                 pool.confinement.full, probed.value.message)
 
@@ -465,7 +478,7 @@ def refusal_of(source: Path) -> str:
 
     async def body(pool: OnnxValidatorPool) -> str:
         with pytest.raises(AirlockError) as caught:
-            await pool.validate(source)
+            await validated(pool, source)
         return caught.value.message
 
     return plain_pool(ValidatorSettings(processes=1), body)
@@ -611,7 +624,7 @@ def test_validator_stderr_is_bounded_and_escaped_in_the_log(
 
     async def body(pool: OnnxValidatorPool) -> None:
         with pytest.raises(AirlockError):
-            await pool.validate(source)
+            await validated(pool, source)
         await until(lambda: any("bytes to stderr" in r.getMessage() and
                                 "template" not in r.getMessage() for r in caplog.records))
 

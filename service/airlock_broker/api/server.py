@@ -34,6 +34,7 @@ from airlock_broker.conversion.audit import AuditLog
 from airlock_broker.conversion.idempotency import IdempotencyStore
 from airlock_broker.conversion.input_room import RamSpool
 from airlock_broker.conversion.jobs import JobRunner
+from airlock_broker.conversion.spool_space import SpoolSpace
 from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_identity import PeerTickets
@@ -51,12 +52,14 @@ from airlock_broker.sandboxes.workspace import (
     disk_outputs_missing,
     mount_ram_spool,
     reap_stale,
+    results_dir,
     unmount_ram_spool,
 )
 from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.security.uid_owners import UidOwners
 from airlock_broker.tracing import NO_TRACE, Trace
+from airlock_broker.validation.onnx_canonical import CanonicalSpool
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 
 log = logging.getLogger(__name__)
@@ -220,11 +223,16 @@ async def create_server(config: BrokerConfig,
                   runtime=config.sandbox.runtime, readiness=readiness)
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
     # if the rest of start-up fails.
-    onnx_validator = OnnxValidatorPool(config.output, config.onnx_validator)
+    # The spool's disk, shared by uploads, answers and ONNX outputs' canonical bytes (written
+    # by the broker as a validator sends them, never held in its memory: onnx_canonical).
+    space = SpoolSpace(config.spool_root, config.upload)
+    onnx_validator = OnnxValidatorPool(
+        config.output, config.onnx_validator,
+        spool=CanonicalSpool(results_dir(config.spool_root), space.claim))
     onnx_validator.start()
     try:
         return await _finish_server(config, backend, lock_fd, credentials, signing_key,
-                                    admission, pools, onnx_validator, trace, ram)
+                                    admission, pools, onnx_validator, trace, ram, space)
     except BaseException:
         trace.close()
         await onnx_validator.close()
@@ -236,7 +244,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                          credentials: grpc.ServerCredentials | None, signing_key: SigningKey,
                          admission: Admission, pools: Pools,
                          onnx_validator: OnnxValidatorPool, trace: Trace,
-                         ram: RamSpool) -> Broker:
+                         ram: RamSpool, space: SpoolSpace) -> Broker:
     metrics = Metrics()
     metrics.bind(admission, pools, ram)
     # gRPC's maximum_concurrent_rpcs would count a call until its stream closes, which a
@@ -266,7 +274,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                        verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
         conversion_servicer(config, runner, admission, audit, metrics, signing_key,
-                            idempotency, fast_path, trace, ram),
+                            idempotency, fast_path, trace, ram, space),
         server)
     async def host_versions() -> dict[str, Observation]:
         return {**host_observations(), **await backend.versions()}

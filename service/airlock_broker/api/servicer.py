@@ -173,12 +173,14 @@ def conversion_servicer(config: BrokerConfig, runner: JobRunner, admission: Admi
                         audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
                         idempotency: IdempotencyStore, fast_path: LocalTransferServer | None,
                         trace: Trace = NO_TRACE,
-                        ram: RamSpool | None = None) -> ConversionServicer:
-    """The Convert service wired: its pipeline, on the broker's settings."""
+                        ram: RamSpool | None = None,
+                        space: SpoolSpace | None = None) -> ConversionServicer:
+    """The Convert service wired: its pipeline, on the broker's settings. ``space``: the
+    spool's disk, if the broker accounts it already (the ONNX validators' files)."""
     intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                           max_chunk_bytes=config.max_request_chunk_bytes,
                           idle_seconds=config.upload_idle_seconds, upload=config.upload,
-                          space=SpoolSpace(config.spool_root, config.upload),
+                          space=space or SpoolSpace(config.spool_root, config.upload),
                           writers=DaemonPool(UPLOAD_WRITERS, "airlock-upload"))
     settings = PipelineSettings(spool_root=config.spool_root, intake=intake,
                                 chunk_bytes=config.chunk_bytes, policy=config.sandbox,

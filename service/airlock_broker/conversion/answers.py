@@ -51,8 +51,9 @@ from airlock_broker.sandboxes.workspace import remove_quietly, remove_soon, resu
 
 log = logging.getLogger(__name__)
 
-#: An ONNX output (canonical bytes in the broker's memory) up to this size is written to its
-#: answer file on the event loop; larger ones, and safetensors (a kernel copy), on a thread.
+#: An ONNX output (canonical bytes in a file of the broker's, just written: page cache) up to
+#: this size is copied to its answer file on the event loop; larger ones, and safetensors, on a
+#: thread.
 INLINE_WRITE_BYTES = 1024 * 1024
 
 
@@ -226,8 +227,8 @@ async def spool_answer(spool_root: Path, result: pb.ConvertResult, output: Valid
         room.expect(output.size)
     if output.safetensors is None and output.identity is None \
             and output.size <= INLINE_WRITE_BYTES:
-        # Bytes already in memory, a page-cache write of well under a millisecond: cheaper
-        # than the hop to a worker thread and back (2.6 ms median for S1, bench.profile).
+        # A kernel copy between page-cache pages, well under a millisecond: cheaper than the
+        # hop to a worker thread and back (2.6 ms median for S1, bench.profile).
         return Answer(result=result, fd=_write_output(path, output.write_into, output.size),
                       size=output.size, transfer=transfer, path=path)
     copy = asyncio.ensure_future(

@@ -27,12 +27,6 @@ _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNO
                             errno.EBADF, errno.ETXTBSY})
 
 
-def write_bytes(data: bytes, dst: int) -> None:
-    """``data`` as the whole of the file behind ``dst``."""
-    _write_all(dst, data, 0)
-    os.ftruncate(dst, len(data))
-
-
 def write_canonical_safetensors(path: Path, info: SafetensorsInfo, dst: int) -> None:
     """The canonical file (validated header, then the data section) into ``dst``.
 

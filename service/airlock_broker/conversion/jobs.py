@@ -440,6 +440,7 @@ class JobRunner:
                     output = await validate_output(
                         out_dir, request.target, room.limits, self.onnx_validator,
                         digest=extraction is None or extraction.output is None, kind=detected)
+                stack.callback(output.close)  # an ONNX output's file: once it is answered
                 if extraction is not None and extraction.data_sha256:
                     audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
                 if output.format is OutputFormat.DATA:
@@ -637,6 +638,7 @@ class JobRunner:
             with self.trace.span("validate"):
                 extracted = await validate_output(out_dir, request.target, room.limits,
                                                   self.onnx_validator, digest=False)
+            stack.callback(extracted.close)  # an ONNX output's file: once the job is answered
         except AirlockError as exc:
             return seen(None, f"the extraction's output was invalid: {exc.message}", invalid=exc)
         data_sha256 = report.get("data_sha256")

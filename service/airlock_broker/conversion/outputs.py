@@ -16,13 +16,13 @@ from airlock_broker.conversion.file_copy import (
     copy_identical,
     open_identical,
     open_validated,
-    write_bytes,
     write_canonical_from,
     write_canonical_safetensors,
 )
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import collect_output, open_regular_file
 from airlock_broker.validation.limits import OutputLimits
+from airlock_broker.validation.onnx_canonical import CanonicalOnnx
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_canonical import (
     FileIdentity,
@@ -56,6 +56,15 @@ class ValidatedOutput:
     safetensors: SafetensorsInfo | None = None
     #: A data file's output as validated (it is copied from its file, never held).
     identity: FileIdentity | None = None
+    #: An ONNX output's canonical bytes, in a file of the broker's alone (never in its
+    #: memory): whoever validated the output closes it (``close``) once it is answered.
+    onnx: CanonicalOnnx | None = None
+
+    def close(self) -> None:
+        """Frees what only this output holds (an ONNX output's file); ``pin`` first for a
+        copy after it. Once, by the job that validated it (jobs.py), after its answer."""
+        if self.onnx is not None:
+            self.onnx.close()
 
     def head(self) -> bytes:
         """Its first ``COMMIT_BYTES``: a safetensors output's header length (what a pending
@@ -66,13 +75,17 @@ class ValidatedOutput:
     def pin(self) -> PinnedOutput:
         """The output held open from now on (the file validation described), so that it can
         be copied after its slot is destroyed: a lazy unmount leaves open files readable.
-        An ONNX output is already in the broker's memory."""
+        An ONNX output's file is held by a descriptor of its own, past its job's ``close``."""
         if self.identity is not None:  # a data file
             held = open_identical(self.path, self.identity)
             return PinnedOutput(self.size, lambda fd: copy_file(held.fileno(), fd, self.size),
                                 held.close)
+        if self.onnx is not None:
+            canonical = self.onnx.dup()
+            return PinnedOutput(self.size, lambda fd: _copy_canonical(canonical, fd),
+                                canonical.close)
         info = self.safetensors
-        if info is None:
+        if info is None:  # its write_into holds what it writes (a test's, a stand-in's)
             return PinnedOutput(self.size, self.write_into)
         handle = open_validated(self.path, info)
         return PinnedOutput(self.size, lambda fd: write_canonical_from(handle, info, fd),
@@ -135,7 +148,9 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
     """Collect the single output file and validate it as hostile data (DESIGN §1.5).
 
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
-    the canonical bytes they send back are what the caller receives, hashed here.
+    the canonical bytes they send back are what the caller receives, hashed as they come and
+    kept in a file of the broker's (``onnx_canonical``), never in its memory: the caller owns
+    it and must ``close`` the output once it is answered.
     ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
     one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
     A data file's output (``Target.DATA``; ``kind``: its declared format) is hashed and
@@ -155,9 +170,15 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                                write_into=lambda fd: write_canonical_safetensors(path, info, fd),
                                safetensors=info)
     canonical, _info = await onnx_validator.validate(path)
-    return ValidatedOutput(format=fmt, size=len(canonical),
-                           sha256=hashlib.sha256(canonical).hexdigest(), path=path,
-                           write_into=lambda fd: write_bytes(canonical, fd))
+    return ValidatedOutput(format=fmt, size=canonical.size, sha256=canonical.sha256, path=path,
+                           write_into=lambda fd: _copy_canonical(canonical, fd),
+                           onnx=canonical)
+
+
+def _copy_canonical(canonical: CanonicalOnnx, dst: int) -> None:
+    """An ONNX output's canonical bytes as the whole of the file behind ``dst``, by kernel
+    copy from the broker's file (explicit offsets: it may be copied twice at once)."""
+    copy_file(canonical.fileno(), dst, canonical.size)
 
 
 def _data_output(path: Path, kind: ArtifactFormat) -> ValidatedOutput:

@@ -20,6 +20,8 @@ N bytes holds about 2 N on the spool's disk (the input, until its sandboxes are 
 the answer), and 2 N of RAM in the output tmpfs of its two sandboxes (the conversion's and
 the integrity reading's). A job whose output is too large for a tmpfs writes it to the spool
 instead (output_room.py): about 4 N of disk and no output in RAM, all of it claimed up front.
+An ONNX output's canonical bytes, as its validator sends them, are a spool file too until its
+job is answered (validation/onnx_canonical.py), claimed here as they arrive.
 
 An input that fits the RAM spool (``<root>/ram``, a tmpfs of ``[spool] ram_bytes``:
 input_room.py) is not on this disk at all: its upload claims nothing here (it is claimed

@@ -17,11 +17,13 @@ import os
 import select
 import struct
 import time
+from collections.abc import Callable
 
 #: What ``Connection.send_bytes`` writes before a message shorter than 2 GiB.
 LENGTH = struct.Struct("!i")
-#: Bytes asked of the socket at once.
-_CHUNK = 1 << 20
+#: Bytes asked of the socket at once, and all the broker holds of a message it does not keep
+#: (``read_message_into``).
+BLOCK_BYTES = 1 << 20
 
 
 class Late(Exception):
@@ -44,8 +46,20 @@ def read_message(fd: int, deadline: float, limit: int) -> bytes | None:
     """The next message on the stream socket ``fd``; None if the writer closed it (or died)
     before the message's last byte. ``Late`` once ``deadline`` (``time.monotonic``) passes,
     ``BadLength`` if it announces more than ``limit`` bytes. Polls: ``fd`` may be blocking."""
-    header = _read_exactly(fd, LENGTH.size, deadline, None)
-    if header is None:
+    buffer = io.BytesIO()  # its getvalue() hands over its bytes without copying them
+    size = read_message_into(fd, deadline, limit, lambda _size: buffer.write)
+    return None if size is None else buffer.getvalue()
+
+
+def read_message_into(fd: int, deadline: float, limit: int,
+                      begin: Callable[[int], Callable[[memoryview], object]]) -> int | None:
+    """``read_message`` without holding the message: once its length has come (and passed
+    ``limit``), ``begin(length)`` returns where its bytes go, and they go there as they
+    come, at most ``BLOCK_BYTES`` at a time, out of one buffer reused for every block (a
+    block handed over is valid only during that call). The message's length, or None as
+    ``read_message`` says."""
+    header = bytearray(LENGTH.size)
+    if _read_exactly(fd, LENGTH.size, deadline, None, memoryview(header), None) is None:
         return None
     (size,) = LENGTH.unpack(header)
     if size == -1 or size > limit:
@@ -53,15 +67,19 @@ def read_message(fd: int, deadline: float, limit: int) -> bytes | None:
         raise BadLength(f"it announced a message of {announced}, over the {limit}-byte limit")
     if size < 0:
         raise BadLength(f"it announced a message of {size} bytes")
-    return _read_exactly(fd, size, deadline, size)
+    sink = begin(size)
+    block = memoryview(bytearray(min(size, BLOCK_BYTES)))
+    return _read_exactly(fd, size, deadline, size, block, sink)
 
 
-def _read_exactly(fd: int, size: int, deadline: float, announced: int | None) -> bytes | None:
-    """``size`` bytes, or None at end of file; ``announced``: the message's length, for
-    ``Late`` (None while its length is read)."""
+def _read_exactly(fd: int, size: int, deadline: float, announced: int | None,
+                  buffer: memoryview, sink: Callable[[memoryview], object] | None) -> int | None:
+    """``size`` bytes; their count, or None at end of file. ``sink`` None: they fill
+    ``buffer`` (``size`` long); else each run of them is read into the start of ``buffer``
+    and handed to ``sink``. ``announced``: the message's length, for ``Late`` (None while
+    its length is read)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    buffer = io.BytesIO()  # its getvalue() hands over its bytes without copying them
     got = 0
     while got < size:
         remaining = deadline - time.monotonic()
@@ -69,12 +87,14 @@ def _read_exactly(fd: int, size: int, deadline: float, announced: int | None) ->
             raise Late(got, announced)
         if not poller.poll(math.ceil(remaining * 1000)):
             continue  # timed out: the check above says so
+        into = buffer[got:size] if sink is None else buffer[:min(size - got, len(buffer))]
         try:
-            chunk = os.read(fd, min(size - got, _CHUNK))
+            n = os.readv(fd, [into])
         except ConnectionResetError:
             return None
-        if not chunk:
+        if not n:
             return None
-        buffer.write(chunk)
-        got += len(chunk)
-    return buffer.getvalue()
+        if sink is not None:
+            sink(into[:n])
+        got += n
+    return got

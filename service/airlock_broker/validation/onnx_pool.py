@@ -20,7 +20,8 @@ the validator a read-only descriptor, not a path: the validator has no path to o
 validator writes on stderr reaches the broker through a pipe, bounded and escaped before it is
 logged (``stderr_pipe``). Nothing it sends back is unpickled: a JSON summary (parsed strictly
 and re-typed, see ``onnx_answer.interpret``) and then the canonical bytes as a bounded raw
-message, which the broker hashes itself.
+message, which the broker writes a block at a time into a file of its own and hashes as it
+writes (``onnx_canonical``): it never holds the model.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from airlock_broker.errors import Reason, error
+from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.validation.confinement import Confinement, expected_confinement
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
+from airlock_broker.validation.onnx_canonical import CanonicalOnnx, CanonicalSpool, CanonicalWriter
 from airlock_broker.validation.onnx_info import OnnxInfo, check_onnx_size
-from airlock_broker.validation.onnx_messages import BadLength, Late, read_message
+from airlock_broker.validation.onnx_messages import BadLength, Late, read_message, read_message_into
 from airlock_broker.validation.onnx_processes import Template, Validator
 from airlock_broker.validation.onnx_template import READY
 from airlock_broker.validation.onnx_worker import FD_MARK
@@ -130,9 +132,13 @@ class OnnxValidatorPool:
     """Validates ONNX files in single-use processes; ``start`` with the broker, ``close``."""
 
     def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
-                 worker_module: str = WORKER_MODULE) -> None:
+                 worker_module: str = WORKER_MODULE,
+                 spool: CanonicalSpool | None = None) -> None:
         self.limits = limits
         self.settings = settings or ValidatorSettings()
+        #: Where canonical models are written (the spool's disk in a broker; the system's
+        #: temporary directory by default).
+        self.spool = spool or CanonicalSpool()
         limits_doc = asdict(limits)
         limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
         self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
@@ -180,11 +186,13 @@ class OnnxValidatorPool:
     def template_pid(self) -> int | None:
         return None if self._template is None else self._template.pid
 
-    async def validate(self, source: Path) -> tuple[bytes, OnnxInfo]:
-        """Validate the ONNX file ``source``; its canonical bytes and summary.
+    async def validate(self, source: Path) -> tuple[CanonicalOnnx, OnnxInfo]:
+        """Validate the ONNX file ``source``; its canonical bytes (in a file the caller owns
+        and must close) and summary.
 
         Raises ``OUTPUT_INVALID`` / ``OUTPUT_TOO_LARGE`` for a refused model, including one that
-        crashes, exhausts or outlives its validator; ``INTERNAL`` if no validator can start.
+        crashes, exhausts or outlives its validator; ``INTERNAL`` if no validator can start;
+        ``SPOOL_FULL`` if its canonical bytes do not fit on the spool.
         """
         if self._idle is None or self._closed:
             raise error(Reason.INTERNAL, "the ONNX validator pool is not running")
@@ -198,7 +206,8 @@ class OnnxValidatorPool:
             except asyncio.CancelledError:
                 validator.kill()  # the thread then sees EOF at once
                 with contextlib.suppress(BaseException):
-                    await job
+                    canonical, _info = await job
+                    canonical.close()  # it had finished: nobody will own it
                 raise
         finally:
             self._refill(validator)  # used once, whatever happened
@@ -285,7 +294,7 @@ class OnnxValidatorPool:
             self.forked.append(validator.pid)
             return validator
 
-    def _exchange(self, validator: Validator, source: Path) -> tuple[bytes, OnnxInfo]:
+    def _exchange(self, validator: Validator, source: Path) -> tuple[CanonicalOnnx, OnnxInfo]:
         """One request and answer, blocking (runs in a thread)."""
         # A missing, linked, special or oversize file is refused here and costs no validator's
         # work (the validator is replaced all the same: it is single-use).
@@ -294,8 +303,9 @@ class OnnxValidatorPool:
             check_onnx_size(st.st_size, self.limits)
             return self._exchange_fd(validator, handle.fileno())
 
-    def _exchange_fd(self, validator: Validator, fd: int) -> tuple[bytes, OnnxInfo]:
+    def _exchange_fd(self, validator: Validator, fd: int) -> tuple[CanonicalOnnx, OnnxInfo]:
         deadline = time.monotonic() + self.settings.timeout_seconds
+        canonical = CanonicalWriter(self.spool)
         try:
             hello = _receive(validator, deadline, 16, self.settings)
             if hello != READY:
@@ -307,13 +317,15 @@ class OnnxValidatorPool:
             _send_fd(validator.conn, fd)
             answer = _receive(validator, deadline, MAX_ANSWER_BYTES, self.settings)
             info = interpret(answer, validator)
-            canonical = _receive(validator, deadline, self.limits.max_onnx_bytes, self.settings)
-            if not canonical:
+            size = _receive_into(validator, deadline, self.limits.max_onnx_bytes,
+                                 self.settings, canonical)
+            if not size:
                 raise error(Reason.OUTPUT_INVALID, "ONNX validator sent no canonical model")
-            return canonical, info
+            return canonical.finish(), info
         except (OSError, EOFError) as exc:  # the pipe broke under a write: it died
             raise error(Reason.OUTPUT_INVALID, f"ONNX validator died: {exc}") from None
         finally:
+            canonical.close()
             validator.kill()
 
     async def close(self) -> None:
@@ -357,10 +369,26 @@ def _receive(worker: Validator, deadline: float, limit: int,
     first: one that stops half-way is as late as one that never starts."""
     try:
         return read_message(worker.conn.fileno(), deadline, limit)
-    except Late as late:
+    except (Late, BadLength) as exc:
+        raise _refusal(worker, settings, exc) from None
+
+
+def _receive_into(worker: Validator, deadline: float, limit: int,
+                  settings: ValidatorSettings, writer: CanonicalWriter) -> int | None:
+    """``_receive``, its bytes written by ``writer`` as they come, never held whole; their
+    count, or None as ``_receive`` says."""
+    try:
+        return read_message_into(worker.conn.fileno(), deadline, limit, writer.begin)
+    except (Late, BadLength) as exc:
+        raise _refusal(worker, settings, exc) from None
+
+
+def _refusal(worker: Validator, settings: ValidatorSettings,
+             exc: Late | BadLength) -> AirlockError:
+    """A late message (its validator killed) or an overlong one, as the job's verdict."""
+    if isinstance(exc, Late):
         worker.kill()
-        raise error(Reason.OUTPUT_INVALID,
-                    f"ONNX validation did not finish in {settings.timeout_seconds:g} s "
-                    f"({late} by then)") from None
-    except BadLength as exc:
-        raise error(Reason.OUTPUT_INVALID, f"ONNX validator answered too much: {exc}") from None
+        return error(Reason.OUTPUT_INVALID,
+                     f"ONNX validation did not finish in {settings.timeout_seconds:g} s "
+                     f"({exc} by then)")
+    return error(Reason.OUTPUT_INVALID, f"ONNX validator answered too much: {exc}")
