@@ -277,11 +277,11 @@ def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
     from tests.unit.test_broker_limits import wait_for
 
     disk = on_fake_disk(monkeypatch, tmp_path / "spool")
-    from airlock_broker.api import servicer
+    from airlock_broker.api import server
 
     spaces: list[SpoolSpace] = []
-    make = servicer.SpoolSpace
-    monkeypatch.setattr(servicer, "SpoolSpace",
+    make = server.SpoolSpace
+    monkeypatch.setattr(server, "SpoolSpace",
                         lambda root, limits: spaces.append(make(root, limits)) or spaces[-1])
     disk.free = RESERVE + 40 * MiB  # 20 MiB a caller
     alice, bob = mint_token(), mint_token()

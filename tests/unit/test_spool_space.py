@@ -53,14 +53,14 @@ class SpoolDisk(Disk):
 
 def on_fake_disk(monkeypatch: pytest.MonkeyPatch, spool: Path) -> SpoolDisk:
     """Put the broker's spool on a fake disk (``SpoolSpace``: its only seam to it)."""
-    from airlock_broker.api import servicer
+    from airlock_broker.api import server
 
     fake = SpoolDisk(spool)
 
     def space(root: Path, limits: UploadLimits) -> SpoolSpace:
         return SpoolSpace(root, limits, statvfs=fake)
 
-    monkeypatch.setattr(servicer, "SpoolSpace", space)
+    monkeypatch.setattr(server, "SpoolSpace", space)
     return fake
 
 

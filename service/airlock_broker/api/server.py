@@ -223,8 +223,9 @@ async def create_server(config: BrokerConfig,
                   runtime=config.sandbox.runtime, readiness=readiness)
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
     # if the rest of start-up fails.
-    # The spool's disk, shared by uploads, answers and ONNX outputs' canonical bytes (written
-    # by the broker as a validator sends them, never held in its memory: onnx_canonical).
+    # The spool's disk, one account for uploads, answers and ONNX outputs' canonical bytes
+    # (written by the broker as a validator sends them, never held in its memory:
+    # onnx_canonical). Tests put the spool on a fake disk here.
     space = SpoolSpace(config.spool_root, config.upload)
     onnx_validator = OnnxValidatorPool(
         config.output, config.onnx_validator,
@@ -274,7 +275,7 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
                        verify_integrity=config.verify_integrity, trace=trace)
     pb_grpc.add_ConversionServiceServicer_to_server(
         conversion_servicer(config, runner, admission, audit, metrics, signing_key,
-                            idempotency, fast_path, trace, ram, space),
+                            idempotency, fast_path, space, trace, ram),
         server)
     async def host_versions() -> dict[str, Observation]:
         return {**host_observations(), **await backend.versions()}

@@ -172,15 +172,14 @@ class RpcEdge:
 def conversion_servicer(config: BrokerConfig, runner: JobRunner, admission: Admission,
                         audit: AuditLog, metrics: Metrics, signing_key: SigningKey,
                         idempotency: IdempotencyStore, fast_path: LocalTransferServer | None,
-                        trace: Trace = NO_TRACE,
-                        ram: RamSpool | None = None,
-                        space: SpoolSpace | None = None) -> ConversionServicer:
+                        space: SpoolSpace, trace: Trace = NO_TRACE,
+                        ram: RamSpool | None = None) -> ConversionServicer:
     """The Convert service wired: its pipeline, on the broker's settings. ``space``: the
-    spool's disk, if the broker accounts it already (the ONNX validators' files)."""
+    spool's disk, which the ONNX validators' canonical files share (server.py)."""
     intake = IntakeLimits(max_artifact_bytes=config.max_artifact_bytes,
                           max_chunk_bytes=config.max_request_chunk_bytes,
                           idle_seconds=config.upload_idle_seconds, upload=config.upload,
-                          space=space or SpoolSpace(config.spool_root, config.upload),
+                          space=space,
                           writers=DaemonPool(UPLOAD_WRITERS, "airlock-upload"))
     settings = PipelineSettings(spool_root=config.spool_root, intake=intake,
                                 chunk_bytes=config.chunk_bytes, policy=config.sandbox,
