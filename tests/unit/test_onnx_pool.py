@@ -380,7 +380,7 @@ def test_a_validator_forked_for_a_cancelled_job_is_not_left_to_the_pools_close(
         await until(lambda: settled(pool))
         live = pool.pids()
         stray = [p for p in pool.forked if p not in live and alive(p)]
-        canonical, _info = await asyncio.wait_for(pool.validate(good), 60)
+        canonical, _info = await asyncio.wait_for(validated(pool, good), 60)
         return live, stray, canonical
 
     (live, stray, canonical), _pids = with_pool(ValidatorSettings(processes=1), body)
