@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _INFRA_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+#: How long a container killed by SIGKILL that no one sent through the engine is looked for
+#: among the engine's ``oom`` events, which may come after its exit (``_engine_record``):
+#: what an artifact that kills itself waits for its failure, not a job that succeeds.
+OOM_EVENT_GRACE_SECONDS = 2.0
 
 
 class DockerSandbox:
@@ -367,39 +371,54 @@ class DockerSandbox:
         duration = time.monotonic() - began
         state = (await self._call(self.client.api.inspect_container, slot.container_id))["State"]
         exit_code = None if timed_out else int(state.get("ExitCode", -1))
-        killed_by = ""
-        if exit_code is not None and exit_code > 128 and not state.get("OOMKilled"):
-            killed_by = await self._kill_recorded(slot, began_wall)
+        oom_killed, killed_by = bool(state.get("OOMKilled", False)), ""
+        if exit_code is not None and exit_code > 128 and not oom_killed:
+            oom_killed, killed_by = await self._engine_record(slot, began_wall, exit_code)
         return Outcome(
             exit_code=exit_code,
             killed_by=killed_by,
-            oom_killed=bool(state.get("OOMKilled", False)),
+            oom_killed=oom_killed,
             timed_out=timed_out,
             duration_seconds=duration,
             image_id=self._image_id,
             runtime=self.policy.runtime,
         )
 
-    async def _kill_recorded(self, slot: Slot, since: int) -> str:
-        """The engine's event log: did anyone send this container a signal? (The broker kills
-        only at the deadline, and then it does not ask.)"""
-        def kills() -> list[dict[str, Any]]:
-            return list(self.client.api.events(
-                since=since, until=f"{time.time():.6f}", decode=True,
-                filters={"container": slot.container_id, "event": "kill"}))
+    async def _engine_record(self, slot: Slot, since: int, exit_code: int) -> tuple[bool, str]:
+        """What the engine's event log says of a container that died of a signal: whether the
+        kernel's OOM killer took it, and who else sent it one (``killed_by``; the broker kills
+        only at the deadline, and then it does not ask).
 
-        try:
-            events = await self._call(kills)
-        except SandboxUnavailable as exc:
-            log.warning("could not read the engine's events for %s: %s",
-                        slot.container_id[:12], exc)
-            return ""
-        signals = sorted({str(e.get("Actor", {}).get("Attributes", {}).get("signal", "?"))
-                          for e in events})
-        if not signals:
-            return ""
-        return f"signal {', '.join(signals)} sent through the Docker engine: docker kill, " \
-               "docker stop or the engine shutting down"
+        The engine sets ``OOMKilled`` only if the OOM came before the exit, but logs its
+        ``oom`` event whenever it comes; gVisor's shim finds an OOM by polling the cgroup, and
+        on a busy machine that came after the exit (a memory bomb under runsc was reported as
+        exit 137, ``OOMKilled`` false). So a SIGKILL that no one sent through the engine is
+        looked for again, for ``OOM_EVENT_GRACE_SECONDS``."""
+        ends = time.monotonic() + OOM_EVENT_GRACE_SECONDS
+        while True:
+            try:
+                events = await self._call(functools.partial(
+                    self._events, slot.container_id, since, ("kill", "oom")))
+            except SandboxUnavailable as exc:
+                log.warning("could not read the engine's events for %s: %s",
+                            slot.container_id[:12], exc)
+                return False, ""
+            if any(e.get("Action", e.get("status")) == "oom" for e in events):
+                return True, ""
+            signals = sorted({str(e.get("Actor", {}).get("Attributes", {}).get("signal", "?"))
+                              for e in events})
+            if signals:
+                return False, (f"signal {', '.join(signals)} sent through the Docker engine: "
+                               "docker kill, docker stop or the engine shutting down")
+            if exit_code != 128 + 9 or time.monotonic() >= ends:
+                return False, ""
+            await asyncio.sleep(0.1)
+
+    def _events(self, container_id: str, since: int,
+                kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+        return list(self.client.api.events(
+            since=since, until=f"{time.time():.6f}", decode=True,
+            filters={"container": container_id, "event": list(kinds)}))
 
     async def _kill(self, slot: Slot, attempts: int = 3) -> None:
         """SIGKILL at the deadline. The engine may answer 500 ("tried to kill container, but
