@@ -56,6 +56,7 @@ Loaded from an optional TOML file (``airlock-broker serve --config FILE``)::
     max_open_streams = 16              # Health.Watch and reflection streams (open to anyone)
     max_connection_age_seconds = 3600
     connection_age_grace_seconds = 1800
+    max_stuck_answers_per_peer = 64    # answers a peer did not let out, counted for age + grace
 
     [observability]    # for measuring, not for production: off by default
     trace_events = "/var/lib/airlock/events.jsonl"   # each job step's begin, end (tracing.py)

@@ -312,6 +312,106 @@ def test_calls_whose_answer_the_caller_never_lets_out_cannot_take_every_place(
         caller.close()
 
 
+def test_one_peer_cannot_hold_more_than_its_share_of_stuck_streams(
+        start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found after the eleventh review: an answer the broker gave up on (its caller's HTTP/2
+    windows are 0) stays in gRPC as a stuck stream (about 15 KB) until its connection closes,
+    an hour and a half later; one client (no token needed: Health.Check) could hold
+    ``max_streams_per_connection`` on each of ``max_connections`` connections, some 15 GiB.
+    Now each counts against its peer (here 127.0.0.1) for that long, and at
+    ``max_stuck_answers_per_peer`` the peer's new calls are refused at once: trailers only,
+    which leave through a window of 0, so the refused stream closes. Another peer (::1) is
+    served throughout."""
+    from grpc_health.v1 import health
+
+    answered: list[str] = []
+    check = health.aio.HealthServicer.Check
+
+    async def counted(self: Any, request: Any, context: Any) -> Any:
+        answered.append(request.service)
+        return await check(self, request, context)
+    monkeypatch.setattr(health.aio.HealthServicer, "Check", counted)
+    limits = RpcLimits(max_concurrent_rpcs=16, max_waiting_calls=4, max_open_streams=2,
+                       request_seconds=0.5, max_stuck_answers_per_peer=8)
+    run = start(rpc=limits)
+    callers = [Http2Caller(run.broker.port) for _ in range(2)]  # windows of 0: nothing leaves
+
+    def ended() -> int:  # refused: its trailers came (no answer can)
+        return sum(len(c.ended) for c in callers)
+    sent = in_a_row = 0
+    try:
+        # One call at a time on two connections, each once answered or refused (so
+        # ``max_concurrent_rpcs`` refuses none), until ten in a row are refused; before, none
+        # was, and every stream stayed stuck.
+        while sent < 150 and in_a_row < 10:
+            before = ended()
+            callers[sent % 2].unary("/grpc.health.v1.Health/Check")
+            sent += 1
+            wait_for(lambda n=sent: len(answered) + ended() >= n, timeout=60)
+            in_a_row = in_a_row + 1 if ended() > before else 0
+        stuck = sent - ended()
+        assert in_a_row == 10, f"{sent} calls, {ended()} refused: {stuck} streams stuck"
+        # The 8 counted, plus those in progress when the eighth was (at most 16: every place).
+        assert stuck <= 8 + 16, f"{stuck} streams stuck of {sent} calls"
+        # A gRPC client from the same peer is told why, with the numbers.
+        with grpc.insecure_channel(f"127.0.0.1:{run.broker.port}") as channel, \
+                pytest.raises(grpc.RpcError) as info:
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "answers to calls from 127.0.0.1 did not leave" in (info.value.details() or "")
+        assert "the limit is 8 ([rpc] max_stuck_answers_per_peer)" in (
+            info.value.details() or "")
+        # Another peer is served.
+        with grpc.insecure_channel(f"[::1]:{run.broker.port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert not any(c.closed.is_set() for c in callers)  # their connections stayed open
+    finally:
+        for caller in callers:
+            caller.close()
+
+
+def test_stuck_answers_count_per_peer_for_a_streams_life_and_forget_the_oldest_peer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from airlock_broker.api import rpc_limits
+
+    now = [1000.0]
+    monkeypatch.setattr(rpc_limits.time, "monotonic", lambda: now[0])
+    stuck = rpc_limits.StuckAnswers(limit=2, keep_seconds=100, peers=2)
+    for _ in range(5):
+        stuck.record("10.0.0.1")
+    assert stuck.held("10.0.0.1") == 2 and len(stuck.until["10.0.0.1"]) == 2
+    now[0] += 100
+    assert stuck.held("10.0.0.1") == 0 and "10.0.0.1" not in stuck.until
+    for peer in ("a", "b", "c"):
+        stuck.record(peer)
+    assert list(stuck.until) == ["b", "c"]
+
+
+class _Peer:
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+@pytest.mark.parametrize(("peer", "key"), [
+    ("ipv4:192.0.2.7:5555", "192.0.2.7"),
+    ("ipv6:[::1]:5555", "::1"),
+    ("ipv6:[::ffff:192.0.2.7]:5555", "192.0.2.7"),
+    ("ipv6:[2001:db8:1:2:3:4:5:6]:5555", "2001:db8:1:2::/64"),
+    ("unix:", "unix:anonymous"),
+])
+def test_a_stuck_answer_counts_against_an_address_or_a_local_principal(peer: str,
+                                                                        key: str) -> None:
+    from airlock_broker.api.rpc_limits import peer_key
+
+    assert peer_key(_Peer(peer)) == key  # type: ignore[arg-type]
+
+
 def _withheld(hold: threading.Event) -> Iterator[health_pb2.HealthCheckRequest]:
     """A request stream that sends nothing until ``hold`` is set: the call's headers only."""
     hold.wait(120)

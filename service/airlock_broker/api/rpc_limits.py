@@ -6,7 +6,8 @@ Admission (admission.py) bounds *jobs*; these bound what is not a job: a health 
 reflection stream costs nothing to open, needs no token and can stay open for ever; an HTTP/2
 stream whose caller stopped reading stays in gRPC's hands after the broker gave up on it
 (answers.py). Without these, enough of either refuses every other call, health checks
-included.
+included; and streams given up on, each held by gRPC until its connection closes, are bounded
+per peer (``StuckAnswers``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -39,8 +43,8 @@ class CallLimiter(grpc.aio.ServerInterceptor):
     credentials needed) on one connection held every place for the connection's age (an hour
     and a half), and every other call was refused (found in the eleventh review). Here a call
     counts while its task runs: its request, its method and the sending of its answer, which
-    ``RequestArrival`` bounds in time. What such a stream still costs is gRPC's (at most
-    ``max_streams_per_connection`` of them on a connection, until it closes)."""
+    ``RequestArrival`` bounds in time. What such a stream still costs is gRPC's until its
+    connection closes (at most ``max_stuck_answers_per_peer`` of one peer: ``StuckAnswers``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -165,13 +169,15 @@ class RequestArrival(grpc.aio.ServerInterceptor):
 
     A unary method's answer is counted the same way until it has left (``_answer_taken_in_time``):
     ending the call's task then does not withdraw the answer (gRPC still sends it to a caller
-    that reads); it only gives the place back.
+    that reads); it only gives the place back. Such an answer is counted in ``stuck`` against
+    its caller's peer, whose new calls are refused while it has too many (``StuckAnswers``).
     """
 
-    def __init__(self, seconds: float, limit: int) -> None:
+    def __init__(self, seconds: float, limit: int, stuck: StuckAnswers | None = None) -> None:
         self.seconds = seconds
         self.limit = limit
         self.waiting: dict[str, int] = {}
+        self.stuck = stuck
 
     async def intercept_service(
         self,
@@ -182,13 +188,20 @@ class RequestArrival(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        served = self._served(handler)
+        return served if self.stuck is None else _refused_first(served,
+                                                                self.stuck.refuse_if_full)
+
+    def _served(self, handler: grpc.RpcMethodHandler[Any, Any]
+                ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler``, its one request (if it takes one) streamed and taken in time."""
         if handler.unary_unary:
             unary: Any = handler.unary_unary  # an aio handler: a coroutine function
 
             async def streamed_unary(requests: Any,
                                      context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 answer = await unary(await self._request(requests, context), context)
-                self._answer_taken_in_time()
+                self._answer_taken_in_time(context)
                 return answer
             return grpc.stream_unary_rpc_method_handler(
                 streamed_unary, handler.request_deserializer, handler.response_serializer)
@@ -213,20 +226,29 @@ class RequestArrival(grpc.aio.ServerInterceptor):
             return await behaviour(await self._request(requests, context), context)
         return coroutine
 
-    def _answer_taken_in_time(self) -> None:
+    def _answer_taken_in_time(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """The answer the method returned goes out after it returns, from the call's own task,
         which ends (and gives up its place in ``max_concurrent_rpcs``) only once the caller's
         HTTP/2 windows let it out: a caller whose stream windows are 0 kept it for the
         connection's age. So the call counts as waiting (as for its request) until its task
         ends, and is cancelled if its answer is not out within ``seconds``, or within
-        ``PROMPT_SECONDS`` when its principal already has ``limit`` calls waiting."""
+        ``PROMPT_SECONDS`` when its principal already has ``limit`` calls waiting; one cancelled
+        so is counted in ``stuck`` (its stream stays in gRPC)."""
         task = asyncio.current_task()
         assert task is not None, "a method runs in its call's task"
         who = current_principal().quota
+        peer = peer_key(context) if self.stuck is not None else ""
         full = self.waiting.get(who, 0) >= self.limit
         self.waiting[who] = self.waiting.get(who, 0) + 1
+
+        def give_up() -> None:
+            if task.done():  # out just now: its end's callback has not run yet
+                return
+            if self.stuck is not None:
+                self.stuck.record(peer)
+            task.cancel()
         timer = asyncio.get_running_loop().call_later(
-            PROMPT_SECONDS if full else self.seconds, task.cancel)
+            PROMPT_SECONDS if full else self.seconds, give_up)
 
         def ended(_: object) -> None:
             timer.cancel()
@@ -267,3 +289,107 @@ class RequestArrival(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "the call ended without its request message")
         return request
+
+
+#: Peers whose stuck answers are remembered at once; beyond, the one recorded longest ago is
+#: forgotten (the bookkeeping's own memory is bounded: about 2.5 KB a peer at the default).
+MAX_PEERS_TRACKED = 4096
+
+
+def peer_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Whom a stuck answer counts against: a TCP caller's IP address (an IPv6 one's /64, which
+    one host is given whole), a Unix-socket caller's principal (``unix:uid:N``; the socket's
+    peer address says nothing)."""
+    kind, _, address = context.peer().partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return f"unix:{current_principal().quota}"
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class StuckAnswers:
+    """Answers that did not leave in time, counted against their caller's peer (``peer_key``),
+    and the refusal of a peer's new calls while it has ``limit`` of them.
+
+    An answer ``RequestArrival`` gave up on stays in gRPC as a stuck HTTP/2 stream (about
+    15 KB) until its connection closes, which the broker cannot hasten nor see: so each is
+    counted for the longest a connection lives (``keep_seconds``: ``max_connection_age`` plus
+    its grace). Without this, one client with windows of 0 held ``max_streams_per_connection``
+    of them on each of ``max_connections`` connections: a million, some 15 GiB (found after
+    the eleventh review). A refusal is trailers only, no DATA, so it leaves through a window
+    of 0 and its stream closes."""
+
+    def __init__(self, limit: int, keep_seconds: float,
+                 peers: int = MAX_PEERS_TRACKED) -> None:
+        self.limit = limit
+        self.keep_seconds = keep_seconds
+        self.peers = peers
+        #: Per peer, when its stuck answers stop counting (the latest ``limit``: enough to
+        #: know whether it has ``limit``), peers in the order they last had one.
+        self.until: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def record(self, peer: str) -> None:
+        times = self.until.get(peer)
+        if times is None:
+            times = self.until[peer] = deque(maxlen=self.limit)
+            while len(self.until) > self.peers:
+                self.until.popitem(last=False)
+        times.append(time.monotonic() + self.keep_seconds)
+        self.until.move_to_end(peer)
+
+    def held(self, peer: str) -> int:
+        """How many of ``peer``'s answers count as stuck now (at most ``limit``)."""
+        times = self.until.get(peer)
+        if times is None:
+            return 0
+        now = time.monotonic()
+        while times and times[0] <= now:
+            times.popleft()
+        if not times:
+            del self.until[peer]
+        return len(times)
+
+    async def refuse_if_full(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """RESOURCE_EXHAUSTED, with the numbers, if the caller's peer has ``limit``."""
+        peer = peer_key(context)
+        held = self.held(peer)
+        if held < self.limit:
+            return
+        wait = self.until[peer][0] - time.monotonic()
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{held} answers to calls from {peer} did not leave within [rpc] request_seconds "
+            f"(the caller's HTTP/2 windows kept them in), the limit is {self.limit} ([rpc] "
+            f"max_stuck_answers_per_peer): read your calls' answers; each counts for "
+            f"{self.keep_seconds:g} s, whether or not you reconnect, so retry in {wait:.0f} s")
+
+
+def _refused_first(handler: grpc.RpcMethodHandler[Any, Any],
+                   check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+                   ) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` (streaming its request, as ``RequestArrival`` serves every method), with
+    ``check`` awaited before it runs."""
+    behaviour: Any = handler.stream_unary or handler.stream_stream
+    if inspect.isasyncgenfunction(behaviour):
+        async def generator(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            async for message in behaviour(requests, context):
+                yield message
+        checked: Any = generator
+    else:
+        async def coroutine(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            return await behaviour(requests, context)
+        checked = coroutine
+    make = (grpc.stream_unary_rpc_method_handler if handler.stream_unary
+            else grpc.stream_stream_rpc_method_handler)
+    return make(checked, handler.request_deserializer, handler.response_serializer)

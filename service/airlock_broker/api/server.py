@@ -26,7 +26,12 @@ from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.admin import AdminServicer
 from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
 from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
-from airlock_broker.api.rpc_limits import CallLimiter, OpenStreamLimiter, RequestArrival
+from airlock_broker.api.rpc_limits import (
+    CallLimiter,
+    OpenStreamLimiter,
+    RequestArrival,
+    StuckAnswers,
+)
 from airlock_broker.api.servicer import conversion_servicer
 from airlock_broker.config import BrokerConfig
 from airlock_broker.conversion.admission import Admission
@@ -260,8 +265,11 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     interceptors.append(AuthInterceptor(Authenticator(config.auth, peer_tickets,
                                                       owners=owners)))
     interceptors.append(OpenStreamLimiter(config.rpc.max_open_streams))
-    # Innermost: the methods it serves as streaming ones are guarded and counted above.
-    interceptors.append(RequestArrival(config.rpc.request_seconds, config.rpc.max_waiting_calls))
+    # Innermost: the methods it serves as streaming ones are guarded and counted above. An
+    # answer it gives up on stays in gRPC: a peer with too many has its new calls refused.
+    interceptors.append(RequestArrival(
+        config.rpc.request_seconds, config.rpc.max_waiting_calls,
+        StuckAnswers(config.rpc.max_stuck_answers_per_peer, config.rpc.stream_seconds)))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),

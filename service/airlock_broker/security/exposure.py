@@ -136,10 +136,21 @@ class RpcLimits:
     #: fail the jobs in flight; at the cap only new connections are refused. Far above what a
     #: fleet of clients holds (gRPC shares one connection per address in a process).
     max_connections: int = 4096
+    #: Answers of one peer (a TCP caller's IP address, an IPv6 caller's /64, a Unix-socket
+    #: caller's principal) that did not leave within ``request_seconds``; while it has this
+    #: many, its new calls are refused at once with RESOURCE_EXHAUSTED, with the numbers
+    #: (api/rpc_limits.StuckAnswers). Each such answer stays in gRPC as a stuck HTTP/2 stream
+    #: (about 15 KB) until its connection closes, which the broker cannot see: so it counts
+    #: for ``max_connection_age_seconds`` plus the grace. Without it, one client with windows
+    #: of 0 held a million (15 GiB, no token needed: Health.Check). 64 (1 MiB a peer) is far
+    #: above what a client that reads its answers ever reaches: an answer of a few bytes is
+    #: late only if the caller does not read. Clients behind one address (NAT, loopback TCP)
+    #: share it; local ones on the Unix socket are counted per user.
+    max_stuck_answers_per_peer: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_open_streams",
-                     "max_waiting_calls", "max_connections"):
+                     "max_waiting_calls", "max_connections", "max_stuck_answers_per_peer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[rpc] {name} must be at least 1")
         if self.max_waiting_calls >= self.max_concurrent_rpcs:
@@ -165,3 +176,8 @@ class RpcLimits:
             ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
             ("grpc.max_allowed_incoming_connections", self.max_connections),
         ]
+
+    @property
+    def stream_seconds(self) -> float:
+        """The longest an HTTP/2 stream may stay open: its connection's age and grace."""
+        return self.max_connection_age_seconds + self.connection_age_grace_seconds
