@@ -269,15 +269,8 @@ def test_the_server_refuses_calls_beyond_max_concurrent_rpcs(start) -> None:
             assert first.result.job_id
 
 
-def test_calls_whose_answer_the_caller_never_lets_out_cannot_take_every_place(
-        start, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found in the eleventh review: a caller that sets its HTTP/2 stream windows to 0 and
-    sends health checks (no credentials needed) on one connection. Each check is answered,
-    but the answer cannot leave, and gRPC counted the call against ``max_concurrent_rpcs``
-    until its stream closed: at the connection's age, an hour and a half. Every other call
-    was refused meanwhile ("Concurrent RPC limit exceeded!"). Now a call counts while its
-    task runs, and an answer not out in time ends its task (within ``PROMPT_SECONDS`` once
-    the principal has ``max_waiting_calls`` calls waiting)."""
+def _checks_answered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The health checks the broker's servicer answered (their service names), as they are."""
     from grpc_health.v1 import health
 
     answered: list[str] = []
@@ -287,6 +280,19 @@ def test_calls_whose_answer_the_caller_never_lets_out_cannot_take_every_place(
         answered.append(request.service)
         return await check(self, request, context)
     monkeypatch.setattr(health.aio.HealthServicer, "Check", counted)
+    return answered
+
+
+def test_calls_whose_answer_the_caller_never_lets_out_cannot_take_every_place(
+        start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in the eleventh review: a caller that sets its HTTP/2 stream windows to 0 and
+    sends health checks (no credentials needed) on one connection. Each check is answered,
+    but the answer cannot leave, and gRPC counted the call against ``max_concurrent_rpcs``
+    until its stream closed: at the connection's age, an hour and a half. Every other call
+    was refused meanwhile ("Concurrent RPC limit exceeded!"). Now a call counts while its
+    task runs, and an answer not out in time ends its task (within ``PROMPT_SECONDS`` once
+    the principal has ``max_waiting_calls`` calls waiting)."""
+    answered = _checks_answered(monkeypatch)
     run = start(rpc=RpcLimits(max_concurrent_rpcs=32, max_waiting_calls=4, max_open_streams=2,
                               request_seconds=30))
     caller = Http2Caller(run.broker.port)  # its windows are 0: no answer reaches it
@@ -322,15 +328,7 @@ def test_one_peer_cannot_hold_more_than_its_share_of_stuck_streams(
     ``max_stuck_answers_per_peer`` the peer's new calls are refused at once: trailers only,
     which leave through a window of 0, so the refused stream closes. Another peer (::1) is
     served throughout."""
-    from grpc_health.v1 import health
-
-    answered: list[str] = []
-    check = health.aio.HealthServicer.Check
-
-    async def counted(self: Any, request: Any, context: Any) -> Any:
-        answered.append(request.service)
-        return await check(self, request, context)
-    monkeypatch.setattr(health.aio.HealthServicer, "Check", counted)
+    answered = _checks_answered(monkeypatch)
     limits = RpcLimits(max_concurrent_rpcs=16, max_waiting_calls=4, max_open_streams=2,
                        request_seconds=0.5, max_stuck_answers_per_peer=8)
     run = start(rpc=limits)
