@@ -25,25 +25,24 @@ import tempfile
 from pathlib import Path
 
 from airlock_broker.errors import AirlockError
+from airlock_broker.validation.confinement import (
+    _LINUX_CAPABILITY_VERSION_3,
+    _MNT_DETACH,
+    _MS_PRIVATE,
+    _MS_REC,
+    _PR_CAP_AMBIENT,
+    _CapData,
+    _CapHeader,
+)
 from airlock_broker.validation.limits import OutputLimits
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
 from tests.unit import onnx_pool_fakes as fakes
 
 _CLONE_NEWNS = 0x00020000
-_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
-_MNT_DETACH = 2
+_MS_BIND = 0x1000
 _PR_SET_KEEPCAPS = 8
-_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 47, 2
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+_PR_CAP_AMBIENT_RAISE = 2
+# The rest of the kernel's capability and mount ABI is the validators' confinement's.
 
 
 def _mount(source: str | None, target: str, kind: str | None, flags: int,
