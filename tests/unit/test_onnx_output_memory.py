@@ -22,6 +22,7 @@ from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import OutputLimits, validate_onnx_bytes
 from airlock_broker.validation.onnx_canonical import CanonicalSpool
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
+from airlock_broker.validation.onnx_worker import tiny_model
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
 
 LIMITS = OutputLimits()
@@ -121,7 +122,7 @@ def test_the_canonical_file_is_claimed_on_the_spool_and_refused_when_it_does_not
     tmp_path: Path
 ) -> None:
     source = tmp_path / "model.onnx"
-    source.write_bytes(_small_model())
+    source.write_bytes(tiny_model())
     canonical_size = len(validate_onnx_bytes(source.read_bytes(), LIMITS)[0])
 
     async def run(room: int) -> tuple[Claims, AirlockError | None]:
@@ -148,13 +149,3 @@ def test_the_canonical_file_is_claimed_on_the_spool_and_refused_when_it_does_not
     assert refused is not None and refused.reason is Reason.SPOOL_FULL
     assert full.claimed == [] and full.written == 0
     assert os.listdir(tmp_path) == ["model.onnx"]
-
-
-def _small_model() -> bytes:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "small", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    data: bytes = model.SerializeToString()
-    return data
