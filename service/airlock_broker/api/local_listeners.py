@@ -33,6 +33,7 @@ the socket, so it may be 0755 (never writable by anyone else).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -79,6 +80,26 @@ def add_tcp_listeners(server: grpc.aio.Server, listen: str,
         log.warning("%s was taken meanwhile: listening on %s only", _address(other, port),
                     _address(first, port))
     return port
+
+
+def listener_count(listen: str, unix_socket: Path | None) -> int:
+    """How many gRPC listeners ``listen`` and ``unix_socket`` make at most: gRPC gives each
+    its own ``[rpc] max_connections`` (ops/process_limits.connections_per_listener)."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in _BOTH:
+        tcp = 2
+    else:
+        try:
+            ipaddress.ip_address(host)
+            tcp = 1
+        except ValueError:  # a name (or none): gRPC listens on every address it resolves to
+            try:
+                tcp = len({info[4][0] for info in socket.getaddrinfo(
+                    host or None, port_text or None, type=socket.SOCK_STREAM)}) or 1
+            except (OSError, UnicodeError):
+                tcp = 1  # gRPC will not bind it either, and says so
+    return tcp + (unix_socket is not None)
 
 
 def _add(server: grpc.aio.Server, address: str,
@@ -201,4 +222,5 @@ def _refuse_live(path: Path) -> None:
                   "AIRLOCK_SOCKET)")
 
 
-__all__ = ["UnixListener", "add_tcp_listeners", "add_unix_listener", "prepare_socket_dir"]
+__all__ = ["UnixListener", "add_tcp_listeners", "add_unix_listener", "listener_count",
+           "prepare_socket_dir"]

@@ -25,7 +25,12 @@ from airlock.v1 import airlock_pb2 as pb
 from airlock.v1 import airlock_pb2_grpc as pb_grpc
 from airlock_broker.api.admin import AdminServicer
 from airlock_broker.api.auth import Authenticator, AuthInterceptor, server_credentials
-from airlock_broker.api.local_listeners import UnixListener, add_tcp_listeners, add_unix_listener
+from airlock_broker.api.local_listeners import (
+    UnixListener,
+    add_tcp_listeners,
+    add_unix_listener,
+    listener_count,
+)
 from airlock_broker.api.rpc_limits import (
     CallLimiter,
     OpenStreamLimiter,
@@ -44,7 +49,11 @@ from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.fastpath.local_transfer import LocalTransferServer
 from airlock_broker.fastpath.peer_identity import PeerTickets
 from airlock_broker.ops.metrics import Metrics, MetricsInterceptor
-from airlock_broker.ops.process_limits import raise_open_files_limit
+from airlock_broker.ops.process_limits import (
+    connections_per_listener,
+    open_files_limit,
+    raise_open_files_limit,
+)
 from airlock_broker.ops.selftest import SelfTestReport, run_selftest
 from airlock_broker.readiness import STOPPING_WHY, Hold, Readiness
 from airlock_broker.sandboxes import exit_watch
@@ -270,10 +279,15 @@ async def _finish_server(config: BrokerConfig, backend: SandboxBackend, lock_fd:
     interceptors.append(RequestArrival(
         config.rpc.request_seconds, config.rpc.max_waiting_calls,
         StuckAnswers(config.rpc.max_stuck_answers_per_peer, config.rpc.stream_seconds)))
+    # Each listener has its own count of connections: held to what the descriptors hold, a
+    # flood of TCP connections never leaves the Unix socket without one to accept with.
+    connections = connections_per_listener(
+        config.rpc.max_connections, listener_count(config.listen, config.unix_socket),
+        open_files_limit())
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
-        *config.rpc.server_options(),
+        *config.rpc.server_options(connections),
     ])
     audit = AuditLog(config.audit_path)
     idempotency = IdempotencyStore(config.spool_root, config.idempotency)

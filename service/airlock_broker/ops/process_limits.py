@@ -6,7 +6,8 @@ hundred idle connections or a burst of hand-overs reach while the hard limit is 
 The broker raises its soft limit to the hard one (at most ``MAX_OPEN_FILES``): every socket
 the broker waits on is polled with epoll, never ``select``, so no descriptor number is too
 high for it. What the broker holds per connection is bounded by ``[rpc]`` (idle and handshake
-times) and per user by its other limits; this only keeps the default from being the bound.
+times, connections per listener) and per user by its other limits; this only keeps the default
+from being the bound. Connections are held to what the limit holds (``connections_per_listener``).
 """
 
 from __future__ import annotations
@@ -32,3 +33,38 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, want, exc)
     return soft
+
+
+#: Descriptors kept for the broker's own files beside its clients' connections: jobs' spool
+#: files and Docker API connections (4 per job place, plus 8), the fast path's 16 and the
+#: metrics port's 8 connections, the validators' pipes, gRPC's own (an idle broker holds
+#: about 30). At most half the limit, so that a low limit still leaves room for connections.
+RESERVED_FILES = 1024
+
+
+def open_files_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` now (``RLIM_INFINITY`` counts as ``MAX_OPEN_FILES``)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_OPEN_FILES if soft == resource.RLIM_INFINITY else soft
+
+
+def connections_per_listener(max_connections: int, listeners: int, open_files: int) -> int:
+    """How many connections each of ``listeners`` gRPC listeners may hold: ``max_connections``
+    (``[rpc]``), or fewer when the descriptor limit cannot hold that many on every listener
+    beside the broker's own files (logged, with the numbers).
+
+    gRPC counts ``grpc.max_allowed_incoming_connections`` per listener (each loopback family,
+    the Unix socket), so a flood of one listener's connections is refused at its cap, and the
+    others keep their own. That holds only while the connections fit in the descriptor limit:
+    beyond it every ``accept`` fails (EMFILE) and gRPC retries, so a flood of TCP connections
+    left local callers on the Unix socket unanswered, and the jobs in flight without files."""
+    reserve = min(RESERVED_FILES, open_files // 2)
+    fits = max(1, (open_files - reserve) // listeners)
+    if fits >= max_connections:
+        return max_connections
+    log.warning("the open-files limit (%d) cannot hold [rpc] max_connections (%d) on each of "
+                "%d listeners beside %d for the broker's own files: each listener takes at "
+                "most %d connections; raise the hard open-files limit (LimitNOFILE) to %d, or "
+                "lower max_connections", open_files, max_connections, listeners, reserve,
+                fits, max_connections * listeners + RESERVED_FILES)
+    return fits

@@ -130,10 +130,13 @@ class RpcLimits:
     #: How long a new connection has to finish its handshake (TLS, then the HTTP/2 preface and
     #: settings); gRPC's own default is 120 s.
     handshake_seconds: float = 20.0
-    #: Connections open at once, every listener together; one beyond is closed at once. A
+    #: Connections open at once on each listener (gRPC keeps one count per listener: each
+    #: loopback family of the TCP port, the Unix socket); one beyond is closed at once. A
     #: backstop: connections are not authenticated, so a flood of them (each idle one lives
     #: ``max_connection_idle_seconds``) would otherwise run the broker out of descriptors and
-    #: fail the jobs in flight; at the cap only new connections are refused. Far above what a
+    #: fail the jobs in flight; at the cap only that listener's new connections are refused,
+    #: and a TCP flood leaves the Unix socket its own. Lowered at start where the open-files
+    #: limit cannot hold this many on every listener (ops/process_limits.py). Far above what a
     #: fleet of clients holds (gRPC shares one connection per address in a process).
     max_connections: int = 4096
     #: Answers of one peer (a TCP caller's IP address, an IPv6 caller's /64, a Unix-socket
@@ -166,15 +169,20 @@ class RpcLimits:
             raise ValueError("[rpc] connection ages, idle time and handshake time must be "
                              "positive")
 
-    def server_options(self) -> list[tuple[str, int]]:
-        """Channel arguments for ``grpc.aio.server``."""
+    def server_options(self, connections_per_listener: int | None = None
+                       ) -> list[tuple[str, int]]:
+        """Channel arguments for ``grpc.aio.server``; each listener takes
+        ``connections_per_listener`` connections if given (never more than
+        ``max_connections``)."""
+        connections = self.max_connections if connections_per_listener is None \
+            else min(connections_per_listener, self.max_connections)
         return [
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", int(self.connection_age_grace_seconds * 1000)),
             ("grpc.max_connection_idle_ms", int(self.max_connection_idle_seconds * 1000)),
             ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
-            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_allowed_incoming_connections", connections),
         ]
 
     @property
