@@ -96,20 +96,19 @@ def test_a_large_onnx_output_is_validated_and_answered_without_holding_it(
 
 
 class Claims:
-    """A spool's accounting that records what is claimed and written, and refuses a claim
-    above ``room`` (``SPOOL_FULL``, as ``spool_space.SpoolSpace.claim`` does)."""
+    """A job's claim on the spool that records what is drawn on it and written, and refuses
+    to go past ``room`` (``SPOOL_FULL``, as ``spool_space.SpoolClaim.more`` does)."""
 
     def __init__(self, room: int) -> None:
         self.room = room
-        self.claimed: list[int] = []
+        self.drawn: list[int] = []
         self.written = 0
         self.released = 0
 
-    def claim(self, size: int, purpose: str) -> Claims:
-        if size > self.room:
-            raise AirlockError(Reason.SPOOL_FULL, f"{purpose} needs {size} bytes")
-        self.claimed.append(size)
-        return self
+    def more(self, count: int) -> None:
+        if self.written + count > self.room:
+            raise AirlockError(Reason.SPOOL_FULL, f"the canonical copy needs {count} bytes")
+        self.drawn.append(count)
 
     def wrote(self, count: int) -> None:
         self.written += count
@@ -118,7 +117,7 @@ class Claims:
         self.released += 1
 
 
-def test_the_canonical_file_is_claimed_on_the_spool_and_refused_when_it_does_not_fit(
+def test_the_canonical_file_is_drawn_on_its_jobs_claim_and_refused_when_it_does_not_fit(
     tmp_path: Path
 ) -> None:
     source = tmp_path / "model.onnx"
@@ -128,11 +127,11 @@ def test_the_canonical_file_is_claimed_on_the_spool_and_refused_when_it_does_not
     async def run(room: int) -> tuple[Claims, AirlockError | None]:
         claims = Claims(room)
         pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1),
-                                 spool=CanonicalSpool(tmp_path, claims.claim))
+                                 spool=CanonicalSpool(tmp_path))
         pool.start()
         try:
             try:
-                canonical, _info = await pool.validate(source)
+                canonical, _info = await pool.validate(source, claims)
             except AirlockError as exc:
                 return claims, exc
             with canonical:
@@ -143,9 +142,9 @@ def test_the_canonical_file_is_claimed_on_the_spool_and_refused_when_it_does_not
 
     fits, refused = asyncio.run(run(1 << 30))
     assert refused is None
-    assert fits.claimed == [canonical_size] and fits.written == canonical_size
-    assert fits.released == 1
+    assert fits.drawn == [canonical_size] and fits.written == canonical_size
+    assert fits.released == 0  # the claim is its job's to give back (pipeline.py)
     full, refused = asyncio.run(run(canonical_size - 1))
     assert refused is not None and refused.reason is Reason.SPOOL_FULL
-    assert full.claimed == [] and full.written == 0
+    assert full.drawn == [] and full.written == 0
     assert os.listdir(tmp_path) == ["model.onnx"]

@@ -328,3 +328,142 @@ def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
             for call in calls:
                 call.join(60)
             channel.close()
+
+
+# -- an ONNX output's canonical copy, claimed with its answer ---------------------------------
+
+
+def _onnx_model(weights: int) -> bytes:
+    """``y = x + W``, W ``weights`` bytes of float32 (a canonical copy about that large)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    count = weights // 4
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [count])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [count])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "w", [x], [y],
+                              initializer=[numpy_helper.from_array(
+                                  np.arange(count, dtype=np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data: bytes = model.SerializeToString()
+    return data
+
+
+#: The fake worker's ONNX output: as large as the input's data (4 MiB), as the estimate says.
+ONNX_OUTPUT = _onnx_model(4 * MiB)
+
+
+def _writes_onnx(spec: JobSpec, data: bytes, out: Path) -> int:
+    (out / OUTPUT_NAMES[OutputFormat.ONNX]).write_bytes(ONNX_OUTPUT)
+    return 0
+
+
+def _writes_bad_onnx(spec: JobSpec, data: bytes, out: Path) -> int:
+    (out / OUTPUT_NAMES[OutputFormat.ONNX]).write_bytes(b"\x08\x07 not a model")
+    return 0
+
+
+@pytest.fixture
+def onnx_broker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                disk: Disk) -> Iterator[tuple[str, FakeSandbox, list[Any]]]:
+    """A broker on the fake disk whose fake worker writes ``ONNX_OUTPUT``, and its spool's
+    account (``SpoolSpace``), to see what it still promises."""
+    from airlock_broker.api import server
+
+    spaces: list[Any] = []
+    make = server.SpoolSpace
+    monkeypatch.setattr(server, "SpoolSpace",
+                        lambda root, limits: spaces.append(make(root, limits)) or spaces[-1])
+    for address, backend in _broker(tmp_path, verify_integrity=False):
+        backend.behaviour = _writes_onnx
+        yield address, backend, spaces
+
+
+def _promises_nothing(spaces: list[Any]) -> None:
+    """Every claim the jobs made is given back (the answer's after it is written)."""
+    from tests.unit.test_broker_limits import wait_for
+
+    wait_for(lambda: not spaces[0]._claims, 60)
+
+
+@pytest.mark.parametrize("target", ["onnx", "auto"])
+def test_an_onnx_job_without_room_for_its_canonical_copy_is_refused_before_it_starts(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path,
+        target: str) -> None:
+    """The eleventh review's first gap: the canonical copy of an ONNX output (written on the
+    spool as its validator sends it, until the job is answered) was claimed only when its
+    bytes arrived, so a spool with room for the upload and the answer but not that copy
+    ran the conversion and then refused it (SPOOL_FULL after the sandbox)."""
+    address, backend, spaces = onnx_broker
+    src = tmp_path / "model.pkl"
+    src.write_bytes(INPUT)
+    # Room for the upload (4 MiB) and its answer (4 MiB), not for the canonical copy too.
+    disk.free = RESERVE + 10 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client, \
+            pytest.raises(ConversionError) as refused:
+        client.convert(src, tmp_path / "out.onnx", target=target)
+    assert refused.value.reason == "SPOOL_FULL" and refused.value.code == "RESOURCE_EXHAUSTED"
+    assert len(backend.specs) == 0, "a sandbox ran before the refusal"
+    message = str(refused.value)
+    assert "this job's ONNX output's canonical copy (about its input's 4.0 MiB of data, at " \
+           "most [output] max_onnx_bytes) needs 4.0 MiB more" in message, message
+    assert "106.0 MiB free, 4.0 MiB of it promised" in message, message
+    assert "keeps 100.0 MiB free" in message
+    _promises_nothing(spaces)  # the answer's room, claimed first, is given back too
+
+
+def test_an_onnx_job_with_room_for_its_canonical_copy_runs_and_gives_every_claim_back(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path) -> None:
+    address, backend, spaces = onnx_broker
+    src = tmp_path / "model.pkl"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 14 * MiB  # the upload, its answer and the canonical copy
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        result = client.convert(src, tmp_path / "out.onnx", target="onnx")
+    assert len(backend.specs) == 1 and result.size > 4 * MiB
+    _promises_nothing(spaces)
+
+
+@pytest.mark.parametrize("behaviour", [_writes_bad_onnx, lambda *_: 1],
+                         ids=["invalid_output", "worker_failed"])
+def test_a_failed_onnx_job_gives_its_canonical_claim_back(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path,
+        behaviour: Any) -> None:
+    address, backend, spaces = onnx_broker
+    backend.behaviour = behaviour
+    src = tmp_path / "model.pkl"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 14 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client, \
+            pytest.raises(ConversionError):
+        client.convert(src, tmp_path / "out.onnx", target="onnx")
+    assert len(backend.specs) == 1
+    _promises_nothing(spaces)
+
+
+def test_a_cancelled_onnx_job_gives_its_canonical_claim_back(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk) -> None:
+    """The caller goes away while its sandbox runs (the fake one hangs until cancelled)."""
+    import zlib
+
+    import grpc
+
+    from airlock.v1 import airlock_pb2 as pb
+    from airlock.v1 import airlock_pb2_grpc as pb_grpc
+    from tests.unit.test_broker_limits import wait_for
+
+    address, backend, spaces = onnx_broker
+    backend.behaviour = lambda *_: None  # runs until its deadline
+    disk.free = RESERVE + 14 * MiB
+    requests = [pb.ConvertRequest(metadata=pb.ConvertMetadata(
+                    size_bytes=len(INPUT), target=pb.TARGET_FORMAT_ONNX)),
+                *(pb.ConvertRequest(chunk=pb.Chunk(data=INPUT[at:at + MiB],
+                                                   crc32=zlib.crc32(INPUT[at:at + MiB])))
+                  for at in range(0, len(INPUT), MiB))]
+    with grpc.insecure_channel(address) as channel:
+        call = pb_grpc.ConversionServiceStub(channel).Convert(iter(requests), timeout=120)
+        wait_for(lambda: len(backend.specs) == 1 or call.done(), 60)
+        assert not call.done(), call
+        assert len(spaces[0]._claims) == 2  # the answer's room and the canonical copy's
+        call.cancel()
+    _promises_nothing(spaces)

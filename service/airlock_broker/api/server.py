@@ -238,12 +238,12 @@ async def create_server(config: BrokerConfig,
     # The broker never parses ONNX itself. Owned from here: closed by Broker.stop, or below
     # if the rest of start-up fails.
     # The spool's disk, one account for uploads, answers and ONNX outputs' canonical bytes
-    # (written by the broker as a validator sends them, never held in its memory:
-    # onnx_canonical). Tests put the spool on a fake disk here.
+    # (written by the broker as a validator sends them, never held in its memory, and
+    # claimed by their job: onnx_canonical). Tests put the spool on a fake disk here.
     space = SpoolSpace(config.spool_root, config.upload)
     onnx_validator = OnnxValidatorPool(
         config.output, config.onnx_validator,
-        spool=CanonicalSpool(results_dir(config.spool_root), space.claim))
+        spool=CanonicalSpool(results_dir(config.spool_root)))
     onnx_validator.start()
     try:
         return await _finish_server(config, backend, lock_fd, credentials, signing_key,

@@ -439,7 +439,8 @@ class JobRunner:
                 with self.trace.span("validate"):
                     output = await validate_output(
                         out_dir, request.target, room.limits, self.onnx_validator,
-                        digest=extraction is None or extraction.output is None, kind=detected)
+                        digest=extraction is None or extraction.output is None, kind=detected,
+                        spool=room.canonical)
                 stack.callback(output.close)  # an ONNX output's file: once it is answered
                 if extraction is not None and extraction.data_sha256:
                     audit.set(integrity_compared="data_digest")  # not its bytes: integrity.py
@@ -637,7 +638,8 @@ class JobRunner:
         try:
             with self.trace.span("validate"):
                 extracted = await validate_output(out_dir, request.target, room.limits,
-                                                  self.onnx_validator, digest=False)
+                                                  self.onnx_validator, digest=False,
+                                                  spool=room.canonical)
             stack.callback(extracted.close)  # an ONNX output's file: once the job is answered
         except AirlockError as exc:
             return seen(None, f"the extraction's output was invalid: {exc.message}", invalid=exc)

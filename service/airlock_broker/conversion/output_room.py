@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from airlock_broker.validation.limits import MiB, OutputLimits
+from airlock_broker.validation.onnx_canonical import Room
 from airlock_sandbox.contract import Target
 
 #: Beyond the input's bytes and a quarter: a header, alignment, a small checkpoint's slack.
@@ -36,6 +37,9 @@ class OutputRoom:
     limits: OutputLimits
     #: The size of each sandbox's disk-backed output filesystem; 0: the warm tmpfs.
     disk_bytes: int = 0
+    #: The job's claim on the spool for its ONNX outputs' canonical copies, made before any
+    #: sandbox starts (pipeline.py); None: not accounted, or no ONNX output expected.
+    canonical: Room | None = None
 
 
 @dataclass(frozen=True)

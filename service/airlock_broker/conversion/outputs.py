@@ -22,7 +22,7 @@ from airlock_broker.conversion.file_copy import (
 from airlock_broker.errors import Reason, error
 from airlock_broker.validation.files import collect_output, open_regular_file
 from airlock_broker.validation.limits import OutputLimits
-from airlock_broker.validation.onnx_canonical import CanonicalOnnx
+from airlock_broker.validation.onnx_canonical import CanonicalOnnx, Room
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 from airlock_broker.validation.safetensors_canonical import (
     FileIdentity,
@@ -144,13 +144,15 @@ def expected_format(out_dir: Path, target: Target) -> OutputFormat:
 async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                           onnx_validator: OnnxValidatorPool, *,
                           digest: bool = True,
-                          kind: ArtifactFormat | None = None) -> ValidatedOutput:
+                          kind: ArtifactFormat | None = None,
+                          spool: Room | None = None) -> ValidatedOutput:
     """Collect the single output file and validate it as hostile data (DESIGN §1.5).
 
     An ONNX output is parsed only by ``onnx_validator``'s processes, never in the broker;
     the canonical bytes they send back are what the caller receives, hashed as they come and
     kept in a file of the broker's (``onnx_canonical``), never in its memory: the caller owns
-    it and must ``close`` the output once it is answered.
+    it and must ``close`` the output once it is answered. ``spool``: the job's claim on the
+    spool those bytes are drawn on (``OutputRoom.canonical``; None: not accounted).
     ``digest=False`` leaves a safetensors output's sha256 empty: the caller must then give it
     one (:func:`with_sha256` or :func:`compute_digest`) before anyone sees the output.
     A data file's output (``Target.DATA``; ``kind``: its declared format) is hashed and
@@ -169,7 +171,7 @@ async def validate_output(out_dir: Path, target: Target, limits: OutputLimits,
                                sha256=info.canonical_sha256, path=path,
                                write_into=lambda fd: write_canonical_safetensors(path, info, fd),
                                safetensors=info)
-    canonical, _info = await onnx_validator.validate(path)
+    canonical, _info = await onnx_validator.validate(path, spool)
     return ValidatedOutput(format=fmt, size=canonical.size, sha256=canonical.sha256, path=path,
                            write_into=lambda fd: _copy_canonical(canonical, fd),
                            onnx=canonical)

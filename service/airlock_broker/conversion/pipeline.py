@@ -34,7 +34,7 @@ from airlock_broker.conversion.input_room import InputRoom, RamSpool
 from airlock_broker.conversion.intake import IntakeLimits, Spooled, read_metadata
 from airlock_broker.conversion.jobs import JobRequest, JobResult, JobRunner
 from airlock_broker.conversion.output_room import OutputRoom
-from airlock_broker.conversion.spool_space import SpoolClaim, answer_bytes
+from airlock_broker.conversion.spool_space import SpoolClaim, answer_bytes, canonical_bytes
 from airlock_broker.conversion.upload_limits import MiB
 from airlock_broker.errors import AirlockError, Reason, error
 from airlock_broker.sandboxes.workspace import new_upload, remove_quietly
@@ -179,6 +179,7 @@ class ConversionPipeline:
         """Receive the artifact, then answer it: from the idempotency store, or by converting."""
         request = self._request(job, meta)
         room: SpoolClaim | None = None
+        canonical: SpoolClaim | None = None
         writing: asyncio.Future[None] | None = None
         spooled: Spooled | None = None
         inputs = self._input_room(meta, job.counted_as)
@@ -208,6 +209,8 @@ class ConversionPipeline:
             decision = self._decide(job, request, spooled, transfer)
             request = replace(request, target=decision.target_for(request.target))
             job.record.set(target=request.target.value)
+            canonical = self._canonical_room(request, output_room, occupied)
+            output_room = replace(output_room, canonical=canonical)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,
@@ -229,6 +232,8 @@ class ConversionPipeline:
                 spooled.digest.close()  # a cancelled call: its input's hash is not needed
             raise
         finally:
+            if canonical is not None:  # given back once the output was validated, if it ran
+                canonical.release()
             inputs.release()  # its caller's share of the RAM spool (input_room.py)
             remove_quietly(upload)  # the hash, if still running, reads its own descriptor
             if room is not None:
@@ -267,6 +272,20 @@ class ConversionPipeline:
         return self.settings.intake.claim(
             3 * answer, f"this job's output and its two sandboxes' disk-backed outputs (each "
                         f"about its input's {_mib(occupied)} of data)")
+
+    def _canonical_room(self, request: JobRequest, output: OutputRoom,
+                        occupied: int) -> SpoolClaim | None:
+        """The spool's room for the canonical copy of an ONNX output (None: not accounted, or
+        the job's output cannot be ONNX), claimed beside its answer's before any sandbox
+        starts: its validator's bytes are written there until the job is answered
+        (validation/onnx_canonical.py), about the answer's size again. A job whose spool has
+        room for its answer and not for that copy is refused now, not after its conversion."""
+        size = canonical_bytes(occupied, request.target, output.limits)
+        if not size:
+            return None
+        return self.settings.intake.claim(
+            size, f"this job's ONNX output's canonical copy (about its input's "
+                  f"{_mib(occupied)} of data, at most [output] max_onnx_bytes)")
 
     def _request(self, job: Job, meta: pb.ConvertMetadata) -> JobRequest:
         if self.trace:
@@ -314,6 +333,10 @@ class ConversionPipeline:
                     request, upload, decision, spooled.digest, spooled.size, record,
                     job.answered, output_room, slots_on_disk=inputs.disk_slots,
                     delivery=transfer) as result:
+                if output_room.canonical is not None:
+                    # Validated: its canonical bytes are on the disk (the free space says
+                    # so); what the estimate held beyond them is free again.
+                    output_room.canonical.release()
                 record.set(output_format=result.output.format.value,
                            output_sha256=result.output.sha256, output_size=result.output.size)
                 # Signed from the hash validation already computed: no extra pass over the

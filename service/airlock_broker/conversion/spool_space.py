@@ -21,7 +21,11 @@ the answer), and 2 N of RAM in the output tmpfs of its two sandboxes (the conver
 the integrity reading's). A job whose output is too large for a tmpfs writes it to the spool
 instead (output_room.py): about 4 N of disk and no output in RAM, all of it claimed up front.
 An ONNX output's canonical bytes, as its validator sends them, are a spool file too until its
-job is answered (validation/onnx_canonical.py), claimed here as they arrive.
+job is answered (validation/onnx_canonical.py): about its answer's size again, claimed with
+the answer's room, before any sandbox starts, for a job that may come back as ONNX
+(``canonical_bytes``; pipeline.py). The validator's writer draws on that claim as the bytes
+arrive (``SpoolClaim.more``: refused then only if the real size outgrew the estimate and does
+not fit), and the job gives it back once its output is validated, or in its ``finally``.
 
 An input that fits the RAM spool (``<root>/ram``, a tmpfs of ``[spool] ram_bytes``:
 input_room.py) is not on this disk at all: its upload claims nothing here (it is claimed
@@ -158,16 +162,26 @@ class SpoolClaim:
     def expect(self, total: int) -> None:
         """This will write ``total`` bytes in all, more than it claimed: SPOOL_FULL now if
         the rest does not fit above the reserve (an answer, once its size is known)."""
-        space = self._space
-        with space._lock:
-            if total <= self.expected:
-                return
-            claimed, self.expected = self.expected, total
-            try:
-                space._check(self)
-            except AirlockError:
-                self.expected = claimed  # refused: it promises no more than before
-                raise
+        with self._space._lock:
+            self._expect(total)
+
+    def more(self, count: int) -> None:
+        """``count`` bytes more than it has written are about to be written (the next file a
+        job's claim covers, once its size is known): SPOOL_FULL now if that goes past what
+        it claimed and the rest does not fit above the reserve."""
+        with self._space._lock:
+            self._expect(self.written + count)
+
+    def _expect(self, total: int) -> None:
+        """Lock held: ``expect``."""
+        if total <= self.expected:
+            return
+        claimed, self.expected = self.expected, total
+        try:
+            self._space._check(self)
+        except AirlockError:
+            self.expected = claimed  # refused: it promises no more than before
+            raise
 
     def release(self) -> None:
         self._space._release(self)
@@ -216,6 +230,17 @@ def answer_bytes(input_size: int, target: Target, limits: OutputLimits) -> int:
     ONNX graph out), never more than the cap of the format it may come back in."""
     cap = limits.max_onnx_bytes if target is Target.ONNX else limits.max_output_bytes
     return max(min(input_size, cap), 0)
+
+
+def canonical_bytes(input_size: int, target: Target, limits: OutputLimits) -> int:
+    """What a job's ONNX canonical copies will take on the spool, before the conversion:
+    one copy of an answer in ONNX (``answer_bytes``) for a job that may come back as ONNX
+    (``ONNX``, or ``AUTO``: the host cannot tell a pickled module from a state dict before
+    the sandbox has looked), else nothing. A second copy (an integrity reading's ONNX
+    output) is claimed as it arrives (``SpoolClaim.more``)."""
+    if target not in (Target.ONNX, Target.AUTO):
+        return 0
+    return answer_bytes(input_size, Target.ONNX, limits)
 
 
 def is_zero(data: bytes | bytearray) -> bool:

@@ -12,9 +12,14 @@ its own (the spool's ``results``, 0700), opened through that directory's descrip
 following a link, and has no name (or, where the filesystem cannot make one without, loses it
 before a byte is written): its one descriptor is the broker's, never passed to a validator or
 a sandbox. Nothing else can open it, so nothing else can write it, before or after the hash.
-Its disk is claimed on the spool like an upload's (``Room``): refused as ``SPOOL_FULL``
-before a byte is written if it does not fit above the spool's reserve. It is freed when its
-owner (the job, jobs.py) closes it, or when the broker dies.
+
+Its disk is the job's to claim, with its answer's, before any sandbox starts
+(``spool_space.canonical_bytes``, pipeline.py): a job whose canonical copy would take the
+spool below its reserve is refused then (``SPOOL_FULL``), not after a conversion. The writer
+draws on that claim (``Room``) as the bytes arrive: refused as ``SPOOL_FULL`` before a byte
+is written only if the real size outgrew the estimate and the rest does not fit. The claim is
+the job's to give back (its ``finally``), the file its job's to close (jobs.py); both go
+when the broker dies.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 
 
 class Room(Protocol):
-    """Disk claimed for what is about to be written (``spool_space.SpoolClaim``)."""
+    """A job's disk claimed on the spool for what it is about to write
+    (``spool_space.SpoolClaim``): its owner releases it, not the writer."""
+
+    def more(self, count: int) -> None: ...
 
     def wrote(self, count: int) -> None: ...
 
@@ -46,11 +54,9 @@ class Room(Protocol):
 
 @dataclass(frozen=True)
 class CanonicalSpool:
-    """Where canonical ONNX files go: ``directory`` (the broker's own, on the spool's disk) and
-    how their room there is claimed (``claim(size, purpose)``; None: not accounted)."""
+    """Where canonical ONNX files go: ``directory``, the broker's own, on the spool's disk."""
 
     directory: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
-    claim: Callable[[int, str], Room | None] | None = None
 
 
 class CanonicalOnnx:
@@ -91,22 +97,22 @@ class CanonicalOnnx:
 class CanonicalWriter:
     """Writes one message's bytes, as they come, into a new canonical file and its hash.
 
-    ``begin(size)`` (``read_message_into``) claims its room and opens the file; the writer
-    then takes each block; ``finish`` hands over the file (``CanonicalOnnx``), ``close``
-    frees whatever was not handed over (its owner's ``finally``)."""
+    ``begin(size)`` (``read_message_into``) draws its size on ``room`` (its job's claim;
+    None: not accounted) and opens the file; the writer then takes each block; ``finish``
+    hands over the file (``CanonicalOnnx``), ``close`` frees it unless it was handed over
+    (its owner's ``finally``)."""
 
-    def __init__(self, spool: CanonicalSpool) -> None:
+    def __init__(self, spool: CanonicalSpool, room: Room | None = None) -> None:
         self._spool = spool
         self._fd = -1
-        self._room: Room | None = None
+        self._room = room
         self._digest = hashlib.sha256()
         self._written = 0
         self.size = -1
 
     def begin(self, size: int) -> Callable[[memoryview], None]:
-        claim = self._spool.claim
-        if claim is not None:
-            self._room = claim(size, "an ONNX output's canonical bytes")
+        if self._room is not None:
+            self._room.more(size)
         try:
             self._fd = _unnamed_file(self._spool.directory)
         except OSError as exc:
@@ -131,23 +137,14 @@ class CanonicalWriter:
         """The file, whole: it is then the caller's to close."""
         if self._fd < 0 or self._written != self.size:
             raise ValueError("the canonical ONNX file is not whole")
-        self._release_room()
         fd, self._fd = self._fd, -1
         return CanonicalOnnx(fd, self._written, self._digest.hexdigest())
 
     def close(self) -> None:
-        """Frees the file and its room, unless ``finish`` handed them over."""
-        self._release_room()
+        """Frees the file, unless ``finish`` handed it over."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def _release_room(self) -> None:
-        # What was written is on the disk now (the spool's free space says so); only what a
-        # file cut short did not write was still promised.
-        room, self._room = self._room, None
-        if room is not None:
-            room.release()
 
 
 def _spool_failed(exc: OSError) -> AirlockError:

@@ -45,7 +45,12 @@ from airlock_broker.validation.confinement import Confinement, expected_confinem
 from airlock_broker.validation.files import open_regular_file
 from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
-from airlock_broker.validation.onnx_canonical import CanonicalOnnx, CanonicalSpool, CanonicalWriter
+from airlock_broker.validation.onnx_canonical import (
+    CanonicalOnnx,
+    CanonicalSpool,
+    CanonicalWriter,
+    Room,
+)
 from airlock_broker.validation.onnx_info import OnnxInfo, check_onnx_size
 from airlock_broker.validation.onnx_messages import BadLength, Late, read_message, read_message_into
 from airlock_broker.validation.onnx_processes import Template, Validator
@@ -186,9 +191,11 @@ class OnnxValidatorPool:
     def template_pid(self) -> int | None:
         return None if self._template is None else self._template.pid
 
-    async def validate(self, source: Path) -> tuple[CanonicalOnnx, OnnxInfo]:
+    async def validate(self, source: Path,
+                       room: Room | None = None) -> tuple[CanonicalOnnx, OnnxInfo]:
         """Validate the ONNX file ``source``; its canonical bytes (in a file the caller owns
-        and must close) and summary.
+        and must close) and summary. ``room``: the caller's claim on the spool, which the
+        canonical bytes are drawn on (the caller releases it; None: not accounted).
 
         Raises ``OUTPUT_INVALID`` / ``OUTPUT_TOO_LARGE`` for a refused model, including one that
         crashes, exhausts or outlives its validator; ``INTERNAL`` if no validator can start;
@@ -200,7 +207,7 @@ class OnnxValidatorPool:
         if validator is None:
             validator = await self._fork_for_empty_slot()
         try:
-            job = asyncio.ensure_future(asyncio.to_thread(self._exchange, validator, source))
+            job = asyncio.ensure_future(asyncio.to_thread(self._exchange, validator, source, room))
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -294,18 +301,20 @@ class OnnxValidatorPool:
             self.forked.append(validator.pid)
             return validator
 
-    def _exchange(self, validator: Validator, source: Path) -> tuple[CanonicalOnnx, OnnxInfo]:
+    def _exchange(self, validator: Validator, source: Path,
+                  room: Room | None) -> tuple[CanonicalOnnx, OnnxInfo]:
         """One request and answer, blocking (runs in a thread)."""
         # A missing, linked, special or oversize file is refused here and costs no validator's
         # work (the validator is replaced all the same: it is single-use).
         handle, st = open_regular_file(source)
         with handle:
             check_onnx_size(st.st_size, self.limits)
-            return self._exchange_fd(validator, handle.fileno())
+            return self._exchange_fd(validator, handle.fileno(), room)
 
-    def _exchange_fd(self, validator: Validator, fd: int) -> tuple[CanonicalOnnx, OnnxInfo]:
+    def _exchange_fd(self, validator: Validator, fd: int,
+                     room: Room | None) -> tuple[CanonicalOnnx, OnnxInfo]:
         deadline = time.monotonic() + self.settings.timeout_seconds
-        canonical = CanonicalWriter(self.spool)
+        canonical = CanonicalWriter(self.spool, room)
         try:
             hello = _receive(validator, deadline, 16, self.settings)
             if hello != READY:
