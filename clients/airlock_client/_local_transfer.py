@@ -130,8 +130,9 @@ def convert_local(stub: Any, metadata: Metadata, in_fd: int, output: Path,
     a copy cut short or filled from the wrong file by a broker bug, a delivery retracted
     half-way, or another process of this user writing the 0600 temp file after the broker
     did would otherwise be renamed into place as a signed output. It costs one read of the
-    file from the page cache: 0.35 s for 400 MiB here (1.2 GB/s; sha256 alone 1.4 GB/s),
-    beside 0.61 s for the whole S3 conversion on this path. (The streaming path hashes what
+    file from the page cache: 0.35-0.40 s for 400 MiB on this machine when quiet (1.2 GB/s;
+    sha256 alone 1.4 GB/s), 0.6-0.9 s with its two cores busy, beside 0.61 s for the whole
+    S3 conversion on this path. (The streaming path hashes what
     it receives too, as it arrives.)
 
     The input is not hashed here either: the broker read it from the descriptor and the
