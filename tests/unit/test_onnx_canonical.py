@@ -31,6 +31,17 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def _refused_at_begin(directory: Path) -> AirlockError:
+    """What a writer's ``begin`` raised (closed after, as its owner's ``finally`` does)."""
+    writer = CanonicalWriter(CanonicalSpool(directory))
+    try:
+        with pytest.raises(AirlockError) as caught:
+            writer.begin(SIZE)
+        return caught.value
+    finally:
+        writer.close()
+
+
 class NoTmpfile:
     """``os.open`` as on a filesystem without ``O_TMPFILE`` (``errno``), recording the names
     it creates; and ``os.pwrite``, which records what the spool's directory held, and the
@@ -127,13 +138,7 @@ def test_without_o_tmpfile_a_name_that_cannot_be_removed_closes_its_descriptor(
         raise OSError(errno.EACCES, os.strerror(errno.EACCES))
 
     monkeypatch.setattr(onnx_canonical.os, "unlink", refused)
-    writer = CanonicalWriter(CanonicalSpool(tmp_path))
-    try:
-        with pytest.raises(AirlockError) as caught:
-            writer.begin(SIZE)
-        assert caught.value.reason is Reason.INTERNAL
-    finally:
-        writer.close()
+    assert _refused_at_begin(tmp_path).reason is Reason.INTERNAL
     assert no_tmpfile.seen_at_write == []
     assert _open_fds() == before
 
@@ -144,11 +149,5 @@ def test_o_tmpfile_refused_for_another_reason_is_not_a_fallback(
     directory fails the job (``SPOOL_FULL`` / ``INTERNAL``) and creates nothing."""
     fake = NoTmpfile(tmp_path, errno.ENOSPC)
     monkeypatch.setattr(onnx_canonical.os, "open", fake.open)
-    writer = CanonicalWriter(CanonicalSpool(tmp_path))
-    try:
-        with pytest.raises(AirlockError) as caught:
-            writer.begin(SIZE)
-        assert caught.value.reason is Reason.SPOOL_FULL
-    finally:
-        writer.close()
+    assert _refused_at_begin(tmp_path).reason is Reason.SPOOL_FULL
     assert fake.created == [] and os.listdir(tmp_path) == []
