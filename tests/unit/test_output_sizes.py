@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -253,6 +253,22 @@ def test_a_job_too_large_for_ram_claims_the_spool_room_of_its_disk_backed_output
     assert backend.specs == []
 
 
+def _spool_accounts(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The ``SpoolSpace`` of each broker started from now on (on the fake disk if
+    ``on_fake_disk`` came first), to see what it promises."""
+    from airlock_broker.api import server
+
+    spaces: list[Any] = []
+    make = server.SpoolSpace
+
+    def recorded(root: Path, limits: UploadLimits) -> Any:
+        spaces.append(make(root, limits))
+        return spaces[-1]
+
+    monkeypatch.setattr(server, "SpoolSpace", recorded)
+    return spaces
+
+
 def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Found in review: a caller with the convert role declared large uploads and sent them
@@ -266,7 +282,6 @@ def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
 
     from airlock.v1 import airlock_pb2 as pb
     from airlock.v1 import airlock_pb2_grpc as pb_grpc
-    from airlock_broker.conversion.spool_space import SpoolSpace
     from airlock_broker.security.auth_config import (
         AuthConfig,
         Role,
@@ -277,12 +292,7 @@ def test_one_callers_stalled_uploads_leave_room_for_anothers_job(
     from tests.unit.test_broker_limits import wait_for
 
     disk = on_fake_disk(monkeypatch, tmp_path / "spool")
-    from airlock_broker.api import server
-
-    spaces: list[SpoolSpace] = []
-    make = server.SpoolSpace
-    monkeypatch.setattr(server, "SpoolSpace",
-                        lambda root, limits: spaces.append(make(root, limits)) or spaces[-1])
+    spaces = _spool_accounts(monkeypatch)
     disk.free = RESERVE + 40 * MiB  # 20 MiB a caller
     alice, bob = mint_token(), mint_token()
     auth = AuthConfig(tokens=(
@@ -368,12 +378,7 @@ def onnx_broker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                 disk: Disk) -> Iterator[tuple[str, FakeSandbox, list[Any]]]:
     """A broker on the fake disk whose fake worker writes ``ONNX_OUTPUT``, and its spool's
     account (``SpoolSpace``), to see what it still promises."""
-    from airlock_broker.api import server
-
-    spaces: list[Any] = []
-    make = server.SpoolSpace
-    monkeypatch.setattr(server, "SpoolSpace",
-                        lambda root, limits: spaces.append(make(root, limits)) or spaces[-1])
+    spaces = _spool_accounts(monkeypatch)
     for address, backend in _broker(tmp_path, verify_integrity=False):
         backend.behaviour = _writes_onnx
         yield address, backend, spaces
@@ -389,7 +394,7 @@ def _promises_nothing(spaces: list[Any]) -> None:
 @pytest.mark.parametrize("target", ["onnx", "auto"])
 def test_an_onnx_job_without_room_for_its_canonical_copy_is_refused_before_it_starts(
         onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path,
-        target: str) -> None:
+        target: Literal["onnx", "auto"]) -> None:
     """The eleventh review's first gap: the canonical copy of an ONNX output (written on the
     spool as its validator sends it, until the job is answered) was claimed only when its
     bytes arrived, so a spool with room for the upload and the answer but not that copy
@@ -461,7 +466,7 @@ def test_a_cancelled_onnx_job_gives_its_canonical_claim_back(
                                                    crc32=zlib.crc32(INPUT[at:at + MiB])))
                   for at in range(0, len(INPUT), MiB))]
     with grpc.insecure_channel(address) as channel:
-        call = pb_grpc.ConversionServiceStub(channel).Convert(iter(requests), timeout=120)
+        call: Any = pb_grpc.ConversionServiceStub(channel).Convert(iter(requests), timeout=120)
         wait_for(lambda: len(backend.specs) == 1 or call.done(), 60)
         assert not call.done(), call
         assert len(spaces[0]._claims) == 2  # the answer's room and the canonical copy's
