@@ -472,3 +472,27 @@ def test_a_cancelled_onnx_job_gives_its_canonical_claim_back(
         assert len(spaces[0]._claims) == 2  # the answer's room and the canonical copy's
         call.cancel()
     _promises_nothing(spaces)
+
+
+def test_a_replay_from_the_store_needs_no_room_for_a_canonical_copy(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path) -> None:
+    """Found in the twelfth review's review: the canonical copy's room was claimed before the
+    idempotency store was asked, so a retry answered from the store (no sandbox, no
+    validator, no copy) was refused SPOOL_FULL where the spool had room for everything it
+    does write. It is claimed once the job is known to convert."""
+    address, backend, spaces = onnx_broker
+    src = tmp_path / "model.pkl"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 20 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        first = client.convert(src, tmp_path / "first.onnx", target="onnx",
+                               idempotency_key="k-1")
+        _promises_nothing(spaces)
+        # The store's copy of the answer occupies the spool now: what is left is room for
+        # the upload and an answer, not for a canonical copy too (as in the refusal above).
+        disk.free = RESERVE + 10 * MiB + first.size
+        again = client.convert(src, tmp_path / "again.onnx", target="onnx",
+                               idempotency_key="k-1")
+    assert again.replayed and again.sha256 == first.sha256
+    assert len(backend.specs) == 1  # the retry ran nothing
+    _promises_nothing(spaces)

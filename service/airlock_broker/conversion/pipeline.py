@@ -209,8 +209,6 @@ class ConversionPipeline:
             decision = self._decide(job, request, spooled, transfer)
             request = replace(request, target=decision.target_for(request.target))
             job.record.set(target=request.target.value)
-            canonical = self._canonical_room(request, output_room, occupied)
-            output_room = replace(output_room, canonical=canonical)
             principal = "" if job.record.principal == "anonymous" else job.record.principal
             options = options_digest(request.declared_format, request.target.value,
                                      request.policy.value, request.inputs, request.subject,
@@ -223,6 +221,9 @@ class ConversionPipeline:
                                               options, job.id) as claim:
                 if claim.stored is not None:
                     return self._stored(claim, job.record, transfer)
+                # Only a job that converts writes a canonical copy: a replay claims none.
+                canonical = self._canonical_room(request, output_room, occupied)
+                output_room = replace(output_room, canonical=canonical)
                 answer = await self._converted(job, request, upload, decision, spooled, claim,
                                                transfer, output_room, inputs, room)
                 writing = claim.writing
@@ -277,7 +278,8 @@ class ConversionPipeline:
                         occupied: int) -> SpoolClaim | None:
         """The spool's room for the canonical copy of an ONNX output (None: not accounted, or
         the job's output cannot be ONNX), claimed beside its answer's before any sandbox
-        starts: its validator's bytes are written there until the job is answered
+        starts, once the idempotency store has no answer for it (a replay writes no copy):
+        its validator's bytes are written there until the job is answered
         (validation/onnx_canonical.py), about the answer's size again. A job whose spool has
         room for its answer and not for that copy is refused now, not after its conversion."""
         size = canonical_bytes(occupied, request.target, output.limits)
