@@ -148,3 +148,64 @@ def test_the_canonical_file_is_drawn_on_its_jobs_claim_and_refused_when_it_does_
     assert refused is not None and refused.reason is Reason.SPOOL_FULL
     assert full.drawn == [] and full.written == 0
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_a_jobs_two_onnx_outputs_draw_on_one_claim_and_the_spool_promises_nothing_after(
+    tmp_path: Path
+) -> None:
+    """A job's canonical claim, on the spool's real bookkeeping (``SpoolSpace``, on a fake
+    disk): the conversion's copy is drawn within its estimate; the integrity reading's second
+    copy takes only what goes past it, checked against what the first left free; a refused
+    or cancelled validation leaves the claim as it was; and once the job gives it back
+    (twice: after validation, then in its ``finally``) nothing is promised."""
+    from airlock_broker.conversion.spool_space import SpoolSpace
+    from airlock_broker.conversion.upload_limits import UploadLimits
+    from tests.unit.test_spool_space import Disk
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(large_model())
+    size = len(validate_onnx_bytes(source.read_bytes(), LIMITS)[0])
+    reserve = 100 * MiB
+    disk = Disk(10_000 * MiB, reserve + size + MiB)  # one copy and a little, not two
+    space = SpoolSpace(tmp_path, UploadLimits(spool_min_free_bytes=reserve,
+                                              spool_min_free_ratio=0), statvfs=disk)
+
+    async def run() -> None:
+        pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1),
+                                 spool=CanonicalSpool(tmp_path))
+        pool.start()
+        claim = space.claim(size, "this job's ONNX output's canonical copy")
+        try:
+            first, _ = await pool.validate(source, claim)
+            assert (claim.expected, claim.written, claim.outstanding) == (size, size, 0)
+            disk.free -= size  # the first copy is on the disk now
+            try:
+                await pool.validate(source, claim)
+            except AirlockError as exc:
+                assert exc.reason is Reason.SPOOL_FULL, exc
+            else:
+                raise AssertionError("a second copy that does not fit was written")
+            assert (claim.expected, claim.written, claim.outstanding) == (size, size, 0)
+            disk.free += size  # room for the second copy now
+            # Cancelled while its validator works: the thread is waited for, nothing kept.
+            cancelled = asyncio.ensure_future(pool.validate(source, claim))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            try:
+                await cancelled
+            except asyncio.CancelledError:
+                pass
+            else:  # it finished first: it is the caller's to close
+                cancelled.result()[0].close()
+            second, _ = await pool.validate(source, claim)
+            assert claim.written >= 2 * size and claim.outstanding == 0
+            first.close()
+            second.close()
+        finally:
+            claim.release()
+            claim.release()  # the job's second give-back (its finally) changes nothing
+            await pool.close()
+        assert not space._claims and space._promised() == 0
+
+    asyncio.run(run())
+    assert os.listdir(tmp_path) == ["model.onnx"]
