@@ -175,3 +175,22 @@ def test_each_listener_takes_what_the_descriptor_limit_holds_beside_the_brokers_
     assert listener_count("localhost:0", Path("/run/airlock/broker.sock")) == 3
     assert listener_count("10.0.0.5:50051", None) == 1
     assert listener_count("[2001:db8::1]:50051", Path("/run/b.sock")) == 2
+
+
+def test_the_advice_for_more_connections_than_the_broker_raises_its_limit_to_is_to_lower_them(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found in the twelfth review's review: with ``max_connections`` beyond what 65,536
+    descriptors hold on three listeners, the warning said to raise LimitNOFILE to 91,024,
+    which changes nothing: the broker raises its soft limit to ``MAX_OPEN_FILES`` at most
+    (ops/process_limits.raise_open_files_limit), so it warned at every start however high
+    the limit was set."""
+    from airlock_broker.ops.process_limits import MAX_OPEN_FILES
+
+    assert MAX_OPEN_FILES == 65536
+    assert connections_per_listener(30000, 3, 65536) == 21504  # (65536 - 1024) / 3
+    assert "LimitNOFILE" not in caplog.text, caplog.text
+    assert "lower [rpc] max_connections to 21504" in caplog.text, caplog.text
+    caplog.clear()
+    assert connections_per_listener(30000, 3, 4096) == 1024
+    assert "lower [rpc] max_connections to 21504 and raise the hard open-files limit " \
+           "(LimitNOFILE) to 65536" in caplog.text, caplog.text

@@ -64,7 +64,20 @@ def connections_per_listener(max_connections: int, listeners: int, open_files: i
         return max_connections
     log.warning("the open-files limit (%d) cannot hold [rpc] max_connections (%d) on each of "
                 "%d listeners beside %d for the broker's own files: each listener takes at "
-                "most %d connections; raise the hard open-files limit (LimitNOFILE) to %d, or "
-                "lower max_connections", open_files, max_connections, listeners, reserve,
-                fits, max_connections * listeners + RESERVED_FILES)
+                "most %d connections; %s", open_files, max_connections, listeners, reserve,
+                fits, _advice(max_connections, listeners, open_files))
     return fits
+
+
+def _advice(max_connections: int, listeners: int, open_files: int) -> str:
+    """What lets every listener take ``max_connections``: a higher hard limit, unless more
+    than ``MAX_OPEN_FILES`` (the most the broker raises its soft limit to) would be needed."""
+    needed = max_connections * listeners + RESERVED_FILES
+    if needed <= MAX_OPEN_FILES:
+        return (f"raise the hard open-files limit (LimitNOFILE) to {needed}, or lower "
+                "max_connections")
+    most = (MAX_OPEN_FILES - RESERVED_FILES) // listeners
+    raise_too = (f" and raise the hard open-files limit (LimitNOFILE) to {MAX_OPEN_FILES}"
+                 if open_files < MAX_OPEN_FILES else "")
+    return (f"lower [rpc] max_connections to {most}{raise_too} (the broker raises its "
+            f"open-files limit to {MAX_OPEN_FILES} at most: {needed} is out of reach)")
