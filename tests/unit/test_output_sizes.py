@@ -496,3 +496,22 @@ def test_a_replay_from_the_store_needs_no_room_for_a_canonical_copy(
     assert again.replayed and again.sha256 == first.sha256
     assert len(backend.specs) == 1  # the retry ran nothing
     _promises_nothing(spaces)
+
+
+def test_a_job_refused_for_its_canonical_copy_is_not_what_its_key_replays(
+        onnx_broker: tuple[str, FakeSandbox, list[Any]], disk: Disk, tmp_path: Path) -> None:
+    """The canonical copy is claimed inside the idempotency key's claim: its refusal
+    (``SPOOL_FULL``, the moment's disk) is forgotten, and a retry with room converts."""
+    address, backend, spaces = onnx_broker
+    src = tmp_path / "model.pkl"
+    src.write_bytes(INPUT)
+    disk.free = RESERVE + 10 * MiB
+    with Client(address, retry_attempts=1, local_transfer=False) as client:
+        with pytest.raises(ConversionError) as refused:
+            client.convert(src, tmp_path / "out.onnx", target="onnx", idempotency_key="k-2")
+        assert refused.value.reason == "SPOOL_FULL" and backend.specs == []
+        disk.free = RESERVE + 14 * MiB
+        result = client.convert(src, tmp_path / "out.onnx", target="onnx",
+                                idempotency_key="k-2")
+    assert not result.replayed and len(backend.specs) == 1
+    _promises_nothing(spaces)
