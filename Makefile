@@ -6,6 +6,10 @@ LISTEN ?= 127.0.0.1:50051
 # onnxruntime >= 1.32 writes telemetry under $HOME at import unless told not to.
 export ORT_DISABLE_TELEMETRY := 1
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: the tests that use the Docker engine run one at a time on one of
+# them (one xdist group, tests/conftest.py ENGINE_GROUP), the unit tests on the other meanwhile.
+# XDIST= runs them all in one process, as before.
+XDIST ?= -n 2 --dist loadgroup
 
 .PHONY: help setup venv docker image serve test bench corpus soak unit integration adversarial \
         protos check-protos check-seccomp check-host lint typecheck check clean audit
@@ -43,7 +47,7 @@ serve: setup
 	.venv/bin/airlock-broker serve --listen $(LISTEN)
 
 test: setup check
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) tests $(PYTEST_ARGS)
 
 # AUDIT_ARGS: e.g. --image airlock-x-sandbox:latest, --config airlock.toml, --json
 AUDIT_ARGS ?=
@@ -64,7 +68,7 @@ soak: setup
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 unit: venv
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) tests/unit $(PYTEST_ARGS)
 
 integration: setup
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
