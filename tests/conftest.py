@@ -147,10 +147,10 @@ def reap_state(state: Path) -> None:
 
 #: ``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``): every
 #: test that uses the Docker engine is in this one group, which one worker runs alone and in
-#: the order collected, while the other worker takes the unit tests (267 s of CPU on this
-#: 2-core machine, now beside the engine tests' 1060 s instead of before them). Engine tests
-#: never overlap one another: they judge the engine's labelled containers (``job_containers``),
-#: reap what their brokers left and measure the pools.
+#: the order collected, while the other worker takes the unit tests (310 s in one process on
+#: this 2-core machine, before the engine tests' 1,060 s; beside them, those slowed by 1.2 to
+#: 1.6 times while both ran). Engine tests never overlap one another: they judge the engine's
+#: labelled containers (``job_containers``), reap what their brokers left, measure the pools.
 ENGINE_GROUP = "engine"
 
 
