@@ -175,3 +175,31 @@ def threads_calling(monkeypatch: Any, owner: Any, name: str) -> list[threading.T
 
     monkeypatch.setattr(owner, name, recording)
     return seen
+
+
+class FakeEngine:
+    """``docker.DockerClient`` as ``DockerSandbox`` uses it, at a fake low-level ``api``: the
+    Docker API calls a test plays (``wait``, ``inspect_container``, ``events``...)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def close(self) -> None:
+        pass
+
+
+def run_at_engine(api: Any, slot: Slot, spool: Path, deadline_seconds: float) -> Outcome:
+    """``slot``'s job run by a ``DockerSandbox`` whose engine is ``api`` (``FakeEngine``), its
+    thread pool shut down after."""
+    from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
+    from airlock_sandbox.policy import SandboxPolicy
+
+    sandbox = DockerSandbox(SandboxPolicy(), spool, client=FakeEngine(api))
+
+    async def run() -> Outcome:
+        try:
+            return await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=deadline_seconds)
+        finally:
+            sandbox._pool.shutdown(wait=False)
+
+    return asyncio.run(run())

@@ -21,6 +21,7 @@ import requests
 from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.owners import LABEL_BROKER, LABEL_SLOT, broker_identity
 from airlock_sandbox.policy import SandboxPolicy
+from tests.unit.fakes import FakeEngine, run_at_engine
 
 
 class FakeApi:
@@ -33,14 +34,6 @@ class FakeApi:
 
     def remove_container(self, container_id: str, force: bool, v: bool) -> None:
         self.removed.append(container_id)
-
-
-class FakeClient:
-    def __init__(self, api: FakeApi) -> None:
-        self.api = api
-
-    def close(self) -> None:
-        pass
 
 
 def _container(cid: str, owner: str, slot: str) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def test_sweep_removes_strays_and_dead_brokers_orphans_only(tmp_path: Path) -> N
         _container("orphan", dead, "x"),
         _container("neighbour", alive_other, "y"),
     ])
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeEngine(api))  # type: ignore[arg-type]
     sandbox._owned.add("slot-owned")
 
     async def sweep() -> int:
@@ -113,22 +106,13 @@ class SlowToDieApi(FakeApi):
 def test_a_kill_the_engine_could_not_confirm_is_still_a_timeout(tmp_path: Path) -> None:
     from airlock_broker.sandboxes.sandbox import Slot
     from airlock_broker.sandboxes.workspace import JobWorkspace
-    from airlock_sandbox.contract import JobSpec
 
     root = tmp_path / "slot"
     (root / "in").mkdir(parents=True)
     slot = Slot(slot_id="s", profile="sklearn", container_id="c", started=True,
                 workspace=JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid()))
     api = SlowToDieApi(failed_kills=2)  # a fork bomb: the engine gives up waiting twice
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
-
-    async def run() -> Any:
-        try:
-            return await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=0.2)
-        finally:
-            sandbox._pool.shutdown(wait=False)
-
-    outcome = asyncio.run(run())
+    outcome = run_at_engine(api, slot, tmp_path, deadline_seconds=0.2)
     assert outcome.timed_out and api.kills == 3
 
 
@@ -149,7 +133,7 @@ def test_a_slots_files_are_removed_off_the_event_loop(tmp_path: Path,
                 workspace=JobWorkspace(root=root, uid=os.getuid(), gid=os.getgid()))
     removed_on = threads_calling(monkeypatch, JobWorkspace, "destroy")
     api = FakeApi([])
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(api))  # type: ignore[arg-type]
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeEngine(api))  # type: ignore[arg-type]
 
     async def run() -> None:
         try:
@@ -183,7 +167,7 @@ def test_a_call_given_up_while_its_disk_output_is_made_leaves_nothing(
         return Made()
 
     monkeypatch.setattr(docker_sandbox.JobWorkspace, "create", slow_create)
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeClient(FakeApi([])))  # type: ignore[arg-type]
+    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=FakeEngine(FakeApi([])))  # type: ignore[arg-type]
 
     async def run() -> None:
         try:
@@ -321,7 +305,7 @@ class _ListingApi(FakeApi):
         self.listed = [c for c in self.listed if c["Id"] != container_id]
 
 
-class _ProbeEngine(FakeClient):
+class _ProbeEngine(FakeEngine):
     """``containers.create`` of a probe whose broker dies before its removal reaches the
     engine: the probe stays listed, with the labels it was created with."""
 

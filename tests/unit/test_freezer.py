@@ -22,6 +22,7 @@ import pytest
 from airlock_broker.sandboxes import exit_watch
 from airlock_broker.sandboxes.exit_watch import FROZEN, ExitWatch
 from airlock_broker.sandboxes.freezer import ArrivalWatch, Freezer, thaw_container
+from tests.unit.fakes import run_at_engine
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
@@ -265,11 +266,8 @@ def test_the_deadline_kills_and_thaws_a_container_whose_freeze_it_cut_short(
         cgroup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline fires while the freeze is polled: the container is killed and thawed
     before the engine's kill (which a frozen task ignores), not 30 s later at the removal."""
-    from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
     from airlock_broker.sandboxes.sandbox import Slot
     from airlock_broker.sandboxes.workspace import JobWorkspace
-    from airlock_sandbox.contract import JobSpec
-    from airlock_sandbox.policy import SandboxPolicy
 
     workspace = JobWorkspace(root=tmp_path / "slot", uid=os.getuid(), gid=os.getgid())
     workspace.in_dir.mkdir(parents=True)
@@ -279,24 +277,15 @@ def test_the_deadline_kills_and_thaws_a_container_whose_freeze_it_cut_short(
                 workspace=workspace, exit_watch=watch)
     asked = _still_freezing(monkeypatch)
     api = _DeadAfterTheKillApi()
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=_Client(api))  # type: ignore[arg-type]
     # The report is there before the job starts, so the freeze begins at once.
     (workspace.out_dir / "go").write_text("")
     _until("reported", lambda: (workspace.out_dir / "worker.done").exists())
-
-    async def run() -> tuple[object, str]:
-        try:
-            outcome = await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=0.5)
-            return outcome, api.state_at_kill
-        finally:
-            sandbox._pool.shutdown(wait=False)
-
     api.cgroup = cgroup
     try:
-        outcome, state_at_kill = asyncio.run(run())
+        outcome = run_at_engine(api, slot, tmp_path, deadline_seconds=0.5)
         assert asked, "the freeze was never polled"
-        assert outcome.timed_out  # type: ignore[attr-defined]
-        assert state_at_kill == "THAWED"
+        assert outcome.timed_out
+        assert api.state_at_kill == "THAWED"
         assert child.wait(timeout=60) == -9
     finally:
         watch.close()
@@ -334,14 +323,6 @@ class _DeadAfterTheKillApi:
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
         return {"State": {"Running": False, "ExitCode": 137, "OOMKilled": False}}
-
-
-class _Client:
-    def __init__(self, api: _DeadAfterTheKillApi) -> None:
-        self.api = api
-
-    def close(self) -> None:
-        pass
 
 
 #: A payload in a finished sandbox that keeps renaming in its output directory, each rename an

@@ -10,7 +10,6 @@ before or only a moment after the broker first asks."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -19,11 +18,9 @@ from typing import Any
 
 import pytest
 
-from airlock_broker.sandboxes.docker_sandbox import DockerSandbox
 from airlock_broker.sandboxes.sandbox import Outcome, Slot
 from airlock_broker.sandboxes.workspace import JobWorkspace
-from airlock_sandbox.contract import JobSpec
-from airlock_sandbox.policy import SandboxPolicy
+from tests.unit.fakes import run_at_engine
 
 
 class _KilledApi:
@@ -53,14 +50,6 @@ class _KilledApi:
                 and filters["container"] == event["Actor"]["ID"]]
 
 
-class _Client:
-    def __init__(self, api: _KilledApi) -> None:
-        self.api = api
-
-    def close(self) -> None:
-        pass
-
-
 def _event(action: str, **attributes: str) -> dict[str, Any]:
     return {"Type": "container", "Action": action, "status": action,
             "Actor": {"ID": "c", "Attributes": attributes}}
@@ -72,15 +61,7 @@ def _run(tmp_path: Path, api: _KilledApi) -> Outcome:
     workspace.out_dir.mkdir()
     slot = Slot(slot_id="s", profile="light", container_id="c", started=True,
                 workspace=workspace)
-    sandbox = DockerSandbox(SandboxPolicy(), tmp_path, client=_Client(api))  # type: ignore[arg-type]
-
-    async def run() -> Outcome:
-        try:
-            return await sandbox.run(slot, JobSpec(job_id="j"), deadline_seconds=60)
-        finally:
-            sandbox._pool.shutdown(wait=False)
-
-    return asyncio.run(run())
+    return run_at_engine(api, slot, tmp_path, deadline_seconds=60)
 
 
 @pytest.mark.parametrize("late", [0.0, 0.5], ids=["logged-by-the-exit", "logged-after-it"])
