@@ -21,7 +21,7 @@ import pytest
 
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import onnx_canonical
-from airlock_broker.validation.onnx_canonical import CanonicalSpool, CanonicalWriter
+from airlock_broker.validation.onnx_canonical import CanonicalWriter
 
 BLOCKS = [b"\x08\x07" + bytes(range(256)) * 64, b"canonical bytes" * 1000, b"\x01"]
 SIZE = sum(len(block) for block in BLOCKS)
@@ -33,7 +33,7 @@ def _open_fds() -> set[str]:
 
 def _refused_at_begin(directory: Path) -> AirlockError:
     """What a writer's ``begin`` raised (closed after, as its owner's ``finally`` does)."""
-    writer = CanonicalWriter(CanonicalSpool(directory))
+    writer = CanonicalWriter(directory)
     try:
         with pytest.raises(AirlockError) as caught:
             writer.begin(SIZE)
@@ -83,7 +83,7 @@ def no_tmpfile(request: pytest.FixtureRequest, tmp_path: Path,
 def test_without_o_tmpfile_the_file_has_no_name_before_its_first_byte(
         no_tmpfile: NoTmpfile, tmp_path: Path) -> None:
     before = _open_fds()
-    writer = CanonicalWriter(CanonicalSpool(tmp_path))
+    writer = CanonicalWriter(tmp_path)
     try:
         write = writer.begin(SIZE)
         assert no_tmpfile.tmpfile_refused == 1  # the fallback it is about
@@ -113,7 +113,7 @@ def test_without_o_tmpfile_a_failed_write_leaves_no_file_and_no_descriptor(
     def full(fd: int, data: Any, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    writer = CanonicalWriter(CanonicalSpool(tmp_path))
+    writer = CanonicalWriter(tmp_path)
     try:
         write = writer.begin(SIZE)
         write(memoryview(BLOCKS[0]))

@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 from airlock_broker.conversion.outputs import validate_output
 from airlock_broker.errors import AirlockError, Reason
 from airlock_broker.validation import OutputLimits, validate_onnx_bytes
-from airlock_broker.validation.onnx_canonical import CanonicalSpool
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool, ValidatorSettings
 from airlock_broker.validation.onnx_worker import tiny_model
 from airlock_sandbox.contract import OUTPUT_NAMES, OutputFormat, Target
@@ -61,7 +60,7 @@ def test_a_large_onnx_output_is_validated_and_answered_without_holding_it(
 
     async def main() -> tuple[int, int, str]:
         pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1),
-                                 spool=CanonicalSpool(spool))
+                                 canonical_dir=spool)
         pool.start()
         try:
             tracemalloc.start()
@@ -127,7 +126,7 @@ def test_the_canonical_file_is_drawn_on_its_jobs_claim_and_refused_when_it_does_
     async def run(room: int) -> tuple[Claims, AirlockError | None]:
         claims = Claims(room)
         pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1),
-                                 spool=CanonicalSpool(tmp_path))
+                                 canonical_dir=tmp_path)
         pool.start()
         try:
             try:
@@ -172,7 +171,7 @@ def test_a_jobs_two_onnx_outputs_draw_on_one_claim_and_the_spool_promises_nothin
 
     async def run() -> None:
         pool = OnnxValidatorPool(LIMITS, ValidatorSettings(processes=1),
-                                 spool=CanonicalSpool(tmp_path))
+                                 canonical_dir=tmp_path)
         pool.start()
         claim = space.claim(size, "this job's ONNX output's canonical copy")
         try:

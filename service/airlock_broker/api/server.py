@@ -73,7 +73,6 @@ from airlock_broker.security import state_dirs
 from airlock_broker.security.keys import SigningKey, SigningKeyError, load_or_create
 from airlock_broker.security.uid_owners import UidOwners
 from airlock_broker.tracing import NO_TRACE, Trace
-from airlock_broker.validation.onnx_canonical import CanonicalSpool
 from airlock_broker.validation.onnx_pool import OnnxValidatorPool
 
 log = logging.getLogger(__name__)
@@ -243,7 +242,7 @@ async def create_server(config: BrokerConfig,
     space = SpoolSpace(config.spool_root, config.upload)
     onnx_validator = OnnxValidatorPool(
         config.output, config.onnx_validator,
-        spool=CanonicalSpool(results_dir(config.spool_root)))
+        canonical_dir=results_dir(config.spool_root))
     onnx_validator.start()
     try:
         return await _finish_server(config, backend, lock_fd, credentials, signing_key,

@@ -28,10 +28,8 @@ import errno
 import hashlib
 import os
 import secrets
-import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -50,13 +48,6 @@ class Room(Protocol):
     def wrote(self, count: int) -> None: ...
 
     def release(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class CanonicalSpool:
-    """Where canonical ONNX files go: ``directory``, the broker's own, on the spool's disk."""
-
-    directory: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
 
 class CanonicalOnnx:
@@ -102,8 +93,8 @@ class CanonicalWriter:
     hands over the file (``CanonicalOnnx``), ``close`` frees it unless it was handed over
     (its owner's ``finally``)."""
 
-    def __init__(self, spool: CanonicalSpool, room: Room | None = None) -> None:
-        self._spool = spool
+    def __init__(self, directory: Path, room: Room | None = None) -> None:
+        self._directory = directory
         self._fd = -1
         self._room = room
         self._digest = hashlib.sha256()
@@ -114,7 +105,7 @@ class CanonicalWriter:
         if self._room is not None:
             self._room.more(size)
         try:
-            self._fd = _unnamed_file(self._spool.directory)
+            self._fd = _unnamed_file(self._directory)
         except OSError as exc:
             raise _spool_failed(exc) from exc
         self.size = size
@@ -181,4 +172,4 @@ def _unnamed_file(directory: Path) -> int:
         os.close(dir_fd)
 
 
-__all__ = ["CanonicalOnnx", "CanonicalSpool", "CanonicalWriter", "Room"]
+__all__ = ["CanonicalOnnx", "CanonicalWriter", "Room"]

@@ -34,6 +34,7 @@ import logging
 import os
 import pwd
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +48,6 @@ from airlock_broker.validation.limits import GiB, OutputLimits
 from airlock_broker.validation.onnx_answer import MAX_ANSWER_BYTES, interpret
 from airlock_broker.validation.onnx_canonical import (
     CanonicalOnnx,
-    CanonicalSpool,
     CanonicalWriter,
     Room,
 )
@@ -138,12 +138,12 @@ class OnnxValidatorPool:
 
     def __init__(self, limits: OutputLimits, settings: ValidatorSettings | None = None, *,
                  worker_module: str = WORKER_MODULE,
-                 spool: CanonicalSpool | None = None) -> None:
+                 canonical_dir: Path | None = None) -> None:
         self.limits = limits
         self.settings = settings or ValidatorSettings()
         #: Where canonical models are written (the spool's disk in a broker; the system's
         #: temporary directory by default).
-        self.spool = spool or CanonicalSpool()
+        self.canonical_dir = canonical_dir or Path(tempfile.gettempdir())
         limits_doc = asdict(limits)
         limits_doc["allowed_onnx_domains"] = sorted(limits.allowed_onnx_domains)
         self._config = json.dumps({"limits": limits_doc, "settings": asdict(self.settings),
@@ -314,7 +314,7 @@ class OnnxValidatorPool:
     def _exchange_fd(self, validator: Validator, fd: int,
                      room: Room | None) -> tuple[CanonicalOnnx, OnnxInfo]:
         deadline = time.monotonic() + self.settings.timeout_seconds
-        canonical = CanonicalWriter(self.spool, room)
+        canonical = CanonicalWriter(self.canonical_dir, room)
         try:
             hello = _receive(validator, deadline, 16, self.settings)
             if hello != READY:
