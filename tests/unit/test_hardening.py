@@ -149,6 +149,21 @@ def test_a_user_other_than_root_is_a_visible_choice(user: str) -> None:
     assert SandboxPolicy(user=user).user == user
 
 
+def test_no_sandbox_gets_a_network_from_the_engine(tmp_path: Path) -> None:
+    """Beside network mode "none", NetworkDisabled: the engine builds no libnetwork sandbox
+    and runs no prestart hook for it (docker_hardening.py has the CPU this saves); runc makes
+    the empty namespace itself. A policy that allows a network drops both."""
+    job = _kwargs(SandboxPolicy(), tmp_path)
+    probe = probe_kwargs(SandboxPolicy(), "print(1)", {"airlock.managed": "true"})
+    for kwargs in (job, probe):
+        sent = _as_docker_py_sends_it(kwargs)
+        assert sent["NetworkDisabled"] is True
+        assert sent["HostConfig"]["NetworkMode"] == "none"  # type: ignore[index]
+    open_net = _as_docker_py_sends_it(_kwargs(SandboxPolicy(network_disabled=False), tmp_path))
+    assert open_net["NetworkDisabled"] is False
+    assert open_net["HostConfig"]["NetworkMode"] == "bridge"  # type: ignore[index]
+
+
 def test_policy_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SandboxPolicy().network_disabled = False  # type: ignore[misc]

@@ -58,6 +58,17 @@ def create_kwargs(policy: SandboxPolicy, workspace: JobWorkspace, profile: str,
         "hostname": "sandbox",
         "working_dir": "/tmp",
         "network_mode": "none" if policy.network_disabled else "bridge",
+        # And no network from the engine at all. With "none" alone the engine still builds a
+        # libnetwork sandbox for the container (a namespace file under /var/run/docker/netns,
+        # a "none" endpoint), has runc run a prestart hook that re-executes dockerd
+        # (libnetwork-setkey), and tears both down at removal. With NetworkDisabled it does
+        # neither: runc makes the new network namespace itself, loopback only, which is all
+        # "none" gave. Measured here (Docker 20.10, runc; create, start, wait, remove of
+        # ``python3 -c pass``, 15 each way, alternating, three rounds): 287-302 ms of the
+        # machine's CPU and 268-277 ms of wall time per container without it, 145-172 ms and
+        # 146-164 ms with it; inside, the same under runc and runsc (a namespace of its own,
+        # ``lo`` only, "Network is unreachable").
+        "network_disabled": policy.network_disabled,
         "read_only": policy.read_only_root,
         "cap_drop": ["ALL"] if policy.drop_all_capabilities else [],
         "security_opt": security_opt,
@@ -109,7 +120,8 @@ def probe_kwargs(policy: SandboxPolicy, source: str, labels: dict[str, str], *,
     return {
         "image": image or policy.image, "entrypoint": ["python3", "-c", source],
         "user": policy.user, "environment": {}, "use_config_proxy": False,
-        "network_mode": "none", "read_only": True, "cap_drop": ["ALL"],
+        "network_mode": "none", "network_disabled": True, "read_only": True,
+        "cap_drop": ["ALL"],
         "security_opt": [*policy.security_opts, "no-new-privileges"]
         + ([f"seccomp={p}"] if (p := seccomp_json(policy)) else []),
         "pids_limit": policy.pids_limit, "mem_limit": policy.memory_bytes,
