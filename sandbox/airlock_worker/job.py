@@ -70,6 +70,9 @@ class Job:
     report: Report = field(default_factory=Report)
     #: The model's own example inputs (an MLflow ``input_example``), parity's first batch.
     parity_example: dict[str | None, Any] | None = None
+    #: ``spec.inputs`` are an MLflow signature's, not the caller's: a converter may try the
+    #: model's own inputs when they fail (sklearn_convert.py).
+    inputs_from_signature: bool = False
     #: The caller's parity sample (sample_input.read): parity's only rows when given.
     sample: Any | None = None
 

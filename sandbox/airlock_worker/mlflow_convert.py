@@ -75,7 +75,8 @@ def convert(job: Job) -> None:
         job.report.detected_format = f"mlflow:{chosen.flavor}/{chosen.serialization}"[:32]
         inner = Job(spec=dataclasses.replace(job.spec, declared_format=None, inputs=inputs),
                     artifact=artifact, out_dir=job.out_dir, fmt=fmt, report=job.report,
-                    parity_example=example)
+                    parity_example=example,
+                    inputs_from_signature=bool(inputs) and not job.spec.inputs)
         _dispatch(inner, chosen)
 
 

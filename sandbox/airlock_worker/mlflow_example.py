@@ -1,5 +1,6 @@
 """An MLflow model's ``input_example``, read as data for the parity check: the rows its author
-chose are the most realistic inputs there are. Bounded JSON of numbers only; anything else is
+chose are the most realistic inputs there are. Bounded JSON of numbers, and strings in a
+DataFrame's columns (one array per column, all numbers or all strings); anything else is
 skipped with a warning and parity runs on generated inputs alone.
 
 MLflow writes the member ``saved_input_example_info.artifact_path`` names (``input_example.json``)
@@ -59,7 +60,10 @@ def parse(doc: Any, kind: str) -> Example:
     if kind == "dataframe" or (isinstance(doc, dict) and "columns" in doc and "data" in doc):
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
             raise ValueError("a DataFrame example without columns")
-        rows = _numbers(doc.get("data"))
+        try:
+            rows = _numbers(doc.get("data"))
+        except ValueError:  # strings in it: one array per named column
+            return _columns(doc["columns"], doc.get("data"))
         if rows.ndim != 2 or rows.shape[1] != len(doc["columns"]):
             raise ValueError("the DataFrame example's data do not match its columns")
         return {None: rows}
@@ -70,6 +74,27 @@ def parse(doc: Any, kind: str) -> Example:
             raise ValueError(f"expected 1..{MAX_EXAMPLE_INPUTS} named inputs")
         return {str(k)[:128]: _numbers(v) for k, v in doc.items()}
     return {None: _numbers(doc)}
+
+
+def _columns(columns: list[Any], data: Any) -> Example:
+    """A DataFrame example with strings: each column all numbers or all strings."""
+    if not 1 <= len(columns) <= MAX_EXAMPLE_INPUTS or not all(
+            isinstance(c, str) and 0 < len(c) <= 128 for c in columns):
+        raise ValueError(f"a DataFrame example with strings needs 1..{MAX_EXAMPLE_INPUTS} "
+                         "named columns")
+    if not isinstance(data, list) or not data:
+        raise ValueError("the example holds no rows")
+    rows = data[:MAX_EXAMPLE_ROWS]
+    if not all(isinstance(r, list) and len(r) == len(columns) for r in rows):
+        raise ValueError("the DataFrame example's data do not match its columns")
+    out: Example = {}
+    for j, name in enumerate(columns):
+        values = [r[j] for r in rows]
+        if all(isinstance(v, str) for v in values):
+            out[name] = np.array(values, dtype=object)
+        else:
+            out[name] = _numbers(values)
+    return out
 
 
 def _numbers(value: Any) -> np.ndarray:

@@ -46,7 +46,7 @@ Draw = Callable[[np.random.Generator, int], np.ndarray]
 def for_model(model: Any) -> Sampler:
     """A sampler for ``model``'s parity inputs (see the module's docstring)."""
     first = _first_step(model)
-    draw = _draw(first)
+    draw = draw_for(first)
     n_features = getattr(first, "n_features_in_", None)
     if draw is None or n_features is None:
         return random_feeds
@@ -73,7 +73,9 @@ def _first_step(model: Any) -> Any:
     return model
 
 
-def _draw(step: Any) -> Draw | None:
+def draw_for(step: Any) -> Draw | None:
+    """Where ``step`` has seen data, as a draw of ``[rows, step.n_features_in_]``; None when
+    it does not say (column_inputs.py asks this of each column transformer's steps)."""
     for find in (_categories, _category_counts, _fitted_rows, _ranges, _moments):
         draw = find(step)
         if draw is not None:
@@ -267,8 +269,13 @@ def example_feeds(example: dict[str | None, np.ndarray],
 
 def _fit(rows: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     dtype = np.dtype(spec["dtype"])
-    if dtype.kind not in "biuf":
-        raise ValueError(f"input {spec['name']!r} is {dtype}, which an example cannot feed")
+    if dtype.kind == "O":  # an ONNX string input: the example's strings only
+        if rows.dtype != object:
+            raise ValueError(f"input {spec['name']!r} takes strings; the example gives "
+                             f"{rows.dtype}")
+    elif dtype.kind not in "biuf" or rows.dtype.kind not in "biuf":
+        raise ValueError(f"input {spec['name']!r} is {dtype}, which the example's "
+                         f"{rows.dtype} values cannot feed")
     shape = [int(d) for d in spec["shape"]]
     fits = None
     if shape and all(d >= 0 for d in shape[1:]):  # only the batch may vary: reshape rows

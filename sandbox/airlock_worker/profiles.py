@@ -9,12 +9,13 @@ container's 1.6-2.0 CPU-s, 0.06-0.08 of a light one's 0.17-0.23)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 
 from airlock_sandbox.formats import PROFILE_LIGHT, PROFILE_SKLEARN, PROFILE_TORCH
 
-from .deferred_imports import defer_all
+from .deferred_imports import defer_all, hidden
 from .doc_parsing import skip_scipy_docstring_parsing
 
 PROFILES: dict[str, tuple[str, ...]] = {
@@ -54,11 +55,12 @@ def warm_up(profile: str) -> None:
         if profile == PROFILE_SKLEARN:  # scikit-learn imports scipy.stats and more
             skip_scipy_docstring_parsing()  # doc_parsing.py: for a job that uses it
             defer_all()  # deferred_imports.py: imported only by such a job
-        for module in PROFILES[profile]:
-            importlib.import_module(module)
-        from .priming import prime
+        with hidden() if profile == PROFILE_SKLEARN else contextlib.nullcontext():
+            for module in PROFILES[profile]:  # ... and pandas only by a DataFrame's job
+                importlib.import_module(module)
+            from .priming import prime
 
-        prime(profile)
+            prime(profile)
     finally:
         gc.freeze()
         gc.enable()

@@ -13,7 +13,7 @@ from typing import Any
 
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, WorkerExit
 
-from . import policy_loader
+from . import column_inputs, onnx_out, policy_loader
 from .errors import WorkerError, describe
 from .job import Job
 from .parity import Expected, Reference, Sampler
@@ -93,27 +93,52 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
 
     boosters = _register_boosters(model)
+    opset = BOOSTER_OPSET if boosters else SKLEARN_OPSET
     initial_types = skl2onnx_initial_types(job.spec.inputs, getattr(model, "n_features_in_", None))
+    columns: list[column_inputs.Column] = []
     try:
-        onx = _convert(convert_sklearn, model, initial_types,
-                       BOOSTER_OPSET if boosters else SKLEARN_OPSET)
+        try:
+            onx = _convert(convert_sklearn, model, initial_types, opset)
+            if job.inputs_from_signature:  # a graph the checker refuses is no better
+                onnx_out.finish(onx)
+        except (MissingConverter, MissingShapeCalculator):
+            raise
+        except Exception as exc:
+            # Inputs the caller did not choose (the default X, an MLflow signature's): the
+            # columns the model was fitted on, typed as it saw them, instead.
+            if job.spec.inputs and not job.inputs_from_signature:
+                raise
+            columns = column_inputs.columns(model)
+            if not columns:
+                if job.spec.inputs or not hasattr(model, "feature_names_in_"):
+                    raise
+                raise WorkerError(
+                    WorkerExit.INPUT_SPEC_REQUIRED,
+                    f"fitted on named columns and the default single input failed "
+                    f"({describe(exc)}); give one input per column",
+                ) from None
+            onx = _convert(convert_sklearn, model,
+                           skl2onnx_initial_types(column_inputs.specs(columns), None), opset)
+            if job.spec.inputs:
+                job.report.warn(f"the MLflow signature's inputs did not convert "
+                                f"({describe(exc)}); the model's own columns are the inputs")
+            job.report.warn(f"fitted on a DataFrame: the graph takes one [rows, 1] input per "
+                            f"column, {column_inputs.describe(columns)}")
     except (MissingConverter, MissingShapeCalculator):
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, _no_converter(model)) from None
-    except Exception as exc:
-        if not job.spec.inputs and hasattr(model, "feature_names_in_"):
-            raise WorkerError(
-                WorkerExit.INPUT_SPEC_REQUIRED,
-                f"fitted on named columns and the default single input failed ({describe(exc)});"
-                " give one input per column",
-            ) from None
-        raise
-    reference = None
-    if len(initial_types) == 1:
-        reference = _reference(model)
+    if not columns and len(initial_types) > 1:  # the caller's (or a signature's) columns?
+        found = column_inputs.columns(model)
+        columns = found if column_inputs.matches(found, job.spec.inputs) else []
+    reference, sampler = None, None
+    if columns:
+        reference, sampler = _reference(model, columns), column_inputs.sampler(columns)
+    elif len(initial_types) == 1:
+        reference, sampler = _reference(model), _sampler(model)
     else:
-        job.report.warn("parity not checked: several inputs would need a pandas DataFrame")
+        job.report.warn("parity not checked: several inputs that are not the columns the "
+                        "model was fitted on")
     job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference,
-                   _sampler(model))
+                   sampler)
 
 
 def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
@@ -229,8 +254,9 @@ def _sampler(model: Any) -> Sampler | None:
         return None
 
 
-def _reference(model: Any) -> Reference:
-    """Outputs in skl2onnx's order: labels (or values), then probabilities / scores."""
+def _reference(model: Any, columns: list[column_inputs.Column] | None = None) -> Reference:
+    """Outputs in skl2onnx's order: labels (or values), then probabilities / scores. With
+    ``columns``, the feeds are a DataFrame's columns and the model is run on that frame."""
     from sklearn.base import is_classifier
 
     classifier = is_classifier(model)
@@ -251,6 +277,8 @@ def _reference(model: Any) -> Reference:
         return outs
 
     def reference(feeds: dict[str, Any]) -> list[Expected | None]:
+        if columns:
+            return outputs(column_inputs.frame(columns, feeds))
         (x,) = feeds.values()
         if getattr(x, "dtype", None) != "float32":
             return outputs(x)

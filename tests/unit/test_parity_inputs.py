@@ -160,10 +160,30 @@ def test_mlflow_examples_in_their_written_forms() -> None:
         assert feeds["X"].dtype == np.float32 and feeds["X"].shape == (2, 3)
     named = mlflow_example.parse({"X": rows}, "ndarray")
     assert parity_inputs.example_feeds(named, X_SPEC)["X"].shape == (2, 3)
-    with pytest.raises(ValueError):
-        mlflow_example.parse({"columns": ["a"], "data": [["x"]]}, "dataframe")
     with pytest.raises(ValueError, match="does not fit"):
         parity_inputs.example_feeds({None: np.ones((2, 4))}, X_SPEC)
+
+
+def test_a_dataframe_example_with_strings_feeds_one_input_per_column() -> None:
+    doc = {"columns": ["city", "age"], "data": [["rome", 31], ["paris", 47]]}
+    example = mlflow_example.parse(doc, "dataframe")
+    specs = [{"name": "city", "dtype": "object", "shape": [-1, 1]},
+             {"name": "age", "dtype": "float32", "shape": [-1, 1]}]
+    feeds = parity_inputs.example_feeds(example, specs)
+    assert feeds["city"].tolist() == [["rome"], ["paris"]] and feeds["city"].dtype == object
+    assert feeds["age"].tolist() == [[31.0], [47.0]] and feeds["age"].dtype == np.float32
+    # A column of strings and numbers, a missing value, unnamed columns: not an example.
+    for bad in ({"columns": ["a"], "data": [["x"], [1]]}, {"columns": ["a"], "data": [[None]]},
+                {"columns": [0], "data": [["x"]]}):
+        with pytest.raises(ValueError):
+            mlflow_example.parse(bad, "dataframe")
+    # Strings never feed a numeric input, numbers never a string one.
+    with pytest.raises(ValueError, match="cannot feed"):
+        parity_inputs.example_feeds({"city": example["city"]}, [
+            {"name": "city", "dtype": "float32", "shape": [-1, 1]}])
+    with pytest.raises(ValueError, match="takes strings"):
+        parity_inputs.example_feeds({"age": example["age"]}, [
+            {"name": "age", "dtype": "object", "shape": [-1, 1]}])
 
 
 def test_the_example_is_parity_s_first_batch(tmp_path: Path) -> None:
