@@ -27,7 +27,6 @@ columns (the caller is asked for the input shapes, as before), and every list is
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +48,18 @@ STRING = "str"
 #: ``graph_inputs``' dtype for an ONNX string input.
 STRING_FEED = "object"
 
-#: ``(rng, rows) -> [rows]`` values of one column.
-ColumnDraw = Callable[[np.random.Generator, int], np.ndarray]
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
     dtype: str
-    #: Where parity draws its values; None: no fitted step says.
-    draw: ColumnDraw | None = None
+    #: The values parity draws from (an encoder's categories); None: see ``draw``.
+    values: np.ndarray | None = None
+    #: Otherwise rows drawn for its transformer's columns (shared by them, drawn once per
+    #: batch), of which this column is ``index``; None: no fitted step says where it lay.
+    draw: parity_inputs.Draw | None = None
+    index: int = 0
 
 
 def columns(model: Any) -> list[Column]:
@@ -104,11 +105,17 @@ def sampler(cols: list[Column]) -> Sampler:
             return random_feeds(inputs, rows, seed)
         rng = np.random.default_rng(seed)
         feeds = {}
+        drawn: dict[int, np.ndarray] = {}  # one draw per transformer, whatever its width
         for spec in inputs:
             column = by_name[spec["name"]]
             dtype = np.dtype(spec["dtype"])
-            if column.draw is not None:
-                values = column.draw(rng, rows)
+            if column.values is not None:
+                values = rng.choice(column.values, size=rows)
+            elif column.draw is not None:
+                key = id(column.draw)
+                if key not in drawn:
+                    drawn[key] = column.draw(rng, rows)
+                values = drawn[key][:, column.index]
             elif dtype.kind in "OUS":
                 raise Unsupported(f"no encoder of this model lists the values of string column "
                                   f"{column.name[:64]!r}")
@@ -205,7 +212,7 @@ def _typed(transformer: Any, selected: list[str]) -> dict[str, Column]:
         if categories is not None:
             out[name] = _categorical(name, categories[j])
         else:
-            out[name] = Column(name, "float32", _column_of(draw, j) if draw else None)
+            out[name] = Column(name, "float32", draw=draw, index=j)
     return out
 
 
@@ -213,19 +220,11 @@ def _categorical(name: str, values: np.ndarray) -> Column:
     seen = values[:parity_inputs.MAX_VALUES] if values.ndim == 1 else values.reshape(-1)[:0]
     if seen.dtype.kind in "OUS":
         kept = np.array([v for v in seen.tolist() if isinstance(v, str)], dtype=object)
-        return Column(name, STRING, _choice(kept) if kept.size else None)
+        return Column(name, STRING, kept if kept.size else None)
     if seen.dtype.kind in "iu":
-        return Column(name, "int64", _choice(seen.astype(np.int64)) if seen.size else None)
+        return Column(name, "int64", seen.astype(np.int64) if seen.size else None)
     if seen.dtype.kind in "bf":  # only categories the float32 input can carry exactly
         kept = seen.astype(np.float64)
         kept = kept[~np.isnan(kept) & (kept.astype(np.float32).astype(np.float64) == kept)]
-        return Column(name, "float32", _choice(kept) if kept.size else None)
+        return Column(name, "float32", kept if kept.size else None)
     return Column(name, "float32")
-
-
-def _choice(values: np.ndarray) -> ColumnDraw:
-    return lambda rng, rows: rng.choice(values, size=rows)
-
-
-def _column_of(draw: parity_inputs.Draw, j: int) -> ColumnDraw:
-    return lambda rng, rows: draw(rng, rows)[:, j]

@@ -61,17 +61,23 @@ def test_a_model_fitted_on_a_dataframe_gets_one_typed_input_per_column(
 
 def test_parity_draws_each_column_where_the_model_saw_data() -> None:
     model, frame = dataframe_pipeline()
-    columns = {c.name: c for c in column_inputs.columns(model)}
-    assert {n: c.dtype for n, c in columns.items()} == FRAME_COLUMNS
-    rng = np.random.default_rng(1)
-    assert set(columns["city"].draw(rng, 200)) == set(frame["city"])  # type: ignore[misc]
-    assert set(columns["store"].draw(rng, 200)) == {101, 205, 377}  # type: ignore[misc]
-    ages = columns["age"].draw(rng, 2000)  # type: ignore[misc]
+    columns = column_inputs.columns(model)
+    assert {c.name: c.dtype for c in columns} == FRAME_COLUMNS
+    inputs = [{"name": c.name, "dtype": "object" if c.dtype == "str" else c.dtype,
+               "shape": [-1, 1]} for c in columns]
+    feeds = column_inputs.sampler(columns)(inputs, 2000, 1)
+    assert all(f.shape == (2000, 1) for f in feeds.values())
+    assert set(feeds["city"][:, 0]) == set(frame["city"]) and feeds["city"].dtype == object
+    assert set(feeds["store"][:, 0]) == {101, 205, 377}
     # The scaler's moments (after the imputer, which keeps the columns): mean ~49, sd ~17.
-    assert abs(ages.mean() - frame["age"].mean()) < 2
-    assert abs(ages.std() - frame["age"].std()) < 2
+    assert abs(feeds["age"].mean() - frame["age"].mean()) < 2
+    assert abs(feeds["age"].std() - frame["age"].std()) < 2
+    assert abs(feeds["income"].mean() - frame["income"].mean()) < 1000
     # Dropped by the model: nothing says where it lay (standard normals).
-    assert columns["note_length"].draw is None
+    assert abs(feeds["note_length"].mean()) < 0.2 and abs(feeds["note_length"].std() - 1) < 0.1
+    # Seeded: the same rows again.
+    again = column_inputs.sampler(columns)(inputs, 2000, 1)
+    assert all(np.array_equal(again[n], feeds[n]) for n in feeds)
 
 
 def test_a_string_column_no_encoder_lists_cannot_be_drawn() -> None:
