@@ -212,22 +212,23 @@ HIDDEN = frozenset({"pandas"})
 
 
 class _Hidden(importlib.abc.MetaPathFinder):
-    """First on ``sys.meta_path`` while the warm-up imports: a hidden package is not found."""
+    """First on ``sys.meta_path`` meanwhile: a hidden package (or module) is not found."""
 
     def __init__(self, packages: frozenset[str]) -> None:
         self.packages = packages
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname.partition(".")[0] in self.packages:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (not during the warm-up)",
+        if any(fullname == p or fullname.startswith(p + ".") for p in self.packages):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden for now)",
                                       name=fullname)
         return None
 
 
 @contextlib.contextmanager
 def hidden(packages: frozenset[str] = HIDDEN) -> Iterator[None]:
-    """While it lasts, importing one of ``packages`` fails as if it were not installed."""
+    """While it lasts, importing one of ``packages`` (or a submodule) fails as if it were not
+    installed; one imported already stays as it is. Also skops_import.py's."""
     finder = _Hidden(packages)
     sys.meta_path.insert(0, finder)
     try:

@@ -9,16 +9,18 @@ sklearn model MLflow 3 saved (it saves them as skops), in a container whose prof
 torch. No estimator lives under ``sklearn.externals`` (``all_estimators`` skips it), so the
 trusted list comes out the same (``tests/unit/test_worker_skops_import.py`` compares it).
 
-While skops is imported, that one package is marked as not importable (``None`` in
-``sys.modules``: the import system then raises ImportError, which ``walk_packages`` ignores);
-the mark goes away right after, so a later import of it works as usual. Nothing else is hidden,
-and torch is not touched: a job that needs torch still imports it.
+While skops is imported, that one package is hidden (``deferred_imports.hidden``: importing
+it raises ImportError, which ``walk_packages`` ignores); right after, a later import of it works
+as usual. Nothing else is hidden, and torch is not touched: a job that needs torch still
+imports it.
 """
 
 from __future__ import annotations
 
 import sys
 from types import ModuleType
+
+from .deferred_imports import hidden
 
 #: The sklearn package whose import drags torch into ``all_estimators()``'s walk.
 TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
@@ -29,12 +31,6 @@ def import_skops_io() -> ModuleType:
     loaded = sys.modules.get("skops.io")
     if loaded is not None:
         return loaded
-    hidden = TORCH_SHIM not in sys.modules
-    if hidden:
-        sys.modules[TORCH_SHIM] = None  # type: ignore[assignment]
-    try:
+    with hidden(frozenset({TORCH_SHIM})):
         import skops.io
-    finally:
-        if hidden and TORCH_SHIM in sys.modules and sys.modules[TORCH_SHIM] is None:
-            del sys.modules[TORCH_SHIM]
     return skops.io
