@@ -75,6 +75,18 @@ def default_local_transfer() -> bool:
     return os.environ.get("AIRLOCK_LOCAL_TRANSFER", "1").lower() not in {"0", "false", "no"}
 
 
+#: Formats a file's name declares when its caller does not. A skops file is a zip whose first
+#: member may be an array, as an ``.npz``'s is, and the broker reads no further than that
+#: member's name (it opens no archive): only a declaration tells the two apart. A wrong name
+#: costs a refusal (``FORMAT_MISMATCH``), never a conversion of something else.
+NAMED_FORMATS: dict[str, DeclaredFormat] = {".skops": "skops"}
+
+
+def declared_by_name(name: str) -> DeclaredFormat | None:
+    """The format ``name``'s suffix declares (``NAMED_FORMATS``), or None."""
+    return NAMED_FORMATS.get(Path(name).suffix.lower())
+
+
 class Client:
     """A connection to an Airlock broker. Use as a context manager, or call ``close``.
 
@@ -221,7 +233,9 @@ class Client:
 
         ``filename``: the artifact's name as the broker's audit record shows it; by default
         the last part of ``artifact``'s path (give it when that path names the file by its
-        descriptor, ``/proc/self/fd/N``, as ``convert_directory`` does).
+        descriptor, ``/proc/self/fd/N``, as ``convert_directory`` does). Without
+        ``declared_format``, a name ending in ``.skops`` declares ``skops``
+        (:func:`declared_by_name`).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise ValueError(f"idempotency_key has {len(idempotency_key)} characters; the "
@@ -244,10 +258,12 @@ class Client:
                     parity_tolerance=parity_tolerance,
                     keep_training_state=keep_training_state, sample_input=sample,
                     idempotency_key=idempotency_key)
+        name = filename or source.name
         return self._convert_file(
-            source, output, target=target, inputs=inputs, declared_format=declared_format,
+            source, output, target=target, inputs=inputs,
+            declared_format=declared_format or declared_by_name(name),
             loading_policy=loading_policy, job_timeout=job_timeout, progress=progress,
-            filename=filename or source.name, on_busy=on_busy, subject=subject,
+            filename=name, on_busy=on_busy, subject=subject,
             parity_tolerance=parity_tolerance, keep_training_state=keep_training_state,
             sample_input=sample, idempotency_key=idempotency_key)
 

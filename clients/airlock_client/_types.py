@@ -20,7 +20,7 @@ LoadingPolicy = Literal["allow_code", "safe_only"]
 #: (``config.json``, tokenizer files), which are checked and carried unchanged.
 DeclaredFormat = Literal["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
                          "torch_export", "numpy", "onnx", "safetensors", "mlflow",
-                         "json", "text", "sentencepiece"]
+                         "json", "text", "sentencepiece", "skops"]
 
 
 class Assurance(enum.StrEnum):

@@ -52,6 +52,7 @@ DECLARED: dict[str, pb.ArtifactFormat.ValueType] = {
     "json": pb.ARTIFACT_FORMAT_JSON,
     "text": pb.ARTIFACT_FORMAT_TEXT,
     "sentencepiece": pb.ARTIFACT_FORMAT_SENTENCEPIECE,
+    "skops": pb.ARTIFACT_FORMAT_SKOPS,
 }
 OUTPUTS: dict[pb.TargetFormat.ValueType, Literal["onnx", "safetensors", "data"]] = {
     pb.TARGET_FORMAT_ONNX: "onnx", pb.TARGET_FORMAT_SAFETENSORS: "safetensors",

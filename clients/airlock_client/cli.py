@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "converter supports it")
     convert.add_argument("--format", dest="declared", default=None,
                          choices=["pickle", "cloudpickle", "joblib", "pytorch", "torchscript",
-                                  "torch_export", "numpy", "onnx", "safetensors", "mlflow"],
-                         help="what the artifact is declared to be (checked against its bytes)")
+                                  "torch_export", "numpy", "onnx", "safetensors", "mlflow",
+                                  "skops"],
+                         help="what the artifact is declared to be (checked against its bytes; "
+                              "a .skops file is declared skops unless this says otherwise)")
     convert.add_argument("--policy", choices=["allow_code", "safe_only"], default=None,
                          help="safe_only refuses any loader that executes the artifact's code "
                               "(default: allow_code for a file or an MLflow model, safe_only "

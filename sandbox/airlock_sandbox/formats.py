@@ -40,6 +40,8 @@ class ArtifactFormat(enum.StrEnum):
     XGBOOST_JSON = "xgboost_json"
     XGBOOST_UBJ = "xgboost_ubj"  # MLflow's xgboost flavor default (model.ubj)
     LIGHTGBM_TEXT = "lightgbm_text"  # Booster.save_model; MLflow's lightgbm flavor's model.lgb
+    #: skops.io.dump: a zip of ``schema.json`` and arrays, loaded with skops' trusted types.
+    SKOPS = "skops"
     #: A model directory's data files (airlock_sandbox.data_files): named by the caller's
     #: declaration alone, never detected, and carried unchanged once checked.
     DATA_JSON = "json"
@@ -77,13 +79,14 @@ DECLARABLE: dict[str, frozenset[ArtifactFormat]] = {
     "json": frozenset({ArtifactFormat.DATA_JSON}),
     "text": frozenset({ArtifactFormat.DATA_TEXT}),
     "sentencepiece": frozenset({ArtifactFormat.DATA_SENTENCEPIECE}),
+    "skops": frozenset({ArtifactFormat.SKOPS}),
 }
 
 #: The formats a host-side ZIP may turn out to be once the sandbox lists its members (an
 #: MLflow bundle is not among them: it is a bundle only when declared one).
 ZIP_FAMILY = frozenset({
     ArtifactFormat.PYTORCH_ZIP, ArtifactFormat.TORCHSCRIPT, ArtifactFormat.TORCH_EXPORT,
-    ArtifactFormat.NUMPY_NPZ,
+    ArtifactFormat.NUMPY_NPZ, ArtifactFormat.SKOPS,
 })
 
 # torch.save's legacy (pre-zip) format starts with a protocol-2 pickle of this magic number.
@@ -130,6 +133,8 @@ def refine_zip_names(names: Iterable[str]) -> ArtifactFormat:
     base = {n.split("/", 1)[1] if "/" in n else n for n in listed}
     if any(n.endswith(".npy") for n in listed) and all(n.endswith(".npy") for n in listed):
         return ArtifactFormat.NUMPY_NPZ
+    if "schema.json" in listed:  # skops.io.dump writes it at the root, beside its arrays
+        return ArtifactFormat.SKOPS
     if "archive_format" in base or any(n.startswith("models/") for n in base):
         return ArtifactFormat.TORCH_EXPORT
     if "constants.pkl" in base or any(n.startswith("code/") for n in base):
@@ -336,6 +341,7 @@ _PROFILE_OF: dict[ArtifactFormat, str] = {
     ArtifactFormat.XGBOOST_JSON: PROFILE_SKLEARN,
     ArtifactFormat.XGBOOST_UBJ: PROFILE_SKLEARN,
     ArtifactFormat.LIGHTGBM_TEXT: PROFILE_SKLEARN,
+    ArtifactFormat.SKOPS: PROFILE_SKLEARN,
 }
 #: An MLflow bundle's profile by the flavor the caller says it is (a hint: the broker opens
 #: no archive, the worker refuses a bundle of another flavor). ONNX bundles read ``MLmodel``

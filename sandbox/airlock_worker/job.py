@@ -44,6 +44,7 @@ HANDLERS: dict[ArtifactFormat, tuple[str, str]] = {
     ArtifactFormat.XGBOOST_JSON: ("booster_convert", "convert"),
     ArtifactFormat.XGBOOST_UBJ: ("booster_convert", "convert"),
     ArtifactFormat.LIGHTGBM_TEXT: ("booster_convert", "convert"),
+    ArtifactFormat.SKOPS: ("sklearn_convert", "convert_skops"),
     ArtifactFormat.DATA_JSON: ("data_copy", "carry"),
     ArtifactFormat.DATA_TEXT: ("data_copy", "carry"),
     ArtifactFormat.DATA_SENTENCEPIECE: ("data_copy", "carry"),

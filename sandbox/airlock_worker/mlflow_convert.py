@@ -122,7 +122,9 @@ def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
 
         passthrough.convert_onnx(job)
     elif chosen.flavor in ("sklearn", "lightgbm") and chosen.serialization == "skops":
-        _convert_skops(job)
+        from . import sklearn_convert
+
+        sklearn_convert.convert_skops(job)
     elif chosen.flavor in ("sklearn", "lightgbm"):
         from . import sklearn_convert
 
@@ -140,22 +142,3 @@ def _dispatch(job: Job, chosen: mlflow_model.Plan) -> None:
         torch_convert.convert_checkpoint(job)
 
 
-def _convert_skops(job: Job) -> None:
-    from . import sklearn_convert
-    from .skops_import import import_skops_io
-
-    skops_io = import_skops_io()
-
-    with job.loading(), job.open_artifact() as fh:
-        untrusted = skops_io.get_untrusted_types(file=fh)
-    if untrusted:
-        job.allow_code(f"skops.io.load(trusting {len(untrusted)} more type(s))",
-                       "the skops file names types outside skops' default trusted set: "
-                       + ", ".join(str(t)[:60] for t in untrusted[:5]))
-        trusted = list(untrusted)
-    else:
-        job.loaded_safely("skops.io.load")
-        trusted = None
-    with job.loading(), job.open_artifact() as fh:
-        model = skops_io.load(fh, trusted=trusted)
-    sklearn_convert.convert_object(job, model)

@@ -2,6 +2,8 @@
 cloudpickle being importable). Under ``allow_code`` they are unpickled with ``joblib.load``,
 which runs what the pickle names; under ``safe_only``, and in the integrity reading
 (``verify``), by the policy loader, which runs nothing the pickle names (policy_loader.py).
+SKOPS (``skops.io.dump``, alone or in an MLflow model): loaded with skops' trusted types;
+types beyond them only under ``allow_code``.
 A scikit-learn estimator or pipeline becomes ONNX via skl2onnx; XGBoost and LightGBM
 sklearn-API models, alone or inside pipelines, via onnxmltools' converters registered into
 skl2onnx; a pickled dict of arrays or tensors becomes safetensors."""
@@ -72,6 +74,25 @@ def verify(job: Job) -> None:
         code = exc.exit if isinstance(exc, WorkerError) else WorkerExit.CONVERSION_FAILED
         raise WorkerError(code, f"the policy loader does not allow {reading.refused[0]}, "
                                 f"which this model needs ({said})") from None
+
+
+def convert_skops(job: Job) -> None:
+    from .skops_import import import_skops_io
+
+    skops_io = import_skops_io()
+    with job.loading(), job.open_artifact() as fh:
+        untrusted = skops_io.get_untrusted_types(file=fh)
+    if untrusted:
+        job.allow_code(f"skops.io.load(trusting {len(untrusted)} more type(s))",
+                       "the skops file names types outside skops' default trusted set: "
+                       + ", ".join(str(t)[:60] for t in untrusted[:5]))
+        trusted = list(untrusted)
+    else:
+        job.loaded_safely("skops.io.load")
+        trusted = None
+    with job.loading(), job.open_artifact() as fh:
+        model = skops_io.load(fh, trusted=trusted)
+    convert_object(job, model)
 
 
 def convert_object(job: Job, obj: Any) -> None:

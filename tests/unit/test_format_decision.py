@@ -55,6 +55,8 @@ SAMPLES: dict[str, bytes] = {
     "torch_zip": _zip("archive/data.pkl", "archive/data/0"),
     "npz": _zip("arr_0.npy", "arr_1.npy"),
     "npz_long_name": _zip("a_name_longer_than_the_first_64_bytes_hold.npy"),
+    # skops.io.dump's layout: arrays named by object id, then its schema.
+    "skops": _zip("140568400880208.npy", "schema.json"),
     "npy": b"\x93NUMPY\x01\x00" + b"\0" * 100,
     "onnx": b"\x08\x07\x12\x07pytorch" + b"\0" * 100,
     "safetensors": struct.pack("<Q", len(_HEADER)) + _HEADER + b"\0" * 4,
@@ -81,6 +83,10 @@ TABLE: list[tuple[str, str | None, tuple[ArtifactFormat, str, bool]]] = [
     ("npz", "pytorch", (F.ZIP, "torch", True)),  # the declaration rules; the sandbox refuses
     ("npz_long_name", None, (F.ZIP, "torch", True)),  # no evidence in the first 64 bytes
     ("npz_long_name", "numpy", (F.NUMPY_NPZ, "light", False)),
+    # An array first, as an .npz's: only the declaration (the client's, for a .skops name)
+    # makes it skops; without one the sandbox lists it and refuses it as no .npz.
+    ("skops", "skops", (F.SKOPS, "sklearn", False)),
+    ("skops", None, (F.NUMPY_NPZ, "light", False)),
     ("npy", None, (F.NUMPY, "light", False)),
     ("npy", "numpy", (F.NUMPY, "light", False)),
     ("onnx", None, (F.ONNX, "light", False)),
@@ -204,6 +210,23 @@ def test_the_job_spec_carries_the_decision_and_integrity_follows_it(
         # the worker reads its output back only when no reading is compared with it
         [convert] = [spec for spec in backend.specs if spec.mode is JobMode.CONVERT]
         assert convert.read_back is (len(profiles) == 1)
+
+
+@pytest.mark.parametrize(("name", "fmt", "profiles"), [
+    ("model.skops", "skops", ["sklearn"]), ("model.SKOPS", "skops", ["sklearn"]),
+    ("model.npz", "numpy_npz", ["light"])])
+def test_a_skops_files_name_declares_it(broker: tuple[str, FakeSandbox, list[str]],
+                                        tmp_path: Path, name: str, fmt: str,
+                                        profiles: list[str]) -> None:
+    """The client declares a .skops file (Client.declared_by_name): by its bytes alone the
+    broker would take it for an .npz (an array first) and the sandbox would refuse it."""
+    address, backend, prepared = broker
+    src = tmp_path / name
+    src.write_bytes(SAMPLES["skops"])
+    with Client(address) as client:
+        client.convert(src, tmp_path / "out.safetensors")
+    assert prepared == profiles
+    assert {spec.artifact_format for spec in backend.specs} == {F(fmt)}
 
 
 @pytest.mark.parametrize(("sample", "target", "verifies", "profile"), [

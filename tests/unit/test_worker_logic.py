@@ -195,6 +195,22 @@ def test_a_zip_must_be_one_the_decision_admits(tmp_path: Path) -> None:
         assert err.value.exit is WorkerExit.FORMAT_MISMATCH, (path, decided, declared)
 
 
+def test_a_skops_file_is_told_from_an_npz_by_its_schema(tmp_path: Path) -> None:
+    """skops.io.dump writes arrays named by object id and ``schema.json`` at the root; an
+    MLflow bundle holding one is still a bundle (its MLmodel decides)."""
+    F = ArtifactFormat
+    skops = _zip(tmp_path / "m.skops", ["140568400880208.npy", "schema.json"])
+    bundle = _zip(tmp_path / "b.zip", ["MLmodel", "model.skops"])
+    assert detect.confirm(str(skops), F.SKOPS, "skops") is F.SKOPS
+    assert detect.confirm(str(skops), F.ZIP, None) is F.SKOPS
+    assert detect.detect(str(bundle)) is F.MLFLOW
+    # Undeclared, its first member made the broker take it for an .npz: refused, not read.
+    with pytest.raises(WorkerError) as err:
+        detect.confirm(str(skops), F.NUMPY_NPZ, None)
+    assert err.value.exit is WorkerExit.FORMAT_MISMATCH
+    assert "are skops" in err.value.message
+
+
 def test_the_worker_refuses_a_job_whose_bytes_contradict_the_spec(tmp_path: Path) -> None:
     """Through the worker's own entry: a torch zip sent as the .npz the broker took it for
     (its first member named .npy would do that) is refused before any loader runs."""

@@ -53,6 +53,11 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     """
     ARTIFACT_FORMAT_TEXT: _ArtifactFormat.ValueType  # 12
     ARTIFACT_FORMAT_SENTENCEPIECE: _ArtifactFormat.ValueType  # 13
+    ARTIFACT_FORMAT_SKOPS: _ArtifactFormat.ValueType  # 14
+    """A scikit-learn model saved with skops.io.dump (a zip of a schema and arrays, no pickle):
+    loaded with skops' trusted types. Its first member may be an array, as an .npz's is, so
+    only a declaration tells them apart on the host (the client declares a ".skops" file).
+    """
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper):
     """What the caller says the artifact is. The broker detects the format by magic bytes and
@@ -81,6 +86,11 @@ ModelProto) and the output is the input, byte for byte (TARGET_FORMAT_DATA).
 """
 ARTIFACT_FORMAT_TEXT: ArtifactFormat.ValueType  # 12
 ARTIFACT_FORMAT_SENTENCEPIECE: ArtifactFormat.ValueType  # 13
+ARTIFACT_FORMAT_SKOPS: ArtifactFormat.ValueType  # 14
+"""A scikit-learn model saved with skops.io.dump (a zip of a schema and arrays, no pickle):
+loaded with skops' trusted types. Its first member may be an array, as an .npz's is, so
+only a declaration tells them apart on the host (the client declares a ".skops" file).
+"""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _TargetFormat:

@@ -53,6 +53,7 @@ DECLARED: dict[pb.ArtifactFormat.ValueType, str] = {
     pb.ARTIFACT_FORMAT_JSON: "json",
     pb.ARTIFACT_FORMAT_TEXT: "text",
     pb.ARTIFACT_FORMAT_SENTENCEPIECE: "sentencepiece",
+    pb.ARTIFACT_FORMAT_SKOPS: "skops",
 }
 TARGETS: dict[pb.TargetFormat.ValueType, Target] = {
     pb.TARGET_FORMAT_UNSPECIFIED: Target.AUTO,

@@ -10,8 +10,9 @@ told and what its first bytes say: a zip is an MLflow bundle only because the ca
 ``mlflow`` (the client does for the directories it packs), and the bundle's flavor, which
 picks the warm sandbox, is the caller's hint; a zip is an ``.npz`` when the caller declared
 ``numpy`` or its first member's name, in its local header, ends in ``.npy``
-(``formats.leads_with_npy``). The worker lists the members and refuses a zip that is not what
-was decided, with a reason.
+(``formats.leads_with_npy``); a skops file, whose first member may be an array too, only
+because the caller declared ``skops`` (the client does for a ``.skops`` file). The worker
+lists the members and refuses a zip that is not what was decided, with a reason.
 
 The table (``decide``; UNKNOWN and a declaration the bytes contradict are refused here)::
 
@@ -25,6 +26,7 @@ The table (``decide``; UNKNOWN and a declaration the bytes contradict are refuse
     zip             torch_export              torch_export     torch             no
     zip             numpy                     numpy_npz        light             no
     zip, 1st .npy   -, numpy                  numpy_npz        light             no
+    zip             skops                     skops            sklearn           no
     zip             mlflow                    mlflow           by flavor hint    no
                                                                (sklearn if none)
     .npy            -, numpy                  numpy            light             no

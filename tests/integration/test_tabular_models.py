@@ -1,9 +1,11 @@
-"""Models fitted on a pandas DataFrame, through the real broker, engine and image: a plain
-pickle, and an MLflow model saved the usual way (a signature inferred from the frame, an
-input example). Both were refused or failed before (the default single input cannot feed a
-ColumnTransformer that selects columns by name; skl2onnx could not convert the signature's
-long and double columns). The test keeps the live model and compares the ONNX output on the
-frame's own columns; nothing saved is loaded back on the host."""
+"""Tabular models as their users hold them, through the real broker, engine and image: a
+pipeline fitted on a pandas DataFrame, as a plain pickle, as an MLflow model saved the usual
+way (a signature inferred from the frame, an input example) and as a skops file (the format
+of Hugging Face's scikit-learn models). All three were refused or failed before (the default
+single input cannot feed a ColumnTransformer that selects columns by name; skl2onnx could not
+convert the signature's long and double columns; a skops file was no known format). The test
+keeps the live model and compares the ONNX output on the frame's own columns; nothing saved
+is loaded back on the host."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 
-from airlock_client import Client, ConversionResult
+from airlock_client import Client, ConversionError, ConversionResult
 from tests.conftest import BrokerProcess
 from tests.fixtures.models import (
     FRAME_COLUMNS,
@@ -80,3 +85,46 @@ def test_an_mlflow_model_saved_from_a_dataframe_converts(cold_broker: BrokerProc
     assert any("the MLflow signature's inputs did not convert" in w
                for w in result.report.warnings), result.report.warnings
     _check_against(out, model, frame, result)
+
+
+@pytest.mark.parametrize("policy", ["allow_code", "safe_only"])
+def test_a_skops_file_converts_with_skops_trusted_types_alone(
+        broker: BrokerProcess, tmp_path: Path, policy: str) -> None:
+    import skops.io
+
+    model, frame = dataframe_pipeline()
+    path = tmp_path / "model.skops"  # its name declares it (Client.declared_by_name)
+    skops.io.dump(model, path)
+    out = tmp_path / "model.onnx"
+    with Client(broker.address) as client:
+        result = client.convert(path, out, loading_policy=policy)  # type: ignore[arg-type]
+    assert result.detected_format == "skops"
+    assert result.report.executed_artifact_code is False
+    assert result.report.loader == "skops.io.load"
+    _check_against(out, model, frame, result)
+
+
+class Doubler(BaseEstimator, TransformerMixin):  # type: ignore[misc]
+    """A custom step: outside skops' trusted types."""
+
+    def fit(self, x: Any, y: Any = None) -> Doubler:
+        return self
+
+    def transform(self, x: Any) -> Any:
+        return x * 2
+
+
+def test_a_skops_file_naming_other_types_is_refused_under_safe_only(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    import skops.io
+
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    model = Pipeline([("double", Doubler()), ("classify", LogisticRegression())]).fit(
+        x, (x[:, 0] > 0).astype(int))
+    path = tmp_path / "custom.skops"
+    skops.io.dump(model, path)
+    with Client(broker.address) as client, pytest.raises(ConversionError) as err:
+        client.convert(path, tmp_path / "custom.onnx", loading_policy="safe_only")
+    assert err.value.reason == "POLICY_VIOLATION", err.value
+    assert "Doubler" in str(err.value)
+    assert not (tmp_path / "custom.onnx").exists()
