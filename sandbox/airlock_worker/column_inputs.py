@@ -27,7 +27,7 @@ columns (the caller is asked for the input shapes, as before), and every list is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,13 @@ class Column:
     #: batch), of which this column is ``index``; None: no fitted step says where it lay.
     draw: parity_inputs.Draw | None = None
     index: int = 0
+    #: The graph's input for it: skl2onnx names it after the column, characters other than
+    #: letters, digits and ``_`` replaced (``first name`` -> ``first_name``); see ``bind``.
+    feed: str = ""
+
+    @property
+    def input_name(self) -> str:
+        return self.feed or self.name
 
 
 def columns(model: Any) -> list[Column]:
@@ -82,10 +89,21 @@ def specs(cols: list[Column]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(c.name, c.dtype, (-1, 1)) for c in cols)
 
 
+def bind(cols: list[Column], graph_inputs: list[str]) -> list[Column]:
+    """The columns with the names the converted graph gave their inputs: skl2onnx keeps the
+    order it was given, so the k-th input is the k-th column."""
+    if len(graph_inputs) != len(cols):
+        return cols
+    return [replace(c, feed=name) for c, name in zip(cols, graph_inputs, strict=True)]
+
+
 def describe(cols: list[Column], most: int = 8) -> str:
-    """``city (str), age (float32), ... and N more``, for the report."""
-    shown = ", ".join(f"{c.name} ({'string' if c.dtype == STRING else c.dtype})"
-                      for c in cols[:most])
+    """``city (string), age (float32), first_name (string, column 'first name') ... and N
+    more``, for the report: what a caller feeds."""
+    shown = ", ".join(
+        f"{c.input_name} ({'string' if c.dtype == STRING else c.dtype}"
+        + (f", column {c.name[:64]!r})" if c.input_name != c.name else ")")
+        for c in cols[:most])
     return shown + (f" and {len(cols) - most} more" if len(cols) > most else "")
 
 
@@ -98,7 +116,7 @@ def matches(cols: list[Column], inputs: tuple[TensorSpec, ...]) -> bool:
 
 def sampler(cols: list[Column]) -> Sampler:
     """Parity feeds ``[rows, 1]`` per column, drawn as the module says."""
-    by_name = {c.name: c for c in cols}
+    by_name = {c.input_name: c for c in cols}
 
     def sample(inputs: list[dict[str, Any]], rows: int, seed: int) -> dict[str, np.ndarray]:
         if {spec["name"] for spec in inputs} != set(by_name):
@@ -121,7 +139,7 @@ def sampler(cols: list[Column]) -> Sampler:
                                   f"{column.name[:64]!r}")
             else:
                 values = rng.standard_normal(rows)
-            feeds[column.name] = np.asarray(values).astype(dtype).reshape(rows, 1)
+            feeds[column.input_name] = np.asarray(values).astype(dtype).reshape(rows, 1)
         return feeds
 
     return sample
@@ -134,7 +152,7 @@ def frame(cols: list[Column], feeds: dict[str, np.ndarray]) -> Any:
 
     data = {}
     for column in cols:
-        values = np.asarray(feeds[column.name]).reshape(-1)
+        values = np.asarray(feeds[column.input_name]).reshape(-1)
         data[column.name] = values.astype(np.float64) if values.dtype.kind == "f" else values
     return pd.DataFrame(data)
 

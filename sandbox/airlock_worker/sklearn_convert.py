@@ -125,41 +125,60 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
         except (MissingConverter, MissingShapeCalculator):
             raise
         except Exception as exc:
-            # Inputs the caller did not choose (the default X, an MLflow signature's): the
-            # columns the model was fitted on, typed as it saw them, instead.
-            if job.spec.inputs and not job.inputs_from_signature:
-                raise
-            columns = column_inputs.columns(model)
-            if not columns:
-                if job.spec.inputs or not hasattr(model, "feature_names_in_"):
-                    raise
-                raise WorkerError(
-                    WorkerExit.INPUT_SPEC_REQUIRED,
-                    f"fitted on named columns and the default single input failed "
-                    f"({describe(exc)}); give one input per column",
-                ) from None
-            onx = _convert(convert_sklearn, model,
-                           skl2onnx_initial_types(column_inputs.specs(columns), None), opset)
-            if job.spec.inputs:
-                job.report.warn(f"the MLflow signature's inputs did not convert "
-                                f"({describe(exc)}); the model's own columns are the inputs")
-            job.report.warn(f"fitted on a DataFrame: the graph takes one [rows, 1] input per "
-                            f"column, {column_inputs.describe(columns)}")
+            onx, columns = _by_columns(job, convert_sklearn, model, opset, exc)
     except (MissingConverter, MissingShapeCalculator):
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, _no_converter(model)) from None
-    if not columns and len(initial_types) > 1:  # the caller's (or a signature's) columns?
-        found = column_inputs.columns(model)
-        columns = found if column_inputs.matches(found, job.spec.inputs) else []
-    reference, sampler = None, None
-    if columns:
-        reference, sampler = _reference(model, columns), column_inputs.sampler(columns)
-    elif len(initial_types) == 1:
-        reference, sampler = _reference(model), _sampler(model)
-    else:
-        job.report.warn("parity not checked: several inputs that are not the columns the "
-                        "model was fitted on")
+    reference, sampler = _parity(job, model, onx, columns, len(initial_types))
     job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference,
                    sampler)
+
+
+def _by_columns(job: Job, convert_sklearn: Any, model: Any, opset: dict[str, int],
+                failed: Exception) -> tuple[Any, list[column_inputs.Column]]:
+    """The conversion again, one input per column of the DataFrame the model was fitted on,
+    when the inputs that ``failed`` were not the caller's choice (the default ``X``, an MLflow
+    signature's); ``failed`` is raised again otherwise."""
+    if job.spec.inputs and not job.inputs_from_signature:
+        raise failed
+    columns = column_inputs.columns(model)
+    if not columns:
+        if job.spec.inputs or not hasattr(model, "feature_names_in_"):
+            raise failed
+        raise WorkerError(
+            WorkerExit.INPUT_SPEC_REQUIRED,
+            f"fitted on named columns and the default single input failed ({describe(failed)});"
+            " give one input per column",
+        ) from None
+    onx = _convert(convert_sklearn, model,
+                   skl2onnx_initial_types(column_inputs.specs(columns), None), opset)
+    if job.spec.inputs:
+        job.report.warn(f"the MLflow signature's inputs did not convert ({describe(failed)}); "
+                        "the model's own columns are the inputs")
+    columns = _bound(columns, onx)
+    job.report.warn(f"fitted on a DataFrame: the graph takes one [rows, 1] input per column, "
+                    f"{column_inputs.describe(columns)}")
+    return onx, columns
+
+
+def _parity(job: Job, model: Any, onx: Any, columns: list[column_inputs.Column],
+            inputs: int) -> tuple[Reference | None, Sampler | None]:
+    """What parity runs the original on, and draws its rows from: the model's columns (read
+    from it, or the inputs given when they are those columns), or its one input."""
+    if not columns and inputs > 1:
+        found = column_inputs.columns(model)
+        if column_inputs.matches(found, job.spec.inputs):
+            columns = _bound(found, onx)
+    if columns:
+        return _reference(model, columns), column_inputs.sampler(columns)
+    if inputs == 1:
+        return _reference(model), _sampler(model)
+    job.report.warn("parity not checked: several inputs that are not the columns the model "
+                    "was fitted on")
+    return None, None
+
+
+def _bound(columns: list[column_inputs.Column], onx: Any) -> list[column_inputs.Column]:
+    return column_inputs.bind(columns, [i["name"] for i in onnx_out.graph_inputs(onx)])
 
 
 def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],

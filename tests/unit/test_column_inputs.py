@@ -169,3 +169,30 @@ def test_an_mlflow_dataframe_example_is_parity_s_first_batch(tmp_path: Path) -> 
     assert job.report.parity_inputs == "input_example+generated"
     assert {e.output_name: (e.samples, e.passed) for e in job.report.parity} == {
         "label": (5 + 65, True), "probabilities": (5 + 65, True)}
+
+
+def test_columns_whose_names_skl2onnx_rewrites_are_fed_and_checked_by_position(
+        tmp_path: Path) -> None:
+    """skl2onnx names an input after its column with characters other than letters, digits
+    and _ replaced: parity must still feed each column its own rows (it was skipped)."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"first name": rng.choice(["ann", "bo"], 200),
+                          "x.y": rng.normal(size=200), "Größe": rng.normal(size=200)})
+    model = Pipeline([
+        ("columns", ColumnTransformer([("names", OneHotEncoder(), ["first name"]),
+                                       ("scale", StandardScaler(), ["x.y", "Größe"])])),
+        ("forest", RandomForestClassifier(n_estimators=5, random_state=0)),
+    ]).fit(frame, (frame["x.y"] > 0).astype(int))
+    job = _convert(model, tmp_path)
+    session = _session(tmp_path)
+    assert [i.name for i in session.get_inputs()] == ["first_name", "x_y", "Größe"]
+    assert {e.output_name: e.passed for e in job.report.parity} == {
+        "label": True, "probabilities": True}
+    assert any("first_name (string, column 'first name'), x_y (float32, column 'x.y'), "
+               "Größe (float32)" in w for w in job.report.warnings), job.report.warnings
