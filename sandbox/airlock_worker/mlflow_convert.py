@@ -5,8 +5,9 @@ the ordinary converter for its format (sklearn_convert, torch_convert, the ONNX 
 with the MLflow signature as the input types when the request gave none. The request's
 loading policy applies unchanged: those converters gate every code-executing loader.
 
-skops files load with skops' default trusted types only (no artifact code runs); types
-outside that list are trusted only under allow_code, recorded as executed artifact code.
+skops files load with skops' default trusted types only, and the few data types
+``sklearn_convert.SKOPS_DATA_TYPES`` adds (no artifact code runs); types outside those are
+trusted only under allow_code, recorded as executed artifact code.
 The ``skops_trusted_types`` list in ``MLmodel`` is the artifact's own claim and is ignored.
 """
 

@@ -76,20 +76,27 @@ def verify(job: Job) -> None:
                                 f"which this model needs ({said})") from None
 
 
+#: Types outside skops' default trusted set whose skops loader builds data without calling
+#: anything the file names: ``numpy.dtype`` (skops' ``DTypeNode`` takes the dtype of an empty
+#: array it reads with ``allow_pickle=False``, its child audited like any other node). A
+#: fitted ``SimpleImputer`` keeps one (``_fit_dtype``), so most pipelines name it.
+SKOPS_DATA_TYPES = frozenset({"numpy.dtype"})
+
+
 def convert_skops(job: Job) -> None:
     from .skops_import import import_skops_io
 
     skops_io = import_skops_io()
     with job.loading(), job.open_artifact() as fh:
-        untrusted = skops_io.get_untrusted_types(file=fh)
+        named = [str(t) for t in skops_io.get_untrusted_types(file=fh)]
+    untrusted = [t for t in named if t not in SKOPS_DATA_TYPES]
     if untrusted:
         job.allow_code(f"skops.io.load(trusting {len(untrusted)} more type(s))",
                        "the skops file names types outside skops' default trusted set: "
-                       + ", ".join(str(t)[:60] for t in untrusted[:5]))
-        trusted = list(untrusted)
+                       + ", ".join(t[:60] for t in untrusted[:5]))
     else:
         job.loaded_safely("skops.io.load")
-        trusted = None
+    trusted = named or None
     with job.loading(), job.open_artifact() as fh:
         model = skops_io.load(fh, trusted=trusted)
     convert_object(job, model)
