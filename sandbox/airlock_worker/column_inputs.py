@@ -3,8 +3,9 @@
 A model fitted on a DataFrame records its column names (``feature_names_in_``), and a
 ``ColumnTransformer`` in it selects columns by those names, so the default single ``X`` input
 cannot be converted: skl2onnx wants one input per column, named as the column, each
-``[rows, 1]``, as its documentation converts a DataFrame. The types are read from the fitted
-model, never from data (there is none in a pickle):
+``[rows, 1]``, as its documentation converts a DataFrame (it writes ``_`` for characters other
+than letters, digits and ``_`` in the name: ``bind`` pairs inputs and columns by position).
+The types are read from the fitted model, never from data (there is none in a pickle):
 
 * a column an encoder consumes (``categories_``: one-hot, ordinal, target encoders, alone or
   first in a pipeline) has its categories' type: strings are a string input, integers
@@ -14,8 +15,9 @@ model, never from data (there is none in a pickle):
 
 Columns the model drops stay inputs, so the graph takes the same DataFrame the model did.
 
-Parity runs the original model on a DataFrame built from the same feeds (pandas, which the
-image has for MLflow, is imported only then), on rows drawn where the model has seen data:
+Parity runs the original model on a DataFrame built from the same feeds (pandas: in the image
+for this, hidden from the warm-up and imported only then), on rows drawn where the model has
+seen data:
 each categorical column from its own categories, each numeric one from the first step of its
 transformer that says where its data lay (parity_inputs.py), standard normals otherwise. A
 string column no encoder lists categories for cannot be drawn; parity then runs on the
@@ -44,10 +46,8 @@ MAX_NAME_CHARS = 256
 #: How deep pipelines nest before the first step that sees the columns is looked for.
 MAX_DEPTH = 8
 
+#: A string column's dtype (``spec_types.SKL2ONNX_TYPES``: a StringTensorType input).
 STRING = "str"
-#: ``graph_inputs``' dtype for an ONNX string input.
-STRING_FEED = "object"
-
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def matches(cols: list[Column], inputs: tuple[TensorSpec, ...]) -> bool:
     """Whether a request's (or an MLflow signature's) inputs are these columns, one each."""
     return (len(inputs) == len(cols) > 1
             and {s.name for s in inputs} == {c.name for c in cols}
-            and all(tuple(s.shape) in ((-1, 1), (1,), (-1,)) for s in inputs))
+            and all(len(s.shape) == 2 and s.shape[1] == 1 for s in inputs))
 
 
 def sampler(cols: list[Column]) -> Sampler:
