@@ -3,8 +3,8 @@
 A model fitted on a DataFrame records its column names (``feature_names_in_``), and a
 ``ColumnTransformer`` in it selects columns by those names, so the default single ``X`` input
 cannot be converted: skl2onnx wants one input per column, named as the column, each
-``[rows, 1]``, as its documentation converts a DataFrame (it writes ``_`` for characters other
-than letters, digits and ``_`` in the name: ``bind`` pairs inputs and columns by position).
+``[rows, 1]``, as its documentation converts a DataFrame (it rewrites a name C-style where
+needed, ``first name`` -> ``first_name``: ``bind`` pairs inputs and columns by position).
 The types are read from the fitted model, never from data (there is none in a pickle):
 
 * a column an encoder consumes (``categories_``: one-hot, ordinal, target encoders, alone or
@@ -60,8 +60,8 @@ class Column:
     #: batch), of which this column is ``index``; None: no fitted step says where it lay.
     draw: parity_inputs.Draw | None = None
     index: int = 0
-    #: The graph's input for it: skl2onnx names it after the column, characters other than
-    #: letters, digits and ``_`` replaced (``first name`` -> ``first_name``); see ``bind``.
+    #: The graph's input for it: skl2onnx names it after the column, rewritten C-style where
+    #: needed (``first name`` -> ``first_name``); see ``bind``.
     feed: str = ""
 
     @property

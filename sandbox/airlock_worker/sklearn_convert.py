@@ -176,6 +176,9 @@ def _parity(job: Job, model: Any, onx: Any, columns: list[column_inputs.Column],
         if column_inputs.matches(found, job.spec.inputs):
             columns = _bound(found, onx)
     if columns:
+        example = job.parity_example  # an MLflow example names the columns, not the inputs
+        if example and all(c.name in example for c in columns):
+            job.parity_example = {c.input_name: example[c.name] for c in columns}
         return _reference(model, columns), column_inputs.sampler(columns)
     if inputs == 1:
         return _reference(model), _sampler(model)

@@ -189,7 +189,15 @@ def test_columns_whose_names_skl2onnx_rewrites_are_fed_and_checked_by_position(
                                        ("scale", StandardScaler(), ["x.y", "Größe"])])),
         ("forest", RandomForestClassifier(n_estimators=5, random_state=0)),
     ]).fit(frame, (frame["x.y"] > 0).astype(int))
-    job = _convert(model, tmp_path)
+    rows = frame.iloc[:3]
+    example = mlflow_example.parse({"columns": list(rows.columns), "data": [
+        [v.item() if hasattr(v, "item") else v for v in r] for r in rows.values]}, "dataframe")
+    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
+              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE,
+              parity_example=example)
+    sklearn_convert.convert_object(job, model)
+    # The example names the DataFrame's columns; it still feeds the renamed inputs.
+    assert job.report.parity_inputs == "input_example+generated"
     session = _session(tmp_path)
     assert [i.name for i in session.get_inputs()] == ["first_name", "x_y", "Größe"]
     assert {e.output_name: e.passed for e in job.report.parity} == {
