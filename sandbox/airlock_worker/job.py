@@ -167,13 +167,14 @@ class Job:
     # -- output writers ----------------------------------------------------------------
 
     def write_onnx(self, model: Any, converter: str, reference: Any | None,
-                   sampler: Any | None = None) -> None:
+                   sampler: Any | None = None, finished: bytes | None = None) -> None:
         """Finish, parity-check (if a reference is given: on the model's example, then on
-        inputs from ``sampler``, parity.random_feeds by default), then write the ONNX file."""
+        inputs from ``sampler``, parity.random_feeds by default), then write the ONNX file.
+        ``finished``: ``onnx_out.finish(model)``, when the converter has already run it."""
         from . import onnx_out, parity
 
         self.report.converter = converter
-        data = onnx_out.finish(model)
+        data = finished if finished is not None else onnx_out.finish(model)
         output.check_size(len(data), self.spec.max_output_bytes)
         self.report.inputs = onnx_out.graph_inputs(model)
         self.report.tensor_count = len(model.graph.initializer)

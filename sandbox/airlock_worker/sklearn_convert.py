@@ -124,11 +124,12 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     opset = BOOSTER_OPSET if boosters else SKLEARN_OPSET
     initial_types = skl2onnx_initial_types(job.spec.inputs, getattr(model, "n_features_in_", None))
     columns: list[column_inputs.Column] = []
+    finished = None
     try:
         try:
             onx = _convert(convert_sklearn, model, initial_types, opset)
             if job.inputs_from_signature:  # a graph the checker refuses is no better
-                onnx_out.finish(onx)
+                finished = onnx_out.finish(onx)
         except (MissingConverter, MissingShapeCalculator):
             raise
         except Exception as exc:
@@ -137,7 +138,7 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
         raise WorkerError(WorkerExit.UNSUPPORTED_MODEL, _no_converter(model)) from None
     reference, sampler = _parity(job, model, onx, columns, len(initial_types))
     job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference,
-                   sampler)
+                   sampler, finished)
 
 
 def _by_columns(job: Job, convert_sklearn: Any, model: Any, opset: dict[str, int],
