@@ -663,22 +663,17 @@ def rows(results: dict[str, Any]) -> list[dict[str, str]]:
         f"{r.get('ram_spool_peak_bytes', 0) / r['input_bytes']:.2f}x" if r else "error",
         f"{r['baseline_s']:.1f} s (convert_multi)" if r else "",
         f"{r['ratio']:.2f}x" if r else "")
-    r = get("S7d")
-    add("S7d", f"one {r['tensor_bytes'] / 1024**3:.1f} GiB shard, disk-backed outputs" if r
-        else "one shard over the output tmpfs",
-        f"{r['airlock_s']:.1f} s, RSS {r['broker_peak_rss_mib']:.0f} MiB, temp disk "
-        f"{r['temp_disk_peak_over_input']:.2f}x input, RAM spool "
-        f"{r.get('ram_spool_peak_bytes', 0) / r['input_bytes']:.2f}x" if r else "error",
-        f"{r['baseline_s']:.1f} s (convert_multi)" if r else "",
-        f"{r['ratio']:.2f}x" if r else "")
-    r = get("S7e")
-    add("S7e", f"one {r['tensor_bytes'] / 1024**3:.2f} GiB shard, over a caller's RAM share"
-        if r else "one shard over a caller's share of the RAM spool",
-        f"{r['airlock_s']:.1f} s, RSS {r['broker_peak_rss_mib']:.0f} MiB, temp disk "
-        f"{r['temp_disk_peak_over_input']:.2f}x input, RAM spool "
-        f"{r.get('ram_spool_peak_bytes', 0) / r['input_bytes']:.2f}x" if r else "error",
-        f"{r['baseline_s']:.1f} s (convert_multi)" if r else "",
-        f"{r['ratio']:.2f}x" if r else "")
+    for sid, what, absent in (
+            ("S7d", "{:.1f} GiB shard, disk-backed outputs", "one shard over the output tmpfs"),
+            ("S7e", "{:.2f} GiB shard, over a caller's RAM share",
+             "one shard over a caller's share of the RAM spool")):
+        r = get(sid)
+        add(sid, "one " + what.format(r["tensor_bytes"] / 1024**3) if r else absent,
+            f"{r['airlock_s']:.1f} s, RSS {r['broker_peak_rss_mib']:.0f} MiB, temp disk "
+            f"{r['temp_disk_peak_over_input']:.2f}x input, RAM spool "
+            f"{r.get('ram_spool_peak_bytes', 0) / r['input_bytes']:.2f}x" if r else "error",
+            f"{r['baseline_s']:.1f} s (convert_multi)" if r else "",
+            f"{r['ratio']:.2f}x" if r else "")
     r = get("S8")
     add("S8", f"airlock migrate --all, {r['n'] if r else '?'} sklearn versions, "
         f"--jobs {r['jobs'] if r else '?'}",
