@@ -51,7 +51,7 @@ imports (``sklearn.utils.fixes``) and binds ``None`` when it is missing, a name 
 reads; everywhere else it looks pandas up in ``sys.modules`` when it runs, so a stand-in
 there would import pandas in every job's first ``predict``. Hidden during the warm-up, the
 import fails as if pandas were not installed (measured in the sandbox image, ``--cpus 1``:
-1801 modules and 0.90-1.02 CPU-s with it, 1481 and 0.68 without); a job whose model was
+1801 modules and 0.90-1.02 CPU-s with it, 1482 and 0.64-0.73 without); a job whose model was
 fitted on a DataFrame imports it itself (column_inputs.py), and scikit-learn finds it from
 then on.
 """
