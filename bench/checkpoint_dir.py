@@ -104,13 +104,60 @@ def _keys_of(checkpoint: Checkpoint, shard: Path) -> list[str]:
     return [k for k, v in index["weight_map"].items() if v == shard.name]
 
 
+def held_under(root: Path) -> tuple[int, int, int]:
+    """Bytes the broker holds under its state root now: on the spool's own disk (allocated
+    blocks of uploads, answers, slot inputs), in the RAM spool (``ram/``: inputs that fit its
+    budget) and on the other filesystems mounted in it (the output tmpfs: RAM; a disk-backed
+    output's ext4 image: what is written in it, whose blocks the image file also holds on
+    the disk). A file hard-linked twice (the input, into the integrity reading's slot) counts
+    once."""
+    device = os.stat(root).st_dev
+    ram = root / "ram"
+    ram_device = os.stat(ram).st_dev if ram.is_dir() else device
+    disk = tmpfs = spool_ram = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue  # gone meanwhile
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            if st.st_dev == device:
+                disk += st.st_blocks * 512
+            elif st.st_dev == ram_device:
+                spool_ram += st.st_blocks * 512
+            else:
+                tmpfs += st.st_blocks * 512
+    return disk, tmpfs, spool_ram
+
+
+#: What the state root may hold between jobs (keys, sockets, the audit log) for the
+#: previous scenario's files to count as gone.
+IDLE_HELD_BYTES = 64 * MiB
+
+
+def wait_released(root: Path, timeout: float = 600.0) -> float:
+    """Wait until the previous jobs' files under the state root are gone: a released job's
+    sandboxes, their disk-backed output images among them, are destroyed in the background,
+    and a sampler started meanwhile would count them as the next job's. Returns the seconds
+    waited; BenchError after ``timeout``."""
+    began = time.monotonic()
+    while True:
+        held = sum(held_under(root))
+        if held <= IDLE_HELD_BYTES:
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            raise BenchError(f"the broker's state root still holds {held} bytes "
+                             f"{timeout:.0f} s after the previous jobs ended")
+        time.sleep(0.2)
+
+
 @dataclass
 class SpoolSampler(ThreadedSampler):
-    """Bytes the broker holds under its state root, sampled: on the spool's own disk
-    (allocated blocks of uploads, answers, slot inputs), in the RAM spool (``ram/``: inputs
-    that fit its budget) and on the other filesystems mounted in it (the output tmpfs: RAM;
-    a disk-backed output's ext4 image: what is written in it, whose blocks the image file
-    also holds on the disk)."""
+    """Peaks of ``held_under(root)``, sampled."""
 
     root: Path
     interval: float = 0.2
@@ -119,27 +166,8 @@ class SpoolSampler(ThreadedSampler):
     peak_ram_spool: int = 0
 
     def _run(self) -> None:
-        device = os.stat(self.root).st_dev
-        ram = self.root / "ram"
-        ram_device = os.stat(ram).st_dev if ram.is_dir() else device
         while not self._stop.is_set():
-            disk = tmpfs = spool_ram = 0
-            seen: set[tuple[int, int]] = set()
-            for dirpath, _dirs, files in os.walk(self.root):
-                for name in files:
-                    try:
-                        st = os.lstat(os.path.join(dirpath, name))
-                    except OSError:
-                        continue  # gone meanwhile
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue  # the input, hard-linked into the integrity reading's slot
-                    seen.add((st.st_dev, st.st_ino))
-                    if st.st_dev == device:
-                        disk += st.st_blocks * 512
-                    elif st.st_dev == ram_device:
-                        spool_ram += st.st_blocks * 512
-                    else:
-                        tmpfs += st.st_blocks * 512
+            disk, tmpfs, spool_ram = held_under(self.root)
             self.peak_disk = max(self.peak_disk, disk)
             self.peak_tmpfs = max(self.peak_tmpfs, tmpfs)
             self.peak_ram_spool = max(self.peak_ram_spool, spool_ram)
@@ -162,6 +190,7 @@ def scenario(broker: Broker, total_bytes: int, work: Path, shards: int = 4) -> d
     base_s = time.perf_counter() - began
     shutil.rmtree(base_out)
     broker.wait_ready()
+    released_wait = wait_released(broker.spool)
     host.settle_disk()
     out = work / "s7-airlock"
     idle_rss = proc_status(broker.pid).get("VmRSS", 0)
@@ -192,4 +221,5 @@ def scenario(broker: Broker, total_bytes: int, work: Path, shards: int = 4) -> d
         "output_tmpfs_peak_bytes": spool.peak_tmpfs,
         "ram_spool_peak_bytes": spool.peak_ram_spool,
         "setup_s": round(checkpoint.setup_s, 1),
+        "released_wait_s": round(released_wait, 1),
     }

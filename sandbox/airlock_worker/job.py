@@ -22,7 +22,7 @@ from airlock_sandbox.contract import (
 )
 from airlock_sandbox.formats import ArtifactFormat
 
-from . import output, tensor_tree
+from . import output, saved_versions, tensor_tree
 from .detect import confirm
 from .errors import WorkerError, describe
 from .report import Report
@@ -115,18 +115,22 @@ class Job:
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
         """Map a loader's failure: a missing module or class means the sandbox cannot host
-        this model (UNSUPPORTED_MODEL); anything else is a failed load."""
+        this model (UNSUPPORTED_MODEL); anything else is a failed load. A model saved by
+        another scikit-learn version is reported (saved_versions.py)."""
+        versions = saved_versions.Versions()
         try:
-            yield
+            with saved_versions.noted(self.report, versions):
+                yield
         except WorkerError:
             raise
         except (ImportError, AttributeError) as exc:  # "Can't get attribute 'Net' on __main__"
             raise WorkerError(
-                WorkerExit.UNSUPPORTED_MODEL, f"needs code the sandbox lacks: {describe(exc)}"
+                WorkerExit.UNSUPPORTED_MODEL,
+                f"needs code the sandbox lacks: {describe(exc)}{versions.clause()}",
             ) from None
         except Exception as exc:
             raise WorkerError(
-                WorkerExit.CONVERSION_FAILED, f"loading failed: {describe(exc)}"
+                WorkerExit.CONVERSION_FAILED, f"loading failed: {describe(exc)}{versions.clause()}"
             ) from None
 
     # -- what the request asks for -----------------------------------------------------

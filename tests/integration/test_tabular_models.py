@@ -5,7 +5,8 @@ of Hugging Face's scikit-learn models). All three were refused or failed before 
 single input cannot feed a ColumnTransformer that selects columns by name; skl2onnx could not
 convert the signature's long and double columns; a skops file was no known format). The test
 keeps the live model and compares the ONNX output on the frame's own columns; nothing saved
-is loaded back on the host."""
+is loaded back on the host. A model pickled by another scikit-learn version than the
+sandbox's converts with scikit-learn's warning in the result (it was silenced before)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tests.fixtures.models import (
     dataframe_pipeline,
     frame_feeds,
     make_dataframe_pickle,
+    make_sklearn_pickle_saved_by,
 )
 
 pytestmark = pytest.mark.integration
@@ -61,6 +63,18 @@ def test_a_pickled_dataframe_pipeline_converts_with_one_input_per_column(
     assert result.assurance == "integrity_verified", result.integrity_note
     assert result.report.parity_inputs == "generated"
     _check_against(out, model, frame, result)
+
+
+def test_a_model_saved_by_another_scikit_learn_converts_and_says_so(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    path = make_sklearn_pickle_saved_by(tmp_path, "1.0.2")
+    with Client(broker.address) as client:
+        result = client.convert(path, tmp_path / "model.onnx")
+    assert result.assurance == "integrity_verified", result.integrity_note
+    notes = [w for w in result.report.warnings if "saved with scikit-learn 1.0.2" in w]
+    assert len(notes) == 1, result.report.warnings
+    assert notes[0].startswith("saved with scikit-learn 1.0.2, read with 1.")
+    assert notes[0].endswith("(LogisticRegression, Pipeline, StandardScaler)")
 
 
 def test_an_mlflow_model_saved_from_a_dataframe_converts(cold_broker: BrokerProcess,
