@@ -92,5 +92,7 @@ def _pair(w: Any) -> tuple[str, str]:
 
 
 def _short(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else repr(value)
+    """A string as it is, cut; anything else by its type's name (the pickle chose the value:
+    its ``repr`` is not called)."""
+    text = value if isinstance(value, str) else f"<{type(value).__name__}>"
     return text[:limit]

@@ -21,6 +21,11 @@ from tests.fixtures.models import make_sklearn_pickle_saved_by
 NOTE = "saved with scikit-learn"
 
 
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("a policy loader's poison refuses to print")
+
+
 def _job(path: Path, tmp_path: Path) -> Job:
     spec = JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE,
                    policy=LoadingPolicy.SAFE_ONLY)
@@ -86,10 +91,14 @@ def test_what_the_artifact_says_is_capped() -> None:
     versions.found = [InconsistentVersionWarning(
         estimator_name=f"Step{i}" + "x" * 200, current_sklearn_version="1.8.0",
         original_sklearn_version="9" * 500) for i in range(8)]
-    [sentence] = versions.sentences()
+    versions.found.append(InconsistentVersionWarning(  # a version that is not a string
+        estimator_name="SVC", current_sklearn_version="1.8.0",
+        original_sklearn_version=Unprintable()))
+    sentence, other = versions.sentences()
     assert sentence.startswith(f"saved with scikit-learn {'9' * saved_versions.MAX_VERSION_CHARS}, "
                                "read with 1.8.0, ")
     assert sentence.endswith(f"(Step0{'x' * 35}, Step1{'x' * 35}, Step2{'x' * 35} and 5 more)")
+    assert other.startswith("saved with scikit-learn <Unprintable>, read with 1.8.0, ")
 
 
 def test_a_skops_file_from_another_version_says_so(tmp_path: Path,
