@@ -18,8 +18,10 @@ Columns the model drops stay inputs, so the graph takes the same DataFrame the m
 Parity runs the original model on a DataFrame built from the same feeds (pandas: in the image
 for this, hidden from the warm-up and imported only then), on rows drawn where the model has
 seen data:
-each categorical column from its own categories, each numeric one from the first step of its
-transformer that says where its data lay (parity_inputs.py), standard normals otherwise. A
+each categorical column from its own categories (an imputed one missing an eighth of the time:
+``""`` to the graph, the model's marker to the model, string_missing.py), each numeric one
+from the first step of its transformer that says where its data lay (parity_inputs.py),
+standard normals otherwise. A
 string column no encoder lists categories for cannot be drawn; parity then runs on the
 model's example only, or not at all, with a warning.
 
@@ -36,7 +38,7 @@ import numpy as np
 
 from airlock_sandbox.contract import TensorSpec
 
-from . import parity_inputs
+from . import parity_inputs, string_missing
 from .parity import Sampler, Unsupported, random_feeds
 
 #: The most columns made inputs; a wider model is asked for its input shapes.
@@ -48,6 +50,8 @@ MAX_DEPTH = 8
 
 #: A string column's dtype (``spec_types.SKL2ONNX_TYPES``: a StringTensorType input).
 STRING = "str"
+#: The share of an imputed string column's parity draws that are missing.
+MISSING_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class Column:
     #: The graph's input for it: skl2onnx names it after the column, rewritten C-style where
     #: needed (``first name`` -> ``first_name``); see ``bind``.
     feed: str = ""
+    #: A string column the model imputes: ``(its marker,)`` (NaN, None), which the graph
+    #: takes as ``""`` (string_missing.py); parity draws some of it. None: not imputed.
+    missing: tuple[Any] | None = None
 
     @property
     def input_name(self) -> str:
@@ -129,6 +136,8 @@ def sampler(cols: list[Column]) -> Sampler:
             dtype = np.dtype(spec["dtype"])
             if column.values is not None:
                 values = rng.choice(column.values, size=rows)
+                if column.missing is not None:  # some missing: "" to the graph
+                    values[rng.random(rows) < MISSING_SHARE] = string_missing.EMPTY
             elif column.draw is not None:
                 key = id(column.draw)
                 if key not in drawn:
@@ -153,6 +162,12 @@ def frame(cols: list[Column], feeds: dict[str, np.ndarray]) -> Any:
     data = {}
     for column in cols:
         values = np.asarray(feeds[column.input_name]).reshape(-1)
+        if column.missing is not None:  # the graph's "" is the model's own marker, kept as
+            # it is in an object column (pandas' string dtype would make None a NaN)
+            data[column.name] = pd.Series(
+                [column.missing[0] if v == string_missing.EMPTY else v for v in values.tolist()],
+                dtype=object)
+            continue
         data[column.name] = values.astype(np.float64) if values.dtype.kind == "f" else values
     return pd.DataFrame(data)
 
@@ -215,9 +230,12 @@ def _typed(transformer: Any, selected: list[str]) -> dict[str, Column]:
         steps = [s[1] for s in inner[:MAX_DEPTH] if isinstance(s, tuple) and len(s) == 2]
     categories = None
     draw = None
+    missing = None
     for step in steps:
         if getattr(step, "n_features_in_", None) != len(selected):
             break  # a step that changed the columns: what follows sees other features
+        if string_missing.imputes_strings(step):
+            missing = (step.missing_values,)
         found = getattr(step, "categories_", None)
         if isinstance(found, list) and len(found) == len(selected):
             categories = [np.asarray(c) for c in found]
@@ -229,6 +247,8 @@ def _typed(transformer: Any, selected: list[str]) -> dict[str, Column]:
     for j, name in enumerate(selected):
         if categories is not None:
             out[name] = _categorical(name, categories[j])
+            if missing is not None and out[name].dtype == STRING:
+                out[name] = replace(out[name], missing=missing)
         else:
             out[name] = Column(name, "float32", draw=draw, index=j)
     return out

@@ -6,10 +6,13 @@ single input cannot feed a ColumnTransformer that selects columns by name; skl2o
 convert the signature's long and double columns; a skops file was no known format). The test
 keeps the live model and compares the ONNX output on the frame's own columns; nothing saved
 is loaded back on the host. A model pickled by another scikit-learn version than the
-sandbox's converts with scikit-learn's warning in the result (it was silenced before)."""
+sandbox's converts with scikit-learn's warning in the result (it was silenced before), and
+scikit-learn's own mixed-types pipeline (string columns imputed, their marker NaN) converts
+with the empty string for a missing value (skl2onnx refused it before)."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from tests.fixtures.models import (
     frame_feeds,
     make_dataframe_pickle,
     make_sklearn_pickle_saved_by,
+    mixed_types_pipeline,
 )
 
 pytestmark = pytest.mark.integration
@@ -63,6 +67,28 @@ def test_a_pickled_dataframe_pipeline_converts_with_one_input_per_column(
     assert result.assurance == "integrity_verified", result.integrity_note
     assert result.report.parity_inputs == "generated"
     _check_against(out, model, frame, result)
+
+
+def test_the_mixed_types_pipeline_converts_with_missing_strings_as_empty(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    model, frame = mixed_types_pipeline()
+    path = tmp_path / "mixed.pkl"
+    path.write_bytes(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+    out = tmp_path / "model.onnx"
+    with Client(broker.address) as client:
+        result = client.convert(path, out)
+    assert result.assurance == "integrity_verified", result.integrity_note
+    assert any("missing value is the empty string in string input(s) city, plan" in w
+               for w in result.report.warnings), result.report.warnings
+    assert {p.output_name: p.passed for p in result.report.parity} == {
+        "label": True, "probabilities": True}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    rows = frame[frame["city"].isna() | frame["plan"].isna()]
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(None, frame_feeds(rows, session.get_inputs()))
+    np.testing.assert_array_equal(got[names.index("label")], model.predict(rows))
+    np.testing.assert_allclose(got[names.index("probabilities")], model.predict_proba(rows),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_model_saved_by_another_scikit_learn_converts_and_says_so(
