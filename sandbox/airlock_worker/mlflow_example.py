@@ -1,7 +1,7 @@
 """An MLflow model's ``input_example``, read as data for the parity check: the rows its author
 chose are the most realistic inputs there are. Bounded JSON of numbers, and strings in a
-DataFrame's columns (one array per column, all numbers or all strings); anything else is
-skipped with a warning and parity runs on generated inputs alone.
+DataFrame's columns (one array per column, all numbers or all strings, cells missing among
+them); anything else is skipped with a warning and parity runs on generated inputs alone.
 
 MLflow writes the member ``saved_input_example_info.artifact_path`` names (``input_example.json``)
 as: a nested list (``type: ndarray``, MLflow 3), ``{"inputs": ...}`` (MLflow 2's tf-serving
@@ -77,7 +77,9 @@ def parse(doc: Any, kind: str) -> Example:
 
 
 def _columns(columns: list[Any], data: Any) -> Example:
-    """A DataFrame example with strings: each column all numbers or all strings."""
+    """A DataFrame example with strings: each column all numbers or all strings. A missing
+    cell (pandas writes NaN and None as ``null``) is the empty string in a column of strings,
+    as the graph takes it (string_missing.py), NaN in a column of numbers."""
     if not 1 <= len(columns) <= MAX_EXAMPLE_INPUTS or not all(
             isinstance(c, str) and 0 < len(c) <= 128 for c in columns):
         raise ValueError(f"a DataFrame example with strings needs 1..{MAX_EXAMPLE_INPUTS} "
@@ -90,8 +92,11 @@ def _columns(columns: list[Any], data: Any) -> Example:
     out: Example = {}
     for j, name in enumerate(columns):
         values = [r[j] for r in rows]
-        if all(isinstance(v, str) for v in values):
-            out[name] = np.array(values, dtype=object)
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, str) for v in present):
+            out[name] = np.array(["" if v is None else v for v in values], dtype=object)
+        elif present and len(present) < len(values):
+            out[name] = _numbers([np.nan if v is None else v for v in values])
         else:
             out[name] = _numbers(values)
     return out
