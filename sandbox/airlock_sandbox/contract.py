@@ -90,6 +90,11 @@ DOORBELL_FALLBACK_SECONDS = 1.0
 
 #: Upper bound on the report the broker is willing to read (it is informational only).
 MAX_REPORT_BYTES = 256 * 1024
+#: What a caller is shown of the report's warnings: at most this many (the worker's last one
+#: then says that more were left out), each at most this many characters. The worker keeps
+#: to it (airlock_worker/report.py) and the broker cuts to it (api/claims.py).
+REPORT_WARNINGS = 16
+REPORT_WARNING_CHARS = 300
 #: Upper bound on a job spec; the broker writes it, the worker refuses anything larger.
 MAX_JOB_SPEC_BYTES = 64 * 1024
 

@@ -8,11 +8,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from airlock_sandbox.contract import MAX_REPORT_BYTES
+from airlock_sandbox.contract import MAX_REPORT_BYTES, REPORT_WARNING_CHARS, REPORT_WARNINGS
 
 from .errors import one_line
 
-MAX_WARNINGS = 20
 MAX_STRING_CHARS = 300
 MAX_LIST_ITEMS = 64
 
@@ -62,9 +61,9 @@ class Report:
     error: dict[str, Any] | None = None
 
     def warn(self, message: str) -> None:
-        if len(self.warnings) < MAX_WARNINGS:
-            self.warnings.append(one_line(message, MAX_STRING_CHARS))
-        elif len(self.warnings) == MAX_WARNINGS:
+        if len(self.warnings) < REPORT_WARNINGS - 1:
+            self.warnings.append(one_line(message, REPORT_WARNING_CHARS))
+        elif len(self.warnings) == REPORT_WARNINGS - 1:
             self.warnings.append("further warnings omitted")
 
     def to_json(self) -> bytes:

@@ -21,8 +21,8 @@ from typing import Any
 
 from .report import Report
 
-#: At most this many of a version's estimator classes are named (last: the broker cuts a
-#: warning at 200 characters), each cut to this length.
+#: At most this many of a version's estimator classes are named (last: a warning is cut at
+#: ``REPORT_WARNING_CHARS``), each cut to this length.
 MAX_NAMES = 3
 MAX_NAME_CHARS = 40
 MAX_VERSION_CHARS = 16

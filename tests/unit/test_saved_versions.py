@@ -11,7 +11,7 @@ import pytest
 import sklearn
 from sklearn.exceptions import InconsistentVersionWarning
 
-from airlock_sandbox.contract import JobSpec, LoadingPolicy, WorkerExit
+from airlock_sandbox.contract import REPORT_WARNING_CHARS, JobSpec, LoadingPolicy, WorkerExit
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import saved_versions, sklearn_convert
 from airlock_worker.errors import WorkerError
@@ -45,7 +45,7 @@ def test_a_model_saved_by_another_version_says_so(reading: str, tmp_path: Path) 
         f"saved with scikit-learn 1.0.2, read with {sklearn.__version__}, which may give other "
         "results; parity compares with this reading only (LogisticRegression, Pipeline, "
         "StandardScaler)"]
-    assert len(notes[0]) <= 200  # the broker's cap on a warning (api/claims.py)
+    assert len(notes[0]) <= REPORT_WARNING_CHARS
 
 
 def test_a_model_saved_by_this_version_says_nothing(tmp_path: Path) -> None:

@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airlock_sandbox.contract import ARTIFACT_NAME, OUTPUT_NAMES, JobSpec, OutputFormat, WorkerExit
+from airlock_sandbox.contract import (
+    ARTIFACT_NAME,
+    OUTPUT_NAMES,
+    REPORT_WARNING_CHARS,
+    REPORT_WARNINGS,
+    JobSpec,
+    OutputFormat,
+    WorkerExit,
+)
 from airlock_sandbox.formats import ArtifactFormat
 from airlock_worker import detect, output, parity, passthrough, tensor_tree
 from airlock_worker import job as worker_job
 from airlock_worker.errors import WorkerError
-from airlock_worker.report import MAX_WARNINGS, Report
+from airlock_worker.report import Report
 
 
 def _is_array(v: object) -> bool:
@@ -245,12 +253,14 @@ def test_staged_output_is_renamed_on_success_and_removed_on_failure(tmp_path: Pa
 
 def test_report_is_capped_and_json_safe() -> None:
     report = Report()
-    for i in range(MAX_WARNINGS + 10):
+    for i in range(REPORT_WARNINGS + 10):
         report.warn("w" * 1000 + str(i))
     report.parity.append(parity.ParityEntry("y", 1, float("inf"), "exact", False))
     doc = json.loads(report.to_json())
-    assert len(doc["warnings"]) == MAX_WARNINGS + 1
-    assert all(len(w) <= 300 for w in doc["warnings"])
+    # As many as a caller is shown (api/claims.py), the last saying that more were left out.
+    assert len(doc["warnings"]) == REPORT_WARNINGS
+    assert doc["warnings"][-1] == "further warnings omitted"
+    assert all(len(w) <= REPORT_WARNING_CHARS for w in doc["warnings"])
     assert doc["parity"][0]["max_abs_diff"] == "inf"
 
 

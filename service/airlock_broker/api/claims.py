@@ -15,10 +15,8 @@ from typing import Any
 
 from airlock.v1 import airlock_pb2 as pb
 from airlock_broker.hostile_text import sanitize
-from airlock_sandbox.contract import MAX_DIMS, MAX_INPUTS
+from airlock_sandbox.contract import MAX_DIMS, MAX_INPUTS, REPORT_WARNING_CHARS, REPORT_WARNINGS
 
-MAX_WARNINGS = 16
-WARNING_CHARS = 200
 MAX_PARITY = 16
 MAX_VERSIONS = 32
 
@@ -42,8 +40,8 @@ def claims(report: dict[str, Any]) -> dict[str, Any]:
                     "passed": p.get("passed") is True}
                    for p in _list(report.get("parity"))[:MAX_PARITY] if isinstance(p, dict)],
         "parity_inputs": sanitize(report.get("parity_inputs", ""), 40),
-        "warnings": [sanitize(w, WARNING_CHARS)
-                     for w in _list(report.get("warnings"))[:MAX_WARNINGS]],
+        "warnings": [sanitize(w, REPORT_WARNING_CHARS)
+                     for w in _list(report.get("warnings"))[:REPORT_WARNINGS]],
         # The converted model's inputs, as the sandbox read them from its output.
         "inputs": [{"name": sanitize(s.get("name", ""), 128),
                     "dtype": sanitize(s.get("dtype", ""), 20),
