@@ -13,9 +13,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
+
 from airlock_sandbox.contract import LoadingPolicy, OutputFormat, WorkerExit
 
-from . import column_inputs, onnx_out, policy_loader, string_missing
+from . import column_inputs, fitted_steps, onnx_out, policy_loader, skl2onnx_mends, string_missing
 from .errors import WorkerError, describe
 from .job import Job
 from .parity import Expected, Reference, Sampler
@@ -120,6 +122,8 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
 
+    _refuse_categorical_splits(model)
+    skl2onnx_mends.apply()
     boosters = _register_boosters(model)
     opset = BOOSTER_OPSET if boosters else SKLEARN_OPSET
     initial_types = skl2onnx_initial_types(job.spec.inputs, getattr(model, "n_features_in_", None))
@@ -139,6 +143,21 @@ def _estimator_to_onnx(job: Job, model: Any) -> None:
     reference, sampler = _parity(job, model, onx, columns, len(initial_types))
     job.write_onnx(onx, "skl2onnx+onnxmltools" if boosters else "skl2onnx", reference,
                    sampler, finished)
+
+
+def _refuse_categorical_splits(model: Any) -> None:
+    """A histogram gradient boosting model fitted with categorical features splits them by
+    sets of categories; skl2onnx writes every split as a numeric threshold, so its graph
+    predicts otherwise (parity refused it, "differs by up to 1"): say why, before converting."""
+    for step in fitted_steps.walk(model):
+        flags = getattr(step, "is_categorical_", None)
+        if isinstance(flags, np.ndarray) and flags.dtype.kind == "b" and flags.any():
+            raise WorkerError(
+                WorkerExit.UNSUPPORTED_MODEL,
+                f"{_qualname(step)} was fitted with {int(flags.sum())} categorical feature(s) "
+                "(categorical_features): skl2onnx converts their category splits as numeric "
+                "thresholds, which predict otherwise; retrain it with those columns encoded "
+                "in the pipeline (OrdinalEncoder) and no categorical_features")
 
 
 def _by_columns(job: Job, convert_sklearn: Any, model: Any, opset: dict[str, int],

@@ -24,12 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from . import fitted_steps
+
 #: What a missing value is in the graph's string inputs.
 EMPTY = ""
-#: How deep the walk through pipelines, column transformers and unions goes, and how many
-#: estimators it looks at (the artifact's object: bounded).
-MAX_DEPTH = 8
-MAX_VISITED = 4096
 
 
 def is_marker(value: Any) -> bool:
@@ -55,7 +53,7 @@ def conversion_functions(model: Any, remapped: list[str]) -> dict[type, Any] | N
     """skl2onnx's ``custom_conversion_functions`` for ``model``: its string imputers converted
     with ``""`` for their marker (the inputs they were applied to appended to ``remapped``),
     or None when it has none or has seen ``""`` as a value."""
-    steps = _fitted_steps(model)
+    steps = fitted_steps.walk(model)
     imputers = [s for s in steps if imputes_strings(s)]
     if not imputers or any(_has_empty(s) for s in steps):
         return None
@@ -92,23 +90,3 @@ def _has_empty(step: Any) -> bool:
         return True
     return any(isinstance(a, np.ndarray) and a.dtype.kind in "OUS"
                and EMPTY in a.reshape(-1).tolist() for a in arrays)
-
-
-def _fitted_steps(model: Any) -> list[Any]:
-    """Every fitted estimator in ``model``: itself, pipelines' steps, column transformers'
-    fitted transformers, unions' members, to ``MAX_DEPTH`` and ``MAX_VISITED``."""
-    out: list[Any] = []
-    todo: list[tuple[Any, int]] = [(model, 0)]
-    while todo and len(out) < MAX_VISITED:
-        step, depth = todo.pop()
-        if isinstance(step, str) or step is None:  # "drop", "passthrough"
-            continue
-        out.append(step)
-        if depth >= MAX_DEPTH:
-            continue
-        for attribute in ("steps", "transformers_", "transformer_list"):
-            entries = getattr(step, attribute, None)
-            if isinstance(entries, list):
-                todo.extend((e[1], depth + 1) for e in entries[:MAX_VISITED]
-                            if isinstance(e, tuple) and len(e) >= 2)
-    return out

@@ -91,6 +91,38 @@ def test_the_mixed_types_pipeline_converts_with_missing_strings_as_empty(
                                atol=1e-5, rtol=0)
 
 
+def test_a_histogram_gradient_boosting_pipeline_converts(broker: BrokerProcess,
+                                                          tmp_path: Path) -> None:
+    from sklearn.compose import make_column_transformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OrdinalEncoder
+
+    _, frame = mixed_types_pipeline()  # ages missing: the model learns where NaN goes
+    frame = frame.astype({"city": str, "plan": str})
+    target = ((frame["income"] > 52_000) ^ (frame["city"] == "rome")).astype(int)
+    model = make_pipeline(
+        make_column_transformer((OrdinalEncoder(handle_unknown="use_encoded_value",
+                                                unknown_value=-1), ["city", "plan"]),
+                                remainder="passthrough"),
+        HistGradientBoostingClassifier(max_iter=20, random_state=0)).fit(frame, target)
+    path = tmp_path / "hgb.pkl"
+    path.write_bytes(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+    out = tmp_path / "model.onnx"
+    with Client(broker.address) as client:
+        result = client.convert(path, out)
+    assert result.assurance == "integrity_verified", result.integrity_note
+    assert {p.output_name: p.passed for p in result.report.parity} == {
+        "label": True, "probabilities": True}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    rows = frame[frame["age"].isna()]
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(None, frame_feeds(rows, session.get_inputs()))
+    np.testing.assert_array_equal(got[names.index("label")], model.predict(rows))
+    np.testing.assert_allclose(got[names.index("probabilities")], model.predict_proba(rows),
+                               atol=1e-5, rtol=0)
+
+
 def test_a_model_saved_by_another_scikit_learn_converts_and_says_so(
         broker: BrokerProcess, tmp_path: Path) -> None:
     path = make_sklearn_pickle_saved_by(tmp_path, "1.0.2")
