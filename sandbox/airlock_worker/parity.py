@@ -113,7 +113,8 @@ def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
           source: str = INPUT_EXAMPLE, generate: bool = True) -> None:
     """Run both on ``examples`` (the model's own, e.g. an MLflow input example, or the
     caller's sample: ``source`` names them), then, if ``generate``, a batch of PARITY_ROWS and
-    a batch of one from ``sampler``; record one entry per output and which rows were used
+    a batch of one from ``sampler`` (and the first with missing values, ``drawing_missing``);
+    record one entry per output and which rows were used
     (``report.parity_inputs``); raise PARITY_FAILED if any output differs beyond
     ``tolerance``."""
     sess = session(onnx_bytes)
@@ -134,26 +135,74 @@ def check(onnx_bytes: bytes, inputs: list[dict[str, Any]], reference: Reference,
             used.append(GENERATED)
     report.parity_inputs = "+".join(used)
     for feeds in batches:
-        rows = len(next(iter(feeds.values()))) if feeds else 0
-        got = _run(sess, feeds, rows)
-        want = reference(feeds)
-        for name, g, w in zip(names, got, want, strict=False):
-            if w is None or w.value is None:
-                continue
-            entry = compare(name, g, w, rows, tolerance)
-            seen = merged.get(name)
-            if seen is not None:
-                entry.samples += seen.samples
-                entry.max_abs_diff = max(entry.max_abs_diff, seen.max_abs_diff)
-                entry.max_rel_diff = max(entry.max_rel_diff, seen.max_rel_diff)
-                entry.passed = entry.passed and seen.passed
-            merged[name] = entry
+        _compare_batch(sess, names, feeds, reference, tolerance, merged)
+    if generate and len(batches) > len(examples) and getattr(sampler, "draws_missing", False):
+        feeds = _with_missing(batches[len(examples)], SEED + 2)
+        try:
+            want = reference(feeds) if feeds is not None else None
+        except MemoryError:
+            raise
+        except Exception:  # the original takes no missing value there: nothing to compare
+            want = None
+        if feeds is not None and want is not None:
+            _compare_batch(sess, names, feeds, lambda _: want, tolerance, merged)
     report.parity = list(merged.values())
     if not report.parity:
         report.warn("parity not checked: no comparable outputs")
     failed = [e for e in report.parity if not e.passed]
     if failed:
         raise WorkerError(WorkerExit.PARITY_FAILED, failure_message(failed))
+
+
+def _compare_batch(sess: Any, names: list[str], feeds: dict[str, np.ndarray],
+                   reference: Reference, tolerance: Tolerance,
+                   merged: dict[str, ParityEntry]) -> None:
+    """Run the graph on ``feeds`` (first: a graph that cannot run is a failed conversion),
+    then the original, and fold each output's comparison into ``merged``."""
+    rows = len(next(iter(feeds.values()))) if feeds else 0
+    got = _run(sess, feeds, rows)
+    want = reference(feeds)
+    for name, g, w in zip(names, got, want, strict=False):
+        if w is None or w.value is None:
+            continue
+        entry = compare(name, g, w, rows, tolerance)
+        seen = merged.get(name)
+        if seen is not None:
+            entry.samples += seen.samples
+            entry.max_abs_diff = max(entry.max_abs_diff, seen.max_abs_diff)
+            entry.max_rel_diff = max(entry.max_rel_diff, seen.max_rel_diff)
+            entry.passed = entry.passed and seen.passed
+        merged[name] = entry
+
+
+def drawing_missing(sampler: Sampler) -> Sampler:
+    """``sampler``, marked for one more batch: its first batch with an eighth of the float
+    cells missing (NaN), for a model that routes missing values itself (a tree learns where
+    NaN goes at each split; a converter that drops it sends them elsewhere, which no drawn
+    row without NaN shows). Kept when the original takes the batch, skipped when it refuses
+    missing values (a step before the trees that does not take them)."""
+
+    def sample(inputs: list[dict[str, Any]], rows: int, seed: int) -> dict[str, np.ndarray]:
+        return sampler(inputs, rows, seed)
+
+    sample.draws_missing = True  # type: ignore[attr-defined]
+    return sample
+
+
+#: The share of float cells ``drawing_missing``'s batch leaves missing.
+MISSING_SHARE = 0.125
+
+
+def _with_missing(feeds: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray] | None:
+    rng = np.random.default_rng(seed)
+    out, changed = {}, False
+    for name, values in feeds.items():
+        if values.dtype.kind == "f":
+            values = values.copy()
+            values[rng.random(values.shape) < MISSING_SHARE] = np.nan
+            changed = True
+        out[name] = values
+    return out if changed else None
 
 
 def _run(sess: Any, feeds: dict[str, np.ndarray], rows: int) -> list[Any]:

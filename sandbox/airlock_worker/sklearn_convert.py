@@ -196,6 +196,32 @@ def _by_columns(job: Job, convert_sklearn: Any, model: Any, opset: dict[str, int
 
 def _parity(job: Job, model: Any, onx: Any, columns: list[column_inputs.Column],
             inputs: int) -> tuple[Reference | None, Sampler | None]:
+    """What parity runs the original on, and draws its rows from (with missing values too
+    for a model of trees, which route them: parity.drawing_missing)."""
+    reference, sampler = _parity_rows(job, model, onx, columns, inputs)
+    if reference is not None and _routes_missing(model):
+        from .parity import drawing_missing, random_feeds
+
+        sampler = drawing_missing(sampler or random_feeds)
+    return reference, sampler
+
+
+def _routes_missing(model: Any) -> bool:
+    """Whether a fitted step is a tree, or an ensemble of them, that learned where missing
+    values go (scikit-learn's ``missing_go_to_left``; histogram boosting's predictors)."""
+    for step in fitted_steps.walk(model):
+        if hasattr(step, "_predictors"):
+            return True
+        members = getattr(step, "estimators_", None)
+        if isinstance(members, list | np.ndarray) and len(members):
+            step = np.asarray(members, dtype=object).reshape(-1)[0]
+        if hasattr(getattr(step, "tree_", None), "missing_go_to_left"):
+            return True
+    return False
+
+
+def _parity_rows(job: Job, model: Any, onx: Any, columns: list[column_inputs.Column],
+                 inputs: int) -> tuple[Reference | None, Sampler | None]:
     """What parity runs the original on, and draws its rows from: the model's columns (read
     from it, or the inputs given when they are those columns), or its one input."""
     if not columns and inputs > 1:

@@ -1,5 +1,7 @@
 """skl2onnx_mends.py: histogram gradient boosting models convert (every one failed: skl2onnx
-writes a leaf's missing-value flag as a Python bool, which onnx refuses among integers). The
+writes a leaf's missing-value flag as a Python bool, which onnx refuses among integers), and
+trees and forests fitted on data with missing values route them in the graph as scikit-learn
+does (every NaN took one branch: other labels for a third of such rows, parity passed). The
 conversion runs in this process on models the test built (nothing is loaded)."""
 
 from __future__ import annotations
@@ -49,7 +51,35 @@ def test_histogram_gradient_boosting_converts_and_routes_missing_values(
         np.testing.assert_allclose(got[0].reshape(-1), model.predict(rows), atol=1e-3, rtol=1e-4)
 
 
-def test_the_mend_changes_nothing_for_other_trees_and_applies_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["RandomForestClassifier", "DecisionTreeRegressor",
+                                  "ExtraTreesClassifier"])
+def test_trees_fitted_on_missing_values_route_them_as_scikit_learn_does(
+        name: str, tmp_path: Path) -> None:
+    import sklearn.ensemble
+    import sklearn.tree
+
+    x, y = _rows_with_nan()
+    kind = getattr(sklearn.ensemble, name, None) or getattr(sklearn.tree, name)
+    extra = {} if name.startswith("Decision") else {"n_estimators": 20}
+    model = kind(max_depth=5, random_state=SEED, **extra).fit(x, y)
+    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
+              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE)
+    sklearn_convert.convert_object(job, model)
+    # Parity drew missing values too (64 + 1 rows, then the 64 with an eighth missing).
+    assert {(p.samples, p.passed) for p in job.report.parity} == {(65 + 64, True)}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    rows = x[np.isnan(x).any(axis=1)]
+    got = session.run(None, {session.get_inputs()[0].name: rows})
+    if name.endswith("Classifier"):
+        np.testing.assert_array_equal(got[0], model.predict(rows))
+        np.testing.assert_allclose(got[1], model.predict_proba(rows), atol=1e-5, rtol=0)
+    else:
+        np.testing.assert_allclose(got[0].reshape(-1), model.predict(rows), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_the_mends_apply_once(tmp_path: Path) -> None:
     from skl2onnx.common import tree_ensemble
     from sklearn.ensemble import RandomForestClassifier
 
@@ -63,11 +93,11 @@ def test_the_mend_changes_nothing_for_other_trees_and_applies_once(tmp_path: Pat
                   artifact=str(out / "unused"), out_dir=str(out), fmt=ArtifactFormat.PICKLE)
         sklearn_convert.convert_object(job, model)
         outputs.append((out / "model.onnx").read_bytes())
-    assert outputs[0] == outputs[1]  # the same graph whether mended once or more
-    mended = tree_ensemble.add_node
-    assert mended.airlock_mended
-    skl2onnx_mends.apply()
-    assert tree_ensemble.add_node is mended  # not wrapped twice
+    assert outputs[0] == outputs[1]  # the same graph whether applied once or more
+    mended = tree_ensemble.add_node, tree_ensemble.add_tree_to_attribute_pairs
+    assert all(m.airlock_mended for m in mended)
+    skl2onnx_mends.apply()  # not wrapped twice
+    assert (tree_ensemble.add_node, tree_ensemble.add_tree_to_attribute_pairs) == mended
 
 
 def test_categorical_splits_are_refused_with_their_reason(tmp_path: Path) -> None:
@@ -88,3 +118,43 @@ def test_categorical_splits_are_refused_with_their_reason(tmp_path: Path) -> Non
         "sklearn.ensemble._hist_gradient_boosting.gradient_boosting."
         "HistGradientBoostingClassifier was fitted with 1 categorical feature(s)")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_parity_fails_a_graph_that_routes_missing_values_elsewhere() -> None:
+    """What the missing-value batch is for: a graph that agrees on every row without NaN and
+    not on rows with one is refused (before the routing mend, such forests converted)."""
+    from airlock_worker import parity
+    from airlock_worker.report import Report
+
+    onnx_bytes = make_onnx_identity()
+    inputs = [{"name": "x", "dtype": "float32", "shape": [-1, 3]}]
+
+    def reference(feeds: dict[str, np.ndarray]) -> list[parity.Expected]:
+        x = feeds["x"]
+        return [parity.Expected(np.where(np.isnan(x), 0.0, x))]  # NaN routed to 0
+
+    plain = parity.random_feeds
+    parity.check(onnx_bytes, inputs, reference, Report(), sampler=plain)  # no NaN: agrees
+    with pytest.raises(WorkerError) as caught:
+        parity.check(onnx_bytes, inputs, reference, Report(),
+                     sampler=parity.drawing_missing(plain))
+    assert caught.value.exit is WorkerExit.PARITY_FAILED
+
+    def refusing(feeds: dict[str, np.ndarray]) -> list[parity.Expected]:
+        if np.isnan(feeds["x"]).any():
+            raise ValueError("Input X contains NaN")
+        return [parity.Expected(feeds["x"])]
+
+    report = Report()  # a model that takes no missing value: that batch is left out
+    parity.check(onnx_bytes, inputs, refusing, report, sampler=parity.drawing_missing(plain))
+    assert [(p.samples, p.passed) for p in report.parity] == [(65, True)]
+
+
+def make_onnx_identity() -> bytes:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
