@@ -69,15 +69,23 @@ def test_a_pickled_dataframe_pipeline_converts_with_one_input_per_column(
     _check_against(out, model, frame, result)
 
 
-def test_the_mixed_types_pipeline_converts_with_missing_strings_as_empty(
-        broker: BrokerProcess, tmp_path: Path) -> None:
-    model, frame = mixed_types_pipeline()
-    path = tmp_path / "mixed.pkl"
+def _pickled_and_converted(broker: BrokerProcess, model: Any,
+                           tmp_path: Path) -> tuple[Path, ConversionResult]:
+    """``model`` pickled and converted through the broker: the output's path and the result,
+    which the policy loader's reading (nothing the pickle names run) must have verified."""
+    path = tmp_path / "model.pkl"
     path.write_bytes(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
     out = tmp_path / "model.onnx"
     with Client(broker.address) as client:
         result = client.convert(path, out)
     assert result.assurance == "integrity_verified", result.integrity_note
+    return out, result
+
+
+def test_the_mixed_types_pipeline_converts_with_missing_strings_as_empty(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    model, frame = mixed_types_pipeline()
+    out, result = _pickled_and_converted(broker, model, tmp_path)
     assert any("missing value is the empty string in string input(s) city, plan" in w
                for w in result.report.warnings), result.report.warnings
     assert {p.output_name: p.passed for p in result.report.parity} == {
@@ -106,12 +114,7 @@ def test_a_histogram_gradient_boosting_pipeline_converts(broker: BrokerProcess,
                                                 unknown_value=-1), ["city", "plan"]),
                                 remainder="passthrough"),
         HistGradientBoostingClassifier(max_iter=20, random_state=0)).fit(frame, target)
-    path = tmp_path / "hgb.pkl"
-    path.write_bytes(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
-    out = tmp_path / "model.onnx"
-    with Client(broker.address) as client:
-        result = client.convert(path, out)
-    assert result.assurance == "integrity_verified", result.integrity_note
+    out, result = _pickled_and_converted(broker, model, tmp_path)
     assert {p.output_name: p.passed for p in result.report.parity} == {
         "label": True, "probabilities": True}
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
