@@ -208,9 +208,11 @@ def _parity(job: Job, model: Any, onx: Any, columns: list[column_inputs.Column],
 
 def _routes_missing(model: Any) -> bool:
     """Whether a fitted step is a tree, or an ensemble of them, that learned where missing
-    values go (scikit-learn's ``missing_go_to_left``; histogram boosting's predictors)."""
+    values go (scikit-learn's ``missing_go_to_left``; histogram boosting's predictors; an
+    XGBoost or LightGBM model's default directions)."""
     for step in fitted_steps.walk(model):
-        if hasattr(step, "_predictors"):
+        if hasattr(step, "_predictors") or type(step).__module__.split(".")[0] in \
+                _BOOSTER_PACKAGES:
             return True
         members = getattr(step, "estimators_", None)
         if isinstance(members, list | np.ndarray) and len(members):

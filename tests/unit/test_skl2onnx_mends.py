@@ -158,3 +158,19 @@ def make_onnx_identity() -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.parametrize("package", ["xgboost", "lightgbm"])
+def test_boosters_are_checked_on_missing_values_too(package: str, tmp_path: Path) -> None:
+    """XGBoost and LightGBM learn a default direction for missing values at each split, which
+    onnxmltools converts (measured: 0 of 385 rows with a NaN differ); parity checks it."""
+    import lightgbm
+    import xgboost
+
+    x, y = _rows_with_nan()
+    model: Any = (xgboost.XGBClassifier(n_estimators=10, max_depth=3) if package == "xgboost"
+                  else lightgbm.LGBMClassifier(n_estimators=10, verbose=-1)).fit(x, y)
+    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
+              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE)
+    sklearn_convert.convert_object(job, model)
+    assert {(p.samples, p.passed) for p in job.report.parity} == {(65 + 64, True)}
