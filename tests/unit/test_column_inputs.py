@@ -17,7 +17,12 @@ from airlock_worker import column_inputs, mlflow_example, sklearn_convert
 from airlock_worker.errors import WorkerError
 from airlock_worker.job import Job
 from airlock_worker.parity import Unsupported
-from tests.fixtures.models import FRAME_COLUMNS, dataframe_pipeline, frame_feeds
+from tests.fixtures.models import (
+    FRAME_COLUMNS,
+    dataframe_pipeline,
+    frame_feeds,
+    mixed_types_pipeline,
+)
 
 ORT_TYPES = {"str": "tensor(string)", "float32": "tensor(float)", "int64": "tensor(int64)"}
 
@@ -159,15 +164,21 @@ def test_inputs_the_caller_chose_are_never_replaced(tmp_path: Path) -> None:
     assert not (tmp_path / "model.onnx").exists()
 
 
+def _converted_with_example(model: Any, doc: dict[str, Any], tmp_path: Path) -> Job:
+    """``model`` converted with an MLflow DataFrame example (pandas' split orient) for parity."""
+    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
+              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE,
+              parity_example=mlflow_example.parse(doc, "dataframe"))
+    sklearn_convert.convert_object(job, model)
+    return job
+
+
 def test_an_mlflow_dataframe_example_is_parity_s_first_batch(tmp_path: Path) -> None:
     model, frame = dataframe_pipeline()
     rows = frame.iloc[:5]
     doc = {"columns": list(rows.columns),
            "data": [[v.item() if hasattr(v, "item") else v for v in r] for r in rows.values]}
-    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
-              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE,
-              parity_example=mlflow_example.parse(doc, "dataframe"))
-    sklearn_convert.convert_object(job, model)
+    job = _converted_with_example(model, doc, tmp_path)
     assert job.report.parity_inputs == "input_example+generated"
     assert {e.output_name: (e.samples, e.passed) for e in job.report.parity} == {
         "label": (5 + 65, True), "probabilities": (5 + 65, True)}
@@ -206,3 +217,17 @@ def test_columns_whose_names_skl2onnx_rewrites_are_fed_and_checked_by_position(
         "label": True, "probabilities": True}
     assert any("first_name (string, column 'first name'), x_y (float32, column 'x.y'), "
                "Größe (float32)" in w for w in job.report.warnings), job.report.warnings
+
+
+def test_an_mlflow_example_with_missing_cells_is_parity_s_first_batch(tmp_path: Path) -> None:
+    import json
+
+    model, frame = mixed_types_pipeline()
+    rows = frame[frame["city"].isna() | frame["age"].isna()].iloc[:6]
+    # As MLflow writes a DataFrame example (pandas' split orient): NaN is null.
+    doc = json.loads(rows.to_json(orient="split", index=False))
+    assert any(r[0] is None for r in doc["data"]) and any(r[1] is None for r in doc["data"])
+    job = _converted_with_example(model, doc, tmp_path)
+    assert job.report.parity_inputs == "input_example+generated"
+    assert {e.output_name: (e.samples, e.passed) for e in job.report.parity} == {
+        "label": (6 + 65, True), "probabilities": (6 + 65, True)}

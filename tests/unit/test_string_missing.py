@@ -87,21 +87,3 @@ def test_numeric_imputers_and_string_markers_are_left_alone() -> None:
     assert not string_missing.imputes_strings(marked)
     assert string_missing.conversion_functions(numbers, []) is None
 
-
-def test_an_mlflow_example_with_missing_cells_is_parity_s_first_batch(tmp_path: Path) -> None:
-    import json
-
-    from airlock_worker import mlflow_example
-
-    model, frame = mixed_types_pipeline()
-    rows = frame[frame["city"].isna() | frame["age"].isna()].iloc[:6]
-    # As MLflow writes a DataFrame example (pandas' split orient): NaN is null.
-    doc = json.loads(rows.to_json(orient="split", index=False))
-    assert any(r[0] is None for r in doc["data"]) and any(r[1] is None for r in doc["data"])
-    job = Job(spec=JobSpec(job_id="t", artifact_format=ArtifactFormat.PICKLE),
-              artifact=str(tmp_path / "unused"), out_dir=str(tmp_path), fmt=ArtifactFormat.PICKLE,
-              parity_example=mlflow_example.parse(doc, "dataframe"))
-    sklearn_convert.convert_object(job, model)
-    assert job.report.parity_inputs == "input_example+generated"
-    assert {e.output_name: (e.samples, e.passed) for e in job.report.parity} == {
-        "label": (6 + 65, True), "probabilities": (6 + 65, True)}
