@@ -176,17 +176,17 @@ def _by_columns(job: Job, convert_sklearn: Any, model: Any, opset: dict[str, int
             f"fitted on named columns and the default single input failed ({describe(failed)});"
             " give one input per column",
         ) from None
-    remapped: list[str] = []
     onx = _convert(convert_sklearn, model,
-                   skl2onnx_initial_types(column_inputs.specs(columns), None), opset, remapped)
+                   skl2onnx_initial_types(column_inputs.specs(columns), None), opset)
     if job.spec.inputs:
         job.report.warn(f"the MLflow signature's inputs did not convert ({describe(failed)}); "
                         "the model's own columns are the inputs")
     columns = _bound(columns, onx)
     job.report.warn(f"fitted on a DataFrame: the graph takes one [rows, 1] input per column, "
                     f"{column_inputs.describe(columns)}")
+    # A string column an imputer takes NaN in converts only with "" for it (string_missing).
     imputed = [c.input_name for c in columns if c.missing is not None]
-    if remapped and imputed:
+    if imputed:
         job.report.warn(f"a missing value is the empty string in string input(s) "
                         f"{', '.join(imputed[:6])}{' and more' if len(imputed) > 6 else ''} "
                         "(a string tensor has no NaN): the graph imputes it as the model "
@@ -247,11 +247,11 @@ def _bound(columns: list[column_inputs.Column], onx: Any) -> list[column_inputs.
 
 
 def _convert(convert_sklearn: Any, model: Any, initial_types: list[Any],
-             opset: dict[str, int], remapped: list[str] | None = None) -> Any:
+             opset: dict[str, int]) -> Any:
     """skl2onnx's conversion; the string imputers' marker is ``""`` in the graph
-    (string_missing.py: the inputs it applied to are appended to ``remapped``)."""
+    (string_missing.py)."""
     options = _zipmap_off(model)
-    custom = string_missing.conversion_functions(model, [] if remapped is None else remapped)
+    custom = string_missing.conversion_functions(model)
     # skl2onnx names the graph with a random uuid; the integrity reading converts the same
     # model in another sandbox and the broker compares the bytes.
     name = type(model).__name__

@@ -49,10 +49,9 @@ def imputes_strings(step: Any) -> bool:
             and all(isinstance(v, str) for v in stats.tolist()))
 
 
-def conversion_functions(model: Any, remapped: list[str]) -> dict[type, Any] | None:
+def conversion_functions(model: Any) -> dict[type, Any] | None:
     """skl2onnx's ``custom_conversion_functions`` for ``model``: its string imputers converted
-    with ``""`` for their marker (the inputs they were applied to appended to ``remapped``),
-    or None when it has none or has seen ``""`` as a value."""
+    with ``""`` for their marker, or None when it has none or has seen ``""`` as a value."""
     steps = fitted_steps.walk(model)
     imputers = [s for s in steps if imputes_strings(s)]
     if not imputers or any(_has_empty(s) for s in steps):
@@ -73,7 +72,6 @@ def conversion_functions(model: Any, remapped: list[str]) -> dict[type, Any] | N
             convert_sklearn_imputer(scope, operator, container)
         finally:
             operator.raw_operator = original
-        remapped.extend(i.onnx_name for i in operator.inputs)
 
     return {type(imputers[0]): convert}
 
@@ -86,7 +84,8 @@ def _has_empty(step: Any) -> bool:
     stats = getattr(step, "statistics_", None)
     if isinstance(stats, np.ndarray):
         arrays.append(stats)
-    if getattr(step, "fill_value", None) == EMPTY:
+    fill = getattr(step, "fill_value", None)
+    if isinstance(fill, str) and fill == EMPTY:
         return True
     return any(isinstance(a, np.ndarray) and a.dtype.kind in "OUS"
                and EMPTY in a.reshape(-1).tolist() for a in arrays)

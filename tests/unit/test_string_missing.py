@@ -70,7 +70,7 @@ def test_a_model_that_saw_the_empty_string_as_a_value_is_not_remapped(tmp_path: 
     model, frame = mixed_types_pipeline()
     frame.loc[frame.index[:30], "plan"] = ""  # a real category now, besides the NaN
     model.fit(frame, (frame["income"] > 52_000).astype(int))
-    assert string_missing.conversion_functions(model, []) is None
+    assert string_missing.conversion_functions(model) is None
     with pytest.raises((WorkerError, NotImplementedError)) as caught:
         _convert(model, tmp_path)
     assert "missing values are string" in str(getattr(caught.value, "message", caught.value))
@@ -85,5 +85,5 @@ def test_numeric_imputers_and_string_markers_are_left_alone() -> None:
         np.array([["a"], ["?"], ["a"]], dtype=object))
     assert not string_missing.imputes_strings(numbers)
     assert not string_missing.imputes_strings(marked)
-    assert string_missing.conversion_functions(numbers, []) is None
+    assert string_missing.conversion_functions(numbers) is None
 
